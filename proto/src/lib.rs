@@ -1,0 +1,16 @@
+//! Wire messages between `shoal-agent` and `shoal-controller`, their framing, and the protocol version.
+//!
+//! Architecture Invariant: this crate does no I/O. It turns bytes into typed messages and back, and
+//! decides whether two protocol versions can talk; sockets, clocks and files live elsewhere.
+
+mod frame;
+mod msg;
+mod token;
+mod types;
+mod version;
+
+pub use frame::{decode_frame, encode_frame, FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
+pub use msg::*;
+pub use token::{JoinToken, TokenFormatError};
+pub use types::*;
+pub use version::{negotiate, VersionError, VersionRange, PROTOCOL_HISTORY, PROTOCOL_VERSION, SUPPORTED};

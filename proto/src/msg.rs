@@ -1,0 +1,154 @@
+//! The messages on an agent's control stream.
+//!
+//! One QUIC connection per agent, one bidirectional control stream on it, opened by the agent. The agent
+//! speaks first with [`Hello`]; the controller answers [`ControllerMsg::Welcome`] or
+//! [`ControllerMsg::Reject`]. Without a client certificate the only thing an agent may then do is
+//! [`AgentMsg::Enrol`]; with one it reports inventory and health and renews its certificate.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{HardwareId, HealthReport, Inventory, NodeId, UnixMillis, VersionRange};
+
+/// Agent to controller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AgentMsg {
+    /// First message on the control stream.
+    Hello(Hello),
+    /// Ask for a node certificate with a join token (unauthenticated connections only).
+    Enrol(EnrolRequest),
+    /// Ask for a fresh certificate for the same node (authenticated connections only).
+    Renew(RenewRequest),
+    /// The machine's hardware; sent after Welcome and whenever it changes.
+    Inventory(Inventory),
+    /// Periodic health; also the heartbeat the controller's liveness tracking counts.
+    Health(HealthReport),
+}
+
+/// Controller to agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ControllerMsg {
+    /// The handshake succeeded.
+    Welcome(Welcome),
+    /// The request was refused; the connection closes after this.
+    Reject(Reject),
+    /// Enrolment succeeded.
+    Enrolled(Enrolled),
+    /// Renewal succeeded.
+    Renewed(Renewed),
+    /// The node was removed from the fleet; its certificate will not be accepted again.
+    Revoked {
+        /// Operator-facing reason.
+        reason: String,
+    },
+}
+
+/// The agent's opening message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol versions the agent speaks.
+    pub protocol: VersionRange,
+    /// The agent's software version (`CARGO_PKG_VERSION`).
+    pub agent_version: String,
+    /// The machine's stable identity.
+    pub hardware_id: HardwareId,
+}
+
+/// The controller's answer to a good Hello.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The version this session talks.
+    pub protocol: u16,
+    /// The controller's software version.
+    pub controller_version: String,
+    /// The node this connection is authenticated as; `None` on an unauthenticated (enrolment) connection.
+    pub node_id: Option<NodeId>,
+    /// How often the controller expects a health report.
+    pub heartbeat_interval_ms: u64,
+    /// The controller's clock, for the agent to notice gross skew.
+    pub now: UnixMillis,
+}
+
+/// A join token and the key the certificate should bind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrolRequest {
+    /// The join token as the operator pasted it.
+    pub token: String,
+    /// A PKCS#10 certificate signing request (DER) for the agent's own key.
+    pub csr_der: Vec<u8>,
+    /// The hostname, for the operator's listing before inventory arrives.
+    pub hostname: String,
+}
+
+/// Renew the certificate of the already authenticated node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RenewRequest {
+    /// A PKCS#10 certificate signing request (DER).
+    pub csr_der: Vec<u8>,
+}
+
+/// A freshly issued node certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Enrolled {
+    /// The node's stable identity.
+    pub node_id: NodeId,
+    /// The node certificate (DER).
+    pub cert_der: Vec<u8>,
+    /// The fleet CA certificate (DER): the only root the agent trusts from now on.
+    pub ca_der: Vec<u8>,
+    /// When the certificate expires.
+    pub not_after: UnixMillis,
+}
+
+/// A renewed node certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Renewed {
+    /// The node certificate (DER).
+    pub cert_der: Vec<u8>,
+    /// When it expires.
+    pub not_after: UnixMillis,
+}
+
+/// A refusal, with a code for programs and a message for people.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reject {
+    /// What kind of refusal.
+    pub code: RejectCode,
+    /// What the agent prints.
+    pub message: String,
+}
+
+/// Kinds of refusal. New codes are only ever appended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectCode {
+    /// No common protocol version.
+    Version,
+    /// The token is not known (mistyped, or from another controller).
+    TokenUnknown,
+    /// The token's time to live has passed.
+    TokenExpired,
+    /// The token's uses are spent.
+    TokenUsedUp,
+    /// The token was revoked by an operator.
+    TokenRevoked,
+    /// This node (certificate or hardware) was removed from the fleet.
+    NodeRevoked,
+    /// The message is not allowed in this state (e.g. inventory before authentication).
+    Protocol,
+    /// The request was malformed (e.g. an unparsable CSR).
+    BadRequest,
+    /// The controller could not complete the request (e.g. its disk is full); retry later.
+    Unavailable,
+}
+
+impl RejectCode {
+    /// Whether retrying the same request later can succeed.
+    pub fn is_transient(self) -> bool {
+        matches!(self, RejectCode::Unavailable)
+    }
+}
+
+impl std::fmt::Display for Reject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}

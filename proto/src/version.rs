@@ -1,0 +1,127 @@
+//! The protocol version and the rule for mixed-version fleets.
+//!
+//! Each side announces the range of versions it speaks; the pair talks the highest version both speak.
+//! A release always keeps speaking the previous version (`SUPPORTED.min == PROTOCOL_VERSION - 1` once there
+//! is one), because a rolling upgrade is a fleet of adjacent versions.
+//!
+//! Compatibility rule for postcard (which is not self-describing): a message's payload never changes once
+//! released. A new version adds new enum variants at the end, and a sender only sends what the negotiated
+//! version knows.
+
+use serde::{Deserialize, Serialize};
+
+/// The newest protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Every version this build speaks.
+pub const SUPPORTED: VersionRange = VersionRange { min: 1, max: PROTOCOL_VERSION };
+
+/// What each protocol version added, newest last (date, version, change).
+pub const PROTOCOL_HISTORY: &[(&str, u16, &str)] = &[(
+    "2026-11-23",
+    1,
+    "initial: Hello/Welcome version handshake, token enrolment with CSR, certificate renewal, \
+     inventory, health reports as heartbeats, revocation notice",
+)];
+
+/// An inclusive range of protocol versions a peer speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRange {
+    /// Oldest version spoken.
+    pub min: u16,
+    /// Newest version spoken.
+    pub max: u16,
+}
+
+impl std::fmt::Display for VersionRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.min == self.max {
+            write!(f, "{}", self.min)
+        } else {
+            write!(f, "{}..={}", self.min, self.max)
+        }
+    }
+}
+
+/// Why two peers cannot talk.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VersionError {
+    /// The peer only speaks versions older than anything we speak.
+    #[error("peer speaks protocol {peer}, which is older than this side's {local}: upgrade the peer")]
+    PeerTooOld {
+        /// Our range.
+        local: VersionRange,
+        /// The peer's range.
+        peer: VersionRange,
+    },
+    /// The peer only speaks versions newer than anything we speak.
+    #[error("peer speaks protocol {peer}, which is newer than this side's {local}: upgrade this side")]
+    PeerTooNew {
+        /// Our range.
+        local: VersionRange,
+        /// The peer's range.
+        peer: VersionRange,
+    },
+    /// The peer announced an empty range.
+    #[error("peer announced an empty protocol range {0}")]
+    Invalid(VersionRange),
+}
+
+/// The version two peers talk: the newest both speak.
+pub fn negotiate(local: VersionRange, peer: VersionRange) -> Result<u16, VersionError> {
+    if peer.min > peer.max {
+        return Err(VersionError::Invalid(peer));
+    }
+    if peer.max < local.min {
+        return Err(VersionError::PeerTooOld { local, peer });
+    }
+    if peer.min > local.max {
+        return Err(VersionError::PeerTooNew { local, peer });
+    }
+    Ok(local.max.min(peer.max))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const fn r(min: u16, max: u16) -> VersionRange {
+        VersionRange { min, max }
+    }
+
+    #[test]
+    fn same_version_talks_it() {
+        assert_eq!(negotiate(r(1, 2), r(1, 2)), Ok(2));
+    }
+
+    #[test]
+    fn adjacent_versions_talk_the_older() {
+        // An upgraded controller (2, still speaking 1) and an old agent (1 only).
+        assert_eq!(negotiate(r(1, 2), r(1, 1)), Ok(1));
+        // An upgraded agent talking to an old controller.
+        assert_eq!(negotiate(r(1, 1), r(1, 2)), Ok(1));
+    }
+
+    #[test]
+    fn too_old_and_too_new_are_refused_with_direction() {
+        let err = negotiate(r(3, 4), r(1, 2)).unwrap_err();
+        assert!(matches!(err, VersionError::PeerTooOld { .. }));
+        assert!(err.to_string().contains("upgrade the peer"), "{err}");
+        let err = negotiate(r(1, 2), r(3, 4)).unwrap_err();
+        assert!(matches!(err, VersionError::PeerTooNew { .. }));
+        assert!(err.to_string().contains("upgrade this side"), "{err}");
+    }
+
+    #[test]
+    fn empty_range_is_refused() {
+        assert_eq!(negotiate(r(1, 1), r(2, 1)), Err(VersionError::Invalid(r(2, 1))));
+    }
+
+    #[test]
+    fn history_ends_at_current_version() {
+        let last = PROTOCOL_HISTORY.last().map(|(_, v, _)| *v);
+        assert_eq!(last, Some(PROTOCOL_VERSION));
+        assert!(SUPPORTED.min <= SUPPORTED.max);
+    }
+}
