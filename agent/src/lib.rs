@@ -1,1 +1,11 @@
+//! shoal's node agent: enrolment, inventory, health, and the control session with the controller.
+//!
+//! Architecture Invariant: the agent never depends on controller code; it knows the controller only
+//! through `shoal-proto` messages.
 
+pub mod backoff;
+pub mod daemon;
+pub mod health;
+pub mod inventory;
+pub mod session;
+pub mod state;

@@ -1,1 +1,77 @@
-fn main(){}
+//! `shoal-agent`: the node daemon.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use clap::Parser;
+use shoal_agent::daemon::{self, AgentConfig, AgentError};
+
+#[derive(Debug, Parser)]
+#[command(name = "shoal-agent", version, about = "shoal node agent")]
+struct Cli {
+    /// Controller address (QUIC/UDP), IP:PORT.
+    #[arg(long, env = "SHOAL_CONTROLLER")]
+    controller: SocketAddr,
+    /// Join token (needed only until the agent has a certificate).
+    #[arg(long, env = "SHOAL_TOKEN", conflicts_with = "token_file")]
+    token: Option<String>,
+    /// File holding the join token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// State dir for the node key and certificates.
+    #[arg(long, env = "SHOAL_STATE_DIR", default_value = "/var/lib/shoal-agent")]
+    state_dir: PathBuf,
+    /// Identity override, for several agents on one host.
+    #[arg(long)]
+    machine_id: Option<String>,
+    /// Health report interval (default: the controller's heartbeat interval).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    health_interval: Option<Duration>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,quinn=warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shoal-agent: {e:#}");
+            match e.downcast_ref::<AgentError>() {
+                Some(AgentError::Refused(_)) | Some(AgentError::NoToken(_)) | Some(AgentError::BadToken(_)) => ExitCode::from(2),
+                Some(AgentError::Revoked(_)) => ExitCode::from(3),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut config = AgentConfig::new(cli.controller, cli.state_dir);
+    config.token = match (cli.token, cli.token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(&path).with_context(|| format!("reading token file {}", path.display()))?.trim().to_owned(),
+        ),
+        (None, None) => None,
+    };
+    config.machine_id = cli.machine_id;
+    config.health_interval = cli.health_interval;
+    // One thread: the agent's work is a few messages a minute, and idle memory matters on small nodes.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(daemon::run(config, shutdown_signal()))?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,1 +1,14 @@
+//! shoal's controller: registry, CA, store, the agents' QUIC endpoint, the admin API, and `shoalctl`.
+//!
+//! Architecture Invariant: the controller never depends on agent code; it knows agents only through
+//! `shoal-proto` messages.
 
+pub mod admin;
+pub mod api;
+pub mod ca;
+pub mod liveness;
+pub mod report;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod view;

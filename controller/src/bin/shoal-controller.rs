@@ -1,1 +1,90 @@
-fn main(){}
+//! `shoal-controller serve`: the fleet controller.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use shoal_controller::server::{self, Controller, ControllerConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "shoal-controller", version, about = "shoal fleet controller")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the controller.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Data directory: store, CA, admin.conf.
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    data_dir: PathBuf,
+    /// UDP address for agents (QUIC).
+    #[arg(long, default_value = "0.0.0.0:7440")]
+    listen: SocketAddr,
+    /// TCP address of the admin API (HTTPS).
+    #[arg(long, default_value = "127.0.0.1:7441")]
+    api: SocketAddr,
+    /// Interval at which agents report health (their heartbeat).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+    /// Missed heartbeats before a node is down.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    down_after: u32,
+    /// Lifetime of node certificates (agents renew at two thirds).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    cert_ttl: Duration,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,quinn=warn,sled=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shoal-controller: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let Command::Serve(args) = cli.command;
+    if args.cert_ttl < Duration::from_secs(60) {
+        anyhow::bail!("--cert-ttl must be at least 1m");
+    }
+    let mut config = ControllerConfig::new(args.data_dir.clone());
+    config.heartbeat_interval = args.heartbeat_interval;
+    config.down_after = args.down_after;
+    config.cert_ttl = args.cert_ttl;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let controller = Controller::open(config, args.api)
+            .with_context(|| format!("opening data dir {}", args.data_dir.display()))?;
+        let quic = std::net::UdpSocket::bind(args.listen).with_context(|| format!("binding {} (UDP)", args.listen))?;
+        let api = std::net::TcpListener::bind(args.api).with_context(|| format!("binding {} (TCP)", args.api))?;
+        server::run(controller, quic, api, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,364 @@
+//! The agent's async shell: connects, enrols when it must, drives the control session, reconnects
+//! with backoff after any loss.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime},
+};
+
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use shoal_overlay::{pki, recv_msg, send_msg, tls};
+use shoal_proto::{
+    AgentMsg, ControllerMsg, EnrolRequest, Hello, Inventory, JoinToken, Reject, RejectCode, RenewRequest, UnixMillis,
+    SUPPORTED,
+};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::{
+    backoff::Backoff,
+    health::HealthCollector,
+    inventory::{self, SysRoots},
+    session::{AgentSession, End, Mode, Output, Timing},
+    state::{Credentials, StateDir, StateError},
+};
+
+/// How the agent runs. Every field has a documented default.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Controller's QUIC address. Required.
+    pub controller: SocketAddr,
+    /// Join token; needed only while the agent has no valid certificate.
+    pub token: Option<String>,
+    /// State dir for key and certificates. Required.
+    pub state_dir: PathBuf,
+    /// Identity override for several agents on one host (default: hardware identity).
+    pub machine_id: Option<String>,
+    /// Health report interval override (default: what the controller says, 10 s by default).
+    pub health_interval: Option<Duration>,
+    /// How often inventory is re-read to spot changes (default 60 s).
+    pub inventory_interval: Duration,
+    /// First reconnect delay (default 500 ms), doubling up to `backoff_max` (default 30 s).
+    pub backoff_base: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// Where /sys, /proc and /etc are (default: the real ones).
+    pub roots: SysRoots,
+}
+
+impl AgentConfig {
+    /// Defaults for a controller address and state dir.
+    pub fn new(controller: SocketAddr, state_dir: PathBuf) -> Self {
+        Self {
+            controller,
+            token: None,
+            state_dir,
+            machine_id: None,
+            health_interval: None,
+            inventory_interval: Duration::from_secs(60),
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            roots: SysRoots::default(),
+        }
+    }
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The controller refused enrolment for good (bad, expired, used-up or revoked token...).
+    #[error("the controller refused this agent: {0}")]
+    Refused(Reject),
+    /// This node was removed from the fleet.
+    #[error("this node was removed from the fleet: {0}; an operator must admit it again with a new join token")]
+    Revoked(String),
+    /// No certificate and no token to get one.
+    #[error("no valid certificate in {0} and no join token given (--token or --token-file)")]
+    NoToken(PathBuf),
+    /// The token is not a join token.
+    #[error("invalid join token: {0}")]
+    BadToken(#[from] shoal_proto::TokenFormatError),
+    /// No stable machine identity could be found.
+    #[error("no hardware identity found (no DMI UUID, machine-id or permanent MAC); pass --machine-id")]
+    NoIdentity,
+    /// The state dir is unusable.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Keys or TLS could not be set up.
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    /// The UDP socket could not be opened.
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn now_ms() -> UnixMillis {
+    UnixMillis(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
+}
+
+/// Why one connection attempt ended without a session outcome.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    Transport(#[from] shoal_overlay::TransportError),
+    #[error("the controller closed the control stream")]
+    StreamClosed,
+    #[error(transparent)]
+    Fatal(#[from] AgentError),
+}
+
+/// Runs the agent until `shutdown` resolves or the controller refuses it for good.
+pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    tokio::pin!(shutdown);
+    let state = StateDir::open(&config.state_dir)?;
+    let token: Option<JoinToken> = config.token.as_deref().map(str::parse).transpose()?;
+    let roots = config.roots.clone();
+    let first_inventory = tokio::task::spawn_blocking(move || inventory::collect_inventory(&roots))
+        .await
+        .map_err(|e| AgentError::Tls(e.to_string()))?;
+    let hardware_id = inventory::hardware_id(config.machine_id.as_deref(), &config.roots, &first_inventory.nics)
+        .ok_or(AgentError::NoIdentity)?;
+    info!(hardware_id = %hardware_id, controller = %config.controller, "agent starting");
+    let hello = Hello { protocol: SUPPORTED, agent_version: env!("CARGO_PKG_VERSION").to_owned(), hardware_id };
+
+    let bind: SocketAddr = if config.controller.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+        .parse()
+        .map_err(|e: std::net::AddrParseError| AgentError::Tls(e.to_string()))?;
+    let endpoint = quinn::Endpoint::client(bind)?;
+    let mut backoff = Backoff::new(config.backoff_base, config.backoff_max);
+    let mut shell = Shell {
+        config: &config,
+        state: &state,
+        health: HealthCollector::new(config.roots.clone()),
+        last_inventory: None,
+    };
+
+    loop {
+        let attempt = shell.attempt(&endpoint, &hello, token.as_ref());
+        let outcome = tokio::select! {
+            r = attempt => r,
+            _ = &mut shutdown => {
+                endpoint.close(0u32.into(), b"agent shutting down");
+                let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+                return Ok(());
+            }
+        };
+        let delay = match outcome {
+            Ok((End::Enrolled(_), _)) => {
+                backoff.reset();
+                continue;
+            }
+            Ok((End::Rejected(r), _)) if r.code == RejectCode::NodeRevoked => {
+                state.forget_certificate()?;
+                return Err(AgentError::Revoked(r.message));
+            }
+            Ok((End::Revoked(reason), _)) => {
+                state.forget_certificate()?;
+                return Err(AgentError::Revoked(reason));
+            }
+            Ok((End::Rejected(r), _)) if !r.code.is_transient() && r.code != RejectCode::Protocol => {
+                return Err(AgentError::Refused(r));
+            }
+            Ok((end, was_ready)) => {
+                warn!(outcome = ?end, "session ended");
+                if was_ready {
+                    backoff.reset();
+                }
+                backoff.next_delay(rand::random::<f64>())
+            }
+            Err((AttemptError::Fatal(e), _)) => return Err(e),
+            Err((e, was_ready)) => {
+                if was_ready {
+                    backoff.reset();
+                }
+                let d = backoff.next_delay(rand::random::<f64>());
+                warn!(cause = %e, retry_in = ?d, "controller unreachable");
+                d
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = &mut shutdown => return Ok(()),
+        }
+    }
+}
+
+struct Shell<'a> {
+    config: &'a AgentConfig,
+    state: &'a StateDir,
+    health: HealthCollector,
+    last_inventory: Option<Inventory>,
+}
+
+type Attempt = Result<(End, bool), (AttemptError, bool)>;
+
+impl Shell<'_> {
+    /// One connection: enrol if there is no valid certificate, else run as the node.
+    async fn attempt(&mut self, endpoint: &quinn::Endpoint, hello: &Hello, token: Option<&JoinToken>) -> Attempt {
+        let fatal = |e: AgentError| (AttemptError::Fatal(e), false);
+        let keep_alive = Duration::from_secs(5);
+        let creds = self.state.load().map_err(|e| fatal(e.into()))?;
+        // A certificate that expires within a minute is as good as none.
+        let creds = creds.filter(|c| c.not_after.0 > now_ms().0 + 60_000);
+        let (client_config, mode, key_pem) = match &creds {
+            Some(c) => {
+                let key = key_der(&c.key_pem).map_err(fatal)?;
+                let cfg = tls::node_client_config(&c.ca_der, &c.cert_der, key, keep_alive)
+                    .map_err(|e| fatal(AgentError::Tls(e.to_string())))?;
+                (cfg, Mode::Node { cert_not_after: c.not_after }, c.key_pem.clone())
+            }
+            None => {
+                let token = token.ok_or_else(|| fatal(AgentError::NoToken(self.config.state_dir.clone())))?;
+                let key = pki::generate_key().map_err(|e| fatal(AgentError::Tls(e.to_string())))?;
+                let csr_der = pki::make_csr(&key).map_err(|e| fatal(AgentError::Tls(e.to_string())))?;
+                let cfg = tls::enrol_client_config(token.ca_sha256, keep_alive)
+                    .map_err(|e| fatal(AgentError::Tls(e.to_string())))?;
+                let hostname = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+                info!(token = %token.id, "enrolling");
+                (cfg, Mode::Enrol(EnrolRequest { token: token.to_string(), csr_der, hostname }), key.serialize_pem())
+            }
+        };
+        let conn = endpoint
+            .connect_with(client_config, self.config.controller, tls::controller_server_name())
+            .map_err(|e| (e.into(), false))?
+            .await
+            .map_err(|e| (e.into(), false))?;
+        let result = self.drive(&conn, hello, mode, &key_pem, creds.as_ref()).await;
+        conn.close(0u32.into(), b"");
+        result
+    }
+
+    async fn drive(
+        &mut self,
+        conn: &quinn::Connection,
+        hello: &Hello,
+        mode: Mode,
+        key_pem: &str,
+        creds: Option<&Credentials>,
+    ) -> Attempt {
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| (e.into(), false))?;
+        // Reading happens in its own task: a frame read is not cancel-safe, and the loop below wakes for timers.
+        let (tx, mut rx) = mpsc::channel::<Result<ControllerMsg, AttemptError>>(8);
+        let reader = tokio::spawn(async move {
+            let mut recv = recv;
+            loop {
+                let item = match recv_msg::<ControllerMsg>(&mut recv).await {
+                    Ok(Some(m)) => Ok(m),
+                    Ok(None) => Err(AttemptError::StreamClosed),
+                    Err(e) => Err(e.into()),
+                };
+                let stop = item.is_err();
+                if tx.send(item).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        let mut session = AgentSession::new(
+            hello.clone(),
+            mode,
+            Timing { health_interval: self.config.health_interval, inventory_interval: self.config.inventory_interval },
+        );
+        let mut outputs = session.start();
+        let result = loop {
+            match self.perform(&mut send, &mut session, outputs, key_pem, creds).await {
+                Ok(Some(end)) => break Ok(end),
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+            let deadline = session.poll_timeout().map(tokio::time::Instant::from_std);
+            outputs = tokio::select! {
+                item = rx.recv() => match item {
+                    Some(Ok(msg)) => session.handle(Instant::now(), now_ms(), msg),
+                    Some(Err(e)) => break Err(e),
+                    None => break Err(AttemptError::StreamClosed),
+                },
+                _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                    session.handle_timeout(Instant::now())
+                }
+            };
+        };
+        reader.abort();
+        let ready = session.is_ready();
+        match result {
+            Ok(end) => Ok((end, ready)),
+            // A close with a reason from the controller may carry a Reject that overtook the stream.
+            Err(e) => Err((e, ready)),
+        }
+    }
+
+    /// Carries out session outputs; returns the end of the session if one was reached.
+    async fn perform(
+        &mut self,
+        send: &mut quinn::SendStream,
+        session: &mut AgentSession,
+        outputs: Vec<Output>,
+        key_pem: &str,
+        creds: Option<&Credentials>,
+    ) -> Result<Option<End>, AttemptError> {
+        for output in outputs {
+            match output {
+                Output::Send(msg) => send_msg(send, &msg).await?,
+                Output::SendHealth => {
+                    let report = self.health.collect(now_ms());
+                    send_msg(send, &AgentMsg::Health(report)).await?;
+                }
+                Output::SendInventory { force } => {
+                    let roots = self.config.roots.clone();
+                    let inv = tokio::task::spawn_blocking(move || inventory::collect_inventory(&roots))
+                        .await
+                        .map_err(|e| AgentError::Tls(e.to_string()))?;
+                    if force || self.last_inventory.as_ref() != Some(&inv) {
+                        if !force {
+                            info!("inventory changed; reporting");
+                        }
+                        send_msg(send, &AgentMsg::Inventory(inv.clone())).await?;
+                        self.last_inventory = Some(inv);
+                    }
+                }
+                Output::Renew => {
+                    let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| AgentError::Tls(e.to_string()))?;
+                    let csr_der = pki::make_csr(&key).map_err(|e| AgentError::Tls(e.to_string()))?;
+                    info!("renewing certificate");
+                    send_msg(send, &AgentMsg::Renew(RenewRequest { csr_der })).await?;
+                }
+                Output::StoreRenewed(r) => {
+                    if let Some(c) = creds {
+                        let mut renewed = c.clone();
+                        renewed.cert_der = r.cert_der;
+                        renewed.not_after = r.not_after;
+                        self.state.save(&renewed).map_err(AgentError::from)?;
+                        info!(not_after = r.not_after.0, "certificate renewed");
+                    }
+                }
+                Output::End(End::Enrolled(e)) => {
+                    let creds = Credentials {
+                        key_pem: key_pem.to_owned(),
+                        cert_der: e.cert_der.clone(),
+                        ca_der: e.ca_der.clone(),
+                        node_id: e.node_id.clone(),
+                        not_after: e.not_after,
+                    };
+                    self.state.save(&creds).map_err(AgentError::from)?;
+                    info!(node = %e.node_id, "enrolled");
+                    return Ok(Some(End::Enrolled(e)));
+                }
+                Output::End(end) => return Ok(Some(end)),
+            }
+        }
+        let _ = session;
+        debug!("outputs done");
+        Ok(None)
+    }
+}
+
+fn key_der(key_pem: &str) -> Result<PrivateKeyDer<'static>, AgentError> {
+    let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| AgentError::Tls(format!("node key: {e}")))?;
+    Ok(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+}

@@ -1,0 +1,277 @@
+//! The agent's side of a control session, as a state machine with time passed in.
+//!
+//! The shell opens the connection, sends what [`AgentSession::start`] returns, feeds every
+//! [`ControllerMsg`] to [`AgentSession::handle`], and calls [`AgentSession::handle_timeout`] at
+//! [`AgentSession::poll_timeout`]. Outputs ask it to send, to collect health or inventory (I/O the
+//! session does not do), to renew, or say how the session ended.
+
+use std::time::{Duration, Instant};
+
+use shoal_proto::{
+    AgentMsg, ControllerMsg, EnrolRequest, Enrolled, Hello, Reject, Renewed, UnixMillis, Welcome,
+};
+
+/// What the shell must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Send this message.
+    Send(AgentMsg),
+    /// Collect a health report and send it.
+    SendHealth,
+    /// Collect the inventory and send it if it changed since the last one sent (always, the first time).
+    SendInventory {
+        /// Send even if unchanged (first report on a connection).
+        force: bool,
+    },
+    /// Generate a CSR with the node key and send a Renew.
+    Renew,
+    /// Store the renewed certificate.
+    StoreRenewed(Renewed),
+    /// The session is over.
+    End(End),
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum End {
+    /// Enrolment succeeded: store the credentials and reconnect with them.
+    Enrolled(Enrolled),
+    /// The controller refused.
+    Rejected(Reject),
+    /// The node was removed.
+    Revoked(String),
+    /// The controller broke the protocol.
+    Protocol(String),
+}
+
+/// What this session is for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mode {
+    /// Enrol with this request.
+    Enrol(EnrolRequest),
+    /// Run as an enrolled node whose certificate expires at `cert_not_after`.
+    Node {
+        /// Certificate expiry.
+        cert_not_after: UnixMillis,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum State {
+    AwaitWelcome,
+    AwaitEnrolled,
+    Ready,
+    Ended,
+}
+
+/// Timing knobs.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// Health interval when the controller does not say (it always does).
+    pub health_interval: Option<Duration>,
+    /// How often inventory is re-checked for changes.
+    pub inventory_interval: Duration,
+}
+
+/// One control session.
+#[derive(Debug)]
+pub struct AgentSession {
+    hello: Hello,
+    mode: Mode,
+    timing: Timing,
+    state: State,
+    health_interval: Duration,
+    next_health: Option<Instant>,
+    next_inventory: Option<Instant>,
+    renew_at: Option<Instant>,
+    renewing: bool,
+    welcome: Option<Welcome>,
+}
+
+impl AgentSession {
+    /// A session that will open with `hello`.
+    pub fn new(hello: Hello, mode: Mode, timing: Timing) -> Self {
+        let health_interval = timing.health_interval.unwrap_or(Duration::from_secs(10));
+        Self {
+            hello,
+            mode,
+            timing,
+            state: State::AwaitWelcome,
+            health_interval,
+            next_health: None,
+            next_inventory: None,
+            renew_at: None,
+            renewing: false,
+            welcome: None,
+        }
+    }
+
+    /// The first messages to send.
+    pub fn start(&mut self) -> Vec<Output> {
+        vec![Output::Send(AgentMsg::Hello(self.hello.clone()))]
+    }
+
+    /// The controller's Welcome, once received.
+    pub fn welcome(&self) -> Option<&Welcome> {
+        self.welcome.as_ref()
+    }
+
+    /// Whether the session reached its running state (used to reset reconnect backoff).
+    pub fn is_ready(&self) -> bool {
+        self.state == State::Ready
+    }
+
+    fn end(&mut self, end: End) -> Vec<Output> {
+        self.state = State::Ended;
+        vec![Output::End(end)]
+    }
+
+    /// When renewal is due: two thirds into the certificate's remaining life as seen at `now`.
+    fn schedule_renewal(&mut self, now: Instant, wall_now: UnixMillis, not_after: UnixMillis) {
+        let remaining = Duration::from_millis(not_after.0.saturating_sub(wall_now.0));
+        self.renew_at = Some(now + remaining * 2 / 3);
+    }
+
+    /// Handles a controller message. `wall_now` is the wall clock, for certificate lifetimes.
+    pub fn handle(&mut self, now: Instant, wall_now: UnixMillis, msg: ControllerMsg) -> Vec<Output> {
+        match (&self.state, msg) {
+            (State::Ended, _) => vec![],
+            (_, ControllerMsg::Reject(r)) => self.end(End::Rejected(r)),
+            (_, ControllerMsg::Revoked { reason }) => self.end(End::Revoked(reason)),
+            (State::AwaitWelcome, ControllerMsg::Welcome(w)) => {
+                if w.heartbeat_interval_ms > 0 && self.timing.health_interval.is_none() {
+                    self.health_interval = Duration::from_millis(w.heartbeat_interval_ms);
+                }
+                self.welcome = Some(w);
+                match self.mode.clone() {
+                    Mode::Enrol(req) => {
+                        self.state = State::AwaitEnrolled;
+                        vec![Output::Send(AgentMsg::Enrol(req))]
+                    }
+                    Mode::Node { cert_not_after } => {
+                        self.state = State::Ready;
+                        self.schedule_renewal(now, wall_now, cert_not_after);
+                        self.next_health = Some(now + self.health_interval);
+                        self.next_inventory = Some(now + self.timing.inventory_interval);
+                        vec![Output::SendInventory { force: true }, Output::SendHealth]
+                    }
+                }
+            }
+            (State::AwaitEnrolled, ControllerMsg::Enrolled(e)) => self.end(End::Enrolled(e)),
+            (State::Ready, ControllerMsg::Renewed(r)) if self.renewing => {
+                self.renewing = false;
+                self.schedule_renewal(now, wall_now, r.not_after);
+                vec![Output::StoreRenewed(r)]
+            }
+            (_, other) => self.end(End::Protocol(format!("unexpected message from the controller: {other:?}"))),
+        }
+    }
+
+    /// The next time [`AgentSession::handle_timeout`] has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.state != State::Ready {
+            return None;
+        }
+        let renew = if self.renewing { None } else { self.renew_at };
+        [self.next_health, self.next_inventory, renew].into_iter().flatten().min()
+    }
+
+    /// Does whatever is due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<Output> {
+        let mut out = Vec::new();
+        if self.state != State::Ready {
+            return out;
+        }
+        if let Some(t) = self.next_health.filter(|t| *t <= now) {
+            // Keep the cadence even if the shell woke late, without bursting to catch up.
+            self.next_health = Some((t + self.health_interval).max(now + self.health_interval / 2));
+            out.push(Output::SendHealth);
+        }
+        if self.next_inventory.is_some_and(|t| t <= now) {
+            self.next_inventory = Some(now + self.timing.inventory_interval);
+            out.push(Output::SendInventory { force: false });
+        }
+        if !self.renewing && self.renew_at.is_some_and(|t| t <= now) {
+            self.renewing = true;
+            out.push(Output::Renew);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_proto::{HardwareId, HardwareIdSource, RejectCode, SUPPORTED};
+
+    fn hello() -> Hello {
+        Hello {
+            protocol: SUPPORTED,
+            agent_version: "t".into(),
+            hardware_id: HardwareId { source: HardwareIdSource::Override, value: "m".into() },
+        }
+    }
+
+    fn welcome(interval_ms: u64) -> ControllerMsg {
+        ControllerMsg::Welcome(Welcome {
+            protocol: 1,
+            controller_version: "t".into(),
+            node_id: None,
+            heartbeat_interval_ms: interval_ms,
+            now: UnixMillis(0),
+        })
+    }
+
+    fn timing() -> Timing {
+        Timing { health_interval: None, inventory_interval: Duration::from_secs(60) }
+    }
+
+    #[test]
+    fn enrolment_sends_the_request_after_welcome_and_ends_with_the_certificate() {
+        let req = EnrolRequest { token: "t".into(), csr_der: vec![], hostname: "h".into() };
+        let mut s = AgentSession::new(hello(), Mode::Enrol(req.clone()), timing());
+        assert!(matches!(&s.start()[..], [Output::Send(AgentMsg::Hello(_))]));
+        let t0 = Instant::now();
+        assert_eq!(s.handle(t0, UnixMillis(0), welcome(1000)), vec![Output::Send(AgentMsg::Enrol(req))]);
+        assert_eq!(s.poll_timeout(), None, "no heartbeats while enrolling");
+        let enrolled = Enrolled { node_id: shoal_proto::NodeId("n".into()), cert_der: vec![], ca_der: vec![], not_after: UnixMillis(9) };
+        assert_eq!(s.handle(t0, UnixMillis(0), ControllerMsg::Enrolled(enrolled.clone())), vec![Output::End(End::Enrolled(enrolled))]);
+    }
+
+    #[test]
+    fn node_session_reports_at_the_controllers_interval_and_renews_at_two_thirds() {
+        let t0 = Instant::now();
+        let hour = UnixMillis(3_600_000);
+        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: hour }, timing());
+        s.start();
+        let out = s.handle(t0, UnixMillis(0), welcome(1000));
+        assert_eq!(out, vec![Output::SendInventory { force: true }, Output::SendHealth]);
+        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(1)));
+        assert_eq!(s.handle_timeout(t0 + Duration::from_secs(1)), vec![Output::SendHealth]);
+        let renew_at = t0 + Duration::from_secs(2400);
+        let out = s.handle_timeout(renew_at);
+        assert!(out.contains(&Output::Renew), "{out:?}");
+        assert!(!s.handle_timeout(renew_at + Duration::from_secs(1)).contains(&Output::Renew), "one renewal at a time");
+        let renewed = Renewed { cert_der: vec![1], not_after: UnixMillis(2400_000 + 3_600_000) };
+        assert_eq!(s.handle(renew_at, UnixMillis(2_400_000), ControllerMsg::Renewed(renewed.clone())), vec![Output::StoreRenewed(renewed)]);
+    }
+
+    #[test]
+    fn reject_and_revocation_end_the_session() {
+        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: UnixMillis(1) }, timing());
+        let r = Reject { code: RejectCode::NodeRevoked, message: "gone".into() };
+        assert_eq!(s.handle(Instant::now(), UnixMillis(0), ControllerMsg::Reject(r.clone())), vec![Output::End(End::Rejected(r))]);
+        assert!(s.handle(Instant::now(), UnixMillis(0), welcome(1)).is_empty());
+        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: UnixMillis(1) }, timing());
+        s.handle(Instant::now(), UnixMillis(0), welcome(1));
+        let out = s.handle(Instant::now(), UnixMillis(0), ControllerMsg::Revoked { reason: "removed".into() });
+        assert_eq!(out, vec![Output::End(End::Revoked("removed".into()))]);
+    }
+
+    #[test]
+    fn unexpected_messages_are_protocol_errors() {
+        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: UnixMillis(1) }, timing());
+        let renewed = Renewed { cert_der: vec![], not_after: UnixMillis(0) };
+        assert!(matches!(&s.handle(Instant::now(), UnixMillis(0), ControllerMsg::Renewed(renewed))[..], [Output::End(End::Protocol(_))]));
+    }
+}

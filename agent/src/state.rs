@@ -1,0 +1,135 @@
+//! What the agent keeps in its state dir: its key, its certificate, the fleet CA. All mode 0600,
+//! written atomically, so a crash never leaves a key without its certificate.
+
+use std::{
+    fs,
+    io::Write,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use shoal_proto::{NodeId, UnixMillis};
+
+const KEY_FILE: &str = "node.key";
+const CERT_FILE: &str = "node.crt";
+const CA_FILE: &str = "ca.crt";
+
+/// Why the state dir could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A file holds something unusable.
+    #[error("{path} is unusable: {cause}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        cause: String,
+    },
+}
+
+/// The agent's credentials.
+#[derive(Clone)]
+pub struct Credentials {
+    /// Private key (PEM, PKCS#8).
+    pub key_pem: String,
+    /// Node certificate (DER).
+    pub cert_der: Vec<u8>,
+    /// Fleet CA certificate (DER).
+    pub ca_der: Vec<u8>,
+    /// Node id from the certificate.
+    pub node_id: NodeId,
+    /// Certificate expiry.
+    pub not_after: UnixMillis,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("node_id", &self.node_id).field("not_after", &self.not_after).finish()
+    }
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), StateError> {
+    let io = |source| StateError::Io { path: path.to_owned(), source };
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
+    f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(io)?;
+    f.write_all(contents).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    fs::rename(&tmp, path).map_err(io)
+}
+
+fn pem_der(path: &Path) -> Result<Option<Vec<u8>>, StateError> {
+    match fs::read_to_string(path) {
+        Ok(text) => pem::parse(text)
+            .map(|p| Some(p.into_contents()))
+            .map_err(|e| StateError::Invalid { path: path.to_owned(), cause: e.to_string() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StateError::Io { path: path.to_owned(), source }),
+    }
+}
+
+impl StateDir {
+    /// Opens (creating, mode 0700) the state dir.
+    pub fn open(dir: &Path) -> Result<StateDir, StateError> {
+        fs::create_dir_all(dir).map_err(|source| StateError::Io { path: dir.to_owned(), source })?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|source| StateError::Io { path: dir.to_owned(), source })?;
+        Ok(StateDir { dir: dir.to_owned() })
+    }
+
+    /// The stored credentials, if complete.
+    pub fn load(&self) -> Result<Option<Credentials>, StateError> {
+        let key_path = self.dir.join(KEY_FILE);
+        let key_pem = match fs::read_to_string(&key_path) {
+            Ok(k) => k,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Io { path: key_path, source }),
+        };
+        let (Some(cert_der), Some(ca_der)) = (pem_der(&self.dir.join(CERT_FILE))?, pem_der(&self.dir.join(CA_FILE))?) else {
+            return Ok(None);
+        };
+        let info = shoal_overlay::pki::cert_info(&cert_der)
+            .map_err(|e| StateError::Invalid { path: self.dir.join(CERT_FILE), cause: e.to_string() })?;
+        Ok(Some(Credentials {
+            key_pem,
+            cert_der,
+            ca_der,
+            node_id: info.node_id,
+            not_after: UnixMillis((info.not_after_unix.max(0) as u64) * 1000),
+        }))
+    }
+
+    /// Stores credentials; the certificate is written last, so a crash leaves either the old complete
+    /// set or a key whose certificate does not match it (which the controller refuses, and the agent
+    /// then re-enrols).
+    pub fn save(&self, creds: &Credentials) -> Result<(), StateError> {
+        write_private(&self.dir.join(CA_FILE), pem::encode(&pem::Pem::new("CERTIFICATE", creds.ca_der.clone())).as_bytes())?;
+        write_private(&self.dir.join(KEY_FILE), creds.key_pem.as_bytes())?;
+        write_private(&self.dir.join(CERT_FILE), pem::encode(&pem::Pem::new("CERTIFICATE", creds.cert_der.clone())).as_bytes())
+    }
+
+    /// Forgets the certificate (the node was removed): the next start must enrol with a token.
+    pub fn forget_certificate(&self) -> Result<(), StateError> {
+        let path = self.dir.join(CERT_FILE);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+}

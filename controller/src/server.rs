@@ -1,0 +1,621 @@
+//! The controller's async shell: the QUIC endpoint for agents, the admin API, and the liveness sweep.
+//!
+//! [`run`] takes bound sockets and a shutdown future (the mini-redis pattern), so tests bind port 0
+//! and stop the controller cleanly.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use shoal_overlay::{pki, recv_msg, send_msg, tls};
+use shoal_proto::{
+    AgentMsg, ControllerMsg, Enrolled, HealthReport, JoinToken, NodeId, RejectCode, Renewed, UnixMillis, SUPPORTED,
+};
+use tokio::sync::mpsc;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::{
+    admin::{self, AdminConf, ADMIN_CONF_FILE},
+    ca::Ca,
+    liveness::{Liveness, Transition},
+    session::{Action, Session, SessionConfig},
+    store::{EnrolError, EnrolParams, EventKind, NodeStatus, Store},
+};
+
+/// QUIC application close codes.
+pub mod close_code {
+    /// Normal end (enrolment finished, shutdown).
+    pub const DONE: u32 = 0;
+    /// The agent broke the protocol (bad frame, wrong order).
+    pub const PROTOCOL: u32 = 1;
+    /// The node was removed or its certificate is not accepted.
+    pub const REVOKED: u32 = 2;
+    /// A newer connection from the same node replaced this one.
+    pub const REPLACED: u32 = 3;
+}
+
+/// How the controller runs. Every field has a documented default.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Data directory: store, CA, admin.conf. No default: required.
+    pub data_dir: PathBuf,
+    /// Interval at which agents send health reports (default 10 s).
+    pub heartbeat_interval: Duration,
+    /// Missed heartbeats before a node is down (default 3).
+    pub down_after: u32,
+    /// Lifetime of node certificates; agents renew at two thirds (default 24 h).
+    pub cert_ttl: Duration,
+    /// Time an agent has to send Hello after connecting (default 10 s).
+    pub hello_timeout: Duration,
+    /// How often live state (last seen, health) is written to the store (default 30 s).
+    pub checkpoint_interval: Duration,
+}
+
+impl ControllerConfig {
+    /// Defaults for a data dir.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            heartbeat_interval: Duration::from_secs(10),
+            down_after: 3,
+            cert_ttl: Duration::from_secs(24 * 3600),
+            hello_timeout: Duration::from_secs(10),
+            checkpoint_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why the controller could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The data dir is unusable.
+    #[error("data dir {0}: {1}")]
+    DataDir(PathBuf, std::io::Error),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The CA could not be loaded or created.
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The admin credential file could not be handled.
+    #[error(transparent)]
+    AdminConf(#[from] admin::AdminConfError),
+    /// A socket failed.
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Wall-clock now.
+pub fn now_ms() -> UnixMillis {
+    UnixMillis(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
+}
+
+/// What the controller holds in memory about a node between checkpoints.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct LiveNode {
+    pub last_seen: Option<UnixMillis>,
+    pub health: Option<HealthReport>,
+    pub dirty: bool,
+}
+
+#[derive(Debug)]
+struct ConnHandle {
+    conn_id: u64,
+    revoke: mpsc::UnboundedSender<String>,
+}
+
+#[derive(Debug)]
+pub(crate) struct LiveState {
+    pub liveness: Liveness,
+    pub nodes: HashMap<NodeId, LiveNode>,
+    conns: HashMap<NodeId, ConnHandle>,
+    next_conn_id: u64,
+}
+
+/// Shared controller state, used by the agent endpoint and the admin API.
+#[derive(Debug)]
+pub struct Controller {
+    pub(crate) store: Store,
+    pub(crate) ca: Ca,
+    pub(crate) config: ControllerConfig,
+    pub(crate) live: Mutex<LiveState>,
+    pub(crate) admin_token_sha256: [u8; 32],
+}
+
+const ADMIN_TOKEN_META: &str = "admin_token_sha256";
+
+impl Controller {
+    /// Opens the data dir: store, CA, admin credential.
+    pub fn open(config: ControllerConfig, api_addr: SocketAddr) -> Result<Arc<Controller>, ServeError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| ServeError::DataDir(config.data_dir.clone(), e))?;
+        let store = Store::open(&config.data_dir.join("store"))?;
+        let ca = Ca::load_or_create(&config.data_dir)?;
+        let admin_token_sha256 = ensure_admin_conf(&config, &store, &ca, api_addr)?;
+        let mut liveness = Liveness::new(config.heartbeat_interval, config.down_after);
+        let mut nodes = HashMap::new();
+        let start = Instant::now();
+        for n in store.nodes()? {
+            if n.status == NodeStatus::Up {
+                liveness.assume_up(n.id.clone(), start);
+            }
+            nodes.insert(n.id.clone(), LiveNode { last_seen: n.last_seen, health: n.health.clone(), dirty: false });
+        }
+        Ok(Arc::new(Controller {
+            store,
+            ca,
+            config,
+            live: Mutex::new(LiveState { liveness, nodes, conns: HashMap::new(), next_conn_id: 0 }),
+            admin_token_sha256,
+        }))
+    }
+
+    pub(crate) fn live(&self) -> std::sync::MutexGuard<'_, LiveState> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that matters more
+        // than losing the controller: recover the guard.
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a node currently has an open control connection.
+    pub(crate) fn is_connected(&self, id: &NodeId) -> bool {
+        self.live().conns.contains_key(id)
+    }
+
+    /// Removes a node: store, liveness, and its open connection at once.
+    pub fn remove_node(&self, id: &NodeId) -> Result<bool, crate::store::StoreError> {
+        let removed = self.store.remove_node(id, now_ms())?;
+        let mut live = self.live();
+        live.liveness.forget(id);
+        live.nodes.remove(id);
+        if let Some(conn) = live.conns.remove(id) {
+            let _ = conn.revoke.send("removed from the fleet by an operator".into());
+        }
+        if removed.is_some() {
+            info!(node = %id, "node removed");
+        }
+        Ok(removed.is_some())
+    }
+
+    fn apply_transitions(&self, transitions: Vec<Transition>) {
+        for t in transitions {
+            let (id, status, kind) = match &t {
+                Transition::Up(id) => (id, NodeStatus::Up, EventKind::Up),
+                Transition::Down(id) => (id, NodeStatus::Down, EventKind::Down),
+            };
+            let last_seen = self.live().nodes.get(id).and_then(|n| n.last_seen);
+            let result = self.store.update_node(id, |n| {
+                n.status = status;
+                if last_seen.is_some() {
+                    n.last_seen = last_seen;
+                }
+            });
+            match result {
+                Ok(Some(n)) => {
+                    let msg = match kind {
+                        EventKind::Up => format!("{} is up", n.hostname),
+                        _ => format!("{} is down: no heartbeat for {:?}", n.hostname, self.live().liveness.window()),
+                    };
+                    info!(node = %id, status = ?status, "liveness changed");
+                    if let Err(e) = self.store.append_event(kind, Some(id), &msg, now_ms()) {
+                        warn!(node = %id, cause = %e, "could not record liveness event");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => warn!(node = %id, cause = %e, "could not record liveness change"),
+            }
+        }
+    }
+
+    /// Writes last-seen times and health reports gathered since the last checkpoint.
+    pub fn checkpoint(&self) {
+        let dirty: Vec<(NodeId, LiveNode)> = {
+            let mut live = self.live();
+            live.nodes
+                .iter_mut()
+                .filter(|(_, n)| n.dirty)
+                .map(|(id, n)| {
+                    n.dirty = false;
+                    (id.clone(), n.clone())
+                })
+                .collect()
+        };
+        for (id, n) in dirty {
+            if let Err(e) = self.store.update_node(&id, |rec| {
+                rec.last_seen = n.last_seen;
+                rec.health = n.health;
+            }) {
+                warn!(node = %id, cause = %e, "checkpoint failed");
+            }
+        }
+    }
+}
+
+fn ensure_admin_conf(
+    config: &ControllerConfig,
+    store: &Store,
+    ca: &Ca,
+    api_addr: SocketAddr,
+) -> Result<[u8; 32], ServeError> {
+    let path = config.data_dir.join(ADMIN_CONF_FILE);
+    let api_ip = if api_addr.ip().is_unspecified() { IpAddr::from([127, 0, 0, 1]) } else { api_addr.ip() };
+    let api = format!("https://{}", SocketAddr::new(api_ip, api_addr.port()));
+    let stored = store.get_meta(ADMIN_TOKEN_META)?.and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok());
+    if let (Some(stored), Ok(mut conf)) = (stored, AdminConf::read(&path)) {
+        if admin::digest_eq(&pki::sha256(conf.token.as_bytes()), &stored) {
+            if conf.api != api || conf.ca != ca.cert_pem() {
+                conf.api = api;
+                conf.ca = ca.cert_pem();
+                conf.write(&path)?;
+            }
+            return Ok(stored);
+        }
+    }
+    // First start, or the operator deleted admin.conf to get a fresh credential: the old token stops working.
+    let token = admin::new_admin_token();
+    let hash = pki::sha256(token.as_bytes());
+    store.put_meta(ADMIN_TOKEN_META, &hash)?;
+    AdminConf { api, token, ca: ca.cert_pem() }.write(&path)?;
+    info!(path = %path.display(), "wrote admin credentials");
+    Ok(hash)
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    controller: Arc<Controller>,
+    quic_socket: std::net::UdpSocket,
+    api_listener: std::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let quic_addr = quic_socket.local_addr()?;
+    let api_addr = api_listener.local_addr()?;
+    let (chain, key) = controller.ca.issue_server_cert(&[pki::CONTROLLER_SERVER_NAME.to_owned()], &[])?;
+    let server_config = tls::controller_server_config(controller.ca.cert_der(), chain, key)?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        quic_socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    let api = crate::api::serve(controller.clone(), api_listener)?;
+    info!(quic = %quic_addr, api = %api_addr, ca = %hex::encode(controller.ca.sha256()), "controller running");
+
+    let sweeper = tokio::spawn(sweep(controller.clone()));
+    let accept = async {
+        while let Some(incoming) = endpoint.accept().await {
+            let controller = controller.clone();
+            let remote = incoming.remote_address();
+            tokio::spawn(
+                async move {
+                    if let Err(e) = handle_connection(controller, incoming).await {
+                        debug!(cause = %e, "connection ended with error");
+                    }
+                }
+                .instrument(info_span!("agent", %remote)),
+            );
+        }
+    };
+    tokio::select! {
+        _ = accept => {}
+        _ = shutdown => info!("shutting down"),
+    }
+    sweeper.abort();
+    endpoint.close(close_code::DONE.into(), b"controller shutting down");
+    api.graceful_shutdown(Some(Duration::from_secs(2)));
+    controller.checkpoint();
+    controller.store.flush()?;
+    // Give the close frames a moment to leave so agents reconnect promptly instead of timing out.
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    Ok(())
+}
+
+async fn sweep(controller: Arc<Controller>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut last_checkpoint = Instant::now();
+    loop {
+        tick.tick().await;
+        let transitions = controller.live().liveness.poll(Instant::now());
+        if !transitions.is_empty() {
+            let c = controller.clone();
+            let _ = tokio::task::spawn_blocking(move || c.apply_transitions(transitions)).await;
+        }
+        if last_checkpoint.elapsed() >= controller.config.checkpoint_interval {
+            last_checkpoint = Instant::now();
+            let c = controller.clone();
+            let _ = tokio::task::spawn_blocking(move || c.checkpoint()).await;
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("handshake: {0}")]
+    Connect(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    Transport(#[from] shoal_overlay::TransportError),
+    #[error("no control stream within the hello timeout")]
+    HelloTimeout,
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+async fn handle_connection(controller: Arc<Controller>, incoming: quinn::Incoming) -> Result<(), ConnError> {
+    let conn = incoming.await?;
+    let node = match tls::peer_chain(&conn).and_then(|chain| chain.first().map(|c| pki::cert_info(c))) {
+        None => None,
+        Some(Ok(info)) => Some(info.node_id),
+        Some(Err(e)) => {
+            conn.close(close_code::REVOKED.into(), format!("unusable certificate: {e}").as_bytes());
+            return Ok(());
+        }
+    };
+    let (mut send, mut recv) = match tokio::time::timeout(controller.config.hello_timeout, conn.accept_bi()).await {
+        Ok(r) => r?,
+        Err(_) => {
+            conn.close(close_code::PROTOCOL.into(), b"no control stream");
+            return Err(ConnError::HelloTimeout);
+        }
+    };
+    let mut session = Session::new(
+        SessionConfig { supported: SUPPORTED, heartbeat_interval_ms: controller.config.heartbeat_interval.as_millis() as u64 },
+        node.clone(),
+    );
+
+    // A certificate for a node that is no longer in the fleet is refused, even though it still verifies.
+    let (revoke_tx, mut revoke_rx) = mpsc::unbounded_channel();
+    let mut conn_id = None;
+    if let Some(id) = &node {
+        let exists = {
+            let c = controller.clone();
+            let id = id.clone();
+            tokio::task::spawn_blocking(move || c.store.node(&id)).await.ok().transpose()?.flatten().is_some()
+        };
+        if !exists {
+            let actions = session.refused(RejectCode::NodeRevoked, format!("node {id} was removed from the fleet"));
+            execute_simple(&conn, &mut send, actions, close_code::REVOKED).await;
+            info!(node = %id, "refused a removed node");
+            return Ok(());
+        }
+        let mut live = controller.live();
+        live.next_conn_id += 1;
+        let cid = live.next_conn_id;
+        if let Some(old) = live.conns.insert(id.clone(), ConnHandle { conn_id: cid, revoke: revoke_tx }) {
+            debug!(node = %id, old = old.conn_id, "replacing older connection");
+            let _ = old.revoke.send(String::new());
+        }
+        conn_id = Some(cid);
+    }
+
+    let result = drive(&controller, &conn, &mut send, &mut recv, &mut session, &mut revoke_rx).await;
+    if let (Some(id), Some(cid)) = (&node, conn_id) {
+        let mut live = controller.live();
+        if live.conns.get(id).map(|c| c.conn_id) == Some(cid) {
+            live.conns.remove(id);
+        }
+    }
+    result
+}
+
+async fn drive(
+    controller: &Arc<Controller>,
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    session: &mut Session,
+    revoke_rx: &mut mpsc::UnboundedReceiver<String>,
+) -> Result<(), ConnError> {
+    let hello_deadline = tokio::time::sleep(controller.config.hello_timeout);
+    tokio::pin!(hello_deadline);
+    loop {
+        let actions = tokio::select! {
+            msg = recv_msg::<AgentMsg>(recv) => match msg {
+                Ok(Some(msg)) => session.handle(now_ms(), msg),
+                Ok(None) => return Ok(()),
+                Err(shoal_overlay::TransportError::Read(_)) => return Ok(()),
+                Err(e) => {
+                    warn!(node = ?session.node(), cause = %e, "closing connection after a bad frame");
+                    conn.close(close_code::PROTOCOL.into(), e.to_string().as_bytes());
+                    return Err(e.into());
+                }
+            },
+            reason = revoke_rx.recv() => match reason {
+                Some(r) if r.is_empty() => {
+                    conn.close(close_code::REPLACED.into(), b"replaced by a newer connection");
+                    return Ok(());
+                }
+                Some(r) => session.revoked(&r),
+                None => return Ok(()),
+            },
+            _ = &mut hello_deadline, if session.version().is_none() => {
+                conn.close(close_code::PROTOCOL.into(), b"no Hello");
+                return Err(ConnError::HelloTimeout);
+            }
+        };
+        for action in actions {
+            let follow_up = perform(controller, session, action).await;
+            for a in follow_up {
+                if let Some(code) = apply(conn, send, a).await? {
+                    let _ = code;
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Sends or closes; returns `Some(code)` when the connection was closed.
+async fn apply(conn: &quinn::Connection, send: &mut quinn::SendStream, action: Action) -> Result<Option<u32>, ConnError> {
+    match action {
+        Action::Send(msg) => {
+            send_msg(send, &msg).await?;
+            Ok(None)
+        }
+        Action::Close(reason) => {
+            let code = if reason == "enrolled" { close_code::DONE } else { close_code::REVOKED };
+            let _ = send.finish();
+            // Let the last message reach the agent before the close frame overtakes it.
+            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+            conn.close(code.into(), reason.as_bytes());
+            Ok(Some(code))
+        }
+        other => {
+            warn!(action = ?other, "unexpected action left for the transport");
+            Ok(None)
+        }
+    }
+}
+
+async fn execute_simple(conn: &quinn::Connection, send: &mut quinn::SendStream, actions: Vec<Action>, _code: u32) {
+    for a in actions {
+        if let Ok(Some(_)) | Err(_) = apply(conn, send, a).await {
+            return;
+        }
+    }
+}
+
+/// Performs registry work for an action; returns transport actions (send/close).
+async fn perform(controller: &Arc<Controller>, session: &mut Session, action: Action) -> Vec<Action> {
+    match action {
+        Action::Send(_) | Action::Close(_) => vec![action],
+        Action::Enrol { request, hello } => {
+            let c = controller.clone();
+            let outcome = tokio::task::spawn_blocking(move || enrol(&c, &request, &hello)).await;
+            match outcome {
+                Ok(Ok(enrolled)) => session.enrolled(enrolled),
+                Ok(Err((code, message))) => {
+                    info!(code = ?code, %message, "enrolment refused");
+                    session.refused(code, message)
+                }
+                Err(e) => session.refused(RejectCode::Unavailable, format!("controller error: {e}")),
+            }
+        }
+        Action::Renew(req) => {
+            let Some(node) = session.node().cloned() else { return vec![] };
+            match controller.ca.issue_node_cert(&req.csr_der, &node, now_ms(), controller.config.cert_ttl) {
+                Ok((cert_der, not_after)) => {
+                    info!(node = %node, "certificate renewed");
+                    vec![Action::Send(ControllerMsg::Renewed(Renewed { cert_der, not_after }))]
+                }
+                Err(e) => session.refused(RejectCode::BadRequest, e.to_string()),
+            }
+        }
+        Action::Connected { hello } => {
+            let Some(node) = session.node().cloned() else { return vec![] };
+            let version = hello.agent_version.clone();
+            let c = controller.clone();
+            let n = node.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                c.store.update_node(&n, |rec| {
+                    if rec.agent_version != version {
+                        rec.agent_version = version;
+                    }
+                })
+            })
+            .await;
+            info!(node = %node, agent_version = %hello.agent_version, protocol = ?session.version(), "agent connected");
+            heartbeat(controller, &node, None);
+            vec![]
+        }
+        Action::Inventory(inv) => {
+            let Some(node) = session.node().cloned() else { return vec![] };
+            let c = controller.clone();
+            let n = node.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                c.store.update_node(&n, |rec| {
+                    if !inv.hostname.is_empty() {
+                        rec.hostname = inv.hostname.clone();
+                    }
+                    rec.inventory = Some(inv);
+                    rec.inventory_at = Some(now_ms());
+                })
+            })
+            .await;
+            match result {
+                Ok(Ok(_)) => debug!(node = %node, "inventory stored"),
+                Ok(Err(e)) => warn!(node = %node, cause = %e, "could not store inventory"),
+                Err(e) => warn!(node = %node, cause = %e, "inventory task failed"),
+            }
+            vec![]
+        }
+        Action::Health(h) => {
+            if let Some(node) = session.node().cloned() {
+                heartbeat(controller, &node, Some(h));
+            }
+            vec![]
+        }
+    }
+}
+
+fn heartbeat(controller: &Arc<Controller>, node: &NodeId, health: Option<HealthReport>) {
+    let transition = {
+        let mut live = controller.live();
+        let entry = live.nodes.entry(node.clone()).or_default();
+        entry.last_seen = Some(now_ms());
+        entry.dirty = true;
+        if health.is_some() {
+            entry.health = health;
+        }
+        live.liveness.heartbeat(node, Instant::now())
+    };
+    if let Some(t) = transition {
+        let c = controller.clone();
+        tokio::task::spawn_blocking(move || c.apply_transitions(vec![t]));
+    }
+}
+
+fn enrol(controller: &Controller, request: &shoal_proto::EnrolRequest, hello: &shoal_proto::Hello) -> Result<Enrolled, (RejectCode, String)> {
+    let token: JoinToken = request
+        .token
+        .parse()
+        .map_err(|e: shoal_proto::TokenFormatError| (RejectCode::TokenUnknown, e.to_string()))?;
+    if token.ca_sha256 != controller.ca.sha256() {
+        return Err((RejectCode::TokenUnknown, "the join token was issued by another controller".into()));
+    }
+    // Check the request before spending a token use on it.
+    rcgen::CertificateSigningRequestParams::from_der(&request.csr_der.as_slice().into())
+        .map_err(|e| (RejectCode::BadRequest, format!("invalid certificate signing request: {e}")))?;
+    let now = now_ms();
+    let enrolment = controller
+        .store
+        .enrol(&EnrolParams {
+            token_id: &token.id,
+            secret: &token.secret,
+            hardware_id: &hello.hardware_id,
+            hostname: &request.hostname,
+            now,
+        })
+        .map_err(|e| match e {
+            EnrolError::Refused(r) => {
+                use crate::store::EnrolRefusal as R;
+                let code = match r {
+                    R::TokenUnknown => RejectCode::TokenUnknown,
+                    R::TokenExpired { .. } => RejectCode::TokenExpired,
+                    R::TokenUsedUp { .. } => RejectCode::TokenUsedUp,
+                    R::TokenRevoked { .. } => RejectCode::TokenRevoked,
+                    R::NodeRemoved { .. } => RejectCode::NodeRevoked,
+                    #[allow(unreachable_patterns)]
+                    _ => RejectCode::TokenUnknown,
+                };
+                (code, r.to_string())
+            }
+            EnrolError::Store(e) => (RejectCode::Unavailable, format!("controller storage failed: {e}")),
+        })?;
+    let node = enrolment.node;
+    let (cert_der, not_after) = controller
+        .ca
+        .issue_node_cert(&request.csr_der, &node.id, now, controller.config.cert_ttl)
+        .map_err(|e| (RejectCode::BadRequest, e.to_string()))?;
+    info!(node = %node.id, hostname = %node.hostname, hardware_id = %node.hardware_id, new = enrolment.new, "node enrolled");
+    Ok(Enrolled { node_id: node.id, cert_der, ca_der: controller.ca.cert_der().to_vec(), not_after })
+}
+
+/// Sends nothing; keeps the type used for docs of the close protocol.
+#[allow(dead_code)]
+fn _assert_send(_: ControllerMsg) {}

@@ -1,0 +1,245 @@
+//! The controller's side of one agent's control stream, as a state machine with no I/O.
+//!
+//! The shell reads [`AgentMsg`]s and feeds them to [`Session::handle`]; the session answers with
+//! [`Action`]s: messages to send, requests for the registry (enrol, renew, inventory, health), and when
+//! to close. What the session enforces: Hello first and once, a common protocol version, enrolment
+//! only without a certificate, everything else only with one.
+
+use shoal_proto::{
+    negotiate, AgentMsg, ControllerMsg, EnrolRequest, Hello, Inventory, NodeId, Reject, RejectCode, RenewRequest,
+    UnixMillis, VersionRange, Welcome,
+};
+
+/// What the shell must do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send this message.
+    Send(ControllerMsg),
+    /// Enrol with the registry and answer with [`Session::enrolled`] or a reject.
+    Enrol {
+        /// The request.
+        request: EnrolRequest,
+        /// The agent's Hello (hardware identity, version).
+        hello: Hello,
+    },
+    /// Issue a new certificate for the authenticated node.
+    Renew(RenewRequest),
+    /// The node (re)connected: record its agent version and count it as alive.
+    Connected {
+        /// Its Hello.
+        hello: Hello,
+    },
+    /// Store the node's inventory.
+    Inventory(Inventory),
+    /// Record a health report (and heartbeat).
+    Health(shoal_proto::HealthReport),
+    /// Close the connection with this reason, after sending anything queued before it.
+    Close(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum State {
+    AwaitHello,
+    /// Unauthenticated, version agreed: only Enrol is allowed, once.
+    AwaitEnrol(Hello),
+    /// Enrol forwarded to the registry.
+    Enrolling,
+    /// Authenticated and running.
+    Ready,
+    Closed,
+}
+
+/// Static facts the session needs.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Versions this controller speaks.
+    pub supported: VersionRange,
+    /// Heartbeat interval told to agents.
+    pub heartbeat_interval_ms: u64,
+}
+
+/// One agent's control session.
+#[derive(Debug)]
+pub struct Session {
+    config: SessionConfig,
+    node: Option<NodeId>,
+    state: State,
+    version: Option<u16>,
+}
+
+impl Session {
+    /// A session for a connection authenticated as `node` (from its certificate), or `None` when the
+    /// peer presented no certificate.
+    pub fn new(config: SessionConfig, node: Option<NodeId>) -> Self {
+        Self { config, node, state: State::AwaitHello, version: None }
+    }
+
+    /// The negotiated protocol version, once agreed.
+    pub fn version(&self) -> Option<u16> {
+        self.version
+    }
+
+    /// The authenticated node.
+    pub fn node(&self) -> Option<&NodeId> {
+        self.node.as_ref()
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    fn reject(&mut self, code: RejectCode, message: impl Into<String>) -> Vec<Action> {
+        let message = message.into();
+        self.state = State::Closed;
+        vec![Action::Send(ControllerMsg::Reject(Reject { code, message: message.clone() })), Action::Close(message)]
+    }
+
+    /// Handles one message from the agent.
+    pub fn handle(&mut self, now: UnixMillis, msg: AgentMsg) -> Vec<Action> {
+        match (std::mem::replace(&mut self.state, State::Closed), msg) {
+            (State::Closed, _) => vec![],
+            (State::AwaitHello, AgentMsg::Hello(hello)) => {
+                let version = match negotiate(self.config.supported, hello.protocol) {
+                    Ok(v) => v,
+                    Err(e) => return self.reject(RejectCode::Version, format!("controller {}: {e}", env!("CARGO_PKG_VERSION"))),
+                };
+                self.version = Some(version);
+                let welcome = ControllerMsg::Welcome(Welcome {
+                    protocol: version,
+                    controller_version: env!("CARGO_PKG_VERSION").to_owned(),
+                    node_id: self.node.clone(),
+                    heartbeat_interval_ms: self.config.heartbeat_interval_ms,
+                    now,
+                });
+                if self.node.is_some() {
+                    self.state = State::Ready;
+                    vec![Action::Send(welcome), Action::Connected { hello }]
+                } else {
+                    self.state = State::AwaitEnrol(hello);
+                    vec![Action::Send(welcome)]
+                }
+            }
+            (State::AwaitHello, _) => self.reject(RejectCode::Protocol, "the first message must be Hello"),
+            (State::AwaitEnrol(hello), AgentMsg::Enrol(request)) => {
+                self.state = State::Enrolling;
+                vec![Action::Enrol { request, hello }]
+            }
+            (State::AwaitEnrol(_), _) => {
+                self.reject(RejectCode::Protocol, "without a node certificate the only allowed request is Enrol")
+            }
+            (State::Enrolling, _) => self.reject(RejectCode::Protocol, "no messages are allowed while enrolment is pending"),
+            (State::Ready, msg) => {
+                self.state = State::Ready;
+                match msg {
+                    AgentMsg::Inventory(inv) => vec![Action::Inventory(inv)],
+                    AgentMsg::Health(h) => vec![Action::Health(h)],
+                    AgentMsg::Renew(r) => vec![Action::Renew(r)],
+                    AgentMsg::Hello(_) => self.reject(RejectCode::Protocol, "Hello sent twice"),
+                    AgentMsg::Enrol(_) => self.reject(RejectCode::Protocol, "already enrolled: renew instead of enrolling"),
+                }
+            }
+        }
+    }
+
+    /// The registry enrolled the agent: send the certificate and end the enrolment connection (the agent
+    /// reconnects with its certificate).
+    pub fn enrolled(&mut self, enrolled: shoal_proto::Enrolled) -> Vec<Action> {
+        self.state = State::Closed;
+        vec![Action::Send(ControllerMsg::Enrolled(enrolled)), Action::Close("enrolled".into())]
+    }
+
+    /// The registry refused the request.
+    pub fn refused(&mut self, code: RejectCode, message: impl Into<String>) -> Vec<Action> {
+        self.reject(code, message)
+    }
+
+    /// The node was removed while connected.
+    pub fn revoked(&mut self, reason: &str) -> Vec<Action> {
+        self.state = State::Closed;
+        vec![Action::Send(ControllerMsg::Revoked { reason: reason.to_owned() }), Action::Close(reason.to_owned())]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_proto::{HardwareId, HardwareIdSource, HealthReport, SUPPORTED};
+
+    fn config() -> SessionConfig {
+        SessionConfig { supported: SUPPORTED, heartbeat_interval_ms: 10_000 }
+    }
+
+    fn hello(min: u16, max: u16) -> AgentMsg {
+        AgentMsg::Hello(Hello {
+            protocol: VersionRange { min, max },
+            agent_version: "test".into(),
+            hardware_id: HardwareId { source: HardwareIdSource::Override, value: "m1".into() },
+        })
+    }
+
+    fn enrol() -> AgentMsg {
+        AgentMsg::Enrol(EnrolRequest { token: "t".into(), csr_der: vec![1], hostname: "h".into() })
+    }
+
+    fn rejected(actions: &[Action]) -> Option<RejectCode> {
+        actions.iter().find_map(|a| match a {
+            Action::Send(ControllerMsg::Reject(r)) => Some(r.code),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn authenticated_session_reports_after_welcome() {
+        let mut s = Session::new(config(), Some(NodeId("n1".into())));
+        let a = s.handle(UnixMillis(1), hello(SUPPORTED.min, SUPPORTED.max));
+        assert!(matches!(&a[0], Action::Send(ControllerMsg::Welcome(w)) if w.node_id == Some(NodeId("n1".into()))));
+        assert!(matches!(&a[1], Action::Connected { .. }));
+        let a = s.handle(UnixMillis(2), AgentMsg::Health(HealthReport::default()));
+        assert!(matches!(&a[..], [Action::Health(_)]));
+        assert_eq!(rejected(&s.handle(UnixMillis(3), enrol())), Some(RejectCode::Protocol));
+        assert!(s.is_closed());
+    }
+
+    #[test]
+    fn unauthenticated_session_may_only_enrol_once() {
+        let mut s = Session::new(config(), None);
+        s.handle(UnixMillis(1), hello(SUPPORTED.min, SUPPORTED.max));
+        assert_eq!(rejected(&s.handle(UnixMillis(2), AgentMsg::Health(HealthReport::default()))), Some(RejectCode::Protocol));
+
+        let mut s = Session::new(config(), None);
+        s.handle(UnixMillis(1), hello(SUPPORTED.min, SUPPORTED.max));
+        assert!(matches!(&s.handle(UnixMillis(2), enrol())[..], [Action::Enrol { .. }]));
+        assert_eq!(rejected(&s.handle(UnixMillis(3), enrol())), Some(RejectCode::Protocol));
+    }
+
+    #[test]
+    fn hello_must_come_first() {
+        let mut s = Session::new(config(), Some(NodeId("n1".into())));
+        assert_eq!(rejected(&s.handle(UnixMillis(1), AgentMsg::Inventory(Default::default()))), Some(RejectCode::Protocol));
+        assert!(s.handle(UnixMillis(2), hello(1, 1)).is_empty(), "closed sessions ignore input");
+    }
+
+    #[test]
+    fn incompatible_versions_are_rejected_with_a_reason_and_newer_peers_downgrade() {
+        let mut s = Session::new(config(), None);
+        let a = s.handle(UnixMillis(1), hello(SUPPORTED.max + 1, SUPPORTED.max + 2));
+        assert_eq!(rejected(&a), Some(RejectCode::Version));
+        let Action::Send(ControllerMsg::Reject(r)) = &a[0] else { panic!() };
+        assert!(r.message.contains("upgrade this side"), "{}", r.message);
+
+        let mut s = Session::new(config(), None);
+        let a = s.handle(UnixMillis(1), hello(SUPPORTED.max, SUPPORTED.max + 1));
+        assert!(matches!(&a[0], Action::Send(ControllerMsg::Welcome(w)) if w.protocol == SUPPORTED.max));
+    }
+
+    #[test]
+    fn revocation_tells_the_agent_then_closes() {
+        let mut s = Session::new(config(), Some(NodeId("n1".into())));
+        s.handle(UnixMillis(1), hello(1, 1));
+        let a = s.revoked("removed by operator");
+        assert!(matches!(&a[0], Action::Send(ControllerMsg::Revoked { .. })));
+        assert!(matches!(&a[1], Action::Close(_)));
+        assert!(s.is_closed());
+    }
+}

@@ -1,0 +1,1412 @@
+//! The controller's embedded database: join tokens, nodes, removals, the event log and small metadata
+//! (CA certificate and key, admin secret hash), kept in [sled] in the controller's data directory.
+//!
+//! Guarantees:
+//! - A restart loses nothing that an API call reported as written; calls that change more than one record
+//!   ([`Store::create_token`], [`Store::revoke_token`], [`Store::enrol`], [`Store::remove_node`]) do it in
+//!   one sled transaction across trees and flush before returning, so a crash leaves either all or none
+//!   of the change.
+//! - A full disk is an error, never a panic: every write first checks the free space of the data
+//!   directory's filesystem and refuses with [`StoreError::Db`] (`disk full: …`) while fewer than
+//!   [`FREE_SPACE_RESERVE`] bytes are free. sled 0.34 poisons the whole database after its first failed
+//!   log write (every later call fails until the process reopens it), so the store stops writing
+//!   *before* sled can hit `ENOSPC`; once space is freed, writes succeed again without a restart.
+//!   Should sled hit `ENOSPC` anyway (something else filled the disk faster), the error is returned as
+//!   [`StoreError::Db`] with the I/O error's text and what was stored before stays intact on disk.
+//!
+//! Values are postcard-encoded. Trees and their keys:
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `meta` | name | raw bytes |
+//! | `tokens` | token id | [`TokenRecord`] |
+//! | `nodes` | node id | [`NodeRecord`] |
+//! | `hwid` | hardware id display text (`dmi-uuid:…`) | node id |
+//! | `removed_nodes` | node id | [`UnixMillis`] of removal |
+//! | `removed_hw` | hardware id display text | [`UnixMillis`] of removal |
+//! | `events` | seq, big-endian u64 | [`Event`] |
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use shoal_proto::{HardwareId, HealthReport, Inventory, NodeId, UnixMillis};
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionResult, Transactional, TransactionalTree,
+};
+use tracing::{debug, warn};
+
+/// Writes are refused while the data directory's filesystem has fewer free bytes than this, so that
+/// sled never meets `ENOSPC` (which poisons its database until reopened) and an operator has room to act.
+pub const FREE_SPACE_RESERVE: u64 = 8 * 1024 * 1024;
+
+/// The event log keeps at most this many newest events; older ones are trimmed.
+pub const MAX_EVENTS: u64 = 100_000;
+
+/// How often (in appended events) the event log is trimmed.
+const TRIM_EVERY: u64 = 1024;
+
+/// sled's page cache size.
+const CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
+
+/// How often sled flushes in the background.
+const FLUSH_EVERY_MS: u64 = 200;
+
+/// How long [`Store::open`] waits for the database's file lock.
+const OPEN_LOCK_WAIT: Duration = Duration::from_secs(3);
+
+const META: &str = "meta";
+const TOKENS: &str = "tokens";
+const NODES: &str = "nodes";
+const HWID: &str = "hwid";
+const REMOVED_NODES: &str = "removed_nodes";
+const REMOVED_HW: &str = "removed_hw";
+const EVENTS: &str = "events";
+
+/// A failure of the store itself.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database failed (I/O error, e.g. disk full, or corruption); includes sled's message.
+    #[error("store: {0}")]
+    Db(String),
+    /// A stored record could not be decoded.
+    #[error("store record {key} is corrupt: {cause}")]
+    Corrupt {
+        /// Tree and key of the record (`nodes/n0123456789`).
+        key: String,
+        /// The decoder's complaint.
+        cause: String,
+    },
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Db(sled_message(e))
+    }
+}
+
+fn sled_message(e: sled::Error) -> String {
+    match e {
+        // sled hands out clones of the error it remembers, rebuilt from the original's Debug text
+        // (`Os { code: 28, kind: StorageFull, message: "No space left on device" }`); say it plainly.
+        // After a failed log write sled 0.34 refuses every later write of this process.
+        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+            "I/O error: No space left on device; the database accepts no more writes until the controller is \
+             restarted with free space"
+                .to_owned()
+        }
+        sled::Error::Io(io) => format!("I/O error: {io}"),
+        other => other.to_string(),
+    }
+}
+
+/// Why an enrolment was refused; each is something the operator can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnrolRefusal {
+    /// No token has this id, or the secret does not match (the two are deliberately indistinguishable).
+    #[error("unknown join token (mistyped, or issued by another controller)")]
+    TokenUnknown,
+    /// The token's time to live has passed.
+    #[error("join token {id} expired at {at}")]
+    TokenExpired {
+        /// The token's id.
+        id: String,
+        /// When it expired, RFC 3339 UTC.
+        at: String,
+    },
+    /// The token's uses are spent.
+    #[error("join token {id} has been used {uses} times, its limit")]
+    TokenUsedUp {
+        /// The token's id.
+        id: String,
+        /// How many times it was used.
+        uses: u32,
+    },
+    /// An operator revoked the token.
+    #[error("join token {id} was revoked")]
+    TokenRevoked {
+        /// The token's id.
+        id: String,
+    },
+    /// The machine was removed after the token was created.
+    #[error("this machine ({hardware_id}) was removed from the fleet; create a new token to admit it again")]
+    NodeRemoved {
+        /// The machine's hardware id, as displayed.
+        hardware_id: String,
+    },
+}
+
+/// Why [`Store::enrol`] did not enrol.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrolError {
+    /// The request was refused.
+    #[error(transparent)]
+    Refused(#[from] EnrolRefusal),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A join token as stored: only the hash of its secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Public identifier (16 hex).
+    pub id: String,
+    /// SHA-256 of the secret part.
+    pub secret_sha256: [u8; 32],
+    /// When it was created; removals newer than this are not undone by it.
+    pub created_at: UnixMillis,
+    /// When it stops working; `None` for never.
+    pub expires_at: Option<UnixMillis>,
+    /// How many enrolments it allows; `None` for unlimited.
+    pub max_uses: Option<u32>,
+    /// How many enrolments it has made.
+    pub uses: u32,
+    /// When an operator revoked it.
+    pub revoked_at: Option<UnixMillis>,
+    /// Labels given to nodes that enrol with it.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Whether a token can enrol, as of some moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenState {
+    /// It can enrol.
+    Valid,
+    /// Its time to live has passed.
+    Expired,
+    /// Its uses are spent.
+    UsedUp,
+    /// It was revoked.
+    Revoked,
+}
+
+impl TokenRecord {
+    /// The token's state at `now`; revocation outranks expiry, which outranks exhaustion.
+    pub fn state(&self, now: UnixMillis) -> TokenState {
+        if self.revoked_at.is_some() {
+            TokenState::Revoked
+        } else if self.expires_at.is_some_and(|at| now >= at) {
+            TokenState::Expired
+        } else if self.max_uses.is_some_and(|max| self.uses >= max) {
+            TokenState::UsedUp
+        } else {
+            TokenState::Valid
+        }
+    }
+}
+
+/// Whether the controller currently considers a node alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    /// Connected and reporting.
+    Up,
+    /// Not connected, or silent too long.
+    Down,
+}
+
+/// Everything the controller keeps about one node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The node's identity, kept for life.
+    pub id: NodeId,
+    /// The machine's identity; re-enrolment with the same one keeps this record.
+    pub hardware_id: HardwareId,
+    /// Hostname, as last reported.
+    pub hostname: String,
+    /// Operator labels (from the join token, merged on re-enrolment).
+    pub labels: BTreeMap<String, String>,
+    /// The agent's software version, as last reported (empty until the agent's first session).
+    pub agent_version: String,
+    /// When the node first enrolled.
+    pub enrolled_at: UnixMillis,
+    /// Up or down.
+    pub status: NodeStatus,
+    /// Last contact.
+    pub last_seen: Option<UnixMillis>,
+    /// Latest inventory.
+    pub inventory: Option<Inventory>,
+    /// When the inventory arrived.
+    pub inventory_at: Option<UnixMillis>,
+    /// Latest health report.
+    pub health: Option<HealthReport>,
+}
+
+/// What happened, in an [`Event`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A new node enrolled.
+    Enrolled,
+    /// A known machine enrolled again and kept its node.
+    Reenrolled,
+    /// A node came up.
+    Up,
+    /// A node went down.
+    Down,
+    /// A node was removed.
+    Removed,
+    /// A join token was created.
+    TokenCreated,
+    /// A join token was revoked.
+    TokenRevoked,
+}
+
+/// One entry of the fleet's event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Position in the log; strictly increasing, also across restarts.
+    pub seq: u64,
+    /// When it happened.
+    pub at: UnixMillis,
+    /// What happened.
+    pub kind: EventKind,
+    /// The node concerned, if any.
+    pub node: Option<NodeId>,
+    /// Operator-facing text.
+    pub message: String,
+}
+
+/// The inputs of [`Store::enrol`].
+pub struct EnrolParams<'a> {
+    /// The join token's id.
+    pub token_id: &'a str,
+    /// The join token's secret.
+    pub secret: &'a str,
+    /// The machine's identity.
+    pub hardware_id: &'a HardwareId,
+    /// The machine's hostname.
+    pub hostname: &'a str,
+    /// The controller's clock.
+    pub now: UnixMillis,
+}
+
+impl fmt::Debug for EnrolParams<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnrolParams")
+            .field("token_id", &self.token_id)
+            .field("secret", &"<redacted>")
+            .field("hardware_id", &self.hardware_id)
+            .field("hostname", &self.hostname)
+            .field("now", &self.now)
+            .finish()
+    }
+}
+
+/// The outcome of a successful [`Store::enrol`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Enrolment {
+    /// The node's record as stored.
+    pub node: NodeRecord,
+    /// Whether the node was created (false: a known machine kept its record).
+    pub new: bool,
+}
+
+/// The controller's database. Cloning is cheap; clones share one database.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    meta: sled::Tree,
+    tokens: sled::Tree,
+    nodes: sled::Tree,
+    hwid: sled::Tree,
+    removed_nodes: sled::Tree,
+    removed_hw: sled::Tree,
+    events: sled::Tree,
+    dir: PathBuf,
+    /// The seq the next event gets. Taken inside a transaction closure, which sled 0.34 runs under its
+    /// global transaction lock, so seqs are committed in order.
+    next_seq: AtomicU64,
+    /// Serialises read-modify-write of node records ([`Store::update_node`] takes an `FnOnce`, which
+    /// cannot be retried inside a transaction).
+    node_lock: Mutex<()>,
+    /// Free bytes below which writes are refused.
+    reserve_bytes: u64,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.inner.dir)
+            .field("next_seq", &self.inner.next_seq.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// An abort inside a transaction closure.
+type TxError<E> = ConflictableTransactionError<E>;
+
+fn abort<E: From<StoreError>>(e: StoreError) -> TxError<E> {
+    ConflictableTransactionError::Abort(E::from(e))
+}
+
+fn finish<A, E: From<StoreError>>(result: TransactionResult<A, E>) -> Result<A, E> {
+    result.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => E::from(StoreError::from(e)),
+    })
+}
+
+fn encode<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_allocvec(value).map_err(|e| StoreError::Db(format!("cannot encode {what}: {e}")))
+}
+
+fn key_text(key: &[u8]) -> String {
+    match std::str::from_utf8(key) {
+        Ok(s) => s.to_owned(),
+        Err(_) => hex::encode(key),
+    }
+}
+
+fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        key: format!("{tree}/{}", key_text(key)),
+        cause: e.to_string(),
+    })
+}
+
+fn decode_seq(key: &[u8]) -> Result<u64, StoreError> {
+    let bytes: [u8; 8] = key.try_into().map_err(|_| StoreError::Corrupt {
+        key: format!("{EVENTS}/{}", hex::encode(key)),
+        cause: format!("event key is {} bytes, expected 8", key.len()),
+    })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+/// Compares two hashes in time independent of where they differ.
+fn hashes_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let diff = a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// RFC 3339 UTC text of a timestamp, to the second.
+fn rfc3339(t: UnixMillis) -> String {
+    match SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(t.0)) {
+        Some(st) => humantime::format_rfc3339_seconds(st).to_string(),
+        None => format!("{} ms after the Unix epoch", t.0),
+    }
+}
+
+fn new_node_id() -> NodeId {
+    let n: u64 = rand::random::<u64>() & 0xff_ffff_ffff;
+    NodeId(format!("n{n:010x}"))
+}
+
+/// Opens sled, waiting a little for the file lock: sled 0.34 releases it some time after the last handle
+/// of a previous `Db` in this process is dropped (deferred epoch-based reclamation), so a quick
+/// close-and-reopen in one process can find it still held.
+fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+    let config = sled::Config::new().path(dir).cache_capacity(CACHE_CAPACITY).flush_every_ms(Some(FLUSH_EVERY_MS));
+    let deadline = Instant::now() + OPEN_LOCK_WAIT;
+    loop {
+        match config.open() {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                if Instant::now() >= deadline {
+                    return Err(StoreError::Db(format!(
+                        "cannot open database in {}: it is locked by another process (is another shoal-controller \
+                         using this data directory?)",
+                        dir.display()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(StoreError::Db(format!("cannot open database in {}: {}", dir.display(), sled_message(e)))),
+        }
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Self::open_with_reserve(dir, FREE_SPACE_RESERVE)
+    }
+
+    fn open_with_reserve(dir: &Path, reserve_bytes: u64) -> Result<Store, StoreError> {
+        let db = open_db(dir)?;
+        let next_seq = match db.open_tree(EVENTS)?.last()? {
+            Some((key, _)) => decode_seq(&key)?.saturating_add(1),
+            None => 1,
+        };
+        let store = Store {
+            inner: Arc::new(Inner {
+                meta: db.open_tree(META)?,
+                tokens: db.open_tree(TOKENS)?,
+                nodes: db.open_tree(NODES)?,
+                hwid: db.open_tree(HWID)?,
+                removed_nodes: db.open_tree(REMOVED_NODES)?,
+                removed_hw: db.open_tree(REMOVED_HW)?,
+                events: db.open_tree(EVENTS)?,
+                db,
+                dir: dir.to_owned(),
+                next_seq: AtomicU64::new(next_seq),
+                node_lock: Mutex::new(()),
+                reserve_bytes,
+            }),
+        };
+        if store.free_space()? >= reserve_bytes {
+            store.trim_events()?;
+        }
+        Ok(store)
+    }
+
+    /// Free bytes (for unprivileged users) on the data directory's filesystem.
+    fn free_space(&self) -> Result<u64, StoreError> {
+        let st = nix::sys::statvfs::statvfs(&self.inner.dir).map_err(|e| {
+            StoreError::Db(format!("cannot check free space in {}: {e}", self.inner.dir.display()))
+        })?;
+        #[allow(clippy::useless_conversion)] // the field types differ between platforms
+        let free = u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size()));
+        Ok(free)
+    }
+
+    /// Refuses a write while the disk is (nearly) full.
+    fn check_space(&self) -> Result<(), StoreError> {
+        let free = self.free_space()?;
+        if free < self.inner.reserve_bytes {
+            warn!(dir = %self.inner.dir.display(), free, reserve = self.inner.reserve_bytes, "store refuses a write: disk full");
+            return Err(StoreError::Db(format!(
+                "disk full: {free} bytes free in {}, below the {} bytes the store keeps in reserve; no space for writes",
+                self.inner.dir.display(),
+                self.inner.reserve_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    fn lock_nodes(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The guarded value is (), so a panic while holding the lock left nothing inconsistent.
+        self.inner.node_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Writes an event inside a transaction on the events tree, taking the next seq.
+    fn tx_event<E: From<StoreError>>(
+        &self,
+        events: &TransactionalTree,
+        kind: EventKind,
+        node: Option<&NodeId>,
+        message: &str,
+        at: UnixMillis,
+    ) -> Result<Event, TxError<E>> {
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::SeqCst);
+        let event = Event { seq, at, kind, node: node.cloned(), message: message.to_owned() };
+        let bytes = encode("event", &event).map_err(abort)?;
+        events.insert(&seq.to_be_bytes(), bytes)?;
+        Ok(event)
+    }
+
+    fn after_event(&self, seq: u64) -> Result<(), StoreError> {
+        if seq % TRIM_EVERY == 0 {
+            self.trim_events()?;
+        }
+        Ok(())
+    }
+
+    /// Deletes events older than the newest [`MAX_EVENTS`].
+    fn trim_events(&self) -> Result<(), StoreError> {
+        let cutoff = self.inner.next_seq.load(Ordering::SeqCst).saturating_sub(MAX_EVENTS);
+        if cutoff == 0 {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        let mut trimmed = 0u64;
+        for item in self.inner.events.range(..cutoff.to_be_bytes()) {
+            let (key, _) = item?;
+            batch.remove(key);
+            trimmed += 1;
+        }
+        if trimmed > 0 {
+            self.inner.events.apply_batch(batch)?;
+            debug!(trimmed, "trimmed the event log");
+        }
+        Ok(())
+    }
+
+    /// A metadata value (CA certificate and key, admin secret hash, ...).
+    pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.inner.meta.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Stores a metadata value; it is on disk when this returns.
+    pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.check_space()?;
+        self.inner.meta.insert(key, value)?;
+        self.flush()
+    }
+
+    /// Stores a new token (replacing one with the same id) and logs a `TokenCreated` event, in one
+    /// transaction; on disk when this returns.
+    pub fn create_token(&self, rec: &TokenRecord) -> Result<(), StoreError> {
+        self.check_space()?;
+        let bytes = encode("token", rec)?;
+        let mut message = format!("join token {} created", rec.id);
+        if let Some(at) = rec.expires_at {
+            message.push_str(&format!(", expires {}", rfc3339(at)));
+        }
+        if let Some(max) = rec.max_uses {
+            message.push_str(&format!(", at most {max} uses"));
+        }
+        let event = finish((&self.inner.tokens, &self.inner.events).transaction(|(tokens, events)| {
+            tokens.insert(rec.id.as_bytes(), bytes.as_slice())?;
+            let event = self.tx_event::<StoreError>(events, EventKind::TokenCreated, None, &message, rec.created_at)?;
+            tokens.flush();
+            Ok(event)
+        }))?;
+        self.after_event(event.seq)
+    }
+
+    /// All tokens, oldest first.
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.tokens.iter() {
+            let (key, value) = item?;
+            out.push(decode::<TokenRecord>(TOKENS, &key, &value)?);
+        }
+        out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(out)
+    }
+
+    /// Revokes a token and logs a `TokenRevoked` event, in one transaction; on disk when this returns.
+    /// `None` if no token has this id; revoking a revoked token changes nothing and returns it.
+    pub fn revoke_token(&self, id: &str, now: UnixMillis) -> Result<Option<TokenRecord>, StoreError> {
+        self.check_space()?;
+        let message = format!("join token {id} revoked");
+        let result = finish((&self.inner.tokens, &self.inner.events).transaction(|(tokens, events)| {
+            let Some(bytes) = tokens.get(id.as_bytes())? else {
+                return Ok(None);
+            };
+            let mut rec: TokenRecord = decode(TOKENS, id.as_bytes(), &bytes).map_err(abort)?;
+            if rec.revoked_at.is_some() {
+                return Ok(Some((rec, None)));
+            }
+            rec.revoked_at = Some(now);
+            tokens.insert(id.as_bytes(), encode("token", &rec).map_err(abort)?)?;
+            let event = self.tx_event::<StoreError>(events, EventKind::TokenRevoked, None, &message, now)?;
+            tokens.flush();
+            Ok(Some((rec, Some(event.seq))))
+        }))?;
+        match result {
+            None => Ok(None),
+            Some((rec, seq)) => {
+                if let Some(seq) = seq {
+                    self.after_event(seq)?;
+                }
+                Ok(Some(rec))
+            }
+        }
+    }
+
+    /// Validates the token (constant-time compare of sha256(secret) with secret_sha256), refuses removed
+    /// hardware whose removal is newer than the token's created_at, counts one use, and creates the node
+    /// or — when the hardware id is already known — keeps its record (same id, enrolled_at kept;
+    /// hostname updated; labels merged from the token, the token's winning), and appends an
+    /// Enrolled/Reenrolled event: all in ONE transaction; flushes before returning. New node ids: "n" +
+    /// 10 random lowercase hex chars. A machine admitted again after its removal gets a new node id; its
+    /// old id stays removed.
+    pub fn enrol(&self, p: &EnrolParams) -> Result<Enrolment, EnrolError> {
+        self.check_space()?;
+        let secret_sha256: [u8; 32] = Sha256::digest(p.secret.as_bytes()).into();
+        let hw_key = p.hardware_id.to_string();
+        let _nodes_guard = self.lock_nodes();
+        let trees = (
+            &self.inner.tokens,
+            &self.inner.nodes,
+            &self.inner.hwid,
+            &self.inner.removed_nodes,
+            &self.inner.removed_hw,
+            &self.inner.events,
+        );
+        let (enrolment, seq) = finish(trees.transaction(|(tokens, nodes, hwid, removed_nodes, removed_hw, events)| {
+            let refuse = |r: EnrolRefusal| ConflictableTransactionError::Abort(EnrolError::Refused(r));
+            let Some(bytes) = tokens.get(p.token_id.as_bytes())? else {
+                return Err(refuse(EnrolRefusal::TokenUnknown));
+            };
+            let mut token: TokenRecord = decode(TOKENS, p.token_id.as_bytes(), &bytes).map_err(abort)?;
+            if !hashes_equal(&token.secret_sha256, &secret_sha256) {
+                return Err(refuse(EnrolRefusal::TokenUnknown));
+            }
+            match token.state(p.now) {
+                TokenState::Valid => {}
+                TokenState::Revoked => return Err(refuse(EnrolRefusal::TokenRevoked { id: token.id.clone() })),
+                TokenState::Expired => {
+                    let at = token.expires_at.map(rfc3339).unwrap_or_default();
+                    return Err(refuse(EnrolRefusal::TokenExpired { id: token.id.clone(), at }));
+                }
+                TokenState::UsedUp => {
+                    return Err(refuse(EnrolRefusal::TokenUsedUp { id: token.id.clone(), uses: token.uses }))
+                }
+            }
+            if let Some(bytes) = removed_hw.get(hw_key.as_bytes())? {
+                let removed: UnixMillis = decode(REMOVED_HW, hw_key.as_bytes(), &bytes).map_err(abort)?;
+                if removed >= token.created_at {
+                    return Err(refuse(EnrolRefusal::NodeRemoved { hardware_id: hw_key.clone() }));
+                }
+                // Admitted by a token created after the removal: the removal no longer applies to the machine.
+                removed_hw.remove(hw_key.as_bytes())?;
+            }
+            token.uses = token.uses.saturating_add(1);
+            tokens.insert(p.token_id.as_bytes(), encode("token", &token).map_err(abort)?)?;
+
+            let existing = match hwid.get(hw_key.as_bytes())? {
+                Some(id_bytes) => match nodes.get(&id_bytes)? {
+                    Some(bytes) => Some(decode::<NodeRecord>(NODES, &id_bytes, &bytes).map_err(abort)?),
+                    None => None, // a dangling index entry: treat the machine as new
+                },
+                None => None,
+            };
+            let (node, new) = match existing {
+                Some(mut node) => {
+                    node.hostname = p.hostname.to_owned();
+                    node.hardware_id = p.hardware_id.clone();
+                    node.last_seen = Some(p.now);
+                    for (k, v) in &token.labels {
+                        node.labels.insert(k.clone(), v.clone());
+                    }
+                    (node, false)
+                }
+                None => {
+                    let mut id = new_node_id();
+                    let mut attempts = 0;
+                    while nodes.get(id.0.as_bytes())?.is_some() || removed_nodes.get(id.0.as_bytes())?.is_some() {
+                        attempts += 1;
+                        if attempts > 64 {
+                            return Err(abort(StoreError::Db("cannot find an unused node id".into())));
+                        }
+                        id = new_node_id();
+                    }
+                    let node = NodeRecord {
+                        id,
+                        hardware_id: p.hardware_id.clone(),
+                        hostname: p.hostname.to_owned(),
+                        labels: token.labels.clone(),
+                        agent_version: String::new(),
+                        enrolled_at: p.now,
+                        status: NodeStatus::Down,
+                        last_seen: Some(p.now),
+                        inventory: None,
+                        inventory_at: None,
+                        health: None,
+                    };
+                    (node, true)
+                }
+            };
+            nodes.insert(node.id.0.as_bytes(), encode("node", &node).map_err(abort)?)?;
+            hwid.insert(hw_key.as_bytes(), node.id.0.as_bytes())?;
+            let (kind, verb) = if new { (EventKind::Enrolled, "enrolled") } else { (EventKind::Reenrolled, "re-enrolled") };
+            let message = format!("{} ({hw_key}) {verb} with join token {}", p.hostname, token.id);
+            let event = self.tx_event::<EnrolError>(events, kind, Some(&node.id), &message, p.now)?;
+            tokens.flush();
+            Ok((Enrolment { node, new }, event.seq))
+        }))?;
+        drop(_nodes_guard);
+        self.after_event(seq)?;
+        Ok(enrolment)
+    }
+
+    /// One node's record.
+    pub fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError> {
+        match self.inner.nodes.get(id.0.as_bytes())? {
+            Some(bytes) => Ok(Some(decode(NODES, id.0.as_bytes(), &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// All nodes, sorted by hostname, then id.
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.nodes.iter() {
+            let (key, value) = item?;
+            out.push(decode::<NodeRecord>(NODES, &key, &value)?);
+        }
+        out.sort_by(|a, b| (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)));
+        Ok(out)
+    }
+
+    /// Applies `f` to the stored record (if present) and writes it back; returns the new record.
+    /// Not flushed: it reaches the disk within the background flush interval (200 ms). `f` must not
+    /// change the record's id or hardware id (changes to them are ignored).
+    pub fn update_node(&self, id: &NodeId, f: impl FnOnce(&mut NodeRecord)) -> Result<Option<NodeRecord>, StoreError> {
+        self.check_space()?;
+        let _guard = self.lock_nodes();
+        let key = id.0.as_bytes();
+        let Some(bytes) = self.inner.nodes.get(key)? else {
+            return Ok(None);
+        };
+        let mut node: NodeRecord = decode(NODES, key, &bytes)?;
+        let (kept_id, kept_hw) = (node.id.clone(), node.hardware_id.clone());
+        f(&mut node);
+        node.id = kept_id;
+        node.hardware_id = kept_hw;
+        self.inner.nodes.insert(key, encode("node", &node)?)?;
+        Ok(Some(node))
+    }
+
+    /// Deletes the node, records its id and hardware id as removed at `now`, appends a Removed event —
+    /// one transaction; flushes. `None` if no node has this id.
+    pub fn remove_node(&self, id: &NodeId, now: UnixMillis) -> Result<Option<NodeRecord>, StoreError> {
+        self.check_space()?;
+        let _guard = self.lock_nodes();
+        let now_bytes = encode("time", &now)?;
+        let trees = (
+            &self.inner.nodes,
+            &self.inner.hwid,
+            &self.inner.removed_nodes,
+            &self.inner.removed_hw,
+            &self.inner.events,
+        );
+        let result = finish(trees.transaction(|(nodes, hwid, removed_nodes, removed_hw, events)| {
+            let key = id.0.as_bytes();
+            let Some(bytes) = nodes.remove(key)? else {
+                return Ok(None);
+            };
+            let node: NodeRecord = decode(NODES, key, &bytes).map_err(abort)?;
+            let hw_key = node.hardware_id.to_string();
+            if hwid.get(hw_key.as_bytes())?.as_deref() == Some(key) {
+                hwid.remove(hw_key.as_bytes())?;
+            }
+            removed_nodes.insert(key, now_bytes.as_slice())?;
+            removed_hw.insert(hw_key.as_bytes(), now_bytes.as_slice())?;
+            let message = format!("{} ({hw_key}) removed from the fleet", node.hostname);
+            let event = self.tx_event::<StoreError>(events, EventKind::Removed, Some(id), &message, now)?;
+            nodes.flush();
+            Ok(Some((node, event.seq)))
+        }))?;
+        drop(_guard);
+        match result {
+            None => Ok(None),
+            Some((node, seq)) => {
+                self.after_event(seq)?;
+                Ok(Some(node))
+            }
+        }
+    }
+
+    /// When a node id was removed (so a still-valid certificate for it is refused).
+    pub fn removed_at(&self, id: &NodeId) -> Result<Option<UnixMillis>, StoreError> {
+        match self.inner.removed_nodes.get(id.0.as_bytes())? {
+            Some(bytes) => Ok(Some(decode(REMOVED_NODES, id.0.as_bytes(), &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Appends an event to the log and returns it with its seq. Not flushed (within 200 ms).
+    pub fn append_event(
+        &self,
+        kind: EventKind,
+        node: Option<&NodeId>,
+        message: &str,
+        now: UnixMillis,
+    ) -> Result<Event, StoreError> {
+        self.check_space()?;
+        let events = &self.inner.events;
+        let event = finish(events.transaction(|events| self.tx_event::<StoreError>(events, kind, node, message, now)))?;
+        self.after_event(event.seq)?;
+        Ok(event)
+    }
+
+    /// Events with seq > after (all when None), oldest first, at most `limit`.
+    pub fn events(&self, after: Option<u64>, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let start = match after {
+            None => 0,
+            Some(u64::MAX) => return Ok(Vec::new()),
+            Some(seq) => seq + 1,
+        };
+        let mut out = Vec::new();
+        for item in self.inner.events.range(start.to_be_bytes()..).take(limit) {
+            let (key, value) = item?;
+            out.push(decode::<Event>(EVENTS, &key, &value)?);
+        }
+        Ok(out)
+    }
+
+    /// Writes everything buffered to disk.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.inner.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::process::Command;
+
+    use shoal_proto::HardwareIdSource;
+
+    use super::*;
+
+    const T0: UnixMillis = UnixMillis(1_700_000_000_000);
+
+    fn at(offset_ms: u64) -> UnixMillis {
+        UnixMillis(T0.0 + offset_ms)
+    }
+
+    fn token(id: &str, secret: &str, created_at: UnixMillis) -> TokenRecord {
+        TokenRecord {
+            id: id.to_owned(),
+            secret_sha256: Sha256::digest(secret.as_bytes()).into(),
+            created_at,
+            expires_at: None,
+            max_uses: None,
+            uses: 0,
+            revoked_at: None,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn hw(value: &str) -> HardwareId {
+        HardwareId { source: HardwareIdSource::DmiUuid, value: value.to_owned() }
+    }
+
+    fn enrol(store: &Store, token_id: &str, secret: &str, hardware_id: &HardwareId, hostname: &str, now: UnixMillis) -> Result<Enrolment, EnrolError> {
+        store.enrol(&EnrolParams { token_id, secret, hardware_id, hostname, now })
+    }
+
+    fn refusal(result: Result<Enrolment, EnrolError>) -> EnrolRefusal {
+        match result {
+            Err(EnrolError::Refused(r)) => r,
+            Err(EnrolError::Store(e)) => panic!("expected a refusal, got store error {e}"),
+            Ok(e) => panic!("expected a refusal, got enrolment of {:?}", e.node.id),
+        }
+    }
+
+    fn kinds(store: &Store) -> Vec<EventKind> {
+        store.events(None, usize::MAX).unwrap().into_iter().map(|e| e.kind).collect()
+    }
+
+    // Tests run on ordinary disks with plenty of room; the reserve is what production uses.
+    fn open(dir: &Path) -> Store {
+        Store::open(dir).unwrap()
+    }
+
+    #[test]
+    fn token_states() {
+        let now = at(10_000);
+        let mut t = token("t", "s", T0);
+        assert_eq!(t.state(now), TokenState::Valid);
+        t.expires_at = Some(at(20_000));
+        assert_eq!(t.state(now), TokenState::Valid);
+        assert_eq!(t.state(at(20_000)), TokenState::Expired, "expiry is exclusive of its instant");
+        t.max_uses = Some(2);
+        t.uses = 1;
+        assert_eq!(t.state(now), TokenState::Valid);
+        t.uses = 2;
+        assert_eq!(t.state(now), TokenState::UsedUp);
+        assert_eq!(t.state(at(30_000)), TokenState::Expired, "expiry outranks exhaustion");
+        t.revoked_at = Some(at(5_000));
+        assert_eq!(t.state(now), TokenState::Revoked, "revocation outranks everything");
+    }
+
+    #[test]
+    fn enrol_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let m = hw("machine-1");
+
+        assert_eq!(refusal(enrol(&store, "nope", "s", &m, "h", T0)), EnrolRefusal::TokenUnknown);
+
+        store.create_token(&token("good", "secret", T0)).unwrap();
+        assert_eq!(
+            refusal(enrol(&store, "good", "wrong", &m, "h", T0)),
+            EnrolRefusal::TokenUnknown,
+            "a wrong secret looks exactly like an unknown token"
+        );
+
+        let mut expiring = token("expiring", "s", T0);
+        expiring.expires_at = Some(UnixMillis(1_700_000_060_000));
+        store.create_token(&expiring).unwrap();
+        let r = refusal(enrol(&store, "expiring", "s", &m, "h", UnixMillis(1_700_000_060_000)));
+        assert_eq!(r, EnrolRefusal::TokenExpired { id: "expiring".into(), at: "2023-11-14T22:14:20Z".into() });
+        assert_eq!(r.to_string(), "join token expiring expired at 2023-11-14T22:14:20Z");
+
+        let mut once = token("once", "s", T0);
+        once.max_uses = Some(1);
+        store.create_token(&once).unwrap();
+        enrol(&store, "once", "s", &m, "h", at(1)).unwrap();
+        assert_eq!(
+            refusal(enrol(&store, "once", "s", &hw("machine-2"), "h2", at(2))),
+            EnrolRefusal::TokenUsedUp { id: "once".into(), uses: 1 }
+        );
+
+        store.create_token(&token("revoked", "s", T0)).unwrap();
+        let rec = store.revoke_token("revoked", at(3)).unwrap().unwrap();
+        assert_eq!(rec.revoked_at, Some(at(3)));
+        assert_eq!(rec.state(at(4)), TokenState::Revoked);
+        assert_eq!(store.revoke_token("revoked", at(9)).unwrap().unwrap().revoked_at, Some(at(3)), "revoking twice keeps the first time");
+        assert_eq!(store.revoke_token("unknown", at(3)).unwrap(), None);
+        assert_eq!(refusal(enrol(&store, "revoked", "s", &m, "h", at(4))), EnrolRefusal::TokenRevoked { id: "revoked".into() });
+
+        // Refusals change nothing: one node, one use of "once", no use of the others.
+        assert_eq!(store.nodes().unwrap().len(), 1);
+        let uses: BTreeMap<String, u32> = store.tokens().unwrap().into_iter().map(|t| (t.id, t.uses)).collect();
+        assert_eq!(uses, BTreeMap::from([("expiring".into(), 0), ("good".into(), 0), ("once".into(), 1), ("revoked".into(), 0)]));
+        assert_eq!(
+            kinds(&store),
+            [EventKind::TokenCreated, EventKind::TokenCreated, EventKind::TokenCreated, EventKind::Enrolled, EventKind::TokenCreated, EventKind::TokenRevoked]
+        );
+    }
+
+    #[test]
+    fn reenrolment_keeps_the_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut t1 = token("t1", "s1", T0);
+        t1.labels = BTreeMap::from([("rack".into(), "a".into()), ("role".into(), "storage".into())]);
+        store.create_token(&t1).unwrap();
+        let mut t2 = token("t2", "s2", T0);
+        t2.labels = BTreeMap::from([("rack".into(), "b".into())]);
+        store.create_token(&t2).unwrap();
+
+        let first = enrol(&store, "t1", "s1", &hw("m"), "old-name", at(1)).unwrap();
+        assert!(first.new);
+        let id = first.node.id.clone();
+        assert!(id.0.len() == 11 && id.0.starts_with('n') && id.0[1..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{id}");
+        assert_eq!(first.node.enrolled_at, at(1));
+
+        let again = enrol(&store, "t1", "s1", &hw("m"), "old-name", at(2)).unwrap();
+        assert!(!again.new);
+        assert_eq!(again.node.id, id);
+
+        let other_token = enrol(&store, "t2", "s2", &hw("m"), "new-name", at(3)).unwrap();
+        assert!(!other_token.new);
+        assert_eq!(other_token.node.id, id);
+        assert_eq!(other_token.node.enrolled_at, at(1), "enrolment time is kept");
+        assert_eq!(other_token.node.hostname, "new-name");
+        assert_eq!(other_token.node.labels, BTreeMap::from([("rack".into(), "b".into()), ("role".into(), "storage".into())]));
+
+        let nodes = store.nodes().unwrap();
+        assert_eq!(nodes.len(), 1, "no duplicate node");
+        assert_eq!(nodes[0], other_token.node);
+        let uses: Vec<u32> = store.tokens().unwrap().iter().map(|t| t.uses).collect();
+        assert_eq!(uses, [2, 1]);
+
+        let second = enrol(&store, "t2", "s2", &hw("other"), "b-host", at(4)).unwrap();
+        assert!(second.new);
+        assert_ne!(second.node.id, id);
+        let events = store.events(None, 100).unwrap();
+        let enrol_events: Vec<(EventKind, Option<NodeId>)> = events.iter().skip(2).map(|e| (e.kind, e.node.clone())).collect();
+        assert_eq!(
+            enrol_events,
+            [
+                (EventKind::Enrolled, Some(id.clone())),
+                (EventKind::Reenrolled, Some(id.clone())),
+                (EventKind::Reenrolled, Some(id)),
+                (EventKind::Enrolled, Some(second.node.id.clone())),
+            ]
+        );
+        let names: Vec<String> = store.nodes().unwrap().into_iter().map(|n| n.hostname).collect();
+        assert_eq!(names, ["b-host", "new-name"], "sorted by hostname");
+    }
+
+    #[test]
+    fn removed_hardware_needs_a_newer_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.create_token(&token("old", "s", T0)).unwrap();
+        let m = hw("m");
+        let node = enrol(&store, "old", "s", &m, "h", at(1)).unwrap().node;
+        assert_eq!(store.removed_at(&node.id).unwrap(), None);
+
+        let removed = store.remove_node(&node.id, at(10)).unwrap().unwrap();
+        assert_eq!(removed, node);
+        assert_eq!(store.remove_node(&node.id, at(11)).unwrap(), None, "already gone");
+        assert_eq!(store.node(&node.id).unwrap(), None);
+        assert!(store.nodes().unwrap().is_empty());
+        assert_eq!(store.removed_at(&node.id).unwrap(), Some(at(10)));
+
+        let r = refusal(enrol(&store, "old", "s", &m, "h", at(20)));
+        assert_eq!(r, EnrolRefusal::NodeRemoved { hardware_id: "dmi-uuid:m".into() });
+        assert!(r.to_string().contains("create a new token"), "{r}");
+        // The same old token still admits other machines.
+        enrol(&store, "old", "s", &hw("other"), "o", at(21)).unwrap();
+
+        store.create_token(&token("new", "s2", at(30))).unwrap();
+        let back = enrol(&store, "new", "s2", &m, "h", at(31)).unwrap();
+        assert!(back.new, "a removed machine comes back as a new node");
+        assert_ne!(back.node.id, node.id, "its old identity (and certificate) stays removed");
+        assert_eq!(store.removed_at(&node.id).unwrap(), Some(at(10)));
+        // Once admitted again, it may re-enrol with any valid token, the old one included.
+        let again = enrol(&store, "old", "s", &m, "h", at(32)).unwrap();
+        assert_eq!((again.new, &again.node.id), (false, &back.node.id));
+        assert!(kinds(&store).contains(&EventKind::Removed));
+    }
+
+    #[test]
+    fn update_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        assert_eq!(store.update_node(&NodeId("n0000000000".into()), |_| panic!("not called")).unwrap(), None);
+        store.create_token(&token("t", "s", T0)).unwrap();
+        let node = enrol(&store, "t", "s", &hw("m"), "h", at(1)).unwrap().node;
+        assert_eq!(node.status, NodeStatus::Down);
+        let updated = store
+            .update_node(&node.id, |n| {
+                n.status = NodeStatus::Up;
+                n.last_seen = Some(at(5));
+                n.agent_version = "0.1.0".into();
+                n.health = Some(HealthReport { at: at(5), uptime_secs: 42, ..Default::default() });
+                n.inventory = Some(Inventory { hostname: "h".into(), cpu_cores: 8, ..Default::default() });
+                n.inventory_at = Some(at(5));
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(updated.status, NodeStatus::Up);
+        assert_eq!(store.node(&node.id).unwrap().unwrap(), updated);
+        assert_eq!(updated.health.as_ref().map(|h| h.uptime_secs), Some(42));
+    }
+
+    #[test]
+    fn everything_survives_reopen_and_seqs_keep_rising() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, last_seq) = {
+            let store = open(dir.path());
+            store.put_meta("ca_cert", b"cert bytes").unwrap();
+            let mut t = token("t", "s", T0);
+            t.labels.insert("zone".into(), "1".into());
+            store.create_token(&t).unwrap();
+            store.create_token(&token("r", "s", T0)).unwrap();
+            store.revoke_token("r", at(1)).unwrap();
+            let node = enrol(&store, "t", "s", &hw("m"), "h", at(2)).unwrap().node;
+            let gone = enrol(&store, "t", "s", &hw("gone"), "g", at(2)).unwrap().node;
+            store.remove_node(&gone.id, at(3)).unwrap();
+            let node = store.update_node(&node.id, |n| n.status = NodeStatus::Up).unwrap().unwrap();
+            let last = store.append_event(EventKind::Up, Some(&node.id), "h is up", at(4)).unwrap();
+            // No explicit flush: dropping the store must persist what update_node and append_event wrote.
+            (node, last.seq)
+        };
+        let store = open(dir.path());
+        assert_eq!(store.get_meta("ca_cert").unwrap().as_deref(), Some(&b"cert bytes"[..]));
+        assert_eq!(store.get_meta("absent").unwrap(), None);
+        let tokens = store.tokens().unwrap();
+        assert_eq!(tokens.iter().map(|t| (t.id.as_str(), t.uses, t.state(at(5)))).collect::<Vec<_>>(), [("r", 0, TokenState::Revoked), ("t", 2, TokenState::Valid)]);
+        assert_eq!(tokens[1].labels.get("zone").map(String::as_str), Some("1"));
+        assert_eq!(store.nodes().unwrap(), [node.clone()]);
+        let removed = store.events(None, 100).unwrap().into_iter().find(|e| e.kind == EventKind::Removed).unwrap();
+        assert_eq!(store.removed_at(removed.node.as_ref().unwrap()).unwrap(), Some(at(3)));
+        assert_eq!(refusal(enrol(&store, "t", "s", &hw("gone"), "g", at(6))), EnrolRefusal::NodeRemoved { hardware_id: "dmi-uuid:gone".into() });
+
+        let events = store.events(None, 100).unwrap();
+        assert_eq!(events.len(), 7);
+        assert_eq!(events.last().unwrap().seq, last_seq);
+        assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
+        let next = store.append_event(EventKind::Down, Some(&node.id), "h is down", at(7)).unwrap();
+        assert!(next.seq > last_seq, "{} after {last_seq}", next.seq);
+        drop(store);
+        let store = open(dir.path());
+        let after = store.append_event(EventKind::Up, Some(&node.id), "h is up", at(8)).unwrap();
+        assert!(after.seq > next.seq);
+        assert_eq!(store.events(Some(last_seq), 10).unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(), [next.seq, after.seq]);
+    }
+
+    #[test]
+    fn a_second_open_of_a_used_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _store = open(dir.path());
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("locked by another process"), "{err}");
+    }
+
+    #[test]
+    fn events_paginate_and_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        for i in 0..5 {
+            store.append_event(EventKind::Up, None, &format!("e{i}"), at(i)).unwrap();
+        }
+        let page: Vec<String> = store.events(Some(1), 2).unwrap().into_iter().map(|e| e.message).collect();
+        assert_eq!(page, ["e1", "e2"]);
+        assert!(store.events(Some(5), 10).unwrap().is_empty());
+        assert!(store.events(Some(u64::MAX), 10).unwrap().is_empty());
+
+        // Pretend the log is long: trimming keeps the newest MAX_EVENTS.
+        store.inner.next_seq.store(MAX_EVENTS + 3, Ordering::SeqCst);
+        store.trim_events().unwrap();
+        let left: Vec<u64> = store.events(None, 10).unwrap().into_iter().map(|e| e.seq).collect();
+        assert_eq!(left, [3, 4, 5]);
+    }
+
+    /// A tmpfs mounted on a temporary directory, unmounted on drop.
+    pub(super) struct Tmpfs {
+        dir: tempfile::TempDir,
+    }
+
+    impl Tmpfs {
+        /// `None` (with the reason printed) when this process may not mount.
+        pub(super) fn mount(size: &str) -> Option<Tmpfs> {
+            let dir = tempfile::tempdir().unwrap();
+            let out = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .output()
+                .expect("run mount");
+            if out.status.success() {
+                return Some(Tmpfs { dir });
+            }
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if ["ermission denied", "not permitted", "must be superuser"].iter().any(|s| stderr.contains(s)) {
+                eprintln!("SKIPPED: cannot mount a tmpfs to fill (needs root / CAP_SYS_ADMIN): {}", stderr.trim());
+                return None;
+            }
+            panic!("mount tmpfs failed: {}", stderr.trim());
+        }
+
+        pub(super) fn path(&self) -> &Path {
+            self.dir.path()
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.dir.path()).status();
+        }
+    }
+
+    pub(super) fn free_bytes(path: &Path) -> u64 {
+        let st = nix::sys::statvfs::statvfs(path).unwrap();
+        #[allow(clippy::useless_conversion)]
+        let free = u64::from(st.blocks_available()) * u64::from(st.fragment_size());
+        free
+    }
+
+    /// A file that eats all but `leave` bytes of the filesystem at `dir`.
+    pub(super) fn fill(dir: &Path, leave: u64) -> PathBuf {
+        let path = dir.join(format!("filler{}", rand::random::<u32>()));
+        let len = free_bytes(dir).saturating_sub(leave);
+        let file = std::fs::File::create(&path).unwrap();
+        // tmpfs allocates pages on write, so write (not set_len) to really take the space.
+        let chunk = vec![0xa5u8; 64 * 1024];
+        let mut written = 0;
+        let mut w = std::io::BufWriter::new(file);
+        while written < len {
+            let n = chunk.len().min((len - written) as usize);
+            std::io::Write::write_all(&mut w, &chunk[..n]).unwrap();
+            written += n as u64;
+        }
+        w.into_inner().unwrap().sync_all().unwrap();
+        path
+    }
+
+    fn big_token(i: usize) -> TokenRecord {
+        let mut t = token(&format!("{i:016x}"), "s", at(i as u64));
+        t.labels.insert("padding".into(), "x".repeat(4096));
+        t
+    }
+
+    /// Writes tokens until the store refuses; returns how many were acknowledged and the error.
+    fn write_until_error(store: &Store, start: usize) -> (usize, StoreError) {
+        for i in start..start + 100_000 {
+            if let Err(e) = store.create_token(&big_token(i)) {
+                return (i - start, e);
+            }
+        }
+        panic!("100000 tokens fit on a tiny disk");
+    }
+
+    /// The first `n` big tokens are all there, each with its TokenCreated event (one transaction).
+    fn assert_tokens(store: &Store, n: usize) {
+        let tokens = store.tokens().unwrap();
+        let ids: Vec<&str> = tokens.iter().map(|t| t.id.as_str()).collect();
+        let want: Vec<String> = (0..n).map(|i| format!("{i:016x}")).collect();
+        assert_eq!(ids, want);
+        assert!(tokens.iter().all(|t| t.labels["padding"].len() == 4096));
+        let created: Vec<String> = store
+            .events(None, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == EventKind::TokenCreated)
+            .map(|e| e.message)
+            .collect();
+        let want: Vec<String> = want.iter().map(|id| format!("join token {id} created")).collect();
+        assert_eq!(created, want);
+    }
+
+    #[test]
+    fn full_disk_is_refused_before_sled_meets_it() {
+        let Some(fs) = Tmpfs::mount("48m") else { return };
+        let db = fs.path().join("db");
+        let store = Store::open(&db).unwrap();
+        let before = 10;
+        for i in 0..before {
+            store.create_token(&big_token(i)).unwrap();
+        }
+        let filler = fill(fs.path(), FREE_SPACE_RESERVE + 2 * 1024 * 1024);
+        let (more, err) = write_until_error(&store, before);
+        let acknowledged = before + more;
+        eprintln!("guarded store: {more} more tokens after filling, then: {err}");
+        let StoreError::Db(msg) = &err else { panic!("expected Db, got {err:?}") };
+        assert!(msg.starts_with("disk full: ") && msg.contains("no space for writes"), "{msg}");
+        assert!(msg.contains(&db.display().to_string()), "{msg}");
+        // Reads still work, and all writes are refused while the disk is full.
+        assert_tokens(&store, acknowledged);
+        assert!(matches!(store.put_meta("k", b"v"), Err(StoreError::Db(_))));
+        assert!(matches!(store.append_event(EventKind::Up, None, "x", at(0)), Err(StoreError::Db(_))));
+        assert!(matches!(store.revoke_token("0000000000000000", at(0)), Err(StoreError::Db(_))));
+
+        // A restart on the full disk can still read everything.
+        drop(store);
+        let store = Store::open(&db).unwrap();
+        assert_tokens(&store, acknowledged);
+
+        // Freeing space makes the store writable again, without a restart.
+        std::fs::remove_file(&filler).unwrap();
+        store.create_token(&big_token(acknowledged)).unwrap();
+        drop(store);
+        let store = Store::open(&db).unwrap();
+        assert_tokens(&store, acknowledged + 1);
+    }
+
+    /// What sled 0.34 itself does on ENOSPC, with the store's guard off: the write that meets it fails
+    /// with a clear error, nothing panics, and every acknowledged write survives a restart. (sled then
+    /// refuses all writes until reopened, even once space is freed; hence the guard.)
+    #[test]
+    fn full_disk_without_the_guard_errors_and_keeps_acknowledged_writes() {
+        let Some(fs) = Tmpfs::mount("16m") else { return };
+        let db = fs.path().join("db");
+        let store = Store::open_with_reserve(&db, 0).unwrap();
+        let before = 10;
+        for i in 0..before {
+            store.create_token(&big_token(i)).unwrap();
+        }
+        let filler = fill(fs.path(), 1024 * 1024);
+        let (more, err) = write_until_error(&store, before);
+        let acknowledged = before + more;
+        eprintln!("unguarded store: {more} more tokens after filling, then: {err}");
+        let StoreError::Db(msg) = &err else { panic!("expected Db, got {err:?}") };
+        assert!(msg.starts_with("I/O error: No space left on device"), "{msg}");
+        assert!(store.tokens().unwrap().len() >= acknowledged, "reads still work");
+        std::fs::remove_file(&filler).unwrap();
+        eprintln!("unguarded store, write after freeing space: {:?}", store.create_token(&big_token(acknowledged + 1)).err());
+        drop(store);
+
+        let store = Store::open(&db).unwrap();
+        eprintln!("unguarded store, after reopen: {} tokens, {acknowledged} acknowledged", store.tokens().unwrap().len());
+        assert_tokens(&store, acknowledged);
+        store.create_token(&big_token(acknowledged)).unwrap();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod probe {
+    use super::tests::{Tmpfs, fill, free_bytes};
+    use super::*;
+
+    fn ls(db: &Path) -> String {
+        let mut out = String::new();
+        for e in walk(db) { out.push_str(&e); out.push(' '); }
+        out
+    }
+    fn walk(p: &Path) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(p) {
+            for e in rd.flatten() {
+                let m = e.metadata().unwrap();
+                if m.is_dir() { v.extend(walk(&e.path())); } else { v.push(format!("{}={}", e.path().file_name().unwrap().to_string_lossy(), m.len())); }
+            }
+        }
+        v
+    }
+
+    fn run(reopen_while_full: bool, flushing: bool) {
+        let Some(fs) = Tmpfs::mount("16m") else { return };
+        let db = fs.path().join("db");
+        let store = Store::open_with_reserve(&db, 0).unwrap();
+        for i in 0..50 { store.append_event(EventKind::Up, None, &"z".repeat(2000), UnixMillis(i)).unwrap(); }
+        store.flush().unwrap();
+        let filler = fill(fs.path(), 1024 * 1024);
+        let mut ok = 0;
+        let msg = "y".repeat(2000);
+        let err = loop {
+            let r = if flushing { store.put_meta(&format!("k{ok}"), msg.as_bytes()) } else { store.append_event(EventKind::Up, None, &msg, UnixMillis(ok)).map(|_| ()) };
+            match r {
+                Ok(_) => ok += 1,
+                Err(e) => break e,
+            }
+            if ok > 100_000 { panic!("never full"); }
+        };
+        eprintln!("PROBE({reopen_while_full},{flushing}) wrote {ok} then {err}; files {}", ls(&db));
+        drop(store);
+        if reopen_while_full {
+            let f2 = fill(fs.path(), LEAVE.with(|l| *l.borrow()));
+            eprintln!("PROBE free {}", free_bytes(fs.path()));
+            match Store::open(&db) {
+                Ok(s) => eprintln!("PROBE reopen while full ok: {:?}", s.events(None, usize::MAX).map(|e| e.len())),
+                Err(e) => eprintln!("PROBE reopen while full: {e}"),
+            }
+            eprintln!("PROBE files {}", ls(&db));
+            std::fs::remove_file(&f2).unwrap();
+        }
+        std::fs::remove_file(&filler).unwrap();
+        match Store::open(&db) {
+            Ok(s) => {
+                let ev = s.events(None, usize::MAX).unwrap();
+                let metas = (0..ok).filter(|i| s.get_meta(&format!("k{i}")).unwrap().is_some()).count();
+                eprintln!("PROBE after freeing: {} events, metas {metas}/{ok}, contiguous {}", ev.len(), ev.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+                s.append_event(EventKind::Up, None, "after", UnixMillis(0)).unwrap();
+            }
+            Err(e) => eprintln!("PROBE after freeing: open failed {e}; files {}", ls(&db)),
+        }
+    }
+
+    thread_local! { static LEAVE: std::cell::RefCell<u64> = const { std::cell::RefCell::new(0) }; }
+    #[test] fn p_leave() {
+        for leave in [None, Some(4096u64), Some(64 * 1024), Some(200 * 1024), Some(600 * 1024)] {
+            for flushing in [false, true] {
+                eprintln!("=== leave {leave:?} flushing {flushing}");
+                match leave {
+                    None => run_asis(flushing),
+                    Some(l) => { LEAVE.with(|c| *c.borrow_mut() = l); run(true, flushing) }
+                }
+            }
+        }
+    }
+    fn run_asis(flushing: bool) {
+        let Some(fs) = Tmpfs::mount("16m") else { return };
+        let db = fs.path().join("db");
+        let store = Store::open_with_reserve(&db, 0).unwrap();
+        let filler = fill(fs.path(), 1024 * 1024);
+        let mut ok = 0;
+        let msg = "y".repeat(2000);
+        let err = loop {
+            let r = if flushing { store.put_meta(&format!("k{ok}"), msg.as_bytes()) } else { store.append_event(EventKind::Up, None, &msg, UnixMillis(ok)).map(|_| ()) };
+            match r { Ok(_) => ok += 1, Err(e) => break e }
+        };
+        eprintln!("PROBE as-is wrote {ok} then {err}; free {}", free_bytes(fs.path()));
+        drop(store);
+        match Store::open(&db) {
+            Ok(s) => eprintln!("PROBE reopen as-is ok: {:?}", s.events(None, usize::MAX).map(|e| e.len())),
+            Err(e) => eprintln!("PROBE reopen as-is: {e}"),
+        }
+        eprintln!("PROBE files {} free {}", ls(&db), free_bytes(fs.path()));
+        std::fs::remove_file(&filler).unwrap();
+        match Store::open(&db) {
+            Ok(s) => {
+                let ev = s.events(None, usize::MAX).unwrap();
+                let metas = (0..ok).filter(|i| s.get_meta(&format!("k{i}")).unwrap().is_some()).count();
+                eprintln!("PROBE after freeing: {} events, metas {metas}/{ok}", ev.len());
+            }
+            Err(e) => eprintln!("PROBE after freeing: open failed {e}; files {}", ls(&db)),
+        }
+    }
+    #[test] fn p_nf_nonflush() { run(false, false) }
+    #[test] fn p_f_nonflush() { run(true, false) }
+    #[test] fn p_nf_flush() { run(false, true) }
+    #[test] fn p_f_flush() { run(true, true) }
+}

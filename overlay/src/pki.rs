@@ -1,0 +1,84 @@
+//! Node keys, certificate signing requests, and reading identities out of certificates.
+
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
+use sha2::{Digest, Sha256};
+use shoal_proto::NodeId;
+
+/// The TLS server name every agent uses for the controller, whatever address it dials: certificates are
+/// bound to this name rather than to IP addresses that NAT and DHCP change.
+pub const CONTROLLER_SERVER_NAME: &str = "controller.shoal";
+
+/// Why a key, request or certificate could not be handled.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PkiError {
+    /// Key generation, parsing or signing failed.
+    #[error("certificate or key error: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// A certificate could not be parsed.
+    #[error("unparsable certificate: {0}")]
+    Certificate(String),
+    /// The certificate has no node identity in its subject.
+    #[error("certificate carries no node identity")]
+    NoIdentity,
+}
+
+/// Generates a fresh ECDSA P-256 key pair.
+pub fn generate_key() -> Result<KeyPair, PkiError> {
+    Ok(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?)
+}
+
+/// A PKCS#10 request (DER) for `key`. The controller decides the subject; the request only proves
+/// possession of the key.
+pub fn make_csr(key: &KeyPair) -> Result<Vec<u8>, PkiError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "shoal-node");
+    params.distinguished_name = dn;
+    Ok(params.serialize_request(key)?.der().to_vec())
+}
+
+/// SHA-256 of a DER blob (a certificate fingerprint).
+pub fn sha256(der: &[u8]) -> [u8; 32] {
+    Sha256::digest(der).into()
+}
+
+/// The facts shoal reads from a node certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The node the certificate names (its common name).
+    pub node_id: NodeId,
+    /// Expiry, seconds since the Unix epoch.
+    pub not_after_unix: i64,
+    /// Serial number, hex.
+    pub serial: String,
+}
+
+/// Reads the node identity and validity out of a certificate.
+pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Certificate(e.to_string()))?;
+    let node_id = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or(PkiError::NoIdentity)?;
+    Ok(CertInfo {
+        node_id: NodeId(node_id.to_owned()),
+        not_after_unix: cert.validity().not_after.timestamp(),
+        serial: cert.raw_serial_as_string().replace(':', ""),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csr_parses_and_proves_the_key() {
+        let key = generate_key().unwrap();
+        let csr = make_csr(&key).unwrap();
+        let parsed = rcgen::CertificateSigningRequestParams::from_der(&csr.as_slice().into()).unwrap();
+        assert_eq!(parsed.public_key.der_bytes(), rcgen::SubjectPublicKeyInfo::from_der(&key.public_key_der()).unwrap().der_bytes());
+    }
+}

@@ -1,0 +1,185 @@
+//! TLS and QUIC configurations for the control connection.
+//!
+//! - The controller presents a certificate for [`CONTROLLER_SERVER_NAME`] issued by the fleet CA, and
+//!   asks for a client certificate without requiring one: a connection without one may only enrol.
+//! - An enrolled agent trusts only the fleet CA and presents its node certificate (mutual TLS).
+//! - A new agent has no trust anchor yet: it accepts a controller whose chain contains the CA whose
+//!   SHA-256 its join token carries, and then verifies the chain against that CA as usual.
+
+use std::{sync::Arc, time::Duration};
+
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    client::WebPkiServerVerifier,
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+    server::WebPkiClientVerifier,
+    DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+
+use crate::pki::{sha256, CONTROLLER_SERVER_NAME};
+
+/// ALPN of the agent–controller control protocol.
+pub const CONTROL_ALPN: &[u8] = b"shoal-control";
+
+/// Why a TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// rustls refused the certificates or keys.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client certificate verifier could not be built.
+    #[error("client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// QUIC refused the TLS configuration (no TLS 1.3 suite).
+    #[error("QUIC TLS configuration: {0}")]
+    Quic(String),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(ca_der: &[u8]) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(CertificateDer::from(ca_der.to_vec()))?;
+    Ok(Arc::new(roots))
+}
+
+/// QUIC transport settings for a control connection: small windows (control traffic is a few KiB a
+/// minute, and the controller holds thousands of these) and a keep-alive that holds NAT mappings.
+pub fn control_transport(keep_alive: Option<Duration>) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(4u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window((256u32 * 1024).into())
+        .receive_window((1024u32 * 1024).into())
+        .send_window(1024 * 1024)
+        .keep_alive_interval(keep_alive);
+    // An idle timeout well above the keep-alive, so one lost keep-alive does not end the session.
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t
+}
+
+/// The controller's QUIC server configuration.
+pub fn controller_server_config(
+    ca_der: &[u8],
+    server_chain: Vec<CertificateDer<'static>>,
+    server_key: PrivateKeyDer<'static>,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let provider = provider();
+    let client_verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_der)?, provider.clone())
+        .allow_unauthenticated()
+        .build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(server_chain, server_key)?;
+    tls.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(Arc::new(control_transport(None)));
+    Ok(config)
+}
+
+/// An enrolled agent's configuration: trusts only the fleet CA, presents its node certificate.
+pub fn node_client_config(
+    ca_der: &[u8],
+    cert_der: &[u8],
+    key: PrivateKeyDer<'static>,
+    keep_alive: Duration,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca_der)?)
+        .with_client_auth_cert(vec![CertificateDer::from(cert_der.to_vec())], key)?;
+    tls.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
+    client_config(tls, keep_alive)
+}
+
+/// A new agent's configuration: trusts the controller whose chain holds the CA pinned by the token.
+pub fn enrol_client_config(ca_sha256: [u8; 32], keep_alive: Duration) -> Result<quinn::ClientConfig, TlsError> {
+    let provider = provider();
+    let verifier = PinnedCaVerifier { ca_sha256, provider: provider.clone() };
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
+    client_config(tls, keep_alive)
+}
+
+fn client_config(tls: rustls::ClientConfig, keep_alive: Duration) -> Result<quinn::ClientConfig, TlsError> {
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(control_transport(Some(keep_alive))));
+    Ok(config)
+}
+
+/// The name agents put in SNI and verify the controller certificate against.
+pub fn controller_server_name() -> &'static str {
+    CONTROLLER_SERVER_NAME
+}
+
+/// Verifies a server chain against the CA that the chain itself carries, once that CA's hash matches
+/// the pin from the join token.
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    ca_sha256: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates.iter().find(|c| sha256(c) == self.ca_sha256).ok_or_else(|| {
+            rustls::Error::General(
+                "the controller's CA does not match the CA hash in the join token (wrong controller, or a token from another fleet)".into(),
+            )
+        })?;
+        let verifier = WebPkiServerVerifier::builder_with_provider(
+            roots(ca).map_err(|e| rustls::Error::General(e.to_string()))?,
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The certificate chain the peer presented on a connection, if any.
+pub fn peer_chain(conn: &quinn::Connection) -> Option<Vec<CertificateDer<'static>>> {
+    conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok().map(|b| *b)
+}

@@ -1,0 +1,564 @@
+//! Network namespaces and the topologies built from them.
+//!
+//! Every namespace this harness creates is named `shl-<pid>-<n>-<role>`: `<pid>` is the test process, `<n>` a
+//! per-process counter, so parallel tests (threads or processes) never collide, and a later run can tell a
+//! namespace left behind by a process that died (its pid is gone) and sweep it. Interfaces are created
+//! directly inside the namespaces (never in the root namespace), so their names only have to be unique per
+//! namespace and stay within the kernel's 15-character limit.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use nix::sched::{setns, CloneFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Prefix of every namespace the harness creates.
+pub const PREFIX: &str = "shl-";
+
+/// Longest interface name Linux accepts (IFNAMSIZ - 1).
+pub const IFNAME_MAX: usize = 15;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+static SWEEP: Once = Once::new();
+
+/// A short id unique among all live test processes: `<pid>-<counter>`.
+pub fn unique_id() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs a command to completion; an error (with its stderr) unless it exits 0. Returns stdout.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    check_output(&format!("{cmd:?}"), &out)?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn check_output(what: &str, out: &Output) -> Result<()> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(())
+}
+
+/// `ip ARGS…` in the root namespace.
+pub fn ip(args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+/// Names of all network namespaces in `/run/netns`.
+pub fn list_namespaces() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = dir
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Pids of the processes inside namespace `name` (`ip netns pids`).
+pub fn namespace_pids(name: &str) -> Vec<i32> {
+    Command::new("ip")
+        .args(["netns", "pids", name])
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// SIGKILLs every process in namespace `name` and waits (≤ 5 s) until none is left.
+fn kill_namespace_processes(name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let pids = namespace_pids(name);
+        if pids.is_empty() || Instant::now() >= deadline {
+            return;
+        }
+        for pid in pids {
+            // The process may exit on its own meanwhile; ESRCH is fine.
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn delete_namespace(name: &str) {
+    kill_namespace_processes(name);
+    let _ = Command::new("ip")
+        .args(["netns", "delete", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Deletes namespaces left behind by test processes that no longer exist (killed before their `Drop` ran).
+/// Runs once per process, before the first namespace is created.
+pub fn sweep_stale_namespaces() {
+    SWEEP.call_once(|| {
+        let me = std::process::id().to_string();
+        for name in list_namespaces() {
+            let Some(rest) = name.strip_prefix(PREFIX) else {
+                continue;
+            };
+            let Some(pid) = rest.split('-').next() else {
+                continue;
+            };
+            if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+                continue;
+            }
+            if !Path::new("/proc").join(pid).exists() {
+                eprintln!("[shoal-tests] deleting stale namespace {name} (its test process {pid} is gone)");
+                delete_namespace(&name);
+            }
+        }
+    });
+}
+
+/// A network namespace this harness created; `Drop` kills every process inside it and deletes it.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates namespace `name` with `lo` up.
+    pub fn create(name: &str) -> Result<Self> {
+        sweep_stale_namespaces();
+        ip(&["netns", "add", name])
+            .with_context(|| format!("cannot create network namespace {name}"))?;
+        let ns = Netns {
+            name: name.to_string(),
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace's name (as for `ip netns exec`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n NAME ARGS…`.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// A command that runs `program` inside this namespace (`ip netns exec NAME program`).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Runs `program ARGS…` inside the namespace; an error unless it exits 0. Returns stdout.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        run(self.command(program).args(args))
+    }
+
+    /// Pids of the processes inside the namespace.
+    pub fn pids(&self) -> Vec<i32> {
+        namespace_pids(&self.name)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace, so the sockets `f` opens live in it (and keep
+    /// living in it when handed back to other threads).
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let path = Path::new("/run/netns").join(&self.name);
+        let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        std::thread::scope(|s| {
+            s.spawn(move || -> Result<T> {
+                setns(&file, CloneFlags::CLONE_NEWNET).with_context(|| {
+                    format!("cannot enter network namespace {}", path.display())
+                })?;
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow!("thread inside namespace panicked"))?
+        })
+    }
+
+    /// `link show dev IFACE` as JSON.
+    fn link_json(&self, iface: &str) -> Result<serde_json::Value> {
+        let text = self.ip(&["-j", "link", "show", "dev", iface])?;
+        let v: serde_json::Value = serde_json::from_str(&text).context("ip -j link output")?;
+        v.get(0)
+            .cloned()
+            .ok_or_else(|| anyhow!("no link {iface} in {}", self.name))
+    }
+
+    /// The MAC address of `iface` inside this namespace (lower-case `aa:bb:…`).
+    pub fn mac(&self, iface: &str) -> Result<String> {
+        let link = self.link_json(iface)?;
+        link["address"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("{iface} in {} has no address: {link}", self.name))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        delete_namespace(&self.name);
+    }
+}
+
+/// An IPv4 subnet such as `10.77.1.0/24`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnet {
+    /// The network address.
+    pub network: Ipv4Addr,
+    /// Prefix length (8..=30).
+    pub len: u8,
+}
+
+impl Subnet {
+    /// Parses `a.b.c.d/len`; host bits must be zero.
+    pub fn parse(s: &str) -> Result<Self> {
+        let (addr, len) = s
+            .split_once('/')
+            .ok_or_else(|| anyhow!("subnet {s:?} lacks /len"))?;
+        let network: Ipv4Addr = addr.parse().with_context(|| format!("subnet {s:?}"))?;
+        let len: u8 = len.parse().with_context(|| format!("subnet {s:?}"))?;
+        ensure!(
+            (8..=30).contains(&len),
+            "subnet {s:?}: prefix length must be 8..=30"
+        );
+        let mask = u32::MAX << (32 - len);
+        ensure!(
+            u32::from(network) & !mask == 0,
+            "subnet {s:?} has host bits set"
+        );
+        Ok(Subnet { network, len })
+    }
+
+    /// The `n`-th host address (1-based); an error past the last usable address.
+    pub fn host(&self, n: u32) -> Result<Ipv4Addr> {
+        let size = 1u32 << (32 - self.len);
+        ensure!(n >= 1 && n < size - 1, "subnet {self} has no host #{n}");
+        Ok(Ipv4Addr::from(u32::from(self.network) + n))
+    }
+}
+
+impl std::fmt::Display for Subnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.len)
+    }
+}
+
+/// One interface of a host, attached to a LAN.
+#[derive(Debug, Clone)]
+pub struct Iface {
+    /// Name inside the host's namespace (`eth0`, `eth1`, …).
+    pub name: String,
+    /// The LAN it is plugged into.
+    pub lan: String,
+    /// Its IPv4 address.
+    pub addr: Ipv4Addr,
+    /// Its subnet.
+    pub subnet: Subnet,
+    /// Its MAC address.
+    pub mac: String,
+    /// The peer end of the veth, a port of the LAN's bridge (inside the LAN's namespace).
+    pub bridge_port: String,
+}
+
+/// A host: a namespace with interfaces on LANs.
+#[derive(Debug)]
+pub struct Host {
+    name: String,
+    netns: Netns,
+    ifaces: Vec<Iface>,
+}
+
+impl Host {
+    /// The host's name within its topology.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its namespace.
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    /// The namespace's name.
+    pub fn ns_name(&self) -> &str {
+        self.netns.name()
+    }
+
+    /// Its interfaces, in the order they were connected.
+    pub fn ifaces(&self) -> &[Iface] {
+        &self.ifaces
+    }
+
+    /// Its interface on `lan`.
+    pub fn iface_on(&self, lan: &str) -> Result<&Iface> {
+        self.ifaces
+            .iter()
+            .find(|i| i.lan == lan)
+            .ok_or_else(|| anyhow!("host {} is not on LAN {lan}", self.name))
+    }
+
+    /// The address of its first interface.
+    pub fn addr(&self) -> Result<Ipv4Addr> {
+        self.ifaces
+            .first()
+            .map(|i| i.addr)
+            .ok_or_else(|| anyhow!("host {} has no interface", self.name))
+    }
+}
+
+/// A LAN: a bridge `br0` inside its own namespace; hosts attach by veth pairs.
+#[derive(Debug)]
+pub struct Lan {
+    name: String,
+    netns: Netns,
+    subnet: Subnet,
+    next_host: u32,
+}
+
+impl Lan {
+    /// The LAN's namespace (holding the bridge).
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    /// Its subnet.
+    pub fn subnet(&self) -> Subnet {
+        self.subnet
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// A set of namespaces (hosts and LANs) torn down together on `Drop`: processes inside are killed, then the
+/// namespaces deleted. Addresses exist only inside these namespaces; the root namespace is never touched.
+#[derive(Debug)]
+pub struct Topology {
+    id: String,
+    // Hosts before LANs: fields drop in declaration order.
+    hosts: BTreeMap<String, Host>,
+    lans: BTreeMap<String, Lan>,
+}
+
+/// Host and LAN names: short, so that `p-<name>` fits an interface name.
+fn check_name(kind: &str, name: &str) -> Result<()> {
+    ensure!(
+        !name.is_empty()
+            && name.len() <= IFNAME_MAX - 2
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+        "{kind} name {name:?} must be 1..={} characters of [A-Za-z0-9-]",
+        IFNAME_MAX - 2
+    );
+    Ok(())
+}
+
+impl Topology {
+    /// An empty topology with a fresh unique id.
+    pub fn new() -> Result<Self> {
+        Ok(Topology {
+            id: unique_id(),
+            hosts: BTreeMap::new(),
+            lans: BTreeMap::new(),
+        })
+    }
+
+    /// The unique id embedded in every namespace name.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn ns_name(&self, role: &str) -> String {
+        format!("{PREFIX}{}-{role}", self.id)
+    }
+
+    /// Adds a LAN named `name` with subnet `subnet` (e.g. `10.77.1.0/24`).
+    pub fn add_lan(&mut self, name: &str, subnet: &str) -> Result<&Lan> {
+        check_name("LAN", name)?;
+        ensure!(!self.lans.contains_key(name), "LAN {name} exists");
+        let subnet = Subnet::parse(subnet)?;
+        let netns = Netns::create(&self.ns_name(&format!("l{name}")))?;
+        netns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        netns.ip(&["link", "set", "br0", "up"])?;
+        let lan = Lan {
+            name: name.to_string(),
+            netns,
+            subnet,
+            next_host: 1,
+        };
+        Ok(self.lans.entry(name.to_string()).or_insert(lan))
+    }
+
+    /// Adds a host (a namespace with only `lo`).
+    pub fn add_host(&mut self, name: &str) -> Result<&Host> {
+        check_name("host", name)?;
+        ensure!(!self.hosts.contains_key(name), "host {name} exists");
+        let netns = Netns::create(&self.ns_name(name))?;
+        let host = Host {
+            name: name.to_string(),
+            netns,
+            ifaces: Vec::new(),
+        };
+        Ok(self.hosts.entry(name.to_string()).or_insert(host))
+    }
+
+    /// Plugs `host` into `lan` with the LAN's next free address; returns the new interface.
+    pub fn connect(&mut self, host: &str, lan: &str) -> Result<Iface> {
+        let l = self
+            .lans
+            .get_mut(lan)
+            .ok_or_else(|| anyhow!("no LAN {lan}"))?;
+        let addr = l.subnet.host(l.next_host)?;
+        l.next_host += 1;
+        self.connect_with_addr(host, lan, addr)
+    }
+
+    /// Plugs `host` into `lan` with address `addr`; returns the new interface.
+    pub fn connect_with_addr(&mut self, host: &str, lan: &str, addr: Ipv4Addr) -> Result<Iface> {
+        let l = self.lans.get(lan).ok_or_else(|| anyhow!("no LAN {lan}"))?;
+        let h = self
+            .hosts
+            .get(host)
+            .ok_or_else(|| anyhow!("no host {host}"))?;
+        ensure!(
+            h.iface_on(lan).is_err(),
+            "host {host} is already on LAN {lan}"
+        );
+        let iface = format!("eth{}", h.ifaces.len());
+        let port = format!("p-{host}");
+        l.netns.ip(&[
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &iface,
+            "netns",
+            h.netns.name(),
+        ])?;
+        l.netns.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        let cidr = format!("{addr}/{}", l.subnet.len);
+        h.netns.ip(&["addr", "add", &cidr, "dev", &iface])?;
+        h.netns.ip(&["link", "set", &iface, "up"])?;
+        let mac = h.netns.mac(&iface)?;
+        let new = Iface {
+            name: iface,
+            lan: lan.to_string(),
+            addr,
+            subnet: l.subnet,
+            mac,
+            bridge_port: port,
+        };
+        let h = self
+            .hosts
+            .get_mut(host)
+            .ok_or_else(|| anyhow!("no host {host}"))?;
+        h.ifaces.push(new.clone());
+        Ok(new)
+    }
+
+    /// The host named `name`.
+    pub fn host(&self, name: &str) -> Result<&Host> {
+        self.hosts
+            .get(name)
+            .ok_or_else(|| anyhow!("no host {name}"))
+    }
+
+    /// The LAN named `name`.
+    pub fn lan(&self, name: &str) -> Result<&Lan> {
+        self.lans.get(name).ok_or_else(|| anyhow!("no LAN {name}"))
+    }
+
+    /// Names of all namespaces of this topology.
+    pub fn namespaces(&self) -> Vec<String> {
+        self.hosts
+            .values()
+            .map(|h| h.ns_name().to_string())
+            .chain(self.lans.values().map(|l| l.netns.name().to_string()))
+            .collect()
+    }
+
+    fn bridge_port(&self, host: &str, lan: &str) -> Result<(&Lan, String)> {
+        let h = self.host(host)?;
+        let port = h.iface_on(lan)?.bridge_port.clone();
+        Ok((self.lan(lan)?, port))
+    }
+
+    /// Cuts `host` off `lan`, as if its cable were pulled: the bridge side of its veth goes down.
+    pub fn cut(&self, host: &str, lan: &str) -> Result<()> {
+        let (l, port) = self.bridge_port(host, lan)?;
+        l.netns.ip(&["link", "set", &port, "down"])?;
+        Ok(())
+    }
+
+    /// Undoes [`Topology::cut`].
+    pub fn restore(&self, host: &str, lan: &str) -> Result<()> {
+        let (l, port) = self.bridge_port(host, lan)?;
+        l.netns.ip(&["link", "set", &port, "up"])?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnet_hosts() {
+        let s = Subnet::parse("10.77.3.0/24").expect("parses");
+        assert_eq!(s.host(1).expect("host 1"), Ipv4Addr::new(10, 77, 3, 1));
+        assert_eq!(
+            s.host(254).expect("host 254"),
+            Ipv4Addr::new(10, 77, 3, 254)
+        );
+        assert!(s.host(255).is_err());
+        assert!(s.host(0).is_err());
+        assert!(Subnet::parse("10.77.3.1/24").is_err());
+        assert!(Subnet::parse("10.77.3.0").is_err());
+        assert_eq!(s.to_string(), "10.77.3.0/24");
+    }
+
+    #[test]
+    fn ids_are_unique_and_names_short() {
+        let a = unique_id();
+        let b = unique_id();
+        assert_ne!(a, b);
+        assert!(a.starts_with(&std::process::id().to_string()));
+        assert!(check_name("host", "agent-10").is_ok());
+        assert!(check_name("host", "a-name-too-long").is_err());
+        assert!(check_name("host", "bad name").is_err());
+        assert!(format!("p-{}", "abcdefghijklm").len() <= IFNAME_MAX);
+    }
+}
