@@ -132,6 +132,7 @@ pub struct Controller {
 }
 
 const ADMIN_TOKEN_META: &str = "admin_token_sha256";
+const RESET_KEY_META: &str = "quic_stateless_reset_key";
 
 impl Controller {
     /// Opens the data dir: store, CA, admin credential.
@@ -156,6 +157,21 @@ impl Controller {
             live: Mutex::new(LiveState { liveness, nodes, conns: HashMap::new(), next_conn_id: 0 }),
             admin_token_sha256,
         }))
+    }
+
+    /// The QUIC stateless-reset key, kept in the store: after a restart the controller can still reset
+    /// its predecessor's connections, so agents notice at their next packet instead of after the idle
+    /// timeout.
+    fn reset_key(&self) -> Result<ring::hmac::Key, crate::store::StoreError> {
+        let secret = match self.store.get_meta(RESET_KEY_META)? {
+            Some(k) if k.len() == 32 => k,
+            _ => {
+                let k = rand::random::<[u8; 32]>().to_vec();
+                self.store.put_meta(RESET_KEY_META, &k)?;
+                k
+            }
+        };
+        Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret))
     }
 
     pub(crate) fn live(&self) -> std::sync::MutexGuard<'_, LiveState> {
@@ -278,8 +294,15 @@ pub async fn run(
     let api_addr = api_listener.local_addr()?;
     let (chain, key) = controller.ca.issue_server_cert(&[pki::CONTROLLER_SERVER_NAME.to_owned()], &[])?;
     let server_config = tls::controller_server_config(controller.ca.cert_der(), chain, key)?;
+    let reset_key = controller.reset_key()?;
+    // Connection ids must validate after a restart too, or the new process drops the old connections'
+    // packets silently instead of resetting them: derive the id generator's key from the same secret.
+    let tag = ring::hmac::sign(&reset_key, b"shoal connection id key");
+    let cid_key = u64::from_be_bytes(tag.as_ref()[..8].try_into().unwrap_or([0; 8]));
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
     let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        endpoint_config,
         Some(server_config),
         quic_socket,
         Arc::new(quinn::TokioRuntime),
@@ -615,7 +638,3 @@ fn enrol(controller: &Controller, request: &shoal_proto::EnrolRequest, hello: &s
     info!(node = %node.id, hostname = %node.hostname, hardware_id = %node.hardware_id, new = enrolment.new, "node enrolled");
     Ok(Enrolled { node_id: node.id, cert_der, ca_der: controller.ca.cert_der().to_vec(), not_after })
 }
-
-/// Sends nothing; keeps the type used for docs of the close protocol.
-#[allow(dead_code)]
-fn _assert_send(_: ControllerMsg) {}

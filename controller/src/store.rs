@@ -376,10 +376,8 @@ fn key_text(key: &[u8]) -> String {
 }
 
 fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
-    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
-        key: format!("{tree}/{}", key_text(key)),
-        cause: e.to_string(),
-    })
+    postcard::from_bytes(bytes)
+        .map_err(|e| StoreError::Corrupt { key: format!("{tree}/{}", key_text(key)), cause: e.to_string() })
 }
 
 fn decode_seq(key: &[u8]) -> Result<u64, StoreError> {
@@ -416,6 +414,7 @@ fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
     let config = sled::Config::new().path(dir).cache_capacity(CACHE_CAPACITY).flush_every_ms(Some(FLUSH_EVERY_MS));
     let deadline = Instant::now() + OPEN_LOCK_WAIT;
     loop {
+        remove_interrupted_snapshots(dir)?;
         match config.open() {
             Ok(db) => return Ok(db),
             Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
@@ -428,9 +427,49 @@ fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err(e) => return Err(StoreError::Db(format!("cannot open database in {}: {}", dir.display(), sled_message(e)))),
+            Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::StorageFull => {
+                return Err(StoreError::Db(format!(
+                    "cannot open database in {}: No space left on device (opening writes a snapshot); free some \
+                     space and start again",
+                    dir.display()
+                )))
+            }
+            Err(e) => {
+                return Err(StoreError::Db(format!("cannot open database in {}: {}", dir.display(), sled_message(e))))
+            }
         }
     }
+}
+
+/// Deletes snapshots whose writing was interrupted.
+///
+/// sled 0.34 writes a snapshot to `snap.<lsn>.generating` and renames it to `snap.<lsn>` once complete
+/// and synced, but when it looks for the newest snapshot it does not skip `.generating` files: one left
+/// behind by an interrupted write (a full disk, a crash) makes every later open fail with "Read
+/// corrupted data". Such a file is never needed: older snapshots are only deleted after the rename, and
+/// the log is untouched. It is deleted only while this process holds the database's lock, so a sled
+/// running in another process is never disturbed.
+fn remove_interrupted_snapshots(dir: &Path) -> Result<(), StoreError> {
+    use nix::fcntl::{Flock, FlockArg};
+
+    let Ok(file) = std::fs::File::open(dir.join("db")) else {
+        return Ok(()); // no database yet (or unreadable: sled's open will say why)
+    };
+    let Ok(_lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+        return Ok(()); // in use: sled's open reports that
+    };
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| StoreError::Db(format!("cannot list database directory {}: {e}", dir.display())))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            warn!(file = %entry.path().display(), "removing an incompletely written database snapshot");
+            std::fs::remove_file(entry.path())
+                .map_err(|e| StoreError::Db(format!("cannot remove {}: {e}", entry.path().display())))?;
+        }
+    }
+    Ok(())
 }
 
 impl Store {
@@ -441,7 +480,8 @@ impl Store {
 
     fn open_with_reserve(dir: &Path, reserve_bytes: u64) -> Result<Store, StoreError> {
         let db = open_db(dir)?;
-        let next_seq = match db.open_tree(EVENTS)?.last()? {
+        let events = db.open_tree(EVENTS)?;
+        let next_seq = match events.last()? {
             Some((key, _)) => decode_seq(&key)?.saturating_add(1),
             None => 1,
         };
@@ -453,7 +493,7 @@ impl Store {
                 hwid: db.open_tree(HWID)?,
                 removed_nodes: db.open_tree(REMOVED_NODES)?,
                 removed_hw: db.open_tree(REMOVED_HW)?,
-                events: db.open_tree(EVENTS)?,
+                events,
                 db,
                 dir: dir.to_owned(),
                 next_seq: AtomicU64::new(next_seq),
@@ -469,9 +509,8 @@ impl Store {
 
     /// Free bytes (for unprivileged users) on the data directory's filesystem.
     fn free_space(&self) -> Result<u64, StoreError> {
-        let st = nix::sys::statvfs::statvfs(&self.inner.dir).map_err(|e| {
-            StoreError::Db(format!("cannot check free space in {}: {e}", self.inner.dir.display()))
-        })?;
+        let st = nix::sys::statvfs::statvfs(&self.inner.dir)
+            .map_err(|e| StoreError::Db(format!("cannot check free space in {}: {e}", self.inner.dir.display())))?;
         #[allow(clippy::useless_conversion)] // the field types differ between platforms
         let free = u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size()));
         Ok(free)
@@ -513,6 +552,7 @@ impl Store {
     }
 
     fn after_event(&self, seq: u64) -> Result<(), StoreError> {
+        #[allow(clippy::manual_is_multiple_of)] // u64::is_multiple_of needs Rust 1.87; the workspace supports 1.85
         if seq % TRIM_EVERY == 0 {
             self.trim_events()?;
         }
@@ -624,7 +664,7 @@ impl Store {
         self.check_space()?;
         let secret_sha256: [u8; 32] = Sha256::digest(p.secret.as_bytes()).into();
         let hw_key = p.hardware_id.to_string();
-        let _nodes_guard = self.lock_nodes();
+        let nodes_guard = self.lock_nodes();
         let trees = (
             &self.inner.tokens,
             &self.inner.nodes,
@@ -633,89 +673,91 @@ impl Store {
             &self.inner.removed_hw,
             &self.inner.events,
         );
-        let (enrolment, seq) = finish(trees.transaction(|(tokens, nodes, hwid, removed_nodes, removed_hw, events)| {
-            let refuse = |r: EnrolRefusal| ConflictableTransactionError::Abort(EnrolError::Refused(r));
-            let Some(bytes) = tokens.get(p.token_id.as_bytes())? else {
-                return Err(refuse(EnrolRefusal::TokenUnknown));
-            };
-            let mut token: TokenRecord = decode(TOKENS, p.token_id.as_bytes(), &bytes).map_err(abort)?;
-            if !hashes_equal(&token.secret_sha256, &secret_sha256) {
-                return Err(refuse(EnrolRefusal::TokenUnknown));
-            }
-            match token.state(p.now) {
-                TokenState::Valid => {}
-                TokenState::Revoked => return Err(refuse(EnrolRefusal::TokenRevoked { id: token.id.clone() })),
-                TokenState::Expired => {
-                    let at = token.expires_at.map(rfc3339).unwrap_or_default();
-                    return Err(refuse(EnrolRefusal::TokenExpired { id: token.id.clone(), at }));
+        let (enrolment, seq) =
+            finish(trees.transaction(|(tokens, nodes, hwid, removed_nodes, removed_hw, events)| {
+                let refuse = |r: EnrolRefusal| ConflictableTransactionError::Abort(EnrolError::Refused(r));
+                let Some(bytes) = tokens.get(p.token_id.as_bytes())? else {
+                    return Err(refuse(EnrolRefusal::TokenUnknown));
+                };
+                let mut token: TokenRecord = decode(TOKENS, p.token_id.as_bytes(), &bytes).map_err(abort)?;
+                if !hashes_equal(&token.secret_sha256, &secret_sha256) {
+                    return Err(refuse(EnrolRefusal::TokenUnknown));
                 }
-                TokenState::UsedUp => {
-                    return Err(refuse(EnrolRefusal::TokenUsedUp { id: token.id.clone(), uses: token.uses }))
+                match token.state(p.now) {
+                    TokenState::Valid => {}
+                    TokenState::Revoked => return Err(refuse(EnrolRefusal::TokenRevoked { id: token.id.clone() })),
+                    TokenState::Expired => {
+                        let at = token.expires_at.map(rfc3339).unwrap_or_default();
+                        return Err(refuse(EnrolRefusal::TokenExpired { id: token.id.clone(), at }));
+                    }
+                    TokenState::UsedUp => {
+                        return Err(refuse(EnrolRefusal::TokenUsedUp { id: token.id.clone(), uses: token.uses }))
+                    }
                 }
-            }
-            if let Some(bytes) = removed_hw.get(hw_key.as_bytes())? {
-                let removed: UnixMillis = decode(REMOVED_HW, hw_key.as_bytes(), &bytes).map_err(abort)?;
-                if removed >= token.created_at {
-                    return Err(refuse(EnrolRefusal::NodeRemoved { hardware_id: hw_key.clone() }));
+                if let Some(bytes) = removed_hw.get(hw_key.as_bytes())? {
+                    let removed: UnixMillis = decode(REMOVED_HW, hw_key.as_bytes(), &bytes).map_err(abort)?;
+                    if removed >= token.created_at {
+                        return Err(refuse(EnrolRefusal::NodeRemoved { hardware_id: hw_key.clone() }));
+                    }
+                    // Admitted by a token created after the removal: the removal no longer applies to the machine.
+                    removed_hw.remove(hw_key.as_bytes())?;
                 }
-                // Admitted by a token created after the removal: the removal no longer applies to the machine.
-                removed_hw.remove(hw_key.as_bytes())?;
-            }
-            token.uses = token.uses.saturating_add(1);
-            tokens.insert(p.token_id.as_bytes(), encode("token", &token).map_err(abort)?)?;
+                token.uses = token.uses.saturating_add(1);
+                tokens.insert(p.token_id.as_bytes(), encode("token", &token).map_err(abort)?)?;
 
-            let existing = match hwid.get(hw_key.as_bytes())? {
-                Some(id_bytes) => match nodes.get(&id_bytes)? {
-                    Some(bytes) => Some(decode::<NodeRecord>(NODES, &id_bytes, &bytes).map_err(abort)?),
-                    None => None, // a dangling index entry: treat the machine as new
-                },
-                None => None,
-            };
-            let (node, new) = match existing {
-                Some(mut node) => {
-                    node.hostname = p.hostname.to_owned();
-                    node.hardware_id = p.hardware_id.clone();
-                    node.last_seen = Some(p.now);
-                    for (k, v) in &token.labels {
-                        node.labels.insert(k.clone(), v.clone());
-                    }
-                    (node, false)
-                }
-                None => {
-                    let mut id = new_node_id();
-                    let mut attempts = 0;
-                    while nodes.get(id.0.as_bytes())?.is_some() || removed_nodes.get(id.0.as_bytes())?.is_some() {
-                        attempts += 1;
-                        if attempts > 64 {
-                            return Err(abort(StoreError::Db("cannot find an unused node id".into())));
+                let existing = match hwid.get(hw_key.as_bytes())? {
+                    Some(id_bytes) => match nodes.get(&id_bytes)? {
+                        Some(bytes) => Some(decode::<NodeRecord>(NODES, &id_bytes, &bytes).map_err(abort)?),
+                        None => None, // a dangling index entry: treat the machine as new
+                    },
+                    None => None,
+                };
+                let (node, new) = match existing {
+                    Some(mut node) => {
+                        node.hostname = p.hostname.to_owned();
+                        node.hardware_id = p.hardware_id.clone();
+                        node.last_seen = Some(p.now);
+                        for (k, v) in &token.labels {
+                            node.labels.insert(k.clone(), v.clone());
                         }
-                        id = new_node_id();
+                        (node, false)
                     }
-                    let node = NodeRecord {
-                        id,
-                        hardware_id: p.hardware_id.clone(),
-                        hostname: p.hostname.to_owned(),
-                        labels: token.labels.clone(),
-                        agent_version: String::new(),
-                        enrolled_at: p.now,
-                        status: NodeStatus::Down,
-                        last_seen: Some(p.now),
-                        inventory: None,
-                        inventory_at: None,
-                        health: None,
-                    };
-                    (node, true)
-                }
-            };
-            nodes.insert(node.id.0.as_bytes(), encode("node", &node).map_err(abort)?)?;
-            hwid.insert(hw_key.as_bytes(), node.id.0.as_bytes())?;
-            let (kind, verb) = if new { (EventKind::Enrolled, "enrolled") } else { (EventKind::Reenrolled, "re-enrolled") };
-            let message = format!("{} ({hw_key}) {verb} with join token {}", p.hostname, token.id);
-            let event = self.tx_event::<EnrolError>(events, kind, Some(&node.id), &message, p.now)?;
-            tokens.flush();
-            Ok((Enrolment { node, new }, event.seq))
-        }))?;
-        drop(_nodes_guard);
+                    None => {
+                        let mut id = new_node_id();
+                        let mut attempts = 0;
+                        while nodes.get(id.0.as_bytes())?.is_some() || removed_nodes.get(id.0.as_bytes())?.is_some() {
+                            attempts += 1;
+                            if attempts > 64 {
+                                return Err(abort(StoreError::Db("cannot find an unused node id".into())));
+                            }
+                            id = new_node_id();
+                        }
+                        let node = NodeRecord {
+                            id,
+                            hardware_id: p.hardware_id.clone(),
+                            hostname: p.hostname.to_owned(),
+                            labels: token.labels.clone(),
+                            agent_version: String::new(),
+                            enrolled_at: p.now,
+                            status: NodeStatus::Down,
+                            last_seen: Some(p.now),
+                            inventory: None,
+                            inventory_at: None,
+                            health: None,
+                        };
+                        (node, true)
+                    }
+                };
+                nodes.insert(node.id.0.as_bytes(), encode("node", &node).map_err(abort)?)?;
+                hwid.insert(hw_key.as_bytes(), node.id.0.as_bytes())?;
+                let (kind, verb) =
+                    if new { (EventKind::Enrolled, "enrolled") } else { (EventKind::Reenrolled, "re-enrolled") };
+                let message = format!("{} ({hw_key}) {verb} with join token {}", p.hostname, token.id);
+                let event = self.tx_event::<EnrolError>(events, kind, Some(&node.id), &message, p.now)?;
+                tokens.flush();
+                Ok((Enrolment { node, new }, event.seq))
+            }))?;
+        drop(nodes_guard);
         self.after_event(seq)?;
         Ok(enrolment)
     }
@@ -740,8 +782,9 @@ impl Store {
     }
 
     /// Applies `f` to the stored record (if present) and writes it back; returns the new record.
-    /// Not flushed: it reaches the disk within the background flush interval (200 ms). `f` must not
-    /// change the record's id or hardware id (changes to them are ignored).
+    /// Not flushed: it reaches the disk within the background flush interval (200 ms). Changes `f` makes
+    /// to the record's id or hardware id are ignored. `f` runs under the store's node lock, so it must not
+    /// call back into the store.
     pub fn update_node(&self, id: &NodeId, f: impl FnOnce(&mut NodeRecord)) -> Result<Option<NodeRecord>, StoreError> {
         self.check_space()?;
         let _guard = self.lock_nodes();
@@ -762,7 +805,7 @@ impl Store {
     /// one transaction; flushes. `None` if no node has this id.
     pub fn remove_node(&self, id: &NodeId, now: UnixMillis) -> Result<Option<NodeRecord>, StoreError> {
         self.check_space()?;
-        let _guard = self.lock_nodes();
+        let nodes_guard = self.lock_nodes();
         let now_bytes = encode("time", &now)?;
         let trees = (
             &self.inner.nodes,
@@ -788,7 +831,7 @@ impl Store {
             nodes.flush();
             Ok(Some((node, event.seq)))
         }))?;
-        drop(_guard);
+        drop(nodes_guard);
         match result {
             None => Ok(None),
             Some((node, seq)) => {
@@ -875,7 +918,14 @@ mod tests {
         HardwareId { source: HardwareIdSource::DmiUuid, value: value.to_owned() }
     }
 
-    fn enrol(store: &Store, token_id: &str, secret: &str, hardware_id: &HardwareId, hostname: &str, now: UnixMillis) -> Result<Enrolment, EnrolError> {
+    fn enrol(
+        store: &Store,
+        token_id: &str,
+        secret: &str,
+        hardware_id: &HardwareId,
+        hostname: &str,
+        now: UnixMillis,
+    ) -> Result<Enrolment, EnrolError> {
         store.enrol(&EnrolParams { token_id, secret, hardware_id, hostname, now })
     }
 
@@ -949,17 +999,34 @@ mod tests {
         let rec = store.revoke_token("revoked", at(3)).unwrap().unwrap();
         assert_eq!(rec.revoked_at, Some(at(3)));
         assert_eq!(rec.state(at(4)), TokenState::Revoked);
-        assert_eq!(store.revoke_token("revoked", at(9)).unwrap().unwrap().revoked_at, Some(at(3)), "revoking twice keeps the first time");
+        assert_eq!(
+            store.revoke_token("revoked", at(9)).unwrap().unwrap().revoked_at,
+            Some(at(3)),
+            "revoking twice keeps the first time"
+        );
         assert_eq!(store.revoke_token("unknown", at(3)).unwrap(), None);
-        assert_eq!(refusal(enrol(&store, "revoked", "s", &m, "h", at(4))), EnrolRefusal::TokenRevoked { id: "revoked".into() });
+        assert_eq!(
+            refusal(enrol(&store, "revoked", "s", &m, "h", at(4))),
+            EnrolRefusal::TokenRevoked { id: "revoked".into() }
+        );
 
         // Refusals change nothing: one node, one use of "once", no use of the others.
         assert_eq!(store.nodes().unwrap().len(), 1);
         let uses: BTreeMap<String, u32> = store.tokens().unwrap().into_iter().map(|t| (t.id, t.uses)).collect();
-        assert_eq!(uses, BTreeMap::from([("expiring".into(), 0), ("good".into(), 0), ("once".into(), 1), ("revoked".into(), 0)]));
+        assert_eq!(
+            uses,
+            BTreeMap::from([("expiring".into(), 0), ("good".into(), 0), ("once".into(), 1), ("revoked".into(), 0)])
+        );
         assert_eq!(
             kinds(&store),
-            [EventKind::TokenCreated, EventKind::TokenCreated, EventKind::TokenCreated, EventKind::Enrolled, EventKind::TokenCreated, EventKind::TokenRevoked]
+            [
+                EventKind::TokenCreated,
+                EventKind::TokenCreated,
+                EventKind::TokenCreated,
+                EventKind::Enrolled,
+                EventKind::TokenCreated,
+                EventKind::TokenRevoked
+            ]
         );
     }
 
@@ -977,7 +1044,12 @@ mod tests {
         let first = enrol(&store, "t1", "s1", &hw("m"), "old-name", at(1)).unwrap();
         assert!(first.new);
         let id = first.node.id.clone();
-        assert!(id.0.len() == 11 && id.0.starts_with('n') && id.0[1..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{id}");
+        assert!(
+            id.0.len() == 11
+                && id.0.starts_with('n')
+                && id.0[1..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+            "{id}"
+        );
         assert_eq!(first.node.enrolled_at, at(1));
 
         let again = enrol(&store, "t1", "s1", &hw("m"), "old-name", at(2)).unwrap();
@@ -989,7 +1061,10 @@ mod tests {
         assert_eq!(other_token.node.id, id);
         assert_eq!(other_token.node.enrolled_at, at(1), "enrolment time is kept");
         assert_eq!(other_token.node.hostname, "new-name");
-        assert_eq!(other_token.node.labels, BTreeMap::from([("rack".into(), "b".into()), ("role".into(), "storage".into())]));
+        assert_eq!(
+            other_token.node.labels,
+            BTreeMap::from([("rack".into(), "b".into()), ("role".into(), "storage".into())])
+        );
 
         let nodes = store.nodes().unwrap();
         assert_eq!(nodes.len(), 1, "no duplicate node");
@@ -1001,7 +1076,8 @@ mod tests {
         assert!(second.new);
         assert_ne!(second.node.id, id);
         let events = store.events(None, 100).unwrap();
-        let enrol_events: Vec<(EventKind, Option<NodeId>)> = events.iter().skip(2).map(|e| (e.kind, e.node.clone())).collect();
+        let enrol_events: Vec<(EventKind, Option<NodeId>)> =
+            events.iter().skip(2).map(|e| (e.kind, e.node.clone())).collect();
         assert_eq!(
             enrol_events,
             [
@@ -1095,12 +1171,18 @@ mod tests {
         assert_eq!(store.get_meta("ca_cert").unwrap().as_deref(), Some(&b"cert bytes"[..]));
         assert_eq!(store.get_meta("absent").unwrap(), None);
         let tokens = store.tokens().unwrap();
-        assert_eq!(tokens.iter().map(|t| (t.id.as_str(), t.uses, t.state(at(5)))).collect::<Vec<_>>(), [("r", 0, TokenState::Revoked), ("t", 2, TokenState::Valid)]);
+        assert_eq!(
+            tokens.iter().map(|t| (t.id.as_str(), t.uses, t.state(at(5)))).collect::<Vec<_>>(),
+            [("r", 0, TokenState::Revoked), ("t", 2, TokenState::Valid)]
+        );
         assert_eq!(tokens[1].labels.get("zone").map(String::as_str), Some("1"));
-        assert_eq!(store.nodes().unwrap(), [node.clone()]);
+        assert_eq!(store.nodes().unwrap(), std::slice::from_ref(&node));
         let removed = store.events(None, 100).unwrap().into_iter().find(|e| e.kind == EventKind::Removed).unwrap();
         assert_eq!(store.removed_at(removed.node.as_ref().unwrap()).unwrap(), Some(at(3)));
-        assert_eq!(refusal(enrol(&store, "t", "s", &hw("gone"), "g", at(6))), EnrolRefusal::NodeRemoved { hardware_id: "dmi-uuid:gone".into() });
+        assert_eq!(
+            refusal(enrol(&store, "t", "s", &hw("gone"), "g", at(6))),
+            EnrolRefusal::NodeRemoved { hardware_id: "dmi-uuid:gone".into() }
+        );
 
         let events = store.events(None, 100).unwrap();
         assert_eq!(events.len(), 7);
@@ -1112,7 +1194,10 @@ mod tests {
         let store = open(dir.path());
         let after = store.append_event(EventKind::Up, Some(&node.id), "h is up", at(8)).unwrap();
         assert!(after.seq > next.seq);
-        assert_eq!(store.events(Some(last_seq), 10).unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(), [next.seq, after.seq]);
+        assert_eq!(
+            store.events(Some(last_seq), 10).unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [next.seq, after.seq]
+        );
     }
 
     #[test]
@@ -1143,13 +1228,13 @@ mod tests {
     }
 
     /// A tmpfs mounted on a temporary directory, unmounted on drop.
-    pub(super) struct Tmpfs {
+    struct Tmpfs {
         dir: tempfile::TempDir,
     }
 
     impl Tmpfs {
         /// `None` (with the reason printed) when this process may not mount.
-        pub(super) fn mount(size: &str) -> Option<Tmpfs> {
+        fn mount(size: &str) -> Option<Tmpfs> {
             let dir = tempfile::tempdir().unwrap();
             let out = Command::new("mount")
                 .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -1167,18 +1252,23 @@ mod tests {
             panic!("mount tmpfs failed: {}", stderr.trim());
         }
 
-        pub(super) fn path(&self) -> &Path {
+        fn path(&self) -> &Path {
             self.dir.path()
         }
     }
 
     impl Drop for Tmpfs {
         fn drop(&mut self) {
-            let _ = Command::new("umount").arg(self.dir.path()).status();
+            // sled may release its files a moment after the store is dropped (or a failed test left it
+            // open); detach lazily then, so no mount outlives the test.
+            let unmounted = Command::new("umount").arg(self.dir.path()).status().is_ok_and(|s| s.success());
+            if !unmounted {
+                let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+            }
         }
     }
 
-    pub(super) fn free_bytes(path: &Path) -> u64 {
+    fn free_bytes(path: &Path) -> u64 {
         let st = nix::sys::statvfs::statvfs(path).unwrap();
         #[allow(clippy::useless_conversion)]
         let free = u64::from(st.blocks_available()) * u64::from(st.fragment_size());
@@ -1186,7 +1276,7 @@ mod tests {
     }
 
     /// A file that eats all but `leave` bytes of the filesystem at `dir`.
-    pub(super) fn fill(dir: &Path, leave: u64) -> PathBuf {
+    fn fill(dir: &Path, leave: u64) -> PathBuf {
         let path = dir.join(format!("filler{}", rand::random::<u32>()));
         let len = free_bytes(dir).saturating_sub(leave);
         let file = std::fs::File::create(&path).unwrap();
@@ -1292,121 +1382,68 @@ mod tests {
         assert!(msg.starts_with("I/O error: No space left on device"), "{msg}");
         assert!(store.tokens().unwrap().len() >= acknowledged, "reads still work");
         std::fs::remove_file(&filler).unwrap();
-        eprintln!("unguarded store, write after freeing space: {:?}", store.create_token(&big_token(acknowledged + 1)).err());
+        eprintln!(
+            "unguarded store, write after freeing space: {:?}",
+            store.create_token(&big_token(acknowledged + 1)).err()
+        );
         drop(store);
 
         let store = Store::open(&db).unwrap();
-        eprintln!("unguarded store, after reopen: {} tokens, {acknowledged} acknowledged", store.tokens().unwrap().len());
+        eprintln!(
+            "unguarded store, after reopen: {} tokens, {acknowledged} acknowledged",
+            store.tokens().unwrap().len()
+        );
         assert_tokens(&store, acknowledged);
         store.create_token(&big_token(acknowledged)).unwrap();
     }
-}
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod probe {
-    use super::tests::{Tmpfs, fill, free_bytes};
-    use super::*;
-
-    fn ls(db: &Path) -> String {
-        let mut out = String::new();
-        for e in walk(db) { out.push_str(&e); out.push(' '); }
-        out
-    }
-    fn walk(p: &Path) -> Vec<String> {
-        let mut v = Vec::new();
-        if let Ok(rd) = std::fs::read_dir(p) {
-            for e in rd.flatten() {
-                let m = e.metadata().unwrap();
-                if m.is_dir() { v.extend(walk(&e.path())); } else { v.push(format!("{}={}", e.path().file_name().unwrap().to_string_lossy(), m.len())); }
-            }
-        }
-        v
-    }
-
-    fn run(reopen_while_full: bool, flushing: bool) {
+    #[test]
+    fn opening_on_a_full_disk_fails_cleanly_and_recovers() {
         let Some(fs) = Tmpfs::mount("16m") else { return };
         let db = fs.path().join("db");
-        let store = Store::open_with_reserve(&db, 0).unwrap();
-        for i in 0..50 { store.append_event(EventKind::Up, None, &"z".repeat(2000), UnixMillis(i)).unwrap(); }
-        store.flush().unwrap();
-        let filler = fill(fs.path(), 1024 * 1024);
-        let mut ok = 0;
-        let msg = "y".repeat(2000);
-        let err = loop {
-            let r = if flushing { store.put_meta(&format!("k{ok}"), msg.as_bytes()) } else { store.append_event(EventKind::Up, None, &msg, UnixMillis(ok)).map(|_| ()) };
-            match r {
-                Ok(_) => ok += 1,
-                Err(e) => break e,
-            }
-            if ok > 100_000 { panic!("never full"); }
-        };
-        eprintln!("PROBE({reopen_while_full},{flushing}) wrote {ok} then {err}; files {}", ls(&db));
+        let store = Store::open(&db).unwrap();
+        for i in 0..10 {
+            store.create_token(&big_token(i)).unwrap();
+        }
         drop(store);
-        if reopen_while_full {
-            let f2 = fill(fs.path(), LEAVE.with(|l| *l.borrow()));
-            eprintln!("PROBE free {}", free_bytes(fs.path()));
-            match Store::open(&db) {
-                Ok(s) => eprintln!("PROBE reopen while full ok: {:?}", s.events(None, usize::MAX).map(|e| e.len())),
-                Err(e) => eprintln!("PROBE reopen while full: {e}"),
-            }
-            eprintln!("PROBE files {}", ls(&db));
-            std::fs::remove_file(&f2).unwrap();
-        }
+        let filler = fill(fs.path(), 0);
+        let err = Store::open(&db).unwrap_err();
+        eprintln!("open on a full disk: {err}");
+        let StoreError::Db(msg) = &err else { panic!("expected Db, got {err:?}") };
+        assert!(msg.contains("No space left on device"), "{msg}");
         std::fs::remove_file(&filler).unwrap();
-        match Store::open(&db) {
-            Ok(s) => {
-                let ev = s.events(None, usize::MAX).unwrap();
-                let metas = (0..ok).filter(|i| s.get_meta(&format!("k{i}")).unwrap().is_some()).count();
-                eprintln!("PROBE after freeing: {} events, metas {metas}/{ok}, contiguous {}", ev.len(), ev.windows(2).all(|w| w[1].seq == w[0].seq + 1));
-                s.append_event(EventKind::Up, None, "after", UnixMillis(0)).unwrap();
-            }
-            Err(e) => eprintln!("PROBE after freeing: open failed {e}; files {}", ls(&db)),
-        }
+        let store = Store::open(&db).unwrap();
+        assert_tokens(&store, 10);
     }
 
-    thread_local! { static LEAVE: std::cell::RefCell<u64> = const { std::cell::RefCell::new(0) }; }
-    #[test] fn p_leave() {
-        for leave in [None, Some(4096u64), Some(64 * 1024), Some(200 * 1024), Some(600 * 1024)] {
-            for flushing in [false, true] {
-                eprintln!("=== leave {leave:?} flushing {flushing}");
-                match leave {
-                    None => run_asis(flushing),
-                    Some(l) => { LEAVE.with(|c| *c.borrow_mut() = l); run(true, flushing) }
+    /// sled 0.34 takes a leftover `snap.*.generating` (an interrupted snapshot write) for the newest
+    /// snapshot and refuses to open; the store removes such files first.
+    #[test]
+    fn an_interrupted_snapshot_does_not_block_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.create_token(&token("t", "s", T0)).unwrap();
+        drop(store);
+        let leftover = dir.path().join("snap.FFFFFFFFFFFFFFFF.generating");
+        std::fs::write(&leftover, b"half a snapsh").unwrap();
+
+        // Raw sled fails on it (retrying while a previous handle of this process still holds the lock).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let raw = loop {
+            match sled::Config::new().path(dir.path()).open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20))
                 }
+                other => break other,
             }
-        }
-    }
-    fn run_asis(flushing: bool) {
-        let Some(fs) = Tmpfs::mount("16m") else { return };
-        let db = fs.path().join("db");
-        let store = Store::open_with_reserve(&db, 0).unwrap();
-        let filler = fill(fs.path(), 1024 * 1024);
-        let mut ok = 0;
-        let msg = "y".repeat(2000);
-        let err = loop {
-            let r = if flushing { store.put_meta(&format!("k{ok}"), msg.as_bytes()) } else { store.append_event(EventKind::Up, None, &msg, UnixMillis(ok)).map(|_| ()) };
-            match r { Ok(_) => ok += 1, Err(e) => break e }
         };
-        eprintln!("PROBE as-is wrote {ok} then {err}; free {}", free_bytes(fs.path()));
-        drop(store);
-        match Store::open(&db) {
-            Ok(s) => eprintln!("PROBE reopen as-is ok: {:?}", s.events(None, usize::MAX).map(|e| e.len())),
-            Err(e) => eprintln!("PROBE reopen as-is: {e}"),
-        }
-        eprintln!("PROBE files {} free {}", ls(&db), free_bytes(fs.path()));
-        std::fs::remove_file(&filler).unwrap();
-        match Store::open(&db) {
-            Ok(s) => {
-                let ev = s.events(None, usize::MAX).unwrap();
-                let metas = (0..ok).filter(|i| s.get_meta(&format!("k{i}")).unwrap().is_some()).count();
-                eprintln!("PROBE after freeing: {} events, metas {metas}/{ok}", ev.len());
-            }
-            Err(e) => eprintln!("PROBE after freeing: open failed {e}; files {}", ls(&db)),
-        }
+        assert!(matches!(raw, Err(sled::Error::Corruption { .. })), "sled 0.34 no longer trips on it: {raw:?}");
+        drop(raw);
+
+        let store = open(dir.path());
+        assert_eq!(store.tokens().unwrap().len(), 1);
+        assert!(!leftover.exists());
     }
-    #[test] fn p_nf_nonflush() { run(false, false) }
-    #[test] fn p_f_nonflush() { run(true, false) }
-    #[test] fn p_nf_flush() { run(false, true) }
-    #[test] fn p_f_flush() { run(true, true) }
 }

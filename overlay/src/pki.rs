@@ -79,6 +79,11 @@ mod tests {
         let key = generate_key().unwrap();
         let csr = make_csr(&key).unwrap();
         let parsed = rcgen::CertificateSigningRequestParams::from_der(&csr.as_slice().into()).unwrap();
-        assert_eq!(parsed.public_key.der_bytes(), rcgen::SubjectPublicKeyInfo::from_der(&key.public_key_der()).unwrap().der_bytes());
+        use rcgen::PublicKeyData;
+        assert_eq!(parsed.public_key.der_bytes(), key.der_bytes());
+        let mut tampered = csr.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert!(rcgen::CertificateSigningRequestParams::from_der(&tampered.as_slice().into()).is_err());
     }
 }

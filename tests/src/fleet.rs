@@ -473,6 +473,16 @@ impl Fleet {
         })
     }
 
+    /// Cuts agent `i`'s host off the LAN (its cable pulled); the process keeps running.
+    pub fn cut_agent(&self, i: usize) -> Result<()> {
+        self.topo.cut(&self.agents[i].hostname, LAN)
+    }
+
+    /// Plugs agent `i`'s host back in.
+    pub fn restore_agent(&self, i: usize) -> Result<()> {
+        self.topo.restore(&self.agents[i].hostname, LAN)
+    }
+
     /// An error if the controller or any agent has exited.
     pub fn check_running(&mut self) -> Result<()> {
         self.controller.ensure_running()?;

@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 pub use bins::Bins;
 pub use fleet::{Agent, Fleet, FleetConfig};
 pub use netns::{Netns, Topology};
-pub use process::{Proc, ProcSpec};
+pub use process::{PanicLogs, Proc, ProcSpec};
 pub use wait::{abort, consistently, eventually};
 
 /// Why host tests cannot run on this machine, or `None` when they can (root, `ip`, `unshare`, and network

@@ -344,6 +344,38 @@ pub fn dump_logs<'a>(logs: impl IntoIterator<Item = (&'a str, &'a Path)>) {
     }
 }
 
+/// Prints the logs it watches when dropped during a panic: keep one alive for the length of a test that
+/// runs its own [`Proc`]s (a [`crate::Fleet`] does this by itself).
+#[derive(Debug, Default)]
+pub struct PanicLogs {
+    logs: Vec<(String, PathBuf)>,
+}
+
+impl PanicLogs {
+    /// Watches nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `p`'s log.
+    pub fn watch(&mut self, p: &Proc) {
+        self.watch_file(p.name(), p.log_path());
+    }
+
+    /// Adds any file.
+    pub fn watch_file(&mut self, name: &str, path: &Path) {
+        self.logs.push((name.to_string(), path.to_path_buf()));
+    }
+}
+
+impl Drop for PanicLogs {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            dump_logs(self.logs.iter().map(|(n, p)| (n.as_str(), p.as_path())));
+        }
+    }
+}
+
 /// Runs `cmd` to completion with its output captured, killing it after `timeout`.
 pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> {
     let desc = format!("{cmd:?}");
