@@ -136,7 +136,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let mut shell = Shell {
         config: &config,
         state: &state,
-        health: HealthCollector::new(config.roots.clone()),
+        health: Some(HealthCollector::new(config.roots.clone())),
         last_inventory: None,
     };
 
@@ -193,7 +193,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
 struct Shell<'a> {
     config: &'a AgentConfig,
     state: &'a StateDir,
-    health: HealthCollector,
+    health: Option<HealthCollector>,
     last_inventory: Option<Inventory>,
 }
 
@@ -306,8 +306,21 @@ impl Shell<'_> {
             match output {
                 Output::Send(msg) => send_msg(send, &msg).await?,
                 Output::SendHealth => {
-                    let report = self.health.collect(now_ms());
-                    send_msg(send, &AgentMsg::Health(report)).await?;
+                    // statvfs on a hung network mount blocks: collect off the async thread, with a deadline.
+                    let mut collector = self.health.take().unwrap_or_else(|| HealthCollector::new(self.config.roots.clone()));
+                    let job = tokio::task::spawn_blocking(move || {
+                        let report = collector.collect(now_ms());
+                        (collector, report)
+                    });
+                    match tokio::time::timeout(Duration::from_secs(5), job).await {
+                        Ok(Ok((collector, report))) => {
+                            self.health = Some(collector);
+                            send_msg(send, &AgentMsg::Health(report)).await?;
+                        }
+                        Ok(Err(e)) => warn!(cause = %e, "health collection failed"),
+                        // The stuck collector stays with its thread; the next report uses a fresh one.
+                        Err(_) => warn!("health collection took over 5 s (a hung mount?); skipped this report"),
+                    }
                 }
                 Output::SendInventory { force } => {
                     let roots = self.config.roots.clone();

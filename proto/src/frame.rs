@@ -92,7 +92,7 @@ impl FrameDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
-    /// How many more bytes the next frame needs before [`FrameDecoder::next`] can yield it; errors when
+    /// How many more bytes the next frame needs before [`FrameDecoder::next_frame`] can yield it; errors when
     /// the announced length is over the limit, before anything is buffered for it.
     pub fn wanted(&self) -> Result<usize, FrameError> {
         match body_len(&self.buf) {
@@ -103,7 +103,7 @@ impl FrameDecoder {
     }
 
     /// The next whole frame, `Ok(None)` when more bytes are needed.
-    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+    pub fn next_frame<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         match decode_frame(&self.buf) {
             Ok((msg, used)) => {
                 self.buf.drain(..used);
@@ -177,7 +177,7 @@ mod tests {
             let mut got = Vec::new();
             for chunk in [&stream[..split], &stream[split..]] {
                 dec.extend(chunk);
-                while let Some(m) = dec.next::<AgentMsg>().unwrap() {
+                while let Some(m) = dec.next_frame::<AgentMsg>().unwrap() {
                     got.push(m);
                 }
             }
