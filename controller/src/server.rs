@@ -23,7 +23,7 @@ use crate::{
     admin::{self, AdminConf, ADMIN_CONF_FILE},
     ca::Ca,
     liveness::{Liveness, Transition},
-    session::{Action, Session, SessionConfig},
+    session::{Action, CloseKind, Session, SessionConfig},
     store::{EnrolError, EnrolParams, EventKind, NodeStatus, Store},
 };
 
@@ -31,7 +31,7 @@ use crate::{
 pub mod close_code {
     /// Normal end (enrolment finished, shutdown).
     pub const DONE: u32 = 0;
-    /// The agent broke the protocol (bad frame, wrong order).
+    /// The agent broke the protocol (bad frame, wrong order) or its request was refused.
     pub const PROTOCOL: u32 = 1;
     /// The node was removed or its certificate is not accepted.
     pub const REVOKED: u32 = 2;
@@ -480,8 +480,12 @@ async fn apply(conn: &quinn::Connection, send: &mut quinn::SendStream, action: A
             send_msg(send, &msg).await?;
             Ok(None)
         }
-        Action::Close(reason) => {
-            let code = if reason == "enrolled" { close_code::DONE } else { close_code::REVOKED };
+        Action::Close(kind, reason) => {
+            let code = match kind {
+                CloseKind::Done => close_code::DONE,
+                CloseKind::Refused => close_code::PROTOCOL,
+                CloseKind::Revoked => close_code::REVOKED,
+            };
             let _ = send.finish();
             // Let the last message reach the agent before the close frame overtakes it.
             let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
@@ -506,7 +510,7 @@ async fn execute_simple(conn: &quinn::Connection, send: &mut quinn::SendStream, 
 /// Performs registry work for an action; returns transport actions (send/close).
 async fn perform(controller: &Arc<Controller>, session: &mut Session, action: Action) -> Vec<Action> {
     match action {
-        Action::Send(_) | Action::Close(_) => vec![action],
+        Action::Send(_) | Action::Close(..) => vec![action],
         Action::Enrol { request, hello } => {
             let c = controller.clone();
             let outcome = tokio::task::spawn_blocking(move || enrol(&c, &request, &hello)).await;

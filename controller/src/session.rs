@@ -7,7 +7,7 @@
 
 use shoal_proto::{
     negotiate, AgentMsg, ControllerMsg, EnrolRequest, Hello, Inventory, NodeId, Reject, RejectCode, RenewRequest,
-    UnixMillis, VersionRange, Welcome,
+    UnixMillis, VersionError, VersionRange, Welcome,
 };
 
 /// What the shell must do next.
@@ -33,8 +33,19 @@ pub enum Action {
     Inventory(Inventory),
     /// Record a health report (and heartbeat).
     Health(shoal_proto::HealthReport),
-    /// Close the connection with this reason, after sending anything queued before it.
-    Close(String),
+    /// Close the connection, after sending anything queued before it.
+    Close(CloseKind, String),
+}
+
+/// Why a session closes; the shell maps it to a QUIC application close code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseKind {
+    /// The session did its job (enrolment finished).
+    Done,
+    /// The request was refused or the agent broke the protocol.
+    Refused,
+    /// The node was removed from the fleet.
+    Revoked,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -92,7 +103,7 @@ impl Session {
     fn reject(&mut self, code: RejectCode, message: impl Into<String>) -> Vec<Action> {
         let message = message.into();
         self.state = State::Closed;
-        vec![Action::Send(ControllerMsg::Reject(Reject { code, message: message.clone() })), Action::Close(message)]
+        vec![Action::Send(ControllerMsg::Reject(Reject { code, message: message.clone() })), Action::Close(CloseKind::Refused, message)]
     }
 
     /// Handles one message from the agent.
@@ -102,7 +113,21 @@ impl Session {
             (State::AwaitHello, AgentMsg::Hello(hello)) => {
                 let version = match negotiate(self.config.supported, hello.protocol) {
                     Ok(v) => v,
-                    Err(e) => return self.reject(RejectCode::Version, format!("controller {}: {e}", env!("CARGO_PKG_VERSION"))),
+                    Err(e) => {
+                        // The agent prints this message, so "this side"/"the peer" from the version
+                        // error would point at the wrong machine: name the side to upgrade.
+                        let ours = format!("controller {} speaks protocol {}", env!("CARGO_PKG_VERSION"), self.config.supported);
+                        let message = match e {
+                            VersionError::PeerTooNew { peer, .. } => {
+                                format!("{ours}; this agent speaks only the newer {peer}: upgrade the controller")
+                            }
+                            VersionError::PeerTooOld { peer, .. } => {
+                                format!("{ours}; this agent speaks only the older {peer}: upgrade the agent")
+                            }
+                            other => format!("{ours}: {other}"),
+                        };
+                        return self.reject(RejectCode::Version, message);
+                    }
                 };
                 self.version = Some(version);
                 let welcome = ControllerMsg::Welcome(Welcome {
@@ -146,7 +171,7 @@ impl Session {
     /// reconnects with its certificate).
     pub fn enrolled(&mut self, enrolled: shoal_proto::Enrolled) -> Vec<Action> {
         self.state = State::Closed;
-        vec![Action::Send(ControllerMsg::Enrolled(enrolled)), Action::Close("enrolled".into())]
+        vec![Action::Send(ControllerMsg::Enrolled(enrolled)), Action::Close(CloseKind::Done, "enrolled".into())]
     }
 
     /// The registry refused the request.
@@ -157,7 +182,7 @@ impl Session {
     /// The node was removed while connected.
     pub fn revoked(&mut self, reason: &str) -> Vec<Action> {
         self.state = State::Closed;
-        vec![Action::Send(ControllerMsg::Revoked { reason: reason.to_owned() }), Action::Close(reason.to_owned())]
+        vec![Action::Send(ControllerMsg::Revoked { reason: reason.to_owned() }), Action::Close(CloseKind::Revoked, reason.to_owned())]
     }
 }
 
@@ -226,7 +251,7 @@ mod tests {
         let a = s.handle(UnixMillis(1), hello(SUPPORTED.max + 1, SUPPORTED.max + 2));
         assert_eq!(rejected(&a), Some(RejectCode::Version));
         let Action::Send(ControllerMsg::Reject(r)) = &a[0] else { panic!() };
-        assert!(r.message.contains("upgrade this side"), "{}", r.message);
+        assert!(r.message.contains("upgrade the controller"), "{}", r.message);
 
         let mut s = Session::new(config(), None);
         let a = s.handle(UnixMillis(1), hello(SUPPORTED.max, SUPPORTED.max + 1));
@@ -239,7 +264,7 @@ mod tests {
         s.handle(UnixMillis(1), hello(1, 1));
         let a = s.revoked("removed by operator");
         assert!(matches!(&a[0], Action::Send(ControllerMsg::Revoked { .. })));
-        assert!(matches!(&a[1], Action::Close(_)));
+        assert!(matches!(&a[1], Action::Close(CloseKind::Revoked, _)));
         assert!(s.is_closed());
     }
 }

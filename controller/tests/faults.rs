@@ -1,0 +1,729 @@
+//! Tier-2 fault tests: a real controller on loopback (QUIC + TLS, port 0) faced with misbehaving
+//! clients, bad requests and a full disk. Every test checks what the misbehaving peer sees, and that
+//! the controller keeps serving a well-behaved agent afterwards.
+
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use shoal_agent::daemon::{self, AgentConfig};
+use shoal_controller::{
+    admin::{AdminConf, ADMIN_CONF_FILE},
+    ca::{self, Ca},
+    server::{self, close_code, Controller, ControllerConfig},
+    view::{CreateToken, CreatedToken, NodeView, TokenView},
+};
+use shoal_overlay::{pki, recv_msg, send_msg, tls};
+use shoal_proto::{
+    AgentMsg, ControllerMsg, EnrolRequest, Enrolled, HardwareId, HardwareIdSource, Hello, NodeId, Reject, RejectCode,
+    RenewRequest, VersionRange, Welcome, MAX_FRAME_LEN, SUPPORTED,
+};
+use tokio::{sync::oneshot, task::JoinHandle};
+
+/// Deadline for anything that should happen "at once" on loopback.
+const PROMPT: Duration = Duration::from_secs(5);
+/// Deadline for an agent to enrol and come up.
+const AGENT_UP: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------
+
+/// Polls `check` until it returns `Some`, failing the test with `what` at the deadline.
+async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let poll = async {
+        loop {
+            if let Some(v) = check().await {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    match tokio::time::timeout(deadline, poll).await {
+        Ok(v) => v,
+        Err(_) => panic!("not within {deadline:?}: {what}"),
+    }
+}
+
+/// The admin API, as shoalctl talks to it.
+#[derive(Clone)]
+struct Admin {
+    agent: ureq::Agent,
+    base: String,
+    auth: String,
+}
+
+impl Admin {
+    fn new(conf: &AdminConf) -> Admin {
+        let ca = ca::pem_to_der(&conf.ca).unwrap();
+        let tls = ureq::tls::TlsConfig::builder()
+            .provider(ureq::tls::TlsProvider::Rustls)
+            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![ureq::tls::Certificate::from_der(&ca).to_owned()])))
+            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .build();
+        let agent = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .new_agent();
+        Admin { agent, base: conf.api.trim_end_matches('/').to_owned(), auth: format!("Bearer {}", conf.token) }
+    }
+
+    async fn get<T: serde::de::DeserializeOwned + Send + 'static>(&self, path: &str) -> T {
+        let this = self.clone();
+        let url = format!("{}{path}", self.base);
+        tokio::task::spawn_blocking(move || {
+            let mut resp = this.agent.get(&url).header("authorization", &this.auth).call().unwrap();
+            let text = resp.body_mut().read_to_string().unwrap();
+            assert!(resp.status().is_success(), "GET {url}: {} {text}", resp.status());
+            serde_json::from_str(&text).unwrap()
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn create_token(&self, max_uses: Option<u32>) -> String {
+        let this = self.clone();
+        let url = format!("{}/v1/tokens", self.base);
+        tokio::task::spawn_blocking(move || {
+            let body = CreateToken { ttl_secs: Some(3600), max_uses, ..Default::default() };
+            let mut resp = this.agent.post(&url).header("authorization", &this.auth).send_json(&body).unwrap();
+            let text = resp.body_mut().read_to_string().unwrap();
+            assert!(resp.status().is_success(), "POST {url}: {} {text}", resp.status());
+            serde_json::from_str::<CreatedToken>(&text).unwrap().token
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn nodes(&self) -> Vec<NodeView> {
+        self.get("/v1/nodes").await
+    }
+
+    async fn node_by_machine(&self, machine_id: &str) -> Option<NodeView> {
+        let hw = format!("override:{machine_id}");
+        self.nodes().await.into_iter().find(|n| n.hardware_id == hw)
+    }
+
+    async fn tokens(&self) -> Vec<TokenView> {
+        self.get("/v1/tokens").await
+    }
+}
+
+/// A controller running in this process.
+struct Ctl {
+    quic: SocketAddr,
+    admin: Admin,
+    ca_der: Vec<u8>,
+    ca_sha256: [u8; 32],
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), server::ServeError>>>,
+    _data: Option<tempfile::TempDir>,
+}
+
+impl Ctl {
+    async fn start() -> Ctl {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ctl = Ctl::start_in(dir.path().to_owned(), |_| {}).await;
+        ctl._data = Some(dir);
+        ctl
+    }
+
+    async fn start_in(data_dir: PathBuf, tweak: impl FnOnce(&mut ControllerConfig)) -> Ctl {
+        let mut config = ControllerConfig::new(data_dir.clone());
+        tweak(&mut config);
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let quic = udp.local_addr().unwrap();
+        let api = tcp.local_addr().unwrap();
+        let controller = tokio::task::spawn_blocking(move || Controller::open(config, api)).await.unwrap().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(controller, udp, tcp, async {
+            let _ = stopped.await;
+        }));
+        let conf = AdminConf::read(&data_dir.join(ADMIN_CONF_FILE)).unwrap();
+        let ca_der = ca::pem_to_der(&std::fs::read_to_string(data_dir.join(ca::CA_CERT_FILE)).unwrap()).unwrap();
+        let ca_sha256 = pki::sha256(&ca_der);
+        let ctl = Ctl { quic, admin: Admin::new(&conf), ca_der, ca_sha256, stop: Some(stop), task: Some(task), _data: None };
+        // The admin API answers once run() is serving.
+        eventually(PROMPT, "admin API answers", || {
+            let admin = ctl.admin.clone();
+            async move {
+                let url = format!("{}/v1/nodes", admin.base);
+                tokio::task::spawn_blocking(move || admin.agent.get(&url).header("authorization", &admin.auth).call().ok())
+                    .await
+                    .unwrap()
+                    .map(|_| ())
+            }
+        })
+        .await;
+        ctl
+    }
+
+    /// Stops the controller and checks it shut down cleanly (it did not crash meanwhile).
+    async fn stop(mut self) {
+        let task = self.task.take().unwrap();
+        assert!(!task.is_finished(), "the controller stopped on its own");
+        let _ = self.stop.take().unwrap().send(());
+        let result = tokio::time::timeout(PROMPT, task).await.expect("controller shuts down").expect("controller task");
+        result.expect("controller ran without error");
+    }
+
+    /// Starts a real agent with a fresh token.
+    async fn agent(&self, machine_id: &str) -> Agent {
+        let token = self.admin.create_token(None).await;
+        Agent::start(self.quic, machine_id, token)
+    }
+
+    /// A real agent enrolled and up; returns it and its node id.
+    async fn agent_up(&self, machine_id: &str) -> (Agent, String) {
+        let agent = self.agent(machine_id).await;
+        let node = self.wait_up(machine_id).await;
+        (agent, node)
+    }
+
+    async fn wait_up(&self, machine_id: &str) -> String {
+        eventually(AGENT_UP, &format!("agent {machine_id} enrolled, up and connected"), || async {
+            self.admin.node_by_machine(machine_id).await.filter(|n| n.status == "up" && n.connected).map(|n| n.id)
+        })
+        .await
+    }
+
+    /// What must hold after every fault: the controller still runs, the good agent is still up and
+    /// connected, and a new connection still gets a Welcome.
+    async fn assert_still_serving(&self, machine_id: &str, node: &str) {
+        assert!(!self.task.as_ref().unwrap().is_finished(), "the controller stopped");
+        let n = self.admin.node_by_machine(machine_id).await.expect("good node still listed");
+        assert_eq!(n.id, node);
+        assert!(n.status == "up" && n.connected, "good node not up and connected after the fault: {n:?}");
+        let mut raw = Raw::enrolment(self).await;
+        let welcome = raw.hello(SUPPORTED).await.expect("new connection gets a Welcome");
+        assert_eq!(welcome.protocol, SUPPORTED.max);
+        // And the good agent is still connected after all that.
+        let n = self.admin.node_by_machine(machine_id).await.unwrap();
+        assert!(n.connected, "good node dropped: {n:?}");
+    }
+}
+
+impl Drop for Ctl {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A real agent daemon.
+struct Agent {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), daemon::AgentError>>>,
+    _state: tempfile::TempDir,
+}
+
+impl Agent {
+    fn start(controller: SocketAddr, machine_id: &str, token: String) -> Agent {
+        let state = tempfile::tempdir().unwrap();
+        let mut config = AgentConfig::new(controller, state.path().to_owned());
+        config.token = Some(token);
+        config.machine_id = Some(machine_id.to_owned());
+        config.backoff_base = Duration::from_millis(100);
+        config.backoff_max = Duration::from_millis(500);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(daemon::run(config, async {
+            let _ = stopped.await;
+        }));
+        Agent { stop: Some(stop), task: Some(task), _state: state }
+    }
+
+    /// Checks the agent is still running (it did not give up), then stops it.
+    async fn stop(mut self) {
+        let task = self.task.take().unwrap();
+        assert!(!task.is_finished(), "agent gave up: {:?}", task.await);
+        let _ = self.stop.take().unwrap().send(());
+        let r = tokio::time::timeout(PROMPT, task).await.expect("agent shuts down").unwrap();
+        r.expect("agent ran without error");
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A hand-driven client connection with one control stream.
+struct Raw {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+fn hello_msg(protocol: VersionRange, machine: &str) -> AgentMsg {
+    AgentMsg::Hello(Hello {
+        protocol,
+        agent_version: "faults-test".into(),
+        hardware_id: HardwareId { source: HardwareIdSource::Override, value: machine.into() },
+    })
+}
+
+fn key_der(key: &rcgen::KeyPair) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))
+}
+
+async fn connect(addr: SocketAddr, config: quinn::ClientConfig) -> Result<(quinn::Endpoint, quinn::Connection), String> {
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let connecting = endpoint.connect_with(config, addr, tls::controller_server_name()).map_err(|e| e.to_string())?;
+    let conn = tokio::time::timeout(PROMPT, connecting).await.map_err(|_| "handshake timed out".to_owned())?;
+    let conn = conn.map_err(|e| e.to_string())?;
+    Ok((endpoint, conn))
+}
+
+impl Raw {
+    /// An unauthenticated (enrolment) connection.
+    async fn enrolment(ctl: &Ctl) -> Raw {
+        let cfg = tls::enrol_client_config(ctl.ca_sha256, Duration::from_secs(5)).unwrap();
+        let (endpoint, conn) = connect(ctl.quic, cfg).await.unwrap();
+        Raw::open(endpoint, conn).await
+    }
+
+    /// A connection authenticated with a node certificate.
+    async fn node(ctl: &Ctl, cert_der: &[u8], key: &rcgen::KeyPair) -> Raw {
+        let cfg = tls::node_client_config(&ctl.ca_der, cert_der, key_der(key), Duration::from_secs(5)).unwrap();
+        let (endpoint, conn) = connect(ctl.quic, cfg).await.unwrap();
+        Raw::open(endpoint, conn).await
+    }
+
+    async fn open(endpoint: quinn::Endpoint, conn: quinn::Connection) -> Raw {
+        let (send, recv) = tokio::time::timeout(PROMPT, conn.open_bi()).await.unwrap().unwrap();
+        Raw { _endpoint: endpoint, conn, send, recv }
+    }
+
+    async fn send(&mut self, msg: &AgentMsg) {
+        send_msg(&mut self.send, msg).await.unwrap();
+    }
+
+    async fn recv(&mut self) -> Result<Option<ControllerMsg>, shoal_overlay::TransportError> {
+        tokio::time::timeout(PROMPT, recv_msg::<ControllerMsg>(&mut self.recv)).await.expect("controller answers promptly")
+    }
+
+    /// Sends Hello; returns the Welcome, or the Reject as an error.
+    async fn hello(&mut self, protocol: VersionRange) -> Result<Welcome, Reject> {
+        self.send(&hello_msg(protocol, "faults-raw")).await;
+        match self.recv().await {
+            Ok(Some(ControllerMsg::Welcome(w))) => Ok(w),
+            Ok(Some(ControllerMsg::Reject(r))) => Err(r),
+            other => panic!("expected Welcome or Reject, got {other:?}"),
+        }
+    }
+
+    async fn expect_reject(&mut self) -> Reject {
+        match self.recv().await {
+            Ok(Some(ControllerMsg::Reject(r))) => r,
+            other => panic!("expected a Reject, got {other:?}"),
+        }
+    }
+
+    /// Waits for the controller to close the connection; returns why.
+    async fn closed(&self) -> quinn::ConnectionError {
+        tokio::time::timeout(PROMPT, self.conn.closed()).await.expect("controller closes the connection promptly")
+    }
+
+    async fn expect_protocol_close(&self) -> String {
+        match self.closed().await {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(c.error_code, close_code::PROTOCOL.into(), "close code: {c:?}");
+                String::from_utf8_lossy(&c.reason).into_owned()
+            }
+            other => panic!("expected an application close by the controller, got {other:?}"),
+        }
+    }
+
+    /// Enrols a fresh key over this (unauthenticated) connection.
+    async fn enrol(mut self, token: &str, key: &rcgen::KeyPair) -> Result<Enrolled, Reject> {
+        self.hello(SUPPORTED).await?;
+        let csr_der = pki::make_csr(key).unwrap();
+        self.send(&AgentMsg::Enrol(EnrolRequest { token: token.into(), csr_der, hostname: "raw".into() })).await;
+        match self.recv().await {
+            Ok(Some(ControllerMsg::Enrolled(e))) => Ok(e),
+            Ok(Some(ControllerMsg::Reject(r))) => Err(r),
+            other => panic!("expected Enrolled or Reject, got {other:?}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Malformed frames
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_control_stream_closes_only_that_connection() {
+    let ctl = Ctl::start().await;
+    let (agent, node) = ctl.agent_up("faults-garbage-good").await;
+
+    // A well-sized frame whose body is not a message.
+    let mut raw = Raw::enrolment(&ctl).await;
+    raw.send.write_all(&[0, 0, 0, 6, 0xff, 0xfe, 0xfd, 0xfc, 0xfb, 0xfa]).await.unwrap();
+    let reason = raw.expect_protocol_close().await;
+    assert!(reason.contains("bad frame"), "close reason: {reason}");
+
+    // Text where a frame header belongs (someone pointing an HTTP client at the port).
+    let mut raw = Raw::enrolment(&ctl).await;
+    raw.send.write_all(b"GET / HTTP/1.1\r\nHost: controller\r\n\r\n").await.unwrap();
+    let reason = raw.expect_protocol_close().await;
+    assert!(reason.contains("bad frame"), "close reason: {reason}");
+
+    ctl.assert_still_serving("faults-garbage-good", &node).await;
+    agent.stop().await;
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_frame_closes_the_connection() {
+    let ctl = Ctl::start().await;
+    let (agent, node) = ctl.agent_up("faults-trunc-good").await;
+
+    let mut raw = Raw::enrolment(&ctl).await;
+    let mut bytes = 100u32.to_be_bytes().to_vec();
+    bytes.extend_from_slice(&[7u8; 10]);
+    raw.send.write_all(&bytes).await.unwrap();
+    raw.send.finish().unwrap();
+    let reason = raw.expect_protocol_close().await;
+    assert!(reason.contains("ended mid-frame"), "close reason: {reason}");
+
+    ctl.assert_still_serving("faults-trunc-good", &node).await;
+    agent.stop().await;
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_frame_header_closes_at_once_without_waiting_for_the_body() {
+    let ctl = Ctl::start().await;
+    let (agent, node) = ctl.agent_up("faults-huge-good").await;
+
+    for announced in [MAX_FRAME_LEN as u32 + 1, u32::MAX] {
+        let mut raw = Raw::enrolment(&ctl).await;
+        // Only the header: the stream stays open and no body follows. Were the controller waiting for
+        // the body, the connection would stay open until the hello timeout (10 s), past PROMPT.
+        raw.send.write_all(&announced.to_be_bytes()).await.unwrap();
+        let started = std::time::Instant::now();
+        let reason = raw.expect_protocol_close().await;
+        assert!(reason.contains("exceeds"), "close reason: {reason}");
+        assert!(started.elapsed() < Duration::from_secs(2), "closed only after {:?}", started.elapsed());
+    }
+
+    ctl.assert_still_serving("faults-huge-good", &node).await;
+    agent.stop().await;
+    ctl.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Protocol
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_versions_newer_only_rejected_overlapping_accepted() {
+    let ctl = Ctl::start().await;
+    let (agent, node) = ctl.agent_up("faults-version-good").await;
+
+    // An agent that only speaks versions newer than the controller's.
+    let mut raw = Raw::enrolment(&ctl).await;
+    let too_new = VersionRange { min: SUPPORTED.max + 1, max: SUPPORTED.max + 3 };
+    let reject = raw.hello(too_new).await.expect_err("a newer-only agent is refused");
+    assert_eq!(reject.code, RejectCode::Version, "{reject}");
+    // The agent prints this: it must tell the operator that it is the controller that is too old.
+    assert!(reject.message.contains("upgrade the controller"), "{}", reject.message);
+    raw.closed().await;
+
+    // And the other way round: an agent that only speaks versions older than the controller's.
+    if SUPPORTED.min > 0 {
+        let mut raw = Raw::enrolment(&ctl).await;
+        let too_old = VersionRange { min: 0, max: SUPPORTED.min - 1 };
+        let reject = raw.hello(too_old).await.expect_err("an older-only agent is refused");
+        assert_eq!(reject.code, RejectCode::Version, "{reject}");
+        assert!(reject.message.contains("upgrade the agent"), "{}", reject.message);
+        raw.closed().await;
+    }
+
+    // A newer agent that still speaks the controller's newest version is accepted at that version.
+    let mut raw = Raw::enrolment(&ctl).await;
+    let newer = VersionRange { min: SUPPORTED.max, max: SUPPORTED.max + 5 };
+    let welcome = raw.hello(newer).await.expect("a newer agent that overlaps is welcomed");
+    assert_eq!(welcome.protocol, SUPPORTED.max);
+    assert_eq!(welcome.node_id, None);
+
+    ctl.assert_still_serving("faults-version-good", &node).await;
+    agent.stop().await;
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_on_unauthenticated_connections_are_rejected() {
+    let ctl = Ctl::start().await;
+    let (agent, node) = ctl.agent_up("faults-order-good").await;
+
+    // Inventory before Hello.
+    let mut raw = Raw::enrolment(&ctl).await;
+    raw.send(&AgentMsg::Inventory(Default::default())).await;
+    let r = raw.expect_reject().await;
+    assert_eq!(r.code, RejectCode::Protocol, "{r}");
+    assert!(r.message.contains("Hello"), "{r}");
+    raw.closed().await;
+
+    // Health on a connection without a node certificate, after a good Hello.
+    let mut raw = Raw::enrolment(&ctl).await;
+    raw.hello(SUPPORTED).await.unwrap();
+    raw.send(&AgentMsg::Health(Default::default())).await;
+    let r = raw.expect_reject().await;
+    assert_eq!(r.code, RejectCode::Protocol, "{r}");
+    assert!(r.message.contains("Enrol"), "{r}");
+    raw.closed().await;
+
+    // Renew without a certificate.
+    let mut raw = Raw::enrolment(&ctl).await;
+    raw.hello(SUPPORTED).await.unwrap();
+    let key = pki::generate_key().unwrap();
+    raw.send(&AgentMsg::Renew(RenewRequest { csr_der: pki::make_csr(&key).unwrap() })).await;
+    assert_eq!(raw.expect_reject().await.code, RejectCode::Protocol);
+
+    ctl.assert_still_serving("faults-order-good", &node).await;
+    agent.stop().await;
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_csr_is_refused_without_spending_the_token() {
+    let ctl = Ctl::start().await;
+    let token = ctl.admin.create_token(Some(1)).await;
+
+    let mut raw = Raw::enrolment(&ctl).await;
+    raw.hello(SUPPORTED).await.unwrap();
+    raw.send(&AgentMsg::Enrol(EnrolRequest { token: token.clone(), csr_der: vec![0x30, 0x03, 1, 2, 3], hostname: "x".into() }))
+        .await;
+    let r = raw.expect_reject().await;
+    assert_eq!(r.code, RejectCode::BadRequest, "{r}");
+    assert!(r.message.contains("signing request"), "{r}");
+    raw.closed().await;
+
+    let id = token.split('.').nth(1).unwrap().to_owned();
+    let t = ctl.admin.tokens().await.into_iter().find(|t| t.id == id).unwrap();
+    assert_eq!((t.uses, t.state.as_str()), (0, "valid"), "{t:?}");
+    assert!(ctl.admin.nodes().await.is_empty(), "a refused enrolment left a node behind");
+
+    // The single use is still there for a real agent.
+    let agent = Agent::start(ctl.quic, "faults-csr-good", token);
+    let node = ctl.wait_up("faults-csr-good").await;
+    let t = ctl.admin.tokens().await.into_iter().find(|t| t.id == id).unwrap();
+    assert_eq!((t.uses, t.state.as_str()), (1, "used_up"), "{t:?}");
+
+    ctl.assert_still_serving("faults-csr-good", &node).await;
+    agent.stop().await;
+    ctl.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificates
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_from_another_ca_is_refused() {
+    let ctl = Ctl::start().await;
+    let (agent, node) = ctl.agent_up("faults-otherca-good").await;
+
+    // A node certificate for the good node's id, signed by some other fleet's CA.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Ca::load_or_create(other_dir.path()).unwrap();
+    let key = pki::generate_key().unwrap();
+    let (cert, _) = other
+        .issue_node_cert(&pki::make_csr(&key).unwrap(), &NodeId(node.clone()), server::now_ms(), Duration::from_secs(3600))
+        .unwrap();
+    let cfg = tls::node_client_config(&ctl.ca_der, &cert, key_der(&key), Duration::from_secs(5)).unwrap();
+    match connect(ctl.quic, cfg).await {
+        Err(e) => {
+            eprintln!("foreign certificate: handshake failed: {e}");
+            assert!(!e.contains("timed out"), "handshake should fail, not hang: {e}");
+        }
+        Ok((_endpoint, conn)) => {
+            // TLS 1.3: the client may finish its side before the server has checked the client
+            // certificate. The controller must then close without ever answering.
+            let answer = async {
+                let (mut send, mut recv) = conn.open_bi().await?;
+                send_msg(&mut send, &hello_msg(SUPPORTED, "faults-impostor")).await?;
+                Ok::<_, anyhow::Error>(recv_msg::<ControllerMsg>(&mut recv).await?)
+            };
+            let answer = tokio::time::timeout(PROMPT, answer).await.expect("refused promptly");
+            assert!(answer.is_err(), "a foreign certificate got an answer: {answer:?}");
+            let why = tokio::time::timeout(PROMPT, conn.closed()).await.unwrap();
+            eprintln!("foreign certificate: closed after the client's handshake: {why}");
+            assert!(
+                matches!(why, quinn::ConnectionError::TransportError(_) | quinn::ConnectionError::ConnectionClosed(_)),
+                "expected a TLS failure, got {why:?}"
+            );
+        }
+    }
+
+    ctl.assert_still_serving("faults-otherca-good", &node).await;
+    agent.stop().await;
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_issues_a_fresh_certificate_for_the_same_node() {
+    let ttl = Duration::from_secs(90);
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Ctl::start_in(dir.path().to_owned(), |c| c.cert_ttl = ttl).await;
+    let (agent, good) = ctl.agent_up("faults-renew-good").await;
+
+    let key = pki::generate_key().unwrap();
+    let token = ctl.admin.create_token(Some(1)).await;
+    let enrolled = Raw::enrolment(&ctl).await.enrol(&token, &key).await.expect("raw enrolment");
+    assert_eq!(pki::cert_info(&enrolled.cert_der).unwrap().node_id, enrolled.node_id);
+
+    let mut raw = Raw::node(&ctl, &enrolled.cert_der, &key).await;
+    let welcome = raw.hello(SUPPORTED).await.expect("node connection welcomed");
+    assert_eq!(welcome.node_id.as_ref(), Some(&enrolled.node_id));
+    raw.send(&AgentMsg::Renew(RenewRequest { csr_der: pki::make_csr(&key).unwrap() })).await;
+    let renewed = match raw.recv().await {
+        Ok(Some(ControllerMsg::Renewed(r))) => r,
+        other => panic!("expected Renewed, got {other:?}"),
+    };
+    let info = pki::cert_info(&renewed.cert_der).unwrap();
+    assert_eq!(info.node_id, enrolled.node_id);
+    assert_ne!(info.serial, pki::cert_info(&enrolled.cert_der).unwrap().serial, "a new certificate");
+    let now = server::now_ms().0;
+    assert!(
+        renewed.not_after.0 > now + 60_000 && renewed.not_after.0 <= now + ttl.as_millis() as u64 + 1_000,
+        "not_after {} is not about {ttl:?} from now ({now})",
+        renewed.not_after.0
+    );
+    assert_eq!(info.not_after_unix as u64, renewed.not_after.0 / 1000);
+    // A bad CSR on renewal is a BadRequest, not a crash.
+    raw.send(&AgentMsg::Renew(RenewRequest { csr_der: vec![1, 2, 3] })).await;
+    assert_eq!(raw.expect_reject().await.code, RejectCode::BadRequest);
+    drop(raw);
+
+    // The renewed certificate authenticates as the same node.
+    let mut raw = Raw::node(&ctl, &renewed.cert_der, &key).await;
+    let welcome = raw.hello(SUPPORTED).await.expect("renewed certificate welcomed");
+    assert_eq!(welcome.node_id.as_ref(), Some(&enrolled.node_id));
+    eventually(PROMPT, "renewed node listed as connected", || async {
+        ctl.admin.nodes().await.into_iter().find(|n| n.id == enrolled.node_id.0 && n.connected).map(|_| ())
+    })
+    .await;
+
+    ctl.assert_still_serving("faults-renew-good", &good).await;
+    agent.stop().await;
+    ctl.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Full disk
+// ---------------------------------------------------------------------------------------------
+
+/// A tmpfs mounted for the test, unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `Ok(None)` when mounting is not permitted here.
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        if out.status.success() {
+            return Some(Tmpfs { dir });
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        let eperm = err.contains("ermission denied") || err.contains("not permitted") || err.contains("must be superuser");
+        assert!(eperm, "mount tmpfs failed for a reason other than permissions: {err}");
+        eprintln!("SKIP: cannot mount a tmpfs here (not permitted): {}", err.trim());
+        None
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn free(&self) -> u64 {
+        let st = nix::sys::statvfs::statvfs(self.path()).unwrap();
+        #[allow(clippy::useless_conversion)]
+        let free = u64::from(st.blocks_available()) * u64::from(st.fragment_size());
+        free
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_refuses_enrolment_transiently_and_recovers() {
+    let Some(fs) = Tmpfs::mount("40m") else { return };
+    let data = fs.path().join("data");
+    let ctl = Ctl::start_in(data.clone(), |_| {}).await;
+    let (agent, node) = ctl.agent_up("faults-disk-good").await;
+    let token = ctl.admin.create_token(None).await;
+
+    // Leave less than the store's 8 MiB reserve. tmpfs allocates on write, so write the bytes.
+    let filler_path = fs.path().join("filler");
+    {
+        use std::io::Write;
+        let target = fs.free().saturating_sub(4 * 1024 * 1024);
+        let mut f = std::fs::File::create(&filler_path).unwrap();
+        let chunk = vec![0xa5u8; 1024 * 1024];
+        let mut written = 0u64;
+        while written < target {
+            let n = chunk.len().min((target - written) as usize);
+            f.write_all(&chunk[..n]).unwrap();
+            written += n as u64;
+        }
+        f.sync_all().unwrap();
+    }
+    assert!(fs.free() < 8 * 1024 * 1024, "free: {}", fs.free());
+
+    // What an enrolling agent sees.
+    let key = pki::generate_key().unwrap();
+    let r = Raw::enrolment(&ctl).await.enrol(&token, &key).await.expect_err("no enrolment on a full disk");
+    assert_eq!(r.code, RejectCode::Unavailable, "{r}");
+    assert!(r.code.is_transient());
+    assert!(r.message.contains("disk full") && r.message.contains("space"), "{r}");
+
+    // A real agent meanwhile keeps retrying instead of giving up.
+    let late = Agent::start(ctl.quic, "faults-disk-late", token);
+    tokio::time::sleep(Duration::from_millis(1500)).await; // several retries at 100..500 ms backoff
+    assert!(ctl.admin.node_by_machine("faults-disk-late").await.is_none(), "enrolled on a full disk?");
+    assert!(!late.task.as_ref().unwrap().is_finished(), "agent gave up on a transient refusal");
+    // The fleet stays visible and the enrolled node stays listed.
+    let listed = ctl.admin.nodes().await;
+    assert!(listed.iter().any(|n| n.id == node), "enrolled node not listed: {listed:?}");
+
+    std::fs::remove_file(&filler_path).unwrap();
+    let late_node = ctl.wait_up("faults-disk-late").await;
+    assert_ne!(late_node, node);
+
+    ctl.assert_still_serving("faults-disk-good", &node).await;
+    late.stop().await;
+    agent.stop().await;
+    ctl.stop().await;
+    drop(fs);
+}
