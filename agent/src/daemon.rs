@@ -75,6 +75,9 @@ pub enum AgentError {
     /// This node was removed from the fleet.
     #[error("this node was removed from the fleet: {0}; an operator must admit it again with a new join token")]
     Revoked(String),
+    /// The controller's certificate does not match the CA hash in the join token.
+    #[error("the controller at the given address is not the one that issued this join token: {0}")]
+    WrongController(String),
     /// No certificate and no token to get one.
     #[error("no valid certificate in {0} and no join token given (--token or --token-file)")]
     NoToken(PathBuf),
@@ -163,7 +166,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                 state.forget_certificate()?;
                 return Err(AgentError::Revoked(reason));
             }
-            Ok((End::Rejected(r), _)) if !r.code.is_transient() && r.code != RejectCode::Protocol => {
+            // Token and version refusals are final: retrying cannot help until an operator acts.
+            Ok((End::Rejected(r), _)) if r.code.is_final_for_agent() => {
                 return Err(AgentError::Refused(r));
             }
             Ok((end, was_ready)) => {
@@ -225,11 +229,19 @@ impl Shell<'_> {
                 (cfg, Mode::Enrol(EnrolRequest { token: token.to_string(), csr_der, hostname }), key.serialize_pem())
             }
         };
+        let enrolling = matches!(mode, Mode::Enrol(_));
         let conn = endpoint
             .connect_with(client_config, self.config.controller, tls::controller_server_name())
             .map_err(|e| (e.into(), false))?
             .await
-            .map_err(|e| (e.into(), false))?;
+            .map_err(|e| match e {
+                // While enrolling, a failed certificate check means the token's CA hash does not match
+                // this controller: a wrong token or a wrong address, which retrying cannot fix.
+                quinn::ConnectionError::TransportError(t) if enrolling && (0x100..0x200).contains(&u64::from(t.code)) => {
+                    fatal(AgentError::WrongController(t.reason))
+                }
+                other => (other.into(), false),
+            })?;
         let result = self.drive(&conn, hello, mode, &key_pem, creds.as_ref()).await;
         conn.close(0u32.into(), b"");
         result

@@ -41,7 +41,9 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("shoal-agent: {e:#}");
             match e.downcast_ref::<AgentError>() {
-                Some(AgentError::Refused(_)) | Some(AgentError::NoToken(_)) | Some(AgentError::BadToken(_)) => ExitCode::from(2),
+                Some(AgentError::Refused(_) | AgentError::NoToken(_) | AgentError::BadToken(_) | AgentError::WrongController(_)) => {
+                    ExitCode::from(2)
+                }
                 Some(AgentError::Revoked(_)) => ExitCode::from(3),
                 _ => ExitCode::FAILURE,
             }

@@ -129,6 +129,9 @@ pub struct Controller {
     pub(crate) config: ControllerConfig,
     pub(crate) live: Mutex<LiveState>,
     pub(crate) admin_token_sha256: [u8; 32],
+    /// Liveness changes go through one worker so they reach the store in the order they happened.
+    transitions: mpsc::UnboundedSender<Vec<Transition>>,
+    transitions_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<Transition>>>>,
 }
 
 const ADMIN_TOKEN_META: &str = "admin_token_sha256";
@@ -150,7 +153,10 @@ impl Controller {
             }
             nodes.insert(n.id.clone(), LiveNode { last_seen: n.last_seen, health: n.health.clone(), dirty: false });
         }
+        let (transitions, transitions_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Controller {
+            transitions,
+            transitions_rx: Mutex::new(Some(transitions_rx)),
             store,
             ca,
             config,
@@ -291,6 +297,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let quic_addr = quic_socket.local_addr()?;
+    enlarge_socket_buffers(&quic_socket);
     let api_addr = api_listener.local_addr()?;
     let (chain, key) = controller.ca.issue_server_cert(&[pki::CONTROLLER_SERVER_NAME.to_owned()], &[])?;
     let server_config = tls::controller_server_config(controller.ca.cert_der(), chain, key)?;
@@ -311,6 +318,12 @@ pub async fn run(
     info!(quic = %quic_addr, api = %api_addr, ca = %hex::encode(controller.ca.sha256()), "controller running");
 
     let sweeper = tokio::spawn(sweep(controller.clone()));
+    let recorder = controller
+        .transitions_rx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .map(|rx| tokio::spawn(record_transitions(controller.clone(), rx)));
     let accept = async {
         while let Some(incoming) = endpoint.accept().await {
             let controller = controller.clone();
@@ -330,6 +343,9 @@ pub async fn run(
         _ = shutdown => info!("shutting down"),
     }
     sweeper.abort();
+    if let Some(r) = recorder {
+        r.abort();
+    }
     endpoint.close(close_code::DONE.into(), b"controller shutting down");
     api.graceful_shutdown(Some(Duration::from_secs(2)));
     controller.checkpoint();
@@ -339,6 +355,35 @@ pub async fn run(
     Ok(())
 }
 
+/// Kernel buffer asked for the agents' UDP socket, each way. Every agent's packets arrive on this one
+/// socket: with the default (about 208 KiB, some 90 full-size datagrams on loopback) a burst of
+/// handshakes (a thousand agents enrolling, or reconnecting after a controller restart) overflows it,
+/// the kernel drops Initial packets, and each handshake waits for a retransmission timeout. Linux caps
+/// the value at `net.core.rmem_max` / `wmem_max`.
+const QUIC_SOCKET_BUFFER: usize = 8 << 20;
+
+fn enlarge_socket_buffers(socket: &std::net::UdpSocket) {
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+    if let Err(e) = setsockopt(socket, sockopt::RcvBuf, &QUIC_SOCKET_BUFFER) {
+        warn!(cause = %e, "could not enlarge the UDP receive buffer");
+    }
+    if let Err(e) = setsockopt(socket, sockopt::SndBuf, &QUIC_SOCKET_BUFFER) {
+        warn!(cause = %e, "could not enlarge the UDP send buffer");
+    }
+    debug!(
+        rcvbuf = ?getsockopt(socket, sockopt::RcvBuf),
+        sndbuf = ?getsockopt(socket, sockopt::SndBuf),
+        "QUIC socket buffers"
+    );
+}
+
+async fn record_transitions(controller: Arc<Controller>, mut rx: mpsc::UnboundedReceiver<Vec<Transition>>) {
+    while let Some(batch) = rx.recv().await {
+        let c = controller.clone();
+        let _ = tokio::task::spawn_blocking(move || c.apply_transitions(batch)).await;
+    }
+}
+
 async fn sweep(controller: Arc<Controller>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last_checkpoint = Instant::now();
@@ -346,8 +391,7 @@ async fn sweep(controller: Arc<Controller>) {
         tick.tick().await;
         let transitions = controller.live().liveness.poll(Instant::now());
         if !transitions.is_empty() {
-            let c = controller.clone();
-            let _ = tokio::task::spawn_blocking(move || c.apply_transitions(transitions)).await;
+            let _ = controller.transitions.send(transitions);
         }
         if last_checkpoint.elapsed() >= controller.config.checkpoint_interval {
             last_checkpoint = Instant::now();
@@ -379,7 +423,9 @@ async fn handle_connection(controller: Arc<Controller>, incoming: quinn::Incomin
             return Ok(());
         }
     };
-    let (mut send, mut recv) = match tokio::time::timeout(controller.config.hello_timeout, conn.accept_bi()).await {
+    // One deadline for the stream and the Hello on it together.
+    let hello_deadline = tokio::time::Instant::now() + controller.config.hello_timeout;
+    let (mut send, mut recv) = match tokio::time::timeout_at(hello_deadline, conn.accept_bi()).await {
         Ok(r) => r?,
         Err(_) => {
             conn.close(close_code::PROTOCOL.into(), b"no control stream");
@@ -406,17 +452,30 @@ async fn handle_connection(controller: Arc<Controller>, incoming: quinn::Incomin
             info!(node = %id, "refused a removed node");
             return Ok(());
         }
-        let mut live = controller.live();
-        live.next_conn_id += 1;
-        let cid = live.next_conn_id;
-        if let Some(old) = live.conns.insert(id.clone(), ConnHandle { conn_id: cid, revoke: revoke_tx }) {
-            debug!(node = %id, old = old.conn_id, "replacing older connection");
-            let _ = old.revoke.send(String::new());
-        }
+        let cid = {
+            let mut live = controller.live();
+            live.next_conn_id += 1;
+            let cid = live.next_conn_id;
+            if let Some(old) = live.conns.insert(id.clone(), ConnHandle { conn_id: cid, revoke: revoke_tx }) {
+                debug!(node = %id, old = old.conn_id, "replacing older connection");
+                let _ = old.revoke.send(String::new());
+            }
+            cid
+        };
         conn_id = Some(cid);
+        // A removal between the check above and the registration would have found no connection to
+        // close: look again now that the connection is registered.
+        let c = controller.clone();
+        let id2 = id.clone();
+        if let Ok(Ok(None)) = tokio::task::spawn_blocking(move || c.store.node(&id2)).await {
+            let mut live = controller.live();
+            if let Some(h) = live.conns.remove(id) {
+                let _ = h.revoke.send("removed from the fleet by an operator".into());
+            }
+        }
     }
 
-    let result = drive(&controller, &conn, &mut send, &mut recv, &mut session, &mut revoke_rx).await;
+    let result = drive(&controller, &conn, &mut send, &mut recv, &mut session, &mut revoke_rx, hello_deadline).await;
     if let (Some(id), Some(cid)) = (&node, conn_id) {
         let mut live = controller.live();
         if live.conns.get(id).map(|c| c.conn_id) == Some(cid) {
@@ -433,8 +492,9 @@ async fn drive(
     recv: &mut quinn::RecvStream,
     session: &mut Session,
     revoke_rx: &mut mpsc::UnboundedReceiver<String>,
+    hello_deadline: tokio::time::Instant,
 ) -> Result<(), ConnError> {
-    let hello_deadline = tokio::time::sleep(controller.config.hello_timeout);
+    let hello_deadline = tokio::time::sleep_until(hello_deadline);
     tokio::pin!(hello_deadline);
     loop {
         let actions = tokio::select! {
@@ -592,8 +652,7 @@ fn heartbeat(controller: &Arc<Controller>, node: &NodeId, health: Option<HealthR
         live.liveness.heartbeat(node, Instant::now())
     };
     if let Some(t) = transition {
-        let c = controller.clone();
-        tokio::task::spawn_blocking(move || c.apply_transitions(vec![t]));
+        let _ = controller.transitions.send(vec![t]);
     }
 }
 

@@ -1,5 +1,5 @@
 //! The controller's embedded database: join tokens, nodes, removals, the event log and small metadata
-//! (CA certificate and key, admin secret hash), kept in [sled] in the controller's data directory.
+//! (admin token hash, QUIC stateless-reset key), kept in [sled] in the controller's data directory.
 //!
 //! Guarantees:
 //! - A restart loses nothing that an API call reported as written; calls that change more than one record
@@ -579,7 +579,7 @@ impl Store {
         Ok(())
     }
 
-    /// A metadata value (CA certificate and key, admin secret hash, ...).
+    /// A metadata value (admin token hash, QUIC stateless-reset key).
     pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.inner.meta.get(key)?.map(|v| v.to_vec()))
     }

@@ -727,3 +727,23 @@ async fn full_disk_refuses_enrolment_transiently_and_recovers() {
     ctl.stop().await;
     drop(fs);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_for_another_controller_makes_the_agent_stop_with_a_clear_error() {
+    let ctl = Ctl::start().await;
+    let (good, node) = ctl.agent_up("good").await;
+    // A well-formed token whose CA hash names some other fleet's CA.
+    let token: shoal_proto::JoinToken = ctl.admin.create_token(None).await.parse().unwrap();
+    let foreign = shoal_proto::JoinToken { ca_sha256: [0x5a; 32], ..token };
+    let mut agent = Agent::start(ctl.quic, "stranger", foreign.to_string());
+    let task = agent.task.take().unwrap();
+    let result = tokio::time::timeout(AGENT_UP, task).await.expect("agent gives up promptly").unwrap();
+    match result {
+        Err(daemon::AgentError::WrongController(msg)) => assert!(msg.contains("CA"), "{msg}"),
+        other => panic!("expected WrongController, got {other:?}"),
+    }
+    assert!(ctl.admin.node_by_machine("stranger").await.is_none());
+    ctl.assert_still_serving("good", &node).await;
+    good.stop().await;
+    ctl.stop().await;
+}

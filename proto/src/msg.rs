@@ -145,6 +145,19 @@ impl RejectCode {
     pub fn is_transient(self) -> bool {
         matches!(self, RejectCode::Unavailable)
     }
+
+    /// Whether an agent should stop rather than retry: the token or the version is wrong, and only an
+    /// operator can change that. (A removed node is handled apart: it also forgets its certificate.)
+    pub fn is_final_for_agent(self) -> bool {
+        matches!(
+            self,
+            RejectCode::Version
+                | RejectCode::TokenUnknown
+                | RejectCode::TokenExpired
+                | RejectCode::TokenUsedUp
+                | RejectCode::TokenRevoked
+        )
+    }
 }
 
 impl std::fmt::Display for Reject {
