@@ -98,3 +98,127 @@ mod tests {
         assert!(!digest_eq(&[1; 32], &[2; 32]));
     }
 }
+
+/// Why an admin API call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminClientError {
+    /// The credential file's CA is not a PEM certificate.
+    #[error("admin.conf: the ca field is not a PEM certificate")]
+    BadCa,
+    /// The controller could not be reached.
+    #[error("cannot reach the controller at {api}: {cause}")]
+    Unreachable {
+        /// The API address.
+        api: String,
+        /// The cause.
+        cause: String,
+    },
+    /// The controller answered with an error.
+    #[error("{message} (HTTP {status})")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The controller's error text.
+        message: String,
+    },
+    /// The answer was not what the endpoint returns.
+    #[error("unexpected answer from {path}: {cause}")]
+    Decode {
+        /// The request path.
+        path: String,
+        /// The cause.
+        cause: String,
+    },
+}
+
+/// A blocking client of the admin API, authenticated by an [`AdminConf`]: `shoalctl` and the tests
+/// talk to the controller through it.
+#[derive(Clone)]
+pub struct AdminClient {
+    agent: ureq::Agent,
+    base: String,
+    auth: String,
+}
+
+impl std::fmt::Debug for AdminClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminClient").field("base", &self.base).finish()
+    }
+}
+
+impl AdminClient {
+    /// A client that trusts only the fleet CA from the credential file.
+    pub fn new(conf: &AdminConf) -> Result<AdminClient, AdminClientError> {
+        let ca = crate::ca::pem_to_der(&conf.ca).ok_or(AdminClientError::BadCa)?;
+        let tls = ureq::tls::TlsConfig::builder()
+            .provider(ureq::tls::TlsProvider::Rustls)
+            .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(vec![
+                ureq::tls::Certificate::from_der(&ca).to_owned()
+            ])))
+            .unversioned_rustls_crypto_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .build();
+        let agent = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(30)))
+            .build()
+            .new_agent();
+        Ok(AdminClient { agent, base: conf.api.trim_end_matches('/').to_owned(), auth: format!("Bearer {}", conf.token) })
+    }
+
+    /// One request; `Ok(None)` for an empty (204) answer.
+    fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Option<T>, AdminClientError> {
+        let url = format!("{}{}", self.base, path);
+        let result = match (method, body) {
+            ("POST", Some(b)) => self.agent.post(&url).header("authorization", &self.auth).send_json(b),
+            ("DELETE", _) => self.agent.delete(&url).header("authorization", &self.auth).call(),
+            _ => self.agent.get(&url).header("authorization", &self.auth).call(),
+        };
+        let unreachable = |e: ureq::Error| AdminClientError::Unreachable { api: self.base.clone(), cause: e.to_string() };
+        let mut resp = result.map_err(unreachable)?;
+        let status = resp.status().as_u16();
+        if status == 204 {
+            return Ok(None);
+        }
+        let text = resp.body_mut().read_to_string().map_err(unreachable)?;
+        if !(200..300).contains(&status) {
+            let message = serde_json::from_str::<crate::view::ApiError>(&text).map(|e| e.error).unwrap_or(text);
+            return Err(AdminClientError::Api { status, message });
+        }
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| AdminClientError::Decode { path: path.to_owned(), cause: e.to_string() })
+    }
+
+    fn required<T>(path: &str, v: Option<T>) -> Result<T, AdminClientError> {
+        v.ok_or_else(|| AdminClientError::Decode { path: path.to_owned(), cause: "empty answer".into() })
+    }
+
+    /// `GET path`.
+    pub fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, AdminClientError> {
+        Self::required(path, self.call("GET", path, None)?)
+    }
+
+    /// `POST path` with a JSON body.
+    pub fn post<T: serde::de::DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T, AdminClientError> {
+        let body = serde_json::to_value(body)
+            .map_err(|e| AdminClientError::Decode { path: path.to_owned(), cause: e.to_string() })?;
+        Self::required(path, self.call("POST", path, Some(&body))?)
+    }
+
+    /// `DELETE path`; the answer, if the endpoint returns one.
+    pub fn delete<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<Option<T>, AdminClientError> {
+        self.call("DELETE", path, None)
+    }
+
+    /// Creates a join token.
+    pub fn create_token(&self, req: &crate::view::CreateToken) -> Result<crate::view::CreatedToken, AdminClientError> {
+        self.post("/v1/tokens", req)
+    }
+}

@@ -8,17 +8,17 @@ use std::{
     future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
+
     time::Duration,
 };
 
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use shoal_agent::daemon::{self, AgentConfig};
 use shoal_controller::{
-    admin::{AdminConf, ADMIN_CONF_FILE},
+    admin::{AdminClient, AdminConf, ADMIN_CONF_FILE},
     ca::{self, Ca},
     server::{self, close_code, Controller, ControllerConfig},
-    view::{CreateToken, CreatedToken, NodeView, TokenView},
+    view::{CreateToken, NodeView, TokenView},
 };
 use shoal_overlay::{pki, recv_msg, send_msg, tls};
 use shoal_proto::{
@@ -59,53 +59,30 @@ where
 /// The admin API, as shoalctl talks to it.
 #[derive(Clone)]
 struct Admin {
-    agent: ureq::Agent,
-    base: String,
-    auth: String,
+    client: AdminClient,
 }
 
 impl Admin {
     fn new(conf: &AdminConf) -> Admin {
-        let ca = ca::pem_to_der(&conf.ca).unwrap();
-        let tls = ureq::tls::TlsConfig::builder()
-            .provider(ureq::tls::TlsProvider::Rustls)
-            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![ureq::tls::Certificate::from_der(&ca).to_owned()])))
-            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .build();
-        let agent = ureq::Agent::config_builder()
-            .tls_config(tls)
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(10)))
-            .build()
-            .new_agent();
-        Admin { agent, base: conf.api.trim_end_matches('/').to_owned(), auth: format!("Bearer {}", conf.token) }
+        Admin { client: AdminClient::new(conf).unwrap() }
     }
 
     async fn get<T: serde::de::DeserializeOwned + Send + 'static>(&self, path: &str) -> T {
-        let this = self.clone();
-        let url = format!("{}{path}", self.base);
-        tokio::task::spawn_blocking(move || {
-            let mut resp = this.agent.get(&url).header("authorization", &this.auth).call().unwrap();
-            let text = resp.body_mut().read_to_string().unwrap();
-            assert!(resp.status().is_success(), "GET {url}: {} {text}", resp.status());
-            serde_json::from_str(&text).unwrap()
-        })
-        .await
-        .unwrap()
+        let client = self.client.clone();
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || client.get(&path).unwrap()).await.unwrap()
     }
 
     async fn create_token(&self, max_uses: Option<u32>) -> String {
-        let this = self.clone();
-        let url = format!("{}/v1/tokens", self.base);
-        tokio::task::spawn_blocking(move || {
-            let body = CreateToken { ttl_secs: Some(3600), max_uses, ..Default::default() };
-            let mut resp = this.agent.post(&url).header("authorization", &this.auth).send_json(&body).unwrap();
-            let text = resp.body_mut().read_to_string().unwrap();
-            assert!(resp.status().is_success(), "POST {url}: {} {text}", resp.status());
-            serde_json::from_str::<CreatedToken>(&text).unwrap().token
-        })
-        .await
-        .unwrap()
+        let client = self.client.clone();
+        let body = CreateToken { ttl_secs: Some(3600), max_uses, ..Default::default() };
+        tokio::task::spawn_blocking(move || client.create_token(&body).unwrap().token).await.unwrap()
+    }
+
+    /// Whether the admin API answers yet.
+    async fn answers(&self) -> Option<()> {
+        let client = self.client.clone();
+        tokio::task::spawn_blocking(move || client.get::<Vec<NodeView>>("/v1/nodes").ok().map(|_| ())).await.unwrap()
     }
 
     async fn nodes(&self) -> Vec<NodeView> {
@@ -158,17 +135,7 @@ impl Ctl {
         let ca_sha256 = pki::sha256(&ca_der);
         let ctl = Ctl { quic, admin: Admin::new(&conf), ca_der, ca_sha256, stop: Some(stop), task: Some(task), _data: None };
         // The admin API answers once run() is serving.
-        eventually(PROMPT, "admin API answers", || {
-            let admin = ctl.admin.clone();
-            async move {
-                let url = format!("{}/v1/nodes", admin.base);
-                tokio::task::spawn_blocking(move || admin.agent.get(&url).header("authorization", &admin.auth).call().ok())
-                    .await
-                    .unwrap()
-                    .map(|_| ())
-            }
-        })
-        .await;
+        eventually(PROMPT, "admin API answers", || ctl.admin.answers()).await;
         ctl
     }
 

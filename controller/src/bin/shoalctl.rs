@@ -1,14 +1,14 @@
 //! `shoalctl`: the operator's command line for the controller's admin API.
 
-use std::{collections::BTreeMap, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
-use serde::{de::DeserializeOwned, Serialize};
+use serde::Serialize;
 use shoal_controller::{
-    admin::AdminConf,
+    admin::{AdminClient, AdminConf},
     report::FleetReport,
-    view::{ApiError, CreateToken, CreatedToken, EventView, NodeView, TokenView},
+    view::{CreateToken, CreatedToken, EventView, NodeView, TokenView},
 };
 
 #[derive(Debug, Parser)]
@@ -121,55 +121,6 @@ fn main() -> ExitCode {
     }
 }
 
-struct Client {
-    agent: ureq::Agent,
-    base: String,
-    auth: String,
-}
-
-impl Client {
-    fn new(conf: &AdminConf) -> anyhow::Result<Client> {
-        let ca = shoal_controller::ca::pem_to_der(&conf.ca).context("admin.conf: the ca field is not a PEM certificate")?;
-        let tls = ureq::tls::TlsConfig::builder()
-            .provider(ureq::tls::TlsProvider::Rustls)
-            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![ureq::tls::Certificate::from_der(&ca).to_owned()])))
-            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .build();
-        let agent = ureq::Agent::config_builder()
-            .tls_config(tls)
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .new_agent();
-        Ok(Client { agent, base: conf.api.trim_end_matches('/').to_owned(), auth: format!("Bearer {}", conf.token) })
-    }
-
-    fn call<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<&impl Serialize>) -> anyhow::Result<Option<T>> {
-        let url = format!("{}{}", self.base, path);
-        let mut resp = match (method, body) {
-            ("GET", _) => self.agent.get(&url).header("authorization", &self.auth).call(),
-            ("DELETE", _) => self.agent.delete(&url).header("authorization", &self.auth).call(),
-            ("POST", Some(b)) => self.agent.post(&url).header("authorization", &self.auth).send_json(b),
-            _ => bail!("unsupported request {method} {path}"),
-        }
-        .with_context(|| format!("cannot reach the controller at {}", self.base))?;
-        let status = resp.status();
-        if status.as_u16() == 204 {
-            return Ok(None);
-        }
-        let text = resp.body_mut().read_to_string().context("reading the controller's answer")?;
-        if !status.is_success() {
-            let msg = serde_json::from_str::<ApiError>(&text).map(|e| e.error).unwrap_or(text);
-            bail!("{msg} (HTTP {})", status.as_u16());
-        }
-        Ok(Some(serde_json::from_str(&text).with_context(|| format!("unexpected answer from {path}"))?))
-    }
-
-    fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        self.call::<T>("GET", path, None::<&()>)?.context("empty answer")
-    }
-}
-
 fn print_json(v: &impl Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -180,11 +131,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         bail!("no admin credentials: pass --config DATA_DIR/admin.conf or set SHOAL_CONFIG");
     };
     let conf = AdminConf::read(&path)?;
-    let client = Client::new(&conf)?;
+    let client = AdminClient::new(&conf)?;
     match cli.command {
         Command::Token(TokenCmd::Create { ttl, uses, labels }) => {
             let req = CreateToken { ttl_secs: ttl.map(|d| d.as_secs().max(1)), max_uses: uses, labels: labels.into_iter().collect() };
-            let created: CreatedToken = client.call("POST", "/v1/tokens", Some(&req))?.context("empty answer")?;
+            let created: CreatedToken = client.create_token(&req)?;
             println!("{}", created.token);
         }
         Command::Token(TokenCmd::List { output }) => {
@@ -206,7 +157,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Token(TokenCmd::Revoke { id }) => {
-            let t: TokenView = client.call("DELETE", &format!("/v1/tokens/{id}"), None::<&()>)?.context("empty answer")?;
+            let t: TokenView = client.delete(&format!("/v1/tokens/{id}"))?.context("empty answer")?;
             println!("revoked token {}", t.id);
         }
         Command::Nodes(NodesCmd::List { output }) => {
@@ -224,7 +175,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Nodes(NodesCmd::Remove { id }) => {
-            client.call::<serde_json::Value>("DELETE", &format!("/v1/nodes/{id}"), None::<&()>)?;
+            client.delete::<serde_json::Value>(&format!("/v1/nodes/{id}"))?;
             println!("removed node {id}");
         }
         Command::Events { output, after } => {
