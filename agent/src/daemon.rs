@@ -15,7 +15,7 @@ use shoal_proto::{
     SUPPORTED,
 };
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::{
     backoff::Backoff,
@@ -279,7 +279,7 @@ impl Shell<'_> {
         );
         let mut outputs = session.start();
         let result = loop {
-            match self.perform(&mut send, &mut session, outputs, key_pem, creds).await {
+            match self.perform(&mut send, outputs, key_pem, creds).await {
                 Ok(Some(end)) => break Ok(end),
                 Ok(None) => {}
                 Err(e) => break Err(e),
@@ -300,7 +300,6 @@ impl Shell<'_> {
         let ready = session.is_ready();
         match result {
             Ok(end) => Ok((end, ready)),
-            // A close with a reason from the controller may carry a Reject that overtook the stream.
             Err(e) => Err((e, ready)),
         }
     }
@@ -309,7 +308,6 @@ impl Shell<'_> {
     async fn perform(
         &mut self,
         send: &mut quinn::SendStream,
-        session: &mut AgentSession,
         outputs: Vec<Output>,
         key_pem: &str,
         creds: Option<&Credentials>,
@@ -377,8 +375,6 @@ impl Shell<'_> {
                 Output::End(end) => return Ok(Some(end)),
             }
         }
-        let _ = session;
-        debug!("outputs done");
         Ok(None)
     }
 }

@@ -20,6 +20,15 @@ pub enum Transition {
     Down(NodeId),
 }
 
+impl Transition {
+    /// The node that changed.
+    pub fn node(&self) -> &NodeId {
+        match self {
+            Transition::Up(id) | Transition::Down(id) => id,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     last_heartbeat: Instant,
@@ -78,7 +87,8 @@ impl Liveness {
                 out.push(Transition::Down(id.clone()));
             }
         }
-        out.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+        // Deterministic order for the event log (the map's order is not).
+        out.sort_by(|a, b| a.node().cmp(b.node()));
         out
     }
 

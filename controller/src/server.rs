@@ -208,9 +208,10 @@ impl Controller {
 
     fn apply_transitions(&self, transitions: Vec<Transition>) {
         for t in transitions {
-            let (id, status, kind) = match &t {
-                Transition::Up(id) => (id, NodeStatus::Up, EventKind::Up),
-                Transition::Down(id) => (id, NodeStatus::Down, EventKind::Down),
+            let id = t.node();
+            let (status, kind) = match t {
+                Transition::Up(_) => (NodeStatus::Up, EventKind::Up),
+                Transition::Down(_) => (NodeStatus::Down, EventKind::Down),
             };
             let last_seen = self.live().nodes.get(id).and_then(|n| n.last_seen);
             let result = self.store.update_node(id, |n| {
@@ -437,21 +438,11 @@ async fn handle_connection(controller: Arc<Controller>, incoming: quinn::Incomin
         node.clone(),
     );
 
-    // A certificate for a node that is no longer in the fleet is refused, even though it still verifies.
     let (revoke_tx, mut revoke_rx) = mpsc::unbounded_channel();
     let mut conn_id = None;
     if let Some(id) = &node {
-        let exists = {
-            let c = controller.clone();
-            let id = id.clone();
-            tokio::task::spawn_blocking(move || c.store.node(&id)).await.ok().transpose()?.flatten().is_some()
-        };
-        if !exists {
-            let actions = session.refused(RejectCode::NodeRevoked, format!("node {id} was removed from the fleet"));
-            execute_simple(&conn, &mut send, actions, close_code::REVOKED).await;
-            info!(node = %id, "refused a removed node");
-            return Ok(());
-        }
+        // Register before looking the node up: a removal that lands after the lookup then finds this
+        // connection and revokes it, so one lookup covers every ordering.
         let cid = {
             let mut live = controller.live();
             live.next_conn_id += 1;
@@ -463,26 +454,36 @@ async fn handle_connection(controller: Arc<Controller>, incoming: quinn::Incomin
             cid
         };
         conn_id = Some(cid);
-        // A removal between the check above and the registration would have found no connection to
-        // close: look again now that the connection is registered.
+        // A certificate for a node that is no longer in the fleet is refused, even though it still verifies.
         let c = controller.clone();
-        let id2 = id.clone();
-        if let Ok(Ok(None)) = tokio::task::spawn_blocking(move || c.store.node(&id2)).await {
-            let mut live = controller.live();
-            if let Some(h) = live.conns.remove(id) {
-                let _ = h.revoke.send("removed from the fleet by an operator".into());
+        let lookup = id.clone();
+        let exists = tokio::task::spawn_blocking(move || c.store.node(&lookup)).await.ok().transpose()?.flatten().is_some();
+        if !exists {
+            forget_connection(&controller, id, cid);
+            let actions = session.refused(RejectCode::NodeRevoked, format!("node {id} was removed from the fleet"));
+            for action in actions {
+                if !matches!(apply(&conn, &mut send, action).await, Ok(false)) {
+                    break;
+                }
             }
+            info!(node = %id, "refused a removed node");
+            return Ok(());
         }
     }
 
     let result = drive(&controller, &conn, &mut send, &mut recv, &mut session, &mut revoke_rx, hello_deadline).await;
     if let (Some(id), Some(cid)) = (&node, conn_id) {
-        let mut live = controller.live();
-        if live.conns.get(id).map(|c| c.conn_id) == Some(cid) {
-            live.conns.remove(id);
-        }
+        forget_connection(&controller, id, cid);
     }
     result
+}
+
+/// Drops a node's connection handle, unless a newer connection has replaced it.
+fn forget_connection(controller: &Controller, id: &NodeId, conn_id: u64) {
+    let mut live = controller.live();
+    if live.conns.get(id).map(|c| c.conn_id) == Some(conn_id) {
+        live.conns.remove(id);
+    }
 }
 
 async fn drive(
@@ -524,8 +525,7 @@ async fn drive(
         for action in actions {
             let follow_up = perform(controller, session, action).await;
             for a in follow_up {
-                if let Some(code) = apply(conn, send, a).await? {
-                    let _ = code;
+                if apply(conn, send, a).await? {
                     return Ok(());
                 }
             }
@@ -533,12 +533,12 @@ async fn drive(
     }
 }
 
-/// Sends or closes; returns `Some(code)` when the connection was closed.
-async fn apply(conn: &quinn::Connection, send: &mut quinn::SendStream, action: Action) -> Result<Option<u32>, ConnError> {
+/// Sends or closes; returns whether the connection was closed.
+async fn apply(conn: &quinn::Connection, send: &mut quinn::SendStream, action: Action) -> Result<bool, ConnError> {
     match action {
         Action::Send(msg) => {
             send_msg(send, &msg).await?;
-            Ok(None)
+            Ok(false)
         }
         Action::Close(kind, reason) => {
             let code = match kind {
@@ -550,19 +550,11 @@ async fn apply(conn: &quinn::Connection, send: &mut quinn::SendStream, action: A
             // Let the last message reach the agent before the close frame overtakes it.
             let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
             conn.close(code.into(), reason.as_bytes());
-            Ok(Some(code))
+            Ok(true)
         }
         other => {
             warn!(action = ?other, "unexpected action left for the transport");
-            Ok(None)
-        }
-    }
-}
-
-async fn execute_simple(conn: &quinn::Connection, send: &mut quinn::SendStream, actions: Vec<Action>, _code: u32) {
-    for a in actions {
-        if let Ok(Some(_)) | Err(_) = apply(conn, send, a).await {
-            return;
+            Ok(false)
         }
     }
 }

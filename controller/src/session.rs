@@ -103,7 +103,8 @@ impl Session {
     fn reject(&mut self, code: RejectCode, message: impl Into<String>) -> Vec<Action> {
         let message = message.into();
         self.state = State::Closed;
-        vec![Action::Send(ControllerMsg::Reject(Reject { code, message: message.clone() })), Action::Close(CloseKind::Refused, message)]
+        let kind = if code == RejectCode::NodeRevoked { CloseKind::Revoked } else { CloseKind::Refused };
+        vec![Action::Send(ControllerMsg::Reject(Reject { code, message: message.clone() })), Action::Close(kind, message)]
     }
 
     /// Handles one message from the agent.
