@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::PrivateKeyDer;
 use shoal_overlay::{pki, recv_msg, send_msg, tls};
 use shoal_proto::{
     AgentMsg, ControllerMsg, EnrolRequest, Hello, Inventory, JoinToken, Reject, RejectCode, RenewRequest, UnixMillis,
@@ -381,5 +381,5 @@ impl Shell<'_> {
 
 fn key_der(key_pem: &str) -> Result<PrivateKeyDer<'static>, AgentError> {
     let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| AgentError::Tls(format!("node key: {e}")))?;
-    Ok(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+    Ok(pki::tls_key(&key))
 }

@@ -3,8 +3,7 @@
 
 use std::{
     fs,
-    io::Write,
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
 };
 
@@ -64,13 +63,8 @@ pub struct StateDir {
 }
 
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), StateError> {
-    let io = |source| StateError::Io { path: path.to_owned(), source };
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
-    f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(io)?;
-    f.write_all(contents).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)
+    shoal_overlay::pki::write_private_file(path, contents, 0o600)
+        .map_err(|source| StateError::Io { path: path.to_owned(), source })
 }
 
 fn pem_der(path: &Path) -> Result<Option<Vec<u8>>, StateError> {

@@ -3,9 +3,7 @@
 
 use std::{
     fs,
-    io::Write,
     net::IpAddr,
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -14,7 +12,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use shoal_proto::{NodeId, UnixMillis};
 use time::OffsetDateTime;
 
@@ -68,19 +66,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
     move |source| CaError::Io { path: path.to_owned(), source }
 }
 
-/// Writes `contents` to `path` atomically (temp file, fsync, rename) with the given mode.
-pub fn write_private_file(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
-    f.set_permissions(fs::Permissions::from_mode(mode))?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
+pub use shoal_overlay::pki::write_private_file;
 
 fn time_at(ms: UnixMillis) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp((ms.0 / 1000) as i64).unwrap_or(OffsetDateTime::UNIX_EPOCH)
@@ -190,7 +176,7 @@ impl Ca {
         params.not_after = now + time::Duration::days(397);
         let cert = params.signed_by(&key, &self.issuer)?;
         let chain = vec![cert.der().clone(), CertificateDer::from(self.cert_der.clone())];
-        Ok((chain, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))))
+        Ok((chain, shoal_overlay::pki::tls_key(&key)))
     }
 }
 

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::PrivateKeyDer;
 use shoal_agent::daemon::{self, AgentConfig};
 use shoal_controller::{
     admin::{AdminClient, AdminConf, ADMIN_CONF_FILE},
@@ -249,7 +249,7 @@ fn hello_msg(protocol: VersionRange, machine: &str) -> AgentMsg {
 }
 
 fn key_der(key: &rcgen::KeyPair) -> PrivateKeyDer<'static> {
-    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))
+    pki::tls_key(key)
 }
 
 async fn connect(addr: SocketAddr, config: quinn::ClientConfig) -> Result<(quinn::Endpoint, quinn::Connection), String> {

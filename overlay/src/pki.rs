@@ -38,6 +38,31 @@ pub fn make_csr(key: &KeyPair) -> Result<Vec<u8>, PkiError> {
     Ok(params.serialize_request(key)?.der().to_vec())
 }
 
+/// A key pair as rustls takes it (PKCS#8 DER).
+pub fn tls_key(key: &KeyPair) -> rustls_pki_types::PrivateKeyDer<'static> {
+    rustls_pki_types::PrivateKeyDer::Pkcs8(rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()))
+}
+
+/// Writes a key or certificate file atomically — temporary file with `mode`, fsync, rename, fsync of
+/// the directory — so a crash leaves the old file or the new one, never a torn or world-readable one.
+pub fn write_private_file(path: &std::path::Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::{
+        io::Write,
+        os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    };
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+    // `mode` at creation is filtered by the umask, and an old temporary file keeps its mode: set it.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// SHA-256 of a DER blob (a certificate fingerprint).
 pub fn sha256(der: &[u8]) -> [u8; 32] {
     Sha256::digest(der).into()
