@@ -629,6 +629,8 @@ async fn perform(controller: &Arc<Controller>, session: &mut Session, action: Ac
             }
             vec![]
         }
+        // Wired to the overlay coordinator below.
+        Action::Overlay(_) | Action::Paths(_) | Action::Punch(_) => vec![],
     }
 }
 

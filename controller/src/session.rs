@@ -33,6 +33,12 @@ pub enum Action {
     Inventory(Inventory),
     /// Record a health report (and heartbeat).
     Health(shoal_proto::HealthReport),
+    /// (v2) The node joins the overlay: send it the observed address and its netmap.
+    Overlay(shoal_proto::OverlayHello),
+    /// (v2) Record the node's path report.
+    Paths(shoal_proto::PathReport),
+    /// (v2) Forward a punch request to the named peer.
+    Punch(shoal_proto::Punch),
     /// Close the connection, after sending anything queued before it.
     Close(CloseKind, String),
 }
@@ -161,6 +167,13 @@ impl Session {
                     AgentMsg::Inventory(inv) => vec![Action::Inventory(inv)],
                     AgentMsg::Health(h) => vec![Action::Health(h)],
                     AgentMsg::Renew(r) => vec![Action::Renew(r)],
+                    // Overlay messages exist from protocol 2: a v1 session sending them is confused.
+                    AgentMsg::Overlay(_) | AgentMsg::Paths(_) | AgentMsg::Punch(_) if self.version < Some(2) => {
+                        self.reject(RejectCode::Protocol, "overlay messages need protocol 2")
+                    }
+                    AgentMsg::Overlay(o) => vec![Action::Overlay(o)],
+                    AgentMsg::Paths(p) => vec![Action::Paths(p)],
+                    AgentMsg::Punch(p) => vec![Action::Punch(p)],
                     AgentMsg::Hello(_) => self.reject(RejectCode::Protocol, "Hello sent twice"),
                     AgentMsg::Enrol(_) => self.reject(RejectCode::Protocol, "already enrolled: renew instead of enrolling"),
                 }

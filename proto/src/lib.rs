@@ -5,12 +5,14 @@
 
 mod frame;
 mod msg;
+mod netmap;
 mod token;
 mod types;
 mod version;
 
 pub use frame::{decode_frame, encode_frame, FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use msg::*;
+pub use netmap::*;
 pub use token::{JoinToken, TokenFormatError};
 pub use types::*;
 pub use version::{negotiate, VersionError, VersionRange, PROTOCOL_HISTORY, PROTOCOL_VERSION, SUPPORTED};

@@ -7,7 +7,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{HardwareId, HealthReport, Inventory, NodeId, UnixMillis, VersionRange};
+use std::net::SocketAddr;
+
+use crate::{
+    HardwareId, HealthReport, Inventory, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PeerIndex, Punch, UnixMillis,
+    VersionRange,
+};
 
 /// Agent to controller.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,6 +27,12 @@ pub enum AgentMsg {
     Inventory(Inventory),
     /// Periodic health; also the heartbeat the controller's liveness tracking counts.
     Health(HealthReport),
+    /// (v2) The agent takes part in the overlay: its cached netmap version, local endpoints, NAT type.
+    Overlay(OverlayHello),
+    /// (v2) Periodic report of peer paths and datapath counters.
+    Paths(PathReport),
+    /// (v2) Ask the controller to have a peer open a direct path towards this node now.
+    Punch(Punch),
 }
 
 /// Controller to agent.
@@ -40,6 +51,25 @@ pub enum ControllerMsg {
         /// Operator-facing reason.
         reason: String,
     },
+    /// (v2) The address this connection comes from as the controller sees it, and the node's relay index.
+    Observed(Observed),
+    /// (v2) A full netmap: the agent's cached one was missing or too old.
+    Netmap(Netmap),
+    /// (v2) Changes to the agent's netmap.
+    NetmapDelta(NetmapDelta),
+    /// (v2) A peer is opening a direct path towards this node: open one towards it too, now.
+    Punch(Punch),
+}
+
+/// What the controller observed about an overlay-capable agent's connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observed {
+    /// The source address of the connection (the agent's reflexive address behind NAT).
+    pub address: SocketAddr,
+    /// The node's relay index.
+    pub index: PeerIndex,
+    /// A second controller port to measure the NAT's mapping behaviour against, if the controller has one.
+    pub probe_port: Option<u16>,
 }
 
 /// The agent's opening message.

@@ -11,18 +11,26 @@
 use serde::{Deserialize, Serialize};
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Every version this build speaks.
 pub const SUPPORTED: VersionRange = VersionRange { min: 1, max: PROTOCOL_VERSION };
 
 /// What each protocol version added, newest last (date, version, change).
-pub const PROTOCOL_HISTORY: &[(&str, u16, &str)] = &[(
-    "2026-11-23",
-    1,
-    "initial: Hello/Welcome version handshake, token enrolment with CSR, certificate renewal, \
-     inventory, health reports as heartbeats, revocation notice",
-)];
+pub const PROTOCOL_HISTORY: &[(&str, u16, &str)] = &[
+    (
+        "2026-11-23",
+        1,
+        "initial: Hello/Welcome version handshake, token enrolment with CSR, certificate renewal, \
+         inventory, health reports as heartbeats, revocation notice",
+    ),
+    (
+        "2026-11-23",
+        2,
+        "overlay: OverlayHello, Observed (reflexive address, relay index, NAT probe port), Netmap and \
+         NetmapDelta, Punch, PathReport; relay datagrams on the control connection",
+    ),
+];
 
 /// An inclusive range of protocol versions a peer speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
