@@ -9,7 +9,11 @@
 //! checks identities.
 
 pub mod framed;
+pub mod paths;
+pub mod relay_socket;
 pub mod pki;
 pub mod tls;
+pub mod switch;
+pub mod wire;
 
 pub use framed::{recv_msg, send_msg, TransportError};
