@@ -63,6 +63,11 @@ pub fn write_private_file(path: &std::path::Path, contents: &[u8], mode: u32) ->
     Ok(())
 }
 
+/// The TLS name of a node's certificate (its subject alternative name), which peers verify.
+pub fn node_server_name(node: &NodeId) -> String {
+    format!("{}.node.shoal", node.0)
+}
+
 /// SHA-256 of a DER blob (a certificate fingerprint).
 pub fn sha256(der: &[u8]) -> [u8; 32] {
     Sha256::digest(der).into()
@@ -77,6 +82,8 @@ pub struct CertInfo {
     pub not_after_unix: i64,
     /// Serial number, hex.
     pub serial: String,
+    /// SHA-256 of the SubjectPublicKeyInfo (DER): stays the same across renewals with the same key.
+    pub key_sha256: [u8; 32],
 }
 
 /// Reads the node identity and validity out of a certificate.
@@ -92,6 +99,7 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
         node_id: NodeId(node_id.to_owned()),
         not_after_unix: cert.validity().not_after.timestamp(),
         serial: cert.raw_serial_as_string().replace(':', ""),
+        key_sha256: sha256(cert.public_key().raw),
     })
 }
 

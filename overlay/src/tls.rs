@@ -22,6 +22,9 @@ use crate::pki::{sha256, CONTROLLER_SERVER_NAME};
 /// ALPN of the agent–controller control protocol.
 pub const CONTROL_ALPN: &[u8] = b"shoal-control";
 
+/// ALPN of agent–agent overlay connections.
+pub const PEER_ALPN: &[u8] = b"shoal-peer";
+
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -61,7 +64,84 @@ pub fn control_transport(keep_alive: Option<Duration>) -> quinn::TransportConfig
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
         t.max_idle_timeout(Some(idle));
     }
+    // The control connection also carries relayed peer packets as datagrams. A relayed QUIC packet is
+    // at least 1200 bytes (QUIC's minimum for Initials) plus a 4-byte relay header, which does not fit
+    // quinn's default starting MTU of 1200: start at 1280 (IPv6's minimum link MTU, less headers, is
+    // 1232, but every underlay shoal targets carries 1280-byte UDP payloads; path MTU discovery then
+    // raises it and black-hole detection lowers it if a path cannot).
+    t.initial_mtu(1280);
     t
+}
+
+/// QUIC transport settings for an overlay peer connection. Keep-alives every second hold NAT mappings
+/// open and let a dead path be noticed after `idle` so traffic moves to another path quickly; windows
+/// are small because overlay frames travel as datagrams, not streams.
+pub fn peer_transport(idle: Duration) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(0u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window((64u32 * 1024).into())
+        .keep_alive_interval(Some(Duration::from_secs(1)))
+        // Overlay frames are 1394 bytes at the default overlay MTU; starting near the usual path MTU
+        // avoids fragmenting every frame until discovery has run.
+        .initial_mtu(1280)
+        .datagram_receive_buffer_size(Some(4 << 20))
+        .datagram_send_buffer_size(4 << 20);
+    if let Ok(idle) = quinn::IdleTimeout::try_from(idle) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t
+}
+
+/// Node-to-node TLS: both sides present their node certificate and require the other's, issued by the
+/// fleet CA. Which node may connect is checked after the handshake against the netmap (node id and key).
+#[derive(Clone)]
+pub struct PeerTls {
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<quinn::crypto::rustls::QuicServerConfig>,
+}
+
+impl std::fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerTls").finish_non_exhaustive()
+    }
+}
+
+impl PeerTls {
+    /// Configurations for a node with this certificate and key.
+    pub fn new(ca_der: &[u8], cert_der: &[u8], key: PrivateKeyDer<'static>) -> Result<Self, TlsError> {
+        let provider = provider();
+        let chain = vec![CertificateDer::from(cert_der.to_vec())];
+        let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots(ca_der)?)
+            .with_client_auth_cert(chain.clone(), key.clone_key())?;
+        client.alpn_protocols = vec![PEER_ALPN.to_vec()];
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_der)?, provider.clone()).build()?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)?;
+        server.alpn_protocols = vec![PEER_ALPN.to_vec()];
+        let server = quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(|e| TlsError::Quic(e.to_string()))?;
+        Ok(Self { client: Arc::new(client), server: Arc::new(server) })
+    }
+
+    /// The client side, for connecting to a peer.
+    pub fn client_config(&self, transport: Arc<quinn::TransportConfig>) -> Result<quinn::ClientConfig, TlsError> {
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(self.client.clone())
+            .map_err(|e| TlsError::Quic(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        config.transport_config(transport);
+        Ok(config)
+    }
+
+    /// The server side, for the node's endpoint to accept peers.
+    pub fn server_config(&self, transport: Arc<quinn::TransportConfig>) -> quinn::ServerConfig {
+        let mut config = quinn::ServerConfig::with_crypto(self.server.clone());
+        config.transport_config(transport);
+        config
+    }
 }
 
 /// The controller's QUIC server configuration.

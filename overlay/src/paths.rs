@@ -1,0 +1,519 @@
+//! Which connection carries traffic to each peer, and when to open or close one: a state machine with
+//! time passed in.
+//!
+//! Per peer there are two kinds of path: *direct* (UDP between the two nodes, after NAT traversal) and
+//! *relay* (the same QUIC connection, carried through the controller). The rules:
+//!
+//! - Both sides attempt direct paths, to every candidate endpoint of the peer at once, and ask the
+//!   controller to make the peer attempt towards them at the same moment ([`PathAction::RequestPunch`]):
+//!   each side's outgoing packets open its own NAT for the other's. Failed rounds back off
+//!   exponentially (1 s to 15 s by default) and keep going for as long as the peer exists, so a pair
+//!   that is relayed moves to direct when the network lets it.
+//! - While no direct path is up, the side with the lower node id opens a relay path; the other waits
+//!   for it. Relaying starts at once, so traffic flows while hole punching is still trying.
+//! - A relay path that has been redundant for `relay_linger` is closed by the side that opened it; when
+//!   the direct path dies (quinn's idle timeout), the relay is reopened at once.
+//! - Duplicate connections of one kind (both sides punched and both handshakes won, or two candidate
+//!   endpoints worked) are settled without a round trip: the connection opened by the lower node id
+//!   wins, and each side only ever closes connections it opened itself, so the two sides can never
+//!   close each other's winner.
+//!
+//! Traffic goes on the winning direct connection if there is one, else on the winning relay one.
+//! Frames received on any live connection are accepted, so a switch-over loses nothing that arrives.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use shoal_proto::{NodeId, Peer, PeerIndex, PathKind};
+
+/// The shell's handle for one QUIC connection.
+pub type ConnId = u64;
+
+/// Timing knobs. Every field has a documented default.
+#[derive(Debug, Clone)]
+pub struct PathConfig {
+    /// First wait after a failed round of direct attempts (default 1 s); doubles per failed round.
+    pub direct_retry_min: Duration,
+    /// Longest wait between rounds of direct attempts (default 15 s).
+    pub direct_retry_max: Duration,
+    /// First wait after a failed relay attempt (default 500 ms); doubles up to `direct_retry_max`.
+    pub relay_retry_min: Duration,
+    /// How long a relay path stays open after a direct one came up (default 10 s), so a direct path
+    /// that dies right after the handshake does not leave the pair with nothing.
+    pub relay_linger: Duration,
+}
+
+impl Default for PathConfig {
+    fn default() -> Self {
+        Self {
+            direct_retry_min: Duration::from_secs(1),
+            direct_retry_max: Duration::from_secs(15),
+            relay_retry_min: Duration::from_millis(500),
+            relay_linger: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathAction {
+    /// Open a QUIC connection to the peer at this address; report the outcome with
+    /// [`PathManager::connected`] or [`PathManager::attempt_failed`].
+    ConnectDirect {
+        /// The peer.
+        peer: NodeId,
+        /// One of its candidate endpoints.
+        addr: SocketAddr,
+    },
+    /// Open a QUIC connection to the peer through the relay.
+    ConnectRelay {
+        /// The peer.
+        peer: NodeId,
+        /// Its relay index.
+        index: PeerIndex,
+    },
+    /// Ask the controller to have the peer attempt a direct path towards us now.
+    RequestPunch {
+        /// The peer.
+        peer: NodeId,
+    },
+    /// Close this connection.
+    Close {
+        /// Which.
+        conn: ConnId,
+        /// Why, for the peer's logs.
+        reason: &'static str,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Conn {
+    id: ConnId,
+    kind: PathKind,
+    /// Opened by the lower node id of the pair.
+    from_lower: bool,
+    ours: bool,
+    since: Instant,
+    remote: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+struct PeerPaths {
+    index: PeerIndex,
+    endpoints: Vec<SocketAddr>,
+    conns: Vec<Conn>,
+    direct_in_flight: usize,
+    direct_backoff: Duration,
+    next_direct: Instant,
+    relay_in_flight: bool,
+    relay_backoff: Duration,
+    next_relay: Instant,
+}
+
+/// A peer's current route, for the datapath and for path reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The connection frames go on.
+    pub conn: ConnId,
+    /// Its kind.
+    pub kind: PathKind,
+    /// Its remote address (a relay address for relayed paths).
+    pub remote: SocketAddr,
+}
+
+/// Path state for every peer of this node.
+#[derive(Debug)]
+pub struct PathManager {
+    me: NodeId,
+    config: PathConfig,
+    peers: BTreeMap<NodeId, PeerPaths>,
+}
+
+impl PathManager {
+    /// A manager for node `me`.
+    pub fn new(me: NodeId, config: PathConfig) -> Self {
+        Self { me, config, peers: BTreeMap::new() }
+    }
+
+    fn we_are_lower(&self, peer: &NodeId) -> bool {
+        self.me < *peer
+    }
+
+    /// Whether `peer` is currently a peer (shares a network with this node).
+    pub fn is_peer(&self, peer: &NodeId) -> bool {
+        self.peers.contains_key(peer)
+    }
+
+    /// The peer a relay index belongs to.
+    pub fn peer_by_index(&self, index: PeerIndex) -> Option<&NodeId> {
+        self.peers.iter().find(|(_, p)| p.index == index).map(|(id, _)| id)
+    }
+
+    /// Replaces the set of peers (from the netmap). Peers that left get their connections closed;
+    /// new ones get their first attempts at the next timeout.
+    pub fn set_peers(&mut self, now: Instant, peers: &[Peer]) -> Vec<PathAction> {
+        let mut out = Vec::new();
+        let gone: Vec<NodeId> = self.peers.keys().filter(|id| !peers.iter().any(|p| &p.node == *id)).cloned().collect();
+        for id in gone {
+            if let Some(p) = self.peers.remove(&id) {
+                out.extend(p.conns.iter().map(|c| PathAction::Close { conn: c.id, reason: "no longer a peer" }));
+            }
+        }
+        for peer in peers.iter().filter(|p| p.node != self.me) {
+            match self.peers.get_mut(&peer.node) {
+                Some(p) => {
+                    if p.endpoints != peer.endpoints {
+                        // New candidates: try them now rather than at the end of a long backoff.
+                        p.endpoints = peer.endpoints.clone();
+                        p.direct_backoff = self.config.direct_retry_min;
+                        p.next_direct = now;
+                    }
+                    p.index = peer.index;
+                }
+                None => {
+                    self.peers.insert(
+                        peer.node.clone(),
+                        PeerPaths {
+                            index: peer.index,
+                            endpoints: peer.endpoints.clone(),
+                            conns: Vec::new(),
+                            direct_in_flight: 0,
+                            direct_backoff: self.config.direct_retry_min,
+                            next_direct: now,
+                            relay_in_flight: false,
+                            relay_backoff: self.config.relay_retry_min,
+                            next_relay: now,
+                        },
+                    );
+                }
+            }
+        }
+        out.extend(self.handle_timeout(now));
+        out
+    }
+
+    /// A connection with `peer` completed its handshake (and the shell checked the peer's identity).
+    /// `ours` says whether this side opened it.
+    pub fn connected(
+        &mut self,
+        now: Instant,
+        peer: &NodeId,
+        conn: ConnId,
+        kind: PathKind,
+        ours: bool,
+        remote: SocketAddr,
+    ) -> Vec<PathAction> {
+        let lower = self.we_are_lower(peer);
+        let config = self.config.clone();
+        let Some(p) = self.peers.get_mut(peer) else {
+            return vec![PathAction::Close { conn, reason: "not a peer" }];
+        };
+        if ours {
+            match kind {
+                PathKind::Direct => p.direct_in_flight = p.direct_in_flight.saturating_sub(1),
+                PathKind::Relay => p.relay_in_flight = false,
+            }
+        }
+        if kind == PathKind::Direct {
+            p.direct_backoff = config.direct_retry_min;
+        } else {
+            p.relay_backoff = config.relay_retry_min;
+        }
+        p.conns.push(Conn { id: conn, kind, from_lower: ours == lower, ours, since: now, remote });
+        settle_duplicates(p, kind)
+    }
+
+    /// An attempt this side started failed (handshake timeout, refused, unreachable).
+    pub fn attempt_failed(&mut self, now: Instant, peer: &NodeId, kind: PathKind) -> Vec<PathAction> {
+        let max = self.config.direct_retry_max;
+        let Some(p) = self.peers.get_mut(peer) else { return vec![] };
+        match kind {
+            PathKind::Direct => {
+                p.direct_in_flight = p.direct_in_flight.saturating_sub(1);
+                if p.direct_in_flight == 0 && !p.conns.iter().any(|c| c.kind == PathKind::Direct) {
+                    p.next_direct = now + p.direct_backoff;
+                    p.direct_backoff = (p.direct_backoff * 2).min(max);
+                }
+            }
+            PathKind::Relay => {
+                p.relay_in_flight = false;
+                p.next_relay = now + p.relay_backoff;
+                p.relay_backoff = (p.relay_backoff * 2).min(max);
+            }
+        }
+        vec![]
+    }
+
+    /// A connection ended (closed by either side, or timed out).
+    pub fn closed(&mut self, now: Instant, conn: ConnId) -> Vec<PathAction> {
+        let min = self.config.direct_retry_min;
+        for p in self.peers.values_mut() {
+            if let Some(pos) = p.conns.iter().position(|c| c.id == conn) {
+                let c = p.conns.remove(pos);
+                if c.kind == PathKind::Direct && !p.conns.iter().any(|c| c.kind == PathKind::Direct) {
+                    // The direct path died: relay at once, and try direct again soon.
+                    p.next_relay = now;
+                    p.next_direct = p.next_direct.min(now + min);
+                }
+                if c.kind == PathKind::Relay {
+                    p.next_relay = p.next_relay.max(now);
+                }
+                break;
+            }
+        }
+        self.handle_timeout(now)
+    }
+
+    /// The controller says `peer` is attempting towards us now: attempt towards it too.
+    pub fn punch_requested(&mut self, now: Instant, peer: &NodeId, endpoints: &[SocketAddr]) -> Vec<PathAction> {
+        let Some(p) = self.peers.get_mut(peer) else { return vec![] };
+        if !endpoints.is_empty() {
+            p.endpoints = endpoints.to_vec();
+        }
+        if p.conns.iter().any(|c| c.kind == PathKind::Direct) || p.direct_in_flight > 0 {
+            return vec![];
+        }
+        p.direct_in_flight = p.endpoints.len();
+        p.next_direct = now;
+        p.endpoints.iter().map(|addr| PathAction::ConnectDirect { peer: peer.clone(), addr: *addr }).collect()
+    }
+
+    /// When [`PathManager::handle_timeout`] next has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let lingering = self.config.relay_linger;
+        self.peers
+            .iter()
+            .flat_map(|(id, p)| {
+                let has_direct = p.conns.iter().any(|c| c.kind == PathKind::Direct);
+                let has_relay = p.conns.iter().any(|c| c.kind == PathKind::Relay);
+                let direct = (!has_direct && p.direct_in_flight == 0 && !p.endpoints.is_empty()).then_some(p.next_direct);
+                let relay = (self.we_are_lower(id) && !has_direct && !has_relay && !p.relay_in_flight).then_some(p.next_relay);
+                let linger = has_direct
+                    .then(|| p.conns.iter().filter(|c| c.kind == PathKind::Direct).map(|c| c.since).min())
+                    .flatten()
+                    .filter(|_| p.conns.iter().any(|c| c.kind == PathKind::Relay && c.ours))
+                    .map(|t| t + lingering);
+                [direct, relay, linger]
+            })
+            .flatten()
+            .min()
+    }
+
+    /// Starts whatever attempts are due and closes relays that have lingered long enough.
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<PathAction> {
+        let mut out = Vec::new();
+        let linger = self.config.relay_linger;
+        let me = self.me.clone();
+        for (id, p) in self.peers.iter_mut() {
+            let has_direct = p.conns.iter().any(|c| c.kind == PathKind::Direct);
+            let has_relay = p.conns.iter().any(|c| c.kind == PathKind::Relay);
+            if !has_direct && p.direct_in_flight == 0 && !p.endpoints.is_empty() && p.next_direct <= now {
+                p.direct_in_flight = p.endpoints.len();
+                // Pessimistically schedule the next round; success or a new netmap resets it.
+                p.next_direct = now + p.direct_backoff;
+                out.extend(p.endpoints.iter().map(|addr| PathAction::ConnectDirect { peer: id.clone(), addr: *addr }));
+                out.push(PathAction::RequestPunch { peer: id.clone() });
+            }
+            if me < *id && !has_direct && !has_relay && !p.relay_in_flight && p.next_relay <= now {
+                p.relay_in_flight = true;
+                out.push(PathAction::ConnectRelay { peer: id.clone(), index: p.index });
+            }
+            if has_direct {
+                let direct_since = p.conns.iter().filter(|c| c.kind == PathKind::Direct).map(|c| c.since).min();
+                if direct_since.is_some_and(|t| t + linger <= now) {
+                    out.extend(
+                        p.conns
+                            .iter()
+                            .filter(|c| c.kind == PathKind::Relay && c.ours)
+                            .map(|c| PathAction::Close { conn: c.id, reason: "a direct path is up" }),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// Where frames for `peer` go now.
+    pub fn route(&self, peer: &NodeId) -> Option<Route> {
+        let p = self.peers.get(peer)?;
+        [PathKind::Direct, PathKind::Relay]
+            .into_iter()
+            .find_map(|kind| winner(p, kind))
+            .map(|c| Route { conn: c.id, kind: c.kind, remote: c.remote })
+    }
+
+    /// Every peer and its route (`None` while no path is up).
+    pub fn routes(&self) -> impl Iterator<Item = (&NodeId, Option<Route>)> {
+        self.peers.keys().map(|id| (id, self.route(id)))
+    }
+}
+
+/// The connection of `kind` traffic should use: opened by the lower id if any, oldest first.
+fn winner(p: &PeerPaths, kind: PathKind) -> Option<&Conn> {
+    p.conns.iter().filter(|c| c.kind == kind).min_by_key(|c| (!c.from_lower, c.since, c.id))
+}
+
+/// Closes this side's redundant connections of `kind`. Only connections this side opened are ever
+/// closed here, so both sides converge on the lower id's connection without closing each other's.
+fn settle_duplicates(p: &PeerPaths, kind: PathKind) -> Vec<PathAction> {
+    let Some(win) = winner(p, kind).map(|c| c.id) else { return vec![] };
+    p.conns
+        .iter()
+        .filter(|c| c.kind == kind && c.ours && c.id != win)
+        .map(|c| PathAction::Close { conn: c.id, reason: "duplicate path" })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_proto::NatMapping;
+
+    fn peer(id: &str, index: u32, endpoints: &[&str]) -> Peer {
+        Peer {
+            node: NodeId(id.into()),
+            index: PeerIndex(index),
+            key_sha256: [0; 32],
+            endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
+            nat: NatMapping::Unknown,
+            networks: vec![],
+        }
+    }
+
+    fn n(id: &str) -> NodeId {
+        NodeId(id.into())
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn lower_id_relays_at_once_and_both_sides_punch() {
+        let t0 = Instant::now();
+        let mut a = PathManager::new(n("a"), PathConfig::default());
+        let out = a.set_peers(t0, &[peer("b", 2, &["192.0.2.2:5000", "10.0.0.2:5000"])]);
+        assert_eq!(
+            out,
+            vec![
+                PathAction::ConnectDirect { peer: n("b"), addr: addr("192.0.2.2:5000") },
+                PathAction::ConnectDirect { peer: n("b"), addr: addr("10.0.0.2:5000") },
+                PathAction::RequestPunch { peer: n("b") },
+                PathAction::ConnectRelay { peer: n("b"), index: PeerIndex(2) },
+            ]
+        );
+        let mut b = PathManager::new(n("b"), PathConfig::default());
+        let out = b.set_peers(t0, &[peer("a", 1, &["192.0.2.1:5000"])]);
+        assert!(!out.iter().any(|a| matches!(a, PathAction::ConnectRelay { .. })), "the higher id waits for the relay");
+        assert!(out.contains(&PathAction::ConnectDirect { peer: n("a"), addr: addr("192.0.2.1:5000") }));
+    }
+
+    #[test]
+    fn relay_carries_traffic_until_direct_comes_up_then_lingers_and_closes() {
+        let t0 = Instant::now();
+        let cfg = PathConfig::default();
+        let mut a = PathManager::new(n("a"), cfg.clone());
+        a.set_peers(t0, &[peer("b", 2, &["192.0.2.2:5000"])]);
+        let relay = relay_addr_for(2);
+        a.connected(t0, &n("b"), 1, PathKind::Relay, true, relay);
+        assert_eq!(a.route(&n("b")).map(|r| r.kind), Some(PathKind::Relay));
+        let t1 = t0 + Duration::from_millis(300);
+        assert!(a.connected(t1, &n("b"), 2, PathKind::Direct, true, addr("192.0.2.2:5000")).is_empty());
+        assert_eq!(a.route(&n("b")).map(|r| (r.kind, r.conn)), Some((PathKind::Direct, 2)));
+        assert_eq!(a.poll_timeout(), Some(t1 + cfg.relay_linger));
+        assert!(a.handle_timeout(t1 + cfg.relay_linger - Duration::from_millis(1)).is_empty());
+        assert_eq!(
+            a.handle_timeout(t1 + cfg.relay_linger),
+            vec![PathAction::Close { conn: 1, reason: "a direct path is up" }]
+        );
+    }
+
+    fn relay_addr_for(i: u32) -> SocketAddr {
+        crate::relay_socket::relay_addr(PeerIndex(i))
+    }
+
+    #[test]
+    fn dead_direct_path_falls_back_to_relay_at_once_and_retries_direct() {
+        let t0 = Instant::now();
+        let mut a = PathManager::new(n("a"), PathConfig::default());
+        a.set_peers(t0, &[peer("b", 2, &["192.0.2.2:5000"])]);
+        a.connected(t0, &n("b"), 1, PathKind::Direct, true, addr("192.0.2.2:5000"));
+        a.attempt_failed(t0, &n("b"), PathKind::Relay);
+        let t1 = t0 + Duration::from_millis(100);
+        let out = a.closed(t1, 1);
+        assert!(out.contains(&PathAction::ConnectRelay { peer: n("b"), index: PeerIndex(2) }), "{out:?}");
+        assert_eq!(a.route(&n("b")), None);
+        // Direct is retried within the minimum backoff.
+        let retry = a.poll_timeout().unwrap();
+        assert!(retry <= t1 + Duration::from_secs(1) && retry > t1);
+        let out = a.handle_timeout(retry);
+        assert!(out.contains(&PathAction::ConnectDirect { peer: n("b"), addr: addr("192.0.2.2:5000") }), "{out:?}");
+    }
+
+    #[test]
+    fn failed_rounds_back_off_exponentially_up_to_the_cap() {
+        let t0 = Instant::now();
+        let cfg = PathConfig::default();
+        let mut a = PathManager::new(n("b"), cfg.clone());
+        a.set_peers(t0, &[peer("a", 1, &["192.0.2.1:5000"])]);
+        let mut now = t0;
+        let mut gaps = Vec::new();
+        for _ in 0..6 {
+            a.attempt_failed(now, &n("a"), PathKind::Direct);
+            let next = a.poll_timeout().unwrap();
+            gaps.push(next - now);
+            now = next;
+            let out = a.handle_timeout(now);
+            assert!(out.iter().any(|x| matches!(x, PathAction::ConnectDirect { .. })));
+        }
+        assert_eq!(gaps, [1, 2, 4, 8, 15, 15].map(Duration::from_secs));
+    }
+
+    #[test]
+    fn duplicates_settle_on_the_lower_ids_connection_without_closing_each_others() {
+        let t0 = Instant::now();
+        let mut a = PathManager::new(n("a"), PathConfig::default());
+        let mut b = PathManager::new(n("b"), PathConfig::default());
+        a.set_peers(t0, &[peer("b", 2, &["192.0.2.2:5000"])]);
+        b.set_peers(t0, &[peer("a", 1, &["192.0.2.1:5000"])]);
+        // Both punched; B's handshake completed first everywhere, then A's.
+        assert!(a.connected(t0, &n("b"), 20, PathKind::Direct, false, addr("192.0.2.2:5000")).is_empty());
+        assert!(b.connected(t0, &n("a"), 20, PathKind::Direct, true, addr("192.0.2.1:5000")).is_empty());
+        let t1 = t0 + Duration::from_millis(5);
+        let a_out = a.connected(t1, &n("b"), 10, PathKind::Direct, true, addr("192.0.2.2:5000"));
+        let b_out = b.connected(t1, &n("a"), 10, PathKind::Direct, false, addr("192.0.2.1:5000"));
+        assert!(a_out.is_empty(), "A never closes B's connection: {a_out:?}");
+        assert_eq!(b_out, vec![PathAction::Close { conn: 20, reason: "duplicate path" }]);
+        assert_eq!(a.route(&n("b")).map(|r| r.conn), Some(10));
+        assert_eq!(b.route(&n("a")).map(|r| r.conn), Some(10));
+    }
+
+    #[test]
+    fn removed_peer_loses_its_connections_and_unknown_peers_are_refused() {
+        let t0 = Instant::now();
+        let mut a = PathManager::new(n("a"), PathConfig::default());
+        a.set_peers(t0, &[peer("b", 2, &[]), peer("c", 3, &[])]);
+        a.connected(t0, &n("b"), 1, PathKind::Relay, true, relay_addr_for(2));
+        let out = a.set_peers(t0, &[peer("c", 3, &[])]);
+        assert!(out.contains(&PathAction::Close { conn: 1, reason: "no longer a peer" }));
+        assert!(!a.is_peer(&n("b")));
+        assert_eq!(
+            a.connected(t0, &n("x"), 9, PathKind::Direct, false, addr("192.0.2.9:1")),
+            vec![PathAction::Close { conn: 9, reason: "not a peer" }]
+        );
+    }
+
+    #[test]
+    fn punch_request_starts_attempts_to_the_fresh_endpoints_once() {
+        let t0 = Instant::now();
+        let mut b = PathManager::new(n("b"), PathConfig::default());
+        b.set_peers(t0, &[peer("a", 1, &["192.0.2.1:5000"])]);
+        b.attempt_failed(t0, &n("a"), PathKind::Direct);
+        let out = b.punch_requested(t0, &n("a"), &[addr("198.51.100.1:6000")]);
+        assert_eq!(out, vec![PathAction::ConnectDirect { peer: n("a"), addr: addr("198.51.100.1:6000") }]);
+        assert!(b.punch_requested(t0, &n("a"), &[]).is_empty(), "an attempt is already in flight");
+    }
+}
