@@ -263,12 +263,7 @@ impl Switch {
     /// An empty switch: no networks, so every frame is dropped as `no_network` until
     /// [`Switch::set_network`] is called.
     pub fn new(config: SwitchConfig) -> Self {
-        Switch {
-            config,
-            networks: BTreeMap::new(),
-            buckets: HashMap::new(),
-            counts: Counts::default(),
-        }
+        Switch { config, networks: BTreeMap::new(), buckets: HashMap::new(), counts: Counts::default() }
     }
 
     /// Configures one network from the netmap: our MAC there and each peer member's assigned MAC.
@@ -419,7 +414,9 @@ impl Switch {
     pub fn counters(&self) -> OverlayCounters {
         let mut dropped: Vec<(String, u64)> = DropReason::ALL
             .iter()
-            .map(|r| (r.label().to_owned(), self.counts.outbound_drops[r.index()] + self.counts.inbound_drops[r.index()]))
+            .map(|r| {
+                (r.label().to_owned(), self.counts.outbound_drops[r.index()] + self.counts.inbound_drops[r.index()])
+            })
             .chain(std::iter::once((FLOOD_TRUNCATED.to_owned(), self.counts.flood_truncated)))
             .filter(|(_, n)| *n > 0)
             .collect();
@@ -436,5 +433,322 @@ impl Switch {
     /// Frames from peers dropped, by reason (every reason, zeros included).
     pub fn inbound_drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
         DropReason::ALL.iter().map(|r| (*r, self.counts.inbound_drops[r.index()]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    const NET: NetworkId = NetworkId(1);
+    const OTHER_NET: NetworkId = NetworkId(2);
+
+    fn mac(last: u8) -> MacAddr {
+        MacAddr([0x02, 0x5e, 0, 0, 0, last])
+    }
+
+    fn node(name: &str) -> NodeId {
+        NodeId(name.into())
+    }
+
+    fn membership(id: NetworkId, own: MacAddr) -> NetworkMembership {
+        NetworkMembership {
+            id,
+            name: format!("net{}", id.0),
+            subnet: Ipv4Addr::new(10, 0, 0, 0),
+            prefix_len: 24,
+            mac: own,
+            address: Ipv4Addr::new(10, 0, 0, 1),
+            mtu: 1500,
+        }
+    }
+
+    fn frame(dst: MacAddr, src: MacAddr) -> Vec<u8> {
+        let mut f = Vec::with_capacity(60);
+        f.extend(dst.0);
+        f.extend(src.0);
+        f.extend([0x08, 0x00]);
+        f.resize(60, 0xab);
+        f
+    }
+
+    /// Us at mac(1) on NET with peers a (mac 2), b (mac 3), c (mac 4).
+    fn switch() -> Switch {
+        let mut s = Switch::new(SwitchConfig::default());
+        s.set_network(&membership(NET, mac(1)), [(node("a"), mac(2)), (node("b"), mac(3)), (node("c"), mac(4))])
+            .unwrap();
+        s
+    }
+
+    fn dropped(s: &Switch, label: &str) -> u64 {
+        s.counters().dropped.iter().find(|(l, _)| l == label).map_or(0, |(_, n)| *n)
+    }
+
+    #[test]
+    fn outbound_unicast_goes_to_the_owner_and_floods_go_to_every_member() {
+        let mut s = switch();
+        let now = Instant::now();
+        assert_eq!(s.outbound(now, NET, &frame(mac(3), mac(1))), Outbound::Unicast(&node("b")));
+        let all = [node("a"), node("b"), node("c")];
+        assert_eq!(s.outbound(now, NET, &frame(MacAddr::BROADCAST, mac(1))), Outbound::Flood(&all));
+        let multicast = MacAddr([0x01, 0x00, 0x5e, 0, 0, 0xfb]);
+        assert_eq!(s.outbound(now, NET, &frame(multicast, mac(1))), Outbound::Flood(&all));
+        assert_eq!(s.outbound(now, NET, &frame(mac(99), mac(1))), Outbound::Flood(&all), "unknown unicast");
+        let c = s.counters();
+        assert_eq!((c.forwarded, c.flooded, c.delivered), (1, 3, 0));
+        assert!(c.dropped.is_empty());
+    }
+
+    #[test]
+    fn outbound_drops_are_counted_by_reason() {
+        let mut s = switch();
+        let now = Instant::now();
+        assert_eq!(s.outbound(now, OTHER_NET, &frame(mac(2), mac(1))), Outbound::Drop(DropReason::NoNetwork));
+        assert_eq!(s.outbound(now, NET, &frame(mac(2), mac(1))[..13]), Outbound::Drop(DropReason::Malformed));
+        assert_eq!(s.outbound(now, NET, &[]), Outbound::Drop(DropReason::Malformed));
+        assert_eq!(s.outbound(now, NET, &frame(mac(2), mac(7))), Outbound::Drop(DropReason::ForeignSource));
+        assert_eq!(s.outbound(now, NET, &frame(mac(2), mac(2))), Outbound::Drop(DropReason::ForeignSource));
+        assert_eq!(s.outbound(now, NET, &frame(mac(1), mac(1))), Outbound::Drop(DropReason::ToSelf));
+        s.set_network(&membership(OTHER_NET, mac(1)), []).unwrap();
+        assert_eq!(s.outbound(now, OTHER_NET, &frame(MacAddr::BROADCAST, mac(1))), Outbound::Drop(DropReason::NoPeers));
+        let out: Vec<_> = s.outbound_drops().filter(|(_, n)| *n > 0).collect();
+        assert_eq!(
+            out,
+            [
+                (DropReason::NoNetwork, 1),
+                (DropReason::Malformed, 2),
+                (DropReason::ForeignSource, 2),
+                (DropReason::ToSelf, 1),
+                (DropReason::NoPeers, 1)
+            ]
+        );
+        assert!(s.inbound_drops().all(|(_, n)| n == 0));
+        let labels: Vec<_> = s.counters().dropped;
+        assert_eq!(
+            labels,
+            [("foreign_source", 2), ("malformed", 2), ("no_network", 1), ("no_peers", 1), ("to_self", 1)]
+                .map(|(l, n)| (l.to_owned(), n))
+        );
+    }
+
+    #[test]
+    fn floods_are_capped_at_the_fanout_limit_and_counted() {
+        let mut s = Switch::new(SwitchConfig { max_flood_fanout: 2, ..Default::default() });
+        s.set_network(&membership(NET, mac(1)), (2..=5).map(|i| (node(&format!("p{i}")), mac(i)))).unwrap();
+        let out = s.outbound(Instant::now(), NET, &frame(MacAddr::BROADCAST, mac(1)));
+        assert_eq!(out, Outbound::Flood(&[node("p2"), node("p3")]));
+        assert_eq!(s.counters().flooded, 1);
+        assert_eq!(dropped(&s, FLOOD_TRUNCATED), 1);
+    }
+
+    #[test]
+    fn inbound_accepts_members_frames_to_us_and_to_groups() {
+        let mut s = switch();
+        let now = Instant::now();
+        assert_eq!(s.inbound(now, &node("a"), NET, &frame(mac(1), mac(2))), Inbound::Deliver);
+        assert_eq!(s.inbound(now, &node("b"), NET, &frame(MacAddr::BROADCAST, mac(3))), Inbound::Deliver);
+        assert_eq!(s.counters().delivered, 2);
+    }
+
+    #[test]
+    fn inbound_drops_are_counted_by_reason() {
+        let mut s = switch();
+        let now = Instant::now();
+        let cases = [
+            (node("a"), OTHER_NET, frame(mac(1), mac(2)), DropReason::NoNetwork),
+            (node("mallory"), NET, frame(mac(1), mac(2)), DropReason::NotMember),
+            (node("a"), NET, frame(mac(1), mac(2))[..10].to_vec(), DropReason::Malformed),
+            (node("a"), NET, frame(mac(1), mac(3)), DropReason::SpoofedSource),
+            (node("a"), NET, frame(MacAddr::BROADCAST, mac(9)), DropReason::SpoofedSource),
+            (node("a"), NET, frame(mac(3), mac(2)), DropReason::NotForUs),
+        ];
+        for (from, network, f, reason) in cases {
+            assert_eq!(s.inbound(now, &from, network, &f), Inbound::Drop(reason), "{from} {reason:?}");
+        }
+        let counted: Vec<_> = s.inbound_drops().filter(|(_, n)| *n > 0).collect();
+        assert_eq!(
+            counted,
+            [
+                (DropReason::NoNetwork, 1),
+                (DropReason::Malformed, 1),
+                (DropReason::NotMember, 1),
+                (DropReason::SpoofedSource, 2),
+                (DropReason::NotForUs, 1)
+            ]
+        );
+        assert_eq!(s.counters().delivered, 0);
+        assert_eq!(dropped(&s, "spoofed_source"), 2);
+        assert_eq!(DropReason::SpoofedSource.label(), "spoofed_source");
+    }
+
+    #[test]
+    fn a_storming_member_is_bounded_without_hurting_its_unicast_or_other_members() {
+        let mut s = Switch::new(SwitchConfig { flood_rate_per_peer: 10, flood_burst: 20, ..Default::default() });
+        s.set_network(&membership(NET, mac(1)), [(node("a"), mac(2)), (node("b"), mac(3))]).unwrap();
+        let t0 = Instant::now();
+        let storm = frame(MacAddr::BROADCAST, mac(2));
+        let delivered = (0..1000).filter(|_| s.inbound(t0, &node("a"), NET, &storm) == Inbound::Deliver).count();
+        assert_eq!(delivered, 20, "the burst, then nothing");
+        assert_eq!(dropped(&s, "storm"), 980);
+        // Unicast from the storming peer and broadcasts from another peer still pass.
+        assert_eq!(s.inbound(t0, &node("a"), NET, &frame(mac(1), mac(2))), Inbound::Deliver);
+        assert_eq!(s.inbound(t0, &node("b"), NET, &frame(MacAddr::BROADCAST, mac(3))), Inbound::Deliver);
+        // Refill at the configured rate over simulated time: 0.5 s buys 5 frames, 10 s at most the burst.
+        let t1 = t0 + Duration::from_millis(500);
+        let delivered = (0..100).filter(|_| s.inbound(t1, &node("a"), NET, &storm) == Inbound::Deliver).count();
+        assert_eq!(delivered, 5);
+        let t2 = t1 + Duration::from_secs(10);
+        let delivered = (0..100).filter(|_| s.inbound(t2, &node("a"), NET, &storm) == Inbound::Deliver).count();
+        assert_eq!(delivered, 20);
+        // A clock that appears to go backwards refills nothing and does not panic.
+        assert_eq!(s.inbound(t0, &node("a"), NET, &storm), Inbound::Drop(DropReason::Storm));
+    }
+
+    #[test]
+    fn the_flood_budget_is_per_peer_across_networks() {
+        let mut s = Switch::new(SwitchConfig { flood_rate_per_peer: 1, flood_burst: 3, ..Default::default() });
+        s.set_network(&membership(NET, mac(1)), [(node("a"), mac(2))]).unwrap();
+        s.set_network(&membership(OTHER_NET, mac(11)), [(node("a"), mac(12))]).unwrap();
+        let now = Instant::now();
+        let results: Vec<_> = [(NET, mac(2)), (OTHER_NET, mac(12)), (NET, mac(2)), (OTHER_NET, mac(12))]
+            .iter()
+            .map(|(net, src)| s.inbound(now, &node("a"), *net, &frame(MacAddr::BROADCAST, *src)))
+            .collect();
+        assert_eq!(results[..3], [Inbound::Deliver; 3]);
+        assert_eq!(results[3], Inbound::Drop(DropReason::Storm));
+    }
+
+    #[test]
+    fn frames_never_cross_networks() {
+        // a is a member of NET only; b of OTHER_NET only.
+        let mut s = Switch::new(SwitchConfig::default());
+        s.set_network(&membership(NET, mac(1)), [(node("a"), mac(2))]).unwrap();
+        s.set_network(&membership(OTHER_NET, mac(11)), [(node("b"), mac(12))]).unwrap();
+        assert_eq!(s.networks().collect::<Vec<_>>(), [NET, OTHER_NET]);
+        let now = Instant::now();
+        // Inbound: a cannot send on OTHER_NET, even with b's MAC or to our OTHER_NET MAC.
+        assert_eq!(
+            s.inbound(now, &node("a"), OTHER_NET, &frame(mac(11), mac(2))),
+            Inbound::Drop(DropReason::NotMember)
+        );
+        assert_eq!(
+            s.inbound(now, &node("a"), OTHER_NET, &frame(mac(11), mac(12))),
+            Inbound::Drop(DropReason::NotMember)
+        );
+        // On its own network, a frame to our MAC of the other network is not for us.
+        assert_eq!(s.inbound(now, &node("a"), NET, &frame(mac(11), mac(2))), Inbound::Drop(DropReason::NotForUs));
+        // Outbound: floods reach only that network's members; the other network's MACs are unknown here.
+        let only_a = [node("a")];
+        assert_eq!(s.outbound(now, NET, &frame(MacAddr::BROADCAST, mac(1))), Outbound::Flood(&only_a));
+        assert_eq!(s.outbound(now, NET, &frame(mac(12), mac(1))), Outbound::Flood(&only_a));
+        assert_eq!(s.outbound(now, OTHER_NET, &frame(mac(2), mac(11))), Outbound::Flood(&[node("b")]));
+        // Our MAC of one network is foreign on the other.
+        assert_eq!(s.outbound(now, NET, &frame(mac(2), mac(11))), Outbound::Drop(DropReason::ForeignSource));
+        s.remove_network(OTHER_NET);
+        assert_eq!(s.networks().collect::<Vec<_>>(), [NET]);
+        assert_eq!(
+            s.inbound(now, &node("b"), OTHER_NET, &frame(mac(11), mac(12))),
+            Inbound::Drop(DropReason::NoNetwork)
+        );
+    }
+
+    #[test]
+    fn learning_refreshes_seeded_entries_which_age_out() {
+        let mut s = switch();
+        let t0 = Instant::now();
+        let table = s.mac_table(NET, t0).unwrap();
+        assert_eq!(
+            table.iter().map(|e| (e.mac, e.node.0.as_str())).collect::<Vec<_>>(),
+            [(mac(2), "a"), (mac(3), "b"), (mac(4), "c")]
+        );
+        assert!(table.iter().all(|e| e.last_seen.is_none()), "seeded, not yet heard from");
+        assert_eq!(s.inbound(t0, &node("a"), NET, &frame(mac(1), mac(2))), Inbound::Deliver);
+        // Refused frames teach nothing.
+        assert_eq!(s.inbound(t0, &node("b"), NET, &frame(mac(9), mac(3))), Inbound::Drop(DropReason::NotForUs));
+        let seen = |s: &Switch, at: Instant| {
+            s.mac_table(NET, at)
+                .unwrap()
+                .into_iter()
+                .filter_map(|e| e.last_seen.map(|t| (e.node.0, t)))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(seen(&s, t0 + Duration::from_secs(299)), [("a".to_owned(), t0)]);
+        assert_eq!(seen(&s, t0 + Duration::from_secs(300)), [], "aged out");
+        // Ageing is observational: the netmap still says where the MAC lives.
+        assert_eq!(
+            s.outbound(t0 + Duration::from_secs(900), NET, &frame(mac(2), mac(1))),
+            Outbound::Unicast(&node("a"))
+        );
+        assert!(s.mac_table(OTHER_NET, t0).is_none());
+    }
+
+    #[test]
+    fn reconfiguring_a_network_replaces_its_members() {
+        let mut s = switch();
+        let t0 = Instant::now();
+        for (from, src) in [("a", 2), ("b", 3)] {
+            assert_eq!(s.inbound(t0, &node(from), NET, &frame(mac(1), mac(src))), Inbound::Deliver);
+        }
+        // c leaves, b gets a new MAC, d joins, a stays as it was.
+        s.set_network(&membership(NET, mac(1)), [(node("d"), mac(5)), (node("a"), mac(2)), (node("b"), mac(6))])
+            .unwrap();
+        let table: Vec<_> =
+            s.mac_table(NET, t0).unwrap().into_iter().map(|e| (e.node.0, e.mac, e.last_seen.is_some())).collect();
+        assert_eq!(
+            table,
+            [("a".to_owned(), mac(2), true), ("b".to_owned(), mac(6), false), ("d".to_owned(), mac(5), false)]
+        );
+        assert_eq!(s.inbound(t0, &node("c"), NET, &frame(mac(1), mac(4))), Inbound::Drop(DropReason::NotMember));
+        assert_eq!(s.inbound(t0, &node("b"), NET, &frame(mac(1), mac(3))), Inbound::Drop(DropReason::SpoofedSource));
+        assert_eq!(s.outbound(t0, NET, &frame(mac(4), mac(1))), Outbound::Flood(&[node("a"), node("b"), node("d")]));
+        assert_eq!(s.outbound(t0, NET, &frame(mac(6), mac(1))), Outbound::Unicast(&node("b")));
+        // Our own MAC may change too.
+        s.set_network(&membership(NET, mac(7)), [(node("a"), mac(2))]).unwrap();
+        assert_eq!(s.outbound(t0, NET, &frame(mac(2), mac(1))), Outbound::Drop(DropReason::ForeignSource));
+        assert_eq!(s.outbound(t0, NET, &frame(mac(2), mac(7))), Outbound::Unicast(&node("a")));
+    }
+
+    #[test]
+    fn ambiguous_mac_assignments_are_refused_and_the_previous_configuration_kept() {
+        let mut s = switch();
+        let own = membership(NET, mac(1));
+        let refused = [
+            (vec![(node("x"), mac(1))], SwitchError::DuplicateMac { network: NET, mac: mac(1) }),
+            (vec![(node("x"), mac(8)), (node("y"), mac(8))], SwitchError::DuplicateMac { network: NET, mac: mac(8) }),
+            (
+                vec![(node("x"), mac(8)), (node("x"), mac(9))],
+                SwitchError::DuplicateMember { network: NET, node: node("x") },
+            ),
+            (vec![(node("x"), MacAddr::BROADCAST)], SwitchError::GroupMac { network: NET, mac: MacAddr::BROADCAST }),
+        ];
+        for (members, err) in refused {
+            assert_eq!(s.set_network(&own, members), Err(err));
+        }
+        assert_eq!(
+            s.set_network(&membership(NET, MacAddr::BROADCAST), []),
+            Err(SwitchError::GroupMac { network: NET, mac: MacAddr::BROADCAST })
+        );
+        // The same pair listed twice is harmless.
+        let mut fresh = Switch::new(SwitchConfig::default());
+        fresh.set_network(&own, [(node("x"), mac(8)), (node("x"), mac(8))]).unwrap();
+        assert_eq!(fresh.mac_table(NET, Instant::now()).unwrap().len(), 1);
+        // The refusals left the first configuration in place.
+        assert_eq!(s.outbound(Instant::now(), NET, &frame(mac(3), mac(1))), Outbound::Unicast(&node("b")));
+    }
+
+    #[test]
+    fn departed_peers_rate_limit_state_is_forgotten() {
+        let mut s = Switch::new(SwitchConfig { flood_burst: 1, flood_rate_per_peer: 0, ..Default::default() });
+        s.set_network(&membership(NET, mac(1)), [(node("a"), mac(2))]).unwrap();
+        let now = Instant::now();
+        let bcast = frame(MacAddr::BROADCAST, mac(2));
+        assert_eq!(s.inbound(now, &node("a"), NET, &bcast), Inbound::Deliver);
+        assert_eq!(s.inbound(now, &node("a"), NET, &bcast), Inbound::Drop(DropReason::Storm));
+        s.set_network(&membership(NET, mac(1)), []).unwrap();
+        assert!(s.buckets.is_empty());
+        s.set_network(&membership(NET, mac(1)), [(node("a"), mac(2))]).unwrap();
+        assert_eq!(s.inbound(now, &node("a"), NET, &bcast), Inbound::Deliver, "a fresh bucket after rejoining");
     }
 }

@@ -231,6 +231,15 @@ pub fn decode(datagram: &[u8]) -> Result<Datagram<'_>, WireError> {
     }
 }
 
+/// A whole Ethernet frame out of [`Reassembler::receive`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedFrame<'a> {
+    /// The network it belongs to; the frame must only ever be handled as part of this network.
+    pub network: NetworkId,
+    /// The frame: borrowed from the datagram when it came whole, owned when reassembled.
+    pub frame: Cow<'a, [u8]>,
+}
+
 /// Limits of one [`Reassembler`].
 #[derive(Debug, Clone)]
 pub struct ReassemblyConfig {
@@ -309,16 +318,12 @@ impl Reassembler {
 
     /// Decodes a datagram and returns the frame it completes, if any: a whole frame is returned
     /// borrowed, without copying; a fragment is passed to [`Reassembler::push`].
-    pub fn receive<'a>(
-        &mut self,
-        now: Instant,
-        datagram: &'a [u8],
-    ) -> Result<Option<(NetworkId, Cow<'a, [u8]>)>, WireError> {
+    pub fn receive<'a>(&mut self, now: Instant, datagram: &'a [u8]) -> Result<Option<ReceivedFrame<'a>>, WireError> {
         match decode(datagram)? {
-            Datagram::Frame { network, frame } => Ok(Some((network, Cow::Borrowed(frame)))),
-            Datagram::Fragment { network, id, index, count, chunk } => {
-                Ok(self.push(now, network, id, index, count, chunk)?.map(|frame| (network, Cow::Owned(frame))))
-            }
+            Datagram::Frame { network, frame } => Ok(Some(ReceivedFrame { network, frame: Cow::Borrowed(frame) })),
+            Datagram::Fragment { network, id, index, count, chunk } => Ok(self
+                .push(now, network, id, index, count, chunk)?
+                .map(|frame| ReceivedFrame { network, frame: Cow::Owned(frame) })),
         }
     }
 
@@ -432,7 +437,7 @@ mod tests {
 
     /// Feeds datagrams through decode and one reassembler; returns every completed frame.
     fn deliver(r: &mut Reassembler, now: Instant, datagrams: &[Bytes]) -> Vec<(NetworkId, Vec<u8>)> {
-        datagrams.iter().filter_map(|d| r.receive(now, d).unwrap().map(|(n, f)| (n, f.into_owned()))).collect()
+        datagrams.iter().filter_map(|d| r.receive(now, d).unwrap().map(|f| (f.network, f.frame.into_owned()))).collect()
     }
 
     #[test]
@@ -576,7 +581,7 @@ mod tests {
         assert_eq!(r.counters().evicted, 6);
         // The newest four survive; the evicted ones no longer complete.
         assert!(r.receive(t0, &frames[0][1]).unwrap().is_none());
-        assert_eq!(r.receive(t0, &frames[9][1]).unwrap().map(|(_, f)| f.len()), Some(1600));
+        assert_eq!(r.receive(t0, &frames[9][1]).unwrap().map(|f| f.frame.len()), Some(1600));
     }
 
     #[test]
