@@ -9,15 +9,20 @@ use std::{
 };
 
 use rustls_pki_types::PrivateKeyDer;
-use shoal_overlay::{pki, recv_msg, send_msg, tls};
+use shoal_overlay::{
+    node::{NodeCommand, NodeConfig, NodeEvent, OverlayNode},
+    pki, recv_msg, send_msg,
+    tls::{self, PeerTls},
+};
 use shoal_proto::{
-    AgentMsg, ControllerMsg, EnrolRequest, Hello, Inventory, JoinToken, Reject, RejectCode, RenewRequest, UnixMillis,
-    SUPPORTED,
+    AgentMsg, ControllerMsg, EnrolRequest, Hello, Inventory, JoinToken, NatMapping, OverlayHello, Punch, Reject,
+    RejectCode, RenewRequest, UnixMillis, SUPPORTED,
 };
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
+    overlay::{self as ov, AgentEndpoint, DeltaOutcome, NetmapCache},
     backoff::Backoff,
     health::HealthCollector,
     inventory::{self, SysRoots},
@@ -46,6 +51,13 @@ pub struct AgentConfig {
     pub backoff_max: Duration,
     /// Where /sys, /proc and /etc are (default: the real ones).
     pub roots: SysRoots,
+    /// UDP port for the controller connection and overlay peers (default 0: the port kept in the state
+    /// dir, or a random one the first time).
+    pub overlay_port: u16,
+    /// How often overlay paths are reported to the controller (default 5 s).
+    pub paths_interval: Duration,
+    /// Overlay datapath settings other than the node id (TAP prefix, timing; see `NodeConfig`).
+    pub overlay: NodeConfig,
 }
 
 impl AgentConfig {
@@ -61,6 +73,9 @@ impl AgentConfig {
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             roots: SysRoots::default(),
+            overlay_port: 0,
+            paths_interval: Duration::from_secs(5),
+            overlay: NodeConfig::new(shoal_proto::NodeId(String::new())),
         }
     }
 }
@@ -131,20 +146,37 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     info!(hardware_id = %hardware_id, controller = %config.controller, "agent starting");
     let hello = Hello { protocol: SUPPORTED, agent_version: env!("CARGO_PKG_VERSION").to_owned(), hardware_id };
 
-    let bind: SocketAddr = if config.controller.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
-        .parse()
-        .map_err(|e: std::net::AddrParseError| AgentError::Tls(e.to_string()))?;
-    let endpoint = quinn::Endpoint::client(bind)?;
+    let agent_endpoint = ov::bind_endpoint(&config.state_dir, config.controller.is_ipv6(), config.overlay_port)?;
+    let endpoint = agent_endpoint.endpoint.clone();
+    info!(port = agent_endpoint.port, "UDP socket bound (controller and overlay peers)");
     let mut backoff = Backoff::new(config.backoff_base, config.backoff_max);
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     let mut shell = Shell {
         config: &config,
         state: &state,
         health: Some(HealthCollector::new(config.roots.clone())),
         last_inventory: None,
+        overlay: OverlayState {
+            cache: NetmapCache::load(&config.state_dir, now_ms()),
+            endpoint: agent_endpoint,
+            node: None,
+            observed: None,
+            nat: NatMapping::Unknown,
+            events: events_tx,
+        },
     };
+    // With a certificate and a cached netmap the overlay starts before the controller answers: peers
+    // are reachable even while the controller is down.
+    if let Some(creds) = state.load()?.filter(|c| c.not_after.0 > now_ms().0) {
+        if shell.overlay.cache.get().is_some() {
+            info!("starting the overlay from the cached netmap");
+            shell.overlay.ensure_node(&config, &creds);
+            shell.overlay.push_netmap();
+        }
+    }
 
     loop {
-        let attempt = shell.attempt(&endpoint, &hello, token.as_ref());
+        let attempt = shell.attempt(&endpoint, &hello, token.as_ref(), &mut events_rx);
         let outcome = tokio::select! {
             r = attempt => r,
             _ = &mut shutdown => {
@@ -159,10 +191,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                 continue;
             }
             Ok((End::Rejected(r), _)) if r.code == RejectCode::NodeRevoked => {
+                shell.overlay.cache.clear();
                 state.forget_certificate()?;
                 return Err(AgentError::Revoked(r.message));
             }
             Ok((End::Revoked(reason), _)) => {
+                shell.overlay.cache.clear();
                 state.forget_certificate()?;
                 return Err(AgentError::Revoked(reason));
             }
@@ -199,13 +233,83 @@ struct Shell<'a> {
     state: &'a StateDir,
     health: Option<HealthCollector>,
     last_inventory: Option<Inventory>,
+    overlay: OverlayState,
+}
+
+/// Things that happen outside the control stream but need it.
+#[derive(Debug)]
+enum ShellEvent {
+    /// The overlay wants a peer to punch towards us.
+    Node(NodeEvent),
+    /// The NAT probe finished.
+    Probed { main: SocketAddr, result: Result<SocketAddr, String> },
+}
+
+/// The overlay's state in the shell: it outlives control connections.
+struct OverlayState {
+    endpoint: AgentEndpoint,
+    cache: NetmapCache,
+    node: Option<OverlayNode>,
+    observed: Option<SocketAddr>,
+    nat: NatMapping,
+    events: mpsc::UnboundedSender<ShellEvent>,
+}
+
+impl OverlayState {
+    /// Starts the datapath if it is not running.
+    fn ensure_node(&mut self, config: &AgentConfig, creds: &Credentials) {
+        if self.node.is_some() {
+            return;
+        }
+        let tls = match key_der(&creds.key_pem).and_then(|key| {
+            PeerTls::new(&creds.ca_der, &creds.cert_der, key).map_err(|e| AgentError::Tls(e.to_string()))
+        }) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(cause = %e, "overlay not started");
+                return;
+            }
+        };
+        let mut node_config = config.overlay.clone();
+        node_config.me = creds.node_id.clone();
+        let (node, mut events) = OverlayNode::spawn(self.endpoint.endpoint.clone(), tls, node_config);
+        let forward = self.events.clone();
+        tokio::spawn(async move {
+            while let Some(e) = events.recv().await {
+                if forward.send(ShellEvent::Node(e)).is_err() {
+                    return;
+                }
+            }
+        });
+        self.node = Some(node);
+    }
+
+    fn push_netmap(&self) {
+        if let (Some(node), Some(map)) = (&self.node, self.cache.get()) {
+            node.command(NodeCommand::Netmap(map.clone()));
+        }
+    }
+
+    fn hello(&self, config: &AgentConfig, full: bool) -> AgentMsg {
+        AgentMsg::Overlay(OverlayHello {
+            netmap_version: if full { None } else { self.cache.version() },
+            local_endpoints: ov::local_endpoints(self.endpoint.port, &config.overlay.tap_prefix),
+            nat: self.nat,
+        })
+    }
 }
 
 type Attempt = Result<(End, bool), (AttemptError, bool)>;
 
 impl Shell<'_> {
     /// One connection: enrol if there is no valid certificate, else run as the node.
-    async fn attempt(&mut self, endpoint: &quinn::Endpoint, hello: &Hello, token: Option<&JoinToken>) -> Attempt {
+    async fn attempt(
+        &mut self,
+        endpoint: &quinn::Endpoint,
+        hello: &Hello,
+        token: Option<&JoinToken>,
+        events: &mut mpsc::UnboundedReceiver<ShellEvent>,
+    ) -> Attempt {
         let fatal = |e: AgentError| (AttemptError::Fatal(e), false);
         let keep_alive = Duration::from_secs(5);
         let creds = self.state.load().map_err(|e| fatal(e.into()))?;
@@ -242,7 +346,11 @@ impl Shell<'_> {
                 }
                 other => (other.into(), false),
             })?;
-        let result = self.drive(&conn, hello, mode, &key_pem, creds.as_ref()).await;
+        self.overlay.endpoint.control.send_replace(Some(conn.clone()));
+        let relay_in = tokio::spawn(ov::relay_in(conn.clone(), self.overlay.endpoint.injector.clone()));
+        let result = self.drive(&conn, hello, mode, &key_pem, creds.as_ref(), events).await;
+        relay_in.abort();
+        self.overlay.endpoint.control.send_replace(None);
         conn.close(0u32.into(), b"");
         result
     }
@@ -254,6 +362,7 @@ impl Shell<'_> {
         mode: Mode,
         key_pem: &str,
         creds: Option<&Credentials>,
+        events: &mut mpsc::UnboundedReceiver<ShellEvent>,
     ) -> Attempt {
         let (mut send, recv) = conn.open_bi().await.map_err(|e| (e.into(), false))?;
         // Reading happens in its own task: a frame read is not cancel-safe, and the loop below wakes for timers.
@@ -275,7 +384,11 @@ impl Shell<'_> {
         let mut session = AgentSession::new(
             hello.clone(),
             mode,
-            Timing { health_interval: self.config.health_interval, inventory_interval: self.config.inventory_interval },
+            Timing {
+                health_interval: self.config.health_interval,
+                inventory_interval: self.config.inventory_interval,
+                paths_interval: self.config.paths_interval,
+            },
         );
         let mut outputs = session.start();
         let result = loop {
@@ -294,6 +407,10 @@ impl Shell<'_> {
                 _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                     session.handle_timeout(Instant::now())
                 }
+                Some(event) = events.recv() => match self.shell_event(event, session.is_ready()) {
+                    Some(msg) => vec![Output::Send(msg)],
+                    None => vec![],
+                },
             };
         };
         reader.abort();
@@ -301,6 +418,86 @@ impl Shell<'_> {
         match result {
             Ok(end) => Ok((end, ready)),
             Err(e) => Err((e, ready)),
+        }
+    }
+
+    /// Turns an event from outside the control stream into a message for the controller, if any.
+    fn shell_event(&mut self, event: ShellEvent, ready: bool) -> Option<AgentMsg> {
+        match event {
+            ShellEvent::Node(NodeEvent::RequestPunch(peer)) => {
+                ready.then_some(AgentMsg::Punch(Punch { peer, endpoints: vec![] }))
+            }
+            ShellEvent::Probed { main, result } => {
+                let probe = match result {
+                    Ok(addr) => Some(addr),
+                    Err(e) => {
+                        warn!(cause = %e, "NAT probe failed; mapping behaviour unknown");
+                        None
+                    }
+                };
+                let local = ov::local_endpoints(self.overlay.endpoint.port, &self.config.overlay.tap_prefix);
+                let nat = ov::classify_nat(main, probe, &local);
+                if nat == self.overlay.nat || !ready {
+                    return None;
+                }
+                info!(?nat, observed = %main, "NAT mapping measured");
+                self.overlay.nat = nat;
+                Some(self.overlay.hello(self.config, false))
+            }
+        }
+    }
+
+    /// Handles an overlay message from the controller; returns messages to send back.
+    fn overlay_msg(&mut self, msg: ControllerMsg, creds: Option<&Credentials>) -> Vec<AgentMsg> {
+        match msg {
+            ControllerMsg::Observed(o) => {
+                self.overlay.observed = Some(o.address);
+                match (o.probe_port, creds) {
+                    (Some(port), Some(c)) => {
+                        let probe = SocketAddr::new(self.config.controller.ip(), port);
+                        let client = key_der(&c.key_pem).and_then(|k| {
+                            tls::node_client_config(&c.ca_der, &c.cert_der, k, Duration::from_secs(5))
+                                .map_err(|e| AgentError::Tls(e.to_string()))
+                        });
+                        let endpoint = self.overlay.endpoint.endpoint.clone();
+                        let events = self.overlay.events.clone();
+                        let main = o.address;
+                        tokio::spawn(async move {
+                            let result = match client {
+                                Ok(client) => ov::probe_observed(&endpoint, client, probe).await,
+                                Err(e) => Err(e.to_string()),
+                            };
+                            let _ = events.send(ShellEvent::Probed { main, result });
+                        });
+                        vec![]
+                    }
+                    _ => self.shell_event(ShellEvent::Probed { main: o.address, result: Err("the controller has no probe port".into()) }, true).into_iter().collect(),
+                }
+            }
+            ControllerMsg::Netmap(map) => {
+                info!(version = map.version, networks = map.networks.len(), peers = map.peers.len(), "netmap received");
+                self.overlay.cache.replace(map);
+                self.overlay.push_netmap();
+                vec![]
+            }
+            ControllerMsg::NetmapDelta(delta) => match self.overlay.cache.apply(&delta) {
+                DeltaOutcome::Applied => {
+                    debug!(version = delta.to_version, changes = delta.changes.len(), "netmap updated");
+                    self.overlay.push_netmap();
+                    vec![]
+                }
+                DeltaOutcome::Gap(gap) => {
+                    warn!(%gap, "netmap out of step; asking for a full one");
+                    vec![self.overlay.hello(self.config, true)]
+                }
+            },
+            ControllerMsg::Punch(p) => {
+                if let Some(node) = &self.overlay.node {
+                    node.command(NodeCommand::Punch(p));
+                }
+                vec![]
+            }
+            _ => vec![],
         }
     }
 
@@ -358,6 +555,36 @@ impl Shell<'_> {
                         renewed.not_after = r.not_after;
                         self.state.save(&renewed).map_err(AgentError::from)?;
                         info!(not_after = r.not_after.0, "certificate renewed");
+                        if let Some(node) = &self.overlay.node {
+                            match key_der(&renewed.key_pem)
+                                .and_then(|k| PeerTls::new(&renewed.ca_der, &renewed.cert_der, k).map_err(|e| AgentError::Tls(e.to_string())))
+                            {
+                                Ok(tls) => {
+                                    node.command(NodeCommand::Tls(tls));
+                                }
+                                Err(e) => warn!(cause = %e, "overlay keeps the old certificate"),
+                            }
+                        }
+                    }
+                }
+                Output::StartOverlay => {
+                    if let Some(c) = creds {
+                        self.overlay.ensure_node(self.config, c);
+                        send_msg(send, &self.overlay.hello(self.config, false)).await?;
+                    }
+                }
+                Output::Overlay(msg) => {
+                    for reply in self.overlay_msg(msg, creds) {
+                        send_msg(send, &reply).await?;
+                    }
+                }
+                Output::SendPaths => {
+                    let report = match &self.overlay.node {
+                        Some(node) => node.report().await,
+                        None => None,
+                    };
+                    if let Some(report) = report {
+                        send_msg(send, &AgentMsg::Paths(report)).await?;
                     }
                 }
                 Output::End(End::Enrolled(e)) => {

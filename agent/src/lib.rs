@@ -7,5 +7,6 @@ pub mod backoff;
 pub mod daemon;
 pub mod health;
 pub mod inventory;
+pub mod overlay;
 pub mod session;
 pub mod state;

@@ -29,6 +29,12 @@ pub enum Output {
     Renew,
     /// Store the renewed certificate.
     StoreRenewed(Renewed),
+    /// (protocol 2) The controller speaks overlay: start or resume it and send `OverlayHello`.
+    StartOverlay,
+    /// (protocol 2) An overlay message for the overlay shell: Observed, Netmap, NetmapDelta or Punch.
+    Overlay(ControllerMsg),
+    /// (protocol 2) Collect a path report and send it.
+    SendPaths,
     /// The session is over.
     End(End),
 }
@@ -73,6 +79,8 @@ pub struct Timing {
     pub health_interval: Option<Duration>,
     /// How often inventory is re-checked for changes.
     pub inventory_interval: Duration,
+    /// How often overlay paths are reported (protocol 2).
+    pub paths_interval: Duration,
 }
 
 /// One control session.
@@ -85,6 +93,7 @@ pub struct AgentSession {
     health_interval: Duration,
     next_health: Option<Instant>,
     next_inventory: Option<Instant>,
+    next_paths: Option<Instant>,
     renew_at: Option<Instant>,
     renewing: bool,
     welcome: Option<Welcome>,
@@ -102,6 +111,7 @@ impl AgentSession {
             health_interval,
             next_health: None,
             next_inventory: None,
+            next_paths: None,
             renew_at: None,
             renewing: false,
             welcome: None,
@@ -155,11 +165,24 @@ impl AgentSession {
                         self.schedule_renewal(now, wall_now, cert_not_after);
                         self.next_health = Some(now + self.health_interval);
                         self.next_inventory = Some(now + self.timing.inventory_interval);
-                        vec![Output::SendInventory { force: true }, Output::SendHealth]
+                        let overlay = self.welcome.as_ref().is_some_and(|w| w.protocol >= 2);
+                        let mut out = vec![Output::SendInventory { force: true }, Output::SendHealth];
+                        if overlay {
+                            self.next_paths = Some(now + self.timing.paths_interval);
+                            out.push(Output::StartOverlay);
+                        }
+                        out
                     }
                 }
             }
             (State::AwaitEnrolled, ControllerMsg::Enrolled(e)) => self.end(End::Enrolled(e)),
+            (
+                State::Ready,
+                msg @ (ControllerMsg::Observed(_)
+                | ControllerMsg::Netmap(_)
+                | ControllerMsg::NetmapDelta(_)
+                | ControllerMsg::Punch(_)),
+            ) if self.next_paths.is_some() => vec![Output::Overlay(msg)],
             (State::Ready, ControllerMsg::Renewed(r)) if self.renewing => {
                 self.renewing = false;
                 self.schedule_renewal(now, wall_now, r.not_after);
@@ -175,7 +198,7 @@ impl AgentSession {
             return None;
         }
         let renew = if self.renewing { None } else { self.renew_at };
-        [self.next_health, self.next_inventory, renew].into_iter().flatten().min()
+        [self.next_health, self.next_inventory, self.next_paths, renew].into_iter().flatten().min()
     }
 
     /// Does whatever is due at `now`.
@@ -192,6 +215,10 @@ impl AgentSession {
         if self.next_inventory.is_some_and(|t| t <= now) {
             self.next_inventory = Some(now + self.timing.inventory_interval);
             out.push(Output::SendInventory { force: false });
+        }
+        if self.next_paths.is_some_and(|t| t <= now) {
+            self.next_paths = Some(now + self.timing.paths_interval);
+            out.push(Output::SendPaths);
         }
         if !self.renewing && self.renew_at.is_some_and(|t| t <= now) {
             self.renewing = true;
@@ -225,7 +252,33 @@ mod tests {
     }
 
     fn timing() -> Timing {
-        Timing { health_interval: None, inventory_interval: Duration::from_secs(60) }
+        Timing { health_interval: None, inventory_interval: Duration::from_secs(60), paths_interval: Duration::from_secs(5) }
+    }
+
+    #[test]
+    fn protocol_2_starts_the_overlay_passes_its_messages_on_and_reports_paths() {
+        let t0 = Instant::now();
+        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: UnixMillis(3_600_000) }, timing());
+        s.start();
+        let mut w = welcome(10_000);
+        if let ControllerMsg::Welcome(w) = &mut w {
+            w.protocol = 2;
+        }
+        let out = s.handle(t0, UnixMillis(0), w);
+        assert_eq!(out, vec![Output::SendInventory { force: true }, Output::SendHealth, Output::StartOverlay]);
+        let punch = ControllerMsg::Punch(shoal_proto::Punch { peer: shoal_proto::NodeId("b".into()), endpoints: vec![] });
+        assert_eq!(s.handle(t0, UnixMillis(0), punch.clone()), vec![Output::Overlay(punch)]);
+        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(5)));
+        assert_eq!(s.handle_timeout(t0 + Duration::from_secs(5)), vec![Output::SendPaths]);
+    }
+
+    #[test]
+    fn overlay_messages_on_a_protocol_1_session_are_protocol_errors() {
+        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: UnixMillis(3_600_000) }, timing());
+        s.start();
+        s.handle(Instant::now(), UnixMillis(0), welcome(10_000));
+        let out = s.handle(Instant::now(), UnixMillis(0), ControllerMsg::Netmap(Default::default()));
+        assert!(matches!(&out[..], [Output::End(End::Protocol(_))]), "{out:?}");
     }
 
     #[test]

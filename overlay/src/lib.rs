@@ -9,6 +9,7 @@
 //! checks identities.
 
 pub mod framed;
+pub mod node;
 pub mod paths;
 pub mod relay_socket;
 pub mod pki;

@@ -82,9 +82,9 @@ pub fn peer_transport(idle: Duration) -> quinn::TransportConfig {
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window((64u32 * 1024).into())
         .keep_alive_interval(Some(Duration::from_secs(1)))
-        // Overlay frames are 1394 bytes at the default overlay MTU; starting near the usual path MTU
-        // avoids fragmenting every frame until discovery has run.
-        .initial_mtu(1280)
+        // The starting MTU stays at QUIC's 1200: a relayed connection rides inside the control
+        // connection's datagrams and must fit them from the first packet. Path MTU discovery raises
+        // it on direct paths within a few round trips; until then large frames are fragmented.
         .datagram_receive_buffer_size(Some(4 << 20))
         .datagram_send_buffer_size(4 << 20);
     if let Ok(idle) = quinn::IdleTimeout::try_from(idle) {

@@ -1,0 +1,624 @@
+//! The agent's overlay datapath: TAP devices, peer connections, and the tasks that move frames between
+//! them. A thin async shell around the sans-IO [`Switch`], [`PathManager`] and [`Reassembler`].
+//!
+//! Tasks:
+//! - one *manager* task owns the path manager, the netmap and the connection table; it applies netmaps,
+//!   opens and closes connections, checks peer identities, and publishes the route table;
+//! - one reader per TAP device: frame → switch → route → datagrams;
+//! - one reader per peer connection: datagram → reassembly → switch → TAP;
+//! - one accept loop for connections peers open towards this node.
+//!
+//! The frame path takes two short locks (the switch, then the route table) and never waits on the
+//! manager, so a slow netmap or handshake never stalls traffic.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use shoal_proto::{
+    NetworkId, NetworkMembership, Netmap, NodeId, OverlayCounters, PathInfo, PathKind, PathReport, Peer, Punch,
+};
+use tokio::{sync::mpsc, task::JoinHandle};
+use tracing::{debug, info, warn};
+
+use crate::{
+    paths::{ConnId, PathAction, PathConfig, PathManager},
+    pki,
+    relay_socket::{relay_addr, relay_index},
+    switch::{Inbound, Outbound, Switch, SwitchConfig},
+    tls::{self, PeerTls},
+    wire::{self, Reassembler},
+};
+
+/// How the overlay runs. Every field has a documented default.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node.
+    pub me: NodeId,
+    /// Switch limits (see [`SwitchConfig`]).
+    pub switch: SwitchConfig,
+    /// Path timing (see [`PathConfig`]).
+    pub paths: PathConfig,
+    /// A path that carries nothing, not even keep-alives (sent every second), for this long is dead
+    /// and traffic moves to another (default 4 s).
+    pub path_idle: Duration,
+    /// TAP devices are named this plus the network number (default `shoal`: `shoal0` for `default`).
+    pub tap_prefix: String,
+}
+
+impl NodeConfig {
+    /// Defaults for node `me`.
+    pub fn new(me: NodeId) -> Self {
+        Self {
+            me,
+            switch: SwitchConfig::default(),
+            paths: PathConfig::default(),
+            path_idle: Duration::from_secs(4),
+            tap_prefix: "shoal".into(),
+        }
+    }
+}
+
+/// The TAP device name of a network: `default` (network 1) is `<prefix>0`.
+pub fn tap_name(prefix: &str, network: NetworkId) -> String {
+    format!("{prefix}{}", network.0.saturating_sub(1))
+}
+
+/// What the agent tells its overlay.
+#[derive(Debug)]
+pub enum NodeCommand {
+    /// The current netmap (full; the agent applies deltas before passing it on).
+    Netmap(Netmap),
+    /// A peer is punching towards us: punch back.
+    Punch(Punch),
+    /// The node certificate was renewed.
+    Tls(PeerTls),
+    /// Send back a path report.
+    Report(tokio::sync::oneshot::Sender<PathReport>),
+}
+
+/// What the overlay asks of the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// Ask the controller to have this peer punch towards us.
+    RequestPunch(NodeId),
+}
+
+/// A running overlay.
+#[derive(Debug)]
+pub struct OverlayNode {
+    commands: mpsc::UnboundedSender<NodeCommand>,
+    manager: JoinHandle<()>,
+    acceptor: JoinHandle<()>,
+}
+
+impl OverlayNode {
+    /// Starts the overlay on `endpoint` (which it makes accept peer connections).
+    pub fn spawn(
+        endpoint: quinn::Endpoint,
+        tls: PeerTls,
+        config: NodeConfig,
+    ) -> (OverlayNode, mpsc::UnboundedReceiver<NodeEvent>) {
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+        let transport = Arc::new(tls::peer_transport(config.path_idle));
+        endpoint.set_server_config(Some(tls.server_config(transport.clone())));
+        let shared = Arc::new(Shared::new(config.switch.clone()));
+        let acceptor = tokio::spawn(accept_loop(endpoint.clone(), internal_tx.clone()));
+        let manager = Manager {
+            paths: PathManager::new(config.me.clone(), config.paths.clone()),
+            config,
+            endpoint,
+            tls,
+            transport,
+            netmap: Netmap::default(),
+            shared,
+            conns: HashMap::new(),
+            next_conn: 0,
+            taps: HashMap::new(),
+            internal: internal_tx,
+            events: events_tx,
+        };
+        let manager = tokio::spawn(manager.run(command_rx, internal_rx));
+        (OverlayNode { commands, manager, acceptor }, events_rx)
+    }
+
+    /// Sends a command; false if the overlay has stopped.
+    pub fn command(&self, command: NodeCommand) -> bool {
+        self.commands.send(command).is_ok()
+    }
+
+    /// The current path report.
+    pub async fn report(&self) -> Option<PathReport> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.commands.send(NodeCommand::Report(tx)).ok()?;
+        rx.await.ok()
+    }
+}
+
+impl Drop for OverlayNode {
+    fn drop(&mut self) {
+        self.manager.abort();
+        self.acceptor.abort();
+    }
+}
+
+/// Per-peer byte counters, kept across path changes.
+#[derive(Debug, Default)]
+struct PeerCounters {
+    tx_bytes: AtomicU64,
+    rx_bytes: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+struct RouteEntry {
+    conn: quinn::Connection,
+    counters: Arc<PeerCounters>,
+}
+
+/// What the frame path shares with the manager.
+struct Shared {
+    switch: Mutex<Switch>,
+    routes: RwLock<HashMap<NodeId, RouteEntry>>,
+    taps: RwLock<HashMap<NetworkId, Arc<tun_rs::AsyncDevice>>>,
+    /// Drops outside the switch (no path, wire errors), by reason.
+    drops: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn new(config: SwitchConfig) -> Self {
+        Self {
+            switch: Mutex::new(Switch::new(config)),
+            routes: RwLock::new(HashMap::new()),
+            taps: RwLock::new(HashMap::new()),
+            drops: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn switch(&self) -> std::sync::MutexGuard<'_, Switch> {
+        self.switch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn drop_frame(&self, reason: &'static str) {
+        *self.drops.lock().unwrap_or_else(|p| p.into_inner()).entry(reason).or_default() += 1;
+    }
+
+    fn route(&self, peer: &NodeId) -> Option<RouteEntry> {
+        self.routes.read().unwrap_or_else(|p| p.into_inner()).get(peer).cloned()
+    }
+
+    /// Sends one frame to one peer on its current route.
+    fn send_frame(&self, route: Option<RouteEntry>, network: NetworkId, frame: &[u8], fragment_id: &mut u16) {
+        let Some(route) = route else {
+            self.drop_frame("no_path");
+            return;
+        };
+        let Some(max) = route.conn.max_datagram_size() else {
+            self.drop_frame("no_datagrams");
+            return;
+        };
+        match wire::encode(network, frame, max, fragment_id) {
+            Ok(datagrams) => {
+                for d in datagrams {
+                    if route.conn.send_datagram(d).is_err() {
+                        self.drop_frame("path_lost");
+                        return;
+                    }
+                }
+                route.counters.tx_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => self.drop_frame(e.reason()),
+        }
+    }
+
+    fn counters(&self) -> OverlayCounters {
+        let mut c = self.switch().counters();
+        for (reason, n) in self.drops.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            match c.dropped.iter_mut().find(|(r, _)| r == reason) {
+                Some((_, m)) => *m += n,
+                None => c.dropped.push(((*reason).to_owned(), *n)),
+            }
+        }
+        c.dropped.sort();
+        c
+    }
+}
+
+enum Internal {
+    /// A handshake completed: check who it is.
+    Connected { conn: quinn::Connection, expected: Option<NodeId> },
+    /// An attempt this side started failed.
+    AttemptFailed { peer: NodeId, kind: PathKind, cause: String },
+    /// A connection's reader stopped: the connection is gone.
+    Closed { id: ConnId },
+    /// A TAP device failed.
+    TapFailed { network: NetworkId, cause: String },
+}
+
+struct TapEntry {
+    membership: NetworkMembership,
+    device: Arc<tun_rs::AsyncDevice>,
+    reader: JoinHandle<()>,
+}
+
+struct ConnEntry {
+    conn: quinn::Connection,
+    peer: NodeId,
+    reader: JoinHandle<()>,
+    counters: Arc<PeerCounters>,
+}
+
+struct Manager {
+    config: NodeConfig,
+    paths: PathManager,
+    endpoint: quinn::Endpoint,
+    tls: PeerTls,
+    transport: Arc<quinn::TransportConfig>,
+    netmap: Netmap,
+    shared: Arc<Shared>,
+    conns: HashMap<ConnId, ConnEntry>,
+    next_conn: ConnId,
+    taps: HashMap<NetworkId, TapEntry>,
+    internal: mpsc::UnboundedSender<Internal>,
+    events: mpsc::UnboundedSender<NodeEvent>,
+}
+
+impl Manager {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<NodeCommand>, mut internal: mpsc::UnboundedReceiver<Internal>) {
+        let mut counters: HashMap<NodeId, Arc<PeerCounters>> = HashMap::new();
+        loop {
+            let deadline = self.paths.poll_timeout().map(tokio::time::Instant::from_std);
+            let now = Instant::now();
+            let actions = tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    None => break,
+                    Some(NodeCommand::Netmap(map)) => self.apply_netmap(now, map),
+                    Some(NodeCommand::Punch(p)) => self.paths.punch_requested(now, &p.peer, &p.endpoints),
+                    Some(NodeCommand::Tls(tls)) => {
+                        self.endpoint.set_server_config(Some(tls.server_config(self.transport.clone())));
+                        self.tls = tls;
+                        vec![]
+                    }
+                    Some(NodeCommand::Report(tx)) => {
+                        let _ = tx.send(self.report(&counters));
+                        vec![]
+                    }
+                },
+                ev = internal.recv() => match ev {
+                    None => break,
+                    Some(ev) => self.handle_internal(now, ev, &mut counters),
+                },
+                _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                    self.paths.handle_timeout(Instant::now())
+                }
+            };
+            self.perform(actions);
+            self.publish_routes(&mut counters);
+        }
+        for (_, c) in self.conns.drain() {
+            c.conn.close(0u32.into(), b"overlay stopped");
+            c.reader.abort();
+        }
+        for (_, t) in self.taps.drain() {
+            t.reader.abort();
+        }
+    }
+
+    fn handle_internal(
+        &mut self,
+        now: Instant,
+        ev: Internal,
+        counters: &mut HashMap<NodeId, Arc<PeerCounters>>,
+    ) -> Vec<PathAction> {
+        match ev {
+            Internal::Connected { conn, expected } => {
+                let ours = expected.is_some();
+                let peer = match self.verify(&conn, expected.as_ref()) {
+                    Ok(peer) => peer,
+                    Err(reason) => {
+                        warn!(remote = %conn.remote_address(), reason, "refused a peer connection");
+                        self.shared.drop_frame("refused_peer");
+                        conn.close(1u32.into(), reason.as_bytes());
+                        if let Some(peer) = expected {
+                            let kind = kind_of(conn.remote_address());
+                            return self.paths.attempt_failed(now, &peer, kind);
+                        }
+                        return vec![];
+                    }
+                };
+                let kind = kind_of(conn.remote_address());
+                let id = self.next_conn;
+                self.next_conn += 1;
+                let peer_counters = counters.entry(peer.clone()).or_default().clone();
+                let reader = tokio::spawn(read_loop(
+                    conn.clone(),
+                    peer.clone(),
+                    id,
+                    self.shared.clone(),
+                    peer_counters.clone(),
+                    self.internal.clone(),
+                ));
+                info!(peer = %peer, conn = id, ?kind, remote = %conn.remote_address(), ours, "peer path up");
+                self.conns.insert(id, ConnEntry { conn: conn.clone(), peer: peer.clone(), reader, counters: peer_counters });
+                self.paths.connected(now, &peer, id, kind, ours, conn.remote_address())
+            }
+            Internal::AttemptFailed { peer, kind, cause } => {
+                debug!(peer = %peer, ?kind, cause, "path attempt failed");
+                self.paths.attempt_failed(now, &peer, kind)
+            }
+            Internal::Closed { id } => match self.conns.remove(&id) {
+                Some(c) => {
+                    info!(peer = %c.peer, conn = id, reason = ?c.conn.close_reason(), "peer path down");
+                    self.paths.closed(now, id)
+                }
+                None => vec![],
+            },
+            Internal::TapFailed { network, cause } => {
+                warn!(network = network.0, cause, "TAP device failed; recreating it at the next netmap");
+                if let Some(t) = self.taps.remove(&network) {
+                    t.reader.abort();
+                    self.shared.taps.write().unwrap_or_else(|p| p.into_inner()).remove(&network);
+                }
+                vec![]
+            }
+        }
+    }
+
+    /// Checks that a connection's peer is a current peer with the key the controller vouched for.
+    fn verify(&self, conn: &quinn::Connection, expected: Option<&NodeId>) -> Result<NodeId, &'static str> {
+        let chain = tls::peer_chain(conn).ok_or("no certificate")?;
+        let info = chain.first().map(|c| pki::cert_info(c)).ok_or("no certificate")?.map_err(|_| "unusable certificate")?;
+        if expected.is_some_and(|e| *e != info.node_id) {
+            return Err("certificate names another node");
+        }
+        let peer = self.netmap.peer(&info.node_id).ok_or("not a peer in the netmap")?;
+        if peer.key_sha256 != [0; 32] && peer.key_sha256 != info.key_sha256 {
+            return Err("key does not match the netmap (stale certificate)");
+        }
+        Ok(info.node_id)
+    }
+
+    fn apply_netmap(&mut self, now: Instant, map: Netmap) -> Vec<PathAction> {
+        // TAP devices: one per network; recreated when their settings change.
+        for m in &map.networks {
+            if self.taps.get(&m.id).is_some_and(|t| t.membership == *m) {
+                continue;
+            }
+            if let Some(old) = self.taps.remove(&m.id) {
+                old.reader.abort();
+            }
+            match self.create_tap(m) {
+                Ok(entry) => {
+                    self.shared.taps.write().unwrap_or_else(|p| p.into_inner()).insert(m.id, entry.device.clone());
+                    self.taps.insert(m.id, entry);
+                }
+                Err(e) => warn!(network = %m.name, cause = %e, "could not create the TAP device"),
+            }
+        }
+        let gone: Vec<NetworkId> = self.taps.keys().filter(|id| !map.networks.iter().any(|m| m.id == **id)).copied().collect();
+        for id in gone {
+            if let Some(t) = self.taps.remove(&id) {
+                t.reader.abort();
+                info!(network = id.0, device = %tap_name(&self.config.tap_prefix, id), "left network; TAP device removed");
+            }
+            self.shared.taps.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            self.shared.switch().remove_network(id);
+        }
+        {
+            let mut switch = self.shared.switch();
+            for m in &map.networks {
+                let members = map
+                    .peers
+                    .iter()
+                    .filter_map(|p| p.networks.iter().find(|n| n.id == m.id).map(|n| (p.node.clone(), n.mac)));
+                if let Err(e) = switch.set_network(m, members) {
+                    warn!(network = %m.name, cause = %e, "netmap refused by the switch");
+                }
+            }
+        }
+        // A peer whose key changed must not keep a connection made with the old one.
+        let mut actions = Vec::new();
+        for (id, c) in &self.conns {
+            let changed = |p: &Peer| self.netmap.peer(&p.node).is_some_and(|old| old.key_sha256 != p.key_sha256);
+            if map.peers.iter().any(|p| p.node == c.peer && changed(p)) {
+                actions.push(PathAction::Close { conn: *id, reason: "peer key changed" });
+            }
+        }
+        let peers = map.peers.clone();
+        self.netmap = map;
+        actions.extend(self.paths.set_peers(now, &peers));
+        actions
+    }
+
+    fn create_tap(&self, m: &NetworkMembership) -> std::io::Result<TapEntry> {
+        let name = tap_name(&self.config.tap_prefix, m.id);
+        let device = tun_rs::DeviceBuilder::new()
+            .name(&name)
+            .layer(tun_rs::Layer::L2)
+            .mac_addr(m.mac.0)
+            .mtu(m.mtu)
+            .ipv4(m.address, m.prefix_len, None)
+            .build_async()?;
+        let device = Arc::new(device);
+        info!(device = %name, network = %m.name, mac = %m.mac, address = %m.address, prefix = m.prefix_len, mtu = m.mtu, "TAP device up");
+        let reader = tokio::spawn(tap_loop(m.id, device.clone(), self.shared.clone(), self.internal.clone()));
+        Ok(TapEntry { membership: m.clone(), device, reader })
+    }
+
+    fn perform(&mut self, actions: Vec<PathAction>) {
+        for action in actions {
+            match action {
+                PathAction::ConnectDirect { peer, addr } => self.connect(peer, addr),
+                PathAction::ConnectRelay { peer, index } => self.connect(peer, relay_addr(index)),
+                PathAction::RequestPunch { peer } => {
+                    let _ = self.events.send(NodeEvent::RequestPunch(peer));
+                }
+                PathAction::Close { conn, reason } => {
+                    if let Some(c) = self.conns.get(&conn) {
+                        debug!(peer = %c.peer, conn, reason, "closing path");
+                        c.conn.close(0u32.into(), reason.as_bytes());
+                    }
+                }
+            }
+        }
+    }
+
+    fn connect(&self, peer: NodeId, addr: SocketAddr) {
+        let kind = kind_of(addr);
+        let internal = self.internal.clone();
+        let connecting = self
+            .tls
+            .client_config(self.transport.clone())
+            .map_err(|e| e.to_string())
+            .and_then(|cfg| self.endpoint.connect_with(cfg, addr, &pki::node_server_name(&peer)).map_err(|e| e.to_string()));
+        tokio::spawn(async move {
+            let event = match connecting {
+                Ok(connecting) => match connecting.await {
+                    Ok(conn) => Internal::Connected { conn, expected: Some(peer) },
+                    Err(e) => Internal::AttemptFailed { peer, kind, cause: e.to_string() },
+                },
+                Err(cause) => Internal::AttemptFailed { peer, kind, cause },
+            };
+            let _ = internal.send(event);
+        });
+    }
+
+    fn publish_routes(&mut self, counters: &mut HashMap<NodeId, Arc<PeerCounters>>) {
+        let routes: HashMap<NodeId, RouteEntry> = self
+            .paths
+            .routes()
+            .filter_map(|(peer, route)| {
+                let c = self.conns.get(&route?.conn)?;
+                Some((peer.clone(), RouteEntry { conn: c.conn.clone(), counters: c.counters.clone() }))
+            })
+            .collect();
+        counters.retain(|peer, _| self.paths.is_peer(peer));
+        *self.shared.routes.write().unwrap_or_else(|p| p.into_inner()) = routes;
+    }
+
+    fn report(&self, counters: &HashMap<NodeId, Arc<PeerCounters>>) -> PathReport {
+        let paths = self
+            .paths
+            .routes()
+            .filter_map(|(peer, route)| {
+                let route = route?;
+                let conn = self.conns.get(&route.conn)?;
+                let c = counters.get(peer);
+                Some(PathInfo {
+                    peer: peer.clone(),
+                    kind: route.kind,
+                    remote: (route.kind == PathKind::Direct).then_some(conn.conn.remote_address()),
+                    rtt_ms: conn.conn.rtt().as_secs_f64() * 1000.0,
+                    tx_bytes: c.map_or(0, |c| c.tx_bytes.load(Ordering::Relaxed)),
+                    rx_bytes: c.map_or(0, |c| c.rx_bytes.load(Ordering::Relaxed)),
+                })
+            })
+            .collect();
+        PathReport { paths, counters: self.shared.counters() }
+    }
+}
+
+fn kind_of(addr: SocketAddr) -> PathKind {
+    if relay_index(addr).is_some() {
+        PathKind::Relay
+    } else {
+        PathKind::Direct
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, internal: mpsc::UnboundedSender<Internal>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let internal = internal.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => {
+                    let _ = internal.send(Internal::Connected { conn, expected: None });
+                }
+                Err(e) => debug!(%remote, cause = %e, "incoming peer handshake failed"),
+            }
+        });
+    }
+}
+
+async fn read_loop(
+    conn: quinn::Connection,
+    peer: NodeId,
+    id: ConnId,
+    shared: Arc<Shared>,
+    counters: Arc<PeerCounters>,
+    internal: mpsc::UnboundedSender<Internal>,
+) {
+    let mut reassembler = Reassembler::default();
+    while let Ok(datagram) = conn.read_datagram().await {
+        receive(&shared, &peer, &counters, &mut reassembler, &datagram).await;
+    }
+    let _ = internal.send(Internal::Closed { id });
+}
+
+async fn receive(shared: &Shared, peer: &NodeId, counters: &PeerCounters, reassembler: &mut Reassembler, datagram: &Bytes) {
+    let now = Instant::now();
+    let wire::ReceivedFrame { network, frame } = match reassembler.receive(now, datagram) {
+        Ok(Some(f)) => f,
+        Ok(None) => return,
+        Err(e) => {
+            shared.drop_frame(e.reason());
+            return;
+        }
+    };
+    if shared.switch().inbound(now, peer, network, &frame) != Inbound::Deliver {
+        return;
+    }
+    counters.rx_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+    let tap = shared.taps.read().unwrap_or_else(|p| p.into_inner()).get(&network).cloned();
+    match tap {
+        Some(tap) => {
+            if tap.send(&frame).await.is_err() {
+                shared.drop_frame("tap_write");
+            }
+        }
+        None => shared.drop_frame("no_network"),
+    }
+}
+
+async fn tap_loop(network: NetworkId, device: Arc<tun_rs::AsyncDevice>, shared: Arc<Shared>, internal: mpsc::UnboundedSender<Internal>) {
+    let mut buf = vec![0u8; 65536];
+    let mut fragment_id = 0u16;
+    loop {
+        let n = match device.recv(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = internal.send(Internal::TapFailed { network, cause: e.to_string() });
+                return;
+            }
+        };
+        let frame = &buf[..n];
+        let now = Instant::now();
+        // Decide and look up routes under the switch lock, then send without it.
+        let targets: Vec<Option<RouteEntry>> = {
+            let mut switch = shared.switch();
+            match switch.outbound(now, network, frame) {
+                Outbound::Unicast(peer) => vec![shared.route(peer)],
+                Outbound::Flood(peers) => peers.iter().map(|p| shared.route(p)).collect(),
+                Outbound::Drop(_) => continue,
+            }
+        };
+        for route in targets {
+            shared.send_frame(route, network, frame, &mut fragment_id);
+        }
+    }
+}
