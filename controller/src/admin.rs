@@ -222,3 +222,66 @@ impl AdminClient {
         self.post("/v1/tokens", req)
     }
 }
+
+/// Percent-encodes a path segment or query value (everything but RFC 3986's unreserved characters).
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Overlay networks.
+impl AdminClient {
+    /// Lists overlay networks.
+    pub fn networks(&self) -> Result<Vec<crate::view::NetworkView>, AdminClientError> {
+        self.get("/v1/networks")
+    }
+
+    /// One network with its members.
+    pub fn network(&self, name: &str) -> Result<crate::view::NetworkDetail, AdminClientError> {
+        self.get(&format!("/v1/networks/{}", escape(name)))
+    }
+
+    /// Creates a network.
+    pub fn create_network(&self, req: &crate::view::CreateNetwork) -> Result<crate::view::NetworkView, AdminClientError> {
+        self.post("/v1/networks", req)
+    }
+
+    /// Deletes a network and all its memberships.
+    pub fn delete_network(&self, name: &str) -> Result<crate::view::NetworkUpdate, AdminClientError> {
+        let path = format!("/v1/networks/{}", escape(name));
+        Self::required(&path, self.delete(&path)?)
+    }
+
+    /// Adds a node, or a selector (and the nodes it matches), to a network.
+    pub fn add_to_network(
+        &self,
+        name: &str,
+        who: &crate::view::MemberSpec,
+    ) -> Result<crate::view::NetworkUpdate, AdminClientError> {
+        self.post(&format!("/v1/networks/{}/members", escape(name)), who)
+    }
+
+    /// Removes a node, or a selector (and the nodes only it kept), from a network.
+    pub fn remove_from_network(
+        &self,
+        name: &str,
+        who: &crate::view::MemberSpec,
+    ) -> Result<crate::view::NetworkUpdate, AdminClientError> {
+        let mut path = format!("/v1/networks/{}/members", escape(name));
+        let params: Vec<String> = [("node", &who.node), ("selector", &who.selector)]
+            .into_iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", escape(v))))
+            .collect();
+        if !params.is_empty() {
+            path = format!("{path}?{}", params.join("&"));
+        }
+        Self::required(&path, self.delete(&path)?)
+    }
+}

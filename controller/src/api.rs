@@ -1,11 +1,14 @@
 //! The admin API: HTTPS (axum + rustls), bearer-token authenticated, JSON in and out.
 //!
 //! Routes: `GET/POST /v1/tokens`, `DELETE /v1/tokens/{id}`, `GET /v1/nodes`, `GET/DELETE /v1/nodes/{id}`,
-//! `GET /v1/events`, `GET /v1/report`.
+//! `GET /v1/events`, `GET /v1/report`, `GET/POST /v1/networks`, `GET/DELETE /v1/networks/{name}`,
+//! `POST/DELETE /v1/networks/{name}/members` (body `{"node": ID}` or `{"selector": "KEY=VALUE"}`; DELETE
+//! also takes them as query parameters).
 
-use std::{net::IpAddr, sync::Arc};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use axum::{
+    body::Bytes,
     extract::{Path, Query, Request, State},
     http::{header::AUTHORIZATION, StatusCode},
     middleware::{self, Next},
@@ -19,10 +22,14 @@ use shoal_proto::{JoinToken, NodeId, UnixMillis};
 use tracing::{info, warn};
 
 use crate::{
+    networks::{parse_selector, MemberRecord, MembershipChange, NetworkError, NetworkRecord, Subnet},
     report::{self, FleetReport, ReportThresholds},
     server::{now_ms, Controller, ServeError},
     store::{NodeRecord, NodeStatus, StoreError, TokenRecord},
-    view::{rfc3339, ApiError, CreateToken, CreatedToken, EventView, NodeView, TokenView},
+    view::{
+        rfc3339, ApiError, CreateNetwork, CreateToken, CreatedToken, EventView, MemberSpec, MemberView, NetworkDetail,
+        NetworkUpdate, NetworkView, NodeView, OverlayAddressView, TokenView,
+    },
 };
 
 type Ctl = Arc<Controller>;
@@ -41,6 +48,23 @@ impl From<StoreError> for HttpError {
     fn from(e: StoreError) -> Self {
         warn!(cause = %e, "admin request failed in the store");
         HttpError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}
+
+impl From<NetworkError> for HttpError {
+    fn from(e: NetworkError) -> Self {
+        use NetworkError as E;
+        if let E::Store(s) = e {
+            return s.into();
+        }
+        let status = match &e {
+            E::UnknownNetwork(_) | E::UnknownNode(_) | E::NotMember { .. } | E::UnknownSelector { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            E::BadName(_) | E::BadSubnet(_) | E::BadMtu(_) | E::BadSelector(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::CONFLICT,
+        };
+        HttpError(status, e.to_string())
     }
 }
 
@@ -87,6 +111,9 @@ pub fn router(controller: Ctl) -> Router {
         .route("/v1/nodes/{id}", get(show_node).delete(remove_node))
         .route("/v1/events", get(list_events))
         .route("/v1/report", get(fleet_report))
+        .route("/v1/networks", get(list_networks).post(create_network))
+        .route("/v1/networks/{name}", get(show_network).delete(delete_network))
+        .route("/v1/networks/{name}/members", axum::routing::post(add_member).delete(remove_member))
         .layer(middleware::from_fn_with_state(controller.clone(), authenticate))
         .with_state(controller)
 }
@@ -196,11 +223,44 @@ pub(crate) fn node_view(ctl: &Controller, rec: NodeRecord) -> NodeView {
         labels: rec.labels,
         inventory: rec.inventory,
         health: live.health.or(rec.health),
+        overlay: Vec::new(),
     }
 }
 
+/// Every node's overlay addresses, by node id.
+fn overlay_views(ctl: &Controller) -> Result<BTreeMap<NodeId, Vec<OverlayAddressView>>, StoreError> {
+    let networks: BTreeMap<_, NetworkRecord> = ctl.store.networks()?.into_iter().map(|n| (n.id, n)).collect();
+    let mut out = BTreeMap::new();
+    for (node, members) in ctl.store.memberships_by_node()? {
+        let views = members
+            .into_iter()
+            .filter_map(|m| {
+                let net = networks.get(&m.network)?;
+                Some(OverlayAddressView {
+                    network: net.name.clone(),
+                    network_id: net.id.0,
+                    mac: m.mac.to_string(),
+                    address: m.address.to_string(),
+                    prefix_len: net.prefix_len,
+                })
+            })
+            .collect();
+        out.insert(node, views);
+    }
+    Ok(out)
+}
+
 fn all_nodes(ctl: &Controller) -> Result<Vec<NodeView>, HttpError> {
-    Ok(ctl.store.nodes()?.into_iter().map(|r| node_view(ctl, r)).collect())
+    let mut overlay = overlay_views(ctl)?;
+    Ok(ctl
+        .store
+        .nodes()?
+        .into_iter()
+        .map(|r| {
+            let addresses = overlay.remove(&r.id).unwrap_or_default();
+            NodeView { overlay: addresses, ..node_view(ctl, r) }
+        })
+        .collect())
 }
 
 async fn list_nodes(State(ctl): State<Ctl>) -> Result<Json<Vec<NodeView>>, HttpError> {
@@ -210,7 +270,8 @@ async fn list_nodes(State(ctl): State<Ctl>) -> Result<Json<Vec<NodeView>>, HttpE
 async fn show_node(State(ctl): State<Ctl>, Path(id): Path<String>) -> Result<Json<NodeView>, HttpError> {
     blocking(move || {
         let rec = ctl.store.node(&NodeId(id.clone()))?.ok_or_else(|| not_found(&format!("node {id}")))?;
-        Ok(Json(node_view(&ctl, rec)))
+        let addresses = overlay_views(&ctl)?.remove(&rec.id).unwrap_or_default();
+        Ok(Json(NodeView { overlay: addresses, ..node_view(&ctl, rec) }))
     })
     .await
 }
@@ -258,4 +319,261 @@ async fn fleet_report(State(ctl): State<Ctl>) -> Result<Json<FleetReport>, HttpE
         Ok(Json(report::build(&nodes, now_ms().0, &t)))
     })
     .await
+}
+
+fn network_view(rec: &NetworkRecord, members: usize) -> NetworkView {
+    NetworkView {
+        id: rec.id.0,
+        name: rec.name.clone(),
+        subnet: rec.subnet().to_string(),
+        mtu: rec.mtu,
+        selectors: rec.selectors.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        members,
+        created_at: rfc3339(rec.created_at.0),
+    }
+}
+
+fn member_view(ctl: &Controller, m: &MemberRecord) -> Result<MemberView, StoreError> {
+    Ok(MemberView {
+        node: m.node.0.clone(),
+        hostname: ctl.store.node(&m.node)?.map(|n| n.hostname).unwrap_or_default(),
+        mac: m.mac.to_string(),
+        address: m.address.to_string(),
+        explicit: m.explicit,
+        via_selector: m.via_selector,
+    })
+}
+
+fn network_detail(ctl: &Controller, name: &str) -> Result<NetworkDetail, HttpError> {
+    let rec = ctl.store.network_by_name(name)?.ok_or_else(|| HttpError::from(NetworkError::UnknownNetwork(name.to_owned())))?;
+    let mut members = ctl.store.members(rec.id)?;
+    members.sort_by_key(|m| m.address);
+    let members = members.iter().map(|m| member_view(ctl, m)).collect::<Result<Vec<_>, _>>()?;
+    Ok(NetworkDetail { network: network_view(&rec, members.len()), members })
+}
+
+/// Tells the coordinator, and describes the change for the caller.
+fn network_update(ctl: &Controller, name: &str, changes: Vec<MembershipChange>) -> Result<NetworkUpdate, HttpError> {
+    let mut joined = Vec::new();
+    let mut left = Vec::new();
+    for c in &changes {
+        match c {
+            MembershipChange::Joined { node, .. } => joined.push(node.clone()),
+            MembershipChange::Left { node, .. } => left.push(node.0.clone()),
+            _ => {}
+        }
+    }
+    ctl.membership_changed(changes);
+    let detail = network_detail(ctl, name)?;
+    let joined = detail.members.iter().filter(|m| joined.iter().any(|j| j.0 == m.node)).cloned().collect();
+    Ok(NetworkUpdate { network: detail.network, joined, left })
+}
+
+async fn list_networks(State(ctl): State<Ctl>) -> Result<Json<Vec<NetworkView>>, HttpError> {
+    blocking(move || {
+        let counts = ctl.store.memberships_by_node()?.into_values().flatten().fold(BTreeMap::new(), |mut acc, m| {
+            *acc.entry(m.network).or_insert(0usize) += 1;
+            acc
+        });
+        let networks = ctl.store.networks()?;
+        Ok(Json(networks.iter().map(|n| network_view(n, counts.get(&n.id).copied().unwrap_or(0))).collect()))
+    })
+    .await
+}
+
+async fn create_network(State(ctl): State<Ctl>, Json(req): Json<CreateNetwork>) -> Result<Json<NetworkView>, HttpError> {
+    blocking(move || {
+        let subnet: Subnet = req.subnet.parse().map_err(NetworkError::from)?;
+        let (rec, changes) = ctl.store.create_network(&req.name, subnet, req.mtu, now_ms())?;
+        ctl.membership_changed(changes);
+        Ok(Json(network_view(&rec, 0)))
+    })
+    .await
+}
+
+async fn show_network(State(ctl): State<Ctl>, Path(name): Path<String>) -> Result<Json<NetworkDetail>, HttpError> {
+    blocking(move || Ok(Json(network_detail(&ctl, &name)?))).await
+}
+
+async fn delete_network(State(ctl): State<Ctl>, Path(name): Path<String>) -> Result<Json<NetworkUpdate>, HttpError> {
+    blocking(move || {
+        let (rec, changes) = ctl.store.delete_network(&name, now_ms())?;
+        let left = changes
+            .iter()
+            .filter_map(|c| match c {
+                MembershipChange::Left { node, .. } => Some(node.0.clone()),
+                _ => None,
+            })
+            .collect();
+        ctl.membership_changed(changes);
+        Ok(Json(NetworkUpdate { network: network_view(&rec, 0), joined: Vec::new(), left }))
+    })
+    .await
+}
+
+/// Who a member request names.
+enum Who {
+    Node(NodeId),
+    Selector(String, String),
+}
+
+fn who(spec: MemberSpec) -> Result<Who, HttpError> {
+    match (spec.node, spec.selector) {
+        (Some(node), None) => Ok(Who::Node(NodeId(node))),
+        (None, Some(selector)) => {
+            let (k, v) = parse_selector(&selector)?;
+            Ok(Who::Selector(k, v))
+        }
+        _ => Err(HttpError(StatusCode::BAD_REQUEST, "name exactly one of node or selector".into())),
+    }
+}
+
+async fn add_member(
+    State(ctl): State<Ctl>,
+    Path(name): Path<String>,
+    Json(spec): Json<MemberSpec>,
+) -> Result<Json<NetworkUpdate>, HttpError> {
+    blocking(move || {
+        let changes = match who(spec)? {
+            Who::Node(node) => ctl.store.add_member(&name, &node, now_ms())?.1,
+            Who::Selector(k, v) => ctl.store.add_selector(&name, &k, &v, now_ms())?,
+        };
+        Ok(Json(network_update(&ctl, &name, changes)?))
+    })
+    .await
+}
+
+async fn remove_member(
+    State(ctl): State<Ctl>,
+    Path(name): Path<String>,
+    Query(query): Query<MemberSpec>,
+    body: Bytes,
+) -> Result<Json<NetworkUpdate>, HttpError> {
+    let spec = if body.iter().all(u8::is_ascii_whitespace) {
+        query
+    } else {
+        serde_json::from_slice(&body).map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))?
+    };
+    blocking(move || {
+        let changes = match who(spec)? {
+            Who::Node(node) => ctl.store.remove_member(&name, &node, now_ms())?,
+            Who::Selector(k, v) => ctl.store.remove_selector(&name, &k, &v, now_ms())?,
+        };
+        Ok(Json(network_update(&ctl, &name, changes)?))
+    })
+    .await
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use shoal_proto::{HardwareId, HardwareIdSource};
+
+    use super::*;
+    use crate::{
+        admin::{AdminClient, AdminClientError, AdminConf, ADMIN_CONF_FILE},
+        server::ControllerConfig,
+        store::EnrolParams,
+    };
+
+    fn enrol(ctl: &Controller, machine: &str, labels: &[(&str, &str)]) -> NodeId {
+        let id = format!("tok-{machine}");
+        ctl.store
+            .create_token(&TokenRecord {
+                id: id.clone(),
+                secret_sha256: pki::sha256(b"s"),
+                created_at: now_ms(),
+                expires_at: None,
+                max_uses: None,
+                uses: 0,
+                revoked_at: None,
+                labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            })
+            .unwrap();
+        let hw = HardwareId { source: HardwareIdSource::DmiUuid, value: machine.to_owned() };
+        let node = ctl
+            .store
+            .enrol(&EnrolParams { token_id: &id, secret: "s", hardware_id: &hw, hostname: machine, now: now_ms() })
+            .unwrap()
+            .node
+            .id;
+        ctl.store.join_networks(&node).unwrap();
+        node
+    }
+
+    fn status<T: std::fmt::Debug>(r: Result<T, AdminClientError>) -> (u16, String) {
+        match r {
+            Err(AdminClientError::Api { status, message }) => (status, message),
+            other => panic!("expected an API error, got {other:?}"),
+        }
+    }
+
+    fn spec(node: Option<&NodeId>, selector: Option<&str>) -> MemberSpec {
+        MemberSpec { node: node.map(|n| n.0.clone()), selector: selector.map(str::to_owned) }
+    }
+
+    #[test]
+    fn networks_over_the_admin_api() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let _enter = rt.enter();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut config = ControllerConfig::new(dir.path().to_owned());
+        config.overlay_subnet = "10.70.0.0/24".parse().unwrap();
+        let ctl = Controller::open(config, listener.local_addr().unwrap()).unwrap();
+        let handle = serve(ctl.clone(), listener).unwrap();
+        let client = AdminClient::new(&AdminConf::read(&dir.path().join(ADMIN_CONF_FILE)).unwrap()).unwrap();
+
+        let a = enrol(&ctl, "a", &[("role", "db")]);
+        let b = enrol(&ctl, "b", &[]);
+        let lab = client.create_network(&CreateNetwork { name: "lab".into(), subnet: "10.71.0.0/24".into(), mtu: None }).unwrap();
+        assert_eq!((lab.id, lab.mtu, lab.members), (2, 1380, 0));
+        let list = client.networks().unwrap();
+        assert_eq!(
+            list.iter().map(|n| (n.name.as_str(), n.subnet.as_str(), n.members)).collect::<Vec<_>>(),
+            [("default", "10.70.0.0/24", 2), ("lab", "10.71.0.0/24", 0)]
+        );
+
+        let create = |name: &str, subnet: &str| {
+            client.create_network(&CreateNetwork { name: name.into(), subnet: subnet.into(), mtu: None })
+        };
+        assert_eq!(status(create("x", "10.72.0.0")).0, 400);
+        let (code, msg) = status(create("x", "10.70.0.128/25"));
+        assert!(code == 409 && msg.contains("overlaps network default"), "{code} {msg}");
+        assert_eq!(status(create("lab", "10.73.0.0/24")).0, 409);
+        assert_eq!(status(client.network("nope")).0, 404);
+        assert_eq!(status(client.add_to_network("lab", &spec(Some(&NodeId("n0".into())), None))).0, 404);
+        assert_eq!(status(client.add_to_network("lab", &spec(None, None))).0, 400);
+        assert_eq!(status(client.add_to_network("lab", &spec(None, Some("novalue")))).0, 400);
+        assert_eq!(status(client.delete_network("default")).0, 409);
+
+        let up = client.add_to_network("lab", &spec(Some(&b), None)).unwrap();
+        assert_eq!(up.joined.iter().map(|m| (m.node.as_str(), m.address.as_str())).collect::<Vec<_>>(), [(b.0.as_str(), "10.71.0.1")]);
+        let up = client.add_to_network("lab", &spec(None, Some("role=db"))).unwrap();
+        assert_eq!((up.joined.len(), up.network.members, up.network.selectors.clone()), (1, 2, vec!["role=db".to_owned()]));
+        assert_eq!(status(client.remove_from_network("lab", &spec(Some(&a), None))).0, 409);
+
+        let detail = client.network("lab").unwrap();
+        assert_eq!(detail.members.iter().map(|m| m.hostname.as_str()).collect::<Vec<_>>(), ["b", "a"]);
+        let nodes: Vec<NodeView> = client.get("/v1/nodes").unwrap();
+        let node_a = nodes.iter().find(|n| n.id == a.0).unwrap();
+        assert_eq!(
+            node_a.overlay.iter().map(|o| (o.network.as_str(), o.network_id, o.address.as_str(), o.prefix_len)).collect::<Vec<_>>(),
+            [("default", 1, "10.70.0.1", 24), ("lab", 2, "10.71.0.2", 24)]
+        );
+        let shown: NodeView = client.get(&format!("/v1/nodes/{}", a.0)).unwrap();
+        assert_eq!(shown.overlay, node_a.overlay);
+
+        let up = client.remove_from_network("lab", &spec(None, Some("role=db"))).unwrap();
+        assert_eq!(up.left, std::slice::from_ref(&a.0));
+        let gone = client.delete_network("lab").unwrap();
+        assert_eq!(gone.left, std::slice::from_ref(&b.0));
+        assert_eq!(client.networks().unwrap().len(), 1);
+
+        // Removing a node frees its default-network address.
+        assert!(ctl.remove_node(&a).unwrap());
+        let detail = client.network("default").unwrap();
+        assert_eq!(detail.members.iter().map(|m| m.node.as_str()).collect::<Vec<_>>(), [b.0.as_str()]);
+        handle.shutdown();
+    }
 }

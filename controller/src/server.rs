@@ -54,6 +54,11 @@ pub struct ControllerConfig {
     pub hello_timeout: Duration,
     /// How often live state (last seen, health) is written to the store (default 30 s).
     pub checkpoint_interval: Duration,
+    /// Subnet of the `default` overlay network, used when it is created on first start; later starts
+    /// keep the stored one (default 10.90.0.0/16).
+    pub overlay_subnet: crate::networks::Subnet,
+    /// TAP MTU of the `default` overlay network, and of new networks created without one (default 1380).
+    pub overlay_mtu: u16,
 }
 
 impl ControllerConfig {
@@ -66,6 +71,8 @@ impl ControllerConfig {
             cert_ttl: Duration::from_secs(24 * 3600),
             hello_timeout: Duration::from_secs(10),
             checkpoint_interval: Duration::from_secs(30),
+            overlay_subnet: crate::networks::DEFAULT_OVERLAY_SUBNET,
+            overlay_mtu: crate::networks::DEFAULT_OVERLAY_MTU,
         }
     }
 }
@@ -142,6 +149,7 @@ impl Controller {
     pub fn open(config: ControllerConfig, api_addr: SocketAddr) -> Result<Arc<Controller>, ServeError> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| ServeError::DataDir(config.data_dir.clone(), e))?;
         let store = Store::open(&config.data_dir.join("store"))?;
+        store.ensure_default_network(config.overlay_subnet, config.overlay_mtu)?;
         let ca = Ca::load_or_create(&config.data_dir)?;
         let admin_token_sha256 = ensure_admin_conf(&config, &store, &ca, api_addr)?;
         let mut liveness = Liveness::new(config.heartbeat_interval, config.down_after);
@@ -194,6 +202,13 @@ impl Controller {
     /// Removes a node: store, liveness, and its open connection at once.
     pub fn remove_node(&self, id: &NodeId) -> Result<bool, crate::store::StoreError> {
         let removed = self.store.remove_node(id, now_ms())?;
+        if removed.is_some() {
+            // A failure here leaves memberships that the next start drops (ensure_default_network).
+            match self.store.leave_all_networks(id) {
+                Ok(changes) => self.membership_changed(changes),
+                Err(e) => warn!(node = %id, cause = %e, "could not drop the removed node's overlay memberships"),
+            }
+        }
         let mut live = self.live();
         live.liveness.forget(id);
         live.nodes.remove(id);
@@ -688,6 +703,10 @@ fn enrol(controller: &Controller, request: &shoal_proto::EnrolRequest, hello: &s
             EnrolError::Store(e) => (RejectCode::Unavailable, format!("controller storage failed: {e}")),
         })?;
     let node = enrolment.node;
+    match controller.store.join_networks(&node.id) {
+        Ok(changes) => controller.membership_changed(changes),
+        Err(e) => warn!(node = %node.id, cause = %e, "enrolled node could not join its overlay networks"),
+    }
     let (cert_der, not_after) = controller
         .ca
         .issue_node_cert(&request.csr_der, &node.id, now, controller.config.cert_ttl)

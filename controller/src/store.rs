@@ -25,6 +25,9 @@
 //! | `removed_nodes` | node id | [`UnixMillis`] of removal |
 //! | `removed_hw` | hardware id display text | [`UnixMillis`] of removal |
 //! | `events` | seq, big-endian u64 | [`Event`] |
+//!
+//! Overlay networks keep five more trees, described (and used only) in [`crate::networks`]:
+//! `networks`, `net_members`, `peer_indexes`, `node_keys` and `overlay_counters`.
 
 use std::{
     collections::BTreeMap,
@@ -71,6 +74,11 @@ const HWID: &str = "hwid";
 const REMOVED_NODES: &str = "removed_nodes";
 const REMOVED_HW: &str = "removed_hw";
 const EVENTS: &str = "events";
+pub(crate) const NETWORKS: &str = "networks";
+pub(crate) const NET_MEMBERS: &str = "net_members";
+pub(crate) const PEER_INDEXES: &str = "peer_indexes";
+pub(crate) const NODE_KEYS: &str = "node_keys";
+pub(crate) const OVERLAY_COUNTERS: &str = "overlay_counters";
 
 /// A failure of the store itself.
 #[derive(Debug, thiserror::Error)]
@@ -263,6 +271,12 @@ pub enum EventKind {
     TokenCreated,
     /// A join token was revoked.
     TokenRevoked,
+    /// An overlay network was created.
+    NetworkCreated,
+    /// An overlay network was deleted.
+    NetworkDeleted,
+    /// An operator changed an overlay network's members or selectors.
+    NetworkChanged,
 }
 
 /// One entry of the fleet's event log.
@@ -318,18 +332,26 @@ pub struct Enrolment {
 /// The controller's database. Cloning is cheap; clones share one database.
 #[derive(Clone)]
 pub struct Store {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     db: sled::Db,
     meta: sled::Tree,
     tokens: sled::Tree,
-    nodes: sled::Tree,
+    pub(crate) nodes: sled::Tree,
     hwid: sled::Tree,
     removed_nodes: sled::Tree,
     removed_hw: sled::Tree,
-    events: sled::Tree,
+    pub(crate) events: sled::Tree,
+    /// Overlay trees, see [`crate::networks`].
+    pub(crate) networks: sled::Tree,
+    pub(crate) net_members: sled::Tree,
+    pub(crate) peer_indexes: sled::Tree,
+    pub(crate) node_keys: sled::Tree,
+    pub(crate) overlay_counters: sled::Tree,
+    /// Serialises overlay changes: IPAM scans a network's members, which a sled transaction cannot.
+    pub(crate) overlay_lock: Mutex<()>,
     dir: PathBuf,
     /// The seq the next event gets. Taken inside a transaction closure, which sled 0.34 runs under its
     /// global transaction lock, so seqs are committed in order.
@@ -351,20 +373,20 @@ impl fmt::Debug for Store {
 }
 
 /// An abort inside a transaction closure.
-type TxError<E> = ConflictableTransactionError<E>;
+pub(crate) type TxError<E> = ConflictableTransactionError<E>;
 
-fn abort<E: From<StoreError>>(e: StoreError) -> TxError<E> {
+pub(crate) fn abort<E: From<StoreError>>(e: StoreError) -> TxError<E> {
     ConflictableTransactionError::Abort(E::from(e))
 }
 
-fn finish<A, E: From<StoreError>>(result: TransactionResult<A, E>) -> Result<A, E> {
+pub(crate) fn finish<A, E: From<StoreError>>(result: TransactionResult<A, E>) -> Result<A, E> {
     result.map_err(|e| match e {
         TransactionError::Abort(e) => e,
         TransactionError::Storage(e) => E::from(StoreError::from(e)),
     })
 }
 
-fn encode<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+pub(crate) fn encode<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>, StoreError> {
     postcard::to_allocvec(value).map_err(|e| StoreError::Db(format!("cannot encode {what}: {e}")))
 }
 
@@ -375,7 +397,7 @@ fn key_text(key: &[u8]) -> String {
     }
 }
 
-fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+pub(crate) fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
     postcard::from_bytes(bytes)
         .map_err(|e| StoreError::Corrupt { key: format!("{tree}/{}", key_text(key)), cause: e.to_string() })
 }
@@ -494,6 +516,12 @@ impl Store {
                 removed_nodes: db.open_tree(REMOVED_NODES)?,
                 removed_hw: db.open_tree(REMOVED_HW)?,
                 events,
+                networks: db.open_tree(NETWORKS)?,
+                net_members: db.open_tree(NET_MEMBERS)?,
+                peer_indexes: db.open_tree(PEER_INDEXES)?,
+                node_keys: db.open_tree(NODE_KEYS)?,
+                overlay_counters: db.open_tree(OVERLAY_COUNTERS)?,
+                overlay_lock: Mutex::new(()),
                 db,
                 dir: dir.to_owned(),
                 next_seq: AtomicU64::new(next_seq),
@@ -517,7 +545,7 @@ impl Store {
     }
 
     /// Refuses a write while the disk is (nearly) full.
-    fn check_space(&self) -> Result<(), StoreError> {
+    pub(crate) fn check_space(&self) -> Result<(), StoreError> {
         let free = self.free_space()?;
         if free < self.inner.reserve_bytes {
             warn!(dir = %self.inner.dir.display(), free, reserve = self.inner.reserve_bytes, "store refuses a write: disk full");
@@ -530,13 +558,13 @@ impl Store {
         Ok(())
     }
 
-    fn lock_nodes(&self) -> std::sync::MutexGuard<'_, ()> {
+    pub(crate) fn lock_nodes(&self) -> std::sync::MutexGuard<'_, ()> {
         // The guarded value is (), so a panic while holding the lock left nothing inconsistent.
         self.inner.node_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Writes an event inside a transaction on the events tree, taking the next seq.
-    fn tx_event<E: From<StoreError>>(
+    pub(crate) fn tx_event<E: From<StoreError>>(
         &self,
         events: &TransactionalTree,
         kind: EventKind,
@@ -551,7 +579,7 @@ impl Store {
         Ok(event)
     }
 
-    fn after_event(&self, seq: u64) -> Result<(), StoreError> {
+    pub(crate) fn after_event(&self, seq: u64) -> Result<(), StoreError> {
         #[allow(clippy::manual_is_multiple_of)] // u64::is_multiple_of needs Rust 1.87; the workspace supports 1.85
         if seq % TRIM_EVERY == 0 {
             self.trim_events()?;

@@ -190,7 +190,15 @@ fn open(api: Api) -> Result<Dev, String> {
     run(
         "ip",
         &[
-            "neigh", "replace", &peer, "lladdr", &mac, "dev", TAP, "nud", "permanent",
+            "neigh",
+            "replace",
+            &peer,
+            "lladdr",
+            &mac,
+            "dev",
+            TAP,
+            "nud",
+            "permanent",
         ],
     )?;
     Ok(dev)
@@ -281,7 +289,11 @@ fn read_loop_sync(secs: f64, mut recv: impl FnMut(&mut [u8]) -> io::Result<usize
     }
 }
 
-fn write_loop_sync(secs: f64, frame: &[u8], mut send: impl FnMut(&[u8]) -> io::Result<usize>) -> u64 {
+fn write_loop_sync(
+    secs: f64,
+    frame: &[u8],
+    mut send: impl FnMut(&[u8]) -> io::Result<usize>,
+) -> u64 {
     let mut frames = 0u64;
     let start = Instant::now();
     let limit = Duration::from_secs_f64(secs);
@@ -306,7 +318,12 @@ fn current_thread_runtime() -> tokio::runtime::Runtime {
 }
 
 /// Runs the crate side of one case on a thread of its own; returns (frames, thread CPU seconds).
-fn crate_side(dev: Arc<Dev>, path: Path, payload: usize, secs: f64) -> thread::JoinHandle<(u64, f64)> {
+fn crate_side(
+    dev: Arc<Dev>,
+    path: Path,
+    payload: usize,
+    secs: f64,
+) -> thread::JoinHandle<(u64, f64)> {
     thread::spawn(move || {
         let frame = build_frame(payload);
         let cpu0 = cpu_secs(UsageWho::RUSAGE_THREAD);
@@ -410,8 +427,18 @@ fn run_case(dev: &Arc<Dev>, api: Api, path: Path, payload: usize, secs: f64) -> 
             let start = Instant::now();
             while !done.load(Ordering::Relaxed) {
                 if start.elapsed() > deadline {
-                    eprintln!("tap_crates: {} {path:?} {payload} B is stuck; giving up", api.label());
-                    let _ = run("ip", &["netns", "delete", &format!("shl-{}-tapbench", std::process::id())]);
+                    eprintln!(
+                        "tap_crates: {} {path:?} {payload} B is stuck; giving up",
+                        api.label()
+                    );
+                    let _ = run(
+                        "ip",
+                        &[
+                            "netns",
+                            "delete",
+                            &format!("shl-{}-tapbench", std::process::id()),
+                        ],
+                    );
                     std::process::exit(1);
                 }
                 thread::sleep(Duration::from_millis(100));
@@ -479,7 +506,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if !nix::unistd::geteuid().is_root() {
-        println!("tap_crates: SKIPPED: needs root (it creates a network namespace and TAP devices)");
+        println!(
+            "tap_crates: SKIPPED: needs root (it creates a network namespace and TAP devices)"
+        );
         return ExitCode::SUCCESS;
     }
     let secs: f64 = std::env::var("TAPBENCH_SECS")
@@ -514,7 +543,8 @@ fn main() -> ExitCode {
         // The device goes away with its last descriptor; wait so the next crate can take the name.
         let t = Instant::now();
         // (`/sys/class/net` shows the namespace sysfs was mounted in, not ours: ask `ip`.)
-        while run("ip", &["link", "show", "dev", TAP]).is_ok() && t.elapsed() < Duration::from_secs(5)
+        while run("ip", &["link", "show", "dev", TAP]).is_ok()
+            && t.elapsed() < Duration::from_secs(5)
         {
             thread::sleep(Duration::from_millis(20));
         }

@@ -5,6 +5,11 @@
 //! namespace left behind by a process that died (its pid is gone) and sweep it. Interfaces are created
 //! directly inside the namespaces (never in the root namespace), so their names only have to be unique per
 //! namespace and stay within the kernel's 15-character limit.
+//!
+//! NAT routers ([`Topology::add_nat_router`]) are hosts with one leg on a "public" LAN and one on a private
+//! LAN they create and serve as gateway for; hosts later connected to that private LAN get a default route
+//! through it. [`NatMode`] picks the mapping behaviour, and [`Topology::block_udp_between`] cuts direct UDP
+//! between two routers mid-flow while both still reach everything else.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -342,6 +347,7 @@ pub struct Lan {
     netns: Netns,
     subnet: Subnet,
     next_host: u32,
+    gateway: Option<Ipv4Addr>,
 }
 
 impl Lan {
@@ -359,6 +365,60 @@ impl Lan {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// The router serving this LAN (a private LAN made by [`Topology::add_nat_router`]): hosts connected
+    /// to the LAN get a default route through it.
+    pub fn gateway(&self) -> Option<Ipv4Addr> {
+        self.gateway
+    }
+}
+
+/// How a NAT router maps a private host's UDP source address to a public one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatMode {
+    /// `MASQUERADE`: a socket keeps one public mapping (Linux keeps the source port when it is free) for
+    /// every destination, so a peer can reach it at the address a third party observed ("full cone" mapping
+    /// with address-and-port-dependent filtering, like most home routers).
+    EndpointIndependent,
+    /// `MASQUERADE --random-fully`: every new destination gets a new random public port ("symmetric" NAT);
+    /// an observed address is useless to other peers, so hole punching needs a relay or port prediction.
+    EndpointDependent,
+}
+
+/// A NAT router made by [`Topology::add_nat_router`]; also a [`Host`] of the topology under the same name.
+#[derive(Debug, Clone)]
+pub struct Router {
+    name: String,
+    mode: NatMode,
+    wan: Iface,
+    lan: Iface,
+}
+
+impl Router {
+    /// Its name (also its host name in the topology).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its mapping behaviour.
+    pub fn mode(&self) -> NatMode {
+        self.mode
+    }
+
+    /// Its interface on the public LAN; `wan().addr` is the address its NATed traffic comes from.
+    pub fn wan(&self) -> &Iface {
+        &self.wan
+    }
+
+    /// Its interface on the private LAN it serves; `lan().addr` is that LAN's gateway.
+    pub fn lan(&self) -> &Iface {
+        &self.lan
+    }
+
+    /// The address NATed traffic comes from: [`Router::wan`]'s.
+    pub fn wan_addr(&self) -> Ipv4Addr {
+        self.wan.addr
+    }
 }
 
 /// A set of namespaces (hosts and LANs) torn down together on `Drop`: processes inside are killed, then the
@@ -369,6 +429,7 @@ pub struct Topology {
     // Hosts before LANs: fields drop in declaration order.
     hosts: BTreeMap<String, Host>,
     lans: BTreeMap<String, Lan>,
+    routers: BTreeMap<String, Router>,
 }
 
 /// Host and LAN names: short, so that `p-<name>` fits an interface name.
@@ -390,6 +451,7 @@ impl Topology {
             id: unique_id(),
             hosts: BTreeMap::new(),
             lans: BTreeMap::new(),
+            routers: BTreeMap::new(),
         })
     }
 
@@ -415,6 +477,7 @@ impl Topology {
             netns,
             subnet,
             next_host: 1,
+            gateway: None,
         };
         Ok(self.lans.entry(name.to_string()).or_insert(lan))
     }
@@ -443,7 +506,9 @@ impl Topology {
         self.connect_with_addr(host, lan, addr)
     }
 
-    /// Plugs `host` into `lan` with address `addr`; returns the new interface.
+    /// Plugs `host` into `lan` with address `addr`; returns the new interface. When the LAN has a
+    /// [gateway](Lan::gateway) (other than `host` itself) and `host` has no default route yet, a default route
+    /// through the gateway is added, so a host behind a NAT router reaches the public LAN.
     pub fn connect_with_addr(&mut self, host: &str, lan: &str, addr: Ipv4Addr) -> Result<Iface> {
         let l = self.lans.get(lan).ok_or_else(|| anyhow!("no LAN {lan}"))?;
         let h = self
@@ -472,6 +537,23 @@ impl Topology {
         let cidr = format!("{addr}/{}", l.subnet.len);
         h.netns.ip(&["addr", "add", &cidr, "dev", &iface])?;
         h.netns.ip(&["link", "set", &iface, "up"])?;
+        if let Some(gw) = l.gateway.filter(|gw| *gw != addr) {
+            if h.netns
+                .ip(&["-4", "route", "show", "default"])?
+                .trim()
+                .is_empty()
+            {
+                h.netns.ip(&[
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &gw.to_string(),
+                    "dev",
+                    &iface,
+                ])?;
+            }
+        }
         let mac = h.netns.mac(&iface)?;
         let new = Iface {
             name: iface,
@@ -529,6 +611,140 @@ impl Topology {
         l.netns.ip(&["link", "set", &port, "up"])?;
         Ok(())
     }
+
+    /// Adds a NAT router `name`: a host plugged into the existing (public) LAN `wan_lan` with that LAN's
+    /// next free address, and into a new private LAN `lan_name` (`lan_subnet`) as its first address and
+    /// gateway. IPv4 forwarding is on, and traffic leaving through the WAN interface is masqueraded as
+    /// `mode` says. Hosts connected to `lan_name` afterwards get a default route through the router.
+    ///
+    /// Like a home router, it drops unsolicited UDP addressed to itself on its WAN side (`INPUT` filter).
+    /// Besides being realistic, this matters for hole punching: a punch packet that arrives before the
+    /// router has the matching mapping is dropped before its conntrack entry is confirmed, so it cannot
+    /// hold the reply tuple and push the private host's later mapping onto another port.
+    pub fn add_nat_router(
+        &mut self,
+        name: &str,
+        wan_lan: &str,
+        lan_name: &str,
+        lan_subnet: &str,
+        mode: NatMode,
+    ) -> Result<&Router> {
+        ensure!(
+            self.lans.contains_key(wan_lan),
+            "no LAN {wan_lan} for router {name}"
+        );
+        ensure!(!self.lans.contains_key(lan_name), "LAN {lan_name} exists");
+        self.add_host(name)?;
+        let wan = self.connect(name, wan_lan)?;
+        self.add_lan(lan_name, lan_subnet)?;
+        let lan = self.connect(name, lan_name)?;
+        let l = self
+            .lans
+            .get_mut(lan_name)
+            .ok_or_else(|| anyhow!("no LAN {lan_name}"))?;
+        l.gateway = Some(lan.addr);
+        let h = self.host(name)?;
+        h.netns()
+            .enter(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))?
+            .with_context(|| format!("cannot turn on IPv4 forwarding in router {name}"))?;
+        let mut masquerade = vec![
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-o",
+            &wan.name,
+            "-j",
+            "MASQUERADE",
+        ];
+        if mode == NatMode::EndpointDependent {
+            masquerade.push("--random-fully");
+        }
+        iptables(h.netns(), &masquerade)
+            .with_context(|| format!("cannot install the NAT rule in router {name}"))?;
+        iptables(
+            h.netns(),
+            &["-A", "INPUT", "-i", &wan.name, "-p", "udp", "-j", "DROP"],
+        )?;
+        let router = Router {
+            name: name.to_string(),
+            mode,
+            wan,
+            lan,
+        };
+        Ok(self.routers.entry(name.to_string()).or_insert(router))
+    }
+
+    /// The NAT router named `name`.
+    pub fn router(&self, name: &str) -> Result<&Router> {
+        self.routers
+            .get(name)
+            .ok_or_else(|| anyhow!("no NAT router {name}"))
+    }
+
+    /// The `FORWARD` rules that drop UDP between router `from` and router `other`'s WAN address, in both
+    /// directions (to it, leaving `from`; from it, entering `from`'s private LAN).
+    fn block_rules(&self, from: &str, other: &str) -> Result<(&Netns, [Vec<String>; 2])> {
+        let peer = self.router(other)?.wan_addr().to_string();
+        let ns = self.host(self.router(from)?.name())?.netns();
+        let rule = |dir: &str| -> Vec<String> {
+            [dir, &peer, "-p", "udp", "-j", "DROP"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        };
+        Ok((ns, [rule("-d"), rule("-s")]))
+    }
+
+    /// Drops all UDP between routers `router_a` and `router_b` (both directions, in both routers'
+    /// `FORWARD` chains), as if a firewall between them started filtering it. Each still reaches every other
+    /// address, e.g. a controller on the public LAN. Their NAT mappings (conntrack entries) are kept, so after
+    /// [`Topology::unblock_udp_between`] a flow resumes on the same public ports. Idempotent.
+    pub fn block_udp_between(&self, router_a: &str, router_b: &str) -> Result<()> {
+        for (from, other) in [(router_a, router_b), (router_b, router_a)] {
+            let (ns, rules) = self.block_rules(from, other)?;
+            for rule in rules {
+                let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
+                let check: Vec<&str> = ["-C", "FORWARD"]
+                    .into_iter()
+                    .chain(rule.iter().copied())
+                    .collect();
+                if iptables(ns, &check).is_err() {
+                    let insert: Vec<&str> = ["-I", "FORWARD"]
+                        .into_iter()
+                        .chain(rule.iter().copied())
+                        .collect();
+                    iptables(ns, &insert)
+                        .with_context(|| format!("cannot block UDP in router {from}"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Topology::block_udp_between`]. Idempotent.
+    pub fn unblock_udp_between(&self, router_a: &str, router_b: &str) -> Result<()> {
+        for (from, other) in [(router_a, router_b), (router_b, router_a)] {
+            let (ns, rules) = self.block_rules(from, other)?;
+            for rule in rules {
+                let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
+                let delete: Vec<&str> = ["-D", "FORWARD"]
+                    .into_iter()
+                    .chain(rule.iter().copied())
+                    .collect();
+                // `-D` fails once no copy of the rule is left.
+                while iptables(ns, &delete).is_ok() {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `iptables -w ARGS…` inside `ns` (`-w`: wait for the xtables lock, which is shared by all namespaces).
+fn iptables(ns: &Netns, args: &[&str]) -> Result<String> {
+    let mut all = vec!["-w"];
+    all.extend_from_slice(args);
+    ns.exec("iptables", &all)
 }
 
 #[cfg(test)]

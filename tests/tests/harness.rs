@@ -1,13 +1,13 @@
 //! Host tests of the harness itself (no shoal binaries needed): namespaces, LANs, cutting hosts off,
-//! processes inside namespaces, and teardown.
+//! processes inside namespaces, teardown, and NAT routers (mapping modes, blocking UDP between two NATs).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use shoal_tests::netns::{list_namespaces, namespace_pids};
-use shoal_tests::{eventually, require_host_tests, OrPanic, ProcSpec, Topology};
+use shoal_tests::netns::{list_namespaces, namespace_pids, NatMode};
+use shoal_tests::{consistently, eventually, require_host_tests, OrPanic, ProcSpec, Topology};
 
 fn two_hosts() -> Result<Topology> {
     let mut t = Topology::new()?;
@@ -167,4 +167,233 @@ impl<T> OrPanicIo<T> for std::io::Result<T> {
     fn or_panic_io(self) -> T {
         self.unwrap_or_else(|e| panic!("{e}"))
     }
+}
+
+// ---- NAT routers -------------------------------------------------------------------------------------------
+
+/// `wan` (198.51.100.0/24) with `ctl` and `srv` on it, and two NAT routers `nat-a` / `nat-b` (modes as
+/// given) with one host each behind them: `a` on 10.1.0.0/24, `b` on 10.2.0.0/24.
+fn natted(mode_a: NatMode, mode_b: NatMode) -> Result<Topology> {
+    let mut t = Topology::new()?;
+    t.add_lan("wan", "198.51.100.0/24")?;
+    for h in ["ctl", "srv"] {
+        t.add_host(h)?;
+        t.connect(h, "wan")?;
+    }
+    t.add_nat_router("nat-a", "wan", "lan-a", "10.1.0.0/24", mode_a)?;
+    t.add_nat_router("nat-b", "wan", "lan-b", "10.2.0.0/24", mode_b)?;
+    t.add_host("a")?;
+    t.connect("a", "lan-a")?;
+    t.add_host("b")?;
+    t.connect("b", "lan-b")?;
+    Ok(t)
+}
+
+/// A UDP socket bound to `addr` (port 0: any) inside `host`, with a short read timeout.
+fn udp(t: &Topology, host: &str, addr: SocketAddr) -> Result<UdpSocket> {
+    let sock = t.host(host)?.netns().enter(|| UdpSocket::bind(addr))??;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    Ok(sock)
+}
+
+/// Waits (≤ 200 ms) for `msg` at `at` (skipping leftovers of earlier rounds); returns its source.
+fn receive(at: &UdpSocket, msg: &[u8]) -> Result<SocketAddr> {
+    let mut buf = [0u8; 64];
+    loop {
+        let (n, src) = at.recv_from(&mut buf).with_context(|| {
+            format!(
+                "{:?} did not receive {:?}",
+                at.local_addr(),
+                String::from_utf8_lossy(msg)
+            )
+        })?;
+        if &buf[..n] == msg {
+            return Ok(src);
+        }
+    }
+}
+
+/// Sends `msg` from `from` to `to`, and waits (≤ 200 ms) for it at `at`; returns the source `at` saw.
+fn exchange(from: &UdpSocket, to: SocketAddr, at: &UdpSocket, msg: &[u8]) -> Result<SocketAddr> {
+    from.send_to(msg, to)?;
+    receive(at, msg)
+}
+
+/// Where `sock` (inside a NATed host) appears to come from, as seen by `observer` on the WAN.
+fn mapped(sock: &UdpSocket, observer: &UdpSocket) -> Result<SocketAddr> {
+    let to = observer.local_addr()?;
+    eventually(
+        Duration::from_secs(10),
+        "the observer to see the host",
+        || exchange(sock, to, observer, b"who am i"),
+    )
+}
+
+#[test]
+fn hosts_behind_nat_reach_the_wan_from_the_routers_address() {
+    require_host_tests!();
+    let t = natted(NatMode::EndpointIndependent, NatMode::EndpointIndependent).or_panic();
+    let ctl_addr = t.host("ctl").or_panic().addr().or_panic();
+    let ctl = udp(&t, "ctl", SocketAddr::from((ctl_addr, 7000))).or_panic();
+    for (host, router) in [("a", "nat-a"), ("b", "nat-b")] {
+        let r = t.router(router).or_panic();
+        assert_eq!(r.mode(), NatMode::EndpointIndependent);
+        let private = t.host(host).or_panic().addr().or_panic();
+        assert_eq!(private, r.lan().subnet.host(2).or_panic(), "{host}");
+        assert_eq!(t.lan(&r.lan().lan).or_panic().gateway(), Some(r.lan().addr));
+        let sock = udp(&t, host, SocketAddr::from((private, 0))).or_panic();
+        let seen = mapped(&sock, &ctl)
+            .with_context(|| format!("{host} -> ctl"))
+            .or_panic();
+        assert_eq!(
+            seen.ip(),
+            r.wan_addr(),
+            "ctl saw {host} as {seen}, not from {router}'s WAN address"
+        );
+        // The WAN host cannot reach the private address directly (no route to it).
+        let direct = t
+            .host("ctl")
+            .or_panic()
+            .netns()
+            .enter(|| {
+                TcpStream::connect_timeout(
+                    &SocketAddr::from((private, 22)),
+                    Duration::from_millis(300),
+                )
+            })
+            .or_panic();
+        assert!(direct.is_err(), "ctl reached {host}'s private address");
+    }
+    // The private addresses never show up outside their LANs: the WAN hosts have no route to them.
+    let routes = t
+        .host("ctl")
+        .or_panic()
+        .netns()
+        .ip(&["-4", "route"])
+        .or_panic();
+    assert!(
+        !routes.contains("10.1.") && !routes.contains("10.2."),
+        "{routes}"
+    );
+}
+
+#[test]
+fn nat_modes_map_ports_independently_or_per_destination() {
+    require_host_tests!();
+    let t = natted(NatMode::EndpointIndependent, NatMode::EndpointDependent).or_panic();
+    let listeners: Vec<UdpSocket> = ["ctl", "srv"]
+        .iter()
+        .map(|h| udp(&t, h, SocketAddr::from((t.host(h)?.addr()?, 7000))))
+        .collect::<Result<_>>()
+        .or_panic();
+    for (host, router, same) in [("a", "nat-a", true), ("b", "nat-b", false)] {
+        let private = t.host(host).or_panic().addr().or_panic();
+        let sock = udp(&t, host, SocketAddr::from((private, 0))).or_panic();
+        let seen: Vec<SocketAddr> = listeners
+            .iter()
+            .map(|l| mapped(&sock, l))
+            .collect::<Result<_>>()
+            .with_context(|| format!("{host} -> WAN listeners"))
+            .or_panic();
+        let wan = t.router(router).or_panic().wan_addr();
+        assert!(seen.iter().all(|s| s.ip() == wan), "{host}: {seen:?}");
+        if same {
+            assert_eq!(
+                seen[0].port(),
+                seen[1].port(),
+                "{router} (EIM) mapped per destination: {seen:?}"
+            );
+        } else {
+            assert_ne!(
+                seen[0].port(),
+                seen[1].port(),
+                "{router} (EDM) kept one mapping: {seen:?}"
+            );
+        }
+        // A mapping is stable towards one destination.
+        assert_eq!(mapped(&sock, &listeners[0]).or_panic(), seen[0]);
+    }
+}
+
+#[test]
+fn udp_between_nats_is_hole_punched_blocked_and_unblocked() {
+    require_host_tests!();
+    let t = natted(NatMode::EndpointIndependent, NatMode::EndpointIndependent).or_panic();
+    let ctl_addr = t.host("ctl").or_panic().addr().or_panic();
+    let ctl = udp(&t, "ctl", SocketAddr::from((ctl_addr, 7000))).or_panic();
+    let sa = udp(
+        &t,
+        "a",
+        SocketAddr::from((t.host("a").or_panic().addr().or_panic(), 0)),
+    )
+    .or_panic();
+    let sb = udp(
+        &t,
+        "b",
+        SocketAddr::from((t.host("b").or_panic().addr().or_panic(), 0)),
+    )
+    .or_panic();
+    // Each learns its public address from the "controller", as the agents will.
+    let ma = mapped(&sa, &ctl).or_panic();
+    let mb = mapped(&sb, &ctl).or_panic();
+    assert_eq!(ma.ip(), t.router("nat-a").or_panic().wan_addr());
+    assert_eq!(mb.ip(), t.router("nat-b").or_panic().wan_addr());
+
+    // One round of hole punching: both send to the other's mapped address, then both listen. (Until both
+    // routers have a mapping for the pair, the first packet is dropped by the other router.)
+    let punch = |tag: &str| -> (Result<SocketAddr>, Result<SocketAddr>) {
+        let (to_b, to_a) = (format!("{tag} a->b"), format!("{tag} b->a"));
+        let sent = sa
+            .send_to(to_b.as_bytes(), mb)
+            .and_then(|_| sb.send_to(to_a.as_bytes(), ma));
+        if let Err(e) = sent {
+            return (Err(e.into()), Err(anyhow::anyhow!("not sent")));
+        }
+        (receive(&sb, to_b.as_bytes()), receive(&sa, to_a.as_bytes()))
+    };
+    let both_ways = |tag: &str| -> Result<()> {
+        let (at_b, at_a) = punch(tag);
+        let (from_a, from_b) = (at_b?, at_a?);
+        ensure!(from_a == ma, "b saw a as {from_a}, expected {ma}");
+        ensure!(from_b == mb, "a saw b as {from_b}, expected {mb}");
+        Ok(())
+    };
+    let neither_way = |tag: &str| -> Result<()> {
+        let (at_b, at_a) = punch(tag);
+        ensure!(at_b.is_err(), "a reached b while blocked");
+        ensure!(at_a.is_err(), "b reached a while blocked");
+        Ok(())
+    };
+    let mut round = 0u32;
+    let mut next = || {
+        round += 1;
+        format!("#{round}")
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the hole punch to connect a and b",
+        || both_ways(&next()),
+    )
+    .or_panic();
+
+    t.block_udp_between("nat-a", "nat-b").or_panic();
+    t.block_udp_between("nat-a", "nat-b").or_panic(); // idempotent
+    consistently(
+        Duration::from_secs(2),
+        "UDP between the NATs to stay blocked",
+        || neither_way(&next()),
+    )
+    .or_panic();
+    // Both still reach the controller, from the same mappings.
+    assert_eq!(mapped(&sa, &ctl).or_panic(), ma);
+    assert_eq!(mapped(&sb, &ctl).or_panic(), mb);
+
+    t.unblock_udp_between("nat-a", "nat-b").or_panic();
+    t.unblock_udp_between("nat-b", "nat-a").or_panic(); // idempotent, either order
+    eventually(
+        Duration::from_secs(10),
+        "a and b to talk again after unblocking",
+        || both_ways(&next()),
+    )
+    .or_panic();
 }

@@ -4,7 +4,10 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use shoal_controller::server::{self, Controller, ControllerConfig};
+use shoal_controller::{
+    networks::{Subnet, MAX_MTU, MIN_MTU},
+    server::{self, Controller, ControllerConfig},
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "shoal-controller", version, about = "shoal fleet controller")]
@@ -39,6 +42,13 @@ struct ServeArgs {
     /// Lifetime of node certificates (agents renew at two thirds).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     cert_ttl: Duration,
+    /// Subnet of the `default` overlay network every node joins. Used when the network is created (first
+    /// start); later starts keep the stored subnet and warn if this differs.
+    #[arg(long, default_value = "10.90.0.0/16")]
+    overlay_subnet: Subnet,
+    /// TAP MTU of the `default` overlay network, and of networks created without `--mtu`.
+    #[arg(long, default_value_t = 1380, value_parser = clap::value_parser!(u16).range(i64::from(MIN_MTU)..=i64::from(MAX_MTU)))]
+    overlay_mtu: u16,
 }
 
 fn main() -> ExitCode {
@@ -68,6 +78,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.heartbeat_interval = args.heartbeat_interval;
     config.down_after = args.down_after;
     config.cert_ttl = args.cert_ttl;
+    config.overlay_subnet = args.overlay_subnet;
+    config.overlay_mtu = args.overlay_mtu;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let controller = Controller::open(config, args.api)

@@ -8,7 +8,10 @@ use serde::Serialize;
 use shoal_controller::{
     admin::{AdminClient, AdminConf},
     report::FleetReport,
-    view::{CreateToken, CreatedToken, EventView, NodeView, TokenView},
+    view::{
+        CreateNetwork, CreateToken, CreatedToken, EventView, MemberSpec, MemberView, NetworkDetail, NetworkUpdate,
+        NetworkView, NodeView, TokenView,
+    },
 };
 
 #[derive(Debug, Parser)]
@@ -36,6 +39,9 @@ enum Command {
     /// Nodes in the fleet.
     #[command(subcommand)]
     Nodes(NodesCmd),
+    /// Overlay networks and their members.
+    #[command(subcommand)]
+    Network(NetworkCmd),
     /// Fleet events (enrolled, up, down, removed...).
     Events {
         /// Output format.
@@ -101,6 +107,84 @@ enum NodesCmd {
         /// Node id.
         id: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum NetworkCmd {
+    /// Create a network.
+    Create {
+        /// Name: 1 to 31 of a-z, 0-9 and '-'.
+        name: String,
+        /// IPv4 subnet, CIDR (e.g. 10.91.0.0/24); must not overlap another network's.
+        #[arg(long)]
+        subnet: String,
+        /// TAP MTU (default: the default network's, from `serve --overlay-mtu`).
+        #[arg(long)]
+        mtu: Option<u16>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Add a node, or a label selector and every node it matches (now and later).
+    Add {
+        /// Network name.
+        name: String,
+        #[command(flatten)]
+        who: Who,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Remove a node added by hand, or a selector and the nodes only it kept in the network.
+    Remove {
+        /// Network name.
+        name: String,
+        #[command(flatten)]
+        who: Who,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Delete a network and all its memberships (not `default`).
+    Delete {
+        /// Network name.
+        name: String,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List networks.
+    List {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show a network's members.
+    Show {
+        /// Network name.
+        name: String,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+/// A node or a label selector.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct Who {
+    /// Node id.
+    #[arg(long)]
+    node: Option<String>,
+    /// Label selector KEY=VALUE.
+    #[arg(long, value_parser = parse_label)]
+    selector: Option<(String, String)>,
+}
+
+impl Who {
+    fn spec(self) -> MemberSpec {
+        MemberSpec { node: self.node, selector: self.selector.map(|(k, v)| format!("{k}={v}")) }
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -178,6 +262,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             client.delete::<serde_json::Value>(&format!("/v1/nodes/{id}"))?;
             println!("removed node {id}");
         }
+        Command::Network(cmd) => network(&client, cmd)?,
         Command::Events { output, after } => {
             let path = match after {
                 Some(a) => format!("/v1/events?after={a}"),
@@ -197,6 +282,82 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             match output {
                 Output::Json => print_json(&report)?,
                 Output::Table => print_report(&report),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn network(client: &AdminClient, cmd: NetworkCmd) -> anyhow::Result<()> {
+    match cmd {
+        NetworkCmd::Create { name, subnet, mtu, output } => {
+            let net = client.create_network(&CreateNetwork { name, subnet, mtu })?;
+            match output {
+                Output::Json => print_json(&net)?,
+                Output::Table => println!("created network {} ({}, MTU {}, id {})", net.name, net.subnet, net.mtu, net.id),
+            }
+        }
+        NetworkCmd::Add { name, who, output } => print_update(&client.add_to_network(&name, &who.spec())?, output)?,
+        NetworkCmd::Remove { name, who, output } => print_update(&client.remove_from_network(&name, &who.spec())?, output)?,
+        NetworkCmd::Delete { name, output } => {
+            let update = client.delete_network(&name)?;
+            match output {
+                Output::Json => print_json(&update)?,
+                Output::Table => println!("deleted network {name}; {} members left it", update.left.len()),
+            }
+        }
+        NetworkCmd::List { output } => {
+            let networks: Vec<NetworkView> = client.networks()?;
+            match output {
+                Output::Json => print_json(&networks)?,
+                Output::Table => table(
+                    &["ID", "NAME", "SUBNET", "MTU", "MEMBERS", "SELECTORS"],
+                    networks.iter().map(|n| {
+                        vec![n.id.to_string(), n.name.clone(), n.subnet.clone(), n.mtu.to_string(), n.members.to_string(), n.selectors.join(",")]
+                    }),
+                ),
+            }
+        }
+        NetworkCmd::Show { name, output } => {
+            let detail: NetworkDetail = client.network(&name)?;
+            match output {
+                Output::Json => print_json(&detail)?,
+                Output::Table => {
+                    let n = &detail.network;
+                    println!("network {} (id {}): {}, MTU {}", n.name, n.id, n.subnet, n.mtu);
+                    if !n.selectors.is_empty() {
+                        println!("selectors: {}", n.selectors.join(","));
+                    }
+                    println!();
+                    table(&["NODE", "HOSTNAME", "MAC", "ADDRESS", "VIA"], detail.members.iter().map(member_row));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn member_row(m: &MemberView) -> Vec<String> {
+    let via = match (m.explicit, m.via_selector) {
+        (true, true) => "node,selector",
+        (true, false) => "node",
+        (false, true) => "selector",
+        (false, false) => "default",
+    };
+    vec![m.node.clone(), m.hostname.clone(), m.mac.clone(), m.address.clone(), via.to_owned()]
+}
+
+fn print_update(update: &NetworkUpdate, output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Json => print_json(update)?,
+        Output::Table => {
+            let n = &update.network;
+            println!("network {}: {} joined, {} left, {} members", n.name, update.joined.len(), update.left.len(), n.members);
+            for m in &update.joined {
+                println!("joined: {} {} {} {}", m.node, m.hostname, m.address, m.mac);
+            }
+            for id in &update.left {
+                println!("left:   {id}");
             }
         }
     }
@@ -250,6 +411,9 @@ fn show_node(n: &NodeView) {
     println!("hardware id:   {}", n.hardware_id);
     if !n.labels.is_empty() {
         println!("labels:        {}", labels_text(&n.labels));
+    }
+    for o in &n.overlay {
+        println!("overlay:       {} {}/{} {}", o.network, o.address, o.prefix_len, o.mac);
     }
     if let Some(i) = &n.inventory {
         println!("os:            {} (kernel {}, {})", i.os, i.kernel, i.arch);
