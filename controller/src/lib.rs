@@ -6,8 +6,10 @@
 pub mod admin;
 pub mod api;
 pub mod ca;
+pub mod coordinator;
 pub mod liveness;
 pub mod networks;
+pub mod overlay_hub;
 pub mod report;
 pub mod server;
 pub mod session;

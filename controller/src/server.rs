@@ -21,6 +21,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::{
     admin::{self, AdminConf, ADMIN_CONF_FILE},
+    overlay_hub::{self, OverlayHub},
     ca::Ca,
     liveness::{Liveness, Transition},
     session::{Action, CloseKind, Session, SessionConfig},
@@ -59,6 +60,11 @@ pub struct ControllerConfig {
     pub overlay_subnet: crate::networks::Subnet,
     /// TAP MTU of the `default` overlay network, and of new networks created without one (default 1380).
     pub overlay_mtu: u16,
+    /// How long an agent may use its cached netmap without hearing from the controller (default 24 h).
+    pub netmap_validity: Duration,
+    /// Second UDP address agents measure their NAT's mapping against (default: the agents' port plus
+    /// one, on the same IP; a random port if that is taken).
+    pub probe_listen: Option<SocketAddr>,
 }
 
 impl ControllerConfig {
@@ -73,6 +79,8 @@ impl ControllerConfig {
             checkpoint_interval: Duration::from_secs(30),
             overlay_subnet: crate::networks::DEFAULT_OVERLAY_SUBNET,
             overlay_mtu: crate::networks::DEFAULT_OVERLAY_MTU,
+            netmap_validity: Duration::from_secs(24 * 3600),
+            probe_listen: None,
         }
     }
 }
@@ -136,6 +144,8 @@ pub struct Controller {
     pub(crate) config: ControllerConfig,
     pub(crate) live: Mutex<LiveState>,
     pub(crate) admin_token_sha256: [u8; 32],
+    /// The overlay coordinator, relay and path reports.
+    pub(crate) overlay: Arc<OverlayHub>,
     /// Liveness changes go through one worker so they reach the store in the order they happened.
     transitions: mpsc::UnboundedSender<Vec<Transition>>,
     transitions_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<Transition>>>>,
@@ -150,6 +160,7 @@ impl Controller {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| ServeError::DataDir(config.data_dir.clone(), e))?;
         let store = Store::open(&config.data_dir.join("store"))?;
         store.ensure_default_network(config.overlay_subnet, config.overlay_mtu)?;
+        let overlay = Arc::new(OverlayHub::open(&store, config.netmap_validity)?);
         let ca = Ca::load_or_create(&config.data_dir)?;
         let admin_token_sha256 = ensure_admin_conf(&config, &store, &ca, api_addr)?;
         let mut liveness = Liveness::new(config.heartbeat_interval, config.down_after);
@@ -170,6 +181,7 @@ impl Controller {
             config,
             live: Mutex::new(LiveState { liveness, nodes, conns: HashMap::new(), next_conn_id: 0 }),
             admin_token_sha256,
+            overlay,
         }))
     }
 
@@ -208,6 +220,7 @@ impl Controller {
                 Ok(changes) => self.membership_changed(changes),
                 Err(e) => warn!(node = %id, cause = %e, "could not drop the removed node's overlay memberships"),
             }
+            self.overlay.forget(id);
         }
         let mut live = self.live();
         live.liveness.forget(id);
@@ -326,10 +339,11 @@ pub async fn run(
     endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
     let endpoint = quinn::Endpoint::new(
         endpoint_config,
-        Some(server_config),
+        Some(server_config.clone()),
         quic_socket,
         Arc::new(quinn::TokioRuntime),
     )?;
+    let probe = bind_probe(&controller, quic_addr, server_config);
     let api = crate::api::serve(controller.clone(), api_listener)?;
     info!(quic = %quic_addr, api = %api_addr, ca = %hex::encode(controller.ca.sha256()), "controller running");
 
@@ -359,6 +373,10 @@ pub async fn run(
         _ = shutdown => info!("shutting down"),
     }
     sweeper.abort();
+    if let Some((probe_endpoint, task)) = probe {
+        probe_endpoint.close(close_code::DONE.into(), b"controller shutting down");
+        task.abort();
+    }
     if let Some(r) = recorder {
         r.abort();
     }
@@ -369,6 +387,38 @@ pub async fn run(
     // Give the close frames a moment to leave so agents reconnect promptly instead of timing out.
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     Ok(())
+}
+
+/// Binds the NAT probe port (see [`overlay_hub::serve_probe`]); without one agents report their NAT
+/// mapping as unknown, which only costs them the faster choice of the relay for symmetric NATs.
+fn bind_probe(
+    controller: &Arc<Controller>,
+    quic_addr: SocketAddr,
+    server_config: quinn::ServerConfig,
+) -> Option<(quinn::Endpoint, tokio::task::JoinHandle<()>)> {
+    let wanted = controller.config.probe_listen.unwrap_or_else(|| overlay_hub::default_probe_addr(quic_addr));
+    let socket = std::net::UdpSocket::bind(wanted)
+        .or_else(|e| {
+            if controller.config.probe_listen.is_some() {
+                return Err(e);
+            }
+            std::net::UdpSocket::bind(SocketAddr::new(quic_addr.ip(), 0))
+        })
+        .and_then(|s| quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server_config), s, Arc::new(quinn::TokioRuntime)));
+    match socket {
+        Ok(endpoint) => {
+            let port = endpoint.local_addr().ok().map(|a| a.port());
+            info!(port = ?port, "NAT probe port listening");
+            controller.overlay.set_probe_port(port);
+            let task = tokio::spawn(overlay_hub::serve_probe(endpoint.clone()));
+            Some((endpoint, task))
+        }
+        Err(e) => {
+            warn!(addr = %wanted, cause = %e, "no NAT probe port; agents will not learn their NAT's mapping behaviour");
+            controller.overlay.set_probe_port(None);
+            None
+        }
+    }
 }
 
 /// Kernel buffer asked for the agents' UDP socket, each way. Every agent's packets arrive on this one
@@ -431,9 +481,13 @@ enum ConnError {
 
 async fn handle_connection(controller: Arc<Controller>, incoming: quinn::Incoming) -> Result<(), ConnError> {
     let conn = incoming.await?;
+    let mut node_key = None;
     let node = match tls::peer_chain(&conn).and_then(|chain| chain.first().map(|c| pki::cert_info(c))) {
         None => None,
-        Some(Ok(info)) => Some(info.node_id),
+        Some(Ok(info)) => {
+            node_key = Some(info.key_sha256);
+            Some(info.node_id)
+        }
         Some(Err(e)) => {
             conn.close(close_code::REVOKED.into(), format!("unusable certificate: {e}").as_bytes());
             return Ok(());
@@ -486,8 +540,15 @@ async fn handle_connection(controller: Arc<Controller>, incoming: quinn::Incomin
         }
     }
 
-    let result = drive(&controller, &conn, &mut send, &mut recv, &mut session, &mut revoke_rx, hello_deadline).await;
+    let (overlay_tx, mut overlay_rx) = mpsc::unbounded_channel();
+    let mut ctx = ConnCtx { conn: conn.clone(), conn_id: conn_id.unwrap_or(0), node_key, overlay_tx, relay: None };
+    let result =
+        drive(&controller, &mut ctx, &mut send, &mut recv, &mut session, &mut revoke_rx, &mut overlay_rx, hello_deadline).await;
+    if let Some(relay) = ctx.relay.take() {
+        relay.abort();
+    }
     if let (Some(id), Some(cid)) = (&node, conn_id) {
+        controller.overlay.disconnected(id, cid);
         forget_connection(&controller, id, cid);
     }
     result
@@ -501,15 +562,31 @@ fn forget_connection(controller: &Controller, id: &NodeId, conn_id: u64) {
     }
 }
 
+/// What a connection's actions need besides the session.
+struct ConnCtx {
+    conn: quinn::Connection,
+    conn_id: u64,
+    /// SHA-256 of the node certificate's public key.
+    node_key: Option<[u8; 32]>,
+    /// Netmap deltas and punch requests for this agent, queued by other connections and the API.
+    overlay_tx: mpsc::UnboundedSender<ControllerMsg>,
+    /// The task relaying this agent's datagrams, once it joined the overlay.
+    relay: Option<tokio::task::JoinHandle<()>>,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     controller: &Arc<Controller>,
-    conn: &quinn::Connection,
+    ctx: &mut ConnCtx,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     session: &mut Session,
     revoke_rx: &mut mpsc::UnboundedReceiver<String>,
+    overlay_rx: &mut mpsc::UnboundedReceiver<ControllerMsg>,
     hello_deadline: tokio::time::Instant,
 ) -> Result<(), ConnError> {
+    let conn = ctx.conn.clone();
+    let conn = &conn;
     let hello_deadline = tokio::time::sleep_until(hello_deadline);
     tokio::pin!(hello_deadline);
     loop {
@@ -536,9 +613,10 @@ async fn drive(
                 conn.close(close_code::PROTOCOL.into(), b"no Hello");
                 return Err(ConnError::HelloTimeout);
             }
+            Some(msg) = overlay_rx.recv() => vec![Action::Send(msg)],
         };
         for action in actions {
-            let follow_up = perform(controller, session, action).await;
+            let follow_up = perform(controller, ctx, session, action).await;
             for a in follow_up {
                 if apply(conn, send, a).await? {
                     return Ok(());
@@ -575,7 +653,7 @@ async fn apply(conn: &quinn::Connection, send: &mut quinn::SendStream, action: A
 }
 
 /// Performs registry work for an action; returns transport actions (send/close).
-async fn perform(controller: &Arc<Controller>, session: &mut Session, action: Action) -> Vec<Action> {
+async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut Session, action: Action) -> Vec<Action> {
     match action {
         Action::Send(_) | Action::Close(..) => vec![action],
         Action::Enrol { request, hello } => {
@@ -644,8 +722,42 @@ async fn perform(controller: &Arc<Controller>, session: &mut Session, action: Ac
             }
             vec![]
         }
-        // Wired to the overlay coordinator below.
-        Action::Overlay(_) | Action::Paths(_) | Action::Punch(_) => vec![],
+        Action::Overlay(hello) => {
+            let (Some(node), Some(key)) = (session.node().cloned(), ctx.node_key) else { return vec![] };
+            let c = controller.clone();
+            let n = node.clone();
+            let index = tokio::task::spawn_blocking(move || {
+                c.store.set_node_key(&n, key).map_err(|e| e.to_string())?;
+                c.store.peer_index(&n).map_err(|e| e.to_string())
+            })
+            .await;
+            let index = match index {
+                Ok(Ok(i)) => i,
+                Ok(Err(e)) => {
+                    warn!(node = %node, cause = %e, "overlay state unavailable; the agent will retry on its next connection");
+                    return vec![];
+                }
+                Err(_) => return vec![],
+            };
+            let msgs = controller.overlay.hello(&node, ctx.conn_id, &ctx.conn, &ctx.overlay_tx, index, key, &hello);
+            if ctx.relay.is_none() {
+                ctx.relay = Some(tokio::spawn(controller.overlay.clone().relay(node.clone(), index, ctx.conn.clone())));
+                info!(node = %node, index = index.0, observed = %ctx.conn.remote_address(), nat = ?hello.nat, "agent joined the overlay");
+            }
+            msgs.into_iter().map(Action::Send).collect()
+        }
+        Action::Paths(report) => {
+            if let Some(node) = session.node() {
+                controller.overlay.paths_reported(node, report);
+            }
+            vec![]
+        }
+        Action::Punch(p) => {
+            if let Some(node) = session.node() {
+                controller.overlay.punch(node, &p);
+            }
+            vec![]
+        }
     }
 }
 

@@ -55,7 +55,8 @@ fn roots(ca_der: &[u8]) -> Result<Arc<RootCertStore>, TlsError> {
 pub fn control_transport(keep_alive: Option<Duration>) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(4u32.into())
-        .max_concurrent_uni_streams(0u32.into())
+        // One: the controller's NAT probe port answers on a stream it opens.
+        .max_concurrent_uni_streams(1u32.into())
         .stream_receive_window((256u32 * 1024).into())
         .receive_window((1024u32 * 1024).into())
         .send_window(1024 * 1024)

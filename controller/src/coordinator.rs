@@ -1,0 +1,479 @@
+//! The overlay coordinator: who is in which network, where each node can be reached, and which netmap
+//! changes each connected agent must hear. A state machine with no I/O.
+//!
+//! Every change is turned into per-recipient [`NetmapChange`]s touching only what changed: a node
+//! joining a network of N members costs one peer record for each of the N members and one full
+//! picture for the newcomer, never a rebuild of everyone's map. Versions are `epoch << 32 | counter`;
+//! the epoch rises at every controller start, so an agent's cached version from an earlier run never
+//! passes for current.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use shoal_proto::{
+    ControllerMsg, MacAddr, NatMapping, Netmap, NetmapChange, NetmapDelta, NetworkId, NetworkMembership, NodeId,
+    OverlayHello, Peer, PeerIndex, PeerNetwork, UnixMillis,
+};
+
+use crate::networks::{MembershipChange, NetworkRecord, OverlaySnapshot};
+
+#[derive(Debug, Clone)]
+struct NodeInfo {
+    index: PeerIndex,
+    key: Option<[u8; 32]>,
+    observed: Option<SocketAddr>,
+    local: Vec<SocketAddr>,
+    nat: NatMapping,
+    /// Networks and this node's MAC and address in each.
+    networks: BTreeMap<NetworkId, (MacAddr, std::net::Ipv4Addr)>,
+}
+
+impl NodeInfo {
+    fn new(index: PeerIndex, key: Option<[u8; 32]>) -> Self {
+        Self { index, key, observed: None, local: Vec::new(), nat: NatMapping::Unknown, networks: BTreeMap::new() }
+    }
+
+    fn endpoints(&self) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = self.observed.into_iter().collect();
+        out.extend(self.local.iter().filter(|a| Some(**a) != self.observed));
+        out
+    }
+}
+
+/// A message for one connected agent.
+pub type Delivery = (NodeId, ControllerMsg);
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct Coordinator {
+    epoch: u32,
+    counter: u32,
+    validity: Duration,
+    networks: BTreeMap<NetworkId, (NetworkRecord, BTreeSet<NodeId>)>,
+    nodes: HashMap<NodeId, NodeInfo>,
+    /// Connected overlay agents and the version each was last brought to.
+    subscribed: HashMap<NodeId, u64>,
+}
+
+impl Coordinator {
+    /// A coordinator for this controller run (`epoch`), loaded from the store. A cached netmap stays
+    /// usable for `validity` after the controller last confirmed it.
+    pub fn new(epoch: u32, snapshot: OverlaySnapshot, validity: Duration) -> Self {
+        let mut nodes: HashMap<NodeId, NodeInfo> =
+            snapshot.nodes.into_iter().map(|(id, n)| (id, NodeInfo::new(n.index, n.key_sha256))).collect();
+        let mut networks = BTreeMap::new();
+        for net in snapshot.networks {
+            let mut members = BTreeSet::new();
+            for m in net.members {
+                if let Some(n) = nodes.get_mut(&m.node) {
+                    n.networks.insert(net.network.id, (m.mac, m.address));
+                    members.insert(m.node);
+                }
+            }
+            networks.insert(net.network.id, (net.network, members));
+        }
+        Self { epoch, counter: 0, validity, networks, nodes, subscribed: HashMap::new() }
+    }
+
+    /// The current version.
+    pub fn version(&self) -> u64 {
+        (u64::from(self.epoch) << 32) | u64::from(self.counter)
+    }
+
+    fn valid_until(&self, now: UnixMillis) -> UnixMillis {
+        UnixMillis(now.0 + self.validity.as_millis() as u64)
+    }
+
+    /// Makes a node known (it has a peer index), or updates its key. Returns peer updates when the
+    /// key changed.
+    pub fn node_known(&mut self, node: &NodeId, index: PeerIndex, key: Option<[u8; 32]>, now: UnixMillis) -> Vec<Delivery> {
+        match self.nodes.get_mut(node) {
+            None => {
+                self.nodes.insert(node.clone(), NodeInfo::new(index, key));
+                vec![]
+            }
+            Some(n) if key.is_some() && n.key != key => {
+                n.key = key;
+                n.index = index;
+                self.peer_changed(node, now)
+            }
+            Some(n) => {
+                n.index = index;
+                vec![]
+            }
+        }
+    }
+
+    /// An agent connected with overlay support: returns what it needs first (a full netmap, or an
+    /// empty delta that renews its cached one's validity), then peer updates for its new endpoints.
+    pub fn subscribe(
+        &mut self,
+        node: &NodeId,
+        observed: SocketAddr,
+        hello: &OverlayHello,
+        now: UnixMillis,
+    ) -> (ControllerMsg, Vec<Delivery>) {
+        let changed = self.nodes.get_mut(node).is_some_and(|n| {
+            let changed = n.observed != Some(observed) || n.local != hello.local_endpoints || n.nat != hello.nat;
+            n.observed = Some(observed);
+            n.local = hello.local_endpoints.clone();
+            n.nat = hello.nat;
+            changed
+        });
+        let updates = if changed { self.peer_changed(node, now) } else { vec![] };
+        let version = self.version();
+        let first = if hello.netmap_version == Some(version) {
+            ControllerMsg::NetmapDelta(NetmapDelta {
+                from_version: version,
+                to_version: version,
+                valid_until: self.valid_until(now),
+                changes: vec![],
+            })
+        } else {
+            ControllerMsg::Netmap(self.netmap(node, now))
+        };
+        self.subscribed.insert(node.clone(), version);
+        (first, updates)
+    }
+
+    /// The agent's connection ended.
+    pub fn unsubscribe(&mut self, node: &NodeId) {
+        self.subscribed.remove(node);
+    }
+
+    /// Whether a node is a known overlay node.
+    pub fn knows(&self, node: &NodeId) -> bool {
+        self.nodes.contains_key(node)
+    }
+
+    /// Where a node can be reached, for punch requests.
+    pub fn endpoints(&self, node: &NodeId) -> Vec<SocketAddr> {
+        self.nodes.get(node).map(NodeInfo::endpoints).unwrap_or_default()
+    }
+
+    /// Whether two nodes share a network (the relay and punch requests serve only such pairs).
+    pub fn share_network(&self, a: &NodeId, b: &NodeId) -> bool {
+        match (self.nodes.get(a), self.nodes.get(b)) {
+            (Some(a), Some(b)) => a.networks.keys().any(|n| b.networks.contains_key(n)),
+            _ => false,
+        }
+    }
+
+    /// The full netmap for `node`.
+    pub fn netmap(&self, node: &NodeId, now: UnixMillis) -> Netmap {
+        let Some(me) = self.nodes.get(node) else {
+            return Netmap { version: self.version(), valid_until: self.valid_until(now), ..Default::default() };
+        };
+        let networks = me.networks.iter().filter_map(|(id, (mac, addr))| self.membership(*id, *mac, *addr)).collect();
+        let mut peer_ids = BTreeSet::new();
+        for id in me.networks.keys() {
+            if let Some((_, members)) = self.networks.get(id) {
+                peer_ids.extend(members.iter().filter(|m| *m != node));
+            }
+        }
+        let peers = peer_ids.into_iter().filter_map(|p| self.peer_for(p, node)).collect();
+        Netmap { version: self.version(), valid_until: self.valid_until(now), networks, peers }
+    }
+
+    fn membership(&self, id: NetworkId, mac: MacAddr, address: std::net::Ipv4Addr) -> Option<NetworkMembership> {
+        let (rec, _) = self.networks.get(&id)?;
+        Some(NetworkMembership {
+            id,
+            name: rec.name.clone(),
+            subnet: rec.subnet,
+            prefix_len: rec.prefix_len,
+            mac,
+            address,
+            mtu: rec.mtu,
+        })
+    }
+
+    /// `peer` as `viewer` sees it: only the networks they share. `None` if they share none.
+    fn peer_for(&self, peer: &NodeId, viewer: &NodeId) -> Option<Peer> {
+        let p = self.nodes.get(peer)?;
+        let v = self.nodes.get(viewer)?;
+        let networks: Vec<PeerNetwork> = p
+            .networks
+            .iter()
+            .filter(|(id, _)| v.networks.contains_key(id))
+            .map(|(id, (mac, address))| PeerNetwork { id: *id, mac: *mac, address: *address })
+            .collect();
+        if networks.is_empty() {
+            return None;
+        }
+        Some(Peer {
+            node: peer.clone(),
+            index: p.index,
+            key_sha256: p.key.unwrap_or([0; 32]),
+            endpoints: p.endpoints(),
+            nat: p.nat,
+            networks,
+        })
+    }
+
+    /// Everyone who shares a network with `node`.
+    fn neighbours(&self, node: &NodeId) -> BTreeSet<NodeId> {
+        let mut out = BTreeSet::new();
+        if let Some(n) = self.nodes.get(node) {
+            for id in n.networks.keys() {
+                if let Some((_, members)) = self.networks.get(id) {
+                    out.extend(members.iter().filter(|m| *m != node).cloned());
+                }
+            }
+        }
+        out
+    }
+
+    /// `node`'s record changed (endpoints, key): its neighbours get the new one.
+    fn peer_changed(&mut self, node: &NodeId, now: UnixMillis) -> Vec<Delivery> {
+        let mut changes: BTreeMap<NodeId, Vec<NetmapChange>> = BTreeMap::new();
+        for viewer in self.neighbours(node) {
+            if let Some(p) = self.peer_for(node, &viewer) {
+                changes.entry(viewer).or_default().push(NetmapChange::Peer(p));
+            }
+        }
+        self.deliver(changes, now)
+    }
+
+    /// Applies membership changes from the store; returns each connected agent's delta.
+    pub fn apply(&mut self, changes: &[MembershipChange], now: UnixMillis) -> Vec<Delivery> {
+        let mut out: BTreeMap<NodeId, Vec<NetmapChange>> = BTreeMap::new();
+        for change in changes {
+            match change {
+                MembershipChange::NetworkCreated(rec) => {
+                    self.networks.entry(rec.id).or_insert_with(|| (rec.clone(), BTreeSet::new())).0 = rec.clone();
+                }
+                MembershipChange::NetworkDeleted(id) => {
+                    self.networks.remove(id);
+                }
+                MembershipChange::Joined { network, node, mac, address } => {
+                    let Some(n) = self.nodes.get_mut(node) else { continue };
+                    n.networks.insert(*network, (*mac, *address));
+                    let Some((_, members)) = self.networks.get_mut(network) else { continue };
+                    members.insert(node.clone());
+                    let others: Vec<NodeId> = members.iter().filter(|m| *m != node).cloned().collect();
+                    if let Some(m) = self.membership(*network, *mac, *address) {
+                        out.entry(node.clone()).or_default().push(NetmapChange::Network(m));
+                    }
+                    for other in others {
+                        if let Some(p) = self.peer_for(&other, node) {
+                            out.entry(node.clone()).or_default().push(NetmapChange::Peer(p));
+                        }
+                        if let Some(p) = self.peer_for(node, &other) {
+                            out.entry(other).or_default().push(NetmapChange::Peer(p));
+                        }
+                    }
+                }
+                MembershipChange::Left { network, node } => {
+                    if let Some(n) = self.nodes.get_mut(node) {
+                        n.networks.remove(network);
+                    }
+                    let others: Vec<NodeId> = match self.networks.get_mut(network) {
+                        Some((_, members)) => {
+                            members.remove(node);
+                            members.iter().cloned().collect()
+                        }
+                        None => vec![],
+                    };
+                    out.entry(node.clone()).or_default().push(NetmapChange::NetworkGone(*network));
+                    for other in others {
+                        let (to_node, to_other) = match (self.peer_for(&other, node), self.peer_for(node, &other)) {
+                            (Some(a), Some(b)) => (NetmapChange::Peer(a), NetmapChange::Peer(b)),
+                            _ => (NetmapChange::PeerGone(other.clone()), NetmapChange::PeerGone(node.clone())),
+                        };
+                        out.entry(node.clone()).or_default().push(to_node);
+                        out.entry(other).or_default().push(to_other);
+                    }
+                }
+                #[allow(unreachable_patterns)]
+                _ => {}
+            }
+        }
+        self.deliver(out, now)
+    }
+
+    /// A node left the fleet: forget it (its memberships' `Left` changes come through [`Self::apply`]).
+    pub fn forget(&mut self, node: &NodeId) {
+        self.nodes.remove(node);
+        self.subscribed.remove(node);
+    }
+
+    /// Bumps the version once and turns per-recipient changes into deltas for connected agents.
+    fn deliver(&mut self, changes: BTreeMap<NodeId, Vec<NetmapChange>>, now: UnixMillis) -> Vec<Delivery> {
+        if changes.is_empty() {
+            return vec![];
+        }
+        self.counter = self.counter.wrapping_add(1);
+        let version = self.version();
+        let valid_until = self.valid_until(now);
+        let mut out = Vec::new();
+        for (node, changes) in changes {
+            if let Some(sent) = self.subscribed.get_mut(&node) {
+                out.push((
+                    node,
+                    ControllerMsg::NetmapDelta(NetmapDelta { from_version: *sent, to_version: version, valid_until, changes }),
+                ));
+                *sent = version;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::networks::{MemberRecord, NetworkSnapshot, NodeOverlay};
+
+    fn n(s: &str) -> NodeId {
+        NodeId(s.into())
+    }
+
+    fn net(id: u32, name: &str) -> NetworkRecord {
+        NetworkRecord {
+            id: NetworkId(id),
+            name: name.into(),
+            subnet: "10.90.0.0".parse().unwrap(),
+            prefix_len: 16,
+            mtu: 1380,
+            selectors: vec![],
+            created_at: UnixMillis(0),
+        }
+    }
+
+    fn mac(i: u8) -> MacAddr {
+        MacAddr([2, 0x5e, 0, 0, 0, i])
+    }
+
+    fn joined(network: u32, node: &str, i: u8) -> MembershipChange {
+        MembershipChange::Joined { network: NetworkId(network), node: n(node), mac: mac(i), address: [10, 90, 0, i].into() }
+    }
+
+    fn hello() -> OverlayHello {
+        OverlayHello { netmap_version: None, local_endpoints: vec!["10.0.0.9:7000".parse().unwrap()], nat: NatMapping::EndpointIndependent }
+    }
+
+    fn coordinator() -> Coordinator {
+        let snapshot = OverlaySnapshot {
+            networks: vec![NetworkSnapshot { network: net(1, "default"), members: vec![] }],
+            nodes: BTreeMap::new(),
+        };
+        Coordinator::new(3, snapshot, Duration::from_secs(3600))
+    }
+
+    fn delta(msg: &ControllerMsg) -> &NetmapDelta {
+        match msg {
+            ControllerMsg::NetmapDelta(d) => d,
+            other => panic!("expected a delta, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_joining_node_costs_one_record_per_member_and_deltas_chain_per_recipient() {
+        let mut c = coordinator();
+        let now = UnixMillis(1000);
+        for (i, id) in ["a", "b", "c"].iter().enumerate() {
+            c.node_known(&n(id), PeerIndex(i as u32 + 1), Some([i as u8; 32]), now);
+        }
+        c.apply(&[joined(1, "a", 1), joined(1, "b", 2)], now);
+        let (first, _) = c.subscribe(&n("a"), "198.51.100.1:7000".parse().unwrap(), &hello(), now);
+        let ControllerMsg::Netmap(map_a) = first else { panic!("full netmap first") };
+        assert_eq!(map_a.peers.len(), 1);
+        assert_eq!(map_a.peers[0].node, n("b"));
+        let (first_b, updates) = c.subscribe(&n("b"), "198.51.100.2:7000".parse().unwrap(), &hello(), now);
+        assert!(matches!(first_b, ControllerMsg::Netmap(_)));
+        // A hears B's new endpoints.
+        assert_eq!(updates.len(), 1);
+        let d = delta(&updates[0].1);
+        assert_eq!(d.from_version, map_a.version);
+        let mut map_a = map_a;
+        map_a.apply(d).unwrap();
+        assert_eq!(map_a.peers[0].endpoints[0], "198.51.100.2:7000".parse::<SocketAddr>().unwrap());
+
+        let out = c.apply(&[joined(1, "c", 3)], now);
+        let to_a: Vec<_> = out.iter().filter(|(to, _)| *to == n("a")).collect();
+        assert_eq!(to_a.len(), 1);
+        let d = delta(&to_a[0].1);
+        assert!(matches!(&d.changes[..], [NetmapChange::Peer(p)] if p.node == n("c")), "{d:?}");
+        map_a.apply(d).unwrap();
+        assert_eq!(map_a, c.netmap(&n("a"), now).clone_with_version(map_a.version));
+    }
+
+    trait WithVersion {
+        fn clone_with_version(self, v: u64) -> Self;
+    }
+    impl WithVersion for Netmap {
+        fn clone_with_version(mut self, v: u64) -> Self {
+            self.version = v;
+            self
+        }
+    }
+
+    #[test]
+    fn leaving_tells_both_sides_and_networks_stay_apart() {
+        let mut c = coordinator();
+        let now = UnixMillis(0);
+        c.apply(&[MembershipChange::NetworkCreated(net(2, "lab"))], now);
+        for (i, id) in ["a", "b", "x"].iter().enumerate() {
+            c.node_known(&n(id), PeerIndex(i as u32 + 1), None, now);
+        }
+        c.apply(&[joined(1, "a", 1), joined(1, "b", 2), joined(2, "a", 11), joined(2, "x", 12)], now);
+        assert!(c.share_network(&n("a"), &n("x")));
+        assert!(!c.share_network(&n("b"), &n("x")), "b and x are in different networks");
+        let x_view = c.netmap(&n("x"), now);
+        assert_eq!(x_view.peers.len(), 1);
+        assert_eq!(x_view.peers[0].networks.len(), 1, "x sees only the network it shares with a");
+        for id in ["a", "b", "x"] {
+            c.subscribe(&n(id), "192.0.2.1:1".parse().unwrap(), &hello(), now);
+        }
+        let out = c.apply(&[MembershipChange::Left { network: NetworkId(1), node: n("b") }], now);
+        let to_b = delta(&out.iter().find(|(to, _)| *to == n("b")).unwrap().1);
+        assert!(to_b.changes.contains(&NetmapChange::NetworkGone(NetworkId(1))));
+        assert!(to_b.changes.contains(&NetmapChange::PeerGone(n("a"))));
+        let to_a = delta(&out.iter().find(|(to, _)| *to == n("a")).unwrap().1);
+        assert_eq!(to_a.changes, vec![NetmapChange::PeerGone(n("b"))]);
+        assert!(out.iter().all(|(to, _)| *to != n("x")), "x is not told about another network");
+    }
+
+    #[test]
+    fn a_current_cache_gets_an_empty_delta_and_a_new_epoch_never_matches() {
+        let mut c = coordinator();
+        let now = UnixMillis(0);
+        c.node_known(&n("a"), PeerIndex(1), None, now);
+        c.apply(&[joined(1, "a", 1)], now);
+        let v = c.version();
+        let mut h = hello();
+        h.netmap_version = Some(v);
+        let (first, _) = c.subscribe(&n("a"), "192.0.2.1:1".parse().unwrap(), &h, UnixMillis(5));
+        let d = delta(&first);
+        assert!(d.changes.is_empty() && d.from_version == v && d.valid_until == UnixMillis(5 + 3_600_000));
+        let c2 = Coordinator::new(4, OverlaySnapshot::default(), Duration::from_secs(1));
+        assert_ne!(c2.version() >> 32, v >> 32);
+    }
+
+    #[test]
+    fn loads_members_from_the_store_snapshot() {
+        let mut nodes = BTreeMap::new();
+        nodes.insert(n("a"), NodeOverlay { index: PeerIndex(1), key_sha256: Some([1; 32]) });
+        nodes.insert(n("b"), NodeOverlay { index: PeerIndex(2), key_sha256: None });
+        let member = |node: &str, i: u8| MemberRecord {
+            network: NetworkId(1),
+            node: n(node),
+            mac: mac(i),
+            address: [10, 90, 0, i].into(),
+            explicit: false,
+            via_selector: false,
+        };
+        let snapshot = OverlaySnapshot {
+            networks: vec![NetworkSnapshot { network: net(1, "default"), members: vec![member("a", 1), member("b", 2)] }],
+            nodes,
+        };
+        let c = Coordinator::new(1, snapshot, Duration::from_secs(60));
+        let map = c.netmap(&n("b"), UnixMillis(0));
+        assert_eq!(map.networks[0].address, std::net::Ipv4Addr::new(10, 90, 0, 2));
+        assert_eq!(map.peers[0].key_sha256, [1; 32]);
+    }
+}
