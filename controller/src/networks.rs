@@ -1104,10 +1104,11 @@ impl Store {
 }
 
 impl Controller {
-    /// Called after every change of overlay membership; the overlay coordinator hooks in here.
+    /// Called after every change of overlay membership: connected agents get their netmap deltas.
     pub(crate) fn membership_changed(&self, changes: Vec<MembershipChange>) {
         if !changes.is_empty() {
             debug!(changes = changes.len(), "overlay membership changed");
+            self.overlay.membership_changed(&self.store, &changes);
         }
     }
 }

@@ -12,7 +12,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::bins::Bins;
-use crate::netns::Topology;
+use crate::netns::{NatMode, Topology};
 use crate::process::{describe_status, dump_logs, output_with_timeout, Proc, ProcSpec};
 use crate::wait::{abort, eventually};
 
@@ -391,10 +391,24 @@ impl Fleet {
 
     /// Adds a host on the LAN and starts an agent there with `token`; the agent's index.
     pub fn add_agent(&mut self, token: &str) -> Result<usize> {
+        self.add_agent_on(token, LAN)
+    }
+
+    /// Adds an agent behind a NAT router of its own (`nat-<n>`, private LAN `lan-<n>`, 10.200.n.0/24) whose
+    /// public side is on the fleet's LAN, where the controller is.
+    pub fn add_agent_behind_nat(&mut self, token: &str, mode: NatMode) -> Result<usize> {
+        let number = self.agents.len() + 1;
+        let (router, lan) = (format!("nat-{number}"), format!("lan-{number}"));
+        self.topo.add_nat_router(&router, LAN, &lan, &format!("10.200.{number}.0/24"), mode)?;
+        self.add_agent_on(token, &lan)
+    }
+
+    /// Adds an agent on LAN `lan` of the topology.
+    pub fn add_agent_on(&mut self, token: &str, lan: &str) -> Result<usize> {
         let number = self.agents.len() + 1;
         let hostname = format!("agent-{number}");
         self.topo.add_host(&hostname)?;
-        let iface = self.topo.connect(&hostname, LAN)?;
+        let iface = self.topo.connect(&hostname, lan)?;
         let netns = self.topo.host(&hostname)?.ns_name().to_string();
         let state_dir = self.dir().join(&hostname);
         std::fs::create_dir_all(&state_dir)?;
