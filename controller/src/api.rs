@@ -114,6 +114,8 @@ pub fn router(controller: Ctl) -> Router {
         .route("/v1/networks", get(list_networks).post(create_network))
         .route("/v1/networks/{name}", get(show_network).delete(delete_network))
         .route("/v1/networks/{name}/members", axum::routing::post(add_member).delete(remove_member))
+        .route("/v1/overlay/paths", get(overlay_paths))
+        .route("/v1/overlay/counters", get(overlay_counters))
         .layer(middleware::from_fn_with_state(controller.clone(), authenticate))
         .with_state(controller)
 }
@@ -310,6 +312,46 @@ async fn list_events(State(ctl): State<Ctl>, Query(q): Query<EventQuery>) -> Res
         ))
     })
     .await
+}
+
+async fn overlay_paths(State(ctl): State<Ctl>) -> Json<Vec<crate::view::PathView>> {
+    let mut out = Vec::new();
+    for (node, r) in ctl.overlay.reported_paths() {
+        for p in r.report.paths {
+            out.push(crate::view::PathView {
+                from: node.0.clone(),
+                to: p.peer.0,
+                kind: match p.kind {
+                    shoal_proto::PathKind::Direct => "direct",
+                    shoal_proto::PathKind::Relay => "relay",
+                }
+                .to_owned(),
+                remote: p.remote.map(|a| a.to_string()),
+                rtt_ms: (p.rtt_ms * 1000.0).round() / 1000.0,
+                tx_bytes: p.tx_bytes,
+                rx_bytes: p.rx_bytes,
+                reported_at: rfc3339(r.at.0),
+            });
+        }
+    }
+    Json(out)
+}
+
+async fn overlay_counters(State(ctl): State<Ctl>) -> Json<Vec<crate::view::OverlayCountersView>> {
+    Json(
+        ctl.overlay
+            .reported_paths()
+            .into_iter()
+            .map(|(node, r)| crate::view::OverlayCountersView {
+                node: node.0,
+                forwarded: r.report.counters.forwarded,
+                flooded: r.report.counters.flooded,
+                delivered: r.report.counters.delivered,
+                dropped: r.report.counters.dropped.into_iter().collect(),
+                reported_at: rfc3339(r.at.0),
+            })
+            .collect(),
+    )
 }
 
 async fn fleet_report(State(ctl): State<Ctl>) -> Result<Json<FleetReport>, HttpError> {

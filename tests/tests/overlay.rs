@@ -1,22 +1,39 @@
-//! The overlay end to end: real agents with real TAP devices, each host in its own network namespace.
+//! The overlay end to end, as an operator sees it: real agents with real TAP devices (`shoal0`), each host
+//! in its own network namespace, NAT routers in between (iptables MASQUERADE for endpoint-independent
+//! mapping, `--random-fully` for endpoint-dependent), checked with ping, arping, broadcasts, a TCP flow,
+//! and `shoalctl overlay paths`.
 //!
 //! Needs root (skips with a reason otherwise, fails under CI) and the binaries: `cargo build --workspace --bins`.
 
-use std::net::Ipv4Addr;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+use shoal_tests::netns::NatMode;
 use shoal_tests::{eventually, require_host_tests, Fleet, FleetConfig, OrPanic};
 
 /// Deadline for agents to get their netmap and bring their TAP device up.
 const TAP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline for a path to come up (direct attempts back off to 15 s between rounds).
+const PATH_TIMEOUT: Duration = Duration::from_secs(40);
+/// The overlay's default MTU.
+const OVERLAY_MTU: usize = 1380;
 
-/// Runs a command in a namespace; its stdout, or an error with its stderr.
+/// Runs a command in a namespace; its stdout, or an error with its output.
 fn in_ns(ns: &str, program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new("ip").args(["netns", "exec", ns, program]).args(args).output()?;
     if !out.status.success() {
-        bail!("`{program} {}` in {ns} failed: {}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "`{program} {}` in {ns} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -37,17 +54,234 @@ fn ping(ns: &str, to: Ipv4Addr) -> Result<String> {
     in_ns(ns, "ping", &["-c", "1", "-W", "1", &to.to_string()])
 }
 
+/// A fleet whose controller sits on the public LAN and whose agents sit behind NATs of `mode` (or on
+/// the LAN itself with `None`).
+fn fleet(agents: usize, mode: Option<NatMode>) -> Result<Fleet> {
+    let mut fleet = Fleet::start(FleetConfig { wait_up: false, ..FleetConfig::fast().agents(0) })?;
+    let token = fleet.create_token(&["--ttl", "1h", "--uses", &agents.to_string()])?;
+    for _ in 0..agents {
+        match mode {
+            Some(mode) => fleet.add_agent_behind_nat(&token, mode)?,
+            None => fleet.add_agent(&token)?,
+        };
+    }
+    fleet.wait_all_up(Duration::from_secs(60))?;
+    Ok(fleet)
+}
+
+/// Each agent's `shoal0` address, once all have one.
+fn tap_addrs(fleet: &Fleet) -> Result<Vec<Ipv4Addr>> {
+    eventually(TAP_TIMEOUT, "every agent has shoal0 with an address", || {
+        fleet.agents().iter().map(|a| tap_addr(&a.netns, "shoal0")).collect()
+    })
+}
+
+/// `shoalctl overlay paths -o json`.
+fn paths(fleet: &Fleet) -> Result<Vec<Value>> {
+    let v = fleet.ctl_json(&["overlay", "paths"])?;
+    v.as_array().cloned().with_context(|| format!("overlay paths is not an array: {v}"))
+}
+
+/// Waits until both directions between agents `i` and `j` report a path of `kind`.
+fn wait_path(fleet: &Fleet, i: usize, j: usize, kind: &str, timeout: Duration) -> Result<Vec<Value>> {
+    let (a, b) = (fleet.node_id(i)?, fleet.node_id(j)?);
+    eventually(timeout, &format!("a {kind} path between agents {} and {} both ways", i + 1, j + 1), || {
+        let all = paths(fleet)?;
+        let found: Vec<Value> = all
+            .iter()
+            .filter(|p| (p["from"] == a.as_str() && p["to"] == b.as_str()) || (p["from"] == b.as_str() && p["to"] == a.as_str()))
+            .cloned()
+            .collect();
+        ensure!(
+            found.len() == 2 && found.iter().all(|p| p["kind"] == kind),
+            "paths between {a} and {b}: {found:?}"
+        );
+        Ok(found)
+    })
+}
+
+/// A TCP echo flow from namespace `from` to `to_addr:port` (server in namespace `to`), one small
+/// message every 50 ms, each echo checked. It counts round trips and remembers the first error.
+struct TcpFlow {
+    stop: Arc<AtomicBool>,
+    round_trips: Arc<AtomicU64>,
+    worst_gap_ms: Arc<AtomicU64>,
+    client: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl TcpFlow {
+    fn start(fleet: &Fleet, from: usize, to: usize, to_addr: Ipv4Addr) -> Result<TcpFlow> {
+        let server_host = fleet.agents()[to].hostname.clone();
+        let client_host = fleet.agents()[from].hostname.clone();
+        let listener = fleet.topology().host(&server_host)?.netns().enter(|| TcpListener::bind((to_addr, 0)))??;
+        let port = listener.local_addr()?.port();
+        std::thread::spawn(move || -> Result<()> {
+            let (mut s, _) = listener.accept()?;
+            let mut buf = [0u8; 64];
+            loop {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                s.write_all(&buf[..n])?;
+            }
+        });
+        let stream = fleet
+            .topology()
+            .host(&client_host)?
+            .netns()
+            .enter(|| TcpStream::connect_timeout(&SocketAddr::from((to_addr, port)), Duration::from_secs(5)))??;
+        let stop = Arc::new(AtomicBool::new(false));
+        let round_trips = Arc::new(AtomicU64::new(0));
+        let worst_gap_ms = Arc::new(AtomicU64::new(0));
+        let (st, rt, gap) = (stop.clone(), round_trips.clone(), worst_gap_ms.clone());
+        let client = std::thread::spawn(move || -> Result<()> {
+            let mut s = stream;
+            // Long enough for a path to die and be replaced; TCP retransmits meanwhile.
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let mut last = Instant::now();
+            let mut i = 0u64;
+            while !st.load(Ordering::Relaxed) {
+                let msg = format!("{i:016}");
+                s.write_all(msg.as_bytes())?;
+                let mut back = [0u8; 16];
+                s.read_exact(&mut back).context("echo")?;
+                ensure!(back == msg.as_bytes(), "echo mismatch");
+                let now = Instant::now();
+                gap.fetch_max((now - last).as_millis() as u64, Ordering::Relaxed);
+                last = now;
+                rt.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(())
+        });
+        Ok(TcpFlow { stop, round_trips, worst_gap_ms, client: Some(client) })
+    }
+
+    fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// Waits for `n` more round trips.
+    fn advances(&self, n: u64, timeout: Duration) -> Result<()> {
+        let start = self.round_trips();
+        eventually(timeout, &format!("{n} more TCP round trips"), || {
+            ensure!(!self.client.as_ref().is_some_and(|c| c.is_finished()), "the TCP flow broke");
+            ensure!(self.round_trips() >= start + n, "{} round trips so far", self.round_trips() - start);
+            Ok(())
+        })
+    }
+
+    fn finish(mut self) -> Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(c) = self.client.take() {
+            c.join().map_err(|_| anyhow::anyhow!("TCP client panicked"))??;
+        }
+        Ok(self.worst_gap_ms.load(Ordering::Relaxed))
+    }
+}
+
 #[test]
-fn two_agents_on_a_lan_ping_over_the_overlay() {
+fn agents_on_a_lan_ping_over_the_overlay_at_full_mtu_and_direct() {
     require_host_tests!();
-    let fleet = Fleet::start(FleetConfig::fast().agents(2)).or_panic();
-    let a = fleet.agents()[0].netns.clone();
-    let b = fleet.agents()[1].netns.clone();
-    let (addr_a, addr_b) = eventually(TAP_TIMEOUT, "both agents have shoal0 with an address", || {
-        Ok((tap_addr(&a, "shoal0")?, tap_addr(&b, "shoal0")?))
+    let fleet = fleet(2, None).or_panic();
+    let addrs = tap_addrs(&fleet).or_panic();
+    let (a, b) = (fleet.agents()[0].netns.clone(), fleet.agents()[1].netns.clone());
+    eventually(Duration::from_secs(20), "a pings b over the overlay", || ping(&a, addrs[1])).or_panic();
+    eventually(Duration::from_secs(20), "b pings a over the overlay", || ping(&b, addrs[0])).or_panic();
+    // The largest packet the MTU allows, with Don't Fragment: nothing is dropped for size.
+    let size = (OVERLAY_MTU - 28).to_string();
+    eventually(Duration::from_secs(10), "a full-MTU ping with DF set", || {
+        in_ns(&a, "ping", &["-c", "2", "-W", "1", "-M", "do", "-s", &size, &addrs[1].to_string()])
     })
     .or_panic();
-    assert_ne!(addr_a, addr_b);
-    eventually(Duration::from_secs(std::env::var("OVDBG").map(|_| 300).unwrap_or(20)), "a pings b over the overlay", || ping(&a, addr_b)).or_panic();
-    eventually(Duration::from_secs(20), "b pings a over the overlay", || ping(&b, addr_a)).or_panic();
+    // IPv6 link-local works as on any Ethernet.
+    let ll = in_ns(&b, "ip", &["-6", "-o", "addr", "show", "dev", "shoal0", "scope", "link"]).or_panic();
+    let ll = ll.split_whitespace().skip_while(|w| *w != "inet6").nth(1).and_then(|c| c.split('/').next()).map(str::to_owned);
+    let ll = ll.expect("shoal0 has an IPv6 link-local address");
+    eventually(Duration::from_secs(10), "an IPv6 link-local ping", || {
+        in_ns(&a, "ping", &["-6", "-c", "1", "-W", "1", &format!("{ll}%shoal0")])
+    })
+    .or_panic();
+    wait_path(&fleet, 0, 1, "direct", PATH_TIMEOUT).or_panic();
+}
+
+#[test]
+fn behind_endpoint_independent_nats_peers_connect_directly() {
+    require_host_tests!();
+    let fleet = fleet(3, Some(NatMode::EndpointIndependent)).or_panic();
+    let addrs = tap_addrs(&fleet).or_panic();
+    let ns: Vec<String> = fleet.agents().iter().map(|a| a.netns.clone()).collect();
+    eventually(Duration::from_secs(20), "agent 1 pings agent 2", || ping(&ns[0], addrs[1])).or_panic();
+    eventually(Duration::from_secs(10), "agent 1 arpings agent 2", || {
+        in_ns(&ns[0], "arping", &["-c", "1", "-w", "2", "-i", "shoal0", &addrs[1].to_string()])
+    })
+    .or_panic();
+    // A broadcast from agent 1 reaches agents 2 and 3.
+    let receivers: Vec<UdpSocket> = (1..3)
+        .map(|i| {
+            let s = fleet.topology().host(&fleet.agents()[i].hostname)?.netns().enter(|| UdpSocket::bind(("0.0.0.0", 47001)))??;
+            s.set_read_timeout(Some(Duration::from_millis(300)))?;
+            Ok(s)
+        })
+        .collect::<Result<_>>()
+        .or_panic();
+    let sender = fleet
+        .topology()
+        .host(&fleet.agents()[0].hostname)
+        .or_panic()
+        .netns()
+        .enter(|| UdpSocket::bind((addrs[0], 0)))
+        .or_panic()
+        .expect("a UDP socket on shoal0");
+    sender.set_broadcast(true).expect("SO_BROADCAST");
+    let broadcast = Ipv4Addr::from(u32::from(addrs[0]) | 0xffff);
+    for (i, r) in receivers.iter().enumerate() {
+        eventually(Duration::from_secs(10), &format!("agent {} receives the broadcast", i + 2), || {
+            sender.send_to(b"hello, everyone", (broadcast, 47001))?;
+            let mut buf = [0u8; 64];
+            let (n, from) = r.recv_from(&mut buf)?;
+            ensure!(&buf[..n] == b"hello, everyone" && from.ip() == addrs[0], "got {:?} from {from}", &buf[..n]);
+            Ok(())
+        })
+        .or_panic();
+    }
+    let found = wait_path(&fleet, 0, 1, "direct", PATH_TIMEOUT).or_panic();
+    for p in &found {
+        assert!(p["rtt_ms"].as_f64().is_some(), "rtt_ms in {p}");
+        assert!(p["tx_bytes"].as_u64().is_some_and(|b| b > 0), "bytes sent in {p}");
+        assert!(p["rx_bytes"].as_u64().is_some_and(|b| b > 0), "bytes received in {p}");
+    }
+}
+
+#[test]
+fn behind_endpoint_dependent_nats_peers_talk_through_the_relay() {
+    require_host_tests!();
+    let fleet = fleet(2, Some(NatMode::EndpointDependent)).or_panic();
+    let addrs = tap_addrs(&fleet).or_panic();
+    let a = fleet.agents()[0].netns.clone();
+    eventually(Duration::from_secs(20), "a pings b through the relay", || ping(&a, addrs[1])).or_panic();
+    let size = (OVERLAY_MTU - 28).to_string();
+    in_ns(&a, "ping", &["-c", "3", "-W", "2", "-M", "do", "-s", &size, &addrs[1].to_string()]).or_panic();
+    wait_path(&fleet, 0, 1, "relay", PATH_TIMEOUT).or_panic();
+}
+
+#[test]
+fn a_tcp_flow_survives_direct_to_relay_and_back() {
+    require_host_tests!();
+    let fleet = fleet(2, Some(NatMode::EndpointIndependent)).or_panic();
+    let addrs = tap_addrs(&fleet).or_panic();
+    eventually(Duration::from_secs(20), "a pings b", || ping(&fleet.agents()[0].netns, addrs[1])).or_panic();
+    wait_path(&fleet, 0, 1, "direct", PATH_TIMEOUT).or_panic();
+    let flow = TcpFlow::start(&fleet, 0, 1, addrs[1]).or_panic();
+    flow.advances(20, Duration::from_secs(10)).or_panic();
+    fleet.topology().block_udp_between("nat-1", "nat-2").or_panic();
+    wait_path(&fleet, 0, 1, "relay", PATH_TIMEOUT).or_panic();
+    flow.advances(20, Duration::from_secs(20)).or_panic();
+    fleet.topology().unblock_udp_between("nat-1", "nat-2").or_panic();
+    wait_path(&fleet, 0, 1, "direct", PATH_TIMEOUT).or_panic();
+    flow.advances(20, Duration::from_secs(20)).or_panic();
+    let worst_gap = flow.finish().or_panic();
+    eprintln!("longest pause of the TCP flow across both moves: {worst_gap} ms");
 }

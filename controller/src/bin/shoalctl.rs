@@ -10,7 +10,7 @@ use shoal_controller::{
     report::FleetReport,
     view::{
         CreateNetwork, CreateToken, CreatedToken, EventView, MemberSpec, MemberView, NetworkDetail, NetworkUpdate,
-        NetworkView, NodeView, TokenView,
+        NetworkView, NodeView, OverlayCountersView, PathView, TokenView,
     },
 };
 
@@ -42,6 +42,9 @@ enum Command {
     /// Overlay networks and their members.
     #[command(subcommand)]
     Network(NetworkCmd),
+    /// Overlay paths and datapath counters, as the agents report them.
+    #[command(subcommand)]
+    Overlay(OverlayCmd),
     /// Fleet events (enrolled, up, down, removed...).
     Events {
         /// Output format.
@@ -53,6 +56,22 @@ enum Command {
     },
     /// The fleet health report.
     Report {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OverlayCmd {
+    /// Every peer path, per direction: kind (direct or relay), round-trip time, bytes each way.
+    Paths {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Frames forwarded, flooded, delivered and dropped (by reason), per node.
+    Counters {
         /// Output format.
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
@@ -263,6 +282,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("removed node {id}");
         }
         Command::Network(cmd) => network(&client, cmd)?,
+        Command::Overlay(OverlayCmd::Paths { output }) => {
+            let paths: Vec<PathView> = client.get("/v1/overlay/paths")?;
+            match output {
+                Output::Json => print_json(&paths)?,
+                Output::Table => table(
+                    &["FROM", "TO", "KIND", "REMOTE", "RTT", "SENT", "RECEIVED"],
+                    paths.iter().map(|p| {
+                        vec![
+                            p.from.clone(),
+                            p.to.clone(),
+                            p.kind.clone(),
+                            p.remote.clone().unwrap_or_else(|| "-".into()),
+                            format!("{:.2} ms", p.rtt_ms),
+                            p.tx_bytes.to_string(),
+                            p.rx_bytes.to_string(),
+                        ]
+                    }),
+                ),
+            }
+        }
+        Command::Overlay(OverlayCmd::Counters { output }) => {
+            let counters: Vec<OverlayCountersView> = client.get("/v1/overlay/counters")?;
+            match output {
+                Output::Json => print_json(&counters)?,
+                Output::Table => table(
+                    &["NODE", "FORWARDED", "FLOODED", "DELIVERED", "DROPPED"],
+                    counters.iter().map(|c| {
+                        let dropped = c.dropped.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
+                        vec![c.node.clone(), c.forwarded.to_string(), c.flooded.to_string(), c.delivered.to_string(), dropped]
+                    }),
+                ),
+            }
+        }
         Command::Events { output, after } => {
             let path = match after {
                 Some(a) => format!("/v1/events?after={a}"),
