@@ -285,3 +285,104 @@ fn a_tcp_flow_survives_direct_to_relay_and_back() {
     let worst_gap = flow.finish().or_panic();
     eprintln!("longest pause of the TCP flow across both moves: {worst_gap} ms");
 }
+
+#[test]
+fn with_the_controller_down_peers_keep_talking_and_a_restarted_agent_rejoins_from_its_cache() {
+    require_host_tests!();
+    let mut fleet = fleet(2, Some(NatMode::EndpointIndependent)).or_panic();
+    let addrs = tap_addrs(&fleet).or_panic();
+    let (a, b) = (fleet.agents()[0].netns.clone(), fleet.agents()[1].netns.clone());
+    eventually(Duration::from_secs(20), "a pings b", || ping(&a, addrs[1])).or_panic();
+    wait_path(&fleet, 0, 1, "direct", PATH_TIMEOUT).or_panic();
+    fleet.controller().kill().or_panic();
+    // Established direct paths carry on: every ping for 8 s gets through.
+    shoal_tests::consistently(Duration::from_secs(8), "a keeps pinging b with the controller down", || ping(&a, addrs[1]).map(drop))
+        .or_panic();
+    // A restarted agent finds its peers from its cached netmap, on the UDP port it kept.
+    fleet.agent(1).proc.restart().or_panic();
+    eventually(Duration::from_secs(40), "the restarted agent is reachable again", || ping(&a, addrs[1])).or_panic();
+    eventually(Duration::from_secs(10), "and reaches its peer", || ping(&b, addrs[0])).or_panic();
+    assert_eq!(tap_addr(&b, "shoal0").or_panic(), addrs[1], "the same overlay address from the cache");
+}
+
+#[test]
+fn removed_members_are_cut_off_within_two_seconds_and_networks_stay_apart() {
+    require_host_tests!();
+    let fleet = fleet(3, None).or_panic();
+    let addrs = tap_addrs(&fleet).or_panic();
+    let ns: Vec<String> = fleet.agents().iter().map(|a| a.netns.clone()).collect();
+    let ids: Vec<String> = (0..3).map(|i| fleet.node_id(i)).collect::<Result<_>>().or_panic();
+    // A second network with agents 1 and 2 only: their `shoal1` devices.
+    fleet.ctl_ok(&["network", "create", "lab", "--subnet", "10.91.0.0/24"]).or_panic();
+    for id in &ids[..2] {
+        fleet.ctl_ok(&["network", "add", "lab", "--node", id]).or_panic();
+    }
+    let lab: Vec<Ipv4Addr> = eventually(TAP_TIMEOUT, "agents 1 and 2 have shoal1", || {
+        ns[..2].iter().map(|n| tap_addr(n, "shoal1")).collect()
+    })
+    .or_panic();
+    eventually(Duration::from_secs(20), "agent 1 pings agent 2 on lab", || ping(&ns[0], lab[1])).or_panic();
+    assert!(tap_addr(&ns[2], "shoal1").is_err(), "agent 3 is not on lab");
+    // A broadcast on lab reaches agent 2 and never agent 3 (which is only on default).
+    let listen = |i: usize| -> UdpSocket {
+        let s = fleet
+            .topology()
+            .host(&fleet.agents()[i].hostname)
+            .or_panic()
+            .netns()
+            .enter(|| UdpSocket::bind(("0.0.0.0", 47002)))
+            .or_panic()
+            .expect("bind");
+        s.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+        s
+    };
+    let (at_2, at_3) = (listen(1), listen(2));
+    let sender = fleet
+        .topology()
+        .host(&fleet.agents()[0].hostname)
+        .or_panic()
+        .netns()
+        .enter(|| UdpSocket::bind((lab[0], 0)))
+        .or_panic()
+        .expect("bind");
+    sender.set_broadcast(true).expect("SO_BROADCAST");
+    eventually(Duration::from_secs(10), "agent 2 receives the lab broadcast", || {
+        sender.send_to(b"lab only", ("10.91.0.255", 47002))?;
+        let mut buf = [0u8; 16];
+        let (n, _) = at_2.recv_from(&mut buf)?;
+        ensure!(&buf[..n] == b"lab only");
+        Ok(())
+    })
+    .or_panic();
+    let mut buf = [0u8; 16];
+    for _ in 0..5 {
+        sender.send_to(b"lab only", ("10.91.0.255", 47002)).expect("send");
+        if let Ok((n, from)) = at_3.recv_from(&mut buf) {
+            panic!("agent 3 received {:?} from {from}, but it is not on lab", &buf[..n]);
+        }
+    }
+    // Removed from lab: unreachable there within 2 s, still reachable on default.
+    fleet.ctl_ok(&["network", "remove", "lab", "--node", &ids[1]]).or_panic();
+    let removed = Instant::now();
+    eventually(Duration::from_secs(2), "agent 2 unreachable on lab", || {
+        ensure!(ping(&ns[0], lab[1]).is_err(), "still answers");
+        Ok(())
+    })
+    .or_panic();
+    eprintln!("cut off from lab {} ms after `network remove` returned", removed.elapsed().as_millis());
+    ping(&ns[0], addrs[1]).or_panic();
+    // Removed from the fleet: unreachable within 2 s.
+    fleet.ctl_ok(&["nodes", "remove", &ids[2]]).or_panic();
+    let removed = Instant::now();
+    eventually(Duration::from_secs(2), "agent 3 unreachable", || {
+        ensure!(ping(&ns[0], addrs[2]).is_err(), "still answers");
+        Ok(())
+    })
+    .or_panic();
+    eprintln!("removed node cut off {} ms after `nodes remove` returned", removed.elapsed().as_millis());
+    shoal_tests::consistently(Duration::from_secs(3), "agent 3 stays unreachable", || {
+        ensure!(ping(&ns[0], addrs[2]).is_err(), "answers again");
+        Ok(())
+    })
+    .or_panic();
+}
