@@ -27,6 +27,13 @@ struct Cli {
     /// Health report interval (default: the controller's heartbeat interval).
     #[arg(long, value_parser = humantime::parse_duration)]
     health_interval: Option<Duration>,
+    /// UDP port for the controller connection and overlay peers (default: the one kept in the state
+    /// dir, random the first time).
+    #[arg(long, default_value_t = 0)]
+    overlay_port: u16,
+    /// Outer congestion controller of overlay peer connections: cubic, newreno or bbr.
+    #[arg(long, default_value = "cubic")]
+    overlay_cc: shoal_overlay::tls::Congestion,
 }
 
 fn main() -> ExitCode {
@@ -62,6 +69,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     config.machine_id = cli.machine_id;
     config.health_interval = cli.health_interval;
+    config.overlay_port = cli.overlay_port;
+    config.overlay.congestion = cli.overlay_cc;
     // One thread: the agent's work is a few messages a minute, and idle memory matters on small nodes.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(daemon::run(config, shutdown_signal()))?;

@@ -51,6 +51,8 @@ pub struct NodeConfig {
     pub path_idle: Duration,
     /// TAP devices are named this plus the network number (default `shoal`: `shoal0` for `default`).
     pub tap_prefix: String,
+    /// Outer congestion controller of peer connections (default CUBIC; see docs/performance.md).
+    pub congestion: tls::Congestion,
 }
 
 impl NodeConfig {
@@ -62,6 +64,7 @@ impl NodeConfig {
             paths: PathConfig::default(),
             path_idle: Duration::from_secs(4),
             tap_prefix: "shoal".into(),
+            congestion: tls::Congestion::default(),
         }
     }
 }
@@ -109,7 +112,7 @@ impl OverlayNode {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
-        let transport = Arc::new(tls::peer_transport(config.path_idle));
+        let transport = Arc::new(tls::peer_transport(config.path_idle, config.congestion));
         endpoint.set_server_config(Some(tls.server_config(transport.clone())));
         let shared = Arc::new(Shared::new(config.switch.clone()));
         let acceptor = tokio::spawn(accept_loop(endpoint.clone(), internal_tx.clone()));

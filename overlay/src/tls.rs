@@ -77,8 +77,13 @@ pub fn control_transport(keep_alive: Option<Duration>) -> quinn::TransportConfig
 /// QUIC transport settings for an overlay peer connection. Keep-alives every second hold NAT mappings
 /// open and let a dead path be noticed after `idle` so traffic moves to another path quickly; windows
 /// are small because overlay frames travel as datagrams, not streams.
-pub fn peer_transport(idle: Duration) -> quinn::TransportConfig {
+pub fn peer_transport(idle: Duration, congestion: Congestion) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    match congestion {
+        Congestion::Cubic => t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
+        Congestion::NewReno => t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default())),
+        Congestion::Bbr => t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
+    };
     t.max_concurrent_bidi_streams(0u32.into())
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window((64u32 * 1024).into())
@@ -92,6 +97,33 @@ pub fn peer_transport(idle: Duration) -> quinn::TransportConfig {
         t.max_idle_timeout(Some(idle));
     }
     t
+}
+
+/// The outer (QUIC) congestion controller of peer connections. Overlay frames ride in unreliable
+/// datagrams, so the outer controller only paces and drops; the inner TCP flows do their own congestion
+/// control on top. See docs/performance.md for the measurement behind the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    /// CUBIC (quinn's default).
+    #[default]
+    Cubic,
+    /// NewReno.
+    NewReno,
+    /// BBR (quinn's experimental implementation).
+    Bbr,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cubic" => Ok(Congestion::Cubic),
+            "newreno" => Ok(Congestion::NewReno),
+            "bbr" => Ok(Congestion::Bbr),
+            other => Err(format!("unknown congestion controller {other:?} (cubic, newreno, bbr)")),
+        }
+    }
 }
 
 /// Node-to-node TLS: both sides present their node certificate and require the other's, issued by the
