@@ -49,6 +49,12 @@ struct ServeArgs {
     /// TAP MTU of the `default` overlay network, and of networks created without `--mtu`.
     #[arg(long, default_value_t = 1380, value_parser = clap::value_parser!(u16).range(i64::from(MIN_MTU)..=i64::from(MAX_MTU)))]
     overlay_mtu: u16,
+    /// Second UDP address agents measure their NAT's mapping against (default: the --listen port + 1).
+    #[arg(long)]
+    probe_listen: Option<std::net::SocketAddr>,
+    /// How long agents may use a cached netmap without hearing from the controller.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    netmap_validity: std::time::Duration,
 }
 
 fn main() -> ExitCode {
@@ -80,6 +86,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.cert_ttl = args.cert_ttl;
     config.overlay_subnet = args.overlay_subnet;
     config.overlay_mtu = args.overlay_mtu;
+    config.probe_listen = args.probe_listen;
+    config.netmap_validity = args.netmap_validity;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let controller = Controller::open(config, args.api)
