@@ -48,6 +48,8 @@ pub struct FleetConfig {
     pub wait_up: bool,
     /// Deadline for the controller to answer and for the agents to come up. Default 60 s.
     pub startup_timeout: Duration,
+    /// Extra arguments appended to every agent's command line (e.g. `--overlay-cc bbr`). Default none.
+    pub agent_args: Vec<String>,
 }
 
 impl Default for FleetConfig {
@@ -68,6 +70,7 @@ impl FleetConfig {
             machine_id_prefix: "test".into(),
             wait_up: true,
             startup_timeout: Duration::from_secs(60),
+            agent_args: Vec::new(),
         }
     }
 
@@ -428,6 +431,7 @@ impl Fleet {
         if let Some(h) = &self.cfg.health_interval {
             spec = spec.arg("--health-interval").arg(h);
         }
+        spec = spec.args(&self.cfg.agent_args);
         let proc = spec.spawn()?;
         self.agents.push(Agent {
             number,
