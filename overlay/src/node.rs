@@ -285,12 +285,11 @@ impl Manager {
         let mut counters: HashMap<NodeId, Arc<PeerCounters>> = HashMap::new();
         loop {
             let deadline = self.paths.poll_timeout().map(tokio::time::Instant::from_std);
-            let now = Instant::now();
             let actions = tokio::select! {
                 cmd = commands.recv() => match cmd {
                     None => break,
-                    Some(NodeCommand::Netmap(map)) => self.apply_netmap(now, map),
-                    Some(NodeCommand::Punch(p)) => self.paths.punch_requested(now, &p.peer, &p.endpoints),
+                    Some(NodeCommand::Netmap(map)) => self.apply_netmap(Instant::now(), map),
+                    Some(NodeCommand::Punch(p)) => self.paths.punch_requested(Instant::now(), &p.peer, &p.endpoints),
                     Some(NodeCommand::Tls(tls)) => {
                         self.endpoint.set_server_config(Some(tls.server_config(self.transport.clone())));
                         self.tls = tls;
@@ -303,7 +302,7 @@ impl Manager {
                 },
                 ev = internal.recv() => match ev {
                     None => break,
-                    Some(ev) => self.handle_internal(now, ev, &mut counters),
+                    Some(ev) => self.handle_internal(Instant::now(), ev, &mut counters),
                 },
                 _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                     self.paths.handle_timeout(Instant::now())

@@ -265,6 +265,22 @@ fn behind_endpoint_dependent_nats_peers_talk_through_the_relay() {
     let size = (OVERLAY_MTU - 28).to_string();
     in_ns(&a, "ping", &["-c", "3", "-W", "2", "-M", "do", "-s", &size, &addrs[1].to_string()]).or_panic();
     wait_path(&fleet, 0, 1, "relay", PATH_TIMEOUT).or_panic();
+    // Relay loss: 10% of the controller's UDP packets dropped each way. The relayed connection recovers what
+    // QUIC must (handshakes, keep-alives); a TCP flow inside retransmits its own and keeps going.
+    let flow = TcpFlow::start(&fleet, 0, 1, addrs[1]).or_panic();
+    flow.advances(10, Duration::from_secs(10)).or_panic();
+    let lossy = |op: &str| -> Result<()> {
+        for chain in ["INPUT", "OUTPUT"] {
+            let rule = [op, chain, "-p", "udp", "-m", "statistic", "--mode", "random", "--probability", "0.1", "-j", "DROP"];
+            in_ns(fleet.controller_ns(), "iptables", &rule)?;
+        }
+        Ok(())
+    };
+    lossy("-A").or_panic();
+    flow.advances(40, Duration::from_secs(30)).or_panic();
+    lossy("-D").or_panic();
+    flow.advances(10, Duration::from_secs(10)).or_panic();
+    flow.finish().or_panic();
 }
 
 #[test]

@@ -122,6 +122,7 @@ fn show_and_wait(fleet: &mut Fleet, args: &Args, signals: &mpsc::Receiver<Signal
     println!("all {} agents are up.", fleet.agents().len());
     section("shoalctl nodes list", &fleet.ctl_ok(&["nodes", "list"])?);
     section("shoalctl report", &fleet.ctl_ok(&["report"])?);
+    show_overlay(fleet)?;
     if args.exit {
         println!("\nshoal-demo: --exit given; cleaning up");
         return Ok(());
@@ -150,6 +151,40 @@ fn show_and_wait(fleet: &mut Fleet, args: &Args, signals: &mpsc::Receiver<Signal
             Err(mpsc::RecvTimeoutError::Disconnected) => bail!("signal thread ended"),
         }
     }
+}
+
+/// Waits until every pair of agents reports an overlay path, then shows networks, paths and a ping
+/// across the overlay (from the first agent to the second one's `shoal0` address).
+fn show_overlay(fleet: &Fleet) -> Result<()> {
+    let n = fleet.agents().len();
+    if n < 2 {
+        return Ok(());
+    }
+    let want = n * (n - 1);
+    shoal_tests::eventually(Duration::from_secs(60), "every pair of agents to report an overlay path", || {
+        let paths = fleet.ctl_json(&["overlay", "paths"])?;
+        let got = paths.as_array().map_or(0, Vec::len);
+        anyhow::ensure!(got == want, "{got} of {want} paths reported");
+        Ok(())
+    })?;
+    section("shoalctl network list", &fleet.ctl_ok(&["network", "list"])?);
+    section("shoalctl overlay paths", &fleet.ctl_ok(&["overlay", "paths"])?);
+    let nodes = fleet.nodes()?;
+    let target = fleet
+        .node_of(1, &nodes)
+        .and_then(|node| node["overlay"][0]["address"].as_str().map(str::to_owned))
+        .context("agent-2 has no overlay address")?;
+    let from = &fleet.agents()[0];
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &from.netns, "ping", "-c", "3", "-i", "0.2", &target])
+        .output()
+        .context("ping")?;
+    section(
+        &format!("ip netns exec {} ping -c 3 {target}   # {} -> agent-2 over shoal0", from.netns, from.hostname),
+        &String::from_utf8_lossy(&out.stdout),
+    );
+    anyhow::ensure!(out.status.success(), "the ping over the overlay failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
 }
 
 fn main() -> ExitCode {
