@@ -58,6 +58,9 @@ pub struct AgentConfig {
     pub paths_interval: Duration,
     /// Overlay datapath settings other than the node id (TAP prefix, timing; see `NodeConfig`).
     pub overlay: NodeConfig,
+    /// Whether the node joins the overlay (default true). Off, the agent creates no TAP device and
+    /// never sends `OverlayHello`, so the controller sends it no netmap.
+    pub overlay_enabled: bool,
 }
 
 impl AgentConfig {
@@ -76,6 +79,7 @@ impl AgentConfig {
             overlay_port: 0,
             paths_interval: Duration::from_secs(5),
             overlay: NodeConfig::new(shoal_proto::NodeId(String::new())),
+            overlay_enabled: true,
         }
     }
 }
@@ -167,7 +171,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     };
     // With a certificate and a cached netmap the overlay starts before the controller answers: peers
     // are reachable even while the controller is down.
-    if let Some(creds) = state.load()?.filter(|c| c.not_after.0 > now_ms().0) {
+    if let Some(creds) = state.load()?.filter(|c| c.not_after.0 > now_ms().0 && config.overlay_enabled) {
         if shell.overlay.cache.get().is_some() {
             info!("starting the overlay from the cached netmap");
             shell.overlay.ensure_node(&config, &creds);
@@ -568,7 +572,7 @@ impl Shell<'_> {
                     }
                 }
                 Output::StartOverlay => {
-                    if let Some(c) = creds {
+                    if let Some(c) = creds.filter(|_| self.config.overlay_enabled) {
                         self.overlay.ensure_node(self.config, c);
                         send_msg(send, &self.overlay.hello(self.config, false)).await?;
                     }

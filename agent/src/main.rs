@@ -31,6 +31,9 @@ struct Cli {
     /// dir, random the first time).
     #[arg(long, default_value_t = 0)]
     overlay_port: u16,
+    /// Do not join the overlay (no TAP device, no peer connections).
+    #[arg(long)]
+    no_overlay: bool,
     /// Outer congestion controller of overlay peer connections: cubic, newreno or bbr.
     #[arg(long, default_value = "cubic")]
     overlay_cc: shoal_overlay::tls::Congestion,
@@ -71,6 +74,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.health_interval = cli.health_interval;
     config.overlay_port = cli.overlay_port;
     config.overlay.congestion = cli.overlay_cc;
+    config.overlay_enabled = !cli.no_overlay;
     // One thread: the agent's work is a few messages a minute, and idle memory matters on small nodes.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(daemon::run(config, shutdown_signal()))?;

@@ -203,6 +203,8 @@ impl Agent {
     fn start(controller: SocketAddr, machine_id: &str, token: String) -> Agent {
         let state = tempfile::tempdir().unwrap();
         let mut config = AgentConfig::new(controller, state.path().to_owned());
+        // In-process agents share the test's network namespace: no TAP devices there.
+        config.overlay_enabled = false;
         config.token = Some(token);
         config.machine_id = Some(machine_id.to_owned());
         config.backoff_base = Duration::from_millis(100);
