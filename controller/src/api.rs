@@ -509,38 +509,14 @@ async fn remove_member(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use shoal_proto::{HardwareId, HardwareIdSource};
-
     use super::*;
     use crate::{
         admin::{AdminClient, AdminClientError, AdminConf, ADMIN_CONF_FILE},
         server::ControllerConfig,
-        store::EnrolParams,
     };
 
     fn enrol(ctl: &Controller, machine: &str, labels: &[(&str, &str)]) -> NodeId {
-        let id = format!("tok-{machine}");
-        ctl.store
-            .create_token(&TokenRecord {
-                id: id.clone(),
-                secret_sha256: pki::sha256(b"s"),
-                created_at: now_ms(),
-                expires_at: None,
-                max_uses: None,
-                uses: 0,
-                revoked_at: None,
-                labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            })
-            .unwrap();
-        let hw = HardwareId { source: HardwareIdSource::DmiUuid, value: machine.to_owned() };
-        let node = ctl
-            .store
-            .enrol(&EnrolParams { token_id: &id, secret: "s", hardware_id: &hw, hostname: machine, now: now_ms() })
-            .unwrap()
-            .node
-            .id;
-        ctl.store.join_networks(&node).unwrap();
-        node
+        crate::networks::enrol_for_tests(&ctl.store, machine, labels, now_ms())
     }
 
     fn status<T: std::fmt::Debug>(r: Result<T, AdminClientError>) -> (u16, String) {

@@ -1113,6 +1113,36 @@ impl Controller {
     }
 }
 
+/// Creates a token with these labels and enrols a machine with it, joining its networks like the
+/// controller does (tests of this module and of the API).
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn enrol_for_tests(store: &Store, machine: &str, labels: &[(&str, &str)], now: UnixMillis) -> NodeId {
+    use crate::store::{EnrolParams, TokenRecord};
+    use shoal_proto::{HardwareId, HardwareIdSource};
+    let id = format!("tok-{machine}");
+    store
+        .create_token(&TokenRecord {
+            id: id.clone(),
+            secret_sha256: shoal_overlay::pki::sha256(b"s"),
+            created_at: now,
+            expires_at: None,
+            max_uses: None,
+            uses: 0,
+            revoked_at: None,
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        })
+        .unwrap();
+    let hw = HardwareId { source: HardwareIdSource::DmiUuid, value: machine.to_owned() };
+    let node = store
+        .enrol(&EnrolParams { token_id: &id, secret: "s", hardware_id: &hw, hostname: machine, now })
+        .unwrap()
+        .node
+        .id;
+    store.join_networks(&node).unwrap();
+    node
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -1135,30 +1165,8 @@ mod tests {
         s.parse().unwrap()
     }
 
-    /// Creates a token with these labels and enrols a machine with it, joining its networks like the
-    /// controller does.
     fn enrol(store: &Store, machine: &str, labels: &[(&str, &str)]) -> NodeId {
-        let id = format!("tok-{machine}");
-        store
-            .create_token(&TokenRecord {
-                id: id.clone(),
-                secret_sha256: Sha256::digest(b"s").into(),
-                created_at: T0,
-                expires_at: None,
-                max_uses: None,
-                uses: 0,
-                revoked_at: None,
-                labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            })
-            .unwrap();
-        let hw = HardwareId { source: HardwareIdSource::DmiUuid, value: machine.to_owned() };
-        let node = store
-            .enrol(&EnrolParams { token_id: &id, secret: "s", hardware_id: &hw, hostname: machine, now: T0 })
-            .unwrap()
-            .node
-            .id;
-        store.join_networks(&node).unwrap();
-        node
+        enrol_for_tests(store, machine, labels, T0)
     }
 
     fn member(store: &Store, network: &str, node: &NodeId) -> Option<MemberRecord> {
