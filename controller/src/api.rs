@@ -87,6 +87,7 @@ pub fn router(controller: Ctl) -> Router {
         .route("/v1/nodes/{id}", get(show_node).delete(remove_node))
         .route("/v1/events", get(list_events))
         .route("/v1/report", get(fleet_report))
+        .merge(crate::netboot::api::routes())
         .layer(middleware::from_fn_with_state(controller.clone(), authenticate))
         .with_state(controller)
 }

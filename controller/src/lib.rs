@@ -7,6 +7,7 @@ pub mod admin;
 pub mod api;
 pub mod ca;
 pub mod liveness;
+pub mod netboot;
 pub mod report;
 pub mod server;
 pub mod session;

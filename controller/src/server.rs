@@ -54,6 +54,8 @@ pub struct ControllerConfig {
     pub hello_timeout: Duration,
     /// How often live state (last seen, health) is written to the store (default 30 s).
     pub checkpoint_interval: Duration,
+    /// Netboot servers and the image store (default: servers off, no trusted image key).
+    pub netboot: crate::netboot::NetbootConfig,
 }
 
 impl ControllerConfig {
@@ -66,6 +68,7 @@ impl ControllerConfig {
             cert_ttl: Duration::from_secs(24 * 3600),
             hello_timeout: Duration::from_secs(10),
             checkpoint_interval: Duration::from_secs(30),
+            netboot: crate::netboot::NetbootConfig::default(),
         }
     }
 }
@@ -92,6 +95,9 @@ pub enum ServeError {
     /// A socket failed.
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
+    /// Netboot (image store, netboot interface) could not start.
+    #[error(transparent)]
+    Netboot(#[from] crate::netboot::NetbootError),
 }
 
 /// Wall-clock now.
@@ -129,6 +135,7 @@ pub struct Controller {
     pub(crate) config: ControllerConfig,
     pub(crate) live: Mutex<LiveState>,
     pub(crate) admin_token_sha256: [u8; 32],
+    pub(crate) netboot: crate::netboot::Netboot,
     /// Liveness changes go through one worker so they reach the store in the order they happened.
     transitions: mpsc::UnboundedSender<Vec<Transition>>,
     transitions_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<Transition>>>>,
@@ -153,8 +160,10 @@ impl Controller {
             }
             nodes.insert(n.id.clone(), LiveNode { last_seen: n.last_seen, health: n.health.clone(), dirty: false });
         }
+        let netboot = crate::netboot::Netboot::open(config.netboot.clone(), &config.data_dir, &store)?;
         let (transitions, transitions_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Controller {
+            netboot,
             transitions,
             transitions_rx: Mutex::new(Some(transitions_rx)),
             store,
@@ -316,6 +325,7 @@ pub async fn run(
         Arc::new(quinn::TokioRuntime),
     )?;
     let api = crate::api::serve(controller.clone(), api_listener)?;
+    let netboot = crate::netboot::serve(controller.clone(), quic_addr.port()).await?;
     info!(quic = %quic_addr, api = %api_addr, ca = %hex::encode(controller.ca.sha256()), "controller running");
 
     let sweeper = tokio::spawn(sweep(controller.clone()));
@@ -344,6 +354,9 @@ pub async fn run(
         _ = shutdown => info!("shutting down"),
     }
     sweeper.abort();
+    if let Some(n) = netboot {
+        n.stop();
+    }
     if let Some(r) = recorder {
         r.abort();
     }

@@ -517,7 +517,7 @@ impl Store {
     }
 
     /// Refuses a write while the disk is (nearly) full.
-    fn check_space(&self) -> Result<(), StoreError> {
+    pub(crate) fn check_space(&self) -> Result<(), StoreError> {
         let free = self.free_space()?;
         if free < self.inner.reserve_bytes {
             warn!(dir = %self.inner.dir.display(), free, reserve = self.inner.reserve_bytes, "store refuses a write: disk full");
@@ -577,6 +577,11 @@ impl Store {
             debug!(trimmed, "trimmed the event log");
         }
         Ok(())
+    }
+
+    /// Opens another tree of the same database, for modules that keep their own records (netboot).
+    pub(crate) fn open_tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.inner.db.open_tree(name)?)
     }
 
     /// A metadata value (admin token hash, QUIC stateless-reset key).

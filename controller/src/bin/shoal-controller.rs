@@ -1,5 +1,8 @@
 //! `shoal-controller serve`: the fleet controller.
 
+#[path = "shoal-controller/netboot.rs"]
+mod netboot;
+
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
@@ -39,6 +42,8 @@ struct ServeArgs {
     /// Lifetime of node certificates (agents renew at two thirds).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     cert_ttl: Duration,
+    #[command(flatten)]
+    netboot: netboot::NetbootArgs,
 }
 
 fn main() -> ExitCode {
@@ -68,6 +73,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.heartbeat_interval = args.heartbeat_interval;
     config.down_after = args.down_after;
     config.cert_ttl = args.cert_ttl;
+    config.netboot = args.netboot.config()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let controller = Controller::open(config, args.api)

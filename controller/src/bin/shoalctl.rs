@@ -1,5 +1,8 @@
 //! `shoalctl`: the operator's command line for the controller's admin API.
 
+#[path = "shoalctl/netboot.rs"]
+mod netboot;
+
 use std::{collections::BTreeMap, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{bail, Context};
@@ -36,6 +39,12 @@ enum Command {
     /// Nodes in the fleet.
     #[command(subcommand)]
     Nodes(NodesCmd),
+    /// Netboot images.
+    #[command(subcommand)]
+    Image(netboot::ImageCmd),
+    /// Machines seen on the netboot network.
+    #[command(subcommand)]
+    Machines(netboot::MachinesCmd),
     /// Fleet events (enrolled, up, down, removed...).
     Events {
         /// Output format.
@@ -100,6 +109,13 @@ enum NodesCmd {
     Remove {
         /// Node id.
         id: String,
+    },
+    /// Choose the image a node netboots.
+    SetImage {
+        /// Node id.
+        id: String,
+        /// Image version.
+        version: String,
     },
 }
 
@@ -178,6 +194,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             client.delete::<serde_json::Value>(&format!("/v1/nodes/{id}"))?;
             println!("removed node {id}");
         }
+        Command::Nodes(NodesCmd::SetImage { id, version }) => netboot::set_image(&client, &id, &version)?,
+        Command::Image(cmd) => netboot::image(&client, cmd)?,
+        Command::Machines(cmd) => netboot::machines(&client, cmd)?,
         Command::Events { output, after } => {
             let path = match after {
                 Some(a) => format!("/v1/events?after={a}"),
