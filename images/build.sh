@@ -198,7 +198,7 @@ cat > "$out/manifest.json" <<EOF
   "version": "$version",
   "kernel": {"file": "vmlinuz", "size": $(size "$out/vmlinuz"), "sha256": "$(sha "$out/vmlinuz")"},
   "initrd": {"file": "initrd.img", "size": $(size "$out/initrd.img"), "sha256": "$(sha "$out/initrd.img")"},
-  "cmdline": "console=ttyS0 console=tty0 panic=10",
+  "cmdline": "console=tty0 console=ttyS0 panic=10",
   "inputs": [
 $inputs
   ],
