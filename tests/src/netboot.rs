@@ -261,7 +261,9 @@ impl NetbootLab {
             .arg("-netdev")
             .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
             .arg("-device")
-            .arg(format!("virtio-net-pci,netdev=n0,mac={mac}"));
+            // UEFI: no iPXE option ROM, so OVMF's own PXE client loads ipxe.efi over TFTP, as real
+            // UEFI firmware does; BIOS: SeaBIOS boots through the NIC's iPXE ROM.
+            .arg(format!("virtio-net-pci,netdev=n0,mac={mac}{}", if firmware == Firmware::Uefi { ",romfile=" } else { "" }));
         if firmware == Firmware::Uefi {
             let vars = self.dir.path().join(format!("{name}-vars.fd"));
             std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).context("copying OVMF_VARS_4M.fd")?;

@@ -10,7 +10,7 @@
 //! The boot file depends on who asks: iPXE (user class `iPXE`) gets the HTTP URL of its per-machine
 //! script, so it chainloads instead of loading iPXE again in a loop; other PXE firmware gets an iPXE
 //! binary over TFTP chosen by its architecture (option 93): BIOS `undionly.kpxe`, UEFI x86-64
-//! `ipxe.efi` (or `snponly.efi`, see [`BootFiles`]). An architecture without an iPXE binary gets no
+//! `snponly.efi` (see [`BootFiles`]). An architecture without an iPXE binary gets no
 //! boot answer.
 //!
 //! Time is passed in as wall-clock [`UnixMillis`] (leases outlive restarts).
@@ -318,8 +318,9 @@ pub fn parse_range(s: &str) -> Result<DhcpMode, DhcpError> {
 }
 
 /// The iPXE binaries offered over TFTP, by architecture. Defaults: `undionly.kpxe` for BIOS,
-/// `ipxe.efi` for UEFI (`snponly.efi` uses the firmware's network driver instead of iPXE's own; set it
-/// for NICs iPXE has no driver for).
+/// `snponly.efi` for UEFI (it drives the NIC through the firmware's own network driver, so it works on
+/// any NIC the firmware can PXE-boot from; Debian's `ipxe.efi` is a symlink to `/boot/ipxe.efi`, outside
+/// the TFTP root, and is refused unless copied into a `--tftp-root` of your own).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootFiles {
     /// For option 93 = 0.
@@ -330,7 +331,7 @@ pub struct BootFiles {
 
 impl Default for BootFiles {
     fn default() -> Self {
-        Self { bios: "undionly.kpxe".into(), uefi_x64: "ipxe.efi".into() }
+        Self { bios: "undionly.kpxe".into(), uefi_x64: "snponly.efi".into() }
     }
 }
 
@@ -760,7 +761,7 @@ mod tests {
 
         let uefi = Client { arch: Some(7), ..client(Mac([2, 0, 0, 0, 0, 1])) };
         let offer = s.handle(NOW, SERVER_PORT, &uefi.req(MessageType::Discover, |_| {}), Admission::Admit).expect("offer");
-        assert_eq!(fname(&decode(&offer)), "ipxe.efi");
+        assert_eq!(fname(&decode(&offer)), "snponly.efi");
         assert_eq!(decode(&offer).yiaddr(), Ipv4Addr::new(192, 0, 2, 11), "the first client's address is leased");
     }
 

@@ -50,7 +50,7 @@ pub struct NetbootConfig {
     pub http_port: u16,
     /// Directory served over TFTP; default `/usr/lib/ipxe` (Debian's `ipxe` package).
     pub tftp_root: PathBuf,
-    /// iPXE binaries per architecture; default `undionly.kpxe` (BIOS) and `ipxe.efi` (UEFI).
+    /// iPXE binaries per architecture; default `undionly.kpxe` (BIOS) and `snponly.efi` (UEFI).
     pub boot_files: dhcp::BootFiles,
     /// Trusted image signing keys (files with 64 hex characters); default none.
     pub image_keys: Vec<PathBuf>,
