@@ -305,12 +305,6 @@ impl NetbootLab {
     }
 }
 
-/// Seconds from a VM's start to the first line containing `needle` in its console log, if any; the log
-/// is read as it grows, so callers poll it.
-pub fn console_has(vm: &Proc, needle: &str) -> bool {
-    vm.log().contains(needle)
-}
-
 /// Parses the join token from the kernel command line the VM printed on its console.
 pub fn token_from_console(vm: &Proc) -> Result<String> {
     let log = vm.log();

@@ -50,7 +50,7 @@ fn check_inventory(node: &Value, mac: &str, version: &str, boot_mode: &str) -> R
     Ok(())
 }
 
-/// Seconds from `start` to the first console line holding `needle`, by polling (for the figures).
+/// Which boot stages the serial console shows (iPXE banner, Linux, the image's init starting the agent).
 fn stage_times(lab: &NetbootLab, vm: usize) -> String {
     let log = lab.vms[vm].log();
     let has = |s: &str| if log.contains(s) { "yes" } else { "no" };
