@@ -217,6 +217,36 @@ impl AdminClient {
         self.call("DELETE", path, None)
     }
 
+    /// `POST path` with a JSON body, for endpoints that answer 204 No Content.
+    pub fn post_no_content(&self, path: &str, body: &impl Serialize) -> Result<(), AdminClientError> {
+        let body = serde_json::to_value(body)
+            .map_err(|e| AdminClientError::Decode { path: path.to_owned(), cause: e.to_string() })?;
+        self.call::<serde_json::Value>("POST", path, Some(&body)).map(|_| ())
+    }
+
+    /// `POST path` with a raw body (image uploads); the answer is ignored.
+    pub fn upload(&self, path: &str, bytes: &[u8]) -> Result<(), AdminClientError> {
+        let url = format!("{}{}", self.base, path);
+        let unreachable = |e: ureq::Error| AdminClientError::Unreachable { api: self.base.clone(), cause: e.to_string() };
+        let mut resp = self
+            .agent
+            .post(&url)
+            .header("authorization", &self.auth)
+            .header("content-type", "application/octet-stream")
+            .config()
+            .timeout_global(Some(std::time::Duration::from_secs(600)))
+            .build()
+            .send(bytes)
+            .map_err(unreachable)?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            let text = resp.body_mut().read_to_string().unwrap_or_default();
+            let message = serde_json::from_str::<crate::view::ApiError>(&text).map(|e| e.error).unwrap_or(text);
+            return Err(AdminClientError::Api { status, message });
+        }
+        Ok(())
+    }
+
     /// Creates a join token.
     pub fn create_token(&self, req: &crate::view::CreateToken) -> Result<crate::view::CreatedToken, AdminClientError> {
         self.post("/v1/tokens", req)

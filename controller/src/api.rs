@@ -116,6 +116,7 @@ pub fn router(controller: Ctl) -> Router {
         .route("/v1/networks/{name}/members", axum::routing::post(add_member).delete(remove_member))
         .route("/v1/overlay/paths", get(overlay_paths))
         .route("/v1/overlay/counters", get(overlay_counters))
+        .merge(crate::netboot::api::routes())
         .layer(middleware::from_fn_with_state(controller.clone(), authenticate))
         .with_state(controller)
 }

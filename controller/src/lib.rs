@@ -10,6 +10,7 @@ pub mod coordinator;
 pub mod liveness;
 pub mod networks;
 pub mod overlay_hub;
+pub mod netboot;
 pub mod report;
 pub mod server;
 pub mod session;

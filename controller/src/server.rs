@@ -65,6 +65,8 @@ pub struct ControllerConfig {
     /// Second UDP address agents measure their NAT's mapping against (default: the agents' port plus
     /// one, on the same IP; a random port if that is taken).
     pub probe_listen: Option<SocketAddr>,
+    /// Netboot servers and the image store (default: servers off, no trusted image key).
+    pub netboot: crate::netboot::NetbootConfig,
 }
 
 impl ControllerConfig {
@@ -81,6 +83,7 @@ impl ControllerConfig {
             overlay_mtu: crate::networks::DEFAULT_OVERLAY_MTU,
             netmap_validity: Duration::from_secs(24 * 3600),
             probe_listen: None,
+            netboot: crate::netboot::NetbootConfig::default(),
         }
     }
 }
@@ -107,6 +110,9 @@ pub enum ServeError {
     /// A socket failed.
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
+    /// Netboot (image store, netboot interface) could not start.
+    #[error(transparent)]
+    Netboot(#[from] crate::netboot::NetbootError),
 }
 
 /// Wall-clock now.
@@ -146,6 +152,7 @@ pub struct Controller {
     pub(crate) admin_token_sha256: [u8; 32],
     /// The overlay coordinator, relay and path reports.
     pub(crate) overlay: Arc<OverlayHub>,
+    pub(crate) netboot: crate::netboot::Netboot,
     /// Liveness changes go through one worker so they reach the store in the order they happened.
     transitions: mpsc::UnboundedSender<Vec<Transition>>,
     transitions_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<Transition>>>>,
@@ -172,8 +179,10 @@ impl Controller {
             }
             nodes.insert(n.id.clone(), LiveNode { last_seen: n.last_seen, health: n.health.clone(), dirty: false });
         }
+        let netboot = crate::netboot::Netboot::open(config.netboot.clone(), &config.data_dir, &store)?;
         let (transitions, transitions_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Controller {
+            netboot,
             transitions,
             transitions_rx: Mutex::new(Some(transitions_rx)),
             store,
@@ -345,6 +354,7 @@ pub async fn run(
     )?;
     let probe = bind_probe(&controller, quic_addr, server_config);
     let api = crate::api::serve(controller.clone(), api_listener)?;
+    let netboot = crate::netboot::serve(controller.clone(), quic_addr.port()).await?;
     info!(quic = %quic_addr, api = %api_addr, ca = %hex::encode(controller.ca.sha256()), "controller running");
 
     let sweeper = tokio::spawn(sweep(controller.clone()));
@@ -376,6 +386,9 @@ pub async fn run(
     if let Some((probe_endpoint, task)) = probe {
         probe_endpoint.close(close_code::DONE.into(), b"controller shutting down");
         task.abort();
+    }
+    if let Some(n) = netboot {
+        n.stop();
     }
     if let Some(r) = recorder {
         r.abort();

@@ -607,6 +607,11 @@ impl Store {
         Ok(())
     }
 
+    /// Opens another tree of the same database, for modules that keep their own records (netboot).
+    pub(crate) fn open_tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.inner.db.open_tree(name)?)
+    }
+
     /// A metadata value (admin token hash, QUIC stateless-reset key).
     pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.inner.meta.get(key)?.map(|v| v.to_vec()))

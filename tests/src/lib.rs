@@ -5,12 +5,14 @@
 //! - [`wait`]: [`eventually`] / [`consistently`], deadline-bounded polling; the only way tests wait.
 //! - [`bins`]: finds `shoal-controller`, `shoal-agent` and `shoalctl` next to the test executable.
 //! - [`fleet`]: a controller plus agents on one LAN, and `shoalctl` with its JSON parsed.
+//! - [`netboot`]: a controller serving netboot on a LAN, and diskless qemu VMs booting from it.
 //!
 //! Host tests start with [`require_host_tests!`]: without root or network namespaces they print why and
 //! skip, except under CI (env `CI` or `SHOAL_REQUIRE_HOST_TESTS` set), where they fail instead.
 
 pub mod bins;
 pub mod fleet;
+pub mod netboot;
 pub mod netns;
 pub mod process;
 pub mod wait;

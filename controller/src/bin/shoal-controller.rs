@@ -1,5 +1,8 @@
 //! `shoal-controller serve`: the fleet controller.
 
+#[path = "shoal-controller/netboot.rs"]
+mod netboot;
+
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
@@ -55,6 +58,8 @@ struct ServeArgs {
     /// How long agents may use a cached netmap without hearing from the controller.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     netmap_validity: std::time::Duration,
+    #[command(flatten)]
+    netboot: netboot::NetbootArgs,
 }
 
 fn main() -> ExitCode {
@@ -88,6 +93,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.overlay_mtu = args.overlay_mtu;
     config.probe_listen = args.probe_listen;
     config.netmap_validity = args.netmap_validity;
+    config.netboot = args.netboot.config()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let controller = Controller::open(config, args.api)

@@ -1,5 +1,8 @@
 //! `shoalctl`: the operator's command line for the controller's admin API.
 
+#[path = "shoalctl/netboot.rs"]
+mod netboot;
+
 use std::{collections::BTreeMap, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{bail, Context};
@@ -45,6 +48,12 @@ enum Command {
     /// Overlay paths and datapath counters, as the agents report them.
     #[command(subcommand)]
     Overlay(OverlayCmd),
+    /// Netboot images.
+    #[command(subcommand)]
+    Image(netboot::ImageCmd),
+    /// Machines seen on the netboot network.
+    #[command(subcommand)]
+    Machines(netboot::MachinesCmd),
     /// Fleet events (enrolled, up, down, removed...).
     Events {
         /// Output format.
@@ -125,6 +134,13 @@ enum NodesCmd {
     Remove {
         /// Node id.
         id: String,
+    },
+    /// Choose the image a node netboots.
+    SetImage {
+        /// Node id.
+        id: String,
+        /// Image version.
+        version: String,
     },
 }
 
@@ -315,6 +331,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
             }
         }
+        Command::Nodes(NodesCmd::SetImage { id, version }) => netboot::set_image(&client, &id, &version)?,
+        Command::Image(cmd) => netboot::image(&client, cmd)?,
+        Command::Machines(cmd) => netboot::machines(&client, cmd)?,
         Command::Events { output, after } => {
             let path = match after {
                 Some(a) => format!("/v1/events?after={a}"),

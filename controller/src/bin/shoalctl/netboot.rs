@@ -1,0 +1,144 @@
+//! `shoalctl image …`, `shoalctl machines …` and `shoalctl nodes set-image`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use shoal_controller::{
+    admin::AdminClient,
+    netboot::{
+        images::{self, Manifest},
+        view::{ImageView, MachineView, SetImage},
+    },
+};
+
+use super::{print_json, table, Output};
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    /// Upload a netboot image directory built by images/build.sh; the controller verifies its
+    /// signature and hashes and refuses it otherwise.
+    Add {
+        /// The image directory (manifest.json, manifest.sig, kernel, initramfs).
+        dir: PathBuf,
+    },
+    /// List stored images.
+    List {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Make an image the one machines without an assignment boot.
+    Default {
+        /// Image version.
+        version: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MachinesCmd {
+    /// Machines seen on the netboot network.
+    List {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Let a held machine netboot.
+    Admit {
+        /// MAC address.
+        mac: String,
+    },
+    /// Send a Wake-on-LAN magic packet on the netboot interface.
+    Wake {
+        /// MAC address.
+        mac: String,
+    },
+}
+
+fn add(client: &AdminClient, dir: &Path) -> anyhow::Result<()> {
+    let manifest_path = dir.join(images::MANIFEST);
+    let bytes = std::fs::read(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?;
+    let m: Manifest = serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", manifest_path.display()))?;
+    for name in [images::MANIFEST, images::SIGNATURE, m.kernel.file.as_str(), m.initrd.file.as_str()] {
+        images::check_name(name)?;
+        let path = dir.join(name);
+        let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        client.upload(&format!("/v1/images/{}/files/{name}", m.version), &data).with_context(|| format!("uploading {name}"))?;
+    }
+    let view: ImageView = client.post(&format!("/v1/images/{}", m.version), &serde_json::json!({}))?;
+    println!("added image {} (kernel {} bytes, initramfs {} bytes){}", view.version, view.kernel_bytes, view.initrd_bytes, if view.default { ", default" } else { "" });
+    Ok(())
+}
+
+pub fn image(client: &AdminClient, cmd: ImageCmd) -> anyhow::Result<()> {
+    match cmd {
+        ImageCmd::Add { dir } => add(client, &dir)?,
+        ImageCmd::List { output } => {
+            let list: Vec<ImageView> = client.get("/v1/images")?;
+            match output {
+                Output::Json => print_json(&list)?,
+                Output::Table => table(
+                    &["VERSION", "DEFAULT", "KERNEL", "INITRAMFS", "BUILT"],
+                    list.iter().map(|i| {
+                        vec![
+                            i.version.clone(),
+                            if i.default { "*".into() } else { String::new() },
+                            i.kernel_bytes.to_string(),
+                            i.initrd_bytes.to_string(),
+                            i.built_at.clone(),
+                        ]
+                    }),
+                ),
+            }
+        }
+        ImageCmd::Default { version } => {
+            let _: ImageView = client.post("/v1/images/default", &SetImage { version: version.clone() })?;
+            println!("default image is now {version}");
+        }
+    }
+    Ok(())
+}
+
+pub fn set_image(client: &AdminClient, id: &str, version: &str) -> anyhow::Result<()> {
+    client.post_no_content(&format!("/v1/nodes/{id}/image"), &SetImage { version: version.to_owned() })?;
+    println!("node {id} boots image {version} from its next netboot");
+    Ok(())
+}
+
+pub fn machines(client: &AdminClient, cmd: MachinesCmd) -> anyhow::Result<()> {
+    match cmd {
+        MachinesCmd::List { output } => {
+            let list: Vec<MachineView> = client.get("/v1/machines")?;
+            match output {
+                Output::Json => print_json(&list)?,
+                Output::Table => table(
+                    &["MAC", "VENDOR", "ARCH", "ADMITTED", "NODE", "IMAGE", "FIRST SEEN", "LAST SEEN"],
+                    list.iter().map(|m| {
+                        vec![
+                            m.mac.clone(),
+                            m.vendor.clone().unwrap_or("-".into()),
+                            m.arch.clone().unwrap_or("-".into()),
+                            if m.admitted { "yes".into() } else { "held".into() },
+                            m.node.clone().unwrap_or("-".into()),
+                            m.last_image.clone().unwrap_or("-".into()),
+                            m.first_seen.clone(),
+                            m.last_seen.clone(),
+                        ]
+                    }),
+                ),
+            }
+        }
+        MachinesCmd::Admit { mac } => {
+            client.post_no_content(&format!("/v1/machines/{mac}/admit"), &serde_json::json!({}))?;
+            println!("admitted {mac}");
+        }
+        MachinesCmd::Wake { mac } => {
+            if mac.parse::<shoal_controller::netboot::dhcp::Mac>().is_err() {
+                bail!("{mac:?} is not a MAC address");
+            }
+            client.post_no_content(&format!("/v1/machines/{mac}/wake"), &serde_json::json!({}))?;
+            println!("sent Wake-on-LAN to {mac}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! Machines seen on the netboot network (before and after they enrol), the admission policy, DHCP
+//! leases, per-node image assignments, the IEEE OUI vendor table, and Wake-on-LAN packets.
+//!
+//! Persisted in sled trees of the controller's store (postcard values):
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `netboot_machines` | MAC (6 bytes) | [`MachineRecord`] |
+//! | `netboot_leases` | MAC (6 bytes) | [`Lease`] |
+//! | `netboot_node_images` | node id | image version (UTF-8) |
+
+use std::{collections::HashMap, path::Path};
+
+use serde::{Deserialize, Serialize};
+use shoal_proto::{NodeId, UnixMillis};
+
+use super::dhcp::{Arch, Lease, Mac};
+use crate::store::{Store, StoreError};
+
+const MACHINES: &str = "netboot_machines";
+const LEASES: &str = "netboot_leases";
+const NODE_IMAGES: &str = "netboot_node_images";
+
+/// Debian's `ieee-data` OUI list.
+pub const OUI_FILE: &str = "/usr/share/ieee-data/oui.txt";
+
+/// What the controller knows about a machine seen by its DHCP server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineRecord {
+    /// Its MAC address.
+    pub mac: Mac,
+    /// Architecture from DHCP option 93.
+    pub arch: Option<Arch>,
+    /// Whether it asked as a PXE client.
+    pub pxe: bool,
+    /// First DHCP packet seen.
+    pub first_seen: UnixMillis,
+    /// Latest DHCP packet seen.
+    pub last_seen: UnixMillis,
+    /// Admitted to boot (by policy or by an operator).
+    pub admitted: bool,
+    /// Latest image version served to it.
+    pub last_image: Option<String>,
+    /// When it last fetched its boot script.
+    pub last_boot: Option<UnixMillis>,
+}
+
+/// Whether new PXE clients boot at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AdmissionPolicy {
+    /// Every PXE client boots (default).
+    #[default]
+    AdmitAll,
+    /// New PXE clients wait for `shoalctl machines admit MAC`.
+    Hold,
+}
+
+fn db(e: sled::Error) -> StoreError {
+    StoreError::from(e)
+}
+
+fn corrupt(tree: &str, e: postcard::Error) -> StoreError {
+    StoreError::Corrupt { key: tree.to_owned(), cause: e.to_string() }
+}
+
+/// The netboot trees of the controller's store.
+#[derive(Debug, Clone)]
+pub struct MachineStore {
+    store: Store,
+    machines: sled::Tree,
+    leases: sled::Tree,
+    node_images: sled::Tree,
+}
+
+impl MachineStore {
+    /// Opens the trees in `store`.
+    pub fn open(store: &Store) -> Result<MachineStore, StoreError> {
+        Ok(MachineStore {
+            store: store.clone(),
+            machines: store.open_tree(MACHINES)?,
+            leases: store.open_tree(LEASES)?,
+            node_images: store.open_tree(NODE_IMAGES)?,
+        })
+    }
+
+    /// One machine.
+    pub fn machine(&self, mac: &Mac) -> Result<Option<MachineRecord>, StoreError> {
+        match self.machines.get(mac.0).map_err(db)? {
+            Some(v) => Ok(Some(postcard::from_bytes(&v).map_err(|e| corrupt(MACHINES, e))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// All machines, by MAC.
+    pub fn machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
+        self.machines
+            .iter()
+            .map(|item| {
+                let (_, v) = item.map_err(db)?;
+                postcard::from_bytes(&v).map_err(|e| corrupt(MACHINES, e))
+            })
+            .collect()
+    }
+
+    /// Records a DHCP packet from `mac`; creates the record (admitted per `policy`) on first sight.
+    pub fn seen(&self, mac: Mac, arch: Option<Arch>, pxe: bool, policy: AdmissionPolicy, now: UnixMillis) -> Result<MachineRecord, StoreError> {
+        self.update(mac, now, policy, |m| {
+            m.last_seen = now;
+            if arch.is_some() {
+                m.arch = arch;
+            }
+            m.pxe |= pxe;
+        })
+    }
+
+    /// Admits a machine (creating its record if it was never seen).
+    pub fn admit(&self, mac: Mac, now: UnixMillis) -> Result<MachineRecord, StoreError> {
+        self.update(mac, now, AdmissionPolicy::AdmitAll, |m| m.admitted = true)
+    }
+
+    /// Notes that `mac` fetched a boot script for `image`.
+    pub fn booted(&self, mac: Mac, image: &str, now: UnixMillis) -> Result<MachineRecord, StoreError> {
+        self.update(mac, now, AdmissionPolicy::AdmitAll, |m| {
+            m.last_image = Some(image.to_owned());
+            m.last_boot = Some(now);
+        })
+    }
+
+    fn update(&self, mac: Mac, now: UnixMillis, policy: AdmissionPolicy, f: impl Fn(&mut MachineRecord)) -> Result<MachineRecord, StoreError> {
+        self.store.check_space()?;
+        let mut out = None;
+        self.machines
+            .fetch_and_update(mac.0, |old| {
+                let mut m = old.and_then(|b| postcard::from_bytes::<MachineRecord>(b).ok()).unwrap_or(MachineRecord {
+                    mac,
+                    arch: None,
+                    pxe: false,
+                    first_seen: now,
+                    last_seen: now,
+                    admitted: policy == AdmissionPolicy::AdmitAll,
+                    last_image: None,
+                    last_boot: None,
+                });
+                f(&mut m);
+                let bytes = postcard::to_allocvec(&m).ok();
+                out = Some(m);
+                bytes
+            })
+            .map_err(db)?;
+        out.ok_or_else(|| StoreError::Db("cannot encode machine record".into()))
+    }
+
+    /// All persisted leases.
+    pub fn leases(&self) -> Result<Vec<Lease>, StoreError> {
+        self.leases
+            .iter()
+            .map(|item| {
+                let (_, v) = item.map_err(db)?;
+                postcard::from_bytes(&v).map_err(|e| corrupt(LEASES, e))
+            })
+            .collect()
+    }
+
+    /// Stores a lease; on disk when this returns.
+    pub fn put_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.store.check_space()?;
+        let bytes = postcard::to_allocvec(lease).map_err(|e| StoreError::Db(e.to_string()))?;
+        self.leases.insert(lease.mac.0, bytes).map_err(db)?;
+        self.leases.flush().map_err(db)?;
+        Ok(())
+    }
+
+    /// Deletes a lease.
+    pub fn delete_lease(&self, mac: &Mac) -> Result<(), StoreError> {
+        self.leases.remove(mac.0).map_err(db)?;
+        self.leases.flush().map_err(db)?;
+        Ok(())
+    }
+
+    /// The image assigned to a node.
+    pub fn node_image(&self, node: &NodeId) -> Result<Option<String>, StoreError> {
+        Ok(self.node_images.get(node.0.as_bytes()).map_err(db)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Assigns an image to a node.
+    pub fn set_node_image(&self, node: &NodeId, version: &str) -> Result<(), StoreError> {
+        self.store.check_space()?;
+        self.node_images.insert(node.0.as_bytes(), version.as_bytes()).map_err(db)?;
+        self.node_images.flush().map_err(db)?;
+        Ok(())
+    }
+}
+
+/// Vendor names by OUI (the first three bytes of a MAC).
+#[derive(Debug, Default)]
+pub struct OuiTable {
+    vendors: HashMap<[u8; 3], String>,
+}
+
+impl OuiTable {
+    /// Loads `oui.txt` (lines `00-00-0C   (hex)\t\tCisco Systems, Inc`); an empty table if unreadable.
+    pub fn load(path: &Path) -> OuiTable {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), cause = %e, "no OUI list: vendors will not be shown (install ieee-data)");
+                OuiTable::default()
+            }
+        }
+    }
+
+    /// Parses the text of `oui.txt`.
+    pub fn parse(text: &str) -> OuiTable {
+        let mut vendors = HashMap::new();
+        for line in text.lines() {
+            let Some((prefix, rest)) = line.split_once("(hex)") else { continue };
+            let hex: String = prefix.trim().chars().filter(|c| *c != '-').collect();
+            let Ok(bytes) = hex::decode(&hex) else { continue };
+            let Ok(key) = <[u8; 3]>::try_from(bytes.as_slice()) else { continue };
+            vendors.insert(key, rest.trim().to_owned());
+        }
+        OuiTable { vendors }
+    }
+
+    /// The vendor of a MAC; locally administered addresses (like QEMU's 52:54:00) have none.
+    pub fn vendor(&self, mac: &Mac) -> Option<&str> {
+        if mac.0[0] & 0x02 != 0 {
+            return None;
+        }
+        self.vendors.get(&[mac.0[0], mac.0[1], mac.0[2]]).map(String::as_str)
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.vendors.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.vendors.is_empty()
+    }
+}
+
+/// A Wake-on-LAN magic packet: six 0xff bytes, then the MAC sixteen times.
+pub fn magic_packet(mac: &Mac) -> [u8; 102] {
+    let mut p = [0xffu8; 102];
+    for i in 0..16 {
+        p[6 + i * 6..12 + i * 6].copy_from_slice(&mac.0);
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oui_lines_parse_and_local_macs_have_no_vendor() {
+        let t = OuiTable::parse("OUI/MA-L\t\tOrganization\n00-00-0C   (hex)\t\tCisco Systems, Inc\n00000C     (base 16)\t\tCisco Systems, Inc\n\nbroken (hex)\n");
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.vendor(&Mac([0, 0, 0x0c, 1, 2, 3])), Some("Cisco Systems, Inc"));
+        assert_eq!(t.vendor(&Mac([0x52, 0x54, 0, 1, 2, 3])), None);
+    }
+
+    #[test]
+    fn debian_oui_list_knows_intel_when_installed() {
+        let t = OuiTable::load(Path::new(OUI_FILE));
+        if t.is_empty() {
+            eprintln!("skipping: {OUI_FILE} not installed (Debian package ieee-data)");
+            return;
+        }
+        assert!(t.vendor(&Mac([0x00, 0x1b, 0x21, 0, 0, 1])).is_some_and(|v| v.contains("Intel")));
+    }
+
+    #[test]
+    fn magic_packet_layout() {
+        let mac = Mac([1, 2, 3, 4, 5, 6]);
+        let p = magic_packet(&mac);
+        assert_eq!(&p[..6], &[0xff; 6]);
+        assert!(p[6..].chunks(6).all(|c| c == mac.0));
+    }
+
+    #[test]
+    fn machines_and_leases_persist() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mac = Mac([2, 0, 0, 0, 0, 1]);
+        {
+            let store = Store::open(dir.path()).expect("store");
+            let ms = MachineStore::open(&store).expect("trees");
+            let m = ms.seen(mac, Some(Arch::Bios), true, AdmissionPolicy::Hold, UnixMillis(5)).expect("seen");
+            assert!(!m.admitted);
+            let m = ms.seen(mac, None, false, AdmissionPolicy::AdmitAll, UnixMillis(9)).expect("seen");
+            assert!(!m.admitted, "policy applies only at first sight");
+            assert_eq!((m.first_seen, m.last_seen, m.arch), (UnixMillis(5), UnixMillis(9), Some(Arch::Bios)));
+            ms.admit(mac, UnixMillis(10)).expect("admit");
+            ms.put_lease(&Lease { mac, ip: "192.0.2.10".parse().expect("ip"), expires: UnixMillis(99) }).expect("lease");
+            store.flush().expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("store");
+        let ms = MachineStore::open(&store).expect("trees");
+        assert!(ms.machine(&mac).expect("get").expect("present").admitted);
+        assert_eq!(ms.leases().expect("leases").len(), 1);
+    }
+}

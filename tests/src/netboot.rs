@@ -1,0 +1,317 @@
+//! Netboot host tests: a controller serving DHCP/TFTP/HTTP on a LAN, and diskless qemu VMs (TCG) whose
+//! NIC is a tap on that LAN's bridge.
+//!
+//! [`NetbootLab::start`] builds the image once per test process (`images/build.sh` with the test's agent
+//! binary and a throw-away signing key), starts the controller with netboot on, and adds the image.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use serde_json::Value;
+
+use crate::fleet::as_array;
+use crate::netns::Topology;
+use crate::process::{output_with_timeout, Proc, ProcSpec};
+use crate::{eventually, Bins};
+
+/// Deadline for one shoalctl call.
+const CTL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Firmware of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Firmware {
+    /// SeaBIOS with the iPXE option ROM of Debian's `ipxe-qemu`.
+    Bios,
+    /// OVMF (Debian's `ovmf`), which PXE-boots iPXE over TFTP.
+    Uefi,
+}
+
+/// Where the DHCP addresses come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DhcpSetup {
+    /// The controller is the DHCP server (`--dhcp-range`).
+    Full,
+    /// dnsmasq on a router host hands out addresses; the controller runs `--proxy-dhcp`.
+    ProxyWithDnsmasq,
+}
+
+/// Files the netboot tests need that are not ours: why they are missing, or `None`.
+pub fn netboot_unavailable(firmware: Firmware) -> Option<String> {
+    let mut needs = vec![
+        ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
+        ("/usr/lib/ipxe/qemu/efi-virtio.rom", "ipxe-qemu"),
+        ("/usr/lib/ipxe/undionly.kpxe", "ipxe"),
+        ("/usr/bin/busybox", "busybox-static"),
+        ("/usr/sbin/smartctl", "smartmontools"),
+        ("/usr/bin/zstd", "zstd"),
+        ("/usr/bin/cpio", "cpio"),
+        ("/dev/net/tun", "(the tun device)"),
+    ];
+    if firmware == Firmware::Uefi {
+        needs.push(("/usr/share/OVMF/OVMF_CODE_4M.fd", "ovmf"));
+    }
+    for (path, package) in needs {
+        if !Path::new(path).exists() {
+            return Some(format!("{path} is missing: install {package} (scripts/deps)"));
+        }
+    }
+    if !glob_exists("/boot", "vmlinuz-") {
+        return Some("no /boot/vmlinuz-*: install linux-image-amd64 (scripts/deps)".into());
+    }
+    None
+}
+
+fn glob_exists(dir: &str, prefix: &str) -> bool {
+    std::fs::read_dir(dir).map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(prefix))).unwrap_or(false)
+}
+
+/// A built image: its directory and the public key that signed it.
+#[derive(Debug, Clone)]
+pub struct BuiltImage {
+    /// The image directory.
+    pub dir: PathBuf,
+    /// The signing key's `.pub` file.
+    pub key_pub: PathBuf,
+    /// The version.
+    pub version: String,
+    /// How long build.sh took.
+    pub build_time: Duration,
+}
+
+/// Builds the test image once per process.
+pub fn image(bins: &Bins) -> Result<BuiltImage> {
+    static IMAGE: OnceLock<std::result::Result<BuiltImage, String>> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| build_image(bins).map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!("building the netboot image: {e}"))
+}
+
+fn build_image(bins: &Bins) -> Result<BuiltImage> {
+    let base = std::env::temp_dir().join(format!("shoal-netboot-image-{}", std::process::id()));
+    let dir = base.join("image");
+    let key = base.join("key.pem");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build.sh");
+    let version = "test-1".to_string();
+    let start = Instant::now();
+    let out = output_with_timeout(
+        Command::new("bash")
+            .arg(&script)
+            .arg("--out")
+            .arg(&dir)
+            .arg("--version")
+            .arg(&version)
+            .arg("--agent")
+            .arg(&bins.agent)
+            .arg("--key")
+            .arg(&key),
+        Duration::from_secs(300),
+    )?;
+    ensure!(out.status.success(), "images/build.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    Ok(BuiltImage { dir, key_pub: base.join("key.pub"), version, build_time: start.elapsed() })
+}
+
+/// A controller with netboot on a LAN, and VMs on it.
+#[derive(Debug)]
+pub struct NetbootLab {
+    /// Temporary directory (data dir, logs, VM files).
+    pub dir: tempfile::TempDir,
+    /// The binaries.
+    pub bins: Bins,
+    /// The image.
+    pub image: BuiltImage,
+    /// The controller.
+    pub controller: Proc,
+    /// Its namespace.
+    pub controller_ns: String,
+    /// Its address on the LAN.
+    pub controller_ip: Ipv4Addr,
+    /// dnsmasq, in proxy setups.
+    pub dnsmasq: Option<Proc>,
+    /// Running VMs.
+    pub vms: Vec<Proc>,
+    /// Taps created so far (names stay unique after VMs are dropped).
+    taps: usize,
+    // Dropped last: processes first, then the namespaces.
+    topo: Topology,
+}
+
+impl NetbootLab {
+    /// Starts the controller on LAN `10.78.<n>.0/24` and adds the image.
+    pub fn start(subnet_octet: u8, setup: DhcpSetup) -> Result<NetbootLab> {
+        let bins = Bins::locate()?;
+        let image = image(&bins)?;
+        let dir = tempfile::Builder::new().prefix("shoal-netboot-").tempdir()?;
+        let logs = dir.path().join("logs");
+        let mut topo = Topology::new()?;
+        let subnet = format!("10.78.{subnet_octet}.0/24");
+        topo.add_lan("boot", &subnet)?;
+        topo.add_host("ctl")?;
+        let iface = topo.connect("ctl", "boot")?;
+        let controller_ns = topo.host("ctl")?.ns_name().to_string();
+        let mut dnsmasq = None;
+        if setup == DhcpSetup::ProxyWithDnsmasq {
+            topo.add_host("router")?;
+            let r = topo.connect("router", "boot")?;
+            let range = format!("10.78.{subnet_octet}.100,10.78.{subnet_octet}.150,255.255.255.0,1h");
+            dnsmasq = Some(
+                ProcSpec::new("dnsmasq", "/usr/sbin/dnsmasq", &logs)
+                    .netns(topo.host("router")?.ns_name())
+                    .args(["--keep-in-foreground", "--no-daemon", "--port=0", "--log-dhcp", "--no-resolv", "--no-hosts"])
+                    .arg(format!("--interface={}", r.name))
+                    .arg("--bind-interfaces")
+                    .arg(format!("--dhcp-range={range}"))
+                    .arg(format!("--dhcp-leasefile={}", dir.path().join("dnsmasq.leases").display()))
+                    .arg("--conf-file=/dev/null")
+                    .spawn()?,
+            );
+        }
+        let data_dir = dir.path().join("controller");
+        std::fs::create_dir_all(&data_dir)?;
+        let mut spec = ProcSpec::new("controller", &bins.controller, &logs)
+            .netns(&controller_ns)
+            .env("RUST_BACKTRACE", "1")
+            .args(["serve", "--heartbeat-interval", "2s"])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--listen")
+            .arg(format!("{}:7440", iface.addr))
+            .arg("--api")
+            .arg(format!("{}:7441", iface.addr))
+            .arg("--netboot-interface")
+            .arg(&iface.name)
+            .arg("--image-key")
+            .arg(&image.key_pub);
+        spec = match setup {
+            DhcpSetup::Full => spec.arg("--dhcp-range").arg(format!("10.78.{subnet_octet}.100-10.78.{subnet_octet}.150")),
+            DhcpSetup::ProxyWithDnsmasq => spec.arg("--proxy-dhcp"),
+        };
+        let controller = spec.spawn()?;
+        let mut lab = NetbootLab { dir, bins, image, controller, controller_ns, controller_ip: iface.addr, dnsmasq, vms: Vec::new(), taps: 0, topo };
+        let result = lab.ready();
+        if result.is_err() {
+            lab.dump_logs();
+        }
+        result.map(|()| lab)
+    }
+
+    fn ready(&mut self) -> Result<()> {
+        eventually(Duration::from_secs(30), "the controller's admin API", || {
+            if let Err(e) = self.controller.ensure_running() {
+                return Err(crate::abort(format!("{e:#}")));
+            }
+            self.ctl_ok(&["nodes", "list", "-o", "json"]).map(drop)
+        })?;
+        let dir = self.image.dir.to_string_lossy().into_owned();
+        self.ctl_ok(&["image", "add", &dir])?;
+        Ok(())
+    }
+
+    /// The admin credential file.
+    pub fn admin_conf(&self) -> PathBuf {
+        self.dir.path().join("controller/admin.conf")
+    }
+
+    /// `shoalctl ARGS` in the controller's namespace.
+    pub fn ctl(&self, args: &[&str]) -> Result<Output> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.controller_ns]).arg(&self.bins.ctl).arg("--config").arg(self.admin_conf()).args(args);
+        output_with_timeout(&mut cmd, CTL_TIMEOUT)
+    }
+
+    /// `shoalctl ARGS`, which must succeed; its stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.ctl(args)?;
+        ensure!(out.status.success(), "shoalctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `shoalctl ARGS -o json`, parsed as an array.
+    pub fn ctl_list(&self, args: &[&str]) -> Result<Vec<Value>> {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        let v: Value = serde_json::from_str(&self.ctl_ok(&a)?)?;
+        as_array(v, &args.join(" "))
+    }
+
+    /// A command in the controller's namespace.
+    pub fn in_controller_ns(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.controller_ns, program]);
+        cmd
+    }
+
+    /// Starts a diskless VM with one virtio NIC on the LAN; returns its index in [`NetbootLab::vms`].
+    pub fn start_vm(&mut self, name: &str, firmware: Firmware, mac: &str) -> Result<usize> {
+        let lan_ns = self.topo.lan("boot")?.netns().name().to_string();
+        let tap = format!("tap{}", self.taps);
+        self.taps += 1;
+        let lan = self.topo.lan("boot")?.netns();
+        lan.ip(&["tuntap", "add", "dev", &tap, "mode", "tap"])?;
+        lan.ip(&["link", "set", &tap, "master", "br0", "up"])?;
+        let mut spec = ProcSpec::new(name, "/usr/bin/qemu-system-x86_64", self.dir.path().join("logs"))
+            .netns(&lan_ns)
+            .args(["-accel", "tcg", "-m", "512", "-smp", "2", "-display", "none", "-serial", "stdio", "-monitor", "none"])
+            .args(["-uuid", "5ba1ab1e-0000-4000-8000-00000000000a", "-boot", "n"])
+            .arg("-netdev")
+            .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
+            .arg("-device")
+            // UEFI: no iPXE option ROM, so OVMF's own PXE client loads ipxe.efi over TFTP, as real
+            // UEFI firmware does; BIOS: SeaBIOS boots through the NIC's iPXE ROM.
+            .arg(format!("virtio-net-pci,netdev=n0,mac={mac}{}", if firmware == Firmware::Uefi { ",romfile=" } else { "" }));
+        if firmware == Firmware::Uefi {
+            let vars = self.dir.path().join(format!("{name}-vars.fd"));
+            std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).context("copying OVMF_VARS_4M.fd")?;
+            spec = spec
+                .args(["-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"])
+                .arg("-drive")
+                .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
+        }
+        self.vms.push(spec.spawn()?);
+        Ok(self.vms.len() - 1)
+    }
+
+    /// Waits until a node with `mac` is up with an inventory; returns the node.
+    pub fn wait_node_up(&mut self, mac: &str, timeout: Duration) -> Result<Value> {
+        eventually(timeout, &format!("a node with MAC {mac} up in `nodes list`"), || {
+            self.controller.ensure_running().map_err(|e| crate::abort(format!("{e:#}")))?;
+            for vm in &mut self.vms {
+                if !vm.is_running() {
+                    return Err(crate::abort(format!("VM {} exited", vm.name())));
+                }
+            }
+            let nodes = self.ctl_list(&["nodes", "list"])?;
+            let node = nodes.into_iter().find(|n| crate::fleet::has_mac(n, mac)).ok_or_else(|| anyhow!("no node with {mac} yet"))?;
+            ensure!(node["status"] == "up", "node {} is {}", node["id"], node["status"]);
+            Ok(node)
+        })
+    }
+
+    /// Prints the logs of every process.
+    pub fn dump_logs(&self) {
+        let mut logs: Vec<(&str, &Path)> = vec![("controller", self.controller.log_path())];
+        if let Some(d) = &self.dnsmasq {
+            logs.push(("dnsmasq", d.log_path()));
+        }
+        for vm in &self.vms {
+            logs.push((vm.name(), vm.log_path()));
+        }
+        crate::process::dump_logs(logs);
+    }
+}
+
+/// Parses the join token from the kernel command line the VM printed on its console.
+pub fn token_from_console(vm: &Proc) -> Result<String> {
+    let log = vm.log();
+    let start = log.find("shoal.token=").ok_or_else(|| anyhow!("no shoal.token= on the console"))?;
+    let token: String = log[start + "shoal.token=".len()..].chars().take_while(|c| !c.is_whitespace()).collect();
+    if token.is_empty() {
+        bail!("empty shoal.token= on the console");
+    }
+    Ok(token)
+}
