@@ -109,15 +109,24 @@ impl Coordinator {
 
     /// An agent connected with overlay support: returns what it needs first (a full netmap, or an
     /// empty delta that renews its cached one's validity), then peer updates for its new endpoints.
+    /// `key` is the public-key hash of the certificate it connected with; a new key and new endpoints
+    /// reach its peers together, as one delta.
     pub fn subscribe(
         &mut self,
         node: &NodeId,
+        key: Option<[u8; 32]>,
         observed: SocketAddr,
         hello: &OverlayHello,
         now: UnixMillis,
     ) -> (ControllerMsg, Vec<Delivery>) {
         let changed = self.nodes.get_mut(node).is_some_and(|n| {
-            let changed = n.observed != Some(observed) || n.local != hello.local_endpoints || n.nat != hello.nat;
+            let changed = n.observed != Some(observed)
+                || n.local != hello.local_endpoints
+                || n.nat != hello.nat
+                || (key.is_some() && n.key != key);
+            if key.is_some() {
+                n.key = key;
+            }
             n.observed = Some(observed);
             n.local = hello.local_endpoints.clone();
             n.nat = hello.nat;
@@ -356,6 +365,26 @@ mod tests {
         OverlayHello { netmap_version: None, local_endpoints: vec!["10.0.0.9:7000".parse().unwrap()], nat: NatMapping::EndpointIndependent }
     }
 
+    impl Coordinator {
+        fn subscribe_test(&mut self, node: &NodeId, observed: SocketAddr, hello: &OverlayHello, now: UnixMillis) -> (ControllerMsg, Vec<Delivery>) {
+            self.subscribe(node, None, observed, hello, now)
+        }
+    }
+
+    #[test]
+    fn a_new_key_and_new_endpoints_reach_peers_as_one_delta() {
+        let mut c = coordinator();
+        let now = UnixMillis(0);
+        c.node_known(&n("a"), PeerIndex(1), None, now);
+        c.node_known(&n("b"), PeerIndex(2), None, now);
+        c.apply(&[joined(1, "a", 1), joined(1, "b", 2)], now);
+        c.subscribe(&n("a"), Some([1; 32]), "192.0.2.1:1".parse().unwrap(), &hello(), now);
+        let (_, updates) = c.subscribe(&n("b"), Some([2; 32]), "192.0.2.2:1".parse().unwrap(), &hello(), now);
+        assert_eq!(updates.len(), 1);
+        let d = delta(&updates[0].1);
+        assert!(matches!(&d.changes[..], [NetmapChange::Peer(p)] if p.key_sha256 == [2; 32] && !p.endpoints.is_empty()));
+    }
+
     fn coordinator() -> Coordinator {
         let snapshot = OverlaySnapshot {
             networks: vec![NetworkSnapshot { network: net(1, "default"), members: vec![] }],
@@ -379,11 +408,11 @@ mod tests {
             c.node_known(&n(id), PeerIndex(i as u32 + 1), Some([i as u8; 32]), now);
         }
         c.apply(&[joined(1, "a", 1), joined(1, "b", 2)], now);
-        let (first, _) = c.subscribe(&n("a"), "198.51.100.1:7000".parse().unwrap(), &hello(), now);
+        let (first, _) = c.subscribe_test(&n("a"), "198.51.100.1:7000".parse().unwrap(), &hello(), now);
         let ControllerMsg::Netmap(map_a) = first else { panic!("full netmap first") };
         assert_eq!(map_a.peers.len(), 1);
         assert_eq!(map_a.peers[0].node, n("b"));
-        let (first_b, updates) = c.subscribe(&n("b"), "198.51.100.2:7000".parse().unwrap(), &hello(), now);
+        let (first_b, updates) = c.subscribe_test(&n("b"), "198.51.100.2:7000".parse().unwrap(), &hello(), now);
         assert!(matches!(first_b, ControllerMsg::Netmap(_)));
         // A hears B's new endpoints.
         assert_eq!(updates.len(), 1);
@@ -427,7 +456,7 @@ mod tests {
         assert_eq!(x_view.peers.len(), 1);
         assert_eq!(x_view.peers[0].networks.len(), 1, "x sees only the network it shares with a");
         for id in ["a", "b", "x"] {
-            c.subscribe(&n(id), "192.0.2.1:1".parse().unwrap(), &hello(), now);
+            c.subscribe_test(&n(id), "192.0.2.1:1".parse().unwrap(), &hello(), now);
         }
         let out = c.apply(&[MembershipChange::Left { network: NetworkId(1), node: n("b") }], now);
         let to_b = delta(&out.iter().find(|(to, _)| *to == n("b")).unwrap().1);
@@ -447,7 +476,7 @@ mod tests {
         let v = c.version();
         let mut h = hello();
         h.netmap_version = Some(v);
-        let (first, _) = c.subscribe(&n("a"), "192.0.2.1:1".parse().unwrap(), &h, UnixMillis(5));
+        let (first, _) = c.subscribe_test(&n("a"), "192.0.2.1:1".parse().unwrap(), &h, UnixMillis(5));
         let d = delta(&first);
         assert!(d.changes.is_empty() && d.from_version == v && d.valid_until == UnixMillis(5 + 3_600_000));
         let c2 = Coordinator::new(4, OverlaySnapshot::default(), Duration::from_secs(1));

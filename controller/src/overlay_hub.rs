@@ -105,11 +105,11 @@ impl OverlayHub {
         let now = now_ms();
         let observed = conn.remote_address();
         let mut st = self.state();
-        let key_updates = st.coordinator.node_known(node, index, Some(key), now);
+        // Known first (with its index); its key goes with its endpoints in one delta to its peers.
+        st.coordinator.node_known(node, index, None, now);
         let first_on_conn = st.links.get(node).map(|l| l.conn_id) != Some(conn_id);
-        let (netmap, updates) = st.coordinator.subscribe(node, observed, hello, now);
+        let (netmap, updates) = st.coordinator.subscribe(node, Some(key), observed, hello, now);
         st.links.insert(node.clone(), Link { conn_id, tx: tx.clone(), index });
-        Self::send_all(&st.links, key_updates);
         Self::send_all(&st.links, updates);
         drop(st);
         let mut out = Vec::new();
