@@ -747,6 +747,36 @@ fn iptables(ns: &Netns, args: &[&str]) -> Result<String> {
     ns.exec("iptables", &all)
 }
 
+/// Runs `program args…` in namespace `ns` with a deadline; its stdout, or an error with its output.
+pub fn run_in(ns: &str, program: &str, args: &[&str], timeout: Duration) -> Result<String> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, program]).args(args);
+    let out = crate::process::output_with_timeout(&mut cmd, timeout)?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` in {ns} failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The IPv4 address of interface `dev` in namespace `ns` (e.g. an agent's `shoal0`).
+pub fn ipv4_of(ns: &str, dev: &str) -> Result<Ipv4Addr> {
+    let out = run_in(ns, "ip", &["-4", "-o", "addr", "show", "dev", dev], Duration::from_secs(5))?;
+    let addr = out
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .with_context(|| format!("no IPv4 address on {dev} in {ns}: {out}"))?;
+    Ok(addr.parse()?)
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;

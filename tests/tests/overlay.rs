@@ -7,14 +7,13 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::Value;
-use shoal_tests::netns::NatMode;
+use shoal_tests::netns::{ipv4_of as tap_addr, run_in, NatMode};
 use shoal_tests::{eventually, require_host_tests, Fleet, FleetConfig, OrPanic};
 
 /// Deadline for agents to get their netmap and bring their TAP device up.
@@ -24,30 +23,9 @@ const PATH_TIMEOUT: Duration = Duration::from_secs(40);
 /// The overlay's default MTU.
 const OVERLAY_MTU: usize = 1380;
 
-/// Runs a command in a namespace; its stdout, or an error with its output.
+/// Runs a command in a namespace (30 s deadline); its stdout, or an error with its output.
 fn in_ns(ns: &str, program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new("ip").args(["netns", "exec", ns, program]).args(args).output()?;
-    if !out.status.success() {
-        bail!(
-            "`{program} {}` in {ns} failed: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The IPv4 address of `dev` in namespace `ns`.
-fn tap_addr(ns: &str, dev: &str) -> Result<Ipv4Addr> {
-    let out = in_ns(ns, "ip", &["-4", "-o", "addr", "show", "dev", dev])?;
-    let addr = out
-        .split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .and_then(|cidr| cidr.split('/').next())
-        .with_context(|| format!("no IPv4 address on {dev} in {ns}: {out}"))?;
-    Ok(addr.parse()?)
+    run_in(ns, program, args, Duration::from_secs(30))
 }
 
 fn ping(ns: &str, to: Ipv4Addr) -> Result<String> {

@@ -22,6 +22,7 @@
 //! then `target/release/shoal-overlay-bench` (the fleet binaries are taken from the directory the bench
 //! runs from, or from `$SHOAL_BIN_DIR`).
 
+use shoal_tests::netns::{ipv4_of as tap_addr, run_in as in_ns};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -196,23 +197,6 @@ struct Row {
 /// A measurement's result with its error chain as text.
 fn m<T>(r: Result<T>) -> Measured<T> {
     r.map_err(|e| format!("{e:#}"))
-}
-
-/// Runs `program args…` in namespace `ns` with a deadline; stdout, or an error with its output.
-fn in_ns(ns: &str, program: &str, args: &[&str], timeout: Duration) -> Result<String> {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns, program]).args(args);
-    let out = output_with_timeout(&mut cmd, timeout)?;
-    if !out.status.success() {
-        bail!(
-            "`{program} {}` in {ns} failed ({}): {}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn ping(ns: &str, to: Ipv4Addr, count: u32) -> Result<PingStats> {
@@ -420,18 +404,6 @@ impl TwoAgents {
     fn check(&mut self) -> Result<()> {
         self.fleet.check_running()
     }
-}
-
-/// The IPv4 address of `dev` in namespace `ns`.
-fn tap_addr(ns: &str, dev: &str) -> Result<Ipv4Addr> {
-    let out = in_ns(ns, "ip", &["-4", "-o", "addr", "show", "dev", dev], Duration::from_secs(5))?;
-    let addr = out
-        .split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .and_then(|cidr| cidr.split('/').next())
-        .with_context(|| format!("no IPv4 address on {dev} in {ns}: {out}"))?;
-    Ok(addr.parse()?)
 }
 
 /// Waits until `shoalctl overlay paths` reports a direct path between agents 1 and 2, both ways.
