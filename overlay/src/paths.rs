@@ -113,6 +113,33 @@ struct PeerPaths {
     next_relay: Instant,
 }
 
+impl PeerPaths {
+    fn has(&self, kind: PathKind) -> bool {
+        self.conns.iter().any(|c| c.kind == kind)
+    }
+
+    /// When the next round of direct attempts is due, if one is wanted: no direct path, none being
+    /// attempted, and somewhere to attempt.
+    fn direct_due(&self) -> Option<Instant> {
+        (!self.has(PathKind::Direct) && self.direct_in_flight == 0 && !self.endpoints.is_empty()).then_some(self.next_direct)
+    }
+
+    /// When this side should open a relay path, if it should: it has the lower id (`opens_relay`) and the
+    /// pair has no path at all and no relay attempt in flight.
+    fn relay_due(&self, opens_relay: bool) -> Option<Instant> {
+        (opens_relay && !self.has(PathKind::Direct) && !self.has(PathKind::Relay) && !self.relay_in_flight)
+            .then_some(self.next_relay)
+    }
+
+    /// When a relay this side opened has been redundant for `linger` beside the oldest direct path.
+    fn linger_due(&self, linger: Duration) -> Option<Instant> {
+        if !self.conns.iter().any(|c| c.kind == PathKind::Relay && c.ours) {
+            return None;
+        }
+        self.conns.iter().filter(|c| c.kind == PathKind::Direct).map(|c| c.since).min().map(|t| t + linger)
+    }
+}
+
 /// A peer's current route, for the datapath and for path reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {
@@ -233,7 +260,7 @@ impl PathManager {
         match kind {
             PathKind::Direct => {
                 p.direct_in_flight = p.direct_in_flight.saturating_sub(1);
-                if p.direct_in_flight == 0 && !p.conns.iter().any(|c| c.kind == PathKind::Direct) {
+                if p.direct_in_flight == 0 && !p.has(PathKind::Direct) {
                     p.next_direct = now + p.direct_backoff;
                     p.direct_backoff = (p.direct_backoff * 2).min(max);
                 }
@@ -253,7 +280,7 @@ impl PathManager {
         for p in self.peers.values_mut() {
             if let Some(pos) = p.conns.iter().position(|c| c.id == conn) {
                 let c = p.conns.remove(pos);
-                if c.kind == PathKind::Direct && !p.conns.iter().any(|c| c.kind == PathKind::Direct) {
+                if c.kind == PathKind::Direct && !p.has(PathKind::Direct) {
                     // The direct path died: relay at once, and try direct again soon.
                     p.next_relay = now;
                     p.next_direct = p.next_direct.min(now + min);
@@ -273,7 +300,7 @@ impl PathManager {
         if !endpoints.is_empty() {
             p.endpoints = endpoints.to_vec();
         }
-        if p.conns.iter().any(|c| c.kind == PathKind::Direct) || p.direct_in_flight > 0 {
+        if p.has(PathKind::Direct) || p.direct_in_flight > 0 {
             return vec![];
         }
         p.direct_in_flight = p.endpoints.len();
@@ -283,21 +310,10 @@ impl PathManager {
 
     /// When [`PathManager::handle_timeout`] next has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let lingering = self.config.relay_linger;
+        let linger = self.config.relay_linger;
         self.peers
             .iter()
-            .flat_map(|(id, p)| {
-                let has_direct = p.conns.iter().any(|c| c.kind == PathKind::Direct);
-                let has_relay = p.conns.iter().any(|c| c.kind == PathKind::Relay);
-                let direct = (!has_direct && p.direct_in_flight == 0 && !p.endpoints.is_empty()).then_some(p.next_direct);
-                let relay = (self.we_are_lower(id) && !has_direct && !has_relay && !p.relay_in_flight).then_some(p.next_relay);
-                let linger = has_direct
-                    .then(|| p.conns.iter().filter(|c| c.kind == PathKind::Direct).map(|c| c.since).min())
-                    .flatten()
-                    .filter(|_| p.conns.iter().any(|c| c.kind == PathKind::Relay && c.ours))
-                    .map(|t| t + lingering);
-                [direct, relay, linger]
-            })
+            .flat_map(|(id, p)| [p.direct_due(), p.relay_due(self.we_are_lower(id)), p.linger_due(linger)])
             .flatten()
             .min()
     }
@@ -308,29 +324,24 @@ impl PathManager {
         let linger = self.config.relay_linger;
         let me = self.me.clone();
         for (id, p) in self.peers.iter_mut() {
-            let has_direct = p.conns.iter().any(|c| c.kind == PathKind::Direct);
-            let has_relay = p.conns.iter().any(|c| c.kind == PathKind::Relay);
-            if !has_direct && p.direct_in_flight == 0 && !p.endpoints.is_empty() && p.next_direct <= now {
+            if p.direct_due().is_some_and(|t| t <= now) {
                 p.direct_in_flight = p.endpoints.len();
                 // Pessimistically schedule the next round; success or a new netmap resets it.
                 p.next_direct = now + p.direct_backoff;
                 out.extend(p.endpoints.iter().map(|addr| PathAction::ConnectDirect { peer: id.clone(), addr: *addr }));
                 out.push(PathAction::RequestPunch { peer: id.clone() });
             }
-            if me < *id && !has_direct && !has_relay && !p.relay_in_flight && p.next_relay <= now {
+            if p.relay_due(me < *id).is_some_and(|t| t <= now) {
                 p.relay_in_flight = true;
                 out.push(PathAction::ConnectRelay { peer: id.clone(), index: p.index });
             }
-            if has_direct {
-                let direct_since = p.conns.iter().filter(|c| c.kind == PathKind::Direct).map(|c| c.since).min();
-                if direct_since.is_some_and(|t| t + linger <= now) {
-                    out.extend(
-                        p.conns
-                            .iter()
-                            .filter(|c| c.kind == PathKind::Relay && c.ours)
-                            .map(|c| PathAction::Close { conn: c.id, reason: "a direct path is up" }),
-                    );
-                }
+            if p.linger_due(linger).is_some_and(|t| t <= now) {
+                out.extend(
+                    p.conns
+                        .iter()
+                        .filter(|c| c.kind == PathKind::Relay && c.ours)
+                        .map(|c| PathAction::Close { conn: c.id, reason: "a direct path is up" }),
+                );
             }
         }
         out
