@@ -6,14 +6,12 @@
 //! agent's resident memory small.
 
 use std::collections::{HashMap, HashSet};
-use std::fs;
-use std::path::Path;
 
 use shoal_proto::{FilesystemUsage, HealthReport, LoadAverage, UnixMillis};
 use sysinfo::System;
 use tracing::debug;
 
-use crate::inventory::SysRoots;
+use crate::inventory::{read_string, SysRoots};
 
 /// Takes health reports; keeps the CPU counters of the previous sample to compute usage between
 /// calls.
@@ -227,19 +225,11 @@ fn filesystem_usage(mount: &Mount) -> Option<FilesystemUsage> {
     })
 }
 
-fn read_string(path: &Path) -> Option<String> {
-    match fs::read(path) {
-        Ok(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
-        Err(err) => {
-            debug!(path = %path.display(), cause = %err, "unreadable");
-            None
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::{fs, path::Path};
 
     const MEMINFO: &str = "\
 MemTotal:       16318264 kB

@@ -503,7 +503,7 @@ fn is_valid_machine_id(id: &str) -> bool {
 // Reading
 
 /// A file's contents; `None` if it cannot be read (missing, permission, EINVAL from sysfs).
-fn read_string(path: &Path) -> Option<String> {
+pub(crate) fn read_string(path: &Path) -> Option<String> {
     match fs::read(path) {
         Ok(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
         Err(err) => {
