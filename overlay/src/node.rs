@@ -610,17 +610,23 @@ async fn tap_loop(network: NetworkId, device: Arc<tun_rs::AsyncDevice>, shared: 
         };
         let frame = &buf[..n];
         let now = Instant::now();
-        // Decide and look up routes under the switch lock, then send without it.
-        let targets: Vec<Option<RouteEntry>> = {
-            let mut switch = shared.switch();
-            match switch.outbound(now, network, frame) {
-                Outbound::Unicast(peer) => vec![shared.route(peer)],
-                Outbound::Flood(peers) => peers.iter().map(|p| shared.route(p)).collect(),
-                Outbound::Drop(_) => continue,
+        // Decide and look up routes under the switch lock, then send without it. Unicast, the common
+        // case, allocates nothing here.
+        let mut switch = shared.switch();
+        match switch.outbound(now, network, frame) {
+            Outbound::Unicast(peer) => {
+                let route = shared.route(peer);
+                drop(switch);
+                shared.send_frame(route, network, frame, &mut fragment_id);
             }
-        };
-        for route in targets {
-            shared.send_frame(route, network, frame, &mut fragment_id);
+            Outbound::Flood(peers) => {
+                let routes: Vec<Option<RouteEntry>> = peers.iter().map(|p| shared.route(p)).collect();
+                drop(switch);
+                for route in routes {
+                    shared.send_frame(route, network, frame, &mut fragment_id);
+                }
+            }
+            Outbound::Drop(_) => {}
         }
     }
 }
