@@ -9,4 +9,5 @@ pub mod health;
 pub mod inventory;
 pub mod overlay;
 pub mod session;
+pub mod smart;
 pub mod state;
