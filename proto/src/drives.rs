@@ -1,13 +1,15 @@
 //! Drive health values: what an agent learns from `smartctl` about one drive.
 //!
 //! These are plain values shared by the agent (which parses `smartctl --json` into them) and the
-//! controller (which keeps their history and judges a verdict). They carry no message of their own yet;
-//! a protocol version that sends them appends a message variant (see `version.rs`).
+//! controller (which keeps their history and judges a verdict). Protocol 3 carries them in
+//! `AgentMsg::Drives` as a [`DriveReport`].
 //!
 //! Counters are raw values as the drive reports them; `None` means the drive did not report the value,
 //! which is different from a reported zero.
 
 use serde::{Deserialize, Serialize};
+
+use crate::UnixMillis;
 
 /// The command set smartctl talked to the drive with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -151,6 +153,43 @@ pub struct SmartReport {
     pub predictors: SmartPredictors,
 }
 
+/// What the agent learned about one drive's SMART.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SmartOutcome {
+    /// smartctl read the drive.
+    Report(SmartReport),
+    /// The device has no SMART (virtio, loop, or the drive says SMART is unavailable).
+    NoSmart {
+        /// Why, in smartctl's words where it gave some.
+        reason: String,
+    },
+    /// SMART could not be read this time: smartctl missing, timed out, could not open the device, or
+    /// printed something unparsable.
+    Failed {
+        /// What went wrong, for the operator.
+        reason: String,
+    },
+}
+
+/// One drive in a [`DriveReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriveSmart {
+    /// Kernel name of the block device (`sda`, `nvme0n1`), as in the inventory's disks.
+    pub name: String,
+    /// What SMART said.
+    pub outcome: SmartOutcome,
+}
+
+/// (v3) The SMART state of a machine's drives.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DriveReport {
+    /// When the agent read them.
+    pub at: UnixMillis,
+    /// One entry per whole-disk block device the agent looked at.
+    pub drives: Vec<DriveSmart>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +224,24 @@ mod tests {
         let bytes = postcard::to_stdvec(&report).expect("encode");
         let back: SmartReport = postcard::from_bytes(&bytes).expect("decode");
         assert_eq!(back, report);
+    }
+
+    #[test]
+    fn drives_message_is_appended_after_the_v2_variants() {
+        use crate::{AgentMsg, Punch};
+        // postcard writes the variant index first: v1/v2 indices must not move.
+        let punch = postcard::to_stdvec(&AgentMsg::Punch(Punch { peer: crate::NodeId("n".into()), endpoints: vec![] }))
+            .expect("encode");
+        assert_eq!(punch[0], 7);
+        let report = DriveReport {
+            at: UnixMillis(5),
+            drives: vec![
+                DriveSmart { name: "vda".into(), outcome: SmartOutcome::NoSmart { reason: "virtio".into() } },
+                DriveSmart { name: "sda".into(), outcome: SmartOutcome::Failed { reason: "timed out".into() } },
+            ],
+        };
+        let bytes = postcard::to_stdvec(&AgentMsg::Drives(report.clone())).expect("encode");
+        assert_eq!(bytes[0], 8);
+        assert_eq!(postcard::from_bytes::<AgentMsg>(&bytes).expect("decode"), AgentMsg::Drives(report));
     }
 }
