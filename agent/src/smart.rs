@@ -1,16 +1,76 @@
 //! SMART: turn `smartctl --json -a <device>` output and its exit status into a [`SmartReport`].
 //!
-//! This is the sans-IO core: [`parse_smartctl`] takes the bytes smartctl printed and the status it
-//! exited with. Running smartctl (with a timeout, and noticing that it is missing) is the caller's job.
+//! The core is sans-IO: [`parse_smartctl`] takes the bytes smartctl printed and the status it exited
+//! with. The thin shell [`read_smart`] runs smartctl with a deadline and turns every way that can go
+//! wrong (missing binary, timeout, killed, unparsable) into a [`SmartOutcome`] for the controller.
 //!
 //! smartctl's JSON is parsed with serde into structs that name only the fields used here, every one
 //! optional, so that fields added or dropped between smartctl versions do not break the parse (see
 //! `docs/dependencies.md` for why no smartctl crate is used). smartctl 7.0 and later emit JSON.
 
+use std::{path::PathBuf, time::Duration};
+
 use serde::Deserialize;
 use shoal_proto::{
-    AtaPredictors, DriveProtocol, NvmePredictors, ScsiPredictors, SmartExitStatus, SmartPredictors, SmartReport,
+    AtaPredictors, DriveProtocol, NvmePredictors, ScsiPredictors, SmartExitStatus, SmartOutcome, SmartPredictors,
+    SmartReport,
 };
+use tracing::debug;
+
+/// How the agent runs smartctl.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmartConfig {
+    /// The smartctl binary. Default `smartctl`, looked up on `PATH`.
+    pub smartctl: PathBuf,
+    /// How long one `smartctl -a` may take before it is killed. Default 30 s: a healthy drive answers in
+    /// well under a second, a sick one can stall for the drive's own command timeouts.
+    pub timeout: Duration,
+}
+
+impl Default for SmartConfig {
+    fn default() -> Self {
+        Self { smartctl: PathBuf::from("smartctl"), timeout: Duration::from_secs(30) }
+    }
+}
+
+/// Run `smartctl --json -a <device>` and say what it found. Never fails: a problem is an outcome.
+pub async fn read_smart(config: &SmartConfig, device: &str) -> SmartOutcome {
+    let mut command = tokio::process::Command::new(&config.smartctl);
+    command.args(["--json", "-a", device]).stdin(std::process::Stdio::null()).kill_on_drop(true);
+    let output = match tokio::time::timeout(config.timeout, command.output()).await {
+        Err(_) => {
+            return SmartOutcome::Failed {
+                reason: format!("smartctl did not answer within {}", humantime::format_duration(config.timeout)),
+            }
+        }
+        Ok(Err(err)) if err.kind() == std::io::ErrorKind::NotFound => {
+            return SmartOutcome::Failed {
+                reason: format!("{} not found: install smartmontools", config.smartctl.display()),
+            }
+        }
+        Ok(Err(err)) => {
+            return SmartOutcome::Failed { reason: format!("could not run {}: {err}", config.smartctl.display()) }
+        }
+        Ok(Ok(output)) => output,
+    };
+    let Some(code) = output.status.code() else {
+        return SmartOutcome::Failed { reason: format!("smartctl was killed ({})", output.status) };
+    };
+    let result = parse_smartctl(&output.stdout, code);
+    if let Err(err) = &result {
+        debug!(device, exit_status = code, cause = %err, "no SMART report");
+    }
+    outcome(result)
+}
+
+/// The outcome the controller is told for a parse result.
+pub fn outcome(result: Result<SmartReport, SmartError>) -> SmartOutcome {
+    match result {
+        Ok(report) => SmartOutcome::Report(report),
+        Err(SmartError::NoSmart { reason }) => SmartOutcome::NoSmart { reason },
+        Err(err) => SmartOutcome::Failed { reason: err.to_string() },
+    }
+}
 
 /// Why smartctl's output gave no report.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -454,6 +514,59 @@ mod tests {
     fn out_of_range_exit_status_is_refused() {
         assert_eq!(parse_smartctl(b"{}", -1), Err(SmartError::BadExitStatus(-1)));
         assert_eq!(parse_smartctl(b"{}", 256), Err(SmartError::BadExitStatus(256)));
+    }
+
+    /// A stand-in smartctl: a shell script that prints a fixture and exits with `code`.
+    fn fake_smartctl(dir: &std::path::Path, body: &str) -> SmartConfig {
+        use std::os::unix::fs::PermissionsExt;
+        // A fresh name per script: rewriting a file another test may be executing risks ETXTBSY.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("smartctl-{n}"));
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write script");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        SmartConfig { smartctl: path, timeout: Duration::from_secs(10) }
+    }
+
+    fn fixture_path(name: &str) -> String {
+        format!("{}/tests/fixtures/smart/{name}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[tokio::test]
+    async fn read_smart_runs_smartctl_and_keeps_its_exit_bits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = fake_smartctl(dir.path(), &format!("cat {}\nexit 216", fixture_path("ata-failing.json")));
+        let SmartOutcome::Report(r) = read_smart(&config, "/dev/sdc").await else { panic!("expected a report") };
+        assert_eq!(r.health_passed, Some(false));
+        assert!(r.exit_status.disk_failing());
+    }
+
+    #[tokio::test]
+    async fn read_smart_says_no_smart_for_virtio() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = fake_smartctl(dir.path(), &format!("cat {}\nexit 1", fixture_path("virtio-no-smart.json")));
+        assert!(matches!(read_smart(&config, "/dev/vda").await, SmartOutcome::NoSmart { .. }));
+    }
+
+    #[tokio::test]
+    async fn read_smart_reports_missing_slow_and_killed_smartctl() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = SmartConfig { smartctl: dir.path().join("nope"), ..SmartConfig::default() };
+        let SmartOutcome::Failed { reason } = read_smart(&missing, "/dev/sda").await else { panic!() };
+        assert!(reason.contains("install smartmontools"), "{reason}");
+
+        let mut slow = fake_smartctl(dir.path(), "exec sleep 30");
+        slow.timeout = Duration::from_millis(200);
+        let SmartOutcome::Failed { reason } = read_smart(&slow, "/dev/sda").await else { panic!() };
+        assert!(reason.contains("did not answer within 200ms"), "{reason}");
+
+        let killed = fake_smartctl(dir.path(), "kill -9 $$");
+        let SmartOutcome::Failed { reason } = read_smart(&killed, "/dev/sda").await else { panic!() };
+        assert!(reason.contains("killed"), "{reason}");
+
+        let garbage = fake_smartctl(dir.path(), "echo '{\"truncated\": '");
+        let SmartOutcome::Failed { reason } = read_smart(&garbage, "/dev/sda").await else { panic!() };
+        assert!(reason.contains("not valid JSON"), "{reason}");
     }
 
     #[test]
