@@ -4,6 +4,7 @@
 //! through `shoal-proto` messages.
 
 pub mod backoff;
+pub mod blank;
 pub mod daemon;
 pub mod health;
 pub mod inventory;
