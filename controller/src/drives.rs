@@ -21,8 +21,10 @@
 //! that falls back (pending sectors remapped or rewritten) clears the warning. The first sample of a
 //! drive has nothing to compare with, so counters alone cannot warn on it.
 
+use std::collections::{BTreeMap, VecDeque};
+
 use serde::{Deserialize, Serialize};
-use shoal_proto::{SmartPredictors, SmartReport, UnixMillis};
+use shoal_proto::{NodeId, SmartPredictors, SmartReport, UnixMillis};
 
 /// Thresholds for drive verdicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,6 +253,74 @@ pub fn verdict(history: &[SmartSample], latest: &SmartSample, config: &VerdictCo
         Verdict::Warning(warning)
     } else {
         Verdict::Ok
+    }
+}
+
+/// How much SMART history the controller keeps per drive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryConfig {
+    /// Samples older than this (relative to the newest) are dropped. Default 7 days: a rise is reported
+    /// for a week, long enough for an operator to see it at a weekly look.
+    pub window_ms: u64,
+    /// At most this many samples per drive, oldest dropped first. Default 2016 (one per 5 min for a week).
+    pub max_samples: usize,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self { window_ms: 7 * 24 * 3_600_000, max_samples: 2016 }
+    }
+}
+
+/// The SMART history of every drive in the fleet, kept in memory; sans-IO (times come from samples).
+#[derive(Debug, Default)]
+pub struct DriveHistory {
+    config: HistoryConfig,
+    drives: BTreeMap<(NodeId, String), VecDeque<SmartSample>>,
+}
+
+impl DriveHistory {
+    /// An empty history.
+    pub fn new(config: HistoryConfig) -> Self {
+        Self { config, drives: BTreeMap::new() }
+    }
+
+    /// Record a node's sample and judge it against the same drive's earlier samples in the window.
+    pub fn record(&mut self, node: &NodeId, sample: SmartSample, config: &VerdictConfig) -> Verdict {
+        let samples = self.drives.entry((node.clone(), drive_key(&sample.report))).or_default();
+        let oldest = sample.at.0.saturating_sub(self.config.window_ms);
+        // Samples "newer" than this one can only come from an agent clock that jumped back: drop them
+        // with the expired ones, so the history stays in time order.
+        samples.retain(|s| s.at.0 >= oldest && s.at <= sample.at);
+        let v = verdict(samples.make_contiguous(), &sample, config);
+        samples.push_back(sample);
+        while samples.len() > self.config.max_samples.max(1) {
+            samples.pop_front();
+        }
+        v
+    }
+
+    /// The samples kept for one drive of a node (by serial, or device path when it has none), oldest first.
+    pub fn samples(&self, node: &NodeId, key: &str) -> impl Iterator<Item = &SmartSample> {
+        self.drives.get(&(node.clone(), key.to_owned())).into_iter().flatten()
+    }
+
+    /// Forget a removed node's drives.
+    pub fn forget_node(&mut self, node: &NodeId) {
+        self.drives.retain(|(n, _), _| n != node);
+    }
+
+    /// Drives with history.
+    pub fn drive_count(&self) -> usize {
+        self.drives.len()
+    }
+}
+
+/// The key a drive's history is kept under: `serial:<model>/<serial>`, or `device:<path>` without a serial.
+pub fn drive_key(report: &SmartReport) -> String {
+    match &report.serial {
+        Some(serial) => format!("serial:{}/{serial}", report.model.as_deref().unwrap_or("")),
+        None => format!("device:{}", report.device),
     }
 }
 
@@ -507,5 +577,44 @@ mod tests {
             serde_json::json!({"verdict": "warning", "reasons": [{"kind": "counter_rose", "counter": "pending", "from": 0, "to": 8}]})
         );
         assert_eq!(serde_json::to_value(Verdict::Ok).expect("json"), serde_json::json!({"verdict": "ok"}));
+    }
+
+    #[test]
+    fn history_turns_a_rise_into_a_warning_that_lasts_the_window() {
+        let node = NodeId("n1".into());
+        let cfg = VerdictConfig::default();
+        let mut h = DriveHistory::new(HistoryConfig { window_ms: 24 * 3_600_000, max_samples: 100 });
+        assert_eq!(h.record(&node, sample(0, report(ata(0, 0, 0))), &cfg), Verdict::Ok);
+        assert_eq!(h.record(&node, sample(1, report(ata(0, 0, 0))), &cfg), Verdict::Ok);
+        let v = h.record(&node, sample(2, report(ata(0, 4, 0))), &cfg);
+        assert_eq!(v, Verdict::Warning(vec![Reason::CounterRose { counter: Counter::Pending, from: 0, to: 4 }]));
+        // Flat at 4 for the rest of the day: still a warning.
+        assert_eq!(h.record(&node, sample(20, report(ata(0, 4, 0))), &cfg).as_str(), "warning");
+        // A day after the last zero left the window, the drive is judged on its new level.
+        assert_eq!(h.record(&node, sample(27, report(ata(0, 4, 0))), &cfg), Verdict::Ok);
+        assert_eq!(h.drive_count(), 1);
+    }
+
+    #[test]
+    fn history_is_per_node_and_per_drive_and_bounded() {
+        let cfg = VerdictConfig::default();
+        let mut h = DriveHistory::new(HistoryConfig { window_ms: u64::MAX, max_samples: 3 });
+        let (a, b) = (NodeId("a".into()), NodeId("b".into()));
+        h.record(&a, sample(0, report(ata(0, 0, 0))), &cfg);
+        // Node b's drive with the same serial is not node a's drive.
+        assert_eq!(h.record(&b, sample(1, report(ata(9, 0, 0))), &cfg), Verdict::Ok);
+        // A replacement drive in node a is judged on its own.
+        let mut other = report(ata(9, 0, 0));
+        other.serial = Some("SERIAL2".into());
+        assert_eq!(h.record(&a, sample(1, other), &cfg), Verdict::Ok);
+        for hour in 2..10 {
+            h.record(&a, sample(hour, report(ata(0, 0, 0))), &cfg);
+        }
+        let key = drive_key(&report(ata(0, 0, 0)));
+        assert_eq!(key, "serial:model/SERIAL1");
+        assert_eq!(h.samples(&a, &key).count(), 3);
+        h.forget_node(&a);
+        assert_eq!(h.samples(&a, &key).count(), 0);
+        assert_eq!(h.drive_count(), 1);
     }
 }
