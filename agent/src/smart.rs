@@ -63,6 +63,32 @@ pub async fn read_smart(config: &SmartConfig, device: &str) -> SmartOutcome {
     outcome(result)
 }
 
+/// The device path to run smartctl on for a whole-disk block device, or why it has no SMART.
+///
+/// Paravirtual and virtual devices (virtio-blk `vd*`, Xen `xvd*`, loop, ram, zram, nbd, rbd, md, dm)
+/// have no SMART: the agent says so without running smartctl. Everything else (`sd*`, `hd*`, `nvme*`,
+/// `mmcblk*`…) is tried; smartctl itself then says whether it can read it.
+pub fn smart_target(name: &str) -> Result<String, String> {
+    const VIRTUAL: &[(&str, &str)] = &[
+        ("vd", "virtio-blk"),
+        ("xvd", "Xen virtual disk"),
+        ("loop", "loop device"),
+        ("ram", "RAM disk"),
+        ("zram", "compressed RAM disk"),
+        ("nbd", "network block device"),
+        ("rbd", "Ceph RBD"),
+        ("md", "md RAID array (SMART is on its members)"),
+        ("dm-", "device-mapper volume (SMART is on its members)"),
+    ];
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return Err(format!("{name:?} is not a block device name"));
+    }
+    match VIRTUAL.iter().find(|(prefix, _)| name.starts_with(prefix)) {
+        Some((_, what)) => Err(format!("{what} has no SMART")),
+        None => Ok(format!("/dev/{name}")),
+    }
+}
+
 /// The outcome the controller is told for a parse result.
 pub fn outcome(result: Result<SmartReport, SmartError>) -> SmartOutcome {
     match result {
@@ -567,6 +593,29 @@ mod tests {
         let garbage = fake_smartctl(dir.path(), "echo '{\"truncated\": '");
         let SmartOutcome::Failed { reason } = read_smart(&garbage, "/dev/sda").await else { panic!() };
         assert!(reason.contains("not valid JSON"), "{reason}");
+    }
+
+    #[test]
+    fn smart_targets_skip_virtual_devices_plainly() {
+        assert_eq!(smart_target("sda").as_deref(), Ok("/dev/sda"));
+        assert_eq!(smart_target("nvme0n1").as_deref(), Ok("/dev/nvme0n1"));
+        assert_eq!(smart_target("vda"), Err("virtio-blk has no SMART".to_owned()));
+        assert_eq!(smart_target("loop0"), Err("loop device has no SMART".to_owned()));
+        assert!(smart_target("md127").is_err_and(|r| r.contains("members")));
+        assert!(smart_target("dm-0").is_err());
+        assert!(smart_target("zram0").is_err());
+        for bad in ["", "../sda", "sda/queue", "."] {
+            assert!(smart_target(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn outcomes_keep_no_smart_apart_from_failures() {
+        assert!(matches!(outcome(Err(SmartError::NoSmart { reason: "x".into() })), SmartOutcome::NoSmart { .. }));
+        let SmartOutcome::Failed { reason } = outcome(Err(SmartError::OpenFailed { message: "denied".into() })) else {
+            panic!()
+        };
+        assert_eq!(reason, "smartctl could not open the device: denied");
     }
 
     #[test]
