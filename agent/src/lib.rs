@@ -4,9 +4,11 @@
 //! through `shoal-proto` messages.
 
 pub mod backoff;
+pub mod blank;
 pub mod daemon;
 pub mod health;
 pub mod inventory;
 pub mod overlay;
 pub mod session;
+pub mod smart;
 pub mod state;

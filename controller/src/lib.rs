@@ -7,6 +7,7 @@ pub mod admin;
 pub mod api;
 pub mod ca;
 pub mod coordinator;
+pub mod drives;
 pub mod liveness;
 pub mod networks;
 pub mod overlay_hub;

@@ -771,6 +771,13 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
             }
             vec![]
         }
+        Action::Drives(report) => {
+            // SMART history and verdicts (`drives::verdict`) are not stored yet: the report is only logged.
+            if let Some(node) = session.node() {
+                debug!(node = %node, drives = report.drives.len(), "drive report received (not stored yet)");
+            }
+            vec![]
+        }
     }
 }
 

@@ -39,6 +39,8 @@ pub enum Action {
     Paths(shoal_proto::PathReport),
     /// (v2) Forward a punch request to the named peer.
     Punch(shoal_proto::Punch),
+    /// (v3) Record the node's drive SMART report.
+    Drives(shoal_proto::DriveReport),
     /// Close the connection, after sending anything queued before it.
     Close(CloseKind, String),
 }
@@ -174,6 +176,11 @@ impl Session {
                     AgentMsg::Overlay(o) => vec![Action::Overlay(o)],
                     AgentMsg::Paths(p) => vec![Action::Paths(p)],
                     AgentMsg::Punch(p) => vec![Action::Punch(p)],
+                    // Drive reports exist from protocol 3.
+                    AgentMsg::Drives(_) if self.version < Some(3) => {
+                        self.reject(RejectCode::Protocol, "drive reports need protocol 3")
+                    }
+                    AgentMsg::Drives(d) => vec![Action::Drives(d)],
                     AgentMsg::Hello(_) => self.reject(RejectCode::Protocol, "Hello sent twice"),
                     AgentMsg::Enrol(_) => self.reject(RejectCode::Protocol, "already enrolled: renew instead of enrolling"),
                 }
@@ -250,6 +257,21 @@ mod tests {
         s.handle(UnixMillis(1), hello(SUPPORTED.min, SUPPORTED.max));
         assert!(matches!(&s.handle(UnixMillis(2), enrol())[..], [Action::Enrol { .. }]));
         assert_eq!(rejected(&s.handle(UnixMillis(3), enrol())), Some(RejectCode::Protocol));
+    }
+
+    #[test]
+    fn drive_reports_need_protocol_3() {
+        let drives = || AgentMsg::Drives(shoal_proto::DriveReport::default());
+        // A v2 agent (or a v3 agent downgraded to 2) must not send them.
+        let mut s = Session::new(config(), Some(NodeId("n1".into())));
+        s.handle(UnixMillis(1), hello(1, 2));
+        assert_eq!(s.version(), Some(2));
+        assert_eq!(rejected(&s.handle(UnixMillis(2), drives())), Some(RejectCode::Protocol));
+
+        let mut s = Session::new(config(), Some(NodeId("n1".into())));
+        s.handle(UnixMillis(1), hello(1, 3));
+        assert_eq!(s.version(), Some(3));
+        assert!(matches!(&s.handle(UnixMillis(2), drives())[..], [Action::Drives(_)]));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! Architecture Invariant: this crate does no I/O. It turns bytes into typed messages and back, and
 //! decides whether two protocol versions can talk; sockets, clocks and files live elsewhere.
 
+mod drives;
 mod frame;
 mod msg;
 mod netmap;
@@ -10,6 +11,7 @@ mod token;
 mod types;
 mod version;
 
+pub use drives::*;
 pub use frame::{decode_frame, encode_frame, FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use msg::*;
 pub use netmap::*;

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 use crate::{
-    HardwareId, HealthReport, Inventory, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PeerIndex, Punch, UnixMillis,
+    DriveReport, HardwareId, HealthReport, Inventory, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PeerIndex, Punch, UnixMillis,
     VersionRange,
 };
 
@@ -33,6 +33,8 @@ pub enum AgentMsg {
     Paths(PathReport),
     /// (v2) Ask the controller to have a peer open a direct path towards this node now.
     Punch(Punch),
+    /// (v3) SMART of the machine's drives.
+    Drives(DriveReport),
 }
 
 /// Controller to agent.

@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Every version this build speaks.
 pub const SUPPORTED: VersionRange = VersionRange { min: 1, max: PROTOCOL_VERSION };
@@ -29,6 +29,12 @@ pub const PROTOCOL_HISTORY: &[(&str, u16, &str)] = &[
         2,
         "overlay: OverlayHello, Observed (reflexive address, relay index, NAT probe port), Netmap and \
          NetmapDelta, Punch, PathReport; relay datagrams on the control connection",
+    ),
+    (
+        "2026-11-23",
+        3,
+        "drives: AgentMsg::Drives (DriveReport: per drive a SmartReport from smartctl, no SMART, or why \
+         it could not be read)",
     ),
 ];
 
