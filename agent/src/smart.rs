@@ -198,6 +198,7 @@ pub fn parse_smartctl(json: &[u8], exit_status: i32) -> Result<SmartReport, Smar
         power_on_hours,
         health_passed: out.smart_status.and_then(|s| s.passed),
         exit_status: exit,
+        self_test: None,
         predictors,
     })
 }

@@ -383,6 +383,7 @@ mod tests {
             health_passed: Some(true),
             exit_status: SmartExitStatus(0),
             predictors,
+            self_test: None,
         }
     }
 

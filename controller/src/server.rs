@@ -778,6 +778,10 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
             }
             vec![]
         }
+        Action::DriveCommandResult(result) => {
+            debug!(node = ?session.node(), id = result.id, "drive command result (not routed yet)");
+            vec![]
+        }
     }
 }
 

@@ -39,8 +39,10 @@ pub enum Action {
     Paths(shoal_proto::PathReport),
     /// (v2) Forward a punch request to the named peer.
     Punch(shoal_proto::Punch),
-    /// (v3) Record the node's drive SMART report.
+    /// (v3) Record the node's drives and their SMART.
     Drives(shoal_proto::DriveReport),
+    /// (v3) A drive command ended.
+    DriveCommandResult(shoal_proto::DriveCommandResult),
     /// Close the connection, after sending anything queued before it.
     Close(CloseKind, String),
 }
@@ -177,10 +179,11 @@ impl Session {
                     AgentMsg::Paths(p) => vec![Action::Paths(p)],
                     AgentMsg::Punch(p) => vec![Action::Punch(p)],
                     // Drive reports exist from protocol 3.
-                    AgentMsg::Drives(_) if self.version < Some(3) => {
-                        self.reject(RejectCode::Protocol, "drive reports need protocol 3")
+                    AgentMsg::Drives(_) | AgentMsg::DriveCommandResult(_) if self.version < Some(3) => {
+                        self.reject(RejectCode::Protocol, "drive messages need protocol 3")
                     }
                     AgentMsg::Drives(d) => vec![Action::Drives(d)],
+                    AgentMsg::DriveCommandResult(r) => vec![Action::DriveCommandResult(r)],
                     AgentMsg::Hello(_) => self.reject(RejectCode::Protocol, "Hello sent twice"),
                     AgentMsg::Enrol(_) => self.reject(RejectCode::Protocol, "already enrolled: renew instead of enrolling"),
                 }

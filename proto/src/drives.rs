@@ -151,6 +151,9 @@ pub struct SmartReport {
     pub exit_status: SmartExitStatus,
     /// Failure predictors.
     pub predictors: SmartPredictors,
+    /// The self-test running now, or the newest one in the drive's log; `None` when the log is empty
+    /// or the drive has none.
+    pub self_test: Option<SelfTestStatus>,
 }
 
 /// What the agent learned about one drive's SMART.
@@ -172,22 +175,264 @@ pub enum SmartOutcome {
     },
 }
 
-/// One drive in a [`DriveReport`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DriveSmart {
-    /// Kernel name of the block device (`sda`, `nvme0n1`), as in the inventory's disks.
-    pub name: String,
-    /// What SMART said.
-    pub outcome: SmartOutcome,
+/// A SMART self-test's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelfTestKind {
+    /// A few minutes: electrical and mechanical checks, a read scan of part of the surface.
+    Short,
+    /// Extended: a read scan of the whole surface; hours on a large HDD.
+    Long,
 }
 
-/// (v3) The SMART state of a machine's drives.
+impl std::fmt::Display for SelfTestKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SelfTestKind::Short => "short",
+            SelfTestKind::Long => "long",
+        })
+    }
+}
+
+/// The drive's self-test state, from its self-test log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelfTestStatus {
+    /// A self-test is running now.
+    Running {
+        /// Its kind, when the drive says.
+        kind: Option<SelfTestKind>,
+        /// How much is left, percent, when the drive says.
+        remaining_percent: Option<u8>,
+    },
+    /// The newest entry of the self-test log.
+    Completed {
+        /// Its kind, when it was a short or long test.
+        kind: Option<SelfTestKind>,
+        /// Whether it passed.
+        passed: bool,
+        /// The drive's words for the result ("Completed without error", "Completed: read failure").
+        result: String,
+        /// Power-on hours when it ended.
+        power_on_hours: Option<u64>,
+    },
+}
+
+/// The filesystem a prepared drive gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Filesystem {
+    /// ext4 (`mkfs.ext4`, e2fsprogs).
+    #[default]
+    Ext4,
+    /// XFS (`mkfs.xfs`, xfsprogs).
+    Xfs,
+}
+
+impl Filesystem {
+    /// The name `mount(2)` and `mkfs.<name>` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Filesystem::Ext4 => "ext4",
+            Filesystem::Xfs => "xfs",
+        }
+    }
+}
+
+impl std::fmt::Display for Filesystem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Filesystem {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ext4" => Ok(Filesystem::Ext4),
+            "xfs" => Ok(Filesystem::Xfs),
+            other => Err(format!("unsupported filesystem {other:?}: ext4 or xfs")),
+        }
+    }
+}
+
+/// A drive shoal prepared: one GPT partition holding one filesystem, mounted by its UUID.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedDrive {
+    /// Kernel name of the partition (`sdb1`, `nvme1n1p1`).
+    pub partition: String,
+    /// Its filesystem.
+    pub filesystem: Filesystem,
+    /// The filesystem's UUID, which the mount is made by.
+    pub fs_uuid: String,
+    /// The filesystem's label.
+    pub label: String,
+    /// Where it is (or was) mounted.
+    pub mount_point: String,
+}
+
+/// What a drive holds as the agent found it, and what the agent did with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriveState {
+    /// No partition table, filesystem, volume or RAID signature anywhere the agent probes.
+    Blank,
+    /// Blank, and the node's policy is `approve`: waiting for `shoalctl drives prepare`.
+    AwaitingApproval,
+    /// Something is on it. shoal never writes it unless told to with `--force` and its serial number.
+    HasData {
+        /// What was found ("gpt", "ext4", "LVM2 physical volume"...).
+        signatures: Vec<String>,
+    },
+    /// Being partitioned, formatted and mounted now.
+    Preparing,
+    /// Prepared by shoal and mounted.
+    Prepared(PreparedDrive),
+    /// A prepared drive that disappeared; its mount was detached.
+    Missing(PreparedDrive),
+    /// Preparing failed; nothing further is attempted until the operator asks again.
+    PrepareFailed {
+        /// What failed, for the operator.
+        reason: String,
+    },
+    /// The agent could not read the drive's first and last blocks, so it cannot tell whether it is blank.
+    Unreadable {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl DriveState {
+    /// The operator-facing name: `blank`, `awaiting-approval`, `has-data`, `preparing`, `prepared`,
+    /// `missing`, `prepare-failed`, `unreadable`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DriveState::Blank => "blank",
+            DriveState::AwaitingApproval => "awaiting-approval",
+            DriveState::HasData { .. } => "has-data",
+            DriveState::Preparing => "preparing",
+            DriveState::Prepared(_) => "prepared",
+            DriveState::Missing(_) => "missing",
+            DriveState::PrepareFailed { .. } => "prepare-failed",
+            DriveState::Unreadable { .. } => "unreadable",
+        }
+    }
+}
+
+/// One drive in a [`DriveReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drive {
+    /// Kernel name of the whole-disk block device (`sda`, `nvme0n1`), as in the inventory's disks.
+    pub name: String,
+    /// Model, from sysfs (SMART's model is in `smart`).
+    pub model: Option<String>,
+    /// Serial number, from sysfs or SMART.
+    pub serial: Option<String>,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// The kernel marks the device removable (USB sticks, card readers).
+    pub removable: bool,
+    /// What it holds.
+    pub state: DriveState,
+    /// What SMART said at `smart_at`; `None` until the first read.
+    pub smart: Option<SmartOutcome>,
+    /// When SMART was last read.
+    pub smart_at: Option<UnixMillis>,
+}
+
+/// (v3) All of a machine's drives: sent whole whenever one changes and after every SMART read.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct DriveReport {
-    /// When the agent read them.
+    /// When the agent assembled it.
     pub at: UnixMillis,
-    /// One entry per whole-disk block device the agent looked at.
-    pub drives: Vec<DriveSmart>,
+    /// One entry per drive the agent's drive match admits, plus prepared drives that went missing.
+    pub drives: Vec<Drive>,
+}
+
+/// What a node does with a drive that appears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrivePolicyMode {
+    /// Report it, nothing else. The default.
+    #[default]
+    Report,
+    /// Wait for `shoalctl drives prepare NODE DEVICE`.
+    Approve,
+    /// Prepare it at once if, and only if, it is blank and its SMART is not failing.
+    Prepare,
+}
+
+impl DrivePolicyMode {
+    /// `report`, `approve`, `prepare`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrivePolicyMode::Report => "report",
+            DrivePolicyMode::Approve => "approve",
+            DrivePolicyMode::Prepare => "prepare",
+        }
+    }
+}
+
+impl std::fmt::Display for DrivePolicyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DrivePolicyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "report" => Ok(DrivePolicyMode::Report),
+            "approve" => Ok(DrivePolicyMode::Approve),
+            "prepare" => Ok(DrivePolicyMode::Prepare),
+            other => Err(format!("unknown drive policy {other:?}: report, approve or prepare")),
+        }
+    }
+}
+
+/// (v3) A node's drive policy, sent after Welcome and whenever it changes; the agent keeps the last one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DrivePolicy {
+    /// What to do with a new drive.
+    pub mode: DrivePolicyMode,
+    /// The filesystem prepared drives get.
+    pub filesystem: Filesystem,
+}
+
+/// What the controller asks an agent to do with one drive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriveAction {
+    /// Prepare it. A drive that is not blank is refused unless `force_serial` equals its serial number.
+    Prepare {
+        /// The operator's `--force --serial`.
+        force_serial: Option<String>,
+        /// The filesystem; the node's policy's when `None`.
+        filesystem: Option<Filesystem>,
+    },
+    /// Start a SMART self-test.
+    SelfTest(SelfTestKind),
+}
+
+/// (v3) A command for one drive; answered by [`DriveCommandResult`] with the same id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriveCommand {
+    /// Chosen by the controller, echoed in the result.
+    pub id: u64,
+    /// Kernel name of the drive (`sdb`).
+    pub device: String,
+    /// What to do.
+    pub action: DriveAction,
+}
+
+/// (v3) How a [`DriveCommand`] ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriveCommandResult {
+    /// The command's id.
+    pub id: u64,
+    /// What was done, or why not, for the operator.
+    pub result: Result<String, String>,
 }
 
 #[cfg(test)]
@@ -220,6 +465,7 @@ mod tests {
             health_passed: Some(true),
             exit_status: SmartExitStatus(0),
             predictors: SmartPredictors::Nvme(NvmePredictors { critical_warning: Some(0), ..Default::default() }),
+            self_test: Some(SelfTestStatus::Running { kind: Some(SelfTestKind::Short), remaining_percent: Some(90) }),
         };
         let bytes = postcard::to_stdvec(&report).expect("encode");
         let back: SmartReport = postcard::from_bytes(&bytes).expect("decode");
@@ -236,8 +482,26 @@ mod tests {
         let report = DriveReport {
             at: UnixMillis(5),
             drives: vec![
-                DriveSmart { name: "vda".into(), outcome: SmartOutcome::NoSmart { reason: "virtio".into() } },
-                DriveSmart { name: "sda".into(), outcome: SmartOutcome::Failed { reason: "timed out".into() } },
+                Drive {
+                    name: "vda".into(),
+                    model: None,
+                    serial: None,
+                    size_bytes: 1 << 30,
+                    removable: false,
+                    state: DriveState::HasData { signatures: vec!["gpt".into()] },
+                    smart: Some(SmartOutcome::NoSmart { reason: "virtio".into() }),
+                    smart_at: Some(UnixMillis(4)),
+                },
+                Drive {
+                    name: "sda".into(),
+                    model: Some("m".into()),
+                    serial: Some("s".into()),
+                    size_bytes: 1 << 40,
+                    removable: false,
+                    state: DriveState::Blank,
+                    smart: Some(SmartOutcome::Failed { reason: "timed out".into() }),
+                    smart_at: None,
+                },
             ],
         };
         let bytes = postcard::to_stdvec(&AgentMsg::Drives(report.clone())).expect("encode");

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 use crate::{
-    DriveReport, HardwareId, HealthReport, Inventory, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PeerIndex, Punch, UnixMillis,
+    DriveCommand, DriveCommandResult, DrivePolicy, DriveReport, HardwareId, HealthReport, Inventory, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PeerIndex, Punch, UnixMillis,
     VersionRange,
 };
 
@@ -33,8 +33,10 @@ pub enum AgentMsg {
     Paths(PathReport),
     /// (v2) Ask the controller to have a peer open a direct path towards this node now.
     Punch(Punch),
-    /// (v3) SMART of the machine's drives.
+    /// (v3) The machine's drives: contents, preparation state and SMART. Sent whole on every change.
     Drives(DriveReport),
+    /// (v3) How a [`ControllerMsg::DriveCommand`] ended.
+    DriveCommandResult(DriveCommandResult),
 }
 
 /// Controller to agent.
@@ -61,6 +63,10 @@ pub enum ControllerMsg {
     NetmapDelta(NetmapDelta),
     /// (v2) A peer is opening a direct path towards this node: open one towards it too, now.
     Punch(Punch),
+    /// (v3) The node's drive policy; sent after Welcome and whenever it changes.
+    DrivePolicy(DrivePolicy),
+    /// (v3) Prepare a drive or start a self-test; answered by [`AgentMsg::DriveCommandResult`].
+    DriveCommand(DriveCommand),
 }
 
 /// What the controller observed about an overlay-capable agent's connection.

@@ -33,8 +33,9 @@ pub const PROTOCOL_HISTORY: &[(&str, u16, &str)] = &[
     (
         "2026-11-23",
         3,
-        "drives: AgentMsg::Drives (DriveReport: per drive a SmartReport from smartctl, no SMART, or why \
-         it could not be read)",
+        "drives: AgentMsg::Drives (DriveReport: every drive's contents state, preparation and SMART, \
+         sent whole on change), DriveCommandResult; ControllerMsg::DrivePolicy, DriveCommand (prepare, \
+         self-test)",
     ),
 ];
 
