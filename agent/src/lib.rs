@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod health;
 pub mod inventory;
 pub mod overlay;
+pub mod release;
 pub mod session;
 pub mod smart;
 pub mod state;

@@ -366,11 +366,18 @@ pub fn parse_selector(s: &str) -> Result<(String, String), NetworkError> {
     }
 }
 
-fn selector_text((k, v): &(String, String)) -> String {
+/// Whether a `(key, value)` selector matches these labels.
+pub fn selector_matches((k, v): &(String, String), labels: &BTreeMap<String, String>) -> bool {
+    labels.get(k) == Some(v)
+}
+
+/// A selector as `KEY=VALUE`.
+pub fn selector_text((k, v): &(String, String)) -> String {
     format!("{k}={v}")
 }
 
-fn valid_name(name: &str) -> bool {
+/// Whether `name` fits `[a-z0-9][a-z0-9-]{0,30}` (networks, windows).
+pub(crate) fn valid_name(name: &str) -> bool {
     let b = name.as_bytes();
     (1..=31).contains(&b.len())
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
