@@ -450,8 +450,21 @@ impl Sim {
     }
 }
 
+/// What a random run went through, so the suite can check it was not vacuous.
+#[derive(Debug, Default)]
+struct Stats {
+    started: u32,
+    rolled_back: u32,
+    refused: u32,
+    pauses: u32,
+    restarts: u32,
+    window_waits: u32,
+    budget_waits: u32,
+    finished: u32,
+}
+
 /// Runs random fleets through rollouts, checking the invariants at every step.
-fn run_random(seed: u64, outages: bool) {
+fn run_random(seed: u64, outages: bool, stats: &mut Stats) {
     let mut sim = Sim::new(seed, outages);
     if sim.targets.is_empty() {
         return;
@@ -533,7 +546,10 @@ fn run_random(seed: u64, outages: bool) {
             let back: Rollout = postcard::from_bytes(&bytes).expect("decode");
             assert_eq!(back, r, "seed {seed}: state changed through encoding");
             r = back;
+            stats.restarts += 1;
         }
+        stats.window_waits += u32::from(r.waiting().contains(&Waiting::WindowClosed));
+        stats.budget_waits += u32::from(r.waiting().iter().any(|w| matches!(w, Waiting::Budget { .. })));
         // The operator resumes a paused rollout now and then.
         if matches!(r.state(), RolloutState::Paused { .. }) && sim.rng.random_bool(0.01) {
             r.command(Command::Resume, now).expect("resume");
@@ -560,6 +576,11 @@ fn run_random(seed: u64, outages: bool) {
             _ => {}
         }
     }
+    stats.started += started.len() as u32;
+    stats.rolled_back += rollbacks.len() as u32;
+    stats.refused += r.nodes().values().filter(|p| matches!(p, NodePhase::Failed { failure: Failure::Refused { .. }, .. })).count() as u32;
+    stats.pauses += pauses;
+    stats.finished += u32::from(r.is_finished());
     let failed = r.progress().failed;
     if failed >= k_max {
         assert!(pauses >= 1, "seed {seed}: {failed} failures with K={k_max} and no pause");
@@ -569,16 +590,30 @@ fn run_random(seed: u64, outages: bool) {
     }
 }
 
+/// The runs exercised what they claim to: starts, roll-backs, refusals, pauses, restarts, closed
+/// windows and full budgets all happened, and at least `min_finished` rollouts finished (nodes down for
+/// their own reasons hold a rollout back, so with outages fewer finish).
+fn assert_not_vacuous(stats: &Stats, runs: u32, min_finished: u32) {
+    assert!(stats.started > runs, "{stats:?}");
+    assert!(stats.rolled_back > 0 && stats.refused > 0 && stats.pauses > 0, "{stats:?}");
+    assert!(stats.restarts > 0 && stats.window_waits > 0 && stats.budget_waits > 0, "{stats:?}");
+    assert!(stats.finished >= min_finished, "{stats:?}");
+}
+
 #[test]
 fn random_fleets_keep_every_invariant() {
+    let mut stats = Stats::default();
     for seed in 0..150 {
-        run_random(seed, false);
+        run_random(seed, false, &mut stats);
     }
+    assert_not_vacuous(&stats, 150, 100);
 }
 
 #[test]
 fn random_fleets_with_outages_never_start_a_node_past_a_limit() {
+    let mut stats = Stats::default();
     for seed in 1000..1150 {
-        run_random(seed, true);
+        run_random(seed, true, &mut stats);
     }
+    assert_not_vacuous(&stats, 150, 30);
 }
