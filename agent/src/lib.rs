@@ -13,3 +13,4 @@ pub mod release;
 pub mod session;
 pub mod smart;
 pub mod state;
+pub mod update;
