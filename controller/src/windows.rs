@@ -369,6 +369,10 @@ mod tests {
         // The day before and the day after are ordinary.
         assert_eq!(pair(w.next_open(t("2026-03-27T12:00:00Z"))), some("2026-03-28T01:30:00Z", "2026-03-28T03:30:00Z"));
         assert_eq!(pair(w.next_open(t("2026-03-29T01:00:00Z"))), some("2026-03-30T00:30:00Z", "2026-03-30T02:30:00Z"));
+        // A window that opened before the gap lasts its real duration across it: 01:00 CET + 2 h is
+        // 04:00 CEST.
+        let early = window("0 1 * * *", 2 * H, "Europe/Berlin");
+        assert_eq!(pair(early.is_open(t("2026-03-29T01:30:00Z"))), some("2026-03-29T00:00:00Z", "2026-03-29T02:00:00Z"));
         // America/New_York, Sunday 2026-03-08: 02:00 EST jumps to 03:00 EDT (07:00 UTC).
         let ny = window("30 2 * * *", H, "America/New_York");
         assert_eq!(pair(ny.next_open(t("2026-03-07T12:00:00Z"))), some("2026-03-08T07:00:00Z", "2026-03-08T08:00:00Z"));
@@ -391,6 +395,36 @@ mod tests {
         let ny = window("30 1 * * *", 30 * Duration::from_secs(60), "America/New_York");
         assert_eq!(pair(ny.next_open(t("2026-10-31T12:00:00Z"))), some("2026-11-01T05:30:00Z", "2026-11-01T06:00:00Z"));
         assert_eq!(pair(ny.next_open(t("2026-11-01T05:30:00Z"))), some("2026-11-02T06:30:00Z", "2026-11-02T07:00:00Z"));
+    }
+
+    #[test]
+    fn a_daily_window_opens_exactly_once_a_day_for_a_whole_year_of_clock_changes() {
+        let tz = parse_tz("Europe/Berlin").expect("zone");
+        let w = window("30 2 * * *", H, "Europe/Berlin");
+        let mut openings = Vec::new();
+        let mut after = t("2025-12-31T23:00:00Z");
+        while let Some((start, end)) = w.next_open(after) {
+            if start >= t("2026-12-31T23:00:00Z") {
+                break;
+            }
+            assert_eq!(end, add(start, H));
+            openings.push(start);
+            after = start;
+        }
+        assert_eq!(openings.len(), 365, "one opening per local day, none doubled, none lost");
+        for start in &openings {
+            let local = to_timestamp(*start).expect("in range").to_zoned(tz.clone());
+            let wall = (local.hour(), local.minute());
+            let gap_day = local.date() == jiff::civil::date(2026, 3, 29);
+            assert_eq!(wall, if gap_day { (3, 0) } else { (2, 30) }, "{local}");
+        }
+        // Every instant of the year agrees with the openings (sampled every 7 minutes).
+        let mut now = t("2026-01-01T00:00:00Z");
+        while now < t("2026-12-31T00:00:00Z") {
+            let covering = openings.iter().find(|s| **s <= now && now < add(**s, H)).copied();
+            assert_eq!(w.is_open(now).map(|(s, _)| s), covering, "at {}", show(now));
+            now = add(now, Duration::from_secs(7 * 60));
+        }
     }
 
     #[test]
