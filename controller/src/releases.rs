@@ -9,7 +9,9 @@
 
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use sha2::{Digest, Sha256};
-use shoal_proto::{check_release_name, ReleaseManifest, SignedRelease, UnixMillis, RELEASE_MANIFEST_FORMAT};
+use shoal_proto::{
+    check_release_name, ReleaseManifest, SignedRelease, UnixMillis, UpdateFailure, RELEASE_MANIFEST_FORMAT,
+};
 
 /// Why a release could not be signed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -72,11 +74,45 @@ pub fn sign_release(
     Ok((manifest, signed))
 }
 
+/// The controller's check of an uploaded release (`release add`): signed by one of the release keys it
+/// was given, a valid manifest, and a binary of the manifest's size and hash. Refusing here spares the
+/// fleet a useless rollout; the agents still verify for themselves.
+pub fn verify_upload(signed: &SignedRelease, binary: &[u8], keys: &[[u8; 32]]) -> Result<ReleaseManifest, UpdateFailure> {
+    if keys.is_empty() {
+        return Err(UpdateFailure::NoTrustedKey);
+    }
+    let ok = keys.iter().any(|k| {
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, k).verify(&signed.manifest, &signed.signature).is_ok()
+    });
+    if !ok {
+        let trusted: Vec<String> = keys.iter().map(|k| key_id(k)).collect();
+        return Err(if trusted.contains(&signed.key_id) {
+            UpdateFailure::BadSignature { key_id: signed.key_id.clone() }
+        } else {
+            UpdateFailure::WrongKey { signed_by: signed.key_id.clone(), trusted: trusted.join(",") }
+        });
+    }
+    let manifest: ReleaseManifest =
+        serde_json::from_slice(&signed.manifest).map_err(|e| UpdateFailure::Malformed(format!("manifest: {e}")))?;
+    manifest.validate()?;
+    let size = binary.len() as u64;
+    if size < manifest.size {
+        return Err(UpdateFailure::Truncated { got: size, expected: manifest.size });
+    }
+    if size > manifest.size {
+        return Err(UpdateFailure::Oversize { expected: manifest.size });
+    }
+    let actual = hex::encode(Sha256::digest(binary));
+    if actual != manifest.sha256 {
+        return Err(UpdateFailure::HashMismatch { expected: manifest.sha256, actual });
+    }
+    Ok(manifest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use shoal_agent::release::{verify_binary, verify_release, ReleaseKey};
-    use shoal_proto::UpdateFailure;
 
     /// Written by `openssl genpkey -algorithm ed25519` (a throwaway test key).
     const OPENSSL_KEY: &str = "-----BEGIN PRIVATE KEY-----\n\
@@ -108,6 +144,22 @@ mod tests {
         let (_, signed) = sign_release(b"binary", "0.2.0", TARGET, UnixMillis(1), &other).expect("signed");
         let trusted = ReleaseKey::parse(OPENSSL_PUB).expect("pub parses");
         assert!(matches!(verify_release(&signed, Some(&trusted), TARGET, None), Err(UpdateFailure::WrongKey { .. })));
+    }
+
+    #[test]
+    fn the_controller_refuses_bad_uploads_before_any_agent_sees_them() {
+        let key = load_signing_key(OPENSSL_KEY).expect("key");
+        let public: [u8; 32] = key.public_key().as_ref().try_into().expect("32 bytes");
+        let binary = b"agent binary".to_vec();
+        let (manifest, signed) = sign_release(&binary, "0.2.0", TARGET, UnixMillis(1), &key).expect("signed");
+        assert_eq!(verify_upload(&signed, &binary, &[public]), Ok(manifest));
+        assert!(matches!(verify_upload(&signed, &binary[..5], &[public]), Err(UpdateFailure::Truncated { got: 5, .. })));
+        assert!(matches!(verify_upload(&signed, b"agent binarY", &[public]), Err(UpdateFailure::HashMismatch { .. })));
+        assert!(matches!(verify_upload(&signed, &binary, &[[7; 32]]), Err(UpdateFailure::WrongKey { .. })));
+        assert_eq!(verify_upload(&signed, &binary, &[]), Err(UpdateFailure::NoTrustedKey));
+        let mut tampered = signed.clone();
+        tampered.manifest[3] ^= 1;
+        assert!(matches!(verify_upload(&tampered, &binary, &[public]), Err(UpdateFailure::BadSignature { .. })));
     }
 
     #[test]
