@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod blank;
 pub mod daemon;
+pub mod drives;
 pub mod health;
 pub mod inventory;
 pub mod overlay;
