@@ -157,6 +157,8 @@ pub struct SmartReport {
 }
 
 /// What the agent learned about one drive's SMART.
+// A handful per node, moved rarely: boxing the report would buy nothing but indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SmartOutcome {
