@@ -14,8 +14,12 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
+
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
 
 use shoal_proto::{
     Drive, DriveAction, DriveCommand, DriveCommandResult, DrivePolicy, DrivePolicyMode, DriveReport, DriveState,
@@ -425,6 +429,262 @@ fn smart_failure(entry: &Entry) -> Option<String> {
     match &r.predictors {
         SmartPredictors::Nvme(n) => n.critical_warning.filter(|b| *b != 0).map(|b| format!("NVMe critical warning 0x{b:02x}")),
         _ => None,
+    }
+}
+
+/// How the drive manager runs. Every field has a documented default.
+#[derive(Debug, Clone)]
+pub struct DrivesConfig {
+    /// Which block devices are drives (default: physical disks; `--drive-match` adds names).
+    pub matcher: crate::blockdev::DriveMatch,
+    /// Where prepared drives are mounted, and the devices and sysfs paths (see `PrepareConfig`).
+    pub prepare: crate::prepare::PrepareConfig,
+    /// How smartctl is run (default `smartctl` on PATH, 30 s deadline).
+    pub smart: crate::smart::SmartConfig,
+    /// SMART schedule.
+    pub timing: DriveTiming,
+    /// A full rescan of /sys/block this often, besides uevents (default 60 s): a safety net for lost
+    /// events, and the only source of changes where the uevent socket cannot be opened.
+    pub rescan_interval: Duration,
+    /// The cached drive policy, kept across restarts so that policy `prepare` works while the
+    /// controller is unreachable (default `<state dir>/drive-policy.json`, set by the daemon).
+    pub policy_cache: Option<PathBuf>,
+}
+
+impl Default for DrivesConfig {
+    fn default() -> Self {
+        Self {
+            matcher: crate::blockdev::DriveMatch::default(),
+            prepare: crate::prepare::PrepareConfig::default(),
+            smart: crate::smart::SmartConfig::default(),
+            timing: DriveTiming::default(),
+            rescan_interval: Duration::from_secs(60),
+            policy_cache: None,
+        }
+    }
+}
+
+/// What the control session hands the drive manager.
+#[derive(Debug)]
+pub enum DriveInput {
+    /// The controller's policy for this node.
+    Policy(DrivePolicy),
+    /// A command.
+    Command(DriveCommand),
+}
+
+/// What the drive manager hands the control session.
+#[derive(Debug)]
+pub enum DriveEvent {
+    /// The drives changed: the whole picture.
+    Report(DriveReport),
+    /// A command ended.
+    Answer(DriveCommandResult),
+}
+
+/// Work that finished on another thread.
+enum Done {
+    Examined(String, Examined),
+    Smart(String, SmartOutcome),
+    Prepared(String, Option<u64>, Result<PreparedDrive, String>),
+    SelfTest(String, u64, Result<String, String>),
+}
+
+fn now_ms() -> UnixMillis {
+    UnixMillis(
+        std::time::SystemTime::now().duration_since(std::time::SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+    )
+}
+
+fn load_policy(path: Option<&Path>) -> DrivePolicy {
+    let Some(path) = path else { return DrivePolicy::default() };
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            warn!(path = %path.display(), cause = %e, "cached drive policy unreadable; using report");
+            DrivePolicy::default()
+        }),
+        Err(_) => DrivePolicy::default(),
+    }
+}
+
+fn save_policy(path: Option<&Path>, policy: &DrivePolicy) {
+    let Some(path) = path else { return };
+    let tmp = path.with_extension("tmp");
+    let result = serde_json::to_vec(policy)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = result {
+        warn!(path = %path.display(), cause = %e, "could not cache the drive policy");
+    }
+}
+
+/// Examines one device: a shoal drive is mounted (restored), anything else is probed for signatures.
+fn examine(config: &crate::prepare::PrepareConfig, name: &str) -> Examined {
+    for restored in crate::prepare::restore(config, &[name.to_owned()]) {
+        match restored {
+            Ok(p) => return Examined::Prepared(p),
+            Err(e) => return Examined::Unreadable(format!("a shoal drive that could not be mounted: {e}")),
+        }
+    }
+    match crate::prepare::probe(&config.dev_dir, name) {
+        Ok(signatures) if signatures.is_empty() => Examined::Blank,
+        Ok(signatures) => Examined::HasData(signatures.iter().map(ToString::to_string).collect()),
+        Err(e) => Examined::Unreadable(e.to_string()),
+    }
+}
+
+fn facts(dev: crate::blockdev::BlockDevice) -> DeviceFacts {
+    DeviceFacts { name: dev.name, model: dev.model, serial: dev.serial, size_bytes: dev.size_bytes, removable: dev.removable }
+}
+
+/// Runs the drive manager until `inputs` closes: watches uevents and rescans, examines, reads SMART,
+/// applies the policy, carries out commands; tells `events` about every change.
+pub async fn run(config: DrivesConfig, mut inputs: mpsc::UnboundedReceiver<DriveInput>, events: mpsc::UnboundedSender<DriveEvent>) {
+    let sys_block = config.prepare.sys_block.clone();
+    let mut book = DriveBook::new(config.timing, load_policy(config.policy_cache.as_deref()));
+    let uevents = match crate::blockdev::UeventSocket::bind() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(cause = %e, every = ?config.rescan_interval, "no kernel uevents; drives are found by rescanning only");
+            None
+        }
+    };
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let scan = |book: &mut DriveBook| {
+        let devices = crate::blockdev::scan(&sys_block, &config.matcher).into_iter().map(facts).collect();
+        book.scanned(Instant::now(), devices);
+    };
+    scan(&mut book);
+    let mut next_rescan = Instant::now() + config.rescan_interval;
+    loop {
+        while let Some(work) = book.poll_work() {
+            let done = done_tx.clone();
+            match work {
+                Work::Examine(name) => {
+                    let cfg = config.prepare.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let found = examine(&cfg, &name);
+                        debug!(device = %name, ?found, "examined");
+                        let _ = done.send(Done::Examined(name, found));
+                    });
+                }
+                Work::ReadSmart(name) => {
+                    let smart = config.smart.clone();
+                    tokio::spawn(async move {
+                        let outcome = match crate::smart::smart_target(&name) {
+                            Ok(path) => crate::smart::read_smart(&smart, &path).await,
+                            Err(reason) => SmartOutcome::NoSmart { reason },
+                        };
+                        let _ = done.send(Done::Smart(name, outcome));
+                    });
+                }
+                Work::Prepare { device, serial, filesystem, force_serial, command } => {
+                    info!(device = %device, %filesystem, forced = force_serial.is_some(), "preparing drive");
+                    let cfg = config.prepare.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let result = crate::prepare::prepare(
+                            &cfg,
+                            &device,
+                            serial.as_deref(),
+                            filesystem,
+                            force_serial.as_deref(),
+                            &mut |step| debug!(device = %device, ?step, "prepare step"),
+                        )
+                        .map_err(|e| e.to_string());
+                        match &result {
+                            Ok(p) => info!(device = %device, mount = %p.mount_point, uuid = %p.fs_uuid, "drive prepared"),
+                            Err(e) => warn!(device = %device, cause = %e, "preparing the drive failed"),
+                        }
+                        let _ = done.send(Done::Prepared(device, command, result));
+                    });
+                }
+                Work::Detach(p) => {
+                    warn!(mount = %p.mount_point, uuid = %p.fs_uuid, "a prepared drive vanished; detaching its mount");
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = crate::prepare::detach(&p) {
+                            warn!(mount = %p.mount_point, cause = %e, "could not detach the mount of a vanished drive");
+                        }
+                    });
+                }
+                Work::SelfTest { device, kind, command } => {
+                    let smart = config.smart.clone();
+                    tokio::spawn(async move {
+                        let result = match crate::smart::smart_target(&device) {
+                            Ok(path) => crate::smart::start_self_test(&smart, &path, kind).await,
+                            Err(reason) => Err(reason),
+                        };
+                        let _ = done.send(Done::SelfTest(device, command, result));
+                    });
+                }
+                Work::Answer(answer) => {
+                    let _ = events.send(DriveEvent::Answer(answer));
+                }
+            }
+        }
+        if book.take_changed() {
+            let _ = events.send(DriveEvent::Report(book.report(now_ms())));
+        }
+        let wake = book.poll_timeout().map_or(next_rescan, |t| t.min(next_rescan));
+        tokio::select! {
+            event = async {
+                match &uevents {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => match event {
+                Ok(ev) => {
+                    if let Some(name) = ev.block_disk() {
+                        match ev.action {
+                            crate::blockdev::UeventAction::Remove => book.vanished(name),
+                            _ => match crate::blockdev::read_block_device(&sys_block, name) {
+                                Some(dev) if config.matcher.admits(&dev.name, dev.size_bytes) => {
+                                    book.appeared(Instant::now(), facts(dev));
+                                }
+                                _ => book.vanished(name),
+                            },
+                        }
+                    }
+                }
+                Err(crate::blockdev::UeventRecvError::Overrun) => {
+                    warn!("kernel uevents were lost; rescanning drives");
+                    scan(&mut book);
+                }
+                Err(e) => {
+                    warn!(cause = %e, "uevent socket failed; rescanning");
+                    scan(&mut book);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            },
+            Some(done) = done_rx.recv() => match done {
+                Done::Examined(name, found) => book.examined(&name, found),
+                Done::Smart(name, outcome) => book.smart_read(Instant::now(), now_ms(), &name, outcome),
+                Done::Prepared(name, command, result) => book.prepared(&name, command, result),
+                Done::SelfTest(name, command, result) => book.self_test_started(&name, command, result),
+            },
+            input = inputs.recv() => match input {
+                Some(DriveInput::Policy(policy)) => {
+                    if policy != book.policy() {
+                        info!(mode = %policy.mode, filesystem = %policy.filesystem, "drive policy");
+                        save_policy(config.policy_cache.as_deref(), &policy);
+                    }
+                    book.set_policy(policy);
+                }
+                Some(DriveInput::Command(cmd)) => {
+                    info!(id = cmd.id, device = %cmd.device, action = ?cmd.action, "drive command");
+                    book.command(Instant::now(), cmd);
+                }
+                None => return,
+            },
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {
+                let now = Instant::now();
+                if now >= next_rescan {
+                    scan(&mut book);
+                    next_rescan = now + config.rescan_interval;
+                }
+                book.handle_timeout(now);
+            }
+        }
     }
 }
 
