@@ -521,11 +521,10 @@ fn save_policy(path: Option<&Path>, policy: &DrivePolicy) {
 
 /// Examines one device: a shoal drive is mounted (restored), anything else is probed for signatures.
 fn examine(config: &crate::prepare::PrepareConfig, name: &str) -> Examined {
-    for restored in crate::prepare::restore(config, &[name.to_owned()]) {
-        match restored {
-            Ok(p) => return Examined::Prepared(p),
-            Err(e) => return Examined::Unreadable(format!("a shoal drive that could not be mounted: {e}")),
-        }
+    match crate::prepare::restore(config, &[name.to_owned()]).into_iter().next() {
+        Some(Ok(p)) => return Examined::Prepared(p),
+        Some(Err(e)) => return Examined::Unreadable(format!("a shoal drive that could not be mounted: {e}")),
+        None => {}
     }
     match crate::prepare::probe(&config.dev_dir, name) {
         Ok(signatures) if signatures.is_empty() => Examined::Blank,

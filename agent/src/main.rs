@@ -98,8 +98,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.drives = if cli.no_drives {
         None
     } else {
-        let mut drives = DrivesConfig::default();
-        drives.matcher = DriveMatch::new(&cli.drive_match).context("--drive-match")?;
+        let mut drives =
+            DrivesConfig { matcher: DriveMatch::new(&cli.drive_match).context("--drive-match")?, ..Default::default() };
         drives.prepare.mount_root = cli.drive_mount_root;
         drives.smart.smartctl = cli.smartctl;
         drives.timing.smart_interval = cli.smart_interval;
