@@ -199,7 +199,7 @@ impl NetworkRecord {
 
     /// Whether a selector matches these labels.
     fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.selectors.iter().any(|(k, v)| labels.get(k) == Some(v))
+        self.selectors.iter().any(|(k, v)| selector_matches(k, v, labels))
     }
 }
 
@@ -364,6 +364,12 @@ pub fn parse_selector(s: &str) -> Result<(String, String), NetworkError> {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
         _ => Err(NetworkError::BadSelector(s.to_owned())),
     }
+}
+
+/// Whether the selector `key=value` matches a node's labels: the node has the label with that value.
+/// The one matching rule for overlay networks and drive policies.
+pub fn selector_matches(key: &str, value: &str, labels: &BTreeMap<String, String>) -> bool {
+    labels.get(key).map(String::as_str) == Some(value)
 }
 
 fn selector_text((k, v): &(String, String)) -> String {
