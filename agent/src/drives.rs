@@ -523,7 +523,7 @@ fn save_policy(path: Option<&Path>, policy: &DrivePolicy) {
 fn examine(config: &crate::prepare::PrepareConfig, name: &str) -> Examined {
     match crate::prepare::restore(config, &[name.to_owned()]).into_iter().next() {
         Some(Ok(p)) => return Examined::Prepared(p),
-        Some(Err(e)) => return Examined::Unreadable(format!("a shoal drive that could not be mounted: {e}")),
+        Some(Err(e)) => return Examined::Unreadable(e.to_string()),
         None => {}
     }
     match crate::prepare::probe(&config.dev_dir, name) {
