@@ -10,6 +10,7 @@ pub mod drives;
 pub mod health;
 pub mod inventory;
 pub mod overlay;
+pub mod prepare;
 pub mod session;
 pub mod smart;
 pub mod state;
