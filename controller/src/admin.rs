@@ -370,7 +370,7 @@ impl AdminClient {
         &self,
         node: &str,
         device: &str,
-        req: &crate::drive_book::PrepareRequest,
+        req: &crate::fleet_drives::PrepareRequest,
     ) -> Result<crate::view::DriveCommandView, AdminClientError> {
         self.post_waiting(&format!("/v1/drives/{}/{}/prepare", escape(node), escape(device)), req, Self::PREPARE_WAIT)
     }

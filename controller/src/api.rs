@@ -24,7 +24,7 @@ use shoal_proto::{JoinToken, NodeId, UnixMillis};
 use tracing::{info, warn};
 
 use crate::{
-    drive_book::{CommandError, PrepareRequest},
+    fleet_drives::{CommandError, PrepareRequest},
     drive_hub::{DriveRequest, PolicyError},
     drive_policy::{PolicyRecord, PolicyTarget},
     networks::{parse_selector, MemberRecord, MembershipChange, NetworkError, NetworkRecord, Subnet},
@@ -671,7 +671,7 @@ mod tests {
         admin::{AdminClient, AdminClientError, AdminConf, ADMIN_CONF_FILE},
         server::ControllerConfig,
     };
-    use crate::drive_book::PrepareRequest;
+    use crate::fleet_drives::PrepareRequest;
 
     fn enrol(ctl: &Controller, machine: &str, labels: &[(&str, &str)]) -> NodeId {
         crate::networks::enrol_for_tests(&ctl.store, machine, labels, now_ms())

@@ -1,4 +1,4 @@
-//! The controller's drive shell: the [`DriveBook`] behind a lock, its persistence, drive policies in the
+//! The controller's drive shell: the [`FleetDrives`] behind a lock, its persistence, drive policies in the
 //! store and their delivery to agents, and drive commands waiting for the agent's answer.
 //!
 //! Trees:
@@ -36,8 +36,8 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::{
-    drive_book::{
-        check_prepare, check_self_test, BookConfig, CommandError, DriveBook, DriveChange, PrepareRequest, StoredReport,
+    fleet_drives::{
+        check_prepare, check_self_test, FleetDrivesConfig, CommandError, FleetDrives, DriveChange, PrepareRequest, StoredReport,
         StoredSample,
     },
     drive_policy::{resolve, PolicyRecord, PolicySource, PolicyTarget},
@@ -119,7 +119,7 @@ pub struct DriveHub {
     reports: sled::Tree,
     samples: sled::Tree,
     policies: sled::Tree,
-    book: Mutex<DriveBook>,
+    book: Mutex<FleetDrives>,
     pending: Mutex<HashMap<u64, Pending>>,
     next_id: AtomicU64,
 }
@@ -147,7 +147,7 @@ fn node_of_key(key: &[u8]) -> NodeId {
 impl DriveHub {
     /// Loads reports, samples and policies from the store; deletes samples outside the history window
     /// and records of nodes no longer in the fleet. A record that does not decode is logged and dropped.
-    pub fn open(store: &Store, config: BookConfig) -> Result<DriveHub, StoreError> {
+    pub fn open(store: &Store, config: FleetDrivesConfig) -> Result<DriveHub, StoreError> {
         let reports = store.open_tree(DRIVE_REPORTS)?;
         let samples = store.open_tree(DRIVE_SAMPLES)?;
         let policies = store.open_tree(DRIVE_POLICIES)?;
@@ -184,7 +184,7 @@ impl DriveHub {
             }
         }
         let count = loaded_samples.len();
-        let (book, stale) = DriveBook::load(config, loaded, loaded_samples);
+        let (book, stale) = FleetDrives::load(config, loaded, loaded_samples);
         drop_samples.extend(stale.iter().map(|(node, key, at)| sample_key(node, key, *at)));
         if !(drop_reports.is_empty() && drop_samples.is_empty()) && store.check_space().is_ok() {
             let mut batch = sled::Batch::default();
@@ -211,7 +211,7 @@ impl DriveHub {
         })
     }
 
-    fn book(&self) -> MutexGuard<'_, DriveBook> {
+    fn book(&self) -> MutexGuard<'_, FleetDrives> {
         // The book is only changed by whole `ingest`/`forget` calls: a panic cannot leave it half-done.
         self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -246,7 +246,7 @@ impl DriveHub {
         node: &NodeId,
         hostname: &str,
         stored: Option<&StoredReport>,
-        ingested: &crate::drive_book::Ingested,
+        ingested: &crate::fleet_drives::Ingested,
         now: UnixMillis,
     ) -> Result<(), StoreError> {
         self.store.check_space()?;
@@ -301,7 +301,7 @@ impl DriveHub {
         Ok(())
     }
 
-    /// The drive listing (see [`DriveBook::views`]).
+    /// The drive listing (see [`FleetDrives::views`]).
     pub fn views(&self, only: Option<&NodeId>) -> Vec<DriveView> {
         self.book().views(only)
     }
@@ -386,15 +386,23 @@ impl DriveHub {
                     let _ = p.tx.send(Outcome::Done(result.result));
                 }
             }
-            Some(p) => warn!(node = %node, id = result.id, expected = %p.node, "drive command result from the wrong node ignored"),
-            None => info!(node = %node, id = result.id, result = ?result.result, "result of a drive command nobody waits for (timed out, or sent before a restart)"),
+            Some(p) => {
+                warn!(node = %node, id = result.id, expected = %p.node, "drive command result from the wrong node ignored")
+            }
+            None => info!(
+                node = %node,
+                id = result.id,
+                result = ?result.result,
+                "result of a drive command nobody waits for (timed out, or sent before a restart)"
+            ),
         }
     }
 
     /// A connection closed: commands sent on it will not be answered.
     pub fn connection_closed(&self, node: &NodeId, conn_id: u64) {
         let mut pending = self.pending();
-        let ids: Vec<u64> = pending.iter().filter(|(_, p)| &p.node == node && p.conn_id == conn_id).map(|(id, _)| *id).collect();
+        let ids: Vec<u64> =
+            pending.iter().filter(|(_, p)| &p.node == node && p.conn_id == conn_id).map(|(id, _)| *id).collect();
         for id in ids {
             if let Some(p) = pending.remove(&id) {
                 debug!(node = %node, id, "drive command lost with its connection");
@@ -594,8 +602,8 @@ mod tests {
         }
     }
 
-    fn config() -> BookConfig {
-        BookConfig { verdict: VerdictConfig::default(), history: HistoryConfig { window_ms: 10 * H, max_samples: 100 } }
+    fn config() -> FleetDrivesConfig {
+        FleetDrivesConfig { verdict: VerdictConfig::default(), history: HistoryConfig { window_ms: 10 * H, max_samples: 100 } }
     }
 
     fn stored_samples(store: &Store) -> usize {
@@ -635,7 +643,7 @@ mod tests {
 
         // A shorter window at the next start drops what falls outside it, from the store too.
         drop(hub);
-        let short = BookConfig { history: HistoryConfig { window_ms: 2 * H, max_samples: 100 }, ..config() };
+        let short = FleetDrivesConfig { history: HistoryConfig { window_ms: 2 * H, max_samples: 100 }, ..config() };
         let hub = DriveHub::open(&store, short).unwrap();
         assert_eq!(stored_samples(&store), 1);
         assert_eq!(hub.views(None)[0].smart.verdict, "ok");

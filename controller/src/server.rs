@@ -21,7 +21,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::{
     admin::{self, AdminConf, ADMIN_CONF_FILE},
-    drive_book::BookConfig,
+    fleet_drives::FleetDrivesConfig,
     drive_hub::DriveHub,
     overlay_hub::{self, OverlayHub},
     ca::Ca,
@@ -69,9 +69,9 @@ pub struct ControllerConfig {
     pub probe_listen: Option<SocketAddr>,
     /// Netboot servers and the image store (default: servers off, no trusted image key).
     pub netboot: crate::netboot::NetbootConfig,
-    /// SMART verdict thresholds and how much SMART history is kept (default: [`BookConfig::default`]:
+    /// SMART verdict thresholds and how much SMART history is kept (default: [`FleetDrivesConfig::default`]:
     /// 60 °C, 90 % NVMe wear, 10 % spare; 7 days, at most 2016 samples per drive).
-    pub drives: BookConfig,
+    pub drives: FleetDrivesConfig,
     /// How long `drives prepare` waits for the agent's answer (default 10 min).
     pub drive_prepare_timeout: Duration,
     /// How long `drives test` waits for the agent to start the self-test (default 60 s).
@@ -93,7 +93,7 @@ impl ControllerConfig {
             netmap_validity: Duration::from_secs(24 * 3600),
             probe_listen: None,
             netboot: crate::netboot::NetbootConfig::default(),
-            drives: BookConfig::default(),
+            drives: FleetDrivesConfig::default(),
             drive_prepare_timeout: crate::drive_hub::DEFAULT_PREPARE_TIMEOUT,
             drive_self_test_timeout: crate::drive_hub::DEFAULT_SELF_TEST_TIMEOUT,
         }

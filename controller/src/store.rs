@@ -27,7 +27,8 @@
 //! | `events` | seq, big-endian u64 | [`Event`] |
 //!
 //! Overlay networks keep five more trees, described (and used only) in [`crate::networks`]:
-//! `networks`, `net_members`, `peer_indexes`, `node_keys` and `overlay_counters`.
+//! `networks`, `net_members`, `peer_indexes`, `node_keys` and `overlay_counters`. Drives keep three,
+//! described in [`crate::drive_hub`]: `drive_reports`, `drive_samples` and `drive_policies`.
 
 use std::{
     collections::BTreeMap,

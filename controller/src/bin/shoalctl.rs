@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use shoal_controller::{
     admin::{AdminClient, AdminConf},
-    drive_book::PrepareRequest,
+    fleet_drives::PrepareRequest,
     report::FleetReport,
     view::{
         CreateNetwork, CreateToken, CreatedToken, DriveCommandView, DrivePolicies, DrivePolicyView, DriveView,

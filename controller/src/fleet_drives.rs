@@ -46,7 +46,7 @@ pub struct StoredSample {
     pub sample: SmartSample,
 }
 
-/// A sample [`DriveBook::ingest`] recorded, for the shell to persist.
+/// A sample [`FleetDrives::ingest`] recorded, for the shell to persist.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewSample {
     /// The drive's history key ([`drive_key`]).
@@ -254,7 +254,8 @@ impl std::fmt::Display for DriveChange {
             }
             DriveChange::Missing { device, serial, prepared } => write!(
                 f,
-                "PREPARED DRIVE MISSING: {device}{} ({} {}, UUID {}) vanished; its mount {} was detached",
+                "PREPARED DRIVE MISSING: {device}{} vanished; it held {} {} (UUID {}), mounted on {}, and the mount was \
+                 detached",
                 serial_text(serial),
                 prepared.partition,
                 prepared.filesystem,
@@ -306,7 +307,7 @@ fn newly_completed(before: &Drive, after: &Drive) -> Option<(Option<SelfTestKind
 
 /// The changes from `prev` (the node's previous report, `None` before its first) to `next`, in the
 /// order of `next`'s drives, then the drives that left. Verdicts are not compared here (see
-/// [`DriveBook::ingest`]).
+/// [`FleetDrives::ingest`]).
 pub fn diff(prev: Option<&DriveReport>, next: &DriveReport) -> Vec<DriveChange> {
     let mut out = Vec::new();
     let before: BTreeMap<&str, &Drive> =
@@ -398,7 +399,7 @@ pub struct Ingested {
 
 /// Thresholds and history bounds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BookConfig {
+pub struct FleetDrivesConfig {
     /// Verdict thresholds (defaults: [`VerdictConfig::default`]).
     pub verdict: VerdictConfig,
     /// How much history to keep (defaults: 7 days, 2016 samples per drive).
@@ -407,8 +408,8 @@ pub struct BookConfig {
 
 /// See the module docs.
 #[derive(Debug, Default)]
-pub struct DriveBook {
-    config: BookConfig,
+pub struct FleetDrives {
+    config: FleetDrivesConfig,
     reports: BTreeMap<NodeId, StoredReport>,
     history: DriveHistory,
     /// The latest verdict per node and drive history key.
@@ -418,16 +419,21 @@ pub struct DriveBook {
 /// Samples that loading found outside the history window, for the shell to delete.
 pub type Stale = Vec<(NodeId, String, UnixMillis)>;
 
-impl DriveBook {
-    /// A book built from what the store holds: the latest reports, and samples (any order) that are
+impl FleetDrives {
+    /// The fleet's drives as the store holds them: the latest reports, and samples (any order) that are
     /// replayed through the history to restore each drive's verdict. Returns the samples the history
     /// did not keep (older than the window or beyond the bound).
     pub fn load(
-        config: BookConfig,
+        config: FleetDrivesConfig,
         reports: Vec<(NodeId, StoredReport)>,
         samples: Vec<(NodeId, String, StoredSample)>,
-    ) -> (DriveBook, Stale) {
-        let mut book = DriveBook { config, reports: reports.into_iter().collect(), history: DriveHistory::new(config.history), judged: BTreeMap::new() };
+    ) -> (FleetDrives, Stale) {
+        let mut book = FleetDrives {
+            config,
+            reports: reports.into_iter().collect(),
+            history: DriveHistory::new(config.history),
+            judged: BTreeMap::new(),
+        };
         let mut by_drive: BTreeMap<(NodeId, String), Vec<StoredSample>> = BTreeMap::new();
         for (node, key, s) in samples {
             by_drive.entry((node, key)).or_default().push(s);
@@ -580,7 +586,7 @@ fn self_test_view(s: &SelfTestStatus) -> SelfTestView {
     }
 }
 
-/// A drive's SMART view: the verdict applying to it (see [`DriveBook::verdict`]) and its latest read.
+/// A drive's SMART view: the verdict applying to it (see [`FleetDrives::verdict`]) and its latest read.
 fn smart_view(d: &Drive, verdict: Option<&Verdict>) -> SmartView {
     let mut v = SmartView {
         verdict: verdict.map(|v| v.as_str()).unwrap_or("unknown").to_owned(),
@@ -794,7 +800,7 @@ pub enum CommandError {
 }
 
 /// The prepare action to send for `drive`, or why not. `verdict` is the verdict applying to the drive
-/// ([`DriveBook::verdict`]).
+/// ([`FleetDrives::verdict`]).
 pub fn check_prepare(drive: &Drive, verdict: Option<&Verdict>, req: &PrepareRequest) -> Result<DriveAction, CommandError> {
     let device = drive.name.clone();
     if req.force != req.serial.is_some() {
@@ -944,7 +950,11 @@ mod tests {
         let c = diff(Some(&done), &missing);
         assert_eq!(kinds(&c), [EventKind::DriveMissing]);
         assert!(c[0].is_alarm());
-        assert!(c[0].to_string().starts_with("PREPARED DRIVE MISSING: sdb (serial B)"), "{}", c[0]);
+        assert_eq!(
+            c[0].to_string(),
+            "PREPARED DRIVE MISSING: sdb (serial B) vanished; it held sdb1 ext4 (UUID u-1), mounted on \
+             /var/lib/shoal/drives/u-1, and the mount was detached"
+        );
         assert!(diff(Some(&missing), &missing).is_empty());
         let c = diff(Some(&missing), &done);
         assert_eq!(kinds(&c), [EventKind::DriveAppeared]);
@@ -1011,7 +1021,7 @@ mod tests {
 
     #[test]
     fn verdict_changes_only_on_new_samples_and_level_changes() {
-        let mut book = DriveBook::default();
+        let mut book = FleetDrives::default();
         let d = |pending, health, h| report(vec![with_smart(drive("sdb", Some("S1"), DriveState::Blank), smart(pending, health, None), h)]);
         let i = book.ingest(&node(), d(0, true, 1), UnixMillis(1));
         assert_eq!(kinds(&i.changes), [EventKind::DriveAppeared]);
@@ -1050,7 +1060,7 @@ mod tests {
 
     #[test]
     fn a_first_verdict_that_is_not_ok_is_an_event() {
-        let mut book = DriveBook::default();
+        let mut book = FleetDrives::default();
         let i = book.ingest(&node(), report(vec![with_smart(drive("sdb", Some("S1"), DriveState::Blank), smart(0, false, None), 1)]), UnixMillis(1));
         assert_eq!(kinds(&i.changes), [EventKind::DriveAppeared, EventKind::DriveVerdictChanged]);
         assert!(i.changes[1].to_string().contains("verdict unknown -> failing: overall health self-assessment FAILED"));
@@ -1058,7 +1068,7 @@ mod tests {
 
     #[test]
     fn loading_replays_history_and_reports_stale_samples() {
-        let config = BookConfig { history: HistoryConfig { window_ms: 24 * H, max_samples: 100 }, ..Default::default() };
+        let config = FleetDrivesConfig { history: HistoryConfig { window_ms: 24 * H, max_samples: 100 }, ..Default::default() };
         let sample = |pending, h| StoredSample {
             device: "sdb".into(),
             sample: SmartSample {
@@ -1077,7 +1087,7 @@ mod tests {
         ];
         let latest = report(vec![with_smart(drive("sdb", Some("S1"), DriveState::Blank), smart(4, true, None), 31)]);
         let (book, stale) =
-            DriveBook::load(config, vec![(node(), StoredReport { received_at: UnixMillis(9), report: latest })], samples);
+            FleetDrives::load(config, vec![(node(), StoredReport { received_at: UnixMillis(9), report: latest })], samples);
         assert_eq!(stale, [(node(), key.clone(), UnixMillis(H))]);
         assert_eq!(book.sample_count(&node(), &key), 2);
         let v = book.views(None);
@@ -1088,7 +1098,7 @@ mod tests {
 
     #[test]
     fn views_say_plainly_what_they_know() {
-        let mut book = DriveBook::default();
+        let mut book = FleetDrives::default();
         let mut lo = drive("loop0", None, DriveState::HasData { signatures: vec!["ext4".into()] });
         lo.smart = Some(SmartOutcome::NoSmart { reason: "loop device has no SMART".into() });
         let done = drive("sdc", Some("C"), DriveState::Prepared(prepared("sdc1")));
