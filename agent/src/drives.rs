@@ -523,7 +523,9 @@ fn save_policy(path: Option<&Path>, policy: &DrivePolicy) {
 fn examine(config: &crate::prepare::PrepareConfig, name: &str) -> Examined {
     match crate::prepare::restore(config, &[name.to_owned()]).into_iter().next() {
         Some(Ok(p)) => return Examined::Prepared(p),
-        Some(Err(e)) => return Examined::Unreadable(e.to_string()),
+        // A half-prepared drive (a shoal partition without a filesystem) or one that will not mount: what
+        // is on it decides, so the operator can still re-prepare it with --force and its serial.
+        Some(Err(e)) => warn!(device = %name, cause = %e, "not restored as a shoal drive"),
         None => {}
     }
     match crate::prepare::probe(&config.dev_dir, name) {
