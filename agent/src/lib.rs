@@ -5,6 +5,7 @@
 
 pub mod backoff;
 pub mod blank;
+pub mod blockdev;
 pub mod daemon;
 pub mod drives;
 pub mod health;
