@@ -38,7 +38,7 @@ struct Loop {
 
 impl Loop {
     fn attach(number: u32, file: &Path) -> Result<Loop> {
-        let _ = Command::new("losetup").arg("-d").arg(format!("/dev/loop{number}")).status();
+        let _ = Command::new("losetup").arg("-d").arg(format!("/dev/loop{number}")).output();
         run("losetup", &["-P", &format!("/dev/loop{number}"), &file.display().to_string()])?;
         Ok(Loop { number, file: file.to_owned() })
     }
@@ -211,5 +211,74 @@ fn scenario() -> Result<()> {
     if sha256(&data_file)? != data_sha {
         bail!("the drive holding data was modified");
     }
+    result
+}
+
+/// A mount root that is full, then read-only: preparing fails with the reason, before anything is
+/// written to the drive.
+#[test]
+fn a_full_or_read_only_mount_root_fails_the_prepare_and_leaves_the_drive_untouched() {
+    require_host_tests!();
+    if which("losetup").is_none() || which("mkfs.ext4").is_none() {
+        assert!(!shoal_tests::host_tests_required(), "losetup/mkfs.ext4 missing (scripts/deps installs them)");
+        eprintln!("SKIPPED: losetup/mkfs.ext4 missing");
+        return;
+    }
+    mount_root_faults().or_panic();
+}
+
+/// A tmpfs mounted at `path`, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn mount_root_faults() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("drives");
+    std::fs::create_dir_all(&root)?;
+    run("mount", &["-t", "tmpfs", "-o", "size=64k", "shoal-test-full", &root.display().to_string()])?;
+    let tmpfs = Tmpfs(root.clone());
+    // Fill it: the next mkdir finds no space.
+    let _ = std::fs::write(root.join("filler"), vec![0u8; 64 << 10]);
+    for i in 0.. {
+        if std::fs::create_dir(root.join(format!("d{i}"))).is_err() {
+            break;
+        }
+    }
+    let file = image(dir.path(), "victim.img")?;
+    let victim = Loop::attach(243, &file)?;
+    let before = sha256(&file)?;
+
+    let mut fleet = Fleet::start(FleetConfig {
+        agent_args: vec!["--drive-match".into(), "loop243".into(), "--drive-mount-root".into(), root.display().to_string()],
+        ..FleetConfig::fast().agents(1)
+    })?;
+    let result = (|| -> Result<()> {
+        let node = fleet.node_id(0)?;
+        wait_state(&fleet, &victim.name(), "blank")?;
+        let out = fleet.ctl(&["drives", "prepare", &node, &victim.name()])?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "prepare on a full mount root succeeded");
+        ensure!(stderr.contains("full") || stderr.contains("space"), "the error names the full mount root: {stderr}");
+        let d = wait_state(&fleet, &victim.name(), "prepare-failed")?;
+        ensure!(sha256(&file)? == before, "the drive was written although the mount root was full: {d}");
+
+        // Read-only: remount, and ask again (prepare-failed may be retried without --force).
+        run("mount", &["-o", "remount,ro", &root.display().to_string()])?;
+        let out = fleet.ctl(&["drives", "prepare", &node, &victim.name()])?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "prepare on a read-only mount root succeeded");
+        ensure!(stderr.contains("read-only"), "the error names the read-only mount root: {stderr}");
+        ensure!(sha256(&file)? == before, "the drive was written although the mount root was read-only");
+        Ok(())
+    })();
+    if result.is_err() {
+        fleet.dump_logs();
+    }
+    drop(tmpfs);
     result
 }
