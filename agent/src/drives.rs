@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use shoal_proto::{
     Drive, DriveAction, DriveCommand, DriveCommandResult, DrivePolicy, DrivePolicyMode, DriveReport, DriveState,
-    Filesystem, PreparedDrive, SelfTestKind, SelfTestStatus, SmartOutcome, SmartPredictors, SmartReport, UnixMillis,
+    Filesystem, PreparedDrive, SelfTestKind, SelfTestStatus, SmartOutcome, SmartReport, UnixMillis,
 };
 
 /// How often the drive manager reads SMART, and how it paces itself.
@@ -418,18 +418,19 @@ impl Entry {
     }
 }
 
-/// Why the drive's latest SMART says it is failing, judged on that one report: the drive's own health
-/// verdict, smartctl's "disk failing" bit, or an NVMe critical warning. (The controller's verdict adds
-/// trends over the drive's history on top of this.)
+/// Why the drive's latest SMART says it is failing, judged on that one report with the same rules the
+/// controller's verdict starts from (`SmartReport::health_failed`, `critical_warning`,
+/// `spare_below_threshold`). The controller adds trends over the drive's history on top.
 fn smart_failure(entry: &Entry) -> Option<String> {
     let Some((SmartOutcome::Report(r), _)) = &entry.smart else { return None };
-    if r.health_passed == Some(false) || r.exit_status.disk_failing() {
+    if r.health_failed() {
         return Some("overall health self-assessment FAILED".into());
     }
-    match &r.predictors {
-        SmartPredictors::Nvme(n) => n.critical_warning.filter(|b| *b != 0).map(|b| format!("NVMe critical warning 0x{b:02x}")),
-        _ => None,
+    if let Some(bits) = r.critical_warning() {
+        return Some(format!("NVMe critical warning 0x{bits:02x}"));
     }
+    r.spare_below_threshold(shoal_proto::DEFAULT_SPARE_THRESHOLD_PERCENT)
+        .map(|(spare, threshold)| format!("available spare {spare}% below threshold {threshold}%"))
 }
 
 /// How the drive manager runs. Every field has a documented default.
@@ -692,7 +693,7 @@ pub async fn run(config: DrivesConfig, mut inputs: mpsc::UnboundedReceiver<Drive
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_proto::{DriveProtocol, NvmePredictors, SmartExitStatus};
+    use shoal_proto::{DriveProtocol, NvmePredictors, SmartExitStatus, SmartPredictors};
 
     fn facts(name: &str) -> DeviceFacts {
         DeviceFacts { name: name.into(), model: None, serial: Some(format!("SER-{name}")), size_bytes: 1 << 30, removable: false }
@@ -770,6 +771,18 @@ mod tests {
         book.smart_read(t0, UnixMillis(1), "sdc", nvme_report(0x04));
         assert_eq!(drain(&mut book), vec![], "a failing drive is not prepared");
         assert_eq!(state(&book, "sdc"), "blank");
+
+        // Spare below the drive's own threshold is failing too, with the controller's rule.
+        book.appeared(t0, facts("sdd"));
+        drain(&mut book);
+        book.examined("sdd", Examined::Blank);
+        let mut low_spare = nvme_report(0);
+        if let SmartOutcome::Report(SmartReport { predictors: SmartPredictors::Nvme(n), .. }) = &mut low_spare {
+            n.available_spare = Some(3);
+            n.available_spare_threshold = Some(10);
+        }
+        book.smart_read(t0, UnixMillis(1), "sdd", low_spare);
+        assert_eq!(drain(&mut book), vec![], "spare below threshold is not prepared");
     }
 
     #[test]
