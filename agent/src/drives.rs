@@ -287,10 +287,7 @@ impl DriveBook {
     pub fn prepared(&mut self, name: &str, command: Option<u64>, result: Result<PreparedDrive, String>) {
         if let Some(id) = command {
             let answer = match &result {
-                Ok(p) => Ok(format!(
-                    "{name} prepared: {} {} (UUID {}, label {}) mounted at {}",
-                    p.partition, p.filesystem, p.fs_uuid, p.label, p.mount_point
-                )),
+                Ok(p) => Ok(format!("{name} prepared: {p}")),
                 Err(e) => Err(format!("preparing {name} failed: {e}")),
             };
             self.work.push_back(Work::Answer(DriveCommandResult { id, result: answer }));

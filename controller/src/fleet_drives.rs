@@ -230,37 +230,24 @@ impl std::fmt::Display for DriveChange {
             ),
             DriveChange::Returned { device, serial, prepared } => write!(
                 f,
-                "prepared drive {device}{} is back: {} {} (UUID {}) on {}",
+                "prepared drive {device}{} is back: {prepared}",
                 serial_text(serial),
-                prepared.partition,
-                prepared.filesystem,
-                prepared.fs_uuid,
-                prepared.mount_point
             ),
             DriveChange::Removed { device, serial, last_state } => {
                 write!(f, "drive {device}{} removed (was {last_state})", serial_text(serial))
             }
             DriveChange::Prepared { device, serial, prepared } => write!(
                 f,
-                "drive {device}{} prepared: {} {} (UUID {}) mounted on {}",
+                "drive {device}{} prepared: {prepared}",
                 serial_text(serial),
-                prepared.partition,
-                prepared.filesystem,
-                prepared.fs_uuid,
-                prepared.mount_point
             ),
             DriveChange::PrepareFailed { device, serial, reason } => {
                 write!(f, "preparing drive {device}{} failed: {reason}", serial_text(serial))
             }
             DriveChange::Missing { device, serial, prepared } => write!(
                 f,
-                "PREPARED DRIVE MISSING: {device}{} vanished; it held {} {} (UUID {}), mounted on {}, and the mount was \
-                 detached",
+                "PREPARED DRIVE MISSING: {device}{} vanished; it held {prepared}, and the mount was detached",
                 serial_text(serial),
-                prepared.partition,
-                prepared.filesystem,
-                prepared.fs_uuid,
-                prepared.mount_point
             ),
             DriveChange::VerdictChanged { device, serial, from, to } => {
                 write!(f, "drive {device}{} SMART verdict {} -> {}", serial_text(serial), from.unwrap_or("unknown"), to.as_str())?;
@@ -828,7 +815,7 @@ pub fn check_prepare(drive: &Drive, verdict: Option<&Verdict>, req: &PrepareRequ
         DriveState::Prepared(p) => {
             return Err(CommandError::AlreadyPrepared {
                 device,
-                detail: format!("{} {} (UUID {}) on {}", p.partition, p.filesystem, p.fs_uuid, p.mount_point),
+                detail: p.to_string(),
             })
         }
         DriveState::Preparing => return Err(CommandError::Preparing { device }),
@@ -952,7 +939,7 @@ mod tests {
         assert!(c[0].is_alarm());
         assert_eq!(
             c[0].to_string(),
-            "PREPARED DRIVE MISSING: sdb (serial B) vanished; it held sdb1 ext4 (UUID u-1), mounted on \
+            "PREPARED DRIVE MISSING: sdb (serial B) vanished; it held sdb1 ext4 (UUID u-1, label shoal-1) on \
              /var/lib/shoal/drives/u-1, and the mount was detached"
         );
         assert!(diff(Some(&missing), &missing).is_empty());

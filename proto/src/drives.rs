@@ -307,6 +307,13 @@ pub struct PreparedDrive {
     pub mount_point: String,
 }
 
+impl std::fmt::Display for PreparedDrive {
+    /// `sdb1 ext4 (UUID …, label shoal-…) on /var/lib/shoal/drives/…`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} (UUID {}, label {}) on {}", self.partition, self.filesystem, self.fs_uuid, self.label, self.mount_point)
+    }
+}
+
 /// What a drive holds as the agent found it, and what the agent did with it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
