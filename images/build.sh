@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds a shoal netboot image from Debian packages: the Debian kernel (linux-image-amd64) and an
-# initramfs holding busybox (busybox-static), smartctl (smartmontools), the NIC and disk modules a node
+# initramfs holding busybox (busybox-static), smartctl (smartmontools), mkfs.ext4 (e2fsprogs) and
+# mkfs.xfs (xfsprogs) for the drives the agent prepares, the NIC, disk and filesystem modules a node
 # needs, the shoal agent, and an init that brings the network up by DHCP and starts the agent with the
 # controller address and join token from the kernel command line (shoal.controller=, shoal.token=).
 #
@@ -17,11 +18,15 @@
 # (default: the last commit's time), and compressed with single-threaded zstd. The signature is
 # deterministic too (Ed25519), for the same key.
 #
-# Needs (Debian): linux-image-amd64 busybox-static smartmontools cpio zstd openssl kmod binutils.
+# Needs (Debian): linux-image-amd64 busybox-static smartmontools e2fsprogs xfsprogs cpio zstd openssl kmod
+# binutils.
 set -euo pipefail
 
 out="" version="" agent="" key="${XDG_CONFIG_HOME:-$HOME/.config}/shoal/image-signing.pem"
-modules="virtio_net virtio_pci e1000 e1000e igb r8169 ahci nvme sd_mod virtio_blk"
+# NICs and disk controllers; crc32c_generic before the filesystems, whose metadata checksums ask the crypto
+# API for "crc32c" (the image has no modprobe to load it on demand). PCIe hot-plug (pciehp, acpiphp) is
+# built into Debian's kernel.
+modules="virtio_net virtio_pci e1000 e1000e igb r8169 ahci nvme sd_mod virtio_blk crc32c_generic ext4 xfs"
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out="$2"; shift 2 ;;
@@ -59,11 +64,18 @@ trap 'rm -rf "$work"' EXIT
 root="$work/root"
 mkdir -p "$root"/{bin,sbin,etc/shoal,proc,sys,dev,run,tmp,var/lib/shoal-agent,usr/bin,usr/sbin,usr/share/udhcpc,lib/modules,lib64,root}
 
-# Userland: busybox, smartctl, the agent; shared libraries as ldd lists them.
+# Userland: busybox, smartctl, mkfs for the filesystems the agent prepares drives with, the agent; shared
+# libraries as ldd lists them. mke2fs picks the filesystem from its name, so it is copied as mkfs.ext4.
 cp /bin/busybox "$root/bin/busybox"
-cp /usr/sbin/smartctl "$root/usr/sbin/smartctl"
+tools="/usr/sbin/smartctl /sbin/mke2fs:/usr/sbin/mkfs.ext4 /sbin/mkfs.xfs:/usr/sbin/mkfs.xfs"
+for t in $tools; do
+    src="${t%%:*}" dst="${t#*:}"
+    [ -x "$src" ] || { echo "build.sh: $src missing (scripts/deps)" >&2; exit 1; }
+    cp "$src" "$root$dst"
+done
+cp /etc/mke2fs.conf "$root/etc/mke2fs.conf"
 objcopy --strip-all "$agent" "$root/usr/bin/shoal-agent"
-libs=$( (ldd "$root/usr/bin/shoal-agent"; ldd "$root/usr/sbin/smartctl") | grep -o '/[^ ]*' | sort -u)
+libs=$(for f in "$root/usr/bin/shoal-agent" "$root"/usr/sbin/*; do ldd "$f"; done | grep -o '/[^ ]*' | sort -u)
 for lib in $libs; do
     real=$(readlink -f "$lib")
     mkdir -p "$root$(dirname "$lib")"
@@ -186,7 +198,8 @@ sha() { sha256sum "$1" | cut -d' ' -f1; }
 size() { stat -c %s "$1"; }
 pkgver() { dpkg-query -W -f='${Version}' "$1"; }
 inputs=""
-for p in "$kpkg" busybox-static smartmontools libc6 libgcc-s1 libstdc++6 libcap-ng0 libselinux1 libsystemd0; do
+for p in "$kpkg" busybox-static smartmontools e2fsprogs libext2fs2 libcom-err2 libblkid1 libuuid1 xfsprogs libinih1 \
+    liburcu8 libc6 libgcc-s1 libstdc++6 libcap-ng0 libselinux1 libsystemd0; do
     v=$(pkgver "$p" 2>/dev/null) || continue
     inputs="$inputs    {\"name\": \"$p\", \"version\": \"$v\"},
 "

@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 use crate::{
     overlay::{self as ov, AgentEndpoint, DeltaOutcome, NetmapCache},
     backoff::Backoff,
+    drives::{DriveEvent, DriveInput, DrivesConfig},
     health::HealthCollector,
     inventory::{self, SysRoots},
     session::{AgentSession, End, Mode, Output, Timing},
@@ -61,6 +62,8 @@ pub struct AgentConfig {
     /// Whether the node joins the overlay (default true). Off, the agent creates no TAP device and
     /// never sends `OverlayHello`, so the controller sends it no netmap.
     pub overlay_enabled: bool,
+    /// The drive manager's settings; `None` turns it off (`--no-drives`). Default: on, physical disks.
+    pub drives: Option<DrivesConfig>,
 }
 
 impl AgentConfig {
@@ -80,6 +83,7 @@ impl AgentConfig {
             paths_interval: Duration::from_secs(5),
             overlay: NodeConfig::new(shoal_proto::NodeId(String::new())),
             overlay_enabled: true,
+            drives: Some(DrivesConfig::default()),
         }
     }
 }
@@ -155,11 +159,29 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     info!(port = agent_endpoint.port, "UDP socket bound (controller and overlay peers)");
     let mut backoff = Backoff::new(config.backoff_base, config.backoff_max);
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+    // The drive manager outlives control connections: hot-adds, missing drives and policy `prepare`
+    // are handled while the controller is away too.
+    let drive_inputs = config.drives.clone().map(|mut drives| {
+        drives.policy_cache.get_or_insert_with(|| config.state_dir.join("drive-policy.json"));
+        let (input_tx, input_rx) = mpsc::unbounded_channel();
+        let (drive_tx, mut drive_rx) = mpsc::unbounded_channel();
+        tokio::spawn(crate::drives::run(drives, input_rx, drive_tx));
+        let events = events_tx.clone();
+        tokio::spawn(async move {
+            while let Some(event) = drive_rx.recv().await {
+                if events.send(ShellEvent::Drives(event)).is_err() {
+                    return;
+                }
+            }
+        });
+        input_tx
+    });
     let mut shell = Shell {
         config: &config,
         state: &state,
         health: Some(HealthCollector::new(config.roots.clone())),
         last_inventory: None,
+        drives: DrivesState { inputs: drive_inputs, last: None },
         overlay: OverlayState {
             cache: NetmapCache::load(&config.state_dir, now_ms()),
             endpoint: agent_endpoint,
@@ -237,7 +259,16 @@ struct Shell<'a> {
     state: &'a StateDir,
     health: Option<HealthCollector>,
     last_inventory: Option<Inventory>,
+    drives: DrivesState,
     overlay: OverlayState,
+}
+
+/// The drive manager as the shell sees it.
+struct DrivesState {
+    /// Policy and commands go here; `None` when the drive manager is off.
+    inputs: Option<mpsc::UnboundedSender<DriveInput>>,
+    /// The newest drive report, sent again on every new connection.
+    last: Option<shoal_proto::DriveReport>,
 }
 
 /// Things that happen outside the control stream but need it.
@@ -247,6 +278,8 @@ enum ShellEvent {
     Node(NodeEvent),
     /// The NAT probe finished.
     Probed { main: SocketAddr, result: Result<SocketAddr, String> },
+    /// The drive manager reports.
+    Drives(DriveEvent),
 }
 
 /// The overlay's state in the shell: it outlives control connections.
@@ -411,7 +444,7 @@ impl Shell<'_> {
                 _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                     session.handle_timeout(Instant::now())
                 }
-                Some(event) = events.recv() => match self.shell_event(event, session.is_ready()) {
+                Some(event) = events.recv() => match self.shell_event(event, session.is_ready(), session.speaks_drives()) {
                     Some(msg) => vec![Output::Send(msg)],
                     None => vec![],
                 },
@@ -426,8 +459,18 @@ impl Shell<'_> {
     }
 
     /// Turns an event from outside the control stream into a message for the controller, if any.
-    fn shell_event(&mut self, event: ShellEvent, ready: bool) -> Option<AgentMsg> {
+    fn shell_event(&mut self, event: ShellEvent, ready: bool, drives: bool) -> Option<AgentMsg> {
         match event {
+            ShellEvent::Drives(DriveEvent::Report(report)) => {
+                self.drives.last = Some(report.clone());
+                (ready && drives).then_some(AgentMsg::Drives(report))
+            }
+            ShellEvent::Drives(DriveEvent::Answer(answer)) => {
+                if !(ready && drives) {
+                    warn!(id = answer.id, "a drive command ended while the controller was away; its result is not delivered");
+                }
+                (ready && drives).then_some(AgentMsg::DriveCommandResult(answer))
+            }
             ShellEvent::Node(NodeEvent::RequestPunch(peer)) => {
                 ready.then_some(AgentMsg::Punch(Punch { peer, endpoints: vec![] }))
             }
@@ -475,7 +518,7 @@ impl Shell<'_> {
                         });
                         vec![]
                     }
-                    _ => self.shell_event(ShellEvent::Probed { main: o.address, result: Err("the controller has no probe port".into()) }, true).into_iter().collect(),
+                    _ => self.shell_event(ShellEvent::Probed { main: o.address, result: Err("the controller has no probe port".into()) }, true, false).into_iter().collect(),
                 }
             }
             ControllerMsg::Netmap(map) => {
@@ -580,6 +623,31 @@ impl Shell<'_> {
                 Output::Overlay(msg) => {
                     for reply in self.overlay_msg(msg, creds) {
                         send_msg(send, &reply).await?;
+                    }
+                }
+                Output::SendDrives => {
+                    if let Some(report) = &self.drives.last {
+                        send_msg(send, &AgentMsg::Drives(report.clone())).await?;
+                    }
+                }
+                Output::Drives(msg) => {
+                    let input = match msg {
+                        ControllerMsg::DrivePolicy(p) => Some(DriveInput::Policy(p)),
+                        ControllerMsg::DriveCommand(c) => Some(DriveInput::Command(c)),
+                        _ => None,
+                    };
+                    match (&self.drives.inputs, input) {
+                        (Some(tx), Some(input)) => {
+                            let _ = tx.send(input);
+                        }
+                        (None, Some(DriveInput::Command(c))) => {
+                            let answer = shoal_proto::DriveCommandResult {
+                                id: c.id,
+                                result: Err("the drive manager is off on this node (--no-drives)".into()),
+                            };
+                            send_msg(send, &AgentMsg::DriveCommandResult(answer)).await?;
+                        }
+                        _ => {}
                     }
                 }
                 Output::SendPaths => {

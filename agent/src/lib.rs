@@ -5,11 +5,14 @@
 
 pub mod backoff;
 pub mod blank;
+pub mod blockdev;
 pub mod daemon;
+pub mod drives;
 pub mod health;
 pub mod inventory;
 pub mod overlay;
 pub mod release;
+pub mod prepare;
 pub mod session;
 pub mod smart;
 pub mod state;

@@ -4,7 +4,11 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use shoal_agent::daemon::{self, AgentConfig, AgentError};
+use shoal_agent::{
+    blockdev::DriveMatch,
+    daemon::{self, AgentConfig, AgentError},
+    drives::DrivesConfig,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "shoal-agent", version, about = "shoal node agent")]
@@ -37,6 +41,22 @@ struct Cli {
     /// Outer congestion controller of overlay peer connections: cubic, newreno or bbr.
     #[arg(long, default_value = "cubic")]
     overlay_cc: shoal_overlay::tls::Congestion,
+    /// Do not manage drives (no SMART, no hot-add handling).
+    #[arg(long)]
+    no_drives: bool,
+    /// Also count block devices whose kernel name matches GLOB as drives (repeatable; e.g. 'loop*').
+    /// By default only physical disks are drives: no loop, ram, zram, dm, md.
+    #[arg(long = "drive-match", value_name = "GLOB")]
+    drive_match: Vec<String>,
+    /// Where prepared drives are mounted, each at DIR/<filesystem UUID>.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/shoal/drives")]
+    drive_mount_root: PathBuf,
+    /// The smartctl binary (smartmontools).
+    #[arg(long, value_name = "PATH", default_value = "smartctl")]
+    smartctl: PathBuf,
+    /// How often each drive's SMART is read.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30m")]
+    smart_interval: Duration,
 }
 
 fn main() -> ExitCode {
@@ -75,6 +95,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.overlay_port = cli.overlay_port;
     config.overlay.congestion = cli.overlay_cc;
     config.overlay_enabled = !cli.no_overlay;
+    config.drives = if cli.no_drives {
+        None
+    } else {
+        let mut drives =
+            DrivesConfig { matcher: DriveMatch::new(&cli.drive_match).context("--drive-match")?, ..Default::default() };
+        drives.prepare.mount_root = cli.drive_mount_root;
+        drives.smart.smartctl = cli.smartctl;
+        drives.timing.smart_interval = cli.smart_interval;
+        Some(drives)
+    };
     // One thread: the agent's work is a few messages a minute, and idle memory matters on small nodes.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(daemon::run(config, shutdown_signal()))?;

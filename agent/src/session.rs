@@ -35,6 +35,10 @@ pub enum Output {
     Overlay(ControllerMsg),
     /// (protocol 2) Collect a path report and send it.
     SendPaths,
+    /// (protocol 3) The controller speaks drives: send the current drive report.
+    SendDrives,
+    /// (protocol 3) A drive message for the drive manager: DrivePolicy or DriveCommand.
+    Drives(ControllerMsg),
     /// The session is over.
     End(End),
 }
@@ -171,6 +175,9 @@ impl AgentSession {
                             self.next_paths = Some(now + self.timing.paths_interval);
                             out.push(Output::StartOverlay);
                         }
+                        if self.speaks_drives() {
+                            out.push(Output::SendDrives);
+                        }
                         out
                     }
                 }
@@ -183,6 +190,11 @@ impl AgentSession {
                 | ControllerMsg::NetmapDelta(_)
                 | ControllerMsg::Punch(_)),
             ) if self.next_paths.is_some() => vec![Output::Overlay(msg)],
+            (State::Ready, msg @ (ControllerMsg::DrivePolicy(_) | ControllerMsg::DriveCommand(_)))
+                if self.speaks_drives() =>
+            {
+                vec![Output::Drives(msg)]
+            }
             (State::Ready, ControllerMsg::Renewed(r)) if self.renewing => {
                 self.renewing = false;
                 self.schedule_renewal(now, wall_now, r.not_after);
@@ -190,6 +202,11 @@ impl AgentSession {
             }
             (_, other) => self.end(End::Protocol(format!("unexpected message from the controller: {other:?}"))),
         }
+    }
+
+    /// Whether the negotiated protocol carries drive messages (3 and later).
+    pub fn speaks_drives(&self) -> bool {
+        self.welcome.as_ref().is_some_and(|w| w.protocol >= 3)
     }
 
     /// The next time [`AgentSession::handle_timeout`] has work.

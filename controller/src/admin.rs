@@ -174,9 +174,30 @@ impl AdminClient {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<Option<T>, AdminClientError> {
+        self.call_timeout(method, path, body, None)
+    }
+
+    /// One request, with its own overall timeout instead of the client's 30 s.
+    fn call_timeout<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<Option<T>, AdminClientError> {
         let url = format!("{}{}", self.base, path);
         let result = match (method, body) {
-            ("POST", Some(b)) => self.agent.post(&url).header("authorization", &self.auth).send_json(b),
+            ("POST", Some(b)) => match timeout {
+                Some(t) => self
+                    .agent
+                    .post(&url)
+                    .header("authorization", &self.auth)
+                    .config()
+                    .timeout_global(Some(t))
+                    .build()
+                    .send_json(b),
+                None => self.agent.post(&url).header("authorization", &self.auth).send_json(b),
+            },
             ("DELETE", _) => self.agent.delete(&url).header("authorization", &self.auth).call(),
             _ => self.agent.get(&url).header("authorization", &self.auth).call(),
         };
@@ -215,6 +236,18 @@ impl AdminClient {
     /// `DELETE path`; the answer, if the endpoint returns one.
     pub fn delete<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<Option<T>, AdminClientError> {
         self.call("DELETE", path, None)
+    }
+
+    /// `POST path` with a JSON body, waiting up to `timeout` for the answer (drive commands).
+    pub fn post_waiting<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+        timeout: std::time::Duration,
+    ) -> Result<T, AdminClientError> {
+        let body = serde_json::to_value(body)
+            .map_err(|e| AdminClientError::Decode { path: path.to_owned(), cause: e.to_string() })?;
+        Self::required(path, self.call_timeout("POST", path, Some(&body), Some(timeout))?)
     }
 
     /// `POST path` with a JSON body, for endpoints that answer 204 No Content.
@@ -312,6 +345,59 @@ impl AdminClient {
         if !params.is_empty() {
             path = format!("{path}?{}", params.join("&"));
         }
+        Self::required(&path, self.delete(&path)?)
+    }
+}
+
+/// Drives.
+impl AdminClient {
+    /// How long the client waits for `drives prepare`: the controller's own wait (10 min) and a margin.
+    pub const PREPARE_WAIT: std::time::Duration = std::time::Duration::from_secs(11 * 60);
+
+    /// How long the client waits for `drives test`: the controller's own wait (60 s) and a margin.
+    pub const SELF_TEST_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
+
+    /// Every drive (or one node's).
+    pub fn drives(&self, node: Option<&str>) -> Result<Vec<crate::view::DriveView>, AdminClientError> {
+        match node {
+            Some(n) => self.get(&format!("/v1/drives?node={}", escape(n))),
+            None => self.get("/v1/drives"),
+        }
+    }
+
+    /// Prepares a drive and waits for the agent's answer.
+    pub fn prepare_drive(
+        &self,
+        node: &str,
+        device: &str,
+        req: &crate::fleet_drives::PrepareRequest,
+    ) -> Result<crate::view::DriveCommandView, AdminClientError> {
+        self.post_waiting(&format!("/v1/drives/{}/{}/prepare", escape(node), escape(device)), req, Self::PREPARE_WAIT)
+    }
+
+    /// Starts a SMART self-test (`short` or `long`) and waits for the agent to say it started.
+    pub fn self_test_drive(&self, node: &str, device: &str, kind: &str) -> Result<crate::view::DriveCommandView, AdminClientError> {
+        let body = crate::view::SelfTestRequest { kind: kind.to_owned() };
+        self.post_waiting(&format!("/v1/drives/{}/{}/self-test", escape(node), escape(device)), &body, Self::SELF_TEST_WAIT)
+    }
+
+    /// Stored drive policies and every node's effective one.
+    pub fn drive_policies(&self) -> Result<crate::view::DrivePolicies, AdminClientError> {
+        self.get("/v1/drive-policies")
+    }
+
+    /// Sets a drive policy for a node or a selector.
+    pub fn set_drive_policy(&self, req: &crate::view::SetDrivePolicy) -> Result<crate::view::DrivePolicyView, AdminClientError> {
+        self.post("/v1/drive-policies", req)
+    }
+
+    /// Deletes the drive policy of a node or a selector (`who` names exactly one).
+    pub fn delete_drive_policy(&self, who: &crate::view::MemberSpec) -> Result<crate::view::DrivePolicyView, AdminClientError> {
+        let params: Vec<String> = [("node", &who.node), ("selector", &who.selector)]
+            .into_iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", escape(v))))
+            .collect();
+        let path = format!("/v1/drive-policies?{}", params.join("&"));
         Self::required(&path, self.delete(&path)?)
     }
 }

@@ -3,7 +3,9 @@
 //! Routes: `GET/POST /v1/tokens`, `DELETE /v1/tokens/{id}`, `GET /v1/nodes`, `GET/DELETE /v1/nodes/{id}`,
 //! `GET /v1/events`, `GET /v1/report`, `GET/POST /v1/networks`, `GET/DELETE /v1/networks/{name}`,
 //! `POST/DELETE /v1/networks/{name}/members` (body `{"node": ID}` or `{"selector": "KEY=VALUE"}`; DELETE
-//! also takes them as query parameters).
+//! also takes them as query parameters), `GET /v1/drives?node=ID`, `POST /v1/drives/{node}/{device}/prepare`
+//! (body [`PrepareRequest`]), `POST /v1/drives/{node}/{device}/self-test` (body `{"kind": "short"|"long"}`),
+//! `GET/POST /v1/drive-policies`, `DELETE /v1/drive-policies?node=ID|selector=KEY=VALUE`.
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
@@ -22,13 +24,17 @@ use shoal_proto::{JoinToken, NodeId, UnixMillis};
 use tracing::{info, warn};
 
 use crate::{
+    fleet_drives::{CommandError, PrepareRequest},
+    drive_hub::{DriveRequest, PolicyError},
+    drive_policy::{PolicyRecord, PolicyTarget},
     networks::{parse_selector, MemberRecord, MembershipChange, NetworkError, NetworkRecord, Subnet},
     report::{self, FleetReport, ReportThresholds},
     server::{now_ms, Controller, ServeError},
     store::{NodeRecord, NodeStatus, StoreError, TokenRecord},
     view::{
-        rfc3339, ApiError, CreateNetwork, CreateToken, CreatedToken, EventView, MemberSpec, MemberView, NetworkDetail,
-        NetworkUpdate, NetworkView, NodeView, OverlayAddressView, TokenView,
+        rfc3339, ApiError, CreateNetwork, CreateToken, CreatedToken, DriveCommandView, DrivePolicies, DrivePolicyView,
+        DriveView, EffectivePolicyView, EventView, MemberSpec, MemberView, NetworkDetail, NetworkUpdate, NetworkView,
+        NodeView, OverlayAddressView, SelfTestRequest, SetDrivePolicy, TokenView,
     },
 };
 
@@ -63,6 +69,33 @@ impl From<NetworkError> for HttpError {
             }
             E::BadName(_) | E::BadSubnet(_) | E::BadMtu(_) | E::BadSelector(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::CONFLICT,
+        };
+        HttpError(status, e.to_string())
+    }
+}
+
+impl From<CommandError> for HttpError {
+    fn from(e: CommandError) -> Self {
+        use CommandError as E;
+        let status = match &e {
+            E::UnknownNode(_) | E::UnknownDrive { .. } => StatusCode::NOT_FOUND,
+            E::ForceNeedsSerial => StatusCode::BAD_REQUEST,
+            E::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            E::Disconnected { .. } | E::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            E::Agent { .. } => StatusCode::BAD_GATEWAY,
+            _ => StatusCode::CONFLICT,
+        };
+        HttpError(status, e.to_string())
+    }
+}
+
+impl From<PolicyError> for HttpError {
+    fn from(e: PolicyError) -> Self {
+        use PolicyError as E;
+        let status = match &e {
+            E::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            E::UnknownNode(_) | E::NoPolicy(_) => StatusCode::NOT_FOUND,
+            _ => StatusCode::BAD_REQUEST,
         };
         HttpError(status, e.to_string())
     }
@@ -116,6 +149,10 @@ pub fn router(controller: Ctl) -> Router {
         .route("/v1/networks/{name}/members", axum::routing::post(add_member).delete(remove_member))
         .route("/v1/overlay/paths", get(overlay_paths))
         .route("/v1/overlay/counters", get(overlay_counters))
+        .route("/v1/drives", get(list_drives))
+        .route("/v1/drives/{node}/{device}/prepare", axum::routing::post(prepare_drive))
+        .route("/v1/drives/{node}/{device}/self-test", axum::routing::post(self_test_drive))
+        .route("/v1/drive-policies", get(list_drive_policies).post(set_drive_policy).delete(delete_drive_policy))
         .merge(crate::netboot::api::routes())
         .layer(middleware::from_fn_with_state(controller.clone(), authenticate))
         .with_state(controller)
@@ -358,8 +395,127 @@ async fn overlay_counters(State(ctl): State<Ctl>) -> Json<Vec<crate::view::Overl
 async fn fleet_report(State(ctl): State<Ctl>) -> Result<Json<FleetReport>, HttpError> {
     blocking(move || {
         let nodes = all_nodes(&ctl)?;
+        let drives = ctl.drives.views(None);
         let t = ReportThresholds::for_interval(ctl.config.heartbeat_interval);
-        Ok(Json(report::build(&nodes, now_ms().0, &t)))
+        Ok(Json(report::build(&nodes, &drives, now_ms().0, &t)))
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+struct DriveQuery {
+    node: Option<String>,
+}
+
+async fn list_drives(State(ctl): State<Ctl>, Query(q): Query<DriveQuery>) -> Result<Json<Vec<DriveView>>, HttpError> {
+    blocking(move || {
+        let only = q.node.map(NodeId);
+        if let Some(node) = &only {
+            if ctl.store.node(node)?.is_none() {
+                return Err(HttpError::from(CommandError::UnknownNode(node.clone())));
+            }
+        }
+        Ok(Json(ctl.drives.views(only.as_ref())))
+    })
+    .await
+}
+
+/// A device as the operator typed it: `sdb` or `/dev/sdb`.
+fn device_name(device: &str) -> String {
+    device.strip_prefix("/dev/").unwrap_or(device).to_owned()
+}
+
+async fn prepare_drive(
+    State(ctl): State<Ctl>,
+    Path((node, device)): Path<(String, String)>,
+    Json(req): Json<PrepareRequest>,
+) -> Result<Json<DriveCommandView>, HttpError> {
+    Ok(Json(ctl.drive_command(NodeId(node), device_name(&device), DriveRequest::Prepare(req)).await?))
+}
+
+async fn self_test_drive(
+    State(ctl): State<Ctl>,
+    Path((node, device)): Path<(String, String)>,
+    Json(req): Json<SelfTestRequest>,
+) -> Result<Json<DriveCommandView>, HttpError> {
+    let kind = match req.kind.as_str() {
+        "short" => shoal_proto::SelfTestKind::Short,
+        "long" => shoal_proto::SelfTestKind::Long,
+        other => return Err(HttpError(StatusCode::BAD_REQUEST, format!("unknown self-test {other:?}: short or long"))),
+    };
+    Ok(Json(ctl.drive_command(NodeId(node), device_name(&device), DriveRequest::SelfTest(kind)).await?))
+}
+
+fn policy_view(p: &PolicyRecord) -> DrivePolicyView {
+    let (node, selector) = match &p.target {
+        PolicyTarget::Node(n) => (Some(n.0.clone()), None),
+        PolicyTarget::Selector(k, v) => (None, Some(format!("{k}={v}"))),
+    };
+    DrivePolicyView {
+        node,
+        selector,
+        mode: p.policy.mode.to_string(),
+        filesystem: p.policy.filesystem.to_string(),
+        set_at: rfc3339(p.set_at.0),
+    }
+}
+
+fn policy_target(node: Option<String>, selector: Option<String>) -> Result<PolicyTarget, PolicyError> {
+    match (node, selector) {
+        (Some(n), None) => Ok(PolicyTarget::Node(NodeId(n))),
+        (None, Some(s)) => {
+            let (k, v) = parse_selector(&s).map_err(|_| PolicyError::BadSelector(s.clone()))?;
+            Ok(PolicyTarget::Selector(k, v))
+        }
+        _ => Err(PolicyError::Target),
+    }
+}
+
+async fn list_drive_policies(State(ctl): State<Ctl>) -> Result<Json<DrivePolicies>, HttpError> {
+    blocking(move || {
+        let policies = ctl.drives.policies()?;
+        let effective = ctl
+            .store
+            .nodes()?
+            .iter()
+            .map(|n| {
+                let (policy, source) = ctl.effective_drive_policy(n, &policies);
+                EffectivePolicyView {
+                    node: n.id.0.clone(),
+                    hostname: n.hostname.clone(),
+                    mode: policy.mode.to_string(),
+                    filesystem: policy.filesystem.to_string(),
+                    source: source.to_string(),
+                }
+            })
+            .collect();
+        Ok(Json(DrivePolicies { policies: policies.iter().map(policy_view).collect(), effective }))
+    })
+    .await
+}
+
+async fn set_drive_policy(State(ctl): State<Ctl>, Json(req): Json<SetDrivePolicy>) -> Result<Json<DrivePolicyView>, HttpError> {
+    blocking(move || {
+        let target = policy_target(req.node, req.selector)?;
+        let mode = req.mode.parse().map_err(PolicyError::BadMode)?;
+        let filesystem = match req.filesystem {
+            Some(f) => f.parse().map_err(PolicyError::BadFilesystem)?,
+            None => shoal_proto::Filesystem::default(),
+        };
+        let rec = PolicyRecord { target, policy: shoal_proto::DrivePolicy { mode, filesystem }, set_at: now_ms() };
+        ctl.drives.set_policy(&rec)?;
+        ctl.push_drive_policies(None);
+        Ok(Json(policy_view(&rec)))
+    })
+    .await
+}
+
+async fn delete_drive_policy(State(ctl): State<Ctl>, Query(spec): Query<MemberSpec>) -> Result<Json<DrivePolicyView>, HttpError> {
+    blocking(move || {
+        let target = policy_target(spec.node, spec.selector)?;
+        let old = ctl.drives.delete_policy(&target, now_ms())?;
+        ctl.push_drive_policies(None);
+        Ok(Json(policy_view(&old)))
     })
     .await
 }
@@ -515,6 +671,7 @@ mod tests {
         admin::{AdminClient, AdminClientError, AdminConf, ADMIN_CONF_FILE},
         server::ControllerConfig,
     };
+    use crate::fleet_drives::PrepareRequest;
 
     fn enrol(ctl: &Controller, machine: &str, labels: &[(&str, &str)]) -> NodeId {
         crate::networks::enrol_for_tests(&ctl.store, machine, labels, now_ms())
@@ -593,6 +750,241 @@ mod tests {
         assert!(ctl.remove_node(&a).unwrap());
         let detail = client.network("default").unwrap();
         assert_eq!(detail.members.iter().map(|m| m.node.as_str()).collect::<Vec<_>>(), [b.0.as_str()]);
+        handle.shutdown();
+    }
+
+    /// A controller with its admin API on loopback, and a client for it.
+    fn api(dir: &std::path::Path, prepare_timeout: std::time::Duration) -> (tokio::runtime::Runtime, Ctl, axum_server::Handle, AdminClient) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut config = ControllerConfig::new(dir.to_owned());
+        config.overlay_subnet = "10.70.0.0/24".parse().unwrap();
+        config.drive_prepare_timeout = prepare_timeout;
+        let ctl = Controller::open(config, listener.local_addr().unwrap()).unwrap();
+        let handle = {
+            let _enter = rt.enter();
+            serve(ctl.clone(), listener).unwrap()
+        };
+        let client = AdminClient::new(&AdminConf::read(&dir.join(ADMIN_CONF_FILE)).unwrap()).unwrap();
+        (rt, ctl, handle, client)
+    }
+
+    fn policies_sent(rx: &mut tokio::sync::mpsc::UnboundedReceiver<shoal_proto::ControllerMsg>) -> Vec<shoal_proto::DrivePolicy> {
+        let mut out = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            match msg {
+                shoal_proto::ControllerMsg::DrivePolicy(p) => out.push(p),
+                other => panic!("unexpected message {other:?}"),
+            }
+        }
+        out
+    }
+
+    fn policy_req(node: Option<&NodeId>, selector: Option<&str>, mode: &str, fs: Option<&str>) -> SetDrivePolicy {
+        SetDrivePolicy {
+            node: node.map(|n| n.0.clone()),
+            selector: selector.map(str::to_owned),
+            mode: mode.into(),
+            filesystem: fs.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn drive_policies_reach_v3_agents_only_and_only_when_they_change() {
+        use shoal_proto::{DrivePolicy, DrivePolicyMode as Mode, Filesystem};
+        let dir = tempfile::tempdir().unwrap();
+        let (_rt, ctl, handle, client) = api(dir.path(), std::time::Duration::from_secs(5));
+        let a = enrol(&ctl, "a", &[("role", "db")]);
+        let b = enrol(&ctl, "b", &[("role", "db")]);
+        let (a_conn, mut a_rx) = ctl.fake_connection(&a, 3);
+        let (_, mut b_rx) = ctl.fake_connection(&b, 2);
+        // Right after the session is ready, a v3 agent gets its policy: the default.
+        ctl.send_drive_policy_on_connect(&a, a_conn);
+        assert_eq!(policies_sent(&mut a_rx), [DrivePolicy::default()]);
+
+        let set = client.set_drive_policy(&policy_req(None, Some("role=db"), "approve", Some("xfs"))).unwrap();
+        assert_eq!((set.selector.as_deref(), set.mode.as_str(), set.filesystem.as_str()), (Some("role=db"), "approve", "xfs"));
+        let approve = DrivePolicy { mode: Mode::Approve, filesystem: Filesystem::Xfs };
+        assert_eq!(policies_sent(&mut a_rx), [approve]);
+        // A bolder selector policy does not override the more cautious one.
+        client.set_drive_policy(&policy_req(None, Some("role=db"), "approve", Some("xfs"))).unwrap();
+        let rack = enrol(&ctl, "c", &[]);
+        client.set_drive_policy(&policy_req(Some(&rack), None, "prepare", None)).unwrap();
+        assert_eq!(policies_sent(&mut a_rx), [], "unchanged policies are not sent again");
+        client.set_drive_policy(&policy_req(Some(&a), None, "prepare", None)).unwrap();
+        assert_eq!(policies_sent(&mut a_rx), [DrivePolicy { mode: Mode::Prepare, filesystem: Filesystem::Ext4 }]);
+
+        let all = client.drive_policies().unwrap();
+        assert_eq!(all.policies.len(), 3);
+        let eff: Vec<(String, String, String)> =
+            all.effective.iter().map(|e| (e.hostname.clone(), e.mode.clone(), e.source.clone())).collect();
+        assert!(eff.contains(&("a".into(), "prepare".into(), "node".into())), "{eff:?}");
+        assert!(eff.contains(&("b".into(), "approve".into(), "selector role=db".into())), "{eff:?}");
+        assert!(eff.contains(&("c".into(), "prepare".into(), "node".into())), "{eff:?}");
+
+        let gone = client.delete_drive_policy(&spec(Some(&a), None)).unwrap();
+        assert_eq!(gone.mode, "prepare");
+        assert_eq!(policies_sent(&mut a_rx), [approve]);
+        assert_eq!(status(client.delete_drive_policy(&spec(Some(&a), None))).0, 404);
+        assert_eq!(status(client.set_drive_policy(&policy_req(None, Some("novalue"), "approve", None))).0, 400);
+        assert_eq!(status(client.set_drive_policy(&policy_req(None, None, "approve", None))).0, 400);
+        assert_eq!(status(client.set_drive_policy(&policy_req(None, Some("k=v"), "erase", None))).0, 400);
+        assert_eq!(status(client.set_drive_policy(&policy_req(None, Some("k=v"), "report", Some("btrfs")))).0, 400);
+        assert_eq!(status(client.set_drive_policy(&policy_req(Some(&NodeId("n404".into())), None, "report", None))).0, 404);
+        client.delete_drive_policy(&spec(None, Some("role=db"))).unwrap();
+        assert_eq!(policies_sent(&mut a_rx), [DrivePolicy::default()]);
+
+        // The v2 agent never got anything.
+        assert!(b_rx.try_recv().is_err());
+        handle.shutdown();
+    }
+
+    fn smart(health: bool) -> shoal_proto::SmartOutcome {
+        shoal_proto::SmartOutcome::Report(shoal_proto::SmartReport {
+            device: "/dev/x".into(),
+            protocol: shoal_proto::DriveProtocol::Ata,
+            model: Some("Disk".into()),
+            serial: Some(format!("S-{health}")),
+            firmware: None,
+            capacity_bytes: None,
+            temperature_celsius: Some(30),
+            power_on_hours: Some(5),
+            health_passed: Some(health),
+            exit_status: shoal_proto::SmartExitStatus(0),
+            predictors: shoal_proto::SmartPredictors::Ata(Default::default()),
+            self_test: None,
+        })
+    }
+
+    fn drive(name: &str, serial: &str, state: shoal_proto::DriveState, smart: Option<shoal_proto::SmartOutcome>) -> shoal_proto::Drive {
+        shoal_proto::Drive {
+            name: name.into(),
+            model: Some("Disk".into()),
+            serial: Some(serial.into()),
+            size_bytes: 1 << 30,
+            removable: false,
+            state,
+            smart_at: smart.as_ref().map(|_| UnixMillis(1000)),
+            smart,
+        }
+    }
+
+    /// Answers drive commands like an agent: `answer` decides the result, `None` stays silent.
+    fn fake_agent(
+        ctl: Ctl,
+        node: NodeId,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<shoal_proto::ControllerMsg>,
+        answer: impl Fn(&shoal_proto::DriveCommand) -> Option<Result<String, String>> + Send + 'static,
+    ) -> std::sync::Arc<std::sync::Mutex<Vec<shoal_proto::DriveCommand>>> {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = rx.recv().await {
+                if let shoal_proto::ControllerMsg::DriveCommand(cmd) = msg {
+                    record.lock().unwrap().push(cmd.clone());
+                    if let Some(result) = answer(&cmd) {
+                        ctl.drives.command_result(&node, shoal_proto::DriveCommandResult { id: cmd.id, result });
+                    }
+                }
+            }
+        });
+        seen
+    }
+
+    #[test]
+    fn drive_commands_are_checked_sent_and_answered() {
+        use shoal_proto::{DriveAction, DriveReport, DriveState, Filesystem, SelfTestKind};
+        let dir = tempfile::tempdir().unwrap();
+        let (rt, ctl, handle, client) = api(dir.path(), std::time::Duration::from_millis(500));
+        let a = enrol(&ctl, "a", &[]);
+        let old = enrol(&ctl, "old", &[]);
+        let away = enrol(&ctl, "away", &[]);
+        let prepare = |node: &NodeId, device: &str, force: bool, serial: Option<&str>| {
+            let req = PrepareRequest { force, serial: serial.map(str::to_owned), filesystem: Some(Filesystem::Xfs) };
+            client.prepare_drive(&node.0, device, &req)
+        };
+
+        assert_eq!(status(prepare(&NodeId("n404".into()), "sdb", false, None)), (404, "no node n404 in the fleet".into()));
+        let (code, msg) = status(prepare(&away, "sdb", false, None));
+        assert!(code == 409 && msg.contains("is not connected"), "{code} {msg}");
+        let _ = ctl.fake_connection(&old, 2);
+        let (code, msg) = status(prepare(&old, "sdb", false, None));
+        assert!(code == 409 && msg.contains("speaks protocol 2; drive commands need protocol 3"), "{code} {msg}");
+        let (a_conn, a_rx) = ctl.fake_connection(&a, 3);
+        let (code, msg) = status(prepare(&a, "sdb", false, None));
+        assert!(code == 409 && msg.contains("has not reported its drives yet"), "{code} {msg}");
+
+        let report = DriveReport {
+            at: UnixMillis(1000),
+            drives: vec![
+                drive("sdb", "WD-1", DriveState::HasData { signatures: vec!["gpt".into(), "ext4".into()] }, None),
+                drive("sdc", "S-false", DriveState::Blank, Some(smart(false))),
+                drive("sdd", "S-true", DriveState::AwaitingApproval, Some(smart(true))),
+                drive("loop0", "L", DriveState::Blank, Some(shoal_proto::SmartOutcome::NoSmart { reason: "loop device has no SMART".into() })),
+            ],
+        };
+        ctl.drives.ingest(&a, report, now_ms()).unwrap();
+        let listed = client.drives(Some(&a.0)).unwrap();
+        assert_eq!(
+            listed.iter().map(|d| (d.device.as_str(), d.state.as_str(), d.smart.verdict.as_str())).collect::<Vec<_>>(),
+            [("sdb", "has-data", "unknown"), ("sdc", "blank", "failing"), ("sdd", "awaiting-approval", "ok"), ("loop0", "blank", "unknown")]
+        );
+        assert_eq!(status(client.drives(Some("n404"))).0, 404);
+
+        let seen = {
+            let _enter = rt.enter();
+            fake_agent(ctl.clone(), a.clone(), a_rx, |cmd| match (cmd.device.as_str(), &cmd.action) {
+                ("sdd", DriveAction::Prepare { .. }) => Some(Err("mkfs.xfs: command not found".into())),
+                ("sdb", DriveAction::Prepare { .. }) => Some(Ok("sdb prepared: sdb1 xfs mounted on /var/lib/shoal/drives/u".into())),
+                ("sdd", DriveAction::SelfTest(_)) => Some(Ok("short self-test started".into())),
+                _ => None,
+            })
+        };
+        let (code, msg) = status(prepare(&a, "sdx", false, None));
+        assert!(code == 404 && msg.contains("reports no drive sdx (it reports: sdb, sdc, sdd, loop0)"), "{code} {msg}");
+        let (code, msg) = status(prepare(&a, "sdb", false, None));
+        assert_eq!(code, 409);
+        assert_eq!(msg, "refusing to prepare sdb: it holds data (gpt, ext4); to erase it, run again with --force --serial WD-1");
+        let (code, msg) = status(prepare(&a, "sdb", true, Some("WD-2")));
+        assert!(code == 409 && msg.contains("does not match its serial number WD-1"), "{code} {msg}");
+        assert_eq!(status(prepare(&a, "sdb", true, None)).0, 400);
+        let (code, msg) = status(prepare(&a, "sdc", false, None));
+        assert!(code == 409 && msg.contains("its SMART verdict is failing (overall health self-assessment FAILED)"), "{code} {msg}");
+        assert!(seen.lock().unwrap().is_empty(), "nothing refused reached the agent");
+
+        let done = prepare(&a, "/dev/sdb", true, Some("WD-1")).unwrap();
+        assert_eq!((done.device.as_str(), done.action.as_str()), ("sdb", "prepare"));
+        assert!(done.message.starts_with("sdb prepared"), "{}", done.message);
+        assert_eq!(
+            seen.lock().unwrap().last().map(|c| c.action.clone()),
+            Some(DriveAction::Prepare { force_serial: Some("WD-1".into()), filesystem: Some(Filesystem::Xfs) })
+        );
+        let (code, msg) = status(prepare(&a, "sdd", false, None));
+        assert_eq!((code, msg.as_str()), (502, format!("node {a} could not prepare sdd: mkfs.xfs: command not found").as_str()));
+
+        let started = client.self_test_drive(&a.0, "sdd", "short").unwrap();
+        assert_eq!((started.action.as_str(), started.message.as_str()), ("self-test", "short self-test started"));
+        assert_eq!(seen.lock().unwrap().last().map(|c| c.action.clone()), Some(DriveAction::SelfTest(SelfTestKind::Short)));
+        let (code, msg) = status(client.self_test_drive(&a.0, "loop0", "short"));
+        assert!(code == 409 && msg.contains("loop0 has no SMART (loop device has no SMART)"), "{code} {msg}");
+        assert_eq!(status(client.self_test_drive(&a.0, "sdd", "medium")).0, 400);
+
+        // The agent stays silent: the request times out.
+        let (code, msg) = status(prepare(&a, "loop0", false, None));
+        assert!(code == 504 && msg.contains("did not answer the prepare command for loop0"), "{code} {msg}");
+
+        // The connection drops while the agent works on it.
+        let c = ctl.clone();
+        let n = a.clone();
+        let dropper = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            c.end_fake_connection(&n, a_conn);
+        });
+        let (code, msg) = status(prepare(&a, "loop0", false, None));
+        dropper.join().unwrap();
+        assert!(code == 503 && msg.contains("closed before it answered the prepare command for loop0"), "{code} {msg}");
+        let (code, msg) = status(prepare(&a, "sdd", false, None));
+        assert!(code == 409 && msg.contains("is not connected"), "{code} {msg}");
         handle.shutdown();
     }
 }

@@ -41,7 +41,11 @@ pub struct VerdictConfig {
 
 impl Default for VerdictConfig {
     fn default() -> Self {
-        Self { max_temperature_celsius: 60, wear_warning_percent: 90, min_available_spare_percent: 10 }
+        Self {
+            max_temperature_celsius: 60,
+            wear_warning_percent: 90,
+            min_available_spare_percent: shoal_proto::DEFAULT_SPARE_THRESHOLD_PERCENT,
+        }
     }
 }
 
@@ -211,23 +215,19 @@ pub fn verdict(history: &[SmartSample], latest: &SmartSample, config: &VerdictCo
     let mut failing = Vec::new();
     let mut warning = Vec::new();
 
-    if report.health_passed == Some(false) || report.exit_status.disk_failing() {
+    if report.health_failed() {
         failing.push(Reason::HealthCheckFailed);
     }
     if report.exit_status.prefail_below_threshold() {
         warning.push(Reason::PrefailAttributeAtThreshold);
     }
+    if let Some(bits) = report.critical_warning() {
+        failing.push(Reason::CriticalWarning { bits });
+    }
+    if let Some((spare, threshold)) = report.spare_below_threshold(config.min_available_spare_percent) {
+        failing.push(Reason::SpareBelowThreshold { spare, threshold });
+    }
     if let SmartPredictors::Nvme(nvme) = &report.predictors {
-        if let Some(bits) = nvme.critical_warning.filter(|b| *b != 0) {
-            failing.push(Reason::CriticalWarning { bits });
-        }
-        if let Some(spare) = nvme.available_spare {
-            let threshold =
-                nvme.available_spare_threshold.filter(|t| *t > 0).unwrap_or(config.min_available_spare_percent);
-            if spare < threshold {
-                failing.push(Reason::SpareBelowThreshold { spare, threshold });
-            }
-        }
         if let Some(used) = nvme.percentage_used.filter(|u| *u >= config.wear_warning_percent) {
             warning.push(Reason::WornOut { percentage_used: used });
         }
@@ -526,6 +526,14 @@ mod tests {
         assert_eq!(judge(&[], &s), Verdict::Failing(vec![Reason::SpareBelowThreshold { spare: 7, threshold: 10 }]));
         let lenient = VerdictConfig { min_available_spare_percent: 5, ..Default::default() };
         assert_eq!(verdict(&[], &s, &lenient), Verdict::Ok);
+    }
+
+    #[test]
+    fn an_nvme_drive_that_leaves_spare_and_threshold_at_zero_is_not_failing() {
+        // qemu's emulated NVMe reports available_spare 0 and threshold 0: unfilled, not exhausted.
+        let SmartPredictors::Nvme(mut p) = nvme(0, 0, 0, 0) else { unreachable!() };
+        p.available_spare_threshold = Some(0);
+        assert_eq!(judge(&[], &sample(0, report(SmartPredictors::Nvme(p)))), Verdict::Ok);
     }
 
     #[test]

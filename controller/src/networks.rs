@@ -199,7 +199,7 @@ impl NetworkRecord {
 
     /// Whether a selector matches these labels.
     fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.selectors.iter().any(|(k, v)| labels.get(k) == Some(v))
+        self.selectors.iter().any(|(k, v)| selector_matches(k, v, labels))
     }
 }
 
@@ -366,9 +366,10 @@ pub fn parse_selector(s: &str) -> Result<(String, String), NetworkError> {
     }
 }
 
-/// Whether a `(key, value)` selector matches these labels.
-pub fn selector_matches((k, v): &(String, String), labels: &BTreeMap<String, String>) -> bool {
-    labels.get(k) == Some(v)
+/// Whether the selector `key=value` matches a node's labels: the node has the label with that value.
+/// The one matching rule for overlay networks and drive policies.
+pub fn selector_matches(key: &str, value: &str, labels: &BTreeMap<String, String>) -> bool {
+    labels.get(key).map(String::as_str) == Some(value)
 }
 
 /// A selector as `KEY=VALUE`.

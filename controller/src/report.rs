@@ -1,10 +1,12 @@
-//! The fleet health report: nodes by status, and every node that needs attention with the reasons.
+//! The fleet health report: nodes by status, every node that needs attention with the reasons, and
+//! drive health (drives per SMART verdict, warning and failing drives with their reasons, missing
+//! prepared drives, drives awaiting approval).
 
 use std::{collections::BTreeMap, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::view::NodeView;
+use crate::view::{DriveView, NodeView};
 
 /// Thresholds for "needs attention".
 #[derive(Debug, Clone)]
@@ -50,6 +52,86 @@ pub struct FleetReport {
     pub by_status: BTreeMap<String, usize>,
     /// Nodes that need attention.
     pub attention: Vec<Attention>,
+    /// Drive health (absent in reports of controllers before drives).
+    #[serde(default)]
+    pub drives: DriveHealth,
+}
+
+/// Drive health across the fleet.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct DriveHealth {
+    /// Drives per SMART verdict: `ok`, `warning`, `failing`, `unknown` (no SMART, or not read yet).
+    pub by_verdict: BTreeMap<String, usize>,
+    /// Drives whose verdict is `failing` or `warning` (failing first), with the reasons.
+    pub attention: Vec<DriveAttention>,
+    /// Prepared drives that vanished (state `missing`).
+    pub missing: Vec<DriveAttention>,
+    /// Blank drives waiting for `shoalctl drives prepare` (state `awaiting-approval`).
+    pub awaiting_approval: Vec<DriveAttention>,
+}
+
+/// One drive in the report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriveAttention {
+    /// Node id.
+    pub node: String,
+    /// Hostname.
+    pub hostname: String,
+    /// Kernel name.
+    pub device: String,
+    /// Serial number.
+    pub serial: Option<String>,
+    /// Model.
+    pub model: Option<String>,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// SMART verdict.
+    pub verdict: String,
+    /// Why it is here: the verdict's reasons, or where a missing drive was mounted.
+    pub reasons: Vec<String>,
+}
+
+/// Drive health from the drive listing.
+pub fn drive_health(drives: &[DriveView], hostnames: &BTreeMap<&str, &str>) -> DriveHealth {
+    let mut health = DriveHealth {
+        by_verdict: ["ok", "warning", "failing", "unknown"].into_iter().map(|v| (v.to_owned(), 0)).collect(),
+        ..Default::default()
+    };
+    let entry = |d: &DriveView, reasons: Vec<String>| DriveAttention {
+        node: d.node.clone(),
+        hostname: hostnames.get(d.node.as_str()).map(|h| h.to_string()).unwrap_or_default(),
+        device: d.device.clone(),
+        serial: d.serial.clone(),
+        model: d.model.clone(),
+        size_bytes: d.size_bytes,
+        verdict: d.smart.verdict.clone(),
+        reasons,
+    };
+    for d in drives {
+        *health.by_verdict.entry(d.smart.verdict.clone()).or_default() += 1;
+        if matches!(d.smart.verdict.as_str(), "warning" | "failing") {
+            health.attention.push(entry(d, d.smart.reasons.clone()));
+        }
+        match d.state.as_str() {
+            "missing" => {
+                let was = d.state_detail.as_ref().map(|s| {
+                    format!(
+                        "prepared drive vanished: {} {} (UUID {}) was mounted on {}",
+                        s.partition.as_deref().unwrap_or("?"),
+                        s.filesystem.as_deref().unwrap_or("?"),
+                        s.fs_uuid.as_deref().unwrap_or("?"),
+                        s.mount_point.as_deref().unwrap_or("?")
+                    )
+                });
+                health.missing.push(entry(d, was.into_iter().collect()));
+            }
+            "awaiting-approval" => health.awaiting_approval.push(entry(d, Vec::new())),
+            _ => {}
+        }
+    }
+    // Failing first; otherwise as listed (by node).
+    health.attention.sort_by_key(|a| a.verdict != "failing");
+    health
 }
 
 fn ago(now_ms: u64, then_ms: u64) -> String {
@@ -57,8 +139,8 @@ fn ago(now_ms: u64, then_ms: u64) -> String {
     humantime::format_duration(Duration::from_secs(secs)).to_string()
 }
 
-/// Builds the report from node views at `now_ms`.
-pub fn build(nodes: &[NodeView], now_ms: u64, t: &ReportThresholds) -> FleetReport {
+/// Builds the report from node and drive views at `now_ms`.
+pub fn build(nodes: &[NodeView], drives: &[DriveView], now_ms: u64, t: &ReportThresholds) -> FleetReport {
     let mut by_status = BTreeMap::from([("up".to_owned(), 0), ("down".to_owned(), 0)]);
     let mut attention = Vec::new();
     for n in nodes {
@@ -93,11 +175,13 @@ pub fn build(nodes: &[NodeView], now_ms: u64, t: &ReportThresholds) -> FleetRepo
             attention.push(Attention { id: n.id.clone(), hostname: n.hostname.clone(), status: n.status.clone(), reasons });
         }
     }
+    let hostnames: BTreeMap<&str, &str> = nodes.iter().map(|n| (n.id.as_str(), n.hostname.as_str())).collect();
     FleetReport {
         generated_at: crate::view::rfc3339(now_ms),
         total: nodes.len(),
         by_status,
         attention,
+        drives: drive_health(drives, &hostnames),
     }
 }
 
@@ -122,7 +206,7 @@ mod tests {
 
     #[test]
     fn healthy_fleet_needs_no_attention() {
-        let r = build(&[node("a", "up", Some(healthy(9_000)))], 10_000, &ReportThresholds::for_interval(Duration::from_secs(10)));
+        let r = build(&[node("a", "up", Some(healthy(9_000)))], &[], 10_000, &ReportThresholds::for_interval(Duration::from_secs(10)));
         assert_eq!(r.by_status["up"], 1);
         assert!(r.attention.is_empty(), "{r:?}");
     }
@@ -140,7 +224,7 @@ mod tests {
             node("mem", "up", Some(pressed)),
             node("stale", "up", Some(healthy(1_000))),
         ];
-        let r = build(&nodes, 100_000, &t);
+        let r = build(&nodes, &[], 100_000, &t);
         assert_eq!(r.by_status["down"], 1);
         let reasons: Vec<_> = r.attention.iter().map(|a| (a.id.as_str(), a.reasons[0].clone())).collect();
         assert!(reasons[0].1.starts_with("down"), "{reasons:?}");
@@ -148,5 +232,61 @@ mod tests {
         assert!(reasons[2].1.starts_with("memory pressure: 98%"), "{reasons:?}");
         assert!(reasons[3].1.starts_with("stale report"), "{reasons:?}");
         assert_eq!(r.attention.len(), 4);
+    }
+
+    fn drive(node: &str, device: &str, state: &str, verdict: &str, reasons: &[&str]) -> DriveView {
+        DriveView {
+            node: node.into(),
+            device: device.into(),
+            serial: Some(format!("S-{device}")),
+            model: None,
+            size_bytes: 1 << 30,
+            state: state.into(),
+            state_detail: (state == "missing").then(|| crate::view::StateDetail {
+                partition: Some(format!("{device}1")),
+                filesystem: Some("xfs".into()),
+                fs_uuid: Some("u-9".into()),
+                mount_point: Some("/var/lib/shoal/drives/u-9".into()),
+                ..Default::default()
+            }),
+            smart: crate::view::SmartView {
+                verdict: verdict.into(),
+                reasons: reasons.iter().map(|r| r.to_string()).collect(),
+                ..Default::default()
+            },
+            updated_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn drive_health_counts_verdicts_and_lists_what_needs_a_look() {
+        let t = ReportThresholds::for_interval(Duration::from_secs(10));
+        let drives = [
+            drive("a", "sda", "has-data", "ok", &[]),
+            drive("a", "sdb", "prepared", "warning", &["pending sectors (ATA 197) rose by 8 (0 -> 8)"]),
+            drive("a", "sdc", "missing", "unknown", &[]),
+            drive("b", "nvme0n1", "awaiting-approval", "failing", &["overall health self-assessment FAILED"]),
+            drive("b", "vda", "blank", "unknown", &[]),
+        ];
+        let r = build(&[node("a", "up", Some(healthy(99_000))), node("b", "up", Some(healthy(99_000)))], &drives, 100_000, &t);
+        let d = &r.drives;
+        assert_eq!(d.by_verdict, BTreeMap::from([("ok".into(), 1), ("warning".into(), 1), ("failing".into(), 1), ("unknown".into(), 2)]));
+        assert_eq!(
+            d.attention.iter().map(|a| (a.device.as_str(), a.verdict.as_str(), a.hostname.as_str())).collect::<Vec<_>>(),
+            [("nvme0n1", "failing", "host-b"), ("sdb", "warning", "host-a")]
+        );
+        assert_eq!(d.attention[1].reasons, ["pending sectors (ATA 197) rose by 8 (0 -> 8)"]);
+        assert_eq!(d.missing.len(), 1);
+        assert_eq!(d.missing[0].reasons, ["prepared drive vanished: sdc1 xfs (UUID u-9) was mounted on /var/lib/shoal/drives/u-9"]);
+        assert_eq!(d.awaiting_approval.iter().map(|a| a.device.as_str()).collect::<Vec<_>>(), ["nvme0n1"]);
+        // Older clients' reports (without drives) still decode, and new ones keep the old keys.
+        let json = serde_json::to_value(&r).unwrap();
+        for key in ["generated_at", "total", "by_status", "attention", "drives"] {
+            assert!(json.get(key).is_some(), "{key}");
+        }
+        let mut old = json.clone();
+        old.as_object_mut().unwrap().remove("drives");
+        let back: FleetReport = serde_json::from_value(old).unwrap();
+        assert_eq!(back.drives, DriveHealth::default());
     }
 }

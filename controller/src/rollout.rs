@@ -852,7 +852,7 @@ impl Rollout {
         let mut group: Vec<u32> = budgets
             .iter()
             .map(|b| {
-                fleet.iter().filter(|(n, o)| selector_matches(&b.selector, &o.labels) && self.unavailable(n, o)).count() as u32
+                fleet.iter().filter(|(n, o)| selector_matches(&b.selector.0, &b.selector.1, &o.labels) && self.unavailable(n, o)).count() as u32
             })
             .collect();
         let pending: Vec<NodeId> =
@@ -871,7 +871,7 @@ impl Rollout {
             let full = budgets
                 .iter()
                 .zip(&group)
-                .find(|(b, used)| selector_matches(&b.selector, &observed.labels) && **used + 1 > b.max_unavailable);
+                .find(|(b, used)| selector_matches(&b.selector.0, &b.selector.1, &observed.labels) && **used + 1 > b.max_unavailable);
             if let Some((b, used)) = full {
                 let w = Waiting::Budget { selector: selector_text(&b.selector), unavailable: *used, max: b.max_unavailable };
                 if !self.waiting.contains(&w) {
@@ -880,7 +880,7 @@ impl Rollout {
                 continue;
             }
             for (b, used) in budgets.iter().zip(group.iter_mut()) {
-                if selector_matches(&b.selector, &observed.labels) {
+                if selector_matches(&b.selector.0, &b.selector.1, &observed.labels) {
                     *used += 1;
                 }
             }

@@ -21,6 +21,8 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::{
     admin::{self, AdminConf, ADMIN_CONF_FILE},
+    fleet_drives::FleetDrivesConfig,
+    drive_hub::DriveHub,
     overlay_hub::{self, OverlayHub},
     ca::Ca,
     liveness::{Liveness, Transition},
@@ -67,6 +69,13 @@ pub struct ControllerConfig {
     pub probe_listen: Option<SocketAddr>,
     /// Netboot servers and the image store (default: servers off, no trusted image key).
     pub netboot: crate::netboot::NetbootConfig,
+    /// SMART verdict thresholds and how much SMART history is kept (default: [`FleetDrivesConfig::default`]:
+    /// 60 °C, 90 % NVMe wear, 10 % spare; 7 days, at most 2016 samples per drive).
+    pub drives: FleetDrivesConfig,
+    /// How long `drives prepare` waits for the agent's answer (default 10 min).
+    pub drive_prepare_timeout: Duration,
+    /// How long `drives test` waits for the agent to start the self-test (default 60 s).
+    pub drive_self_test_timeout: Duration,
 }
 
 impl ControllerConfig {
@@ -84,6 +93,9 @@ impl ControllerConfig {
             netmap_validity: Duration::from_secs(24 * 3600),
             probe_listen: None,
             netboot: crate::netboot::NetbootConfig::default(),
+            drives: FleetDrivesConfig::default(),
+            drive_prepare_timeout: crate::drive_hub::DEFAULT_PREPARE_TIMEOUT,
+            drive_self_test_timeout: crate::drive_hub::DEFAULT_SELF_TEST_TIMEOUT,
         }
     }
 }
@@ -128,17 +140,26 @@ pub(crate) struct LiveNode {
     pub dirty: bool,
 }
 
+/// A node's open control connection, as other tasks (the API, other connections) reach it.
 #[derive(Debug)]
-struct ConnHandle {
-    conn_id: u64,
-    revoke: mpsc::UnboundedSender<String>,
+pub(crate) struct ConnHandle {
+    pub conn_id: u64,
+    /// Closes the connection with this reason (empty: replaced by a newer connection).
+    pub revoke: mpsc::UnboundedSender<String>,
+    /// Queues a message to the agent; the connection's task sends it in order.
+    pub tx: mpsc::UnboundedSender<ControllerMsg>,
+    /// The negotiated protocol version, once the agent's Hello was accepted. Nothing newer than it
+    /// is ever queued: v1/v2 agents get no v3 messages.
+    pub protocol: Option<u16>,
+    /// The drive policy last sent on this connection (v3).
+    pub drive_policy: Option<shoal_proto::DrivePolicy>,
 }
 
 #[derive(Debug)]
 pub(crate) struct LiveState {
     pub liveness: Liveness,
     pub nodes: HashMap<NodeId, LiveNode>,
-    conns: HashMap<NodeId, ConnHandle>,
+    pub(crate) conns: HashMap<NodeId, ConnHandle>,
     next_conn_id: u64,
 }
 
@@ -152,6 +173,8 @@ pub struct Controller {
     pub(crate) admin_token_sha256: [u8; 32],
     /// The overlay coordinator, relay and path reports.
     pub(crate) overlay: Arc<OverlayHub>,
+    /// Drive reports, SMART history and verdicts, drive policies and commands.
+    pub(crate) drives: DriveHub,
     pub(crate) netboot: crate::netboot::Netboot,
     /// Liveness changes go through one worker so they reach the store in the order they happened.
     transitions: mpsc::UnboundedSender<Vec<Transition>>,
@@ -168,6 +191,7 @@ impl Controller {
         let store = Store::open(&config.data_dir.join("store"))?;
         store.ensure_default_network(config.overlay_subnet, config.overlay_mtu)?;
         let overlay = Arc::new(OverlayHub::open(&store, config.netmap_validity)?);
+        let drives = DriveHub::open(&store, config.drives)?;
         let ca = Ca::load_or_create(&config.data_dir)?;
         let admin_token_sha256 = ensure_admin_conf(&config, &store, &ca, api_addr)?;
         let mut liveness = Liveness::new(config.heartbeat_interval, config.down_after);
@@ -191,6 +215,7 @@ impl Controller {
             live: Mutex::new(LiveState { liveness, nodes, conns: HashMap::new(), next_conn_id: 0 }),
             admin_token_sha256,
             overlay,
+            drives,
         }))
     }
 
@@ -230,6 +255,9 @@ impl Controller {
                 Err(e) => warn!(node = %id, cause = %e, "could not drop the removed node's overlay memberships"),
             }
             self.overlay.forget(id);
+            if let Err(e) = self.drives.forget(id) {
+                warn!(node = %id, cause = %e, "could not drop the removed node's drive records; the next start drops them");
+            }
         }
         let mut live = self.live();
         live.liveness.forget(id);
@@ -521,6 +549,7 @@ async fn handle_connection(controller: Arc<Controller>, incoming: quinn::Incomin
     );
 
     let (revoke_tx, mut revoke_rx) = mpsc::unbounded_channel();
+    let (overlay_tx, mut overlay_rx) = mpsc::unbounded_channel();
     let mut conn_id = None;
     if let Some(id) = &node {
         // Register before looking the node up: a removal that lands after the lookup then finds this
@@ -529,7 +558,9 @@ async fn handle_connection(controller: Arc<Controller>, incoming: quinn::Incomin
             let mut live = controller.live();
             live.next_conn_id += 1;
             let cid = live.next_conn_id;
-            if let Some(old) = live.conns.insert(id.clone(), ConnHandle { conn_id: cid, revoke: revoke_tx }) {
+            let handle =
+                ConnHandle { conn_id: cid, revoke: revoke_tx, tx: overlay_tx.clone(), protocol: None, drive_policy: None };
+            if let Some(old) = live.conns.insert(id.clone(), handle) {
                 debug!(node = %id, old = old.conn_id, "replacing older connection");
                 let _ = old.revoke.send(String::new());
             }
@@ -553,7 +584,6 @@ async fn handle_connection(controller: Arc<Controller>, incoming: quinn::Incomin
         }
     }
 
-    let (overlay_tx, mut overlay_rx) = mpsc::unbounded_channel();
     let mut ctx = ConnCtx { conn: conn.clone(), conn_id: conn_id.unwrap_or(0), node_key, overlay_tx, relay: None };
     let result =
         drive(&controller, &mut ctx, &mut send, &mut recv, &mut session, &mut revoke_rx, &mut overlay_rx, hello_deadline).await;
@@ -563,8 +593,31 @@ async fn handle_connection(controller: Arc<Controller>, incoming: quinn::Incomin
     if let (Some(id), Some(cid)) = (&node, conn_id) {
         controller.overlay.disconnected(id, cid);
         forget_connection(&controller, id, cid);
+        // After forgetting it: a command sent from now on finds no connection and fails at once.
+        controller.drives.connection_closed(id, cid);
     }
     result
+}
+
+#[cfg(test)]
+impl Controller {
+    /// Registers a connection without QUIC, as a v`protocol` agent after its Hello; returns its id and
+    /// the queue of what the controller sends it.
+    pub(crate) fn fake_connection(&self, node: &NodeId, protocol: u16) -> (u64, mpsc::UnboundedReceiver<ControllerMsg>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (revoke, _) = mpsc::unbounded_channel();
+        let mut live = self.live();
+        live.next_conn_id += 1;
+        let conn_id = live.next_conn_id;
+        live.conns.insert(node.clone(), ConnHandle { conn_id, revoke, tx, protocol: Some(protocol), drive_policy: None });
+        (conn_id, rx)
+    }
+
+    /// Ends a connection registered by [`Controller::fake_connection`] the way a real one ends.
+    pub(crate) fn end_fake_connection(&self, node: &NodeId, conn_id: u64) {
+        forget_connection(self, node, conn_id);
+        self.drives.connection_closed(node, conn_id);
+    }
 }
 
 /// Drops a node's connection handle, unless a newer connection has replaced it.
@@ -581,7 +634,8 @@ struct ConnCtx {
     conn_id: u64,
     /// SHA-256 of the node certificate's public key.
     node_key: Option<[u8; 32]>,
-    /// Netmap deltas and punch requests for this agent, queued by other connections and the API.
+    /// Netmap deltas, punch requests, drive policies and drive commands for this agent, queued by other
+    /// connections and the API.
     overlay_tx: mpsc::UnboundedSender<ControllerMsg>,
     /// The task relaying this agent's datagrams, once it joined the overlay.
     relay: Option<tokio::task::JoinHandle<()>>,
@@ -706,6 +760,15 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
             .await;
             info!(node = %node, agent_version = %hello.agent_version, protocol = ?session.version(), "agent connected");
             heartbeat(controller, &node, None);
+            let version = session.version();
+            if let Some(conn) = controller.live().conns.get_mut(&node).filter(|c| c.conn_id == ctx.conn_id) {
+                conn.protocol = version;
+            }
+            if version.is_some_and(|v| v >= 3) {
+                let c = controller.clone();
+                let conn_id = ctx.conn_id;
+                let _ = tokio::task::spawn_blocking(move || c.send_drive_policy_on_connect(&node, conn_id)).await;
+            }
             vec![]
         }
         Action::Inventory(inv) => {
@@ -772,14 +835,21 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
             vec![]
         }
         Action::Drives(report) => {
-            // SMART history and verdicts (`drives::verdict`) are not stored yet: the report is only logged.
-            if let Some(node) = session.node() {
-                debug!(node = %node, drives = report.drives.len(), "drive report received (not stored yet)");
+            let Some(node) = session.node().cloned() else { return vec![] };
+            debug!(node = %node, drives = report.drives.len(), "drive report received");
+            let c = controller.clone();
+            let n = node.clone();
+            match tokio::task::spawn_blocking(move || c.drives.ingest(&n, report, now_ms())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!(node = %node, cause = %e, "drive report kept in memory only: the store failed"),
+                Err(e) => warn!(node = %node, cause = %e, "drive report task failed"),
             }
             vec![]
         }
         Action::DriveCommandResult(result) => {
-            debug!(node = ?session.node(), id = result.id, "drive command result (not routed yet)");
+            if let Some(node) = session.node() {
+                controller.drives.command_result(node, result);
+            }
             vec![]
         }
     }
@@ -843,6 +913,8 @@ fn enrol(controller: &Controller, request: &shoal_proto::EnrolRequest, hello: &s
         Ok(changes) => controller.membership_changed(changes),
         Err(e) => warn!(node = %node.id, cause = %e, "enrolled node could not join its overlay networks"),
     }
+    // Re-enrolment merges the token's labels: a connected agent's drive policy may follow them.
+    controller.push_drive_policies(Some(std::slice::from_ref(&node.id)));
     let (cert_der, not_after) = controller
         .ca
         .issue_node_cert(&request.csr_der, &node.id, now, controller.config.cert_ttl)

@@ -27,7 +27,8 @@
 //! | `events` | seq, big-endian u64 | [`Event`] |
 //!
 //! Overlay networks keep five more trees, described (and used only) in [`crate::networks`]:
-//! `networks`, `net_members`, `peer_indexes`, `node_keys` and `overlay_counters`.
+//! `networks`, `net_members`, `peer_indexes`, `node_keys` and `overlay_counters`. Drives keep three,
+//! described in [`crate::drive_hub`]: `drive_reports`, `drive_samples` and `drive_policies`.
 
 use std::{
     collections::BTreeMap,
@@ -277,6 +278,22 @@ pub enum EventKind {
     NetworkDeleted,
     /// An operator changed an overlay network's members or selectors.
     NetworkChanged,
+    /// A node reported a drive it did not report before (or a missing prepared drive came back).
+    DriveAppeared,
+    /// A drive is no longer reported.
+    DriveRemoved,
+    /// A node prepared a drive (partitioned, formatted, mounted).
+    DrivePrepared,
+    /// Preparing a drive failed.
+    DrivePrepareFailed,
+    /// A prepared drive vanished: an alarm.
+    DriveMissing,
+    /// A drive's SMART verdict changed level (ok, warning, failing).
+    DriveVerdictChanged,
+    /// A drive's SMART self-test ended (passed or failed).
+    DriveSelfTestCompleted,
+    /// An operator set or deleted a drive policy.
+    DrivePolicyChanged,
 }
 
 /// One entry of the fleet's event log.

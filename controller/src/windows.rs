@@ -207,7 +207,7 @@ impl Window {
 
     /// Whether the window is meant for a node with these labels (always, without a selector).
     pub fn applies_to(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.record.selector.as_ref().is_none_or(|s| selector_matches(s, labels))
+        self.record.selector.as_ref().is_none_or(|(k, v)| selector_matches(k, v, labels))
     }
 
     /// The selector as `KEY=VALUE`, if any.

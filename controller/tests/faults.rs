@@ -565,6 +565,11 @@ async fn renewal_issues_a_fresh_certificate_for_the_same_node() {
     let mut raw = Raw::node(&ctl, &enrolled.cert_der, &key).await;
     let welcome = raw.hello(SUPPORTED).await.expect("node connection welcomed");
     assert_eq!(welcome.node_id.as_ref(), Some(&enrolled.node_id));
+    // A protocol-3 node gets its drive policy right after Welcome: the default, with no policy set.
+    match raw.recv().await {
+        Ok(Some(ControllerMsg::DrivePolicy(p))) => assert_eq!(p, shoal_proto::DrivePolicy::default()),
+        other => panic!("expected DrivePolicy, got {other:?}"),
+    }
     raw.send(&AgentMsg::Renew(RenewRequest { csr_der: pki::make_csr(&key).unwrap() })).await;
     let renewed = match raw.recv().await {
         Ok(Some(ControllerMsg::Renewed(r))) => r,

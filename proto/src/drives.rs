@@ -156,7 +156,43 @@ pub struct SmartReport {
     pub self_test: Option<SelfTestStatus>,
 }
 
+/// The NVMe available-spare threshold (percent) used when a drive reports none: what most drives report.
+pub const DEFAULT_SPARE_THRESHOLD_PERCENT: u8 = 10;
+
+impl SmartReport {
+    /// The drive's own verdict is FAILED: its overall-health self-assessment failed, or smartctl set
+    /// its "disk failing" exit bit.
+    pub fn health_failed(&self) -> bool {
+        self.health_passed == Some(false) || self.exit_status.disk_failing()
+    }
+
+    /// NVMe critical warning bits, when any is set.
+    pub fn critical_warning(&self) -> Option<u8> {
+        match &self.predictors {
+            SmartPredictors::Nvme(n) => n.critical_warning.filter(|b| *b != 0),
+            _ => None,
+        }
+    }
+
+    /// NVMe available spare below its threshold, as `(spare, threshold)`. The threshold is the drive's
+    /// own, or `fallback_threshold` when the drive reports 0 (none). A drive reporting both spare and
+    /// threshold as 0 has not filled the fields in (qemu's emulated NVMe does this): nothing is
+    /// judged, and the drive's critical-warning bit 0 still speaks for a real spare shortage.
+    pub fn spare_below_threshold(&self, fallback_threshold: u8) -> Option<(u8, u8)> {
+        let SmartPredictors::Nvme(n) = &self.predictors else { return None };
+        let spare = n.available_spare?;
+        let reported = n.available_spare_threshold.filter(|t| *t > 0);
+        if spare == 0 && reported.is_none() {
+            return None;
+        }
+        let threshold = reported.unwrap_or(fallback_threshold);
+        (spare < threshold).then_some((spare, threshold))
+    }
+}
+
 /// What the agent learned about one drive's SMART.
+// A handful per node, moved rarely: boxing the report would buy nothing but indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SmartOutcome {
@@ -269,6 +305,13 @@ pub struct PreparedDrive {
     pub label: String,
     /// Where it is (or was) mounted.
     pub mount_point: String,
+}
+
+impl std::fmt::Display for PreparedDrive {
+    /// `sdb1 ext4 (UUID …, label shoal-…) on /var/lib/shoal/drives/…`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} (UUID {}, label {}) on {}", self.partition, self.filesystem, self.fs_uuid, self.label, self.mount_point)
+    }
 }
 
 /// What a drive holds as the agent found it, and what the agent did with it.
@@ -449,6 +492,33 @@ mod tests {
         assert!(SmartExitStatus(2).open_failed());
         assert!(SmartExitStatus(4).smart_command_failed());
         assert!(SmartExitStatus(32).past_below_threshold());
+    }
+
+    #[test]
+    fn spare_is_judged_against_the_drives_threshold_and_unfilled_fields_are_not_judged() {
+        let nvme = |spare, threshold| SmartReport {
+            device: "/dev/nvme0".into(),
+            protocol: DriveProtocol::Nvme,
+            model: None,
+            serial: None,
+            firmware: None,
+            capacity_bytes: None,
+            temperature_celsius: None,
+            power_on_hours: None,
+            health_passed: Some(true),
+            exit_status: SmartExitStatus(0),
+            predictors: SmartPredictors::Nvme(NvmePredictors {
+                available_spare: Some(spare),
+                available_spare_threshold: Some(threshold),
+                ..Default::default()
+            }),
+            self_test: None,
+        };
+        assert_eq!(nvme(4, 5).spare_below_threshold(10), Some((4, 5)), "the drive's own threshold");
+        assert_eq!(nvme(6, 5).spare_below_threshold(10), None);
+        assert_eq!(nvme(7, 0).spare_below_threshold(10), Some((7, 10)), "no threshold reported: the fallback");
+        assert_eq!(nvme(0, 0).spare_below_threshold(10), None, "qemu leaves both at 0");
+        assert!(!nvme(0, 0).health_failed() && nvme(0, 0).critical_warning().is_none());
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod fleet;
 pub mod netboot;
 pub mod netns;
 pub mod process;
+pub mod qmp;
 pub mod wait;
 
 use std::process::{Command, Stdio};

@@ -3,6 +3,8 @@
 //!
 //! [`NetbootLab::start`] builds the image once per test process (`images/build.sh` with the test's agent
 //! binary and a throw-away signing key), starts the controller with netboot on, and adds the image.
+//! [`VmOptions`] gives a VM more than its NIC: a q35 machine, emulated NVMe drives, empty PCIe root ports
+//! to hot-plug drives into ([`NvmeDrive::hot_plug`]) and a QMP socket ([`crate::qmp`]).
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -11,11 +13,12 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::fleet::as_array;
 use crate::netns::Topology;
 use crate::process::{output_with_timeout, Proc, ProcSpec};
+use crate::qmp::Qmp;
 use crate::{eventually, Bins};
 
 /// Deadline for one shoalctl call.
@@ -28,6 +31,82 @@ pub enum Firmware {
     Bios,
     /// OVMF (Debian's `ovmf`), which PXE-boots iPXE over TFTP.
     Uefi,
+}
+
+/// An emulated NVMe drive: one controller with one namespace, backed by a raw image file.
+#[derive(Debug, Clone)]
+pub struct NvmeDrive {
+    /// qemu id of the controller device; the backing block node is `<id>-file` / `<id>-raw`.
+    pub id: String,
+    /// The raw image file (its size is the drive's).
+    pub image: PathBuf,
+    /// The serial number the guest sees (up to 20 characters).
+    pub serial: String,
+}
+
+impl NvmeDrive {
+    /// A drive `id` with `serial`, backed by `image`.
+    pub fn new(id: &str, image: impl Into<PathBuf>, serial: &str) -> NvmeDrive {
+        NvmeDrive { id: id.into(), image: image.into(), serial: serial.into() }
+    }
+
+    /// Hot-plugs this drive into a running VM's empty PCIe root port `port` (one of
+    /// [`VmOptions::hotplug_ports`]): `blockdev-add` of the file and a raw format node on it, then
+    /// `device_add` of an NVMe controller on that node.
+    pub fn hot_plug(&self, qmp: &mut Qmp, port: &str) -> Result<()> {
+        let (file, raw) = (format!("{}-file", self.id), format!("{}-raw", self.id));
+        qmp.execute("blockdev-add", json!({ "node-name": file, "driver": "file", "filename": self.image }))?;
+        qmp.execute("blockdev-add", json!({ "node-name": raw, "driver": "raw", "file": file }))?;
+        qmp.execute(
+            "device_add",
+            json!({ "driver": "nvme", "id": self.id, "drive": raw, "serial": self.serial, "bus": port }),
+        )?;
+        Ok(())
+    }
+}
+
+/// What a VM has beyond its NIC. The default is the plain diskless VM: qemu's default machine (i440fx),
+/// no drives, no hot-plug ports, no QMP.
+#[derive(Debug, Clone, Default)]
+pub struct VmOptions {
+    /// `-machine` type, e.g. `q35`; `None` (the default) for qemu's default, `pc`.
+    pub machine: Option<String>,
+    /// NVMe drives present from power-on. Default none.
+    pub nvme: Vec<NvmeDrive>,
+    /// Ids of empty `pcie-root-port`s to hot-plug into, on `pcie.0` (needs `machine` q35). Default none.
+    pub hotplug_ports: Vec<String>,
+    /// Path for a QMP unix socket (`-qmp unix:PATH,server,nowait`); connect with [`Qmp::connect`].
+    /// Default none.
+    pub qmp: Option<PathBuf>,
+}
+
+impl VmOptions {
+    fn qemu_args(&self) -> Result<Vec<String>> {
+        let mut args = Vec::new();
+        if let Some(m) = &self.machine {
+            args.extend(["-machine".into(), m.clone()]);
+        }
+        for d in &self.nvme {
+            ensure!(d.image.is_file(), "NVMe image {} does not exist", d.image.display());
+            args.push("-drive".into());
+            args.push(format!("file={},if=none,id={}-raw,format=raw", d.image.display(), d.id));
+            args.push("-device".into());
+            args.push(format!("nvme,drive={}-raw,serial={},id={}", d.id, d.serial, d.id));
+        }
+        if !self.hotplug_ports.is_empty() {
+            ensure!(self.machine.as_deref().is_some_and(|m| m.starts_with("q35")), "PCIe root ports need -machine q35");
+        }
+        for (i, port) in self.hotplug_ports.iter().enumerate() {
+            // Chassis/slot pairs must be unique per port; start at 1 (0 is the root complex).
+            args.push("-device".into());
+            args.push(format!("pcie-root-port,id={port},bus=pcie.0,chassis={n},slot={n}", n = i + 1));
+        }
+        if let Some(path) = &self.qmp {
+            args.push("-qmp".into());
+            args.push(format!("unix:{},server,nowait", path.display()));
+        }
+        Ok(args)
+    }
 }
 
 /// Where the DHCP addresses come from.
@@ -47,6 +126,8 @@ pub fn netboot_unavailable(firmware: Firmware) -> Option<String> {
         ("/usr/lib/ipxe/undionly.kpxe", "ipxe"),
         ("/usr/bin/busybox", "busybox-static"),
         ("/usr/sbin/smartctl", "smartmontools"),
+        ("/sbin/mke2fs", "e2fsprogs"),
+        ("/sbin/mkfs.xfs", "xfsprogs"),
         ("/usr/bin/zstd", "zstd"),
         ("/usr/bin/cpio", "cpio"),
         ("/dev/net/tun", "(the tun device)"),
@@ -248,6 +329,13 @@ impl NetbootLab {
 
     /// Starts a diskless VM with one virtio NIC on the LAN; returns its index in [`NetbootLab::vms`].
     pub fn start_vm(&mut self, name: &str, firmware: Firmware, mac: &str) -> Result<usize> {
+        self.start_vm_with(name, firmware, mac, &VmOptions::default())
+    }
+
+    /// Starts a VM with one virtio NIC on the LAN and what `options` add; returns its index in
+    /// [`NetbootLab::vms`].
+    pub fn start_vm_with(&mut self, name: &str, firmware: Firmware, mac: &str, options: &VmOptions) -> Result<usize> {
+        let extra = options.qemu_args()?;
         let lan_ns = self.topo.lan("boot")?.netns().name().to_string();
         let tap = format!("tap{}", self.taps);
         self.taps += 1;
@@ -272,6 +360,7 @@ impl NetbootLab {
                 .arg("-drive")
                 .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
         }
+        spec = spec.args(extra);
         self.vms.push(spec.spawn()?);
         Ok(self.vms.len() - 1)
     }

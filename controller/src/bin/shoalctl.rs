@@ -10,10 +10,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use shoal_controller::{
     admin::{AdminClient, AdminConf},
+    fleet_drives::PrepareRequest,
     report::FleetReport,
     view::{
-        CreateNetwork, CreateToken, CreatedToken, EventView, MemberSpec, MemberView, NetworkDetail, NetworkUpdate,
-        NetworkView, NodeView, OverlayCountersView, PathView, TokenView,
+        CreateNetwork, CreateToken, CreatedToken, DriveCommandView, DrivePolicies, DrivePolicyView, DriveView,
+        EventView, MemberSpec, MemberView, NetworkDetail, NetworkUpdate, NetworkView, NodeView, OverlayCountersView,
+        PathView, SetDrivePolicy, TokenView,
     },
 };
 
@@ -48,6 +50,9 @@ enum Command {
     /// Overlay paths and datapath counters, as the agents report them.
     #[command(subcommand)]
     Overlay(OverlayCmd),
+    /// Drives: SMART health, preparation of new drives, self-tests, drive policies.
+    #[command(subcommand)]
+    Drives(DrivesCmd),
     /// Netboot images.
     #[command(subcommand)]
     Image(netboot::ImageCmd),
@@ -81,6 +86,129 @@ enum OverlayCmd {
     },
     /// Frames forwarded, flooded, delivered and dropped (by reason), per node.
     Counters {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DrivesCmd {
+    /// One row per drive: node, device, serial, model, size, state, SMART verdict and its reasons.
+    List {
+        /// Only this node's drives.
+        #[arg(long)]
+        node: Option<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Partition, format and mount a drive; waits for the node's answer (up to 10 minutes).
+    ///
+    /// Allowed on blank, awaiting-approval and prepare-failed drives. A drive that holds data is
+    /// erased only with --force and its serial number. A drive whose SMART verdict is failing is
+    /// never prepared.
+    Prepare {
+        /// Node id.
+        node: String,
+        /// Kernel name of the drive (sdb, nvme1n1; /dev/ is optional).
+        device: String,
+        /// Erase a drive that holds data. Needs --serial.
+        #[arg(long, requires = "serial")]
+        force: bool,
+        /// The drive's serial number, as `drives list` shows it, to confirm --force.
+        #[arg(long, requires = "force")]
+        serial: Option<String>,
+        /// Filesystem (default: the node's drive policy's).
+        #[arg(long = "fs", value_enum)]
+        fs: Option<FsArg>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Start a SMART self-test; its progress and result show in `drives list`.
+    Test {
+        /// Node id.
+        node: String,
+        /// Kernel name of the drive.
+        device: String,
+        #[command(flatten)]
+        kind: TestKind,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// What nodes do with new drives: report (default), approve, or prepare.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+/// Short or long self-test.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct TestKind {
+    /// A few minutes: electrical and mechanical checks, a read scan of part of the surface.
+    #[arg(long)]
+    short: bool,
+    /// A read scan of the whole surface; hours on a large HDD.
+    #[arg(long)]
+    long: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FsArg {
+    Ext4,
+    Xfs,
+}
+
+impl FsArg {
+    fn name(self) -> &'static str {
+        match self {
+            FsArg::Ext4 => "ext4",
+            FsArg::Xfs => "xfs",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PolicyArg {
+    /// Report new drives, nothing else.
+    Report,
+    /// Wait for `shoalctl drives prepare` on each new blank drive.
+    Approve,
+    /// Prepare new blank drives whose SMART is not failing at once.
+    Prepare,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Set the policy of a node, or of every node a label selector matches.
+    ///
+    /// A node's own policy wins; else the most cautious of the matching selectors' (report < approve <
+    /// prepare); else report, ext4.
+    Set {
+        #[command(flatten)]
+        who: Who,
+        /// report, approve or prepare.
+        #[arg(value_enum)]
+        policy: PolicyArg,
+        /// Filesystem of prepared drives (default ext4).
+        #[arg(long = "fs", value_enum)]
+        fs: Option<FsArg>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Stored policies, and the policy each node follows.
+    List {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Delete the policy of a node or a selector.
+    Delete {
+        #[command(flatten)]
+        who: Who,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
@@ -298,6 +426,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("removed node {id}");
         }
         Command::Network(cmd) => network(&client, cmd)?,
+        Command::Drives(cmd) => drives(&client, cmd)?,
         Command::Overlay(OverlayCmd::Paths { output }) => {
             let paths: Vec<PathView> = client.get("/v1/overlay/paths")?;
             match output {
@@ -406,6 +535,138 @@ fn network(client: &AdminClient, cmd: NetworkCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
+    match cmd {
+        DrivesCmd::List { node, output } => {
+            let drives = client.drives(node.as_deref())?;
+            match output {
+                Output::Json => print_json(&drives)?,
+                Output::Table if drives.is_empty() => println!("no drives reported"),
+                Output::Table => table(
+                    &["NODE", "DEVICE", "SERIAL", "MODEL", "SIZE", "STATE", "VERDICT", "REASONS"],
+                    drives.iter().map(drive_row),
+                ),
+            }
+        }
+        DrivesCmd::Prepare { node, device, force, serial, fs, output } => {
+            let req = PrepareRequest { force, serial, filesystem: fs.map(|f| f.name().parse()).transpose().map_err(anyhow::Error::msg)? };
+            let done = client.prepare_drive(&node, device.trim_start_matches("/dev/"), &req)?;
+            print_command(&done, output)?;
+        }
+        DrivesCmd::Test { node, device, kind, output } => {
+            let kind = if kind.long { "long" } else { "short" };
+            let done = client.self_test_drive(&node, device.trim_start_matches("/dev/"), kind)?;
+            print_command(&done, output)?;
+        }
+        DrivesCmd::Policy(PolicyCmd::Set { who, policy, fs, output }) => {
+            let spec = who.spec();
+            let mode = match policy {
+                PolicyArg::Report => "report",
+                PolicyArg::Approve => "approve",
+                PolicyArg::Prepare => "prepare",
+            };
+            let req = SetDrivePolicy { node: spec.node, selector: spec.selector, mode: mode.into(), filesystem: fs.map(|f| f.name().into()) };
+            let set: DrivePolicyView = client.set_drive_policy(&req)?;
+            match output {
+                Output::Json => print_json(&set)?,
+                Output::Table => println!("drive policy for {}: {}, {}", policy_target(&set), set.mode, set.filesystem),
+            }
+        }
+        DrivesCmd::Policy(PolicyCmd::List { output }) => {
+            let all: DrivePolicies = client.drive_policies()?;
+            match output {
+                Output::Json => print_json(&all)?,
+                Output::Table => {
+                    if all.policies.is_empty() {
+                        println!("no drive policies: every node reports new drives (report, ext4)");
+                    } else {
+                        table(
+                            &["FOR", "POLICY", "FS", "SET"],
+                            all.policies.iter().map(|p| vec![policy_target(p), p.mode.clone(), p.filesystem.clone(), p.set_at.clone()]),
+                        );
+                    }
+                    if !all.effective.is_empty() {
+                        println!();
+                        table(
+                            &["NODE", "HOSTNAME", "POLICY", "FS", "FROM"],
+                            all.effective.iter().map(|e| vec![e.node.clone(), e.hostname.clone(), e.mode.clone(), e.filesystem.clone(), e.source.clone()]),
+                        );
+                    }
+                }
+            }
+        }
+        DrivesCmd::Policy(PolicyCmd::Delete { who, output }) => {
+            let gone: DrivePolicyView = client.delete_drive_policy(&who.spec())?;
+            match output {
+                Output::Json => print_json(&gone)?,
+                Output::Table => println!("deleted the drive policy for {} (was {}, {})", policy_target(&gone), gone.mode, gone.filesystem),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn policy_target(p: &DrivePolicyView) -> String {
+    match (&p.node, &p.selector) {
+        (Some(n), _) => format!("node {n}"),
+        (_, Some(s)) => format!("selector {s}"),
+        _ => "?".into(),
+    }
+}
+
+fn print_command(done: &DriveCommandView, output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Json => print_json(done)?,
+        Output::Table => println!("{} {} on {}: {}", done.action, done.device, done.node, done.message),
+    }
+    Ok(())
+}
+
+fn drive_row(d: &DriveView) -> Vec<String> {
+    let state = match &d.state_detail {
+        Some(s) if s.signatures.is_some() => format!("{} ({})", d.state, s.signatures.as_deref().unwrap_or_default().join(", ")),
+        Some(s) if s.mount_point.is_some() => format!(
+            "{} ({} {} on {})",
+            d.state,
+            s.partition.as_deref().unwrap_or("?"),
+            s.filesystem.as_deref().unwrap_or("?"),
+            s.mount_point.as_deref().unwrap_or("?")
+        ),
+        Some(s) if s.reason.is_some() => format!("{}: {}", d.state, s.reason.as_deref().unwrap_or_default()),
+        _ => d.state.clone(),
+    };
+    let smart = &d.smart;
+    let reason = smart.reason.as_deref().unwrap_or("no reason given");
+    let verdict = match smart.status.as_str() {
+        "no-smart" => format!("no SMART: {reason}"),
+        "failed" if smart.verdict == "unknown" => format!("SMART read failed: {reason}"),
+        "failed" => format!("{} (latest SMART read failed: {reason})", smart.verdict),
+        "pending" if smart.verdict == "unknown" => "SMART not read yet".to_owned(),
+        _ => smart.verdict.clone(),
+    };
+    let mut reasons = smart.reasons.clone();
+    if let Some(t) = &smart.self_test {
+        let kind = t.kind.as_deref().map(|k| format!("{k} ")).unwrap_or_default();
+        reasons.push(match t.state.as_str() {
+            "running" => match t.remaining_percent {
+                Some(p) => format!("{kind}self-test running, {p}% left"),
+                None => format!("{kind}self-test running"),
+            },
+            state => format!("{kind}self-test {state}: {}", t.result.as_deref().unwrap_or("")),
+        });
+    }
+    vec![
+        d.node.clone(),
+        d.device.clone(),
+        d.serial.clone().unwrap_or_else(|| "-".into()),
+        d.model.clone().unwrap_or_else(|| "-".into()),
+        bytes_text(d.size_bytes),
+        state,
+        verdict,
+        reasons.join("; "),
+    ]
 }
 
 fn member_row(m: &MemberView) -> Vec<String> {
@@ -531,13 +792,43 @@ fn print_report(r: &FleetReport) {
     println!("fleet report at {}: {} nodes ({counts})", r.generated_at, r.total);
     if r.attention.is_empty() {
         println!("no node needs attention");
-        return;
+    } else {
+        println!();
+        table(
+            &["ID", "HOSTNAME", "STATUS", "NEEDS ATTENTION"],
+            r.attention.iter().map(|a| vec![a.id.clone(), a.hostname.clone(), a.status.clone(), a.reasons.join("; ")]),
+        );
     }
+    let d = &r.drives;
+    let total: usize = d.by_verdict.values().sum();
+    let counts = ["ok", "warning", "failing", "unknown"]
+        .iter()
+        .map(|v| format!("{} {v}", d.by_verdict.get(*v).copied().unwrap_or(0)))
+        .collect::<Vec<_>>()
+        .join(", ");
     println!();
-    table(
-        &["ID", "HOSTNAME", "STATUS", "NEEDS ATTENTION"],
-        r.attention.iter().map(|a| vec![a.id.clone(), a.hostname.clone(), a.status.clone(), a.reasons.join("; ")]),
-    );
+    println!("drives: {total} ({counts}); {} missing, {} awaiting approval", d.missing.len(), d.awaiting_approval.len());
+    let row = |kind: &str, a: &shoal_controller::report::DriveAttention| {
+        vec![
+            kind.to_owned(),
+            a.node.clone(),
+            a.hostname.clone(),
+            a.device.clone(),
+            a.serial.clone().unwrap_or_else(|| "-".into()),
+            a.reasons.join("; "),
+        ]
+    };
+    let rows: Vec<Vec<String>> = d
+        .attention
+        .iter()
+        .map(|a| row(&a.verdict.to_uppercase(), a))
+        .chain(d.missing.iter().map(|a| row("MISSING", a)))
+        .chain(d.awaiting_approval.iter().map(|a| row("AWAITING APPROVAL", a)))
+        .collect();
+    if !rows.is_empty() {
+        println!();
+        table(&["DRIVE", "NODE", "HOSTNAME", "DEVICE", "SERIAL", "WHY"], rows.into_iter());
+    }
 }
 
 fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {

@@ -513,8 +513,8 @@ fn run_random(seed: u64, outages: bool, stats: &mut Stats) {
             let u = sim.unavailable(&r, sim.targets.iter().cloned());
             assert!(u <= n_max, "seed {seed} step {step}: {u} unavailable > N={n_max} after starting {starts:?}");
             for b in &sim.budgets {
-                let group = sim.fleet.iter().filter(|(_, o)| selector_matches(&b.selector, &o.labels)).map(|(id, _)| id.clone());
-                let started_here = starts.iter().any(|id| selector_matches(&b.selector, &sim.fleet[id].labels));
+                let group = sim.fleet.iter().filter(|(_, o)| selector_matches(&b.selector.0, &b.selector.1, &o.labels)).map(|(id, _)| id.clone());
+                let started_here = starts.iter().any(|id| selector_matches(&b.selector.0, &b.selector.1, &sim.fleet[id].labels));
                 let u = sim.unavailable(&r, group);
                 assert!(
                     !started_here || u <= b.max_unavailable,
