@@ -12,6 +12,7 @@ pub mod drive_policy;
 pub mod drives;
 pub mod fleet_drives;
 pub mod liveness;
+pub mod maintenance;
 pub mod networks;
 pub mod overlay_hub;
 pub mod netboot;

@@ -76,6 +76,11 @@ pub struct ControllerConfig {
     pub drive_prepare_timeout: Duration,
     /// How long `drives test` waits for the agent to start the self-test (default 60 s).
     pub drive_self_test_timeout: Duration,
+    /// How often the rollout driver polls unfinished rollouts when nothing wakes it (default 5 s).
+    pub rollout_tick: Duration,
+    /// The rollout driver's clock (default: the wall clock). A test hook: see
+    /// [`crate::maintenance::RolloutClock`].
+    pub rollout_clock: crate::maintenance::RolloutClock,
 }
 
 impl ControllerConfig {
@@ -96,6 +101,8 @@ impl ControllerConfig {
             drives: FleetDrivesConfig::default(),
             drive_prepare_timeout: crate::drive_hub::DEFAULT_PREPARE_TIMEOUT,
             drive_self_test_timeout: crate::drive_hub::DEFAULT_SELF_TEST_TIMEOUT,
+            rollout_tick: Duration::from_secs(5),
+            rollout_clock: crate::maintenance::RolloutClock::default(),
         }
     }
 }
@@ -176,6 +183,8 @@ pub struct Controller {
     /// Drive reports, SMART history and verdicts, drive policies and commands.
     pub(crate) drives: DriveHub,
     pub(crate) netboot: crate::netboot::Netboot,
+    /// Windows, budgets, rollouts.
+    pub(crate) maint: crate::maintenance::Maintenance,
     /// Liveness changes go through one worker so they reach the store in the order they happened.
     transitions: mpsc::UnboundedSender<Vec<Transition>>,
     transitions_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<Transition>>>>,
@@ -192,6 +201,7 @@ impl Controller {
         store.ensure_default_network(config.overlay_subnet, config.overlay_mtu)?;
         let overlay = Arc::new(OverlayHub::open(&store, config.netmap_validity)?);
         let drives = DriveHub::open(&store, config.drives)?;
+        let maint = crate::maintenance::Maintenance::open(&store, config.rollout_clock.clone())?;
         let ca = Ca::load_or_create(&config.data_dir)?;
         let admin_token_sha256 = ensure_admin_conf(&config, &store, &ca, api_addr)?;
         let mut liveness = Liveness::new(config.heartbeat_interval, config.down_after);
@@ -216,6 +226,7 @@ impl Controller {
             admin_token_sha256,
             overlay,
             drives,
+            maint,
         }))
     }
 
@@ -386,6 +397,7 @@ pub async fn run(
     info!(quic = %quic_addr, api = %api_addr, ca = %hex::encode(controller.ca.sha256()), "controller running");
 
     let sweeper = tokio::spawn(sweep(controller.clone()));
+    let rollouts = tokio::spawn(crate::maintenance::run_driver(controller.clone(), controller.config.rollout_tick));
     let recorder = controller
         .transitions_rx
         .lock()
@@ -411,6 +423,7 @@ pub async fn run(
         _ = shutdown => info!("shutting down"),
     }
     sweeper.abort();
+    rollouts.abort();
     if let Some((probe_endpoint, task)) = probe {
         probe_endpoint.close(close_code::DONE.into(), b"controller shutting down");
         task.abort();

@@ -294,6 +294,33 @@ pub enum EventKind {
     DriveSelfTestCompleted,
     /// An operator set or deleted a drive policy.
     DrivePolicyChanged,
+    /// A maintenance window was created.
+    WindowCreated,
+    /// A maintenance window was deleted.
+    WindowDeleted,
+    /// A disruption budget was set or changed.
+    BudgetSet,
+    /// A disruption budget was deleted.
+    BudgetDeleted,
+    /// A rollout was started.
+    RolloutStarted,
+    /// A rollout paused (by an operator, or after too many failures; the message says which).
+    RolloutPaused,
+    /// A rollout was resumed, or a node of it retried.
+    RolloutResumed,
+    /// A rollout was aborted.
+    RolloutAborted,
+    /// A rollout finished: every node settled (or, aborted, nothing is in flight any more).
+    RolloutDone,
+    /// A rollout took a node down to upgrade it.
+    NodeUpgradeStarted,
+    /// A node came back up on the rollout's target.
+    NodeUpgradeSucceeded,
+    /// A node's upgrade failed (it is rolled back if it changed), or it did not come back after its
+    /// roll-back.
+    NodeUpgradeFailed,
+    /// A failed node is back on its previous version (or never left it).
+    NodeRolledBack,
 }
 
 /// One entry of the fleet's event log.

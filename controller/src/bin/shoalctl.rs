@@ -1,5 +1,7 @@
 //! `shoalctl`: the operator's command line for the controller's admin API.
 
+#[path = "shoalctl/maint.rs"]
+mod maint;
 #[path = "shoalctl/netboot.rs"]
 mod netboot;
 
@@ -59,6 +61,15 @@ enum Command {
     /// Machines seen on the netboot network.
     #[command(subcommand)]
     Machines(netboot::MachinesCmd),
+    /// Maintenance windows: when disruptive work may start.
+    #[command(subcommand)]
+    Window(maint::WindowCmd),
+    /// Disruption budgets per label group.
+    #[command(subcommand)]
+    Budget(maint::BudgetCmd),
+    /// Rolling upgrades of agents or netboot images.
+    #[command(subcommand)]
+    Upgrade(maint::UpgradeCmd),
     /// Fleet events (enrolled, up, down, removed...).
     Events {
         /// Output format.
@@ -427,6 +438,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Network(cmd) => network(&client, cmd)?,
         Command::Drives(cmd) => drives(&client, cmd)?,
+        Command::Window(cmd) => maint::window(&client, cmd)?,
+        Command::Budget(cmd) => maint::budget(&client, cmd)?,
+        Command::Upgrade(cmd) => maint::upgrade(&client, cmd)?,
         Command::Overlay(OverlayCmd::Paths { output }) => {
             let paths: Vec<PathView> = client.get("/v1/overlay/paths")?;
             match output {

@@ -1,0 +1,324 @@
+//! `shoalctl window …`, `shoalctl budget …` and `shoalctl upgrade …`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Subcommand;
+use shoal_controller::{
+    admin::AdminClient,
+    maintenance::view::{BudgetView, CreateWindow, RetryNode, RolloutView, SetBudget, StartRollout, WindowView},
+};
+
+use super::{parse_label, print_json, table, Output};
+
+#[derive(Debug, Subcommand)]
+pub enum WindowCmd {
+    /// Create a maintenance window: each time the schedule fires, it opens for DURATION.
+    ///
+    /// The schedule is five-field cron (MINUTE HOUR DAY-OF-MONTH MONTH DAY-OF-WEEK), read in --tz:
+    /// `30 2 * * SAT`, `0 1 * * MON-FRI`, `0 2 1-7 * +SAT` (first Saturday), `@daily`.
+    Create {
+        /// Name: 1 to 31 of a-z, 0-9 and '-'.
+        name: String,
+        /// Five-field cron schedule (quote it).
+        #[arg(long)]
+        schedule: String,
+        /// How long each opening lasts: 90m, 4h, 1d (1 minute to 7 days).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// IANA time zone the schedule is read in (default UTC).
+        #[arg(long)]
+        tz: Option<String>,
+        /// KEY=VALUE: the nodes this window is for.
+        #[arg(long, value_parser = parse_label)]
+        selector: Option<(String, String)>,
+    },
+    /// Windows, whether each is open, and its current or next opening.
+    List {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Delete a window (refused while an unfinished rollout uses it).
+    Delete {
+        /// Name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BudgetCmd {
+    /// Set the disruption budget of a label group: at most N of its nodes unavailable at once, for
+    /// every rollout and maintenance action.
+    Set {
+        /// KEY=VALUE.
+        #[arg(long, value_parser = parse_label)]
+        selector: (String, String),
+        /// N (at least 1).
+        #[arg(long)]
+        max_unavailable: u32,
+    },
+    /// Budgets and how many nodes each group has.
+    List {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Delete a budget.
+    Delete {
+        /// KEY=VALUE.
+        #[arg(long, value_parser = parse_label)]
+        selector: (String, String),
+    },
+}
+
+/// Agent or image version.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct What {
+    /// Agent release version.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Netboot image version.
+    #[arg(long)]
+    image: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UpgradeCmd {
+    /// Start a rolling upgrade of the nodes the selector matches (now).
+    Start {
+        #[command(flatten)]
+        what: What,
+        /// KEY=VALUE.
+        #[arg(long, value_parser = parse_label)]
+        selector: (String, String),
+        /// N: never more than this many of the rollout's nodes unavailable at once.
+        #[arg(long, default_value_t = 1)]
+        max_unavailable: u32,
+        /// Start nodes only while this window is open (default: at once).
+        #[arg(long)]
+        window: Option<String>,
+        /// K: pause after this many failures (the failed nodes are rolled back).
+        #[arg(long, default_value_t = 1)]
+        max_failures: u32,
+        /// How long a node has to come back healthy on the new version (default 15m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        deadline: Option<Duration>,
+    },
+    /// A rollout's progress and every node's state (default: the current rollout).
+    Status {
+        /// Rollout id (r1, r2, ...).
+        id: Option<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Every rollout, one line each.
+    List {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Start no new node; nodes in flight finish.
+    Pause {
+        /// Rollout id (default: the current rollout).
+        id: Option<String>,
+    },
+    /// Start nodes again; the failure count starts over.
+    Resume {
+        /// Rollout id (default: the current rollout).
+        id: Option<String>,
+    },
+    /// Stop for good; nodes in flight finish.
+    Abort {
+        /// Rollout id (default: the current rollout).
+        id: Option<String>,
+    },
+    /// Try a failed (or skipped) node again: forgets that the version failed on it.
+    Retry {
+        /// Node id.
+        node: String,
+        /// Rollout id (default: the current rollout).
+        #[arg(long)]
+        rollout: Option<String>,
+    },
+}
+
+pub fn window(client: &AdminClient, cmd: WindowCmd) -> anyhow::Result<()> {
+    match cmd {
+        WindowCmd::Create { name, schedule, duration, tz, selector } => {
+            let req = CreateWindow {
+                name,
+                schedule,
+                duration_secs: duration.as_secs(),
+                tz,
+                selector: selector.map(|(k, v)| format!("{k}={v}")),
+            };
+            let w: WindowView = client.post("/v1/windows", &req)?;
+            println!("created window {} ({}); {}", w.name, w.tz, next_text(&w));
+        }
+        WindowCmd::List { output } => {
+            let all: Vec<WindowView> = client.get("/v1/windows")?;
+            match output {
+                Output::Json => print_json(&all)?,
+                Output::Table => table(
+                    &["NAME", "SCHEDULE", "DURATION", "TZ", "SELECTOR", "STATE"],
+                    all.iter().map(|w| {
+                        vec![
+                            w.name.clone(),
+                            w.schedule.clone(),
+                            humantime::format_duration(Duration::from_secs(w.duration_secs)).to_string(),
+                            w.tz.clone(),
+                            w.selector.clone().unwrap_or_else(|| "-".into()),
+                            next_text(w),
+                        ]
+                    }),
+                ),
+            }
+        }
+        WindowCmd::Delete { name } => {
+            client.delete::<serde_json::Value>(&format!("/v1/windows/{name}"))?;
+            println!("deleted window {name}");
+        }
+    }
+    Ok(())
+}
+
+fn next_text(w: &WindowView) -> String {
+    match (w.open, &w.opens_at, &w.closes_at) {
+        (true, _, Some(c)) => format!("open until {c}"),
+        (false, Some(o), Some(c)) => format!("opens {o} until {c}"),
+        _ => "never opens again".into(),
+    }
+}
+
+pub fn budget(client: &AdminClient, cmd: BudgetCmd) -> anyhow::Result<()> {
+    match cmd {
+        BudgetCmd::Set { selector: (k, v), max_unavailable } => {
+            let b: BudgetView = client.post("/v1/budgets", &SetBudget { selector: format!("{k}={v}"), max_unavailable })?;
+            println!("budget {}: at most {} of {} node(s) unavailable", b.selector, b.max_unavailable, b.nodes);
+        }
+        BudgetCmd::List { output } => {
+            let all: Vec<BudgetView> = client.get("/v1/budgets")?;
+            match output {
+                Output::Json => print_json(&all)?,
+                Output::Table => table(
+                    &["SELECTOR", "MAX UNAVAILABLE", "NODES"],
+                    all.iter().map(|b| vec![b.selector.clone(), b.max_unavailable.to_string(), b.nodes.to_string()]),
+                ),
+            }
+        }
+        BudgetCmd::Delete { selector: (k, v) } => {
+            client.delete::<serde_json::Value>(&format!("/v1/budgets/{k}={v}"))?;
+            println!("deleted budget {k}={v}");
+        }
+    }
+    Ok(())
+}
+
+/// `[######....] 6/10 succeeded, 1 in flight, 1 failed`.
+pub fn progress_bar(r: &RolloutView) -> String {
+    const WIDTH: u32 = 20;
+    let p = &r.progress;
+    let done = p.succeeded + p.failed + p.skipped;
+    let filled = (done * WIDTH).checked_div(p.total).unwrap_or(0).min(WIDTH) as usize;
+    let mut s = format!("[{}{}] {}/{} succeeded", "#".repeat(filled), ".".repeat(WIDTH as usize - filled), p.succeeded, p.total);
+    for (n, what) in [(p.in_flight, "in flight"), (p.failed, "failed"), (p.skipped, "skipped"), (p.pending, "pending")] {
+        if n > 0 {
+            s.push_str(&format!(", {n} {what}"));
+        }
+    }
+    s
+}
+
+fn print_status(r: &RolloutView) {
+    println!(
+        "rollout {}: {} on {}, {}{}",
+        r.id,
+        r.target,
+        r.selector.as_deref().unwrap_or("all nodes"),
+        r.state,
+        r.reason.as_ref().map(|x| format!(" ({x})")).unwrap_or_default()
+    );
+    println!(
+        "max unavailable {}, pause after {} failure(s), {}",
+        r.max_unavailable,
+        r.max_failures,
+        r.window.as_ref().map(|w| format!("window {w}")).unwrap_or_else(|| "no window".into())
+    );
+    println!("{}", progress_bar(r));
+    for w in &r.waiting {
+        println!("waiting: {w}");
+    }
+    println!();
+    table(
+        &["NODE", "HOSTNAME", "STATE", "SINCE", "DEADLINE", "DETAIL"],
+        r.nodes.iter().map(|n| {
+            vec![
+                n.node.clone(),
+                n.hostname.clone().unwrap_or_else(|| "-".into()),
+                n.phase.clone(),
+                n.since.clone().unwrap_or_else(|| "-".into()),
+                n.deadline.clone().unwrap_or_else(|| "-".into()),
+                n.detail.clone().unwrap_or_default(),
+            ]
+        }),
+    );
+}
+
+pub fn upgrade(client: &AdminClient, cmd: UpgradeCmd) -> anyhow::Result<()> {
+    let id = |id: Option<String>| id.unwrap_or_else(|| "current".into());
+    let said = |r: RolloutView| {
+        println!("rollout {} is {}", r.id, r.state);
+    };
+    match cmd {
+        UpgradeCmd::Start { what, selector: (k, v), max_unavailable, window, max_failures, deadline } => {
+            let req = StartRollout {
+                agent: what.agent,
+                image: what.image,
+                selector: Some(format!("{k}={v}")),
+                max_unavailable: Some(max_unavailable),
+                max_failures: Some(max_failures),
+                window,
+                deadline_secs: deadline.map(|d| d.as_secs().max(1)),
+            };
+            let r: RolloutView = client.post("/v1/rollouts", &req)?;
+            println!("started rollout {}: {} on {} node(s)", r.id, r.target, r.progress.total);
+        }
+        UpgradeCmd::Status { id: which, output } => {
+            let r: RolloutView = client.get(&format!("/v1/rollouts/{}", id(which))).context("no rollout to show")?;
+            match output {
+                Output::Json => print_json(&r)?,
+                Output::Table => print_status(&r),
+            }
+        }
+        UpgradeCmd::List { output } => {
+            let all: Vec<RolloutView> = client.get("/v1/rollouts")?;
+            match output {
+                Output::Json => print_json(&all)?,
+                Output::Table => table(
+                    &["ID", "TARGET", "SELECTOR", "STATE", "CREATED", "PROGRESS"],
+                    all.iter().map(|r| {
+                        vec![
+                            r.id.clone(),
+                            r.target.clone(),
+                            r.selector.clone().unwrap_or_else(|| "-".into()),
+                            r.state.clone(),
+                            r.created_at.clone(),
+                            progress_bar(r),
+                        ]
+                    }),
+                ),
+            }
+        }
+        UpgradeCmd::Pause { id: which } => said(client.post(&format!("/v1/rollouts/{}/pause", id(which)), &serde_json::json!({}))?),
+        UpgradeCmd::Resume { id: which } => said(client.post(&format!("/v1/rollouts/{}/resume", id(which)), &serde_json::json!({}))?),
+        UpgradeCmd::Abort { id: which } => said(client.post(&format!("/v1/rollouts/{}/abort", id(which)), &serde_json::json!({}))?),
+        UpgradeCmd::Retry { node, rollout } => {
+            let r: RolloutView = client.post(&format!("/v1/rollouts/{}/retry", id(rollout)), &RetryNode { node: node.clone() })?;
+            println!("rollout {}: {node} will be tried again ({})", r.id, r.state);
+        }
+    }
+    Ok(())
+}
