@@ -1,0 +1,313 @@
+//! Tier-2 rollout tests: a real controller on loopback (QUIC + TLS, port 0, the rollout driver task
+//! running) with hand-driven nodes that enrol for real and say their agent version in their Hello, and
+//! a fake upgrader: `begin` makes the node close its connection and come back a moment later on the
+//! target version (or never, for a node that never returns). What is checked is what an operator sees:
+//! the admin API's rollout view and the event log.
+
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use shoal_controller::{
+    admin::{AdminClient, AdminConf, ADMIN_CONF_FILE},
+    ca,
+    maintenance::{
+        view::{RolloutView, StartRollout},
+        NodeUpgrader, TargetKind, UpgradeError,
+    },
+    rollout::Target,
+    server::{self, Controller, ControllerConfig},
+    view::{CreateToken, EventView},
+};
+use shoal_overlay::{pki, recv_msg, send_msg, tls};
+use shoal_proto::{
+    AgentMsg, ControllerMsg, EnrolRequest, HardwareId, HardwareIdSource, Hello, NodeId, SUPPORTED,
+};
+use tokio::sync::{oneshot, watch};
+
+const PROMPT: Duration = Duration::from_secs(5);
+const OLD: &str = "1.0.0";
+const NEW: &str = "1.1.0";
+
+async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let poll = async {
+        loop {
+            if let Some(v) = check().await {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    match tokio::time::timeout(deadline, poll).await {
+        Ok(v) => v,
+        Err(_) => panic!("not within {deadline:?}: {what}"),
+    }
+}
+
+async fn get<T: serde::de::DeserializeOwned + Send + 'static>(client: &AdminClient, path: &str) -> T {
+    let client = client.clone();
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || client.get(&path).unwrap()).await.unwrap()
+}
+
+async fn post<T: serde::de::DeserializeOwned + Send + 'static>(client: &AdminClient, path: &str, body: serde_json::Value) -> T {
+    let client = client.clone();
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || client.post(&path, &body).unwrap()).await.unwrap()
+}
+
+/// What each node should run: `None` = down (rebooting, or never coming back).
+type Wanted = Arc<Mutex<HashMap<NodeId, watch::Sender<Option<String>>>>>;
+
+/// Sends nodes away and (unless stuck) back on the target after `away`.
+#[derive(Debug)]
+struct FakeUpgrader {
+    wanted: Wanted,
+    stuck: BTreeSet<NodeId>,
+    away: Duration,
+}
+
+impl NodeUpgrader for FakeUpgrader {
+    fn begin(&self, node: &NodeId, target: &Target) -> Result<(), UpgradeError> {
+        let tx = self.wanted.lock().unwrap().get(node).cloned().ok_or_else(|| UpgradeError::NotConnected(node.clone()))?;
+        tx.send_replace(None);
+        if !self.stuck.contains(node) {
+            let (away, version) = (self.away, target.version().to_owned());
+            std::thread::spawn(move || {
+                std::thread::sleep(away);
+                tx.send_replace(Some(version));
+            });
+        }
+        Ok(())
+    }
+
+    fn roll_back(&self, node: &NodeId, to: Option<&str>, _target: &Target) -> Result<(), UpgradeError> {
+        let tx = self.wanted.lock().unwrap().get(node).cloned().ok_or_else(|| UpgradeError::NotConnected(node.clone()))?;
+        tx.send_replace(Some(to.unwrap_or(OLD).to_owned()));
+        Ok(())
+    }
+}
+
+struct Fleet {
+    quic: SocketAddr,
+    client: AdminClient,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), server::ServeError>>,
+    wanted: Wanted,
+    _dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    async fn start(stuck: impl Fn(usize) -> bool, count: usize, deadline_ms: u64) -> (Fleet, Vec<NodeId>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ControllerConfig::new(dir.path().to_owned());
+        config.rollout_tick = Duration::from_millis(100);
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let quic = udp.local_addr().unwrap();
+        let api = tcp.local_addr().unwrap();
+        let controller = tokio::task::spawn_blocking(move || Controller::open(config, api)).await.unwrap().unwrap();
+        let wanted: Wanted = Arc::default();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let conf = AdminConf::read(&dir.path().join(ADMIN_CONF_FILE)).unwrap();
+        let client = AdminClient::new(&conf).unwrap();
+        let ca_der = ca::pem_to_der(&std::fs::read_to_string(dir.path().join(ca::CA_CERT_FILE)).unwrap()).unwrap();
+        let c2 = controller.clone();
+        let task = tokio::spawn(server::run(c2, udp, tcp, async {
+            let _ = stopped.await;
+        }));
+        eventually(PROMPT, "admin API answers", || {
+            let client = client.clone();
+            async move { tokio::task::spawn_blocking(move || client.get::<Vec<EventView>>("/v1/events").ok()).await.unwrap().map(|_| ()) }
+        })
+        .await;
+        let token = {
+            let client = client.clone();
+            let labels = BTreeMap::from([("role".to_owned(), "worker".to_owned())]);
+            tokio::task::spawn_blocking(move || client.create_token(&CreateToken { ttl_secs: Some(3600), max_uses: None, labels }).unwrap().token)
+                .await
+                .unwrap()
+        };
+        let mut nodes = Vec::new();
+        let mut stuck_nodes = BTreeSet::new();
+        for i in 0..count {
+            let node = fake_node(quic, &ca_der, &token, &format!("roll-{i}"), &wanted).await;
+            if stuck(i) {
+                stuck_nodes.insert(node.clone());
+            }
+            nodes.push(node);
+        }
+        controller.set_upgrader(TargetKind::Agent, Arc::new(FakeUpgrader { wanted: wanted.clone(), stuck: stuck_nodes, away: Duration::from_millis(deadline_ms.min(300)) }));
+        let fleet = Fleet { quic, client, stop: Some(stop), task, wanted, _dir: dir };
+        for n in &nodes {
+            fleet.wait_connected(n).await;
+        }
+        (fleet, nodes)
+    }
+
+    async fn wait_connected(&self, node: &NodeId) {
+        eventually(PROMPT, &format!("{node} connected"), || async {
+            let nodes: Vec<shoal_controller::view::NodeView> = get(&self.client, "/v1/nodes").await;
+            nodes.iter().any(|n| n.id == node.0 && n.connected).then_some(())
+        })
+        .await;
+    }
+
+    async fn events(&self) -> Vec<EventView> {
+        get(&self.client, "/v1/events?limit=10000").await
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let _ = tokio::time::timeout(PROMPT, &mut self.task).await;
+        let _ = (self.quic, &self.wanted);
+    }
+}
+
+/// Enrols a node for real, then keeps it connected with whatever version it is told to run.
+async fn fake_node(quic: SocketAddr, ca_der: &[u8], token: &str, machine: &str, wanted: &Wanted) -> NodeId {
+    let key = pki::generate_key().unwrap();
+    let ca_sha = pki::sha256(ca_der);
+    let cfg = tls::enrol_client_config(ca_sha, Duration::from_secs(5)).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint.connect_with(cfg, quic, tls::controller_server_name()).unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let machine = machine.to_owned();
+    let hello = move |version: &str| {
+        AgentMsg::Hello(Hello {
+            protocol: SUPPORTED,
+            agent_version: version.to_owned(),
+            hardware_id: HardwareId { source: HardwareIdSource::Override, value: machine.clone() },
+        })
+    };
+    send_msg(&mut send, &hello(OLD)).await.unwrap();
+    let _welcome: Option<ControllerMsg> = recv_msg(&mut recv).await.unwrap();
+    let csr_der = pki::make_csr(&key).unwrap();
+    send_msg(&mut send, &AgentMsg::Enrol(EnrolRequest { token: token.to_owned(), csr_der, hostname: "roll".to_owned() })).await.unwrap();
+    let enrolled = match recv_msg::<ControllerMsg>(&mut recv).await.unwrap() {
+        Some(ControllerMsg::Enrolled(e)) => e,
+        other => panic!("expected Enrolled, got {other:?}"),
+    };
+    conn.close(0u32.into(), b"enrolled");
+    let (tx, mut rx) = watch::channel(Some(OLD.to_owned()));
+    wanted.lock().unwrap().insert(enrolled.node_id.clone(), tx);
+    let ca_der = ca_der.to_vec();
+    let cert = enrolled.cert_der.clone();
+    tokio::spawn(async move {
+        loop {
+            let version = rx.borrow_and_update().clone();
+            if let Some(version) = version {
+                let cfg = tls::node_client_config(&ca_der, &cert, pki::tls_key(&key), Duration::from_secs(5)).unwrap();
+                let Ok(connecting) = endpoint.connect_with(cfg, quic, tls::controller_server_name()) else { return };
+                let Ok(conn) = connecting.await else { return };
+                let Ok((mut send, mut recv)) = conn.open_bi().await else { return };
+                if send_msg(&mut send, &hello(&version)).await.is_err() {
+                    return;
+                }
+                // Read (and ignore) what the controller sends until told to change.
+                loop {
+                    tokio::select! {
+                        changed = rx.changed() => {
+                            if changed.is_err() { return; }
+                            break;
+                        }
+                        msg = recv_msg::<ControllerMsg>(&mut recv) => {
+                            if !matches!(msg, Ok(Some(_))) { break; }
+                        }
+                    }
+                }
+                conn.close(0u32.into(), b"restarting");
+            } else if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    enrolled.node_id
+}
+
+/// The most rollout nodes down at once, replayed from the event log.
+fn max_down_at_once(events: &[EventView]) -> usize {
+    let mut down = BTreeSet::new();
+    let mut max = 0;
+    for e in events {
+        match e.kind.as_str() {
+            "node_upgrade_started" => {
+                down.insert(e.node.clone());
+            }
+            "node_upgrade_succeeded" | "node_rolled_back" => {
+                down.remove(&e.node);
+            }
+            _ => {}
+        }
+        max = max.max(down.len());
+    }
+    max
+}
+
+fn start(max_unavailable: u32, max_failures: u32, deadline_secs: u64) -> serde_json::Value {
+    serde_json::to_value(StartRollout {
+        agent: Some(NEW.into()),
+        selector: Some("role=worker".into()),
+        max_unavailable: Some(max_unavailable),
+        max_failures: Some(max_failures),
+        deadline_secs: Some(deadline_secs),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_nodes_upgrade_one_at_a_time_over_quic() {
+    let (fleet, nodes) = Fleet::start(|_| false, 4, 300).await;
+    let r: RolloutView = post(&fleet.client, "/v1/rollouts", start(1, 1, 60)).await;
+    assert_eq!(r.progress.total, 4);
+    let done: RolloutView = eventually(Duration::from_secs(30), "the rollout finishes", || async {
+        let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
+        r.finished.then_some(r)
+    })
+    .await;
+    assert_eq!((done.state.as_str(), done.progress.succeeded), ("done", 4), "{done:?}");
+    let nodes_api: Vec<shoal_controller::view::NodeView> = get(&fleet.client, "/v1/nodes").await;
+    for n in &nodes {
+        let v = nodes_api.iter().find(|x| x.id == n.0).unwrap();
+        assert_eq!(v.agent_version, NEW, "{n} on the new version");
+    }
+    let events = fleet.events().await;
+    assert_eq!(events.iter().filter(|e| e.kind == "node_upgrade_started").count(), 4);
+    assert_eq!(max_down_at_once(&events), 1, "never two nodes down at once: {events:#?}");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_never_returns_pauses_the_rollout_and_is_rolled_back() {
+    // The first node to be started never comes back on its own (it is stuck); with K=1 its deadline
+    // pauses the rollout, it is rolled back, and no other node is touched.
+    let (fleet, _nodes) = Fleet::start(|_| true, 3, 300).await;
+    let _: RolloutView = post(&fleet.client, "/v1/rollouts", start(1, 1, 2)).await;
+    let paused: RolloutView = eventually(Duration::from_secs(20), "the rollout pauses", || async {
+        let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
+        (r.state == "paused").then_some(r)
+    })
+    .await;
+    assert!(paused.reason.as_deref().unwrap_or_default().contains("1 node(s) failed"), "{paused:?}");
+    let failed: RolloutView = eventually(Duration::from_secs(20), "the failed node is rolled back", || async {
+        let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
+        r.nodes.iter().any(|n| n.phase == "failed").then_some(r)
+    })
+    .await;
+    assert_eq!(failed.progress.pending, 2, "nothing else started: {failed:?}");
+    let events = fleet.events().await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).filter(|k| k.starts_with("node_") || k.starts_with("rollout_")).collect();
+    assert_eq!(kinds, ["rollout_started", "node_upgrade_started", "node_upgrade_failed", "rollout_paused", "node_rolled_back"], "{events:#?}");
+    fleet.stop().await;
+}
