@@ -33,7 +33,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     sync::{
-        atomic::{AtomicBool, AtomicI64, Ordering},
+        atomic::{AtomicI64, Ordering},
         Arc, Mutex, MutexGuard,
     },
     time::Duration,
@@ -245,8 +245,8 @@ pub struct Maintenance {
     lock: Mutex<()>,
     upgraders: Mutex<BTreeMap<TargetKind, Arc<dyn NodeUpgrader>>>,
     clock: RolloutClock,
-    /// Whether the commands lost by a restart have been repeated.
-    resent: AtomicBool,
+    /// Rollouts whose commands lost by a restart have been repeated (in this process).
+    resent: Mutex<BTreeSet<String>>,
     /// Wakes the driver.
     pub(crate) wake: tokio::sync::Notify,
 }
@@ -294,7 +294,7 @@ impl Maintenance {
             lock: Mutex::new(()),
             upgraders: Mutex::new(BTreeMap::new()),
             clock,
-            resent: AtomicBool::new(false),
+            resent: Mutex::new(BTreeSet::new()),
             wake: tokio::sync::Notify::new(),
         })
     }
@@ -680,6 +680,8 @@ impl Controller {
             req.window.as_ref().map(|w| format!("in window {w}")).unwrap_or_else(|| "now".into()),
         );
         m.save(None, &rollout, &[], vec![(EventKind::RolloutStarted, None, msg)], now)?;
+        // Nothing of it can have been lost by a restart.
+        lock(&m.resent).insert(id.clone());
         info!(rollout = %id, target = %req.target, nodes = rollout.nodes().len(), "rollout started");
         drop(_g);
         m.wake.notify_one();
@@ -817,9 +819,12 @@ impl Controller {
         let m = &self.maint;
         let _g = lock(&m.lock);
         let now = m.clock.now();
-        let mut rollouts: Vec<Rollout> = m.rollouts()?.into_iter().filter(|r| !r.is_finished()).collect();
-        if !m.resent.swap(true, Ordering::SeqCst) {
-            for r in rollouts.iter_mut() {
+        // A rollout whose kind of target has no upgrader (yet: it is installed after start) waits; its
+        // nodes are not failed for it.
+        let mut rollouts: Vec<Rollout> =
+            m.rollouts()?.into_iter().filter(|r| !r.is_finished() && m.upgrader(&r.spec().target).is_some()).collect();
+        for r in rollouts.iter_mut() {
+            if lock(&m.resent).insert(r.id().to_owned()) {
                 let again = r.resend_after_restart();
                 if !again.is_empty() {
                     info!(rollout = %r.id(), commands = again.len(), "repeating commands a restart may have lost");

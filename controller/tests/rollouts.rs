@@ -100,30 +100,29 @@ impl NodeUpgrader for FakeUpgrader {
 
 struct Fleet {
     quic: SocketAddr,
+    api: SocketAddr,
     client: AdminClient,
     stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), server::ServeError>>,
-    wanted: Wanted,
-    _dir: tempfile::TempDir,
+    task: Option<tokio::task::JoinHandle<Result<(), server::ServeError>>>,
+    upgrader: Arc<FakeUpgrader>,
+    dir: tempfile::TempDir,
 }
 
 impl Fleet {
-    async fn start(stuck: impl Fn(usize) -> bool, count: usize, deadline_ms: u64) -> (Fleet, Vec<NodeId>) {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = ControllerConfig::new(dir.path().to_owned());
+    /// Opens a controller in `dir` on these sockets and runs it.
+    async fn run_controller(
+        dir: &std::path::Path,
+        udp: std::net::UdpSocket,
+        tcp: std::net::TcpListener,
+    ) -> (Arc<Controller>, oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), server::ServeError>>, AdminClient) {
+        let mut config = ControllerConfig::new(dir.to_owned());
         config.rollout_tick = Duration::from_millis(100);
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let quic = udp.local_addr().unwrap();
         let api = tcp.local_addr().unwrap();
         let controller = tokio::task::spawn_blocking(move || Controller::open(config, api)).await.unwrap().unwrap();
-        let wanted: Wanted = Arc::default();
         let (stop, stopped) = oneshot::channel::<()>();
-        let conf = AdminConf::read(&dir.path().join(ADMIN_CONF_FILE)).unwrap();
+        let conf = AdminConf::read(&dir.join(ADMIN_CONF_FILE)).unwrap();
         let client = AdminClient::new(&conf).unwrap();
-        let ca_der = ca::pem_to_der(&std::fs::read_to_string(dir.path().join(ca::CA_CERT_FILE)).unwrap()).unwrap();
-        let c2 = controller.clone();
-        let task = tokio::spawn(server::run(c2, udp, tcp, async {
+        let task = tokio::spawn(server::run(controller.clone(), udp, tcp, async {
             let _ = stopped.await;
         }));
         eventually(PROMPT, "admin API answers", || {
@@ -131,6 +130,18 @@ impl Fleet {
             async move { tokio::task::spawn_blocking(move || client.get::<Vec<EventView>>("/v1/events").ok()).await.unwrap().map(|_| ()) }
         })
         .await;
+        (controller, stop, task, client)
+    }
+
+    async fn start(stuck: impl Fn(usize) -> bool, count: usize, deadline_ms: u64) -> (Fleet, Vec<NodeId>) {
+        let dir = tempfile::tempdir().unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let quic = udp.local_addr().unwrap();
+        let api = tcp.local_addr().unwrap();
+        let (controller, stop, task, client) = Fleet::run_controller(dir.path(), udp, tcp).await;
+        let wanted: Wanted = Arc::default();
+        let ca_der = ca::pem_to_der(&std::fs::read_to_string(dir.path().join(ca::CA_CERT_FILE)).unwrap()).unwrap();
         let token = {
             let client = client.clone();
             let labels = BTreeMap::from([("role".to_owned(), "worker".to_owned())]);
@@ -147,12 +158,26 @@ impl Fleet {
             }
             nodes.push(node);
         }
-        controller.set_upgrader(TargetKind::Agent, Arc::new(FakeUpgrader { wanted: wanted.clone(), stuck: stuck_nodes, away: Duration::from_millis(deadline_ms.min(300)) }));
-        let fleet = Fleet { quic, client, stop: Some(stop), task, wanted, _dir: dir };
+        let upgrader = Arc::new(FakeUpgrader { wanted: wanted.clone(), stuck: stuck_nodes, away: Duration::from_millis(deadline_ms.min(300)) });
+        controller.set_upgrader(TargetKind::Agent, upgrader.clone());
+        let fleet = Fleet { quic, api, client, stop: Some(stop), task: Some(task), upgrader, dir };
         for n in &nodes {
             fleet.wait_connected(n).await;
         }
         (fleet, nodes)
+    }
+
+    /// Stops the controller and starts it again on the same data directory and ports.
+    async fn restart(&mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(PROMPT, self.task.take().unwrap()).await.unwrap().unwrap().unwrap();
+        // The old endpoint's driver lets go of the sockets a moment after run() returns.
+        let (quic, api) = (self.quic, self.api);
+        let udp = eventually(PROMPT, "the QUIC port is free again", || async move { std::net::UdpSocket::bind(quic).ok() }).await;
+        let tcp = eventually(PROMPT, "the API port is free again", || async move { std::net::TcpListener::bind(api).ok() }).await;
+        let (controller, stop, task, client) = Fleet::run_controller(self.dir.path(), udp, tcp).await;
+        controller.set_upgrader(TargetKind::Agent, self.upgrader.clone());
+        (self.stop, self.task, self.client) = (Some(stop), Some(task), client);
     }
 
     async fn wait_connected(&self, node: &NodeId) {
@@ -169,8 +194,7 @@ impl Fleet {
 
     async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
-        let _ = tokio::time::timeout(PROMPT, &mut self.task).await;
-        let _ = (self.quic, &self.wanted);
+        tokio::time::timeout(PROMPT, self.task.take().unwrap()).await.unwrap().unwrap().unwrap();
     }
 }
 
@@ -207,13 +231,19 @@ async fn fake_node(quic: SocketAddr, ca_der: &[u8], token: &str, machine: &str, 
         loop {
             let version = rx.borrow_and_update().clone();
             if let Some(version) = version {
+                // Connect (again and again while the controller is away: it may be restarting).
                 let cfg = tls::node_client_config(&ca_der, &cert, pki::tls_key(&key), Duration::from_secs(5)).unwrap();
                 let Ok(connecting) = endpoint.connect_with(cfg, quic, tls::controller_server_name()) else { return };
-                let Ok(conn) = connecting.await else { return };
-                let Ok((mut send, mut recv)) = conn.open_bi().await else { return };
-                if send_msg(&mut send, &hello(&version)).await.is_err() {
-                    return;
-                }
+                let connected = async {
+                    let conn = connecting.await.ok()?;
+                    let (mut send, recv) = conn.open_bi().await.ok()?;
+                    send_msg(&mut send, &hello(&version)).await.ok()?;
+                    Some((conn, send, recv))
+                };
+                let Some((conn, _send, mut recv)) = connected.await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
                 // Read (and ignore) what the controller sends until told to change.
                 loop {
                     tokio::select! {
@@ -309,5 +339,30 @@ async fn a_node_that_never_returns_pauses_the_rollout_and_is_rolled_back() {
     let events = fleet.events().await;
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).filter(|k| k.starts_with("node_") || k.starts_with("rollout_")).collect();
     assert_eq!(kinds, ["rollout_started", "node_upgrade_started", "node_upgrade_failed", "rollout_paused", "node_rolled_back"], "{events:#?}");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_restart_mid_rollout_resumes_it() {
+    let (mut fleet, nodes) = Fleet::start(|_| false, 3, 300).await;
+    let _: RolloutView = post(&fleet.client, "/v1/rollouts", start(1, 1, 60)).await;
+    // Restart as soon as the first node was taken down, while it is away.
+    eventually(PROMPT, "a node taken down", || async {
+        fleet.events().await.iter().any(|e| e.kind == "node_upgrade_started").then_some(())
+    })
+    .await;
+    fleet.restart().await;
+    let done: RolloutView = eventually(Duration::from_secs(30), "the rollout finishes after the restart", || async {
+        let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
+        r.finished.then_some(r)
+    })
+    .await;
+    assert_eq!((done.state.as_str(), done.progress.succeeded), ("done", 3), "{done:?}");
+    let events = fleet.events().await;
+    for n in &nodes {
+        let started = events.iter().filter(|e| e.kind == "node_upgrade_started" && e.node.as_deref() == Some(n.0.as_str())).count();
+        assert_eq!(started, 1, "{n} started once across the restart");
+    }
+    assert_eq!(max_down_at_once(&events), 1, "never two nodes down at once: {events:#?}");
     fleet.stop().await;
 }
