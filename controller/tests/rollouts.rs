@@ -18,8 +18,8 @@ use shoal_controller::{
     admin::{AdminClient, AdminConf, ADMIN_CONF_FILE},
     ca,
     maintenance::{
-        view::{RolloutView, StartRollout},
-        NodeUpgrader, TargetKind, UpgradeError,
+        view::{CreateWindow, RolloutView, StartRollout, WindowView},
+        NodeUpgrader, RolloutClock, TargetKind, UpgradeError,
     },
     rollout::Target,
     server::{self, Controller, ControllerConfig},
@@ -106,6 +106,8 @@ struct Fleet {
     task: Option<tokio::task::JoinHandle<Result<(), server::ServeError>>>,
     upgrader: Arc<FakeUpgrader>,
     dir: tempfile::TempDir,
+    /// The rollout driver's clock (test hook).
+    clock: RolloutClock,
 }
 
 impl Fleet {
@@ -114,9 +116,11 @@ impl Fleet {
         dir: &std::path::Path,
         udp: std::net::UdpSocket,
         tcp: std::net::TcpListener,
+        clock: RolloutClock,
     ) -> (Arc<Controller>, oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), server::ServeError>>, AdminClient) {
         let mut config = ControllerConfig::new(dir.to_owned());
         config.rollout_tick = Duration::from_millis(100);
+        config.rollout_clock = clock;
         let api = tcp.local_addr().unwrap();
         let controller = tokio::task::spawn_blocking(move || Controller::open(config, api)).await.unwrap().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -134,12 +138,13 @@ impl Fleet {
     }
 
     async fn start(stuck: impl Fn(usize) -> bool, count: usize, deadline_ms: u64) -> (Fleet, Vec<NodeId>) {
+        let clock = RolloutClock::default();
         let dir = tempfile::tempdir().unwrap();
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let quic = udp.local_addr().unwrap();
         let api = tcp.local_addr().unwrap();
-        let (controller, stop, task, client) = Fleet::run_controller(dir.path(), udp, tcp).await;
+        let (controller, stop, task, client) = Fleet::run_controller(dir.path(), udp, tcp, clock.clone()).await;
         let wanted: Wanted = Arc::default();
         let ca_der = ca::pem_to_der(&std::fs::read_to_string(dir.path().join(ca::CA_CERT_FILE)).unwrap()).unwrap();
         let token = {
@@ -160,7 +165,7 @@ impl Fleet {
         }
         let upgrader = Arc::new(FakeUpgrader { wanted: wanted.clone(), stuck: stuck_nodes, away: Duration::from_millis(deadline_ms.min(300)) });
         controller.set_upgrader(TargetKind::Agent, upgrader.clone());
-        let fleet = Fleet { quic, api, client, stop: Some(stop), task: Some(task), upgrader, dir };
+        let fleet = Fleet { quic, api, client, stop: Some(stop), task: Some(task), upgrader, dir, clock };
         for n in &nodes {
             fleet.wait_connected(n).await;
         }
@@ -175,7 +180,7 @@ impl Fleet {
         let (quic, api) = (self.quic, self.api);
         let udp = eventually(PROMPT, "the QUIC port is free again", || async move { std::net::UdpSocket::bind(quic).ok() }).await;
         let tcp = eventually(PROMPT, "the API port is free again", || async move { std::net::TcpListener::bind(api).ok() }).await;
-        let (controller, stop, task, client) = Fleet::run_controller(self.dir.path(), udp, tcp).await;
+        let (controller, stop, task, client) = Fleet::run_controller(self.dir.path(), udp, tcp, self.clock.clone()).await;
         controller.set_upgrader(TargetKind::Agent, self.upgrader.clone());
         (self.stop, self.task, self.client) = (Some(stop), Some(task), client);
     }
@@ -364,5 +369,35 @@ async fn a_controller_restart_mid_rollout_resumes_it() {
         assert_eq!(started, 1, "{n} started once across the restart");
     }
     assert_eq!(max_down_at_once(&events), 1, "never two nodes down at once: {events:#?}");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_outside_its_window_waits_until_it_opens() {
+    let (fleet, _nodes) = Fleet::start(|_| false, 3, 300).await;
+    let at = |s: &str| shoal_proto::UnixMillis(s.parse::<jiff::Timestamp>().unwrap().as_millisecond() as u64);
+    fleet.clock.set_now(at("2030-03-04T01:00:00Z"));
+    let window = CreateWindow { name: "nightly".into(), schedule: "0 2 * * *".into(), duration_secs: 3600, tz: Some("UTC".into()), selector: None };
+    let w: WindowView = post(&fleet.client, "/v1/windows", serde_json::to_value(window).unwrap()).await;
+    assert!(!w.open && w.opens_at.as_deref() == Some("2030-03-04T02:00:00Z"), "{w:?}");
+    let mut req = start(1, 1, 60);
+    req["window"] = "nightly".into();
+    let _: RolloutView = post(&fleet.client, "/v1/rollouts", req).await;
+    let waiting: RolloutView = eventually(PROMPT, "the rollout says it waits for its window", || async {
+        let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
+        r.waiting.iter().any(|w| w == "window closed").then_some(r)
+    })
+    .await;
+    assert_eq!(waiting.progress.pending, 3);
+    // Many driver ticks later, still nothing started.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!fleet.events().await.iter().any(|e| e.kind == "node_upgrade_started"), "started outside the window");
+    fleet.clock.set_now(at("2030-03-04T02:00:00Z"));
+    let done: RolloutView = eventually(Duration::from_secs(30), "the rollout runs once the window opens", || async {
+        let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
+        r.finished.then_some(r)
+    })
+    .await;
+    assert_eq!(done.progress.succeeded, 3);
     fleet.stop().await;
 }
