@@ -56,6 +56,7 @@ use crate::{
 };
 
 pub mod api;
+pub mod image;
 pub mod view;
 
 #[cfg(test)]
@@ -225,6 +226,14 @@ pub enum MaintError {
         rollout: String,
         /// A node both would hold.
         node: String,
+    },
+    /// The image is not in the image store.
+    #[error("image {version} cannot be rolled out: {cause}")]
+    UnknownImage {
+        /// The version asked for.
+        version: String,
+        /// The image store's answer.
+        cause: String,
     },
     /// The planner refused.
     #[error(transparent)]
@@ -636,6 +645,12 @@ impl Controller {
         };
         if m.upgrader(&req.target).is_none() {
             return Err(MaintError::NoUpgrader(kind));
+        }
+        if let Target::Image(v) = &req.target {
+            self.netboot
+                .images
+                .get(v)
+                .map_err(|e| MaintError::UnknownImage { version: v.clone(), cause: e.to_string() })?;
         }
         let nodes: Vec<NodeRecord> = self
             .store
