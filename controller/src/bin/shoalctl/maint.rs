@@ -322,3 +322,37 @@ pub fn upgrade(client: &AdminClient, cmd: UpgradeCmd) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use shoal_controller::rollout::Progress;
+
+    use super::*;
+
+    fn view(p: Progress) -> RolloutView {
+        RolloutView {
+            id: "r1".into(),
+            target: "agent 1.1.0".into(),
+            state: "running".into(),
+            reason: None,
+            finished: false,
+            created_at: String::new(),
+            selector: None,
+            window: None,
+            max_unavailable: 1,
+            max_failures: 1,
+            progress: p,
+            waiting: Vec::new(),
+            nodes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_progress_bar_counts_settled_nodes_and_says_the_rest() {
+        let p = Progress { total: 10, pending: 3, in_flight: 1, succeeded: 5, failed: 1, skipped: 0 };
+        assert_eq!(progress_bar(&view(p)), "[############........] 5/10 succeeded, 1 in flight, 1 failed, 3 pending");
+        let done = Progress { total: 4, succeeded: 4, ..Progress::default() };
+        assert_eq!(progress_bar(&view(done)), "[####################] 4/4 succeeded");
+        assert_eq!(progress_bar(&view(Progress::default())), "[....................] 0/0 succeeded");
+    }
+}
