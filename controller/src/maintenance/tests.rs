@@ -412,3 +412,33 @@ fn windows_budgets_and_rollouts_over_the_admin_api() {
     }
     handle.shutdown();
 }
+
+#[test]
+fn node_events_from_the_agent_path_drive_the_rollout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = Fixture::open(dir.path(), RolloutClock::default());
+    f.nodes("w", 3, &[("role", "worker")]);
+    f.start("role=worker", 1, 2, None, Duration::from_secs(900));
+    f.tick();
+    let a = f.fake.begins()[0].clone();
+    f.ctl.rollout_event(Event::Acknowledged { node: a.clone() }).unwrap();
+    let r = f.ctl.maint.rollout("current").unwrap();
+    assert!(matches!(r.phase(&a), Some(NodePhase::Upgrading { acknowledged: true, .. })));
+    assert!(r.resend_after_restart().is_empty(), "an acknowledged begin is not repeated after a restart");
+    // Its checks fail on the new version: failed and rolled back (K=2: not paused yet).
+    f.ctl
+        .rollout_event(Event::Reported { node: a.clone(), version: NEW.into(), health: ReportedHealth::Failed(vec!["overlay".into()]) })
+        .unwrap();
+    assert_eq!(f.fake.rollbacks(), vec![(a.clone(), Some(OLD.to_owned()))]);
+    let r = f.tick();
+    assert_eq!(r.state(), &RolloutState::Running);
+    // The next node refuses (bad signature): failed without a roll-back, and K=2 pauses.
+    let b = f.fake.begins()[1].clone();
+    f.ctl.rollout_event(Event::Refused { node: b.clone(), reason: "bad signature".into() }).unwrap();
+    let r = f.ctl.maint.rollout("current").unwrap();
+    assert!(matches!(r.phase(&b), Some(NodePhase::Failed { rolled_back: true, .. })), "{:?}", r.phase(&b));
+    assert!(matches!(r.state(), RolloutState::Paused { .. }));
+    assert_eq!(f.fake.rollbacks().len(), 1, "nothing to roll back on a refusal");
+    let failed: Vec<String> = kinds(&f.events(), EventKind::NodeUpgradeFailed).iter().map(|e| e.message.clone()).collect();
+    assert!(failed[0].contains("health checks failed: overlay") && failed[1].contains("refused: bad signature"), "{failed:?}");
+}
