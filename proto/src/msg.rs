@@ -288,6 +288,6 @@ mod tests {
             version: "0.2.0".into(),
             release: SignedRelease { manifest: vec![b'{'; 300], signature: vec![0; 64], key_id: "0".repeat(16) },
         };
-        assert_eq!(postcard::to_allocvec(&offer).expect("encode")[0], 12);
+        assert_eq!(postcard::to_allocvec(&offer).expect("encode")[0], 11, "UpdateAgent comes after DriveCommand (10)");
     }
 }
