@@ -4,6 +4,7 @@
 //! `shoal-proto` messages.
 
 pub mod admin;
+pub mod agent_updates;
 pub mod api;
 pub mod ca;
 pub mod coordinator;
@@ -15,6 +16,8 @@ pub mod liveness;
 pub mod networks;
 pub mod overlay_hub;
 pub mod netboot;
+pub mod release_api;
+pub mod release_store;
 pub mod releases;
 pub mod report;
 pub mod rollout;
