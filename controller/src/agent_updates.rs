@@ -309,6 +309,65 @@ mod tests {
     }
 
     #[test]
+    fn offers_reach_v4_agents_only_and_reports_are_recorded_once() {
+        const KEY: &str = "-----BEGIN PRIVATE KEY-----\n\
+            MC4CAQAwBQYDK2VwBCIEIK+B2im/6O/v2TLJvQeJok4Rx0py/TkTrJAYqLjrQq7a\n\
+            -----END PRIVATE KEY-----\n";
+        const PUB: &str = "46badf9cba6ddc2caefc23d7cbe486fbf70c11833afb5952c750170fdf0e3aa2";
+        const TARGET: &str = "x86_64-unknown-linux-gnu";
+        let dir = tempfile::tempdir().expect("tmp");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        let _enter = rt.enter();
+        std::fs::write(dir.path().join("release.pub"), PUB).expect("pub");
+        let mut config = crate::server::ControllerConfig::new(dir.path().join("data"));
+        config.overlay_subnet = "10.70.0.0/24".parse().expect("subnet");
+        config.release_keys = vec![dir.path().join("release.pub")];
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let ctl = Controller::open(config, listener.local_addr().expect("addr")).expect("open");
+        let old = crate::networks::enrol_for_tests(&ctl.store, "old", &[], now_ms());
+        let new = crate::networks::enrol_for_tests(&ctl.store, "new", &[], now_ms());
+        let away = crate::networks::enrol_for_tests(&ctl.store, "away", &[], now_ms());
+
+        let key = crate::releases::load_signing_key(KEY).expect("key");
+        let binary = b"\x7fELF agent 0.2.0".repeat(1000);
+        let (_, signed) = crate::releases::sign_release(&binary, "0.2.0", TARGET, UnixMillis(1), &key).expect("sign");
+        for (name, bytes) in [("agent", &binary), ("manifest.json", &signed.manifest), ("manifest.sig", &signed.signature)] {
+            ctl.releases.stage("0.2.0", TARGET, name, bytes).expect("stage");
+        }
+        ctl.releases.commit("0.2.0", TARGET).expect("commit");
+
+        let (_, mut old_rx) = ctl.fake_connection(&old, 3);
+        let (_, mut new_rx) = ctl.fake_connection(&new, 4);
+        let err = ctl.offer_agent_update(&old, "0.2.0").expect_err("v3 refused");
+        assert!(matches!(err, UpdateError::AgentTooOld { protocol: 3, .. }), "{err}");
+        assert!(err.to_string().contains("agent too old for remote update"), "{err}");
+        assert!(old_rx.try_recv().is_err(), "a v3 agent never gets UpdateAgent");
+        assert!(matches!(ctl.offer_agent_update(&away, "0.2.0"), Err(UpdateError::NotConnected(_))));
+        assert!(matches!(ctl.offer_agent_update(&new, "0.3.0"), Err(UpdateError::NoRelease { .. })));
+
+        let mut notices = ctl.subscribe_agent_updates();
+        ctl.offer_agent_update(&new, "0.2.0").expect("offered");
+        match new_rx.try_recv() {
+            Ok(ControllerMsg::UpdateAgent { version, release }) => {
+                assert_eq!(version, "0.2.0");
+                assert_eq!(release, signed);
+            }
+            other => panic!("expected UpdateAgent, got {other:?}"),
+        }
+        ctl.update_acknowledged(&new, "0.2.0".into());
+        let ok = report("0.2.0", Some("0.2.0"), None, true);
+        ctl.update_reported(&new, ok.clone());
+        ctl.update_reported(&new, ok.clone());
+        assert_eq!(notices.try_recv().ok(), Some(UpdateNotice::Acknowledged { node: new.clone(), version: "0.2.0".into() }));
+        assert_eq!(notices.try_recv().ok(), Some(UpdateNotice::Reported { node: new.clone(), report: ok.clone() }));
+        let facts = ctl.agent_update(&new).expect("facts");
+        assert_eq!((facts.offered.map(|o| o.0), facts.acknowledged, facts.report), (Some("0.2.0".into()), Some("0.2.0".into()), Some(ok)));
+        let kinds: Vec<EventKind> = ctl.store.events(None, 1000).expect("events").into_iter().map(|e| e.kind).collect();
+        assert_eq!(kinds.iter().filter(|k| **k == EventKind::AgentUpdateOffered).count(), 1);
+        assert_eq!(kinds.iter().filter(|k| **k == EventKind::AgentUpdateSucceeded).count(), 1, "a repeated report is logged once");
+    }
+
+    #[test]
     fn reports_become_one_event_per_outcome() {
         let ok = report("0.2.0", Some("0.2.0"), None, true);
         assert_eq!(report_event(None, &ok).map(|e| e.0), Some(EventKind::AgentUpdateSucceeded));
