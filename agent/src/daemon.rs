@@ -738,7 +738,7 @@ impl Shell<'_> {
                             let report = lock(&self.updater).failed(&version, shoal_proto::UpdateFailure::Install("no connection to fetch on".into()));
                             send_msg(send, &AgentMsg::UpdateReport(report)).await?;
                         }
-                        (Err(report), _) => send_msg(send, &AgentMsg::UpdateReport(report)).await?,
+                        (Err(report), _) => send_msg(send, &AgentMsg::UpdateReport(*report)).await?,
                     }
                 }
                 Output::Update(ControllerMsg::RevertAgent { reason }) => {

@@ -292,16 +292,17 @@ impl Updater {
         }
     }
 
-    /// Checks an offer: key, signature, target, version. `Ok` means fetch it.
-    pub fn offer(&mut self, version: &str, release: &SignedRelease) -> Result<ReleaseManifest, UpdateReport> {
+    /// Checks an offer: key, signature, target, version. `Ok` means fetch it; `Err` is the report to
+    /// send instead (a refusal, or the state as it is when the offer changes nothing).
+    pub fn offer(&mut self, version: &str, release: &SignedRelease) -> Result<ReleaseManifest, Box<UpdateReport>> {
         if let Some(v) = &self.busy {
             info!(busy = %v, offered = version, "update already in progress; offer ignored");
-            return Err(self.report());
+            return Err(Box::new(self.report()));
         }
         if version == self.running {
             info!(version, "offered the running version; nothing to do");
             self.state = Some(UpdateState::Succeeded { version: version.to_owned(), attempts: 0, checks: Vec::new() });
-            return Err(self.report());
+            return Err(Box::new(self.report()));
         }
         match verify_release(release, self.config.release_key.as_ref(), &current_target(), Some(version)) {
             Ok(m) => {
@@ -309,7 +310,7 @@ impl Updater {
                 self.busy = Some(version.to_owned());
                 Ok(m)
             }
-            Err(failure) => Err(self.failed(version, failure)),
+            Err(failure) => Err(Box::new(self.failed(version, failure))),
         }
     }
 
