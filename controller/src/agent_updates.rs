@@ -183,6 +183,28 @@ impl Controller {
         Ok(())
     }
 
+    /// Asks the node's agent to go back to the binary it kept from its last update (`<exe>.prev`) and
+    /// re-execute: the rollout driver's `RollBack` for an agent that updated but must not stay. The
+    /// agent reports the version it then runs.
+    pub fn revert_agent(&self, node: &NodeId, reason: &str) -> Result<(), UpdateError> {
+        let rec = self.store.node(node)?.ok_or_else(|| UpdateError::UnknownNode(node.clone()))?;
+        {
+            let live = self.live();
+            let conn = live.conns.get(node).ok_or_else(|| UpdateError::NotConnected(node.clone()))?;
+            let protocol = conn.protocol.unwrap_or(0);
+            if protocol < UPDATE_PROTOCOL {
+                return Err(UpdateError::AgentTooOld { node: node.clone(), protocol });
+            }
+            conn.tx
+                .send(ControllerMsg::RevertAgent { reason: reason.to_owned() })
+                .map_err(|_| UpdateError::NotConnected(node.clone()))?;
+        }
+        let message = format!("{}: asked to revert agent {} to its previous binary: {reason}", rec.hostname, rec.agent_version);
+        self.store.append_event(EventKind::AgentUpdateRolledBack, Some(node), &message, now_ms())?;
+        info!(node = %node, %reason, "agent revert requested");
+        Ok(())
+    }
+
     /// The latest update facts for one node.
     pub fn agent_update(&self, node: &NodeId) -> Option<AgentUpdate> {
         self.agent_updates_mut().get(node).cloned()
@@ -362,6 +384,9 @@ mod tests {
         assert_eq!(notices.try_recv().ok(), Some(UpdateNotice::Reported { node: new.clone(), report: ok.clone() }));
         let facts = ctl.agent_update(&new).expect("facts");
         assert_eq!((facts.offered.map(|o| o.0), facts.acknowledged, facts.report), (Some("0.2.0".into()), Some("0.2.0".into()), Some(ok)));
+        assert!(matches!(ctl.revert_agent(&old, "test"), Err(UpdateError::AgentTooOld { .. })));
+        ctl.revert_agent(&new, "rollout aborted").expect("revert sent");
+        assert_eq!(new_rx.try_recv().ok(), Some(ControllerMsg::RevertAgent { reason: "rollout aborted".into() }));
         let kinds: Vec<EventKind> = ctl.store.events(None, 1000).expect("events").into_iter().map(|e| e.kind).collect();
         assert_eq!(kinds.iter().filter(|k| **k == EventKind::AgentUpdateOffered).count(), 1);
         assert_eq!(kinds.iter().filter(|k| **k == EventKind::AgentUpdateSucceeded).count(), 1, "a repeated report is logged once");
