@@ -5,6 +5,7 @@ use std::{
     future::Future,
     net::SocketAddr,
     path::PathBuf,
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -29,6 +30,7 @@ use crate::{
     inventory::{self, SysRoots},
     session::{AgentSession, End, Mode, Output, Timing},
     state::{Credentials, StateDir, StateError},
+    updater::{self, Updater, UpdaterConfig},
 };
 
 /// How the agent runs. Every field has a documented default.
@@ -64,6 +66,8 @@ pub struct AgentConfig {
     pub overlay_enabled: bool,
     /// The drive manager's settings; `None` turns it off (`--no-drives`). Default: on, physical disks.
     pub drives: Option<DrivesConfig>,
+    /// Self-update settings (default: no trusted release key, so every update is refused).
+    pub update: UpdaterConfig,
 }
 
 impl AgentConfig {
@@ -84,6 +88,7 @@ impl AgentConfig {
             overlay: NodeConfig::new(shoal_proto::NodeId(String::new())),
             overlay_enabled: true,
             drives: Some(DrivesConfig::default()),
+            update: UpdaterConfig::default(),
         }
     }
 }
@@ -152,7 +157,22 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let hardware_id = inventory::hardware_id(config.machine_id.as_deref(), &config.roots, &first_inventory.nics)
         .ok_or(AgentError::NoIdentity)?;
     info!(hardware_id = %hardware_id, controller = %config.controller, "agent starting");
-    let hello = Hello { protocol: SUPPORTED, agent_version: env!("CARGO_PKG_VERSION").to_owned(), hardware_id };
+    let version = crate::version::agent_version();
+    // Before anything else: a start after an update is counted (or rolled back) first.
+    let updater = Updater::boot(config.update.clone(), &config.state_dir, &version);
+    let update_deadline = updater.deadline();
+    let updater = Arc::new(Mutex::new(updater));
+    if let Some(deadline) = update_deadline {
+        // The deadline holds whether or not the controller is reachable: a new version that cannot
+        // connect is rolled back all the same.
+        let updater = updater.clone();
+        tokio::spawn(async move {
+            let wait = deadline.0.saturating_sub(now_ms().0);
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            let _ = lock(&updater).timeout();
+        });
+    }
+    let hello = Hello { protocol: SUPPORTED, agent_version: version, hardware_id };
 
     let agent_endpoint = ov::bind_endpoint(&config.state_dir, config.controller.is_ipv6(), config.overlay_port)?;
     let endpoint = agent_endpoint.endpoint.clone();
@@ -177,6 +197,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         input_tx
     });
     let mut shell = Shell {
+        updater,
+        conn: None,
+        updates: false,
         config: &config,
         state: &state,
         health: Some(HealthCollector::new(config.roots.clone())),
@@ -254,7 +277,17 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     }
 }
 
+fn lock(updater: &Mutex<Updater>) -> std::sync::MutexGuard<'_, Updater> {
+    updater.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 struct Shell<'a> {
+    /// Self-update state, shared with the health-deadline task.
+    updater: Arc<Mutex<Updater>>,
+    /// The current control connection (release downloads open a stream on it).
+    conn: Option<quinn::Connection>,
+    /// Whether the current session speaks protocol 4 (update messages).
+    updates: bool,
     config: &'a AgentConfig,
     state: &'a StateDir,
     health: Option<HealthCollector>,
@@ -280,6 +313,13 @@ enum ShellEvent {
     Probed { main: SocketAddr, result: Result<SocketAddr, String> },
     /// The drive manager reports.
     Drives(DriveEvent),
+    /// A release download and install ended.
+    Update {
+        /// The version.
+        version: String,
+        /// Installed (re-execute now), or why not.
+        result: Result<(), shoal_proto::UpdateFailure>,
+    },
 }
 
 /// The overlay's state in the shell: it outlives control connections.
@@ -401,6 +441,7 @@ impl Shell<'_> {
         creds: Option<&Credentials>,
         events: &mut mpsc::UnboundedReceiver<ShellEvent>,
     ) -> Attempt {
+        self.conn = Some(conn.clone());
         let (mut send, recv) = conn.open_bi().await.map_err(|e| (e.into(), false))?;
         // Reading happens in its own task: a frame read is not cancel-safe, and the loop below wakes for timers.
         let (tx, mut rx) = mpsc::channel::<Result<ControllerMsg, AttemptError>>(8);
@@ -429,6 +470,7 @@ impl Shell<'_> {
         );
         let mut outputs = session.start();
         let result = loop {
+            self.updates = session.speaks_updates();
             match self.perform(&mut send, outputs, key_pem, creds).await {
                 Ok(Some(end)) => break Ok(end),
                 Ok(None) => {}
@@ -461,6 +503,17 @@ impl Shell<'_> {
     /// Turns an event from outside the control stream into a message for the controller, if any.
     fn shell_event(&mut self, event: ShellEvent, ready: bool, drives: bool) -> Option<AgentMsg> {
         match event {
+            ShellEvent::Update { version, result: Ok(()) } => {
+                let exe = lock(&self.updater).paths().exe.clone();
+                info!(version = %version, "update installed");
+                let e = updater::reexec(&exe);
+                let report = lock(&self.updater).failed(&version, shoal_proto::UpdateFailure::Install(format!("re-executing {}: {e}", exe.display())));
+                (ready && self.updates).then_some(AgentMsg::UpdateReport(report))
+            }
+            ShellEvent::Update { version, result: Err(failure) } => {
+                let report = lock(&self.updater).failed(&version, failure);
+                (ready && self.updates).then_some(AgentMsg::UpdateReport(report))
+            }
             ShellEvent::Drives(DriveEvent::Report(report)) => {
                 self.drives.last = Some(report.clone());
                 (ready && drives).then_some(AgentMsg::Drives(report))
@@ -570,6 +623,12 @@ impl Shell<'_> {
                         Ok(Ok((collector, report))) => {
                             self.health = Some(collector);
                             send_msg(send, &AgentMsg::Health(report)).await?;
+                            // The heartbeat went out on an established session: a new version's checks.
+                            let updater = self.updater.clone();
+                            let changed = tokio::task::spawn_blocking(move || lock(&updater).heartbeat_sent()).await.ok().flatten();
+                            if let Some(report) = changed.filter(|_| self.updates) {
+                                send_msg(send, &AgentMsg::UpdateReport(report)).await?;
+                            }
                         }
                         Ok(Err(e)) => warn!(cause = %e, "health collection failed"),
                         // The stuck collector stays with its thread; the next report uses a fresh one.
@@ -650,6 +709,51 @@ impl Shell<'_> {
                         _ => {}
                     }
                 }
+                Output::SendUpdateReport => {
+                    let report = lock(&self.updater).report();
+                    send_msg(send, &AgentMsg::UpdateReport(report)).await?;
+                }
+                Output::Update(ControllerMsg::UpdateAgent { version, release }) => {
+                    let offer = lock(&self.updater).offer(&version, &release);
+                    match (offer, self.conn.clone()) {
+                        (Ok(manifest), Some(conn)) => {
+                            send_msg(send, &AgentMsg::UpdateAck { version: version.clone() }).await?;
+                            let paths = lock(&self.updater).paths().clone();
+                            let trying = lock(&self.updater).trying(&version);
+                            let events = self.overlay.events.clone();
+                            tokio::spawn(async move {
+                                let result = match updater::download(&conn, &paths, &manifest).await {
+                                    Ok(()) => tokio::task::spawn_blocking(move || updater::install(&paths, &trying))
+                                        .await
+                                        .unwrap_or_else(|e| Err(shoal_proto::UpdateFailure::Install(e.to_string()))),
+                                    Err(e) => {
+                                        let _ = std::fs::remove_file(&paths.download);
+                                        Err(e)
+                                    }
+                                };
+                                let _ = events.send(ShellEvent::Update { version, result });
+                            });
+                        }
+                        (Ok(_), None) => {
+                            let report = lock(&self.updater).failed(&version, shoal_proto::UpdateFailure::Install("no connection to fetch on".into()));
+                            send_msg(send, &AgentMsg::UpdateReport(report)).await?;
+                        }
+                        (Err(report), _) => send_msg(send, &AgentMsg::UpdateReport(*report)).await?,
+                    }
+                }
+                Output::Update(ControllerMsg::RevertAgent { reason }) => {
+                    let paths = lock(&self.updater).paths().clone();
+                    warn!(%reason, "the controller asks to revert to the previous binary");
+                    match updater::restore_prev(&paths) {
+                        Ok(true) => {
+                            let e = updater::reexec(&paths.exe);
+                            warn!(cause = %e, "could not re-execute the previous binary");
+                        }
+                        Ok(false) => warn!("no previous binary to revert to"),
+                        Err(e) => warn!(cause = %e, "could not restore the previous binary"),
+                    }
+                }
+                Output::Update(_) => {}
                 Output::SendPaths => {
                     let report = match &self.overlay.node {
                         Some(node) => node.report().await,

@@ -17,3 +17,5 @@ pub mod session;
 pub mod smart;
 pub mod state;
 pub mod update;
+pub mod updater;
+pub mod version;

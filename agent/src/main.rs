@@ -57,6 +57,21 @@ struct Cli {
     /// How often each drive's SMART is read.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30m")]
     smart_interval: Duration,
+    /// The trusted release public key: 64 hex characters, or a file holding them (the `.pub` of the
+    /// release signing key). Without it the agent refuses every update.
+    #[arg(long, value_name = "HEX_OR_FILE")]
+    release_key: Option<String>,
+    /// How long a new agent version has to pass its health checks before the previous binary is
+    /// restored.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
+    update_health_deadline: Duration,
+    /// Starts of a new version allowed (crashes count) before the previous binary is restored.
+    #[arg(long, default_value_t = 3)]
+    update_max_starts: u32,
+    /// A program run as an extra health check of a new version (with SHOAL_AGENT_VERSION and
+    /// SHOAL_AGENT_PREVIOUS set); exit 0 passes.
+    #[arg(long, value_name = "PATH")]
+    update_check: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -65,7 +80,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    // The reported version may come from the patched version slot (see shoal_agent::version).
+    let version: &'static str = Box::leak(shoal_agent::version::agent_version().into_boxed_str());
+    let matches = <Cli as clap::CommandFactory>::command().version(version).get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -105,6 +126,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         drives.timing.smart_interval = cli.smart_interval;
         Some(drives)
     };
+    config.update.release_key = match cli.release_key {
+        None => None,
+        Some(text) => {
+            let text = if text.trim().len() == 64 && text.trim().bytes().all(|b| b.is_ascii_hexdigit()) {
+                text
+            } else {
+                std::fs::read_to_string(&text).with_context(|| format!("reading release key file {text}"))?
+            };
+            Some(shoal_agent::release::ReleaseKey::parse(&text).context("--release-key")?)
+        }
+    };
+    config.update.policy = shoal_agent::update::UpdatePolicy { health_deadline: cli.update_health_deadline, max_attempts: cli.update_max_starts };
+    config.update.check_command = cli.update_check;
     // One thread: the agent's work is a few messages a minute, and idle memory matters on small nodes.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(daemon::run(config, shutdown_signal()))?;

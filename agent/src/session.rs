@@ -39,6 +39,10 @@ pub enum Output {
     SendDrives,
     /// (protocol 3) A drive message for the drive manager: DrivePolicy or DriveCommand.
     Drives(ControllerMsg),
+    /// (protocol 4) The controller speaks updates: send the current update report.
+    SendUpdateReport,
+    /// (protocol 4) An update message for the updater: UpdateAgent or RevertAgent.
+    Update(ControllerMsg),
     /// The session is over.
     End(End),
 }
@@ -178,6 +182,9 @@ impl AgentSession {
                         if self.speaks_drives() {
                             out.push(Output::SendDrives);
                         }
+                        if self.speaks_updates() {
+                            out.push(Output::SendUpdateReport);
+                        }
                         out
                     }
                 }
@@ -195,6 +202,11 @@ impl AgentSession {
             {
                 vec![Output::Drives(msg)]
             }
+            (State::Ready, msg @ (ControllerMsg::UpdateAgent { .. } | ControllerMsg::RevertAgent { .. }))
+                if self.speaks_updates() =>
+            {
+                vec![Output::Update(msg)]
+            }
             (State::Ready, ControllerMsg::Renewed(r)) if self.renewing => {
                 self.renewing = false;
                 self.schedule_renewal(now, wall_now, r.not_after);
@@ -207,6 +219,11 @@ impl AgentSession {
     /// Whether the negotiated protocol carries drive messages (3 and later).
     pub fn speaks_drives(&self) -> bool {
         self.welcome.as_ref().is_some_and(|w| w.protocol >= 3)
+    }
+
+    /// Whether the negotiated protocol carries update messages (4 and later).
+    pub fn speaks_updates(&self) -> bool {
+        self.welcome.as_ref().is_some_and(|w| w.protocol >= 4)
     }
 
     /// The next time [`AgentSession::handle_timeout`] has work.
@@ -338,6 +355,30 @@ mod tests {
         s.handle(Instant::now(), UnixMillis(0), welcome(1));
         let out = s.handle(Instant::now(), UnixMillis(0), ControllerMsg::Revoked { reason: "removed".into() });
         assert_eq!(out, vec![Output::End(End::Revoked("removed".into()))]);
+    }
+
+    #[test]
+    fn protocol_4_reports_updates_and_passes_offers_on_but_protocol_3_does_not() {
+        let offer = ControllerMsg::UpdateAgent {
+            version: "0.2.0".into(),
+            release: shoal_proto::SignedRelease { manifest: vec![], signature: vec![], key_id: String::new() },
+        };
+        let t0 = Instant::now();
+        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: UnixMillis(3_600_000) }, timing());
+        let mut w = welcome(10_000);
+        if let ControllerMsg::Welcome(w) = &mut w {
+            w.protocol = 4;
+        }
+        let out = s.handle(t0, UnixMillis(0), w);
+        assert_eq!(out.last(), Some(&Output::SendUpdateReport), "{out:?}");
+        assert_eq!(s.handle(t0, UnixMillis(0), offer.clone()), vec![Output::Update(offer.clone())]);
+        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: UnixMillis(3_600_000) }, timing());
+        let mut w = welcome(10_000);
+        if let ControllerMsg::Welcome(w) = &mut w {
+            w.protocol = 3;
+        }
+        assert!(!s.handle(t0, UnixMillis(0), w).contains(&Output::SendUpdateReport));
+        assert!(matches!(&s.handle(t0, UnixMillis(0), offer)[..], [Output::End(End::Protocol(_))]));
     }
 
     #[test]

@@ -155,6 +155,7 @@ pub fn router(controller: Ctl) -> Router {
         .route("/v1/drive-policies", get(list_drive_policies).post(set_drive_policy).delete(delete_drive_policy))
         .merge(crate::netboot::api::routes())
         .merge(crate::maintenance::api::routes())
+        .merge(crate::release_api::routes())
         .layer(middleware::from_fn_with_state(controller.clone(), authenticate))
         .with_state(controller)
 }

@@ -4,6 +4,7 @@
 //! `shoal-proto` messages.
 
 pub mod admin;
+pub mod agent_updates;
 pub mod api;
 pub mod ca;
 pub mod coordinator;
@@ -16,6 +17,8 @@ pub mod maintenance;
 pub mod networks;
 pub mod overlay_hub;
 pub mod netboot;
+pub mod release_api;
+pub mod release_store;
 pub mod releases;
 pub mod report;
 pub mod rollout;

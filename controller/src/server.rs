@@ -81,6 +81,9 @@ pub struct ControllerConfig {
     /// The rollout driver's clock (default: the wall clock). A test hook: see
     /// [`crate::maintenance::RolloutClock`].
     pub rollout_clock: crate::maintenance::RolloutClock,
+    /// Trusted agent release keys (files with 64 hex characters, `--release-key`); uploads signed by
+    /// none of them are refused. Default none: no release can be added.
+    pub release_keys: Vec<PathBuf>,
 }
 
 impl ControllerConfig {
@@ -103,6 +106,7 @@ impl ControllerConfig {
             drive_self_test_timeout: crate::drive_hub::DEFAULT_SELF_TEST_TIMEOUT,
             rollout_tick: Duration::from_secs(5),
             rollout_clock: crate::maintenance::RolloutClock::default(),
+            release_keys: Vec::new(),
         }
     }
 }
@@ -132,6 +136,9 @@ pub enum ServeError {
     /// Netboot (image store, netboot interface) could not start.
     #[error(transparent)]
     Netboot(#[from] crate::netboot::NetbootError),
+    /// The release store or a release key could not be opened.
+    #[error("agent releases: {0}")]
+    Releases(String),
 }
 
 /// Wall-clock now.
@@ -185,6 +192,11 @@ pub struct Controller {
     pub(crate) netboot: crate::netboot::Netboot,
     /// Windows, budgets, rollouts.
     pub(crate) maint: crate::maintenance::Maintenance,
+    /// Signed agent releases.
+    pub(crate) releases: crate::release_store::ReleaseStore,
+    /// The latest agent update facts per node (see `agent_updates`).
+    pub(crate) agent_updates: Mutex<HashMap<NodeId, crate::agent_updates::AgentUpdate>>,
+    pub(crate) update_notices: tokio::sync::broadcast::Sender<crate::agent_updates::UpdateNotice>,
     /// Liveness changes go through one worker so they reach the store in the order they happened.
     transitions: mpsc::UnboundedSender<Vec<Transition>>,
     transitions_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<Transition>>>>,
@@ -214,8 +226,18 @@ impl Controller {
             nodes.insert(n.id.clone(), LiveNode { last_seen: n.last_seen, health: n.health.clone(), dirty: false });
         }
         let netboot = crate::netboot::Netboot::open(config.netboot.clone(), &config.data_dir, &store)?;
+        let release_keys = config
+            .release_keys
+            .iter()
+            .map(|p| crate::netboot::images::read_key(p).map_err(|e| ServeError::Releases(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let releases = crate::release_store::ReleaseStore::open(config.data_dir.join("releases"), release_keys)
+            .map_err(|e| ServeError::Releases(e.to_string()))?;
         let (transitions, transitions_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Controller {
+            releases,
+            agent_updates: Mutex::new(HashMap::new()),
+            update_notices: tokio::sync::broadcast::channel(256).0,
             netboot,
             transitions,
             transitions_rx: Mutex::new(Some(transitions_rx)),
@@ -694,6 +716,14 @@ async fn drive(
                 return Err(ConnError::HelloTimeout);
             }
             Some(msg) = overlay_rx.recv() => vec![Action::Send(msg)],
+            // (v4) Release downloads come on further streams of an authenticated connection.
+            stream = conn.accept_bi(), if session.version() >= Some(crate::agent_updates::UPDATE_PROTOCOL) && session.node().is_some() => {
+                let Ok((s, r)) = stream else { return Ok(()) };
+                if let Some(node) = session.node().cloned() {
+                    tokio::spawn(crate::agent_updates::serve_fetch(controller.clone(), node, s, r).in_current_span());
+                }
+                vec![]
+            }
         };
         for action in actions {
             let follow_up = perform(controller, ctx, session, action).await;
@@ -862,6 +892,19 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
         Action::DriveCommandResult(result) => {
             if let Some(node) = session.node() {
                 controller.drives.command_result(node, result);
+            }
+            vec![]
+        }
+        Action::UpdateAck { version } => {
+            if let Some(node) = session.node() {
+                controller.update_acknowledged(node, version);
+            }
+            vec![]
+        }
+        Action::UpdateReport(report) => {
+            if let Some(node) = session.node().cloned() {
+                let c = controller.clone();
+                let _ = tokio::task::spawn_blocking(move || c.update_reported(&node, report)).await;
             }
             vec![]
         }

@@ -43,6 +43,13 @@ pub enum Action {
     Drives(shoal_proto::DriveReport),
     /// (v3) A drive command ended.
     DriveCommandResult(shoal_proto::DriveCommandResult),
+    /// (v4) The agent took an update offer and is fetching the release.
+    UpdateAck {
+        /// The version it took.
+        version: String,
+    },
+    /// (v4) The agent's update report: record it and tell whoever waits (the rollout driver).
+    UpdateReport(shoal_proto::UpdateReport),
     /// Close the connection, after sending anything queued before it.
     Close(CloseKind, String),
 }
@@ -184,6 +191,12 @@ impl Session {
                     }
                     AgentMsg::Drives(d) => vec![Action::Drives(d)],
                     AgentMsg::DriveCommandResult(r) => vec![Action::DriveCommandResult(r)],
+                    // Update messages exist from protocol 4.
+                    AgentMsg::UpdateAck { .. } | AgentMsg::UpdateReport(_) if self.version < Some(4) => {
+                        self.reject(RejectCode::Protocol, "update messages need protocol 4")
+                    }
+                    AgentMsg::UpdateAck { version } => vec![Action::UpdateAck { version }],
+                    AgentMsg::UpdateReport(r) => vec![Action::UpdateReport(r)],
                     AgentMsg::Hello(_) => self.reject(RejectCode::Protocol, "Hello sent twice"),
                     AgentMsg::Enrol(_) => self.reject(RejectCode::Protocol, "already enrolled: renew instead of enrolling"),
                 }
@@ -275,6 +288,31 @@ mod tests {
         s.handle(UnixMillis(1), hello(1, 3));
         assert_eq!(s.version(), Some(3));
         assert!(matches!(&s.handle(UnixMillis(2), drives())[..], [Action::Drives(_)]));
+    }
+
+    #[test]
+    fn update_messages_need_protocol_4_and_v3_agents_still_talk() {
+        let report = || {
+            AgentMsg::UpdateReport(shoal_proto::UpdateReport {
+                running: "0.1.0".into(),
+                attempted: None,
+                attempts: 0,
+                checks: vec![],
+                failure: None,
+            })
+        };
+        let mut s = Session::new(config(), Some(NodeId("n1".into())));
+        s.handle(UnixMillis(1), hello(1, 3));
+        assert_eq!(s.version(), Some(3), "a v3 agent talks v3 with a v4 controller");
+        assert!(matches!(&s.handle(UnixMillis(2), AgentMsg::Drives(Default::default()))[..], [Action::Drives(_)]));
+        assert_eq!(rejected(&s.handle(UnixMillis(3), report())), Some(RejectCode::Protocol));
+
+        let mut s = Session::new(config(), Some(NodeId("n1".into())));
+        s.handle(UnixMillis(1), hello(1, 4));
+        assert_eq!(s.version(), Some(4));
+        assert!(matches!(&s.handle(UnixMillis(2), report())[..], [Action::UpdateReport(_)]));
+        let ack = s.handle(UnixMillis(3), AgentMsg::UpdateAck { version: "0.2.0".into() });
+        assert_eq!(ack, vec![Action::UpdateAck { version: "0.2.0".into() }]);
     }
 
     #[test]

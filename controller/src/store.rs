@@ -321,6 +321,17 @@ pub enum EventKind {
     NodeUpgradeFailed,
     /// A failed node is back on its previous version (or never left it).
     NodeRolledBack,
+    /// An operator added a signed agent release.
+    ReleaseAdded,
+    /// The controller offered an agent release to a node.
+    AgentUpdateOffered,
+    /// A node runs the offered version and its health checks passed.
+    AgentUpdateSucceeded,
+    /// A node refused or could not install an update and stays on its version (bad signature,
+    /// truncated download, disk full...).
+    AgentUpdateFailed,
+    /// A node's new version did not become healthy and the node went back to its previous binary.
+    AgentUpdateRolledBack,
 }
 
 /// One entry of the fleet's event log.

@@ -4,14 +4,19 @@
 //! speaks first with [`Hello`]; the controller answers [`ControllerMsg::Welcome`] or
 //! [`ControllerMsg::Reject`]. Without a client certificate the only thing an agent may then do is
 //! [`AgentMsg::Enrol`]; with one it reports inventory and health and renews its certificate.
+//!
+//! (v4) Release downloads do not use the control stream: the agent opens a second bidirectional
+//! stream, sends one [`FetchRelease`] frame and reads [`FetchReply`] frames until the controller
+//! finishes the stream. A binary of tens of MiB would otherwise hold up heartbeats behind it (QUIC
+//! orders bytes within a stream, not across streams), and a failed download would break the session.
 
 use serde::{Deserialize, Serialize};
 
 use std::net::SocketAddr;
 
 use crate::{
-    DriveCommand, DriveCommandResult, DrivePolicy, DriveReport, HardwareId, HealthReport, Inventory, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PeerIndex, Punch, UnixMillis,
-    VersionRange,
+    DriveCommand, DriveCommandResult, DrivePolicy, DriveReport, HardwareId, HealthReport, Inventory, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PeerIndex, Punch, SignedRelease,
+    UnixMillis, UpdateReport, VersionRange,
 };
 
 /// Agent to controller.
@@ -37,6 +42,15 @@ pub enum AgentMsg {
     Drives(DriveReport),
     /// (v3) How a [`ControllerMsg::DriveCommand`] ended.
     DriveCommandResult(DriveCommandResult),
+    /// (v4) The agent took [`ControllerMsg::UpdateAgent`] for this version and is fetching it (it may
+    /// still refuse it after the download; the following [`AgentMsg::UpdateReport`] says).
+    UpdateAck {
+        /// The version offered.
+        version: String,
+    },
+    /// (v4) What the agent booted and how its last update went; sent after every Welcome and whenever
+    /// it changes.
+    UpdateReport(UpdateReport),
 }
 
 /// Controller to agent.
@@ -67,6 +81,20 @@ pub enum ControllerMsg {
     DrivePolicy(DrivePolicy),
     /// (v3) Prepare a drive or start a self-test; answered by [`AgentMsg::DriveCommandResult`].
     DriveCommand(DriveCommand),
+    /// (v4) Install this signed agent release. The agent verifies it with its own trusted release key,
+    /// answers [`AgentMsg::UpdateAck`] or an [`AgentMsg::UpdateReport`] with the refusal, fetches the
+    /// binary on a second stream ([`FetchRelease`]), swaps and re-executes.
+    UpdateAgent {
+        /// The version asked for; the signed manifest must say the same.
+        version: String,
+        /// The manifest, its signature and the signing key's id (about 400 bytes: never the binary).
+        release: SignedRelease,
+    },
+    /// (v4) Go back to the binary kept from the last update (`<exe>.prev`), if there is one.
+    RevertAgent {
+        /// Operator-facing reason, logged by the agent.
+        reason: String,
+    },
 }
 
 /// What the controller observed about an overlay-capable agent's connection.
@@ -201,5 +229,65 @@ impl RejectCode {
 impl std::fmt::Display for Reject {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+/// (v4) Largest `bytes` of one [`ReleaseChunk`]: 256 KiB, well below [`crate::MAX_FRAME_LEN`] (1 MiB).
+pub const MAX_RELEASE_CHUNK: usize = 256 * 1024;
+
+/// (v4) The only frame an agent sends on a release download stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchRelease {
+    /// The release version.
+    pub version: String,
+    /// The target triple (the manifest's `target`).
+    pub target: String,
+    /// Byte offset to start at (non-zero to resume a broken download).
+    pub offset: u64,
+}
+
+/// (v4) The controller's frames on a release download stream; the stream's end is the end of the binary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FetchReply {
+    /// The next bytes of the binary.
+    Chunk(ReleaseChunk),
+    /// The controller cannot serve the release (unknown version, unreadable file); the stream ends.
+    Error(String),
+}
+
+/// (v4) A piece of a release binary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseChunk {
+    /// Where `bytes` start in the binary.
+    pub offset: u64,
+    /// At most [`MAX_RELEASE_CHUNK`] bytes.
+    pub bytes: Vec<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_release_chunk_fits_in_a_frame() {
+        let reply = FetchReply::Chunk(ReleaseChunk { offset: u64::MAX, bytes: vec![0xff; MAX_RELEASE_CHUNK] });
+        let frame = crate::encode_frame(&reply).expect("fits");
+        assert!(frame.len() < crate::MAX_FRAME_LEN);
+        let (back, used) = crate::decode_frame::<FetchReply>(&frame).expect("decodes");
+        assert_eq!((back, used), (reply, frame.len()));
+    }
+
+    #[test]
+    fn v3_messages_keep_their_encoding() {
+        // Appending v4 variants must not move the v3 ones: a v3 peer decodes these bytes.
+        let health = postcard::to_allocvec(&ControllerMsg::Revoked { reason: "x".into() }).expect("encode");
+        assert_eq!(health[0], 4, "Revoked is still variant 4");
+        let update = postcard::to_allocvec(&AgentMsg::UpdateAck { version: "1".into() }).expect("encode");
+        assert_eq!(update[0], 10, "UpdateAck comes after DriveCommandResult (9)");
+        let offer = ControllerMsg::UpdateAgent {
+            version: "0.2.0".into(),
+            release: SignedRelease { manifest: vec![b'{'; 300], signature: vec![0; 64], key_id: "0".repeat(16) },
+        };
+        assert_eq!(postcard::to_allocvec(&offer).expect("encode")[0], 11, "UpdateAgent comes after DriveCommand (10)");
     }
 }

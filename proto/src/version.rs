@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Every version this build speaks.
 pub const SUPPORTED: VersionRange = VersionRange { min: 1, max: PROTOCOL_VERSION };
@@ -36,6 +36,14 @@ pub const PROTOCOL_HISTORY: &[(&str, u16, &str)] = &[
         "drives: AgentMsg::Drives (DriveReport: every drive's contents state, preparation and SMART, \
          sent whole on change), DriveCommandResult; ControllerMsg::DrivePolicy, DriveCommand (prepare, \
          self-test)",
+    ),
+    (
+        "2026-11-23",
+        4,
+        "agent updates: ControllerMsg::UpdateAgent (signed release offer: manifest, signature, key id), \
+         RevertAgent; AgentMsg::UpdateAck, UpdateReport (booted version, attempts, checks, failure); \
+         release download on a second bidirectional stream: FetchRelease, then FetchReply::Chunk frames \
+         of at most 256 KiB until the stream ends",
     ),
 ];
 

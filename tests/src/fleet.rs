@@ -50,6 +50,12 @@ pub struct FleetConfig {
     pub startup_timeout: Duration,
     /// Extra arguments appended to every agent's command line (e.g. `--overlay-cc bbr`). Default none.
     pub agent_args: Vec<String>,
+    /// Extra arguments appended to the controller's `serve` command line (e.g. `--release-key F`).
+    /// Default none.
+    pub controller_args: Vec<String>,
+    /// The agent executable to run instead of the located `shoal-agent` (e.g. a copy an update may
+    /// replace). Default none.
+    pub agent_program: Option<PathBuf>,
 }
 
 impl Default for FleetConfig {
@@ -71,6 +77,8 @@ impl FleetConfig {
             wait_up: true,
             startup_timeout: Duration::from_secs(60),
             agent_args: Vec::new(),
+            controller_args: Vec::new(),
+            agent_program: None,
         }
     }
 
@@ -174,6 +182,7 @@ impl Fleet {
         if let Some(n) = cfg.down_after {
             spec = spec.arg("--down-after").arg(n.to_string());
         }
+        spec = spec.args(&cfg.controller_args);
         let controller = spec.spawn()?;
         let mut fleet = Fleet {
             ctl_log: dir.path().join("logs").join("shoalctl.log"),
@@ -210,6 +219,11 @@ impl Fleet {
             }
         }
         Ok(())
+    }
+
+    /// The configuration, to change how agents added from now on start (`agent_program`, `agent_args`).
+    pub fn config_mut(&mut self) -> &mut FleetConfig {
+        &mut self.cfg
     }
 
     /// The configuration it was started with.
@@ -416,7 +430,8 @@ impl Fleet {
         let state_dir = self.dir().join(&hostname);
         std::fs::create_dir_all(&state_dir)?;
         let machine_id = format!("{}-agent-{number}", self.cfg.machine_id_prefix);
-        let mut spec = ProcSpec::new(&hostname, &self.bins.agent, self.dir().join("logs"))
+        let program = self.cfg.agent_program.clone().unwrap_or_else(|| self.bins.agent.clone());
+        let mut spec = ProcSpec::new(&hostname, &program, self.dir().join("logs"))
             .netns(&netns)
             .hostname(&hostname)
             .env("RUST_BACKTRACE", "1")

@@ -58,6 +58,10 @@ struct ServeArgs {
     /// How long agents may use a cached netmap without hearing from the controller.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     netmap_validity: std::time::Duration,
+    /// Trusted agent release public key (a file with 64 hex characters, the `.pub` of the key
+    /// `shoalctl release add --key` signs with); repeatable. Without one no release can be added.
+    #[arg(long = "release-key", value_name = "FILE")]
+    release_keys: Vec<PathBuf>,
     #[command(flatten)]
     netboot: netboot::NetbootArgs,
 }
@@ -94,6 +98,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.probe_listen = args.probe_listen;
     config.netmap_validity = args.netmap_validity;
     config.netboot = args.netboot.config()?;
+    config.release_keys = args.release_keys.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let controller = Controller::open(config, args.api)

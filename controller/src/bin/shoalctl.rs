@@ -4,6 +4,8 @@
 mod maint;
 #[path = "shoalctl/netboot.rs"]
 mod netboot;
+#[path = "shoalctl/release.rs"]
+mod release;
 
 use std::{collections::BTreeMap, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -58,6 +60,9 @@ enum Command {
     /// Netboot images.
     #[command(subcommand)]
     Image(netboot::ImageCmd),
+    /// Signed agent releases and agent updates.
+    #[command(subcommand)]
+    Release(release::ReleaseCmd),
     /// Machines seen on the netboot network.
     #[command(subcommand)]
     Machines(netboot::MachinesCmd),
@@ -476,6 +481,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Nodes(NodesCmd::SetImage { id, version }) => netboot::set_image(&client, &id, &version)?,
         Command::Image(cmd) => netboot::image(&client, cmd)?,
+        Command::Release(cmd) => release::release(&client, cmd)?,
         Command::Machines(cmd) => netboot::machines(&client, cmd)?,
         Command::Events { output, after } => {
             let path = match after {

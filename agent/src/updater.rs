@@ -1,0 +1,459 @@
+//! The agent's self-update shell around the pure pieces in [`crate::release`] (verification) and
+//! [`crate::update`] (what to do at start, after checks, at the deadline).
+//!
+//! Files: `STATE_DIR/update.json` (the [`UpdateState`]), `STATE_DIR/agent.download` (the download,
+//! verified while it streams), and beside the executable `.<name>.new` (the copy about to be renamed
+//! over it) and `<name>.prev` (the previous binary, a hard link kept until the next update). The copy is
+//! made next to the executable so the final `rename` is atomic (same filesystem) and a full disk
+//! shows up while writing the copy, before anything was changed.
+
+use std::{
+    fs,
+    io::Write,
+    os::unix::{fs::PermissionsExt, process::CommandExt},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use shoal_overlay::{recv_msg, send_msg};
+use shoal_proto::{
+    CheckResult, FetchRelease, FetchReply, ReleaseManifest, SignedRelease, UnixMillis, UpdateFailure, UpdateReport,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    release::{current_target, verify_release, BinaryCheck, ReleaseKey},
+    update::{self, Step, UpdatePolicy, UpdateState},
+};
+
+/// How the agent updates itself. Every field has a documented default.
+#[derive(Debug, Clone, Default)]
+pub struct UpdaterConfig {
+    /// The trusted release public key (`--release-key`). Default none: every offer is refused with
+    /// [`UpdateFailure::NoTrustedKey`].
+    pub release_key: Option<ReleaseKey>,
+    /// The executable to replace (default: the running one, `/proc/self/exe`, resolved at start).
+    pub exe: Option<PathBuf>,
+    /// Health deadline and allowed starts (default [`UpdatePolicy::default`]: 2 min, 3 starts).
+    pub policy: UpdatePolicy,
+    /// A program run as an extra health check of a new version (`--update-check`), with
+    /// `SHOAL_AGENT_VERSION` and `SHOAL_AGENT_PREVIOUS` set; exit 0 passes. Default none.
+    pub check_command: Option<PathBuf>,
+}
+
+/// Files of the updater.
+#[derive(Debug, Clone)]
+pub struct UpdatePaths {
+    /// The executable.
+    pub exe: PathBuf,
+    /// `update.json`.
+    pub record: PathBuf,
+    /// The download.
+    pub download: PathBuf,
+}
+
+impl UpdatePaths {
+    /// The paths for a state dir and executable.
+    pub fn new(state_dir: &Path, exe: PathBuf) -> UpdatePaths {
+        UpdatePaths { exe, record: state_dir.join("update.json"), download: state_dir.join("agent.download") }
+    }
+
+    /// `<exe>.prev`.
+    pub fn prev(&self) -> PathBuf {
+        sibling(&self.exe, "", ".prev")
+    }
+
+    /// `.<exe name>.new`, beside the executable.
+    pub fn new_copy(&self) -> PathBuf {
+        sibling(&self.exe, ".", ".new")
+    }
+}
+
+fn sibling(exe: &Path, prefix: &str, suffix: &str) -> PathBuf {
+    let name = exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "shoal-agent".into());
+    exe.with_file_name(format!("{prefix}{name}{suffix}"))
+}
+
+/// Reads `update.json`; a missing or unreadable record is no record (logged).
+pub fn load_record(path: &Path) -> Option<UpdateState> {
+    match fs::read(path) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(path = %path.display(), cause = %e, "unreadable update record ignored");
+                None
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            warn!(path = %path.display(), cause = %e, "update record unreadable");
+            None
+        }
+    }
+}
+
+/// Writes `update.json` atomically (temp file, fsync, rename).
+pub fn save_record(path: &Path, state: &UpdateState) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(&bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn install_error(what: &str, path: &Path, e: std::io::Error) -> UpdateFailure {
+    UpdateFailure::Install(format!("{what} {}: {e}", path.display()))
+}
+
+/// Replaces the executable with the verified download: copy beside it, fsync, chmod 0755, write the
+/// `Trying` record, keep the old binary as `.prev` (hard link), rename, fsync the directory. Any
+/// failure before the rename leaves the executable untouched (and the partial copy removed).
+pub fn install(paths: &UpdatePaths, trying: &UpdateState) -> Result<(), UpdateFailure> {
+    let new = paths.new_copy();
+    let result = (|| {
+        let mut src = fs::File::open(&paths.download).map_err(|e| install_error("opening", &paths.download, e))?;
+        let mut dst = fs::File::create(&new).map_err(|e| install_error("creating", &new, e))?;
+        std::io::copy(&mut src, &mut dst).map_err(|e| install_error("writing", &new, e))?;
+        dst.sync_all().map_err(|e| install_error("syncing", &new, e))?;
+        fs::set_permissions(&new, fs::Permissions::from_mode(0o755)).map_err(|e| install_error("chmod", &new, e))?;
+        save_record(&paths.record, trying).map_err(|e| install_error("writing", &paths.record, e))?;
+        let prev = paths.prev();
+        let _ = fs::remove_file(&prev);
+        if let Err(e) = fs::hard_link(&paths.exe, &prev) {
+            // Another filesystem layout (the executable is a bind mount of one file): copy instead.
+            warn!(cause = %e, "could not hard-link the running binary; copying it");
+            fs::copy(&paths.exe, &prev).map_err(|e| install_error("keeping the previous binary as", &prev, e))?;
+        }
+        fs::rename(&new, &paths.exe).map_err(|e| install_error("renaming over", &paths.exe, e))?;
+        if let Some(dir) = paths.exe.parent() {
+            let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&new);
+    }
+    let _ = fs::remove_file(&paths.download);
+    result
+}
+
+/// Puts `.prev` back over the executable (rename, atomic). Returns whether there was one.
+pub fn restore_prev(paths: &UpdatePaths) -> std::io::Result<bool> {
+    let prev = paths.prev();
+    if !prev.exists() {
+        return Ok(false);
+    }
+    // Keep `.prev` too (a hard link of the restored binary), for a later manual revert.
+    let tmp = paths.new_copy();
+    let _ = fs::remove_file(&tmp);
+    fs::hard_link(&prev, &tmp).or_else(|_| fs::copy(&prev, &tmp).map(|_| ()))?;
+    fs::rename(&tmp, &paths.exe)?;
+    if let Some(dir) = paths.exe.parent() {
+        let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(true)
+}
+
+/// Replaces this process with the executable, same arguments (and environment). Returns only on failure.
+pub fn reexec(exe: &Path) -> std::io::Error {
+    info!(exe = %exe.display(), "re-executing");
+    std::process::Command::new(exe).args(std::env::args_os().skip(1)).exec()
+}
+
+/// Rolls back: restores `.prev`, records the state, re-executes. Returns only if that failed.
+pub fn roll_back(paths: &UpdatePaths, state: &UpdateState) {
+    warn!(state = ?state, "new agent version not healthy: rolling back to the previous binary");
+    if let Err(e) = save_record(&paths.record, state) {
+        warn!(cause = %e, "could not record the roll-back");
+    }
+    match restore_prev(paths) {
+        Ok(true) => {
+            let e = reexec(&paths.exe);
+            error!(cause = %e, "could not re-execute the previous binary");
+        }
+        Ok(false) => error!(prev = %paths.prev().display(), "no previous binary to roll back to"),
+        Err(e) => error!(cause = %e, "could not restore the previous binary"),
+    }
+}
+
+fn now_ms() -> UnixMillis {
+    UnixMillis(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
+}
+
+/// The updater's state in the agent.
+#[derive(Debug)]
+pub struct Updater {
+    config: UpdaterConfig,
+    paths: UpdatePaths,
+    running: String,
+    state: Option<UpdateState>,
+    /// An offer being fetched or installed.
+    busy: Option<String>,
+}
+
+impl Updater {
+    /// Reads the record and settles what the start means ([`update::on_start`]): counts the attempt,
+    /// or records the outcome of the last update, or rolls back at once (then this does not return).
+    pub fn boot(config: UpdaterConfig, state_dir: &Path, running: &str) -> Updater {
+        let exe = config.exe.clone().or_else(|| std::env::current_exe().ok()).unwrap_or_else(|| PathBuf::from("shoal-agent"));
+        let paths = UpdatePaths::new(state_dir, exe);
+        let mut state = load_record(&paths.record);
+        match update::on_start(state.clone(), running, now_ms(), &config.policy) {
+            Step::Nothing => {}
+            Step::Check { state: s, deadline } => {
+                info!(version = running, deadline = deadline.0, "started after an update: checking health");
+                if let Err(e) = save_record(&paths.record, &s) {
+                    warn!(cause = %e, "could not count this start");
+                }
+                state = Some(s);
+            }
+            Step::Settle(s) => {
+                info!(state = ?s, "last update settled");
+                if let Err(e) = save_record(&paths.record, &s) {
+                    warn!(cause = %e, "could not record the update's outcome");
+                }
+                state = Some(s);
+            }
+            Step::RollBack(s) => {
+                roll_back(&paths, &s);
+                state = Some(s);
+            }
+        }
+        Updater { config, paths, running: running.to_owned(), state, busy: None }
+    }
+
+    /// The report for the controller.
+    pub fn report(&self) -> UpdateReport {
+        update::report(self.state.as_ref(), &self.running)
+    }
+
+    /// The health deadline while a new version is being checked.
+    pub fn deadline(&self) -> Option<UnixMillis> {
+        match &self.state {
+            Some(UpdateState::Trying { attempted, deadline, .. }) if *attempted == self.running => Some(*deadline),
+            _ => None,
+        }
+    }
+
+    /// The files.
+    pub fn paths(&self) -> &UpdatePaths {
+        &self.paths
+    }
+
+    /// Runs the health checks after a heartbeat went out on an established session; returns a report
+    /// to send when the state changed. Rolls back (and does not return) when past the deadline.
+    pub fn heartbeat_sent(&mut self) -> Option<UpdateReport> {
+        let state = self.state.clone().filter(|_| self.deadline().is_some())?;
+        let mut checks = vec![
+            CheckResult { name: "session".into(), passed: true, detail: None },
+            CheckResult { name: "heartbeat".into(), passed: true, detail: None },
+        ];
+        if let Some(cmd) = &self.config.check_command {
+            checks.push(run_check(cmd, &self.running, &state));
+        }
+        let step = update::on_checks(state, checks, now_ms());
+        self.apply(step)
+    }
+
+    /// At the deadline.
+    pub fn timeout(&mut self) -> Option<UpdateReport> {
+        let state = self.state.clone()?;
+        let step = update::on_timeout(state, now_ms());
+        self.apply(step)
+    }
+
+    fn apply(&mut self, step: Step) -> Option<UpdateReport> {
+        match step {
+            Step::Check { state, .. } => {
+                let changed = self.state.as_ref() != Some(&state);
+                let _ = save_record(&self.paths.record, &state);
+                self.state = Some(state);
+                changed.then(|| self.report())
+            }
+            Step::Settle(state) => {
+                info!(state = ?state, "update settled");
+                if let Err(e) = save_record(&self.paths.record, &state) {
+                    warn!(cause = %e, "could not record the update's outcome");
+                }
+                self.state = Some(state);
+                Some(self.report())
+            }
+            Step::RollBack(state) => {
+                roll_back(&self.paths, &state);
+                self.state = Some(state);
+                Some(self.report())
+            }
+            _ => None,
+        }
+    }
+
+    /// Checks an offer: key, signature, target, version. `Ok` means fetch it; `Err` is the report to
+    /// send instead (a refusal, or the state as it is when the offer changes nothing).
+    pub fn offer(&mut self, version: &str, release: &SignedRelease) -> Result<ReleaseManifest, Box<UpdateReport>> {
+        if let Some(v) = &self.busy {
+            info!(busy = %v, offered = version, "update already in progress; offer ignored");
+            return Err(Box::new(self.report()));
+        }
+        if version == self.running {
+            info!(version, "offered the running version; nothing to do");
+            self.state = Some(UpdateState::Succeeded { version: version.to_owned(), attempts: 0, checks: Vec::new() });
+            return Err(Box::new(self.report()));
+        }
+        match verify_release(release, self.config.release_key.as_ref(), &current_target(), Some(version)) {
+            Ok(m) => {
+                info!(version, size = m.size, "update offered; fetching");
+                self.busy = Some(version.to_owned());
+                Ok(m)
+            }
+            Err(failure) => Err(Box::new(self.failed(version, failure))),
+        }
+    }
+
+    /// Records that an update to `version` failed before the swap; the agent stays as it is.
+    pub fn failed(&mut self, version: &str, failure: UpdateFailure) -> UpdateReport {
+        warn!(version, cause = %failure, "update refused; staying on {}", self.running);
+        self.busy = None;
+        let state = UpdateState::install_failed(version, &self.running, failure);
+        // A full disk may refuse even this: the report still goes out from memory.
+        if let Err(e) = save_record(&self.paths.record, &state) {
+            warn!(cause = %e, "could not record the failed update");
+        }
+        self.state = Some(state);
+        self.report()
+    }
+
+    /// The `Trying` record to write before the swap.
+    pub fn trying(&self, version: &str) -> UpdateState {
+        UpdateState::trying(version, &self.running, now_ms(), &self.config.policy)
+    }
+}
+
+fn run_check(cmd: &Path, running: &str, state: &UpdateState) -> CheckResult {
+    let previous = match state {
+        UpdateState::Trying { previous, .. } => previous.clone(),
+        _ => String::new(),
+    };
+    let name = format!("check:{}", cmd.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    match std::process::Command::new(cmd).env("SHOAL_AGENT_VERSION", running).env("SHOAL_AGENT_PREVIOUS", previous).output() {
+        Ok(out) if out.status.success() => CheckResult { name, passed: true, detail: None },
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stderr).trim().chars().take(200).collect::<String>();
+            CheckResult { name, passed: false, detail: Some(format!("{}{}", out.status, if text.is_empty() { String::new() } else { format!(": {text}") })) }
+        }
+        Err(e) => CheckResult { name, passed: false, detail: Some(e.to_string()) },
+    }
+}
+
+/// Downloads the release on a new stream of `conn` into `paths.download`, checking size and hash as
+/// it streams (an overlong download stops at once), and fsyncs it.
+pub async fn download(conn: &quinn::Connection, paths: &UpdatePaths, manifest: &ReleaseManifest) -> Result<(), UpdateFailure> {
+    let mut check = BinaryCheck::new(manifest);
+    let fetch = |e: &dyn std::fmt::Display| UpdateFailure::Install(format!("download: {e}"));
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fetch(&e))?;
+    let req = FetchRelease { version: manifest.version.clone(), target: manifest.target.clone(), offset: 0 };
+    send_msg(&mut send, &req).await.map_err(|e| fetch(&e))?;
+    let _ = send.finish();
+    let mut file = fs::File::create(&paths.download).map_err(|e| install_error("creating", &paths.download, e))?;
+    loop {
+        let reply = tokio::time::timeout(Duration::from_secs(60), recv_msg::<FetchReply>(&mut recv)).await;
+        match reply {
+            Ok(Ok(Some(FetchReply::Chunk(chunk)))) => {
+                if chunk.offset != check.received() {
+                    return Err(fetch(&format!("chunk at {} while expecting {}", chunk.offset, check.received())));
+                }
+                check.update(&chunk.bytes)?;
+                file.write_all(&chunk.bytes).map_err(|e| install_error("writing", &paths.download, e))?;
+            }
+            Ok(Ok(Some(FetchReply::Error(e)))) => return Err(fetch(&format!("the controller says: {e}"))),
+            Ok(Ok(None)) => break,
+            // A stream that breaks off is a short download: the size check below says how short.
+            Ok(Err(e)) => {
+                warn!(cause = %e, received = check.received(), "release download broke off");
+                break;
+            }
+            Err(_) => {
+                warn!(received = check.received(), "release download stalled for 60 s");
+                break;
+            }
+        }
+    }
+    file.sync_all().map_err(|e| install_error("syncing", &paths.download, e))?;
+    check.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths(dir: &Path) -> UpdatePaths {
+        let bin = dir.join("bin");
+        fs::create_dir_all(&bin).expect("mkdir");
+        fs::write(bin.join("shoal-agent"), b"old binary").expect("write");
+        UpdatePaths::new(dir, bin.join("shoal-agent"))
+    }
+
+    #[test]
+    fn install_swaps_keeps_prev_records_trying_and_restore_brings_prev_back() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = paths(dir.path());
+        fs::write(&p.download, b"new binary").expect("download");
+        let trying = UpdateState::trying("0.2.0", "0.1.0", UnixMillis(1), &UpdatePolicy::default());
+        install(&p, &trying).expect("installed");
+        assert_eq!(fs::read(&p.exe).expect("exe"), b"new binary");
+        assert_eq!(fs::read(p.prev()).expect("prev"), b"old binary");
+        assert_eq!(fs::metadata(&p.exe).expect("meta").permissions().mode() & 0o777, 0o755);
+        assert_eq!(load_record(&p.record), Some(trying));
+        assert!(!p.download.exists() && !p.new_copy().exists());
+        assert!(restore_prev(&p).expect("restored"));
+        assert_eq!(fs::read(&p.exe).expect("exe"), b"old binary");
+        assert!(p.prev().exists(), "prev stays for a manual revert");
+    }
+
+    #[test]
+    fn a_failed_install_leaves_the_executable_alone() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = paths(dir.path());
+        // No download: the copy fails before anything changes.
+        let trying = UpdateState::trying("0.2.0", "0.1.0", UnixMillis(1), &UpdatePolicy::default());
+        let err = install(&p, &trying).expect_err("fails");
+        assert!(matches!(err, UpdateFailure::Install(_)), "{err}");
+        assert_eq!(fs::read(&p.exe).expect("exe"), b"old binary");
+        assert!(!p.prev().exists() && !p.new_copy().exists() && load_record(&p.record).is_none());
+    }
+
+    #[test]
+    fn without_a_key_every_offer_is_refused_and_reported() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = paths(dir.path());
+        let config = UpdaterConfig { exe: Some(p.exe.clone()), ..Default::default() };
+        let mut u = Updater::boot(config, dir.path(), "0.1.0");
+        assert_eq!(u.report().attempted, None);
+        let release = SignedRelease { manifest: b"{}".to_vec(), signature: vec![0; 64], key_id: "00".repeat(8) };
+        let report = u.offer("0.2.0", &release).expect_err("refused");
+        assert_eq!(report.failure, Some(UpdateFailure::NoTrustedKey));
+        assert_eq!((report.running.as_str(), report.attempted.as_deref()), ("0.1.0", Some("0.2.0")));
+        // The record survives a restart of the same binary and is still reported.
+        let u = Updater::boot(UpdaterConfig { exe: Some(p.exe.clone()), ..Default::default() }, dir.path(), "0.1.0");
+        assert_eq!(u.report().failure, Some(UpdateFailure::NoTrustedKey));
+    }
+
+    #[test]
+    fn a_new_version_counts_its_start_and_passes_its_checks_after_a_heartbeat() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = paths(dir.path());
+        let trying = UpdateState::trying("0.2.0", "0.1.0", now_ms(), &UpdatePolicy::default());
+        save_record(&p.record, &trying).expect("record");
+        let mut u = Updater::boot(UpdaterConfig { exe: Some(p.exe.clone()), ..Default::default() }, dir.path(), "0.2.0");
+        assert!(u.deadline().is_some());
+        assert_eq!(u.report().attempts, 1);
+        let report = u.heartbeat_sent().expect("settled");
+        assert_eq!(report.failure, None);
+        assert_eq!(report.checks.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["session", "heartbeat"]);
+        assert!(u.deadline().is_none() && u.heartbeat_sent().is_none());
+    }
+}

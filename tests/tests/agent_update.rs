@@ -1,0 +1,238 @@
+//! Agent self-updates end to end, as an operator sees them through `shoalctl release` and the event log:
+//! a controller with `--release-key` and real agents (each in its own network namespace, each running a
+//! copy of `shoal-agent` from an install directory of its own, since an update replaces that file).
+//!
+//! The "new version" is the same agent binary with its version slot patched (`shoal_agent::version`):
+//! a different file (different hash, signed separately) that reports a different version, made
+//! without a second cargo build, which in another target directory would rebuild every dependency.
+//!
+//! - a release with a bad signature is refused, the agent stays and says so;
+//! - a truncated download is refused, the agent stays and says so;
+//! - a good release is installed: the node runs and reports the new version, its checks passed,
+//!   `.prev` holds the old binary, and old and new agents work side by side;
+//! - a full disk during the swap (the install dir is a tiny tmpfs): the agent stays and reports why;
+//! - a new version that never passes its health check (`--update-check`) is rolled back by the agent
+//!   itself at the deadline, and the old binary reports the failed attempt.
+//!
+//! Needs root (skips with a reason otherwise, fails under CI) and `openssl`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+use shoal_tests::{eventually, require_host_tests, Fleet, FleetConfig, OrPanic};
+
+/// The bytes before the version slot in the agent binary (`shoal_agent::version::VERSION_SLOT_MAGIC`).
+const SLOT_MAGIC: &[u8; 16] = b"\0SHOALVERSLOT\x01\x02\0";
+const SLOT_LEN: usize = 64;
+const TIMEOUT: Duration = Duration::from_secs(60);
+const HEALTH_DEADLINE: &str = "15s";
+
+fn run(cmd: &mut Command) -> Result<Vec<u8>> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(out.stdout)
+}
+
+/// A copy of `agent` whose version slot says `version`.
+fn patched(agent: &Path, version: &str, out: &Path) -> Result<PathBuf> {
+    let mut bytes = std::fs::read(agent)?;
+    let hits: Vec<usize> = bytes.windows(16).enumerate().filter(|(_, w)| *w == *SLOT_MAGIC).map(|(i, _)| i).collect();
+    let [at] = hits[..] else { bail!("the version slot occurs {} times in {}", hits.len(), agent.display()) };
+    let slot = &mut bytes[at + 16..at + 16 + SLOT_LEN];
+    slot.fill(0);
+    slot[..version.len()].copy_from_slice(version.as_bytes());
+    let path = out.join(format!("shoal-agent-{version}"));
+    std::fs::write(&path, bytes)?;
+    Ok(path)
+}
+
+/// An install dir with a copy of the agent.
+fn install_dir(agent: &Path, dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let exe = dir.join("shoal-agent");
+    std::fs::copy(agent, &exe)?;
+    Ok(exe)
+}
+
+/// A tmpfs mounted at `dir`, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, bytes: u64) -> Result<Tmpfs> {
+        std::fs::create_dir_all(dir)?;
+        run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={bytes}")]).arg("tmpfs").arg(dir))?;
+        Ok(Tmpfs(dir.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The node's entry in `shoalctl release status`.
+fn status(fleet: &Fleet, node: &str) -> Result<Value> {
+    let list = fleet.ctl_json(&["release", "status"])?;
+    list.as_array()
+        .and_then(|l| l.iter().find(|u| u["node"] == node).cloned())
+        .with_context(|| format!("no update status for {node} in {list}"))
+}
+
+/// Waits until the node's report says it attempted `version` and shows a failure containing `needle`.
+fn wait_failure(fleet: &Fleet, node: &str, version: &str, needle: &str) -> Result<Value> {
+    eventually!(TIMEOUT, &format!("{node} reports the failed update to {version} ({needle})"), || {
+        let s = status(fleet, node)?;
+        let r = &s["report"];
+        ensure!(r["attempted"] == version, "not yet: {s}");
+        let failure = s["failure"].as_str().unwrap_or_default();
+        ensure!(failure.contains(needle), "failure is {failure:?}, want {needle:?}: {s}");
+        Ok(s)
+    })
+}
+
+fn has_event(fleet: &Fleet, kind: &str, node: &str, needle: &str) -> Result<()> {
+    let events = fleet.events()?;
+    ensure!(
+        events.iter().any(|e| e["kind"] == kind && e["node"] == node && e["message"].as_str().is_some_and(|m| m.contains(needle))),
+        "no {kind} event for {node} containing {needle:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn agents_update_themselves_refuse_bad_releases_and_roll_back_unhealthy_ones() {
+    require_host_tests!();
+    scenario().or_panic();
+}
+
+fn scenario() -> Result<()> {
+    let work = tempfile::Builder::new().prefix("shoal-update-").tempdir()?;
+    let w = work.path();
+    let key = w.join("release.pem");
+    run(Command::new("openssl").args(["genpkey", "-algorithm", "ed25519", "-out"]).arg(&key))?;
+    let der = run(Command::new("openssl").args(["pkey", "-pubout", "-outform", "DER", "-in"]).arg(&key))?;
+    ensure!(der.len() >= 32, "short public key");
+    let public_hex: String = der[der.len() - 32..].iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(w.join("release.pub"), format!("{public_hex}\n"))?;
+
+    let bins = shoal_tests::bins::Bins::locate()?;
+    let original = bins.agent.clone();
+    let check = w.join("check.sh");
+    // The health check an operator might add; this one refuses the version built to be bad.
+    std::fs::write(&check, "#!/bin/sh\nif [ \"$SHOAL_AGENT_VERSION\" = 0.9.3-bad ]; then echo 'this build is broken' >&2; exit 1; fi\n")?;
+    std::fs::set_permissions(&check, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+
+    let mut cfg = FleetConfig::fast().agents(0);
+    cfg.wait_up = false;
+    cfg.controller_args = vec!["--release-key".into(), w.join("release.pub").display().to_string()];
+    let mut fleet = Fleet::start(cfg)?;
+    let token = fleet.create_token(&["--ttl", "1h", "--uses", "3"])?;
+    let common = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["--no-drives", "--release-key", &public_hex, "--update-health-deadline", HEALTH_DEADLINE]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+
+    // Agent 1: a normal install dir. Agent 2: its install dir is a tmpfs with room for one binary
+    // only. Agent 3: runs an extra health check the bad build fails.
+    let exe1 = install_dir(&original, &w.join("a1"))?;
+    fleet.config_mut().agent_program = Some(exe1.clone());
+    fleet.config_mut().agent_args = common(&[]);
+    fleet.add_agent(&token)?;
+    let size = std::fs::metadata(&original)?.len();
+    let _tmpfs = Tmpfs::mount(&w.join("a2"), size + (1 << 20))?;
+    let exe2 = install_dir(&original, &w.join("a2"))?;
+    fleet.config_mut().agent_program = Some(exe2.clone());
+    fleet.add_agent(&token)?;
+    let exe3 = install_dir(&original, &w.join("a3"))?;
+    fleet.config_mut().agent_program = Some(exe3.clone());
+    fleet.config_mut().agent_args = common(&["--update-check", &check.display().to_string()]);
+    fleet.add_agent(&token)?;
+    fleet.wait_all_up(TIMEOUT)?;
+    let (n1, n2, n3) = (fleet.node_id(0)?, fleet.node_id(1)?, fleet.node_id(2)?);
+    let old_version = status(&fleet, &n1)?["report"]["running"].as_str().context("running")?.to_owned();
+
+    // Releases: each version its own patched binary, signed here.
+    for v in ["0.9.0-good", "0.9.1-trunc", "0.9.2-badsig", "0.9.3-bad"] {
+        let bin = patched(&original, v, w)?;
+        let out = fleet.ctl_ok(&["release", "add", &bin.display().to_string(), "--version", v, "--key", &key.display().to_string()])?;
+        ensure!(out.contains(&format!("added agent release {v}")), "{out}");
+    }
+    let list = fleet.ctl_json(&["release", "list"])?;
+    let target = list[0]["target"].as_str().context("target")?.to_owned();
+    ensure!(list.as_array().map(Vec::len) == Some(4), "{list}");
+    // Damage two stored releases the way a disk or a person might.
+    let stored = |v: &str, f: &str| fleet.data_dir().join("releases").join(v).join(&target).join(f);
+    let mut sig = std::fs::read(stored("0.9.2-badsig", "manifest.sig"))?;
+    sig[10] ^= 0x55;
+    std::fs::write(stored("0.9.2-badsig", "manifest.sig"), sig)?;
+    let trunc = stored("0.9.1-trunc", "agent");
+    std::fs::File::options().write(true).open(&trunc)?.set_len(size / 2)?;
+
+    // Bad signature: refused before any download; the agent stays.
+    fleet.ctl_ok(&["release", "offer", &n1, "--version", "0.9.2-badsig"])?;
+    let s = wait_failure(&fleet, &n1, "0.9.2-badsig", "signature does not verify")?;
+    ensure!(s["report"]["running"] == old_version.as_str(), "{s}");
+    has_event(&fleet, "agent_update_failed", &n1, "0.9.2-badsig")?;
+
+    // Truncated download: refused after it; the agent stays.
+    fleet.ctl_ok(&["release", "offer", &n1, "--version", "0.9.1-trunc"])?;
+    let s = wait_failure(&fleet, &n1, "0.9.1-trunc", "download truncated")?;
+    ensure!(s["report"]["running"] == old_version.as_str(), "{s}");
+    ensure!(std::fs::read(&exe1)? == std::fs::read(&original)?, "the executable must be untouched");
+
+    // A good release: installed, re-executed, healthy, reported.
+    fleet.ctl_ok(&["release", "offer", &n1, "--version", "0.9.0-good"])?;
+    let s = eventually!(TIMEOUT, "agent 1 runs 0.9.0-good and its checks passed", || {
+        let s = status(&fleet, &n1)?;
+        let r = &s["report"];
+        ensure!(r["running"] == "0.9.0-good" && r["failure"].is_null(), "not yet: {s}");
+        let checks = r["checks"].as_array().context("checks")?;
+        ensure!(!checks.is_empty() && checks.iter().all(|c| c["passed"] == true), "checks: {s}");
+        Ok(s)
+    })?;
+    ensure!(s["report"]["attempts"] == 1, "one start: {s}");
+    has_event(&fleet, "agent_update_succeeded", &n1, "0.9.0-good")?;
+    ensure!(std::fs::read(w.join("a1/shoal-agent.prev"))? == std::fs::read(&original)?, "the old binary is kept as .prev");
+    let node = fleet.nodes()?.into_iter().find(|n| n["id"] == n1.as_str()).context("node 1")?;
+    ensure!(node["agent_version"] == "0.9.0-good", "{node}");
+
+    // Disk full during the swap: the copy beside the executable does not fit.
+    fleet.ctl_ok(&["release", "offer", &n2, "--version", "0.9.0-good"])?;
+    let s = wait_failure(&fleet, &n2, "0.9.0-good", "No space left on device")?;
+    ensure!(s["report"]["running"] == old_version.as_str(), "{s}");
+    ensure!(std::fs::read(&exe2)? == std::fs::read(&original)?, "the executable must be untouched");
+
+    // A new version that never becomes healthy: rolled back by the agent at the deadline.
+    fleet.ctl_ok(&["release", "offer", &n3, "--version", "0.9.3-bad"])?;
+    let s = eventually!(TIMEOUT + Duration::from_secs(30), "agent 3 rolled back from 0.9.3-bad", || {
+        let s = status(&fleet, &n3)?;
+        let r = &s["report"];
+        ensure!(r["attempted"] == "0.9.3-bad" && r["running"] == old_version.as_str(), "not yet: {s}");
+        ensure!(s["failure"].as_str().is_some_and(|f| f.contains("rolled back")), "not yet: {s}");
+        Ok(s)
+    })?;
+    let checks = s["report"]["checks"].as_array().context("checks")?;
+    ensure!(checks.iter().any(|c| c["passed"] == false && c["detail"].as_str().is_some_and(|d| d.contains("broken"))), "{s}");
+    ensure!(s["report"]["attempts"].as_u64() >= Some(1), "{s}");
+    has_event(&fleet, "agent_update_rolled_back", &n3, "0.9.3-bad")?;
+    ensure!(std::fs::read(&exe3)? == std::fs::read(&original)?, "the original binary is back");
+
+    // Old and new versions side by side, all up.
+    fleet.wait_all_up(TIMEOUT)?;
+    let versions: Vec<String> = fleet.nodes()?.iter().map(|n| n["agent_version"].as_str().unwrap_or_default().to_owned()).collect();
+    ensure!(versions.contains(&"0.9.0-good".to_owned()) && versions.contains(&old_version), "{versions:?}");
+    fleet.check_running()?;
+    println!("{}", fleet.ctl_ok(&["release", "status"])?);
+    for e in fleet.events()?.iter().filter(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("agent_update") || k == "release_added")) {
+        println!("{} {}", e["kind"], e["message"]);
+    }
+    Ok(())
+}
