@@ -97,6 +97,10 @@ pub enum UpdateNotice {
         node: NodeId,
         /// The report.
         report: UpdateReport,
+        /// Whether the report is news: it differs from the last one this controller holds for the
+        /// node, or it is the first report since a newer offer (a repeated refusal of a new offer).
+        /// An agent resends its last report at every session start; such a repeat is not fresh.
+        fresh: bool,
     },
 }
 
@@ -232,12 +236,13 @@ impl Controller {
     /// Records a report; appends an event when its outcome is new. Blocking (store).
     pub(crate) fn update_reported(&self, node: &NodeId, report: UpdateReport) {
         let now = now_ms();
-        let previous = {
+        let (previous, after_offer) = {
             let mut map = self.agent_updates_mut();
             let entry = map.entry(node.clone()).or_default();
+            let after_offer = matches!((&entry.offered, entry.reported_at), (Some((_, offered)), Some(at)) if *offered > at);
             let previous = entry.report.replace(report.clone());
             entry.reported_at = Some(now);
-            previous
+            (previous, after_offer)
         };
         let previous = previous.or_else(|| {
             self.store.get_meta(&meta_key(node)).ok().flatten().and_then(|b| postcard::from_bytes(&b).ok())
@@ -251,6 +256,7 @@ impl Controller {
         } else {
             debug!(node = %node, running = %report.running, "update report unchanged");
         }
+        let fresh = previous.as_ref() != Some(&report) || after_offer;
         if previous.as_ref() != Some(&report) {
             if let Ok(bytes) = postcard::to_allocvec(&report) {
                 if let Err(e) = self.store.put_meta(&meta_key(node), &bytes) {
@@ -258,7 +264,7 @@ impl Controller {
                 }
             }
         }
-        let _ = self.update_notices.send(UpdateNotice::Reported { node: node.clone(), report });
+        let _ = self.update_notices.send(UpdateNotice::Reported { node: node.clone(), report, fresh });
     }
 
     fn agent_updates_mut(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<NodeId, AgentUpdate>> {
@@ -381,7 +387,7 @@ mod tests {
         ctl.update_reported(&new, ok.clone());
         ctl.update_reported(&new, ok.clone());
         assert_eq!(notices.try_recv().ok(), Some(UpdateNotice::Acknowledged { node: new.clone(), version: "0.2.0".into() }));
-        assert_eq!(notices.try_recv().ok(), Some(UpdateNotice::Reported { node: new.clone(), report: ok.clone() }));
+        assert_eq!(notices.try_recv().ok(), Some(UpdateNotice::Reported { node: new.clone(), report: ok.clone(), fresh: true }));
         let facts = ctl.agent_update(&new).expect("facts");
         assert_eq!((facts.offered.map(|o| o.0), facts.acknowledged, facts.report), (Some("0.2.0".into()), Some("0.2.0".into()), Some(ok)));
         assert!(matches!(ctl.revert_agent(&old, "test"), Err(UpdateError::AgentTooOld { .. })));

@@ -55,6 +55,7 @@ use crate::{
     windows::{AlwaysOpen, Window, WindowCheck, WindowError, WindowRecord},
 };
 
+pub mod agent;
 pub mod api;
 pub mod image;
 pub mod view;
@@ -760,18 +761,31 @@ impl Controller {
     /// The fleet as a rollout of `target` sees it; `busy` = in flight in another rollout.
     fn observe(&self, target: &Target, busy: &BTreeSet<NodeId>) -> Result<Fleet, StoreError> {
         let records = self.store.nodes()?;
+        // Agent targets: a v4 agent's health is its latest update report (see `agent::report_healthy`).
+        let reports: BTreeMap<NodeId, shoal_proto::UpdateReport> = match target {
+            Target::Agent(_) => self.agent_updates().into_iter().filter_map(|(n, u)| Some((n, u.report?))).collect(),
+            _ => BTreeMap::new(),
+        };
         let live = self.live();
         Ok(records
             .into_iter()
             .map(|rec| {
-                let up = live.conns.get(&rec.id).is_some_and(|c| c.protocol.is_some());
+                let protocol = live.conns.get(&rec.id).and_then(|c| c.protocol);
+                let up = protocol.is_some();
+                // A v4 agent reports its health checks (at every session start and on change): until
+                // the report for the version it runs has arrived it is not healthy yet. Older agents
+                // and images: a connected node counts as healthy.
+                let healthy = match target {
+                    Target::Agent(_) if protocol.is_some_and(|p| p >= crate::agent_updates::UPDATE_PROTOCOL) => reports
+                        .get(&rec.id)
+                        .is_some_and(|r| r.running == rec.agent_version && agent::report_healthy(r)),
+                    _ => true,
+                };
                 let o = Observed {
                     version: observed_version(target, &rec),
                     labels: rec.labels.clone(),
                     up,
-                    // Health checks of an update arrive with the agent's update reports; a connected
-                    // node counts as healthy.
-                    healthy: true,
+                    healthy,
                     busy: busy.contains(&rec.id),
                 };
                 (rec.id, o)
@@ -872,7 +886,8 @@ impl Controller {
                         NodePhase::RollingBack { .. } => version != target.version(),
                         _ => false,
                     };
-                    (back && o.up).then(|| Event::Reported { node: node.clone(), version, health: ReportedHealth::Healthy })
+                    (back && o.up && o.healthy)
+                        .then(|| Event::Reported { node: node.clone(), version, health: ReportedHealth::Healthy })
                 })
                 .collect();
             for ev in news {

@@ -234,7 +234,7 @@ impl Controller {
         let releases = crate::release_store::ReleaseStore::open(config.data_dir.join("releases"), release_keys)
             .map_err(|e| ServeError::Releases(e.to_string()))?;
         let (transitions, transitions_rx) = mpsc::unbounded_channel();
-        Ok(Arc::new(Controller {
+        let controller = Arc::new(Controller {
             releases,
             agent_updates: Mutex::new(HashMap::new()),
             update_notices: tokio::sync::broadcast::channel(256).0,
@@ -249,7 +249,9 @@ impl Controller {
             overlay,
             drives,
             maint,
-        }))
+        });
+        controller.install_agent_upgrader();
+        Ok(controller)
     }
 
     /// The QUIC stateless-reset key, kept in the store: after a restart the controller can still reset
@@ -420,6 +422,7 @@ pub async fn run(
 
     let sweeper = tokio::spawn(sweep(controller.clone()));
     let rollouts = tokio::spawn(crate::maintenance::run_driver(controller.clone(), controller.config.rollout_tick));
+    let agent_notices = tokio::spawn(crate::maintenance::agent::forward_agent_updates(controller.clone()));
     let recorder = controller
         .transitions_rx
         .lock()
@@ -446,6 +449,7 @@ pub async fn run(
     }
     sweeper.abort();
     rollouts.abort();
+    agent_notices.abort();
     if let Some((probe_endpoint, task)) = probe {
         probe_endpoint.close(close_code::DONE.into(), b"controller shutting down");
         task.abort();

@@ -27,7 +27,7 @@ use shoal_controller::{
 };
 use shoal_overlay::{pki, recv_msg, send_msg, tls};
 use shoal_proto::{
-    AgentMsg, ControllerMsg, EnrolRequest, HardwareId, HardwareIdSource, Hello, NodeId, SUPPORTED,
+    AgentMsg, CheckResult, ControllerMsg, EnrolRequest, HardwareId, HardwareIdSource, Hello, NodeId, UpdateReport, SUPPORTED,
 };
 use tokio::sync::{oneshot, watch};
 
@@ -117,12 +117,17 @@ impl Fleet {
         udp: std::net::UdpSocket,
         tcp: std::net::TcpListener,
         clock: RolloutClock,
+        upgrader: Option<Arc<FakeUpgrader>>,
     ) -> (Arc<Controller>, oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), server::ServeError>>, AdminClient) {
         let mut config = ControllerConfig::new(dir.to_owned());
         config.rollout_tick = Duration::from_millis(100);
         config.rollout_clock = clock;
         let api = tcp.local_addr().unwrap();
         let controller = tokio::task::spawn_blocking(move || Controller::open(config, api)).await.unwrap().unwrap();
+        // Installed before the driver's first pass (`open` installs the real agent executor).
+        if let Some(upgrader) = upgrader {
+            controller.set_upgrader(TargetKind::Agent, upgrader);
+        }
         let (stop, stopped) = oneshot::channel::<()>();
         let conf = AdminConf::read(&dir.join(ADMIN_CONF_FILE)).unwrap();
         let client = AdminClient::new(&conf).unwrap();
@@ -144,7 +149,7 @@ impl Fleet {
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let quic = udp.local_addr().unwrap();
         let api = tcp.local_addr().unwrap();
-        let (controller, stop, task, client) = Fleet::run_controller(dir.path(), udp, tcp, clock.clone()).await;
+        let (controller, stop, task, client) = Fleet::run_controller(dir.path(), udp, tcp, clock.clone(), None).await;
         let wanted: Wanted = Arc::default();
         let ca_der = ca::pem_to_der(&std::fs::read_to_string(dir.path().join(ca::CA_CERT_FILE)).unwrap()).unwrap();
         let token = {
@@ -180,8 +185,7 @@ impl Fleet {
         let (quic, api) = (self.quic, self.api);
         let udp = eventually(PROMPT, "the QUIC port is free again", || async move { std::net::UdpSocket::bind(quic).ok() }).await;
         let tcp = eventually(PROMPT, "the API port is free again", || async move { std::net::TcpListener::bind(api).ok() }).await;
-        let (controller, stop, task, client) = Fleet::run_controller(self.dir.path(), udp, tcp, self.clock.clone()).await;
-        controller.set_upgrader(TargetKind::Agent, self.upgrader.clone());
+        let (_controller, stop, task, client) = Fleet::run_controller(self.dir.path(), udp, tcp, self.clock.clone(), Some(self.upgrader.clone())).await;
         (self.stop, self.task, self.client) = (Some(stop), Some(task), client);
     }
 
@@ -241,8 +245,12 @@ async fn fake_node(quic: SocketAddr, ca_der: &[u8], token: &str, machine: &str, 
                 let Ok(connecting) = endpoint.connect_with(cfg, quic, tls::controller_server_name()) else { return };
                 let connected = async {
                     let conn = connecting.await.ok()?;
-                    let (mut send, recv) = conn.open_bi().await.ok()?;
+                    let (mut send, mut recv) = conn.open_bi().await.ok()?;
                     send_msg(&mut send, &hello(&version)).await.ok()?;
+                    // A protocol-4 agent reports its update state after Welcome; the driver takes its
+                    // health from it.
+                    let _welcome: ControllerMsg = recv_msg(&mut recv).await.ok()??;
+                    send_msg(&mut send, &AgentMsg::UpdateReport(update_report(&version))).await.ok()?;
                     Some((conn, send, recv))
                 };
                 let Some((conn, _send, mut recv)) = connected.await else {
@@ -268,6 +276,17 @@ async fn fake_node(quic: SocketAddr, ca_der: &[u8], token: &str, machine: &str, 
         }
     });
     enrolled.node_id
+}
+
+/// What a healthy agent running `version` reports: after an update to it, its checks passed.
+fn update_report(version: &str) -> UpdateReport {
+    UpdateReport {
+        running: version.to_owned(),
+        attempted: (version != OLD).then(|| version.to_owned()),
+        attempts: 1,
+        checks: vec![CheckResult { name: "session".into(), passed: true, detail: None }],
+        failure: None,
+    }
 }
 
 /// The most rollout nodes down at once, replayed from the event log.
