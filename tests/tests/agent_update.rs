@@ -12,7 +12,9 @@
 //!   `.prev` holds the old binary, and old and new agents work side by side;
 //! - a full disk during the swap (the install dir is a tiny tmpfs): the agent stays and reports why;
 //! - a new version that never passes its health check (`--update-check`) is rolled back by the agent
-//!   itself at the deadline, and the old binary reports the failed attempt.
+//!   itself at the deadline, and the old binary reports the failed attempt;
+//! - `shoalctl upgrade start --agent` rolls a release over all three, one at a time: the healthy ones
+//!   succeed on their reports, the one whose disk is too small is failed as refused and stays.
 //!
 //! Needs root (skips with a reason otherwise, fails under CI) and `openssl`.
 
@@ -130,7 +132,7 @@ fn scenario() -> Result<()> {
     cfg.wait_up = false;
     cfg.controller_args = vec!["--release-key".into(), w.join("release.pub").display().to_string()];
     let mut fleet = Fleet::start(cfg)?;
-    let token = fleet.create_token(&["--ttl", "1h", "--uses", "3"])?;
+    let token = fleet.create_token(&["--ttl", "1h", "--uses", "3", "--label", "pool=update"])?;
     let common = |extra: &[&str]| -> Vec<String> {
         let mut a: Vec<String> = ["--no-drives", "--release-key", &public_hex, "--update-health-deadline", HEALTH_DEADLINE]
             .iter()
@@ -160,14 +162,14 @@ fn scenario() -> Result<()> {
     let old_version = status(&fleet, &n1)?["report"]["running"].as_str().context("running")?.to_owned();
 
     // Releases: each version its own patched binary, signed here.
-    for v in ["0.9.0-good", "0.9.1-trunc", "0.9.2-badsig", "0.9.3-bad"] {
+    for v in ["0.9.0-good", "0.9.1-trunc", "0.9.2-badsig", "0.9.3-bad", "0.9.4-roll"] {
         let bin = patched(&original, v, w)?;
         let out = fleet.ctl_ok(&["release", "add", &bin.display().to_string(), "--version", v, "--key", &key.display().to_string()])?;
         ensure!(out.contains(&format!("added agent release {v}")), "{out}");
     }
     let list = fleet.ctl_json(&["release", "list"])?;
     let target = list[0]["target"].as_str().context("target")?.to_owned();
-    ensure!(list.as_array().map(Vec::len) == Some(4), "{list}");
+    ensure!(list.as_array().map(Vec::len) == Some(5), "{list}");
     // Damage two stored releases the way a disk or a person might.
     let stored = |v: &str, f: &str| fleet.data_dir().join("releases").join(v).join(&target).join(f);
     let mut sig = std::fs::read(stored("0.9.2-badsig", "manifest.sig"))?;
@@ -230,6 +232,34 @@ fn scenario() -> Result<()> {
     let versions: Vec<String> = fleet.nodes()?.iter().map(|n| n["agent_version"].as_str().unwrap_or_default().to_owned()).collect();
     ensure!(versions.contains(&"0.9.0-good".to_owned()) && versions.contains(&old_version), "{versions:?}");
     fleet.check_running()?;
+
+    // A rolling upgrade of all three through the same path: agents 1 and 3 update and pass their
+    // checks; agent 2's disk is still too small, so it refuses and stays (failed, nothing to roll back).
+    let out = fleet.ctl_ok(&[
+        "upgrade", "start", "--agent", "0.9.4-roll", "--selector", "pool=update", "--max-unavailable", "1", "--max-failures", "3",
+    ])?;
+    println!("{out}");
+    let r = eventually!(TIMEOUT * 2, "the rollout of 0.9.4-roll finishes", || {
+        let r = fleet.ctl_json(&["upgrade", "status"])?;
+        ensure!(r["finished"] == true, "not yet: {r}");
+        Ok(r)
+    })?;
+    let phase = |n: &str| -> Result<Value> {
+        r["nodes"].as_array().and_then(|l| l.iter().find(|x| x["node"] == n).cloned()).with_context(|| format!("{n} in {r}"))
+    };
+    for n in [&n1, &n3] {
+        ensure!(phase(n)?["phase"] == "succeeded", "{n}: {r}");
+        has_event(&fleet, "node_upgrade_succeeded", n, "")?;
+    }
+    let p2 = phase(&n2)?;
+    ensure!(p2["phase"] == "failed" && p2["detail"].as_str().is_some_and(|d| d.contains("No space left")), "{p2}");
+    ensure!(std::fs::read(&exe2)? == std::fs::read(&original)?, "agent 2's executable must be untouched");
+    fleet.wait_all_up(TIMEOUT)?;
+    let nodes = fleet.nodes()?;
+    let version_of = |n: &str| nodes.iter().find(|x| x["id"] == n).map(|x| x["agent_version"].clone()).unwrap_or_default();
+    ensure!(version_of(&n1) == "0.9.4-roll" && version_of(&n3) == "0.9.4-roll", "{nodes:?}");
+    ensure!(version_of(&n2) == old_version.as_str(), "{nodes:?}");
+    println!("{}", fleet.ctl_ok(&["upgrade", "status"])?);
     println!("{}", fleet.ctl_ok(&["release", "status"])?);
     for e in fleet.events()?.iter().filter(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("agent_update") || k == "release_added")) {
         println!("{} {}", e["kind"], e["message"]);
