@@ -30,6 +30,7 @@ use crate::{
     inventory::{self, SysRoots},
     session::{AgentSession, End, Mode, Output, Timing},
     state::{Credentials, StateDir, StateError},
+    reboot::{self, RebootConfig},
     updater::{self, Updater, UpdaterConfig},
 };
 
@@ -68,6 +69,8 @@ pub struct AgentConfig {
     pub drives: Option<DrivesConfig>,
     /// Self-update settings (default: no trusted release key, so every update is refused).
     pub update: UpdaterConfig,
+    /// Remote reboot settings (default: allowed; kexec when loaded, else `reboot(2)`).
+    pub reboot: RebootConfig,
 }
 
 impl AgentConfig {
@@ -89,6 +92,7 @@ impl AgentConfig {
             overlay_enabled: true,
             drives: Some(DrivesConfig::default()),
             update: UpdaterConfig::default(),
+            reboot: RebootConfig::default(),
         }
     }
 }
@@ -125,6 +129,9 @@ pub enum AgentError {
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
 }
+
+/// How long an acknowledged reboot waits, for the acknowledgement to reach the controller.
+const REBOOT_GRACE: Duration = Duration::from_secs(1);
 
 fn now_ms() -> UnixMillis {
     UnixMillis(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
@@ -320,6 +327,8 @@ enum ShellEvent {
         /// Installed (re-execute now), or why not.
         result: Result<(), shoal_proto::UpdateFailure>,
     },
+    /// An acknowledged reboot did not happen.
+    RebootFailed(String),
 }
 
 /// The overlay's state in the shell: it outlives control connections.
@@ -513,6 +522,10 @@ impl Shell<'_> {
             ShellEvent::Update { version, result: Err(failure) } => {
                 let report = lock(&self.updater).failed(&version, failure);
                 (ready && self.updates).then_some(AgentMsg::UpdateReport(report))
+            }
+            ShellEvent::RebootFailed(reason) => {
+                warn!(%reason, "the reboot did not happen");
+                (ready && self.updates).then_some(AgentMsg::RebootRefused { reason })
             }
             ShellEvent::Drives(DriveEvent::Report(report)) => {
                 self.drives.last = Some(report.clone());
@@ -751,6 +764,29 @@ impl Shell<'_> {
                         }
                         Ok(false) => warn!("no previous binary to revert to"),
                         Err(e) => warn!(cause = %e, "could not restore the previous binary"),
+                    }
+                }
+                Output::Update(ControllerMsg::Reboot { reason, prefer_kexec }) => {
+                    match reboot::decide(&self.config.reboot, prefer_kexec) {
+                        Err(refusal) => {
+                            warn!(%reason, %refusal, "the controller asks to reboot; refused");
+                            send_msg(send, &AgentMsg::RebootRefused { reason: refusal }).await?;
+                        }
+                        Ok(method) => {
+                            warn!(%reason, %method, "the controller asks to reboot; rebooting");
+                            send_msg(send, &AgentMsg::RebootAck { method: method.to_string() }).await?;
+                            let events = self.overlay.events.clone();
+                            tokio::spawn(async move {
+                                // Give the acknowledgement a moment to leave before the machine goes down.
+                                tokio::time::sleep(REBOOT_GRACE).await;
+                                let result = tokio::task::spawn_blocking(move || reboot::execute(&method))
+                                    .await
+                                    .unwrap_or_else(|e| Err(e.to_string()));
+                                if let Err(e) = result {
+                                    let _ = events.send(ShellEvent::RebootFailed(e));
+                                }
+                            });
+                        }
                     }
                 }
                 Output::Update(_) => {}

@@ -13,6 +13,7 @@ pub mod inventory;
 pub mod overlay;
 pub mod release;
 pub mod prepare;
+pub mod reboot;
 pub mod session;
 pub mod smart;
 pub mod state;

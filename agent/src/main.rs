@@ -72,6 +72,14 @@ struct Cli {
     /// SHOAL_AGENT_PREVIOUS set); exit 0 passes.
     #[arg(long, value_name = "PATH")]
     update_check: Option<PathBuf>,
+    /// A shell command run when the controller asks this node to reboot, instead of `kexec -e` (used
+    /// when a kexec kernel is loaded) or the reboot(2) syscall after sync.
+    #[arg(long, value_name = "CMD")]
+    reboot_command: Option<String>,
+    /// Refuse the controller's reboot requests (an image rollout then fails this node at its deadline
+    /// and restores its previous image assignment).
+    #[arg(long)]
+    no_remote_reboot: bool,
 }
 
 fn main() -> ExitCode {
@@ -139,6 +147,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     config.update.policy = shoal_agent::update::UpdatePolicy { health_deadline: cli.update_health_deadline, max_attempts: cli.update_max_starts };
     config.update.check_command = cli.update_check;
+    config.reboot.command = cli.reboot_command;
+    config.reboot.allowed = !cli.no_remote_reboot;
     // One thread: the agent's work is a few messages a minute, and idle memory matters on small nodes.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(daemon::run(config, shutdown_signal()))?;

@@ -41,7 +41,7 @@ pub enum Output {
     Drives(ControllerMsg),
     /// (protocol 4) The controller speaks updates: send the current update report.
     SendUpdateReport,
-    /// (protocol 4) An update message for the updater: UpdateAgent or RevertAgent.
+    /// (protocol 4) An update message for the updater: UpdateAgent, RevertAgent or Reboot.
     Update(ControllerMsg),
     /// The session is over.
     End(End),
@@ -202,7 +202,10 @@ impl AgentSession {
             {
                 vec![Output::Drives(msg)]
             }
-            (State::Ready, msg @ (ControllerMsg::UpdateAgent { .. } | ControllerMsg::RevertAgent { .. }))
+            (
+                State::Ready,
+                msg @ (ControllerMsg::UpdateAgent { .. } | ControllerMsg::RevertAgent { .. } | ControllerMsg::Reboot { .. }),
+            )
                 if self.speaks_updates() =>
             {
                 vec![Output::Update(msg)]
@@ -372,6 +375,8 @@ mod tests {
         let out = s.handle(t0, UnixMillis(0), w);
         assert_eq!(out.last(), Some(&Output::SendUpdateReport), "{out:?}");
         assert_eq!(s.handle(t0, UnixMillis(0), offer.clone()), vec![Output::Update(offer.clone())]);
+        let reboot = ControllerMsg::Reboot { reason: "image".into(), prefer_kexec: true };
+        assert_eq!(s.handle(t0, UnixMillis(0), reboot.clone()), vec![Output::Update(reboot)]);
         let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: UnixMillis(3_600_000) }, timing());
         let mut w = welcome(10_000);
         if let ControllerMsg::Welcome(w) = &mut w {

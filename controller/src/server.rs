@@ -251,6 +251,7 @@ impl Controller {
             maint,
         });
         controller.install_agent_upgrader();
+        controller.install_agent_rebooter();
         Ok(controller)
     }
 
@@ -902,6 +903,13 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
         Action::UpdateAck { version } => {
             if let Some(node) = session.node() {
                 controller.update_acknowledged(node, version);
+            }
+            vec![]
+        }
+        Action::RebootAnswer(answer) => {
+            if let Some(node) = session.node().cloned() {
+                let c = controller.clone();
+                let _ = tokio::task::spawn_blocking(move || c.reboot_answered(&node, answer)).await;
             }
             vec![]
         }

@@ -50,6 +50,9 @@ pub enum Action {
     },
     /// (v4) The agent's update report: record it and tell whoever waits (the rollout driver).
     UpdateReport(shoal_proto::UpdateReport),
+    /// (v4) The agent's answer to [`ControllerMsg::Reboot`]: `Ok(method)` it reboots now, `Err(reason)`
+    /// it refused.
+    RebootAnswer(Result<String, String>),
     /// Close the connection, after sending anything queued before it.
     Close(CloseKind, String),
 }
@@ -192,9 +195,16 @@ impl Session {
                     AgentMsg::Drives(d) => vec![Action::Drives(d)],
                     AgentMsg::DriveCommandResult(r) => vec![Action::DriveCommandResult(r)],
                     // Update messages exist from protocol 4.
-                    AgentMsg::UpdateAck { .. } | AgentMsg::UpdateReport(_) if self.version < Some(4) => {
-                        self.reject(RejectCode::Protocol, "update messages need protocol 4")
+                    AgentMsg::UpdateAck { .. }
+                    | AgentMsg::UpdateReport(_)
+                    | AgentMsg::RebootAck { .. }
+                    | AgentMsg::RebootRefused { .. }
+                        if self.version < Some(4) =>
+                    {
+                        self.reject(RejectCode::Protocol, "update and reboot messages need protocol 4")
                     }
+                    AgentMsg::RebootAck { method } => vec![Action::RebootAnswer(Ok(method))],
+                    AgentMsg::RebootRefused { reason } => vec![Action::RebootAnswer(Err(reason))],
                     AgentMsg::UpdateAck { version } => vec![Action::UpdateAck { version }],
                     AgentMsg::UpdateReport(r) => vec![Action::UpdateReport(r)],
                     AgentMsg::Hello(_) => self.reject(RejectCode::Protocol, "Hello sent twice"),
@@ -306,6 +316,10 @@ mod tests {
         assert_eq!(s.version(), Some(3), "a v3 agent talks v3 with a v4 controller");
         assert!(matches!(&s.handle(UnixMillis(2), AgentMsg::Drives(Default::default()))[..], [Action::Drives(_)]));
         assert_eq!(rejected(&s.handle(UnixMillis(3), report())), Some(RejectCode::Protocol));
+        let mut s = Session::new(config(), Some(NodeId("n1".into())));
+        s.handle(UnixMillis(1), hello(1, 3));
+        let refused = s.handle(UnixMillis(2), AgentMsg::RebootRefused { reason: "no".into() });
+        assert_eq!(rejected(&refused), Some(RejectCode::Protocol), "a v3 session has no reboot answers");
 
         let mut s = Session::new(config(), Some(NodeId("n1".into())));
         s.handle(UnixMillis(1), hello(1, 4));
@@ -313,6 +327,10 @@ mod tests {
         assert!(matches!(&s.handle(UnixMillis(2), report())[..], [Action::UpdateReport(_)]));
         let ack = s.handle(UnixMillis(3), AgentMsg::UpdateAck { version: "0.2.0".into() });
         assert_eq!(ack, vec![Action::UpdateAck { version: "0.2.0".into() }]);
+        let ack = s.handle(UnixMillis(4), AgentMsg::RebootAck { method: "kexec -e".into() });
+        assert_eq!(ack, vec![Action::RebootAnswer(Ok("kexec -e".into()))]);
+        let no = s.handle(UnixMillis(5), AgentMsg::RebootRefused { reason: "--no-remote-reboot".into() });
+        assert_eq!(no, vec![Action::RebootAnswer(Err("--no-remote-reboot".into()))]);
     }
 
     #[test]

@@ -332,6 +332,12 @@ pub enum EventKind {
     AgentUpdateFailed,
     /// A node's new version did not become healthy and the node went back to its previous binary.
     AgentUpdateRolledBack,
+    /// The controller asked a node to reboot (to netboot a newly assigned image).
+    NodeRebootRequested,
+    /// A node acknowledged a reboot request and is rebooting.
+    NodeRebooting,
+    /// A node refused a reboot request (`--no-remote-reboot`, or the reboot could not start).
+    NodeRebootRefused,
 }
 
 /// One entry of the fleet's event log.

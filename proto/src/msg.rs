@@ -51,6 +51,17 @@ pub enum AgentMsg {
     /// (v4) What the agent booted and how its last update went; sent after every Welcome and whenever
     /// it changes.
     UpdateReport(UpdateReport),
+    /// (v4) The agent took [`ControllerMsg::Reboot`] and is about to reboot this way (`kexec -e`,
+    /// `reboot(2)`, or the operator's `--reboot-command`). Nothing follows on this session.
+    RebootAck {
+        /// How the agent reboots, for the operator.
+        method: String,
+    },
+    /// (v4) The agent will not reboot (`--no-remote-reboot`, or the reboot could not start).
+    RebootRefused {
+        /// Operator-facing reason.
+        reason: String,
+    },
 }
 
 /// Controller to agent.
@@ -94,6 +105,15 @@ pub enum ControllerMsg {
     RevertAgent {
         /// Operator-facing reason, logged by the agent.
         reason: String,
+    },
+    /// (v4) Reboot the machine now (to netboot its newly assigned image). The agent answers
+    /// [`AgentMsg::RebootAck`] before it reboots, or [`AgentMsg::RebootRefused`].
+    Reboot {
+        /// Operator-facing reason, logged by the agent.
+        reason: String,
+        /// Use `kexec -e` when a kexec kernel is loaded (faster: skips firmware); otherwise, or
+        /// when false, a full reboot.
+        prefer_kexec: bool,
     },
 }
 
@@ -289,5 +309,9 @@ mod tests {
             release: SignedRelease { manifest: vec![b'{'; 300], signature: vec![0; 64], key_id: "0".repeat(16) },
         };
         assert_eq!(postcard::to_allocvec(&offer).expect("encode")[0], 11, "UpdateAgent comes after DriveCommand (10)");
+        let reboot = ControllerMsg::Reboot { reason: "image".into(), prefer_kexec: true };
+        assert_eq!(postcard::to_allocvec(&reboot).expect("encode")[0], 13, "Reboot comes after RevertAgent (12)");
+        let ack = AgentMsg::RebootAck { method: "kexec -e".into() };
+        assert_eq!(postcard::to_allocvec(&ack).expect("encode")[0], 12, "RebootAck comes after UpdateReport (11)");
     }
 }

@@ -43,7 +43,8 @@ pub const PROTOCOL_HISTORY: &[(&str, u16, &str)] = &[
         "agent updates: ControllerMsg::UpdateAgent (signed release offer: manifest, signature, key id), \
          RevertAgent; AgentMsg::UpdateAck, UpdateReport (booted version, attempts, checks, failure); \
          release download on a second bidirectional stream: FetchRelease, then FetchReply::Chunk frames \
-         of at most 256 KiB until the stream ends",
+         of at most 256 KiB until the stream ends; ControllerMsg::Reboot (reason, prefer_kexec) answered \
+         by AgentMsg::RebootAck (method) or RebootRefused (reason), for netboot image rollouts",
     ),
 ];
 

@@ -3,17 +3,23 @@
 //! `begin` checks the image is in the image store, assigns it to the node (what `shoalctl nodes
 //! set-image` does) and asks the node to reboot; `roll_back` assigns the previous image and asks
 //! again. The node comes back by netbooting the assigned image and re-enrolling; the driver sees the
-//! new version in its inventory (`shoal netboot image V`). Asking a node to reboot needs a message of
-//! protocol v4, which the agent update path adds: it is the [`NodeRebooter`] given to
-//! [`Controller::install_image_upgrader`].
+//! new version in its inventory (`shoal netboot image V`). Asking a node to reboot is the protocol-4
+//! [`ControllerMsg::Reboot`], sent by [`AgentRebooter`] ([`Controller::request_reboot`]), the
+//! [`NodeRebooter`] that [`Controller::open`] installs; a v3 agent cannot be asked, so `begin` fails
+//! that node as refused, and its previous assignment is restored, so it is unchanged.
 
 use std::sync::{Arc, Weak};
 
-use shoal_proto::NodeId;
-use tracing::info;
+use shoal_proto::{ControllerMsg, NodeId};
+use tracing::{info, warn};
 
 use super::{NodeUpgrader, TargetKind, UpgradeError};
-use crate::{rollout::Target, server::Controller};
+use crate::{
+    agent_updates::{UpdateError, UPDATE_PROTOCOL},
+    rollout::{Event, Target},
+    server::{now_ms, Controller},
+    store::EventKind,
+};
 
 /// Asks a node to reboot (kexec into its assigned image, or a full reboot). Must be idempotent and
 /// must not wait for the node.
@@ -33,12 +39,23 @@ impl ImageUpgrader {
     fn assign_and_reboot(&self, node: &NodeId, version: &str) -> Result<(), UpgradeError> {
         let ctl = self.controller.upgrade().ok_or_else(|| UpgradeError::Failed("the controller is shutting down".into()))?;
         ctl.netboot.images.get(version).map_err(|e| UpgradeError::Failed(format!("image {version}: {e}")))?;
+        let previous = ctl.netboot.machines.node_image(node).map_err(|e| UpgradeError::Failed(e.to_string()))?;
         ctl.netboot
             .machines
             .set_node_image(node, version)
             .map_err(|e| UpgradeError::Failed(format!("cannot assign image {version}: {e}")))?;
         info!(node = %node, image = %version, "image assigned; asking the node to reboot");
-        self.rebooter.reboot(node)
+        self.rebooter.reboot(node).inspect_err(|_| {
+            // The request did not go out: the node is failed as refused, unchanged, so its assignment
+            // must not change either (its next reboot would boot the new image).
+            let restored = match &previous {
+                Some(p) => ctl.netboot.machines.set_node_image(node, p),
+                None => ctl.netboot.machines.clear_node_image(node),
+            };
+            if let Err(e) = restored {
+                warn!(node = %node, cause = %e, "could not restore the image assignment after a failed reboot request");
+            }
+        })
     }
 }
 
@@ -61,6 +78,79 @@ impl Controller {
     }
 }
 
+/// The [`NodeRebooter`] of the agent path: [`Controller::request_reboot`] with `prefer_kexec`.
+#[derive(Debug)]
+pub struct AgentRebooter {
+    controller: Weak<Controller>,
+    /// Whether agents may `kexec -e` into a loaded kernel instead of a full reboot (default true).
+    pub prefer_kexec: bool,
+}
+
+impl NodeRebooter for AgentRebooter {
+    fn reboot(&self, node: &NodeId) -> Result<(), UpgradeError> {
+        let ctl = self.controller.upgrade().ok_or_else(|| UpgradeError::Failed("the controller is shutting down".into()))?;
+        let image = ctl.netboot.machines.node_image(node).ok().flatten().unwrap_or_else(|| "?".into());
+        ctl.request_reboot(node, &format!("netboot image {image} assigned"), self.prefer_kexec).map_err(|e| {
+            let why = e.to_string();
+            match e {
+                UpdateError::NotConnected(node) => UpgradeError::NotConnected(node),
+                UpdateError::AgentTooOld { node, .. } => UpgradeError::Unsupported { node, why },
+                _ => UpgradeError::Failed(why),
+            }
+        })
+    }
+}
+
+impl Controller {
+    /// Installs [`ImageUpgrader`] with [`AgentRebooter`] (done by [`Controller::open`]).
+    pub fn install_agent_rebooter(self: &Arc<Self>) {
+        self.install_image_upgrader(Arc::new(AgentRebooter { controller: Arc::downgrade(self), prefer_kexec: true }));
+    }
+
+    /// Sends [`ControllerMsg::Reboot`] to the node's connected v4 agent, with a
+    /// `node_reboot_requested` event. Returns once the message is queued; the agent answers
+    /// `RebootAck` (then drops off, and re-enrols from its new boot) or `RebootRefused`.
+    pub fn request_reboot(&self, node: &NodeId, reason: &str, prefer_kexec: bool) -> Result<(), UpdateError> {
+        let rec = self.store.node(node)?.ok_or_else(|| UpdateError::UnknownNode(node.clone()))?;
+        {
+            let live = self.live();
+            let conn = live.conns.get(node).ok_or_else(|| UpdateError::NotConnected(node.clone()))?;
+            let protocol = conn.protocol.unwrap_or(0);
+            if protocol < UPDATE_PROTOCOL {
+                return Err(UpdateError::AgentTooOld { node: node.clone(), protocol });
+            }
+            conn.tx
+                .send(ControllerMsg::Reboot { reason: reason.to_owned(), prefer_kexec })
+                .map_err(|_| UpdateError::NotConnected(node.clone()))?;
+        }
+        let message = format!("{}: asked to reboot ({reason})", rec.hostname);
+        self.store.append_event(EventKind::NodeRebootRequested, Some(node), &message, now_ms())?;
+        info!(node = %node, %reason, prefer_kexec, "reboot requested");
+        Ok(())
+    }
+
+    /// Records the agent's answer to a reboot request: an event, and for an acknowledgement the
+    /// rollout's [`Event::Acknowledged`]. A refusal is not turned into `Event::Refused`: the new image
+    /// is already assigned, so the node is left to the rollout's deadline, which rolls the
+    /// assignment back. Blocking (store).
+    pub(crate) fn reboot_answered(&self, node: &NodeId, answer: Result<String, String>) {
+        let host = self.store.node(node).ok().flatten().map(|n| n.hostname).unwrap_or_else(|| node.0.clone());
+        let (kind, message) = match &answer {
+            Ok(method) => (EventKind::NodeRebooting, format!("{host}: rebooting ({method})")),
+            Err(reason) => (EventKind::NodeRebootRefused, format!("{host}: refused to reboot: {reason}")),
+        };
+        info!(node = %node, answer = ?answer, "reboot answer");
+        if let Err(e) = self.store.append_event(kind, Some(node), &message, now_ms()) {
+            warn!(node = %node, cause = %e, "could not record the reboot answer");
+        }
+        if answer.is_ok() {
+            if let Err(e) = self.rollout_event(Event::Acknowledged { node: node.clone() }) {
+                warn!(node = %node, cause = %e, "could not feed the reboot acknowledgement to the rollouts");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -70,10 +160,13 @@ mod tests {
     use crate::{netboot::images::tests::make_image, server::ControllerConfig};
 
     #[derive(Debug, Default)]
-    struct Reboots(Mutex<Vec<NodeId>>);
+    struct Reboots(Mutex<Vec<NodeId>>, std::sync::atomic::AtomicBool);
 
     impl NodeRebooter for Reboots {
         fn reboot(&self, node: &NodeId) -> Result<(), UpgradeError> {
+            if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(UpgradeError::NotConnected(node.clone()));
+            }
             self.0.lock().unwrap().push(node.clone());
             Ok(())
         }
@@ -113,5 +206,41 @@ mod tests {
         assert_eq!(ctl.netboot.machines.node_image(&node).unwrap().as_deref(), Some("2030.1"));
         assert_eq!(reboots.0.lock().unwrap().len(), 2);
         assert!(up.roll_back(&node, None, &Target::Image("2030.2".into())).is_err(), "previous image unknown");
+        reboots.1.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(up.begin(&node, &Target::Image("2030.2".into())).is_err());
+        assert_eq!(ctl.netboot.machines.node_image(&node).unwrap().as_deref(), Some("2030.1"), "a failed request restores the assignment");
+    }
+
+    #[test]
+    fn the_installed_rebooter_asks_v4_agents_only_and_records_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _enter = rt.enter();
+        let mut config = ControllerConfig::new(dir.path().to_owned());
+        config.overlay_subnet = "10.70.0.0/24".parse().unwrap();
+        let ctl = Controller::open(config, "127.0.0.1:1".parse().unwrap()).unwrap();
+        assert!(ctl.maint.upgrader(&Target::Image("x".into())).is_some(), "Controller::open installs the image upgrader");
+        let old = crate::networks::enrol_for_tests(&ctl.store, "old", &[], crate::server::now_ms());
+        let new = crate::networks::enrol_for_tests(&ctl.store, "new", &[], crate::server::now_ms());
+        let away = crate::networks::enrol_for_tests(&ctl.store, "away", &[], crate::server::now_ms());
+        let (_, mut old_rx) = ctl.fake_connection(&old, 3);
+        let (_, mut new_rx) = ctl.fake_connection(&new, 4);
+        let rebooter = AgentRebooter { controller: Arc::downgrade(&ctl), prefer_kexec: true };
+        let err = rebooter.reboot(&old).unwrap_err();
+        assert!(matches!(err, UpgradeError::Unsupported { .. }), "{err}");
+        assert!(old_rx.try_recv().is_err(), "a v3 agent never gets Reboot");
+        assert!(matches!(rebooter.reboot(&away), Err(UpgradeError::NotConnected(_))));
+        rebooter.reboot(&new).unwrap();
+        match new_rx.try_recv() {
+            Ok(ControllerMsg::Reboot { prefer_kexec: true, reason }) => assert!(reason.contains("netboot image"), "{reason}"),
+            other => panic!("expected Reboot, got {other:?}"),
+        }
+        ctl.reboot_answered(&new, Ok("kexec -e".into()));
+        ctl.reboot_answered(&new, Err("remote reboots are disabled".into()));
+        let events = ctl.store.events(None, 1000).unwrap();
+        let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds.iter().filter(|k| **k == EventKind::NodeRebootRequested).count(), 1);
+        assert!(kinds.contains(&EventKind::NodeRebooting) && kinds.contains(&EventKind::NodeRebootRefused), "{kinds:?}");
+        assert!(events.iter().any(|e| e.message.contains("refused to reboot: remote reboots are disabled")));
     }
 }

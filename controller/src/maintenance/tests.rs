@@ -386,10 +386,10 @@ fn windows_budgets_and_rollouts_over_the_admin_api() {
     let list: Vec<BudgetView> = client.get("/v1/budgets").unwrap();
     assert_eq!(list.len(), 1);
 
-    // No upgrader for images in this controller: refused, clearly.
+    // Image rollouts are installed (the agent path's rebooter); an image not in the store is refused.
     let start = StartRollout { image: Some("2030.1".into()), selector: Some("role=etcd".into()), ..Default::default() };
     let (code, msg) = api_status(client.post::<RolloutView>("/v1/rollouts", &start));
-    assert!(code == 409 && msg.contains("image upgrades"), "{code} {msg}");
+    assert!(code == 400 && msg.contains("2030.1"), "{code} {msg}");
     ctl.set_upgrader(TargetKind::Agent, Arc::new(FakeUpgrader::default()));
     let both = StartRollout { agent: Some("1".into()), image: Some("2".into()), ..Default::default() };
     assert_eq!(api_status(client.post::<RolloutView>("/v1/rollouts", &both)).0, 400);

@@ -189,6 +189,13 @@ impl MachineStore {
         self.node_images.flush().map_err(db)?;
         Ok(())
     }
+
+    /// Removes a node's image assignment.
+    pub fn clear_node_image(&self, node: &NodeId) -> Result<(), StoreError> {
+        self.node_images.remove(node.0.as_bytes()).map_err(db)?;
+        self.node_images.flush().map_err(db)?;
+        Ok(())
+    }
 }
 
 /// Vendor names by OUI (the first three bytes of a MAC).
