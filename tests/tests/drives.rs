@@ -253,7 +253,7 @@ fn mount_root_faults() -> Result<()> {
     let victim = Loop::attach(243, &file)?;
     let before = sha256(&file)?;
 
-    let mut fleet = Fleet::start(FleetConfig {
+    let fleet = Fleet::start(FleetConfig {
         agent_args: vec!["--drive-match".into(), "loop243".into(), "--drive-mount-root".into(), root.display().to_string()],
         ..FleetConfig::fast().agents(1)
     })?;
