@@ -121,7 +121,8 @@ pub enum AgentError {
     Io(#[from] std::io::Error),
 }
 
-fn now_ms() -> UnixMillis {
+/// Wall-clock now, for reports and certificate lifetimes.
+pub(crate) fn now_ms() -> UnixMillis {
     UnixMillis(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
 }
 
