@@ -222,7 +222,7 @@ pub fn read_block_device(sys_block: &Path, name: &str) -> Option<BlockDevice> {
         dev: read_trimmed(&dir.join("dev")).and_then(|s| DevNumber::parse(&s)),
         size_bytes: sectors.saturating_mul(512),
         model: read_trimmed(&dir.join("device/model")),
-        serial: serial(&dir),
+        serial: disk_serial(&dir),
         removable: flag(&dir, "removable"),
         read_only: flag(&dir, "ro"),
         partitions: partitions(&dir),
@@ -231,8 +231,9 @@ pub fn read_block_device(sys_block: &Path, name: &str) -> Option<BlockDevice> {
     })
 }
 
-/// See [`BlockDevice::serial`] for the order.
-fn serial(dir: &Path) -> Option<String> {
+/// A disk's serial number from its `/sys/block/<name>` directory; see [`BlockDevice::serial`] for the
+/// order. The inventory reads disks' serials with it too.
+pub fn disk_serial(dir: &Path) -> Option<String> {
     read_trimmed(&dir.join("device/serial"))
         .or_else(|| read_trimmed(&dir.join("serial")))
         .or_else(|| {
@@ -1019,6 +1020,8 @@ mod tests {
         assert_eq!(vpd_pg80_serial(b"\x00\x80\x00\x04\0\0\0\0"), None);
         assert_eq!(vpd_pg80_serial(b"\x00\x80\x00"), None);
         assert_eq!(vpd_pg80_serial(b""), None);
+        assert_eq!(vpd_pg80_serial(b"\x00\x83\x00\x04ABCD"), None, "another VPD page");
+        assert_eq!(vpd_pg80_serial(b"\x00\x80\x00\x04    "), None, "all padding");
         assert_eq!(vpd_pg80_serial(b"\x00\x80\x00\x02\xff\xfe"), None);
     }
 

@@ -133,7 +133,8 @@ pub enum AgentError {
 /// How long an acknowledged reboot waits, for the acknowledgement to reach the controller.
 const REBOOT_GRACE: Duration = Duration::from_secs(1);
 
-fn now_ms() -> UnixMillis {
+/// Wall-clock now, for reports and certificate lifetimes.
+pub(crate) fn now_ms() -> UnixMillis {
     UnixMillis(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
 }
 

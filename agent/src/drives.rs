@@ -19,6 +19,8 @@ use std::{
 };
 
 use tokio::sync::mpsc;
+
+use crate::daemon::now_ms;
 use tracing::{debug, info, warn};
 
 use shoal_proto::{
@@ -55,6 +57,22 @@ pub struct DeviceFacts {
     pub size_bytes: u64,
     /// Removable media.
     pub removable: bool,
+}
+
+impl DeviceFacts {
+    /// The drive as the controller is told about it.
+    fn drive(&self, state: DriveState, smart: Option<&(SmartOutcome, UnixMillis)>) -> Drive {
+        Drive {
+            name: self.name.clone(),
+            model: self.model.clone(),
+            serial: self.serial.clone(),
+            size_bytes: self.size_bytes,
+            removable: self.removable,
+            state,
+            smart: smart.map(|(o, _)| o.clone()),
+            smart_at: smart.map(|(_, at)| *at),
+        }
+    }
 }
 
 /// What examining a device found.
@@ -365,31 +383,9 @@ impl DriveBook {
 
     /// The whole picture, for the controller.
     pub fn report(&self, at: UnixMillis) -> DriveReport {
-        let mut drives: Vec<Drive> = self
-            .drives
-            .values()
-            .map(|e| Drive {
-                name: e.facts.name.clone(),
-                model: e.facts.model.clone(),
-                serial: e.facts.serial.clone(),
-                size_bytes: e.facts.size_bytes,
-                removable: e.facts.removable,
-                state: self.state_of(e),
-                smart: e.smart.as_ref().map(|(o, _)| o.clone()),
-                smart_at: e.smart.as_ref().map(|(_, at)| *at),
-            })
-            .collect();
-        drives.extend(self.missing.values().map(|(facts, p)| Drive {
-            name: facts.name.clone(),
-            model: facts.model.clone(),
-            serial: facts.serial.clone(),
-            size_bytes: facts.size_bytes,
-            removable: facts.removable,
-            state: DriveState::Missing(p.clone()),
-            smart: None,
-            smart_at: None,
-        }));
-        DriveReport { at, drives }
+        let present = self.drives.values().map(|e| e.facts.drive(self.state_of(e), e.smart.as_ref()));
+        let missing = self.missing.values().map(|(facts, p)| facts.drive(DriveState::Missing(p.clone()), None));
+        DriveReport { at, drives: present.chain(missing).collect() }
     }
 
     fn state_of(&self, e: &Entry) -> DriveState {
@@ -488,12 +484,6 @@ enum Done {
     SelfTest(String, u64, Result<String, String>),
 }
 
-fn now_ms() -> UnixMillis {
-    UnixMillis(
-        std::time::SystemTime::now().duration_since(std::time::SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
-    )
-}
-
 fn load_policy(path: Option<&Path>) -> DrivePolicy {
     let Some(path) = path else { return DrivePolicy::default() };
     match std::fs::read(path) {
@@ -507,11 +497,9 @@ fn load_policy(path: Option<&Path>) -> DrivePolicy {
 
 fn save_policy(path: Option<&Path>, policy: &DrivePolicy) {
     let Some(path) = path else { return };
-    let tmp = path.with_extension("tmp");
     let result = serde_json::to_vec(policy)
         .map_err(std::io::Error::other)
-        .and_then(|bytes| std::fs::write(&tmp, bytes))
-        .and_then(|()| std::fs::rename(&tmp, path));
+        .and_then(|bytes| shoal_overlay::pki::write_private_file(path, &bytes, 0o600));
     if let Err(e) = result {
         warn!(path = %path.display(), cause = %e, "could not cache the drive policy");
     }

@@ -289,39 +289,11 @@ fn read_disk(dir: &Path, name: &str) -> Option<BlockDevice> {
     Some(BlockDevice {
         name: name.to_owned(),
         model: read_trimmed(&dir.join("device/model")),
-        serial: disk_serial(dir),
+        serial: crate::blockdev::disk_serial(dir),
         size_bytes: sectors.saturating_mul(512),
         rotational: flag("queue/rotational"),
         removable: flag("removable"),
     })
-}
-
-/// NVMe has `device/serial`, virtio `serial`, SCSI/SATA only the unit serial VPD page; the WWID is
-/// the last resort.
-fn disk_serial(dir: &Path) -> Option<String> {
-    read_trimmed(&dir.join("device/serial"))
-        .or_else(|| read_trimmed(&dir.join("serial")))
-        .or_else(|| {
-            fs::read(dir.join("device/vpd_pg80"))
-                .ok()
-                .and_then(|page| parse_vpd_pg80(&page))
-        })
-        .or_else(|| read_trimmed(&dir.join("wwid")))
-        .or_else(|| read_trimmed(&dir.join("device/wwid")))
-}
-
-/// The Unit Serial Number VPD page (SPC-4 7.8.18): a 4-byte header whose bytes 2..4 hold the
-/// length, then the serial in ASCII, often space padded.
-fn parse_vpd_pg80(page: &[u8]) -> Option<String> {
-    let header = page.get(..4)?;
-    if header[1] != 0x80 {
-        return None;
-    }
-    let len = usize::from(u16::from_be_bytes([header[2], header[3]]));
-    let serial = page.get(4..4 + len).or_else(|| page.get(4..))?;
-    non_empty(
-        String::from_utf8_lossy(serial).trim_matches(|c: char| c.is_whitespace() || c == '\0'),
-    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -778,15 +750,6 @@ core id\t\t: 0
         assert_eq!(disks[2].serial.as_deref(), Some("naa.5000c500a1b2c3d4"));
         assert!(disks[2].removable);
         assert_eq!(disks[3].serial.as_deref(), Some("disk-serial"));
-    }
-
-    #[test]
-    fn vpd_page_rejects_garbage() {
-        assert_eq!(parse_vpd_pg80(b""), None);
-        assert_eq!(parse_vpd_pg80(b"\x00\x83\x00\x04ABCD"), None);
-        assert_eq!(parse_vpd_pg80(b"\x00\x80\x00\x04    "), None);
-        // A length longer than the data takes what is there.
-        assert_eq!(parse_vpd_pg80(b"\x00\x80\x00\xffAB").as_deref(), Some("AB"));
     }
 
     #[test]

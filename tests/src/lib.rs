@@ -88,6 +88,22 @@ macro_rules! require_host_tests {
     };
 }
 
+/// At the top of a netboot (qemu) host test: [`require_host_tests!`], then skips when qemu, iPXE or the
+/// firmware `$fw` is missing here, or panics when they are missing but must be there.
+#[macro_export]
+macro_rules! require_netboot {
+    ($fw:expr) => {
+        $crate::require_host_tests!();
+        if let Some(reason) = $crate::netboot::netboot_unavailable($fw) {
+            if $crate::host_tests_required() {
+                panic!("netboot tests cannot run: {reason} (and CI / SHOAL_REQUIRE_HOST_TESTS says they must)");
+            }
+            println!("SKIPPED {}: {reason}", module_path!());
+            return;
+        }
+    };
+}
+
 /// `.or_panic()` on a `Result`: panics with the whole error chain. Host tests run their scenario as a
 /// `fn(&mut Fleet) -> anyhow::Result<()>` and call `.or_panic()` while the fleet is still alive, so the
 /// fleet sees the panic when it drops and prints every process's log.

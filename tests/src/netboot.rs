@@ -381,6 +381,14 @@ impl NetbootLab {
         })
     }
 
+    /// Runs a test's scenario; on error prints every log of the lab, then panics with the error chain.
+    pub fn run(&mut self, scenario: impl FnOnce(&mut NetbootLab) -> anyhow::Result<()>) {
+        if let Err(e) = scenario(self) {
+            self.dump_logs();
+            panic!("{e:#}");
+        }
+    }
+
     /// Prints the logs of every process.
     pub fn dump_logs(&self) {
         let mut logs: Vec<(&str, &Path)> = vec![("controller", self.controller.log_path())];

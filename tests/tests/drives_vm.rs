@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
-use shoal_tests::netboot::{netboot_unavailable, DhcpSetup, Firmware, NetbootLab, NvmeDrive, VmOptions};
+use shoal_tests::netboot::{DhcpSetup, Firmware, NetbootLab, NvmeDrive, VmOptions};
 use shoal_tests::process::output_with_timeout;
 use shoal_tests::qmp::Qmp;
-use shoal_tests::{consistently, eventually, host_tests_required, require_host_tests};
+use shoal_tests::{consistently, eventually, require_netboot};
 
 /// Deadline from VM start to the node being up.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -24,28 +24,8 @@ const SMART_TIMEOUT: Duration = Duration::from_secs(60);
 const HOTPLUG_TIMEOUT: Duration = Duration::from_secs(60);
 /// Size of every emulated drive.
 const DRIVE_BYTES: u64 = 64 << 20;
-/// Where the agent mounts the drives it prepares (its default `--drive-root`).
+/// Where the agent mounts the drives it prepares (its default `--drive-mount-root`).
 const DRIVE_ROOT: &str = "/var/lib/shoal/drives";
-
-macro_rules! require_netboot {
-    ($fw:expr) => {
-        require_host_tests!();
-        if let Some(reason) = netboot_unavailable($fw) {
-            if host_tests_required() {
-                panic!("netboot tests cannot run: {reason} (and CI / SHOAL_REQUIRE_HOST_TESTS says they must)");
-            }
-            println!("SKIPPED {}: {reason}", module_path!());
-            return;
-        }
-    };
-}
-
-fn run(lab: &mut NetbootLab, f: impl FnOnce(&mut NetbootLab) -> Result<()>) {
-    if let Err(e) = f(lab) {
-        lab.dump_logs();
-        panic!("{e:#}");
-    }
-}
 
 /// A sparse raw image of [`DRIVE_BYTES`], all zeroes: a blank drive.
 fn blank_image(path: &Path) -> Result<()> {
@@ -142,7 +122,7 @@ fn check_gpt_with_ext4(image: &Path) -> Result<()> {
 fn nvme_smart_and_hot_plugged_drives_in_a_vm() {
     require_netboot!(Firmware::Bios);
     let mut lab = NetbootLab::start(14, DhcpSetup::Full).expect("lab");
-    run(&mut lab, |lab| {
+    lab.run(|lab| {
         let dir = lab.dir.path().to_owned();
         let boot_image = dir.join("nvme0.img");
         let blank_hot = dir.join("nvme1.img");

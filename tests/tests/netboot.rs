@@ -9,32 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
-use shoal_tests::netboot::{netboot_unavailable, token_from_console, DhcpSetup, Firmware, NetbootLab};
+use shoal_tests::netboot::{token_from_console, DhcpSetup, Firmware, NetbootLab};
 use shoal_tests::process::output_with_timeout;
-use shoal_tests::{eventually, host_tests_required, require_host_tests};
+use shoal_tests::{eventually, require_netboot};
 
 /// Deadline from VM start to the node being up.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-
-macro_rules! require_netboot {
-    ($fw:expr) => {
-        require_host_tests!();
-        if let Some(reason) = netboot_unavailable($fw) {
-            if host_tests_required() {
-                panic!("netboot tests cannot run: {reason} (and CI / SHOAL_REQUIRE_HOST_TESTS says they must)");
-            }
-            println!("SKIPPED {}: {reason}", module_path!());
-            return;
-        }
-    };
-}
-
-fn run(lab: &mut NetbootLab, f: impl FnOnce(&mut NetbootLab) -> Result<()>) {
-    if let Err(e) = f(lab) {
-        lab.dump_logs();
-        panic!("{e:#}");
-    }
-}
 
 /// The node's inventory matches the VM: 2 cores, 512 MiB, its MAC, DMI vendor QEMU, the image's OS.
 fn check_inventory(node: &Value, mac: &str, version: &str, boot_mode: &str) -> Result<()> {
@@ -143,7 +123,7 @@ fn bios_vm_netboots_with_full_dhcp_and_enrols() {
     require_netboot!(Firmware::Bios);
     let mut lab = NetbootLab::start(11, DhcpSetup::Full).expect("lab");
     println!("FIGURE image build {:.1?}", lab.image.build_time);
-    run(&mut lab, |lab| {
+    lab.run(|lab| {
         faults(lab)?;
         let mac = "52:54:00:4e:42:01";
         let node = boot_and_check(lab, Firmware::Bios, mac, "bios")?;
@@ -171,7 +151,7 @@ fn bios_vm_netboots_with_full_dhcp_and_enrols() {
 fn uefi_vm_netboots_over_tftp_and_enrols() {
     require_netboot!(Firmware::Uefi);
     let mut lab = NetbootLab::start(12, DhcpSetup::Full).expect("lab");
-    run(&mut lab, |lab| {
+    lab.run(|lab| {
         boot_and_check(lab, Firmware::Uefi, "52:54:00:4e:42:02", "uefi")?;
         ensure!(lab.controller.log().contains("TFTP transfer done"), "UEFI boot did not load iPXE over TFTP");
         let machines = lab.ctl_list(&["machines", "list"])?;
@@ -184,7 +164,7 @@ fn uefi_vm_netboots_over_tftp_and_enrols() {
 fn proxy_dhcp_beside_dnsmasq() {
     require_netboot!(Firmware::Bios);
     let mut lab = NetbootLab::start(13, DhcpSetup::ProxyWithDnsmasq).expect("lab");
-    run(&mut lab, |lab| {
+    lab.run(|lab| {
         let node = boot_and_check(lab, Firmware::Bios, "52:54:00:4e:42:03", "bios")?;
         // The address came from dnsmasq's range, not from the controller.
         let addrs: Vec<String> = node["inventory"]["nics"]

@@ -122,6 +122,8 @@ fn show_and_wait(fleet: &mut Fleet, args: &Args, signals: &mpsc::Receiver<Signal
     println!("all {} agents are up.", fleet.agents().len());
     section("shoalctl nodes list", &fleet.ctl_ok(&["nodes", "list"])?);
     section("shoalctl report", &fleet.ctl_ok(&["report"])?);
+    // Every agent reports this host's disks (they share it): state, SMART, or why it cannot say.
+    section("shoalctl drives list", &fleet.ctl_ok(&["drives", "list"])?);
     show_overlay(fleet)?;
     if args.exit {
         println!("\nshoal-demo: --exit given; cleaning up");
