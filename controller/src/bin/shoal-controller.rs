@@ -69,8 +69,9 @@ struct ServeArgs {
     rollout_tick: Duration,
     /// **Test hook**, hidden: moves the rollout driver's "now" by this many seconds (may be negative),
     /// e.g. into a maintenance window, by `ControllerConfig::rollout_clock.set_offset`. Only the
-    /// rollout driver and the window views (`window list`, rollout event times) read that clock;
-    /// liveness, certificates and everything else keep the wall clock. 0 (the default) in production.
+    /// maintenance code reads that clock (the rollout driver, `window list`, the times of rollout,
+    /// window and budget events); liveness, certificates and everything else keep the wall clock.
+    /// 0 (the default) in production.
     #[arg(long, hide = true, default_value_t = 0, allow_negative_numbers = true, value_name = "SECONDS")]
     rollout_clock_offset: i64,
     #[command(flatten)]
