@@ -733,13 +733,19 @@ impl Shell<'_> {
                         (Ok(manifest), Some(conn)) => {
                             send_msg(send, &AgentMsg::UpdateAck { version: version.clone() }).await?;
                             let paths = lock(&self.updater).paths().clone();
-                            let trying = lock(&self.updater).trying(&version);
+                            let shared = self.updater.clone();
                             let events = self.overlay.events.clone();
                             tokio::spawn(async move {
                                 let result = match updater::download(&conn, &paths, &manifest).await {
-                                    Ok(()) => tokio::task::spawn_blocking(move || updater::install(&paths, &trying))
-                                        .await
-                                        .unwrap_or_else(|e| Err(shoal_proto::UpdateFailure::Install(e.to_string()))),
+                                    Ok(()) => {
+                                        // The health deadline runs from the install, not from the offer: a
+                                        // slow download must not use up the new version's time to pass its
+                                        // checks (it was rolled back at its first start, no check run).
+                                        let trying = lock(&shared).trying(&version);
+                                        tokio::task::spawn_blocking(move || updater::install(&paths, &trying))
+                                            .await
+                                            .unwrap_or_else(|e| Err(shoal_proto::UpdateFailure::Install(e.to_string())))
+                                    }
                                     Err(e) => {
                                         let _ = std::fs::remove_file(&paths.download);
                                         Err(e)

@@ -382,9 +382,18 @@ impl Fleet {
         as_array(self.ctl_json(&["nodes", "list"])?, "nodes list")
     }
 
-    /// `shoalctl events -o json`.
+    /// The whole event log, oldest first: `shoalctl events -o json`, then `--after SEQ` for the next
+    /// page until one comes back empty (the API returns at most 1000 events per call).
     pub fn events(&self) -> Result<Vec<Value>> {
-        as_array(self.ctl_json(&["events"])?, "events")
+        let mut all = as_array(self.ctl_json(&["events"])?, "events")?;
+        while let Some(last) = all.last().and_then(|e| e["seq"].as_u64()) {
+            let page = as_array(self.ctl_json(&["events", "--after", &last.to_string()])?, "events")?;
+            if page.is_empty() {
+                break;
+            }
+            all.extend(page);
+        }
+        Ok(all)
     }
 
     /// `shoalctl report -o json`.

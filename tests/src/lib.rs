@@ -6,6 +6,7 @@
 //! - [`bins`]: finds `shoal-controller`, `shoal-agent` and `shoalctl` next to the test executable.
 //! - [`fleet`]: a controller plus agents on one LAN, and `shoalctl` with its JSON parsed.
 //! - [`netboot`]: a controller serving netboot on a LAN, and diskless qemu VMs booting from it.
+//! - [`releases`]: agent releases: a signing key, versions made by patching the version slot, install dirs.
 //!
 //! Host tests start with [`require_host_tests!`]: without root or network namespaces they print why and
 //! skip, except under CI (env `CI` or `SHOAL_REQUIRE_HOST_TESTS` set), where they fail instead.
@@ -16,6 +17,7 @@ pub mod netboot;
 pub mod netns;
 pub mod process;
 pub mod qmp;
+pub mod releases;
 pub mod wait;
 
 use std::process::{Command, Stdio};

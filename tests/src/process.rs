@@ -276,6 +276,20 @@ impl Proc {
         self.start()
     }
 
+    /// Like [`Proc::restart`], with `args` appended to its command line first (kept for later restarts),
+    /// e.g. a controller restarted with a test hook turned on.
+    pub fn restart_with_args<I, S>(&mut self, args: I) -> Result<()>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        if self.child.is_some() {
+            self.kill()?;
+        }
+        self.spec.args.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self.start()
+    }
+
     /// The whole log so far.
     pub fn log(&self) -> String {
         std::fs::read(&self.log_path)

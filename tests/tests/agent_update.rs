@@ -22,42 +22,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::Value;
+use shoal_tests::releases::{add_releases, install_dir, run, update_status as status, ReleaseKey};
 use shoal_tests::{eventually, require_host_tests, Fleet, FleetConfig, OrPanic};
 
-/// The bytes before the version slot in the agent binary (`shoal_agent::version::VERSION_SLOT_MAGIC`).
-const SLOT_MAGIC: &[u8; 16] = b"\0SHOALVERSLOT\x01\x02\0";
-const SLOT_LEN: usize = 64;
 const TIMEOUT: Duration = Duration::from_secs(60);
 const HEALTH_DEADLINE: &str = "15s";
-
-fn run(cmd: &mut Command) -> Result<Vec<u8>> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(out.stdout)
-}
-
-/// A copy of `agent` whose version slot says `version`.
-fn patched(agent: &Path, version: &str, out: &Path) -> Result<PathBuf> {
-    let mut bytes = std::fs::read(agent)?;
-    let hits: Vec<usize> = bytes.windows(16).enumerate().filter(|(_, w)| *w == *SLOT_MAGIC).map(|(i, _)| i).collect();
-    let [at] = hits[..] else { bail!("the version slot occurs {} times in {}", hits.len(), agent.display()) };
-    let slot = &mut bytes[at + 16..at + 16 + SLOT_LEN];
-    slot.fill(0);
-    slot[..version.len()].copy_from_slice(version.as_bytes());
-    let path = out.join(format!("shoal-agent-{version}"));
-    std::fs::write(&path, bytes)?;
-    Ok(path)
-}
-
-/// An install dir with a copy of the agent.
-fn install_dir(agent: &Path, dir: &Path) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
-    let exe = dir.join("shoal-agent");
-    std::fs::copy(agent, &exe)?;
-    Ok(exe)
-}
 
 /// A tmpfs mounted at `dir`, unmounted on drop.
 struct Tmpfs(PathBuf);
@@ -74,14 +45,6 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
-}
-
-/// The node's entry in `shoalctl release status`.
-fn status(fleet: &Fleet, node: &str) -> Result<Value> {
-    let list = fleet.ctl_json(&["release", "status"])?;
-    list.as_array()
-        .and_then(|l| l.iter().find(|u| u["node"] == node).cloned())
-        .with_context(|| format!("no update status for {node} in {list}"))
 }
 
 /// Waits until the node's report says it attempted `version` and shows a failure containing `needle`.
@@ -114,12 +77,8 @@ fn agents_update_themselves_refuse_bad_releases_and_roll_back_unhealthy_ones() {
 fn scenario() -> Result<()> {
     let work = tempfile::Builder::new().prefix("shoal-update-").tempdir()?;
     let w = work.path();
-    let key = w.join("release.pem");
-    run(Command::new("openssl").args(["genpkey", "-algorithm", "ed25519", "-out"]).arg(&key))?;
-    let der = run(Command::new("openssl").args(["pkey", "-pubout", "-outform", "DER", "-in"]).arg(&key))?;
-    ensure!(der.len() >= 32, "short public key");
-    let public_hex: String = der[der.len() - 32..].iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::write(w.join("release.pub"), format!("{public_hex}\n"))?;
+    let release_key = ReleaseKey::generate(w)?;
+    let public_hex = release_key.public_hex.clone();
 
     let bins = shoal_tests::bins::Bins::locate()?;
     let original = bins.agent.clone();
@@ -130,7 +89,7 @@ fn scenario() -> Result<()> {
 
     let mut cfg = FleetConfig::fast().agents(0);
     cfg.wait_up = false;
-    cfg.controller_args = vec!["--release-key".into(), w.join("release.pub").display().to_string()];
+    cfg.controller_args = vec!["--release-key".into(), release_key.public_file.display().to_string()];
     let mut fleet = Fleet::start(cfg)?;
     let token = fleet.create_token(&["--ttl", "1h", "--uses", "3", "--label", "pool=update"])?;
     let common = |extra: &[&str]| -> Vec<String> {
@@ -162,11 +121,7 @@ fn scenario() -> Result<()> {
     let old_version = status(&fleet, &n1)?["report"]["running"].as_str().context("running")?.to_owned();
 
     // Releases: each version its own patched binary, signed here.
-    for v in ["0.9.0-good", "0.9.1-trunc", "0.9.2-badsig", "0.9.3-bad", "0.9.4-roll"] {
-        let bin = patched(&original, v, w)?;
-        let out = fleet.ctl_ok(&["release", "add", &bin.display().to_string(), "--version", v, "--key", &key.display().to_string()])?;
-        ensure!(out.contains(&format!("added agent release {v}")), "{out}");
-    }
+    add_releases(&fleet, &original, &release_key, &["0.9.0-good", "0.9.1-trunc", "0.9.2-badsig", "0.9.3-bad", "0.9.4-roll"], w)?;
     let list = fleet.ctl_json(&["release", "list"])?;
     let target = list[0]["target"].as_str().context("target")?.to_owned();
     ensure!(list.as_array().map(Vec::len) == Some(5), "{list}");

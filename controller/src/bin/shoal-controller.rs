@@ -62,6 +62,18 @@ struct ServeArgs {
     /// `shoalctl release add --key` signs with); repeatable. Without one no release can be added.
     #[arg(long = "release-key", value_name = "FILE")]
     release_keys: Vec<PathBuf>,
+    /// How often the rollout driver polls unfinished rollouts when nothing wakes it
+    /// (`ControllerConfig::rollout_tick`). Hidden: a tuning knob for tests; the default suits
+    /// production.
+    #[arg(long, hide = true, default_value = "5s", value_parser = parse_tick)]
+    rollout_tick: Duration,
+    /// **Test hook**, hidden: moves the rollout driver's "now" by this many seconds (may be negative),
+    /// e.g. into a maintenance window, by `ControllerConfig::rollout_clock.set_offset`. Only the
+    /// maintenance code reads that clock (the rollout driver, `window list`, the times of rollout,
+    /// window and budget events); liveness, certificates and everything else keep the wall clock.
+    /// 0 (the default) in production.
+    #[arg(long, hide = true, default_value_t = 0, allow_negative_numbers = true, value_name = "SECONDS")]
+    rollout_clock_offset: i64,
     #[command(flatten)]
     netboot: netboot::NetbootArgs,
 }
@@ -99,6 +111,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.netmap_validity = args.netmap_validity;
     config.netboot = args.netboot.config()?;
     config.release_keys = args.release_keys.clone();
+    config.rollout_tick = args.rollout_tick;
+    if args.rollout_clock_offset != 0 {
+        tracing::warn!(seconds = args.rollout_clock_offset, "test hook: the rollout driver's clock is offset");
+        config.rollout_clock.set_offset(args.rollout_clock_offset.saturating_mul(1000));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let controller = Controller::open(config, args.api)
@@ -108,6 +125,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         server::run(controller, quic, api, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+/// `--rollout-tick`: a humantime duration of at least 100 ms (a zero interval would spin).
+fn parse_tick(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(100) {
+        return Err("must be at least 100ms".into());
+    }
+    Ok(d)
 }
 
 async fn shutdown_signal() {
