@@ -77,11 +77,12 @@ pub struct StepRecord {
 }
 
 impl StepRecord {
-    /// The sub-phase for status output: `cordoning`, `in-maintenance`, `rebooting`, `uncordoning`,
-    /// `up`.
+    /// The sub-phase for status output: `cordoning`, `refused` (pre-hook failed, or the action is not
+    /// allowed there), `in-maintenance`, `rebooting`, `uncordoning`, `up`.
     pub fn sub_phase(&self) -> &'static str {
         match (self.step, self.done) {
-            (StepKind::Cordon, _) => "cordoning",
+            (StepKind::Cordon, false) => "cordoning",
+            (StepKind::Cordon, true) => "refused",
             (StepKind::Act, _) if self.rebooting => "rebooting",
             (StepKind::Act, _) => "in-maintenance",
             (StepKind::Uncordon, false) => "uncordoning",
@@ -472,6 +473,35 @@ mod tests {
             assert_eq!(self.sent(node), vec![StepKind::Uncordon]);
             self.answer(node, run, StepKind::Uncordon, StepOutcome::Done(String::new()));
             assert_eq!(self.sub_phase(run, node), "up");
+        }
+    }
+
+    #[test]
+    fn an_action_run_waits_for_a_budget_used_up_by_another_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = Fixture::open(dir.path());
+        let a = f.nodes("a", 1, &[("role", "etcd"), ("grp", "x")]);
+        let b = f.nodes("b", 3, &[("role", "etcd"), ("grp", "y")]);
+        f.ctl.maint.set_budget("role=etcd", 1, now_ms()).unwrap();
+        // Another run holds the etcd member of group x.
+        let other = f.start(exec(), "grp=x", 1, 1).id().to_owned();
+        f.ctl.rollout_tick();
+        assert_eq!(f.cordoned(&a), a[0]);
+        let run = f.start(MaintenanceAction::Reboot, "grp=y", 3, 1).id().to_owned();
+        f.ctl.rollout_tick();
+        for n in &b {
+            assert!(f.sent(n).is_empty(), "the etcd budget is used up by the other run");
+        }
+        let waiting = f.ctl.maint.rollout(&run).unwrap().waiting().to_vec();
+        assert!(waiting.iter().any(|w| matches!(w, crate::rollout::Waiting::Budget { .. })), "{waiting:?}");
+        // The other run's node is up again: one etcd member at a time, despite max-unavailable 3.
+        f.all_done(&other, &a[0]);
+        f.ctl.rollout_tick();
+        let first = f.cordoned(&b);
+        f.answer(&first, &run, StepKind::Cordon, StepOutcome::Done(String::new()));
+        f.ctl.rollout_tick();
+        for n in &b {
+            assert!(f.sent(n).iter().all(|s| *s != StepKind::Cordon), "still one at a time");
         }
     }
 

@@ -366,7 +366,8 @@ pub fn progress_bar(r: &RolloutView) -> String {
 
 fn print_status(r: &RolloutView) {
     println!(
-        "rollout {}: {} on {}, {}{}",
+        "{} {}: {} on {}, {}{}",
+        if r.target.starts_with("action ") { "maintenance run" } else { "rollout" },
         r.id,
         r.target,
         r.selector.as_deref().unwrap_or("all nodes"),
