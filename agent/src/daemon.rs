@@ -30,6 +30,7 @@ use crate::{
     inventory::{self, SysRoots},
     session::{AgentSession, End, Mode, Output, Timing},
     state::{Credentials, StateDir, StateError},
+    maintenance::{self as maint, Decision, MaintenanceBook, MaintenanceConfig, Work},
     reboot::{self, RebootConfig},
     updater::{self, Updater, UpdaterConfig},
 };
@@ -71,6 +72,9 @@ pub struct AgentConfig {
     pub update: UpdaterConfig,
     /// Remote reboot settings (default: allowed; kexec when loaded, else `reboot(2)`).
     pub reboot: RebootConfig,
+    /// Maintenance actions: allowed programs, hooks, timeout (default: no program allowed, no hooks,
+    /// 30 min).
+    pub maintenance: MaintenanceConfig,
 }
 
 impl AgentConfig {
@@ -93,6 +97,7 @@ impl AgentConfig {
             drives: Some(DrivesConfig::default()),
             update: UpdaterConfig::default(),
             reboot: RebootConfig::default(),
+            maintenance: MaintenanceConfig::default(),
         }
     }
 }
@@ -128,6 +133,9 @@ pub enum AgentError {
     /// The UDP socket could not be opened.
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
+    /// A setting is not usable (e.g. an `--allow-exec` path that does not exist).
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 /// How long an acknowledged reboot waits, for the acknowledgement to reach the controller.
@@ -181,6 +189,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         });
     }
     let hello = Hello { protocol: SUPPORTED, agent_version: version, hardware_id };
+    let allow_exec = config.maintenance.canonical_allow().map_err(AgentError::Config)?;
 
     let agent_endpoint = ov::bind_endpoint(&config.state_dir, config.controller.is_ipv6(), config.overlay_port)?;
     let endpoint = agent_endpoint.endpoint.clone();
@@ -205,6 +214,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         input_tx
     });
     let mut shell = Shell {
+        maint: MaintState { book: MaintenanceBook::new(maint::load_record(&config.state_dir)), allow: allow_exec, smart: None, next_id: 0 },
         updater,
         conn: None,
         updates: false,
@@ -290,6 +300,8 @@ fn lock(updater: &Mutex<Updater>) -> std::sync::MutexGuard<'_, Updater> {
 }
 
 struct Shell<'a> {
+    /// Maintenance steps: what was done, what runs.
+    maint: MaintState,
     /// Self-update state, shared with the health-deadline task.
     updater: Arc<Mutex<Updater>>,
     /// The current control connection (release downloads open a stream on it).
@@ -312,6 +324,47 @@ struct DrivesState {
     last: Option<shoal_proto::DriveReport>,
 }
 
+/// Maintenance as the shell sees it.
+struct MaintState {
+    book: MaintenanceBook,
+    /// `--allow-exec`, canonicalised at start.
+    allow: Vec<PathBuf>,
+    /// A SMART self-test step waiting for the drive manager's answers.
+    smart: Option<PendingSmart>,
+    /// Counter for the drive command ids of self-tests.
+    next_id: u64,
+}
+
+/// Drive command ids of maintenance self-tests have this bit set (the controller's ids are small
+/// counters), so their answers are kept from the controller.
+const MAINT_DRIVE_ID: u64 = 1 << 62;
+
+/// Self-tests started for a step, waiting for the drive manager to say whether each started.
+struct PendingSmart {
+    step: shoal_proto::MaintenanceStep,
+    /// Command id → device.
+    waiting: std::collections::BTreeMap<u64, String>,
+    started: Vec<String>,
+    failed: Vec<String>,
+    skipped: Vec<String>,
+}
+
+impl PendingSmart {
+    fn outcome(&self) -> shoal_proto::StepOutcome {
+        let skipped = if self.skipped.is_empty() { String::new() } else { format!("; skipped (no SMART): {}", self.skipped.join(", ")) };
+        let text = if self.started.is_empty() && self.failed.is_empty() {
+            format!("no drives with SMART{skipped}")
+        } else {
+            format!("short self-test started on {}{skipped}", if self.started.is_empty() { "none".to_owned() } else { self.started.join(", ") })
+        };
+        if self.failed.is_empty() {
+            shoal_proto::StepOutcome::Done(shoal_proto::output_tail(&text, shoal_proto::MAX_STEP_OUTPUT))
+        } else {
+            shoal_proto::StepOutcome::Failed(shoal_proto::output_tail(&format!("self-test could not start: {}; {text}", self.failed.join("; ")), shoal_proto::MAX_STEP_OUTPUT))
+        }
+    }
+}
+
 /// Things that happen outside the control stream but need it.
 #[derive(Debug)]
 enum ShellEvent {
@@ -330,6 +383,13 @@ enum ShellEvent {
     },
     /// An acknowledged reboot did not happen.
     RebootFailed(String),
+    /// A maintenance step's work ended.
+    Maintenance {
+        /// The step.
+        step: shoal_proto::MaintenanceStep,
+        /// How.
+        outcome: shoal_proto::StepOutcome,
+    },
 }
 
 /// The overlay's state in the shell: it outlives control connections.
@@ -531,6 +591,20 @@ impl Shell<'_> {
             ShellEvent::Drives(DriveEvent::Report(report)) => {
                 self.drives.last = Some(report.clone());
                 (ready && drives).then_some(AgentMsg::Drives(report))
+            }
+            ShellEvent::Maintenance { step, outcome } => self.maintenance_done(step, outcome, ready),
+            ShellEvent::Drives(DriveEvent::Answer(answer)) if answer.id & MAINT_DRIVE_ID != 0 => {
+                let pending = self.maint.smart.as_mut()?;
+                let device = pending.waiting.remove(&answer.id)?;
+                match answer.result {
+                    Ok(_) => pending.started.push(device),
+                    Err(e) => pending.failed.push(format!("{device}: {e}")),
+                }
+                if !pending.waiting.is_empty() {
+                    return None;
+                }
+                let pending = self.maint.smart.take()?;
+                self.maintenance_done(pending.step.clone(), pending.outcome(), ready)
             }
             ShellEvent::Drives(DriveEvent::Answer(answer)) => {
                 if !(ready && drives) {
@@ -796,6 +870,11 @@ impl Shell<'_> {
                         }
                     }
                 }
+                Output::Update(ControllerMsg::Maintenance(step)) => {
+                    if let Some(msg) = self.maintenance_step(step) {
+                        send_msg(send, &msg).await?;
+                    }
+                }
                 Output::Update(_) => {}
                 Output::SendPaths => {
                     let report = match &self.overlay.node {
@@ -823,6 +902,124 @@ impl Shell<'_> {
         }
         Ok(None)
     }
+}
+
+impl Shell<'_> {
+    /// A maintenance step from the controller: answered at once (done before, no hook, refused), or
+    /// started (its answer comes as [`ShellEvent::Maintenance`]).
+    fn maintenance_step(&mut self, step: shoal_proto::MaintenanceStep) -> Option<AgentMsg> {
+        use shoal_proto::StepOutcome;
+        let config = &self.config.maintenance;
+        let boot_id = maint::read_boot_id(&config.boot_id_file);
+        let exec_allowed = match &step.action {
+            shoal_proto::MaintenanceAction::Exec { argv } => {
+                let canonical = argv.first().and_then(|p| std::fs::canonicalize(p).ok());
+                maint::check_exec(argv, canonical.as_deref(), &self.maint.allow)
+            }
+            _ => Ok(()),
+        };
+        let work = match self.maint.book.decide(&step, config, exec_allowed, &boot_id) {
+            Decision::Ignore => {
+                debug!(run = %step.run, step = step.step.as_str(), "maintenance step already running");
+                return None;
+            }
+            Decision::Answer(outcome) => {
+                self.store_reboot_record();
+                info!(run = %step.run, step = step.step.as_str(), outcome = ?outcome, "maintenance step answered from the record");
+                return Some(result_msg(&step, outcome));
+            }
+            Decision::Run(work) => work,
+        };
+        info!(run = %step.run, step = step.step.as_str(), action = %step.action, "maintenance step");
+        let events = self.overlay.events.clone();
+        match work {
+            Work::Hook { command, .. } => {
+                let config = config.clone();
+                tokio::spawn(async move {
+                    let outcome = maint::hook_step(&config, &command, &step).await;
+                    let _ = events.send(ShellEvent::Maintenance { step, outcome });
+                });
+                None
+            }
+            Work::Exec(argv) => {
+                let (config, allow) = (config.clone(), self.maint.allow.clone());
+                tokio::spawn(async move {
+                    let outcome = maint::exec_step(&config, &allow, &argv, &step).await;
+                    let _ = events.send(ShellEvent::Maintenance { step, outcome });
+                });
+                None
+            }
+            Work::SmartTest => {
+                let mut pending = PendingSmart { step: step.clone(), waiting: Default::default(), started: vec![], failed: vec![], skipped: vec![] };
+                let Some(inputs) = self.drives.inputs.clone() else {
+                    return self.maintenance_done(step, StepOutcome::Done("no drives with SMART (the drive manager is off: --no-drives)".into()), true);
+                };
+                for drive in self.drives.last.iter().flat_map(|r| r.drives.iter()) {
+                    match &drive.smart {
+                        Some(shoal_proto::SmartOutcome::Report(_)) => {
+                            self.maint.next_id += 1;
+                            let id = MAINT_DRIVE_ID | self.maint.next_id;
+                            pending.waiting.insert(id, drive.name.clone());
+                            let cmd = shoal_proto::DriveCommand {
+                                id,
+                                device: drive.name.clone(),
+                                action: shoal_proto::DriveAction::SelfTest(shoal_proto::SelfTestKind::Short),
+                            };
+                            let _ = inputs.send(DriveInput::Command(cmd));
+                        }
+                        _ => pending.skipped.push(drive.name.clone()),
+                    }
+                }
+                if pending.waiting.is_empty() {
+                    let outcome = pending.outcome();
+                    return self.maintenance_done(step, outcome, true);
+                }
+                self.maint.smart = Some(pending);
+                None
+            }
+            Work::Reboot => {
+                // A maintenance reboot is a full one (firmware, the real boot path), not kexec.
+                let method = match reboot::decide(&self.config.reboot, false) {
+                    Ok(m) => m,
+                    Err(refusal) => return self.maintenance_done(step, StepOutcome::Failed(refusal), true),
+                };
+                let record = maint::RebootRecord { run: step.run.clone(), boot_id };
+                if let Err(e) = maint::store_record(&self.config.state_dir, Some(&record)) {
+                    return self.maintenance_done(step, StepOutcome::Failed(format!("cannot record the reboot in the state dir: {e}")), true);
+                }
+                self.maint.book.rebooting(record);
+                warn!(run = %step.run, %method, "maintenance reboot");
+                let answer = result_msg(&step, StepOutcome::Rebooting(method.to_string()));
+                tokio::spawn(async move {
+                    tokio::time::sleep(REBOOT_GRACE).await;
+                    let result = tokio::task::spawn_blocking(move || reboot::execute(&method)).await.unwrap_or_else(|e| Err(e.to_string()));
+                    if let Err(e) = result {
+                        let _ = events.send(ShellEvent::Maintenance { step, outcome: StepOutcome::Failed(format!("the reboot did not happen: {e}")) });
+                    }
+                });
+                Some(answer)
+            }
+        }
+    }
+
+    /// A step's work ended: remember it, answer if the session can carry it (otherwise the
+    /// controller repeats the step on the next connection).
+    fn maintenance_done(&mut self, step: shoal_proto::MaintenanceStep, outcome: shoal_proto::StepOutcome, ready: bool) -> Option<AgentMsg> {
+        self.maint.book.finished(&step.run, step.step, &outcome);
+        self.store_reboot_record();
+        info!(run = %step.run, step = step.step.as_str(), outcome = ?outcome, "maintenance step ended");
+        (ready && self.updates).then(|| result_msg(&step, outcome))
+    }
+
+    fn store_reboot_record(&self) {
+        if let Err(e) = maint::store_record(&self.config.state_dir, self.maint.book.reboot_record()) {
+            warn!(cause = %e, "cannot update the maintenance reboot record");
+        }
+    }
+}
+
+fn result_msg(step: &shoal_proto::MaintenanceStep, outcome: shoal_proto::StepOutcome) -> AgentMsg {
+    AgentMsg::MaintenanceResult(shoal_proto::MaintenanceResult { run: step.run.clone(), step: step.step, outcome })
 }
 
 fn key_der(key_pem: &str) -> Result<PrivateKeyDer<'static>, AgentError> {

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod drives;
 pub mod health;
 pub mod inventory;
+pub mod maintenance;
 pub mod overlay;
 pub mod release;
 pub mod prepare;

@@ -80,6 +80,26 @@ struct Cli {
     /// and restores its previous image assignment).
     #[arg(long)]
     no_remote_reboot: bool,
+    /// A program `shoalctl maintenance run exec` may run on this node (absolute path, compared after
+    /// resolving symlinks; repeatable). Without any, every exec is refused.
+    #[arg(long = "allow-exec", value_name = "PATH")]
+    allow_exec: Vec<PathBuf>,
+    /// A shell command run before every maintenance action (e.g. drain the node); exit 0 passes,
+    /// otherwise the node refuses the action and runs --post-hook. Sees SHOAL_MAINTENANCE_ACTION,
+    /// SHOAL_MAINTENANCE_RUN and SHOAL_MAINTENANCE_STEP.
+    #[arg(long, value_name = "CMD")]
+    pre_hook: Option<String>,
+    /// A shell command run after every maintenance action, and after a failed one or pre-hook (e.g.
+    /// uncordon the node).
+    #[arg(long, value_name = "CMD")]
+    post_hook: Option<String>,
+    /// How long a maintenance hook or exec may run before it is killed.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30m")]
+    maintenance_timeout: Duration,
+    /// Where the boot id is read, to tell a reboot from an agent restart (tests point it at a file
+    /// their stand-in --reboot-command changes).
+    #[arg(long, value_name = "PATH", default_value = "/proc/sys/kernel/random/boot_id")]
+    boot_id_file: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -149,6 +169,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.update.check_command = cli.update_check;
     config.reboot.command = cli.reboot_command;
     config.reboot.allowed = !cli.no_remote_reboot;
+    config.maintenance = shoal_agent::maintenance::MaintenanceConfig {
+        allow_exec: cli.allow_exec,
+        pre_hook: cli.pre_hook,
+        post_hook: cli.post_hook,
+        timeout: cli.maintenance_timeout,
+        boot_id_file: cli.boot_id_file,
+    };
+    config.maintenance.canonical_allow().map_err(anyhow::Error::msg)?;
     // One thread: the agent's work is a few messages a minute, and idle memory matters on small nodes.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(daemon::run(config, shutdown_signal()))?;

@@ -41,7 +41,7 @@ pub enum Output {
     Drives(ControllerMsg),
     /// (protocol 4) The controller speaks updates: send the current update report.
     SendUpdateReport,
-    /// (protocol 4) An update message for the updater: UpdateAgent, RevertAgent or Reboot.
+    /// (protocol 4) An update message for the updater: UpdateAgent, RevertAgent, Reboot or Maintenance.
     Update(ControllerMsg),
     /// The session is over.
     End(End),
@@ -204,7 +204,10 @@ impl AgentSession {
             }
             (
                 State::Ready,
-                msg @ (ControllerMsg::UpdateAgent { .. } | ControllerMsg::RevertAgent { .. } | ControllerMsg::Reboot { .. }),
+                msg @ (ControllerMsg::UpdateAgent { .. }
+                | ControllerMsg::RevertAgent { .. }
+                | ControllerMsg::Reboot { .. }
+                | ControllerMsg::Maintenance(_)),
             )
                 if self.speaks_updates() =>
             {
@@ -377,6 +380,12 @@ mod tests {
         assert_eq!(s.handle(t0, UnixMillis(0), offer.clone()), vec![Output::Update(offer.clone())]);
         let reboot = ControllerMsg::Reboot { reason: "image".into(), prefer_kexec: true };
         assert_eq!(s.handle(t0, UnixMillis(0), reboot.clone()), vec![Output::Update(reboot)]);
+        let step = ControllerMsg::Maintenance(shoal_proto::MaintenanceStep {
+            run: "r1".into(),
+            action: shoal_proto::MaintenanceAction::SmartTest,
+            step: shoal_proto::StepKind::Cordon,
+        });
+        assert_eq!(s.handle(t0, UnixMillis(0), step.clone()), vec![Output::Update(step)]);
         let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: UnixMillis(3_600_000) }, timing());
         let mut w = welcome(10_000);
         if let ControllerMsg::Welcome(w) = &mut w {

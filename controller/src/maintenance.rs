@@ -40,7 +40,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use shoal_proto::{NodeId, UnixMillis};
+use shoal_proto::{MaintenanceAction, NodeId, UnixMillis};
 use sled::transaction::Transactional;
 use tracing::{info, warn};
 
@@ -55,6 +55,7 @@ use crate::{
     windows::{AlwaysOpen, Window, WindowCheck, WindowError, WindowRecord},
 };
 
+pub mod actions;
 pub mod agent;
 pub mod api;
 pub mod image;
@@ -67,6 +68,9 @@ const WINDOWS: &str = "windows";
 const BUDGETS: &str = "budgets";
 const ROLLOUTS: &str = "rollouts";
 const FAILED_VERSIONS: &str = "failed_versions";
+/// The per-node deadline of a maintenance action run unless `--deadline` says otherwise: the agent's
+/// default `--maintenance-timeout` (30 min) plus hooks and a reboot.
+pub const ACTION_DEADLINE: Duration = Duration::from_secs(45 * 60);
 
 /// The rollout driver's clock: the wall clock plus an offset.
 ///
@@ -140,6 +144,8 @@ pub enum TargetKind {
     Agent,
     /// [`Target::Image`].
     Image,
+    /// [`Target::Action`].
+    Action,
 }
 
 impl TargetKind {
@@ -147,6 +153,7 @@ impl TargetKind {
         match target {
             Target::Agent(_) => Some(TargetKind::Agent),
             Target::Image(_) => Some(TargetKind::Image),
+            Target::Action(_) => Some(TargetKind::Action),
             #[allow(unreachable_patterns)]
             _ => None,
         }
@@ -201,8 +208,8 @@ pub enum MaintError {
     /// A budget of 0 would block every disruption for good.
     #[error("--max-unavailable must be at least 1")]
     ZeroBudget,
-    /// Neither or both of `agent` and `image` were given.
-    #[error("name exactly one of --agent VERSION and --image VERSION")]
+    /// Not exactly one of `agent`, `image` and `action` was given.
+    #[error("name exactly one of --agent VERSION, --image VERSION and a maintenance action")]
     Target,
     /// No upgrader is installed for the target's kind.
     #[error("this controller cannot carry out {0} upgrades yet (no upgrader installed)")]
@@ -239,6 +246,9 @@ pub enum MaintError {
     /// The planner refused.
     #[error(transparent)]
     Rollout(#[from] RolloutError),
+    /// The maintenance action is not valid.
+    #[error("{0}")]
+    BadAction(String),
 }
 
 /// One of the driver's event records, before it gets its seq.
@@ -287,6 +297,8 @@ pub fn observed_version(target: &Target, rec: &NodeRecord) -> Option<String> {
             .inventory
             .as_ref()
             .and_then(|i| i.os.strip_prefix("shoal netboot image ").map(|v| v.trim().to_owned())),
+        // An action installs nothing: success is reported by its executor, never observed.
+        Target::Action(_) => None,
         #[allow(unreachable_patterns)]
         _ => None,
     }
@@ -481,6 +493,9 @@ impl Maintenance {
     /// Nodes on which `target` failed before.
     fn failed_before(&self, target: &Target) -> Result<BTreeSet<NodeId>, StoreError> {
         let mut out = BTreeSet::new();
+        if !target.remembers_failures() {
+            return Ok(out);
+        }
         for item in self.failed.iter() {
             let (key, value) = item?;
             let f: FailedVersion = decode(FAILED_VERSIONS, &key, &value)?;
@@ -510,7 +525,7 @@ impl Maintenance {
         for (node, phase) in after.nodes() {
             if let NodePhase::Failed { failure, at, .. } = phase {
                 let was_failed = before.and_then(|b| b.phase(node)).is_some_and(|p| matches!(p, NodePhase::Failed { .. }));
-                if !was_failed {
+                if !was_failed && after.spec().target.remembers_failures() {
                     let rec = FailedVersion {
                         node: node.clone(),
                         target: after.spec().target.clone(),
@@ -642,8 +657,14 @@ impl Controller {
         let m = &self.maint;
         let kind = match req.target {
             Target::Agent(_) => "agent",
+            Target::Action(_) => "maintenance action",
             _ => "image",
         };
+        if let Target::Action(MaintenanceAction::Exec { argv }) = &req.target {
+            if !argv.first().is_some_and(|p| p.starts_with('/')) {
+                return Err(MaintError::BadAction("exec needs the absolute path of a program the agents allow (--allow-exec PATH)".into()));
+            }
+        }
         if m.upgrader(&req.target).is_none() {
             return Err(MaintError::NoUpgrader(kind));
         }
@@ -682,6 +703,9 @@ impl Controller {
         if let Some(d) = req.upgrade_deadline {
             spec.upgrade_deadline = d;
             spec.rollback_deadline = d;
+        } else if matches!(req.target, Target::Action(_)) {
+            // The agent's own --maintenance-timeout is 30 min by default; hooks and a reboot on top.
+            spec.upgrade_deadline = ACTION_DEADLINE;
         }
         let now = m.clock.now();
         let failed_before = m.failed_before(&req.target)?;
@@ -744,9 +768,7 @@ impl Controller {
         let m = &self.maint;
         let _g = lock(&m.lock);
         let now = m.clock.now();
-        let node = match &event {
-            Event::Acknowledged { node } | Event::Reported { node, .. } | Event::Refused { node, .. } => node.clone(),
-        };
+        let node = event.node().clone();
         for before in m.rollouts()?.into_iter().filter(|r| !r.is_finished() && r.phase(&node).is_some()) {
             let mut after = before.clone();
             let actions = after.handle(event.clone(), now);

@@ -45,7 +45,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use shoal_proto::{NodeId, UnixMillis};
+use shoal_proto::{MaintenanceAction, NodeId, UnixMillis};
 use tracing::{info, warn};
 
 use crate::{
@@ -65,14 +65,29 @@ pub enum Target {
     Agent(String),
     /// A netboot image version.
     Image(String),
+    /// A maintenance action (`shoalctl maintenance run`): nothing is installed; a node succeeds when it
+    /// is back up and healthy after the action, and "rolling back" means running its post-hook so it
+    /// is not left drained. Its failures are not remembered across runs (see
+    /// [`Target::remembers_failures`]).
+    Action(MaintenanceAction),
 }
 
 impl Target {
-    /// The version installed.
+    /// The version installed; for an action, its name (`reboot`, `smart-test`, `exec`), which no node
+    /// ever reports as its version, so a node never counts as "already done".
     pub fn version(&self) -> &str {
         match self {
             Target::Agent(v) | Target::Image(v) => v,
+            Target::Action(a) => a.name(),
         }
+    }
+
+    /// Whether a failure of this target on a node is remembered (and the node skipped by later
+    /// rollouts of the same target until retried). True for versions: a version that failed on a node
+    /// will fail again. False for actions: a maintenance action that failed once (a drain that timed
+    /// out, a script that hit a busy disk) is exactly what the operator runs again later.
+    pub fn remembers_failures(&self) -> bool {
+        !matches!(self, Target::Action(_))
     }
 }
 
@@ -81,6 +96,7 @@ impl fmt::Display for Target {
         match self {
             Target::Agent(v) => write!(f, "agent {v}"),
             Target::Image(v) => write!(f, "image {v}"),
+            Target::Action(a) => write!(f, "action {a}"),
         }
     }
 }
@@ -176,6 +192,12 @@ pub enum Failure {
     },
     /// No healthy report on the target version before the deadline (e.g. it never came back).
     Deadline,
+    /// The node carried out (part of) the work and it failed, e.g. a maintenance action exited
+    /// non-zero; it is rolled back.
+    Failed {
+        /// The node's words.
+        reason: String,
+    },
 }
 
 impl fmt::Display for Failure {
@@ -184,6 +206,7 @@ impl fmt::Display for Failure {
             Failure::Refused { reason } => write!(f, "refused: {reason}"),
             Failure::ChecksFailed { checks } => write!(f, "health checks failed: {}", checks.join(", ")),
             Failure::Deadline => f.write_str("not healthy on the target version before the deadline"),
+            Failure::Failed { reason } => write!(f, "failed: {reason}"),
         }
     }
 }
@@ -436,6 +459,32 @@ pub enum Event {
         /// What it said.
         reason: String,
     },
+    /// The node started the work and it failed (it may have changed): roll it back.
+    Failed {
+        /// The node.
+        node: NodeId,
+        /// What it said.
+        reason: String,
+    },
+    /// A node being rolled back is back as it was (for actions: its post-hook ran); it is settled as
+    /// failed and rolled back. Versioned targets use [`Event::Reported`] with the old version instead.
+    Restored {
+        /// The node.
+        node: NodeId,
+    },
+}
+
+impl Event {
+    /// The node the event is about.
+    pub fn node(&self) -> &NodeId {
+        match self {
+            Event::Acknowledged { node }
+            | Event::Reported { node, .. }
+            | Event::Refused { node, .. }
+            | Event::Failed { node, .. }
+            | Event::Restored { node } => node,
+        }
+    }
 }
 
 /// An operator's command.
@@ -697,6 +746,17 @@ impl Rollout {
                     self.fail(&node, Failure::Refused { reason }, None, now, &mut out);
                 }
             }
+            Event::Failed { node, reason } => {
+                if let Some(NodePhase::Upgrading { from, .. }) = self.nodes.get(&node).cloned() {
+                    self.fail(&node, Failure::Failed { reason }, Some(from), now, &mut out);
+                }
+            }
+            Event::Restored { node } => {
+                if let Some(NodePhase::RollingBack { failure, .. }) = self.nodes.get(&node).cloned() {
+                    info!(rollout = %self.id, node = %node, "node restored");
+                    self.nodes.insert(node, NodePhase::Failed { at: now, failure, rolled_back: true });
+                }
+            }
             Event::Reported { node, version, health } => match self.nodes.get(&node).cloned() {
                 Some(NodePhase::Upgrading { from, .. }) if version == target => match health {
                     ReportedHealth::Healthy => {
@@ -804,7 +864,7 @@ impl Rollout {
             }
             match fleet.get(node) {
                 None => *phase = NodePhase::Skipped { reason: SkipReason::Removed },
-                Some(o) if o.available() && o.version.as_deref() == Some(target.as_str()) => {
+                Some(o) if o.available() && o.version.as_deref() == Some(target.as_str()) && !matches!(self.spec.target, Target::Action(_)) => {
                     *phase = NodePhase::Succeeded { at: now, already: true };
                 }
                 Some(_) => {}

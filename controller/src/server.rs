@@ -252,6 +252,7 @@ impl Controller {
         });
         controller.install_agent_upgrader();
         controller.install_agent_rebooter();
+        controller.install_action_runner();
         Ok(controller)
     }
 
@@ -812,6 +813,11 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
             if let Some(conn) = controller.live().conns.get_mut(&node).filter(|c| c.conn_id == ctx.conn_id) {
                 conn.protocol = version;
             }
+            if version.is_some_and(|v| v >= crate::agent_updates::UPDATE_PROTOCOL) {
+                let c = controller.clone();
+                let n = node.clone();
+                let _ = tokio::task::spawn_blocking(move || c.maintenance_reconnected(&n)).await;
+            }
             if version.is_some_and(|v| v >= 3) {
                 let c = controller.clone();
                 let conn_id = ctx.conn_id;
@@ -910,6 +916,13 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
             if let Some(node) = session.node().cloned() {
                 let c = controller.clone();
                 let _ = tokio::task::spawn_blocking(move || c.reboot_answered(&node, answer)).await;
+            }
+            vec![]
+        }
+        Action::MaintenanceResult(result) => {
+            if let Some(node) = session.node().cloned() {
+                let c = controller.clone();
+                let _ = tokio::task::spawn_blocking(move || c.maintenance_result(&node, result)).await;
             }
             vec![]
         }

@@ -338,6 +338,14 @@ pub enum EventKind {
     NodeRebooting,
     /// A node refused a reboot request (`--no-remote-reboot`, or the reboot could not start).
     NodeRebootRefused,
+    /// A maintenance run's pre-hook passed on a node (or it has none): the node is cordoned.
+    NodeCordoned,
+    /// A maintenance run's action started on a node.
+    NodeInMaintenance,
+    /// A node's post-hook passed after a maintenance action (or its roll-back): it is up again.
+    NodeUp,
+    /// A step of a maintenance run failed on a node (pre-hook, action or post-hook; the message says).
+    NodeMaintenanceFailed,
 }
 
 /// One entry of the fleet's event log.

@@ -5,6 +5,7 @@
 
 mod drives;
 mod frame;
+mod maintenance;
 mod msg;
 mod netmap;
 mod release;
@@ -14,6 +15,7 @@ mod version;
 
 pub use drives::*;
 pub use frame::{decode_frame, encode_frame, FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
+pub use maintenance::*;
 pub use msg::*;
 pub use netmap::*;
 pub use release::*;

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 use crate::{
-    DriveCommand, DriveCommandResult, DrivePolicy, DriveReport, HardwareId, HealthReport, Inventory, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PeerIndex, Punch, SignedRelease,
+    DriveCommand, DriveCommandResult, MaintenanceResult, MaintenanceStep, DrivePolicy, DriveReport, HardwareId, HealthReport, Inventory, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PeerIndex, Punch, SignedRelease,
     UnixMillis, UpdateReport, VersionRange,
 };
 
@@ -62,6 +62,8 @@ pub enum AgentMsg {
         /// Operator-facing reason.
         reason: String,
     },
+    /// (v4) How a [`ControllerMsg::Maintenance`] step ended.
+    MaintenanceResult(MaintenanceResult),
 }
 
 /// Controller to agent.
@@ -115,6 +117,9 @@ pub enum ControllerMsg {
         /// when false, a full reboot.
         prefer_kexec: bool,
     },
+    /// (v4) Do one step of a maintenance run (pre-hook, action, post-hook); answered by
+    /// [`AgentMsg::MaintenanceResult`].
+    Maintenance(MaintenanceStep),
 }
 
 /// What the controller observed about an overlay-capable agent's connection.
@@ -313,5 +318,9 @@ mod tests {
         assert_eq!(postcard::to_allocvec(&reboot).expect("encode")[0], 13, "Reboot comes after RevertAgent (12)");
         let ack = AgentMsg::RebootAck { method: "kexec -e".into() };
         assert_eq!(postcard::to_allocvec(&ack).expect("encode")[0], 12, "RebootAck comes after UpdateReport (11)");
+        let step = ControllerMsg::Maintenance(MaintenanceStep { run: "r1".into(), action: crate::MaintenanceAction::Reboot, step: crate::StepKind::Act });
+        assert_eq!(postcard::to_allocvec(&step).expect("encode")[0], 14, "Maintenance comes after Reboot (13)");
+        let result = AgentMsg::MaintenanceResult(MaintenanceResult { run: "r1".into(), step: crate::StepKind::Act, outcome: crate::StepOutcome::Done(String::new()) });
+        assert_eq!(postcard::to_allocvec(&result).expect("encode")[0], 14, "MaintenanceResult comes after RebootRefused (13)");
     }
 }

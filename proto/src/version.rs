@@ -44,7 +44,10 @@ pub const PROTOCOL_HISTORY: &[(&str, u16, &str)] = &[
          RevertAgent; AgentMsg::UpdateAck, UpdateReport (booted version, attempts, checks, failure); \
          release download on a second bidirectional stream: FetchRelease, then FetchReply::Chunk frames \
          of at most 256 KiB until the stream ends; ControllerMsg::Reboot (reason, prefer_kexec) answered \
-         by AgentMsg::RebootAck (method) or RebootRefused (reason), for netboot image rollouts",
+         by AgentMsg::RebootAck (method) or RebootRefused (reason), for netboot image rollouts; \
+         maintenance runs: ControllerMsg::Maintenance (MaintenanceStep: run, action reboot | smart-test | \
+         exec argv, step cordon | act | uncordon) answered by AgentMsg::MaintenanceResult (run, step, \
+         outcome done | failed | rebooting, text at most 4 KiB)",
     ),
 ];
 

@@ -75,6 +75,9 @@ enum Command {
     /// Rolling upgrades of agents or netboot images.
     #[command(subcommand)]
     Upgrade(maint::UpgradeCmd),
+    /// Maintenance actions (reboot, SMART self-tests, allowed commands) rolled over the fleet.
+    #[command(subcommand)]
+    Maintenance(maint::MaintenanceCmd),
     /// Fleet events (enrolled, up, down, removed...).
     Events {
         /// Output format.
@@ -446,6 +449,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Window(cmd) => maint::window(&client, cmd)?,
         Command::Budget(cmd) => maint::budget(&client, cmd)?,
         Command::Upgrade(cmd) => maint::upgrade(&client, cmd)?,
+        Command::Maintenance(cmd) => maint::maintenance(&client, cmd)?,
         Command::Overlay(OverlayCmd::Paths { output }) => {
             let paths: Vec<PathView> = client.get("/v1/overlay/paths")?;
             match output {

@@ -4,6 +4,7 @@
 //! - `GET/POST /v1/budgets`, `DELETE /v1/budgets/{selector}` (`KEY=VALUE` as one path segment);
 //! - `GET/POST /v1/rollouts`, `GET /v1/rollouts/{id}` (`current`: the newest unfinished one),
 //!   `POST /v1/rollouts/{id}/pause|resume|abort`, `POST /v1/rollouts/{id}/retry` (body `{"node": ID}`).
+//!   A maintenance run (`shoalctl maintenance run`) is a rollout whose body names an `action`.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -223,6 +224,8 @@ pub fn rollout_view(r: &Rollout, hostnames: &BTreeMap<NodeId, String>) -> Rollou
                 since: since.map(|t| rfc3339(t.0)),
                 deadline: deadline.map(|t| rfc3339(t.0)),
                 detail,
+                step: None,
+                output: None,
             }
         })
         .collect();
@@ -243,6 +246,21 @@ pub fn rollout_view(r: &Rollout, hostnames: &BTreeMap<NodeId, String>) -> Rollou
     }
 }
 
+/// [`rollout_view`] with the maintenance sub-phase of every node of an action run.
+pub fn full_view(ctl: &Controller, r: &Rollout, hostnames: &BTreeMap<NodeId, String>) -> Result<RolloutView, crate::store::StoreError> {
+    let mut view = rollout_view(r, hostnames);
+    if matches!(r.spec().target, Target::Action(_)) {
+        let steps = ctl.step_records(r.id())?;
+        for n in view.nodes.iter_mut() {
+            if let Some(rec) = steps.iter().find(|s| s.node.0 == n.node) {
+                n.step = Some(rec.sub_phase().to_owned());
+                n.output = Some(rec.detail.clone()).filter(|d| !d.is_empty());
+            }
+        }
+    }
+    Ok(view)
+}
+
 fn hostnames(ctl: &Controller) -> Result<BTreeMap<NodeId, String>, Failure> {
     Ok(ctl.store.nodes()?.into_iter().map(|n| (n.id, n.hostname)).collect())
 }
@@ -250,7 +268,7 @@ fn hostnames(ctl: &Controller) -> Result<BTreeMap<NodeId, String>, Failure> {
 async fn list_rollouts(State(ctl): State<Ctl>) -> Result<Json<Vec<RolloutView>>, Failure> {
     blocking(move || {
         let names = hostnames(&ctl)?;
-        Ok(Json(ctl.maint.rollouts()?.iter().map(|r| rollout_view(r, &names)).collect()))
+        Ok(Json(ctl.maint.rollouts()?.iter().map(|r| full_view(&ctl, r, &names)).collect::<Result<_, _>>()?))
     })
     .await
 }
@@ -258,16 +276,17 @@ async fn list_rollouts(State(ctl): State<Ctl>) -> Result<Json<Vec<RolloutView>>,
 async fn show_rollout(State(ctl): State<Ctl>, Path(id): Path<String>) -> Result<Json<RolloutView>, Failure> {
     blocking(move || {
         let r = ctl.maint.rollout(&id)?;
-        Ok(Json(rollout_view(&r, &hostnames(&ctl)?)))
+        Ok(Json(full_view(&ctl, &r, &hostnames(&ctl)?)?))
     })
     .await
 }
 
 async fn start_rollout(State(ctl): State<Ctl>, Json(req): Json<StartRollout>) -> Result<Json<RolloutView>, Failure> {
     blocking(move || {
-        let target = match (req.agent, req.image) {
-            (Some(v), None) if !v.trim().is_empty() => Target::Agent(v.trim().to_owned()),
-            (None, Some(v)) if !v.trim().is_empty() => Target::Image(v.trim().to_owned()),
+        let target = match (req.agent, req.image, req.action) {
+            (Some(v), None, None) if !v.trim().is_empty() => Target::Agent(v.trim().to_owned()),
+            (None, Some(v), None) if !v.trim().is_empty() => Target::Image(v.trim().to_owned()),
+            (None, None, Some(a)) => Target::Action(a),
             _ => return Err(MaintError::Target.into()),
         };
         let selector = req
@@ -282,7 +301,7 @@ async fn start_rollout(State(ctl): State<Ctl>, Json(req): Json<StartRollout>) ->
             window: req.window,
             upgrade_deadline: req.deadline_secs.map(Duration::from_secs),
         })?;
-        Ok(Json(rollout_view(&r, &hostnames(&ctl)?)))
+        Ok(Json(full_view(&ctl, &r, &hostnames(&ctl)?)?))
     })
     .await
 }
@@ -290,7 +309,7 @@ async fn start_rollout(State(ctl): State<Ctl>, Json(req): Json<StartRollout>) ->
 async fn command(ctl: Ctl, id: String, c: Command) -> Result<Json<RolloutView>, Failure> {
     blocking(move || {
         let r = ctl.rollout_command(&id, c)?;
-        Ok(Json(rollout_view(&r, &hostnames(&ctl)?)))
+        Ok(Json(full_view(&ctl, &r, &hostnames(&ctl)?)?))
     })
     .await
 }

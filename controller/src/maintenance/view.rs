@@ -61,13 +61,17 @@ pub struct BudgetView {
     pub nodes: usize,
 }
 
-/// `POST /v1/rollouts`.
+/// `POST /v1/rollouts`. Exactly one of `agent`, `image` and `action`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StartRollout {
     /// Agent release version (exactly one of `agent` and `image`).
     pub agent: Option<String>,
     /// Netboot image version.
     pub image: Option<String>,
+    /// A maintenance action (`shoalctl maintenance run`): `"reboot"`, `"smart_test"` or
+    /// `{"exec": {"argv": ["/usr/local/bin/x", "arg"]}}`. Exactly one of `agent`, `image`, `action`.
+    #[serde(default)]
+    pub action: Option<shoal_proto::MaintenanceAction>,
     /// `KEY=VALUE`; every node without one.
     pub selector: Option<String>,
     /// N (default 1).
@@ -102,6 +106,13 @@ pub struct RolloutNodeView {
     pub deadline: Option<String>,
     /// Failure, skip reason, or `already` / roll-back detail.
     pub detail: Option<String>,
+    /// Maintenance runs: the node's sub-phase (`cordoning`, `in-maintenance`, `rebooting`,
+    /// `uncordoning`, `up`), from the action executor.
+    #[serde(default)]
+    pub step: Option<String>,
+    /// Maintenance runs: the last step's output or error (at most a few KiB).
+    #[serde(default)]
+    pub output: Option<String>,
 }
 
 /// A rollout as `upgrade status` shows it.

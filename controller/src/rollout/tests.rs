@@ -617,3 +617,60 @@ fn random_fleets_with_outages_never_start_a_node_past_a_limit() {
     }
     assert_not_vacuous(&stats, 150, 30);
 }
+
+fn action_spec(max_unavailable: u32, max_failures: u32) -> RolloutSpec {
+    let target = Target::Action(MaintenanceAction::Exec { argv: vec!["/usr/local/bin/fix".into()] });
+    RolloutSpec { max_unavailable, max_failures, ..RolloutSpec::new(target) }
+}
+
+#[test]
+fn an_action_succeeds_when_the_node_is_back_and_a_failed_one_runs_its_post_hook() {
+    let f = workers(3);
+    // Observed versions never complete an action: every node is started, none is "already" done.
+    let mut r = rollout(action_spec(1, 2), &f);
+    let target = r.spec().target.clone();
+    assert_eq!(target.to_string(), "action exec /usr/local/bin/fix");
+    assert!(!target.remembers_failures());
+    assert_eq!(begun(&r.poll(&f, &[], &AlwaysOpen, at(0))), vec![n("w0")]);
+    r.handle(Event::Reported { node: n("w0"), version: target.version().into(), health: ReportedHealth::Healthy }, at(5));
+    assert!(matches!(r.phase(&n("w0")), Some(NodePhase::Succeeded { already: false, .. })));
+    assert_eq!(begun(&r.poll(&f, &[], &AlwaysOpen, at(5))), vec![n("w1")]);
+    // The action fails on w1: it is "rolled back" (the executor runs the post-hook), then restored.
+    let a = r.handle(Event::Failed { node: n("w1"), reason: "exit status 3".into() }, at(6));
+    assert_eq!(a, vec![Action::RollBack { node: n("w1"), to: Some(OLD.into()), target: target.clone() }]);
+    assert_eq!(begun(&r.poll(&f, &[], &AlwaysOpen, at(7))), vec![], "w1 is unavailable until restored");
+    r.handle(Event::Restored { node: n("w1") }, at(8));
+    match r.phase(&n("w1")) {
+        Some(NodePhase::Failed { rolled_back: true, failure, .. }) => assert_eq!(failure.to_string(), "failed: exit status 3"),
+        other => panic!("{other:?}"),
+    }
+    // A refusal (pre-hook failed) settles at once, with nothing to roll back; two failures pause.
+    assert_eq!(begun(&r.poll(&f, &[], &AlwaysOpen, at(9))), vec![n("w2")]);
+    let a = r.handle(Event::Refused { node: n("w2"), reason: "pre-hook failed".into() }, at(10));
+    assert!(matches!(a.as_slice(), [Action::Paused { .. }]), "{a:?}");
+    // Events for nodes not in flight change nothing.
+    let before = r.clone();
+    r.handle(Event::Failed { node: n("w0"), reason: "late".into() }, at(11));
+    r.handle(Event::Restored { node: n("w2") }, at(11));
+    assert_eq!(r, before);
+}
+
+#[test]
+fn an_action_run_honours_budgets_and_busy_nodes() {
+    let mut f = fleet(&[
+        ("e1", &[("role", "etcd")]),
+        ("e2", &[("role", "etcd")]),
+        ("e3", &[("role", "etcd")]),
+        ("w1", &[("role", "worker")]),
+    ]);
+    f.get_mut(&n("w1")).expect("w1").busy = true;
+    let budgets = [Budget { selector: ("role".into(), "etcd".into()), max_unavailable: 1 }];
+    let mut r = rollout(action_spec(3, 1), &f);
+    assert_eq!(begun(&r.poll(&f, &budgets, &AlwaysOpen, at(0))), vec![n("e1")], "one etcd member; w1 is busy elsewhere");
+    assert!(r.waiting().contains(&Waiting::Budget { selector: "role=etcd".into(), unavailable: 1, max: 1 }));
+    assert!(r.waiting().contains(&Waiting::NodesUnavailable { nodes: vec![n("w1")] }));
+    let target = r.spec().target.version().to_owned();
+    r.handle(Event::Reported { node: n("e1"), version: target, health: ReportedHealth::Healthy }, at(1));
+    f.get_mut(&n("w1")).expect("w1").busy = false;
+    assert_eq!(begun(&r.poll(&f, &budgets, &AlwaysOpen, at(2))), vec![n("e2"), n("w1")]);
+}

@@ -1,4 +1,4 @@
-//! `shoalctl window …`, `shoalctl budget …` and `shoalctl upgrade …`.
+//! `shoalctl window …`, `shoalctl budget …`, `shoalctl upgrade …` and `shoalctl maintenance …`.
 
 use std::time::Duration;
 
@@ -8,6 +8,7 @@ use shoal_controller::{
     admin::AdminClient,
     maintenance::view::{BudgetView, CreateWindow, RetryNode, RolloutView, SetBudget, StartRollout, WindowView},
 };
+use shoal_proto::MaintenanceAction;
 
 use super::{parse_label, print_json, table, Output};
 
@@ -145,6 +146,137 @@ pub enum UpgradeCmd {
     },
 }
 
+/// The action of `maintenance run`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ActionName {
+    /// Reboot each node (the agent's --reboot-command, kexec or reboot(2)); done when it is back.
+    Reboot,
+    /// Start a short SMART self-test on every drive with SMART (drives without are skipped).
+    SmartTest,
+    /// Run a program the agents allow (--allow-exec PATH), given after `--`.
+    Exec,
+}
+
+/// When a maintenance run starts nodes.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct When {
+    /// Start nodes only while this window is open.
+    #[arg(long)]
+    window: Option<String>,
+    /// Start at once.
+    #[arg(long)]
+    now: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MaintenanceCmd {
+    /// Run a maintenance action on the nodes the selector matches, a few at a time: each node goes
+    /// cordoned (the agent's --pre-hook) → in-maintenance (the action) → up (--post-hook).
+    ///
+    /// `shoalctl maintenance run exec --selector role=db --now -- /usr/local/bin/compact --fast`
+    Run {
+        /// reboot, smart-test or exec.
+        #[arg(value_enum)]
+        action: ActionName,
+        /// KEY=VALUE.
+        #[arg(long, value_parser = parse_label)]
+        selector: (String, String),
+        #[command(flatten)]
+        when: When,
+        /// N: never more than this many of the run's nodes unavailable at once (disruption budgets
+        /// apply on top).
+        #[arg(long, default_value_t = 1)]
+        max_unavailable: u32,
+        /// K: pause after this many failed nodes.
+        #[arg(long, default_value_t = 1)]
+        max_failures: u32,
+        /// How long a node has from its pre-hook until it is up again (default 45m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        deadline: Option<Duration>,
+        /// For exec: the program (absolute path, allowed on the agents) and its arguments.
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// A run's progress and every node's step (default: the current run); same as `upgrade status`.
+    Status {
+        /// Run id (r1, r2, ...).
+        id: Option<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Every run and rollout, one line each; same as `upgrade list`.
+    List {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Start no new node; nodes in flight finish.
+    Pause {
+        /// Run id (default: the current one).
+        id: Option<String>,
+    },
+    /// Start nodes again; the failure count starts over.
+    Resume {
+        /// Run id (default: the current one).
+        id: Option<String>,
+    },
+    /// Stop for good; nodes in flight finish.
+    Abort {
+        /// Run id (default: the current one).
+        id: Option<String>,
+    },
+    /// Try a failed node again.
+    Retry {
+        /// Node id.
+        node: String,
+        /// Run id (default: the current one).
+        #[arg(long)]
+        rollout: Option<String>,
+    },
+}
+
+/// The action a `maintenance run` asks for.
+pub fn action_of(name: ActionName, command: Vec<String>) -> anyhow::Result<MaintenanceAction> {
+    match (name, command.is_empty()) {
+        (ActionName::Exec, true) => anyhow::bail!("exec needs the command after `--`: maintenance run exec … -- /usr/local/bin/x ARGS"),
+        (ActionName::Exec, false) => {
+            anyhow::ensure!(command[0].starts_with('/'), "{} is not an absolute path; agents run only programs they allow with --allow-exec PATH", command[0]);
+            Ok(MaintenanceAction::Exec { argv: command })
+        }
+        (_, false) => anyhow::bail!("only exec takes a command after `--`"),
+        (ActionName::Reboot, true) => Ok(MaintenanceAction::Reboot),
+        (ActionName::SmartTest, true) => Ok(MaintenanceAction::SmartTest),
+    }
+}
+
+pub fn maintenance(client: &AdminClient, cmd: MaintenanceCmd) -> anyhow::Result<()> {
+    let up = match cmd {
+        MaintenanceCmd::Run { action, selector: (k, v), when, max_unavailable, max_failures, deadline, command } => {
+            let req = StartRollout {
+                action: Some(action_of(action, command)?),
+                selector: Some(format!("{k}={v}")),
+                max_unavailable: Some(max_unavailable),
+                max_failures: Some(max_failures),
+                window: if when.now { None } else { when.window },
+                deadline_secs: deadline.map(|d| d.as_secs().max(1)),
+                ..StartRollout::default()
+            };
+            let r: RolloutView = client.post("/v1/rollouts", &req)?;
+            println!("started maintenance run {}: {} on {} node(s)", r.id, r.target, r.progress.total);
+            return Ok(());
+        }
+        MaintenanceCmd::Status { id, output } => UpgradeCmd::Status { id, output },
+        MaintenanceCmd::List { output } => UpgradeCmd::List { output },
+        MaintenanceCmd::Pause { id } => UpgradeCmd::Pause { id },
+        MaintenanceCmd::Resume { id } => UpgradeCmd::Resume { id },
+        MaintenanceCmd::Abort { id } => UpgradeCmd::Abort { id },
+        MaintenanceCmd::Retry { node, rollout } => UpgradeCmd::Retry { node, rollout },
+    };
+    upgrade(client, up)
+}
+
 pub fn window(client: &AdminClient, cmd: WindowCmd) -> anyhow::Result<()> {
     match cmd {
         WindowCmd::Create { name, schedule, duration, tz, selector } => {
@@ -234,7 +366,8 @@ pub fn progress_bar(r: &RolloutView) -> String {
 
 fn print_status(r: &RolloutView) {
     println!(
-        "rollout {}: {} on {}, {}{}",
+        "{} {}: {} on {}, {}{}",
+        if r.target.starts_with("action ") { "maintenance run" } else { "rollout" },
         r.id,
         r.target,
         r.selector.as_deref().unwrap_or("all nodes"),
@@ -258,10 +391,13 @@ fn print_status(r: &RolloutView) {
             vec![
                 n.node.clone(),
                 n.hostname.clone().unwrap_or_else(|| "-".into()),
-                n.phase.clone(),
+                match &n.step {
+                    Some(step) => format!("{}: {step}", n.phase),
+                    None => n.phase.clone(),
+                },
                 n.since.clone().unwrap_or_else(|| "-".into()),
                 n.deadline.clone().unwrap_or_else(|| "-".into()),
-                n.detail.clone().unwrap_or_default(),
+                n.detail.clone().or_else(|| n.output.clone()).unwrap_or_default(),
             ]
         }),
     );
@@ -277,6 +413,7 @@ pub fn upgrade(client: &AdminClient, cmd: UpgradeCmd) -> anyhow::Result<()> {
             let req = StartRollout {
                 agent: what.agent,
                 image: what.image,
+                action: None,
                 selector: Some(format!("{k}={v}")),
                 max_unavailable: Some(max_unavailable),
                 max_failures: Some(max_failures),
@@ -345,6 +482,16 @@ mod tests {
             waiting: Vec::new(),
             nodes: Vec::new(),
         }
+    }
+
+    #[test]
+    fn maintenance_actions_take_a_command_only_for_exec() {
+        assert_eq!(action_of(ActionName::Reboot, vec![]).unwrap(), MaintenanceAction::Reboot);
+        assert!(action_of(ActionName::Reboot, vec!["/x".into()]).is_err());
+        assert!(action_of(ActionName::Exec, vec![]).unwrap_err().to_string().contains("--"));
+        assert!(action_of(ActionName::Exec, vec!["x".into()]).unwrap_err().to_string().contains("absolute"));
+        let exec = action_of(ActionName::Exec, vec!["/bin/x".into(), "-v".into()]).unwrap();
+        assert_eq!(exec, MaintenanceAction::Exec { argv: vec!["/bin/x".into(), "-v".into()] });
     }
 
     #[test]
