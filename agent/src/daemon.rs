@@ -130,6 +130,9 @@ pub enum AgentError {
     Io(#[from] std::io::Error),
 }
 
+/// How long a health check program may run before it counts as failed.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long an acknowledged reboot waits, for the acknowledgement to reach the controller.
 const REBOOT_GRACE: Duration = Duration::from_secs(1);
 
@@ -204,8 +207,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         });
         input_tx
     });
+    let boot = crate::checks::BootHealth::load(&config.roots, config.update.check_command.clone());
+    info!(image = ?boot.image(), "boot facts read");
     let mut shell = Shell {
         updater,
+        boot,
         conn: None,
         updates: false,
         config: &config,
@@ -292,6 +298,8 @@ fn lock(updater: &Mutex<Updater>) -> std::sync::MutexGuard<'_, Updater> {
 struct Shell<'a> {
     /// Self-update state, shared with the health-deadline task.
     updater: Arc<Mutex<Updater>>,
+    /// What this machine booted and its health checks, reported on every v4 session.
+    boot: crate::checks::BootHealth,
     /// The current control connection (release downloads open a stream on it).
     conn: Option<quinn::Connection>,
     /// Whether the current session speaks protocol 4 (update messages).
@@ -479,6 +487,7 @@ impl Shell<'_> {
             },
         );
         let mut outputs = session.start();
+        self.boot.new_session();
         let result = loop {
             self.updates = session.speaks_updates();
             match self.perform(&mut send, outputs, key_pem, creds).await {
@@ -615,6 +624,38 @@ impl Shell<'_> {
         }
     }
 
+    /// Runs the boot health checks off the async thread (a check program that hangs for more than
+    /// [`CHECK_TIMEOUT`] counts as failed); the report to send, if any.
+    async fn boot_checks(&mut self) -> Option<shoal_proto::BootReport> {
+        let program = self.boot.program.clone();
+        let image = self.boot.image().unwrap_or_default().to_owned();
+        let job = tokio::task::spawn_blocking(move || {
+            let version = crate::version::agent_version();
+            crate::checks::run(program.as_deref(), &[("SHOAL_CHECK", "boot"), ("SHOAL_AGENT_VERSION", &version), ("SHOAL_IMAGE", &image)])
+        });
+        let checks = match tokio::time::timeout(CHECK_TIMEOUT, job).await {
+            Ok(Ok(checks)) => checks,
+            Ok(Err(e)) => {
+                warn!(cause = %e, "boot checks failed to run");
+                return None;
+            }
+            Err(_) => {
+                let mut checks = crate::checks::run(None, &[]);
+                let name = self.boot.program.as_deref().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                checks.push(shoal_proto::CheckResult { name: format!("check:{name}"), passed: false, detail: Some(format!("still running after {CHECK_TIMEOUT:?}")) });
+                checks
+            }
+        };
+        let report = self.boot.checked(checks, Instant::now())?;
+        let failed: Vec<&str> = report.checks.iter().filter(|c| !c.passed).map(|c| c.name.as_str()).collect();
+        if failed.is_empty() {
+            info!(image = ?report.image, "boot checks passed");
+        } else {
+            warn!(image = ?report.image, ?failed, "boot checks failed; running them again every {:?}", self.boot.retry);
+        }
+        Some(report)
+    }
+
     /// Carries out session outputs; returns the end of the session if one was reached.
     async fn perform(
         &mut self,
@@ -642,6 +683,11 @@ impl Shell<'_> {
                             let changed = tokio::task::spawn_blocking(move || lock(&updater).heartbeat_sent()).await.ok().flatten();
                             if let Some(report) = changed.filter(|_| self.updates) {
                                 send_msg(send, &AgentMsg::UpdateReport(report)).await?;
+                            }
+                            if self.updates && self.boot.due(Instant::now()) {
+                                if let Some(report) = self.boot_checks().await {
+                                    send_msg(send, &AgentMsg::BootReport(report)).await?;
+                                }
                             }
                         }
                         Ok(Err(e)) => warn!(cause = %e, "health collection failed"),

@@ -53,6 +53,8 @@ pub enum Action {
     /// (v4) The agent's answer to [`ControllerMsg::Reboot`]: `Ok(method)` it reboots now, `Err(reason)`
     /// it refused.
     RebootAnswer(Result<String, String>),
+    /// (v4) What the node booted and how its health checks went: keep it with the connection.
+    BootReport(shoal_proto::BootReport),
     /// Close the connection, after sending anything queued before it.
     Close(CloseKind, String),
 }
@@ -199,6 +201,7 @@ impl Session {
                     | AgentMsg::UpdateReport(_)
                     | AgentMsg::RebootAck { .. }
                     | AgentMsg::RebootRefused { .. }
+                    | AgentMsg::BootReport(_)
                         if self.version < Some(4) =>
                     {
                         self.reject(RejectCode::Protocol, "update and reboot messages need protocol 4")
@@ -207,6 +210,7 @@ impl Session {
                     AgentMsg::RebootRefused { reason } => vec![Action::RebootAnswer(Err(reason))],
                     AgentMsg::UpdateAck { version } => vec![Action::UpdateAck { version }],
                     AgentMsg::UpdateReport(r) => vec![Action::UpdateReport(r)],
+                    AgentMsg::BootReport(r) => vec![Action::BootReport(r)],
                     AgentMsg::Hello(_) => self.reject(RejectCode::Protocol, "Hello sent twice"),
                     AgentMsg::Enrol(_) => self.reject(RejectCode::Protocol, "already enrolled: renew instead of enrolling"),
                 }

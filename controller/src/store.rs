@@ -338,6 +338,8 @@ pub enum EventKind {
     NodeRebooting,
     /// A node refused a reboot request (`--no-remote-reboot`, or the reboot could not start).
     NodeRebootRefused,
+    /// A node reported what it booted (netboot image, boot id) and how its health checks went.
+    NodeBootReport,
 }
 
 /// One entry of the fleet's event log.

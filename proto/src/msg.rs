@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 use crate::{
-    DriveCommand, DriveCommandResult, DrivePolicy, DriveReport, HardwareId, HealthReport, Inventory, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PeerIndex, Punch, SignedRelease,
+    BootReport, DriveCommand, DriveCommandResult, DrivePolicy, DriveReport, HardwareId, HealthReport, Inventory, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PeerIndex, Punch, SignedRelease,
     UnixMillis, UpdateReport, VersionRange,
 };
 
@@ -62,6 +62,9 @@ pub enum AgentMsg {
         /// Operator-facing reason.
         reason: String,
     },
+    /// (v4) What the agent booted and how its health checks went; sent on every session after the
+    /// first heartbeat and whenever the checks' outcome changes.
+    BootReport(BootReport),
 }
 
 /// Controller to agent.
@@ -313,5 +316,7 @@ mod tests {
         assert_eq!(postcard::to_allocvec(&reboot).expect("encode")[0], 13, "Reboot comes after RevertAgent (12)");
         let ack = AgentMsg::RebootAck { method: "kexec -e".into() };
         assert_eq!(postcard::to_allocvec(&ack).expect("encode")[0], 12, "RebootAck comes after UpdateReport (11)");
+        let boot = AgentMsg::BootReport(BootReport { boot_id: "b".into(), image: Some("v2".into()), checks: vec![] });
+        assert_eq!(postcard::to_allocvec(&boot).expect("encode")[0], 14, "BootReport comes after RebootRefused (13)");
     }
 }

@@ -44,7 +44,9 @@ pub const PROTOCOL_HISTORY: &[(&str, u16, &str)] = &[
          RevertAgent; AgentMsg::UpdateAck, UpdateReport (booted version, attempts, checks, failure); \
          release download on a second bidirectional stream: FetchRelease, then FetchReply::Chunk frames \
          of at most 256 KiB until the stream ends; ControllerMsg::Reboot (reason, prefer_kexec) answered \
-         by AgentMsg::RebootAck (method) or RebootRefused (reason), for netboot image rollouts",
+         by AgentMsg::RebootAck (method) or RebootRefused (reason), for netboot image rollouts; \
+         AgentMsg::BootReport (boot id, netboot image, health checks) after the first heartbeat of \
+         every session and when the checks' outcome changes",
     ),
 ];
 
