@@ -212,6 +212,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let mut shell = Shell {
         updater,
         boot,
+        kexec: None,
         conn: None,
         updates: false,
         config: &config,
@@ -300,6 +301,8 @@ struct Shell<'a> {
     updater: Arc<Mutex<Updater>>,
     /// What this machine booted and its health checks, reported on every v4 session.
     boot: crate::checks::BootHealth,
+    /// The image the controller named for kexec at the next reboot (v4).
+    kexec: Option<shoal_proto::KexecImage>,
     /// The current control connection (release downloads open a stream on it).
     conn: Option<quinn::Connection>,
     /// Whether the current session speaks protocol 4 (update messages).
@@ -338,6 +341,13 @@ enum ShellEvent {
     },
     /// An acknowledged reboot did not happen.
     RebootFailed(String),
+    /// A reboot request is prepared (a kexec image loaded, or not): acknowledge it, then reboot.
+    RebootReady {
+        /// How.
+        method: reboot::RebootMethod,
+        /// The acknowledgement's text.
+        ack: String,
+    },
 }
 
 /// The overlay's state in the shell: it outlives control connections.
@@ -536,6 +546,11 @@ impl Shell<'_> {
             ShellEvent::RebootFailed(reason) => {
                 warn!(%reason, "the reboot did not happen");
                 (ready && self.updates).then_some(AgentMsg::RebootRefused { reason })
+            }
+            ShellEvent::RebootReady { method, ack } => {
+                warn!(%ack, "rebooting");
+                spawn_reboot(self.overlay.events.clone(), method);
+                (ready && self.updates).then_some(AgentMsg::RebootAck { method: ack })
             }
             ShellEvent::Drives(DriveEvent::Report(report)) => {
                 self.drives.last = Some(report.clone());
@@ -813,26 +828,33 @@ impl Shell<'_> {
                         Err(e) => warn!(cause = %e, "could not restore the previous binary"),
                     }
                 }
+                Output::Update(ControllerMsg::KexecImage(image)) => {
+                    info!(image = %image.version, "the controller names the image to kexec into at the next reboot");
+                    self.kexec = Some(image);
+                }
                 Output::Update(ControllerMsg::Reboot { reason, prefer_kexec }) => {
-                    match reboot::decide(&self.config.reboot, prefer_kexec) {
+                    match reboot::decide(&self.config.reboot, prefer_kexec, self.kexec.as_ref()) {
                         Err(refusal) => {
                             warn!(%reason, %refusal, "the controller asks to reboot; refused");
                             send_msg(send, &AgentMsg::RebootRefused { reason: refusal }).await?;
                         }
+                        Ok(method @ reboot::RebootMethod::KexecImage(_)) => {
+                            // Load first (seconds), off the session loop; acknowledge with what will
+                            // really happen (kexec, or the full reboot if loading failed).
+                            warn!(%reason, %method, "the controller asks to reboot; loading the image first");
+                            let events = self.overlay.events.clone();
+                            let dir = self.config.reboot.kexec_dir.clone();
+                            tokio::spawn(async move {
+                                let (method, ack) = tokio::task::spawn_blocking(move || reboot::prepare(method, &dir))
+                                    .await
+                                    .unwrap_or_else(|e| (reboot::RebootMethod::Syscall, format!("reboot(2) (loading the image failed: {e})")));
+                                let _ = events.send(ShellEvent::RebootReady { method, ack });
+                            });
+                        }
                         Ok(method) => {
                             warn!(%reason, %method, "the controller asks to reboot; rebooting");
                             send_msg(send, &AgentMsg::RebootAck { method: method.to_string() }).await?;
-                            let events = self.overlay.events.clone();
-                            tokio::spawn(async move {
-                                // Give the acknowledgement a moment to leave before the machine goes down.
-                                tokio::time::sleep(REBOOT_GRACE).await;
-                                let result = tokio::task::spawn_blocking(move || reboot::execute(&method))
-                                    .await
-                                    .unwrap_or_else(|e| Err(e.to_string()));
-                                if let Err(e) = result {
-                                    let _ = events.send(ShellEvent::RebootFailed(e));
-                                }
-                            });
+                            spawn_reboot(self.overlay.events.clone(), method);
                         }
                     }
                 }
@@ -863,6 +885,18 @@ impl Shell<'_> {
         }
         Ok(None)
     }
+}
+
+/// Reboots after [`REBOOT_GRACE`] (for the acknowledgement to leave); a reboot that did not happen
+/// comes back as [`ShellEvent::RebootFailed`].
+fn spawn_reboot(events: mpsc::UnboundedSender<ShellEvent>, method: reboot::RebootMethod) {
+    tokio::spawn(async move {
+        tokio::time::sleep(REBOOT_GRACE).await;
+        let result = tokio::task::spawn_blocking(move || reboot::execute(&method)).await.unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(e) = result {
+            let _ = events.send(ShellEvent::RebootFailed(e));
+        }
+    });
 }
 
 fn key_der(key_pem: &str) -> Result<PrivateKeyDer<'static>, AgentError> {

@@ -82,6 +82,10 @@ struct Cli {
     /// and restores its previous image assignment).
     #[arg(long)]
     no_remote_reboot: bool,
+    /// Never kexec when the controller asks for a reboot (always the full reboot through firmware),
+    /// e.g. on hardware whose devices do not survive a kexec.
+    #[arg(long)]
+    no_kexec: bool,
 }
 
 fn main() -> ExitCode {
@@ -151,6 +155,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.update.check_command = cli.health_check;
     config.reboot.command = cli.reboot_command;
     config.reboot.allowed = !cli.no_remote_reboot;
+    config.reboot.kexec = !cli.no_kexec;
     // One thread: the agent's work is a few messages a minute, and idle memory matters on small nodes.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(daemon::run(config, shutdown_signal()))?;

@@ -204,7 +204,10 @@ impl AgentSession {
             }
             (
                 State::Ready,
-                msg @ (ControllerMsg::UpdateAgent { .. } | ControllerMsg::RevertAgent { .. } | ControllerMsg::Reboot { .. }),
+                msg @ (ControllerMsg::UpdateAgent { .. }
+                | ControllerMsg::RevertAgent { .. }
+                | ControllerMsg::Reboot { .. }
+                | ControllerMsg::KexecImage(_)),
             )
                 if self.speaks_updates() =>
             {

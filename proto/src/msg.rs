@@ -118,6 +118,27 @@ pub enum ControllerMsg {
         /// when false, a full reboot.
         prefer_kexec: bool,
     },
+    /// (v4) Sent just before [`ControllerMsg::Reboot`] with `prefer_kexec`: the kernel, initramfs
+    /// and command line of the image assigned to the node, for the agent to load with
+    /// `kexec_file_load(2)` and boot without going through firmware and iPXE.
+    KexecImage(KexecImage),
+}
+
+/// (v4) What an agent needs to `kexec` into a netboot image: what the iPXE script would boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KexecImage {
+    /// The image version.
+    pub version: String,
+    /// The kernel on the controller's boot HTTP server (`http://ADDR/images/V/vmlinuz`).
+    pub kernel_url: String,
+    /// Its SHA-256 (lower-case hex), from the image's signed manifest.
+    pub kernel_sha256: String,
+    /// The initramfs on the boot HTTP server.
+    pub initrd_url: String,
+    /// Its SHA-256 (lower-case hex), from the image's signed manifest.
+    pub initrd_sha256: String,
+    /// The kernel command line, with a join token minted for this one boot.
+    pub cmdline: String,
 }
 
 /// What the controller observed about an overlay-capable agent's connection.
@@ -316,6 +337,15 @@ mod tests {
         assert_eq!(postcard::to_allocvec(&reboot).expect("encode")[0], 13, "Reboot comes after RevertAgent (12)");
         let ack = AgentMsg::RebootAck { method: "kexec -e".into() };
         assert_eq!(postcard::to_allocvec(&ack).expect("encode")[0], 12, "RebootAck comes after UpdateReport (11)");
+        let kexec = ControllerMsg::KexecImage(KexecImage {
+            version: "v".into(),
+            kernel_url: String::new(),
+            kernel_sha256: String::new(),
+            initrd_url: String::new(),
+            initrd_sha256: String::new(),
+            cmdline: String::new(),
+        });
+        assert_eq!(postcard::to_allocvec(&kexec).expect("encode")[0], 14, "KexecImage comes after Reboot (13)");
         let boot = AgentMsg::BootReport(BootReport { boot_id: "b".into(), image: Some("v2".into()), checks: vec![] });
         assert_eq!(postcard::to_allocvec(&boot).expect("encode")[0], 14, "BootReport comes after RebootRefused (13)");
     }

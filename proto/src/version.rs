@@ -46,7 +46,8 @@ pub const PROTOCOL_HISTORY: &[(&str, u16, &str)] = &[
          of at most 256 KiB until the stream ends; ControllerMsg::Reboot (reason, prefer_kexec) answered \
          by AgentMsg::RebootAck (method) or RebootRefused (reason), for netboot image rollouts; \
          AgentMsg::BootReport (boot id, netboot image, health checks) after the first heartbeat of \
-         every session and when the checks' outcome changes",
+         every session and when the checks' outcome changes; ControllerMsg::KexecImage (kernel and \
+         initramfs URLs and SHA-256, command line) before a Reboot that prefers kexec",
     ),
 ];
 

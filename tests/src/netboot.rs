@@ -173,18 +173,19 @@ pub fn image(bins: &Bins) -> Result<BuiltImage> {
 }
 
 fn build_image(bins: &Bins) -> Result<BuiltImage> {
-    build_image_as(bins, "test-1", None)
+    build_image_as(bins, "test-1", None, "")
 }
 
 /// Builds one more image, `version`, with the same agent binary and signing key as [`image`] (so the
 /// lab's controller accepts it), optionally with a health check program baked in
-/// (`images/build.sh --health-check`). Each call runs `images/build.sh` once (tens of seconds).
-pub fn extra_image(bins: &Bins, version: &str, health_check: Option<&Path>) -> Result<BuiltImage> {
+/// (`images/build.sh --health-check`) and extra agent arguments (`--agent-args`). Each call runs
+/// `images/build.sh` once (15–20 s).
+pub fn extra_image(bins: &Bins, version: &str, health_check: Option<&Path>, agent_args: &str) -> Result<BuiltImage> {
     image(bins)?;
-    build_image_as(bins, version, health_check)
+    build_image_as(bins, version, health_check, agent_args)
 }
 
-fn build_image_as(bins: &Bins, version: &str, health_check: Option<&Path>) -> Result<BuiltImage> {
+fn build_image_as(bins: &Bins, version: &str, health_check: Option<&Path>, agent_args: &str) -> Result<BuiltImage> {
     let base = std::env::temp_dir().join(format!("shoal-netboot-image-{}", std::process::id()));
     let dir = if version == "test-1" { base.join("image") } else { base.join(format!("image-{version}")) };
     let key = base.join("key.pem");
@@ -194,6 +195,9 @@ fn build_image_as(bins: &Bins, version: &str, health_check: Option<&Path>) -> Re
     cmd.arg(&script).arg("--out").arg(&dir).arg("--version").arg(version).arg("--agent").arg(&bins.agent).arg("--key").arg(&key);
     if let Some(check) = health_check {
         cmd.arg("--health-check").arg(check);
+    }
+    if !agent_args.is_empty() {
+        cmd.arg("--agent-args").arg(agent_args);
     }
     let out = output_with_timeout(&mut cmd, Duration::from_secs(300))?;
     ensure!(out.status.success(), "images/build.sh failed: {}", String::from_utf8_lossy(&out.stderr));

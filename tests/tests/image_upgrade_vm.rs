@@ -1,11 +1,13 @@
 //! Image upgrades that really reboot: a netbooted qemu VM (TCG, BIOS/iPXE) runs image `test-1`;
-//! `shoalctl upgrade start --image test-2` assigns the new image and asks the agent to reboot, the
-//! agent runs `reboot(2)` inside the VM (qemu resets, iPXE netboots again and fetches the controller's
-//! current assignment), the node re-enrols on `test-2` and its boot report says healthy → the node
-//! `succeeded`, the rollout `done`. Then `test-3`, built with a health check that always fails ("v3
-//! broken on purpose"): the VM boots it, its agent reports the failing check, the node is not healthy
-//! at the deadline, so the controller fails it, restores the `test-2` assignment and reboots it again;
-//! the VM comes back on `test-2`, healthy, and the rollout is paused with the reason.
+//! `shoalctl upgrade start --image test-2` assigns the new image, names its kernel, initramfs and
+//! command line to the agent and asks it to reboot; the agent loads them with `kexec_file_load(2)` and
+//! kexecs (no firmware, no iPXE), the node re-enrols on `test-2` and its boot report says healthy →
+//! the node `succeeded`, the rollout `done`. Then `test-3` (kexec again), built with a health check
+//! that always fails ("v3 broken on purpose") and with `--no-kexec` for its agent: the VM boots it,
+//! its agent reports the failing check, the node is not healthy at the deadline, so the controller
+//! fails it, restores the `test-2` assignment and reboots it again — this time a full `reboot(2)`:
+//! qemu resets, iPXE netboots again and fetches the controller's current assignment; the VM comes
+//! back on `test-2`, healthy, and the rollout is paused with the reason.
 //!
 //! Needs root and what the netboot tests need (tests/tests/netboot.rs).
 
@@ -96,8 +98,8 @@ fn image_upgrade_reboots_into_v2_and_rolls_back_from_a_broken_v3() {
         // Two more images from the same agent binary and key; test-3's health check always fails.
         let check = lab.dir.path().join("v3-health-check");
         write_check(&check)?;
-        let v2 = extra_image(&lab.bins, "test-2", None)?;
-        let v3 = extra_image(&lab.bins, "test-3", Some(&check))?;
+        let v2 = extra_image(&lab.bins, "test-2", None, "")?;
+        let v3 = extra_image(&lab.bins, "test-3", Some(&check), "--no-kexec")?;
         println!("FIGURE image build test-2 {:.1?}, test-3 {:.1?}", v2.build_time, v3.build_time);
         for img in [&v2, &v3] {
             lab.ctl_ok(&["image", "add", &img.dir.to_string_lossy()])?;
@@ -132,10 +134,15 @@ fn image_upgrade_reboots_into_v2_and_rolls_back_from_a_broken_v3() {
             ensure!(r["nodes"][0]["phase"] == "succeeded", "node {}", r["nodes"][0]);
             Ok(())
         })?;
-        println!("FIGURE image upgrade: test-1 to test-2 (request, reboot, netboot, healthy) in {:.1?}", started.elapsed());
+        println!("FIGURE image upgrade: test-1 to test-2 (request, kexec, healthy) in {:.1?}", started.elapsed());
         let evs = events_since(lab, &id, seq)?;
+        ensure!(evs.iter().any(|(k, m)| k == "node_rebooting" && m.contains("kexec into image test-2")), "not a kexec: {evs:#?}");
         in_order(&evs, &["rollout_started", "node_upgrade_started", "node_reboot_requested", "node_rebooting", "reenrolled", "node_boot_report", "node_upgrade_succeeded", "rollout_done"])?;
-        ensure!(lab.vms[0].log().matches("shoal-init").count() > 0, "no init on the console");
+        // kexec: the kernel started again, the firmware and iPXE did not.
+        let console = lab.vms[0].log();
+        ensure!(console.matches("Linux version").count() == 2, "kernel starts: {}", console.matches("Linux version").count());
+        let scripts = lab.controller.log().matches("boot script served").count();
+        ensure!(scripts == 1, "iPXE fetched {scripts} boot scripts");
 
         // test-2 → test-3, which never becomes healthy: failed at the deadline, rolled back to test-2.
         let seq = last_seq(lab)?;
@@ -186,6 +193,13 @@ fn image_upgrade_reboots_into_v2_and_rolls_back_from_a_broken_v3() {
         )?;
         ensure!(evs.iter().any(|(k, m)| k == "node_boot_report" && m.contains("image test-3") && m.contains("checks failed")), "no failing test-3 boot report event");
         ensure!(evs.iter().any(|(k, _)| k == "rollout_paused"), "rollout not paused");
+        let reboots: Vec<&str> = evs.iter().filter(|(k, _)| k == "node_rebooting").map(|(_, m)| m.as_str()).collect();
+        ensure!(reboots.len() == 2 && reboots[0].contains("kexec into image test-3") && reboots[1].contains("reboot(2)"), "reboots {reboots:?}");
+        // The roll-back was a full reboot: firmware, iPXE fetching the restored assignment, the kernel.
+        let console = lab.vms[0].log();
+        let scripts = lab.controller.log().matches("boot script served").count();
+        ensure!(scripts == 2, "iPXE fetched {scripts} boot scripts (expected a second one after the reset)");
+        ensure!(console.matches("Linux version").count() == 4, "kernel starts: {}", console.matches("Linux version").count());
         let machines = lab.ctl_list(&["machines", "list"])?;
         let m = machines.iter().find(|m| m["mac"].as_str().is_some_and(|x| x.eq_ignore_ascii_case(MAC))).context("machine")?;
         println!("machine: {m}");

@@ -90,6 +90,9 @@ impl NodeRebooter for AgentRebooter {
     fn reboot(&self, node: &NodeId) -> Result<(), UpgradeError> {
         let ctl = self.controller.upgrade().ok_or_else(|| UpgradeError::Failed("the controller is shutting down".into()))?;
         let image = ctl.netboot.machines.node_image(node).ok().flatten().unwrap_or_else(|| "?".into());
+        if self.prefer_kexec {
+            ctl.offer_kexec_image(node, &image);
+        }
         ctl.request_reboot(node, &format!("netboot image {image} assigned"), self.prefer_kexec).map_err(|e| {
             let why = e.to_string();
             match e {
@@ -105,6 +108,26 @@ impl Controller {
     /// Installs [`ImageUpgrader`] with [`AgentRebooter`] (done by [`Controller::open`]).
     pub fn install_agent_rebooter(self: &Arc<Self>) {
         self.install_image_upgrader(Arc::new(AgentRebooter { controller: Arc::downgrade(self), prefer_kexec: true }));
+    }
+
+    /// Queues [`ControllerMsg::KexecImage`] for `version` on the node's v4 connection, so that the
+    /// [`ControllerMsg::Reboot`] after it can kexec into the image instead of going through firmware.
+    /// Nothing is sent (and the reboot is a full one) when the node is not connected on v4, or the
+    /// netboot servers do not run, or its MAC or the image is not known.
+    pub fn offer_kexec_image(&self, node: &NodeId, version: &str) {
+        let speaks_v4 = self.live().conns.get(node).is_some_and(|c| c.protocol.is_some_and(|p| p >= UPDATE_PROTOCOL));
+        if !speaks_v4 {
+            return;
+        }
+        match crate::netboot::http::kexec_image(self, node, version) {
+            Ok(Some(image)) => {
+                if let Some(conn) = self.live().conns.get(node) {
+                    let _ = conn.tx.send(ControllerMsg::KexecImage(image));
+                }
+            }
+            Ok(None) => info!(node = %node, image = %version, "no kexec instructions for this node; it reboots fully"),
+            Err(e) => warn!(node = %node, cause = %e, "could not prepare kexec instructions; the node reboots fully"),
+        }
     }
 
     /// Sends [`ControllerMsg::Reboot`] to the node's connected v4 agent, with a
