@@ -314,6 +314,51 @@ mod tests {
         assert!(events.iter().any(|e| e.message.contains("refused to reboot: remote reboots are disabled")));
     }
 
+    #[test]
+    fn a_v4_node_gets_the_kexec_instructions_of_its_assigned_image_before_the_reboot() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _enter = rt.enter();
+        let img = make_image("2030.2");
+        let mut config = ControllerConfig::new(dir.path().to_owned());
+        config.overlay_subnet = "10.70.0.0/24".parse().unwrap();
+        let key = dir.path().join("key.pub");
+        std::fs::write(&key, hex::encode(img.public)).unwrap();
+        config.netboot.image_keys.push(key);
+        let ctl = Controller::open(config, "127.0.0.1:1".parse().unwrap()).unwrap();
+        for name in ["manifest.json", "manifest.sig", "vmlinuz", "initrd.img"] {
+            ctl.netboot.images.stage("2030.2", name, &std::fs::read(img.dir.path().join(name)).unwrap()).unwrap();
+        }
+        ctl.netboot.images.commit("2030.2").unwrap();
+        let manifest = ctl.netboot.images.get("2030.2").unwrap();
+        let node = crate::networks::enrol_for_tests(&ctl.store, "vm", &[("netboot.mac", "52:54:00:00:00:01")], crate::server::now_ms());
+        let (_, mut rx) = ctl.fake_connection(&node, 4);
+        let rebooter = AgentRebooter { controller: Arc::downgrade(&ctl), prefer_kexec: true };
+        ctl.netboot.machines.set_node_image(&node, "2030.2").unwrap();
+
+        // Netboot servers not running: no instructions, a plain Reboot.
+        rebooter.reboot(&node).unwrap();
+        assert!(matches!(rx.try_recv(), Ok(ControllerMsg::Reboot { .. })));
+
+        let boot = crate::netboot::http::BootContext { controller_addr: "10.78.0.1:7440".parse().unwrap(), http_base: "http://10.78.0.1:7442".into() };
+        ctl.netboot.boot.set(boot).unwrap();
+        rebooter.reboot(&node).unwrap();
+        match rx.try_recv() {
+            Ok(ControllerMsg::KexecImage(k)) => {
+                assert_eq!(k.version, "2030.2");
+                assert_eq!(k.kernel_url, format!("http://10.78.0.1:7442/images/2030.2/{}", manifest.kernel.file));
+                assert_eq!((k.kernel_sha256.as_str(), k.initrd_sha256.as_str()), (manifest.kernel.sha256.as_str(), manifest.initrd.sha256.as_str()));
+                assert!(k.cmdline.contains("shoal.controller=10.78.0.1:7440 shoal.token=") && k.cmdline.contains("shoal.image=2030.2"), "{}", k.cmdline);
+            }
+            other => panic!("expected KexecImage, got {other:?}"),
+        }
+        assert!(matches!(rx.try_recv(), Ok(ControllerMsg::Reboot { prefer_kexec: true, .. })), "the Reboot follows");
+        // A v3 agent gets neither.
+        let (_, mut old_rx) = ctl.fake_connection(&node, 3);
+        assert!(rebooter.reboot(&node).is_err());
+        assert!(old_rx.try_recv().is_err());
+    }
+
     fn boot(image: Option<&str>, passed: &[bool]) -> BootReport {
         let checks = passed
             .iter()
