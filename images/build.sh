@@ -6,6 +6,12 @@
 # controller address and join token from the kernel command line (shoal.controller=, shoal.token=).
 #
 # Usage: images/build.sh --out DIR --version V [--agent PATH] [--key PATH] [--modules "m1 m2 ..."]
+#                        [--health-check FILE] [--agent-args "ARGS"]
+#
+# --health-check FILE bakes FILE into the image as /etc/shoal/health-check (mode 0755); the init then
+# starts the agent with --health-check /etc/shoal/health-check, so the agent's boot report (and the
+# image rollout waiting for it) includes that check. Tests use it to build an image that never
+# becomes healthy. --agent-args adds arguments to the agent's command line (e.g. --no-kexec).
 #
 # Writes DIR/{vmlinuz,initrd.img,manifest.json,manifest.sig,signing-key.pub}. manifest.sig is a raw
 # Ed25519 signature of manifest.json by the key at --key (default
@@ -22,7 +28,7 @@
 # binutils.
 set -euo pipefail
 
-out="" version="" agent="" key="${XDG_CONFIG_HOME:-$HOME/.config}/shoal/image-signing.pem"
+out="" version="" agent="" health_check="" agent_args="" key="${XDG_CONFIG_HOME:-$HOME/.config}/shoal/image-signing.pem"
 # NICs and disk controllers; crc32c_generic before the filesystems, whose metadata checksums ask the crypto
 # API for "crc32c" (the image has no modprobe to load it on demand). PCIe hot-plug (pciehp, acpiphp) is
 # built into Debian's kernel.
@@ -34,7 +40,9 @@ while [ $# -gt 0 ]; do
         --agent) agent="$2"; shift 2 ;;
         --key) key="$2"; shift 2 ;;
         --modules) modules="$2"; shift 2 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        --health-check) health_check="$2"; shift 2 ;;
+        --agent-args) agent_args="$2"; shift 2 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "build.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -52,6 +60,7 @@ if [ -z "$agent" ]; then
     agent="$repo/target/release/shoal-agent"
 fi
 [ -x "$agent" ] || { echo "build.sh: agent binary $agent not found" >&2; exit 1; }
+[ -z "$health_check" ] || [ -r "$health_check" ] || { echo "build.sh: health check $health_check not readable" >&2; exit 1; }
 
 # The kernel package linux-image-amd64 points at.
 kpkg=$(dpkg-query -W -f='${Depends}' linux-image-amd64 | tr ',|' '\n\n' | sed 's/ (.*//; s/ //g' | grep '^linux-image-[0-9]' | head -1)
@@ -111,6 +120,11 @@ VERSION_ID="$version"
 PRETTY_NAME="shoal netboot image $version"
 EOF
 echo "$version" > "$root/etc/shoal-image"
+printf '%s\n' "$agent_args" > "$root/etc/shoal/agent-args"
+if [ -n "$health_check" ]; then
+    cp "$health_check" "$root/etc/shoal/health-check"
+    chmod 0755 "$root/etc/shoal/health-check"
+fi
 echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
 
 cat > "$root/usr/share/udhcpc/default.script" <<'EOF'
@@ -169,9 +183,12 @@ if [ -z "$controller" ]; then
     log "no shoal.controller= on the kernel command line; dropping to a shell"
     exec sh
 fi
-log "agent starting for controller $controller"
+check=""
+[ -x /etc/shoal/health-check ] && check=/etc/shoal/health-check
+log "agent starting for controller $controller${check:+ with health check $check}"
 while true; do
-    shoal-agent --controller "$controller" ${token:+--token "$token"} --state-dir /var/lib/shoal-agent
+    # shellcheck disable=SC2046 # the extra arguments are words
+    shoal-agent --controller "$controller" ${token:+--token "$token"} --state-dir /var/lib/shoal-agent ${check:+--health-check "$check"} $(cat /etc/shoal/agent-args)
     log "agent exited ($?); restarting in 5 s"
     sleep 5
 done
@@ -205,6 +222,10 @@ for p in "$kpkg" busybox-static smartmontools e2fsprogs libext2fs2 libcom-err2 l
 "
 done
 inputs="$inputs    {\"name\": \"shoal-agent\", \"version\": \"sha256:$(sha "$root/usr/bin/shoal-agent")\"}"
+if [ -n "$health_check" ]; then
+    inputs="$inputs,
+    {\"name\": \"health-check\", \"version\": \"sha256:$(sha "$root/etc/shoal/health-check")\"}"
+fi
 cat > "$out/manifest.json" <<EOF
 {
   "format": 1,

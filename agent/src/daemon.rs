@@ -138,6 +138,9 @@ pub enum AgentError {
     Config(String),
 }
 
+/// How long a health check program may run before it counts as failed.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long an acknowledged reboot waits, for the acknowledgement to reach the controller.
 const REBOOT_GRACE: Duration = Duration::from_secs(1);
 
@@ -213,9 +216,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         });
         input_tx
     });
+    let boot = crate::checks::BootHealth::load(&config.roots, &config.maintenance.boot_id_file, config.update.check_command.clone());
+    info!(image = ?boot.image(), "boot facts read");
     let mut shell = Shell {
         maint: MaintState { book: MaintenanceBook::new(maint::load_record(&config.state_dir)), allow: allow_exec, smart: None, next_id: 0 },
         updater,
+        boot,
+        kexec: None,
         conn: None,
         updates: false,
         config: &config,
@@ -304,6 +311,10 @@ struct Shell<'a> {
     maint: MaintState,
     /// Self-update state, shared with the health-deadline task.
     updater: Arc<Mutex<Updater>>,
+    /// What this machine booted and its health checks, reported on every v4 session.
+    boot: crate::checks::BootHealth,
+    /// The image the controller named for kexec at the next reboot (v4).
+    kexec: Option<shoal_proto::KexecImage>,
     /// The current control connection (release downloads open a stream on it).
     conn: Option<quinn::Connection>,
     /// Whether the current session speaks protocol 4 (update messages).
@@ -389,6 +400,13 @@ enum ShellEvent {
         step: shoal_proto::MaintenanceStep,
         /// How.
         outcome: shoal_proto::StepOutcome,
+    },
+    /// A reboot request is prepared (a kexec image loaded, or not): acknowledge it, then reboot.
+    RebootReady {
+        /// How.
+        method: reboot::RebootMethod,
+        /// The acknowledgement's text.
+        ack: String,
     },
 }
 
@@ -539,6 +557,7 @@ impl Shell<'_> {
             },
         );
         let mut outputs = session.start();
+        self.boot.new_session();
         let result = loop {
             self.updates = session.speaks_updates();
             match self.perform(&mut send, outputs, key_pem, creds).await {
@@ -587,6 +606,11 @@ impl Shell<'_> {
             ShellEvent::RebootFailed(reason) => {
                 warn!(%reason, "the reboot did not happen");
                 (ready && self.updates).then_some(AgentMsg::RebootRefused { reason })
+            }
+            ShellEvent::RebootReady { method, ack } => {
+                warn!(%ack, "rebooting");
+                spawn_reboot(self.overlay.events.clone(), method);
+                (ready && self.updates).then_some(AgentMsg::RebootAck { method: ack })
             }
             ShellEvent::Drives(DriveEvent::Report(report)) => {
                 self.drives.last = Some(report.clone());
@@ -689,6 +713,38 @@ impl Shell<'_> {
         }
     }
 
+    /// Runs the boot health checks off the async thread (a check program that hangs for more than
+    /// [`CHECK_TIMEOUT`] counts as failed); the report to send, if any.
+    async fn boot_checks(&mut self) -> Option<shoal_proto::BootReport> {
+        let program = self.boot.program.clone();
+        let image = self.boot.image().unwrap_or_default().to_owned();
+        let job = tokio::task::spawn_blocking(move || {
+            let version = crate::version::agent_version();
+            crate::checks::run(program.as_deref(), &[("SHOAL_CHECK", "boot"), ("SHOAL_AGENT_VERSION", &version), ("SHOAL_IMAGE", &image)])
+        });
+        let checks = match tokio::time::timeout(CHECK_TIMEOUT, job).await {
+            Ok(Ok(checks)) => checks,
+            Ok(Err(e)) => {
+                warn!(cause = %e, "boot checks failed to run");
+                return None;
+            }
+            Err(_) => {
+                let mut checks = crate::checks::run(None, &[]);
+                let name = self.boot.program.as_deref().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                checks.push(shoal_proto::CheckResult { name: format!("check:{name}"), passed: false, detail: Some(format!("still running after {CHECK_TIMEOUT:?}")) });
+                checks
+            }
+        };
+        let report = self.boot.checked(checks, Instant::now())?;
+        let failed: Vec<&str> = report.checks.iter().filter(|c| !c.passed).map(|c| c.name.as_str()).collect();
+        if failed.is_empty() {
+            info!(image = ?report.image, "boot checks passed");
+        } else {
+            warn!(image = ?report.image, ?failed, "boot checks failed; running them again every {:?}", self.boot.retry);
+        }
+        Some(report)
+    }
+
     /// Carries out session outputs; returns the end of the session if one was reached.
     async fn perform(
         &mut self,
@@ -716,6 +772,11 @@ impl Shell<'_> {
                             let changed = tokio::task::spawn_blocking(move || lock(&updater).heartbeat_sent()).await.ok().flatten();
                             if let Some(report) = changed.filter(|_| self.updates) {
                                 send_msg(send, &AgentMsg::UpdateReport(report)).await?;
+                            }
+                            if self.updates && self.boot.due(Instant::now()) {
+                                if let Some(report) = self.boot_checks().await {
+                                    send_msg(send, &AgentMsg::BootReport(report)).await?;
+                                }
                             }
                         }
                         Ok(Err(e)) => warn!(cause = %e, "health collection failed"),
@@ -847,26 +908,33 @@ impl Shell<'_> {
                         Err(e) => warn!(cause = %e, "could not restore the previous binary"),
                     }
                 }
+                Output::Update(ControllerMsg::KexecImage(image)) => {
+                    info!(image = %image.version, "the controller names the image to kexec into at the next reboot");
+                    self.kexec = Some(image);
+                }
                 Output::Update(ControllerMsg::Reboot { reason, prefer_kexec }) => {
-                    match reboot::decide(&self.config.reboot, prefer_kexec) {
+                    match reboot::decide(&self.config.reboot, prefer_kexec, self.kexec.as_ref()) {
                         Err(refusal) => {
                             warn!(%reason, %refusal, "the controller asks to reboot; refused");
                             send_msg(send, &AgentMsg::RebootRefused { reason: refusal }).await?;
                         }
+                        Ok(method @ reboot::RebootMethod::KexecImage(_)) => {
+                            // Load first (seconds), off the session loop; acknowledge with what will
+                            // really happen (kexec, or the full reboot if loading failed).
+                            warn!(%reason, %method, "the controller asks to reboot; loading the image first");
+                            let events = self.overlay.events.clone();
+                            let dir = self.config.reboot.kexec_dir.clone();
+                            tokio::spawn(async move {
+                                let (method, ack) = tokio::task::spawn_blocking(move || reboot::prepare(method, &dir))
+                                    .await
+                                    .unwrap_or_else(|e| (reboot::RebootMethod::Syscall, format!("reboot(2) (loading the image failed: {e})")));
+                                let _ = events.send(ShellEvent::RebootReady { method, ack });
+                            });
+                        }
                         Ok(method) => {
                             warn!(%reason, %method, "the controller asks to reboot; rebooting");
                             send_msg(send, &AgentMsg::RebootAck { method: method.to_string() }).await?;
-                            let events = self.overlay.events.clone();
-                            tokio::spawn(async move {
-                                // Give the acknowledgement a moment to leave before the machine goes down.
-                                tokio::time::sleep(REBOOT_GRACE).await;
-                                let result = tokio::task::spawn_blocking(move || reboot::execute(&method))
-                                    .await
-                                    .unwrap_or_else(|e| Err(e.to_string()));
-                                if let Err(e) = result {
-                                    let _ = events.send(ShellEvent::RebootFailed(e));
-                                }
-                            });
+                            spawn_reboot(self.overlay.events.clone(), method);
                         }
                     }
                 }
@@ -979,7 +1047,7 @@ impl Shell<'_> {
             }
             Work::Reboot => {
                 // A maintenance reboot is a full one (firmware, the real boot path), not kexec.
-                let method = match reboot::decide(&self.config.reboot, false) {
+                let method = match reboot::decide(&self.config.reboot, false, None) {
                     Ok(m) => m,
                     Err(refusal) => return self.maintenance_done(step, StepOutcome::Failed(refusal), true),
                 };
@@ -1020,6 +1088,18 @@ impl Shell<'_> {
 
 fn result_msg(step: &shoal_proto::MaintenanceStep, outcome: shoal_proto::StepOutcome) -> AgentMsg {
     AgentMsg::MaintenanceResult(shoal_proto::MaintenanceResult { run: step.run.clone(), step: step.step, outcome })
+}
+
+/// Reboots after [`REBOOT_GRACE`] (for the acknowledgement to leave); a reboot that did not happen
+/// comes back as [`ShellEvent::RebootFailed`].
+fn spawn_reboot(events: mpsc::UnboundedSender<ShellEvent>, method: reboot::RebootMethod) {
+    tokio::spawn(async move {
+        tokio::time::sleep(REBOOT_GRACE).await;
+        let result = tokio::task::spawn_blocking(move || reboot::execute(&method)).await.unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(e) = result {
+            let _ = events.send(ShellEvent::RebootFailed(e));
+        }
+    });
 }
 
 fn key_der(key_pem: &str) -> Result<PrivateKeyDer<'static>, AgentError> {

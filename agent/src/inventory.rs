@@ -154,7 +154,7 @@ fn parse_os_release(text: &str) -> String {
 }
 
 /// Strips the shell-style quoting os-release allows: `"..."` with backslash escapes, or `'...'`.
-fn unquote_shell(value: &str) -> String {
+pub(crate) fn unquote_shell(value: &str) -> String {
     if let Some(inner) = value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
         let mut out = String::with_capacity(inner.len());
         let mut chars = inner.chars();

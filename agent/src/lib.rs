@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod blank;
 pub mod blockdev;
+pub mod checks;
 pub mod daemon;
 pub mod drives;
 pub mod health;

@@ -68,10 +68,12 @@ struct Cli {
     /// Starts of a new version allowed (crashes count) before the previous binary is restored.
     #[arg(long, default_value_t = 3)]
     update_max_starts: u32,
-    /// A program run as an extra health check of a new version (with SHOAL_AGENT_VERSION and
-    /// SHOAL_AGENT_PREVIOUS set); exit 0 passes.
-    #[arg(long, value_name = "PATH")]
-    update_check: Option<PathBuf>,
+    /// A program run as an extra health check, exit 0 passes: after every start (the boot report the
+    /// controller's image rollouts wait for; failing checks are re-run every 10 s) and after an agent
+    /// update. Gets SHOAL_CHECK (boot or update), SHOAL_AGENT_VERSION, SHOAL_IMAGE,
+    /// SHOAL_AGENT_PREVIOUS. `--update-check` is the old name.
+    #[arg(long = "health-check", alias = "update-check", value_name = "PATH")]
+    health_check: Option<PathBuf>,
     /// A shell command run when the controller asks this node to reboot, instead of `kexec -e` (used
     /// when a kexec kernel is loaded) or the reboot(2) syscall after sync.
     #[arg(long, value_name = "CMD")]
@@ -100,6 +102,10 @@ struct Cli {
     /// their stand-in --reboot-command changes).
     #[arg(long, value_name = "PATH", default_value = "/proc/sys/kernel/random/boot_id")]
     boot_id_file: PathBuf,
+    /// Never kexec when the controller asks for a reboot (always the full reboot through firmware),
+    /// e.g. on hardware whose devices do not survive a kexec.
+    #[arg(long)]
+    no_kexec: bool,
 }
 
 fn main() -> ExitCode {
@@ -166,7 +172,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     config.update.policy = shoal_agent::update::UpdatePolicy { health_deadline: cli.update_health_deadline, max_attempts: cli.update_max_starts };
-    config.update.check_command = cli.update_check;
+    config.update.check_command = cli.health_check;
     config.reboot.command = cli.reboot_command;
     config.reboot.allowed = !cli.no_remote_reboot;
     config.maintenance = shoal_agent::maintenance::MaintenanceConfig {
@@ -177,6 +183,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         boot_id_file: cli.boot_id_file,
     };
     config.maintenance.canonical_allow().map_err(anyhow::Error::msg)?;
+    config.reboot.kexec = !cli.no_kexec;
     // One thread: the agent's work is a few messages a minute, and idle memory matters on small nodes.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(daemon::run(config, shutdown_signal()))?;

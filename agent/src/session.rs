@@ -207,7 +207,8 @@ impl AgentSession {
                 msg @ (ControllerMsg::UpdateAgent { .. }
                 | ControllerMsg::RevertAgent { .. }
                 | ControllerMsg::Reboot { .. }
-                | ControllerMsg::Maintenance(_)),
+                | ControllerMsg::Maintenance(_)
+                | ControllerMsg::KexecImage(_)),
             )
                 if self.speaks_updates() =>
             {

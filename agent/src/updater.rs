@@ -17,7 +17,7 @@ use std::{
 
 use shoal_overlay::{recv_msg, send_msg};
 use shoal_proto::{
-    CheckResult, FetchRelease, FetchReply, ReleaseManifest, SignedRelease, UnixMillis, UpdateFailure, UpdateReport,
+    FetchRelease, FetchReply, ReleaseManifest, SignedRelease, UnixMillis, UpdateFailure, UpdateReport,
 };
 use tracing::{error, info, warn};
 
@@ -36,8 +36,9 @@ pub struct UpdaterConfig {
     pub exe: Option<PathBuf>,
     /// Health deadline and allowed starts (default [`UpdatePolicy::default`]: 2 min, 3 starts).
     pub policy: UpdatePolicy,
-    /// A program run as an extra health check of a new version (`--update-check`), with
-    /// `SHOAL_AGENT_VERSION` and `SHOAL_AGENT_PREVIOUS` set; exit 0 passes. Default none.
+    /// A program run as an extra health check (`--health-check`, alias `--update-check`): of a new
+    /// version here, and of every boot in the boot report ([`crate::checks`]); exit 0 passes.
+    /// Default none.
     pub check_command: Option<PathBuf>,
 }
 
@@ -249,13 +250,12 @@ impl Updater {
     /// to send when the state changed. Rolls back (and does not return) when past the deadline.
     pub fn heartbeat_sent(&mut self) -> Option<UpdateReport> {
         let state = self.state.clone().filter(|_| self.deadline().is_some())?;
-        let mut checks = vec![
-            CheckResult { name: "session".into(), passed: true, detail: None },
-            CheckResult { name: "heartbeat".into(), passed: true, detail: None },
-        ];
-        if let Some(cmd) = &self.config.check_command {
-            checks.push(run_check(cmd, &self.running, &state));
-        }
+        let previous = match &state {
+            UpdateState::Trying { previous, .. } => previous.clone(),
+            _ => String::new(),
+        };
+        let env = [("SHOAL_CHECK", "update"), ("SHOAL_AGENT_VERSION", self.running.as_str()), ("SHOAL_AGENT_PREVIOUS", previous.as_str())];
+        let checks = crate::checks::run(self.config.check_command.as_deref(), &env);
         let step = update::on_checks(state, checks, now_ms());
         self.apply(step)
     }
@@ -330,22 +330,6 @@ impl Updater {
     /// The `Trying` record to write before the swap.
     pub fn trying(&self, version: &str) -> UpdateState {
         UpdateState::trying(version, &self.running, now_ms(), &self.config.policy)
-    }
-}
-
-fn run_check(cmd: &Path, running: &str, state: &UpdateState) -> CheckResult {
-    let previous = match state {
-        UpdateState::Trying { previous, .. } => previous.clone(),
-        _ => String::new(),
-    };
-    let name = format!("check:{}", cmd.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-    match std::process::Command::new(cmd).env("SHOAL_AGENT_VERSION", running).env("SHOAL_AGENT_PREVIOUS", previous).output() {
-        Ok(out) if out.status.success() => CheckResult { name, passed: true, detail: None },
-        Ok(out) => {
-            let text = String::from_utf8_lossy(&out.stderr).trim().chars().take(200).collect::<String>();
-            CheckResult { name, passed: false, detail: Some(format!("{}{}", out.status, if text.is_empty() { String::new() } else { format!(": {text}") })) }
-        }
-        Err(e) => CheckResult { name, passed: false, detail: Some(e.to_string()) },
     }
 }
 

@@ -247,6 +247,7 @@ async fn revoke_token(State(ctl): State<Ctl>, Path(id): Path<String>) -> Result<
 pub(crate) fn node_view(ctl: &Controller, rec: NodeRecord) -> NodeView {
     let live = ctl.live().nodes.get(&rec.id).cloned().unwrap_or_default();
     let connected = ctl.is_connected(&rec.id);
+    let boot = ctl.live().conns.get(&rec.id).and_then(|c| c.boot.clone());
     let last_seen = live.last_seen.or(rec.last_seen);
     let status = match rec.status {
         NodeStatus::Up => "up",
@@ -266,6 +267,7 @@ pub(crate) fn node_view(ctl: &Controller, rec: NodeRecord) -> NodeView {
         inventory: rec.inventory,
         health: live.health.or(rec.health),
         overlay: Vec::new(),
+        boot,
     }
 }
 

@@ -792,19 +792,22 @@ impl Controller {
         Ok(records
             .into_iter()
             .map(|rec| {
-                let protocol = live.conns.get(&rec.id).and_then(|c| c.protocol);
+                let conn = live.conns.get(&rec.id);
+                let protocol = conn.and_then(|c| c.protocol);
                 let up = protocol.is_some();
+                let version = observed_version(target, &rec);
                 // A v4 agent reports its health checks (at every session start and on change): until
-                // the report for the version it runs has arrived it is not healthy yet. Older agents
-                // and images: a connected node counts as healthy.
+                // the report for the version (agent) or image it runs has arrived it is not healthy
+                // yet. Older agents: a connected node counts as healthy.
                 let healthy = match target {
                     Target::Agent(_) if protocol.is_some_and(|p| p >= crate::agent_updates::UPDATE_PROTOCOL) => reports
                         .get(&rec.id)
                         .is_some_and(|r| r.running == rec.agent_version && agent::report_healthy(r)),
+                    Target::Image(_) => image::image_healthy(protocol, conn.and_then(|c| c.boot.as_ref()), version.as_deref()),
                     _ => true,
                 };
                 let o = Observed {
-                    version: observed_version(target, &rec),
+                    version,
                     labels: rec.labels.clone(),
                     up,
                     healthy,

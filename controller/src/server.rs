@@ -167,6 +167,9 @@ pub(crate) struct ConnHandle {
     pub protocol: Option<u16>,
     /// The drive policy last sent on this connection (v3).
     pub drive_policy: Option<shoal_proto::DrivePolicy>,
+    /// The agent's latest boot report on this connection (v4): what it booted and its health checks.
+    /// Kept with the connection, so it is always about the boot that is connected now.
+    pub boot: Option<shoal_proto::BootReport>,
 }
 
 #[derive(Debug)]
@@ -600,7 +603,7 @@ async fn handle_connection(controller: Arc<Controller>, incoming: quinn::Incomin
             live.next_conn_id += 1;
             let cid = live.next_conn_id;
             let handle =
-                ConnHandle { conn_id: cid, revoke: revoke_tx, tx: overlay_tx.clone(), protocol: None, drive_policy: None };
+                ConnHandle { conn_id: cid, revoke: revoke_tx, tx: overlay_tx.clone(), protocol: None, drive_policy: None, boot: None };
             if let Some(old) = live.conns.insert(id.clone(), handle) {
                 debug!(node = %id, old = old.conn_id, "replacing older connection");
                 let _ = old.revoke.send(String::new());
@@ -650,7 +653,7 @@ impl Controller {
         let mut live = self.live();
         live.next_conn_id += 1;
         let conn_id = live.next_conn_id;
-        live.conns.insert(node.clone(), ConnHandle { conn_id, revoke, tx, protocol: Some(protocol), drive_policy: None });
+        live.conns.insert(node.clone(), ConnHandle { conn_id, revoke, tx, protocol: Some(protocol), drive_policy: None, boot: None });
         (conn_id, rx)
     }
 
@@ -930,6 +933,14 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
             if let Some(node) = session.node().cloned() {
                 let c = controller.clone();
                 let _ = tokio::task::spawn_blocking(move || c.update_reported(&node, report)).await;
+            }
+            vec![]
+        }
+        Action::BootReport(report) => {
+            if let Some(node) = session.node().cloned() {
+                let c = controller.clone();
+                let conn_id = ctx.conn_id;
+                let _ = tokio::task::spawn_blocking(move || c.boot_reported(&node, conn_id, report)).await;
             }
             vec![]
         }

@@ -55,6 +55,8 @@ pub enum Action {
     RebootAnswer(Result<String, String>),
     /// (v4) How a maintenance step ended.
     MaintenanceResult(shoal_proto::MaintenanceResult),
+    /// (v4) What the node booted and how its health checks went: keep it with the connection.
+    BootReport(shoal_proto::BootReport),
     /// Close the connection, after sending anything queued before it.
     Close(CloseKind, String),
 }
@@ -202,6 +204,7 @@ impl Session {
                     | AgentMsg::RebootAck { .. }
                     | AgentMsg::RebootRefused { .. }
                     | AgentMsg::MaintenanceResult(_)
+                    | AgentMsg::BootReport(_)
                         if self.version < Some(4) =>
                     {
                         self.reject(RejectCode::Protocol, "update and reboot messages need protocol 4")
@@ -211,6 +214,7 @@ impl Session {
                     AgentMsg::UpdateAck { version } => vec![Action::UpdateAck { version }],
                     AgentMsg::UpdateReport(r) => vec![Action::UpdateReport(r)],
                     AgentMsg::MaintenanceResult(r) => vec![Action::MaintenanceResult(r)],
+                    AgentMsg::BootReport(r) => vec![Action::BootReport(r)],
                     AgentMsg::Hello(_) => self.reject(RejectCode::Protocol, "Hello sent twice"),
                     AgentMsg::Enrol(_) => self.reject(RejectCode::Protocol, "already enrolled: renew instead of enrolling"),
                 }

@@ -346,6 +346,8 @@ pub enum EventKind {
     NodeUp,
     /// A step of a maintenance run failed on a node (pre-hook, action or post-hook; the message says).
     NodeMaintenanceFailed,
+    /// A node reported what it booted (netboot image, boot id) and how its health checks went.
+    NodeBootReport,
 }
 
 /// One entry of the fleet's event log.

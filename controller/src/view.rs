@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use shoal_proto::{HealthReport, Inventory};
+use shoal_proto::{BootReport, HealthReport, Inventory};
 
 /// RFC 3339 UTC text for a Unix time in milliseconds.
 pub fn rfc3339(ms: u64) -> String {
@@ -40,6 +40,9 @@ pub struct NodeView {
     /// The node's overlay addresses, one per network it is a member of.
     #[serde(default)]
     pub overlay: Vec<OverlayAddressView>,
+    /// The connected agent's boot report (protocol 4): boot id, netboot image, health checks.
+    #[serde(default)]
+    pub boot: Option<BootReport>,
 }
 
 /// A node's address on one overlay network.

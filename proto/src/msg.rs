@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 use crate::{
-    DriveCommand, DriveCommandResult, MaintenanceResult, MaintenanceStep, DrivePolicy, DriveReport, HardwareId, HealthReport, Inventory, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PeerIndex, Punch, SignedRelease,
+    BootReport, DriveCommand, DriveCommandResult, DrivePolicy, DriveReport, HardwareId, HealthReport, Inventory, MaintenanceResult, MaintenanceStep, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PeerIndex, Punch, SignedRelease,
     UnixMillis, UpdateReport, VersionRange,
 };
 
@@ -64,6 +64,9 @@ pub enum AgentMsg {
     },
     /// (v4) How a [`ControllerMsg::Maintenance`] step ended.
     MaintenanceResult(MaintenanceResult),
+    /// (v4) What the agent booted and how its health checks went; sent on every session after the
+    /// first heartbeat and whenever the checks' outcome changes.
+    BootReport(BootReport),
 }
 
 /// Controller to agent.
@@ -120,6 +123,27 @@ pub enum ControllerMsg {
     /// (v4) Do one step of a maintenance run (pre-hook, action, post-hook); answered by
     /// [`AgentMsg::MaintenanceResult`].
     Maintenance(MaintenanceStep),
+    /// (v4) Sent just before [`ControllerMsg::Reboot`] with `prefer_kexec`: the kernel, initramfs
+    /// and command line of the image assigned to the node, for the agent to load with
+    /// `kexec_file_load(2)` and boot without going through firmware and iPXE.
+    KexecImage(KexecImage),
+}
+
+/// (v4) What an agent needs to `kexec` into a netboot image: what the iPXE script would boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KexecImage {
+    /// The image version.
+    pub version: String,
+    /// The kernel on the controller's boot HTTP server (`http://ADDR/images/V/vmlinuz`).
+    pub kernel_url: String,
+    /// Its SHA-256 (lower-case hex), from the image's signed manifest.
+    pub kernel_sha256: String,
+    /// The initramfs on the boot HTTP server.
+    pub initrd_url: String,
+    /// Its SHA-256 (lower-case hex), from the image's signed manifest.
+    pub initrd_sha256: String,
+    /// The kernel command line, with a join token minted for this one boot.
+    pub cmdline: String,
 }
 
 /// What the controller observed about an overlay-capable agent's connection.
@@ -322,5 +346,16 @@ mod tests {
         assert_eq!(postcard::to_allocvec(&step).expect("encode")[0], 14, "Maintenance comes after Reboot (13)");
         let result = AgentMsg::MaintenanceResult(MaintenanceResult { run: "r1".into(), step: crate::StepKind::Act, outcome: crate::StepOutcome::Done(String::new()) });
         assert_eq!(postcard::to_allocvec(&result).expect("encode")[0], 14, "MaintenanceResult comes after RebootRefused (13)");
+        let kexec = ControllerMsg::KexecImage(KexecImage {
+            version: "v".into(),
+            kernel_url: String::new(),
+            kernel_sha256: String::new(),
+            initrd_url: String::new(),
+            initrd_sha256: String::new(),
+            cmdline: String::new(),
+        });
+        assert_eq!(postcard::to_allocvec(&kexec).expect("encode")[0], 15, "KexecImage comes after Maintenance (14)");
+        let boot = AgentMsg::BootReport(BootReport { boot_id: "b".into(), image: Some("v2".into()), checks: vec![] });
+        assert_eq!(postcard::to_allocvec(&boot).expect("encode")[0], 15, "BootReport comes after MaintenanceResult (14)");
     }
 }

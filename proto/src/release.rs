@@ -138,6 +138,27 @@ pub struct CheckResult {
     pub detail: Option<String>,
 }
 
+/// (v4) What an agent booted and how its health checks went, so the controller never guesses whether
+/// a netbooted node came back healthy: sent on every session once the first heartbeat went out and
+/// the checks ran, and again whenever the checks' outcome changes (failing checks are re-run).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootReport {
+    /// The kernel's id of this boot (`/proc/sys/kernel/random/boot_id`); empty if unreadable.
+    pub boot_id: String,
+    /// The netboot image version (os-release `VERSION_ID`) when the OS is a shoal netboot image
+    /// (`ID=shoal-netboot`); `None` on any other OS.
+    pub image: Option<String>,
+    /// The health checks, in the order they ran (`session`, `heartbeat`, `check:<program>`).
+    pub checks: Vec<CheckResult>,
+}
+
+impl BootReport {
+    /// Whether every check passed (and at least one ran).
+    pub fn healthy(&self) -> bool {
+        !self.checks.is_empty() && self.checks.iter().all(|c| c.passed)
+    }
+}
+
 /// What an agent says about its last update, on every start and whenever it changes, so the
 /// controller reads facts instead of guessing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

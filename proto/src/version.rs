@@ -47,7 +47,10 @@ pub const PROTOCOL_HISTORY: &[(&str, u16, &str)] = &[
          by AgentMsg::RebootAck (method) or RebootRefused (reason), for netboot image rollouts; \
          maintenance runs: ControllerMsg::Maintenance (MaintenanceStep: run, action reboot | smart-test | \
          exec argv, step cordon | act | uncordon) answered by AgentMsg::MaintenanceResult (run, step, \
-         outcome done | failed | rebooting, text at most 4 KiB)",
+         outcome done | failed | rebooting, text at most 4 KiB); \
+         AgentMsg::BootReport (boot id, netboot image, health checks) after the first heartbeat of \
+         every session and when the checks' outcome changes; ControllerMsg::KexecImage (kernel and \
+         initramfs URLs and SHA-256, command line) before a Reboot that prefers kexec",
     ),
 ];
 

@@ -173,28 +173,36 @@ pub fn image(bins: &Bins) -> Result<BuiltImage> {
 }
 
 fn build_image(bins: &Bins) -> Result<BuiltImage> {
+    build_image_as(bins, "test-1", None, "")
+}
+
+/// Builds one more image, `version`, with the same agent binary and signing key as [`image`] (so the
+/// lab's controller accepts it), optionally with a health check program baked in
+/// (`images/build.sh --health-check`) and extra agent arguments (`--agent-args`). Each call runs
+/// `images/build.sh` once (15–20 s).
+pub fn extra_image(bins: &Bins, version: &str, health_check: Option<&Path>, agent_args: &str) -> Result<BuiltImage> {
+    image(bins)?;
+    build_image_as(bins, version, health_check, agent_args)
+}
+
+fn build_image_as(bins: &Bins, version: &str, health_check: Option<&Path>, agent_args: &str) -> Result<BuiltImage> {
     let base = std::env::temp_dir().join(format!("shoal-netboot-image-{}", std::process::id()));
-    let dir = base.join("image");
+    let dir = if version == "test-1" { base.join("image") } else { base.join(format!("image-{version}")) };
     let key = base.join("key.pem");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build.sh");
-    let version = "test-1".to_string();
     let start = Instant::now();
-    let out = output_with_timeout(
-        Command::new("bash")
-            .arg(&script)
-            .arg("--out")
-            .arg(&dir)
-            .arg("--version")
-            .arg(&version)
-            .arg("--agent")
-            .arg(&bins.agent)
-            .arg("--key")
-            .arg(&key),
-        Duration::from_secs(300),
-    )?;
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script).arg("--out").arg(&dir).arg("--version").arg(version).arg("--agent").arg(&bins.agent).arg("--key").arg(&key);
+    if let Some(check) = health_check {
+        cmd.arg("--health-check").arg(check);
+    }
+    if !agent_args.is_empty() {
+        cmd.arg("--agent-args").arg(agent_args);
+    }
+    let out = output_with_timeout(&mut cmd, Duration::from_secs(300))?;
     ensure!(out.status.success(), "images/build.sh failed: {}", String::from_utf8_lossy(&out.stderr));
     eprintln!("{}", String::from_utf8_lossy(&out.stderr).trim());
-    Ok(BuiltImage { dir, key_pub: base.join("key.pub"), version, build_time: start.elapsed() })
+    Ok(BuiltImage { dir, key_pub: base.join("key.pub"), version: version.to_owned(), build_time: start.elapsed() })
 }
 
 /// A controller with netboot on a LAN, and VMs on it.

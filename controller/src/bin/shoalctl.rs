@@ -763,6 +763,15 @@ fn show_node(n: &NodeView) {
     println!("status:        {}{}", n.status, if n.connected { " (connected)" } else { "" });
     println!("last seen:     {}", n.last_seen.as_deref().unwrap_or("never"));
     println!("agent:         {}", n.agent_version);
+    if let Some(b) = &n.boot {
+        let checks: Vec<String> = b
+            .checks
+            .iter()
+            .map(|c| format!("{} {}{}", c.name, if c.passed { "ok" } else { "FAILED" }, c.detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()))
+            .collect();
+        println!("booted:        {} (boot id {})", b.image.as_deref().map(|i| format!("image {i}")).unwrap_or_else(|| "not a netboot image".into()), b.boot_id);
+        println!("boot checks:   {}: {}", if b.healthy() { "healthy" } else { "unhealthy" }, checks.join(", "));
+    }
     println!("enrolled:      {}", n.enrolled_at);
     println!("hardware id:   {}", n.hardware_id);
     if !n.labels.is_empty() {

@@ -10,7 +10,7 @@
 
 use std::sync::{Arc, Weak};
 
-use shoal_proto::{ControllerMsg, NodeId};
+use shoal_proto::{BootReport, ControllerMsg, NodeId};
 use tracing::{info, warn};
 
 use super::{NodeUpgrader, TargetKind, UpgradeError};
@@ -90,6 +90,9 @@ impl NodeRebooter for AgentRebooter {
     fn reboot(&self, node: &NodeId) -> Result<(), UpgradeError> {
         let ctl = self.controller.upgrade().ok_or_else(|| UpgradeError::Failed("the controller is shutting down".into()))?;
         let image = ctl.netboot.machines.node_image(node).ok().flatten().unwrap_or_else(|| "?".into());
+        if self.prefer_kexec {
+            ctl.offer_kexec_image(node, &image);
+        }
         ctl.request_reboot(node, &format!("netboot image {image} assigned"), self.prefer_kexec).map_err(|e| {
             let why = e.to_string();
             match e {
@@ -105,6 +108,26 @@ impl Controller {
     /// Installs [`ImageUpgrader`] with [`AgentRebooter`] (done by [`Controller::open`]).
     pub fn install_agent_rebooter(self: &Arc<Self>) {
         self.install_image_upgrader(Arc::new(AgentRebooter { controller: Arc::downgrade(self), prefer_kexec: true }));
+    }
+
+    /// Queues [`ControllerMsg::KexecImage`] for `version` on the node's v4 connection, so that the
+    /// [`ControllerMsg::Reboot`] after it can kexec into the image instead of going through firmware.
+    /// Nothing is sent (and the reboot is a full one) when the node is not connected on v4, or the
+    /// netboot servers do not run, or its MAC or the image is not known.
+    pub fn offer_kexec_image(&self, node: &NodeId, version: &str) {
+        let speaks_v4 = self.live().conns.get(node).is_some_and(|c| c.protocol.is_some_and(|p| p >= UPDATE_PROTOCOL));
+        if !speaks_v4 {
+            return;
+        }
+        match crate::netboot::http::kexec_image(self, node, version) {
+            Ok(Some(image)) => {
+                if let Some(conn) = self.live().conns.get(node) {
+                    let _ = conn.tx.send(ControllerMsg::KexecImage(image));
+                }
+            }
+            Ok(None) => info!(node = %node, image = %version, "no kexec instructions for this node; it reboots fully"),
+            Err(e) => warn!(node = %node, cause = %e, "could not prepare kexec instructions; the node reboots fully"),
+        }
     }
 
     /// Sends [`ControllerMsg::Reboot`] to the node's connected v4 agent, with a
@@ -148,6 +171,53 @@ impl Controller {
                 warn!(node = %node, cause = %e, "could not feed the reboot acknowledgement to the rollouts");
             }
         }
+    }
+}
+
+/// Whether a connected node counts as healthy for an image rollout. A protocol-4 agent reports what
+/// it booted and its health checks ([`BootReport`], kept with its connection): it is healthy once that
+/// report names the image its inventory shows (`version`) and every check passed; until the report
+/// has arrived it is not healthy yet. An older agent sends none, so for it connected = healthy (the
+/// rule before boot reports). Not connected: `up` is false anyway, and this says true.
+pub fn image_healthy(protocol: Option<u16>, boot: Option<&BootReport>, version: Option<&str>) -> bool {
+    match protocol {
+        Some(p) if p >= UPDATE_PROTOCOL => {
+            boot.is_some_and(|b| b.image.is_some() && b.image.as_deref() == version && b.healthy())
+        }
+        _ => true,
+    }
+}
+
+impl Controller {
+    /// Records a node's boot report on its connection `conn_id` (a report of a replaced connection is
+    /// dropped), with a `node_boot_report` event, and wakes the rollout driver. Blocking (store).
+    pub(crate) fn boot_reported(&self, node: &NodeId, conn_id: u64, report: BootReport) {
+        {
+            let mut live = self.live();
+            match live.conns.get_mut(node).filter(|c| c.conn_id == conn_id) {
+                Some(conn) => conn.boot = Some(report.clone()),
+                None => return,
+            }
+        }
+        let host = self.store.node(node).ok().flatten().map(|n| n.hostname).unwrap_or_else(|| node.0.clone());
+        let failed: Vec<String> = report
+            .checks
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| format!("{}{}", c.name, c.detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()))
+            .collect();
+        let booted = report.image.as_deref().map(|i| format!("image {i}")).unwrap_or_else(|| "not a netboot image".into());
+        let verdict = if failed.is_empty() {
+            format!("{} check(s) passed", report.checks.len())
+        } else {
+            format!("checks failed: {}", failed.join(", "))
+        };
+        let message = format!("{host}: booted {booted} (boot {}): {verdict}", report.boot_id);
+        info!(node = %node, image = ?report.image, boot_id = %report.boot_id, healthy = report.healthy(), "boot report");
+        if let Err(e) = self.store.append_event(EventKind::NodeBootReport, Some(node), &message, now_ms()) {
+            warn!(node = %node, cause = %e, "could not record the boot report");
+        }
+        self.maint.wake.notify_one();
     }
 }
 
@@ -242,5 +312,93 @@ mod tests {
         assert_eq!(kinds.iter().filter(|k| **k == EventKind::NodeRebootRequested).count(), 1);
         assert!(kinds.contains(&EventKind::NodeRebooting) && kinds.contains(&EventKind::NodeRebootRefused), "{kinds:?}");
         assert!(events.iter().any(|e| e.message.contains("refused to reboot: remote reboots are disabled")));
+    }
+
+    #[test]
+    fn a_v4_node_gets_the_kexec_instructions_of_its_assigned_image_before_the_reboot() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _enter = rt.enter();
+        let img = make_image("2030.2");
+        let mut config = ControllerConfig::new(dir.path().to_owned());
+        config.overlay_subnet = "10.70.0.0/24".parse().unwrap();
+        let key = dir.path().join("key.pub");
+        std::fs::write(&key, hex::encode(img.public)).unwrap();
+        config.netboot.image_keys.push(key);
+        let ctl = Controller::open(config, "127.0.0.1:1".parse().unwrap()).unwrap();
+        for name in ["manifest.json", "manifest.sig", "vmlinuz", "initrd.img"] {
+            ctl.netboot.images.stage("2030.2", name, &std::fs::read(img.dir.path().join(name)).unwrap()).unwrap();
+        }
+        ctl.netboot.images.commit("2030.2").unwrap();
+        let manifest = ctl.netboot.images.get("2030.2").unwrap();
+        let node = crate::networks::enrol_for_tests(&ctl.store, "vm", &[("netboot.mac", "52:54:00:00:00:01")], crate::server::now_ms());
+        let (_, mut rx) = ctl.fake_connection(&node, 4);
+        let rebooter = AgentRebooter { controller: Arc::downgrade(&ctl), prefer_kexec: true };
+        ctl.netboot.machines.set_node_image(&node, "2030.2").unwrap();
+
+        // Netboot servers not running: no instructions, a plain Reboot.
+        rebooter.reboot(&node).unwrap();
+        assert!(matches!(rx.try_recv(), Ok(ControllerMsg::Reboot { .. })));
+
+        let boot = crate::netboot::http::BootContext { controller_addr: "10.78.0.1:7440".parse().unwrap(), http_base: "http://10.78.0.1:7442".into() };
+        ctl.netboot.boot.set(boot).unwrap();
+        rebooter.reboot(&node).unwrap();
+        match rx.try_recv() {
+            Ok(ControllerMsg::KexecImage(k)) => {
+                assert_eq!(k.version, "2030.2");
+                assert_eq!(k.kernel_url, format!("http://10.78.0.1:7442/images/2030.2/{}", manifest.kernel.file));
+                assert_eq!((k.kernel_sha256.as_str(), k.initrd_sha256.as_str()), (manifest.kernel.sha256.as_str(), manifest.initrd.sha256.as_str()));
+                assert!(k.cmdline.contains("shoal.controller=10.78.0.1:7440 shoal.token=") && k.cmdline.contains("shoal.image=2030.2"), "{}", k.cmdline);
+            }
+            other => panic!("expected KexecImage, got {other:?}"),
+        }
+        assert!(matches!(rx.try_recv(), Ok(ControllerMsg::Reboot { prefer_kexec: true, .. })), "the Reboot follows");
+        // A v3 agent gets neither.
+        let (_, mut old_rx) = ctl.fake_connection(&node, 3);
+        assert!(rebooter.reboot(&node).is_err());
+        assert!(old_rx.try_recv().is_err());
+    }
+
+    fn boot(image: Option<&str>, passed: &[bool]) -> BootReport {
+        let checks = passed
+            .iter()
+            .enumerate()
+            .map(|(i, p)| shoal_proto::CheckResult { name: format!("c{i}"), passed: *p, detail: (!p).then(|| "exit status: 1".into()) })
+            .collect();
+        BootReport { boot_id: "b1".into(), image: image.map(str::to_owned), checks }
+    }
+
+    #[test]
+    fn an_image_node_is_healthy_when_its_boot_report_says_so_and_v3_agents_when_connected() {
+        let v2 = Some("v2");
+        assert!(image_healthy(Some(3), None, v2), "a v3 agent sends no boot report: connected = healthy");
+        assert!(!image_healthy(Some(4), None, v2), "no report yet: not healthy yet");
+        assert!(image_healthy(Some(4), Some(&boot(Some("v2"), &[true, true, true])), v2));
+        assert!(!image_healthy(Some(4), Some(&boot(Some("v2"), &[true, true, false])), v2), "a failed check");
+        assert!(!image_healthy(Some(4), Some(&boot(Some("v2"), &[])), v2), "no check ran");
+        assert!(!image_healthy(Some(4), Some(&boot(Some("v1"), &[true])), v2), "the report is about another image");
+        assert!(!image_healthy(Some(4), Some(&boot(None, &[true])), v2), "not a netboot image");
+        assert!(!image_healthy(Some(4), Some(&boot(None, &[true])), None));
+    }
+
+    #[test]
+    fn boot_reports_are_kept_with_their_connection_and_logged() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _enter = rt.enter();
+        let mut config = ControllerConfig::new(dir.path().to_owned());
+        config.overlay_subnet = "10.70.0.0/24".parse().unwrap();
+        let ctl = Controller::open(config, "127.0.0.1:1".parse().unwrap()).unwrap();
+        let node = crate::networks::enrol_for_tests(&ctl.store, "vm", &[], crate::server::now_ms());
+        let (conn_id, _rx) = ctl.fake_connection(&node, 4);
+        ctl.boot_reported(&node, conn_id + 1000, boot(Some("v3"), &[true]));
+        assert!(ctl.live().conns[&node].boot.is_none(), "a report of another connection is dropped");
+        ctl.boot_reported(&node, conn_id, boot(Some("v3"), &[true, false]));
+        let view = crate::api::node_view(&ctl, ctl.store.node(&node).unwrap().unwrap());
+        assert_eq!(view.boot.as_ref().and_then(|b| b.image.as_deref()), Some("v3"));
+        assert!(!view.boot.unwrap().healthy());
+        let events = ctl.store.events(None, 1000).unwrap();
+        let e = events.iter().find(|e| e.kind == EventKind::NodeBootReport).expect("boot report event");
+        assert!(e.message.contains("booted image v3") && e.message.contains("checks failed: c1 (exit status: 1)"), "{}", e.message);
     }
 }

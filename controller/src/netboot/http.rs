@@ -20,7 +20,7 @@ use axum::{
     Router,
 };
 use shoal_overlay::pki;
-use shoal_proto::{JoinToken, UnixMillis};
+use shoal_proto::{JoinToken, KexecImage, NodeId, UnixMillis};
 use tracing::{info, warn};
 
 use super::dhcp::Mac;
@@ -132,12 +132,7 @@ async fn boot_script(State(st): State<HttpState>, Path(file): Path<String>) -> R
         let token = mint_boot_token(&ctl, &mac, &version)?;
         ctl.netboot.machines.booted(mac, &version, now_ms())?;
         let base = format!("{}/images/{version}", boot.http_base);
-        let cmdline = format!(
-            "initrd={initrd} shoal.controller={ctl_addr} shoal.token={token} shoal.image={version} {extra}",
-            initrd = manifest.initrd.file,
-            ctl_addr = boot.controller_addr,
-            extra = manifest.cmdline,
-        );
+        let cmdline = kernel_cmdline(&boot, &manifest, &token, &version);
         info!(%mac, image = %version, token = %token.id, "boot script served with a single-use join token");
         Ok(script(format!(
             "#!ipxe\necho shoal: booting image {version}\nkernel {base}/{kernel} {cmdline}\ninitrd {base}/{initrd}\nboot\n",
@@ -155,6 +150,39 @@ async fn boot_script(State(st): State<HttpState>, Path(file): Path<String>) -> R
         }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+}
+
+/// The kernel command line of one boot: the controller's address, the boot's join token, the image
+/// version, then the image's own arguments.
+fn kernel_cmdline(boot: &BootContext, manifest: &super::images::Manifest, token: &JoinToken, version: &str) -> String {
+    format!(
+        "initrd={initrd} shoal.controller={ctl_addr} shoal.token={token} shoal.image={version} {extra}",
+        initrd = manifest.initrd.file,
+        ctl_addr = boot.controller_addr,
+        extra = manifest.cmdline,
+    )
+}
+
+/// What `node` needs to kexec into `version` ([`KexecImage`]): the same kernel, initramfs and command
+/// line its iPXE script would boot, with a join token minted for that boot. `None` when the netboot
+/// servers do not run or the node's MAC (label `netboot.mac`) is not known. Blocking (store).
+pub(crate) fn kexec_image(ctl: &Controller, node: &NodeId, version: &str) -> Result<Option<KexecImage>, crate::store::StoreError> {
+    let Some(boot) = ctl.netboot.boot.get() else { return Ok(None) };
+    let Some(mac) = ctl.store.node(node)?.and_then(|n| n.labels.get(MAC_LABEL).and_then(|m| m.parse::<Mac>().ok())) else {
+        return Ok(None);
+    };
+    let Ok(manifest) = ctl.netboot.images.get(version) else { return Ok(None) };
+    let token = mint_boot_token(ctl, &mac, version)?;
+    ctl.netboot.machines.booted(mac, version, now_ms())?;
+    let base = format!("{}/images/{version}", boot.http_base);
+    Ok(Some(KexecImage {
+        version: version.to_owned(),
+        kernel_url: format!("{base}/{}", manifest.kernel.file),
+        kernel_sha256: manifest.kernel.sha256.clone(),
+        initrd_url: format!("{base}/{}", manifest.initrd.file),
+        initrd_sha256: manifest.initrd.sha256.clone(),
+        cmdline: kernel_cmdline(boot, &manifest, &token, version).trim_end().to_owned(),
+    }))
 }
 
 async fn image_file(State(st): State<HttpState>, Path((version, file)): Path<(String, String)>) -> Response {

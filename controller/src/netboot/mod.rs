@@ -117,6 +117,8 @@ pub struct Netboot {
     pub(crate) images: ImageStore,
     pub(crate) machines: MachineStore,
     pub(crate) oui: OuiTable,
+    /// What the boot scripts point at, once the servers run (for kexec instructions).
+    pub(crate) boot: std::sync::OnceLock<http::BootContext>,
 }
 
 impl Netboot {
@@ -126,7 +128,7 @@ impl Netboot {
         let images = ImageStore::open(data_dir.join("images"), keys)?;
         let machines = MachineStore::open(store)?;
         let oui = if config.interface.is_some() { OuiTable::load(&config.oui_file) } else { OuiTable::default() };
-        Ok(Netboot { config, images, machines, oui })
+        Ok(Netboot { config, images, machines, oui, boot: std::sync::OnceLock::new() })
     }
 
     /// The netboot interface's IPv4 address and netmask.
@@ -202,6 +204,7 @@ pub async fn serve(controller: Arc<Controller>, agent_port: u16) -> Result<Optio
         .await
         .map_err(|source| NetbootError::Socket { what: format!("HTTP ({http_addr})"), source })?;
     let boot = http::BootContext { controller_addr: SocketAddr::from((ip, agent_port)), http_base };
+    let _ = nb.boot.set(boot.clone());
     info!(interface = %iface, address = %ip, mode = ?nb.config.dhcp, http = %http_addr, tftp_root = %nb.config.tftp_root.display(), "netboot servers running");
     let tasks = vec![
         tokio::spawn(dhcp_loop(controller.clone(), server, dhcp67, dhcp4011).instrument(info_span!("dhcp"))),
