@@ -572,6 +572,35 @@ mod tests {
     }
 
     #[test]
+    fn a_resumed_download_keeps_and_rehashes_the_bytes_it_has() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = paths(dir.path());
+        let binary: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let manifest = ReleaseManifest {
+            format: shoal_proto::RELEASE_MANIFEST_FORMAT,
+            version: "0.2.0".into(),
+            sha256: hex::encode(ring::digest::digest(&ring::digest::SHA256, &binary).as_ref()),
+            size: binary.len() as u64,
+            target: current_target(),
+            created_at: UnixMillis(1),
+        };
+        // The first session broke off after 1000 bytes; the next one resumes there and completes.
+        fs::write(&p.download, &binary[..1000]).expect("partial");
+        let (mut f, mut check) = open_download(&p.download, &manifest, true).expect("open");
+        assert_eq!(check.received(), 1000, "the next FetchRelease asks from here");
+        check.update(&binary[1000..]).expect("rest");
+        f.write_all(&binary[1000..]).expect("write");
+        check.finish().expect("size and hash of the whole binary");
+        assert_eq!(fs::read(&p.download).expect("read"), binary);
+        // A kept file longer than the release, or a first attempt: from 0.
+        fs::write(&p.download, vec![0u8; 4000]).expect("overlong");
+        assert_eq!(open_download(&p.download, &manifest, true).expect("open").1.received(), 0);
+        assert_eq!(fs::metadata(&p.download).expect("meta").len(), 0, "started over");
+        fs::write(&p.download, &binary[..10]).expect("partial");
+        assert_eq!(open_download(&p.download, &manifest, false).expect("open").1.received(), 0);
+    }
+
+    #[test]
     fn an_offer_of_the_running_version_leaves_its_health_check_running() {
         let dir = tempfile::tempdir().expect("tmp");
         let p = paths(dir.path());
