@@ -225,6 +225,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         kexec: None,
         conn: None,
         updates: false,
+        fetch_conns: tokio::sync::watch::Sender::new(None),
         config: &config,
         state: &state,
         health: Some(HealthCollector::new(config.roots.clone())),
@@ -319,6 +320,9 @@ struct Shell<'a> {
     conn: Option<quinn::Connection>,
     /// Whether the current session speaks protocol 4 (update messages).
     updates: bool,
+    /// The connection of each v4 session once it is established: a release download broken off with
+    /// its connection resumes on the next one ([`updater::fetch`]).
+    fetch_conns: tokio::sync::watch::Sender<Option<quinn::Connection>>,
     config: &'a AgentConfig,
     state: &'a StateDir,
     health: Option<HealthCollector>,
@@ -861,17 +865,26 @@ impl Shell<'_> {
                 Output::SendUpdateReport => {
                     let report = lock(&self.updater).report();
                     send_msg(send, &AgentMsg::UpdateReport(report)).await?;
+                    self.fetch_conns.send_replace(self.conn.clone());
                 }
                 Output::Update(ControllerMsg::UpdateAgent { version, release }) => {
                     let offer = lock(&self.updater).offer(&version, &release);
                     match (offer, self.conn.clone()) {
-                        (Ok(manifest), Some(conn)) => {
+                        (Ok(updater::Offer::InProgress), _) => {
                             send_msg(send, &AgentMsg::UpdateAck { version: version.clone() }).await?;
-                            let paths = lock(&self.updater).paths().clone();
+                        }
+                        (Ok(updater::Offer::Fetch(manifest)), Some(conn)) => {
+                            send_msg(send, &AgentMsg::UpdateAck { version: version.clone() }).await?;
+                            let (paths, policy) = {
+                                let u = lock(&self.updater);
+                                (u.paths().clone(), u.policy())
+                            };
                             let shared = self.updater.clone();
                             let events = self.overlay.events.clone();
+                            self.fetch_conns.send_replace(Some(conn));
+                            let conns = self.fetch_conns.subscribe();
                             tokio::spawn(async move {
-                                let result = match updater::download(&conn, &paths, &manifest).await {
+                                let result = match updater::fetch(conns, &paths, &manifest, &policy).await {
                                     Ok(()) => {
                                         // The health deadline runs from the install, not from the offer: a
                                         // slow download must not use up the new version's time to pass its
@@ -889,7 +902,7 @@ impl Shell<'_> {
                                 let _ = events.send(ShellEvent::Update { version, result });
                             });
                         }
-                        (Ok(_), None) => {
+                        (Ok(updater::Offer::Fetch(_)), None) => {
                             let report = lock(&self.updater).failed(&version, shoal_proto::UpdateFailure::Install("no connection to fetch on".into()));
                             send_msg(send, &AgentMsg::UpdateReport(report)).await?;
                         }

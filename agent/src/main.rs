@@ -171,7 +171,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Some(shoal_agent::release::ReleaseKey::parse(&text).context("--release-key")?)
         }
     };
-    config.update.policy = shoal_agent::update::UpdatePolicy { health_deadline: cli.update_health_deadline, max_attempts: cli.update_max_starts };
+    config.update.policy = shoal_agent::update::UpdatePolicy { health_deadline: cli.update_health_deadline, max_attempts: cli.update_max_starts, ..Default::default() };
     config.update.check_command = cli.health_check;
     config.reboot.command = cli.reboot_command;
     config.reboot.allowed = !cli.no_remote_reboot;

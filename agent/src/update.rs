@@ -28,11 +28,15 @@ pub struct UpdatePolicy {
     pub health_deadline: Duration,
     /// Starts of the new binary (it crashed and was restarted) before it is given up on. Default 3.
     pub max_attempts: u32,
+    /// Control sessions a release download may use: a download broken off because the control
+    /// connection went away (a controller restart, a network outage) is fetched again, from the bytes
+    /// already received, on the next session, at most this many sessions in all. Default 5.
+    pub max_download_sessions: u32,
 }
 
 impl Default for UpdatePolicy {
     fn default() -> Self {
-        Self { health_deadline: Duration::from_secs(120), max_attempts: 3 }
+        Self { health_deadline: Duration::from_secs(120), max_attempts: 3, max_download_sessions: 5 }
     }
 }
 
@@ -171,6 +175,68 @@ pub fn on_timeout(state: UpdateState, now: UnixMillis) -> Step {
     }
 }
 
+/// How one download attempt (on one control connection) ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DownloadEnd {
+    /// Every byte arrived; size and hash match the verified manifest.
+    Complete,
+    /// The release itself is bad or cannot be had: the controller answered an error, the stream ended
+    /// short while the connection was alive, the size or hash does not match, the disk refused.
+    Failed(UpdateFailure),
+    /// The control connection went away (closed or lost) before the end: not the release's fault.
+    ConnectionLost {
+        /// Bytes received and kept so far (the next session resumes there).
+        received: u64,
+        /// Why the connection ended, for the record.
+        cause: String,
+    },
+}
+
+/// What to do after a download attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FetchStep {
+    /// The download is complete: install it.
+    Install,
+    /// Keep the verified offer, report nothing, and fetch again (from the bytes kept) on the next
+    /// control session.
+    Retry,
+    /// Give up: record and report this failure.
+    Fail(UpdateFailure),
+}
+
+/// Decides after attempt number `sessions` (1 for the first) of a download ended with `end`. A lost
+/// connection is retried on later sessions up to [`UpdatePolicy::max_download_sessions`] in all; then,
+/// and for every other end but `Complete`, the update fails.
+pub fn on_download_end(sessions: u32, end: DownloadEnd, policy: &UpdatePolicy) -> FetchStep {
+    match end {
+        DownloadEnd::Complete => FetchStep::Install,
+        DownloadEnd::Failed(failure) => FetchStep::Fail(failure),
+        DownloadEnd::ConnectionLost { .. } if sessions < policy.max_download_sessions => FetchStep::Retry,
+        DownloadEnd::ConnectionLost { received, cause } => FetchStep::Fail(UpdateFailure::Install(format!(
+            "download: the control connection was lost {sessions} times while fetching ({received} bytes kept; last: {cause})"
+        ))),
+    }
+}
+
+/// What an offer of the version the agent already runs does to the record: nothing, when the record
+/// is about that version (a health check in progress stays in progress, a success stays a success:
+/// a repeated offer, e.g. the rollout driver's resend after a controller restart, must not wipe the
+/// checks); otherwise the record is about another version and no longer says anything about the node
+/// (`None`: the report says "nothing attempted", which the controller reads as settled and healthy
+/// on the running version).
+pub fn offered_running(state: Option<UpdateState>, running: &str) -> Option<UpdateState> {
+    match state {
+        Some(UpdateState::Trying { ref attempted, .. }) | Some(UpdateState::Succeeded { version: ref attempted, .. })
+            if attempted == running =>
+        {
+            state
+        }
+        _ => None,
+    }
+}
+
 /// The report for the controller, from the record and the running version.
 pub fn report(state: Option<&UpdateState>, running: &str) -> UpdateReport {
     let (attempted, attempts, checks, failure) = match state {
@@ -285,6 +351,61 @@ mod tests {
         assert!(matches!(step, Step::Settle(UpdateState::Succeeded { .. })), "{step:?}");
         assert_eq!(on_start(None, OLD, t(0), &policy), Step::Nothing);
         assert_eq!(report(None, OLD).attempted, None);
+    }
+
+    #[test]
+    fn a_download_broken_off_by_a_lost_connection_is_retried_a_bounded_number_of_times() {
+        let policy = UpdatePolicy::default();
+        let lost = || DownloadEnd::ConnectionLost { received: 4096, cause: "connection lost: reset by peer".into() };
+        for session in 1..policy.max_download_sessions {
+            assert_eq!(on_download_end(session, lost(), &policy), FetchStep::Retry, "session {session}");
+        }
+        // The last allowed session: a real failure, which says what happened.
+        let step = on_download_end(policy.max_download_sessions, lost(), &policy);
+        let FetchStep::Fail(UpdateFailure::Install(why)) = step else { panic!("{step:?}") };
+        assert!(why.contains("connection was lost 5 times") && why.contains("reset by peer"), "{why}");
+        // A resumed download that completes installs, whichever session it took.
+        assert_eq!(on_download_end(3, DownloadEnd::Complete, &policy), FetchStep::Install);
+        assert_eq!(on_download_end(1, DownloadEnd::Complete, &policy), FetchStep::Install);
+        // One session only: no retry at all.
+        let once = UpdatePolicy { max_download_sessions: 1, ..policy };
+        assert!(matches!(on_download_end(1, lost(), &once), FetchStep::Fail(_)));
+    }
+
+    #[test]
+    fn a_short_or_bad_download_on_a_live_connection_fails_at_once() {
+        let policy = UpdatePolicy::default();
+        // The stream ended cleanly but short (the controller's copy is truncated): no retry.
+        let truncated = UpdateFailure::Truncated { got: 10, expected: 20 };
+        assert_eq!(on_download_end(1, DownloadEnd::Failed(truncated.clone()), &policy), FetchStep::Fail(truncated));
+        let mismatch = UpdateFailure::HashMismatch { expected: "aa".into(), actual: "bb".into() };
+        assert_eq!(on_download_end(2, DownloadEnd::Failed(mismatch.clone()), &policy), FetchStep::Fail(mismatch));
+        let said = UpdateFailure::Install("download: the controller says: no such release".into());
+        assert_eq!(on_download_end(1, DownloadEnd::Failed(said.clone()), &policy), FetchStep::Fail(said));
+    }
+
+    #[test]
+    fn offering_the_running_version_keeps_a_check_in_progress_and_a_success() {
+        // The new version is being checked (held by a failing check): a repeated offer changes nothing.
+        let trying = UpdateState::Trying {
+            attempted: NEW.into(),
+            previous: OLD.into(),
+            attempts: 1,
+            deadline: t(120),
+            checks: vec![check("session", true), check("check:gate", false)],
+        };
+        assert_eq!(offered_running(Some(trying.clone()), NEW), Some(trying.clone()));
+        let r = report(offered_running(Some(trying), NEW).as_ref(), NEW);
+        assert_eq!((r.attempted.as_deref(), r.attempts, r.checks.len()), (Some(NEW), 1, 2), "still checking: {r:?}");
+        // Succeeded with its checks: kept.
+        let ok = UpdateState::Succeeded { version: NEW.into(), attempts: 1, checks: vec![check("session", true)] };
+        assert_eq!(offered_running(Some(ok.clone()), NEW), Some(ok));
+        // A record about another version (an old failure), or none: nothing attempted.
+        let failed = UpdateState::install_failed(NEW, OLD, UpdateFailure::Unhealthy);
+        assert_eq!(offered_running(Some(failed), OLD), None);
+        assert_eq!(offered_running(None, OLD), None);
+        let r = report(None, OLD);
+        assert_eq!((r.attempted, r.failure, r.checks.len()), (None, None, 0));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     release::{current_target, verify_release, BinaryCheck, ReleaseKey},
-    update::{self, Step, UpdatePolicy, UpdateState},
+    update::{self, DownloadEnd, FetchStep, Step, UpdatePolicy, UpdateState},
 };
 
 /// How the agent updates itself. Every field has a documented default.
@@ -292,26 +292,46 @@ impl Updater {
         }
     }
 
-    /// Checks an offer: key, signature, target, version. `Ok` means fetch it; `Err` is the report to
-    /// send instead (a refusal, or the state as it is when the offer changes nothing).
-    pub fn offer(&mut self, version: &str, release: &SignedRelease) -> Result<ReleaseManifest, Box<UpdateReport>> {
+    /// Checks an offer: key, signature, target, version. `Ok` means acknowledge it (and fetch it, for
+    /// [`Offer::Fetch`]); `Err` is the report to send instead (a refusal, or the state as it is when
+    /// the offer changes nothing).
+    pub fn offer(&mut self, version: &str, release: &SignedRelease) -> Result<Offer, Box<UpdateReport>> {
         if let Some(v) = &self.busy {
+            if v == version {
+                // A repeat (the controller restarted before it stored the acknowledgement): the
+                // download carries on, on this session if the last one broke it off.
+                info!(version, "update already being fetched; acknowledged again");
+                return Ok(Offer::InProgress);
+            }
             info!(busy = %v, offered = version, "update already in progress; offer ignored");
             return Err(Box::new(self.report()));
         }
         if version == self.running {
             info!(version, "offered the running version; nothing to do");
-            self.state = Some(UpdateState::Succeeded { version: version.to_owned(), attempts: 0, checks: Vec::new() });
+            let state = update::offered_running(self.state.take(), &self.running);
+            if state.is_none() {
+                if let Err(e) = fs::remove_file(&self.paths.record) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        warn!(cause = %e, "could not remove the update record");
+                    }
+                }
+            }
+            self.state = state;
             return Err(Box::new(self.report()));
         }
         match verify_release(release, self.config.release_key.as_ref(), &current_target(), Some(version)) {
             Ok(m) => {
                 info!(version, size = m.size, "update offered; fetching");
                 self.busy = Some(version.to_owned());
-                Ok(m)
+                Ok(Offer::Fetch(m))
             }
             Err(failure) => Err(Box::new(self.failed(version, failure))),
         }
+    }
+
+    /// The limits for the new version and its download.
+    pub fn policy(&self) -> UpdatePolicy {
+        self.config.policy
     }
 
     /// Records that an update to `version` failed before the swap; the agent stays as it is.
@@ -333,30 +353,105 @@ impl Updater {
     }
 }
 
-/// Downloads the release on a new stream of `conn` into `paths.download`, checking size and hash as
-/// it streams (an overlong download stops at once), and fsyncs it.
-pub async fn download(conn: &quinn::Connection, paths: &UpdatePaths, manifest: &ReleaseManifest) -> Result<(), UpdateFailure> {
-    let mut check = BinaryCheck::new(manifest);
+/// An accepted offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Offer {
+    /// Verified: acknowledge it and fetch it ([`fetch`]).
+    Fetch(ReleaseManifest),
+    /// The same version is already being fetched: acknowledge it again, nothing more.
+    InProgress,
+}
+
+/// Fetches a verified release into `paths.download`, across control connections: each attempt runs on
+/// the newest connection `conns` holds that is still open (the shell publishes each v4 session's
+/// connection there), and [`update::on_download_end`] decides after each one. A download broken off
+/// because the connection went away resumes on the next session from the bytes kept, at most
+/// [`UpdatePolicy::max_download_sessions`] sessions in all; nothing is reported meanwhile. `Ok` means
+/// downloaded, size and hash verified, and fsynced.
+pub async fn fetch(
+    mut conns: tokio::sync::watch::Receiver<Option<quinn::Connection>>,
+    paths: &UpdatePaths,
+    manifest: &ReleaseManifest,
+    policy: &UpdatePolicy,
+) -> Result<(), UpdateFailure> {
+    let mut sessions = 0u32;
+    loop {
+        let conn = loop {
+            let open = conns.borrow_and_update().clone().filter(|c| c.close_reason().is_none());
+            if let Some(c) = open {
+                break c;
+            }
+            if conns.changed().await.is_err() {
+                return Err(UpdateFailure::Install("download: the agent is shutting down".into()));
+            }
+        };
+        sessions += 1;
+        let end = download(&conn, paths, manifest, sessions > 1).await;
+        match update::on_download_end(sessions, end.clone(), policy) {
+            FetchStep::Install => return Ok(()),
+            FetchStep::Fail(failure) => return Err(failure),
+            FetchStep::Retry => {
+                if let DownloadEnd::ConnectionLost { received, cause } = end {
+                    warn!(version = %manifest.version, received, sessions, %cause, "release download broken off by the lost connection; resuming on the next session");
+                }
+                // Wait for another connection (this one is closed, so the filter above skips it).
+            }
+        }
+    }
+}
+
+/// One download attempt on a new stream of `conn`, into `paths.download`, checking size and hash as
+/// it streams (an overlong download stops at once), then fsync. With `resume`, the bytes already in
+/// the file are hashed again and the fetch starts after them (`FetchRelease::offset`); without it, or
+/// when the file is unusable, from 0. A stream or request that fails while `conn` is closed is
+/// [`DownloadEnd::ConnectionLost`]; a stream that ends (cleanly, or with an error) while the
+/// connection is alive ends the download, and the size and hash check says whether it is complete.
+pub async fn download(conn: &quinn::Connection, paths: &UpdatePaths, manifest: &ReleaseManifest, resume: bool) -> DownloadEnd {
     let fetch = |e: &dyn std::fmt::Display| UpdateFailure::Install(format!("download: {e}"));
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fetch(&e))?;
-    let req = FetchRelease { version: manifest.version.clone(), target: manifest.target.clone(), offset: 0 };
-    send_msg(&mut send, &req).await.map_err(|e| fetch(&e))?;
+    let (path, m) = (paths.download.clone(), manifest.clone());
+    let opened = tokio::task::spawn_blocking(move || open_download(&path, &m, resume)).await;
+    let (mut file, mut check) = match opened {
+        Ok(Ok(x)) => x,
+        Ok(Err(failure)) => return DownloadEnd::Failed(failure),
+        Err(e) => return DownloadEnd::Failed(fetch(&e)),
+    };
+    let lost = |check: &BinaryCheck, e: &dyn std::fmt::Display| {
+        conn.close_reason().map(|reason| DownloadEnd::ConnectionLost { received: check.received(), cause: format!("{e} ({reason})") })
+    };
+    let (mut send, mut recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return lost(&check, &e).unwrap_or_else(|| DownloadEnd::Failed(fetch(&e))),
+    };
+    let req = FetchRelease { version: manifest.version.clone(), target: manifest.target.clone(), offset: check.received() };
+    if check.received() > 0 {
+        info!(version = %manifest.version, offset = check.received(), "resuming the release download");
+    }
+    if let Err(e) = send_msg(&mut send, &req).await {
+        return lost(&check, &e).unwrap_or_else(|| DownloadEnd::Failed(fetch(&e)));
+    }
     let _ = send.finish();
-    let mut file = fs::File::create(&paths.download).map_err(|e| install_error("creating", &paths.download, e))?;
     loop {
         let reply = tokio::time::timeout(Duration::from_secs(60), recv_msg::<FetchReply>(&mut recv)).await;
         match reply {
             Ok(Ok(Some(FetchReply::Chunk(chunk)))) => {
                 if chunk.offset != check.received() {
-                    return Err(fetch(&format!("chunk at {} while expecting {}", chunk.offset, check.received())));
+                    return DownloadEnd::Failed(fetch(&format!("chunk at {} while expecting {}", chunk.offset, check.received())));
                 }
-                check.update(&chunk.bytes)?;
-                file.write_all(&chunk.bytes).map_err(|e| install_error("writing", &paths.download, e))?;
+                if let Err(failure) = check.update(&chunk.bytes) {
+                    return DownloadEnd::Failed(failure);
+                }
+                if let Err(e) = file.write_all(&chunk.bytes) {
+                    return DownloadEnd::Failed(install_error("writing", &paths.download, e));
+                }
             }
-            Ok(Ok(Some(FetchReply::Error(e)))) => return Err(fetch(&format!("the controller says: {e}"))),
+            Ok(Ok(Some(FetchReply::Error(e)))) => return DownloadEnd::Failed(fetch(&format!("the controller says: {e}"))),
             Ok(Ok(None)) => break,
-            // A stream that breaks off is a short download: the size check below says how short.
             Ok(Err(e)) => {
+                // The connection went away (a controller restart, an outage): not the release's fault.
+                if let Some(end) = lost(&check, &e) {
+                    return end;
+                }
+                // The stream alone broke off: a short download, the size check below says how short.
                 warn!(cause = %e, received = check.received(), "release download broke off");
                 break;
             }
@@ -366,8 +461,42 @@ pub async fn download(conn: &quinn::Connection, paths: &UpdatePaths, manifest: &
             }
         }
     }
-    file.sync_all().map_err(|e| install_error("syncing", &paths.download, e))?;
-    check.finish()
+    if let Err(e) = file.sync_all() {
+        return DownloadEnd::Failed(install_error("syncing", &paths.download, e));
+    }
+    match check.finish() {
+        Ok(()) => DownloadEnd::Complete,
+        Err(failure) => DownloadEnd::Failed(failure),
+    }
+}
+
+/// Opens the download file: with `resume`, appends to what is there after hashing it again (starting
+/// over when it is missing, unreadable or longer than the release); otherwise truncated.
+fn open_download(path: &Path, manifest: &ReleaseManifest, resume: bool) -> Result<(fs::File, BinaryCheck), UpdateFailure> {
+    if resume {
+        let kept = (|| -> std::io::Result<Option<(fs::File, BinaryCheck)>> {
+            let mut check = BinaryCheck::new(manifest);
+            let mut f = fs::File::open(path)?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = std::io::Read::read(&mut f, &mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                if check.update(&buf[..n]).is_err() {
+                    return Ok(None);
+                }
+            }
+            Ok(Some((fs::File::options().append(true).open(path)?, check)))
+        })();
+        match kept {
+            Ok(Some(x)) => return Ok(x),
+            Ok(None) => warn!(path = %path.display(), "kept download longer than the release; starting over"),
+            Err(e) => warn!(path = %path.display(), cause = %e, "kept download unusable; starting over"),
+        }
+    }
+    let file = fs::File::create(path).map_err(|e| install_error("creating", path, e))?;
+    Ok((file, BinaryCheck::new(manifest)))
 }
 
 #[cfg(test)]
@@ -424,6 +553,49 @@ mod tests {
         // The record survives a restart of the same binary and is still reported.
         let u = Updater::boot(UpdaterConfig { exe: Some(p.exe.clone()), ..Default::default() }, dir.path(), "0.1.0");
         assert_eq!(u.report().failure, Some(UpdateFailure::NoTrustedKey));
+    }
+
+    #[test]
+    fn a_resumed_download_keeps_and_rehashes_the_bytes_it_has() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = paths(dir.path());
+        let binary: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let manifest = ReleaseManifest {
+            format: shoal_proto::RELEASE_MANIFEST_FORMAT,
+            version: "0.2.0".into(),
+            sha256: hex::encode(ring::digest::digest(&ring::digest::SHA256, &binary).as_ref()),
+            size: binary.len() as u64,
+            target: current_target(),
+            created_at: UnixMillis(1),
+        };
+        // The first session broke off after 1000 bytes; the next one resumes there and completes.
+        fs::write(&p.download, &binary[..1000]).expect("partial");
+        let (mut f, mut check) = open_download(&p.download, &manifest, true).expect("open");
+        assert_eq!(check.received(), 1000, "the next FetchRelease asks from here");
+        check.update(&binary[1000..]).expect("rest");
+        f.write_all(&binary[1000..]).expect("write");
+        check.finish().expect("size and hash of the whole binary");
+        assert_eq!(fs::read(&p.download).expect("read"), binary);
+        // A kept file longer than the release, or a first attempt: from 0.
+        fs::write(&p.download, vec![0u8; 4000]).expect("overlong");
+        assert_eq!(open_download(&p.download, &manifest, true).expect("open").1.received(), 0);
+        assert_eq!(fs::metadata(&p.download).expect("meta").len(), 0, "started over");
+        fs::write(&p.download, &binary[..10]).expect("partial");
+        assert_eq!(open_download(&p.download, &manifest, false).expect("open").1.received(), 0);
+    }
+
+    #[test]
+    fn an_offer_of_the_running_version_leaves_its_health_check_running() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = paths(dir.path());
+        save_record(&p.record, &UpdateState::trying("0.2.0", "0.1.0", now_ms(), &UpdatePolicy::default())).expect("record");
+        let mut u = Updater::boot(UpdaterConfig { exe: Some(p.exe.clone()), ..Default::default() }, dir.path(), "0.2.0");
+        let before = u.report();
+        let release = SignedRelease { manifest: b"{}".to_vec(), signature: vec![0; 64], key_id: "00".repeat(8) };
+        let again = u.offer("0.2.0", &release).expect_err("nothing to fetch");
+        assert_eq!(*again, before, "the current report, unchanged");
+        assert!(u.deadline().is_some(), "still checking");
+        assert_eq!(u.heartbeat_sent().map(|r| r.checks.len()), Some(2), "the checks still run and settle it");
     }
 
     #[test]
