@@ -80,7 +80,7 @@ fn start(lab: &NetbootLab, image: &str, deadline: Duration) -> Result<String> {
     ])?;
     println!("{}", out.trim());
     let list = lab.ctl_list(&["upgrade", "list"])?;
-    let r = list.iter().filter(|r| r["target"] == format!("image {image}")).last().context("rollout not listed")?;
+    let r = list.iter().rfind(|r| r["target"] == format!("image {image}")).context("rollout not listed")?;
     Ok(r["id"].as_str().unwrap_or_default().to_owned())
 }
 
