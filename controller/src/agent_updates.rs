@@ -187,22 +187,24 @@ impl Controller {
         Ok(())
     }
 
+    /// Queues a protocol-4 message on the node's control connection: `NotConnected` without one,
+    /// `AgentTooOld` when the session speaks an older protocol (it would not understand it).
+    pub(crate) fn send_v4(&self, node: &NodeId, msg: ControllerMsg) -> Result<(), UpdateError> {
+        let live = self.live();
+        let conn = live.conns.get(node).ok_or_else(|| UpdateError::NotConnected(node.clone()))?;
+        let protocol = conn.protocol.unwrap_or(0);
+        if protocol < UPDATE_PROTOCOL {
+            return Err(UpdateError::AgentTooOld { node: node.clone(), protocol });
+        }
+        conn.tx.send(msg).map_err(|_| UpdateError::NotConnected(node.clone()))
+    }
+
     /// Asks the node's agent to go back to the binary it kept from its last update (`<exe>.prev`) and
     /// re-execute: the rollout driver's `RollBack` for an agent that updated but must not stay. The
     /// agent reports the version it then runs.
     pub fn revert_agent(&self, node: &NodeId, reason: &str) -> Result<(), UpdateError> {
         let rec = self.store.node(node)?.ok_or_else(|| UpdateError::UnknownNode(node.clone()))?;
-        {
-            let live = self.live();
-            let conn = live.conns.get(node).ok_or_else(|| UpdateError::NotConnected(node.clone()))?;
-            let protocol = conn.protocol.unwrap_or(0);
-            if protocol < UPDATE_PROTOCOL {
-                return Err(UpdateError::AgentTooOld { node: node.clone(), protocol });
-            }
-            conn.tx
-                .send(ControllerMsg::RevertAgent { reason: reason.to_owned() })
-                .map_err(|_| UpdateError::NotConnected(node.clone()))?;
-        }
+        self.send_v4(node, ControllerMsg::RevertAgent { reason: reason.to_owned() })?;
         let message = format!("{}: asked to revert agent {} to its previous binary: {reason}", rec.hostname, rec.agent_version);
         self.store.append_event(EventKind::AgentUpdateRolledBack, Some(node), &message, now_ms())?;
         info!(node = %node, %reason, "agent revert requested");

@@ -40,9 +40,10 @@ use crate::{
 
 type Ctl = Arc<Controller>;
 
-/// An API failure with its HTTP status.
+/// An API failure with its HTTP status: every admin route module answers with it (each adds `From`
+/// impls for its own errors).
 #[derive(Debug)]
-pub struct HttpError(StatusCode, String);
+pub struct HttpError(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {

@@ -12,7 +12,6 @@ use axum::{
     body::Bytes,
     extract::{DefaultBodyLimit, Path, State},
     http::StatusCode,
-    response::{IntoResponse, Response},
     routing::{get, post},
     Json, Router,
 };
@@ -25,7 +24,7 @@ use crate::{
     release_store::{ReleaseStoreError, StoredRelease},
     server::{now_ms, Controller},
     store::EventKind,
-    view::{rfc3339, ApiError},
+    view::rfc3339,
 };
 
 type Ctl = Arc<Controller>;
@@ -33,13 +32,7 @@ type Ctl = Arc<Controller>;
 /// Largest agent binary accepted (512 MiB).
 const MAX_UPLOAD: usize = 512 << 20;
 
-struct Failure(StatusCode, String);
-
-impl IntoResponse for Failure {
-    fn into_response(self) -> Response {
-        (self.0, Json(ApiError { error: self.1 })).into_response()
-    }
-}
+use crate::api::HttpError as Failure;
 
 impl From<ReleaseStoreError> for Failure {
     fn from(e: ReleaseStoreError) -> Self {

@@ -4,8 +4,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::eventually;
 use std::{
-    future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
 
@@ -36,25 +37,6 @@ const AGENT_UP: Duration = Duration::from_secs(20);
 // Harness
 // ---------------------------------------------------------------------------------------------
 
-/// Polls `check` until it returns `Some`, failing the test with `what` at the deadline.
-async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let poll = async {
-        loop {
-            if let Some(v) = check().await {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    match tokio::time::timeout(deadline, poll).await {
-        Ok(v) => v,
-        Err(_) => panic!("not within {deadline:?}: {what}"),
-    }
-}
 
 /// The admin API, as shoalctl talks to it.
 #[derive(Clone)]

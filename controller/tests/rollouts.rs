@@ -6,9 +6,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::eventually;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    future::Future,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -35,24 +36,6 @@ const PROMPT: Duration = Duration::from_secs(5);
 const OLD: &str = "1.0.0";
 const NEW: &str = "1.1.0";
 
-async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let poll = async {
-        loop {
-            if let Some(v) = check().await {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    match tokio::time::timeout(deadline, poll).await {
-        Ok(v) => v,
-        Err(_) => panic!("not within {deadline:?}: {what}"),
-    }
-}
 
 async fn get<T: serde::de::DeserializeOwned + Send + 'static>(client: &AdminClient, path: &str) -> T {
     let client = client.clone();

@@ -44,7 +44,7 @@ use tracing::{debug, info, warn};
 
 use super::{NodeUpgrader, TargetKind, UpgradeError};
 use crate::{
-    agent_updates::UPDATE_PROTOCOL,
+    agent_updates::{UpdateError, UPDATE_PROTOCOL},
     rollout::{Event, NodePhase, ReportedHealth, Target},
     server::{now_ms, Controller},
     store::{decode, encode, EventKind, StoreError},
@@ -226,11 +226,14 @@ impl Controller {
 
     /// Sends the record's step on the node's connection.
     fn send_step(&self, rec: &StepRecord) -> Result<(), UpgradeError> {
-        self.check_step_protocol(&rec.node)?;
-        let live = self.live();
-        let conn = live.conns.get(&rec.node).ok_or_else(|| UpgradeError::NotConnected(rec.node.clone()))?;
         let msg = ControllerMsg::Maintenance(MaintenanceStep { run: rec.run.clone(), action: rec.action.clone(), step: rec.step });
-        conn.tx.send(msg).map_err(|_| UpgradeError::NotConnected(rec.node.clone()))?;
+        self.send_v4(&rec.node, msg).map_err(|e| match e {
+            UpdateError::AgentTooOld { node, protocol } => {
+                UpgradeError::Unsupported { node, why: format!("agent too old for maintenance actions (protocol {protocol})") }
+            }
+            UpdateError::NotConnected(node) => UpgradeError::NotConnected(node),
+            other => UpgradeError::Failed(other.to_string()),
+        })?;
         debug!(node = %rec.node, run = %rec.run, step = rec.step.as_str(), "maintenance step sent");
         Ok(())
     }

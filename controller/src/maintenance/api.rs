@@ -11,7 +11,6 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use axum::{
     extract::{Path, State},
     http::StatusCode,
-    response::{IntoResponse, Response},
     routing::{delete, get, post},
     Json, Router,
 };
@@ -25,19 +24,13 @@ use crate::{
     networks::{parse_selector, selector_matches, selector_text},
     rollout::{Command, NodePhase, Rollout, RolloutError, RolloutState, SkipReason, Target, Waiting},
     server::Controller,
-    view::{rfc3339, ApiError},
+    view::rfc3339,
     windows::{Window, WindowError},
 };
 
 type Ctl = Arc<Controller>;
 
-struct Failure(StatusCode, String);
-
-impl IntoResponse for Failure {
-    fn into_response(self) -> Response {
-        (self.0, Json(ApiError { error: self.1 })).into_response()
-    }
-}
+use crate::api::HttpError as Failure;
 
 impl From<MaintError> for Failure {
     fn from(e: MaintError) -> Self {
@@ -51,12 +44,6 @@ impl From<MaintError> for Failure {
             _ => StatusCode::BAD_REQUEST,
         };
         Failure(status, e.to_string())
-    }
-}
-
-impl From<crate::store::StoreError> for Failure {
-    fn from(e: crate::store::StoreError) -> Self {
-        Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
     }
 }
 

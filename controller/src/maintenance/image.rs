@@ -135,17 +135,7 @@ impl Controller {
     /// `RebootAck` (then drops off, and re-enrols from its new boot) or `RebootRefused`.
     pub fn request_reboot(&self, node: &NodeId, reason: &str, prefer_kexec: bool) -> Result<(), UpdateError> {
         let rec = self.store.node(node)?.ok_or_else(|| UpdateError::UnknownNode(node.clone()))?;
-        {
-            let live = self.live();
-            let conn = live.conns.get(node).ok_or_else(|| UpdateError::NotConnected(node.clone()))?;
-            let protocol = conn.protocol.unwrap_or(0);
-            if protocol < UPDATE_PROTOCOL {
-                return Err(UpdateError::AgentTooOld { node: node.clone(), protocol });
-            }
-            conn.tx
-                .send(ControllerMsg::Reboot { reason: reason.to_owned(), prefer_kexec })
-                .map_err(|_| UpdateError::NotConnected(node.clone()))?;
-        }
+        self.send_v4(node, ControllerMsg::Reboot { reason: reason.to_owned(), prefer_kexec })?;
         let message = format!("{}: asked to reboot ({reason})", rec.hostname);
         self.store.append_event(EventKind::NodeRebootRequested, Some(node), &message, now_ms())?;
         info!(node = %node, %reason, prefer_kexec, "reboot requested");

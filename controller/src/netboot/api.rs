@@ -11,7 +11,6 @@ use axum::{
     body::Bytes,
     extract::{DefaultBodyLimit, Path, State},
     http::StatusCode,
-    response::{IntoResponse, Response},
     routing::{get, post},
     Json, Router,
 };
@@ -25,7 +24,7 @@ use super::{
 };
 use crate::{
     server::{now_ms, Controller},
-    view::{rfc3339, ApiError},
+    view::rfc3339,
 };
 
 type Ctl = Arc<Controller>;
@@ -33,13 +32,7 @@ type Ctl = Arc<Controller>;
 /// Largest upload of one image file (1 GiB).
 const MAX_UPLOAD: usize = 1 << 30;
 
-struct Failure(StatusCode, String);
-
-impl IntoResponse for Failure {
-    fn into_response(self) -> Response {
-        (self.0, Json(ApiError { error: self.1 })).into_response()
-    }
-}
+use crate::api::HttpError as Failure;
 
 impl From<ImageError> for Failure {
     fn from(e: ImageError) -> Self {
@@ -50,12 +43,6 @@ impl From<ImageError> for Failure {
             _ => StatusCode::BAD_REQUEST,
         };
         Failure(status, e.to_string())
-    }
-}
-
-impl From<crate::store::StoreError> for Failure {
-    fn from(e: crate::store::StoreError) -> Self {
-        Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
     }
 }
 

@@ -107,43 +107,8 @@ pub enum UpgradeCmd {
         #[arg(long, value_parser = humantime::parse_duration)]
         deadline: Option<Duration>,
     },
-    /// A rollout's progress and every node's state (default: the current rollout).
-    Status {
-        /// Rollout id (r1, r2, ...).
-        id: Option<String>,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
-    /// Every rollout, one line each.
-    List {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
-    /// Start no new node; nodes in flight finish.
-    Pause {
-        /// Rollout id (default: the current rollout).
-        id: Option<String>,
-    },
-    /// Start nodes again; the failure count starts over.
-    Resume {
-        /// Rollout id (default: the current rollout).
-        id: Option<String>,
-    },
-    /// Stop for good; nodes in flight finish.
-    Abort {
-        /// Rollout id (default: the current rollout).
-        id: Option<String>,
-    },
-    /// Try a failed (or skipped) node again: forgets that the version failed on it.
-    Retry {
-        /// Node id.
-        node: String,
-        /// Rollout id (default: the current rollout).
-        #[arg(long)]
-        rollout: Option<String>,
-    },
+    #[command(flatten)]
+    Rollout(RolloutCmd),
 }
 
 /// The action of `maintenance run`.
@@ -167,6 +132,48 @@ pub struct When {
     /// Start at once.
     #[arg(long)]
     now: bool,
+}
+
+/// What `upgrade` and `maintenance` share: a maintenance run is a rollout whose target is an action.
+#[derive(Debug, Subcommand)]
+pub enum RolloutCmd {
+    /// A rollout's or maintenance run's progress and every node's state (default: the current one).
+    Status {
+        /// Rollout id (r1, r2, ...).
+        id: Option<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Every rollout and maintenance run, one line each.
+    List {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Start no new node; nodes in flight finish.
+    Pause {
+        /// Rollout id (default: the current rollout).
+        id: Option<String>,
+    },
+    /// Start nodes again; the failure count starts over.
+    Resume {
+        /// Rollout id (default: the current rollout).
+        id: Option<String>,
+    },
+    /// Stop for good; nodes in flight finish.
+    Abort {
+        /// Rollout id (default: the current rollout).
+        id: Option<String>,
+    },
+    /// Try a failed (or skipped) node again (for an upgrade: forgets that the version failed on it).
+    Retry {
+        /// Node id.
+        node: String,
+        /// Rollout id (default: the current rollout).
+        #[arg(long)]
+        rollout: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -198,43 +205,8 @@ pub enum MaintenanceCmd {
         #[arg(last = true, value_name = "CMD")]
         command: Vec<String>,
     },
-    /// A run's progress and every node's step (default: the current run); same as `upgrade status`.
-    Status {
-        /// Run id (r1, r2, ...).
-        id: Option<String>,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
-    /// Every run and rollout, one line each; same as `upgrade list`.
-    List {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
-    /// Start no new node; nodes in flight finish.
-    Pause {
-        /// Run id (default: the current one).
-        id: Option<String>,
-    },
-    /// Start nodes again; the failure count starts over.
-    Resume {
-        /// Run id (default: the current one).
-        id: Option<String>,
-    },
-    /// Stop for good; nodes in flight finish.
-    Abort {
-        /// Run id (default: the current one).
-        id: Option<String>,
-    },
-    /// Try a failed node again.
-    Retry {
-        /// Node id.
-        node: String,
-        /// Run id (default: the current one).
-        #[arg(long)]
-        rollout: Option<String>,
-    },
+    #[command(flatten)]
+    Rollout(RolloutCmd),
 }
 
 /// The action a `maintenance run` asks for.
@@ -252,7 +224,7 @@ pub fn action_of(name: ActionName, command: Vec<String>) -> anyhow::Result<Maint
 }
 
 pub fn maintenance(client: &AdminClient, cmd: MaintenanceCmd) -> anyhow::Result<()> {
-    let up = match cmd {
+    let cmd = match cmd {
         MaintenanceCmd::Run { action, selector: (k, v), when, max_unavailable, max_failures, deadline, command } => {
             let req = StartRollout {
                 action: Some(action_of(action, command)?),
@@ -267,14 +239,9 @@ pub fn maintenance(client: &AdminClient, cmd: MaintenanceCmd) -> anyhow::Result<
             println!("started maintenance run {}: {} on {} node(s)", r.id, r.target, r.progress.total);
             return Ok(());
         }
-        MaintenanceCmd::Status { id, output } => UpgradeCmd::Status { id, output },
-        MaintenanceCmd::List { output } => UpgradeCmd::List { output },
-        MaintenanceCmd::Pause { id } => UpgradeCmd::Pause { id },
-        MaintenanceCmd::Resume { id } => UpgradeCmd::Resume { id },
-        MaintenanceCmd::Abort { id } => UpgradeCmd::Abort { id },
-        MaintenanceCmd::Retry { node, rollout } => UpgradeCmd::Retry { node, rollout },
+        MaintenanceCmd::Rollout(cmd) => cmd,
     };
-    upgrade(client, up)
+    rollout(client, cmd)
 }
 
 pub fn window(client: &AdminClient, cmd: WindowCmd) -> anyhow::Result<()> {
@@ -404,10 +371,6 @@ fn print_status(r: &RolloutView) {
 }
 
 pub fn upgrade(client: &AdminClient, cmd: UpgradeCmd) -> anyhow::Result<()> {
-    let id = |id: Option<String>| id.unwrap_or_else(|| "current".into());
-    let said = |r: RolloutView| {
-        println!("rollout {} is {}", r.id, r.state);
-    };
     match cmd {
         UpgradeCmd::Start { what, selector: (k, v), max_unavailable, window, max_failures, deadline } => {
             let req = StartRollout {
@@ -423,14 +386,26 @@ pub fn upgrade(client: &AdminClient, cmd: UpgradeCmd) -> anyhow::Result<()> {
             let r: RolloutView = client.post("/v1/rollouts", &req)?;
             println!("started rollout {}: {} on {} node(s)", r.id, r.target, r.progress.total);
         }
-        UpgradeCmd::Status { id: which, output } => {
+        UpgradeCmd::Rollout(cmd) => return rollout(client, cmd),
+    }
+    Ok(())
+}
+
+/// The commands rollouts and maintenance runs share.
+pub fn rollout(client: &AdminClient, cmd: RolloutCmd) -> anyhow::Result<()> {
+    let id = |id: Option<String>| id.unwrap_or_else(|| "current".into());
+    let said = |r: RolloutView| {
+        println!("rollout {} is {}", r.id, r.state);
+    };
+    match cmd {
+        RolloutCmd::Status { id: which, output } => {
             let r: RolloutView = client.get(&format!("/v1/rollouts/{}", id(which))).context("no rollout to show")?;
             match output {
                 Output::Json => print_json(&r)?,
                 Output::Table => print_status(&r),
             }
         }
-        UpgradeCmd::List { output } => {
+        RolloutCmd::List { output } => {
             let all: Vec<RolloutView> = client.get("/v1/rollouts")?;
             match output {
                 Output::Json => print_json(&all)?,
@@ -449,10 +424,10 @@ pub fn upgrade(client: &AdminClient, cmd: UpgradeCmd) -> anyhow::Result<()> {
                 ),
             }
         }
-        UpgradeCmd::Pause { id: which } => said(client.post(&format!("/v1/rollouts/{}/pause", id(which)), &serde_json::json!({}))?),
-        UpgradeCmd::Resume { id: which } => said(client.post(&format!("/v1/rollouts/{}/resume", id(which)), &serde_json::json!({}))?),
-        UpgradeCmd::Abort { id: which } => said(client.post(&format!("/v1/rollouts/{}/abort", id(which)), &serde_json::json!({}))?),
-        UpgradeCmd::Retry { node, rollout } => {
+        RolloutCmd::Pause { id: which } => said(client.post(&format!("/v1/rollouts/{}/pause", id(which)), &serde_json::json!({}))?),
+        RolloutCmd::Resume { id: which } => said(client.post(&format!("/v1/rollouts/{}/resume", id(which)), &serde_json::json!({}))?),
+        RolloutCmd::Abort { id: which } => said(client.post(&format!("/v1/rollouts/{}/abort", id(which)), &serde_json::json!({}))?),
+        RolloutCmd::Retry { node, rollout } => {
             let r: RolloutView = client.post(&format!("/v1/rollouts/{}/retry", id(rollout)), &RetryNode { node: node.clone() })?;
             println!("rollout {}: {node} will be tried again ({})", r.id, r.state);
         }
