@@ -142,10 +142,11 @@ impl Controller {
         Ok(())
     }
 
-    /// Records the agent's answer to a reboot request: an event, and for an acknowledgement the
-    /// rollout's [`Event::Acknowledged`]. A refusal is not turned into `Event::Refused`: the new image
-    /// is already assigned, so the node is left to the rollout's deadline, which rolls the
-    /// assignment back. Blocking (store).
+    /// Records the agent's answer to a reboot request: an event, and for the rollouts an
+    /// acknowledgement ([`Event::Acknowledged`]) or a refusal ([`Event::Failed`]). A refusal is not
+    /// `Event::Refused` ("unchanged, nothing to roll back"): the new image is already assigned, so
+    /// the node is failed and rolled back at once (its previous assignment restored) instead of
+    /// waiting for the deadline. Blocking (store).
     pub(crate) fn reboot_answered(&self, node: &NodeId, answer: Result<String, String>) {
         let host = self.store.node(node).ok().flatten().map(|n| n.hostname).unwrap_or_else(|| node.0.clone());
         let (kind, message) = match &answer {
@@ -156,10 +157,12 @@ impl Controller {
         if let Err(e) = self.store.append_event(kind, Some(node), &message, now_ms()) {
             warn!(node = %node, cause = %e, "could not record the reboot answer");
         }
-        if answer.is_ok() {
-            if let Err(e) = self.rollout_event(Event::Acknowledged { node: node.clone() }) {
-                warn!(node = %node, cause = %e, "could not feed the reboot acknowledgement to the rollouts");
-            }
+        let event = match answer {
+            Ok(_) => Event::Acknowledged { node: node.clone() },
+            Err(reason) => Event::Failed { node: node.clone(), reason: format!("refused to reboot: {reason}") },
+        };
+        if let Err(e) = self.rollout_event(event) {
+            warn!(node = %node, cause = %e, "could not feed the reboot answer to the rollouts");
         }
     }
 }

@@ -442,3 +442,23 @@ fn node_events_from_the_agent_path_drive_the_rollout() {
     let failed: Vec<String> = kinds(&f.events(), EventKind::NodeUpgradeFailed).iter().map(|e| e.message.clone()).collect();
     assert!(failed[0].contains("health checks failed: overlay") && failed[1].contains("refused: bad signature"), "{failed:?}");
 }
+
+#[test]
+fn a_node_that_refuses_to_reboot_is_failed_and_rolled_back_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = Fixture::open(dir.path(), RolloutClock::default());
+    f.nodes("w", 2, &[("role", "worker")]);
+    f.start("role=worker", 1, 1, None, Duration::from_secs(900));
+    f.tick();
+    let a = f.fake.begins()[0].clone();
+    f.ctl.reboot_answered(&a, Err("remote reboots are disabled on this node (--no-remote-reboot)".into()));
+    let r = f.ctl.maint.rollout("current").unwrap();
+    assert!(matches!(r.phase(&a), Some(NodePhase::RollingBack { .. })), "{:?}", r.phase(&a));
+    assert_eq!(f.fake.rollbacks(), vec![(a.clone(), Some(OLD.to_owned()))], "rolled back without waiting for the deadline");
+    assert!(matches!(r.state(), RolloutState::Paused { .. }));
+    // It never left its version: the next pass settles it as rolled back.
+    let r = f.tick();
+    assert!(matches!(r.phase(&a), Some(NodePhase::Failed { rolled_back: true, .. })), "{:?}", r.phase(&a));
+    let failed: Vec<String> = kinds(&f.events(), EventKind::NodeUpgradeFailed).iter().map(|e| e.message.clone()).collect();
+    assert!(failed[0].contains("refused to reboot: remote reboots are disabled"), "{failed:?}");
+}
