@@ -349,8 +349,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
         let _enter = rt.enter();
         std::fs::write(dir.path().join("release.pub"), PUB).expect("pub");
-        let mut config = crate::server::ControllerConfig::new(dir.path().join("data"));
-        config.overlay_subnet = "10.70.0.0/24".parse().expect("subnet");
+        let mut config = crate::server::ControllerConfig::for_tests(dir.path().join("data"));
         config.release_keys = vec![dir.path().join("release.pub")];
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let ctl = Controller::open(config, listener.local_addr().expect("addr")).expect("open");

@@ -699,8 +699,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let _enter = rt.enter();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut config = ControllerConfig::new(dir.path().to_owned());
-        config.overlay_subnet = "10.70.0.0/24".parse().unwrap();
+        let config = ControllerConfig::for_tests(dir.path().to_owned());
         let ctl = Controller::open(config, listener.local_addr().unwrap()).unwrap();
         let handle = serve(ctl.clone(), listener).unwrap();
         let client = AdminClient::new(&AdminConf::read(&dir.path().join(ADMIN_CONF_FILE)).unwrap()).unwrap();
@@ -762,8 +761,7 @@ mod tests {
     fn api(dir: &std::path::Path, prepare_timeout: std::time::Duration) -> (tokio::runtime::Runtime, Ctl, axum_server::Handle, AdminClient) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut config = ControllerConfig::new(dir.to_owned());
-        config.overlay_subnet = "10.70.0.0/24".parse().unwrap();
+        let mut config = ControllerConfig::for_tests(dir.to_owned());
         config.drive_prepare_timeout = prepare_timeout;
         let ctl = Controller::open(config, listener.local_addr().unwrap()).unwrap();
         let handle = {

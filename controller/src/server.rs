@@ -87,6 +87,14 @@ pub struct ControllerConfig {
 }
 
 impl ControllerConfig {
+    /// Defaults for a data dir, with the small overlay subnet the unit tests use.
+    #[cfg(test)]
+    pub(crate) fn for_tests(data_dir: PathBuf) -> Self {
+        let mut config = ControllerConfig::new(data_dir);
+        config.overlay_subnet = "10.70.0.0/24".parse().expect("subnet");
+        config
+    }
+
     /// Defaults for a data dir.
     pub fn new(data_dir: PathBuf) -> Self {
         Self {

@@ -175,14 +175,19 @@ pub struct UpdateReport {
     pub failure: Option<UpdateFailure>,
 }
 
-/// Checks that `name` is a plain release version or target name: 1 to 64 of ASCII letters, digits,
-/// `.`, `-`, `_` and `+`, not starting with `.` (the rule netboot image versions follow).
-pub fn check_release_name(name: &str) -> Result<(), UpdateFailure> {
-    let ok = !name.is_empty()
+/// Whether `name` is a plain name, safe as one path component and in a URL: 1 to 64 of ASCII
+/// letters, digits, `.`, `-`, `_` and `+`, not starting with `.`. Release versions and targets,
+/// netboot image versions and their file names all follow it.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+'));
-    if ok {
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+'))
+}
+
+/// Checks that `name` is a plain release version or target name ([`is_plain_name`]).
+pub fn check_release_name(name: &str) -> Result<(), UpdateFailure> {
+    if is_plain_name(name) {
         Ok(())
     } else {
         Err(UpdateFailure::Malformed(format!("invalid name {name:?}: use letters, digits, '.', '-', '_' and '+'")))

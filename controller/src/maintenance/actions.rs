@@ -390,8 +390,7 @@ mod tests {
     impl Fixture {
         fn open(dir: &std::path::Path) -> Fixture {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            let mut config = ControllerConfig::new(dir.to_owned());
-            config.overlay_subnet = "10.70.0.0/24".parse().unwrap();
+            let config = ControllerConfig::for_tests(dir.to_owned());
             let ctl = {
                 let _enter = rt.enter();
                 Controller::open(config, "127.0.0.1:1".parse().unwrap()).unwrap()

@@ -237,8 +237,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _enter = rt.enter();
         std::fs::write(dir.path().join("release.pub"), PUB).unwrap();
-        let mut config = crate::server::ControllerConfig::new(dir.path().join("data"));
-        config.overlay_subnet = "10.70.0.0/24".parse().unwrap();
+        let mut config = crate::server::ControllerConfig::for_tests(dir.path().join("data"));
         config.release_keys = vec![dir.path().join("release.pub")];
         let ctl = Controller::open(config, "127.0.0.1:1".parse().unwrap()).unwrap();
         let key = crate::releases::load_signing_key(KEY).unwrap();

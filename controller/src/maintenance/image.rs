@@ -239,8 +239,7 @@ mod tests {
     fn begin_assigns_the_image_and_reboots_roll_back_restores_the_previous_one() {
         let dir = tempfile::tempdir().unwrap();
         let (old, new) = (make_image("2030.1"), make_image("2030.2"));
-        let mut config = ControllerConfig::new(dir.path().to_owned());
-        config.overlay_subnet = "10.70.0.0/24".parse().unwrap();
+        let mut config = ControllerConfig::for_tests(dir.path().to_owned());
         for (i, img) in [&old, &new].iter().enumerate() {
             let path = dir.path().join(format!("key{i}.pub"));
             std::fs::write(&path, hex::encode(img.public)).unwrap();
@@ -279,8 +278,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _enter = rt.enter();
-        let mut config = ControllerConfig::new(dir.path().to_owned());
-        config.overlay_subnet = "10.70.0.0/24".parse().unwrap();
+        let config = ControllerConfig::for_tests(dir.path().to_owned());
         let ctl = Controller::open(config, "127.0.0.1:1".parse().unwrap()).unwrap();
         assert!(ctl.maint.upgrader(&Target::Image("x".into())).is_some(), "Controller::open installs the image upgrader");
         let old = crate::networks::enrol_for_tests(&ctl.store, "old", &[], crate::server::now_ms());
@@ -313,8 +311,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _enter = rt.enter();
         let img = make_image("2030.2");
-        let mut config = ControllerConfig::new(dir.path().to_owned());
-        config.overlay_subnet = "10.70.0.0/24".parse().unwrap();
+        let mut config = ControllerConfig::for_tests(dir.path().to_owned());
         let key = dir.path().join("key.pub");
         std::fs::write(&key, hex::encode(img.public)).unwrap();
         config.netboot.image_keys.push(key);
@@ -379,8 +376,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _enter = rt.enter();
-        let mut config = ControllerConfig::new(dir.path().to_owned());
-        config.overlay_subnet = "10.70.0.0/24".parse().unwrap();
+        let config = ControllerConfig::for_tests(dir.path().to_owned());
         let ctl = Controller::open(config, "127.0.0.1:1".parse().unwrap()).unwrap();
         let node = crate::networks::enrol_for_tests(&ctl.store, "vm", &[], crate::server::now_ms());
         let (conn_id, _rx) = ctl.fake_connection(&node, 4);

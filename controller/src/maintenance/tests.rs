@@ -54,8 +54,7 @@ struct Fixture {
 
 impl Fixture {
     fn open(dir: &Path, clock: RolloutClock) -> Fixture {
-        let mut config = ControllerConfig::new(dir.to_owned());
-        config.overlay_subnet = "10.70.0.0/24".parse().unwrap();
+        let mut config = ControllerConfig::for_tests(dir.to_owned());
         config.rollout_clock = clock;
         let ctl = Controller::open(config, "127.0.0.1:1".parse().unwrap()).unwrap();
         let fake = Arc::new(FakeUpgrader::default());
@@ -349,8 +348,7 @@ fn windows_budgets_and_rollouts_over_the_admin_api() {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut config = ControllerConfig::new(dir.path().to_owned());
-    config.overlay_subnet = "10.70.0.0/24".parse().unwrap();
+    let config = ControllerConfig::for_tests(dir.path().to_owned());
     let ctl = Controller::open(config, listener.local_addr().unwrap()).unwrap();
     let handle = {
         let _enter = rt.enter();

@@ -125,13 +125,9 @@ pub struct Manifest {
     pub built_at: String,
 }
 
-/// Checks that `name` is a plain file or version name.
+/// Checks that `name` is a plain file or version name ([`shoal_proto::is_plain_name`]).
 pub fn check_name(name: &str) -> Result<(), ImageError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+'));
-    if ok {
+    if shoal_proto::is_plain_name(name) {
         Ok(())
     } else {
         Err(ImageError::BadName(name.to_owned()))
