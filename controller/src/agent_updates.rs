@@ -251,7 +251,7 @@ impl Controller {
         });
         if let Some((kind, message)) = report_event(previous.as_ref(), &report) {
             info!(node = %node, running = %report.running, attempted = ?report.attempted, attempts = report.attempts, outcome = ?kind, "agent update outcome");
-            let host = self.store.node(node).ok().flatten().map(|n| n.hostname).unwrap_or_else(|| node.0.clone());
+            let host = self.store.hostname_or_id(node);
             if let Err(e) = self.store.append_event(kind, Some(node), &format!("{host}: {message}"), now) {
                 warn!(node = %node, cause = %e, "could not record the update outcome");
             }

@@ -32,7 +32,7 @@ type Ctl = Arc<Controller>;
 /// Largest agent binary accepted (512 MiB).
 const MAX_UPLOAD: usize = 512 << 20;
 
-use crate::api::HttpError as Failure;
+use crate::api::{blocking, HttpError as Failure};
 
 impl From<ReleaseStoreError> for Failure {
     fn from(e: ReleaseStoreError) -> Self {
@@ -116,10 +116,6 @@ pub fn routes() -> Router<Ctl> {
         .route("/v1/releases/{version}/{target}/files/{name}", post(upload).layer(DefaultBodyLimit::max(MAX_UPLOAD)))
         .route("/v1/nodes/{id}/agent-update", post(offer))
         .route("/v1/agent-updates", get(updates))
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Failure> + Send + 'static) -> Result<T, Failure> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
 }
 
 async fn list(State(ctl): State<Ctl>) -> Result<Json<Vec<ReleaseView>>, Failure> {

@@ -50,7 +50,7 @@ use tracing::{info, warn};
 
 use crate::{
     networks::{selector_matches, selector_text},
-    windows::WindowCheck,
+    windows::{add, WindowCheck},
 };
 
 /// A `(key, value)` label selector, as networks keep them ([`crate::networks::parse_selector`]).
@@ -352,6 +352,18 @@ pub enum RolloutState {
     },
 }
 
+impl RolloutState {
+    /// `running`, `paused`, `aborted` or `done`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RolloutState::Running => "running",
+            RolloutState::Paused { .. } => "paused",
+            RolloutState::Aborted { .. } => "aborted",
+            RolloutState::Done { .. } => "done",
+        }
+    }
+}
+
 /// Why the last [`Rollout::poll`] started no (more) nodes, for `upgrade status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -564,10 +576,6 @@ pub struct Rollout {
     waiting: Vec<Waiting>,
 }
 
-fn add(t: UnixMillis, d: Duration) -> UnixMillis {
-    UnixMillis(t.0.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
-}
-
 impl Rollout {
     /// A new rollout over `nodes`. Nodes in `failed_before` (this target failed on them in an earlier
     /// rollout) are skipped until retried.
@@ -702,15 +710,6 @@ impl Rollout {
             .collect()
     }
 
-    fn state_name(&self) -> &'static str {
-        match self.state {
-            RolloutState::Running => "running",
-            RolloutState::Paused { .. } => "paused",
-            RolloutState::Aborted { .. } => "aborted",
-            RolloutState::Done { .. } => "done",
-        }
-    }
-
     /// Records a failure of `node`, rolling it back if it changed; pauses at `max_failures`.
     fn fail(&mut self, node: &NodeId, failure: Failure, roll_back: Option<Option<String>>, now: UnixMillis, out: &mut Vec<Action>) {
         warn!(rollout = %self.id, node = %node, target = %self.spec.target, failure = %failure, "node upgrade failed");
@@ -785,7 +784,7 @@ impl Rollout {
 
     /// Carries out an operator's command.
     pub fn command(&mut self, command: Command, now: UnixMillis) -> Result<Vec<Action>, RolloutError> {
-        let bad = |command: &'static str, this: &Rollout| RolloutError::BadState { command, state: this.state_name() };
+        let bad = |command: &'static str, this: &Rollout| RolloutError::BadState { command, state: this.state.as_str() };
         let mut out = Vec::new();
         match command {
             Command::Pause => match self.state {

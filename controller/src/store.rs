@@ -874,6 +874,11 @@ impl Store {
         }
     }
 
+    /// The node's hostname for messages, or its id when the record is missing or unreadable.
+    pub fn hostname_or_id(&self, id: &NodeId) -> String {
+        self.node(id).ok().flatten().map(|n| n.hostname).unwrap_or_else(|| id.0.clone())
+    }
+
     /// All nodes, sorted by hostname, then id.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         let mut out = Vec::new();

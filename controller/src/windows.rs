@@ -139,7 +139,8 @@ fn to_millis(z: &Zoned) -> Option<UnixMillis> {
     u64::try_from(z.timestamp().as_millisecond()).ok().map(UnixMillis)
 }
 
-fn add(t: UnixMillis, d: Duration) -> UnixMillis {
+/// `t + d`, saturating.
+pub(crate) fn add(t: UnixMillis, d: Duration) -> UnixMillis {
     UnixMillis(t.0.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
 }
 

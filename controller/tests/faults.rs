@@ -9,7 +9,6 @@ use common::eventually;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-
     time::Duration,
 };
 
@@ -36,7 +35,6 @@ const AGENT_UP: Duration = Duration::from_secs(20);
 // ---------------------------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------------------------
-
 
 /// The admin API, as shoalctl talks to it.
 #[derive(Clone)]

@@ -231,15 +231,14 @@ impl Controller {
             UpdateError::AgentTooOld { node, protocol } => {
                 UpgradeError::Unsupported { node, why: format!("agent too old for maintenance actions (protocol {protocol})") }
             }
-            UpdateError::NotConnected(node) => UpgradeError::NotConnected(node),
-            other => UpgradeError::Failed(other.to_string()),
+            other => other.into(),
         })?;
         debug!(node = %rec.node, run = %rec.run, step = rec.step.as_str(), "maintenance step sent");
         Ok(())
     }
 
     fn step_event(&self, node: &NodeId, kind: EventKind, message: String) {
-        let host = self.store.node(node).ok().flatten().map(|n| n.hostname).unwrap_or_else(|| node.0.clone());
+        let host = self.store.hostname_or_id(node);
         if let Err(e) = self.store.append_event(kind, Some(node), &format!("{host}: {message}"), now_ms()) {
             warn!(node = %node, cause = %e, "could not record a maintenance event");
         }

@@ -39,18 +39,22 @@ impl AgentUpgrader {
     }
 }
 
-fn upgrade_error(e: UpdateError) -> UpgradeError {
-    let why = e.to_string();
-    match e {
-        UpdateError::NotConnected(node) => UpgradeError::NotConnected(node),
-        UpdateError::AgentTooOld { node, .. } => UpgradeError::Unsupported { node, why },
-        _ => UpgradeError::Failed(why),
+/// How a node's agent could not be asked (update, revert, reboot, maintenance step) reads to the
+/// rollout driver: not connected, too old (protocol < 4), or failed.
+impl From<UpdateError> for UpgradeError {
+    fn from(e: UpdateError) -> UpgradeError {
+        let why = e.to_string();
+        match e {
+            UpdateError::NotConnected(node) => UpgradeError::NotConnected(node),
+            UpdateError::AgentTooOld { node, .. } => UpgradeError::Unsupported { node, why },
+            _ => UpgradeError::Failed(why),
+        }
     }
 }
 
 impl NodeUpgrader for AgentUpgrader {
     fn begin(&self, node: &NodeId, target: &Target) -> Result<(), UpgradeError> {
-        self.controller()?.offer_agent_update(node, target.version()).map_err(upgrade_error)
+        self.controller()?.offer_agent_update(node, target.version()).map_err(UpgradeError::from)
     }
 
     fn roll_back(&self, node: &NodeId, to: Option<&str>, target: &Target) -> Result<(), UpgradeError> {
@@ -63,7 +67,7 @@ impl NodeUpgrader for AgentUpgrader {
             }
         }
         let reason = format!("rollout of agent {} failed on this node", target.version());
-        ctl.revert_agent(node, &reason).map_err(upgrade_error)
+        ctl.revert_agent(node, &reason).map_err(UpgradeError::from)
     }
 }
 

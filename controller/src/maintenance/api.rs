@@ -30,7 +30,7 @@ use crate::{
 
 type Ctl = Arc<Controller>;
 
-use crate::api::HttpError as Failure;
+use crate::api::{blocking, HttpError as Failure};
 
 impl From<MaintError> for Failure {
     fn from(e: MaintError) -> Self {
@@ -66,10 +66,6 @@ pub fn routes() -> Router<Ctl> {
         .route("/v1/rollouts/{id}/resume", post(resume))
         .route("/v1/rollouts/{id}/abort", post(abort))
         .route("/v1/rollouts/{id}/retry", post(retry))
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Failure> + Send + 'static) -> Result<T, Failure> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
 }
 
 fn window_view(ctl: &Controller, w: &Window) -> WindowView {
@@ -163,13 +159,10 @@ pub fn waiting_text(w: &Waiting) -> String {
 /// The API's view of a rollout.
 pub fn rollout_view(r: &Rollout, hostnames: &BTreeMap<NodeId, String>) -> RolloutView {
     let spec = r.spec();
-    let (state, reason) = match r.state() {
-        RolloutState::Running => ("running", None),
-        RolloutState::Paused { reason, .. } => ("paused", Some(reason.to_string())),
-        RolloutState::Aborted { .. } => ("aborted", None),
-        RolloutState::Done { .. } => ("done", None),
-        #[allow(unreachable_patterns)]
-        _ => ("unknown", None),
+    let state = r.state().as_str();
+    let reason = match r.state() {
+        RolloutState::Paused { reason, .. } => Some(reason.to_string()),
+        _ => None,
     };
     let nodes = r
         .nodes()

@@ -93,14 +93,7 @@ impl NodeRebooter for AgentRebooter {
         if self.prefer_kexec {
             ctl.offer_kexec_image(node, &image);
         }
-        ctl.request_reboot(node, &format!("netboot image {image} assigned"), self.prefer_kexec).map_err(|e| {
-            let why = e.to_string();
-            match e {
-                UpdateError::NotConnected(node) => UpgradeError::NotConnected(node),
-                UpdateError::AgentTooOld { node, .. } => UpgradeError::Unsupported { node, why },
-                _ => UpgradeError::Failed(why),
-            }
-        })
+        Ok(ctl.request_reboot(node, &format!("netboot image {image} assigned"), self.prefer_kexec)?)
     }
 }
 
@@ -148,7 +141,7 @@ impl Controller {
     /// the node is failed and rolled back at once (its previous assignment restored) instead of
     /// waiting for the deadline. Blocking (store).
     pub(crate) fn reboot_answered(&self, node: &NodeId, answer: Result<String, String>) {
-        let host = self.store.node(node).ok().flatten().map(|n| n.hostname).unwrap_or_else(|| node.0.clone());
+        let host = self.store.hostname_or_id(node);
         let (kind, message) = match &answer {
             Ok(method) => (EventKind::NodeRebooting, format!("{host}: rebooting ({method})")),
             Err(reason) => (EventKind::NodeRebootRefused, format!("{host}: refused to reboot: {reason}")),
@@ -192,7 +185,7 @@ impl Controller {
                 None => return,
             }
         }
-        let host = self.store.node(node).ok().flatten().map(|n| n.hostname).unwrap_or_else(|| node.0.clone());
+        let host = self.store.hostname_or_id(node);
         let failed: Vec<String> = report
             .checks
             .iter()

@@ -32,7 +32,7 @@ type Ctl = Arc<Controller>;
 /// Largest upload of one image file (1 GiB).
 const MAX_UPLOAD: usize = 1 << 30;
 
-use crate::api::HttpError as Failure;
+use crate::api::{blocking, HttpError as Failure};
 
 impl From<ImageError> for Failure {
     fn from(e: ImageError) -> Self {
@@ -57,10 +57,6 @@ pub fn routes() -> Router<Ctl> {
         .route("/v1/machines", get(list_machines))
         .route("/v1/machines/{mac}/admit", post(admit))
         .route("/v1/machines/{mac}/wake", post(wake))
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Failure> + Send + 'static) -> Result<T, Failure> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
 }
 
 /// The view of a manifest.
