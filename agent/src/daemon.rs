@@ -613,7 +613,7 @@ impl Shell<'_> {
             }
             ShellEvent::RebootReady { method, ack } => {
                 warn!(%ack, "rebooting");
-                spawn_reboot(self.overlay.events.clone(), method);
+                spawn_reboot(self.overlay.events.clone(), method, ShellEvent::RebootFailed);
                 (ready && self.updates).then_some(AgentMsg::RebootAck { method: ack })
             }
             ShellEvent::Drives(DriveEvent::Report(report)) => {
@@ -947,7 +947,7 @@ impl Shell<'_> {
                         Ok(method) => {
                             warn!(%reason, %method, "the controller asks to reboot; rebooting");
                             send_msg(send, &AgentMsg::RebootAck { method: method.to_string() }).await?;
-                            spawn_reboot(self.overlay.events.clone(), method);
+                            spawn_reboot(self.overlay.events.clone(), method, ShellEvent::RebootFailed);
                         }
                     }
                 }
@@ -1071,12 +1071,9 @@ impl Shell<'_> {
                 self.maint.book.rebooting(record);
                 warn!(run = %step.run, %method, "maintenance reboot");
                 let answer = result_msg(&step, StepOutcome::Rebooting(method.to_string()));
-                tokio::spawn(async move {
-                    tokio::time::sleep(REBOOT_GRACE).await;
-                    let result = tokio::task::spawn_blocking(move || reboot::execute(&method)).await.unwrap_or_else(|e| Err(e.to_string()));
-                    if let Err(e) = result {
-                        let _ = events.send(ShellEvent::Maintenance { step, outcome: StepOutcome::Failed(format!("the reboot did not happen: {e}")) });
-                    }
+                spawn_reboot(events, method, move |e| ShellEvent::Maintenance {
+                    step,
+                    outcome: StepOutcome::Failed(format!("the reboot did not happen: {e}")),
                 });
                 Some(answer)
             }
@@ -1104,13 +1101,18 @@ fn result_msg(step: &shoal_proto::MaintenanceStep, outcome: shoal_proto::StepOut
 }
 
 /// Reboots after [`REBOOT_GRACE`] (for the acknowledgement to leave); a reboot that did not happen
-/// comes back as [`ShellEvent::RebootFailed`].
-fn spawn_reboot(events: mpsc::UnboundedSender<ShellEvent>, method: reboot::RebootMethod) {
+/// comes back as the event `failed` makes of the error ([`ShellEvent::RebootFailed`] for a
+/// controller's reboot request, a failed step for a maintenance reboot).
+fn spawn_reboot(
+    events: mpsc::UnboundedSender<ShellEvent>,
+    method: reboot::RebootMethod,
+    failed: impl FnOnce(String) -> ShellEvent + Send + 'static,
+) {
     tokio::spawn(async move {
         tokio::time::sleep(REBOOT_GRACE).await;
         let result = tokio::task::spawn_blocking(move || reboot::execute(&method)).await.unwrap_or_else(|e| Err(e.to_string()));
         if let Err(e) = result {
-            let _ = events.send(ShellEvent::RebootFailed(e));
+            let _ = events.send(failed(e));
         }
     });
 }

@@ -254,15 +254,8 @@ pub fn store_record(state_dir: &Path, record: Option<&RebootRecord>) -> std::io:
             _ => Ok(()),
         },
         Some(r) => {
-            let tmp = path.with_extension("json.tmp");
             let text = serde_json::to_vec(r).map_err(std::io::Error::other)?;
-            {
-                use std::io::Write;
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(&text)?;
-                f.sync_all()?;
-            }
-            std::fs::rename(&tmp, &path)
+            shoal_overlay::pki::write_private_file(&path, &text, 0o600)
         }
     }
 }

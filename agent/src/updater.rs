@@ -22,6 +22,7 @@ use shoal_proto::{
 use tracing::{error, info, warn};
 
 use crate::{
+    daemon::now_ms,
     release::{current_target, verify_release, BinaryCheck, ReleaseKey},
     update::{self, DownloadEnd, FetchStep, Step, UpdatePolicy, UpdateState},
 };
@@ -93,18 +94,11 @@ pub fn load_record(path: &Path) -> Option<UpdateState> {
     }
 }
 
-/// Writes `update.json` atomically (temp file, fsync, rename).
+/// Writes `update.json` atomically, like every file in the state dir
+/// ([`shoal_overlay::pki::write_private_file`]).
 pub fn save_record(path: &Path, state: &UpdateState) -> std::io::Result<()> {
     let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(&bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    shoal_overlay::pki::write_private_file(path, &bytes, 0o600)
 }
 
 fn install_error(what: &str, path: &Path, e: std::io::Error) -> UpdateFailure {
@@ -180,10 +174,6 @@ pub fn roll_back(paths: &UpdatePaths, state: &UpdateState) {
         Ok(false) => error!(prev = %paths.prev().display(), "no previous binary to roll back to"),
         Err(e) => error!(cause = %e, "could not restore the previous binary"),
     }
-}
-
-fn now_ms() -> UnixMillis {
-    UnixMillis(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
 }
 
 /// The updater's state in the agent.
