@@ -214,6 +214,10 @@ impl AgentSession {
             {
                 vec![Output::Update(msg)]
             }
+            (
+                State::Ready,
+                msg @ (ControllerMsg::UpdateOffer(_) | ControllerMsg::SignedKexecImage(_) | ControllerMsg::RotateKey { .. }),
+            ) if self.speaks_trust() => vec![Output::Update(msg)],
             (State::Ready, ControllerMsg::Renewed(r)) if self.renewing => {
                 self.renewing = false;
                 self.schedule_renewal(now, wall_now, r.not_after);
@@ -231,6 +235,12 @@ impl AgentSession {
     /// Whether the negotiated protocol carries update messages (4 and later).
     pub fn speaks_updates(&self) -> bool {
         self.welcome.as_ref().is_some_and(|w| w.protocol >= 4)
+    }
+
+    /// Whether the negotiated protocol carries key rotation, downgrade permission and signed kexec
+    /// images (5 and later).
+    pub fn speaks_trust(&self) -> bool {
+        self.welcome.as_ref().is_some_and(|w| w.protocol >= 5)
     }
 
     /// The next time [`AgentSession::handle_timeout`] has work.

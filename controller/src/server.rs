@@ -944,6 +944,7 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
             }
             vec![]
         }
+        Action::RotateKey(_) => session.refused(RejectCode::BadRequest, "key rotation is not supported yet"),
         Action::BootReport(report) => {
             if let Some(node) = session.node().cloned() {
                 let c = controller.clone();

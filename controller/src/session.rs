@@ -57,6 +57,8 @@ pub enum Action {
     MaintenanceResult(shoal_proto::MaintenanceResult),
     /// (v4) What the node booted and how its health checks went: keep it with the connection.
     BootReport(shoal_proto::BootReport),
+    /// (v5) Rotate the node's key: check the old key's signature, issue a certificate for the new one.
+    RotateKey(shoal_proto::RotateKeyRequest),
     /// Close the connection, after sending anything queued before it.
     Close(CloseKind, String),
 }
@@ -215,6 +217,10 @@ impl Session {
                     AgentMsg::UpdateReport(r) => vec![Action::UpdateReport(r)],
                     AgentMsg::MaintenanceResult(r) => vec![Action::MaintenanceResult(r)],
                     AgentMsg::BootReport(r) => vec![Action::BootReport(r)],
+                    AgentMsg::RotateKey(_) if self.version < Some(5) => {
+                        self.reject(RejectCode::Protocol, "key rotation needs protocol 5")
+                    }
+                    AgentMsg::RotateKey(r) => vec![Action::RotateKey(r)],
                     AgentMsg::Hello(_) => self.reject(RejectCode::Protocol, "Hello sent twice"),
                     AgentMsg::Enrol(_) => self.reject(RejectCode::Protocol, "already enrolled: renew instead of enrolling"),
                 }

@@ -70,6 +70,7 @@ const OPEN_LOCK_WAIT: Duration = Duration::from_secs(3);
 
 const META: &str = "meta";
 const TOKENS: &str = "tokens";
+const TOKEN_BINDINGS: &str = "token_bindings";
 const NODES: &str = "nodes";
 const HWID: &str = "hwid";
 const REMOVED_NODES: &str = "removed_nodes";
@@ -186,6 +187,18 @@ pub struct TokenRecord {
     pub revoked_at: Option<UnixMillis>,
     /// Labels given to nodes that enrol with it.
     pub labels: BTreeMap<String, String>,
+}
+
+/// What a per-boot token is bound to: the proof it carries that the machine using it is one node.
+/// A bound token may re-enrol onto an existing record only when the record is the one it is bound to
+/// (a general token never may). Kept in `token_bindings` beside the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TokenBinding {
+    /// Minted by the boot HTTP server for a MAC the DHCP server saw PXE-boot moments before
+    /// (lower-case `aa:bb:cc:dd:ee:ff`): re-enrols only a node netbooted from that MAC.
+    Mac(String),
+    /// Minted by the controller for one node's kexec into a new image: re-enrols only that node.
+    Node(NodeId),
 }
 
 /// Whether a token can enrol, as of some moment.
@@ -410,6 +423,7 @@ pub(crate) struct Inner {
     db: sled::Db,
     meta: sled::Tree,
     tokens: sled::Tree,
+    token_bindings: sled::Tree,
     pub(crate) nodes: sled::Tree,
     hwid: sled::Tree,
     removed_nodes: sled::Tree,
@@ -582,6 +596,7 @@ impl Store {
             inner: Arc::new(Inner {
                 meta: db.open_tree(META)?,
                 tokens: db.open_tree(TOKENS)?,
+                token_bindings: db.open_tree(TOKEN_BINDINGS)?,
                 nodes: db.open_tree(NODES)?,
                 hwid: db.open_tree(HWID)?,
                 removed_nodes: db.open_tree(REMOVED_NODES)?,
@@ -714,6 +729,36 @@ impl Store {
             Ok(event)
         }))?;
         self.after_event(event.seq)
+    }
+
+    /// Stores a per-boot token with what it is bound to, and logs a `TokenCreated` event, in one
+    /// transaction; on disk when this returns.
+    pub fn create_bound_token(&self, rec: &TokenRecord, binding: &TokenBinding) -> Result<(), StoreError> {
+        self.check_space()?;
+        let bytes = encode("token", rec)?;
+        let bound = encode("token binding", binding)?;
+        let message = match binding {
+            TokenBinding::Mac(mac) => format!("boot token {} created for {mac}", rec.id),
+            TokenBinding::Node(node) => format!("boot token {} created for node {node}", rec.id),
+        };
+        let event = finish((&self.inner.tokens, &self.inner.token_bindings, &self.inner.events).transaction(
+            |(tokens, bindings, events)| {
+                tokens.insert(rec.id.as_bytes(), bytes.as_slice())?;
+                bindings.insert(rec.id.as_bytes(), bound.as_slice())?;
+                let event = self.tx_event::<StoreError>(events, EventKind::TokenCreated, None, &message, rec.created_at)?;
+                tokens.flush();
+                Ok(event)
+            },
+        ))?;
+        self.after_event(event.seq)
+    }
+
+    /// What a token is bound to, if it is a per-boot token.
+    pub fn token_binding(&self, id: &str) -> Result<Option<TokenBinding>, StoreError> {
+        match self.inner.token_bindings.get(id.as_bytes())? {
+            Some(bytes) => Ok(Some(decode(TOKEN_BINDINGS, id.as_bytes(), &bytes)?)),
+            None => Ok(None),
+        }
     }
 
     /// All tokens, oldest first.

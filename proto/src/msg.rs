@@ -67,6 +67,9 @@ pub enum AgentMsg {
     /// (v4) What the agent booted and how its health checks went; sent on every session after the
     /// first heartbeat and whenever the checks' outcome changes.
     BootReport(BootReport),
+    /// (v5) Replace the node's key: a certificate for a new key, with proof of the old one. Answered
+    /// by [`ControllerMsg::Renewed`] (a certificate for the new key) or a reject.
+    RotateKey(RotateKeyRequest),
 }
 
 /// Controller to agent.
@@ -127,6 +130,68 @@ pub enum ControllerMsg {
     /// and command line of the image assigned to the node, for the agent to load with
     /// `kexec_file_load(2)` and boot without going through firmware and iPXE.
     KexecImage(KexecImage),
+    /// (v5) Generate a new key and rotate to it ([`AgentMsg::RotateKey`]): a certificate of this
+    /// node's current key was revoked, or an operator asked.
+    RotateKey {
+        /// Operator-facing reason, logged by the agent.
+        reason: String,
+    },
+    /// (v5) [`ControllerMsg::UpdateAgent`] with the rollout's permission to go to an older version;
+    /// without it the agent refuses a downgrade.
+    UpdateOffer(UpdateOffer),
+    /// (v5) [`ControllerMsg::KexecImage`] with the image's signed manifest: the agent verifies it with
+    /// its own image key and takes hashes and command line from it, never from the controller.
+    SignedKexecImage(SignedKexecImage),
+}
+
+/// (v5) An agent release offer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateOffer {
+    /// The version asked for; the signed manifest must say the same.
+    pub version: String,
+    /// The manifest, its signature and the signing key's id.
+    pub release: SignedRelease,
+    /// The rollout allows going to a version older than the one running (`--allow-downgrade`).
+    pub allow_downgrade: bool,
+}
+
+/// (v5) A netboot image to kexec into, as signed by the image's builder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedKexecImage {
+    /// The image version; the manifest must say the same.
+    pub version: String,
+    /// The exact bytes of the image's `manifest.json`.
+    pub manifest: Vec<u8>,
+    /// The raw 64-byte Ed25519 signature over `manifest` (`manifest.sig`).
+    pub signature: Vec<u8>,
+    /// The kernel on the controller's boot HTTP server.
+    pub kernel_url: String,
+    /// The initramfs on the boot HTTP server.
+    pub initrd_url: String,
+    /// The controller's agent address for the booted image (`shoal.controller=`).
+    pub controller: String,
+    /// The join token minted for this one boot (`shoal.token=`), bound to this node.
+    pub boot_token: String,
+}
+
+/// (v5) A key rotation: a request for the new key, signed by the old one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateKeyRequest {
+    /// A PKCS#10 certificate signing request (DER) for the new key.
+    pub csr_der: Vec<u8>,
+    /// The old key's signature (the key the connection's certificate holds, ECDSA P-256 SHA-256,
+    /// ASN.1 DER) over [`rotation_message`] of the new key's SubjectPublicKeyInfo.
+    pub signature: Vec<u8>,
+}
+
+/// What the old key signs in a [`RotateKeyRequest`]: a fixed context string, then the new key's
+/// SubjectPublicKeyInfo (DER). The context keeps the signature from meaning anything else.
+pub fn rotation_message(node: &NodeId, new_spki_der: &[u8]) -> Vec<u8> {
+    let mut m = b"shoal key rotation v1\0".to_vec();
+    m.extend_from_slice(node.0.as_bytes());
+    m.push(0);
+    m.extend_from_slice(new_spki_der);
+    m
 }
 
 /// (v4) What an agent needs to `kexec` into a netboot image: what the iPXE script would boot.
@@ -253,12 +318,32 @@ pub enum RejectCode {
     BadRequest,
     /// The controller could not complete the request (e.g. its disk is full); retry later.
     Unavailable,
+    /// (v5) The node this machine claims to be holds a live session: the claim is refused while it
+    /// does (retry later; a rebooted machine's old session ends within the idle timeout).
+    IdentityInUse,
+    /// (v5) The machine claims an existing node without proof bound to it: an operator must approve
+    /// the request (`shoalctl nodes pending`, `nodes approve`) or arm it (`nodes reenrol`). Retry
+    /// later with the same key.
+    AwaitingApproval,
+    /// (v5) The certificate is not accepted: its key is not the node's, or its serial was revoked.
+    /// The agent forgets it and enrols again.
+    CertificateRefused,
 }
 
 impl RejectCode {
     /// Whether retrying the same request later can succeed.
     pub fn is_transient(self) -> bool {
-        matches!(self, RejectCode::Unavailable)
+        matches!(self, RejectCode::Unavailable | RejectCode::IdentityInUse | RejectCode::AwaitingApproval)
+    }
+
+    /// The code to send on a session of `protocol`: codes newer than it become the nearest code that
+    /// peer knows and treats the same way (retry, or forget the certificate).
+    pub fn for_protocol(self, protocol: u16) -> RejectCode {
+        match self {
+            RejectCode::IdentityInUse | RejectCode::AwaitingApproval if protocol < 5 => RejectCode::Unavailable,
+            RejectCode::CertificateRefused if protocol < 5 => RejectCode::NodeRevoked,
+            other => other,
+        }
     }
 
     /// Whether an agent should stop rather than retry: the token or the version is wrong, and only an
@@ -357,5 +442,20 @@ mod tests {
         assert_eq!(postcard::to_allocvec(&kexec).expect("encode")[0], 15, "KexecImage comes after Maintenance (14)");
         let boot = AgentMsg::BootReport(BootReport { boot_id: "b".into(), image: Some("v2".into()), checks: vec![] });
         assert_eq!(postcard::to_allocvec(&boot).expect("encode")[0], 15, "BootReport comes after MaintenanceResult (14)");
+    }
+
+    #[test]
+    fn v4_messages_keep_their_encoding_and_v5_codes_map_down() {
+        let rotate = AgentMsg::RotateKey(RotateKeyRequest { csr_der: vec![1], signature: vec![2] });
+        assert_eq!(postcard::to_allocvec(&rotate).expect("encode")[0], 16, "RotateKey comes after BootReport (15)");
+        let ask = ControllerMsg::RotateKey { reason: "r".into() };
+        assert_eq!(postcard::to_allocvec(&ask).expect("encode")[0], 16, "RotateKey comes after KexecImage (15)");
+        let code = postcard::to_allocvec(&RejectCode::IdentityInUse).expect("encode");
+        assert_eq!(code, vec![9], "IdentityInUse comes after Unavailable (8)");
+        assert_eq!(RejectCode::IdentityInUse.for_protocol(4), RejectCode::Unavailable);
+        assert_eq!(RejectCode::AwaitingApproval.for_protocol(4), RejectCode::Unavailable);
+        assert_eq!(RejectCode::CertificateRefused.for_protocol(4), RejectCode::NodeRevoked);
+        assert_eq!(RejectCode::CertificateRefused.for_protocol(5), RejectCode::CertificateRefused);
+        assert!(RejectCode::AwaitingApproval.is_transient() && !RejectCode::AwaitingApproval.is_final_for_agent());
     }
 }

@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Every version this build speaks.
 pub const SUPPORTED: VersionRange = VersionRange { min: 1, max: PROTOCOL_VERSION };
@@ -51,6 +51,17 @@ pub const PROTOCOL_HISTORY: &[(&str, u16, &str)] = &[
          AgentMsg::BootReport (boot id, netboot image, health checks) after the first heartbeat of \
          every session and when the checks' outcome changes; ControllerMsg::KexecImage (kernel and \
          initramfs URLs and SHA-256, command line) before a Reboot that prefers kexec",
+    ),
+    (
+        "2026-12-02",
+        5,
+        "trust: RejectCode::IdentityInUse, AwaitingApproval, CertificateRefused (older agents get \
+         Unavailable / NodeRevoked); AgentMsg::RotateKey (CSR for a new key signed by the old one) \
+         answered by Renewed; ControllerMsg::RotateKey (asks the node to rotate); \
+         ControllerMsg::UpdateOffer (UpdateAgent with allow_downgrade: agents refuse older versions \
+         without it); ControllerMsg::SignedKexecImage (the image's signed manifest, URLs, controller \
+         address and boot token: the agent verifies the manifest with its own image key and builds \
+         the command line itself)",
     ),
 ];
 
