@@ -109,6 +109,9 @@ pub enum AgentError {
     /// The controller refused enrolment for good (bad, expired, used-up or revoked token...).
     #[error("the controller refused this agent: {0}")]
     Refused(Reject),
+    /// The controller no longer accepts this node's certificate, and there is no token to enrol again.
+    #[error("the controller refuses this node's certificate: {0}; an operator must admit it again (shoalctl nodes reenrol) and the agent needs a join token")]
+    CertificateRefused(String),
     /// This node was removed from the fleet.
     #[error("this node was removed from the fleet: {0}; an operator must admit it again with a new join token")]
     Revoked(String),
@@ -274,6 +277,26 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                 shell.overlay.cache.clear();
                 state.forget_certificate()?;
                 return Err(AgentError::Revoked(reason));
+            }
+            Ok((End::Rotated, _)) => {
+                backoff.reset();
+                continue;
+            }
+            // The controller no longer accepts this certificate (revoked, or the node was re-enrolled
+            // with another key): drop it and its key; with a token, enrol again (which an operator may
+            // have to approve).
+            Ok((End::Rejected(r), _)) if r.code == RejectCode::CertificateRefused => {
+                warn!(reason = %r.message, "the controller refuses this node's certificate; forgetting it");
+                shell.overlay.cache.clear();
+                state.forget_credentials()?;
+                if token.is_none() {
+                    return Err(AgentError::CertificateRefused(r.message));
+                }
+                backoff.next_delay(rand::random::<f64>())
+            }
+            Ok((End::Rejected(r), _)) if r.code == RejectCode::AwaitingApproval => {
+                warn!(reason = %r.message, "enrolment waits for an operator's approval; retrying");
+                backoff.next_delay(rand::random::<f64>())
             }
             // Token and version refusals are final: retrying cannot help until an operator acts.
             Ok((End::Rejected(r), _)) if r.code.is_final_for_agent() => {
@@ -493,7 +516,10 @@ impl Shell<'_> {
             }
             None => {
                 let token = token.ok_or_else(|| fatal(AgentError::NoToken(self.config.state_dir.clone())))?;
-                let key = pki::generate_key().map_err(|e| fatal(AgentError::Tls(e.to_string())))?;
+                // The same key for every attempt until one succeeds: a lost `Enrolled` is answered again
+                // for the same key without spending the token, and an operator's approval is for this key.
+                let key_pem = self.state.enrolment_key().map_err(|e| fatal(e.into()))?;
+                let key = rcgen::KeyPair::from_pem(&key_pem).map_err(|e| fatal(AgentError::Tls(e.to_string())))?;
                 let csr_der = pki::make_csr(&key).map_err(|e| fatal(AgentError::Tls(e.to_string())))?;
                 let cfg = tls::enrol_client_config(token.ca_sha256, keep_alive)
                     .map_err(|e| fatal(AgentError::Tls(e.to_string())))?;
@@ -807,6 +833,25 @@ impl Shell<'_> {
                     info!("renewing certificate");
                     send_msg(send, &AgentMsg::Renew(RenewRequest { csr_der })).await?;
                 }
+                Output::Rotate { reason } => {
+                    let Some(c) = creds else { continue };
+                    warn!(%reason, "the controller asks this node to rotate its key");
+                    let old = rcgen::KeyPair::from_pem(key_pem).map_err(|e| AgentError::Tls(e.to_string()))?;
+                    let new_pem = self.state.rotation_key().map_err(AgentError::from)?;
+                    let new = rcgen::KeyPair::from_pem(&new_pem).map_err(|e| AgentError::Tls(e.to_string()))?;
+                    let csr_der = pki::make_csr(&new).map_err(|e| AgentError::Tls(e.to_string()))?;
+                    let new_spki = pki::csr_spki(&csr_der).map_err(|e| AgentError::Tls(e.to_string()))?;
+                    let signature = pki::sign_rotation(&old, &c.node_id, &new_spki).map_err(|e| AgentError::Tls(e.to_string()))?;
+                    send_msg(send, &AgentMsg::RotateKey(shoal_proto::RotateKeyRequest { csr_der, signature })).await?;
+                }
+                Output::StoreRotated(r) => {
+                    if let Some(c) = creds {
+                        let key_pem = self.state.rotation_key().map_err(AgentError::from)?;
+                        let rotated = Credentials { key_pem, cert_der: r.cert_der, not_after: r.not_after, ..c.clone() };
+                        self.state.save_rotated(&rotated).map_err(AgentError::from)?;
+                        info!(not_after = r.not_after.0, "key rotated; reconnecting with the new key");
+                    }
+                }
                 Output::StoreRenewed(r) => {
                     if let Some(c) = creds {
                         let mut renewed = c.clone();
@@ -974,7 +1019,7 @@ impl Shell<'_> {
                         node_id: e.node_id.clone(),
                         not_after: e.not_after,
                     };
-                    self.state.save(&creds).map_err(AgentError::from)?;
+                    self.state.save_enrolled(&creds).map_err(AgentError::from)?;
                     info!(node = %e.node_id, "enrolled");
                     return Ok(Some(End::Enrolled(e)));
                 }

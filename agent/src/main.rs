@@ -129,7 +129,7 @@ fn main() -> ExitCode {
                 Some(AgentError::Refused(_) | AgentError::NoToken(_) | AgentError::BadToken(_) | AgentError::WrongController(_)) => {
                     ExitCode::from(2)
                 }
-                Some(AgentError::Revoked(_)) => ExitCode::from(3),
+                Some(AgentError::Revoked(_) | AgentError::CertificateRefused(_)) => ExitCode::from(3),
                 _ => ExitCode::FAILURE,
             }
         }

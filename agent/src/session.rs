@@ -29,6 +29,15 @@ pub enum Output {
     Renew,
     /// Store the renewed certificate.
     StoreRenewed(Renewed),
+    /// (protocol 5) The controller asks for a key rotation: generate a new key, sign the rotation with
+    /// the current one and send `RotateKey`.
+    Rotate {
+        /// The controller's reason, for the log.
+        reason: String,
+    },
+    /// (protocol 5) The certificate for the new key: store it with the new key (the session then ends,
+    /// and the next connection uses the new key).
+    StoreRotated(Renewed),
     /// (protocol 2) The controller speaks overlay: start or resume it and send `OverlayHello`.
     StartOverlay,
     /// (protocol 2) An overlay message for the overlay shell: Observed, Netmap, NetmapDelta or Punch.
@@ -58,6 +67,8 @@ pub enum End {
     Revoked(String),
     /// The controller broke the protocol.
     Protocol(String),
+    /// The node rotated to a new key: reconnect with it.
+    Rotated,
 }
 
 /// What this session is for.
@@ -104,6 +115,7 @@ pub struct AgentSession {
     next_paths: Option<Instant>,
     renew_at: Option<Instant>,
     renewing: bool,
+    rotating: bool,
     welcome: Option<Welcome>,
 }
 
@@ -122,6 +134,7 @@ impl AgentSession {
             next_paths: None,
             renew_at: None,
             renewing: false,
+            rotating: false,
             welcome: None,
         }
     }
@@ -214,14 +227,29 @@ impl AgentSession {
             {
                 vec![Output::Update(msg)]
             }
-            (
-                State::Ready,
-                msg @ (ControllerMsg::UpdateOffer(_) | ControllerMsg::SignedKexecImage(_) | ControllerMsg::RotateKey { .. }),
-            ) if self.speaks_trust() => vec![Output::Update(msg)],
+            (State::Ready, msg @ (ControllerMsg::UpdateOffer(_) | ControllerMsg::SignedKexecImage(_)))
+                if self.speaks_trust() =>
+            {
+                vec![Output::Update(msg)]
+            }
+            (State::Ready, ControllerMsg::RotateKey { reason }) if self.speaks_trust() => {
+                if self.rotating {
+                    return vec![];
+                }
+                self.rotating = true;
+                vec![Output::Rotate { reason }]
+            }
             (State::Ready, ControllerMsg::Renewed(r)) if self.renewing => {
                 self.renewing = false;
                 self.schedule_renewal(now, wall_now, r.not_after);
                 vec![Output::StoreRenewed(r)]
+            }
+            // Answers come in request order: a renewal asked for before the rotation is answered first.
+            (State::Ready, ControllerMsg::Renewed(r)) if self.rotating => {
+                self.rotating = false;
+                let mut out = vec![Output::StoreRotated(r)];
+                out.extend(self.end(End::Rotated));
+                out
             }
             (_, other) => self.end(End::Protocol(format!("unexpected message from the controller: {other:?}"))),
         }
@@ -271,7 +299,7 @@ impl AgentSession {
             self.next_paths = Some(now + self.timing.paths_interval);
             out.push(Output::SendPaths);
         }
-        if !self.renewing && self.renew_at.is_some_and(|t| t <= now) {
+        if !self.renewing && !self.rotating && self.renew_at.is_some_and(|t| t <= now) {
             self.renewing = true;
             out.push(Output::Renew);
         }

@@ -12,6 +12,11 @@ use shoal_proto::{NodeId, UnixMillis};
 const KEY_FILE: &str = "node.key";
 const CERT_FILE: &str = "node.crt";
 const CA_FILE: &str = "ca.crt";
+/// The key an enrolment in progress uses: kept until the enrolment succeeds, so a retry after a lost
+/// reply (or while an operator decides on a pending claim) presents the same key.
+const ENROL_KEY_FILE: &str = "enrol.key";
+/// The new key of a rotation in progress: kept until its certificate is stored.
+const ROTATE_KEY_FILE: &str = "rotate.key";
 
 /// Why the state dir could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +59,12 @@ impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Credentials").field("node_id", &self.node_id).field("not_after", &self.not_after).finish()
     }
+}
+
+/// Whether a PEM key's public half hashes (SPKI SHA-256) to `key_sha256`.
+fn key_matches(key_pem: &str, key_sha256: &[u8; 32]) -> bool {
+    use rcgen::PublicKeyData;
+    rcgen::KeyPair::from_pem(key_pem).is_ok_and(|k| shoal_overlay::pki::sha256(&k.subject_public_key_info()) == *key_sha256)
 }
 
 /// The state directory.
@@ -99,6 +110,22 @@ impl StateDir {
         };
         let info = shoal_overlay::pki::cert_info(&cert_der)
             .map_err(|e| StateError::Invalid { path: self.dir.join(CERT_FILE), cause: e.to_string() })?;
+        let key_pem = match key_matches(&key_pem, &info.key_sha256) {
+            true => key_pem,
+            // A crash during a rotation, between writing the new certificate and the new key: the new
+            // key is still in rotate.key. Finish the job.
+            false => match self.pending_key(ROTATE_KEY_FILE)?.filter(|k| key_matches(k, &info.key_sha256)) {
+                Some(rotated) => {
+                    write_private(&key_path, rotated.as_bytes())?;
+                    self.clear_pending_key(ROTATE_KEY_FILE)?;
+                    rotated
+                }
+                None => {
+                    tracing::warn!(path = %key_path.display(), "the node key does not match the certificate; enrolling again");
+                    return Ok(None);
+                }
+            },
+        };
         Ok(Some(Credentials {
             key_pem,
             cert_der,
@@ -115,6 +142,67 @@ impl StateDir {
         write_private(&self.dir.join(CA_FILE), pem::encode(&pem::Pem::new("CERTIFICATE", creds.ca_der.clone())).as_bytes())?;
         write_private(&self.dir.join(KEY_FILE), creds.key_pem.as_bytes())?;
         write_private(&self.dir.join(CERT_FILE), pem::encode(&pem::Pem::new("CERTIFICATE", creds.cert_der.clone())).as_bytes())
+    }
+
+    /// The key of an enrolment in progress, creating it on first use.
+    pub fn enrolment_key(&self) -> Result<String, StateError> {
+        self.pending_or_new_key(ENROL_KEY_FILE)
+    }
+
+    /// The new key of a rotation in progress, creating it on first use.
+    pub fn rotation_key(&self) -> Result<String, StateError> {
+        self.pending_or_new_key(ROTATE_KEY_FILE)
+    }
+
+    fn pending_or_new_key(&self, name: &str) -> Result<String, StateError> {
+        if let Some(k) = self.pending_key(name)?.filter(|k| rcgen::KeyPair::from_pem(k).is_ok()) {
+            return Ok(k);
+        }
+        let pem = shoal_overlay::pki::generate_key()
+            .map_err(|e| StateError::Invalid { path: self.dir.join(name), cause: e.to_string() })?
+            .serialize_pem();
+        write_private(&self.dir.join(name), pem.as_bytes())?;
+        Ok(pem)
+    }
+
+    fn pending_key(&self, name: &str) -> Result<Option<String>, StateError> {
+        let path = self.dir.join(name);
+        match fs::read_to_string(&path) {
+            Ok(k) => Ok(Some(k)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    fn clear_pending_key(&self, name: &str) -> Result<(), StateError> {
+        let path = self.dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    /// Stores the credentials an enrolment produced and drops the enrolment's pending key.
+    pub fn save_enrolled(&self, creds: &Credentials) -> Result<(), StateError> {
+        self.save(creds)?;
+        self.clear_pending_key(ENROL_KEY_FILE)
+    }
+
+    /// Stores the credentials of a finished rotation (certificate first, then key: [`StateDir::load`]
+    /// repairs a crash in between from the pending rotation key) and drops the pending key.
+    pub fn save_rotated(&self, creds: &Credentials) -> Result<(), StateError> {
+        write_private(&self.dir.join(CA_FILE), pem::encode(&pem::Pem::new("CERTIFICATE", creds.ca_der.clone())).as_bytes())?;
+        write_private(&self.dir.join(CERT_FILE), pem::encode(&pem::Pem::new("CERTIFICATE", creds.cert_der.clone())).as_bytes())?;
+        write_private(&self.dir.join(KEY_FILE), creds.key_pem.as_bytes())?;
+        self.clear_pending_key(ROTATE_KEY_FILE)
+    }
+
+    /// Forgets certificate and key (the controller no longer accepts them: revoked, or the node was
+    /// re-enrolled with another key): the next attempt enrols with a token.
+    pub fn forget_credentials(&self) -> Result<(), StateError> {
+        self.forget_certificate()?;
+        self.clear_pending_key(KEY_FILE)
     }
 
     /// Forgets the certificate (the node was removed): the next start must enrol with a token.

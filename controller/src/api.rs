@@ -157,6 +157,7 @@ pub fn router(controller: Ctl) -> Router {
         .merge(crate::netboot::api::routes())
         .merge(crate::maintenance::api::routes())
         .merge(crate::release_api::routes())
+        .merge(crate::identity::routes())
         .layer(middleware::from_fn_with_state(controller.clone(), authenticate))
         .with_state(controller)
 }
@@ -255,7 +256,6 @@ pub(crate) fn node_view(ctl: &Controller, rec: NodeRecord) -> NodeView {
         NodeStatus::Down => "down",
     };
     NodeView {
-        id: rec.id.0,
         hostname: rec.hostname,
         status: status.to_owned(),
         connected,
@@ -269,6 +269,8 @@ pub(crate) fn node_view(ctl: &Controller, rec: NodeRecord) -> NodeView {
         health: live.health.or(rec.health),
         overlay: Vec::new(),
         boot,
+        key: ctl.store.identity(&rec.id).ok().flatten().map(|i| crate::store::short_key(&i.key)),
+        id: rec.id.0,
     }
 }
 

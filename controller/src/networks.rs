@@ -1143,7 +1143,16 @@ pub(crate) fn enrol_for_tests(store: &Store, machine: &str, labels: &[(&str, &st
         .unwrap();
     let hw = HardwareId { source: HardwareIdSource::DmiUuid, value: machine.to_owned() };
     let node = store
-        .enrol(&EnrolParams { token_id: &id, secret: "s", hardware_id: &hw, hostname: machine, now })
+        .enrol(&EnrolParams {
+            token_id: &id,
+            secret: "s",
+            hardware_id: &hw,
+            hostname: machine,
+            now,
+            key: &shoal_overlay::pki::sha256(machine.as_bytes()),
+            remote: "test",
+            is_live: &|_| false,
+        })
         .unwrap()
         .node
         .id;
@@ -1425,7 +1434,16 @@ mod tests {
             .unwrap();
         let hw = HardwareId { source: HardwareIdSource::DmiUuid, value: machine.to_owned() };
         store
-            .enrol(&EnrolParams { token_id: &id, secret: "s", hardware_id: &hw, hostname: machine, now: T0 })
+            .enrol(&EnrolParams {
+                token_id: &id,
+                secret: "s",
+                hardware_id: &hw,
+                hostname: machine,
+                now: T0,
+                key: &shoal_overlay::pki::sha256(machine.as_bytes()),
+                remote: "test",
+                is_live: &|_| false,
+            })
             .unwrap()
             .node
             .id

@@ -27,7 +27,8 @@ use crate::{
     ca::Ca,
     liveness::{Liveness, Transition},
     session::{Action, CloseKind, Session, SessionConfig},
-    store::{EnrolError, EnrolParams, EventKind, NodeStatus, Store},
+    enrolment::CertVerdict,
+    store::{CertRecord, EnrolError, EnrolParams, EventKind, NodeStatus, Store},
 };
 
 /// QUIC application close codes.
@@ -162,12 +163,28 @@ pub(crate) struct LiveNode {
     pub dirty: bool,
 }
 
+/// Why another task ends a node's connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Revoke {
+    /// A newer connection that proved the node's key replaced this one.
+    Replaced,
+    /// The node was removed from the fleet (the agent forgets its certificate and stops).
+    Removed(String),
+    /// The certificate this connection presented is no longer accepted (its serial was revoked).
+    CertificateRefused(String),
+}
+
 /// A node's open control connection, as other tasks (the API, other connections) reach it.
 #[derive(Debug)]
 pub(crate) struct ConnHandle {
     pub conn_id: u64,
-    /// Closes the connection with this reason (empty: replaced by a newer connection).
-    pub revoke: mpsc::UnboundedSender<String>,
+    /// Ends the connection.
+    pub revoke: mpsc::UnboundedSender<Revoke>,
+    /// The serial of the certificate the connection presented (normalised hex).
+    pub serial: String,
+    /// The agent acknowledged a reboot: the session is ending, so it no longer holds the node's
+    /// identity against the node's own re-enrolment after the reboot.
+    pub leaving: bool,
     /// Queues a message to the agent; the connection's task sends it in order.
     pub tx: mpsc::UnboundedSender<ControllerMsg>,
     /// The negotiated protocol version, once the agent's Hello was accepted. Nothing newer than it
@@ -311,7 +328,7 @@ impl Controller {
         live.liveness.forget(id);
         live.nodes.remove(id);
         if let Some(conn) = live.conns.remove(id) {
-            let _ = conn.revoke.send("removed from the fleet by an operator".into());
+            let _ = conn.revoke.send(Revoke::Removed("removed from the fleet by an operator".into()));
         }
         if removed.is_some() {
             info!(node = %id, "node removed");
@@ -546,8 +563,19 @@ async fn record_transitions(controller: Arc<Controller>, mut rx: mpsc::Unbounded
 async fn sweep(controller: Arc<Controller>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last_checkpoint = Instant::now();
+    let mut last_prune: Option<Instant> = None;
     loop {
         tick.tick().await;
+        if last_prune.is_none_or(|t| t.elapsed() >= crate::identity::PRUNE_INTERVAL) {
+            last_prune = Some(Instant::now());
+            let c = controller.clone();
+            match tokio::task::spawn_blocking(move || c.store.prune(now_ms())).await {
+                Ok(Ok(p)) if p != crate::store::Pruned::default() => debug!(pruned = ?p, "pruned lapsed tokens and identity records"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!(cause = %e, "pruning lapsed tokens failed; next try in a minute"),
+                Err(e) => warn!(cause = %e, "pruning task failed"),
+            }
+        }
         let transitions = controller.live().liveness.poll(Instant::now());
         if !transitions.is_empty() {
             let _ = controller.transitions.send(transitions);
@@ -574,18 +602,16 @@ enum ConnError {
 
 async fn handle_connection(controller: Arc<Controller>, incoming: quinn::Incoming) -> Result<(), ConnError> {
     let conn = incoming.await?;
-    let mut node_key = None;
-    let node = match tls::peer_chain(&conn).and_then(|chain| chain.first().map(|c| pki::cert_info(c))) {
+    let remote = conn.remote_address().to_string();
+    let cert = match tls::peer_chain(&conn).and_then(|chain| chain.first().map(|c| pki::cert_info(c))) {
         None => None,
-        Some(Ok(info)) => {
-            node_key = Some(info.key_sha256);
-            Some(info.node_id)
-        }
+        Some(Ok(info)) => Some(info),
         Some(Err(e)) => {
             conn.close(close_code::REVOKED.into(), format!("unusable certificate: {e}").as_bytes());
             return Ok(());
         }
     };
+    let node = cert.as_ref().map(|c| c.node_id.clone());
     // One deadline for the stream and the Hello on it together.
     let hello_deadline = tokio::time::Instant::now() + controller.config.hello_timeout;
     let (mut send, mut recv) = match tokio::time::timeout_at(hello_deadline, conn.accept_bi()).await {
@@ -603,40 +629,83 @@ async fn handle_connection(controller: Arc<Controller>, incoming: quinn::Incomin
     let (revoke_tx, mut revoke_rx) = mpsc::unbounded_channel();
     let (overlay_tx, mut overlay_rx) = mpsc::unbounded_channel();
     let mut conn_id = None;
-    if let Some(id) = &node {
-        // Register before looking the node up: a removal that lands after the lookup then finds this
-        // connection and revokes it, so one lookup covers every ordering.
+    let mut must_rotate = false;
+    if let Some(info) = &cert {
+        let id = &info.node_id;
+        // The certificate chains to the fleet CA and TLS proved its key; it must also be the key the node
+        // is bound to, with a serial nobody revoked. Checked before the connection is registered: a
+        // connection never displaces the node's live one before it has proven the node's key.
+        let c = controller.clone();
+        let (node_id, key, serial, remote_text) = (id.clone(), info.key_sha256, info.serial.clone(), remote.clone());
+        let not_after = UnixMillis((info.not_after_unix.max(0) as u64).saturating_mul(1000));
+        let verdict = tokio::task::spawn_blocking(move || c.store.check_connection(&node_id, &key, &serial, not_after, now_ms(), &remote_text))
+            .await
+            .map_err(|e| ConnError::Store(crate::store::StoreError::Db(e.to_string())))??;
+        let refusal = match verdict {
+            CertVerdict::Accept { identity, .. } => {
+                must_rotate = identity.must_rotate;
+                None
+            }
+            CertVerdict::Removed => Some((RejectCode::NodeRevoked, format!("node {id} was removed from the fleet"))),
+            CertVerdict::Revoked => Some((
+                RejectCode::CertificateRefused,
+                format!("certificate {} of node {id} was revoked by an operator", info.serial),
+            )),
+            CertVerdict::WrongKey => Some((
+                RejectCode::CertificateRefused,
+                format!("this certificate's key is not the key node {id} is bound to (re-enrolled elsewhere, or a copied certificate)"),
+            )),
+        };
+        if let Some((code, message)) = refusal {
+            info!(node = %id, %remote, ?code, %message, "refused a node certificate");
+            refuse_after_hello(&conn, &mut send, &mut recv, &mut session, hello_deadline, code, message).await;
+            return Ok(());
+        }
         let cid = {
             let mut live = controller.live();
             live.next_conn_id += 1;
             let cid = live.next_conn_id;
-            let handle =
-                ConnHandle { conn_id: cid, revoke: revoke_tx, tx: overlay_tx.clone(), protocol: None, drive_policy: None, boot: None };
+            let handle = ConnHandle {
+                conn_id: cid,
+                revoke: revoke_tx,
+                tx: overlay_tx.clone(),
+                serial: crate::store::normal_serial(&info.serial),
+                leaving: false,
+                protocol: None,
+                drive_policy: None,
+                boot: None,
+            };
             if let Some(old) = live.conns.insert(id.clone(), handle) {
                 debug!(node = %id, old = old.conn_id, "replacing older connection");
-                let _ = old.revoke.send(String::new());
+                let _ = old.revoke.send(Revoke::Replaced);
             }
             cid
         };
         conn_id = Some(cid);
-        // A certificate for a node that is no longer in the fleet is refused, even though it still verifies.
+        // A removal that landed between the check and the registration did not find this connection to
+        // revoke: look once more now that it is registered.
         let c = controller.clone();
         let lookup = id.clone();
         let exists = tokio::task::spawn_blocking(move || c.store.node(&lookup)).await.ok().transpose()?.flatten().is_some();
         if !exists {
             forget_connection(&controller, id, cid);
-            let actions = session.refused(RejectCode::NodeRevoked, format!("node {id} was removed from the fleet"));
-            for action in actions {
-                if !matches!(apply(&conn, &mut send, action).await, Ok(false)) {
-                    break;
-                }
-            }
+            let message = format!("node {id} was removed from the fleet");
+            refuse_after_hello(&conn, &mut send, &mut recv, &mut session, hello_deadline, RejectCode::NodeRevoked, message).await;
             info!(node = %id, "refused a removed node");
             return Ok(());
         }
     }
 
-    let mut ctx = ConnCtx { conn: conn.clone(), conn_id: conn_id.unwrap_or(0), node_key, overlay_tx, relay: None };
+    let mut ctx = ConnCtx {
+        conn: conn.clone(),
+        conn_id: conn_id.unwrap_or(0),
+        node_key: cert.as_ref().map(|c| c.key_sha256),
+        cert_der: tls::peer_chain(&conn).and_then(|chain| chain.first().map(|c| c.to_vec())),
+        must_rotate,
+        remote,
+        overlay_tx,
+        relay: None,
+    };
     let result =
         drive(&controller, &mut ctx, &mut send, &mut recv, &mut session, &mut revoke_rx, &mut overlay_rx, hello_deadline).await;
     if let Some(relay) = ctx.relay.take() {
@@ -651,6 +720,31 @@ async fn handle_connection(controller: Arc<Controller>, incoming: quinn::Incomin
     result
 }
 
+/// Refuses a connection with `code` once its Hello has said which protocol it speaks, so the agent gets
+/// a code it knows (older agents get the nearest older code); without a Hello in time, just closes.
+async fn refuse_after_hello(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    session: &mut Session,
+    hello_deadline: tokio::time::Instant,
+    code: RejectCode,
+    message: String,
+) {
+    let protocol = match tokio::time::timeout_at(hello_deadline, recv_msg::<AgentMsg>(recv)).await {
+        Ok(Ok(Some(AgentMsg::Hello(hello)))) => shoal_proto::negotiate(SUPPORTED, hello.protocol).unwrap_or(hello.protocol.max),
+        _ => {
+            conn.close(close_code::PROTOCOL.into(), message.as_bytes());
+            return;
+        }
+    };
+    for action in session.refused(code.for_protocol(protocol), message) {
+        if !matches!(apply(conn, send, action).await, Ok(false)) {
+            break;
+        }
+    }
+}
+
 #[cfg(test)]
 impl Controller {
     /// Registers a connection without QUIC, as a v`protocol` agent after its Hello; returns its id and
@@ -661,7 +755,10 @@ impl Controller {
         let mut live = self.live();
         live.next_conn_id += 1;
         let conn_id = live.next_conn_id;
-        live.conns.insert(node.clone(), ConnHandle { conn_id, revoke, tx, protocol: Some(protocol), drive_policy: None, boot: None });
+        live.conns.insert(
+            node.clone(),
+            ConnHandle { conn_id, revoke, tx, serial: String::new(), leaving: false, protocol: Some(protocol), drive_policy: None, boot: None },
+        );
         (conn_id, rx)
     }
 
@@ -686,6 +783,12 @@ struct ConnCtx {
     conn_id: u64,
     /// SHA-256 of the node certificate's public key.
     node_key: Option<[u8; 32]>,
+    /// The node certificate the connection presented (DER): its key signs key rotations.
+    cert_der: Option<Vec<u8>>,
+    /// A certificate of the node's key was revoked: ask the agent to rotate once its Hello is in.
+    must_rotate: bool,
+    /// The peer's address, for the operator.
+    remote: String,
     /// Netmap deltas, punch requests, drive policies and drive commands for this agent, queued by other
     /// connections and the API.
     overlay_tx: mpsc::UnboundedSender<ControllerMsg>,
@@ -700,7 +803,7 @@ async fn drive(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     session: &mut Session,
-    revoke_rx: &mut mpsc::UnboundedReceiver<String>,
+    revoke_rx: &mut mpsc::UnboundedReceiver<Revoke>,
     overlay_rx: &mut mpsc::UnboundedReceiver<ControllerMsg>,
     hello_deadline: tokio::time::Instant,
 ) -> Result<(), ConnError> {
@@ -721,11 +824,15 @@ async fn drive(
                 }
             },
             reason = revoke_rx.recv() => match reason {
-                Some(r) if r.is_empty() => {
+                Some(Revoke::Replaced) => {
                     conn.close(close_code::REPLACED.into(), b"replaced by a newer connection");
                     return Ok(());
                 }
-                Some(r) => session.revoked(&r),
+                Some(Revoke::Removed(r)) => session.revoked(&r),
+                Some(Revoke::CertificateRefused(r)) => {
+                    let code = RejectCode::CertificateRefused.for_protocol(session.version().unwrap_or(1));
+                    session.refused(code, r)
+                }
                 None => return Ok(()),
             },
             _ = &mut hello_deadline, if session.version().is_none() => {
@@ -785,24 +892,54 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
         Action::Send(_) | Action::Close(..) => vec![action],
         Action::Enrol { request, hello } => {
             let c = controller.clone();
-            let outcome = tokio::task::spawn_blocking(move || enrol(&c, &request, &hello)).await;
+            let remote = ctx.remote.clone();
+            let outcome = tokio::task::spawn_blocking(move || enrol(&c, &request, &hello, &remote)).await;
             match outcome {
                 Ok(Ok(enrolled)) => session.enrolled(enrolled),
                 Ok(Err((code, message))) => {
                     info!(code = ?code, %message, "enrolment refused");
-                    session.refused(code, message)
+                    session.refused(code.for_protocol(session.version().unwrap_or(1)), message)
                 }
                 Err(e) => session.refused(RejectCode::Unavailable, format!("controller error: {e}")),
             }
         }
         Action::Renew(req) => {
-            let Some(node) = session.node().cloned() else { return vec![] };
-            match controller.ca.issue_node_cert(&req.csr_der, &node, now_ms(), controller.config.cert_ttl) {
-                Ok((cert_der, not_after)) => {
+            let (Some(node), Some(bound)) = (session.node().cloned(), ctx.node_key) else { return vec![] };
+            // A renewal is for the key this connection proved, which is the node's; a new key needs a
+            // rotation signed by the old one.
+            match pki::csr_spki(&req.csr_der).map(|spki| pki::sha256(&spki)) {
+                Ok(key) if key == bound => {}
+                Ok(_) => {
+                    return session.refused(RejectCode::BadRequest, "a renewal must be for the node's own key: rotate keys with RotateKey");
+                }
+                Err(e) => return session.refused(RejectCode::BadRequest, format!("invalid certificate signing request: {e}")),
+            }
+            let c = controller.clone();
+            let n = node.clone();
+            match tokio::task::spawn_blocking(move || issue_cert(&c, &req.csr_der, &n, bound)).await {
+                Ok(Ok((cert_der, not_after))) => {
                     info!(node = %node, "certificate renewed");
                     vec![Action::Send(ControllerMsg::Renewed(Renewed { cert_der, not_after }))]
                 }
-                Err(e) => session.refused(RejectCode::BadRequest, e.to_string()),
+                Ok(Err((code, message))) => session.refused(code, message),
+                Err(e) => session.refused(RejectCode::Unavailable, format!("controller error: {e}")),
+            }
+        }
+        Action::RotateKey(req) => {
+            let (Some(node), Some(old_cert)) = (session.node().cloned(), ctx.cert_der.clone()) else { return vec![] };
+            let c = controller.clone();
+            let n = node.clone();
+            match tokio::task::spawn_blocking(move || rotate_key(&c, &n, &old_cert, &req)).await {
+                Ok(Ok((cert_der, not_after))) => {
+                    info!(node = %node, "key rotated: certificate issued for the new key");
+                    ctx.must_rotate = false;
+                    vec![Action::Send(ControllerMsg::Renewed(Renewed { cert_der, not_after }))]
+                }
+                Ok(Err((code, message))) => {
+                    warn!(node = %node, %message, "key rotation refused");
+                    session.refused(code, message)
+                }
+                Err(e) => session.refused(RejectCode::Unavailable, format!("controller error: {e}")),
             }
         }
         Action::Connected { hello } => {
@@ -832,7 +969,16 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
             if version.is_some_and(|v| v >= 3) {
                 let c = controller.clone();
                 let conn_id = ctx.conn_id;
-                let _ = tokio::task::spawn_blocking(move || c.send_drive_policy_on_connect(&node, conn_id)).await;
+                let n = node.clone();
+                let _ = tokio::task::spawn_blocking(move || c.send_drive_policy_on_connect(&n, conn_id)).await;
+            }
+            if ctx.must_rotate {
+                if version >= Some(5) {
+                    info!(node = %node, "asking the node to rotate its key");
+                    let reason = "a certificate of this node's key was revoked, or an operator asked".to_owned();
+                    return vec![Action::Send(ControllerMsg::RotateKey { reason })];
+                }
+                warn!(node = %node, "a certificate of this node's key was revoked, but its agent is too old to rotate keys (protocol 5)");
             }
             vec![]
         }
@@ -925,6 +1071,13 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
         }
         Action::RebootAnswer(answer) => {
             if let Some(node) = session.node().cloned() {
+                if answer.is_ok() {
+                    // The node's own re-enrolment after the reboot must not be refused as a claim of a
+                    // live node while this session winds down.
+                    if let Some(conn) = controller.live().conns.get_mut(&node).filter(|c| c.conn_id == ctx.conn_id) {
+                        conn.leaving = true;
+                    }
+                }
                 let c = controller.clone();
                 let _ = tokio::task::spawn_blocking(move || c.reboot_answered(&node, answer)).await;
             }
@@ -944,7 +1097,6 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
             }
             vec![]
         }
-        Action::RotateKey(_) => session.refused(RejectCode::BadRequest, "key rotation is not supported yet"),
         Action::BootReport(report) => {
             if let Some(node) = session.node().cloned() {
                 let c = controller.clone();
@@ -972,7 +1124,50 @@ fn heartbeat(controller: &Arc<Controller>, node: &NodeId, health: Option<HealthR
     }
 }
 
-fn enrol(controller: &Controller, request: &shoal_proto::EnrolRequest, hello: &shoal_proto::Hello) -> Result<Enrolled, (RejectCode, String)> {
+/// Issues a certificate for `key`'s CSR and records its serial before it is handed out.
+fn issue_cert(controller: &Controller, csr_der: &[u8], node: &NodeId, key: [u8; 32]) -> Result<(Vec<u8>, UnixMillis), (RejectCode, String)> {
+    let now = now_ms();
+    let (cert_der, not_after) =
+        controller.ca.issue_node_cert(csr_der, node, now, controller.config.cert_ttl).map_err(|e| (RejectCode::BadRequest, e.to_string()))?;
+    let serial = pki::cert_info(&cert_der).map_err(|e| (RejectCode::Unavailable, e.to_string()))?.serial;
+    controller
+        .store
+        .record_cert(&serial, &CertRecord { node: node.clone(), key, issued_at: now, not_after })
+        .map_err(|e| (RejectCode::Unavailable, format!("controller storage failed: {e}")))?;
+    Ok((cert_der, not_after))
+}
+
+/// A key rotation: the old key (the one this connection's certificate holds) signed the new key; the
+/// new key becomes the node's next key and gets a certificate.
+fn rotate_key(
+    controller: &Controller,
+    node: &NodeId,
+    old_cert: &[u8],
+    req: &shoal_proto::RotateKeyRequest,
+) -> Result<(Vec<u8>, UnixMillis), (RejectCode, String)> {
+    let bad = |m: String| (RejectCode::BadRequest, m);
+    let new_spki = pki::csr_spki(&req.csr_der).map_err(|e| bad(format!("invalid certificate signing request: {e}")))?;
+    let old_spki = pki::cert_spki(old_cert).map_err(|e| bad(e.to_string()))?;
+    if !pki::verify_rotation(&old_spki, node, &new_spki, &req.signature) {
+        return Err(bad("the key rotation is not signed by the node's current key".into()));
+    }
+    let new_key = pki::sha256(&new_spki);
+    if new_key == pki::sha256(&old_spki) {
+        return Err(bad("a rotation needs a new key".into()));
+    }
+    controller
+        .store
+        .begin_rotation(node, &new_key, now_ms())
+        .map_err(|e| (RejectCode::Unavailable, format!("controller storage failed: {e}")))?;
+    issue_cert(controller, &req.csr_der, node, new_key)
+}
+
+fn enrol(
+    controller: &Controller,
+    request: &shoal_proto::EnrolRequest,
+    hello: &shoal_proto::Hello,
+    remote: &str,
+) -> Result<Enrolled, (RejectCode, String)> {
     let token: JoinToken = request
         .token
         .parse()
@@ -980,10 +1175,12 @@ fn enrol(controller: &Controller, request: &shoal_proto::EnrolRequest, hello: &s
     if token.ca_sha256 != controller.ca.sha256() {
         return Err((RejectCode::TokenUnknown, "the join token was issued by another controller".into()));
     }
-    // Check the request before spending a token use on it.
-    rcgen::CertificateSigningRequestParams::from_der(&request.csr_der.as_slice().into())
+    // Check the request before spending a token use on it; its key is what the node will be bound to.
+    let key = pki::csr_spki(&request.csr_der)
+        .map(|spki| pki::sha256(&spki))
         .map_err(|e| (RejectCode::BadRequest, format!("invalid certificate signing request: {e}")))?;
     let now = now_ms();
+    let is_live = |n: &NodeId| controller.live().conns.get(n).is_some_and(|c| !c.leaving);
     let enrolment = controller
         .store
         .enrol(&EnrolParams {
@@ -992,34 +1189,45 @@ fn enrol(controller: &Controller, request: &shoal_proto::EnrolRequest, hello: &s
             hardware_id: &hello.hardware_id,
             hostname: &request.hostname,
             now,
+            key: &key,
+            remote,
+            is_live: &is_live,
         })
         .map_err(|e| match e {
             EnrolError::Refused(r) => {
                 use crate::store::EnrolRefusal as R;
                 let code = match r {
-                    R::TokenUnknown => RejectCode::TokenUnknown,
+                    R::TokenUnknown | R::TokenForAnotherMachine { .. } => RejectCode::TokenUnknown,
                     R::TokenExpired { .. } => RejectCode::TokenExpired,
                     R::TokenUsedUp { .. } => RejectCode::TokenUsedUp,
                     R::TokenRevoked { .. } => RejectCode::TokenRevoked,
-                    R::NodeRemoved { .. } => RejectCode::NodeRevoked,
+                    R::NodeRemoved { .. } | R::ClaimDenied { .. } => RejectCode::NodeRevoked,
+                    R::IdentityInUse { .. } => RejectCode::IdentityInUse,
+                    R::AwaitingApproval { .. } => RejectCode::AwaitingApproval,
+                    R::TooManyPending { .. } => RejectCode::Unavailable,
                     #[allow(unreachable_patterns)]
                     _ => RejectCode::TokenUnknown,
                 };
+                if matches!(r, R::IdentityInUse { .. } | R::ClaimDenied { .. } | R::TokenForAnotherMachine { .. }) {
+                    warn!(%remote, hardware_id = %hello.hardware_id, refusal = %r, "refused a claim of a node's identity");
+                }
                 (code, r.to_string())
             }
             EnrolError::Store(e) => (RejectCode::Unavailable, format!("controller storage failed: {e}")),
         })?;
     let node = enrolment.node;
-    match controller.store.join_networks(&node.id) {
-        Ok(changes) => controller.membership_changed(changes),
-        Err(e) => warn!(node = %node.id, cause = %e, "enrolled node could not join its overlay networks"),
+    if !enrolment.replay {
+        match controller.store.join_networks(&node.id) {
+            Ok(changes) => controller.membership_changed(changes),
+            Err(e) => warn!(node = %node.id, cause = %e, "enrolled node could not join its overlay networks"),
+        }
+        // Re-enrolment merges the token's labels: a connected agent's drive policy may follow them.
+        controller.push_drive_policies(Some(std::slice::from_ref(&node.id)));
     }
-    // Re-enrolment merges the token's labels: a connected agent's drive policy may follow them.
-    controller.push_drive_policies(Some(std::slice::from_ref(&node.id)));
-    let (cert_der, not_after) = controller
-        .ca
-        .issue_node_cert(&request.csr_der, &node.id, now, controller.config.cert_ttl)
-        .map_err(|e| (RejectCode::BadRequest, e.to_string()))?;
-    info!(node = %node.id, hostname = %node.hostname, hardware_id = %node.hardware_id, new = enrolment.new, "node enrolled");
+    let (cert_der, not_after) = issue_cert(controller, &request.csr_der, &node.id, key)?;
+    info!(
+        node = %node.id, hostname = %node.hostname, hardware_id = %node.hardware_id, new = enrolment.new,
+        proof = ?enrolment.proof, replay = enrolment.replay, "node enrolled"
+    );
     Ok(Enrolled { node_id: node.id, cert_der, ca_der: controller.ca.cert_der().to_vec(), not_after })
 }

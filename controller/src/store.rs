@@ -49,6 +49,14 @@ use sled::transaction::{
 };
 use tracing::{debug, warn};
 
+use crate::enrolment::{
+    self, Claim, Decision, Existing, IdentityRecord, KeyHash, PendingEnrolment, PendingState, Proof, ReenrolGrant,
+    TokenUse,
+};
+
+mod identity;
+pub use identity::{normal_serial, short_key, CertRecord, Pruned, RevokedCert};
+
 /// Writes are refused while the data directory's filesystem has fewer free bytes than this, so that
 /// sled never meets `ENOSPC` (which poisons its database until reopened) and an operator has room to act.
 pub const FREE_SPACE_RESERVE: u64 = 8 * 1024 * 1024;
@@ -71,6 +79,12 @@ const OPEN_LOCK_WAIT: Duration = Duration::from_secs(3);
 const META: &str = "meta";
 const TOKENS: &str = "tokens";
 const TOKEN_BINDINGS: &str = "token_bindings";
+const TOKEN_USES: &str = "token_uses";
+const IDENTITIES: &str = "identities";
+const REENROL_GRANTS: &str = "reenrol_grants";
+const PENDING_ENROLMENTS: &str = "pending_enrolments";
+const CERTS: &str = "certs";
+const REVOKED_CERTS: &str = "revoked_certs";
 const NODES: &str = "nodes";
 const HWID: &str = "hwid";
 const REMOVED_NODES: &str = "removed_nodes";
@@ -154,6 +168,41 @@ pub enum EnrolRefusal {
     NodeRemoved {
         /// The machine's hardware id, as displayed.
         hardware_id: String,
+    },
+    /// The machine claims a node that holds a live session.
+    #[error("node {node} is connected right now: its identity cannot be claimed while it holds a live session")]
+    IdentityInUse {
+        /// The node claimed.
+        node: NodeId,
+    },
+    /// The machine claims an existing node without proof bound to it: an operator must decide.
+    #[error(
+        "this machine claims node {node}, which is enrolled with another key; an operator must approve the \
+         claim (`shoalctl nodes approve {request}`) or arm a re-enrolment (`shoalctl nodes reenrol {node}`)"
+    )]
+    AwaitingApproval {
+        /// The node claimed.
+        node: NodeId,
+        /// The pending request's id.
+        request: String,
+    },
+    /// Too many claims are waiting for an operator; this one was not recorded.
+    #[error("too many enrolment requests wait for an operator ({pending}); try again later")]
+    TooManyPending {
+        /// How many wait.
+        pending: usize,
+    },
+    /// An operator denied this machine's claim.
+    #[error("an operator denied this machine's claim to node {node}")]
+    ClaimDenied {
+        /// The node claimed.
+        node: NodeId,
+    },
+    /// A per-boot token minted for another node.
+    #[error("this boot token was minted for node {node}, not for this machine")]
+    TokenForAnotherMachine {
+        /// The node it is for.
+        node: NodeId,
     },
 }
 
@@ -361,6 +410,23 @@ pub enum EventKind {
     NodeMaintenanceFailed,
     /// A node reported what it booted (netboot image, boot id) and how its health checks went.
     NodeBootReport,
+    /// A machine claimed a node's identity and was refused (the node holds a live session, or an
+    /// operator denied the claim).
+    ClaimRefused,
+    /// A machine claims an existing node without proof: the request waits for an operator.
+    EnrolmentPending,
+    /// An operator approved a pending claim.
+    EnrolmentApproved,
+    /// An operator denied a pending claim.
+    EnrolmentDenied,
+    /// An operator armed a one-time re-enrolment of a node.
+    ReenrolArmed,
+    /// An operator revoked a node certificate by its serial.
+    CertificateRevoked,
+    /// A connection presented a node certificate that is not accepted (wrong key, revoked serial).
+    CertificateRefused,
+    /// A node rotated to a new key.
+    KeyRotated,
 }
 
 /// One entry of the fleet's event log.
@@ -390,6 +456,12 @@ pub struct EnrolParams<'a> {
     pub hostname: &'a str,
     /// The controller's clock.
     pub now: UnixMillis,
+    /// SHA-256 of the SubjectPublicKeyInfo in the request's CSR: the key the node will be bound to.
+    pub key: &'a KeyHash,
+    /// Where the request came from, for the operator.
+    pub remote: &'a str,
+    /// Whether a node holds a live control session now (asked inside the transaction).
+    pub is_live: &'a dyn Fn(&NodeId) -> bool,
 }
 
 impl fmt::Debug for EnrolParams<'_> {
@@ -400,7 +472,9 @@ impl fmt::Debug for EnrolParams<'_> {
             .field("hardware_id", &self.hardware_id)
             .field("hostname", &self.hostname)
             .field("now", &self.now)
-            .finish()
+            .field("key", &hex::encode(self.key))
+            .field("remote", &self.remote)
+            .finish_non_exhaustive()
     }
 }
 
@@ -411,6 +485,24 @@ pub struct Enrolment {
     pub node: NodeRecord,
     /// Whether the node was created (false: a known machine kept its record).
     pub new: bool,
+    /// How a re-enrolment onto an existing record was proven.
+    pub proof: Option<Proof>,
+    /// A repeat of an enrolment already made with the same token and key: nothing was written.
+    pub replay: bool,
+}
+
+/// What the enrolment transaction decided (refusals that carry an event still commit).
+enum TxOutcome {
+    Enrolled(Box<Enrolment>, Option<u64>),
+    Refused(EnrolRefusal, Option<u64>),
+}
+
+/// Key of `token_uses`: token id, 0, key hash.
+fn token_use_key(token_id: &str, key: &KeyHash) -> Vec<u8> {
+    let mut k = token_id.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(key);
+    k
 }
 
 /// The controller's database. Cloning is cheap; clones share one database.
@@ -424,6 +516,12 @@ pub(crate) struct Inner {
     meta: sled::Tree,
     tokens: sled::Tree,
     token_bindings: sled::Tree,
+    token_uses: sled::Tree,
+    identities: sled::Tree,
+    reenrol_grants: sled::Tree,
+    pending_enrolments: sled::Tree,
+    certs: sled::Tree,
+    revoked_certs: sled::Tree,
     pub(crate) nodes: sled::Tree,
     hwid: sled::Tree,
     removed_nodes: sled::Tree,
@@ -502,7 +600,7 @@ fn hashes_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
 }
 
 /// RFC 3339 UTC text of a timestamp, to the second.
-fn rfc3339(t: UnixMillis) -> String {
+pub(crate) fn rfc3339(t: UnixMillis) -> String {
     match SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(t.0)) {
         Some(st) => humantime::format_rfc3339_seconds(st).to_string(),
         None => format!("{} ms after the Unix epoch", t.0),
@@ -597,6 +695,12 @@ impl Store {
                 meta: db.open_tree(META)?,
                 tokens: db.open_tree(TOKENS)?,
                 token_bindings: db.open_tree(TOKEN_BINDINGS)?,
+                token_uses: db.open_tree(TOKEN_USES)?,
+                identities: db.open_tree(IDENTITIES)?,
+                reenrol_grants: db.open_tree(REENROL_GRANTS)?,
+                pending_enrolments: db.open_tree(PENDING_ENROLMENTS)?,
+                certs: db.open_tree(CERTS)?,
+                revoked_certs: db.open_tree(REVOKED_CERTS)?,
                 nodes: db.open_tree(NODES)?,
                 hwid: db.open_tree(HWID)?,
                 removed_nodes: db.open_tree(REMOVED_NODES)?,
@@ -802,18 +906,24 @@ impl Store {
         }
     }
 
-    /// Validates the token (constant-time compare of sha256(secret) with secret_sha256), refuses removed
-    /// hardware whose removal is newer than the token's created_at, counts one use, and creates the node
-    /// or — when the hardware id is already known — keeps its record (same id, enrolled_at kept;
-    /// hostname updated; labels merged from the token, the token's winning), and appends an
-    /// Enrolled/Reenrolled event: all in ONE transaction; flushes before returning. New node ids: "n" +
-    /// 10 random lowercase hex chars. A machine admitted again after its removal gets a new node id; its
-    /// old id stays removed.
+    /// Enrols a machine, as [`enrolment::decide`] rules, in ONE transaction over the token, its uses,
+    /// the node and its key binding, the hardware-id index, removals, grants, pending requests and the
+    /// event log; flushes before returning. The secret is compared in constant time first. A created
+    /// node gets the id "n" + 10 random hex digits; a re-enrolled one keeps its record (id and
+    /// `enrolled_at`; hostname updated; labels merged from the token, the token's winning) and is bound
+    /// to the new key. A replay (same token, same key) spends nothing and writes nothing. Refusals that
+    /// the operator must hear of (a claim of a live node, a pending request) are written with their
+    /// event before the refusal is returned.
     pub fn enrol(&self, p: &EnrolParams) -> Result<Enrolment, EnrolError> {
         self.check_space()?;
         let secret_sha256: [u8; 32] = Sha256::digest(p.secret.as_bytes()).into();
         let hw_key = p.hardware_id.to_string();
         let nodes_guard = self.lock_nodes();
+        // Read under the node lock, which every writer of pending requests holds: the caps need a scan,
+        // which a sled transaction cannot do.
+        let pending_all = self.pending_enrolments()?;
+        let use_key = token_use_key(p.token_id, p.key);
+        let binding = self.token_binding(p.token_id)?;
         let trees = (
             &self.inner.tokens,
             &self.inner.nodes,
@@ -821,57 +931,131 @@ impl Store {
             &self.inner.removed_nodes,
             &self.inner.removed_hw,
             &self.inner.events,
+            &self.inner.identities,
+            &self.inner.token_uses,
+            &self.inner.reenrol_grants,
+            &self.inner.pending_enrolments,
         );
-        let (enrolment, seq) =
-            finish(trees.transaction(|(tokens, nodes, hwid, removed_nodes, removed_hw, events)| {
-                let refuse = |r: EnrolRefusal| ConflictableTransactionError::Abort(EnrolError::Refused(r));
+        let outcome = finish(trees.transaction(
+            |(tokens, nodes, hwid, removed_nodes, removed_hw, events, identities, token_uses, grants, pendings)| {
                 let Some(bytes) = tokens.get(p.token_id.as_bytes())? else {
-                    return Err(refuse(EnrolRefusal::TokenUnknown));
+                    return Ok(TxOutcome::Refused(EnrolRefusal::TokenUnknown, None));
                 };
                 let mut token: TokenRecord = decode(TOKENS, p.token_id.as_bytes(), &bytes).map_err(abort)?;
                 if !hashes_equal(&token.secret_sha256, &secret_sha256) {
-                    return Err(refuse(EnrolRefusal::TokenUnknown));
+                    return Ok(TxOutcome::Refused(EnrolRefusal::TokenUnknown, None));
                 }
-                match token.state(p.now) {
-                    TokenState::Valid => {}
-                    TokenState::Revoked => return Err(refuse(EnrolRefusal::TokenRevoked { id: token.id.clone() })),
-                    TokenState::Expired => {
-                        let at = token.expires_at.map(rfc3339).unwrap_or_default();
-                        return Err(refuse(EnrolRefusal::TokenExpired { id: token.id.clone(), at }));
-                    }
-                    TokenState::UsedUp => {
-                        return Err(refuse(EnrolRefusal::TokenUsedUp { id: token.id.clone(), uses: token.uses }))
-                    }
-                }
-                if let Some(bytes) = removed_hw.get(hw_key.as_bytes())? {
-                    let removed: UnixMillis = decode(REMOVED_HW, hw_key.as_bytes(), &bytes).map_err(abort)?;
-                    if removed >= token.created_at {
-                        return Err(refuse(EnrolRefusal::NodeRemoved { hardware_id: hw_key.clone() }));
-                    }
-                    // Admitted by a token created after the removal: the removal no longer applies to the machine.
-                    removed_hw.remove(hw_key.as_bytes())?;
-                }
-                token.uses = token.uses.saturating_add(1);
-                tokens.insert(p.token_id.as_bytes(), encode("token", &token).map_err(abort)?)?;
-
-                let existing = match hwid.get(hw_key.as_bytes())? {
+                let prior_use: Option<TokenUse> = match token_uses.get(&use_key)? {
+                    Some(b) => Some(decode(TOKEN_USES, &use_key, &b).map_err(abort)?),
+                    None => None,
+                };
+                let removed_hw_at: Option<UnixMillis> = match removed_hw.get(hw_key.as_bytes())? {
+                    Some(b) => Some(decode(REMOVED_HW, hw_key.as_bytes(), &b).map_err(abort)?),
+                    None => None,
+                };
+                let record = match hwid.get(hw_key.as_bytes())? {
                     Some(id_bytes) => match nodes.get(&id_bytes)? {
                         Some(bytes) => Some(decode::<NodeRecord>(NODES, &id_bytes, &bytes).map_err(abort)?),
                         None => None, // a dangling index entry: treat the machine as new
                     },
                     None => None,
                 };
-                let (node, new) = match existing {
-                    Some(mut node) => {
-                        node.hostname = p.hostname.to_owned();
-                        node.hardware_id = p.hardware_id.clone();
-                        node.last_seen = Some(p.now);
-                        for (k, v) in &token.labels {
-                            node.labels.insert(k.clone(), v.clone());
-                        }
-                        (node, false)
+                let identity: Option<IdentityRecord> = match &record {
+                    Some(n) => match identities.get(n.id.0.as_bytes())? {
+                        Some(b) => Some(decode(IDENTITIES, n.id.0.as_bytes(), &b).map_err(abort)?),
+                        None => None,
+                    },
+                    None => None,
+                };
+                let grant: Option<ReenrolGrant> = match &record {
+                    Some(n) => match grants.get(n.id.0.as_bytes())? {
+                        Some(b) => Some(decode(REENROL_GRANTS, n.id.0.as_bytes(), &b).map_err(abort)?),
+                        None => None,
+                    },
+                    None => None,
+                };
+                let pending = record.as_ref().and_then(|n| {
+                    let id = enrolment::pending_id(&n.id, p.key);
+                    pending_all.iter().find(|q| q.id == id).cloned()
+                });
+                let existing = record.as_ref().map(|n| Existing {
+                    node: n,
+                    identity: identity.as_ref(),
+                    live: (p.is_live)(&n.id),
+                    grant: grant.as_ref(),
+                    pending: pending.as_ref(),
+                });
+                let decision = enrolment::decide(&Claim {
+                    now: p.now,
+                    key: p.key,
+                    hardware_id: p.hardware_id,
+                    token: &token,
+                    binding: binding.as_ref(),
+                    prior_use: prior_use.as_ref(),
+                    removed_hw_at,
+                    existing,
+                });
+                let (node, new, proof) = match decision {
+                    Decision::Replay(_) => {
+                        let node = record.clone().ok_or_else(|| abort(StoreError::Db("replayed node vanished".into())))?;
+                        return Ok(TxOutcome::Enrolled(Box::new(Enrolment { node, new: false, proof: None, replay: true }), None));
                     }
-                    None => {
+                    Decision::Refuse(r) => {
+                        // A claim of a live node is an attack or a clash the operator must hear of.
+                        let seq = match &r {
+                            EnrolRefusal::IdentityInUse { node } | EnrolRefusal::ClaimDenied { node } => {
+                                let message = format!(
+                                    "{} ({hw_key}) from {} claimed this node's identity with join token {} and was refused: {r}",
+                                    p.hostname, p.remote, token.id
+                                );
+                                Some(self.tx_event::<EnrolError>(events, EventKind::ClaimRefused, Some(node), &message, p.now)?.seq)
+                            }
+                            _ => None,
+                        };
+                        return Ok(TxOutcome::Refused(r, seq));
+                    }
+                    Decision::Pending => {
+                        let Some(n) = &record else { return Err(abort(StoreError::Db("pending without a record".into()))) };
+                        let id = enrolment::pending_id(&n.id, p.key);
+                        let mut request = match pending {
+                            Some(q) => q,
+                            None => {
+                                let for_node = pending_all.iter().filter(|q| q.node == n.id).count();
+                                if pending_all.len() >= enrolment::MAX_PENDING || for_node >= enrolment::MAX_PENDING_PER_NODE {
+                                    return Ok(TxOutcome::Refused(EnrolRefusal::TooManyPending { pending: pending_all.len() }, None));
+                                }
+                                PendingEnrolment {
+                                    id: id.clone(),
+                                    node: n.id.clone(),
+                                    key: *p.key,
+                                    hardware_id: p.hardware_id.clone(),
+                                    hostname: p.hostname.to_owned(),
+                                    token_id: token.id.clone(),
+                                    remote: p.remote.to_owned(),
+                                    first_seen: p.now,
+                                    last_seen: p.now,
+                                    attempts: 0,
+                                    state: PendingState::Waiting,
+                                }
+                            }
+                        };
+                        let first = request.attempts == 0;
+                        request.attempts = request.attempts.saturating_add(1);
+                        request.last_seen = p.now;
+                        request.remote = p.remote.to_owned();
+                        pendings.insert(id.as_bytes(), encode("pending enrolment", &request).map_err(abort)?)?;
+                        let seq = if first {
+                            let message = format!(
+                                "{} ({hw_key}) from {} claims this node with join token {} and a new key: pending request {id} waits for `shoalctl nodes approve {id}`",
+                                p.hostname, p.remote, token.id
+                            );
+                            Some(self.tx_event::<EnrolError>(events, EventKind::EnrolmentPending, Some(&n.id), &message, p.now)?.seq)
+                        } else {
+                            None
+                        };
+                        return Ok(TxOutcome::Refused(EnrolRefusal::AwaitingApproval { node: n.id.clone(), request: id }, seq));
+                    }
+                    Decision::Create => {
                         let mut id = new_node_id();
                         let mut attempts = 0;
                         while nodes.get(id.0.as_bytes())?.is_some() || removed_nodes.get(id.0.as_bytes())?.is_some() {
@@ -894,21 +1078,66 @@ impl Store {
                             inventory_at: None,
                             health: None,
                         };
-                        (node, true)
+                        (node, true, None)
+                    }
+                    Decision::Reenrol(proof) => {
+                        let Some(mut node) = record.clone() else {
+                            return Err(abort(StoreError::Db("re-enrolment without a record".into())));
+                        };
+                        node.hostname = p.hostname.to_owned();
+                        node.hardware_id = p.hardware_id.clone();
+                        node.last_seen = Some(p.now);
+                        for (k, v) in &token.labels {
+                            node.labels.insert(k.clone(), v.clone());
+                        }
+                        match proof {
+                            Proof::OperatorGrant => {
+                                grants.remove(node.id.0.as_bytes())?;
+                            }
+                            Proof::Approved => {
+                                pendings.remove(enrolment::pending_id(&node.id, p.key).as_bytes())?;
+                            }
+                            _ => {}
+                        }
+                        (node, false, Some(proof))
                     }
                 };
+                if removed_hw_at.is_some() {
+                    // Admitted by a token created after the removal: the removal no longer applies to the machine.
+                    removed_hw.remove(hw_key.as_bytes())?;
+                }
+                token.uses = token.uses.saturating_add(1);
+                tokens.insert(p.token_id.as_bytes(), encode("token", &token).map_err(abort)?)?;
+                token_uses.insert(use_key.as_slice(), encode("token use", &TokenUse { node: node.id.clone(), at: p.now }).map_err(abort)?)?;
                 nodes.insert(node.id.0.as_bytes(), encode("node", &node).map_err(abort)?)?;
                 hwid.insert(hw_key.as_bytes(), node.id.0.as_bytes())?;
-                let (kind, verb) =
-                    if new { (EventKind::Enrolled, "enrolled") } else { (EventKind::Reenrolled, "re-enrolled") };
-                let message = format!("{} ({hw_key}) {verb} with join token {}", p.hostname, token.id);
+                identities.insert(node.id.0.as_bytes(), encode("identity", &IdentityRecord::new(*p.key, p.now)).map_err(abort)?)?;
+                let message = match proof {
+                    None => format!("{} ({hw_key}) enrolled with join token {}", p.hostname, token.id),
+                    Some(proof) => format!("{} ({hw_key}) re-enrolled {} with join token {}", p.hostname, proof.describe(), token.id),
+                };
+                let kind = if new { EventKind::Enrolled } else { EventKind::Reenrolled };
                 let event = self.tx_event::<EnrolError>(events, kind, Some(&node.id), &message, p.now)?;
                 tokens.flush();
-                Ok((Enrolment { node, new }, event.seq))
-            }))?;
+                Ok(TxOutcome::Enrolled(Box::new(Enrolment { node, new, proof, replay: false }), Some(event.seq)))
+            },
+        ))?;
         drop(nodes_guard);
-        self.after_event(seq)?;
-        Ok(enrolment)
+        match outcome {
+            TxOutcome::Enrolled(enrolment, seq) => {
+                if let Some(seq) = seq {
+                    self.after_event(seq)?;
+                }
+                Ok(*enrolment)
+            }
+            TxOutcome::Refused(r, seq) => {
+                if let Some(seq) = seq {
+                    self.flush()?;
+                    self.after_event(seq)?;
+                }
+                Err(EnrolError::Refused(r))
+            }
+        }
     }
 
     /// One node's record.
@@ -967,12 +1196,16 @@ impl Store {
             &self.inner.removed_nodes,
             &self.inner.removed_hw,
             &self.inner.events,
+            &self.inner.identities,
+            &self.inner.reenrol_grants,
         );
-        let result = finish(trees.transaction(|(nodes, hwid, removed_nodes, removed_hw, events)| {
+        let result = finish(trees.transaction(|(nodes, hwid, removed_nodes, removed_hw, events, identities, grants)| {
             let key = id.0.as_bytes();
             let Some(bytes) = nodes.remove(key)? else {
                 return Ok(None);
             };
+            identities.remove(key)?;
+            grants.remove(key)?;
             let node: NodeRecord = decode(NODES, key, &bytes).map_err(abort)?;
             let hw_key = node.hardware_id.to_string();
             if hwid.get(hw_key.as_bytes())?.as_deref() == Some(key) {
@@ -1080,7 +1313,10 @@ mod tests {
         hostname: &str,
         now: UnixMillis,
     ) -> Result<Enrolment, EnrolError> {
-        store.enrol(&EnrolParams { token_id, secret, hardware_id, hostname, now })
+        // One key per machine: a machine that enrols again kept its key (the rules for new keys are
+        // tested in `enrolment` and below).
+        let key = shoal_overlay::pki::sha256(hardware_id.value.as_bytes());
+        store.enrol(&EnrolParams { token_id, secret, hardware_id, hostname, now, key: &key, remote: "test", is_live: &|_| false })
     }
 
     fn refusal(result: Result<Enrolment, EnrolError>) -> EnrolRefusal {
@@ -1206,8 +1442,9 @@ mod tests {
         );
         assert_eq!(first.node.enrolled_at, at(1));
 
+        // The same token and the same key again (the first reply was lost): the same node, nothing spent.
         let again = enrol(&store, "t1", "s1", &hw("m"), "old-name", at(2)).unwrap();
-        assert!(!again.new);
+        assert!(!again.new && again.replay);
         assert_eq!(again.node.id, id);
 
         let other_token = enrol(&store, "t2", "s2", &hw("m"), "new-name", at(3)).unwrap();
@@ -1224,7 +1461,7 @@ mod tests {
         assert_eq!(nodes.len(), 1, "no duplicate node");
         assert_eq!(nodes[0], other_token.node);
         let uses: Vec<u32> = store.tokens().unwrap().iter().map(|t| t.uses).collect();
-        assert_eq!(uses, [2, 1]);
+        assert_eq!(uses, [1, 1], "the replay spent no use");
 
         let second = enrol(&store, "t2", "s2", &hw("other"), "b-host", at(4)).unwrap();
         assert!(second.new);
@@ -1236,7 +1473,6 @@ mod tests {
             enrol_events,
             [
                 (EventKind::Enrolled, Some(id.clone())),
-                (EventKind::Reenrolled, Some(id.clone())),
                 (EventKind::Reenrolled, Some(id)),
                 (EventKind::Enrolled, Some(second.node.id.clone())),
             ]

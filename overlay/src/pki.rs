@@ -103,6 +103,34 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
     })
 }
 
+/// The SubjectPublicKeyInfo (DER) of the key a certificate signing request holds. Parsing checks the
+/// request's own signature, so the requester holds that key.
+pub fn csr_spki(csr_der: &[u8]) -> Result<Vec<u8>, PkiError> {
+    use rcgen::PublicKeyData;
+    let params = rcgen::CertificateSigningRequestParams::from_der(&csr_der.into())?;
+    Ok(params.public_key.subject_public_key_info())
+}
+
+/// The SubjectPublicKeyInfo (DER) of a certificate's key; its SHA-256 is [`CertInfo::key_sha256`].
+pub fn cert_spki(cert_der: &[u8]) -> Result<Vec<u8>, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(|e| PkiError::Certificate(e.to_string()))?;
+    Ok(cert.public_key().raw.to_vec())
+}
+
+/// The old key's signature over a key rotation to `new_spki` ([`shoal_proto::rotation_message`]).
+pub fn sign_rotation(old: &KeyPair, node: &NodeId, new_spki: &[u8]) -> Result<Vec<u8>, PkiError> {
+    use rcgen::SigningKey;
+    Ok(old.sign(&shoal_proto::rotation_message(node, new_spki))?)
+}
+
+/// Whether `signature` is the key in `old_spki` (ECDSA P-256) signing a rotation of `node` to `new_spki`.
+pub fn verify_rotation(old_spki: &[u8], node: &NodeId, new_spki: &[u8], signature: &[u8]) -> bool {
+    use x509_parser::prelude::FromDer;
+    let Ok((_, spki)) = x509_parser::x509::SubjectPublicKeyInfo::from_der(old_spki) else { return false };
+    let key = ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, spki.subject_public_key.data.as_ref());
+    key.verify(&shoal_proto::rotation_message(node, new_spki), signature).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +146,33 @@ mod tests {
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
         assert!(rcgen::CertificateSigningRequestParams::from_der(&tampered.as_slice().into()).is_err());
+        assert!(csr_spki(&tampered).is_err(), "a request whose signature fails proves no key");
+    }
+
+    #[test]
+    fn the_requested_key_is_the_certified_key_and_rotations_verify_only_with_the_old_key() {
+        let old = generate_key().unwrap();
+        let new = generate_key().unwrap();
+        let csr = make_csr(&old).unwrap();
+        let spki = csr_spki(&csr).unwrap();
+        // A certificate for that request carries the same SubjectPublicKeyInfo bytes.
+        let issuer_key = generate_key().unwrap();
+        let issuer = rcgen::CertificateParams::new(vec!["ca".to_string()]).unwrap().self_signed(&issuer_key).unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_der(issuer.der(), issuer_key).unwrap();
+        let parsed = rcgen::CertificateSigningRequestParams::from_der(&csr.as_slice().into()).unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, "n1");
+        let cert = params.signed_by(&parsed.public_key, &issuer).unwrap();
+        assert_eq!(cert_spki(cert.der()).unwrap(), spki);
+        assert_eq!(cert_info(cert.der()).unwrap().key_sha256, sha256(&spki));
+
+        let node = NodeId("n1".into());
+        let new_spki = csr_spki(&make_csr(&new).unwrap()).unwrap();
+        let sig = sign_rotation(&old, &node, &new_spki).unwrap();
+        assert!(verify_rotation(&spki, &node, &new_spki, &sig));
+        assert!(!verify_rotation(&new_spki, &node, &new_spki, &sig), "only the old key's signature counts");
+        assert!(!verify_rotation(&spki, &NodeId("n2".into()), &new_spki, &sig), "bound to the node");
+        let self_signed = sign_rotation(&new, &node, &new_spki).unwrap();
+        assert!(!verify_rotation(&spki, &node, &new_spki, &self_signed), "the new key cannot vouch for itself");
     }
 }

@@ -1,5 +1,7 @@
 //! `shoalctl`: the operator's command line for the controller's admin API.
 
+#[path = "shoalctl/identity.rs"]
+mod identity;
 #[path = "shoalctl/maint.rs"]
 mod maint;
 #[path = "shoalctl/netboot.rs"]
@@ -48,6 +50,9 @@ enum Command {
     /// Nodes in the fleet.
     #[command(subcommand)]
     Nodes(NodesCmd),
+    /// Node certificates: list a node's, revoke one by serial.
+    #[command(subcommand)]
+    Certs(identity::CertsCmd),
     /// Overlay networks and their members.
     #[command(subcommand)]
     Network(NetworkCmd),
@@ -289,6 +294,36 @@ enum NodesCmd {
         /// Image version.
         version: String,
     },
+    /// Machines that claim an existing node without proof, waiting for an operator.
+    Pending {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Approve a pending claim: the machine's next attempt (same key) re-enrols onto the node.
+    Approve {
+        /// Request id, from `nodes pending`.
+        id: String,
+    },
+    /// Deny a pending claim: attempts with that key are refused from now on.
+    Deny {
+        /// Request id, from `nodes pending`.
+        id: String,
+    },
+    /// Arm a one-time re-enrolment: the next machine that claims the node with a valid join token gets
+    /// it (a diskless node that lost its key, a reinstalled machine). Refused while the node is connected.
+    Reenrol {
+        /// Node id.
+        id: String,
+        /// How long it stays armed (default 1h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Make the node rotate to a new key (now if connected, else on its next session).
+    RotateKey {
+        /// Node id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -484,6 +519,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Nodes(NodesCmd::SetImage { id, version }) => netboot::set_image(&client, &id, &version)?,
+        Command::Nodes(NodesCmd::Pending { output }) => identity::pending(&client, output)?,
+        Command::Nodes(NodesCmd::Approve { id }) => identity::decide(&client, &id, true)?,
+        Command::Nodes(NodesCmd::Deny { id }) => identity::decide(&client, &id, false)?,
+        Command::Nodes(NodesCmd::Reenrol { id, ttl }) => identity::reenrol(&client, &id, ttl)?,
+        Command::Nodes(NodesCmd::RotateKey { id }) => identity::rotate_key(&client, &id)?,
+        Command::Certs(cmd) => identity::certs(&client, cmd)?,
         Command::Image(cmd) => netboot::image(&client, cmd)?,
         Command::Release(cmd) => release::release(&client, cmd)?,
         Command::Machines(cmd) => netboot::machines(&client, cmd)?,
@@ -763,6 +804,7 @@ fn show_node(n: &NodeView) {
     println!("status:        {}{}", n.status, if n.connected { " (connected)" } else { "" });
     println!("last seen:     {}", n.last_seen.as_deref().unwrap_or("never"));
     println!("agent:         {}", n.agent_version);
+    println!("key:           {}", n.key.as_deref().unwrap_or("not bound yet"));
     if let Some(b) = &n.boot {
         let checks: Vec<String> = b
             .checks

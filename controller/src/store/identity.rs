@@ -1,0 +1,403 @@
+//! The store's side of node identity: key bindings, issued certificates and their revocation,
+//! one-time re-enrolments, pending claims, and pruning what has lapsed. The rules are in
+//! [`crate::enrolment`]; this module only reads and writes.
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `identities` | node id | [`IdentityRecord`] |
+//! | `certs` | serial (hex) | [`CertRecord`] |
+//! | `revoked_certs` | serial (hex) | [`RevokedCert`] |
+//! | `token_uses` | token id, 0, key hash | [`TokenUse`] |
+//! | `token_bindings` | token id | [`super::TokenBinding`] |
+//! | `reenrol_grants` | node id | [`ReenrolGrant`] |
+//! | `pending_enrolments` | request id | [`PendingEnrolment`] |
+
+use serde::{Deserialize, Serialize};
+use shoal_proto::{NodeId, UnixMillis};
+use sled::Transactional;
+
+use super::{
+    abort, decode, encode, finish, EventKind, Store, StoreError, TokenRecord, TokenState, CERTS, IDENTITIES,
+    PENDING_ENROLMENTS, REENROL_GRANTS, REVOKED_CERTS, TOKENS, TOKEN_USES,
+};
+use crate::enrolment::{
+    check_certificate, CertVerdict, IdentityRecord, KeyHash, PendingEnrolment, PendingState, Presented, ReenrolGrant,
+    TokenUse, PENDING_TTL_MS,
+};
+
+/// A certificate the CA issued (tree `certs`), kept until it expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRecord {
+    /// The node it names.
+    pub node: NodeId,
+    /// The key it certifies.
+    pub key: KeyHash,
+    /// When it was issued.
+    pub issued_at: UnixMillis,
+    /// When it expires.
+    pub not_after: UnixMillis,
+}
+
+/// A revoked certificate (tree `revoked_certs`), kept until the certificate would have expired.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedCert {
+    /// The node it names.
+    pub node: NodeId,
+    /// When it was revoked.
+    pub revoked_at: UnixMillis,
+    /// When it expires (after which TLS refuses it anyway).
+    pub not_after: UnixMillis,
+    /// The operator's reason.
+    pub reason: String,
+}
+
+/// A lapsed per-boot token is kept this long (replays of a lost reply), a general one a day (the operator
+/// sees it in `token list`).
+const BOUND_TOKEN_RETENTION_MS: u64 = 10 * 60 * 1000;
+const TOKEN_RETENTION_MS: u64 = 24 * 3600 * 1000;
+
+/// What [`Store::prune`] deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    /// Tokens (with their uses and bindings).
+    pub tokens: usize,
+    /// Pending requests that lapsed.
+    pub pending: usize,
+    /// Re-enrolment grants that lapsed.
+    pub grants: usize,
+    /// Expired certificate and revocation records.
+    pub certs: usize,
+}
+
+/// Normalised serial text: lower-case hex without separators.
+pub fn normal_serial(serial: &str) -> String {
+    serial.chars().filter(|c| c.is_ascii_hexdigit()).map(|c| c.to_ascii_lowercase()).collect()
+}
+
+impl Store {
+    /// The key a node is bound to.
+    pub fn identity(&self, node: &NodeId) -> Result<Option<IdentityRecord>, StoreError> {
+        match self.inner.identities.get(node.0.as_bytes())? {
+            Some(b) => Ok(Some(decode(IDENTITIES, node.0.as_bytes(), &b)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether a serial was revoked.
+    pub fn cert_revoked(&self, serial: &str) -> Result<bool, StoreError> {
+        Ok(self.inner.revoked_certs.contains_key(normal_serial(serial).as_bytes())?)
+    }
+
+    /// Checks a connection's certificate ([`check_certificate`]) and writes what the verdict changes:
+    /// a promoted rotation, or the first binding of a record from before keys were bound. A refusal is
+    /// logged as an event. The node lock serialises this with enrolment.
+    pub fn check_connection(
+        &self,
+        node: &NodeId,
+        key: &KeyHash,
+        serial: &str,
+        not_after: UnixMillis,
+        now: UnixMillis,
+        remote: &str,
+    ) -> Result<CertVerdict, StoreError> {
+        let _guard = self.lock_nodes();
+        let exists = self.inner.nodes.contains_key(node.0.as_bytes())?;
+        let identity = self.identity(node)?;
+        let serial = normal_serial(serial);
+        let serial_revoked = self.inner.revoked_certs.contains_key(serial.as_bytes())?;
+        let verdict = check_certificate(exists, identity.as_ref(), Presented { key, serial_revoked }, now);
+        match &verdict {
+            CertVerdict::Accept { identity: bound, changed } => {
+                if *changed {
+                    self.check_space()?;
+                    self.inner.identities.insert(node.0.as_bytes(), encode("identity", bound)?)?;
+                    match identity {
+                        Some(old) if old.key != bound.key => {
+                            let message = format!("connected with its rotated key {}", short_key(&bound.key));
+                            self.append_event(EventKind::KeyRotated, Some(node), &message, now)?;
+                        }
+                        _ => {}
+                    }
+                }
+                // Certificates issued before serials were recorded are learnt on first sight.
+                if !self.inner.certs.contains_key(serial.as_bytes())? {
+                    self.check_space()?;
+                    let rec = CertRecord { node: node.clone(), key: *key, issued_at: now, not_after };
+                    self.inner.certs.insert(serial.as_bytes(), encode("cert", &rec)?)?;
+                }
+            }
+            CertVerdict::WrongKey | CertVerdict::Revoked => {
+                let why = if matches!(verdict, CertVerdict::Revoked) {
+                    format!("its serial {serial} was revoked")
+                } else {
+                    format!("its key {} is not the node's", short_key(key))
+                };
+                let message = format!("a connection from {remote} presented a certificate of this node and was refused: {why}");
+                self.append_event(EventKind::CertificateRefused, Some(node), &message, now)?;
+            }
+            CertVerdict::Removed => {}
+        }
+        Ok(verdict)
+    }
+
+    /// Records a certificate the CA just issued; on disk when this returns, before it is sent.
+    pub fn record_cert(&self, serial: &str, rec: &CertRecord) -> Result<(), StoreError> {
+        self.check_space()?;
+        self.inner.certs.insert(normal_serial(serial).as_bytes(), encode("cert", rec)?)?;
+        self.flush()
+    }
+
+    /// A node's unexpired certificates, newest first, each with its revocation if any.
+    pub fn certs_of(&self, node: &NodeId) -> Result<Vec<(String, CertRecord, Option<RevokedCert>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.certs.iter() {
+            let (k, v) = item?;
+            let rec: CertRecord = decode(CERTS, &k, &v)?;
+            if rec.node != *node {
+                continue;
+            }
+            let revoked = match self.inner.revoked_certs.get(&k)? {
+                Some(b) => Some(decode::<RevokedCert>(REVOKED_CERTS, &k, &b)?),
+                None => None,
+            };
+            out.push((String::from_utf8_lossy(&k).into_owned(), rec, revoked));
+        }
+        out.sort_by_key(|c| std::cmp::Reverse(c.1.issued_at));
+        Ok(out)
+    }
+
+    /// Revokes a certificate by serial, with an event, in one transaction. When the certificate holds the
+    /// node's current key, the node must also rotate to a new key (a copy of that key may be out there).
+    /// `None` when no unexpired certificate has this serial. Revoking twice changes nothing.
+    pub fn revoke_cert(&self, serial: &str, reason: &str, now: UnixMillis) -> Result<Option<(CertRecord, bool)>, StoreError> {
+        self.check_space()?;
+        let serial = normal_serial(serial);
+        let _guard = self.lock_nodes();
+        let Some(bytes) = self.inner.certs.get(serial.as_bytes())? else { return Ok(None) };
+        let rec: CertRecord = decode(CERTS, serial.as_bytes(), &bytes)?;
+        let trees = (&self.inner.revoked_certs, &self.inner.identities, &self.inner.events);
+        let result = finish(trees.transaction(|(revoked, identities, events)| {
+            if revoked.get(serial.as_bytes())?.is_some() {
+                return Ok((false, None));
+            }
+            let entry = RevokedCert { node: rec.node.clone(), revoked_at: now, not_after: rec.not_after, reason: reason.to_owned() };
+            revoked.insert(serial.as_bytes(), encode("revoked cert", &entry).map_err(abort)?)?;
+            let mut current = false;
+            if let Some(b) = identities.get(rec.node.0.as_bytes())? {
+                let mut identity: IdentityRecord = decode(IDENTITIES, rec.node.0.as_bytes(), &b).map_err(abort)?;
+                if identity.accepts(&rec.key) {
+                    current = true;
+                    identity.must_rotate = true;
+                    identity.next_key = identity.next_key.filter(|k| *k != rec.key);
+                    identities.insert(rec.node.0.as_bytes(), encode("identity", &identity).map_err(abort)?)?;
+                }
+            }
+            let mut message = format!("certificate {serial} revoked: {reason}");
+            if current {
+                message.push_str("; it holds the node's current key, so the node must rotate to a new one");
+            }
+            let event = self.tx_event::<StoreError>(events, EventKind::CertificateRevoked, Some(&rec.node), &message, now)?;
+            revoked.flush();
+            Ok((current, Some(event.seq)))
+        }))?;
+        if let (_, Some(seq)) = result {
+            self.after_event(seq)?;
+        }
+        Ok(Some((rec, result.0)))
+    }
+
+    /// Marks a node as having to rotate its key on its next session (`shoalctl nodes rotate-key`).
+    pub fn require_rotation(&self, node: &NodeId, now: UnixMillis) -> Result<bool, StoreError> {
+        let _guard = self.lock_nodes();
+        let Some(mut identity) = self.identity(node)? else { return Ok(false) };
+        self.check_space()?;
+        identity.must_rotate = true;
+        self.inner.identities.insert(node.0.as_bytes(), encode("identity", &identity)?)?;
+        self.flush()?;
+        self.append_event(EventKind::KeyRotated, Some(node), "an operator asked the node to rotate its key", now)?;
+        Ok(true)
+    }
+
+    /// A key rotation the old key signed: `new_key` becomes the node's next key (both are accepted until
+    /// the node connects with the new one) and the rotation demand is met. Idempotent for the same key.
+    pub fn begin_rotation(&self, node: &NodeId, new_key: &KeyHash, now: UnixMillis) -> Result<(), StoreError> {
+        let _guard = self.lock_nodes();
+        let Some(mut identity) = self.identity(node)? else {
+            return Err(StoreError::Db(format!("node {node} has no key binding")));
+        };
+        if identity.next_key == Some(*new_key) && !identity.must_rotate {
+            return Ok(());
+        }
+        self.check_space()?;
+        let forced = identity.must_rotate;
+        identity.next_key = Some(*new_key);
+        identity.must_rotate = false;
+        self.inner.identities.insert(node.0.as_bytes(), encode("identity", &identity)?)?;
+        self.flush()?;
+        let message = format!(
+            "rotating from key {} to {}{}",
+            short_key(&identity.key),
+            short_key(new_key),
+            if forced { " (a certificate of its old key was revoked, or an operator asked)" } else { "" }
+        );
+        self.append_event(EventKind::KeyRotated, Some(node), &message, now)?;
+        Ok(())
+    }
+
+    /// Arms a one-time re-enrolment of `node` until `expires_at`, with an event. `false` if no such node.
+    pub fn arm_reenrol(&self, node: &NodeId, expires_at: UnixMillis, now: UnixMillis) -> Result<bool, StoreError> {
+        self.check_space()?;
+        let _guard = self.lock_nodes();
+        if !self.inner.nodes.contains_key(node.0.as_bytes())? {
+            return Ok(false);
+        }
+        let grant = ReenrolGrant { armed_at: now, expires_at };
+        let bytes = encode("grant", &grant)?;
+        let message = format!(
+            "one re-enrolment armed until {}: the next machine that claims this node with a valid token gets it (unless the node is connected)",
+            super::rfc3339(expires_at)
+        );
+        let seq = finish((&self.inner.reenrol_grants, &self.inner.events).transaction(|(grants, events)| {
+            grants.insert(node.0.as_bytes(), bytes.as_slice())?;
+            let e = self.tx_event::<StoreError>(events, EventKind::ReenrolArmed, Some(node), &message, now)?;
+            grants.flush();
+            Ok(e.seq)
+        }))?;
+        self.after_event(seq)?;
+        Ok(true)
+    }
+
+    /// Every pending claim, oldest first.
+    pub fn pending_enrolments(&self) -> Result<Vec<PendingEnrolment>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.pending_enrolments.iter() {
+            let (k, v) = item?;
+            out.push(decode::<PendingEnrolment>(PENDING_ENROLMENTS, &k, &v)?);
+        }
+        out.sort_by_key(|p| p.first_seen);
+        Ok(out)
+    }
+
+    /// Approves or denies a pending claim, with an event. `None` if no request has this id.
+    pub fn decide_pending(&self, id: &str, approve: bool, now: UnixMillis) -> Result<Option<PendingEnrolment>, StoreError> {
+        self.check_space()?;
+        let _guard = self.lock_nodes();
+        let Some(b) = self.inner.pending_enrolments.get(id.as_bytes())? else { return Ok(None) };
+        let mut request: PendingEnrolment = decode(PENDING_ENROLMENTS, id.as_bytes(), &b)?;
+        request.state = if approve { PendingState::Approved } else { PendingState::Denied };
+        // A decision keeps the request for its lifetime from now: the machine retries within it.
+        request.last_seen = now;
+        let bytes = encode("pending enrolment", &request)?;
+        let (kind, verb) = if approve { (EventKind::EnrolmentApproved, "approved") } else { (EventKind::EnrolmentDenied, "denied") };
+        let message = format!(
+            "an operator {verb} the claim {id} of {} ({}) from {}, key {}",
+            request.hostname,
+            request.hardware_id,
+            request.remote,
+            short_key(&request.key)
+        );
+        let seq = finish((&self.inner.pending_enrolments, &self.inner.events).transaction(|(pending, events)| {
+            pending.insert(id.as_bytes(), bytes.as_slice())?;
+            let e = self.tx_event::<StoreError>(events, kind, Some(&request.node), &message, now)?;
+            pending.flush();
+            Ok(e.seq)
+        }))?;
+        self.after_event(seq)?;
+        Ok(Some(request))
+    }
+
+    /// Deletes what has lapsed: tokens that stopped working (per-boot ones 10 minutes after, general ones
+    /// a day after) with their uses and bindings, pending requests an hour after their last attempt,
+    /// unused re-enrolment grants, and certificate and revocation records of expired certificates.
+    pub fn prune(&self, now: UnixMillis) -> Result<Pruned, StoreError> {
+        let mut pruned = Pruned::default();
+        let _guard = self.lock_nodes();
+        let mut last_use: std::collections::HashMap<String, UnixMillis> = std::collections::HashMap::new();
+        for item in self.inner.token_uses.iter() {
+            let (k, v) = item?;
+            let Some(end) = k.iter().position(|b| *b == 0) else { continue };
+            let token = String::from_utf8_lossy(&k[..end]).into_owned();
+            let u: TokenUse = decode(TOKEN_USES, &k, &v)?;
+            let e = last_use.entry(token).or_insert(u.at);
+            *e = (*e).max(u.at);
+        }
+        let mut batch_tokens = sled::Batch::default();
+        let mut batch_bindings = sled::Batch::default();
+        let mut batch_uses = sled::Batch::default();
+        for item in self.inner.tokens.iter() {
+            let (k, v) = item?;
+            let rec: TokenRecord = decode(TOKENS, &k, &v)?;
+            let bound = self.inner.token_bindings.contains_key(&k)?;
+            let retention = if bound { BOUND_TOKEN_RETENTION_MS } else { TOKEN_RETENTION_MS };
+            let stopped = match rec.state(now) {
+                TokenState::Valid => None,
+                TokenState::Revoked => rec.revoked_at,
+                TokenState::Expired => rec.expires_at,
+                TokenState::UsedUp => Some(last_use.get(&rec.id).copied().unwrap_or(rec.created_at)),
+            };
+            if stopped.is_some_and(|at| now.0 >= at.0.saturating_add(retention)) {
+                batch_tokens.remove(k.clone());
+                batch_bindings.remove(k.clone());
+                let mut prefix = k.to_vec();
+                prefix.push(0);
+                for u in self.inner.token_uses.scan_prefix(&prefix) {
+                    batch_uses.remove(u?.0);
+                }
+                pruned.tokens += 1;
+            }
+        }
+        // Uses and bindings whose token is gone already (a crash between batches) go too.
+        for item in self.inner.token_bindings.iter() {
+            let (k, _) = item?;
+            if !self.inner.tokens.contains_key(&k)? {
+                batch_bindings.remove(k);
+            }
+        }
+        if pruned.tokens > 0 {
+            self.check_space()?;
+        }
+        self.inner.token_uses.apply_batch(batch_uses)?;
+        self.inner.token_bindings.apply_batch(batch_bindings)?;
+        self.inner.tokens.apply_batch(batch_tokens)?;
+        for p in self.pending_enrolments()? {
+            if now.0 >= p.last_seen.0.saturating_add(PENDING_TTL_MS) {
+                self.inner.pending_enrolments.remove(p.id.as_bytes())?;
+                pruned.pending += 1;
+            }
+        }
+        for item in self.inner.reenrol_grants.iter() {
+            let (k, v) = item?;
+            let g: ReenrolGrant = decode(REENROL_GRANTS, &k, &v)?;
+            if now >= g.expires_at {
+                self.inner.reenrol_grants.remove(k)?;
+                pruned.grants += 1;
+            }
+        }
+        for item in self.inner.certs.iter() {
+            let (k, v) = item?;
+            let c: CertRecord = decode(CERTS, &k, &v)?;
+            if now >= c.not_after {
+                self.inner.certs.remove(&k)?;
+                self.inner.revoked_certs.remove(&k)?;
+                pruned.certs += 1;
+            }
+        }
+        for item in self.inner.revoked_certs.iter() {
+            let (k, v) = item?;
+            let r: RevokedCert = decode(REVOKED_CERTS, &k, &v)?;
+            if now >= r.not_after {
+                self.inner.revoked_certs.remove(&k)?;
+            }
+        }
+        if pruned != Pruned::default() {
+            self.flush()?;
+        }
+        Ok(pruned)
+    }
+}
+
+/// A key hash as operators see it: the first 8 bytes, hex.
+pub fn short_key(key: &KeyHash) -> String {
+    hex::encode(&key[..8])
+}
+
