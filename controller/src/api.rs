@@ -106,6 +106,13 @@ fn not_found(what: &str) -> HttpError {
     HttpError(StatusCode::NOT_FOUND, format!("{what} not found"))
 }
 
+/// How long a client has to send a request head (and how long an idle keep-alive connection lives).
+pub const API_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Most header fields in one request.
+pub const API_MAX_HEADERS: usize = 64;
+/// hyper's read buffer, which bounds a request head (bodies stream through it).
+pub const API_MAX_HEAD_BYTES: usize = 64 * 1024;
+
 /// Starts serving the admin API on `listener`; returns the handle that stops it.
 pub fn serve(controller: Ctl, listener: std::net::TcpListener) -> Result<axum_server::Handle, ServeError> {
     let local = listener.local_addr()?;
@@ -126,8 +133,18 @@ pub fn serve(controller: Ctl, listener: std::net::TcpListener) -> Result<axum_se
     listener.set_nonblocking(true)?;
     let handle = axum_server::Handle::new();
     let app = router(controller);
-    let server = axum_server::from_tcp_rustls(listener, axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls)))
+    let mut server = axum_server::from_tcp_rustls(listener, axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls)))
         .handle(handle.clone());
+    // A client that trickles its request head, or parks an idle keep-alive connection, is cut off
+    // (hyper applies the header timeout to idle keep-alive connections too); TLS handshakes have
+    // axum-server's 10 s limit.
+    server
+        .http_builder()
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(API_HEADER_TIMEOUT)
+        .max_headers(API_MAX_HEADERS)
+        .max_buf_size(API_MAX_HEAD_BYTES);
     tokio::spawn(async move {
         if let Err(e) = server.serve(app.into_make_service()).await {
             warn!(cause = %e, "admin API stopped");
