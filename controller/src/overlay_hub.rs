@@ -204,7 +204,10 @@ pub struct Reach(RwLock<Arc<[NetworkId]>>);
 impl Reach {
     fn set(&self, mut networks: Vec<NetworkId>) {
         networks.sort_unstable();
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = networks.into();
+        let networks: Arc<[NetworkId]> = networks.into();
+        // The write lock is held for a pointer swap only; the old list is freed after it.
+        let old = std::mem::replace(&mut *self.0.write().unwrap_or_else(|p| p.into_inner()), networks);
+        drop(old);
     }
 
     fn get(&self) -> Arc<[NetworkId]> {
