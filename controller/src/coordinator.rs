@@ -6,10 +6,14 @@
 //! picture for the newcomer, never a rebuild of everyone's map. Versions are `epoch << 32 | counter`;
 //! the epoch rises at every controller start, so an agent's cached version from an earlier run never
 //! passes for current.
+//!
+//! What an agent says about itself is bounded here before anyone else hears it: the endpoints of an
+//! `OverlayHello` are kept only if a peer could use them ([`usable_endpoint`]), at most
+//! [`MAX_LOCAL_ENDPOINTS`] of them.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
@@ -45,6 +49,34 @@ impl NodeInfo {
 
 /// A message for one connected agent.
 pub type Delivery = (NodeId, ControllerMsg);
+
+/// The most local endpoints kept from one `OverlayHello` (the observed address comes on top). Peers
+/// attempt every candidate at once, one handshake each, so the list stays short; 16 covers a host
+/// with a LAN address behind a dozen container bridges.
+pub const MAX_LOCAL_ENDPOINTS: usize = 16;
+
+/// Whether a peer could reach an agent at `addr`, which the agent announced while the controller
+/// saw it at `observed`: a unicast address with a port. Refused: port 0; unspecified, multicast
+/// and broadcast addresses; `0.0.0.0/8` and the reserved `240.0.0.0/4` (which also holds the
+/// relay addresses, so no endpoint can pose as one); IPv6 link-local (meaningless without the
+/// agent's scope); loopback unless the agent itself connected over loopback; and any address
+/// inside an overlay subnet (`in_overlay`), since the overlay must never be carried over itself.
+pub fn usable_endpoint(addr: &SocketAddr, observed: &SocketAddr, in_overlay: impl Fn(Ipv4Addr) -> bool) -> bool {
+    if addr.port() == 0 {
+        return false;
+    }
+    let local_agent = observed.ip().to_canonical().is_loopback();
+    match addr.ip().to_canonical() {
+        IpAddr::V4(v4) => {
+            let first = v4.octets()[0];
+            !(first == 0 || first >= 240 || v4.is_multicast() || (v4.is_loopback() && !local_agent) || in_overlay(v4))
+        }
+        IpAddr::V6(v6) => {
+            let link_local = v6.segments()[0] & 0xffc0 == 0xfe80;
+            !(v6.is_unspecified() || v6.is_multicast() || link_local || (v6.is_loopback() && !local_agent))
+        }
+    }
+}
 
 /// See the module docs.
 #[derive(Debug)]
@@ -119,16 +151,17 @@ impl Coordinator {
         hello: &OverlayHello,
         now: UnixMillis,
     ) -> (ControllerMsg, Vec<Delivery>) {
+        let local = self.usable_endpoints(node, observed, &hello.local_endpoints);
         let changed = self.nodes.get_mut(node).is_some_and(|n| {
             let changed = n.observed != Some(observed)
-                || n.local != hello.local_endpoints
+                || n.local != local
                 || n.nat != hello.nat
                 || (key.is_some() && n.key != key);
             if key.is_some() {
                 n.key = key;
             }
             n.observed = Some(observed);
-            n.local = hello.local_endpoints.clone();
+            n.local = local;
             n.nat = hello.nat;
             changed
         });
@@ -146,6 +179,33 @@ impl Coordinator {
         };
         self.subscribed.insert(node.clone(), version);
         (first, updates)
+    }
+
+    /// The endpoints of `announced` peers may be told about: [`usable_endpoint`] ones, without
+    /// duplicates, at most [`MAX_LOCAL_ENDPOINTS`]. What is left out is logged.
+    pub fn usable_endpoints(&self, node: &NodeId, observed: SocketAddr, announced: &[SocketAddr]) -> Vec<SocketAddr> {
+        let in_overlay = |ip: Ipv4Addr| self.networks.values().any(|(rec, _)| rec.subnet().contains(ip));
+        let mut kept: Vec<SocketAddr> = Vec::new();
+        let mut refused = 0usize;
+        for addr in announced {
+            if kept.contains(addr) {
+                continue;
+            }
+            if kept.len() < MAX_LOCAL_ENDPOINTS && usable_endpoint(addr, &observed, in_overlay) {
+                kept.push(*addr);
+            } else {
+                refused += 1;
+            }
+        }
+        if refused > 0 {
+            tracing::debug!(node = %node, refused, kept = kept.len(), "announced endpoints left out");
+        }
+        kept
+    }
+
+    /// The networks `node` is a member of, in id order (empty for an unknown node).
+    pub fn networks_of(&self, node: &NodeId) -> Vec<NetworkId> {
+        self.nodes.get(node).map(|n| n.networks.keys().copied().collect()).unwrap_or_default()
     }
 
     /// The agent's connection ended.
@@ -504,5 +564,56 @@ mod tests {
         let map = c.netmap(&n("b"), UnixMillis(0));
         assert_eq!(map.networks[0].address, std::net::Ipv4Addr::new(10, 90, 0, 2));
         assert_eq!(map.peers[0].key_sha256, [1; 32]);
+    }
+
+    #[test]
+    fn only_usable_endpoints_are_kept_and_at_most_the_cap() {
+        let remote: SocketAddr = "198.51.100.7:7000".parse().unwrap();
+        let no_overlay = |_: Ipv4Addr| false;
+        let usable = |a: &str, observed: &SocketAddr| usable_endpoint(&a.parse().unwrap(), observed, no_overlay);
+        for ok in ["10.0.0.9:7000", "192.168.1.2:1", "169.254.3.4:7000", "[2001:db8::1]:7000", "[::ffff:10.1.2.3]:7000"] {
+            assert!(usable(ok, &remote), "{ok}");
+        }
+        for refused in [
+            "10.0.0.9:0",
+            "0.0.0.0:7000",
+            "0.1.2.3:7000",
+            "255.255.255.255:7000",
+            "224.0.0.251:5353",
+            "240.0.0.2:1",
+            "127.0.0.1:7000",
+            "[::]:7000",
+            "[::1]:7000",
+            "[ff02::1]:7000",
+            "[fe80::1]:7000",
+            "[::ffff:127.0.0.1]:7000",
+            "[::ffff:224.0.0.1]:7000",
+        ] {
+            assert!(!usable(refused, &remote), "{refused}");
+        }
+        // Loopback is a usable endpoint for an agent on the controller's own host.
+        assert!(usable("127.0.0.1:7001", &"127.0.0.1:7000".parse().unwrap()));
+
+        let mut c = coordinator();
+        let now = UnixMillis(0);
+        c.node_known(&n("a"), PeerIndex(1), None, now);
+        c.node_known(&n("b"), PeerIndex(2), None, now);
+        c.apply(&[joined(1, "a", 1), joined(1, "b", 2)], now);
+        let mut announced: Vec<SocketAddr> = vec![
+            "224.0.0.1:1".parse().unwrap(),
+            "10.90.0.2:7000".parse().unwrap(), // inside the default network: the overlay itself
+            "10.0.0.9:7000".parse().unwrap(),
+            "10.0.0.9:7000".parse().unwrap(),
+        ];
+        announced.extend((1..=100u8).map(|i| SocketAddr::from(([192, 0, 2, i], 7000))));
+        let h = OverlayHello { netmap_version: None, local_endpoints: announced, nat: NatMapping::Unknown };
+        c.subscribe_test(&n("a"), remote, &h, now);
+        let seen = &c.netmap(&n("b"), now).peers[0].endpoints;
+        assert_eq!(seen.len(), 1 + MAX_LOCAL_ENDPOINTS, "{seen:?}");
+        assert_eq!(seen[0], remote, "the observed address first");
+        assert_eq!(seen[1], "10.0.0.9:7000".parse::<SocketAddr>().unwrap());
+        assert!(seen.iter().all(|e| usable_endpoint(e, &remote, no_overlay)));
+        assert!(!seen.contains(&"10.90.0.2:7000".parse().unwrap()));
+        assert_eq!(c.endpoints(&n("a")), *seen, "punches carry the same bounded list");
     }
 }

@@ -32,7 +32,7 @@ use crate::{
     paths::{ConnId, PathAction, PathConfig, PathManager},
     pki,
     relay_socket::{relay_addr, relay_index},
-    switch::{Inbound, Outbound, Switch, SwitchConfig},
+    switch::{Inbound, Member, Outbound, Switch, SwitchConfig},
     tls::{self, PeerTls},
     wire::{self, Reassembler},
 };
@@ -423,10 +423,10 @@ impl Manager {
         {
             let mut switch = self.shared.switch();
             for m in &map.networks {
-                let members = map
-                    .peers
-                    .iter()
-                    .filter_map(|p| p.networks.iter().find(|n| n.id == m.id).map(|n| (p.node.clone(), n.mac)));
+                let members = map.peers.iter().filter_map(|p| {
+                    let n = p.networks.iter().find(|n| n.id == m.id)?;
+                    Some(Member { node: p.node.clone(), mac: n.mac, address: n.address })
+                });
                 if let Err(e) = switch.set_network(m, members) {
                     warn!(network = %m.name, cause = %e, "netmap refused by the switch");
                 }
@@ -448,13 +448,18 @@ impl Manager {
 
     fn create_tap(&self, m: &NetworkMembership) -> std::io::Result<TapEntry> {
         let name = tap_name(&self.config.tap_prefix, m.id);
+        // Created down, so that the link-local address is generated, when it comes up, by the rule
+        // peers check (see `link_sysctls`).
         let device = tun_rs::DeviceBuilder::new()
             .name(&name)
             .layer(tun_rs::Layer::L2)
             .mac_addr(m.mac.0)
             .mtu(m.mtu)
             .ipv4(m.address, m.prefix_len, None)
+            .enable(false)
             .build_async()?;
+        link_sysctls(&name);
+        device.enabled(true)?;
         let device = Arc::new(device);
         info!(device = %name, network = %m.name, mac = %m.mac, address = %m.address, prefix = m.prefix_len, mtu = m.mtu, "TAP device up");
         let reader = tokio::spawn(tap_loop(m.id, device.clone(), self.shared.clone(), self.internal.clone()));
@@ -531,6 +536,29 @@ impl Manager {
             })
             .collect();
         PathReport { paths, counters: self.shared.counters() }
+    }
+}
+
+/// Per-device settings that make this node's frames pass its peers' address checks
+/// ([`crate::switch::check_addresses`]), written before the device first comes up:
+///
+/// - `ipv6/conf/<dev>/addr_gen_mode = 0`: the link-local address is the EUI-64 of the assigned MAC
+///   ([`crate::switch::ipv6_link_local`]), not a stable-privacy or random one a host's defaults may
+///   ask for;
+/// - `ipv4/conf/<dev>/arp_announce = 2`: ARP requests name the device's own address as sender,
+///   never an address of another interface.
+///
+/// Best effort: without IPv6 the first does not exist, and a failure is logged.
+fn link_sysctls(device: &str) {
+    for (path, value) in [
+        (format!("/proc/sys/net/ipv6/conf/{device}/addr_gen_mode"), "0"),
+        (format!("/proc/sys/net/ipv4/conf/{device}/arp_announce"), "2"),
+    ] {
+        match std::fs::write(&path, value) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => debug!(path, "sysctl absent; skipped"),
+            Err(e) => warn!(path, cause = %e, "could not set a TAP sysctl; peers may drop this node's frames"),
+        }
     }
 }
 

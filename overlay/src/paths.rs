@@ -44,6 +44,9 @@ pub struct PathConfig {
     /// How long a relay path stays open after a direct one came up (default 10 s), so a direct path
     /// that dies right after the handshake does not leave the pair with nothing.
     pub relay_linger: Duration,
+    /// The most candidate endpoints of one peer attempted per round (default 16, the controller's
+    /// own cap): each costs a handshake, so a long list from a netmap or punch is cut to this.
+    pub max_candidates: usize,
 }
 
 impl Default for PathConfig {
@@ -53,6 +56,7 @@ impl Default for PathConfig {
             direct_retry_max: Duration::from_secs(15),
             relay_retry_min: Duration::from_millis(500),
             relay_linger: Duration::from_secs(10),
+            max_candidates: 16,
         }
     }
 }
@@ -140,6 +144,21 @@ impl PeerPaths {
     }
 }
 
+/// The first `max` distinct endpoints, in the order given (the controller lists the observed address
+/// first).
+fn candidates(endpoints: &[SocketAddr], max: usize) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(endpoints.len().min(max));
+    for e in endpoints {
+        if out.len() == max {
+            break;
+        }
+        if !out.contains(e) {
+            out.push(*e);
+        }
+    }
+    out
+}
+
 /// A peer's current route, for the datapath and for path reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {
@@ -192,9 +211,10 @@ impl PathManager {
         for peer in peers.iter().filter(|p| p.node != self.me) {
             match self.peers.get_mut(&peer.node) {
                 Some(p) => {
-                    if p.endpoints != peer.endpoints {
+                    let endpoints = candidates(&peer.endpoints, self.config.max_candidates);
+                    if p.endpoints != endpoints {
                         // New candidates: try them now rather than at the end of a long backoff.
-                        p.endpoints = peer.endpoints.clone();
+                        p.endpoints = endpoints;
                         p.direct_backoff = self.config.direct_retry_min;
                         p.next_direct = now;
                     }
@@ -205,7 +225,7 @@ impl PathManager {
                         peer.node.clone(),
                         PeerPaths {
                             index: peer.index,
-                            endpoints: peer.endpoints.clone(),
+                            endpoints: candidates(&peer.endpoints, self.config.max_candidates),
                             conns: Vec::new(),
                             direct_in_flight: 0,
                             direct_backoff: self.config.direct_retry_min,
@@ -298,7 +318,7 @@ impl PathManager {
     pub fn punch_requested(&mut self, now: Instant, peer: &NodeId, endpoints: &[SocketAddr]) -> Vec<PathAction> {
         let Some(p) = self.peers.get_mut(peer) else { return vec![] };
         if !endpoints.is_empty() {
-            p.endpoints = endpoints.to_vec();
+            p.endpoints = candidates(endpoints, self.config.max_candidates);
         }
         if p.has(PathKind::Direct) || p.direct_in_flight > 0 {
             return vec![];
@@ -526,5 +546,22 @@ mod tests {
         let out = b.punch_requested(t0, &n("a"), &[addr("198.51.100.1:6000")]);
         assert_eq!(out, vec![PathAction::ConnectDirect { peer: n("a"), addr: addr("198.51.100.1:6000") }]);
         assert!(b.punch_requested(t0, &n("a"), &[]).is_empty(), "an attempt is already in flight");
+    }
+
+    #[test]
+    fn a_long_candidate_list_is_cut_to_the_cap_and_deduplicated() {
+        let t0 = Instant::now();
+        let mut b = PathManager::new(n("b"), PathConfig { max_candidates: 3, ..PathConfig::default() });
+        let many: Vec<String> = (1..=50).map(|i| format!("192.0.2.{i}:5000")).collect();
+        let listed: Vec<&str> = ["192.0.2.1:5000"].into_iter().chain(many.iter().map(String::as_str)).collect();
+        let out = b.set_peers(t0, &[peer("a", 1, &listed)]);
+        let attempts: Vec<_> = out.iter().filter(|a| matches!(a, PathAction::ConnectDirect { .. })).collect();
+        assert_eq!(attempts.len(), 3, "{out:?}");
+        assert!(attempts.iter().any(|a| matches!(a, PathAction::ConnectDirect { addr: x, .. } if *x == addr("192.0.2.3:5000"))));
+        for _ in 0..3 {
+            b.attempt_failed(t0, &n("a"), PathKind::Direct);
+        }
+        let punched: Vec<SocketAddr> = many.iter().map(|m| addr(m)).collect();
+        assert_eq!(b.punch_requested(t0, &n("a"), &punched).len(), 3);
     }
 }

@@ -12,10 +12,35 @@
 //! records when each MAC was last heard from, and that record ages out after
 //! [`SwitchConfig::mac_age`]. The table is visible through [`Switch::mac_table`].
 //!
+//! A frame from a peer must also carry only the addresses the controller gave that peer, so that no
+//! member can make another member's traffic its own (ARP or neighbour-discovery cache poisoning, or
+//! packets in another member's name). [`check_addresses`] holds the rule, per ethertype:
+//!
+//! - **ARP** (Ethernet/IPv4 only): the sender hardware address is the peer's MAC and the sender
+//!   protocol address its IPv4 address, or 0.0.0.0 for an RFC 5227 probe of its own address.
+//! - **IPv4**: the source is the peer's IPv4 address.
+//! - **IPv6**: the source is the peer's link-local address, which is the modified EUI-64 of its MAC
+//!   (fe80::/64; the agent configures its TAP devices to generate exactly that, see
+//!   [`ipv6_link_local`]), or `::` for duplicate address detection (a neighbour solicitation for that
+//!   same link-local) and MLD reports. The controller assigns no other IPv6 address. Neighbour
+//!   discovery is held to the same rule: a neighbour advertisement's target is the sender's own
+//!   link-local, link-layer address options carry its own MAC, and router advertisements and
+//!   redirects are refused (no member is a router).
+//! - **802.1Q / 802.1ad (QinQ) tagged frames** are refused: the inner frame would escape these checks,
+//!   and a VLAN inside an overlay network would be a network the controller does not know.
+//! - **Every other ethertype** (and 802.3 length frames such as STP) is refused: the overlay carries
+//!   IPv4, IPv6 and ARP.
+//!
+//! The checks apply to frames from peers, where they protect the receiver whatever the sender runs.
+//! Frames from our own TAP are checked for their source MAC only: a node that wants to spoof can
+//! change its own agent, so a sending-side check would protect no one; it would only hide a
+//! misconfiguration from the fleet's counters, where receivers count it by reason.
+//!
 //! Architecture Invariant: a frame is only ever associated with the network it arrived on. There is
 //! no path, in either direction, by which a frame of one network is forwarded or delivered on another.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use shoal_proto::{MacAddr, NetworkId, NetworkMembership, NodeId, OverlayCounters};
@@ -57,7 +82,8 @@ impl Default for SwitchConfig {
 pub enum DropReason {
     /// The frame's network is not one we are a member of.
     NoNetwork,
-    /// The frame is shorter than an Ethernet header.
+    /// The frame is shorter than an Ethernet header, or its ARP, IPv4 or IPv6 header is cut short
+    /// or invalid (the checks below could not read the addresses).
     Malformed,
     /// Outbound: the source MAC is not ours on that network. The TAP must not bridge other
     /// machines' frames into the overlay, since receivers would refuse them anyway.
@@ -74,11 +100,26 @@ pub enum DropReason {
     NotForUs,
     /// Inbound: a broadcast or multicast frame beyond the sender's rate limit.
     Storm,
+    /// Inbound: an ARP packet whose sender addresses are not the peer's assigned MAC and IPv4
+    /// address (or a probe, from 0.0.0.0, for an address not its own).
+    SpoofedArp,
+    /// Inbound: an IPv4 packet whose source is not the peer's assigned address.
+    SpoofedIpv4,
+    /// Inbound: an IPv6 packet whose source is neither the peer's link-local address nor `::` for
+    /// duplicate address detection or MLD.
+    SpoofedIpv6,
+    /// Inbound: IPv6 neighbour discovery claiming another's address or link-layer address, or a
+    /// router advertisement or redirect.
+    SpoofedNd,
+    /// Inbound: an 802.1Q or 802.1ad (QinQ) tagged frame.
+    VlanTagged,
+    /// Inbound: an ethertype other than IPv4, IPv6 and ARP (or an 802.3 length field).
+    OtherEthertype,
 }
 
 impl DropReason {
     /// Every reason, in declaration order (which is also the index into the counters).
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::NoNetwork,
         DropReason::Malformed,
         DropReason::ForeignSource,
@@ -88,6 +129,12 @@ impl DropReason {
         DropReason::SpoofedSource,
         DropReason::NotForUs,
         DropReason::Storm,
+        DropReason::SpoofedArp,
+        DropReason::SpoofedIpv4,
+        DropReason::SpoofedIpv6,
+        DropReason::SpoofedNd,
+        DropReason::VlanTagged,
+        DropReason::OtherEthertype,
     ];
 
     /// A stable snake_case label for drop counters and metrics.
@@ -102,6 +149,12 @@ impl DropReason {
             DropReason::SpoofedSource => "spoofed_source",
             DropReason::NotForUs => "not_for_us",
             DropReason::Storm => "storm",
+            DropReason::SpoofedArp => "spoofed_arp",
+            DropReason::SpoofedIpv4 => "spoofed_ipv4",
+            DropReason::SpoofedIpv6 => "spoofed_ipv6",
+            DropReason::SpoofedNd => "spoofed_nd",
+            DropReason::VlanTagged => "vlan_tagged",
+            DropReason::OtherEthertype => "other_ethertype",
         }
     }
 
@@ -166,6 +219,27 @@ pub enum SwitchError {
         /// The peer.
         node: NodeId,
     },
+    /// Two members (or a member and this node) were assigned the same IPv4 address: both would be
+    /// allowed to claim it, so the address check would have no single answer.
+    #[error("network {network:?}: IPv4 address {address} assigned twice")]
+    DuplicateAddress {
+        /// The network.
+        network: NetworkId,
+        /// The address.
+        address: Ipv4Addr,
+    },
+}
+
+/// A peer's membership of one network as the switch holds it: the only MAC and IPv4 address it may
+/// send from there (its IPv6 link-local address follows from the MAC).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Member {
+    /// The peer.
+    pub node: NodeId,
+    /// Its controller-assigned MAC on the network.
+    pub mac: MacAddr,
+    /// Its controller-assigned IPv4 address on the network.
+    pub address: Ipv4Addr,
 }
 
 /// One row of a network's MAC table.
@@ -186,6 +260,7 @@ struct Network {
     own_mac: MacAddr,
     peers: Vec<NodeId>,
     peer_macs: Vec<MacAddr>,
+    peer_addresses: Vec<Ipv4Addr>,
     last_seen: Vec<Option<Instant>>,
     by_mac: HashMap<MacAddr, usize>,
 }
@@ -259,6 +334,186 @@ fn macs(frame: &[u8]) -> Option<(MacAddr, MacAddr)> {
     Some((MacAddr([d0, d1, d2, d3, d4, d5]), MacAddr([s0, s1, s2, s3, s4, s5])))
 }
 
+/// Ethertypes the address checks know.
+const ETHERTYPE_IPV4: u16 = 0x0800;
+const ETHERTYPE_ARP: u16 = 0x0806;
+const ETHERTYPE_IPV6: u16 = 0x86dd;
+/// 802.1Q, 802.1ad (QinQ) and the pre-standard QinQ tag.
+const ETHERTYPE_TAGS: [u16; 3] = [0x8100, 0x88a8, 0x9100];
+
+const IPPROTO_ICMPV6: u8 = 58;
+/// Extension headers walked to find the upper-layer header: hop-by-hop, routing, fragment,
+/// destination options.
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTS: u8 = 60;
+/// More extension headers than this before the upper layer is refused as malformed, so a chain
+/// cannot hide a neighbour-discovery message from the check.
+const MAX_IPV6_EXTENSION_HEADERS: usize = 8;
+
+/// The IPv6 link-local address of `mac`: fe80::/64 with the modified EUI-64 interface identifier
+/// (RFC 4291 appendix A), which is what Linux generates for an Ethernet device with
+/// `addr_gen_mode` 0. The agent sets that mode on its TAP devices, so this is the one link-local
+/// address a member sends from.
+pub fn ipv6_link_local(mac: MacAddr) -> Ipv6Addr {
+    let m = mac.0;
+    Ipv6Addr::from([0xfe, 0x80, 0, 0, 0, 0, 0, 0, m[0] ^ 0x02, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]])
+}
+
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
+}
+
+fn array<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {
+    b.get(at..at + N)?.try_into().ok()
+}
+
+/// Whether a frame from a peer carries only that peer's addresses: `mac` and `address` are what the
+/// controller assigned it (the source MAC has been checked already). See the module documentation
+/// for the rule. Reads only fixed offsets and bounded option lists, and allocates nothing.
+pub fn check_addresses(frame: &[u8], mac: MacAddr, address: Ipv4Addr) -> Result<(), DropReason> {
+    let ethertype = be16(frame, 12).ok_or(DropReason::Malformed)?;
+    let payload = frame.get(ETHERNET_HEADER_LEN..).ok_or(DropReason::Malformed)?;
+    match ethertype {
+        ETHERTYPE_ARP => check_arp(payload, mac, address),
+        ETHERTYPE_IPV4 => check_ipv4(payload, address),
+        ETHERTYPE_IPV6 => check_ipv6(payload, mac),
+        t if ETHERTYPE_TAGS.contains(&t) => Err(DropReason::VlanTagged),
+        _ => Err(DropReason::OtherEthertype),
+    }
+}
+
+/// ARP for IPv4 over Ethernet (RFC 826): sender hardware address at 8, sender protocol address at
+/// 14, target protocol address at 24.
+fn check_arp(arp: &[u8], mac: MacAddr, address: Ipv4Addr) -> Result<(), DropReason> {
+    let header: [u8; 8] = array(arp, 0).ok_or(DropReason::Malformed)?;
+    // Ethernet (1), IPv4, 6-byte and 4-byte addresses, request (1) or reply (2).
+    if header[..6] != [0, 1, 0x08, 0x00, 6, 4] || !matches!(header[6..], [0, 1] | [0, 2]) {
+        return Err(DropReason::Malformed);
+    }
+    let sha: [u8; 6] = array(arp, 8).ok_or(DropReason::Malformed)?;
+    let spa = Ipv4Addr::from(array::<4>(arp, 14).ok_or(DropReason::Malformed)?);
+    let tpa = Ipv4Addr::from(array::<4>(arp, 24).ok_or(DropReason::Malformed)?);
+    let own_probe = spa.is_unspecified() && tpa == address;
+    if sha != mac.0 || (spa != address && !own_probe) {
+        return Err(DropReason::SpoofedArp);
+    }
+    Ok(())
+}
+
+fn check_ipv4(ip: &[u8], address: Ipv4Addr) -> Result<(), DropReason> {
+    let first = *ip.first().ok_or(DropReason::Malformed)?;
+    if first >> 4 != 4 || first & 0x0f < 5 {
+        return Err(DropReason::Malformed);
+    }
+    let source = Ipv4Addr::from(array::<4>(ip, 12).ok_or(DropReason::Malformed)?);
+    if source != address {
+        return Err(DropReason::SpoofedIpv4);
+    }
+    Ok(())
+}
+
+/// What follows the IPv6 header and its extension headers.
+enum Upper<'a> {
+    /// An ICMPv6 message (the rest of the packet).
+    Icmpv6(&'a [u8]),
+    /// Another protocol, or a fragment after the first (whose upper-layer header is elsewhere).
+    Other,
+}
+
+/// Walks the extension headers after the fixed IPv6 header (`next` is its Next Header field).
+fn ipv6_upper(mut next: u8, mut rest: &[u8]) -> Result<Upper<'_>, DropReason> {
+    for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
+        match next {
+            IPPROTO_ICMPV6 => return Ok(Upper::Icmpv6(rest)),
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
+                let len = (usize::from(*rest.get(1).ok_or(DropReason::Malformed)?) + 1) * 8;
+                next = rest[0];
+                rest = rest.get(len..).ok_or(DropReason::Malformed)?;
+            }
+            IPV6_FRAGMENT => {
+                let offset = be16(rest, 2).ok_or(DropReason::Malformed)? >> 3;
+                if offset != 0 {
+                    return Ok(Upper::Other);
+                }
+                next = rest[0];
+                rest = rest.get(8..).ok_or(DropReason::Malformed)?;
+            }
+            _ => return Ok(Upper::Other),
+        }
+    }
+    Err(DropReason::Malformed)
+}
+
+/// ICMPv6 types the check looks into.
+const ICMPV6_MLD_REPORT: u8 = 131;
+const ICMPV6_MLD2_REPORT: u8 = 143;
+const ND_ROUTER_SOLICIT: u8 = 133;
+const ND_ROUTER_ADVERT: u8 = 134;
+const ND_NEIGHBOUR_SOLICIT: u8 = 135;
+const ND_NEIGHBOUR_ADVERT: u8 = 136;
+const ND_REDIRECT: u8 = 137;
+/// Neighbour-discovery options that carry a link-layer address: source (1) and target (2).
+const ND_OPT_SOURCE_LL: u8 = 1;
+const ND_OPT_TARGET_LL: u8 = 2;
+
+fn check_ipv6(ip: &[u8], mac: MacAddr) -> Result<(), DropReason> {
+    let header: [u8; 40] = array(ip, 0).ok_or(DropReason::Malformed)?;
+    if header[0] >> 4 != 6 {
+        return Err(DropReason::Malformed);
+    }
+    // Bound the packet by its payload length, so Ethernet padding is never read as options.
+    let payload_len = usize::from(u16::from_be_bytes([header[4], header[5]]));
+    let body = &ip[40..];
+    let body = if payload_len == 0 { body } else { body.get(..payload_len).ok_or(DropReason::Malformed)? };
+    let source = Ipv6Addr::from(array::<16>(&header, 8).ok_or(DropReason::Malformed)?);
+    let link_local = ipv6_link_local(mac);
+    let unspecified = source.is_unspecified();
+    if source != link_local && !unspecified {
+        return Err(DropReason::SpoofedIpv6);
+    }
+    let icmp = match ipv6_upper(header[6], body)? {
+        Upper::Icmpv6(icmp) => icmp,
+        // From `::` only DAD and MLD, both ICMPv6; from the link-local anything but ND goes.
+        Upper::Other if unspecified => return Err(DropReason::SpoofedIpv6),
+        Upper::Other => return Ok(()),
+    };
+    let kind = *icmp.first().ok_or(DropReason::Malformed)?;
+    if unspecified && !matches!(kind, ND_NEIGHBOUR_SOLICIT | ICMPV6_MLD_REPORT | ICMPV6_MLD2_REPORT) {
+        return Err(DropReason::SpoofedIpv6);
+    }
+    match kind {
+        ND_ROUTER_ADVERT | ND_REDIRECT => Err(DropReason::SpoofedNd),
+        ND_ROUTER_SOLICIT => check_nd_options(icmp.get(8..).ok_or(DropReason::Malformed)?, mac),
+        ND_NEIGHBOUR_SOLICIT | ND_NEIGHBOUR_ADVERT => {
+            let target = Ipv6Addr::from(array::<16>(icmp, 8).ok_or(DropReason::Malformed)?);
+            // An advertisement may only be for the sender's own address; a solicitation from `::` is
+            // DAD, which only probes the sender's own address.
+            if (kind == ND_NEIGHBOUR_ADVERT || unspecified) && target != link_local {
+                return Err(DropReason::SpoofedNd);
+            }
+            check_nd_options(&icmp[24..], mac)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Neighbour-discovery options (RFC 4861 4.6): every link-layer address option names the sender's
+/// MAC. A zero-length option is invalid (receivers must discard the packet).
+fn check_nd_options(mut options: &[u8], mac: MacAddr) -> Result<(), DropReason> {
+    while !options.is_empty() {
+        let [kind, len] = array::<2>(options, 0).ok_or(DropReason::Malformed)?;
+        let len = usize::from(len) * 8;
+        let option = options.get(..len).filter(|_| len > 0).ok_or(DropReason::Malformed)?;
+        if matches!(kind, ND_OPT_SOURCE_LL | ND_OPT_TARGET_LL) && option.get(2..8) != Some(&mac.0[..]) {
+            return Err(DropReason::SpoofedNd);
+        }
+        options = &options[len..];
+    }
+    Ok(())
+}
+
 impl Switch {
     /// An empty switch: no networks, so every frame is dropped as `no_network` until
     /// [`Switch::set_network`] is called.
@@ -266,53 +521,61 @@ impl Switch {
         Switch { config, networks: BTreeMap::new(), buckets: HashMap::new(), counts: Counts::default() }
     }
 
-    /// Configures one network from the netmap: our MAC there and each peer member's assigned MAC.
+    /// Configures one network from the netmap: our MAC there and each peer member's assigned MAC and
+    /// IPv4 address.
     ///
     /// `members` replaces the network's previous member set; peers that left are forgotten with
     /// their MAC table rows, and peers that stay keep their last-seen time if their MAC is
     /// unchanged. Refused, keeping the previous configuration, if the MACs are not unique unicast
-    /// addresses, because then unicast and the source check would have no single answer.
+    /// addresses or the IPv4 addresses are not unique, because then unicast and the source checks
+    /// would have no single answer.
     pub fn set_network(
         &mut self,
         membership: &NetworkMembership,
-        members: impl IntoIterator<Item = (NodeId, MacAddr)>,
+        members: impl IntoIterator<Item = Member>,
     ) -> Result<(), SwitchError> {
         let network = membership.id;
         let own_mac = membership.mac;
         if own_mac.is_group() {
             return Err(SwitchError::GroupMac { network, mac: own_mac });
         }
-        let mut sorted: Vec<(NodeId, MacAddr)> = members.into_iter().collect();
+        let mut sorted: Vec<Member> = members.into_iter().collect();
         sorted.sort();
         sorted.dedup();
         let mut by_mac = HashMap::with_capacity(sorted.len());
-        for (index, pair) in sorted.iter().enumerate() {
-            let (node, mac) = pair;
-            if index > 0 && sorted[index - 1].0 == *node {
-                return Err(SwitchError::DuplicateMember { network, node: node.clone() });
+        let mut addresses = std::collections::HashSet::with_capacity(sorted.len() + 1);
+        addresses.insert(membership.address);
+        for (index, m) in sorted.iter().enumerate() {
+            if index > 0 && sorted[index - 1].node == m.node {
+                return Err(SwitchError::DuplicateMember { network, node: m.node.clone() });
             }
-            if mac.is_group() {
-                return Err(SwitchError::GroupMac { network, mac: *mac });
+            if m.mac.is_group() {
+                return Err(SwitchError::GroupMac { network, mac: m.mac });
             }
-            if *mac == own_mac || by_mac.insert(*mac, index).is_some() {
-                return Err(SwitchError::DuplicateMac { network, mac: *mac });
+            if m.mac == own_mac || by_mac.insert(m.mac, index).is_some() {
+                return Err(SwitchError::DuplicateMac { network, mac: m.mac });
+            }
+            if !addresses.insert(m.address) {
+                return Err(SwitchError::DuplicateAddress { network, address: m.address });
             }
         }
         let previous = self.networks.get(&network);
         let last_seen = sorted
             .iter()
-            .map(|(node, mac)| {
+            .map(|m| {
                 let prev = previous?;
-                let i = prev.peers.binary_search(node).ok()?;
-                if prev.peer_macs[i] == *mac {
+                let i = prev.peers.binary_search(&m.node).ok()?;
+                if prev.peer_macs[i] == m.mac {
                     prev.last_seen[i]
                 } else {
                     None
                 }
             })
             .collect();
-        let (peers, peer_macs) = sorted.into_iter().unzip();
-        self.networks.insert(network, Network { own_mac, peers, peer_macs, last_seen, by_mac });
+        let peer_macs = sorted.iter().map(|m| m.mac).collect();
+        let peer_addresses = sorted.iter().map(|m| m.address).collect();
+        let peers = sorted.into_iter().map(|m| m.node).collect();
+        self.networks.insert(network, Network { own_mac, peers, peer_macs, peer_addresses, last_seen, by_mac });
         self.forget_departed_buckets();
         Ok(())
     }
@@ -381,6 +644,10 @@ impl Switch {
         };
         if src != net.peer_macs[sender] {
             return self.counts.drop_inbound(DropReason::SpoofedSource);
+        }
+        if let Err(reason) = check_addresses(frame, src, net.peer_addresses[sender]) {
+            tracing::debug!(peer = %from, network = network.0, reason = reason.label(), "frame from a peer dropped");
+            return self.counts.drop_inbound(reason);
         }
         if dst.is_group() {
             let accepted = take_flood_token(&mut self.buckets, &self.config, now, from);
@@ -460,16 +727,34 @@ mod tests {
             subnet: Ipv4Addr::new(10, 0, 0, 0),
             prefix_len: 24,
             mac: own,
-            address: Ipv4Addr::new(10, 0, 0, 1),
+            address: ip(own),
             mtu: 1500,
         }
     }
 
+    /// The address that goes with `mac` in these tests: 10.0.0.<last byte>.
+    fn ip(mac: MacAddr) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 0, mac.0[5])
+    }
+
+    /// Configures a network whose members have the addresses [`ip`] gives their MACs.
+    fn set(
+        s: &mut Switch,
+        membership: &NetworkMembership,
+        members: impl IntoIterator<Item = (NodeId, MacAddr)>,
+    ) -> Result<(), SwitchError> {
+        s.set_network(membership, members.into_iter().map(|(node, mac)| Member { node, mac, address: ip(mac) }))
+    }
+
+    /// An IPv4 frame from `src` (and its address) to `dst`.
     fn frame(dst: MacAddr, src: MacAddr) -> Vec<u8> {
         let mut f = Vec::with_capacity(60);
         f.extend(dst.0);
         f.extend(src.0);
         f.extend([0x08, 0x00]);
+        f.extend([0x45, 0, 0, 46, 0, 0, 0, 0, 64, 17, 0, 0]);
+        f.extend(ip(src).octets());
+        f.extend([10, 0, 0, 1]);
         f.resize(60, 0xab);
         f
     }
@@ -477,7 +762,7 @@ mod tests {
     /// Us at mac(1) on NET with peers a (mac 2), b (mac 3), c (mac 4).
     fn switch() -> Switch {
         let mut s = Switch::new(SwitchConfig::default());
-        s.set_network(&membership(NET, mac(1)), [(node("a"), mac(2)), (node("b"), mac(3)), (node("c"), mac(4))])
+        set(&mut s, &membership(NET, mac(1)), [(node("a"), mac(2)), (node("b"), mac(3)), (node("c"), mac(4))])
             .unwrap();
         s
     }
@@ -511,7 +796,7 @@ mod tests {
         assert_eq!(s.outbound(now, NET, &frame(mac(2), mac(7))), Outbound::Drop(DropReason::ForeignSource));
         assert_eq!(s.outbound(now, NET, &frame(mac(2), mac(2))), Outbound::Drop(DropReason::ForeignSource));
         assert_eq!(s.outbound(now, NET, &frame(mac(1), mac(1))), Outbound::Drop(DropReason::ToSelf));
-        s.set_network(&membership(OTHER_NET, mac(1)), []).unwrap();
+        set(&mut s, &membership(OTHER_NET, mac(1)), []).unwrap();
         assert_eq!(s.outbound(now, OTHER_NET, &frame(MacAddr::BROADCAST, mac(1))), Outbound::Drop(DropReason::NoPeers));
         let out: Vec<_> = s.outbound_drops().filter(|(_, n)| *n > 0).collect();
         assert_eq!(
@@ -536,7 +821,7 @@ mod tests {
     #[test]
     fn floods_are_capped_at_the_fanout_limit_and_counted() {
         let mut s = Switch::new(SwitchConfig { max_flood_fanout: 2, ..Default::default() });
-        s.set_network(&membership(NET, mac(1)), (2..=5).map(|i| (node(&format!("p{i}")), mac(i)))).unwrap();
+        set(&mut s, &membership(NET, mac(1)), (2..=5).map(|i| (node(&format!("p{i}")), mac(i)))).unwrap();
         let out = s.outbound(Instant::now(), NET, &frame(MacAddr::BROADCAST, mac(1)));
         assert_eq!(out, Outbound::Flood(&[node("p2"), node("p3")]));
         assert_eq!(s.counters().flooded, 1);
@@ -586,7 +871,7 @@ mod tests {
     #[test]
     fn a_storming_member_is_bounded_without_hurting_its_unicast_or_other_members() {
         let mut s = Switch::new(SwitchConfig { flood_rate_per_peer: 10, flood_burst: 20, ..Default::default() });
-        s.set_network(&membership(NET, mac(1)), [(node("a"), mac(2)), (node("b"), mac(3))]).unwrap();
+        set(&mut s, &membership(NET, mac(1)), [(node("a"), mac(2)), (node("b"), mac(3))]).unwrap();
         let t0 = Instant::now();
         let storm = frame(MacAddr::BROADCAST, mac(2));
         let delivered = (0..1000).filter(|_| s.inbound(t0, &node("a"), NET, &storm) == Inbound::Deliver).count();
@@ -609,8 +894,8 @@ mod tests {
     #[test]
     fn the_flood_budget_is_per_peer_across_networks() {
         let mut s = Switch::new(SwitchConfig { flood_rate_per_peer: 1, flood_burst: 3, ..Default::default() });
-        s.set_network(&membership(NET, mac(1)), [(node("a"), mac(2))]).unwrap();
-        s.set_network(&membership(OTHER_NET, mac(11)), [(node("a"), mac(12))]).unwrap();
+        set(&mut s, &membership(NET, mac(1)), [(node("a"), mac(2))]).unwrap();
+        set(&mut s, &membership(OTHER_NET, mac(11)), [(node("a"), mac(12))]).unwrap();
         let now = Instant::now();
         let results: Vec<_> = [(NET, mac(2)), (OTHER_NET, mac(12)), (NET, mac(2)), (OTHER_NET, mac(12))]
             .iter()
@@ -624,8 +909,8 @@ mod tests {
     fn frames_never_cross_networks() {
         // a is a member of NET only; b of OTHER_NET only.
         let mut s = Switch::new(SwitchConfig::default());
-        s.set_network(&membership(NET, mac(1)), [(node("a"), mac(2))]).unwrap();
-        s.set_network(&membership(OTHER_NET, mac(11)), [(node("b"), mac(12))]).unwrap();
+        set(&mut s, &membership(NET, mac(1)), [(node("a"), mac(2))]).unwrap();
+        set(&mut s, &membership(OTHER_NET, mac(11)), [(node("b"), mac(12))]).unwrap();
         assert_eq!(s.networks().collect::<Vec<_>>(), [NET, OTHER_NET]);
         let now = Instant::now();
         // Inbound: a cannot send on OTHER_NET, even with b's MAC or to our OTHER_NET MAC.
@@ -692,7 +977,7 @@ mod tests {
             assert_eq!(s.inbound(t0, &node(from), NET, &frame(mac(1), mac(src))), Inbound::Deliver);
         }
         // c leaves, b gets a new MAC, d joins, a stays as it was.
-        s.set_network(&membership(NET, mac(1)), [(node("d"), mac(5)), (node("a"), mac(2)), (node("b"), mac(6))])
+        set(&mut s, &membership(NET, mac(1)), [(node("d"), mac(5)), (node("a"), mac(2)), (node("b"), mac(6))])
             .unwrap();
         let table: Vec<_> =
             s.mac_table(NET, t0).unwrap().into_iter().map(|e| (e.node.0, e.mac, e.last_seen.is_some())).collect();
@@ -705,9 +990,366 @@ mod tests {
         assert_eq!(s.outbound(t0, NET, &frame(mac(4), mac(1))), Outbound::Flood(&[node("a"), node("b"), node("d")]));
         assert_eq!(s.outbound(t0, NET, &frame(mac(6), mac(1))), Outbound::Unicast(&node("b")));
         // Our own MAC may change too.
-        s.set_network(&membership(NET, mac(7)), [(node("a"), mac(2))]).unwrap();
+        set(&mut s, &membership(NET, mac(7)), [(node("a"), mac(2))]).unwrap();
         assert_eq!(s.outbound(t0, NET, &frame(mac(2), mac(1))), Outbound::Drop(DropReason::ForeignSource));
         assert_eq!(s.outbound(t0, NET, &frame(mac(2), mac(7))), Outbound::Unicast(&node("a")));
+    }
+
+    /// `payload` after an Ethernet header with `ethertype`, padded to the 60-byte minimum.
+    fn eth(dst: MacAddr, src: MacAddr, ethertype: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::with_capacity(60.max(14 + payload.len()));
+        f.extend(dst.0);
+        f.extend(src.0);
+        f.extend(ethertype.to_be_bytes());
+        f.extend(payload);
+        f.resize(f.len().max(60), 0);
+        f
+    }
+
+    /// An ARP packet for IPv4 over Ethernet.
+    fn arp(op: u16, sha: MacAddr, spa: Ipv4Addr, tpa: Ipv4Addr) -> Vec<u8> {
+        let mut a = vec![0, 1, 0x08, 0x00, 6, 4];
+        a.extend(op.to_be_bytes());
+        a.extend(sha.0);
+        a.extend(spa.octets());
+        a.extend([0; 6]);
+        a.extend(tpa.octets());
+        a
+    }
+
+    /// An IPv6 packet (hop limit 255) with `body` after the fixed header.
+    fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, body: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend((body.len() as u16).to_be_bytes());
+        p.extend([next, 255]);
+        p.extend(src.octets());
+        p.extend(dst.octets());
+        p.extend(body);
+        p
+    }
+
+    /// An ICMPv6 neighbour solicitation (135) or advertisement (136) for `target`, with link-layer
+    /// address options (type, MAC).
+    fn nd(kind: u8, target: Ipv6Addr, options: &[(u8, MacAddr)]) -> Vec<u8> {
+        let mut m = vec![kind, 0, 0, 0, 0x60, 0, 0, 0];
+        m.extend(target.octets());
+        for (t, mac) in options {
+            m.extend([*t, 1]);
+            m.extend(mac.0);
+        }
+        m
+    }
+
+    /// An IPv6 frame from peer `src` (its MAC) with source address `from`.
+    fn v6_frame(src: MacAddr, from: Ipv6Addr, next: u8, body: &[u8]) -> Vec<u8> {
+        eth(MacAddr([0x33, 0x33, 0, 0, 0, 1]), src, ETHERTYPE_IPV6, &ipv6(from, "ff02::1".parse().unwrap(), next, body))
+    }
+
+    #[test]
+    fn link_local_addresses_are_the_modified_eui64_of_the_mac() {
+        let qemu: MacAddr = "52:54:00:12:34:56".parse().unwrap();
+        assert_eq!(ipv6_link_local(qemu), "fe80::5054:ff:fe12:3456".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(ipv6_link_local(mac(2)), "fe80::5e:ff:fe00:2".parse::<Ipv6Addr>().unwrap());
+    }
+
+    #[test]
+    fn arp_must_name_the_senders_own_mac_and_address() {
+        let mut s = switch();
+        let now = Instant::now();
+        let (me, victim) = (ip(mac(2)), ip(mac(3)));
+        let from_a = |payload: Vec<u8>| eth(MacAddr::BROADCAST, mac(2), ETHERTYPE_ARP, &payload);
+        let mut truncated = arp(1, mac(2), me, victim);
+        truncated.truncate(27);
+        let mut rarp_types = arp(1, mac(2), me, victim);
+        rarp_types[1] = 6;
+        let cases = [
+            (arp(1, mac(2), me, victim), Inbound::Deliver, "a request"),
+            (arp(2, mac(2), me, ip(mac(1))), Inbound::Deliver, "a reply"),
+            (arp(1, mac(2), me, me), Inbound::Deliver, "a gratuitous announcement"),
+            (arp(1, mac(2), Ipv4Addr::UNSPECIFIED, me), Inbound::Deliver, "an RFC 5227 probe of its own address"),
+            (arp(1, mac(2), victim, victim), Inbound::Drop(DropReason::SpoofedArp), "a gratuitous claim of b's address"),
+            (arp(2, mac(2), victim, ip(mac(1))), Inbound::Drop(DropReason::SpoofedArp), "a reply in b's name"),
+            (arp(1, mac(3), me, victim), Inbound::Drop(DropReason::SpoofedArp), "b's MAC as sender hardware address"),
+            (arp(1, mac(2), Ipv4Addr::UNSPECIFIED, victim), Inbound::Drop(DropReason::SpoofedArp), "a probe of b's address"),
+            (arp(1, mac(2), Ipv4Addr::new(10, 0, 0, 200), victim), Inbound::Drop(DropReason::SpoofedArp), "an unassigned address"),
+            (arp(3, mac(2), me, victim), Inbound::Drop(DropReason::Malformed), "an unknown operation"),
+            (rarp_types, Inbound::Drop(DropReason::Malformed), "another hardware type"),
+        ];
+        for (payload, want, what) in cases {
+            assert_eq!(s.inbound(now, &node("a"), NET, &from_a(payload)), want, "{what}");
+        }
+        // Cut short inside the Ethernet padding is still padding: build a frame without it.
+        let mut short = eth(MacAddr::BROADCAST, mac(2), ETHERTYPE_ARP, &truncated);
+        short.truncate(14 + 27);
+        assert_eq!(s.inbound(now, &node("a"), NET, &short), Inbound::Drop(DropReason::Malformed));
+        assert_eq!(dropped(&s, "spoofed_arp"), 5);
+        assert_eq!(dropped(&s, "malformed"), 3);
+        assert_eq!(s.counters().delivered, 4);
+    }
+
+    #[test]
+    fn ipv4_must_come_from_the_senders_address() {
+        let mut s = switch();
+        let now = Instant::now();
+        let packet = |source: Ipv4Addr| {
+            let mut p = vec![0x45, 0, 0, 20, 0, 0, 0, 0, 64, 1, 0, 0];
+            p.extend(source.octets());
+            p.extend(ip(mac(1)).octets());
+            p
+        };
+        let from_a = |p: &[u8]| eth(mac(1), mac(2), ETHERTYPE_IPV4, p);
+        assert_eq!(s.inbound(now, &node("a"), NET, &from_a(&packet(ip(mac(2))))), Inbound::Deliver);
+        for source in [ip(mac(3)), Ipv4Addr::UNSPECIFIED, Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::BROADCAST] {
+            assert_eq!(
+                s.inbound(now, &node("a"), NET, &from_a(&packet(source))),
+                Inbound::Drop(DropReason::SpoofedIpv4),
+                "{source}"
+            );
+        }
+        let mut v6_in_v4 = packet(ip(mac(2)));
+        v6_in_v4[0] = 0x65;
+        let mut short_ihl = packet(ip(mac(2)));
+        short_ihl[0] = 0x44;
+        let mut truncated = from_a(&packet(ip(mac(2))));
+        truncated.truncate(14 + 15);
+        for f in [from_a(&v6_in_v4), from_a(&short_ihl), truncated] {
+            assert_eq!(s.inbound(now, &node("a"), NET, &f), Inbound::Drop(DropReason::Malformed));
+        }
+        assert_eq!((dropped(&s, "spoofed_ipv4"), dropped(&s, "malformed"), s.counters().delivered), (4, 3, 1));
+        // The same spoofed packet from b's own MAC is b's, and passes: the check is per sender.
+        let from_b = eth(mac(1), mac(3), ETHERTYPE_IPV4, &packet(ip(mac(3))));
+        assert_eq!(s.inbound(now, &node("b"), NET, &from_b), Inbound::Deliver);
+    }
+
+    #[test]
+    fn ipv6_must_come_from_the_senders_link_local_and_neighbour_discovery_may_not_lie() {
+        let mut s = switch();
+        let now = Instant::now();
+        let (me, victim) = (ipv6_link_local(mac(2)), ipv6_link_local(mac(3)));
+        let any = Ipv6Addr::UNSPECIFIED;
+        let udp = [0u8, 1, 0, 2, 0, 8, 0, 0];
+        let mut hop_by_hop_mld = vec![IPPROTO_ICMPV6, 0, 5, 2, 0, 0, 1, 0];
+        hop_by_hop_mld.extend([ICMPV6_MLD2_REPORT, 0, 0, 0, 0, 0, 0, 0]);
+        let mut dest_opts_na = vec![IPPROTO_ICMPV6, 0, 1, 4, 0, 0, 0, 0];
+        dest_opts_na.extend(nd(ND_NEIGHBOUR_ADVERT, victim, &[]));
+        let fragment = |offset: u16, body: &[u8]| {
+            let mut f = vec![IPPROTO_ICMPV6, 0];
+            f.extend((offset << 3 | 1).to_be_bytes());
+            f.extend([0, 0, 0, 7]);
+            f.extend(body);
+            f
+        };
+        let mut too_many = Vec::new();
+        for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
+            too_many.extend([IPV6_DEST_OPTS, 0, 1, 4, 0, 0, 0, 0]);
+        }
+        too_many.extend(udp);
+        let mut zero_length_option = nd(ND_NEIGHBOUR_SOLICIT, victim, &[]);
+        zero_length_option.extend([ND_OPT_SOURCE_LL, 0, 0, 0, 0, 0, 0, 0]);
+        let cases: Vec<(Ipv6Addr, u8, Vec<u8>, Inbound, &str)> = vec![
+            (me, 17, udp.to_vec(), Inbound::Deliver, "UDP from its link-local"),
+            (victim, 17, udp.to_vec(), Inbound::Drop(DropReason::SpoofedIpv6), "UDP from b's link-local"),
+            ("2001:db8::2".parse().unwrap(), 17, udp.to_vec(), Inbound::Drop(DropReason::SpoofedIpv6), "an unassigned global"),
+            (any, 17, udp.to_vec(), Inbound::Drop(DropReason::SpoofedIpv6), "UDP from ::"),
+            (any, IPPROTO_ICMPV6, nd(ND_NEIGHBOUR_SOLICIT, me, &[]), Inbound::Deliver, "DAD for its link-local"),
+            (any, IPPROTO_ICMPV6, nd(ND_NEIGHBOUR_SOLICIT, victim, &[]), Inbound::Drop(DropReason::SpoofedNd), "DAD for b's"),
+            (any, IPPROTO_ICMPV6, nd(ND_NEIGHBOUR_ADVERT, me, &[]), Inbound::Drop(DropReason::SpoofedIpv6), "an NA from ::"),
+            (any, IPV6_HOP_BY_HOP, hop_by_hop_mld, Inbound::Deliver, "an MLDv2 report from :: during DAD"),
+            (
+                me,
+                IPPROTO_ICMPV6,
+                nd(ND_NEIGHBOUR_SOLICIT, victim, &[(ND_OPT_SOURCE_LL, mac(2))]),
+                Inbound::Deliver,
+                "address resolution of b",
+            ),
+            (
+                me,
+                IPPROTO_ICMPV6,
+                nd(ND_NEIGHBOUR_SOLICIT, victim, &[(ND_OPT_SOURCE_LL, mac(3))]),
+                Inbound::Drop(DropReason::SpoofedNd),
+                "a solicitation naming b's MAC",
+            ),
+            (
+                me,
+                IPPROTO_ICMPV6,
+                nd(ND_NEIGHBOUR_ADVERT, me, &[(ND_OPT_TARGET_LL, mac(2))]),
+                Inbound::Deliver,
+                "an advertisement of itself",
+            ),
+            (me, IPPROTO_ICMPV6, nd(ND_NEIGHBOUR_ADVERT, victim, &[]), Inbound::Drop(DropReason::SpoofedNd), "an NA for b"),
+            (
+                me,
+                IPPROTO_ICMPV6,
+                nd(ND_NEIGHBOUR_ADVERT, me, &[(ND_OPT_TARGET_LL, mac(3))]),
+                Inbound::Drop(DropReason::SpoofedNd),
+                "an NA pointing its address at b's MAC",
+            ),
+            (me, IPV6_DEST_OPTS, dest_opts_na, Inbound::Drop(DropReason::SpoofedNd), "an NA for b behind an extension header"),
+            (
+                me,
+                IPV6_FRAGMENT,
+                fragment(0, &nd(ND_NEIGHBOUR_ADVERT, victim, &[])),
+                Inbound::Drop(DropReason::SpoofedNd),
+                "an NA for b in a first fragment",
+            ),
+            (me, IPV6_FRAGMENT, fragment(3, &[0; 16]), Inbound::Deliver, "a later fragment"),
+            (
+                me,
+                IPPROTO_ICMPV6,
+                vec![ND_ROUTER_ADVERT, 0, 0, 0, 64, 0, 0, 30, 0, 0, 0, 0, 0, 0, 0, 0],
+                Inbound::Drop(DropReason::SpoofedNd),
+                "a router advertisement",
+            ),
+            (me, IPPROTO_ICMPV6, nd(ND_REDIRECT, victim, &[]), Inbound::Drop(DropReason::SpoofedNd), "a redirect"),
+            (
+                me,
+                IPPROTO_ICMPV6,
+                vec![ND_ROUTER_SOLICIT, 0, 0, 0, 0, 0, 0, 0, ND_OPT_SOURCE_LL, 1, 2, 0x5e, 0, 0, 0, 3],
+                Inbound::Drop(DropReason::SpoofedNd),
+                "a router solicitation naming b's MAC",
+            ),
+            (me, IPPROTO_ICMPV6, vec![128, 0, 0, 0, 0, 1, 0, 1], Inbound::Deliver, "an echo request"),
+            (me, IPV6_DEST_OPTS, too_many, Inbound::Drop(DropReason::Malformed), "too many extension headers"),
+            (me, IPPROTO_ICMPV6, zero_length_option, Inbound::Drop(DropReason::Malformed), "a zero-length option"),
+        ];
+        for (from, next, body, want, what) in cases {
+            assert_eq!(s.inbound(now, &node("a"), NET, &v6_frame(mac(2), from, next, &body)), want, "{what}");
+        }
+        // A payload length beyond the frame is malformed; one shorter than the frame bounds the options.
+        let mut overlong = v6_frame(mac(2), me, 17, &udp);
+        overlong[14 + 5] = 200;
+        assert_eq!(s.inbound(now, &node("a"), NET, &overlong), Inbound::Drop(DropReason::Malformed));
+        let mut padded = v6_frame(mac(2), me, IPPROTO_ICMPV6, &nd(ND_NEIGHBOUR_ADVERT, me, &[]));
+        padded.extend([ND_OPT_TARGET_LL, 1, 2, 0x5e, 0, 0, 0, 3]);
+        assert_eq!(s.inbound(now, &node("a"), NET, &padded), Inbound::Deliver, "bytes past the payload are not options");
+        let mut cut = v6_frame(mac(2), me, 17, &udp);
+        cut.truncate(14 + 39);
+        assert_eq!(s.inbound(now, &node("a"), NET, &cut), Inbound::Drop(DropReason::Malformed));
+        let labels: Vec<_> = s.counters().dropped;
+        assert_eq!(
+            labels,
+            [("malformed", 4), ("spoofed_ipv6", 4), ("spoofed_nd", 9)].map(|(l, n)| (l.to_owned(), n))
+        );
+    }
+
+    #[test]
+    fn tagged_frames_and_other_ethertypes_are_refused() {
+        let mut s = switch();
+        let now = Instant::now();
+        // An 802.1Q frame whose inner IPv4 packet is a's own would still be refused: the tag itself is.
+        let mut inner = vec![0, 5, 0x08, 0x00];
+        inner.extend(&frame(mac(1), mac(2))[14..]);
+        let cases = [
+            (0x8100, DropReason::VlanTagged),
+            (0x88a8, DropReason::VlanTagged),
+            (0x9100, DropReason::VlanTagged),
+            (0x88cc, DropReason::OtherEthertype),
+            (0x8035, DropReason::OtherEthertype),
+            (0x0026, DropReason::OtherEthertype),
+        ];
+        for (ethertype, reason) in cases {
+            let f = eth(MacAddr::BROADCAST, mac(2), ethertype, &inner);
+            assert_eq!(s.inbound(now, &node("a"), NET, &f), Inbound::Drop(reason), "{ethertype:#06x}");
+        }
+        assert_eq!(dropped(&s, "vlan_tagged"), 3);
+        assert_eq!(dropped(&s, "other_ethertype"), 3);
+        // A bare Ethernet header announcing IPv4 has no address to check.
+        assert_eq!(s.inbound(now, &node("a"), NET, &frame(mac(1), mac(2))[..14]), Inbound::Drop(DropReason::Malformed));
+        // Our own frames are checked for their MAC only (the receivers check the rest).
+        let tagged = eth(mac(2), mac(1), 0x8100, &inner);
+        assert_eq!(s.outbound(now, NET, &tagged), Outbound::Unicast(&node("a")));
+    }
+
+    /// The fuzz target's property (`overlay/fuzz/fuzz_targets/switch_inbound.rs`) on deterministic
+    /// mutations of valid frames, so CI exercises it without a fuzzer: the ingress path never panics,
+    /// and a frame it delivers carries only the sender's addresses where any receiver reads them.
+    #[test]
+    fn mutated_frames_never_panic_and_only_the_senders_addresses_pass() {
+        let (me, victim) = (ipv6_link_local(mac(2)), ipv6_link_local(mac(3)));
+        let udp = [0u8, 1, 0, 2, 0, 8, 0, 0];
+        let seeds = [
+            frame(mac(1), mac(2)),
+            frame(MacAddr::BROADCAST, mac(2)),
+            eth(MacAddr::BROADCAST, mac(2), ETHERTYPE_ARP, &arp(1, mac(2), ip(mac(2)), ip(mac(1)))),
+            eth(MacAddr::BROADCAST, mac(2), ETHERTYPE_ARP, &arp(1, mac(2), Ipv4Addr::UNSPECIFIED, ip(mac(2)))),
+            v6_frame(mac(2), me, 17, &udp),
+            v6_frame(mac(2), Ipv6Addr::UNSPECIFIED, IPPROTO_ICMPV6, &nd(ND_NEIGHBOUR_SOLICIT, me, &[])),
+            v6_frame(mac(2), me, IPPROTO_ICMPV6, &nd(ND_NEIGHBOUR_ADVERT, me, &[(ND_OPT_TARGET_LL, mac(2))])),
+            v6_frame(mac(2), me, IPPROTO_ICMPV6, &nd(ND_NEIGHBOUR_SOLICIT, victim, &[(ND_OPT_SOURCE_LL, mac(2))])),
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut s = switch();
+        let t0 = Instant::now();
+        let mut delivered = 0;
+        for i in 0..40_000u32 {
+            let mut f = seeds[i as usize % seeds.len()].clone();
+            for _ in 0..=rand() % 3 {
+                match rand() % 5 {
+                    0 | 1 => {
+                        let at = rand() as usize % f.len().max(1);
+                        if let Some(b) = f.get_mut(at) {
+                            *b ^= 1 << (rand() % 8);
+                        }
+                    }
+                    2 => f.truncate(rand() as usize % (f.len() + 1)),
+                    3 => {
+                        let at = rand() as usize % (f.len() + 1);
+                        f.insert(at, rand() as u8);
+                    }
+                    _ => {
+                        // Overwrite an address field with the victim's, where a spoofer would.
+                        let at = [6, 22, 26, 28, 36].get(rand() as usize % 5).copied().unwrap_or(0);
+                        for (k, b) in mac(3).0.iter().enumerate() {
+                            if let Some(x) = f.get_mut(at + k) {
+                                *x = *b;
+                            }
+                        }
+                    }
+                }
+            }
+            // A fresh flood budget every frame: the storm limit is not what is under test.
+            let now = t0 + Duration::from_secs(u64::from(i));
+            if s.inbound(now, &node("a"), NET, &f) == Inbound::Deliver {
+                delivered += 1;
+                assert_only_own_addresses(&f, mac(2), ip(mac(2)));
+            }
+        }
+        let c = s.counters();
+        let total: u64 = c.dropped.iter().map(|(_, n)| n).sum::<u64>() + c.delivered;
+        assert_eq!(total, 40_000, "every frame is delivered or counted as dropped: {c:?}");
+        assert!(delivered > 4000, "the mutations keep enough frames valid to test the positive side: {delivered}");
+        for label in ["spoofed_source", "spoofed_arp", "spoofed_ipv4", "spoofed_ipv6", "malformed", "other_ethertype"] {
+            assert!(dropped(&s, label) > 0, "{label} never hit: {c:?}");
+        }
+    }
+
+    /// An oracle written apart from [`check_addresses`]: the fields receivers learn addresses from
+    /// name only the sender.
+    fn assert_only_own_addresses(f: &[u8], mac: MacAddr, address: Ipv4Addr) {
+        assert_eq!(f[6..12], mac.0, "source MAC");
+        let at = |range: std::ops::Range<usize>| f.get(range).unwrap_or_else(|| panic!("delivered a short frame {f:02x?}"));
+        match u16::from_be_bytes([f[12], f[13]]) {
+            0x0806 => {
+                assert_eq!(at(22..28), mac.0, "ARP sender MAC in {f:02x?}");
+                let spa = at(28..32);
+                assert!(spa == address.octets() || (spa == [0; 4] && at(38..42) == address.octets()), "ARP sender {f:02x?}");
+            }
+            0x0800 => assert_eq!(at(26..30), address.octets(), "IPv4 source in {f:02x?}"),
+            0x86dd => {
+                let src = at(22..38);
+                assert!(src == ipv6_link_local(mac).octets() || src == [0; 16], "IPv6 source in {f:02x?}");
+                if at(20..21) == [IPPROTO_ICMPV6] && f.get(54) == Some(&ND_NEIGHBOUR_ADVERT) {
+                    assert_eq!(at(62..78), ipv6_link_local(mac).octets(), "NA target in {f:02x?}");
+                }
+            }
+            other => panic!("delivered ethertype {other:#06x}"),
+        }
     }
 
     #[test]
@@ -724,15 +1366,22 @@ mod tests {
             (vec![(node("x"), MacAddr::BROADCAST)], SwitchError::GroupMac { network: NET, mac: MacAddr::BROADCAST }),
         ];
         for (members, err) in refused {
-            assert_eq!(s.set_network(&own, members), Err(err));
+            assert_eq!(set(&mut s, &own, members), Err(err));
         }
+        let same_address = |address| [Member { node: node("x"), mac: mac(8), address }];
         assert_eq!(
-            s.set_network(&membership(NET, MacAddr::BROADCAST), []),
+            s.set_network(&own, same_address(ip(mac(1)))),
+            Err(SwitchError::DuplicateAddress { network: NET, address: ip(mac(1)) })
+        );
+        let twice = [Member { node: node("x"), mac: mac(8), address: ip(mac(9)) }, Member { node: node("y"), mac: mac(9), address: ip(mac(9)) }];
+        assert_eq!(s.set_network(&own, twice), Err(SwitchError::DuplicateAddress { network: NET, address: ip(mac(9)) }));
+        assert_eq!(
+            set(&mut s, &membership(NET, MacAddr::BROADCAST), []),
             Err(SwitchError::GroupMac { network: NET, mac: MacAddr::BROADCAST })
         );
         // The same pair listed twice is harmless.
         let mut fresh = Switch::new(SwitchConfig::default());
-        fresh.set_network(&own, [(node("x"), mac(8)), (node("x"), mac(8))]).unwrap();
+        set(&mut fresh, &own, [(node("x"), mac(8)), (node("x"), mac(8))]).unwrap();
         assert_eq!(fresh.mac_table(NET, Instant::now()).unwrap().len(), 1);
         // The refusals left the first configuration in place.
         assert_eq!(s.outbound(Instant::now(), NET, &frame(mac(3), mac(1))), Outbound::Unicast(&node("b")));
@@ -741,14 +1390,14 @@ mod tests {
     #[test]
     fn departed_peers_rate_limit_state_is_forgotten() {
         let mut s = Switch::new(SwitchConfig { flood_burst: 1, flood_rate_per_peer: 0, ..Default::default() });
-        s.set_network(&membership(NET, mac(1)), [(node("a"), mac(2))]).unwrap();
+        set(&mut s, &membership(NET, mac(1)), [(node("a"), mac(2))]).unwrap();
         let now = Instant::now();
         let bcast = frame(MacAddr::BROADCAST, mac(2));
         assert_eq!(s.inbound(now, &node("a"), NET, &bcast), Inbound::Deliver);
         assert_eq!(s.inbound(now, &node("a"), NET, &bcast), Inbound::Drop(DropReason::Storm));
-        s.set_network(&membership(NET, mac(1)), []).unwrap();
+        set(&mut s, &membership(NET, mac(1)), []).unwrap();
         assert!(s.buckets.is_empty());
-        s.set_network(&membership(NET, mac(1)), [(node("a"), mac(2))]).unwrap();
+        set(&mut s, &membership(NET, mac(1)), [(node("a"), mac(2))]).unwrap();
         assert_eq!(s.inbound(now, &node("a"), NET, &bcast), Inbound::Deliver, "a fresh bucket after rejoining");
     }
 }

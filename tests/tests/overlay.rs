@@ -1,7 +1,7 @@
 //! The overlay end to end, as an operator sees it: real agents with real TAP devices (`shoal0`), each host
 //! in its own network namespace, NAT routers in between (iptables MASQUERADE for endpoint-independent
 //! mapping, `--random-fully` for endpoint-dependent), checked with ping, arping, broadcasts, a TCP flow,
-//! and `shoalctl overlay paths`.
+//! `shoalctl overlay paths` and `shoalctl overlay counters`.
 //!
 //! Needs root (skips with a reason otherwise, fails under CI) and the binaries: `cargo build --workspace --bins`.
 
@@ -379,4 +379,144 @@ fn removed_members_are_cut_off_within_two_seconds_and_networks_stay_apart() {
         Ok(())
     })
     .or_panic();
+}
+
+/// `node`'s count of frames dropped for `reason`, from `shoalctl overlay counters -o json`; an error
+/// until the node has reported.
+fn dropped(fleet: &Fleet, node: &str, reason: &str) -> Result<u64> {
+    let all = fleet.ctl_json(&["overlay", "counters"])?;
+    let mine = all
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["node"] == node))
+        .with_context(|| format!("no counters from {node} yet: {all}"))?;
+    Ok(mine["dropped"][reason].as_u64().unwrap_or(0))
+}
+
+/// Waits until `node`'s `reason` count passes `before`; the new count.
+fn drops_rise(fleet: &Fleet, node: &str, reason: &str, before: u64) -> Result<u64> {
+    eventually(Duration::from_secs(30), &format!("{node} counts {reason} drops"), || {
+        let now = dropped(fleet, node, reason)?;
+        ensure!(now > before, "{reason}: still {now}");
+        Ok(now)
+    })
+}
+
+/// The MAC of `dev` in namespace `ns`.
+fn mac_of(ns: &str, dev: &str) -> Result<String> {
+    let out = in_ns(ns, "ip", &["-o", "link", "show", "dev", dev])?;
+    out.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .map(str::to_owned)
+        .with_context(|| format!("no MAC on {dev} in {ns}: {out}"))
+}
+
+/// The IPv6 link-local address of `dev` in namespace `ns`.
+fn link_local_of(ns: &str, dev: &str) -> Result<String> {
+    let out = in_ns(ns, "ip", &["-6", "-o", "addr", "show", "dev", dev, "scope", "link"])?;
+    out.split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)
+        .and_then(|c| c.split('/').next())
+        .map(str::to_owned)
+        .with_context(|| format!("no link-local address on {dev} in {ns}: {out}"))
+}
+
+#[test]
+fn a_member_spoofing_another_members_addresses_is_dropped_and_counted_while_real_traffic_flows() {
+    require_host_tests!();
+    let fleet = fleet(3, None).or_panic();
+    let addrs = tap_addrs(&fleet).or_panic();
+    let ns: Vec<String> = fleet.agents().iter().map(|a| a.netns.clone()).collect();
+    let ids: Vec<String> = (0..3).map(|i| fleet.node_id(i)).collect::<Result<_>>().or_panic();
+    // Agent 1 attacks, agent 2 is the victim whose addresses it claims, agent 3 receives.
+    let (attacker, victim, receiver) = (&ns[0], &ns[1], &ns[2]);
+    let (victim_ip, receiver_ip) = (addrs[1].to_string(), addrs[2]);
+    for (from, to) in [(0, 2), (1, 2), (2, 1), (0, 1)] {
+        eventually(Duration::from_secs(20), &format!("agent {} pings agent {}", from + 1, to + 1), || ping(&ns[from], addrs[to]))
+            .or_panic();
+    }
+    let (attacker_mac, victim_mac) = (mac_of(attacker, "shoal0").or_panic(), mac_of(victim, "shoal0").or_panic());
+    // The link-local address is the EUI-64 of the controller-assigned MAC: what peers accept.
+    let victim_ll = link_local_of(victim, "shoal0").or_panic();
+    let m: Vec<u8> = victim_mac.split(':').map(|h| u8::from_str_radix(h, 16).expect("hex")).collect();
+    let eui64 = std::net::Ipv6Addr::from([0xfe, 0x80, 0, 0, 0, 0, 0, 0, m[0] ^ 2, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]]);
+    assert_eq!(victim_ll.parse::<std::net::Ipv6Addr>().expect("an IPv6 address"), eui64, "shoal0's link-local");
+    let receiver_ll = link_local_of(receiver, "shoal0").or_panic();
+    eventually(Duration::from_secs(10), "a genuine link-local ping", || {
+        in_ns(attacker, "ping", &["-6", "-c", "1", "-W", "1", &format!("{receiver_ll}%shoal0")])
+    })
+    .or_panic();
+    let before = |reason: &str| {
+        eventually(Duration::from_secs(30), "the receiver's first counters", || dropped(&fleet, &ids[2], reason)).or_panic()
+    };
+    let neighbour_of_victim = || in_ns(receiver, "ip", &["neigh", "show", &victim_ip, "dev", "shoal0"]).or_panic();
+    assert!(neighbour_of_victim().contains(&victim_mac), "the receiver knows the victim's MAC: {}", neighbour_of_victim());
+
+    // ARP in the victim's name: unsolicited announcements and requests with its address as sender.
+    // (arping exits non-zero when nothing answers, which is the point.)
+    let arp_before = before("spoofed_arp");
+    let victim_arp_before = dropped(&fleet, &ids[1], "spoofed_arp").unwrap_or(0);
+    let _ = in_ns(attacker, "arping", &["-U", "-S", &victim_ip, "-i", "shoal0", "-c", "3", "-w", "3", &victim_ip]);
+    let _ = in_ns(attacker, "arping", &["-S", &victim_ip, "-i", "shoal0", "-c", "3", "-w", "3", &receiver_ip.to_string()]);
+    let arp_after = drops_rise(&fleet, &ids[2], "spoofed_arp", arp_before).or_panic();
+    drops_rise(&fleet, &ids[1], "spoofed_arp", victim_arp_before).or_panic();
+    eprintln!("receiver's spoofed_arp: {arp_before} -> {arp_after}");
+    let neighbour = neighbour_of_victim();
+    assert!(
+        !neighbour.contains(&attacker_mac),
+        "the receiver's ARP cache now points the victim's address at the attacker: {neighbour}"
+    );
+
+    // IPv4 in the victim's name: its address added to the attacker's shoal0, datagrams sent from it.
+    in_ns(attacker, "ip", &["addr", "add", &format!("{victim_ip}/32"), "dev", "shoal0"]).or_panic();
+    let ipv4_before = before("spoofed_ipv4");
+    let host = |i: usize| fleet.topology().host(&fleet.agents()[i].hostname).or_panic().netns();
+    let listener = host(2).enter(|| UdpSocket::bind((receiver_ip, 0))).or_panic().expect("a UDP socket on shoal0");
+    listener.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+    let to = listener.local_addr().expect("bound");
+    let spoofer = host(0).enter(|| UdpSocket::bind((addrs[1], 0))).or_panic().expect("a socket on the victim's address");
+    let genuine = host(0).enter(|| UdpSocket::bind((addrs[0], 0))).or_panic().expect("a socket on the attacker's own address");
+    eventually(Duration::from_secs(10), "the attacker's genuine datagram arrives, the spoofed one never", || {
+        spoofer.send_to(b"spoofed", to)?;
+        genuine.send_to(b"genuine", to)?;
+        let mut buf = [0u8; 16];
+        loop {
+            let (n, from) = listener.recv_from(&mut buf)?;
+            assert_ne!(&buf[..n], b"spoofed", "a datagram from the victim's address, sent by the attacker, arrived from {from}");
+            if &buf[..n] == b"genuine" {
+                ensure!(from.ip() == addrs[0], "genuine datagram from {from}");
+                return Ok(());
+            }
+        }
+    })
+    .or_panic();
+    let ipv4_after = drops_rise(&fleet, &ids[2], "spoofed_ipv4", ipv4_before).or_panic();
+    eprintln!("receiver's spoofed_ipv4: {ipv4_before} -> {ipv4_after}");
+
+    // IPv6 from the victim's link-local address.
+    in_ns(attacker, "ip", &["-6", "addr", "add", &format!("{victim_ll}/64"), "dev", "shoal0", "nodad"]).or_panic();
+    let ipv6_before = before("spoofed_ipv6");
+    let link = in_ns(attacker, "ip", &["-o", "link", "show", "dev", "shoal0"]).or_panic();
+    let scope: u32 = link.split(':').next().and_then(|i| i.trim().parse().ok()).expect("shoal0's interface index");
+    let v6 = |a: &str| std::net::SocketAddrV6::new(a.parse().expect("IPv6"), 0, 0, scope);
+    let spoofer = host(0).enter(|| UdpSocket::bind(v6(&victim_ll))).or_panic().expect("a socket on the victim's link-local");
+    let mut to_receiver = v6(&receiver_ll);
+    to_receiver.set_port(47003);
+    for _ in 0..3 {
+        spoofer.send_to(b"spoofed", to_receiver).expect("send");
+    }
+    let ipv6_after = drops_rise(&fleet, &ids[2], "spoofed_ipv6", ipv6_before).or_panic();
+    eprintln!("receiver's spoofed_ipv6: {ipv6_before} -> {ipv6_after}");
+
+    // An 802.1Q-tagged frame would carry its inner packet past the checks: the tag is refused.
+    let tagged_before = before("vlan_tagged");
+    let _ = in_ns(attacker, "arping", &["-V", "5", "-i", "shoal0", "-c", "3", "-w", "3", &receiver_ip.to_string()]);
+    drops_rise(&fleet, &ids[2], "vlan_tagged", tagged_before).or_panic();
+
+    // Genuine traffic between all three kept flowing, and still does.
+    for (from, to) in [(0, 2), (1, 2), (2, 1)] {
+        ping(&ns[from], addrs[to]).or_panic();
+    }
+    assert!(neighbour_of_victim().contains(&victim_mac), "the receiver still reaches the victim at its own MAC");
 }
