@@ -96,6 +96,21 @@ impl TempFile {
         &mut self.file
     }
 
+    /// Swaps the writable descriptor for a read-only one of the same file (checked by device and
+    /// inode; the name is opened with `O_NOFOLLOW`). The kernel refuses to load a file that anyone
+    /// holds open for writing (`kexec_file_load(2)`: `ETXTBSY`).
+    pub fn reopen_read_only(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        self.file.sync_all()?;
+        let ro = std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC).open(&self.path)?;
+        let (a, b) = (self.file.metadata()?, ro.metadata()?);
+        if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
+            return Err(std::io::Error::other(format!("{} was replaced while it was written", self.path.display())));
+        }
+        self.file = ro;
+        Ok(())
+    }
+
     /// Where it is.
     pub fn path(&self) -> &std::path::Path {
         &self.path
