@@ -71,6 +71,15 @@ fn has_event(fleet: &Fleet, kind: &str, node: &str, needle: &str) -> Result<()> 
     Ok(())
 }
 
+/// Waits until the current rollout has finished; its status.
+fn finished(fleet: &Fleet, what: &str) -> Result<Value> {
+    eventually!(TIMEOUT * 2, &format!("the rollout {what} finishes"), || {
+        let r = fleet.ctl_json(&["upgrade", "status"])?;
+        ensure!(r["finished"] == true, "not yet: {r}");
+        Ok(r)
+    })
+}
+
 #[test]
 fn agents_update_themselves_refuse_bad_releases_and_roll_back_unhealthy_ones() {
     require_host_tests!();
@@ -221,15 +230,8 @@ fn scenario() -> Result<()> {
 
     // Back down to 0.9.0-good without permission: agents 1 and 3 refuse (their version is newer) and
     // stay on 0.9.4-roll; agent 2's disk is still too small.
-    let finished = |what: &str| {
-        eventually!(TIMEOUT * 2, &format!("the rollout {what} finishes"), || {
-            let r = fleet.ctl_json(&["upgrade", "status"])?;
-            ensure!(r["finished"] == true, "not yet: {r}");
-            Ok(r)
-        })
-    };
     fleet.ctl_ok(&["upgrade", "start", "--agent", "0.9.0-good", "--selector", "pool=update", "--max-failures", "5"])?;
-    let r = finished("of 0.9.0-good without --allow-downgrade")?;
+    let r = finished(&fleet, "of 0.9.0-good without --allow-downgrade")?;
     let detail = |r: &Value, n: &str| -> Result<(String, String)> {
         let p = r["nodes"].as_array().and_then(|l| l.iter().find(|x| x["node"] == n).cloned()).with_context(|| format!("{n} in {r}"))?;
         Ok((p["phase"].as_str().unwrap_or_default().to_owned(), p["detail"].as_str().unwrap_or_default().to_owned()))
@@ -251,7 +253,7 @@ fn scenario() -> Result<()> {
         "upgrade", "start", "--agent", "0.9.0-good", "--selector", "pool=update", "--max-failures", "5", "--allow-downgrade",
     ])?;
     println!("{out}");
-    let r = finished("of 0.9.0-good with --allow-downgrade")?;
+    let r = finished(&fleet, "of 0.9.0-good with --allow-downgrade")?;
     println!("{}", fleet.ctl_ok(&["upgrade", "status"])?);
     for n in [&n1, &n3] {
         let (phase, why) = detail(&r, n)?;

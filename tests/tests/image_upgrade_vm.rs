@@ -98,7 +98,8 @@ fn image_upgrade_reboots_into_v2_and_rolls_back_from_a_broken_v3() {
     require_netboot!(Firmware::Bios);
     // Built first: the controller must trust its key from the start, beside the lab's own.
     let bins = shoal_tests::bins::Bins::locate().expect("binaries");
-    let rogue_key = std::env::temp_dir().join(format!("shoal-netboot-rogue-{}.pem", std::process::id()));
+    // Beside the lab key, in the per-process image directory.
+    let rogue_key = std::env::temp_dir().join(format!("shoal-netboot-image-{}", std::process::id())).join("rogue.pem");
     let rogue = image_signed_by(&bins, "test-rogue", &rogue_key).expect("rogue image");
     let mut lab = NetbootLab::start_with_keys(21, DhcpSetup::Full, std::slice::from_ref(&rogue.key_pub)).expect("lab");
     println!("FIGURE image build test-1 {:.1?}", lab.image.build_time);
