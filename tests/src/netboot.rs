@@ -203,7 +203,7 @@ fn build_image_with(bins: &Bins, version: &str, health_check: Option<&Path>, age
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build.sh");
     let start = Instant::now();
     let mut cmd = Command::new("bash");
-    cmd.arg(&script).arg("--out").arg(&dir).arg("--version").arg(version).arg("--agent").arg(&bins.agent).arg("--key").arg(&key);
+    cmd.arg(&script).arg("--out").arg(&dir).arg("--version").arg(version).arg("--agent").arg(&bins.agent).arg("--key").arg(key);
     if let Some(check) = health_check {
         cmd.arg("--health-check").arg(check);
     }
