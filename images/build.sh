@@ -6,7 +6,13 @@
 # controller address and join token from the kernel command line (shoal.controller=, shoal.token=).
 #
 # Usage: images/build.sh --out DIR --version V [--agent PATH] [--key PATH] [--modules "m1 m2 ..."]
-#                        [--health-check FILE] [--agent-args "ARGS"]
+#                        [--health-check FILE] [--agent-args "ARGS"] [--trust-key PUB]...
+#
+# The image trusts the public half of its signing key for kexec: it is baked in as
+# /etc/shoal/image-keys/signing-key.pub and the agent starts with --image-key for every key there, so
+# a node running this image kexecs only into images signed by that key (an image the controller names
+# that does not verify is refused, and so is the reboot into it). --trust-key PUB (repeatable) bakes
+# more keys in: build one image trusting the old and the new key to move a fleet to a new signing key.
 #
 # --health-check FILE bakes FILE into the image as /etc/shoal/health-check (mode 0755); the init then
 # starts the agent with --health-check /etc/shoal/health-check, so the agent's boot report (and the
@@ -29,6 +35,7 @@
 set -euo pipefail
 
 out="" version="" agent="" health_check="" agent_args="" key="${XDG_CONFIG_HOME:-$HOME/.config}/shoal/image-signing.pem"
+trust_keys=()
 # NICs and disk controllers; crc32c_generic before the filesystems, whose metadata checksums ask the crypto
 # API for "crc32c" (the image has no modprobe to load it on demand). PCIe hot-plug (pciehp, acpiphp) is
 # built into Debian's kernel.
@@ -42,7 +49,8 @@ while [ $# -gt 0 ]; do
         --modules) modules="$2"; shift 2 ;;
         --health-check) health_check="$2"; shift 2 ;;
         --agent-args) agent_args="$2"; shift 2 ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        --trust-key) trust_keys+=("$2"); shift 2 ;;
+        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
         *) echo "build.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -61,6 +69,19 @@ if [ -z "$agent" ]; then
 fi
 [ -x "$agent" ] || { echo "build.sh: agent binary $agent not found" >&2; exit 1; }
 [ -z "$health_check" ] || [ -r "$health_check" ] || { echo "build.sh: health check $health_check not readable" >&2; exit 1; }
+for k in ${trust_keys[@]+"${trust_keys[@]}"}; do
+    grep -qE '^[0-9a-f]{64}$' "$k" 2>/dev/null || { echo "build.sh: --trust-key $k is not a .pub of 64 hex characters" >&2; exit 1; }
+done
+
+# Signing key: generated once, kept outside the image; its public half goes into the image too.
+if [ ! -f "$key" ]; then
+    mkdir -p "$(dirname "$key")"
+    (umask 077 && openssl genpkey -algorithm ed25519 -out "$key")
+    echo "build.sh: generated image signing key $key" >&2
+fi
+pub="${key%.pem}.pub"
+openssl pkey -in "$key" -pubout -outform DER | tail -c 32 | od -An -tx1 | tr -d ' \n' > "$pub"
+echo >> "$pub"
 
 # The kernel package linux-image-amd64 points at.
 kpkg=$(dpkg-query -W -f='${Depends}' linux-image-amd64 | tr ',|' '\n\n' | sed 's/ (.*//; s/ //g' | grep '^linux-image-[0-9]' | head -1)
@@ -126,6 +147,13 @@ if [ -n "$health_check" ]; then
     chmod 0755 "$root/etc/shoal/health-check"
 fi
 echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
+mkdir -p "$root/etc/shoal/image-keys"
+cp "$pub" "$root/etc/shoal/image-keys/signing-key.pub"
+i=0
+for k in ${trust_keys[@]+"${trust_keys[@]}"}; do
+    i=$((i + 1))
+    cp "$k" "$root/etc/shoal/image-keys/trusted-$i.pub"
+done
 
 cat > "$root/usr/share/udhcpc/default.script" <<'EOF'
 #!/bin/sh
@@ -185,10 +213,15 @@ if [ -z "$controller" ]; then
 fi
 check=""
 [ -x /etc/shoal/health-check ] && check=/etc/shoal/health-check
+# The keys images must be signed with for this node to kexec into them.
+keys=""
+for k in /etc/shoal/image-keys/*.pub; do
+    [ -r "$k" ] && keys="$keys --image-key $k"
+done
 log "agent starting for controller $controller${check:+ with health check $check}"
 while true; do
-    # shellcheck disable=SC2046 # the extra arguments are words
-    shoal-agent --controller "$controller" ${token:+--token "$token"} --state-dir /var/lib/shoal-agent ${check:+--health-check "$check"} $(cat /etc/shoal/agent-args)
+    # shellcheck disable=SC2046,SC2086 # the extra arguments and keys are words
+    shoal-agent --controller "$controller" ${token:+--token "$token"} --state-dir /var/lib/shoal-agent ${check:+--health-check "$check"} $keys $(cat /etc/shoal/agent-args)
     log "agent exited ($?); restarting in 5 s"
     sleep 5
 done
@@ -200,15 +233,6 @@ find "$root" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 (cd "$root" && find . -mindepth 1 | sort | cpio --quiet -o -H newc --reproducible --owner=0:0) | zstd -q -15 -T1 > "$out/initrd.img"
 cp "$kernel" "$out/vmlinuz"
 
-# Signing key: generated once, kept outside the image.
-if [ ! -f "$key" ]; then
-    mkdir -p "$(dirname "$key")"
-    (umask 077 && openssl genpkey -algorithm ed25519 -out "$key")
-    echo "build.sh: generated image signing key $key" >&2
-fi
-pub="${key%.pem}.pub"
-openssl pkey -in "$key" -pubout -outform DER | tail -c 32 | od -An -tx1 | tr -d ' \n' > "$pub"
-echo >> "$pub"
 cp "$pub" "$out/signing-key.pub"
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }

@@ -226,6 +226,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         updater,
         boot,
         kexec: None,
+        protocol: 0,
         conn: None,
         updates: false,
         fetch_conns: tokio::sync::watch::Sender::new(None),
@@ -337,8 +338,11 @@ struct Shell<'a> {
     updater: Arc<Mutex<Updater>>,
     /// What this machine booted and its health checks, reported on every v4 session.
     boot: crate::checks::BootHealth,
-    /// The image the controller named for kexec at the next reboot (v4).
-    kexec: Option<shoal_proto::KexecImage>,
+    /// The image the controller named for kexec at the next reboot, as the agent judged it
+    /// ([`reboot::check_image`]); taken by that reboot.
+    kexec: Option<reboot::NamedImage>,
+    /// The negotiated protocol of the current session (0 before Welcome): what it can decode.
+    protocol: u16,
     /// The current control connection (release downloads open a stream on it).
     conn: Option<quinn::Connection>,
     /// Whether the current session speaks protocol 4 (update messages).
@@ -590,6 +594,7 @@ impl Shell<'_> {
         self.boot.new_session();
         let result = loop {
             self.updates = session.speaks_updates();
+            self.protocol = session.welcome().map_or(0, |w| w.protocol);
             match self.perform(&mut send, outputs, key_pem, creds).await {
                 Ok(Some(end)) => break Ok(end),
                 Ok(None) => {}
@@ -627,11 +632,11 @@ impl Shell<'_> {
                 info!(version = %version, "update installed");
                 let e = updater::reexec(&exe);
                 let report = lock(&self.updater).failed(&version, shoal_proto::UpdateFailure::Install(format!("re-executing {}: {e}", exe.display())));
-                (ready && self.updates).then_some(AgentMsg::UpdateReport(report))
+                (ready && self.updates).then(|| self.update_report(report))
             }
             ShellEvent::Update { version, result: Err(failure) } => {
                 let report = lock(&self.updater).failed(&version, failure);
-                (ready && self.updates).then_some(AgentMsg::UpdateReport(report))
+                (ready && self.updates).then(|| self.update_report(report))
             }
             ShellEvent::RebootFailed(reason) => {
                 warn!(%reason, "the reboot did not happen");
@@ -801,7 +806,7 @@ impl Shell<'_> {
                             let updater = self.updater.clone();
                             let changed = tokio::task::spawn_blocking(move || lock(&updater).heartbeat_sent()).await.ok().flatten();
                             if let Some(report) = changed.filter(|_| self.updates) {
-                                send_msg(send, &AgentMsg::UpdateReport(report)).await?;
+                                send_msg(send, &self.update_report(report)).await?;
                             }
                             if self.updates && self.boot.due(Instant::now()) {
                                 if let Some(report) = self.boot_checks().await {
@@ -909,49 +914,18 @@ impl Shell<'_> {
                 }
                 Output::SendUpdateReport => {
                     let report = lock(&self.updater).report();
-                    send_msg(send, &AgentMsg::UpdateReport(report)).await?;
+                    send_msg(send, &self.update_report(report)).await?;
                     self.fetch_conns.send_replace(self.conn.clone());
                 }
                 Output::Update(ControllerMsg::UpdateAgent { version, release }) => {
-                    let offer = lock(&self.updater).offer(&version, &release);
-                    match (offer, self.conn.clone()) {
-                        (Ok(updater::Offer::InProgress), _) => {
-                            send_msg(send, &AgentMsg::UpdateAck { version: version.clone() }).await?;
-                        }
-                        (Ok(updater::Offer::Fetch(manifest)), Some(conn)) => {
-                            send_msg(send, &AgentMsg::UpdateAck { version: version.clone() }).await?;
-                            let (paths, policy) = {
-                                let u = lock(&self.updater);
-                                (u.paths().clone(), u.policy())
-                            };
-                            let shared = self.updater.clone();
-                            let events = self.overlay.events.clone();
-                            self.fetch_conns.send_replace(Some(conn));
-                            let conns = self.fetch_conns.subscribe();
-                            tokio::spawn(async move {
-                                let result = match updater::fetch(conns, &paths, &manifest, &policy).await {
-                                    Ok(()) => {
-                                        // The health deadline runs from the install, not from the offer: a
-                                        // slow download must not use up the new version's time to pass its
-                                        // checks (it was rolled back at its first start, no check run).
-                                        let trying = lock(&shared).trying(&version);
-                                        tokio::task::spawn_blocking(move || updater::install(&paths, &trying))
-                                            .await
-                                            .unwrap_or_else(|e| Err(shoal_proto::UpdateFailure::Install(e.to_string())))
-                                    }
-                                    Err(e) => {
-                                        let _ = std::fs::remove_file(&paths.download);
-                                        Err(e)
-                                    }
-                                };
-                                let _ = events.send(ShellEvent::Update { version, result });
-                            });
-                        }
-                        (Ok(updater::Offer::Fetch(_)), None) => {
-                            let report = lock(&self.updater).failed(&version, shoal_proto::UpdateFailure::Install("no connection to fetch on".into()));
-                            send_msg(send, &AgentMsg::UpdateReport(report)).await?;
-                        }
-                        (Err(report), _) => send_msg(send, &AgentMsg::UpdateReport(*report)).await?,
+                    // A v4 offer carries no downgrade permission.
+                    if let Some(msg) = self.update_offer(version, &release, false) {
+                        send_msg(send, &msg).await?;
+                    }
+                }
+                Output::Update(ControllerMsg::UpdateOffer(offer)) => {
+                    if let Some(msg) = self.update_offer(offer.version, &offer.release, offer.allow_downgrade) {
+                        send_msg(send, &msg).await?;
                     }
                 }
                 Output::Update(ControllerMsg::RevertAgent { reason }) => {
@@ -967,11 +941,26 @@ impl Shell<'_> {
                     }
                 }
                 Output::Update(ControllerMsg::KexecImage(image)) => {
-                    info!(image = %image.version, "the controller names the image to kexec into at the next reboot");
-                    self.kexec = Some(image);
+                    // Unsigned (a v4 controller): nothing this node can verify, so no kexec into it.
+                    info!(image = %image.version, "the controller names an unsigned image for the next reboot; it will be a full reboot");
+                    self.kexec = Some(reboot::NamedImage::Untrusted { version: image.version, why: "unsigned (KexecImage)" });
+                }
+                Output::Update(ControllerMsg::SignedKexecImage(image)) => {
+                    let ca = creds.map(|c| pki::sha256(&c.ca_der));
+                    let named = reboot::check_image(&image, &self.config.reboot.image_keys, ca);
+                    match &named {
+                        reboot::NamedImage::Verified(_) => info!(image = %image.version, "the image named for the next reboot verified with this node's image key"),
+                        reboot::NamedImage::Refused { reason, .. } => {
+                            warn!(image = %image.version, %reason, "the image named for the next reboot is refused; the reboot will be too")
+                        }
+                        reboot::NamedImage::Untrusted { why, .. } => info!(image = %image.version, why, "no kexec into the image named for the next reboot; it will be a full reboot"),
+                    }
+                    self.kexec = Some(named);
                 }
                 Output::Update(ControllerMsg::Reboot { reason, prefer_kexec }) => {
-                    match reboot::decide(&self.config.reboot, prefer_kexec, self.kexec.as_ref()) {
+                    // One named image per reboot: a later request without one does not reuse it.
+                    let named = self.kexec.take();
+                    match reboot::decide(&self.config.reboot, prefer_kexec, named.as_ref()) {
                         Err(refusal) => {
                             warn!(%reason, %refusal, "the controller asks to reboot; refused");
                             send_msg(send, &AgentMsg::RebootRefused { reason: refusal }).await?;
@@ -1137,6 +1126,57 @@ impl Shell<'_> {
     fn store_reboot_record(&self) {
         if let Err(e) = maint::store_record(&self.config.state_dir, self.maint.book.reboot_record()) {
             warn!(cause = %e, "cannot update the maintenance reboot record");
+        }
+    }
+}
+
+impl Shell<'_> {
+    /// An update report as the current session can decode it ([`shoal_proto::UpdateReport::for_protocol`]).
+    fn update_report(&self, report: shoal_proto::UpdateReport) -> AgentMsg {
+        AgentMsg::UpdateReport(report.for_protocol(self.protocol))
+    }
+
+    /// An offer of `version` (v4 `UpdateAgent` or v5 `UpdateOffer`): verified, acknowledged and
+    /// fetched in the background (installed when complete), or refused; the message to answer with.
+    fn update_offer(&mut self, version: String, release: &shoal_proto::SignedRelease, allow_downgrade: bool) -> Option<AgentMsg> {
+        let offer = lock(&self.updater).offer(&version, release, allow_downgrade);
+        match (offer, self.conn.clone()) {
+            (Ok(updater::Offer::InProgress), _) => Some(AgentMsg::UpdateAck { version }),
+            (Ok(updater::Offer::Fetch(manifest)), Some(conn)) => {
+                let ack = AgentMsg::UpdateAck { version: version.clone() };
+                let (paths, policy) = {
+                    let u = lock(&self.updater);
+                    (u.paths().clone(), u.policy())
+                };
+                let shared = self.updater.clone();
+                let events = self.overlay.events.clone();
+                self.fetch_conns.send_replace(Some(conn));
+                let conns = self.fetch_conns.subscribe();
+                tokio::spawn(async move {
+                    let result = match updater::fetch(conns, &paths, &manifest, &policy).await {
+                        Ok(()) => {
+                            // The health deadline runs from the install, not from the offer: a
+                            // slow download must not use up the new version's time to pass its
+                            // checks (it was rolled back at its first start, no check run).
+                            let trying = lock(&shared).trying(&version);
+                            tokio::task::spawn_blocking(move || updater::install(&paths, &trying))
+                                .await
+                                .unwrap_or_else(|e| Err(shoal_proto::UpdateFailure::Install(e.to_string())))
+                        }
+                        Err(e) => {
+                            let _ = std::fs::remove_file(&paths.download);
+                            Err(e)
+                        }
+                    };
+                    let _ = events.send(ShellEvent::Update { version, result });
+                });
+                Some(ack)
+            }
+            (Ok(updater::Offer::Fetch(_)), None) => {
+                let report = lock(&self.updater).failed(&version, shoal_proto::UpdateFailure::Install("no connection to fetch on".into()));
+                Some(self.update_report(report))
+            }
+            (Err(report), _) => Some(self.update_report(*report)),
         }
     }
 }

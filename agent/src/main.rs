@@ -102,6 +102,13 @@ struct Cli {
     /// their stand-in --reboot-command changes).
     #[arg(long, value_name = "PATH", default_value = "/proc/sys/kernel/random/boot_id")]
     boot_id_file: PathBuf,
+    /// A public key netboot images must be signed with for this node to kexec into them (the `.pub`
+    /// of 64 hex characters `images/build.sh` writes, the one the controller's `--image-key` takes;
+    /// repeatable). An image the controller names that none verifies is refused, and so is the
+    /// reboot into it: the node stays up. Without any, the agent never kexecs a controller-named
+    /// image and reboots fully instead (through firmware and netboot).
+    #[arg(long = "image-key", value_name = "FILE")]
+    image_key: Vec<PathBuf>,
     /// Never kexec when the controller asks for a reboot (always the full reboot through firmware),
     /// e.g. on hardware whose devices do not survive a kexec.
     #[arg(long)]
@@ -184,6 +191,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     config.maintenance.canonical_allow().map_err(anyhow::Error::msg)?;
     config.reboot.kexec = !cli.no_kexec;
+    config.reboot.image_keys = cli
+        .image_key
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading image key file {}", path.display()))?;
+            shoal_agent::release::ImageKey::parse(&text).with_context(|| format!("--image-key {}", path.display()))
+        })
+        .collect::<anyhow::Result<_>>()?;
     // One thread: the agent's work is a few messages a minute, and idle memory matters on small nodes.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(daemon::run(config, shutdown_signal()))?;

@@ -312,15 +312,30 @@ pub async fn hook_step(config: &MaintenanceConfig, command: &str, step: &Mainten
     }
 }
 
-/// Carries out an allowed `exec` (checked again here: canonical path against the allow-list).
-pub async fn exec_step(config: &MaintenanceConfig, allow: &[PathBuf], argv: &[String], step: &MaintenanceStep) -> StepOutcome {
+/// The program to execute for `argv`: its canonical path, once [`check_exec`] allowed exactly that
+/// path. The caller executes this path, never `argv[0]` as given: a symlink swapped in after the
+/// check (or a `..` through one) cannot change what runs.
+pub fn resolve_exec(argv: &[String], allow: &[PathBuf]) -> Result<PathBuf, String> {
     let canonical = argv.first().and_then(|p| std::fs::canonicalize(p).ok());
-    if let Err(e) = check_exec(argv, canonical.as_deref(), allow) {
-        return StepOutcome::Failed(e);
+    check_exec(argv, canonical.as_deref(), allow)?;
+    canonical.ok_or_else(|| "exec needs a command".to_owned())
+}
+
+/// Carries out an allowed `exec`: checked again here ([`resolve_exec`]), and the canonical path that
+/// passed the check is what runs.
+pub async fn exec_step(config: &MaintenanceConfig, allow: &[PathBuf], argv: &[String], step: &MaintenanceStep) -> StepOutcome {
+    match resolve_exec(argv, allow) {
+        Ok(program) => run_exec(config, &program, argv, step).await,
+        Err(e) => StepOutcome::Failed(e),
     }
-    let mut cmd = tokio::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..]);
-    match run_command(cmd, &argv[0], step, config.timeout).await {
+}
+
+/// Runs `program` (the resolved path) with `argv[1..]`.
+async fn run_exec(config: &MaintenanceConfig, program: &Path, argv: &[String], step: &MaintenanceStep) -> StepOutcome {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(argv.get(1..).unwrap_or_default());
+    let name = argv.first().map(String::as_str).unwrap_or_default();
+    match run_command(cmd, name, step, config.timeout).await {
         Ok(out) => StepOutcome::Done(out),
         Err(e) => StepOutcome::Failed(e),
     }
@@ -447,5 +462,36 @@ mod tests {
         assert_eq!(exec_step(&config, &allow, &argv, &s).await, StepOutcome::Done("fixed disk".into()));
         let out = exec_step(&config, &[], &argv, &s).await;
         assert!(matches!(out, StepOutcome::Failed(ref e) if e.contains("--allow-exec")), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn exec_runs_the_canonical_path_it_checked_not_the_name_it_was_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = |name: &str, says: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, format!("#!/bin/sh\necho {says}\n")).unwrap();
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+            p
+        };
+        let allowed = script("fix.sh", "allowed");
+        let evil = script("evil.sh", "evil");
+        let link = dir.path().join("link.sh");
+        std::os::unix::fs::symlink(&allowed, &link).unwrap();
+        let allow = MaintenanceConfig { allow_exec: vec![allowed.clone()], ..Default::default() }.canonical_allow().unwrap();
+        let argv = vec![link.display().to_string()];
+        // The check resolves the link to the allowed program; that resolved path is what is run.
+        let program = resolve_exec(&argv, &allow).unwrap();
+        assert_eq!(program, std::fs::canonicalize(&allowed).unwrap());
+        let s = step("r1", StepKind::Act, MaintenanceAction::Exec { argv: argv.clone() });
+        assert_eq!(exec_step(&MaintenanceConfig::default(), &allow, &argv, &s).await, StepOutcome::Done("allowed".into()));
+        // The link swapped to another program between the check and the exec: what runs is still the
+        // path that was checked, not the name as given.
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(&evil, &link).unwrap();
+        assert_eq!(run_exec(&MaintenanceConfig::default(), &program, &argv, &s).await, StepOutcome::Done("allowed".into()));
+        // And the next check sees the swap and refuses it.
+        assert!(resolve_exec(&argv, &allow).unwrap_err().contains("not allowed"));
+        let out = exec_step(&MaintenanceConfig::default(), &allow, &argv, &s).await;
+        assert!(matches!(out, StepOutcome::Failed(ref e) if e.contains("not allowed")), "{out:?}");
     }
 }

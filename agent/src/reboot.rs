@@ -1,17 +1,35 @@
 //! Remote reboots (protocol 4, `ControllerMsg::Reboot`): the controller assigned this netbooted node a
 //! new image and asks it to boot it.
 //!
-//! The decision ([`decide`]) is pure: refuse when `--no-remote-reboot`; else the operator's
-//! `--reboot-command` if given (tests use a stand-in); else, when the controller prefers kexec and
-//! `--no-kexec` is not given, kexec into the image the controller named ([`ControllerMsg::KexecImage`]:
-//! [`prepare`] downloads its kernel and initramfs from the controller's boot HTTP server into RAM,
-//! checks their SHA-256 and loads them with `kexec_file_load(2)`; any error falls back to the full
-//! reboot) or into a kernel something else loaded (`/sys/kernel/kexec_loaded` is `1`); else the
-//! `reboot(2)` syscall after `sync(2)`. [`execute`] carries it out (kexec is `reboot(2)` with
-//! `RB_KEXEC`, no kexec-tools needed). The agent acknowledges, with the method it will really use,
-//! before executing.
+//! The decision ([`decide`]) is pure: refuse when `--no-remote-reboot`, or when the image the
+//! controller named for this reboot did not verify ([`NamedImage::Refused`]: the node stays up); else
+//! the operator's `--reboot-command` if given (tests use a stand-in); else, when the controller prefers
+//! kexec and `--no-kexec` is not given, kexec into the image the controller named if it verified
+//! ([`NamedImage::Verified`]: [`prepare`] downloads its kernel and initramfs from the controller's boot
+//! HTTP server into RAM, checks their SHA-256 and loads them with `kexec_file_load(2)`; any error falls
+//! back to the full reboot) or into a kernel something else loaded (`/sys/kernel/kexec_loaded` is
+//! `1`); else the `reboot(2)` syscall after `sync(2)`. [`execute`] carries it out (kexec is
+//! `reboot(2)` with `RB_KEXEC`, no kexec-tools needed). The agent acknowledges, with the method it
+//! will really use, before executing.
 //!
-//! [`ControllerMsg::KexecImage`]: shoal_proto::ControllerMsg::KexecImage
+//! # Which kernels the agent kexecs
+//!
+//! Only one whose image manifest verifies with a key the node holds itself (`--image-key FILE`,
+//! baked into the image by `images/build.sh`), never one the controller vouches for: [`check_image`]
+//! verifies the [`SignedKexecImage`]'s manifest signature, checks its rules and version, takes the
+//! kernel and initramfs SHA-256 from it, and builds the kernel command line itself (the one the iPXE
+//! script boots: `initrd=… shoal.controller=… shoal.token=… shoal.image=… <manifest cmdline>`) from a
+//! controller address that must parse as `IP:PORT` and a token that must parse as a join token of
+//! this node's fleet, so nothing else can be slipped onto it. An image that does not verify is
+//! refused, and so is the reboot that follows it.
+//!
+//! Without `--image-key`, and for the unsigned v4 `KexecImage`, the agent does not kexec a
+//! controller-named image: it reboots fully. That is no weaker than the netboot trust the node already
+//! has: a full reboot runs firmware and iPXE, which boot whatever the controller's boot server hands
+//! out (iPXE checks no signature), so a node that netboots trusts the controller with its next kernel
+//! anyway. What the image key adds is that a controller (or anyone who took it over) cannot push a
+//! kernel of its choosing into a running node by kexec: on a disk-booted node, or with signed iPXE,
+//! that is the difference between rebooting it and owning it.
 
 use std::{
     fs,
@@ -22,7 +40,11 @@ use std::{
     time::Duration,
 };
 
-use shoal_proto::KexecImage;
+use shoal_overlay::pki::TempFile;
+
+use shoal_proto::{ImageManifest, JoinToken, KexecImage, SignedKexecImage};
+
+use crate::release::ImageKey;
 
 /// Remote reboot settings. Every field has a documented default.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,8 +59,12 @@ pub struct RebootConfig {
     /// off, e.g. for hardware whose devices do not survive a kexec).
     pub kexec: bool,
     /// Where the image's kernel and initramfs are downloaded before loading (default
-    /// `/run/shoal-kexec`, a tmpfs; removed once loaded).
+    /// `/run/shoal-kexec`, a tmpfs, mode 0700; each file under a unique exclusive name, removed once
+    /// loaded).
     pub kexec_dir: PathBuf,
+    /// The keys a kexec image's manifest must be signed with (`--image-key FILE`, repeatable; default
+    /// none: the agent never kexecs a controller-named image, it reboots fully).
+    pub image_keys: Vec<ImageKey>,
 }
 
 impl Default for RebootConfig {
@@ -49,6 +75,7 @@ impl Default for RebootConfig {
             kexec_loaded: PathBuf::from("/sys/kernel/kexec_loaded"),
             kexec: true,
             kexec_dir: PathBuf::from("/run/shoal-kexec"),
+            image_keys: Vec::new(),
         }
     }
 }
@@ -78,6 +105,113 @@ impl std::fmt::Display for RebootMethod {
     }
 }
 
+/// A controller-named kexec image, as the agent judged it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamedImage {
+    /// It verified with one of this node's image keys: what to kexec, with hashes and command line
+    /// taken from the signed manifest.
+    Verified(KexecImage),
+    /// It did not verify: the reboot that follows is refused, naming why, and the node stays up.
+    Refused {
+        /// The version the controller named.
+        version: String,
+        /// Why.
+        reason: ImageRefusal,
+    },
+    /// It is not kexec'd, and the reboot that follows is a full one: unsigned (a v4 controller's
+    /// `KexecImage`) or this node holds no image key.
+    Untrusted {
+        /// The version the controller named.
+        version: String,
+        /// Why it is not used.
+        why: &'static str,
+    },
+}
+
+/// Why a signed kexec image was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ImageRefusal {
+    /// No key of this node verifies the manifest's signature.
+    #[error("its manifest signature does not verify with this node's image keys (--image-key {keys})")]
+    BadSignature {
+        /// The ids of the keys the node holds.
+        keys: String,
+    },
+    /// The signature is not 64 bytes, the manifest is not one, or a field breaks the rules.
+    #[error("malformed image: {0}")]
+    Malformed(String),
+    /// The signed manifest is for another version than the controller named.
+    #[error("the signed manifest is for image {manifest}, but the controller named {named}")]
+    VersionMismatch {
+        /// What the controller said.
+        named: String,
+        /// What the manifest says.
+        manifest: String,
+    },
+    /// The controller address for the booted image is not `IP:PORT`.
+    #[error("controller address {0:?} is not IP:PORT")]
+    BadController(String),
+    /// The boot token is not a join token.
+    #[error("the boot token is not a join token: {0}")]
+    BadToken(shoal_proto::TokenFormatError),
+    /// The boot token pins another CA than the one this node trusts.
+    #[error("the boot token is for another fleet (its CA hash is not this node's CA)")]
+    OtherFleet,
+}
+
+/// Judges a [`SignedKexecImage`]: signature with `keys` first (nothing is parsed before that), then
+/// the manifest's rules and version, the URLs, the controller address and the token (whose CA hash
+/// must be `ca_sha256`, this node's CA, when known). A verified image becomes the [`KexecImage`] to
+/// load, its command line built here. Pure.
+pub fn check_image(image: &SignedKexecImage, keys: &[ImageKey], ca_sha256: Option<[u8; 32]>) -> NamedImage {
+    let version = image.version.clone();
+    if keys.is_empty() {
+        return NamedImage::Untrusted { version, why: "this node holds no image key (--image-key)" };
+    }
+    match verify_image(image, keys, ca_sha256) {
+        Ok(k) => NamedImage::Verified(k),
+        Err(reason) => NamedImage::Refused { version, reason },
+    }
+}
+
+fn verify_image(image: &SignedKexecImage, keys: &[ImageKey], ca_sha256: Option<[u8; 32]>) -> Result<KexecImage, ImageRefusal> {
+    if image.signature.len() != 64 {
+        return Err(ImageRefusal::Malformed(format!("signature is {} bytes, not 64", image.signature.len())));
+    }
+    if !keys.iter().any(|k| k.verifies(&image.manifest, &image.signature)) {
+        return Err(ImageRefusal::BadSignature { keys: keys.iter().map(|k| k.id()).collect::<Vec<_>>().join(", ") });
+    }
+    let m: ImageManifest = serde_json::from_slice(&image.manifest).map_err(|e| ImageRefusal::Malformed(format!("manifest: {e}")))?;
+    m.validate().map_err(|e| ImageRefusal::Malformed(e.to_string()))?;
+    if m.version != image.version {
+        return Err(ImageRefusal::VersionMismatch { named: image.version.clone(), manifest: m.version });
+    }
+    for url in [&image.kernel_url, &image.initrd_url] {
+        split_url(url).map_err(ImageRefusal::Malformed)?;
+    }
+    // Parsed and written out again: only the canonical forms reach the command line.
+    let controller: SocketAddr = image.controller.parse().map_err(|_| ImageRefusal::BadController(image.controller.clone()))?;
+    let token: JoinToken = image.boot_token.parse().map_err(ImageRefusal::BadToken)?;
+    if ca_sha256.is_some_and(|ca| ca != token.ca_sha256) {
+        return Err(ImageRefusal::OtherFleet);
+    }
+    let cmdline = format!(
+        "initrd={initrd} shoal.controller={controller} shoal.token={token} shoal.image={version} {extra}",
+        initrd = m.initrd.file,
+        version = m.version,
+        extra = m.cmdline,
+    );
+    Ok(KexecImage {
+        version: m.version,
+        kernel_url: image.kernel_url.clone(),
+        kernel_sha256: m.kernel.sha256,
+        initrd_url: image.initrd_url.clone(),
+        initrd_sha256: m.initrd.sha256,
+        cmdline: cmdline.trim_end().to_owned(),
+    })
+}
+
 /// Whether a kexec kernel is loaded, from the kernel's `kexec_loaded` file (`1` or `0`); a missing
 /// or unreadable file means no.
 pub fn kexec_loaded(config: &RebootConfig) -> bool {
@@ -85,16 +219,19 @@ pub fn kexec_loaded(config: &RebootConfig) -> bool {
 }
 
 /// What to do with a reboot request: the method, or the reason for refusing. `image` is the image
-/// the controller named for kexec, if it did.
-pub fn decide(config: &RebootConfig, prefer_kexec: bool, image: Option<&KexecImage>) -> Result<RebootMethod, String> {
+/// the controller named for this reboot, if it did, as [`check_image`] judged it.
+pub fn decide(config: &RebootConfig, prefer_kexec: bool, image: Option<&NamedImage>) -> Result<RebootMethod, String> {
     if !config.allowed {
         return Err("remote reboots are disabled on this node (--no-remote-reboot)".into());
+    }
+    if let Some(NamedImage::Refused { version, reason }) = image {
+        return Err(format!("image {version} refused: {reason}; not rebooting"));
     }
     if let Some(c) = &config.command {
         return Ok(RebootMethod::Command(c.clone()));
     }
     if prefer_kexec && config.kexec {
-        if let Some(i) = image {
+        if let Some(NamedImage::Verified(i)) = image {
             return Ok(RebootMethod::KexecImage(Box::new(i.clone())));
         }
         if kexec_loaded(config) {
@@ -123,16 +260,21 @@ pub fn prepare(method: RebootMethod, dir: &Path) -> (RebootMethod, String) {
     }
 }
 
-/// Splits `http://HOST:PORT/PATH` into the address and the path.
+/// Splits `http://HOST:PORT/PATH` into the address and the path (printable ASCII without spaces:
+/// it goes into the request line as it is).
 pub fn split_url(url: &str) -> Result<(SocketAddr, String), String> {
+    if !url.bytes().all(|b| (b'!'..=b'~').contains(&b)) {
+        return Err(format!("{url:?}: not a plain http:// URL"));
+    }
     let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url}: not an http:// URL"))?;
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let addr = host.parse::<SocketAddr>().map_err(|e| format!("{url}: {e} (an IP:PORT is expected)"))?;
     Ok((addr, if path.is_empty() { "/".into() } else { path.to_owned() }))
 }
 
-/// Downloads `url` (plain HTTP/1.0: the controller's boot server) into `dest`, checking its SHA-256.
-pub fn download(url: &str, sha256_hex: &str, dest: &Path) -> Result<(), String> {
+/// Downloads `url` (plain HTTP/1.0: the controller's boot server) into `dest`, an exclusive
+/// temporary file, checking its SHA-256.
+pub fn download(url: &str, sha256_hex: &str, dest: &mut TempFile) -> Result<(), String> {
     let (addr, path) = split_url(url)?;
     let net = |e: std::io::Error| format!("{url}: {e}");
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(net)?;
@@ -151,8 +293,9 @@ pub fn download(url: &str, sha256_hex: &str, dest: &Path) -> Result<(), String> 
             break;
         }
     }
-    let file_err = |e: std::io::Error| format!("{}: {e}", dest.display());
-    let mut file = fs::File::create(dest).map_err(file_err)?;
+    let path = dest.path().to_owned();
+    let file_err = |e: std::io::Error| format!("{}: {e}", path.display());
+    let file = dest.file();
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -173,19 +316,21 @@ pub fn download(url: &str, sha256_hex: &str, dest: &Path) -> Result<(), String> 
 /// Downloads the image's kernel and initramfs into `dir`, checks them, and loads them with
 /// `kexec_file_load(2)`. The files are removed afterwards (the kernel holds its own copy).
 pub fn load(image: &KexecImage, dir: &Path) -> Result<(), String> {
-    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));
-    let result = download(&image.kernel_url, &image.kernel_sha256, &kernel)
-        .and_then(|()| download(&image.initrd_url, &image.initrd_sha256, &initrd))
-        .and_then(|()| kexec_file_load(&kernel, &initrd, &image.cmdline));
-    let _ = fs::remove_file(&kernel);
-    let _ = fs::remove_file(&initrd);
-    result
+    shoal_overlay::pki::ensure_private_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let temp = |name: &str| TempFile::new_in(dir, name, 0o600).map_err(|e| format!("{}: {e}", dir.display()));
+    // Both removed when dropped, loaded or not: the kernel keeps its own copy.
+    let (mut kernel, mut initrd) = (temp("vmlinuz")?, temp("initrd.img")?);
+    download(&image.kernel_url, &image.kernel_sha256, &mut kernel)?;
+    download(&image.initrd_url, &image.initrd_sha256, &mut initrd)?;
+    for t in [&mut kernel, &mut initrd] {
+        t.reopen_read_only().map_err(|e| format!("{}: {e}", t.path().display()))?;
+    }
+    kexec_file_load(kernel.file(), initrd.file(), &image.cmdline)
 }
 
-fn kexec_file_load(kernel: &Path, initrd: &Path, cmdline: &str) -> Result<(), String> {
-    let k = fs::File::open(kernel).map_err(|e| format!("{}: {e}", kernel.display()))?;
-    let i = fs::File::open(initrd).map_err(|e| format!("{}: {e}", initrd.display()))?;
+/// `kexec_file_load(2)` of the two files, read by the kernel from their descriptors (the ones the
+/// downloads were written and checked through, not a path opened again).
+fn kexec_file_load(k: &fs::File, i: &fs::File, cmdline: &str) -> Result<(), String> {
     let cmd = std::ffi::CString::new(cmdline).map_err(|_| "the command line holds a NUL byte".to_owned())?;
     let len = cmd.as_bytes_with_nul().len();
     // SAFETY: kexec_file_load(2) only reads: the two descriptors, open for the whole call, and `len`
@@ -246,6 +391,11 @@ fn describe(cmd: &std::process::Command) -> String {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+    use shoal_proto::{ImageFile, IMAGE_MANIFEST_FORMAT};
+
     use super::*;
 
     fn config(dir: &std::path::Path, loaded: Option<&str>) -> RebootConfig {
@@ -266,10 +416,13 @@ mod tests {
         assert_eq!(decide(&loaded, false, None), Ok(RebootMethod::Syscall), "the controller asked for a full reboot");
         assert_eq!(RebootMethod::Kexec.to_string(), "kexec");
         let img = image("http://127.0.0.1:1/k", "http://127.0.0.1:1/i");
-        assert_eq!(decide(&loaded, true, Some(&img)), Ok(RebootMethod::KexecImage(Box::new(img.clone()))), "the named image first");
-        assert_eq!(decide(&loaded, false, Some(&img)), Ok(RebootMethod::Syscall));
+        let named = NamedImage::Verified(img.clone());
+        assert_eq!(decide(&loaded, true, Some(&named)), Ok(RebootMethod::KexecImage(Box::new(img.clone()))), "the named image first");
+        assert_eq!(decide(&loaded, false, Some(&named)), Ok(RebootMethod::Syscall));
+        let unsigned = NamedImage::Untrusted { version: "v2".into(), why: "unsigned" };
+        assert_eq!(decide(&config(dir.path(), Some("0")), true, Some(&unsigned)), Ok(RebootMethod::Syscall), "never kexec an unverified image");
         loaded.kexec = false;
-        assert_eq!(decide(&loaded, true, Some(&img)), Ok(RebootMethod::Syscall), "--no-kexec");
+        assert_eq!(decide(&loaded, true, Some(&named)), Ok(RebootMethod::Syscall), "--no-kexec");
     }
 
     #[test]
@@ -335,17 +488,122 @@ mod tests {
         assert!(split_url("https://10.0.0.1/x").is_err() && split_url("http://name:80/x").is_err());
         let dir = tempfile::tempdir().unwrap();
         let addr = serve(b"kernel", 4);
-        let dest = dir.path().join("k");
+        let mut dest = TempFile::new_in(dir.path(), "k", 0o600).unwrap();
         let img = image(&format!("http://{addr}/k"), &format!("http://{addr}/i"));
-        download(&img.kernel_url, &img.kernel_sha256, &dest).unwrap();
-        assert_eq!(std::fs::read(&dest).unwrap(), b"kernel");
-        let err = download(&img.initrd_url, &img.initrd_sha256, &dest).unwrap_err();
+        download(&img.kernel_url, &img.kernel_sha256, &mut dest).unwrap();
+        assert_eq!(std::fs::read(dest.path()).unwrap(), b"kernel");
+        let mut other = TempFile::new_in(dir.path(), "i", 0o600).unwrap();
+        let err = download(&img.initrd_url, &img.initrd_sha256, &mut other).unwrap_err();
         assert!(err.contains("SHA-256"), "{err}");
+        drop((dest, other));
         // The initramfs hash does not match: the reboot falls back to reboot(2), and says so.
         let (method, ack) = prepare(RebootMethod::KexecImage(Box::new(img)), &dir.path().join("kexec"));
         assert_eq!(method, RebootMethod::Syscall);
         assert!(ack.starts_with("reboot(2) (kexec into image v2 failed") && ack.contains("SHA-256"), "{ack}");
-        assert!(!dir.path().join("kexec/vmlinuz").exists(), "downloads are removed");
+        assert_eq!(std::fs::read_dir(dir.path().join("kexec")).unwrap().count(), 0, "downloads are removed");
+        assert_eq!(std::fs::metadata(dir.path().join("kexec")).unwrap().permissions().mode() & 0o777, 0o700);
+        assert!(split_url("http://10.0.0.1:80/a b").is_err() && split_url("http://10.0.0.1:80/a\r\nHost: x").is_err(), "nothing injected into the request");
         assert_eq!(prepare(RebootMethod::Syscall, dir.path()), (RebootMethod::Syscall, "reboot(2)".into()));
+    }
+
+    fn keypair() -> (Ed25519KeyPair, ImageKey) {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let public = ImageKey::from_bytes(pair.public_key().as_ref().try_into().unwrap());
+        (pair, public)
+    }
+
+    const CA: [u8; 32] = [7; 32];
+
+    fn signed(pair: &Ed25519KeyPair, version: &str, edit: impl FnOnce(&mut ImageManifest)) -> SignedKexecImage {
+        let file = |name: &str, data: &[u8]| ImageFile {
+            file: name.into(),
+            size: data.len() as u64,
+            sha256: hex::encode(ring::digest::digest(&ring::digest::SHA256, data).as_ref()),
+        };
+        let mut m = ImageManifest {
+            format: IMAGE_MANIFEST_FORMAT,
+            version: version.into(),
+            kernel: file("vmlinuz", b"kernel"),
+            initrd: file("initrd.img", b"initrd"),
+            cmdline: "console=ttyS0 panic=10".into(),
+            inputs: vec![],
+            built_at: String::new(),
+        };
+        edit(&mut m);
+        let manifest = serde_json::to_vec_pretty(&m).unwrap();
+        let token = JoinToken { id: "0123456789abcdef".into(), secret: "ab".repeat(16), ca_sha256: CA };
+        SignedKexecImage {
+            version: version.into(),
+            signature: pair.sign(&manifest).as_ref().to_vec(),
+            manifest,
+            kernel_url: format!("http://10.78.0.1:7442/images/{version}/vmlinuz"),
+            initrd_url: format!("http://10.78.0.1:7442/images/{version}/initrd.img"),
+            controller: "10.78.0.1:7440".into(),
+            boot_token: token.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_signed_image_is_kexeced_with_the_hashes_and_command_line_of_its_manifest() {
+        let (pair, key) = keypair();
+        let img = signed(&pair, "v2", |_| {});
+        let NamedImage::Verified(k) = check_image(&img, &[keypair().1, key], Some(CA)) else { panic!("refused") };
+        assert_eq!(k.kernel_sha256, hex::encode(ring::digest::digest(&ring::digest::SHA256, b"kernel").as_ref()));
+        assert_eq!(k.initrd_sha256, hex::encode(ring::digest::digest(&ring::digest::SHA256, b"initrd").as_ref()));
+        assert_eq!(
+            k.cmdline,
+            format!("initrd=initrd.img shoal.controller=10.78.0.1:7440 shoal.token={} shoal.image=v2 console=ttyS0 panic=10", img.boot_token)
+        );
+        assert_eq!((k.version.as_str(), k.kernel_url.as_str()), ("v2", img.kernel_url.as_str()));
+    }
+
+    #[test]
+    fn an_image_that_does_not_verify_is_refused_and_so_is_the_reboot() {
+        let (pair, key) = keypair();
+        let (other, _) = keypair();
+        let refused = |img: &SignedKexecImage| match check_image(img, &[key], Some(CA)) {
+            NamedImage::Refused { reason, .. } => reason,
+            other => panic!("not refused: {other:?}"),
+        };
+        // Signed by a key the node does not hold (the controller may well trust it).
+        let by_other = signed(&other, "v3", |_| {});
+        let why = refused(&by_other);
+        assert!(matches!(why, ImageRefusal::BadSignature { ref keys } if *keys == key.id()), "{why}");
+        // The controller changing anything the signature covers, or anything it adds, is caught.
+        let mut tampered = signed(&pair, "v3", |_| {});
+        tampered.manifest = String::from_utf8(tampered.manifest).unwrap().replace("panic=10", "init=/bin/sh").into_bytes();
+        assert!(matches!(refused(&tampered), ImageRefusal::BadSignature { .. }));
+        let mut renamed = signed(&pair, "v3", |_| {});
+        renamed.version = "v4".into();
+        assert!(matches!(refused(&renamed), ImageRefusal::VersionMismatch { .. }));
+        let mut injected = signed(&pair, "v3", |_| {});
+        injected.controller = "10.78.0.1:7440 init=/bin/sh".into();
+        assert!(matches!(refused(&injected), ImageRefusal::BadController(_)));
+        let mut injected = signed(&pair, "v3", |_| {});
+        injected.boot_token = format!("{} init=/bin/sh", injected.boot_token);
+        assert!(matches!(refused(&injected), ImageRefusal::BadToken(_)));
+        let mut elsewhere = signed(&pair, "v3", |_| {});
+        elsewhere.kernel_url = "http://10.78.0.1:7442/x\r\nX: y".into();
+        assert!(matches!(refused(&elsewhere), ImageRefusal::Malformed(_)));
+        let signed_junk = signed(&pair, "v3", |m| m.cmdline = "a\nb".into());
+        assert!(matches!(refused(&signed_junk), ImageRefusal::Malformed(_)), "signed, but breaks the rules");
+        let mut short = signed(&pair, "v3", |_| {});
+        short.signature.pop();
+        assert!(matches!(refused(&short), ImageRefusal::Malformed(_)));
+        let foreign = signed(&pair, "v3", |_| {});
+        assert_eq!(match check_image(&foreign, &[key], Some([8; 32])) { NamedImage::Refused { reason, .. } => reason, o => panic!("{o:?}") }, ImageRefusal::OtherFleet);
+
+        // The reboot that follows a refused image is refused, naming why, even with a reboot command.
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path(), Some("1"));
+        c.command = Some("true".into());
+        let named = check_image(&by_other, &[key], Some(CA));
+        let why = decide(&c, true, Some(&named)).unwrap_err();
+        assert!(why.contains("image v3 refused") && why.contains("does not verify") && why.contains(&key.id()), "{why}");
+        // A node without image keys does not kexec it but reboots fully (the netboot trust).
+        let untrusted = check_image(&by_other, &[], Some(CA));
+        assert!(matches!(untrusted, NamedImage::Untrusted { .. }), "{untrusted:?}");
+        assert_eq!(decide(&config(dir.path(), Some("0")), true, Some(&untrusted)), Ok(RebootMethod::Syscall));
     }
 }

@@ -12,33 +12,44 @@ use ring::{
 };
 use shoal_proto::{ReleaseManifest, SignedRelease, UpdateFailure};
 
-/// An Ed25519 public key trusted for releases.
+/// An Ed25519 public key the agent trusts: for releases (`--release-key`, [`ReleaseKey`]) or netboot
+/// images (`--image-key`, [`ImageKey`]). Same format for both: the `.pub` file of 64 hex characters.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub struct ReleaseKey([u8; 32]);
+pub struct TrustedKey([u8; 32]);
 
-impl std::fmt::Debug for ReleaseKey {
+/// A key trusted for agent releases.
+pub type ReleaseKey = TrustedKey;
+/// A key trusted for netboot images (kexec).
+pub type ImageKey = TrustedKey;
+
+impl std::fmt::Debug for TrustedKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ReleaseKey({})", self.id())
+        write!(f, "TrustedKey({})", self.id())
     }
 }
 
-impl ReleaseKey {
+impl TrustedKey {
     /// A key from its 32 raw bytes.
-    pub fn from_bytes(bytes: [u8; 32]) -> ReleaseKey {
-        ReleaseKey(bytes)
+    pub fn from_bytes(bytes: [u8; 32]) -> TrustedKey {
+        TrustedKey(bytes)
     }
 
     /// Parses a `.pub` file's text: 64 hex characters, surrounding whitespace ignored.
-    pub fn parse(text: &str) -> Result<ReleaseKey, UpdateFailure> {
+    pub fn parse(text: &str) -> Result<TrustedKey, UpdateFailure> {
         let bytes = hex::decode(text.trim()).ok().and_then(|b| <[u8; 32]>::try_from(b).ok());
         bytes
-            .map(ReleaseKey)
-            .ok_or_else(|| UpdateFailure::Malformed("release key must be 64 hex characters (an Ed25519 public key)".into()))
+            .map(TrustedKey)
+            .ok_or_else(|| UpdateFailure::Malformed("a trusted key must be 64 hex characters (an Ed25519 public key)".into()))
     }
 
     /// The key id: the first 8 bytes of SHA-256 of the key, as hex.
     pub fn id(&self) -> String {
         key_id(&self.0)
+    }
+
+    /// Whether `signature` is this key's Ed25519 signature over `message`.
+    pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
+        UnparsedPublicKey::new(&ED25519, &self.0).verify(message, signature).is_ok()
     }
 }
 
@@ -65,7 +76,7 @@ pub fn verify_release(
     if release.signature.len() != 64 {
         return Err(UpdateFailure::Malformed(format!("signature is {} bytes, not 64", release.signature.len())));
     }
-    if UnparsedPublicKey::new(&ED25519, &key.0).verify(&release.manifest, &release.signature).is_err() {
+    if !key.verifies(&release.manifest, &release.signature) {
         let trusted = key.id();
         return Err(if release.key_id != trusted {
             UpdateFailure::WrongKey { signed_by: release.key_id.clone(), trusted }
@@ -173,7 +184,7 @@ mod tests {
         }
 
         fn public(&self) -> ReleaseKey {
-            ReleaseKey(self.pair.public_key().as_ref().try_into().expect("32 bytes"))
+            ReleaseKey::from_bytes(self.pair.public_key().as_ref().try_into().expect("32 bytes"))
         }
 
         fn manifest_for(binary: &[u8], version: &str) -> ReleaseManifest {

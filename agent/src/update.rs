@@ -250,6 +250,26 @@ pub fn report(state: Option<&UpdateState>, running: &str) -> UpdateReport {
     UpdateReport { running: running.to_owned(), attempted, attempts, checks, failure }
 }
 
+/// Whether going from `running` to `offered` is a downgrade the offer must allow: `offered` comes
+/// before `running` in semver precedence (build metadata does not count), or either is not a semver
+/// version, so the two cannot be ordered and the agent does not guess.
+pub fn is_downgrade(running: &str, offered: &str) -> bool {
+    match (semver::Version::parse(running), semver::Version::parse(offered)) {
+        (Ok(r), Ok(o)) => o.cmp_precedence(&r) == std::cmp::Ordering::Less,
+        _ => true,
+    }
+}
+
+/// The downgrade rule for an offer: `Err` with the failure to report when `offered` is older than
+/// `running` ([`is_downgrade`]) and the offer does not allow that.
+pub fn check_downgrade(running: &str, offered: &str, allow_downgrade: bool) -> Result<(), UpdateFailure> {
+    if allow_downgrade || !is_downgrade(running, offered) {
+        Ok(())
+    } else {
+        Err(UpdateFailure::Downgrade { running: running.to_owned(), offered: offered.to_owned() })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,5 +442,21 @@ mod tests {
         assert_eq!(serde_json::from_str::<UpdateState>(&json).expect("parse"), s);
         let t0 = UpdateState::trying(NEW, OLD, t(0), &policy);
         assert_eq!(serde_json::from_str::<UpdateState>(&serde_json::to_string(&t0).expect("json")).expect("parse"), t0);
+    }
+
+    #[test]
+    fn downgrades_need_the_offer_s_permission() {
+        assert!(!is_downgrade("0.1.0", "0.2.0"));
+        assert!(is_downgrade("0.10.0", "0.9.0"), "numeric, not text, order");
+        assert!(!is_downgrade("0.9.0", "0.10.0"));
+        assert!(is_downgrade("1.0.0", "1.0.0-rc.1"), "a pre-release comes before its release");
+        assert!(!is_downgrade("0.9.0-good", "0.9.4-roll"));
+        assert!(!is_downgrade("1.0.0+a", "1.0.0+b") && !is_downgrade("1.0.0+b", "1.0.0+a"), "build metadata does not order");
+        assert!(is_downgrade("0.1.0", "nightly") && is_downgrade("nightly", "0.2.0"), "not semver: cannot be ordered");
+        assert_eq!(check_downgrade("0.9.4", "0.9.0", true), Ok(()));
+        assert_eq!(check_downgrade("0.9.0", "0.9.4", false), Ok(()));
+        let refused = check_downgrade("0.9.4", "0.9.0", false).unwrap_err();
+        assert_eq!(refused, UpdateFailure::Downgrade { running: "0.9.4".into(), offered: "0.9.0".into() });
+        assert!(refused.to_string().contains("--allow-downgrade"), "{refused}");
     }
 }

@@ -2,20 +2,20 @@
 //! [`crate::update`] (what to do at start, after checks, at the deadline).
 //!
 //! Files: `STATE_DIR/update.json` (the [`UpdateState`]), `STATE_DIR/agent.download` (the download,
-//! verified while it streams), and beside the executable `.<name>.new` (the copy about to be renamed
-//! over it) and `<name>.prev` (the previous binary, a hard link kept until the next update). The copy is
-//! made next to the executable so the final `rename` is atomic (same filesystem) and a full disk
+//! verified while it streams), and beside the executable a uniquely named exclusive temporary copy
+//! (`.<name>.<random>.tmp`, about to be renamed over it) and `<name>.prev` (the previous binary, a
+//! hard link kept until the next update). The copy is made next to the executable so the final `rename` is atomic (same filesystem) and a full disk
 //! shows up while writing the copy, before anything was changed.
 
 use std::{
     fs,
     io::Write,
-    os::unix::{fs::PermissionsExt, process::CommandExt},
+    os::unix::{fs::OpenOptionsExt, process::CommandExt},
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use shoal_overlay::{recv_msg, send_msg};
+use shoal_overlay::{pki::TempFile, recv_msg, send_msg};
 use shoal_proto::{
     FetchRelease, FetchReply, ReleaseManifest, SignedRelease, UnixMillis, UpdateFailure, UpdateReport,
 };
@@ -65,10 +65,6 @@ impl UpdatePaths {
         sibling(&self.exe, "", ".prev")
     }
 
-    /// `.<exe name>.new`, beside the executable.
-    pub fn new_copy(&self) -> PathBuf {
-        sibling(&self.exe, ".", ".new")
-    }
 }
 
 fn sibling(exe: &Path, prefix: &str, suffix: &str) -> PathBuf {
@@ -109,48 +105,64 @@ fn install_error(what: &str, path: &Path, e: std::io::Error) -> UpdateFailure {
 /// `Trying` record, keep the old binary as `.prev` (hard link), rename, fsync the directory. Any
 /// failure before the rename leaves the executable untouched (and the partial copy removed).
 pub fn install(paths: &UpdatePaths, trying: &UpdateState) -> Result<(), UpdateFailure> {
-    let new = paths.new_copy();
     let result = (|| {
-        let mut src = fs::File::open(&paths.download).map_err(|e| install_error("opening", &paths.download, e))?;
-        let mut dst = fs::File::create(&new).map_err(|e| install_error("creating", &new, e))?;
-        std::io::copy(&mut src, &mut dst).map_err(|e| install_error("writing", &new, e))?;
-        dst.sync_all().map_err(|e| install_error("syncing", &new, e))?;
-        fs::set_permissions(&new, fs::Permissions::from_mode(0o755)).map_err(|e| install_error("chmod", &new, e))?;
+        let mut src = open_nofollow(&paths.download).map_err(|e| install_error("opening", &paths.download, e))?;
+        // The copy is an exclusive, uniquely named file beside the executable, removed on any failure.
+        let mut new = TempFile::new_beside(&paths.exe, 0o755).map_err(|e| install_error("creating a file beside", &paths.exe, e))?;
+        let new_path = new.path().to_owned();
+        std::io::copy(&mut src, new.file()).map_err(|e| install_error("writing", &new_path, e))?;
+        new.file().sync_all().map_err(|e| install_error("syncing", &new_path, e))?;
         save_record(&paths.record, trying).map_err(|e| install_error("writing", &paths.record, e))?;
-        let prev = paths.prev();
-        let _ = fs::remove_file(&prev);
-        if let Err(e) = fs::hard_link(&paths.exe, &prev) {
-            // Another filesystem layout (the executable is a bind mount of one file): copy instead.
-            warn!(cause = %e, "could not hard-link the running binary; copying it");
-            fs::copy(&paths.exe, &prev).map_err(|e| install_error("keeping the previous binary as", &prev, e))?;
-        }
-        fs::rename(&new, &paths.exe).map_err(|e| install_error("renaming over", &paths.exe, e))?;
-        if let Some(dir) = paths.exe.parent() {
-            let _ = fs::File::open(dir).and_then(|d| d.sync_all());
-        }
-        Ok(())
+        keep_as(&paths.exe, &paths.prev()).map_err(|e| install_error("keeping the previous binary as", &paths.prev(), e))?;
+        new.persist(&paths.exe).map_err(|e| install_error("renaming over", &paths.exe, e))
     })();
-    if result.is_err() {
-        let _ = fs::remove_file(&new);
-    }
     let _ = fs::remove_file(&paths.download);
     result
+}
+
+/// Opens a file for reading without following a symlink at its name.
+fn open_nofollow(path: &Path) -> std::io::Result<fs::File> {
+    fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW).open(path)
+}
+
+/// Puts a copy of `from` at `to`, atomically: a hard link under a unique temporary name (or, where
+/// the layout forbids links, a copy into an exclusive temporary file), renamed over `to`.
+fn keep_as(from: &Path, to: &Path) -> std::io::Result<()> {
+    let tmp = TempFile::new_beside(to, 0o755)?;
+    // link(2) never overwrites: it needs the name free, so the temporary file makes way.
+    let name = tmp.path().to_owned();
+    fs::remove_file(&name)?;
+    match fs::hard_link(from, &name) {
+        Ok(()) => {
+            let renamed = fs::rename(&name, to);
+            if renamed.is_err() {
+                let _ = fs::remove_file(&name);
+            }
+            renamed?;
+            if let Some(dir) = to.parent() {
+                let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+            }
+            drop(tmp);
+            Ok(())
+        }
+        Err(e) => {
+            // Another filesystem layout (the executable is a bind mount of one file): copy instead.
+            warn!(cause = %e, from = %from.display(), "could not hard-link; copying");
+            let mut copy = TempFile::new_beside(to, 0o755)?;
+            std::io::copy(&mut open_nofollow(from)?, copy.file())?;
+            copy.persist(to)
+        }
+    }
 }
 
 /// Puts `.prev` back over the executable (rename, atomic). Returns whether there was one.
 pub fn restore_prev(paths: &UpdatePaths) -> std::io::Result<bool> {
     let prev = paths.prev();
-    if !prev.exists() {
+    if fs::symlink_metadata(&prev).is_err() {
         return Ok(false);
     }
-    // Keep `.prev` too (a hard link of the restored binary), for a later manual revert.
-    let tmp = paths.new_copy();
-    let _ = fs::remove_file(&tmp);
-    fs::hard_link(&prev, &tmp).or_else(|_| fs::copy(&prev, &tmp).map(|_| ()))?;
-    fs::rename(&tmp, &paths.exe)?;
-    if let Some(dir) = paths.exe.parent() {
-        let _ = fs::File::open(dir).and_then(|d| d.sync_all());
-    }
+    // `.prev` stays too (the restored binary is a link of it), for a later manual revert.
+    keep_as(&prev, &paths.exe)?;
     Ok(true)
 }
 
@@ -282,10 +294,11 @@ impl Updater {
         }
     }
 
-    /// Checks an offer: key, signature, target, version. `Ok` means acknowledge it (and fetch it, for
-    /// [`Offer::Fetch`]); `Err` is the report to send instead (a refusal, or the state as it is when
-    /// the offer changes nothing).
-    pub fn offer(&mut self, version: &str, release: &SignedRelease) -> Result<Offer, Box<UpdateReport>> {
+    /// Checks an offer: key, signature, target, version, and that it is not older than the running
+    /// version unless `allow_downgrade` ([`update::check_downgrade`]; a v4 `UpdateAgent` never
+    /// allows it). `Ok` means acknowledge it (and fetch it, for [`Offer::Fetch`]); `Err` is the report
+    /// to send instead (a refusal, or the state as it is when the offer changes nothing).
+    pub fn offer(&mut self, version: &str, release: &SignedRelease, allow_downgrade: bool) -> Result<Offer, Box<UpdateReport>> {
         if let Some(v) = &self.busy {
             if v == version {
                 // A repeat (the controller restarted before it stored the acknowledgement): the
@@ -309,7 +322,9 @@ impl Updater {
             self.state = state;
             return Err(Box::new(self.report()));
         }
-        match verify_release(release, self.config.release_key.as_ref(), &current_target(), Some(version)) {
+        let verified = verify_release(release, self.config.release_key.as_ref(), &current_target(), Some(version))
+            .and_then(|m| update::check_downgrade(&self.running, &m.version, allow_downgrade).map(|()| m));
+        match verified {
             Ok(m) => {
                 info!(version, size = m.size, "update offered; fetching");
                 self.busy = Some(version.to_owned());
@@ -466,7 +481,7 @@ fn open_download(path: &Path, manifest: &ReleaseManifest, resume: bool) -> Resul
     if resume {
         let kept = (|| -> std::io::Result<Option<(fs::File, BinaryCheck)>> {
             let mut check = BinaryCheck::new(manifest);
-            let mut f = fs::File::open(path)?;
+            let mut f = open_nofollow(path)?;
             let mut buf = vec![0u8; 1 << 20];
             loop {
                 let n = std::io::Read::read(&mut f, &mut buf)?;
@@ -477,7 +492,7 @@ fn open_download(path: &Path, manifest: &ReleaseManifest, resume: bool) -> Resul
                     return Ok(None);
                 }
             }
-            Ok(Some((fs::File::options().append(true).open(path)?, check)))
+            Ok(Some((fs::File::options().append(true).custom_flags(nix::libc::O_NOFOLLOW).open(path)?, check)))
         })();
         match kept {
             Ok(Some(x)) => return Ok(x),
@@ -485,12 +500,26 @@ fn open_download(path: &Path, manifest: &ReleaseManifest, resume: bool) -> Resul
             Err(e) => warn!(path = %path.display(), cause = %e, "kept download unusable; starting over"),
         }
     }
-    let file = fs::File::create(path).map_err(|e| install_error("creating", path, e))?;
+    // A fresh download starts from a file created exclusively (the name is fixed so a broken-off
+    // download can resume on the next session; the state dir is the agent's alone, 0700).
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(install_error("removing", path, e)),
+        _ => {}
+    }
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| install_error("creating", path, e))?;
     Ok((file, BinaryCheck::new(manifest)))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn paths(dir: &Path) -> UpdatePaths {
@@ -498,6 +527,50 @@ mod tests {
         fs::create_dir_all(&bin).expect("mkdir");
         fs::write(bin.join("shoal-agent"), b"old binary").expect("write");
         UpdatePaths::new(dir, bin.join("shoal-agent"))
+    }
+
+    /// Temporary files left beside the executable.
+    fn temp_files(p: &UpdatePaths) -> Vec<String> {
+        let dir = p.exe.parent().expect("dir");
+        fs::read_dir(dir).expect("dir").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".tmp")).collect()
+    }
+
+    /// A release of `version` for this target, signed with a fresh key; the key and the envelope.
+    fn release(version: &str) -> (ReleaseKey, SignedRelease) {
+        use ring::signature::{Ed25519KeyPair, KeyPair};
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).expect("key");
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key");
+        let key = ReleaseKey::from_bytes(pair.public_key().as_ref().try_into().expect("32 bytes"));
+        let manifest = ReleaseManifest {
+            format: shoal_proto::RELEASE_MANIFEST_FORMAT,
+            version: version.into(),
+            sha256: "ab".repeat(32),
+            size: 10,
+            target: current_target(),
+            created_at: UnixMillis(1),
+        };
+        let bytes = serde_json::to_vec(&manifest).expect("json");
+        (key, SignedRelease { signature: pair.sign(&bytes).as_ref().to_vec(), manifest: bytes, key_id: key.id() })
+    }
+
+    #[test]
+    fn an_older_version_is_refused_unless_the_offer_allows_a_downgrade() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = paths(dir.path());
+        let (key, older) = release("0.9.0");
+        let config = UpdaterConfig { exe: Some(p.exe.clone()), release_key: Some(key), ..Default::default() };
+        let mut u = Updater::boot(config.clone(), dir.path(), "0.9.4");
+        let report = u.offer("0.9.0", &older, false).expect_err("refused");
+        assert_eq!(report.failure, Some(UpdateFailure::Downgrade { running: "0.9.4".into(), offered: "0.9.0".into() }));
+        assert_eq!((report.running.as_str(), report.attempted.as_deref()), ("0.9.4", Some("0.9.0")), "stays on its version");
+        match u.offer("0.9.0", &older, true) {
+            Ok(Offer::Fetch(m)) => assert_eq!(m.version, "0.9.0"),
+            other => panic!("the permitted downgrade is fetched: {other:?}"),
+        }
+        // A newer version needs no permission.
+        let (key, newer) = release("0.10.0");
+        let mut u = Updater::boot(UpdaterConfig { release_key: Some(key), ..config }, dir.path(), "0.9.4");
+        assert!(matches!(u.offer("0.10.0", &newer, false), Ok(Offer::Fetch(_))));
     }
 
     #[test]
@@ -511,7 +584,7 @@ mod tests {
         assert_eq!(fs::read(p.prev()).expect("prev"), b"old binary");
         assert_eq!(fs::metadata(&p.exe).expect("meta").permissions().mode() & 0o777, 0o755);
         assert_eq!(load_record(&p.record), Some(trying));
-        assert!(!p.download.exists() && !p.new_copy().exists());
+        assert!(!p.download.exists() && temp_files(&p).is_empty());
         assert!(restore_prev(&p).expect("restored"));
         assert_eq!(fs::read(&p.exe).expect("exe"), b"old binary");
         assert!(p.prev().exists(), "prev stays for a manual revert");
@@ -526,7 +599,7 @@ mod tests {
         let err = install(&p, &trying).expect_err("fails");
         assert!(matches!(err, UpdateFailure::Install(_)), "{err}");
         assert_eq!(fs::read(&p.exe).expect("exe"), b"old binary");
-        assert!(!p.prev().exists() && !p.new_copy().exists() && load_record(&p.record).is_none());
+        assert!(!p.prev().exists() && temp_files(&p).is_empty() && load_record(&p.record).is_none());
     }
 
     #[test]
@@ -537,7 +610,7 @@ mod tests {
         let mut u = Updater::boot(config, dir.path(), "0.1.0");
         assert_eq!(u.report().attempted, None);
         let release = SignedRelease { manifest: b"{}".to_vec(), signature: vec![0; 64], key_id: "00".repeat(8) };
-        let report = u.offer("0.2.0", &release).expect_err("refused");
+        let report = u.offer("0.2.0", &release, false).expect_err("refused");
         assert_eq!(report.failure, Some(UpdateFailure::NoTrustedKey));
         assert_eq!((report.running.as_str(), report.attempted.as_deref()), ("0.1.0", Some("0.2.0")));
         // The record survives a restart of the same binary and is still reported.
@@ -582,7 +655,7 @@ mod tests {
         let mut u = Updater::boot(UpdaterConfig { exe: Some(p.exe.clone()), ..Default::default() }, dir.path(), "0.2.0");
         let before = u.report();
         let release = SignedRelease { manifest: b"{}".to_vec(), signature: vec![0; 64], key_id: "00".repeat(8) };
-        let again = u.offer("0.2.0", &release).expect_err("nothing to fetch");
+        let again = u.offer("0.2.0", &release, false).expect_err("nothing to fetch");
         assert_eq!(*again, before, "the current report, unchanged");
         assert!(u.deadline().is_some(), "still checking");
         assert_eq!(u.heartbeat_sent().map(|r| r.checks.len()), Some(2), "the checks still run and settle it");

@@ -17,7 +17,7 @@ use std::{path::PathBuf, sync::Arc};
 use shoal_overlay::{recv_msg, send_msg};
 use shoal_proto::{
     check_release_name, ControllerMsg, FetchRelease, FetchReply, NodeId, ReleaseChunk, UnixMillis, UpdateFailure,
-    UpdateReport,
+    UpdateOffer, UpdateReport,
 };
 use tracing::{debug, info, warn};
 
@@ -29,6 +29,17 @@ use crate::{
 
 /// The first protocol version with agent updates.
 pub const UPDATE_PROTOCOL: u16 = 4;
+
+/// The first protocol whose agents refuse downgrades unless the offer allows them
+/// ([`ControllerMsg::UpdateOffer`]).
+pub const OFFER_PROTOCOL: u16 = 5;
+
+/// How an agent release is offered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OfferOptions {
+    /// The agent may go to a version older than the one it runs (`--allow-downgrade`). Default false.
+    pub allow_downgrade: bool,
+}
 
 /// Why an update could not be offered.
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +163,16 @@ impl Controller {
     /// Offers the stored release `version` to the node's agent (the target is chosen from the node's
     /// architecture). Returns once the offer is queued on the connection; the outcome arrives as
     /// [`UpdateNotice`]s and in [`Controller::agent_update`].
+    /// The agent refuses a version older than the one it runs ([`Controller::offer_agent_update_with`]
+    /// allows that).
     pub fn offer_agent_update(&self, node: &NodeId, version: &str) -> Result<(), UpdateError> {
+        self.offer_agent_update_with(node, version, &OfferOptions::default())
+    }
+
+    /// [`Controller::offer_agent_update`] with options: a v5 agent gets [`ControllerMsg::UpdateOffer`]
+    /// carrying the downgrade permission, a v4 agent [`ControllerMsg::UpdateAgent`] (it does not check
+    /// versions).
+    pub fn offer_agent_update_with(&self, node: &NodeId, version: &str, options: &OfferOptions) -> Result<(), UpdateError> {
         check_release_name(version).map_err(ReleaseStoreError::Refused)?;
         let rec = self.store.node(node)?.ok_or_else(|| UpdateError::UnknownNode(node.clone()))?;
         let protocol = {
@@ -173,7 +193,11 @@ impl Controller {
             }
         };
         let (release, _) = self.releases.get(version, &target)?;
-        let msg = ControllerMsg::UpdateAgent { version: version.to_owned(), release };
+        let msg = if protocol >= OFFER_PROTOCOL {
+            ControllerMsg::UpdateOffer(UpdateOffer { version: version.to_owned(), release, allow_downgrade: options.allow_downgrade })
+        } else {
+            ControllerMsg::UpdateAgent { version: version.to_owned(), release }
+        };
         {
             let live = self.live();
             let conn = live.conns.get(node).ok_or_else(|| UpdateError::NotConnected(node.clone()))?;
@@ -181,7 +205,8 @@ impl Controller {
         }
         let now = now_ms();
         self.agent_updates_mut().entry(node.clone()).or_default().offered = Some((version.to_owned(), now));
-        let message = format!("{}: agent {version} ({target}) offered; running {}", rec.hostname, rec.agent_version);
+        let downgrade = if options.allow_downgrade { ", downgrade allowed" } else { "" };
+        let message = format!("{}: agent {version} ({target}) offered{downgrade}; running {}", rec.hostname, rec.agent_version);
         self.store.append_event(EventKind::AgentUpdateOffered, Some(node), &message, now)?;
         info!(node = %node, version, target = %target, "agent update offered");
         Ok(())
@@ -383,6 +408,20 @@ mod tests {
             }
             other => panic!("expected UpdateAgent, got {other:?}"),
         }
+        // A v5 agent gets the offer with the downgrade permission (none unless asked for).
+        let v5 = crate::networks::enrol_for_tests(&ctl.store, "v5", &[], now_ms());
+        let (_, mut v5_rx) = ctl.fake_connection(&v5, 5);
+        ctl.offer_agent_update(&v5, "0.2.0").expect("offered");
+        ctl.offer_agent_update_with(&v5, "0.2.0", &OfferOptions { allow_downgrade: true }).expect("offered");
+        for allowed in [false, true] {
+            match v5_rx.try_recv() {
+                Ok(ControllerMsg::UpdateOffer(o)) => {
+                    assert_eq!((o.version.as_str(), o.allow_downgrade), ("0.2.0", allowed));
+                    assert_eq!(o.release, signed);
+                }
+                other => panic!("expected UpdateOffer, got {other:?}"),
+            }
+        }
         ctl.update_acknowledged(&new, "0.2.0".into());
         let ok = report("0.2.0", Some("0.2.0"), None, true);
         ctl.update_reported(&new, ok.clone());
@@ -395,7 +434,7 @@ mod tests {
         ctl.revert_agent(&new, "rollout aborted").expect("revert sent");
         assert_eq!(new_rx.try_recv().ok(), Some(ControllerMsg::RevertAgent { reason: "rollout aborted".into() }));
         let kinds: Vec<EventKind> = ctl.store.events(None, 1000).expect("events").into_iter().map(|e| e.kind).collect();
-        assert_eq!(kinds.iter().filter(|k| **k == EventKind::AgentUpdateOffered).count(), 1);
+        assert_eq!(kinds.iter().filter(|k| **k == EventKind::AgentUpdateOffered).count(), 3);
         assert_eq!(kinds.iter().filter(|k| **k == EventKind::AgentUpdateSucceeded).count(), 1, "a repeated report is logged once");
     }
 

@@ -132,8 +132,21 @@ pub enum UpgradeError {
 pub trait NodeUpgrader: Send + Sync + fmt::Debug {
     /// Start putting `node` on `target` (agent: send the signed release; image: assign it and reboot).
     fn begin(&self, node: &NodeId, target: &Target) -> Result<(), UpgradeError>;
+    /// [`NodeUpgrader::begin`] with the rollout's options (the driver calls this one). Upgraders that
+    /// have no use for them keep this default.
+    fn begin_with(&self, node: &NodeId, target: &Target, options: &BeginOptions) -> Result<(), UpgradeError> {
+        let _ = options;
+        self.begin(node, target)
+    }
     /// Put `node` back on `to` (its version before `target`, if known).
     fn roll_back(&self, node: &NodeId, to: Option<&str>, target: &Target) -> Result<(), UpgradeError>;
+}
+
+/// What a rollout lets its nodes do, passed with every begin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BeginOptions {
+    /// The node may go to an older version than it runs ([`Rollout::allow_downgrade`]). Default false.
+    pub allow_downgrade: bool,
 }
 
 /// The kinds of target an upgrader can be installed for.
@@ -249,6 +262,9 @@ pub enum MaintError {
     /// The maintenance action is not valid.
     #[error("{0}")]
     BadAction(String),
+    /// `--allow-downgrade` was given for a target that is not an agent release.
+    #[error("--allow-downgrade applies to agent rollouts (--agent VERSION) only")]
+    DowngradeNotAgent,
 }
 
 /// One of the driver's event records, before it gets its seq.
@@ -282,6 +298,12 @@ fn failed_key(node: &NodeId, target: &Target) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(target.to_string().as_bytes());
     k
+}
+
+/// A stored rollout, of the current layout or the one before `allow_downgrade` ([`Rollout::from_stored`]).
+fn decode_rollout(key: &[u8], value: &[u8]) -> Result<Rollout, StoreError> {
+    Rollout::from_stored(value)
+        .map_err(|e| StoreError::Corrupt { key: format!("{ROLLOUTS}/{}", String::from_utf8_lossy(key)), cause: e.to_string() })
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -471,7 +493,7 @@ impl Maintenance {
         let mut out: Vec<Rollout> = Vec::new();
         for item in self.rollouts.iter() {
             let (key, value) = item?;
-            out.push(decode(ROLLOUTS, &key, &value)?);
+            out.push(decode_rollout(&key, &value)?);
         }
         out.sort_by_key(|r| (r.created_at(), rollout_number(r.id())));
         Ok(out)
@@ -485,7 +507,7 @@ impl Maintenance {
             return pick.cloned().ok_or_else(|| MaintError::UnknownRollout("is active".into()));
         }
         match self.rollouts.get(id.as_bytes()).map_err(StoreError::from)? {
-            Some(v) => Ok(decode(ROLLOUTS, id.as_bytes(), &v)?),
+            Some(v) => Ok(decode_rollout(id.as_bytes(), &v)?),
             None => Err(MaintError::UnknownRollout(id.to_owned())),
         }
     }
@@ -636,6 +658,8 @@ pub struct StartRequest {
     pub window: Option<String>,
     /// Per-node deadline; `None` for the planner's default (15 min).
     pub upgrade_deadline: Option<Duration>,
+    /// Agent targets: nodes may go to an older version than they run (`--allow-downgrade`).
+    pub allow_downgrade: bool,
 }
 
 impl Controller {
@@ -664,6 +688,9 @@ impl Controller {
             if !argv.first().is_some_and(|p| p.starts_with('/')) {
                 return Err(MaintError::BadAction("exec needs the absolute path of a program the agents allow (--allow-exec PATH)".into()));
             }
+        }
+        if req.allow_downgrade && !matches!(req.target, Target::Agent(_)) {
+            return Err(MaintError::DowngradeNotAgent);
         }
         if m.upgrader(&req.target).is_none() {
             return Err(MaintError::NoUpgrader(kind));
@@ -708,16 +735,36 @@ impl Controller {
             spec.upgrade_deadline = ACTION_DEADLINE;
         }
         let now = m.clock.now();
-        let failed_before = m.failed_before(&req.target)?;
-        let rollout = Rollout::new(id.clone(), spec, nodes.iter().map(|n| n.id.clone()), &failed_before, now)?;
+        let mut failed_before = m.failed_before(&req.target)?;
+        if req.allow_downgrade {
+            // A node that refused this version only because the rollout did not allow a downgrade
+            // (its latest report says so) is not skipped by one that does: its remembered failure is
+            // forgotten, as `upgrade retry` would.
+            let lacked_permission: Vec<NodeId> = failed_before
+                .iter()
+                .filter(|n| {
+                    self.agent_update(n).and_then(|u| u.report).is_some_and(|r| {
+                        r.attempted.as_deref() == Some(req.target.version()) && matches!(r.failure, Some(shoal_proto::UpdateFailure::Downgrade { .. }))
+                    })
+                })
+                .cloned()
+                .collect();
+            for n in lacked_permission {
+                m.store.check_space()?;
+                m.failed.remove(failed_key(&n, &req.target)).map_err(StoreError::from)?;
+                failed_before.remove(&n);
+            }
+        }
+        let rollout = Rollout::new(id.clone(), spec, nodes.iter().map(|n| n.id.clone()), &failed_before, now)?.allowing_downgrade(req.allow_downgrade);
         let msg = format!(
-            "rollout {id} started: {} on {} node(s){}, max {} unavailable, pause after {} failure(s), {}",
+            "rollout {id} started: {} on {} node(s){}, max {} unavailable, pause after {} failure(s), {}{}",
             req.target,
             rollout.nodes().len(),
             req.selector.as_ref().map(|s| format!(" matching {}", selector_text(s))).unwrap_or_default(),
             req.max_unavailable,
             req.max_failures,
             req.window.as_ref().map(|w| format!("in window {w}")).unwrap_or_else(|| "now".into()),
+            if req.allow_downgrade { ", downgrades allowed" } else { "" },
         );
         m.save(None, &rollout, &[], vec![(EventKind::RolloutStarted, None, msg)], now)?;
         // Nothing of it can have been lost by a restart.
@@ -830,8 +877,9 @@ impl Controller {
             for a in queue.drain(..) {
                 match a {
                     Action::BeginUpgrade { node, target } => {
+                        let options = BeginOptions { allow_downgrade: rollout.allow_downgrade() };
                         let result = match m.upgrader(&target) {
-                            Some(u) => u.begin(&node, &target),
+                            Some(u) => u.begin_with(&node, &target, &options),
                             None => Err(UpgradeError::Failed(format!("no upgrader for {target}"))),
                         };
                         if let Err(e) = result {

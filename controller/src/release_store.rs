@@ -12,7 +12,7 @@
 
 use std::{
     fs,
-    io::{Read, Seek, SeekFrom, Write},
+    io::{Read, Seek, SeekFrom},
     path::{Path, PathBuf},
 };
 
@@ -129,8 +129,8 @@ impl ReleaseStore {
         let dir = self.staging(version, target)?;
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         let path = dir.join(name);
-        let mut f = fs::File::create(&path).map_err(io(&path))?;
-        f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io(&path))
+        // Through an exclusive temporary file: a half-written upload never has the final name.
+        shoal_overlay::pki::write_private_file(&path, bytes, 0o644).map_err(io(&path))
     }
 
     /// Verifies the staged upload and moves it into the store; a refused upload is deleted. Adding
@@ -172,7 +172,7 @@ impl ReleaseStore {
             .map(|k| releases::key_id(k))
             .unwrap_or_default();
         let key_path = staging.join(KEY_ID);
-        fs::write(&key_path, &key_id).map_err(io(&key_path))?;
+        shoal_overlay::pki::write_private_file(&key_path, key_id.as_bytes(), 0o644).map_err(io(&key_path))?;
         fsync_dir(staging)?;
         let dir = self.dir(version, target)?;
         if dir.exists() {

@@ -574,6 +574,39 @@ pub struct Rollout {
     recent_failures: Vec<(NodeId, Failure)>,
     /// Why the last poll started nothing more.
     waiting: Vec<Waiting>,
+    /// Agent targets: nodes may go to an older version than they run (`--allow-downgrade`); v5
+    /// agents refuse a downgrade without it. Part of how the rollout runs, fixed at start; kept last
+    /// (not in [`RolloutSpec`]) so that records written before it existed still decode
+    /// ([`RolloutV1`]).
+    allow_downgrade: bool,
+}
+
+/// A [`Rollout`] as stored before `allow_downgrade` existed (postcard has no optional trailing
+/// fields): read with it when the current layout does not decode, then converted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutV1 {
+    id: String,
+    spec: RolloutSpec,
+    created_at: UnixMillis,
+    state: RolloutState,
+    nodes: BTreeMap<NodeId, NodePhase>,
+    recent_failures: Vec<(NodeId, Failure)>,
+    waiting: Vec<Waiting>,
+}
+
+impl From<RolloutV1> for Rollout {
+    fn from(r: RolloutV1) -> Rollout {
+        Rollout {
+            id: r.id,
+            spec: r.spec,
+            created_at: r.created_at,
+            state: r.state,
+            nodes: r.nodes,
+            recent_failures: r.recent_failures,
+            waiting: r.waiting,
+            allow_downgrade: false,
+        }
+    }
 }
 
 impl Rollout {
@@ -614,7 +647,27 @@ impl Rollout {
             nodes,
             recent_failures: Vec::new(),
             waiting: Vec::new(),
+            allow_downgrade: false,
         })
+    }
+
+    /// Decodes a stored rollout (postcard) in the current layout or the one before it
+    /// ([`RolloutV1`], which has no `allow_downgrade`: such rollouts never allowed downgrades).
+    pub fn from_stored(bytes: &[u8]) -> Result<Rollout, postcard::Error> {
+        postcard::from_bytes::<Rollout>(bytes).or_else(|e| postcard::from_bytes::<RolloutV1>(bytes).map(Rollout::from).map_err(|_| e))
+    }
+
+    /// Lets the rollout's nodes go to an older version than they run (agent targets; see
+    /// [`Rollout::allow_downgrade`]).
+    pub fn allowing_downgrade(mut self, allow: bool) -> Rollout {
+        self.allow_downgrade = allow;
+        self
+    }
+
+    /// Whether nodes may go to an older version (`shoalctl upgrade start --allow-downgrade`): the
+    /// shell passes it with every begin; the planner itself does not order versions.
+    pub fn allow_downgrade(&self) -> bool {
+        self.allow_downgrade
     }
 
     /// The rollout's id.

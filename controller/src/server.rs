@@ -236,7 +236,8 @@ const RESET_KEY_META: &str = "quic_stateless_reset_key";
 impl Controller {
     /// Opens the data dir: store, CA, admin credential.
     pub fn open(config: ControllerConfig, api_addr: SocketAddr) -> Result<Arc<Controller>, ServeError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| ServeError::DataDir(config.data_dir.clone(), e))?;
+        // 0700, and tightened at every start: the store, the CA key and admin.conf are the controller's alone.
+        shoal_overlay::pki::ensure_private_dir(&config.data_dir).map_err(|e| ServeError::DataDir(config.data_dir.clone(), e))?;
         let store = Store::open(&config.data_dir.join("store"))?;
         store.ensure_default_network(config.overlay_subnet, config.overlay_mtu)?;
         let overlay = Arc::new(OverlayHub::open(&store, config.netmap_validity)?);

@@ -43,22 +43,119 @@ pub fn tls_key(key: &KeyPair) -> rustls_pki_types::PrivateKeyDer<'static> {
     rustls_pki_types::PrivateKeyDer::Pkcs8(rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()))
 }
 
-/// Writes a key or certificate file atomically — temporary file with `mode`, fsync, rename, fsync of
-/// the directory — so a crash leaves the old file or the new one, never a torn or world-readable one.
+/// A temporary file created exclusively (`O_CREAT|O_EXCL|O_NOFOLLOW`, so it is never an existing
+/// file or a symlink someone planted) under a random name (`.<name>.<16 hex>.tmp`) in the directory of
+/// the file it will become, so the final `rename` stays on one filesystem. It is removed when dropped,
+/// unless [`TempFile::persist`] renamed it into place: a failed write leaves nothing behind.
+#[derive(Debug)]
+pub struct TempFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    persisted: bool,
+}
+
+impl TempFile {
+    /// Creates a temporary file beside `target` (same directory) with `mode` (set explicitly: the
+    /// umask does not narrow or widen it).
+    pub fn new_beside(target: &std::path::Path, mode: u32) -> std::io::Result<TempFile> {
+        let dir = target.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
+        TempFile::new_in(dir, &name, mode)
+    }
+
+    /// Creates a temporary file in `dir`, its name starting with `.<prefix>.`.
+    pub fn new_in(dir: &std::path::Path, prefix: &str, mode: u32) -> std::io::Result<TempFile> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let mut last = None;
+        // 64 random bits: a collision is practically impossible, but a name someone guessed and took
+        // only costs another try.
+        for _ in 0..8 {
+            let path = dir.join(format!(".{prefix}.{:016x}.tmp", rand::random::<u64>()));
+            let opened = std::fs::OpenOptions::new()
+                .write(true)
+                .read(true)
+                .create_new(true)
+                .mode(mode)
+                .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+                .open(&path);
+            match opened {
+                Ok(file) => {
+                    let temp = TempFile { path, file, persisted: false };
+                    temp.file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+                    return Ok(temp);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("no unique temporary name")))
+    }
+
+    /// The open file.
+    pub fn file(&mut self) -> &mut std::fs::File {
+        &mut self.file
+    }
+
+    /// Swaps the writable descriptor for a read-only one of the same file (checked by device and
+    /// inode; the name is opened with `O_NOFOLLOW`). The kernel refuses to load a file that anyone
+    /// holds open for writing (`kexec_file_load(2)`: `ETXTBSY`).
+    pub fn reopen_read_only(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        self.file.sync_all()?;
+        let ro = std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC).open(&self.path)?;
+        let (a, b) = (self.file.metadata()?, ro.metadata()?);
+        if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
+            return Err(std::io::Error::other(format!("{} was replaced while it was written", self.path.display())));
+        }
+        self.file = ro;
+        Ok(())
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// fsyncs the file, renames it over `target` and fsyncs the directory: a crash leaves the old
+    /// `target` or the new one, never a torn one.
+    pub fn persist(mut self, target: &std::path::Path) -> std::io::Result<()> {
+        self.file.sync_all()?;
+        std::fs::rename(&self.path, target)?;
+        self.persisted = true;
+        if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.persisted {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Writes a key, certificate or state file atomically — an exclusive temporary file with `mode` and
+/// a unique name beside it ([`TempFile`]), fsync, rename, fsync of the directory — so a crash leaves
+/// the old file or the new one, never a torn or world-readable one, and a symlink or file planted
+/// under a temporary name is never written through.
 pub fn write_private_file(path: &std::path::Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::{
-        io::Write,
-        os::unix::fs::{OpenOptionsExt, PermissionsExt},
-    };
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
-    // `mode` at creation is filtered by the umask, and an old temporary file keeps its mode: set it.
-    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)?.sync_all()?;
+    use std::io::Write;
+    let mut tmp = TempFile::new_beside(path, mode)?;
+    tmp.file().write_all(contents)?;
+    tmp.persist(path)
+}
+
+/// Creates `dir` (and its parents) mode 0700, or tightens an existing one to 0700 if its group or
+/// others have any access: a data or state directory holding keys is the owner's alone.
+pub fn ensure_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
 }
@@ -174,5 +271,66 @@ mod tests {
         assert!(!verify_rotation(&spki, &NodeId("n2".into()), &new_spki, &sig), "bound to the node");
         let self_signed = sign_rotation(&new, &node, &new_spki).unwrap();
         assert!(!verify_rotation(&spki, &node, &new_spki, &self_signed), "the new key cannot vouch for itself");
+    }
+
+    fn temp_names(dir: &std::path::Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.') && n.ends_with(".tmp"))
+            .collect()
+    }
+
+    #[test]
+    fn private_files_are_written_through_unique_exclusive_temporary_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("shoal-pki-test-{}-{}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("node.key");
+        // The old fixed temporary name, planted as a symlink to a file an attacker wants overwritten:
+        // it is neither followed nor reused.
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"untouched").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("node.tmp")).unwrap();
+        write_private_file(&path, b"secret", 0o600).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"secret");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
+        write_private_file(&path, b"again", 0o644).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644, "mode set, not left from before");
+        assert!(temp_names(&dir).is_empty(), "no temporary file left: {:?}", temp_names(&dir));
+        // Two temporary files for one target never share a name; dropping one removes it.
+        let (a, b) = (TempFile::new_beside(&path, 0o600).unwrap(), TempFile::new_beside(&path, 0o600).unwrap());
+        assert_ne!(a.path(), b.path());
+        assert!(a.path().file_name().unwrap().to_string_lossy().starts_with(".node.key."));
+        let kept = a.path().to_owned();
+        drop(a);
+        assert!(!kept.exists(), "a temporary file that was not persisted is removed");
+        drop(b);
+        // A write that fails (the target is a directory) cleans up after itself.
+        let sub = dir.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join("x"), b"x").unwrap();
+        assert!(write_private_file(&sub, b"x", 0o600).is_err());
+        assert!(temp_names(&dir).is_empty(), "{:?}", temp_names(&dir));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn private_dirs_are_created_and_tightened_to_0700() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir().join(format!("shoal-pki-dir-{}-{}", std::process::id(), rand::random::<u32>()));
+        let dir = base.join("data");
+        ensure_private_dir(&dir).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        ensure_private_dir(&dir).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700, "tightened");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o500)).unwrap();
+        ensure_private_dir(&dir).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o500, "a stricter mode is left alone");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

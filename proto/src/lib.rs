@@ -5,6 +5,7 @@
 
 mod drives;
 mod frame;
+mod image;
 mod maintenance;
 mod msg;
 mod netmap;
@@ -14,6 +15,7 @@ mod types;
 mod version;
 
 pub use drives::*;
+pub use image::*;
 pub use frame::{decode_frame, encode_frame, FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use maintenance::*;
 pub use msg::*;

@@ -125,6 +125,26 @@ pub enum UpdateFailure {
     /// binary was restored.
     #[error("new version did not become healthy in time; rolled back to the previous binary")]
     Unhealthy,
+    /// (v5) The offered version is older than the one running (semver order; or the two cannot be
+    /// ordered) and the offer does not allow a downgrade (`shoalctl upgrade start --allow-downgrade`).
+    #[error("refused to downgrade from {running} to {offered}: start the rollout with --allow-downgrade to go back a version")]
+    Downgrade {
+        /// The version running.
+        running: String,
+        /// The version offered.
+        offered: String,
+    },
+}
+
+impl UpdateFailure {
+    /// The failure to send on a session of `protocol`: failures newer than it become
+    /// [`UpdateFailure::Malformed`] with the same text (an older controller cannot decode them).
+    pub fn for_protocol(self, protocol: u16) -> UpdateFailure {
+        match self {
+            f @ UpdateFailure::Downgrade { .. } if protocol < 5 => UpdateFailure::Malformed(f.to_string()),
+            other => other,
+        }
+    }
 }
 
 /// One health check's result after an update.
@@ -150,6 +170,14 @@ pub struct BootReport {
     pub image: Option<String>,
     /// The health checks, in the order they ran (`session`, `heartbeat`, `check:<program>`).
     pub checks: Vec<CheckResult>,
+}
+
+impl UpdateReport {
+    /// The report to send on a session of `protocol` ([`UpdateFailure::for_protocol`]).
+    pub fn for_protocol(mut self, protocol: u16) -> UpdateReport {
+        self.failure = self.failure.map(|f| f.for_protocol(protocol));
+        self
+    }
 }
 
 impl BootReport {
@@ -257,6 +285,13 @@ mod tests {
         let bytes = postcard::to_allocvec(&report).expect("encode");
         assert_eq!(postcard::from_bytes::<UpdateReport>(&bytes).expect("decode"), report);
         let env = SignedRelease { manifest: b"{}".to_vec(), signature: vec![0; 64], key_id: "00".repeat(8) };
+        // A v5 failure reaches a v4 controller as one it can decode, with the same words.
+        let down = UpdateFailure::Downgrade { running: "0.3.0".into(), offered: "0.2.0".into() };
+        let report = UpdateReport { failure: Some(down.clone()), ..report };
+        let v4 = report.clone().for_protocol(4);
+        assert_eq!(v4.failure, Some(UpdateFailure::Malformed(down.to_string())));
+        assert_eq!(report.clone().for_protocol(5), report);
+        assert_eq!(postcard::to_allocvec(&UpdateFailure::Unhealthy).expect("encode"), vec![10], "Unhealthy keeps its index (Downgrade is appended after it)");
         let bytes = postcard::to_allocvec(&env).expect("encode");
         assert_eq!(postcard::from_bytes::<SignedRelease>(&bytes).expect("decode"), env);
     }

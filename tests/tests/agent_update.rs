@@ -14,7 +14,10 @@
 //! - a new version that never passes its health check (`--update-check`) is rolled back by the agent
 //!   itself at the deadline, and the old binary reports the failed attempt;
 //! - `shoalctl upgrade start --agent` rolls a release over all three, one at a time: the healthy ones
-//!   succeed on their reports, the one whose disk is too small is failed as refused and stays.
+//!   succeed on their reports, the one whose disk is too small is failed as refused and stays;
+//! - a downgrade (back to 0.9.0-good) rolled out without `--allow-downgrade` is refused by the agents
+//!   themselves, which stay on their version and say why; the same rollout with `--allow-downgrade`
+//!   takes them down a version (the refusal for lack of permission is not held against them).
 //!
 //! Needs root (skips with a reason otherwise, fails under CI) and `openssl`.
 
@@ -66,6 +69,15 @@ fn has_event(fleet: &Fleet, kind: &str, node: &str, needle: &str) -> Result<()> 
         "no {kind} event for {node} containing {needle:?}"
     );
     Ok(())
+}
+
+/// Waits until the current rollout has finished; its status.
+fn finished(fleet: &Fleet, what: &str) -> Result<Value> {
+    eventually!(TIMEOUT * 2, &format!("the rollout {what} finishes"), || {
+        let r = fleet.ctl_json(&["upgrade", "status"])?;
+        ensure!(r["finished"] == true, "not yet: {r}");
+        Ok(r)
+    })
 }
 
 #[test]
@@ -215,6 +227,45 @@ fn scenario() -> Result<()> {
     ensure!(version_of(&n1) == "0.9.4-roll" && version_of(&n3) == "0.9.4-roll", "{nodes:?}");
     ensure!(version_of(&n2) == old_version.as_str(), "{nodes:?}");
     println!("{}", fleet.ctl_ok(&["upgrade", "status"])?);
+
+    // Back down to 0.9.0-good without permission: agents 1 and 3 refuse (their version is newer) and
+    // stay on 0.9.4-roll; agent 2's disk is still too small.
+    fleet.ctl_ok(&["upgrade", "start", "--agent", "0.9.0-good", "--selector", "pool=update", "--max-failures", "5"])?;
+    let r = finished(&fleet, "of 0.9.0-good without --allow-downgrade")?;
+    let detail = |r: &Value, n: &str| -> Result<(String, String)> {
+        let p = r["nodes"].as_array().and_then(|l| l.iter().find(|x| x["node"] == n).cloned()).with_context(|| format!("{n} in {r}"))?;
+        Ok((p["phase"].as_str().unwrap_or_default().to_owned(), p["detail"].as_str().unwrap_or_default().to_owned()))
+    };
+    for n in [&n1, &n3] {
+        let (phase, why) = detail(&r, n)?;
+        ensure!(phase == "failed" && why.contains("refused to downgrade from 0.9.4-roll to 0.9.0-good") && why.contains("--allow-downgrade"), "{n}: {phase} {why}");
+        let s = status(&fleet, n)?;
+        ensure!(s["report"]["running"] == "0.9.4-roll" && s["failure"].as_str().is_some_and(|f| f.contains("refused to downgrade")), "{s}");
+        has_event(&fleet, "agent_update_failed", n, "refused to downgrade")?;
+    }
+    fleet.wait_all_up(TIMEOUT)?;
+    let nodes = fleet.nodes()?;
+    let version_of = |n: &str| nodes.iter().find(|x| x["id"] == n).map(|x| x["agent_version"].clone()).unwrap_or_default();
+    ensure!(version_of(&n1) == "0.9.4-roll" && version_of(&n3) == "0.9.4-roll", "the nodes stay on their version: {nodes:?}");
+
+    // With --allow-downgrade they go down a version.
+    let out = fleet.ctl_ok(&[
+        "upgrade", "start", "--agent", "0.9.0-good", "--selector", "pool=update", "--max-failures", "5", "--allow-downgrade",
+    ])?;
+    println!("{out}");
+    let r = finished(&fleet, "of 0.9.0-good with --allow-downgrade")?;
+    println!("{}", fleet.ctl_ok(&["upgrade", "status"])?);
+    for n in [&n1, &n3] {
+        let (phase, why) = detail(&r, n)?;
+        ensure!(phase == "succeeded", "{n}: {phase} {why}");
+    }
+    let (phase, why) = detail(&r, &n2)?;
+    ensure!(phase == "skipped", "agent 2 failed 0.9.0-good for another reason (its disk) and stays skipped: {phase} {why}");
+    fleet.wait_all_up(TIMEOUT)?;
+    let nodes = fleet.nodes()?;
+    let version_of = |n: &str| nodes.iter().find(|x| x["id"] == n).map(|x| x["agent_version"].clone()).unwrap_or_default();
+    ensure!(version_of(&n1) == "0.9.0-good" && version_of(&n3) == "0.9.0-good", "down a version: {nodes:?}");
+    ensure!(version_of(&n2) == old_version.as_str(), "{nodes:?}");
     println!("{}", fleet.ctl_ok(&["release", "status"])?);
     for e in fleet.events()?.iter().filter(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("agent_update") || k == "release_added")) {
         println!("{} {}", e["kind"], e["message"]);

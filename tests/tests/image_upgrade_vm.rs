@@ -2,7 +2,11 @@
 //! `shoalctl upgrade start --image test-2` assigns the new image, names its kernel, initramfs and
 //! command line to the agent and asks it to reboot; the agent loads them with `kexec_file_load(2)` and
 //! kexecs (no firmware, no iPXE), the node re-enrols on `test-2` and its boot report says healthy →
-//! the node `succeeded`, the rollout `done`. Then `test-3` (kexec again), built with a health check
+//! the node `succeeded`, the rollout `done`. Then `test-rogue`, an image signed by a key the node does
+//! not hold (the controller trusts both keys, the node only the lab key baked into its image): the
+//! agent refuses to kexec into it and refuses the reboot too, so the node stays up (same boot id,
+//! still connected) and its upgrade fails with the reason, its `test-2` assignment restored without a
+//! reboot. Then `test-3` (kexec again), built with a health check
 //! that always fails ("v3 broken on purpose") and with `--no-kexec` for its agent: the VM boots it,
 //! its agent reports the failing check, the node is not healthy at the deadline, so the controller
 //! fails it, restores the `test-2` assignment and reboots it again — this time a full `reboot(2)`:
@@ -16,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
 use serde_json::Value;
-use shoal_tests::netboot::{extra_image, DhcpSetup, Firmware, NetbootLab};
+use shoal_tests::netboot::{extra_image, image_signed_by, DhcpSetup, Firmware, NetbootLab};
 use shoal_tests::{eventually, require_netboot};
 
 /// Deadline from VM start to the node being up on its first boot.
@@ -92,7 +96,12 @@ fn write_check(path: &Path) -> Result<()> {
 #[test]
 fn image_upgrade_reboots_into_v2_and_rolls_back_from_a_broken_v3() {
     require_netboot!(Firmware::Bios);
-    let mut lab = NetbootLab::start(21, DhcpSetup::Full).expect("lab");
+    // Built first: the controller must trust its key from the start, beside the lab's own.
+    let bins = shoal_tests::bins::Bins::locate().expect("binaries");
+    // Beside the lab key, in the per-process image directory.
+    let rogue_key = std::env::temp_dir().join(format!("shoal-netboot-image-{}", std::process::id())).join("rogue.pem");
+    let rogue = image_signed_by(&bins, "test-rogue", &rogue_key).expect("rogue image");
+    let mut lab = NetbootLab::start_with_keys(21, DhcpSetup::Full, std::slice::from_ref(&rogue.key_pub)).expect("lab");
     println!("FIGURE image build test-1 {:.1?}", lab.image.build_time);
     lab.run(|lab| {
         // Two more images from the same agent binary and key; test-3's health check always fails.
@@ -101,7 +110,7 @@ fn image_upgrade_reboots_into_v2_and_rolls_back_from_a_broken_v3() {
         let v2 = extra_image(&lab.bins, "test-2", None, "")?;
         let v3 = extra_image(&lab.bins, "test-3", Some(&check), "--no-kexec")?;
         println!("FIGURE image build test-2 {:.1?}, test-3 {:.1?}", v2.build_time, v3.build_time);
-        for img in [&v2, &v3] {
+        for img in [&v2, &v3, &rogue] {
             lab.ctl_ok(&["image", "add", &img.dir.to_string_lossy()])?;
             // The controller keeps its own copy; the build output is not needed any more.
             let _ = std::fs::remove_dir_all(&img.dir);
@@ -143,6 +152,39 @@ fn image_upgrade_reboots_into_v2_and_rolls_back_from_a_broken_v3() {
         ensure!(console.matches("Linux version").count() == 2, "kernel starts: {}", console.matches("Linux version").count());
         let scripts = lab.controller.log().matches("boot script served").count();
         ensure!(scripts == 1, "iPXE fetched {scripts} boot scripts");
+
+        // test-2 → test-rogue, signed by a key the controller trusts but the node does not hold: the
+        // agent refuses the image and the reboot, the node stays up, its upgrade fails with the reason.
+        let seq = last_seq(lab)?;
+        let started = Instant::now();
+        let rr = start(lab, "test-rogue", deadline)?;
+        let r = eventually(Duration::from_secs(90), "the rogue image refused and the node failed with the reason", || {
+            lab.controller.ensure_running().map_err(|e| shoal_tests::abort(format!("{e:#}")))?;
+            let r = rollout(lab, &rr)?;
+            let node = &r["nodes"][0];
+            ensure!(node["phase"] == "failed", "node {node}");
+            let detail = node["detail"].as_str().unwrap_or_default();
+            ensure!(detail.contains("image test-rogue refused") && detail.contains("does not verify"), "detail {detail}");
+            ensure!(detail.contains("rolled back"), "detail {detail}");
+            Ok(r)
+        })?;
+        println!("FIGURE image upgrade: test-rogue refused and the node failed in {:.1?}: {}", started.elapsed(), r["nodes"][0]["detail"]);
+        let still = boot_report_on(lab, &id, "test-2", true)?;
+        ensure!(still == boot2, "the node rebooted ({boot2} → {still}): it must stay up");
+        let evs = events_since(lab, &id, seq)?;
+        for (k, m) in &evs {
+            println!("event {k}: {m}");
+        }
+        in_order(&evs, &["rollout_started", "node_upgrade_started", "node_reboot_requested", "node_reboot_refused", "node_upgrade_failed", "node_rolled_back"])?;
+        ensure!(
+            evs.iter().any(|(k, m)| k == "node_reboot_refused" && m.contains("image test-rogue refused") && m.contains("--image-key")),
+            "no refusal naming the image key: {evs:#?}"
+        );
+        ensure!(!evs.iter().any(|(k, _)| k == "node_rebooting" || k == "reenrolled"), "the node went down: {evs:#?}");
+        let scripts = lab.controller.log().matches("boot script served").count();
+        ensure!(scripts == 1, "iPXE fetched {scripts} boot scripts: the node must not have rebooted");
+        ensure!(lab.vms[0].log().matches("Linux version").count() == 2, "the kernel started again");
+        lab.ctl_ok(&["upgrade", "abort", &rr])?;
 
         // test-2 → test-3, which never becomes healthy: failed at the deadline, rolled back to test-2.
         let seq = last_seq(lab)?;

@@ -425,6 +425,7 @@ mod tests {
                     max_failures,
                     window: None,
                     upgrade_deadline: None,
+                    allow_downgrade: false,
                 })
                 .unwrap()
         }

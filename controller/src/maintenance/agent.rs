@@ -20,9 +20,9 @@ use shoal_proto::{NodeId, UpdateReport};
 use tokio::sync::broadcast::error::RecvError;
 use tracing::{debug, info, warn};
 
-use super::{NodeUpgrader, TargetKind, UpgradeError};
+use super::{BeginOptions, NodeUpgrader, TargetKind, UpgradeError};
 use crate::{
-    agent_updates::{UpdateError, UpdateNotice},
+    agent_updates::{OfferOptions, UpdateError, UpdateNotice},
     rollout::{Event, ReportedHealth, Target},
     server::Controller,
 };
@@ -54,7 +54,16 @@ impl From<UpdateError> for UpgradeError {
 
 impl NodeUpgrader for AgentUpgrader {
     fn begin(&self, node: &NodeId, target: &Target) -> Result<(), UpgradeError> {
-        self.controller()?.offer_agent_update(node, target.version()).map_err(UpgradeError::from)
+        self.begin_with(node, target, &BeginOptions::default())
+    }
+
+    /// Offers the release with the rollout's downgrade permission ([`ControllerMsg::UpdateOffer`] to
+    /// v5 agents, which refuse an older version without it).
+    ///
+    /// [`ControllerMsg::UpdateOffer`]: shoal_proto::ControllerMsg::UpdateOffer
+    fn begin_with(&self, node: &NodeId, target: &Target, options: &BeginOptions) -> Result<(), UpgradeError> {
+        let offer = OfferOptions { allow_downgrade: options.allow_downgrade };
+        self.controller()?.offer_agent_update_with(node, target.version(), &offer).map_err(UpgradeError::from)
     }
 
     fn roll_back(&self, node: &NodeId, to: Option<&str>, target: &Target) -> Result<(), UpgradeError> {
@@ -272,6 +281,7 @@ mod tests {
             max_failures: 5,
             window: None,
             upgrade_deadline: None,
+            allow_downgrade: false,
         })
         .unwrap();
         let phase = |n: &NodeId| ctl.maint.rollout("current").unwrap().phase(n).cloned().unwrap();

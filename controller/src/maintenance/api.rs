@@ -220,6 +220,7 @@ pub fn rollout_view(r: &Rollout, hostnames: &BTreeMap<NodeId, String>) -> Rollou
         window: spec.window.clone(),
         max_unavailable: spec.max_unavailable,
         max_failures: spec.max_failures,
+        allow_downgrade: r.allow_downgrade(),
         progress: r.progress(),
         waiting: r.waiting().iter().map(waiting_text).collect(),
         nodes,
@@ -280,6 +281,7 @@ async fn start_rollout(State(ctl): State<Ctl>, Json(req): Json<StartRollout>) ->
             max_failures: req.max_failures.unwrap_or(1),
             window: req.window,
             upgrade_deadline: req.deadline_secs.map(Duration::from_secs),
+            allow_downgrade: req.allow_downgrade,
         })?;
         Ok(Json(full_view(&ctl, &r, &hostnames(&ctl)?)?))
     })

@@ -64,8 +64,18 @@ impl NodeUpgrader for ImageUpgrader {
         self.assign_and_reboot(node, target.version())
     }
 
-    fn roll_back(&self, node: &NodeId, to: Option<&str>, _target: &Target) -> Result<(), UpgradeError> {
+    fn roll_back(&self, node: &NodeId, to: Option<&str>, target: &Target) -> Result<(), UpgradeError> {
         let to = to.ok_or_else(|| UpgradeError::Failed(format!("the image {node} booted before is not known")))?;
+        let ctl = self.controller.upgrade().ok_or_else(|| UpgradeError::Failed("the controller is shutting down".into()))?;
+        // A node that never left `to` (it refused the reboot, e.g. because it could not verify the new
+        // image) only gets its assignment back: rebooting it would take down a node that is fine.
+        let connected = ctl.live().conns.contains_key(node);
+        let running = ctl.store.node(node).ok().flatten().and_then(|rec| super::observed_version(target, &rec));
+        if connected && running.as_deref() == Some(to) {
+            ctl.netboot.machines.set_node_image(node, to).map_err(|e| UpgradeError::Failed(format!("cannot assign image {to}: {e}")))?;
+            info!(node = %node, image = %to, "still on the previous image; assignment restored, no reboot");
+            return Ok(());
+        }
         self.assign_and_reboot(node, to)
     }
 }
@@ -103,19 +113,20 @@ impl Controller {
         self.install_image_upgrader(Arc::new(AgentRebooter { controller: Arc::downgrade(self), prefer_kexec: true }));
     }
 
-    /// Queues [`ControllerMsg::KexecImage`] for `version` on the node's v4 connection, so that the
-    /// [`ControllerMsg::Reboot`] after it can kexec into the image instead of going through firmware.
-    /// Nothing is sent (and the reboot is a full one) when the node is not connected on v4, or the
-    /// netboot servers do not run, or its MAC or the image is not known.
+    /// Queues the kexec instructions for `version` on the node's connection, so that the
+    /// [`ControllerMsg::Reboot`] after it can kexec into the image instead of going through firmware:
+    /// [`ControllerMsg::SignedKexecImage`] for a v5 agent (it verifies the image with its own keys and
+    /// refuses the reboot if it cannot), [`ControllerMsg::KexecImage`] for a v4 one. Nothing is sent
+    /// (and the reboot is a full one) when the node is not connected on v4 or later, or the netboot
+    /// servers do not run, or its MAC or the image is not known.
     pub fn offer_kexec_image(&self, node: &NodeId, version: &str) {
-        let speaks_v4 = self.live().conns.get(node).is_some_and(|c| c.protocol.is_some_and(|p| p >= UPDATE_PROTOCOL));
-        if !speaks_v4 {
+        let Some(protocol) = self.live().conns.get(node).and_then(|c| c.protocol).filter(|p| *p >= UPDATE_PROTOCOL) else {
             return;
-        }
-        match crate::netboot::http::kexec_image(self, node, version) {
-            Ok(Some(image)) => {
+        };
+        match crate::netboot::http::kexec_image(self, node, version, protocol) {
+            Ok(Some(msg)) => {
                 if let Some(conn) = self.live().conns.get(node) {
-                    let _ = conn.tx.send(ControllerMsg::KexecImage(image));
+                    let _ = conn.tx.send(msg);
                 }
             }
             Ok(None) => info!(node = %node, image = %version, "no kexec instructions for this node; it reboots fully"),
@@ -264,6 +275,24 @@ mod tests {
         reboots.1.store(true, std::sync::atomic::Ordering::SeqCst);
         assert!(up.begin(&node, &Target::Image("2030.2".into())).is_err());
         assert_eq!(ctl.netboot.machines.node_image(&node).unwrap().as_deref(), Some("2030.1"), "a failed request restores the assignment");
+        reboots.1.store(false, std::sync::atomic::Ordering::SeqCst);
+
+        // A connected node that still runs the image to go back to (it refused the reboot into the new
+        // one) gets its assignment back without being rebooted.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _enter = rt.enter();
+        up.begin(&node, &Target::Image("2030.2".into())).unwrap();
+        ctl.store
+            .update_node(&node, |r| r.inventory = Some(shoal_proto::Inventory { os: "shoal netboot image 2030.1".into(), ..Default::default() }))
+            .unwrap();
+        let before = reboots.0.lock().unwrap().len();
+        up.roll_back(&node, Some("2030.1"), &Target::Image("2030.2".into())).unwrap();
+        assert_eq!(reboots.0.lock().unwrap().len(), before + 1, "not connected: the roll-back reboots");
+        let (_, _rx) = ctl.fake_connection(&node, 5);
+        up.begin(&node, &Target::Image("2030.2".into())).unwrap();
+        up.roll_back(&node, Some("2030.1"), &Target::Image("2030.2".into())).unwrap();
+        assert_eq!(reboots.0.lock().unwrap().len(), before + 2, "only the begin rebooted");
+        assert_eq!(ctl.netboot.machines.node_image(&node).unwrap().as_deref(), Some("2030.1"), "assignment restored");
     }
 
     #[test]
@@ -336,6 +365,21 @@ mod tests {
             other => panic!("expected KexecImage, got {other:?}"),
         }
         assert!(matches!(rx.try_recv(), Ok(ControllerMsg::Reboot { prefer_kexec: true, .. })), "the Reboot follows");
+        // A v5 agent gets the signed manifest, exactly as stored, and builds the command line itself.
+        let (_, mut rx5) = ctl.fake_connection(&node, 5);
+        rebooter.reboot(&node).unwrap();
+        match rx5.try_recv() {
+            Ok(ControllerMsg::SignedKexecImage(k)) => {
+                assert_eq!(k.version, "2030.2");
+                assert_eq!(k.manifest, std::fs::read(img.dir.path().join("manifest.json")).unwrap());
+                assert_eq!(k.signature, std::fs::read(img.dir.path().join("manifest.sig")).unwrap());
+                assert_eq!(k.kernel_url, format!("http://10.78.0.1:7442/images/2030.2/{}", manifest.kernel.file));
+                assert_eq!(k.controller, "10.78.0.1:7440");
+                assert!(k.boot_token.parse::<shoal_proto::JoinToken>().is_ok(), "{}", k.boot_token);
+            }
+            other => panic!("expected SignedKexecImage, got {other:?}"),
+        }
+        assert!(matches!(rx5.try_recv(), Ok(ControllerMsg::Reboot { prefer_kexec: true, .. })));
         // A v3 agent gets neither.
         let (_, mut old_rx) = ctl.fake_connection(&node, 3);
         assert!(rebooter.reboot(&node).is_err());

@@ -97,6 +97,7 @@ impl Fixture {
                 max_failures,
                 window: window.map(str::to_owned),
                 upgrade_deadline: Some(deadline),
+                allow_downgrade: false,
             })
             .unwrap()
     }

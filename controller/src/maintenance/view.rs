@@ -82,6 +82,10 @@ pub struct StartRollout {
     pub window: Option<String>,
     /// Per-node deadline in seconds (default 900).
     pub deadline_secs: Option<u64>,
+    /// Agent rollouts: allow nodes to go to an older version than they run (default false; v5
+    /// agents refuse a downgrade without it).
+    #[serde(default)]
+    pub allow_downgrade: bool,
 }
 
 /// `POST /v1/rollouts/{id}/retry`.
@@ -138,6 +142,9 @@ pub struct RolloutView {
     pub max_unavailable: u32,
     /// K.
     pub max_failures: u32,
+    /// Agent rollouts: nodes may go to an older version (`--allow-downgrade`).
+    #[serde(default)]
+    pub allow_downgrade: bool,
     /// Counts.
     pub progress: Progress,
     /// Why nothing more started at the last poll, one line each.

@@ -20,7 +20,7 @@ use axum::{
     Router,
 };
 use shoal_overlay::pki;
-use shoal_proto::{JoinToken, KexecImage, NodeId, UnixMillis};
+use shoal_proto::{ControllerMsg, JoinToken, KexecImage, NodeId, SignedKexecImage, UnixMillis};
 use tracing::{info, warn};
 
 use super::dhcp::Mac;
@@ -163,27 +163,57 @@ fn kernel_cmdline(boot: &BootContext, manifest: &super::images::Manifest, token:
     )
 }
 
-/// What `node` needs to kexec into `version` ([`KexecImage`]): the same kernel, initramfs and command
-/// line its iPXE script would boot, with a join token minted for that boot. `None` when the netboot
-/// servers do not run or the node's MAC (label `netboot.mac`) is not known. Blocking (store).
-pub(crate) fn kexec_image(ctl: &Controller, node: &NodeId, version: &str) -> Result<Option<KexecImage>, crate::store::StoreError> {
+/// What `node` needs to kexec into `version`: the same kernel, initramfs and command line its iPXE
+/// script would boot, with a join token minted for that boot. For a v5 agent
+/// ([`SignedKexecImage`]) the image's signed manifest, URLs, controller address and token: the agent
+/// verifies the manifest with its own image keys and builds the command line itself, so the
+/// controller cannot hand it a kernel of its choosing. For a v4 agent ([`KexecImage`]) the hashes and
+/// the finished command line. `None` when the netboot servers do not run or the node's MAC (label
+/// `netboot.mac`) is not known. Blocking (store).
+pub(crate) fn kexec_image(ctl: &Controller, node: &NodeId, version: &str, protocol: u16) -> Result<Option<ControllerMsg>, crate::store::StoreError> {
     let Some(boot) = ctl.netboot.boot.get() else { return Ok(None) };
     let Some(mac) = ctl.store.node(node)?.and_then(|n| n.labels.get(MAC_LABEL).and_then(|m| m.parse::<Mac>().ok())) else {
         return Ok(None);
     };
     let Ok(manifest) = ctl.netboot.images.get(version) else { return Ok(None) };
+    let signed = if protocol >= SIGNED_KEXEC_PROTOCOL {
+        match ctl.netboot.images.signed_manifest(version) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(node = %node, image = %version, cause = %e, "signed manifest unreadable; no kexec instructions");
+                return Ok(None);
+            }
+        }
+    } else {
+        None
+    };
     let token = mint_boot_token(ctl, &mac, version)?;
     ctl.netboot.machines.booted(mac, version, now_ms())?;
     let base = format!("{}/images/{version}", boot.http_base);
-    Ok(Some(KexecImage {
-        version: version.to_owned(),
-        kernel_url: format!("{base}/{}", manifest.kernel.file),
-        kernel_sha256: manifest.kernel.sha256.clone(),
-        initrd_url: format!("{base}/{}", manifest.initrd.file),
-        initrd_sha256: manifest.initrd.sha256.clone(),
-        cmdline: kernel_cmdline(boot, &manifest, &token, version).trim_end().to_owned(),
+    let (kernel_url, initrd_url) = (format!("{base}/{}", manifest.kernel.file), format!("{base}/{}", manifest.initrd.file));
+    Ok(Some(match signed {
+        Some((manifest, signature)) => ControllerMsg::SignedKexecImage(SignedKexecImage {
+            version: version.to_owned(),
+            manifest,
+            signature,
+            kernel_url,
+            initrd_url,
+            controller: boot.controller_addr.to_string(),
+            boot_token: token.to_string(),
+        }),
+        None => ControllerMsg::KexecImage(KexecImage {
+            version: version.to_owned(),
+            kernel_url,
+            kernel_sha256: manifest.kernel.sha256.clone(),
+            initrd_url,
+            initrd_sha256: manifest.initrd.sha256.clone(),
+            cmdline: kernel_cmdline(boot, &manifest, &token, version).trim_end().to_owned(),
+        }),
     }))
 }
+
+/// The first protocol whose agents verify kexec images themselves ([`SignedKexecImage`]).
+pub const SIGNED_KEXEC_PROTOCOL: u16 = 5;
 
 async fn image_file(State(st): State<HttpState>, Path((version, file)): Path<(String, String)>) -> Response {
     let path = match st.controller.netboot.images.file(&version, &file) {

@@ -12,7 +12,6 @@
 
 use std::{
     fs,
-    io::Write,
     path::{Path, PathBuf},
 };
 
@@ -20,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Files an upload may contain.
-pub const MANIFEST: &str = "manifest.json";
+pub const MANIFEST: &str = shoal_proto::IMAGE_MANIFEST_FILE;
 /// The manifest's signature.
-pub const SIGNATURE: &str = "manifest.sig";
+pub const SIGNATURE: &str = shoal_proto::IMAGE_SIGNATURE_FILE;
 
 /// Why an image was refused or the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -83,47 +82,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
     move |source| ImageError::Io { path: path.to_owned(), source }
 }
 
-/// One file of an image, as the manifest describes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileEntry {
-    /// File name in the image directory.
-    pub file: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// SHA-256, lower-case hex.
-    pub sha256: String,
-}
-
-/// A build input (a Debian package and its version, or the agent binary).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Input {
-    /// Name.
-    pub name: String,
-    /// Version or hash.
-    pub version: String,
-}
-
-/// `manifest.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
-    /// Format version, 1.
-    pub format: u32,
-    /// The image's version.
-    pub version: String,
-    /// The kernel.
-    pub kernel: FileEntry,
-    /// The initramfs.
-    pub initrd: FileEntry,
-    /// Extra kernel command line (e.g. `console=ttyS0`).
-    #[serde(default)]
-    pub cmdline: String,
-    /// What the image was built from.
-    #[serde(default)]
-    pub inputs: Vec<Input>,
-    /// Build time (RFC 3339), from SOURCE_DATE_EPOCH.
-    #[serde(default)]
-    pub built_at: String,
-}
+/// The manifest types and their field rules are shared with the agent, which verifies an image
+/// itself before it kexecs into it ([`shoal_proto::ImageManifest`]).
+pub use shoal_proto::{ImageFile as FileEntry, ImageInput as Input, ImageManifest as Manifest};
 
 /// Checks that `name` is a plain file or version name ([`shoal_proto::is_plain_name`]).
 pub fn check_name(name: &str) -> Result<(), ImageError> {
@@ -157,15 +118,10 @@ pub fn verify_manifest(manifest: &[u8], signature: &[u8], keys: &[[u8; 32]]) -> 
         return Err(ImageError::BadSignature);
     }
     let m: Manifest = serde_json::from_slice(manifest).map_err(|e| ImageError::BadManifest(e.to_string()))?;
-    if m.format != 1 {
-        return Err(ImageError::BadManifest(format!("unknown format {}", m.format)));
-    }
-    check_name(&m.version)?;
-    check_name(&m.kernel.file)?;
-    check_name(&m.initrd.file)?;
-    if m.kernel.file == m.initrd.file || [MANIFEST, SIGNATURE].contains(&m.kernel.file.as_str()) || [MANIFEST, SIGNATURE].contains(&m.initrd.file.as_str()) {
-        return Err(ImageError::BadManifest("kernel and initrd must be two distinct data files".into()));
-    }
+    m.validate().map_err(|e| match e {
+        shoal_proto::ImageManifestError::Name(n) => ImageError::BadName(n),
+        other => ImageError::BadManifest(other.to_string()),
+    })?;
     Ok(m)
 }
 
@@ -243,10 +199,8 @@ impl ImageStore {
         let dir = self.staging(version);
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         let path = dir.join(name);
-        let mut f = fs::File::create(&path).map_err(io(&path))?;
-        f.write_all(bytes).map_err(io(&path))?;
-        f.sync_all().map_err(io(&path))?;
-        Ok(())
+        // Through an exclusive temporary file: a half-written upload never has the final name.
+        shoal_overlay::pki::write_private_file(&path, bytes, 0o644).map_err(io(&path))
     }
 
     /// Verifies the staged upload and moves it into the store. A refused upload is deleted.
@@ -284,6 +238,19 @@ impl ImageStore {
         let manifest = fs::read(dir.join(MANIFEST)).map_err(|_| ImageError::Missing(MANIFEST.into()))?;
         let m: Manifest = serde_json::from_slice(&manifest).map_err(|e| ImageError::BadManifest(e.to_string()))?;
         Ok(m)
+    }
+
+    /// A stored image's `manifest.json` exactly as signed, and `manifest.sig`: what an agent verifies
+    /// with its own image keys before it kexecs into the image.
+    pub fn signed_manifest(&self, version: &str) -> Result<(Vec<u8>, Vec<u8>), ImageError> {
+        check_name(version)?;
+        let dir = self.root.join(version);
+        if !dir.is_dir() {
+            return Err(ImageError::Unknown(version.to_owned()));
+        }
+        let manifest = fs::read(dir.join(MANIFEST)).map_err(|_| ImageError::Missing(MANIFEST.into()))?;
+        let signature = fs::read(dir.join(SIGNATURE)).map_err(|_| ImageError::Missing(SIGNATURE.into()))?;
+        Ok((manifest, signature))
     }
 
     /// A stored image's file path, for serving; only the kernel and initrd the manifest names.
@@ -327,9 +294,7 @@ impl ImageStore {
     pub fn set_default(&self, version: &str) -> Result<(), ImageError> {
         self.get(version)?;
         let path = self.root.join("default");
-        let tmp = self.root.join(".default.tmp");
-        fs::write(&tmp, version).map_err(io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io(&path))
+        shoal_overlay::pki::write_private_file(&path, version.as_bytes(), 0o644).map_err(io(&path))
     }
 }
 

@@ -674,3 +674,26 @@ fn an_action_run_honours_budgets_and_busy_nodes() {
     f.get_mut(&n("w1")).expect("w1").busy = false;
     assert_eq!(begun(&r.poll(&f, &budgets, &AlwaysOpen, at(2))), vec![n("e2"), n("w1")]);
 }
+
+#[test]
+fn rollouts_stored_before_the_downgrade_permission_still_decode() {
+    let mut r = Rollout::new("r1", RolloutSpec::new(Target::Agent(NEW.into())), [n("a"), n("b")], &BTreeSet::new(), at(0)).unwrap();
+    let _ = r.poll(&fleet(&[("a", &[]), ("b", &[])]), &[], &AlwaysOpen, at(1));
+    // The bytes a controller wrote before `allow_downgrade` existed.
+    let v1 = RolloutV1 {
+        id: r.id.clone(),
+        spec: r.spec.clone(),
+        created_at: r.created_at,
+        state: r.state.clone(),
+        nodes: r.nodes.clone(),
+        recent_failures: r.recent_failures.clone(),
+        waiting: r.waiting.clone(),
+    };
+    let old = postcard::to_allocvec(&v1).unwrap();
+    assert_eq!(Rollout::from_stored(&old).unwrap(), r, "read as a rollout that allows no downgrade");
+    let allowing = r.clone().allowing_downgrade(true);
+    let new = postcard::to_allocvec(&allowing).unwrap();
+    assert_eq!(Rollout::from_stored(&new).unwrap(), allowing);
+    assert!(Rollout::from_stored(&new).unwrap().allow_downgrade());
+    assert!(Rollout::from_stored(&new[..new.len() / 2]).is_err(), "a torn record is still an error");
+}

@@ -106,6 +106,10 @@ pub enum UpgradeCmd {
         /// How long a node has to come back healthy on the new version (default 15m).
         #[arg(long, value_parser = humantime::parse_duration)]
         deadline: Option<Duration>,
+        /// Agent rollouts: let nodes go to an older version than they run. Without it, agents
+        /// (protocol 5) refuse a downgrade and the node fails as refused, unchanged.
+        #[arg(long)]
+        allow_downgrade: bool,
     },
     #[command(flatten)]
     Rollout(RolloutCmd),
@@ -342,10 +346,11 @@ fn print_status(r: &RolloutView) {
         r.reason.as_ref().map(|x| format!(" ({x})")).unwrap_or_default()
     );
     println!(
-        "max unavailable {}, pause after {} failure(s), {}",
+        "max unavailable {}, pause after {} failure(s), {}{}",
         r.max_unavailable,
         r.max_failures,
-        r.window.as_ref().map(|w| format!("window {w}")).unwrap_or_else(|| "no window".into())
+        r.window.as_ref().map(|w| format!("window {w}")).unwrap_or_else(|| "no window".into()),
+        if r.allow_downgrade { ", downgrades allowed" } else { "" }
     );
     println!("{}", progress_bar(r));
     for w in &r.waiting {
@@ -372,7 +377,7 @@ fn print_status(r: &RolloutView) {
 
 pub fn upgrade(client: &AdminClient, cmd: UpgradeCmd) -> anyhow::Result<()> {
     match cmd {
-        UpgradeCmd::Start { what, selector: (k, v), max_unavailable, window, max_failures, deadline } => {
+        UpgradeCmd::Start { what, selector: (k, v), max_unavailable, window, max_failures, deadline, allow_downgrade } => {
             let req = StartRollout {
                 agent: what.agent,
                 image: what.image,
@@ -382,6 +387,7 @@ pub fn upgrade(client: &AdminClient, cmd: UpgradeCmd) -> anyhow::Result<()> {
                 max_failures: Some(max_failures),
                 window,
                 deadline_secs: deadline.map(|d| d.as_secs().max(1)),
+                allow_downgrade,
             };
             let r: RolloutView = client.post("/v1/rollouts", &req)?;
             println!("started rollout {}: {} on {} node(s)", r.id, r.target, r.progress.total);
@@ -453,6 +459,7 @@ mod tests {
             window: None,
             max_unavailable: 1,
             max_failures: 1,
+            allow_downgrade: false,
             progress: p,
             waiting: Vec::new(),
             nodes: Vec::new(),
