@@ -167,6 +167,7 @@ pub fn router(controller: Ctl) -> Router {
         .route("/v1/networks/{name}/members", axum::routing::post(add_member).delete(remove_member))
         .route("/v1/overlay/paths", get(overlay_paths))
         .route("/v1/overlay/counters", get(overlay_counters))
+        .route("/v1/refusals", get(refusals))
         .route("/v1/drives", get(list_drives))
         .route("/v1/drives/{node}/{device}/prepare", axum::routing::post(prepare_drive))
         .route("/v1/drives/{node}/{device}/self-test", axum::routing::post(self_test_drive))
@@ -260,6 +261,12 @@ async fn revoke_token(State(ctl): State<Ctl>, Path(id): Path<String>) -> Result<
         Ok(Json(token_view(&rec, now)))
     })
     .await
+}
+
+/// What the controller's limits refused since it started: connections, and what nodes sent the
+/// overlay hub.
+async fn refusals(State(ctl): State<Ctl>) -> Json<crate::view::RefusalsView> {
+    Json(crate::view::RefusalsView { connections: ctl.conn_stats.snapshot(), overlay: ctl.overlay.counters() })
 }
 
 /// Merges a stored record with the controller's live state.
@@ -791,7 +798,7 @@ mod tests {
         (rt, ctl, handle, client)
     }
 
-    fn policies_sent(rx: &mut tokio::sync::mpsc::UnboundedReceiver<shoal_proto::ControllerMsg>) -> Vec<shoal_proto::DrivePolicy> {
+    fn policies_sent(rx: &mut crate::conn_queue::NodeRx) -> Vec<shoal_proto::DrivePolicy> {
         let mut out = Vec::new();
         while let Ok(msg) = rx.try_recv() {
             match msg {
@@ -895,7 +902,7 @@ mod tests {
     fn fake_agent(
         ctl: Ctl,
         node: NodeId,
-        mut rx: tokio::sync::mpsc::UnboundedReceiver<shoal_proto::ControllerMsg>,
+        mut rx: crate::conn_queue::NodeRx,
         answer: impl Fn(&shoal_proto::DriveCommand) -> Option<Result<String, String>> + Send + 'static,
     ) -> std::sync::Arc<std::sync::Mutex<Vec<shoal_proto::DriveCommand>>> {
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod agent_updates;
 pub mod api;
 pub mod ca;
+pub mod conn_queue;
 pub mod coordinator;
 pub mod drive_hub;
 pub mod drive_policy;

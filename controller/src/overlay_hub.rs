@@ -31,7 +31,6 @@ use shoal_overlay::{
     send_msg,
 };
 use shoal_proto::{ControllerMsg, NetworkId, NodeId, Observed, OverlayHello, PathReport, PeerIndex, Punch, UnixMillis};
-use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -222,7 +221,7 @@ impl Reach {
 }
 
 /// Counts of what the hub refused, since it started.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HubCounters {
     /// `OverlayHello`s beyond a connection's rate.
     pub hellos_refused: u64,
@@ -261,7 +260,7 @@ fn bump(counter: &AtomicU64, n: u64) {
 #[derive(Debug)]
 struct Link {
     conn_id: u64,
-    tx: mpsc::UnboundedSender<ControllerMsg>,
+    tx: crate::conn_queue::NodeTx,
     index: PeerIndex,
     hellos: TokenBucket,
 }
@@ -389,7 +388,7 @@ impl OverlayHub {
         node: &NodeId,
         conn_id: u64,
         conn: &quinn::Connection,
-        tx: &mpsc::UnboundedSender<ControllerMsg>,
+        tx: &crate::conn_queue::NodeTx,
         index: PeerIndex,
         key: [u8; 32],
         hello: &OverlayHello,
@@ -737,8 +736,8 @@ mod tests {
         server_side: quinn::Connection,
         conn_id: u64,
         key: [u8; 32],
-        tx: mpsc::UnboundedSender<ControllerMsg>,
-        queued: mpsc::UnboundedReceiver<ControllerMsg>,
+        tx: crate::conn_queue::NodeTx,
+        queued: crate::conn_queue::NodeRx,
     }
 
     fn hello_msg() -> OverlayHello {
@@ -776,7 +775,7 @@ mod tests {
             let index = self.store.peer_index(&node).unwrap();
             let conn_id = self.next_conn;
             self.next_conn += 1;
-            let (tx, queued) = mpsc::unbounded_channel();
+            let (tx, queued) = crate::conn_queue::node_queue(crate::conn_queue::NODE_QUEUE_CAPACITY);
             let mut agent = Agent { node, index, client, server_side, conn_id, key: pki::sha256(&cert), tx, queued };
             let out = self.hello(&mut agent, &hello_msg());
             assert!(matches!(out.first(), Some(ControllerMsg::Observed(_))), "{out:?}");

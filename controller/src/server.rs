@@ -41,6 +41,9 @@ pub mod close_code {
     pub const REVOKED: u32 = 2;
     /// A newer connection from the same node replaced this one.
     pub const REPLACED: u32 = 3;
+    /// The controller is at a connection limit, or this connection did not read what it was sent;
+    /// retry later.
+    pub const BUSY: u32 = 4;
 }
 
 /// How the controller runs. Every field has a documented default.
@@ -85,6 +88,21 @@ pub struct ControllerConfig {
     /// Trusted agent release keys (files with 64 hex characters, `--release-key`); uploads signed by
     /// none of them are refused. Default none: no release can be added.
     pub release_keys: Vec<PathBuf>,
+    /// QUIC handshakes in progress at once; further connection attempts are refused (default 1024).
+    pub max_handshakes: usize,
+    /// Handshakes in progress above which a client whose address is not validated yet must first
+    /// answer a QUIC Retry (default 64): a flood from spoofed addresses then costs nothing.
+    pub retry_above: usize,
+    /// Unauthenticated (enrolment) connections open at once; further ones are closed at once and the
+    /// agent retries (default 256). Authenticated nodes are not counted.
+    pub max_unauthenticated: usize,
+    /// How long an unauthenticated connection may stay open in all (default 30 s).
+    pub enrolment_deadline: Duration,
+    /// How long one write to an agent may take before the agent counts as not reading (default 30 s).
+    pub send_timeout: Duration,
+    /// Messages queued for one connection before its agent counts as not reading (default
+    /// [`crate::conn_queue::NODE_QUEUE_CAPACITY`]).
+    pub node_queue_capacity: usize,
 }
 
 impl ControllerConfig {
@@ -116,6 +134,12 @@ impl ControllerConfig {
             rollout_tick: Duration::from_secs(5),
             rollout_clock: crate::maintenance::RolloutClock::default(),
             release_keys: Vec::new(),
+            max_handshakes: 1024,
+            retry_above: 64,
+            max_unauthenticated: 256,
+            enrolment_deadline: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(30),
+            node_queue_capacity: crate::conn_queue::NODE_QUEUE_CAPACITY,
         }
     }
 }
@@ -155,6 +179,47 @@ pub fn now_ms() -> UnixMillis {
     UnixMillis(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
 }
 
+/// What the connection limits refused since the controller started (`GET /v1/refusals`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConnCounters {
+    /// Clients sent a QUIC Retry (address validation) because many handshakes were in progress.
+    pub retried: u64,
+    /// Connection attempts refused at the handshake limit.
+    pub handshakes_refused: u64,
+    /// Unauthenticated connections closed at the limit.
+    pub unauthenticated_refused: u64,
+    /// Unauthenticated connections closed at their enrolment deadline.
+    pub enrolment_timeouts: u64,
+    /// Connections closed because the agent did not read (queue full or a write timed out).
+    pub slow_consumers: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct ConnStats {
+    retried: std::sync::atomic::AtomicU64,
+    handshakes_refused: std::sync::atomic::AtomicU64,
+    unauthenticated_refused: std::sync::atomic::AtomicU64,
+    enrolment_timeouts: std::sync::atomic::AtomicU64,
+    slow_consumers: std::sync::atomic::AtomicU64,
+}
+
+fn bump(c: &std::sync::atomic::AtomicU64) {
+    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+impl ConnStats {
+    pub(crate) fn snapshot(&self) -> ConnCounters {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        ConnCounters {
+            retried: get(&self.retried),
+            handshakes_refused: get(&self.handshakes_refused),
+            unauthenticated_refused: get(&self.unauthenticated_refused),
+            enrolment_timeouts: get(&self.enrolment_timeouts),
+            slow_consumers: get(&self.slow_consumers),
+        }
+    }
+}
+
 /// What the controller holds in memory about a node between checkpoints.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct LiveNode {
@@ -186,7 +251,7 @@ pub(crate) struct ConnHandle {
     /// identity against the node's own re-enrolment after the reboot.
     pub leaving: bool,
     /// Queues a message to the agent; the connection's task sends it in order.
-    pub tx: mpsc::UnboundedSender<ControllerMsg>,
+    pub tx: crate::conn_queue::NodeTx,
     /// The negotiated protocol version, once the agent's Hello was accepted. Nothing newer than it
     /// is ever queued: v1/v2 agents get no v3 messages.
     pub protocol: Option<u16>,
@@ -225,6 +290,8 @@ pub struct Controller {
     /// The latest agent update facts per node (see `agent_updates`).
     pub(crate) agent_updates: Mutex<HashMap<NodeId, crate::agent_updates::AgentUpdate>>,
     pub(crate) update_notices: tokio::sync::broadcast::Sender<crate::agent_updates::UpdateNotice>,
+    /// What the connection limits refused.
+    pub(crate) conn_stats: ConnStats,
     /// Liveness changes go through one worker so they reach the store in the order they happened.
     transitions: mpsc::UnboundedSender<Vec<Transition>>,
     transitions_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<Transition>>>>,
@@ -267,6 +334,7 @@ impl Controller {
             releases,
             agent_updates: Mutex::new(HashMap::new()),
             update_notices: tokio::sync::broadcast::channel(256).0,
+            conn_stats: ConnStats::default(),
             netboot,
             transitions,
             transitions_rx: Mutex::new(Some(transitions_rx)),
@@ -460,13 +528,29 @@ pub async fn run(
         .unwrap_or_else(|p| p.into_inner())
         .take()
         .map(|rx| tokio::spawn(record_transitions(controller.clone(), rx)));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(controller.config.max_handshakes));
+    let unauthenticated = Arc::new(tokio::sync::Semaphore::new(controller.config.max_unauthenticated));
     let accept = async {
         while let Some(incoming) = endpoint.accept().await {
+            let in_flight = controller.config.max_handshakes - handshakes.available_permits();
+            if in_flight >= controller.config.retry_above && !incoming.remote_address_validated() && incoming.may_retry() {
+                debug!(remote = %incoming.remote_address(), in_flight, "under load: address validation (Retry) first");
+                bump(&controller.conn_stats.retried);
+                let _ = incoming.retry();
+                continue;
+            }
+            let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                debug!(remote = %incoming.remote_address(), "handshake limit reached: connection refused");
+                bump(&controller.conn_stats.handshakes_refused);
+                incoming.refuse();
+                continue;
+            };
             let controller = controller.clone();
+            let unauthenticated = unauthenticated.clone();
             let remote = incoming.remote_address();
             tokio::spawn(
                 async move {
-                    if let Err(e) = handle_connection(controller, incoming).await {
+                    if let Err(e) = handle_connection(controller, incoming, handshake, unauthenticated).await {
                         debug!(cause = %e, "connection ended with error");
                     }
                 }
@@ -597,12 +681,22 @@ enum ConnError {
     Transport(#[from] shoal_overlay::TransportError),
     #[error("no control stream within the hello timeout")]
     HelloTimeout,
+    #[error("enrolment did not finish within its deadline")]
+    EnrolmentTimeout,
+    #[error("the agent did not read what it was sent")]
+    SlowConsumer,
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
 }
 
-async fn handle_connection(controller: Arc<Controller>, incoming: quinn::Incoming) -> Result<(), ConnError> {
+async fn handle_connection(
+    controller: Arc<Controller>,
+    incoming: quinn::Incoming,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+    unauthenticated: Arc<tokio::sync::Semaphore>,
+) -> Result<(), ConnError> {
     let conn = incoming.await?;
+    drop(handshake);
     let remote = conn.remote_address().to_string();
     let cert = match tls::peer_chain(&conn).and_then(|chain| chain.first().map(|c| pki::cert_info(c))) {
         None => None,
@@ -613,6 +707,20 @@ async fn handle_connection(controller: Arc<Controller>, incoming: quinn::Incomin
         }
     };
     let node = cert.as_ref().map(|c| c.node_id.clone());
+    // Enrolments are counted and bounded in time; a node that proved its key is not.
+    let _unauthenticated = match &cert {
+        Some(_) => None,
+        None => match unauthenticated.try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                debug!(%remote, "too many unauthenticated connections: closed at once");
+                bump(&controller.conn_stats.unauthenticated_refused);
+                conn.close(close_code::BUSY.into(), b"too many enrolments in progress; retry later");
+                return Ok(());
+            }
+        },
+    };
+    let enrolment_deadline = tokio::time::Instant::now() + controller.config.enrolment_deadline;
     // One deadline for the stream and the Hello on it together.
     let hello_deadline = tokio::time::Instant::now() + controller.config.hello_timeout;
     let (mut send, mut recv) = match tokio::time::timeout_at(hello_deadline, conn.accept_bi()).await {
@@ -628,7 +736,7 @@ async fn handle_connection(controller: Arc<Controller>, incoming: quinn::Incomin
     );
 
     let (revoke_tx, mut revoke_rx) = mpsc::unbounded_channel();
-    let (overlay_tx, mut overlay_rx) = mpsc::unbounded_channel();
+    let (overlay_tx, mut overlay_rx) = crate::conn_queue::node_queue(controller.config.node_queue_capacity);
     let mut conn_id = None;
     let mut must_rotate = false;
     if let Some(info) = &cert {
@@ -707,10 +815,24 @@ async fn handle_connection(controller: Arc<Controller>, incoming: quinn::Incomin
         overlay_tx,
         relay: None,
     };
-    let result =
-        drive(&controller, &mut ctx, &mut send, &mut recv, &mut session, &mut revoke_rx, &mut overlay_rx, hello_deadline).await;
+    let driven = drive(&controller, &mut ctx, &mut send, &mut recv, &mut session, &mut revoke_rx, &mut overlay_rx, hello_deadline);
+    let result = if cert.is_some() {
+        driven.await
+    } else {
+        match tokio::time::timeout_at(enrolment_deadline, driven).await {
+            Ok(r) => r,
+            Err(_) => {
+                bump(&controller.conn_stats.enrolment_timeouts);
+                conn.close(close_code::PROTOCOL.into(), b"enrolment took too long");
+                Err(ConnError::EnrolmentTimeout)
+            }
+        }
+    };
     if let Some(relay) = ctx.relay.take() {
         relay.abort();
+    }
+    if matches!(result, Err(ConnError::SlowConsumer)) {
+        bump(&controller.conn_stats.slow_consumers);
     }
     if let (Some(id), Some(cid)) = (&node, conn_id) {
         controller.overlay.disconnected(id, cid);
@@ -740,7 +862,7 @@ async fn refuse_after_hello(
         }
     };
     for action in session.refused(code.for_protocol(protocol), message) {
-        if !matches!(apply(conn, send, action).await, Ok(false)) {
+        if !matches!(apply(conn, send, action, REFUSAL_SEND_TIMEOUT, &tokio::sync::Notify::new()).await, Ok(false)) {
             break;
         }
     }
@@ -750,8 +872,8 @@ async fn refuse_after_hello(
 impl Controller {
     /// Registers a connection without QUIC, as a v`protocol` agent after its Hello; returns its id and
     /// the queue of what the controller sends it.
-    pub(crate) fn fake_connection(&self, node: &NodeId, protocol: u16) -> (u64, mpsc::UnboundedReceiver<ControllerMsg>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    pub(crate) fn fake_connection(&self, node: &NodeId, protocol: u16) -> (u64, crate::conn_queue::NodeRx) {
+        let (tx, rx) = crate::conn_queue::node_queue(crate::conn_queue::NODE_QUEUE_CAPACITY);
         let (revoke, _) = mpsc::unbounded_channel();
         let mut live = self.live();
         live.next_conn_id += 1;
@@ -792,7 +914,7 @@ struct ConnCtx {
     remote: String,
     /// Netmap deltas, punch requests, drive policies and drive commands for this agent, queued by other
     /// connections and the API.
-    overlay_tx: mpsc::UnboundedSender<ControllerMsg>,
+    overlay_tx: crate::conn_queue::NodeTx,
     /// The task relaying this agent's datagrams, once it joined the overlay.
     relay: Option<tokio::task::JoinHandle<()>>,
 }
@@ -805,13 +927,14 @@ async fn drive(
     recv: &mut quinn::RecvStream,
     session: &mut Session,
     revoke_rx: &mut mpsc::UnboundedReceiver<Revoke>,
-    overlay_rx: &mut mpsc::UnboundedReceiver<ControllerMsg>,
+    overlay_rx: &mut crate::conn_queue::NodeRx,
     hello_deadline: tokio::time::Instant,
 ) -> Result<(), ConnError> {
     let conn = ctx.conn.clone();
     let conn = &conn;
     let hello_deadline = tokio::time::sleep_until(hello_deadline);
     tokio::pin!(hello_deadline);
+    let overflow = overlay_rx.overflow_signal();
     loop {
         let actions = tokio::select! {
             msg = recv_msg::<AgentMsg>(recv) => match msg {
@@ -841,6 +964,11 @@ async fn drive(
                 return Err(ConnError::HelloTimeout);
             }
             Some(msg) = overlay_rx.recv() => vec![Action::Send(msg)],
+            _ = overflow.notified() => {
+                warn!(node = ?session.node(), "closing a connection whose agent does not read what it is sent (queue full)");
+                conn.close(close_code::BUSY.into(), b"too many messages queued: the agent does not read");
+                return Err(ConnError::SlowConsumer);
+            }
             // (v4) Release downloads come on further streams of an authenticated connection.
             stream = conn.accept_bi(), if session.version() >= Some(crate::agent_updates::UPDATE_PROTOCOL) && session.node().is_some() => {
                 let Ok((s, r)) = stream else { return Ok(()) };
@@ -853,7 +981,7 @@ async fn drive(
         for action in actions {
             let follow_up = perform(controller, ctx, session, action).await;
             for a in follow_up {
-                if apply(conn, send, a).await? {
+                if apply(conn, send, a, controller.config.send_timeout, &overflow).await? {
                     return Ok(());
                 }
             }
@@ -861,11 +989,35 @@ async fn drive(
     }
 }
 
-/// Sends or closes; returns whether the connection was closed.
-async fn apply(conn: &quinn::Connection, send: &mut quinn::SendStream, action: Action) -> Result<bool, ConnError> {
+/// A refusal is the last thing a connection gets: it need not wait long for a reader.
+const REFUSAL_SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends or closes; returns whether the connection was closed. A write that does not finish within
+/// `send_timeout`, or during which the connection's queue overflows, closes the connection.
+async fn apply(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    action: Action,
+    send_timeout: Duration,
+    overflow: &tokio::sync::Notify,
+) -> Result<bool, ConnError> {
     match action {
         Action::Send(msg) => {
-            send_msg(send, &msg).await?;
+            let stuck = tokio::select! {
+                sent = tokio::time::timeout(send_timeout, send_msg(send, &msg)) => match sent {
+                    Ok(sent) => {
+                        sent?;
+                        None
+                    }
+                    Err(_) => Some("a write did not finish in time"),
+                },
+                _ = overflow.notified() => Some("its queue filled while a write waited"),
+            };
+            if let Some(why) = stuck {
+                warn!(%why, "closing a connection whose agent stopped reading");
+                conn.close(close_code::BUSY.into(), b"the agent does not read");
+                return Err(ConnError::SlowConsumer);
+            }
             Ok(false)
         }
         Action::Close(kind, reason) => {

@@ -488,3 +488,12 @@ pub struct RevokedCertView {
     /// Connections that used it and were closed.
     pub closed_connections: usize,
 }
+
+/// `GET /v1/refusals`: what the controller's bounds refused since it started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusalsView {
+    /// Connection limits.
+    pub connections: crate::server::ConnCounters,
+    /// What nodes sent the overlay hub beyond its bounds.
+    pub overlay: crate::overlay_hub::HubCounters,
+}

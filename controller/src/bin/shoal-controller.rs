@@ -62,6 +62,15 @@ struct ServeArgs {
     /// `shoalctl release add --key` signs with); repeatable. Without one no release can be added.
     #[arg(long = "release-key", value_name = "FILE")]
     release_keys: Vec<PathBuf>,
+    /// QUIC handshakes in progress at once; more are refused.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_handshakes: u32,
+    /// Unauthenticated (enrolment) connections open at once; more are closed and their agents retry.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    max_unauthenticated: u32,
+    /// How long an enrolment connection may stay open in all.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    enrolment_deadline: Duration,
     /// How often the rollout driver polls unfinished rollouts when nothing wakes it
     /// (`ControllerConfig::rollout_tick`). Hidden: a tuning knob for tests; the default suits
     /// production.
@@ -111,6 +120,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.netmap_validity = args.netmap_validity;
     config.netboot = args.netboot.config()?;
     config.release_keys = args.release_keys.clone();
+    config.max_handshakes = args.max_handshakes as usize;
+    config.max_unauthenticated = args.max_unauthenticated as usize;
+    config.enrolment_deadline = args.enrolment_deadline;
     config.rollout_tick = args.rollout_tick;
     if args.rollout_clock_offset != 0 {
         tracing::warn!(seconds = args.rollout_clock_offset, "test hook: the rollout driver's clock is offset");

@@ -375,14 +375,13 @@ fn suffix(out: &str) -> String {
 mod tests {
     use std::collections::HashMap;
 
-    use tokio::sync::mpsc::UnboundedReceiver;
 
     use super::*;
     use crate::{maintenance::StartRequest, networks::parse_selector, rollout::Rollout, server::ControllerConfig};
 
     struct Fixture {
         ctl: Arc<Controller>,
-        rx: HashMap<NodeId, (u64, UnboundedReceiver<ControllerMsg>)>,
+        rx: HashMap<NodeId, (u64, crate::conn_queue::NodeRx)>,
         _rt: tokio::runtime::Runtime,
     }
 

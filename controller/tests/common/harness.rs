@@ -248,6 +248,26 @@ impl Raw {
         Raw::open(endpoint, conn).await
     }
 
+    /// An unauthenticated connection that got its Welcome, or `None` if the controller closed it first
+    /// (at a connection limit).
+    pub async fn try_enrolment(ctl: &Ctl) -> Option<Raw> {
+        let mut raw = Raw::try_enrolment_stream(ctl).await?;
+        raw.send(&hello_msg(SUPPORTED, "faults-raw")).await;
+        match tokio::time::timeout(PROMPT, recv_msg::<ControllerMsg>(&mut raw.recv)).await {
+            Ok(Ok(Some(ControllerMsg::Welcome(_)))) => Some(raw),
+            _ => None,
+        }
+    }
+
+    /// An unauthenticated connection with its control stream open (nothing sent yet), or `None` if the
+    /// controller closed it first.
+    pub async fn try_enrolment_stream(ctl: &Ctl) -> Option<Raw> {
+        let cfg = tls::enrol_client_config(ctl.ca_sha256, Duration::from_secs(5)).unwrap();
+        let (endpoint, conn) = connect(ctl.quic, cfg).await.ok()?;
+        let (send, recv) = tokio::time::timeout(PROMPT, conn.open_bi()).await.ok()?.ok()?;
+        Some(Raw { _endpoint: endpoint, conn, send, recv })
+    }
+
     /// A connection authenticated with a node certificate.
     pub async fn node(ctl: &Ctl, cert_der: &[u8], key: &rcgen::KeyPair) -> Raw {
         let cfg = tls::node_client_config(&ctl.ca_der, cert_der, key_der(key), Duration::from_secs(5)).unwrap();
