@@ -4,12 +4,28 @@
 //! - `GET /boot/<mac>.ipxe`: the iPXE script for one machine. It boots the image assigned to the
 //!   machine's node (`shoalctl nodes set-image`), else the default image, with a kernel command line
 //!   carrying the controller's address and a join token minted for this one boot (single use, short
-//!   life, see [`super::NetbootConfig::boot_token_ttl`]). The token is no secret worth stealing for
-//!   long: it enrols once, and the agent pins the CA hash inside it, so a machine in the middle cannot
-//!   impersonate the controller.
+//!   life, see [`super::NetbootConfig::boot_token_ttl`], bound to the MAC with
+//!   [`TokenBinding::Mac`]). A token is minted only for a MAC the DHCP server saw PXE-boot moments
+//!   before, at a bounded rate, one outstanding per MAC ([`super::boot_tokens`]); anyone else gets a
+//!   script that says why and returns to the firmware. The token enrols once, and the agent pins the
+//!   CA hash inside it, so a machine in the middle cannot impersonate the controller.
 //! - `GET /images/<version>/<file>`: the kernel and initramfs of a stored image.
+//!
+//! Connections are served by hyper directly (axum's `serve` has no timeouts) under [`HttpLimits`]:
+//! the request head must arrive within `header_read_timeout` (which also ends idle keep-alive
+//! connections), a connection on which nothing moves for `idle_timeout` is closed, and connections are
+//! capped overall and per client address.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
 
 use axum::{
     body::Body,
@@ -19,20 +35,55 @@ use axum::{
     routing::get,
     Router,
 };
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
 use shoal_overlay::pki;
 use shoal_proto::{JoinToken, KexecImage, NodeId, UnixMillis};
-use tracing::{info, warn};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tracing::{debug, info, warn};
 
-use super::dhcp::Mac;
+use super::{
+    boot_tokens::Refusal,
+    dhcp::Mac,
+    slots::{SharedSlots, SlotLimits},
+};
 use crate::{
     server::{now_ms, Controller},
-    store::TokenRecord,
+    store::{StoreError, TokenBinding, TokenRecord},
 };
 
 /// Label set on nodes enrolled by a boot token: the image version they booted.
 pub const IMAGE_LABEL: &str = "netboot.image";
 /// Label set on nodes enrolled by a boot token: the MAC that fetched the script.
 pub const MAC_LABEL: &str = "netboot.mac";
+
+/// The largest request head (request line and headers) read, in bytes; hyper's minimum is 8 KiB.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// Limits of the boot HTTP server. Every field has a documented default ([`HttpLimits::default`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// A request head must be complete this long after the connection opens or the previous response
+    /// ends, so this also closes idle keep-alive connections; default 10 s.
+    pub header_read_timeout: Duration,
+    /// A connection on which no byte moves either way for this long is closed (a client that stops
+    /// reading a response); default 30 s.
+    pub idle_timeout: Duration,
+    /// Connections at once; default 256 overall and 8 per client address (iPXE uses one).
+    pub connections: SlotLimits,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            connections: SlotLimits { total: 256, per_client: 8 },
+        }
+    }
+}
 
 /// What the boot scripts point at.
 #[derive(Debug, Clone)]
@@ -49,14 +100,153 @@ struct HttpState {
     boot: BootContext,
 }
 
-/// Serves until the task is aborted.
-pub async fn run(controller: Arc<Controller>, boot: BootContext, listener: tokio::net::TcpListener) {
-    let app = Router::new()
+fn router(controller: Arc<Controller>, boot: BootContext) -> Router {
+    Router::new()
         .route("/boot/{file}", get(boot_script))
         .route("/images/{version}/{file}", get(image_file))
-        .with_state(HttpState { controller, boot });
-    if let Err(e) = axum::serve(listener, app).await {
-        warn!(cause = %e, "boot HTTP server stopped");
+        .with_state(HttpState { controller, boot })
+}
+
+/// Serves until the task is aborted, under the controller's [`HttpLimits`].
+pub async fn run(controller: Arc<Controller>, boot: BootContext, listener: tokio::net::TcpListener) {
+    let limits = controller.netboot.config.http;
+    serve(router(controller, boot), listener, limits).await
+}
+
+/// Serves `app` on `listener` under `limits` until the task is aborted.
+async fn serve(app: Router, listener: tokio::net::TcpListener, limits: HttpLimits) {
+    let slots = SharedSlots::new(limits.connections);
+    let mut refusal_logged: Option<Instant> = None;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors, typically: give connections time to close instead of spinning.
+                warn!(cause = %e, "boot HTTP accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let slot = match slots.acquire(peer.ip()) {
+            Ok(s) => s,
+            Err(e) => {
+                // One line per 10 s at most: a flood must not flood the log too.
+                if refusal_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                    refusal_logged = Some(Instant::now());
+                    warn!(%peer, cause = %e, in_use = slots.in_use(), "boot HTTP connection refused");
+                } else {
+                    debug!(%peer, cause = %e, "boot HTTP connection refused");
+                }
+                drop(stream);
+                continue;
+            }
+        };
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let io = TokioIo::new(IdleTimeout::new(stream, limits.idle_timeout));
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).max_buf_size(MAX_HEAD_BYTES);
+            if let Err(e) = http.serve_connection(io, service).await {
+                debug!(%peer, cause = %e, "boot HTTP connection ended");
+            }
+        });
+    }
+}
+
+/// A stream that fails with `TimedOut` once neither reads nor writes have moved a byte for `idle`
+/// while the connection waits on one of them.
+#[derive(Debug)]
+struct IdleTimeout<S> {
+    inner: S,
+    idle: Duration,
+    last_progress: tokio::time::Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S> IdleTimeout<S> {
+    fn new(inner: S, idle: Duration) -> Self {
+        let now = tokio::time::Instant::now();
+        Self { inner, idle, last_progress: now, timer: Box::pin(tokio::time::sleep_until(now + idle)) }
+    }
+
+    fn progressed(&mut self) {
+        self.last_progress = tokio::time::Instant::now();
+    }
+
+    /// The inner stream is not ready: fail if it has been idle too long, else wait (with the timer
+    /// registered to wake us at the deadline).
+    fn pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let deadline = self.last_progress + self.idle;
+        if self.timer.deadline() != deadline {
+            self.timer.as_mut().reset(deadline);
+        }
+        match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "connection idle"))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for IdleTimeout<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    self.progressed();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => self.pending(cx),
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write(cx, data) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.progressed();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => self.pending(cx),
+        }
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.progressed();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => self.pending(cx),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending => self.pending(cx),
+            other => other,
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_shutdown(cx) {
+            Poll::Pending => self.pending(cx),
+            other => other,
+        }
     }
 }
 
@@ -65,12 +255,18 @@ fn script(body: String) -> Response {
 }
 
 /// A script that tells the console why and returns to the firmware (which tries its next boot device).
-fn refusal(reason: &str) -> Response {
-    script(format!("#!ipxe\necho shoal: {reason}\nsleep 5\nexit 1\n"))
+fn refusal(reason: &str) -> String {
+    format!("#!ipxe\necho shoal: {reason}\nsleep 5\nexit 1\n")
 }
 
-/// Mints a single-use, short-lived join token for one boot of `mac` with `image`.
-fn mint_boot_token(ctl: &Controller, mac: &Mac, image: &str) -> Result<JoinToken, crate::store::StoreError> {
+/// A script that tells the console why, waits, asks DHCP again (a fresh PXE sighting) and fetches
+/// its script once more.
+fn retry_later(reason: &str, after: Duration, url: &str) -> String {
+    format!("#!ipxe\necho shoal: {reason}\nsleep {}\ndhcp\nchain --replace --autofree {url}\n", after.as_secs().max(1))
+}
+
+/// Mints a single-use, short-lived join token for one boot of `mac` with `image`, bound to `binding`.
+fn mint_token(ctl: &Controller, mac: &Mac, image: &str, binding: &TokenBinding) -> Result<JoinToken, StoreError> {
     let now = now_ms();
     let token = JoinToken {
         id: hex::encode(rand::random::<[u8; 8]>()),
@@ -79,7 +275,7 @@ fn mint_boot_token(ctl: &Controller, mac: &Mac, image: &str) -> Result<JoinToken
     };
     let ttl_ms = ctl.netboot.config.boot_token_ttl.as_millis() as u64;
     let labels = BTreeMap::from([(IMAGE_LABEL.to_owned(), image.to_owned()), (MAC_LABEL.to_owned(), mac.to_string())]);
-    ctl.store.create_token(&TokenRecord {
+    let record = TokenRecord {
         id: token.id.clone(),
         secret_sha256: pki::sha256(token.secret.as_bytes()),
         created_at: now,
@@ -88,12 +284,24 @@ fn mint_boot_token(ctl: &Controller, mac: &Mac, image: &str) -> Result<JoinToken
         uses: 0,
         revoked_at: None,
         labels,
-    })?;
+    };
+    ctl.store.create_bound_token(&record, binding)?;
     Ok(token)
 }
 
+/// Revokes the boot token a new one replaced, unless it was used (its enrolment may still be
+/// answered) or is gone (pruned). The store's sweep deletes it later.
+fn retire_replaced(ctl: &Controller, mac: &Mac, id: &str) -> Result<(), StoreError> {
+    let unused = ctl.store.tokens()?.into_iter().find(|t| t.id == id).is_some_and(|t| t.uses == 0 && t.revoked_at.is_none());
+    if unused {
+        ctl.store.revoke_token(id, now_ms())?;
+        info!(%mac, token = %id, "unused boot token replaced by a new one and revoked");
+    }
+    Ok(())
+}
+
 /// The image for a machine: its node's assignment, else the default.
-fn image_for(ctl: &Controller, mac: &Mac) -> Result<Option<String>, crate::store::StoreError> {
+fn image_for(ctl: &Controller, mac: &Mac) -> Result<Option<String>, StoreError> {
     let mac_text = mac.to_string();
     let node = ctl.store.nodes()?.into_iter().find(|n| {
         n.inventory.as_ref().is_some_and(|i| i.nics.iter().any(|nic| nic.mac.as_deref() == Some(mac_text.as_str())))
@@ -106,44 +314,69 @@ fn image_for(ctl: &Controller, mac: &Mac) -> Result<Option<String>, crate::store
     Ok(ctl.netboot.images.default_version().ok().flatten())
 }
 
+/// The iPXE script for `mac` asking at `now`: a boot with a fresh token, or a refusal. Blocking (store).
+fn boot_script_text(ctl: &Controller, boot: &BootContext, mac: Mac, now: Instant) -> Result<String, StoreError> {
+    let machine = ctl.netboot.machines.machine(&mac)?;
+    if !machine.as_ref().is_some_and(|m| m.admitted) && ctl.netboot.config.admission == super::machines::AdmissionPolicy::Hold {
+        info!(%mac, "boot script refused: machine not admitted");
+        return Ok(refusal("this machine waits for `shoalctl machines admit`"));
+    }
+    let window = ctl.netboot.config.boot_tokens.sighting_window;
+    let not_sighted = || {
+        info!(%mac, window = %humantime::format_duration(window), "boot script refused: the DHCP server saw no PXE boot from this MAC in the window");
+        refusal(&format!("no PXE boot from {mac} seen in the last {}; boot tokens are only minted for machines booting from the network", humantime::format_duration(window)))
+    };
+    if !ctl.netboot.gate().sighted(&mac, now) {
+        return Ok(not_sighted());
+    }
+    let Some(version) = image_for(ctl, &mac)? else {
+        warn!(%mac, "no image to boot: add one with `shoalctl image add`");
+        return Ok(refusal("no image to boot (shoalctl image add DIR)"));
+    };
+    let manifest = match ctl.netboot.images.get(&version) {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(%mac, image = %version, cause = %e, "assigned image unavailable");
+            return Ok(refusal(&format!("image {version} unavailable")));
+        }
+    };
+    let admitted = ctl.netboot.gate().admit(&mac, now);
+    match admitted {
+        Ok(()) => {}
+        Err(Refusal::NotSighted(_)) => return Ok(not_sighted()),
+        Err(r @ Refusal::Busy(wait)) => {
+            let stats = ctl.netboot.gate().stats();
+            warn!(%mac, retry_in_ms = wait.as_millis() as u64, refused_busy = stats.refused_busy, "boot script refused: boot token rate spent");
+            // Spread the retries of a crowd: 5 to 14 s, by the MAC's last byte.
+            let after = wait.max(Duration::from_secs(5)) + Duration::from_secs(u64::from(mac.0[5] % 10));
+            return Ok(retry_later(&r.to_string(), after, &format!("{}/boot/{}.ipxe", boot.http_base, mac.dashed())));
+        }
+    }
+    let token = mint_token(ctl, &mac, &version, &TokenBinding::Mac(mac.to_string()))?;
+    let replaced = ctl.netboot.gate().minted(mac, token.id.clone());
+    if let Some(old) = replaced {
+        retire_replaced(ctl, &mac, &old)?;
+    }
+    ctl.netboot.machines.booted(mac, &version, now_ms())?;
+    let base = format!("{}/images/{version}", boot.http_base);
+    let cmdline = kernel_cmdline(boot, &manifest, &token, &version);
+    info!(%mac, image = %version, token = %token.id, "boot script served with a single-use join token");
+    Ok(format!(
+        "#!ipxe\necho shoal: booting image {version}\nkernel {base}/{kernel} {cmdline}\ninitrd {base}/{initrd}\nboot\n",
+        kernel = manifest.kernel.file,
+        initrd = manifest.initrd.file,
+        cmdline = cmdline.trim_end(),
+    ))
+}
+
 async fn boot_script(State(st): State<HttpState>, Path(file): Path<String>) -> Response {
     let Some(mac) = file.strip_suffix(".ipxe").and_then(|m| m.parse::<Mac>().ok()) else {
         return (StatusCode::NOT_FOUND, "not found").into_response();
     };
-    let ctl = st.controller.clone();
-    let boot = st.boot.clone();
-    let result = tokio::task::spawn_blocking(move || -> Result<Response, crate::store::StoreError> {
-        let machine = ctl.netboot.machines.machine(&mac)?;
-        if !machine.as_ref().is_some_and(|m| m.admitted) && ctl.netboot.config.admission == super::machines::AdmissionPolicy::Hold {
-            info!(%mac, "boot script refused: machine not admitted");
-            return Ok(refusal("this machine waits for `shoalctl machines admit`"));
-        }
-        let Some(version) = image_for(&ctl, &mac)? else {
-            warn!(%mac, "no image to boot: add one with `shoalctl image add`");
-            return Ok(refusal("no image to boot (shoalctl image add DIR)"));
-        };
-        let manifest = match ctl.netboot.images.get(&version) {
-            Ok(m) => m,
-            Err(e) => {
-                warn!(%mac, image = %version, cause = %e, "assigned image unavailable");
-                return Ok(refusal(&format!("image {version} unavailable")));
-            }
-        };
-        let token = mint_boot_token(&ctl, &mac, &version)?;
-        ctl.netboot.machines.booted(mac, &version, now_ms())?;
-        let base = format!("{}/images/{version}", boot.http_base);
-        let cmdline = kernel_cmdline(&boot, &manifest, &token, &version);
-        info!(%mac, image = %version, token = %token.id, "boot script served with a single-use join token");
-        Ok(script(format!(
-            "#!ipxe\necho shoal: booting image {version}\nkernel {base}/{kernel} {cmdline}\ninitrd {base}/{initrd}\nboot\n",
-            kernel = manifest.kernel.file,
-            initrd = manifest.initrd.file,
-            cmdline = cmdline.trim_end(),
-        )))
-    })
-    .await;
+    let now = Instant::now();
+    let result = tokio::task::spawn_blocking(move || boot_script_text(&st.controller, &st.boot, mac, now)).await;
     match result {
-        Ok(Ok(r)) => r,
+        Ok(Ok(text)) => script(text),
         Ok(Err(e)) => {
             warn!(%mac, cause = %e, "boot script failed");
             (StatusCode::SERVICE_UNAVAILABLE, "controller storage failed").into_response()
@@ -172,7 +405,7 @@ pub(crate) fn kexec_image(ctl: &Controller, node: &NodeId, version: &str) -> Res
         return Ok(None);
     };
     let Ok(manifest) = ctl.netboot.images.get(version) else { return Ok(None) };
-    let token = mint_boot_token(ctl, &mac, version)?;
+    let token = mint_token(ctl, &mac, version, &TokenBinding::Node(node.clone()))?;
     ctl.netboot.machines.booted(mac, version, now_ms())?;
     let base = format!("{}/images/{version}", boot.http_base);
     Ok(Some(KexecImage {
