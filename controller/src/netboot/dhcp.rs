@@ -1031,6 +1031,11 @@ mod tests {
         }), Admission::Admit);
         assert!(other.is_none());
         assert_eq!(s.leases().declined_len(), 0);
+        // A lease from before the range changed, outside it now: its holder's decline is still ignored.
+        let old = Lease { mac: b.mac, ip: Ipv4Addr::new(192, 0, 2, 200), expires: UnixMillis(NOW.0 + 60_000) };
+        let mut s = DhcpServer::new(s.config().clone(), Leases::new([old.clone()]));
+        assert!(decline(&mut s, &b, old.ip, NOW).is_none());
+        assert_eq!((s.leases().declined_len(), s.leases().get(&b.mac)), (0, Some(&old)));
     }
 
     #[test]

@@ -433,3 +433,284 @@ async fn image_file(State(st): State<HttpState>, Path((version, file)): Path<(St
     let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 64 * 1024));
     ([(header::CONTENT_TYPE, "application/octet-stream".to_owned()), (header::CONTENT_LENGTH, len.to_string())], body).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{net::Ipv4Addr, path::Path as FsPath, str::FromStr};
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpSocket, TcpStream},
+    };
+
+    use super::*;
+    use crate::{netboot::images::tests::make_image_with, netboot::NetbootConfig, server::ControllerConfig};
+
+    const MAC: Mac = Mac([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+    const VERSION: &str = "2030.1";
+
+    /// A controller with one image (its initramfs `initrd`), netboot configured by `f`.
+    fn controller(dir: &FsPath, initrd: &[u8], f: impl FnOnce(&mut NetbootConfig)) -> Arc<Controller> {
+        let img = make_image_with(VERSION, initrd);
+        let mut config = ControllerConfig::for_tests(dir.to_owned());
+        let key = dir.join("image-key.pub");
+        std::fs::write(&key, hex::encode(img.public)).expect("key");
+        config.netboot.image_keys.push(key);
+        f(&mut config.netboot);
+        let ctl = Controller::open(config, "127.0.0.1:1".parse().expect("addr")).expect("open");
+        for name in ["manifest.json", "manifest.sig", "vmlinuz", "initrd.img"] {
+            ctl.netboot.images.stage(VERSION, name, &std::fs::read(img.dir.path().join(name)).expect("read")).expect("stage");
+        }
+        ctl.netboot.images.commit(VERSION).expect("commit");
+        ctl
+    }
+
+    fn boot() -> BootContext {
+        BootContext { controller_addr: "10.78.0.1:7440".parse().expect("addr"), http_base: "http://10.78.0.1:7442".into() }
+    }
+
+    /// The token in a boot script, if there is one.
+    fn token_in(script: &str) -> Option<JoinToken> {
+        let start = script.find("shoal.token=")? + "shoal.token=".len();
+        let text: String = script[start..].chars().take_while(|c| !c.is_whitespace()).collect();
+        JoinToken::from_str(&text).ok()
+    }
+
+    fn token(ctl: &Controller, id: &str) -> TokenRecord {
+        ctl.store.tokens().expect("tokens").into_iter().find(|t| t.id == id).expect("token stored")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mac_that_never_pxe_booted_gets_no_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ctl = controller(dir.path(), b"initrd", |_| {});
+        let script = boot_script_text(&ctl, &boot(), MAC, Instant::now()).expect("script");
+        assert!(script.starts_with("#!ipxe\necho shoal: no PXE boot from 52:54:00:12:34:56 seen in the last 2m"), "{script}");
+        assert!(script.contains("exit 1"), "{script}");
+        assert!(token_in(&script).is_none() && !script.contains("shoal.token"), "{script}");
+        assert!(ctl.store.tokens().expect("tokens").is_empty(), "nothing minted");
+        // Another MAC's sighting does not count for this one.
+        ctl.netboot.gate().saw_pxe_boot(Mac([2, 0, 0, 0, 0, 1]), Instant::now());
+        assert!(token_in(&boot_script_text(&ctl, &boot(), MAC, Instant::now()).expect("script")).is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sighting_gets_a_mac_bound_token_a_second_replaces_the_first_and_the_window_closes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ctl = controller(dir.path(), b"initrd", |_| {});
+        let seen = Instant::now();
+        ctl.netboot.gate().saw_pxe_boot(MAC, seen);
+        let first = token_in(&boot_script_text(&ctl, &boot(), MAC, seen + Duration::from_secs(3)).expect("script")).expect("a token");
+        let rec = token(&ctl, &first.id);
+        assert_eq!((rec.max_uses, rec.uses, rec.revoked_at), (Some(1), 0, None));
+        assert_eq!(rec.labels.get(MAC_LABEL).map(String::as_str), Some("52:54:00:12:34:56"));
+        assert_eq!(ctl.store.token_binding(&first.id).expect("binding"), Some(TokenBinding::Mac("52:54:00:12:34:56".into())));
+        assert!(ctl.netboot.machines.machine(&MAC).expect("machine").is_some_and(|m| m.last_image.as_deref() == Some(VERSION)));
+
+        let script = boot_script_text(&ctl, &boot(), MAC, seen + Duration::from_secs(10)).expect("script");
+        let second = token_in(&script).expect("a second token");
+        assert!(script.contains(&format!("kernel http://10.78.0.1:7442/images/{VERSION}/vmlinuz initrd=initrd.img shoal.controller=10.78.0.1:7440 shoal.token=")), "{script}");
+        assert_ne!(first.id, second.id);
+        assert!(token(&ctl, &first.id).revoked_at.is_some(), "the first, unused, is revoked");
+        assert_eq!(token(&ctl, &second.id).revoked_at, None);
+        assert_eq!(ctl.store.tokens().expect("tokens").iter().filter(|t| t.revoked_at.is_none()).count(), 1, "one outstanding token");
+
+        // Past the window (2 min by default), no more tokens until the machine PXE-boots again.
+        let late = seen + Duration::from_secs(121);
+        assert!(token_in(&boot_script_text(&ctl, &boot(), MAC, late).expect("script")).is_none());
+        ctl.netboot.gate().saw_pxe_boot(MAC, late);
+        assert!(token_in(&boot_script_text(&ctl, &boot(), MAC, late).expect("script")).is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn minting_is_rate_bounded_and_refused_machines_are_told_to_retry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ctl = controller(dir.path(), b"initrd", |c| {
+            c.boot_tokens.burst = 3;
+            c.boot_tokens.refill_every = Duration::from_secs(3600);
+        });
+        let now = Instant::now();
+        let macs: Vec<Mac> = (0..5).map(|i| Mac([2, 0, 0, 0, 0, i])).collect();
+        for m in &macs {
+            ctl.netboot.gate().saw_pxe_boot(*m, now);
+        }
+        let scripts: Vec<String> = macs.iter().map(|m| boot_script_text(&ctl, &boot(), *m, now).expect("script")).collect();
+        assert!(scripts[..3].iter().all(|s| token_in(s).is_some()), "the burst is served");
+        for (m, s) in macs[3..].iter().zip(&scripts[3..]) {
+            assert!(token_in(s).is_none(), "{s}");
+            assert!(s.contains("too many machines booting at once"), "{s}");
+            assert!(s.contains(&format!("\ndhcp\nchain --replace --autofree http://10.78.0.1:7442/boot/{}.ipxe\n", m.dashed())), "{s}");
+        }
+        assert_eq!(ctl.store.tokens().expect("tokens").len(), 3);
+        assert_eq!(ctl.netboot.gate().stats().refused_busy, 2);
+        // One refill interval later, one more machine gets its token.
+        let later = now + Duration::from_secs(3600);
+        ctl.netboot.gate().saw_pxe_boot(macs[3], later);
+        assert!(token_in(&boot_script_text(&ctl, &boot(), macs[3], later).expect("script")).is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kexec_token_is_bound_to_its_node_and_needs_no_sighting() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ctl = controller(dir.path(), b"initrd", |_| {});
+        let node = crate::networks::enrol_for_tests(&ctl.store, "vm", &[(MAC_LABEL, "52:54:00:12:34:56")], now_ms());
+        ctl.netboot.boot.set(boot()).expect("boot context");
+        assert!(kexec_image(&ctl, &node, VERSION).expect("kexec").is_some());
+        let bound: Vec<TokenBinding> = ctl.store.tokens().expect("tokens").iter().filter_map(|t| ctl.store.token_binding(&t.id).expect("binding")).collect();
+        assert_eq!(bound, vec![TokenBinding::Node(node)]);
+        assert_eq!(ctl.netboot.gate().stats().minted, 0, "not through the PXE gate");
+    }
+
+    /// Serves the controller's boot router on a loopback port under `limits`.
+    async fn serve_on_loopback(ctl: Arc<Controller>, limits: HttpLimits) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(serve(router(ctl, boot()), listener, limits));
+        addr
+    }
+
+    async fn connect_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
+        let sock = TcpSocket::new_v4().expect("socket");
+        sock.bind(SocketAddr::from((from, 0))).expect("bind client");
+        sock.connect(to).await.expect("connect")
+    }
+
+    /// A whole response to `GET path` from `from`, or the error (a refused connection reads EOF).
+    async fn get(from: Ipv4Addr, to: SocketAddr, path: &str) -> io::Result<String> {
+        let mut s = connect_from(from, to).await;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if text.starts_with("HTTP/1.1 200") {
+            Ok(text)
+        } else {
+            Err(io::Error::other(format!("no response: {text:?}")))
+        }
+    }
+
+    /// Waits until the server closes `s` (EOF or reset), for at most `deadline`; bytes read on the way
+    /// are dropped.
+    async fn closed_by_server(s: &mut TcpStream, deadline: Duration) -> bool {
+        let mut buf = [0u8; 4096];
+        tokio::time::timeout(deadline, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    /// Polls `f` every 50 ms until it is true, for at most `deadline`.
+    async fn eventually<F: std::future::Future<Output = bool>>(deadline: Duration, what: &str, mut f: impl FnMut() -> F) {
+        let end = tokio::time::Instant::now() + deadline;
+        while !f().await {
+            assert!(tokio::time::Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_trickling_headers_is_cut_off_while_a_good_client_is_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ctl = controller(dir.path(), b"initrd", |_| {});
+        let limits = HttpLimits { header_read_timeout: Duration::from_secs(1), idle_timeout: Duration::from_secs(60), ..HttpLimits::default() };
+        let addr = serve_on_loopback(ctl, limits).await;
+
+        let slow = connect_from(Ipv4Addr::LOCALHOST, addr).await;
+        let (mut slow_rx, mut slow_tx) = slow.into_split();
+        // A header byte every 100 ms: never idle, never done.
+        let trickle = tokio::spawn(async move {
+            slow_tx.write_all(b"GET /boot/52-54-00-12-34-56.ipxe HTTP/1.1\r\nX-Slow: ").await?;
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                slow_tx.write_all(b"a").await?;
+            }
+            #[allow(unreachable_code)]
+            io::Result::Ok(())
+        });
+        let served = get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe").await.expect("the good client is served");
+        assert!(served.contains("#!ipxe"), "{served}");
+        let mut buf = Vec::new();
+        let cut = tokio::time::timeout(Duration::from_secs(10), slow_rx.read_to_end(&mut buf)).await;
+        assert!(cut.is_ok(), "the trickling client was not cut off");
+        assert!(trickle.await.expect("trickler").is_err(), "its writes fail once the server has closed");
+        // The server goes on serving.
+        get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe").await.expect("still served");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn silent_idle_and_stalled_connections_are_closed_and_each_client_has_a_share() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Bigger than the loopback socket buffers, so a client that stops reading stalls the server.
+        let initrd = vec![0x5a; 48 << 20];
+        let ctl = controller(dir.path(), &initrd, |_| {});
+        let limits = HttpLimits {
+            header_read_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            connections: SlotLimits { total: 16, per_client: 1 },
+        };
+        let addr = serve_on_loopback(ctl, limits).await;
+        let other = Ipv4Addr::new(127, 0, 0, 2);
+
+        // A connection that never sends a byte is closed by the header timeout.
+        let mut silent = connect_from(Ipv4Addr::LOCALHOST, addr).await;
+        assert!(closed_by_server(&mut silent, Duration::from_secs(10)).await, "a silent connection stayed open");
+        drop(silent);
+
+        // A keep-alive connection left idle after its response is closed too.
+        let mut idle = connect_from(Ipv4Addr::LOCALHOST, addr).await;
+        idle.write_all(b"GET /boot/52-54-00-12-34-56.ipxe HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        assert!(closed_by_server(&mut idle, Duration::from_secs(10)).await, "an idle keep-alive connection stayed open");
+        drop(idle);
+
+        // A client that asks for the initramfs and stops reading holds its one slot...
+        let mut stalled = connect_from(Ipv4Addr::LOCALHOST, addr).await;
+        stalled.write_all(format!("GET /images/{VERSION}/initrd.img HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.expect("write");
+        let mut head = [0u8; 12];
+        stalled.read_exact(&mut head).await.expect("response starts");
+        assert_eq!(&head, b"HTTP/1.1 200");
+        // ...so its second connection is refused, while another client is served.
+        assert!(get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe").await.is_err(), "a second connection from a client at its share was served");
+        get(other, addr, "/boot/52-54-00-12-34-56.ipxe").await.expect("another client is served");
+        // Once the stalled connection is cut off (idle 1 s), the client is served again.
+        eventually(Duration::from_secs(15), "the stalled connection to be closed", || async {
+            get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe").await.is_ok()
+        })
+        .await;
+        // It got far less than the file: the server stopped writing to it.
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut rest)).await;
+        assert!(rest.len() < initrd.len(), "the stalled client got the whole file");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_are_capped_overall() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ctl = controller(dir.path(), b"initrd", |_| {});
+        let limits = HttpLimits {
+            header_read_timeout: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(600),
+            connections: SlotLimits { total: 2, per_client: 8 },
+        };
+        let addr = serve_on_loopback(ctl, limits).await;
+        let holders = [connect_from(Ipv4Addr::new(127, 0, 0, 3), addr).await, connect_from(Ipv4Addr::new(127, 0, 0, 4), addr).await];
+        // The server counts a connection once it accepted it; wait until both hold their slots.
+        eventually(Duration::from_secs(10), "a third connection to be refused", || async {
+            let mut third = connect_from(Ipv4Addr::LOCALHOST, addr).await;
+            closed_by_server(&mut third, Duration::from_millis(500)).await
+        })
+        .await;
+        assert!(get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe").await.is_err(), "served past the cap");
+        drop(holders);
+        eventually(Duration::from_secs(10), "a client to be served again", || async {
+            get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe").await.is_ok()
+        })
+        .await;
+    }
+}

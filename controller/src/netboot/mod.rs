@@ -523,3 +523,90 @@ pub async fn wake(controller: &Controller, mac: &dhcp::Mac) -> Result<(), Netboo
     info!(%mac, interface = %iface, "sent Wake-on-LAN packet");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tftp::Packet;
+
+    /// The first packet a read request from a fresh socket on `from` gets: the packet and its sender.
+    async fn read_request(server: SocketAddr, from: Ipv4Addr) -> (UdpSocket, Packet, SocketAddr) {
+        let sock = UdpSocket::bind((from, 0)).await.expect("client socket");
+        let rrq = tftp::encode(&Packet::Rrq { filename: "undionly.kpxe".into(), mode: "octet".into(), options: vec![] });
+        sock.send_to(&rrq, server).await.expect("send");
+        let mut buf = vec![0u8; 1500];
+        let (n, sender) = tokio::time::timeout(Duration::from_secs(10), sock.recv_from(&mut buf)).await.expect("an answer").expect("recv");
+        let packet = tftp::parse(&buf[..n]).expect("answer parses");
+        (sock, packet, sender)
+    }
+
+    fn refusal(p: &Packet) -> Option<&str> {
+        match p {
+            Packet::Error { message, .. } => Some(message),
+            _ => None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tftp_transfers_are_capped_per_client_and_overall_and_good_clients_finish() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let file: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(root.path().join("undionly.kpxe"), &file).expect("write");
+        let sock = udp_socket("TFTP", SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), None).expect("server socket");
+        let server = sock.local_addr().expect("addr");
+        let tftp = TftpServer { root: root.path().to_owned(), ip: Ipv4Addr::LOCALHOST, iface: None, slots: SlotLimits { total: 3, per_client: 2 } };
+        let task = tokio::spawn(tftp.run(sock));
+        let (a, b, c) = (Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3));
+
+        // Client A gets two transfers (it does not acknowledge, so they hold their slots)...
+        let (a1, p1, a1_tid) = read_request(server, a).await;
+        let (_a2, p2, _) = read_request(server, a).await;
+        assert!(matches!(p1, Packet::Data { block: 1, .. }) && matches!(p2, Packet::Data { block: 1, .. }), "{p1:?} {p2:?}");
+        // ...and no third: its share is two.
+        let (_, p3, from) = read_request(server, a).await;
+        assert_eq!(refusal(&p3), Some("this client already holds its 2 slots"), "{p3:?}");
+        assert_eq!(from, server, "refused by the server port, no transfer started");
+        // B still gets the last slot, C finds none left.
+        let (b_sock, pb, b_tid) = read_request(server, b).await;
+        let Packet::Data { block: 1, data } = pb else { panic!("B refused: {pb:?}") };
+        let (_, pc, _) = read_request(server, c).await;
+        assert_eq!(refusal(&pc), Some("server busy: all 3 slots are in use"), "{pc:?}");
+
+        // B, a good client, downloads the whole file.
+        let mut got = data;
+        let mut block = 1u16;
+        let mut buf = vec![0u8; 1500];
+        loop {
+            b_sock.send_to(&tftp::encode(&Packet::Ack { block }), b_tid).await.expect("ack");
+            let (n, _) = tokio::time::timeout(Duration::from_secs(10), b_sock.recv_from(&mut buf)).await.expect("next block").expect("recv");
+            match tftp::parse(&buf[..n]).expect("parses") {
+                Packet::Data { block: n, data } if n == block + 1 => {
+                    block = n;
+                    let last = data.len() < tftp::DEFAULT_BLKSIZE;
+                    got.extend(data);
+                    if last {
+                        b_sock.send_to(&tftp::encode(&Packet::Ack { block }), b_tid).await.expect("ack");
+                        break;
+                    }
+                }
+                Packet::Data { .. } => {} // a retransmission
+                other => panic!("B got {other:?}"),
+            }
+        }
+        assert_eq!(got, file, "B got the file");
+
+        // A abandons one transfer (an error packet to its port): its slot is free again.
+        a1.send_to(&tftp::encode(&Packet::Error { code: 0, message: "bye".into() }), a1_tid).await.expect("error");
+        let mut served = false;
+        for _ in 0..100 {
+            let (_, p, _) = read_request(server, a).await;
+            if matches!(p, Packet::Data { block: 1, .. }) {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(served, "A was not served again within 5 s of giving a slot back");
+        task.abort();
+    }
+}
