@@ -642,6 +642,11 @@ mod tests {
         assert!(trickle.await.expect("trickler").is_err(), "its writes fail once the server has closed");
         // The server goes on serving.
         get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe").await.expect("still served");
+        // The header timeout runs again from the end of each response: an idle keep-alive connection
+        // is closed by it too (the idle timeout here is a minute).
+        let mut idle = connect_from(Ipv4Addr::LOCALHOST, addr).await;
+        idle.write_all(b"GET /boot/52-54-00-12-34-56.ipxe HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        assert!(closed_by_server(&mut idle, Duration::from_secs(10)).await, "an idle keep-alive connection stayed open");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
