@@ -6,7 +6,8 @@
 //! [`VmOptions`] gives a VM more than its NIC: a q35 machine, emulated NVMe drives, empty PCIe root ports
 //! to hot-plug drives into ([`NvmeDrive::hot_plug`]) and a QMP socket ([`crate::qmp`]).
 
-use std::net::Ipv4Addr;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -233,6 +234,11 @@ pub struct NetbootLab {
     pub controller_ip: Ipv4Addr,
     /// dnsmasq, in proxy setups.
     pub dnsmasq: Option<Proc>,
+    /// A plain host on the LAN (no DHCP, a static address) to reach the boot servers from: they answer
+    /// only on the netboot interface, not from the controller's own namespace.
+    pub client_ns: String,
+    /// The client's interface on the LAN.
+    pub client_iface: String,
     /// Running VMs.
     pub vms: Vec<Proc>,
     /// Taps created so far (names stay unique after VMs are dropped).
@@ -260,6 +266,16 @@ impl NetbootLab {
         topo.add_host("ctl")?;
         let iface = topo.connect("ctl", "boot")?;
         let controller_ns = topo.host("ctl")?.ns_name().to_string();
+        topo.add_host("client")?;
+        let client_iface = topo.connect("client", "boot")?.name;
+        let client_ns = topo.host("client")?.ns_name().to_string();
+        // A second network on the controller, with a host routed to the netboot address through it: what
+        // reaches that address over another interface must not be served.
+        topo.add_lan("outside", &format!("10.79.{subnet_octet}.0/24"))?;
+        let ctl_outside = topo.connect("ctl", "outside")?;
+        topo.add_host("outsider")?;
+        topo.connect("outsider", "outside")?;
+        topo.host("outsider")?.netns().ip(&["route", "add", &subnet, "via", &ctl_outside.addr.to_string()])?;
         let mut dnsmasq = None;
         if setup == DhcpSetup::ProxyWithDnsmasq {
             topo.add_host("router")?;
@@ -301,7 +317,20 @@ impl NetbootLab {
             DhcpSetup::ProxyWithDnsmasq => spec.arg("--proxy-dhcp"),
         };
         let controller = spec.spawn()?;
-        let mut lab = NetbootLab { dir, bins, image, controller, controller_ns, controller_ip: iface.addr, dnsmasq, vms: Vec::new(), taps: 0, topo };
+        let mut lab = NetbootLab {
+            dir,
+            bins,
+            image,
+            controller,
+            controller_ns,
+            controller_ip: iface.addr,
+            dnsmasq,
+            client_ns,
+            client_iface,
+            vms: Vec::new(),
+            taps: 0,
+            topo,
+        };
         let result = lab.ready();
         if result.is_err() {
             lab.dump_logs();
@@ -353,6 +382,65 @@ impl NetbootLab {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.controller_ns, program]);
         cmd
+    }
+
+    /// A command in the LAN client's namespace.
+    pub fn in_client_ns(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.client_ns, program]);
+        cmd
+    }
+
+    /// `GET path` from the boot HTTP server, from the LAN client: the response body.
+    pub fn client_http_get(&self, path: &str) -> Result<String> {
+        let to = SocketAddr::from((self.controller_ip, 7442));
+        self.topo.host("client")?.netns().enter(|| http_get(to, path))?
+    }
+
+    /// `GET path` from the boot HTTP server's address, from a host on another network of the controller
+    /// (so the connection arrives on an interface that is not the netboot interface).
+    pub fn outsider_http_get(&self, path: &str) -> Result<String> {
+        let to = SocketAddr::from((self.controller_ip, 7442));
+        self.topo.host("outsider")?.netns().enter(|| http_get(to, path))?
+    }
+
+    /// Broadcasts a PXE DHCPDISCOVER for `mac` from the LAN client, as firmware does, and waits up to
+    /// 10 s for the controller's OFFER; whether one came.
+    pub fn client_pxe_discover(&self, mac: &str) -> Result<bool> {
+        let mac = parse_mac(mac)?;
+        let iface = self.client_iface.clone();
+        self.topo.host("client")?.netns().enter(move || -> Result<bool> {
+            let sock = UdpSocket::bind("0.0.0.0:68").context("binding the DHCP client port")?;
+            sock.set_broadcast(true)?;
+            nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::BindToDevice, &std::ffi::OsString::from(&iface))
+                .context("SO_BINDTODEVICE")?;
+            let xid = 0x5e0a_0001;
+            sock.send_to(&pxe_discover(mac, xid), "255.255.255.255:67").context("sending DHCPDISCOVER")?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut buf = [0u8; 1500];
+            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+                match sock.recv_from(&mut buf) {
+                    Ok((n, _)) if is_offer(&buf[..n], xid, mac) => return Ok(true),
+                    Ok(_) => {}
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(false)
+        })?
+    }
+
+    /// Sends the same PXE DHCPDISCOVER, unicast to the controller's netboot address, from the host on
+    /// the controller's other network (it arrives on the other interface).
+    pub fn outsider_pxe_discover(&self, mac: &str) -> Result<()> {
+        let mac = parse_mac(mac)?;
+        let to = SocketAddr::from((self.controller_ip, 67));
+        self.topo.host("outsider")?.netns().enter(move || -> Result<()> {
+            let sock = UdpSocket::bind("0.0.0.0:68")?;
+            sock.send_to(&pxe_discover(mac, 0x5e0a_0002), to)?;
+            Ok(())
+        })?
     }
 
     /// Starts a diskless VM with one virtio NIC on the LAN; returns its index in [`NetbootLab::vms`].
@@ -428,6 +516,60 @@ impl NetbootLab {
         }
         crate::process::dump_logs(logs);
     }
+}
+
+/// `GET path` over HTTP/1.0 to `to`: the body of a 200 response.
+fn http_get(to: SocketAddr, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(10)).with_context(|| format!("connecting to {to}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {to}\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, body) = out.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no HTTP response: {out:?}"))?;
+    ensure!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "GET {path}: {head}");
+    Ok(body.to_owned())
+}
+
+fn parse_mac(mac: &str) -> Result<[u8; 6]> {
+    let bytes: Vec<u8> = mac.split(':').map(|b| u8::from_str_radix(b, 16)).collect::<std::result::Result<_, _>>().with_context(|| format!("MAC {mac}"))?;
+    bytes.try_into().map_err(|_| anyhow!("MAC {mac} is not 6 bytes"))
+}
+
+/// A PXE BIOS client's DHCPDISCOVER (RFC 2131 header, options 53, 60 `PXEClient…`, 93 = 0), written
+/// out by hand so the test does not share the controller's DHCP library.
+pub fn pxe_discover(mac: [u8; 6], xid: u32) -> Vec<u8> {
+    let mut p = vec![0u8; 240];
+    p[0] = 1; // BOOTREQUEST
+    p[1] = 1; // Ethernet
+    p[2] = 6;
+    p[4..8].copy_from_slice(&xid.to_be_bytes());
+    p[10] = 0x80; // broadcast flag: the client has no address yet
+    p[28..34].copy_from_slice(&mac);
+    p[236..240].copy_from_slice(&[99, 130, 83, 99]);
+    p.extend_from_slice(&[53, 1, 1]);
+    let class = b"PXEClient:Arch:00000:UNDI:002001";
+    p.extend_from_slice(&[60, class.len() as u8]);
+    p.extend_from_slice(class);
+    p.extend_from_slice(&[93, 2, 0, 0]);
+    p.push(255);
+    p
+}
+
+/// Whether `p` is a DHCPOFFER (BOOTREPLY, option 53 = 2) for `xid` and `mac`.
+fn is_offer(p: &[u8], xid: u32, mac: [u8; 6]) -> bool {
+    if p.len() < 240 || p[0] != 2 || p[4..8] != xid.to_be_bytes() || p[28..34] != mac || p[236..240] != [99, 130, 83, 99] {
+        return false;
+    }
+    let mut i = 240;
+    while i + 1 < p.len() {
+        match p[i] {
+            0 => i += 1,
+            255 => return false,
+            53 => return p.get(i + 2) == Some(&2),
+            _ => i += 2 + usize::from(p[i + 1]),
+        }
+    }
+    false
 }
 
 /// Parses the join token from the kernel command line the VM printed on its console.

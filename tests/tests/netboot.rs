@@ -80,12 +80,13 @@ fn replayed_token_is_refused(lab: &mut NetbootLab, vm: usize) -> Result<()> {
 }
 
 /// TFTP refuses path traversal and serves the iPXE binaries; HTTP survives a client that stops
-/// mid-transfer; a tampered image is refused.
+/// mid-transfer; a tampered image is refused. The boot servers are reached from a host on the LAN:
+/// they are bound to the netboot interface.
 fn faults(lab: &mut NetbootLab) -> Result<()> {
     let ip = lab.controller_ip;
     let tmp = lab.dir.path().to_owned();
     let curl = |args: &[&str]| -> Result<std::process::Output> {
-        output_with_timeout(lab.in_controller_ns("curl").args(["-s", "-S"]).args(args), Duration::from_secs(60))
+        output_with_timeout(lab.in_client_ns("curl").args(["-s", "-S"]).args(args), Duration::from_secs(60))
     };
     let got = tmp.join("undionly.kpxe");
     let out = curl(&["--tftp-blksize", "1400", "-o", &got.to_string_lossy(), &format!("tftp://{ip}/undionly.kpxe")])?;
@@ -177,6 +178,41 @@ fn proxy_dhcp_beside_dnsmasq() {
         ensure!(addrs.iter().any(|a| a.starts_with("10.78.13.1") && !a.starts_with("10.78.13.1/")), "addresses {addrs:?}");
         let leases = std::fs::read_to_string(lab.dir.path().join("dnsmasq.leases")).unwrap_or_default();
         ensure!(leases.contains("52:54:00:4e:42:03"), "dnsmasq has no lease for the VM: {leases}");
+        Ok(())
+    });
+}
+
+/// A MAC that never PXE-booted gets no boot token from its iPXE script; once it sends a PXE
+/// DHCPDISCOVER on the netboot LAN, the same request gets a script with a token bound to it. What
+/// reaches the netboot address over the controller's other interface is not served: neither a
+/// DISCOVER (no sighting) nor an HTTP request.
+#[test]
+fn boot_token_only_after_a_pxe_boot_on_the_netboot_lan() {
+    require_netboot!(Firmware::Bios);
+    let mut lab = NetbootLab::start(14, DhcpSetup::Full).expect("lab");
+    lab.run(|lab| {
+        let mac = "52:54:00:4e:42:04";
+        let path = "/boot/52-54-00-4e-42-04.ipxe";
+        let script = lab.client_http_get(path)?;
+        ensure!(script.contains(&format!("no PXE boot from {mac} seen")), "refusal expected: {script}");
+        ensure!(!script.contains("shoal.token="), "a token for a MAC that never PXE-booted: {script}");
+        ensure!(lab.ctl_list(&["token", "list"])?.is_empty(), "a token was minted");
+
+        // Not from the netboot interface: no sighting, and no boot HTTP answer.
+        ensure!(lab.outsider_http_get(path).is_err(), "the boot HTTP server answered on another interface");
+        lab.outsider_pxe_discover(mac)?;
+        let script = lab.client_http_get(path)?;
+        ensure!(!script.contains("shoal.token="), "a DISCOVER from another interface counted as a PXE boot: {script}");
+
+        ensure!(lab.client_pxe_discover(mac)?, "no DHCPOFFER for the PXE DISCOVER");
+        let script = lab.client_http_get(path)?;
+        ensure!(script.contains("shoal.token=") && script.contains("kernel http://"), "no token after a PXE boot: {script}");
+        let events = lab.ctl_list(&["events"])?;
+        ensure!(
+            events.iter().any(|e| e["message"].as_str().is_some_and(|m| m.contains("boot token") && m.contains(mac))),
+            "no boot token bound to {mac} in the events: {events:?}"
+        );
+        ensure!(lab.controller.log().contains("boot script refused"), "refusals are not logged");
         Ok(())
     });
 }

@@ -36,7 +36,7 @@ pub const CLIENT_PORT: u16 = 68;
 pub const PXE_PORT: u16 = 4011;
 
 /// How long an offered address stays reserved for the client it was offered to.
-const OFFER_HOLD_MS: u64 = 60_000;
+pub const OFFER_HOLD_MS: u64 = 60_000;
 
 /// A hardware (Ethernet) address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -374,21 +374,38 @@ pub struct Lease {
     pub expires: UnixMillis,
 }
 
-/// Leases by client. The shell loads it from the store at start and writes back what [`Reply::lease`]
-/// says changed.
+/// Leases by client, indexed by client and by address. The shell loads it from the store at start and
+/// writes back what [`Reply::leases`] says changed.
+///
+/// Memory is bounded by the range: a lease, an offer and a decline each name an address, an address
+/// has at most one of each, and a client at most one lease (a client whose expired lease's address is
+/// given to another loses it). Declines are also capped at [`MAX_DECLINED`] and pruned once over.
 #[derive(Debug, Clone, Default)]
 pub struct Leases {
     by_mac: BTreeMap<Mac, Lease>,
+    /// The client whose lease names each address.
+    by_ip: BTreeMap<Ipv4Addr, Mac>,
     /// Addresses offered but not yet requested: (client, until).
     offered: BTreeMap<Ipv4Addr, (Mac, UnixMillis)>,
     /// Addresses a client declined (in use by someone else), until when.
     declined: BTreeMap<Ipv4Addr, UnixMillis>,
 }
 
+/// How long a declined address is kept out of offers.
+pub const DECLINE_HOLD_MS: u64 = 10 * 60_000;
+/// At most this many declined addresses are remembered; the one whose hold ends first goes first.
+pub const MAX_DECLINED: usize = 256;
+
 impl Leases {
-    /// A table holding `leases`.
+    /// A table holding `leases`. Of two leases naming one address, the one that ends later wins.
     pub fn new(leases: impl IntoIterator<Item = Lease>) -> Self {
-        Self { by_mac: leases.into_iter().map(|l| (l.mac, l)).collect(), ..Default::default() }
+        let mut t = Self::default();
+        let mut all: Vec<Lease> = leases.into_iter().collect();
+        all.sort_by_key(|l| l.expires);
+        for l in all {
+            t.insert(l);
+        }
+        t
     }
 
     /// The lease of a client.
@@ -396,9 +413,106 @@ impl Leases {
         self.by_mac.get(mac)
     }
 
+    /// The lease naming an address.
+    pub fn by_ip(&self, ip: Ipv4Addr) -> Option<&Lease> {
+        self.by_ip.get(&ip).and_then(|m| self.by_mac.get(m))
+    }
+
     /// All leases.
     pub fn iter(&self) -> impl Iterator<Item = &Lease> {
         self.by_mac.values()
+    }
+
+    /// Number of leases.
+    pub fn len(&self) -> usize {
+        self.by_mac.len()
+    }
+
+    /// Whether there is no lease.
+    pub fn is_empty(&self) -> bool {
+        self.by_mac.is_empty()
+    }
+
+    /// Addresses remembered as declined (some may be past their hold).
+    pub fn declined_len(&self) -> usize {
+        self.declined.len()
+    }
+
+    /// Addresses remembered as offered (some may be past their hold).
+    pub fn offered_len(&self) -> usize {
+        self.offered.len()
+    }
+
+    /// The client `ip` is offered to at `now`, if any.
+    pub fn offered_to(&self, ip: Ipv4Addr, now: UnixMillis) -> Option<Mac> {
+        self.offered.get(&ip).filter(|(_, until)| *until > now).map(|(m, _)| *m)
+    }
+
+    /// Whether `ip` is declined at `now`.
+    pub fn is_declined(&self, ip: Ipv4Addr, now: UnixMillis) -> bool {
+        self.declined.get(&ip).is_some_and(|until| *until > now)
+    }
+
+    /// Checks that both indexes say the same; for tests and the fuzz target.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        if self.by_mac.len() != self.by_ip.len() {
+            return Err(format!("{} leases by client, {} by address", self.by_mac.len(), self.by_ip.len()));
+        }
+        for (ip, mac) in &self.by_ip {
+            match self.by_mac.get(mac) {
+                Some(l) if l.ip == *ip && l.mac == *mac => {}
+                other => return Err(format!("{ip} indexed to {mac}, whose lease is {other:?}")),
+            }
+        }
+        if self.declined.len() > MAX_DECLINED {
+            return Err(format!("{} declined addresses", self.declined.len()));
+        }
+        Ok(())
+    }
+
+    /// Stores a lease; returns what to persist: the lease, and the deletion of another client's lease
+    /// that named the same address (it had expired, or the address would not have been free).
+    fn insert(&mut self, lease: Lease) -> Vec<LeaseChange> {
+        let mut changes = Vec::new();
+        if let Some(old) = self.by_mac.get(&lease.mac) {
+            if old.ip != lease.ip && self.by_ip.get(&old.ip) == Some(&lease.mac) {
+                self.by_ip.remove(&old.ip);
+            }
+        }
+        if let Some(other) = self.by_ip.insert(lease.ip, lease.mac) {
+            if other != lease.mac {
+                self.by_mac.remove(&other);
+                changes.push(LeaseChange::Delete(other));
+            }
+        }
+        self.by_mac.insert(lease.mac, lease.clone());
+        changes.push(LeaseChange::Put(lease));
+        changes
+    }
+
+    /// Removes a client's lease.
+    fn remove(&mut self, mac: &Mac) -> Option<Lease> {
+        let lease = self.by_mac.remove(mac)?;
+        if self.by_ip.get(&lease.ip) == Some(mac) {
+            self.by_ip.remove(&lease.ip);
+        }
+        Some(lease)
+    }
+
+    /// Forgets offers and declines whose hold is over.
+    fn prune(&mut self, now: UnixMillis) {
+        self.offered.retain(|_, (_, until)| *until > now);
+        self.declined.retain(|_, until| *until > now);
+    }
+
+    /// Keeps `ip` out of offers until `until`; at the cap, the decline that ends first is dropped.
+    fn decline(&mut self, ip: Ipv4Addr, until: UnixMillis) {
+        if !self.declined.contains_key(&ip) && self.declined.len() >= MAX_DECLINED {
+            if let Some(first) = self.declined.iter().min_by_key(|(_, u)| **u).map(|(ip, _)| *ip) {
+                self.declined.remove(&first);
+            }
+        }
+        self.declined.insert(ip, until);
     }
 
     fn holder(&self, ip: Ipv4Addr, now: UnixMillis) -> Option<Mac> {
@@ -407,17 +521,18 @@ impl Leases {
                 return Some(*mac);
             }
         }
-        self.by_mac.values().find(|l| l.ip == ip && l.expires > now).map(|l| l.mac)
+        self.by_ip(ip).filter(|l| l.expires > now).map(|l| l.mac)
     }
 
     fn free_for(&self, ip: Ipv4Addr, mac: Mac, now: UnixMillis) -> bool {
-        if self.declined.get(&ip).is_some_and(|until| *until > now) {
+        if self.is_declined(ip, now) {
             return false;
         }
         self.holder(ip, now).is_none_or(|m| m == mac)
     }
 
-    /// Picks an address for `mac`: its lease, the one it asks for, or the lowest free one.
+    /// Picks an address for `mac`: its lease, the one it asks for, or the lowest free one. One pass over
+    /// the range with indexed lookups: O(range × log leases).
     fn pick(&self, mac: Mac, wanted: Option<Ipv4Addr>, first: Ipv4Addr, last: Ipv4Addr, now: UnixMillis) -> Option<Ipv4Addr> {
         let in_range = |ip: Ipv4Addr| (u32::from(first)..=u32::from(last)).contains(&u32::from(ip));
         if let Some(l) = self.by_mac.get(&mac) {
@@ -429,13 +544,17 @@ impl Leases {
             return Some(ip);
         }
         // Expired leases of other clients are reused only when nothing else is free.
-        let never_leased = |ip: Ipv4Addr| !self.by_mac.values().any(|l| l.ip == ip && l.mac != mac);
-        let range = u32::from(first)..=u32::from(last);
-        range
-            .clone()
-            .map(Ipv4Addr::from)
-            .find(|ip| never_leased(*ip) && self.free_for(*ip, mac, now))
-            .or_else(|| range.map(Ipv4Addr::from).find(|ip| self.free_for(*ip, mac, now)))
+        let mut reusable = None;
+        for ip in (u32::from(first)..=u32::from(last)).map(Ipv4Addr::from) {
+            if !self.free_for(ip, mac, now) {
+                continue;
+            }
+            if self.by_ip.get(&ip).is_none_or(|m| *m == mac) {
+                return Some(ip);
+            }
+            reusable = reusable.or(Some(ip));
+        }
+        reusable
     }
 }
 
@@ -464,8 +583,8 @@ pub struct Reply {
     pub bytes: Vec<u8>,
     /// Where to send it.
     pub to: Destination,
-    /// A lease to persist, if any changed.
-    pub lease: Option<LeaseChange>,
+    /// Lease changes to persist, in order, before the reply is sent.
+    pub leases: Vec<LeaseChange>,
     /// What the reply is, for logs (`offer 192.0.2.10 boot undionly.kpxe`).
     pub summary: String,
 }
@@ -489,6 +608,13 @@ pub fn boot_file(config: &DhcpConfig, req: &Request) -> Result<String, Arch> {
         Arch::UefiX64 => Ok(config.boot_files.uefi_x64.clone()),
         other => Err(other),
     }
+}
+
+/// Whether a request is a machine PXE-booting: a PXE or iPXE client's DISCOVER, REQUEST or INFORM
+/// (not a DECLINE or RELEASE). The shell records these as sightings, the proof
+/// [`super::boot_tokens`] asks for before a boot token is minted for the MAC.
+pub fn is_boot_sighting(req: &Request) -> bool {
+    (req.pxe || req.ipxe) && matches!(req.kind, RequestKind::Discover | RequestKind::Request | RequestKind::Inform)
 }
 
 /// The sans-IO DHCP server.
@@ -548,13 +674,15 @@ impl DhcpServer {
         let mut msg = self.base(req, kind, Ipv4Addr::UNSPECIFIED);
         self.add_boot(&mut msg, &boot);
         let summary = format!("proxy {kind:?} boot {boot}");
-        Some(Reply { bytes: encode(&msg)?, to, lease: None, summary })
+        Some(Reply { bytes: encode(&msg)?, to, leases: Vec::new(), summary })
     }
 
     fn full(&mut self, now: UnixMillis, req: &Request, boot: Option<String>, first: Ipv4Addr, last: Ipv4Addr) -> Option<Reply> {
         let lease_ms = u64::from(self.config.lease_secs) * 1000;
+        let in_range = |ip: Ipv4Addr| (u32::from(first)..=u32::from(last)).contains(&u32::from(ip));
         match req.kind {
             RequestKind::Discover => {
+                self.leases.prune(now);
                 let ip = self.leases.pick(req.mac, req.requested_ip, first, last, now)?;
                 self.leases.offered.insert(ip, (req.mac, UnixMillis(now.0 + OFFER_HOLD_MS)));
                 let mut msg = self.base(req, MessageType::Offer, ip);
@@ -563,7 +691,7 @@ impl DhcpServer {
                     self.add_boot(&mut msg, b);
                 }
                 let summary = format!("offer {ip}{}", boot.as_deref().map(|b| format!(" boot {b}")).unwrap_or_default());
-                Some(Reply { bytes: encode(&msg)?, to: self.destination(req), lease: None, summary })
+                Some(Reply { bytes: encode(&msg)?, to: self.destination(req), leases: Vec::new(), summary })
             }
             RequestKind::Request => {
                 if req.server_id.is_some_and(|s| s != self.config.server_ip) {
@@ -572,7 +700,7 @@ impl DhcpServer {
                     return None;
                 }
                 let wanted = req.requested_ip.or((!req.ciaddr.is_unspecified()).then_some(req.ciaddr))?;
-                let in_range = (u32::from(first)..=u32::from(last)).contains(&u32::from(wanted));
+                let in_range = in_range(wanted);
                 if !in_range || !self.leases.free_for(wanted, req.mac, now) {
                     if req.server_id.is_none() && !in_range {
                         // INIT-REBOOT for an address we don't manage: stay silent (RFC 2131 4.3.2).
@@ -580,37 +708,50 @@ impl DhcpServer {
                     }
                     let mut msg = self.base(req, MessageType::Nak, Ipv4Addr::UNSPECIFIED);
                     msg.set_flags(msg.flags().set_broadcast());
-                    return Some(Reply { bytes: encode(&msg)?, to: Destination::Broadcast, lease: None, summary: format!("nak {wanted}") });
+                    return Some(Reply { bytes: encode(&msg)?, to: Destination::Broadcast, leases: Vec::new(), summary: format!("nak {wanted}") });
                 }
                 self.leases.offered.remove(&wanted);
-                let lease = Lease { mac: req.mac, ip: wanted, expires: UnixMillis(now.0 + lease_ms) };
-                self.leases.by_mac.insert(req.mac, lease.clone());
+                let lease = Lease { mac: req.mac, ip: wanted, expires: UnixMillis(now.0.saturating_add(lease_ms)) };
+                let changes = self.leases.insert(lease);
                 let mut msg = self.base(req, MessageType::Ack, wanted);
                 self.add_lease_options(&mut msg);
                 if let Some(b) = &boot {
                     self.add_boot(&mut msg, b);
                 }
                 let summary = format!("ack {wanted}{}", boot.as_deref().map(|b| format!(" boot {b}")).unwrap_or_default());
-                Some(Reply { bytes: encode(&msg)?, to: self.destination(req), lease: Some(LeaseChange::Put(lease)), summary })
+                Some(Reply { bytes: encode(&msg)?, to: self.destination(req), leases: changes, summary })
             }
             RequestKind::Release => {
                 let held = self.leases.by_mac.get(&req.mac).is_some_and(|l| l.ip == req.ciaddr);
                 if held && req.server_id.is_none_or(|s| s == self.config.server_ip) {
-                    self.leases.by_mac.remove(&req.mac);
+                    self.leases.remove(&req.mac);
                     // Nothing is sent for a release; the empty reply carries only the lease change.
-                    return Some(Reply { bytes: Vec::new(), to: Destination::Broadcast, lease: Some(LeaseChange::Delete(req.mac)), summary: "release".into() });
+                    return Some(Reply { bytes: Vec::new(), to: Destination::Broadcast, leases: vec![LeaseChange::Delete(req.mac)], summary: "release".into() });
                 }
                 None
             }
             RequestKind::Decline => {
-                if let Some(ip) = req.requested_ip {
-                    self.leases.declined.insert(ip, UnixMillis(now.0 + 10 * 60_000));
-                    if self.leases.by_mac.get(&req.mac).is_some_and(|l| l.ip == ip) {
-                        self.leases.by_mac.remove(&req.mac);
-                        return Some(Reply { bytes: Vec::new(), to: Destination::Broadcast, lease: Some(LeaseChange::Delete(req.mac)), summary: format!("decline {ip}") });
-                    }
+                // Only an address of our range, declined to us, by the client that holds it or was
+                // offered it: anyone else's decline would take addresses out of the range for free.
+                let ip = req.requested_ip.filter(|ip| in_range(*ip))?;
+                if req.server_id.is_some_and(|s| s != self.config.server_ip) {
+                    return None;
                 }
-                None
+                let offered = self.leases.offered.get(&ip).is_some_and(|(m, until)| *m == req.mac && *until > now);
+                let leased = self.leases.get(&req.mac).is_some_and(|l| l.ip == ip);
+                if !offered && !leased {
+                    return None;
+                }
+                self.leases.prune(now);
+                self.leases.decline(ip, UnixMillis(now.0.saturating_add(DECLINE_HOLD_MS)));
+                self.leases.offered.remove(&ip);
+                let leases = if leased {
+                    self.leases.remove(&req.mac);
+                    vec![LeaseChange::Delete(req.mac)]
+                } else {
+                    Vec::new()
+                };
+                Some(Reply { bytes: Vec::new(), to: Destination::Broadcast, leases, summary: format!("decline {ip}") })
             }
             RequestKind::Inform => {
                 if req.ciaddr.is_unspecified() {
@@ -623,7 +764,7 @@ impl DhcpServer {
                 if let Some(b) = &boot {
                     self.add_boot(&mut msg, b);
                 }
-                Some(Reply { bytes: encode(&msg)?, to: Destination::Unicast(SocketAddrV4::new(req.ciaddr, CLIENT_PORT)), lease: None, summary: "inform".into() })
+                Some(Reply { bytes: encode(&msg)?, to: Destination::Unicast(SocketAddrV4::new(req.ciaddr, CLIENT_PORT)), leases: Vec::new(), summary: "inform".into() })
             }
         }
     }
@@ -757,7 +898,7 @@ mod tests {
             }), Admission::Admit)
             .expect("ack");
         assert_eq!(decode(&ack).opts().msg_type(), Some(MessageType::Ack));
-        assert!(matches!(ack.lease, Some(LeaseChange::Put(Lease { ip, .. })) if ip == Ipv4Addr::new(192, 0, 2, 10)));
+        assert!(matches!(ack.leases.as_slice(), [LeaseChange::Put(Lease { ip, .. })] if *ip == Ipv4Addr::new(192, 0, 2, 10)));
 
         let uefi = Client { arch: Some(7), ..client(Mac([2, 0, 0, 0, 0, 1])) };
         let offer = s.handle(NOW, SERVER_PORT, &uefi.req(MessageType::Discover, |_| {}), Admission::Admit).expect("offer");
@@ -852,8 +993,126 @@ mod tests {
         let r = s.handle(NOW, SERVER_PORT, &c.req(MessageType::Release, |m| {
             m.set_ciaddr(ip);
         }), Admission::Admit);
-        assert_eq!(r.and_then(|r| r.lease), Some(LeaseChange::Delete(MAC)));
+        assert_eq!(r.map(|r| r.leases), Some(vec![LeaseChange::Delete(MAC)]));
         assert!(s.leases().get(&MAC).is_none());
+    }
+
+    fn request_ip(s: &mut DhcpServer, c: &Client, ip: Ipv4Addr, now: UnixMillis) -> Option<Reply> {
+        s.handle(now, SERVER_PORT, &c.req(MessageType::Request, |m| {
+            m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
+        }), Admission::Admit)
+    }
+
+    fn decline(s: &mut DhcpServer, c: &Client, ip: Ipv4Addr, now: UnixMillis) -> Option<Reply> {
+        s.handle(now, SERVER_PORT, &c.req(MessageType::Decline, |m| {
+            m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
+            m.opts_mut().insert(DhcpOption::ServerIdentifier(SERVER));
+        }), Admission::Admit)
+    }
+
+    #[test]
+    fn declines_outside_the_range_or_from_another_client_are_ignored() {
+        let mut s = full();
+        let (a, b) = (client(Mac([2, 0, 0, 0, 0, 1])), client(Mac([2, 0, 0, 0, 0, 2])));
+        let ip = Ipv4Addr::new(192, 0, 2, 10);
+        request_ip(&mut s, &a, ip, NOW).expect("ack");
+        // Outside the range: nothing remembered, whoever asks.
+        for outside in [Ipv4Addr::new(192, 0, 2, 9), Ipv4Addr::new(192, 0, 2, 13), Ipv4Addr::new(10, 0, 0, 1)] {
+            assert!(decline(&mut s, &a, outside, NOW).is_none(), "{outside}");
+        }
+        // B neither holds nor was offered .10: its decline changes nothing.
+        assert!(decline(&mut s, &b, ip, NOW).is_none());
+        assert_eq!(s.leases().declined_len(), 0);
+        assert_eq!(s.leases().get(&a.mac).map(|l| l.ip), Some(ip), "A keeps its lease");
+        // A decline meant for another server is not ours either.
+        let other = s.handle(NOW, SERVER_PORT, &a.req(MessageType::Decline, |m| {
+            m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
+            m.opts_mut().insert(DhcpOption::ServerIdentifier(Ipv4Addr::new(192, 0, 2, 254)));
+        }), Admission::Admit);
+        assert!(other.is_none());
+        assert_eq!(s.leases().declined_len(), 0);
+        // A lease from before the range changed, outside it now: its holder's decline is still ignored.
+        let old = Lease { mac: b.mac, ip: Ipv4Addr::new(192, 0, 2, 200), expires: UnixMillis(NOW.0 + 60_000) };
+        let mut s = DhcpServer::new(s.config().clone(), Leases::new([old.clone()]));
+        assert!(decline(&mut s, &b, old.ip, NOW).is_none());
+        assert_eq!((s.leases().declined_len(), s.leases().get(&b.mac)), (0, Some(&old)));
+    }
+
+    #[test]
+    fn a_holders_decline_drops_its_lease_and_keeps_the_address_out_until_the_hold_ends() {
+        let mut s = full();
+        let (a, b) = (client(Mac([2, 0, 0, 0, 0, 1])), client(Mac([2, 0, 0, 0, 0, 2])));
+        let ip = Ipv4Addr::new(192, 0, 2, 10);
+        request_ip(&mut s, &a, ip, NOW).expect("ack");
+        let r = decline(&mut s, &a, ip, NOW).expect("decline accepted");
+        assert_eq!(r.leases, vec![LeaseChange::Delete(a.mac)]);
+        assert!(s.leases().get(&a.mac).is_none());
+        // Nobody is offered .10 while it is declined, not even A.
+        let offer = s.handle(NOW, SERVER_PORT, &b.req(MessageType::Discover, |_| {}), Admission::Admit).expect("offer");
+        assert_eq!(decode(&offer).yiaddr(), Ipv4Addr::new(192, 0, 2, 11));
+        // The offeree may decline an offered address too.
+        let r = decline(&mut s, &b, Ipv4Addr::new(192, 0, 2, 11), NOW).expect("offeree's decline");
+        assert!(r.leases.is_empty());
+        assert_eq!(s.leases().declined_len(), 2);
+        // After the hold, the declines are pruned and .10 is offered again.
+        let later = UnixMillis(NOW.0 + DECLINE_HOLD_MS + 1);
+        let offer = s.handle(later, SERVER_PORT, &a.req(MessageType::Discover, |_| {}), Admission::Admit).expect("offer");
+        assert_eq!(decode(&offer).yiaddr(), ip);
+        assert_eq!(s.leases().declined_len(), 0, "pruned");
+    }
+
+    #[test]
+    fn declined_addresses_are_capped() {
+        // A /20 range: more addresses than MAX_DECLINED.
+        let (first, last) = (Ipv4Addr::new(10, 1, 0, 0), Ipv4Addr::new(10, 1, 15, 255));
+        let mut s = DhcpServer::new(config(DhcpMode::Full { first, last }), Leases::default());
+        for i in 0..(MAX_DECLINED as u32 + 100) {
+            let ip = Ipv4Addr::from(u32::from(first) + i);
+            let c = client(Mac([2, 0, 0, 1, (i >> 8) as u8, i as u8]));
+            let now = UnixMillis(NOW.0 + u64::from(i));
+            request_ip(&mut s, &c, ip, now).expect("ack");
+            decline(&mut s, &c, ip, now).expect("decline");
+            assert!(s.leases().declined_len() <= MAX_DECLINED);
+        }
+        assert_eq!(s.leases().declined_len(), MAX_DECLINED);
+        let now = UnixMillis(NOW.0 + MAX_DECLINED as u64 + 100);
+        assert!(!s.leases().is_declined(first, now), "the oldest decline went first");
+        assert!(s.leases().is_declined(Ipv4Addr::from(u32::from(first) + MAX_DECLINED as u32 + 99), now));
+        s.leases().check_invariants().expect("indexes agree");
+    }
+
+    #[test]
+    fn an_expired_lease_given_to_another_client_is_deleted_with_it() {
+        let mut s = full();
+        let (a, b, c) = (client(Mac([2, 0, 0, 0, 0, 1])), client(Mac([2, 0, 0, 0, 0, 2])), client(Mac([2, 0, 0, 0, 0, 3])));
+        for (cl, ip) in [(&a, 10), (&b, 11), (&c, 12)] {
+            request_ip(&mut s, cl, Ipv4Addr::new(192, 0, 2, ip), NOW).expect("ack");
+        }
+        let later = UnixMillis(NOW.0 + 3_600_001);
+        let d = client(Mac([2, 0, 0, 0, 0, 4]));
+        let r = request_ip(&mut s, &d, Ipv4Addr::new(192, 0, 2, 11), later).expect("ack");
+        assert_eq!(r.leases[0], LeaseChange::Delete(b.mac), "B's stale lease goes to disk as a deletion");
+        assert!(matches!(r.leases[1], LeaseChange::Put(Lease { mac, .. }) if mac == d.mac));
+        assert_eq!(s.leases().len(), 3);
+        assert_eq!(s.leases().by_ip(Ipv4Addr::new(192, 0, 2, 11)).map(|l| l.mac), Some(d.mac));
+        s.leases().check_invariants().expect("indexes agree");
+        // Loading two leases for one address keeps the one that ends later.
+        let t = Leases::new([Lease { mac: a.mac, ip: Ipv4Addr::new(192, 0, 2, 10), expires: UnixMillis(9) }, Lease { mac: b.mac, ip: Ipv4Addr::new(192, 0, 2, 10), expires: UnixMillis(5) }]);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.by_ip(Ipv4Addr::new(192, 0, 2, 10)).map(|l| l.mac), Some(a.mac));
+    }
+
+    #[test]
+    fn boot_sightings_are_pxe_or_ipxe_discover_request_inform() {
+        let pxe = client(MAC);
+        let plain = Client { pxe: false, arch: None, ..client(MAC) };
+        let ipxe_only = Client { pxe: false, ipxe: true, ..client(MAC) };
+        assert!(is_boot_sighting(&pxe.req(MessageType::Discover, |_| {})));
+        assert!(is_boot_sighting(&pxe.req(MessageType::Request, |_| {})));
+        assert!(is_boot_sighting(&ipxe_only.req(MessageType::Discover, |_| {})));
+        assert!(!is_boot_sighting(&plain.req(MessageType::Discover, |_| {})), "an OS's DHCP client is no PXE boot");
+        assert!(!is_boot_sighting(&pxe.req(MessageType::Decline, |_| {})));
+        assert!(!is_boot_sighting(&pxe.req(MessageType::Release, |_| {})));
     }
 
     #[test]

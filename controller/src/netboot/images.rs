@@ -310,6 +310,11 @@ pub(crate) mod tests {
 
     /// Writes a signed image with small fake kernel and initrd.
     pub(crate) fn make_image(version: &str) -> TestImage {
+        make_image_with(version, b"initrd bytes")
+    }
+
+    /// Writes a signed image with a small fake kernel and `initrd` as its initramfs.
+    pub(crate) fn make_image_with(version: &str, initrd: &[u8]) -> TestImage {
         let dir = tempfile::tempdir().expect("tempdir");
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).expect("key");
@@ -322,7 +327,7 @@ pub(crate) mod tests {
             format: 1,
             version: version.into(),
             kernel: entry("vmlinuz", b"kernel bytes"),
-            initrd: entry("initrd.img", b"initrd bytes"),
+            initrd: entry("initrd.img", initrd),
             cmdline: "console=ttyS0".into(),
             inputs: vec![],
             built_at: String::new(),

@@ -8,8 +8,22 @@
 //! | `netboot_machines` | MAC (6 bytes) | [`MachineRecord`] |
 //! | `netboot_leases` | MAC (6 bytes) | [`Lease`] |
 //! | `netboot_node_images` | node id | image version (UTF-8) |
+//!
+//! `netboot_machines` is capped ([`DEFAULT_MAX_MACHINES`], `NetbootConfig::max_machines`): every PXE
+//! client's DHCP packet would otherwise add a row, and anyone on the LAN can send them with made-up
+//! MACs. At the cap, a MAC not yet in the table is not recorded ([`MachineStore::seen`] returns `None`
+//! and counts it); the DHCP server still answers it by the admission policy, so with the default
+//! policy a new machine still boots, it is just not listed. An operator's `shoalctl machines admit MAC`
+//! always records the machine, cap or not.
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
 
 use serde::{Deserialize, Serialize};
 use shoal_proto::{NodeId, UnixMillis};
@@ -20,6 +34,9 @@ use crate::store::{Store, StoreError};
 const MACHINES: &str = "netboot_machines";
 const LEASES: &str = "netboot_leases";
 const NODE_IMAGES: &str = "netboot_node_images";
+
+/// Default cap of the machine table.
+pub const DEFAULT_MAX_MACHINES: usize = 10_000;
 
 /// Debian's `ieee-data` OUI list.
 pub const OUI_FILE: &str = "/usr/share/ieee-data/oui.txt";
@@ -63,6 +80,15 @@ fn corrupt(tree: &str, e: postcard::Error) -> StoreError {
     StoreError::Corrupt { key: tree.to_owned(), cause: e.to_string() }
 }
 
+/// Whether an update may create the machine's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Create {
+    /// Only below the cap.
+    IfRoom,
+    /// Always (an operator's decision).
+    Always,
+}
+
 /// The netboot trees of the controller's store.
 #[derive(Debug, Clone)]
 pub struct MachineStore {
@@ -70,17 +96,42 @@ pub struct MachineStore {
     machines: sled::Tree,
     leases: sled::Tree,
     node_images: sled::Tree,
+    max_machines: usize,
+    /// Rows in `machines`; held while a row may be created, so the cap is exact.
+    count: Arc<Mutex<usize>>,
+    /// New MACs not recorded because the table was full, since start.
+    not_recorded: Arc<AtomicU64>,
 }
 
 impl MachineStore {
-    /// Opens the trees in `store`.
-    pub fn open(store: &Store) -> Result<MachineStore, StoreError> {
+    /// Opens the trees in `store`; the machine table holds at most `max_machines` rows.
+    pub fn open(store: &Store, max_machines: usize) -> Result<MachineStore, StoreError> {
+        let machines = store.open_tree(MACHINES)?;
+        let count = machines.len();
         Ok(MachineStore {
             store: store.clone(),
-            machines: store.open_tree(MACHINES)?,
+            machines,
             leases: store.open_tree(LEASES)?,
             node_images: store.open_tree(NODE_IMAGES)?,
+            max_machines,
+            count: Arc::new(Mutex::new(count)),
+            not_recorded: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// Rows in the machine table.
+    pub fn count(&self) -> usize {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// New MACs not recorded since start because the table was full.
+    pub fn not_recorded(&self) -> u64 {
+        self.not_recorded.load(Ordering::Relaxed)
+    }
+
+    /// The cap of the machine table.
+    pub fn max_machines(&self) -> usize {
+        self.max_machines
     }
 
     /// One machine.
@@ -103,8 +154,10 @@ impl MachineStore {
     }
 
     /// Records a DHCP packet from `mac`; creates the record (admitted per `policy`) on first sight.
-    pub fn seen(&self, mac: Mac, arch: Option<Arch>, pxe: bool, policy: AdmissionPolicy, now: UnixMillis) -> Result<MachineRecord, StoreError> {
-        self.update(mac, now, policy, |m| {
+    /// `None` when `mac` is new and the table is full: nothing is recorded (and it is counted in
+    /// [`MachineStore::not_recorded`]).
+    pub fn seen(&self, mac: Mac, arch: Option<Arch>, pxe: bool, policy: AdmissionPolicy, now: UnixMillis) -> Result<Option<MachineRecord>, StoreError> {
+        self.update(mac, now, policy, Create::IfRoom, |m| {
             m.last_seen = now;
             if arch.is_some() {
                 m.arch = arch;
@@ -113,21 +166,28 @@ impl MachineStore {
         })
     }
 
-    /// Admits a machine (creating its record if it was never seen).
+    /// Admits a machine (creating its record if it was never seen, even at the cap: an operator asked).
     pub fn admit(&self, mac: Mac, now: UnixMillis) -> Result<MachineRecord, StoreError> {
-        self.update(mac, now, AdmissionPolicy::AdmitAll, |m| m.admitted = true)
+        self.update(mac, now, AdmissionPolicy::AdmitAll, Create::Always, |m| m.admitted = true)?
+            .ok_or_else(|| StoreError::Db("machine record not written".into()))
     }
 
-    /// Notes that `mac` fetched a boot script for `image`.
-    pub fn booted(&self, mac: Mac, image: &str, now: UnixMillis) -> Result<MachineRecord, StoreError> {
-        self.update(mac, now, AdmissionPolicy::AdmitAll, |m| {
+    /// Notes that `mac` fetched a boot script for `image`; `None` when it is new and the table is full.
+    pub fn booted(&self, mac: Mac, image: &str, now: UnixMillis) -> Result<Option<MachineRecord>, StoreError> {
+        self.update(mac, now, AdmissionPolicy::AdmitAll, Create::IfRoom, |m| {
             m.last_image = Some(image.to_owned());
             m.last_boot = Some(now);
         })
     }
 
-    fn update(&self, mac: Mac, now: UnixMillis, policy: AdmissionPolicy, f: impl Fn(&mut MachineRecord)) -> Result<MachineRecord, StoreError> {
+    fn update(&self, mac: Mac, now: UnixMillis, policy: AdmissionPolicy, create: Create, f: impl Fn(&mut MachineRecord)) -> Result<Option<MachineRecord>, StoreError> {
         self.store.check_space()?;
+        let mut count = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        let exists = self.machines.contains_key(mac.0).map_err(db)?;
+        if !exists && create == Create::IfRoom && *count >= self.max_machines {
+            self.not_recorded.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
         let mut out = None;
         self.machines
             .fetch_and_update(mac.0, |old| {
@@ -147,7 +207,10 @@ impl MachineStore {
                 bytes
             })
             .map_err(db)?;
-        out.ok_or_else(|| StoreError::Db("cannot encode machine record".into()))
+        if !exists {
+            *count += 1;
+        }
+        out.map(Some).ok_or_else(|| StoreError::Db("cannot encode machine record".into()))
     }
 
     /// All persisted leases.
@@ -293,10 +356,10 @@ mod tests {
         let mac = Mac([2, 0, 0, 0, 0, 1]);
         {
             let store = Store::open(dir.path()).expect("store");
-            let ms = MachineStore::open(&store).expect("trees");
-            let m = ms.seen(mac, Some(Arch::Bios), true, AdmissionPolicy::Hold, UnixMillis(5)).expect("seen");
+            let ms = MachineStore::open(&store, DEFAULT_MAX_MACHINES).expect("trees");
+            let m = ms.seen(mac, Some(Arch::Bios), true, AdmissionPolicy::Hold, UnixMillis(5)).expect("seen").expect("recorded");
             assert!(!m.admitted);
-            let m = ms.seen(mac, None, false, AdmissionPolicy::AdmitAll, UnixMillis(9)).expect("seen");
+            let m = ms.seen(mac, None, false, AdmissionPolicy::AdmitAll, UnixMillis(9)).expect("seen").expect("recorded");
             assert!(!m.admitted, "policy applies only at first sight");
             assert_eq!((m.first_seen, m.last_seen, m.arch), (UnixMillis(5), UnixMillis(9), Some(Arch::Bios)));
             ms.admit(mac, UnixMillis(10)).expect("admit");
@@ -304,8 +367,35 @@ mod tests {
             store.flush().expect("flush");
         }
         let store = Store::open(dir.path()).expect("store");
-        let ms = MachineStore::open(&store).expect("trees");
+        let ms = MachineStore::open(&store, DEFAULT_MAX_MACHINES).expect("trees");
         assert!(ms.machine(&mac).expect("get").expect("present").admitted);
         assert_eq!(ms.leases().expect("leases").len(), 1);
+        assert_eq!(ms.count(), 1, "the row count is loaded at open");
+    }
+
+    #[test]
+    fn the_machine_table_is_capped_but_known_and_admitted_machines_are_still_recorded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let ms = MachineStore::open(&store, 3).expect("trees");
+        for i in 0..3 {
+            assert!(ms.seen(Mac([2, 0, 0, 0, 0, i]), None, true, AdmissionPolicy::AdmitAll, UnixMillis(1)).expect("seen").is_some());
+        }
+        let new = Mac([2, 0, 0, 0, 0, 9]);
+        assert_eq!(ms.seen(new, None, true, AdmissionPolicy::AdmitAll, UnixMillis(2)).expect("seen"), None, "table full");
+        assert_eq!(ms.booted(new, "v1", UnixMillis(2)).expect("booted"), None);
+        assert_eq!(ms.not_recorded(), 2);
+        assert_eq!((ms.machines().expect("list").len(), ms.count()), (3, 3));
+        // A known machine is still updated.
+        let known = ms.seen(Mac([2, 0, 0, 0, 0, 1]), Some(Arch::UefiX64), true, AdmissionPolicy::AdmitAll, UnixMillis(3)).expect("seen").expect("known");
+        assert_eq!((known.last_seen, known.arch), (UnixMillis(3), Some(Arch::UefiX64)));
+        // An operator's admit goes past the cap.
+        assert!(ms.admit(new, UnixMillis(4)).expect("admit").admitted);
+        assert_eq!(ms.count(), 4);
+        // Reopened, the count is the table's.
+        drop(ms);
+        let ms = MachineStore::open(&store, 3).expect("trees");
+        assert_eq!(ms.count(), 4);
+        assert_eq!(ms.seen(Mac([2, 0, 0, 0, 0, 10]), None, true, AdmissionPolicy::AdmitAll, UnixMillis(5)).expect("seen"), None);
     }
 }

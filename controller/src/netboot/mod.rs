@@ -3,19 +3,29 @@
 //!
 //! - [`dhcp`] and [`tftp`] are sans-IO cores; [`serve`] here runs them on sockets bound to the netboot
 //!   interface.
-//! - [`http`] serves `GET /boot/<mac>.ipxe` (mints a single-use join token for that boot) and
-//!   `GET /images/<version>/<file>` over plain HTTP on the netboot interface.
+//! - [`http`] serves `GET /boot/<mac>.ipxe` (mints a single-use join token for that boot, only for a
+//!   MAC the DHCP server just saw PXE-boot: [`boot_tokens`]) and `GET /images/<version>/<file>` over
+//!   plain HTTP on the netboot interface, with header, idle and connection limits.
 //! - [`images`] keeps signed images; [`machines`] the machine table, leases and image assignments.
+//! - [`slots`] counts TFTP transfers and HTTP connections per client address and overall.
 //! - [`api`] adds the admin API routes (`/v1/images`, `/v1/machines`, `/v1/nodes/{id}/image`).
+//!
+//! Every socket is bound to the netboot interface (`SO_BINDTODEVICE`), not only to its address: a
+//! packet that reaches the address over another interface (or loopback) is not served, so a DHCP
+//! sighting and a boot script request both come from the netboot LAN.
 //!
 //! The image store and the machine table exist whether or not the servers run, so images can be
 //! added before netboot is switched on.
 
 pub mod api;
+pub mod boot_tokens;
 pub mod dhcp;
+#[doc(hidden)]
+pub mod fuzz_harness;
 pub mod http;
 pub mod images;
 pub mod machines;
+pub mod slots;
 pub mod tftp;
 pub mod view;
 
@@ -26,13 +36,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{net::UdpSocket, sync::Semaphore, task::JoinHandle};
+use tokio::{net::UdpSocket, task::JoinHandle};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use self::{
+    boot_tokens::{BootTokenGate, GateConfig},
     dhcp::{Admission, DhcpConfig, DhcpMode, DhcpServer, Destination, LeaseChange, Leases},
     images::ImageStore,
     machines::{AdmissionPolicy, MachineStore, OuiTable},
+    slots::{SharedSlots, SlotLimits},
 };
 use crate::{
     server::{now_ms, Controller},
@@ -58,6 +70,16 @@ pub struct NetbootConfig {
     pub admission: AdmissionPolicy,
     /// Lifetime of the single-use join token in each boot script; default 10 minutes.
     pub boot_token_ttl: Duration,
+    /// When a boot script may mint a token: the sighting window (default 2 minutes), the rate (default
+    /// a burst of 64, then one a second) and the MACs remembered (default 4096); [`GateConfig`].
+    pub boot_tokens: GateConfig,
+    /// Rows of the machine table; default [`machines::DEFAULT_MAX_MACHINES`] (10,000).
+    pub max_machines: usize,
+    /// Boot HTTP server limits; default [`http::HttpLimits::default`] (headers within 10 s, idle 30 s,
+    /// 256 connections, 8 per client address).
+    pub http: http::HttpLimits,
+    /// TFTP transfers at once; default 64 over all clients, 4 per client address.
+    pub tftp_slots: SlotLimits,
     /// Gateway handed out in full DHCP mode; default none.
     pub router: Option<Ipv4Addr>,
     /// DNS servers handed out in full DHCP mode; default none.
@@ -79,6 +101,10 @@ impl Default for NetbootConfig {
             image_keys: Vec::new(),
             admission: AdmissionPolicy::AdmitAll,
             boot_token_ttl: Duration::from_secs(600),
+            boot_tokens: GateConfig::default(),
+            max_machines: machines::DEFAULT_MAX_MACHINES,
+            http: http::HttpLimits::default(),
+            tftp_slots: DEFAULT_TFTP_SLOTS,
             router: None,
             dns: Vec::new(),
             lease_time: Duration::from_secs(3600),
@@ -119,6 +145,8 @@ pub struct Netboot {
     pub(crate) oui: OuiTable,
     /// What the boot scripts point at, once the servers run (for kexec instructions).
     pub(crate) boot: std::sync::OnceLock<http::BootContext>,
+    /// PXE sightings, outstanding boot tokens and the minting rate (in memory).
+    gate: std::sync::Mutex<BootTokenGate>,
 }
 
 impl Netboot {
@@ -126,9 +154,16 @@ impl Netboot {
     pub fn open(config: NetbootConfig, data_dir: &Path, store: &Store) -> Result<Netboot, NetbootError> {
         let keys = config.image_keys.iter().map(|p| images::read_key(p)).collect::<Result<Vec<_>, _>>()?;
         let images = ImageStore::open(data_dir.join("images"), keys)?;
-        let machines = MachineStore::open(store)?;
+        let machines = MachineStore::open(store, config.max_machines)?;
         let oui = if config.interface.is_some() { OuiTable::load(&config.oui_file) } else { OuiTable::default() };
-        Ok(Netboot { config, images, machines, oui, boot: std::sync::OnceLock::new() })
+        let gate = std::sync::Mutex::new(BootTokenGate::new(config.boot_tokens, Instant::now()));
+        Ok(Netboot { config, images, machines, oui, boot: std::sync::OnceLock::new(), gate })
+    }
+
+    /// The boot-token gate. Held only for in-memory decisions, never across I/O.
+    pub(crate) fn gate(&self) -> std::sync::MutexGuard<'_, BootTokenGate> {
+        // Its maps stay usable whatever panicked while holding the lock.
+        self.gate.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The netboot interface's IPv4 address and netmask.
@@ -169,6 +204,12 @@ impl Servers {
     }
 }
 
+/// TFTP transfers at once: 64 over all clients, 4 per client address (a PXE client needs one; a
+/// retransmitted request may briefly start a second).
+pub const DEFAULT_TFTP_SLOTS: SlotLimits = SlotLimits { total: 64, per_client: 4 };
+
+/// A UDP socket on `addr`, bound to `iface` (`SO_BINDTODEVICE`), so it never sees a packet that
+/// arrived on another interface.
 fn udp_socket(what: &str, addr: SocketAddrV4, iface: Option<&str>) -> Result<UdpSocket, NetbootError> {
     let err = |source| NetbootError::Socket { what: format!("{what} ({addr})"), source };
     let std = std::net::UdpSocket::bind(addr).map_err(err)?;
@@ -179,6 +220,16 @@ fn udp_socket(what: &str, addr: SocketAddrV4, iface: Option<&str>) -> Result<Udp
         sock.bind_device(Some(iface.as_bytes())).map_err(err)?;
     }
     Ok(sock)
+}
+
+/// The boot HTTP listener on `addr`, bound to `iface` before its address.
+fn tcp_listener(addr: SocketAddr, iface: &str) -> Result<tokio::net::TcpListener, NetbootError> {
+    let err = |source| NetbootError::Socket { what: format!("HTTP ({addr})"), source };
+    let sock = tokio::net::TcpSocket::new_v4().map_err(err)?;
+    sock.set_reuseaddr(true).map_err(err)?;
+    sock.bind_device(Some(iface.as_bytes())).map_err(err)?;
+    sock.bind(addr).map_err(err)?;
+    sock.listen(1024).map_err(err)
 }
 
 /// Starts DHCP, TFTP and HTTP on the netboot interface, if one is configured. `agent_port` is the
@@ -195,28 +246,85 @@ pub async fn serve(controller: Arc<Controller>, agent_port: u16) -> Result<Optio
     dhcp_config.dns = nb.config.dns.clone();
     dhcp_config.lease_secs = nb.config.lease_time.as_secs().clamp(60, u64::from(u32::MAX)) as u32;
     dhcp_config.boot_files = nb.config.boot_files.clone();
-    let server = DhcpServer::new(dhcp_config, Leases::new(nb.machines.leases()?));
+    let machines = nb.machines.clone();
+    let leases = tokio::task::spawn_blocking(move || machines.leases())
+        .await
+        .map_err(|e| NetbootError::Store(StoreError::Db(e.to_string())))??;
+    let server = DhcpServer::new(dhcp_config, Leases::new(leases));
 
     let dhcp67 = udp_socket("DHCP", SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, dhcp::SERVER_PORT), Some(&iface))?;
     let dhcp4011 = udp_socket("PXE", SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, dhcp::PXE_PORT), Some(&iface))?;
-    let tftp = udp_socket("TFTP", SocketAddrV4::new(ip, tftp::PORT), None)?;
-    let http = tokio::net::TcpListener::bind(http_addr)
-        .await
-        .map_err(|source| NetbootError::Socket { what: format!("HTTP ({http_addr})"), source })?;
+    let tftp = udp_socket("TFTP", SocketAddrV4::new(ip, tftp::PORT), Some(&iface))?;
+    let http = tcp_listener(http_addr, &iface)?;
     let boot = http::BootContext { controller_addr: SocketAddr::from((ip, agent_port)), http_base };
     let _ = nb.boot.set(boot.clone());
     info!(interface = %iface, address = %ip, mode = ?nb.config.dhcp, http = %http_addr, tftp_root = %nb.config.tftp_root.display(), "netboot servers running");
+    let tftp_server = TftpServer { root: nb.config.tftp_root.clone(), ip, iface: Some(iface.clone()), slots: nb.config.tftp_slots };
     let tasks = vec![
         tokio::spawn(dhcp_loop(controller.clone(), server, dhcp67, dhcp4011).instrument(info_span!("dhcp"))),
-        tokio::spawn(tftp_loop(nb.config.tftp_root.clone(), ip, tftp).instrument(info_span!("tftp"))),
+        tokio::spawn(tftp_server.run(tftp).instrument(info_span!("tftp"))),
         tokio::spawn(http::run(controller.clone(), boot, http).instrument(info_span!("boot_http"))),
     ];
     Ok(Some(Servers { tasks }))
 }
 
+/// Writes lease changes, in order, on a blocking thread; on disk when this returns.
+async fn persist_leases(machines: &MachineStore, changes: &[LeaseChange]) {
+    let machines = machines.clone();
+    let changes = changes.to_vec();
+    let written = tokio::task::spawn_blocking(move || {
+        for c in &changes {
+            let (mac, result) = match c {
+                LeaseChange::Put(l) => (l.mac, machines.put_lease(l)),
+                LeaseChange::Delete(mac) => (*mac, machines.delete_lease(mac)),
+            };
+            if let Err(e) = result {
+                warn!(%mac, cause = %e, "could not persist lease change");
+            }
+        }
+    })
+    .await;
+    if let Err(e) = written {
+        warn!(cause = %e, "lease writer failed");
+    }
+}
+
+/// Records a PXE client in the machine table (a blocking thread) and decides its admission.
+async fn admit_pxe_client(controller: &Controller, req: &dhcp::Request, now: shoal_proto::UnixMillis, full_warned: &mut Option<Instant>) -> Admission {
+    let policy = controller.netboot.config.admission;
+    let machines = controller.netboot.machines.clone();
+    let (mac, arch) = (req.mac, req.arch);
+    let seen = tokio::task::spawn_blocking(move || machines.seen(mac, arch, true, policy, now)).await;
+    match seen {
+        Ok(Ok(Some(m))) if m.admitted => Admission::Admit,
+        Ok(Ok(Some(_))) => {
+            info!(%mac, "PXE client held until an operator admits it");
+            Admission::Hold
+        }
+        Ok(Ok(None)) => {
+            // Not recorded: the table is full. The policy still decides whether it boots.
+            if full_warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                *full_warned = Some(Instant::now());
+                let ms = &controller.netboot.machines;
+                warn!(%mac, max_machines = ms.max_machines(), not_recorded = ms.not_recorded(), "machine table full: new PXE clients are not recorded");
+            }
+            if policy == AdmissionPolicy::AdmitAll { Admission::Admit } else { Admission::Hold }
+        }
+        Ok(Err(e)) => {
+            warn!(%mac, cause = %e, "cannot record machine; not booting it");
+            Admission::Hold
+        }
+        Err(e) => {
+            warn!(%mac, cause = %e, "machine recorder failed; not booting it");
+            Admission::Hold
+        }
+    }
+}
+
 async fn dhcp_loop(controller: Arc<Controller>, mut server: DhcpServer, s67: UdpSocket, s4011: UdpSocket) {
     let mut b67 = vec![0u8; 1500];
     let mut b4011 = vec![0u8; 1500];
+    let mut full_warned = None;
     loop {
         let (port, len, from, sock) = tokio::select! {
             r = s67.recv_from(&mut b67) => match r {
@@ -237,21 +345,11 @@ async fn dhcp_loop(controller: Arc<Controller>, mut server: DhcpServer, s67: Udp
             }
         };
         let now = now_ms();
-        let admission = if req.pxe {
-            match controller.netboot.machines.seen(req.mac, req.arch, true, controller.netboot.config.admission, now) {
-                Ok(m) if m.admitted => Admission::Admit,
-                Ok(_) => {
-                    info!(mac = %req.mac, "PXE client held until an operator admits it");
-                    Admission::Hold
-                }
-                Err(e) => {
-                    warn!(mac = %req.mac, cause = %e, "cannot record machine; not booting it");
-                    Admission::Hold
-                }
-            }
-        } else {
-            Admission::Admit
-        };
+        if dhcp::is_boot_sighting(&req) {
+            // The socket is bound to the netboot interface: this MAC is PXE-booting on that LAN now.
+            controller.netboot.gate().saw_pxe_boot(req.mac, Instant::now());
+        }
+        let admission = if req.pxe { admit_pxe_client(&controller, &req, now, &mut full_warned).await } else { Admission::Admit };
         if req.pxe && admission == Admission::Admit {
             if let Err(arch) = dhcp::boot_file(server.config(), &req) {
                 warn!(mac = %req.mac, arch = %arch, "no iPXE binary for this architecture; not booting it");
@@ -261,20 +359,12 @@ async fn dhcp_loop(controller: Arc<Controller>, mut server: DhcpServer, s67: Udp
             debug!(mac = %req.mac, kind = ?req.kind, "no DHCP answer");
             continue;
         };
-        match &reply.lease {
-            Some(LeaseChange::Put(l)) => {
-                if let Err(e) = controller.netboot.machines.put_lease(l) {
-                    warn!(mac = %l.mac, cause = %e, "could not persist lease");
-                }
-            }
-            Some(LeaseChange::Delete(mac)) => {
-                if let Err(e) = controller.netboot.machines.delete_lease(mac) {
-                    warn!(mac = %mac, cause = %e, "could not delete lease");
-                }
-            }
-            None => {}
+        // A lease is on disk before the client hears of it.
+        if !reply.leases.is_empty() {
+            persist_leases(&controller.netboot.machines, &reply.leases).await;
         }
         if reply.bytes.is_empty() {
+            info!(mac = %req.mac, kind = ?req.kind, answer = %reply.summary, "DHCP");
             continue;
         }
         let to = match reply.to {
@@ -290,74 +380,94 @@ async fn dhcp_loop(controller: Arc<Controller>, mut server: DhcpServer, s67: Udp
     }
 }
 
-/// At most this many TFTP transfers run at once; further requests get an error packet.
-const MAX_TFTP_TRANSFERS: usize = 64;
+/// The TFTP server's shell: the root it serves, the address and interface its transfer sockets use,
+/// and its transfer slots ([`slots`]: a request beyond them gets an error packet).
+#[derive(Debug, Clone)]
+pub struct TftpServer {
+    /// Directory served.
+    pub root: PathBuf,
+    /// Address transfer sockets bind to.
+    pub ip: Ipv4Addr,
+    /// Interface transfer sockets bind to; `None` for none (tests on loopback).
+    pub iface: Option<String>,
+    /// Transfers at once, overall and per client address.
+    pub slots: SlotLimits,
+}
 
-async fn tftp_loop(root: PathBuf, ip: Ipv4Addr, sock: UdpSocket) {
-    let limit = Arc::new(Semaphore::new(MAX_TFTP_TRANSFERS));
-    let canonical_root = std::fs::canonicalize(&root).unwrap_or(root.clone());
-    let mut buf = vec![0u8; 1500];
-    loop {
-        let (len, from) = match sock.recv_from(&mut buf).await {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(cause = %e, "TFTP receive failed");
-                continue;
-            }
-        };
-        let refuse = |code, msg: String| {
-            let sock = &sock;
-            async move {
-                let _ = sock.send_to(&tftp::error_packet(code, &msg), from).await;
-            }
-        };
-        let packet = match tftp::parse(&buf[..len]) {
-            Ok(p) => p,
-            Err(e) => {
-                debug!(%from, cause = %e, "ignoring TFTP packet");
-                refuse(tftp::ErrorCode::IllegalOperation, e.to_string()).await;
-                continue;
-            }
-        };
-        let (path, options) = match tftp::check_request(&root, &packet) {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(%from, cause = %e, "TFTP request refused");
-                let code = match e {
-                    tftp::TftpError::Traversal(_) | tftp::TftpError::WriteRefused => tftp::ErrorCode::AccessViolation,
-                    _ => tftp::ErrorCode::IllegalOperation,
-                };
-                refuse(code, e.to_string()).await;
-                continue;
-            }
-        };
-        // Symlinks must not lead out of the root either.
-        let inside = std::fs::canonicalize(&path).ok().filter(|p| p.starts_with(&canonical_root));
-        let Some(file) = inside else {
-            info!(%from, path = %path.display(), "TFTP file not found");
-            refuse(tftp::ErrorCode::NotFound, "file not found".into()).await;
-            continue;
-        };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            refuse(tftp::ErrorCode::Undefined, "server busy".into()).await;
-            continue;
-        };
-        tokio::spawn(
-            async move {
-                let _permit = permit;
-                match tokio::fs::read(&file).await {
-                    Ok(data) => send_file(ip, from, data, &options, &file).await,
-                    Err(e) => warn!(file = %file.display(), cause = %e, "cannot read TFTP file"),
+impl TftpServer {
+    /// Serves read requests arriving on `sock` until the task is aborted.
+    pub async fn run(self, sock: UdpSocket) {
+        let slots = SharedSlots::new(self.slots);
+        let root = self.root.clone();
+        let canonical_root = std::fs::canonicalize(&root).unwrap_or(root.clone());
+        let mut buf = vec![0u8; 1500];
+        loop {
+            let (len, from) = match sock.recv_from(&mut buf).await {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(cause = %e, "TFTP receive failed");
+                    continue;
                 }
-            }
-            .instrument(info_span!("tftp_transfer", %from)),
-        );
+            };
+            let refuse = |code, msg: String| {
+                let sock = &sock;
+                async move {
+                    let _ = sock.send_to(&tftp::error_packet(code, &msg), from).await;
+                }
+            };
+            let packet = match tftp::parse(&buf[..len]) {
+                Ok(p) => p,
+                Err(e) => {
+                    debug!(%from, cause = %e, "ignoring TFTP packet");
+                    refuse(tftp::ErrorCode::IllegalOperation, e.to_string()).await;
+                    continue;
+                }
+            };
+            let (path, options) = match tftp::check_request(&root, &packet) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(%from, cause = %e, "TFTP request refused");
+                    let code = match e {
+                        tftp::TftpError::Traversal(_) | tftp::TftpError::WriteRefused => tftp::ErrorCode::AccessViolation,
+                        _ => tftp::ErrorCode::IllegalOperation,
+                    };
+                    refuse(code, e.to_string()).await;
+                    continue;
+                }
+            };
+            // Symlinks must not lead out of the root either.
+            let inside = std::fs::canonicalize(&path).ok().filter(|p| p.starts_with(&canonical_root));
+            let Some(file) = inside else {
+                info!(%from, path = %path.display(), "TFTP file not found");
+                refuse(tftp::ErrorCode::NotFound, "file not found".into()).await;
+                continue;
+            };
+            let slot = match slots.acquire(from.ip()) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(%from, cause = %e, in_use = slots.in_use(), "TFTP request refused");
+                    refuse(tftp::ErrorCode::Undefined, e.to_string()).await;
+                    continue;
+                }
+            };
+            let (ip, iface) = (self.ip, self.iface.clone());
+            tokio::spawn(
+                async move {
+                    let _slot = slot;
+                    match tokio::fs::read(&file).await {
+                        Ok(data) => send_file(ip, iface.as_deref(), from, data, &options, &file).await,
+                        Err(e) => warn!(file = %file.display(), cause = %e, "cannot read TFTP file"),
+                    }
+                }
+                .instrument(info_span!("tftp_transfer", %from)),
+            );
+        }
     }
 }
 
-async fn send_file(ip: Ipv4Addr, to: SocketAddr, data: Vec<u8>, options: &[(String, String)], file: &Path) {
-    // Each transfer has its own port (its TID, RFC 1350).
-    let sock = match UdpSocket::bind(SocketAddr::from((ip, 0))).await {
+async fn send_file(ip: Ipv4Addr, iface: Option<&str>, to: SocketAddr, data: Vec<u8>, options: &[(String, String)], file: &Path) {
+    // Each transfer has its own port (its TID, RFC 1350), on the netboot interface too.
+    let sock = match udp_socket("TFTP transfer", SocketAddrV4::new(ip, 0), iface) {
         Ok(s) => s,
         Err(e) => return warn!(cause = %e, "cannot open a TFTP transfer socket"),
     };
@@ -412,4 +522,91 @@ pub async fn wake(controller: &Controller, mac: &dhcp::Mac) -> Result<(), Netboo
     }
     info!(%mac, interface = %iface, "sent Wake-on-LAN packet");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tftp::Packet;
+
+    /// The first packet a read request from a fresh socket on `from` gets: the packet and its sender.
+    async fn read_request(server: SocketAddr, from: Ipv4Addr) -> (UdpSocket, Packet, SocketAddr) {
+        let sock = UdpSocket::bind((from, 0)).await.expect("client socket");
+        let rrq = tftp::encode(&Packet::Rrq { filename: "undionly.kpxe".into(), mode: "octet".into(), options: vec![] });
+        sock.send_to(&rrq, server).await.expect("send");
+        let mut buf = vec![0u8; 1500];
+        let (n, sender) = tokio::time::timeout(Duration::from_secs(10), sock.recv_from(&mut buf)).await.expect("an answer").expect("recv");
+        let packet = tftp::parse(&buf[..n]).expect("answer parses");
+        (sock, packet, sender)
+    }
+
+    fn refusal(p: &Packet) -> Option<&str> {
+        match p {
+            Packet::Error { message, .. } => Some(message),
+            _ => None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tftp_transfers_are_capped_per_client_and_overall_and_good_clients_finish() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let file: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(root.path().join("undionly.kpxe"), &file).expect("write");
+        let sock = udp_socket("TFTP", SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), None).expect("server socket");
+        let server = sock.local_addr().expect("addr");
+        let tftp = TftpServer { root: root.path().to_owned(), ip: Ipv4Addr::LOCALHOST, iface: None, slots: SlotLimits { total: 3, per_client: 2 } };
+        let task = tokio::spawn(tftp.run(sock));
+        let (a, b, c) = (Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3));
+
+        // Client A gets two transfers (it does not acknowledge, so they hold their slots)...
+        let (a1, p1, a1_tid) = read_request(server, a).await;
+        let (_a2, p2, _) = read_request(server, a).await;
+        assert!(matches!(p1, Packet::Data { block: 1, .. }) && matches!(p2, Packet::Data { block: 1, .. }), "{p1:?} {p2:?}");
+        // ...and no third: its share is two.
+        let (_, p3, from) = read_request(server, a).await;
+        assert_eq!(refusal(&p3), Some("this client already holds its 2 slots"), "{p3:?}");
+        assert_eq!(from, server, "refused by the server port, no transfer started");
+        // B still gets the last slot, C finds none left.
+        let (b_sock, pb, b_tid) = read_request(server, b).await;
+        let Packet::Data { block: 1, data } = pb else { panic!("B refused: {pb:?}") };
+        let (_, pc, _) = read_request(server, c).await;
+        assert_eq!(refusal(&pc), Some("server busy: all 3 slots are in use"), "{pc:?}");
+
+        // B, a good client, downloads the whole file.
+        let mut got = data;
+        let mut block = 1u16;
+        let mut buf = vec![0u8; 1500];
+        loop {
+            b_sock.send_to(&tftp::encode(&Packet::Ack { block }), b_tid).await.expect("ack");
+            let (n, _) = tokio::time::timeout(Duration::from_secs(10), b_sock.recv_from(&mut buf)).await.expect("next block").expect("recv");
+            match tftp::parse(&buf[..n]).expect("parses") {
+                Packet::Data { block: n, data } if n == block + 1 => {
+                    block = n;
+                    let last = data.len() < tftp::DEFAULT_BLKSIZE;
+                    got.extend(data);
+                    if last {
+                        b_sock.send_to(&tftp::encode(&Packet::Ack { block }), b_tid).await.expect("ack");
+                        break;
+                    }
+                }
+                Packet::Data { .. } => {} // a retransmission
+                other => panic!("B got {other:?}"),
+            }
+        }
+        assert_eq!(got, file, "B got the file");
+
+        // A abandons one transfer (an error packet to its port): its slot is free again.
+        a1.send_to(&tftp::encode(&Packet::Error { code: 0, message: "bye".into() }), a1_tid).await.expect("error");
+        let mut served = false;
+        for _ in 0..100 {
+            let (_, p, _) = read_request(server, a).await;
+            if matches!(p, Packet::Data { block: 1, .. }) {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(served, "A was not served again within 5 s of giving a slot back");
+        task.abort();
+    }
 }
