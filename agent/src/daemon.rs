@@ -167,6 +167,9 @@ enum AttemptError {
     Fatal(#[from] AgentError),
 }
 
+/// The longest wait between attempts while an enrolment waits for an operator.
+const APPROVAL_RETRY: Duration = Duration::from_secs(5);
+
 /// Runs the agent until `shutdown` resolves or the controller refuses it for good.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     tokio::pin!(shutdown);
@@ -295,9 +298,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                 }
                 backoff.next_delay(rand::random::<f64>())
             }
-            Ok((End::Rejected(r), _)) if r.code == RejectCode::AwaitingApproval => {
-                warn!(reason = %r.message, "enrolment waits for an operator's approval; retrying");
-                backoff.next_delay(rand::random::<f64>())
+            // Waiting for an operator (or for a claimed node's session to lapse): retry often enough
+            // that an approval takes effect within seconds, whatever the backoff has grown to.
+            Ok((End::Rejected(r), _)) if matches!(r.code, RejectCode::AwaitingApproval | RejectCode::IdentityInUse) => {
+                warn!(reason = %r.message, "enrolment waits; retrying");
+                backoff.next_delay(rand::random::<f64>()).min(APPROVAL_RETRY)
             }
             // Token and version refusals are final: retrying cannot help until an operator acts.
             Ok((End::Rejected(r), _)) if r.code.is_final_for_agent() => {

@@ -239,11 +239,12 @@ pub fn decide(c: &Claim) -> Decision {
     if e.identity.is_some_and(|i| i.accepts(c.key)) {
         return Decision::Reenrol(Proof::SameKey);
     }
-    if e.live {
-        return Decision::Refuse(EnrolRefusal::IdentityInUse { node: e.node.id.clone() });
-    }
+    // An operator's denial holds whether or not the node is connected.
     if e.pending.is_some_and(|p| p.state == PendingState::Denied) {
         return Decision::Refuse(EnrolRefusal::ClaimDenied { node: e.node.id.clone() });
+    }
+    if e.live {
+        return Decision::Refuse(EnrolRefusal::IdentityInUse { node: e.node.id.clone() });
     }
     match c.binding {
         Some(TokenBinding::Node(_)) => return Decision::Reenrol(Proof::BootTokenForNode),

@@ -1333,7 +1333,14 @@ fn enrol(
         .map(|spki| pki::sha256(&spki))
         .map_err(|e| (RejectCode::BadRequest, format!("invalid certificate signing request: {e}")))?;
     let now = now_ms();
-    let is_live = |n: &NodeId| controller.live().conns.get(n).is_some_and(|c| !c.leaving);
+    // Live: a connection is open and the node was heard from within two heartbeats. A machine that
+    // crashed and rebooted must not wait out QUIC's idle timeout on its dead connection.
+    let recent = controller.config.heartbeat_interval.as_millis() as u64 * 2;
+    let is_live = |n: &NodeId| {
+        let live = controller.live();
+        let heard = live.nodes.get(n).and_then(|l| l.last_seen).is_some_and(|t| now.0.saturating_sub(t.0) <= recent);
+        heard && live.conns.get(n).is_some_and(|c| !c.leaving)
+    };
     let enrolment = controller
         .store
         .enrol(&EnrolParams {

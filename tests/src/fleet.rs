@@ -431,6 +431,16 @@ impl Fleet {
 
     /// Adds an agent on LAN `lan` of the topology.
     pub fn add_agent_on(&mut self, token: &str, lan: &str) -> Result<usize> {
+        self.add_agent_as(token, lan, None)
+    }
+
+    /// Adds an agent on the fleet's LAN, in a host of its own, that claims `machine_id` (another
+    /// agent's, for an impostor).
+    pub fn add_agent_claiming(&mut self, token: &str, machine_id: &str) -> Result<usize> {
+        self.add_agent_as(token, LAN, Some(machine_id))
+    }
+
+    fn add_agent_as(&mut self, token: &str, lan: &str, claimed: Option<&str>) -> Result<usize> {
         let number = self.agents.len() + 1;
         let hostname = format!("agent-{number}");
         self.topo.add_host(&hostname)?;
@@ -438,7 +448,7 @@ impl Fleet {
         let netns = self.topo.host(&hostname)?.ns_name().to_string();
         let state_dir = self.dir().join(&hostname);
         std::fs::create_dir_all(&state_dir)?;
-        let machine_id = format!("{}-agent-{number}", self.cfg.machine_id_prefix);
+        let machine_id = claimed.map(str::to_owned).unwrap_or_else(|| format!("{}-agent-{number}", self.cfg.machine_id_prefix));
         let program = self.cfg.agent_program.clone().unwrap_or_else(|| self.bins.agent.clone());
         let mut spec = ProcSpec::new(&hostname, &program, self.dir().join("logs"))
             .netns(&netns)

@@ -290,6 +290,15 @@ impl Proc {
         self.start()
     }
 
+    /// Replaces the value after `flag` in the arguments of the next (re)start (appends both if absent).
+    pub fn set_arg(&mut self, flag: &str, value: &str) {
+        let args = &mut self.spec.args;
+        match args.iter().position(|a| a == flag) {
+            Some(i) if i + 1 < args.len() => args[i + 1] = value.into(),
+            _ => args.extend([flag.into(), value.into()]),
+        }
+    }
+
     /// The whole log so far.
     pub fn log(&self) -> String {
         std::fs::read(&self.log_path)

@@ -624,3 +624,89 @@ fn expired_used_up_and_revoked_tokens_are_refused() {
         .context("(e) join tokens")
         .or_panic();
 }
+
+/// The node's events since `after` (by seq).
+fn node_events_after(fleet: &Fleet, node: &str, after: u64) -> Result<Vec<Value>> {
+    Ok(fleet.events()?.into_iter().filter(|e| e["node"] == node && e["seq"].as_u64().unwrap_or(0) > after).collect())
+}
+
+/// (f) A second machine on the LAN, holding a valid general token and claiming a live node's hardware
+/// identity, gets no certificate: every attempt is refused and logged, and the real node keeps its
+/// session throughout. When the real node then reboots without its key (a diskless node), its claim
+/// and the impostor's both wait for an operator, who approves the real one and denies the impostor.
+fn check_impostor(fleet: &mut Fleet) -> Result<()> {
+    fleet.wait_all_up(UP_TIMEOUT)?;
+    let node = fleet.node_id(0)?;
+    let victim_machine = fleet.agents()[0].machine_id.clone();
+    let start = fleet.events()?.last().and_then(|e| e["seq"].as_u64()).unwrap_or(0);
+    let token = fleet.create_token(&["--label", "test=impostor"])?;
+    let impostor = fleet.add_agent_claiming(&token, &victim_machine)?;
+
+    eventually!(UP_TIMEOUT, "the impostor's claims to be refused and logged", || {
+        let refused: Vec<Value> = node_events_after(fleet, &node, start)?.into_iter().filter(|e| e["kind"] == "claim_refused").collect();
+        ensure!(refused.len() >= 2, "claim_refused events so far: {refused:?}");
+        Ok(())
+    })?;
+    // Throughout, the real node stays up on its one connection, and the impostor has nothing.
+    consistently(Duration::from_secs(6), "the real node keeps its session while the impostor retries", || {
+        let nodes = fleet.nodes()?;
+        ensure!(nodes.len() == 1, "the impostor got a node of its own: {}", brief(&nodes));
+        let n = &nodes[0];
+        ensure!(n["id"] == node.as_str() && n["status"] == "up" && n["connected"] == true, "the real node: {n}");
+        let others: Vec<Value> = node_events_after(fleet, &node, start)?.into_iter().filter(|e| e["kind"] != "claim_refused").collect();
+        ensure!(others.is_empty(), "the real node saw more than refusals: {others:?}");
+        Ok(())
+    })?;
+    let certs = as_array(fleet.ctl_json(&["certs", "list", &node])?, "certs list")?;
+    ensure!(certs.len() == 1, "one certificate, the real node's: {certs:?}");
+    let impostor_dir = fleet.agents()[impostor].state_dir.clone();
+    ensure!(!impostor_dir.join("node.crt").exists(), "the impostor holds a certificate");
+    let log = fleet.agent(impostor).proc.log();
+    ensure!(log.contains("connected right now"), "the impostor is told why; its log:\n{log}");
+    let token_info = token_tagged(fleet, "impostor")?;
+    ensure!(token_info["uses"] == 0, "refusals spend no token use: {token_info}");
+
+    // The real node reboots diskless: its state (and key) is gone; it enrols again with a general token.
+    let real = fleet.agent(0);
+    real.proc.kill()?;
+    std::fs::remove_dir_all(&real.state_dir)?;
+    std::fs::create_dir_all(&real.state_dir)?;
+    let real_addr = real.addr.to_string();
+    let impostor_addr = fleet.agents()[impostor].addr.to_string();
+    let token2 = fleet.create_token(&["--label", "test=reboot"])?;
+    let real = &mut fleet.agent(0).proc;
+    real.set_arg("--token", &token2);
+    real.restart()?;
+    let (real_request, impostor_request) = eventually!(UP_TIMEOUT * 2, "both claims to wait in `nodes pending`", || {
+        let pending = as_array(fleet.ctl_json(&["nodes", "pending"])?, "nodes pending")?;
+        let from = |addr: &str| pending.iter().find(|p| p["remote"].as_str().is_some_and(|r| r.starts_with(&format!("{addr}:")))).cloned();
+        match (from(&real_addr), from(&impostor_addr)) {
+            (Some(r), Some(i)) => Ok((r, i)),
+            _ => bail!("pending: {pending:?}"),
+        }
+    })?;
+    ensure!(real_request["node"] == node.as_str() && impostor_request["node"] == node.as_str());
+    let (real_id, impostor_id) = (str_field(&real_request, "id")?.to_owned(), str_field(&impostor_request, "id")?.to_owned());
+    fleet.ctl_ok(&["nodes", "deny", &impostor_id])?;
+    fleet.ctl_ok(&["nodes", "approve", &real_id])?;
+    eventually!(UP_TIMEOUT, "the real machine back as its own node", || {
+        ensure!(fleet.node_id(0)? == node, "not the same node");
+        let nodes = fleet.nodes()?;
+        ensure!(nodes.len() == 1 && nodes[0]["status"] == "up" && nodes[0]["connected"] == true, "{}", brief(&nodes));
+        Ok(())
+    })?;
+    let status = fleet.agent(impostor).proc.wait_exit(EXIT_TIMEOUT).context("the denied impostor stops")?;
+    ensure!(status.code() == Some(3), "the denied impostor exits 3, not {}", describe_status(&status));
+    let kinds: Vec<String> = node_events_after(fleet, &node, start)?.iter().map(|e| e["kind"].as_str().unwrap_or("").to_owned()).collect();
+    for k in ["enrolment_pending", "enrolment_denied", "enrolment_approved", "reenrolled"] {
+        ensure!(kinds.iter().any(|x| x == k), "no {k} event among {kinds:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn an_impostor_with_a_valid_token_gets_no_certificate_and_the_live_node_keeps_its_session() {
+    require_host_tests!();
+    let mut fleet = Fleet::start(FleetConfig::fast().agents(1)).or_panic();
+    check_impostor(&mut fleet).context("(f) impostor").or_panic();
+}
