@@ -16,7 +16,7 @@ use axum::{
     Json, Router,
 };
 use shoal_proto::{ControllerMsg, NodeId, UnixMillis};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     api::{blocking, HttpError},
@@ -52,6 +52,11 @@ impl Controller {
             }
         }
         drop(live);
+        if current {
+            if let Err(e) = self.overlay.withdraw_key(&self.store, &rec.node) {
+                warn!(node = %rec.node, cause = %e, "could not withdraw the revoked key from the overlay; peers still accept it");
+            }
+        }
         info!(node = %rec.node, %serial, current_key = current, closed, "certificate revoked");
         Ok(Some(RevokedCertView { serial, node: rec.node.0, rotation_required: current, closed_connections: closed }))
     }

@@ -371,6 +371,27 @@ impl OverlayHub {
         }
     }
 
+    /// The node's current key is no longer trusted (a certificate of it was revoked): its peers get
+    /// [`shoal_proto::KEY_WITHDRAWN`] for it, so they close their paths to it and refuse new ones until
+    /// it connects with a new key. Persisted, so a restart does not trust the key again.
+    pub fn withdraw_key(&self, store: &Store, node: &NodeId) -> Result<(), crate::store::StoreError> {
+        self.key_changed(store, node, shoal_proto::KEY_WITHDRAWN)
+    }
+
+    /// The node is bound to another key now (re-enrolment, withdrawal): its peers learn it at once,
+    /// so they close paths made with the old key and refuse new ones.
+    pub fn key_changed(&self, store: &Store, node: &NodeId, key: [u8; 32]) -> Result<(), crate::store::StoreError> {
+        let index = match store.peer_index(node) {
+            Ok(i) => i,
+            Err(_) => return Ok(()), // not in any network
+        };
+        store.set_node_key(node, key)?;
+        let st = &mut *self.state();
+        let deliveries = st.coordinator.node_known(node, index, Some(key), now_ms());
+        Self::send_all(&st.links, deliveries);
+        Ok(())
+    }
+
     fn send_all(links: &HashMap<NodeId, Link>, deliveries: Vec<Delivery>) {
         for (node, msg) in deliveries {
             if let Some(link) = links.get(&node) {
@@ -946,6 +967,27 @@ mod tests {
         assert_eq!(p.endpoints.len(), 1 + crate::coordinator::MAX_LOCAL_ENDPOINTS);
         assert_eq!(p.endpoints[0], a.server_side.remote_address(), "the observed address first");
         assert!(p.endpoints[1..].iter().all(|e| e.ip().to_string().starts_with("192.0.2.")), "{:?}", p.endpoints);
+    }
+
+    #[tokio::test]
+    async fn a_withdrawn_key_reaches_peers_at_once_and_survives_a_restart() {
+        let mut h = Hub::start(OverlayLimits::default(), &["a", "b"]);
+        let a = h.connect("a").await;
+        let mut b = h.connect("b").await;
+        b.drain();
+        h.hub.withdraw_key(&h.store, &a.node).unwrap();
+        let deltas = b.drain();
+        let [ControllerMsg::NetmapDelta(d)] = &deltas[..] else { panic!("one delta for b: {deltas:?}") };
+        let [shoal_proto::NetmapChange::Peer(p)] = &d.changes[..] else { panic!("{d:?}") };
+        assert_eq!((p.node.clone(), p.key_sha256), (a.node.clone(), shoal_proto::KEY_WITHDRAWN));
+        assert_eq!(h.store.node_key(&a.node).unwrap(), Some(shoal_proto::KEY_WITHDRAWN), "kept for the next start");
+        // A new key (the node rotated, or was re-enrolled) replaces it for the peers.
+        h.hub.key_changed(&h.store, &a.node, [7; 32]).unwrap();
+        let deltas = b.drain();
+        assert!(
+            matches!(&deltas[..], [ControllerMsg::NetmapDelta(d)] if matches!(&d.changes[..], [shoal_proto::NetmapChange::Peer(p)] if p.key_sha256 == [7; 32])),
+            "{deltas:?}"
+        );
     }
 
     #[tokio::test]

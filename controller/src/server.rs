@@ -1164,6 +1164,9 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
         }
         Action::Overlay(hello) => {
             let (Some(node), Some(key)) = (session.node().cloned(), ctx.node_key) else { return vec![] };
+            // A node whose key must rotate away (a certificate of it was revoked) is not vouched for
+            // to its peers with that key.
+            let key = if ctx.must_rotate { shoal_proto::KEY_WITHDRAWN } else { key };
             let c = controller.clone();
             let n = node.clone();
             let index = tokio::task::spawn_blocking(move || {
@@ -1383,6 +1386,12 @@ fn enrol(
         }
         // Re-enrolment merges the token's labels: a connected agent's drive policy may follow them.
         controller.push_drive_policies(Some(std::slice::from_ref(&node.id)));
+        if enrolment.proof.is_some() {
+            // Peers must stop trusting the key the record had before.
+            if let Err(e) = controller.overlay.key_changed(&controller.store, &node.id, key) {
+                warn!(node = %node.id, cause = %e, "could not tell the overlay the re-enrolled node's new key");
+            }
+        }
     }
     let (cert_der, not_after) = issue_cert(controller, &request.csr_der, &node.id, key)?;
     info!(

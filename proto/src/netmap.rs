@@ -12,6 +12,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::{NodeId, UnixMillis};
 
+/// The key hash the controller puts in a peer's netmap entry once that peer's key is no longer
+/// trusted (a certificate of it was revoked): no certificate hashes to it, so every path from the peer
+/// is refused until it connects with a new key. (All zeros means "not known yet".)
+pub const KEY_WITHDRAWN: [u8; 32] = [0xff; 32];
+
 /// A network's short identity, carried in every overlay datagram. Assigned by the controller, never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
