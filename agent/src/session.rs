@@ -391,6 +391,41 @@ mod tests {
     }
 
     #[test]
+    fn a_rotation_request_is_taken_once_and_its_certificate_ends_the_session_after_a_pending_renewal() {
+        let t0 = Instant::now();
+        let hour = UnixMillis(3_600_000);
+        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: hour }, timing());
+        s.start();
+        let mut w = welcome(1000);
+        if let ControllerMsg::Welcome(w) = &mut w {
+            w.protocol = 5;
+        }
+        s.handle(t0, UnixMillis(0), w);
+        let renew_at = t0 + Duration::from_secs(2400);
+        assert!(s.handle_timeout(renew_at).contains(&Output::Renew));
+        let ask = || ControllerMsg::RotateKey { reason: "revoked".into() };
+        assert_eq!(s.handle(renew_at, UnixMillis(2_400_000), ask()), vec![Output::Rotate { reason: "revoked".into() }]);
+        assert_eq!(s.handle(renew_at, UnixMillis(2_400_000), ask()), vec![], "a repeated request while rotating is ignored");
+        // The renewal asked for first is answered first; then the rotation's certificate ends the session.
+        let renewed = Renewed { cert_der: vec![1], not_after: UnixMillis(9_000_000) };
+        assert_eq!(s.handle(renew_at, UnixMillis(2_400_000), ControllerMsg::Renewed(renewed.clone())), vec![Output::StoreRenewed(renewed)]);
+        let rotated = Renewed { cert_der: vec![2], not_after: UnixMillis(9_000_000) };
+        assert_eq!(
+            s.handle(renew_at, UnixMillis(2_400_000), ControllerMsg::Renewed(rotated.clone())),
+            vec![Output::StoreRotated(rotated), Output::End(End::Rotated)]
+        );
+    }
+
+    #[test]
+    fn a_v4_session_treats_a_rotation_request_as_a_protocol_error() {
+        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: UnixMillis(3_600_000) }, timing());
+        s.start();
+        s.handle(Instant::now(), UnixMillis(0), welcome(1000));
+        let out = s.handle(Instant::now(), UnixMillis(0), ControllerMsg::RotateKey { reason: "r".into() });
+        assert!(matches!(&out[..], [Output::End(End::Protocol(_))]), "{out:?}");
+    }
+
+    #[test]
     fn reject_and_revocation_end_the_session() {
         let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: UnixMillis(1) }, timing());
         let r = Reject { code: RejectCode::NodeRevoked, message: "gone".into() };

@@ -144,8 +144,13 @@ impl StateDir {
         write_private(&self.dir.join(CERT_FILE), pem::encode(&pem::Pem::new("CERTIFICATE", creds.cert_der.clone())).as_bytes())
     }
 
-    /// The key of an enrolment in progress, creating it on first use.
+    /// The key to enrol with: the node's own key if it still has one (its certificate expired: the
+    /// controller re-enrols a node that proves its key), else the key of an enrolment in progress,
+    /// created on first use.
     pub fn enrolment_key(&self) -> Result<String, StateError> {
+        if let Some(k) = self.pending_key(KEY_FILE)?.filter(|k| rcgen::KeyPair::from_pem(k).is_ok()) {
+            return Ok(k);
+        }
         self.pending_or_new_key(ENROL_KEY_FILE)
     }
 
@@ -213,5 +218,62 @@ impl StateDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(StateError::Io { path, source }),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A certificate for `key_pem` (self-signed: `load` only reads the identity out of it).
+    fn cert_for(key_pem: &str, node: &str) -> Vec<u8> {
+        let key = rcgen::KeyPair::from_pem(key_pem).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name.push(rcgen::DnType::CommonName, node);
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn creds(key_pem: &str) -> Credentials {
+        Credentials {
+            key_pem: key_pem.to_owned(),
+            cert_der: cert_for(key_pem, "n1"),
+            ca_der: vec![1, 2, 3],
+            node_id: NodeId("n1".into()),
+            not_after: UnixMillis(0),
+        }
+    }
+
+    #[test]
+    fn an_enrolment_keeps_its_key_across_attempts_and_a_node_enrols_again_with_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let first = state.enrolment_key().unwrap();
+        assert_eq!(state.enrolment_key().unwrap(), first, "a retry presents the same key");
+        state.save_enrolled(&creds(&first)).unwrap();
+        assert!(!dir.path().join(ENROL_KEY_FILE).exists(), "the pending key is dropped once enrolled");
+        assert_eq!(state.enrolment_key().unwrap(), first, "an expired node enrols again with its own key");
+        state.forget_credentials().unwrap();
+        assert!(state.load().unwrap().is_none());
+        assert_ne!(state.enrolment_key().unwrap(), first, "a refused key is not used again");
+    }
+
+    #[test]
+    fn a_rotation_interrupted_between_certificate_and_key_is_finished_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let old = state.enrolment_key().unwrap();
+        state.save_enrolled(&creds(&old)).unwrap();
+        let new = state.rotation_key().unwrap();
+        assert_eq!(state.rotation_key().unwrap(), new, "a retried rotation uses the same new key");
+        // The crash: the new certificate is written, the new key is not.
+        write_private(&dir.path().join(CERT_FILE), pem::encode(&pem::Pem::new("CERTIFICATE", cert_for(&new, "n1"))).as_bytes()).unwrap();
+        let loaded = state.load().unwrap().expect("repaired");
+        assert_eq!(loaded.key_pem, new);
+        assert_eq!(fs::read_to_string(dir.path().join(KEY_FILE)).unwrap(), new);
+        assert!(!dir.path().join(ROTATE_KEY_FILE).exists());
+        // A key that matches nothing: enrol again rather than present a certificate that cannot work.
+        write_private(&dir.path().join(KEY_FILE), old.as_bytes()).unwrap();
+        assert!(state.load().unwrap().is_none());
     }
 }

@@ -1336,6 +1336,95 @@ mod tests {
         Store::open(dir).unwrap()
     }
 
+    fn claim(store: &Store, token_id: &str, machine: &str, key: u8, now: UnixMillis) -> Result<Enrolment, EnrolError> {
+        let hw = hw(machine);
+        store.enrol(&EnrolParams {
+            token_id,
+            secret: "s",
+            hardware_id: &hw,
+            hostname: machine,
+            now,
+            key: &[key; 32],
+            remote: "192.0.2.9:1",
+            is_live: &|_| false,
+        })
+    }
+
+    #[test]
+    fn pending_claims_are_bounded_per_node_and_refreshed_by_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.create_token(&token("t", "s", T0)).unwrap();
+        let node = claim(&store, "t", "m", 1, at(1)).unwrap().node.id;
+        for key in 2..2 + crate::enrolment::MAX_PENDING_PER_NODE as u8 {
+            let r = refusal(claim(&store, "t", "m", key, at(2)));
+            assert!(matches!(r, EnrolRefusal::AwaitingApproval { .. }), "{r:?}");
+            // A retry with the same key refreshes its request.
+            assert!(matches!(refusal(claim(&store, "t", "m", key, at(3))), EnrolRefusal::AwaitingApproval { .. }));
+        }
+        let pending = store.pending_enrolments().unwrap();
+        assert_eq!(pending.len(), crate::enrolment::MAX_PENDING_PER_NODE);
+        assert!(pending.iter().all(|p| p.node == node && p.attempts == 2));
+        let r = refusal(claim(&store, "t", "m", 200, at(4)));
+        assert!(matches!(r, EnrolRefusal::TooManyPending { .. }), "the per-node cap holds: {r:?}");
+        // Requests lapse an hour after their last attempt and are pruned.
+        let later = UnixMillis(at(3).0 + crate::enrolment::PENDING_TTL_MS);
+        assert_eq!(store.prune(later).unwrap().pending, crate::enrolment::MAX_PENDING_PER_NODE);
+        assert!(store.pending_enrolments().unwrap().is_empty());
+    }
+
+    #[test]
+    fn lapsed_tokens_are_pruned_bound_ones_sooner_and_valid_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let minute = 60_000;
+        let mut boot = token("boot", "s", T0);
+        boot.expires_at = Some(at(10 * minute));
+        boot.max_uses = Some(1);
+        store.create_bound_token(&boot, &TokenBinding::Mac("52:54:00:00:00:01".into())).unwrap();
+        let mut general = token("general", "s", T0);
+        general.expires_at = Some(at(10 * minute));
+        store.create_token(&general).unwrap();
+        store.create_token(&token("forever", "s", T0)).unwrap();
+        let mut used = token("used", "s", T0);
+        used.max_uses = Some(1);
+        store.create_token(&used).unwrap();
+        claim(&store, "used", "u", 9, at(minute)).unwrap();
+        let ids = |store: &Store| store.tokens().unwrap().into_iter().map(|t| t.id).collect::<Vec<_>>();
+        assert_eq!(store.prune(at(15 * minute)).unwrap().tokens, 0, "nothing lapsed long enough");
+        // A boot token goes 10 minutes after it expired; general tokens a day after they stopped working.
+        assert_eq!(store.prune(at(21 * minute)).unwrap().tokens, 1);
+        assert!(!ids(&store).contains(&"boot".to_owned()) && store.token_binding("boot").unwrap().is_none());
+        assert_eq!(store.prune(at(25 * 60 * minute)).unwrap().tokens, 2);
+        assert_eq!(ids(&store), ["forever"], "a valid token is never pruned");
+        assert!(store.inner.token_uses.is_empty(), "uses go with their token");
+    }
+
+    #[test]
+    fn revoking_a_certificate_of_the_current_key_demands_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.create_token(&token("t", "s", T0)).unwrap();
+        let node = claim(&store, "t", "m", 1, at(1)).unwrap().node.id;
+        let cert = |key: u8| CertRecord { node: node.clone(), key: [key; 32], issued_at: at(1), not_after: at(1_000_000) };
+        store.record_cert("AA:01", &cert(1)).unwrap();
+        store.record_cert("aa02", &cert(7)).unwrap();
+        let (_, current) = store.revoke_cert("aa02", "old", at(2)).unwrap().unwrap();
+        assert!(!current && !store.identity(&node).unwrap().unwrap().must_rotate, "another key's certificate: no rotation");
+        let (_, current) = store.revoke_cert("aa01", "stolen", at(3)).unwrap().unwrap();
+        assert!(current && store.identity(&node).unwrap().unwrap().must_rotate, "serials match whatever their spelling");
+        assert!(store.cert_revoked("AA:01").unwrap());
+        assert_eq!(store.revoke_cert("ffff", "x", at(4)).unwrap(), None);
+        let verdict = store.check_connection(&node, &[1; 32], "aa01", at(1_000_000), at(5), "x").unwrap();
+        assert_eq!(verdict, crate::enrolment::CertVerdict::Revoked);
+        store.begin_rotation(&node, &[2; 32], at(6)).unwrap();
+        let i = store.identity(&node).unwrap().unwrap();
+        assert!(!i.must_rotate && i.next_key == Some([2; 32]));
+        // Expired certificate records go, with their revocations.
+        assert_eq!(store.prune(at(1_000_000)).unwrap().certs, 2);
+        assert!(!store.cert_revoked("aa01").unwrap());
+    }
+
     #[test]
     fn token_states() {
         let now = at(10_000);
