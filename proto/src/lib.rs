@@ -5,6 +5,7 @@
 
 mod drives;
 mod frame;
+pub mod limits;
 mod maintenance;
 mod msg;
 mod netmap;
