@@ -11,6 +11,7 @@ pub mod coordinator;
 pub mod drive_hub;
 pub mod drive_policy;
 pub mod drives;
+pub mod event_log;
 pub mod fleet_drives;
 pub mod liveness;
 pub mod maintenance;
