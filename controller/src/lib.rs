@@ -13,6 +13,7 @@ pub mod drive_policy;
 pub mod drives;
 pub mod event_log;
 pub mod fleet_drives;
+pub mod fuzzing;
 pub mod liveness;
 pub mod maintenance;
 pub mod networks;
