@@ -76,6 +76,10 @@ impl PartialFrame {
 ///
 /// The announced length is checked against [`MAX_FRAME_LEN`] before the body is buffered, and the
 /// body is buffered as it arrives (see [`PartialFrame`]).
+///
+/// Not cancel-safe: dropped before it completes (a `select!` that took another branch), it loses
+/// what it had read of the frame, and the stream is out of step from then on. A loop that waits for
+/// other things too reads with a [`FrameReader`], or in a task of its own.
 pub async fn recv_msg<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<Option<T>, TransportError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     match recv.read_exact(&mut header).await {
@@ -93,6 +97,58 @@ pub async fn recv_msg<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Resu
         }
     }
     Ok(Some(frame.decode()?))
+}
+
+/// Reads frames from one stream, keeping a partly received frame between calls, so that
+/// [`FrameReader::recv`] is cancel-safe: dropped before it completes, it has lost nothing, and the
+/// next call goes on where it stopped. Same limits and growth as [`recv_msg`].
+#[derive(Debug)]
+pub struct FrameReader {
+    recv: quinn::RecvStream,
+    header: [u8; FRAME_HEADER_LEN],
+    header_len: usize,
+    body: Option<PartialFrame>,
+}
+
+impl FrameReader {
+    /// A reader at a frame boundary of `recv`.
+    pub fn new(recv: quinn::RecvStream) -> Self {
+        Self { recv, header: [0; FRAME_HEADER_LEN], header_len: 0, body: None }
+    }
+
+    /// The next message; `Ok(None)` when the peer finished the stream cleanly between frames.
+    /// Cancel-safe (see the type's docs).
+    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, TransportError> {
+        // Every await is a cancel-safe read_chunk; what it returns is stored before the next await.
+        while self.body.is_none() {
+            match self.recv.read_chunk(FRAME_HEADER_LEN - self.header_len, true).await? {
+                None if self.header_len == 0 => return Ok(None),
+                None => return Err(TransportError::Truncated),
+                Some(chunk) => {
+                    let n = chunk.bytes.len();
+                    self.header[self.header_len..self.header_len + n].copy_from_slice(&chunk.bytes);
+                    self.header_len += n;
+                    if self.header_len == FRAME_HEADER_LEN {
+                        self.header_len = 0;
+                        self.body = Some(PartialFrame::new(self.header)?);
+                    }
+                }
+            }
+        }
+        while let Some(frame) = self.body.as_mut().filter(|f| f.missing() > 0) {
+            match self.recv.read_chunk(frame.missing(), true).await? {
+                Some(chunk) => frame.push(&chunk.bytes),
+                None => return Err(TransportError::Truncated),
+            }
+        }
+        let frame = self.body.take().ok_or(TransportError::Truncated)?;
+        Ok(Some(frame.decode()?))
+    }
+
+    /// The stream, for stopping it.
+    pub fn stream(&mut self) -> &mut quinn::RecvStream {
+        &mut self.recv
+    }
 }
 
 #[cfg(test)]
@@ -141,12 +197,8 @@ mod tests {
         assert_eq!(f.decode::<AgentMsg>().unwrap(), msg);
     }
 
-    /// A QUIC loopback pair: the client writes frames in small pieces with pauses, the server reads them
-    /// back with `recv_msg`, including a stream that ends mid-body.
-    #[tokio::test]
-    async fn frames_written_in_pieces_arrive_whole_over_quic() {
-        use std::time::Duration;
-
+    /// A QUIC loopback connection: (server endpoint, client endpoint, client config, server address).
+    fn loopback() -> (quinn::Endpoint, quinn::Endpoint, quinn::ClientConfig, std::net::SocketAddr) {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -163,27 +215,51 @@ mod tests {
         .unwrap();
         let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = server.local_addr().unwrap();
-        let client_config = crate::tls::enrol_client_config(crate::pki::sha256(ca_cert.der()), Duration::from_secs(5)).unwrap();
+        let client_config =
+            crate::tls::enrol_client_config(crate::pki::sha256(ca_cert.der()), std::time::Duration::from_secs(5)).unwrap();
         let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        (server, client, client_config, addr)
+    }
 
-        let msgs: Vec<AgentMsg> = (0..3)
+    fn messages() -> Vec<AgentMsg> {
+        (0..3)
             .map(|i| AgentMsg::Health(HealthReport { uptime_secs: i, filesystems: vec![Default::default(); 300], ..Default::default() }))
-            .collect();
-        let frames: Vec<u8> = msgs.iter().flat_map(|m| encode_frame(m).unwrap()).collect();
-        let writer = tokio::spawn(async move {
-            let conn = client.connect_with(client_config, addr, crate::tls::controller_server_name()).unwrap().await.unwrap();
+            .collect()
+    }
+
+    /// The client writes `frames` in 777-byte pieces with pauses, then `tail`, and finishes.
+    fn write_slowly(
+        client: quinn::Endpoint,
+        config: quinn::ClientConfig,
+        addr: std::net::SocketAddr,
+        frames: Vec<u8>,
+        tail: Vec<u8>,
+    ) -> tokio::task::JoinHandle<quinn::Connection> {
+        use std::time::Duration;
+        tokio::spawn(async move {
+            let conn = client.connect_with(config, addr, crate::tls::controller_server_name()).unwrap().await.unwrap();
             let (mut send, _recv) = conn.open_bi().await.unwrap();
             for piece in frames.chunks(777) {
                 send.write_all(piece).await.unwrap();
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            // Then a frame announcing 1000 bytes with only 10 of them.
-            send.write_all(&header(1000)).await.unwrap();
-            send.write_all(&[0; 10]).await.unwrap();
+            send.write_all(&tail).await.unwrap();
             send.finish().unwrap();
             let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
             conn
-        });
+        })
+    }
+
+    /// Frames written in pieces with pauses arrive whole, including a stream that ends mid-body.
+    #[tokio::test]
+    async fn frames_written_in_pieces_arrive_whole_over_quic() {
+        let (server, client, config, addr) = loopback();
+        let msgs = messages();
+        let frames: Vec<u8> = msgs.iter().flat_map(|m| encode_frame(m).unwrap()).collect();
+        // Then a frame announcing 1000 bytes with only 10 of them.
+        let mut tail = header(1000).to_vec();
+        tail.extend_from_slice(&[0; 10]);
+        let writer = write_slowly(client, config, addr, frames, tail);
         let conn = server.accept().await.unwrap().await.unwrap();
         let (_send, mut recv) = conn.accept_bi().await.unwrap();
         for m in &msgs {
@@ -191,6 +267,35 @@ mod tests {
         }
         assert!(matches!(recv_msg::<AgentMsg>(&mut recv).await, Err(TransportError::Truncated)));
         drop(recv);
+        let _conn = writer.await.unwrap();
+    }
+
+    /// A `select!` that keeps dropping the read for a timer (the controller's connection loop wakes
+    /// for queued messages the same way) still gets every frame whole and in order from a FrameReader.
+    #[tokio::test]
+    async fn a_frame_reader_survives_being_cancelled_mid_frame() {
+        use std::time::Duration;
+        let (server, client, config, addr) = loopback();
+        let msgs = messages();
+        let frames: Vec<u8> = msgs.iter().flat_map(|m| encode_frame(m).unwrap()).collect();
+        let writer = write_slowly(client, config, addr, frames, vec![]);
+        let conn = server.accept().await.unwrap().await.unwrap();
+        let (_send, recv) = conn.accept_bi().await.unwrap();
+        let mut reader = FrameReader::new(recv);
+        let mut got = Vec::new();
+        let mut cancelled = 0;
+        let mut tick = tokio::time::interval(Duration::from_micros(300));
+        loop {
+            tokio::select! {
+                m = reader.recv::<AgentMsg>() => match m.unwrap() {
+                    Some(m) => got.push(m),
+                    None => break,
+                },
+                _ = tick.tick() => cancelled += 1,
+            }
+        }
+        assert_eq!(got, msgs);
+        assert!(cancelled > 10, "the read was cancelled {cancelled} times");
         let _conn = writer.await.unwrap();
     }
 }
