@@ -13,8 +13,8 @@
 //!   a Welcome, an unauthenticated session asks only to enrol, a closed session never acts again.
 //! - [`drive_reports`]: drive reports that pass the limits, through [`FleetDrives::ingest`] for two
 //!   nodes: every change names a drive of the previous or the new report, the same report twice
-//!   changes nothing the second time, the views list the report's drives and serialise, and the
-//!   drive command checks answer for every drive.
+//!   changes nothing the second time, the views list the report's drives and serialise, a node's
+//!   drive histories stay within their bound, and the drive command checks answer for every drive.
 //! - [`coordinator_ops`]: store-legal membership changes interleaved with agents' overlay hellos
 //!   (endpoints, NAT, keys from the input, within the limits), subscriptions and disconnections:
 //!   every delivery goes to a connected agent as a delta that applies to what that agent holds
@@ -222,6 +222,7 @@ pub fn drive_reports(data: &[u8]) -> Seen {
         assert!(again.changes.is_empty() && again.samples.is_empty(), "the same report twice: {:?}", again.changes);
         let views = book.views(Some(node));
         assert_eq!(views.len(), report.drives.len());
+        assert!(book.history_count(node) <= crate::fleet_drives::MAX_HISTORIES_PER_NODE);
         assert!(serde_json::to_string(&views).is_ok());
         for d in &report.drives {
             let verdict = book.verdict(node, d).map(|j| j.verdict.clone());
