@@ -21,7 +21,8 @@
 //!
 //! With `--controller-pid`, VmRSS and CPU come from `/proc/PID`; with `--data-dir`, the bytes of the
 //! controller's data directory. A line per `--print-every` shows the series; the summary at the end
-//! gives start (just before the attack), peak, end of the attack and end of `--after`.
+//! gives start (just before the attack), peak, end of the attack and end of `--after`, and the event
+//! log's length by kind (read through the admin API), with what its `events_suppressed` summaries count.
 
 use std::{
     net::SocketAddr,
@@ -39,7 +40,7 @@ use clap::{Parser, ValueEnum};
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use shoal_controller::{
     admin::{AdminClient, AdminConf},
-    view::CreateToken,
+    view::{CreateToken, EventView},
 };
 use shoal_overlay::{pki, recv_msg, send_msg, tls};
 use shoal_proto::{
@@ -777,8 +778,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     while tasks.join_next().await.is_some() {}
     print_new(&samples, printed, &attack);
     summary(&cli, &samples.lock().unwrap_or_else(|p| p.into_inner()), &attack, &good);
+    let conf = AdminConf::read(&cli.admin_conf)?;
+    match tokio::task::spawn_blocking(move || event_log(&conf)).await? {
+        Ok(line) => println!("{line}"),
+        Err(e) => println!("event log: not read: {e:#}"),
+    }
     good_endpoint.close(0u32.into(), b"hostile done");
     Ok(())
+}
+
+/// The event log's length by kind, and what its `events_suppressed` summaries count.
+fn event_log(conf: &AdminConf) -> anyhow::Result<String> {
+    let client = AdminClient::new(conf)?;
+    let mut by_kind: std::collections::BTreeMap<String, u64> = Default::default();
+    let (mut total, mut summarised) = (0u64, 0u64);
+    let mut after = None;
+    loop {
+        let path = match after {
+            Some(a) => format!("/v1/events?limit=10000&after={a}"),
+            None => "/v1/events?limit=10000".to_owned(),
+        };
+        let page: Vec<EventView> = client.get(&path)?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.seq);
+        for e in &page {
+            total += 1;
+            *by_kind.entry(e.kind.clone()).or_default() += 1;
+            if e.kind == "events_suppressed" {
+                summarised += e.message.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+            }
+        }
+    }
+    let kinds: Vec<String> = by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    Ok(format!("event log: {total} events ({}); the events_suppressed ones account for {summarised} left out", kinds.join(", ")))
 }
 
 fn mib(kib: u64) -> f64 {
