@@ -631,6 +631,14 @@ mod tests {
         assert!(r.count("started") >= 1 && r.count("done") == 1 && r.count("restarted") >= 2 && r.count("succeeded") == 1, "{r:?}");
     }
 
+    /// What `cargo fuzz run drive_reports` found: a report naming one kernel name twice made the same
+    /// report produce a removal and an appearance every time. Such a report is now over a limit.
+    #[test]
+    fn a_drive_report_naming_a_device_twice_is_refused() {
+        let seen = drive_reports(include_bytes!("../fuzz/seeds/drive_reports/regression-duplicate-name"));
+        assert!(seen.count("over_limit") >= 1, "{seen:?}");
+    }
+
     #[test]
     fn mutated_session_messages_hold() {
         let seen = mutate_and_run(session_seeds(), 4000, session_messages);

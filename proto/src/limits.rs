@@ -30,7 +30,7 @@
 //! | overlay endpoints (`Overlay`, `Punch`) | [`MAX_OVERLAY_ENDPOINTS`] |
 //! | peer paths in a path report | [`MAX_PATHS`] |
 //! | drop reasons in a path report | [`MAX_DROP_REASONS`] |
-//! | drives in a drive report | [`MAX_DRIVES`] |
+//! | drives in a drive report | [`MAX_DRIVES`], each kernel name once |
 //! | signatures found on one drive | [`MAX_DRIVE_SIGNATURES`] |
 //! | health checks in an update or boot report | [`MAX_CHECKS`] |
 //! | the whole message, per kind | [`max_encoded_len`] |
@@ -138,11 +138,24 @@ pub enum Unit {
     Bytes,
     /// A list's number of entries.
     Items,
+    /// How often a key occurs in a list whose entries the controller tells apart by it (a drive's
+    /// kernel name in a drive report): once.
+    Occurrences,
+}
+
+impl Unit {
+    fn phrase(self, actual: usize) -> String {
+        match self {
+            Unit::Bytes => format!("is {actual} bytes"),
+            Unit::Items => format!("has {actual} entries"),
+            Unit::Occurrences => format!("occurs {actual} times"),
+        }
+    }
 }
 
 /// A message over one of the bounds: which field, how big it is, and the limit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field} {} {actual} {}, over the limit of {limit}", if *.unit == Unit::Items { "has" } else { "is" }, if *.unit == Unit::Items { "entries" } else { "bytes" })]
+#[error("{field} {}, over the limit of {limit}", .unit.phrase(*.actual))]
 pub struct LimitError {
     /// The field, as a path from the message kind: `inventory.nics[3].addresses`, or the kind alone
     /// (`inventory`) for the encoded-size bound.
@@ -277,8 +290,15 @@ fn paths(p: &PathReport) -> Checked {
 
 fn drives(r: &DriveReport) -> Checked {
     items(r.drives.len(), MAX_DRIVES, || "drives.drives".into())?;
+    let mut names = std::collections::BTreeSet::new();
     for (i, d) in r.drives.iter().enumerate() {
         drive(d, &|name: &str| format!("drives.drives[{i}].{name}"))?;
+        // The controller tells a node's drives apart by kernel name (commands name the device), as
+        // the kernel does: a report naming one twice cannot be compared with the next one.
+        if !names.insert(d.name.as_str()) {
+            let count = r.drives.iter().filter(|x| x.name == d.name).count();
+            return Err(LimitError { field: format!("drives.drives[{i}].name"), actual: count, limit: 1, unit: Unit::Occurrences });
+        }
     }
     Ok(())
 }
@@ -542,7 +562,11 @@ mod tests {
             report(vec![d])
         };
         // Many drives with full SMART fit; the count bound is reached before the size bound.
-        at_and_over(MAX_DRIVES, "drives.drives", |n| report((0..n).map(|_| drive("sda")).collect()));
+        at_and_over(MAX_DRIVES, "drives.drives", |n| report((0..n).map(|k| drive(&format!("sd{k}"))).collect()));
+        // A kernel name twice is refused: the controller tells drives apart by it.
+        let err = check(&report(vec![drive("sda"), drive("sdb"), drive("sda")])).expect_err("duplicate");
+        assert_eq!((err.field.as_str(), err.actual, err.limit, err.unit), ("drives.drives[2].name", 2, 1, Unit::Occurrences));
+        assert_eq!(err.to_string(), "drives.drives[2].name occurs 2 times, over the limit of 1");
         at_and_over(MAX_NAME_LEN, "drives.drives[0].name", |n| with(&|d| d.name = s(n)));
         at_and_over(MAX_NAME_LEN, "drives.drives[0].model", |n| with(&|d| d.model = Some(s(n))));
         at_and_over(MAX_NAME_LEN, "drives.drives[0].serial", |n| with(&|d| d.serial = Some(s(n))));
@@ -580,12 +604,12 @@ mod tests {
             smart(&|r| r.self_test = Some(SelfTestStatus::Completed { kind: None, passed: false, result: s(n), power_on_hours: None }))
         });
         // The size bound holds the whole report: MAX_DRIVES drives with every text at its limit do not fit.
-        let fat: Vec<Drive> = (0..MAX_DRIVES).map(|_| with_long_texts()).collect();
+        let fat: Vec<Drive> = (0..MAX_DRIVES).map(with_long_texts).collect();
         assert_eq!(check(&report(fat)).map_err(|e| e.field), Err("drives".to_owned()));
     }
 
-    fn with_long_texts() -> Drive {
-        let mut d = drive("sda");
+    fn with_long_texts(k: usize) -> Drive {
+        let mut d = drive(&format!("sd{k}"));
         d.model = Some(s(MAX_NAME_LEN));
         d.serial = Some(s(MAX_NAME_LEN));
         d
