@@ -639,6 +639,16 @@ mod tests {
         assert!(seen.count("over_limit") >= 1, "{seen:?}");
     }
 
+    /// Also found by `cargo fuzz run drive_reports`: a SMART read dated after year 9999 (the agent's
+    /// clock) made formatting the drive views panic, which failed `GET /v1/drives` for the whole fleet.
+    #[test]
+    fn a_drive_read_dated_after_year_9999_is_shown_not_fatal() {
+        let seen = drive_reports(include_bytes!("../fuzz/seeds/drive_reports/regression-year-10000"));
+        assert!(seen.count("ingested") >= 1, "{seen:?}");
+        assert_eq!(crate::view::rfc3339(u64::MAX), "18446744073709551615 ms after the Unix epoch");
+        assert_eq!(crate::view::rfc3339(253_402_300_799_000), "9999-12-31T23:59:59Z");
+    }
+
     #[test]
     fn mutated_session_messages_hold() {
         let seen = mutate_and_run(session_seeds(), 4000, session_messages);
