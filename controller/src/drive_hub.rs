@@ -253,6 +253,11 @@ impl DriveHub {
         let report = stored.map(|r| encode("drive report", r)).transpose()?;
         let mut inserts = Vec::new();
         let mut removes = Vec::new();
+        for key in &ingested.forgotten {
+            for item in self.samples.scan_prefix(sample_prefix(node, key)) {
+                removes.push(item?.0.to_vec());
+            }
+        }
         for s in &ingested.samples {
             inserts.push((sample_key(node, &s.key, s.stored.sample.at), encode("SMART sample", &s.stored)?));
             let prefix = sample_prefix(node, &s.key);
@@ -608,6 +613,33 @@ mod tests {
 
     fn stored_samples(store: &Store) -> usize {
         store.open_tree(DRIVE_SAMPLES).unwrap().len()
+    }
+
+    #[test]
+    fn stored_samples_of_forgotten_histories_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let node = crate::networks::enrol_for_tests(&store, "m1", &[], UnixMillis(1));
+        let hub = DriveHub::open(&store, config()).unwrap();
+        // 256 drives with new serial numbers in every report.
+        for round in 0..12u64 {
+            let drives = (0..256)
+                .map(|k| {
+                    let mut d = sdb(0, round + 1);
+                    d.name = format!("sd{k}");
+                    let serial = format!("R{round}-{k}");
+                    d.serial = Some(serial.clone());
+                    if let Some(SmartOutcome::Report(r)) = &mut d.smart {
+                        r.serial = Some(serial);
+                    }
+                    d
+                })
+                .collect();
+            hub.ingest(&node, DriveReport { at: UnixMillis((round + 1) * H), drives }, UnixMillis(round)).unwrap();
+        }
+        let max = crate::fleet_drives::MAX_HISTORIES_PER_NODE;
+        assert_eq!(hub.book().history_count(&node), max);
+        assert_eq!(stored_samples(&store), max, "one sample per kept history, none of the forgotten ones");
     }
 
     #[test]

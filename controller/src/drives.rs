@@ -305,6 +305,11 @@ impl DriveHistory {
         self.drives.get(&(node.clone(), key.to_owned())).into_iter().flatten()
     }
 
+    /// Forget one drive's history.
+    pub fn forget_drive(&mut self, node: &NodeId, key: &str) {
+        self.drives.remove(&(node.clone(), key.to_owned()));
+    }
+
     /// Forget a removed node's drives.
     pub fn forget_node(&mut self, node: &NodeId) {
         self.drives.retain(|(n, _), _| n != node);

@@ -13,6 +13,8 @@
 //!   not happened since a restart of the agent), the verdict of the last good sample still counts: a
 //!   failing drive whose smartctl times out is still failing.
 //! - A prepared drive that vanishes (reported `missing`, or gone from the report) is an alarm.
+//! - A node has at most [`MAX_HISTORIES_PER_NODE`] drive histories: past that, the histories of drives
+//!   not in its latest report go, those sampled longest ago first.
 
 use std::collections::BTreeMap;
 
@@ -382,7 +384,16 @@ pub struct Ingested {
     pub changes: Vec<DriveChange>,
     /// SMART samples to persist.
     pub samples: Vec<NewSample>,
+    /// History keys of drives forgotten to stay within [`MAX_HISTORIES_PER_NODE`]: their stored
+    /// samples can go.
+    pub forgotten: Vec<String>,
 }
+
+/// The most drive histories kept for one node: twice the drives one report may hold
+/// ([`shoal_proto::limits::MAX_DRIVES`]), so drives that come and go (a swapped disk, a USB stick)
+/// keep their history for a while. Without it, a node that reports new serial numbers in every report
+/// would grow the histories and the stored samples without end.
+pub const MAX_HISTORIES_PER_NODE: usize = 2 * shoal_proto::limits::MAX_DRIVES;
 
 /// Thresholds and history bounds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -472,8 +483,44 @@ impl FleetDrives {
             let keep_from = self.history.samples(node, &key).next().map(|s| s.at).unwrap_or(at);
             samples.push(NewSample { key, stored, keep_from });
         }
+        let forgotten = self.trim_histories(node, &report);
         self.reports.insert(node.clone(), StoredReport { received_at, report });
-        Ingested { changes, samples }
+        Ingested { changes, samples, forgotten }
+    }
+
+    /// Drops the histories of drives not in `report`, oldest latest sample first, until the node has
+    /// at most [`MAX_HISTORIES_PER_NODE`]; returns their keys.
+    fn trim_histories(&mut self, node: &NodeId, report: &DriveReport) -> Vec<String> {
+        let mine: Vec<(UnixMillis, String)> = self
+            .judged
+            .range((node.clone(), String::new())..)
+            .take_while(|((n, _), _)| n == node)
+            .map(|((_, key), j)| (j.sample_at, key.clone()))
+            .collect();
+        let Some(excess) = mine.len().checked_sub(MAX_HISTORIES_PER_NODE).filter(|e| *e > 0) else { return vec![] };
+        let current: std::collections::BTreeSet<String> = report
+            .drives
+            .iter()
+            .filter_map(|d| match &d.smart {
+                Some(SmartOutcome::Report(r)) => Some(drive_key(r)),
+                _ => None,
+            })
+            .collect();
+        let mut gone: Vec<(UnixMillis, String)> = mine.into_iter().filter(|(_, key)| !current.contains(key)).collect();
+        gone.sort();
+        gone.truncate(excess);
+        gone.into_iter()
+            .map(|(_, key)| {
+                self.judged.remove(&(node.clone(), key.clone()));
+                self.history.forget_drive(node, &key);
+                key
+            })
+            .collect()
+    }
+
+    /// Drive histories kept for a node.
+    pub fn history_count(&self, node: &NodeId) -> usize {
+        self.judged.range((node.clone(), String::new())..).take_while(|((n, _), _)| n == node).count()
     }
 
     /// Forgets a node that left the fleet.
@@ -903,6 +950,41 @@ mod tests {
 
     fn kinds(changes: &[DriveChange]) -> Vec<EventKind> {
         changes.iter().map(DriveChange::kind).collect()
+    }
+
+    #[test]
+    fn a_node_reporting_new_serials_every_time_keeps_a_bounded_history() {
+        let mut book = FleetDrives::default();
+        // One drive that stays, and 64 drives with serial numbers never seen before in every report.
+        let keeper = |round: u64| {
+            let SmartOutcome::Report(mut r) = smart(0, true, None) else { unreachable!() };
+            r.serial = Some("KEEP".into());
+            with_smart(drive("sda", Some("KEEP"), DriveState::Blank), SmartOutcome::Report(r), round + 1)
+        };
+        let mut forgotten = 0;
+        for round in 0..80u64 {
+            let mut drives = vec![keeper(round)];
+            drives.extend((0..64).map(|k| {
+                let serial = format!("S{round}-{k}");
+                let SmartOutcome::Report(mut r) = smart(0, true, None) else { unreachable!() };
+                r.serial = Some(serial.clone());
+                r.device = format!("/dev/sd{k}");
+                with_smart(drive(&format!("sd{k}"), Some(&serial), DriveState::Blank), SmartOutcome::Report(r), round + 1)
+            }));
+            let ingested = book.ingest(&node(), report(drives), UnixMillis(round));
+            forgotten += ingested.forgotten.len();
+            assert!(book.history_count(&node()) <= MAX_HISTORIES_PER_NODE, "round {round}: {}", book.history_count(&node()));
+        }
+        assert_eq!(book.history_count(&node()), MAX_HISTORIES_PER_NODE);
+        assert_eq!(forgotten, 1 + 80 * 64 - MAX_HISTORIES_PER_NODE, "every key past the bound was handed back");
+        // The drive in every report, and the newest drives, still have their history.
+        let SmartOutcome::Report(mut r) = smart(0, true, None) else { unreachable!() };
+        r.serial = Some("KEEP".into());
+        assert_eq!(book.sample_count(&node(), &drive_key(&r)), 80);
+        r.serial = Some("S79-0".into());
+        assert_eq!(book.sample_count(&node(), &drive_key(&r)), 1);
+        r.serial = Some("S0-0".into());
+        assert_eq!(book.sample_count(&node(), &drive_key(&r)), 0, "the oldest went first");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use shoal_overlay::{pki, recv_msg, send_msg, tls};
+use shoal_overlay::{pki, send_msg, tls, FrameReader};
 use shoal_proto::{
     AgentMsg, ControllerMsg, Enrolled, HealthReport, JoinToken, NodeId, RejectCode, Renewed, UnixMillis, SUPPORTED,
 };
@@ -654,7 +654,15 @@ async fn sweep(controller: Arc<Controller>) {
         if last_prune.is_none_or(|t| t.elapsed() >= crate::identity::PRUNE_INTERVAL) {
             last_prune = Some(Instant::now());
             let c = controller.clone();
-            match tokio::task::spawn_blocking(move || c.store.prune(now_ms())).await {
+            match tokio::task::spawn_blocking(move || {
+                // A flood of events that stopped gets its summary within a minute, not at the next event.
+                if let Err(e) = c.store.flush_suppressed_events(now_ms()) {
+                    warn!(cause = %e, "could not write the summaries of suppressed events");
+                }
+                c.store.prune(now_ms())
+            })
+            .await
+            {
                 Ok(Ok(p)) if p != crate::store::Pruned::default() => debug!(pruned = ?p, "pruned lapsed tokens and identity records"),
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => warn!(cause = %e, "pruning lapsed tokens failed; next try in a minute"),
@@ -723,13 +731,16 @@ async fn handle_connection(
     let enrolment_deadline = tokio::time::Instant::now() + controller.config.enrolment_deadline;
     // One deadline for the stream and the Hello on it together.
     let hello_deadline = tokio::time::Instant::now() + controller.config.hello_timeout;
-    let (mut send, mut recv) = match tokio::time::timeout_at(hello_deadline, conn.accept_bi()).await {
+    let (mut send, recv) = match tokio::time::timeout_at(hello_deadline, conn.accept_bi()).await {
         Ok(r) => r?,
         Err(_) => {
             conn.close(close_code::PROTOCOL.into(), b"no control stream");
             return Err(ConnError::HelloTimeout);
         }
     };
+    // Read with a FrameReader: the connection loop select!s over the read and other wake-ups, and a
+    // plain recv_msg would lose the part of a frame it had read when another branch won.
+    let mut recv = FrameReader::new(recv);
     let mut session = Session::new(
         SessionConfig { supported: SUPPORTED, heartbeat_interval_ms: controller.config.heartbeat_interval.as_millis() as u64 },
         node.clone(),
@@ -848,13 +859,13 @@ async fn handle_connection(
 async fn refuse_after_hello(
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
-    recv: &mut quinn::RecvStream,
+    recv: &mut FrameReader,
     session: &mut Session,
     hello_deadline: tokio::time::Instant,
     code: RejectCode,
     message: String,
 ) {
-    let protocol = match tokio::time::timeout_at(hello_deadline, recv_msg::<AgentMsg>(recv)).await {
+    let protocol = match tokio::time::timeout_at(hello_deadline, recv.recv::<AgentMsg>()).await {
         Ok(Ok(Some(AgentMsg::Hello(hello)))) => shoal_proto::negotiate(SUPPORTED, hello.protocol).unwrap_or(hello.protocol.max),
         _ => {
             conn.close(close_code::PROTOCOL.into(), message.as_bytes());
@@ -924,7 +935,7 @@ async fn drive(
     controller: &Arc<Controller>,
     ctx: &mut ConnCtx,
     send: &mut quinn::SendStream,
-    recv: &mut quinn::RecvStream,
+    recv: &mut FrameReader,
     session: &mut Session,
     revoke_rx: &mut mpsc::UnboundedReceiver<Revoke>,
     overlay_rx: &mut crate::conn_queue::NodeRx,
@@ -937,7 +948,7 @@ async fn drive(
     let overflow = overlay_rx.overflow_signal();
     loop {
         let actions = tokio::select! {
-            msg = recv_msg::<AgentMsg>(recv) => match msg {
+            msg = recv.recv::<AgentMsg>() => match msg {
                 Ok(Some(msg)) => session.handle(now_ms(), msg),
                 Ok(None) => return Ok(()),
                 Err(shoal_overlay::TransportError::Read(_)) => return Ok(()),

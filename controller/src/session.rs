@@ -2,13 +2,24 @@
 //!
 //! The shell reads [`AgentMsg`]s and feeds them to [`Session::handle`]; the session answers with
 //! [`Action`]s: messages to send, requests for the registry (enrol, renew, inventory, health), and when
-//! to close. What the session enforces: Hello first and once, a common protocol version, enrolment
-//! only without a certificate, everything else only with one.
+//! to close. What the session enforces: every message within [`shoal_proto::limits`], Hello first and
+//! once, a common protocol version, enrolment only without a certificate, everything else only with one.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use shoal_proto::{
-    negotiate, AgentMsg, ControllerMsg, EnrolRequest, Hello, Inventory, NodeId, Reject, RejectCode, RenewRequest,
+    limits, negotiate, AgentMsg, ControllerMsg, EnrolRequest, Hello, Inventory, NodeId, Reject, RejectCode, RenewRequest,
     UnixMillis, VersionError, VersionRange, Welcome,
 };
+
+/// Messages refused for a bound of [`shoal_proto::limits`] since the process started, on every session.
+static OVER_LIMIT_REFUSALS: AtomicU64 = AtomicU64::new(0);
+
+/// How many agent messages were refused for being over a bound of [`shoal_proto::limits`] since the
+/// process started (`shoal_agent_messages_over_limit_total`).
+pub fn over_limit_refusals() -> u64 {
+    OVER_LIMIT_REFUSALS.load(Ordering::Relaxed)
+}
 
 /// What the shell must do next.
 #[derive(Debug, Clone, PartialEq)]
@@ -135,6 +146,15 @@ impl Session {
 
     /// Handles one message from the agent.
     pub fn handle(&mut self, now: UnixMillis, msg: AgentMsg) -> Vec<Action> {
+        // Refused before anything acts on it, so nothing of it is stored: what the controller knew about
+        // the node stays as it was.
+        if self.state != State::Closed {
+            if let Err(e) = limits::check(&msg) {
+                OVER_LIMIT_REFUSALS.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(node = ?self.node, field = %e.field, actual = e.actual, limit = e.limit, "agent message over a limit refused");
+                return self.reject(RejectCode::BadRequest, format!("message refused: {e}"));
+            }
+        }
         match (std::mem::replace(&mut self.state, State::Closed), msg) {
             (State::Closed, _) => vec![],
             (State::AwaitHello, AgentMsg::Hello(hello)) => {
@@ -365,6 +385,45 @@ mod tests {
         let mut s = Session::new(config(), None);
         let a = s.handle(UnixMillis(1), hello(SUPPORTED.max, SUPPORTED.max + 1));
         assert!(matches!(&a[0], Action::Send(ControllerMsg::Welcome(w)) if w.protocol == SUPPORTED.max));
+    }
+
+    #[test]
+    fn messages_over_a_limit_are_refused_naming_the_field_in_every_state() {
+        let big_inventory = || {
+            AgentMsg::Inventory(Inventory {
+                nics: vec![Default::default(); limits::MAX_NICS + 1],
+                ..Default::default()
+            })
+        };
+        let before = over_limit_refusals();
+        // Ready: the report is refused whole and the session ends; an inventory at the bound is taken.
+        let mut s = Session::new(config(), Some(NodeId("n1".into())));
+        s.handle(UnixMillis(1), hello(SUPPORTED.min, SUPPORTED.max));
+        let at = AgentMsg::Inventory(Inventory { nics: vec![Default::default(); limits::MAX_NICS], ..Default::default() });
+        assert!(matches!(&s.handle(UnixMillis(2), at)[..], [Action::Inventory(_)]));
+        let a = s.handle(UnixMillis(3), big_inventory());
+        assert_eq!(rejected(&a), Some(RejectCode::BadRequest));
+        let Action::Send(ControllerMsg::Reject(r)) = &a[0] else { panic!("{a:?}") };
+        assert!(r.message.contains("inventory.nics") && r.message.contains(&limits::MAX_NICS.to_string()), "{}", r.message);
+        assert!(matches!(&a[1], Action::Close(CloseKind::Refused, _)));
+        assert!(!a.iter().any(|x| matches!(x, Action::Inventory(_))), "nothing of it reaches the registry");
+        assert!(s.is_closed());
+
+        // Before Hello, and an Enrol on an unauthenticated session.
+        let mut s = Session::new(config(), None);
+        let long_hello = AgentMsg::Hello(Hello {
+            protocol: SUPPORTED,
+            agent_version: "v".repeat(limits::MAX_NAME_LEN + 1),
+            hardware_id: HardwareId { source: HardwareIdSource::Override, value: "m1".into() },
+        });
+        assert_eq!(rejected(&s.handle(UnixMillis(1), long_hello)), Some(RejectCode::BadRequest));
+        let mut s = Session::new(config(), None);
+        s.handle(UnixMillis(1), hello(SUPPORTED.min, SUPPORTED.max));
+        let enrol = AgentMsg::Enrol(EnrolRequest { token: "t".into(), csr_der: vec![0; limits::MAX_CSR_LEN + 1], hostname: "h".into() });
+        let a = s.handle(UnixMillis(2), enrol);
+        assert_eq!(rejected(&a), Some(RejectCode::BadRequest));
+        assert!(!a.iter().any(|x| matches!(x, Action::Enrol { .. })));
+        assert!(over_limit_refusals() >= before + 3, "counted");
     }
 
     #[test]

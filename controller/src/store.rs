@@ -64,6 +64,11 @@ pub const FREE_SPACE_RESERVE: u64 = 8 * 1024 * 1024;
 /// The event log keeps at most this many newest events; older ones are trimmed.
 pub const MAX_EVENTS: u64 = 100_000;
 
+/// The event log keeps at most this many bytes (encoded events); the oldest are trimmed until it is
+/// back under seven eighths of it. 100 000 events of a typical 100 bytes are 10 MiB; a log of capped
+/// 4 KiB messages ([`crate::event_log::MAX_EVENT_MESSAGE`]) would be 400 MiB without it.
+pub const MAX_EVENT_BYTES: u64 = 64 << 20;
+
 /// How often (in appended events) the event log is trimmed.
 const TRIM_EVERY: u64 = 1024;
 
@@ -317,7 +322,7 @@ pub struct NodeRecord {
 }
 
 /// What happened, in an [`Event`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     /// A new node enrolled.
@@ -427,6 +432,9 @@ pub enum EventKind {
     CertificateRefused,
     /// A node rotated to a new key.
     KeyRotated,
+    /// Events about a node over its budget were not logged; this one says how many, of which kind and
+    /// when (see [`crate::event_log`]).
+    EventsSuppressed,
 }
 
 /// One entry of the fleet's event log.
@@ -539,6 +547,15 @@ pub(crate) struct Inner {
     /// The seq the next event gets. Taken inside a transaction closure, which sled 0.34 runs under its
     /// global transaction lock, so seqs are committed in order.
     next_seq: AtomicU64,
+    /// Per-(node, kind) event budgets.
+    event_budget: Mutex<crate::event_log::EventBudget>,
+    /// Bytes of the events tree's values: exact after each trim, at most an over-estimate between
+    /// (a retried transaction counts its event twice).
+    pub(crate) event_bytes: AtomicU64,
+    /// Events written since the last trim.
+    events_since_trim: AtomicU64,
+    /// [`MAX_EVENT_BYTES`], lowered by tests.
+    event_byte_limit: AtomicU64,
     /// Serialises read-modify-write of node records ([`Store::update_node`] takes an `FnOnce`, which
     /// cannot be retried inside a transaction).
     node_lock: Mutex<()>,
@@ -690,6 +707,10 @@ impl Store {
             Some((key, _)) => decode_seq(&key)?.saturating_add(1),
             None => 1,
         };
+        let mut event_bytes = 0u64;
+        for value in events.iter().values() {
+            event_bytes += value?.len() as u64;
+        }
         let store = Store {
             inner: Arc::new(Inner {
                 meta: db.open_tree(META)?,
@@ -715,6 +736,10 @@ impl Store {
                 db,
                 dir: dir.to_owned(),
                 next_seq: AtomicU64::new(next_seq),
+                event_budget: Mutex::new(crate::event_log::EventBudget::new(Default::default())),
+                event_bytes: AtomicU64::new(event_bytes),
+                events_since_trim: AtomicU64::new(0),
+                event_byte_limit: AtomicU64::new(MAX_EVENT_BYTES),
                 node_lock: Mutex::new(()),
                 reserve_bytes,
             }),
@@ -753,7 +778,28 @@ impl Store {
         self.inner.node_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn event_budget(&self) -> std::sync::MutexGuard<'_, crate::event_log::EventBudget> {
+        // Counters only: a panic while holding the lock leaves nothing that matters inconsistent.
+        self.inner.event_budget.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the per-node event budget (tests and benchmarks; the default is
+    /// [`crate::event_log::EventBudgetConfig::default`]).
+    pub fn configure_event_budget(&self, config: crate::event_log::EventBudgetConfig) {
+        *self.event_budget() = crate::event_log::EventBudget::new(config);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_event_byte_limit(&self, bytes: u64) {
+        self.inner.event_byte_limit.store(bytes, Ordering::SeqCst);
+    }
+
     /// Writes an event inside a transaction on the events tree, taking the next seq.
+    ///
+    /// An event about a node goes through the node's budget ([`crate::event_log`]): over it, nothing
+    /// is written and the returned event has seq 0; when the budget has room again, a summary of what
+    /// was left out is written before the event. The message is capped at
+    /// [`crate::event_log::MAX_EVENT_MESSAGE`] bytes.
     pub(crate) fn tx_event<E: From<StoreError>>(
         &self,
         events: &TransactionalTree,
@@ -762,38 +808,96 @@ impl Store {
         message: &str,
         at: UnixMillis,
     ) -> Result<Event, TxError<E>> {
+        if let Some(n) = node {
+            let (decision, config) = {
+                let mut budget = self.event_budget();
+                (budget.admit(n, kind, at), *budget.config())
+            };
+            if let Some(s) = decision.summary {
+                self.insert_event::<E>(events, EventKind::EventsSuppressed, Some(&s.node), &s.message(&config), at)?;
+            }
+            if !decision.write {
+                return Ok(Event { seq: 0, at, kind, node: node.cloned(), message: String::new() });
+            }
+        }
+        self.insert_event(events, kind, node, message, at)
+    }
+
+    fn insert_event<E: From<StoreError>>(
+        &self,
+        events: &TransactionalTree,
+        kind: EventKind,
+        node: Option<&NodeId>,
+        message: &str,
+        at: UnixMillis,
+    ) -> Result<Event, TxError<E>> {
         let seq = self.inner.next_seq.fetch_add(1, Ordering::SeqCst);
-        let event = Event { seq, at, kind, node: node.cloned(), message: message.to_owned() };
+        let message = crate::event_log::cap_message(message).into_owned();
+        let event = Event { seq, at, kind, node: node.cloned(), message };
         let bytes = encode("event", &event).map_err(abort)?;
+        self.inner.event_bytes.fetch_add(bytes.len() as u64, Ordering::SeqCst);
+        self.inner.events_since_trim.fetch_add(1, Ordering::SeqCst);
         events.insert(&seq.to_be_bytes(), bytes)?;
         Ok(event)
     }
 
-    pub(crate) fn after_event(&self, seq: u64) -> Result<(), StoreError> {
-        #[allow(clippy::manual_is_multiple_of)] // u64::is_multiple_of needs Rust 1.87; the workspace supports 1.85
-        if seq % TRIM_EVERY == 0 {
+    /// Call after a transaction that wrote events committed: trims the log every [`TRIM_EVERY`] events,
+    /// and as soon as it holds more than [`MAX_EVENT_BYTES`]. (`_seq` is the written event's, 0 for a
+    /// suppressed one; summaries written on the way count too, so the trigger counts writes itself.)
+    pub(crate) fn after_event(&self, _seq: u64) -> Result<(), StoreError> {
+        let over_bytes = self.inner.event_bytes.load(Ordering::SeqCst) > self.inner.event_byte_limit.load(Ordering::SeqCst);
+        if over_bytes || self.inner.events_since_trim.load(Ordering::SeqCst) >= TRIM_EVERY {
             self.trim_events()?;
         }
         Ok(())
     }
 
-    /// Deletes events older than the newest [`MAX_EVENTS`].
+    /// Deletes events older than the newest [`MAX_EVENTS`], then, while the log holds more than
+    /// [`MAX_EVENT_BYTES`], the oldest until it holds at most seven eighths of it.
     fn trim_events(&self) -> Result<(), StoreError> {
+        self.inner.events_since_trim.store(0, Ordering::SeqCst);
         let cutoff = self.inner.next_seq.load(Ordering::SeqCst).saturating_sub(MAX_EVENTS);
-        if cutoff == 0 {
-            return Ok(());
-        }
         let mut batch = sled::Batch::default();
         let mut trimmed = 0u64;
+        let mut trimmed_bytes = 0u64;
         for item in self.inner.events.range(..cutoff.to_be_bytes()) {
-            let (key, _) = item?;
+            let (key, value) = item?;
             batch.remove(key);
             trimmed += 1;
+            trimmed_bytes += value.len() as u64;
         }
         if trimmed > 0 {
             self.inner.events.apply_batch(batch)?;
-            debug!(trimmed, "trimmed the event log");
+            let _ = self.inner.event_bytes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| Some(b.saturating_sub(trimmed_bytes)));
+            debug!(trimmed, "trimmed the event log by count");
         }
+        let limit = self.inner.event_byte_limit.load(Ordering::SeqCst);
+        if self.inner.event_bytes.load(Ordering::SeqCst) <= limit {
+            return Ok(());
+        }
+        // Count the newest back until seven eighths of the limit; everything older goes.
+        let low_water = limit / 8 * 7;
+        let mut kept = 0u64;
+        let mut cut = None;
+        for item in self.inner.events.iter().rev() {
+            let (key, value) = item?;
+            if kept + value.len() as u64 > low_water {
+                cut = Some(key);
+                break;
+            }
+            kept += value.len() as u64;
+        }
+        if let Some(cut) = cut {
+            let mut batch = sled::Batch::default();
+            let mut trimmed = 0u64;
+            for item in self.inner.events.range(..=cut) {
+                batch.remove(item?.0);
+                trimmed += 1;
+            }
+            self.inner.events.apply_batch(batch)?;
+            debug!(trimmed, kept_bytes = kept, "trimmed the event log by size");
+        }
+        self.inner.event_bytes.store(kept, Ordering::SeqCst);
         Ok(())
     }
 
@@ -1237,6 +1341,10 @@ impl Store {
     }
 
     /// Appends an event to the log and returns it with its seq. Not flushed (within 200 ms).
+    ///
+    /// An event about a node is subject to the node's budget (see [`Store::tx_event`]): a suppressed
+    /// one is returned with seq 0 and not written. Summaries of other nodes' suppressed events that
+    /// are due are written first.
     pub fn append_event(
         &self,
         kind: EventKind,
@@ -1245,10 +1353,42 @@ impl Store {
         now: UnixMillis,
     ) -> Result<Event, StoreError> {
         self.check_space()?;
+        let (due, config) = {
+            let mut budget = self.event_budget();
+            (budget.due(now), *budget.config())
+        };
         let events = &self.inner.events;
-        let event = finish(events.transaction(|events| self.tx_event::<StoreError>(events, kind, node, message, now)))?;
+        let event = finish(events.transaction(|events| {
+            for s in &due {
+                self.insert_event::<StoreError>(events, EventKind::EventsSuppressed, Some(&s.node), &s.message(&config), now)?;
+            }
+            self.tx_event::<StoreError>(events, kind, node, message, now)
+        }))?;
         self.after_event(event.seq)?;
         Ok(event)
+    }
+
+    /// Writes the summaries of suppressed events whose node has budget again; returns how many. The
+    /// controller's sweep may call this so a flood that stopped is reported without waiting for the
+    /// next event.
+    pub fn flush_suppressed_events(&self, now: UnixMillis) -> Result<usize, StoreError> {
+        let (due, config) = {
+            let mut budget = self.event_budget();
+            (budget.due(now), *budget.config())
+        };
+        if due.is_empty() {
+            return Ok(0);
+        }
+        self.check_space()?;
+        let events = &self.inner.events;
+        finish(events.transaction(|events| {
+            for s in &due {
+                self.insert_event::<StoreError>(events, EventKind::EventsSuppressed, Some(&s.node), &s.message(&config), now)?;
+            }
+            Ok(())
+        }))?;
+        self.after_event(0)?;
+        Ok(due.len())
     }
 
     /// Events with seq > after (all when None), oldest first, at most `limit`.

@@ -5,9 +5,16 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use shoal_proto::{BootReport, HealthReport, Inventory};
 
-/// RFC 3339 UTC text for a Unix time in milliseconds.
+/// RFC 3339 UTC text for a Unix time in milliseconds. Agents send times too (SMART reads, reports):
+/// one past year 9999, which RFC 3339 cannot write, is shown as milliseconds instead of failing the
+/// whole view.
 pub fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+    use std::fmt::Write;
+    let mut out = String::new();
+    match std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(ms)) {
+        Some(t) if write!(out, "{}", humantime::format_rfc3339_seconds(t)).is_ok() => out,
+        _ => format!("{ms} ms after the Unix epoch"),
+    }
 }
 
 /// A node as the admin API shows it.

@@ -17,4 +17,4 @@ pub mod tls;
 pub mod switch;
 pub mod wire;
 
-pub use framed::{recv_msg, send_msg, TransportError};
+pub use framed::{recv_msg, send_msg, FrameReader, TransportError};

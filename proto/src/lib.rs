@@ -6,6 +6,7 @@
 mod drives;
 mod frame;
 mod image;
+pub mod limits;
 mod maintenance;
 mod msg;
 mod netmap;

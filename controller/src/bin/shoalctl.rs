@@ -1,5 +1,9 @@
 //! `shoalctl`: the operator's command line for the controller's admin API.
 
+// First: its `say!` is used by every module after it.
+#[macro_use]
+#[path = "shoalctl/printable.rs"]
+mod printable;
 #[path = "shoalctl/identity.rs"]
 mod identity;
 #[path = "shoalctl/maint.rs"]
@@ -416,12 +420,14 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("shoalctl: {e:#}");
+            // API errors quote agent-supplied text (a drive command's answer, a node's reason).
+            eprintln!("shoalctl: {}", printable::printable(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
 }
 
+/// JSON as the API sent it: agent-supplied text stays faithful (C0 controls come out as `\u001b`).
 fn print_json(v: &impl Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -437,7 +443,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(TokenCmd::Create { ttl, uses, labels }) => {
             let req = CreateToken { ttl_secs: ttl.map(|d| d.as_secs().max(1)), max_uses: uses, labels: labels.into_iter().collect() };
             let created: CreatedToken = client.create_token(&req)?;
-            println!("{}", created.token);
+            say!("{}", created.token);
         }
         Command::Token(TokenCmd::List { output }) => {
             let tokens: Vec<TokenView> = client.get("/v1/tokens")?;
@@ -459,7 +465,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Token(TokenCmd::Revoke { id }) => {
             let t: TokenView = client.delete(&format!("/v1/tokens/{id}"))?.context("empty answer")?;
-            println!("revoked token {}", t.id);
+            say!("revoked token {}", t.id);
         }
         Command::Nodes(NodesCmd::List { output }) => {
             let nodes: Vec<NodeView> = client.get("/v1/nodes")?;
@@ -477,7 +483,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Nodes(NodesCmd::Remove { id }) => {
             client.delete::<serde_json::Value>(&format!("/v1/nodes/{id}"))?;
-            println!("removed node {id}");
+            say!("removed node {id}");
         }
         Command::Network(cmd) => network(&client, cmd)?,
         Command::Drives(cmd) => drives(&client, cmd)?,
@@ -559,7 +565,7 @@ fn network(client: &AdminClient, cmd: NetworkCmd) -> anyhow::Result<()> {
             let net = client.create_network(&CreateNetwork { name, subnet, mtu })?;
             match output {
                 Output::Json => print_json(&net)?,
-                Output::Table => println!("created network {} ({}, MTU {}, id {})", net.name, net.subnet, net.mtu, net.id),
+                Output::Table => say!("created network {} ({}, MTU {}, id {})", net.name, net.subnet, net.mtu, net.id),
             }
         }
         NetworkCmd::Add { name, who, output } => print_update(&client.add_to_network(&name, &who.spec())?, output)?,
@@ -568,7 +574,7 @@ fn network(client: &AdminClient, cmd: NetworkCmd) -> anyhow::Result<()> {
             let update = client.delete_network(&name)?;
             match output {
                 Output::Json => print_json(&update)?,
-                Output::Table => println!("deleted network {name}; {} members left it", update.left.len()),
+                Output::Table => say!("deleted network {name}; {} members left it", update.left.len()),
             }
         }
         NetworkCmd::List { output } => {
@@ -589,11 +595,11 @@ fn network(client: &AdminClient, cmd: NetworkCmd) -> anyhow::Result<()> {
                 Output::Json => print_json(&detail)?,
                 Output::Table => {
                     let n = &detail.network;
-                    println!("network {} (id {}): {}, MTU {}", n.name, n.id, n.subnet, n.mtu);
+                    say!("network {} (id {}): {}, MTU {}", n.name, n.id, n.subnet, n.mtu);
                     if !n.selectors.is_empty() {
-                        println!("selectors: {}", n.selectors.join(","));
+                        say!("selectors: {}", n.selectors.join(","));
                     }
-                    println!();
+                    say!();
                     table(&["NODE", "HOSTNAME", "MAC", "ADDRESS", "VIA"], detail.members.iter().map(member_row));
                 }
             }
@@ -608,7 +614,7 @@ fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
             let drives = client.drives(node.as_deref())?;
             match output {
                 Output::Json => print_json(&drives)?,
-                Output::Table if drives.is_empty() => println!("no drives reported"),
+                Output::Table if drives.is_empty() => say!("no drives reported"),
                 Output::Table => table(
                     &["NODE", "DEVICE", "SERIAL", "MODEL", "SIZE", "STATE", "VERDICT", "REASONS"],
                     drives.iter().map(drive_row),
@@ -636,7 +642,7 @@ fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
             let set: DrivePolicyView = client.set_drive_policy(&req)?;
             match output {
                 Output::Json => print_json(&set)?,
-                Output::Table => println!("drive policy for {}: {}, {}", policy_target(&set), set.mode, set.filesystem),
+                Output::Table => say!("drive policy for {}: {}, {}", policy_target(&set), set.mode, set.filesystem),
             }
         }
         DrivesCmd::Policy(PolicyCmd::List { output }) => {
@@ -645,7 +651,7 @@ fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
                 Output::Json => print_json(&all)?,
                 Output::Table => {
                     if all.policies.is_empty() {
-                        println!("no drive policies: every node reports new drives (report, ext4)");
+                        say!("no drive policies: every node reports new drives (report, ext4)");
                     } else {
                         table(
                             &["FOR", "POLICY", "FS", "SET"],
@@ -653,7 +659,7 @@ fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
                         );
                     }
                     if !all.effective.is_empty() {
-                        println!();
+                        say!();
                         table(
                             &["NODE", "HOSTNAME", "POLICY", "FS", "FROM"],
                             all.effective.iter().map(|e| vec![e.node.clone(), e.hostname.clone(), e.mode.clone(), e.filesystem.clone(), e.source.clone()]),
@@ -666,7 +672,7 @@ fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
             let gone: DrivePolicyView = client.delete_drive_policy(&who.spec())?;
             match output {
                 Output::Json => print_json(&gone)?,
-                Output::Table => println!("deleted the drive policy for {} (was {}, {})", policy_target(&gone), gone.mode, gone.filesystem),
+                Output::Table => say!("deleted the drive policy for {} (was {}, {})", policy_target(&gone), gone.mode, gone.filesystem),
             }
         }
     }
@@ -684,7 +690,7 @@ fn policy_target(p: &DrivePolicyView) -> String {
 fn print_command(done: &DriveCommandView, output: Output) -> anyhow::Result<()> {
     match output {
         Output::Json => print_json(done)?,
-        Output::Table => println!("{} {} on {}: {}", done.action, done.device, done.node, done.message),
+        Output::Table => say!("{} {} on {}: {}", done.action, done.device, done.node, done.message),
     }
     Ok(())
 }
@@ -749,12 +755,12 @@ fn print_update(update: &NetworkUpdate, output: Output) -> anyhow::Result<()> {
         Output::Json => print_json(update)?,
         Output::Table => {
             let n = &update.network;
-            println!("network {}: {} joined, {} left, {} members", n.name, update.joined.len(), update.left.len(), n.members);
+            say!("network {}: {} joined, {} left, {} members", n.name, update.joined.len(), update.left.len(), n.members);
             for m in &update.joined {
-                println!("joined: {} {} {} {}", m.node, m.hostname, m.address, m.mac);
+                say!("joined: {} {} {} {}", m.node, m.hostname, m.address, m.mac);
             }
             for id in &update.left {
-                println!("left:   {id}");
+                say!("left:   {id}");
             }
         }
     }
@@ -799,40 +805,40 @@ fn node_row(n: &NodeView) -> Vec<String> {
 }
 
 fn show_node(n: &NodeView) {
-    println!("id:            {}", n.id);
-    println!("hostname:      {}", n.hostname);
-    println!("status:        {}{}", n.status, if n.connected { " (connected)" } else { "" });
-    println!("last seen:     {}", n.last_seen.as_deref().unwrap_or("never"));
-    println!("agent:         {}", n.agent_version);
-    println!("key:           {}", n.key.as_deref().unwrap_or("not bound yet"));
+    say!("id:            {}", n.id);
+    say!("hostname:      {}", n.hostname);
+    say!("status:        {}{}", n.status, if n.connected { " (connected)" } else { "" });
+    say!("last seen:     {}", n.last_seen.as_deref().unwrap_or("never"));
+    say!("agent:         {}", n.agent_version);
+    say!("key:           {}", n.key.as_deref().unwrap_or("not bound yet"));
     if let Some(b) = &n.boot {
         let checks: Vec<String> = b
             .checks
             .iter()
             .map(|c| format!("{} {}{}", c.name, if c.passed { "ok" } else { "FAILED" }, c.detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()))
             .collect();
-        println!("booted:        {} (boot id {})", b.image.as_deref().map(|i| format!("image {i}")).unwrap_or_else(|| "not a netboot image".into()), b.boot_id);
-        println!("boot checks:   {}: {}", if b.healthy() { "healthy" } else { "unhealthy" }, checks.join(", "));
+        say!("booted:        {} (boot id {})", b.image.as_deref().map(|i| format!("image {i}")).unwrap_or_else(|| "not a netboot image".into()), b.boot_id);
+        say!("boot checks:   {}: {}", if b.healthy() { "healthy" } else { "unhealthy" }, checks.join(", "));
     }
-    println!("enrolled:      {}", n.enrolled_at);
-    println!("hardware id:   {}", n.hardware_id);
+    say!("enrolled:      {}", n.enrolled_at);
+    say!("hardware id:   {}", n.hardware_id);
     if !n.labels.is_empty() {
-        println!("labels:        {}", labels_text(&n.labels));
+        say!("labels:        {}", labels_text(&n.labels));
     }
     for o in &n.overlay {
-        println!("overlay:       {} {}/{} {}", o.network, o.address, o.prefix_len, o.mac);
+        say!("overlay:       {} {}/{} {}", o.network, o.address, o.prefix_len, o.mac);
     }
     if let Some(i) = &n.inventory {
-        println!("os:            {} (kernel {}, {})", i.os, i.kernel, i.arch);
-        println!("cpu:           {} x {}", i.cpu_cores, i.cpu_model);
-        println!("memory:        {}", bytes_text(i.memory_bytes));
-        println!("boot:          {:?}", i.boot_mode);
+        say!("os:            {} (kernel {}, {})", i.os, i.kernel, i.arch);
+        say!("cpu:           {} x {}", i.cpu_cores, i.cpu_model);
+        say!("memory:        {}", bytes_text(i.memory_bytes));
+        say!("boot:          {:?}", i.boot_mode);
         let dmi = [&i.dmi.vendor, &i.dmi.product, &i.dmi.serial].iter().filter_map(|v| v.as_deref()).collect::<Vec<_>>().join(" / ");
         if !dmi.is_empty() {
-            println!("system:        {dmi}");
+            say!("system:        {dmi}");
         }
         for d in &i.disks {
-            println!(
+            say!(
                 "disk:          {} {} {} {}{}",
                 d.name,
                 bytes_text(d.size_bytes),
@@ -842,7 +848,7 @@ fn show_node(n: &NodeView) {
             );
         }
         for nic in &i.nics {
-            println!(
+            say!(
                 "nic:           {} {} {} {}",
                 nic.name,
                 nic.mac.as_deref().unwrap_or("-"),
@@ -852,23 +858,23 @@ fn show_node(n: &NodeView) {
         }
     }
     if let Some(h) = &n.health {
-        println!("uptime:        {}", humantime::format_duration(Duration::from_secs(h.uptime_secs)));
-        println!("load:          {:.2} {:.2} {:.2}", h.load.one, h.load.five, h.load.fifteen);
-        println!("cpu use:       {:.1}%", h.cpu_percent);
-        println!("memory use:    {:.1}% of {}", h.memory_used_percent(), bytes_text(h.memory_total_bytes));
+        say!("uptime:        {}", humantime::format_duration(Duration::from_secs(h.uptime_secs)));
+        say!("load:          {:.2} {:.2} {:.2}", h.load.one, h.load.five, h.load.fifteen);
+        say!("cpu use:       {:.1}%", h.cpu_percent);
+        say!("memory use:    {:.1}% of {}", h.memory_used_percent(), bytes_text(h.memory_total_bytes));
         for fs in &h.filesystems {
-            println!("filesystem:    {} {:.0}% of {} ({})", fs.mount, fs.used_percent(), bytes_text(fs.total_bytes), fs.fs_type);
+            say!("filesystem:    {} {:.0}% of {} ({})", fs.mount, fs.used_percent(), bytes_text(fs.total_bytes), fs.fs_type);
         }
     }
 }
 
 fn print_report(r: &FleetReport) {
     let counts = r.by_status.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ");
-    println!("fleet report at {}: {} nodes ({counts})", r.generated_at, r.total);
+    say!("fleet report at {}: {} nodes ({counts})", r.generated_at, r.total);
     if r.attention.is_empty() {
-        println!("no node needs attention");
+        say!("no node needs attention");
     } else {
-        println!();
+        say!();
         table(
             &["ID", "HOSTNAME", "STATUS", "NEEDS ATTENTION"],
             r.attention.iter().map(|a| vec![a.id.clone(), a.hostname.clone(), a.status.clone(), a.reasons.join("; ")]),
@@ -881,8 +887,8 @@ fn print_report(r: &FleetReport) {
         .map(|v| format!("{} {v}", d.by_verdict.get(*v).copied().unwrap_or(0)))
         .collect::<Vec<_>>()
         .join(", ");
-    println!();
-    println!("drives: {total} ({counts}); {} missing, {} awaiting approval", d.missing.len(), d.awaiting_approval.len());
+    say!();
+    say!("drives: {total} ({counts}); {} missing, {} awaiting approval", d.missing.len(), d.awaiting_approval.len());
     let row = |kind: &str, a: &shoal_controller::report::DriveAttention| {
         vec![
             kind.to_owned(),
@@ -901,13 +907,14 @@ fn print_report(r: &FleetReport) {
         .chain(d.awaiting_approval.iter().map(|a| row("AWAITING APPROVAL", a)))
         .collect();
     if !rows.is_empty() {
-        println!();
+        say!();
         table(&["DRIVE", "NODE", "HOSTNAME", "DEVICE", "SERIAL", "WHY"], rows.into_iter());
     }
 }
 
+/// Prints aligned columns. Every cell goes through [`printable::printable`] before widths are taken.
 fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
-    let rows: Vec<Vec<String>> = rows.collect();
+    let rows: Vec<Vec<String>> = rows.map(|row| row.iter().map(|c| printable::printable(c).into_owned()).collect()).collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {

@@ -240,7 +240,7 @@ pub fn maintenance(client: &AdminClient, cmd: MaintenanceCmd) -> anyhow::Result<
                 ..StartRollout::default()
             };
             let r: RolloutView = client.post("/v1/rollouts", &req)?;
-            println!("started maintenance run {}: {} on {} node(s)", r.id, r.target, r.progress.total);
+            say!("started maintenance run {}: {} on {} node(s)", r.id, r.target, r.progress.total);
             return Ok(());
         }
         MaintenanceCmd::Rollout(cmd) => cmd,
@@ -259,7 +259,7 @@ pub fn window(client: &AdminClient, cmd: WindowCmd) -> anyhow::Result<()> {
                 selector: selector.map(|(k, v)| format!("{k}={v}")),
             };
             let w: WindowView = client.post("/v1/windows", &req)?;
-            println!("created window {} ({}); {}", w.name, w.tz, next_text(&w));
+            say!("created window {} ({}); {}", w.name, w.tz, next_text(&w));
         }
         WindowCmd::List { output } => {
             let all: Vec<WindowView> = client.get("/v1/windows")?;
@@ -282,7 +282,7 @@ pub fn window(client: &AdminClient, cmd: WindowCmd) -> anyhow::Result<()> {
         }
         WindowCmd::Delete { name } => {
             client.delete::<serde_json::Value>(&format!("/v1/windows/{name}"))?;
-            println!("deleted window {name}");
+            say!("deleted window {name}");
         }
     }
     Ok(())
@@ -300,7 +300,7 @@ pub fn budget(client: &AdminClient, cmd: BudgetCmd) -> anyhow::Result<()> {
     match cmd {
         BudgetCmd::Set { selector: (k, v), max_unavailable } => {
             let b: BudgetView = client.post("/v1/budgets", &SetBudget { selector: format!("{k}={v}"), max_unavailable })?;
-            println!("budget {}: at most {} of {} node(s) unavailable", b.selector, b.max_unavailable, b.nodes);
+            say!("budget {}: at most {} of {} node(s) unavailable", b.selector, b.max_unavailable, b.nodes);
         }
         BudgetCmd::List { output } => {
             let all: Vec<BudgetView> = client.get("/v1/budgets")?;
@@ -314,7 +314,7 @@ pub fn budget(client: &AdminClient, cmd: BudgetCmd) -> anyhow::Result<()> {
         }
         BudgetCmd::Delete { selector: (k, v) } => {
             client.delete::<serde_json::Value>(&format!("/v1/budgets/{k}={v}"))?;
-            println!("deleted budget {k}={v}");
+            say!("deleted budget {k}={v}");
         }
     }
     Ok(())
@@ -336,7 +336,7 @@ pub fn progress_bar(r: &RolloutView) -> String {
 }
 
 fn print_status(r: &RolloutView) {
-    println!(
+    say!(
         "{} {}: {} on {}, {}{}",
         if r.target.starts_with("action ") { "maintenance run" } else { "rollout" },
         r.id,
@@ -345,18 +345,18 @@ fn print_status(r: &RolloutView) {
         r.state,
         r.reason.as_ref().map(|x| format!(" ({x})")).unwrap_or_default()
     );
-    println!(
+    say!(
         "max unavailable {}, pause after {} failure(s), {}{}",
         r.max_unavailable,
         r.max_failures,
         r.window.as_ref().map(|w| format!("window {w}")).unwrap_or_else(|| "no window".into()),
         if r.allow_downgrade { ", downgrades allowed" } else { "" }
     );
-    println!("{}", progress_bar(r));
+    say!("{}", progress_bar(r));
     for w in &r.waiting {
-        println!("waiting: {w}");
+        say!("waiting: {w}");
     }
-    println!();
+    say!();
     table(
         &["NODE", "HOSTNAME", "STATE", "SINCE", "DEADLINE", "DETAIL"],
         r.nodes.iter().map(|n| {
@@ -390,7 +390,7 @@ pub fn upgrade(client: &AdminClient, cmd: UpgradeCmd) -> anyhow::Result<()> {
                 allow_downgrade,
             };
             let r: RolloutView = client.post("/v1/rollouts", &req)?;
-            println!("started rollout {}: {} on {} node(s)", r.id, r.target, r.progress.total);
+            say!("started rollout {}: {} on {} node(s)", r.id, r.target, r.progress.total);
         }
         UpgradeCmd::Rollout(cmd) => return rollout(client, cmd),
     }
@@ -401,7 +401,7 @@ pub fn upgrade(client: &AdminClient, cmd: UpgradeCmd) -> anyhow::Result<()> {
 pub fn rollout(client: &AdminClient, cmd: RolloutCmd) -> anyhow::Result<()> {
     let id = |id: Option<String>| id.unwrap_or_else(|| "current".into());
     let said = |r: RolloutView| {
-        println!("rollout {} is {}", r.id, r.state);
+        say!("rollout {} is {}", r.id, r.state);
     };
     match cmd {
         RolloutCmd::Status { id: which, output } => {
@@ -435,7 +435,7 @@ pub fn rollout(client: &AdminClient, cmd: RolloutCmd) -> anyhow::Result<()> {
         RolloutCmd::Abort { id: which } => said(client.post(&format!("/v1/rollouts/{}/abort", id(which)), &serde_json::json!({}))?),
         RolloutCmd::Retry { node, rollout } => {
             let r: RolloutView = client.post(&format!("/v1/rollouts/{}/retry", id(rollout)), &RetryNode { node: node.clone() })?;
-            println!("rollout {}: {node} will be tried again ({})", r.id, r.state);
+            say!("rollout {}: {node} will be tried again ({})", r.id, r.state);
         }
     }
     Ok(())

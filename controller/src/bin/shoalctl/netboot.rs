@@ -66,7 +66,7 @@ fn add(client: &AdminClient, dir: &Path) -> anyhow::Result<()> {
         client.upload(&format!("/v1/images/{}/files/{name}", m.version), &data).with_context(|| format!("uploading {name}"))?;
     }
     let view: ImageView = client.post(&format!("/v1/images/{}", m.version), &serde_json::json!({}))?;
-    println!("added image {} (kernel {} bytes, initramfs {} bytes){}", view.version, view.kernel_bytes, view.initrd_bytes, if view.default { ", default" } else { "" });
+    say!("added image {} (kernel {} bytes, initramfs {} bytes){}", view.version, view.kernel_bytes, view.initrd_bytes, if view.default { ", default" } else { "" });
     Ok(())
 }
 
@@ -93,7 +93,7 @@ pub fn image(client: &AdminClient, cmd: ImageCmd) -> anyhow::Result<()> {
         }
         ImageCmd::Default { version } => {
             let _: ImageView = client.post("/v1/images/default", &SetImage { version: version.clone() })?;
-            println!("default image is now {version}");
+            say!("default image is now {version}");
         }
     }
     Ok(())
@@ -101,7 +101,7 @@ pub fn image(client: &AdminClient, cmd: ImageCmd) -> anyhow::Result<()> {
 
 pub fn set_image(client: &AdminClient, id: &str, version: &str) -> anyhow::Result<()> {
     client.post_no_content(&format!("/v1/nodes/{id}/image"), &SetImage { version: version.to_owned() })?;
-    println!("node {id} boots image {version} from its next netboot");
+    say!("node {id} boots image {version} from its next netboot");
     Ok(())
 }
 
@@ -130,14 +130,14 @@ pub fn machines(client: &AdminClient, cmd: MachinesCmd) -> anyhow::Result<()> {
         }
         MachinesCmd::Admit { mac } => {
             client.post_no_content(&format!("/v1/machines/{mac}/admit"), &serde_json::json!({}))?;
-            println!("admitted {mac}");
+            say!("admitted {mac}");
         }
         MachinesCmd::Wake { mac } => {
             if mac.parse::<shoal_controller::netboot::dhcp::Mac>().is_err() {
                 bail!("{mac:?} is not a MAC address");
             }
             client.post_no_content(&format!("/v1/machines/{mac}/wake"), &serde_json::json!({}))?;
-            println!("sent Wake-on-LAN to {mac}");
+            say!("sent Wake-on-LAN to {mac}");
         }
     }
     Ok(())

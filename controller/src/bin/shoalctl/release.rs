@@ -73,7 +73,7 @@ pub fn release(client: &AdminClient, cmd: ReleaseCmd) -> anyhow::Result<()> {
             client.upload(&format!("{base}/files/{SIGNATURE}"), &signed.signature).context("uploading the signature")?;
             client.upload(&format!("{base}/files/{BINARY}"), &bytes).context("uploading the binary")?;
             let view: ReleaseView = client.post(&base, &serde_json::json!({}))?;
-            println!("added agent release {} for {} ({} bytes, key {})", view.version, view.target, view.size, view.key_id);
+            say!("added agent release {} for {} ({} bytes, key {})", view.version, view.target, view.size, view.key_id);
         }
         ReleaseCmd::List { output } => {
             let list: Vec<ReleaseView> = client.get("/v1/releases")?;
@@ -89,7 +89,7 @@ pub fn release(client: &AdminClient, cmd: ReleaseCmd) -> anyhow::Result<()> {
         }
         ReleaseCmd::Offer { node, version } => {
             client.post_no_content(&format!("/v1/nodes/{node}/agent-update"), &OfferUpdate { version: version.clone() })?;
-            println!("offered agent {version} to {node}");
+            say!("offered agent {version} to {node}");
         }
         ReleaseCmd::Status { output } => {
             let list: Vec<AgentUpdateView> = client.get("/v1/agent-updates")?;
