@@ -96,6 +96,9 @@ pub struct ControllerConfig {
     /// Unauthenticated (enrolment) connections open at once; further ones are closed at once and the
     /// agent retries (default 256). Authenticated nodes are not counted.
     pub max_unauthenticated: usize,
+    /// Of those, how many one remote address may hold (default 32): one machine cannot take every
+    /// enrolment slot. Nodes behind one NAT share an address; raise it for large NATed sites.
+    pub max_unauthenticated_per_address: usize,
     /// How long an unauthenticated connection may stay open in all (default 30 s).
     pub enrolment_deadline: Duration,
     /// How long one write to an agent may take before the agent counts as not reading (default 30 s).
@@ -137,6 +140,7 @@ impl ControllerConfig {
             max_handshakes: 1024,
             retry_above: 64,
             max_unauthenticated: 256,
+            max_unauthenticated_per_address: 32,
             enrolment_deadline: Duration::from_secs(30),
             send_timeout: Duration::from_secs(30),
             node_queue_capacity: crate::conn_queue::NODE_QUEUE_CAPACITY,
@@ -220,6 +224,37 @@ impl ConnStats {
     }
 }
 
+/// One unauthenticated connection's share of its address's allowance; given back on drop. The map
+/// holds only addresses with connections open, so it is bounded by the overall cap.
+struct PerAddressSlot {
+    controller: Arc<Controller>,
+    ip: IpAddr,
+}
+
+impl PerAddressSlot {
+    fn take(controller: &Arc<Controller>, ip: IpAddr, max: usize) -> Option<PerAddressSlot> {
+        let mut counts = controller.unauthenticated_by_address.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PerAddressSlot { controller: controller.clone(), ip })
+    }
+}
+
+impl Drop for PerAddressSlot {
+    fn drop(&mut self) {
+        let mut counts = self.controller.unauthenticated_by_address.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// What the controller holds in memory about a node between checkpoints.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct LiveNode {
@@ -292,6 +327,8 @@ pub struct Controller {
     pub(crate) update_notices: tokio::sync::broadcast::Sender<crate::agent_updates::UpdateNotice>,
     /// What the connection limits refused.
     pub(crate) conn_stats: ConnStats,
+    /// Unauthenticated connections open per remote address.
+    unauthenticated_by_address: Mutex<HashMap<IpAddr, usize>>,
     /// Liveness changes go through one worker so they reach the store in the order they happened.
     transitions: mpsc::UnboundedSender<Vec<Transition>>,
     transitions_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<Transition>>>>,
@@ -335,6 +372,7 @@ impl Controller {
             agent_updates: Mutex::new(HashMap::new()),
             update_notices: tokio::sync::broadcast::channel(256).0,
             conn_stats: ConnStats::default(),
+            unauthenticated_by_address: Mutex::new(HashMap::new()),
             netboot,
             transitions,
             transitions_rx: Mutex::new(Some(transitions_rx)),
@@ -718,15 +756,19 @@ async fn handle_connection(
     // Enrolments are counted and bounded in time; a node that proved its key is not.
     let _unauthenticated = match &cert {
         Some(_) => None,
-        None => match unauthenticated.try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            Err(_) => {
-                debug!(%remote, "too many unauthenticated connections: closed at once");
+        None => {
+            let ip = conn.remote_address().ip();
+            let slot = unauthenticated.try_acquire_owned().ok().and_then(|permit| {
+                PerAddressSlot::take(&controller, ip, controller.config.max_unauthenticated_per_address).map(|slot| (permit, slot))
+            });
+            if slot.is_none() {
+                debug!(%remote, "too many unauthenticated connections (overall or from this address): closed at once");
                 bump(&controller.conn_stats.unauthenticated_refused);
                 conn.close(close_code::BUSY.into(), b"too many enrolments in progress; retry later");
                 return Ok(());
             }
-        },
+            slot
+        }
     };
     let enrolment_deadline = tokio::time::Instant::now() + controller.config.enrolment_deadline;
     // One deadline for the stream and the Hello on it together.

@@ -71,6 +71,30 @@ async fn unauthenticated_connections_are_capped_and_enrolments_have_a_deadline()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_enrolment_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Ctl::start_in(dir.path().to_owned(), |c| {
+        c.max_unauthenticated = 10;
+        c.max_unauthenticated_per_address = 2;
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(eventually(PROMPT, "an enrolment connection within the address's share", || Raw::try_enrolment(&ctl)).await);
+    }
+    let cfg = || tls::enrol_client_config(ctl.ca_sha256, Duration::from_secs(5)).unwrap();
+    let (_e, third) = connect(ctl.quic, cfg()).await.unwrap();
+    let why = tokio::time::timeout(PROMPT, third.closed()).await.expect("closed at once");
+    assert!(closed_with(&why, close_code::BUSY), "{why:?}");
+    // Another machine (another loopback address) still gets in.
+    let (endpoint, other) = connect_from("127.0.0.2:0".parse().unwrap(), ctl.quic, cfg()).await.unwrap();
+    let mut other = Raw::open(endpoint, other).await;
+    other.hello(SUPPORTED).await.expect("another address is not held to the first one's share");
+    drop(held);
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_load_clients_must_validate_their_address_and_still_get_in() {
     let dir = tempfile::tempdir().unwrap();
     // Every handshake counts as load: every client gets a Retry first.

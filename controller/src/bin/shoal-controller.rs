@@ -68,6 +68,9 @@ struct ServeArgs {
     /// Unauthenticated (enrolment) connections open at once; more are closed and their agents retry.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     max_unauthenticated: u32,
+    /// Of those, how many one remote address may hold (nodes behind one NAT share an address).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    max_unauthenticated_per_address: u32,
     /// How long an enrolment connection may stay open in all.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     enrolment_deadline: Duration,
@@ -122,6 +125,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.release_keys = args.release_keys.clone();
     config.max_handshakes = args.max_handshakes as usize;
     config.max_unauthenticated = args.max_unauthenticated as usize;
+    config.max_unauthenticated_per_address = args.max_unauthenticated_per_address as usize;
     config.enrolment_deadline = args.enrolment_deadline;
     config.rollout_tick = args.rollout_tick;
     if args.rollout_clock_offset != 0 {

@@ -84,6 +84,10 @@ struct Cli {
     /// Hostile clients.
     #[arg(long, default_value_t = 100)]
     clients: usize,
+    /// Local address of the good agent's socket (e.g. 127.0.0.2:0, so it is another machine than the
+    /// attackers as far as per-address limits go); default: the attackers' wildcard.
+    #[arg(long)]
+    good_bind: Option<SocketAddr>,
     /// How long they keep at it.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -663,7 +667,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let bind: SocketAddr = if cli.controller.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse()?;
     let endpoints = (0..cli.clients.div_ceil(500).max(1)).map(|_| client_endpoint(bind)).collect::<anyhow::Result<Vec<_>>>()?;
-    let good_endpoint = client_endpoint(bind)?;
+    let good_endpoint = client_endpoint(cli.good_bind.unwrap_or(bind))?;
     println!(
         "hostile: mode {:?}, {} clients -> {} for {:?} (then {:?} of sampling), {} client endpoints",
         cli.mode,

@@ -233,7 +233,16 @@ pub fn key_der(key: &rcgen::KeyPair) -> PrivateKeyDer<'static> {
 }
 
 pub async fn connect(addr: SocketAddr, config: quinn::ClientConfig) -> Result<(quinn::Endpoint, quinn::Connection), String> {
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    connect_from("127.0.0.1:0".parse().unwrap(), addr, config).await
+}
+
+/// [`connect`] from a chosen local address (another loopback address is another client).
+pub async fn connect_from(
+    local: SocketAddr,
+    addr: SocketAddr,
+    config: quinn::ClientConfig,
+) -> Result<(quinn::Endpoint, quinn::Connection), String> {
+    let endpoint = quinn::Endpoint::client(local).unwrap();
     let connecting = endpoint.connect_with(config, addr, tls::controller_server_name()).map_err(|e| e.to_string())?;
     let conn = tokio::time::timeout(PROMPT, connecting).await.map_err(|_| "handshake timed out".to_owned())?;
     let conn = conn.map_err(|e| e.to_string())?;
