@@ -14,12 +14,19 @@ pub struct Backoff {
 impl Backoff {
     /// A backoff from `base` to `max`.
     pub fn new(base: Duration, max: Duration) -> Self {
-        Self { base, max, attempt: 0 }
+        Self {
+            base,
+            max,
+            attempt: 0,
+        }
     }
 
     /// The next delay; `unit` is a random number in `[0, 1)`.
     pub fn next_delay(&mut self, unit: f64) -> Duration {
-        let ceiling = self.base.saturating_mul(1u32 << self.attempt.min(16)).min(self.max);
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.max);
         self.attempt = self.attempt.saturating_add(1);
         let half = ceiling / 2;
         half + half.mul_f64(unit.clamp(0.0, 1.0))

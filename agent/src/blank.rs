@@ -1,11 +1,12 @@
 //! Blank-drive detection: is there a partition table, filesystem, LVM, RAID or ZFS signature on it?
 //!
-//! Sans-IO: [`signatures`] looks at the first and last bytes of a device (read by the caller, at least
-//! [`HEAD_LEN`] and [`TAIL_LEN`] where the device is that large) and names every signature it finds, at
-//! the offsets the formats define (the same places `blkid`/`wipefs` look). A drive is blank when it finds
-//! none. Preparing a drive (GPT, mkfs) is only ever offered for blank drives, so a false "blank" would
-//! destroy data: each format is checked at every place it can live, including the end-of-device copies
-//! (GPT backup header, md 0.90/1.0 superblocks, ZFS labels 2 and 3).
+//! Sans-IO: [`signatures`] looks at the first and last bytes of a device (read by the caller, at
+//! least [`HEAD_LEN`] and [`TAIL_LEN`] where the device is that large) and names every signature it
+//! finds, at the offsets the formats define (the same places `blkid`/`wipefs` look). A drive is
+//! blank when it finds none. Preparing a drive (GPT, mkfs) is only ever offered for blank drives,
+//! so a false "blank" would destroy data: each format is checked at every place it can live,
+//! including the end-of-device copies (GPT backup header, md 0.90/1.0 superblocks, ZFS labels 2 and
+//! 3).
 
 /// Bytes from the start of the device [`signatures`] wants: ZFS labels 0 and 1 (512 KiB).
 pub const HEAD_LEN: usize = 512 * 1024;
@@ -18,7 +19,8 @@ pub const TAIL_LEN: usize = 512 * 1024;
 pub enum Signature {
     /// A GPT header (primary, or the backup in the last sector).
     Gpt,
-    /// The 0x55AA boot signature: an MBR partition table, a protective MBR, or a FAT/NTFS boot sector.
+    /// The 0x55AA boot signature: an MBR partition table, a protective MBR, or a FAT/NTFS boot
+    /// sector.
     BootSector,
     /// ext2/3/4.
     Ext,
@@ -67,20 +69,27 @@ impl std::fmt::Display for Signature {
 const MD_MAGIC: [u8; 4] = 0xa92b_4efc_u32.to_le_bytes();
 const ZFS_UBERBLOCK_MAGIC: u64 = 0x00ba_b10c;
 
-/// Every signature found. `head` is the start of the device, `tail` its end, `size` its size in bytes
-/// (they may overlap on a small device). Sorted, without duplicates; empty means blank.
+/// Every signature found. `head` is the start of the device, `tail` its end, `size` its size in
+/// bytes (they may overlap on a small device). Sorted, without duplicates; empty means blank.
 pub fn signatures(head: &[u8], tail: &[u8], size: u64) -> Vec<Signature> {
     let at = |off: usize, magic: &[u8]| head.get(off..off + magic.len()) == Some(magic);
     // Bytes at an absolute device offset that falls inside `tail`.
     let tail_start = size.saturating_sub(tail.len() as u64);
     let at_end = |abs: u64, magic: &[u8]| {
-        let Some(rel) = abs.checked_sub(tail_start).and_then(|r| usize::try_from(r).ok()) else { return false };
+        let Some(rel) = abs
+            .checked_sub(tail_start)
+            .and_then(|r| usize::try_from(r).ok())
+        else {
+            return false;
+        };
         tail.get(rel..rel + magic.len()) == Some(magic)
     };
     let mut found = Vec::new();
 
     // GPT: header in LBA 1 (512- or 4096-byte sectors); backup header in the last LBA.
-    if at(512, b"EFI PART") || at(4096, b"EFI PART") || at_end(size.saturating_sub(512), b"EFI PART")
+    if at(512, b"EFI PART")
+        || at(4096, b"EFI PART")
+        || at_end(size.saturating_sub(512), b"EFI PART")
         || at_end(size.saturating_sub(4096), b"EFI PART")
     {
         found.push(Signature::Gpt);
@@ -104,11 +113,17 @@ pub fn signatures(head: &[u8], tail: &[u8], size: u64) -> Vec<Signature> {
         found.push(Signature::Ntfs);
     }
     // Swap: the magic ends the first page, whatever the page size.
-    if [4096usize, 8192, 16384, 65536].iter().any(|p| at(p - 10, b"SWAPSPACE2") || at(p - 10, b"SWAP-SPACE")) {
+    if [4096usize, 8192, 16384, 65536]
+        .iter()
+        .any(|p| at(p - 10, b"SWAPSPACE2") || at(p - 10, b"SWAP-SPACE"))
+    {
         found.push(Signature::Swap);
     }
     // LVM2: "LABELONE" in one of the first four sectors, "LVM2 001" 24 bytes into the label.
-    if (0..4).map(|s| s * 512).any(|off| at(off, b"LABELONE") && at(off + 24, b"LVM2 001")) {
+    if (0..4)
+        .map(|s| s * 512)
+        .any(|off| at(off, b"LABELONE") && at(off + 24, b"LVM2 001"))
+    {
         found.push(Signature::LvmPv);
     }
     if md_superblock(&at, &at_end, size) {
@@ -128,7 +143,11 @@ pub fn signatures(head: &[u8], tail: &[u8], size: u64) -> Vec<Signature> {
     found
 }
 
-fn md_superblock(at: &dyn Fn(usize, &[u8]) -> bool, at_end: &dyn Fn(u64, &[u8]) -> bool, size: u64) -> bool {
+fn md_superblock(
+    at: &dyn Fn(usize, &[u8]) -> bool,
+    at_end: &dyn Fn(u64, &[u8]) -> bool,
+    size: u64,
+) -> bool {
     // 1.1 at the start, 1.2 at 4 KiB.
     if at(0, &MD_MAGIC) || at(4096, &MD_MAGIC) {
         return true;
@@ -143,15 +162,18 @@ fn md_superblock(at: &dyn Fn(usize, &[u8]) -> bool, at_end: &dyn Fn(u64, &[u8]) 
     aligned >= 65536 && at_end(aligned - 65536, &MD_MAGIC)
 }
 
-/// A ZFS label at `offset` in `buf`: its uberblock array (128 KiB into the label, 1 KiB or larger slots)
-/// holds the uberblock magic, in either byte order.
+/// A ZFS label at `offset` in `buf`: its uberblock array (128 KiB into the label, 1 KiB or larger
+/// slots) holds the uberblock magic, in either byte order.
 fn zfs_label(buf: &[u8], offset: usize) -> bool {
     let array = offset + 128 * 1024;
     (0..128).any(|slot| {
         let at = array + slot * 1024;
-        buf.get(at..at + 8).and_then(|b| <[u8; 8]>::try_from(b).ok()).is_some_and(|b| {
-            u64::from_le_bytes(b) == ZFS_UBERBLOCK_MAGIC || u64::from_be_bytes(b) == ZFS_UBERBLOCK_MAGIC
-        })
+        buf.get(at..at + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .is_some_and(|b| {
+                u64::from_le_bytes(b) == ZFS_UBERBLOCK_MAGIC
+                    || u64::from_be_bytes(b) == ZFS_UBERBLOCK_MAGIC
+            })
     })
 }
 
@@ -159,8 +181,13 @@ fn zfs_label(buf: &[u8], offset: usize) -> bool {
 fn zfs_end_labels(tail: &[u8], tail_start: u64, size: u64) -> bool {
     let aligned = size & !(256 * 1024 - 1);
     [2u64, 1].iter().any(|n| {
-        let Some(abs) = aligned.checked_sub(n * 256 * 1024) else { return false };
-        match abs.checked_sub(tail_start).and_then(|r| usize::try_from(r).ok()) {
+        let Some(abs) = aligned.checked_sub(n * 256 * 1024) else {
+            return false;
+        };
+        match abs
+            .checked_sub(tail_start)
+            .and_then(|r| usize::try_from(r).ok())
+        {
             Some(rel) => zfs_label(tail, rel),
             None => false,
         }
@@ -224,7 +251,10 @@ mod tests {
     fn lvm_label_needs_both_magics_in_one_of_the_first_sectors() {
         let (mut h, t) = blank();
         put(&mut h, 512, b"LABELONE");
-        assert!(signatures(&h, &t, SIZE).is_empty(), "LABELONE alone is not LVM2");
+        assert!(
+            signatures(&h, &t, SIZE).is_empty(),
+            "LABELONE alone is not LVM2"
+        );
         put(&mut h, 512 + 24, b"LVM2 001");
         assert_eq!(signatures(&h, &t, SIZE), vec![Signature::LvmPv]);
     }
@@ -245,13 +275,20 @@ mod tests {
         assert_eq!(signatures(&h, &t, SIZE), vec![Signature::MdRaid]);
         // ZFS label 3 (last 256 KiB), uberblock slot 5, little-endian.
         let (h, mut t) = blank();
-        put(&mut t, tail_off(SIZE - 256 * 1024 + 128 * 1024 + 5 * 1024), &ZFS_UBERBLOCK_MAGIC.to_le_bytes());
+        put(
+            &mut t,
+            tail_off(SIZE - 256 * 1024 + 128 * 1024 + 5 * 1024),
+            &ZFS_UBERBLOCK_MAGIC.to_le_bytes(),
+        );
         assert_eq!(signatures(&h, &t, SIZE), vec![Signature::Zfs]);
     }
 
     #[test]
     fn zfs_label_zero_in_either_byte_order() {
-        for magic in [ZFS_UBERBLOCK_MAGIC.to_le_bytes(), ZFS_UBERBLOCK_MAGIC.to_be_bytes()] {
+        for magic in [
+            ZFS_UBERBLOCK_MAGIC.to_le_bytes(),
+            ZFS_UBERBLOCK_MAGIC.to_be_bytes(),
+        ] {
             let (mut h, t) = blank();
             put(&mut h, 128 * 1024, &magic);
             assert_eq!(signatures(&h, &t, SIZE), vec![Signature::Zfs]);
@@ -264,7 +301,10 @@ mod tests {
         put(&mut h, 510, &[0x55, 0xaa]);
         put(&mut h, 512, b"EFI PART");
         put(&mut t, tail_off(SIZE - 512), b"EFI PART");
-        assert_eq!(signatures(&h, &t, SIZE), vec![Signature::Gpt, Signature::BootSector]);
+        assert_eq!(
+            signatures(&h, &t, SIZE),
+            vec![Signature::Gpt, Signature::BootSector]
+        );
     }
 
     fn head_and_tail(path: &std::path::Path, size: u64) -> (Vec<u8>, Vec<u8>) {
@@ -273,7 +313,8 @@ mod tests {
         let mut head = vec![0; HEAD_LEN];
         f.read_exact(&mut head).expect("read head");
         let mut tail = vec![0; TAIL_LEN];
-        f.seek(SeekFrom::Start(size - TAIL_LEN as u64)).expect("seek");
+        f.seek(SeekFrom::Start(size - TAIL_LEN as u64))
+            .expect("seek");
         f.read_exact(&mut tail).expect("read tail");
         (head, tail)
     }
@@ -293,7 +334,9 @@ mod tests {
         for (tool, args, expected) in tools {
             let path = dir.path().join(format!("{tool}.img"));
             let size: u64 = 320 << 20; // XFS's minimum is 300 MB
-            std::fs::File::create(&path).and_then(|f| f.set_len(size)).expect("image");
+            std::fs::File::create(&path)
+                .and_then(|f| f.set_len(size))
+                .expect("image");
             let status = std::process::Command::new(tool)
                 .args(*args)
                 .arg(&path)
@@ -311,7 +354,10 @@ mod tests {
             let found = signatures(&head, &tail, size);
             assert!(found.contains(expected), "{tool}: {found:?}");
             // Wiped with wipefs, it is blank again (the tool this module must agree with).
-            let wiped = std::process::Command::new("wipefs").args(["-a", "-f"]).arg(&path).output();
+            let wiped = std::process::Command::new("wipefs")
+                .args(["-a", "-f"])
+                .arg(&path)
+                .output();
             if wiped.as_ref().is_ok_and(|o| o.status.success()) {
                 let (head, tail) = head_and_tail(&path, size);
                 let found = signatures(&head, &tail, size);

@@ -231,8 +231,8 @@ pub fn read_block_device(sys_block: &Path, name: &str) -> Option<BlockDevice> {
     })
 }
 
-/// A disk's serial number from its `/sys/block/<name>` directory; see [`BlockDevice::serial`] for the
-/// order. The inventory reads disks' serials with it too.
+/// A disk's serial number from its `/sys/block/<name>` directory; see [`BlockDevice::serial`] for
+/// the order. The inventory reads disks' serials with it too.
 pub fn disk_serial(dir: &Path) -> Option<String> {
     read_trimmed(&dir.join("device/serial"))
         .or_else(|| read_trimmed(&dir.join("serial")))
@@ -380,7 +380,8 @@ pub enum UeventError {
         /// Its length (at least the limit plus one when the receive buffer truncated it).
         len: usize,
     },
-    /// A message in libudev's format (udevd's rebroadcast, beginning `libudev\0`), not the kernel's.
+    /// A message in libudev's format (udevd's rebroadcast, beginning `libudev\0`), not the
+    /// kernel's.
     #[error("libudev-format message (from udevd), not a kernel uevent")]
     Libudev,
     /// The first field is not `ACTION@DEVPATH`.
@@ -414,7 +415,8 @@ pub enum UeventError {
 
 /// Parse one datagram of the kernel's uevent netlink format: `ACTION@DEVPATH\0` followed by
 /// `KEY=VALUE\0` fields. Unknown fields and fields without `=` are ignored; the fields used
-/// (`ACTION`, `DEVPATH`, `SUBSYSTEM`, `DEVNAME`, `DEVTYPE`, `SEQNUM`, `MAJOR`, `MINOR`) are checked.
+/// (`ACTION`, `DEVPATH`, `SUBSYSTEM`, `DEVNAME`, `DEVTYPE`, `SEQNUM`, `MAJOR`, `MINOR`) are
+/// checked.
 pub fn parse_uevent(buf: &[u8]) -> Result<Uevent, UeventError> {
     if buf.len() > MAX_UEVENT_LEN {
         return Err(UeventError::Oversized { len: buf.len() });
@@ -591,11 +593,11 @@ impl UeventSocket {
         Ok(Self { fd: register(fd)? })
     }
 
-    /// The next kernel uevent. Datagrams not sent by the kernel (netlink port id not 0) are dropped,
-    /// unparsable ones skipped, both with a debug log. (Sending to this socket at all needs
-    /// `CAP_NET_ADMIN`; with `CAP_SYS_ADMIN` a process can also have the kernel broadcast an event of
-    /// its own making, which carries port id 0.)
-    /// Cancel-safe: an event is either returned or left in the socket.
+    /// The next kernel uevent. Datagrams not sent by the kernel (netlink port id not 0) are
+    /// dropped, unparsable ones skipped, both with a debug log. (Sending to this socket at all
+    /// needs `CAP_NET_ADMIN`; with `CAP_SYS_ADMIN` a process can also have the kernel broadcast an
+    /// event of its own making, which carries port id 0.) Cancel-safe: an event is either returned
+    /// or left in the socket.
     pub async fn recv(&self) -> Result<Uevent, UeventRecvError> {
         loop {
             let mut guard = self.fd.readable().await?;
@@ -628,9 +630,10 @@ impl UeventSocket {
 
 /// `fd` under tokio's reactor, for reading.
 ///
-/// `unsafe` because since tokio 1.54 the safe constructors of `AsyncFd` are deprecated as unsound for
-/// an arbitrary `AsRawFd` (tokio-rs/tokio#8587), and the replacement is an `unsafe fn` whose contract
-/// an `OwnedFd` meets by construction. Neither nix nor tokio has a safe way to watch a netlink socket.
+/// `unsafe` because since tokio 1.54 the safe constructors of `AsyncFd` are deprecated as unsound
+/// for an arbitrary `AsRawFd` (tokio-rs/tokio#8587), and the replacement is an `unsafe fn` whose
+/// contract an `OwnedFd` meets by construction. Neither nix nor tokio has a safe way to watch a
+/// netlink socket.
 #[allow(unsafe_code)]
 fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: an `OwnedFd` is an open descriptor that stays open until it is dropped, which happens
@@ -1020,8 +1023,16 @@ mod tests {
         assert_eq!(vpd_pg80_serial(b"\x00\x80\x00\x04\0\0\0\0"), None);
         assert_eq!(vpd_pg80_serial(b"\x00\x80\x00"), None);
         assert_eq!(vpd_pg80_serial(b""), None);
-        assert_eq!(vpd_pg80_serial(b"\x00\x83\x00\x04ABCD"), None, "another VPD page");
-        assert_eq!(vpd_pg80_serial(b"\x00\x80\x00\x04    "), None, "all padding");
+        assert_eq!(
+            vpd_pg80_serial(b"\x00\x83\x00\x04ABCD"),
+            None,
+            "another VPD page"
+        );
+        assert_eq!(
+            vpd_pg80_serial(b"\x00\x80\x00\x04    "),
+            None,
+            "all padding"
+        );
         assert_eq!(vpd_pg80_serial(b"\x00\x80\x00\x02\xff\xfe"), None);
     }
 
@@ -1148,7 +1159,8 @@ mod tests {
 
     #[test]
     fn uevent_format_edge_cases_that_still_parse() {
-        // No trailing NUL, fields without `=`, unknown and non-UTF-8 fields the parser does not use.
+        // No trailing NUL, fields without `=`, unknown and non-UTF-8 fields the parser does not
+        // use.
         let ev = parse_uevent(
             b"add@/devices/x\0junk\0ODD=\xff\xfe\0SUBSYSTEM=block\0DEVNAME=x\0DEVTYPE=disk",
         )
@@ -1350,13 +1362,13 @@ mod tests {
             };
         }
 
-        // LOOP_CTL_REMOVE from <linux/loop.h>: deletes an unbound loop device, which is the only way
-        // to make the kernel send `remove` for one (losetup has no option for it). nix has the ioctl
-        // macro but calling what it generates is unsafe, hence the allow on the caller.
+        // LOOP_CTL_REMOVE from <linux/loop.h>: deletes an unbound loop device, which is the only
+        // way to make the kernel send `remove` for one (losetup has no option for it). nix has the
+        // ioctl macro but calling what it generates is unsafe, hence the allow on the caller.
         nix::ioctl_write_int_bad!(loop_ctl_remove, 0x4C81);
 
-        /// A 16 MiB file attached to a loop device; detached (and the device deleted, when this test
-        /// created it) on drop, even after a failed assertion.
+        /// A 16 MiB file attached to a loop device; detached (and the device deleted, when this
+        /// test created it) on drop, even after a failed assertion.
         struct Loop {
             name: String,
             number: u32,
@@ -1640,7 +1652,8 @@ mod tests {
             }
         }
 
-        /// A receive buffer that overflows surfaces as `Overrun`, once, and the socket keeps working.
+        /// A receive buffer that overflows surfaces as `Overrun`, once, and the socket keeps
+        /// working.
         #[tokio::test]
         async fn overflow_is_reported_as_overrun() {
             require_root!();

@@ -16,22 +16,22 @@ use shoal_overlay::{
     tls::{self, PeerTls},
 };
 use shoal_proto::{
-    AgentMsg, ControllerMsg, EnrolRequest, Hello, Inventory, JoinToken, NatMapping, OverlayHello, Punch, Reject,
-    RejectCode, RenewRequest, UnixMillis, SUPPORTED,
+    AgentMsg, ControllerMsg, EnrolRequest, Hello, Inventory, JoinToken, NatMapping, OverlayHello,
+    Punch, Reject, RejectCode, RenewRequest, UnixMillis, SUPPORTED,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::{
-    overlay::{self as ov, AgentEndpoint, DeltaOutcome, NetmapCache},
     backoff::Backoff,
     drives::{DriveEvent, DriveInput, DrivesConfig},
     health::HealthCollector,
     inventory::{self, SysRoots},
+    maintenance::{self as maint, Decision, MaintenanceBook, MaintenanceConfig, Work},
+    overlay::{self as ov, AgentEndpoint, DeltaOutcome, NetmapCache},
+    reboot::{self, RebootConfig},
     session::{AgentSession, End, Mode, Output, Timing},
     state::{Credentials, StateDir, StateError},
-    maintenance::{self as maint, Decision, MaintenanceBook, MaintenanceConfig, Work},
-    reboot::{self, RebootConfig},
     updater::{self, Updater, UpdaterConfig},
 };
 
@@ -56,8 +56,8 @@ pub struct AgentConfig {
     pub backoff_max: Duration,
     /// Where /sys, /proc and /etc are (default: the real ones).
     pub roots: SysRoots,
-    /// UDP port for the controller connection and overlay peers (default 0: the port kept in the state
-    /// dir, or a random one the first time).
+    /// UDP port for the controller connection and overlay peers (default 0: the port kept in the
+    /// state dir, or a random one the first time).
     pub overlay_port: u16,
     /// How often overlay paths are reported to the controller (default 5 s).
     pub paths_interval: Duration,
@@ -66,14 +66,15 @@ pub struct AgentConfig {
     /// Whether the node joins the overlay (default true). Off, the agent creates no TAP device and
     /// never sends `OverlayHello`, so the controller sends it no netmap.
     pub overlay_enabled: bool,
-    /// The drive manager's settings; `None` turns it off (`--no-drives`). Default: on, physical disks.
+    /// The drive manager's settings; `None` turns it off (`--no-drives`). Default: on, physical
+    /// disks.
     pub drives: Option<DrivesConfig>,
     /// Self-update settings (default: no trusted release key, so every update is refused).
     pub update: UpdaterConfig,
     /// Remote reboot settings (default: allowed; kexec when loaded, else `reboot(2)`).
     pub reboot: RebootConfig,
-    /// Maintenance actions: allowed programs, hooks, timeout (default: no program allowed, no hooks,
-    /// 30 min).
+    /// Maintenance actions: allowed programs, hooks, timeout (default: no program allowed, no
+    /// hooks, 30 min).
     pub maintenance: MaintenanceConfig,
 }
 
@@ -109,7 +110,8 @@ pub enum AgentError {
     /// The controller refused enrolment for good (bad, expired, used-up or revoked token...).
     #[error("the controller refused this agent: {0}")]
     Refused(Reject),
-    /// The controller no longer accepts this node's certificate, and there is no token to enrol again.
+    /// The controller no longer accepts this node's certificate, and there is no token to enrol
+    /// again.
     #[error("the controller refuses this node's certificate: {0}; an operator must admit it again (shoalctl nodes reenrol) and the agent needs a join token")]
     CertificateRefused(String),
     /// This node was removed from the fleet.
@@ -125,7 +127,9 @@ pub enum AgentError {
     #[error("invalid join token: {0}")]
     BadToken(#[from] shoal_proto::TokenFormatError),
     /// No stable machine identity could be found.
-    #[error("no hardware identity found (no DMI UUID, machine-id or permanent MAC); pass --machine-id")]
+    #[error(
+        "no hardware identity found (no DMI UUID, machine-id or permanent MAC); pass --machine-id"
+    )]
     NoIdentity,
     /// The state dir is unusable.
     #[error(transparent)]
@@ -149,7 +153,12 @@ const REBOOT_GRACE: Duration = Duration::from_secs(1);
 
 /// Wall-clock now, for reports and certificate lifetimes.
 pub(crate) fn now_ms() -> UnixMillis {
-    UnixMillis(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
+    UnixMillis(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    )
 }
 
 /// Why one connection attempt ended without a session outcome.
@@ -171,7 +180,10 @@ enum AttemptError {
 const APPROVAL_RETRY: Duration = Duration::from_secs(5);
 
 /// Runs the agent until `shutdown` resolves or the controller refuses it for good.
-pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
     tokio::pin!(shutdown);
     let state = StateDir::open(&config.state_dir)?;
     let token: Option<JoinToken> = config.token.as_deref().map(str::parse).transpose()?;
@@ -179,8 +191,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let first_inventory = tokio::task::spawn_blocking(move || inventory::collect_inventory(&roots))
         .await
         .map_err(|e| AgentError::Tls(e.to_string()))?;
-    let hardware_id = inventory::hardware_id(config.machine_id.as_deref(), &config.roots, &first_inventory.nics)
-        .ok_or(AgentError::NoIdentity)?;
+    let hardware_id = inventory::hardware_id(
+        config.machine_id.as_deref(),
+        &config.roots,
+        &first_inventory.nics,
+    )
+    .ok_or(AgentError::NoIdentity)?;
     info!(hardware_id = %hardware_id, controller = %config.controller, "agent starting");
     let version = crate::version::agent_version();
     // Before anything else: a start after an update is counted (or rolled back) first.
@@ -197,18 +213,34 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             let _ = lock(&updater).timeout();
         });
     }
-    let hello = Hello { protocol: SUPPORTED, agent_version: version, hardware_id };
-    let allow_exec = config.maintenance.canonical_allow().map_err(AgentError::Config)?;
+    let hello = Hello {
+        protocol: SUPPORTED,
+        agent_version: version,
+        hardware_id,
+    };
+    let allow_exec = config
+        .maintenance
+        .canonical_allow()
+        .map_err(AgentError::Config)?;
 
-    let agent_endpoint = ov::bind_endpoint(&config.state_dir, config.controller.is_ipv6(), config.overlay_port)?;
+    let agent_endpoint = ov::bind_endpoint(
+        &config.state_dir,
+        config.controller.is_ipv6(),
+        config.overlay_port,
+    )?;
     let endpoint = agent_endpoint.endpoint.clone();
-    info!(port = agent_endpoint.port, "UDP socket bound (controller and overlay peers)");
+    info!(
+        port = agent_endpoint.port,
+        "UDP socket bound (controller and overlay peers)"
+    );
     let mut backoff = Backoff::new(config.backoff_base, config.backoff_max);
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     // The drive manager outlives control connections: hot-adds, missing drives and policy `prepare`
     // are handled while the controller is away too.
     let drive_inputs = config.drives.clone().map(|mut drives| {
-        drives.policy_cache.get_or_insert_with(|| config.state_dir.join("drive-policy.json"));
+        drives
+            .policy_cache
+            .get_or_insert_with(|| config.state_dir.join("drive-policy.json"));
         let (input_tx, input_rx) = mpsc::unbounded_channel();
         let (drive_tx, mut drive_rx) = mpsc::unbounded_channel();
         tokio::spawn(crate::drives::run(drives, input_rx, drive_tx));
@@ -222,10 +254,19 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         });
         input_tx
     });
-    let boot = crate::checks::BootHealth::load(&config.roots, &config.maintenance.boot_id_file, config.update.check_command.clone());
+    let boot = crate::checks::BootHealth::load(
+        &config.roots,
+        &config.maintenance.boot_id_file,
+        config.update.check_command.clone(),
+    );
     info!(image = ?boot.image(), "boot facts read");
     let mut shell = Shell {
-        maint: MaintState { book: MaintenanceBook::new(maint::load_record(&config.state_dir)), allow: allow_exec, smart: None, next_id: 0 },
+        maint: MaintState {
+            book: MaintenanceBook::new(maint::load_record(&config.state_dir)),
+            allow: allow_exec,
+            smart: None,
+            next_id: 0,
+        },
         updater,
         boot,
         kexec: None,
@@ -237,7 +278,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         state: &state,
         health: Some(HealthCollector::new(config.roots.clone())),
         last_inventory: None,
-        drives: DrivesState { inputs: drive_inputs, last: None },
+        drives: DrivesState {
+            inputs: drive_inputs,
+            last: None,
+        },
         overlay: OverlayState {
             cache: NetmapCache::load(&config.state_dir, now_ms()),
             endpoint: agent_endpoint,
@@ -247,9 +291,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             events: events_tx,
         },
     };
-    // With a certificate and a cached netmap the overlay starts before the controller answers: peers
-    // are reachable even while the controller is down.
-    if let Some(creds) = state.load()?.filter(|c| c.not_after.0 > now_ms().0 && config.overlay_enabled) {
+    // With a certificate and a cached netmap the overlay starts before the controller answers:
+    // peers are reachable even while the controller is down.
+    if let Some(creds) = state
+        .load()?
+        .filter(|c| c.not_after.0 > now_ms().0 && config.overlay_enabled)
+    {
         if shell.overlay.cache.get().is_some() {
             info!("starting the overlay from the cached netmap");
             shell.overlay.ensure_node(&config, &creds);
@@ -286,9 +333,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                 backoff.reset();
                 continue;
             }
-            // The controller no longer accepts this certificate (revoked, or the node was re-enrolled
-            // with another key): drop it and its key; with a token, enrol again (which an operator may
-            // have to approve).
+            // The controller no longer accepts this certificate (revoked, or the node was
+            // re-enrolled with another key): drop it and its key; with a token, enrol again (which
+            // an operator may have to approve).
             Ok((End::Rejected(r), _)) if r.code == RejectCode::CertificateRefused => {
                 warn!(reason = %r.message, "the controller refuses this node's certificate; forgetting it");
                 shell.overlay.cache.clear();
@@ -298,11 +345,19 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                 }
                 backoff.next_delay(rand::random::<f64>())
             }
-            // Waiting for an operator (or for a claimed node's session to lapse): retry often enough
-            // that an approval takes effect within seconds, whatever the backoff has grown to.
-            Ok((End::Rejected(r), _)) if matches!(r.code, RejectCode::AwaitingApproval | RejectCode::IdentityInUse) => {
+            // Waiting for an operator (or for a claimed node's session to lapse): retry often
+            // enough that an approval takes effect within seconds, whatever the backoff has grown
+            // to.
+            Ok((End::Rejected(r), _))
+                if matches!(
+                    r.code,
+                    RejectCode::AwaitingApproval | RejectCode::IdentityInUse
+                ) =>
+            {
                 warn!(reason = %r.message, "enrolment waits; retrying");
-                backoff.next_delay(rand::random::<f64>()).min(APPROVAL_RETRY)
+                backoff
+                    .next_delay(rand::random::<f64>())
+                    .min(APPROVAL_RETRY)
             }
             // Token and version refusals are final: retrying cannot help until an operator acts.
             Ok((End::Rejected(r), _)) if r.code.is_final_for_agent() => {
@@ -398,16 +453,36 @@ struct PendingSmart {
 
 impl PendingSmart {
     fn outcome(&self) -> shoal_proto::StepOutcome {
-        let skipped = if self.skipped.is_empty() { String::new() } else { format!("; skipped (no SMART): {}", self.skipped.join(", ")) };
+        let skipped = if self.skipped.is_empty() {
+            String::new()
+        } else {
+            format!("; skipped (no SMART): {}", self.skipped.join(", "))
+        };
         let text = if self.started.is_empty() && self.failed.is_empty() {
             format!("no drives with SMART{skipped}")
         } else {
-            format!("short self-test started on {}{skipped}", if self.started.is_empty() { "none".to_owned() } else { self.started.join(", ") })
+            format!(
+                "short self-test started on {}{skipped}",
+                if self.started.is_empty() {
+                    "none".to_owned()
+                } else {
+                    self.started.join(", ")
+                }
+            )
         };
         if self.failed.is_empty() {
-            shoal_proto::StepOutcome::Done(shoal_proto::output_tail(&text, shoal_proto::MAX_STEP_OUTPUT))
+            shoal_proto::StepOutcome::Done(shoal_proto::output_tail(
+                &text,
+                shoal_proto::MAX_STEP_OUTPUT,
+            ))
         } else {
-            shoal_proto::StepOutcome::Failed(shoal_proto::output_tail(&format!("self-test could not start: {}; {text}", self.failed.join("; ")), shoal_proto::MAX_STEP_OUTPUT))
+            shoal_proto::StepOutcome::Failed(shoal_proto::output_tail(
+                &format!(
+                    "self-test could not start: {}; {text}",
+                    self.failed.join("; ")
+                ),
+                shoal_proto::MAX_STEP_OUTPUT,
+            ))
         }
     }
 }
@@ -418,7 +493,10 @@ enum ShellEvent {
     /// The overlay wants a peer to punch towards us.
     Node(NodeEvent),
     /// The NAT probe finished.
-    Probed { main: SocketAddr, result: Result<SocketAddr, String> },
+    Probed {
+        main: SocketAddr,
+        result: Result<SocketAddr, String>,
+    },
     /// The drive manager reports.
     Drives(DriveEvent),
     /// A release download and install ended.
@@ -463,7 +541,8 @@ impl OverlayState {
             return;
         }
         let tls = match key_der(&creds.key_pem).and_then(|key| {
-            PeerTls::new(&creds.ca_der, &creds.cert_der, key).map_err(|e| AgentError::Tls(e.to_string()))
+            PeerTls::new(&creds.ca_der, &creds.cert_der, key)
+                .map_err(|e| AgentError::Tls(e.to_string()))
         }) {
             Ok(t) => t,
             Err(e) => {
@@ -473,7 +552,8 @@ impl OverlayState {
         };
         let mut node_config = config.overlay.clone();
         node_config.me = creds.node_id.clone();
-        let (node, mut events) = OverlayNode::spawn(self.endpoint.endpoint.clone(), tls, node_config);
+        let (node, mut events) =
+            OverlayNode::spawn(self.endpoint.endpoint.clone(), tls, node_config);
         let forward = self.events.clone();
         tokio::spawn(async move {
             while let Some(e) = events.recv().await {
@@ -521,38 +601,73 @@ impl Shell<'_> {
                 let key = key_der(&c.key_pem).map_err(fatal)?;
                 let cfg = tls::node_client_config(&c.ca_der, &c.cert_der, key, keep_alive)
                     .map_err(|e| fatal(AgentError::Tls(e.to_string())))?;
-                (cfg, Mode::Node { cert_not_after: c.not_after }, c.key_pem.clone())
+                (
+                    cfg,
+                    Mode::Node {
+                        cert_not_after: c.not_after,
+                    },
+                    c.key_pem.clone(),
+                )
             }
             None => {
-                let token = token.ok_or_else(|| fatal(AgentError::NoToken(self.config.state_dir.clone())))?;
-                // The same key for every attempt until one succeeds: a lost `Enrolled` is answered again
-                // for the same key without spending the token, and an operator's approval is for this key.
+                let token = token
+                    .ok_or_else(|| fatal(AgentError::NoToken(self.config.state_dir.clone())))?;
+                // The same key for every attempt until one succeeds: a lost `Enrolled` is answered
+                // again for the same key without spending the token, and an operator's approval is
+                // for this key.
                 let key_pem = self.state.enrolment_key().map_err(|e| fatal(e.into()))?;
-                let key = rcgen::KeyPair::from_pem(&key_pem).map_err(|e| fatal(AgentError::Tls(e.to_string())))?;
-                let csr_der = pki::make_csr(&key).map_err(|e| fatal(AgentError::Tls(e.to_string())))?;
+                let key = rcgen::KeyPair::from_pem(&key_pem)
+                    .map_err(|e| fatal(AgentError::Tls(e.to_string())))?;
+                let csr_der =
+                    pki::make_csr(&key).map_err(|e| fatal(AgentError::Tls(e.to_string())))?;
                 let cfg = tls::enrol_client_config(token.ca_sha256, keep_alive)
                     .map_err(|e| fatal(AgentError::Tls(e.to_string())))?;
-                let hostname = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+                let hostname = nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 info!(token = %token.id, "enrolling");
-                (cfg, Mode::Enrol(EnrolRequest { token: token.to_string(), csr_der, hostname }), key.serialize_pem())
+                (
+                    cfg,
+                    Mode::Enrol(EnrolRequest {
+                        token: token.to_string(),
+                        csr_der,
+                        hostname,
+                    }),
+                    key.serialize_pem(),
+                )
             }
         };
         let enrolling = matches!(mode, Mode::Enrol(_));
         let conn = endpoint
-            .connect_with(client_config, self.config.controller, tls::controller_server_name())
+            .connect_with(
+                client_config,
+                self.config.controller,
+                tls::controller_server_name(),
+            )
             .map_err(|e| (e.into(), false))?
             .await
             .map_err(|e| match e {
-                // While enrolling, a failed certificate check means the token's CA hash does not match
-                // this controller: a wrong token or a wrong address, which retrying cannot fix.
-                quinn::ConnectionError::TransportError(t) if enrolling && (0x100..0x200).contains(&u64::from(t.code)) => {
+                // While enrolling, a failed certificate check means the token's CA hash does not
+                // match this controller: a wrong token or a wrong address, which retrying cannot
+                // fix.
+                quinn::ConnectionError::TransportError(t)
+                    if enrolling && (0x100..0x200).contains(&u64::from(t.code)) =>
+                {
                     fatal(AgentError::WrongController(t.reason))
                 }
                 other => (other.into(), false),
             })?;
-        self.overlay.endpoint.control.send_replace(Some(conn.clone()));
-        let relay_in = tokio::spawn(ov::relay_in(conn.clone(), self.overlay.endpoint.injector.clone()));
-        let result = self.drive(&conn, hello, mode, &key_pem, creds.as_ref(), events).await;
+        self.overlay
+            .endpoint
+            .control
+            .send_replace(Some(conn.clone()));
+        let relay_in = tokio::spawn(ov::relay_in(
+            conn.clone(),
+            self.overlay.endpoint.injector.clone(),
+        ));
+        let result = self
+            .drive(&conn, hello, mode, &key_pem, creds.as_ref(), events)
+            .await;
         relay_in.abort();
         self.overlay.endpoint.control.send_replace(None);
         conn.close(0u32.into(), b"");
@@ -570,7 +685,8 @@ impl Shell<'_> {
     ) -> Attempt {
         self.conn = Some(conn.clone());
         let (mut send, recv) = conn.open_bi().await.map_err(|e| (e.into(), false))?;
-        // Reading happens in its own task: a frame read is not cancel-safe, and the loop below wakes for timers.
+        // Reading happens in its own task: a frame read is not cancel-safe, and the loop below
+        // wakes for timers.
         let (tx, mut rx) = mpsc::channel::<Result<ControllerMsg, AttemptError>>(8);
         let reader = tokio::spawn(async move {
             let mut recv = recv;
@@ -632,14 +748,26 @@ impl Shell<'_> {
     /// Turns an event from outside the control stream into a message for the controller, if any.
     fn shell_event(&mut self, event: ShellEvent, ready: bool, drives: bool) -> Option<AgentMsg> {
         match event {
-            ShellEvent::Update { version, result: Ok(()) } => {
+            ShellEvent::Update {
+                version,
+                result: Ok(()),
+            } => {
                 let exe = lock(&self.updater).paths().exe.clone();
                 info!(version = %version, "update installed");
                 let e = updater::reexec(&exe);
-                let report = lock(&self.updater).failed(&version, shoal_proto::UpdateFailure::Install(format!("re-executing {}: {e}", exe.display())));
+                let report = lock(&self.updater).failed(
+                    &version,
+                    shoal_proto::UpdateFailure::Install(format!(
+                        "re-executing {}: {e}",
+                        exe.display()
+                    )),
+                );
                 (ready && self.updates).then(|| self.update_report(report))
             }
-            ShellEvent::Update { version, result: Err(failure) } => {
+            ShellEvent::Update {
+                version,
+                result: Err(failure),
+            } => {
                 let report = lock(&self.updater).failed(&version, failure);
                 (ready && self.updates).then(|| self.update_report(report))
             }
@@ -649,14 +777,20 @@ impl Shell<'_> {
             }
             ShellEvent::RebootReady { method, ack } => {
                 warn!(%ack, "rebooting");
-                spawn_reboot(self.overlay.events.clone(), method, ShellEvent::RebootFailed);
+                spawn_reboot(
+                    self.overlay.events.clone(),
+                    method,
+                    ShellEvent::RebootFailed,
+                );
                 (ready && self.updates).then_some(AgentMsg::RebootAck { method: ack })
             }
             ShellEvent::Drives(DriveEvent::Report(report)) => {
                 self.drives.last = Some(report.clone());
                 (ready && drives).then_some(AgentMsg::Drives(report))
             }
-            ShellEvent::Maintenance { step, outcome } => self.maintenance_done(step, outcome, ready),
+            ShellEvent::Maintenance { step, outcome } => {
+                self.maintenance_done(step, outcome, ready)
+            }
             ShellEvent::Drives(DriveEvent::Answer(answer)) if answer.id & MAINT_DRIVE_ID != 0 => {
                 let pending = self.maint.smart.as_mut()?;
                 let device = pending.waiting.remove(&answer.id)?;
@@ -677,7 +811,10 @@ impl Shell<'_> {
                 (ready && drives).then_some(AgentMsg::DriveCommandResult(answer))
             }
             ShellEvent::Node(NodeEvent::RequestPunch(peer)) => {
-                ready.then_some(AgentMsg::Punch(Punch { peer, endpoints: vec![] }))
+                ready.then_some(AgentMsg::Punch(Punch {
+                    peer,
+                    endpoints: vec![],
+                }))
             }
             ShellEvent::Probed { main, result } => {
                 let probe = match result {
@@ -687,7 +824,10 @@ impl Shell<'_> {
                         None
                     }
                 };
-                let local = ov::local_endpoints(self.overlay.endpoint.port, &self.config.overlay.tap_prefix);
+                let local = ov::local_endpoints(
+                    self.overlay.endpoint.port,
+                    &self.config.overlay.tap_prefix,
+                );
                 let nat = ov::classify_nat(main, probe, &local);
                 if nat == self.overlay.nat || !ready {
                     return None;
@@ -708,8 +848,13 @@ impl Shell<'_> {
                     (Some(port), Some(c)) => {
                         let probe = SocketAddr::new(self.config.controller.ip(), port);
                         let client = key_der(&c.key_pem).and_then(|k| {
-                            tls::node_client_config(&c.ca_der, &c.cert_der, k, Duration::from_secs(5))
-                                .map_err(|e| AgentError::Tls(e.to_string()))
+                            tls::node_client_config(
+                                &c.ca_der,
+                                &c.cert_der,
+                                k,
+                                Duration::from_secs(5),
+                            )
+                            .map_err(|e| AgentError::Tls(e.to_string()))
                         });
                         let endpoint = self.overlay.endpoint.endpoint.clone();
                         let events = self.overlay.events.clone();
@@ -723,18 +868,37 @@ impl Shell<'_> {
                         });
                         vec![]
                     }
-                    _ => self.shell_event(ShellEvent::Probed { main: o.address, result: Err("the controller has no probe port".into()) }, true, false).into_iter().collect(),
+                    _ => self
+                        .shell_event(
+                            ShellEvent::Probed {
+                                main: o.address,
+                                result: Err("the controller has no probe port".into()),
+                            },
+                            true,
+                            false,
+                        )
+                        .into_iter()
+                        .collect(),
                 }
             }
             ControllerMsg::Netmap(map) => {
-                info!(version = map.version, networks = map.networks.len(), peers = map.peers.len(), "netmap received");
+                info!(
+                    version = map.version,
+                    networks = map.networks.len(),
+                    peers = map.peers.len(),
+                    "netmap received"
+                );
                 self.overlay.cache.replace(map);
                 self.overlay.push_netmap();
                 vec![]
             }
             ControllerMsg::NetmapDelta(delta) => match self.overlay.cache.apply(&delta) {
                 DeltaOutcome::Applied => {
-                    debug!(version = delta.to_version, changes = delta.changes.len(), "netmap updated");
+                    debug!(
+                        version = delta.to_version,
+                        changes = delta.changes.len(),
+                        "netmap updated"
+                    );
                     self.overlay.push_netmap();
                     vec![]
                 }
@@ -760,7 +924,14 @@ impl Shell<'_> {
         let image = self.boot.image().unwrap_or_default().to_owned();
         let job = tokio::task::spawn_blocking(move || {
             let version = crate::version::agent_version();
-            crate::checks::run(program.as_deref(), &[("SHOAL_CHECK", "boot"), ("SHOAL_AGENT_VERSION", &version), ("SHOAL_IMAGE", &image)])
+            crate::checks::run(
+                program.as_deref(),
+                &[
+                    ("SHOAL_CHECK", "boot"),
+                    ("SHOAL_AGENT_VERSION", &version),
+                    ("SHOAL_IMAGE", &image),
+                ],
+            )
         });
         let checks = match tokio::time::timeout(CHECK_TIMEOUT, job).await {
             Ok(Ok(checks)) => checks,
@@ -770,13 +941,28 @@ impl Shell<'_> {
             }
             Err(_) => {
                 let mut checks = crate::checks::run(None, &[]);
-                let name = self.boot.program.as_deref().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                checks.push(shoal_proto::CheckResult { name: format!("check:{name}"), passed: false, detail: Some(format!("still running after {CHECK_TIMEOUT:?}")) });
+                let name = self
+                    .boot
+                    .program
+                    .as_deref()
+                    .and_then(|p| p.file_name())
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                checks.push(shoal_proto::CheckResult {
+                    name: format!("check:{name}"),
+                    passed: false,
+                    detail: Some(format!("still running after {CHECK_TIMEOUT:?}")),
+                });
                 checks
             }
         };
         let report = self.boot.checked(checks, Instant::now())?;
-        let failed: Vec<&str> = report.checks.iter().filter(|c| !c.passed).map(|c| c.name.as_str()).collect();
+        let failed: Vec<&str> = report
+            .checks
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| c.name.as_str())
+            .collect();
         if failed.is_empty() {
             info!(image = ?report.image, "boot checks passed");
         } else {
@@ -797,8 +983,12 @@ impl Shell<'_> {
             match output {
                 Output::Send(msg) => send_msg(send, &msg).await?,
                 Output::SendHealth => {
-                    // statvfs on a hung network mount blocks: collect off the async thread, with a deadline.
-                    let mut collector = self.health.take().unwrap_or_else(|| HealthCollector::new(self.config.roots.clone()));
+                    // statvfs on a hung network mount blocks: collect off the async thread, with a
+                    // deadline.
+                    let mut collector = self
+                        .health
+                        .take()
+                        .unwrap_or_else(|| HealthCollector::new(self.config.roots.clone()));
                     let job = tokio::task::spawn_blocking(move || {
                         let report = collector.collect(now_ms());
                         (collector, report)
@@ -807,9 +997,15 @@ impl Shell<'_> {
                         Ok(Ok((collector, report))) => {
                             self.health = Some(collector);
                             send_msg(send, &AgentMsg::Health(report)).await?;
-                            // The heartbeat went out on an established session: a new version's checks.
+                            // The heartbeat went out on an established session: a new version's
+                            // checks.
                             let updater = self.updater.clone();
-                            let changed = tokio::task::spawn_blocking(move || lock(&updater).heartbeat_sent()).await.ok().flatten();
+                            let changed = tokio::task::spawn_blocking(move || {
+                                lock(&updater).heartbeat_sent()
+                            })
+                            .await
+                            .ok()
+                            .flatten();
                             if let Some(report) = changed.filter(|_| self.updates) {
                                 send_msg(send, &self.update_report(report)).await?;
                             }
@@ -820,15 +1016,19 @@ impl Shell<'_> {
                             }
                         }
                         Ok(Err(e)) => warn!(cause = %e, "health collection failed"),
-                        // The stuck collector stays with its thread; the next report uses a fresh one.
-                        Err(_) => warn!("health collection took over 5 s (a hung mount?); skipped this report"),
+                        // The stuck collector stays with its thread; the next report uses a fresh
+                        // one.
+                        Err(_) => warn!(
+                            "health collection took over 5 s (a hung mount?); skipped this report"
+                        ),
                     }
                 }
                 Output::SendInventory { force } => {
                     let roots = self.config.roots.clone();
-                    let inv = tokio::task::spawn_blocking(move || inventory::collect_inventory(&roots))
-                        .await
-                        .map_err(|e| AgentError::Tls(e.to_string()))?;
+                    let inv =
+                        tokio::task::spawn_blocking(move || inventory::collect_inventory(&roots))
+                            .await
+                            .map_err(|e| AgentError::Tls(e.to_string()))?;
                     if force || self.last_inventory.as_ref() != Some(&inv) {
                         if !force {
                             info!("inventory changed; reporting");
@@ -838,28 +1038,49 @@ impl Shell<'_> {
                     }
                 }
                 Output::Renew => {
-                    let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| AgentError::Tls(e.to_string()))?;
-                    let csr_der = pki::make_csr(&key).map_err(|e| AgentError::Tls(e.to_string()))?;
+                    let key = rcgen::KeyPair::from_pem(key_pem)
+                        .map_err(|e| AgentError::Tls(e.to_string()))?;
+                    let csr_der =
+                        pki::make_csr(&key).map_err(|e| AgentError::Tls(e.to_string()))?;
                     info!("renewing certificate");
                     send_msg(send, &AgentMsg::Renew(RenewRequest { csr_der })).await?;
                 }
                 Output::Rotate { reason } => {
                     let Some(c) = creds else { continue };
                     warn!(%reason, "the controller asks this node to rotate its key");
-                    let old = rcgen::KeyPair::from_pem(key_pem).map_err(|e| AgentError::Tls(e.to_string()))?;
+                    let old = rcgen::KeyPair::from_pem(key_pem)
+                        .map_err(|e| AgentError::Tls(e.to_string()))?;
                     let new_pem = self.state.rotation_key().map_err(AgentError::from)?;
-                    let new = rcgen::KeyPair::from_pem(&new_pem).map_err(|e| AgentError::Tls(e.to_string()))?;
-                    let csr_der = pki::make_csr(&new).map_err(|e| AgentError::Tls(e.to_string()))?;
-                    let new_spki = pki::csr_spki(&csr_der).map_err(|e| AgentError::Tls(e.to_string()))?;
-                    let signature = pki::sign_rotation(&old, &c.node_id, &new_spki).map_err(|e| AgentError::Tls(e.to_string()))?;
-                    send_msg(send, &AgentMsg::RotateKey(shoal_proto::RotateKeyRequest { csr_der, signature })).await?;
+                    let new = rcgen::KeyPair::from_pem(&new_pem)
+                        .map_err(|e| AgentError::Tls(e.to_string()))?;
+                    let csr_der =
+                        pki::make_csr(&new).map_err(|e| AgentError::Tls(e.to_string()))?;
+                    let new_spki =
+                        pki::csr_spki(&csr_der).map_err(|e| AgentError::Tls(e.to_string()))?;
+                    let signature = pki::sign_rotation(&old, &c.node_id, &new_spki)
+                        .map_err(|e| AgentError::Tls(e.to_string()))?;
+                    send_msg(
+                        send,
+                        &AgentMsg::RotateKey(shoal_proto::RotateKeyRequest { csr_der, signature }),
+                    )
+                    .await?;
                 }
                 Output::StoreRotated(r) => {
                     if let Some(c) = creds {
                         let key_pem = self.state.rotation_key().map_err(AgentError::from)?;
-                        let rotated = Credentials { key_pem, cert_der: r.cert_der, not_after: r.not_after, ..c.clone() };
-                        self.state.save_rotated(&rotated).map_err(AgentError::from)?;
-                        info!(not_after = r.not_after.0, "key rotated; reconnecting with the new key");
+                        let rotated = Credentials {
+                            key_pem,
+                            cert_der: r.cert_der,
+                            not_after: r.not_after,
+                            ..c.clone()
+                        };
+                        self.state
+                            .save_rotated(&rotated)
+                            .map_err(AgentError::from)?;
+                        info!(
+                            not_after = r.not_after.0,
+                            "key rotated; reconnecting with the new key"
+                        );
                     }
                 }
                 Output::StoreRenewed(r) => {
@@ -870,9 +1091,10 @@ impl Shell<'_> {
                         self.state.save(&renewed).map_err(AgentError::from)?;
                         info!(not_after = r.not_after.0, "certificate renewed");
                         if let Some(node) = &self.overlay.node {
-                            match key_der(&renewed.key_pem)
-                                .and_then(|k| PeerTls::new(&renewed.ca_der, &renewed.cert_der, k).map_err(|e| AgentError::Tls(e.to_string())))
-                            {
+                            match key_der(&renewed.key_pem).and_then(|k| {
+                                PeerTls::new(&renewed.ca_der, &renewed.cert_der, k)
+                                    .map_err(|e| AgentError::Tls(e.to_string()))
+                            }) {
                                 Ok(tls) => {
                                     node.command(NodeCommand::Tls(tls));
                                 }
@@ -910,7 +1132,9 @@ impl Shell<'_> {
                         (None, Some(DriveInput::Command(c))) => {
                             let answer = shoal_proto::DriveCommandResult {
                                 id: c.id,
-                                result: Err("the drive manager is off on this node (--no-drives)".into()),
+                                result: Err(
+                                    "the drive manager is off on this node (--no-drives)".into()
+                                ),
                             };
                             send_msg(send, &AgentMsg::DriveCommandResult(answer)).await?;
                         }
@@ -929,7 +1153,9 @@ impl Shell<'_> {
                     }
                 }
                 Output::Update(ControllerMsg::UpdateOffer(offer)) => {
-                    if let Some(msg) = self.update_offer(offer.version, &offer.release, offer.allow_downgrade) {
+                    if let Some(msg) =
+                        self.update_offer(offer.version, &offer.release, offer.allow_downgrade)
+                    {
                         send_msg(send, &msg).await?;
                     }
                 }
@@ -946,23 +1172,34 @@ impl Shell<'_> {
                     }
                 }
                 Output::Update(ControllerMsg::KexecImage(image)) => {
-                    // Unsigned (a v4 controller): nothing this node can verify, so no kexec into it.
+                    // Unsigned (a v4 controller): nothing this node can verify, so no kexec into
+                    // it.
                     info!(image = %image.version, "the controller names an unsigned image for the next reboot; it will be a full reboot");
-                    self.kexec = Some(reboot::NamedImage::Untrusted { version: image.version, why: "unsigned (KexecImage)" });
+                    self.kexec = Some(reboot::NamedImage::Untrusted {
+                        version: image.version,
+                        why: "unsigned (KexecImage)",
+                    });
                 }
                 Output::Update(ControllerMsg::SignedKexecImage(image)) => {
                     let ca = creds.map(|c| pki::sha256(&c.ca_der));
                     let named = reboot::check_image(&image, &self.config.reboot.image_keys, ca);
                     match &named {
-                        reboot::NamedImage::Verified(_) => info!(image = %image.version, "the image named for the next reboot verified with this node's image key"),
+                        reboot::NamedImage::Verified(_) => {
+                            info!(image = %image.version, "the image named for the next reboot verified with this node's image key")
+                        }
                         reboot::NamedImage::Refused { reason, .. } => {
                             warn!(image = %image.version, %reason, "the image named for the next reboot is refused; the reboot will be too")
                         }
-                        reboot::NamedImage::Untrusted { why, .. } => info!(image = %image.version, why, "no kexec into the image named for the next reboot; it will be a full reboot"),
+                        reboot::NamedImage::Untrusted { why, .. } => {
+                            info!(image = %image.version, why, "no kexec into the image named for the next reboot; it will be a full reboot")
+                        }
                     }
                     self.kexec = Some(named);
                 }
-                Output::Update(ControllerMsg::Reboot { reason, prefer_kexec }) => {
+                Output::Update(ControllerMsg::Reboot {
+                    reason,
+                    prefer_kexec,
+                }) => {
                     // One named image per reboot: a later request without one does not reuse it.
                     let named = self.kexec.take();
                     match reboot::decide(&self.config.reboot, prefer_kexec, named.as_ref()) {
@@ -971,22 +1208,39 @@ impl Shell<'_> {
                             send_msg(send, &AgentMsg::RebootRefused { reason: refusal }).await?;
                         }
                         Ok(method @ reboot::RebootMethod::KexecImage(_)) => {
-                            // Load first (seconds), off the session loop; acknowledge with what will
-                            // really happen (kexec, or the full reboot if loading failed).
+                            // Load first (seconds), off the session loop; acknowledge with what
+                            // will really happen (kexec, or the full reboot if loading failed).
                             warn!(%reason, %method, "the controller asks to reboot; loading the image first");
                             let events = self.overlay.events.clone();
                             let dir = self.config.reboot.kexec_dir.clone();
                             tokio::spawn(async move {
-                                let (method, ack) = tokio::task::spawn_blocking(move || reboot::prepare(method, &dir))
-                                    .await
-                                    .unwrap_or_else(|e| (reboot::RebootMethod::Syscall, format!("reboot(2) (loading the image failed: {e})")));
+                                let (method, ack) = tokio::task::spawn_blocking(move || {
+                                    reboot::prepare(method, &dir)
+                                })
+                                .await
+                                .unwrap_or_else(|e| {
+                                    (
+                                        reboot::RebootMethod::Syscall,
+                                        format!("reboot(2) (loading the image failed: {e})"),
+                                    )
+                                });
                                 let _ = events.send(ShellEvent::RebootReady { method, ack });
                             });
                         }
                         Ok(method) => {
                             warn!(%reason, %method, "the controller asks to reboot; rebooting");
-                            send_msg(send, &AgentMsg::RebootAck { method: method.to_string() }).await?;
-                            spawn_reboot(self.overlay.events.clone(), method, ShellEvent::RebootFailed);
+                            send_msg(
+                                send,
+                                &AgentMsg::RebootAck {
+                                    method: method.to_string(),
+                                },
+                            )
+                            .await?;
+                            spawn_reboot(
+                                self.overlay.events.clone(),
+                                method,
+                                ShellEvent::RebootFailed,
+                            );
                         }
                     }
                 }
@@ -1038,7 +1292,11 @@ impl Shell<'_> {
             }
             _ => Ok(()),
         };
-        let work = match self.maint.book.decide(&step, config, exec_allowed, &boot_id) {
+        let work = match self
+            .maint
+            .book
+            .decide(&step, config, exec_allowed, &boot_id)
+        {
             Decision::Ignore => {
                 debug!(run = %step.run, step = step.step.as_str(), "maintenance step already running");
                 return None;
@@ -1070,9 +1328,21 @@ impl Shell<'_> {
                 None
             }
             Work::SmartTest => {
-                let mut pending = PendingSmart { step: step.clone(), waiting: Default::default(), started: vec![], failed: vec![], skipped: vec![] };
+                let mut pending = PendingSmart {
+                    step: step.clone(),
+                    waiting: Default::default(),
+                    started: vec![],
+                    failed: vec![],
+                    skipped: vec![],
+                };
                 let Some(inputs) = self.drives.inputs.clone() else {
-                    return self.maintenance_done(step, StepOutcome::Done("no drives with SMART (the drive manager is off: --no-drives)".into()), true);
+                    return self.maintenance_done(
+                        step,
+                        StepOutcome::Done(
+                            "no drives with SMART (the drive manager is off: --no-drives)".into(),
+                        ),
+                        true,
+                    );
                 };
                 for drive in self.drives.last.iter().flat_map(|r| r.drives.iter()) {
                     match &drive.smart {
@@ -1083,7 +1353,9 @@ impl Shell<'_> {
                             let cmd = shoal_proto::DriveCommand {
                                 id,
                                 device: drive.name.clone(),
-                                action: shoal_proto::DriveAction::SelfTest(shoal_proto::SelfTestKind::Short),
+                                action: shoal_proto::DriveAction::SelfTest(
+                                    shoal_proto::SelfTestKind::Short,
+                                ),
                             };
                             let _ = inputs.send(DriveInput::Command(cmd));
                         }
@@ -1101,11 +1373,22 @@ impl Shell<'_> {
                 // A maintenance reboot is a full one (firmware, the real boot path), not kexec.
                 let method = match reboot::decide(&self.config.reboot, false, None) {
                     Ok(m) => m,
-                    Err(refusal) => return self.maintenance_done(step, StepOutcome::Failed(refusal), true),
+                    Err(refusal) => {
+                        return self.maintenance_done(step, StepOutcome::Failed(refusal), true)
+                    }
                 };
-                let record = maint::RebootRecord { run: step.run.clone(), boot_id };
+                let record = maint::RebootRecord {
+                    run: step.run.clone(),
+                    boot_id,
+                };
                 if let Err(e) = maint::store_record(&self.config.state_dir, Some(&record)) {
-                    return self.maintenance_done(step, StepOutcome::Failed(format!("cannot record the reboot in the state dir: {e}")), true);
+                    return self.maintenance_done(
+                        step,
+                        StepOutcome::Failed(format!(
+                            "cannot record the reboot in the state dir: {e}"
+                        )),
+                        true,
+                    );
                 }
                 self.maint.book.rebooting(record);
                 warn!(run = %step.run, %method, "maintenance reboot");
@@ -1121,7 +1404,12 @@ impl Shell<'_> {
 
     /// A step's work ended: remember it, answer if the session can carry it (otherwise the
     /// controller repeats the step on the next connection).
-    fn maintenance_done(&mut self, step: shoal_proto::MaintenanceStep, outcome: shoal_proto::StepOutcome, ready: bool) -> Option<AgentMsg> {
+    fn maintenance_done(
+        &mut self,
+        step: shoal_proto::MaintenanceStep,
+        outcome: shoal_proto::StepOutcome,
+        ready: bool,
+    ) -> Option<AgentMsg> {
         self.maint.book.finished(&step.run, step.step, &outcome);
         self.store_reboot_record();
         info!(run = %step.run, step = step.step.as_str(), outcome = ?outcome, "maintenance step ended");
@@ -1129,26 +1417,35 @@ impl Shell<'_> {
     }
 
     fn store_reboot_record(&self) {
-        if let Err(e) = maint::store_record(&self.config.state_dir, self.maint.book.reboot_record()) {
+        if let Err(e) = maint::store_record(&self.config.state_dir, self.maint.book.reboot_record())
+        {
             warn!(cause = %e, "cannot update the maintenance reboot record");
         }
     }
 }
 
 impl Shell<'_> {
-    /// An update report as the current session can decode it ([`shoal_proto::UpdateReport::for_protocol`]).
+    /// An update report as the current session can decode it
+    /// ([`shoal_proto::UpdateReport::for_protocol`]).
     fn update_report(&self, report: shoal_proto::UpdateReport) -> AgentMsg {
         AgentMsg::UpdateReport(report.for_protocol(self.protocol))
     }
 
     /// An offer of `version` (v4 `UpdateAgent` or v5 `UpdateOffer`): verified, acknowledged and
     /// fetched in the background (installed when complete), or refused; the message to answer with.
-    fn update_offer(&mut self, version: String, release: &shoal_proto::SignedRelease, allow_downgrade: bool) -> Option<AgentMsg> {
+    fn update_offer(
+        &mut self,
+        version: String,
+        release: &shoal_proto::SignedRelease,
+        allow_downgrade: bool,
+    ) -> Option<AgentMsg> {
         let offer = lock(&self.updater).offer(&version, release, allow_downgrade);
         match (offer, self.conn.clone()) {
             (Ok(updater::Offer::InProgress), _) => Some(AgentMsg::UpdateAck { version }),
             (Ok(updater::Offer::Fetch(manifest)), Some(conn)) => {
-                let ack = AgentMsg::UpdateAck { version: version.clone() };
+                let ack = AgentMsg::UpdateAck {
+                    version: version.clone(),
+                };
                 let (paths, policy) = {
                     let u = lock(&self.updater);
                     (u.paths().clone(), u.policy())
@@ -1166,7 +1463,9 @@ impl Shell<'_> {
                             let trying = lock(&shared).trying(&version);
                             tokio::task::spawn_blocking(move || updater::install(&paths, &trying))
                                 .await
-                                .unwrap_or_else(|e| Err(shoal_proto::UpdateFailure::Install(e.to_string())))
+                                .unwrap_or_else(|e| {
+                                    Err(shoal_proto::UpdateFailure::Install(e.to_string()))
+                                })
                         }
                         Err(e) => {
                             let _ = std::fs::remove_file(&paths.download);
@@ -1178,7 +1477,10 @@ impl Shell<'_> {
                 Some(ack)
             }
             (Ok(updater::Offer::Fetch(_)), None) => {
-                let report = lock(&self.updater).failed(&version, shoal_proto::UpdateFailure::Install("no connection to fetch on".into()));
+                let report = lock(&self.updater).failed(
+                    &version,
+                    shoal_proto::UpdateFailure::Install("no connection to fetch on".into()),
+                );
                 Some(self.update_report(report))
             }
             (Err(report), _) => Some(self.update_report(*report)),
@@ -1187,7 +1489,11 @@ impl Shell<'_> {
 }
 
 fn result_msg(step: &shoal_proto::MaintenanceStep, outcome: shoal_proto::StepOutcome) -> AgentMsg {
-    AgentMsg::MaintenanceResult(shoal_proto::MaintenanceResult { run: step.run.clone(), step: step.step, outcome })
+    AgentMsg::MaintenanceResult(shoal_proto::MaintenanceResult {
+        run: step.run.clone(),
+        step: step.step,
+        outcome,
+    })
 }
 
 /// Reboots after [`REBOOT_GRACE`] (for the acknowledgement to leave); a reboot that did not happen
@@ -1200,7 +1506,9 @@ fn spawn_reboot(
 ) {
     tokio::spawn(async move {
         tokio::time::sleep(REBOOT_GRACE).await;
-        let result = tokio::task::spawn_blocking(move || reboot::execute(&method)).await.unwrap_or_else(|e| Err(e.to_string()));
+        let result = tokio::task::spawn_blocking(move || reboot::execute(&method))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
         if let Err(e) = result {
             let _ = events.send(failed(e));
         }
@@ -1208,6 +1516,7 @@ fn spawn_reboot(
 }
 
 fn key_der(key_pem: &str) -> Result<PrivateKeyDer<'static>, AgentError> {
-    let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| AgentError::Tls(format!("node key: {e}")))?;
+    let key =
+        rcgen::KeyPair::from_pem(key_pem).map_err(|e| AgentError::Tls(format!("node key: {e}")))?;
     Ok(pki::tls_key(&key))
 }

@@ -1,16 +1,16 @@
-//! The agent's drive manager: which drives the machine has, what they hold, their SMART, and what the
-//! node's policy says to do with a new one.
+//! The agent's drive manager: which drives the machine has, what they hold, their SMART, and what
+//! the node's policy says to do with a new one.
 //!
-//! [`DriveBook`] is the sans-IO core: facts come in (a device appeared or vanished, what probing found on
-//! it, a SMART read, the controller's policy and commands, a preparation's outcome), and it answers with
-//! [`Work`] for the shell to do (examine a device, read SMART, prepare, detach a vanished mount, start a
-//! self-test, answer a command). Time is passed in. The shell (`drives_task` in `daemon.rs`) does the
-//! I/O: sysfs scans, kernel uevents, smartctl, `prepare`.
+//! [`DriveBook`] is the sans-IO core: facts come in (a device appeared or vanished, what probing
+//! found on it, a SMART read, the controller's policy and commands, a preparation's outcome), and
+//! it answers with [`Work`] for the shell to do (examine a device, read SMART, prepare, detach a
+//! vanished mount, start a self-test, answer a command). Time is passed in. The shell
+//! (`drives_task` in `daemon.rs`) does the I/O: sysfs scans, kernel uevents, smartctl, `prepare`.
 //!
-//! Architecture Invariant: the only path to writing a drive is [`Work::Prepare`], and the book emits it
-//! only for a drive whose examination found it blank (policy `prepare` or an operator's command), or for
-//! an operator's command that carries a serial number (`--force`), which `prepare` checks again against
-//! the drive itself before writing anything.
+//! Architecture Invariant: the only path to writing a drive is [`Work::Prepare`], and the book
+//! emits it only for a drive whose examination found it blank (policy `prepare` or an operator's
+//! command), or for an operator's command that carries a serial number (`--force`), which `prepare`
+//! checks again against the drive itself before writing anything.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -24,15 +24,16 @@ use crate::daemon::now_ms;
 use tracing::{debug, info, warn};
 
 use shoal_proto::{
-    Drive, DriveAction, DriveCommand, DriveCommandResult, DrivePolicy, DrivePolicyMode, DriveReport, DriveState,
-    Filesystem, PreparedDrive, SelfTestKind, SelfTestStatus, SmartOutcome, SmartReport, UnixMillis,
+    Drive, DriveAction, DriveCommand, DriveCommandResult, DrivePolicy, DrivePolicyMode,
+    DriveReport, DriveState, Filesystem, PreparedDrive, SelfTestKind, SelfTestStatus, SmartOutcome,
+    SmartReport, UnixMillis,
 };
 
 /// How often the drive manager reads SMART, and how it paces itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DriveTiming {
-    /// SMART read interval per drive. Default 30 min: the predictors move over days; smartctl -a wakes a
-    /// sleeping HDD on some models, so not too often.
+    /// SMART read interval per drive. Default 30 min: the predictors move over days; smartctl -a
+    /// wakes a sleeping HDD on some models, so not too often.
     pub smart_interval: Duration,
     /// SMART read interval while a self-test runs, to report its end promptly. Default 30 s.
     pub self_test_poll: Duration,
@@ -40,7 +41,10 @@ pub struct DriveTiming {
 
 impl Default for DriveTiming {
     fn default() -> Self {
-        Self { smart_interval: Duration::from_secs(30 * 60), self_test_poll: Duration::from_secs(30) }
+        Self {
+            smart_interval: Duration::from_secs(30 * 60),
+            self_test_poll: Duration::from_secs(30),
+        }
     }
 }
 
@@ -95,7 +99,8 @@ pub enum Work {
     Examine(String),
     /// Run smartctl on the device.
     ReadSmart(String),
-    /// Partition, format and mount the device. `id` is the controller command's, `None` for the policy.
+    /// Partition, format and mount the device. `id` is the controller command's, `None` for the
+    /// policy.
     Prepare {
         /// Device name.
         device: String,
@@ -150,7 +155,8 @@ pub struct DriveBook {
     timing: DriveTiming,
     policy: DrivePolicy,
     drives: BTreeMap<String, Entry>,
-    /// Prepared drives that vanished, by filesystem UUID: reported as `missing` until they come back.
+    /// Prepared drives that vanished, by filesystem UUID: reported as `missing` until they come
+    /// back.
     missing: BTreeMap<String, (DeviceFacts, PreparedDrive)>,
     work: VecDeque<Work>,
     changed: bool,
@@ -159,7 +165,14 @@ pub struct DriveBook {
 impl DriveBook {
     /// An empty book with a policy (the cached one, or the default `report`).
     pub fn new(timing: DriveTiming, policy: DrivePolicy) -> Self {
-        Self { timing, policy, drives: BTreeMap::new(), missing: BTreeMap::new(), work: VecDeque::new(), changed: true }
+        Self {
+            timing,
+            policy,
+            drives: BTreeMap::new(),
+            missing: BTreeMap::new(),
+            work: VecDeque::new(),
+            changed: true,
+        }
     }
 
     /// The policy in force.
@@ -170,7 +183,12 @@ impl DriveBook {
     /// A full scan: devices present now. Devices not in it vanished.
     pub fn scanned(&mut self, now: Instant, devices: Vec<DeviceFacts>) {
         let present: Vec<String> = devices.iter().map(|d| d.name.clone()).collect();
-        let gone: Vec<String> = self.drives.keys().filter(|n| !present.contains(n)).cloned().collect();
+        let gone: Vec<String> = self
+            .drives
+            .keys()
+            .filter(|n| !present.contains(n))
+            .cloned()
+            .collect();
         for name in gone {
             self.vanished(&name);
         }
@@ -181,9 +199,9 @@ impl DriveBook {
 
     /// A device is present (uevent `add`/`change`, or found by a scan).
     pub fn appeared(&mut self, now: Instant, facts: DeviceFacts) {
-        // Same medium as before: keep what we know. A different one under the same name (size or serial
-        // changed, e.g. a card swapped in a reader) is examined afresh, and a prepared one it replaced is
-        // missing.
+        // Same medium as before: keep what we know. A different one under the same name (size or
+        // serial changed, e.g. a card swapped in a reader) is examined afresh, and a prepared one
+        // it replaced is missing.
         match self.drives.get(&facts.name) {
             Some(entry) if entry.facts == facts => return,
             Some(_) => self.vanished(&facts.name),
@@ -198,12 +216,15 @@ impl DriveBook {
         self.changed = true;
     }
 
-    /// A device is gone (uevent `remove`, or absent from a scan). A prepared one becomes `missing` and
-    /// its mount is detached.
+    /// A device is gone (uevent `remove`, or absent from a scan). A prepared one becomes `missing`
+    /// and its mount is detached.
     pub fn vanished(&mut self, name: &str) {
-        let Some(entry) = self.drives.remove(name) else { return };
+        let Some(entry) = self.drives.remove(name) else {
+            return;
+        };
         if let Contents::Known(Examined::Prepared(p)) = &entry.contents {
-            self.missing.insert(p.fs_uuid.clone(), (entry.facts.clone(), p.clone()));
+            self.missing
+                .insert(p.fs_uuid.clone(), (entry.facts.clone(), p.clone()));
             self.work.push_back(Work::Detach(p.clone()));
         }
         self.changed = true;
@@ -211,7 +232,9 @@ impl DriveBook {
 
     /// What examining a device found.
     pub fn examined(&mut self, name: &str, result: Examined) {
-        let Some(entry) = self.drives.get_mut(name) else { return };
+        let Some(entry) = self.drives.get_mut(name) else {
+            return;
+        };
         if matches!(entry.contents, Contents::Preparing) {
             return;
         }
@@ -225,15 +248,24 @@ impl DriveBook {
 
     /// A SMART read finished.
     pub fn smart_read(&mut self, now: Instant, at: UnixMillis, name: &str, outcome: SmartOutcome) {
-        let Some(entry) = self.drives.get_mut(name) else { return };
+        let Some(entry) = self.drives.get_mut(name) else {
+            return;
+        };
         let running = matches!(
             &outcome,
-            SmartOutcome::Report(SmartReport { self_test: Some(SelfTestStatus::Running { .. }), .. })
+            SmartOutcome::Report(SmartReport {
+                self_test: Some(SelfTestStatus::Running { .. }),
+                ..
+            })
         );
         if entry.self_test_watch && !running {
             entry.self_test_watch = false;
         }
-        let poll = if entry.self_test_watch || running { self.timing.self_test_poll } else { self.timing.smart_interval };
+        let poll = if entry.self_test_watch || running {
+            self.timing.self_test_poll
+        } else {
+            self.timing.smart_interval
+        };
         entry.next_smart = now + poll;
         entry.smart_pending = false;
         entry.smart = Some((outcome, at));
@@ -256,18 +288,28 @@ impl DriveBook {
 
     /// A command from the controller.
     pub fn command(&mut self, now: Instant, cmd: DriveCommand) {
-        let answer = |result: Result<String, String>| Work::Answer(DriveCommandResult { id: cmd.id, result });
+        let answer = |result: Result<String, String>| {
+            Work::Answer(DriveCommandResult { id: cmd.id, result })
+        };
         let Some(entry) = self.drives.get_mut(&cmd.device) else {
-            self.work.push_back(answer(Err(format!("no drive {} on this node", cmd.device))));
+            self.work
+                .push_back(answer(Err(format!("no drive {} on this node", cmd.device))));
             return;
         };
         match cmd.action {
             DriveAction::SelfTest(kind) => {
                 entry.self_test_watch = true;
                 entry.next_smart = now + self.timing.self_test_poll;
-                self.work.push_back(Work::SelfTest { device: cmd.device, kind, command: cmd.id });
+                self.work.push_back(Work::SelfTest {
+                    device: cmd.device,
+                    kind,
+                    command: cmd.id,
+                });
             }
-            DriveAction::Prepare { force_serial, filesystem } => {
+            DriveAction::Prepare {
+                force_serial,
+                filesystem,
+            } => {
                 let refusal = match &entry.contents {
                     Contents::Unknown => Some("the drive is still being examined; try again in a moment".to_owned()),
                     Contents::Preparing => Some("the drive is being prepared already".to_owned()),
@@ -302,13 +344,19 @@ impl DriveBook {
     }
 
     /// A preparation ended.
-    pub fn prepared(&mut self, name: &str, command: Option<u64>, result: Result<PreparedDrive, String>) {
+    pub fn prepared(
+        &mut self,
+        name: &str,
+        command: Option<u64>,
+        result: Result<PreparedDrive, String>,
+    ) {
         if let Some(id) = command {
             let answer = match &result {
                 Ok(p) => Ok(format!("{name} prepared: {p}")),
                 Err(e) => Err(format!("preparing {name} failed: {e}")),
             };
-            self.work.push_back(Work::Answer(DriveCommandResult { id, result: answer }));
+            self.work
+                .push_back(Work::Answer(DriveCommandResult { id, result: answer }));
         }
         let Some(entry) = self.drives.get_mut(name) else {
             // Vanished while being prepared: if it got as far as a mount, that mount must go.
@@ -331,14 +379,21 @@ impl DriveBook {
                 entry.self_test_watch = false;
             }
         }
-        self.work.push_back(Work::Answer(DriveCommandResult { id: command, result }));
+        self.work.push_back(Work::Answer(DriveCommandResult {
+            id: command,
+            result,
+        }));
     }
 
-    /// Applies the policy to one drive: prepare a blank drive whose SMART is known and not failing, or
-    /// mark it awaiting approval.
+    /// Applies the policy to one drive: prepare a blank drive whose SMART is known and not failing,
+    /// or mark it awaiting approval.
     fn consider_policy(&mut self, name: &str) {
-        let Some(entry) = self.drives.get_mut(name) else { return };
-        if !matches!(entry.contents, Contents::Known(Examined::Blank)) || self.policy.mode != DrivePolicyMode::Prepare {
+        let Some(entry) = self.drives.get_mut(name) else {
+            return;
+        };
+        if !matches!(entry.contents, Contents::Known(Examined::Blank))
+            || self.policy.mode != DrivePolicyMode::Prepare
+        {
             return;
         }
         // Wait for the first SMART read: a failing drive is never prepared.
@@ -368,7 +423,11 @@ impl DriveBook {
 
     /// When [`DriveBook::handle_timeout`] has something to do next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.drives.values().filter(|e| !e.smart_pending).map(|e| e.next_smart).min()
+        self.drives
+            .values()
+            .filter(|e| !e.smart_pending)
+            .map(|e| e.next_smart)
+            .min()
     }
 
     /// The next piece of work.
@@ -383,39 +442,65 @@ impl DriveBook {
 
     /// The whole picture, for the controller.
     pub fn report(&self, at: UnixMillis) -> DriveReport {
-        let present = self.drives.values().map(|e| e.facts.drive(self.state_of(e), e.smart.as_ref()));
-        let missing = self.missing.values().map(|(facts, p)| facts.drive(DriveState::Missing(p.clone()), None));
-        DriveReport { at, drives: present.chain(missing).collect() }
+        let present = self
+            .drives
+            .values()
+            .map(|e| e.facts.drive(self.state_of(e), e.smart.as_ref()));
+        let missing = self
+            .missing
+            .values()
+            .map(|(facts, p)| facts.drive(DriveState::Missing(p.clone()), None));
+        DriveReport {
+            at,
+            drives: present.chain(missing).collect(),
+        }
     }
 
     fn state_of(&self, e: &Entry) -> DriveState {
         match &e.contents {
             // Not examined yet: say nothing about contents that could be read as "blank".
-            Contents::Unknown => DriveState::Unreadable { reason: "not examined yet".into() },
+            Contents::Unknown => DriveState::Unreadable {
+                reason: "not examined yet".into(),
+            },
             Contents::Preparing => DriveState::Preparing,
-            Contents::PrepareFailed(reason) => DriveState::PrepareFailed { reason: reason.clone() },
+            Contents::PrepareFailed(reason) => DriveState::PrepareFailed {
+                reason: reason.clone(),
+            },
             Contents::Known(Examined::Blank) if self.policy.mode == DrivePolicyMode::Approve => {
                 DriveState::AwaitingApproval
             }
             Contents::Known(Examined::Blank) => DriveState::Blank,
-            Contents::Known(Examined::HasData(s)) => DriveState::HasData { signatures: s.clone() },
+            Contents::Known(Examined::HasData(s)) => DriveState::HasData {
+                signatures: s.clone(),
+            },
             Contents::Known(Examined::Prepared(p)) => DriveState::Prepared(p.clone()),
-            Contents::Known(Examined::Unreadable(reason)) => DriveState::Unreadable { reason: reason.clone() },
+            Contents::Known(Examined::Unreadable(reason)) => DriveState::Unreadable {
+                reason: reason.clone(),
+            },
         }
     }
 }
 
 impl Entry {
     fn new(facts: DeviceFacts, now: Instant) -> Self {
-        Self { facts, contents: Contents::Unknown, smart: None, smart_pending: false, next_smart: now, self_test_watch: false }
+        Self {
+            facts,
+            contents: Contents::Unknown,
+            smart: None,
+            smart_pending: false,
+            next_smart: now,
+            self_test_watch: false,
+        }
     }
 }
 
-/// Why the drive's latest SMART says it is failing, judged on that one report with the same rules the
-/// controller's verdict starts from (`SmartReport::health_failed`, `critical_warning`,
+/// Why the drive's latest SMART says it is failing, judged on that one report with the same rules
+/// the controller's verdict starts from (`SmartReport::health_failed`, `critical_warning`,
 /// `spare_below_threshold`). The controller adds trends over the drive's history on top.
 fn smart_failure(entry: &Entry) -> Option<String> {
-    let Some((SmartOutcome::Report(r), _)) = &entry.smart else { return None };
+    let Some((SmartOutcome::Report(r), _)) = &entry.smart else {
+        return None;
+    };
     if r.health_failed() {
         return Some("overall health self-assessment FAILED".into());
     }
@@ -437,8 +522,8 @@ pub struct DrivesConfig {
     pub smart: crate::smart::SmartConfig,
     /// SMART schedule.
     pub timing: DriveTiming,
-    /// A full rescan of /sys/block this often, besides uevents (default 60 s): a safety net for lost
-    /// events, and the only source of changes where the uevent socket cannot be opened.
+    /// A full rescan of /sys/block this often, besides uevents (default 60 s): a safety net for
+    /// lost events, and the only source of changes where the uevent socket cannot be opened.
     pub rescan_interval: Duration,
     /// The cached drive policy, kept across restarts so that policy `prepare` works while the
     /// controller is unreachable (default `<state dir>/drive-policy.json`, set by the daemon).
@@ -485,7 +570,9 @@ enum Done {
 }
 
 fn load_policy(path: Option<&Path>) -> DrivePolicy {
-    let Some(path) = path else { return DrivePolicy::default() };
+    let Some(path) = path else {
+        return DrivePolicy::default();
+    };
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
             warn!(path = %path.display(), cause = %e, "cached drive policy unreadable; using report");
@@ -505,12 +592,17 @@ fn save_policy(path: Option<&Path>, policy: &DrivePolicy) {
     }
 }
 
-/// Examines one device: a shoal drive is mounted (restored), anything else is probed for signatures.
+/// Examines one device: a shoal drive is mounted (restored), anything else is probed for
+/// signatures.
 fn examine(config: &crate::prepare::PrepareConfig, name: &str) -> Examined {
-    match crate::prepare::restore(config, &[name.to_owned()]).into_iter().next() {
+    match crate::prepare::restore(config, &[name.to_owned()])
+        .into_iter()
+        .next()
+    {
         Some(Ok(p)) => return Examined::Prepared(p),
-        // A half-prepared drive (a shoal partition without a filesystem) or one that will not mount: what
-        // is on it decides, so the operator can still re-prepare it with --force and its serial.
+        // A half-prepared drive (a shoal partition without a filesystem) or one that will not
+        // mount: what is on it decides, so the operator can still re-prepare it with --force and
+        // its serial.
         Some(Err(e)) => warn!(device = %name, cause = %e, "not restored as a shoal drive"),
         None => {}
     }
@@ -522,12 +614,22 @@ fn examine(config: &crate::prepare::PrepareConfig, name: &str) -> Examined {
 }
 
 fn facts(dev: crate::blockdev::BlockDevice) -> DeviceFacts {
-    DeviceFacts { name: dev.name, model: dev.model, serial: dev.serial, size_bytes: dev.size_bytes, removable: dev.removable }
+    DeviceFacts {
+        name: dev.name,
+        model: dev.model,
+        serial: dev.serial,
+        size_bytes: dev.size_bytes,
+        removable: dev.removable,
+    }
 }
 
-/// Runs the drive manager until `inputs` closes: watches uevents and rescans, examines, reads SMART,
-/// applies the policy, carries out commands; tells `events` about every change.
-pub async fn run(config: DrivesConfig, mut inputs: mpsc::UnboundedReceiver<DriveInput>, events: mpsc::UnboundedSender<DriveEvent>) {
+/// Runs the drive manager until `inputs` closes: watches uevents and rescans, examines, reads
+/// SMART, applies the policy, carries out commands; tells `events` about every change.
+pub async fn run(
+    config: DrivesConfig,
+    mut inputs: mpsc::UnboundedReceiver<DriveInput>,
+    events: mpsc::UnboundedSender<DriveEvent>,
+) {
     let sys_block = config.prepare.sys_block.clone();
     let mut book = DriveBook::new(config.timing, load_policy(config.policy_cache.as_deref()));
     let uevents = match crate::blockdev::UeventSocket::bind() {
@@ -539,7 +641,10 @@ pub async fn run(config: DrivesConfig, mut inputs: mpsc::UnboundedReceiver<Drive
     };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let scan = |book: &mut DriveBook| {
-        let devices = crate::blockdev::scan(&sys_block, &config.matcher).into_iter().map(facts).collect();
+        let devices = crate::blockdev::scan(&sys_block, &config.matcher)
+            .into_iter()
+            .map(facts)
+            .collect();
         book.scanned(Instant::now(), devices);
     };
     scan(&mut book);
@@ -566,7 +671,13 @@ pub async fn run(config: DrivesConfig, mut inputs: mpsc::UnboundedReceiver<Drive
                         let _ = done.send(Done::Smart(name, outcome));
                     });
                 }
-                Work::Prepare { device, serial, filesystem, force_serial, command } => {
+                Work::Prepare {
+                    device,
+                    serial,
+                    filesystem,
+                    force_serial,
+                    command,
+                } => {
                     info!(device = %device, %filesystem, forced = force_serial.is_some(), "preparing drive");
                     let cfg = config.prepare.clone();
                     tokio::task::spawn_blocking(move || {
@@ -580,8 +691,12 @@ pub async fn run(config: DrivesConfig, mut inputs: mpsc::UnboundedReceiver<Drive
                         )
                         .map_err(|e| e.to_string());
                         match &result {
-                            Ok(p) => info!(device = %device, mount = %p.mount_point, uuid = %p.fs_uuid, "drive prepared"),
-                            Err(e) => warn!(device = %device, cause = %e, "preparing the drive failed"),
+                            Ok(p) => {
+                                info!(device = %device, mount = %p.mount_point, uuid = %p.fs_uuid, "drive prepared")
+                            }
+                            Err(e) => {
+                                warn!(device = %device, cause = %e, "preparing the drive failed")
+                            }
                         }
                         let _ = done.send(Done::Prepared(device, command, result));
                     });
@@ -594,7 +709,11 @@ pub async fn run(config: DrivesConfig, mut inputs: mpsc::UnboundedReceiver<Drive
                         }
                     });
                 }
-                Work::SelfTest { device, kind, command } => {
+                Work::SelfTest {
+                    device,
+                    kind,
+                    command,
+                } => {
                     let smart = config.smart.clone();
                     tokio::spawn(async move {
                         let result = match crate::smart::smart_target(&device) {
@@ -612,7 +731,9 @@ pub async fn run(config: DrivesConfig, mut inputs: mpsc::UnboundedReceiver<Drive
         if book.take_changed() {
             let _ = events.send(DriveEvent::Report(book.report(now_ms())));
         }
-        let wake = book.poll_timeout().map_or(next_rescan, |t| t.min(next_rescan));
+        let wake = book
+            .poll_timeout()
+            .map_or(next_rescan, |t| t.min(next_rescan));
         tokio::select! {
             event = async {
                 match &uevents {
@@ -681,7 +802,13 @@ mod tests {
     use shoal_proto::{DriveProtocol, NvmePredictors, SmartExitStatus, SmartPredictors};
 
     fn facts(name: &str) -> DeviceFacts {
-        DeviceFacts { name: name.into(), model: None, serial: Some(format!("SER-{name}")), size_bytes: 1 << 30, removable: false }
+        DeviceFacts {
+            name: name.into(),
+            model: None,
+            serial: Some(format!("SER-{name}")),
+            size_bytes: 1 << 30,
+            removable: false,
+        }
     }
 
     fn nvme_report(critical: u8) -> SmartOutcome {
@@ -696,7 +823,10 @@ mod tests {
             power_on_hours: None,
             health_passed: Some(critical == 0),
             exit_status: SmartExitStatus(if critical == 0 { 0 } else { 8 }),
-            predictors: SmartPredictors::Nvme(NvmePredictors { critical_warning: Some(critical), ..Default::default() }),
+            predictors: SmartPredictors::Nvme(NvmePredictors {
+                critical_warning: Some(critical),
+                ..Default::default()
+            }),
             self_test: None,
         })
     }
@@ -716,12 +846,19 @@ mod tests {
     }
 
     fn policy(mode: DrivePolicyMode) -> DrivePolicy {
-        DrivePolicy { mode, filesystem: Filesystem::Ext4 }
+        DrivePolicy {
+            mode,
+            filesystem: Filesystem::Ext4,
+        }
     }
 
     fn state(book: &DriveBook, name: &str) -> String {
         let r = book.report(UnixMillis(0));
-        r.drives.iter().find(|d| d.name == name).map(|d| d.state.as_str().to_owned()).unwrap_or_default()
+        r.drives
+            .iter()
+            .find(|d| d.name == name)
+            .map(|d| d.state.as_str().to_owned())
+            .unwrap_or_default()
     }
 
     #[test]
@@ -729,8 +866,15 @@ mod tests {
         let t0 = Instant::now();
         let mut book = DriveBook::new(DriveTiming::default(), DrivePolicy::default());
         book.appeared(t0, facts("sdb"));
-        assert_eq!(drain(&mut book), vec![Work::Examine("sdb".into()), Work::ReadSmart("sdb".into())]);
-        assert_eq!(state(&book, "sdb"), "unreadable", "unexamined is never reported blank");
+        assert_eq!(
+            drain(&mut book),
+            vec![Work::Examine("sdb".into()), Work::ReadSmart("sdb".into())]
+        );
+        assert_eq!(
+            state(&book, "sdb"),
+            "unreadable",
+            "unexamined is never reported blank"
+        );
         book.examined("sdb", Examined::Blank);
         book.smart_read(t0, UnixMillis(1), "sdb", nvme_report(0));
         assert_eq!(drain(&mut book), vec![]);
@@ -749,7 +893,9 @@ mod tests {
         book.examined("sdb", Examined::Blank);
         assert_eq!(drain(&mut book), vec![], "waits for SMART");
         book.smart_read(t0, UnixMillis(1), "sdb", nvme_report(0));
-        assert!(matches!(&drain(&mut book)[..], [Work::Prepare { device, command: None, force_serial: None, .. }] if device == "sdb"));
+        assert!(
+            matches!(&drain(&mut book)[..], [Work::Prepare { device, command: None, force_serial: None, .. }] if device == "sdb")
+        );
         assert_eq!(state(&book, "sdb"), "preparing");
 
         book.examined("sdc", Examined::Blank);
@@ -762,12 +908,20 @@ mod tests {
         drain(&mut book);
         book.examined("sdd", Examined::Blank);
         let mut low_spare = nvme_report(0);
-        if let SmartOutcome::Report(SmartReport { predictors: SmartPredictors::Nvme(n), .. }) = &mut low_spare {
+        if let SmartOutcome::Report(SmartReport {
+            predictors: SmartPredictors::Nvme(n),
+            ..
+        }) = &mut low_spare
+        {
             n.available_spare = Some(3);
             n.available_spare_threshold = Some(10);
         }
         book.smart_read(t0, UnixMillis(1), "sdd", low_spare);
-        assert_eq!(drain(&mut book), vec![], "spare below threshold is not prepared");
+        assert_eq!(
+            drain(&mut book),
+            vec![],
+            "spare below threshold is not prepared"
+        );
     }
 
     #[test]
@@ -778,13 +932,22 @@ mod tests {
         book.appeared(t0, facts("loop2"));
         drain(&mut book);
         for name in ["loop1", "loop2"] {
-            book.smart_read(t0, UnixMillis(1), name, SmartOutcome::NoSmart { reason: "loop device has no SMART".into() });
+            book.smart_read(
+                t0,
+                UnixMillis(1),
+                name,
+                SmartOutcome::NoSmart {
+                    reason: "loop device has no SMART".into(),
+                },
+            );
         }
         book.examined("loop2", Examined::HasData(vec!["ext4".into()]));
         assert_eq!(drain(&mut book), vec![]);
         assert_eq!(state(&book, "loop2"), "has-data");
         book.examined("loop1", Examined::Blank);
-        assert!(matches!(&drain(&mut book)[..], [Work::Prepare { device, .. }] if device == "loop1"));
+        assert!(
+            matches!(&drain(&mut book)[..], [Work::Prepare { device, .. }] if device == "loop1")
+        );
     }
 
     #[test]
@@ -803,27 +966,63 @@ mod tests {
         let prepare = |id, device: &str, force: Option<&str>| DriveCommand {
             id,
             device: device.into(),
-            action: DriveAction::Prepare { force_serial: force.map(Into::into), filesystem: Some(Filesystem::Xfs) },
+            action: DriveAction::Prepare {
+                force_serial: force.map(Into::into),
+                filesystem: Some(Filesystem::Xfs),
+            },
         };
         book.command(t0, prepare(1, "sdc", None));
         match &drain(&mut book)[..] {
-            [Work::Answer(DriveCommandResult { id: 1, result: Err(e) })] => assert!(e.contains("gpt, xfs") && e.contains("--force"), "{e}"),
+            [Work::Answer(DriveCommandResult {
+                id: 1,
+                result: Err(e),
+            })] => assert!(e.contains("gpt, xfs") && e.contains("--force"), "{e}"),
             other => panic!("{other:?}"),
         }
         book.command(t0, prepare(2, "sdz", None));
-        assert!(matches!(&drain(&mut book)[..], [Work::Answer(DriveCommandResult { id: 2, result: Err(_) })]));
+        assert!(matches!(
+            &drain(&mut book)[..],
+            [Work::Answer(DriveCommandResult {
+                id: 2,
+                result: Err(_)
+            })]
+        ));
 
         book.command(t0, prepare(3, "sdb", None));
-        assert!(matches!(&drain(&mut book)[..], [Work::Prepare { filesystem: Filesystem::Xfs, command: Some(3), .. }]));
+        assert!(matches!(
+            &drain(&mut book)[..],
+            [Work::Prepare {
+                filesystem: Filesystem::Xfs,
+                command: Some(3),
+                ..
+            }]
+        ));
         book.command(t0, prepare(4, "sdb", None));
-        assert!(matches!(&drain(&mut book)[..], [Work::Answer(DriveCommandResult { id: 4, result: Err(_) })]), "twice");
+        assert!(
+            matches!(
+                &drain(&mut book)[..],
+                [Work::Answer(DriveCommandResult {
+                    id: 4,
+                    result: Err(_)
+                })]
+            ),
+            "twice"
+        );
         book.prepared("sdb", Some(3), Ok(prepared("sdb")));
-        assert!(matches!(&drain(&mut book)[..], [Work::Answer(DriveCommandResult { id: 3, result: Ok(_) })]));
+        assert!(matches!(
+            &drain(&mut book)[..],
+            [Work::Answer(DriveCommandResult {
+                id: 3,
+                result: Ok(_)
+            })]
+        ));
         assert_eq!(state(&book, "sdb"), "prepared");
 
         // --force passes the serial on; prepare() compares it with the drive itself.
         book.command(t0, prepare(5, "sdc", Some("SER-sdc")));
-        assert!(matches!(&drain(&mut book)[..], [Work::Prepare { force_serial: Some(s), command: Some(5), .. }] if s == "SER-sdc"));
+        assert!(
+            matches!(&drain(&mut book)[..], [Work::Prepare { force_serial: Some(s), command: Some(5), .. }] if s == "SER-sdc")
+        );
         book.prepared("sdc", Some(5), Err("wrong serial".into()));
         drain(&mut book);
         assert_eq!(state(&book, "sdc"), "prepare-failed");
@@ -880,13 +1079,42 @@ mod tests {
         let t1 = t0 + timing.smart_interval;
         book.smart_read(t1, UnixMillis(2), "sdb", nvme_report(0));
 
-        book.command(t1, DriveCommand { id: 9, device: "sdb".into(), action: DriveAction::SelfTest(SelfTestKind::Short) });
-        assert_eq!(drain(&mut book), vec![Work::SelfTest { device: "sdb".into(), kind: SelfTestKind::Short, command: 9 }]);
+        book.command(
+            t1,
+            DriveCommand {
+                id: 9,
+                device: "sdb".into(),
+                action: DriveAction::SelfTest(SelfTestKind::Short),
+            },
+        );
+        assert_eq!(
+            drain(&mut book),
+            vec![Work::SelfTest {
+                device: "sdb".into(),
+                kind: SelfTestKind::Short,
+                command: 9
+            }]
+        );
         book.self_test_started("sdb", 9, Ok("started".into()));
-        assert!(matches!(&drain(&mut book)[..], [Work::Answer(DriveCommandResult { id: 9, result: Ok(_) })]));
+        assert!(matches!(
+            &drain(&mut book)[..],
+            [Work::Answer(DriveCommandResult {
+                id: 9,
+                result: Ok(_)
+            })]
+        ));
         assert_eq!(book.poll_timeout(), Some(t1 + timing.self_test_poll));
-        book.smart_read(t1 + timing.self_test_poll, UnixMillis(3), "sdb", nvme_report(0));
-        assert_eq!(book.poll_timeout(), Some(t1 + timing.self_test_poll + timing.smart_interval), "test over: back to normal");
+        book.smart_read(
+            t1 + timing.self_test_poll,
+            UnixMillis(3),
+            "sdb",
+            nvme_report(0),
+        );
+        assert_eq!(
+            book.poll_timeout(),
+            Some(t1 + timing.self_test_poll + timing.smart_interval),
+            "test over: back to normal"
+        );
     }
 
     #[test]
@@ -901,6 +1129,9 @@ mod tests {
         let mut other = facts("sdb");
         other.serial = Some("OTHER".into());
         book.appeared(t0, other);
-        assert_eq!(drain(&mut book), vec![Work::Examine("sdb".into()), Work::ReadSmart("sdb".into())]);
+        assert_eq!(
+            drain(&mut book),
+            vec![Work::Examine("sdb".into()), Work::ReadSmart("sdb".into())]
+        );
     }
 }

@@ -225,7 +225,6 @@ fn filesystem_usage(mount: &Mount) -> Option<FilesystemUsage> {
     })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

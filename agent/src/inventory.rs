@@ -1,9 +1,10 @@
-//! What a machine is: hardware and OS inventory read from procfs, sysfs and `/etc`, and the machine's
-//! stable hardware identity.
+//! What a machine is: hardware and OS inventory read from procfs, sysfs and `/etc`, and the
+//! machine's stable hardware identity.
 //!
-//! Every reader takes its roots from [`SysRoots`] so tests can point it at a fixture tree. Parsers are
-//! pure functions over `&str`; the file reading around them is thin. Nothing here panics on what the
-//! system says: a missing or unreadable file becomes `None`, an empty list or an empty string.
+//! Every reader takes its roots from [`SysRoots`] so tests can point it at a fixture tree. Parsers
+//! are pure functions over `&str`; the file reading around them is thin. Nothing here panics on
+//! what the system says: a missing or unreadable file becomes `None`, an empty list or an empty
+//! string.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
@@ -201,7 +202,8 @@ fn parse_cpuinfo(text: &str) -> CpuInfo {
         });
     let logical = fields().filter(|(key, _)| *key == "processor").count();
 
-    // A core is a (package, core) pair; hyperthreads share one. Blocks are separated by blank lines.
+    // A core is a (package, core) pair; hyperthreads share one. Blocks are separated by blank
+    // lines.
     let mut cores = BTreeSet::new();
     let (mut package, mut core) = (None, None);
     for line in text.lines().chain(std::iter::once("")) {

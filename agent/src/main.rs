@@ -44,8 +44,8 @@ struct Cli {
     /// Do not manage drives (no SMART, no hot-add handling).
     #[arg(long)]
     no_drives: bool,
-    /// Also count block devices whose kernel name matches GLOB as drives (repeatable; e.g. 'loop*').
-    /// By default only physical disks are drives: no loop, ram, zram, dm, md.
+    /// Also count block devices whose kernel name matches GLOB as drives (repeatable; e.g.
+    /// 'loop*'). By default only physical disks are drives: no loop, ram, zram, dm, md.
     #[arg(long = "drive-match", value_name = "GLOB")]
     drive_match: Vec<String>,
     /// Where prepared drives are mounted, each at DIR/<filesystem UUID>.
@@ -68,22 +68,22 @@ struct Cli {
     /// Starts of a new version allowed (crashes count) before the previous binary is restored.
     #[arg(long, default_value_t = 3)]
     update_max_starts: u32,
-    /// A program run as an extra health check, exit 0 passes: after every start (the boot report the
-    /// controller's image rollouts wait for; failing checks are re-run every 10 s) and after an agent
-    /// update. Gets SHOAL_CHECK (boot or update), SHOAL_AGENT_VERSION, SHOAL_IMAGE,
+    /// A program run as an extra health check, exit 0 passes: after every start (the boot report
+    /// the controller's image rollouts wait for; failing checks are re-run every 10 s) and after an
+    /// agent update. Gets SHOAL_CHECK (boot or update), SHOAL_AGENT_VERSION, SHOAL_IMAGE,
     /// SHOAL_AGENT_PREVIOUS. `--update-check` is the old name.
     #[arg(long = "health-check", alias = "update-check", value_name = "PATH")]
     health_check: Option<PathBuf>,
-    /// A shell command run when the controller asks this node to reboot, instead of `kexec -e` (used
-    /// when a kexec kernel is loaded) or the reboot(2) syscall after sync.
+    /// A shell command run when the controller asks this node to reboot, instead of `kexec -e`
+    /// (used when a kexec kernel is loaded) or the reboot(2) syscall after sync.
     #[arg(long, value_name = "CMD")]
     reboot_command: Option<String>,
-    /// Refuse the controller's reboot requests (an image rollout then fails this node at its deadline
-    /// and restores its previous image assignment).
+    /// Refuse the controller's reboot requests (an image rollout then fails this node at its
+    /// deadline and restores its previous image assignment).
     #[arg(long)]
     no_remote_reboot: bool,
-    /// A program `shoalctl maintenance run exec` may run on this node (absolute path, compared after
-    /// resolving symlinks; repeatable). Without any, every exec is refused.
+    /// A program `shoalctl maintenance run exec` may run on this node (absolute path, compared
+    /// after resolving symlinks; repeatable). Without any, every exec is refused.
     #[arg(long = "allow-exec", value_name = "PATH")]
     allow_exec: Vec<PathBuf>,
     /// A shell command run before every maintenance action (e.g. drain the node); exit 0 passes,
@@ -100,7 +100,11 @@ struct Cli {
     maintenance_timeout: Duration,
     /// Where the boot id is read, to tell a reboot from an agent restart (tests point it at a file
     /// their stand-in --reboot-command changes).
-    #[arg(long, value_name = "PATH", default_value = "/proc/sys/kernel/random/boot_id")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/proc/sys/kernel/random/boot_id"
+    )]
     boot_id_file: PathBuf,
     /// A public key netboot images must be signed with for this node to kexec into them (the `.pub`
     /// of 64 hex characters `images/build.sh` writes, the one the controller's `--image-key` takes;
@@ -117,13 +121,18 @@ struct Cli {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,quinn=warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,quinn=warn".into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // The reported version may come from the patched version slot (see shoal_agent::version).
     let version: &'static str = Box::leak(shoal_agent::version::agent_version().into_boxed_str());
-    let matches = <Cli as clap::CommandFactory>::command().version(version).get_matches();
+    let matches = <Cli as clap::CommandFactory>::command()
+        .version(version)
+        .get_matches();
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
@@ -133,10 +142,15 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("shoal-agent: {e:#}");
             match e.downcast_ref::<AgentError>() {
-                Some(AgentError::Refused(_) | AgentError::NoToken(_) | AgentError::BadToken(_) | AgentError::WrongController(_)) => {
-                    ExitCode::from(2)
+                Some(
+                    AgentError::Refused(_)
+                    | AgentError::NoToken(_)
+                    | AgentError::BadToken(_)
+                    | AgentError::WrongController(_),
+                ) => ExitCode::from(2),
+                Some(AgentError::Revoked(_) | AgentError::CertificateRefused(_)) => {
+                    ExitCode::from(3)
                 }
-                Some(AgentError::Revoked(_) | AgentError::CertificateRefused(_)) => ExitCode::from(3),
                 _ => ExitCode::FAILURE,
             }
         }
@@ -148,7 +162,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.token = match (cli.token, cli.token_file) {
         (Some(t), _) => Some(t),
         (None, Some(path)) => Some(
-            std::fs::read_to_string(&path).with_context(|| format!("reading token file {}", path.display()))?.trim().to_owned(),
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("reading token file {}", path.display()))?
+                .trim()
+                .to_owned(),
         ),
         (None, None) => None,
     };
@@ -160,8 +177,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.drives = if cli.no_drives {
         None
     } else {
-        let mut drives =
-            DrivesConfig { matcher: DriveMatch::new(&cli.drive_match).context("--drive-match")?, ..Default::default() };
+        let mut drives = DrivesConfig {
+            matcher: DriveMatch::new(&cli.drive_match).context("--drive-match")?,
+            ..Default::default()
+        };
         drives.prepare.mount_root = cli.drive_mount_root;
         drives.smart.smartctl = cli.smartctl;
         drives.timing.smart_interval = cli.smart_interval;
@@ -170,15 +189,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.update.release_key = match cli.release_key {
         None => None,
         Some(text) => {
-            let text = if text.trim().len() == 64 && text.trim().bytes().all(|b| b.is_ascii_hexdigit()) {
-                text
-            } else {
-                std::fs::read_to_string(&text).with_context(|| format!("reading release key file {text}"))?
-            };
+            let text =
+                if text.trim().len() == 64 && text.trim().bytes().all(|b| b.is_ascii_hexdigit()) {
+                    text
+                } else {
+                    std::fs::read_to_string(&text)
+                        .with_context(|| format!("reading release key file {text}"))?
+                };
             Some(shoal_agent::release::ReleaseKey::parse(&text).context("--release-key")?)
         }
     };
-    config.update.policy = shoal_agent::update::UpdatePolicy { health_deadline: cli.update_health_deadline, max_attempts: cli.update_max_starts, ..Default::default() };
+    config.update.policy = shoal_agent::update::UpdatePolicy {
+        health_deadline: cli.update_health_deadline,
+        max_attempts: cli.update_max_starts,
+        ..Default::default()
+    };
     config.update.check_command = cli.health_check;
     config.reboot.command = cli.reboot_command;
     config.reboot.allowed = !cli.no_remote_reboot;
@@ -189,18 +214,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         timeout: cli.maintenance_timeout,
         boot_id_file: cli.boot_id_file,
     };
-    config.maintenance.canonical_allow().map_err(anyhow::Error::msg)?;
+    config
+        .maintenance
+        .canonical_allow()
+        .map_err(anyhow::Error::msg)?;
     config.reboot.kexec = !cli.no_kexec;
     config.reboot.image_keys = cli
         .image_key
         .iter()
         .map(|path| {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading image key file {}", path.display()))?;
-            shoal_agent::release::ImageKey::parse(&text).with_context(|| format!("--image-key {}", path.display()))
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading image key file {}", path.display()))?;
+            shoal_agent::release::ImageKey::parse(&text)
+                .with_context(|| format!("--image-key {}", path.display()))
         })
         .collect::<anyhow::Result<_>>()?;
-    // One thread: the agent's work is a few messages a minute, and idle memory matters on small nodes.
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // One thread: the agent's work is a few messages a minute, and idle memory matters on small
+    // nodes.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(daemon::run(config, shutdown_signal()))?;
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! The agent's side of the overlay that is not datapath: the shared UDP socket and its relay pumps, the
-//! netmap (applying deltas, caching it on disk), local endpoints, and NAT mapping detection.
+//! The agent's side of the overlay that is not datapath: the shared UDP socket and its relay pumps,
+//! the netmap (applying deltas, caching it on disk), local endpoints, and NAT mapping detection.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -35,11 +35,17 @@ pub struct AgentEndpoint {
 
 /// Binds the agent's one UDP socket. The port is kept in the state dir: after a restart the agent's
 /// NAT mapping, and so the endpoint its peers have cached, stays the same, which lets peers reach a
-/// restarted agent even while the controller is down. `port` overrides it; 0 means "the kept one, or
-/// a random one the first time".
+/// restarted agent even while the controller is down. `port` overrides it; 0 means "the kept one,
+/// or a random one the first time".
 pub fn bind_endpoint(state_dir: &Path, ipv6: bool, port: u16) -> std::io::Result<AgentEndpoint> {
-    let kept = std::fs::read_to_string(state_dir.join(PORT_FILE)).ok().and_then(|s| s.trim().parse::<u16>().ok());
-    let ip: IpAddr = if ipv6 { IpAddr::from([0u16; 8]) } else { IpAddr::from([0u8; 4]) };
+    let kept = std::fs::read_to_string(state_dir.join(PORT_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse::<u16>().ok());
+    let ip: IpAddr = if ipv6 {
+        IpAddr::from([0u16; 8])
+    } else {
+        IpAddr::from([0u8; 4])
+    };
     let socket = match (port, kept) {
         (0, Some(p)) => std::net::UdpSocket::bind((ip, p)).or_else(|e| {
             warn!(port = p, cause = %e, "the kept overlay port is taken; using a new one (peers learn it from the controller)");
@@ -49,7 +55,11 @@ pub fn bind_endpoint(state_dir: &Path, ipv6: bool, port: u16) -> std::io::Result
     };
     let port = socket.local_addr()?.port();
     if kept != Some(port) {
-        shoal_overlay::pki::write_private_file(&state_dir.join(PORT_FILE), format!("{port}\n").as_bytes(), 0o600)?;
+        shoal_overlay::pki::write_private_file(
+            &state_dir.join(PORT_FILE),
+            format!("{port}\n").as_bytes(),
+            0o600,
+        )?;
     }
     let (socket, channels, _stats) = RelaySocket::wrap(socket)?;
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
@@ -60,7 +70,12 @@ pub fn bind_endpoint(state_dir: &Path, ipv6: bool, port: u16) -> std::io::Result
     )?;
     let (control, control_rx) = watch::channel(None::<quinn::Connection>);
     tokio::spawn(relay_out(channels.outbound, control_rx));
-    Ok(AgentEndpoint { endpoint, control, injector: channels.injector, port })
+    Ok(AgentEndpoint {
+        endpoint,
+        control,
+        injector: channels.injector,
+        port,
+    })
 }
 
 /// Packets quinn addressed to relay addresses go out as datagrams on the control connection.
@@ -119,7 +134,10 @@ impl NetmapCache {
             Ok(bytes) => match postcard::from_bytes::<Netmap>(&bytes) {
                 Ok(map) if map.valid_until.0 > now.0 => Some(map),
                 Ok(map) => {
-                    warn!(valid_until = map.valid_until.0, "cached netmap has expired; waiting for the controller");
+                    warn!(
+                        valid_until = map.valid_until.0,
+                        "cached netmap has expired; waiting for the controller"
+                    );
                     None
                 }
                 Err(e) => {
@@ -151,7 +169,10 @@ impl NetmapCache {
     /// Applies a delta.
     pub fn apply(&mut self, delta: &NetmapDelta) -> DeltaOutcome {
         let Some(map) = self.current.as_mut() else {
-            return DeltaOutcome::Gap(NetmapGap { have: 0, delta_from: delta.from_version });
+            return DeltaOutcome::Gap(NetmapGap {
+                have: 0,
+                delta_from: delta.from_version,
+            });
         };
         match map.apply(delta) {
             Ok(()) => {
@@ -179,11 +200,13 @@ impl NetmapCache {
     }
 }
 
-/// The machine's addresses peers on the same LAN could use, with the agent's port: every IPv4 address
-/// of an interface that is up, except loopback and the overlay's own TAP devices (the overlay must
-/// never be carried over itself).
+/// The machine's addresses peers on the same LAN could use, with the agent's port: every IPv4
+/// address of an interface that is up, except loopback and the overlay's own TAP devices (the
+/// overlay must never be carried over itself).
 pub fn local_endpoints(port: u16, tap_prefix: &str) -> Vec<SocketAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return vec![] };
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return vec![];
+    };
     let mut out: Vec<SocketAddr> = addrs
         .filter(|a| !a.interface_name.starts_with(tap_prefix))
         .filter(|a| a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP))
@@ -197,7 +220,11 @@ pub fn local_endpoints(port: u16, tap_prefix: &str) -> Vec<SocketAddr> {
 }
 
 /// Classifies the NAT from the address the controller saw on its main port and on its probe port.
-pub fn classify_nat(main: SocketAddr, probe: Option<SocketAddr>, local: &[SocketAddr]) -> NatMapping {
+pub fn classify_nat(
+    main: SocketAddr,
+    probe: Option<SocketAddr>,
+    local: &[SocketAddr],
+) -> NatMapping {
     if local.contains(&main) {
         return NatMapping::None;
     }
@@ -221,14 +248,18 @@ pub async fn probe_observed(
             .await
             .map_err(|e| e.to_string())?;
         let mut recv = conn.accept_uni().await.map_err(|e| e.to_string())?;
-        let msg = recv_msg::<ControllerMsg>(&mut recv).await.map_err(|e| e.to_string())?;
+        let msg = recv_msg::<ControllerMsg>(&mut recv)
+            .await
+            .map_err(|e| e.to_string())?;
         conn.close(0u32.into(), b"");
         match msg {
             Some(ControllerMsg::Observed(o)) => Ok(o.address),
             other => Err(format!("unexpected probe answer: {other:?}")),
         }
     };
-    tokio::time::timeout(Duration::from_secs(5), attempt).await.map_err(|_| "probe timed out".to_owned())?
+    tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .map_err(|_| "probe timed out".to_owned())?
 }
 
 #[cfg(test)]
@@ -240,9 +271,18 @@ mod tests {
     fn nat_is_classified_from_the_two_observations() {
         let local: Vec<SocketAddr> = vec!["10.0.0.2:5000".parse().unwrap()];
         let main: SocketAddr = "198.51.100.7:5000".parse().unwrap();
-        assert_eq!(classify_nat(local[0], Some(local[0]), &local), NatMapping::None);
-        assert_eq!(classify_nat(main, Some(main), &local), NatMapping::EndpointIndependent);
-        assert_eq!(classify_nat(main, Some("198.51.100.7:6001".parse().unwrap()), &local), NatMapping::EndpointDependent);
+        assert_eq!(
+            classify_nat(local[0], Some(local[0]), &local),
+            NatMapping::None
+        );
+        assert_eq!(
+            classify_nat(main, Some(main), &local),
+            NatMapping::EndpointIndependent
+        );
+        assert_eq!(
+            classify_nat(main, Some("198.51.100.7:6001".parse().unwrap()), &local),
+            NatMapping::EndpointDependent
+        );
         assert_eq!(classify_nat(main, None, &local), NatMapping::Unknown);
     }
 
@@ -251,7 +291,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut cache = NetmapCache::load(dir.path(), UnixMillis(0));
         assert!(cache.get().is_none());
-        let map = Netmap { version: 7, valid_until: UnixMillis(1_000), ..Default::default() };
+        let map = Netmap {
+            version: 7,
+            valid_until: UnixMillis(1_000),
+            ..Default::default()
+        };
         cache.replace(map);
         let net = NetworkMembership {
             id: NetworkId(1),
@@ -271,9 +315,20 @@ mod tests {
         assert_eq!(cache.apply(&delta), DeltaOutcome::Applied);
         assert!(matches!(cache.apply(&delta), DeltaOutcome::Gap(_)));
         let reloaded = NetmapCache::load(dir.path(), UnixMillis(1_500));
-        assert_eq!(reloaded.get().map(|m| (m.version, m.networks.clone())), Some((9, vec![net])));
-        assert!(NetmapCache::load(dir.path(), UnixMillis(2_000)).get().is_none(), "expired");
+        assert_eq!(
+            reloaded.get().map(|m| (m.version, m.networks.clone())),
+            Some((9, vec![net]))
+        );
+        assert!(
+            NetmapCache::load(dir.path(), UnixMillis(2_000))
+                .get()
+                .is_none(),
+            "expired"
+        );
         std::fs::write(dir.path().join(NETMAP_FILE), b"\xff\xff garbage").unwrap();
-        assert!(NetmapCache::load(dir.path(), UnixMillis(0)).get().is_none(), "corrupt cache is ignored");
+        assert!(
+            NetmapCache::load(dir.path(), UnixMillis(0)).get().is_none(),
+            "corrupt cache is ignored"
+        );
     }
 }

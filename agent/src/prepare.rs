@@ -1,21 +1,21 @@
-//! Preparing a drive for shoal (a GPT with one partition, a filesystem, a mount by filesystem UUID), and
-//! mounting prepared drives again when the agent starts.
+//! Preparing a drive for shoal (a GPT with one partition, a filesystem, a mount by filesystem
+//! UUID), and mounting prepared drives again when the agent starts.
 //!
-//! The rule this module exists to keep: **shoal never writes over a drive that holds data.** [`prepare`]
-//! keeps it like this:
+//! The rule this module exists to keep: **shoal never writes over a drive that holds data.**
+//! [`prepare`] keeps it like this:
 //!
-//! - Nothing is written until every check has passed: the mkfs tool exists, the mount point could be
-//!   made, the drive opened exclusively, and the probe found nothing (or the operator forced it with
-//!   the drive's serial number).
+//! - Nothing is written until every check has passed: the mkfs tool exists, the mount point could
+//!   be made, the drive opened exclusively, and the probe found nothing (or the operator forced it
+//!   with the drive's serial number).
 //! - The drive is opened `O_EXCL`: the kernel refuses while the drive or one of its partitions is
 //!   mounted, or held by md or device-mapper. The probe and every write go through that descriptor.
 //! - The probe ([`probe`]) looks where [`blank::signatures`] looks, at both ends of the device, and
 //!   also where partitions start (1 MiB, where ours will start, with the end ours will have; and
 //!   sector 63, where DOS partitioning put them). A drive whose partition table alone was wiped
 //!   (`wipefs /dev/sdX`) still shows the filesystem of its first partition, and is refused.
-//! - The drive's identity is checked before every step: its `/sys/block` entry must still exist with
-//!   a non-zero size and the same `diskseq` (a number the kernel gives each disk it attaches), so a
-//!   drive pulled and another plugged in under the same name is noticed before the next step.
+//! - The drive's identity is checked before every step: its `/sys/block` entry must still exist
+//!   with a non-zero size and the same `diskseq` (a number the kernel gives each disk it attaches),
+//!   so a drive pulled and another plugged in under the same name is noticed before the next step.
 //! - Before mkfs, the partition must be the one just written (start and size in sysfs, the GPT's
 //!   random disk GUID read back from the disk, the device node's number) and blank. Before the
 //!   mount, its superblock must carry the filesystem UUID just generated.
@@ -29,8 +29,8 @@
 //! UUID is read from the superblock, device nodes missing from `/dev` (no devtmpfs) are made from
 //! sysfs, and a kernel that does not parse GPTs itself is told about the partition with `BLKPG`.
 //!
-//! Sans-IO parts (names, label, geometry, superblock and mountinfo parsing, the probe's windows) are
-//! plain functions over bytes; the shell around them is blocking I/O, for `spawn_blocking`.
+//! Sans-IO parts (names, label, geometry, superblock and mountinfo parsing, the probe's windows)
+//! are plain functions over bytes; the shell around them is blocking I/O, for `spawn_blocking`.
 
 use std::{
     ffi::OsString,
@@ -77,7 +77,8 @@ const POLL: Duration = Duration::from_millis(20);
 /// Where drives are mounted and where devices are found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrepareConfig {
-    /// Prepared drives are mounted at `<mount_root>/<filesystem UUID>`. Default `/var/lib/shoal/drives`.
+    /// Prepared drives are mounted at `<mount_root>/<filesystem UUID>`. Default
+    /// `/var/lib/shoal/drives`.
     pub mount_root: PathBuf,
     /// Device nodes. Default `/dev`.
     pub dev_dir: PathBuf,
@@ -167,9 +168,9 @@ pub enum ProbeError {
     },
 }
 
-/// Why [`prepare`] did not prepare a drive. The preflight errors (mkfs tool, sector size, mount root),
-/// `Busy`, `HasData`, `NoSerial` and `WrongSerial` all come before anything is written to the drive;
-/// so does `Vanished` at any step up to and including [`Step::Wipe`].
+/// Why [`prepare`] did not prepare a drive. The preflight errors (mkfs tool, sector size, mount
+/// root), `Busy`, `HasData`, `NoSerial` and `WrongSerial` all come before anything is written to
+/// the drive; so does `Vanished` at any step up to and including [`Step::Wipe`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PrepareError {
@@ -473,7 +474,11 @@ pub enum DetachError {
 }
 
 fn list(signatures: &[Signature]) -> String {
-    signatures.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    signatures
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -485,7 +490,9 @@ pub fn valid_disk_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
 /// The kernel's name for partition `n` of `disk`: `sdb` → `sdb1`; names ending in a digit get a `p`
@@ -505,14 +512,24 @@ pub fn fs_label(serial: Option<&str>, fs_uuid: &str) -> String {
         let alnum: Vec<char> = s.chars().filter(char::is_ascii_alphanumeric).collect();
         alnum[alnum.len().saturating_sub(6)..].iter().collect()
     }
-    let tail = serial.map(last6).filter(|t| !t.is_empty()).unwrap_or_else(|| last6(fs_uuid));
+    let tail = serial
+        .map(last6)
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| last6(fs_uuid));
     format!("shoal-{tail}")
 }
 
 /// 16 bytes as a UUID in the usual lowercase hyphenated form.
 fn format_uuid(b: &[u8; 16]) -> String {
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
 }
 
 /// A random (version 4) UUID.
@@ -544,7 +561,8 @@ fn partition_span(size: u64, sector: u64) -> Option<Span> {
         return None;
     }
     let lbas = size / sector;
-    // The backup header is the last LBA; the backup entry array (128 × 128 bytes) is just before it.
+    // The backup header is the last LBA; the backup entry array (128 × 128 bytes) is just before
+    // it.
     let last_usable = lbas.checked_sub(2 + 16384u64.div_ceil(sector))?;
     let end = (last_usable + 1) * sector / MIB * MIB;
     (end >= 2 * MIB).then_some(Span { start: MIB, end })
@@ -552,15 +570,21 @@ fn partition_span(size: u64, sector: u64) -> Option<Span> {
 
 /// The partition spans for either sector size (the probe does not know which one the drive has).
 fn candidate_spans(size: u64) -> Vec<Span> {
-    let mut spans: Vec<Span> = [512, 4096].iter().filter_map(|s| partition_span(size, *s)).collect();
+    let mut spans: Vec<Span> = [512, 4096]
+        .iter()
+        .filter_map(|s| partition_span(size, *s))
+        .collect();
     spans.dedup();
     spans
 }
 
-/// Every signature on a device of `size` bytes, reading through `read(offset, len)`: at both ends of
-/// the device, at sector 63 (DOS partitions), and where shoal's partition will be (its first MiB and
-/// its last, for either sector size). Sorted, without duplicates; empty means blank.
-fn scan(size: u64, read: &mut dyn FnMut(u64, usize) -> io::Result<Vec<u8>>) -> io::Result<Vec<Signature>> {
+/// Every signature on a device of `size` bytes, reading through `read(offset, len)`: at both ends
+/// of the device, at sector 63 (DOS partitions), and where shoal's partition will be (its first MiB
+/// and its last, for either sector size). Sorted, without duplicates; empty means blank.
+fn scan(
+    size: u64,
+    read: &mut dyn FnMut(u64, usize) -> io::Result<Vec<u8>>,
+) -> io::Result<Vec<Signature>> {
     let head_len = size.min(2 * MIB);
     let head = read(0, to_usize(head_len))?;
     let tail_len = size.min(MIB);
@@ -582,8 +606,15 @@ fn scan(size: u64, read: &mut dyn FnMut(u64, usize) -> io::Result<Vec<u8>>) -> i
 
 /// The ranges a forced prepare zeroes: everything [`scan`] reads.
 fn wipe_ranges(size: u64) -> Vec<(u64, u64)> {
-    let mut ranges = vec![(0, size.min(2 * MIB)), (size - size.min(MIB), size.min(MIB))];
-    ranges.extend(candidate_spans(size).into_iter().map(|s| (s.end - MIB, MIB)));
+    let mut ranges = vec![
+        (0, size.min(2 * MIB)),
+        (size - size.min(MIB), size.min(MIB)),
+    ];
+    ranges.extend(
+        candidate_spans(size)
+            .into_iter()
+            .map(|s| (s.end - MIB, MIB)),
+    );
     ranges
 }
 
@@ -608,7 +639,11 @@ pub struct FsIdentity {
 pub fn fs_identity(sb: &[u8]) -> Option<FsIdentity> {
     let field = |off: usize, len: usize| sb.get(off..off + len);
     let (filesystem, uuid, label) = if field(1024 + 0x38, 2) == Some(&[0x53, 0xef]) {
-        (Filesystem::Ext4, field(1024 + 0x68, 16)?, field(1024 + 0x78, 16)?)
+        (
+            Filesystem::Ext4,
+            field(1024 + 0x68, 16)?,
+            field(1024 + 0x78, 16)?,
+        )
     } else if field(0, 4) == Some(b"XFSB") {
         (Filesystem::Xfs, field(32, 16)?, field(108, 12)?)
     } else {
@@ -619,18 +654,27 @@ pub fn fs_identity(sb: &[u8]) -> Option<FsIdentity> {
         return None;
     }
     let label = label.split(|b| *b == 0).next().unwrap_or_default();
-    Some(FsIdentity { filesystem, uuid: format_uuid(&uuid), label: String::from_utf8_lossy(label).into_owned() })
+    Some(FsIdentity {
+        filesystem,
+        uuid: format_uuid(&uuid),
+        label: String::from_utf8_lossy(label).into_owned(),
+    })
 }
 
-/// Whether a GPT header (the 92 bytes at LBA 1 or in the last LBA) has the shape shoal writes, or is
-/// no GPT header at all: 128-byte entries, at most 128 of them. The `gpt` crate panics on other
+/// Whether a GPT header (the 92 bytes at LBA 1 or in the last LBA) has the shape shoal writes, or
+/// is no GPT header at all: 128-byte entries, at most 128 of them. The `gpt` crate panics on other
 /// entry sizes and walks whatever count a header claims, so other tables are not handed to it (no
 /// shoal drive has one).
 fn gpt_header_shape_ok(header: &[u8]) -> bool {
     if header.get(..8) != Some(b"EFI PART") {
         return true;
     }
-    let word = |off: usize| header.get(off..off + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
+    let word = |off: usize| {
+        header
+            .get(off..off + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+    };
     matches!((word(80), word(84)), (Some(count), Some(128)) if count <= 128)
 }
 
@@ -654,8 +698,13 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     text.lines()
         .filter_map(|line| {
             let mut fields = line.split(' ');
-            let (_id, _parent, dev, _root, mount_point) =
-                (fields.next()?, fields.next()?, fields.next()?, fields.next()?, fields.next()?);
+            let (_id, _parent, dev, _root, mount_point) = (
+                fields.next()?,
+                fields.next()?,
+                fields.next()?,
+                fields.next()?,
+                fields.next()?,
+            );
             let (major, minor) = dev.split_once(':')?;
             // Optional fields end with a lone "-".
             let mut rest = fields.skip_while(|f| *f != "-").skip(1);
@@ -677,10 +726,15 @@ fn unescape(field: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let octal = b.get(i + 1..i + 4).filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match octal {
             Some(d) => {
-                out.push(d.iter().fold(0u8, |acc, c| acc.wrapping_mul(8).wrapping_add(c - b'0')));
+                out.push(
+                    d.iter()
+                        .fold(0u8, |acc, c| acc.wrapping_mul(8).wrapping_add(c - b'0')),
+                );
                 i += 4;
             }
             None => {
@@ -722,7 +776,9 @@ fn logical_block_size(sys_block: &Path, disk: &str) -> Result<u64, String> {
     if size == 512 || size == 4096 {
         Ok(size)
     } else {
-        Err(format!("{size}-byte sectors (only 512 and 4096 are supported)"))
+        Err(format!(
+            "{size}-byte sectors (only 512 and 4096 are supported)"
+        ))
     }
 }
 
@@ -748,20 +804,24 @@ fn node_matches(path: &Path, devnum: (u32, u32)) -> io::Result<Result<(), String
     if found == (u64::from(devnum.0), u64::from(devnum.1)) {
         Ok(Ok(()))
     } else {
-        Ok(Err(format!("is device {}:{}, but sysfs says {}:{}", found.0, found.1, devnum.0, devnum.1)))
+        Ok(Err(format!(
+            "is device {}:{}, but sysfs says {}:{}",
+            found.0, found.1, devnum.0, devnum.1
+        )))
     }
 }
 
 /// Makes the block device node `path` for `devnum` (for a `/dev` without devtmpfs).
 fn make_node(path: &Path, devnum: (u32, u32)) -> Result<(), String> {
     let dev = stat::makedev(u64::from(devnum.0), u64::from(devnum.1));
-    stat::mknod(path, SFlag::S_IFBLK, Mode::from_bits_truncate(0o600), dev).map_err(|e| format!("mknod: {e}"))?;
+    stat::mknod(path, SFlag::S_IFBLK, Mode::from_bits_truncate(0o600), dev)
+        .map_err(|e| format!("mknod: {e}"))?;
     info!(node = %path.display(), major = devnum.0, minor = devnum.1, "made a device node (no devtmpfs)");
     Ok(())
 }
 
-/// The node of whole disk `disk`, checked against sysfs's device number; made when missing (a `/dev`
-/// without devtmpfs).
+/// The node of whole disk `disk`, checked against sysfs's device number; made when missing (a
+/// `/dev` without devtmpfs).
 fn disk_node(sys_block: &Path, dev_dir: &Path, disk: &str) -> Result<PathBuf, String> {
     let node = dev_dir.join(disk);
     let devnum = read_attr(&sys_block.join(disk).join("dev"))
@@ -776,7 +836,12 @@ fn disk_node(sys_block: &Path, dev_dir: &Path, disk: &str) -> Result<PathBuf, St
 
 /// Waits for the device node of a partition sysfs shows as `devnum`; after [`NODE_GRACE`] (or at
 /// `deadline`) without one, makes it. A node with other numbers is an error, never replaced.
-fn wait_node(path: &Path, devnum: (u32, u32), since: Instant, deadline: Instant) -> Result<bool, String> {
+fn wait_node(
+    path: &Path,
+    devnum: (u32, u32),
+    since: Instant,
+    deadline: Instant,
+) -> Result<bool, String> {
     match node_matches(path, devnum) {
         Ok(Ok(())) => Ok(true),
         Ok(Err(reason)) => Err(reason),
@@ -810,7 +875,9 @@ fn read_identity(path: &Path) -> io::Result<Option<FsIdentity>> {
 }
 
 fn read_mountinfo() -> io::Result<Vec<MountEntry>> {
-    Ok(parse_mountinfo(&fs::read_to_string("/proc/self/mountinfo")?))
+    Ok(parse_mountinfo(&fs::read_to_string(
+        "/proc/self/mountinfo",
+    )?))
 }
 
 /// Whether something is mounted at `mount_point` (as `/proc/self/mountinfo` spells it).
@@ -824,7 +891,8 @@ fn remove_empty_dir(path: &Path) -> io::Result<()> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e)
-            if e.raw_os_error() == Some(Errno::ENOTEMPTY as i32) || e.raw_os_error() == Some(Errno::EBUSY as i32) =>
+            if e.raw_os_error() == Some(Errno::ENOTEMPTY as i32)
+                || e.raw_os_error() == Some(Errno::EBUSY as i32) =>
         {
             warn!(path = %path.display(), cause = %e, "mount point left in place");
             Ok(())
@@ -866,7 +934,9 @@ mod ioctl {
 
     // The sizes the kernel's structs have on 64-bit targets.
     #[cfg(target_pointer_width = "64")]
-    const _: () = assert!(std::mem::size_of::<BlkpgPartition>() == 152 && std::mem::size_of::<BlkpgIoctlArg>() == 24);
+    const _: () = assert!(
+        std::mem::size_of::<BlkpgPartition>() == 152 && std::mem::size_of::<BlkpgIoctlArg>() == 24
+    );
 
     /// Has the kernel re-read the partition table of the whole disk `fd`.
     pub(super) fn reread_partitions(fd: BorrowedFd<'_>) -> nix::Result<()> {
@@ -875,16 +945,28 @@ mod ioctl {
     }
 
     /// Tells the kernel about partition `pno` of the whole disk `fd`: `length` bytes from `start`.
-    pub(super) fn add_partition(fd: BorrowedFd<'_>, pno: i32, start: i64, length: i64) -> nix::Result<()> {
-        let mut part = BlkpgPartition { start, length, pno, devname: [0; 64], volname: [0; 64] };
+    pub(super) fn add_partition(
+        fd: BorrowedFd<'_>,
+        pno: i32,
+        start: i64,
+        length: i64,
+    ) -> nix::Result<()> {
+        let mut part = BlkpgPartition {
+            start,
+            length,
+            pno,
+            devname: [0; 64],
+            volname: [0; 64],
+        };
         let arg = BlkpgIoctlArg {
             op: BLKPG_ADD_PARTITION,
             flags: 0,
             datalen: std::mem::size_of::<BlkpgPartition>() as i32,
             data: std::ptr::addr_of_mut!(part).cast(),
         };
-        // SAFETY: `arg` and the `part` it points to are laid out as in linux/blkpg.h (`repr(C)`) and
-        // live until the call returns; the kernel only copies them in. `fd` is open for the call.
+        // SAFETY: `arg` and the `part` it points to are laid out as in linux/blkpg.h (`repr(C)`)
+        // and live until the call returns; the kernel only copies them in. `fd` is open for the
+        // call.
         unsafe { blkpg(fd.as_raw_fd(), &arg) }.map(drop)
     }
 }
@@ -897,11 +979,19 @@ mod ioctl {
 /// sector 63). Empty means blank. Opens the device read-only and writes nothing.
 pub fn probe(dev_dir: &Path, disk: &str) -> Result<Vec<Signature>, ProbeError> {
     if !valid_disk_name(disk) {
-        return Err(ProbeError::BadName { disk: disk.to_owned() });
+        return Err(ProbeError::BadName {
+            disk: disk.to_owned(),
+        });
     }
     let path = dev_dir.join(disk);
-    let file = File::open(&path).map_err(|source| ProbeError::Open { path: path.clone(), source })?;
-    let read = |source| ProbeError::Read { path: path.clone(), source };
+    let file = File::open(&path).map_err(|source| ProbeError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    let read = |source| ProbeError::Read {
+        path: path.clone(),
+        source,
+    };
     let size = device_size(&file).map_err(read)?;
     scan(size, &mut |off, len| read_at(&file, off, len)).map_err(read)
 }
@@ -914,8 +1004,8 @@ pub fn probe(dev_dir: &Path, disk: &str) -> Result<Vec<Signature>, ProbeError> {
 /// ([`fs_label`]), mounted at `<mount_root>/<UUID>`.
 ///
 /// A drive that is not blank (see [`probe`]) is refused with [`PrepareError::HasData`], unless
-/// `force_serial` equals `serial`; then the places signatures live are zeroed first. A drive without
-/// a serial number can never be forced. `observer` is called before each [`Step`].
+/// `force_serial` equals `serial`; then the places signatures live are zeroed first. A drive
+/// without a serial number can never be forced. `observer` is called before each [`Step`].
 ///
 /// Blocking: mkfs can take minutes. On an error after the mount point was made, it is removed.
 pub fn prepare(
@@ -928,7 +1018,13 @@ pub fn prepare(
 ) -> Result<PreparedDrive, PrepareError> {
     let span = tracing::info_span!("prepare", disk, %filesystem, forced = force_serial.is_some());
     let _entered = span.enter();
-    let mut job = Job { cfg, disk, diskseq: None, observer, mount_point: None };
+    let mut job = Job {
+        cfg,
+        disk,
+        diskseq: None,
+        observer,
+        mount_point: None,
+    };
     let result = job.run(serial, filesystem, force_serial);
     match &result {
         Ok(p) => {
@@ -985,12 +1081,18 @@ impl Job<'_> {
 
         // Preflight: nothing here touches the drive.
         (self.observer)(Step::Preflight);
-        self.diskseq =
-            presence(&cfg.sys_block, &disk).ok_or_else(|| PrepareError::NoSuchDisk { disk: disk.clone() })?;
+        self.diskseq = presence(&cfg.sys_block, &disk)
+            .ok_or_else(|| PrepareError::NoSuchDisk { disk: disk.clone() })?;
         let tool_name = format!("mkfs.{}", filesystem.as_str());
-        let tool = find_tool(&tool_name).ok_or_else(|| PrepareError::MkfsMissing { tool: tool_name.clone() })?;
-        let sector = logical_block_size(&cfg.sys_block, &disk)
-            .map_err(|reason| PrepareError::SectorSize { disk: disk.clone(), reason })?;
+        let tool = find_tool(&tool_name).ok_or_else(|| PrepareError::MkfsMissing {
+            tool: tool_name.clone(),
+        })?;
+        let sector = logical_block_size(&cfg.sys_block, &disk).map_err(|reason| {
+            PrepareError::SectorSize {
+                disk: disk.clone(),
+                reason,
+            }
+        })?;
         let fs_uuid = new_uuid();
         let label = fs_label(serial, &fs_uuid);
         let mount_point = self.make_mount_point(&fs_uuid)?;
@@ -998,31 +1100,55 @@ impl Job<'_> {
         // Open exclusively: the kernel refuses a mounted or held drive.
         self.step(Step::Open)?;
         let dev_path = cfg.dev_dir.join(&disk);
-        disk_node(&cfg.sys_block, &cfg.dev_dir, &disk)
-            .map_err(|reason| PrepareError::DeviceNode { path: dev_path.clone(), reason })?;
-        let file = OpenOptions::new().read(true).write(true).custom_flags(nix::libc::O_EXCL).open(&dev_path).map_err(
-            |source| match source.raw_os_error() {
-                Some(code) if code == Errno::EBUSY as i32 => PrepareError::Busy { disk: disk.clone() },
-                _ => PrepareError::Open { path: dev_path.clone(), source },
-            },
-        )?;
+        disk_node(&cfg.sys_block, &cfg.dev_dir, &disk).map_err(|reason| {
+            PrepareError::DeviceNode {
+                path: dev_path.clone(),
+                reason,
+            }
+        })?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_EXCL)
+            .open(&dev_path)
+            .map_err(|source| match source.raw_os_error() {
+                Some(code) if code == Errno::EBUSY as i32 => {
+                    PrepareError::Busy { disk: disk.clone() }
+                }
+                _ => PrepareError::Open {
+                    path: dev_path.clone(),
+                    source,
+                },
+            })?;
         let mut file = self.lock(file)?;
         // The node checked before the open could have been swapped since; check what was opened.
-        let devnum = read_attr(&cfg.sys_block.join(&disk).join("dev")).and_then(|s| parse_devnum(&s));
-        let opened = file.metadata().map(|m| (stat::major(m.rdev()), stat::minor(m.rdev())));
+        let devnum =
+            read_attr(&cfg.sys_block.join(&disk).join("dev")).and_then(|s| parse_devnum(&s));
+        let opened = file
+            .metadata()
+            .map(|m| (stat::major(m.rdev()), stat::minor(m.rdev())));
         match (devnum, opened) {
             (Some((major, minor)), Ok(found)) if found == (u64::from(major), u64::from(minor)) => {}
             (devnum, opened) => {
                 let reason = format!("opened {opened:?}, sysfs says {devnum:?}");
-                return Err(PrepareError::DeviceNode { path: dev_path, reason });
+                return Err(PrepareError::DeviceNode {
+                    path: dev_path,
+                    reason,
+                });
             }
         }
 
         // Probe through the same descriptor.
         self.step(Step::Probe)?;
-        let read_err = |source| PrepareError::Read { disk: disk.clone(), source };
+        let read_err = |source| PrepareError::Read {
+            disk: disk.clone(),
+            source,
+        };
         let size = device_size(&file).map_err(read_err)?;
-        let span = partition_span(size, sector).ok_or_else(|| PrepareError::TooSmall { disk: disk.clone(), size })?;
+        let span = partition_span(size, sector).ok_or_else(|| PrepareError::TooSmall {
+            disk: disk.clone(),
+            size,
+        })?;
         let found = scan(size, &mut |off, len| read_at(&file, off, len)).map_err(read_err)?;
         if let Some(given) = force_serial {
             let Some(serial) = serial.map(str::trim).filter(|s| !s.is_empty()) else {
@@ -1042,21 +1168,32 @@ impl Job<'_> {
             }
             warn!(signatures = %list(&found), "forced with the drive's serial number: zeroing its signatures");
             self.step(Step::Wipe)?;
-            let write_err = |source| PrepareError::Write { disk: disk.clone(), step: Step::Wipe, source };
+            let write_err = |source| PrepareError::Write {
+                disk: disk.clone(),
+                step: Step::Wipe,
+                source,
+            };
             for (offset, len) in wipe_ranges(size) {
-                file.write_all_at(&vec![0; to_usize(len)], offset).map_err(write_err)?;
+                file.write_all_at(&vec![0; to_usize(len)], offset)
+                    .map_err(write_err)?;
             }
             file.sync_all().map_err(write_err)?;
             let left = scan(size, &mut |off, len| read_at(&file, off, len)).map_err(read_err)?;
             if !left.is_empty() {
-                return Err(PrepareError::WipeIncomplete { disk: disk.clone(), signatures: left });
+                return Err(PrepareError::WipeIncomplete {
+                    disk: disk.clone(),
+                    signatures: left,
+                });
             }
         }
 
         // Partition: GPT through the exclusive descriptor, then the kernel re-reads it.
         self.step(Step::Partition)?;
-        let disk_guid = write_gpt(&mut file, size, sector, span)
-            .map_err(|reason| PrepareError::Gpt { disk: disk.clone(), reason })?;
+        let disk_guid =
+            write_gpt(&mut file, size, sector, span).map_err(|reason| PrepareError::Gpt {
+                disk: disk.clone(),
+                reason,
+            })?;
         let part = partition_name(&disk, 1);
         self.reread(&file, &part, span)?;
         drop(file); // unlocks; and mkfs must be able to open the partition exclusively
@@ -1066,15 +1203,29 @@ impl Job<'_> {
 
         self.step(Step::Mkfs)?;
         self.verify_partition(&part, &part_path, span, sector, &disk_guid)?;
-        run_mkfs(&tool, filesystem, &label, &fs_uuid, &part_path, cfg.mkfs_timeout)?;
+        run_mkfs(
+            &tool,
+            filesystem,
+            &label,
+            &fs_uuid,
+            &part_path,
+            cfg.mkfs_timeout,
+        )?;
 
         // Mount by UUID: the partition's superblock must carry the UUID just made.
         self.step(Step::Mount)?;
-        let changed = |reason: String| PrepareError::Changed { disk: disk.clone(), reason };
+        let changed = |reason: String| PrepareError::Changed {
+            disk: disk.clone(),
+            reason,
+        };
         let identity = read_identity(&part_path)
             .map_err(|e| changed(format!("cannot read the new filesystem: {e}")))?
             .filter(|id| id.filesystem == filesystem && id.uuid == fs_uuid)
-            .ok_or_else(|| changed(format!("no {filesystem} filesystem with UUID {fs_uuid} on {part}")))?;
+            .ok_or_else(|| {
+                changed(format!(
+                    "no {filesystem} filesystem with UUID {fs_uuid} on {part}"
+                ))
+            })?;
         nix::mount::mount(
             Some(&part_path),
             &mount_point,
@@ -1100,14 +1251,26 @@ impl Job<'_> {
     /// Makes `<mount_root>/<uuid>`, refusing a full or read-only mount root.
     fn make_mount_point(&mut self, fs_uuid: &str) -> Result<PathBuf, PrepareError> {
         let root = &self.cfg.mount_root;
-        let classify = |path: &Path, source: io::Error| match source.raw_os_error().map(Errno::from_raw) {
-            Some(Errno::ENOSPC | Errno::EDQUOT) => PrepareError::MountRootFull { path: path.to_owned() },
-            Some(Errno::EROFS) => PrepareError::MountRootReadOnly { path: path.to_owned() },
-            _ => PrepareError::MountRoot { path: path.to_owned(), source },
-        };
+        let classify =
+            |path: &Path, source: io::Error| match source.raw_os_error().map(Errno::from_raw) {
+                Some(Errno::ENOSPC | Errno::EDQUOT) => PrepareError::MountRootFull {
+                    path: path.to_owned(),
+                },
+                Some(Errno::EROFS) => PrepareError::MountRootReadOnly {
+                    path: path.to_owned(),
+                },
+                _ => PrepareError::MountRoot {
+                    path: path.to_owned(),
+                    source,
+                },
+            };
         // The filesystem the mount root is (or will be) on, checked before anything is made on it.
-        // A directory takes no blocks on some filesystems (tmpfs), so mkdir alone misses a full one.
-        let existing = root.ancestors().find(|p| !p.as_os_str().is_empty() && p.exists()).unwrap_or(Path::new("."));
+        // A directory takes no blocks on some filesystems (tmpfs), so mkdir alone misses a full
+        // one.
+        let existing = root
+            .ancestors()
+            .find(|p| !p.as_os_str().is_empty() && p.exists())
+            .unwrap_or(Path::new("."));
         let vfs = statvfs(existing).map_err(|e| classify(existing, e.into()))?;
         if vfs.flags().contains(FsFlags::ST_RDONLY) {
             return Err(PrepareError::MountRootReadOnly { path: root.clone() });
@@ -1136,17 +1299,31 @@ impl Job<'_> {
         loop {
             match ioctl::reread_partitions(file.as_fd()) {
                 Ok(()) => break,
-                Err(Errno::EBUSY) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-                Err(source) => return Err(PrepareError::Reread { disk: disk.to_owned(), source }),
+                Err(Errno::EBUSY) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(source) => {
+                    return Err(PrepareError::Reread {
+                        disk: disk.to_owned(),
+                        source,
+                    })
+                }
             }
         }
         if !self.cfg.sys_block.join(disk).join(part).exists() {
             let (start, len) = (i64::try_from(span.start), i64::try_from(span.len()));
             let (Ok(start), Ok(len)) = (start, len) else {
-                return Err(PrepareError::Reread { disk: disk.to_owned(), source: Errno::EOVERFLOW });
+                return Err(PrepareError::Reread {
+                    disk: disk.to_owned(),
+                    source: Errno::EOVERFLOW,
+                });
             };
-            ioctl::add_partition(file.as_fd(), 1, start, len)
-                .map_err(|source| PrepareError::Reread { disk: disk.to_owned(), source })?;
+            ioctl::add_partition(file.as_fd(), 1, start, len).map_err(|source| {
+                PrepareError::Reread {
+                    disk: disk.to_owned(),
+                    source,
+                }
+            })?;
             info!(
                 partition = part,
                 "the kernel did not read the GPT (no GPT support built in?); added the partition with BLKPG"
@@ -1168,16 +1345,24 @@ impl Job<'_> {
                     file = f;
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Err((_, Errno::EWOULDBLOCK)) => return Err(PrepareError::Busy { disk: self.disk.to_owned() }),
+                Err((_, Errno::EWOULDBLOCK)) => {
+                    return Err(PrepareError::Busy {
+                        disk: self.disk.to_owned(),
+                    })
+                }
                 Err((_, e)) => {
                     let source = io::Error::from(e);
-                    return Err(PrepareError::Open { path: self.cfg.dev_dir.join(self.disk), source });
+                    return Err(PrepareError::Open {
+                        path: self.cfg.dev_dir.join(self.disk),
+                        source,
+                    });
                 }
             }
         }
     }
 
-    /// Waits for the partition in sysfs and its node in `/dev` (making the node if devtmpfs does not).
+    /// Waits for the partition in sysfs and its node in `/dev` (making the node if devtmpfs does
+    /// not).
     ///
     /// Closing the descriptor we wrote through makes udevd (where it runs) re-read the partition
     /// table itself, removing and adding the partition again; `udevadm settle` waits for that to be
@@ -1192,13 +1377,23 @@ impl Job<'_> {
         if !sys_dir.exists() {
             self.still_there(Step::Settle)?;
             let disk_node = self.cfg.dev_dir.join(self.disk);
-            let file = File::open(&disk_node).map_err(|source| PrepareError::Open { path: disk_node, source })?;
-            let (Ok(start), Ok(len)) = (i64::try_from(span.start), i64::try_from(span.len())) else {
-                return Err(PrepareError::Reread { disk: self.disk.to_owned(), source: Errno::EOVERFLOW });
+            let file = File::open(&disk_node).map_err(|source| PrepareError::Open {
+                path: disk_node,
+                source,
+            })?;
+            let (Ok(start), Ok(len)) = (i64::try_from(span.start), i64::try_from(span.len()))
+            else {
+                return Err(PrepareError::Reread {
+                    disk: self.disk.to_owned(),
+                    source: Errno::EOVERFLOW,
+                });
             };
             match ioctl::add_partition(file.as_fd(), 1, start, len) {
                 Ok(()) => {
-                    info!(partition = part, "the partition was gone after udev re-read the table; added it with BLKPG")
+                    info!(
+                        partition = part,
+                        "the partition was gone after udev re-read the table; added it with BLKPG"
+                    )
                 }
                 Err(e) => debug!(partition = part, cause = %e, "BLKPG add after udev settle"),
             }
@@ -1215,7 +1410,10 @@ impl Job<'_> {
                 }
             }
             if Instant::now() >= deadline {
-                return Err(PrepareError::Settle { partition: part.to_owned(), timeout: self.cfg.settle_timeout });
+                return Err(PrepareError::Settle {
+                    partition: part.to_owned(),
+                    timeout: self.cfg.settle_timeout,
+                });
             }
             std::thread::sleep(POLL);
         }
@@ -1230,7 +1428,10 @@ impl Job<'_> {
         sector: u64,
         disk_guid: &str,
     ) -> Result<(), PrepareError> {
-        let changed = |reason: String| PrepareError::Changed { disk: self.disk.to_owned(), reason };
+        let changed = |reason: String| PrepareError::Changed {
+            disk: self.disk.to_owned(),
+            reason,
+        };
         let sys_dir = self.cfg.sys_block.join(self.disk).join(part);
         let start = read_u64(&sys_dir.join("start")).map(|s| s * 512);
         let size = read_u64(&sys_dir.join("size")).map(|s| s * 512);
@@ -1243,16 +1444,24 @@ impl Job<'_> {
         }
         let devnum = read_attr(&sys_dir.join("dev")).and_then(|s| parse_devnum(&s));
         let node_ok = match devnum {
-            Some(devnum) => node_matches(node, devnum).map_err(|e| e.to_string()).and_then(|r| r),
+            Some(devnum) => node_matches(node, devnum)
+                .map_err(|e| e.to_string())
+                .and_then(|r| r),
             None => Err("sysfs has no device number for it".to_owned()),
         };
-        node_ok.map_err(|reason| PrepareError::DeviceNode { path: node.to_owned(), reason })?;
+        node_ok.map_err(|reason| PrepareError::DeviceNode {
+            path: node.to_owned(),
+            reason,
+        })?;
         let guid = read_gpt_guid(&self.cfg.dev_dir.join(self.disk), sector)
             .map_err(|e| changed(format!("cannot read back the partition table: {e}")))?;
         if guid != disk_guid {
-            return Err(changed(format!("its GPT disk GUID is {guid}, not the {disk_guid} just written")));
+            return Err(changed(format!(
+                "its GPT disk GUID is {guid}, not the {disk_guid} just written"
+            )));
         }
-        let file = File::open(node).map_err(|e| changed(format!("cannot open {}: {e}", node.display())))?;
+        let file = File::open(node)
+            .map_err(|e| changed(format!("cannot open {}: {e}", node.display())))?;
         let found = device_size(&file)
             .and_then(|size| {
                 let head = read_at(&file, 0, to_usize(size.min(MIB)))?;
@@ -1261,7 +1470,10 @@ impl Job<'_> {
             })
             .map_err(|e| changed(format!("cannot read {}: {e}", node.display())))?;
         if !found.is_empty() {
-            return Err(changed(format!("the new partition is not blank: {}", list(&found))));
+            return Err(changed(format!(
+                "the new partition is not blank: {}",
+                list(&found)
+            )));
         }
         Ok(())
     }
@@ -1272,7 +1484,9 @@ fn udev_settle(timeout: Duration) {
     if !Path::new("/run/udev/control").exists() {
         return;
     }
-    let Some(udevadm) = find_tool("udevadm") else { return };
+    let Some(udevadm) = find_tool("udevadm") else {
+        return;
+    };
     let status = Command::new(udevadm)
         .arg("settle")
         .arg(format!("--timeout={}", timeout.as_secs().max(1)))
@@ -1286,25 +1500,34 @@ fn udev_settle(timeout: Duration) {
     }
 }
 
-/// Writes a protective MBR and a GPT with shoal's one partition at `span`, flushes, and reads it back.
-/// Returns the GPT's (random) disk GUID.
+/// Writes a protective MBR and a GPT with shoal's one partition at `span`, flushes, and reads it
+/// back. Returns the GPT's (random) disk GUID.
 fn write_gpt(file: &mut File, size: u64, sector: u64, span: Span) -> Result<String, String> {
     let lb = LogicalBlockSize::try_from(sector).map_err(|e| e.to_string())?;
     let gpt_err = |e: GptError| e.to_string();
-    let mut gpt =
-        GptConfig::new().writable(true).logical_block_size(lb).create_from_device(&mut *file, None).map_err(gpt_err)?;
+    let mut gpt = GptConfig::new()
+        .writable(true)
+        .logical_block_size(lb)
+        .create_from_device(&mut *file, None)
+        .map_err(gpt_err)?;
     let last_usable = gpt.primary_header().map_err(|e| e.to_string())?.last_usable;
     let end = (last_usable + 1) * sector / MIB * MIB;
     if end != span.end {
-        return Err(format!("the GPT's last usable LBA {last_usable} gives an end at {end}, expected {}", span.end));
+        return Err(format!(
+            "the GPT's last usable LBA {last_usable} gives an end at {end}, expected {}",
+            span.end
+        ));
     }
     let (first, len) = (span.start / sector, span.len() / sector);
-    gpt.add_partition_at(PARTITION_NAME, 1, first, len, partition_types::LINUX_FS, 0).map_err(gpt_err)?;
+    gpt.add_partition_at(PARTITION_NAME, 1, first, len, partition_types::LINUX_FS, 0)
+        .map_err(gpt_err)?;
     let guid = gpt.guid().to_string();
     gpt.write_inplace().map_err(gpt_err)?;
     drop(gpt);
     let lbas = u32::try_from(size / sector - 1).unwrap_or(u32::MAX);
-    ProtectiveMBR::with_lb_size(lbas).overwrite_lba0(&mut *file).map_err(|e| e.to_string())?;
+    ProtectiveMBR::with_lb_size(lbas)
+        .overwrite_lba0(&mut *file)
+        .map_err(|e| e.to_string())?;
     file.sync_all().map_err(|e| format!("flush: {e}"))?;
 
     // Read it back through the same descriptor: both headers valid, our partition in slot 1.
@@ -1349,7 +1572,10 @@ fn read_gpt_guid(path: &Path, sector: u64) -> Result<String, String> {
     if !gpt_shape_ok(&file, sector).map_err(|e| e.to_string())? {
         return Err("its GPT is not shaped like the one written".to_owned());
     }
-    let gpt = GptConfig::new().logical_block_size(lb).open_from_device(&file).map_err(|e| e.to_string())?;
+    let gpt = GptConfig::new()
+        .logical_block_size(lb)
+        .open_from_device(&file)
+        .map_err(|e| e.to_string())?;
     Ok(gpt.guid().to_string())
 }
 
@@ -1362,15 +1588,26 @@ fn run_mkfs(
     dev: &Path,
     timeout: Duration,
 ) -> Result<(), PrepareError> {
-    let name = tool.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = tool
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut cmd = Command::new(tool);
     match filesystem {
         Filesystem::Ext4 => cmd.args(["-F", "-q", "-L", label, "-U", fs_uuid]),
-        Filesystem::Xfs => cmd.args(["-f", "-q", "-L", label, "-m"]).arg(format!("uuid={fs_uuid}")),
+        Filesystem::Xfs => cmd
+            .args(["-f", "-q", "-L", label, "-m"])
+            .arg(format!("uuid={fs_uuid}")),
     };
-    cmd.arg(dev).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.arg(dev)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     debug!(command = ?cmd, "running mkfs");
-    let mut child = cmd.spawn().map_err(|source| PrepareError::MkfsSpawn { tool: name.clone(), source })?;
+    let mut child = cmd.spawn().map_err(|source| PrepareError::MkfsSpawn {
+        tool: name.clone(),
+        source,
+    })?;
     let stderr = child.stderr.take();
     // Drained on a thread so a chatty mkfs cannot fill the pipe and stall.
     let reader = std::thread::spawn(move || {
@@ -1388,7 +1625,10 @@ fn run_mkfs(
                 let _ = child.kill();
                 let _ = child.wait();
                 warn!(tool = %name, ?timeout, "mkfs timed out; killed");
-                return Err(PrepareError::MkfsTimeout { tool: name, timeout });
+                return Err(PrepareError::MkfsTimeout {
+                    tool: name,
+                    timeout,
+                });
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(50)),
             Err(source) => {
@@ -1403,8 +1643,19 @@ fn run_mkfs(
     }
     let text = String::from_utf8_lossy(&stderr);
     let text = text.trim();
-    let tail: String = text.chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
-    Err(PrepareError::Mkfs { tool: name, status: status.to_string(), stderr: tail })
+    let tail: String = text
+        .chars()
+        .rev()
+        .take(2000)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    Err(PrepareError::Mkfs {
+        tool: name,
+        status: status.to_string(),
+        stderr: tail,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1433,25 +1684,44 @@ fn restore_disk(
     out: &mut Vec<Result<PreparedDrive, RestoreError>>,
 ) {
     if !valid_disk_name(disk) {
-        return out.push(Err(RestoreError::BadName { disk: disk.to_owned() }));
+        return out.push(Err(RestoreError::BadName {
+            disk: disk.to_owned(),
+        }));
     }
     if !cfg.sys_block.join(disk).exists() {
-        return out.push(Err(RestoreError::NoSuchDisk { disk: disk.to_owned() }));
+        return out.push(Err(RestoreError::NoSuchDisk {
+            disk: disk.to_owned(),
+        }));
     }
-    let read_err = |reason: String| RestoreError::Read { disk: disk.to_owned(), reason };
+    let read_err = |reason: String| RestoreError::Read {
+        disk: disk.to_owned(),
+        reason,
+    };
     let sector = match logical_block_size(&cfg.sys_block, disk) {
         Ok(s) => s,
         Err(reason) => return out.push(Err(read_err(reason))),
     };
     let path = match disk_node(&cfg.sys_block, &cfg.dev_dir, disk) {
         Ok(path) => path,
-        Err(reason) => return out.push(Err(read_err(format!("{}: {reason}", cfg.dev_dir.join(disk).display())))),
+        Err(reason) => {
+            return out.push(Err(read_err(format!(
+                "{}: {reason}",
+                cfg.dev_dir.join(disk).display()
+            ))))
+        }
     };
     let file = match File::open(&path) {
         Ok(f) => f,
-        Err(e) => return out.push(Err(read_err(format!("cannot open {}: {e}", path.display())))),
+        Err(e) => {
+            return out.push(Err(read_err(format!(
+                "cannot open {}: {e}",
+                path.display()
+            ))))
+        }
     };
-    let Ok(lb) = LogicalBlockSize::try_from(sector) else { return };
+    let Ok(lb) = LogicalBlockSize::try_from(sector) else {
+        return;
+    };
     match gpt_shape_ok(&file, sector) {
         Ok(true) => {}
         Ok(false) => {
@@ -1460,7 +1730,10 @@ fn restore_disk(
         }
         Err(e) => return out.push(Err(read_err(e.to_string()))),
     }
-    let gpt = match GptConfig::new().logical_block_size(lb).open_from_device(&file) {
+    let gpt = match GptConfig::new()
+        .logical_block_size(lb)
+        .open_from_device(&file)
+    {
         Ok(gpt) => gpt,
         Err(GptError::Io(e)) | Err(GptError::Header(gpt::header::HeaderError::Io(e))) => {
             return out.push(Err(read_err(e.to_string())));
@@ -1475,12 +1748,25 @@ fn restore_disk(
             continue;
         }
         let start = p.first_lba.checked_mul(sector);
-        let end = p.last_lba.checked_add(1).and_then(|l| l.checked_mul(sector));
+        let end = p
+            .last_lba
+            .checked_add(1)
+            .and_then(|l| l.checked_mul(sector));
         match start.zip(end).filter(|(start, end)| start < end) {
-            Some((start, end)) => out.push(restore_partition(cfg, disk, &file, id, Span { start, end }, mounts)),
+            Some((start, end)) => out.push(restore_partition(
+                cfg,
+                disk,
+                &file,
+                id,
+                Span { start, end },
+                mounts,
+            )),
             None => out.push(Err(RestoreError::Partition {
                 partition: partition_name(disk, id),
-                reason: format!("its GPT entry is out of range (LBAs {}..={})", p.first_lba, p.last_lba),
+                reason: format!(
+                    "its GPT entry is out of range (LBAs {}..={})",
+                    p.first_lba, p.last_lba
+                ),
             })),
         }
     }
@@ -1496,7 +1782,10 @@ fn restore_partition(
 ) -> Result<PreparedDrive, RestoreError> {
     use std::os::fd::AsFd;
     let part = partition_name(disk, id);
-    let fail = |reason: String| RestoreError::Partition { partition: part.clone(), reason };
+    let fail = |reason: String| RestoreError::Partition {
+        partition: part.clone(),
+        reason,
+    };
     let sys_dir = cfg.sys_block.join(disk).join(&part);
     if sys_dir.exists() {
         let start = read_u64(&sys_dir.join("start")).map(|s| s * 512);
@@ -1509,11 +1798,15 @@ fn restore_partition(
             )));
         }
     } else {
-        let (Ok(pno), Ok(start), Ok(len)) = (i32::try_from(id), i64::try_from(span.start), i64::try_from(span.len()))
-        else {
+        let (Ok(pno), Ok(start), Ok(len)) = (
+            i32::try_from(id),
+            i64::try_from(span.start),
+            i64::try_from(span.len()),
+        ) else {
             return Err(fail("out of range".to_owned()));
         };
-        ioctl::add_partition(file.as_fd(), pno, start, len).map_err(|e| fail(format!("BLKPG add: {e}")))?;
+        ioctl::add_partition(file.as_fd(), pno, start, len)
+            .map_err(|e| fail(format!("BLKPG add: {e}")))?;
         info!(partition = %part, "the kernel had not read the GPT; added the shoal partition with BLKPG");
     }
     // Its node: wait for devtmpfs, or make it.
@@ -1534,11 +1827,16 @@ fn restore_partition(
     };
     let identity = read_identity(&node)
         .map_err(|e| fail(format!("cannot read {}: {e}", node.display())))?
-        .ok_or_else(|| RestoreError::NoFilesystem { partition: part.clone() })?;
+        .ok_or_else(|| RestoreError::NoFilesystem {
+            partition: part.clone(),
+        })?;
     let mount_point = fs::create_dir_all(&cfg.mount_root)
         .and_then(|()| fs::canonicalize(&cfg.mount_root))
         .map(|root| root.join(&identity.uuid))
-        .map_err(|source| RestoreError::MountPoint { mount_point: cfg.mount_root.clone(), source })?;
+        .map_err(|source| RestoreError::MountPoint {
+            mount_point: cfg.mount_root.clone(),
+            source,
+        })?;
     let prepared = PreparedDrive {
         partition: part.clone(),
         filesystem: identity.filesystem,
@@ -1551,10 +1849,16 @@ fn restore_partition(
             debug!(partition = %part, mount = %mount_point.display(), "already mounted");
             return Ok(prepared);
         }
-        return Err(RestoreError::MountPointTaken { partition: part, mount_point, by: m.source.clone() });
+        return Err(RestoreError::MountPointTaken {
+            partition: part,
+            mount_point,
+            by: m.source.clone(),
+        });
     }
-    fs::create_dir_all(&mount_point)
-        .map_err(|source| RestoreError::MountPoint { mount_point: mount_point.clone(), source })?;
+    fs::create_dir_all(&mount_point).map_err(|source| RestoreError::MountPoint {
+        mount_point: mount_point.clone(),
+        source,
+    })?;
     nix::mount::mount(
         Some(&node),
         &mount_point,
@@ -1562,13 +1866,17 @@ fn restore_partition(
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         None::<&str>,
     )
-    .map_err(|source| RestoreError::Mount { partition: part.clone(), mount_point: mount_point.clone(), source })?;
+    .map_err(|source| RestoreError::Mount {
+        partition: part.clone(),
+        mount_point: mount_point.clone(),
+        source,
+    })?;
     info!(partition = %part, uuid = %identity.uuid, mount = %mount_point.display(), "prepared drive mounted");
     Ok(prepared)
 }
 
-/// Lazily unmounts (`MNT_DETACH`) a prepared drive that vanished, then removes its mount point if it
-/// is empty. Not mounted is fine.
+/// Lazily unmounts (`MNT_DETACH`) a prepared drive that vanished, then removes its mount point if
+/// it is empty. Not mounted is fine.
 pub fn detach(prepared: &PreparedDrive) -> Result<(), DetachError> {
     let mount_point = PathBuf::from(&prepared.mount_point);
     // More than one mount may be stacked there; each detach removes the top one.
@@ -1576,10 +1884,18 @@ pub fn detach(prepared: &PreparedDrive) -> Result<(), DetachError> {
         match nix::mount::umount2(&mount_point, MntFlags::MNT_DETACH) {
             Ok(()) => info!(mount = %mount_point.display(), uuid = %prepared.fs_uuid, "detached"),
             Err(Errno::EINVAL | Errno::ENOENT) => break,
-            Err(source) => return Err(DetachError::Unmount { mount_point, source }),
+            Err(source) => {
+                return Err(DetachError::Unmount {
+                    mount_point,
+                    source,
+                })
+            }
         }
     }
-    remove_empty_dir(&mount_point).map_err(|source| DetachError::RemoveDir { mount_point, source })
+    remove_empty_dir(&mount_point).map_err(|source| DetachError::RemoveDir {
+        mount_point,
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -1594,7 +1910,17 @@ mod tests {
         for ok in ["sda", "nvme0n1", "loop3", "mmcblk0", "vd-a_b.c"] {
             assert!(valid_disk_name(ok), "{ok}");
         }
-        for bad in ["", ".", "..", "../sda", "sda/..", "cciss!c0d0", "a b", ".hidden", &"x".repeat(65)] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../sda",
+            "sda/..",
+            "cciss!c0d0",
+            "a b",
+            ".hidden",
+            &"x".repeat(65),
+        ] {
             assert!(!valid_disk_name(bad), "{bad:?}");
         }
         assert_eq!(partition_name("sdb", 1), "sdb1");
@@ -1611,7 +1937,11 @@ mod tests {
         assert_eq!(fs_label(Some("/tmp/.tmpAb/disk.img"), uuid), "shoal-iskimg");
         assert_eq!(fs_label(Some("  A1 "), uuid), "shoal-A1");
         assert_eq!(fs_label(None, uuid), "shoal-6f7a8b");
-        assert_eq!(fs_label(Some("--"), uuid), "shoal-6f7a8b", "a serial without letters or digits");
+        assert_eq!(
+            fs_label(Some("--"), uuid),
+            "shoal-6f7a8b",
+            "a serial without letters or digits"
+        );
         for serial in [Some("S3Z9NB0K123456789"), None] {
             assert!(fs_label(serial, uuid).len() <= 12);
         }
@@ -1623,23 +1953,74 @@ mod tests {
         let b = new_uuid();
         assert_ne!(a, b);
         let parts: Vec<&str> = a.split('-').collect();
-        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), [8, 4, 4, 4, 12]);
-        assert!(a.chars().all(|c| c == '-' || c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+        assert!(a
+            .chars()
+            .all(|c| c == '-' || c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert!(parts[2].starts_with('4'));
-        assert!(matches!(parts[3].chars().next(), Some('8' | '9' | 'a' | 'b')));
+        assert!(matches!(
+            parts[3].chars().next(),
+            Some('8' | '9' | 'a' | 'b')
+        ));
     }
 
     #[test]
     fn partition_goes_from_1_mib_to_the_last_usable_mib() {
         // 64 MiB of 512-byte sectors: last usable LBA 131038, so the partition ends at 63 MiB.
-        assert_eq!(partition_span(64 * MIB, 512), Some(Span { start: MIB, end: 63 * MIB }));
-        assert_eq!(partition_span(64 * MIB, 4096), Some(Span { start: MIB, end: 63 * MIB }));
-        // Half a MiB beyond a MiB boundary is room for the backup GPT: the partition ends at the boundary.
-        assert_eq!(partition_span(64 * MIB + 512 * 1024, 512), Some(Span { start: MIB, end: 64 * MIB }));
-        assert_eq!(partition_span(64 * MIB + 16 * 1024, 512), Some(Span { start: MIB, end: 63 * MIB }));
-        assert_eq!(partition_span(64 * MIB + 17408, 512), Some(Span { start: MIB, end: 64 * MIB }));
-        assert_eq!(partition_span(64 * MIB + 17408, 4096), Some(Span { start: MIB, end: 63 * MIB }));
-        assert_eq!(partition_span(3 * MIB, 512), Some(Span { start: MIB, end: 2 * MIB }));
+        assert_eq!(
+            partition_span(64 * MIB, 512),
+            Some(Span {
+                start: MIB,
+                end: 63 * MIB
+            })
+        );
+        assert_eq!(
+            partition_span(64 * MIB, 4096),
+            Some(Span {
+                start: MIB,
+                end: 63 * MIB
+            })
+        );
+        // Half a MiB beyond a MiB boundary is room for the backup GPT: the partition ends at the
+        // boundary.
+        assert_eq!(
+            partition_span(64 * MIB + 512 * 1024, 512),
+            Some(Span {
+                start: MIB,
+                end: 64 * MIB
+            })
+        );
+        assert_eq!(
+            partition_span(64 * MIB + 16 * 1024, 512),
+            Some(Span {
+                start: MIB,
+                end: 63 * MIB
+            })
+        );
+        assert_eq!(
+            partition_span(64 * MIB + 17408, 512),
+            Some(Span {
+                start: MIB,
+                end: 64 * MIB
+            })
+        );
+        assert_eq!(
+            partition_span(64 * MIB + 17408, 4096),
+            Some(Span {
+                start: MIB,
+                end: 63 * MIB
+            })
+        );
+        assert_eq!(
+            partition_span(3 * MIB, 512),
+            Some(Span {
+                start: MIB,
+                end: 2 * MIB
+            })
+        );
         assert_eq!(partition_span(2 * MIB, 512), None);
         assert_eq!(partition_span(0, 512), None);
         assert_eq!(partition_span(64 * MIB, 1024), None);
@@ -1650,7 +2031,10 @@ mod tests {
     }
 
     fn scan_image(img: &[u8]) -> Vec<Signature> {
-        scan(img.len() as u64, &mut |off, len| Ok(img[to_usize(off)..to_usize(off) + len].to_vec())).expect("scan")
+        scan(img.len() as u64, &mut |off, len| {
+            Ok(img[to_usize(off)..to_usize(off) + len].to_vec())
+        })
+        .expect("scan")
     }
 
     fn put(img: &mut [u8], at: u64, bytes: &[u8]) {
@@ -1670,7 +2054,12 @@ mod tests {
         // `wipefs /dev/sdX` removes the GPT; the first partition's ext4 at 1 MiB remains.
         let mut img = image(SIZE);
         put(&mut img, MIB + 1080, &[0x53, 0xef]);
-        assert!(blank::signatures(&img[..blank::HEAD_LEN], &img[to_usize(SIZE) - blank::TAIL_LEN..], SIZE).is_empty());
+        assert!(blank::signatures(
+            &img[..blank::HEAD_LEN],
+            &img[to_usize(SIZE) - blank::TAIL_LEN..],
+            SIZE
+        )
+        .is_empty());
         assert_eq!(scan_image(&img), vec![Signature::Ext]);
         // A DOS partition at sector 63 holding XFS.
         let mut img = image(SIZE);
@@ -1708,7 +2097,10 @@ mod tests {
 
     #[test]
     fn superblocks_give_type_uuid_and_label() {
-        let uuid = [0x0b, 0x5e, 0x0c, 0x2a, 0x1f, 0x3d, 0x4c, 0x7e, 0x9a, 0x2b, 0x3c, 0x4d, 0x5e, 0x6f, 0x7a, 0x8b];
+        let uuid = [
+            0x0b, 0x5e, 0x0c, 0x2a, 0x1f, 0x3d, 0x4c, 0x7e, 0x9a, 0x2b, 0x3c, 0x4d, 0x5e, 0x6f,
+            0x7a, 0x8b,
+        ];
         let text = "0b5e0c2a-1f3d-4c7e-9a2b-3c4d5e6f7a8b";
         let mut ext = vec![0u8; 4096];
         ext[1024 + 0x38..1024 + 0x3a].copy_from_slice(&[0x53, 0xef]);
@@ -1716,7 +2108,11 @@ mod tests {
         ext[1024 + 0x78..1024 + 0x84].copy_from_slice(b"shoal-ABC123");
         assert_eq!(
             fs_identity(&ext),
-            Some(FsIdentity { filesystem: Filesystem::Ext4, uuid: text.into(), label: "shoal-ABC123".into() })
+            Some(FsIdentity {
+                filesystem: Filesystem::Ext4,
+                uuid: text.into(),
+                label: "shoal-ABC123".into()
+            })
         );
         let mut xfs = vec![0u8; 4096];
         xfs[..4].copy_from_slice(b"XFSB");
@@ -1724,7 +2120,11 @@ mod tests {
         xfs[108..114].copy_from_slice(b"shoal-");
         assert_eq!(
             fs_identity(&xfs),
-            Some(FsIdentity { filesystem: Filesystem::Xfs, uuid: text.into(), label: "shoal-".into() })
+            Some(FsIdentity {
+                filesystem: Filesystem::Xfs,
+                uuid: text.into(),
+                label: "shoal-".into()
+            })
         );
         // No UUID, nothing recognisable, or too short: none.
         ext[1024 + 0x68..1024 + 0x78].fill(0);
@@ -1745,9 +2145,15 @@ mod tests {
         };
         assert!(gpt_header_shape_ok(&header(128, 128)));
         assert!(gpt_header_shape_ok(&header(4, 128)));
-        assert!(!gpt_header_shape_ok(&header(128, 256)), "the crate asserts 128-byte entries");
+        assert!(
+            !gpt_header_shape_ok(&header(128, 256)),
+            "the crate asserts 128-byte entries"
+        );
         assert!(!gpt_header_shape_ok(&header(u32::MAX, 128)));
-        assert!(gpt_header_shape_ok(&[0u8; 92]), "no header at all is for the crate to reject");
+        assert!(
+            gpt_header_shape_ok(&[0u8; 92]),
+            "no header at all is for the crate to reject"
+        );
         assert!(!gpt_header_shape_ok(&header(128, 128)[..84]));
     }
 
@@ -1761,10 +2167,21 @@ garbage
 ";
         let m = parse_mountinfo(text);
         assert_eq!(m.len(), 3);
-        assert_eq!((m[0].major, m[0].minor, m[0].fstype.as_str()), (254, 0, "ext4"));
-        assert_eq!(m[1].mount_point, Path::new("/var/lib/shoal/drives/0b5e0c2a-1f3d-4c7e-9a2b-3c4d5e6f7a8b"));
         assert_eq!(
-            (m[1].major, m[1].minor, m[1].fstype.as_str(), m[1].source.as_str()),
+            (m[0].major, m[0].minor, m[0].fstype.as_str()),
+            (254, 0, "ext4")
+        );
+        assert_eq!(
+            m[1].mount_point,
+            Path::new("/var/lib/shoal/drives/0b5e0c2a-1f3d-4c7e-9a2b-3c4d5e6f7a8b")
+        );
+        assert_eq!(
+            (
+                m[1].major,
+                m[1].minor,
+                m[1].fstype.as_str(),
+                m[1].source.as_str()
+            ),
             (259, 3, "xfs", "/dev/nvme0n1p1")
         );
         assert_eq!(m[2].mount_point, Path::new("/mnt/with space"));
@@ -1775,18 +2192,34 @@ garbage
 
     #[test]
     fn bad_names_are_refused_before_any_io() {
-        assert!(matches!(probe(Path::new("/dev"), "../etc/passwd"), Err(ProbeError::BadName { .. })));
-        let cfg = PrepareConfig { sys_block: PathBuf::from("/nonexistent"), ..PrepareConfig::default() };
+        assert!(matches!(
+            probe(Path::new("/dev"), "../etc/passwd"),
+            Err(ProbeError::BadName { .. })
+        ));
+        let cfg = PrepareConfig {
+            sys_block: PathBuf::from("/nonexistent"),
+            ..PrepareConfig::default()
+        };
         let mut steps = Vec::new();
-        let r = prepare(&cfg, "sda/../sdb", None, Filesystem::Ext4, None, &mut |s| steps.push(s));
+        let r = prepare(&cfg, "sda/../sdb", None, Filesystem::Ext4, None, &mut |s| {
+            steps.push(s)
+        });
         assert!(matches!(r, Err(PrepareError::BadName { .. })), "{r:?}");
         assert!(steps.is_empty());
-        let r = prepare(&cfg, "sdz", None, Filesystem::Ext4, None, &mut |s| steps.push(s));
+        let r = prepare(&cfg, "sdz", None, Filesystem::Ext4, None, &mut |s| {
+            steps.push(s)
+        });
         assert!(matches!(r, Err(PrepareError::NoSuchDisk { .. })), "{r:?}");
         assert_eq!(steps, [Step::Preflight]);
         let out = restore(&cfg, &["sdz".to_owned(), "a/b".to_owned()]);
         assert!(
-            matches!(out.as_slice(), [Err(RestoreError::NoSuchDisk { .. }), Err(RestoreError::BadName { .. })]),
+            matches!(
+                out.as_slice(),
+                [
+                    Err(RestoreError::NoSuchDisk { .. }),
+                    Err(RestoreError::BadName { .. })
+                ]
+            ),
             "{out:?}"
         );
     }
@@ -1822,7 +2255,11 @@ garbage
             .args(args)
             .output()
             .unwrap_or_else(|e| panic!("{tool}: {e}"));
-        assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -1845,19 +2282,33 @@ garbage
             let tmp = tempfile::tempdir().expect("tempdir");
             let dir = fs::canonicalize(tmp.path()).expect("canonical tempdir");
             let backing = dir.join("disk.img");
-            File::create(&backing).and_then(|f| f.set_len(mib * MIB)).expect("backing file");
+            File::create(&backing)
+                .and_then(|f| f.set_len(mib * MIB))
+                .expect("backing file");
             let path = backing.to_str().expect("utf-8 path");
             // Two tests attaching at once can race for the same free device; try again.
             let mut last = String::new();
             for _ in 0..20 {
                 let out = Command::new(find_tool("losetup").expect("losetup"))
-                    .args(["-P", "-f", "--show", "--sector-size", &sector.to_string(), path])
+                    .args([
+                        "-P",
+                        "-f",
+                        "--show",
+                        "--sector-size",
+                        &sector.to_string(),
+                        path,
+                    ])
                     .output()
                     .expect("losetup");
                 if out.status.success() {
                     let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
                     let name = dev.trim_start_matches("/dev/").to_owned();
-                    return Loop { name, backing, dir, _tmp: tmp };
+                    return Loop {
+                        name,
+                        backing,
+                        dir,
+                        _tmp: tmp,
+                    };
                 }
                 last = String::from_utf8_lossy(&out.stderr).into_owned();
                 std::thread::sleep(Duration::from_millis(100));
@@ -1871,7 +2322,12 @@ garbage
 
         /// The serial number of a loop device: its backing file.
         fn serial(&self) -> String {
-            read_attr(&PathBuf::from("/sys/block").join(&self.name).join("loop/backing_file")).expect("backing_file")
+            read_attr(
+                &PathBuf::from("/sys/block")
+                    .join(&self.name)
+                    .join("loop/backing_file"),
+            )
+            .expect("backing_file")
         }
 
         fn cfg(&self) -> PrepareConfig {
@@ -1884,21 +2340,35 @@ garbage
 
         fn sha256(&self) -> String {
             let out = sh("sha256sum", &[self.backing.to_str().expect("utf-8")]);
-            out.split_whitespace().next().expect("sha256sum output").to_owned()
+            out.split_whitespace()
+                .next()
+                .expect("sha256sum output")
+                .to_owned()
         }
 
         fn detach(&self) {
-            if read_attr(&PathBuf::from("/sys/block").join(&self.name).join("loop/backing_file")).as_deref()
+            if read_attr(
+                &PathBuf::from("/sys/block")
+                    .join(&self.name)
+                    .join("loop/backing_file"),
+            )
+            .as_deref()
                 == self.backing.to_str()
             {
-                let _ = Command::new(find_tool("losetup").expect("losetup")).args(["-d", &self.dev()]).status();
+                let _ = Command::new(find_tool("losetup").expect("losetup"))
+                    .args(["-d", &self.dev()])
+                    .status();
             }
         }
 
         /// Entries under the mount root (mount points left behind).
         fn mount_root_entries(&self) -> Vec<String> {
             fs::read_dir(self.dir.join("drives"))
-                .map(|rd| rd.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                .map(|rd| {
+                    rd.filter_map(Result::ok)
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
                 .unwrap_or_default()
         }
     }
@@ -1906,7 +2376,11 @@ garbage
     impl Drop for Loop {
         fn drop(&mut self) {
             if let Ok(mounts) = read_mountinfo() {
-                for m in mounts.iter().rev().filter(|m| m.mount_point.starts_with(&self.dir)) {
+                for m in mounts
+                    .iter()
+                    .rev()
+                    .filter(|m| m.mount_point.starts_with(&self.dir))
+                {
                     let _ = nix::mount::umount2(&m.mount_point, MntFlags::MNT_DETACH);
                 }
             }
@@ -1915,18 +2389,28 @@ garbage
     }
 
     fn mount_entry(mount_point: &str) -> Option<MountEntry> {
-        read_mountinfo().expect("mountinfo").into_iter().find(|m| m.mount_point == Path::new(mount_point))
+        read_mountinfo()
+            .expect("mountinfo")
+            .into_iter()
+            .find(|m| m.mount_point == Path::new(mount_point))
     }
 
-    /// The GPT as sfdisk reads it, and the filesystem as blkid reads it: one partition named shoal of
-    /// type Linux filesystem data from sector 2048, holding `fstype` with our UUID and label.
+    /// The GPT as sfdisk reads it, and the filesystem as blkid reads it: one partition named shoal
+    /// of type Linux filesystem data from sector 2048, holding `fstype` with our UUID and label.
     fn assert_layout(lo: &Loop, p: &PreparedDrive, fstype: &str, size_mib: u64) {
         assert_layout_sectors(lo, p, fstype, size_mib, 512);
     }
 
-    fn assert_layout_sectors(lo: &Loop, p: &PreparedDrive, fstype: &str, size_mib: u64, sector: u64) {
+    fn assert_layout_sectors(
+        lo: &Loop,
+        p: &PreparedDrive,
+        fstype: &str,
+        size_mib: u64,
+        sector: u64,
+    ) {
         let per_mib = MIB / sector;
-        let json: serde_json::Value = serde_json::from_str(&sh("sfdisk", &["--json", &lo.dev()])).expect("sfdisk json");
+        let json: serde_json::Value =
+            serde_json::from_str(&sh("sfdisk", &["--json", &lo.dev()])).expect("sfdisk json");
         let table = &json["partitiontable"];
         assert_eq!(table["label"], "gpt", "{json}");
         let parts = table["partitions"].as_array().expect("partitions");
@@ -1935,9 +2419,20 @@ garbage
         assert_eq!(parts[0]["start"], per_mib, "{json}");
         assert_eq!(parts[0]["size"], (size_mib - 2) * per_mib, "{json}");
         assert_eq!(parts[0]["name"], "shoal", "{json}");
-        assert_eq!(parts[0]["type"], "0FC63DAF-8483-4772-8E79-3D69D8477DE4", "{json}");
-        let blkid = sh("blkid", &["-p", "-o", "export", &format!("/dev/{}", p.partition)]);
-        let tag = |k: &str| blkid.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).map(str::to_owned);
+        assert_eq!(
+            parts[0]["type"], "0FC63DAF-8483-4772-8E79-3D69D8477DE4",
+            "{json}"
+        );
+        let blkid = sh(
+            "blkid",
+            &["-p", "-o", "export", &format!("/dev/{}", p.partition)],
+        );
+        let tag = |k: &str| {
+            blkid
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(str::to_owned)
+        };
         assert_eq!(tag("TYPE").as_deref(), Some(fstype), "{blkid}");
         assert_eq!(tag("UUID").as_deref(), Some(p.fs_uuid.as_str()), "{blkid}");
         assert_eq!(tag("LABEL").as_deref(), Some(p.label.as_str()), "{blkid}");
@@ -1956,25 +2451,55 @@ garbage
         let serial = lo.serial();
         assert_eq!(probe(&cfg.dev_dir, &lo.name).expect("probe"), vec![]);
         let mut steps = Vec::new();
-        let p =
-            prepare(&cfg, &lo.name, Some(&serial), Filesystem::Ext4, None, &mut |s| steps.push(s)).expect("prepared");
+        let p = prepare(
+            &cfg,
+            &lo.name,
+            Some(&serial),
+            Filesystem::Ext4,
+            None,
+            &mut |s| steps.push(s),
+        )
+        .expect("prepared");
         use Step::*;
-        assert_eq!(steps, [Preflight, Open, Probe, Partition, Settle, Mkfs, Mount]);
+        assert_eq!(
+            steps,
+            [Preflight, Open, Probe, Partition, Settle, Mkfs, Mount]
+        );
         assert_eq!(p.partition, format!("{}p1", lo.name));
         assert_eq!(p.filesystem, Filesystem::Ext4);
-        assert_eq!(Path::new(&p.mount_point), lo.dir.join("drives").join(&p.fs_uuid));
+        assert_eq!(
+            Path::new(&p.mount_point),
+            lo.dir.join("drives").join(&p.fs_uuid)
+        );
         assert_eq!(p.label, fs_label(Some(&serial), &p.fs_uuid));
         let m = mount_entry(&p.mount_point).expect("mounted at <root>/<uuid>");
-        assert_eq!((m.fstype.as_str(), m.source.as_str()), ("ext4", format!("/dev/{}", p.partition).as_str()));
+        assert_eq!(
+            (m.fstype.as_str(), m.source.as_str()),
+            ("ext4", format!("/dev/{}", p.partition).as_str())
+        );
         assert!(mounted(Path::new(&p.mount_point)));
         assert_layout(&lo, &p, "ext4", 128);
         // It is usable, and now it is not blank.
-        fs::write(Path::new(&p.mount_point).join("hello"), b"shoal").expect("write to the new filesystem");
-        assert!(probe(&cfg.dev_dir, &lo.name).expect("probe").contains(&Signature::Gpt));
+        fs::write(Path::new(&p.mount_point).join("hello"), b"shoal")
+            .expect("write to the new filesystem");
+        assert!(probe(&cfg.dev_dir, &lo.name)
+            .expect("probe")
+            .contains(&Signature::Gpt));
         // Preparing it again is refused by the kernel: its partition is mounted.
-        let again = prepare(&cfg, &lo.name, Some(&serial), Filesystem::Ext4, Some(&serial), &mut |_| {});
+        let again = prepare(
+            &cfg,
+            &lo.name,
+            Some(&serial),
+            Filesystem::Ext4,
+            Some(&serial),
+            &mut |_| {},
+        );
         assert!(matches!(again, Err(PrepareError::Busy { .. })), "{again:?}");
-        assert_eq!(lo.mount_root_entries(), vec![p.fs_uuid.clone()], "the refused attempt left no mount point");
+        assert_eq!(
+            lo.mount_root_entries(),
+            vec![p.fs_uuid.clone()],
+            "the refused attempt left no mount point"
+        );
     }
 
     #[test]
@@ -1991,15 +2516,29 @@ garbage
         let lo = Loop::new(320);
         let dev_dir = lo.dir.join("dev");
         fs::create_dir(&dev_dir).expect("dev dir");
-        let cfg = PrepareConfig { dev_dir: dev_dir.clone(), ..lo.cfg() };
-        let p = prepare(&cfg, &lo.name, None, Filesystem::Xfs, None, &mut |_| {}).expect("prepared");
+        let cfg = PrepareConfig {
+            dev_dir: dev_dir.clone(),
+            ..lo.cfg()
+        };
+        let p =
+            prepare(&cfg, &lo.name, None, Filesystem::Xfs, None, &mut |_| {}).expect("prepared");
         assert_eq!(p.filesystem, Filesystem::Xfs);
-        assert_eq!(p.label, fs_label(None, &p.fs_uuid), "a serial-less drive is labelled from its UUID");
+        assert_eq!(
+            p.label,
+            fs_label(None, &p.fs_uuid),
+            "a serial-less drive is labelled from its UUID"
+        );
         assert!(p.label.len() <= 12);
         let node = dev_dir.join(&p.partition);
-        assert!(fs::metadata(&node).expect("partition node made").file_type().is_block_device());
+        assert!(fs::metadata(&node)
+            .expect("partition node made")
+            .file_type()
+            .is_block_device());
         let m = mount_entry(&p.mount_point).expect("mounted");
-        assert_eq!((m.fstype.as_str(), m.source.as_str()), ("xfs", node.to_str().expect("utf-8")));
+        assert_eq!(
+            (m.fstype.as_str(), m.source.as_str()),
+            ("xfs", node.to_str().expect("utf-8"))
+        );
         assert_layout(&lo, &p, "xfs", 320);
     }
 
@@ -2009,8 +2548,19 @@ garbage
             return;
         }
         let lo = Loop::with_sectors(64, 4096);
-        assert_eq!(logical_block_size(Path::new("/sys/block"), &lo.name), Ok(4096));
-        let p = prepare(&lo.cfg(), &lo.name, None, Filesystem::Ext4, None, &mut |_| {}).expect("prepared");
+        assert_eq!(
+            logical_block_size(Path::new("/sys/block"), &lo.name),
+            Ok(4096)
+        );
+        let p = prepare(
+            &lo.cfg(),
+            &lo.name,
+            None,
+            Filesystem::Ext4,
+            None,
+            &mut |_| {},
+        )
+        .expect("prepared");
         assert!(mounted(Path::new(&p.mount_point)));
         assert_layout_sectors(&lo, &p, "ext4", 64, 4096);
     }
@@ -2026,11 +2576,17 @@ garbage
         let dev_dir = lo.dir.join("dev");
         fs::create_dir(&dev_dir).expect("dev dir");
         make_node(&dev_dir.join(&lo.name), (7, 1000)).expect("stale node");
-        let cfg = PrepareConfig { dev_dir, ..lo.cfg() };
+        let cfg = PrepareConfig {
+            dev_dir,
+            ..lo.cfg()
+        };
         let r = prepare(&cfg, &lo.name, None, Filesystem::Ext4, None, &mut |_| {});
         assert!(matches!(r, Err(PrepareError::DeviceNode { .. })), "{r:?}");
         let out = restore(&cfg, std::slice::from_ref(&lo.name));
-        assert!(matches!(out.as_slice(), [Err(RestoreError::Read { .. })]), "{out:?}");
+        assert!(
+            matches!(out.as_slice(), [Err(RestoreError::Read { .. })]),
+            "{out:?}"
+        );
         assert_eq!(lo.mount_root_entries(), Vec::<String>::new());
         assert_eq!(lo.sha256(), before);
     }
@@ -2045,9 +2601,18 @@ garbage
         let cfg = lo.cfg();
         let serial = lo.serial();
         let before = lo.sha256();
-        assert!(probe(&cfg.dev_dir, &lo.name).expect("probe").contains(&Signature::Ext));
+        assert!(probe(&cfg.dev_dir, &lo.name)
+            .expect("probe")
+            .contains(&Signature::Ext));
 
-        let r = prepare(&cfg, &lo.name, Some(&serial), Filesystem::Ext4, None, &mut |_| {});
+        let r = prepare(
+            &cfg,
+            &lo.name,
+            Some(&serial),
+            Filesystem::Ext4,
+            None,
+            &mut |_| {},
+        );
         match r {
             Err(PrepareError::HasData { signatures }) => {
                 assert!(signatures.contains(&Signature::Ext), "{signatures:?}")
@@ -2056,24 +2621,52 @@ garbage
         }
         assert_eq!(lo.sha256(), before, "refused: not a byte changed");
 
-        let r = prepare(&cfg, &lo.name, Some(&serial), Filesystem::Ext4, Some("not-its-serial"), &mut |_| {});
+        let r = prepare(
+            &cfg,
+            &lo.name,
+            Some(&serial),
+            Filesystem::Ext4,
+            Some("not-its-serial"),
+            &mut |_| {},
+        );
         match r {
             Err(e @ PrepareError::WrongSerial { .. }) => {
                 let text = e.to_string();
-                assert!(text.contains("not-its-serial") && text.contains(&serial), "{text}");
+                assert!(
+                    text.contains("not-its-serial") && text.contains(&serial),
+                    "{text}"
+                );
             }
             other => panic!("expected WrongSerial, got {other:?}"),
         }
         assert_eq!(lo.sha256(), before, "wrong serial: not a byte changed");
 
-        let r = prepare(&cfg, &lo.name, None, Filesystem::Ext4, Some(&serial), &mut |_| {});
+        let r = prepare(
+            &cfg,
+            &lo.name,
+            None,
+            Filesystem::Ext4,
+            Some(&serial),
+            &mut |_| {},
+        );
         assert!(matches!(r, Err(PrepareError::NoSerial { .. })), "{r:?}");
         assert_eq!(lo.sha256(), before, "no serial: not a byte changed");
-        assert_eq!(lo.mount_root_entries(), Vec::<String>::new(), "refusals leave no mount points");
+        assert_eq!(
+            lo.mount_root_entries(),
+            Vec::<String>::new(),
+            "refusals leave no mount points"
+        );
 
         let mut steps = Vec::new();
-        let p = prepare(&cfg, &lo.name, Some(&serial), Filesystem::Ext4, Some(&serial), &mut |s| steps.push(s))
-            .expect("forced with the right serial");
+        let p = prepare(
+            &cfg,
+            &lo.name,
+            Some(&serial),
+            Filesystem::Ext4,
+            Some(&serial),
+            &mut |s| steps.push(s),
+        )
+        .expect("forced with the right serial");
         assert!(steps.contains(&Step::Wipe));
         assert!(mounted(Path::new(&p.mount_point)));
         assert_layout(&lo, &p, "ext4", 64);
@@ -2089,11 +2682,25 @@ garbage
         let before = lo.sha256();
         let at = lo.dir.join("mnt");
         fs::create_dir(&at).expect("mount dir");
-        nix::mount::mount(Some(lo.dev().as_str()), &at, Some("ext4"), MsFlags::MS_RDONLY, None::<&str>).expect("mount");
+        nix::mount::mount(
+            Some(lo.dev().as_str()),
+            &at,
+            Some("ext4"),
+            MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .expect("mount");
         let cfg = lo.cfg();
         let serial = lo.serial();
         for force in [None, Some(serial.as_str())] {
-            let r = prepare(&cfg, &lo.name, Some(&serial), Filesystem::Ext4, force, &mut |_| {});
+            let r = prepare(
+                &cfg,
+                &lo.name,
+                Some(&serial),
+                Filesystem::Ext4,
+                force,
+                &mut |_| {},
+            );
             assert!(matches!(r, Err(PrepareError::Busy { .. })), "{r:?}");
         }
         nix::mount::umount2(&at, MntFlags::empty()).expect("umount");
@@ -2111,7 +2718,8 @@ garbage
         let serial = lo.serial();
         let tmpfs = |dir: &Path, flags: MsFlags| {
             fs::create_dir(dir).expect("dir");
-            nix::mount::mount(Some("tmpfs"), dir, Some("tmpfs"), flags, Some("size=1m")).expect("tmpfs");
+            nix::mount::mount(Some("tmpfs"), dir, Some("tmpfs"), flags, Some("size=1m"))
+                .expect("tmpfs");
         };
 
         // Full: a 1 MiB tmpfs filled with a file.
@@ -2122,25 +2730,61 @@ garbage
         while std::io::Write::write_all(&mut f, &filler).is_ok() {}
         drop(f);
         for root in [full.clone(), full.join("drives")] {
-            let cfg = PrepareConfig { mount_root: root.clone(), ..lo.cfg() };
+            let cfg = PrepareConfig {
+                mount_root: root.clone(),
+                ..lo.cfg()
+            };
             let mut steps = Vec::new();
-            let r = prepare(&cfg, &lo.name, Some(&serial), Filesystem::Ext4, None, &mut |s| steps.push(s));
-            assert!(matches!(r, Err(PrepareError::MountRootFull { .. })), "{}: {r:?}", root.display());
+            let r = prepare(
+                &cfg,
+                &lo.name,
+                Some(&serial),
+                Filesystem::Ext4,
+                None,
+                &mut |s| steps.push(s),
+            );
+            assert!(
+                matches!(r, Err(PrepareError::MountRootFull { .. })),
+                "{}: {r:?}",
+                root.display()
+            );
             assert_eq!(steps, [Step::Preflight]);
         }
-        let left: Vec<_> = fs::read_dir(&full).expect("read").filter_map(Result::ok).map(|e| e.file_name()).collect();
+        let left: Vec<_> = fs::read_dir(&full)
+            .expect("read")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .collect();
         assert_eq!(left, ["filler"], "no mount point left behind");
 
         // Read-only: a tmpfs mounted read-only, as the root and as the parent of a root to be made.
         let ro = lo.dir.join("ro");
         tmpfs(&ro, MsFlags::MS_RDONLY);
         for root in [ro.clone(), ro.join("drives")] {
-            let cfg = PrepareConfig { mount_root: root.clone(), ..lo.cfg() };
-            let r = prepare(&cfg, &lo.name, Some(&serial), Filesystem::Ext4, None, &mut |_| {});
-            assert!(matches!(r, Err(PrepareError::MountRootReadOnly { .. })), "{}: {r:?}", root.display());
+            let cfg = PrepareConfig {
+                mount_root: root.clone(),
+                ..lo.cfg()
+            };
+            let r = prepare(
+                &cfg,
+                &lo.name,
+                Some(&serial),
+                Filesystem::Ext4,
+                None,
+                &mut |_| {},
+            );
+            assert!(
+                matches!(r, Err(PrepareError::MountRootReadOnly { .. })),
+                "{}: {r:?}",
+                root.display()
+            );
         }
 
-        assert_eq!(probe(Path::new("/dev"), &lo.name).expect("probe"), vec![], "the drive is still blank");
+        assert_eq!(
+            probe(Path::new("/dev"), &lo.name).expect("probe"),
+            vec![],
+            "the drive is still blank"
+        );
         assert_eq!(lo.sha256(), before, "not a byte written");
     }
 
@@ -2156,8 +2800,15 @@ garbage
                 lo.detach();
             }
         });
-        assert!(matches!(r, Err(PrepareError::Vanished { step: Step::Mkfs })), "{r:?}");
-        assert_eq!(lo.mount_root_entries(), Vec::<String>::new(), "the mount point was removed");
+        assert!(
+            matches!(r, Err(PrepareError::Vanished { step: Step::Mkfs })),
+            "{r:?}"
+        );
+        assert_eq!(
+            lo.mount_root_entries(),
+            Vec::<String>::new(),
+            "the mount point was removed"
+        );
     }
 
     #[test]
@@ -2167,13 +2818,25 @@ garbage
         }
         let lo = Loop::new(64);
         let cfg = lo.cfg();
-        let p = prepare(&cfg, &lo.name, Some(&lo.serial()), Filesystem::Ext4, None, &mut |_| {}).expect("prepared");
+        let p = prepare(
+            &cfg,
+            &lo.name,
+            Some(&lo.serial()),
+            Filesystem::Ext4,
+            None,
+            &mut |_| {},
+        )
+        .expect("prepared");
         fs::write(Path::new(&p.mount_point).join("kept"), b"across restarts").expect("write");
         nix::mount::umount2(Path::new(&p.mount_point), MntFlags::empty()).expect("umount");
         assert!(!mounted(Path::new(&p.mount_point)));
-        // As at boot on a kernel that did not read the GPT itself: the partition is not known to it.
+        // As at boot on a kernel that did not read the GPT itself: the partition is not known to
+        // it.
         sh("delpart", &[&lo.dev(), "1"]);
-        assert!(!Path::new("/sys/block").join(&lo.name).join(&p.partition).exists());
+        assert!(!Path::new("/sys/block")
+            .join(&lo.name)
+            .join(&p.partition)
+            .exists());
 
         let disks = [lo.name.clone()];
         for round in 0..2 {
@@ -2190,7 +2853,8 @@ garbage
                 .collect();
             assert_eq!(entries.len(), 1, "round {round}: mounted once: {entries:?}");
         }
-        let kept = fs::read(Path::new(&p.mount_point).join("kept")).expect("the file is there again");
+        let kept =
+            fs::read(Path::new(&p.mount_point).join("kept")).expect("the file is there again");
         assert_eq!(kept, b"across restarts");
 
         // A blank disk and a disk with data are not shoal drives: nothing to restore.
@@ -2208,7 +2872,8 @@ garbage
         }
         let lo = Loop::new(64);
         let cfg = lo.cfg();
-        let p = prepare(&cfg, &lo.name, None, Filesystem::Ext4, None, &mut |_| {}).expect("prepared");
+        let p =
+            prepare(&cfg, &lo.name, None, Filesystem::Ext4, None, &mut |_| {}).expect("prepared");
         // An open file on it does not stop a lazy unmount.
         let open = File::create(Path::new(&p.mount_point).join("busy")).expect("open file");
         detach(&p).expect("detach");

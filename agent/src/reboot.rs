@@ -1,35 +1,35 @@
-//! Remote reboots (protocol 4, `ControllerMsg::Reboot`): the controller assigned this netbooted node a
-//! new image and asks it to boot it.
+//! Remote reboots (protocol 4, `ControllerMsg::Reboot`): the controller assigned this netbooted
+//! node a new image and asks it to boot it.
 //!
 //! The decision ([`decide`]) is pure: refuse when `--no-remote-reboot`, or when the image the
-//! controller named for this reboot did not verify ([`NamedImage::Refused`]: the node stays up); else
-//! the operator's `--reboot-command` if given (tests use a stand-in); else, when the controller prefers
-//! kexec and `--no-kexec` is not given, kexec into the image the controller named if it verified
-//! ([`NamedImage::Verified`]: [`prepare`] downloads its kernel and initramfs from the controller's boot
-//! HTTP server into RAM, checks their SHA-256 and loads them with `kexec_file_load(2)`; any error falls
-//! back to the full reboot) or into a kernel something else loaded (`/sys/kernel/kexec_loaded` is
-//! `1`); else the `reboot(2)` syscall after `sync(2)`. [`execute`] carries it out (kexec is
-//! `reboot(2)` with `RB_KEXEC`, no kexec-tools needed). The agent acknowledges, with the method it
-//! will really use, before executing.
+//! controller named for this reboot did not verify ([`NamedImage::Refused`]: the node stays up);
+//! else the operator's `--reboot-command` if given (tests use a stand-in); else, when the
+//! controller prefers kexec and `--no-kexec` is not given, kexec into the image the controller
+//! named if it verified ([`NamedImage::Verified`]: [`prepare`] downloads its kernel and initramfs
+//! from the controller's boot HTTP server into RAM, checks their SHA-256 and loads them with
+//! `kexec_file_load(2)`; any error falls back to the full reboot) or into a kernel something else
+//! loaded (`/sys/kernel/kexec_loaded` is `1`); else the `reboot(2)` syscall after `sync(2)`.
+//! [`execute`] carries it out (kexec is `reboot(2)` with `RB_KEXEC`, no kexec-tools needed). The
+//! agent acknowledges, with the method it will really use, before executing.
 //!
 //! # Which kernels the agent kexecs
 //!
 //! Only one whose image manifest verifies with a key the node holds itself (`--image-key FILE`,
-//! baked into the image by `images/build.sh`), never one the controller vouches for: [`check_image`]
-//! verifies the [`SignedKexecImage`]'s manifest signature, checks its rules and version, takes the
-//! kernel and initramfs SHA-256 from it, and builds the kernel command line itself (the one the iPXE
-//! script boots: `initrd=… shoal.controller=… shoal.token=… shoal.image=… <manifest cmdline>`) from a
-//! controller address that must parse as `IP:PORT` and a token that must parse as a join token of
-//! this node's fleet, so nothing else can be slipped onto it. An image that does not verify is
-//! refused, and so is the reboot that follows it.
+//! baked into the image by `images/build.sh`), never one the controller vouches for:
+//! [`check_image`] verifies the [`SignedKexecImage`]'s manifest signature, checks its rules and
+//! version, takes the kernel and initramfs SHA-256 from it, and builds the kernel command line
+//! itself (the one the iPXE script boots: `initrd=… shoal.controller=… shoal.token=… shoal.image=…
+//! <manifest cmdline>`) from a controller address that must parse as `IP:PORT` and a token that
+//! must parse as a join token of this node's fleet, so nothing else can be slipped onto it. An
+//! image that does not verify is refused, and so is the reboot that follows it.
 //!
 //! Without `--image-key`, and for the unsigned v4 `KexecImage`, the agent does not kexec a
-//! controller-named image: it reboots fully. That is no weaker than the netboot trust the node already
-//! has: a full reboot runs firmware and iPXE, which boot whatever the controller's boot server hands
-//! out (iPXE checks no signature), so a node that netboots trusts the controller with its next kernel
-//! anyway. What the image key adds is that a controller (or anyone who took it over) cannot push a
-//! kernel of its choosing into a running node by kexec: on a disk-booted node, or with signed iPXE,
-//! that is the difference between rebooting it and owning it.
+//! controller-named image: it reboots fully. That is no weaker than the netboot trust the node
+//! already has: a full reboot runs firmware and iPXE, which boot whatever the controller's boot
+//! server hands out (iPXE checks no signature), so a node that netboots trusts the controller with
+//! its next kernel anyway. What the image key adds is that a controller (or anyone who took it
+//! over) cannot push a kernel of its choosing into a running node by kexec: on a disk-booted node,
+//! or with signed iPXE, that is the difference between rebooting it and owning it.
 
 use std::{
     fs,
@@ -49,21 +49,22 @@ use crate::release::ImageKey;
 /// Remote reboot settings. Every field has a documented default.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RebootConfig {
-    /// Whether the controller may reboot this machine (default true; `--no-remote-reboot` turns it off).
+    /// Whether the controller may reboot this machine (default true; `--no-remote-reboot` turns it
+    /// off).
     pub allowed: bool,
     /// A shell command run instead of kexec or `reboot(2)` (`--reboot-command`; default none).
     pub command: Option<String>,
     /// The file saying whether a kexec kernel is loaded (default `/sys/kernel/kexec_loaded`).
     pub kexec_loaded: PathBuf,
-    /// Whether kexec may be used when the controller prefers it (default true; `--no-kexec` turns it
-    /// off, e.g. for hardware whose devices do not survive a kexec).
+    /// Whether kexec may be used when the controller prefers it (default true; `--no-kexec` turns
+    /// it off, e.g. for hardware whose devices do not survive a kexec).
     pub kexec: bool,
     /// Where the image's kernel and initramfs are downloaded before loading (default
-    /// `/run/shoal-kexec`, a tmpfs, mode 0700; each file under a unique exclusive name, removed once
-    /// loaded).
+    /// `/run/shoal-kexec`, a tmpfs, mode 0700; each file under a unique exclusive name, removed
+    /// once loaded).
     pub kexec_dir: PathBuf,
-    /// The keys a kexec image's manifest must be signed with (`--image-key FILE`, repeatable; default
-    /// none: the agent never kexecs a controller-named image, it reboots fully).
+    /// The keys a kexec image's manifest must be signed with (`--image-key FILE`, repeatable;
+    /// default none: the agent never kexecs a controller-named image, it reboots fully).
     pub image_keys: Vec<ImageKey>,
 }
 
@@ -133,7 +134,9 @@ pub enum NamedImage {
 #[non_exhaustive]
 pub enum ImageRefusal {
     /// No key of this node verifies the manifest's signature.
-    #[error("its manifest signature does not verify with this node's image keys (--image-key {keys})")]
+    #[error(
+        "its manifest signature does not verify with this node's image keys (--image-key {keys})"
+    )]
     BadSignature {
         /// The ids of the keys the node holds.
         keys: String,
@@ -164,10 +167,17 @@ pub enum ImageRefusal {
 /// the manifest's rules and version, the URLs, the controller address and the token (whose CA hash
 /// must be `ca_sha256`, this node's CA, when known). A verified image becomes the [`KexecImage`] to
 /// load, its command line built here. Pure.
-pub fn check_image(image: &SignedKexecImage, keys: &[ImageKey], ca_sha256: Option<[u8; 32]>) -> NamedImage {
+pub fn check_image(
+    image: &SignedKexecImage,
+    keys: &[ImageKey],
+    ca_sha256: Option<[u8; 32]>,
+) -> NamedImage {
     let version = image.version.clone();
     if keys.is_empty() {
-        return NamedImage::Untrusted { version, why: "this node holds no image key (--image-key)" };
+        return NamedImage::Untrusted {
+            version,
+            why: "this node holds no image key (--image-key)",
+        };
     }
     match verify_image(image, keys, ca_sha256) {
         Ok(k) => NamedImage::Verified(k),
@@ -175,23 +185,43 @@ pub fn check_image(image: &SignedKexecImage, keys: &[ImageKey], ca_sha256: Optio
     }
 }
 
-fn verify_image(image: &SignedKexecImage, keys: &[ImageKey], ca_sha256: Option<[u8; 32]>) -> Result<KexecImage, ImageRefusal> {
+fn verify_image(
+    image: &SignedKexecImage,
+    keys: &[ImageKey],
+    ca_sha256: Option<[u8; 32]>,
+) -> Result<KexecImage, ImageRefusal> {
     if image.signature.len() != 64 {
-        return Err(ImageRefusal::Malformed(format!("signature is {} bytes, not 64", image.signature.len())));
+        return Err(ImageRefusal::Malformed(format!(
+            "signature is {} bytes, not 64",
+            image.signature.len()
+        )));
     }
-    if !keys.iter().any(|k| k.verifies(&image.manifest, &image.signature)) {
-        return Err(ImageRefusal::BadSignature { keys: keys.iter().map(|k| k.id()).collect::<Vec<_>>().join(", ") });
+    if !keys
+        .iter()
+        .any(|k| k.verifies(&image.manifest, &image.signature))
+    {
+        return Err(ImageRefusal::BadSignature {
+            keys: keys.iter().map(|k| k.id()).collect::<Vec<_>>().join(", "),
+        });
     }
-    let m: ImageManifest = serde_json::from_slice(&image.manifest).map_err(|e| ImageRefusal::Malformed(format!("manifest: {e}")))?;
-    m.validate().map_err(|e| ImageRefusal::Malformed(e.to_string()))?;
+    let m: ImageManifest = serde_json::from_slice(&image.manifest)
+        .map_err(|e| ImageRefusal::Malformed(format!("manifest: {e}")))?;
+    m.validate()
+        .map_err(|e| ImageRefusal::Malformed(e.to_string()))?;
     if m.version != image.version {
-        return Err(ImageRefusal::VersionMismatch { named: image.version.clone(), manifest: m.version });
+        return Err(ImageRefusal::VersionMismatch {
+            named: image.version.clone(),
+            manifest: m.version,
+        });
     }
     for url in [&image.kernel_url, &image.initrd_url] {
         split_url(url).map_err(ImageRefusal::Malformed)?;
     }
     // Parsed and written out again: only the canonical forms reach the command line.
-    let controller: SocketAddr = image.controller.parse().map_err(|_| ImageRefusal::BadController(image.controller.clone()))?;
+    let controller: SocketAddr = image
+        .controller
+        .parse()
+        .map_err(|_| ImageRefusal::BadController(image.controller.clone()))?;
     let token: JoinToken = image.boot_token.parse().map_err(ImageRefusal::BadToken)?;
     if ca_sha256.is_some_and(|ca| ca != token.ca_sha256) {
         return Err(ImageRefusal::OtherFleet);
@@ -215,12 +245,18 @@ fn verify_image(image: &SignedKexecImage, keys: &[ImageKey], ca_sha256: Option<[
 /// Whether a kexec kernel is loaded, from the kernel's `kexec_loaded` file (`1` or `0`); a missing
 /// or unreadable file means no.
 pub fn kexec_loaded(config: &RebootConfig) -> bool {
-    std::fs::read_to_string(&config.kexec_loaded).map(|s| s.trim() == "1").unwrap_or(false)
+    std::fs::read_to_string(&config.kexec_loaded)
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false)
 }
 
 /// What to do with a reboot request: the method, or the reason for refusing. `image` is the image
 /// the controller named for this reboot, if it did, as [`check_image`] judged it.
-pub fn decide(config: &RebootConfig, prefer_kexec: bool, image: Option<&NamedImage>) -> Result<RebootMethod, String> {
+pub fn decide(
+    config: &RebootConfig,
+    prefer_kexec: bool,
+    image: Option<&NamedImage>,
+) -> Result<RebootMethod, String> {
     if !config.allowed {
         return Err("remote reboots are disabled on this node (--no-remote-reboot)".into());
     }
@@ -247,10 +283,16 @@ pub fn decide(config: &RebootConfig, prefer_kexec: bool, image: Option<&NamedIma
 pub fn prepare(method: RebootMethod, dir: &Path) -> (RebootMethod, String) {
     match method {
         RebootMethod::KexecImage(image) => match load(&image, dir) {
-            Ok(()) => (RebootMethod::Kexec, format!("kexec into image {}", image.version)),
+            Ok(()) => (
+                RebootMethod::Kexec,
+                format!("kexec into image {}", image.version),
+            ),
             Err(e) => {
                 tracing::warn!(image = %image.version, cause = %e, "kexec not possible; rebooting fully");
-                (RebootMethod::Syscall, format!("reboot(2) (kexec into image {} failed: {e})", image.version))
+                (
+                    RebootMethod::Syscall,
+                    format!("reboot(2) (kexec into image {} failed: {e})", image.version),
+                )
             }
         },
         other => {
@@ -266,10 +308,21 @@ pub fn split_url(url: &str) -> Result<(SocketAddr, String), String> {
     if !url.bytes().all(|b| (b'!'..=b'~').contains(&b)) {
         return Err(format!("{url:?}: not a plain http:// URL"));
     }
-    let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url}: not an http:// URL"))?;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url}: not an http:// URL"))?;
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let addr = host.parse::<SocketAddr>().map_err(|e| format!("{url}: {e} (an IP:PORT is expected)"))?;
-    Ok((addr, if path.is_empty() { "/".into() } else { path.to_owned() }))
+    let addr = host
+        .parse::<SocketAddr>()
+        .map_err(|e| format!("{url}: {e} (an IP:PORT is expected)"))?;
+    Ok((
+        addr,
+        if path.is_empty() {
+            "/".into()
+        } else {
+            path.to_owned()
+        },
+    ))
 }
 
 /// Downloads `url` (plain HTTP/1.0: the controller's boot server) into `dest`, an exclusive
@@ -278,7 +331,9 @@ pub fn download(url: &str, sha256_hex: &str, dest: &mut TempFile) -> Result<(), 
     let (addr, path) = split_url(url)?;
     let net = |e: std::io::Error| format!("{url}: {e}");
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(net)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(net)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(net)?;
     let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).map_err(net)?;
     let mut reader = BufReader::new(stream);
@@ -308,7 +363,9 @@ pub fn download(url: &str, sha256_hex: &str, dest: &mut TempFile) -> Result<(), 
     }
     let got = hex::encode(digest.finish().as_ref());
     if !got.eq_ignore_ascii_case(sha256_hex) {
-        return Err(format!("{url}: SHA-256 is {got}, the controller said {sha256_hex}"));
+        return Err(format!(
+            "{url}: SHA-256 is {got}, the controller said {sha256_hex}"
+        ));
     }
     Ok(())
 }
@@ -317,13 +374,16 @@ pub fn download(url: &str, sha256_hex: &str, dest: &mut TempFile) -> Result<(), 
 /// `kexec_file_load(2)`. The files are removed afterwards (the kernel holds its own copy).
 pub fn load(image: &KexecImage, dir: &Path) -> Result<(), String> {
     shoal_overlay::pki::ensure_private_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let temp = |name: &str| TempFile::new_in(dir, name, 0o600).map_err(|e| format!("{}: {e}", dir.display()));
+    let temp = |name: &str| {
+        TempFile::new_in(dir, name, 0o600).map_err(|e| format!("{}: {e}", dir.display()))
+    };
     // Both removed when dropped, loaded or not: the kernel keeps its own copy.
     let (mut kernel, mut initrd) = (temp("vmlinuz")?, temp("initrd.img")?);
     download(&image.kernel_url, &image.kernel_sha256, &mut kernel)?;
     download(&image.initrd_url, &image.initrd_sha256, &mut initrd)?;
     for t in [&mut kernel, &mut initrd] {
-        t.reopen_read_only().map_err(|e| format!("{}: {e}", t.path().display()))?;
+        t.reopen_read_only()
+            .map_err(|e| format!("{}: {e}", t.path().display()))?;
     }
     kexec_file_load(kernel.file(), initrd.file(), &image.cmdline)
 }
@@ -331,10 +391,11 @@ pub fn load(image: &KexecImage, dir: &Path) -> Result<(), String> {
 /// `kexec_file_load(2)` of the two files, read by the kernel from their descriptors (the ones the
 /// downloads were written and checked through, not a path opened again).
 fn kexec_file_load(k: &fs::File, i: &fs::File, cmdline: &str) -> Result<(), String> {
-    let cmd = std::ffi::CString::new(cmdline).map_err(|_| "the command line holds a NUL byte".to_owned())?;
+    let cmd = std::ffi::CString::new(cmdline)
+        .map_err(|_| "the command line holds a NUL byte".to_owned())?;
     let len = cmd.as_bytes_with_nul().len();
-    // SAFETY: kexec_file_load(2) only reads: the two descriptors, open for the whole call, and `len`
-    // bytes at `cmd`, a live NUL-terminated buffer of exactly that length.
+    // SAFETY: kexec_file_load(2) only reads: the two descriptors, open for the whole call, and
+    // `len` bytes at `cmd`, a live NUL-terminated buffer of exactly that length.
     #[allow(unsafe_code)]
     let r = unsafe {
         nix::libc::syscall(
@@ -349,7 +410,10 @@ fn kexec_file_load(k: &fs::File, i: &fs::File, cmdline: &str) -> Result<(), Stri
     if r == 0 {
         Ok(())
     } else {
-        Err(format!("kexec_file_load(2): {}", std::io::Error::last_os_error()))
+        Err(format!(
+            "kexec_file_load(2): {}",
+            std::io::Error::last_os_error()
+        ))
     }
 }
 
@@ -357,7 +421,9 @@ fn kexec_file_load(k: &fs::File, i: &fs::File, cmdline: &str) -> Result<(), Stri
 /// done: the machine is expected to go down by itself).
 pub fn execute(method: &RebootMethod) -> Result<(), String> {
     let run = |cmd: &mut std::process::Command| -> Result<(), String> {
-        let status = cmd.status().map_err(|e| format!("{}: {e}", describe(cmd)))?;
+        let status = cmd
+            .status()
+            .map_err(|e| format!("{}: {e}", describe(cmd)))?;
         if status.success() {
             Ok(())
         } else {
@@ -385,7 +451,11 @@ pub fn execute(method: &RebootMethod) -> Result<(), String> {
 }
 
 fn describe(cmd: &std::process::Command) -> String {
-    std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|s| s.to_string_lossy()).collect::<Vec<_>>().join(" ")
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -403,26 +473,58 @@ mod tests {
         if let Some(v) = loaded {
             std::fs::write(&path, v).unwrap();
         }
-        RebootConfig { kexec_loaded: path, ..Default::default() }
+        RebootConfig {
+            kexec_loaded: path,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn kexec_when_loaded_and_preferred_else_the_syscall() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(decide(&config(dir.path(), None), true, None), Ok(RebootMethod::Syscall), "no kexec_loaded file");
-        assert_eq!(decide(&config(dir.path(), Some("0\n")), true, None), Ok(RebootMethod::Syscall));
+        assert_eq!(
+            decide(&config(dir.path(), None), true, None),
+            Ok(RebootMethod::Syscall),
+            "no kexec_loaded file"
+        );
+        assert_eq!(
+            decide(&config(dir.path(), Some("0\n")), true, None),
+            Ok(RebootMethod::Syscall)
+        );
         let mut loaded = config(dir.path(), Some("1\n"));
         assert_eq!(decide(&loaded, true, None), Ok(RebootMethod::Kexec));
-        assert_eq!(decide(&loaded, false, None), Ok(RebootMethod::Syscall), "the controller asked for a full reboot");
+        assert_eq!(
+            decide(&loaded, false, None),
+            Ok(RebootMethod::Syscall),
+            "the controller asked for a full reboot"
+        );
         assert_eq!(RebootMethod::Kexec.to_string(), "kexec");
         let img = image("http://127.0.0.1:1/k", "http://127.0.0.1:1/i");
         let named = NamedImage::Verified(img.clone());
-        assert_eq!(decide(&loaded, true, Some(&named)), Ok(RebootMethod::KexecImage(Box::new(img.clone()))), "the named image first");
-        assert_eq!(decide(&loaded, false, Some(&named)), Ok(RebootMethod::Syscall));
-        let unsigned = NamedImage::Untrusted { version: "v2".into(), why: "unsigned" };
-        assert_eq!(decide(&config(dir.path(), Some("0")), true, Some(&unsigned)), Ok(RebootMethod::Syscall), "never kexec an unverified image");
+        assert_eq!(
+            decide(&loaded, true, Some(&named)),
+            Ok(RebootMethod::KexecImage(Box::new(img.clone()))),
+            "the named image first"
+        );
+        assert_eq!(
+            decide(&loaded, false, Some(&named)),
+            Ok(RebootMethod::Syscall)
+        );
+        let unsigned = NamedImage::Untrusted {
+            version: "v2".into(),
+            why: "unsigned",
+        };
+        assert_eq!(
+            decide(&config(dir.path(), Some("0")), true, Some(&unsigned)),
+            Ok(RebootMethod::Syscall),
+            "never kexec an unverified image"
+        );
         loaded.kexec = false;
-        assert_eq!(decide(&loaded, true, Some(&named)), Ok(RebootMethod::Syscall), "--no-kexec");
+        assert_eq!(
+            decide(&loaded, true, Some(&named)),
+            Ok(RebootMethod::Syscall),
+            "--no-kexec"
+        );
     }
 
     #[test]
@@ -430,7 +532,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = config(dir.path(), Some("1"));
         c.command = Some("true".into());
-        assert_eq!(decide(&c, true, None), Ok(RebootMethod::Command("true".into())));
+        assert_eq!(
+            decide(&c, true, None),
+            Ok(RebootMethod::Command("true".into()))
+        );
         c.allowed = false;
         let why = decide(&c, true, None).unwrap_err();
         assert!(why.contains("--no-remote-reboot"), "{why}");
@@ -441,7 +546,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let marker = dir.path().join("rebooted");
         let script = dir.path().join("fake-reboot.sh");
-        std::fs::write(&script, format!("#!/bin/sh\necho \"$1\" > '{}'\n", marker.display())).unwrap();
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\necho \"$1\" > '{}'\n", marker.display()),
+        )
+        .unwrap();
         let mut c = config(dir.path(), Some("1"));
         c.command = Some(format!("sh '{}' now", script.display()));
         let method = decide(&c, true, None).unwrap();
@@ -455,9 +564,13 @@ mod tests {
         KexecImage {
             version: "v2".into(),
             kernel_url: kernel_url.into(),
-            kernel_sha256: hex::encode(ring::digest::digest(&ring::digest::SHA256, b"kernel").as_ref()),
+            kernel_sha256: hex::encode(
+                ring::digest::digest(&ring::digest::SHA256, b"kernel").as_ref(),
+            ),
             initrd_url: initrd_url.into(),
-            initrd_sha256: hex::encode(ring::digest::digest(&ring::digest::SHA256, b"initrd").as_ref()),
+            initrd_sha256: hex::encode(
+                ring::digest::digest(&ring::digest::SHA256, b"initrd").as_ref(),
+            ),
             cmdline: "console=ttyS0".into(),
         }
     }
@@ -475,7 +588,11 @@ mod tests {
                 while !req.ends_with(b"\r\n\r\n") && s.read(&mut byte).is_ok_and(|n| n == 1) {
                     req.push(byte[0]);
                 }
-                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
                 let _ = s.write_all(body);
             }
         });
@@ -484,7 +601,13 @@ mod tests {
 
     #[test]
     fn downloads_are_checked_and_a_failed_load_falls_back_to_the_full_reboot() {
-        assert_eq!(split_url("http://10.0.0.1:7442/images/v2/vmlinuz").unwrap(), ("10.0.0.1:7442".parse().unwrap(), "/images/v2/vmlinuz".into()));
+        assert_eq!(
+            split_url("http://10.0.0.1:7442/images/v2/vmlinuz").unwrap(),
+            (
+                "10.0.0.1:7442".parse().unwrap(),
+                "/images/v2/vmlinuz".into()
+            )
+        );
         assert!(split_url("https://10.0.0.1/x").is_err() && split_url("http://name:80/x").is_err());
         let dir = tempfile::tempdir().unwrap();
         let addr = serve(b"kernel", 4);
@@ -497,13 +620,37 @@ mod tests {
         assert!(err.contains("SHA-256"), "{err}");
         drop((dest, other));
         // The initramfs hash does not match: the reboot falls back to reboot(2), and says so.
-        let (method, ack) = prepare(RebootMethod::KexecImage(Box::new(img)), &dir.path().join("kexec"));
+        let (method, ack) = prepare(
+            RebootMethod::KexecImage(Box::new(img)),
+            &dir.path().join("kexec"),
+        );
         assert_eq!(method, RebootMethod::Syscall);
-        assert!(ack.starts_with("reboot(2) (kexec into image v2 failed") && ack.contains("SHA-256"), "{ack}");
-        assert_eq!(std::fs::read_dir(dir.path().join("kexec")).unwrap().count(), 0, "downloads are removed");
-        assert_eq!(std::fs::metadata(dir.path().join("kexec")).unwrap().permissions().mode() & 0o777, 0o700);
-        assert!(split_url("http://10.0.0.1:80/a b").is_err() && split_url("http://10.0.0.1:80/a\r\nHost: x").is_err(), "nothing injected into the request");
-        assert_eq!(prepare(RebootMethod::Syscall, dir.path()), (RebootMethod::Syscall, "reboot(2)".into()));
+        assert!(
+            ack.starts_with("reboot(2) (kexec into image v2 failed") && ack.contains("SHA-256"),
+            "{ack}"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("kexec")).unwrap().count(),
+            0,
+            "downloads are removed"
+        );
+        assert_eq!(
+            std::fs::metadata(dir.path().join("kexec"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o700
+        );
+        assert!(
+            split_url("http://10.0.0.1:80/a b").is_err()
+                && split_url("http://10.0.0.1:80/a\r\nHost: x").is_err(),
+            "nothing injected into the request"
+        );
+        assert_eq!(
+            prepare(RebootMethod::Syscall, dir.path()),
+            (RebootMethod::Syscall, "reboot(2)".into())
+        );
     }
 
     fn keypair() -> (Ed25519KeyPair, ImageKey) {
@@ -515,7 +662,11 @@ mod tests {
 
     const CA: [u8; 32] = [7; 32];
 
-    fn signed(pair: &Ed25519KeyPair, version: &str, edit: impl FnOnce(&mut ImageManifest)) -> SignedKexecImage {
+    fn signed(
+        pair: &Ed25519KeyPair,
+        version: &str,
+        edit: impl FnOnce(&mut ImageManifest),
+    ) -> SignedKexecImage {
         let file = |name: &str, data: &[u8]| ImageFile {
             file: name.into(),
             size: data.len() as u64,
@@ -532,7 +683,11 @@ mod tests {
         };
         edit(&mut m);
         let manifest = serde_json::to_vec_pretty(&m).unwrap();
-        let token = JoinToken { id: "0123456789abcdef".into(), secret: "ab".repeat(16), ca_sha256: CA };
+        let token = JoinToken {
+            id: "0123456789abcdef".into(),
+            secret: "ab".repeat(16),
+            ca_sha256: CA,
+        };
         SignedKexecImage {
             version: version.into(),
             signature: pair.sign(&manifest).as_ref().to_vec(),
@@ -548,14 +703,25 @@ mod tests {
     fn a_signed_image_is_kexeced_with_the_hashes_and_command_line_of_its_manifest() {
         let (pair, key) = keypair();
         let img = signed(&pair, "v2", |_| {});
-        let NamedImage::Verified(k) = check_image(&img, &[keypair().1, key], Some(CA)) else { panic!("refused") };
-        assert_eq!(k.kernel_sha256, hex::encode(ring::digest::digest(&ring::digest::SHA256, b"kernel").as_ref()));
-        assert_eq!(k.initrd_sha256, hex::encode(ring::digest::digest(&ring::digest::SHA256, b"initrd").as_ref()));
+        let NamedImage::Verified(k) = check_image(&img, &[keypair().1, key], Some(CA)) else {
+            panic!("refused")
+        };
+        assert_eq!(
+            k.kernel_sha256,
+            hex::encode(ring::digest::digest(&ring::digest::SHA256, b"kernel").as_ref())
+        );
+        assert_eq!(
+            k.initrd_sha256,
+            hex::encode(ring::digest::digest(&ring::digest::SHA256, b"initrd").as_ref())
+        );
         assert_eq!(
             k.cmdline,
             format!("initrd=initrd.img shoal.controller=10.78.0.1:7440 shoal.token={} shoal.image=v2 console=ttyS0 panic=10", img.boot_token)
         );
-        assert_eq!((k.version.as_str(), k.kernel_url.as_str()), ("v2", img.kernel_url.as_str()));
+        assert_eq!(
+            (k.version.as_str(), k.kernel_url.as_str()),
+            ("v2", img.kernel_url.as_str())
+        );
     }
 
     #[test]
@@ -569,14 +735,26 @@ mod tests {
         // Signed by a key the node does not hold (the controller may well trust it).
         let by_other = signed(&other, "v3", |_| {});
         let why = refused(&by_other);
-        assert!(matches!(why, ImageRefusal::BadSignature { ref keys } if *keys == key.id()), "{why}");
+        assert!(
+            matches!(why, ImageRefusal::BadSignature { ref keys } if *keys == key.id()),
+            "{why}"
+        );
         // The controller changing anything the signature covers, or anything it adds, is caught.
         let mut tampered = signed(&pair, "v3", |_| {});
-        tampered.manifest = String::from_utf8(tampered.manifest).unwrap().replace("panic=10", "init=/bin/sh").into_bytes();
-        assert!(matches!(refused(&tampered), ImageRefusal::BadSignature { .. }));
+        tampered.manifest = String::from_utf8(tampered.manifest)
+            .unwrap()
+            .replace("panic=10", "init=/bin/sh")
+            .into_bytes();
+        assert!(matches!(
+            refused(&tampered),
+            ImageRefusal::BadSignature { .. }
+        ));
         let mut renamed = signed(&pair, "v3", |_| {});
         renamed.version = "v4".into();
-        assert!(matches!(refused(&renamed), ImageRefusal::VersionMismatch { .. }));
+        assert!(matches!(
+            refused(&renamed),
+            ImageRefusal::VersionMismatch { .. }
+        ));
         let mut injected = signed(&pair, "v3", |_| {});
         injected.controller = "10.78.0.1:7440 init=/bin/sh".into();
         assert!(matches!(refused(&injected), ImageRefusal::BadController(_)));
@@ -587,23 +765,44 @@ mod tests {
         elsewhere.kernel_url = "http://10.78.0.1:7442/x\r\nX: y".into();
         assert!(matches!(refused(&elsewhere), ImageRefusal::Malformed(_)));
         let signed_junk = signed(&pair, "v3", |m| m.cmdline = "a\nb".into());
-        assert!(matches!(refused(&signed_junk), ImageRefusal::Malformed(_)), "signed, but breaks the rules");
+        assert!(
+            matches!(refused(&signed_junk), ImageRefusal::Malformed(_)),
+            "signed, but breaks the rules"
+        );
         let mut short = signed(&pair, "v3", |_| {});
         short.signature.pop();
         assert!(matches!(refused(&short), ImageRefusal::Malformed(_)));
         let foreign = signed(&pair, "v3", |_| {});
-        assert_eq!(match check_image(&foreign, &[key], Some([8; 32])) { NamedImage::Refused { reason, .. } => reason, o => panic!("{o:?}") }, ImageRefusal::OtherFleet);
+        assert_eq!(
+            match check_image(&foreign, &[key], Some([8; 32])) {
+                NamedImage::Refused { reason, .. } => reason,
+                o => panic!("{o:?}"),
+            },
+            ImageRefusal::OtherFleet
+        );
 
-        // The reboot that follows a refused image is refused, naming why, even with a reboot command.
+        // The reboot that follows a refused image is refused, naming why, even with a reboot
+        // command.
         let dir = tempfile::tempdir().unwrap();
         let mut c = config(dir.path(), Some("1"));
         c.command = Some("true".into());
         let named = check_image(&by_other, &[key], Some(CA));
         let why = decide(&c, true, Some(&named)).unwrap_err();
-        assert!(why.contains("image v3 refused") && why.contains("does not verify") && why.contains(&key.id()), "{why}");
+        assert!(
+            why.contains("image v3 refused")
+                && why.contains("does not verify")
+                && why.contains(&key.id()),
+            "{why}"
+        );
         // A node without image keys does not kexec it but reboots fully (the netboot trust).
         let untrusted = check_image(&by_other, &[], Some(CA));
-        assert!(matches!(untrusted, NamedImage::Untrusted { .. }), "{untrusted:?}");
-        assert_eq!(decide(&config(dir.path(), Some("0")), true, Some(&untrusted)), Ok(RebootMethod::Syscall));
+        assert!(
+            matches!(untrusted, NamedImage::Untrusted { .. }),
+            "{untrusted:?}"
+        );
+        assert_eq!(
+            decide(&config(dir.path(), Some("0")), true, Some(&untrusted)),
+            Ok(RebootMethod::Syscall)
+        );
     }
 }

@@ -1,10 +1,11 @@
 //! Verifying agent releases before an update: the agent trusts the release public key
 //! (`--release-key FILE`), not the controller that hands the release over.
 //!
-//! Sans-IO: [`verify_release`] checks a [`SignedRelease`] envelope; [`BinaryCheck`] checks the binary
-//! as it arrives in chunks, so a download over the session never has to be held in memory and an
-//! overlong one is refused at the first byte too many. The file writing, swap and re-exec live in the
-//! updater that calls these. Rules (format, key id, hashing) are in `shoal_proto::release`.
+//! Sans-IO: [`verify_release`] checks a [`SignedRelease`] envelope; [`BinaryCheck`] checks the
+//! binary as it arrives in chunks, so a download over the session never has to be held in memory
+//! and an overlong one is refused at the first byte too many. The file writing, swap and re-exec
+//! live in the updater that calls these. Rules (format, key id, hashing) are in
+//! `shoal_proto::release`.
 
 use ring::{
     digest,
@@ -12,8 +13,9 @@ use ring::{
 };
 use shoal_proto::{ReleaseManifest, SignedRelease, UpdateFailure};
 
-/// An Ed25519 public key the agent trusts: for releases (`--release-key`, [`ReleaseKey`]) or netboot
-/// images (`--image-key`, [`ImageKey`]). Same format for both: the `.pub` file of 64 hex characters.
+/// An Ed25519 public key the agent trusts: for releases (`--release-key`, [`ReleaseKey`]) or
+/// netboot images (`--image-key`, [`ImageKey`]). Same format for both: the `.pub` file of 64 hex
+/// characters.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct TrustedKey([u8; 32]);
 
@@ -36,10 +38,14 @@ impl TrustedKey {
 
     /// Parses a `.pub` file's text: 64 hex characters, surrounding whitespace ignored.
     pub fn parse(text: &str) -> Result<TrustedKey, UpdateFailure> {
-        let bytes = hex::decode(text.trim()).ok().and_then(|b| <[u8; 32]>::try_from(b).ok());
-        bytes
-            .map(TrustedKey)
-            .ok_or_else(|| UpdateFailure::Malformed("a trusted key must be 64 hex characters (an Ed25519 public key)".into()))
+        let bytes = hex::decode(text.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok());
+        bytes.map(TrustedKey).ok_or_else(|| {
+            UpdateFailure::Malformed(
+                "a trusted key must be 64 hex characters (an Ed25519 public key)".into(),
+            )
+        })
     }
 
     /// The key id: the first 8 bytes of SHA-256 of the key, as hex.
@@ -49,7 +55,9 @@ impl TrustedKey {
 
     /// Whether `signature` is this key's Ed25519 signature over `message`.
     pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
-        UnparsedPublicKey::new(&ED25519, &self.0).verify(message, signature).is_ok()
+        UnparsedPublicKey::new(&ED25519, &self.0)
+            .verify(message, signature)
+            .is_ok()
     }
 }
 
@@ -60,12 +68,20 @@ pub fn key_id(public: &[u8; 32]) -> String {
 
 /// The target triple this agent was built for, as release manifests name it.
 pub fn current_target() -> String {
-    let env = if cfg!(target_env = "musl") { "musl" } else { "gnu" };
-    format!("{}-unknown-{}-{env}", std::env::consts::ARCH, std::env::consts::OS)
+    let env = if cfg!(target_env = "musl") {
+        "musl"
+    } else {
+        "gnu"
+    };
+    format!(
+        "{}-unknown-{}-{env}",
+        std::env::consts::ARCH,
+        std::env::consts::OS
+    )
 }
 
-/// Verifies an envelope: signature first (with the trusted key; nothing is parsed before that), then
-/// the manifest's rules, its target and, if given, that it is the version asked for.
+/// Verifies an envelope: signature first (with the trusted key; nothing is parsed before that),
+/// then the manifest's rules, its target and, if given, that it is the version asked for.
 pub fn verify_release(
     release: &SignedRelease,
     trusted: Option<&ReleaseKey>,
@@ -74,25 +90,37 @@ pub fn verify_release(
 ) -> Result<ReleaseManifest, UpdateFailure> {
     let key = trusted.ok_or(UpdateFailure::NoTrustedKey)?;
     if release.signature.len() != 64 {
-        return Err(UpdateFailure::Malformed(format!("signature is {} bytes, not 64", release.signature.len())));
+        return Err(UpdateFailure::Malformed(format!(
+            "signature is {} bytes, not 64",
+            release.signature.len()
+        )));
     }
     if !key.verifies(&release.manifest, &release.signature) {
         let trusted = key.id();
         return Err(if release.key_id != trusted {
-            UpdateFailure::WrongKey { signed_by: release.key_id.clone(), trusted }
+            UpdateFailure::WrongKey {
+                signed_by: release.key_id.clone(),
+                trusted,
+            }
         } else {
             UpdateFailure::BadSignature { key_id: trusted }
         });
     }
-    let manifest: ReleaseManifest =
-        serde_json::from_slice(&release.manifest).map_err(|e| UpdateFailure::Malformed(format!("manifest: {e}")))?;
+    let manifest: ReleaseManifest = serde_json::from_slice(&release.manifest)
+        .map_err(|e| UpdateFailure::Malformed(format!("manifest: {e}")))?;
     manifest.validate()?;
     if manifest.target != target {
-        return Err(UpdateFailure::WrongTarget { release: manifest.target, agent: target.to_owned() });
+        return Err(UpdateFailure::WrongTarget {
+            release: manifest.target,
+            agent: target.to_owned(),
+        });
     }
     if let Some(requested) = requested_version {
         if manifest.version != requested {
-            return Err(UpdateFailure::VersionMismatch { requested: requested.to_owned(), manifest: manifest.version });
+            return Err(UpdateFailure::VersionMismatch {
+                requested: requested.to_owned(),
+                manifest: manifest.version,
+            });
         }
     }
     Ok(manifest)
@@ -140,18 +168,26 @@ impl BinaryCheck {
                 self.hash.update(chunk);
                 Ok(())
             }
-            _ => Err(UpdateFailure::Oversize { expected: self.expected_size }),
+            _ => Err(UpdateFailure::Oversize {
+                expected: self.expected_size,
+            }),
         }
     }
 
     /// The download ended: checks the size, then the hash.
     pub fn finish(self) -> Result<(), UpdateFailure> {
         if self.received < self.expected_size {
-            return Err(UpdateFailure::Truncated { got: self.received, expected: self.expected_size });
+            return Err(UpdateFailure::Truncated {
+                got: self.received,
+                expected: self.expected_size,
+            });
         }
         let actual = hex::encode(self.hash.finish().as_ref());
         if actual != self.expected_sha256 {
-            return Err(UpdateFailure::HashMismatch { expected: self.expected_sha256, actual });
+            return Err(UpdateFailure::HashMismatch {
+                expected: self.expected_sha256,
+                actual,
+            });
         }
         Ok(())
     }
@@ -180,11 +216,19 @@ mod tests {
         fn new() -> Signer {
             let rng = ring::rand::SystemRandom::new();
             let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).expect("key");
-            Signer { pair: Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key") }
+            Signer {
+                pair: Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key"),
+            }
         }
 
         fn public(&self) -> ReleaseKey {
-            ReleaseKey::from_bytes(self.pair.public_key().as_ref().try_into().expect("32 bytes"))
+            ReleaseKey::from_bytes(
+                self.pair
+                    .public_key()
+                    .as_ref()
+                    .try_into()
+                    .expect("32 bytes"),
+            )
         }
 
         fn manifest_for(binary: &[u8], version: &str) -> ReleaseManifest {
@@ -232,14 +276,27 @@ mod tests {
         let mut env = s.sign(&Signer::manifest_for(BINARY, "0.2.0"));
         // Flip the size in the signed JSON: same key id, the signature no longer matches.
         let text = String::from_utf8(env.manifest.clone()).expect("utf8");
-        env.manifest = text.replace(&format!("\"size\": {}", BINARY.len()), "\"size\": 1").into_bytes();
+        env.manifest = text
+            .replace(&format!("\"size\": {}", BINARY.len()), "\"size\": 1")
+            .into_bytes();
         let err = verify_release(&env, Some(&s.public()), TARGET, None).expect_err("refused");
-        assert_eq!(err, UpdateFailure::BadSignature { key_id: s.public().id() });
+        assert_eq!(
+            err,
+            UpdateFailure::BadSignature {
+                key_id: s.public().id()
+            }
+        );
         let mut env = s.sign(&Signer::manifest_for(BINARY, "0.2.0"));
         env.signature[0] ^= 1;
-        assert!(matches!(verify_release(&env, Some(&s.public()), TARGET, None), Err(UpdateFailure::BadSignature { .. })));
+        assert!(matches!(
+            verify_release(&env, Some(&s.public()), TARGET, None),
+            Err(UpdateFailure::BadSignature { .. })
+        ));
         env.signature.pop();
-        assert!(matches!(verify_release(&env, Some(&s.public()), TARGET, None), Err(UpdateFailure::Malformed(_))));
+        assert!(matches!(
+            verify_release(&env, Some(&s.public()), TARGET, None),
+            Err(UpdateFailure::Malformed(_))
+        ));
     }
 
     #[test]
@@ -248,33 +305,71 @@ mod tests {
         let other = Signer::new();
         let env = other.sign(&Signer::manifest_for(BINARY, "0.2.0"));
         let err = verify_release(&env, Some(&trusted.public()), TARGET, None).expect_err("refused");
-        assert_eq!(err, UpdateFailure::WrongKey { signed_by: other.public().id(), trusted: trusted.public().id() });
+        assert_eq!(
+            err,
+            UpdateFailure::WrongKey {
+                signed_by: other.public().id(),
+                trusted: trusted.public().id()
+            }
+        );
         assert!(err.to_string().contains(&trusted.public().id()), "{err}");
         // Lying about the key id does not help: it is still refused.
         let mut forged = env.clone();
         forged.key_id = trusted.public().id();
-        assert!(matches!(verify_release(&forged, Some(&trusted.public()), TARGET, None), Err(UpdateFailure::BadSignature { .. })));
-        assert_eq!(verify_release(&env, None, TARGET, None), Err(UpdateFailure::NoTrustedKey));
+        assert!(matches!(
+            verify_release(&forged, Some(&trusted.public()), TARGET, None),
+            Err(UpdateFailure::BadSignature { .. })
+        ));
+        assert_eq!(
+            verify_release(&env, None, TARGET, None),
+            Err(UpdateFailure::NoTrustedKey)
+        );
     }
 
     #[test]
     fn a_truncated_overlong_or_altered_binary_is_refused() {
         let s = Signer::new();
-        let m = verify_release(&s.sign(&Signer::manifest_for(BINARY, "0.2.0")), Some(&s.public()), TARGET, None)
-            .expect("verifies");
+        let m = verify_release(
+            &s.sign(&Signer::manifest_for(BINARY, "0.2.0")),
+            Some(&s.public()),
+            TARGET,
+            None,
+        )
+        .expect("verifies");
         let n = BINARY.len() as u64;
-        assert_eq!(verify_binary(&m, &BINARY[..10]), Err(UpdateFailure::Truncated { got: 10, expected: n }));
-        assert_eq!(verify_binary(&m, &[]), Err(UpdateFailure::Truncated { got: 0, expected: n }));
+        assert_eq!(
+            verify_binary(&m, &BINARY[..10]),
+            Err(UpdateFailure::Truncated {
+                got: 10,
+                expected: n
+            })
+        );
+        assert_eq!(
+            verify_binary(&m, &[]),
+            Err(UpdateFailure::Truncated {
+                got: 0,
+                expected: n
+            })
+        );
         let mut long = BINARY.to_vec();
         long.push(0);
-        assert_eq!(verify_binary(&m, &long), Err(UpdateFailure::Oversize { expected: n }));
+        assert_eq!(
+            verify_binary(&m, &long),
+            Err(UpdateFailure::Oversize { expected: n })
+        );
         // Overflow is caught at the chunk that overflows, not at the end.
         let mut check = BinaryCheck::new(&m);
         check.update(BINARY).expect("exactly the size");
-        assert_eq!(check.update(b"x"), Err(UpdateFailure::Oversize { expected: n }));
+        assert_eq!(
+            check.update(b"x"),
+            Err(UpdateFailure::Oversize { expected: n })
+        );
         let mut altered = BINARY.to_vec();
         altered[0] ^= 1;
-        assert!(matches!(verify_binary(&m, &altered), Err(UpdateFailure::HashMismatch { .. })));
+        assert!(matches!(
+            verify_binary(&m, &altered),
+            Err(UpdateFailure::HashMismatch { .. })
+        ));
     }
 
     #[test]
@@ -282,7 +377,8 @@ mod tests {
         let s = Signer::new();
         let mut m = Signer::manifest_for(BINARY, "0.2.0");
         m.target = "aarch64-unknown-linux-gnu".into();
-        let err = verify_release(&s.sign(&m), Some(&s.public()), TARGET, None).expect_err("refused");
+        let err =
+            verify_release(&s.sign(&m), Some(&s.public()), TARGET, None).expect_err("refused");
         assert!(matches!(err, UpdateFailure::WrongTarget { .. }), "{err}");
         let env = s.sign(&Signer::manifest_for(BINARY, "0.2.0"));
         assert!(matches!(
@@ -291,11 +387,21 @@ mod tests {
         ));
         let mut m = Signer::manifest_for(BINARY, "0.2.0");
         m.format = 9;
-        assert!(matches!(verify_release(&s.sign(&m), Some(&s.public()), TARGET, None), Err(UpdateFailure::Malformed(_))));
+        assert!(matches!(
+            verify_release(&s.sign(&m), Some(&s.public()), TARGET, None),
+            Err(UpdateFailure::Malformed(_))
+        ));
         // Signed garbage is malformed, not trusted.
         let bytes = b"not json".to_vec();
-        let env = SignedRelease { signature: s.pair.sign(&bytes).as_ref().to_vec(), manifest: bytes, key_id: s.public().id() };
-        assert!(matches!(verify_release(&env, Some(&s.public()), TARGET, None), Err(UpdateFailure::Malformed(_))));
+        let env = SignedRelease {
+            signature: s.pair.sign(&bytes).as_ref().to_vec(),
+            manifest: bytes,
+            key_id: s.public().id(),
+        };
+        assert!(matches!(
+            verify_release(&env, Some(&s.public()), TARGET, None),
+            Err(UpdateFailure::Malformed(_))
+        ));
     }
 
     #[test]

@@ -20,7 +20,8 @@ pub enum Output {
     Send(AgentMsg),
     /// Collect a health report and send it.
     SendHealth,
-    /// Collect the inventory and send it if it changed since the last one sent (always, the first time).
+    /// Collect the inventory and send it if it changed since the last one sent (always, the first
+    /// time).
     SendInventory {
         /// Send even if unchanged (first report on a connection).
         force: bool,
@@ -29,18 +30,19 @@ pub enum Output {
     Renew,
     /// Store the renewed certificate.
     StoreRenewed(Renewed),
-    /// (protocol 5) The controller asks for a key rotation: generate a new key, sign the rotation with
-    /// the current one and send `RotateKey`.
+    /// (protocol 5) The controller asks for a key rotation: generate a new key, sign the rotation
+    /// with the current one and send `RotateKey`.
     Rotate {
         /// The controller's reason, for the log.
         reason: String,
     },
-    /// (protocol 5) The certificate for the new key: store it with the new key (the session then ends,
-    /// and the next connection uses the new key).
+    /// (protocol 5) The certificate for the new key: store it with the new key (the session then
+    /// ends, and the next connection uses the new key).
     StoreRotated(Renewed),
     /// (protocol 2) The controller speaks overlay: start or resume it and send `OverlayHello`.
     StartOverlay,
-    /// (protocol 2) An overlay message for the overlay shell: Observed, Netmap, NetmapDelta or Punch.
+    /// (protocol 2) An overlay message for the overlay shell: Observed, Netmap, NetmapDelta or
+    /// Punch.
     Overlay(ControllerMsg),
     /// (protocol 2) Collect a path report and send it.
     SendPaths,
@@ -50,7 +52,8 @@ pub enum Output {
     Drives(ControllerMsg),
     /// (protocol 4) The controller speaks updates: send the current update report.
     SendUpdateReport,
-    /// (protocol 4) An update message for the updater: UpdateAgent, RevertAgent, Reboot or Maintenance.
+    /// (protocol 4) An update message for the updater: UpdateAgent, RevertAgent, Reboot or
+    /// Maintenance.
     Update(ControllerMsg),
     /// The session is over.
     End(End),
@@ -166,7 +169,12 @@ impl AgentSession {
     }
 
     /// Handles a controller message. `wall_now` is the wall clock, for certificate lifetimes.
-    pub fn handle(&mut self, now: Instant, wall_now: UnixMillis, msg: ControllerMsg) -> Vec<Output> {
+    pub fn handle(
+        &mut self,
+        now: Instant,
+        wall_now: UnixMillis,
+        msg: ControllerMsg,
+    ) -> Vec<Output> {
         match (&self.state, msg) {
             (State::Ended, _) => vec![],
             (_, ControllerMsg::Reject(r)) => self.end(End::Rejected(r)),
@@ -187,7 +195,8 @@ impl AgentSession {
                         self.next_health = Some(now + self.health_interval);
                         self.next_inventory = Some(now + self.timing.inventory_interval);
                         let overlay = self.welcome.as_ref().is_some_and(|w| w.protocol >= 2);
-                        let mut out = vec![Output::SendInventory { force: true }, Output::SendHealth];
+                        let mut out =
+                            vec![Output::SendInventory { force: true }, Output::SendHealth];
                         if overlay {
                             self.next_paths = Some(now + self.timing.paths_interval);
                             out.push(Output::StartOverlay);
@@ -210,9 +219,10 @@ impl AgentSession {
                 | ControllerMsg::NetmapDelta(_)
                 | ControllerMsg::Punch(_)),
             ) if self.next_paths.is_some() => vec![Output::Overlay(msg)],
-            (State::Ready, msg @ (ControllerMsg::DrivePolicy(_) | ControllerMsg::DriveCommand(_)))
-                if self.speaks_drives() =>
-            {
+            (
+                State::Ready,
+                msg @ (ControllerMsg::DrivePolicy(_) | ControllerMsg::DriveCommand(_)),
+            ) if self.speaks_drives() => {
                 vec![Output::Drives(msg)]
             }
             (
@@ -222,14 +232,13 @@ impl AgentSession {
                 | ControllerMsg::Reboot { .. }
                 | ControllerMsg::Maintenance(_)
                 | ControllerMsg::KexecImage(_)),
-            )
-                if self.speaks_updates() =>
-            {
+            ) if self.speaks_updates() => {
                 vec![Output::Update(msg)]
             }
-            (State::Ready, msg @ (ControllerMsg::UpdateOffer(_) | ControllerMsg::SignedKexecImage(_)))
-                if self.speaks_trust() =>
-            {
+            (
+                State::Ready,
+                msg @ (ControllerMsg::UpdateOffer(_) | ControllerMsg::SignedKexecImage(_)),
+            ) if self.speaks_trust() => {
                 vec![Output::Update(msg)]
             }
             (State::Ready, ControllerMsg::RotateKey { reason }) if self.speaks_trust() => {
@@ -244,14 +253,17 @@ impl AgentSession {
                 self.schedule_renewal(now, wall_now, r.not_after);
                 vec![Output::StoreRenewed(r)]
             }
-            // Answers come in request order: a renewal asked for before the rotation is answered first.
+            // Answers come in request order: a renewal asked for before the rotation is answered
+            // first.
             (State::Ready, ControllerMsg::Renewed(r)) if self.rotating => {
                 self.rotating = false;
                 let mut out = vec![Output::StoreRotated(r)];
                 out.extend(self.end(End::Rotated));
                 out
             }
-            (_, other) => self.end(End::Protocol(format!("unexpected message from the controller: {other:?}"))),
+            (_, other) => self.end(End::Protocol(format!(
+                "unexpected message from the controller: {other:?}"
+            ))),
         }
     }
 
@@ -277,7 +289,15 @@ impl AgentSession {
             return None;
         }
         let renew = if self.renewing { None } else { self.renew_at };
-        [self.next_health, self.next_inventory, self.next_paths, renew].into_iter().flatten().min()
+        [
+            self.next_health,
+            self.next_inventory,
+            self.next_paths,
+            renew,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Does whatever is due at `now`.
@@ -316,7 +336,10 @@ mod tests {
         Hello {
             protocol: SUPPORTED,
             agent_version: "t".into(),
-            hardware_id: HardwareId { source: HardwareIdSource::Override, value: "m".into() },
+            hardware_id: HardwareId {
+                source: HardwareIdSource::Override,
+                value: "m".into(),
+            },
         }
     }
 
@@ -331,70 +354,157 @@ mod tests {
     }
 
     fn timing() -> Timing {
-        Timing { health_interval: None, inventory_interval: Duration::from_secs(60), paths_interval: Duration::from_secs(5) }
+        Timing {
+            health_interval: None,
+            inventory_interval: Duration::from_secs(60),
+            paths_interval: Duration::from_secs(5),
+        }
     }
 
     #[test]
     fn protocol_2_starts_the_overlay_passes_its_messages_on_and_reports_paths() {
         let t0 = Instant::now();
-        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: UnixMillis(3_600_000) }, timing());
+        let mut s = AgentSession::new(
+            hello(),
+            Mode::Node {
+                cert_not_after: UnixMillis(3_600_000),
+            },
+            timing(),
+        );
         s.start();
         let mut w = welcome(10_000);
         if let ControllerMsg::Welcome(w) = &mut w {
             w.protocol = 2;
         }
         let out = s.handle(t0, UnixMillis(0), w);
-        assert_eq!(out, vec![Output::SendInventory { force: true }, Output::SendHealth, Output::StartOverlay]);
-        let punch = ControllerMsg::Punch(shoal_proto::Punch { peer: shoal_proto::NodeId("b".into()), endpoints: vec![] });
-        assert_eq!(s.handle(t0, UnixMillis(0), punch.clone()), vec![Output::Overlay(punch)]);
+        assert_eq!(
+            out,
+            vec![
+                Output::SendInventory { force: true },
+                Output::SendHealth,
+                Output::StartOverlay
+            ]
+        );
+        let punch = ControllerMsg::Punch(shoal_proto::Punch {
+            peer: shoal_proto::NodeId("b".into()),
+            endpoints: vec![],
+        });
+        assert_eq!(
+            s.handle(t0, UnixMillis(0), punch.clone()),
+            vec![Output::Overlay(punch)]
+        );
         assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(5)));
-        assert_eq!(s.handle_timeout(t0 + Duration::from_secs(5)), vec![Output::SendPaths]);
+        assert_eq!(
+            s.handle_timeout(t0 + Duration::from_secs(5)),
+            vec![Output::SendPaths]
+        );
     }
 
     #[test]
     fn overlay_messages_on_a_protocol_1_session_are_protocol_errors() {
-        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: UnixMillis(3_600_000) }, timing());
+        let mut s = AgentSession::new(
+            hello(),
+            Mode::Node {
+                cert_not_after: UnixMillis(3_600_000),
+            },
+            timing(),
+        );
         s.start();
         s.handle(Instant::now(), UnixMillis(0), welcome(10_000));
-        let out = s.handle(Instant::now(), UnixMillis(0), ControllerMsg::Netmap(Default::default()));
-        assert!(matches!(&out[..], [Output::End(End::Protocol(_))]), "{out:?}");
+        let out = s.handle(
+            Instant::now(),
+            UnixMillis(0),
+            ControllerMsg::Netmap(Default::default()),
+        );
+        assert!(
+            matches!(&out[..], [Output::End(End::Protocol(_))]),
+            "{out:?}"
+        );
     }
 
     #[test]
     fn enrolment_sends_the_request_after_welcome_and_ends_with_the_certificate() {
-        let req = EnrolRequest { token: "t".into(), csr_der: vec![], hostname: "h".into() };
+        let req = EnrolRequest {
+            token: "t".into(),
+            csr_der: vec![],
+            hostname: "h".into(),
+        };
         let mut s = AgentSession::new(hello(), Mode::Enrol(req.clone()), timing());
         assert!(matches!(&s.start()[..], [Output::Send(AgentMsg::Hello(_))]));
         let t0 = Instant::now();
-        assert_eq!(s.handle(t0, UnixMillis(0), welcome(1000)), vec![Output::Send(AgentMsg::Enrol(req))]);
+        assert_eq!(
+            s.handle(t0, UnixMillis(0), welcome(1000)),
+            vec![Output::Send(AgentMsg::Enrol(req))]
+        );
         assert_eq!(s.poll_timeout(), None, "no heartbeats while enrolling");
-        let enrolled = Enrolled { node_id: shoal_proto::NodeId("n".into()), cert_der: vec![], ca_der: vec![], not_after: UnixMillis(9) };
-        assert_eq!(s.handle(t0, UnixMillis(0), ControllerMsg::Enrolled(enrolled.clone())), vec![Output::End(End::Enrolled(enrolled))]);
+        let enrolled = Enrolled {
+            node_id: shoal_proto::NodeId("n".into()),
+            cert_der: vec![],
+            ca_der: vec![],
+            not_after: UnixMillis(9),
+        };
+        assert_eq!(
+            s.handle(t0, UnixMillis(0), ControllerMsg::Enrolled(enrolled.clone())),
+            vec![Output::End(End::Enrolled(enrolled))]
+        );
     }
 
     #[test]
     fn node_session_reports_at_the_controllers_interval_and_renews_at_two_thirds() {
         let t0 = Instant::now();
         let hour = UnixMillis(3_600_000);
-        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: hour }, timing());
+        let mut s = AgentSession::new(
+            hello(),
+            Mode::Node {
+                cert_not_after: hour,
+            },
+            timing(),
+        );
         s.start();
         let out = s.handle(t0, UnixMillis(0), welcome(1000));
-        assert_eq!(out, vec![Output::SendInventory { force: true }, Output::SendHealth]);
+        assert_eq!(
+            out,
+            vec![Output::SendInventory { force: true }, Output::SendHealth]
+        );
         assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(1)));
-        assert_eq!(s.handle_timeout(t0 + Duration::from_secs(1)), vec![Output::SendHealth]);
+        assert_eq!(
+            s.handle_timeout(t0 + Duration::from_secs(1)),
+            vec![Output::SendHealth]
+        );
         let renew_at = t0 + Duration::from_secs(2400);
         let out = s.handle_timeout(renew_at);
         assert!(out.contains(&Output::Renew), "{out:?}");
-        assert!(!s.handle_timeout(renew_at + Duration::from_secs(1)).contains(&Output::Renew), "one renewal at a time");
-        let renewed = Renewed { cert_der: vec![1], not_after: UnixMillis(2_400_000 + 3_600_000) };
-        assert_eq!(s.handle(renew_at, UnixMillis(2_400_000), ControllerMsg::Renewed(renewed.clone())), vec![Output::StoreRenewed(renewed)]);
+        assert!(
+            !s.handle_timeout(renew_at + Duration::from_secs(1))
+                .contains(&Output::Renew),
+            "one renewal at a time"
+        );
+        let renewed = Renewed {
+            cert_der: vec![1],
+            not_after: UnixMillis(2_400_000 + 3_600_000),
+        };
+        assert_eq!(
+            s.handle(
+                renew_at,
+                UnixMillis(2_400_000),
+                ControllerMsg::Renewed(renewed.clone())
+            ),
+            vec![Output::StoreRenewed(renewed)]
+        );
     }
 
     #[test]
-    fn a_rotation_request_is_taken_once_and_its_certificate_ends_the_session_after_a_pending_renewal() {
+    fn a_rotation_request_is_taken_once_and_its_certificate_ends_the_session_after_a_pending_renewal(
+    ) {
         let t0 = Instant::now();
         let hour = UnixMillis(3_600_000);
-        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: hour }, timing());
+        let mut s = AgentSession::new(
+            hello(),
+            Mode::Node {
+                cert_not_after: hour,
+            },
+            timing(),
+        );
         s.start();
         let mut w = welcome(1000);
         if let ControllerMsg::Welcome(w) = &mut w {
@@ -403,37 +513,109 @@ mod tests {
         s.handle(t0, UnixMillis(0), w);
         let renew_at = t0 + Duration::from_secs(2400);
         assert!(s.handle_timeout(renew_at).contains(&Output::Renew));
-        let ask = || ControllerMsg::RotateKey { reason: "revoked".into() };
-        assert_eq!(s.handle(renew_at, UnixMillis(2_400_000), ask()), vec![Output::Rotate { reason: "revoked".into() }]);
-        assert_eq!(s.handle(renew_at, UnixMillis(2_400_000), ask()), vec![], "a repeated request while rotating is ignored");
-        // The renewal asked for first is answered first; then the rotation's certificate ends the session.
-        let renewed = Renewed { cert_der: vec![1], not_after: UnixMillis(9_000_000) };
-        assert_eq!(s.handle(renew_at, UnixMillis(2_400_000), ControllerMsg::Renewed(renewed.clone())), vec![Output::StoreRenewed(renewed)]);
-        let rotated = Renewed { cert_der: vec![2], not_after: UnixMillis(9_000_000) };
+        let ask = || ControllerMsg::RotateKey {
+            reason: "revoked".into(),
+        };
         assert_eq!(
-            s.handle(renew_at, UnixMillis(2_400_000), ControllerMsg::Renewed(rotated.clone())),
+            s.handle(renew_at, UnixMillis(2_400_000), ask()),
+            vec![Output::Rotate {
+                reason: "revoked".into()
+            }]
+        );
+        assert_eq!(
+            s.handle(renew_at, UnixMillis(2_400_000), ask()),
+            vec![],
+            "a repeated request while rotating is ignored"
+        );
+        // The renewal asked for first is answered first; then the rotation's certificate ends the
+        // session.
+        let renewed = Renewed {
+            cert_der: vec![1],
+            not_after: UnixMillis(9_000_000),
+        };
+        assert_eq!(
+            s.handle(
+                renew_at,
+                UnixMillis(2_400_000),
+                ControllerMsg::Renewed(renewed.clone())
+            ),
+            vec![Output::StoreRenewed(renewed)]
+        );
+        let rotated = Renewed {
+            cert_der: vec![2],
+            not_after: UnixMillis(9_000_000),
+        };
+        assert_eq!(
+            s.handle(
+                renew_at,
+                UnixMillis(2_400_000),
+                ControllerMsg::Renewed(rotated.clone())
+            ),
             vec![Output::StoreRotated(rotated), Output::End(End::Rotated)]
         );
     }
 
     #[test]
     fn a_v4_session_treats_a_rotation_request_as_a_protocol_error() {
-        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: UnixMillis(3_600_000) }, timing());
+        let mut s = AgentSession::new(
+            hello(),
+            Mode::Node {
+                cert_not_after: UnixMillis(3_600_000),
+            },
+            timing(),
+        );
         s.start();
         s.handle(Instant::now(), UnixMillis(0), welcome(1000));
-        let out = s.handle(Instant::now(), UnixMillis(0), ControllerMsg::RotateKey { reason: "r".into() });
-        assert!(matches!(&out[..], [Output::End(End::Protocol(_))]), "{out:?}");
+        let out = s.handle(
+            Instant::now(),
+            UnixMillis(0),
+            ControllerMsg::RotateKey { reason: "r".into() },
+        );
+        assert!(
+            matches!(&out[..], [Output::End(End::Protocol(_))]),
+            "{out:?}"
+        );
     }
 
     #[test]
     fn reject_and_revocation_end_the_session() {
-        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: UnixMillis(1) }, timing());
-        let r = Reject { code: RejectCode::NodeRevoked, message: "gone".into() };
-        assert_eq!(s.handle(Instant::now(), UnixMillis(0), ControllerMsg::Reject(r.clone())), vec![Output::End(End::Rejected(r))]);
-        assert!(s.handle(Instant::now(), UnixMillis(0), welcome(1)).is_empty());
-        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: UnixMillis(1) }, timing());
+        let mut s = AgentSession::new(
+            hello(),
+            Mode::Node {
+                cert_not_after: UnixMillis(1),
+            },
+            timing(),
+        );
+        let r = Reject {
+            code: RejectCode::NodeRevoked,
+            message: "gone".into(),
+        };
+        assert_eq!(
+            s.handle(
+                Instant::now(),
+                UnixMillis(0),
+                ControllerMsg::Reject(r.clone())
+            ),
+            vec![Output::End(End::Rejected(r))]
+        );
+        assert!(s
+            .handle(Instant::now(), UnixMillis(0), welcome(1))
+            .is_empty());
+        let mut s = AgentSession::new(
+            hello(),
+            Mode::Node {
+                cert_not_after: UnixMillis(1),
+            },
+            timing(),
+        );
         s.handle(Instant::now(), UnixMillis(0), welcome(1));
-        let out = s.handle(Instant::now(), UnixMillis(0), ControllerMsg::Revoked { reason: "removed".into() });
+        let out = s.handle(
+            Instant::now(),
+            UnixMillis(0),
+            ControllerMsg::Revoked {
+                reason: "removed".into(),
+            },
+        );
         assert_eq!(out, vec![Output::End(End::Revoked("removed".into()))]);
     }
 
@@ -441,38 +623,87 @@ mod tests {
     fn protocol_4_reports_updates_and_passes_offers_on_but_protocol_3_does_not() {
         let offer = ControllerMsg::UpdateAgent {
             version: "0.2.0".into(),
-            release: shoal_proto::SignedRelease { manifest: vec![], signature: vec![], key_id: String::new() },
+            release: shoal_proto::SignedRelease {
+                manifest: vec![],
+                signature: vec![],
+                key_id: String::new(),
+            },
         };
         let t0 = Instant::now();
-        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: UnixMillis(3_600_000) }, timing());
+        let mut s = AgentSession::new(
+            hello(),
+            Mode::Node {
+                cert_not_after: UnixMillis(3_600_000),
+            },
+            timing(),
+        );
         let mut w = welcome(10_000);
         if let ControllerMsg::Welcome(w) = &mut w {
             w.protocol = 4;
         }
         let out = s.handle(t0, UnixMillis(0), w);
         assert_eq!(out.last(), Some(&Output::SendUpdateReport), "{out:?}");
-        assert_eq!(s.handle(t0, UnixMillis(0), offer.clone()), vec![Output::Update(offer.clone())]);
-        let reboot = ControllerMsg::Reboot { reason: "image".into(), prefer_kexec: true };
-        assert_eq!(s.handle(t0, UnixMillis(0), reboot.clone()), vec![Output::Update(reboot)]);
+        assert_eq!(
+            s.handle(t0, UnixMillis(0), offer.clone()),
+            vec![Output::Update(offer.clone())]
+        );
+        let reboot = ControllerMsg::Reboot {
+            reason: "image".into(),
+            prefer_kexec: true,
+        };
+        assert_eq!(
+            s.handle(t0, UnixMillis(0), reboot.clone()),
+            vec![Output::Update(reboot)]
+        );
         let step = ControllerMsg::Maintenance(shoal_proto::MaintenanceStep {
             run: "r1".into(),
             action: shoal_proto::MaintenanceAction::SmartTest,
             step: shoal_proto::StepKind::Cordon,
         });
-        assert_eq!(s.handle(t0, UnixMillis(0), step.clone()), vec![Output::Update(step)]);
-        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: UnixMillis(3_600_000) }, timing());
+        assert_eq!(
+            s.handle(t0, UnixMillis(0), step.clone()),
+            vec![Output::Update(step)]
+        );
+        let mut s = AgentSession::new(
+            hello(),
+            Mode::Node {
+                cert_not_after: UnixMillis(3_600_000),
+            },
+            timing(),
+        );
         let mut w = welcome(10_000);
         if let ControllerMsg::Welcome(w) = &mut w {
             w.protocol = 3;
         }
-        assert!(!s.handle(t0, UnixMillis(0), w).contains(&Output::SendUpdateReport));
-        assert!(matches!(&s.handle(t0, UnixMillis(0), offer)[..], [Output::End(End::Protocol(_))]));
+        assert!(!s
+            .handle(t0, UnixMillis(0), w)
+            .contains(&Output::SendUpdateReport));
+        assert!(matches!(
+            &s.handle(t0, UnixMillis(0), offer)[..],
+            [Output::End(End::Protocol(_))]
+        ));
     }
 
     #[test]
     fn unexpected_messages_are_protocol_errors() {
-        let mut s = AgentSession::new(hello(), Mode::Node { cert_not_after: UnixMillis(1) }, timing());
-        let renewed = Renewed { cert_der: vec![], not_after: UnixMillis(0) };
-        assert!(matches!(&s.handle(Instant::now(), UnixMillis(0), ControllerMsg::Renewed(renewed))[..], [Output::End(End::Protocol(_))]));
+        let mut s = AgentSession::new(
+            hello(),
+            Mode::Node {
+                cert_not_after: UnixMillis(1),
+            },
+            timing(),
+        );
+        let renewed = Renewed {
+            cert_der: vec![],
+            not_after: UnixMillis(0),
+        };
+        assert!(matches!(
+            &s.handle(
+                Instant::now(),
+                UnixMillis(0),
+                ControllerMsg::Renewed(renewed)
+            )[..],
+            [Output::End(End::Protocol(_))]
+        ));
     }
 }

@@ -1,8 +1,8 @@
-//! SMART: turn `smartctl --json -a <device>` output and its exit status into a [`SmartReport`], and start
-//! self-tests with `smartctl -t`.
+//! SMART: turn `smartctl --json -a <device>` output and its exit status into a [`SmartReport`], and
+//! start self-tests with `smartctl -t`.
 //!
-//! The core is sans-IO: [`parse_smartctl`] takes the bytes smartctl printed and the status it exited
-//! with, and so does [`parse_self_test_start`] for `-t`. The thin shells [`read_smart`] and
+//! The core is sans-IO: [`parse_smartctl`] takes the bytes smartctl printed and the status it
+//! exited with, and so does [`parse_self_test_start`] for `-t`. The thin shells [`read_smart`] and
 //! [`start_self_test`] run smartctl with a deadline and turn every way that can go wrong (missing
 //! binary, timeout, killed, unparsable) into something the controller can show.
 //!
@@ -13,19 +13,21 @@
 //! [`SmartReport::self_test`] empty instead of failing the whole report.
 //!
 //! Self-test state, per protocol (smartctl 7.x JSON names):
-//! - ATA: `ata_smart_data.self_test.status.value` is the drive's self-test execution status byte (high
-//!   nibble 0xf: a test is running, low nibble: tenths left); `ata_smart_self_test_log.standard.table`
-//!   (or `.extended` under `-x`) is the log, newest entry first.
-//! - NVMe (smartctl 7.4 and later): `nvme_self_test_log.current_self_test_operation` (0: none running)
-//!   with `current_self_test_completion_percent` (done, not left), and `table`, newest first.
+//! - ATA: `ata_smart_data.self_test.status.value` is the drive's self-test execution status byte
+//!   (high nibble 0xf: a test is running, low nibble: tenths left);
+//!   `ata_smart_self_test_log.standard.table` (or `.extended` under `-x`) is the log, newest entry
+//!   first.
+//! - NVMe (smartctl 7.4 and later): `nvme_self_test_log.current_self_test_operation` (0: none
+//!   running) with `current_self_test_completion_percent` (done, not left), and `table`, newest
+//!   first.
 //! - SCSI: `scsi_self_test_0` is the newest log entry; result 15 means it is still running.
 
 use std::{path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 use shoal_proto::{
-    AtaPredictors, DriveProtocol, NvmePredictors, ScsiPredictors, SelfTestKind, SelfTestStatus, SmartExitStatus,
-    SmartOutcome, SmartPredictors, SmartReport,
+    AtaPredictors, DriveProtocol, NvmePredictors, ScsiPredictors, SelfTestKind, SelfTestStatus,
+    SmartExitStatus, SmartOutcome, SmartPredictors, SmartReport,
 };
 use tracing::debug;
 
@@ -42,21 +44,40 @@ pub struct SmartConfig {
 
 impl Default for SmartConfig {
     fn default() -> Self {
-        Self { smartctl: PathBuf::from("smartctl"), timeout: Duration::from_secs(30) }
+        Self {
+            smartctl: PathBuf::from("smartctl"),
+            timeout: Duration::from_secs(30),
+        }
     }
 }
 
-/// Run smartctl with `args` within the configured deadline: what it printed and the status it exited
-/// with, or why there is neither (missing binary, timeout, killed by a signal).
+/// Run smartctl with `args` within the configured deadline: what it printed and the status it
+/// exited with, or why there is neither (missing binary, timeout, killed by a signal).
 async fn run_smartctl(config: &SmartConfig, args: &[&str]) -> Result<(Vec<u8>, i32), String> {
     let mut command = tokio::process::Command::new(&config.smartctl);
-    command.args(args).stdin(std::process::Stdio::null()).kill_on_drop(true);
+    command
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
     let output = match tokio::time::timeout(config.timeout, command.output()).await {
-        Err(_) => return Err(format!("smartctl did not answer within {}", humantime::format_duration(config.timeout))),
-        Ok(Err(err)) if err.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!("{} not found: install smartmontools", config.smartctl.display()))
+        Err(_) => {
+            return Err(format!(
+                "smartctl did not answer within {}",
+                humantime::format_duration(config.timeout)
+            ))
         }
-        Ok(Err(err)) => return Err(format!("could not run {}: {err}", config.smartctl.display())),
+        Ok(Err(err)) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
+                "{} not found: install smartmontools",
+                config.smartctl.display()
+            ))
+        }
+        Ok(Err(err)) => {
+            return Err(format!(
+                "could not run {}: {err}",
+                config.smartctl.display()
+            ))
+        }
         Ok(Ok(output)) => output,
     };
     match output.status.code() {
@@ -81,15 +102,20 @@ pub async fn read_smart(config: &SmartConfig, device: &str) -> SmartOutcome {
 /// Start a short or long self-test on `device` with `smartctl --json=o -t short|long <device>`.
 ///
 /// The test runs on inside the drive after smartctl returns; its progress and result show in the
-/// following [`read_smart`] reports as [`SmartReport::self_test`]. `Ok` carries smartctl's words for
-/// the start (for ATA: how long the drive expects the test to take), `Err` says plainly why no test
-/// was started.
+/// following [`read_smart`] reports as [`SmartReport::self_test`]. `Ok` carries smartctl's words
+/// for the start (for ATA: how long the drive expects the test to take), `Err` says plainly why no
+/// test was started.
 ///
 /// `--json=o` rather than plain `--json`: smartctl 7.x prints "Testing has begun", "Self-tests not
-/// supported" and "Can't start self-test without aborting current test" as plain output, which plain
-/// `--json` drops, so a started test, a drive without self-tests and a test already running would all
-/// look alike (for NVMe all three exit 0). `o` adds those lines to the JSON as `smartctl.output`.
-pub async fn start_self_test(config: &SmartConfig, device: &str, kind: SelfTestKind) -> Result<String, String> {
+/// supported" and "Can't start self-test without aborting current test" as plain output, which
+/// plain `--json` drops, so a started test, a drive without self-tests and a test already running
+/// would all look alike (for NVMe all three exit 0). `o` adds those lines to the JSON as
+/// `smartctl.output`.
+pub async fn start_self_test(
+    config: &SmartConfig,
+    device: &str,
+    kind: SelfTestKind,
+) -> Result<String, String> {
     let test = match kind {
         SelfTestKind::Short => "short",
         SelfTestKind::Long => "long",
@@ -106,9 +132,9 @@ pub async fn start_self_test(config: &SmartConfig, device: &str, kind: SelfTestK
 
 /// The device path to run smartctl on for a whole-disk block device, or why it has no SMART.
 ///
-/// Paravirtual and virtual devices (virtio-blk `vd*`, Xen `xvd*`, loop, ram, zram, nbd, rbd, md, dm)
-/// have no SMART: the agent says so without running smartctl. Everything else (`sd*`, `hd*`, `nvme*`,
-/// `mmcblk*`…) is tried; smartctl itself then says whether it can read it.
+/// Paravirtual and virtual devices (virtio-blk `vd*`, Xen `xvd*`, loop, ram, zram, nbd, rbd, md,
+/// dm) have no SMART: the agent says so without running smartctl. Everything else (`sd*`, `hd*`,
+/// `nvme*`, `mmcblk*`…) is tried; smartctl itself then says whether it can read it.
 pub fn smart_target(name: &str) -> Result<String, String> {
     const VIRTUAL: &[(&str, &str)] = &[
         ("vd", "virtio-blk"),
@@ -135,7 +161,9 @@ pub fn outcome(result: Result<SmartReport, SmartError>) -> SmartOutcome {
     match result {
         Ok(report) => SmartOutcome::Report(report),
         Err(SmartError::NoSmart { reason }) => SmartOutcome::NoSmart { reason },
-        Err(err) => SmartOutcome::Failed { reason: err.to_string() },
+        Err(err) => SmartOutcome::Failed {
+            reason: err.to_string(),
+        },
     }
 }
 
@@ -158,7 +186,8 @@ pub enum SmartError {
         /// smartctl's own message.
         message: String,
     },
-    /// smartctl refused the command line (exit bit 0) for a reason other than an unknown device type.
+    /// smartctl refused the command line (exit bit 0) for a reason other than an unknown device
+    /// type.
     #[error("smartctl refused the command: {message}")]
     CommandFailed {
         /// smartctl's own message.
@@ -198,7 +227,9 @@ const FATAL_BITS: u8 = 0x03;
 pub fn parse_smartctl(json: &[u8], exit_status: i32) -> Result<SmartReport, SmartError> {
     let (out, exit) = parse_output(json, exit_status)?;
     if let Some(false) = out.smart_support.as_ref().and_then(SmartSupport::available) {
-        return Err(SmartError::NoSmart { reason: "the device reports SMART as unavailable".to_owned() });
+        return Err(SmartError::NoSmart {
+            reason: "the device reports SMART as unavailable".to_owned(),
+        });
     }
     let device = out.device.clone().unwrap_or_default();
     let protocol = match device.protocol.as_deref() {
@@ -206,14 +237,24 @@ pub fn parse_smartctl(json: &[u8], exit_status: i32) -> Result<SmartReport, Smar
         Some("NVMe") => DriveProtocol::Nvme,
         Some("SCSI") => DriveProtocol::Scsi,
         Some(other) => {
-            return Err(SmartError::NoSmart { reason: format!("smartctl does not read SMART over {other:?}") });
+            return Err(SmartError::NoSmart {
+                reason: format!("smartctl does not read SMART over {other:?}"),
+            });
         }
-        None => return Err(SmartError::Malformed { cause: "no device.protocol in smartctl output".to_owned() }),
+        None => {
+            return Err(SmartError::Malformed {
+                cause: "no device.protocol in smartctl output".to_owned(),
+            })
+        }
     };
     let self_test = self_test_status(&out, protocol);
     let predictors = match protocol {
-        DriveProtocol::Ata => SmartPredictors::Ata(ata_predictors(out.ata_smart_attributes.as_ref())),
-        DriveProtocol::Nvme => SmartPredictors::Nvme(nvme_predictors(out.nvme_smart_health_information_log.as_ref())),
+        DriveProtocol::Ata => {
+            SmartPredictors::Ata(ata_predictors(out.ata_smart_attributes.as_ref()))
+        }
+        DriveProtocol::Nvme => SmartPredictors::Nvme(nvme_predictors(
+            out.nvme_smart_health_information_log.as_ref(),
+        )),
         DriveProtocol::Scsi => SmartPredictors::Scsi(ScsiPredictors {
             grown_defects: out.scsi_grown_defect_list,
             read_uncorrected: out
@@ -229,20 +270,32 @@ pub fn parse_smartctl(json: &[u8], exit_status: i32) -> Result<SmartReport, Smar
     let temperature_celsius = out
         .temperature
         .and_then(|t| t.current)
-        .or_else(|| out.nvme_smart_health_information_log.as_ref().and_then(|l| l.temperature))
+        .or_else(|| {
+            out.nvme_smart_health_information_log
+                .as_ref()
+                .and_then(|l| l.temperature)
+        })
         .and_then(|t| i32::try_from(t).ok());
-    let power_on_hours = out
-        .power_on_time
-        .and_then(|p| p.hours)
-        .or_else(|| out.nvme_smart_health_information_log.as_ref().and_then(|l| l.power_on_hours));
-    let firmware = out.firmware_version.or(if protocol == DriveProtocol::Scsi { out.revision } else { None });
+    let power_on_hours = out.power_on_time.and_then(|p| p.hours).or_else(|| {
+        out.nvme_smart_health_information_log
+            .as_ref()
+            .and_then(|l| l.power_on_hours)
+    });
+    let firmware = out.firmware_version.or(if protocol == DriveProtocol::Scsi {
+        out.revision
+    } else {
+        None
+    });
     Ok(SmartReport {
         device: device.name.unwrap_or_default(),
         protocol,
         model: out.model_name.or(out.product).map(|s| s.trim().to_owned()),
         serial: out.serial_number.map(|s| s.trim().to_owned()),
         firmware: firmware.map(|s| s.trim().to_owned()),
-        capacity_bytes: out.user_capacity.and_then(|c| c.bytes).or(out.nvme_total_capacity),
+        capacity_bytes: out
+            .user_capacity
+            .and_then(|c| c.bytes)
+            .or(out.nvme_total_capacity),
         temperature_celsius,
         power_on_hours,
         health_passed: out.smart_status.and_then(|s| s.passed),
@@ -257,45 +310,76 @@ pub fn parse_smartctl(json: &[u8], exit_status: i32) -> Result<SmartReport, Smar
 /// complete; …"`), or why no test was started.
 ///
 /// A test counts as started only when smartctl printed its "has begun" line (ATA "Testing has
-/// begun.", NVMe "Self-test has begun", SCSI "Short Background Self Test has begun"): an exit status of
-/// 0 alone does not say so, since smartctl exits 0 for an NVMe drive without self-tests, and smartctl
-/// 7.3 ignores `-t` for NVMe altogether.
+/// begun.", NVMe "Self-test has begun", SCSI "Short Background Self Test has begun"): an exit
+/// status of 0 alone does not say so, since smartctl exits 0 for an NVMe drive without self-tests,
+/// and smartctl 7.3 ignores `-t` for NVMe altogether.
 pub fn parse_self_test_start(json: &[u8], exit_status: i32) -> Result<String, SmartError> {
     let (out, exit) = parse_output(json, exit_status)?;
     let said = out.said();
     if let Some(begun) = said.iter().position(|line| line.contains("has begun")) {
-        let words: Vec<&str> =
-            said[begun..].iter().filter(|line| !is_hint(line)).map(|line| line.trim_end_matches('.')).collect();
+        let words: Vec<&str> = said[begun..]
+            .iter()
+            .filter(|line| !is_hint(line))
+            .map(|line| line.trim_end_matches('.'))
+            .collect();
         return Ok(words.join("; "));
     }
-    if let Some(line) = said.iter().find(|l| l.starts_with("Can't start self-test without aborting current test")) {
-        return Err(SmartError::SelfTestRunning { message: line.trim_end_matches(',').to_owned() });
-    }
-    if said.iter().any(|l| l.starts_with("NVMe device successfully opened")) {
-        // smartctl 7.3 has no NVMe self-tests: it ignores -t and says only that it could open the device.
-        return Err(SmartError::SelfTestUnsupported {
-            reason: "this smartctl cannot start NVMe self-tests (smartmontools 7.4 added them)".to_owned(),
+    if let Some(line) = said
+        .iter()
+        .find(|l| l.starts_with("Can't start self-test without aborting current test"))
+    {
+        return Err(SmartError::SelfTestRunning {
+            message: line.trim_end_matches(',').to_owned(),
         });
     }
-    if let Some(line) = said.iter().find(|l| l.contains("SMART support is: Unavailable")) {
-        return Err(SmartError::NoSmart { reason: (*line).to_owned() });
+    if said
+        .iter()
+        .any(|l| l.starts_with("NVMe device successfully opened"))
+    {
+        // smartctl 7.3 has no NVMe self-tests: it ignores -t and says only that it could open the
+        // device.
+        return Err(SmartError::SelfTestUnsupported {
+            reason: "this smartctl cannot start NVMe self-tests (smartmontools 7.4 added them)"
+                .to_owned(),
+        });
     }
-    if let Some(line) = said.iter().find(|l| l.contains("not supported") || l.contains("unsupported")) {
-        return Err(SmartError::SelfTestUnsupported { reason: (*line).to_owned() });
+    if let Some(line) = said
+        .iter()
+        .find(|l| l.contains("SMART support is: Unavailable"))
+    {
+        return Err(SmartError::NoSmart {
+            reason: (*line).to_owned(),
+        });
+    }
+    if let Some(line) = said
+        .iter()
+        .find(|l| l.contains("not supported") || l.contains("unsupported"))
+    {
+        return Err(SmartError::SelfTestUnsupported {
+            reason: (*line).to_owned(),
+        });
     }
     let message = match out.complaint() {
         Some(complaint) => complaint,
-        None if out.smartctl.as_ref().and_then(|s| s.output.as_ref()).is_none() => {
+        None if out
+            .smartctl
+            .as_ref()
+            .and_then(|s| s.output.as_ref())
+            .is_none() =>
+        {
             format!("smartctl exited with status {} and printed no output lines (was it run without --json=o?)", exit.0)
         }
-        None => format!("smartctl exited with status {} without saying the self-test began", exit.0),
+        None => format!(
+            "smartctl exited with status {} without saying the self-test began",
+            exit.0
+        ),
     };
     Err(SmartError::SelfTestNotStarted { message })
 }
 
-/// The checks common to every smartctl run: the exit status is a real one, the output is JSON unless a
-/// fatal exit bit already explains its absence, and the fatal bits (device type unknown, command line
-/// refused, device not opened) end the parse with smartctl's own words.
+/// The checks common to every smartctl run: the exit status is a real one, the output is JSON
+/// unless a fatal exit bit already explains its absence, and the fatal bits (device type unknown,
+/// command line refused, device not opened) end the parse with smartctl's own words.
 fn parse_output(json: &[u8], exit_status: i32) -> Result<(Output, SmartExitStatus), SmartError> {
     let exit = u8::try_from(exit_status).map_err(|_| SmartError::BadExitStatus(exit_status))?;
     let exit = SmartExitStatus(exit);
@@ -303,10 +387,16 @@ fn parse_output(json: &[u8], exit_status: i32) -> Result<(Output, SmartExitStatu
         Ok(out) => out,
         // With a fatal exit bit, the exit status alone says what happened.
         Err(_) if exit.0 & FATAL_BITS != 0 => Output::default(),
-        Err(err) => return Err(SmartError::Malformed { cause: err.to_string() }),
+        Err(err) => {
+            return Err(SmartError::Malformed {
+                cause: err.to_string(),
+            })
+        }
     };
     if exit.0 & FATAL_BITS != 0 {
-        let message = out.complaint().unwrap_or_else(|| "no message from smartctl".to_owned());
+        let message = out
+            .complaint()
+            .unwrap_or_else(|| "no message from smartctl".to_owned());
         if exit.open_failed() {
             return Err(SmartError::OpenFailed { message });
         }
@@ -318,7 +408,8 @@ fn parse_output(json: &[u8], exit_status: i32) -> Result<(Output, SmartExitStatu
     Ok((out, exit))
 }
 
-/// Lines of smartctl's plain output that tell the operator what to type next rather than what happened.
+/// Lines of smartctl's plain output that tell the operator what to type next rather than what
+/// happened.
 fn is_hint(line: &str) -> bool {
     const HINTS: &[&str] = &[
         "Use smartctl",
@@ -332,8 +423,13 @@ fn is_hint(line: &str) -> bool {
 }
 
 fn ata_predictors(attributes: Option<&AtaAttributes>) -> AtaPredictors {
-    let raw =
-        |id: u8| attributes?.table.iter().find(|a| a.id == Some(u64::from(id))).and_then(|a| a.raw.as_ref()?.value);
+    let raw = |id: u8| {
+        attributes?
+            .table
+            .iter()
+            .find(|a| a.id == Some(u64::from(id)))
+            .and_then(|a| a.raw.as_ref()?.value)
+    };
     AtaPredictors {
         reallocated_sectors: raw(5),
         reported_uncorrectable: raw(187),
@@ -344,7 +440,9 @@ fn ata_predictors(attributes: Option<&AtaAttributes>) -> AtaPredictors {
 }
 
 fn nvme_predictors(log: Option<&NvmeLog>) -> NvmePredictors {
-    let Some(log) = log else { return NvmePredictors::default() };
+    let Some(log) = log else {
+        return NvmePredictors::default();
+    };
     let byte = |v: Option<u64>| v.and_then(|v| u8::try_from(v).ok());
     NvmePredictors {
         critical_warning: byte(log.critical_warning),
@@ -361,7 +459,10 @@ fn nvme_predictors(log: Option<&NvmeLog>) -> NvmePredictors {
 /// nothing running is `None`.
 fn self_test_status(out: &Output, protocol: DriveProtocol) -> Option<SelfTestStatus> {
     match protocol {
-        DriveProtocol::Ata => ata_self_test(out.ata_smart_data.as_ref(), out.ata_smart_self_test_log.as_ref()),
+        DriveProtocol::Ata => ata_self_test(
+            out.ata_smart_data.as_ref(),
+            out.ata_smart_self_test_log.as_ref(),
+        ),
         DriveProtocol::Nvme => nvme_self_test(out.nvme_self_test_log.as_ref()?),
         DriveProtocol::Scsi => scsi_self_test(out.scsi_self_test_0.as_ref()?),
     }
@@ -370,20 +471,34 @@ fn self_test_status(out: &Output, protocol: DriveProtocol) -> Option<SelfTestSta
 /// ATA self-test status nibble (the high four bits of the status byte) of a running test.
 const ATA_IN_PROGRESS: u64 = 0xf;
 
-fn ata_self_test(data: Option<&AtaSmartData>, log: Option<&AtaSelfTestLog>) -> Option<SelfTestStatus> {
+fn ata_self_test(
+    data: Option<&AtaSmartData>,
+    log: Option<&AtaSelfTestLog>,
+) -> Option<SelfTestStatus> {
     let newest = log.and_then(AtaSelfTestLog::newest);
     let newest_kind = newest.and_then(|e| ata_kind(e.kind.as_ref()?));
-    let newest_running = newest.and_then(|e| e.status.as_ref()).is_some_and(AtaStatus::in_progress);
+    let newest_running = newest
+        .and_then(|e| e.status.as_ref())
+        .is_some_and(AtaStatus::in_progress);
     // The execution status byte says whether a test runs now; it says nothing of the test's kind,
     // which only a drive that logs running tests gives (as its newest log entry).
-    if let Some(status) = data.and_then(|d| d.self_test.as_ref()?.status.as_ref()).filter(|s| s.in_progress()) {
+    if let Some(status) = data
+        .and_then(|d| d.self_test.as_ref()?.status.as_ref())
+        .filter(|s| s.in_progress())
+    {
         let kind = if newest_running { newest_kind } else { None };
-        return Some(SelfTestStatus::Running { kind, remaining_percent: status.remaining_percent() });
+        return Some(SelfTestStatus::Running {
+            kind,
+            remaining_percent: status.remaining_percent(),
+        });
     }
     let newest = newest?;
     let status = newest.status.as_ref()?;
     if status.in_progress() {
-        return Some(SelfTestStatus::Running { kind: newest_kind, remaining_percent: status.remaining_percent() });
+        return Some(SelfTestStatus::Running {
+            kind: newest_kind,
+            remaining_percent: status.remaining_percent(),
+        });
     }
     Some(SelfTestStatus::Completed {
         kind: newest_kind,
@@ -411,12 +526,21 @@ fn ata_kind(kind: &ValueString) -> Option<SelfTestKind> {
 const NVME_UNUSED_ENTRY: u64 = 0xf;
 
 fn nvme_self_test(log: &NvmeSelfTestLog) -> Option<SelfTestStatus> {
-    let operation = log.current_self_test_operation.as_ref().and_then(|o| o.value).unwrap_or(0);
+    let operation = log
+        .current_self_test_operation
+        .as_ref()
+        .and_then(|o| o.value)
+        .unwrap_or(0);
     if operation != 0 {
         // NVMe reports how much is done, not how much is left.
-        let remaining_percent =
-            log.current_self_test_completion_percent.map(|done| 100 - done.min(100)).and_then(|r| u8::try_from(r).ok());
-        return Some(SelfTestStatus::Running { kind: nvme_kind(Some(operation)), remaining_percent });
+        let remaining_percent = log
+            .current_self_test_completion_percent
+            .map(|done| 100 - done.min(100))
+            .and_then(|r| u8::try_from(r).ok());
+        return Some(SelfTestStatus::Running {
+            kind: nvme_kind(Some(operation)),
+            remaining_percent,
+        });
     }
     let newest = log.table.iter().find(|entry| {
         let code = entry.self_test_code.as_ref().and_then(|c| c.value);
@@ -450,7 +574,10 @@ fn scsi_self_test(entry: &ScsiSelfTest) -> Option<SelfTestStatus> {
     let value = result.and_then(|r| r.value);
     if entry.self_test_in_progress == Some(true) || value == Some(SCSI_IN_PROGRESS) {
         // smartctl puts no progress for SCSI in its JSON.
-        return Some(SelfTestStatus::Running { kind, remaining_percent: None });
+        return Some(SelfTestStatus::Running {
+            kind,
+            remaining_percent: None,
+        });
     }
     let result = result?;
     Some(SelfTestStatus::Completed {
@@ -521,13 +648,24 @@ struct Output {
 
 impl Output {
     /// smartctl's own account of what went wrong: its first error message, else the first line of
-    /// its plain output (`--json=o`) that speaks of a failure or an error, else its first line that is
-    /// neither banner nor hint.
+    /// its plain output (`--json=o`) that speaks of a failure or an error, else its first line that
+    /// is neither banner nor hint.
     fn complaint(&self) -> Option<String> {
-        let messages = self.smartctl.as_ref().map(|s| s.messages.as_slice()).unwrap_or_default();
-        let message = messages.iter().find(|m| m.severity.as_deref() == Some("error")).or(messages.first());
+        let messages = self
+            .smartctl
+            .as_ref()
+            .map(|s| s.messages.as_slice())
+            .unwrap_or_default();
+        let message = messages
+            .iter()
+            .find(|m| m.severity.as_deref() == Some("error"))
+            .or(messages.first());
         message.and_then(|m| m.string.clone()).or_else(|| {
-            let said: Vec<&str> = self.said().into_iter().filter(|line| !is_hint(line)).collect();
+            let said: Vec<&str> = self
+                .said()
+                .into_iter()
+                .filter(|line| !is_hint(line))
+                .collect();
             let failure = said.iter().find(|line| {
                 let line = line.to_ascii_lowercase();
                 line.contains("fail") || line.contains("error")
@@ -539,7 +677,11 @@ impl Output {
     /// The non-empty lines of smartctl's plain output (`--json=o`), trimmed, without its version
     /// banner and section headings.
     fn said(&self) -> Vec<&str> {
-        let lines = self.smartctl.as_ref().and_then(|s| s.output.as_deref()).unwrap_or_default();
+        let lines = self
+            .smartctl
+            .as_ref()
+            .and_then(|s| s.output.as_deref())
+            .unwrap_or_default();
         lines
             .iter()
             .map(|line| line.trim())
@@ -695,7 +837,9 @@ impl AtaStatus {
 
     fn remaining_percent(&self) -> Option<u8> {
         let tenths = self.value.filter(|v| *v <= 0xff).map(|v| (v & 0x0f) * 10);
-        self.remaining_percent.or(tenths).and_then(|r| u8::try_from(r.min(100)).ok())
+        self.remaining_percent
+            .or(tenths)
+            .and_then(|r| u8::try_from(r.min(100)).ok())
     }
 
     /// smartctl's verdict where it gave one; else a pass only for "completed without error". An
@@ -714,7 +858,10 @@ struct AtaSelfTestLog {
 
 impl AtaSelfTestLog {
     fn newest(&self) -> Option<&AtaSelfTestEntry> {
-        [&self.standard, &self.extended].into_iter().flatten().find_map(|log| log.table.first())
+        [&self.standard, &self.extended]
+            .into_iter()
+            .flatten()
+            .find_map(|log| log.table.first())
     }
 }
 
@@ -894,7 +1041,10 @@ mod tests {
         for name in ["virtio-no-smart.json", "loop-no-smart.json"] {
             let err = parse_smartctl(&fixture(name), 1).expect_err(name);
             assert!(matches!(err, SmartError::NoSmart { .. }), "{name}: {err:?}");
-            assert!(err.to_string().contains("Unable to detect device type"), "{err}");
+            assert!(
+                err.to_string().contains("Unable to detect device type"),
+                "{err}"
+            );
         }
     }
 
@@ -903,7 +1053,9 @@ mod tests {
         let err = parse_smartctl(&fixture("permission-denied.json"), 2).expect_err("open");
         assert_eq!(
             err,
-            SmartError::OpenFailed { message: "Smartctl open device: /dev/sda failed: Permission denied".into() }
+            SmartError::OpenFailed {
+                message: "Smartctl open device: /dev/sda failed: Permission denied".into()
+            }
         );
         let err = parse_smartctl(&fixture("open-failed.json"), 2).expect_err("open");
         assert!(err.to_string().contains("No such device"), "{err}");
@@ -911,27 +1063,43 @@ mod tests {
 
     #[test]
     fn fatal_exit_bit_wins_over_unparsable_output() {
-        assert!(matches!(parse_smartctl(b"", 2), Err(SmartError::OpenFailed { .. })));
-        assert!(matches!(parse_smartctl(b"garbage", 1), Err(SmartError::CommandFailed { .. })));
+        assert!(matches!(
+            parse_smartctl(b"", 2),
+            Err(SmartError::OpenFailed { .. })
+        ));
+        assert!(matches!(
+            parse_smartctl(b"garbage", 1),
+            Err(SmartError::CommandFailed { .. })
+        ));
     }
 
     #[test]
     fn malformed_json_is_its_own_error() {
         let mut truncated = fixture("ata-hdd-healthy.json");
         truncated.truncate(truncated.len() / 2);
-        for bad in [&b""[..], b"not json", &truncated, b"[1,2]", b"{\"device\": 5}"] {
+        for bad in [
+            &b""[..],
+            b"not json",
+            &truncated,
+            b"[1,2]",
+            b"{\"device\": 5}",
+        ] {
             let err = parse_smartctl(bad, 0).expect_err("malformed");
             assert!(matches!(err, SmartError::Malformed { .. }), "{err:?}");
         }
         // Valid JSON without a protocol cannot be classified.
-        assert!(matches!(parse_smartctl(b"{}", 0), Err(SmartError::Malformed { .. })));
+        assert!(matches!(
+            parse_smartctl(b"{}", 0),
+            Err(SmartError::Malformed { .. })
+        ));
     }
 
     #[test]
     fn smart_unavailable_says_so() {
         for support in [r#"{"available": false}"#, "false"] {
-            let json =
-                format!(r#"{{"device": {{"name": "/dev/sdz", "protocol": "ATA"}}, "smart_support": {support}}}"#);
+            let json = format!(
+                r#"{{"device": {{"name": "/dev/sdz", "protocol": "ATA"}}, "smart_support": {support}}}"#
+            );
             let err = parse_smartctl(json.as_bytes(), 4).expect_err("no smart");
             assert!(matches!(err, SmartError::NoSmart { .. }), "{err:?}");
         }
@@ -939,8 +1107,14 @@ mod tests {
 
     #[test]
     fn out_of_range_exit_status_is_refused() {
-        assert_eq!(parse_smartctl(b"{}", -1), Err(SmartError::BadExitStatus(-1)));
-        assert_eq!(parse_smartctl(b"{}", 256), Err(SmartError::BadExitStatus(256)));
+        assert_eq!(
+            parse_smartctl(b"{}", -1),
+            Err(SmartError::BadExitStatus(-1))
+        );
+        assert_eq!(
+            parse_smartctl(b"{}", 256),
+            Err(SmartError::BadExitStatus(256))
+        );
     }
 
     /// A stand-in smartctl: a shell script that prints a fixture and exits with `code`.
@@ -952,7 +1126,10 @@ mod tests {
         let path = dir.join(format!("smartctl-{n}"));
         std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write script");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        SmartConfig { smartctl: path, timeout: Duration::from_secs(10) }
+        SmartConfig {
+            smartctl: path,
+            timeout: Duration::from_secs(10),
+        }
     }
 
     fn fixture_path(name: &str) -> String {
@@ -962,8 +1139,13 @@ mod tests {
     #[tokio::test]
     async fn read_smart_runs_smartctl_and_keeps_its_exit_bits() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = fake_smartctl(dir.path(), &format!("cat {}\nexit 216", fixture_path("ata-failing.json")));
-        let SmartOutcome::Report(r) = read_smart(&config, "/dev/sdc").await else { panic!("expected a report") };
+        let config = fake_smartctl(
+            dir.path(),
+            &format!("cat {}\nexit 216", fixture_path("ata-failing.json")),
+        );
+        let SmartOutcome::Report(r) = read_smart(&config, "/dev/sdc").await else {
+            panic!("expected a report")
+        };
         assert_eq!(r.health_passed, Some(false));
         assert!(r.exit_status.disk_failing());
     }
@@ -971,28 +1153,45 @@ mod tests {
     #[tokio::test]
     async fn read_smart_says_no_smart_for_virtio() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = fake_smartctl(dir.path(), &format!("cat {}\nexit 1", fixture_path("virtio-no-smart.json")));
-        assert!(matches!(read_smart(&config, "/dev/vda").await, SmartOutcome::NoSmart { .. }));
+        let config = fake_smartctl(
+            dir.path(),
+            &format!("cat {}\nexit 1", fixture_path("virtio-no-smart.json")),
+        );
+        assert!(matches!(
+            read_smart(&config, "/dev/vda").await,
+            SmartOutcome::NoSmart { .. }
+        ));
     }
 
     #[tokio::test]
     async fn read_smart_reports_missing_slow_and_killed_smartctl() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let missing = SmartConfig { smartctl: dir.path().join("nope"), ..SmartConfig::default() };
-        let SmartOutcome::Failed { reason } = read_smart(&missing, "/dev/sda").await else { panic!() };
+        let missing = SmartConfig {
+            smartctl: dir.path().join("nope"),
+            ..SmartConfig::default()
+        };
+        let SmartOutcome::Failed { reason } = read_smart(&missing, "/dev/sda").await else {
+            panic!()
+        };
         assert!(reason.contains("install smartmontools"), "{reason}");
 
         let mut slow = fake_smartctl(dir.path(), "exec sleep 30");
         slow.timeout = Duration::from_millis(200);
-        let SmartOutcome::Failed { reason } = read_smart(&slow, "/dev/sda").await else { panic!() };
+        let SmartOutcome::Failed { reason } = read_smart(&slow, "/dev/sda").await else {
+            panic!()
+        };
         assert!(reason.contains("did not answer within 200ms"), "{reason}");
 
         let killed = fake_smartctl(dir.path(), "kill -9 $$");
-        let SmartOutcome::Failed { reason } = read_smart(&killed, "/dev/sda").await else { panic!() };
+        let SmartOutcome::Failed { reason } = read_smart(&killed, "/dev/sda").await else {
+            panic!()
+        };
         assert!(reason.contains("killed"), "{reason}");
 
         let garbage = fake_smartctl(dir.path(), "echo '{\"truncated\": '");
-        let SmartOutcome::Failed { reason } = read_smart(&garbage, "/dev/sda").await else { panic!() };
+        let SmartOutcome::Failed { reason } = read_smart(&garbage, "/dev/sda").await else {
+            panic!()
+        };
         assert!(reason.contains("not valid JSON"), "{reason}");
     }
 
@@ -1000,8 +1199,14 @@ mod tests {
     fn smart_targets_skip_virtual_devices_plainly() {
         assert_eq!(smart_target("sda").as_deref(), Ok("/dev/sda"));
         assert_eq!(smart_target("nvme0n1").as_deref(), Ok("/dev/nvme0n1"));
-        assert_eq!(smart_target("vda"), Err("virtio-blk has no SMART".to_owned()));
-        assert_eq!(smart_target("loop0"), Err("loop device has no SMART".to_owned()));
+        assert_eq!(
+            smart_target("vda"),
+            Err("virtio-blk has no SMART".to_owned())
+        );
+        assert_eq!(
+            smart_target("loop0"),
+            Err("loop device has no SMART".to_owned())
+        );
         assert!(smart_target("md127").is_err_and(|r| r.contains("members")));
         assert!(smart_target("dm-0").is_err());
         assert!(smart_target("zram0").is_err());
@@ -1012,8 +1217,13 @@ mod tests {
 
     #[test]
     fn outcomes_keep_no_smart_apart_from_failures() {
-        assert!(matches!(outcome(Err(SmartError::NoSmart { reason: "x".into() })), SmartOutcome::NoSmart { .. }));
-        let SmartOutcome::Failed { reason } = outcome(Err(SmartError::OpenFailed { message: "denied".into() })) else {
+        assert!(matches!(
+            outcome(Err(SmartError::NoSmart { reason: "x".into() })),
+            SmartOutcome::NoSmart { .. }
+        ));
+        let SmartOutcome::Failed { reason } = outcome(Err(SmartError::OpenFailed {
+            message: "denied".into(),
+        })) else {
             panic!()
         };
         assert_eq!(reason, "smartctl could not open the device: denied");
@@ -1028,13 +1238,24 @@ mod tests {
 
     // --- self-test state ---
 
-    fn completed(kind: Option<SelfTestKind>, passed: bool, result: &str, hours: Option<u64>) -> Option<SelfTestStatus> {
-        Some(SelfTestStatus::Completed { kind, passed, result: result.to_owned(), power_on_hours: hours })
+    fn completed(
+        kind: Option<SelfTestKind>,
+        passed: bool,
+        result: &str,
+        hours: Option<u64>,
+    ) -> Option<SelfTestStatus> {
+        Some(SelfTestStatus::Completed {
+            kind,
+            passed,
+            result: result.to_owned(),
+            power_on_hours: hours,
+        })
     }
 
     /// A real fixture with one part replaced, for states no real output was found for.
     fn edited(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
-        let mut json: serde_json::Value = serde_json::from_slice(&fixture(name)).expect("fixture is JSON");
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&fixture(name)).expect("fixture is JSON");
         edit(&mut json);
         serde_json::to_vec(&json).expect("encode")
     }
@@ -1042,15 +1263,39 @@ mod tests {
     #[test]
     fn healthy_ata_reports_its_newest_log_entry_a_passed_short_test() {
         let r = parse_smartctl(&fixture("ata-hdd-healthy.json"), 0).expect("parse");
-        assert_eq!(r.self_test, completed(Some(SelfTestKind::Short), true, "Completed without error", Some(14893)));
+        assert_eq!(
+            r.self_test,
+            completed(
+                Some(SelfTestKind::Short),
+                true,
+                "Completed without error",
+                Some(14893)
+            )
+        );
         let r = parse_smartctl(&fixture("ata-ssd-healthy.json"), 0).expect("parse");
-        assert_eq!(r.self_test, completed(Some(SelfTestKind::Short), true, "Completed without error", Some(15113)));
+        assert_eq!(
+            r.self_test,
+            completed(
+                Some(SelfTestKind::Short),
+                true,
+                "Completed without error",
+                Some(15113)
+            )
+        );
     }
 
     #[test]
     fn ata_read_failure_in_the_newest_entry_is_a_failed_test() {
         let r = parse_smartctl(&fixture("ata-selftest-read-failure.json"), 216).expect("parse");
-        assert_eq!(r.self_test, completed(Some(SelfTestKind::Short), false, "Completed: read failure", Some(16402)));
+        assert_eq!(
+            r.self_test,
+            completed(
+                Some(SelfTestKind::Short),
+                false,
+                "Completed: read failure",
+                Some(16402)
+            )
+        );
         assert_eq!(r.model.as_deref(), Some("WDC WD3200BEVT-60ZCT0"));
         assert_eq!(r.health_passed, Some(false));
         assert!(r.exit_status.self_test_errors() && r.exit_status.disk_failing());
@@ -1067,19 +1312,31 @@ mod tests {
         // Synthetic: the healthy HDD's execution status replaced by the in-progress form smartctl
         // prints (status byte 0xf9: running, 90 % left).
         let json = edited("ata-hdd-healthy.json", |j| {
-            j["ata_smart_data"]["self_test"]["status"] =
-                serde_json::json!({"value": 249, "string": "in progress, 90% remaining", "remaining_percent": 90});
+            j["ata_smart_data"]["self_test"]["status"] = serde_json::json!({"value": 249, "string": "in progress, 90% remaining", "remaining_percent": 90});
         });
         let r = parse_smartctl(&json, 0).expect("parse");
-        // The status byte does not say which test runs: the log's newest entry is the previous test.
-        assert_eq!(r.self_test, Some(SelfTestStatus::Running { kind: None, remaining_percent: Some(90) }));
+        // The status byte does not say which test runs: the log's newest entry is the previous
+        // test.
+        assert_eq!(
+            r.self_test,
+            Some(SelfTestStatus::Running {
+                kind: None,
+                remaining_percent: Some(90)
+            })
+        );
 
         // Without remaining_percent the low nibble gives tenths left.
         let json = edited("ata-hdd-healthy.json", |j| {
             j["ata_smart_data"]["self_test"]["status"] = serde_json::json!({"value": 0xf3});
         });
         let r = parse_smartctl(&json, 0).expect("parse");
-        assert_eq!(r.self_test, Some(SelfTestStatus::Running { kind: None, remaining_percent: Some(30) }));
+        assert_eq!(
+            r.self_test,
+            Some(SelfTestStatus::Running {
+                kind: None,
+                remaining_percent: Some(30)
+            })
+        );
     }
 
     #[test]
@@ -1091,35 +1348,59 @@ mod tests {
             "lifetime_hours": 14900
         });
         let json = edited("ata-hdd-healthy.json", |j| {
-            j["ata_smart_self_test_log"]["standard"]["table"].as_array_mut().expect("table").insert(0, running.clone());
+            j["ata_smart_self_test_log"]["standard"]["table"]
+                .as_array_mut()
+                .expect("table")
+                .insert(0, running.clone());
         });
         let r = parse_smartctl(&json, 0).expect("parse");
         assert_eq!(
             r.self_test,
-            Some(SelfTestStatus::Running { kind: Some(SelfTestKind::Long), remaining_percent: Some(90) })
+            Some(SelfTestStatus::Running {
+                kind: Some(SelfTestKind::Long),
+                remaining_percent: Some(90)
+            })
         );
 
         // And with the execution status saying so too, the logged kind is kept.
         let json = edited("ata-hdd-healthy.json", |j| {
-            j["ata_smart_self_test_log"]["standard"]["table"].as_array_mut().expect("table").insert(0, running);
-            j["ata_smart_data"]["self_test"]["status"] = serde_json::json!({"value": 248, "remaining_percent": 80});
+            j["ata_smart_self_test_log"]["standard"]["table"]
+                .as_array_mut()
+                .expect("table")
+                .insert(0, running);
+            j["ata_smart_data"]["self_test"]["status"] =
+                serde_json::json!({"value": 248, "remaining_percent": 80});
         });
         let r = parse_smartctl(&json, 0).expect("parse");
         assert_eq!(
             r.self_test,
-            Some(SelfTestStatus::Running { kind: Some(SelfTestKind::Long), remaining_percent: Some(80) })
+            Some(SelfTestStatus::Running {
+                kind: Some(SelfTestKind::Long),
+                remaining_percent: Some(80)
+            })
         );
     }
 
     #[test]
     fn an_aborted_ata_test_is_not_a_pass() {
-        // The healthy HDD's own log with its three newest entries dropped: the oldest, real entry is a
-        // short test aborted by the host (status 0x16, no `passed` from smartctl).
+        // The healthy HDD's own log with its three newest entries dropped: the oldest, real entry
+        // is a short test aborted by the host (status 0x16, no `passed` from smartctl).
         let json = edited("ata-hdd-healthy.json", |j| {
-            j["ata_smart_self_test_log"]["standard"]["table"].as_array_mut().expect("table").drain(..3);
+            j["ata_smart_self_test_log"]["standard"]["table"]
+                .as_array_mut()
+                .expect("table")
+                .drain(..3);
         });
         let r = parse_smartctl(&json, 0).expect("parse");
-        assert_eq!(r.self_test, completed(Some(SelfTestKind::Short), false, "Aborted by host", Some(14874)));
+        assert_eq!(
+            r.self_test,
+            completed(
+                Some(SelfTestKind::Short),
+                false,
+                "Aborted by host",
+                Some(14874)
+            )
+        );
     }
 
     #[test]
@@ -1147,7 +1428,13 @@ mod tests {
         edited("nvme-healthy.json", |j| j["nvme_self_test_log"] = log)
     }
 
-    fn nvme_entry(code: u64, code_name: &str, result: u64, result_name: &str, hours: u64) -> serde_json::Value {
+    fn nvme_entry(
+        code: u64,
+        code_name: &str,
+        result: u64,
+        result_name: &str,
+        hours: u64,
+    ) -> serde_json::Value {
         serde_json::json!({
             "self_test_code": {"value": code, "string": code_name},
             "self_test_result": {"value": result, "string": result_name},
@@ -1167,7 +1454,15 @@ mod tests {
             ]
         }));
         let r = parse_smartctl(&json, 0).expect("parse");
-        assert_eq!(r.self_test, completed(Some(SelfTestKind::Short), true, "Completed without error", Some(10530)));
+        assert_eq!(
+            r.self_test,
+            completed(
+                Some(SelfTestKind::Short),
+                true,
+                "Completed without error",
+                Some(10530)
+            )
+        );
 
         let json = nvme_with_log(serde_json::json!({
             "current_self_test_operation": idle,
@@ -1179,11 +1474,17 @@ mod tests {
         let r = parse_smartctl(&json, 0).expect("parse");
         assert_eq!(
             r.self_test,
-            completed(Some(SelfTestKind::Long), false, "Completed: failed segments", Some(10400)),
+            completed(
+                Some(SelfTestKind::Long),
+                false,
+                "Completed: failed segments",
+                Some(10400)
+            ),
             "an unused entry (result 0xf) is skipped"
         );
 
-        let json = nvme_with_log(serde_json::json!({"current_self_test_operation": idle, "table": []}));
+        let json =
+            nvme_with_log(serde_json::json!({"current_self_test_operation": idle, "table": []}));
         assert_eq!(parse_smartctl(&json, 0).expect("parse").self_test, None);
     }
 
@@ -1198,14 +1499,20 @@ mod tests {
         // NVMe says 30 % done: 70 % is left.
         assert_eq!(
             r.self_test,
-            Some(SelfTestStatus::Running { kind: Some(SelfTestKind::Long), remaining_percent: Some(70) })
+            Some(SelfTestStatus::Running {
+                kind: Some(SelfTestKind::Long),
+                remaining_percent: Some(70)
+            })
         );
 
         let json = nvme_with_log(serde_json::json!({"current_self_test_operation": {"value": 1}}));
         let r = parse_smartctl(&json, 0).expect("parse");
         assert_eq!(
             r.self_test,
-            Some(SelfTestStatus::Running { kind: Some(SelfTestKind::Short), remaining_percent: None })
+            Some(SelfTestStatus::Running {
+                kind: Some(SelfTestKind::Short),
+                remaining_percent: None
+            })
         );
     }
 
@@ -1214,7 +1521,10 @@ mod tests {
         let r = parse_smartctl(&fixture("scsi-selftest-log.json"), 0).expect("parse");
         assert_eq!(r.protocol, DriveProtocol::Scsi);
         assert_eq!(r.model.as_deref(), Some("HPE VO003840JWZJK"));
-        assert_eq!(r.self_test, completed(Some(SelfTestKind::Short), true, "Completed", Some(48239)));
+        assert_eq!(
+            r.self_test,
+            completed(Some(SelfTestKind::Short), true, "Completed", Some(48239))
+        );
 
         // Synthetic: the newest entry replaced by a failed long test, then by a running one.
         let json = edited("scsi-selftest-log.json", |j| {
@@ -1225,7 +1535,15 @@ mod tests {
             });
         });
         let r = parse_smartctl(&json, 0).expect("parse");
-        assert_eq!(r.self_test, completed(Some(SelfTestKind::Long), false, "Failed in segment -->", Some(48240)));
+        assert_eq!(
+            r.self_test,
+            completed(
+                Some(SelfTestKind::Long),
+                false,
+                "Failed in segment -->",
+                Some(48240)
+            )
+        );
 
         let json = edited("scsi-selftest-log.json", |j| {
             j["scsi_self_test_0"] = serde_json::json!({
@@ -1237,7 +1555,10 @@ mod tests {
         let r = parse_smartctl(&json, 0).expect("parse");
         assert_eq!(
             r.self_test,
-            Some(SelfTestStatus::Running { kind: Some(SelfTestKind::Short), remaining_percent: None })
+            Some(SelfTestStatus::Running {
+                kind: Some(SelfTestKind::Short),
+                remaining_percent: None
+            })
         );
     }
 
@@ -1249,7 +1570,10 @@ mod tests {
                 serde_json::json!({"value": 3, "string": "Conveyance offline"});
         });
         let r = parse_smartctl(&json, 0).expect("parse");
-        assert_eq!(r.self_test, completed(None, true, "Completed without error", Some(14893)));
+        assert_eq!(
+            r.self_test,
+            completed(None, true, "Completed without error", Some(14893))
+        );
 
         let json = nvme_with_log(serde_json::json!({
             "current_self_test_operation": {"value": 0},
@@ -1267,16 +1591,26 @@ mod tests {
         let r = parse_smartctl(&json, 0).expect("the report still parses");
         assert_eq!(r.self_test, None);
         assert_eq!(nvme(&r).media_errors, Some(0));
-        let json = edited("ata-hdd-healthy.json", |j| j["ata_smart_data"] = serde_json::json!(["odd"]));
+        let json = edited("ata-hdd-healthy.json", |j| {
+            j["ata_smart_data"] = serde_json::json!(["odd"])
+        });
         let r = parse_smartctl(&json, 0).expect("the report still parses");
-        assert_eq!(r.self_test, completed(Some(SelfTestKind::Short), true, "Completed without error", Some(14893)));
+        assert_eq!(
+            r.self_test,
+            completed(
+                Some(SelfTestKind::Short),
+                true,
+                "Completed without error",
+                Some(14893)
+            )
+        );
     }
 
     // --- starting a self-test ---
 
-    /// `smartctl --json=o -t …` output built here: the `output` lines are smartctl's own format strings
-    /// (smartmontools' ataprint.cpp/atacmds.cpp, nvmeprint.cpp, scsiprint.cpp) filled in, wrapped the way
-    /// smartctl 7.3 wraps them (see the captured `selftest-start-*.json` fixtures).
+    /// `smartctl --json=o -t …` output built here: the `output` lines are smartctl's own format
+    /// strings (smartmontools' ataprint.cpp/atacmds.cpp, nvmeprint.cpp, scsiprint.cpp) filled in,
+    /// wrapped the way smartctl 7.3 wraps them (see the captured `selftest-start-*.json` fixtures).
     fn start_output(lines: &[&str], exit_status: i32) -> Vec<u8> {
         let mut output = vec![
             "smartctl 7.3 2022-02-28 r5338 [x86_64-linux-6.1.0] (local build)",
@@ -1312,7 +1646,10 @@ mod tests {
             Ok("Testing has begun; Please wait 2 minutes for test to complete; Test will complete after Mon Nov 23 14:21:23 2026")
         );
         let nvme = start_output(&["Self-test has begun", "Use smartctl -X to abort test"], 0);
-        assert_eq!(parse_self_test_start(&nvme, 0).as_deref(), Ok("Self-test has begun"));
+        assert_eq!(
+            parse_self_test_start(&nvme, 0).as_deref(),
+            Ok("Self-test has begun")
+        );
         let scsi = start_output(
             &[
                 "Extended Background Self Test has begun",
@@ -1341,11 +1678,15 @@ mod tests {
         assert_eq!(
             parse_self_test_start(&ata, 4),
             Err(SmartError::SelfTestRunning {
-                message: "Can't start self-test without aborting current test (90% remaining)".into()
+                message: "Can't start self-test without aborting current test (90% remaining)"
+                    .into()
             })
         );
         let nvme = start_output(
-            &["Can't start self-test without aborting current test (40% completed)", "Use smartctl -X to abort test"],
+            &[
+                "Can't start self-test without aborting current test (40% completed)",
+                "Use smartctl -X to abort test",
+            ],
             4,
         );
         let err = parse_self_test_start(&nvme, 4).expect_err("running");
@@ -1360,34 +1701,67 @@ mod tests {
         // nvmeprint.cpp prints "Self-tests not supported" and exits 0.
         for (lines, exit) in [
             (&["Self-tests not supported"][..], 0),
-            (&["=== START OF OFFLINE IMMEDIATE AND SELF-TEST SECTION ===", "Self-test functions not supported"][..], 4),
-            (&["Short offline self test failed [unsupported scsi opcode]"][..], 4),
+            (
+                &[
+                    "=== START OF OFFLINE IMMEDIATE AND SELF-TEST SECTION ===",
+                    "Self-test functions not supported",
+                ][..],
+                4,
+            ),
+            (
+                &["Short offline self test failed [unsupported scsi opcode]"][..],
+                4,
+            ),
         ] {
-            let err = parse_self_test_start(&start_output(lines, exit), exit).expect_err("unsupported");
-            assert!(matches!(err, SmartError::SelfTestUnsupported { .. }), "{lines:?}: {err:?}");
+            let err =
+                parse_self_test_start(&start_output(lines, exit), exit).expect_err("unsupported");
+            assert!(
+                matches!(err, SmartError::SelfTestUnsupported { .. }),
+                "{lines:?}: {err:?}"
+            );
         }
     }
 
     #[test]
     fn smartctl_7_3_does_not_start_nvme_tests() {
-        // Captured: smartctl 7.3 ignores -t for NVMe, prints "NVMe device successfully opened" and exits 0.
-        let err = parse_self_test_start(&fixture("selftest-start-nvme-smartctl-7.3.json"), 0).expect_err("not started");
-        assert!(matches!(err, SmartError::SelfTestUnsupported { .. }), "{err:?}");
+        // Captured: smartctl 7.3 ignores -t for NVMe, prints "NVMe device successfully opened" and
+        // exits 0.
+        let err = parse_self_test_start(&fixture("selftest-start-nvme-smartctl-7.3.json"), 0)
+            .expect_err("not started");
+        assert!(
+            matches!(err, SmartError::SelfTestUnsupported { .. }),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("NVMe self-tests"), "{err}");
     }
 
     #[test]
     fn self_test_start_on_devices_without_smart() {
-        let err = parse_self_test_start(&fixture("selftest-start-loop-no-smart.json"), 1).expect_err("loop");
-        assert_eq!(err, SmartError::NoSmart { reason: "/dev/loop0: Unable to detect device type".into() });
-        // Forced to a type, smartctl cannot identify the device: exit bit 1, and smartctl's words come
-        // from its plain output (these runs print no `messages`).
-        let err = parse_self_test_start(&fixture("selftest-start-sat-identify-failed.json"), 2).expect_err("sat");
-        assert_eq!(err, SmartError::OpenFailed { message: "Read Device Identity failed: Invalid argument".into() });
-        let err = parse_self_test_start(&fixture("selftest-start-scsi-inquiry-failed.json"), 2).expect_err("scsi");
+        let err = parse_self_test_start(&fixture("selftest-start-loop-no-smart.json"), 1)
+            .expect_err("loop");
         assert_eq!(
             err,
-            SmartError::OpenFailed { message: "Standard Inquiry (36 bytes) failed [Invalid argument]".into() }
+            SmartError::NoSmart {
+                reason: "/dev/loop0: Unable to detect device type".into()
+            }
+        );
+        // Forced to a type, smartctl cannot identify the device: exit bit 1, and smartctl's words
+        // come from its plain output (these runs print no `messages`).
+        let err = parse_self_test_start(&fixture("selftest-start-sat-identify-failed.json"), 2)
+            .expect_err("sat");
+        assert_eq!(
+            err,
+            SmartError::OpenFailed {
+                message: "Read Device Identity failed: Invalid argument".into()
+            }
+        );
+        let err = parse_self_test_start(&fixture("selftest-start-scsi-inquiry-failed.json"), 2)
+            .expect_err("scsi");
+        assert_eq!(
+            err,
+            SmartError::OpenFailed {
+                message: "Standard Inquiry (36 bytes) failed [Invalid argument]".into()
+            }
         );
     }
 
@@ -1399,9 +1773,15 @@ mod tests {
             "Command \"Execute SMART Short self-test routine immediately in off-line mode\" failed: Input/output error",
         ];
         let err = parse_self_test_start(&start_output(&lines, 4), 4).expect_err("failed");
-        assert_eq!(err, SmartError::SelfTestNotStarted { message: lines[2].into() });
+        assert_eq!(
+            err,
+            SmartError::SelfTestNotStarted {
+                message: lines[2].into()
+            }
+        );
 
-        // Plain --json drops the lines that say whether the test began: that is not taken for a start.
+        // Plain --json drops the lines that say whether the test began: that is not taken for a
+        // start.
         let plain = br#"{"smartctl": {"version": [7, 3], "exit_status": 0}, "device": {"protocol": "NVMe"}}"#;
         let err = parse_self_test_start(plain, 0).expect_err("unknown");
         assert!(err.to_string().contains("--json=o"), "{err}");
@@ -1409,9 +1789,18 @@ mod tests {
 
     #[test]
     fn self_test_start_refuses_what_is_not_smartctl_json() {
-        assert!(matches!(parse_self_test_start(b"", 0), Err(SmartError::Malformed { .. })));
-        assert!(matches!(parse_self_test_start(b"", 2), Err(SmartError::OpenFailed { .. })));
-        assert_eq!(parse_self_test_start(b"{}", -1), Err(SmartError::BadExitStatus(-1)));
+        assert!(matches!(
+            parse_self_test_start(b"", 0),
+            Err(SmartError::Malformed { .. })
+        ));
+        assert!(matches!(
+            parse_self_test_start(b"", 2),
+            Err(SmartError::OpenFailed { .. })
+        ));
+        assert_eq!(
+            parse_self_test_start(b"{}", -1),
+            Err(SmartError::BadExitStatus(-1))
+        );
     }
 
     #[tokio::test]
@@ -1422,29 +1811,53 @@ mod tests {
         // The stand-in answers only the expected command line.
         let config = fake_smartctl(
             dir.path(),
-            &format!("[ \"$*\" = \"--json=o -t long /dev/sdz\" ] || exit 1\ncat {}", started.display()),
+            &format!(
+                "[ \"$*\" = \"--json=o -t long /dev/sdz\" ] || exit 1\ncat {}",
+                started.display()
+            ),
         );
-        let said = start_self_test(&config, "/dev/sdz", SelfTestKind::Long).await.expect("started");
-        assert!(said.starts_with("long self-test started: Testing has begun; Please wait 2 minutes"), "{said}");
-        let err = start_self_test(&config, "/dev/sdz", SelfTestKind::Short).await.expect_err("wrong command line");
+        let said = start_self_test(&config, "/dev/sdz", SelfTestKind::Long)
+            .await
+            .expect("started");
+        assert!(
+            said.starts_with("long self-test started: Testing has begun; Please wait 2 minutes"),
+            "{said}"
+        );
+        let err = start_self_test(&config, "/dev/sdz", SelfTestKind::Short)
+            .await
+            .expect_err("wrong command line");
         assert!(err.contains("refused the command"), "{err}");
     }
 
     #[tokio::test]
     async fn start_self_test_reports_no_smart_missing_and_slow_smartctl() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let loop_dev =
-            fake_smartctl(dir.path(), &format!("cat {}\nexit 1", fixture_path("selftest-start-loop-no-smart.json")));
-        let err = start_self_test(&loop_dev, "/dev/loop0", SelfTestKind::Short).await.expect_err("no smart");
+        let loop_dev = fake_smartctl(
+            dir.path(),
+            &format!(
+                "cat {}\nexit 1",
+                fixture_path("selftest-start-loop-no-smart.json")
+            ),
+        );
+        let err = start_self_test(&loop_dev, "/dev/loop0", SelfTestKind::Short)
+            .await
+            .expect_err("no smart");
         assert_eq!(err, "no SMART: /dev/loop0: Unable to detect device type");
 
-        let missing = SmartConfig { smartctl: dir.path().join("nope"), ..SmartConfig::default() };
-        let err = start_self_test(&missing, "/dev/sda", SelfTestKind::Short).await.expect_err("missing");
+        let missing = SmartConfig {
+            smartctl: dir.path().join("nope"),
+            ..SmartConfig::default()
+        };
+        let err = start_self_test(&missing, "/dev/sda", SelfTestKind::Short)
+            .await
+            .expect_err("missing");
         assert!(err.contains("install smartmontools"), "{err}");
 
         let mut slow = fake_smartctl(dir.path(), "exec sleep 30");
         slow.timeout = Duration::from_millis(200);
-        let err = start_self_test(&slow, "/dev/sda", SelfTestKind::Long).await.expect_err("slow");
+        let err = start_self_test(&slow, "/dev/sda", SelfTestKind::Long)
+            .await
+            .expect_err("slow");
         assert!(err.contains("did not answer within 200ms"), "{err}");
     }
 }

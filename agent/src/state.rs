@@ -12,8 +12,8 @@ use shoal_proto::{NodeId, UnixMillis};
 const KEY_FILE: &str = "node.key";
 const CERT_FILE: &str = "node.crt";
 const CA_FILE: &str = "ca.crt";
-/// The key an enrolment in progress uses: kept until the enrolment succeeds, so a retry after a lost
-/// reply (or while an operator decides on a pending claim) presents the same key.
+/// The key an enrolment in progress uses: kept until the enrolment succeeds, so a retry after a
+/// lost reply (or while an operator decides on a pending claim) presents the same key.
 const ENROL_KEY_FILE: &str = "enrol.key";
 /// The new key of a rotation in progress: kept until its certificate is stored.
 const ROTATE_KEY_FILE: &str = "rotate.key";
@@ -57,14 +57,18 @@ pub struct Credentials {
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials").field("node_id", &self.node_id).field("not_after", &self.not_after).finish()
+        f.debug_struct("Credentials")
+            .field("node_id", &self.node_id)
+            .field("not_after", &self.not_after)
+            .finish()
     }
 }
 
 /// Whether a PEM key's public half hashes (SPKI SHA-256) to `key_sha256`.
 fn key_matches(key_pem: &str, key_sha256: &[u8; 32]) -> bool {
     use rcgen::PublicKeyData;
-    rcgen::KeyPair::from_pem(key_pem).is_ok_and(|k| shoal_overlay::pki::sha256(&k.subject_public_key_info()) == *key_sha256)
+    rcgen::KeyPair::from_pem(key_pem)
+        .is_ok_and(|k| shoal_overlay::pki::sha256(&k.subject_public_key_info()) == *key_sha256)
 }
 
 /// The state directory.
@@ -74,27 +78,44 @@ pub struct StateDir {
 }
 
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), StateError> {
-    shoal_overlay::pki::write_private_file(path, contents, 0o600)
-        .map_err(|source| StateError::Io { path: path.to_owned(), source })
+    shoal_overlay::pki::write_private_file(path, contents, 0o600).map_err(|source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn pem_der(path: &Path) -> Result<Option<Vec<u8>>, StateError> {
     match fs::read_to_string(path) {
         Ok(text) => pem::parse(text)
             .map(|p| Some(p.into_contents()))
-            .map_err(|e| StateError::Invalid { path: path.to_owned(), cause: e.to_string() }),
+            .map_err(|e| StateError::Invalid {
+                path: path.to_owned(),
+                cause: e.to_string(),
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(StateError::Io { path: path.to_owned(), source }),
+        Err(source) => Err(StateError::Io {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 
 impl StateDir {
     /// Opens (creating, mode 0700) the state dir.
     pub fn open(dir: &Path) -> Result<StateDir, StateError> {
-        fs::create_dir_all(dir).map_err(|source| StateError::Io { path: dir.to_owned(), source })?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .map_err(|source| StateError::Io { path: dir.to_owned(), source })?;
-        Ok(StateDir { dir: dir.to_owned() })
+        fs::create_dir_all(dir).map_err(|source| StateError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
+            StateError::Io {
+                path: dir.to_owned(),
+                source,
+            }
+        })?;
+        Ok(StateDir {
+            dir: dir.to_owned(),
+        })
     }
 
     /// The stored credentials, if complete.
@@ -103,18 +124,31 @@ impl StateDir {
         let key_pem = match fs::read_to_string(&key_path) {
             Ok(k) => k,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateError::Io { path: key_path, source }),
+            Err(source) => {
+                return Err(StateError::Io {
+                    path: key_path,
+                    source,
+                })
+            }
         };
-        let (Some(cert_der), Some(ca_der)) = (pem_der(&self.dir.join(CERT_FILE))?, pem_der(&self.dir.join(CA_FILE))?) else {
+        let (Some(cert_der), Some(ca_der)) = (
+            pem_der(&self.dir.join(CERT_FILE))?,
+            pem_der(&self.dir.join(CA_FILE))?,
+        ) else {
             return Ok(None);
         };
-        let info = shoal_overlay::pki::cert_info(&cert_der)
-            .map_err(|e| StateError::Invalid { path: self.dir.join(CERT_FILE), cause: e.to_string() })?;
+        let info = shoal_overlay::pki::cert_info(&cert_der).map_err(|e| StateError::Invalid {
+            path: self.dir.join(CERT_FILE),
+            cause: e.to_string(),
+        })?;
         let key_pem = match key_matches(&key_pem, &info.key_sha256) {
             true => key_pem,
-            // A crash during a rotation, between writing the new certificate and the new key: the new
-            // key is still in rotate.key. Finish the job.
-            false => match self.pending_key(ROTATE_KEY_FILE)?.filter(|k| key_matches(k, &info.key_sha256)) {
+            // A crash during a rotation, between writing the new certificate and the new key: the
+            // new key is still in rotate.key. Finish the job.
+            false => match self
+                .pending_key(ROTATE_KEY_FILE)?
+                .filter(|k| key_matches(k, &info.key_sha256))
+            {
                 Some(rotated) => {
                     write_private(&key_path, rotated.as_bytes())?;
                     self.clear_pending_key(ROTATE_KEY_FILE)?;
@@ -135,20 +169,29 @@ impl StateDir {
         }))
     }
 
-    /// Stores credentials; the certificate is written last, so a crash leaves either the old complete
-    /// set or a key whose certificate does not match it (which the controller refuses, and the agent
-    /// then re-enrols).
+    /// Stores credentials; the certificate is written last, so a crash leaves either the old
+    /// complete set or a key whose certificate does not match it (which the controller refuses, and
+    /// the agent then re-enrols).
     pub fn save(&self, creds: &Credentials) -> Result<(), StateError> {
-        write_private(&self.dir.join(CA_FILE), pem::encode(&pem::Pem::new("CERTIFICATE", creds.ca_der.clone())).as_bytes())?;
+        write_private(
+            &self.dir.join(CA_FILE),
+            pem::encode(&pem::Pem::new("CERTIFICATE", creds.ca_der.clone())).as_bytes(),
+        )?;
         write_private(&self.dir.join(KEY_FILE), creds.key_pem.as_bytes())?;
-        write_private(&self.dir.join(CERT_FILE), pem::encode(&pem::Pem::new("CERTIFICATE", creds.cert_der.clone())).as_bytes())
+        write_private(
+            &self.dir.join(CERT_FILE),
+            pem::encode(&pem::Pem::new("CERTIFICATE", creds.cert_der.clone())).as_bytes(),
+        )
     }
 
     /// The key to enrol with: the node's own key if it still has one (its certificate expired: the
     /// controller re-enrols a node that proves its key), else the key of an enrolment in progress,
     /// created on first use.
     pub fn enrolment_key(&self) -> Result<String, StateError> {
-        if let Some(k) = self.pending_key(KEY_FILE)?.filter(|k| rcgen::KeyPair::from_pem(k).is_ok()) {
+        if let Some(k) = self
+            .pending_key(KEY_FILE)?
+            .filter(|k| rcgen::KeyPair::from_pem(k).is_ok())
+        {
             return Ok(k);
         }
         self.pending_or_new_key(ENROL_KEY_FILE)
@@ -160,11 +203,17 @@ impl StateDir {
     }
 
     fn pending_or_new_key(&self, name: &str) -> Result<String, StateError> {
-        if let Some(k) = self.pending_key(name)?.filter(|k| rcgen::KeyPair::from_pem(k).is_ok()) {
+        if let Some(k) = self
+            .pending_key(name)?
+            .filter(|k| rcgen::KeyPair::from_pem(k).is_ok())
+        {
             return Ok(k);
         }
         let pem = shoal_overlay::pki::generate_key()
-            .map_err(|e| StateError::Invalid { path: self.dir.join(name), cause: e.to_string() })?
+            .map_err(|e| StateError::Invalid {
+                path: self.dir.join(name),
+                cause: e.to_string(),
+            })?
             .serialize_pem();
         write_private(&self.dir.join(name), pem.as_bytes())?;
         Ok(pem)
@@ -194,11 +243,18 @@ impl StateDir {
         self.clear_pending_key(ENROL_KEY_FILE)
     }
 
-    /// Stores the credentials of a finished rotation (certificate first, then key: [`StateDir::load`]
-    /// repairs a crash in between from the pending rotation key) and drops the pending key.
+    /// Stores the credentials of a finished rotation (certificate first, then key:
+    /// [`StateDir::load`] repairs a crash in between from the pending rotation key) and drops the
+    /// pending key.
     pub fn save_rotated(&self, creds: &Credentials) -> Result<(), StateError> {
-        write_private(&self.dir.join(CA_FILE), pem::encode(&pem::Pem::new("CERTIFICATE", creds.ca_der.clone())).as_bytes())?;
-        write_private(&self.dir.join(CERT_FILE), pem::encode(&pem::Pem::new("CERTIFICATE", creds.cert_der.clone())).as_bytes())?;
+        write_private(
+            &self.dir.join(CA_FILE),
+            pem::encode(&pem::Pem::new("CERTIFICATE", creds.ca_der.clone())).as_bytes(),
+        )?;
+        write_private(
+            &self.dir.join(CERT_FILE),
+            pem::encode(&pem::Pem::new("CERTIFICATE", creds.cert_der.clone())).as_bytes(),
+        )?;
         write_private(&self.dir.join(KEY_FILE), creds.key_pem.as_bytes())?;
         self.clear_pending_key(ROTATE_KEY_FILE)
     }
@@ -230,7 +286,9 @@ mod tests {
     fn cert_for(key_pem: &str, node: &str) -> Vec<u8> {
         let key = rcgen::KeyPair::from_pem(key_pem).unwrap();
         let mut params = rcgen::CertificateParams::default();
-        params.distinguished_name.push(rcgen::DnType::CommonName, node);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, node);
         params.self_signed(&key).unwrap().der().to_vec()
     }
 
@@ -249,13 +307,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
         let first = state.enrolment_key().unwrap();
-        assert_eq!(state.enrolment_key().unwrap(), first, "a retry presents the same key");
+        assert_eq!(
+            state.enrolment_key().unwrap(),
+            first,
+            "a retry presents the same key"
+        );
         state.save_enrolled(&creds(&first)).unwrap();
-        assert!(!dir.path().join(ENROL_KEY_FILE).exists(), "the pending key is dropped once enrolled");
-        assert_eq!(state.enrolment_key().unwrap(), first, "an expired node enrols again with its own key");
+        assert!(
+            !dir.path().join(ENROL_KEY_FILE).exists(),
+            "the pending key is dropped once enrolled"
+        );
+        assert_eq!(
+            state.enrolment_key().unwrap(),
+            first,
+            "an expired node enrols again with its own key"
+        );
         state.forget_credentials().unwrap();
         assert!(state.load().unwrap().is_none());
-        assert_ne!(state.enrolment_key().unwrap(), first, "a refused key is not used again");
+        assert_ne!(
+            state.enrolment_key().unwrap(),
+            first,
+            "a refused key is not used again"
+        );
     }
 
     #[test]
@@ -265,14 +338,23 @@ mod tests {
         let old = state.enrolment_key().unwrap();
         state.save_enrolled(&creds(&old)).unwrap();
         let new = state.rotation_key().unwrap();
-        assert_eq!(state.rotation_key().unwrap(), new, "a retried rotation uses the same new key");
+        assert_eq!(
+            state.rotation_key().unwrap(),
+            new,
+            "a retried rotation uses the same new key"
+        );
         // The crash: the new certificate is written, the new key is not.
-        write_private(&dir.path().join(CERT_FILE), pem::encode(&pem::Pem::new("CERTIFICATE", cert_for(&new, "n1"))).as_bytes()).unwrap();
+        write_private(
+            &dir.path().join(CERT_FILE),
+            pem::encode(&pem::Pem::new("CERTIFICATE", cert_for(&new, "n1"))).as_bytes(),
+        )
+        .unwrap();
         let loaded = state.load().unwrap().expect("repaired");
         assert_eq!(loaded.key_pem, new);
         assert_eq!(fs::read_to_string(dir.path().join(KEY_FILE)).unwrap(), new);
         assert!(!dir.path().join(ROTATE_KEY_FILE).exists());
-        // A key that matches nothing: enrol again rather than present a certificate that cannot work.
+        // A key that matches nothing: enrol again rather than present a certificate that cannot
+        // work.
         write_private(&dir.path().join(KEY_FILE), old.as_bytes()).unwrap();
         assert!(state.load().unwrap().is_none());
     }

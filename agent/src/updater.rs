@@ -4,8 +4,9 @@
 //! Files: `STATE_DIR/update.json` (the [`UpdateState`]), `STATE_DIR/agent.download` (the download,
 //! verified while it streams), and beside the executable a uniquely named exclusive temporary copy
 //! (`.<name>.<random>.tmp`, about to be renamed over it) and `<name>.prev` (the previous binary, a
-//! hard link kept until the next update). The copy is made next to the executable so the final `rename` is atomic (same filesystem) and a full disk
-//! shows up while writing the copy, before anything was changed.
+//! hard link kept until the next update). The copy is made next to the executable so the final
+//! `rename` is atomic (same filesystem) and a full disk shows up while writing the copy, before
+//! anything was changed.
 
 use std::{
     fs,
@@ -17,7 +18,8 @@ use std::{
 
 use shoal_overlay::{pki::TempFile, recv_msg, send_msg};
 use shoal_proto::{
-    FetchRelease, FetchReply, ReleaseManifest, SignedRelease, UnixMillis, UpdateFailure, UpdateReport,
+    FetchRelease, FetchReply, ReleaseManifest, SignedRelease, UnixMillis, UpdateFailure,
+    UpdateReport,
 };
 use tracing::{error, info, warn};
 
@@ -57,18 +59,24 @@ pub struct UpdatePaths {
 impl UpdatePaths {
     /// The paths for a state dir and executable.
     pub fn new(state_dir: &Path, exe: PathBuf) -> UpdatePaths {
-        UpdatePaths { exe, record: state_dir.join("update.json"), download: state_dir.join("agent.download") }
+        UpdatePaths {
+            exe,
+            record: state_dir.join("update.json"),
+            download: state_dir.join("agent.download"),
+        }
     }
 
     /// `<exe>.prev`.
     pub fn prev(&self) -> PathBuf {
         sibling(&self.exe, "", ".prev")
     }
-
 }
 
 fn sibling(exe: &Path, prefix: &str, suffix: &str) -> PathBuf {
-    let name = exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "shoal-agent".into());
+    let name = exe
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "shoal-agent".into());
     exe.with_file_name(format!("{prefix}{name}{suffix}"))
 }
 
@@ -106,15 +114,23 @@ fn install_error(what: &str, path: &Path, e: std::io::Error) -> UpdateFailure {
 /// failure before the rename leaves the executable untouched (and the partial copy removed).
 pub fn install(paths: &UpdatePaths, trying: &UpdateState) -> Result<(), UpdateFailure> {
     let result = (|| {
-        let mut src = open_nofollow(&paths.download).map_err(|e| install_error("opening", &paths.download, e))?;
-        // The copy is an exclusive, uniquely named file beside the executable, removed on any failure.
-        let mut new = TempFile::new_beside(&paths.exe, 0o755).map_err(|e| install_error("creating a file beside", &paths.exe, e))?;
+        let mut src = open_nofollow(&paths.download)
+            .map_err(|e| install_error("opening", &paths.download, e))?;
+        // The copy is an exclusive, uniquely named file beside the executable, removed on any
+        // failure.
+        let mut new = TempFile::new_beside(&paths.exe, 0o755)
+            .map_err(|e| install_error("creating a file beside", &paths.exe, e))?;
         let new_path = new.path().to_owned();
         std::io::copy(&mut src, new.file()).map_err(|e| install_error("writing", &new_path, e))?;
-        new.file().sync_all().map_err(|e| install_error("syncing", &new_path, e))?;
-        save_record(&paths.record, trying).map_err(|e| install_error("writing", &paths.record, e))?;
-        keep_as(&paths.exe, &paths.prev()).map_err(|e| install_error("keeping the previous binary as", &paths.prev(), e))?;
-        new.persist(&paths.exe).map_err(|e| install_error("renaming over", &paths.exe, e))
+        new.file()
+            .sync_all()
+            .map_err(|e| install_error("syncing", &new_path, e))?;
+        save_record(&paths.record, trying)
+            .map_err(|e| install_error("writing", &paths.record, e))?;
+        keep_as(&paths.exe, &paths.prev())
+            .map_err(|e| install_error("keeping the previous binary as", &paths.prev(), e))?;
+        new.persist(&paths.exe)
+            .map_err(|e| install_error("renaming over", &paths.exe, e))
     })();
     let _ = fs::remove_file(&paths.download);
     result
@@ -122,7 +138,10 @@ pub fn install(paths: &UpdatePaths, trying: &UpdateState) -> Result<(), UpdateFa
 
 /// Opens a file for reading without following a symlink at its name.
 fn open_nofollow(path: &Path) -> std::io::Result<fs::File> {
-    fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW).open(path)
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
 }
 
 /// Puts a copy of `from` at `to`, atomically: a hard link under a unique temporary name (or, where
@@ -166,10 +185,13 @@ pub fn restore_prev(paths: &UpdatePaths) -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// Replaces this process with the executable, same arguments (and environment). Returns only on failure.
+/// Replaces this process with the executable, same arguments (and environment). Returns only on
+/// failure.
 pub fn reexec(exe: &Path) -> std::io::Error {
     info!(exe = %exe.display(), "re-executing");
-    std::process::Command::new(exe).args(std::env::args_os().skip(1)).exec()
+    std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .exec()
 }
 
 /// Rolls back: restores `.prev`, records the state, re-executes. Returns only if that failed.
@@ -200,16 +222,25 @@ pub struct Updater {
 }
 
 impl Updater {
-    /// Reads the record and settles what the start means ([`update::on_start`]): counts the attempt,
-    /// or records the outcome of the last update, or rolls back at once (then this does not return).
+    /// Reads the record and settles what the start means ([`update::on_start`]): counts the
+    /// attempt, or records the outcome of the last update, or rolls back at once (then this does
+    /// not return).
     pub fn boot(config: UpdaterConfig, state_dir: &Path, running: &str) -> Updater {
-        let exe = config.exe.clone().or_else(|| std::env::current_exe().ok()).unwrap_or_else(|| PathBuf::from("shoal-agent"));
+        let exe = config
+            .exe
+            .clone()
+            .or_else(|| std::env::current_exe().ok())
+            .unwrap_or_else(|| PathBuf::from("shoal-agent"));
         let paths = UpdatePaths::new(state_dir, exe);
         let mut state = load_record(&paths.record);
         match update::on_start(state.clone(), running, now_ms(), &config.policy) {
             Step::Nothing => {}
             Step::Check { state: s, deadline } => {
-                info!(version = running, deadline = deadline.0, "started after an update: checking health");
+                info!(
+                    version = running,
+                    deadline = deadline.0,
+                    "started after an update: checking health"
+                );
                 if let Err(e) = save_record(&paths.record, &s) {
                     warn!(cause = %e, "could not count this start");
                 }
@@ -227,7 +258,13 @@ impl Updater {
                 state = Some(s);
             }
         }
-        Updater { config, paths, running: running.to_owned(), state, busy: None }
+        Updater {
+            config,
+            paths,
+            running: running.to_owned(),
+            state,
+            busy: None,
+        }
     }
 
     /// The report for the controller.
@@ -238,7 +275,11 @@ impl Updater {
     /// The health deadline while a new version is being checked.
     pub fn deadline(&self) -> Option<UnixMillis> {
         match &self.state {
-            Some(UpdateState::Trying { attempted, deadline, .. }) if *attempted == self.running => Some(*deadline),
+            Some(UpdateState::Trying {
+                attempted,
+                deadline,
+                ..
+            }) if *attempted == self.running => Some(*deadline),
             _ => None,
         }
     }
@@ -248,15 +289,20 @@ impl Updater {
         &self.paths
     }
 
-    /// Runs the health checks after a heartbeat went out on an established session; returns a report
-    /// to send when the state changed. Rolls back (and does not return) when past the deadline.
+    /// Runs the health checks after a heartbeat went out on an established session; returns a
+    /// report to send when the state changed. Rolls back (and does not return) when past the
+    /// deadline.
     pub fn heartbeat_sent(&mut self) -> Option<UpdateReport> {
         let state = self.state.clone().filter(|_| self.deadline().is_some())?;
         let previous = match &state {
             UpdateState::Trying { previous, .. } => previous.clone(),
             _ => String::new(),
         };
-        let env = [("SHOAL_CHECK", "update"), ("SHOAL_AGENT_VERSION", self.running.as_str()), ("SHOAL_AGENT_PREVIOUS", previous.as_str())];
+        let env = [
+            ("SHOAL_CHECK", "update"),
+            ("SHOAL_AGENT_VERSION", self.running.as_str()),
+            ("SHOAL_AGENT_PREVIOUS", previous.as_str()),
+        ];
         let checks = crate::checks::run(self.config.check_command.as_deref(), &env);
         let step = update::on_checks(state, checks, now_ms());
         self.apply(step)
@@ -296,9 +342,14 @@ impl Updater {
 
     /// Checks an offer: key, signature, target, version, and that it is not older than the running
     /// version unless `allow_downgrade` ([`update::check_downgrade`]; a v4 `UpdateAgent` never
-    /// allows it). `Ok` means acknowledge it (and fetch it, for [`Offer::Fetch`]); `Err` is the report
-    /// to send instead (a refusal, or the state as it is when the offer changes nothing).
-    pub fn offer(&mut self, version: &str, release: &SignedRelease, allow_downgrade: bool) -> Result<Offer, Box<UpdateReport>> {
+    /// allows it). `Ok` means acknowledge it (and fetch it, for [`Offer::Fetch`]); `Err` is the
+    /// report to send instead (a refusal, or the state as it is when the offer changes nothing).
+    pub fn offer(
+        &mut self,
+        version: &str,
+        release: &SignedRelease,
+        allow_downgrade: bool,
+    ) -> Result<Offer, Box<UpdateReport>> {
         if let Some(v) = &self.busy {
             if v == version {
                 // A repeat (the controller restarted before it stored the acknowledgement): the
@@ -322,8 +373,15 @@ impl Updater {
             self.state = state;
             return Err(Box::new(self.report()));
         }
-        let verified = verify_release(release, self.config.release_key.as_ref(), &current_target(), Some(version))
-            .and_then(|m| update::check_downgrade(&self.running, &m.version, allow_downgrade).map(|()| m));
+        let verified = verify_release(
+            release,
+            self.config.release_key.as_ref(),
+            &current_target(),
+            Some(version),
+        )
+        .and_then(|m| {
+            update::check_downgrade(&self.running, &m.version, allow_downgrade).map(|()| m)
+        });
         match verified {
             Ok(m) => {
                 info!(version, size = m.size, "update offered; fetching");
@@ -367,12 +425,12 @@ pub enum Offer {
     InProgress,
 }
 
-/// Fetches a verified release into `paths.download`, across control connections: each attempt runs on
-/// the newest connection `conns` holds that is still open (the shell publishes each v4 session's
+/// Fetches a verified release into `paths.download`, across control connections: each attempt runs
+/// on the newest connection `conns` holds that is still open (the shell publishes each v4 session's
 /// connection there), and [`update::on_download_end`] decides after each one. A download broken off
 /// because the connection went away resumes on the next session from the bytes kept, at most
-/// [`UpdatePolicy::max_download_sessions`] sessions in all; nothing is reported meanwhile. `Ok` means
-/// downloaded, size and hash verified, and fsynced.
+/// [`UpdatePolicy::max_download_sessions`] sessions in all; nothing is reported meanwhile. `Ok`
+/// means downloaded, size and hash verified, and fsynced.
 pub async fn fetch(
     mut conns: tokio::sync::watch::Receiver<Option<quinn::Connection>>,
     paths: &UpdatePaths,
@@ -382,12 +440,17 @@ pub async fn fetch(
     let mut sessions = 0u32;
     loop {
         let conn = loop {
-            let open = conns.borrow_and_update().clone().filter(|c| c.close_reason().is_none());
+            let open = conns
+                .borrow_and_update()
+                .clone()
+                .filter(|c| c.close_reason().is_none());
             if let Some(c) = open {
                 break c;
             }
             if conns.changed().await.is_err() {
-                return Err(UpdateFailure::Install("download: the agent is shutting down".into()));
+                return Err(UpdateFailure::Install(
+                    "download: the agent is shutting down".into(),
+                ));
             }
         };
         sessions += 1;
@@ -407,11 +470,16 @@ pub async fn fetch(
 
 /// One download attempt on a new stream of `conn`, into `paths.download`, checking size and hash as
 /// it streams (an overlong download stops at once), then fsync. With `resume`, the bytes already in
-/// the file are hashed again and the fetch starts after them (`FetchRelease::offset`); without it, or
-/// when the file is unusable, from 0. A stream or request that fails while `conn` is closed is
+/// the file are hashed again and the fetch starts after them (`FetchRelease::offset`); without it,
+/// or when the file is unusable, from 0. A stream or request that fails while `conn` is closed is
 /// [`DownloadEnd::ConnectionLost`]; a stream that ends (cleanly, or with an error) while the
 /// connection is alive ends the download, and the size and hash check says whether it is complete.
-pub async fn download(conn: &quinn::Connection, paths: &UpdatePaths, manifest: &ReleaseManifest, resume: bool) -> DownloadEnd {
+pub async fn download(
+    conn: &quinn::Connection,
+    paths: &UpdatePaths,
+    manifest: &ReleaseManifest,
+    resume: bool,
+) -> DownloadEnd {
     let fetch = |e: &dyn std::fmt::Display| UpdateFailure::Install(format!("download: {e}"));
     let (path, m) = (paths.download.clone(), manifest.clone());
     let opened = tokio::task::spawn_blocking(move || open_download(&path, &m, resume)).await;
@@ -421,13 +489,21 @@ pub async fn download(conn: &quinn::Connection, paths: &UpdatePaths, manifest: &
         Err(e) => return DownloadEnd::Failed(fetch(&e)),
     };
     let lost = |check: &BinaryCheck, e: &dyn std::fmt::Display| {
-        conn.close_reason().map(|reason| DownloadEnd::ConnectionLost { received: check.received(), cause: format!("{e} ({reason})") })
+        conn.close_reason()
+            .map(|reason| DownloadEnd::ConnectionLost {
+                received: check.received(),
+                cause: format!("{e} ({reason})"),
+            })
     };
     let (mut send, mut recv) = match conn.open_bi().await {
         Ok(s) => s,
         Err(e) => return lost(&check, &e).unwrap_or_else(|| DownloadEnd::Failed(fetch(&e))),
     };
-    let req = FetchRelease { version: manifest.version.clone(), target: manifest.target.clone(), offset: check.received() };
+    let req = FetchRelease {
+        version: manifest.version.clone(),
+        target: manifest.target.clone(),
+        offset: check.received(),
+    };
     if check.received() > 0 {
         info!(version = %manifest.version, offset = check.received(), "resuming the release download");
     }
@@ -436,11 +512,16 @@ pub async fn download(conn: &quinn::Connection, paths: &UpdatePaths, manifest: &
     }
     let _ = send.finish();
     loop {
-        let reply = tokio::time::timeout(Duration::from_secs(60), recv_msg::<FetchReply>(&mut recv)).await;
+        let reply =
+            tokio::time::timeout(Duration::from_secs(60), recv_msg::<FetchReply>(&mut recv)).await;
         match reply {
             Ok(Ok(Some(FetchReply::Chunk(chunk)))) => {
                 if chunk.offset != check.received() {
-                    return DownloadEnd::Failed(fetch(&format!("chunk at {} while expecting {}", chunk.offset, check.received())));
+                    return DownloadEnd::Failed(fetch(&format!(
+                        "chunk at {} while expecting {}",
+                        chunk.offset,
+                        check.received()
+                    )));
                 }
                 if let Err(failure) = check.update(&chunk.bytes) {
                     return DownloadEnd::Failed(failure);
@@ -449,19 +530,26 @@ pub async fn download(conn: &quinn::Connection, paths: &UpdatePaths, manifest: &
                     return DownloadEnd::Failed(install_error("writing", &paths.download, e));
                 }
             }
-            Ok(Ok(Some(FetchReply::Error(e)))) => return DownloadEnd::Failed(fetch(&format!("the controller says: {e}"))),
+            Ok(Ok(Some(FetchReply::Error(e)))) => {
+                return DownloadEnd::Failed(fetch(&format!("the controller says: {e}")))
+            }
             Ok(Ok(None)) => break,
             Ok(Err(e)) => {
-                // The connection went away (a controller restart, an outage): not the release's fault.
+                // The connection went away (a controller restart, an outage): not the release's
+                // fault.
                 if let Some(end) = lost(&check, &e) {
                     return end;
                 }
-                // The stream alone broke off: a short download, the size check below says how short.
+                // The stream alone broke off: a short download, the size check below says how
+                // short.
                 warn!(cause = %e, received = check.received(), "release download broke off");
                 break;
             }
             Err(_) => {
-                warn!(received = check.received(), "release download stalled for 60 s");
+                warn!(
+                    received = check.received(),
+                    "release download stalled for 60 s"
+                );
                 break;
             }
         }
@@ -475,9 +563,13 @@ pub async fn download(conn: &quinn::Connection, paths: &UpdatePaths, manifest: &
     }
 }
 
-/// Opens the download file: with `resume`, appends to what is there after hashing it again (starting
-/// over when it is missing, unreadable or longer than the release); otherwise truncated.
-fn open_download(path: &Path, manifest: &ReleaseManifest, resume: bool) -> Result<(fs::File, BinaryCheck), UpdateFailure> {
+/// Opens the download file: with `resume`, appends to what is there after hashing it again
+/// (starting over when it is missing, unreadable or longer than the release); otherwise truncated.
+fn open_download(
+    path: &Path,
+    manifest: &ReleaseManifest,
+    resume: bool,
+) -> Result<(fs::File, BinaryCheck), UpdateFailure> {
     if resume {
         let kept = (|| -> std::io::Result<Option<(fs::File, BinaryCheck)>> {
             let mut check = BinaryCheck::new(manifest);
@@ -492,18 +584,30 @@ fn open_download(path: &Path, manifest: &ReleaseManifest, resume: bool) -> Resul
                     return Ok(None);
                 }
             }
-            Ok(Some((fs::File::options().append(true).custom_flags(nix::libc::O_NOFOLLOW).open(path)?, check)))
+            Ok(Some((
+                fs::File::options()
+                    .append(true)
+                    .custom_flags(nix::libc::O_NOFOLLOW)
+                    .open(path)?,
+                check,
+            )))
         })();
         match kept {
             Ok(Some(x)) => return Ok(x),
-            Ok(None) => warn!(path = %path.display(), "kept download longer than the release; starting over"),
-            Err(e) => warn!(path = %path.display(), cause = %e, "kept download unusable; starting over"),
+            Ok(None) => {
+                warn!(path = %path.display(), "kept download longer than the release; starting over")
+            }
+            Err(e) => {
+                warn!(path = %path.display(), cause = %e, "kept download unusable; starting over")
+            }
         }
     }
     // A fresh download starts from a file created exclusively (the name is fixed so a broken-off
     // download can resume on the next session; the state dir is the agent's alone, 0700).
     match fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(install_error("removing", path, e)),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(install_error("removing", path, e))
+        }
         _ => {}
     }
     let file = fs::OpenOptions::new()
@@ -532,7 +636,12 @@ mod tests {
     /// Temporary files left beside the executable.
     fn temp_files(p: &UpdatePaths) -> Vec<String> {
         let dir = p.exe.parent().expect("dir");
-        fs::read_dir(dir).expect("dir").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".tmp")).collect()
+        fs::read_dir(dir)
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect()
     }
 
     /// A release of `version` for this target, signed with a fresh key; the key and the envelope.
@@ -550,7 +659,14 @@ mod tests {
             created_at: UnixMillis(1),
         };
         let bytes = serde_json::to_vec(&manifest).expect("json");
-        (key, SignedRelease { signature: pair.sign(&bytes).as_ref().to_vec(), manifest: bytes, key_id: key.id() })
+        (
+            key,
+            SignedRelease {
+                signature: pair.sign(&bytes).as_ref().to_vec(),
+                manifest: bytes,
+                key_id: key.id(),
+            },
+        )
     }
 
     #[test]
@@ -558,19 +674,43 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let p = paths(dir.path());
         let (key, older) = release("0.9.0");
-        let config = UpdaterConfig { exe: Some(p.exe.clone()), release_key: Some(key), ..Default::default() };
+        let config = UpdaterConfig {
+            exe: Some(p.exe.clone()),
+            release_key: Some(key),
+            ..Default::default()
+        };
         let mut u = Updater::boot(config.clone(), dir.path(), "0.9.4");
         let report = u.offer("0.9.0", &older, false).expect_err("refused");
-        assert_eq!(report.failure, Some(UpdateFailure::Downgrade { running: "0.9.4".into(), offered: "0.9.0".into() }));
-        assert_eq!((report.running.as_str(), report.attempted.as_deref()), ("0.9.4", Some("0.9.0")), "stays on its version");
+        assert_eq!(
+            report.failure,
+            Some(UpdateFailure::Downgrade {
+                running: "0.9.4".into(),
+                offered: "0.9.0".into()
+            })
+        );
+        assert_eq!(
+            (report.running.as_str(), report.attempted.as_deref()),
+            ("0.9.4", Some("0.9.0")),
+            "stays on its version"
+        );
         match u.offer("0.9.0", &older, true) {
             Ok(Offer::Fetch(m)) => assert_eq!(m.version, "0.9.0"),
             other => panic!("the permitted downgrade is fetched: {other:?}"),
         }
         // A newer version needs no permission.
         let (key, newer) = release("0.10.0");
-        let mut u = Updater::boot(UpdaterConfig { release_key: Some(key), ..config }, dir.path(), "0.9.4");
-        assert!(matches!(u.offer("0.10.0", &newer, false), Ok(Offer::Fetch(_))));
+        let mut u = Updater::boot(
+            UpdaterConfig {
+                release_key: Some(key),
+                ..config
+            },
+            dir.path(),
+            "0.9.4",
+        );
+        assert!(matches!(
+            u.offer("0.10.0", &newer, false),
+            Ok(Offer::Fetch(_))
+        ));
     }
 
     #[test]
@@ -582,7 +722,10 @@ mod tests {
         install(&p, &trying).expect("installed");
         assert_eq!(fs::read(&p.exe).expect("exe"), b"new binary");
         assert_eq!(fs::read(p.prev()).expect("prev"), b"old binary");
-        assert_eq!(fs::metadata(&p.exe).expect("meta").permissions().mode() & 0o777, 0o755);
+        assert_eq!(
+            fs::metadata(&p.exe).expect("meta").permissions().mode() & 0o777,
+            0o755
+        );
         assert_eq!(load_record(&p.record), Some(trying));
         assert!(!p.download.exists() && temp_files(&p).is_empty());
         assert!(restore_prev(&p).expect("restored"));
@@ -599,22 +742,41 @@ mod tests {
         let err = install(&p, &trying).expect_err("fails");
         assert!(matches!(err, UpdateFailure::Install(_)), "{err}");
         assert_eq!(fs::read(&p.exe).expect("exe"), b"old binary");
-        assert!(!p.prev().exists() && temp_files(&p).is_empty() && load_record(&p.record).is_none());
+        assert!(
+            !p.prev().exists() && temp_files(&p).is_empty() && load_record(&p.record).is_none()
+        );
     }
 
     #[test]
     fn without_a_key_every_offer_is_refused_and_reported() {
         let dir = tempfile::tempdir().expect("tmp");
         let p = paths(dir.path());
-        let config = UpdaterConfig { exe: Some(p.exe.clone()), ..Default::default() };
+        let config = UpdaterConfig {
+            exe: Some(p.exe.clone()),
+            ..Default::default()
+        };
         let mut u = Updater::boot(config, dir.path(), "0.1.0");
         assert_eq!(u.report().attempted, None);
-        let release = SignedRelease { manifest: b"{}".to_vec(), signature: vec![0; 64], key_id: "00".repeat(8) };
+        let release = SignedRelease {
+            manifest: b"{}".to_vec(),
+            signature: vec![0; 64],
+            key_id: "00".repeat(8),
+        };
         let report = u.offer("0.2.0", &release, false).expect_err("refused");
         assert_eq!(report.failure, Some(UpdateFailure::NoTrustedKey));
-        assert_eq!((report.running.as_str(), report.attempted.as_deref()), ("0.1.0", Some("0.2.0")));
+        assert_eq!(
+            (report.running.as_str(), report.attempted.as_deref()),
+            ("0.1.0", Some("0.2.0"))
+        );
         // The record survives a restart of the same binary and is still reported.
-        let u = Updater::boot(UpdaterConfig { exe: Some(p.exe.clone()), ..Default::default() }, dir.path(), "0.1.0");
+        let u = Updater::boot(
+            UpdaterConfig {
+                exe: Some(p.exe.clone()),
+                ..Default::default()
+            },
+            dir.path(),
+            "0.1.0",
+        );
         assert_eq!(u.report().failure, Some(UpdateFailure::NoTrustedKey));
     }
 
@@ -634,31 +796,72 @@ mod tests {
         // The first session broke off after 1000 bytes; the next one resumes there and completes.
         fs::write(&p.download, &binary[..1000]).expect("partial");
         let (mut f, mut check) = open_download(&p.download, &manifest, true).expect("open");
-        assert_eq!(check.received(), 1000, "the next FetchRelease asks from here");
+        assert_eq!(
+            check.received(),
+            1000,
+            "the next FetchRelease asks from here"
+        );
         check.update(&binary[1000..]).expect("rest");
         f.write_all(&binary[1000..]).expect("write");
         check.finish().expect("size and hash of the whole binary");
         assert_eq!(fs::read(&p.download).expect("read"), binary);
         // A kept file longer than the release, or a first attempt: from 0.
         fs::write(&p.download, vec![0u8; 4000]).expect("overlong");
-        assert_eq!(open_download(&p.download, &manifest, true).expect("open").1.received(), 0);
-        assert_eq!(fs::metadata(&p.download).expect("meta").len(), 0, "started over");
+        assert_eq!(
+            open_download(&p.download, &manifest, true)
+                .expect("open")
+                .1
+                .received(),
+            0
+        );
+        assert_eq!(
+            fs::metadata(&p.download).expect("meta").len(),
+            0,
+            "started over"
+        );
         fs::write(&p.download, &binary[..10]).expect("partial");
-        assert_eq!(open_download(&p.download, &manifest, false).expect("open").1.received(), 0);
+        assert_eq!(
+            open_download(&p.download, &manifest, false)
+                .expect("open")
+                .1
+                .received(),
+            0
+        );
     }
 
     #[test]
     fn an_offer_of_the_running_version_leaves_its_health_check_running() {
         let dir = tempfile::tempdir().expect("tmp");
         let p = paths(dir.path());
-        save_record(&p.record, &UpdateState::trying("0.2.0", "0.1.0", now_ms(), &UpdatePolicy::default())).expect("record");
-        let mut u = Updater::boot(UpdaterConfig { exe: Some(p.exe.clone()), ..Default::default() }, dir.path(), "0.2.0");
+        save_record(
+            &p.record,
+            &UpdateState::trying("0.2.0", "0.1.0", now_ms(), &UpdatePolicy::default()),
+        )
+        .expect("record");
+        let mut u = Updater::boot(
+            UpdaterConfig {
+                exe: Some(p.exe.clone()),
+                ..Default::default()
+            },
+            dir.path(),
+            "0.2.0",
+        );
         let before = u.report();
-        let release = SignedRelease { manifest: b"{}".to_vec(), signature: vec![0; 64], key_id: "00".repeat(8) };
-        let again = u.offer("0.2.0", &release, false).expect_err("nothing to fetch");
+        let release = SignedRelease {
+            manifest: b"{}".to_vec(),
+            signature: vec![0; 64],
+            key_id: "00".repeat(8),
+        };
+        let again = u
+            .offer("0.2.0", &release, false)
+            .expect_err("nothing to fetch");
         assert_eq!(*again, before, "the current report, unchanged");
         assert!(u.deadline().is_some(), "still checking");
-        assert_eq!(u.heartbeat_sent().map(|r| r.checks.len()), Some(2), "the checks still run and settle it");
+        assert_eq!(
+            u.heartbeat_sent().map(|r| r.checks.len()),
+            Some(2),
+            "the checks still run and settle it"
+        );
     }
 
     #[test]
@@ -667,12 +870,26 @@ mod tests {
         let p = paths(dir.path());
         let trying = UpdateState::trying("0.2.0", "0.1.0", now_ms(), &UpdatePolicy::default());
         save_record(&p.record, &trying).expect("record");
-        let mut u = Updater::boot(UpdaterConfig { exe: Some(p.exe.clone()), ..Default::default() }, dir.path(), "0.2.0");
+        let mut u = Updater::boot(
+            UpdaterConfig {
+                exe: Some(p.exe.clone()),
+                ..Default::default()
+            },
+            dir.path(),
+            "0.2.0",
+        );
         assert!(u.deadline().is_some());
         assert_eq!(u.report().attempts, 1);
         let report = u.heartbeat_sent().expect("settled");
         assert_eq!(report.failure, None);
-        assert_eq!(report.checks.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["session", "heartbeat"]);
+        assert_eq!(
+            report
+                .checks
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>(),
+            ["session", "heartbeat"]
+        );
         assert!(u.deadline().is_none() && u.heartbeat_sent().is_none());
     }
 }

@@ -2,9 +2,9 @@
 //!
 //! The binary carries [`VERSION_SLOT_MAGIC`] followed by 64 bytes, all zero in a normal build, in
 //! which case the version is `CARGO_PKG_VERSION`. A NUL-terminated version written into those bytes
-//! (after the magic, in a copy of the file) makes the binary report that version instead. That gives
-//! the update tests a second, genuinely different agent binary without a second cargo build (which,
-//! in a fresh target directory, recompiles every dependency). Nothing else reads the slot.
+//! (after the magic, in a copy of the file) makes the binary report that version instead. That
+//! gives the update tests a second, genuinely different agent binary without a second cargo build
+//! (which, in a fresh target directory, recompiles every dependency). Nothing else reads the slot.
 
 /// The 16 bytes that precede the version slot in the binary; appears once in it.
 pub const VERSION_SLOT_MAGIC: [u8; 16] = *b"\0SHOALVERSLOT\x01\x02\0";
@@ -24,9 +24,11 @@ const fn slot() -> [u8; 16 + VERSION_SLOT_LEN] {
 #[used]
 static VERSION_SLOT: [u8; 16 + VERSION_SLOT_LEN] = slot();
 
-/// The agent's version: the patched slot if it holds a valid release name, else `CARGO_PKG_VERSION`.
+/// The agent's version: the patched slot if it holds a valid release name, else
+/// `CARGO_PKG_VERSION`.
 pub fn agent_version() -> String {
-    // black_box: the compiler must read the bytes in the file, not the zeros it knows were put there.
+    // black_box: the compiler must read the bytes in the file, not the zeros it knows were put
+    // there.
     let bytes = std::hint::black_box(&VERSION_SLOT);
     parse_slot(&bytes[16..]).unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned())
 }
@@ -43,11 +45,22 @@ fn parse_slot(slot: &[u8]) -> Option<String> {
 pub fn patch_version(binary: &mut [u8], version: &str) -> Result<(), String> {
     shoal_proto::check_release_name(version).map_err(|e| e.to_string())?;
     if version.len() >= VERSION_SLOT_LEN {
-        return Err(format!("version {version:?} is longer than {} bytes", VERSION_SLOT_LEN - 1));
+        return Err(format!(
+            "version {version:?} is longer than {} bytes",
+            VERSION_SLOT_LEN - 1
+        ));
     }
-    let found: Vec<usize> = binary.windows(16).enumerate().filter(|(_, w)| *w == VERSION_SLOT_MAGIC).map(|(i, _)| i).collect();
+    let found: Vec<usize> = binary
+        .windows(16)
+        .enumerate()
+        .filter(|(_, w)| *w == VERSION_SLOT_MAGIC)
+        .map(|(i, _)| i)
+        .collect();
     let [at] = found[..] else {
-        return Err(format!("the version slot magic occurs {} times, not once", found.len()));
+        return Err(format!(
+            "the version slot magic occurs {} times, not once",
+            found.len()
+        ));
     };
     let slot = &mut binary[at + 16..at + 16 + VERSION_SLOT_LEN];
     slot.fill(0);

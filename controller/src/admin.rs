@@ -21,7 +21,10 @@ pub struct AdminConf {
 
 impl std::fmt::Debug for AdminConf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AdminConf").field("api", &self.api).field("token", &"<redacted>").finish()
+        f.debug_struct("AdminConf")
+            .field("api", &self.api)
+            .field("token", &"<redacted>")
+            .finish()
     }
 }
 
@@ -50,18 +53,30 @@ pub enum AdminConfError {
 impl AdminConf {
     /// Reads and parses a credential file.
     pub fn read(path: &Path) -> Result<AdminConf, AdminConfError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| AdminConfError::Io { path: path.display().to_string(), source })?;
-        toml::from_str(&text).map_err(|e| AdminConfError::Parse { path: path.display().to_string(), cause: e.to_string() })
+        let text = std::fs::read_to_string(path).map_err(|source| AdminConfError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| AdminConfError::Parse {
+            path: path.display().to_string(),
+            cause: e.to_string(),
+        })
     }
 
     /// Writes the file atomically with mode 0600.
     pub fn write(&self, path: &Path) -> Result<(), AdminConfError> {
-        let body = toml::to_string(self)
-            .map_err(|e| AdminConfError::Parse { path: path.display().to_string(), cause: e.to_string() })?;
-        let text = format!("# shoalctl credentials written by shoal-controller; keep private.\n{body}");
-        crate::ca::write_private_file(path, text.as_bytes(), 0o600)
-            .map_err(|source| AdminConfError::Io { path: path.display().to_string(), source })
+        let body = toml::to_string(self).map_err(|e| AdminConfError::Parse {
+            path: path.display().to_string(),
+            cause: e.to_string(),
+        })?;
+        let text =
+            format!("# shoalctl credentials written by shoal-controller; keep private.\n{body}");
+        crate::ca::write_private_file(path, text.as_bytes(), 0o600).map_err(|source| {
+            AdminConfError::Io {
+                path: path.display().to_string(),
+                source,
+            }
+        })
     }
 }
 
@@ -84,12 +99,19 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(ADMIN_CONF_FILE);
-        let conf = AdminConf { api: "https://127.0.0.1:7441".into(), token: new_admin_token(), ca: "pem".into() };
+        let conf = AdminConf {
+            api: "https://127.0.0.1:7441".into(),
+            token: new_admin_token(),
+            ca: "pem".into(),
+        };
         conf.write(&path).unwrap();
         assert_eq!(AdminConf::read(&path).unwrap(), conf);
         assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
         std::fs::write(&path, "nonsense = [").unwrap();
-        assert!(matches!(AdminConf::read(&path), Err(AdminConfError::Parse { .. })));
+        assert!(matches!(
+            AdminConf::read(&path),
+            Err(AdminConfError::Parse { .. })
+        ));
     }
 
     #[test]
@@ -143,7 +165,9 @@ pub struct AdminClient {
 
 impl std::fmt::Debug for AdminClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AdminClient").field("base", &self.base).finish()
+        f.debug_struct("AdminClient")
+            .field("base", &self.base)
+            .finish()
     }
 }
 
@@ -154,9 +178,11 @@ impl AdminClient {
         let tls = ureq::tls::TlsConfig::builder()
             .provider(ureq::tls::TlsProvider::Rustls)
             .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(vec![
-                ureq::tls::Certificate::from_der(&ca).to_owned()
+                ureq::tls::Certificate::from_der(&ca).to_owned(),
             ])))
-            .unversioned_rustls_crypto_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .unversioned_rustls_crypto_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
             .build();
         let agent = ureq::Agent::config_builder()
             .tls_config(tls)
@@ -164,7 +190,11 @@ impl AdminClient {
             .timeout_global(Some(std::time::Duration::from_secs(30)))
             .build()
             .new_agent();
-        Ok(AdminClient { agent, base: conf.api.trim_end_matches('/').to_owned(), auth: format!("Bearer {}", conf.token) })
+        Ok(AdminClient {
+            agent,
+            base: conf.api.trim_end_matches('/').to_owned(),
+            auth: format!("Bearer {}", conf.token),
+        })
     }
 
     /// One request; `Ok(None)` for an empty (204) answer.
@@ -196,12 +226,27 @@ impl AdminClient {
                     .timeout_global(Some(t))
                     .build()
                     .send_json(b),
-                None => self.agent.post(&url).header("authorization", &self.auth).send_json(b),
+                None => self
+                    .agent
+                    .post(&url)
+                    .header("authorization", &self.auth)
+                    .send_json(b),
             },
-            ("DELETE", _) => self.agent.delete(&url).header("authorization", &self.auth).call(),
-            _ => self.agent.get(&url).header("authorization", &self.auth).call(),
+            ("DELETE", _) => self
+                .agent
+                .delete(&url)
+                .header("authorization", &self.auth)
+                .call(),
+            _ => self
+                .agent
+                .get(&url)
+                .header("authorization", &self.auth)
+                .call(),
         };
-        let unreachable = |e: ureq::Error| AdminClientError::Unreachable { api: self.base.clone(), cause: e.to_string() };
+        let unreachable = |e: ureq::Error| AdminClientError::Unreachable {
+            api: self.base.clone(),
+            cause: e.to_string(),
+        };
         let mut resp = result.map_err(unreachable)?;
         let status = resp.status().as_u16();
         if status == 204 {
@@ -209,16 +254,24 @@ impl AdminClient {
         }
         let text = resp.body_mut().read_to_string().map_err(unreachable)?;
         if !(200..300).contains(&status) {
-            let message = serde_json::from_str::<crate::view::ApiError>(&text).map(|e| e.error).unwrap_or(text);
+            let message = serde_json::from_str::<crate::view::ApiError>(&text)
+                .map(|e| e.error)
+                .unwrap_or(text);
             return Err(AdminClientError::Api { status, message });
         }
         serde_json::from_str(&text)
             .map(Some)
-            .map_err(|e| AdminClientError::Decode { path: path.to_owned(), cause: e.to_string() })
+            .map_err(|e| AdminClientError::Decode {
+                path: path.to_owned(),
+                cause: e.to_string(),
+            })
     }
 
     fn required<T>(path: &str, v: Option<T>) -> Result<T, AdminClientError> {
-        v.ok_or_else(|| AdminClientError::Decode { path: path.to_owned(), cause: "empty answer".into() })
+        v.ok_or_else(|| AdminClientError::Decode {
+            path: path.to_owned(),
+            cause: "empty answer".into(),
+        })
     }
 
     /// `GET path`.
@@ -227,14 +280,23 @@ impl AdminClient {
     }
 
     /// `POST path` with a JSON body.
-    pub fn post<T: serde::de::DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T, AdminClientError> {
-        let body = serde_json::to_value(body)
-            .map_err(|e| AdminClientError::Decode { path: path.to_owned(), cause: e.to_string() })?;
+    pub fn post<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T, AdminClientError> {
+        let body = serde_json::to_value(body).map_err(|e| AdminClientError::Decode {
+            path: path.to_owned(),
+            cause: e.to_string(),
+        })?;
         Self::required(path, self.call("POST", path, Some(&body))?)
     }
 
     /// `DELETE path`; the answer, if the endpoint returns one.
-    pub fn delete<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<Option<T>, AdminClientError> {
+    pub fn delete<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<Option<T>, AdminClientError> {
         self.call("DELETE", path, None)
     }
 
@@ -245,22 +307,37 @@ impl AdminClient {
         body: &impl Serialize,
         timeout: std::time::Duration,
     ) -> Result<T, AdminClientError> {
-        let body = serde_json::to_value(body)
-            .map_err(|e| AdminClientError::Decode { path: path.to_owned(), cause: e.to_string() })?;
-        Self::required(path, self.call_timeout("POST", path, Some(&body), Some(timeout))?)
+        let body = serde_json::to_value(body).map_err(|e| AdminClientError::Decode {
+            path: path.to_owned(),
+            cause: e.to_string(),
+        })?;
+        Self::required(
+            path,
+            self.call_timeout("POST", path, Some(&body), Some(timeout))?,
+        )
     }
 
     /// `POST path` with a JSON body, for endpoints that answer 204 No Content.
-    pub fn post_no_content(&self, path: &str, body: &impl Serialize) -> Result<(), AdminClientError> {
-        let body = serde_json::to_value(body)
-            .map_err(|e| AdminClientError::Decode { path: path.to_owned(), cause: e.to_string() })?;
-        self.call::<serde_json::Value>("POST", path, Some(&body)).map(|_| ())
+    pub fn post_no_content(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<(), AdminClientError> {
+        let body = serde_json::to_value(body).map_err(|e| AdminClientError::Decode {
+            path: path.to_owned(),
+            cause: e.to_string(),
+        })?;
+        self.call::<serde_json::Value>("POST", path, Some(&body))
+            .map(|_| ())
     }
 
     /// `POST path` with a raw body (image uploads); the answer is ignored.
     pub fn upload(&self, path: &str, bytes: &[u8]) -> Result<(), AdminClientError> {
         let url = format!("{}{}", self.base, path);
-        let unreachable = |e: ureq::Error| AdminClientError::Unreachable { api: self.base.clone(), cause: e.to_string() };
+        let unreachable = |e: ureq::Error| AdminClientError::Unreachable {
+            api: self.base.clone(),
+            cause: e.to_string(),
+        };
         let mut resp = self
             .agent
             .post(&url)
@@ -274,14 +351,19 @@ impl AdminClient {
         let status = resp.status().as_u16();
         if !(200..300).contains(&status) {
             let text = resp.body_mut().read_to_string().unwrap_or_default();
-            let message = serde_json::from_str::<crate::view::ApiError>(&text).map(|e| e.error).unwrap_or(text);
+            let message = serde_json::from_str::<crate::view::ApiError>(&text)
+                .map(|e| e.error)
+                .unwrap_or(text);
             return Err(AdminClientError::Api { status, message });
         }
         Ok(())
     }
 
     /// Creates a join token.
-    pub fn create_token(&self, req: &crate::view::CreateToken) -> Result<crate::view::CreatedToken, AdminClientError> {
+    pub fn create_token(
+        &self,
+        req: &crate::view::CreateToken,
+    ) -> Result<crate::view::CreatedToken, AdminClientError> {
         self.post("/v1/tokens", req)
     }
 }
@@ -312,12 +394,18 @@ impl AdminClient {
     }
 
     /// Creates a network.
-    pub fn create_network(&self, req: &crate::view::CreateNetwork) -> Result<crate::view::NetworkView, AdminClientError> {
+    pub fn create_network(
+        &self,
+        req: &crate::view::CreateNetwork,
+    ) -> Result<crate::view::NetworkView, AdminClientError> {
         self.post("/v1/networks", req)
     }
 
     /// Deletes a network and all its memberships.
-    pub fn delete_network(&self, name: &str) -> Result<crate::view::NetworkUpdate, AdminClientError> {
+    pub fn delete_network(
+        &self,
+        name: &str,
+    ) -> Result<crate::view::NetworkUpdate, AdminClientError> {
         let path = format!("/v1/networks/{}", escape(name));
         Self::required(&path, self.delete(&path)?)
     }
@@ -351,14 +439,18 @@ impl AdminClient {
 
 /// Drives.
 impl AdminClient {
-    /// How long the client waits for `drives prepare`: the controller's own wait (10 min) and a margin.
+    /// How long the client waits for `drives prepare`: the controller's own wait (10 min) and a
+    /// margin.
     pub const PREPARE_WAIT: std::time::Duration = std::time::Duration::from_secs(11 * 60);
 
     /// How long the client waits for `drives test`: the controller's own wait (60 s) and a margin.
     pub const SELF_TEST_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
 
     /// Every drive (or one node's).
-    pub fn drives(&self, node: Option<&str>) -> Result<Vec<crate::view::DriveView>, AdminClientError> {
+    pub fn drives(
+        &self,
+        node: Option<&str>,
+    ) -> Result<Vec<crate::view::DriveView>, AdminClientError> {
         match node {
             Some(n) => self.get(&format!("/v1/drives?node={}", escape(n))),
             None => self.get("/v1/drives"),
@@ -372,13 +464,28 @@ impl AdminClient {
         device: &str,
         req: &crate::fleet_drives::PrepareRequest,
     ) -> Result<crate::view::DriveCommandView, AdminClientError> {
-        self.post_waiting(&format!("/v1/drives/{}/{}/prepare", escape(node), escape(device)), req, Self::PREPARE_WAIT)
+        self.post_waiting(
+            &format!("/v1/drives/{}/{}/prepare", escape(node), escape(device)),
+            req,
+            Self::PREPARE_WAIT,
+        )
     }
 
     /// Starts a SMART self-test (`short` or `long`) and waits for the agent to say it started.
-    pub fn self_test_drive(&self, node: &str, device: &str, kind: &str) -> Result<crate::view::DriveCommandView, AdminClientError> {
-        let body = crate::view::SelfTestRequest { kind: kind.to_owned() };
-        self.post_waiting(&format!("/v1/drives/{}/{}/self-test", escape(node), escape(device)), &body, Self::SELF_TEST_WAIT)
+    pub fn self_test_drive(
+        &self,
+        node: &str,
+        device: &str,
+        kind: &str,
+    ) -> Result<crate::view::DriveCommandView, AdminClientError> {
+        let body = crate::view::SelfTestRequest {
+            kind: kind.to_owned(),
+        };
+        self.post_waiting(
+            &format!("/v1/drives/{}/{}/self-test", escape(node), escape(device)),
+            &body,
+            Self::SELF_TEST_WAIT,
+        )
     }
 
     /// Stored drive policies and every node's effective one.
@@ -387,12 +494,18 @@ impl AdminClient {
     }
 
     /// Sets a drive policy for a node or a selector.
-    pub fn set_drive_policy(&self, req: &crate::view::SetDrivePolicy) -> Result<crate::view::DrivePolicyView, AdminClientError> {
+    pub fn set_drive_policy(
+        &self,
+        req: &crate::view::SetDrivePolicy,
+    ) -> Result<crate::view::DrivePolicyView, AdminClientError> {
         self.post("/v1/drive-policies", req)
     }
 
     /// Deletes the drive policy of a node or a selector (`who` names exactly one).
-    pub fn delete_drive_policy(&self, who: &crate::view::MemberSpec) -> Result<crate::view::DrivePolicyView, AdminClientError> {
+    pub fn delete_drive_policy(
+        &self,
+        who: &crate::view::MemberSpec,
+    ) -> Result<crate::view::DrivePolicyView, AdminClientError> {
         let params: Vec<String> = [("node", &who.node), ("selector", &who.selector)]
             .into_iter()
             .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", escape(v))))

@@ -9,8 +9,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use shoal_proto::{NodeId, UnixMillis};
@@ -58,12 +58,17 @@ pub struct Ca {
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ca").field("sha256", &hex::encode(self.sha256())).finish()
+        f.debug_struct("Ca")
+            .field("sha256", &hex::encode(self.sha256()))
+            .finish()
     }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
-    move |source| CaError::Io { path: path.to_owned(), source }
+    move |source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 pub use shoal_overlay::pki::write_private_file;
@@ -90,8 +95,10 @@ impl Ca {
         let key_pem = fs::read_to_string(key_path).map_err(io_err(key_path))?;
         let invalid = |e: rcgen::Error| CaError::Invalid(cert_path.to_owned(), e.to_string());
         let key = KeyPair::from_pem(&key_pem).map_err(invalid)?;
-        let cert_der = pem_to_der(&cert_pem).ok_or_else(|| CaError::Invalid(cert_path.to_owned(), "not PEM".into()))?;
-        let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(cert_der.clone()), key).map_err(invalid)?;
+        let cert_der = pem_to_der(&cert_pem)
+            .ok_or_else(|| CaError::Invalid(cert_path.to_owned(), "not PEM".into()))?;
+        let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(cert_der.clone()), key)
+            .map_err(invalid)?;
         Ok(Ca { cert_der, issuer })
     }
 
@@ -103,16 +110,24 @@ impl Ca {
         dn.push(DnType::OrganizationName, "shoal");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + time::Duration::days(365 * 20);
         let cert = params.self_signed(&key)?;
         // Key first: a crash between the two writes leaves a key without a cert, which load refuses
         // loudly instead of minting a second CA.
-        write_private_file(key_path, key.serialize_pem().as_bytes(), 0o600).map_err(io_err(key_path))?;
+        write_private_file(key_path, key.serialize_pem().as_bytes(), 0o600)
+            .map_err(io_err(key_path))?;
         write_private_file(cert_path, cert.pem().as_bytes(), 0o644).map_err(io_err(cert_path))?;
-        Ok(Ca { cert_der: cert.der().to_vec(), issuer: Issuer::new(params, key) })
+        Ok(Ca {
+            cert_der: cert.der().to_vec(),
+            issuer: Issuer::new(params, key),
+        })
     }
 
     /// The CA certificate (DER).
@@ -130,8 +145,8 @@ impl Ca {
         shoal_overlay::pki::sha256(&self.cert_der)
     }
 
-    /// Issues a node certificate for the key in `csr_der`, valid from a few minutes ago (clock skew)
-    /// for `ttl`. The subject is the node id; whatever the request asks for is ignored.
+    /// Issues a node certificate for the key in `csr_der`, valid from a few minutes ago (clock
+    /// skew) for `ttl`. The subject is the node id; whatever the request asks for is ignored.
     pub fn issue_node_cert(
         &self,
         csr_der: &[u8],
@@ -139,16 +154,22 @@ impl Ca {
         now: UnixMillis,
         ttl: Duration,
     ) -> Result<(Vec<u8>, UnixMillis), CaError> {
-        let csr = CertificateSigningRequestParams::from_der(&csr_der.into()).map_err(|e| CaError::BadCsr(e.to_string()))?;
+        let csr = CertificateSigningRequestParams::from_der(&csr_der.into())
+            .map_err(|e| CaError::BadCsr(e.to_string()))?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, node.0.as_str());
         params.distinguished_name = dn;
         params.subject_alt_names = vec![SanType::DnsName(
-            format!("{}.node.shoal", node.0).try_into().map_err(|e: rcgen::Error| CaError::BadCsr(e.to_string()))?,
+            format!("{}.node.shoal", node.0)
+                .try_into()
+                .map_err(|e: rcgen::Error| CaError::BadCsr(e.to_string()))?,
         )];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
         params.not_before = time_at(now) - time::Duration::minutes(5);
         let not_after = UnixMillis(now.0 + ttl.as_millis() as u64);
         params.not_after = time_at(not_after);
@@ -157,7 +178,8 @@ impl Ca {
         Ok((cert.der().to_vec(), not_after))
     }
 
-    /// Issues a server certificate (with a fresh key) for the controller's QUIC and admin endpoints.
+    /// Issues a server certificate (with a fresh key) for the controller's QUIC and admin
+    /// endpoints.
     pub fn issue_server_cert(
         &self,
         names: &[String],
@@ -165,7 +187,9 @@ impl Ca {
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
         let key = shoal_overlay::pki::generate_key()?;
         let mut params = CertificateParams::new(names.to_vec())?;
-        params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, "shoal controller");
         params.distinguished_name = dn;
@@ -175,7 +199,10 @@ impl Ca {
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + time::Duration::days(397);
         let cert = params.signed_by(&key, &self.issuer)?;
-        let chain = vec![cert.der().clone(), CertificateDer::from(self.cert_der.clone())];
+        let chain = vec![
+            cert.der().clone(),
+            CertificateDer::from(self.cert_der.clone()),
+        ];
         Ok((chain, shoal_overlay::pki::tls_key(&key)))
     }
 }
@@ -188,7 +215,9 @@ pub fn der_to_pem(label: &str, der: &[u8]) -> String {
 /// Decodes the first PEM block's body.
 pub fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
     use rustls_pki_types::pem::PemObject;
-    CertificateDer::from_pem_slice(pem.as_bytes()).ok().map(|c| c.to_vec())
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .ok()
+        .map(|c| c.to_vec())
 }
 
 #[cfg(test)]
@@ -212,7 +241,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         Ca::load_or_create(dir.path()).unwrap();
         fs::remove_file(dir.path().join(CA_CERT_FILE)).unwrap();
-        assert!(matches!(Ca::load_or_create(dir.path()), Err(CaError::HalfPresent(_))));
+        assert!(matches!(
+            Ca::load_or_create(dir.path()),
+            Err(CaError::HalfPresent(_))
+        ));
     }
 
     #[test]
@@ -222,10 +254,19 @@ mod tests {
         let key = shoal_overlay::pki::generate_key().unwrap();
         let csr = shoal_overlay::pki::make_csr(&key).unwrap();
         let now = UnixMillis(1_800_000_000_000);
-        let (der, not_after) = ca.issue_node_cert(&csr, &NodeId("n0123".into()), now, Duration::from_secs(3600)).unwrap();
+        let (der, not_after) = ca
+            .issue_node_cert(
+                &csr,
+                &NodeId("n0123".into()),
+                now,
+                Duration::from_secs(3600),
+            )
+            .unwrap();
         let info = shoal_overlay::pki::cert_info(&der).unwrap();
         assert_eq!(info.node_id, NodeId("n0123".into()));
         assert_eq!(info.not_after_unix as u64 * 1000, not_after.0);
-        assert!(ca.issue_node_cert(b"garbage", &NodeId("x".into()), now, Duration::from_secs(1)).is_err());
+        assert!(ca
+            .issue_node_cert(b"garbage", &NodeId("x".into()), now, Duration::from_secs(1))
+            .is_err());
     }
 }

@@ -1,8 +1,8 @@
-//! The queue through which other tasks (the overlay hub, drives, rollouts, the API) send messages to one
-//! node's control connection. It is bounded: a node that stops reading would otherwise make the
-//! controller hold every netmap delta and command meant for it. When the queue is full the message is
-//! not queued and the connection is told to close; the agent reconnects and gets a fresh full state
-//! (netmap, policy, steps), so nothing is lost for a node that was merely slow.
+//! The queue through which other tasks (the overlay hub, drives, rollouts, the API) send messages
+//! to one node's control connection. It is bounded: a node that stops reading would otherwise make
+//! the controller hold every netmap delta and command meant for it. When the queue is full the
+//! message is not queued and the connection is told to close; the agent reconnects and gets a fresh
+//! full state (netmap, policy, steps), so nothing is lost for a node that was merely slow.
 
 use std::sync::Arc;
 
@@ -18,7 +18,9 @@ pub const NODE_QUEUE_CAPACITY: usize = 4096;
 #[non_exhaustive]
 pub enum QueueError {
     /// The connection stopped reading: it is being closed.
-    #[error("the node's queue is full: its connection is closed as a consumer that stopped reading")]
+    #[error(
+        "the node's queue is full: its connection is closed as a consumer that stopped reading"
+    )]
     Full,
     /// The connection is gone.
     #[error("the node's connection is gone")]
@@ -43,7 +45,13 @@ pub struct NodeRx {
 pub fn node_queue(capacity: usize) -> (NodeTx, NodeRx) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let overflow = Arc::new(Notify::new());
-    (NodeTx { tx, overflow: overflow.clone() }, NodeRx { rx, overflow })
+    (
+        NodeTx {
+            tx,
+            overflow: overflow.clone(),
+        },
+        NodeRx { rx, overflow },
+    )
 }
 
 impl NodeTx {
@@ -94,8 +102,13 @@ mod tests {
         assert_eq!(tx.send(msg()), Ok(()));
         assert_eq!(tx.send(msg()), Ok(()));
         assert_eq!(tx.send(msg()), Err(QueueError::Full));
-        tokio::time::timeout(std::time::Duration::from_secs(1), rx.overflowed()).await.expect("woken");
-        assert!(rx.try_recv().is_ok() && rx.try_recv().is_ok() && rx.try_recv().is_err(), "only what fitted was queued");
+        tokio::time::timeout(std::time::Duration::from_secs(1), rx.overflowed())
+            .await
+            .expect("woken");
+        assert!(
+            rx.try_recv().is_ok() && rx.try_recv().is_ok() && rx.try_recv().is_err(),
+            "only what fitted was queued"
+        );
         drop(rx);
         assert_eq!(tx.send(msg()), Err(QueueError::Closed));
     }

@@ -1,11 +1,11 @@
-//! The overlay coordinator: who is in which network, where each node can be reached, and which netmap
-//! changes each connected agent must hear. A state machine with no I/O.
+//! The overlay coordinator: who is in which network, where each node can be reached, and which
+//! netmap changes each connected agent must hear. A state machine with no I/O.
 //!
 //! Every change is turned into per-recipient [`NetmapChange`]s touching only what changed: a node
 //! joining a network of N members costs one peer record for each of the N members and one full
-//! picture for the newcomer, never a rebuild of everyone's map. Versions are `epoch << 32 | counter`;
-//! the epoch rises at every controller start, so an agent's cached version from an earlier run never
-//! passes for current.
+//! picture for the newcomer, never a rebuild of everyone's map. Versions are `epoch << 32 |
+//! counter`; the epoch rises at every controller start, so an agent's cached version from an
+//! earlier run never passes for current.
 //!
 //! What an agent says about itself is bounded here before anyone else hears it: the endpoints of an
 //! `OverlayHello` are kept only if a peer could use them ([`usable_endpoint`]), at most
@@ -18,8 +18,8 @@ use std::{
 };
 
 use shoal_proto::{
-    ControllerMsg, MacAddr, NatMapping, Netmap, NetmapChange, NetmapDelta, NetworkId, NetworkMembership, NodeId,
-    OverlayHello, Peer, PeerIndex, PeerNetwork, UnixMillis,
+    ControllerMsg, MacAddr, NatMapping, Netmap, NetmapChange, NetmapDelta, NetworkId,
+    NetworkMembership, NodeId, OverlayHello, Peer, PeerIndex, PeerNetwork, UnixMillis,
 };
 
 use crate::networks::{MembershipChange, NetworkRecord, OverlaySnapshot};
@@ -37,7 +37,14 @@ struct NodeInfo {
 
 impl NodeInfo {
     fn new(index: PeerIndex, key: Option<[u8; 32]>) -> Self {
-        Self { index, key, observed: None, local: Vec::new(), nat: NatMapping::Unknown, networks: BTreeMap::new() }
+        Self {
+            index,
+            key,
+            observed: None,
+            local: Vec::new(),
+            nat: NatMapping::Unknown,
+            networks: BTreeMap::new(),
+        }
     }
 
     fn endpoints(&self) -> Vec<SocketAddr> {
@@ -61,7 +68,11 @@ pub const MAX_LOCAL_ENDPOINTS: usize = 16;
 /// relay addresses, so no endpoint can pose as one); IPv6 link-local (meaningless without the
 /// agent's scope); loopback unless the agent itself connected over loopback; and any address
 /// inside an overlay subnet (`in_overlay`), since the overlay must never be carried over itself.
-pub fn usable_endpoint(addr: &SocketAddr, observed: &SocketAddr, in_overlay: impl Fn(Ipv4Addr) -> bool) -> bool {
+pub fn usable_endpoint(
+    addr: &SocketAddr,
+    observed: &SocketAddr,
+    in_overlay: impl Fn(Ipv4Addr) -> bool,
+) -> bool {
     if addr.port() == 0 {
         return false;
     }
@@ -69,11 +80,18 @@ pub fn usable_endpoint(addr: &SocketAddr, observed: &SocketAddr, in_overlay: imp
     match addr.ip().to_canonical() {
         IpAddr::V4(v4) => {
             let first = v4.octets()[0];
-            !(first == 0 || first >= 240 || v4.is_multicast() || (v4.is_loopback() && !local_agent) || in_overlay(v4))
+            !(first == 0
+                || first >= 240
+                || v4.is_multicast()
+                || (v4.is_loopback() && !local_agent)
+                || in_overlay(v4))
         }
         IpAddr::V6(v6) => {
             let link_local = v6.segments()[0] & 0xffc0 == 0xfe80;
-            !(v6.is_unspecified() || v6.is_multicast() || link_local || (v6.is_loopback() && !local_agent))
+            !(v6.is_unspecified()
+                || v6.is_multicast()
+                || link_local
+                || (v6.is_loopback() && !local_agent))
         }
     }
 }
@@ -91,11 +109,14 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// A coordinator for this controller run (`epoch`), loaded from the store. A cached netmap stays
-    /// usable for `validity` after the controller last confirmed it.
+    /// A coordinator for this controller run (`epoch`), loaded from the store. A cached netmap
+    /// stays usable for `validity` after the controller last confirmed it.
     pub fn new(epoch: u32, snapshot: OverlaySnapshot, validity: Duration) -> Self {
-        let mut nodes: HashMap<NodeId, NodeInfo> =
-            snapshot.nodes.into_iter().map(|(id, n)| (id, NodeInfo::new(n.index, n.key_sha256))).collect();
+        let mut nodes: HashMap<NodeId, NodeInfo> = snapshot
+            .nodes
+            .into_iter()
+            .map(|(id, n)| (id, NodeInfo::new(n.index, n.key_sha256)))
+            .collect();
         let mut networks = BTreeMap::new();
         for net in snapshot.networks {
             let mut members = BTreeSet::new();
@@ -107,7 +128,14 @@ impl Coordinator {
             }
             networks.insert(net.network.id, (net.network, members));
         }
-        Self { epoch, counter: 0, validity, networks, nodes, subscribed: HashMap::new() }
+        Self {
+            epoch,
+            counter: 0,
+            validity,
+            networks,
+            nodes,
+            subscribed: HashMap::new(),
+        }
     }
 
     /// The current version.
@@ -121,7 +149,13 @@ impl Coordinator {
 
     /// Makes a node known (it has a peer index), or updates its key. Returns peer updates when the
     /// key changed.
-    pub fn node_known(&mut self, node: &NodeId, index: PeerIndex, key: Option<[u8; 32]>, now: UnixMillis) -> Vec<Delivery> {
+    pub fn node_known(
+        &mut self,
+        node: &NodeId,
+        index: PeerIndex,
+        key: Option<[u8; 32]>,
+        now: UnixMillis,
+    ) -> Vec<Delivery> {
         match self.nodes.get_mut(node) {
             None => {
                 self.nodes.insert(node.clone(), NodeInfo::new(index, key));
@@ -141,8 +175,8 @@ impl Coordinator {
 
     /// An agent connected with overlay support: returns what it needs first (a full netmap, or an
     /// empty delta that renews its cached one's validity), then peer updates for its new endpoints.
-    /// `key` is the public-key hash of the certificate it connected with; a new key and new endpoints
-    /// reach its peers together, as one delta.
+    /// `key` is the public-key hash of the certificate it connected with; a new key and new
+    /// endpoints reach its peers together, as one delta.
     pub fn subscribe(
         &mut self,
         node: &NodeId,
@@ -165,7 +199,11 @@ impl Coordinator {
             n.nat = hello.nat;
             changed
         });
-        let updates = if changed { self.peer_changed(node, now) } else { vec![] };
+        let updates = if changed {
+            self.peer_changed(node, now)
+        } else {
+            vec![]
+        };
         let version = self.version();
         let first = if hello.netmap_version == Some(version) {
             ControllerMsg::NetmapDelta(NetmapDelta {
@@ -183,8 +221,17 @@ impl Coordinator {
 
     /// The endpoints of `announced` peers may be told about: [`usable_endpoint`] ones, without
     /// duplicates, at most [`MAX_LOCAL_ENDPOINTS`]. What is left out is logged.
-    pub fn usable_endpoints(&self, node: &NodeId, observed: SocketAddr, announced: &[SocketAddr]) -> Vec<SocketAddr> {
-        let in_overlay = |ip: Ipv4Addr| self.networks.values().any(|(rec, _)| rec.subnet().contains(ip));
+    pub fn usable_endpoints(
+        &self,
+        node: &NodeId,
+        observed: SocketAddr,
+        announced: &[SocketAddr],
+    ) -> Vec<SocketAddr> {
+        let in_overlay = |ip: Ipv4Addr| {
+            self.networks
+                .values()
+                .any(|(rec, _)| rec.subnet().contains(ip))
+        };
         let mut kept: Vec<SocketAddr> = Vec::new();
         let mut refused = 0usize;
         for addr in announced {
@@ -205,7 +252,10 @@ impl Coordinator {
 
     /// The networks `node` is a member of, in id order (empty for an unknown node).
     pub fn networks_of(&self, node: &NodeId) -> Vec<NetworkId> {
-        self.nodes.get(node).map(|n| n.networks.keys().copied().collect()).unwrap_or_default()
+        self.nodes
+            .get(node)
+            .map(|n| n.networks.keys().copied().collect())
+            .unwrap_or_default()
     }
 
     /// The agent's connection ended.
@@ -220,7 +270,10 @@ impl Coordinator {
 
     /// Where a node can be reached, for punch requests.
     pub fn endpoints(&self, node: &NodeId) -> Vec<SocketAddr> {
-        self.nodes.get(node).map(NodeInfo::endpoints).unwrap_or_default()
+        self.nodes
+            .get(node)
+            .map(NodeInfo::endpoints)
+            .unwrap_or_default()
     }
 
     /// Whether two nodes share a network (the relay and punch requests serve only such pairs).
@@ -234,20 +287,41 @@ impl Coordinator {
     /// The full netmap for `node`.
     pub fn netmap(&self, node: &NodeId, now: UnixMillis) -> Netmap {
         let Some(me) = self.nodes.get(node) else {
-            return Netmap { version: self.version(), valid_until: self.valid_until(now), ..Default::default() };
+            return Netmap {
+                version: self.version(),
+                valid_until: self.valid_until(now),
+                ..Default::default()
+            };
         };
-        let networks = me.networks.iter().filter_map(|(id, (mac, addr))| self.membership(*id, *mac, *addr)).collect();
+        let networks = me
+            .networks
+            .iter()
+            .filter_map(|(id, (mac, addr))| self.membership(*id, *mac, *addr))
+            .collect();
         let mut peer_ids = BTreeSet::new();
         for id in me.networks.keys() {
             if let Some((_, members)) = self.networks.get(id) {
                 peer_ids.extend(members.iter().filter(|m| *m != node));
             }
         }
-        let peers = peer_ids.into_iter().filter_map(|p| self.peer_for(p, node)).collect();
-        Netmap { version: self.version(), valid_until: self.valid_until(now), networks, peers }
+        let peers = peer_ids
+            .into_iter()
+            .filter_map(|p| self.peer_for(p, node))
+            .collect();
+        Netmap {
+            version: self.version(),
+            valid_until: self.valid_until(now),
+            networks,
+            peers,
+        }
     }
 
-    fn membership(&self, id: NetworkId, mac: MacAddr, address: std::net::Ipv4Addr) -> Option<NetworkMembership> {
+    fn membership(
+        &self,
+        id: NetworkId,
+        mac: MacAddr,
+        address: std::net::Ipv4Addr,
+    ) -> Option<NetworkMembership> {
         let (rec, _) = self.networks.get(&id)?;
         Some(NetworkMembership {
             id,
@@ -268,7 +342,11 @@ impl Coordinator {
             .networks
             .iter()
             .filter(|(id, _)| v.networks.contains_key(id))
-            .map(|(id, (mac, address))| PeerNetwork { id: *id, mac: *mac, address: *address })
+            .map(|(id, (mac, address))| PeerNetwork {
+                id: *id,
+                mac: *mac,
+                address: *address,
+            })
             .collect();
         if networks.is_empty() {
             return None;
@@ -301,7 +379,10 @@ impl Coordinator {
         let mut changes: BTreeMap<NodeId, Vec<NetmapChange>> = BTreeMap::new();
         for viewer in self.neighbours(node) {
             if let Some(p) = self.peer_for(node, &viewer) {
-                changes.entry(viewer).or_default().push(NetmapChange::Peer(p));
+                changes
+                    .entry(viewer)
+                    .or_default()
+                    .push(NetmapChange::Peer(p));
             }
         }
         self.deliver(changes, now)
@@ -313,23 +394,40 @@ impl Coordinator {
         for change in changes {
             match change {
                 MembershipChange::NetworkCreated(rec) => {
-                    self.networks.entry(rec.id).or_insert_with(|| (rec.clone(), BTreeSet::new())).0 = rec.clone();
+                    self.networks
+                        .entry(rec.id)
+                        .or_insert_with(|| (rec.clone(), BTreeSet::new()))
+                        .0 = rec.clone();
                 }
                 MembershipChange::NetworkDeleted(id) => {
                     self.networks.remove(id);
                 }
-                MembershipChange::Joined { network, node, mac, address } => {
-                    let Some(n) = self.nodes.get_mut(node) else { continue };
+                MembershipChange::Joined {
+                    network,
+                    node,
+                    mac,
+                    address,
+                } => {
+                    let Some(n) = self.nodes.get_mut(node) else {
+                        continue;
+                    };
                     n.networks.insert(*network, (*mac, *address));
-                    let Some((_, members)) = self.networks.get_mut(network) else { continue };
+                    let Some((_, members)) = self.networks.get_mut(network) else {
+                        continue;
+                    };
                     members.insert(node.clone());
-                    let others: Vec<NodeId> = members.iter().filter(|m| *m != node).cloned().collect();
+                    let others: Vec<NodeId> =
+                        members.iter().filter(|m| *m != node).cloned().collect();
                     if let Some(m) = self.membership(*network, *mac, *address) {
-                        out.entry(node.clone()).or_default().push(NetmapChange::Network(m));
+                        out.entry(node.clone())
+                            .or_default()
+                            .push(NetmapChange::Network(m));
                     }
                     for other in others {
                         if let Some(p) = self.peer_for(&other, node) {
-                            out.entry(node.clone()).or_default().push(NetmapChange::Peer(p));
+                            out.entry(node.clone())
+                                .or_default()
+                                .push(NetmapChange::Peer(p));
                         }
                         if let Some(p) = self.peer_for(node, &other) {
                             out.entry(other).or_default().push(NetmapChange::Peer(p));
@@ -347,12 +445,20 @@ impl Coordinator {
                         }
                         None => vec![],
                     };
-                    out.entry(node.clone()).or_default().push(NetmapChange::NetworkGone(*network));
+                    out.entry(node.clone())
+                        .or_default()
+                        .push(NetmapChange::NetworkGone(*network));
                     for other in others {
-                        let (to_node, to_other) = match (self.peer_for(&other, node), self.peer_for(node, &other)) {
-                            (Some(a), Some(b)) => (NetmapChange::Peer(a), NetmapChange::Peer(b)),
-                            _ => (NetmapChange::PeerGone(other.clone()), NetmapChange::PeerGone(node.clone())),
-                        };
+                        let (to_node, to_other) =
+                            match (self.peer_for(&other, node), self.peer_for(node, &other)) {
+                                (Some(a), Some(b)) => {
+                                    (NetmapChange::Peer(a), NetmapChange::Peer(b))
+                                }
+                                _ => (
+                                    NetmapChange::PeerGone(other.clone()),
+                                    NetmapChange::PeerGone(node.clone()),
+                                ),
+                            };
                         out.entry(node.clone()).or_default().push(to_node);
                         out.entry(other).or_default().push(to_other);
                     }
@@ -364,14 +470,19 @@ impl Coordinator {
         self.deliver(out, now)
     }
 
-    /// A node left the fleet: forget it (its memberships' `Left` changes come through [`Self::apply`]).
+    /// A node left the fleet: forget it (its memberships' `Left` changes come through
+    /// [`Self::apply`]).
     pub fn forget(&mut self, node: &NodeId) {
         self.nodes.remove(node);
         self.subscribed.remove(node);
     }
 
     /// Bumps the version once and turns per-recipient changes into deltas for connected agents.
-    fn deliver(&mut self, changes: BTreeMap<NodeId, Vec<NetmapChange>>, now: UnixMillis) -> Vec<Delivery> {
+    fn deliver(
+        &mut self,
+        changes: BTreeMap<NodeId, Vec<NetmapChange>>,
+        now: UnixMillis,
+    ) -> Vec<Delivery> {
         if changes.is_empty() {
             return vec![];
         }
@@ -383,7 +494,12 @@ impl Coordinator {
             if let Some(sent) = self.subscribed.get_mut(&node) {
                 out.push((
                     node,
-                    ControllerMsg::NetmapDelta(NetmapDelta { from_version: *sent, to_version: version, valid_until, changes }),
+                    ControllerMsg::NetmapDelta(NetmapDelta {
+                        from_version: *sent,
+                        to_version: version,
+                        valid_until,
+                        changes,
+                    }),
                 ));
                 *sent = version;
             }
@@ -418,15 +534,30 @@ mod tests {
     }
 
     fn joined(network: u32, node: &str, i: u8) -> MembershipChange {
-        MembershipChange::Joined { network: NetworkId(network), node: n(node), mac: mac(i), address: [10, 90, 0, i].into() }
+        MembershipChange::Joined {
+            network: NetworkId(network),
+            node: n(node),
+            mac: mac(i),
+            address: [10, 90, 0, i].into(),
+        }
     }
 
     fn hello() -> OverlayHello {
-        OverlayHello { netmap_version: None, local_endpoints: vec!["10.0.0.9:7000".parse().unwrap()], nat: NatMapping::EndpointIndependent }
+        OverlayHello {
+            netmap_version: None,
+            local_endpoints: vec!["10.0.0.9:7000".parse().unwrap()],
+            nat: NatMapping::EndpointIndependent,
+        }
     }
 
     impl Coordinator {
-        fn subscribe_test(&mut self, node: &NodeId, observed: SocketAddr, hello: &OverlayHello, now: UnixMillis) -> (ControllerMsg, Vec<Delivery>) {
+        fn subscribe_test(
+            &mut self,
+            node: &NodeId,
+            observed: SocketAddr,
+            hello: &OverlayHello,
+            now: UnixMillis,
+        ) -> (ControllerMsg, Vec<Delivery>) {
             self.subscribe(node, None, observed, hello, now)
         }
     }
@@ -438,16 +569,33 @@ mod tests {
         c.node_known(&n("a"), PeerIndex(1), None, now);
         c.node_known(&n("b"), PeerIndex(2), None, now);
         c.apply(&[joined(1, "a", 1), joined(1, "b", 2)], now);
-        c.subscribe(&n("a"), Some([1; 32]), "192.0.2.1:1".parse().unwrap(), &hello(), now);
-        let (_, updates) = c.subscribe(&n("b"), Some([2; 32]), "192.0.2.2:1".parse().unwrap(), &hello(), now);
+        c.subscribe(
+            &n("a"),
+            Some([1; 32]),
+            "192.0.2.1:1".parse().unwrap(),
+            &hello(),
+            now,
+        );
+        let (_, updates) = c.subscribe(
+            &n("b"),
+            Some([2; 32]),
+            "192.0.2.2:1".parse().unwrap(),
+            &hello(),
+            now,
+        );
         assert_eq!(updates.len(), 1);
         let d = delta(&updates[0].1);
-        assert!(matches!(&d.changes[..], [NetmapChange::Peer(p)] if p.key_sha256 == [2; 32] && !p.endpoints.is_empty()));
+        assert!(
+            matches!(&d.changes[..], [NetmapChange::Peer(p)] if p.key_sha256 == [2; 32] && !p.endpoints.is_empty())
+        );
     }
 
     fn coordinator() -> Coordinator {
         let snapshot = OverlaySnapshot {
-            networks: vec![NetworkSnapshot { network: net(1, "default"), members: vec![] }],
+            networks: vec![NetworkSnapshot {
+                network: net(1, "default"),
+                members: vec![],
+            }],
             nodes: BTreeMap::new(),
         };
         Coordinator::new(3, snapshot, Duration::from_secs(3600))
@@ -468,11 +616,15 @@ mod tests {
             c.node_known(&n(id), PeerIndex(i as u32 + 1), Some([i as u8; 32]), now);
         }
         c.apply(&[joined(1, "a", 1), joined(1, "b", 2)], now);
-        let (first, _) = c.subscribe_test(&n("a"), "198.51.100.1:7000".parse().unwrap(), &hello(), now);
-        let ControllerMsg::Netmap(map_a) = first else { panic!("full netmap first") };
+        let (first, _) =
+            c.subscribe_test(&n("a"), "198.51.100.1:7000".parse().unwrap(), &hello(), now);
+        let ControllerMsg::Netmap(map_a) = first else {
+            panic!("full netmap first")
+        };
         assert_eq!(map_a.peers.len(), 1);
         assert_eq!(map_a.peers[0].node, n("b"));
-        let (first_b, updates) = c.subscribe_test(&n("b"), "198.51.100.2:7000".parse().unwrap(), &hello(), now);
+        let (first_b, updates) =
+            c.subscribe_test(&n("b"), "198.51.100.2:7000".parse().unwrap(), &hello(), now);
         assert!(matches!(first_b, ControllerMsg::Netmap(_)));
         // A hears B's new endpoints.
         assert_eq!(updates.len(), 1);
@@ -480,15 +632,24 @@ mod tests {
         assert_eq!(d.from_version, map_a.version);
         let mut map_a = map_a;
         map_a.apply(d).unwrap();
-        assert_eq!(map_a.peers[0].endpoints[0], "198.51.100.2:7000".parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            map_a.peers[0].endpoints[0],
+            "198.51.100.2:7000".parse::<SocketAddr>().unwrap()
+        );
 
         let out = c.apply(&[joined(1, "c", 3)], now);
         let to_a: Vec<_> = out.iter().filter(|(to, _)| *to == n("a")).collect();
         assert_eq!(to_a.len(), 1);
         let d = delta(&to_a[0].1);
-        assert!(matches!(&d.changes[..], [NetmapChange::Peer(p)] if p.node == n("c")), "{d:?}");
+        assert!(
+            matches!(&d.changes[..], [NetmapChange::Peer(p)] if p.node == n("c")),
+            "{d:?}"
+        );
         map_a.apply(d).unwrap();
-        assert_eq!(map_a, c.netmap(&n("a"), now).clone_with_version(map_a.version));
+        assert_eq!(
+            map_a,
+            c.netmap(&n("a"), now).clone_with_version(map_a.version)
+        );
     }
 
     trait WithVersion {
@@ -509,22 +670,48 @@ mod tests {
         for (i, id) in ["a", "b", "x"].iter().enumerate() {
             c.node_known(&n(id), PeerIndex(i as u32 + 1), None, now);
         }
-        c.apply(&[joined(1, "a", 1), joined(1, "b", 2), joined(2, "a", 11), joined(2, "x", 12)], now);
+        c.apply(
+            &[
+                joined(1, "a", 1),
+                joined(1, "b", 2),
+                joined(2, "a", 11),
+                joined(2, "x", 12),
+            ],
+            now,
+        );
         assert!(c.share_network(&n("a"), &n("x")));
-        assert!(!c.share_network(&n("b"), &n("x")), "b and x are in different networks");
+        assert!(
+            !c.share_network(&n("b"), &n("x")),
+            "b and x are in different networks"
+        );
         let x_view = c.netmap(&n("x"), now);
         assert_eq!(x_view.peers.len(), 1);
-        assert_eq!(x_view.peers[0].networks.len(), 1, "x sees only the network it shares with a");
+        assert_eq!(
+            x_view.peers[0].networks.len(),
+            1,
+            "x sees only the network it shares with a"
+        );
         for id in ["a", "b", "x"] {
             c.subscribe_test(&n(id), "192.0.2.1:1".parse().unwrap(), &hello(), now);
         }
-        let out = c.apply(&[MembershipChange::Left { network: NetworkId(1), node: n("b") }], now);
+        let out = c.apply(
+            &[MembershipChange::Left {
+                network: NetworkId(1),
+                node: n("b"),
+            }],
+            now,
+        );
         let to_b = delta(&out.iter().find(|(to, _)| *to == n("b")).unwrap().1);
-        assert!(to_b.changes.contains(&NetmapChange::NetworkGone(NetworkId(1))));
+        assert!(to_b
+            .changes
+            .contains(&NetmapChange::NetworkGone(NetworkId(1))));
         assert!(to_b.changes.contains(&NetmapChange::PeerGone(n("a"))));
         let to_a = delta(&out.iter().find(|(to, _)| *to == n("a")).unwrap().1);
         assert_eq!(to_a.changes, vec![NetmapChange::PeerGone(n("b"))]);
-        assert!(out.iter().all(|(to, _)| *to != n("x")), "x is not told about another network");
+        assert!(
+            out.iter().all(|(to, _)| *to != n("x")),
+            "x is not told about another network"
+        );
     }
 
     #[test]
@@ -536,9 +723,14 @@ mod tests {
         let v = c.version();
         let mut h = hello();
         h.netmap_version = Some(v);
-        let (first, _) = c.subscribe_test(&n("a"), "192.0.2.1:1".parse().unwrap(), &h, UnixMillis(5));
+        let (first, _) =
+            c.subscribe_test(&n("a"), "192.0.2.1:1".parse().unwrap(), &h, UnixMillis(5));
         let d = delta(&first);
-        assert!(d.changes.is_empty() && d.from_version == v && d.valid_until == UnixMillis(5 + 3_600_000));
+        assert!(
+            d.changes.is_empty()
+                && d.from_version == v
+                && d.valid_until == UnixMillis(5 + 3_600_000)
+        );
         let c2 = Coordinator::new(4, OverlaySnapshot::default(), Duration::from_secs(1));
         assert_ne!(c2.version() >> 32, v >> 32);
     }
@@ -546,8 +738,20 @@ mod tests {
     #[test]
     fn loads_members_from_the_store_snapshot() {
         let mut nodes = BTreeMap::new();
-        nodes.insert(n("a"), NodeOverlay { index: PeerIndex(1), key_sha256: Some([1; 32]) });
-        nodes.insert(n("b"), NodeOverlay { index: PeerIndex(2), key_sha256: None });
+        nodes.insert(
+            n("a"),
+            NodeOverlay {
+                index: PeerIndex(1),
+                key_sha256: Some([1; 32]),
+            },
+        );
+        nodes.insert(
+            n("b"),
+            NodeOverlay {
+                index: PeerIndex(2),
+                key_sha256: None,
+            },
+        );
         let member = |node: &str, i: u8| MemberRecord {
             network: NetworkId(1),
             node: n(node),
@@ -557,12 +761,18 @@ mod tests {
             via_selector: false,
         };
         let snapshot = OverlaySnapshot {
-            networks: vec![NetworkSnapshot { network: net(1, "default"), members: vec![member("a", 1), member("b", 2)] }],
+            networks: vec![NetworkSnapshot {
+                network: net(1, "default"),
+                members: vec![member("a", 1), member("b", 2)],
+            }],
             nodes,
         };
         let c = Coordinator::new(1, snapshot, Duration::from_secs(60));
         let map = c.netmap(&n("b"), UnixMillis(0));
-        assert_eq!(map.networks[0].address, std::net::Ipv4Addr::new(10, 90, 0, 2));
+        assert_eq!(
+            map.networks[0].address,
+            std::net::Ipv4Addr::new(10, 90, 0, 2)
+        );
         assert_eq!(map.peers[0].key_sha256, [1; 32]);
     }
 
@@ -570,8 +780,16 @@ mod tests {
     fn only_usable_endpoints_are_kept_and_at_most_the_cap() {
         let remote: SocketAddr = "198.51.100.7:7000".parse().unwrap();
         let no_overlay = |_: Ipv4Addr| false;
-        let usable = |a: &str, observed: &SocketAddr| usable_endpoint(&a.parse().unwrap(), observed, no_overlay);
-        for ok in ["10.0.0.9:7000", "192.168.1.2:1", "169.254.3.4:7000", "[2001:db8::1]:7000", "[::ffff:10.1.2.3]:7000"] {
+        let usable = |a: &str, observed: &SocketAddr| {
+            usable_endpoint(&a.parse().unwrap(), observed, no_overlay)
+        };
+        for ok in [
+            "10.0.0.9:7000",
+            "192.168.1.2:1",
+            "169.254.3.4:7000",
+            "[2001:db8::1]:7000",
+            "[::ffff:10.1.2.3]:7000",
+        ] {
             assert!(usable(ok, &remote), "{ok}");
         }
         for refused in [
@@ -606,7 +824,11 @@ mod tests {
             "10.0.0.9:7000".parse().unwrap(),
         ];
         announced.extend((1..=100u8).map(|i| SocketAddr::from(([192, 0, 2, i], 7000))));
-        let h = OverlayHello { netmap_version: None, local_endpoints: announced, nat: NatMapping::Unknown };
+        let h = OverlayHello {
+            netmap_version: None,
+            local_endpoints: announced,
+            nat: NatMapping::Unknown,
+        };
         c.subscribe_test(&n("a"), remote, &h, now);
         let seen = &c.netmap(&n("b"), now).peers[0].endpoints;
         assert_eq!(seen.len(), 1 + MAX_LOCAL_ENDPOINTS, "{seen:?}");
@@ -614,6 +836,10 @@ mod tests {
         assert_eq!(seen[1], "10.0.0.9:7000".parse::<SocketAddr>().unwrap());
         assert!(seen.iter().all(|e| usable_endpoint(e, &remote, no_overlay)));
         assert!(!seen.contains(&"10.90.0.2:7000".parse().unwrap()));
-        assert_eq!(c.endpoints(&n("a")), *seen, "punches carry the same bounded list");
+        assert_eq!(
+            c.endpoints(&n("a")),
+            *seen,
+            "punches carry the same bounded list"
+        );
     }
 }

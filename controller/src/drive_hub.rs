@@ -1,5 +1,5 @@
-//! The controller's drive shell: the [`FleetDrives`] behind a lock, its persistence, drive policies in the
-//! store and their delivery to agents, and drive commands waiting for the agent's answer.
+//! The controller's drive shell: the [`FleetDrives`] behind a lock, its persistence, drive policies
+//! in the store and their delivery to agents, and drive commands waiting for the agent's answer.
 //!
 //! Trees:
 //!
@@ -9,15 +9,15 @@
 //! | `drive_samples` | node id ‖ 0 ‖ history key ‖ 0 ‖ sample time (big-endian u64 ms) | [`StoredSample`] |
 //! | `drive_policies` | [`PolicyTarget::key`] | [`PolicyRecord`] |
 //!
-//! A report, its new samples, the samples they push out of the history window, and the report's events
-//! are written in one sled transaction, in the order the node sent its reports. At start the samples
-//! are replayed through the history to restore each drive's verdict, and those outside the window (or
-//! of nodes no longer in the fleet) are deleted.
+//! A report, its new samples, the samples they push out of the history window, and the report's
+//! events are written in one sled transaction, in the order the node sent its reports. At start the
+//! samples are replayed through the history to restore each drive's verdict, and those outside the
+//! window (or of nodes no longer in the fleet) are deleted.
 //!
 //! Policies reach agents through each connection's queue ([`crate::server`]'s `ConnHandle`): right
-//! after a v3 agent's `Hello`, and whenever its effective policy changes (a policy set or deleted, or
-//! its labels changed at re-enrolment). The last policy sent is kept per connection, so an agent only
-//! gets a policy when it differs; v1 and v2 agents never get one.
+//! after a v3 agent's `Hello`, and whenever its effective policy changes (a policy set or deleted,
+//! or its labels changed at re-enrolment). The last policy sent is kept per connection, so an agent
+//! only gets a policy when it differs; v1 and v2 agents never get one.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -29,19 +29,20 @@ use std::{
 };
 
 use shoal_proto::{
-    ControllerMsg, DriveCommand, DriveCommandResult, DrivePolicy, DriveReport, NodeId, SelfTestKind, UnixMillis,
+    ControllerMsg, DriveCommand, DriveCommandResult, DrivePolicy, DriveReport, NodeId,
+    SelfTestKind, UnixMillis,
 };
 use sled::transaction::Transactional;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::{
-    fleet_drives::{
-        check_prepare, check_self_test, FleetDrivesConfig, CommandError, FleetDrives, DriveChange, PrepareRequest, StoredReport,
-        StoredSample,
-    },
     drive_policy::{resolve, PolicyRecord, PolicySource, PolicyTarget},
     drives::drive_key,
+    fleet_drives::{
+        check_prepare, check_self_test, CommandError, DriveChange, FleetDrives, FleetDrivesConfig,
+        PrepareRequest, StoredReport, StoredSample,
+    },
     server::Controller,
     store::{decode, encode, finish, EventKind, NodeRecord, Store, StoreError},
     view::{DriveCommandView, DriveView},
@@ -145,8 +146,9 @@ fn node_of_key(key: &[u8]) -> NodeId {
 }
 
 impl DriveHub {
-    /// Loads reports, samples and policies from the store; deletes samples outside the history window
-    /// and records of nodes no longer in the fleet. A record that does not decode is logged and dropped.
+    /// Loads reports, samples and policies from the store; deletes samples outside the history
+    /// window and records of nodes no longer in the fleet. A record that does not decode is logged
+    /// and dropped.
     pub fn open(store: &Store, config: FleetDrivesConfig) -> Result<DriveHub, StoreError> {
         let reports = store.open_tree(DRIVE_REPORTS)?;
         let samples = store.open_tree(DRIVE_SAMPLES)?;
@@ -185,7 +187,11 @@ impl DriveHub {
         }
         let count = loaded_samples.len();
         let (book, stale) = FleetDrives::load(config, loaded, loaded_samples);
-        drop_samples.extend(stale.iter().map(|(node, key, at)| sample_key(node, key, *at)));
+        drop_samples.extend(
+            stale
+                .iter()
+                .map(|(node, key, at)| sample_key(node, key, *at)),
+        );
         if !(drop_reports.is_empty() && drop_samples.is_empty()) && store.check_space().is_ok() {
             let mut batch = sled::Batch::default();
             for k in &drop_reports {
@@ -198,7 +204,11 @@ impl DriveHub {
             }
             samples.apply_batch(batch)?;
         }
-        info!(samples = count, dropped = drop_samples.len(), "drive history loaded");
+        info!(
+            samples = count,
+            dropped = drop_samples.len(),
+            "drive history loaded"
+        );
         Ok(DriveHub {
             store: store.clone(),
             reports,
@@ -212,7 +222,8 @@ impl DriveHub {
     }
 
     fn book(&self) -> MutexGuard<'_, FleetDrives> {
-        // The book is only changed by whole `ingest`/`forget` calls: a panic cannot leave it half-done.
+        // The book is only changed by whole `ingest`/`forget` calls: a panic cannot leave it
+        // half-done.
         self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -222,12 +233,22 @@ impl DriveHub {
 
     /// Takes a node's report: updates the book, persists the report, its samples and its events (in
     /// one transaction), and logs the changes (alarms at `warn`). Returns the changes.
-    pub fn ingest(&self, node: &NodeId, report: DriveReport, now: UnixMillis) -> Result<Vec<DriveChange>, StoreError> {
-        let hostname = self.store.node(node)?.map(|n| n.hostname).unwrap_or_else(|| node.0.clone());
+    pub fn ingest(
+        &self,
+        node: &NodeId,
+        report: DriveReport,
+        now: UnixMillis,
+    ) -> Result<Vec<DriveChange>, StoreError> {
+        let hostname = self
+            .store
+            .node(node)?
+            .map(|n| n.hostname)
+            .unwrap_or_else(|| node.0.clone());
         let mut book = self.book();
         let ingested = book.ingest(node, report, now);
         let stored = book.report(node).cloned();
-        // Persisted under the book's lock, so a node's reports reach the store in the order they came.
+        // Persisted under the book's lock, so a node's reports reach the store in the order they
+        // came.
         let written = self.persist(node, &hostname, stored.as_ref(), &ingested, now);
         drop(book);
         for c in &ingested.changes {
@@ -259,32 +280,47 @@ impl DriveHub {
             }
         }
         for s in &ingested.samples {
-            inserts.push((sample_key(node, &s.key, s.stored.sample.at), encode("SMART sample", &s.stored)?));
+            inserts.push((
+                sample_key(node, &s.key, s.stored.sample.at),
+                encode("SMART sample", &s.stored)?,
+            ));
             let prefix = sample_prefix(node, &s.key);
-            for item in self.samples.range(prefix.clone()..sample_key(node, &s.key, s.keep_from)) {
+            for item in self
+                .samples
+                .range(prefix.clone()..sample_key(node, &s.key, s.keep_from))
+            {
                 let (k, _) = item?;
                 removes.push(k.to_vec());
             }
         }
-        let messages: Vec<(EventKind, String)> =
-            ingested.changes.iter().map(|c| (c.kind(), format!("{hostname}: {c}"))).collect();
+        let messages: Vec<(EventKind, String)> = ingested
+            .changes
+            .iter()
+            .map(|c| (c.kind(), format!("{hostname}: {c}")))
+            .collect();
         let inner = &self.store.inner;
-        let seqs = finish((&self.reports, &self.samples, &inner.events).transaction(|(reports, samples, events)| {
-            if let Some(r) = &report {
-                reports.insert(node.0.as_bytes(), r.as_slice())?;
-            }
-            for k in &removes {
-                samples.remove(k.as_slice())?;
-            }
-            for (k, v) in &inserts {
-                samples.insert(k.as_slice(), v.as_slice())?;
-            }
-            let mut seqs = Vec::new();
-            for (kind, message) in &messages {
-                seqs.push(self.store.tx_event::<StoreError>(events, *kind, Some(node), message, now)?.seq);
-            }
-            Ok(seqs)
-        }))?;
+        let seqs = finish((&self.reports, &self.samples, &inner.events).transaction(
+            |(reports, samples, events)| {
+                if let Some(r) = &report {
+                    reports.insert(node.0.as_bytes(), r.as_slice())?;
+                }
+                for k in &removes {
+                    samples.remove(k.as_slice())?;
+                }
+                for (k, v) in &inserts {
+                    samples.insert(k.as_slice(), v.as_slice())?;
+                }
+                let mut seqs = Vec::new();
+                for (kind, message) in &messages {
+                    seqs.push(
+                        self.store
+                            .tx_event::<StoreError>(events, *kind, Some(node), message, now)?
+                            .seq,
+                    );
+                }
+                Ok(seqs)
+            },
+        ))?;
         for seq in seqs {
             self.store.after_event(seq)?;
         }
@@ -302,7 +338,8 @@ impl DriveHub {
             batch.remove(item?.0);
         }
         self.samples.apply_batch(batch)?;
-        self.policies.remove(PolicyTarget::Node(node.clone()).key().as_bytes())?;
+        self.policies
+            .remove(PolicyTarget::Node(node.clone()).key().as_bytes())?;
         Ok(())
     }
 
@@ -321,32 +358,54 @@ impl DriveHub {
         Ok(out)
     }
 
-    /// Stores a policy (replacing one for the same target) with a `DrivePolicyChanged` event. A node
-    /// policy needs the node to exist.
+    /// Stores a policy (replacing one for the same target) with a `DrivePolicyChanged` event. A
+    /// node policy needs the node to exist.
     pub fn set_policy(&self, rec: &PolicyRecord) -> Result<(), PolicyError> {
         if let PolicyTarget::Node(n) = &rec.target {
             if self.store.node(n)?.is_none() {
                 return Err(PolicyError::UnknownNode(n.clone()));
             }
         }
-        let message = format!("drive policy for {} set: {}, {}", rec.target, rec.policy.mode, rec.policy.filesystem);
+        let message = format!(
+            "drive policy for {} set: {}, {}",
+            rec.target, rec.policy.mode, rec.policy.filesystem
+        );
         self.write_policy(&rec.target, Some(rec), &message, rec.set_at)?;
         info!(target = %rec.target, mode = %rec.policy.mode, filesystem = %rec.policy.filesystem, "drive policy set");
         Ok(())
     }
 
     /// Deletes a policy with a `DrivePolicyChanged` event; returns what it was.
-    pub fn delete_policy(&self, target: &PolicyTarget, now: UnixMillis) -> Result<PolicyRecord, PolicyError> {
-        let old = match self.policies.get(target.key().as_bytes()).map_err(StoreError::from)? {
+    pub fn delete_policy(
+        &self,
+        target: &PolicyTarget,
+        now: UnixMillis,
+    ) -> Result<PolicyRecord, PolicyError> {
+        let old = match self
+            .policies
+            .get(target.key().as_bytes())
+            .map_err(StoreError::from)?
+        {
             Some(bytes) => decode::<PolicyRecord>(DRIVE_POLICIES, target.key().as_bytes(), &bytes)?,
             None => return Err(PolicyError::NoPolicy(target.clone())),
         };
-        self.write_policy(target, None, &format!("drive policy for {target} deleted"), now)?;
+        self.write_policy(
+            target,
+            None,
+            &format!("drive policy for {target} deleted"),
+            now,
+        )?;
         info!(target = %target, "drive policy deleted");
         Ok(old)
     }
 
-    fn write_policy(&self, target: &PolicyTarget, rec: Option<&PolicyRecord>, message: &str, now: UnixMillis) -> Result<(), StoreError> {
+    fn write_policy(
+        &self,
+        target: &PolicyTarget,
+        rec: Option<&PolicyRecord>,
+        message: &str,
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
         self.store.check_space()?;
         let key = target.key();
         let value = rec.map(|r| encode("drive policy", r)).transpose()?;
@@ -354,15 +413,23 @@ impl DriveHub {
             PolicyTarget::Node(n) => Some(n.clone()),
             PolicyTarget::Selector(..) => None,
         };
-        let event = finish((&self.policies, &self.store.inner.events).transaction(|(policies, events)| {
-            match &value {
-                Some(v) => policies.insert(key.as_bytes(), v.as_slice())?,
-                None => policies.remove(key.as_bytes())?,
-            };
-            let e = self.store.tx_event::<StoreError>(events, EventKind::DrivePolicyChanged, node.as_ref(), message, now)?;
-            policies.flush();
-            Ok(e)
-        }))?;
+        let event = finish((&self.policies, &self.store.inner.events).transaction(
+            |(policies, events)| {
+                match &value {
+                    Some(v) => policies.insert(key.as_bytes(), v.as_slice())?,
+                    None => policies.remove(key.as_bytes())?,
+                };
+                let e = self.store.tx_event::<StoreError>(
+                    events,
+                    EventKind::DrivePolicyChanged,
+                    node.as_ref(),
+                    message,
+                    now,
+                )?;
+                policies.flush();
+                Ok(e)
+            },
+        ))?;
         self.store.after_event(event.seq)
     }
 
@@ -374,7 +441,14 @@ impl DriveHub {
     /// Waits for command `id`, sent on connection `conn_id` of `node`.
     fn expect(&self, id: u64, node: &NodeId, conn_id: u64) -> oneshot::Receiver<Outcome> {
         let (tx, rx) = oneshot::channel();
-        self.pending().insert(id, Pending { node: node.clone(), conn_id, tx });
+        self.pending().insert(
+            id,
+            Pending {
+                node: node.clone(),
+                conn_id,
+                tx,
+            },
+        );
         rx
     }
 
@@ -406,8 +480,11 @@ impl DriveHub {
     /// A connection closed: commands sent on it will not be answered.
     pub fn connection_closed(&self, node: &NodeId, conn_id: u64) {
         let mut pending = self.pending();
-        let ids: Vec<u64> =
-            pending.iter().filter(|(_, p)| &p.node == node && p.conn_id == conn_id).map(|(id, _)| *id).collect();
+        let ids: Vec<u64> = pending
+            .iter()
+            .filter(|(_, p)| &p.node == node && p.conn_id == conn_id)
+            .map(|(id, _)| *id)
+            .collect();
         for id in ids {
             if let Some(p) = pending.remove(&id) {
                 debug!(node = %node, id, "drive command lost with its connection");
@@ -419,7 +496,11 @@ impl DriveHub {
 
 impl Controller {
     /// A node's effective drive policy and its source, from the store.
-    pub(crate) fn effective_drive_policy(&self, node: &NodeRecord, policies: &[PolicyRecord]) -> (DrivePolicy, PolicySource) {
+    pub(crate) fn effective_drive_policy(
+        &self,
+        node: &NodeRecord,
+        policies: &[PolicyRecord],
+    ) -> (DrivePolicy, PolicySource) {
         resolve(&node.id, &node.labels, policies)
     }
 
@@ -434,7 +515,9 @@ impl Controller {
             }
         };
         let mut live = self.live();
-        let Some(conn) = live.conns.get_mut(node).filter(|c| c.conn_id == conn_id) else { return };
+        let Some(conn) = live.conns.get_mut(node).filter(|c| c.conn_id == conn_id) else {
+            return;
+        };
         // A push that raced this one already sent the newer policy.
         if conn.drive_policy.is_none() {
             conn.drive_policy = Some(policy.0);
@@ -450,7 +533,9 @@ impl Controller {
             let live = self.live();
             live.conns
                 .iter()
-                .filter(|(n, c)| c.protocol.is_some_and(|v| v >= 3) && only.is_none_or(|o| o.contains(n)))
+                .filter(|(n, c)| {
+                    c.protocol.is_some_and(|v| v >= 3) && only.is_none_or(|o| o.contains(n))
+                })
                 .map(|(n, _)| n.clone())
                 .collect()
         };
@@ -475,7 +560,13 @@ impl Controller {
             };
             let (policy, source) = self.effective_drive_policy(&rec, &policies);
             let mut live = self.live();
-            let Some(conn) = live.conns.get_mut(&node).filter(|c| c.protocol.is_some_and(|v| v >= 3)) else { continue };
+            let Some(conn) = live
+                .conns
+                .get_mut(&node)
+                .filter(|c| c.protocol.is_some_and(|v| v >= 3))
+            else {
+                continue;
+            };
             if conn.drive_policy != Some(policy) {
                 conn.drive_policy = Some(policy);
                 let _ = conn.tx.send(ControllerMsg::DrivePolicy(policy));
@@ -503,7 +594,10 @@ impl Controller {
         }
         let conn_id = {
             let live = self.live();
-            let conn = live.conns.get(&node).ok_or_else(|| CommandError::NotConnected(node.clone()))?;
+            let conn = live
+                .conns
+                .get(&node)
+                .ok_or_else(|| CommandError::NotConnected(node.clone()))?;
             match conn.protocol {
                 None => return Err(CommandError::NotConnected(node)),
                 Some(v) if v < 3 => return Err(CommandError::OldProtocol { node, version: v }),
@@ -512,14 +606,31 @@ impl Controller {
         };
         let action = {
             let book = self.drives.book();
-            let report = book.report(&node).ok_or_else(|| CommandError::NoReport(node.clone()))?;
+            let report = book
+                .report(&node)
+                .ok_or_else(|| CommandError::NoReport(node.clone()))?;
             let Some(drive) = report.report.drives.iter().find(|d| d.name == device) else {
-                let names: Vec<&str> = report.report.drives.iter().map(|d| d.name.as_str()).collect();
-                let known = if names.is_empty() { "none".to_owned() } else { names.join(", ") };
-                return Err(CommandError::UnknownDrive { node, device, known });
+                let names: Vec<&str> = report
+                    .report
+                    .drives
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect();
+                let known = if names.is_empty() {
+                    "none".to_owned()
+                } else {
+                    names.join(", ")
+                };
+                return Err(CommandError::UnknownDrive {
+                    node,
+                    device,
+                    known,
+                });
             };
             match &request {
-                DriveRequest::Prepare(req) => check_prepare(drive, book.verdict(&node, drive).map(|j| &j.verdict), req)?,
+                DriveRequest::Prepare(req) => {
+                    check_prepare(drive, book.verdict(&node, drive).map(|j| &j.verdict), req)?
+                }
                 DriveRequest::SelfTest(kind) => check_self_test(drive, *kind)?,
             }
         };
@@ -531,7 +642,11 @@ impl Controller {
             match live.conns.get(&node).filter(|c| c.conn_id == conn_id) {
                 Some(conn) => conn
                     .tx
-                    .send(ControllerMsg::DriveCommand(DriveCommand { id, device: device.clone(), action: action.clone() }))
+                    .send(ControllerMsg::DriveCommand(DriveCommand {
+                        id,
+                        device: device.clone(),
+                        action: action.clone(),
+                    }))
                     .is_ok(),
                 None => false,
             }
@@ -550,23 +665,42 @@ impl Controller {
             Err(_) => {
                 self.drives.abandon(id);
                 warn!(node = %node, device = %device, id, timeout = ?timeout, "drive command not answered in time");
-                Err(CommandError::Timeout { node, device, what, secs: timeout.as_secs() })
+                Err(CommandError::Timeout {
+                    node,
+                    device,
+                    what,
+                    secs: timeout.as_secs(),
+                })
             }
-            Ok(Err(_)) | Ok(Ok(Outcome::Closed)) => Err(CommandError::Disconnected { node, device, what }),
+            Ok(Err(_)) | Ok(Ok(Outcome::Closed)) => {
+                Err(CommandError::Disconnected { node, device, what })
+            }
             Ok(Ok(Outcome::Done(Ok(message)))) => {
                 info!(node = %node, device = %device, id, %message, "drive command done");
-                Ok(DriveCommandView { node: node.0, device, action: what.to_owned(), id, message })
+                Ok(DriveCommandView {
+                    node: node.0,
+                    device,
+                    action: what.to_owned(),
+                    id,
+                    message,
+                })
             }
             Ok(Ok(Outcome::Done(Err(message)))) => {
                 warn!(node = %node, device = %device, id, %message, "drive command failed on the node");
-                Err(CommandError::Agent { node, device, what, message })
+                Err(CommandError::Agent {
+                    node,
+                    device,
+                    what,
+                    message,
+                })
             }
         };
         result
     }
 }
 
-/// How long to wait for a command's answer by default: preparing a large drive (mkfs) can take minutes.
+/// How long to wait for a command's answer by default: preparing a large drive (mkfs) can take
+/// minutes.
 pub const DEFAULT_PREPARE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// How long to wait for a self-test to be started by default.
@@ -577,7 +711,10 @@ pub const DEFAULT_SELF_TEST_TIMEOUT: Duration = Duration::from_secs(60);
 mod tests {
     use super::*;
     use crate::drives::{HistoryConfig, VerdictConfig};
-    use shoal_proto::{AtaPredictors, Drive, DriveProtocol, DriveState, SmartExitStatus, SmartOutcome, SmartPredictors, SmartReport};
+    use shoal_proto::{
+        AtaPredictors, Drive, DriveProtocol, DriveState, SmartExitStatus, SmartOutcome,
+        SmartPredictors, SmartReport,
+    };
 
     const H: u64 = 3_600_000;
 
@@ -600,7 +737,10 @@ mod tests {
                 power_on_hours: Some(hours),
                 health_passed: Some(true),
                 exit_status: SmartExitStatus(0),
-                predictors: SmartPredictors::Ata(AtaPredictors { pending_sectors: Some(pending), ..Default::default() }),
+                predictors: SmartPredictors::Ata(AtaPredictors {
+                    pending_sectors: Some(pending),
+                    ..Default::default()
+                }),
                 self_test: None,
             })),
             smart_at: Some(UnixMillis(hours * H)),
@@ -608,7 +748,13 @@ mod tests {
     }
 
     fn config() -> FleetDrivesConfig {
-        FleetDrivesConfig { verdict: VerdictConfig::default(), history: HistoryConfig { window_ms: 10 * H, max_samples: 100 } }
+        FleetDrivesConfig {
+            verdict: VerdictConfig::default(),
+            history: HistoryConfig {
+                window_ms: 10 * H,
+                max_samples: 100,
+            },
+        }
     }
 
     fn stored_samples(store: &Store) -> usize {
@@ -635,11 +781,23 @@ mod tests {
                     d
                 })
                 .collect();
-            hub.ingest(&node, DriveReport { at: UnixMillis((round + 1) * H), drives }, UnixMillis(round)).unwrap();
+            hub.ingest(
+                &node,
+                DriveReport {
+                    at: UnixMillis((round + 1) * H),
+                    drives,
+                },
+                UnixMillis(round),
+            )
+            .unwrap();
         }
         let max = crate::fleet_drives::MAX_HISTORIES_PER_NODE;
         assert_eq!(hub.book().history_count(&node), max);
-        assert_eq!(stored_samples(&store), max, "one sample per kept history, none of the forgotten ones");
+        assert_eq!(
+            stored_samples(&store),
+            max,
+            "one sample per kept history, none of the forgotten ones"
+        );
     }
 
     #[test]
@@ -649,18 +807,62 @@ mod tests {
         let node = crate::networks::enrol_for_tests(&store, "m1", &[], UnixMillis(1));
         let hub = DriveHub::open(&store, config()).unwrap();
         for hour in 1..=5 {
-            hub.ingest(&node, DriveReport { at: UnixMillis(hour * H), drives: vec![sdb(0, hour)] }, UnixMillis(hour)).unwrap();
+            hub.ingest(
+                &node,
+                DriveReport {
+                    at: UnixMillis(hour * H),
+                    drives: vec![sdb(0, hour)],
+                },
+                UnixMillis(hour),
+            )
+            .unwrap();
         }
         // The same SMART read again (another change): no sample.
-        hub.ingest(&node, DriveReport { at: UnixMillis(6 * H), drives: vec![sdb(0, 5)] }, UnixMillis(6)).unwrap();
+        hub.ingest(
+            &node,
+            DriveReport {
+                at: UnixMillis(6 * H),
+                drives: vec![sdb(0, 5)],
+            },
+            UnixMillis(6),
+        )
+        .unwrap();
         assert_eq!(stored_samples(&store), 5);
-        let changes = hub.ingest(&node, DriveReport { at: UnixMillis(12 * H), drives: vec![sdb(3, 12)] }, UnixMillis(12)).unwrap();
-        assert_eq!(changes.iter().map(DriveChange::kind).collect::<Vec<_>>(), [EventKind::DriveVerdictChanged]);
+        let changes = hub
+            .ingest(
+                &node,
+                DriveReport {
+                    at: UnixMillis(12 * H),
+                    drives: vec![sdb(3, 12)],
+                },
+                UnixMillis(12),
+            )
+            .unwrap();
+        assert_eq!(
+            changes.iter().map(DriveChange::kind).collect::<Vec<_>>(),
+            [EventKind::DriveVerdictChanged]
+        );
         // Hour 1 left the 10-hour window (hour 2 is at its edge and stays).
         assert_eq!(stored_samples(&store), 5);
-        let events: Vec<(EventKind, String)> = store.events(None, 100).unwrap().into_iter().map(|e| (e.kind, e.message)).collect();
-        assert!(events.contains(&(EventKind::DriveAppeared, "m1: drive sdb appeared: Disk (serial S1), 1073741824 bytes, blank".into())), "{events:?}");
-        assert!(events.iter().any(|(k, m)| *k == EventKind::DriveVerdictChanged && m.contains("ok -> warning")), "{events:?}");
+        let events: Vec<(EventKind, String)> = store
+            .events(None, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.kind, e.message))
+            .collect();
+        assert!(
+            events.contains(&(
+                EventKind::DriveAppeared,
+                "m1: drive sdb appeared: Disk (serial S1), 1073741824 bytes, blank".into()
+            )),
+            "{events:?}"
+        );
+        assert!(
+            events
+                .iter()
+                .any(|(k, m)| *k == EventKind::DriveVerdictChanged && m.contains("ok -> warning")),
+            "{events:?}"
+        );
         drop(hub);
         drop(store);
 
@@ -668,14 +870,36 @@ mod tests {
         let hub = DriveHub::open(&store, config()).unwrap();
         let views = hub.views(None);
         assert_eq!(views.len(), 1);
-        assert_eq!((views[0].smart.verdict.as_str(), views[0].updated_at.as_str()), ("warning", crate::view::rfc3339(12).as_str()));
+        assert_eq!(
+            (
+                views[0].smart.verdict.as_str(),
+                views[0].updated_at.as_str()
+            ),
+            ("warning", crate::view::rfc3339(12).as_str())
+        );
         assert_eq!(hub.book().sample_count(&node, "serial:Disk/S1"), 5);
         // No spurious events after the restart: the same report again changes nothing.
-        assert!(hub.ingest(&node, DriveReport { at: UnixMillis(13 * H), drives: vec![sdb(3, 12)] }, UnixMillis(13)).unwrap().is_empty());
+        assert!(hub
+            .ingest(
+                &node,
+                DriveReport {
+                    at: UnixMillis(13 * H),
+                    drives: vec![sdb(3, 12)]
+                },
+                UnixMillis(13)
+            )
+            .unwrap()
+            .is_empty());
 
         // A shorter window at the next start drops what falls outside it, from the store too.
         drop(hub);
-        let short = FleetDrivesConfig { history: HistoryConfig { window_ms: 2 * H, max_samples: 100 }, ..config() };
+        let short = FleetDrivesConfig {
+            history: HistoryConfig {
+                window_ms: 2 * H,
+                max_samples: 100,
+            },
+            ..config()
+        };
         let hub = DriveHub::open(&store, short).unwrap();
         assert_eq!(stored_samples(&store), 1);
         assert_eq!(hub.views(None)[0].smart.verdict, "ok");
@@ -692,7 +916,15 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let node = crate::networks::enrol_for_tests(&store, "m1", &[], UnixMillis(1));
         let hub = DriveHub::open(&store, config()).unwrap();
-        hub.ingest(&node, DriveReport { at: UnixMillis(H), drives: vec![sdb(0, 1)] }, UnixMillis(1)).unwrap();
+        hub.ingest(
+            &node,
+            DriveReport {
+                at: UnixMillis(H),
+                drives: vec![sdb(0, 1)],
+            },
+            UnixMillis(1),
+        )
+        .unwrap();
         drop(hub);
         // Removed while the hub was not told (a crash in between).
         store.remove_node(&node, UnixMillis(2)).unwrap();
@@ -709,19 +941,45 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let node = crate::networks::enrol_for_tests(&store, "m1", &[("role", "db")], UnixMillis(1));
         let hub = DriveHub::open(&store, config()).unwrap();
-        let policy = DrivePolicy { mode: DrivePolicyMode::Approve, filesystem: Filesystem::Xfs };
+        let policy = DrivePolicy {
+            mode: DrivePolicyMode::Approve,
+            filesystem: Filesystem::Xfs,
+        };
         let sel = PolicyTarget::Selector("role".into(), "db".into());
-        hub.set_policy(&PolicyRecord { target: sel.clone(), policy, set_at: UnixMillis(2) }).unwrap();
+        hub.set_policy(&PolicyRecord {
+            target: sel.clone(),
+            policy,
+            set_at: UnixMillis(2),
+        })
+        .unwrap();
         let ghost = PolicyTarget::Node(NodeId("n404".into()));
         assert!(matches!(
-            hub.set_policy(&PolicyRecord { target: ghost.clone(), policy, set_at: UnixMillis(2) }),
+            hub.set_policy(&PolicyRecord {
+                target: ghost.clone(),
+                policy,
+                set_at: UnixMillis(2)
+            }),
             Err(PolicyError::UnknownNode(_))
         ));
-        hub.set_policy(&PolicyRecord { target: PolicyTarget::Node(node.clone()), policy: DrivePolicy::default(), set_at: UnixMillis(3) }).unwrap();
+        hub.set_policy(&PolicyRecord {
+            target: PolicyTarget::Node(node.clone()),
+            policy: DrivePolicy::default(),
+            set_at: UnixMillis(3),
+        })
+        .unwrap();
         let all = hub.policies().unwrap();
-        assert_eq!(all.iter().map(|p| p.target.clone()).collect::<Vec<_>>(), [PolicyTarget::Node(node.clone()), sel.clone()]);
-        assert_eq!(hub.delete_policy(&sel, UnixMillis(4)).unwrap().policy, policy);
-        assert!(matches!(hub.delete_policy(&sel, UnixMillis(4)), Err(PolicyError::NoPolicy(_))));
+        assert_eq!(
+            all.iter().map(|p| p.target.clone()).collect::<Vec<_>>(),
+            [PolicyTarget::Node(node.clone()), sel.clone()]
+        );
+        assert_eq!(
+            hub.delete_policy(&sel, UnixMillis(4)).unwrap().policy,
+            policy
+        );
+        assert!(matches!(
+            hub.delete_policy(&sel, UnixMillis(4)),
+            Err(PolicyError::NoPolicy(_))
+        ));
         let msgs: Vec<String> = store
             .events(None, 100)
             .unwrap()

@@ -1,25 +1,26 @@
 //! Drive health verdicts from SMART history.
 //!
-//! The controller keeps each drive's recent [`SmartSample`]s. [`verdict`] judges the latest one against
-//! that history: a drive whose reallocated or pending sector count is climbing gets a `warning` before
-//! its own overall-health check says FAILED. This module is a sans-IO core: no store, no clock; samples
-//! carry the time they were taken.
+//! The controller keeps each drive's recent [`SmartSample`]s. [`verdict`] judges the latest one
+//! against that history: a drive whose reallocated or pending sector count is climbing gets a
+//! `warning` before its own overall-health check says FAILED. This module is a sans-IO core: no
+//! store, no clock; samples carry the time they were taken.
 //!
 //! Rules, in order of severity:
-//! - **failing**: the drive's overall-health self-assessment failed (or smartctl's "disk failing" exit
-//!   bit is set); an NVMe critical warning bit is set; NVMe available spare is below the drive's own
-//!   threshold (or [`VerdictConfig::min_available_spare_percent`] when it reports none).
+//! - **failing**: the drive's overall-health self-assessment failed (or smartctl's "disk failing"
+//!   exit bit is set); an NVMe critical warning bit is set; NVMe available spare is below the
+//!   drive's own threshold (or [`VerdictConfig::min_available_spare_percent`] when it reports
+//!   none).
 //! - **warning**: a failure counter rose within the history window (ATA 5 reallocated, 197 pending,
-//!   198 offline-uncorrectable; NVMe media errors; SCSI grown defects and uncorrected read/write errors);
-//!   NVMe percentage used at or above [`VerdictConfig::wear_warning_percent`]; temperature above
-//!   [`VerdictConfig::max_temperature_celsius`]; smartctl's "prefail attribute at or below threshold"
-//!   exit bit.
+//!   198 offline-uncorrectable; NVMe media errors; SCSI grown defects and uncorrected read/write
+//!   errors); NVMe percentage used at or above [`VerdictConfig::wear_warning_percent`]; temperature
+//!   above [`VerdictConfig::max_temperature_celsius`]; smartctl's "prefail attribute at or below
+//!   threshold" exit bit.
 //!
 //! A counter "rose" when the latest value is above the lowest value the same drive reported in the
-//! history given. That includes a rise since the previous sample, and keeps the warning up for as long as
-//! the rise stays within the window the caller keeps, so one report interval cannot hide it. A counter
-//! that falls back (pending sectors remapped or rewritten) clears the warning. The first sample of a
-//! drive has nothing to compare with, so counters alone cannot warn on it.
+//! history given. That includes a rise since the previous sample, and keeps the warning up for as
+//! long as the rise stays within the window the caller keeps, so one report interval cannot hide
+//! it. A counter that falls back (pending sectors remapped or rewritten) clears the warning. The
+//! first sample of a drive has nothing to compare with, so counters alone cannot warn on it.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -34,8 +35,8 @@ pub struct VerdictConfig {
     pub max_temperature_celsius: i32,
     /// NVMe percentage used at or above this gets a warning. Default 90.
     pub wear_warning_percent: u8,
-    /// NVMe available spare below this (percent) is failing when the drive reports no threshold of its
-    /// own. Default 10, the threshold most drives report.
+    /// NVMe available spare below this (percent) is failing when the drive reports no threshold of
+    /// its own. Default 10, the threshold most drives report.
     pub min_available_spare_percent: u8,
 }
 
@@ -161,18 +162,32 @@ impl std::fmt::Display for Reason {
                 if names.is_empty() {
                     write!(f, "NVMe critical warning 0x{bits:02x}")
                 } else {
-                    write!(f, "NVMe critical warning 0x{bits:02x}: {}", names.join(", "))
+                    write!(
+                        f,
+                        "NVMe critical warning 0x{bits:02x}: {}",
+                        names.join(", ")
+                    )
                 }
             }
             Reason::SpareBelowThreshold { spare, threshold } => {
                 write!(f, "available spare {spare}% below threshold {threshold}%")
             }
             Reason::CounterRose { counter, from, to } => {
-                write!(f, "{counter} rose by {} ({from} -> {to})", to.saturating_sub(*from))
+                write!(
+                    f,
+                    "{counter} rose by {} ({from} -> {to})",
+                    to.saturating_sub(*from)
+                )
             }
-            Reason::WornOut { percentage_used } => write!(f, "{percentage_used}% of rated life used"),
-            Reason::TooHot { celsius, limit } => write!(f, "temperature {celsius} °C above limit {limit} °C"),
-            Reason::PrefailAttributeAtThreshold => f.write_str("a prefail attribute is at or below its threshold"),
+            Reason::WornOut { percentage_used } => {
+                write!(f, "{percentage_used}% of rated life used")
+            }
+            Reason::TooHot { celsius, limit } => {
+                write!(f, "temperature {celsius} °C above limit {limit} °C")
+            }
+            Reason::PrefailAttributeAtThreshold => {
+                f.write_str("a prefail attribute is at or below its threshold")
+            }
         }
     }
 }
@@ -208,8 +223,8 @@ impl Verdict {
     }
 }
 
-/// Judge the `latest` sample of a drive against its earlier samples (`history`, any order; samples of
-/// other drives in it are ignored).
+/// Judge the `latest` sample of a drive against its earlier samples (`history`, any order; samples
+/// of other drives in it are ignored).
 pub fn verdict(history: &[SmartSample], latest: &SmartSample, config: &VerdictConfig) -> Verdict {
     let report = &latest.report;
     let mut failing = Vec::new();
@@ -224,26 +239,45 @@ pub fn verdict(history: &[SmartSample], latest: &SmartSample, config: &VerdictCo
     if let Some(bits) = report.critical_warning() {
         failing.push(Reason::CriticalWarning { bits });
     }
-    if let Some((spare, threshold)) = report.spare_below_threshold(config.min_available_spare_percent) {
+    if let Some((spare, threshold)) =
+        report.spare_below_threshold(config.min_available_spare_percent)
+    {
         failing.push(Reason::SpareBelowThreshold { spare, threshold });
     }
     if let SmartPredictors::Nvme(nvme) = &report.predictors {
-        if let Some(used) = nvme.percentage_used.filter(|u| *u >= config.wear_warning_percent) {
-            warning.push(Reason::WornOut { percentage_used: used });
+        if let Some(used) = nvme
+            .percentage_used
+            .filter(|u| *u >= config.wear_warning_percent)
+        {
+            warning.push(Reason::WornOut {
+                percentage_used: used,
+            });
         }
     }
 
-    let earlier: Vec<&SmartReport> =
-        history.iter().map(|s| &s.report).filter(|r| same_drive(r, report)).collect();
+    let earlier: Vec<&SmartReport> = history
+        .iter()
+        .map(|s| &s.report)
+        .filter(|r| same_drive(r, report))
+        .collect();
     for (counter, to) in counters(&report.predictors) {
-        let from = earlier.iter().filter_map(|r| counter_value(&r.predictors, counter)).min();
+        let from = earlier
+            .iter()
+            .filter_map(|r| counter_value(&r.predictors, counter))
+            .min();
         if let Some(from) = from.filter(|from| to > *from) {
             warning.push(Reason::CounterRose { counter, from, to });
         }
     }
 
-    if let Some(celsius) = report.temperature_celsius.filter(|c| *c > config.max_temperature_celsius) {
-        warning.push(Reason::TooHot { celsius, limit: config.max_temperature_celsius });
+    if let Some(celsius) = report
+        .temperature_celsius
+        .filter(|c| *c > config.max_temperature_celsius)
+    {
+        warning.push(Reason::TooHot {
+            celsius,
+            limit: config.max_temperature_celsius,
+        });
     }
 
     if !failing.is_empty() {
@@ -259,20 +293,25 @@ pub fn verdict(history: &[SmartSample], latest: &SmartSample, config: &VerdictCo
 /// How much SMART history the controller keeps per drive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HistoryConfig {
-    /// Samples older than this (relative to the newest) are dropped. Default 7 days: a rise is reported
-    /// for a week, long enough for an operator to see it at a weekly look.
+    /// Samples older than this (relative to the newest) are dropped. Default 7 days: a rise is
+    /// reported for a week, long enough for an operator to see it at a weekly look.
     pub window_ms: u64,
-    /// At most this many samples per drive, oldest dropped first. Default 2016 (one per 5 min for a week).
+    /// At most this many samples per drive, oldest dropped first. Default 2016 (one per 5 min for a
+    /// week).
     pub max_samples: usize,
 }
 
 impl Default for HistoryConfig {
     fn default() -> Self {
-        Self { window_ms: 7 * 24 * 3_600_000, max_samples: 2016 }
+        Self {
+            window_ms: 7 * 24 * 3_600_000,
+            max_samples: 2016,
+        }
     }
 }
 
-/// The SMART history of every drive in the fleet, kept in memory; sans-IO (times come from samples).
+/// The SMART history of every drive in the fleet, kept in memory; sans-IO (times come from
+/// samples).
 #[derive(Debug, Default)]
 pub struct DriveHistory {
     config: HistoryConfig,
@@ -282,15 +321,26 @@ pub struct DriveHistory {
 impl DriveHistory {
     /// An empty history.
     pub fn new(config: HistoryConfig) -> Self {
-        Self { config, drives: BTreeMap::new() }
+        Self {
+            config,
+            drives: BTreeMap::new(),
+        }
     }
 
     /// Record a node's sample and judge it against the same drive's earlier samples in the window.
-    pub fn record(&mut self, node: &NodeId, sample: SmartSample, config: &VerdictConfig) -> Verdict {
-        let samples = self.drives.entry((node.clone(), drive_key(&sample.report))).or_default();
+    pub fn record(
+        &mut self,
+        node: &NodeId,
+        sample: SmartSample,
+        config: &VerdictConfig,
+    ) -> Verdict {
+        let samples = self
+            .drives
+            .entry((node.clone(), drive_key(&sample.report)))
+            .or_default();
         let oldest = sample.at.0.saturating_sub(self.config.window_ms);
-        // Samples "newer" than this one can only come from an agent clock that jumped back: drop them
-        // with the expired ones, so the history stays in time order.
+        // Samples "newer" than this one can only come from an agent clock that jumped back: drop
+        // them with the expired ones, so the history stays in time order.
         samples.retain(|s| s.at.0 >= oldest && s.at <= sample.at);
         let v = verdict(samples.make_contiguous(), &sample, config);
         samples.push_back(sample);
@@ -300,9 +350,13 @@ impl DriveHistory {
         v
     }
 
-    /// The samples kept for one drive of a node (by serial, or device path when it has none), oldest first.
+    /// The samples kept for one drive of a node (by serial, or device path when it has none),
+    /// oldest first.
     pub fn samples(&self, node: &NodeId, key: &str) -> impl Iterator<Item = &SmartSample> {
-        self.drives.get(&(node.clone(), key.to_owned())).into_iter().flatten()
+        self.drives
+            .get(&(node.clone(), key.to_owned()))
+            .into_iter()
+            .flatten()
     }
 
     /// Forget one drive's history.
@@ -321,7 +375,8 @@ impl DriveHistory {
     }
 }
 
-/// The key a drive's history is kept under: `serial:<model>/<serial>`, or `device:<path>` without a serial.
+/// The key a drive's history is kept under: `serial:<model>/<serial>`, or `device:<path>` without a
+/// serial.
 pub fn drive_key(report: &SmartReport) -> String {
     match &report.serial {
         Some(serial) => format!("serial:{}/{serial}", report.model.as_deref().unwrap_or("")),
@@ -329,8 +384,8 @@ pub fn drive_key(report: &SmartReport) -> String {
     }
 }
 
-/// Whether two reports are of the same physical drive: the serial when both have one, else the device
-/// path. A replaced drive in the same slot starts a fresh history.
+/// Whether two reports are of the same physical drive: the serial when both have one, else the
+/// device path. A replaced drive in the same slot starts a fresh history.
 fn same_drive(a: &SmartReport, b: &SmartReport) -> bool {
     if a.protocol != b.protocol {
         return false;
@@ -349,7 +404,9 @@ fn counters(p: &SmartPredictors) -> Vec<(Counter, u64)> {
         SmartPredictors::Nvme(_) => &[MediaErrors],
         SmartPredictors::Scsi(_) => &[GrownDefects, ReadUncorrected, WriteUncorrected],
     };
-    all.iter().filter_map(|c| Some((*c, counter_value(p, *c)?))).collect()
+    all.iter()
+        .filter_map(|c| Some((*c, counter_value(p, *c)?)))
+        .collect()
 }
 
 fn counter_value(p: &SmartPredictors, counter: Counter) -> Option<u64> {
@@ -368,7 +425,9 @@ fn counter_value(p: &SmartPredictors, counter: Counter) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_proto::{AtaPredictors, DriveProtocol, NvmePredictors, ScsiPredictors, SmartExitStatus};
+    use shoal_proto::{
+        AtaPredictors, DriveProtocol, NvmePredictors, ScsiPredictors, SmartExitStatus,
+    };
 
     fn report(predictors: SmartPredictors) -> SmartReport {
         let protocol = match predictors {
@@ -413,7 +472,10 @@ mod tests {
     }
 
     fn sample(hours: u64, report: SmartReport) -> SmartSample {
-        SmartSample { at: UnixMillis(hours * 3_600_000), report }
+        SmartSample {
+            at: UnixMillis(hours * 3_600_000),
+            report,
+        }
     }
 
     fn judge(history: &[SmartSample], latest: &SmartSample) -> Verdict {
@@ -437,8 +499,18 @@ mod tests {
 
         let second = sample(1, report(ata(0, 8, 0)));
         let v = judge(&history, &second);
-        assert_eq!(v, Verdict::Warning(vec![Reason::CounterRose { counter: Counter::Pending, from: 0, to: 8 }]));
-        assert_eq!(v.reasons()[0].to_string(), "pending sectors (ATA 197) rose by 8 (0 -> 8)");
+        assert_eq!(
+            v,
+            Verdict::Warning(vec![Reason::CounterRose {
+                counter: Counter::Pending,
+                from: 0,
+                to: 8
+            }])
+        );
+        assert_eq!(
+            v.reasons()[0].to_string(),
+            "pending sectors (ATA 197) rose by 8 (0 -> 8)"
+        );
         history.push(second);
 
         // Still 8 an hour later: the rise is within the window, so the warning stays.
@@ -452,22 +524,46 @@ mod tests {
         assert_eq!(
             v,
             Verdict::Warning(vec![
-                Reason::CounterRose { counter: Counter::Reallocated, from: 0, to: 24 },
-                Reason::CounterRose { counter: Counter::Pending, from: 0, to: 16 },
-                Reason::CounterRose { counter: Counter::OfflineUncorrectable, from: 0, to: 2 },
+                Reason::CounterRose {
+                    counter: Counter::Reallocated,
+                    from: 0,
+                    to: 24
+                },
+                Reason::CounterRose {
+                    counter: Counter::Pending,
+                    from: 0,
+                    to: 16
+                },
+                Reason::CounterRose {
+                    counter: Counter::OfflineUncorrectable,
+                    from: 0,
+                    to: 2
+                },
             ])
         );
     }
 
     #[test]
     fn stable_nonzero_counts_and_falling_counts_are_ok() {
-        let history = [sample(0, report(ata(5, 3, 0))), sample(1, report(ata(5, 3, 0)))];
-        assert_eq!(judge(&history, &sample(2, report(ata(5, 3, 0)))), Verdict::Ok);
+        let history = [
+            sample(0, report(ata(5, 3, 0))),
+            sample(1, report(ata(5, 3, 0))),
+        ];
+        assert_eq!(
+            judge(&history, &sample(2, report(ata(5, 3, 0)))),
+            Verdict::Ok
+        );
         // Pending sectors rewritten successfully: the count falls.
-        assert_eq!(judge(&history, &sample(2, report(ata(5, 0, 0)))), Verdict::Ok);
+        assert_eq!(
+            judge(&history, &sample(2, report(ata(5, 0, 0)))),
+            Verdict::Ok
+        );
         // A rise that left the window (history trimmed by the caller) no longer warns.
         let window = [sample(1, report(ata(9, 3, 0)))];
-        assert_eq!(judge(&window, &sample(2, report(ata(9, 3, 0)))), Verdict::Ok);
+        assert_eq!(
+            judge(&window, &sample(2, report(ata(9, 3, 0)))),
+            Verdict::Ok
+        );
     }
 
     #[test]
@@ -490,8 +586,16 @@ mod tests {
             Verdict::Failing(vec![
                 Reason::HealthCheckFailed,
                 Reason::PrefailAttributeAtThreshold,
-                Reason::CounterRose { counter: Counter::Reallocated, from: 1000, to: 1975 },
-                Reason::CounterRose { counter: Counter::Pending, from: 0, to: 8 },
+                Reason::CounterRose {
+                    counter: Counter::Reallocated,
+                    from: 1000,
+                    to: 1975
+                },
+                Reason::CounterRose {
+                    counter: Counter::Pending,
+                    from: 0,
+                    to: 8
+                },
             ])
         );
         assert_eq!(v.as_str(), "failing");
@@ -502,7 +606,10 @@ mod tests {
         let mut r = report(ata(0, 0, 0));
         r.health_passed = None;
         r.exit_status = SmartExitStatus(0x08);
-        assert_eq!(judge(&[], &sample(0, r)), Verdict::Failing(vec![Reason::HealthCheckFailed]));
+        assert_eq!(
+            judge(&[], &sample(0, r)),
+            Verdict::Failing(vec![Reason::HealthCheckFailed])
+        );
     }
 
     #[test]
@@ -512,10 +619,16 @@ mod tests {
             v,
             Verdict::Failing(vec![
                 Reason::CriticalWarning { bits: 1 },
-                Reason::SpareBelowThreshold { spare: 5, threshold: 10 },
+                Reason::SpareBelowThreshold {
+                    spare: 5,
+                    threshold: 10
+                },
             ])
         );
-        assert_eq!(v.reasons()[0].to_string(), "NVMe critical warning 0x01: spare below threshold");
+        assert_eq!(
+            v.reasons()[0].to_string(),
+            "NVMe critical warning 0x01: spare below threshold"
+        );
         let v = judge(&[], &sample(0, report(nvme(0x0c, 0, 20, 100))));
         assert_eq!(
             v.reasons()[0].to_string(),
@@ -525,20 +638,36 @@ mod tests {
 
     #[test]
     fn spare_falls_back_to_configured_threshold_when_drive_reports_none() {
-        let SmartPredictors::Nvme(mut p) = nvme(0, 0, 0, 7) else { unreachable!() };
+        let SmartPredictors::Nvme(mut p) = nvme(0, 0, 0, 7) else {
+            unreachable!()
+        };
         p.available_spare_threshold = None;
         let s = sample(0, report(SmartPredictors::Nvme(p)));
-        assert_eq!(judge(&[], &s), Verdict::Failing(vec![Reason::SpareBelowThreshold { spare: 7, threshold: 10 }]));
-        let lenient = VerdictConfig { min_available_spare_percent: 5, ..Default::default() };
+        assert_eq!(
+            judge(&[], &s),
+            Verdict::Failing(vec![Reason::SpareBelowThreshold {
+                spare: 7,
+                threshold: 10
+            }])
+        );
+        let lenient = VerdictConfig {
+            min_available_spare_percent: 5,
+            ..Default::default()
+        };
         assert_eq!(verdict(&[], &s, &lenient), Verdict::Ok);
     }
 
     #[test]
     fn an_nvme_drive_that_leaves_spare_and_threshold_at_zero_is_not_failing() {
         // qemu's emulated NVMe reports available_spare 0 and threshold 0: unfilled, not exhausted.
-        let SmartPredictors::Nvme(mut p) = nvme(0, 0, 0, 0) else { unreachable!() };
+        let SmartPredictors::Nvme(mut p) = nvme(0, 0, 0, 0) else {
+            unreachable!()
+        };
         p.available_spare_threshold = Some(0);
-        assert_eq!(judge(&[], &sample(0, report(SmartPredictors::Nvme(p)))), Verdict::Ok);
+        assert_eq!(
+            judge(&[], &sample(0, report(SmartPredictors::Nvme(p)))),
+            Verdict::Ok
+        );
     }
 
     #[test]
@@ -548,11 +677,20 @@ mod tests {
         assert_eq!(
             v,
             Verdict::Warning(vec![
-                Reason::WornOut { percentage_used: 90 },
-                Reason::CounterRose { counter: Counter::MediaErrors, from: 0, to: 7 },
+                Reason::WornOut {
+                    percentage_used: 90
+                },
+                Reason::CounterRose {
+                    counter: Counter::MediaErrors,
+                    from: 0,
+                    to: 7
+                },
             ])
         );
-        assert_eq!(judge(&[], &sample(1, report(nvme(0, 0, 89, 100)))), Verdict::Ok);
+        assert_eq!(
+            judge(&[], &sample(1, report(nvme(0, 0, 89, 100)))),
+            Verdict::Ok
+        );
     }
 
     #[test]
@@ -560,8 +698,17 @@ mod tests {
         let mut r = report(ata(0, 0, 0));
         r.temperature_celsius = Some(61);
         let s = sample(0, r);
-        assert_eq!(judge(&[], &s), Verdict::Warning(vec![Reason::TooHot { celsius: 61, limit: 60 }]));
-        let cool_room = VerdictConfig { max_temperature_celsius: 65, ..Default::default() };
+        assert_eq!(
+            judge(&[], &s),
+            Verdict::Warning(vec![Reason::TooHot {
+                celsius: 61,
+                limit: 60
+            }])
+        );
+        let cool_room = VerdictConfig {
+            max_temperature_celsius: 65,
+            ..Default::default()
+        };
         assert_eq!(verdict(&[], &s, &cool_room), Verdict::Ok);
     }
 
@@ -578,45 +725,85 @@ mod tests {
         assert_eq!(judge(&history, &sample(1, report(scsi(56)))), Verdict::Ok);
         assert_eq!(
             judge(&history, &sample(1, report(scsi(60)))),
-            Verdict::Warning(vec![Reason::CounterRose { counter: Counter::GrownDefects, from: 56, to: 60 }])
+            Verdict::Warning(vec![Reason::CounterRose {
+                counter: Counter::GrownDefects,
+                from: 56,
+                to: 60
+            }])
         );
     }
 
     #[test]
     fn verdict_serializes_for_the_admin_api() {
-        let v = Verdict::Warning(vec![Reason::CounterRose { counter: Counter::Pending, from: 0, to: 8 }]);
+        let v = Verdict::Warning(vec![Reason::CounterRose {
+            counter: Counter::Pending,
+            from: 0,
+            to: 8,
+        }]);
         let json = serde_json::to_value(&v).expect("json");
         assert_eq!(
             json,
             serde_json::json!({"verdict": "warning", "reasons": [{"kind": "counter_rose", "counter": "pending", "from": 0, "to": 8}]})
         );
-        assert_eq!(serde_json::to_value(Verdict::Ok).expect("json"), serde_json::json!({"verdict": "ok"}));
+        assert_eq!(
+            serde_json::to_value(Verdict::Ok).expect("json"),
+            serde_json::json!({"verdict": "ok"})
+        );
     }
 
     #[test]
     fn history_turns_a_rise_into_a_warning_that_lasts_the_window() {
         let node = NodeId("n1".into());
         let cfg = VerdictConfig::default();
-        let mut h = DriveHistory::new(HistoryConfig { window_ms: 24 * 3_600_000, max_samples: 100 });
-        assert_eq!(h.record(&node, sample(0, report(ata(0, 0, 0))), &cfg), Verdict::Ok);
-        assert_eq!(h.record(&node, sample(1, report(ata(0, 0, 0))), &cfg), Verdict::Ok);
+        let mut h = DriveHistory::new(HistoryConfig {
+            window_ms: 24 * 3_600_000,
+            max_samples: 100,
+        });
+        assert_eq!(
+            h.record(&node, sample(0, report(ata(0, 0, 0))), &cfg),
+            Verdict::Ok
+        );
+        assert_eq!(
+            h.record(&node, sample(1, report(ata(0, 0, 0))), &cfg),
+            Verdict::Ok
+        );
         let v = h.record(&node, sample(2, report(ata(0, 4, 0))), &cfg);
-        assert_eq!(v, Verdict::Warning(vec![Reason::CounterRose { counter: Counter::Pending, from: 0, to: 4 }]));
+        assert_eq!(
+            v,
+            Verdict::Warning(vec![Reason::CounterRose {
+                counter: Counter::Pending,
+                from: 0,
+                to: 4
+            }])
+        );
         // Flat at 4 for the rest of the day: still a warning.
-        assert_eq!(h.record(&node, sample(20, report(ata(0, 4, 0))), &cfg).as_str(), "warning");
+        assert_eq!(
+            h.record(&node, sample(20, report(ata(0, 4, 0))), &cfg)
+                .as_str(),
+            "warning"
+        );
         // A day after the last zero left the window, the drive is judged on its new level.
-        assert_eq!(h.record(&node, sample(27, report(ata(0, 4, 0))), &cfg), Verdict::Ok);
+        assert_eq!(
+            h.record(&node, sample(27, report(ata(0, 4, 0))), &cfg),
+            Verdict::Ok
+        );
         assert_eq!(h.drive_count(), 1);
     }
 
     #[test]
     fn history_is_per_node_and_per_drive_and_bounded() {
         let cfg = VerdictConfig::default();
-        let mut h = DriveHistory::new(HistoryConfig { window_ms: u64::MAX, max_samples: 3 });
+        let mut h = DriveHistory::new(HistoryConfig {
+            window_ms: u64::MAX,
+            max_samples: 3,
+        });
         let (a, b) = (NodeId("a".into()), NodeId("b".into()));
         h.record(&a, sample(0, report(ata(0, 0, 0))), &cfg);
         // Node b's drive with the same serial is not node a's drive.
-        assert_eq!(h.record(&b, sample(1, report(ata(9, 0, 0))), &cfg), Verdict::Ok);
+        assert_eq!(
+            h.record(&b, sample(1, report(ata(9, 0, 0))), &cfg),
+            Verdict::Ok
+        );
         // A replacement drive in node a is judged on its own.
         let mut other = report(ata(9, 0, 0));
         other.serial = Some("SERIAL2".into());

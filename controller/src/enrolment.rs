@@ -1,26 +1,28 @@
 //! Where an enrolment is decided: who may get a certificate for which node. Pure: the store gathers
 //! the facts inside its transaction, [`decide`] answers, the store writes what the answer says.
 //!
-//! Identity is the node's key, not its hardware id. The hardware id a machine reports only says which
-//! record it *claims*; a claim onto an existing record needs proof bound to that record:
+//! Identity is the node's key, not its hardware id. The hardware id a machine reports only says
+//! which record it *claims*; a claim onto an existing record needs proof bound to that record:
 //! - the record's own key (the machine kept its key; its certificate merely expired);
-//! - a per-boot token the controller minted for that machine (bound to the MAC the node was netbooted
-//!   from, or to the node itself for a kexec);
-//! - an operator's decision: a one-time re-enrolment armed with `shoalctl nodes reenrol NODE`, or the
-//!   approval of this very request (same key) listed by `shoalctl nodes pending`.
+//! - a per-boot token the controller minted for that machine (bound to the MAC the node was
+//!   netbooted from, or to the node itself for a kexec);
+//! - an operator's decision: a one-time re-enrolment armed with `shoalctl nodes reenrol NODE`, or
+//!   the approval of this very request (same key) listed by `shoalctl nodes pending`.
 //!
-//! A general join token creates new nodes only. While the claimed node holds a live session, every claim
-//! of its identity is refused, so a second machine can never knock the real one off.
+//! A general join token creates new nodes only. While the claimed node holds a live session, every
+//! claim of its identity is refused, so a second machine can never knock the real one off.
 //!
-//! Enrolment is idempotent for the same key: a machine whose `Enrolled` reply was lost retries with the
-//! same key and the same token and gets a certificate for the same node, without spending another use.
+//! Enrolment is idempotent for the same key: a machine whose `Enrolled` reply was lost retries with
+//! the same key and the same token and gets a certificate for the same node, without spending
+//! another use.
 
 use serde::{Deserialize, Serialize};
 use shoal_proto::{HardwareId, NodeId, UnixMillis};
 
 use crate::store::{EnrolRefusal, NodeRecord, TokenBinding, TokenRecord, TokenState};
 
-/// SHA-256 of a SubjectPublicKeyInfo (DER): what binds a record to a key, and what overlay peers check.
+/// SHA-256 of a SubjectPublicKeyInfo (DER): what binds a record to a key, and what overlay peers
+/// check.
 pub type KeyHash = [u8; 32];
 
 /// The label a node netbooted through a MAC-bound boot token carries: the MAC it booted from.
@@ -31,8 +33,8 @@ pub const NETBOOT_MAC_LABEL: &str = "netboot.mac";
 pub struct IdentityRecord {
     /// The key every connection and renewal must prove.
     pub key: KeyHash,
-    /// A key the node rotated to (`RotateKey`) but has not connected with yet; both are accepted until
-    /// it does, so a rotation whose reply was lost does not lock the node out.
+    /// A key the node rotated to (`RotateKey`) but has not connected with yet; both are accepted
+    /// until it does, so a rotation whose reply was lost does not lock the node out.
     pub next_key: Option<KeyHash>,
     /// A certificate of `key` was revoked: the node must rotate to a new key on its next session.
     pub must_rotate: bool,
@@ -43,7 +45,12 @@ pub struct IdentityRecord {
 impl IdentityRecord {
     /// A record bound to `key` at `now`.
     pub fn new(key: KeyHash, now: UnixMillis) -> Self {
-        IdentityRecord { key, next_key: None, must_rotate: false, bound_at: now }
+        IdentityRecord {
+            key,
+            next_key: None,
+            must_rotate: false,
+            bound_at: now,
+        }
     }
 
     /// Whether `key` may authenticate as this node.
@@ -52,7 +59,8 @@ impl IdentityRecord {
     }
 }
 
-/// One use of a token by one key (tree `token_uses`): replays of the same enrolment are answered from it.
+/// One use of a token by one key (tree `token_uses`): replays of the same enrolment are answered
+/// from it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenUse {
     /// The node the use enrolled.
@@ -85,8 +93,8 @@ pub enum PendingState {
 /// A claim of an existing node without proof, waiting for an operator (tree `pending_enrolments`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingEnrolment {
-    /// Short id for `shoalctl nodes approve|deny`: derived from node and key, so retries refresh one
-    /// request instead of adding new ones.
+    /// Short id for `shoalctl nodes approve|deny`: derived from node and key, so retries refresh
+    /// one request instead of adding new ones.
     pub id: String,
     /// The node claimed.
     pub node: NodeId,
@@ -218,33 +226,59 @@ pub fn decide(c: &Claim) -> Decision {
     }
     match c.token.state(c.now) {
         TokenState::Valid => {}
-        TokenState::Revoked => return Decision::Refuse(EnrolRefusal::TokenRevoked { id: c.token.id.clone() }),
+        TokenState::Revoked => {
+            return Decision::Refuse(EnrolRefusal::TokenRevoked {
+                id: c.token.id.clone(),
+            })
+        }
         TokenState::Expired => {
-            let at = c.token.expires_at.map(crate::store::rfc3339).unwrap_or_default();
-            return Decision::Refuse(EnrolRefusal::TokenExpired { id: c.token.id.clone(), at });
+            let at = c
+                .token
+                .expires_at
+                .map(crate::store::rfc3339)
+                .unwrap_or_default();
+            return Decision::Refuse(EnrolRefusal::TokenExpired {
+                id: c.token.id.clone(),
+                at,
+            });
         }
         TokenState::UsedUp => {
-            return Decision::Refuse(EnrolRefusal::TokenUsedUp { id: c.token.id.clone(), uses: c.token.uses })
+            return Decision::Refuse(EnrolRefusal::TokenUsedUp {
+                id: c.token.id.clone(),
+                uses: c.token.uses,
+            })
         }
     }
-    if c.removed_hw_at.is_some_and(|removed| removed >= c.token.created_at) {
-        return Decision::Refuse(EnrolRefusal::NodeRemoved { hardware_id: c.hardware_id.to_string() });
+    if c.removed_hw_at
+        .is_some_and(|removed| removed >= c.token.created_at)
+    {
+        return Decision::Refuse(EnrolRefusal::NodeRemoved {
+            hardware_id: c.hardware_id.to_string(),
+        });
     }
     if let Some(TokenBinding::Node(bound)) = c.binding {
         if c.existing.is_none_or(|e| e.node.id != *bound) {
-            return Decision::Refuse(EnrolRefusal::TokenForAnotherMachine { node: bound.clone() });
+            return Decision::Refuse(EnrolRefusal::TokenForAnotherMachine {
+                node: bound.clone(),
+            });
         }
     }
-    let Some(e) = c.existing else { return Decision::Create };
+    let Some(e) = c.existing else {
+        return Decision::Create;
+    };
     if e.identity.is_some_and(|i| i.accepts(c.key)) {
         return Decision::Reenrol(Proof::SameKey);
     }
     // An operator's denial holds whether or not the node is connected.
     if e.pending.is_some_and(|p| p.state == PendingState::Denied) {
-        return Decision::Refuse(EnrolRefusal::ClaimDenied { node: e.node.id.clone() });
+        return Decision::Refuse(EnrolRefusal::ClaimDenied {
+            node: e.node.id.clone(),
+        });
     }
     if e.live {
-        return Decision::Refuse(EnrolRefusal::IdentityInUse { node: e.node.id.clone() });
+        return Decision::Refuse(EnrolRefusal::IdentityInUse {
+            node: e.node.id.clone(),
+        });
     }
     match c.binding {
         Some(TokenBinding::Node(_)) => return Decision::Reenrol(Proof::BootTokenForNode),
@@ -290,10 +324,15 @@ pub enum CertVerdict {
     WrongKey,
 }
 
-/// Checks a certificate of `node` on a new connection: the record exists, the serial is not revoked,
-/// and the key is the record's. A record from before keys were bound takes the key of its first
-/// connection (the certificate chains to the fleet CA and TLS proved the key).
-pub fn check_certificate(exists: bool, identity: Option<&IdentityRecord>, cert: Presented, now: UnixMillis) -> CertVerdict {
+/// Checks a certificate of `node` on a new connection: the record exists, the serial is not
+/// revoked, and the key is the record's. A record from before keys were bound takes the key of its
+/// first connection (the certificate chains to the fleet CA and TLS proved the key).
+pub fn check_certificate(
+    exists: bool,
+    identity: Option<&IdentityRecord>,
+    cert: Presented,
+    now: UnixMillis,
+) -> CertVerdict {
     if !exists {
         return CertVerdict::Removed;
     }
@@ -301,11 +340,18 @@ pub fn check_certificate(exists: bool, identity: Option<&IdentityRecord>, cert: 
         return CertVerdict::Revoked;
     }
     match identity {
-        None => CertVerdict::Accept { identity: IdentityRecord::new(*cert.key, now), changed: true },
-        Some(i) if i.key == *cert.key => CertVerdict::Accept { identity: i.clone(), changed: false },
-        Some(i) if i.next_key.as_ref() == Some(cert.key) => {
-            CertVerdict::Accept { identity: IdentityRecord::new(*cert.key, now), changed: true }
-        }
+        None => CertVerdict::Accept {
+            identity: IdentityRecord::new(*cert.key, now),
+            changed: true,
+        },
+        Some(i) if i.key == *cert.key => CertVerdict::Accept {
+            identity: i.clone(),
+            changed: false,
+        },
+        Some(i) if i.next_key.as_ref() == Some(cert.key) => CertVerdict::Accept {
+            identity: IdentityRecord::new(*cert.key, now),
+            changed: true,
+        },
         Some(_) => CertVerdict::WrongKey,
     }
 }
@@ -335,9 +381,15 @@ mod tests {
     fn node(labels: &[(&str, &str)]) -> NodeRecord {
         NodeRecord {
             id: NodeId("n1".into()),
-            hardware_id: HardwareId { source: HardwareIdSource::MachineId, value: "m1".into() },
+            hardware_id: HardwareId {
+                source: HardwareIdSource::MachineId,
+                value: "m1".into(),
+            },
             hostname: "h".into(),
-            labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             agent_version: String::new(),
             enrolled_at: UnixMillis(1),
             status: NodeStatus::Down,
@@ -349,13 +401,35 @@ mod tests {
     }
 
     fn existing<'a>(n: &'a NodeRecord, identity: Option<&'a IdentityRecord>) -> Existing<'a> {
-        Existing { node: n, identity, live: false, grant: None, pending: None }
+        Existing {
+            node: n,
+            identity,
+            live: false,
+            grant: None,
+            pending: None,
+        }
     }
 
-    static HW: HardwareId = HardwareId { source: HardwareIdSource::MachineId, value: String::new() };
+    static HW: HardwareId = HardwareId {
+        source: HardwareIdSource::MachineId,
+        value: String::new(),
+    };
 
-    fn claim<'a>(key: &'a KeyHash, token: &'a TokenRecord, existing: Option<Existing<'a>>) -> Claim<'a> {
-        Claim { now: NOW, key, hardware_id: &HW, token, binding: None, prior_use: None, removed_hw_at: None, existing }
+    fn claim<'a>(
+        key: &'a KeyHash,
+        token: &'a TokenRecord,
+        existing: Option<Existing<'a>>,
+    ) -> Claim<'a> {
+        Claim {
+            now: NOW,
+            key,
+            hardware_id: &HW,
+            token,
+            binding: None,
+            prior_use: None,
+            removed_hw_at: None,
+            existing,
+        }
     }
 
     #[test]
@@ -363,23 +437,39 @@ mod tests {
         let (t, n) = (token(), node(&[]));
         let bound = IdentityRecord::new([1; 32], UnixMillis(1));
         assert_eq!(decide(&claim(&[2; 32], &t, None)), Decision::Create);
-        assert_eq!(decide(&claim(&[2; 32], &t, Some(existing(&n, Some(&bound))))), Decision::Pending);
-        assert_eq!(decide(&claim(&[2; 32], &t, Some(existing(&n, None)))), Decision::Pending, "an unbound old record too");
-        assert_eq!(decide(&claim(&[1; 32], &t, Some(existing(&n, Some(&bound))))), Decision::Reenrol(Proof::SameKey));
+        assert_eq!(
+            decide(&claim(&[2; 32], &t, Some(existing(&n, Some(&bound))))),
+            Decision::Pending
+        );
+        assert_eq!(
+            decide(&claim(&[2; 32], &t, Some(existing(&n, None)))),
+            Decision::Pending,
+            "an unbound old record too"
+        );
+        assert_eq!(
+            decide(&claim(&[1; 32], &t, Some(existing(&n, Some(&bound))))),
+            Decision::Reenrol(Proof::SameKey)
+        );
     }
 
     #[test]
     fn a_live_node_keeps_its_identity_whatever_the_proof() {
         let (t, n) = (token(), node(&[(NETBOOT_MAC_LABEL, "52:54:00:00:00:01")]));
         let bound = IdentityRecord::new([1; 32], UnixMillis(1));
-        let grant = ReenrolGrant { armed_at: UnixMillis(1), expires_at: UnixMillis(u64::MAX) };
+        let grant = ReenrolGrant {
+            armed_at: UnixMillis(1),
+            expires_at: UnixMillis(u64::MAX),
+        };
         let mac = TokenBinding::Mac("52:54:00:00:00:01".into());
         let mut e = existing(&n, Some(&bound));
         e.live = true;
         e.grant = Some(&grant);
         let mut c = claim(&[2; 32], &t, Some(e));
         c.binding = Some(&mac);
-        assert_eq!(decide(&c), Decision::Refuse(EnrolRefusal::IdentityInUse { node: n.id.clone() }));
+        assert_eq!(
+            decide(&c),
+            Decision::Refuse(EnrolRefusal::IdentityInUse { node: n.id.clone() })
+        );
     }
 
     #[test]
@@ -396,22 +486,47 @@ mod tests {
             decide(&c)
         };
         assert_eq!(with(&right), Decision::Reenrol(Proof::BootTokenForMac));
-        assert_eq!(with(&wrong), Decision::Pending, "another MAC's boot token is no proof for this node");
+        assert_eq!(
+            with(&wrong),
+            Decision::Pending,
+            "another MAC's boot token is no proof for this node"
+        );
         assert_eq!(with(&for_node), Decision::Reenrol(Proof::BootTokenForNode));
-        assert_eq!(with(&for_other), Decision::Refuse(EnrolRefusal::TokenForAnotherMachine { node: NodeId("n2".into()) }));
+        assert_eq!(
+            with(&for_other),
+            Decision::Refuse(EnrolRefusal::TokenForAnotherMachine {
+                node: NodeId("n2".into())
+            })
+        );
         let mut c = claim(&[2; 32], &t, None);
         c.binding = Some(&for_node);
-        assert!(matches!(decide(&c), Decision::Refuse(EnrolRefusal::TokenForAnotherMachine { .. })), "no record: still not this token's");
+        assert!(
+            matches!(
+                decide(&c),
+                Decision::Refuse(EnrolRefusal::TokenForAnotherMachine { .. })
+            ),
+            "no record: still not this token's"
+        );
         c.binding = Some(&right);
-        assert_eq!(decide(&c), Decision::Create, "a first netboot creates its node");
+        assert_eq!(
+            decide(&c),
+            Decision::Create,
+            "a first netboot creates its node"
+        );
     }
 
     #[test]
     fn operator_decisions() {
         let (t, n) = (token(), node(&[]));
         let bound = IdentityRecord::new([1; 32], UnixMillis(1));
-        let armed = ReenrolGrant { armed_at: UnixMillis(1), expires_at: UnixMillis(NOW.0 + 1) };
-        let lapsed = ReenrolGrant { armed_at: UnixMillis(1), expires_at: NOW };
+        let armed = ReenrolGrant {
+            armed_at: UnixMillis(1),
+            expires_at: UnixMillis(NOW.0 + 1),
+        };
+        let lapsed = ReenrolGrant {
+            armed_at: UnixMillis(1),
+            expires_at: NOW,
+        };
         let mut pending = PendingEnrolment {
             id: pending_id(&n.id, &[2; 32]),
             node: n.id.clone(),
@@ -431,13 +546,26 @@ mod tests {
             e.pending = pending;
             decide(&claim(&[2; 32], &t, Some(e)))
         };
-        assert_eq!(run(Some(&armed), None), Decision::Reenrol(Proof::OperatorGrant));
-        assert_eq!(run(Some(&lapsed), None), Decision::Pending, "a lapsed grant proves nothing");
+        assert_eq!(
+            run(Some(&armed), None),
+            Decision::Reenrol(Proof::OperatorGrant)
+        );
+        assert_eq!(
+            run(Some(&lapsed), None),
+            Decision::Pending,
+            "a lapsed grant proves nothing"
+        );
         assert_eq!(run(None, Some(&pending)), Decision::Pending);
         pending.state = PendingState::Approved;
-        assert_eq!(run(None, Some(&pending)), Decision::Reenrol(Proof::Approved));
+        assert_eq!(
+            run(None, Some(&pending)),
+            Decision::Reenrol(Proof::Approved)
+        );
         pending.state = PendingState::Denied;
-        assert_eq!(run(Some(&armed), Some(&pending)), Decision::Refuse(EnrolRefusal::ClaimDenied { node: n.id.clone() }));
+        assert_eq!(
+            run(Some(&armed), Some(&pending)),
+            Decision::Refuse(EnrolRefusal::ClaimDenied { node: n.id.clone() })
+        );
     }
 
     #[test]
@@ -446,17 +574,33 @@ mod tests {
         t.uses = 1; // used up by the first attempt, whose reply was lost
         let n = node(&[]);
         let bound = IdentityRecord::new([1; 32], UnixMillis(1));
-        let prior = TokenUse { node: n.id.clone(), at: UnixMillis(5) };
+        let prior = TokenUse {
+            node: n.id.clone(),
+            at: UnixMillis(5),
+        };
         let mut c = claim(&[1; 32], &t, Some(existing(&n, Some(&bound))));
         c.prior_use = Some(&prior);
         assert_eq!(decide(&c), Decision::Replay(n.id.clone()));
         let other = [3; 32];
         c.key = &other;
-        assert!(matches!(decide(&c), Decision::Refuse(EnrolRefusal::TokenUsedUp { .. })), "another key is no replay");
+        assert!(
+            matches!(
+                decide(&c),
+                Decision::Refuse(EnrolRefusal::TokenUsedUp { .. })
+            ),
+            "another key is no replay"
+        );
         let mut revoked = t.clone();
         revoked.revoked_at = Some(UnixMillis(6));
-        let c = Claim { key: &[1; 32], token: &revoked, ..c };
-        assert!(matches!(decide(&c), Decision::Refuse(EnrolRefusal::TokenRevoked { .. })));
+        let c = Claim {
+            key: &[1; 32],
+            token: &revoked,
+            ..c
+        };
+        assert!(matches!(
+            decide(&c),
+            Decision::Refuse(EnrolRefusal::TokenRevoked { .. })
+        ));
     }
 
     #[test]
@@ -464,30 +608,59 @@ mod tests {
         let t = token();
         let mut c = claim(&[2; 32], &t, None);
         c.removed_hw_at = Some(UnixMillis(10));
-        assert!(matches!(decide(&c), Decision::Refuse(EnrolRefusal::NodeRemoved { .. })));
+        assert!(matches!(
+            decide(&c),
+            Decision::Refuse(EnrolRefusal::NodeRemoved { .. })
+        ));
         c.removed_hw_at = Some(UnixMillis(9));
         assert_eq!(decide(&c), Decision::Create);
     }
 
     #[test]
     fn certificates_must_hold_the_bound_key_and_a_live_serial() {
-        let bound = IdentityRecord { key: [1; 32], next_key: Some([2; 32]), must_rotate: false, bound_at: UnixMillis(1) };
-        let cert = |key: &'static KeyHash, serial_revoked| Presented { key, serial_revoked };
-        assert_eq!(check_certificate(false, Some(&bound), cert(&[1; 32], false), NOW), CertVerdict::Removed);
-        assert_eq!(check_certificate(true, Some(&bound), cert(&[1; 32], true), NOW), CertVerdict::Revoked);
-        assert_eq!(check_certificate(true, Some(&bound), cert(&[3; 32], false), NOW), CertVerdict::WrongKey);
+        let bound = IdentityRecord {
+            key: [1; 32],
+            next_key: Some([2; 32]),
+            must_rotate: false,
+            bound_at: UnixMillis(1),
+        };
+        let cert = |key: &'static KeyHash, serial_revoked| Presented {
+            key,
+            serial_revoked,
+        };
+        assert_eq!(
+            check_certificate(false, Some(&bound), cert(&[1; 32], false), NOW),
+            CertVerdict::Removed
+        );
+        assert_eq!(
+            check_certificate(true, Some(&bound), cert(&[1; 32], true), NOW),
+            CertVerdict::Revoked
+        );
+        assert_eq!(
+            check_certificate(true, Some(&bound), cert(&[3; 32], false), NOW),
+            CertVerdict::WrongKey
+        );
         assert_eq!(
             check_certificate(true, Some(&bound), cert(&[1; 32], false), NOW),
-            CertVerdict::Accept { identity: bound.clone(), changed: false }
+            CertVerdict::Accept {
+                identity: bound.clone(),
+                changed: false
+            }
         );
         assert_eq!(
             check_certificate(true, Some(&bound), cert(&[2; 32], false), NOW),
-            CertVerdict::Accept { identity: IdentityRecord::new([2; 32], NOW), changed: true },
+            CertVerdict::Accept {
+                identity: IdentityRecord::new([2; 32], NOW),
+                changed: true
+            },
             "the first connection with the rotated key promotes it and drops the old one"
         );
         assert_eq!(
             check_certificate(true, None, cert(&[4; 32], false), NOW),
-            CertVerdict::Accept { identity: IdentityRecord::new([4; 32], NOW), changed: true },
+            CertVerdict::Accept {
+                identity: IdentityRecord::new([4; 32], NOW),
+                changed: true
+            },
             "a record from before keys were bound takes its first connection's key"
         );
     }

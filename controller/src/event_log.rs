@@ -6,11 +6,12 @@
 //! Why a budget per node: many events are caused by what a node reports (a drive appearing and
 //! vanishing, a machine claiming a node's identity, a reboot refused...). A node that makes the
 //! controller log such events in a loop would otherwise push every other node's events out of the
-//! log. Each (node, kind) pair has a token bucket: [`EventBudgetConfig::burst`] events at once, then
-//! one per [`EventBudgetConfig::refill_ms`]. Events over it are not written; they are counted, and one
-//! [`crate::store::EventKind::EventsSuppressed`] event says how many were left out and when, as soon
-//! as the pair has budget again (at its next event, or when the store is asked to flush summaries).
-//! A summary needs a new suppression, which needs an empty bucket: summaries cannot flood either.
+//! log. Each (node, kind) pair has a token bucket: [`EventBudgetConfig::burst`] events at once,
+//! then one per [`EventBudgetConfig::refill_ms`]. Events over it are not written; they are counted,
+//! and one [`crate::store::EventKind::EventsSuppressed`] event says how many were left out and
+//! when, as soon as the pair has budget again (at its next event, or when the store is asked to
+//! flush summaries). A summary needs a new suppression, which needs an empty bucket: summaries
+//! cannot flood either.
 //!
 //! Events without a node (tokens, networks, releases) are made by operators and are not budgeted.
 
@@ -23,8 +24,8 @@ use shoal_proto::{NodeId, UnixMillis};
 
 use crate::store::EventKind;
 
-/// The longest event message stored, in bytes; longer ones are cut (on a character boundary) and end
-/// with `…`. Messages quote what agents report (drive models, reasons, step outputs).
+/// The longest event message stored, in bytes; longer ones are cut (on a character boundary) and
+/// end with `…`. Messages quote what agents report (drive models, reasons, step outputs).
 pub const MAX_EVENT_MESSAGE: usize = 4096;
 
 /// A message cut to [`MAX_EVENT_MESSAGE`] bytes.
@@ -51,7 +52,10 @@ pub struct EventBudgetConfig {
 
 impl Default for EventBudgetConfig {
     fn default() -> Self {
-        Self { burst: 128, refill_ms: 60_000 }
+        Self {
+            burst: 128,
+            refill_ms: 60_000,
+        }
     }
 }
 
@@ -73,7 +77,10 @@ pub struct Suppressed {
 impl Suppressed {
     /// The summary event's message.
     pub fn message(&self, config: &EventBudgetConfig) -> String {
-        let kind = serde_json::to_value(self.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let kind = serde_json::to_value(self.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
         format!(
             "{} {kind} event(s) about this node were not logged between {} and {}: more than {} at once, then more than one every {} s",
             self.count,
@@ -103,8 +110,8 @@ struct Bucket {
     last: UnixMillis,
 }
 
-/// The per-(node, kind) token buckets. Entries that are full and owe no summary are dropped when the
-/// map grows, so its size follows the nodes that were active lately, not every node ever seen.
+/// The per-(node, kind) token buckets. Entries that are full and owe no summary are dropped when
+/// the map grows, so its size follows the nodes that were active lately, not every node ever seen.
 #[derive(Debug)]
 pub struct EventBudget {
     config: EventBudgetConfig,
@@ -119,7 +126,12 @@ const PRUNE_AT_LEAST: usize = 4096;
 impl EventBudget {
     /// Full buckets for everyone.
     pub fn new(config: EventBudgetConfig) -> Self {
-        Self { config, buckets: HashMap::new(), pending: HashSet::new(), prune_at: PRUNE_AT_LEAST }
+        Self {
+            config,
+            buckets: HashMap::new(),
+            pending: HashSet::new(),
+            prune_at: PRUNE_AT_LEAST,
+        }
     }
 
     /// The configuration.
@@ -129,7 +141,8 @@ impl EventBudget {
 
     fn refill(config: &EventBudgetConfig, b: &mut Bucket, now: UnixMillis) {
         let burst = u64::from(config.burst);
-        // A clock that went back restarts the interval instead of freezing the bucket until it catches up.
+        // A clock that went back restarts the interval instead of freezing the bucket until it
+        // catches up.
         if now < b.refilled_at || b.tokens >= burst {
             b.refilled_at = now;
             return;
@@ -137,7 +150,11 @@ impl EventBudget {
         let gained = (now.0 - b.refilled_at.0) / config.refill_ms.max(1);
         if gained > 0 {
             b.tokens = (b.tokens + gained).min(burst);
-            b.refilled_at = if b.tokens >= burst { now } else { UnixMillis(b.refilled_at.0 + gained * config.refill_ms.max(1)) };
+            b.refilled_at = if b.tokens >= burst {
+                now
+            } else {
+                UnixMillis(b.refilled_at.0 + gained * config.refill_ms.max(1))
+            };
         }
     }
 
@@ -146,7 +163,13 @@ impl EventBudget {
         if b.suppressed == 0 {
             return None;
         }
-        let s = Suppressed { node: key.0.clone(), kind: key.1, count: b.suppressed, from: b.first, to: b.last };
+        let s = Suppressed {
+            node: key.0.clone(),
+            kind: key.1,
+            count: b.suppressed,
+            from: b.first,
+            to: b.last,
+        };
         b.suppressed = 0;
         self.pending.remove(key);
         Some(s)
@@ -166,7 +189,10 @@ impl EventBudget {
         Self::refill(&config, b, now);
         let decision = if b.tokens > 0 {
             b.tokens -= 1;
-            Decision { write: true, summary: self.take_summary(&key) }
+            Decision {
+                write: true,
+                summary: self.take_summary(&key),
+            }
         } else {
             if b.suppressed == 0 {
                 b.first = now;
@@ -174,7 +200,10 @@ impl EventBudget {
             }
             b.suppressed += 1;
             b.last = now;
-            Decision { write: false, summary: None }
+            Decision {
+                write: false,
+                summary: None,
+            }
         };
         if self.buckets.len() > self.prune_at {
             self.prune(now);
@@ -227,27 +256,57 @@ mod tests {
     }
 
     fn small() -> EventBudgetConfig {
-        EventBudgetConfig { burst: 3, refill_ms: 1000 }
+        EventBudgetConfig {
+            burst: 3,
+            refill_ms: 1000,
+        }
     }
 
     #[test]
     fn a_burst_passes_then_one_per_interval_and_the_rest_is_summarised_once() {
         let mut b = EventBudget::new(small());
         let k = EventKind::DriveAppeared;
-        let writes: Vec<bool> = (0..10).map(|i| b.admit(&n(1), k, UnixMillis(i)).write).collect();
-        assert_eq!(writes, [true, true, true, false, false, false, false, false, false, false]);
+        let writes: Vec<bool> = (0..10)
+            .map(|i| b.admit(&n(1), k, UnixMillis(i)).write)
+            .collect();
+        assert_eq!(
+            writes,
+            [true, true, true, false, false, false, false, false, false, false]
+        );
         // Another node and another kind of the same node have their own budgets.
         assert!(b.admit(&n(2), k, UnixMillis(10)).write);
-        assert!(b.admit(&n(1), EventKind::DriveRemoved, UnixMillis(10)).write);
+        assert!(
+            b.admit(&n(1), EventKind::DriveRemoved, UnixMillis(10))
+                .write
+        );
         // Not due before one interval has passed.
         assert!(b.due(UnixMillis(500)).is_empty());
         // The next event after a refill carries the summary of the 7 left out.
         let d = b.admit(&n(1), k, UnixMillis(1000));
         assert!(d.write);
-        assert_eq!(d.summary, Some(Suppressed { node: n(1), kind: k, count: 7, from: UnixMillis(3), to: UnixMillis(9) }));
-        assert!(d.summary.unwrap().message(&small()).starts_with("7 drive_appeared event(s)"));
-        assert!(!b.admit(&n(1), k, UnixMillis(1001)).write, "the refill was spent");
-        assert_eq!(b.admit(&n(1), k, UnixMillis(2001)).summary.map(|s| s.count), Some(1));
+        assert_eq!(
+            d.summary,
+            Some(Suppressed {
+                node: n(1),
+                kind: k,
+                count: 7,
+                from: UnixMillis(3),
+                to: UnixMillis(9)
+            })
+        );
+        assert!(d
+            .summary
+            .unwrap()
+            .message(&small())
+            .starts_with("7 drive_appeared event(s)"));
+        assert!(
+            !b.admit(&n(1), k, UnixMillis(1001)).write,
+            "the refill was spent"
+        );
+        assert_eq!(
+            b.admit(&n(1), k, UnixMillis(2001)).summary.map(|s| s.count),
+            Some(1)
+        );
     }
 
     #[test]
@@ -279,8 +338,16 @@ mod tests {
         }
         assert_eq!(written, 128 + 59, "burst, then one a minute");
         assert!(summaries <= 60, "{summaries}");
-        let pending: u64 = b.due(UnixMillis(u64::MAX / 2)).iter().map(|s| s.count).sum();
-        assert_eq!(written + summarised + pending, 36_000, "every event is written or counted");
+        let pending: u64 = b
+            .due(UnixMillis(u64::MAX / 2))
+            .iter()
+            .map(|s| s.count)
+            .sum();
+        assert_eq!(
+            written + summarised + pending,
+            36_000,
+            "every event is written or counted"
+        );
     }
 
     #[test]
@@ -290,14 +357,25 @@ mod tests {
             b.admit(&n(1), EventKind::Up, UnixMillis(10_000_000 + i));
         }
         // The clock jumps back an hour: one interval later there is budget again.
-        assert!(b.admit(&n(1), EventKind::Up, UnixMillis(10_000_000 - 3_600_000)).summary.is_none());
-        assert!(b.admit(&n(1), EventKind::Up, UnixMillis(10_000_000 - 3_600_000 + 1000)).write);
+        assert!(b
+            .admit(&n(1), EventKind::Up, UnixMillis(10_000_000 - 3_600_000))
+            .summary
+            .is_none());
+        assert!(
+            b.admit(
+                &n(1),
+                EventKind::Up,
+                UnixMillis(10_000_000 - 3_600_000 + 1000)
+            )
+            .write
+        );
 
         let mut b = EventBudget::new(small());
         for i in 0..20_000 {
             b.admit(&n(i), EventKind::Up, UnixMillis(u64::from(i)));
         }
-        // One event each spent one token; a second later every bucket is full again and dropped on prune.
+        // One event each spent one token; a second later every bucket is full again and dropped on
+        // prune.
         assert!(b.tracked() <= 2 * PRUNE_AT_LEAST + 1, "{}", b.tracked());
     }
 
@@ -306,7 +384,11 @@ mod tests {
         assert_eq!(cap_message("short"), "short");
         let long = "é".repeat(MAX_EVENT_MESSAGE);
         let capped = cap_message(&long);
-        assert!(capped.len() <= MAX_EVENT_MESSAGE && capped.ends_with('…'), "{}", capped.len());
+        assert!(
+            capped.len() <= MAX_EVENT_MESSAGE && capped.ends_with('…'),
+            "{}",
+            capped.len()
+        );
         let exact = "a".repeat(MAX_EVENT_MESSAGE);
         assert_eq!(cap_message(&exact).len(), MAX_EVENT_MESSAGE);
     }
@@ -318,7 +400,13 @@ mod tests {
     }
 
     fn stored_bytes(store: &Store) -> u64 {
-        store.inner.events.iter().values().map(|v| v.unwrap().len() as u64).sum()
+        store
+            .inner
+            .events
+            .iter()
+            .values()
+            .map(|v| v.unwrap().len() as u64)
+            .sum()
     }
 
     #[test]
@@ -326,26 +414,64 @@ mod tests {
         let (_dir, store) = store();
         store.configure_event_budget(small());
         for i in 0..50 {
-            store.append_event(EventKind::DriveAppeared, Some(&n(1)), &format!("flap {i}"), UnixMillis(i)).unwrap();
+            store
+                .append_event(
+                    EventKind::DriveAppeared,
+                    Some(&n(1)),
+                    &format!("flap {i}"),
+                    UnixMillis(i),
+                )
+                .unwrap();
         }
-        store.append_event(EventKind::DriveAppeared, Some(&n(2)), "another node", UnixMillis(50)).unwrap();
-        store.append_event(EventKind::TokenCreated, None, "no node: not budgeted", UnixMillis(50)).unwrap();
+        store
+            .append_event(
+                EventKind::DriveAppeared,
+                Some(&n(2)),
+                "another node",
+                UnixMillis(50),
+            )
+            .unwrap();
+        store
+            .append_event(
+                EventKind::TokenCreated,
+                None,
+                "no node: not budgeted",
+                UnixMillis(50),
+            )
+            .unwrap();
         let all = store.events(None, 1000).unwrap();
         assert_eq!(all.iter().filter(|e| e.node == Some(n(1))).count(), 3);
         assert!(all.iter().any(|e| e.node == Some(n(2))));
         // A flush after the interval writes the summary.
         assert_eq!(store.flush_suppressed_events(UnixMillis(2000)).unwrap(), 1);
         let last = store.events(None, 1000).unwrap().pop().unwrap();
-        assert_eq!((last.kind, last.node.as_ref()), (EventKind::EventsSuppressed, Some(&n(1))));
-        assert!(last.message.starts_with("47 drive_appeared event(s)"), "{}", last.message);
+        assert_eq!(
+            (last.kind, last.node.as_ref()),
+            (EventKind::EventsSuppressed, Some(&n(1)))
+        );
+        assert!(
+            last.message.starts_with("47 drive_appeared event(s)"),
+            "{}",
+            last.message
+        );
         // Inside a transaction (the drive hub's path) the budget holds too.
         let events = &store.inner.events;
         for i in 0..10 {
             let e = crate::store::finish(events.transaction(|t| {
-                store.tx_event::<crate::store::StoreError>(t, EventKind::DriveRemoved, Some(&n(3)), "tx", UnixMillis(3000 + i))
+                store.tx_event::<crate::store::StoreError>(
+                    t,
+                    EventKind::DriveRemoved,
+                    Some(&n(3)),
+                    "tx",
+                    UnixMillis(3000 + i),
+                )
             }))
             .unwrap();
-            assert_eq!(e.seq == 0, i >= 3, "event {i}: suppressed ones are not written (seq 0)");
+            assert_eq!(
+                e.seq == 0,
+                i >= 3,
+                "event {i}: suppressed ones are not written (seq 0)"
+            );
             store.after_event(e.seq).unwrap();
         }
     }
@@ -353,7 +479,14 @@ mod tests {
     #[test]
     fn long_messages_are_stored_capped() {
         let (_dir, store) = store();
-        let e = store.append_event(EventKind::NodeMaintenanceFailed, Some(&n(1)), &"x".repeat(100_000), UnixMillis(1)).unwrap();
+        let e = store
+            .append_event(
+                EventKind::NodeMaintenanceFailed,
+                Some(&n(1)),
+                &"x".repeat(100_000),
+                UnixMillis(1),
+            )
+            .unwrap();
         assert!(e.message.len() <= MAX_EVENT_MESSAGE);
         assert_eq!(store.events(None, 1).unwrap()[0].message, e.message);
     }
@@ -361,22 +494,48 @@ mod tests {
     #[test]
     fn the_log_is_trimmed_by_bytes_as_well_as_by_count() {
         let (_dir, store) = store();
-        store.configure_event_budget(EventBudgetConfig { burst: u32::MAX, refill_ms: 1 });
+        store.configure_event_budget(EventBudgetConfig {
+            burst: u32::MAX,
+            refill_ms: 1,
+        });
         store.set_event_byte_limit(200 * 1024);
         let message = "m".repeat(MAX_EVENT_MESSAGE);
         for i in 0..400 {
-            store.append_event(EventKind::NodeMaintenanceFailed, Some(&n(1)), &message, UnixMillis(i)).unwrap();
+            store
+                .append_event(
+                    EventKind::NodeMaintenanceFailed,
+                    Some(&n(1)),
+                    &message,
+                    UnixMillis(i),
+                )
+                .unwrap();
         }
         let kept = store.events(None, 10_000).unwrap();
         let bytes = stored_bytes(&store);
-        assert!(bytes <= 200 * 1024 + 2 * (MAX_EVENT_MESSAGE as u64 + 64), "{bytes} bytes kept");
+        assert!(
+            bytes <= 200 * 1024 + 2 * (MAX_EVENT_MESSAGE as u64 + 64),
+            "{bytes} bytes kept"
+        );
         assert!(kept.len() >= 30 && kept.len() < 60, "{} kept", kept.len());
         assert_eq!(kept.last().unwrap().seq, 400, "the newest are kept");
-        assert_eq!(store.inner.event_bytes.load(std::sync::atomic::Ordering::SeqCst), bytes, "the running count is exact");
+        assert_eq!(
+            store
+                .inner
+                .event_bytes
+                .load(std::sync::atomic::Ordering::SeqCst),
+            bytes,
+            "the running count is exact"
+        );
         // Reopening counts the bytes again from what is on disk.
         let dir = _dir;
         drop(store);
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.inner.event_bytes.load(std::sync::atomic::Ordering::SeqCst), stored_bytes(&store));
+        assert_eq!(
+            store
+                .inner
+                .event_bytes
+                .load(std::sync::atomic::Ordering::SeqCst),
+            stored_bytes(&store)
+        );
     }
 }

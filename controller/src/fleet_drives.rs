@@ -1,27 +1,29 @@
-//! What the controller knows about every node's drives, as a sans-IO core: the latest [`DriveReport`]
-//! per node, each drive's SMART history and verdict, the events a new report gives rise to, the JSON
-//! views, and the checks a drive command must pass before it is sent. No store, no clock, no network:
-//! times come in as arguments, and [`crate::drive_hub`] persists what this returns.
+//! What the controller knows about every node's drives, as a sans-IO core: the latest
+//! [`DriveReport`] per node, each drive's SMART history and verdict, the events a new report gives
+//! rise to, the JSON views, and the checks a drive command must pass before it is sent. No store,
+//! no clock, no network: times come in as arguments, and [`crate::drive_hub`] persists what this
+//! returns.
 //!
 //! Rules:
 //! - A report replaces the node's previous one whole (the agent always sends all its drives).
 //! - Drives are compared by kernel name. The same name with another serial number is another drive:
 //!   the old one is removed and the new one appeared.
-//! - A SMART sample is recorded only when a drive's `smart_at` is newer than the last sample recorded
-//!   for that drive, so the snapshots an agent sends on other changes do not repeat samples.
-//! - The verdict of a drive is the verdict of its latest sample. When the latest read failed (or has
-//!   not happened since a restart of the agent), the verdict of the last good sample still counts: a
-//!   failing drive whose smartctl times out is still failing.
+//! - A SMART sample is recorded only when a drive's `smart_at` is newer than the last sample
+//!   recorded for that drive, so the snapshots an agent sends on other changes do not repeat
+//!   samples.
+//! - The verdict of a drive is the verdict of its latest sample. When the latest read failed (or
+//!   has not happened since a restart of the agent), the verdict of the last good sample still
+//!   counts: a failing drive whose smartctl times out is still failing.
 //! - A prepared drive that vanishes (reported `missing`, or gone from the report) is an alarm.
-//! - A node has at most [`MAX_HISTORIES_PER_NODE`] drive histories: past that, the histories of drives
-//!   not in its latest report go, those sampled longest ago first.
+//! - A node has at most [`MAX_HISTORIES_PER_NODE`] drive histories: past that, the histories of
+//!   drives not in its latest report go, those sampled longest ago first.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use shoal_proto::{
-    Drive, DriveAction, DriveReport, DriveState, Filesystem, NodeId, PreparedDrive, SelfTestKind, SelfTestStatus,
-    SmartOutcome, SmartPredictors, UnixMillis,
+    Drive, DriveAction, DriveReport, DriveState, Filesystem, NodeId, PreparedDrive, SelfTestKind,
+    SelfTestStatus, SmartOutcome, SmartPredictors, UnixMillis,
 };
 
 use crate::{
@@ -174,8 +176,8 @@ impl DriveChange {
         }
     }
 
-    /// Whether an operator must act: a prepared drive went missing, a drive is failing, or a self-test
-    /// failed. The shell logs these at `warn`.
+    /// Whether an operator must act: a prepared drive went missing, a drive is failing, or a
+    /// self-test failed. The shell logs these at `warn`.
     pub fn is_alarm(&self) -> bool {
         match self {
             DriveChange::Missing { .. } | DriveChange::PrepareFailed { .. } => true,
@@ -211,8 +213,14 @@ fn serial_text(serial: &Option<String>) -> String {
 pub fn state_text(state: &DriveState) -> String {
     match state {
         DriveState::HasData { signatures } => format!("has-data ({})", signatures.join(", ")),
-        DriveState::Prepared(p) => format!("prepared: {} {} on {}", p.partition, p.filesystem, p.mount_point),
-        DriveState::Missing(p) => format!("missing: was {} {} on {}", p.partition, p.filesystem, p.mount_point),
+        DriveState::Prepared(p) => format!(
+            "prepared: {} {} on {}",
+            p.partition, p.filesystem, p.mount_point
+        ),
+        DriveState::Missing(p) => format!(
+            "missing: was {} {} on {}",
+            p.partition, p.filesystem, p.mount_point
+        ),
         DriveState::PrepareFailed { reason } => format!("prepare-failed: {reason}"),
         DriveState::Unreadable { reason } => format!("unreadable: {reason}"),
         other => other.as_str().to_owned(),
@@ -283,7 +291,15 @@ fn has_smart_report(drive: &Drive) -> bool {
 
 /// Whether the self-test state went from `before` to a newly completed test.
 fn newly_completed(before: &Drive, after: &Drive) -> Option<(Option<SelfTestKind>, bool, String)> {
-    let Some(SelfTestStatus::Completed { kind, passed, result, .. }) = self_test(after) else { return None };
+    let Some(SelfTestStatus::Completed {
+        kind,
+        passed,
+        result,
+        ..
+    }) = self_test(after)
+    else {
+        return None;
+    };
     // Without a SMART report before, the log's newest entry may be years old: not news.
     if !has_smart_report(before) {
         return None;
@@ -299,13 +315,17 @@ fn newly_completed(before: &Drive, after: &Drive) -> Option<(Option<SelfTestKind
 /// [`FleetDrives::ingest`]).
 pub fn diff(prev: Option<&DriveReport>, next: &DriveReport) -> Vec<DriveChange> {
     let mut out = Vec::new();
-    let before: BTreeMap<&str, &Drive> =
-        prev.map(|p| p.drives.iter().map(|d| (d.name.as_str(), d)).collect()).unwrap_or_default();
+    let before: BTreeMap<&str, &Drive> = prev
+        .map(|p| p.drives.iter().map(|d| (d.name.as_str(), d)).collect())
+        .unwrap_or_default();
     let mut seen = Vec::new();
     for d in &next.drives {
         let device = d.name.clone();
         let serial = d.serial.clone();
-        let old = before.get(d.name.as_str()).copied().filter(|old| same_drive(old, d));
+        let old = before
+            .get(d.name.as_str())
+            .copied()
+            .filter(|old| same_drive(old, d));
         if let Some(old) = before.get(d.name.as_str()).copied() {
             if old.serial != d.serial && old.serial.is_some() && d.serial.is_some() {
                 out.push(gone(old));
@@ -314,7 +334,11 @@ pub fn diff(prev: Option<&DriveReport>, next: &DriveReport) -> Vec<DriveChange> 
         seen.push(d.name.as_str());
         let Some(old) = old else {
             match &d.state {
-                DriveState::Missing(p) => out.push(DriveChange::Missing { device, serial, prepared: p.clone() }),
+                DriveState::Missing(p) => out.push(DriveChange::Missing {
+                    device,
+                    serial,
+                    prepared: p.clone(),
+                }),
                 state => out.push(DriveChange::Appeared {
                     device,
                     model: d.model.clone(),
@@ -327,17 +351,24 @@ pub fn diff(prev: Option<&DriveReport>, next: &DriveReport) -> Vec<DriveChange> 
         };
         match (&old.state, &d.state) {
             (DriveState::Missing(_), DriveState::Missing(_)) => {}
-            (_, DriveState::Missing(p)) => {
-                out.push(DriveChange::Missing { device: device.clone(), serial: serial.clone(), prepared: p.clone() })
-            }
-            (DriveState::Missing(_), DriveState::Prepared(p)) => {
-                out.push(DriveChange::Returned { device: device.clone(), serial: serial.clone(), prepared: p.clone() })
-            }
+            (_, DriveState::Missing(p)) => out.push(DriveChange::Missing {
+                device: device.clone(),
+                serial: serial.clone(),
+                prepared: p.clone(),
+            }),
+            (DriveState::Missing(_), DriveState::Prepared(p)) => out.push(DriveChange::Returned {
+                device: device.clone(),
+                serial: serial.clone(),
+                prepared: p.clone(),
+            }),
             (DriveState::Prepared(_), DriveState::Prepared(_)) => {}
-            (_, DriveState::Prepared(p)) => {
-                out.push(DriveChange::Prepared { device: device.clone(), serial: serial.clone(), prepared: p.clone() })
-            }
-            (DriveState::PrepareFailed { reason: a }, DriveState::PrepareFailed { reason: b }) if a == b => {}
+            (_, DriveState::Prepared(p)) => out.push(DriveChange::Prepared {
+                device: device.clone(),
+                serial: serial.clone(),
+                prepared: p.clone(),
+            }),
+            (DriveState::PrepareFailed { reason: a }, DriveState::PrepareFailed { reason: b })
+                if a == b => {}
             (_, DriveState::PrepareFailed { reason }) => out.push(DriveChange::PrepareFailed {
                 device: device.clone(),
                 serial: serial.clone(),
@@ -346,7 +377,13 @@ pub fn diff(prev: Option<&DriveReport>, next: &DriveReport) -> Vec<DriveChange> 
             _ => {}
         }
         if let Some((kind, passed, result)) = newly_completed(old, d) {
-            out.push(DriveChange::SelfTestCompleted { device, serial, kind, passed, result });
+            out.push(DriveChange::SelfTestCompleted {
+                device,
+                serial,
+                kind,
+                passed,
+                result,
+            });
         }
     }
     for (name, old) in &before {
@@ -363,9 +400,18 @@ fn gone(old: &Drive) -> DriveChange {
     let serial = old.serial.clone();
     match &old.state {
         // The agent reports a vanished prepared drive as missing; one that is simply gone from the
-        // report (an agent restarted without its state, a changed --drive-match) is just as missing.
-        DriveState::Prepared(p) => DriveChange::Missing { device, serial, prepared: p.clone() },
-        state => DriveChange::Removed { device, serial, last_state: state.as_str() },
+        // report (an agent restarted without its state, a changed --drive-match) is just as
+        // missing.
+        DriveState::Prepared(p) => DriveChange::Missing {
+            device,
+            serial,
+            prepared: p.clone(),
+        },
+        state => DriveChange::Removed {
+            device,
+            serial,
+            last_state: state.as_str(),
+        },
     }
 }
 
@@ -391,8 +437,8 @@ pub struct Ingested {
 
 /// The most drive histories kept for one node: twice the drives one report may hold
 /// ([`shoal_proto::limits::MAX_DRIVES`]), so drives that come and go (a swapped disk, a USB stick)
-/// keep their history for a while. Without it, a node that reports new serial numbers in every report
-/// would grow the histories and the stored samples without end.
+/// keep their history for a while. Without it, a node that reports new serial numbers in every
+/// report would grow the histories and the stored samples without end.
 pub const MAX_HISTORIES_PER_NODE: usize = 2 * shoal_proto::limits::MAX_DRIVES;
 
 /// Thresholds and history bounds.
@@ -418,9 +464,9 @@ pub struct FleetDrives {
 pub type Stale = Vec<(NodeId, String, UnixMillis)>;
 
 impl FleetDrives {
-    /// The fleet's drives as the store holds them: the latest reports, and samples (any order) that are
-    /// replayed through the history to restore each drive's verdict. Returns the samples the history
-    /// did not keep (older than the window or beyond the bound).
+    /// The fleet's drives as the store holds them: the latest reports, and samples (any order) that
+    /// are replayed through the history to restore each drive's verdict. Returns the samples the
+    /// history did not keep (older than the window or beyond the bound).
     pub fn load(
         config: FleetDrivesConfig,
         reports: Vec<(NodeId, StoredReport)>,
@@ -444,52 +490,106 @@ impl FleetDrives {
                 book.judge(&node, &key, s);
             }
             let kept: Vec<UnixMillis> = book.history.samples(&node, &key).map(|s| s.at).collect();
-            stale.extend(all.into_iter().filter(|at| !kept.contains(at)).map(|at| (node.clone(), key.clone(), at)));
+            stale.extend(
+                all.into_iter()
+                    .filter(|at| !kept.contains(at))
+                    .map(|at| (node.clone(), key.clone(), at)),
+            );
         }
         (book, stale)
     }
 
     /// Records a sample and returns the drive's previous and new verdicts.
-    fn judge(&mut self, node: &NodeId, key: &str, stored: StoredSample) -> (Option<Verdict>, Verdict) {
-        let verdict = self.history.record(node, stored.sample.clone(), &self.config.verdict);
+    fn judge(
+        &mut self,
+        node: &NodeId,
+        key: &str,
+        stored: StoredSample,
+    ) -> (Option<Verdict>, Verdict) {
+        let verdict = self
+            .history
+            .record(node, stored.sample.clone(), &self.config.verdict);
         let judged = Judged {
             device: stored.device,
             serial: stored.sample.report.serial.clone(),
             verdict: verdict.clone(),
             sample_at: stored.sample.at,
         };
-        let before = self.judged.insert((node.clone(), key.to_owned()), judged).map(|j| j.verdict);
+        let before = self
+            .judged
+            .insert((node.clone(), key.to_owned()), judged)
+            .map(|j| j.verdict);
         (before, verdict)
     }
 
     /// Takes a node's new report: returns the events it gives rise to and the samples to persist.
-    pub fn ingest(&mut self, node: &NodeId, report: DriveReport, received_at: UnixMillis) -> Ingested {
+    pub fn ingest(
+        &mut self,
+        node: &NodeId,
+        report: DriveReport,
+        received_at: UnixMillis,
+    ) -> Ingested {
         let prev = self.reports.get(node).map(|s| &s.report);
         let mut changes = diff(prev, &report);
         let mut samples = Vec::new();
         for d in &report.drives {
-            let (Some(SmartOutcome::Report(r)), Some(at)) = (&d.smart, d.smart_at) else { continue };
+            let (Some(SmartOutcome::Report(r)), Some(at)) = (&d.smart, d.smart_at) else {
+                continue;
+            };
             let key = drive_key(r);
-            let last = self.judged.get(&(node.clone(), key.clone())).map(|j| j.sample_at);
+            let last = self
+                .judged
+                .get(&(node.clone(), key.clone()))
+                .map(|j| j.sample_at);
             if last.is_some_and(|last| at <= last) {
                 continue;
             }
-            let stored = StoredSample { device: d.name.clone(), sample: SmartSample { at, report: r.clone() } };
+            let stored = StoredSample {
+                device: d.name.clone(),
+                sample: SmartSample {
+                    at,
+                    report: r.clone(),
+                },
+            };
             let (before, after) = self.judge(node, &key, stored.clone());
             let from = before.as_ref().map(Verdict::as_str);
             if from != Some(after.as_str()) && !(from.is_none() && after == Verdict::Ok) {
-                changes.push(DriveChange::VerdictChanged { device: d.name.clone(), serial: d.serial.clone(), from, to: after });
+                changes.push(DriveChange::VerdictChanged {
+                    device: d.name.clone(),
+                    serial: d.serial.clone(),
+                    from,
+                    to: after,
+                });
             }
-            let keep_from = self.history.samples(node, &key).next().map(|s| s.at).unwrap_or(at);
-            samples.push(NewSample { key, stored, keep_from });
+            let keep_from = self
+                .history
+                .samples(node, &key)
+                .next()
+                .map(|s| s.at)
+                .unwrap_or(at);
+            samples.push(NewSample {
+                key,
+                stored,
+                keep_from,
+            });
         }
         let forgotten = self.trim_histories(node, &report);
-        self.reports.insert(node.clone(), StoredReport { received_at, report });
-        Ingested { changes, samples, forgotten }
+        self.reports.insert(
+            node.clone(),
+            StoredReport {
+                received_at,
+                report,
+            },
+        );
+        Ingested {
+            changes,
+            samples,
+            forgotten,
+        }
     }
 
-    /// Drops the histories of drives not in `report`, oldest latest sample first, until the node has
-    /// at most [`MAX_HISTORIES_PER_NODE`]; returns their keys.
+    /// Drops the histories of drives not in `report`, oldest latest sample first, until the node
+    /// has at most [`MAX_HISTORIES_PER_NODE`]; returns their keys.
     fn trim_histories(&mut self, node: &NodeId, report: &DriveReport) -> Vec<String> {
         let mine: Vec<(UnixMillis, String)> = self
             .judged
@@ -497,7 +597,13 @@ impl FleetDrives {
             .take_while(|((n, _), _)| n == node)
             .map(|((_, key), j)| (j.sample_at, key.clone()))
             .collect();
-        let Some(excess) = mine.len().checked_sub(MAX_HISTORIES_PER_NODE).filter(|e| *e > 0) else { return vec![] };
+        let Some(excess) = mine
+            .len()
+            .checked_sub(MAX_HISTORIES_PER_NODE)
+            .filter(|e| *e > 0)
+        else {
+            return vec![];
+        };
         let current: std::collections::BTreeSet<String> = report
             .drives
             .iter()
@@ -506,7 +612,10 @@ impl FleetDrives {
                 _ => None,
             })
             .collect();
-        let mut gone: Vec<(UnixMillis, String)> = mine.into_iter().filter(|(_, key)| !current.contains(key)).collect();
+        let mut gone: Vec<(UnixMillis, String)> = mine
+            .into_iter()
+            .filter(|(_, key)| !current.contains(key))
+            .collect();
         gone.sort();
         gone.truncate(excess);
         gone.into_iter()
@@ -520,7 +629,10 @@ impl FleetDrives {
 
     /// Drive histories kept for a node.
     pub fn history_count(&self, node: &NodeId) -> usize {
-        self.judged.range((node.clone(), String::new())..).take_while(|((n, _), _)| n == node).count()
+        self.judged
+            .range((node.clone(), String::new())..)
+            .take_while(|((n, _), _)| n == node)
+            .count()
     }
 
     /// Forgets a node that left the fleet.
@@ -537,18 +649,27 @@ impl FleetDrives {
 
     /// One drive of a node's latest report.
     pub fn drive(&self, node: &NodeId, device: &str) -> Option<&Drive> {
-        self.reports.get(node)?.report.drives.iter().find(|d| d.name == device)
+        self.reports
+            .get(node)?
+            .report
+            .drives
+            .iter()
+            .find(|d| d.name == device)
     }
 
-    /// The latest verdict that applies to a drive: its current SMART report's, or, when the latest read
-    /// failed, the last one judged for the same device and serial.
+    /// The latest verdict that applies to a drive: its current SMART report's, or, when the latest
+    /// read failed, the last one judged for the same device and serial.
     pub fn verdict(&self, node: &NodeId, drive: &Drive) -> Option<&Judged> {
         if let Some(SmartOutcome::Report(r)) = &drive.smart {
             return self.judged.get(&(node.clone(), drive_key(r)));
         }
         self.judged
             .iter()
-            .filter(|((n, _), j)| n == node && j.device == drive.name && (drive.serial.is_none() || j.serial == drive.serial))
+            .filter(|((n, _), j)| {
+                n == node
+                    && j.device == drive.name
+                    && (drive.serial.is_none() || j.serial == drive.serial)
+            })
             .map(|(_, j)| j)
             .max_by_key(|j| j.sample_at)
     }
@@ -566,7 +687,12 @@ impl FleetDrives {
                 continue;
             }
             for d in &stored.report.drives {
-                out.push(drive_view(node, d, self.verdict(node, d).map(|j| &j.verdict), stored.received_at));
+                out.push(drive_view(
+                    node,
+                    d,
+                    self.verdict(node, d).map(|j| &j.verdict),
+                    stored.received_at,
+                ));
             }
         }
         out
@@ -583,10 +709,16 @@ fn state_detail(state: &DriveState) -> Option<StateDetail> {
         ..Default::default()
     };
     match state {
-        DriveState::HasData { signatures } => Some(StateDetail { signatures: Some(signatures.clone()), ..Default::default() }),
+        DriveState::HasData { signatures } => Some(StateDetail {
+            signatures: Some(signatures.clone()),
+            ..Default::default()
+        }),
         DriveState::Prepared(p) | DriveState::Missing(p) => Some(prepared(p)),
         DriveState::PrepareFailed { reason } | DriveState::Unreadable { reason } => {
-            Some(StateDetail { reason: Some(reason.clone()), ..Default::default() })
+            Some(StateDetail {
+                reason: Some(reason.clone()),
+                ..Default::default()
+            })
         }
         _ => None,
     }
@@ -603,14 +735,22 @@ fn predictors_json(p: &SmartPredictors) -> serde_json::Value {
 
 fn self_test_view(s: &SelfTestStatus) -> SelfTestView {
     match s {
-        SelfTestStatus::Running { kind, remaining_percent } => SelfTestView {
+        SelfTestStatus::Running {
+            kind,
+            remaining_percent,
+        } => SelfTestView {
             state: "running".into(),
             kind: kind.map(|k| k.to_string()),
             remaining_percent: *remaining_percent,
             result: None,
             power_on_hours: None,
         },
-        SelfTestStatus::Completed { kind, passed, result, power_on_hours } => SelfTestView {
+        SelfTestStatus::Completed {
+            kind,
+            passed,
+            result,
+            power_on_hours,
+        } => SelfTestView {
             state: if *passed { "passed" } else { "failed" }.into(),
             kind: kind.map(|k| k.to_string()),
             remaining_percent: None,
@@ -620,11 +760,14 @@ fn self_test_view(s: &SelfTestStatus) -> SelfTestView {
     }
 }
 
-/// A drive's SMART view: the verdict applying to it (see [`FleetDrives::verdict`]) and its latest read.
+/// A drive's SMART view: the verdict applying to it (see [`FleetDrives::verdict`]) and its latest
+/// read.
 fn smart_view(d: &Drive, verdict: Option<&Verdict>) -> SmartView {
     let mut v = SmartView {
         verdict: verdict.map(|v| v.as_str()).unwrap_or("unknown").to_owned(),
-        reasons: verdict.map(|v| v.reasons().iter().map(ToString::to_string).collect()).unwrap_or_default(),
+        reasons: verdict
+            .map(|v| v.reasons().iter().map(ToString::to_string).collect())
+            .unwrap_or_default(),
         status: "pending".into(),
         at: d.smart_at.map(|t| rfc3339(t.0)),
         ..Default::default()
@@ -641,7 +784,9 @@ fn smart_view(d: &Drive, verdict: Option<&Verdict>) -> SmartView {
         }
         Some(SmartOutcome::Report(r)) => {
             v.status = "report".into();
-            v.protocol = serde_json::to_value(r.protocol).ok().and_then(|p| p.as_str().map(str::to_owned));
+            v.protocol = serde_json::to_value(r.protocol)
+                .ok()
+                .and_then(|p| p.as_str().map(str::to_owned));
             v.temperature_celsius = r.temperature_celsius;
             v.power_on_hours = r.power_on_hours;
             v.health_passed = r.health_passed;
@@ -653,7 +798,12 @@ fn smart_view(d: &Drive, verdict: Option<&Verdict>) -> SmartView {
 }
 
 /// One drive as `GET /v1/drives` lists it.
-pub fn drive_view(node: &NodeId, d: &Drive, verdict: Option<&Verdict>, received_at: UnixMillis) -> DriveView {
+pub fn drive_view(
+    node: &NodeId,
+    d: &Drive,
+    verdict: Option<&Verdict>,
+    received_at: UnixMillis,
+) -> DriveView {
     DriveView {
         node: node.0.clone(),
         device: d.name.clone(),
@@ -692,7 +842,9 @@ pub enum CommandError {
     #[error("node {0} is not connected; drive commands need a connected agent")]
     NotConnected(NodeId),
     /// The node's agent speaks a protocol without drive commands.
-    #[error("node {node} speaks protocol {version}; drive commands need protocol 3 (upgrade the agent)")]
+    #[error(
+        "node {node} speaks protocol {version}; drive commands need protocol 3 (upgrade the agent)"
+    )]
     OldProtocol {
         /// The node.
         node: NodeId,
@@ -713,7 +865,9 @@ pub enum CommandError {
         known: String,
     },
     /// The drive's SMART verdict is failing: shoal never prepares it.
-    #[error("refusing to prepare {device}: its SMART verdict is failing ({reasons}); replace the drive")]
+    #[error(
+        "refusing to prepare {device}: its SMART verdict is failing ({reasons}); replace the drive"
+    )]
     Failing {
         /// The drive.
         device: String,
@@ -833,15 +987,23 @@ pub enum CommandError {
     },
 }
 
-/// The prepare action to send for `drive`, or why not. `verdict` is the verdict applying to the drive
-/// ([`FleetDrives::verdict`]).
-pub fn check_prepare(drive: &Drive, verdict: Option<&Verdict>, req: &PrepareRequest) -> Result<DriveAction, CommandError> {
+/// The prepare action to send for `drive`, or why not. `verdict` is the verdict applying to the
+/// drive ([`FleetDrives::verdict`]).
+pub fn check_prepare(
+    drive: &Drive,
+    verdict: Option<&Verdict>,
+    req: &PrepareRequest,
+) -> Result<DriveAction, CommandError> {
     let device = drive.name.clone();
     if req.force != req.serial.is_some() {
         return Err(CommandError::ForceNeedsSerial);
     }
     if let Some(Verdict::Failing(reasons)) = verdict {
-        let reasons = reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+        let reasons = reasons
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
         return Err(CommandError::Failing { device, reasons });
     }
     match &drive.state {
@@ -852,9 +1014,20 @@ pub fn check_prepare(drive: &Drive, verdict: Option<&Verdict>, req: &PrepareRequ
                 return Err(CommandError::NoSerial { device, signatures });
             };
             match &req.serial {
-                None => return Err(CommandError::HasData { device, signatures, serial: actual }),
+                None => {
+                    return Err(CommandError::HasData {
+                        device,
+                        signatures,
+                        serial: actual,
+                    })
+                }
                 Some(given) if given.trim() != actual.trim() => {
-                    return Err(CommandError::SerialMismatch { device, given: given.clone(), actual, signatures })
+                    return Err(CommandError::SerialMismatch {
+                        device,
+                        given: given.clone(),
+                        actual,
+                        signatures,
+                    })
                 }
                 Some(_) => {}
             }
@@ -867,16 +1040,27 @@ pub fn check_prepare(drive: &Drive, verdict: Option<&Verdict>, req: &PrepareRequ
         }
         DriveState::Preparing => return Err(CommandError::Preparing { device }),
         DriveState::Missing(_) => return Err(CommandError::Missing { device }),
-        DriveState::Unreadable { reason } => return Err(CommandError::Unreadable { device, reason: reason.clone() }),
+        DriveState::Unreadable { reason } => {
+            return Err(CommandError::Unreadable {
+                device,
+                reason: reason.clone(),
+            })
+        }
     }
-    Ok(DriveAction::Prepare { force_serial: if req.force { req.serial.clone() } else { None }, filesystem: req.filesystem })
+    Ok(DriveAction::Prepare {
+        force_serial: if req.force { req.serial.clone() } else { None },
+        filesystem: req.filesystem,
+    })
 }
 
-/// The self-test action to send for `drive`, or why not: a drive that said it has no SMART cannot run
-/// one (a failed or pending read is left to the agent to try).
+/// The self-test action to send for `drive`, or why not: a drive that said it has no SMART cannot
+/// run one (a failed or pending read is left to the agent to try).
 pub fn check_self_test(drive: &Drive, kind: SelfTestKind) -> Result<DriveAction, CommandError> {
     match &drive.smart {
-        Some(SmartOutcome::NoSmart { reason }) => Err(CommandError::NoSmart { device: drive.name.clone(), reason: reason.clone() }),
+        Some(SmartOutcome::NoSmart { reason }) => Err(CommandError::NoSmart {
+            device: drive.name.clone(),
+            reason: reason.clone(),
+        }),
         _ => Ok(DriveAction::SelfTest(kind)),
     }
 }
@@ -945,7 +1129,10 @@ mod tests {
     }
 
     fn report(drives: Vec<Drive>) -> DriveReport {
-        DriveReport { at: UnixMillis(0), drives }
+        DriveReport {
+            at: UnixMillis(0),
+            drives,
+        }
     }
 
     fn kinds(changes: &[DriveChange]) -> Vec<EventKind> {
@@ -955,44 +1142,86 @@ mod tests {
     #[test]
     fn a_node_reporting_new_serials_every_time_keeps_a_bounded_history() {
         let mut book = FleetDrives::default();
-        // One drive that stays, and 64 drives with serial numbers never seen before in every report.
+        // One drive that stays, and 64 drives with serial numbers never seen before in every
+        // report.
         let keeper = |round: u64| {
-            let SmartOutcome::Report(mut r) = smart(0, true, None) else { unreachable!() };
+            let SmartOutcome::Report(mut r) = smart(0, true, None) else {
+                unreachable!()
+            };
             r.serial = Some("KEEP".into());
-            with_smart(drive("sda", Some("KEEP"), DriveState::Blank), SmartOutcome::Report(r), round + 1)
+            with_smart(
+                drive("sda", Some("KEEP"), DriveState::Blank),
+                SmartOutcome::Report(r),
+                round + 1,
+            )
         };
         let mut forgotten = 0;
         for round in 0..80u64 {
             let mut drives = vec![keeper(round)];
             drives.extend((0..64).map(|k| {
                 let serial = format!("S{round}-{k}");
-                let SmartOutcome::Report(mut r) = smart(0, true, None) else { unreachable!() };
+                let SmartOutcome::Report(mut r) = smart(0, true, None) else {
+                    unreachable!()
+                };
                 r.serial = Some(serial.clone());
                 r.device = format!("/dev/sd{k}");
-                with_smart(drive(&format!("sd{k}"), Some(&serial), DriveState::Blank), SmartOutcome::Report(r), round + 1)
+                with_smart(
+                    drive(&format!("sd{k}"), Some(&serial), DriveState::Blank),
+                    SmartOutcome::Report(r),
+                    round + 1,
+                )
             }));
             let ingested = book.ingest(&node(), report(drives), UnixMillis(round));
             forgotten += ingested.forgotten.len();
-            assert!(book.history_count(&node()) <= MAX_HISTORIES_PER_NODE, "round {round}: {}", book.history_count(&node()));
+            assert!(
+                book.history_count(&node()) <= MAX_HISTORIES_PER_NODE,
+                "round {round}: {}",
+                book.history_count(&node())
+            );
         }
         assert_eq!(book.history_count(&node()), MAX_HISTORIES_PER_NODE);
-        assert_eq!(forgotten, 1 + 80 * 64 - MAX_HISTORIES_PER_NODE, "every key past the bound was handed back");
+        assert_eq!(
+            forgotten,
+            1 + 80 * 64 - MAX_HISTORIES_PER_NODE,
+            "every key past the bound was handed back"
+        );
         // The drive in every report, and the newest drives, still have their history.
-        let SmartOutcome::Report(mut r) = smart(0, true, None) else { unreachable!() };
+        let SmartOutcome::Report(mut r) = smart(0, true, None) else {
+            unreachable!()
+        };
         r.serial = Some("KEEP".into());
         assert_eq!(book.sample_count(&node(), &drive_key(&r)), 80);
         r.serial = Some("S79-0".into());
         assert_eq!(book.sample_count(&node(), &drive_key(&r)), 1);
         r.serial = Some("S0-0".into());
-        assert_eq!(book.sample_count(&node(), &drive_key(&r)), 0, "the oldest went first");
+        assert_eq!(
+            book.sample_count(&node(), &drive_key(&r)),
+            0,
+            "the oldest went first"
+        );
     }
 
     #[test]
     fn first_report_announces_every_drive_and_a_same_report_nothing() {
-        let r = report(vec![drive("sda", Some("A"), DriveState::HasData { signatures: vec!["gpt".into()] }), drive("sdb", Some("B"), DriveState::Blank)]);
+        let r = report(vec![
+            drive(
+                "sda",
+                Some("A"),
+                DriveState::HasData {
+                    signatures: vec!["gpt".into()],
+                },
+            ),
+            drive("sdb", Some("B"), DriveState::Blank),
+        ]);
         let changes = diff(None, &r);
-        assert_eq!(kinds(&changes), [EventKind::DriveAppeared, EventKind::DriveAppeared]);
-        assert_eq!(changes[0].to_string(), "drive sda appeared: Disk (serial A), 1073741824 bytes, has-data (gpt)");
+        assert_eq!(
+            kinds(&changes),
+            [EventKind::DriveAppeared, EventKind::DriveAppeared]
+        );
+        assert_eq!(
+            changes[0].to_string(),
+            "drive sda appeared: Disk (serial A), 1073741824 bytes, has-data (gpt)"
+        );
         assert!(diff(Some(&r), &r).is_empty());
     }
 
@@ -1000,19 +1229,40 @@ mod tests {
     fn state_transitions_become_events() {
         let blank = report(vec![drive("sdb", Some("B"), DriveState::AwaitingApproval)]);
         let preparing = report(vec![drive("sdb", Some("B"), DriveState::Preparing)]);
-        let failed = report(vec![drive("sdb", Some("B"), DriveState::PrepareFailed { reason: "mkfs.xfs not found".into() })]);
-        let done = report(vec![drive("sdb", Some("B"), DriveState::Prepared(prepared("sdb1")))]);
-        let missing = report(vec![drive("sdb", Some("B"), DriveState::Missing(prepared("sdb1")))]);
+        let failed = report(vec![drive(
+            "sdb",
+            Some("B"),
+            DriveState::PrepareFailed {
+                reason: "mkfs.xfs not found".into(),
+            },
+        )]);
+        let done = report(vec![drive(
+            "sdb",
+            Some("B"),
+            DriveState::Prepared(prepared("sdb1")),
+        )]);
+        let missing = report(vec![drive(
+            "sdb",
+            Some("B"),
+            DriveState::Missing(prepared("sdb1")),
+        )]);
 
         assert!(diff(Some(&blank), &preparing).is_empty());
         let c = diff(Some(&preparing), &failed);
         assert_eq!(kinds(&c), [EventKind::DrivePrepareFailed]);
-        assert_eq!(c[0].to_string(), "preparing drive sdb (serial B) failed: mkfs.xfs not found");
+        assert_eq!(
+            c[0].to_string(),
+            "preparing drive sdb (serial B) failed: mkfs.xfs not found"
+        );
         assert!(diff(Some(&failed), &failed).is_empty());
         let c = diff(Some(&preparing), &done);
         assert_eq!(
             c,
-            [DriveChange::Prepared { device: "sdb".into(), serial: Some("B".into()), prepared: prepared("sdb1") }]
+            [DriveChange::Prepared {
+                device: "sdb".into(),
+                serial: Some("B".into()),
+                prepared: prepared("sdb1")
+            }]
         );
         assert!(!c[0].is_alarm());
 
@@ -1032,26 +1282,56 @@ mod tests {
 
     #[test]
     fn removals_and_replacements() {
-        let two = report(vec![drive("sdb", Some("B"), DriveState::Blank), drive("sdc", Some("C"), DriveState::Prepared(prepared("sdc1")))]);
+        let two = report(vec![
+            drive("sdb", Some("B"), DriveState::Blank),
+            drive("sdc", Some("C"), DriveState::Prepared(prepared("sdc1"))),
+        ]);
         // sdb pulled; sdc vanished from the report entirely: a prepared drive gone is missing.
         let c = diff(Some(&two), &report(vec![]));
-        assert_eq!(c[0], DriveChange::Removed { device: "sdb".into(), serial: Some("B".into()), last_state: "blank" });
-        assert_eq!(kinds(&c), [EventKind::DriveRemoved, EventKind::DriveMissing]);
+        assert_eq!(
+            c[0],
+            DriveChange::Removed {
+                device: "sdb".into(),
+                serial: Some("B".into()),
+                last_state: "blank"
+            }
+        );
+        assert_eq!(
+            kinds(&c),
+            [EventKind::DriveRemoved, EventKind::DriveMissing]
+        );
         assert_eq!(c[0].to_string(), "drive sdb (serial B) removed (was blank)");
 
         // Another drive in sdb's place: the old one left, a new one came.
-        let swapped = report(vec![drive("sdb", Some("X"), DriveState::Blank), drive("sdc", Some("C"), DriveState::Prepared(prepared("sdc1")))]);
+        let swapped = report(vec![
+            drive("sdb", Some("X"), DriveState::Blank),
+            drive("sdc", Some("C"), DriveState::Prepared(prepared("sdc1"))),
+        ]);
         let c = diff(Some(&two), &swapped);
-        assert_eq!(kinds(&c), [EventKind::DriveRemoved, EventKind::DriveAppeared]);
+        assert_eq!(
+            kinds(&c),
+            [EventKind::DriveRemoved, EventKind::DriveAppeared]
+        );
 
-        // A drive that first shows up missing (the agent restarted after it vanished) is raised too.
-        let c = diff(None, &report(vec![drive("sdd", Some("D"), DriveState::Missing(prepared("sdd1")))]));
+        // A drive that first shows up missing (the agent restarted after it vanished) is raised
+        // too.
+        let c = diff(
+            None,
+            &report(vec![drive(
+                "sdd",
+                Some("D"),
+                DriveState::Missing(prepared("sdd1")),
+            )]),
+        );
         assert_eq!(kinds(&c), [EventKind::DriveMissing]);
     }
 
     #[test]
     fn self_test_completion_is_reported_once() {
-        let running = SelfTestStatus::Running { kind: Some(SelfTestKind::Short), remaining_percent: Some(60) };
+        let running = SelfTestStatus::Running {
+            kind: Some(SelfTestKind::Short),
+            remaining_percent: Some(60),
+        };
         let passed = SelfTestStatus::Completed {
             kind: Some(SelfTestKind::Short),
             passed: true,
@@ -1064,8 +1344,17 @@ mod tests {
             result: "Completed: read failure".into(),
             power_on_hours: Some(120),
         };
-        let at = |st: Option<SelfTestStatus>, h| report(vec![with_smart(drive("sdb", Some("S1"), DriveState::Blank), smart(0, true, st), h)]);
-        let c = diff(Some(&at(Some(running.clone()), 1)), &at(Some(passed.clone()), 2));
+        let at = |st: Option<SelfTestStatus>, h| {
+            report(vec![with_smart(
+                drive("sdb", Some("S1"), DriveState::Blank),
+                smart(0, true, st),
+                h,
+            )])
+        };
+        let c = diff(
+            Some(&at(Some(running.clone()), 1)),
+            &at(Some(passed.clone()), 2),
+        );
         assert_eq!(
             c,
             [DriveChange::SelfTestCompleted {
@@ -1077,12 +1366,20 @@ mod tests {
             }]
         );
         assert!(!c[0].is_alarm());
-        assert!(diff(Some(&at(Some(passed.clone()), 2)), &at(Some(passed.clone()), 3)).is_empty());
-        // A test run between two reads (never seen running) still counts once the log's newest entry changes.
+        assert!(diff(
+            Some(&at(Some(passed.clone()), 2)),
+            &at(Some(passed.clone()), 3)
+        )
+        .is_empty());
+        // A test run between two reads (never seen running) still counts once the log's newest
+        // entry changes.
         let c = diff(Some(&at(Some(passed.clone()), 3)), &at(Some(failed), 4));
         assert_eq!(kinds(&c), [EventKind::DriveSelfTestCompleted]);
         assert!(c[0].is_alarm());
-        assert_eq!(c[0].to_string(), "drive sdb (serial S1) long self-test FAILED: Completed: read failure");
+        assert_eq!(
+            c[0].to_string(),
+            "drive sdb (serial S1) long self-test FAILED: Completed: read failure"
+        );
         // The first SMART read of a drive shows an old log entry: not news.
         let unread = report(vec![drive("sdb", Some("S1"), DriveState::Blank)]);
         assert!(diff(Some(&unread), &at(Some(passed), 1)).is_empty());
@@ -1091,13 +1388,22 @@ mod tests {
     #[test]
     fn verdict_changes_only_on_new_samples_and_level_changes() {
         let mut book = FleetDrives::default();
-        let d = |pending, health, h| report(vec![with_smart(drive("sdb", Some("S1"), DriveState::Blank), smart(pending, health, None), h)]);
+        let d = |pending, health, h| {
+            report(vec![with_smart(
+                drive("sdb", Some("S1"), DriveState::Blank),
+                smart(pending, health, None),
+                h,
+            )])
+        };
         let i = book.ingest(&node(), d(0, true, 1), UnixMillis(1));
         assert_eq!(kinds(&i.changes), [EventKind::DriveAppeared]);
         assert_eq!(i.samples.len(), 1);
         assert_eq!(i.samples[0].key, "serial:Disk/S1");
         // The same SMART read sent again with another change: no new sample.
-        assert!(book.ingest(&node(), d(0, true, 1), UnixMillis(2)).samples.is_empty());
+        assert!(book
+            .ingest(&node(), d(0, true, 1), UnixMillis(2))
+            .samples
+            .is_empty());
         let i = book.ingest(&node(), d(8, true, 2), UnixMillis(3));
         assert_eq!(i.samples.len(), 1);
         assert_eq!(
@@ -1106,38 +1412,75 @@ mod tests {
                 device: "sdb".into(),
                 serial: Some("S1".into()),
                 from: Some("ok"),
-                to: Verdict::Warning(vec![Reason::CounterRose { counter: Counter::Pending, from: 0, to: 8 }])
+                to: Verdict::Warning(vec![Reason::CounterRose {
+                    counter: Counter::Pending,
+                    from: 0,
+                    to: 8
+                }])
             }]
         );
         assert_eq!(i.changes[0].to_string(), "drive sdb (serial S1) SMART verdict ok -> warning: pending sectors (ATA 197) rose by 8 (0 -> 8)");
         // Still warning: no event.
-        assert!(book.ingest(&node(), d(8, true, 3), UnixMillis(4)).changes.is_empty());
+        assert!(book
+            .ingest(&node(), d(8, true, 3), UnixMillis(4))
+            .changes
+            .is_empty());
         let i = book.ingest(&node(), d(8, false, 4), UnixMillis(5));
         assert_eq!(kinds(&i.changes), [EventKind::DriveVerdictChanged]);
         assert!(i.changes[0].is_alarm());
         let drive = book.drive(&node(), "sdb").unwrap().clone();
-        assert_eq!(book.verdict(&node(), &drive).unwrap().verdict.as_str(), "failing");
+        assert_eq!(
+            book.verdict(&node(), &drive).unwrap().verdict.as_str(),
+            "failing"
+        );
 
         // The next read fails: the failing verdict still applies.
         let mut failed = drive.clone();
-        failed.smart = Some(SmartOutcome::Failed { reason: "smartctl timed out".into() });
+        failed.smart = Some(SmartOutcome::Failed {
+            reason: "smartctl timed out".into(),
+        });
         book.ingest(&node(), report(vec![failed.clone()]), UnixMillis(6));
-        assert_eq!(book.verdict(&node(), &failed).unwrap().verdict.as_str(), "failing");
+        assert_eq!(
+            book.verdict(&node(), &failed).unwrap().verdict.as_str(),
+            "failing"
+        );
         let v = &book.views(None)[0];
-        assert_eq!((v.smart.verdict.as_str(), v.smart.status.as_str()), ("failing", "failed"));
+        assert_eq!(
+            (v.smart.verdict.as_str(), v.smart.status.as_str()),
+            ("failing", "failed")
+        );
     }
 
     #[test]
     fn a_first_verdict_that_is_not_ok_is_an_event() {
         let mut book = FleetDrives::default();
-        let i = book.ingest(&node(), report(vec![with_smart(drive("sdb", Some("S1"), DriveState::Blank), smart(0, false, None), 1)]), UnixMillis(1));
-        assert_eq!(kinds(&i.changes), [EventKind::DriveAppeared, EventKind::DriveVerdictChanged]);
-        assert!(i.changes[1].to_string().contains("verdict unknown -> failing: overall health self-assessment FAILED"));
+        let i = book.ingest(
+            &node(),
+            report(vec![with_smart(
+                drive("sdb", Some("S1"), DriveState::Blank),
+                smart(0, false, None),
+                1,
+            )]),
+            UnixMillis(1),
+        );
+        assert_eq!(
+            kinds(&i.changes),
+            [EventKind::DriveAppeared, EventKind::DriveVerdictChanged]
+        );
+        assert!(i.changes[1]
+            .to_string()
+            .contains("verdict unknown -> failing: overall health self-assessment FAILED"));
     }
 
     #[test]
     fn loading_replays_history_and_reports_stale_samples() {
-        let config = FleetDrivesConfig { history: HistoryConfig { window_ms: 24 * H, max_samples: 100 }, ..Default::default() };
+        let config = FleetDrivesConfig {
+            history: HistoryConfig {
+                window_ms: 24 * H,
+                max_samples: 100,
+            },
+            ..Default::default()
+        };
         let sample = |pending, h| StoredSample {
             device: "sdb".into(),
             sample: SmartSample {
@@ -1154,26 +1497,57 @@ mod tests {
             (node(), key.clone(), sample(0, 1)), // older than the window relative to the newest
             (node(), key.clone(), sample(4, 31)),
         ];
-        let latest = report(vec![with_smart(drive("sdb", Some("S1"), DriveState::Blank), smart(4, true, None), 31)]);
-        let (book, stale) =
-            FleetDrives::load(config, vec![(node(), StoredReport { received_at: UnixMillis(9), report: latest })], samples);
+        let latest = report(vec![with_smart(
+            drive("sdb", Some("S1"), DriveState::Blank),
+            smart(4, true, None),
+            31,
+        )]);
+        let (book, stale) = FleetDrives::load(
+            config,
+            vec![(
+                node(),
+                StoredReport {
+                    received_at: UnixMillis(9),
+                    report: latest,
+                },
+            )],
+            samples,
+        );
         assert_eq!(stale, [(node(), key.clone(), UnixMillis(H))]);
         assert_eq!(book.sample_count(&node(), &key), 2);
         let v = book.views(None);
         assert_eq!(v[0].smart.verdict, "warning");
-        assert_eq!(v[0].smart.reasons, ["pending sectors (ATA 197) rose by 4 (0 -> 4)"]);
+        assert_eq!(
+            v[0].smart.reasons,
+            ["pending sectors (ATA 197) rose by 4 (0 -> 4)"]
+        );
         assert_eq!(v[0].updated_at, rfc3339(9));
     }
 
     #[test]
     fn views_say_plainly_what_they_know() {
         let mut book = FleetDrives::default();
-        let mut lo = drive("loop0", None, DriveState::HasData { signatures: vec!["ext4".into()] });
-        lo.smart = Some(SmartOutcome::NoSmart { reason: "loop device has no SMART".into() });
+        let mut lo = drive(
+            "loop0",
+            None,
+            DriveState::HasData {
+                signatures: vec!["ext4".into()],
+            },
+        );
+        lo.smart = Some(SmartOutcome::NoSmart {
+            reason: "loop device has no SMART".into(),
+        });
         let done = drive("sdc", Some("C"), DriveState::Prepared(prepared("sdc1")));
         let sdb = with_smart(
             drive("sdb", Some("S1"), DriveState::Blank),
-            smart(0, true, Some(SelfTestStatus::Running { kind: Some(SelfTestKind::Long), remaining_percent: Some(90) })),
+            smart(
+                0,
+                true,
+                Some(SelfTestStatus::Running {
+                    kind: Some(SelfTestKind::Long),
+                    remaining_percent: Some(90),
+                }),
+            ),
             1,
         );
         book.ingest(&node(), report(vec![lo, done, sdb]), UnixMillis(1_000));
@@ -1182,9 +1556,15 @@ mod tests {
         assert_eq!(json[0]["smart"]["status"], "no-smart");
         assert_eq!(json[0]["smart"]["verdict"], "unknown");
         assert_eq!(json[0]["smart"]["reason"], "loop device has no SMART");
-        assert_eq!(json[0]["state_detail"], serde_json::json!({"signatures": ["ext4"]}));
+        assert_eq!(
+            json[0]["state_detail"],
+            serde_json::json!({"signatures": ["ext4"]})
+        );
         assert_eq!(json[1]["state"], "prepared");
-        assert_eq!(json[1]["state_detail"]["mount_point"], "/var/lib/shoal/drives/u-1");
+        assert_eq!(
+            json[1]["state_detail"]["mount_point"],
+            "/var/lib/shoal/drives/u-1"
+        );
         assert_eq!(json[1]["state_detail"]["fs_uuid"], "u-1");
         assert_eq!(json[1]["state_detail"]["filesystem"], "ext4");
         assert_eq!(json[1]["smart"]["status"], "pending");
@@ -1195,54 +1575,140 @@ mod tests {
         assert_eq!(json[2]["smart"]["self_test"]["remaining_percent"], 90);
         assert_eq!(json[2]["state_detail"], serde_json::Value::Null);
         let keys: Vec<&String> = json[2].as_object().unwrap().keys().collect();
-        assert_eq!(keys, ["device", "model", "node", "serial", "size_bytes", "smart", "state", "state_detail", "updated_at"]);
+        assert_eq!(
+            keys,
+            [
+                "device",
+                "model",
+                "node",
+                "serial",
+                "size_bytes",
+                "smart",
+                "state",
+                "state_detail",
+                "updated_at"
+            ]
+        );
         let smart_keys: Vec<&String> = json[2]["smart"].as_object().unwrap().keys().collect();
         assert_eq!(
             smart_keys,
-            ["at", "health_passed", "power_on_hours", "predictors", "protocol", "reason", "reasons", "self_test", "status", "temperature_celsius", "verdict"]
+            [
+                "at",
+                "health_passed",
+                "power_on_hours",
+                "predictors",
+                "protocol",
+                "reason",
+                "reasons",
+                "self_test",
+                "status",
+                "temperature_celsius",
+                "verdict"
+            ]
         );
         assert!(book.views(Some(&NodeId("other".into()))).is_empty());
     }
 
     fn prepare(force: bool, serial: Option<&str>) -> PrepareRequest {
-        PrepareRequest { force, serial: serial.map(str::to_owned), filesystem: None }
+        PrepareRequest {
+            force,
+            serial: serial.map(str::to_owned),
+            filesystem: None,
+        }
     }
 
     #[test]
     fn prepare_is_allowed_on_blank_awaiting_and_failed_drives() {
-        for state in [DriveState::Blank, DriveState::AwaitingApproval, DriveState::PrepareFailed { reason: "x".into() }] {
+        for state in [
+            DriveState::Blank,
+            DriveState::AwaitingApproval,
+            DriveState::PrepareFailed { reason: "x".into() },
+        ] {
             let d = drive("sdb", Some("B"), state);
             assert_eq!(
-                check_prepare(&d, Some(&Verdict::Ok), &PrepareRequest { filesystem: Some(Filesystem::Xfs), ..prepare(false, None) }),
-                Ok(DriveAction::Prepare { force_serial: None, filesystem: Some(Filesystem::Xfs) })
+                check_prepare(
+                    &d,
+                    Some(&Verdict::Ok),
+                    &PrepareRequest {
+                        filesystem: Some(Filesystem::Xfs),
+                        ..prepare(false, None)
+                    }
+                ),
+                Ok(DriveAction::Prepare {
+                    force_serial: None,
+                    filesystem: Some(Filesystem::Xfs)
+                })
             );
         }
-        let warning = Verdict::Warning(vec![Reason::TooHot { celsius: 61, limit: 60 }]);
-        assert!(check_prepare(&drive("sdb", None, DriveState::Blank), Some(&warning), &prepare(false, None)).is_ok());
+        let warning = Verdict::Warning(vec![Reason::TooHot {
+            celsius: 61,
+            limit: 60,
+        }]);
+        assert!(check_prepare(
+            &drive("sdb", None, DriveState::Blank),
+            Some(&warning),
+            &prepare(false, None)
+        )
+        .is_ok());
     }
 
     #[test]
     fn a_drive_with_data_needs_force_and_its_serial() {
-        let d = drive("sdb", Some("WD-123"), DriveState::HasData { signatures: vec!["gpt".into(), "ext4".into()] });
+        let d = drive(
+            "sdb",
+            Some("WD-123"),
+            DriveState::HasData {
+                signatures: vec!["gpt".into(), "ext4".into()],
+            },
+        );
         let e = check_prepare(&d, None, &prepare(false, None)).unwrap_err();
         assert_eq!(e.to_string(), "refusing to prepare sdb: it holds data (gpt, ext4); to erase it, run again with --force --serial WD-123");
-        assert_eq!(check_prepare(&d, None, &prepare(true, None)), Err(CommandError::ForceNeedsSerial));
-        assert_eq!(check_prepare(&d, None, &prepare(false, Some("WD-123"))), Err(CommandError::ForceNeedsSerial));
+        assert_eq!(
+            check_prepare(&d, None, &prepare(true, None)),
+            Err(CommandError::ForceNeedsSerial)
+        );
+        assert_eq!(
+            check_prepare(&d, None, &prepare(false, Some("WD-123"))),
+            Err(CommandError::ForceNeedsSerial)
+        );
         let e = check_prepare(&d, None, &prepare(true, Some("WD-124"))).unwrap_err();
         assert!(matches!(e, CommandError::SerialMismatch { .. }));
-        assert!(e.to_string().contains("--serial WD-124 does not match its serial number WD-123; it holds gpt, ext4"), "{e}");
+        assert!(
+            e.to_string().contains(
+                "--serial WD-124 does not match its serial number WD-123; it holds gpt, ext4"
+            ),
+            "{e}"
+        );
         assert_eq!(
             check_prepare(&d, None, &prepare(true, Some("WD-123"))),
-            Ok(DriveAction::Prepare { force_serial: Some("WD-123".into()), filesystem: None })
+            Ok(DriveAction::Prepare {
+                force_serial: Some("WD-123".into()),
+                filesystem: None
+            })
         );
-        let anonymous = drive("loop0", None, DriveState::HasData { signatures: vec!["xfs".into()] });
-        assert!(matches!(check_prepare(&anonymous, None, &prepare(true, Some("x"))), Err(CommandError::NoSerial { .. })));
+        let anonymous = drive(
+            "loop0",
+            None,
+            DriveState::HasData {
+                signatures: vec!["xfs".into()],
+            },
+        );
+        assert!(matches!(
+            check_prepare(&anonymous, None, &prepare(true, Some("x"))),
+            Err(CommandError::NoSerial { .. })
+        ));
     }
 
     #[test]
     fn a_failing_drive_is_never_prepared() {
         let failing = Verdict::Failing(vec![Reason::HealthCheckFailed]);
-        for state in [DriveState::Blank, DriveState::AwaitingApproval, DriveState::HasData { signatures: vec!["gpt".into()] }] {
+        for state in [
+            DriveState::Blank,
+            DriveState::AwaitingApproval,
+            DriveState::HasData {
+                signatures: vec!["gpt".into()],
+            },
+        ] {
             let d = drive("sdb", Some("B"), state);
             let e = check_prepare(&d, Some(&failing), &prepare(true, Some("B"))).unwrap_err();
             assert_eq!(e.to_string(), "refusing to prepare sdb: its SMART verdict is failing (overall health self-assessment FAILED); replace the drive");
@@ -1251,20 +1717,51 @@ mod tests {
 
     #[test]
     fn prepared_preparing_missing_and_unreadable_drives_are_refused() {
-        let check = |state| check_prepare(&drive("sdb", Some("B"), state), None, &prepare(true, Some("B"))).unwrap_err();
-        assert!(check(DriveState::Prepared(prepared("sdb1"))).to_string().starts_with("sdb is already prepared: sdb1 ext4"));
-        assert_eq!(check(DriveState::Preparing), CommandError::Preparing { device: "sdb".into() });
-        assert_eq!(check(DriveState::Missing(prepared("sdb1"))), CommandError::Missing { device: "sdb".into() });
-        assert!(matches!(check(DriveState::Unreadable { reason: "EIO".into() }), CommandError::Unreadable { .. }));
+        let check = |state| {
+            check_prepare(
+                &drive("sdb", Some("B"), state),
+                None,
+                &prepare(true, Some("B")),
+            )
+            .unwrap_err()
+        };
+        assert!(check(DriveState::Prepared(prepared("sdb1")))
+            .to_string()
+            .starts_with("sdb is already prepared: sdb1 ext4"));
+        assert_eq!(
+            check(DriveState::Preparing),
+            CommandError::Preparing {
+                device: "sdb".into()
+            }
+        );
+        assert_eq!(
+            check(DriveState::Missing(prepared("sdb1"))),
+            CommandError::Missing {
+                device: "sdb".into()
+            }
+        );
+        assert!(matches!(
+            check(DriveState::Unreadable {
+                reason: "EIO".into()
+            }),
+            CommandError::Unreadable { .. }
+        ));
     }
 
     #[test]
     fn self_tests_need_smart() {
         let mut d = drive("vda", None, DriveState::Blank);
-        assert_eq!(check_self_test(&d, SelfTestKind::Short), Ok(DriveAction::SelfTest(SelfTestKind::Short)));
-        d.smart = Some(SmartOutcome::NoSmart { reason: "virtio device has no SMART".into() });
         assert_eq!(
-            check_self_test(&d, SelfTestKind::Long).unwrap_err().to_string(),
+            check_self_test(&d, SelfTestKind::Short),
+            Ok(DriveAction::SelfTest(SelfTestKind::Short))
+        );
+        d.smart = Some(SmartOutcome::NoSmart {
+            reason: "virtio device has no SMART".into(),
+        });
+        assert_eq!(
+            check_self_test(&d, SelfTestKind::Long)
+                .unwrap_err()
+                .to_string(),
             "vda has no SMART (virtio device has no SMART); it cannot run a self-test"
         );
     }

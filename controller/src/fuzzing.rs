@@ -1,6 +1,6 @@
-//! The properties the fuzz targets in `controller/fuzz` check, as plain functions over bytes, so that
-//! the unit tests below run them on deterministic mutations of valid inputs and CI exercises the same
-//! properties without a fuzzer (or a nightly compiler).
+//! The properties the fuzz targets in `controller/fuzz` check, as plain functions over bytes, so
+//! that the unit tests below run them on deterministic mutations of valid inputs and CI exercises
+//! the same properties without a fuzzer (or a nightly compiler).
 //!
 //! Each function takes untrusted bytes the way the controller takes them from agents: postcard
 //! messages, each behind a one-byte op and a two-byte length ([`encode`] writes that form), and
@@ -9,8 +9,9 @@
 //!
 //! - [`session_messages`]: any sequence of decoded [`AgentMsg`]s through a [`Session`] (with and
 //!   without a certificate): a message over a bound of [`shoal_proto::limits`] is answered with
-//!   exactly a `BadRequest` reject naming the field and a close; nothing reaches the registry before
-//!   a Welcome, an unauthenticated session asks only to enrol, a closed session never acts again.
+//!   exactly a `BadRequest` reject naming the field and a close; nothing reaches the registry
+//!   before a Welcome, an unauthenticated session asks only to enrol, a closed session never acts
+//!   again.
 //! - [`drive_reports`]: drive reports that pass the limits, through [`FleetDrives::ingest`] for two
 //!   nodes: every change names a drive of the previous or the new report, the same report twice
 //!   changes nothing the second time, the views list the report's drives and serialise, a node's
@@ -28,20 +29,25 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{de::DeserializeOwned, Serialize};
 use shoal_proto::{
-    limits, AgentMsg, ControllerMsg, DriveReport, Enrolled, MacAddr, NatMapping, Netmap, NetworkId, NodeId, OverlayHello,
-    PeerIndex, RejectCode, SelfTestKind, UnixMillis, SUPPORTED,
+    limits, AgentMsg, ControllerMsg, DriveReport, Enrolled, MacAddr, NatMapping, Netmap, NetworkId,
+    NodeId, OverlayHello, PeerIndex, RejectCode, SelfTestKind, UnixMillis, SUPPORTED,
 };
 
 use crate::{
     coordinator::Coordinator,
-    fleet_drives::{check_prepare, check_self_test, FleetDrives, FleetDrivesConfig, PrepareRequest},
+    fleet_drives::{
+        check_prepare, check_self_test, FleetDrives, FleetDrivesConfig, PrepareRequest,
+    },
     networks::{MembershipChange, NetworkRecord, NetworkSnapshot, OverlaySnapshot},
-    rollout::{Action as RolloutAction, Command, Event, Fleet, Observed, ReportedHealth, Rollout, RolloutSpec, RolloutState, Target},
+    rollout::{
+        Action as RolloutAction, Command, Event, Fleet, Observed, ReportedHealth, Rollout,
+        RolloutSpec, RolloutState, Target,
+    },
     session::{Action, CloseKind, Session, SessionConfig},
 };
 
-/// What a run exercised, by name (`"refused_over_limit"`, `"delta_applied"`...), so tests can tell a
-/// run that checked something from one that only skipped its input.
+/// What a run exercised, by name (`"refused_over_limit"`, `"delta_applied"`...), so tests can tell
+/// a run that checked something from one that only skipped its input.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Seen(pub BTreeMap<&'static str, u64>);
 
@@ -118,11 +124,19 @@ pub fn session_messages(data: &[u8]) -> Seen {
     let mut input = Input::new(data);
     let authenticated = input.byte().is_none_or(|b| b & 1 == 1);
     let node = authenticated.then(|| NodeId("n0000000001".into()));
-    let mut s = Session::new(SessionConfig { supported: SUPPORTED, heartbeat_interval_ms: 10_000 }, node.clone());
+    let mut s = Session::new(
+        SessionConfig {
+            supported: SUPPORTED,
+            heartbeat_interval_ms: 10_000,
+        },
+        node.clone(),
+    );
     let (mut welcomed, mut closed) = (false, false);
     let mut t = 0u64;
     while input.byte().is_some() {
-        let Some(next) = input.value::<AgentMsg>() else { break };
+        let Some(next) = input.value::<AgentMsg>() else {
+            break;
+        };
         let Some(msg) = next else { continue };
         t += 1;
         let within = limits::check(&msg);
@@ -146,20 +160,31 @@ pub fn session_messages(data: &[u8]) -> Seen {
         for a in &actions {
             match a {
                 Action::Send(ControllerMsg::Welcome(w)) => {
-                    assert!(is_hello && !welcomed, "Welcome to {w:?} without a first Hello");
+                    assert!(
+                        is_hello && !welcomed,
+                        "Welcome to {w:?} without a first Hello"
+                    );
                     assert_eq!(w.node_id, node);
                     welcomed = true;
                 }
                 Action::Send(ControllerMsg::Reject(_)) => {}
-                Action::Send(other) => panic!("the session itself sends only Welcome and Reject, not {other:?}"),
+                Action::Send(other) => {
+                    panic!("the session itself sends only Welcome and Reject, not {other:?}")
+                }
                 Action::Close(..) => closed = true,
                 Action::Enrol { .. } => {
-                    assert!(!authenticated && welcomed, "an enrolment on a session with a certificate or before Welcome");
+                    assert!(
+                        !authenticated && welcomed,
+                        "an enrolment on a session with a certificate or before Welcome"
+                    );
                     enrol = true;
                     seen.hit("enrol");
                 }
                 other => {
-                    assert!(authenticated && welcomed, "{other:?} reached the registry without an authenticated Hello");
+                    assert!(
+                        authenticated && welcomed,
+                        "{other:?} reached the registry without an authenticated Hello"
+                    );
                     seen.hit("registry_action");
                 }
             }
@@ -170,7 +195,12 @@ pub fn session_messages(data: &[u8]) -> Seen {
         if enrol {
             // The registry answers at once, one way or the other; either ends the session.
             let answer = if t & 1 == 0 {
-                let e = Enrolled { node_id: NodeId("n2".into()), cert_der: vec![], ca_der: vec![], not_after: UnixMillis(t) };
+                let e = Enrolled {
+                    node_id: NodeId("n2".into()),
+                    cert_der: vec![],
+                    ca_der: vec![],
+                    not_after: UnixMillis(t),
+                };
                 s.enrolled(e)
             } else {
                 s.refused(RejectCode::TokenUnknown, "unknown token")
@@ -195,7 +225,9 @@ pub fn drive_reports(data: &[u8]) -> Seen {
     let mut t = 1_700_000_000_000u64;
     while let Some(b) = input.byte() {
         let node = &nodes[usize::from(b & 1)];
-        let Some(next) = input.value::<DriveReport>() else { break };
+        let Some(next) = input.value::<DriveReport>() else {
+            break;
+        };
         let Some(report) = next else { continue };
         // The session refuses a report over the limits: it never reaches the book.
         let msg = AgentMsg::Drives(report);
@@ -203,7 +235,9 @@ pub fn drive_reports(data: &[u8]) -> Seen {
             seen.hit("over_limit");
             continue;
         }
-        let AgentMsg::Drives(report) = msg else { unreachable!() };
+        let AgentMsg::Drives(report) = msg else {
+            unreachable!()
+        };
         seen.hit("ingested");
         t += 60_000;
         let before = book.report(node).map(|r| r.report.clone());
@@ -211,7 +245,10 @@ pub fn drive_reports(data: &[u8]) -> Seen {
         for c in &ingested.changes {
             let device = c.device();
             let known = |r: &DriveReport| r.drives.iter().any(|d| d.name == device);
-            assert!(known(&report) || before.as_ref().is_some_and(known), "{c:?} names no drive of either report");
+            assert!(
+                known(&report) || before.as_ref().is_some_and(known),
+                "{c:?} names no drive of either report"
+            );
             let _ = (c.kind(), c.is_alarm(), c.to_string());
             seen.hit("change");
         }
@@ -219,14 +256,22 @@ pub fn drive_reports(data: &[u8]) -> Seen {
             seen.hit("samples");
         }
         let again = book.ingest(node, report.clone(), UnixMillis(t + 1));
-        assert!(again.changes.is_empty() && again.samples.is_empty(), "the same report twice: {:?}", again.changes);
+        assert!(
+            again.changes.is_empty() && again.samples.is_empty(),
+            "the same report twice: {:?}",
+            again.changes
+        );
         let views = book.views(Some(node));
         assert_eq!(views.len(), report.drives.len());
         assert!(book.history_count(node) <= crate::fleet_drives::MAX_HISTORIES_PER_NODE);
         assert!(serde_json::to_string(&views).is_ok());
         for d in &report.drives {
             let verdict = book.verdict(node, d).map(|j| j.verdict.clone());
-            let force = PrepareRequest { force: true, serial: d.serial.clone(), filesystem: None };
+            let force = PrepareRequest {
+                force: true,
+                serial: d.serial.clone(),
+                filesystem: None,
+            };
             let _ = check_prepare(d, verdict.as_ref(), &PrepareRequest::default());
             let _ = check_prepare(d, verdict.as_ref(), &force);
             let _ = check_self_test(d, SelfTestKind::Short);
@@ -266,14 +311,20 @@ fn sorted(mut m: Netmap) -> Netmap {
     m
 }
 
-/// See the module docs. Each record is an op byte: `0` a node gets a peer index and maybe a key, `1`
-/// it joins a network, `2` it leaves one, `3` its agent connects with an [`OverlayHello`] (the next
-/// value) and the address in the next bytes, `4` its agent disconnects, `5` it is removed from the
-/// fleet. Ops the store could not produce (joining twice, leaving a network one is not in) are skipped.
+/// See the module docs. Each record is an op byte: `0` a node gets a peer index and maybe a key,
+/// `1` it joins a network, `2` it leaves one, `3` its agent connects with an [`OverlayHello`] (the
+/// next value) and the address in the next bytes, `4` its agent disconnects, `5` it is removed from
+/// the fleet. Ops the store could not produce (joining twice, leaving a network one is not in) are
+/// skipped.
 pub fn coordinator_ops(data: &[u8]) -> Seen {
     let mut seen = Seen::default();
     let snapshot = OverlaySnapshot {
-        networks: (1..=2).map(|id| NetworkSnapshot { network: network(id), members: vec![] }).collect(),
+        networks: (1..=2)
+            .map(|id| NetworkSnapshot {
+                network: network(id),
+                members: vec![],
+            })
+            .collect(),
         nodes: BTreeMap::new(),
     };
     let mut c = Coordinator::new(7, snapshot, std::time::Duration::from_secs(3600));
@@ -301,19 +352,42 @@ pub fn coordinator_ops(data: &[u8]) -> Seen {
                 member.insert((i, net));
                 let mac = MacAddr([2, 0x5e, 0, 0, net as u8, i as u8]);
                 let address = [10, 90 + net as u8, 0, i as u8 + 1].into();
-                c.apply(&[MembershipChange::Joined { network: NetworkId(net), node: id(i), mac, address }], now)
+                c.apply(
+                    &[MembershipChange::Joined {
+                        network: NetworkId(net),
+                        node: id(i),
+                        mac,
+                        address,
+                    }],
+                    now,
+                )
             }
-            2 if member.remove(&(i, net)) => c.apply(&[MembershipChange::Left { network: NetworkId(net), node: id(i) }], now),
+            2 if member.remove(&(i, net)) => c.apply(
+                &[MembershipChange::Left {
+                    network: NetworkId(net),
+                    node: id(i),
+                }],
+                now,
+            ),
             3 if known.contains(&i) => {
-                let Some(hello) = input.value::<OverlayHello>() else { break };
-                let mut hello = hello.unwrap_or(OverlayHello { netmap_version: None, local_endpoints: vec![], nat: NatMapping::Unknown });
+                let Some(hello) = input.value::<OverlayHello>() else {
+                    break;
+                };
+                let mut hello = hello.unwrap_or(OverlayHello {
+                    netmap_version: None,
+                    local_endpoints: vec![],
+                    nat: NatMapping::Unknown,
+                });
                 if limits::check(&AgentMsg::Overlay(hello.clone())).is_err() {
                     seen.hit("over_limit");
                     continue; // refused by the session
                 }
                 // An honest cache: the agent names the version it holds, if any.
                 hello.netmap_version = agents.get(&id(i)).map(|m| m.version);
-                let observed = std::net::SocketAddr::from(([192, 0, 2, input.byte().unwrap_or(1)], u16::from(arg) + 1000));
+                let observed = std::net::SocketAddr::from((
+                    [192, 0, 2, input.byte().unwrap_or(1)],
+                    u16::from(arg) + 1000,
+                ));
                 let key = (arg & 0x20 != 0).then_some([arg; 32]);
                 let (first, deliveries) = c.subscribe(&id(i), key, observed, &hello, now);
                 match first {
@@ -321,8 +395,13 @@ pub fn coordinator_ops(data: &[u8]) -> Seen {
                         agents.insert(id(i), m);
                     }
                     ControllerMsg::NetmapDelta(d) => {
-                        let held = agents.get_mut(&id(i)).expect("an empty delta only to an agent that holds the version");
-                        assert!(d.changes.is_empty() && d.from_version == held.version, "{d:?}");
+                        let held = agents
+                            .get_mut(&id(i))
+                            .expect("an empty delta only to an agent that holds the version");
+                        assert!(
+                            d.changes.is_empty() && d.from_version == held.version,
+                            "{d:?}"
+                        );
                         held.apply(&d).expect("renewal applies");
                     }
                     other => panic!("subscribe answered {other:?}"),
@@ -339,7 +418,10 @@ pub fn coordinator_ops(data: &[u8]) -> Seen {
                 let left: Vec<MembershipChange> = member
                     .iter()
                     .filter(|(n, _)| *n == i)
-                    .map(|(_, net)| MembershipChange::Left { network: NetworkId(*net), node: id(i) })
+                    .map(|(_, net)| MembershipChange::Left {
+                        network: NetworkId(*net),
+                        node: id(i),
+                    })
                     .collect();
                 member.retain(|(n, _)| *n != i);
                 let d = c.apply(&left, now);
@@ -350,16 +432,25 @@ pub fn coordinator_ops(data: &[u8]) -> Seen {
             _ => continue,
         };
         for (to, msg) in deliveries {
-            let ControllerMsg::NetmapDelta(d) = msg else { panic!("deliveries are deltas: {msg:?}") };
-            let map = agents.get_mut(&to).unwrap_or_else(|| panic!("a delta for {to}, which is not connected"));
-            map.apply(&d).unwrap_or_else(|gap| panic!("a delta for {to} does not apply: {gap}"));
+            let ControllerMsg::NetmapDelta(d) = msg else {
+                panic!("deliveries are deltas: {msg:?}")
+            };
+            let map = agents
+                .get_mut(&to)
+                .unwrap_or_else(|| panic!("a delta for {to}, which is not connected"));
+            map.apply(&d)
+                .unwrap_or_else(|gap| panic!("a delta for {to} does not apply: {gap}"));
             seen.hit("delta_applied");
         }
         if let Some(gone) = removed {
             agents.remove(&gone);
         }
         for (node, map) in &agents {
-            assert_eq!(sorted(map.clone()), sorted(c.netmap(node, now)), "{node}'s map drifted from the coordinator's");
+            assert_eq!(
+                sorted(map.clone()),
+                sorted(c.netmap(node, now)),
+                "{node}'s map drifted from the coordinator's"
+            );
             if !map.peers.is_empty() {
                 seen.hit("map_with_peers_checked");
             }
@@ -373,9 +464,9 @@ pub fn coordinator_ops(data: &[u8]) -> Seen {
 // ---------------------------------------------------------------------------------------------
 
 /// See the module docs. The first bytes give `max_unavailable` and `max_failures`; then each record
-/// is an op byte: `0..=4` an agent event about node `arg % 8` (nodes 6 and 7 are not in the rollout),
-/// `5` an operator command, `6` a poll over the fleet whose availability bits are the next byte, `7`
-/// a restart through the store's encoding.
+/// is an op byte: `0..=4` an agent event about node `arg % 8` (nodes 6 and 7 are not in the
+/// rollout), `5` an operator command, `6` a poll over the fleet whose availability bits are the
+/// next byte, `7` a restart through the store's encoding.
 pub fn rollout_events(data: &[u8]) -> Seen {
     let mut seen = Seen::default();
     let mut input = Input::new(data);
@@ -385,9 +476,24 @@ pub fn rollout_events(data: &[u8]) -> Seen {
     spec.max_unavailable = n_max;
     spec.max_failures = k_max;
     let id = |i: u8| NodeId(format!("n{i}"));
-    let Ok(mut r) = Rollout::new("r1", spec, (0..6).map(id), &BTreeSet::new(), UnixMillis(0)) else { return seen };
+    let Ok(mut r) = Rollout::new("r1", spec, (0..6).map(id), &BTreeSet::new(), UnixMillis(0))
+    else {
+        return seen;
+    };
     let versions = ["1.0", "2.0", "", "2.0\u{1b}[2J"];
-    let mut fleet: Fleet = (0..8).map(|i| (id(i), Observed { up: true, healthy: true, version: Some("1.0".into()), ..Default::default() })).collect();
+    let mut fleet: Fleet = (0..8)
+        .map(|i| {
+            (
+                id(i),
+                Observed {
+                    up: true,
+                    healthy: true,
+                    version: Some("1.0".into()),
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
     let mut t = 0u64;
     while let Some(op) = input.byte() {
         let Some(arg) = input.byte() else { break };
@@ -404,10 +510,29 @@ pub fn rollout_events(data: &[u8]) -> Seen {
             0 => drop(r.handle(Event::Acknowledged { node }, now)),
             1 => {
                 fleet.entry(node.clone()).or_default().version = Some(version.clone());
-                drop(r.handle(Event::Reported { node, version, health }, now));
+                drop(r.handle(
+                    Event::Reported {
+                        node,
+                        version,
+                        health,
+                    },
+                    now,
+                ));
             }
-            2 => drop(r.handle(Event::Refused { node, reason: version }, now)),
-            3 => drop(r.handle(Event::Failed { node, reason: version }, now)),
+            2 => drop(r.handle(
+                Event::Refused {
+                    node,
+                    reason: version,
+                },
+                now,
+            )),
+            3 => drop(r.handle(
+                Event::Failed {
+                    node,
+                    reason: version,
+                },
+                now,
+            )),
             4 => drop(r.handle(Event::Restored { node }, now)),
             5 => {
                 let cmd = match arg % 4 {
@@ -425,21 +550,39 @@ pub fn rollout_events(data: &[u8]) -> Seen {
                 }
                 let running = *r.state() == RolloutState::Running;
                 let actions = r.poll(&fleet, &[], &crate::windows::AlwaysOpen, now);
-                let starts: Vec<&NodeId> =
-                    actions.iter().filter_map(|a| if let RolloutAction::BeginUpgrade { node, .. } = a { Some(node) } else { None }).collect();
+                let starts: Vec<&NodeId> = actions
+                    .iter()
+                    .filter_map(|a| {
+                        if let RolloutAction::BeginUpgrade { node, .. } = a {
+                            Some(node)
+                        } else {
+                            None
+                        }
+                    })
+                    .collect();
                 if !starts.is_empty() {
                     assert!(running, "started {starts:?} while {:?}", r.state());
                     let unavailable = r
                         .nodes()
                         .iter()
-                        .filter(|(n, p)| p.in_flight() || !fleet.get(*n).is_some_and(|o| o.up && o.healthy && !o.busy))
+                        .filter(|(n, p)| {
+                            p.in_flight()
+                                || !fleet.get(*n).is_some_and(|o| o.up && o.healthy && !o.busy)
+                        })
                         .count() as u32;
-                    assert!(unavailable <= n_max, "{unavailable} unavailable > {n_max} after starting {starts:?}");
+                    assert!(
+                        unavailable <= n_max,
+                        "{unavailable} unavailable > {n_max} after starting {starts:?}"
+                    );
                     seen.hit("started");
                 }
                 for a in &actions {
                     if let RolloutAction::Done { .. } = a {
-                        assert!(r.nodes().values().all(|p| p.settled()), "done with nodes unsettled: {:?}", r.nodes());
+                        assert!(
+                            r.nodes().values().all(|p| p.settled()),
+                            "done with nodes unsettled: {:?}",
+                            r.nodes()
+                        );
                         seen.hit("done");
                     }
                 }
@@ -453,7 +596,10 @@ pub fn rollout_events(data: &[u8]) -> Seen {
             }
         }
     }
-    if r.nodes().values().any(|p| matches!(p, crate::rollout::NodePhase::Succeeded { .. })) {
+    if r.nodes()
+        .values()
+        .any(|p| matches!(p, crate::rollout::NodePhase::Succeeded { .. }))
+    {
         seen.hit("succeeded");
     }
     seen
@@ -463,8 +609,9 @@ pub fn rollout_events(data: &[u8]) -> Seen {
 mod tests {
     use super::*;
     use shoal_proto::{
-        Drive, DriveProtocol, DriveState, EnrolRequest, HardwareId, HardwareIdSource, HealthReport, Hello, Inventory,
-        NetInterface, SmartExitStatus, SmartOutcome, SmartPredictors, SmartReport, VersionRange,
+        Drive, DriveProtocol, DriveState, EnrolRequest, HardwareId, HardwareIdSource, HealthReport,
+        Hello, Inventory, NetInterface, SmartExitStatus, SmartOutcome, SmartPredictors,
+        SmartReport, VersionRange,
     };
 
     /// Deterministic mutations of `seeds` (bit flips, truncation, insertion, splicing), `rounds` of
@@ -516,9 +663,15 @@ mod tests {
 
     fn hello(machine: &str) -> AgentMsg {
         AgentMsg::Hello(Hello {
-            protocol: VersionRange { min: 1, max: SUPPORTED.max },
+            protocol: VersionRange {
+                min: 1,
+                max: SUPPORTED.max,
+            },
             agent_version: "0.1.0".into(),
-            hardware_id: HardwareId { source: HardwareIdSource::Override, value: machine.into() },
+            hardware_id: HardwareId {
+                source: HardwareIdSource::Override,
+                value: machine.into(),
+            },
         })
     }
 
@@ -551,13 +704,30 @@ mod tests {
     pub(crate) fn session_seeds() -> Vec<Vec<u8>> {
         let inventory = AgentMsg::Inventory(Inventory {
             hostname: "h".into(),
-            nics: vec![NetInterface { name: "eth0".into(), addresses: vec!["10.0.0.1/24".into()], ..Default::default() }],
+            nics: vec![NetInterface {
+                name: "eth0".into(),
+                addresses: vec!["10.0.0.1/24".into()],
+                ..Default::default()
+            }],
             ..Default::default()
         });
-        let over = AgentMsg::Inventory(Inventory { nics: vec![Default::default(); limits::MAX_NICS + 1], ..Default::default() });
-        let enrol = AgentMsg::Enrol(EnrolRequest { token: "t".into(), csr_der: vec![0x30, 1, 2], hostname: "h".into() });
+        let over = AgentMsg::Inventory(Inventory {
+            nics: vec![Default::default(); limits::MAX_NICS + 1],
+            ..Default::default()
+        });
+        let enrol = AgentMsg::Enrol(EnrolRequest {
+            token: "t".into(),
+            csr_der: vec![0x30, 1, 2],
+            hostname: "h".into(),
+        });
         let mut authed = vec![1u8];
-        for m in [hello("m"), inventory.clone(), AgentMsg::Health(HealthReport::default()), AgentMsg::Drives(DriveReport::default()), over] {
+        for m in [
+            hello("m"),
+            inventory.clone(),
+            AgentMsg::Health(HealthReport::default()),
+            AgentMsg::Drives(DriveReport::default()),
+            over,
+        ] {
             authed.extend(encode(0, &m));
         }
         let mut unauthed = vec![0u8];
@@ -565,19 +735,36 @@ mod tests {
             unauthed.extend(encode(0, &m));
         }
         let mut long_hello = vec![1u8];
-        let AgentMsg::Hello(mut h) = hello("m") else { unreachable!() };
+        let AgentMsg::Hello(mut h) = hello("m") else {
+            unreachable!()
+        };
         h.agent_version = "v".repeat(limits::MAX_NAME_LEN + 1);
         long_hello.extend(encode(0, &AgentMsg::Hello(h)));
         let mut punch = vec![1u8];
         punch.extend(encode(0, &hello("m")));
-        punch.extend(encode(0, &AgentMsg::Punch(shoal_proto::Punch { peer: NodeId("n".repeat(65)), endpoints: vec![] })));
+        punch.extend(encode(
+            0,
+            &AgentMsg::Punch(shoal_proto::Punch {
+                peer: NodeId("n".repeat(65)),
+                endpoints: vec![],
+            }),
+        ));
         vec![authed, unauthed, long_hello, punch]
     }
 
     pub(crate) fn drive_seeds() -> Vec<Vec<u8>> {
-        let r1 = DriveReport { at: UnixMillis(1), drives: vec![drive("sda", "A", 10), drive("sdb", "B", 10)] };
-        let r2 = DriveReport { at: UnixMillis(2), drives: vec![drive("sda", "A", 20), drive("sdb", "C", 20)] };
-        let r3 = DriveReport { at: UnixMillis(3), drives: vec![drive("sda", "A", 30)] };
+        let r1 = DriveReport {
+            at: UnixMillis(1),
+            drives: vec![drive("sda", "A", 10), drive("sdb", "B", 10)],
+        };
+        let r2 = DriveReport {
+            at: UnixMillis(2),
+            drives: vec![drive("sda", "A", 20), drive("sdb", "C", 20)],
+        };
+        let r3 = DriveReport {
+            at: UnixMillis(3),
+            drives: vec![drive("sda", "A", 30)],
+        };
         let mut s = Vec::new();
         for (node, r) in [(0u8, &r1), (1, &r1), (0, &r2), (0, &r3), (1, &r3)] {
             s.extend(encode(node, r));
@@ -586,9 +773,14 @@ mod tests {
     }
 
     pub(crate) fn coordinator_seeds() -> Vec<Vec<u8>> {
-        let hello = OverlayHello { netmap_version: None, local_endpoints: vec!["10.0.0.9:7000".parse().unwrap()], nat: NatMapping::EndpointIndependent };
+        let hello = OverlayHello {
+            netmap_version: None,
+            local_endpoints: vec!["10.0.0.9:7000".parse().unwrap()],
+            nat: NatMapping::EndpointIndependent,
+        };
         let mut s = Vec::new();
-        // Three nodes known, joined to network 1, two to network 2, connecting, one leaving, one removed.
+        // Three nodes known, joined to network 1, two to network 2, connecting, one leaving, one
+        // removed.
         for i in 0..3u8 {
             s.extend([0, i | 0x40]);
             s.extend([1, i]);
@@ -619,66 +811,116 @@ mod tests {
 
     #[test]
     fn seeds_hold_their_properties_and_are_not_vacuous() {
-        let s: Vec<Seen> = session_seeds().iter().map(|s| session_messages(s)).collect();
-        assert!(s[0].count("registry_action") >= 3 && s[0].count("refused_over_limit") == 1, "{s:?}");
+        let s: Vec<Seen> = session_seeds()
+            .iter()
+            .map(|s| session_messages(s))
+            .collect();
+        assert!(
+            s[0].count("registry_action") >= 3 && s[0].count("refused_over_limit") == 1,
+            "{s:?}"
+        );
         assert_eq!(s[1].count("enrol"), 1, "{s:?}");
-        assert!(s[2].count("refused_over_limit") == 1 && s[3].count("refused_over_limit") == 1, "{s:?}");
+        assert!(
+            s[2].count("refused_over_limit") == 1 && s[3].count("refused_over_limit") == 1,
+            "{s:?}"
+        );
         let d = drive_reports(&drive_seeds()[0]);
-        assert!(d.count("ingested") == 5 && d.count("change") >= 4 && d.count("samples") >= 3, "{d:?}");
+        assert!(
+            d.count("ingested") == 5 && d.count("change") >= 4 && d.count("samples") >= 3,
+            "{d:?}"
+        );
         let c = coordinator_ops(&coordinator_seeds()[0]);
-        assert!(c.count("delta_applied") >= 3 && c.count("map_with_peers_checked") >= 3, "{c:?}");
+        assert!(
+            c.count("delta_applied") >= 3 && c.count("map_with_peers_checked") >= 3,
+            "{c:?}"
+        );
         let r = rollout_events(&rollout_seeds()[0]);
-        assert!(r.count("started") >= 1 && r.count("done") == 1 && r.count("restarted") >= 2 && r.count("succeeded") == 1, "{r:?}");
+        assert!(
+            r.count("started") >= 1
+                && r.count("done") == 1
+                && r.count("restarted") >= 2
+                && r.count("succeeded") == 1,
+            "{r:?}"
+        );
     }
 
-    /// What `cargo fuzz run drive_reports` found: a report naming one kernel name twice made the same
-    /// report produce a removal and an appearance every time. Such a report is now over a limit.
+    /// What `cargo fuzz run drive_reports` found: a report naming one kernel name twice made the
+    /// same report produce a removal and an appearance every time. Such a report is now over a
+    /// limit.
     #[test]
     fn a_drive_report_naming_a_device_twice_is_refused() {
-        let seen = drive_reports(include_bytes!("../fuzz/seeds/drive_reports/regression-duplicate-name"));
+        let seen = drive_reports(include_bytes!(
+            "../fuzz/seeds/drive_reports/regression-duplicate-name"
+        ));
         assert!(seen.count("over_limit") >= 1, "{seen:?}");
     }
 
-    /// Also found by `cargo fuzz run drive_reports`: a SMART read dated after year 9999 (the agent's
-    /// clock) made formatting the drive views panic, which failed `GET /v1/drives` for the whole fleet.
+    /// Also found by `cargo fuzz run drive_reports`: a SMART read dated after year 9999 (the
+    /// agent's clock) made formatting the drive views panic, which failed `GET /v1/drives` for the
+    /// whole fleet.
     #[test]
     fn a_drive_read_dated_after_year_9999_is_shown_not_fatal() {
-        let seen = drive_reports(include_bytes!("../fuzz/seeds/drive_reports/regression-year-10000"));
+        let seen = drive_reports(include_bytes!(
+            "../fuzz/seeds/drive_reports/regression-year-10000"
+        ));
         assert!(seen.count("ingested") >= 1, "{seen:?}");
-        assert_eq!(crate::view::rfc3339(u64::MAX), "18446744073709551615 ms after the Unix epoch");
-        assert_eq!(crate::view::rfc3339(253_402_300_799_000), "9999-12-31T23:59:59Z");
+        assert_eq!(
+            crate::view::rfc3339(u64::MAX),
+            "18446744073709551615 ms after the Unix epoch"
+        );
+        assert_eq!(
+            crate::view::rfc3339(253_402_300_799_000),
+            "9999-12-31T23:59:59Z"
+        );
     }
 
     #[test]
     fn mutated_session_messages_hold() {
         let seen = mutate_and_run(session_seeds(), 4000, session_messages);
-        assert!(seen.count("registry_action") > 100 && seen.count("refused_over_limit") > 100 && seen.count("enrol") > 100, "{seen:?}");
+        assert!(
+            seen.count("registry_action") > 100
+                && seen.count("refused_over_limit") > 100
+                && seen.count("enrol") > 100,
+            "{seen:?}"
+        );
     }
 
     #[test]
     fn mutated_drive_reports_hold() {
         let seen = mutate_and_run(drive_seeds(), 2000, drive_reports);
-        assert!(seen.count("ingested") > 1000 && seen.count("change") > 1000, "{seen:?}");
+        assert!(
+            seen.count("ingested") > 1000 && seen.count("change") > 1000,
+            "{seen:?}"
+        );
     }
 
     #[test]
     fn mutated_coordinator_ops_hold() {
         let seen = mutate_and_run(coordinator_seeds(), 3000, coordinator_ops);
-        assert!(seen.count("delta_applied") > 1000 && seen.count("map_with_peers_checked") > 1000, "{seen:?}");
+        assert!(
+            seen.count("delta_applied") > 1000 && seen.count("map_with_peers_checked") > 1000,
+            "{seen:?}"
+        );
     }
 
     #[test]
     fn mutated_rollout_events_hold() {
         let seen = mutate_and_run(rollout_seeds(), 3000, rollout_events);
-        assert!(seen.count("started") > 1000 && seen.count("restarted") > 100, "{seen:?}");
+        assert!(
+            seen.count("started") > 1000 && seen.count("restarted") > 100,
+            "{seen:?}"
+        );
     }
 
     /// Writes the seeds as corpus files for `cargo fuzz` into `controller/fuzz/seeds` (run by hand:
-    /// `SHOAL_FUZZ_CORPUS=$PWD/controller/fuzz/seeds cargo test -p shoal-controller --lib write_fuzz_corpus -- --ignored`).
+    /// `SHOAL_FUZZ_CORPUS=$PWD/controller/fuzz/seeds cargo test -p shoal-controller --lib
+    /// write_fuzz_corpus -- --ignored`).
     #[test]
     #[ignore = "writes files; run by hand to refresh the fuzz corpus"]
     fn write_fuzz_corpus() {
-        let Some(dir) = std::env::var_os("SHOAL_FUZZ_CORPUS") else { return };
+        let Some(dir) = std::env::var_os("SHOAL_FUZZ_CORPUS") else {
+            return;
+        };
         let dir = std::path::PathBuf::from(dir);
         for (target, seeds) in [
             ("session_messages", session_seeds()),

@@ -3,7 +3,8 @@
 //!
 //! - `GET /v1/enrolments/pending`, `POST /v1/enrolments/pending/{id}/approve|deny`;
 //! - `POST /v1/nodes/{id}/reenrol` ([`ReenrolRequest`]), `POST /v1/nodes/{id}/rotate-key`;
-//! - `GET /v1/nodes/{id}/certificates`, `POST /v1/certificates/{serial}/revoke` ([`RevokeCertRequest`]).
+//! - `GET /v1/nodes/{id}/certificates`, `POST /v1/certificates/{serial}/revoke`
+//!   ([`RevokeCertRequest`]).
 //!
 //! The rules themselves are in [`crate::enrolment`]; the records in [`crate::store`].
 
@@ -35,20 +36,30 @@ pub const DEFAULT_REENROL_TTL: Duration = Duration::from_secs(3600);
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Controller {
-    /// Revokes a certificate: stored first, then every connection that presented it is closed; when it
-    /// held the node's current key, a connected v5 node is asked to rotate at once.
-    pub fn revoke_certificate(&self, serial: &str, reason: &str) -> Result<Option<RevokedCertView>, StoreError> {
+    /// Revokes a certificate: stored first, then every connection that presented it is closed; when
+    /// it held the node's current key, a connected v5 node is asked to rotate at once.
+    pub fn revoke_certificate(
+        &self,
+        serial: &str,
+        reason: &str,
+    ) -> Result<Option<RevokedCertView>, StoreError> {
         let serial = normal_serial(serial);
-        let Some((rec, current)) = self.store.revoke_cert(&serial, reason, now_ms())? else { return Ok(None) };
+        let Some((rec, current)) = self.store.revoke_cert(&serial, reason, now_ms())? else {
+            return Ok(None);
+        };
         let mut closed = 0;
         let mut live = self.live();
         if let Some(conn) = live.conns.get(&rec.node) {
             if conn.serial == serial {
-                let _ = conn.revoke.send(Revoke::CertificateRefused(format!("certificate {serial} was revoked: {reason}")));
+                let _ = conn.revoke.send(Revoke::CertificateRefused(format!(
+                    "certificate {serial} was revoked: {reason}"
+                )));
                 live.conns.remove(&rec.node);
                 closed = 1;
             } else if current && conn.protocol >= Some(5) {
-                let _ = conn.tx.send(ControllerMsg::RotateKey { reason: format!("certificate {serial} of this key was revoked") });
+                let _ = conn.tx.send(ControllerMsg::RotateKey {
+                    reason: format!("certificate {serial} of this key was revoked"),
+                });
             }
         }
         drop(live);
@@ -58,16 +69,29 @@ impl Controller {
             }
         }
         info!(node = %rec.node, %serial, current_key = current, closed, "certificate revoked");
-        Ok(Some(RevokedCertView { serial, node: rec.node.0, rotation_required: current, closed_connections: closed }))
+        Ok(Some(RevokedCertView {
+            serial,
+            node: rec.node.0,
+            rotation_required: current,
+            closed_connections: closed,
+        }))
     }
 
-    /// Asks a node to rotate its key: now, if it is connected on protocol 5, else on its next session.
+    /// Asks a node to rotate its key: now, if it is connected on protocol 5, else on its next
+    /// session.
     pub fn request_key_rotation(&self, node: &NodeId) -> Result<bool, StoreError> {
         if !self.store.require_rotation(node, now_ms())? {
             return Ok(false);
         }
-        if let Some(conn) = self.live().conns.get(node).filter(|c| c.protocol >= Some(5)) {
-            let _ = conn.tx.send(ControllerMsg::RotateKey { reason: "an operator asked".into() });
+        if let Some(conn) = self
+            .live()
+            .conns
+            .get(node)
+            .filter(|c| c.protocol >= Some(5))
+        {
+            let _ = conn.tx.send(ControllerMsg::RotateKey {
+                reason: "an operator asked".into(),
+            });
         }
         Ok(true)
     }
@@ -78,7 +102,12 @@ impl Controller {
             .store
             .pending_enrolments()?
             .into_iter()
-            .filter(|p| now.0 < p.last_seen.0.saturating_add(crate::enrolment::PENDING_TTL_MS))
+            .filter(|p| {
+                now.0
+                    < p.last_seen
+                        .0
+                        .saturating_add(crate::enrolment::PENDING_TTL_MS)
+            })
             .map(|p| PendingView {
                 node_hostname: self.store.hostname_or_id(&p.node),
                 id: p.id,
@@ -142,26 +171,46 @@ async fn list_pending(State(ctl): State<Ctl>) -> Result<Json<Vec<PendingView>>, 
 
 async fn decide(ctl: Ctl, id: String, approve: bool) -> Result<Json<PendingView>, HttpError> {
     blocking(move || {
-        let decided = ctl.store.decide_pending(&id, approve, now_ms())?.ok_or_else(|| not_found(format!("pending request {id}")))?;
+        let decided = ctl
+            .store
+            .decide_pending(&id, approve, now_ms())?
+            .ok_or_else(|| not_found(format!("pending request {id}")))?;
         info!(request = %id, node = %decided.node, approve, "pending enrolment decided");
-        let view = ctl.pending_views()?.into_iter().find(|p| p.id == id).ok_or_else(|| not_found(format!("pending request {id}")))?;
+        let view = ctl
+            .pending_views()?
+            .into_iter()
+            .find(|p| p.id == id)
+            .ok_or_else(|| not_found(format!("pending request {id}")))?;
         Ok(Json(view))
     })
     .await
 }
 
-async fn approve(State(ctl): State<Ctl>, Path(id): Path<String>) -> Result<Json<PendingView>, HttpError> {
+async fn approve(
+    State(ctl): State<Ctl>,
+    Path(id): Path<String>,
+) -> Result<Json<PendingView>, HttpError> {
     decide(ctl, id, true).await
 }
 
-async fn deny(State(ctl): State<Ctl>, Path(id): Path<String>) -> Result<Json<PendingView>, HttpError> {
+async fn deny(
+    State(ctl): State<Ctl>,
+    Path(id): Path<String>,
+) -> Result<Json<PendingView>, HttpError> {
     decide(ctl, id, false).await
 }
 
-async fn reenrol(State(ctl): State<Ctl>, Path(id): Path<String>, Json(req): Json<ReenrolRequest>) -> Result<StatusCode, HttpError> {
+async fn reenrol(
+    State(ctl): State<Ctl>,
+    Path(id): Path<String>,
+    Json(req): Json<ReenrolRequest>,
+) -> Result<StatusCode, HttpError> {
     blocking(move || {
         let now = now_ms();
-        let ttl = req.ttl_secs.map(Duration::from_secs).unwrap_or(DEFAULT_REENROL_TTL);
+        let ttl = req
+            .ttl_secs
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_REENROL_TTL);
         let until = UnixMillis(now.0.saturating_add(ttl.as_millis() as u64));
         if !ctl.store.arm_reenrol(&NodeId(id.clone()), until, now)? {
             return Err(not_found(format!("node {id}")));
@@ -172,7 +221,10 @@ async fn reenrol(State(ctl): State<Ctl>, Path(id): Path<String>, Json(req): Json
     .await
 }
 
-async fn rotate_key(State(ctl): State<Ctl>, Path(id): Path<String>) -> Result<StatusCode, HttpError> {
+async fn rotate_key(
+    State(ctl): State<Ctl>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, HttpError> {
     blocking(move || {
         if !ctl.request_key_rotation(&NodeId(id.clone()))? {
             return Err(not_found(format!("node {id} (with a key binding)")));
@@ -182,7 +234,10 @@ async fn rotate_key(State(ctl): State<Ctl>, Path(id): Path<String>) -> Result<St
     .await
 }
 
-async fn certificates(State(ctl): State<Ctl>, Path(id): Path<String>) -> Result<Json<Vec<CertView>>, HttpError> {
+async fn certificates(
+    State(ctl): State<Ctl>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<CertView>>, HttpError> {
     blocking(move || {
         let node = NodeId(id.clone());
         if ctl.store.node(&node)?.is_none() {
@@ -199,8 +254,12 @@ async fn revoke(
     Json(req): Json<RevokeCertRequest>,
 ) -> Result<Json<RevokedCertView>, HttpError> {
     blocking(move || {
-        let reason = req.reason.unwrap_or_else(|| "revoked by an operator".into());
-        let done = ctl.revoke_certificate(&serial, &reason)?.ok_or_else(|| not_found(format!("unexpired certificate {serial}")))?;
+        let reason = req
+            .reason
+            .unwrap_or_else(|| "revoked by an operator".into());
+        let done = ctl
+            .revoke_certificate(&serial, &reason)?
+            .ok_or_else(|| not_found(format!("unexpired certificate {serial}")))?;
         Ok(Json(done))
     })
     .await

@@ -1,4 +1,5 @@
-//! shoal's controller: registry, CA, store, the agents' QUIC endpoint, the admin API, and `shoalctl`.
+//! shoal's controller: registry, CA, store, the agents' QUIC endpoint, the admin API, and
+//! `shoalctl`.
 //!
 //! Architecture Invariant: the controller never depends on agent code; it knows agents only through
 //! `shoal-proto` messages.
@@ -19,9 +20,9 @@ pub mod fuzzing;
 pub mod identity;
 pub mod liveness;
 pub mod maintenance;
+pub mod netboot;
 pub mod networks;
 pub mod overlay_hub;
-pub mod netboot;
 pub mod release_api;
 pub mod release_store;
 pub mod releases;

@@ -1,7 +1,7 @@
 //! Liveness from heartbeats, as a state machine with time passed in.
 //!
-//! A node is up while its heartbeats arrive; it is down once `missed` heartbeat intervals pass without
-//! one. The shell feeds heartbeats and calls [`Liveness::poll`] on a timer; both return the
+//! A node is up while its heartbeats arrive; it is down once `missed` heartbeat intervals pass
+//! without one. The shell feeds heartbeats and calls [`Liveness::poll`] on a timer; both return the
 //! transitions to record.
 
 use std::{
@@ -45,7 +45,10 @@ pub struct Liveness {
 impl Liveness {
     /// A node goes down after `missed` intervals of `interval` without a heartbeat.
     pub fn new(interval: Duration, missed: u32) -> Self {
-        Self { window: interval * missed.max(1), nodes: HashMap::new() }
+        Self {
+            window: interval * missed.max(1),
+            nodes: HashMap::new(),
+        }
     }
 
     /// How long a node may stay silent before it is down.
@@ -53,10 +56,16 @@ impl Liveness {
         self.window
     }
 
-    /// Seeds a node the store says was up before a restart: it stays up for one window from `now`, so a
-    /// restarted controller gives agents time to reconnect before declaring them down.
+    /// Seeds a node the store says was up before a restart: it stays up for one window from `now`,
+    /// so a restarted controller gives agents time to reconnect before declaring them down.
     pub fn assume_up(&mut self, node: NodeId, now: Instant) {
-        self.nodes.insert(node, Entry { last_heartbeat: now, up: true });
+        self.nodes.insert(
+            node,
+            Entry {
+                last_heartbeat: now,
+                up: true,
+            },
+        );
     }
 
     /// Records a heartbeat.
@@ -67,7 +76,13 @@ impl Liveness {
                 (!std::mem::replace(&mut e.up, true)).then(|| Transition::Up(node.clone()))
             }
             None => {
-                self.nodes.insert(node.clone(), Entry { last_heartbeat: now, up: true });
+                self.nodes.insert(
+                    node.clone(),
+                    Entry {
+                        last_heartbeat: now,
+                        up: true,
+                    },
+                );
                 Some(Transition::Up(node.clone()))
             }
         }
@@ -94,7 +109,11 @@ impl Liveness {
 
     /// When the next node would go down, for the shell's timer.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.nodes.values().filter(|e| e.up).map(|e| e.last_heartbeat + self.window).min()
+        self.nodes
+            .values()
+            .filter(|e| e.up)
+            .map(|e| e.last_heartbeat + self.window)
+            .min()
     }
 }
 
@@ -117,7 +136,10 @@ mod tests {
         assert_eq!(l.next_deadline(), Some(t0 + 40 * sec));
         assert_eq!(l.poll(t0 + 41 * sec), vec![Transition::Down(id("a"))]);
         assert_eq!(l.poll(t0 + 50 * sec), vec![], "down is reported once");
-        assert_eq!(l.heartbeat(&id("a"), t0 + 51 * sec), Some(Transition::Up(id("a"))));
+        assert_eq!(
+            l.heartbeat(&id("a"), t0 + 51 * sec),
+            Some(Transition::Up(id("a")))
+        );
     }
 
     #[test]
@@ -126,8 +148,14 @@ mod tests {
         let mut l = Liveness::new(Duration::from_secs(1), 2);
         l.heartbeat(&id("a"), t0);
         l.heartbeat(&id("b"), t0 + Duration::from_millis(1500));
-        assert_eq!(l.poll(t0 + Duration::from_millis(2500)), vec![Transition::Down(id("a"))]);
-        assert_eq!(l.poll(t0 + Duration::from_millis(3600)), vec![Transition::Down(id("b"))]);
+        assert_eq!(
+            l.poll(t0 + Duration::from_millis(2500)),
+            vec![Transition::Down(id("a"))]
+        );
+        assert_eq!(
+            l.poll(t0 + Duration::from_millis(3600)),
+            vec![Transition::Down(id("b"))]
+        );
     }
 
     #[test]
@@ -135,7 +163,11 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Liveness::new(Duration::from_secs(1), 3);
         l.assume_up(id("a"), t0);
-        assert_eq!(l.heartbeat(&id("a"), t0 + Duration::from_secs(1)), None, "still up: no event");
+        assert_eq!(
+            l.heartbeat(&id("a"), t0 + Duration::from_secs(1)),
+            None,
+            "still up: no event"
+        );
         l.forget(&id("a"));
         assert_eq!(l.poll(t0 + Duration::from_secs(100)), vec![]);
     }

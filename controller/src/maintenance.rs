@@ -1,6 +1,6 @@
-//! The controller's maintenance shell: windows, disruption budgets and rollouts in the store, and the
-//! rollout driver that feeds the sans-IO planner ([`crate::rollout`]) and carries out its actions
-//! through a [`NodeUpgrader`].
+//! The controller's maintenance shell: windows, disruption budgets and rollouts in the store, and
+//! the rollout driver that feeds the sans-IO planner ([`crate::rollout`]) and carries out its
+//! actions through a [`NodeUpgrader`].
 //!
 //! Trees:
 //!
@@ -11,21 +11,23 @@
 //! | `rollouts` | rollout id (`r1`, `r2`, …) | [`Rollout`] (the planner's whole state) |
 //! | `failed_versions` | node id ‖ 0 ‖ target (`agent 1.2.0`) | [`FailedVersion`] |
 //!
-//! **Persist, then act.** Every change of a rollout (a poll, a node's report, an operator's command) is
-//! written together with its events (and the failures to remember) in one sled transaction, flushed,
-//! and only then are the planner's actions carried out. A crash between the two loses at most commands
-//! that [`Rollout::resend_after_restart`] repeats at the first tick after a restart.
+//! **Persist, then act.** Every change of a rollout (a poll, a node's report, an operator's
+//! command) is written together with its events (and the failures to remember) in one sled
+//! transaction, flushed, and only then are the planner's actions carried out. A crash between the
+//! two loses at most commands that [`Rollout::resend_after_restart`] repeats at the first tick
+//! after a restart.
 //!
-//! **The driver** ([`run_driver`]) is one task per controller. Every [`ControllerConfig::rollout_tick`]
-//! (default 5 s), and at once when an operator acts, it polls every rollout that is not finished: it
-//! builds the [`Fleet`] from the store's node records (labels, the agent's reported version), the live
-//! connections (up = has a control connection) and the other rollouts (a node in flight in another
-//! rollout is busy), reads the budgets and the rollout's window, feeds the planner the nodes that came
-//! back on the target (or on their old version after a roll-back), then polls it.
+//! **The driver** ([`run_driver`]) is one task per controller. Every
+//! [`ControllerConfig::rollout_tick`] (default 5 s), and at once when an operator acts, it polls
+//! every rollout that is not finished: it builds the [`Fleet`] from the store's node records
+//! (labels, the agent's reported version), the live connections (up = has a control connection) and
+//! the other rollouts (a node in flight in another rollout is busy), reads the budgets and the
+//! rollout's window, feeds the planner the nodes that came back on the target (or on their old
+//! version after a roll-back), then polls it.
 //!
-//! **Clock.** The driver reads [`RolloutClock`], the wall clock plus an offset that is zero unless a
-//! test sets it (a documented test hook: it moves only the rollout driver's "now", e.g. into or out of
-//! a window; nothing else in the controller reads it).
+//! **Clock.** The driver reads [`RolloutClock`], the wall clock plus an offset that is zero unless
+//! a test sets it (a documented test hook: it moves only the rollout driver's "now", e.g. into or
+//! out of a window; nothing else in the controller reads it).
 //!
 //! [`ControllerConfig::rollout_tick`]: crate::server::ControllerConfig::rollout_tick
 
@@ -47,8 +49,8 @@ use tracing::{info, warn};
 use crate::{
     networks::{parse_selector, selector_matches, selector_text},
     rollout::{
-        Action, Budget, Command, Event, Failure, Fleet, NodePhase, Observed, ReportedHealth, Rollout, RolloutError,
-        RolloutSpec, RolloutState, Target,
+        Action, Budget, Command, Event, Failure, Fleet, NodePhase, Observed, ReportedHealth,
+        Rollout, RolloutError, RolloutSpec, RolloutState, Target,
     },
     server::{now_ms, Controller},
     store::{decode, encode, finish, EventKind, NodeRecord, Store, StoreError},
@@ -68,15 +70,15 @@ const WINDOWS: &str = "windows";
 const BUDGETS: &str = "budgets";
 const ROLLOUTS: &str = "rollouts";
 const FAILED_VERSIONS: &str = "failed_versions";
-/// The per-node deadline of a maintenance action run unless `--deadline` says otherwise: the agent's
-/// default `--maintenance-timeout` (30 min) plus hooks and a reboot.
+/// The per-node deadline of a maintenance action run unless `--deadline` says otherwise: the
+/// agent's default `--maintenance-timeout` (30 min) plus hooks and a reboot.
 pub const ACTION_DEADLINE: Duration = Duration::from_secs(45 * 60);
 
 /// The rollout driver's clock: the wall clock plus an offset.
 ///
-/// **Test hook.** The offset is 0 in production. Tests set it ([`RolloutClock::set_offset`]) to move
-/// the rollout driver's "now" into or out of a window without waiting for it; only the rollout driver
-/// reads this clock.
+/// **Test hook.** The offset is 0 in production. Tests set it ([`RolloutClock::set_offset`]) to
+/// move the rollout driver's "now" into or out of a window without waiting for it; only the rollout
+/// driver reads this clock.
 #[derive(Debug, Clone, Default)]
 pub struct RolloutClock {
     offset_ms: Arc<AtomicI64>,
@@ -86,7 +88,10 @@ impl RolloutClock {
     /// The driver's now.
     pub fn now(&self) -> UnixMillis {
         let wall = now_ms().0 as i64;
-        UnixMillis(wall.saturating_add(self.offset_ms.load(Ordering::SeqCst)).max(0) as u64)
+        UnixMillis(
+            wall.saturating_add(self.offset_ms.load(Ordering::SeqCst))
+                .max(0) as u64,
+        )
     }
 
     /// Test hook: the driver's now becomes the wall clock plus `offset_ms`.
@@ -122,30 +127,42 @@ pub enum UpgradeError {
 
 /// Carries out the planner's commands for one kind of [`Target`]: the interface between the rollout
 /// driver and whatever actually changes a node (agent self-update over protocol v4, netboot image
-/// assignment and reboot). Both calls must be idempotent at the node: after a controller restart the
-/// driver repeats the ones a crash may have lost.
+/// assignment and reboot). Both calls must be idempotent at the node: after a controller restart
+/// the driver repeats the ones a crash may have lost.
 ///
-/// The driver learns the outcome by observation (the node's reported version on a live connection, see
-/// the module docs) and through [`Controller::rollout_event`] (acknowledgements, health reports,
-/// refusals), not from these return values; an `Err` from `begin` means the command did not go out,
-/// and the node is failed as refused (it did not change).
+/// The driver learns the outcome by observation (the node's reported version on a live connection,
+/// see the module docs) and through [`Controller::rollout_event`] (acknowledgements, health
+/// reports, refusals), not from these return values; an `Err` from `begin` means the command did
+/// not go out, and the node is failed as refused (it did not change).
 pub trait NodeUpgrader: Send + Sync + fmt::Debug {
-    /// Start putting `node` on `target` (agent: send the signed release; image: assign it and reboot).
+    /// Start putting `node` on `target` (agent: send the signed release; image: assign it and
+    /// reboot).
     fn begin(&self, node: &NodeId, target: &Target) -> Result<(), UpgradeError>;
-    /// [`NodeUpgrader::begin`] with the rollout's options (the driver calls this one). Upgraders that
-    /// have no use for them keep this default.
-    fn begin_with(&self, node: &NodeId, target: &Target, options: &BeginOptions) -> Result<(), UpgradeError> {
+    /// [`NodeUpgrader::begin`] with the rollout's options (the driver calls this one). Upgraders
+    /// that have no use for them keep this default.
+    fn begin_with(
+        &self,
+        node: &NodeId,
+        target: &Target,
+        options: &BeginOptions,
+    ) -> Result<(), UpgradeError> {
         let _ = options;
         self.begin(node, target)
     }
     /// Put `node` back on `to` (its version before `target`, if known).
-    fn roll_back(&self, node: &NodeId, to: Option<&str>, target: &Target) -> Result<(), UpgradeError>;
+    fn roll_back(
+        &self,
+        node: &NodeId,
+        to: Option<&str>,
+        target: &Target,
+    ) -> Result<(), UpgradeError>;
 }
 
 /// What a rollout lets its nodes do, passed with every begin.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BeginOptions {
-    /// The node may go to an older version than it runs ([`Rollout::allow_downgrade`]). Default false.
+    /// The node may go to an older version than it runs ([`Rollout::allow_downgrade`]). Default
+    /// false.
     pub allow_downgrade: bool,
 }
 
@@ -289,7 +306,9 @@ pub struct Maintenance {
 
 impl fmt::Debug for Maintenance {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Maintenance").field("clock", &self.clock).finish_non_exhaustive()
+        f.debug_struct("Maintenance")
+            .field("clock", &self.clock)
+            .finish_non_exhaustive()
     }
 }
 
@@ -300,10 +319,13 @@ fn failed_key(node: &NodeId, target: &Target) -> Vec<u8> {
     k
 }
 
-/// A stored rollout, of the current layout or the one before `allow_downgrade` ([`Rollout::from_stored`]).
+/// A stored rollout, of the current layout or the one before `allow_downgrade`
+/// ([`Rollout::from_stored`]).
 fn decode_rollout(key: &[u8], value: &[u8]) -> Result<Rollout, StoreError> {
-    Rollout::from_stored(value)
-        .map_err(|e| StoreError::Corrupt { key: format!("{ROLLOUTS}/{}", String::from_utf8_lossy(key)), cause: e.to_string() })
+    Rollout::from_stored(value).map_err(|e| StoreError::Corrupt {
+        key: format!("{ROLLOUTS}/{}", String::from_utf8_lossy(key)),
+        cause: e.to_string(),
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -315,10 +337,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub fn observed_version(target: &Target, rec: &NodeRecord) -> Option<String> {
     match target {
         Target::Agent(_) => Some(rec.agent_version.clone()).filter(|v| !v.is_empty()),
-        Target::Image(_) => rec
-            .inventory
-            .as_ref()
-            .and_then(|i| i.os.strip_prefix("shoal netboot image ").map(|v| v.trim().to_owned())),
+        Target::Image(_) => rec.inventory.as_ref().and_then(|i| {
+            i.os.strip_prefix("shoal netboot image ")
+                .map(|v| v.trim().to_owned())
+        }),
         // An action installs nothing: success is reported by its executor, never observed.
         Target::Action(_) => None,
         #[allow(unreachable_patterns)]
@@ -358,14 +380,22 @@ impl Maintenance {
     }
 
     /// Writes one record (or deletes it) with an event, in one transaction; flushed.
-    fn write_with_event(&self, tree: &sled::Tree, key: &[u8], value: Option<Vec<u8>>, ev: PendingEvent, now: UnixMillis) -> Result<(), StoreError> {
+    fn write_with_event(
+        &self,
+        tree: &sled::Tree,
+        key: &[u8],
+        value: Option<Vec<u8>>,
+        ev: PendingEvent,
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
         self.store.check_space()?;
         let event = finish((tree, &self.store.inner.events).transaction(|(t, events)| {
             match &value {
                 Some(v) => t.insert(key, v.as_slice())?,
                 None => t.remove(key)?,
             };
-            self.store.tx_event::<StoreError>(events, ev.0, ev.1.as_ref(), &ev.2, now)
+            self.store
+                .tx_event::<StoreError>(events, ev.0, ev.1.as_ref(), &ev.2, now)
         }))?;
         self.store.flush()?;
         self.store.after_event(event.seq)
@@ -375,8 +405,8 @@ impl Maintenance {
     // Windows
     // ---------------------------------------------------------------------------------------------
 
-    /// All windows, by name. A record that no longer parses (its zone left the tzdb) is logged and left
-    /// out; rollouts treat its name as always closed.
+    /// All windows, by name. A record that no longer parses (its zone left the tzdb) is logged and
+    /// left out; rollouts treat its name as always closed.
     pub fn windows(&self) -> Result<Vec<Window>, StoreError> {
         let mut out = Vec::new();
         for item in self.windows.iter() {
@@ -384,7 +414,9 @@ impl Maintenance {
             let rec: WindowRecord = decode(WINDOWS, &key, &value)?;
             match Window::from_record(rec) {
                 Ok(w) => out.push(w),
-                Err(e) => warn!(window = %String::from_utf8_lossy(&key), cause = %e, "stored window no longer parses; treated as closed"),
+                Err(e) => {
+                    warn!(window = %String::from_utf8_lossy(&key), cause = %e, "stored window no longer parses; treated as closed")
+                }
             }
         }
         Ok(out)
@@ -403,11 +435,17 @@ impl Maintenance {
         }
     }
 
-    /// Stores a new window (checked to open at least once after `now`) with a `window_created` event.
+    /// Stores a new window (checked to open at least once after `now`) with a `window_created`
+    /// event.
     pub fn create_window(&self, window: &Window, now: UnixMillis) -> Result<(), MaintError> {
         window.check_opens(now)?;
         let _g = lock(&self.lock);
-        if self.windows.get(window.name().as_bytes()).map_err(StoreError::from)?.is_some() {
+        if self
+            .windows
+            .get(window.name().as_bytes())
+            .map_err(StoreError::from)?
+            .is_some()
+        {
             return Err(MaintError::WindowExists(window.name().to_owned()));
         }
         let r = window.record();
@@ -417,27 +455,54 @@ impl Maintenance {
             r.schedule,
             humantime::format_duration(window.duration()),
             r.tz,
-            window.selector_text().map(|s| format!(", for {s}")).unwrap_or_default()
+            window
+                .selector_text()
+                .map(|s| format!(", for {s}"))
+                .unwrap_or_default()
         );
         let value = encode("window", r)?;
-        self.write_with_event(&self.windows, r.name.as_bytes(), Some(value), (EventKind::WindowCreated, None, msg), now)?;
+        self.write_with_event(
+            &self.windows,
+            r.name.as_bytes(),
+            Some(value),
+            (EventKind::WindowCreated, None, msg),
+            now,
+        )?;
         info!(window = %r.name, schedule = %r.schedule, tz = %r.tz, "window created");
         Ok(())
     }
 
-    /// Deletes a window with a `window_deleted` event; refused while an unfinished rollout names it.
+    /// Deletes a window with a `window_deleted` event; refused while an unfinished rollout names
+    /// it.
     pub fn delete_window(&self, name: &str, now: UnixMillis) -> Result<WindowRecord, MaintError> {
         let _g = lock(&self.lock);
-        let rec: WindowRecord = match self.windows.get(name.as_bytes()).map_err(StoreError::from)? {
+        let rec: WindowRecord = match self
+            .windows
+            .get(name.as_bytes())
+            .map_err(StoreError::from)?
+        {
             Some(v) => decode(WINDOWS, name.as_bytes(), &v)?,
             None => return Err(MaintError::UnknownWindow(name.to_owned())),
         };
         for r in self.rollouts()? {
             if !r.is_finished() && r.spec().window.as_deref() == Some(name) {
-                return Err(MaintError::WindowInUse { window: name.to_owned(), rollout: r.id().to_owned() });
+                return Err(MaintError::WindowInUse {
+                    window: name.to_owned(),
+                    rollout: r.id().to_owned(),
+                });
             }
         }
-        self.write_with_event(&self.windows, name.as_bytes(), None, (EventKind::WindowDeleted, None, format!("window {name} deleted")), now)?;
+        self.write_with_event(
+            &self.windows,
+            name.as_bytes(),
+            None,
+            (
+                EventKind::WindowDeleted,
+                None,
+                format!("window {name} deleted"),
+            ),
+            now,
+        )?;
         info!(window = %name, "window deleted");
         Ok(rec)
     }
@@ -457,15 +522,30 @@ impl Maintenance {
     }
 
     /// Sets (or replaces) the budget of a label group, with a `budget_set` event.
-    pub fn set_budget(&self, selector: &str, max_unavailable: u32, now: UnixMillis) -> Result<Budget, MaintError> {
-        let selector = parse_selector(selector).map_err(|_| MaintError::BadSelector(selector.to_owned()))?;
+    pub fn set_budget(
+        &self,
+        selector: &str,
+        max_unavailable: u32,
+        now: UnixMillis,
+    ) -> Result<Budget, MaintError> {
+        let selector =
+            parse_selector(selector).map_err(|_| MaintError::BadSelector(selector.to_owned()))?;
         if max_unavailable == 0 {
             return Err(MaintError::ZeroBudget);
         }
         let key = selector_text(&selector);
-        let budget = Budget { selector, max_unavailable };
+        let budget = Budget {
+            selector,
+            max_unavailable,
+        };
         let msg = format!("disruption budget for {key}: at most {max_unavailable} unavailable");
-        self.write_with_event(&self.budgets, key.as_bytes(), Some(encode("budget", &budget)?), (EventKind::BudgetSet, None, msg), now)?;
+        self.write_with_event(
+            &self.budgets,
+            key.as_bytes(),
+            Some(encode("budget", &budget)?),
+            (EventKind::BudgetSet, None, msg),
+            now,
+        )?;
         info!(selector = %key, max_unavailable, "budget set");
         self.wake.notify_one();
         Ok(budget)
@@ -473,13 +553,24 @@ impl Maintenance {
 
     /// Deletes a budget, with a `budget_deleted` event.
     pub fn delete_budget(&self, selector: &str, now: UnixMillis) -> Result<Budget, MaintError> {
-        let sel = parse_selector(selector).map_err(|_| MaintError::BadSelector(selector.to_owned()))?;
+        let sel =
+            parse_selector(selector).map_err(|_| MaintError::BadSelector(selector.to_owned()))?;
         let key = selector_text(&sel);
         let old: Budget = match self.budgets.get(key.as_bytes()).map_err(StoreError::from)? {
             Some(v) => decode(BUDGETS, key.as_bytes(), &v)?,
             None => return Err(MaintError::UnknownBudget(key)),
         };
-        self.write_with_event(&self.budgets, key.as_bytes(), None, (EventKind::BudgetDeleted, None, format!("disruption budget for {key} deleted")), now)?;
+        self.write_with_event(
+            &self.budgets,
+            key.as_bytes(),
+            None,
+            (
+                EventKind::BudgetDeleted,
+                None,
+                format!("disruption budget for {key} deleted"),
+            ),
+            now,
+        )?;
         info!(selector = %key, "budget deleted");
         Ok(old)
     }
@@ -504,7 +595,9 @@ impl Maintenance {
         if id == "current" {
             let all = self.rollouts()?;
             let pick = all.iter().rev().find(|r| !r.is_finished()).or(all.last());
-            return pick.cloned().ok_or_else(|| MaintError::UnknownRollout("is active".into()));
+            return pick
+                .cloned()
+                .ok_or_else(|| MaintError::UnknownRollout("is active".into()));
         }
         match self.rollouts.get(id.as_bytes()).map_err(StoreError::from)? {
             Some(v) => Ok(decode_rollout(id.as_bytes(), &v)?),
@@ -538,15 +631,24 @@ impl Maintenance {
         Ok(out)
     }
 
-    /// Stores `after` with the events that describe what changed since `before` (and `extra`), and the
-    /// failures to remember; one transaction, flushed. Call before carrying out `actions`.
-    fn save(&self, before: Option<&Rollout>, after: &Rollout, actions: &[Action], extra: Vec<PendingEvent>, now: UnixMillis) -> Result<(), StoreError> {
+    /// Stores `after` with the events that describe what changed since `before` (and `extra`), and
+    /// the failures to remember; one transaction, flushed. Call before carrying out `actions`.
+    fn save(
+        &self,
+        before: Option<&Rollout>,
+        after: &Rollout,
+        actions: &[Action],
+        extra: Vec<PendingEvent>,
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
         let mut events = extra;
         events.extend(describe(before, after, actions));
         let mut failed = Vec::new();
         for (node, phase) in after.nodes() {
             if let NodePhase::Failed { failure, at, .. } = phase {
-                let was_failed = before.and_then(|b| b.phase(node)).is_some_and(|p| matches!(p, NodePhase::Failed { .. }));
+                let was_failed = before
+                    .and_then(|b| b.phase(node))
+                    .is_some_and(|p| matches!(p, NodePhase::Failed { .. }));
                 if !was_failed && after.spec().target.remembers_failures() {
                     let rec = FailedVersion {
                         node: node.clone(),
@@ -555,23 +657,34 @@ impl Maintenance {
                         failure: failure.clone(),
                         at: *at,
                     };
-                    failed.push((failed_key(node, &after.spec().target), encode("failed version", &rec)?));
+                    failed.push((
+                        failed_key(node, &after.spec().target),
+                        encode("failed version", &rec)?,
+                    ));
                 }
             }
         }
         let value = encode("rollout", after)?;
         self.store.check_space()?;
-        let last = finish((&self.rollouts, &self.failed, &self.store.inner.events).transaction(|(rollouts, failed_t, ev)| {
-            rollouts.insert(after.id().as_bytes(), value.as_slice())?;
-            for (k, v) in &failed {
-                failed_t.insert(k.as_slice(), v.as_slice())?;
-            }
-            let mut last = None;
-            for (kind, node, msg) in &events {
-                last = Some(self.store.tx_event::<StoreError>(ev, *kind, node.as_ref(), msg, now)?.seq);
-            }
-            Ok(last)
-        }))?;
+        let last = finish(
+            (&self.rollouts, &self.failed, &self.store.inner.events).transaction(
+                |(rollouts, failed_t, ev)| {
+                    rollouts.insert(after.id().as_bytes(), value.as_slice())?;
+                    for (k, v) in &failed {
+                        failed_t.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    let mut last = None;
+                    for (kind, node, msg) in &events {
+                        last = Some(
+                            self.store
+                                .tx_event::<StoreError>(ev, *kind, node.as_ref(), msg, now)?
+                                .seq,
+                        );
+                    }
+                    Ok(last)
+                },
+            ),
+        )?;
         self.store.flush()?;
         if let Some(seq) = last {
             self.store.after_event(seq)?;
@@ -581,7 +694,9 @@ impl Maintenance {
 }
 
 fn rollout_number(id: &str) -> u64 {
-    id.strip_prefix('r').and_then(|n| n.parse().ok()).unwrap_or(0)
+    id.strip_prefix('r')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The events for a rollout's change from `before` to `after`.
@@ -626,18 +741,32 @@ fn describe(before: Option<&Rollout>, after: &Rollout, actions: &[Action]) -> Ve
     }
     for a in actions {
         match a {
-            Action::Paused { reason } => out.push((EventKind::RolloutPaused, None, format!("rollout {id} paused: {reason}"))),
-            Action::Done { succeeded, failed, skipped } => out.push((
+            Action::Paused { reason } => out.push((
+                EventKind::RolloutPaused,
+                None,
+                format!("rollout {id} paused: {reason}"),
+            )),
+            Action::Done {
+                succeeded,
+                failed,
+                skipped,
+            } => out.push((
                 EventKind::RolloutDone,
                 None,
-                format!("rollout {id} done: {succeeded} succeeded, {failed} failed, {skipped} skipped"),
+                format!(
+                    "rollout {id} done: {succeeded} succeeded, {failed} failed, {skipped} skipped"
+                ),
             )),
             _ => {}
         }
     }
     if let (Some(b), RolloutState::Aborted { .. }) = (before, after.state()) {
         if after.is_finished() && !b.is_finished() {
-            out.push((EventKind::RolloutDone, None, format!("rollout {id} aborted; nothing in flight any more")));
+            out.push((
+                EventKind::RolloutDone,
+                None,
+                format!("rollout {id} aborted; nothing in flight any more"),
+            ));
         }
     }
     out
@@ -674,9 +803,9 @@ impl Controller {
         self.maint.set_upgrader(kind, upgrader);
     }
 
-    /// Starts a rollout: the node set is the fleet's nodes matching the selector, now; nodes on which
-    /// the target failed before are skipped. Persisted with a `rollout_started` event; the driver
-    /// starts nodes at its next tick (woken at once).
+    /// Starts a rollout: the node set is the fleet's nodes matching the selector, now; nodes on
+    /// which the target failed before are skipped. Persisted with a `rollout_started` event; the
+    /// driver starts nodes at its next tick (woken at once).
     pub fn start_rollout(&self, req: StartRequest) -> Result<Rollout, MaintError> {
         let m = &self.maint;
         let kind = match req.target {
@@ -699,29 +828,59 @@ impl Controller {
             self.netboot
                 .images
                 .get(v)
-                .map_err(|e| MaintError::UnknownImage { version: v.clone(), cause: e.to_string() })?;
+                .map_err(|e| MaintError::UnknownImage {
+                    version: v.clone(),
+                    cause: e.to_string(),
+                })?;
         }
         let nodes: Vec<NodeRecord> = self
             .store
             .nodes()?
             .into_iter()
-            .filter(|n| req.selector.as_ref().is_none_or(|(k, v)| selector_matches(k, v, &n.labels)))
+            .filter(|n| {
+                req.selector
+                    .as_ref()
+                    .is_none_or(|(k, v)| selector_matches(k, v, &n.labels))
+            })
             .collect();
         if let Some(name) = &req.window {
-            let w = m.window(name)?.ok_or_else(|| MaintError::UnknownWindow(name.clone()))?;
-            let outside: Vec<String> = nodes.iter().filter(|n| !w.applies_to(&n.labels)).map(|n| n.id.0.clone()).collect();
+            let w = m
+                .window(name)?
+                .ok_or_else(|| MaintError::UnknownWindow(name.clone()))?;
+            let outside: Vec<String> = nodes
+                .iter()
+                .filter(|n| !w.applies_to(&n.labels))
+                .map(|n| n.id.0.clone())
+                .collect();
             if !outside.is_empty() {
-                return Err(MaintError::OutsideWindow { window: name.clone(), selector: w.selector_text().unwrap_or_default(), nodes: outside });
+                return Err(MaintError::OutsideWindow {
+                    window: name.clone(),
+                    selector: w.selector_text().unwrap_or_default(),
+                    nodes: outside,
+                });
             }
         }
         let _g = lock(&m.lock);
         let all = m.rollouts()?;
         for r in all.iter().filter(|r| !r.is_finished()) {
-            if let Some(n) = nodes.iter().find(|n| r.phase(&n.id).is_some_and(|p| !p.settled())) {
-                return Err(MaintError::Overlap { rollout: r.id().to_owned(), node: n.id.0.clone() });
+            if let Some(n) = nodes
+                .iter()
+                .find(|n| r.phase(&n.id).is_some_and(|p| !p.settled()))
+            {
+                return Err(MaintError::Overlap {
+                    rollout: r.id().to_owned(),
+                    node: n.id.0.clone(),
+                });
             }
         }
-        let id = format!("r{}", all.iter().map(|r| rollout_number(r.id())).max().unwrap_or(0) + 1);
+        let id = format!(
+            "r{}",
+            all.iter()
+                .map(|r| rollout_number(r.id()))
+                .max()
+                .unwrap_or(0)
+                + 1
+        );
         let mut spec = RolloutSpec::new(req.target.clone());
         spec.selector = req.selector.clone();
         spec.max_unavailable = req.max_unavailable;
@@ -731,31 +890,47 @@ impl Controller {
             spec.upgrade_deadline = d;
             spec.rollback_deadline = d;
         } else if matches!(req.target, Target::Action(_)) {
-            // The agent's own --maintenance-timeout is 30 min by default; hooks and a reboot on top.
+            // The agent's own --maintenance-timeout is 30 min by default; hooks and a reboot on
+            // top.
             spec.upgrade_deadline = ACTION_DEADLINE;
         }
         let now = m.clock.now();
         let mut failed_before = m.failed_before(&req.target)?;
         if req.allow_downgrade {
             // A node that refused this version only because the rollout did not allow a downgrade
-            // (its latest report says so) is not skipped by one that does: its remembered failure is
-            // forgotten, as `upgrade retry` would.
+            // (its latest report says so) is not skipped by one that does: its remembered failure
+            // is forgotten, as `upgrade retry` would.
             let lacked_permission: Vec<NodeId> = failed_before
                 .iter()
                 .filter(|n| {
-                    self.agent_update(n).and_then(|u| u.report).is_some_and(|r| {
-                        r.attempted.as_deref() == Some(req.target.version()) && matches!(r.failure, Some(shoal_proto::UpdateFailure::Downgrade { .. }))
-                    })
+                    self.agent_update(n)
+                        .and_then(|u| u.report)
+                        .is_some_and(|r| {
+                            r.attempted.as_deref() == Some(req.target.version())
+                                && matches!(
+                                    r.failure,
+                                    Some(shoal_proto::UpdateFailure::Downgrade { .. })
+                                )
+                        })
                 })
                 .cloned()
                 .collect();
             for n in lacked_permission {
                 m.store.check_space()?;
-                m.failed.remove(failed_key(&n, &req.target)).map_err(StoreError::from)?;
+                m.failed
+                    .remove(failed_key(&n, &req.target))
+                    .map_err(StoreError::from)?;
                 failed_before.remove(&n);
             }
         }
-        let rollout = Rollout::new(id.clone(), spec, nodes.iter().map(|n| n.id.clone()), &failed_before, now)?.allowing_downgrade(req.allow_downgrade);
+        let rollout = Rollout::new(
+            id.clone(),
+            spec,
+            nodes.iter().map(|n| n.id.clone()),
+            &failed_before,
+            now,
+        )?
+        .allowing_downgrade(req.allow_downgrade);
         let msg = format!(
             "rollout {id} started: {} on {} node(s){}, max {} unavailable, pause after {} failure(s), {}{}",
             req.target,
@@ -766,7 +941,13 @@ impl Controller {
             req.window.as_ref().map(|w| format!("in window {w}")).unwrap_or_else(|| "now".into()),
             if req.allow_downgrade { ", downgrades allowed" } else { "" },
         );
-        m.save(None, &rollout, &[], vec![(EventKind::RolloutStarted, None, msg)], now)?;
+        m.save(
+            None,
+            &rollout,
+            &[],
+            vec![(EventKind::RolloutStarted, None, msg)],
+            now,
+        )?;
         // Nothing of it can have been lost by a restart.
         lock(&m.resent).insert(id.clone());
         info!(rollout = %id, target = %req.target, nodes = rollout.nodes().len(), "rollout started");
@@ -775,8 +956,8 @@ impl Controller {
         Ok(rollout)
     }
 
-    /// An operator's command on a rollout (`current` for the newest active one). `Retry` also forgets the
-    /// remembered failure of the target on that node.
+    /// An operator's command on a rollout (`current` for the newest active one). `Retry` also
+    /// forgets the remembered failure of the target on that node.
     pub fn rollout_command(&self, id: &str, command: Command) -> Result<Rollout, MaintError> {
         let m = &self.maint;
         let _g = lock(&m.lock);
@@ -787,7 +968,10 @@ impl Controller {
         let (kind, what) = match &command {
             Command::Pause => (EventKind::RolloutPaused, "paused by an operator".to_owned()),
             Command::Resume => (EventKind::RolloutResumed, "resumed".to_owned()),
-            Command::Abort => (EventKind::RolloutAborted, "aborted; nodes in flight finish".to_owned()),
+            Command::Abort => (
+                EventKind::RolloutAborted,
+                "aborted; nodes in flight finish".to_owned(),
+            ),
             Command::Retry(n) => (EventKind::RolloutResumed, format!("retries {n}")),
         };
         let node = match &command {
@@ -795,13 +979,24 @@ impl Controller {
             _ => None,
         };
         // A pause by an operator comes back as an action too; the explicit event is enough.
-        let actions: Vec<Action> = actions.into_iter().filter(|a| !matches!(a, Action::Paused { .. })).collect();
+        let actions: Vec<Action> = actions
+            .into_iter()
+            .filter(|a| !matches!(a, Action::Paused { .. }))
+            .collect();
         if before != after {
             if let Command::Retry(n) = &command {
                 m.store.check_space()?;
-                m.failed.remove(failed_key(n, &after.spec().target)).map_err(StoreError::from)?;
+                m.failed
+                    .remove(failed_key(n, &after.spec().target))
+                    .map_err(StoreError::from)?;
             }
-            m.save(Some(&before), &after, &actions, vec![(kind, node, format!("rollout {} {what}", after.id()))], now)?;
+            m.save(
+                Some(&before),
+                &after,
+                &actions,
+                vec![(kind, node, format!("rollout {} {what}", after.id()))],
+                now,
+            )?;
             info!(rollout = %after.id(), command = ?command, "rollout command");
         }
         drop(_g);
@@ -809,14 +1004,18 @@ impl Controller {
         Ok(after)
     }
 
-    /// A node's update news for every unfinished rollout that holds it: the entry point for the agent
-    /// update path (acknowledgement, report with health, refusal). Persisted before acting.
+    /// A node's update news for every unfinished rollout that holds it: the entry point for the
+    /// agent update path (acknowledgement, report with health, refusal). Persisted before acting.
     pub fn rollout_event(&self, event: Event) -> Result<(), MaintError> {
         let m = &self.maint;
         let _g = lock(&m.lock);
         let now = m.clock.now();
         let node = event.node().clone();
-        for before in m.rollouts()?.into_iter().filter(|r| !r.is_finished() && r.phase(&node).is_some()) {
+        for before in m
+            .rollouts()?
+            .into_iter()
+            .filter(|r| !r.is_finished() && r.phase(&node).is_some())
+        {
             let mut after = before.clone();
             let actions = after.handle(event.clone(), now);
             if after != before {
@@ -830,9 +1029,14 @@ impl Controller {
     /// The fleet as a rollout of `target` sees it; `busy` = in flight in another rollout.
     fn observe(&self, target: &Target, busy: &BTreeSet<NodeId>) -> Result<Fleet, StoreError> {
         let records = self.store.nodes()?;
-        // Agent targets: a v4 agent's health is its latest update report (see `agent::report_healthy`).
+        // Agent targets: a v4 agent's health is its latest update report (see
+        // `agent::report_healthy`).
         let reports: BTreeMap<NodeId, shoal_proto::UpdateReport> = match target {
-            Target::Agent(_) => self.agent_updates().into_iter().filter_map(|(n, u)| Some((n, u.report?))).collect(),
+            Target::Agent(_) => self
+                .agent_updates()
+                .into_iter()
+                .filter_map(|(n, u)| Some((n, u.report?)))
+                .collect(),
             _ => BTreeMap::new(),
         };
         let live = self.live();
@@ -843,14 +1047,22 @@ impl Controller {
                 let protocol = conn.and_then(|c| c.protocol);
                 let up = protocol.is_some();
                 let version = observed_version(target, &rec);
-                // A v4 agent reports its health checks (at every session start and on change): until
-                // the report for the version (agent) or image it runs has arrived it is not healthy
-                // yet. Older agents: a connected node counts as healthy.
+                // A v4 agent reports its health checks (at every session start and on change):
+                // until the report for the version (agent) or image it runs has arrived it is not
+                // healthy yet. Older agents: a connected node counts as healthy.
                 let healthy = match target {
-                    Target::Agent(_) if protocol.is_some_and(|p| p >= crate::agent_updates::UPDATE_PROTOCOL) => reports
-                        .get(&rec.id)
-                        .is_some_and(|r| r.running == rec.agent_version && agent::report_healthy(r)),
-                    Target::Image(_) => image::image_healthy(protocol, conn.and_then(|c| c.boot.as_ref()), version.as_deref()),
+                    Target::Agent(_)
+                        if protocol.is_some_and(|p| p >= crate::agent_updates::UPDATE_PROTOCOL) =>
+                    {
+                        reports.get(&rec.id).is_some_and(|r| {
+                            r.running == rec.agent_version && agent::report_healthy(r)
+                        })
+                    }
+                    Target::Image(_) => image::image_healthy(
+                        protocol,
+                        conn.and_then(|c| c.boot.as_ref()),
+                        version.as_deref(),
+                    ),
                     _ => true,
                 };
                 let o = Observed {
@@ -865,9 +1077,14 @@ impl Controller {
             .collect())
     }
 
-    /// Carries out actions (already persisted). A begin that cannot go out fails the node as refused,
-    /// which is persisted in turn.
-    fn carry_out(&self, rollout: &mut Rollout, actions: Vec<Action>, now: UnixMillis) -> Result<(), StoreError> {
+    /// Carries out actions (already persisted). A begin that cannot go out fails the node as
+    /// refused, which is persisted in turn.
+    fn carry_out(
+        &self,
+        rollout: &mut Rollout,
+        actions: Vec<Action>,
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
         let m = &self.maint;
         let mut queue = actions;
         let mut rounds = 0;
@@ -877,14 +1094,19 @@ impl Controller {
             for a in queue.drain(..) {
                 match a {
                     Action::BeginUpgrade { node, target } => {
-                        let options = BeginOptions { allow_downgrade: rollout.allow_downgrade() };
+                        let options = BeginOptions {
+                            allow_downgrade: rollout.allow_downgrade(),
+                        };
                         let result = match m.upgrader(&target) {
                             Some(u) => u.begin_with(&node, &target, &options),
                             None => Err(UpgradeError::Failed(format!("no upgrader for {target}"))),
                         };
                         if let Err(e) = result {
                             warn!(rollout = %rollout.id(), node = %node, cause = %e, "could not send the upgrade");
-                            refused.push(Event::Refused { node, reason: e.to_string() });
+                            refused.push(Event::Refused {
+                                node,
+                                reason: e.to_string(),
+                            });
                         }
                     }
                     Action::RollBack { node, to, target } => {
@@ -910,7 +1132,8 @@ impl Controller {
         Ok(())
     }
 
-    /// One pass of the driver over every unfinished rollout. Blocking (store writes, upgrader calls).
+    /// One pass of the driver over every unfinished rollout. Blocking (store writes, upgrader
+    /// calls).
     pub fn rollout_tick(&self) {
         if let Err(e) = self.try_rollout_tick() {
             warn!(cause = %e, "rollout driver pass failed; retrying at the next tick");
@@ -921,10 +1144,13 @@ impl Controller {
         let m = &self.maint;
         let _g = lock(&m.lock);
         let now = m.clock.now();
-        // A rollout whose kind of target has no upgrader (yet: it is installed after start) waits; its
-        // nodes are not failed for it.
-        let mut rollouts: Vec<Rollout> =
-            m.rollouts()?.into_iter().filter(|r| !r.is_finished() && m.upgrader(&r.spec().target).is_some()).collect();
+        // A rollout whose kind of target has no upgrader (yet: it is installed after start) waits;
+        // its nodes are not failed for it.
+        let mut rollouts: Vec<Rollout> = m
+            .rollouts()?
+            .into_iter()
+            .filter(|r| !r.is_finished() && m.upgrader(&r.spec().target).is_some())
+            .collect();
         for r in rollouts.iter_mut() {
             if lock(&m.resent).insert(r.id().to_owned()) {
                 let again = r.resend_after_restart();
@@ -940,7 +1166,12 @@ impl Controller {
                 .iter()
                 .enumerate()
                 .filter(|(j, _)| *j != i)
-                .flat_map(|(_, r)| r.nodes().iter().filter(|(_, p)| p.in_flight()).map(|(n, _)| n.clone()))
+                .flat_map(|(_, r)| {
+                    r.nodes()
+                        .iter()
+                        .filter(|(_, p)| p.in_flight())
+                        .map(|(n, _)| n.clone())
+                })
                 .collect();
             let before = rollouts[i].clone();
             let mut r = before.clone();
@@ -959,8 +1190,11 @@ impl Controller {
                         NodePhase::RollingBack { .. } => version != target.version(),
                         _ => false,
                     };
-                    (back && o.up && o.healthy)
-                        .then(|| Event::Reported { node: node.clone(), version, health: ReportedHealth::Healthy })
+                    (back && o.up && o.healthy).then(|| Event::Reported {
+                        node: node.clone(),
+                        version,
+                        health: ReportedHealth::Healthy,
+                    })
                 })
                 .collect();
             for ev in news {
@@ -984,8 +1218,8 @@ impl Controller {
     }
 }
 
-/// The rollout driver: polls every unfinished rollout every `tick`, and at once when woken. Runs until
-/// the task is aborted.
+/// The rollout driver: polls every unfinished rollout every `tick`, and at once when woken. Runs
+/// until the task is aborted.
 pub async fn run_driver(controller: Arc<Controller>, tick: Duration) {
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -1,21 +1,22 @@
-//! Overlay networks kept by the controller: networks, their members and selectors, address (IPAM) and
-//! MAC assignment, each node's [`PeerIndex`] and public-key hash, and the netmap epoch counter.
+//! Overlay networks kept by the controller: networks, their members and selectors, address (IPAM)
+//! and MAC assignment, each node's [`PeerIndex`] and public-key hash, and the netmap epoch counter.
 //!
 //! Rules:
-//! - The `default` network is created (id 1) on the first start with `serve --overlay-subnet`; every
-//!   admitted node is a member. Started later with another subnet, the controller logs a warning and
-//!   keeps the stored one (members' addresses would all change); a different `--overlay-mtu` is
-//!   applied. `default` cannot be deleted and its members cannot be changed by hand.
+//! - The `default` network is created (id 1) on the first start with `serve --overlay-subnet`;
+//!   every admitted node is a member. Started later with another subnet, the controller logs a
+//!   warning and keeps the stored one (members' addresses would all change); a different
+//!   `--overlay-mtu` is applied. `default` cannot be deleted and its members cannot be changed by
+//!   hand.
 //! - A node is a member of a network because an operator added it (`explicit`), because one of the
 //!   network's selectors (`KEY=VALUE`, any of them) matches its labels (`via_selector`), or both.
-//!   Removing a node that is there through a selector is refused with the selector named: remove the
-//!   selector first (there is no per-node exclusion list). Removing a selector drops the members that
-//!   were there only through it.
-//! - Subnets of different networks may not overlap (a node on two overlapping networks could not tell
-//!   which TAP device a destination is on).
+//!   Removing a node that is there through a selector is refused with the selector named: remove
+//!   the selector first (there is no per-node exclusion list). Removing a selector drops the
+//!   members that were there only through it.
+//! - Subnets of different networks may not overlap (a node on two overlapping networks could not
+//!   tell which TAP device a destination is on).
 //! - IPAM: a member gets the lowest free host address of the subnet (not the network or broadcast
-//!   address); it keeps it while it is a member, across controller restarts. Leaving frees it; a node
-//!   added again may get another address.
+//!   address); it keeps it while it is a member, across controller restarts. Leaving frees it; a
+//!   node added again may get another address.
 //! - MAC: `02:5e:` (locally administered, unicast) and four bytes of SHA-256(network id ‖ node id),
 //!   hashed again with a counter on a collision within the network; kept while a member.
 //! - Network ids and peer indexes come from counters and are never reused.
@@ -24,9 +25,9 @@
 //! transaction cannot) and writes all its records and its event in one sled transaction, flushed
 //! before returning.
 //!
-//! Trees: `networks` (network id, big-endian u32 → [`NetworkRecord`]), `net_members` (network id ‖ node id
-//! → [`MemberRecord`]), `peer_indexes` (node id → [`PeerIndex`]), `node_keys` (node id → SHA-256 of its
-//! public key), `overlay_counters` (name → u32).
+//! Trees: `networks` (network id, big-endian u32 → [`NetworkRecord`]), `net_members` (network id ‖
+//! node id → [`MemberRecord`]), `peer_indexes` (node id → [`PeerIndex`]), `node_keys` (node id →
+//! SHA-256 of its public key), `overlay_counters` (name → u32).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -44,8 +45,8 @@ use tracing::{debug, info, warn};
 use crate::{
     server::Controller,
     store::{
-        decode, encode, finish, EventKind, NodeRecord, Store, StoreError, TxError, NETWORKS, NET_MEMBERS, NODE_KEYS,
-        OVERLAY_COUNTERS, PEER_INDEXES,
+        decode, encode, finish, EventKind, NodeRecord, Store, StoreError, TxError, NETWORKS,
+        NET_MEMBERS, NODE_KEYS, OVERLAY_COUNTERS, PEER_INDEXES,
     },
 };
 
@@ -53,7 +54,10 @@ use crate::{
 pub const DEFAULT_NETWORK: &str = "default";
 
 /// The default network's subnet unless `serve --overlay-subnet` says otherwise: 10.90.0.0/16.
-pub const DEFAULT_OVERLAY_SUBNET: Subnet = Subnet { addr: Ipv4Addr::new(10, 90, 0, 0), prefix_len: 16 };
+pub const DEFAULT_OVERLAY_SUBNET: Subnet = Subnet {
+    addr: Ipv4Addr::new(10, 90, 0, 0),
+    prefix_len: 16,
+};
 
 /// The default TAP MTU: room for the overlay's QUIC, UDP and IP headers inside a 1500-byte path.
 pub const DEFAULT_OVERLAY_MTU: u16 = 1380;
@@ -189,7 +193,10 @@ pub struct NetworkRecord {
 impl NetworkRecord {
     /// The subnet.
     pub fn subnet(&self) -> Subnet {
-        Subnet { addr: self.subnet, prefix_len: self.prefix_len }
+        Subnet {
+            addr: self.subnet,
+            prefix_len: self.prefix_len,
+        }
     }
 
     /// Whether this is the network every node joins.
@@ -199,7 +206,9 @@ impl NetworkRecord {
 
     /// Whether a selector matches these labels.
     fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.selectors.iter().any(|(k, v)| selector_matches(k, v, labels))
+        self.selectors
+            .iter()
+            .any(|(k, v)| selector_matches(k, v, labels))
     }
 }
 
@@ -289,7 +298,9 @@ pub enum NetworkError {
     #[error("no node {0} in the fleet")]
     UnknownNode(NodeId),
     /// The name does not fit `[a-z0-9][a-z0-9-]{0,30}`.
-    #[error("network name {0:?} is not allowed: use 1 to 31 of a-z, 0-9 and '-', not starting with '-'")]
+    #[error(
+        "network name {0:?} is not allowed: use 1 to 31 of a-z, 0-9 and '-', not starting with '-'"
+    )]
     BadName(String),
     /// The subnet is malformed.
     #[error(transparent)]
@@ -366,8 +377,8 @@ pub fn parse_selector(s: &str) -> Result<(String, String), NetworkError> {
     }
 }
 
-/// Whether the selector `key=value` matches a node's labels: the node has the label with that value.
-/// The one matching rule for overlay networks and drive policies.
+/// Whether the selector `key=value` matches a node's labels: the node has the label with that
+/// value. The one matching rule for overlay networks and drive policies.
 pub fn selector_matches(key: &str, value: &str, labels: &BTreeMap<String, String>) -> bool {
     labels.get(key).map(String::as_str) == Some(value)
 }
@@ -382,7 +393,8 @@ pub(crate) fn valid_name(name: &str) -> bool {
     let b = name.as_bytes();
     (1..=31).contains(&b.len())
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
 fn member_key(network: NetworkId, node: &NodeId) -> Vec<u8> {
@@ -429,8 +441,8 @@ impl Plan {
     }
 }
 
-/// An overlay change being worked out under the overlay lock: reads the store, keeps what it changes
-/// in memory (so later steps see earlier ones) and in a [`Plan`].
+/// An overlay change being worked out under the overlay lock: reads the store, keeps what it
+/// changes in memory (so later steps see earlier ones) and in a [`Plan`].
 struct Work<'a> {
     store: &'a Store,
     networks: BTreeMap<NetworkId, NetworkRecord>,
@@ -442,7 +454,12 @@ struct Work<'a> {
 impl<'a> Work<'a> {
     fn new(store: &'a Store) -> Result<Work<'a>, StoreError> {
         let networks = store.networks()?.into_iter().map(|n| (n.id, n)).collect();
-        Ok(Work { store, networks, members: HashMap::new(), plan: Plan::default() })
+        Ok(Work {
+            store,
+            networks,
+            members: HashMap::new(),
+            plan: Plan::default(),
+        })
     }
 
     fn by_name(&self, name: &str) -> Result<NetworkRecord, NetworkError> {
@@ -453,9 +470,17 @@ impl<'a> Work<'a> {
             .ok_or_else(|| NetworkError::UnknownNetwork(name.to_owned()))
     }
 
-    fn members(&mut self, network: NetworkId) -> Result<&mut BTreeMap<NodeId, MemberRecord>, StoreError> {
+    fn members(
+        &mut self,
+        network: NetworkId,
+    ) -> Result<&mut BTreeMap<NodeId, MemberRecord>, StoreError> {
         if !self.members.contains_key(&network) {
-            let loaded = self.store.members(network)?.into_iter().map(|m| (m.node.clone(), m)).collect();
+            let loaded = self
+                .store
+                .members(network)?
+                .into_iter()
+                .map(|m| (m.node.clone(), m))
+                .collect();
             self.members.insert(network, loaded);
         }
         Ok(self.members.entry(network).or_default())
@@ -478,13 +503,17 @@ impl<'a> Work<'a> {
         }
         // Indexes start at 1; 0 is left for "none" on the wire.
         let index = PeerIndex(self.counter(NEXT_PEER_INDEX)?.max(1));
-        self.plan.counters.insert(NEXT_PEER_INDEX, index.0.saturating_add(1));
+        self.plan
+            .counters
+            .insert(NEXT_PEER_INDEX, index.0.saturating_add(1));
         self.plan.peers.insert(node.clone(), Some(index));
         Ok(index)
     }
 
     fn put_member(&mut self, m: MemberRecord) -> Result<(), StoreError> {
-        self.plan.members.insert((m.network, m.node.clone()), Some(m.clone()));
+        self.plan
+            .members
+            .insert((m.network, m.node.clone()), Some(m.clone()));
         self.members(m.network)?.insert(m.node.clone(), m);
         Ok(())
     }
@@ -497,25 +526,43 @@ impl<'a> Work<'a> {
         explicit: bool,
         via_selector: bool,
     ) -> Result<MemberRecord, NetworkError> {
-        let rec =
-            self.networks.get(&network).cloned().ok_or_else(|| NetworkError::UnknownNetwork(network.0.to_string()))?;
+        let rec = self
+            .networks
+            .get(&network)
+            .cloned()
+            .ok_or_else(|| NetworkError::UnknownNetwork(network.0.to_string()))?;
         let members = self.members(network)?;
         let used: BTreeSet<u32> = members.values().map(|m| u32::from(m.address)).collect();
         let (first, last) = rec.subnet().hosts();
         let address = (first..=last)
             .find(|a| !used.contains(a))
             .map(Ipv4Addr::from)
-            .ok_or_else(|| NetworkError::SubnetFull { network: rec.name.clone(), subnet: rec.subnet() })?;
+            .ok_or_else(|| NetworkError::SubnetFull {
+                network: rec.name.clone(),
+                subnet: rec.subnet(),
+            })?;
         let macs: BTreeSet<MacAddr> = members.values().map(|m| m.mac).collect();
         let mac = (0u32..)
             .map(|attempt| mac_for(network, node, attempt))
             .find(|m| !macs.contains(m))
             .unwrap_or(MacAddr([0x02, 0x5e, 0, 0, 0, 0])); // unreachable: fewer than 2^32 members
-        let member = MemberRecord { network, node: node.clone(), mac, address, explicit, via_selector };
+        let member = MemberRecord {
+            network,
+            node: node.clone(),
+            mac,
+            address,
+            explicit,
+            via_selector,
+        };
         self.put_member(member.clone())?;
         self.peer_index(node)?;
         self.plan.require_nodes.insert(node.clone());
-        self.plan.changes.push(MembershipChange::Joined { network, node: node.clone(), mac, address });
+        self.plan.changes.push(MembershipChange::Joined {
+            network,
+            node: node.clone(),
+            mac,
+            address,
+        });
         debug!(network = %rec.name, node = %node, %address, %mac, "overlay member joins");
         Ok(member)
     }
@@ -523,7 +570,10 @@ impl<'a> Work<'a> {
     fn leave(&mut self, network: NetworkId, node: &NodeId) -> Result<(), StoreError> {
         if self.members(network)?.remove(node).is_some() {
             self.plan.members.insert((network, node.clone()), None);
-            self.plan.changes.push(MembershipChange::Left { network, node: node.clone() });
+            self.plan.changes.push(MembershipChange::Left {
+                network,
+                node: node.clone(),
+            });
         }
         Ok(())
     }
@@ -542,7 +592,10 @@ impl<'a> Work<'a> {
                 None => {}
                 Some(m) if m.via_selector == selected => {}
                 Some(m) if selected || m.explicit || net.is_default() => {
-                    self.put_member(MemberRecord { via_selector: selected, ..m })?;
+                    self.put_member(MemberRecord {
+                        via_selector: selected,
+                        ..m
+                    })?;
                 }
                 Some(_) => self.leave(net.id, &node.id)?,
             }
@@ -568,7 +621,10 @@ fn no_such_node(id: &NodeId) -> NetworkError {
 impl Store {
     fn overlay_guard(&self) -> std::sync::MutexGuard<'_, ()> {
         // The guarded value is (): a panic while holding it left nothing inconsistent in memory.
-        self.inner.overlay_lock.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner
+            .overlay_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn counter(&self, name: &str) -> Result<u32, StoreError> {
@@ -593,11 +649,17 @@ impl Store {
         self.check_space()?;
         let mut networks = Vec::new();
         for (id, rec) in &plan.networks {
-            networks.push((id.0.to_be_bytes(), rec.as_ref().map(|r| encode("network", r)).transpose()?));
+            networks.push((
+                id.0.to_be_bytes(),
+                rec.as_ref().map(|r| encode("network", r)).transpose()?,
+            ));
         }
         let mut members = Vec::new();
         for ((net, node), rec) in &plan.members {
-            members.push((member_key(*net, node), rec.as_ref().map(|r| encode("member", r)).transpose()?));
+            members.push((
+                member_key(*net, node),
+                rec.as_ref().map(|r| encode("member", r)).transpose()?,
+            ));
         }
         let mut counters = Vec::new();
         for (name, value) in &plan.counters {
@@ -605,7 +667,13 @@ impl Store {
         }
         let mut peers = Vec::new();
         for (node, index) in &plan.peers {
-            peers.push((node.0.as_bytes(), index.as_ref().map(|i| encode("peer index", i)).transpose()?));
+            peers.push((
+                node.0.as_bytes(),
+                index
+                    .as_ref()
+                    .map(|i| encode("peer index", i))
+                    .transpose()?,
+            ));
         }
         let inner = &self.inner;
         let trees = (
@@ -617,43 +685,48 @@ impl Store {
             &inner.overlay_counters,
             &inner.events,
         );
-        let seqs = finish(trees.transaction(|(nodes, nets, mems, peer_tree, keys, ctrs, events)| {
-            for node in &plan.require_nodes {
-                if nodes.get(node.0.as_bytes())?.is_none() {
-                    return Err(TxError::Abort(no_such_node(node)));
+        let seqs = finish(trees.transaction(
+            |(nodes, nets, mems, peer_tree, keys, ctrs, events)| {
+                for node in &plan.require_nodes {
+                    if nodes.get(node.0.as_bytes())?.is_none() {
+                        return Err(TxError::Abort(no_such_node(node)));
+                    }
                 }
-            }
-            for (key, value) in &networks {
-                match value {
-                    Some(v) => nets.insert(&key[..], v.as_slice())?,
-                    None => nets.remove(&key[..])?,
-                };
-            }
-            for (key, value) in &members {
-                match value {
-                    Some(v) => mems.insert(key.as_slice(), v.as_slice())?,
-                    None => mems.remove(key.as_slice())?,
-                };
-            }
-            for (name, value) in &counters {
-                ctrs.insert(*name, value.as_slice())?;
-            }
-            for (key, value) in &peers {
-                match value {
-                    Some(v) => peer_tree.insert(*key, v.as_slice())?,
-                    None => peer_tree.remove(*key)?,
-                };
-            }
-            for node in &plan.drop_keys {
-                keys.remove(node.0.as_bytes())?;
-            }
-            let mut seqs = Vec::new();
-            for (kind, node, message) in &plan.events {
-                seqs.push(self.tx_event::<NetworkError>(events, *kind, node.as_ref(), message, now)?.seq);
-            }
-            nets.flush();
-            Ok(seqs)
-        }))?;
+                for (key, value) in &networks {
+                    match value {
+                        Some(v) => nets.insert(&key[..], v.as_slice())?,
+                        None => nets.remove(&key[..])?,
+                    };
+                }
+                for (key, value) in &members {
+                    match value {
+                        Some(v) => mems.insert(key.as_slice(), v.as_slice())?,
+                        None => mems.remove(key.as_slice())?,
+                    };
+                }
+                for (name, value) in &counters {
+                    ctrs.insert(*name, value.as_slice())?;
+                }
+                for (key, value) in &peers {
+                    match value {
+                        Some(v) => peer_tree.insert(*key, v.as_slice())?,
+                        None => peer_tree.remove(*key)?,
+                    };
+                }
+                for node in &plan.drop_keys {
+                    keys.remove(node.0.as_bytes())?;
+                }
+                let mut seqs = Vec::new();
+                for (kind, node, message) in &plan.events {
+                    seqs.push(
+                        self.tx_event::<NetworkError>(events, *kind, node.as_ref(), message, now)?
+                            .seq,
+                    );
+                }
+                nets.flush();
+                Ok(seqs)
+            },
+        ))?;
         for seq in seqs {
             self.after_event(seq)?;
         }
@@ -696,12 +769,16 @@ impl Store {
         Ok(out)
     }
 
-    /// Creates the `default` network on first start (and records a NetworkCreated event). Later starts
-    /// keep its stored subnet (warning when `subnet` differs: every address would change) and apply a
-    /// changed `mtu`. Then brings every node's memberships in line (nodes enrolled before networks
-    /// existed join, memberships of nodes removed without leaving — a crash in between — are dropped);
-    /// a node that cannot join (a full subnet) is logged and skipped.
-    pub fn ensure_default_network(&self, subnet: Subnet, mtu: u16) -> Result<NetworkRecord, StoreError> {
+    /// Creates the `default` network on first start (and records a NetworkCreated event). Later
+    /// starts keep its stored subnet (warning when `subnet` differs: every address would change)
+    /// and apply a changed `mtu`. Then brings every node's memberships in line (nodes enrolled
+    /// before networks existed join, memberships of nodes removed without leaving — a crash in
+    /// between — are dropped); a node that cannot join (a full subnet) is logged and skipped.
+    pub fn ensure_default_network(
+        &self,
+        subnet: Subnet,
+        mtu: u16,
+    ) -> Result<NetworkRecord, StoreError> {
         let _guard = self.overlay_guard();
         let now = crate::server::now_ms();
         let mut work = Work::new(self)?;
@@ -714,7 +791,11 @@ impl Store {
                     );
                 }
                 if rec.mtu != mtu {
-                    info!(from = rec.mtu, to = mtu, "default overlay network MTU changed");
+                    info!(
+                        from = rec.mtu,
+                        to = mtu,
+                        "default overlay network MTU changed"
+                    );
                     rec.mtu = mtu;
                     work.plan.networks.insert(rec.id, Some(rec.clone()));
                     work.networks.insert(rec.id, rec.clone());
@@ -723,7 +804,9 @@ impl Store {
             }
             Err(_) => {
                 let id = NetworkId(work.counter(NEXT_NETWORK_ID)?.max(1));
-                work.plan.counters.insert(NEXT_NETWORK_ID, id.0.saturating_add(1));
+                work.plan
+                    .counters
+                    .insert(NEXT_NETWORK_ID, id.0.saturating_add(1));
                 let rec = NetworkRecord {
                     id,
                     name: DEFAULT_NETWORK.to_owned(),
@@ -735,7 +818,11 @@ impl Store {
                 };
                 work.plan.networks.insert(id, Some(rec.clone()));
                 work.networks.insert(id, rec.clone());
-                work.event(EventKind::NetworkCreated, None, format!("network default ({subnet}, MTU {mtu}) created"));
+                work.event(
+                    EventKind::NetworkCreated,
+                    None,
+                    format!("network default ({subnet}, MTU {mtu}) created"),
+                );
                 info!(network = %rec.name, id = id.0, %subnet, mtu, "default overlay network created");
                 rec
             }
@@ -744,7 +831,12 @@ impl Store {
         let known: BTreeSet<&NodeId> = nodes.iter().map(|n| &n.id).collect();
         let network_ids: Vec<NetworkId> = work.networks.keys().copied().collect();
         for id in network_ids {
-            let orphans: Vec<NodeId> = work.members(id)?.keys().filter(|n| !known.contains(n)).cloned().collect();
+            let orphans: Vec<NodeId> = work
+                .members(id)?
+                .keys()
+                .filter(|n| !known.contains(n))
+                .cloned()
+                .collect();
             for node in orphans {
                 warn!(node = %node, network = id.0, "dropping the overlay membership of a node no longer in the fleet");
                 work.leave(id, &node)?;
@@ -765,13 +857,18 @@ impl Store {
             match work.reconcile(node) {
                 Ok(()) => {}
                 Err(NetworkError::Store(e)) => return Err(e),
-                Err(e) => warn!(node = %node.id, cause = %e, "node cannot join its overlay networks"),
+                Err(e) => {
+                    warn!(node = %node.id, cause = %e, "node cannot join its overlay networks")
+                }
             }
         }
         match work.commit(now) {
             Ok(changes) => {
                 if !changes.is_empty() {
-                    info!(changes = changes.len(), "overlay memberships brought up to date");
+                    info!(
+                        changes = changes.len(),
+                        "overlay memberships brought up to date"
+                    );
                 }
                 Ok(default)
             }
@@ -800,16 +897,30 @@ impl Store {
         if work.networks.values().any(|n| n.name == name) {
             return Err(NetworkError::NameTaken(name.to_owned()));
         }
-        if let Some(other) = work.networks.values().find(|n| n.subnet().overlaps(&subnet)) {
-            return Err(NetworkError::Overlap { subnet, other: other.name.clone(), other_subnet: other.subnet() });
+        if let Some(other) = work
+            .networks
+            .values()
+            .find(|n| n.subnet().overlaps(&subnet))
+        {
+            return Err(NetworkError::Overlap {
+                subnet,
+                other: other.name.clone(),
+                other_subnet: other.subnet(),
+            });
         }
-        let default_mtu = work.networks.values().find(|n| n.is_default()).map_or(DEFAULT_OVERLAY_MTU, |n| n.mtu);
+        let default_mtu = work
+            .networks
+            .values()
+            .find(|n| n.is_default())
+            .map_or(DEFAULT_OVERLAY_MTU, |n| n.mtu);
         let mtu = mtu.unwrap_or(default_mtu);
         if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
             return Err(NetworkError::BadMtu(mtu));
         }
         let id = NetworkId(work.counter(NEXT_NETWORK_ID)?.max(1));
-        work.plan.counters.insert(NEXT_NETWORK_ID, id.0.saturating_add(1));
+        work.plan
+            .counters
+            .insert(NEXT_NETWORK_ID, id.0.saturating_add(1));
         let rec = NetworkRecord {
             id,
             name: name.to_owned(),
@@ -820,8 +931,14 @@ impl Store {
             created_at: now,
         };
         work.plan.networks.insert(id, Some(rec.clone()));
-        work.plan.changes.push(MembershipChange::NetworkCreated(rec.clone()));
-        work.event(EventKind::NetworkCreated, None, format!("network {name} ({subnet}, MTU {mtu}) created"));
+        work.plan
+            .changes
+            .push(MembershipChange::NetworkCreated(rec.clone()));
+        work.event(
+            EventKind::NetworkCreated,
+            None,
+            format!("network {name} ({subnet}, MTU {mtu}) created"),
+        );
         let changes = work.commit(now)?;
         info!(network = %name, id = id.0, %subnet, mtu, "overlay network created");
         Ok((rec, changes))
@@ -844,7 +961,9 @@ impl Store {
             work.leave(rec.id, node)?;
         }
         work.plan.networks.insert(rec.id, None);
-        work.plan.changes.push(MembershipChange::NetworkDeleted(rec.id));
+        work.plan
+            .changes
+            .push(MembershipChange::NetworkDeleted(rec.id));
         work.event(
             EventKind::NetworkDeleted,
             None,
@@ -872,13 +991,19 @@ impl Store {
         let member = match work.members(rec.id)?.get(node).cloned() {
             Some(m) if m.explicit => return Ok((m, Vec::new())),
             Some(m) => {
-                let m = MemberRecord { explicit: true, ..m };
+                let m = MemberRecord {
+                    explicit: true,
+                    ..m
+                };
                 work.put_member(m.clone())?;
                 m
             }
             None => {
                 let m = work.join(rec.id, node, true, rec.selects(&node_rec.labels))?;
-                let msg = format!("{} joined network {name} as {} ({})", node_rec.hostname, m.address, m.mac);
+                let msg = format!(
+                    "{} joined network {name} as {} ({})",
+                    node_rec.hostname, m.address, m.mac
+                );
                 work.event(EventKind::NetworkChanged, Some(node), msg);
                 m
             }
@@ -888,7 +1013,8 @@ impl Store {
         Ok((member, changes))
     }
 
-    /// Removes a node added by hand. Refused (with the selector named) while a selector keeps it there.
+    /// Removes a node added by hand. Refused (with the selector named) while a selector keeps it
+    /// there.
     pub fn remove_member(
         &self,
         name: &str,
@@ -902,12 +1028,19 @@ impl Store {
             return Err(NetworkError::DefaultFixed);
         }
         let Some(member) = work.members(rec.id)?.get(node).cloned() else {
-            return Err(NetworkError::NotMember { network: name.to_owned(), node: node.clone() });
+            return Err(NetworkError::NotMember {
+                network: name.to_owned(),
+                node: node.clone(),
+            });
         };
         if member.via_selector {
             let labels = self.node(node)?.map(|n| n.labels).unwrap_or_default();
-            let selectors: Vec<String> =
-                rec.selectors.iter().filter(|(k, v)| labels.get(k) == Some(v)).map(selector_text).collect();
+            let selectors: Vec<String> = rec
+                .selectors
+                .iter()
+                .filter(|(k, v)| labels.get(k) == Some(v))
+                .map(selector_text)
+                .collect();
             return Err(NetworkError::ThroughSelector {
                 network: name.to_owned(),
                 node: node.clone(),
@@ -915,15 +1048,21 @@ impl Store {
             });
         }
         work.leave(rec.id, node)?;
-        let hostname = self.node(node)?.map_or_else(|| node.0.clone(), |n| n.hostname);
-        work.event(EventKind::NetworkChanged, Some(node), format!("{hostname} left network {name}"));
+        let hostname = self
+            .node(node)?
+            .map_or_else(|| node.0.clone(), |n| n.hostname);
+        work.event(
+            EventKind::NetworkChanged,
+            Some(node),
+            format!("{hostname} left network {name}"),
+        );
         let changes = work.commit(now)?;
         info!(network = %name, node = %node, "node removed from overlay network");
         Ok(changes)
     }
 
-    /// Adds a `key=value` selector and, at once, every node whose labels it matches. Adding a selector
-    /// the network already has changes nothing.
+    /// Adds a `key=value` selector and, at once, every node whose labels it matches. Adding a
+    /// selector the network already has changes nothing.
     pub fn add_selector(
         &self,
         name: &str,
@@ -954,7 +1093,10 @@ impl Store {
             }
             match work.members(rec.id)?.get(&node.id).cloned() {
                 Some(m) if m.via_selector => {}
-                Some(m) => work.put_member(MemberRecord { via_selector: true, ..m })?,
+                Some(m) => work.put_member(MemberRecord {
+                    via_selector: true,
+                    ..m
+                })?,
                 None => {
                     work.join(rec.id, &node.id, false, true)?;
                     joined += 1;
@@ -988,12 +1130,20 @@ impl Store {
             return Err(NetworkError::DefaultFixed);
         }
         if !rec.selectors.contains(&selector) {
-            return Err(NetworkError::UnknownSelector { network: name.to_owned(), selector: selector_text(&selector) });
+            return Err(NetworkError::UnknownSelector {
+                network: name.to_owned(),
+                selector: selector_text(&selector),
+            });
         }
         rec.selectors.retain(|s| *s != selector);
         work.plan.networks.insert(rec.id, Some(rec.clone()));
         work.networks.insert(rec.id, rec.clone());
-        let selected: Vec<MemberRecord> = work.members(rec.id)?.values().filter(|m| m.via_selector).cloned().collect();
+        let selected: Vec<MemberRecord> = work
+            .members(rec.id)?
+            .values()
+            .filter(|m| m.via_selector)
+            .cloned()
+            .collect();
         let mut left = 0usize;
         for m in selected {
             let labels = self.node(&m.node)?.map(|n| n.labels).unwrap_or_default();
@@ -1001,7 +1151,10 @@ impl Store {
                 continue;
             }
             if m.explicit {
-                work.put_member(MemberRecord { via_selector: false, ..m })?;
+                work.put_member(MemberRecord {
+                    via_selector: false,
+                    ..m
+                })?;
             } else {
                 work.leave(rec.id, &m.node)?;
                 left += 1;
@@ -1018,8 +1171,8 @@ impl Store {
         Ok(changes)
     }
 
-    /// Brings a node's memberships in line with its labels, after (re-)enrolment: it joins `default`
-    /// and every network with a matching selector, and gets its peer index.
+    /// Brings a node's memberships in line with its labels, after (re-)enrolment: it joins
+    /// `default` and every network with a matching selector, and gets its peer index.
     pub fn join_networks(&self, node: &NodeId) -> Result<Vec<MembershipChange>, NetworkError> {
         let _guard = self.overlay_guard();
         let rec = self.node(node)?.ok_or_else(|| no_such_node(node))?;
@@ -1028,8 +1181,8 @@ impl Store {
         work.commit(crate::server::now_ms())
     }
 
-    /// Drops every membership of a node leaving the fleet (freeing its addresses), and its peer index
-    /// and key records. No event: the node's removal has one.
+    /// Drops every membership of a node leaving the fleet (freeing its addresses), and its peer
+    /// index and key records. No event: the node's removal has one.
     pub fn leave_all_networks(&self, node: &NodeId) -> Result<Vec<MembershipChange>, NetworkError> {
         let _guard = self.overlay_guard();
         let mut work = Work::new(self)?;
@@ -1057,13 +1210,16 @@ impl Store {
         Ok(index)
     }
 
-    /// Records the SHA-256 of a node's public key; writes only when it changed. Returns whether it did.
+    /// Records the SHA-256 of a node's public key; writes only when it changed. Returns whether it
+    /// did.
     pub fn set_node_key(&self, node: &NodeId, key_sha256: [u8; 32]) -> Result<bool, StoreError> {
         if self.node_key(node)? == Some(key_sha256) {
             return Ok(false);
         }
         self.check_space()?;
-        self.inner.node_keys.insert(node.0.as_bytes(), &key_sha256[..])?;
+        self.inner
+            .node_keys
+            .insert(node.0.as_bytes(), &key_sha256[..])?;
         self.flush()?;
         Ok(true)
     }
@@ -1071,10 +1227,14 @@ impl Store {
     /// The SHA-256 of a node's public key, if recorded.
     pub fn node_key(&self, node: &NodeId) -> Result<Option<[u8; 32]>, StoreError> {
         match self.inner.node_keys.get(node.0.as_bytes())? {
-            Some(bytes) => <[u8; 32]>::try_from(bytes.as_ref()).map(Some).map_err(|_| StoreError::Corrupt {
-                key: format!("{NODE_KEYS}/{}", node.0),
-                cause: format!("{} bytes, expected 32", bytes.len()),
-            }),
+            Some(bytes) => {
+                <[u8; 32]>::try_from(bytes.as_ref())
+                    .map(Some)
+                    .map_err(|_| StoreError::Corrupt {
+                        key: format!("{NODE_KEYS}/{}", node.0),
+                        cause: format!("{} bytes, expected 32", bytes.len()),
+                    })
+            }
             None => Ok(None),
         }
     }
@@ -1084,10 +1244,14 @@ impl Store {
         let _guard = self.overlay_guard();
         self.check_space()?;
         let epoch = match self.inner.overlay_counters.get(NETMAP_EPOCH)? {
-            Some(bytes) => decode::<u32>(OVERLAY_COUNTERS, NETMAP_EPOCH.as_bytes(), &bytes)?.saturating_add(1),
+            Some(bytes) => {
+                decode::<u32>(OVERLAY_COUNTERS, NETMAP_EPOCH.as_bytes(), &bytes)?.saturating_add(1)
+            }
             None => 1,
         };
-        self.inner.overlay_counters.insert(NETMAP_EPOCH, encode("counter", &epoch)?)?;
+        self.inner
+            .overlay_counters
+            .insert(NETMAP_EPOCH, encode("counter", &epoch)?)?;
         self.flush()?;
         Ok(epoch)
     }
@@ -1105,7 +1269,9 @@ impl Store {
             let index: PeerIndex = decode(PEER_INDEXES, &key, &value)?;
             let node = NodeId(String::from_utf8_lossy(&key).into_owned());
             let key_sha256 = self.node_key(&node)?;
-            snapshot.nodes.insert(node, NodeOverlay { index, key_sha256 });
+            snapshot
+                .nodes
+                .insert(node, NodeOverlay { index, key_sha256 });
         }
         Ok(snapshot)
     }
@@ -1125,7 +1291,12 @@ impl Controller {
 /// controller does (tests of this module and of the API).
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-pub(crate) fn enrol_for_tests(store: &Store, machine: &str, labels: &[(&str, &str)], now: UnixMillis) -> NodeId {
+pub(crate) fn enrol_for_tests(
+    store: &Store,
+    machine: &str,
+    labels: &[(&str, &str)],
+    now: UnixMillis,
+) -> NodeId {
     use crate::store::{EnrolParams, TokenRecord};
     use shoal_proto::{HardwareId, HardwareIdSource};
     let id = format!("tok-{machine}");
@@ -1138,10 +1309,16 @@ pub(crate) fn enrol_for_tests(store: &Store, machine: &str, labels: &[(&str, &st
             max_uses: None,
             uses: 0,
             revoked_at: None,
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         })
         .unwrap();
-    let hw = HardwareId { source: HardwareIdSource::DmiUuid, value: machine.to_owned() };
+    let hw = HardwareId {
+        source: HardwareIdSource::DmiUuid,
+        value: machine.to_owned(),
+    };
     let node = store
         .enrol(&EnrolParams {
             token_id: &id,
@@ -1174,7 +1351,9 @@ mod tests {
 
     fn open(dir: &Path) -> Store {
         let store = Store::open(dir).unwrap();
-        store.ensure_default_network(DEFAULT_OVERLAY_SUBNET, DEFAULT_OVERLAY_MTU).unwrap();
+        store
+            .ensure_default_network(DEFAULT_OVERLAY_SUBNET, DEFAULT_OVERLAY_MTU)
+            .unwrap();
         store
     }
 
@@ -1188,7 +1367,11 @@ mod tests {
 
     fn member(store: &Store, network: &str, node: &NodeId) -> Option<MemberRecord> {
         let net = store.network_by_name(network).unwrap().unwrap();
-        store.members(net.id).unwrap().into_iter().find(|m| m.node == *node)
+        store
+            .members(net.id)
+            .unwrap()
+            .into_iter()
+            .find(|m| m.node == *node)
     }
 
     fn addr(store: &Store, network: &str, node: &NodeId) -> Ipv4Addr {
@@ -1197,21 +1380,38 @@ mod tests {
 
     fn names(store: &Store, network: &str) -> Vec<NodeId> {
         let net = store.network_by_name(network).unwrap().unwrap();
-        store.members(net.id).unwrap().into_iter().map(|m| m.node).collect()
+        store
+            .members(net.id)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.node)
+            .collect()
     }
 
     #[test]
     fn subnets_parse_and_overlap() {
         assert_eq!(subnet("10.90.0.0/16").to_string(), "10.90.0.0/16");
-        assert!(matches!("10.90.0.1/16".parse::<Subnet>(), Err(SubnetError::HostBits { .. })));
-        assert!(matches!("10.0.0.0/31".parse::<Subnet>(), Err(SubnetError::PrefixLen(31))));
-        assert!(matches!("10.0.0.0".parse::<Subnet>(), Err(SubnetError::Syntax(_))));
+        assert!(matches!(
+            "10.90.0.1/16".parse::<Subnet>(),
+            Err(SubnetError::HostBits { .. })
+        ));
+        assert!(matches!(
+            "10.0.0.0/31".parse::<Subnet>(),
+            Err(SubnetError::PrefixLen(31))
+        ));
+        assert!(matches!(
+            "10.0.0.0".parse::<Subnet>(),
+            Err(SubnetError::Syntax(_))
+        ));
         assert!(subnet("10.0.0.0/8").overlaps(&subnet("10.5.0.0/24")));
         assert!(subnet("10.5.0.0/24").overlaps(&subnet("10.0.0.0/8")));
         assert!(!subnet("10.5.0.0/24").overlaps(&subnet("10.5.1.0/24")));
         assert_eq!(
             subnet("10.5.0.0/30").hosts(),
-            (u32::from(Ipv4Addr::new(10, 5, 0, 1)), u32::from(Ipv4Addr::new(10, 5, 0, 2)))
+            (
+                u32::from(Ipv4Addr::new(10, 5, 0, 1)),
+                u32::from(Ipv4Addr::new(10, 5, 0, 2))
+            )
         );
     }
 
@@ -1220,14 +1420,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let first = store.network_by_name(DEFAULT_NETWORK).unwrap().unwrap();
-        assert_eq!((first.id, first.subnet(), first.mtu), (NetworkId(1), DEFAULT_OVERLAY_SUBNET, 1380));
-        let again = store.ensure_default_network(subnet("10.77.0.0/24"), 1300).unwrap();
-        assert_eq!((again.id, again.subnet(), again.mtu), (NetworkId(1), DEFAULT_OVERLAY_SUBNET, 1300));
+        assert_eq!(
+            (first.id, first.subnet(), first.mtu),
+            (NetworkId(1), DEFAULT_OVERLAY_SUBNET, 1380)
+        );
+        let again = store
+            .ensure_default_network(subnet("10.77.0.0/24"), 1300)
+            .unwrap();
+        assert_eq!(
+            (again.id, again.subnet(), again.mtu),
+            (NetworkId(1), DEFAULT_OVERLAY_SUBNET, 1300)
+        );
         assert_eq!(store.networks().unwrap().len(), 1);
-        let created =
-            store.events(None, 100).unwrap().into_iter().filter(|e| e.kind == EventKind::NetworkCreated).count();
+        let created = store
+            .events(None, 100)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == EventKind::NetworkCreated)
+            .count();
         assert_eq!(created, 1);
-        assert!(matches!(store.delete_network(DEFAULT_NETWORK, T0), Err(NetworkError::DefaultUndeletable)));
+        assert!(matches!(
+            store.delete_network(DEFAULT_NETWORK, T0),
+            Err(NetworkError::DefaultUndeletable)
+        ));
     }
 
     #[test]
@@ -1237,7 +1452,10 @@ mod tests {
             let store = open(dir.path());
             let a = enrol(&store, "a", &[]);
             let b = enrol(&store, "b", &[]);
-            let (ra, rb) = (member(&store, "default", &a).unwrap(), member(&store, "default", &b).unwrap());
+            let (ra, rb) = (
+                member(&store, "default", &a).unwrap(),
+                member(&store, "default", &b).unwrap(),
+            );
             assert_eq!(ra.address, Ipv4Addr::new(10, 90, 0, 1));
             assert_eq!(rb.address, Ipv4Addr::new(10, 90, 0, 2));
             assert_ne!(ra.mac, rb.mac);
@@ -1263,8 +1481,14 @@ mod tests {
     fn lowest_free_address_is_reused_and_a_full_subnet_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        store.create_network("tiny", subnet("192.168.50.0/30"), None, T0).unwrap();
-        let (a, b, c) = (enrol(&store, "a", &[]), enrol(&store, "b", &[]), enrol(&store, "c", &[]));
+        store
+            .create_network("tiny", subnet("192.168.50.0/30"), None, T0)
+            .unwrap();
+        let (a, b, c) = (
+            enrol(&store, "a", &[]),
+            enrol(&store, "b", &[]),
+            enrol(&store, "c", &[]),
+        );
         store.add_member("tiny", &a, T0).unwrap();
         store.add_member("tiny", &b, T0).unwrap();
         let err = store.add_member("tiny", &c, T0).unwrap_err();
@@ -1273,62 +1497,117 @@ mod tests {
         assert_eq!(member(&store, "tiny", &c), None, "a refusal writes nothing");
         store.remove_member("tiny", &a, T0).unwrap();
         let (m, changes) = store.add_member("tiny", &c, T0).unwrap();
-        assert_eq!(m.address, Ipv4Addr::new(192, 168, 50, 1), "the freed lowest address");
+        assert_eq!(
+            m.address,
+            Ipv4Addr::new(192, 168, 50, 1),
+            "the freed lowest address"
+        );
         assert_eq!(
             changes,
-            [MembershipChange::Joined { network: m.network, node: c.clone(), mac: m.mac, address: m.address }]
+            [MembershipChange::Joined {
+                network: m.network,
+                node: c.clone(),
+                mac: m.mac,
+                address: m.address
+            }]
         );
-        assert!(matches!(store.remove_member("tiny", &a, T0), Err(NetworkError::NotMember { .. })));
-        assert!(matches!(store.add_member("default", &a, T0), Err(NetworkError::DefaultFixed)));
-        assert!(matches!(store.add_member("nope", &a, T0), Err(NetworkError::UnknownNetwork(_))));
-        assert!(matches!(store.add_member("tiny", &NodeId("n0".into()), T0), Err(NetworkError::UnknownNode(_))));
+        assert!(matches!(
+            store.remove_member("tiny", &a, T0),
+            Err(NetworkError::NotMember { .. })
+        ));
+        assert!(matches!(
+            store.add_member("default", &a, T0),
+            Err(NetworkError::DefaultFixed)
+        ));
+        assert!(matches!(
+            store.add_member("nope", &a, T0),
+            Err(NetworkError::UnknownNetwork(_))
+        ));
+        assert!(matches!(
+            store.add_member("tiny", &NodeId("n0".into()), T0),
+            Err(NetworkError::UnknownNode(_))
+        ));
     }
 
     #[test]
     fn create_refuses_overlaps_taken_names_and_bad_input() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        let (rec, changes) = store.create_network("lab", subnet("10.91.0.0/24"), Some(9000), T0).unwrap();
+        let (rec, changes) = store
+            .create_network("lab", subnet("10.91.0.0/24"), Some(9000), T0)
+            .unwrap();
         assert_eq!((rec.id, rec.mtu), (NetworkId(2), 9000));
         assert_eq!(changes, [MembershipChange::NetworkCreated(rec.clone())]);
-        let err = store.create_network("lab2", subnet("10.90.128.0/24"), None, T0).unwrap_err();
-        assert!(matches!(&err, NetworkError::Overlap { other, .. } if other == "default"), "{err}");
+        let err = store
+            .create_network("lab2", subnet("10.90.128.0/24"), None, T0)
+            .unwrap_err();
+        assert!(
+            matches!(&err, NetworkError::Overlap { other, .. } if other == "default"),
+            "{err}"
+        );
         assert!(matches!(
             store.create_network("lab", subnet("10.92.0.0/24"), None, T0),
             Err(NetworkError::NameTaken(_))
         ));
-        assert!(matches!(store.create_network("Lab", subnet("10.92.0.0/24"), None, T0), Err(NetworkError::BadName(_))));
-        assert!(matches!(store.create_network("-x", subnet("10.92.0.0/24"), None, T0), Err(NetworkError::BadName(_))));
+        assert!(matches!(
+            store.create_network("Lab", subnet("10.92.0.0/24"), None, T0),
+            Err(NetworkError::BadName(_))
+        ));
+        assert!(matches!(
+            store.create_network("-x", subnet("10.92.0.0/24"), None, T0),
+            Err(NetworkError::BadName(_))
+        ));
         assert!(matches!(
             store.create_network("x", subnet("10.92.0.0/24"), Some(100), T0),
             Err(NetworkError::BadMtu(100))
         ));
-        let (rec, _) = store.create_network("x", subnet("10.92.0.0/24"), None, T0).unwrap();
-        assert_eq!((rec.id, rec.mtu), (NetworkId(3), 1380), "MTU from default, ids counting on");
+        let (rec, _) = store
+            .create_network("x", subnet("10.92.0.0/24"), None, T0)
+            .unwrap();
+        assert_eq!(
+            (rec.id, rec.mtu),
+            (NetworkId(3), 1380),
+            "MTU from default, ids counting on"
+        );
     }
 
     #[test]
     fn selectors_add_matching_nodes_now_and_later_and_removal_drops_only_theirs() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        store.create_network("storage", subnet("10.91.0.0/24"), None, T0).unwrap();
+        store
+            .create_network("storage", subnet("10.91.0.0/24"), None, T0)
+            .unwrap();
         let s1 = enrol(&store, "s1", &[("role", "storage")]);
         let web = enrol(&store, "web", &[("role", "web")]);
         let both = enrol(&store, "both", &[("role", "storage")]);
         store.add_member("storage", &both, T0).unwrap();
         store.add_member("storage", &web, T0).unwrap();
 
-        let changes = store.add_selector("storage", "role", "storage", T0).unwrap();
-        assert_eq!(changes.len(), 1, "only s1 joins; both was already a member: {changes:?}");
-        assert!(store.add_selector("storage", "role", "storage", T0).unwrap().is_empty());
+        let changes = store
+            .add_selector("storage", "role", "storage", T0)
+            .unwrap();
+        assert_eq!(
+            changes.len(),
+            1,
+            "only s1 joins; both was already a member: {changes:?}"
+        );
+        assert!(store
+            .add_selector("storage", "role", "storage", T0)
+            .unwrap()
+            .is_empty());
         let s2 = enrol(&store, "s2", &[("role", "storage")]);
-        assert!(member(&store, "storage", &s2).unwrap().via_selector, "a later enrolment joins too");
+        assert!(
+            member(&store, "storage", &s2).unwrap().via_selector,
+            "a later enrolment joins too"
+        );
         let m = member(&store, "storage", &both).unwrap();
         assert!(m.explicit && m.via_selector);
 
         let err = store.remove_member("storage", &s1, T0).unwrap_err();
         assert!(
-            matches!(err, NetworkError::ThroughSelector { .. }) && err.to_string().contains("role=storage"),
+            matches!(err, NetworkError::ThroughSelector { .. })
+                && err.to_string().contains("role=storage"),
             "{err}"
         );
         assert!(matches!(
@@ -1336,7 +1615,9 @@ mod tests {
             Err(NetworkError::UnknownSelector { .. })
         ));
 
-        let changes = store.remove_selector("storage", "role", "storage", T0).unwrap();
+        let changes = store
+            .remove_selector("storage", "role", "storage", T0)
+            .unwrap();
         let mut left: Vec<NodeId> = changes
             .iter()
             .filter_map(|c| match c {
@@ -1354,26 +1635,45 @@ mod tests {
         want.sort();
         assert_eq!(kept, want);
         assert!(!member(&store, "storage", &both).unwrap().via_selector);
-        assert!(store.network_by_name("storage").unwrap().unwrap().selectors.is_empty());
-        assert!(store.events(None, 100).unwrap().iter().any(|e| e.message.contains("selector role=storage removed")));
+        assert!(store
+            .network_by_name("storage")
+            .unwrap()
+            .unwrap()
+            .selectors
+            .is_empty());
+        assert!(store
+            .events(None, 100)
+            .unwrap()
+            .iter()
+            .any(|e| e.message.contains("selector role=storage removed")));
     }
 
     #[test]
     fn deleting_a_network_drops_its_members() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        let (lab, _) = store.create_network("lab", subnet("10.91.0.0/24"), None, T0).unwrap();
+        let (lab, _) = store
+            .create_network("lab", subnet("10.91.0.0/24"), None, T0)
+            .unwrap();
         let a = enrol(&store, "a", &[]);
         store.add_member("lab", &a, T0).unwrap();
         let (_, changes) = store.delete_network("lab", T0).unwrap();
         assert_eq!(
             changes,
-            [MembershipChange::Left { network: lab.id, node: a.clone() }, MembershipChange::NetworkDeleted(lab.id)]
+            [
+                MembershipChange::Left {
+                    network: lab.id,
+                    node: a.clone()
+                },
+                MembershipChange::NetworkDeleted(lab.id)
+            ]
         );
         assert!(store.network_by_name("lab").unwrap().is_none());
         assert!(store.members(lab.id).unwrap().is_empty());
         assert!(member(&store, "default", &a).is_some());
-        let (again, _) = store.create_network("lab", subnet("10.91.0.0/24"), None, T0).unwrap();
+        let (again, _) = store
+            .create_network("lab", subnet("10.91.0.0/24"), None, T0)
+            .unwrap();
         assert_ne!(again.id, lab.id, "network ids are not reused");
     }
 
@@ -1386,19 +1686,38 @@ mod tests {
         let ia = store.peer_index(&a).unwrap();
         assert_eq!(store.peer_index(&a).unwrap(), ia, "stable");
         assert!(store.set_node_key(&a, [7; 32]).unwrap());
-        assert!(!store.set_node_key(&a, [7; 32]).unwrap(), "unchanged: not written");
+        assert!(
+            !store.set_node_key(&a, [7; 32]).unwrap(),
+            "unchanged: not written"
+        );
         assert_eq!(store.node_key(&a).unwrap(), Some([7; 32]));
 
         store.remove_node(&a, T0).unwrap();
         let changes = store.leave_all_networks(&a).unwrap();
-        assert_eq!(changes, [MembershipChange::Left { network: NetworkId(1), node: a.clone() }]);
+        assert_eq!(
+            changes,
+            [MembershipChange::Left {
+                network: NetworkId(1),
+                node: a.clone()
+            }]
+        );
         assert_eq!(store.node_key(&a).unwrap(), None);
         assert!(!store.overlay_snapshot().unwrap().nodes.contains_key(&a));
-        assert!(matches!(store.peer_index(&a), Err(NetworkError::UnknownNode(_))));
+        assert!(matches!(
+            store.peer_index(&a),
+            Err(NetworkError::UnknownNode(_))
+        ));
         let c = enrol(&store, "c", &[]);
-        assert_eq!(addr(&store, "default", &c), Ipv4Addr::new(10, 90, 0, 1), "a's address is free again");
+        assert_eq!(
+            addr(&store, "default", &c),
+            Ipv4Addr::new(10, 90, 0, 1),
+            "a's address is free again"
+        );
         let ic = store.peer_index(&c).unwrap();
-        assert!(ic.0 > store.peer_index(&b).unwrap().0 && ic != ia, "{ic:?} after {ia:?}");
+        assert!(
+            ic.0 > store.peer_index(&b).unwrap().0 && ic != ia,
+            "{ic:?} after {ia:?}"
+        );
     }
 
     #[test]
@@ -1409,7 +1728,9 @@ mod tests {
             // Nodes enrolled before networks existed, and one removed without leaving (a crash).
             let a = enrol_without_networks(&store, "a");
             let b = enrol_without_networks(&store, "b");
-            store.ensure_default_network(DEFAULT_OVERLAY_SUBNET, DEFAULT_OVERLAY_MTU).unwrap();
+            store
+                .ensure_default_network(DEFAULT_OVERLAY_SUBNET, DEFAULT_OVERLAY_MTU)
+                .unwrap();
             store.remove_node(&b, T0).unwrap();
             (a, b)
         };
@@ -1432,7 +1753,10 @@ mod tests {
                 labels: BTreeMap::new(),
             })
             .unwrap();
-        let hw = HardwareId { source: HardwareIdSource::DmiUuid, value: machine.to_owned() };
+        let hw = HardwareId {
+            source: HardwareIdSource::DmiUuid,
+            value: machine.to_owned(),
+        };
         store
             .enrol(&EnrolParams {
                 token_id: &id,
@@ -1464,8 +1788,17 @@ mod tests {
     #[test]
     fn macs_are_rerolled_on_collision() {
         let node = NodeId("n0000000001".into());
-        assert_eq!(mac_for(NetworkId(1), &node, 0), mac_for(NetworkId(1), &node, 0));
-        assert_ne!(mac_for(NetworkId(1), &node, 0), mac_for(NetworkId(1), &node, 1));
-        assert_ne!(mac_for(NetworkId(1), &node, 0), mac_for(NetworkId(2), &node, 0));
+        assert_eq!(
+            mac_for(NetworkId(1), &node, 0),
+            mac_for(NetworkId(1), &node, 0)
+        );
+        assert_ne!(
+            mac_for(NetworkId(1), &node, 0),
+            mac_for(NetworkId(1), &node, 1)
+        );
+        assert_ne!(
+            mac_for(NetworkId(1), &node, 0),
+            mac_for(NetworkId(2), &node, 0)
+        );
     }
 }

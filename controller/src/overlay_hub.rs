@@ -1,20 +1,20 @@
-//! The controller's overlay shell: the coordinator behind a lock, the links to connected overlay agents,
-//! the relay, the NAT probe port, and the latest path reports.
+//! The controller's overlay shell: the coordinator behind a lock, the links to connected overlay
+//! agents, the relay, the NAT probe port, and the latest path reports.
 //!
 //! Ordering: deltas are computed and queued under one lock, into one unbounded queue per agent that
-//! only that agent's connection task drains, so each agent sees its deltas in version order and never
-//! before the full netmap it was subscribed with.
+//! only that agent's connection task drains, so each agent sees its deltas in version order and
+//! never before the full netmap it was subscribed with.
 //!
-//! The relay never takes that lock. Each node's networks are kept beside it as a [`Reach`], replaced
-//! whole under the lock when the node's membership changes and read by the relay tasks without it;
-//! so a packet is forwarded, or refused, against the membership as it is at that moment, and a
-//! netmap computation never stalls forwarding.
+//! The relay never takes that lock. Each node's networks are kept beside it as a [`Reach`],
+//! replaced whole under the lock when the node's membership changes and read by the relay tasks
+//! without it; so a packet is forwarded, or refused, against the membership as it is at that
+//! moment, and a netmap computation never stalls forwarding.
 //!
 //! What one node sends here is bounded so that it cannot make the controller flood its peers or
 //! starve other nodes' relayed traffic ([`OverlayLimits`]): `OverlayHello`s per connection, punch
 //! requests per pair and per node, path reports per node (and their contents, [`bound_report`]),
-//! relayed packets and bytes per connection. What is refused is counted ([`HubCounters`]) and logged
-//! at debug level.
+//! relayed packets and bytes per connection. What is refused is counted ([`HubCounters`]) and
+//! logged at debug level.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -30,7 +30,10 @@ use shoal_overlay::{
     relay_socket::{parse_relay_datagram, relay_datagram},
     send_msg,
 };
-use shoal_proto::{ControllerMsg, NetworkId, NodeId, Observed, OverlayHello, PathReport, PeerIndex, Punch, UnixMillis};
+use shoal_proto::{
+    ControllerMsg, NetworkId, NodeId, Observed, OverlayHello, PathReport, PeerIndex, Punch,
+    UnixMillis,
+};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -59,7 +62,10 @@ pub struct TokenBucket {
 impl TokenBucket {
     /// A full bucket.
     pub fn full(rate: Rate, now: Instant) -> Self {
-        Self { tokens: rate.burst, at: now }
+        Self {
+            tokens: rate.burst,
+            at: now,
+        }
     }
 
     fn refill(&mut self, rate: Rate, now: Instant) {
@@ -104,7 +110,8 @@ pub struct OverlayLimits {
     /// Punch requests from one node in all: default 256 at once (a node that just joined asks
     /// for every peer), then 20 per second.
     pub punches_per_node: Rate,
-    /// Path reports from one node: default 5 at once, then one per second (agents report every 5 s).
+    /// Path reports from one node: default 5 at once, then one per second (agents report every 5
+    /// s).
     pub reports: Rate,
     /// Drop reasons kept from one path report (default 64; the agent knows about 25).
     pub report_drop_reasons: usize,
@@ -119,13 +126,31 @@ impl Default for OverlayLimits {
     fn default() -> Self {
         const MIB: f64 = 1024.0 * 1024.0;
         Self {
-            hellos: Rate { per_sec: 0.2, burst: 10.0 },
-            punches_per_pair: Rate { per_sec: 0.5, burst: 3.0 },
-            punches_per_node: Rate { per_sec: 20.0, burst: 256.0 },
-            reports: Rate { per_sec: 1.0, burst: 5.0 },
+            hellos: Rate {
+                per_sec: 0.2,
+                burst: 10.0,
+            },
+            punches_per_pair: Rate {
+                per_sec: 0.5,
+                burst: 3.0,
+            },
+            punches_per_node: Rate {
+                per_sec: 20.0,
+                burst: 256.0,
+            },
+            reports: Rate {
+                per_sec: 1.0,
+                burst: 5.0,
+            },
             report_drop_reasons: 64,
-            relay_packets: Rate { per_sec: 16_384.0, burst: 4096.0 },
-            relay_bytes: Rate { per_sec: 16.0 * MIB, burst: 4.0 * MIB },
+            relay_packets: Rate {
+                per_sec: 16_384.0,
+                burst: 4096.0,
+            },
+            relay_bytes: Rate {
+                per_sec: 16.0 * MIB,
+                burst: 4.0 * MIB,
+            },
         }
     }
 }
@@ -160,11 +185,20 @@ impl NodeLimits {
     }
 
     /// Charges a punch towards `to` to both the pair's and the node's budget, or to neither.
-    fn punch(&mut self, limits: &OverlayLimits, now: Instant, to: &NodeId) -> Result<(), PunchRefusal> {
+    fn punch(
+        &mut self,
+        limits: &OverlayLimits,
+        now: Instant,
+        to: &NodeId,
+    ) -> Result<(), PunchRefusal> {
         if self.pairs.len() >= PAIR_BUCKETS_BEFORE_PRUNING && !self.pairs.contains_key(to) {
-            self.pairs.retain(|_, b| !b.is_full(limits.punches_per_pair, now));
+            self.pairs
+                .retain(|_, b| !b.is_full(limits.punches_per_pair, now));
         }
-        let pair = self.pairs.entry(to.clone()).or_insert_with(|| TokenBucket::full(limits.punches_per_pair, now));
+        let pair = self
+            .pairs
+            .entry(to.clone())
+            .or_insert_with(|| TokenBucket::full(limits.punches_per_pair, now));
         if !pair.has(limits.punches_per_pair, now, 1.0) {
             return Err(PunchRefusal::PairRate);
         }
@@ -179,18 +213,31 @@ impl NodeLimits {
 /// Bounds a node's path report: only paths to its peers (`is_peer`), one per peer, with a finite
 /// round-trip time; at most `max_reasons` drop reasons, each a snake_case label of at most 32
 /// characters, once. Returns the report and how many entries were left out.
-pub fn bound_report(mut report: PathReport, is_peer: impl Fn(&NodeId) -> bool, max_reasons: usize) -> (PathReport, usize) {
+pub fn bound_report(
+    mut report: PathReport,
+    is_peer: impl Fn(&NodeId) -> bool,
+    max_reasons: usize,
+) -> (PathReport, usize) {
     let before = report.paths.len() + report.counters.dropped.len();
     let mut seen = HashSet::new();
-    report.paths.retain(|p| is_peer(&p.peer) && seen.insert(p.peer.clone()));
+    report
+        .paths
+        .retain(|p| is_peer(&p.peer) && seen.insert(p.peer.clone()));
     for p in &mut report.paths {
         if !p.rtt_ms.is_finite() || p.rtt_ms < 0.0 {
             p.rtt_ms = 0.0;
         }
     }
-    let label_ok = |l: &str| (1..=32).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    let label_ok = |l: &str| {
+        (1..=32).contains(&l.len())
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
     let mut labels = HashSet::new();
-    report.counters.dropped.retain(|(l, _)| label_ok(l) && labels.len() < max_reasons && labels.insert(l.clone()));
+    report
+        .counters
+        .dropped
+        .retain(|(l, _)| label_ok(l) && labels.len() < max_reasons && labels.insert(l.clone()));
     let after = report.paths.len() + report.counters.dropped.len();
     (report, before - after)
 }
@@ -205,7 +252,10 @@ impl Reach {
         networks.sort_unstable();
         let networks: Arc<[NetworkId]> = networks.into();
         // The write lock is held for a pointer swap only; the old list is freed after it.
-        let old = std::mem::replace(&mut *self.0.write().unwrap_or_else(|p| p.into_inner()), networks);
+        let old = std::mem::replace(
+            &mut *self.0.write().unwrap_or_else(|p| p.into_inner()),
+            networks,
+        );
         drop(old);
     }
 
@@ -231,7 +281,8 @@ pub struct HubCounters {
     pub punches_rate_limited: u64,
     /// Path reports beyond a node's rate.
     pub reports_refused: u64,
-    /// Entries left out of path reports (paths to non-peers or repeated, bad or surplus drop reasons).
+    /// Entries left out of path reports (paths to non-peers or repeated, bad or surplus drop
+    /// reasons).
     pub report_entries_refused: u64,
     /// Relayed packets beyond the sender's packet or byte rate.
     pub relay_rate_limited: u64,
@@ -372,15 +423,24 @@ impl OverlayHub {
     }
 
     /// The node's current key is no longer trusted (a certificate of it was revoked): its peers get
-    /// [`shoal_proto::KEY_WITHDRAWN`] for it, so they close their paths to it and refuse new ones until
-    /// it connects with a new key. Persisted, so a restart does not trust the key again.
-    pub fn withdraw_key(&self, store: &Store, node: &NodeId) -> Result<(), crate::store::StoreError> {
+    /// [`shoal_proto::KEY_WITHDRAWN`] for it, so they close their paths to it and refuse new ones
+    /// until it connects with a new key. Persisted, so a restart does not trust the key again.
+    pub fn withdraw_key(
+        &self,
+        store: &Store,
+        node: &NodeId,
+    ) -> Result<(), crate::store::StoreError> {
         self.key_changed(store, node, shoal_proto::KEY_WITHDRAWN)
     }
 
     /// The node is bound to another key now (re-enrolment, withdrawal): its peers learn it at once,
     /// so they close paths made with the old key and refuse new ones.
-    pub fn key_changed(&self, store: &Store, node: &NodeId, key: [u8; 32]) -> Result<(), crate::store::StoreError> {
+    pub fn key_changed(
+        &self,
+        store: &Store,
+        node: &NodeId,
+        key: [u8; 32],
+    ) -> Result<(), crate::store::StoreError> {
         let index = match store.peer_index(node) {
             Ok(i) => i,
             Err(_) => return Ok(()), // not in any network
@@ -401,8 +461,8 @@ impl OverlayHub {
     }
 
     /// An agent said it takes part in the overlay (first time on a connection, or again when its
-    /// endpoints or NAT changed, or to ask for a full netmap). Returns what to send it now, in order;
-    /// nothing when a repeated hello exceeds [`OverlayLimits::hellos`].
+    /// endpoints or NAT changed, or to ask for a full netmap). Returns what to send it now, in
+    /// order; nothing when a repeated hello exceeds [`OverlayLimits::hellos`].
     #[allow(clippy::too_many_arguments)]
     pub fn hello(
         &self,
@@ -431,10 +491,20 @@ impl OverlayHub {
         };
         // Known first (with its index); its key goes with its endpoints in one delta to its peers.
         st.coordinator.node_known(node, index, None, now);
-        let (netmap, updates) = st.coordinator.subscribe(node, Some(key), observed, hello, now);
+        let (netmap, updates) = st
+            .coordinator
+            .subscribe(node, Some(key), observed, hello, now);
         if first_on_conn {
             let hellos = TokenBucket::full(self.limits.hellos, instant);
-            st.links.insert(node.clone(), Link { conn_id, tx: tx.clone(), index, hellos });
+            st.links.insert(
+                node.clone(),
+                Link {
+                    conn_id,
+                    tx: tx.clone(),
+                    index,
+                    hellos,
+                },
+            );
         }
         let reach = st.reach(node);
         reach.set(st.coordinator.networks_of(node));
@@ -442,10 +512,21 @@ impl OverlayHub {
         drop(st);
         let mut out = Vec::new();
         if first_on_conn {
-            let target = Arc::new(RelayTarget { node: node.clone(), conn: conn.clone(), reach });
-            self.relays.write().unwrap_or_else(|p| p.into_inner()).insert(index, target);
+            let target = Arc::new(RelayTarget {
+                node: node.clone(),
+                conn: conn.clone(),
+                reach,
+            });
+            self.relays
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(index, target);
             let probe_port = *self.probe_port.lock().unwrap_or_else(|p| p.into_inner());
-            out.push(ControllerMsg::Observed(Observed { address: observed, index, probe_port }));
+            out.push(ControllerMsg::Observed(Observed {
+                address: observed,
+                index,
+                probe_port,
+            }));
         }
         out.push(netmap);
         out
@@ -454,7 +535,9 @@ impl OverlayHub {
     /// The agent's connection ended.
     pub fn disconnected(&self, node: &NodeId, conn_id: u64) {
         let mut st = self.state();
-        let Some(link) = st.links.get(node) else { return };
+        let Some(link) = st.links.get(node) else {
+            return;
+        };
         if link.conn_id != conn_id {
             return;
         }
@@ -484,7 +567,9 @@ impl OverlayHub {
                             let key = store.node_key(node).ok().flatten();
                             st.coordinator.node_known(node, index, key, now);
                         }
-                        Err(e) => warn!(node = %node, cause = %e, "no relay index; the node's membership waits for its next connection"),
+                        Err(e) => {
+                            warn!(node = %node, cause = %e, "no relay index; the node's membership waits for its next connection")
+                        }
                     }
                 }
             }
@@ -499,7 +584,11 @@ impl OverlayHub {
                 reach.set(st.coordinator.networks_of(node));
             }
         }
-        debug!(changes = changes.len(), deliveries = deliveries.len(), "netmap changes sent");
+        debug!(
+            changes = changes.len(),
+            deliveries = deliveries.len(),
+            "netmap changes sent"
+        );
         Self::send_all(&st.links, deliveries);
     }
 
@@ -512,7 +601,10 @@ impl OverlayHub {
         }
         st.limits.remove(node);
         drop(st);
-        self.paths.lock().unwrap_or_else(|p| p.into_inner()).remove(node);
+        self.paths
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node);
     }
 
     /// `from` asks `punch.peer` to punch towards it now. Passed on only between nodes that share a
@@ -526,7 +618,10 @@ impl OverlayHub {
             debug!(from = %from, to = %punch.peer, "punch request between nodes that share no network ignored");
             return;
         }
-        let limits = st.limits.entry(from.clone()).or_insert_with(|| NodeLimits::new(&self.limits, now));
+        let limits = st
+            .limits
+            .entry(from.clone())
+            .or_insert_with(|| NodeLimits::new(&self.limits, now));
         if let Err(why) = limits.punch(&self.limits, now, &punch.peer) {
             bump(&self.stats.punches_rate_limited, 1);
             debug!(from = %from, to = %punch.peer, ?why, "punch request beyond its rate ignored");
@@ -534,7 +629,10 @@ impl OverlayHub {
         }
         if let Some(link) = st.links.get(&punch.peer) {
             let endpoints = st.coordinator.endpoints(from);
-            let _ = link.tx.send(ControllerMsg::Punch(Punch { peer: from.clone(), endpoints }));
+            let _ = link.tx.send(ControllerMsg::Punch(Punch {
+                peer: from.clone(),
+                endpoints,
+            }));
         }
     }
 
@@ -544,33 +642,62 @@ impl OverlayHub {
         let (report, refused) = {
             let mut guard = self.state();
             let st = &mut *guard;
-            let limits = st.limits.entry(node.clone()).or_insert_with(|| NodeLimits::new(&self.limits, now));
+            let limits = st
+                .limits
+                .entry(node.clone())
+                .or_insert_with(|| NodeLimits::new(&self.limits, now));
             if !limits.reports.take(self.limits.reports, now, 1.0) {
                 bump(&self.stats.reports_refused, 1);
                 debug!(node = %node, "path report beyond its rate ignored");
                 return;
             }
             let coordinator = &st.coordinator;
-            bound_report(report, |peer| coordinator.share_network(node, peer), self.limits.report_drop_reasons)
+            bound_report(
+                report,
+                |peer| coordinator.share_network(node, peer),
+                self.limits.report_drop_reasons,
+            )
         };
         if refused > 0 {
             bump(&self.stats.report_entries_refused, refused as u64);
             debug!(node = %node, refused, "path report entries left out");
         }
-        self.paths.lock().unwrap_or_else(|p| p.into_inner()).insert(node.clone(), ReportedPaths { report, at: now_ms() });
+        self.paths.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            node.clone(),
+            ReportedPaths {
+                report,
+                at: now_ms(),
+            },
+        );
     }
 
     /// The latest path report of every node.
     pub fn reported_paths(&self) -> Vec<(NodeId, ReportedPaths)> {
-        let mut v: Vec<_> = self.paths.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut v: Vec<_> = self
+            .paths
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
 
     /// Where a packet that a node with `reach` relays to `to` goes, if anywhere. Reads the relay
     /// table and the two nodes' reach, never the hub's lock.
-    fn relay_target(&self, from: &NodeId, reach: &Reach, to: PeerIndex) -> Option<Arc<RelayTarget>> {
-        let target = self.relays.read().unwrap_or_else(|p| p.into_inner()).get(&to).cloned();
+    fn relay_target(
+        &self,
+        from: &NodeId,
+        reach: &Reach,
+        to: PeerIndex,
+    ) -> Option<Arc<RelayTarget>> {
+        let target = self
+            .relays
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&to)
+            .cloned();
         let Some(target) = target else {
             bump(&self.stats.relay_no_target, 1);
             debug!(from = %from, to = to.0, "relay destination not connected");
@@ -591,12 +718,16 @@ impl OverlayHub {
     pub async fn relay(self: Arc<Self>, node: NodeId, index: PeerIndex, conn: quinn::Connection) {
         let reach = self.state().reach(&node);
         let start = Instant::now();
-        let (mut packets, mut bytes) =
-            (TokenBucket::full(self.limits.relay_packets, start), TokenBucket::full(self.limits.relay_bytes, start));
+        let (mut packets, mut bytes) = (
+            TokenBucket::full(self.limits.relay_packets, start),
+            TokenBucket::full(self.limits.relay_bytes, start),
+        );
         while let Ok(d) = conn.read_datagram().await {
             let now = Instant::now();
             let size = d.len() as f64;
-            if !(packets.has(self.limits.relay_packets, now, 1.0) && bytes.take(self.limits.relay_bytes, now, size)) {
+            if !(packets.has(self.limits.relay_packets, now, 1.0)
+                && bytes.take(self.limits.relay_bytes, now, size))
+            {
                 bump(&self.stats.relay_rate_limited, 1);
                 debug!(from = %node, bytes = d.len(), "relayed packet beyond the sender's rate dropped");
                 continue;
@@ -606,7 +737,9 @@ impl OverlayHub {
                 bump(&self.stats.relay_no_target, 1);
                 continue;
             };
-            let Some(target) = self.relay_target(&node, &reach, to) else { continue };
+            let Some(target) = self.relay_target(&node, &reach, to) else {
+                continue;
+            };
             if let Err(e) = target.conn.send_datagram(relay_datagram(index, &packet)) {
                 debug!(from = %node, to = %target.node, cause = %e, "relay datagram dropped");
             }
@@ -624,7 +757,11 @@ pub async fn serve_probe(endpoint: quinn::Endpoint) {
             let observed = conn.remote_address();
             let result = async {
                 let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
-                let msg = ControllerMsg::Observed(Observed { address: observed, index: PeerIndex(0), probe_port: None });
+                let msg = ControllerMsg::Observed(Observed {
+                    address: observed,
+                    index: PeerIndex(0),
+                    probe_port: None,
+                });
                 send_msg(&mut send, &msg).await.map_err(|e| e.to_string())?;
                 send.finish().map_err(|e| e.to_string())?;
                 let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
@@ -665,36 +802,69 @@ mod tests {
 
     #[test]
     fn token_buckets_refill_at_their_rate_up_to_their_burst() {
-        let rate = Rate { per_sec: 2.0, burst: 3.0 };
+        let rate = Rate {
+            per_sec: 2.0,
+            burst: 3.0,
+        };
         let t0 = Instant::now();
         let mut b = TokenBucket::full(rate, t0);
         assert_eq!((0..10).filter(|_| b.take(rate, t0, 1.0)).count(), 3);
-        assert!(b.take(rate, t0 + Duration::from_millis(500), 1.0), "0.5 s at 2/s buys one");
+        assert!(
+            b.take(rate, t0 + Duration::from_millis(500), 1.0),
+            "0.5 s at 2/s buys one"
+        );
         assert!(!b.take(rate, t0 + Duration::from_millis(500), 1.0));
         let later = t0 + Duration::from_secs(60);
-        assert_eq!((0..10).filter(|_| b.take(rate, later, 1.0)).count(), 3, "never more than the burst");
-        assert!(!b.take(rate, t0, 1.0), "a clock that goes back refills nothing");
+        assert_eq!(
+            (0..10).filter(|_| b.take(rate, later, 1.0)).count(),
+            3,
+            "never more than the burst"
+        );
+        assert!(
+            !b.take(rate, t0, 1.0),
+            "a clock that goes back refills nothing"
+        );
     }
 
     #[test]
     fn punches_are_limited_per_pair_and_per_node_and_a_refused_one_costs_nothing() {
         let limits = OverlayLimits {
-            punches_per_pair: Rate { per_sec: 0.5, burst: 2.0 },
-            punches_per_node: Rate { per_sec: 1.0, burst: 5.0 },
+            punches_per_pair: Rate {
+                per_sec: 0.5,
+                burst: 2.0,
+            },
+            punches_per_node: Rate {
+                per_sec: 1.0,
+                burst: 5.0,
+            },
             ..OverlayLimits::default()
         };
         let t0 = Instant::now();
         let mut l = NodeLimits::new(&limits, t0);
         let results: Vec<_> = (0..4).map(|_| l.punch(&limits, t0, &n("b"))).collect();
-        assert_eq!(results, [Ok(()), Ok(()), Err(PunchRefusal::PairRate), Err(PunchRefusal::PairRate)]);
+        assert_eq!(
+            results,
+            [
+                Ok(()),
+                Ok(()),
+                Err(PunchRefusal::PairRate),
+                Err(PunchRefusal::PairRate)
+            ]
+        );
         // The pair refusals did not spend the node's budget: three more pairs fit.
         assert_eq!(l.punch(&limits, t0, &n("c")), Ok(()));
         assert_eq!(l.punch(&limits, t0, &n("c")), Ok(()));
         assert_eq!(l.punch(&limits, t0, &n("d")), Ok(()));
         assert_eq!(l.punch(&limits, t0, &n("e")), Err(PunchRefusal::NodeRate));
         // A node refusal did not spend the pair's: e's first punch goes once the node refills.
-        assert_eq!(l.punch(&limits, t0 + Duration::from_secs(1), &n("e")), Ok(()));
-        assert_eq!(l.punch(&limits, t0 + Duration::from_secs(1), &n("e")), Err(PunchRefusal::NodeRate));
+        assert_eq!(
+            l.punch(&limits, t0 + Duration::from_secs(1), &n("e")),
+            Ok(())
+        );
+        assert_eq!(
+            l.punch(&limits, t0 + Duration::from_secs(1), &n("e")),
+            Err(PunchRefusal::NodeRate)
+        );
         // 2 s later b has one more.
         let t2 = t0 + Duration::from_secs(3);
         assert_eq!(l.punch(&limits, t2, &n("b")), Ok(()));
@@ -702,37 +872,105 @@ mod tests {
 
     #[test]
     fn pair_budgets_are_pruned_once_idle() {
-        let limits = OverlayLimits { punches_per_node: Rate { per_sec: 1e9, burst: 1e9 }, ..OverlayLimits::default() };
+        let limits = OverlayLimits {
+            punches_per_node: Rate {
+                per_sec: 1e9,
+                burst: 1e9,
+            },
+            ..OverlayLimits::default()
+        };
         let t0 = Instant::now();
         let mut l = NodeLimits::new(&limits, t0);
         for i in 0..10_000 {
             let now = t0 + Duration::from_secs(10 * i);
             assert_eq!(l.punch(&limits, now, &n(&format!("p{i}"))), Ok(()));
-            assert!(l.pairs.len() <= PAIR_BUCKETS_BEFORE_PRUNING + 1, "{}", l.pairs.len());
+            assert!(
+                l.pairs.len() <= PAIR_BUCKETS_BEFORE_PRUNING + 1,
+                "{}",
+                l.pairs.len()
+            );
         }
     }
 
     fn path(peer: &str, rtt_ms: f64) -> PathInfo {
-        PathInfo { peer: n(peer), kind: PathKind::Direct, remote: None, rtt_ms, tx_bytes: 1, rx_bytes: 1 }
+        PathInfo {
+            peer: n(peer),
+            kind: PathKind::Direct,
+            remote: None,
+            rtt_ms,
+            tx_bytes: 1,
+            rx_bytes: 1,
+        }
     }
 
     #[test]
     fn path_reports_keep_only_the_nodes_peers_and_a_bounded_drop_list() {
-        let mut dropped: Vec<(String, u64)> =
-            ["no_path", "spoofed_arp", "no_path", "Bad-Label", "", "\u{1b}[31m", &"x".repeat(33)].iter().map(|l| (l.to_string(), 1)).collect();
+        let mut dropped: Vec<(String, u64)> = [
+            "no_path",
+            "spoofed_arp",
+            "no_path",
+            "Bad-Label",
+            "",
+            "\u{1b}[31m",
+            &"x".repeat(33),
+        ]
+        .iter()
+        .map(|l| (l.to_string(), 1))
+        .collect();
         dropped.extend((0..200).map(|i| (format!("r{i}"), 1)));
         let report = PathReport {
-            paths: vec![path("b", 1.5), path("stranger", 1.0), path("b", 9.0), path("c", f64::NAN), path("c", 2.0)],
-            counters: OverlayCounters { forwarded: 1, flooded: 2, delivered: 3, dropped },
+            paths: vec![
+                path("b", 1.5),
+                path("stranger", 1.0),
+                path("b", 9.0),
+                path("c", f64::NAN),
+                path("c", 2.0),
+            ],
+            counters: OverlayCounters {
+                forwarded: 1,
+                flooded: 2,
+                delivered: 3,
+                dropped,
+            },
         };
         let peers = ["b", "c"];
         let (bounded, refused) = bound_report(report, |p| peers.contains(&p.0.as_str()), 10);
-        let kept: Vec<_> = bounded.paths.iter().map(|p| (p.peer.0.as_str(), p.rtt_ms)).collect();
+        let kept: Vec<_> = bounded
+            .paths
+            .iter()
+            .map(|p| (p.peer.0.as_str(), p.rtt_ms))
+            .collect();
         assert_eq!(kept, [("b", 1.5), ("c", 0.0)]);
-        let labels: Vec<_> = bounded.counters.dropped.iter().map(|(l, _)| l.as_str()).collect();
-        assert_eq!(labels, ["no_path", "spoofed_arp", "r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7"]);
+        let labels: Vec<_> = bounded
+            .counters
+            .dropped
+            .iter()
+            .map(|(l, _)| l.as_str())
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                "no_path",
+                "spoofed_arp",
+                "r0",
+                "r1",
+                "r2",
+                "r3",
+                "r4",
+                "r5",
+                "r6",
+                "r7"
+            ]
+        );
         assert_eq!(refused, 3 + (7 + 200 - 10));
-        assert_eq!((bounded.counters.forwarded, bounded.counters.flooded, bounded.counters.delivered), (1, 2, 3));
+        assert_eq!(
+            (
+                bounded.counters.forwarded,
+                bounded.counters.flooded,
+                bounded.counters.delivered
+            ),
+            (1, 2, 3)
+        );
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -762,23 +1000,47 @@ mod tests {
     }
 
     fn hello_msg() -> OverlayHello {
-        OverlayHello { netmap_version: None, local_endpoints: vec!["10.0.0.9:7000".parse().unwrap()], nat: NatMapping::Unknown }
+        OverlayHello {
+            netmap_version: None,
+            local_endpoints: vec!["10.0.0.9:7000".parse().unwrap()],
+            nat: NatMapping::Unknown,
+        }
     }
 
     impl Hub {
-        /// A hub over a store in which `machines` are enrolled (and members of `default`), as after a
-        /// controller restart.
+        /// A hub over a store in which `machines` are enrolled (and members of `default`), as after
+        /// a controller restart.
         fn start(limits: OverlayLimits, machines: &[&str]) -> Hub {
             let dir = tempfile::tempdir().unwrap();
             let store = Store::open(&dir.path().join("store")).unwrap();
-            store.ensure_default_network(crate::networks::DEFAULT_OVERLAY_SUBNET, crate::networks::DEFAULT_OVERLAY_MTU).unwrap();
-            let nodes = machines.iter().map(|m| (m.to_string(), enrol_for_tests(&store, m, &[], T0))).collect();
+            store
+                .ensure_default_network(
+                    crate::networks::DEFAULT_OVERLAY_SUBNET,
+                    crate::networks::DEFAULT_OVERLAY_MTU,
+                )
+                .unwrap();
+            let nodes = machines
+                .iter()
+                .map(|m| (m.to_string(), enrol_for_tests(&store, m, &[], T0)))
+                .collect();
             let ca = Ca::load_or_create(dir.path()).unwrap();
-            let (chain, key) = ca.issue_server_cert(&[pki::CONTROLLER_SERVER_NAME.to_owned()], &[]).unwrap();
+            let (chain, key) = ca
+                .issue_server_cert(&[pki::CONTROLLER_SERVER_NAME.to_owned()], &[])
+                .unwrap();
             let config = tls::controller_server_config(ca.cert_der(), chain, key).unwrap();
             let server = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
-            let hub = Arc::new(OverlayHub::open_with_limits(&store, Duration::from_secs(3600), limits).unwrap());
-            Hub { hub, store, ca, server, nodes, next_conn: 1, _dir: dir }
+            let hub = Arc::new(
+                OverlayHub::open_with_limits(&store, Duration::from_secs(3600), limits).unwrap(),
+            );
+            Hub {
+                hub,
+                store,
+                ca,
+                server,
+                nodes,
+                next_conn: 1,
+                _dir: dir,
+            }
         }
 
         /// Connects the node enrolled as `machine`, says hello and starts its relay task, as the
@@ -786,37 +1048,88 @@ mod tests {
         async fn connect(&mut self, machine: &str) -> Agent {
             let node = self.nodes[machine].clone();
             let key_pair = pki::generate_key().unwrap();
-            let (cert, _) = self.ca.issue_node_cert(&pki::make_csr(&key_pair).unwrap(), &node, now_ms(), Duration::from_secs(3600)).unwrap();
-            let client_config = tls::node_client_config(self.ca.cert_der(), &cert, pki::tls_key(&key_pair), Duration::from_secs(1)).unwrap();
+            let (cert, _) = self
+                .ca
+                .issue_node_cert(
+                    &pki::make_csr(&key_pair).unwrap(),
+                    &node,
+                    now_ms(),
+                    Duration::from_secs(3600),
+                )
+                .unwrap();
+            let client_config = tls::node_client_config(
+                self.ca.cert_der(),
+                &cert,
+                pki::tls_key(&key_pair),
+                Duration::from_secs(1),
+            )
+            .unwrap();
             let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
             endpoint.set_default_client_config(client_config);
-            let connecting = endpoint.connect(self.server.local_addr().unwrap(), pki::CONTROLLER_SERVER_NAME).unwrap();
-            let (client, server_side) = tokio::join!(connecting, async { self.server.accept().await.unwrap().await });
+            let connecting = endpoint
+                .connect(
+                    self.server.local_addr().unwrap(),
+                    pki::CONTROLLER_SERVER_NAME,
+                )
+                .unwrap();
+            let (client, server_side) = tokio::join!(connecting, async {
+                self.server.accept().await.unwrap().await
+            });
             let (client, server_side) = (client.unwrap(), server_side.unwrap());
             let index = self.store.peer_index(&node).unwrap();
             let conn_id = self.next_conn;
             self.next_conn += 1;
-            let (tx, queued) = crate::conn_queue::node_queue(crate::conn_queue::NODE_QUEUE_CAPACITY);
-            let mut agent = Agent { node, index, client, server_side, conn_id, key: pki::sha256(&cert), tx, queued };
+            let (tx, queued) =
+                crate::conn_queue::node_queue(crate::conn_queue::NODE_QUEUE_CAPACITY);
+            let mut agent = Agent {
+                node,
+                index,
+                client,
+                server_side,
+                conn_id,
+                key: pki::sha256(&cert),
+                tx,
+                queued,
+            };
             let out = self.hello(&mut agent, &hello_msg());
-            assert!(matches!(out.first(), Some(ControllerMsg::Observed(_))), "{out:?}");
-            tokio::spawn(self.hub.clone().relay(agent.node.clone(), agent.index, agent.server_side.clone()));
+            assert!(
+                matches!(out.first(), Some(ControllerMsg::Observed(_))),
+                "{out:?}"
+            );
+            tokio::spawn(self.hub.clone().relay(
+                agent.node.clone(),
+                agent.index,
+                agent.server_side.clone(),
+            ));
             agent
         }
 
         fn hello(&self, a: &mut Agent, hello: &OverlayHello) -> Vec<ControllerMsg> {
-            self.hub.hello(&a.node, a.conn_id, &a.server_side, &a.tx, a.index, a.key, hello)
+            self.hub.hello(
+                &a.node,
+                a.conn_id,
+                &a.server_side,
+                &a.tx,
+                a.index,
+                a.key,
+                hello,
+            )
         }
     }
 
     impl Agent {
         fn relay_to(&self, to: &Agent, payload: &[u8]) {
-            self.client.send_datagram(relay_datagram(to.index, payload)).unwrap();
+            self.client
+                .send_datagram(relay_datagram(to.index, payload))
+                .unwrap();
         }
 
         /// The next relayed packet this agent receives, as (sender index, payload).
         async fn relayed(&self) -> (PeerIndex, Vec<u8>) {
-            let d = tokio::time::timeout(PROMPT, self.client.read_datagram()).await.expect("a relayed packet in time").unwrap();
+            let d = tokio::time::timeout(PROMPT, self.client.read_datagram())
+                .await
+                .expect("a relayed packet in time")
+                .unwrap();
             let (from, packet) = parse_relay_datagram(&d).unwrap();
             (from, packet.to_vec())
         }
@@ -831,7 +1144,11 @@ mod tests {
     async fn counted(hub: &OverlayHub, what: &str, check: impl Fn(&HubCounters) -> bool) {
         let deadline = tokio::time::Instant::now() + PROMPT;
         while !check(&hub.counters()) {
-            assert!(tokio::time::Instant::now() < deadline, "{what}: {:?}", hub.counters());
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: {:?}",
+                hub.counters()
+            );
             tokio::task::yield_now().await;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -840,11 +1157,16 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_relay_forwards_while_the_hub_lock_is_held_and_cuts_a_removed_node_off_at_once() {
         let mut h = Hub::start(OverlayLimits::default(), &["a", "b", "c"]);
-        let (a, b, c) = (h.connect("a").await, h.connect("b").await, h.connect("c").await);
+        let (a, b, c) = (
+            h.connect("a").await,
+            h.connect("b").await,
+            h.connect("c").await,
+        );
         a.relay_to(&b, b"hello b");
         assert_eq!(b.relayed().await, (a.index, b"hello b".to_vec()));
 
-        // Another thread holds the hub's lock (as a long netmap computation would): forwarding goes on.
+        // Another thread holds the hub's lock (as a long netmap computation would): forwarding goes
+        // on.
         let (locked_tx, locked_rx) = std_mpsc::channel();
         let (release_tx, release_rx) = std_mpsc::channel::<()>();
         let hub = h.hub.clone();
@@ -875,10 +1197,19 @@ mod tests {
         a.relay_to(&c, b"after forget");
         counted(&h.hub, "a's packet to c refused", |c| c.relay_unshared == 3).await;
         // A relay index nobody has, and a runt.
-        a.client.send_datagram(relay_datagram(PeerIndex(999), b"nobody")).unwrap();
-        a.client.send_datagram(relay_datagram(b.index, b"").slice(..2)).unwrap();
-        a.client.send_datagram(relay_datagram(b.index, b"")).unwrap();
-        counted(&h.hub, "unknown destinations and runts counted", |c| c.relay_no_target == 3).await;
+        a.client
+            .send_datagram(relay_datagram(PeerIndex(999), b"nobody"))
+            .unwrap();
+        a.client
+            .send_datagram(relay_datagram(b.index, b"").slice(..2))
+            .unwrap();
+        a.client
+            .send_datagram(relay_datagram(b.index, b""))
+            .unwrap();
+        counted(&h.hub, "unknown destinations and runts counted", |c| {
+            c.relay_no_target == 3
+        })
+        .await;
         assert_eq!(h.hub.counters().relay_rate_limited, 0);
     }
 
@@ -886,18 +1217,35 @@ mod tests {
     async fn a_node_flooding_the_relay_is_held_to_its_rate_and_others_are_still_served() {
         // No refill within the test: what a node gets is its burst, exactly.
         let limits = OverlayLimits {
-            relay_packets: Rate { per_sec: 1e-9, burst: 50.0 },
-            relay_bytes: Rate { per_sec: 1e-9, burst: 1e9 },
+            relay_packets: Rate {
+                per_sec: 1e-9,
+                burst: 50.0,
+            },
+            relay_bytes: Rate {
+                per_sec: 1e-9,
+                burst: 1e9,
+            },
             ..OverlayLimits::default()
         };
         let mut h = Hub::start(limits, &["a", "b", "c"]);
-        let (a, b, c) = (h.connect("a").await, h.connect("b").await, h.connect("c").await);
+        let (a, b, c) = (
+            h.connect("a").await,
+            h.connect("b").await,
+            h.connect("c").await,
+        );
         for i in 0..300u32 {
             a.relay_to(&b, &i.to_be_bytes());
         }
-        counted(&h.hub, "a's packets beyond its burst dropped", |c| c.relay_rate_limited == 250).await;
+        counted(&h.hub, "a's packets beyond its burst dropped", |c| {
+            c.relay_rate_limited == 250
+        })
+        .await;
         for i in 0..50u32 {
-            assert_eq!(b.relayed().await, (a.index, i.to_be_bytes().to_vec()), "a's burst, in order");
+            assert_eq!(
+                b.relayed().await,
+                (a.index, i.to_be_bytes().to_vec()),
+                "a's burst, in order"
+            );
         }
         // c is not held back by a's flood.
         for i in 0..20u32 {
@@ -909,14 +1257,23 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn relayed_bytes_are_bounded_per_node() {
-        let limits = OverlayLimits { relay_bytes: Rate { per_sec: 1e-9, burst: 10_000.0 }, ..OverlayLimits::default() };
+        let limits = OverlayLimits {
+            relay_bytes: Rate {
+                per_sec: 1e-9,
+                burst: 10_000.0,
+            },
+            ..OverlayLimits::default()
+        };
         let mut h = Hub::start(limits, &["a", "b"]);
         let (a, b) = (h.connect("a").await, h.connect("b").await);
         let packet = [7u8; 996]; // 1000 bytes with the relay header
         for _ in 0..30 {
             a.relay_to(&b, &packet);
         }
-        counted(&h.hub, "a's bytes beyond its burst dropped", |c| c.relay_rate_limited == 20).await;
+        counted(&h.hub, "a's bytes beyond its burst dropped", |c| {
+            c.relay_rate_limited == 20
+        })
+        .await;
         for _ in 0..10 {
             assert_eq!(b.relayed().await.1.len(), 996);
         }
@@ -927,23 +1284,41 @@ mod tests {
 
     #[tokio::test]
     async fn repeated_hellos_on_a_connection_are_rate_limited_and_a_new_connection_is_served() {
-        let limits = OverlayLimits { hellos: Rate { per_sec: 1e-9, burst: 2.0 }, ..OverlayLimits::default() };
+        let limits = OverlayLimits {
+            hellos: Rate {
+                per_sec: 1e-9,
+                burst: 2.0,
+            },
+            ..OverlayLimits::default()
+        };
         let mut h = Hub::start(limits, &["a", "b"]);
         let mut a = h.connect("a").await;
         let mut b = h.connect("b").await;
         b.drain();
         // Each hello with new endpoints costs a delta to b; the third repeat costs nothing.
         for port in [7001u16, 7002] {
-            let hello = OverlayHello { local_endpoints: vec![SocketAddr::from(([10, 0, 0, 9], port))], ..hello_msg() };
-            assert!(matches!(h.hello(&mut a, &hello)[..], [ControllerMsg::Netmap(_)]));
+            let hello = OverlayHello {
+                local_endpoints: vec![SocketAddr::from(([10, 0, 0, 9], port))],
+                ..hello_msg()
+            };
+            assert!(matches!(
+                h.hello(&mut a, &hello)[..],
+                [ControllerMsg::Netmap(_)]
+            ));
         }
-        let refused = OverlayHello { local_endpoints: vec!["10.0.0.9:7003".parse().unwrap()], ..hello_msg() };
+        let refused = OverlayHello {
+            local_endpoints: vec!["10.0.0.9:7003".parse().unwrap()],
+            ..hello_msg()
+        };
         assert!(h.hello(&mut a, &refused).is_empty());
         assert_eq!(h.hub.counters().hellos_refused, 1);
         assert_eq!(b.drain().len(), 2, "b heard of the two served hellos only");
         // A new connection's first hello is always served.
         a.conn_id = 99;
-        assert!(matches!(h.hello(&mut a, &refused)[..], [ControllerMsg::Observed(_), ControllerMsg::Netmap(_)]));
+        assert!(matches!(
+            h.hello(&mut a, &refused)[..],
+            [ControllerMsg::Observed(_), ControllerMsg::Netmap(_)]
+        ));
     }
 
     #[tokio::test]
@@ -959,14 +1334,40 @@ mod tests {
                 .iter()
                 .map(|e| e.parse().unwrap())
                 .collect();
-        endpoints.extend((0..5000u32).map(|i| SocketAddr::from(([192, 0, 2, (i % 250) as u8], 1000 + (i / 250) as u16))));
-        h.hello(&mut a, &OverlayHello { local_endpoints: endpoints, ..hello_msg() });
+        endpoints
+            .extend((0..5000u32).map(|i| {
+                SocketAddr::from(([192, 0, 2, (i % 250) as u8], 1000 + (i / 250) as u16))
+            }));
+        h.hello(
+            &mut a,
+            &OverlayHello {
+                local_endpoints: endpoints,
+                ..hello_msg()
+            },
+        );
         let deltas = b.drain();
-        let [ControllerMsg::NetmapDelta(d)] = &deltas[..] else { panic!("one delta for b: {deltas:?}") };
-        let [shoal_proto::NetmapChange::Peer(p)] = &d.changes[..] else { panic!("{d:?}") };
-        assert_eq!(p.endpoints.len(), 1 + crate::coordinator::MAX_LOCAL_ENDPOINTS);
-        assert_eq!(p.endpoints[0], a.server_side.remote_address(), "the observed address first");
-        assert!(p.endpoints[1..].iter().all(|e| e.ip().to_string().starts_with("192.0.2.")), "{:?}", p.endpoints);
+        let [ControllerMsg::NetmapDelta(d)] = &deltas[..] else {
+            panic!("one delta for b: {deltas:?}")
+        };
+        let [shoal_proto::NetmapChange::Peer(p)] = &d.changes[..] else {
+            panic!("{d:?}")
+        };
+        assert_eq!(
+            p.endpoints.len(),
+            1 + crate::coordinator::MAX_LOCAL_ENDPOINTS
+        );
+        assert_eq!(
+            p.endpoints[0],
+            a.server_side.remote_address(),
+            "the observed address first"
+        );
+        assert!(
+            p.endpoints[1..]
+                .iter()
+                .all(|e| e.ip().to_string().starts_with("192.0.2.")),
+            "{:?}",
+            p.endpoints
+        );
     }
 
     #[tokio::test]
@@ -977,10 +1378,21 @@ mod tests {
         b.drain();
         h.hub.withdraw_key(&h.store, &a.node).unwrap();
         let deltas = b.drain();
-        let [ControllerMsg::NetmapDelta(d)] = &deltas[..] else { panic!("one delta for b: {deltas:?}") };
-        let [shoal_proto::NetmapChange::Peer(p)] = &d.changes[..] else { panic!("{d:?}") };
-        assert_eq!((p.node.clone(), p.key_sha256), (a.node.clone(), shoal_proto::KEY_WITHDRAWN));
-        assert_eq!(h.store.node_key(&a.node).unwrap(), Some(shoal_proto::KEY_WITHDRAWN), "kept for the next start");
+        let [ControllerMsg::NetmapDelta(d)] = &deltas[..] else {
+            panic!("one delta for b: {deltas:?}")
+        };
+        let [shoal_proto::NetmapChange::Peer(p)] = &d.changes[..] else {
+            panic!("{d:?}")
+        };
+        assert_eq!(
+            (p.node.clone(), p.key_sha256),
+            (a.node.clone(), shoal_proto::KEY_WITHDRAWN)
+        );
+        assert_eq!(
+            h.store.node_key(&a.node).unwrap(),
+            Some(shoal_proto::KEY_WITHDRAWN),
+            "kept for the next start"
+        );
         // A new key (the node rotated, or was re-enrolled) replaces it for the peers.
         h.hub.key_changed(&h.store, &a.node, [7; 32]).unwrap();
         let deltas = b.drain();
@@ -993,8 +1405,14 @@ mod tests {
     #[tokio::test]
     async fn punch_requests_are_passed_on_within_their_rates_and_only_between_peers() {
         let limits = OverlayLimits {
-            punches_per_pair: Rate { per_sec: 1e-9, burst: 3.0 },
-            punches_per_node: Rate { per_sec: 1e-9, burst: 5.0 },
+            punches_per_pair: Rate {
+                per_sec: 1e-9,
+                burst: 3.0,
+            },
+            punches_per_node: Rate {
+                per_sec: 1e-9,
+                burst: 5.0,
+            },
             ..OverlayLimits::default()
         };
         let mut h = Hub::start(limits, &["a", "b", "c", "d"]);
@@ -1002,8 +1420,22 @@ mod tests {
         let mut b = h.connect("b").await;
         let mut c = h.connect("c").await;
         let mut d = h.connect("d").await;
-        let punches = |agent: &mut Agent| agent.drain().into_iter().filter(|m| matches!(m, ControllerMsg::Punch(_))).count();
-        let punch = |to: &Agent| h.hub.punch(&a.node, &Punch { peer: to.node.clone(), endpoints: vec![] });
+        let punches = |agent: &mut Agent| {
+            agent
+                .drain()
+                .into_iter()
+                .filter(|m| matches!(m, ControllerMsg::Punch(_)))
+                .count()
+        };
+        let punch = |to: &Agent| {
+            h.hub.punch(
+                &a.node,
+                &Punch {
+                    peer: to.node.clone(),
+                    endpoints: vec![],
+                },
+            )
+        };
         for _ in 0..10 {
             punch(&b);
         }
@@ -1014,36 +1446,73 @@ mod tests {
         assert_eq!(punches(&mut c), 2, "what is left of a's budget");
         assert_eq!(h.hub.counters().punches_rate_limited, 15);
         // d asks a, on its own budget.
-        h.hub.punch(&d.node, &Punch { peer: a.node.clone(), endpoints: vec![] });
+        h.hub.punch(
+            &d.node,
+            &Punch {
+                peer: a.node.clone(),
+                endpoints: vec![],
+            },
+        );
         assert_eq!(h.hub.counters().punches_rate_limited, 15);
         // A node that left every network can punch no one.
         let changes = h.store.leave_all_networks(&d.node).unwrap();
         h.hub.membership_changed(&h.store, &changes);
         d.drain();
-        h.hub.punch(&d.node, &Punch { peer: b.node.clone(), endpoints: vec![] });
+        h.hub.punch(
+            &d.node,
+            &Punch {
+                peer: b.node.clone(),
+                endpoints: vec![],
+            },
+        );
         assert_eq!(h.hub.counters().punches_unshared, 1);
         assert_eq!(punches(&mut b), 0);
     }
 
     #[tokio::test]
     async fn path_reports_are_rate_limited_and_bounded_to_the_nodes_peers() {
-        let limits = OverlayLimits { reports: Rate { per_sec: 1e-9, burst: 2.0 }, ..OverlayLimits::default() };
+        let limits = OverlayLimits {
+            reports: Rate {
+                per_sec: 1e-9,
+                burst: 2.0,
+            },
+            ..OverlayLimits::default()
+        };
         let mut h = Hub::start(limits, &["a", "b"]);
         let (a, b) = (h.connect("a").await, h.connect("b").await);
         let report = |peers: &[&NodeId]| PathReport {
-            paths: peers.iter().map(|p| PathInfo { peer: (*p).clone(), ..path("x", 1.0) }).collect(),
+            paths: peers
+                .iter()
+                .map(|p| PathInfo {
+                    peer: (*p).clone(),
+                    ..path("x", 1.0)
+                })
+                .collect(),
             counters: OverlayCounters::default(),
         };
         let stranger = n("stranger");
-        h.hub.paths_reported(&a.node, report(&[&b.node, &stranger, &b.node]));
+        h.hub
+            .paths_reported(&a.node, report(&[&b.node, &stranger, &b.node]));
         let stored = h.hub.reported_paths();
         assert_eq!(stored.len(), 1);
-        assert_eq!(stored[0].1.report.paths.iter().map(|p| &p.peer).collect::<Vec<_>>(), [&b.node]);
+        assert_eq!(
+            stored[0]
+                .1
+                .report
+                .paths
+                .iter()
+                .map(|p| &p.peer)
+                .collect::<Vec<_>>(),
+            [&b.node]
+        );
         assert_eq!(h.hub.counters().report_entries_refused, 2);
         h.hub.paths_reported(&a.node, report(&[]));
         h.hub.paths_reported(&a.node, report(&[&b.node]));
         assert_eq!(h.hub.counters().reports_refused, 1);
-        assert!(h.hub.reported_paths()[0].1.report.paths.is_empty(), "the refused report did not replace the last one");
+        assert!(
+            h.hub.reported_paths()[0].1.report.paths.is_empty(),
+            "the refused report did not replace the last one"
+        );
         // b's budget is its own.
         h.hub.paths_reported(&b.node, report(&[&a.node]));
         assert_eq!(h.hub.reported_paths().len(), 2);

@@ -1,8 +1,9 @@
 //! Agent release routes of the admin API (behind the same bearer authentication):
 //!
 //! - `GET /v1/releases`: stored releases;
-//! - `POST /v1/releases/{version}/{target}/files/{agent|manifest.json|manifest.sig}` (raw body, staged),
-//!   then `POST /v1/releases/{version}/{target}` (verify with the controller's release keys, store);
+//! - `POST /v1/releases/{version}/{target}/files/{agent|manifest.json|manifest.sig}` (raw body,
+//!   staged), then `POST /v1/releases/{version}/{target}` (verify with the controller's release
+//!   keys, store);
 //! - `POST /v1/nodes/{id}/agent-update` `{"version": V}`: offer a release to a node;
 //! - `GET /v1/agent-updates`: the latest offer, acknowledgement and report per node.
 
@@ -50,7 +51,9 @@ impl From<UpdateError> for Failure {
     fn from(e: UpdateError) -> Self {
         let status = match e {
             UpdateError::UnknownNode(_) => StatusCode::NOT_FOUND,
-            UpdateError::NotConnected(_) | UpdateError::AgentTooOld { .. } | UpdateError::NoRelease { .. } => StatusCode::CONFLICT,
+            UpdateError::NotConnected(_)
+            | UpdateError::AgentTooOld { .. }
+            | UpdateError::NoRelease { .. } => StatusCode::CONFLICT,
             UpdateError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_REQUEST,
         };
@@ -113,13 +116,21 @@ pub fn routes() -> Router<Ctl> {
     Router::new()
         .route("/v1/releases", get(list))
         .route("/v1/releases/{version}/{target}", post(commit))
-        .route("/v1/releases/{version}/{target}/files/{name}", post(upload).layer(DefaultBodyLimit::max(MAX_UPLOAD)))
+        .route(
+            "/v1/releases/{version}/{target}/files/{name}",
+            post(upload).layer(DefaultBodyLimit::max(MAX_UPLOAD)),
+        )
         .route("/v1/nodes/{id}/agent-update", post(offer))
         .route("/v1/agent-updates", get(updates))
 }
 
 async fn list(State(ctl): State<Ctl>) -> Result<Json<Vec<ReleaseView>>, Failure> {
-    blocking(move || Ok(Json(ctl.releases.list()?.iter().map(release_view).collect()))).await
+    blocking(move || {
+        Ok(Json(
+            ctl.releases.list()?.iter().map(release_view).collect(),
+        ))
+    })
+    .await
 }
 
 async fn upload(
@@ -134,7 +145,10 @@ async fn upload(
     .await
 }
 
-async fn commit(State(ctl): State<Ctl>, Path((version, target)): Path<(String, String)>) -> Result<Json<ReleaseView>, Failure> {
+async fn commit(
+    State(ctl): State<Ctl>,
+    Path((version, target)): Path<(String, String)>,
+) -> Result<Json<ReleaseView>, Failure> {
     blocking(move || {
         let r = ctl.releases.commit(&version, &target).inspect_err(|e| info!(version = %version, cause = %e, "release refused"))?;
         info!(version = %version, target = %target, size = r.manifest.size, key_id = %r.key_id, "agent release added");
@@ -145,7 +159,11 @@ async fn commit(State(ctl): State<Ctl>, Path((version, target)): Path<(String, S
     .await
 }
 
-async fn offer(State(ctl): State<Ctl>, Path(id): Path<String>, Json(req): Json<OfferUpdate>) -> Result<StatusCode, Failure> {
+async fn offer(
+    State(ctl): State<Ctl>,
+    Path(id): Path<String>,
+    Json(req): Json<OfferUpdate>,
+) -> Result<StatusCode, Failure> {
     blocking(move || {
         ctl.offer_agent_update(&NodeId(id), &req.version)?;
         Ok(StatusCode::NO_CONTENT)
@@ -161,7 +179,11 @@ async fn updates(State(ctl): State<Ctl>) -> Json<Vec<AgentUpdateView>> {
                 node: node.0,
                 offered: u.offered.map(|o| o.0),
                 acknowledged: u.acknowledged,
-                failure: u.report.as_ref().and_then(|r| r.failure.as_ref()).map(|f| f.to_string()),
+                failure: u
+                    .report
+                    .as_ref()
+                    .and_then(|r| r.failure.as_ref())
+                    .map(|f| f.to_string()),
                 report: u.report,
             })
             .collect(),

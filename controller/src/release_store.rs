@@ -1,11 +1,11 @@
 //! The controller's store of signed agent releases, and serving them to agents in chunks.
 //!
-//! Layout: `DATA_DIR/releases/<version>/<target>/{agent,manifest.json,manifest.sig,key_id}`. An upload
-//! is staged file by file under `releases/.staging/<version>/<target>/` and committed by one
+//! Layout: `DATA_DIR/releases/<version>/<target>/{agent,manifest.json,manifest.sig,key_id}`. An
+//! upload is staged file by file under `releases/.staging/<version>/<target>/` and committed by one
 //! `rename` of the whole directory after [`releases::verify_upload`] accepted it, so a release is
-//! either absent or complete. Everything lives in files, not in the sled store: the binary must be a
-//! file (it is streamed), and one rename keeps manifest and binary from disagreeing after a crash,
-//! which a sled record beside a file could not.
+//! either absent or complete. Everything lives in files, not in the sled store: the binary must be
+//! a file (it is streamed), and one rename keeps manifest and binary from disagreeing after a
+//! crash, which a sled record beside a file could not.
 //!
 //! The controller checks uploads against its own `--release-key`s so an operator learns of a wrong
 //! key at once, but it is not the party that decides: agents verify again with their own key.
@@ -17,7 +17,9 @@ use std::{
 };
 
 use serde::Serialize;
-use shoal_proto::{check_release_name, ReleaseManifest, SignedRelease, UpdateFailure, MAX_RELEASE_CHUNK};
+use shoal_proto::{
+    check_release_name, ReleaseManifest, SignedRelease, UpdateFailure, MAX_RELEASE_CHUNK,
+};
 
 use crate::releases;
 
@@ -86,11 +88,16 @@ pub struct ReleaseStore {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ReleaseStoreError + '_ {
-    move |source| ReleaseStoreError::Io { path: path.to_owned(), source }
+    move |source| ReleaseStoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), ReleaseStoreError> {
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
 }
 
 impl ReleaseStore {
@@ -118,8 +125,15 @@ impl ReleaseStore {
         Ok(self.root.join(STAGING).join(version).join(target))
     }
 
-    /// Writes one uploaded file (`agent`, `manifest.json` or `manifest.sig`) into the staging directory.
-    pub fn stage(&self, version: &str, target: &str, name: &str, bytes: &[u8]) -> Result<(), ReleaseStoreError> {
+    /// Writes one uploaded file (`agent`, `manifest.json` or `manifest.sig`) into the staging
+    /// directory.
+    pub fn stage(
+        &self,
+        version: &str,
+        target: &str,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(), ReleaseStoreError> {
         if ![BINARY, MANIFEST, SIGNATURE].contains(&name) {
             return Err(ReleaseStoreError::BadFile(name.to_owned()));
         }
@@ -142,7 +156,12 @@ impl ReleaseStore {
         result
     }
 
-    fn commit_staged(&self, staging: &Path, version: &str, target: &str) -> Result<StoredRelease, ReleaseStoreError> {
+    fn commit_staged(
+        &self,
+        staging: &Path,
+        version: &str,
+        target: &str,
+    ) -> Result<StoredRelease, ReleaseStoreError> {
         if self.keys.is_empty() {
             return Err(ReleaseStoreError::NoKeys);
         }
@@ -150,7 +169,11 @@ impl ReleaseStore {
             let path = staging.join(name);
             fs::read(&path).map_err(io(&path))
         };
-        let signed = SignedRelease { manifest: read(MANIFEST)?, signature: read(SIGNATURE)?, key_id: String::new() };
+        let signed = SignedRelease {
+            manifest: read(MANIFEST)?,
+            signature: read(SIGNATURE)?,
+            key_id: String::new(),
+        };
         let binary = read(BINARY)?;
         let manifest = releases::verify_upload(&signed, &binary, &self.keys)?;
         drop(binary);
@@ -172,13 +195,19 @@ impl ReleaseStore {
             .map(|k| releases::key_id(k))
             .unwrap_or_default();
         let key_path = staging.join(KEY_ID);
-        shoal_overlay::pki::write_private_file(&key_path, key_id.as_bytes(), 0o644).map_err(io(&key_path))?;
+        shoal_overlay::pki::write_private_file(&key_path, key_id.as_bytes(), 0o644)
+            .map_err(io(&key_path))?;
         fsync_dir(staging)?;
         let dir = self.dir(version, target)?;
         if dir.exists() {
             return match self.get(version, target) {
-                Ok((stored, _)) if stored.manifest == signed.manifest => Ok(StoredRelease { manifest, key_id }),
-                _ => Err(ReleaseStoreError::Exists { version: version.into(), target: target.into() }),
+                Ok((stored, _)) if stored.manifest == signed.manifest => {
+                    Ok(StoredRelease { manifest, key_id })
+                }
+                _ => Err(ReleaseStoreError::Exists {
+                    version: version.into(),
+                    target: target.into(),
+                }),
             };
         }
         let parent = self.root.join(version);
@@ -189,14 +218,19 @@ impl ReleaseStore {
     }
 
     /// A stored release's envelope and the path of its binary.
-    pub fn get(&self, version: &str, target: &str) -> Result<(SignedRelease, PathBuf), ReleaseStoreError> {
+    pub fn get(
+        &self,
+        version: &str,
+        target: &str,
+    ) -> Result<(SignedRelease, PathBuf), ReleaseStoreError> {
         let dir = self.dir(version, target)?;
         let read = |name: &str| {
             let path = dir.join(name);
             fs::read(&path).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    ReleaseStoreError::Unknown { version: version.to_owned(), target: target.to_owned() }
-                }
+                std::io::ErrorKind::NotFound => ReleaseStoreError::Unknown {
+                    version: version.to_owned(),
+                    target: target.to_owned(),
+                },
                 _ => io(&path)(e),
             })
         };
@@ -216,10 +250,15 @@ impl ReleaseStore {
                 continue;
             }
             for target in read_dir_names(&self.root.join(&version))? {
-                let Ok((signed, _)) = self.get(&version, &target) else { continue };
+                let Ok((signed, _)) = self.get(&version, &target) else {
+                    continue;
+                };
                 // Stored manifests were verified at upload; one that no longer parses is skipped.
                 if let Ok(manifest) = serde_json::from_slice::<ReleaseManifest>(&signed.manifest) {
-                    out.push(StoredRelease { manifest, key_id: signed.key_id });
+                    out.push(StoredRelease {
+                        manifest,
+                        key_id: signed.key_id,
+                    });
                 }
             }
         }
@@ -233,7 +272,10 @@ impl ReleaseStore {
         if !dir.exists() {
             return Ok(Vec::new());
         }
-        Ok(read_dir_names(&dir)?.into_iter().filter(|t| check_release_name(t).is_ok()).collect())
+        Ok(read_dir_names(&dir)?
+            .into_iter()
+            .filter(|t| check_release_name(t).is_ok())
+            .collect())
     }
 }
 
@@ -254,7 +296,9 @@ pub fn read_chunk(binary: &Path, offset: u64) -> Result<Vec<u8>, ReleaseStoreErr
     let mut f = fs::File::open(binary).map_err(io(binary))?;
     f.seek(SeekFrom::Start(offset)).map_err(io(binary))?;
     let mut buf = Vec::with_capacity(MAX_RELEASE_CHUNK);
-    f.take(MAX_RELEASE_CHUNK as u64).read_to_end(&mut buf).map_err(io(binary))?;
+    f.take(MAX_RELEASE_CHUNK as u64)
+        .read_to_end(&mut buf)
+        .map_err(io(binary))?;
     Ok(buf)
 }
 
@@ -275,7 +319,12 @@ mod tests {
         ReleaseStore::open(dir.join("releases"), vec![key]).expect("open")
     }
 
-    fn upload(s: &ReleaseStore, binary: &[u8], signed: &SignedRelease, version: &str) -> Result<StoredRelease, ReleaseStoreError> {
+    fn upload(
+        s: &ReleaseStore,
+        binary: &[u8],
+        signed: &SignedRelease,
+        version: &str,
+    ) -> Result<StoredRelease, ReleaseStoreError> {
         s.stage(version, TARGET, BINARY, binary)?;
         s.stage(version, TARGET, MANIFEST, &signed.manifest)?;
         s.stage(version, TARGET, SIGNATURE, &signed.signature)?;
@@ -288,12 +337,16 @@ mod tests {
         let s = store(dir.path());
         let key = load_signing_key(KEY).expect("key");
         let binary: Vec<u8> = (0..(MAX_RELEASE_CHUNK * 2 + 10)).map(|i| i as u8).collect();
-        let (_, signed) = sign_release(&binary, "0.2.0", TARGET, UnixMillis(1), &key).expect("sign");
+        let (_, signed) =
+            sign_release(&binary, "0.2.0", TARGET, UnixMillis(1), &key).expect("sign");
         let stored = upload(&s, &binary, &signed, "0.2.0").expect("stored");
         assert_eq!(stored.key_id, signed.key_id);
         upload(&s, &binary, &signed, "0.2.0").expect("the same release again is fine");
         assert_eq!(s.list().expect("list"), vec![stored]);
-        assert_eq!(s.targets("0.2.0").expect("targets"), vec![TARGET.to_owned()]);
+        assert_eq!(
+            s.targets("0.2.0").expect("targets"),
+            vec![TARGET.to_owned()]
+        );
         let (env, path) = s.get("0.2.0", TARGET).expect("get");
         assert_eq!(env, signed);
         let mut back = Vec::new();
@@ -306,7 +359,10 @@ mod tests {
             back.extend(chunk);
         }
         assert_eq!(back, binary);
-        assert!(matches!(s.get("0.3.0", TARGET), Err(ReleaseStoreError::Unknown { .. })));
+        assert!(matches!(
+            s.get("0.3.0", TARGET),
+            Err(ReleaseStoreError::Unknown { .. })
+        ));
     }
 
     #[test]
@@ -315,16 +371,35 @@ mod tests {
         let s = store(dir.path());
         let key = load_signing_key(KEY).expect("key");
         let binary = b"\x7fELF agent".repeat(50);
-        let (_, signed) = sign_release(&binary, "0.2.0", TARGET, UnixMillis(1), &key).expect("sign");
+        let (_, signed) =
+            sign_release(&binary, "0.2.0", TARGET, UnixMillis(1), &key).expect("sign");
         let mut bad = signed.clone();
         bad.signature[3] ^= 1;
-        assert!(matches!(upload(&s, &binary, &bad, "0.2.0"), Err(ReleaseStoreError::Refused(_))));
-        assert!(matches!(upload(&s, &binary[1..], &signed, "0.2.0"), Err(ReleaseStoreError::Refused(UpdateFailure::Truncated { .. }))));
-        assert!(matches!(upload(&s, &binary, &signed, "0.3.0"), Err(ReleaseStoreError::Refused(UpdateFailure::Malformed(_)))));
-        assert!(matches!(s.stage("../x", TARGET, BINARY, b""), Err(ReleaseStoreError::Refused(_))));
-        assert!(matches!(s.stage("0.2.0", TARGET, "other", b""), Err(ReleaseStoreError::BadFile(_))));
+        assert!(matches!(
+            upload(&s, &binary, &bad, "0.2.0"),
+            Err(ReleaseStoreError::Refused(_))
+        ));
+        assert!(matches!(
+            upload(&s, &binary[1..], &signed, "0.2.0"),
+            Err(ReleaseStoreError::Refused(UpdateFailure::Truncated { .. }))
+        ));
+        assert!(matches!(
+            upload(&s, &binary, &signed, "0.3.0"),
+            Err(ReleaseStoreError::Refused(UpdateFailure::Malformed(_)))
+        ));
+        assert!(matches!(
+            s.stage("../x", TARGET, BINARY, b""),
+            Err(ReleaseStoreError::Refused(_))
+        ));
+        assert!(matches!(
+            s.stage("0.2.0", TARGET, "other", b""),
+            Err(ReleaseStoreError::BadFile(_))
+        ));
         assert!(s.list().expect("list").is_empty());
         let none = ReleaseStore::open(dir.path().join("r2"), vec![]).expect("open");
-        assert!(matches!(none.stage("0.2.0", TARGET, BINARY, b"x"), Err(ReleaseStoreError::NoKeys)));
+        assert!(matches!(
+            none.stage("0.2.0", TARGET, BINARY, b"x"),
+            Err(ReleaseStoreError::NoKeys)
+        ));
     }
 }

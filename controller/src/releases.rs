@@ -1,16 +1,18 @@
-//! Agent releases, controller side: signing a binary into a [`SignedRelease`] (`shoalctl release add
-//! BINARY --version V --key FILE`, run where the private key is, never on the controller).
+//! Agent releases, controller side: signing a binary into a [`SignedRelease`] (`shoalctl release
+//! add BINARY --version V --key FILE`, run where the private key is, never on the controller).
 //!
 //! The agent verifies with `shoal_agent::release`, trusting the release public key rather than the
-//! controller; the rules both sides follow (JSON manifest, raw Ed25519 signature over its exact bytes,
-//! key ids) are in `shoal_proto::release`. The key file is the one `images/build.sh` uses for images:
-//! a PEM PKCS#8 Ed25519 key as `openssl genpkey -algorithm ed25519` writes it; its public half, 64 hex
-//! characters, is what agents get with `--release-key`. Pure: callers read the files.
+//! controller; the rules both sides follow (JSON manifest, raw Ed25519 signature over its exact
+//! bytes, key ids) are in `shoal_proto::release`. The key file is the one `images/build.sh` uses
+//! for images: a PEM PKCS#8 Ed25519 key as `openssl genpkey -algorithm ed25519` writes it; its
+//! public half, 64 hex characters, is what agents get with `--release-key`. Pure: callers read the
+//! files.
 
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use sha2::{Digest, Sha256};
 use shoal_proto::{
-    check_release_name, ReleaseManifest, SignedRelease, UnixMillis, UpdateFailure, RELEASE_MANIFEST_FORMAT,
+    check_release_name, ReleaseManifest, SignedRelease, UnixMillis, UpdateFailure,
+    RELEASE_MANIFEST_FORMAT,
 };
 
 /// Why a release could not be signed.
@@ -25,13 +27,18 @@ pub enum ReleaseError {
     Invalid(String),
 }
 
-/// Reads a PEM PKCS#8 Ed25519 private key (OpenSSL's v1 form without the public key, or v2 with it).
+/// Reads a PEM PKCS#8 Ed25519 private key (OpenSSL's v1 form without the public key, or v2 with
+/// it).
 pub fn load_signing_key(pem_text: &str) -> Result<Ed25519KeyPair, ReleaseError> {
     let block = pem::parse(pem_text.trim()).map_err(|e| ReleaseError::BadKey(e.to_string()))?;
     if block.tag() != "PRIVATE KEY" {
-        return Err(ReleaseError::BadKey(format!("PEM block is {:?}, not \"PRIVATE KEY\"", block.tag())));
+        return Err(ReleaseError::BadKey(format!(
+            "PEM block is {:?}, not \"PRIVATE KEY\"",
+            block.tag()
+        )));
     }
-    Ed25519KeyPair::from_pkcs8_maybe_unchecked(block.contents()).map_err(|e| ReleaseError::BadKey(e.to_string()))
+    Ed25519KeyPair::from_pkcs8_maybe_unchecked(block.contents())
+        .map_err(|e| ReleaseError::BadKey(e.to_string()))
 }
 
 /// The key id of a public key: the first 8 bytes of its SHA-256, as hex (`shoal_proto::release`).
@@ -39,7 +46,8 @@ pub fn key_id(public: &[u8]) -> String {
     hex::encode(&Sha256::digest(public)[..8])
 }
 
-/// The public half of a signing key as the agents' `--release-key` file holds it: 64 hex characters.
+/// The public half of a signing key as the agents' `--release-key` file holds it: 64 hex
+/// characters.
 pub fn public_key_hex(key: &Ed25519KeyPair) -> String {
     hex::encode(key.public_key().as_ref())
 }
@@ -64,8 +72,11 @@ pub fn sign_release(
         created_at,
     };
     check_release_name(version).map_err(|e| ReleaseError::Invalid(format!("version: {e}")))?;
-    manifest.validate().map_err(|e| ReleaseError::Invalid(e.to_string()))?;
-    let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| ReleaseError::Invalid(e.to_string()))?;
+    manifest
+        .validate()
+        .map_err(|e| ReleaseError::Invalid(e.to_string()))?;
+    let bytes =
+        serde_json::to_vec_pretty(&manifest).map_err(|e| ReleaseError::Invalid(e.to_string()))?;
     let signed = SignedRelease {
         signature: key.sign(&bytes).as_ref().to_vec(),
         manifest: bytes,
@@ -74,37 +85,56 @@ pub fn sign_release(
     Ok((manifest, signed))
 }
 
-/// The controller's check of an uploaded release (`release add`): signed by one of the release keys it
-/// was given, a valid manifest, and a binary of the manifest's size and hash. Refusing here spares the
-/// fleet a useless rollout; the agents still verify for themselves.
-pub fn verify_upload(signed: &SignedRelease, binary: &[u8], keys: &[[u8; 32]]) -> Result<ReleaseManifest, UpdateFailure> {
+/// The controller's check of an uploaded release (`release add`): signed by one of the release keys
+/// it was given, a valid manifest, and a binary of the manifest's size and hash. Refusing here
+/// spares the fleet a useless rollout; the agents still verify for themselves.
+pub fn verify_upload(
+    signed: &SignedRelease,
+    binary: &[u8],
+    keys: &[[u8; 32]],
+) -> Result<ReleaseManifest, UpdateFailure> {
     if keys.is_empty() {
         return Err(UpdateFailure::NoTrustedKey);
     }
     let ok = keys.iter().any(|k| {
-        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, k).verify(&signed.manifest, &signed.signature).is_ok()
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, k)
+            .verify(&signed.manifest, &signed.signature)
+            .is_ok()
     });
     if !ok {
         let trusted: Vec<String> = keys.iter().map(|k| key_id(k)).collect();
         return Err(if trusted.contains(&signed.key_id) {
-            UpdateFailure::BadSignature { key_id: signed.key_id.clone() }
+            UpdateFailure::BadSignature {
+                key_id: signed.key_id.clone(),
+            }
         } else {
-            UpdateFailure::WrongKey { signed_by: signed.key_id.clone(), trusted: trusted.join(",") }
+            UpdateFailure::WrongKey {
+                signed_by: signed.key_id.clone(),
+                trusted: trusted.join(","),
+            }
         });
     }
-    let manifest: ReleaseManifest =
-        serde_json::from_slice(&signed.manifest).map_err(|e| UpdateFailure::Malformed(format!("manifest: {e}")))?;
+    let manifest: ReleaseManifest = serde_json::from_slice(&signed.manifest)
+        .map_err(|e| UpdateFailure::Malformed(format!("manifest: {e}")))?;
     manifest.validate()?;
     let size = binary.len() as u64;
     if size < manifest.size {
-        return Err(UpdateFailure::Truncated { got: size, expected: manifest.size });
+        return Err(UpdateFailure::Truncated {
+            got: size,
+            expected: manifest.size,
+        });
     }
     if size > manifest.size {
-        return Err(UpdateFailure::Oversize { expected: manifest.size });
+        return Err(UpdateFailure::Oversize {
+            expected: manifest.size,
+        });
     }
     let actual = hex::encode(Sha256::digest(binary));
     if actual != manifest.sha256 {
-        return Err(UpdateFailure::HashMismatch { expected: manifest.sha256, actual });
+        return Err(UpdateFailure::HashMismatch {
+            expected: manifest.sha256,
+            actual,
+        });
     }
     Ok(manifest)
 }
@@ -127,13 +157,22 @@ mod tests {
         let key = load_signing_key(OPENSSL_KEY).expect("openssl key loads");
         assert_eq!(public_key_hex(&key), OPENSSL_PUB);
         let binary = b"\x7fELF shoal-agent 0.2.0".repeat(100);
-        let (manifest, signed) = sign_release(&binary, "0.2.0", TARGET, UnixMillis(1), &key).expect("signed");
+        let (manifest, signed) =
+            sign_release(&binary, "0.2.0", TARGET, UnixMillis(1), &key).expect("signed");
         let trusted = ReleaseKey::parse(OPENSSL_PUB).expect("pub parses");
-        assert_eq!(signed.key_id, trusted.id(), "both sides compute the same key id");
-        let verified = verify_release(&signed, Some(&trusted), TARGET, Some("0.2.0")).expect("agent accepts");
+        assert_eq!(
+            signed.key_id,
+            trusted.id(),
+            "both sides compute the same key id"
+        );
+        let verified =
+            verify_release(&signed, Some(&trusted), TARGET, Some("0.2.0")).expect("agent accepts");
         assert_eq!(verified, manifest);
         verify_binary(&verified, &binary).expect("binary matches");
-        assert!(matches!(verify_binary(&verified, &binary[..100]), Err(UpdateFailure::Truncated { .. })));
+        assert!(matches!(
+            verify_binary(&verified, &binary[..100]),
+            Err(UpdateFailure::Truncated { .. })
+        ));
     }
 
     #[test]
@@ -141,9 +180,13 @@ mod tests {
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).expect("key");
         let other = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key");
-        let (_, signed) = sign_release(b"binary", "0.2.0", TARGET, UnixMillis(1), &other).expect("signed");
+        let (_, signed) =
+            sign_release(b"binary", "0.2.0", TARGET, UnixMillis(1), &other).expect("signed");
         let trusted = ReleaseKey::parse(OPENSSL_PUB).expect("pub parses");
-        assert!(matches!(verify_release(&signed, Some(&trusted), TARGET, None), Err(UpdateFailure::WrongKey { .. })));
+        assert!(matches!(
+            verify_release(&signed, Some(&trusted), TARGET, None),
+            Err(UpdateFailure::WrongKey { .. })
+        ));
     }
 
     #[test]
@@ -151,24 +194,52 @@ mod tests {
         let key = load_signing_key(OPENSSL_KEY).expect("key");
         let public: [u8; 32] = key.public_key().as_ref().try_into().expect("32 bytes");
         let binary = b"agent binary".to_vec();
-        let (manifest, signed) = sign_release(&binary, "0.2.0", TARGET, UnixMillis(1), &key).expect("signed");
+        let (manifest, signed) =
+            sign_release(&binary, "0.2.0", TARGET, UnixMillis(1), &key).expect("signed");
         assert_eq!(verify_upload(&signed, &binary, &[public]), Ok(manifest));
-        assert!(matches!(verify_upload(&signed, &binary[..5], &[public]), Err(UpdateFailure::Truncated { got: 5, .. })));
-        assert!(matches!(verify_upload(&signed, b"agent binarY", &[public]), Err(UpdateFailure::HashMismatch { .. })));
-        assert!(matches!(verify_upload(&signed, &binary, &[[7; 32]]), Err(UpdateFailure::WrongKey { .. })));
-        assert_eq!(verify_upload(&signed, &binary, &[]), Err(UpdateFailure::NoTrustedKey));
+        assert!(matches!(
+            verify_upload(&signed, &binary[..5], &[public]),
+            Err(UpdateFailure::Truncated { got: 5, .. })
+        ));
+        assert!(matches!(
+            verify_upload(&signed, b"agent binarY", &[public]),
+            Err(UpdateFailure::HashMismatch { .. })
+        ));
+        assert!(matches!(
+            verify_upload(&signed, &binary, &[[7; 32]]),
+            Err(UpdateFailure::WrongKey { .. })
+        ));
+        assert_eq!(
+            verify_upload(&signed, &binary, &[]),
+            Err(UpdateFailure::NoTrustedKey)
+        );
         let mut tampered = signed.clone();
         tampered.manifest[3] ^= 1;
-        assert!(matches!(verify_upload(&tampered, &binary, &[public]), Err(UpdateFailure::BadSignature { .. })));
+        assert!(matches!(
+            verify_upload(&tampered, &binary, &[public]),
+            Err(UpdateFailure::BadSignature { .. })
+        ));
     }
 
     #[test]
     fn bad_inputs_are_refused() {
-        assert!(matches!(load_signing_key("not a key"), Err(ReleaseError::BadKey(_))));
+        assert!(matches!(
+            load_signing_key("not a key"),
+            Err(ReleaseError::BadKey(_))
+        ));
         let cert = "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n";
-        assert!(matches!(load_signing_key(cert), Err(ReleaseError::BadKey(_))));
+        assert!(matches!(
+            load_signing_key(cert),
+            Err(ReleaseError::BadKey(_))
+        ));
         let key = load_signing_key(OPENSSL_KEY).expect("key");
-        assert!(matches!(sign_release(b"", "0.2.0", TARGET, UnixMillis(1), &key), Err(ReleaseError::Invalid(_))));
-        assert!(matches!(sign_release(b"x", "../0.2", TARGET, UnixMillis(1), &key), Err(ReleaseError::Invalid(_))));
+        assert!(matches!(
+            sign_release(b"", "0.2.0", TARGET, UnixMillis(1), &key),
+            Err(ReleaseError::Invalid(_))
+        ));
+        assert!(matches!(
+            sign_release(b"x", "../0.2", TARGET, UnixMillis(1), &key),
+            Err(ReleaseError::Invalid(_))
+        ));
     }
 }

@@ -22,9 +22,15 @@ pub struct ReportThresholds {
 }
 
 impl ReportThresholds {
-    /// Defaults for a heartbeat interval: 90 % full, 90 % memory or 10 % PSI, stale after three intervals.
+    /// Defaults for a heartbeat interval: 90 % full, 90 % memory or 10 % PSI, stale after three
+    /// intervals.
     pub fn for_interval(heartbeat: Duration) -> Self {
-        Self { filesystem_percent: 90.0, memory_percent: 90.0, memory_psi_avg10: 10.0, stale_after: heartbeat * 3 }
+        Self {
+            filesystem_percent: 90.0,
+            memory_percent: 90.0,
+            memory_psi_avg10: 10.0,
+            stale_after: heartbeat * 3,
+        }
     }
 }
 
@@ -37,7 +43,8 @@ pub struct Attention {
     pub hostname: String,
     /// `up` or `down`.
     pub status: String,
-    /// Why, each a short sentence starting with its kind (`down`, `filesystem`, `memory pressure`, `stale report`).
+    /// Why, each a short sentence starting with its kind (`down`, `filesystem`, `memory pressure`,
+    /// `stale report`).
     pub reasons: Vec<String>,
 }
 
@@ -94,12 +101,18 @@ pub struct DriveAttention {
 /// Drive health from the drive listing.
 pub fn drive_health(drives: &[DriveView], hostnames: &BTreeMap<&str, &str>) -> DriveHealth {
     let mut health = DriveHealth {
-        by_verdict: ["ok", "warning", "failing", "unknown"].into_iter().map(|v| (v.to_owned(), 0)).collect(),
+        by_verdict: ["ok", "warning", "failing", "unknown"]
+            .into_iter()
+            .map(|v| (v.to_owned(), 0))
+            .collect(),
         ..Default::default()
     };
     let entry = |d: &DriveView, reasons: Vec<String>| DriveAttention {
         node: d.node.clone(),
-        hostname: hostnames.get(d.node.as_str()).map(|h| h.to_string()).unwrap_or_default(),
+        hostname: hostnames
+            .get(d.node.as_str())
+            .map(|h| h.to_string())
+            .unwrap_or_default(),
         device: d.device.clone(),
         serial: d.serial.clone(),
         model: d.model.clone(),
@@ -108,7 +121,10 @@ pub fn drive_health(drives: &[DriveView], hostnames: &BTreeMap<&str, &str>) -> D
         reasons,
     };
     for d in drives {
-        *health.by_verdict.entry(d.smart.verdict.clone()).or_default() += 1;
+        *health
+            .by_verdict
+            .entry(d.smart.verdict.clone())
+            .or_default() += 1;
         if matches!(d.smart.verdict.as_str(), "warning" | "failing") {
             health.attention.push(entry(d, d.smart.reasons.clone()));
         }
@@ -140,7 +156,12 @@ fn ago(now_ms: u64, then_ms: u64) -> String {
 }
 
 /// Builds the report from node and drive views at `now_ms`.
-pub fn build(nodes: &[NodeView], drives: &[DriveView], now_ms: u64, t: &ReportThresholds) -> FleetReport {
+pub fn build(
+    nodes: &[NodeView],
+    drives: &[DriveView],
+    now_ms: u64,
+    t: &ReportThresholds,
+) -> FleetReport {
     let mut by_status = BTreeMap::from([("up".to_owned(), 0), ("down".to_owned(), 0)]);
     let mut attention = Vec::new();
     for n in nodes {
@@ -162,20 +183,35 @@ pub fn build(nodes: &[NodeView], drives: &[DriveView], now_ms: u64, t: &ReportTh
             let mem = h.memory_used_percent();
             let psi = h.memory_pressure_avg10.unwrap_or(0.0);
             if mem > t.memory_percent || psi > t.memory_psi_avg10 {
-                let psi_text = h.memory_pressure_avg10.map(|p| format!(", PSI some avg10 {p:.1}%")).unwrap_or_default();
+                let psi_text = h
+                    .memory_pressure_avg10
+                    .map(|p| format!(", PSI some avg10 {p:.1}%"))
+                    .unwrap_or_default();
                 reasons.push(format!("memory pressure: {mem:.0}% in use{psi_text}"));
             }
-            if n.status == "up" && now_ms.saturating_sub(h.at.0) > t.stale_after.as_millis() as u64 {
-                reasons.push(format!("stale report: last health report {} ago", ago(now_ms, h.at.0)));
+            if n.status == "up" && now_ms.saturating_sub(h.at.0) > t.stale_after.as_millis() as u64
+            {
+                reasons.push(format!(
+                    "stale report: last health report {} ago",
+                    ago(now_ms, h.at.0)
+                ));
             }
         } else if n.status == "up" {
             reasons.push("stale report: no health report yet".to_owned());
         }
         if !reasons.is_empty() {
-            attention.push(Attention { id: n.id.clone(), hostname: n.hostname.clone(), status: n.status.clone(), reasons });
+            attention.push(Attention {
+                id: n.id.clone(),
+                hostname: n.hostname.clone(),
+                status: n.status.clone(),
+                reasons,
+            });
         }
     }
-    let hostnames: BTreeMap<&str, &str> = nodes.iter().map(|n| (n.id.as_str(), n.hostname.as_str())).collect();
+    let hostnames: BTreeMap<&str, &str> = nodes
+        .iter()
+        .map(|n| (n.id.as_str(), n.hostname.as_str()))
+        .collect();
     FleetReport {
         generated_at: crate::view::rfc3339(now_ms),
         total: nodes.len(),
@@ -191,7 +227,14 @@ mod tests {
     use shoal_proto::{FilesystemUsage, HealthReport, UnixMillis};
 
     fn node(id: &str, status: &str, health: Option<HealthReport>) -> NodeView {
-        NodeView { id: id.into(), hostname: format!("host-{id}"), status: status.into(), last_seen_unix_ms: Some(1_000), health, ..Default::default() }
+        NodeView {
+            id: id.into(),
+            hostname: format!("host-{id}"),
+            status: status.into(),
+            last_seen_unix_ms: Some(1_000),
+            health,
+            ..Default::default()
+        }
     }
 
     fn healthy(at: u64) -> HealthReport {
@@ -199,14 +242,24 @@ mod tests {
             at: UnixMillis(at),
             memory_total_bytes: 100,
             memory_available_bytes: 50,
-            filesystems: vec![FilesystemUsage { mount: "/".into(), total_bytes: 100, available_bytes: 50, ..Default::default() }],
+            filesystems: vec![FilesystemUsage {
+                mount: "/".into(),
+                total_bytes: 100,
+                available_bytes: 50,
+                ..Default::default()
+            }],
             ..Default::default()
         }
     }
 
     #[test]
     fn healthy_fleet_needs_no_attention() {
-        let r = build(&[node("a", "up", Some(healthy(9_000)))], &[], 10_000, &ReportThresholds::for_interval(Duration::from_secs(10)));
+        let r = build(
+            &[node("a", "up", Some(healthy(9_000)))],
+            &[],
+            10_000,
+            &ReportThresholds::for_interval(Duration::from_secs(10)),
+        );
         assert_eq!(r.by_status["up"], 1);
         assert!(r.attention.is_empty(), "{r:?}");
     }
@@ -226,10 +279,17 @@ mod tests {
         ];
         let r = build(&nodes, &[], 100_000, &t);
         assert_eq!(r.by_status["down"], 1);
-        let reasons: Vec<_> = r.attention.iter().map(|a| (a.id.as_str(), a.reasons[0].clone())).collect();
+        let reasons: Vec<_> = r
+            .attention
+            .iter()
+            .map(|a| (a.id.as_str(), a.reasons[0].clone()))
+            .collect();
         assert!(reasons[0].1.starts_with("down"), "{reasons:?}");
         assert_eq!(reasons[1].1, "filesystem / 95% full");
-        assert!(reasons[2].1.starts_with("memory pressure: 98%"), "{reasons:?}");
+        assert!(
+            reasons[2].1.starts_with("memory pressure: 98%"),
+            "{reasons:?}"
+        );
         assert!(reasons[3].1.starts_with("stale report"), "{reasons:?}");
         assert_eq!(r.attention.len(), 4);
     }
@@ -263,22 +323,65 @@ mod tests {
         let t = ReportThresholds::for_interval(Duration::from_secs(10));
         let drives = [
             drive("a", "sda", "has-data", "ok", &[]),
-            drive("a", "sdb", "prepared", "warning", &["pending sectors (ATA 197) rose by 8 (0 -> 8)"]),
+            drive(
+                "a",
+                "sdb",
+                "prepared",
+                "warning",
+                &["pending sectors (ATA 197) rose by 8 (0 -> 8)"],
+            ),
             drive("a", "sdc", "missing", "unknown", &[]),
-            drive("b", "nvme0n1", "awaiting-approval", "failing", &["overall health self-assessment FAILED"]),
+            drive(
+                "b",
+                "nvme0n1",
+                "awaiting-approval",
+                "failing",
+                &["overall health self-assessment FAILED"],
+            ),
             drive("b", "vda", "blank", "unknown", &[]),
         ];
-        let r = build(&[node("a", "up", Some(healthy(99_000))), node("b", "up", Some(healthy(99_000)))], &drives, 100_000, &t);
-        let d = &r.drives;
-        assert_eq!(d.by_verdict, BTreeMap::from([("ok".into(), 1), ("warning".into(), 1), ("failing".into(), 1), ("unknown".into(), 2)]));
-        assert_eq!(
-            d.attention.iter().map(|a| (a.device.as_str(), a.verdict.as_str(), a.hostname.as_str())).collect::<Vec<_>>(),
-            [("nvme0n1", "failing", "host-b"), ("sdb", "warning", "host-a")]
+        let r = build(
+            &[
+                node("a", "up", Some(healthy(99_000))),
+                node("b", "up", Some(healthy(99_000))),
+            ],
+            &drives,
+            100_000,
+            &t,
         );
-        assert_eq!(d.attention[1].reasons, ["pending sectors (ATA 197) rose by 8 (0 -> 8)"]);
+        let d = &r.drives;
+        assert_eq!(
+            d.by_verdict,
+            BTreeMap::from([
+                ("ok".into(), 1),
+                ("warning".into(), 1),
+                ("failing".into(), 1),
+                ("unknown".into(), 2)
+            ])
+        );
+        assert_eq!(
+            d.attention
+                .iter()
+                .map(|a| (a.device.as_str(), a.verdict.as_str(), a.hostname.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                ("nvme0n1", "failing", "host-b"),
+                ("sdb", "warning", "host-a")
+            ]
+        );
+        assert_eq!(
+            d.attention[1].reasons,
+            ["pending sectors (ATA 197) rose by 8 (0 -> 8)"]
+        );
         assert_eq!(d.missing.len(), 1);
         assert_eq!(d.missing[0].reasons, ["prepared drive vanished: sdc1 xfs (UUID u-9) was mounted on /var/lib/shoal/drives/u-9"]);
-        assert_eq!(d.awaiting_approval.iter().map(|a| a.device.as_str()).collect::<Vec<_>>(), ["nvme0n1"]);
+        assert_eq!(
+            d.awaiting_approval
+                .iter()
+                .map(|a| a.device.as_str())
+                .collect::<Vec<_>>(),
+            ["nvme0n1"]
+        );
         // Older clients' reports (without drives) still decode, and new ones keep the old keys.
         let json = serde_json::to_value(&r).unwrap();
         for key in ["generated_at", "total", "by_status", "attention", "drives"] {

@@ -1,42 +1,45 @@
 //! The rollout planner: which node to upgrade next, when to roll one back, when to stop.
 //!
-//! A sans-IO state machine in the quinn-proto style. The shell (not built yet) feeds it what happened
-//! ([`Rollout::handle`]: a node acknowledged, reported its version and health, refused; the operator
-//! paused, resumed, aborted, retried a node) and, on a timer and whenever observations change, asks it
-//! what to do ([`Rollout::poll`], given the fleet as observed, the disruption budgets, the window and
-//! the time). Both return [`Action`]s for the shell to carry out. Time is wall-clock [`UnixMillis`], so
-//! the whole state ([`Rollout`] is serde) can be stored and a restarted controller resumes exactly
-//! where it stopped: deadlines keep running while the controller is down.
+//! A sans-IO state machine in the quinn-proto style. The shell (not built yet) feeds it what
+//! happened ([`Rollout::handle`]: a node acknowledged, reported its version and health, refused;
+//! the operator paused, resumed, aborted, retried a node) and, on a timer and whenever observations
+//! change, asks it what to do ([`Rollout::poll`], given the fleet as observed, the disruption
+//! budgets, the window and the time). Both return [`Action`]s for the shell to carry out. Time is
+//! wall-clock [`UnixMillis`], so the whole state ([`Rollout`] is serde) can be stored and a
+//! restarted controller resumes exactly where it stopped: deadlines keep running while the
+//! controller is down.
 //!
-//! The planner does not know whether it upgrades agents or netboot images: the [`Target`] is carried
-//! through to the actions, and [`Observed::version`] is whichever version the target is about.
+//! The planner does not know whether it upgrades agents or netboot images: the [`Target`] is
+//! carried through to the actions, and [`Observed::version`] is whichever version the target is
+//! about.
 //!
 //! # Node states
 //!
 //! `pending` → `upgrading` → `succeeded`, or on a failure `upgrading` → `rolling_back` → `failed`.
-//! A node that refuses an update (bad signature, disk full: it stays on its version) goes straight to
-//! `failed` with nothing to roll back. A node already on the target is `succeeded` at once; one on which
-//! this target failed before, or that left the fleet, is `skipped`. [`Command::Retry`] puts a failed or
-//! skipped node back to `pending`.
+//! A node that refuses an update (bad signature, disk full: it stays on its version) goes straight
+//! to `failed` with nothing to roll back. A node already on the target is `succeeded` at once; one
+//! on which this target failed before, or that left the fleet, is `skipped`. [`Command::Retry`]
+//! puts a failed or skipped node back to `pending`.
 //!
 //! # Invariants (unit-tested, including random fleets)
 //!
 //! - **Max unavailable**: a node is started only if, counting it, at most `max_unavailable` of the
-//!   rollout's nodes are unavailable. Unavailable means down, unhealthy, busy with other maintenance, or
-//!   in flight in this rollout (`upgrading`, `rolling_back`). Nodes already down for other reasons
-//!   count, so they can hold the rollout back; they are never "made up for" by exceeding the limit.
-//! - **Budgets**: likewise for every disruption budget whose selector matches the node, counted over
-//!   the *whole fleet's* nodes in that label group (an etcd member down outside the rollout counts
-//!   against `role=etcd max 1`).
+//!   rollout's nodes are unavailable. Unavailable means down, unhealthy, busy with other
+//!   maintenance, or in flight in this rollout (`upgrading`, `rolling_back`). Nodes already down
+//!   for other reasons count, so they can hold the rollout back; they are never "made up for" by
+//!   exceeding the limit.
+//! - **Budgets**: likewise for every disruption budget whose selector matches the node, counted
+//!   over the *whole fleet's* nodes in that label group (an etcd member down outside the rollout
+//!   counts against `role=etcd max 1`).
 //! - **Window**: no node is started while the window is closed, or when it closes within
 //!   [`RolloutSpec::min_window_left`]. Nodes in flight finish (or roll back) after it closes.
-//! - **Failures**: every failure of a node that changed (checks failed, never came back) rolls that node
-//!   back at once. When failures since the last start or resume reach `max_failures`, the rollout
-//!   pauses; nodes in flight finish, no new node starts until [`Command::Resume`].
+//! - **Failures**: every failure of a node that changed (checks failed, never came back) rolls that
+//!   node back at once. When failures since the last start or resume reach `max_failures`, the
+//!   rollout pauses; nodes in flight finish, no new node starts until [`Command::Resume`].
 //! - **Memory**: a node on which the target failed is not started again without [`Command::Retry`];
 //!   nodes listed as `failed_before` at creation (from earlier rollouts) are skipped likewise.
-//! - **Restart**: the state round-trips through serde; [`Rollout::resend_after_restart`] repeats the
-//!   commands a crash may have lost (both are idempotent at the node).
+//! - **Restart**: the state round-trips through serde; [`Rollout::resend_after_restart`] repeats
+//!   the commands a crash may have lost (both are idempotent at the node).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -65,16 +68,16 @@ pub enum Target {
     Agent(String),
     /// A netboot image version.
     Image(String),
-    /// A maintenance action (`shoalctl maintenance run`): nothing is installed; a node succeeds when it
-    /// is back up and healthy after the action, and "rolling back" means running its post-hook so it
-    /// is not left drained. Its failures are not remembered across runs (see
+    /// A maintenance action (`shoalctl maintenance run`): nothing is installed; a node succeeds
+    /// when it is back up and healthy after the action, and "rolling back" means running its
+    /// post-hook so it is not left drained. Its failures are not remembered across runs (see
     /// [`Target::remembers_failures`]).
     Action(MaintenanceAction),
 }
 
 impl Target {
-    /// The version installed; for an action, its name (`reboot`, `smart-test`, `exec`), which no node
-    /// ever reports as its version, so a node never counts as "already done".
+    /// The version installed; for an action, its name (`reboot`, `smart-test`, `exec`), which no
+    /// node ever reports as its version, so a node never counts as "already done".
     pub fn version(&self) -> &str {
         match self {
             Target::Agent(v) | Target::Image(v) => v,
@@ -83,9 +86,9 @@ impl Target {
     }
 
     /// Whether a failure of this target on a node is remembered (and the node skipped by later
-    /// rollouts of the same target until retried). True for versions: a version that failed on a node
-    /// will fail again. False for actions: a maintenance action that failed once (a drain that timed
-    /// out, a script that hit a busy disk) is exactly what the operator runs again later.
+    /// rollouts of the same target until retried). True for versions: a version that failed on a
+    /// node will fail again. False for actions: a maintenance action that failed once (a drain that
+    /// timed out, a script that hit a busy disk) is exactly what the operator runs again later.
     pub fn remembers_failures(&self) -> bool {
         !matches!(self, Target::Action(_))
     }
@@ -126,15 +129,17 @@ pub struct RolloutSpec {
     /// How long a node has, from the begin command, to report the target version healthy.
     /// Default 15 min (an agent update takes seconds; a reboot into a new image, minutes).
     pub upgrade_deadline: Duration,
-    /// How long a node being rolled back has to report the previous version healthy. Default 15 min.
+    /// How long a node being rolled back has to report the previous version healthy. Default 15
+    /// min.
     pub rollback_deadline: Duration,
-    /// A node is started only if the window stays open at least this long. Default 0 (start whenever
-    /// open).
+    /// A node is started only if the window stays open at least this long. Default 0 (start
+    /// whenever open).
     pub min_window_left: Duration,
 }
 
 impl RolloutSpec {
-    /// A spec with the documented defaults: one node at a time, pause at the first failure, no window.
+    /// A spec with the documented defaults: one node at a time, pause at the first failure, no
+    /// window.
     pub fn new(target: Target) -> RolloutSpec {
         RolloutSpec {
             target,
@@ -149,8 +154,8 @@ impl RolloutSpec {
     }
 }
 
-/// One node as the controller observes it now, for [`Rollout::poll`]. Built fresh by the shell from the
-/// store, liveness and reports; never stored.
+/// One node as the controller observes it now, for [`Rollout::poll`]. Built fresh by the shell from
+/// the store, liveness and reports; never stored.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Observed {
     /// The node's labels.
@@ -179,8 +184,8 @@ pub type Fleet = BTreeMap<NodeId, Observed>;
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Failure {
-    /// The node did not take the update and stayed on its version (bad signature, truncated download,
-    /// disk full, or the agent's own health deadline rolled it back); the node's words.
+    /// The node did not take the update and stayed on its version (bad signature, truncated
+    /// download, disk full, or the agent's own health deadline rolled it back); the node's words.
     Refused {
         /// What the node said.
         reason: String,
@@ -204,8 +209,12 @@ impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Failure::Refused { reason } => write!(f, "refused: {reason}"),
-            Failure::ChecksFailed { checks } => write!(f, "health checks failed: {}", checks.join(", ")),
-            Failure::Deadline => f.write_str("not healthy on the target version before the deadline"),
+            Failure::ChecksFailed { checks } => {
+                write!(f, "health checks failed: {}", checks.join(", "))
+            }
+            Failure::Deadline => {
+                f.write_str("not healthy on the target version before the deadline")
+            }
             Failure::Failed { reason } => write!(f, "failed: {reason}"),
         }
     }
@@ -258,8 +267,8 @@ pub enum NodePhase {
         /// Why it failed.
         failure: Failure,
     },
-    /// Failed. `rolled_back`: back and healthy on its previous version (or never left it); otherwise it
-    /// did not come back and needs an operator.
+    /// Failed. `rolled_back`: back and healthy on its previous version (or never left it);
+    /// otherwise it did not come back and needs an operator.
     Failed {
         /// When it was settled.
         at: UnixMillis,
@@ -278,12 +287,18 @@ pub enum NodePhase {
 impl NodePhase {
     /// Upgrading or rolling back: unavailable because of this rollout.
     pub fn in_flight(&self) -> bool {
-        matches!(self, NodePhase::Upgrading { .. } | NodePhase::RollingBack { .. })
+        matches!(
+            self,
+            NodePhase::Upgrading { .. } | NodePhase::RollingBack { .. }
+        )
     }
 
     /// Nothing more will happen to it (without a retry).
     pub fn settled(&self) -> bool {
-        matches!(self, NodePhase::Succeeded { .. } | NodePhase::Failed { .. } | NodePhase::Skipped { .. })
+        matches!(
+            self,
+            NodePhase::Succeeded { .. } | NodePhase::Failed { .. } | NodePhase::Skipped { .. }
+        )
     }
 
     /// `pending`, `upgrading`, …, for status output.
@@ -319,7 +334,10 @@ impl fmt::Display for PauseReason {
             PauseReason::Operator => f.write_str("paused by an operator"),
             PauseReason::TooManyFailures { failed } => {
                 write!(f, "{} node(s) failed: ", failed.len())?;
-                let parts: Vec<String> = failed.iter().map(|(n, why)| format!("{n} ({why})")).collect();
+                let parts: Vec<String> = failed
+                    .iter()
+                    .map(|(n, why)| format!("{n} ({why})"))
+                    .collect();
                 f.write_str(&parts.join("; "))
             }
         }
@@ -408,8 +426,8 @@ pub enum Action {
         /// What to install.
         target: Target,
     },
-    /// Put a node back on its previous version (agent: tell it to revert if it is reachable, it also
-    /// does so by itself; image: restore the previous assignment and reboot).
+    /// Put a node back on its previous version (agent: tell it to revert if it is reachable, it
+    /// also does so by itself; image: restore the previous assignment and reboot).
     RollBack {
         /// The node.
         node: NodeId,
@@ -478,8 +496,9 @@ pub enum Event {
         /// What it said.
         reason: String,
     },
-    /// A node being rolled back is back as it was (for actions: its post-hook ran); it is settled as
-    /// failed and rolled back. Versioned targets use [`Event::Reported`] with the old version instead.
+    /// A node being rolled back is back as it was (for actions: its post-hook ran); it is settled
+    /// as failed and rolled back. Versioned targets use [`Event::Reported`] with the old version
+    /// instead.
     Restored {
         /// The node.
         node: NodeId,
@@ -561,8 +580,8 @@ pub struct Progress {
     pub skipped: u32,
 }
 
-/// One rollout: spec, state and every node's phase. Serialize it to store it (postcard; the enums are
-/// externally tagged because postcard cannot decode internally tagged ones).
+/// One rollout: spec, state and every node's phase. Serialize it to store it (postcard; the enums
+/// are externally tagged because postcard cannot decode internally tagged ones).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rollout {
     id: String,
@@ -575,8 +594,8 @@ pub struct Rollout {
     /// Why the last poll started nothing more.
     waiting: Vec<Waiting>,
     /// Agent targets: nodes may go to an older version than they run (`--allow-downgrade`); v5
-    /// agents refuse a downgrade without it. Part of how the rollout runs, fixed at start; kept last
-    /// (not in [`RolloutSpec`]) so that records written before it existed still decode
+    /// agents refuse a downgrade without it. Part of how the rollout runs, fixed at start; kept
+    /// last (not in [`RolloutSpec`]) so that records written before it existed still decode
     /// ([`RolloutV1`]).
     allow_downgrade: bool,
 }
@@ -610,8 +629,8 @@ impl From<RolloutV1> for Rollout {
 }
 
 impl Rollout {
-    /// A new rollout over `nodes`. Nodes in `failed_before` (this target failed on them in an earlier
-    /// rollout) are skipped until retried.
+    /// A new rollout over `nodes`. Nodes in `failed_before` (this target failed on them in an
+    /// earlier rollout) are skipped until retried.
     pub fn new(
         id: impl Into<String>,
         spec: RolloutSpec,
@@ -629,7 +648,9 @@ impl Rollout {
             .into_iter()
             .map(|n| {
                 let phase = if failed_before.contains(&n) {
-                    NodePhase::Skipped { reason: SkipReason::FailedBefore }
+                    NodePhase::Skipped {
+                        reason: SkipReason::FailedBefore,
+                    }
                 } else {
                     NodePhase::Pending
                 };
@@ -654,7 +675,11 @@ impl Rollout {
     /// Decodes a stored rollout (postcard) in the current layout or the one before it
     /// ([`RolloutV1`], which has no `allow_downgrade`: such rollouts never allowed downgrades).
     pub fn from_stored(bytes: &[u8]) -> Result<Rollout, postcard::Error> {
-        postcard::from_bytes::<Rollout>(bytes).or_else(|e| postcard::from_bytes::<RolloutV1>(bytes).map(Rollout::from).map_err(|_| e))
+        postcard::from_bytes::<Rollout>(bytes).or_else(|e| {
+            postcard::from_bytes::<RolloutV1>(bytes)
+                .map(Rollout::from)
+                .map_err(|_| e)
+        })
     }
 
     /// Lets the rollout's nodes go to an older version than they run (agent targets; see
@@ -707,7 +732,11 @@ impl Rollout {
 
     /// Nodes on which the target failed, to remember in the store (and skip in later rollouts).
     pub fn failed_nodes(&self) -> BTreeSet<NodeId> {
-        self.nodes.iter().filter(|(_, p)| matches!(p, NodePhase::Failed { .. })).map(|(n, _)| n.clone()).collect()
+        self.nodes
+            .iter()
+            .filter(|(_, p)| matches!(p, NodePhase::Failed { .. }))
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// Nothing more will happen: done, or aborted with nothing in flight.
@@ -721,7 +750,10 @@ impl Rollout {
 
     /// Counts for a progress bar.
     pub fn progress(&self) -> Progress {
-        let mut p = Progress { total: self.nodes.len() as u32, ..Progress::default() };
+        let mut p = Progress {
+            total: self.nodes.len() as u32,
+            ..Progress::default()
+        };
         for phase in self.nodes.values() {
             match phase {
                 NodePhase::Pending => p.pending += 1,
@@ -739,46 +771,81 @@ impl Rollout {
         self.nodes
             .values()
             .filter_map(|p| match p {
-                NodePhase::Upgrading { deadline, .. } | NodePhase::RollingBack { deadline, .. } => Some(*deadline),
+                NodePhase::Upgrading { deadline, .. } | NodePhase::RollingBack { deadline, .. } => {
+                    Some(*deadline)
+                }
                 _ => None,
             })
             .min()
     }
 
     /// After a controller restart: the commands a crash may have lost between storing the state and
-    /// sending them. Begin commands the node never acknowledged, and every roll-back in flight; both
-    /// are idempotent at the node.
+    /// sending them. Begin commands the node never acknowledged, and every roll-back in flight;
+    /// both are idempotent at the node.
     pub fn resend_after_restart(&self) -> Vec<Action> {
         self.nodes
             .iter()
             .filter_map(|(node, phase)| match phase {
-                NodePhase::Upgrading { acknowledged: false, .. } => {
-                    Some(Action::BeginUpgrade { node: node.clone(), target: self.spec.target.clone() })
-                }
-                NodePhase::RollingBack { to, .. } => {
-                    Some(Action::RollBack { node: node.clone(), to: to.clone(), target: self.spec.target.clone() })
-                }
+                NodePhase::Upgrading {
+                    acknowledged: false,
+                    ..
+                } => Some(Action::BeginUpgrade {
+                    node: node.clone(),
+                    target: self.spec.target.clone(),
+                }),
+                NodePhase::RollingBack { to, .. } => Some(Action::RollBack {
+                    node: node.clone(),
+                    to: to.clone(),
+                    target: self.spec.target.clone(),
+                }),
                 _ => None,
             })
             .collect()
     }
 
     /// Records a failure of `node`, rolling it back if it changed; pauses at `max_failures`.
-    fn fail(&mut self, node: &NodeId, failure: Failure, roll_back: Option<Option<String>>, now: UnixMillis, out: &mut Vec<Action>) {
+    fn fail(
+        &mut self,
+        node: &NodeId,
+        failure: Failure,
+        roll_back: Option<Option<String>>,
+        now: UnixMillis,
+        out: &mut Vec<Action>,
+    ) {
         warn!(rollout = %self.id, node = %node, target = %self.spec.target, failure = %failure, "node upgrade failed");
         let phase = match roll_back {
             Some(to) => {
-                out.push(Action::RollBack { node: node.clone(), to: to.clone(), target: self.spec.target.clone() });
-                NodePhase::RollingBack { since: now, deadline: add(now, self.spec.rollback_deadline), to, failure: failure.clone() }
+                out.push(Action::RollBack {
+                    node: node.clone(),
+                    to: to.clone(),
+                    target: self.spec.target.clone(),
+                });
+                NodePhase::RollingBack {
+                    since: now,
+                    deadline: add(now, self.spec.rollback_deadline),
+                    to,
+                    failure: failure.clone(),
+                }
             }
-            None => NodePhase::Failed { at: now, failure: failure.clone(), rolled_back: true },
+            None => NodePhase::Failed {
+                at: now,
+                failure: failure.clone(),
+                rolled_back: true,
+            },
         };
         self.nodes.insert(node.clone(), phase);
         self.recent_failures.push((node.clone(), failure));
-        if self.state == RolloutState::Running && self.recent_failures.len() as u32 >= self.spec.max_failures {
-            let reason = PauseReason::TooManyFailures { failed: self.recent_failures.clone() };
+        if self.state == RolloutState::Running
+            && self.recent_failures.len() as u32 >= self.spec.max_failures
+        {
+            let reason = PauseReason::TooManyFailures {
+                failed: self.recent_failures.clone(),
+            };
             warn!(rollout = %self.id, reason = %reason, "rollout paused");
-            self.state = RolloutState::Paused { at: now, reason: reason.clone() };
+            self.state = RolloutState::Paused {
+                at: now,
+                reason: reason.clone(),
+            };
             out.push(Action::Paused { reason });
         }
     }
@@ -804,20 +871,44 @@ impl Rollout {
                 }
             }
             Event::Restored { node } => {
-                if let Some(NodePhase::RollingBack { failure, .. }) = self.nodes.get(&node).cloned() {
+                if let Some(NodePhase::RollingBack { failure, .. }) = self.nodes.get(&node).cloned()
+                {
                     info!(rollout = %self.id, node = %node, "node restored");
-                    self.nodes.insert(node, NodePhase::Failed { at: now, failure, rolled_back: true });
+                    self.nodes.insert(
+                        node,
+                        NodePhase::Failed {
+                            at: now,
+                            failure,
+                            rolled_back: true,
+                        },
+                    );
                 }
             }
-            Event::Reported { node, version, health } => match self.nodes.get(&node).cloned() {
+            Event::Reported {
+                node,
+                version,
+                health,
+            } => match self.nodes.get(&node).cloned() {
                 Some(NodePhase::Upgrading { from, .. }) if version == target => match health {
                     ReportedHealth::Healthy => {
                         info!(rollout = %self.id, node = %node, version = %version, "node upgraded");
-                        self.nodes.insert(node, NodePhase::Succeeded { at: now, already: false });
+                        self.nodes.insert(
+                            node,
+                            NodePhase::Succeeded {
+                                at: now,
+                                already: false,
+                            },
+                        );
                     }
                     ReportedHealth::Checking => {}
                     ReportedHealth::Failed(checks) => {
-                        self.fail(&node, Failure::ChecksFailed { checks }, Some(from), now, &mut out);
+                        self.fail(
+                            &node,
+                            Failure::ChecksFailed { checks },
+                            Some(from),
+                            now,
+                            &mut out,
+                        );
                     }
                 },
                 // Before the update takes effect the node still reports its old version: not news.
@@ -827,7 +918,14 @@ impl Rollout {
                         && to.as_ref().is_none_or(|to| *to == version) =>
                 {
                     info!(rollout = %self.id, node = %node, version = %version, "node rolled back");
-                    self.nodes.insert(node, NodePhase::Failed { at: now, failure, rolled_back: true });
+                    self.nodes.insert(
+                        node,
+                        NodePhase::Failed {
+                            at: now,
+                            failure,
+                            rolled_back: true,
+                        },
+                    );
                 }
                 _ => {}
             },
@@ -836,14 +934,26 @@ impl Rollout {
     }
 
     /// Carries out an operator's command.
-    pub fn command(&mut self, command: Command, now: UnixMillis) -> Result<Vec<Action>, RolloutError> {
-        let bad = |command: &'static str, this: &Rollout| RolloutError::BadState { command, state: this.state.as_str() };
+    pub fn command(
+        &mut self,
+        command: Command,
+        now: UnixMillis,
+    ) -> Result<Vec<Action>, RolloutError> {
+        let bad = |command: &'static str, this: &Rollout| RolloutError::BadState {
+            command,
+            state: this.state.as_str(),
+        };
         let mut out = Vec::new();
         match command {
             Command::Pause => match self.state {
                 RolloutState::Running => {
-                    self.state = RolloutState::Paused { at: now, reason: PauseReason::Operator };
-                    out.push(Action::Paused { reason: PauseReason::Operator });
+                    self.state = RolloutState::Paused {
+                        at: now,
+                        reason: PauseReason::Operator,
+                    };
+                    out.push(Action::Paused {
+                        reason: PauseReason::Operator,
+                    });
                 }
                 RolloutState::Paused { .. } => {}
                 _ => return Err(bad("pause", self)),
@@ -869,10 +979,20 @@ impl Rollout {
                 if matches!(self.state, RolloutState::Aborted { .. }) {
                     return Err(bad("retry a node of", self));
                 }
-                let phase = self.nodes.get_mut(&node).ok_or_else(|| RolloutError::UnknownNode(node.clone()))?;
+                let phase = self
+                    .nodes
+                    .get_mut(&node)
+                    .ok_or_else(|| RolloutError::UnknownNode(node.clone()))?;
                 match phase {
-                    NodePhase::Failed { .. } | NodePhase::Skipped { .. } => *phase = NodePhase::Pending,
-                    other => return Err(RolloutError::NotRetryable { node, phase: other.as_str() }),
+                    NodePhase::Failed { .. } | NodePhase::Skipped { .. } => {
+                        *phase = NodePhase::Pending
+                    }
+                    other => {
+                        return Err(RolloutError::NotRetryable {
+                            node,
+                            phase: other.as_str(),
+                        })
+                    }
                 }
                 if matches!(self.state, RolloutState::Done { .. }) {
                     self.state = RolloutState::Running;
@@ -882,28 +1002,44 @@ impl Rollout {
         Ok(out)
     }
 
-    /// Decides what to do now: fails nodes past their deadline, settles nodes already on the target or
-    /// gone, and starts as many pending nodes as the window, max-unavailable and budgets allow.
-    pub fn poll(&mut self, fleet: &Fleet, budgets: &[Budget], window: &dyn WindowCheck, now: UnixMillis) -> Vec<Action> {
+    /// Decides what to do now: fails nodes past their deadline, settles nodes already on the target
+    /// or gone, and starts as many pending nodes as the window, max-unavailable and budgets allow.
+    pub fn poll(
+        &mut self,
+        fleet: &Fleet,
+        budgets: &[Budget],
+        window: &dyn WindowCheck,
+        now: UnixMillis,
+    ) -> Vec<Action> {
         let mut out = Vec::new();
         let target = self.spec.target.version().to_owned();
 
         // Deadlines.
-        let due: Vec<(NodeId, NodePhase)> = self
-            .nodes
-            .iter()
-            .filter(|(_, p)| match p {
-                NodePhase::Upgrading { deadline, .. } | NodePhase::RollingBack { deadline, .. } => *deadline <= now,
-                _ => false,
-            })
-            .map(|(n, p)| (n.clone(), p.clone()))
-            .collect();
+        let due: Vec<(NodeId, NodePhase)> =
+            self.nodes
+                .iter()
+                .filter(|(_, p)| match p {
+                    NodePhase::Upgrading { deadline, .. }
+                    | NodePhase::RollingBack { deadline, .. } => *deadline <= now,
+                    _ => false,
+                })
+                .map(|(n, p)| (n.clone(), p.clone()))
+                .collect();
         for (node, phase) in due {
             match phase {
-                NodePhase::Upgrading { from, .. } => self.fail(&node, Failure::Deadline, Some(from), now, &mut out),
+                NodePhase::Upgrading { from, .. } => {
+                    self.fail(&node, Failure::Deadline, Some(from), now, &mut out)
+                }
                 NodePhase::RollingBack { failure, .. } => {
                     warn!(rollout = %self.id, node = %node, "node did not come back after roll-back; needs an operator");
-                    self.nodes.insert(node, NodePhase::Failed { at: now, failure, rolled_back: false });
+                    self.nodes.insert(
+                        node,
+                        NodePhase::Failed {
+                            at: now,
+                            failure,
+                            rolled_back: false,
+                        },
+                    );
                 }
                 _ => {}
             }
@@ -915,9 +1051,20 @@ impl Rollout {
                 continue;
             }
             match fleet.get(node) {
-                None => *phase = NodePhase::Skipped { reason: SkipReason::Removed },
-                Some(o) if o.available() && o.version.as_deref() == Some(target.as_str()) && !matches!(self.spec.target, Target::Action(_)) => {
-                    *phase = NodePhase::Succeeded { at: now, already: true };
+                None => {
+                    *phase = NodePhase::Skipped {
+                        reason: SkipReason::Removed,
+                    }
+                }
+                Some(o)
+                    if o.available()
+                        && o.version.as_deref() == Some(target.as_str())
+                        && !matches!(self.spec.target, Target::Action(_)) =>
+                {
+                    *phase = NodePhase::Succeeded {
+                        at: now,
+                        already: true,
+                    };
                 }
                 Some(_) => {}
             }
@@ -932,7 +1079,11 @@ impl Rollout {
             let p = self.progress();
             info!(rollout = %self.id, succeeded = p.succeeded, failed = p.failed, skipped = p.skipped, "rollout done");
             self.state = RolloutState::Done { at: now };
-            out.push(Action::Done { succeeded: p.succeeded, failed: p.failed, skipped: p.skipped });
+            out.push(Action::Done {
+                succeeded: p.succeeded,
+                failed: p.failed,
+                skipped: p.skipped,
+            });
         }
         out
     }
@@ -941,7 +1092,14 @@ impl Rollout {
         !observed.available() || self.nodes.get(node).is_some_and(NodePhase::in_flight)
     }
 
-    fn start_nodes(&mut self, fleet: &Fleet, budgets: &[Budget], window: &dyn WindowCheck, now: UnixMillis, out: &mut Vec<Action>) {
+    fn start_nodes(
+        &mut self,
+        fleet: &Fleet,
+        budgets: &[Budget],
+        window: &dyn WindowCheck,
+        now: UnixMillis,
+        out: &mut Vec<Action>,
+    ) {
         if !self.nodes.values().any(|p| *p == NodePhase::Pending) {
             return;
         }
@@ -964,28 +1122,44 @@ impl Rollout {
         let mut group: Vec<u32> = budgets
             .iter()
             .map(|b| {
-                fleet.iter().filter(|(n, o)| selector_matches(&b.selector.0, &b.selector.1, &o.labels) && self.unavailable(n, o)).count() as u32
+                fleet
+                    .iter()
+                    .filter(|(n, o)| {
+                        selector_matches(&b.selector.0, &b.selector.1, &o.labels)
+                            && self.unavailable(n, o)
+                    })
+                    .count() as u32
             })
             .collect();
-        let pending: Vec<NodeId> =
-            self.nodes.iter().filter(|(_, p)| **p == NodePhase::Pending).map(|(n, _)| n.clone()).collect();
+        let pending: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, p)| **p == NodePhase::Pending)
+            .map(|(n, _)| n.clone())
+            .collect();
         let mut down = Vec::new();
         for node in pending {
             if unavailable >= self.spec.max_unavailable {
                 self.waiting.push(Waiting::MaxUnavailable { unavailable });
                 break;
             }
-            let Some(observed) = fleet.get(&node) else { continue };
+            let Some(observed) = fleet.get(&node) else {
+                continue;
+            };
             if !observed.available() {
                 down.push(node);
                 continue;
             }
-            let full = budgets
-                .iter()
-                .zip(&group)
-                .find(|(b, used)| selector_matches(&b.selector.0, &b.selector.1, &observed.labels) && **used + 1 > b.max_unavailable);
+            let full = budgets.iter().zip(&group).find(|(b, used)| {
+                selector_matches(&b.selector.0, &b.selector.1, &observed.labels)
+                    && **used + 1 > b.max_unavailable
+            });
             if let Some((b, used)) = full {
-                let w = Waiting::Budget { selector: selector_text(&b.selector), unavailable: *used, max: b.max_unavailable };
+                let w = Waiting::Budget {
+                    selector: selector_text(&b.selector),
+                    unavailable: *used,
+                    max: b.max_unavailable,
+                };
                 if !self.waiting.contains(&w) {
                     self.waiting.push(w);
                 }
@@ -1007,7 +1181,10 @@ impl Rollout {
                     acknowledged: false,
                 },
             );
-            out.push(Action::BeginUpgrade { node, target: self.spec.target.clone() });
+            out.push(Action::BeginUpgrade {
+                node,
+                target: self.spec.target.clone(),
+            });
         }
         if !down.is_empty() {
             self.waiting.push(Waiting::NodesUnavailable { nodes: down });

@@ -1,4 +1,5 @@
-//! The controller's async shell: the QUIC endpoint for agents, the admin API, and the liveness sweep.
+//! The controller's async shell: the QUIC endpoint for agents, the admin API, and the liveness
+//! sweep.
 //!
 //! [`run`] takes bound sockets and a shutdown future (the mini-redis pattern), so tests bind port 0
 //! and stop the controller cleanly.
@@ -14,20 +15,21 @@ use std::{
 
 use shoal_overlay::{pki, send_msg, tls, FrameReader};
 use shoal_proto::{
-    AgentMsg, ControllerMsg, Enrolled, HealthReport, JoinToken, NodeId, RejectCode, Renewed, UnixMillis, SUPPORTED,
+    AgentMsg, ControllerMsg, Enrolled, HealthReport, JoinToken, NodeId, RejectCode, Renewed,
+    UnixMillis, SUPPORTED,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::{
     admin::{self, AdminConf, ADMIN_CONF_FILE},
-    fleet_drives::FleetDrivesConfig,
-    drive_hub::DriveHub,
-    overlay_hub::{self, OverlayHub},
     ca::Ca,
-    liveness::{Liveness, Transition},
-    session::{Action, CloseKind, Session, SessionConfig},
+    drive_hub::DriveHub,
     enrolment::CertVerdict,
+    fleet_drives::FleetDrivesConfig,
+    liveness::{Liveness, Transition},
+    overlay_hub::{self, OverlayHub},
+    session::{Action, CloseKind, Session, SessionConfig},
     store::{CertRecord, EnrolError, EnrolParams, EventKind, NodeStatus, Store},
 };
 
@@ -61,20 +63,23 @@ pub struct ControllerConfig {
     pub hello_timeout: Duration,
     /// How often live state (last seen, health) is written to the store (default 30 s).
     pub checkpoint_interval: Duration,
-    /// Subnet of the `default` overlay network, used when it is created on first start; later starts
-    /// keep the stored one (default 10.90.0.0/16).
+    /// Subnet of the `default` overlay network, used when it is created on first start; later
+    /// starts keep the stored one (default 10.90.0.0/16).
     pub overlay_subnet: crate::networks::Subnet,
-    /// TAP MTU of the `default` overlay network, and of new networks created without one (default 1380).
+    /// TAP MTU of the `default` overlay network, and of new networks created without one (default
+    /// 1380).
     pub overlay_mtu: u16,
-    /// How long an agent may use its cached netmap without hearing from the controller (default 24 h).
+    /// How long an agent may use its cached netmap without hearing from the controller (default 24
+    /// h).
     pub netmap_validity: Duration,
-    /// Second UDP address agents measure their NAT's mapping against (default: the agents' port plus
-    /// one, on the same IP; a random port if that is taken).
+    /// Second UDP address agents measure their NAT's mapping against (default: the agents' port
+    /// plus one, on the same IP; a random port if that is taken).
     pub probe_listen: Option<SocketAddr>,
     /// Netboot servers and the image store (default: servers off, no trusted image key).
     pub netboot: crate::netboot::NetbootConfig,
-    /// SMART verdict thresholds and how much SMART history is kept (default: [`FleetDrivesConfig::default`]:
-    /// 60 °C, 90 % NVMe wear, 10 % spare; 7 days, at most 2016 samples per drive).
+    /// SMART verdict thresholds and how much SMART history is kept (default:
+    /// [`FleetDrivesConfig::default`]: 60 °C, 90 % NVMe wear, 10 % spare; 7 days, at most 2016
+    /// samples per drive).
     pub drives: FleetDrivesConfig,
     /// How long `drives prepare` waits for the agent's answer (default 10 min).
     pub drive_prepare_timeout: Duration,
@@ -85,23 +90,24 @@ pub struct ControllerConfig {
     /// The rollout driver's clock (default: the wall clock). A test hook: see
     /// [`crate::maintenance::RolloutClock`].
     pub rollout_clock: crate::maintenance::RolloutClock,
-    /// Trusted agent release keys (files with 64 hex characters, `--release-key`); uploads signed by
-    /// none of them are refused. Default none: no release can be added.
+    /// Trusted agent release keys (files with 64 hex characters, `--release-key`); uploads signed
+    /// by none of them are refused. Default none: no release can be added.
     pub release_keys: Vec<PathBuf>,
     /// QUIC handshakes in progress at once; further connection attempts are refused (default 1024).
     pub max_handshakes: usize,
     /// Handshakes in progress above which a client whose address is not validated yet must first
     /// answer a QUIC Retry (default 64): a flood from spoofed addresses then costs nothing.
     pub retry_above: usize,
-    /// Unauthenticated (enrolment) connections open at once; further ones are closed at once and the
-    /// agent retries (default 256). Authenticated nodes are not counted.
+    /// Unauthenticated (enrolment) connections open at once; further ones are closed at once and
+    /// the agent retries (default 256). Authenticated nodes are not counted.
     pub max_unauthenticated: usize,
     /// Of those, how many one remote address may hold (default 32): one machine cannot take every
     /// enrolment slot. Nodes behind one NAT share an address; raise it for large NATed sites.
     pub max_unauthenticated_per_address: usize,
     /// How long an unauthenticated connection may stay open in all (default 30 s).
     pub enrolment_deadline: Duration,
-    /// How long one write to an agent may take before the agent counts as not reading (default 30 s).
+    /// How long one write to an agent may take before the agent counts as not reading (default 30
+    /// s).
     pub send_timeout: Duration,
     /// Messages queued for one connection before its agent counts as not reading (default
     /// [`crate::conn_queue::NODE_QUEUE_CAPACITY`]).
@@ -180,7 +186,12 @@ pub enum ServeError {
 
 /// Wall-clock now.
 pub fn now_ms() -> UnixMillis {
-    UnixMillis(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
+    UnixMillis(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    )
 }
 
 /// What the connection limits refused since the controller started (`GET /v1/refusals`).
@@ -233,19 +244,29 @@ struct PerAddressSlot {
 
 impl PerAddressSlot {
     fn take(controller: &Arc<Controller>, ip: IpAddr, max: usize) -> Option<PerAddressSlot> {
-        let mut counts = controller.unauthenticated_by_address.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts = controller
+            .unauthenticated_by_address
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let n = counts.entry(ip).or_insert(0);
         if *n >= max {
             return None;
         }
         *n += 1;
-        Some(PerAddressSlot { controller: controller.clone(), ip })
+        Some(PerAddressSlot {
+            controller: controller.clone(),
+            ip,
+        })
     }
 }
 
 impl Drop for PerAddressSlot {
     fn drop(&mut self) {
-        let mut counts = self.controller.unauthenticated_by_address.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts = self
+            .controller
+            .unauthenticated_by_address
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(n) = counts.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -292,8 +313,8 @@ pub(crate) struct ConnHandle {
     pub protocol: Option<u16>,
     /// The drive policy last sent on this connection (v3).
     pub drive_policy: Option<shoal_proto::DrivePolicy>,
-    /// The agent's latest boot report on this connection (v4): what it booted and its health checks.
-    /// Kept with the connection, so it is always about the boot that is connected now.
+    /// The agent's latest boot report on this connection (v4): what it booted and its health
+    /// checks. Kept with the connection, so it is always about the boot that is connected now.
     pub boot: Option<shoal_proto::BootReport>,
 }
 
@@ -339,9 +360,14 @@ const RESET_KEY_META: &str = "quic_stateless_reset_key";
 
 impl Controller {
     /// Opens the data dir: store, CA, admin credential.
-    pub fn open(config: ControllerConfig, api_addr: SocketAddr) -> Result<Arc<Controller>, ServeError> {
-        // 0700, and tightened at every start: the store, the CA key and admin.conf are the controller's alone.
-        shoal_overlay::pki::ensure_private_dir(&config.data_dir).map_err(|e| ServeError::DataDir(config.data_dir.clone(), e))?;
+    pub fn open(
+        config: ControllerConfig,
+        api_addr: SocketAddr,
+    ) -> Result<Arc<Controller>, ServeError> {
+        // 0700, and tightened at every start: the store, the CA key and admin.conf are the
+        // controller's alone.
+        shoal_overlay::pki::ensure_private_dir(&config.data_dir)
+            .map_err(|e| ServeError::DataDir(config.data_dir.clone(), e))?;
         let store = Store::open(&config.data_dir.join("store"))?;
         store.ensure_default_network(config.overlay_subnet, config.overlay_mtu)?;
         let overlay = Arc::new(OverlayHub::open(&store, config.netmap_validity)?);
@@ -356,16 +382,29 @@ impl Controller {
             if n.status == NodeStatus::Up {
                 liveness.assume_up(n.id.clone(), start);
             }
-            nodes.insert(n.id.clone(), LiveNode { last_seen: n.last_seen, health: n.health.clone(), dirty: false });
+            nodes.insert(
+                n.id.clone(),
+                LiveNode {
+                    last_seen: n.last_seen,
+                    health: n.health.clone(),
+                    dirty: false,
+                },
+            );
         }
-        let netboot = crate::netboot::Netboot::open(config.netboot.clone(), &config.data_dir, &store)?;
+        let netboot =
+            crate::netboot::Netboot::open(config.netboot.clone(), &config.data_dir, &store)?;
         let release_keys = config
             .release_keys
             .iter()
-            .map(|p| crate::netboot::images::read_key(p).map_err(|e| ServeError::Releases(e.to_string())))
+            .map(|p| {
+                crate::netboot::images::read_key(p).map_err(|e| ServeError::Releases(e.to_string()))
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let releases = crate::release_store::ReleaseStore::open(config.data_dir.join("releases"), release_keys)
-            .map_err(|e| ServeError::Releases(e.to_string()))?;
+        let releases = crate::release_store::ReleaseStore::open(
+            config.data_dir.join("releases"),
+            release_keys,
+        )
+        .map_err(|e| ServeError::Releases(e.to_string()))?;
         let (transitions, transitions_rx) = mpsc::unbounded_channel();
         let controller = Arc::new(Controller {
             releases,
@@ -379,7 +418,12 @@ impl Controller {
             store,
             ca,
             config,
-            live: Mutex::new(LiveState { liveness, nodes, conns: HashMap::new(), next_conn_id: 0 }),
+            live: Mutex::new(LiveState {
+                liveness,
+                nodes,
+                conns: HashMap::new(),
+                next_conn_id: 0,
+            }),
             admin_token_sha256,
             overlay,
             drives,
@@ -391,9 +435,9 @@ impl Controller {
         Ok(controller)
     }
 
-    /// The QUIC stateless-reset key, kept in the store: after a restart the controller can still reset
-    /// its predecessor's connections, so agents notice at their next packet instead of after the idle
-    /// timeout.
+    /// The QUIC stateless-reset key, kept in the store: after a restart the controller can still
+    /// reset its predecessor's connections, so agents notice at their next packet instead of after
+    /// the idle timeout.
     fn reset_key(&self) -> Result<ring::hmac::Key, crate::store::StoreError> {
         let secret = match self.store.get_meta(RESET_KEY_META)? {
             Some(k) if k.len() == 32 => k,
@@ -407,8 +451,8 @@ impl Controller {
     }
 
     pub(crate) fn live(&self) -> std::sync::MutexGuard<'_, LiveState> {
-        // A panic while holding the lock cannot leave the maps half-updated in a way that matters more
-        // than losing the controller: recover the guard.
+        // A panic while holding the lock cannot leave the maps half-updated in a way that matters
+        // more than losing the controller: recover the guard.
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -424,7 +468,9 @@ impl Controller {
             // A failure here leaves memberships that the next start drops (ensure_default_network).
             match self.store.leave_all_networks(id) {
                 Ok(changes) => self.membership_changed(changes),
-                Err(e) => warn!(node = %id, cause = %e, "could not drop the removed node's overlay memberships"),
+                Err(e) => {
+                    warn!(node = %id, cause = %e, "could not drop the removed node's overlay memberships")
+                }
             }
             self.overlay.forget(id);
             if let Err(e) = self.drives.forget(id) {
@@ -435,7 +481,9 @@ impl Controller {
         live.liveness.forget(id);
         live.nodes.remove(id);
         if let Some(conn) = live.conns.remove(id) {
-            let _ = conn.revoke.send(Revoke::Removed("removed from the fleet by an operator".into()));
+            let _ = conn.revoke.send(Revoke::Removed(
+                "removed from the fleet by an operator".into(),
+            ));
         }
         if removed.is_some() {
             info!(node = %id, "node removed");
@@ -461,7 +509,11 @@ impl Controller {
                 Ok(Some(n)) => {
                     let msg = match kind {
                         EventKind::Up => format!("{} is up", n.hostname),
-                        _ => format!("{} is down: no heartbeat for {:?}", n.hostname, self.live().liveness.window()),
+                        _ => format!(
+                            "{} is down: no heartbeat for {:?}",
+                            n.hostname,
+                            self.live().liveness.window()
+                        ),
                     };
                     info!(node = %id, status = ?status, "liveness changed");
                     if let Err(e) = self.store.append_event(kind, Some(id), &msg, now_ms()) {
@@ -505,9 +557,15 @@ fn ensure_admin_conf(
     api_addr: SocketAddr,
 ) -> Result<[u8; 32], ServeError> {
     let path = config.data_dir.join(ADMIN_CONF_FILE);
-    let api_ip = if api_addr.ip().is_unspecified() { IpAddr::from([127, 0, 0, 1]) } else { api_addr.ip() };
+    let api_ip = if api_addr.ip().is_unspecified() {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        api_addr.ip()
+    };
     let api = format!("https://{}", SocketAddr::new(api_ip, api_addr.port()));
-    let stored = store.get_meta(ADMIN_TOKEN_META)?.and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok());
+    let stored = store
+        .get_meta(ADMIN_TOKEN_META)?
+        .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok());
     if let (Some(stored), Ok(mut conf)) = (stored, AdminConf::read(&path)) {
         if admin::digest_eq(&pki::sha256(conf.token.as_bytes()), &stored) {
             if conf.api != api || conf.ca != ca.cert_pem() {
@@ -518,11 +576,17 @@ fn ensure_admin_conf(
             return Ok(stored);
         }
     }
-    // First start, or the operator deleted admin.conf to get a fresh credential: the old token stops working.
+    // First start, or the operator deleted admin.conf to get a fresh credential: the old token
+    // stops working.
     let token = admin::new_admin_token();
     let hash = pki::sha256(token.as_bytes());
     store.put_meta(ADMIN_TOKEN_META, &hash)?;
-    AdminConf { api, token, ca: ca.cert_pem() }.write(&path)?;
+    AdminConf {
+        api,
+        token,
+        ca: ca.cert_pem(),
+    }
+    .write(&path)?;
     info!(path = %path.display(), "wrote admin credentials");
     Ok(hash)
 }
@@ -537,15 +601,20 @@ pub async fn run(
     let quic_addr = quic_socket.local_addr()?;
     enlarge_socket_buffers(&quic_socket);
     let api_addr = api_listener.local_addr()?;
-    let (chain, key) = controller.ca.issue_server_cert(&[pki::CONTROLLER_SERVER_NAME.to_owned()], &[])?;
+    let (chain, key) = controller
+        .ca
+        .issue_server_cert(&[pki::CONTROLLER_SERVER_NAME.to_owned()], &[])?;
     let server_config = tls::controller_server_config(controller.ca.cert_der(), chain, key)?;
     let reset_key = controller.reset_key()?;
-    // Connection ids must validate after a restart too, or the new process drops the old connections'
-    // packets silently instead of resetting them: derive the id generator's key from the same secret.
+    // Connection ids must validate after a restart too, or the new process drops the old
+    // connections' packets silently instead of resetting them: derive the id generator's key from
+    // the same secret.
     let tag = ring::hmac::sign(&reset_key, b"shoal connection id key");
     let cid_key = u64::from_be_bytes(tag.as_ref()[..8].try_into().unwrap_or([0; 8]));
     let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
-    endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     let endpoint = quinn::Endpoint::new(
         endpoint_config,
         Some(server_config.clone()),
@@ -558,20 +627,32 @@ pub async fn run(
     info!(quic = %quic_addr, api = %api_addr, ca = %hex::encode(controller.ca.sha256()), "controller running");
 
     let sweeper = tokio::spawn(sweep(controller.clone()));
-    let rollouts = tokio::spawn(crate::maintenance::run_driver(controller.clone(), controller.config.rollout_tick));
-    let agent_notices = tokio::spawn(crate::maintenance::agent::forward_agent_updates(controller.clone()));
+    let rollouts = tokio::spawn(crate::maintenance::run_driver(
+        controller.clone(),
+        controller.config.rollout_tick,
+    ));
+    let agent_notices = tokio::spawn(crate::maintenance::agent::forward_agent_updates(
+        controller.clone(),
+    ));
     let recorder = controller
         .transitions_rx
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take()
         .map(|rx| tokio::spawn(record_transitions(controller.clone(), rx)));
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(controller.config.max_handshakes));
-    let unauthenticated = Arc::new(tokio::sync::Semaphore::new(controller.config.max_unauthenticated));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(
+        controller.config.max_handshakes,
+    ));
+    let unauthenticated = Arc::new(tokio::sync::Semaphore::new(
+        controller.config.max_unauthenticated,
+    ));
     let accept = async {
         while let Some(incoming) = endpoint.accept().await {
             let in_flight = controller.config.max_handshakes - handshakes.available_permits();
-            if in_flight >= controller.config.retry_above && !incoming.remote_address_validated() && incoming.may_retry() {
+            if in_flight >= controller.config.retry_above
+                && !incoming.remote_address_validated()
+                && incoming.may_retry()
+            {
                 debug!(remote = %incoming.remote_address(), in_flight, "under load: address validation (Retry) first");
                 bump(&controller.conn_stats.retried);
                 let _ = incoming.retry();
@@ -588,7 +669,9 @@ pub async fn run(
             let remote = incoming.remote_address();
             tokio::spawn(
                 async move {
-                    if let Err(e) = handle_connection(controller, incoming, handshake, unauthenticated).await {
+                    if let Err(e) =
+                        handle_connection(controller, incoming, handshake, unauthenticated).await
+                    {
                         debug!(cause = %e, "connection ended with error");
                     }
                 }
@@ -629,7 +712,10 @@ fn bind_probe(
     quic_addr: SocketAddr,
     server_config: quinn::ServerConfig,
 ) -> Option<(quinn::Endpoint, tokio::task::JoinHandle<()>)> {
-    let wanted = controller.config.probe_listen.unwrap_or_else(|| overlay_hub::default_probe_addr(quic_addr));
+    let wanted = controller
+        .config
+        .probe_listen
+        .unwrap_or_else(|| overlay_hub::default_probe_addr(quic_addr));
     let socket = std::net::UdpSocket::bind(wanted)
         .or_else(|e| {
             if controller.config.probe_listen.is_some() {
@@ -637,7 +723,14 @@ fn bind_probe(
             }
             std::net::UdpSocket::bind(SocketAddr::new(quic_addr.ip(), 0))
         })
-        .and_then(|s| quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server_config), s, Arc::new(quinn::TokioRuntime)));
+        .and_then(|s| {
+            quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                Some(server_config),
+                s,
+                Arc::new(quinn::TokioRuntime),
+            )
+        });
     match socket {
         Ok(endpoint) => {
             let port = endpoint.local_addr().ok().map(|a| a.port());
@@ -654,11 +747,11 @@ fn bind_probe(
     }
 }
 
-/// Kernel buffer asked for the agents' UDP socket, each way. Every agent's packets arrive on this one
-/// socket: with the default (about 208 KiB, some 90 full-size datagrams on loopback) a burst of
-/// handshakes (a thousand agents enrolling, or reconnecting after a controller restart) overflows it,
-/// the kernel drops Initial packets, and each handshake waits for a retransmission timeout. Linux caps
-/// the value at `net.core.rmem_max` / `wmem_max`.
+/// Kernel buffer asked for the agents' UDP socket, each way. Every agent's packets arrive on this
+/// one socket: with the default (about 208 KiB, some 90 full-size datagrams on loopback) a burst of
+/// handshakes (a thousand agents enrolling, or reconnecting after a controller restart) overflows
+/// it, the kernel drops Initial packets, and each handshake waits for a retransmission timeout.
+/// Linux caps the value at `net.core.rmem_max` / `wmem_max`.
 const QUIC_SOCKET_BUFFER: usize = 8 << 20;
 
 fn enlarge_socket_buffers(socket: &std::net::UdpSocket) {
@@ -676,7 +769,10 @@ fn enlarge_socket_buffers(socket: &std::net::UdpSocket) {
     );
 }
 
-async fn record_transitions(controller: Arc<Controller>, mut rx: mpsc::UnboundedReceiver<Vec<Transition>>) {
+async fn record_transitions(
+    controller: Arc<Controller>,
+    mut rx: mpsc::UnboundedReceiver<Vec<Transition>>,
+) {
     while let Some(batch) = rx.recv().await {
         let c = controller.clone();
         let _ = tokio::task::spawn_blocking(move || c.apply_transitions(batch)).await;
@@ -693,7 +789,8 @@ async fn sweep(controller: Arc<Controller>) {
             last_prune = Some(Instant::now());
             let c = controller.clone();
             match tokio::task::spawn_blocking(move || {
-                // A flood of events that stopped gets its summary within a minute, not at the next event.
+                // A flood of events that stopped gets its summary within a minute, not at the next
+                // event.
                 if let Err(e) = c.store.flush_suppressed_events(now_ms()) {
                     warn!(cause = %e, "could not write the summaries of suppressed events");
                 }
@@ -701,9 +798,13 @@ async fn sweep(controller: Arc<Controller>) {
             })
             .await
             {
-                Ok(Ok(p)) if p != crate::store::Pruned::default() => debug!(pruned = ?p, "pruned lapsed tokens and identity records"),
+                Ok(Ok(p)) if p != crate::store::Pruned::default() => {
+                    debug!(pruned = ?p, "pruned lapsed tokens and identity records")
+                }
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => warn!(cause = %e, "pruning lapsed tokens failed; next try in a minute"),
+                Ok(Err(e)) => {
+                    warn!(cause = %e, "pruning lapsed tokens failed; next try in a minute")
+                }
                 Err(e) => warn!(cause = %e, "pruning task failed"),
             }
         }
@@ -744,14 +845,18 @@ async fn handle_connection(
     let conn = incoming.await?;
     drop(handshake);
     let remote = conn.remote_address().to_string();
-    let cert = match tls::peer_chain(&conn).and_then(|chain| chain.first().map(|c| pki::cert_info(c))) {
-        None => None,
-        Some(Ok(info)) => Some(info),
-        Some(Err(e)) => {
-            conn.close(close_code::REVOKED.into(), format!("unusable certificate: {e}").as_bytes());
-            return Ok(());
-        }
-    };
+    let cert =
+        match tls::peer_chain(&conn).and_then(|chain| chain.first().map(|c| pki::cert_info(c))) {
+            None => None,
+            Some(Ok(info)) => Some(info),
+            Some(Err(e)) => {
+                conn.close(
+                    close_code::REVOKED.into(),
+                    format!("unusable certificate: {e}").as_bytes(),
+                );
+                return Ok(());
+            }
+        };
     let node = cert.as_ref().map(|c| c.node_id.clone());
     // Enrolments are counted and bounded in time; a node that proved its key is not.
     let _unauthenticated = match &cert {
@@ -759,12 +864,20 @@ async fn handle_connection(
         None => {
             let ip = conn.remote_address().ip();
             let slot = unauthenticated.try_acquire_owned().ok().and_then(|permit| {
-                PerAddressSlot::take(&controller, ip, controller.config.max_unauthenticated_per_address).map(|slot| (permit, slot))
+                PerAddressSlot::take(
+                    &controller,
+                    ip,
+                    controller.config.max_unauthenticated_per_address,
+                )
+                .map(|slot| (permit, slot))
             });
             if slot.is_none() {
                 debug!(%remote, "too many unauthenticated connections (overall or from this address): closed at once");
                 bump(&controller.conn_stats.unauthenticated_refused);
-                conn.close(close_code::BUSY.into(), b"too many enrolments in progress; retry later");
+                conn.close(
+                    close_code::BUSY.into(),
+                    b"too many enrolments in progress; retry later",
+                );
                 return Ok(());
             }
             slot
@@ -784,25 +897,38 @@ async fn handle_connection(
     // plain recv_msg would lose the part of a frame it had read when another branch won.
     let mut recv = FrameReader::new(recv);
     let mut session = Session::new(
-        SessionConfig { supported: SUPPORTED, heartbeat_interval_ms: controller.config.heartbeat_interval.as_millis() as u64 },
+        SessionConfig {
+            supported: SUPPORTED,
+            heartbeat_interval_ms: controller.config.heartbeat_interval.as_millis() as u64,
+        },
         node.clone(),
     );
 
     let (revoke_tx, mut revoke_rx) = mpsc::unbounded_channel();
-    let (overlay_tx, mut overlay_rx) = crate::conn_queue::node_queue(controller.config.node_queue_capacity);
+    let (overlay_tx, mut overlay_rx) =
+        crate::conn_queue::node_queue(controller.config.node_queue_capacity);
     let mut conn_id = None;
     let mut must_rotate = false;
     if let Some(info) = &cert {
         let id = &info.node_id;
-        // The certificate chains to the fleet CA and TLS proved its key; it must also be the key the node
-        // is bound to, with a serial nobody revoked. Checked before the connection is registered: a
-        // connection never displaces the node's live one before it has proven the node's key.
+        // The certificate chains to the fleet CA and TLS proved its key; it must also be the key
+        // the node is bound to, with a serial nobody revoked. Checked before the connection is
+        // registered: a connection never displaces the node's live one before it has proven the
+        // node's key.
         let c = controller.clone();
-        let (node_id, key, serial, remote_text) = (id.clone(), info.key_sha256, info.serial.clone(), remote.clone());
+        let (node_id, key, serial, remote_text) = (
+            id.clone(),
+            info.key_sha256,
+            info.serial.clone(),
+            remote.clone(),
+        );
         let not_after = UnixMillis((info.not_after_unix.max(0) as u64).saturating_mul(1000));
-        let verdict = tokio::task::spawn_blocking(move || c.store.check_connection(&node_id, &key, &serial, not_after, now_ms(), &remote_text))
-            .await
-            .map_err(|e| ConnError::Store(crate::store::StoreError::Db(e.to_string())))??;
+        let verdict = tokio::task::spawn_blocking(move || {
+            c.store
+                .check_connection(&node_id, &key, &serial, not_after, now_ms(), &remote_text)
+        })
+        .await
+        .map_err(|e| ConnError::Store(crate::store::StoreError::Db(e.to_string())))??;
         let refusal = match verdict {
             CertVerdict::Accept { identity, .. } => {
                 must_rotate = identity.must_rotate;
@@ -820,7 +946,16 @@ async fn handle_connection(
         };
         if let Some((code, message)) = refusal {
             info!(node = %id, %remote, ?code, %message, "refused a node certificate");
-            refuse_after_hello(&conn, &mut send, &mut recv, &mut session, hello_deadline, code, message).await;
+            refuse_after_hello(
+                &conn,
+                &mut send,
+                &mut recv,
+                &mut session,
+                hello_deadline,
+                code,
+                message,
+            )
+            .await;
             return Ok(());
         }
         let cid = {
@@ -844,15 +979,29 @@ async fn handle_connection(
             cid
         };
         conn_id = Some(cid);
-        // A removal that landed between the check and the registration did not find this connection to
-        // revoke: look once more now that it is registered.
+        // A removal that landed between the check and the registration did not find this connection
+        // to revoke: look once more now that it is registered.
         let c = controller.clone();
         let lookup = id.clone();
-        let exists = tokio::task::spawn_blocking(move || c.store.node(&lookup)).await.ok().transpose()?.flatten().is_some();
+        let exists = tokio::task::spawn_blocking(move || c.store.node(&lookup))
+            .await
+            .ok()
+            .transpose()?
+            .flatten()
+            .is_some();
         if !exists {
             forget_connection(&controller, id, cid);
             let message = format!("node {id} was removed from the fleet");
-            refuse_after_hello(&conn, &mut send, &mut recv, &mut session, hello_deadline, RejectCode::NodeRevoked, message).await;
+            refuse_after_hello(
+                &conn,
+                &mut send,
+                &mut recv,
+                &mut session,
+                hello_deadline,
+                RejectCode::NodeRevoked,
+                message,
+            )
+            .await;
             info!(node = %id, "refused a removed node");
             return Ok(());
         }
@@ -868,7 +1017,16 @@ async fn handle_connection(
         overlay_tx,
         relay: None,
     };
-    let driven = drive(&controller, &mut ctx, &mut send, &mut recv, &mut session, &mut revoke_rx, &mut overlay_rx, hello_deadline);
+    let driven = drive(
+        &controller,
+        &mut ctx,
+        &mut send,
+        &mut recv,
+        &mut session,
+        &mut revoke_rx,
+        &mut overlay_rx,
+        hello_deadline,
+    );
     let result = if cert.is_some() {
         driven.await
     } else {
@@ -896,8 +1054,9 @@ async fn handle_connection(
     result
 }
 
-/// Refuses a connection with `code` once its Hello has said which protocol it speaks, so the agent gets
-/// a code it knows (older agents get the nearest older code); without a Hello in time, just closes.
+/// Refuses a connection with `code` once its Hello has said which protocol it speaks, so the agent
+/// gets a code it knows (older agents get the nearest older code); without a Hello in time, just
+/// closes.
 async fn refuse_after_hello(
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
@@ -908,14 +1067,26 @@ async fn refuse_after_hello(
     message: String,
 ) {
     let protocol = match tokio::time::timeout_at(hello_deadline, recv.recv::<AgentMsg>()).await {
-        Ok(Ok(Some(AgentMsg::Hello(hello)))) => shoal_proto::negotiate(SUPPORTED, hello.protocol).unwrap_or(hello.protocol.max),
+        Ok(Ok(Some(AgentMsg::Hello(hello)))) => {
+            shoal_proto::negotiate(SUPPORTED, hello.protocol).unwrap_or(hello.protocol.max)
+        }
         _ => {
             conn.close(close_code::PROTOCOL.into(), message.as_bytes());
             return;
         }
     };
     for action in session.refused(code.for_protocol(protocol), message) {
-        if !matches!(apply(conn, send, action, REFUSAL_SEND_TIMEOUT, &tokio::sync::Notify::new()).await, Ok(false)) {
+        if !matches!(
+            apply(
+                conn,
+                send,
+                action,
+                REFUSAL_SEND_TIMEOUT,
+                &tokio::sync::Notify::new()
+            )
+            .await,
+            Ok(false)
+        ) {
             break;
         }
     }
@@ -923,9 +1094,13 @@ async fn refuse_after_hello(
 
 #[cfg(test)]
 impl Controller {
-    /// Registers a connection without QUIC, as a v`protocol` agent after its Hello; returns its id and
-    /// the queue of what the controller sends it.
-    pub(crate) fn fake_connection(&self, node: &NodeId, protocol: u16) -> (u64, crate::conn_queue::NodeRx) {
+    /// Registers a connection without QUIC, as a v`protocol` agent after its Hello; returns its id
+    /// and the queue of what the controller sends it.
+    pub(crate) fn fake_connection(
+        &self,
+        node: &NodeId,
+        protocol: u16,
+    ) -> (u64, crate::conn_queue::NodeRx) {
         let (tx, rx) = crate::conn_queue::node_queue(crate::conn_queue::NODE_QUEUE_CAPACITY);
         let (revoke, _) = mpsc::unbounded_channel();
         let mut live = self.live();
@@ -933,7 +1108,16 @@ impl Controller {
         let conn_id = live.next_conn_id;
         live.conns.insert(
             node.clone(),
-            ConnHandle { conn_id, revoke, tx, serial: String::new(), leaving: false, protocol: Some(protocol), drive_policy: None, boot: None },
+            ConnHandle {
+                conn_id,
+                revoke,
+                tx,
+                serial: String::new(),
+                leaving: false,
+                protocol: Some(protocol),
+                drive_policy: None,
+                boot: None,
+            },
         );
         (conn_id, rx)
     }
@@ -965,8 +1149,8 @@ struct ConnCtx {
     must_rotate: bool,
     /// The peer's address, for the operator.
     remote: String,
-    /// Netmap deltas, punch requests, drive policies and drive commands for this agent, queued by other
-    /// connections and the API.
+    /// Netmap deltas, punch requests, drive policies and drive commands for this agent, queued by
+    /// other connections and the API.
     overlay_tx: crate::conn_queue::NodeTx,
     /// The task relaying this agent's datagrams, once it joined the overlay.
     relay: Option<tokio::task::JoinHandle<()>>,
@@ -1093,63 +1277,97 @@ async fn apply(
 }
 
 /// Performs registry work for an action; returns transport actions (send/close).
-async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut Session, action: Action) -> Vec<Action> {
+async fn perform(
+    controller: &Arc<Controller>,
+    ctx: &mut ConnCtx,
+    session: &mut Session,
+    action: Action,
+) -> Vec<Action> {
     match action {
         Action::Send(_) | Action::Close(..) => vec![action],
         Action::Enrol { request, hello } => {
             let c = controller.clone();
             let remote = ctx.remote.clone();
-            let outcome = tokio::task::spawn_blocking(move || enrol(&c, &request, &hello, &remote)).await;
+            let outcome =
+                tokio::task::spawn_blocking(move || enrol(&c, &request, &hello, &remote)).await;
             match outcome {
                 Ok(Ok(enrolled)) => session.enrolled(enrolled),
                 Ok(Err((code, message))) => {
                     info!(code = ?code, %message, "enrolment refused");
                     session.refused(code.for_protocol(session.version().unwrap_or(1)), message)
                 }
-                Err(e) => session.refused(RejectCode::Unavailable, format!("controller error: {e}")),
+                Err(e) => {
+                    session.refused(RejectCode::Unavailable, format!("controller error: {e}"))
+                }
             }
         }
         Action::Renew(req) => {
-            let (Some(node), Some(bound)) = (session.node().cloned(), ctx.node_key) else { return vec![] };
-            // A renewal is for the key this connection proved, which is the node's; a new key needs a
-            // rotation signed by the old one.
+            let (Some(node), Some(bound)) = (session.node().cloned(), ctx.node_key) else {
+                return vec![];
+            };
+            // A renewal is for the key this connection proved, which is the node's; a new key needs
+            // a rotation signed by the old one.
             match pki::csr_spki(&req.csr_der).map(|spki| pki::sha256(&spki)) {
                 Ok(key) if key == bound => {}
                 Ok(_) => {
-                    return session.refused(RejectCode::BadRequest, "a renewal must be for the node's own key: rotate keys with RotateKey");
+                    return session.refused(
+                        RejectCode::BadRequest,
+                        "a renewal must be for the node's own key: rotate keys with RotateKey",
+                    );
                 }
-                Err(e) => return session.refused(RejectCode::BadRequest, format!("invalid certificate signing request: {e}")),
+                Err(e) => {
+                    return session.refused(
+                        RejectCode::BadRequest,
+                        format!("invalid certificate signing request: {e}"),
+                    )
+                }
             }
             let c = controller.clone();
             let n = node.clone();
-            match tokio::task::spawn_blocking(move || issue_cert(&c, &req.csr_der, &n, bound)).await {
+            match tokio::task::spawn_blocking(move || issue_cert(&c, &req.csr_der, &n, bound)).await
+            {
                 Ok(Ok((cert_der, not_after))) => {
                     info!(node = %node, "certificate renewed");
-                    vec![Action::Send(ControllerMsg::Renewed(Renewed { cert_der, not_after }))]
+                    vec![Action::Send(ControllerMsg::Renewed(Renewed {
+                        cert_der,
+                        not_after,
+                    }))]
                 }
                 Ok(Err((code, message))) => session.refused(code, message),
-                Err(e) => session.refused(RejectCode::Unavailable, format!("controller error: {e}")),
+                Err(e) => {
+                    session.refused(RejectCode::Unavailable, format!("controller error: {e}"))
+                }
             }
         }
         Action::RotateKey(req) => {
-            let (Some(node), Some(old_cert)) = (session.node().cloned(), ctx.cert_der.clone()) else { return vec![] };
+            let (Some(node), Some(old_cert)) = (session.node().cloned(), ctx.cert_der.clone())
+            else {
+                return vec![];
+            };
             let c = controller.clone();
             let n = node.clone();
             match tokio::task::spawn_blocking(move || rotate_key(&c, &n, &old_cert, &req)).await {
                 Ok(Ok((cert_der, not_after))) => {
                     info!(node = %node, "key rotated: certificate issued for the new key");
                     ctx.must_rotate = false;
-                    vec![Action::Send(ControllerMsg::Renewed(Renewed { cert_der, not_after }))]
+                    vec![Action::Send(ControllerMsg::Renewed(Renewed {
+                        cert_der,
+                        not_after,
+                    }))]
                 }
                 Ok(Err((code, message))) => {
                     warn!(node = %node, %message, "key rotation refused");
                     session.refused(code, message)
                 }
-                Err(e) => session.refused(RejectCode::Unavailable, format!("controller error: {e}")),
+                Err(e) => {
+                    session.refused(RejectCode::Unavailable, format!("controller error: {e}"))
+                }
             }
         }
         Action::Connected { hello } => {
-            let Some(node) = session.node().cloned() else { return vec![] };
+            let Some(node) = session.node().cloned() else {
+                return vec![];
+            };
             let version = hello.agent_version.clone();
             let c = controller.clone();
             let n = node.clone();
@@ -1164,7 +1382,12 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
             info!(node = %node, agent_version = %hello.agent_version, protocol = ?session.version(), "agent connected");
             heartbeat(controller, &node, None);
             let version = session.version();
-            if let Some(conn) = controller.live().conns.get_mut(&node).filter(|c| c.conn_id == ctx.conn_id) {
+            if let Some(conn) = controller
+                .live()
+                .conns
+                .get_mut(&node)
+                .filter(|c| c.conn_id == ctx.conn_id)
+            {
                 conn.protocol = version;
             }
             if version.is_some_and(|v| v >= crate::agent_updates::UPDATE_PROTOCOL) {
@@ -1176,12 +1399,17 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
                 let c = controller.clone();
                 let conn_id = ctx.conn_id;
                 let n = node.clone();
-                let _ = tokio::task::spawn_blocking(move || c.send_drive_policy_on_connect(&n, conn_id)).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    c.send_drive_policy_on_connect(&n, conn_id)
+                })
+                .await;
             }
             if ctx.must_rotate {
                 if version >= Some(5) {
                     info!(node = %node, "asking the node to rotate its key");
-                    let reason = "a certificate of this node's key was revoked, or an operator asked".to_owned();
+                    let reason =
+                        "a certificate of this node's key was revoked, or an operator asked"
+                            .to_owned();
                     return vec![Action::Send(ControllerMsg::RotateKey { reason })];
                 }
                 warn!(node = %node, "a certificate of this node's key was revoked, but its agent is too old to rotate keys (protocol 5)");
@@ -1189,7 +1417,9 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
             vec![]
         }
         Action::Inventory(inv) => {
-            let Some(node) = session.node().cloned() else { return vec![] };
+            let Some(node) = session.node().cloned() else {
+                return vec![];
+            };
             let c = controller.clone();
             let n = node.clone();
             let result = tokio::task::spawn_blocking(move || {
@@ -1216,10 +1446,16 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
             vec![]
         }
         Action::Overlay(hello) => {
-            let (Some(node), Some(key)) = (session.node().cloned(), ctx.node_key) else { return vec![] };
-            // A node whose key must rotate away (a certificate of it was revoked) is not vouched for
-            // to its peers with that key.
-            let key = if ctx.must_rotate { shoal_proto::KEY_WITHDRAWN } else { key };
+            let (Some(node), Some(key)) = (session.node().cloned(), ctx.node_key) else {
+                return vec![];
+            };
+            // A node whose key must rotate away (a certificate of it was revoked) is not vouched
+            // for to its peers with that key.
+            let key = if ctx.must_rotate {
+                shoal_proto::KEY_WITHDRAWN
+            } else {
+                key
+            };
             let c = controller.clone();
             let n = node.clone();
             let index = tokio::task::spawn_blocking(move || {
@@ -1235,9 +1471,21 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
                 }
                 Err(_) => return vec![],
             };
-            let msgs = controller.overlay.hello(&node, ctx.conn_id, &ctx.conn, &ctx.overlay_tx, index, key, &hello);
+            let msgs = controller.overlay.hello(
+                &node,
+                ctx.conn_id,
+                &ctx.conn,
+                &ctx.overlay_tx,
+                index,
+                key,
+                &hello,
+            );
             if ctx.relay.is_none() {
-                ctx.relay = Some(tokio::spawn(controller.overlay.clone().relay(node.clone(), index, ctx.conn.clone())));
+                ctx.relay = Some(tokio::spawn(controller.overlay.clone().relay(
+                    node.clone(),
+                    index,
+                    ctx.conn.clone(),
+                )));
                 info!(node = %node, index = index.0, observed = %ctx.conn.remote_address(), nat = ?hello.nat, "agent joined the overlay");
             }
             msgs.into_iter().map(Action::Send).collect()
@@ -1255,13 +1503,17 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
             vec![]
         }
         Action::Drives(report) => {
-            let Some(node) = session.node().cloned() else { return vec![] };
+            let Some(node) = session.node().cloned() else {
+                return vec![];
+            };
             debug!(node = %node, drives = report.drives.len(), "drive report received");
             let c = controller.clone();
             let n = node.clone();
             match tokio::task::spawn_blocking(move || c.drives.ingest(&n, report, now_ms())).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => warn!(node = %node, cause = %e, "drive report kept in memory only: the store failed"),
+                Ok(Err(e)) => {
+                    warn!(node = %node, cause = %e, "drive report kept in memory only: the store failed")
+                }
                 Err(e) => warn!(node = %node, cause = %e, "drive report task failed"),
             }
             vec![]
@@ -1281,9 +1533,14 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
         Action::RebootAnswer(answer) => {
             if let Some(node) = session.node().cloned() {
                 if answer.is_ok() {
-                    // The node's own re-enrolment after the reboot must not be refused as a claim of a
-                    // live node while this session winds down.
-                    if let Some(conn) = controller.live().conns.get_mut(&node).filter(|c| c.conn_id == ctx.conn_id) {
+                    // The node's own re-enrolment after the reboot must not be refused as a claim
+                    // of a live node while this session winds down.
+                    if let Some(conn) = controller
+                        .live()
+                        .conns
+                        .get_mut(&node)
+                        .filter(|c| c.conn_id == ctx.conn_id)
+                    {
                         conn.leaving = true;
                     }
                 }
@@ -1295,7 +1552,8 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
         Action::MaintenanceResult(result) => {
             if let Some(node) = session.node().cloned() {
                 let c = controller.clone();
-                let _ = tokio::task::spawn_blocking(move || c.maintenance_result(&node, result)).await;
+                let _ =
+                    tokio::task::spawn_blocking(move || c.maintenance_result(&node, result)).await;
             }
             vec![]
         }
@@ -1310,7 +1568,9 @@ async fn perform(controller: &Arc<Controller>, ctx: &mut ConnCtx, session: &mut 
             if let Some(node) = session.node().cloned() {
                 let c = controller.clone();
                 let conn_id = ctx.conn_id;
-                let _ = tokio::task::spawn_blocking(move || c.boot_reported(&node, conn_id, report)).await;
+                let _ =
+                    tokio::task::spawn_blocking(move || c.boot_reported(&node, conn_id, report))
+                        .await;
             }
             vec![]
         }
@@ -1334,20 +1594,42 @@ fn heartbeat(controller: &Arc<Controller>, node: &NodeId, health: Option<HealthR
 }
 
 /// Issues a certificate for `key`'s CSR and records its serial before it is handed out.
-fn issue_cert(controller: &Controller, csr_der: &[u8], node: &NodeId, key: [u8; 32]) -> Result<(Vec<u8>, UnixMillis), (RejectCode, String)> {
+fn issue_cert(
+    controller: &Controller,
+    csr_der: &[u8],
+    node: &NodeId,
+    key: [u8; 32],
+) -> Result<(Vec<u8>, UnixMillis), (RejectCode, String)> {
     let now = now_ms();
-    let (cert_der, not_after) =
-        controller.ca.issue_node_cert(csr_der, node, now, controller.config.cert_ttl).map_err(|e| (RejectCode::BadRequest, e.to_string()))?;
-    let serial = pki::cert_info(&cert_der).map_err(|e| (RejectCode::Unavailable, e.to_string()))?.serial;
+    let (cert_der, not_after) = controller
+        .ca
+        .issue_node_cert(csr_der, node, now, controller.config.cert_ttl)
+        .map_err(|e| (RejectCode::BadRequest, e.to_string()))?;
+    let serial = pki::cert_info(&cert_der)
+        .map_err(|e| (RejectCode::Unavailable, e.to_string()))?
+        .serial;
     controller
         .store
-        .record_cert(&serial, &CertRecord { node: node.clone(), key, issued_at: now, not_after })
-        .map_err(|e| (RejectCode::Unavailable, format!("controller storage failed: {e}")))?;
+        .record_cert(
+            &serial,
+            &CertRecord {
+                node: node.clone(),
+                key,
+                issued_at: now,
+                not_after,
+            },
+        )
+        .map_err(|e| {
+            (
+                RejectCode::Unavailable,
+                format!("controller storage failed: {e}"),
+            )
+        })?;
     Ok((cert_der, not_after))
 }
 
-/// A key rotation: the old key (the one this connection's certificate holds) signed the new key; the
-/// new key becomes the node's next key and gets a certificate.
+/// A key rotation: the old key (the one this connection's certificate holds) signed the new key;
+/// the new key becomes the node's next key and gets a certificate.
 fn rotate_key(
     controller: &Controller,
     node: &NodeId,
@@ -1355,10 +1637,13 @@ fn rotate_key(
     req: &shoal_proto::RotateKeyRequest,
 ) -> Result<(Vec<u8>, UnixMillis), (RejectCode, String)> {
     let bad = |m: String| (RejectCode::BadRequest, m);
-    let new_spki = pki::csr_spki(&req.csr_der).map_err(|e| bad(format!("invalid certificate signing request: {e}")))?;
+    let new_spki = pki::csr_spki(&req.csr_der)
+        .map_err(|e| bad(format!("invalid certificate signing request: {e}")))?;
     let old_spki = pki::cert_spki(old_cert).map_err(|e| bad(e.to_string()))?;
     if !pki::verify_rotation(&old_spki, node, &new_spki, &req.signature) {
-        return Err(bad("the key rotation is not signed by the node's current key".into()));
+        return Err(bad(
+            "the key rotation is not signed by the node's current key".into(),
+        ));
     }
     let new_key = pki::sha256(&new_spki);
     if new_key == pki::sha256(&old_spki) {
@@ -1367,7 +1652,12 @@ fn rotate_key(
     controller
         .store
         .begin_rotation(node, &new_key, now_ms())
-        .map_err(|e| (RejectCode::Unavailable, format!("controller storage failed: {e}")))?;
+        .map_err(|e| {
+            (
+                RejectCode::Unavailable,
+                format!("controller storage failed: {e}"),
+            )
+        })?;
     issue_cert(controller, &req.csr_der, node, new_key)
 }
 
@@ -1382,19 +1672,32 @@ fn enrol(
         .parse()
         .map_err(|e: shoal_proto::TokenFormatError| (RejectCode::TokenUnknown, e.to_string()))?;
     if token.ca_sha256 != controller.ca.sha256() {
-        return Err((RejectCode::TokenUnknown, "the join token was issued by another controller".into()));
+        return Err((
+            RejectCode::TokenUnknown,
+            "the join token was issued by another controller".into(),
+        ));
     }
-    // Check the request before spending a token use on it; its key is what the node will be bound to.
+    // Check the request before spending a token use on it; its key is what the node will be bound
+    // to.
     let key = pki::csr_spki(&request.csr_der)
         .map(|spki| pki::sha256(&spki))
-        .map_err(|e| (RejectCode::BadRequest, format!("invalid certificate signing request: {e}")))?;
+        .map_err(|e| {
+            (
+                RejectCode::BadRequest,
+                format!("invalid certificate signing request: {e}"),
+            )
+        })?;
     let now = now_ms();
     // Live: a connection is open and the node was heard from within two heartbeats. A machine that
     // crashed and rebooted must not wait out QUIC's idle timeout on its dead connection.
     let recent = controller.config.heartbeat_interval.as_millis() as u64 * 2;
     let is_live = |n: &NodeId| {
         let live = controller.live();
-        let heard = live.nodes.get(n).and_then(|l| l.last_seen).is_some_and(|t| now.0.saturating_sub(t.0) <= recent);
+        let heard = live
+            .nodes
+            .get(n)
+            .and_then(|l| l.last_seen)
+            .is_some_and(|t| now.0.saturating_sub(t.0) <= recent);
         heard && live.conns.get(n).is_some_and(|c| !c.leaving)
     };
     let enrolment = controller
@@ -1435,13 +1738,18 @@ fn enrol(
     if !enrolment.replay {
         match controller.store.join_networks(&node.id) {
             Ok(changes) => controller.membership_changed(changes),
-            Err(e) => warn!(node = %node.id, cause = %e, "enrolled node could not join its overlay networks"),
+            Err(e) => {
+                warn!(node = %node.id, cause = %e, "enrolled node could not join its overlay networks")
+            }
         }
         // Re-enrolment merges the token's labels: a connected agent's drive policy may follow them.
         controller.push_drive_policies(Some(std::slice::from_ref(&node.id)));
         if enrolment.proof.is_some() {
             // Peers must stop trusting the key the record had before.
-            if let Err(e) = controller.overlay.key_changed(&controller.store, &node.id, key) {
+            if let Err(e) = controller
+                .overlay
+                .key_changed(&controller.store, &node.id, key)
+            {
                 warn!(node = %node.id, cause = %e, "could not tell the overlay the re-enrolled node's new key");
             }
         }
@@ -1451,5 +1759,10 @@ fn enrol(
         node = %node.id, hostname = %node.hostname, hardware_id = %node.hardware_id, new = enrolment.new,
         proof = ?enrolment.proof, replay = enrolment.replay, "node enrolled"
     );
-    Ok(Enrolled { node_id: node.id, cert_der, ca_der: controller.ca.cert_der().to_vec(), not_after })
+    Ok(Enrolled {
+        node_id: node.id,
+        cert_der,
+        ca_der: controller.ca.cert_der().to_vec(),
+        not_after,
+    })
 }

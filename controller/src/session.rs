@@ -1,18 +1,20 @@
 //! The controller's side of one agent's control stream, as a state machine with no I/O.
 //!
 //! The shell reads [`AgentMsg`]s and feeds them to [`Session::handle`]; the session answers with
-//! [`Action`]s: messages to send, requests for the registry (enrol, renew, inventory, health), and when
-//! to close. What the session enforces: every message within [`shoal_proto::limits`], Hello first and
-//! once, a common protocol version, enrolment only without a certificate, everything else only with one.
+//! [`Action`]s: messages to send, requests for the registry (enrol, renew, inventory, health), and
+//! when to close. What the session enforces: every message within [`shoal_proto::limits`], Hello
+//! first and once, a common protocol version, enrolment only without a certificate, everything else
+//! only with one.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use shoal_proto::{
-    limits, negotiate, AgentMsg, ControllerMsg, EnrolRequest, Hello, Inventory, NodeId, Reject, RejectCode, RenewRequest,
-    UnixMillis, VersionError, VersionRange, Welcome,
+    limits, negotiate, AgentMsg, ControllerMsg, EnrolRequest, Hello, Inventory, NodeId, Reject,
+    RejectCode, RenewRequest, UnixMillis, VersionError, VersionRange, Welcome,
 };
 
-/// Messages refused for a bound of [`shoal_proto::limits`] since the process started, on every session.
+/// Messages refused for a bound of [`shoal_proto::limits`] since the process started, on every
+/// session.
 static OVER_LIMIT_REFUSALS: AtomicU64 = AtomicU64::new(0);
 
 /// How many agent messages were refused for being over a bound of [`shoal_proto::limits`] since the
@@ -61,14 +63,15 @@ pub enum Action {
     },
     /// (v4) The agent's update report: record it and tell whoever waits (the rollout driver).
     UpdateReport(shoal_proto::UpdateReport),
-    /// (v4) The agent's answer to [`ControllerMsg::Reboot`]: `Ok(method)` it reboots now, `Err(reason)`
-    /// it refused.
+    /// (v4) The agent's answer to [`ControllerMsg::Reboot`]: `Ok(method)` it reboots now,
+    /// `Err(reason)` it refused.
     RebootAnswer(Result<String, String>),
     /// (v4) How a maintenance step ended.
     MaintenanceResult(shoal_proto::MaintenanceResult),
     /// (v4) What the node booted and how its health checks went: keep it with the connection.
     BootReport(shoal_proto::BootReport),
-    /// (v5) Rotate the node's key: check the old key's signature, issue a certificate for the new one.
+    /// (v5) Rotate the node's key: check the old key's signature, issue a certificate for the new
+    /// one.
     RotateKey(shoal_proto::RotateKeyRequest),
     /// Close the connection, after sending anything queued before it.
     Close(CloseKind, String),
@@ -116,10 +119,15 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session for a connection authenticated as `node` (from its certificate), or `None` when the
-    /// peer presented no certificate.
+    /// A session for a connection authenticated as `node` (from its certificate), or `None` when
+    /// the peer presented no certificate.
     pub fn new(config: SessionConfig, node: Option<NodeId>) -> Self {
-        Self { config, node, state: State::AwaitHello, version: None }
+        Self {
+            config,
+            node,
+            state: State::AwaitHello,
+            version: None,
+        }
     }
 
     /// The negotiated protocol version, once agreed.
@@ -140,14 +148,24 @@ impl Session {
     fn reject(&mut self, code: RejectCode, message: impl Into<String>) -> Vec<Action> {
         let message = message.into();
         self.state = State::Closed;
-        let kind = if code == RejectCode::NodeRevoked { CloseKind::Revoked } else { CloseKind::Refused };
-        vec![Action::Send(ControllerMsg::Reject(Reject { code, message: message.clone() })), Action::Close(kind, message)]
+        let kind = if code == RejectCode::NodeRevoked {
+            CloseKind::Revoked
+        } else {
+            CloseKind::Refused
+        };
+        vec![
+            Action::Send(ControllerMsg::Reject(Reject {
+                code,
+                message: message.clone(),
+            })),
+            Action::Close(kind, message),
+        ]
     }
 
     /// Handles one message from the agent.
     pub fn handle(&mut self, now: UnixMillis, msg: AgentMsg) -> Vec<Action> {
-        // Refused before anything acts on it, so nothing of it is stored: what the controller knew about
-        // the node stays as it was.
+        // Refused before anything acts on it, so nothing of it is stored: what the controller knew
+        // about the node stays as it was.
         if self.state != State::Closed {
             if let Err(e) = limits::check(&msg) {
                 OVER_LIMIT_REFUSALS.fetch_add(1, Ordering::Relaxed);
@@ -163,7 +181,11 @@ impl Session {
                     Err(e) => {
                         // The agent prints this message, so "this side"/"the peer" from the version
                         // error would point at the wrong machine: name the side to upgrade.
-                        let ours = format!("controller {} speaks protocol {}", env!("CARGO_PKG_VERSION"), self.config.supported);
+                        let ours = format!(
+                            "controller {} speaks protocol {}",
+                            env!("CARGO_PKG_VERSION"),
+                            self.config.supported
+                        );
                         let message = match e {
                             VersionError::PeerTooNew { peer, .. } => {
                                 format!("{ours}; this agent speaks only the newer {peer}: upgrade the controller")
@@ -192,30 +214,41 @@ impl Session {
                     vec![Action::Send(welcome)]
                 }
             }
-            (State::AwaitHello, _) => self.reject(RejectCode::Protocol, "the first message must be Hello"),
+            (State::AwaitHello, _) => {
+                self.reject(RejectCode::Protocol, "the first message must be Hello")
+            }
             (State::AwaitEnrol(hello), AgentMsg::Enrol(request)) => {
                 self.state = State::Enrolling;
                 vec![Action::Enrol { request, hello }]
             }
-            (State::AwaitEnrol(_), _) => {
-                self.reject(RejectCode::Protocol, "without a node certificate the only allowed request is Enrol")
-            }
-            (State::Enrolling, _) => self.reject(RejectCode::Protocol, "no messages are allowed while enrolment is pending"),
+            (State::AwaitEnrol(_), _) => self.reject(
+                RejectCode::Protocol,
+                "without a node certificate the only allowed request is Enrol",
+            ),
+            (State::Enrolling, _) => self.reject(
+                RejectCode::Protocol,
+                "no messages are allowed while enrolment is pending",
+            ),
             (State::Ready, msg) => {
                 self.state = State::Ready;
                 match msg {
                     AgentMsg::Inventory(inv) => vec![Action::Inventory(inv)],
                     AgentMsg::Health(h) => vec![Action::Health(h)],
                     AgentMsg::Renew(r) => vec![Action::Renew(r)],
-                    // Overlay messages exist from protocol 2: a v1 session sending them is confused.
-                    AgentMsg::Overlay(_) | AgentMsg::Paths(_) | AgentMsg::Punch(_) if self.version < Some(2) => {
+                    // Overlay messages exist from protocol 2: a v1 session sending them is
+                    // confused.
+                    AgentMsg::Overlay(_) | AgentMsg::Paths(_) | AgentMsg::Punch(_)
+                        if self.version < Some(2) =>
+                    {
                         self.reject(RejectCode::Protocol, "overlay messages need protocol 2")
                     }
                     AgentMsg::Overlay(o) => vec![Action::Overlay(o)],
                     AgentMsg::Paths(p) => vec![Action::Paths(p)],
                     AgentMsg::Punch(p) => vec![Action::Punch(p)],
                     // Drive reports exist from protocol 3.
-                    AgentMsg::Drives(_) | AgentMsg::DriveCommandResult(_) if self.version < Some(3) => {
+                    AgentMsg::Drives(_) | AgentMsg::DriveCommandResult(_)
+                        if self.version < Some(3) =>
+                    {
                         self.reject(RejectCode::Protocol, "drive messages need protocol 3")
                     }
                     AgentMsg::Drives(d) => vec![Action::Drives(d)],
@@ -229,7 +262,10 @@ impl Session {
                     | AgentMsg::BootReport(_)
                         if self.version < Some(4) =>
                     {
-                        self.reject(RejectCode::Protocol, "update and reboot messages need protocol 4")
+                        self.reject(
+                            RejectCode::Protocol,
+                            "update and reboot messages need protocol 4",
+                        )
                     }
                     AgentMsg::RebootAck { method } => vec![Action::RebootAnswer(Ok(method))],
                     AgentMsg::RebootRefused { reason } => vec![Action::RebootAnswer(Err(reason))],
@@ -242,17 +278,23 @@ impl Session {
                     }
                     AgentMsg::RotateKey(r) => vec![Action::RotateKey(r)],
                     AgentMsg::Hello(_) => self.reject(RejectCode::Protocol, "Hello sent twice"),
-                    AgentMsg::Enrol(_) => self.reject(RejectCode::Protocol, "already enrolled: renew instead of enrolling"),
+                    AgentMsg::Enrol(_) => self.reject(
+                        RejectCode::Protocol,
+                        "already enrolled: renew instead of enrolling",
+                    ),
                 }
             }
         }
     }
 
-    /// The registry enrolled the agent: send the certificate and end the enrolment connection (the agent
-    /// reconnects with its certificate).
+    /// The registry enrolled the agent: send the certificate and end the enrolment connection (the
+    /// agent reconnects with its certificate).
     pub fn enrolled(&mut self, enrolled: shoal_proto::Enrolled) -> Vec<Action> {
         self.state = State::Closed;
-        vec![Action::Send(ControllerMsg::Enrolled(enrolled)), Action::Close(CloseKind::Done, "enrolled".into())]
+        vec![
+            Action::Send(ControllerMsg::Enrolled(enrolled)),
+            Action::Close(CloseKind::Done, "enrolled".into()),
+        ]
     }
 
     /// The registry refused the request.
@@ -263,7 +305,12 @@ impl Session {
     /// The node was removed while connected.
     pub fn revoked(&mut self, reason: &str) -> Vec<Action> {
         self.state = State::Closed;
-        vec![Action::Send(ControllerMsg::Revoked { reason: reason.to_owned() }), Action::Close(CloseKind::Revoked, reason.to_owned())]
+        vec![
+            Action::Send(ControllerMsg::Revoked {
+                reason: reason.to_owned(),
+            }),
+            Action::Close(CloseKind::Revoked, reason.to_owned()),
+        ]
     }
 }
 
@@ -273,19 +320,29 @@ mod tests {
     use shoal_proto::{HardwareId, HardwareIdSource, HealthReport, SUPPORTED};
 
     fn config() -> SessionConfig {
-        SessionConfig { supported: SUPPORTED, heartbeat_interval_ms: 10_000 }
+        SessionConfig {
+            supported: SUPPORTED,
+            heartbeat_interval_ms: 10_000,
+        }
     }
 
     fn hello(min: u16, max: u16) -> AgentMsg {
         AgentMsg::Hello(Hello {
             protocol: VersionRange { min, max },
             agent_version: "test".into(),
-            hardware_id: HardwareId { source: HardwareIdSource::Override, value: "m1".into() },
+            hardware_id: HardwareId {
+                source: HardwareIdSource::Override,
+                value: "m1".into(),
+            },
         })
     }
 
     fn enrol() -> AgentMsg {
-        AgentMsg::Enrol(EnrolRequest { token: "t".into(), csr_der: vec![1], hostname: "h".into() })
+        AgentMsg::Enrol(EnrolRequest {
+            token: "t".into(),
+            csr_der: vec![1],
+            hostname: "h".into(),
+        })
     }
 
     fn rejected(actions: &[Action]) -> Option<RejectCode> {
@@ -299,11 +356,16 @@ mod tests {
     fn authenticated_session_reports_after_welcome() {
         let mut s = Session::new(config(), Some(NodeId("n1".into())));
         let a = s.handle(UnixMillis(1), hello(SUPPORTED.min, SUPPORTED.max));
-        assert!(matches!(&a[0], Action::Send(ControllerMsg::Welcome(w)) if w.node_id == Some(NodeId("n1".into()))));
+        assert!(
+            matches!(&a[0], Action::Send(ControllerMsg::Welcome(w)) if w.node_id == Some(NodeId("n1".into())))
+        );
         assert!(matches!(&a[1], Action::Connected { .. }));
         let a = s.handle(UnixMillis(2), AgentMsg::Health(HealthReport::default()));
         assert!(matches!(&a[..], [Action::Health(_)]));
-        assert_eq!(rejected(&s.handle(UnixMillis(3), enrol())), Some(RejectCode::Protocol));
+        assert_eq!(
+            rejected(&s.handle(UnixMillis(3), enrol())),
+            Some(RejectCode::Protocol)
+        );
         assert!(s.is_closed());
     }
 
@@ -311,12 +373,21 @@ mod tests {
     fn unauthenticated_session_may_only_enrol_once() {
         let mut s = Session::new(config(), None);
         s.handle(UnixMillis(1), hello(SUPPORTED.min, SUPPORTED.max));
-        assert_eq!(rejected(&s.handle(UnixMillis(2), AgentMsg::Health(HealthReport::default()))), Some(RejectCode::Protocol));
+        assert_eq!(
+            rejected(&s.handle(UnixMillis(2), AgentMsg::Health(HealthReport::default()))),
+            Some(RejectCode::Protocol)
+        );
 
         let mut s = Session::new(config(), None);
         s.handle(UnixMillis(1), hello(SUPPORTED.min, SUPPORTED.max));
-        assert!(matches!(&s.handle(UnixMillis(2), enrol())[..], [Action::Enrol { .. }]));
-        assert_eq!(rejected(&s.handle(UnixMillis(3), enrol())), Some(RejectCode::Protocol));
+        assert!(matches!(
+            &s.handle(UnixMillis(2), enrol())[..],
+            [Action::Enrol { .. }]
+        ));
+        assert_eq!(
+            rejected(&s.handle(UnixMillis(3), enrol())),
+            Some(RejectCode::Protocol)
+        );
     }
 
     #[test]
@@ -326,12 +397,18 @@ mod tests {
         let mut s = Session::new(config(), Some(NodeId("n1".into())));
         s.handle(UnixMillis(1), hello(1, 2));
         assert_eq!(s.version(), Some(2));
-        assert_eq!(rejected(&s.handle(UnixMillis(2), drives())), Some(RejectCode::Protocol));
+        assert_eq!(
+            rejected(&s.handle(UnixMillis(2), drives())),
+            Some(RejectCode::Protocol)
+        );
 
         let mut s = Session::new(config(), Some(NodeId("n1".into())));
         s.handle(UnixMillis(1), hello(1, 3));
         assert_eq!(s.version(), Some(3));
-        assert!(matches!(&s.handle(UnixMillis(2), drives())[..], [Action::Drives(_)]));
+        assert!(matches!(
+            &s.handle(UnixMillis(2), drives())[..],
+            [Action::Drives(_)]
+        ));
     }
 
     #[test]
@@ -347,31 +424,82 @@ mod tests {
         };
         let mut s = Session::new(config(), Some(NodeId("n1".into())));
         s.handle(UnixMillis(1), hello(1, 3));
-        assert_eq!(s.version(), Some(3), "a v3 agent talks v3 with a v4 controller");
-        assert!(matches!(&s.handle(UnixMillis(2), AgentMsg::Drives(Default::default()))[..], [Action::Drives(_)]));
-        assert_eq!(rejected(&s.handle(UnixMillis(3), report())), Some(RejectCode::Protocol));
+        assert_eq!(
+            s.version(),
+            Some(3),
+            "a v3 agent talks v3 with a v4 controller"
+        );
+        assert!(matches!(
+            &s.handle(UnixMillis(2), AgentMsg::Drives(Default::default()))[..],
+            [Action::Drives(_)]
+        ));
+        assert_eq!(
+            rejected(&s.handle(UnixMillis(3), report())),
+            Some(RejectCode::Protocol)
+        );
         let mut s = Session::new(config(), Some(NodeId("n1".into())));
         s.handle(UnixMillis(1), hello(1, 3));
-        let refused = s.handle(UnixMillis(2), AgentMsg::RebootRefused { reason: "no".into() });
-        assert_eq!(rejected(&refused), Some(RejectCode::Protocol), "a v3 session has no reboot answers");
+        let refused = s.handle(
+            UnixMillis(2),
+            AgentMsg::RebootRefused {
+                reason: "no".into(),
+            },
+        );
+        assert_eq!(
+            rejected(&refused),
+            Some(RejectCode::Protocol),
+            "a v3 session has no reboot answers"
+        );
 
         let mut s = Session::new(config(), Some(NodeId("n1".into())));
         s.handle(UnixMillis(1), hello(1, 4));
         assert_eq!(s.version(), Some(4));
-        assert!(matches!(&s.handle(UnixMillis(2), report())[..], [Action::UpdateReport(_)]));
-        let ack = s.handle(UnixMillis(3), AgentMsg::UpdateAck { version: "0.2.0".into() });
-        assert_eq!(ack, vec![Action::UpdateAck { version: "0.2.0".into() }]);
-        let ack = s.handle(UnixMillis(4), AgentMsg::RebootAck { method: "kexec -e".into() });
+        assert!(matches!(
+            &s.handle(UnixMillis(2), report())[..],
+            [Action::UpdateReport(_)]
+        ));
+        let ack = s.handle(
+            UnixMillis(3),
+            AgentMsg::UpdateAck {
+                version: "0.2.0".into(),
+            },
+        );
+        assert_eq!(
+            ack,
+            vec![Action::UpdateAck {
+                version: "0.2.0".into()
+            }]
+        );
+        let ack = s.handle(
+            UnixMillis(4),
+            AgentMsg::RebootAck {
+                method: "kexec -e".into(),
+            },
+        );
         assert_eq!(ack, vec![Action::RebootAnswer(Ok("kexec -e".into()))]);
-        let no = s.handle(UnixMillis(5), AgentMsg::RebootRefused { reason: "--no-remote-reboot".into() });
-        assert_eq!(no, vec![Action::RebootAnswer(Err("--no-remote-reboot".into()))]);
+        let no = s.handle(
+            UnixMillis(5),
+            AgentMsg::RebootRefused {
+                reason: "--no-remote-reboot".into(),
+            },
+        );
+        assert_eq!(
+            no,
+            vec![Action::RebootAnswer(Err("--no-remote-reboot".into()))]
+        );
     }
 
     #[test]
     fn hello_must_come_first() {
         let mut s = Session::new(config(), Some(NodeId("n1".into())));
-        assert_eq!(rejected(&s.handle(UnixMillis(1), AgentMsg::Inventory(Default::default()))), Some(RejectCode::Protocol));
-        assert!(s.handle(UnixMillis(2), hello(1, 1)).is_empty(), "closed sessions ignore input");
+        assert_eq!(
+            rejected(&s.handle(UnixMillis(1), AgentMsg::Inventory(Default::default()))),
+            Some(RejectCode::Protocol)
+        );
+        assert!(
+            s.handle(UnixMillis(2), hello(1, 1)).is_empty(),
+            "closed sessions ignore input"
+        );
     }
 
     #[test]
@@ -379,12 +507,20 @@ mod tests {
         let mut s = Session::new(config(), None);
         let a = s.handle(UnixMillis(1), hello(SUPPORTED.max + 1, SUPPORTED.max + 2));
         assert_eq!(rejected(&a), Some(RejectCode::Version));
-        let Action::Send(ControllerMsg::Reject(r)) = &a[0] else { panic!() };
-        assert!(r.message.contains("upgrade the controller"), "{}", r.message);
+        let Action::Send(ControllerMsg::Reject(r)) = &a[0] else {
+            panic!()
+        };
+        assert!(
+            r.message.contains("upgrade the controller"),
+            "{}",
+            r.message
+        );
 
         let mut s = Session::new(config(), None);
         let a = s.handle(UnixMillis(1), hello(SUPPORTED.max, SUPPORTED.max + 1));
-        assert!(matches!(&a[0], Action::Send(ControllerMsg::Welcome(w)) if w.protocol == SUPPORTED.max));
+        assert!(
+            matches!(&a[0], Action::Send(ControllerMsg::Welcome(w)) if w.protocol == SUPPORTED.max)
+        );
     }
 
     #[test]
@@ -396,17 +532,34 @@ mod tests {
             })
         };
         let before = over_limit_refusals();
-        // Ready: the report is refused whole and the session ends; an inventory at the bound is taken.
+        // Ready: the report is refused whole and the session ends; an inventory at the bound is
+        // taken.
         let mut s = Session::new(config(), Some(NodeId("n1".into())));
         s.handle(UnixMillis(1), hello(SUPPORTED.min, SUPPORTED.max));
-        let at = AgentMsg::Inventory(Inventory { nics: vec![Default::default(); limits::MAX_NICS], ..Default::default() });
-        assert!(matches!(&s.handle(UnixMillis(2), at)[..], [Action::Inventory(_)]));
+        let at = AgentMsg::Inventory(Inventory {
+            nics: vec![Default::default(); limits::MAX_NICS],
+            ..Default::default()
+        });
+        assert!(matches!(
+            &s.handle(UnixMillis(2), at)[..],
+            [Action::Inventory(_)]
+        ));
         let a = s.handle(UnixMillis(3), big_inventory());
         assert_eq!(rejected(&a), Some(RejectCode::BadRequest));
-        let Action::Send(ControllerMsg::Reject(r)) = &a[0] else { panic!("{a:?}") };
-        assert!(r.message.contains("inventory.nics") && r.message.contains(&limits::MAX_NICS.to_string()), "{}", r.message);
+        let Action::Send(ControllerMsg::Reject(r)) = &a[0] else {
+            panic!("{a:?}")
+        };
+        assert!(
+            r.message.contains("inventory.nics")
+                && r.message.contains(&limits::MAX_NICS.to_string()),
+            "{}",
+            r.message
+        );
         assert!(matches!(&a[1], Action::Close(CloseKind::Refused, _)));
-        assert!(!a.iter().any(|x| matches!(x, Action::Inventory(_))), "nothing of it reaches the registry");
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::Inventory(_))),
+            "nothing of it reaches the registry"
+        );
         assert!(s.is_closed());
 
         // Before Hello, and an Enrol on an unauthenticated session.
@@ -414,12 +567,22 @@ mod tests {
         let long_hello = AgentMsg::Hello(Hello {
             protocol: SUPPORTED,
             agent_version: "v".repeat(limits::MAX_NAME_LEN + 1),
-            hardware_id: HardwareId { source: HardwareIdSource::Override, value: "m1".into() },
+            hardware_id: HardwareId {
+                source: HardwareIdSource::Override,
+                value: "m1".into(),
+            },
         });
-        assert_eq!(rejected(&s.handle(UnixMillis(1), long_hello)), Some(RejectCode::BadRequest));
+        assert_eq!(
+            rejected(&s.handle(UnixMillis(1), long_hello)),
+            Some(RejectCode::BadRequest)
+        );
         let mut s = Session::new(config(), None);
         s.handle(UnixMillis(1), hello(SUPPORTED.min, SUPPORTED.max));
-        let enrol = AgentMsg::Enrol(EnrolRequest { token: "t".into(), csr_der: vec![0; limits::MAX_CSR_LEN + 1], hostname: "h".into() });
+        let enrol = AgentMsg::Enrol(EnrolRequest {
+            token: "t".into(),
+            csr_der: vec![0; limits::MAX_CSR_LEN + 1],
+            hostname: "h".into(),
+        });
         let a = s.handle(UnixMillis(2), enrol);
         assert_eq!(rejected(&a), Some(RejectCode::BadRequest));
         assert!(!a.iter().any(|x| matches!(x, Action::Enrol { .. })));

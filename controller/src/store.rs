@@ -1,18 +1,20 @@
-//! The controller's embedded database: join tokens, nodes, removals, the event log and small metadata
-//! (admin token hash, QUIC stateless-reset key), kept in [sled] in the controller's data directory.
+//! The controller's embedded database: join tokens, nodes, removals, the event log and small
+//! metadata (admin token hash, QUIC stateless-reset key), kept in [sled] in the controller's data
+//! directory.
 //!
 //! Guarantees:
-//! - A restart loses nothing that an API call reported as written; calls that change more than one record
-//!   ([`Store::create_token`], [`Store::revoke_token`], [`Store::enrol`], [`Store::remove_node`]) do it in
-//!   one sled transaction across trees and flush before returning, so a crash leaves either all or none
-//!   of the change.
+//! - A restart loses nothing that an API call reported as written; calls that change more than one
+//!   record ([`Store::create_token`], [`Store::revoke_token`], [`Store::enrol`],
+//!   [`Store::remove_node`]) do it in one sled transaction across trees and flush before returning,
+//!   so a crash leaves either all or none of the change.
 //! - A full disk is an error, never a panic: every write first checks the free space of the data
 //!   directory's filesystem and refuses with [`StoreError::Db`] (`disk full: …`) while fewer than
-//!   [`FREE_SPACE_RESERVE`] bytes are free. sled 0.34 poisons the whole database after its first failed
-//!   log write (every later call fails until the process reopens it), so the store stops writing
-//!   *before* sled can hit `ENOSPC`; once space is freed, writes succeed again without a restart.
-//!   Should sled hit `ENOSPC` anyway (something else filled the disk faster), the error is returned as
-//!   [`StoreError::Db`] with the I/O error's text and what was stored before stays intact on disk.
+//!   [`FREE_SPACE_RESERVE`] bytes are free. sled 0.34 poisons the whole database after its first
+//!   failed log write (every later call fails until the process reopens it), so the store stops
+//!   writing *before* sled can hit `ENOSPC`; once space is freed, writes succeed again without a
+//!   restart. Should sled hit `ENOSPC` anyway (something else filled the disk faster), the error is
+//!   returned as [`StoreError::Db`] with the I/O error's text and what was stored before stays
+//!   intact on disk.
 //!
 //! Values are postcard-encoded. Trees and their keys:
 //!
@@ -27,8 +29,8 @@
 //! | `events` | seq, big-endian u64 | [`Event`] |
 //!
 //! Overlay networks keep five more trees, described (and used only) in [`crate::networks`]:
-//! `networks`, `net_members`, `peer_indexes`, `node_keys` and `overlay_counters`. Drives keep three,
-//! described in [`crate::drive_hub`]: `drive_reports`, `drive_samples` and `drive_policies`.
+//! `networks`, `net_members`, `peer_indexes`, `node_keys` and `overlay_counters`. Drives keep
+//! three, described in [`crate::drive_hub`]: `drive_reports`, `drive_samples` and `drive_policies`.
 
 use std::{
     collections::BTreeMap,
@@ -45,28 +47,30 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shoal_proto::{HardwareId, HealthReport, Inventory, NodeId, UnixMillis};
 use sled::transaction::{
-    ConflictableTransactionError, TransactionError, TransactionResult, Transactional, TransactionalTree,
+    ConflictableTransactionError, TransactionError, TransactionResult, Transactional,
+    TransactionalTree,
 };
 use tracing::{debug, warn};
 
 use crate::enrolment::{
-    self, Claim, Decision, Existing, IdentityRecord, KeyHash, PendingEnrolment, PendingState, Proof, ReenrolGrant,
-    TokenUse,
+    self, Claim, Decision, Existing, IdentityRecord, KeyHash, PendingEnrolment, PendingState,
+    Proof, ReenrolGrant, TokenUse,
 };
 
 mod identity;
 pub use identity::{normal_serial, short_key, CertRecord, Pruned, RevokedCert};
 
 /// Writes are refused while the data directory's filesystem has fewer free bytes than this, so that
-/// sled never meets `ENOSPC` (which poisons its database until reopened) and an operator has room to act.
+/// sled never meets `ENOSPC` (which poisons its database until reopened) and an operator has room
+/// to act.
 pub const FREE_SPACE_RESERVE: u64 = 8 * 1024 * 1024;
 
 /// The event log keeps at most this many newest events; older ones are trimmed.
 pub const MAX_EVENTS: u64 = 100_000;
 
 /// The event log keeps at most this many bytes (encoded events); the oldest are trimmed until it is
-/// back under seven eighths of it. 100 000 events of a typical 100 bytes are 10 MiB; a log of capped
-/// 4 KiB messages ([`crate::event_log::MAX_EVENT_MESSAGE`]) would be 400 MiB without it.
+/// back under seven eighths of it. 100 000 events of a typical 100 bytes are 10 MiB; a log of
+/// capped 4 KiB messages ([`crate::event_log::MAX_EVENT_MESSAGE`]) would be 400 MiB without it.
 pub const MAX_EVENT_BYTES: u64 = 64 << 20;
 
 /// How often (in appended events) the event log is trimmed.
@@ -127,8 +131,8 @@ impl From<sled::Error> for StoreError {
 fn sled_message(e: sled::Error) -> String {
     match e {
         // sled hands out clones of the error it remembers, rebuilt from the original's Debug text
-        // (`Os { code: 28, kind: StorageFull, message: "No space left on device" }`); say it plainly.
-        // After a failed log write sled 0.34 refuses every later write of this process.
+        // (`Os { code: 28, kind: StorageFull, message: "No space left on device" }`); say it
+        // plainly. After a failed log write sled 0.34 refuses every later write of this process.
         sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
             "I/O error: No space left on device; the database accepts no more writes until the controller is \
              restarted with free space"
@@ -143,7 +147,8 @@ fn sled_message(e: sled::Error) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum EnrolRefusal {
-    /// No token has this id, or the secret does not match (the two are deliberately indistinguishable).
+    /// No token has this id, or the secret does not match (the two are deliberately
+    /// indistinguishable).
     #[error("unknown join token (mistyped, or issued by another controller)")]
     TokenUnknown,
     /// The token's time to live has passed.
@@ -243,8 +248,8 @@ pub struct TokenRecord {
     pub labels: BTreeMap<String, String>,
 }
 
-/// What a per-boot token is bound to: the proof it carries that the machine using it is one node.
-/// A bound token may re-enrol onto an existing record only when the record is the one it is bound to
+/// What a per-boot token is bound to: the proof it carries that the machine using it is one node. A
+/// bound token may re-enrol onto an existing record only when the record is the one it is bound to
 /// (a general token never may). Kept in `token_bindings` beside the token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TokenBinding {
@@ -411,7 +416,8 @@ pub enum EventKind {
     NodeInMaintenance,
     /// A node's post-hook passed after a maintenance action (or its roll-back): it is up again.
     NodeUp,
-    /// A step of a maintenance run failed on a node (pre-hook, action or post-hook; the message says).
+    /// A step of a maintenance run failed on a node (pre-hook, action or post-hook; the message
+    /// says).
     NodeMaintenanceFailed,
     /// A node reported what it booted (netboot image, boot id) and how its health checks went.
     NodeBootReport,
@@ -432,8 +438,8 @@ pub enum EventKind {
     CertificateRefused,
     /// A node rotated to a new key.
     KeyRotated,
-    /// Events about a node over its budget were not logged; this one says how many, of which kind and
-    /// when (see [`crate::event_log`]).
+    /// Events about a node over its budget were not logged; this one says how many, of which kind
+    /// and when (see [`crate::event_log`]).
     EventsSuppressed,
 }
 
@@ -544,8 +550,8 @@ pub(crate) struct Inner {
     /// Serialises overlay changes: IPAM scans a network's members, which a sled transaction cannot.
     pub(crate) overlay_lock: Mutex<()>,
     dir: PathBuf,
-    /// The seq the next event gets. Taken inside a transaction closure, which sled 0.34 runs under its
-    /// global transaction lock, so seqs are committed in order.
+    /// The seq the next event gets. Taken inside a transaction closure, which sled 0.34 runs under
+    /// its global transaction lock, so seqs are committed in order.
     next_seq: AtomicU64,
     /// Per-(node, kind) event budgets.
     event_budget: Mutex<crate::event_log::EventBudget>,
@@ -556,8 +562,8 @@ pub(crate) struct Inner {
     events_since_trim: AtomicU64,
     /// [`MAX_EVENT_BYTES`], lowered by tests.
     event_byte_limit: AtomicU64,
-    /// Serialises read-modify-write of node records ([`Store::update_node`] takes an `FnOnce`, which
-    /// cannot be retried inside a transaction).
+    /// Serialises read-modify-write of node records ([`Store::update_node`] takes an `FnOnce`,
+    /// which cannot be retried inside a transaction).
     node_lock: Mutex<()>,
     /// Free bytes below which writes are refused.
     reserve_bytes: u64,
@@ -597,9 +603,15 @@ fn key_text(key: &[u8]) -> String {
     }
 }
 
-pub(crate) fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
-    postcard::from_bytes(bytes)
-        .map_err(|e| StoreError::Corrupt { key: format!("{tree}/{}", key_text(key)), cause: e.to_string() })
+pub(crate) fn decode<T: DeserializeOwned>(
+    tree: &str,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        key: format!("{tree}/{}", key_text(key)),
+        cause: e.to_string(),
+    })
 }
 
 fn decode_seq(key: &[u8]) -> Result<u64, StoreError> {
@@ -612,7 +624,10 @@ fn decode_seq(key: &[u8]) -> Result<u64, StoreError> {
 
 /// Compares two hashes in time independent of where they differ.
 fn hashes_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    let diff = a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    let diff = a
+        .iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
     std::hint::black_box(diff) == 0
 }
 
@@ -629,11 +644,14 @@ fn new_node_id() -> NodeId {
     NodeId(format!("n{n:010x}"))
 }
 
-/// Opens sled, waiting a little for the file lock: sled 0.34 releases it some time after the last handle
-/// of a previous `Db` in this process is dropped (deferred epoch-based reclamation), so a quick
-/// close-and-reopen in one process can find it still held.
+/// Opens sled, waiting a little for the file lock: sled 0.34 releases it some time after the last
+/// handle of a previous `Db` in this process is dropped (deferred epoch-based reclamation), so a
+/// quick close-and-reopen in one process can find it still held.
 fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
-    let config = sled::Config::new().path(dir).cache_capacity(CACHE_CAPACITY).flush_every_ms(Some(FLUSH_EVERY_MS));
+    let config = sled::Config::new()
+        .path(dir)
+        .cache_capacity(CACHE_CAPACITY)
+        .flush_every_ms(Some(FLUSH_EVERY_MS));
     let deadline = Instant::now() + OPEN_LOCK_WAIT;
     loop {
         remove_interrupted_snapshots(dir)?;
@@ -665,12 +683,12 @@ fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
 
 /// Deletes snapshots whose writing was interrupted.
 ///
-/// sled 0.34 writes a snapshot to `snap.<lsn>.generating` and renames it to `snap.<lsn>` once complete
-/// and synced, but when it looks for the newest snapshot it does not skip `.generating` files: one left
-/// behind by an interrupted write (a full disk, a crash) makes every later open fail with "Read
-/// corrupted data". Such a file is never needed: older snapshots are only deleted after the rename, and
-/// the log is untouched. It is deleted only while this process holds the database's lock, so a sled
-/// running in another process is never disturbed.
+/// sled 0.34 writes a snapshot to `snap.<lsn>.generating` and renames it to `snap.<lsn>` once
+/// complete and synced, but when it looks for the newest snapshot it does not skip `.generating`
+/// files: one left behind by an interrupted write (a full disk, a crash) makes every later open
+/// fail with "Read corrupted data". Such a file is never needed: older snapshots are only deleted
+/// after the rename, and the log is untouched. It is deleted only while this process holds the
+/// database's lock, so a sled running in another process is never disturbed.
 fn remove_interrupted_snapshots(dir: &Path) -> Result<(), StoreError> {
     use nix::fcntl::{Flock, FlockArg};
 
@@ -680,15 +698,20 @@ fn remove_interrupted_snapshots(dir: &Path) -> Result<(), StoreError> {
     let Ok(_lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
         return Ok(()); // in use: sled's open reports that
     };
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| StoreError::Db(format!("cannot list database directory {}: {e}", dir.display())))?;
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        StoreError::Db(format!(
+            "cannot list database directory {}: {e}",
+            dir.display()
+        ))
+    })?;
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if name.starts_with("snap.") && name.ends_with(".generating") {
             warn!(file = %entry.path().display(), "removing an incompletely written database snapshot");
-            std::fs::remove_file(entry.path())
-                .map_err(|e| StoreError::Db(format!("cannot remove {}: {e}", entry.path().display())))?;
+            std::fs::remove_file(entry.path()).map_err(|e| {
+                StoreError::Db(format!("cannot remove {}: {e}", entry.path().display()))
+            })?;
         }
     }
     Ok(())
@@ -752,8 +775,12 @@ impl Store {
 
     /// Free bytes (for unprivileged users) on the data directory's filesystem.
     fn free_space(&self) -> Result<u64, StoreError> {
-        let st = nix::sys::statvfs::statvfs(&self.inner.dir)
-            .map_err(|e| StoreError::Db(format!("cannot check free space in {}: {e}", self.inner.dir.display())))?;
+        let st = nix::sys::statvfs::statvfs(&self.inner.dir).map_err(|e| {
+            StoreError::Db(format!(
+                "cannot check free space in {}: {e}",
+                self.inner.dir.display()
+            ))
+        })?;
         #[allow(clippy::useless_conversion)] // the field types differ between platforms
         let free = u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size()));
         Ok(free)
@@ -775,12 +802,18 @@ impl Store {
 
     pub(crate) fn lock_nodes(&self) -> std::sync::MutexGuard<'_, ()> {
         // The guarded value is (), so a panic while holding the lock left nothing inconsistent.
-        self.inner.node_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .node_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn event_budget(&self) -> std::sync::MutexGuard<'_, crate::event_log::EventBudget> {
         // Counters only: a panic while holding the lock leaves nothing that matters inconsistent.
-        self.inner.event_budget.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner
+            .event_budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Replaces the per-node event budget (tests and benchmarks; the default is
@@ -796,9 +829,9 @@ impl Store {
 
     /// Writes an event inside a transaction on the events tree, taking the next seq.
     ///
-    /// An event about a node goes through the node's budget ([`crate::event_log`]): over it, nothing
-    /// is written and the returned event has seq 0; when the budget has room again, a summary of what
-    /// was left out is written before the event. The message is capped at
+    /// An event about a node goes through the node's budget ([`crate::event_log`]): over it,
+    /// nothing is written and the returned event has seq 0; when the budget has room again, a
+    /// summary of what was left out is written before the event. The message is capped at
     /// [`crate::event_log::MAX_EVENT_MESSAGE`] bytes.
     pub(crate) fn tx_event<E: From<StoreError>>(
         &self,
@@ -814,10 +847,22 @@ impl Store {
                 (budget.admit(n, kind, at), *budget.config())
             };
             if let Some(s) = decision.summary {
-                self.insert_event::<E>(events, EventKind::EventsSuppressed, Some(&s.node), &s.message(&config), at)?;
+                self.insert_event::<E>(
+                    events,
+                    EventKind::EventsSuppressed,
+                    Some(&s.node),
+                    &s.message(&config),
+                    at,
+                )?;
             }
             if !decision.write {
-                return Ok(Event { seq: 0, at, kind, node: node.cloned(), message: String::new() });
+                return Ok(Event {
+                    seq: 0,
+                    at,
+                    kind,
+                    node: node.cloned(),
+                    message: String::new(),
+                });
             }
         }
         self.insert_event(events, kind, node, message, at)
@@ -833,19 +878,29 @@ impl Store {
     ) -> Result<Event, TxError<E>> {
         let seq = self.inner.next_seq.fetch_add(1, Ordering::SeqCst);
         let message = crate::event_log::cap_message(message).into_owned();
-        let event = Event { seq, at, kind, node: node.cloned(), message };
+        let event = Event {
+            seq,
+            at,
+            kind,
+            node: node.cloned(),
+            message,
+        };
         let bytes = encode("event", &event).map_err(abort)?;
-        self.inner.event_bytes.fetch_add(bytes.len() as u64, Ordering::SeqCst);
+        self.inner
+            .event_bytes
+            .fetch_add(bytes.len() as u64, Ordering::SeqCst);
         self.inner.events_since_trim.fetch_add(1, Ordering::SeqCst);
         events.insert(&seq.to_be_bytes(), bytes)?;
         Ok(event)
     }
 
-    /// Call after a transaction that wrote events committed: trims the log every [`TRIM_EVERY`] events,
-    /// and as soon as it holds more than [`MAX_EVENT_BYTES`]. (`_seq` is the written event's, 0 for a
-    /// suppressed one; summaries written on the way count too, so the trigger counts writes itself.)
+    /// Call after a transaction that wrote events committed: trims the log every [`TRIM_EVERY`]
+    /// events, and as soon as it holds more than [`MAX_EVENT_BYTES`]. (`_seq` is the written
+    /// event's, 0 for a suppressed one; summaries written on the way count too, so the trigger
+    /// counts writes itself.)
     pub(crate) fn after_event(&self, _seq: u64) -> Result<(), StoreError> {
-        let over_bytes = self.inner.event_bytes.load(Ordering::SeqCst) > self.inner.event_byte_limit.load(Ordering::SeqCst);
+        let over_bytes = self.inner.event_bytes.load(Ordering::SeqCst)
+            > self.inner.event_byte_limit.load(Ordering::SeqCst);
         if over_bytes || self.inner.events_since_trim.load(Ordering::SeqCst) >= TRIM_EVERY {
             self.trim_events()?;
         }
@@ -856,7 +911,11 @@ impl Store {
     /// [`MAX_EVENT_BYTES`], the oldest until it holds at most seven eighths of it.
     fn trim_events(&self) -> Result<(), StoreError> {
         self.inner.events_since_trim.store(0, Ordering::SeqCst);
-        let cutoff = self.inner.next_seq.load(Ordering::SeqCst).saturating_sub(MAX_EVENTS);
+        let cutoff = self
+            .inner
+            .next_seq
+            .load(Ordering::SeqCst)
+            .saturating_sub(MAX_EVENTS);
         let mut batch = sled::Batch::default();
         let mut trimmed = 0u64;
         let mut trimmed_bytes = 0u64;
@@ -868,7 +927,12 @@ impl Store {
         }
         if trimmed > 0 {
             self.inner.events.apply_batch(batch)?;
-            let _ = self.inner.event_bytes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| Some(b.saturating_sub(trimmed_bytes)));
+            let _ = self
+                .inner
+                .event_bytes
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
+                    Some(b.saturating_sub(trimmed_bytes))
+                });
             debug!(trimmed, "trimmed the event log by count");
         }
         let limit = self.inner.event_byte_limit.load(Ordering::SeqCst);
@@ -930,18 +994,30 @@ impl Store {
         if let Some(max) = rec.max_uses {
             message.push_str(&format!(", at most {max} uses"));
         }
-        let event = finish((&self.inner.tokens, &self.inner.events).transaction(|(tokens, events)| {
-            tokens.insert(rec.id.as_bytes(), bytes.as_slice())?;
-            let event = self.tx_event::<StoreError>(events, EventKind::TokenCreated, None, &message, rec.created_at)?;
-            tokens.flush();
-            Ok(event)
-        }))?;
+        let event = finish((&self.inner.tokens, &self.inner.events).transaction(
+            |(tokens, events)| {
+                tokens.insert(rec.id.as_bytes(), bytes.as_slice())?;
+                let event = self.tx_event::<StoreError>(
+                    events,
+                    EventKind::TokenCreated,
+                    None,
+                    &message,
+                    rec.created_at,
+                )?;
+                tokens.flush();
+                Ok(event)
+            },
+        ))?;
         self.after_event(event.seq)
     }
 
     /// Stores a per-boot token with what it is bound to, and logs a `TokenCreated` event, in one
     /// transaction; on disk when this returns.
-    pub fn create_bound_token(&self, rec: &TokenRecord, binding: &TokenBinding) -> Result<(), StoreError> {
+    pub fn create_bound_token(
+        &self,
+        rec: &TokenRecord,
+        binding: &TokenBinding,
+    ) -> Result<(), StoreError> {
         self.check_space()?;
         let bytes = encode("token", rec)?;
         let bound = encode("token binding", binding)?;
@@ -949,15 +1025,26 @@ impl Store {
             TokenBinding::Mac(mac) => format!("boot token {} created for {mac}", rec.id),
             TokenBinding::Node(node) => format!("boot token {} created for node {node}", rec.id),
         };
-        let event = finish((&self.inner.tokens, &self.inner.token_bindings, &self.inner.events).transaction(
-            |(tokens, bindings, events)| {
-                tokens.insert(rec.id.as_bytes(), bytes.as_slice())?;
-                bindings.insert(rec.id.as_bytes(), bound.as_slice())?;
-                let event = self.tx_event::<StoreError>(events, EventKind::TokenCreated, None, &message, rec.created_at)?;
-                tokens.flush();
-                Ok(event)
-            },
-        ))?;
+        let event = finish(
+            (
+                &self.inner.tokens,
+                &self.inner.token_bindings,
+                &self.inner.events,
+            )
+                .transaction(|(tokens, bindings, events)| {
+                    tokens.insert(rec.id.as_bytes(), bytes.as_slice())?;
+                    bindings.insert(rec.id.as_bytes(), bound.as_slice())?;
+                    let event = self.tx_event::<StoreError>(
+                        events,
+                        EventKind::TokenCreated,
+                        None,
+                        &message,
+                        rec.created_at,
+                    )?;
+                    tokens.flush();
+                    Ok(event)
+                }),
+        )?;
         self.after_event(event.seq)
     }
 
@@ -980,25 +1067,38 @@ impl Store {
         Ok(out)
     }
 
-    /// Revokes a token and logs a `TokenRevoked` event, in one transaction; on disk when this returns.
-    /// `None` if no token has this id; revoking a revoked token changes nothing and returns it.
-    pub fn revoke_token(&self, id: &str, now: UnixMillis) -> Result<Option<TokenRecord>, StoreError> {
+    /// Revokes a token and logs a `TokenRevoked` event, in one transaction; on disk when this
+    /// returns. `None` if no token has this id; revoking a revoked token changes nothing and
+    /// returns it.
+    pub fn revoke_token(
+        &self,
+        id: &str,
+        now: UnixMillis,
+    ) -> Result<Option<TokenRecord>, StoreError> {
         self.check_space()?;
         let message = format!("join token {id} revoked");
-        let result = finish((&self.inner.tokens, &self.inner.events).transaction(|(tokens, events)| {
-            let Some(bytes) = tokens.get(id.as_bytes())? else {
-                return Ok(None);
-            };
-            let mut rec: TokenRecord = decode(TOKENS, id.as_bytes(), &bytes).map_err(abort)?;
-            if rec.revoked_at.is_some() {
-                return Ok(Some((rec, None)));
-            }
-            rec.revoked_at = Some(now);
-            tokens.insert(id.as_bytes(), encode("token", &rec).map_err(abort)?)?;
-            let event = self.tx_event::<StoreError>(events, EventKind::TokenRevoked, None, &message, now)?;
-            tokens.flush();
-            Ok(Some((rec, Some(event.seq))))
-        }))?;
+        let result = finish((&self.inner.tokens, &self.inner.events).transaction(
+            |(tokens, events)| {
+                let Some(bytes) = tokens.get(id.as_bytes())? else {
+                    return Ok(None);
+                };
+                let mut rec: TokenRecord = decode(TOKENS, id.as_bytes(), &bytes).map_err(abort)?;
+                if rec.revoked_at.is_some() {
+                    return Ok(Some((rec, None)));
+                }
+                rec.revoked_at = Some(now);
+                tokens.insert(id.as_bytes(), encode("token", &rec).map_err(abort)?)?;
+                let event = self.tx_event::<StoreError>(
+                    events,
+                    EventKind::TokenRevoked,
+                    None,
+                    &message,
+                    now,
+                )?;
+                tokens.flush();
+                Ok(Some((rec, Some(event.seq))))
+            },
+        ))?;
         match result {
             None => Ok(None),
             Some((rec, seq)) => {
@@ -1010,21 +1110,21 @@ impl Store {
         }
     }
 
-    /// Enrols a machine, as [`enrolment::decide`] rules, in ONE transaction over the token, its uses,
-    /// the node and its key binding, the hardware-id index, removals, grants, pending requests and the
-    /// event log; flushes before returning. The secret is compared in constant time first. A created
-    /// node gets the id "n" + 10 random hex digits; a re-enrolled one keeps its record (id and
-    /// `enrolled_at`; hostname updated; labels merged from the token, the token's winning) and is bound
-    /// to the new key. A replay (same token, same key) spends nothing and writes nothing. Refusals that
-    /// the operator must hear of (a claim of a live node, a pending request) are written with their
-    /// event before the refusal is returned.
+    /// Enrols a machine, as [`enrolment::decide`] rules, in ONE transaction over the token, its
+    /// uses, the node and its key binding, the hardware-id index, removals, grants, pending
+    /// requests and the event log; flushes before returning. The secret is compared in constant
+    /// time first. A created node gets the id "n" + 10 random hex digits; a re-enrolled one keeps
+    /// its record (id and `enrolled_at`; hostname updated; labels merged from the token, the
+    /// token's winning) and is bound to the new key. A replay (same token, same key) spends nothing
+    /// and writes nothing. Refusals that the operator must hear of (a claim of a live node, a
+    /// pending request) are written with their event before the refusal is returned.
     pub fn enrol(&self, p: &EnrolParams) -> Result<Enrolment, EnrolError> {
         self.check_space()?;
         let secret_sha256: [u8; 32] = Sha256::digest(p.secret.as_bytes()).into();
         let hw_key = p.hardware_id.to_string();
         let nodes_guard = self.lock_nodes();
-        // Read under the node lock, which every writer of pending requests holds: the caps need a scan,
-        // which a sled transaction cannot do.
+        // Read under the node lock, which every writer of pending requests holds: the caps need a
+        // scan, which a sled transaction cannot do.
         let pending_all = self.pending_enrolments()?;
         let use_key = token_use_key(p.token_id, p.key);
         let binding = self.token_binding(p.token_id)?;
@@ -1207,7 +1307,8 @@ impl Store {
                     }
                 };
                 if removed_hw_at.is_some() {
-                    // Admitted by a token created after the removal: the removal no longer applies to the machine.
+                    // Admitted by a token created after the removal: the removal no longer applies
+                    // to the machine.
                     removed_hw.remove(hw_key.as_bytes())?;
                 }
                 token.uses = token.uses.saturating_add(1);
@@ -1254,7 +1355,11 @@ impl Store {
 
     /// The node's hostname for messages, or its id when the record is missing or unreadable.
     pub fn hostname_or_id(&self, id: &NodeId) -> String {
-        self.node(id).ok().flatten().map(|n| n.hostname).unwrap_or_else(|| id.0.clone())
+        self.node(id)
+            .ok()
+            .flatten()
+            .map(|n| n.hostname)
+            .unwrap_or_else(|| id.0.clone())
     }
 
     /// All nodes, sorted by hostname, then id.
@@ -1269,10 +1374,14 @@ impl Store {
     }
 
     /// Applies `f` to the stored record (if present) and writes it back; returns the new record.
-    /// Not flushed: it reaches the disk within the background flush interval (200 ms). Changes `f` makes
-    /// to the record's id or hardware id are ignored. `f` runs under the store's node lock, so it must not
-    /// call back into the store.
-    pub fn update_node(&self, id: &NodeId, f: impl FnOnce(&mut NodeRecord)) -> Result<Option<NodeRecord>, StoreError> {
+    /// Not flushed: it reaches the disk within the background flush interval (200 ms). Changes `f`
+    /// makes to the record's id or hardware id are ignored. `f` runs under the store's node lock,
+    /// so it must not call back into the store.
+    pub fn update_node(
+        &self,
+        id: &NodeId,
+        f: impl FnOnce(&mut NodeRecord),
+    ) -> Result<Option<NodeRecord>, StoreError> {
         self.check_space()?;
         let _guard = self.lock_nodes();
         let key = id.0.as_bytes();
@@ -1288,9 +1397,13 @@ impl Store {
         Ok(Some(node))
     }
 
-    /// Deletes the node, records its id and hardware id as removed at `now`, appends a Removed event —
-    /// one transaction; flushes. `None` if no node has this id.
-    pub fn remove_node(&self, id: &NodeId, now: UnixMillis) -> Result<Option<NodeRecord>, StoreError> {
+    /// Deletes the node, records its id and hardware id as removed at `now`, appends a Removed
+    /// event — one transaction; flushes. `None` if no node has this id.
+    pub fn remove_node(
+        &self,
+        id: &NodeId,
+        now: UnixMillis,
+    ) -> Result<Option<NodeRecord>, StoreError> {
         self.check_space()?;
         let nodes_guard = self.lock_nodes();
         let now_bytes = encode("time", &now)?;
@@ -1303,25 +1416,33 @@ impl Store {
             &self.inner.identities,
             &self.inner.reenrol_grants,
         );
-        let result = finish(trees.transaction(|(nodes, hwid, removed_nodes, removed_hw, events, identities, grants)| {
-            let key = id.0.as_bytes();
-            let Some(bytes) = nodes.remove(key)? else {
-                return Ok(None);
-            };
-            identities.remove(key)?;
-            grants.remove(key)?;
-            let node: NodeRecord = decode(NODES, key, &bytes).map_err(abort)?;
-            let hw_key = node.hardware_id.to_string();
-            if hwid.get(hw_key.as_bytes())?.as_deref() == Some(key) {
-                hwid.remove(hw_key.as_bytes())?;
-            }
-            removed_nodes.insert(key, now_bytes.as_slice())?;
-            removed_hw.insert(hw_key.as_bytes(), now_bytes.as_slice())?;
-            let message = format!("{} ({hw_key}) removed from the fleet", node.hostname);
-            let event = self.tx_event::<StoreError>(events, EventKind::Removed, Some(id), &message, now)?;
-            nodes.flush();
-            Ok(Some((node, event.seq)))
-        }))?;
+        let result = finish(trees.transaction(
+            |(nodes, hwid, removed_nodes, removed_hw, events, identities, grants)| {
+                let key = id.0.as_bytes();
+                let Some(bytes) = nodes.remove(key)? else {
+                    return Ok(None);
+                };
+                identities.remove(key)?;
+                grants.remove(key)?;
+                let node: NodeRecord = decode(NODES, key, &bytes).map_err(abort)?;
+                let hw_key = node.hardware_id.to_string();
+                if hwid.get(hw_key.as_bytes())?.as_deref() == Some(key) {
+                    hwid.remove(hw_key.as_bytes())?;
+                }
+                removed_nodes.insert(key, now_bytes.as_slice())?;
+                removed_hw.insert(hw_key.as_bytes(), now_bytes.as_slice())?;
+                let message = format!("{} ({hw_key}) removed from the fleet", node.hostname);
+                let event = self.tx_event::<StoreError>(
+                    events,
+                    EventKind::Removed,
+                    Some(id),
+                    &message,
+                    now,
+                )?;
+                nodes.flush();
+                Ok(Some((node, event.seq)))
+            },
+        ))?;
         drop(nodes_guard);
         match result {
             None => Ok(None),
@@ -1342,9 +1463,9 @@ impl Store {
 
     /// Appends an event to the log and returns it with its seq. Not flushed (within 200 ms).
     ///
-    /// An event about a node is subject to the node's budget (see [`Store::tx_event`]): a suppressed
-    /// one is returned with seq 0 and not written. Summaries of other nodes' suppressed events that
-    /// are due are written first.
+    /// An event about a node is subject to the node's budget (see [`Store::tx_event`]): a
+    /// suppressed one is returned with seq 0 and not written. Summaries of other nodes' suppressed
+    /// events that are due are written first.
     pub fn append_event(
         &self,
         kind: EventKind,
@@ -1360,7 +1481,13 @@ impl Store {
         let events = &self.inner.events;
         let event = finish(events.transaction(|events| {
             for s in &due {
-                self.insert_event::<StoreError>(events, EventKind::EventsSuppressed, Some(&s.node), &s.message(&config), now)?;
+                self.insert_event::<StoreError>(
+                    events,
+                    EventKind::EventsSuppressed,
+                    Some(&s.node),
+                    &s.message(&config),
+                    now,
+                )?;
             }
             self.tx_event::<StoreError>(events, kind, node, message, now)
         }))?;
@@ -1383,7 +1510,13 @@ impl Store {
         let events = &self.inner.events;
         finish(events.transaction(|events| {
             for s in &due {
-                self.insert_event::<StoreError>(events, EventKind::EventsSuppressed, Some(&s.node), &s.message(&config), now)?;
+                self.insert_event::<StoreError>(
+                    events,
+                    EventKind::EventsSuppressed,
+                    Some(&s.node),
+                    &s.message(&config),
+                    now,
+                )?;
             }
             Ok(())
         }))?;
@@ -1442,7 +1575,10 @@ mod tests {
     }
 
     fn hw(value: &str) -> HardwareId {
-        HardwareId { source: HardwareIdSource::DmiUuid, value: value.to_owned() }
+        HardwareId {
+            source: HardwareIdSource::DmiUuid,
+            value: value.to_owned(),
+        }
     }
 
     fn enrol(
@@ -1456,7 +1592,16 @@ mod tests {
         // One key per machine: a machine that enrols again kept its key (the rules for new keys are
         // tested in `enrolment` and below).
         let key = shoal_overlay::pki::sha256(hardware_id.value.as_bytes());
-        store.enrol(&EnrolParams { token_id, secret, hardware_id, hostname, now, key: &key, remote: "test", is_live: &|_| false })
+        store.enrol(&EnrolParams {
+            token_id,
+            secret,
+            hardware_id,
+            hostname,
+            now,
+            key: &key,
+            remote: "test",
+            is_live: &|_| false,
+        })
     }
 
     fn refusal(result: Result<Enrolment, EnrolError>) -> EnrolRefusal {
@@ -1468,7 +1613,12 @@ mod tests {
     }
 
     fn kinds(store: &Store) -> Vec<EventKind> {
-        store.events(None, usize::MAX).unwrap().into_iter().map(|e| e.kind).collect()
+        store
+            .events(None, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect()
     }
 
     // Tests run on ordinary disks with plenty of room; the reserve is what production uses.
@@ -1476,7 +1626,13 @@ mod tests {
         Store::open(dir).unwrap()
     }
 
-    fn claim(store: &Store, token_id: &str, machine: &str, key: u8, now: UnixMillis) -> Result<Enrolment, EnrolError> {
+    fn claim(
+        store: &Store,
+        token_id: &str,
+        machine: &str,
+        key: u8,
+        now: UnixMillis,
+    ) -> Result<Enrolment, EnrolError> {
         let hw = hw(machine);
         store.enrol(&EnrolParams {
             token_id,
@@ -1500,16 +1656,25 @@ mod tests {
             let r = refusal(claim(&store, "t", "m", key, at(2)));
             assert!(matches!(r, EnrolRefusal::AwaitingApproval { .. }), "{r:?}");
             // A retry with the same key refreshes its request.
-            assert!(matches!(refusal(claim(&store, "t", "m", key, at(3))), EnrolRefusal::AwaitingApproval { .. }));
+            assert!(matches!(
+                refusal(claim(&store, "t", "m", key, at(3))),
+                EnrolRefusal::AwaitingApproval { .. }
+            ));
         }
         let pending = store.pending_enrolments().unwrap();
         assert_eq!(pending.len(), crate::enrolment::MAX_PENDING_PER_NODE);
         assert!(pending.iter().all(|p| p.node == node && p.attempts == 2));
         let r = refusal(claim(&store, "t", "m", 200, at(4)));
-        assert!(matches!(r, EnrolRefusal::TooManyPending { .. }), "the per-node cap holds: {r:?}");
+        assert!(
+            matches!(r, EnrolRefusal::TooManyPending { .. }),
+            "the per-node cap holds: {r:?}"
+        );
         // Requests lapse an hour after their last attempt and are pruned.
         let later = UnixMillis(at(3).0 + crate::enrolment::PENDING_TTL_MS);
-        assert_eq!(store.prune(later).unwrap().pending, crate::enrolment::MAX_PENDING_PER_NODE);
+        assert_eq!(
+            store.prune(later).unwrap().pending,
+            crate::enrolment::MAX_PENDING_PER_NODE
+        );
         assert!(store.pending_enrolments().unwrap().is_empty());
     }
 
@@ -1521,7 +1686,9 @@ mod tests {
         let mut boot = token("boot", "s", T0);
         boot.expires_at = Some(at(10 * minute));
         boot.max_uses = Some(1);
-        store.create_bound_token(&boot, &TokenBinding::Mac("52:54:00:00:00:01".into())).unwrap();
+        store
+            .create_bound_token(&boot, &TokenBinding::Mac("52:54:00:00:00:01".into()))
+            .unwrap();
         let mut general = token("general", "s", T0);
         general.expires_at = Some(at(10 * minute));
         store.create_token(&general).unwrap();
@@ -1530,14 +1697,32 @@ mod tests {
         used.max_uses = Some(1);
         store.create_token(&used).unwrap();
         claim(&store, "used", "u", 9, at(minute)).unwrap();
-        let ids = |store: &Store| store.tokens().unwrap().into_iter().map(|t| t.id).collect::<Vec<_>>();
-        assert_eq!(store.prune(at(15 * minute)).unwrap().tokens, 0, "nothing lapsed long enough");
-        // A boot token goes 10 minutes after it expired; general tokens a day after they stopped working.
+        let ids = |store: &Store| {
+            store
+                .tokens()
+                .unwrap()
+                .into_iter()
+                .map(|t| t.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            store.prune(at(15 * minute)).unwrap().tokens,
+            0,
+            "nothing lapsed long enough"
+        );
+        // A boot token goes 10 minutes after it expired; general tokens a day after they stopped
+        // working.
         assert_eq!(store.prune(at(21 * minute)).unwrap().tokens, 1);
-        assert!(!ids(&store).contains(&"boot".to_owned()) && store.token_binding("boot").unwrap().is_none());
+        assert!(
+            !ids(&store).contains(&"boot".to_owned())
+                && store.token_binding("boot").unwrap().is_none()
+        );
         assert_eq!(store.prune(at(25 * 60 * minute)).unwrap().tokens, 2);
         assert_eq!(ids(&store), ["forever"], "a valid token is never pruned");
-        assert!(store.inner.token_uses.is_empty(), "uses go with their token");
+        assert!(
+            store.inner.token_uses.is_empty(),
+            "uses go with their token"
+        );
     }
 
     #[test]
@@ -1546,16 +1731,29 @@ mod tests {
         let store = open(dir.path());
         store.create_token(&token("t", "s", T0)).unwrap();
         let node = claim(&store, "t", "m", 1, at(1)).unwrap().node.id;
-        let cert = |key: u8| CertRecord { node: node.clone(), key: [key; 32], issued_at: at(1), not_after: at(1_000_000) };
+        let cert = |key: u8| CertRecord {
+            node: node.clone(),
+            key: [key; 32],
+            issued_at: at(1),
+            not_after: at(1_000_000),
+        };
         store.record_cert("AA:01", &cert(1)).unwrap();
         store.record_cert("aa02", &cert(7)).unwrap();
         let (_, current) = store.revoke_cert("aa02", "old", at(2)).unwrap().unwrap();
-        assert!(!current && !store.identity(&node).unwrap().unwrap().must_rotate, "another key's certificate: no rotation");
+        assert!(
+            !current && !store.identity(&node).unwrap().unwrap().must_rotate,
+            "another key's certificate: no rotation"
+        );
         let (_, current) = store.revoke_cert("aa01", "stolen", at(3)).unwrap().unwrap();
-        assert!(current && store.identity(&node).unwrap().unwrap().must_rotate, "serials match whatever their spelling");
+        assert!(
+            current && store.identity(&node).unwrap().unwrap().must_rotate,
+            "serials match whatever their spelling"
+        );
         assert!(store.cert_revoked("AA:01").unwrap());
         assert_eq!(store.revoke_cert("ffff", "x", at(4)).unwrap(), None);
-        let verdict = store.check_connection(&node, &[1; 32], "aa01", at(1_000_000), at(5), "x").unwrap();
+        let verdict = store
+            .check_connection(&node, &[1; 32], "aa01", at(1_000_000), at(5), "x")
+            .unwrap();
         assert_eq!(verdict, crate::enrolment::CertVerdict::Revoked);
         store.begin_rotation(&node, &[2; 32], at(6)).unwrap();
         let i = store.identity(&node).unwrap().unwrap();
@@ -1572,15 +1770,27 @@ mod tests {
         assert_eq!(t.state(now), TokenState::Valid);
         t.expires_at = Some(at(20_000));
         assert_eq!(t.state(now), TokenState::Valid);
-        assert_eq!(t.state(at(20_000)), TokenState::Expired, "expiry is exclusive of its instant");
+        assert_eq!(
+            t.state(at(20_000)),
+            TokenState::Expired,
+            "expiry is exclusive of its instant"
+        );
         t.max_uses = Some(2);
         t.uses = 1;
         assert_eq!(t.state(now), TokenState::Valid);
         t.uses = 2;
         assert_eq!(t.state(now), TokenState::UsedUp);
-        assert_eq!(t.state(at(30_000)), TokenState::Expired, "expiry outranks exhaustion");
+        assert_eq!(
+            t.state(at(30_000)),
+            TokenState::Expired,
+            "expiry outranks exhaustion"
+        );
         t.revoked_at = Some(at(5_000));
-        assert_eq!(t.state(now), TokenState::Revoked, "revocation outranks everything");
+        assert_eq!(
+            t.state(now),
+            TokenState::Revoked,
+            "revocation outranks everything"
+        );
     }
 
     #[test]
@@ -1589,7 +1799,10 @@ mod tests {
         let store = open(dir.path());
         let m = hw("machine-1");
 
-        assert_eq!(refusal(enrol(&store, "nope", "s", &m, "h", T0)), EnrolRefusal::TokenUnknown);
+        assert_eq!(
+            refusal(enrol(&store, "nope", "s", &m, "h", T0)),
+            EnrolRefusal::TokenUnknown
+        );
 
         store.create_token(&token("good", "secret", T0)).unwrap();
         assert_eq!(
@@ -1601,9 +1814,25 @@ mod tests {
         let mut expiring = token("expiring", "s", T0);
         expiring.expires_at = Some(UnixMillis(1_700_000_060_000));
         store.create_token(&expiring).unwrap();
-        let r = refusal(enrol(&store, "expiring", "s", &m, "h", UnixMillis(1_700_000_060_000)));
-        assert_eq!(r, EnrolRefusal::TokenExpired { id: "expiring".into(), at: "2023-11-14T22:14:20Z".into() });
-        assert_eq!(r.to_string(), "join token expiring expired at 2023-11-14T22:14:20Z");
+        let r = refusal(enrol(
+            &store,
+            "expiring",
+            "s",
+            &m,
+            "h",
+            UnixMillis(1_700_000_060_000),
+        ));
+        assert_eq!(
+            r,
+            EnrolRefusal::TokenExpired {
+                id: "expiring".into(),
+                at: "2023-11-14T22:14:20Z".into()
+            }
+        );
+        assert_eq!(
+            r.to_string(),
+            "join token expiring expired at 2023-11-14T22:14:20Z"
+        );
 
         let mut once = token("once", "s", T0);
         once.max_uses = Some(1);
@@ -1611,7 +1840,10 @@ mod tests {
         enrol(&store, "once", "s", &m, "h", at(1)).unwrap();
         assert_eq!(
             refusal(enrol(&store, "once", "s", &hw("machine-2"), "h2", at(2))),
-            EnrolRefusal::TokenUsedUp { id: "once".into(), uses: 1 }
+            EnrolRefusal::TokenUsedUp {
+                id: "once".into(),
+                uses: 1
+            }
         );
 
         store.create_token(&token("revoked", "s", T0)).unwrap();
@@ -1619,22 +1851,38 @@ mod tests {
         assert_eq!(rec.revoked_at, Some(at(3)));
         assert_eq!(rec.state(at(4)), TokenState::Revoked);
         assert_eq!(
-            store.revoke_token("revoked", at(9)).unwrap().unwrap().revoked_at,
+            store
+                .revoke_token("revoked", at(9))
+                .unwrap()
+                .unwrap()
+                .revoked_at,
             Some(at(3)),
             "revoking twice keeps the first time"
         );
         assert_eq!(store.revoke_token("unknown", at(3)).unwrap(), None);
         assert_eq!(
             refusal(enrol(&store, "revoked", "s", &m, "h", at(4))),
-            EnrolRefusal::TokenRevoked { id: "revoked".into() }
+            EnrolRefusal::TokenRevoked {
+                id: "revoked".into()
+            }
         );
 
         // Refusals change nothing: one node, one use of "once", no use of the others.
         assert_eq!(store.nodes().unwrap().len(), 1);
-        let uses: BTreeMap<String, u32> = store.tokens().unwrap().into_iter().map(|t| (t.id, t.uses)).collect();
+        let uses: BTreeMap<String, u32> = store
+            .tokens()
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.id, t.uses))
+            .collect();
         assert_eq!(
             uses,
-            BTreeMap::from([("expiring".into(), 0), ("good".into(), 0), ("once".into(), 1), ("revoked".into(), 0)])
+            BTreeMap::from([
+                ("expiring".into(), 0),
+                ("good".into(), 0),
+                ("once".into(), 1),
+                ("revoked".into(), 0)
+            ])
         );
         assert_eq!(
             kinds(&store),
@@ -1654,7 +1902,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let mut t1 = token("t1", "s1", T0);
-        t1.labels = BTreeMap::from([("rack".into(), "a".into()), ("role".into(), "storage".into())]);
+        t1.labels = BTreeMap::from([
+            ("rack".into(), "a".into()),
+            ("role".into(), "storage".into()),
+        ]);
         store.create_token(&t1).unwrap();
         let mut t2 = token("t2", "s2", T0);
         t2.labels = BTreeMap::from([("rack".into(), "b".into())]);
@@ -1666,12 +1917,15 @@ mod tests {
         assert!(
             id.0.len() == 11
                 && id.0.starts_with('n')
-                && id.0[1..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+                && id.0[1..]
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
             "{id}"
         );
         assert_eq!(first.node.enrolled_at, at(1));
 
-        // The same token and the same key again (the first reply was lost): the same node, nothing spent.
+        // The same token and the same key again (the first reply was lost): the same node, nothing
+        // spent.
         let again = enrol(&store, "t1", "s1", &hw("m"), "old-name", at(2)).unwrap();
         assert!(!again.new && again.replay);
         assert_eq!(again.node.id, id);
@@ -1679,11 +1933,18 @@ mod tests {
         let other_token = enrol(&store, "t2", "s2", &hw("m"), "new-name", at(3)).unwrap();
         assert!(!other_token.new);
         assert_eq!(other_token.node.id, id);
-        assert_eq!(other_token.node.enrolled_at, at(1), "enrolment time is kept");
+        assert_eq!(
+            other_token.node.enrolled_at,
+            at(1),
+            "enrolment time is kept"
+        );
         assert_eq!(other_token.node.hostname, "new-name");
         assert_eq!(
             other_token.node.labels,
-            BTreeMap::from([("rack".into(), "b".into()), ("role".into(), "storage".into())])
+            BTreeMap::from([
+                ("rack".into(), "b".into()),
+                ("role".into(), "storage".into())
+            ])
         );
 
         let nodes = store.nodes().unwrap();
@@ -1696,8 +1957,11 @@ mod tests {
         assert!(second.new);
         assert_ne!(second.node.id, id);
         let events = store.events(None, 100).unwrap();
-        let enrol_events: Vec<(EventKind, Option<NodeId>)> =
-            events.iter().skip(2).map(|e| (e.kind, e.node.clone())).collect();
+        let enrol_events: Vec<(EventKind, Option<NodeId>)> = events
+            .iter()
+            .skip(2)
+            .map(|e| (e.kind, e.node.clone()))
+            .collect();
         assert_eq!(
             enrol_events,
             [
@@ -1706,7 +1970,12 @@ mod tests {
                 (EventKind::Enrolled, Some(second.node.id.clone())),
             ]
         );
-        let names: Vec<String> = store.nodes().unwrap().into_iter().map(|n| n.hostname).collect();
+        let names: Vec<String> = store
+            .nodes()
+            .unwrap()
+            .into_iter()
+            .map(|n| n.hostname)
+            .collect();
         assert_eq!(names, ["b-host", "new-name"], "sorted by hostname");
     }
 
@@ -1721,13 +1990,22 @@ mod tests {
 
         let removed = store.remove_node(&node.id, at(10)).unwrap().unwrap();
         assert_eq!(removed, node);
-        assert_eq!(store.remove_node(&node.id, at(11)).unwrap(), None, "already gone");
+        assert_eq!(
+            store.remove_node(&node.id, at(11)).unwrap(),
+            None,
+            "already gone"
+        );
         assert_eq!(store.node(&node.id).unwrap(), None);
         assert!(store.nodes().unwrap().is_empty());
         assert_eq!(store.removed_at(&node.id).unwrap(), Some(at(10)));
 
         let r = refusal(enrol(&store, "old", "s", &m, "h", at(20)));
-        assert_eq!(r, EnrolRefusal::NodeRemoved { hardware_id: "dmi-uuid:m".into() });
+        assert_eq!(
+            r,
+            EnrolRefusal::NodeRemoved {
+                hardware_id: "dmi-uuid:m".into()
+            }
+        );
         assert!(r.to_string().contains("create a new token"), "{r}");
         // The same old token still admits other machines.
         enrol(&store, "old", "s", &hw("other"), "o", at(21)).unwrap();
@@ -1735,7 +2013,10 @@ mod tests {
         store.create_token(&token("new", "s2", at(30))).unwrap();
         let back = enrol(&store, "new", "s2", &m, "h", at(31)).unwrap();
         assert!(back.new, "a removed machine comes back as a new node");
-        assert_ne!(back.node.id, node.id, "its old identity (and certificate) stays removed");
+        assert_ne!(
+            back.node.id, node.id,
+            "its old identity (and certificate) stays removed"
+        );
         assert_eq!(store.removed_at(&node.id).unwrap(), Some(at(10)));
         // Once admitted again, it may re-enrol with any valid token, the old one included.
         let again = enrol(&store, "old", "s", &m, "h", at(32)).unwrap();
@@ -1747,7 +2028,12 @@ mod tests {
     fn update_node() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        assert_eq!(store.update_node(&NodeId("n0000000000".into()), |_| panic!("not called")).unwrap(), None);
+        assert_eq!(
+            store
+                .update_node(&NodeId("n0000000000".into()), |_| panic!("not called"))
+                .unwrap(),
+            None
+        );
         store.create_token(&token("t", "s", T0)).unwrap();
         let node = enrol(&store, "t", "s", &hw("m"), "h", at(1)).unwrap().node;
         assert_eq!(node.status, NodeStatus::Down);
@@ -1756,8 +2042,16 @@ mod tests {
                 n.status = NodeStatus::Up;
                 n.last_seen = Some(at(5));
                 n.agent_version = "0.1.0".into();
-                n.health = Some(HealthReport { at: at(5), uptime_secs: 42, ..Default::default() });
-                n.inventory = Some(Inventory { hostname: "h".into(), cpu_cores: 8, ..Default::default() });
+                n.health = Some(HealthReport {
+                    at: at(5),
+                    uptime_secs: 42,
+                    ..Default::default()
+                });
+                n.inventory = Some(Inventory {
+                    hostname: "h".into(),
+                    cpu_cores: 8,
+                    ..Default::default()
+                });
                 n.inventory_at = Some(at(5));
             })
             .unwrap()
@@ -1779,42 +2073,75 @@ mod tests {
             store.create_token(&token("r", "s", T0)).unwrap();
             store.revoke_token("r", at(1)).unwrap();
             let node = enrol(&store, "t", "s", &hw("m"), "h", at(2)).unwrap().node;
-            let gone = enrol(&store, "t", "s", &hw("gone"), "g", at(2)).unwrap().node;
+            let gone = enrol(&store, "t", "s", &hw("gone"), "g", at(2))
+                .unwrap()
+                .node;
             store.remove_node(&gone.id, at(3)).unwrap();
-            let node = store.update_node(&node.id, |n| n.status = NodeStatus::Up).unwrap().unwrap();
-            let last = store.append_event(EventKind::Up, Some(&node.id), "h is up", at(4)).unwrap();
-            // No explicit flush: dropping the store must persist what update_node and append_event wrote.
+            let node = store
+                .update_node(&node.id, |n| n.status = NodeStatus::Up)
+                .unwrap()
+                .unwrap();
+            let last = store
+                .append_event(EventKind::Up, Some(&node.id), "h is up", at(4))
+                .unwrap();
+            // No explicit flush: dropping the store must persist what update_node and append_event
+            // wrote.
             (node, last.seq)
         };
         let store = open(dir.path());
-        assert_eq!(store.get_meta("ca_cert").unwrap().as_deref(), Some(&b"cert bytes"[..]));
+        assert_eq!(
+            store.get_meta("ca_cert").unwrap().as_deref(),
+            Some(&b"cert bytes"[..])
+        );
         assert_eq!(store.get_meta("absent").unwrap(), None);
         let tokens = store.tokens().unwrap();
         assert_eq!(
-            tokens.iter().map(|t| (t.id.as_str(), t.uses, t.state(at(5)))).collect::<Vec<_>>(),
+            tokens
+                .iter()
+                .map(|t| (t.id.as_str(), t.uses, t.state(at(5))))
+                .collect::<Vec<_>>(),
             [("r", 0, TokenState::Revoked), ("t", 2, TokenState::Valid)]
         );
         assert_eq!(tokens[1].labels.get("zone").map(String::as_str), Some("1"));
         assert_eq!(store.nodes().unwrap(), std::slice::from_ref(&node));
-        let removed = store.events(None, 100).unwrap().into_iter().find(|e| e.kind == EventKind::Removed).unwrap();
-        assert_eq!(store.removed_at(removed.node.as_ref().unwrap()).unwrap(), Some(at(3)));
+        let removed = store
+            .events(None, 100)
+            .unwrap()
+            .into_iter()
+            .find(|e| e.kind == EventKind::Removed)
+            .unwrap();
+        assert_eq!(
+            store.removed_at(removed.node.as_ref().unwrap()).unwrap(),
+            Some(at(3))
+        );
         assert_eq!(
             refusal(enrol(&store, "t", "s", &hw("gone"), "g", at(6))),
-            EnrolRefusal::NodeRemoved { hardware_id: "dmi-uuid:gone".into() }
+            EnrolRefusal::NodeRemoved {
+                hardware_id: "dmi-uuid:gone".into()
+            }
         );
 
         let events = store.events(None, 100).unwrap();
         assert_eq!(events.len(), 7);
         assert_eq!(events.last().unwrap().seq, last_seq);
         assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
-        let next = store.append_event(EventKind::Down, Some(&node.id), "h is down", at(7)).unwrap();
+        let next = store
+            .append_event(EventKind::Down, Some(&node.id), "h is down", at(7))
+            .unwrap();
         assert!(next.seq > last_seq, "{} after {last_seq}", next.seq);
         drop(store);
         let store = open(dir.path());
-        let after = store.append_event(EventKind::Up, Some(&node.id), "h is up", at(8)).unwrap();
+        let after = store
+            .append_event(EventKind::Up, Some(&node.id), "h is up", at(8))
+            .unwrap();
         assert!(after.seq > next.seq);
         assert_eq!(
-            store.events(Some(last_seq), 10).unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(),
+            store
+                .events(Some(last_seq), 10)
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect::<Vec<_>>(),
             [next.seq, after.seq]
         );
     }
@@ -1824,7 +2151,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _store = open(dir.path());
         let err = Store::open(dir.path()).unwrap_err();
-        assert!(err.to_string().contains("locked by another process"), "{err}");
+        assert!(
+            err.to_string().contains("locked by another process"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1832,9 +2162,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         for i in 0..5 {
-            store.append_event(EventKind::Up, None, &format!("e{i}"), at(i)).unwrap();
+            store
+                .append_event(EventKind::Up, None, &format!("e{i}"), at(i))
+                .unwrap();
         }
-        let page: Vec<String> = store.events(Some(1), 2).unwrap().into_iter().map(|e| e.message).collect();
+        let page: Vec<String> = store
+            .events(Some(1), 2)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.message)
+            .collect();
         assert_eq!(page, ["e1", "e2"]);
         assert!(store.events(Some(5), 10).unwrap().is_empty());
         assert!(store.events(Some(u64::MAX), 10).unwrap().is_empty());
@@ -1842,7 +2179,12 @@ mod tests {
         // Pretend the log is long: trimming keeps the newest MAX_EVENTS.
         store.inner.next_seq.store(MAX_EVENTS + 3, Ordering::SeqCst);
         store.trim_events().unwrap();
-        let left: Vec<u64> = store.events(None, 10).unwrap().into_iter().map(|e| e.seq).collect();
+        let left: Vec<u64> = store
+            .events(None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.seq)
+            .collect();
         assert_eq!(left, [3, 4, 5]);
     }
 
@@ -1864,8 +2206,14 @@ mod tests {
                 return Some(Tmpfs { dir });
             }
             let stderr = String::from_utf8_lossy(&out.stderr);
-            if ["ermission denied", "not permitted", "must be superuser"].iter().any(|s| stderr.contains(s)) {
-                eprintln!("SKIPPED: cannot mount a tmpfs to fill (needs root / CAP_SYS_ADMIN): {}", stderr.trim());
+            if ["ermission denied", "not permitted", "must be superuser"]
+                .iter()
+                .any(|s| stderr.contains(s))
+            {
+                eprintln!(
+                    "SKIPPED: cannot mount a tmpfs to fill (needs root / CAP_SYS_ADMIN): {}",
+                    stderr.trim()
+                );
                 return None;
             }
             panic!("mount tmpfs failed: {}", stderr.trim());
@@ -1878,11 +2226,17 @@ mod tests {
 
     impl Drop for Tmpfs {
         fn drop(&mut self) {
-            // sled may release its files a moment after the store is dropped (or a failed test left it
-            // open); detach lazily then, so no mount outlives the test.
-            let unmounted = Command::new("umount").arg(self.dir.path()).status().is_ok_and(|s| s.success());
+            // sled may release its files a moment after the store is dropped (or a failed test left
+            // it open); detach lazily then, so no mount outlives the test.
+            let unmounted = Command::new("umount")
+                .arg(self.dir.path())
+                .status()
+                .is_ok_and(|s| s.success());
             if !unmounted {
-                let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(self.dir.path())
+                    .status();
             }
         }
     }
@@ -1942,13 +2296,18 @@ mod tests {
             .filter(|e| e.kind == EventKind::TokenCreated)
             .map(|e| e.message)
             .collect();
-        let want: Vec<String> = want.iter().map(|id| format!("join token {id} created")).collect();
+        let want: Vec<String> = want
+            .iter()
+            .map(|id| format!("join token {id} created"))
+            .collect();
         assert_eq!(created, want);
     }
 
     #[test]
     fn full_disk_is_refused_before_sled_meets_it() {
-        let Some(fs) = Tmpfs::mount("48m") else { return };
+        let Some(fs) = Tmpfs::mount("48m") else {
+            return;
+        };
         let db = fs.path().join("db");
         let store = Store::open(&db).unwrap();
         let before = 10;
@@ -1959,14 +2318,25 @@ mod tests {
         let (more, err) = write_until_error(&store, before);
         let acknowledged = before + more;
         eprintln!("guarded store: {more} more tokens after filling, then: {err}");
-        let StoreError::Db(msg) = &err else { panic!("expected Db, got {err:?}") };
-        assert!(msg.starts_with("disk full: ") && msg.contains("no space for writes"), "{msg}");
+        let StoreError::Db(msg) = &err else {
+            panic!("expected Db, got {err:?}")
+        };
+        assert!(
+            msg.starts_with("disk full: ") && msg.contains("no space for writes"),
+            "{msg}"
+        );
         assert!(msg.contains(&db.display().to_string()), "{msg}");
         // Reads still work, and all writes are refused while the disk is full.
         assert_tokens(&store, acknowledged);
         assert!(matches!(store.put_meta("k", b"v"), Err(StoreError::Db(_))));
-        assert!(matches!(store.append_event(EventKind::Up, None, "x", at(0)), Err(StoreError::Db(_))));
-        assert!(matches!(store.revoke_token("0000000000000000", at(0)), Err(StoreError::Db(_))));
+        assert!(matches!(
+            store.append_event(EventKind::Up, None, "x", at(0)),
+            Err(StoreError::Db(_))
+        ));
+        assert!(matches!(
+            store.revoke_token("0000000000000000", at(0)),
+            Err(StoreError::Db(_))
+        ));
 
         // A restart on the full disk can still read everything.
         drop(store);
@@ -1981,12 +2351,14 @@ mod tests {
         assert_tokens(&store, acknowledged + 1);
     }
 
-    /// What sled 0.34 itself does on ENOSPC, with the store's guard off: the write that meets it fails
-    /// with a clear error, nothing panics, and every acknowledged write survives a restart. (sled then
-    /// refuses all writes until reopened, even once space is freed; hence the guard.)
+    /// What sled 0.34 itself does on ENOSPC, with the store's guard off: the write that meets it
+    /// fails with a clear error, nothing panics, and every acknowledged write survives a restart.
+    /// (sled then refuses all writes until reopened, even once space is freed; hence the guard.)
     #[test]
     fn full_disk_without_the_guard_errors_and_keeps_acknowledged_writes() {
-        let Some(fs) = Tmpfs::mount("16m") else { return };
+        let Some(fs) = Tmpfs::mount("16m") else {
+            return;
+        };
         let db = fs.path().join("db");
         let store = Store::open_with_reserve(&db, 0).unwrap();
         let before = 10;
@@ -1997,9 +2369,17 @@ mod tests {
         let (more, err) = write_until_error(&store, before);
         let acknowledged = before + more;
         eprintln!("unguarded store: {more} more tokens after filling, then: {err}");
-        let StoreError::Db(msg) = &err else { panic!("expected Db, got {err:?}") };
-        assert!(msg.starts_with("I/O error: No space left on device"), "{msg}");
-        assert!(store.tokens().unwrap().len() >= acknowledged, "reads still work");
+        let StoreError::Db(msg) = &err else {
+            panic!("expected Db, got {err:?}")
+        };
+        assert!(
+            msg.starts_with("I/O error: No space left on device"),
+            "{msg}"
+        );
+        assert!(
+            store.tokens().unwrap().len() >= acknowledged,
+            "reads still work"
+        );
         std::fs::remove_file(&filler).unwrap();
         eprintln!(
             "unguarded store, write after freeing space: {:?}",
@@ -2018,7 +2398,9 @@ mod tests {
 
     #[test]
     fn opening_on_a_full_disk_fails_cleanly_and_recovers() {
-        let Some(fs) = Tmpfs::mount("16m") else { return };
+        let Some(fs) = Tmpfs::mount("16m") else {
+            return;
+        };
         let db = fs.path().join("db");
         let store = Store::open(&db).unwrap();
         for i in 0..10 {
@@ -2028,15 +2410,17 @@ mod tests {
         let filler = fill(fs.path(), 0);
         let err = Store::open(&db).unwrap_err();
         eprintln!("open on a full disk: {err}");
-        let StoreError::Db(msg) = &err else { panic!("expected Db, got {err:?}") };
+        let StoreError::Db(msg) = &err else {
+            panic!("expected Db, got {err:?}")
+        };
         assert!(msg.contains("No space left on device"), "{msg}");
         std::fs::remove_file(&filler).unwrap();
         let store = Store::open(&db).unwrap();
         assert_tokens(&store, 10);
     }
 
-    /// sled 0.34 takes a leftover `snap.*.generating` (an interrupted snapshot write) for the newest
-    /// snapshot and refuses to open; the store removes such files first.
+    /// sled 0.34 takes a leftover `snap.*.generating` (an interrupted snapshot write) for the
+    /// newest snapshot and refuses to open; the store removes such files first.
     #[test]
     fn an_interrupted_snapshot_does_not_block_opening() {
         let dir = tempfile::tempdir().unwrap();
@@ -2046,19 +2430,24 @@ mod tests {
         let leftover = dir.path().join("snap.FFFFFFFFFFFFFFFF.generating");
         std::fs::write(&leftover, b"half a snapsh").unwrap();
 
-        // Raw sled fails on it (retrying while a previous handle of this process still holds the lock).
+        // Raw sled fails on it (retrying while a previous handle of this process still holds the
+        // lock).
         let deadline = Instant::now() + Duration::from_secs(5);
         let raw = loop {
             match sled::Config::new().path(dir.path()).open() {
                 Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock") && Instant::now() < deadline =>
+                    if e.to_string().contains("could not acquire lock")
+                        && Instant::now() < deadline =>
                 {
                     std::thread::sleep(Duration::from_millis(20))
                 }
                 other => break other,
             }
         };
-        assert!(matches!(raw, Err(sled::Error::Corruption { .. })), "sled 0.34 no longer trips on it: {raw:?}");
+        assert!(
+            matches!(raw, Err(sled::Error::Corruption { .. })),
+            "sled 0.34 no longer trips on it: {raw:?}"
+        );
         drop(raw);
 
         let store = open(dir.path());

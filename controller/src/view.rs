@@ -259,11 +259,12 @@ pub struct DriveView {
     pub model: Option<String>,
     /// Size in bytes.
     pub size_bytes: u64,
-    /// `blank`, `awaiting-approval`, `has-data`, `preparing`, `prepared`, `missing`, `prepare-failed` or
-    /// `unreadable`.
+    /// `blank`, `awaiting-approval`, `has-data`, `preparing`, `prepared`, `missing`,
+    /// `prepare-failed` or `unreadable`.
     pub state: String,
-    /// What goes with the state: `signatures` (has-data); `partition`, `filesystem`, `fs_uuid`, `label`,
-    /// `mount_point` (prepared, missing); `reason` (prepare-failed, unreadable); null for the others.
+    /// What goes with the state: `signatures` (has-data); `partition`, `filesystem`, `fs_uuid`,
+    /// `label`, `mount_point` (prepared, missing); `reason` (prepare-failed, unreadable); null for
+    /// the others.
     pub state_detail: Option<StateDetail>,
     /// SMART: verdict, latest read, self-test.
     pub smart: SmartView,
@@ -300,13 +301,14 @@ pub struct StateDetail {
 /// A drive's SMART as the controller judges it.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct SmartView {
-    /// `ok`, `warning`, `failing`, or `unknown` (no SMART, or never read successfully). When the latest
-    /// read failed, the verdict of the last good read.
+    /// `ok`, `warning`, `failing`, or `unknown` (no SMART, or never read successfully). When the
+    /// latest read failed, the verdict of the last good read.
     pub verdict: String,
     /// Why the verdict is not `ok`, one sentence each.
     pub reasons: Vec<String>,
-    /// The latest read: `report` (smartctl read the drive), `no-smart` (the device has none: virtio,
-    /// loop...), `failed` (smartctl missing, timed out, unparsable), `pending` (not read yet).
+    /// The latest read: `report` (smartctl read the drive), `no-smart` (the device has none:
+    /// virtio, loop...), `failed` (smartctl missing, timed out, unparsable), `pending` (not read
+    /// yet).
     pub status: String,
     /// Why, for `no-smart` and `failed`.
     pub reason: Option<String>,
@@ -318,10 +320,10 @@ pub struct SmartView {
     pub power_on_hours: Option<u64>,
     /// The drive's overall-health self-assessment.
     pub health_passed: Option<bool>,
-    /// The raw failure predictors: ATA `reallocated_sectors`, `reported_uncorrectable`, `command_timeouts`,
-    /// `pending_sectors`, `offline_uncorrectable`; NVMe `critical_warning`, `media_errors`,
-    /// `percentage_used`, `available_spare`, `available_spare_threshold`; SCSI `grown_defects`,
-    /// `read_uncorrected`, `write_uncorrected`.
+    /// The raw failure predictors: ATA `reallocated_sectors`, `reported_uncorrectable`,
+    /// `command_timeouts`, `pending_sectors`, `offline_uncorrectable`; NVMe `critical_warning`,
+    /// `media_errors`, `percentage_used`, `available_spare`, `available_spare_threshold`; SCSI
+    /// `grown_defects`, `read_uncorrected`, `write_uncorrected`.
     pub predictors: Option<serde_json::Value>,
     /// The running self-test, or the newest one in the drive's log.
     pub self_test: Option<SelfTestView>,

@@ -3,36 +3,37 @@
 //! A window is a schedule, a duration and a time zone, and optionally a `KEY=VALUE` label selector
 //! saying which nodes it is meant for. Each time the schedule fires, the window opens for the
 //! duration. This module is a sans-IO core: every question takes the instant to answer for; nothing
-//! here reads a clock or the store. (Looking a time zone up by name reads the system's tzdb, once, when
-//! a window is parsed.)
+//! here reads a clock or the store. (Looking a time zone up by name reads the system's tzdb, once,
+//! when a window is parsed.)
 //!
 //! # Schedule language
 //!
-//! Five-field cron, `MINUTE HOUR DAY-OF-MONTH MONTH DAY-OF-WEEK`, as in Vixie cron and the Open Cron
-//! Pattern Specification: `*`, lists (`1,15`), ranges (`1-5`), steps (`*/2`, `8-18/2`), month and
-//! weekday names (`JAN`, `MON-FRI`), `L` (last day of month; `5L`, last Friday), `#` (`SAT#1`, first
-//! Saturday), `W` (nearest weekday) and the nicknames `@daily`, `@weekly`, `@monthly`, `@yearly`.
-//! When both day fields are restricted, either may match (Vixie cron); `+` before the weekday field
-//! (`0 2 1-7 * +SAT`) makes both required. Seconds and years are not accepted: a window is minutes to
-//! days long. Parsing and occurrence search are [croner]'s, on [jiff]'s time zones.
+//! Five-field cron, `MINUTE HOUR DAY-OF-MONTH MONTH DAY-OF-WEEK`, as in Vixie cron and the Open
+//! Cron Pattern Specification: `*`, lists (`1,15`), ranges (`1-5`), steps (`*/2`, `8-18/2`), month
+//! and weekday names (`JAN`, `MON-FRI`), `L` (last day of month; `5L`, last Friday), `#` (`SAT#1`,
+//! first Saturday), `W` (nearest weekday) and the nicknames `@daily`, `@weekly`, `@monthly`,
+//! `@yearly`. When both day fields are restricted, either may match (Vixie cron); `+` before the
+//! weekday field (`0 2 1-7 * +SAT`) makes both required. Seconds and years are not accepted: a
+//! window is minutes to days long. Parsing and occurrence search are [croner]'s, on [jiff]'s time
+//! zones.
 //!
 //! # Time zones and daylight saving time
 //!
 //! The schedule is read on the wall clock of the window's IANA time zone (default `UTC`).
-//! - **Spring forward** (a wall-clock time that does not exist that day, e.g. 02:30 in Europe/Berlin on
-//!   the last Sunday of March): the window opens at the first instant after the gap (03:00 local). It
-//!   still lasts its full duration.
-//! - **Fall back** (a wall-clock time that happens twice): the window opens once, at the first of the
-//!   two, and not again an hour later.
-//! - The duration is elapsed time, not wall-clock time: a 4 h window opening at 01:00 local closes at
-//!   04:00 local on the fall-back night and at 06:00 local on the spring-forward night, four real
-//!   hours either way. A window is never lengthened or shortened by a clock change.
+//! - **Spring forward** (a wall-clock time that does not exist that day, e.g. 02:30 in
+//!   Europe/Berlin on the last Sunday of March): the window opens at the first instant after the
+//!   gap (03:00 local). It still lasts its full duration.
+//! - **Fall back** (a wall-clock time that happens twice): the window opens once, at the first of
+//!   the two, and not again an hour later.
+//! - The duration is elapsed time, not wall-clock time: a 4 h window opening at 01:00 local closes
+//!   at 04:00 local on the fall-back night and at 06:00 local on the spring-forward night, four
+//!   real hours either way. A window is never lengthened or shortened by a clock change.
 //!
 //! # Openness
 //!
-//! A window is open at `t` when some opening `s` has `s <= t < s + duration`. Openings whose periods
-//! overlap or touch form one open period; [`Window::is_open`] reports the earliest opening that
-//! covers `t` and the end of the whole period, which is when new work must stop.
+//! A window is open at `t` when some opening `s` has `s <= t < s + duration`. Openings whose
+//! periods overlap or touch form one open period; [`Window::is_open`] reports the earliest opening
+//! that covers `t` and the end of the whole period, which is when new work must stop.
 
 use std::{collections::BTreeMap, fmt, time::Duration};
 
@@ -61,10 +62,14 @@ const MAX_MERGE: usize = 4096;
 #[non_exhaustive]
 pub enum WindowError {
     /// The name does not fit `[a-z0-9][a-z0-9-]{0,30}`.
-    #[error("window name {0:?} is not allowed: use 1 to 31 of a-z, 0-9 and '-', not starting with '-'")]
+    #[error(
+        "window name {0:?} is not allowed: use 1 to 31 of a-z, 0-9 and '-', not starting with '-'"
+    )]
     BadName(String),
     /// The schedule is not a five-field cron expression croner accepts.
-    #[error("schedule {spec:?} is not valid cron (MINUTE HOUR DAY-OF-MONTH MONTH DAY-OF-WEEK): {cause}")]
+    #[error(
+        "schedule {spec:?} is not valid cron (MINUTE HOUR DAY-OF-MONTH MONTH DAY-OF-WEEK): {cause}"
+    )]
     BadSchedule {
         /// What was given.
         spec: String,
@@ -85,8 +90,8 @@ pub enum WindowError {
     NeverOpens(String),
 }
 
-/// A window as the store keeps it and the admin API shows it: the text the operator gave, so that it
-/// round-trips exactly. [`Window::from_record`] parses it.
+/// A window as the store keeps it and the admin API shows it: the text the operator gave, so that
+/// it round-trips exactly. [`Window::from_record`] parses it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WindowRecord {
     /// Unique name, `[a-z0-9][a-z0-9-]{0,30}`.
@@ -112,7 +117,9 @@ pub struct Window {
 
 impl fmt::Debug for Window {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Window").field("record", &self.record).finish_non_exhaustive()
+        f.debug_struct("Window")
+            .field("record", &self.record)
+            .finish_non_exhaustive()
     }
 }
 
@@ -123,7 +130,10 @@ pub fn parse_schedule(spec: &str) -> Result<Cron, WindowError> {
         .year(croner::parser::Year::Disallowed)
         .build()
         .parse(spec)
-        .map_err(|e| WindowError::BadSchedule { spec: spec.to_owned(), cause: e.to_string() })
+        .map_err(|e| WindowError::BadSchedule {
+            spec: spec.to_owned(),
+            cause: e.to_string(),
+        })
 }
 
 /// Looks a time zone up by IANA name.
@@ -136,7 +146,9 @@ fn to_timestamp(t: UnixMillis) -> Option<Timestamp> {
 }
 
 fn to_millis(z: &Zoned) -> Option<UnixMillis> {
-    u64::try_from(z.timestamp().as_millisecond()).ok().map(UnixMillis)
+    u64::try_from(z.timestamp().as_millisecond())
+        .ok()
+        .map(UnixMillis)
 }
 
 /// `t + d`, saturating.
@@ -182,13 +194,19 @@ impl Window {
             return Err(WindowError::BadDuration(duration));
         }
         let tz = parse_tz(&record.tz)?;
-        Ok(Window { record, cron, tz, duration })
+        Ok(Window {
+            record,
+            cron,
+            tz,
+            duration,
+        })
     }
 
-    /// Checks that the window opens at least once after `now`; returns that opening. For refusing, at
-    /// creation, a schedule that can never fire.
+    /// Checks that the window opens at least once after `now`; returns that opening. For refusing,
+    /// at creation, a schedule that can never fire.
     pub fn check_opens(&self, now: UnixMillis) -> Result<(UnixMillis, UnixMillis), WindowError> {
-        self.next_open(now).ok_or_else(|| WindowError::NeverOpens(self.record.schedule.clone()))
+        self.next_open(now)
+            .ok_or_else(|| WindowError::NeverOpens(self.record.schedule.clone()))
     }
 
     /// The record to store.
@@ -208,7 +226,10 @@ impl Window {
 
     /// Whether the window is meant for a node with these labels (always, without a selector).
     pub fn applies_to(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.record.selector.as_ref().is_none_or(|(k, v)| selector_matches(k, v, labels))
+        self.record
+            .selector
+            .as_ref()
+            .is_none_or(|(k, v)| selector_matches(k, v, labels))
     }
 
     /// The selector as `KEY=VALUE`, if any.
@@ -219,11 +240,14 @@ impl Window {
     /// Openings with `from < start`, in order, as Unix milliseconds.
     fn openings_after(&self, from: UnixMillis) -> impl Iterator<Item = UnixMillis> + '_ {
         let start = to_timestamp(from).map(|ts| ts.to_zoned(self.tz.clone()));
-        start.into_iter().flat_map(move |z| self.cron.iter_after(z)).map_while(|z| to_millis(&z))
+        start
+            .into_iter()
+            .flat_map(move |z| self.cron.iter_after(z))
+            .map_while(|z| to_millis(&z))
     }
 
-    /// The end of the open period that begins with the opening at `opened`, following later openings
-    /// that start before the period ends.
+    /// The end of the open period that begins with the opening at `opened`, following later
+    /// openings that start before the period ends.
     fn merged_end(&self, opened: UnixMillis) -> UnixMillis {
         let mut end = add(opened, self.duration);
         for start in self.openings_after(opened).take(MAX_MERGE) {
@@ -235,16 +259,20 @@ impl Window {
         end
     }
 
-    /// If the window is open at `now`: when the earliest opening covering `now` opened, and when the
-    /// open period ends (after merging openings that overlap or touch). `None` when closed.
+    /// If the window is open at `now`: when the earliest opening covering `now` opened, and when
+    /// the open period ends (after merging openings that overlap or touch). `None` when closed.
     pub fn is_open(&self, now: UnixMillis) -> Option<(UnixMillis, UnixMillis)> {
-        // Openings in (now - duration, now] cover now; an opening exactly `duration` ago has closed.
-        let opened = self.openings_after(sub(now, self.duration)).next().filter(|s| *s <= now)?;
+        // Openings in (now - duration, now] cover now; an opening exactly `duration` ago has
+        // closed.
+        let opened = self
+            .openings_after(sub(now, self.duration))
+            .next()
+            .filter(|s| *s <= now)?;
         Some((opened, self.merged_end(opened)))
     }
 
-    /// The next opening that starts strictly after `after`, and when its open period ends. `None` if
-    /// the schedule never fires again.
+    /// The next opening that starts strictly after `after`, and when its open period ends. `None`
+    /// if the schedule never fires again.
     pub fn next_open(&self, after: UnixMillis) -> Option<(UnixMillis, UnixMillis)> {
         let start = self.openings_after(after).next()?;
         Some((start, self.merged_end(start)))
@@ -317,24 +345,66 @@ mod tests {
     #[test]
     fn bad_definitions_are_refused_with_the_reason() {
         let e = |r: Result<Window, WindowError>| r.expect_err("refused");
-        assert!(matches!(e(Window::new("w", "0 2 * *", H, None, None)), WindowError::BadSchedule { .. }));
-        assert!(matches!(e(Window::new("w", "61 2 * * *", H, None, None)), WindowError::BadSchedule { .. }));
-        assert!(matches!(e(Window::new("w", "0 0 2 * * *", H, None, None)), WindowError::BadSchedule { .. }), "no seconds");
-        assert!(matches!(e(Window::new("w", "0 2 * * *", H, Some("Mars/Olympus"), None)), WindowError::UnknownTimeZone(_)));
-        assert!(matches!(e(Window::new("w", "0 2 * * *", Duration::from_secs(30), None, None)), WindowError::BadDuration(_)));
-        assert!(matches!(e(Window::new("w", "0 2 * * *", 8 * 24 * H, None, None)), WindowError::BadDuration(_)));
-        assert!(matches!(e(Window::new("Nightly", "0 2 * * *", H, None, None)), WindowError::BadName(_)));
-        assert!(matches!(e(Window::new("w", "0 2 * * *", H, None, Some("role"))), WindowError::BadSelector(_)));
+        assert!(matches!(
+            e(Window::new("w", "0 2 * *", H, None, None)),
+            WindowError::BadSchedule { .. }
+        ));
+        assert!(matches!(
+            e(Window::new("w", "61 2 * * *", H, None, None)),
+            WindowError::BadSchedule { .. }
+        ));
+        assert!(
+            matches!(
+                e(Window::new("w", "0 0 2 * * *", H, None, None)),
+                WindowError::BadSchedule { .. }
+            ),
+            "no seconds"
+        );
+        assert!(matches!(
+            e(Window::new("w", "0 2 * * *", H, Some("Mars/Olympus"), None)),
+            WindowError::UnknownTimeZone(_)
+        ));
+        assert!(matches!(
+            e(Window::new(
+                "w",
+                "0 2 * * *",
+                Duration::from_secs(30),
+                None,
+                None
+            )),
+            WindowError::BadDuration(_)
+        ));
+        assert!(matches!(
+            e(Window::new("w", "0 2 * * *", 8 * 24 * H, None, None)),
+            WindowError::BadDuration(_)
+        ));
+        assert!(matches!(
+            e(Window::new("Nightly", "0 2 * * *", H, None, None)),
+            WindowError::BadName(_)
+        ));
+        assert!(matches!(
+            e(Window::new("w", "0 2 * * *", H, None, Some("role"))),
+            WindowError::BadSelector(_)
+        ));
         let feb30 = window("0 0 30 2 *", H, "UTC");
-        assert!(matches!(feb30.check_opens(t("2026-01-01T00:00:00Z")), Err(WindowError::NeverOpens(_))));
+        assert!(matches!(
+            feb30.check_opens(t("2026-01-01T00:00:00Z")),
+            Err(WindowError::NeverOpens(_))
+        ));
         let err = e(Window::new("w", "0 25 * * *", H, None, None)).to_string();
         assert!(err.contains("0 25 * * *"), "{err}");
     }
 
     #[test]
     fn a_record_round_trips_and_the_selector_picks_nodes() {
-        let w = Window::new("nightly", "30 2 * * MON-FRI", 4 * H, Some("Europe/Berlin"), Some("role=worker"))
-            .expect("valid");
+        let w = Window::new(
+            "nightly",
+            "30 2 * * MON-FRI",
+            4 * H,
+            Some("Europe/Berlin"),
+            Some("role=worker"),
+        )
+        .expect("valid");
         let back = Window::from_record(w.record().clone()).expect("reparses");
         assert_eq!(back.record(), w.record());
         let bytes = postcard::to_allocvec(w.record()).expect("encode");
@@ -351,51 +421,116 @@ mod tests {
     fn daily_window_opens_and_closes_on_the_local_clock() {
         // 02:00 Berlin is 00:00 UTC in summer (CEST, +2) and 01:00 UTC in winter (CET, +1).
         let w = window("0 2 * * *", 3 * H, "Europe/Berlin");
-        assert_eq!(pair(w.is_open(t("2026-07-01T00:30:00Z"))), some("2026-07-01T00:00:00Z", "2026-07-01T03:00:00Z"));
-        assert_eq!(pair(w.is_open(t("2026-01-15T00:30:00Z"))), None, "01:30 CET: not yet");
-        assert_eq!(pair(w.is_open(t("2026-01-15T01:00:00Z"))), some("2026-01-15T01:00:00Z", "2026-01-15T04:00:00Z"));
-        assert_eq!(pair(w.is_open(t("2026-01-15T04:00:00Z"))), None, "the end is exclusive");
-        assert_eq!(pair(w.next_open(t("2026-01-15T01:00:00Z"))), some("2026-01-16T01:00:00Z", "2026-01-16T04:00:00Z"));
-        assert_eq!(pair(w.current_or_next(t("2026-01-15T02:00:00Z"))), some("2026-01-15T01:00:00Z", "2026-01-15T04:00:00Z"));
+        assert_eq!(
+            pair(w.is_open(t("2026-07-01T00:30:00Z"))),
+            some("2026-07-01T00:00:00Z", "2026-07-01T03:00:00Z")
+        );
+        assert_eq!(
+            pair(w.is_open(t("2026-01-15T00:30:00Z"))),
+            None,
+            "01:30 CET: not yet"
+        );
+        assert_eq!(
+            pair(w.is_open(t("2026-01-15T01:00:00Z"))),
+            some("2026-01-15T01:00:00Z", "2026-01-15T04:00:00Z")
+        );
+        assert_eq!(
+            pair(w.is_open(t("2026-01-15T04:00:00Z"))),
+            None,
+            "the end is exclusive"
+        );
+        assert_eq!(
+            pair(w.next_open(t("2026-01-15T01:00:00Z"))),
+            some("2026-01-16T01:00:00Z", "2026-01-16T04:00:00Z")
+        );
+        assert_eq!(
+            pair(w.current_or_next(t("2026-01-15T02:00:00Z"))),
+            some("2026-01-15T01:00:00Z", "2026-01-15T04:00:00Z")
+        );
     }
 
     #[test]
     fn spring_forward_a_window_in_the_gap_opens_right_after_it_for_its_full_length() {
-        // Europe/Berlin, Sunday 2026-03-29: 02:00 CET jumps to 03:00 CEST (01:00 UTC). 02:30 does not
-        // exist; the window opens at 03:00 CEST and still lasts 2 h.
+        // Europe/Berlin, Sunday 2026-03-29: 02:00 CET jumps to 03:00 CEST (01:00 UTC). 02:30 does
+        // not exist; the window opens at 03:00 CEST and still lasts 2 h.
         let w = window("30 2 * * *", 2 * H, "Europe/Berlin");
-        assert_eq!(pair(w.next_open(t("2026-03-28T12:00:00Z"))), some("2026-03-29T01:00:00Z", "2026-03-29T03:00:00Z"));
-        assert_eq!(pair(w.is_open(t("2026-03-29T00:59:00Z"))), None, "01:59 CET: before the gap, closed");
-        assert_eq!(pair(w.is_open(t("2026-03-29T01:00:00Z"))), some("2026-03-29T01:00:00Z", "2026-03-29T03:00:00Z"));
+        assert_eq!(
+            pair(w.next_open(t("2026-03-28T12:00:00Z"))),
+            some("2026-03-29T01:00:00Z", "2026-03-29T03:00:00Z")
+        );
+        assert_eq!(
+            pair(w.is_open(t("2026-03-29T00:59:00Z"))),
+            None,
+            "01:59 CET: before the gap, closed"
+        );
+        assert_eq!(
+            pair(w.is_open(t("2026-03-29T01:00:00Z"))),
+            some("2026-03-29T01:00:00Z", "2026-03-29T03:00:00Z")
+        );
         // The day before and the day after are ordinary.
-        assert_eq!(pair(w.next_open(t("2026-03-27T12:00:00Z"))), some("2026-03-28T01:30:00Z", "2026-03-28T03:30:00Z"));
-        assert_eq!(pair(w.next_open(t("2026-03-29T01:00:00Z"))), some("2026-03-30T00:30:00Z", "2026-03-30T02:30:00Z"));
+        assert_eq!(
+            pair(w.next_open(t("2026-03-27T12:00:00Z"))),
+            some("2026-03-28T01:30:00Z", "2026-03-28T03:30:00Z")
+        );
+        assert_eq!(
+            pair(w.next_open(t("2026-03-29T01:00:00Z"))),
+            some("2026-03-30T00:30:00Z", "2026-03-30T02:30:00Z")
+        );
         // A window that opened before the gap lasts its real duration across it: 01:00 CET + 2 h is
         // 04:00 CEST.
         let early = window("0 1 * * *", 2 * H, "Europe/Berlin");
-        assert_eq!(pair(early.is_open(t("2026-03-29T01:30:00Z"))), some("2026-03-29T00:00:00Z", "2026-03-29T02:00:00Z"));
+        assert_eq!(
+            pair(early.is_open(t("2026-03-29T01:30:00Z"))),
+            some("2026-03-29T00:00:00Z", "2026-03-29T02:00:00Z")
+        );
         // America/New_York, Sunday 2026-03-08: 02:00 EST jumps to 03:00 EDT (07:00 UTC).
         let ny = window("30 2 * * *", H, "America/New_York");
-        assert_eq!(pair(ny.next_open(t("2026-03-07T12:00:00Z"))), some("2026-03-08T07:00:00Z", "2026-03-08T08:00:00Z"));
+        assert_eq!(
+            pair(ny.next_open(t("2026-03-07T12:00:00Z"))),
+            some("2026-03-08T07:00:00Z", "2026-03-08T08:00:00Z")
+        );
     }
 
     #[test]
     fn fall_back_a_window_in_the_repeated_hour_opens_once() {
-        // Europe/Berlin, Sunday 2026-10-25: 03:00 CEST goes back to 02:00 CET; 02:30 happens at 00:30
-        // UTC and again at 01:30 UTC. The window opens at the first only.
+        // Europe/Berlin, Sunday 2026-10-25: 03:00 CEST goes back to 02:00 CET; 02:30 happens at
+        // 00:30 UTC and again at 01:30 UTC. The window opens at the first only.
         let w = window("30 2 * * *", 30 * Duration::from_secs(60), "Europe/Berlin");
         let first = w.next_open(t("2026-10-24T12:00:00Z"));
-        assert_eq!(pair(first), some("2026-10-25T00:30:00Z", "2026-10-25T01:00:00Z"));
-        assert_eq!(pair(w.next_open(t("2026-10-25T00:30:00Z"))), some("2026-10-26T01:30:00Z", "2026-10-26T02:00:00Z"));
-        assert_eq!(pair(w.is_open(t("2026-10-25T01:45:00Z"))), None, "the second 02:45 is not in a window");
-        // The duration is elapsed time across the repeated hour: opened 01:00 CEST (23:00 UTC), 4 h later
-        // is 03:00 UTC, which is 04:00 CET on the wall clock.
+        assert_eq!(
+            pair(first),
+            some("2026-10-25T00:30:00Z", "2026-10-25T01:00:00Z")
+        );
+        assert_eq!(
+            pair(w.next_open(t("2026-10-25T00:30:00Z"))),
+            some("2026-10-26T01:30:00Z", "2026-10-26T02:00:00Z")
+        );
+        assert_eq!(
+            pair(w.is_open(t("2026-10-25T01:45:00Z"))),
+            None,
+            "the second 02:45 is not in a window"
+        );
+        // The duration is elapsed time across the repeated hour: opened 01:00 CEST (23:00 UTC), 4 h
+        // later is 03:00 UTC, which is 04:00 CET on the wall clock.
         let long = window("0 1 * * *", 4 * H, "Europe/Berlin");
-        assert_eq!(pair(long.is_open(t("2026-10-25T02:30:00Z"))), some("2026-10-24T23:00:00Z", "2026-10-25T03:00:00Z"));
+        assert_eq!(
+            pair(long.is_open(t("2026-10-25T02:30:00Z"))),
+            some("2026-10-24T23:00:00Z", "2026-10-25T03:00:00Z")
+        );
         // America/New_York, Sunday 2026-11-01: 01:30 happens at 05:30 and 06:30 UTC.
-        let ny = window("30 1 * * *", 30 * Duration::from_secs(60), "America/New_York");
-        assert_eq!(pair(ny.next_open(t("2026-10-31T12:00:00Z"))), some("2026-11-01T05:30:00Z", "2026-11-01T06:00:00Z"));
-        assert_eq!(pair(ny.next_open(t("2026-11-01T05:30:00Z"))), some("2026-11-02T06:30:00Z", "2026-11-02T07:00:00Z"));
+        let ny = window(
+            "30 1 * * *",
+            30 * Duration::from_secs(60),
+            "America/New_York",
+        );
+        assert_eq!(
+            pair(ny.next_open(t("2026-10-31T12:00:00Z"))),
+            some("2026-11-01T05:30:00Z", "2026-11-01T06:00:00Z")
+        );
+        assert_eq!(
+            pair(ny.next_open(t("2026-11-01T05:30:00Z"))),
+            some("2026-11-02T06:30:00Z", "2026-11-02T07:00:00Z")
+        );
     }
 
     #[test]
@@ -412,7 +547,11 @@ mod tests {
             openings.push(start);
             after = start;
         }
-        assert_eq!(openings.len(), 365, "one opening per local day, none doubled, none lost");
+        assert_eq!(
+            openings.len(),
+            365,
+            "one opening per local day, none doubled, none lost"
+        );
         for start in &openings {
             let local = to_timestamp(*start).expect("in range").to_zoned(tz.clone());
             let wall = (local.hour(), local.minute());
@@ -422,7 +561,10 @@ mod tests {
         // Every instant of the year agrees with the openings (sampled every 7 minutes).
         let mut now = t("2026-01-01T00:00:00Z");
         while now < t("2026-12-31T00:00:00Z") {
-            let covering = openings.iter().find(|s| **s <= now && now < add(**s, H)).copied();
+            let covering = openings
+                .iter()
+                .find(|s| **s <= now && now < add(**s, H))
+                .copied();
             assert_eq!(w.is_open(now).map(|(s, _)| s), covering, "at {}", show(now));
             now = add(now, Duration::from_secs(7 * 60));
         }
@@ -433,8 +575,14 @@ mod tests {
         // Saturdays 22:00 UTC for 6 h: open until Sunday 04:00.
         let w = window("0 22 * * SAT", 6 * H, "UTC");
         // 2026-06-06 is a Saturday.
-        assert_eq!(pair(w.is_open(t("2026-06-06T23:59:00Z"))), some("2026-06-06T22:00:00Z", "2026-06-07T04:00:00Z"));
-        assert_eq!(pair(w.is_open(t("2026-06-07T03:59:59Z"))), some("2026-06-06T22:00:00Z", "2026-06-07T04:00:00Z"));
+        assert_eq!(
+            pair(w.is_open(t("2026-06-06T23:59:00Z"))),
+            some("2026-06-06T22:00:00Z", "2026-06-07T04:00:00Z")
+        );
+        assert_eq!(
+            pair(w.is_open(t("2026-06-07T03:59:59Z"))),
+            some("2026-06-06T22:00:00Z", "2026-06-07T04:00:00Z")
+        );
         assert_eq!(pair(w.is_open(t("2026-06-07T04:00:00Z"))), None);
         assert_eq!(pair(w.is_open(t("2026-06-06T21:59:00Z"))), None);
     }
@@ -444,10 +592,16 @@ mod tests {
         // Opened at 01:00 UTC on the 1st of the month; asked at 05:17 on the same day.
         let w = window("0 1 1 * *", 12 * H, "UTC");
         let now = t("2026-05-01T05:17:00Z");
-        assert_eq!(pair(w.is_open(now)), some("2026-05-01T01:00:00Z", "2026-05-01T13:00:00Z"));
+        assert_eq!(
+            pair(w.is_open(now)),
+            some("2026-05-01T01:00:00Z", "2026-05-01T13:00:00Z")
+        );
         assert_eq!(w.open_until(now), Some(t("2026-05-01T13:00:00Z")));
         // next_open skips the current opening.
-        assert_eq!(pair(w.next_open(now)), some("2026-06-01T01:00:00Z", "2026-06-01T13:00:00Z"));
+        assert_eq!(
+            pair(w.next_open(now)),
+            some("2026-06-01T01:00:00Z", "2026-06-01T13:00:00Z")
+        );
     }
 
     #[test]
@@ -455,13 +609,28 @@ mod tests {
         // Every 2 h for 3 h: always open once started; the period end is capped, not infinite.
         let w = window("0 */2 * * *", 3 * H, "UTC");
         let (opened, end) = w.is_open(t("2026-05-01T04:30:00Z")).expect("open");
-        assert_eq!(show(opened), "2026-05-01T02:00:00Z", "earliest opening covering 04:30 (02:00 and 04:00 do)");
+        assert_eq!(
+            show(opened),
+            "2026-05-01T02:00:00Z",
+            "earliest opening covering 04:30 (02:00 and 04:00 do)"
+        );
         let (opened, _) = w.is_open(t("2026-05-01T05:00:00Z")).expect("open");
-        assert_eq!(show(opened), "2026-05-01T04:00:00Z", "02:00 + 3 h has closed at 05:00");
-        assert!(end > t("2026-05-08T00:00:00Z"), "merged far ahead: {}", show(end));
+        assert_eq!(
+            show(opened),
+            "2026-05-01T04:00:00Z",
+            "02:00 + 3 h has closed at 05:00"
+        );
+        assert!(
+            end > t("2026-05-08T00:00:00Z"),
+            "merged far ahead: {}",
+            show(end)
+        );
         // Touching openings merge too: hourly for exactly 1 h.
         let touching = window("0 8-10 * * *", H, "UTC");
-        assert_eq!(pair(touching.is_open(t("2026-05-01T08:30:00Z"))), some("2026-05-01T08:00:00Z", "2026-05-01T11:00:00Z"));
+        assert_eq!(
+            pair(touching.is_open(t("2026-05-01T08:30:00Z"))),
+            some("2026-05-01T08:00:00Z", "2026-05-01T11:00:00Z")
+        );
     }
 
     #[test]

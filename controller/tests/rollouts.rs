@@ -1,8 +1,8 @@
 //! Tier-2 rollout tests: a real controller on loopback (QUIC + TLS, port 0, the rollout driver task
-//! running) with hand-driven nodes that enrol for real and say their agent version in their Hello, and
-//! a fake upgrader: `begin` makes the node close its connection and come back a moment later on the
-//! target version (or never, for a node that never returns). What is checked is what an operator sees:
-//! the admin API's rollout view and the event log.
+//! running) with hand-driven nodes that enrol for real and say their agent version in their Hello,
+//! and a fake upgrader: `begin` makes the node close its connection and come back a moment later on
+//! the target version (or never, for a node that never returns). What is checked is what an
+//! operator sees: the admin API's rollout view and the event log.
 
 #![allow(clippy::unwrap_used)]
 
@@ -28,7 +28,8 @@ use shoal_controller::{
 };
 use shoal_overlay::{pki, recv_msg, send_msg, tls};
 use shoal_proto::{
-    AgentMsg, CheckResult, ControllerMsg, EnrolRequest, HardwareId, HardwareIdSource, Hello, NodeId, UpdateReport, SUPPORTED,
+    AgentMsg, CheckResult, ControllerMsg, EnrolRequest, HardwareId, HardwareIdSource, Hello,
+    NodeId, UpdateReport, SUPPORTED,
 };
 use tokio::sync::{oneshot, watch};
 
@@ -36,17 +37,27 @@ const PROMPT: Duration = Duration::from_secs(5);
 const OLD: &str = "1.0.0";
 const NEW: &str = "1.1.0";
 
-
-async fn get<T: serde::de::DeserializeOwned + Send + 'static>(client: &AdminClient, path: &str) -> T {
+async fn get<T: serde::de::DeserializeOwned + Send + 'static>(
+    client: &AdminClient,
+    path: &str,
+) -> T {
     let client = client.clone();
     let path = path.to_owned();
-    tokio::task::spawn_blocking(move || client.get(&path).unwrap()).await.unwrap()
+    tokio::task::spawn_blocking(move || client.get(&path).unwrap())
+        .await
+        .unwrap()
 }
 
-async fn post<T: serde::de::DeserializeOwned + Send + 'static>(client: &AdminClient, path: &str, body: serde_json::Value) -> T {
+async fn post<T: serde::de::DeserializeOwned + Send + 'static>(
+    client: &AdminClient,
+    path: &str,
+    body: serde_json::Value,
+) -> T {
     let client = client.clone();
     let path = path.to_owned();
-    tokio::task::spawn_blocking(move || client.post(&path, &body).unwrap()).await.unwrap()
+    tokio::task::spawn_blocking(move || client.post(&path, &body).unwrap())
+        .await
+        .unwrap()
 }
 
 /// What each node should run: `None` = down (rebooting, or never coming back).
@@ -62,7 +73,13 @@ struct FakeUpgrader {
 
 impl NodeUpgrader for FakeUpgrader {
     fn begin(&self, node: &NodeId, target: &Target) -> Result<(), UpgradeError> {
-        let tx = self.wanted.lock().unwrap().get(node).cloned().ok_or_else(|| UpgradeError::NotConnected(node.clone()))?;
+        let tx = self
+            .wanted
+            .lock()
+            .unwrap()
+            .get(node)
+            .cloned()
+            .ok_or_else(|| UpgradeError::NotConnected(node.clone()))?;
         tx.send_replace(None);
         if !self.stuck.contains(node) {
             let (away, version) = (self.away, target.version().to_owned());
@@ -74,8 +91,19 @@ impl NodeUpgrader for FakeUpgrader {
         Ok(())
     }
 
-    fn roll_back(&self, node: &NodeId, to: Option<&str>, _target: &Target) -> Result<(), UpgradeError> {
-        let tx = self.wanted.lock().unwrap().get(node).cloned().ok_or_else(|| UpgradeError::NotConnected(node.clone()))?;
+    fn roll_back(
+        &self,
+        node: &NodeId,
+        to: Option<&str>,
+        _target: &Target,
+    ) -> Result<(), UpgradeError> {
+        let tx = self
+            .wanted
+            .lock()
+            .unwrap()
+            .get(node)
+            .cloned()
+            .ok_or_else(|| UpgradeError::NotConnected(node.clone()))?;
         tx.send_replace(Some(to.unwrap_or(OLD).to_owned()));
         Ok(())
     }
@@ -101,12 +129,20 @@ impl Fleet {
         tcp: std::net::TcpListener,
         clock: RolloutClock,
         upgrader: Option<Arc<FakeUpgrader>>,
-    ) -> (Arc<Controller>, oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), server::ServeError>>, AdminClient) {
+    ) -> (
+        Arc<Controller>,
+        oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), server::ServeError>>,
+        AdminClient,
+    ) {
         let mut config = ControllerConfig::new(dir.to_owned());
         config.rollout_tick = Duration::from_millis(100);
         config.rollout_clock = clock;
         let api = tcp.local_addr().unwrap();
-        let controller = tokio::task::spawn_blocking(move || Controller::open(config, api)).await.unwrap().unwrap();
+        let controller = tokio::task::spawn_blocking(move || Controller::open(config, api))
+            .await
+            .unwrap()
+            .unwrap();
         // Installed before the driver's first pass (`open` installs the real agent executor).
         if let Some(upgrader) = upgrader {
             controller.set_upgrader(TargetKind::Agent, upgrader);
@@ -119,28 +155,49 @@ impl Fleet {
         }));
         eventually(PROMPT, "admin API answers", || {
             let client = client.clone();
-            async move { tokio::task::spawn_blocking(move || client.get::<Vec<EventView>>("/v1/events").ok()).await.unwrap().map(|_| ()) }
+            async move {
+                tokio::task::spawn_blocking(move || client.get::<Vec<EventView>>("/v1/events").ok())
+                    .await
+                    .unwrap()
+                    .map(|_| ())
+            }
         })
         .await;
         (controller, stop, task, client)
     }
 
-    async fn start(stuck: impl Fn(usize) -> bool, count: usize, deadline_ms: u64) -> (Fleet, Vec<NodeId>) {
+    async fn start(
+        stuck: impl Fn(usize) -> bool,
+        count: usize,
+        deadline_ms: u64,
+    ) -> (Fleet, Vec<NodeId>) {
         let clock = RolloutClock::default();
         let dir = tempfile::tempdir().unwrap();
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let quic = udp.local_addr().unwrap();
         let api = tcp.local_addr().unwrap();
-        let (controller, stop, task, client) = Fleet::run_controller(dir.path(), udp, tcp, clock.clone(), None).await;
+        let (controller, stop, task, client) =
+            Fleet::run_controller(dir.path(), udp, tcp, clock.clone(), None).await;
         let wanted: Wanted = Arc::default();
-        let ca_der = ca::pem_to_der(&std::fs::read_to_string(dir.path().join(ca::CA_CERT_FILE)).unwrap()).unwrap();
+        let ca_der =
+            ca::pem_to_der(&std::fs::read_to_string(dir.path().join(ca::CA_CERT_FILE)).unwrap())
+                .unwrap();
         let token = {
             let client = client.clone();
             let labels = BTreeMap::from([("role".to_owned(), "worker".to_owned())]);
-            tokio::task::spawn_blocking(move || client.create_token(&CreateToken { ttl_secs: Some(3600), max_uses: None, labels }).unwrap().token)
-                .await
-                .unwrap()
+            tokio::task::spawn_blocking(move || {
+                client
+                    .create_token(&CreateToken {
+                        ttl_secs: Some(3600),
+                        max_uses: None,
+                        labels,
+                    })
+                    .unwrap()
+                    .token
+            })
+            .await
+            .unwrap()
         };
         let mut nodes = Vec::new();
         let mut stuck_nodes = BTreeSet::new();
@@ -151,9 +208,22 @@ impl Fleet {
             }
             nodes.push(node);
         }
-        let upgrader = Arc::new(FakeUpgrader { wanted: wanted.clone(), stuck: stuck_nodes, away: Duration::from_millis(deadline_ms.min(300)) });
+        let upgrader = Arc::new(FakeUpgrader {
+            wanted: wanted.clone(),
+            stuck: stuck_nodes,
+            away: Duration::from_millis(deadline_ms.min(300)),
+        });
         controller.set_upgrader(TargetKind::Agent, upgrader.clone());
-        let fleet = Fleet { quic, api, client, stop: Some(stop), task: Some(task), upgrader, dir, clock };
+        let fleet = Fleet {
+            quic,
+            api,
+            client,
+            stop: Some(stop),
+            task: Some(task),
+            upgrader,
+            dir,
+            clock,
+        };
         for n in &nodes {
             fleet.wait_connected(n).await;
         }
@@ -163,19 +233,39 @@ impl Fleet {
     /// Stops the controller and starts it again on the same data directory and ports.
     async fn restart(&mut self) {
         let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(PROMPT, self.task.take().unwrap()).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(PROMPT, self.task.take().unwrap())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         // The old endpoint's driver lets go of the sockets a moment after run() returns.
         let (quic, api) = (self.quic, self.api);
-        let udp = eventually(PROMPT, "the QUIC port is free again", || async move { std::net::UdpSocket::bind(quic).ok() }).await;
-        let tcp = eventually(PROMPT, "the API port is free again", || async move { std::net::TcpListener::bind(api).ok() }).await;
-        let (_controller, stop, task, client) = Fleet::run_controller(self.dir.path(), udp, tcp, self.clock.clone(), Some(self.upgrader.clone())).await;
+        let udp = eventually(PROMPT, "the QUIC port is free again", || async move {
+            std::net::UdpSocket::bind(quic).ok()
+        })
+        .await;
+        let tcp = eventually(PROMPT, "the API port is free again", || async move {
+            std::net::TcpListener::bind(api).ok()
+        })
+        .await;
+        let (_controller, stop, task, client) = Fleet::run_controller(
+            self.dir.path(),
+            udp,
+            tcp,
+            self.clock.clone(),
+            Some(self.upgrader.clone()),
+        )
+        .await;
         (self.stop, self.task, self.client) = (Some(stop), Some(task), client);
     }
 
     async fn wait_connected(&self, node: &NodeId) {
         eventually(PROMPT, &format!("{node} connected"), || async {
             let nodes: Vec<shoal_controller::view::NodeView> = get(&self.client, "/v1/nodes").await;
-            nodes.iter().any(|n| n.id == node.0 && n.connected).then_some(())
+            nodes
+                .iter()
+                .any(|n| n.id == node.0 && n.connected)
+                .then_some(())
         })
         .await;
     }
@@ -186,30 +276,56 @@ impl Fleet {
 
     async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(PROMPT, self.task.take().unwrap()).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(PROMPT, self.task.take().unwrap())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
     }
 }
 
 /// Enrols a node for real, then keeps it connected with whatever version it is told to run.
-async fn fake_node(quic: SocketAddr, ca_der: &[u8], token: &str, machine: &str, wanted: &Wanted) -> NodeId {
+async fn fake_node(
+    quic: SocketAddr,
+    ca_der: &[u8],
+    token: &str,
+    machine: &str,
+    wanted: &Wanted,
+) -> NodeId {
     let key = pki::generate_key().unwrap();
     let ca_sha = pki::sha256(ca_der);
     let cfg = tls::enrol_client_config(ca_sha, Duration::from_secs(5)).unwrap();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = endpoint.connect_with(cfg, quic, tls::controller_server_name()).unwrap().await.unwrap();
+    let conn = endpoint
+        .connect_with(cfg, quic, tls::controller_server_name())
+        .unwrap()
+        .await
+        .unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let machine = machine.to_owned();
     let hello = move |version: &str| {
         AgentMsg::Hello(Hello {
             protocol: SUPPORTED,
             agent_version: version.to_owned(),
-            hardware_id: HardwareId { source: HardwareIdSource::Override, value: machine.clone() },
+            hardware_id: HardwareId {
+                source: HardwareIdSource::Override,
+                value: machine.clone(),
+            },
         })
     };
     send_msg(&mut send, &hello(OLD)).await.unwrap();
     let _welcome: Option<ControllerMsg> = recv_msg(&mut recv).await.unwrap();
     let csr_der = pki::make_csr(&key).unwrap();
-    send_msg(&mut send, &AgentMsg::Enrol(EnrolRequest { token: token.to_owned(), csr_der, hostname: "roll".to_owned() })).await.unwrap();
+    send_msg(
+        &mut send,
+        &AgentMsg::Enrol(EnrolRequest {
+            token: token.to_owned(),
+            csr_der,
+            hostname: "roll".to_owned(),
+        }),
+    )
+    .await
+    .unwrap();
     let enrolled = match recv_msg::<ControllerMsg>(&mut recv).await.unwrap() {
         Some(ControllerMsg::Enrolled(e)) => e,
         other => panic!("expected Enrolled, got {other:?}"),
@@ -224,16 +340,28 @@ async fn fake_node(quic: SocketAddr, ca_der: &[u8], token: &str, machine: &str, 
             let version = rx.borrow_and_update().clone();
             if let Some(version) = version {
                 // Connect (again and again while the controller is away: it may be restarting).
-                let cfg = tls::node_client_config(&ca_der, &cert, pki::tls_key(&key), Duration::from_secs(5)).unwrap();
-                let Ok(connecting) = endpoint.connect_with(cfg, quic, tls::controller_server_name()) else { return };
+                let cfg = tls::node_client_config(
+                    &ca_der,
+                    &cert,
+                    pki::tls_key(&key),
+                    Duration::from_secs(5),
+                )
+                .unwrap();
+                let Ok(connecting) =
+                    endpoint.connect_with(cfg, quic, tls::controller_server_name())
+                else {
+                    return;
+                };
                 let connected = async {
                     let conn = connecting.await.ok()?;
                     let (mut send, mut recv) = conn.open_bi().await.ok()?;
                     send_msg(&mut send, &hello(&version)).await.ok()?;
-                    // A protocol-4 agent reports its update state after Welcome; the driver takes its
-                    // health from it.
+                    // A protocol-4 agent reports its update state after Welcome; the driver takes
+                    // its health from it.
                     let _welcome: ControllerMsg = recv_msg(&mut recv).await.ok()??;
-                    send_msg(&mut send, &AgentMsg::UpdateReport(update_report(&version))).await.ok()?;
+                    send_msg(&mut send, &AgentMsg::UpdateReport(update_report(&version)))
+                        .await
+                        .ok()?;
                     Some((conn, send, recv))
                 };
                 let Some((conn, _send, mut recv)) = connected.await else {
@@ -267,7 +395,11 @@ fn update_report(version: &str) -> UpdateReport {
         running: version.to_owned(),
         attempted: (version != OLD).then(|| version.to_owned()),
         attempts: 1,
-        checks: vec![CheckResult { name: "session".into(), passed: true, detail: None }],
+        checks: vec![CheckResult {
+            name: "session".into(),
+            passed: true,
+            detail: None,
+        }],
         failure: None,
     }
 }
@@ -313,15 +445,29 @@ async fn four_nodes_upgrade_one_at_a_time_over_quic() {
         r.finished.then_some(r)
     })
     .await;
-    assert_eq!((done.state.as_str(), done.progress.succeeded), ("done", 4), "{done:?}");
+    assert_eq!(
+        (done.state.as_str(), done.progress.succeeded),
+        ("done", 4),
+        "{done:?}"
+    );
     let nodes_api: Vec<shoal_controller::view::NodeView> = get(&fleet.client, "/v1/nodes").await;
     for n in &nodes {
         let v = nodes_api.iter().find(|x| x.id == n.0).unwrap();
         assert_eq!(v.agent_version, NEW, "{n} on the new version");
     }
     let events = fleet.events().await;
-    assert_eq!(events.iter().filter(|e| e.kind == "node_upgrade_started").count(), 4);
-    assert_eq!(max_down_at_once(&events), 1, "never two nodes down at once: {events:#?}");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.kind == "node_upgrade_started")
+            .count(),
+        4
+    );
+    assert_eq!(
+        max_down_at_once(&events),
+        1,
+        "never two nodes down at once: {events:#?}"
+    );
     fleet.stop().await;
 }
 
@@ -336,16 +482,44 @@ async fn a_node_that_never_returns_pauses_the_rollout_and_is_rolled_back() {
         (r.state == "paused").then_some(r)
     })
     .await;
-    assert!(paused.reason.as_deref().unwrap_or_default().contains("1 node(s) failed"), "{paused:?}");
-    let failed: RolloutView = eventually(Duration::from_secs(20), "the failed node is rolled back", || async {
-        let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
-        r.nodes.iter().any(|n| n.phase == "failed").then_some(r)
-    })
+    assert!(
+        paused
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("1 node(s) failed"),
+        "{paused:?}"
+    );
+    let failed: RolloutView = eventually(
+        Duration::from_secs(20),
+        "the failed node is rolled back",
+        || async {
+            let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
+            r.nodes.iter().any(|n| n.phase == "failed").then_some(r)
+        },
+    )
     .await;
-    assert_eq!(failed.progress.pending, 2, "nothing else started: {failed:?}");
+    assert_eq!(
+        failed.progress.pending, 2,
+        "nothing else started: {failed:?}"
+    );
     let events = fleet.events().await;
-    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).filter(|k| k.starts_with("node_") || k.starts_with("rollout_")).collect();
-    assert_eq!(kinds, ["rollout_started", "node_upgrade_started", "node_upgrade_failed", "rollout_paused", "node_rolled_back"], "{events:#?}");
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e.kind.as_str())
+        .filter(|k| k.starts_with("node_") || k.starts_with("rollout_"))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "rollout_started",
+            "node_upgrade_started",
+            "node_upgrade_failed",
+            "rollout_paused",
+            "node_rolled_back"
+        ],
+        "{events:#?}"
+    );
     fleet.stop().await;
 }
 
@@ -355,50 +529,101 @@ async fn a_controller_restart_mid_rollout_resumes_it() {
     let _: RolloutView = post(&fleet.client, "/v1/rollouts", start(1, 1, 60)).await;
     // Restart as soon as the first node was taken down, while it is away.
     eventually(PROMPT, "a node taken down", || async {
-        fleet.events().await.iter().any(|e| e.kind == "node_upgrade_started").then_some(())
+        fleet
+            .events()
+            .await
+            .iter()
+            .any(|e| e.kind == "node_upgrade_started")
+            .then_some(())
     })
     .await;
     fleet.restart().await;
-    let done: RolloutView = eventually(Duration::from_secs(30), "the rollout finishes after the restart", || async {
-        let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
-        r.finished.then_some(r)
-    })
+    let done: RolloutView = eventually(
+        Duration::from_secs(30),
+        "the rollout finishes after the restart",
+        || async {
+            let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
+            r.finished.then_some(r)
+        },
+    )
     .await;
-    assert_eq!((done.state.as_str(), done.progress.succeeded), ("done", 3), "{done:?}");
+    assert_eq!(
+        (done.state.as_str(), done.progress.succeeded),
+        ("done", 3),
+        "{done:?}"
+    );
     let events = fleet.events().await;
     for n in &nodes {
-        let started = events.iter().filter(|e| e.kind == "node_upgrade_started" && e.node.as_deref() == Some(n.0.as_str())).count();
+        let started = events
+            .iter()
+            .filter(|e| e.kind == "node_upgrade_started" && e.node.as_deref() == Some(n.0.as_str()))
+            .count();
         assert_eq!(started, 1, "{n} started once across the restart");
     }
-    assert_eq!(max_down_at_once(&events), 1, "never two nodes down at once: {events:#?}");
+    assert_eq!(
+        max_down_at_once(&events),
+        1,
+        "never two nodes down at once: {events:#?}"
+    );
     fleet.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_outside_its_window_waits_until_it_opens() {
     let (fleet, _nodes) = Fleet::start(|_| false, 3, 300).await;
-    let at = |s: &str| shoal_proto::UnixMillis(s.parse::<jiff::Timestamp>().unwrap().as_millisecond() as u64);
+    let at = |s: &str| {
+        shoal_proto::UnixMillis(s.parse::<jiff::Timestamp>().unwrap().as_millisecond() as u64)
+    };
     fleet.clock.set_now(at("2030-03-04T01:00:00Z"));
-    let window = CreateWindow { name: "nightly".into(), schedule: "0 2 * * *".into(), duration_secs: 3600, tz: Some("UTC".into()), selector: None };
-    let w: WindowView = post(&fleet.client, "/v1/windows", serde_json::to_value(window).unwrap()).await;
-    assert!(!w.open && w.opens_at.as_deref() == Some("2030-03-04T02:00:00Z"), "{w:?}");
+    let window = CreateWindow {
+        name: "nightly".into(),
+        schedule: "0 2 * * *".into(),
+        duration_secs: 3600,
+        tz: Some("UTC".into()),
+        selector: None,
+    };
+    let w: WindowView = post(
+        &fleet.client,
+        "/v1/windows",
+        serde_json::to_value(window).unwrap(),
+    )
+    .await;
+    assert!(
+        !w.open && w.opens_at.as_deref() == Some("2030-03-04T02:00:00Z"),
+        "{w:?}"
+    );
     let mut req = start(1, 1, 60);
     req["window"] = "nightly".into();
     let _: RolloutView = post(&fleet.client, "/v1/rollouts", req).await;
-    let waiting: RolloutView = eventually(PROMPT, "the rollout says it waits for its window", || async {
-        let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
-        r.waiting.iter().any(|w| w == "window closed").then_some(r)
-    })
+    let waiting: RolloutView = eventually(
+        PROMPT,
+        "the rollout says it waits for its window",
+        || async {
+            let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
+            r.waiting.iter().any(|w| w == "window closed").then_some(r)
+        },
+    )
     .await;
     assert_eq!(waiting.progress.pending, 3);
     // Many driver ticks later, still nothing started.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!fleet.events().await.iter().any(|e| e.kind == "node_upgrade_started"), "started outside the window");
+    assert!(
+        !fleet
+            .events()
+            .await
+            .iter()
+            .any(|e| e.kind == "node_upgrade_started"),
+        "started outside the window"
+    );
     fleet.clock.set_now(at("2030-03-04T02:00:00Z"));
-    let done: RolloutView = eventually(Duration::from_secs(30), "the rollout runs once the window opens", || async {
-        let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
-        r.finished.then_some(r)
-    })
+    let done: RolloutView = eventually(
+        Duration::from_secs(30),
+        "the rollout runs once the window opens",
+        || async {
+            let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
+            r.finished.then_some(r)
+        },
+    )
     .await;
     assert_eq!(done.progress.succeeded, 3);
     fleet.stop().await;

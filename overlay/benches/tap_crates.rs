@@ -1,27 +1,29 @@
-//! TAP-device crates compared by measurement: `tun-rs` (its tokio API, which shoal uses, and its sync API)
-//! against `tun-tap` (a sync wrapper).
+//! TAP-device crates compared by measurement: `tun-rs` (its tokio API, which shoal uses, and its
+//! sync API) against `tun-tap` (a sync wrapper).
 //!
-//! Run as root: `cargo bench -p shoal-overlay --bench tap_crates` (env `TAPBENCH_SECS`, default 3, is the
-//! length of each case). Everything happens inside a fresh network namespace `shl-<pid>-tapbench` that the
-//! process enters on its main thread before it starts any other thread, and deletes at the end (the host-test
-//! harness sweeps one left behind by a killed run). Without root it prints why and exits 0.
+//! Run as root: `cargo bench -p shoal-overlay --bench tap_crates` (env `TAPBENCH_SECS`, default 3,
+//! is the length of each case). Everything happens inside a fresh network namespace
+//! `shl-<pid>-tapbench` that the process enters on its main thread before it starts any other
+//! thread, and deletes at the end (the host-test harness sweeps one left behind by a killed run).
+//! Without root it prints why and exits 0.
 //!
 //! Per crate, one TAP device `tapb0` (L2, no packet information, MAC 02:00:00:00:00:01, MTU 1500,
-//! 10.99.0.1/24, up), a permanent neighbour entry 10.99.0.2 → 02:00:00:00:00:02 (so the kernel never ARPs),
-//! and IPv6 off (no stray router solicitations). Then:
+//! 10.99.0.1/24, up), a permanent neighbour entry 10.99.0.2 → 02:00:00:00:00:02 (so the kernel
+//! never ARPs), and IPv6 off (no stray router solicitations). Then:
 //!
-//! - **read**: a blaster thread sends UDP datagrams to 10.99.0.2:9000 from a socket as fast as the kernel
-//!   takes them; the kernel routes them into the TAP; the crate's reader counts the Ethernet frames it
-//!   receives (only IPv4/UDP to port 9000 count). The TAP's queue drops what the reader does not keep up
-//!   with, so frames/s is the reader's throughput.
-//! - **write**: the crate writes one prebuilt Ethernet/IPv4/UDP frame (valid IPv4 and UDP checksums) from
-//!   10.99.0.2:9002 to 10.99.0.1:9001 over and over; a UDP socket bound on 10.99.0.1:9001 counts what
-//!   the kernel delivers.
+//! - **read**: a blaster thread sends UDP datagrams to 10.99.0.2:9000 from a socket as fast as the
+//!   kernel takes them; the kernel routes them into the TAP; the crate's reader counts the Ethernet
+//!   frames it receives (only IPv4/UDP to port 9000 count). The TAP's queue drops what the reader
+//!   does not keep up with, so frames/s is the reader's throughput.
+//! - **write**: the crate writes one prebuilt Ethernet/IPv4/UDP frame (valid IPv4 and UDP
+//!   checksums) from 10.99.0.2:9002 to 10.99.0.1:9001 over and over; a UDP socket bound on
+//!   10.99.0.1:9001 counts what the kernel delivers.
 //!
-//! CPU is `getrusage(RUSAGE_THREAD)` of the crate's thread (the tokio runtime is current-thread on that
-//! thread, so it covers the runtime too) and `getrusage(RUSAGE_SELF)` of the process (which also includes
-//! the blaster or the counting receiver). On the write path the crate's thread is charged for the kernel's
-//! whole receive path (tun → IP → UDP → socket queue), which runs in the writer's system call.
+//! CPU is `getrusage(RUSAGE_THREAD)` of the crate's thread (the tokio runtime is current-thread on
+//! that thread, so it covers the runtime too) and `getrusage(RUSAGE_SELF)` of the process (which
+//! also includes the blaster or the counting receiver). On the write path the crate's thread is
+//! charged for the kernel's whole receive path (tun → IP → UDP → socket queue), which runs in the
+//! writer's system call.
 
 use std::fs::File;
 use std::io;
@@ -67,7 +69,8 @@ impl Api {
 
 /// An open TAP device of one of the crates.
 enum Dev {
-    /// The device is registered with this (current-thread) runtime's reactor, so it is driven by it.
+    /// The device is registered with this (current-thread) runtime's reactor, so it is driven by
+    /// it.
     RsAsync(tun_rs::AsyncDevice, tokio::runtime::Runtime),
     RsSync(tun_rs::SyncDevice),
     Tap(tun_tap::Iface),
@@ -87,7 +90,8 @@ struct Sample {
     secs: f64,
     /// Frames the crate read (read path) or wrote (write path).
     frames: u64,
-    /// Write path: datagrams the kernel delivered to the sink socket. Read path: datagrams the blaster sent.
+    /// Write path: datagrams the kernel delivered to the sink socket. Read path: datagrams the
+    /// blaster sent.
     other_side: u64,
     thread_cpu: f64,
     process_cpu: f64,
@@ -221,7 +225,8 @@ fn checksum(chunks: &[&[u8]]) -> u16 {
     !(sum as u16)
 }
 
-/// An Ethernet/IPv4/UDP frame from the fake peer 10.99.0.2:9002 to 10.99.0.1:9001, checksums filled in.
+/// An Ethernet/IPv4/UDP frame from the fake peer 10.99.0.2:9002 to 10.99.0.1:9001, checksums filled
+/// in.
 fn build_frame(payload: usize) -> Vec<u8> {
     let udp_len = 8 + payload;
     let ip_len = 20 + udp_len;
@@ -268,7 +273,8 @@ fn is_blast(frame: &[u8]) -> bool {
         && frame[36..38] == BLAST_PORT.to_be_bytes()
 }
 
-/// Counts frames until `secs` elapsed; `recv` is the crate's blocking read. Returns (frames, bytes).
+/// Counts frames until `secs` elapsed; `recv` is the crate's blocking read. Returns (frames,
+/// bytes).
 fn read_loop_sync(secs: f64, mut recv: impl FnMut(&mut [u8]) -> io::Result<usize>) -> (u64, u64) {
     let mut buf = vec![0u8; 2048];
     let (mut frames, mut bytes) = (0u64, 0u64);
@@ -501,7 +507,8 @@ fn print_table(samples: &[Sample]) {
 }
 
 fn main() -> ExitCode {
-    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing special but must not take long.
+    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing special but must not
+    // take long.
     if std::env::args().any(|a| a == "--list") {
         return ExitCode::SUCCESS;
     }

@@ -22,20 +22,24 @@ pub enum TransportError {
 }
 
 /// Sends one message as a frame.
-pub async fn send_msg<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), TransportError> {
+pub async fn send_msg<T: Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), TransportError> {
     let frame = encode_frame(msg)?;
     send.write_all(&frame).await?;
     Ok(())
 }
 
-/// Bytes reserved for a frame body before any of it has arrived. Most frames (heartbeats, acks) fit.
+/// Bytes reserved for a frame body before any of it has arrived. Most frames (heartbeats, acks)
+/// fit.
 const INITIAL_BODY: usize = 4096;
 
 /// A frame whose header has arrived and whose body is arriving.
 ///
-/// The buffer grows with the bytes that actually arrive, never with the length the peer announced: a
-/// peer that announces [`MAX_FRAME_LEN`] and then sends nothing (or trickles) makes us hold what it
-/// sent, not a megabyte. The buffer's capacity stays within twice the bytes received, plus
+/// The buffer grows with the bytes that actually arrive, never with the length the peer announced:
+/// a peer that announces [`MAX_FRAME_LEN`] and then sends nothing (or trickles) makes us hold what
+/// it sent, not a megabyte. The buffer's capacity stays within twice the bytes received, plus
 /// [`INITIAL_BODY`].
 #[derive(Debug)]
 struct PartialFrame {
@@ -49,11 +53,17 @@ impl PartialFrame {
     fn new(header: [u8; FRAME_HEADER_LEN]) -> Result<Self, FrameError> {
         let len = u32::from_be_bytes(header) as usize;
         if len > MAX_FRAME_LEN {
-            return Err(FrameError::TooLarge { len, max: MAX_FRAME_LEN });
+            return Err(FrameError::TooLarge {
+                len,
+                max: MAX_FRAME_LEN,
+            });
         }
         let mut buf = Vec::with_capacity(FRAME_HEADER_LEN + len.min(INITIAL_BODY));
         buf.extend_from_slice(&header);
-        Ok(Self { buf, total: FRAME_HEADER_LEN + len })
+        Ok(Self {
+            buf,
+            total: FRAME_HEADER_LEN + len,
+        })
     }
 
     /// Body bytes still to come.
@@ -61,7 +71,8 @@ impl PartialFrame {
         self.total - self.buf.len()
     }
 
-    /// Appends arrived bytes (at most [`PartialFrame::missing`]; the rest belongs to the next frame).
+    /// Appends arrived bytes (at most [`PartialFrame::missing`]; the rest belongs to the next
+    /// frame).
     fn push(&mut self, bytes: &[u8]) {
         let take = bytes.len().min(self.missing());
         self.buf.extend_from_slice(&bytes[..take]);
@@ -80,7 +91,9 @@ impl PartialFrame {
 /// Not cancel-safe: dropped before it completes (a `select!` that took another branch), it loses
 /// what it had read of the frame, and the stream is out of step from then on. A loop that waits for
 /// other things too reads with a [`FrameReader`], or in a task of its own.
-pub async fn recv_msg<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<Option<T>, TransportError> {
+pub async fn recv_msg<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<T>, TransportError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -90,7 +103,8 @@ pub async fn recv_msg<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Resu
     }
     let mut frame = PartialFrame::new(header)?;
     while frame.missing() > 0 {
-        // Never more than the frame still needs: the rest of the stream stays with quinn for the next call.
+        // Never more than the frame still needs: the rest of the stream stays with quinn for the
+        // next call.
         match recv.read_chunk(frame.missing(), true).await? {
             Some(chunk) => frame.push(&chunk.bytes),
             None => return Err(TransportError::Truncated),
@@ -113,7 +127,12 @@ pub struct FrameReader {
 impl FrameReader {
     /// A reader at a frame boundary of `recv`.
     pub fn new(recv: quinn::RecvStream) -> Self {
-        Self { recv, header: [0; FRAME_HEADER_LEN], header_len: 0, body: None }
+        Self {
+            recv,
+            header: [0; FRAME_HEADER_LEN],
+            header_len: 0,
+            body: None,
+        }
     }
 
     /// The next message; `Ok(None)` when the peer finished the stream cleanly between frames.
@@ -121,7 +140,11 @@ impl FrameReader {
     pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, TransportError> {
         // Every await is a cancel-safe read_chunk; what it returns is stored before the next await.
         while self.body.is_none() {
-            match self.recv.read_chunk(FRAME_HEADER_LEN - self.header_len, true).await? {
+            match self
+                .recv
+                .read_chunk(FRAME_HEADER_LEN - self.header_len, true)
+                .await?
+            {
                 None if self.header_len == 0 => return Ok(None),
                 None => return Err(TransportError::Truncated),
                 Some(chunk) => {
@@ -163,15 +186,25 @@ mod tests {
     #[test]
     fn an_announced_megabyte_reserves_only_what_arrives() {
         let mut f = PartialFrame::new(header(MAX_FRAME_LEN)).unwrap();
-        assert!(f.buf.capacity() <= FRAME_HEADER_LEN + INITIAL_BODY, "{}", f.buf.capacity());
+        assert!(
+            f.buf.capacity() <= FRAME_HEADER_LEN + INITIAL_BODY,
+            "{}",
+            f.buf.capacity()
+        );
         let mut received = 0;
         // Trickle the body in uneven pieces: capacity follows the bytes, not the announced length.
-        for piece in [1, 7, 100, 4000, 10_000, 65_536, 300_000].into_iter().cycle() {
+        for piece in [1, 7, 100, 4000, 10_000, 65_536, 300_000]
+            .into_iter()
+            .cycle()
+        {
             let n = piece.min(f.missing());
             f.push(&vec![0u8; n]);
             received += n;
             let cap = f.buf.capacity();
-            assert!(cap <= 2 * (FRAME_HEADER_LEN + received) + INITIAL_BODY, "{cap} bytes reserved after {received} arrived");
+            assert!(
+                cap <= 2 * (FRAME_HEADER_LEN + received) + INITIAL_BODY,
+                "{cap} bytes reserved after {received} arrived"
+            );
             if f.missing() == 0 {
                 break;
             }
@@ -181,13 +214,22 @@ mod tests {
 
     #[test]
     fn oversized_announcements_are_refused_before_any_reservation() {
-        assert!(matches!(PartialFrame::new(header(MAX_FRAME_LEN + 1)), Err(FrameError::TooLarge { .. })));
-        assert!(matches!(PartialFrame::new([0xff; 4]), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            PartialFrame::new(header(MAX_FRAME_LEN + 1)),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            PartialFrame::new([0xff; 4]),
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 
     #[test]
     fn bytes_past_the_frame_are_not_taken_and_the_frame_decodes() {
-        let msg = AgentMsg::Health(HealthReport { uptime_secs: 7, ..Default::default() });
+        let msg = AgentMsg::Health(HealthReport {
+            uptime_secs: 7,
+            ..Default::default()
+        });
         let bytes = encode_frame(&msg).unwrap();
         let mut f = PartialFrame::new(bytes[..4].try_into().unwrap()).unwrap();
         let mut body = bytes[4..].to_vec();
@@ -197,15 +239,23 @@ mod tests {
         assert_eq!(f.decode::<AgentMsg>().unwrap(), msg);
     }
 
-    /// A QUIC loopback connection: (server endpoint, client endpoint, client config, server address).
-    fn loopback() -> (quinn::Endpoint, quinn::Endpoint, quinn::ClientConfig, std::net::SocketAddr) {
+    /// A QUIC loopback connection: (server endpoint, client endpoint, client config, server
+    /// address).
+    fn loopback() -> (
+        quinn::Endpoint,
+        quinn::Endpoint,
+        quinn::ClientConfig,
+        std::net::SocketAddr,
+    ) {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
         let server_key = rcgen::KeyPair::generate().unwrap();
-        let server_params = rcgen::CertificateParams::new(vec![crate::tls::controller_server_name().to_owned()]).unwrap();
+        let server_params =
+            rcgen::CertificateParams::new(vec![crate::tls::controller_server_name().to_owned()])
+                .unwrap();
         let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
         let server_config = crate::tls::controller_server_config(
             ca_cert.der(),
@@ -213,17 +263,27 @@ mod tests {
             crate::pki::tls_key(&server_key),
         )
         .unwrap();
-        let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let server =
+            quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = server.local_addr().unwrap();
-        let client_config =
-            crate::tls::enrol_client_config(crate::pki::sha256(ca_cert.der()), std::time::Duration::from_secs(5)).unwrap();
+        let client_config = crate::tls::enrol_client_config(
+            crate::pki::sha256(ca_cert.der()),
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
         let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         (server, client, client_config, addr)
     }
 
     fn messages() -> Vec<AgentMsg> {
         (0..3)
-            .map(|i| AgentMsg::Health(HealthReport { uptime_secs: i, filesystems: vec![Default::default(); 300], ..Default::default() }))
+            .map(|i| {
+                AgentMsg::Health(HealthReport {
+                    uptime_secs: i,
+                    filesystems: vec![Default::default(); 300],
+                    ..Default::default()
+                })
+            })
             .collect()
     }
 
@@ -237,7 +297,11 @@ mod tests {
     ) -> tokio::task::JoinHandle<quinn::Connection> {
         use std::time::Duration;
         tokio::spawn(async move {
-            let conn = client.connect_with(config, addr, crate::tls::controller_server_name()).unwrap().await.unwrap();
+            let conn = client
+                .connect_with(config, addr, crate::tls::controller_server_name())
+                .unwrap()
+                .await
+                .unwrap();
             let (mut send, _recv) = conn.open_bi().await.unwrap();
             for piece in frames.chunks(777) {
                 send.write_all(piece).await.unwrap();
@@ -263,15 +327,22 @@ mod tests {
         let conn = server.accept().await.unwrap().await.unwrap();
         let (_send, mut recv) = conn.accept_bi().await.unwrap();
         for m in &msgs {
-            assert_eq!(recv_msg::<AgentMsg>(&mut recv).await.unwrap().as_ref(), Some(m));
+            assert_eq!(
+                recv_msg::<AgentMsg>(&mut recv).await.unwrap().as_ref(),
+                Some(m)
+            );
         }
-        assert!(matches!(recv_msg::<AgentMsg>(&mut recv).await, Err(TransportError::Truncated)));
+        assert!(matches!(
+            recv_msg::<AgentMsg>(&mut recv).await,
+            Err(TransportError::Truncated)
+        ));
         drop(recv);
         let _conn = writer.await.unwrap();
     }
 
     /// A `select!` that keeps dropping the read for a timer (the controller's connection loop wakes
-    /// for queued messages the same way) still gets every frame whole and in order from a FrameReader.
+    /// for queued messages the same way) still gets every frame whole and in order from a
+    /// FrameReader.
     #[tokio::test]
     async fn a_frame_reader_survives_being_cancelled_mid_frame() {
         use std::time::Duration;

@@ -1,9 +1,10 @@
-//! The agent's overlay datapath: TAP devices, peer connections, and the tasks that move frames between
-//! them. A thin async shell around the sans-IO [`Switch`], [`PathManager`] and [`Reassembler`].
+//! The agent's overlay datapath: TAP devices, peer connections, and the tasks that move frames
+//! between them. A thin async shell around the sans-IO [`Switch`], [`PathManager`] and
+//! [`Reassembler`].
 //!
 //! Tasks:
-//! - one *manager* task owns the path manager, the netmap and the connection table; it applies netmaps,
-//!   opens and closes connections, checks peer identities, and publishes the route table;
+//! - one *manager* task owns the path manager, the netmap and the connection table; it applies
+//!   netmaps, opens and closes connections, checks peer identities, and publishes the route table;
 //! - one reader per TAP device: frame → switch → route → datagrams;
 //! - one reader per peer connection: datagram → reassembly → switch → TAP;
 //! - one accept loop for connections peers open towards this node.
@@ -23,7 +24,8 @@ use std::{
 
 use bytes::Bytes;
 use shoal_proto::{
-    NetworkId, NetworkMembership, Netmap, NodeId, OverlayCounters, PathInfo, PathKind, PathReport, Peer, Punch,
+    Netmap, NetworkId, NetworkMembership, NodeId, OverlayCounters, PathInfo, PathKind, PathReport,
+    Peer, Punch,
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{debug, info, warn};
@@ -49,7 +51,8 @@ pub struct NodeConfig {
     /// A path that carries nothing, not even keep-alives (sent every second), for this long is dead
     /// and traffic moves to another (default 4 s).
     pub path_idle: Duration,
-    /// TAP devices are named this plus the network number (default `shoal`: `shoal0` for `default`).
+    /// TAP devices are named this plus the network number (default `shoal`: `shoal0` for
+    /// `default`).
     pub tap_prefix: String,
     /// Outer congestion controller of peer connections (default CUBIC; see docs/performance.md).
     pub congestion: tls::Congestion,
@@ -131,7 +134,14 @@ impl OverlayNode {
             events: events_tx,
         };
         let manager = tokio::spawn(manager.run(command_rx, internal_rx));
-        (OverlayNode { commands, manager, acceptor }, events_rx)
+        (
+            OverlayNode {
+                commands,
+                manager,
+                acceptor,
+            },
+            events_rx,
+        )
     }
 
     /// Sends a command; false if the overlay has stopped.
@@ -197,15 +207,30 @@ impl Shared {
     }
 
     fn drop_frame(&self, reason: &'static str) {
-        *self.drops.lock().unwrap_or_else(|p| p.into_inner()).entry(reason).or_default() += 1;
+        *self
+            .drops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason)
+            .or_default() += 1;
     }
 
     fn route(&self, peer: &NodeId) -> Option<RouteEntry> {
-        self.routes.read().unwrap_or_else(|p| p.into_inner()).get(peer).cloned()
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .cloned()
     }
 
     /// Sends one frame to one peer on its current route.
-    fn send_frame(&self, route: Option<RouteEntry>, network: NetworkId, frame: &[u8], fragment_id: &mut u16) {
+    fn send_frame(
+        &self,
+        route: Option<RouteEntry>,
+        network: NetworkId,
+        frame: &[u8],
+        fragment_id: &mut u16,
+    ) {
         let Some(route) = route else {
             self.drop_frame("no_path");
             return;
@@ -222,7 +247,10 @@ impl Shared {
                         return;
                     }
                 }
-                route.counters.tx_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                route
+                    .counters
+                    .tx_bytes
+                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
             }
             Err(e) => self.drop_frame(e.reason()),
         }
@@ -243,9 +271,16 @@ impl Shared {
 
 enum Internal {
     /// A handshake completed: check who it is.
-    Connected { conn: quinn::Connection, expected: Option<NodeId> },
+    Connected {
+        conn: quinn::Connection,
+        expected: Option<NodeId>,
+    },
     /// An attempt this side started failed.
-    AttemptFailed { peer: NodeId, kind: PathKind, cause: String },
+    AttemptFailed {
+        peer: NodeId,
+        kind: PathKind,
+        cause: String,
+    },
     /// A connection's reader stopped: the connection is gone.
     Closed { id: ConnId },
     /// A TAP device failed.
@@ -281,10 +316,17 @@ struct Manager {
 }
 
 impl Manager {
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<NodeCommand>, mut internal: mpsc::UnboundedReceiver<Internal>) {
+    async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<NodeCommand>,
+        mut internal: mpsc::UnboundedReceiver<Internal>,
+    ) {
         let mut counters: HashMap<NodeId, Arc<PeerCounters>> = HashMap::new();
         loop {
-            let deadline = self.paths.poll_timeout().map(tokio::time::Instant::from_std);
+            let deadline = self
+                .paths
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std);
             let actions = tokio::select! {
                 cmd = commands.recv() => match cmd {
                     None => break,
@@ -355,8 +397,17 @@ impl Manager {
                     self.internal.clone(),
                 ));
                 info!(peer = %peer, conn = id, ?kind, remote = %conn.remote_address(), ours, "peer path up");
-                self.conns.insert(id, ConnEntry { conn: conn.clone(), peer: peer.clone(), reader, counters: peer_counters });
-                self.paths.connected(now, &peer, id, kind, ours, conn.remote_address())
+                self.conns.insert(
+                    id,
+                    ConnEntry {
+                        conn: conn.clone(),
+                        peer: peer.clone(),
+                        reader,
+                        counters: peer_counters,
+                    },
+                );
+                self.paths
+                    .connected(now, &peer, id, kind, ours, conn.remote_address())
             }
             Internal::AttemptFailed { peer, kind, cause } => {
                 debug!(peer = %peer, ?kind, cause, "path attempt failed");
@@ -370,10 +421,17 @@ impl Manager {
                 None => vec![],
             },
             Internal::TapFailed { network, cause } => {
-                warn!(network = network.0, cause, "TAP device failed; recreating it at the next netmap");
+                warn!(
+                    network = network.0,
+                    cause, "TAP device failed; recreating it at the next netmap"
+                );
                 if let Some(t) = self.taps.remove(&network) {
                     t.reader.abort();
-                    self.shared.taps.write().unwrap_or_else(|p| p.into_inner()).remove(&network);
+                    self.shared
+                        .taps
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&network);
                 }
                 vec![]
             }
@@ -381,13 +439,24 @@ impl Manager {
     }
 
     /// Checks that a connection's peer is a current peer with the key the controller vouched for.
-    fn verify(&self, conn: &quinn::Connection, expected: Option<&NodeId>) -> Result<NodeId, &'static str> {
+    fn verify(
+        &self,
+        conn: &quinn::Connection,
+        expected: Option<&NodeId>,
+    ) -> Result<NodeId, &'static str> {
         let chain = tls::peer_chain(conn).ok_or("no certificate")?;
-        let info = chain.first().map(|c| pki::cert_info(c)).ok_or("no certificate")?.map_err(|_| "unusable certificate")?;
+        let info = chain
+            .first()
+            .map(|c| pki::cert_info(c))
+            .ok_or("no certificate")?
+            .map_err(|_| "unusable certificate")?;
         if expected.is_some_and(|e| *e != info.node_id) {
             return Err("certificate names another node");
         }
-        let peer = self.netmap.peer(&info.node_id).ok_or("not a peer in the netmap")?;
+        let peer = self
+            .netmap
+            .peer(&info.node_id)
+            .ok_or("not a peer in the netmap")?;
         if peer.key_sha256 != [0; 32] && peer.key_sha256 != info.key_sha256 {
             return Err("key does not match the netmap (stale certificate)");
         }
@@ -405,19 +474,32 @@ impl Manager {
             }
             match self.create_tap(m) {
                 Ok(entry) => {
-                    self.shared.taps.write().unwrap_or_else(|p| p.into_inner()).insert(m.id, entry.device.clone());
+                    self.shared
+                        .taps
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(m.id, entry.device.clone());
                     self.taps.insert(m.id, entry);
                 }
                 Err(e) => warn!(network = %m.name, cause = %e, "could not create the TAP device"),
             }
         }
-        let gone: Vec<NetworkId> = self.taps.keys().filter(|id| !map.networks.iter().any(|m| m.id == **id)).copied().collect();
+        let gone: Vec<NetworkId> = self
+            .taps
+            .keys()
+            .filter(|id| !map.networks.iter().any(|m| m.id == **id))
+            .copied()
+            .collect();
         for id in gone {
             if let Some(t) = self.taps.remove(&id) {
                 t.reader.abort();
                 info!(network = id.0, device = %tap_name(&self.config.tap_prefix, id), "left network; TAP device removed");
             }
-            self.shared.taps.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            self.shared
+                .taps
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
             self.shared.switch().remove_network(id);
         }
         {
@@ -425,7 +507,11 @@ impl Manager {
             for m in &map.networks {
                 let members = map.peers.iter().filter_map(|p| {
                     let n = p.networks.iter().find(|n| n.id == m.id)?;
-                    Some(Member { node: p.node.clone(), mac: n.mac, address: n.address })
+                    Some(Member {
+                        node: p.node.clone(),
+                        mac: n.mac,
+                        address: n.address,
+                    })
                 });
                 if let Err(e) = switch.set_network(m, members) {
                     warn!(network = %m.name, cause = %e, "netmap refused by the switch");
@@ -435,9 +521,16 @@ impl Manager {
         // A peer whose key changed must not keep a connection made with the old one.
         let mut actions = Vec::new();
         for (id, c) in &self.conns {
-            let changed = |p: &Peer| self.netmap.peer(&p.node).is_some_and(|old| old.key_sha256 != p.key_sha256);
+            let changed = |p: &Peer| {
+                self.netmap
+                    .peer(&p.node)
+                    .is_some_and(|old| old.key_sha256 != p.key_sha256)
+            };
             if map.peers.iter().any(|p| p.node == c.peer && changed(p)) {
-                actions.push(PathAction::Close { conn: *id, reason: "peer key changed" });
+                actions.push(PathAction::Close {
+                    conn: *id,
+                    reason: "peer key changed",
+                });
             }
         }
         let peers = map.peers.clone();
@@ -462,8 +555,17 @@ impl Manager {
         device.enabled(true)?;
         let device = Arc::new(device);
         info!(device = %name, network = %m.name, mac = %m.mac, address = %m.address, prefix = m.prefix_len, mtu = m.mtu, "TAP device up");
-        let reader = tokio::spawn(tap_loop(m.id, device.clone(), self.shared.clone(), self.internal.clone()));
-        Ok(TapEntry { membership: m.clone(), device, reader })
+        let reader = tokio::spawn(tap_loop(
+            m.id,
+            device.clone(),
+            self.shared.clone(),
+            self.internal.clone(),
+        ));
+        Ok(TapEntry {
+            membership: m.clone(),
+            device,
+            reader,
+        })
     }
 
     fn perform(&mut self, actions: Vec<PathAction>) {
@@ -491,12 +593,23 @@ impl Manager {
             .tls
             .client_config(self.transport.clone())
             .map_err(|e| e.to_string())
-            .and_then(|cfg| self.endpoint.connect_with(cfg, addr, &pki::node_server_name(&peer)).map_err(|e| e.to_string()));
+            .and_then(|cfg| {
+                self.endpoint
+                    .connect_with(cfg, addr, &pki::node_server_name(&peer))
+                    .map_err(|e| e.to_string())
+            });
         tokio::spawn(async move {
             let event = match connecting {
                 Ok(connecting) => match connecting.await {
-                    Ok(conn) => Internal::Connected { conn, expected: Some(peer) },
-                    Err(e) => Internal::AttemptFailed { peer, kind, cause: e.to_string() },
+                    Ok(conn) => Internal::Connected {
+                        conn,
+                        expected: Some(peer),
+                    },
+                    Err(e) => Internal::AttemptFailed {
+                        peer,
+                        kind,
+                        cause: e.to_string(),
+                    },
                 },
                 Err(cause) => Internal::AttemptFailed { peer, kind, cause },
             };
@@ -510,11 +623,21 @@ impl Manager {
             .routes()
             .filter_map(|(peer, route)| {
                 let c = self.conns.get(&route?.conn)?;
-                Some((peer.clone(), RouteEntry { conn: c.conn.clone(), counters: c.counters.clone() }))
+                Some((
+                    peer.clone(),
+                    RouteEntry {
+                        conn: c.conn.clone(),
+                        counters: c.counters.clone(),
+                    },
+                ))
             })
             .collect();
         counters.retain(|peer, _| self.paths.is_peer(peer));
-        *self.shared.routes.write().unwrap_or_else(|p| p.into_inner()) = routes;
+        *self
+            .shared
+            .routes
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = routes;
     }
 
     fn report(&self, counters: &HashMap<NodeId, Arc<PeerCounters>>) -> PathReport {
@@ -535,7 +658,10 @@ impl Manager {
                 })
             })
             .collect();
-        PathReport { paths, counters: self.shared.counters() }
+        PathReport {
+            paths,
+            counters: self.shared.counters(),
+        }
     }
 }
 
@@ -551,13 +677,23 @@ impl Manager {
 /// Best effort: without IPv6 the first does not exist, and a failure is logged.
 fn link_sysctls(device: &str) {
     for (path, value) in [
-        (format!("/proc/sys/net/ipv6/conf/{device}/addr_gen_mode"), "0"),
-        (format!("/proc/sys/net/ipv4/conf/{device}/arp_announce"), "2"),
+        (
+            format!("/proc/sys/net/ipv6/conf/{device}/addr_gen_mode"),
+            "0",
+        ),
+        (
+            format!("/proc/sys/net/ipv4/conf/{device}/arp_announce"),
+            "2",
+        ),
     ] {
         match std::fs::write(&path, value) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => debug!(path, "sysctl absent; skipped"),
-            Err(e) => warn!(path, cause = %e, "could not set a TAP sysctl; peers may drop this node's frames"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                debug!(path, "sysctl absent; skipped")
+            }
+            Err(e) => {
+                warn!(path, cause = %e, "could not set a TAP sysctl; peers may drop this node's frames")
+            }
         }
     }
 }
@@ -577,7 +713,10 @@ async fn accept_loop(endpoint: quinn::Endpoint, internal: mpsc::UnboundedSender<
             let remote = incoming.remote_address();
             match incoming.await {
                 Ok(conn) => {
-                    let _ = internal.send(Internal::Connected { conn, expected: None });
+                    let _ = internal.send(Internal::Connected {
+                        conn,
+                        expected: None,
+                    });
                 }
                 Err(e) => debug!(%remote, cause = %e, "incoming peer handshake failed"),
             }
@@ -600,7 +739,13 @@ async fn read_loop(
     let _ = internal.send(Internal::Closed { id });
 }
 
-async fn receive(shared: &Shared, peer: &NodeId, counters: &PeerCounters, reassembler: &mut Reassembler, datagram: &Bytes) {
+async fn receive(
+    shared: &Shared,
+    peer: &NodeId,
+    counters: &PeerCounters,
+    reassembler: &mut Reassembler,
+    datagram: &Bytes,
+) {
     let now = Instant::now();
     let wire::ReceivedFrame { network, frame } = match reassembler.receive(now, datagram) {
         Ok(Some(f)) => f,
@@ -613,8 +758,15 @@ async fn receive(shared: &Shared, peer: &NodeId, counters: &PeerCounters, reasse
     if shared.switch().inbound(now, peer, network, &frame) != Inbound::Deliver {
         return;
     }
-    counters.rx_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
-    let tap = shared.taps.read().unwrap_or_else(|p| p.into_inner()).get(&network).cloned();
+    counters
+        .rx_bytes
+        .fetch_add(frame.len() as u64, Ordering::Relaxed);
+    let tap = shared
+        .taps
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&network)
+        .cloned();
     match tap {
         Some(tap) => {
             if tap.send(&frame).await.is_err() {
@@ -625,21 +777,29 @@ async fn receive(shared: &Shared, peer: &NodeId, counters: &PeerCounters, reasse
     }
 }
 
-async fn tap_loop(network: NetworkId, device: Arc<tun_rs::AsyncDevice>, shared: Arc<Shared>, internal: mpsc::UnboundedSender<Internal>) {
+async fn tap_loop(
+    network: NetworkId,
+    device: Arc<tun_rs::AsyncDevice>,
+    shared: Arc<Shared>,
+    internal: mpsc::UnboundedSender<Internal>,
+) {
     let mut buf = vec![0u8; 65536];
     let mut fragment_id = 0u16;
     loop {
         let n = match device.recv(&mut buf).await {
             Ok(n) => n,
             Err(e) => {
-                let _ = internal.send(Internal::TapFailed { network, cause: e.to_string() });
+                let _ = internal.send(Internal::TapFailed {
+                    network,
+                    cause: e.to_string(),
+                });
                 return;
             }
         };
         let frame = &buf[..n];
         let now = Instant::now();
-        // Decide and look up routes under the switch lock, then send without it. Unicast, the common
-        // case, allocates nothing here.
+        // Decide and look up routes under the switch lock, then send without it. Unicast, the
+        // common case, allocates nothing here.
         let mut switch = shared.switch();
         match switch.outbound(now, network, frame) {
             Outbound::Unicast(peer) => {
@@ -648,7 +808,8 @@ async fn tap_loop(network: NetworkId, device: Arc<tun_rs::AsyncDevice>, shared: 
                 shared.send_frame(route, network, frame, &mut fragment_id);
             }
             Outbound::Flood(peers) => {
-                let routes: Vec<Option<RouteEntry>> = peers.iter().map(|p| shared.route(p)).collect();
+                let routes: Vec<Option<RouteEntry>> =
+                    peers.iter().map(|p| shared.route(p)).collect();
                 drop(switch);
                 for route in routes {
                     shared.send_frame(route, network, frame, &mut fragment_id);

@@ -1,25 +1,26 @@
-//! Which connection carries traffic to each peer, and when to open or close one: a state machine with
-//! time passed in.
+//! Which connection carries traffic to each peer, and when to open or close one: a state machine
+//! with time passed in.
 //!
-//! Per peer there are two kinds of path: *direct* (UDP between the two nodes, after NAT traversal) and
-//! *relay* (the same QUIC connection, carried through the controller). The rules:
+//! Per peer there are two kinds of path: *direct* (UDP between the two nodes, after NAT traversal)
+//! and *relay* (the same QUIC connection, carried through the controller). The rules:
 //!
 //! - Both sides attempt direct paths, to every candidate endpoint of the peer at once, and ask the
-//!   controller to make the peer attempt towards them at the same moment ([`PathAction::RequestPunch`]):
-//!   each side's outgoing packets open its own NAT for the other's. Failed rounds back off
-//!   exponentially (1 s to 15 s by default) and keep going for as long as the peer exists, so a pair
-//!   that is relayed moves to direct when the network lets it.
-//! - While no direct path is up, the side with the lower node id opens a relay path; the other waits
-//!   for it. Relaying starts at once, so traffic flows while hole punching is still trying.
-//! - A relay path that has been redundant for `relay_linger` is closed by the side that opened it; when
-//!   the direct path dies (quinn's idle timeout), the relay is reopened at once.
-//! - Duplicate connections of one kind (both sides punched and both handshakes won, or two candidate
-//!   endpoints worked) are settled without a round trip: the connection opened by the lower node id
-//!   wins, and each side only ever closes connections it opened itself, so the two sides can never
-//!   close each other's winner.
+//!   controller to make the peer attempt towards them at the same moment
+//!   ([`PathAction::RequestPunch`]): each side's outgoing packets open its own NAT for the other's.
+//!   Failed rounds back off exponentially (1 s to 15 s by default) and keep going for as long as
+//!   the peer exists, so a pair that is relayed moves to direct when the network lets it.
+//! - While no direct path is up, the side with the lower node id opens a relay path; the other
+//!   waits for it. Relaying starts at once, so traffic flows while hole punching is still trying.
+//! - A relay path that has been redundant for `relay_linger` is closed by the side that opened it;
+//!   when the direct path dies (quinn's idle timeout), the relay is reopened at once.
+//! - Duplicate connections of one kind (both sides punched and both handshakes won, or two
+//!   candidate endpoints worked) are settled without a round trip: the connection opened by the
+//!   lower node id wins, and each side only ever closes connections it opened itself, so the two
+//!   sides can never close each other's winner.
 //!
 //! Traffic goes on the winning direct connection if there is one, else on the winning relay one.
-//! Frames received on any live connection are accepted, so a switch-over loses nothing that arrives.
+//! Frames received on any live connection are accepted, so a switch-over loses nothing that
+//! arrives.
 
 use std::{
     collections::BTreeMap,
@@ -27,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use shoal_proto::{NodeId, Peer, PeerIndex, PathKind};
+use shoal_proto::{NodeId, PathKind, Peer, PeerIndex};
 
 /// The shell's handle for one QUIC connection.
 pub type ConnId = u64;
@@ -125,27 +126,40 @@ impl PeerPaths {
     /// When the next round of direct attempts is due, if one is wanted: no direct path, none being
     /// attempted, and somewhere to attempt.
     fn direct_due(&self) -> Option<Instant> {
-        (!self.has(PathKind::Direct) && self.direct_in_flight == 0 && !self.endpoints.is_empty()).then_some(self.next_direct)
+        (!self.has(PathKind::Direct) && self.direct_in_flight == 0 && !self.endpoints.is_empty())
+            .then_some(self.next_direct)
     }
 
-    /// When this side should open a relay path, if it should: it has the lower id (`opens_relay`) and the
-    /// pair has no path at all and no relay attempt in flight.
+    /// When this side should open a relay path, if it should: it has the lower id (`opens_relay`)
+    /// and the pair has no path at all and no relay attempt in flight.
     fn relay_due(&self, opens_relay: bool) -> Option<Instant> {
-        (opens_relay && !self.has(PathKind::Direct) && !self.has(PathKind::Relay) && !self.relay_in_flight)
+        (opens_relay
+            && !self.has(PathKind::Direct)
+            && !self.has(PathKind::Relay)
+            && !self.relay_in_flight)
             .then_some(self.next_relay)
     }
 
     /// When a relay this side opened has been redundant for `linger` beside the oldest direct path.
     fn linger_due(&self, linger: Duration) -> Option<Instant> {
-        if !self.conns.iter().any(|c| c.kind == PathKind::Relay && c.ours) {
+        if !self
+            .conns
+            .iter()
+            .any(|c| c.kind == PathKind::Relay && c.ours)
+        {
             return None;
         }
-        self.conns.iter().filter(|c| c.kind == PathKind::Direct).map(|c| c.since).min().map(|t| t + linger)
+        self.conns
+            .iter()
+            .filter(|c| c.kind == PathKind::Direct)
+            .map(|c| c.since)
+            .min()
+            .map(|t| t + linger)
     }
 }
 
-/// The first `max` distinct endpoints, in the order given (the controller lists the observed address
-/// first).
+/// The first `max` distinct endpoints, in the order given (the controller lists the observed
+/// address first).
 fn candidates(endpoints: &[SocketAddr], max: usize) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = Vec::with_capacity(endpoints.len().min(max));
     for e in endpoints {
@@ -181,7 +195,11 @@ pub struct PathManager {
 impl PathManager {
     /// A manager for node `me`.
     pub fn new(me: NodeId, config: PathConfig) -> Self {
-        Self { me, config, peers: BTreeMap::new() }
+        Self {
+            me,
+            config,
+            peers: BTreeMap::new(),
+        }
     }
 
     fn we_are_lower(&self, peer: &NodeId) -> bool {
@@ -195,17 +213,28 @@ impl PathManager {
 
     /// The peer a relay index belongs to.
     pub fn peer_by_index(&self, index: PeerIndex) -> Option<&NodeId> {
-        self.peers.iter().find(|(_, p)| p.index == index).map(|(id, _)| id)
+        self.peers
+            .iter()
+            .find(|(_, p)| p.index == index)
+            .map(|(id, _)| id)
     }
 
     /// Replaces the set of peers (from the netmap). Peers that left get their connections closed;
     /// new ones get their first attempts at the next timeout.
     pub fn set_peers(&mut self, now: Instant, peers: &[Peer]) -> Vec<PathAction> {
         let mut out = Vec::new();
-        let gone: Vec<NodeId> = self.peers.keys().filter(|id| !peers.iter().any(|p| &p.node == *id)).cloned().collect();
+        let gone: Vec<NodeId> = self
+            .peers
+            .keys()
+            .filter(|id| !peers.iter().any(|p| &p.node == *id))
+            .cloned()
+            .collect();
         for id in gone {
             if let Some(p) = self.peers.remove(&id) {
-                out.extend(p.conns.iter().map(|c| PathAction::Close { conn: c.id, reason: "no longer a peer" }));
+                out.extend(p.conns.iter().map(|c| PathAction::Close {
+                    conn: c.id,
+                    reason: "no longer a peer",
+                }));
             }
         }
         for peer in peers.iter().filter(|p| p.node != self.me) {
@@ -242,8 +271,8 @@ impl PathManager {
         out
     }
 
-    /// A connection with `peer` completed its handshake (and the shell checked the peer's identity).
-    /// `ours` says whether this side opened it.
+    /// A connection with `peer` completed its handshake (and the shell checked the peer's
+    /// identity). `ours` says whether this side opened it.
     pub fn connected(
         &mut self,
         now: Instant,
@@ -256,7 +285,10 @@ impl PathManager {
         let lower = self.we_are_lower(peer);
         let config = self.config.clone();
         let Some(p) = self.peers.get_mut(peer) else {
-            return vec![PathAction::Close { conn, reason: "not a peer" }];
+            return vec![PathAction::Close {
+                conn,
+                reason: "not a peer",
+            }];
         };
         if ours {
             match kind {
@@ -269,14 +301,28 @@ impl PathManager {
         } else {
             p.relay_backoff = config.relay_retry_min;
         }
-        p.conns.push(Conn { id: conn, kind, from_lower: ours == lower, ours, since: now, remote });
+        p.conns.push(Conn {
+            id: conn,
+            kind,
+            from_lower: ours == lower,
+            ours,
+            since: now,
+            remote,
+        });
         settle_duplicates(p, kind)
     }
 
     /// An attempt this side started failed (handshake timeout, refused, unreachable).
-    pub fn attempt_failed(&mut self, now: Instant, peer: &NodeId, kind: PathKind) -> Vec<PathAction> {
+    pub fn attempt_failed(
+        &mut self,
+        now: Instant,
+        peer: &NodeId,
+        kind: PathKind,
+    ) -> Vec<PathAction> {
         let max = self.config.direct_retry_max;
-        let Some(p) = self.peers.get_mut(peer) else { return vec![] };
+        let Some(p) = self.peers.get_mut(peer) else {
+            return vec![];
+        };
         match kind {
             PathKind::Direct => {
                 p.direct_in_flight = p.direct_in_flight.saturating_sub(1);
@@ -315,8 +361,15 @@ impl PathManager {
     }
 
     /// The controller says `peer` is attempting towards us now: attempt towards it too.
-    pub fn punch_requested(&mut self, now: Instant, peer: &NodeId, endpoints: &[SocketAddr]) -> Vec<PathAction> {
-        let Some(p) = self.peers.get_mut(peer) else { return vec![] };
+    pub fn punch_requested(
+        &mut self,
+        now: Instant,
+        peer: &NodeId,
+        endpoints: &[SocketAddr],
+    ) -> Vec<PathAction> {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return vec![];
+        };
         if !endpoints.is_empty() {
             p.endpoints = candidates(endpoints, self.config.max_candidates);
         }
@@ -325,7 +378,13 @@ impl PathManager {
         }
         p.direct_in_flight = p.endpoints.len();
         p.next_direct = now;
-        p.endpoints.iter().map(|addr| PathAction::ConnectDirect { peer: peer.clone(), addr: *addr }).collect()
+        p.endpoints
+            .iter()
+            .map(|addr| PathAction::ConnectDirect {
+                peer: peer.clone(),
+                addr: *addr,
+            })
+            .collect()
     }
 
     /// When [`PathManager::handle_timeout`] next has work.
@@ -333,7 +392,13 @@ impl PathManager {
         let linger = self.config.relay_linger;
         self.peers
             .iter()
-            .flat_map(|(id, p)| [p.direct_due(), p.relay_due(self.we_are_lower(id)), p.linger_due(linger)])
+            .flat_map(|(id, p)| {
+                [
+                    p.direct_due(),
+                    p.relay_due(self.we_are_lower(id)),
+                    p.linger_due(linger),
+                ]
+            })
             .flatten()
             .min()
     }
@@ -348,19 +413,28 @@ impl PathManager {
                 p.direct_in_flight = p.endpoints.len();
                 // Pessimistically schedule the next round; success or a new netmap resets it.
                 p.next_direct = now + p.direct_backoff;
-                out.extend(p.endpoints.iter().map(|addr| PathAction::ConnectDirect { peer: id.clone(), addr: *addr }));
+                out.extend(p.endpoints.iter().map(|addr| PathAction::ConnectDirect {
+                    peer: id.clone(),
+                    addr: *addr,
+                }));
                 out.push(PathAction::RequestPunch { peer: id.clone() });
             }
             if p.relay_due(me < *id).is_some_and(|t| t <= now) {
                 p.relay_in_flight = true;
-                out.push(PathAction::ConnectRelay { peer: id.clone(), index: p.index });
+                out.push(PathAction::ConnectRelay {
+                    peer: id.clone(),
+                    index: p.index,
+                });
             }
             if p.linger_due(linger).is_some_and(|t| t <= now) {
                 out.extend(
                     p.conns
                         .iter()
                         .filter(|c| c.kind == PathKind::Relay && c.ours)
-                        .map(|c| PathAction::Close { conn: c.id, reason: "a direct path is up" }),
+                        .map(|c| PathAction::Close {
+                            conn: c.id,
+                            reason: "a direct path is up",
+                        }),
                 );
             }
         }
@@ -373,7 +447,11 @@ impl PathManager {
         [PathKind::Direct, PathKind::Relay]
             .into_iter()
             .find_map(|kind| winner(p, kind))
-            .map(|c| Route { conn: c.id, kind: c.kind, remote: c.remote })
+            .map(|c| Route {
+                conn: c.id,
+                kind: c.kind,
+                remote: c.remote,
+            })
     }
 
     /// Every peer and its route (`None` while no path is up).
@@ -384,17 +462,25 @@ impl PathManager {
 
 /// The connection of `kind` traffic should use: opened by the lower id if any, oldest first.
 fn winner(p: &PeerPaths, kind: PathKind) -> Option<&Conn> {
-    p.conns.iter().filter(|c| c.kind == kind).min_by_key(|c| (!c.from_lower, c.since, c.id))
+    p.conns
+        .iter()
+        .filter(|c| c.kind == kind)
+        .min_by_key(|c| (!c.from_lower, c.since, c.id))
 }
 
 /// Closes this side's redundant connections of `kind`. Only connections this side opened are ever
 /// closed here, so both sides converge on the lower id's connection without closing each other's.
 fn settle_duplicates(p: &PeerPaths, kind: PathKind) -> Vec<PathAction> {
-    let Some(win) = winner(p, kind).map(|c| c.id) else { return vec![] };
+    let Some(win) = winner(p, kind).map(|c| c.id) else {
+        return vec![];
+    };
     p.conns
         .iter()
         .filter(|c| c.kind == kind && c.ours && c.id != win)
-        .map(|c| PathAction::Close { conn: c.id, reason: "duplicate path" })
+        .map(|c| PathAction::Close {
+            conn: c.id,
+            reason: "duplicate path",
+        })
         .collect()
 }
 
@@ -430,16 +516,32 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                PathAction::ConnectDirect { peer: n("b"), addr: addr("192.0.2.2:5000") },
-                PathAction::ConnectDirect { peer: n("b"), addr: addr("10.0.0.2:5000") },
+                PathAction::ConnectDirect {
+                    peer: n("b"),
+                    addr: addr("192.0.2.2:5000")
+                },
+                PathAction::ConnectDirect {
+                    peer: n("b"),
+                    addr: addr("10.0.0.2:5000")
+                },
                 PathAction::RequestPunch { peer: n("b") },
-                PathAction::ConnectRelay { peer: n("b"), index: PeerIndex(2) },
+                PathAction::ConnectRelay {
+                    peer: n("b"),
+                    index: PeerIndex(2)
+                },
             ]
         );
         let mut b = PathManager::new(n("b"), PathConfig::default());
         let out = b.set_peers(t0, &[peer("a", 1, &["192.0.2.1:5000"])]);
-        assert!(!out.iter().any(|a| matches!(a, PathAction::ConnectRelay { .. })), "the higher id waits for the relay");
-        assert!(out.contains(&PathAction::ConnectDirect { peer: n("a"), addr: addr("192.0.2.1:5000") }));
+        assert!(
+            !out.iter()
+                .any(|a| matches!(a, PathAction::ConnectRelay { .. })),
+            "the higher id waits for the relay"
+        );
+        assert!(out.contains(&PathAction::ConnectDirect {
+            peer: n("a"),
+            addr: addr("192.0.2.1:5000")
+        }));
     }
 
     #[test]
@@ -452,13 +554,30 @@ mod tests {
         a.connected(t0, &n("b"), 1, PathKind::Relay, true, relay);
         assert_eq!(a.route(&n("b")).map(|r| r.kind), Some(PathKind::Relay));
         let t1 = t0 + Duration::from_millis(300);
-        assert!(a.connected(t1, &n("b"), 2, PathKind::Direct, true, addr("192.0.2.2:5000")).is_empty());
-        assert_eq!(a.route(&n("b")).map(|r| (r.kind, r.conn)), Some((PathKind::Direct, 2)));
+        assert!(a
+            .connected(
+                t1,
+                &n("b"),
+                2,
+                PathKind::Direct,
+                true,
+                addr("192.0.2.2:5000")
+            )
+            .is_empty());
+        assert_eq!(
+            a.route(&n("b")).map(|r| (r.kind, r.conn)),
+            Some((PathKind::Direct, 2))
+        );
         assert_eq!(a.poll_timeout(), Some(t1 + cfg.relay_linger));
-        assert!(a.handle_timeout(t1 + cfg.relay_linger - Duration::from_millis(1)).is_empty());
+        assert!(a
+            .handle_timeout(t1 + cfg.relay_linger - Duration::from_millis(1))
+            .is_empty());
         assert_eq!(
             a.handle_timeout(t1 + cfg.relay_linger),
-            vec![PathAction::Close { conn: 1, reason: "a direct path is up" }]
+            vec![PathAction::Close {
+                conn: 1,
+                reason: "a direct path is up"
+            }]
         );
     }
 
@@ -471,17 +590,36 @@ mod tests {
         let t0 = Instant::now();
         let mut a = PathManager::new(n("a"), PathConfig::default());
         a.set_peers(t0, &[peer("b", 2, &["192.0.2.2:5000"])]);
-        a.connected(t0, &n("b"), 1, PathKind::Direct, true, addr("192.0.2.2:5000"));
+        a.connected(
+            t0,
+            &n("b"),
+            1,
+            PathKind::Direct,
+            true,
+            addr("192.0.2.2:5000"),
+        );
         a.attempt_failed(t0, &n("b"), PathKind::Relay);
         let t1 = t0 + Duration::from_millis(100);
         let out = a.closed(t1, 1);
-        assert!(out.contains(&PathAction::ConnectRelay { peer: n("b"), index: PeerIndex(2) }), "{out:?}");
+        assert!(
+            out.contains(&PathAction::ConnectRelay {
+                peer: n("b"),
+                index: PeerIndex(2)
+            }),
+            "{out:?}"
+        );
         assert_eq!(a.route(&n("b")), None);
         // Direct is retried within the minimum backoff.
         let retry = a.poll_timeout().unwrap();
         assert!(retry <= t1 + Duration::from_secs(1) && retry > t1);
         let out = a.handle_timeout(retry);
-        assert!(out.contains(&PathAction::ConnectDirect { peer: n("b"), addr: addr("192.0.2.2:5000") }), "{out:?}");
+        assert!(
+            out.contains(&PathAction::ConnectDirect {
+                peer: n("b"),
+                addr: addr("192.0.2.2:5000")
+            }),
+            "{out:?}"
+        );
     }
 
     #[test]
@@ -498,7 +636,9 @@ mod tests {
             gaps.push(next - now);
             now = next;
             let out = a.handle_timeout(now);
-            assert!(out.iter().any(|x| matches!(x, PathAction::ConnectDirect { .. })));
+            assert!(out
+                .iter()
+                .any(|x| matches!(x, PathAction::ConnectDirect { .. })));
         }
         assert_eq!(gaps, [1, 2, 4, 8, 15, 15].map(Duration::from_secs));
     }
@@ -511,13 +651,51 @@ mod tests {
         a.set_peers(t0, &[peer("b", 2, &["192.0.2.2:5000"])]);
         b.set_peers(t0, &[peer("a", 1, &["192.0.2.1:5000"])]);
         // Both punched; B's handshake completed first everywhere, then A's.
-        assert!(a.connected(t0, &n("b"), 20, PathKind::Direct, false, addr("192.0.2.2:5000")).is_empty());
-        assert!(b.connected(t0, &n("a"), 20, PathKind::Direct, true, addr("192.0.2.1:5000")).is_empty());
+        assert!(a
+            .connected(
+                t0,
+                &n("b"),
+                20,
+                PathKind::Direct,
+                false,
+                addr("192.0.2.2:5000")
+            )
+            .is_empty());
+        assert!(b
+            .connected(
+                t0,
+                &n("a"),
+                20,
+                PathKind::Direct,
+                true,
+                addr("192.0.2.1:5000")
+            )
+            .is_empty());
         let t1 = t0 + Duration::from_millis(5);
-        let a_out = a.connected(t1, &n("b"), 10, PathKind::Direct, true, addr("192.0.2.2:5000"));
-        let b_out = b.connected(t1, &n("a"), 10, PathKind::Direct, false, addr("192.0.2.1:5000"));
+        let a_out = a.connected(
+            t1,
+            &n("b"),
+            10,
+            PathKind::Direct,
+            true,
+            addr("192.0.2.2:5000"),
+        );
+        let b_out = b.connected(
+            t1,
+            &n("a"),
+            10,
+            PathKind::Direct,
+            false,
+            addr("192.0.2.1:5000"),
+        );
         assert!(a_out.is_empty(), "A never closes B's connection: {a_out:?}");
-        assert_eq!(b_out, vec![PathAction::Close { conn: 20, reason: "duplicate path" }]);
+        assert_eq!(
+            b_out,
+            vec![PathAction::Close {
+                conn: 20,
+                reason: "duplicate path"
+            }]
+        );
         assert_eq!(a.route(&n("b")).map(|r| r.conn), Some(10));
         assert_eq!(b.route(&n("a")).map(|r| r.conn), Some(10));
     }
@@ -529,11 +707,17 @@ mod tests {
         a.set_peers(t0, &[peer("b", 2, &[]), peer("c", 3, &[])]);
         a.connected(t0, &n("b"), 1, PathKind::Relay, true, relay_addr_for(2));
         let out = a.set_peers(t0, &[peer("c", 3, &[])]);
-        assert!(out.contains(&PathAction::Close { conn: 1, reason: "no longer a peer" }));
+        assert!(out.contains(&PathAction::Close {
+            conn: 1,
+            reason: "no longer a peer"
+        }));
         assert!(!a.is_peer(&n("b")));
         assert_eq!(
             a.connected(t0, &n("x"), 9, PathKind::Direct, false, addr("192.0.2.9:1")),
-            vec![PathAction::Close { conn: 9, reason: "not a peer" }]
+            vec![PathAction::Close {
+                conn: 9,
+                reason: "not a peer"
+            }]
         );
     }
 
@@ -544,18 +728,39 @@ mod tests {
         b.set_peers(t0, &[peer("a", 1, &["192.0.2.1:5000"])]);
         b.attempt_failed(t0, &n("a"), PathKind::Direct);
         let out = b.punch_requested(t0, &n("a"), &[addr("198.51.100.1:6000")]);
-        assert_eq!(out, vec![PathAction::ConnectDirect { peer: n("a"), addr: addr("198.51.100.1:6000") }]);
-        assert!(b.punch_requested(t0, &n("a"), &[]).is_empty(), "an attempt is already in flight");
+        assert_eq!(
+            out,
+            vec![PathAction::ConnectDirect {
+                peer: n("a"),
+                addr: addr("198.51.100.1:6000")
+            }]
+        );
+        assert!(
+            b.punch_requested(t0, &n("a"), &[]).is_empty(),
+            "an attempt is already in flight"
+        );
     }
 
     #[test]
     fn a_long_candidate_list_is_cut_to_the_cap_and_deduplicated() {
         let t0 = Instant::now();
-        let mut b = PathManager::new(n("b"), PathConfig { max_candidates: 3, ..PathConfig::default() });
+        let mut b = PathManager::new(
+            n("b"),
+            PathConfig {
+                max_candidates: 3,
+                ..PathConfig::default()
+            },
+        );
         let many: Vec<String> = (1..=50).map(|i| format!("192.0.2.{i}:5000")).collect();
-        let listed: Vec<&str> = ["192.0.2.1:5000"].into_iter().chain(many.iter().map(String::as_str)).collect();
+        let listed: Vec<&str> = ["192.0.2.1:5000"]
+            .into_iter()
+            .chain(many.iter().map(String::as_str))
+            .collect();
         let out = b.set_peers(t0, &[peer("a", 1, &listed)]);
-        let attempts: Vec<_> = out.iter().filter(|a| matches!(a, PathAction::ConnectDirect { .. })).collect();
+        let attempts: Vec<_> = out
+            .iter()
+            .filter(|a| matches!(a, PathAction::ConnectDirect { .. }))
+            .collect();
         assert_eq!(attempts.len(), 3, "{out:?}");
         assert!(attempts.iter().any(|a| matches!(a, PathAction::ConnectDirect { addr: x, .. } if *x == addr("192.0.2.3:5000"))));
         for _ in 0..3 {

@@ -4,8 +4,8 @@ use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
 use sha2::{Digest, Sha256};
 use shoal_proto::NodeId;
 
-/// The TLS server name every agent uses for the controller, whatever address it dials: certificates are
-/// bound to this name rather than to IP addresses that NAT and DHCP change.
+/// The TLS server name every agent uses for the controller, whatever address it dials: certificates
+/// are bound to this name rather than to IP addresses that NAT and DHCP change.
 pub const CONTROLLER_SERVER_NAME: &str = "controller.shoal";
 
 /// Why a key, request or certificate could not be handled.
@@ -40,13 +40,16 @@ pub fn make_csr(key: &KeyPair) -> Result<Vec<u8>, PkiError> {
 
 /// A key pair as rustls takes it (PKCS#8 DER).
 pub fn tls_key(key: &KeyPair) -> rustls_pki_types::PrivateKeyDer<'static> {
-    rustls_pki_types::PrivateKeyDer::Pkcs8(rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()))
+    rustls_pki_types::PrivateKeyDer::Pkcs8(rustls_pki_types::PrivatePkcs8KeyDer::from(
+        key.serialize_der(),
+    ))
 }
 
 /// A temporary file created exclusively (`O_CREAT|O_EXCL|O_NOFOLLOW`, so it is never an existing
-/// file or a symlink someone planted) under a random name (`.<name>.<16 hex>.tmp`) in the directory of
-/// the file it will become, so the final `rename` stays on one filesystem. It is removed when dropped,
-/// unless [`TempFile::persist`] renamed it into place: a failed write leaves nothing behind.
+/// file or a symlink someone planted) under a random name (`.<name>.<16 hex>.tmp`) in the directory
+/// of the file it will become, so the final `rename` stays on one filesystem. It is removed when
+/// dropped, unless [`TempFile::persist`] renamed it into place: a failed write leaves nothing
+/// behind.
 #[derive(Debug)]
 pub struct TempFile {
     path: std::path::PathBuf,
@@ -58,8 +61,14 @@ impl TempFile {
     /// Creates a temporary file beside `target` (same directory) with `mode` (set explicitly: the
     /// umask does not narrow or widen it).
     pub fn new_beside(target: &std::path::Path, mode: u32) -> std::io::Result<TempFile> {
-        let dir = target.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
+        let dir = target
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "file".into());
         TempFile::new_in(dir, &name, mode)
     }
 
@@ -67,8 +76,8 @@ impl TempFile {
     pub fn new_in(dir: &std::path::Path, prefix: &str, mode: u32) -> std::io::Result<TempFile> {
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let mut last = None;
-        // 64 random bits: a collision is practically impossible, but a name someone guessed and took
-        // only costs another try.
+        // 64 random bits: a collision is practically impossible, but a name someone guessed and
+        // took only costs another try.
         for _ in 0..8 {
             let path = dir.join(format!(".{prefix}.{:016x}.tmp", rand::random::<u64>()));
             let opened = std::fs::OpenOptions::new()
@@ -80,8 +89,13 @@ impl TempFile {
                 .open(&path);
             match opened {
                 Ok(file) => {
-                    let temp = TempFile { path, file, persisted: false };
-                    temp.file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+                    let temp = TempFile {
+                        path,
+                        file,
+                        persisted: false,
+                    };
+                    temp.file
+                        .set_permissions(std::fs::Permissions::from_mode(mode))?;
                     return Ok(temp);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
@@ -102,10 +116,16 @@ impl TempFile {
     pub fn reopen_read_only(&mut self) -> std::io::Result<()> {
         use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         self.file.sync_all()?;
-        let ro = std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC).open(&self.path)?;
+        let ro = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(&self.path)?;
         let (a, b) = (self.file.metadata()?, ro.metadata()?);
         if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
-            return Err(std::io::Error::other(format!("{} was replaced while it was written", self.path.display())));
+            return Err(std::io::Error::other(format!(
+                "{} was replaced while it was written",
+                self.path.display()
+            )));
         }
         self.file = ro;
         Ok(())
@@ -138,10 +158,14 @@ impl Drop for TempFile {
 }
 
 /// Writes a key, certificate or state file atomically — an exclusive temporary file with `mode` and
-/// a unique name beside it ([`TempFile`]), fsync, rename, fsync of the directory — so a crash leaves
-/// the old file or the new one, never a torn or world-readable one, and a symlink or file planted
-/// under a temporary name is never written through.
-pub fn write_private_file(path: &std::path::Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+/// a unique name beside it ([`TempFile`]), fsync, rename, fsync of the directory — so a crash
+/// leaves the old file or the new one, never a torn or world-readable one, and a symlink or file
+/// planted under a temporary name is never written through.
+pub fn write_private_file(
+    path: &std::path::Path,
+    contents: &[u8],
+    mode: u32,
+) -> std::io::Result<()> {
     use std::io::Write;
     let mut tmp = TempFile::new_beside(path, mode)?;
     tmp.file().write_all(contents)?;
@@ -152,7 +176,10 @@ pub fn write_private_file(path: &std::path::Path, contents: &[u8], mode: u32) ->
 /// others have any access: a data or state directory holding keys is the owner's alone.
 pub fn ensure_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     let meta = std::fs::metadata(dir)?;
     if meta.permissions().mode() & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
@@ -185,7 +212,8 @@ pub struct CertInfo {
 
 /// Reads the node identity and validity out of a certificate.
 pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Certificate(e.to_string()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| PkiError::Certificate(e.to_string()))?;
     let node_id = cert
         .subject()
         .iter_common_name()
@@ -200,8 +228,8 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
     })
 }
 
-/// The SubjectPublicKeyInfo (DER) of the key a certificate signing request holds. Parsing checks the
-/// request's own signature, so the requester holds that key.
+/// The SubjectPublicKeyInfo (DER) of the key a certificate signing request holds. Parsing checks
+/// the request's own signature, so the requester holds that key.
 pub fn csr_spki(csr_der: &[u8]) -> Result<Vec<u8>, PkiError> {
     use rcgen::PublicKeyData;
     let params = rcgen::CertificateSigningRequestParams::from_der(&csr_der.into())?;
@@ -210,7 +238,8 @@ pub fn csr_spki(csr_der: &[u8]) -> Result<Vec<u8>, PkiError> {
 
 /// The SubjectPublicKeyInfo (DER) of a certificate's key; its SHA-256 is [`CertInfo::key_sha256`].
 pub fn cert_spki(cert_der: &[u8]) -> Result<Vec<u8>, PkiError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(|e| PkiError::Certificate(e.to_string()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| PkiError::Certificate(e.to_string()))?;
     Ok(cert.public_key().raw.to_vec())
 }
 
@@ -220,12 +249,19 @@ pub fn sign_rotation(old: &KeyPair, node: &NodeId, new_spki: &[u8]) -> Result<Ve
     Ok(old.sign(&shoal_proto::rotation_message(node, new_spki))?)
 }
 
-/// Whether `signature` is the key in `old_spki` (ECDSA P-256) signing a rotation of `node` to `new_spki`.
+/// Whether `signature` is the key in `old_spki` (ECDSA P-256) signing a rotation of `node` to
+/// `new_spki`.
 pub fn verify_rotation(old_spki: &[u8], node: &NodeId, new_spki: &[u8], signature: &[u8]) -> bool {
     use x509_parser::prelude::FromDer;
-    let Ok((_, spki)) = x509_parser::x509::SubjectPublicKeyInfo::from_der(old_spki) else { return false };
-    let key = ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, spki.subject_public_key.data.as_ref());
-    key.verify(&shoal_proto::rotation_message(node, new_spki), signature).is_ok()
+    let Ok((_, spki)) = x509_parser::x509::SubjectPublicKeyInfo::from_der(old_spki) else {
+        return false;
+    };
+    let key = ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P256_SHA256_ASN1,
+        spki.subject_public_key.data.as_ref(),
+    );
+    key.verify(&shoal_proto::rotation_message(node, new_spki), signature)
+        .is_ok()
 }
 
 #[cfg(test)]
@@ -236,14 +272,20 @@ mod tests {
     fn csr_parses_and_proves_the_key() {
         let key = generate_key().unwrap();
         let csr = make_csr(&key).unwrap();
-        let parsed = rcgen::CertificateSigningRequestParams::from_der(&csr.as_slice().into()).unwrap();
+        let parsed =
+            rcgen::CertificateSigningRequestParams::from_der(&csr.as_slice().into()).unwrap();
         use rcgen::PublicKeyData;
         assert_eq!(parsed.public_key.der_bytes(), key.der_bytes());
         let mut tampered = csr.clone();
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
-        assert!(rcgen::CertificateSigningRequestParams::from_der(&tampered.as_slice().into()).is_err());
-        assert!(csr_spki(&tampered).is_err(), "a request whose signature fails proves no key");
+        assert!(
+            rcgen::CertificateSigningRequestParams::from_der(&tampered.as_slice().into()).is_err()
+        );
+        assert!(
+            csr_spki(&tampered).is_err(),
+            "a request whose signature fails proves no key"
+        );
     }
 
     #[test]
@@ -254,9 +296,13 @@ mod tests {
         let spki = csr_spki(&csr).unwrap();
         // A certificate for that request carries the same SubjectPublicKeyInfo bytes.
         let issuer_key = generate_key().unwrap();
-        let issuer = rcgen::CertificateParams::new(vec!["ca".to_string()]).unwrap().self_signed(&issuer_key).unwrap();
+        let issuer = rcgen::CertificateParams::new(vec!["ca".to_string()])
+            .unwrap()
+            .self_signed(&issuer_key)
+            .unwrap();
         let issuer = rcgen::Issuer::from_ca_cert_der(issuer.der(), issuer_key).unwrap();
-        let parsed = rcgen::CertificateSigningRequestParams::from_der(&csr.as_slice().into()).unwrap();
+        let parsed =
+            rcgen::CertificateSigningRequestParams::from_der(&csr.as_slice().into()).unwrap();
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, "n1");
         let cert = params.signed_by(&parsed.public_key, &issuer).unwrap();
@@ -267,10 +313,19 @@ mod tests {
         let new_spki = csr_spki(&make_csr(&new).unwrap()).unwrap();
         let sig = sign_rotation(&old, &node, &new_spki).unwrap();
         assert!(verify_rotation(&spki, &node, &new_spki, &sig));
-        assert!(!verify_rotation(&new_spki, &node, &new_spki, &sig), "only the old key's signature counts");
-        assert!(!verify_rotation(&spki, &NodeId("n2".into()), &new_spki, &sig), "bound to the node");
+        assert!(
+            !verify_rotation(&new_spki, &node, &new_spki, &sig),
+            "only the old key's signature counts"
+        );
+        assert!(
+            !verify_rotation(&spki, &NodeId("n2".into()), &new_spki, &sig),
+            "bound to the node"
+        );
         let self_signed = sign_rotation(&new, &node, &new_spki).unwrap();
-        assert!(!verify_rotation(&spki, &node, &new_spki, &self_signed), "the new key cannot vouch for itself");
+        assert!(
+            !verify_rotation(&spki, &node, &new_spki, &self_signed),
+            "the new key cannot vouch for itself"
+        );
     }
 
     fn temp_names(dir: &std::path::Path) -> Vec<String> {
@@ -285,28 +340,54 @@ mod tests {
     #[test]
     fn private_files_are_written_through_unique_exclusive_temporary_files() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("shoal-pki-test-{}-{}", std::process::id(), rand::random::<u32>()));
+        let dir = std::env::temp_dir().join(format!(
+            "shoal-pki-test-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("node.key");
-        // The old fixed temporary name, planted as a symlink to a file an attacker wants overwritten:
-        // it is neither followed nor reused.
+        // The old fixed temporary name, planted as a symlink to a file an attacker wants
+        // overwritten: it is neither followed nor reused.
         let victim = dir.join("victim");
         std::fs::write(&victim, b"untouched").unwrap();
         std::os::unix::fs::symlink(&victim, dir.join("node.tmp")).unwrap();
         write_private_file(&path, b"secret", 0o600).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"secret");
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
         write_private_file(&path, b"again", 0o644).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644, "mode set, not left from before");
-        assert!(temp_names(&dir).is_empty(), "no temporary file left: {:?}", temp_names(&dir));
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o644,
+            "mode set, not left from before"
+        );
+        assert!(
+            temp_names(&dir).is_empty(),
+            "no temporary file left: {:?}",
+            temp_names(&dir)
+        );
         // Two temporary files for one target never share a name; dropping one removes it.
-        let (a, b) = (TempFile::new_beside(&path, 0o600).unwrap(), TempFile::new_beside(&path, 0o600).unwrap());
+        let (a, b) = (
+            TempFile::new_beside(&path, 0o600).unwrap(),
+            TempFile::new_beside(&path, 0o600).unwrap(),
+        );
         assert_ne!(a.path(), b.path());
-        assert!(a.path().file_name().unwrap().to_string_lossy().starts_with(".node.key."));
+        assert!(a
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(".node.key."));
         let kept = a.path().to_owned();
         drop(a);
-        assert!(!kept.exists(), "a temporary file that was not persisted is removed");
+        assert!(
+            !kept.exists(),
+            "a temporary file that was not persisted is removed"
+        );
         drop(b);
         // A write that fails (the target is a directory) cleans up after itself.
         let sub = dir.join("sub");
@@ -320,16 +401,31 @@ mod tests {
     #[test]
     fn private_dirs_are_created_and_tightened_to_0700() {
         use std::os::unix::fs::PermissionsExt;
-        let base = std::env::temp_dir().join(format!("shoal-pki-dir-{}-{}", std::process::id(), rand::random::<u32>()));
+        let base = std::env::temp_dir().join(format!(
+            "shoal-pki-dir-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         let dir = base.join("data");
         ensure_private_dir(&dir).unwrap();
-        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         ensure_private_dir(&dir).unwrap();
-        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700, "tightened");
+        assert_eq!(
+            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700,
+            "tightened"
+        );
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o500)).unwrap();
         ensure_private_dir(&dir).unwrap();
-        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o500, "a stricter mode is left alone");
+        assert_eq!(
+            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o500,
+            "a stricter mode is left alone"
+        );
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         std::fs::remove_dir_all(&base).unwrap();
     }

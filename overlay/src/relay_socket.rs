@@ -1,14 +1,14 @@
 //! The agent's one UDP socket, extended with the relay.
 //!
-//! Every QUIC connection an agent has — to the controller and to each peer — runs on one quinn endpoint
-//! over one UDP socket, so the address the controller observes is the address peers can use. A peer
-//! that cannot be reached directly is reached through the controller instead: quinn sends to a
-//! *relay address* (`240.0.0.0/4`, reserved and never routed, so no real endpoint can collide), this
-//! socket hands those packets to the shell, which wraps them as datagrams on the control connection,
-//! and the controller passes them on to the peer's control connection. The peer's socket presents
-//! them to its quinn endpoint as if they came from the relay address of the sender. The relayed
-//! packets are the peers' own QUIC packets, so the relay sees only ciphertext and cannot forge
-//! anything: it is just another (slow, reliable-enough) path.
+//! Every QUIC connection an agent has — to the controller and to each peer — runs on one quinn
+//! endpoint over one UDP socket, so the address the controller observes is the address peers can
+//! use. A peer that cannot be reached directly is reached through the controller instead: quinn
+//! sends to a *relay address* (`240.0.0.0/4`, reserved and never routed, so no real endpoint can
+//! collide), this socket hands those packets to the shell, which wraps them as datagrams on the
+//! control connection, and the controller passes them on to the peer's control connection. The
+//! peer's socket presents them to its quinn endpoint as if they came from the relay address of the
+//! sender. The relayed packets are the peers' own QUIC packets, so the relay sees only ciphertext
+//! and cannot forge anything: it is just another (slow, reliable-enough) path.
 //!
 //! Relay datagram layout on the control connection: a 4-byte big-endian [`PeerIndex`] (the
 //! destination when sent by an agent, the source when sent by the controller), then the packet.
@@ -41,7 +41,10 @@ const RELAY_PORT: u16 = 1;
 
 /// The relay address standing for a peer.
 pub fn relay_addr(index: PeerIndex) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::from(RELAY_NET | (index.0 & 0x0FFF_FFFF))), RELAY_PORT)
+    SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::from(RELAY_NET | (index.0 & 0x0FFF_FFFF))),
+        RELAY_PORT,
+    )
 }
 
 /// The peer a relay address stands for; `None` for real addresses.
@@ -51,7 +54,8 @@ pub fn relay_index(addr: SocketAddr) -> Option<PeerIndex> {
         IpAddr::V6(v6) => v6.to_ipv4_mapped()?,
     };
     let bits = u32::from(v4);
-    (bits & 0xF000_0000 == RELAY_NET && addr.port() == RELAY_PORT).then_some(PeerIndex(bits & 0x0FFF_FFFF))
+    (bits & 0xF000_0000 == RELAY_NET && addr.port() == RELAY_PORT)
+        .then_some(PeerIndex(bits & 0x0FFF_FFFF))
 }
 
 /// Prefixes `packet` with the relay header for `index`.
@@ -91,8 +95,8 @@ pub struct RelaySocketStats {
     pub receive_dropped: AtomicU64,
 }
 
-/// The shell's side of a [`RelaySocket`]: packets to relay come out of `outbound`; relayed packets go
-/// in with [`RelayInjector::inject`].
+/// The shell's side of a [`RelaySocket`]: packets to relay come out of `outbound`; relayed packets
+/// go in with [`RelayInjector::inject`].
 #[derive(Debug)]
 pub struct RelayChannels {
     /// Packets quinn sent to relay addresses.
@@ -108,7 +112,8 @@ pub struct RelayInjector {
 }
 
 impl RelayInjector {
-    /// Delivers a packet relayed from peer `from`; drops it (returning false) if quinn is not keeping up.
+    /// Delivers a packet relayed from peer `from`; drops it (returning false) if quinn is not
+    /// keeping up.
     pub fn inject(&self, from: PeerIndex, packet: Bytes) -> bool {
         self.tx.try_send((from, packet)).is_ok()
     }
@@ -126,17 +131,21 @@ pub struct RelaySocket {
 
 impl fmt::Debug for RelaySocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RelaySocket").field("inner", &self.inner).finish_non_exhaustive()
+        f.debug_struct("RelaySocket")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
     }
 }
 
-/// Packets queued each way between the socket and the shell. Enough for a burst at line rate through
-/// the relay; beyond it packets drop like on a congested link.
+/// Packets queued each way between the socket and the shell. Enough for a burst at line rate
+/// through the relay; beyond it packets drop like on a congested link.
 const RELAY_QUEUE: usize = 1024;
 
 impl RelaySocket {
     /// Wraps a bound UDP socket for tokio.
-    pub fn wrap(socket: std::net::UdpSocket) -> io::Result<(Arc<RelaySocket>, RelayChannels, Arc<RelaySocketStats>)> {
+    pub fn wrap(
+        socket: std::net::UdpSocket,
+    ) -> io::Result<(Arc<RelaySocket>, RelayChannels, Arc<RelaySocketStats>)> {
         let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)?;
         let (out_tx, out_rx) = mpsc::channel(RELAY_QUEUE);
         let (in_tx, in_rx) = mpsc::channel(RELAY_QUEUE);
@@ -148,10 +157,22 @@ impl RelaySocket {
             relay_first: AtomicBool::new(false),
             stats: stats.clone(),
         });
-        Ok((socket, RelayChannels { outbound: out_rx, injector: RelayInjector { tx: in_tx } }, stats))
+        Ok((
+            socket,
+            RelayChannels {
+                outbound: out_rx,
+                injector: RelayInjector { tx: in_tx },
+            },
+            stats,
+        ))
     }
 
-    fn poll_relay(&self, cx: &mut Context, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> Poll<io::Result<usize>> {
+    fn poll_relay(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
         let mut inbound = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             match inbound.poll_recv(cx) {
@@ -164,7 +185,13 @@ impl RelaySocket {
                         continue;
                     }
                     buf[..packet.len()].copy_from_slice(&packet);
-                    *m = RecvMeta { addr: relay_addr(from), len: packet.len(), stride: packet.len(), ecn: None, dst_ip: None };
+                    *m = RecvMeta {
+                        addr: relay_addr(from),
+                        len: packet.len(),
+                        stride: packet.len(),
+                        ecn: None,
+                        dst_ip: None,
+                    };
                     self.stats.received.fetch_add(1, Ordering::Relaxed);
                     return Poll::Ready(Ok(1));
                 }
@@ -185,9 +212,15 @@ impl AsyncUdpSocket for RelaySocket {
         let Some(to) = relay_index(transmit.destination) else {
             return self.inner.try_send(transmit);
         };
-        let segment = transmit.segment_size.unwrap_or(transmit.contents.len()).max(1);
+        let segment = transmit
+            .segment_size
+            .unwrap_or(transmit.contents.len())
+            .max(1);
         for chunk in transmit.contents.chunks(segment) {
-            let packet = RelayPacket { to, packet: Bytes::copy_from_slice(chunk) };
+            let packet = RelayPacket {
+                to,
+                packet: Bytes::copy_from_slice(chunk),
+            };
             // A full queue is congestion: drop like a router would, quinn's loss recovery copes.
             if self.outbound.try_send(packet).is_ok() {
                 self.stats.sent.fetch_add(1, Ordering::Relaxed);
@@ -198,7 +231,12 @@ impl AsyncUdpSocket for RelaySocket {
         Ok(())
     }
 
-    fn poll_recv(&self, cx: &mut Context, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> Poll<io::Result<usize>> {
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
         let relay_first = !self.relay_first.fetch_xor(true, Ordering::Relaxed);
         if relay_first {
             if let Poll::Ready(r) = self.poll_relay(cx, bufs, meta) {
@@ -239,7 +277,10 @@ mod tests {
         for i in [0u32, 1, 77, 0x0FFF_FFFF] {
             assert_eq!(relay_index(relay_addr(PeerIndex(i))), Some(PeerIndex(i)));
         }
-        let mapped = SocketAddr::new(IpAddr::V6(Ipv4Addr::new(240, 0, 0, 9).to_ipv6_mapped()), RELAY_PORT);
+        let mapped = SocketAddr::new(
+            IpAddr::V6(Ipv4Addr::new(240, 0, 0, 9).to_ipv6_mapped()),
+            RELAY_PORT,
+        );
         assert_eq!(relay_index(mapped), Some(PeerIndex(9)));
         assert_eq!(relay_index("10.0.0.1:1".parse().unwrap()), None);
         assert_eq!(relay_index("240.0.0.1:443".parse().unwrap()), None);
@@ -250,8 +291,14 @@ mod tests {
     fn relay_datagrams_parse_and_refuse_runts() {
         let d = relay_datagram(PeerIndex(0x0102_0304), b"quic");
         assert_eq!(&d[..4], &[1, 2, 3, 4]);
-        assert_eq!(parse_relay_datagram(&d), Some((PeerIndex(0x0102_0304), Bytes::from_static(b"quic"))));
-        assert_eq!(parse_relay_datagram(&Bytes::from_static(b"\x00\x00\x00\x01")), None);
+        assert_eq!(
+            parse_relay_datagram(&d),
+            Some((PeerIndex(0x0102_0304), Bytes::from_static(b"quic")))
+        );
+        assert_eq!(
+            parse_relay_datagram(&Bytes::from_static(b"\x00\x00\x00\x01")),
+            None
+        );
         assert_eq!(parse_relay_datagram(&Bytes::from_static(b"\x00\x01")), None);
     }
 }

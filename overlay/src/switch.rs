@@ -21,15 +21,15 @@
 //! - **IPv4**: the source is the peer's IPv4 address.
 //! - **IPv6**: the source is the peer's link-local address, which is the modified EUI-64 of its MAC
 //!   (fe80::/64; the agent configures its TAP devices to generate exactly that, see
-//!   [`ipv6_link_local`]), or `::` for duplicate address detection (a neighbour solicitation for that
-//!   same link-local) and MLD reports. The controller assigns no other IPv6 address. Neighbour
+//!   [`ipv6_link_local`]), or `::` for duplicate address detection (a neighbour solicitation for
+//!   that same link-local) and MLD reports. The controller assigns no other IPv6 address. Neighbour
 //!   discovery is held to the same rule: a neighbour advertisement's target is the sender's own
 //!   link-local, link-layer address options carry its own MAC, and router advertisements and
 //!   redirects are refused (no member is a router).
-//! - **802.1Q / 802.1ad (QinQ) tagged frames** are refused: the inner frame would escape these checks,
-//!   and a VLAN inside an overlay network would be a network the controller does not know.
-//! - **Every other ethertype** (and 802.3 length frames such as STP) is refused: the overlay carries
-//!   IPv4, IPv6 and ARP.
+//! - **802.1Q / 802.1ad (QinQ) tagged frames** are refused: the inner frame would escape these
+//!   checks, and a VLAN inside an overlay network would be a network the controller does not know.
+//! - **Every other ethertype** (and 802.3 length frames such as STP) is refused: the overlay
+//!   carries IPv4, IPv6 and ARP.
 //!
 //! The checks apply to frames from peers, where they protect the receiver whatever the sender runs.
 //! Frames from our own TAP are checked for their source MAC only: a node that wants to spoof can
@@ -37,7 +37,8 @@
 //! misconfiguration from the fleet's counters, where receivers count it by reason.
 //!
 //! Architecture Invariant: a frame is only ever associated with the network it arrived on. There is
-//! no path, in either direction, by which a frame of one network is forwarded or delivered on another.
+//! no path, in either direction, by which a frame of one network is forwarded or delivered on
+//! another.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -58,7 +59,8 @@ pub struct SwitchConfig {
     /// with it), refilling a token bucket. Default 2000: far above ARP, DHCP and mDNS chatter, low
     /// enough that one misbehaving member cannot flood every other member's TAP.
     pub flood_rate_per_peer: u32,
-    /// The bucket's size: how many such frames a peer may send at once after being quiet. Default 4000.
+    /// The bucket's size: how many such frames a peer may send at once after being quiet. Default
+    /// 4000.
     pub flood_burst: u32,
     /// How long a MAC counts as recently heard from after its last accepted frame. Default 300 s,
     /// the usual bridge ageing time.
@@ -94,7 +96,8 @@ pub enum DropReason {
     NoPeers,
     /// Inbound: the sender is not a member of the frame's network.
     NotMember,
-    /// Inbound: the source MAC is not the one the controller assigned to the sender on that network.
+    /// Inbound: the source MAC is not the one the controller assigned to the sender on that
+    /// network.
     SpoofedSource,
     /// Inbound: a unicast frame for a MAC other than ours.
     NotForUs,
@@ -307,7 +310,12 @@ impl Counts {
 
 /// Takes one token from `from`'s flood bucket, refilling it for the time since its last use. A peer
 /// starts with a full bucket; its id is cloned only then, not per frame.
-fn take_flood_token(buckets: &mut HashMap<NodeId, Bucket>, config: &SwitchConfig, now: Instant, from: &NodeId) -> bool {
+fn take_flood_token(
+    buckets: &mut HashMap<NodeId, Bucket>,
+    config: &SwitchConfig,
+    now: Instant,
+    from: &NodeId,
+) -> bool {
     let rate = f64::from(config.flood_rate_per_peer);
     let burst = f64::from(config.flood_burst.max(1));
     let take = |bucket: &mut Bucket| {
@@ -324,14 +332,20 @@ fn take_flood_token(buckets: &mut HashMap<NodeId, Bucket>, config: &SwitchConfig
         bucket.refilled = bucket.refilled.max(now);
         return take(bucket);
     }
-    take(buckets.entry(from.clone()).or_insert(Bucket { tokens: burst, refilled: now }))
+    take(buckets.entry(from.clone()).or_insert(Bucket {
+        tokens: burst,
+        refilled: now,
+    }))
 }
 
 /// Destination and source MAC of a frame, or `None` if it is shorter than an Ethernet header.
 fn macs(frame: &[u8]) -> Option<(MacAddr, MacAddr)> {
     let (header, _) = frame.split_first_chunk::<ETHERNET_HEADER_LEN>()?;
     let [d0, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5, _, _] = *header;
-    Some((MacAddr([d0, d1, d2, d3, d4, d5]), MacAddr([s0, s1, s2, s3, s4, s5])))
+    Some((
+        MacAddr([d0, d1, d2, d3, d4, d5]),
+        MacAddr([s0, s1, s2, s3, s4, s5]),
+    ))
 }
 
 /// Ethertypes the address checks know.
@@ -358,7 +372,24 @@ const MAX_IPV6_EXTENSION_HEADERS: usize = 8;
 /// address a member sends from.
 pub fn ipv6_link_local(mac: MacAddr) -> Ipv6Addr {
     let m = mac.0;
-    Ipv6Addr::from([0xfe, 0x80, 0, 0, 0, 0, 0, 0, m[0] ^ 0x02, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]])
+    Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        m[0] ^ 0x02,
+        m[1],
+        m[2],
+        0xff,
+        0xfe,
+        m[3],
+        m[4],
+        m[5],
+    ])
 }
 
 fn be16(b: &[u8], at: usize) -> Option<u16> {
@@ -374,7 +405,9 @@ fn array<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {
 /// for the rule. Reads only fixed offsets and bounded option lists, and allocates nothing.
 pub fn check_addresses(frame: &[u8], mac: MacAddr, address: Ipv4Addr) -> Result<(), DropReason> {
     let ethertype = be16(frame, 12).ok_or(DropReason::Malformed)?;
-    let payload = frame.get(ETHERNET_HEADER_LEN..).ok_or(DropReason::Malformed)?;
+    let payload = frame
+        .get(ETHERNET_HEADER_LEN..)
+        .ok_or(DropReason::Malformed)?;
     match ethertype {
         ETHERTYPE_ARP => check_arp(payload, mac, address),
         ETHERTYPE_IPV4 => check_ipv4(payload, address),
@@ -466,7 +499,11 @@ fn check_ipv6(ip: &[u8], mac: MacAddr) -> Result<(), DropReason> {
     // Bound the packet by its payload length, so Ethernet padding is never read as options.
     let payload_len = usize::from(u16::from_be_bytes([header[4], header[5]]));
     let body = &ip[40..];
-    let body = if payload_len == 0 { body } else { body.get(..payload_len).ok_or(DropReason::Malformed)? };
+    let body = if payload_len == 0 {
+        body
+    } else {
+        body.get(..payload_len).ok_or(DropReason::Malformed)?
+    };
     let source = Ipv6Addr::from(array::<16>(&header, 8).ok_or(DropReason::Malformed)?);
     let link_local = ipv6_link_local(mac);
     let unspecified = source.is_unspecified();
@@ -480,7 +517,12 @@ fn check_ipv6(ip: &[u8], mac: MacAddr) -> Result<(), DropReason> {
         Upper::Other => return Ok(()),
     };
     let kind = *icmp.first().ok_or(DropReason::Malformed)?;
-    if unspecified && !matches!(kind, ND_NEIGHBOUR_SOLICIT | ICMPV6_MLD_REPORT | ICMPV6_MLD2_REPORT) {
+    if unspecified
+        && !matches!(
+            kind,
+            ND_NEIGHBOUR_SOLICIT | ICMPV6_MLD_REPORT | ICMPV6_MLD2_REPORT
+        )
+    {
         return Err(DropReason::SpoofedIpv6);
     }
     match kind {
@@ -488,8 +530,8 @@ fn check_ipv6(ip: &[u8], mac: MacAddr) -> Result<(), DropReason> {
         ND_ROUTER_SOLICIT => check_nd_options(icmp.get(8..).ok_or(DropReason::Malformed)?, mac),
         ND_NEIGHBOUR_SOLICIT | ND_NEIGHBOUR_ADVERT => {
             let target = Ipv6Addr::from(array::<16>(icmp, 8).ok_or(DropReason::Malformed)?);
-            // An advertisement may only be for the sender's own address; a solicitation from `::` is
-            // DAD, which only probes the sender's own address.
+            // An advertisement may only be for the sender's own address; a solicitation from `::`
+            // is DAD, which only probes the sender's own address.
             if (kind == ND_NEIGHBOUR_ADVERT || unspecified) && target != link_local {
                 return Err(DropReason::SpoofedNd);
             }
@@ -505,8 +547,13 @@ fn check_nd_options(mut options: &[u8], mac: MacAddr) -> Result<(), DropReason> 
     while !options.is_empty() {
         let [kind, len] = array::<2>(options, 0).ok_or(DropReason::Malformed)?;
         let len = usize::from(len) * 8;
-        let option = options.get(..len).filter(|_| len > 0).ok_or(DropReason::Malformed)?;
-        if matches!(kind, ND_OPT_SOURCE_LL | ND_OPT_TARGET_LL) && option.get(2..8) != Some(&mac.0[..]) {
+        let option = options
+            .get(..len)
+            .filter(|_| len > 0)
+            .ok_or(DropReason::Malformed)?;
+        if matches!(kind, ND_OPT_SOURCE_LL | ND_OPT_TARGET_LL)
+            && option.get(2..8) != Some(&mac.0[..])
+        {
             return Err(DropReason::SpoofedNd);
         }
         options = &options[len..];
@@ -518,11 +565,16 @@ impl Switch {
     /// An empty switch: no networks, so every frame is dropped as `no_network` until
     /// [`Switch::set_network`] is called.
     pub fn new(config: SwitchConfig) -> Self {
-        Switch { config, networks: BTreeMap::new(), buckets: HashMap::new(), counts: Counts::default() }
+        Switch {
+            config,
+            networks: BTreeMap::new(),
+            buckets: HashMap::new(),
+            counts: Counts::default(),
+        }
     }
 
-    /// Configures one network from the netmap: our MAC there and each peer member's assigned MAC and
-    /// IPv4 address.
+    /// Configures one network from the netmap: our MAC there and each peer member's assigned MAC
+    /// and IPv4 address.
     ///
     /// `members` replaces the network's previous member set; peers that left are forgotten with
     /// their MAC table rows, and peers that stay keep their last-seen time if their MAC is
@@ -537,7 +589,10 @@ impl Switch {
         let network = membership.id;
         let own_mac = membership.mac;
         if own_mac.is_group() {
-            return Err(SwitchError::GroupMac { network, mac: own_mac });
+            return Err(SwitchError::GroupMac {
+                network,
+                mac: own_mac,
+            });
         }
         let mut sorted: Vec<Member> = members.into_iter().collect();
         sorted.sort();
@@ -547,16 +602,28 @@ impl Switch {
         addresses.insert(membership.address);
         for (index, m) in sorted.iter().enumerate() {
             if index > 0 && sorted[index - 1].node == m.node {
-                return Err(SwitchError::DuplicateMember { network, node: m.node.clone() });
+                return Err(SwitchError::DuplicateMember {
+                    network,
+                    node: m.node.clone(),
+                });
             }
             if m.mac.is_group() {
-                return Err(SwitchError::GroupMac { network, mac: m.mac });
+                return Err(SwitchError::GroupMac {
+                    network,
+                    mac: m.mac,
+                });
             }
             if m.mac == own_mac || by_mac.insert(m.mac, index).is_some() {
-                return Err(SwitchError::DuplicateMac { network, mac: m.mac });
+                return Err(SwitchError::DuplicateMac {
+                    network,
+                    mac: m.mac,
+                });
             }
             if !addresses.insert(m.address) {
-                return Err(SwitchError::DuplicateAddress { network, address: m.address });
+                return Err(SwitchError::DuplicateAddress {
+                    network,
+                    address: m.address,
+                });
             }
         }
         let previous = self.networks.get(&network);
@@ -575,7 +642,17 @@ impl Switch {
         let peer_macs = sorted.iter().map(|m| m.mac).collect();
         let peer_addresses = sorted.iter().map(|m| m.address).collect();
         let peers = sorted.into_iter().map(|m| m.node).collect();
-        self.networks.insert(network, Network { own_mac, peers, peer_macs, peer_addresses, last_seen, by_mac });
+        self.networks.insert(
+            network,
+            Network {
+                own_mac,
+                peers,
+                peer_macs,
+                peer_addresses,
+                last_seen,
+                by_mac,
+            },
+        );
         self.forget_departed_buckets();
         Ok(())
     }
@@ -592,10 +669,15 @@ impl Switch {
         self.networks.keys().copied()
     }
 
-    /// Rate-limit state is per peer across networks, so it lives until the peer shares none with us.
+    /// Rate-limit state is per peer across networks, so it lives until the peer shares none with
+    /// us.
     fn forget_departed_buckets(&mut self) {
         let networks = &self.networks;
-        self.buckets.retain(|node, _| networks.values().any(|n| n.peers.binary_search(node).is_ok()));
+        self.buckets.retain(|node, _| {
+            networks
+                .values()
+                .any(|n| n.peers.binary_search(node).is_ok())
+        });
     }
 
     /// Decides where a frame read from `network`'s TAP device goes.
@@ -632,7 +714,13 @@ impl Switch {
 
     /// Decides whether a frame that peer `from` sent on `network` may be written to that network's
     /// TAP device, and records when its source MAC was last heard from.
-    pub fn inbound(&mut self, now: Instant, from: &NodeId, network: NetworkId, frame: &[u8]) -> Inbound {
+    pub fn inbound(
+        &mut self,
+        now: Instant,
+        from: &NodeId,
+        network: NetworkId,
+        frame: &[u8],
+    ) -> Inbound {
         let Some(net) = self.networks.get_mut(&network) else {
             return self.counts.drop_inbound(DropReason::NoNetwork);
         };
@@ -665,13 +753,19 @@ impl Switch {
     /// A network's MAC table, in peer order; `None` if the network is not configured.
     pub fn mac_table(&self, network: NetworkId, now: Instant) -> Option<Vec<MacTableEntry>> {
         let net = self.networks.get(&network)?;
-        let fresh = |seen: Option<Instant>| seen.filter(|t| now.saturating_duration_since(*t) < self.config.mac_age);
+        let fresh = |seen: Option<Instant>| {
+            seen.filter(|t| now.saturating_duration_since(*t) < self.config.mac_age)
+        };
         Some(
             net.peers
                 .iter()
                 .zip(&net.peer_macs)
                 .zip(&net.last_seen)
-                .map(|((node, mac), seen)| MacTableEntry { mac: *mac, node: node.clone(), last_seen: fresh(*seen) })
+                .map(|((node, mac), seen)| MacTableEntry {
+                    mac: *mac,
+                    node: node.clone(),
+                    last_seen: fresh(*seen),
+                })
                 .collect(),
         )
     }
@@ -682,24 +776,39 @@ impl Switch {
         let mut dropped: Vec<(String, u64)> = DropReason::ALL
             .iter()
             .map(|r| {
-                (r.label().to_owned(), self.counts.outbound_drops[r.index()] + self.counts.inbound_drops[r.index()])
+                (
+                    r.label().to_owned(),
+                    self.counts.outbound_drops[r.index()] + self.counts.inbound_drops[r.index()],
+                )
             })
-            .chain(std::iter::once((FLOOD_TRUNCATED.to_owned(), self.counts.flood_truncated)))
+            .chain(std::iter::once((
+                FLOOD_TRUNCATED.to_owned(),
+                self.counts.flood_truncated,
+            )))
             .filter(|(_, n)| *n > 0)
             .collect();
         dropped.sort();
         let c = &self.counts;
-        OverlayCounters { forwarded: c.forwarded, flooded: c.flooded, delivered: c.delivered, dropped }
+        OverlayCounters {
+            forwarded: c.forwarded,
+            flooded: c.flooded,
+            delivered: c.delivered,
+            dropped,
+        }
     }
 
     /// Frames from our TAP devices dropped, by reason (every reason, zeros included).
     pub fn outbound_drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
-        DropReason::ALL.iter().map(|r| (*r, self.counts.outbound_drops[r.index()]))
+        DropReason::ALL
+            .iter()
+            .map(|r| (*r, self.counts.outbound_drops[r.index()]))
     }
 
     /// Frames from peers dropped, by reason (every reason, zeros included).
     pub fn inbound_drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
-        DropReason::ALL.iter().map(|r| (*r, self.counts.inbound_drops[r.index()]))
+        DropReason::ALL
+            .iter()
+            .map(|r| (*r, self.counts.inbound_drops[r.index()]))
     }
 }
 
@@ -743,7 +852,14 @@ mod tests {
         membership: &NetworkMembership,
         members: impl IntoIterator<Item = (NodeId, MacAddr)>,
     ) -> Result<(), SwitchError> {
-        s.set_network(membership, members.into_iter().map(|(node, mac)| Member { node, mac, address: ip(mac) }))
+        s.set_network(
+            membership,
+            members.into_iter().map(|(node, mac)| Member {
+                node,
+                mac,
+                address: ip(mac),
+            }),
+        )
     }
 
     /// An IPv4 frame from `src` (and its address) to `dst`.
@@ -762,25 +878,50 @@ mod tests {
     /// Us at mac(1) on NET with peers a (mac 2), b (mac 3), c (mac 4).
     fn switch() -> Switch {
         let mut s = Switch::new(SwitchConfig::default());
-        set(&mut s, &membership(NET, mac(1)), [(node("a"), mac(2)), (node("b"), mac(3)), (node("c"), mac(4))])
-            .unwrap();
+        set(
+            &mut s,
+            &membership(NET, mac(1)),
+            [
+                (node("a"), mac(2)),
+                (node("b"), mac(3)),
+                (node("c"), mac(4)),
+            ],
+        )
+        .unwrap();
         s
     }
 
     fn dropped(s: &Switch, label: &str) -> u64 {
-        s.counters().dropped.iter().find(|(l, _)| l == label).map_or(0, |(_, n)| *n)
+        s.counters()
+            .dropped
+            .iter()
+            .find(|(l, _)| l == label)
+            .map_or(0, |(_, n)| *n)
     }
 
     #[test]
     fn outbound_unicast_goes_to_the_owner_and_floods_go_to_every_member() {
         let mut s = switch();
         let now = Instant::now();
-        assert_eq!(s.outbound(now, NET, &frame(mac(3), mac(1))), Outbound::Unicast(&node("b")));
+        assert_eq!(
+            s.outbound(now, NET, &frame(mac(3), mac(1))),
+            Outbound::Unicast(&node("b"))
+        );
         let all = [node("a"), node("b"), node("c")];
-        assert_eq!(s.outbound(now, NET, &frame(MacAddr::BROADCAST, mac(1))), Outbound::Flood(&all));
+        assert_eq!(
+            s.outbound(now, NET, &frame(MacAddr::BROADCAST, mac(1))),
+            Outbound::Flood(&all)
+        );
         let multicast = MacAddr([0x01, 0x00, 0x5e, 0, 0, 0xfb]);
-        assert_eq!(s.outbound(now, NET, &frame(multicast, mac(1))), Outbound::Flood(&all));
-        assert_eq!(s.outbound(now, NET, &frame(mac(99), mac(1))), Outbound::Flood(&all), "unknown unicast");
+        assert_eq!(
+            s.outbound(now, NET, &frame(multicast, mac(1))),
+            Outbound::Flood(&all)
+        );
+        assert_eq!(
+            s.outbound(now, NET, &frame(mac(99), mac(1))),
+            Outbound::Flood(&all),
+            "unknown unicast"
+        );
         let c = s.counters();
         assert_eq!((c.forwarded, c.flooded, c.delivered), (1, 3, 0));
         assert!(c.dropped.is_empty());
@@ -790,14 +931,35 @@ mod tests {
     fn outbound_drops_are_counted_by_reason() {
         let mut s = switch();
         let now = Instant::now();
-        assert_eq!(s.outbound(now, OTHER_NET, &frame(mac(2), mac(1))), Outbound::Drop(DropReason::NoNetwork));
-        assert_eq!(s.outbound(now, NET, &frame(mac(2), mac(1))[..13]), Outbound::Drop(DropReason::Malformed));
-        assert_eq!(s.outbound(now, NET, &[]), Outbound::Drop(DropReason::Malformed));
-        assert_eq!(s.outbound(now, NET, &frame(mac(2), mac(7))), Outbound::Drop(DropReason::ForeignSource));
-        assert_eq!(s.outbound(now, NET, &frame(mac(2), mac(2))), Outbound::Drop(DropReason::ForeignSource));
-        assert_eq!(s.outbound(now, NET, &frame(mac(1), mac(1))), Outbound::Drop(DropReason::ToSelf));
+        assert_eq!(
+            s.outbound(now, OTHER_NET, &frame(mac(2), mac(1))),
+            Outbound::Drop(DropReason::NoNetwork)
+        );
+        assert_eq!(
+            s.outbound(now, NET, &frame(mac(2), mac(1))[..13]),
+            Outbound::Drop(DropReason::Malformed)
+        );
+        assert_eq!(
+            s.outbound(now, NET, &[]),
+            Outbound::Drop(DropReason::Malformed)
+        );
+        assert_eq!(
+            s.outbound(now, NET, &frame(mac(2), mac(7))),
+            Outbound::Drop(DropReason::ForeignSource)
+        );
+        assert_eq!(
+            s.outbound(now, NET, &frame(mac(2), mac(2))),
+            Outbound::Drop(DropReason::ForeignSource)
+        );
+        assert_eq!(
+            s.outbound(now, NET, &frame(mac(1), mac(1))),
+            Outbound::Drop(DropReason::ToSelf)
+        );
         set(&mut s, &membership(OTHER_NET, mac(1)), []).unwrap();
-        assert_eq!(s.outbound(now, OTHER_NET, &frame(MacAddr::BROADCAST, mac(1))), Outbound::Drop(DropReason::NoPeers));
+        assert_eq!(
+            s.outbound(now, OTHER_NET, &frame(MacAddr::BROADCAST, mac(1))),
+            Outbound::Drop(DropReason::NoPeers)
+        );
         let out: Vec<_> = s.outbound_drops().filter(|(_, n)| *n > 0).collect();
         assert_eq!(
             out,
@@ -813,15 +975,29 @@ mod tests {
         let labels: Vec<_> = s.counters().dropped;
         assert_eq!(
             labels,
-            [("foreign_source", 2), ("malformed", 2), ("no_network", 1), ("no_peers", 1), ("to_self", 1)]
-                .map(|(l, n)| (l.to_owned(), n))
+            [
+                ("foreign_source", 2),
+                ("malformed", 2),
+                ("no_network", 1),
+                ("no_peers", 1),
+                ("to_self", 1)
+            ]
+            .map(|(l, n)| (l.to_owned(), n))
         );
     }
 
     #[test]
     fn floods_are_capped_at_the_fanout_limit_and_counted() {
-        let mut s = Switch::new(SwitchConfig { max_flood_fanout: 2, ..Default::default() });
-        set(&mut s, &membership(NET, mac(1)), (2..=5).map(|i| (node(&format!("p{i}")), mac(i)))).unwrap();
+        let mut s = Switch::new(SwitchConfig {
+            max_flood_fanout: 2,
+            ..Default::default()
+        });
+        set(
+            &mut s,
+            &membership(NET, mac(1)),
+            (2..=5).map(|i| (node(&format!("p{i}")), mac(i))),
+        )
+        .unwrap();
         let out = s.outbound(Instant::now(), NET, &frame(MacAddr::BROADCAST, mac(1)));
         assert_eq!(out, Outbound::Flood(&[node("p2"), node("p3")]));
         assert_eq!(s.counters().flooded, 1);
@@ -832,8 +1008,14 @@ mod tests {
     fn inbound_accepts_members_frames_to_us_and_to_groups() {
         let mut s = switch();
         let now = Instant::now();
-        assert_eq!(s.inbound(now, &node("a"), NET, &frame(mac(1), mac(2))), Inbound::Deliver);
-        assert_eq!(s.inbound(now, &node("b"), NET, &frame(MacAddr::BROADCAST, mac(3))), Inbound::Deliver);
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &frame(mac(1), mac(2))),
+            Inbound::Deliver
+        );
+        assert_eq!(
+            s.inbound(now, &node("b"), NET, &frame(MacAddr::BROADCAST, mac(3))),
+            Inbound::Deliver
+        );
         assert_eq!(s.counters().delivered, 2);
     }
 
@@ -842,15 +1024,44 @@ mod tests {
         let mut s = switch();
         let now = Instant::now();
         let cases = [
-            (node("a"), OTHER_NET, frame(mac(1), mac(2)), DropReason::NoNetwork),
-            (node("mallory"), NET, frame(mac(1), mac(2)), DropReason::NotMember),
-            (node("a"), NET, frame(mac(1), mac(2))[..10].to_vec(), DropReason::Malformed),
-            (node("a"), NET, frame(mac(1), mac(3)), DropReason::SpoofedSource),
-            (node("a"), NET, frame(MacAddr::BROADCAST, mac(9)), DropReason::SpoofedSource),
+            (
+                node("a"),
+                OTHER_NET,
+                frame(mac(1), mac(2)),
+                DropReason::NoNetwork,
+            ),
+            (
+                node("mallory"),
+                NET,
+                frame(mac(1), mac(2)),
+                DropReason::NotMember,
+            ),
+            (
+                node("a"),
+                NET,
+                frame(mac(1), mac(2))[..10].to_vec(),
+                DropReason::Malformed,
+            ),
+            (
+                node("a"),
+                NET,
+                frame(mac(1), mac(3)),
+                DropReason::SpoofedSource,
+            ),
+            (
+                node("a"),
+                NET,
+                frame(MacAddr::BROADCAST, mac(9)),
+                DropReason::SpoofedSource,
+            ),
             (node("a"), NET, frame(mac(3), mac(2)), DropReason::NotForUs),
         ];
         for (from, network, f, reason) in cases {
-            assert_eq!(s.inbound(now, &from, network, &f), Inbound::Drop(reason), "{from} {reason:?}");
+            assert_eq!(
+                s.inbound(now, &from, network, &f),
+                Inbound::Drop(reason),
+                "{from} {reason:?}"
+            );
         }
         let counted: Vec<_> = s.inbound_drops().filter(|(_, n)| *n > 0).collect();
         assert_eq!(
@@ -870,37 +1081,76 @@ mod tests {
 
     #[test]
     fn a_storming_member_is_bounded_without_hurting_its_unicast_or_other_members() {
-        let mut s = Switch::new(SwitchConfig { flood_rate_per_peer: 10, flood_burst: 20, ..Default::default() });
-        set(&mut s, &membership(NET, mac(1)), [(node("a"), mac(2)), (node("b"), mac(3))]).unwrap();
+        let mut s = Switch::new(SwitchConfig {
+            flood_rate_per_peer: 10,
+            flood_burst: 20,
+            ..Default::default()
+        });
+        set(
+            &mut s,
+            &membership(NET, mac(1)),
+            [(node("a"), mac(2)), (node("b"), mac(3))],
+        )
+        .unwrap();
         let t0 = Instant::now();
         let storm = frame(MacAddr::BROADCAST, mac(2));
-        let delivered = (0..1000).filter(|_| s.inbound(t0, &node("a"), NET, &storm) == Inbound::Deliver).count();
+        let delivered = (0..1000)
+            .filter(|_| s.inbound(t0, &node("a"), NET, &storm) == Inbound::Deliver)
+            .count();
         assert_eq!(delivered, 20, "the burst, then nothing");
         assert_eq!(dropped(&s, "storm"), 980);
         // Unicast from the storming peer and broadcasts from another peer still pass.
-        assert_eq!(s.inbound(t0, &node("a"), NET, &frame(mac(1), mac(2))), Inbound::Deliver);
-        assert_eq!(s.inbound(t0, &node("b"), NET, &frame(MacAddr::BROADCAST, mac(3))), Inbound::Deliver);
-        // Refill at the configured rate over simulated time: 0.5 s buys 5 frames, 10 s at most the burst.
+        assert_eq!(
+            s.inbound(t0, &node("a"), NET, &frame(mac(1), mac(2))),
+            Inbound::Deliver
+        );
+        assert_eq!(
+            s.inbound(t0, &node("b"), NET, &frame(MacAddr::BROADCAST, mac(3))),
+            Inbound::Deliver
+        );
+        // Refill at the configured rate over simulated time: 0.5 s buys 5 frames, 10 s at most the
+        // burst.
         let t1 = t0 + Duration::from_millis(500);
-        let delivered = (0..100).filter(|_| s.inbound(t1, &node("a"), NET, &storm) == Inbound::Deliver).count();
+        let delivered = (0..100)
+            .filter(|_| s.inbound(t1, &node("a"), NET, &storm) == Inbound::Deliver)
+            .count();
         assert_eq!(delivered, 5);
         let t2 = t1 + Duration::from_secs(10);
-        let delivered = (0..100).filter(|_| s.inbound(t2, &node("a"), NET, &storm) == Inbound::Deliver).count();
+        let delivered = (0..100)
+            .filter(|_| s.inbound(t2, &node("a"), NET, &storm) == Inbound::Deliver)
+            .count();
         assert_eq!(delivered, 20);
         // A clock that appears to go backwards refills nothing and does not panic.
-        assert_eq!(s.inbound(t0, &node("a"), NET, &storm), Inbound::Drop(DropReason::Storm));
+        assert_eq!(
+            s.inbound(t0, &node("a"), NET, &storm),
+            Inbound::Drop(DropReason::Storm)
+        );
     }
 
     #[test]
     fn the_flood_budget_is_per_peer_across_networks() {
-        let mut s = Switch::new(SwitchConfig { flood_rate_per_peer: 1, flood_burst: 3, ..Default::default() });
+        let mut s = Switch::new(SwitchConfig {
+            flood_rate_per_peer: 1,
+            flood_burst: 3,
+            ..Default::default()
+        });
         set(&mut s, &membership(NET, mac(1)), [(node("a"), mac(2))]).unwrap();
-        set(&mut s, &membership(OTHER_NET, mac(11)), [(node("a"), mac(12))]).unwrap();
+        set(
+            &mut s,
+            &membership(OTHER_NET, mac(11)),
+            [(node("a"), mac(12))],
+        )
+        .unwrap();
         let now = Instant::now();
-        let results: Vec<_> = [(NET, mac(2)), (OTHER_NET, mac(12)), (NET, mac(2)), (OTHER_NET, mac(12))]
-            .iter()
-            .map(|(net, src)| s.inbound(now, &node("a"), *net, &frame(MacAddr::BROADCAST, *src)))
-            .collect();
+        let results: Vec<_> = [
+            (NET, mac(2)),
+            (OTHER_NET, mac(12)),
+            (NET, mac(2)),
+            (OTHER_NET, mac(12)),
+        ]
+        .iter()
+        .map(|(net, src)| s.inbound(now, &node("a"), *net, &frame(MacAddr::BROADCAST, *src)))
+        .collect();
         assert_eq!(results[..3], [Inbound::Deliver; 3]);
         assert_eq!(results[3], Inbound::Drop(DropReason::Storm));
     }
@@ -910,7 +1160,12 @@ mod tests {
         // a is a member of NET only; b of OTHER_NET only.
         let mut s = Switch::new(SwitchConfig::default());
         set(&mut s, &membership(NET, mac(1)), [(node("a"), mac(2))]).unwrap();
-        set(&mut s, &membership(OTHER_NET, mac(11)), [(node("b"), mac(12))]).unwrap();
+        set(
+            &mut s,
+            &membership(OTHER_NET, mac(11)),
+            [(node("b"), mac(12))],
+        )
+        .unwrap();
         assert_eq!(s.networks().collect::<Vec<_>>(), [NET, OTHER_NET]);
         let now = Instant::now();
         // Inbound: a cannot send on OTHER_NET, even with b's MAC or to our OTHER_NET MAC.
@@ -923,14 +1178,30 @@ mod tests {
             Inbound::Drop(DropReason::NotMember)
         );
         // On its own network, a frame to our MAC of the other network is not for us.
-        assert_eq!(s.inbound(now, &node("a"), NET, &frame(mac(11), mac(2))), Inbound::Drop(DropReason::NotForUs));
-        // Outbound: floods reach only that network's members; the other network's MACs are unknown here.
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &frame(mac(11), mac(2))),
+            Inbound::Drop(DropReason::NotForUs)
+        );
+        // Outbound: floods reach only that network's members; the other network's MACs are unknown
+        // here.
         let only_a = [node("a")];
-        assert_eq!(s.outbound(now, NET, &frame(MacAddr::BROADCAST, mac(1))), Outbound::Flood(&only_a));
-        assert_eq!(s.outbound(now, NET, &frame(mac(12), mac(1))), Outbound::Flood(&only_a));
-        assert_eq!(s.outbound(now, OTHER_NET, &frame(mac(2), mac(11))), Outbound::Flood(&[node("b")]));
+        assert_eq!(
+            s.outbound(now, NET, &frame(MacAddr::BROADCAST, mac(1))),
+            Outbound::Flood(&only_a)
+        );
+        assert_eq!(
+            s.outbound(now, NET, &frame(mac(12), mac(1))),
+            Outbound::Flood(&only_a)
+        );
+        assert_eq!(
+            s.outbound(now, OTHER_NET, &frame(mac(2), mac(11))),
+            Outbound::Flood(&[node("b")])
+        );
         // Our MAC of one network is foreign on the other.
-        assert_eq!(s.outbound(now, NET, &frame(mac(2), mac(11))), Outbound::Drop(DropReason::ForeignSource));
+        assert_eq!(
+            s.outbound(now, NET, &frame(mac(2), mac(11))),
+            Outbound::Drop(DropReason::ForeignSource)
+        );
         s.remove_network(OTHER_NET);
         assert_eq!(s.networks().collect::<Vec<_>>(), [NET]);
         assert_eq!(
@@ -945,13 +1216,25 @@ mod tests {
         let t0 = Instant::now();
         let table = s.mac_table(NET, t0).unwrap();
         assert_eq!(
-            table.iter().map(|e| (e.mac, e.node.0.as_str())).collect::<Vec<_>>(),
+            table
+                .iter()
+                .map(|e| (e.mac, e.node.0.as_str()))
+                .collect::<Vec<_>>(),
             [(mac(2), "a"), (mac(3), "b"), (mac(4), "c")]
         );
-        assert!(table.iter().all(|e| e.last_seen.is_none()), "seeded, not yet heard from");
-        assert_eq!(s.inbound(t0, &node("a"), NET, &frame(mac(1), mac(2))), Inbound::Deliver);
+        assert!(
+            table.iter().all(|e| e.last_seen.is_none()),
+            "seeded, not yet heard from"
+        );
+        assert_eq!(
+            s.inbound(t0, &node("a"), NET, &frame(mac(1), mac(2))),
+            Inbound::Deliver
+        );
         // Refused frames teach nothing.
-        assert_eq!(s.inbound(t0, &node("b"), NET, &frame(mac(9), mac(3))), Inbound::Drop(DropReason::NotForUs));
+        assert_eq!(
+            s.inbound(t0, &node("b"), NET, &frame(mac(9), mac(3))),
+            Inbound::Drop(DropReason::NotForUs)
+        );
         let seen = |s: &Switch, at: Instant| {
             s.mac_table(NET, at)
                 .unwrap()
@@ -959,7 +1242,10 @@ mod tests {
                 .filter_map(|e| e.last_seen.map(|t| (e.node.0, t)))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(seen(&s, t0 + Duration::from_secs(299)), [("a".to_owned(), t0)]);
+        assert_eq!(
+            seen(&s, t0 + Duration::from_secs(299)),
+            [("a".to_owned(), t0)]
+        );
         assert_eq!(seen(&s, t0 + Duration::from_secs(300)), [], "aged out");
         // Ageing is observational: the netmap still says where the MAC lives.
         assert_eq!(
@@ -974,25 +1260,62 @@ mod tests {
         let mut s = switch();
         let t0 = Instant::now();
         for (from, src) in [("a", 2), ("b", 3)] {
-            assert_eq!(s.inbound(t0, &node(from), NET, &frame(mac(1), mac(src))), Inbound::Deliver);
+            assert_eq!(
+                s.inbound(t0, &node(from), NET, &frame(mac(1), mac(src))),
+                Inbound::Deliver
+            );
         }
         // c leaves, b gets a new MAC, d joins, a stays as it was.
-        set(&mut s, &membership(NET, mac(1)), [(node("d"), mac(5)), (node("a"), mac(2)), (node("b"), mac(6))])
-            .unwrap();
-        let table: Vec<_> =
-            s.mac_table(NET, t0).unwrap().into_iter().map(|e| (e.node.0, e.mac, e.last_seen.is_some())).collect();
+        set(
+            &mut s,
+            &membership(NET, mac(1)),
+            [
+                (node("d"), mac(5)),
+                (node("a"), mac(2)),
+                (node("b"), mac(6)),
+            ],
+        )
+        .unwrap();
+        let table: Vec<_> = s
+            .mac_table(NET, t0)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.node.0, e.mac, e.last_seen.is_some()))
+            .collect();
         assert_eq!(
             table,
-            [("a".to_owned(), mac(2), true), ("b".to_owned(), mac(6), false), ("d".to_owned(), mac(5), false)]
+            [
+                ("a".to_owned(), mac(2), true),
+                ("b".to_owned(), mac(6), false),
+                ("d".to_owned(), mac(5), false)
+            ]
         );
-        assert_eq!(s.inbound(t0, &node("c"), NET, &frame(mac(1), mac(4))), Inbound::Drop(DropReason::NotMember));
-        assert_eq!(s.inbound(t0, &node("b"), NET, &frame(mac(1), mac(3))), Inbound::Drop(DropReason::SpoofedSource));
-        assert_eq!(s.outbound(t0, NET, &frame(mac(4), mac(1))), Outbound::Flood(&[node("a"), node("b"), node("d")]));
-        assert_eq!(s.outbound(t0, NET, &frame(mac(6), mac(1))), Outbound::Unicast(&node("b")));
+        assert_eq!(
+            s.inbound(t0, &node("c"), NET, &frame(mac(1), mac(4))),
+            Inbound::Drop(DropReason::NotMember)
+        );
+        assert_eq!(
+            s.inbound(t0, &node("b"), NET, &frame(mac(1), mac(3))),
+            Inbound::Drop(DropReason::SpoofedSource)
+        );
+        assert_eq!(
+            s.outbound(t0, NET, &frame(mac(4), mac(1))),
+            Outbound::Flood(&[node("a"), node("b"), node("d")])
+        );
+        assert_eq!(
+            s.outbound(t0, NET, &frame(mac(6), mac(1))),
+            Outbound::Unicast(&node("b"))
+        );
         // Our own MAC may change too.
         set(&mut s, &membership(NET, mac(7)), [(node("a"), mac(2))]).unwrap();
-        assert_eq!(s.outbound(t0, NET, &frame(mac(2), mac(1))), Outbound::Drop(DropReason::ForeignSource));
-        assert_eq!(s.outbound(t0, NET, &frame(mac(2), mac(7))), Outbound::Unicast(&node("a")));
+        assert_eq!(
+            s.outbound(t0, NET, &frame(mac(2), mac(1))),
+            Outbound::Drop(DropReason::ForeignSource)
+        );
+        assert_eq!(
+            s.outbound(t0, NET, &frame(mac(2), mac(7))),
+            Outbound::Unicast(&node("a"))
+        );
     }
 
     /// `payload` after an Ethernet header with `ethertype`, padded to the 60-byte minimum.
@@ -1042,14 +1365,25 @@ mod tests {
 
     /// An IPv6 frame from peer `src` (its MAC) with source address `from`.
     fn v6_frame(src: MacAddr, from: Ipv6Addr, next: u8, body: &[u8]) -> Vec<u8> {
-        eth(MacAddr([0x33, 0x33, 0, 0, 0, 1]), src, ETHERTYPE_IPV6, &ipv6(from, "ff02::1".parse().unwrap(), next, body))
+        eth(
+            MacAddr([0x33, 0x33, 0, 0, 0, 1]),
+            src,
+            ETHERTYPE_IPV6,
+            &ipv6(from, "ff02::1".parse().unwrap(), next, body),
+        )
     }
 
     #[test]
     fn link_local_addresses_are_the_modified_eui64_of_the_mac() {
         let qemu: MacAddr = "52:54:00:12:34:56".parse().unwrap();
-        assert_eq!(ipv6_link_local(qemu), "fe80::5054:ff:fe12:3456".parse::<Ipv6Addr>().unwrap());
-        assert_eq!(ipv6_link_local(mac(2)), "fe80::5e:ff:fe00:2".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            ipv6_link_local(qemu),
+            "fe80::5054:ff:fe12:3456".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            ipv6_link_local(mac(2)),
+            "fe80::5e:ff:fe00:2".parse::<Ipv6Addr>().unwrap()
+        );
     }
 
     #[test]
@@ -1065,23 +1399,66 @@ mod tests {
         let cases = [
             (arp(1, mac(2), me, victim), Inbound::Deliver, "a request"),
             (arp(2, mac(2), me, ip(mac(1))), Inbound::Deliver, "a reply"),
-            (arp(1, mac(2), me, me), Inbound::Deliver, "a gratuitous announcement"),
-            (arp(1, mac(2), Ipv4Addr::UNSPECIFIED, me), Inbound::Deliver, "an RFC 5227 probe of its own address"),
-            (arp(1, mac(2), victim, victim), Inbound::Drop(DropReason::SpoofedArp), "a gratuitous claim of b's address"),
-            (arp(2, mac(2), victim, ip(mac(1))), Inbound::Drop(DropReason::SpoofedArp), "a reply in b's name"),
-            (arp(1, mac(3), me, victim), Inbound::Drop(DropReason::SpoofedArp), "b's MAC as sender hardware address"),
-            (arp(1, mac(2), Ipv4Addr::UNSPECIFIED, victim), Inbound::Drop(DropReason::SpoofedArp), "a probe of b's address"),
-            (arp(1, mac(2), Ipv4Addr::new(10, 0, 0, 200), victim), Inbound::Drop(DropReason::SpoofedArp), "an unassigned address"),
-            (arp(3, mac(2), me, victim), Inbound::Drop(DropReason::Malformed), "an unknown operation"),
-            (rarp_types, Inbound::Drop(DropReason::Malformed), "another hardware type"),
+            (
+                arp(1, mac(2), me, me),
+                Inbound::Deliver,
+                "a gratuitous announcement",
+            ),
+            (
+                arp(1, mac(2), Ipv4Addr::UNSPECIFIED, me),
+                Inbound::Deliver,
+                "an RFC 5227 probe of its own address",
+            ),
+            (
+                arp(1, mac(2), victim, victim),
+                Inbound::Drop(DropReason::SpoofedArp),
+                "a gratuitous claim of b's address",
+            ),
+            (
+                arp(2, mac(2), victim, ip(mac(1))),
+                Inbound::Drop(DropReason::SpoofedArp),
+                "a reply in b's name",
+            ),
+            (
+                arp(1, mac(3), me, victim),
+                Inbound::Drop(DropReason::SpoofedArp),
+                "b's MAC as sender hardware address",
+            ),
+            (
+                arp(1, mac(2), Ipv4Addr::UNSPECIFIED, victim),
+                Inbound::Drop(DropReason::SpoofedArp),
+                "a probe of b's address",
+            ),
+            (
+                arp(1, mac(2), Ipv4Addr::new(10, 0, 0, 200), victim),
+                Inbound::Drop(DropReason::SpoofedArp),
+                "an unassigned address",
+            ),
+            (
+                arp(3, mac(2), me, victim),
+                Inbound::Drop(DropReason::Malformed),
+                "an unknown operation",
+            ),
+            (
+                rarp_types,
+                Inbound::Drop(DropReason::Malformed),
+                "another hardware type",
+            ),
         ];
         for (payload, want, what) in cases {
-            assert_eq!(s.inbound(now, &node("a"), NET, &from_a(payload)), want, "{what}");
+            assert_eq!(
+                s.inbound(now, &node("a"), NET, &from_a(payload)),
+                want,
+                "{what}"
+            );
         }
         // Cut short inside the Ethernet padding is still padding: build a frame without it.
         let mut short = eth(MacAddr::BROADCAST, mac(2), ETHERTYPE_ARP, &truncated);
         short.truncate(14 + 27);
-        assert_eq!(s.inbound(now, &node("a"), NET, &short), Inbound::Drop(DropReason::Malformed));
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &short),
+            Inbound::Drop(DropReason::Malformed)
+        );
         assert_eq!(dropped(&s, "spoofed_arp"), 5);
         assert_eq!(dropped(&s, "malformed"), 3);
         assert_eq!(s.counters().delivered, 4);
@@ -1098,8 +1475,16 @@ mod tests {
             p
         };
         let from_a = |p: &[u8]| eth(mac(1), mac(2), ETHERTYPE_IPV4, p);
-        assert_eq!(s.inbound(now, &node("a"), NET, &from_a(&packet(ip(mac(2))))), Inbound::Deliver);
-        for source in [ip(mac(3)), Ipv4Addr::UNSPECIFIED, Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::BROADCAST] {
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &from_a(&packet(ip(mac(2))))),
+            Inbound::Deliver
+        );
+        for source in [
+            ip(mac(3)),
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::new(192, 0, 2, 1),
+            Ipv4Addr::BROADCAST,
+        ] {
             assert_eq!(
                 s.inbound(now, &node("a"), NET, &from_a(&packet(source))),
                 Inbound::Drop(DropReason::SpoofedIpv4),
@@ -1113,9 +1498,19 @@ mod tests {
         let mut truncated = from_a(&packet(ip(mac(2))));
         truncated.truncate(14 + 15);
         for f in [from_a(&v6_in_v4), from_a(&short_ihl), truncated] {
-            assert_eq!(s.inbound(now, &node("a"), NET, &f), Inbound::Drop(DropReason::Malformed));
+            assert_eq!(
+                s.inbound(now, &node("a"), NET, &f),
+                Inbound::Drop(DropReason::Malformed)
+            );
         }
-        assert_eq!((dropped(&s, "spoofed_ipv4"), dropped(&s, "malformed"), s.counters().delivered), (4, 3, 1));
+        assert_eq!(
+            (
+                dropped(&s, "spoofed_ipv4"),
+                dropped(&s, "malformed"),
+                s.counters().delivered
+            ),
+            (4, 3, 1)
+        );
         // The same spoofed packet from b's own MAC is b's, and passes: the check is per sender.
         let from_b = eth(mac(1), mac(3), ETHERTYPE_IPV4, &packet(ip(mac(3))));
         assert_eq!(s.inbound(now, &node("b"), NET, &from_b), Inbound::Deliver);
@@ -1147,14 +1542,62 @@ mod tests {
         let mut zero_length_option = nd(ND_NEIGHBOUR_SOLICIT, victim, &[]);
         zero_length_option.extend([ND_OPT_SOURCE_LL, 0, 0, 0, 0, 0, 0, 0]);
         let cases: Vec<(Ipv6Addr, u8, Vec<u8>, Inbound, &str)> = vec![
-            (me, 17, udp.to_vec(), Inbound::Deliver, "UDP from its link-local"),
-            (victim, 17, udp.to_vec(), Inbound::Drop(DropReason::SpoofedIpv6), "UDP from b's link-local"),
-            ("2001:db8::2".parse().unwrap(), 17, udp.to_vec(), Inbound::Drop(DropReason::SpoofedIpv6), "an unassigned global"),
-            (any, 17, udp.to_vec(), Inbound::Drop(DropReason::SpoofedIpv6), "UDP from ::"),
-            (any, IPPROTO_ICMPV6, nd(ND_NEIGHBOUR_SOLICIT, me, &[]), Inbound::Deliver, "DAD for its link-local"),
-            (any, IPPROTO_ICMPV6, nd(ND_NEIGHBOUR_SOLICIT, victim, &[]), Inbound::Drop(DropReason::SpoofedNd), "DAD for b's"),
-            (any, IPPROTO_ICMPV6, nd(ND_NEIGHBOUR_ADVERT, me, &[]), Inbound::Drop(DropReason::SpoofedIpv6), "an NA from ::"),
-            (any, IPV6_HOP_BY_HOP, hop_by_hop_mld, Inbound::Deliver, "an MLDv2 report from :: during DAD"),
+            (
+                me,
+                17,
+                udp.to_vec(),
+                Inbound::Deliver,
+                "UDP from its link-local",
+            ),
+            (
+                victim,
+                17,
+                udp.to_vec(),
+                Inbound::Drop(DropReason::SpoofedIpv6),
+                "UDP from b's link-local",
+            ),
+            (
+                "2001:db8::2".parse().unwrap(),
+                17,
+                udp.to_vec(),
+                Inbound::Drop(DropReason::SpoofedIpv6),
+                "an unassigned global",
+            ),
+            (
+                any,
+                17,
+                udp.to_vec(),
+                Inbound::Drop(DropReason::SpoofedIpv6),
+                "UDP from ::",
+            ),
+            (
+                any,
+                IPPROTO_ICMPV6,
+                nd(ND_NEIGHBOUR_SOLICIT, me, &[]),
+                Inbound::Deliver,
+                "DAD for its link-local",
+            ),
+            (
+                any,
+                IPPROTO_ICMPV6,
+                nd(ND_NEIGHBOUR_SOLICIT, victim, &[]),
+                Inbound::Drop(DropReason::SpoofedNd),
+                "DAD for b's",
+            ),
+            (
+                any,
+                IPPROTO_ICMPV6,
+                nd(ND_NEIGHBOUR_ADVERT, me, &[]),
+                Inbound::Drop(DropReason::SpoofedIpv6),
+                "an NA from ::",
+            ),
+            (
+                any,
+                IPV6_HOP_BY_HOP,
+                hop_by_hop_mld,
+                Inbound::Deliver,
+                "an MLDv2 report from :: during DAD",
+            ),
             (
                 me,
                 IPPROTO_ICMPV6,
@@ -1176,7 +1619,13 @@ mod tests {
                 Inbound::Deliver,
                 "an advertisement of itself",
             ),
-            (me, IPPROTO_ICMPV6, nd(ND_NEIGHBOUR_ADVERT, victim, &[]), Inbound::Drop(DropReason::SpoofedNd), "an NA for b"),
+            (
+                me,
+                IPPROTO_ICMPV6,
+                nd(ND_NEIGHBOUR_ADVERT, victim, &[]),
+                Inbound::Drop(DropReason::SpoofedNd),
+                "an NA for b",
+            ),
             (
                 me,
                 IPPROTO_ICMPV6,
@@ -1184,7 +1633,13 @@ mod tests {
                 Inbound::Drop(DropReason::SpoofedNd),
                 "an NA pointing its address at b's MAC",
             ),
-            (me, IPV6_DEST_OPTS, dest_opts_na, Inbound::Drop(DropReason::SpoofedNd), "an NA for b behind an extension header"),
+            (
+                me,
+                IPV6_DEST_OPTS,
+                dest_opts_na,
+                Inbound::Drop(DropReason::SpoofedNd),
+                "an NA for b behind an extension header",
+            ),
             (
                 me,
                 IPV6_FRAGMENT,
@@ -1192,43 +1647,128 @@ mod tests {
                 Inbound::Drop(DropReason::SpoofedNd),
                 "an NA for b in a first fragment",
             ),
-            (me, IPV6_FRAGMENT, fragment(3, &[0; 16]), Inbound::Deliver, "a later fragment"),
+            (
+                me,
+                IPV6_FRAGMENT,
+                fragment(3, &[0; 16]),
+                Inbound::Deliver,
+                "a later fragment",
+            ),
             (
                 me,
                 IPPROTO_ICMPV6,
-                vec![ND_ROUTER_ADVERT, 0, 0, 0, 64, 0, 0, 30, 0, 0, 0, 0, 0, 0, 0, 0],
+                vec![
+                    ND_ROUTER_ADVERT,
+                    0,
+                    0,
+                    0,
+                    64,
+                    0,
+                    0,
+                    30,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
                 Inbound::Drop(DropReason::SpoofedNd),
                 "a router advertisement",
             ),
-            (me, IPPROTO_ICMPV6, nd(ND_REDIRECT, victim, &[]), Inbound::Drop(DropReason::SpoofedNd), "a redirect"),
             (
                 me,
                 IPPROTO_ICMPV6,
-                vec![ND_ROUTER_SOLICIT, 0, 0, 0, 0, 0, 0, 0, ND_OPT_SOURCE_LL, 1, 2, 0x5e, 0, 0, 0, 3],
+                nd(ND_REDIRECT, victim, &[]),
+                Inbound::Drop(DropReason::SpoofedNd),
+                "a redirect",
+            ),
+            (
+                me,
+                IPPROTO_ICMPV6,
+                vec![
+                    ND_ROUTER_SOLICIT,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    ND_OPT_SOURCE_LL,
+                    1,
+                    2,
+                    0x5e,
+                    0,
+                    0,
+                    0,
+                    3,
+                ],
                 Inbound::Drop(DropReason::SpoofedNd),
                 "a router solicitation naming b's MAC",
             ),
-            (me, IPPROTO_ICMPV6, vec![128, 0, 0, 0, 0, 1, 0, 1], Inbound::Deliver, "an echo request"),
-            (me, IPV6_DEST_OPTS, too_many, Inbound::Drop(DropReason::Malformed), "too many extension headers"),
-            (me, IPPROTO_ICMPV6, zero_length_option, Inbound::Drop(DropReason::Malformed), "a zero-length option"),
+            (
+                me,
+                IPPROTO_ICMPV6,
+                vec![128, 0, 0, 0, 0, 1, 0, 1],
+                Inbound::Deliver,
+                "an echo request",
+            ),
+            (
+                me,
+                IPV6_DEST_OPTS,
+                too_many,
+                Inbound::Drop(DropReason::Malformed),
+                "too many extension headers",
+            ),
+            (
+                me,
+                IPPROTO_ICMPV6,
+                zero_length_option,
+                Inbound::Drop(DropReason::Malformed),
+                "a zero-length option",
+            ),
         ];
         for (from, next, body, want, what) in cases {
-            assert_eq!(s.inbound(now, &node("a"), NET, &v6_frame(mac(2), from, next, &body)), want, "{what}");
+            assert_eq!(
+                s.inbound(now, &node("a"), NET, &v6_frame(mac(2), from, next, &body)),
+                want,
+                "{what}"
+            );
         }
-        // A payload length beyond the frame is malformed; one shorter than the frame bounds the options.
+        // A payload length beyond the frame is malformed; one shorter than the frame bounds the
+        // options.
         let mut overlong = v6_frame(mac(2), me, 17, &udp);
         overlong[14 + 5] = 200;
-        assert_eq!(s.inbound(now, &node("a"), NET, &overlong), Inbound::Drop(DropReason::Malformed));
-        let mut padded = v6_frame(mac(2), me, IPPROTO_ICMPV6, &nd(ND_NEIGHBOUR_ADVERT, me, &[]));
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &overlong),
+            Inbound::Drop(DropReason::Malformed)
+        );
+        let mut padded = v6_frame(
+            mac(2),
+            me,
+            IPPROTO_ICMPV6,
+            &nd(ND_NEIGHBOUR_ADVERT, me, &[]),
+        );
         padded.extend([ND_OPT_TARGET_LL, 1, 2, 0x5e, 0, 0, 0, 3]);
-        assert_eq!(s.inbound(now, &node("a"), NET, &padded), Inbound::Deliver, "bytes past the payload are not options");
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &padded),
+            Inbound::Deliver,
+            "bytes past the payload are not options"
+        );
         let mut cut = v6_frame(mac(2), me, 17, &udp);
         cut.truncate(14 + 39);
-        assert_eq!(s.inbound(now, &node("a"), NET, &cut), Inbound::Drop(DropReason::Malformed));
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &cut),
+            Inbound::Drop(DropReason::Malformed)
+        );
         let labels: Vec<_> = s.counters().dropped;
         assert_eq!(
             labels,
-            [("malformed", 4), ("spoofed_ipv6", 4), ("spoofed_nd", 9)].map(|(l, n)| (l.to_owned(), n))
+            [("malformed", 4), ("spoofed_ipv6", 4), ("spoofed_nd", 9)]
+                .map(|(l, n)| (l.to_owned(), n))
         );
     }
 
@@ -1236,7 +1776,8 @@ mod tests {
     fn tagged_frames_and_other_ethertypes_are_refused() {
         let mut s = switch();
         let now = Instant::now();
-        // An 802.1Q frame whose inner IPv4 packet is a's own would still be refused: the tag itself is.
+        // An 802.1Q frame whose inner IPv4 packet is a's own would still be refused: the tag itself
+        // is.
         let mut inner = vec![0, 5, 0x08, 0x00];
         inner.extend(&frame(mac(1), mac(2))[14..]);
         let cases = [
@@ -1249,20 +1790,28 @@ mod tests {
         ];
         for (ethertype, reason) in cases {
             let f = eth(MacAddr::BROADCAST, mac(2), ethertype, &inner);
-            assert_eq!(s.inbound(now, &node("a"), NET, &f), Inbound::Drop(reason), "{ethertype:#06x}");
+            assert_eq!(
+                s.inbound(now, &node("a"), NET, &f),
+                Inbound::Drop(reason),
+                "{ethertype:#06x}"
+            );
         }
         assert_eq!(dropped(&s, "vlan_tagged"), 3);
         assert_eq!(dropped(&s, "other_ethertype"), 3);
         // A bare Ethernet header announcing IPv4 has no address to check.
-        assert_eq!(s.inbound(now, &node("a"), NET, &frame(mac(1), mac(2))[..14]), Inbound::Drop(DropReason::Malformed));
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &frame(mac(1), mac(2))[..14]),
+            Inbound::Drop(DropReason::Malformed)
+        );
         // Our own frames are checked for their MAC only (the receivers check the rest).
         let tagged = eth(mac(2), mac(1), 0x8100, &inner);
         assert_eq!(s.outbound(now, NET, &tagged), Outbound::Unicast(&node("a")));
     }
 
     /// The fuzz target's property (`overlay/fuzz/fuzz_targets/switch_inbound.rs`) on deterministic
-    /// mutations of valid frames, so CI exercises it without a fuzzer: the ingress path never panics,
-    /// and a frame it delivers carries only the sender's addresses where any receiver reads them.
+    /// mutations of valid frames, so CI exercises it without a fuzzer: the ingress path never
+    /// panics, and a frame it delivers carries only the sender's addresses where any receiver reads
+    /// them.
     #[test]
     fn mutated_frames_never_panic_and_only_the_senders_addresses_pass() {
         let (me, victim) = (ipv6_link_local(mac(2)), ipv6_link_local(mac(3)));
@@ -1270,12 +1819,37 @@ mod tests {
         let seeds = [
             frame(mac(1), mac(2)),
             frame(MacAddr::BROADCAST, mac(2)),
-            eth(MacAddr::BROADCAST, mac(2), ETHERTYPE_ARP, &arp(1, mac(2), ip(mac(2)), ip(mac(1)))),
-            eth(MacAddr::BROADCAST, mac(2), ETHERTYPE_ARP, &arp(1, mac(2), Ipv4Addr::UNSPECIFIED, ip(mac(2)))),
+            eth(
+                MacAddr::BROADCAST,
+                mac(2),
+                ETHERTYPE_ARP,
+                &arp(1, mac(2), ip(mac(2)), ip(mac(1))),
+            ),
+            eth(
+                MacAddr::BROADCAST,
+                mac(2),
+                ETHERTYPE_ARP,
+                &arp(1, mac(2), Ipv4Addr::UNSPECIFIED, ip(mac(2))),
+            ),
             v6_frame(mac(2), me, 17, &udp),
-            v6_frame(mac(2), Ipv6Addr::UNSPECIFIED, IPPROTO_ICMPV6, &nd(ND_NEIGHBOUR_SOLICIT, me, &[])),
-            v6_frame(mac(2), me, IPPROTO_ICMPV6, &nd(ND_NEIGHBOUR_ADVERT, me, &[(ND_OPT_TARGET_LL, mac(2))])),
-            v6_frame(mac(2), me, IPPROTO_ICMPV6, &nd(ND_NEIGHBOUR_SOLICIT, victim, &[(ND_OPT_SOURCE_LL, mac(2))])),
+            v6_frame(
+                mac(2),
+                Ipv6Addr::UNSPECIFIED,
+                IPPROTO_ICMPV6,
+                &nd(ND_NEIGHBOUR_SOLICIT, me, &[]),
+            ),
+            v6_frame(
+                mac(2),
+                me,
+                IPPROTO_ICMPV6,
+                &nd(ND_NEIGHBOUR_ADVERT, me, &[(ND_OPT_TARGET_LL, mac(2))]),
+            ),
+            v6_frame(
+                mac(2),
+                me,
+                IPPROTO_ICMPV6,
+                &nd(ND_NEIGHBOUR_SOLICIT, victim, &[(ND_OPT_SOURCE_LL, mac(2))]),
+            ),
         ];
         let mut state = 0x2545_f491_4f6c_dd1du64;
         let mut rand = move || {
@@ -1304,7 +1878,10 @@ mod tests {
                     }
                     _ => {
                         // Overwrite an address field with the victim's, where a spoofer would.
-                        let at = [6, 22, 26, 28, 36].get(rand() as usize % 5).copied().unwrap_or(0);
+                        let at = [6, 22, 26, 28, 36]
+                            .get(rand() as usize % 5)
+                            .copied()
+                            .unwrap_or(0);
                         for (k, b) in mac(3).0.iter().enumerate() {
                             if let Some(x) = f.get_mut(at + k) {
                                 *x = *b;
@@ -1322,9 +1899,22 @@ mod tests {
         }
         let c = s.counters();
         let total: u64 = c.dropped.iter().map(|(_, n)| n).sum::<u64>() + c.delivered;
-        assert_eq!(total, 40_000, "every frame is delivered or counted as dropped: {c:?}");
-        assert!(delivered > 4000, "the mutations keep enough frames valid to test the positive side: {delivered}");
-        for label in ["spoofed_source", "spoofed_arp", "spoofed_ipv4", "spoofed_ipv6", "malformed", "other_ethertype"] {
+        assert_eq!(
+            total, 40_000,
+            "every frame is delivered or counted as dropped: {c:?}"
+        );
+        assert!(
+            delivered > 4000,
+            "the mutations keep enough frames valid to test the positive side: {delivered}"
+        );
+        for label in [
+            "spoofed_source",
+            "spoofed_arp",
+            "spoofed_ipv4",
+            "spoofed_ipv6",
+            "malformed",
+            "other_ethertype",
+        ] {
             assert!(dropped(&s, label) > 0, "{label} never hit: {c:?}");
         }
     }
@@ -1333,19 +1923,32 @@ mod tests {
     /// name only the sender.
     fn assert_only_own_addresses(f: &[u8], mac: MacAddr, address: Ipv4Addr) {
         assert_eq!(f[6..12], mac.0, "source MAC");
-        let at = |range: std::ops::Range<usize>| f.get(range).unwrap_or_else(|| panic!("delivered a short frame {f:02x?}"));
+        let at = |range: std::ops::Range<usize>| {
+            f.get(range)
+                .unwrap_or_else(|| panic!("delivered a short frame {f:02x?}"))
+        };
         match u16::from_be_bytes([f[12], f[13]]) {
             0x0806 => {
                 assert_eq!(at(22..28), mac.0, "ARP sender MAC in {f:02x?}");
                 let spa = at(28..32);
-                assert!(spa == address.octets() || (spa == [0; 4] && at(38..42) == address.octets()), "ARP sender {f:02x?}");
+                assert!(
+                    spa == address.octets() || (spa == [0; 4] && at(38..42) == address.octets()),
+                    "ARP sender {f:02x?}"
+                );
             }
             0x0800 => assert_eq!(at(26..30), address.octets(), "IPv4 source in {f:02x?}"),
             0x86dd => {
                 let src = at(22..38);
-                assert!(src == ipv6_link_local(mac).octets() || src == [0; 16], "IPv6 source in {f:02x?}");
+                assert!(
+                    src == ipv6_link_local(mac).octets() || src == [0; 16],
+                    "IPv6 source in {f:02x?}"
+                );
                 if at(20..21) == [IPPROTO_ICMPV6] && f.get(54) == Some(&ND_NEIGHBOUR_ADVERT) {
-                    assert_eq!(at(62..78), ipv6_link_local(mac).octets(), "NA target in {f:02x?}");
+                    assert_eq!(
+                        at(62..78),
+                        ipv6_link_local(mac).octets(),
+                        "NA target in {f:02x?}"
+                    );
                 }
             }
             other => panic!("delivered ethertype {other:#06x}"),
@@ -1357,47 +1960,111 @@ mod tests {
         let mut s = switch();
         let own = membership(NET, mac(1));
         let refused = [
-            (vec![(node("x"), mac(1))], SwitchError::DuplicateMac { network: NET, mac: mac(1) }),
-            (vec![(node("x"), mac(8)), (node("y"), mac(8))], SwitchError::DuplicateMac { network: NET, mac: mac(8) }),
+            (
+                vec![(node("x"), mac(1))],
+                SwitchError::DuplicateMac {
+                    network: NET,
+                    mac: mac(1),
+                },
+            ),
+            (
+                vec![(node("x"), mac(8)), (node("y"), mac(8))],
+                SwitchError::DuplicateMac {
+                    network: NET,
+                    mac: mac(8),
+                },
+            ),
             (
                 vec![(node("x"), mac(8)), (node("x"), mac(9))],
-                SwitchError::DuplicateMember { network: NET, node: node("x") },
+                SwitchError::DuplicateMember {
+                    network: NET,
+                    node: node("x"),
+                },
             ),
-            (vec![(node("x"), MacAddr::BROADCAST)], SwitchError::GroupMac { network: NET, mac: MacAddr::BROADCAST }),
+            (
+                vec![(node("x"), MacAddr::BROADCAST)],
+                SwitchError::GroupMac {
+                    network: NET,
+                    mac: MacAddr::BROADCAST,
+                },
+            ),
         ];
         for (members, err) in refused {
             assert_eq!(set(&mut s, &own, members), Err(err));
         }
-        let same_address = |address| [Member { node: node("x"), mac: mac(8), address }];
+        let same_address = |address| {
+            [Member {
+                node: node("x"),
+                mac: mac(8),
+                address,
+            }]
+        };
         assert_eq!(
             s.set_network(&own, same_address(ip(mac(1)))),
-            Err(SwitchError::DuplicateAddress { network: NET, address: ip(mac(1)) })
+            Err(SwitchError::DuplicateAddress {
+                network: NET,
+                address: ip(mac(1))
+            })
         );
-        let twice = [Member { node: node("x"), mac: mac(8), address: ip(mac(9)) }, Member { node: node("y"), mac: mac(9), address: ip(mac(9)) }];
-        assert_eq!(s.set_network(&own, twice), Err(SwitchError::DuplicateAddress { network: NET, address: ip(mac(9)) }));
+        let twice = [
+            Member {
+                node: node("x"),
+                mac: mac(8),
+                address: ip(mac(9)),
+            },
+            Member {
+                node: node("y"),
+                mac: mac(9),
+                address: ip(mac(9)),
+            },
+        ];
+        assert_eq!(
+            s.set_network(&own, twice),
+            Err(SwitchError::DuplicateAddress {
+                network: NET,
+                address: ip(mac(9))
+            })
+        );
         assert_eq!(
             set(&mut s, &membership(NET, MacAddr::BROADCAST), []),
-            Err(SwitchError::GroupMac { network: NET, mac: MacAddr::BROADCAST })
+            Err(SwitchError::GroupMac {
+                network: NET,
+                mac: MacAddr::BROADCAST
+            })
         );
         // The same pair listed twice is harmless.
         let mut fresh = Switch::new(SwitchConfig::default());
         set(&mut fresh, &own, [(node("x"), mac(8)), (node("x"), mac(8))]).unwrap();
         assert_eq!(fresh.mac_table(NET, Instant::now()).unwrap().len(), 1);
         // The refusals left the first configuration in place.
-        assert_eq!(s.outbound(Instant::now(), NET, &frame(mac(3), mac(1))), Outbound::Unicast(&node("b")));
+        assert_eq!(
+            s.outbound(Instant::now(), NET, &frame(mac(3), mac(1))),
+            Outbound::Unicast(&node("b"))
+        );
     }
 
     #[test]
     fn departed_peers_rate_limit_state_is_forgotten() {
-        let mut s = Switch::new(SwitchConfig { flood_burst: 1, flood_rate_per_peer: 0, ..Default::default() });
+        let mut s = Switch::new(SwitchConfig {
+            flood_burst: 1,
+            flood_rate_per_peer: 0,
+            ..Default::default()
+        });
         set(&mut s, &membership(NET, mac(1)), [(node("a"), mac(2))]).unwrap();
         let now = Instant::now();
         let bcast = frame(MacAddr::BROADCAST, mac(2));
         assert_eq!(s.inbound(now, &node("a"), NET, &bcast), Inbound::Deliver);
-        assert_eq!(s.inbound(now, &node("a"), NET, &bcast), Inbound::Drop(DropReason::Storm));
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &bcast),
+            Inbound::Drop(DropReason::Storm)
+        );
         set(&mut s, &membership(NET, mac(1)), []).unwrap();
         assert!(s.buckets.is_empty());
         set(&mut s, &membership(NET, mac(1)), [(node("a"), mac(2))]).unwrap();
-        assert_eq!(s.inbound(now, &node("a"), NET, &bcast), Inbound::Deliver, "a fresh bucket after rejoining");
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &bcast),
+            Inbound::Deliver,
+            "a fresh bucket after rejoining"
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! TLS and QUIC configurations for the control connection.
 //!
-//! - The controller presents a certificate for [`CONTROLLER_SERVER_NAME`] issued by the fleet CA, and
-//!   asks for a client certificate without requiring one: a connection without one may only enrol.
+//! - The controller presents a certificate for [`CONTROLLER_SERVER_NAME`] issued by the fleet CA,
+//!   and asks for a client certificate without requiring one: a connection without one may only
+//!   enrol.
 //! - An enrolled agent trusts only the fleet CA and presents its node certificate (mutual TLS).
 //! - A new agent has no trust anchor yet: it accepts a controller whose chain contains the CA whose
 //!   SHA-256 its join token carries, and then verifies the chain against that CA as usual.
@@ -65,24 +66,30 @@ pub fn control_transport(keep_alive: Option<Duration>) -> quinn::TransportConfig
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
         t.max_idle_timeout(Some(idle));
     }
-    // The control connection also carries relayed peer packets as datagrams. A relayed QUIC packet is
-    // at least 1200 bytes (QUIC's minimum for Initials) plus a 4-byte relay header, which does not fit
-    // quinn's default starting MTU of 1200: start at 1280 (IPv6's minimum link MTU, less headers, is
-    // 1232, but every underlay shoal targets carries 1280-byte UDP payloads; path MTU discovery then
-    // raises it and black-hole detection lowers it if a path cannot).
+    // The control connection also carries relayed peer packets as datagrams. A relayed QUIC packet
+    // is at least 1200 bytes (QUIC's minimum for Initials) plus a 4-byte relay header, which does
+    // not fit quinn's default starting MTU of 1200: start at 1280 (IPv6's minimum link MTU, less
+    // headers, is 1232, but every underlay shoal targets carries 1280-byte UDP payloads; path MTU
+    // discovery then raises it and black-hole detection lowers it if a path cannot).
     t.initial_mtu(1280);
     t
 }
 
-/// QUIC transport settings for an overlay peer connection. Keep-alives every second hold NAT mappings
-/// open and let a dead path be noticed after `idle` so traffic moves to another path quickly; windows
-/// are small because overlay frames travel as datagrams, not streams.
+/// QUIC transport settings for an overlay peer connection. Keep-alives every second hold NAT
+/// mappings open and let a dead path be noticed after `idle` so traffic moves to another path
+/// quickly; windows are small because overlay frames travel as datagrams, not streams.
 pub fn peer_transport(idle: Duration, congestion: Congestion) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     match congestion {
-        Congestion::Cubic => t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
-        Congestion::NewReno => t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default())),
-        Congestion::Bbr => t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
+        Congestion::Cubic => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
+        Congestion::NewReno => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
+        }
+        Congestion::Bbr => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+        }
     };
     t.max_concurrent_bidi_streams(0u32.into())
         .max_concurrent_uni_streams(0u32.into())
@@ -100,8 +107,8 @@ pub fn peer_transport(idle: Duration, congestion: Congestion) -> quinn::Transpor
 }
 
 /// The outer (QUIC) congestion controller of peer connections. Overlay frames ride in unreliable
-/// datagrams, so the outer controller only paces and drops; the inner TCP flows do their own congestion
-/// control on top. See docs/performance.md for the measurement behind the default.
+/// datagrams, so the outer controller only paces and drops; the inner TCP flows do their own
+/// congestion control on top. See docs/performance.md for the measurement behind the default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Congestion {
     /// CUBIC (quinn's default).
@@ -121,13 +128,16 @@ impl std::str::FromStr for Congestion {
             "cubic" => Ok(Congestion::Cubic),
             "newreno" => Ok(Congestion::NewReno),
             "bbr" => Ok(Congestion::Bbr),
-            other => Err(format!("unknown congestion controller {other:?} (cubic, newreno, bbr)")),
+            other => Err(format!(
+                "unknown congestion controller {other:?} (cubic, newreno, bbr)"
+            )),
         }
     }
 }
 
-/// Node-to-node TLS: both sides present their node certificate and require the other's, issued by the
-/// fleet CA. Which node may connect is checked after the handshake against the netmap (node id and key).
+/// Node-to-node TLS: both sides present their node certificate and require the other's, issued by
+/// the fleet CA. Which node may connect is checked after the handshake against the netmap (node id
+/// and key).
 #[derive(Clone)]
 pub struct PeerTls {
     client: Arc<rustls::ClientConfig>,
@@ -142,7 +152,11 @@ impl std::fmt::Debug for PeerTls {
 
 impl PeerTls {
     /// Configurations for a node with this certificate and key.
-    pub fn new(ca_der: &[u8], cert_der: &[u8], key: PrivateKeyDer<'static>) -> Result<Self, TlsError> {
+    pub fn new(
+        ca_der: &[u8],
+        cert_der: &[u8],
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, TlsError> {
         let provider = provider();
         let chain = vec![CertificateDer::from(cert_der.to_vec())];
         let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -150,18 +164,27 @@ impl PeerTls {
             .with_root_certificates(roots(ca_der)?)
             .with_client_auth_cert(chain.clone(), key.clone_key())?;
         client.alpn_protocols = vec![PEER_ALPN.to_vec()];
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_der)?, provider.clone()).build()?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(roots(ca_der)?, provider.clone())
+                .build()?;
         let mut server = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)?;
         server.alpn_protocols = vec![PEER_ALPN.to_vec()];
-        let server = quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(|e| TlsError::Quic(e.to_string()))?;
-        Ok(Self { client: Arc::new(client), server: Arc::new(server) })
+        let server = quinn::crypto::rustls::QuicServerConfig::try_from(server)
+            .map_err(|e| TlsError::Quic(e.to_string()))?;
+        Ok(Self {
+            client: Arc::new(client),
+            server: Arc::new(server),
+        })
     }
 
     /// The client side, for connecting to a peer.
-    pub fn client_config(&self, transport: Arc<quinn::TransportConfig>) -> Result<quinn::ClientConfig, TlsError> {
+    pub fn client_config(
+        &self,
+        transport: Arc<quinn::TransportConfig>,
+    ) -> Result<quinn::ClientConfig, TlsError> {
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(self.client.clone())
             .map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
@@ -184,15 +207,17 @@ pub fn controller_server_config(
     server_key: PrivateKeyDer<'static>,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let provider = provider();
-    let client_verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_der)?, provider.clone())
-        .allow_unauthenticated()
-        .build()?;
+    let client_verifier =
+        WebPkiClientVerifier::builder_with_provider(roots(ca_der)?, provider.clone())
+            .allow_unauthenticated()
+            .build()?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(client_verifier)
         .with_single_cert(server_chain, server_key)?;
     tls.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(Arc::new(control_transport(None)));
     Ok(config)
@@ -214,9 +239,15 @@ pub fn node_client_config(
 }
 
 /// A new agent's configuration: trusts the controller whose chain holds the CA pinned by the token.
-pub fn enrol_client_config(ca_sha256: [u8; 32], keep_alive: Duration) -> Result<quinn::ClientConfig, TlsError> {
+pub fn enrol_client_config(
+    ca_sha256: [u8; 32],
+    keep_alive: Duration,
+) -> Result<quinn::ClientConfig, TlsError> {
     let provider = provider();
-    let verifier = PinnedCaVerifier { ca_sha256, provider: provider.clone() };
+    let verifier = PinnedCaVerifier {
+        ca_sha256,
+        provider: provider.clone(),
+    };
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -226,8 +257,12 @@ pub fn enrol_client_config(ca_sha256: [u8; 32], keep_alive: Duration) -> Result<
     client_config(tls, keep_alive)
 }
 
-fn client_config(tls: rustls::ClientConfig, keep_alive: Duration) -> Result<quinn::ClientConfig, TlsError> {
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+fn client_config(
+    tls: rustls::ClientConfig,
+    keep_alive: Duration,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(Arc::new(control_transport(Some(keep_alive))));
     Ok(config)
@@ -238,8 +273,8 @@ pub fn controller_server_name() -> &'static str {
     CONTROLLER_SERVER_NAME
 }
 
-/// Verifies a server chain against the CA that the chain itself carries, once that CA's hash matches
-/// the pin from the join token.
+/// Verifies a server chain against the CA that the chain itself carries, once that CA's hash
+/// matches the pin from the join token.
 #[derive(Debug)]
 struct PinnedCaVerifier {
     ca_sha256: [u8; 32],
@@ -275,7 +310,12 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -284,15 +324,25 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
 /// The certificate chain the peer presented on a connection, if any.
 pub fn peer_chain(conn: &quinn::Connection) -> Option<Vec<CertificateDer<'static>>> {
-    conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok().map(|b| *b)
+    conn.peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()
+        .map(|b| *b)
 }

@@ -1,4 +1,5 @@
-//! The overlay datagram: one Ethernet frame of one network, or one fragment of one, per QUIC datagram.
+//! The overlay datagram: one Ethernet frame of one network, or one fragment of one, per QUIC
+//! datagram.
 //!
 //! Layout, all integers big-endian:
 //!
@@ -12,17 +13,19 @@
 //!               bytes 9..   the chunk (non-empty)
 //! ```
 //!
-//! Fragmentation exists because a QUIC datagram must fit one UDP packet of the path's MTU, while the
-//! overlay's TAP MTU is set per network by the operator (usually 1500) and cannot follow each path's
-//! MTU. Splitting here keeps the TAP MTU independent of the paths at the cost of reassembly state,
-//! which [`Reassembler`] bounds in entries, bytes and time because its input comes from peers.
+//! Fragmentation exists because a QUIC datagram must fit one UDP packet of the path's MTU, while
+//! the overlay's TAP MTU is set per network by the operator (usually 1500) and cannot follow each
+//! path's MTU. Splitting here keeps the TAP MTU independent of the paths at the cost of reassembly
+//! state, which [`Reassembler`] bounds in entries, bytes and time because its input comes from
+//! peers.
 //!
 //! Everything here is sans-IO: bytes in, bytes out, `now` passed in.
 //!
 //! A datagram carries no length of the whole frame, so a fragment cut short still decodes. That is
 //! deliberate: QUIC datagrams are authenticated and delivered whole or not at all, so only the peer
-//! itself can send a short fragment, and a peer can send any frame it likes anyway. What matters
-//! is that no input makes us panic, allocate without bound, or deliver a frame outside the size limits.
+//! itself can send a short fragment, and a peer can send any frame it likes anyway. What matters is
+//! that no input makes us panic, allocate without bound, or deliver a frame outside the size
+//! limits.
 
 use std::borrow::Cow;
 use std::time::{Duration, Instant};
@@ -41,7 +44,8 @@ pub const ETHERNET_HEADER_LEN: usize = 14;
 /// The largest Ethernet frame carried: a 1500-byte overlay MTU plus the 14-byte header and a 4-byte
 /// VLAN tag, with headroom. Jumbo frames are not supported on the overlay.
 pub const MAX_ETHERNET_FRAME: usize = 1600;
-/// The most fragments one frame may be split into; beyond that the path MTU is too small to be useful.
+/// The most fragments one frame may be split into; beyond that the path MTU is too small to be
+/// useful.
 pub const MAX_FRAGMENTS: u8 = 8;
 
 const KIND_FRAME: u8 = 0;
@@ -174,7 +178,8 @@ pub fn encode(
     if capacity == 0 {
         return Err(WireError::DatagramTooSmall { max_datagram });
     }
-    // At least 2, since the frame did not fit whole and a fragment carries less than a whole datagram.
+    // At least 2, since the frame did not fit whole and a fragment carries less than a whole
+    // datagram.
     let count = frame.len().div_ceil(capacity);
     let count_u8 = match u8::try_from(count) {
         Ok(c) if c <= MAX_FRAGMENTS => c,
@@ -207,7 +212,8 @@ pub fn encode(
 /// Decodes one received datagram. Checks everything that can be checked without other datagrams:
 /// header, version, kind, whole-frame size limits and fragment header consistency.
 pub fn decode(datagram: &[u8]) -> Result<Datagram<'_>, WireError> {
-    let Some((&[first, n0, n1, n2, n3], rest)) = datagram.split_first_chunk::<FRAME_HEADER_LEN>() else {
+    let Some((&[first, n0, n1, n2, n3], rest)) = datagram.split_first_chunk::<FRAME_HEADER_LEN>()
+    else {
         return Err(WireError::Truncated);
     };
     let version = first >> 4;
@@ -218,14 +224,23 @@ pub fn decode(datagram: &[u8]) -> Result<Datagram<'_>, WireError> {
     match first & 0x0f {
         KIND_FRAME => {
             check_frame_len(rest.len())?;
-            Ok(Datagram::Frame { network, frame: rest })
+            Ok(Datagram::Frame {
+                network,
+                frame: rest,
+            })
         }
         KIND_FRAGMENT => {
             let Some((&[i0, i1, index, count], chunk)) = rest.split_first_chunk::<4>() else {
                 return Err(WireError::Truncated);
             };
             check_fragment(index, count, chunk)?;
-            Ok(Datagram::Fragment { network, id: u16::from_be_bytes([i0, i1]), index, count, chunk })
+            Ok(Datagram::Fragment {
+                network,
+                id: u16::from_be_bytes([i0, i1]),
+                index,
+                count,
+                chunk,
+            })
         }
         kind => Err(WireError::UnknownKind(kind)),
     }
@@ -254,7 +269,10 @@ pub struct ReassemblyConfig {
 
 impl Default for ReassemblyConfig {
     fn default() -> Self {
-        ReassemblyConfig { max_in_progress: 16, timeout: Duration::from_secs(1) }
+        ReassemblyConfig {
+            max_in_progress: 16,
+            timeout: Duration::from_secs(1),
+        }
     }
 }
 
@@ -287,15 +305,25 @@ struct InProgress {
 
 impl InProgress {
     fn new(network: NetworkId, id: u16, count: u8, started: Instant) -> Self {
-        InProgress { network, id, count, started, chunks: Default::default(), received: 0, bytes: 0 }
+        InProgress {
+            network,
+            id,
+            count,
+            started,
+            chunks: Default::default(),
+            received: 0,
+            bytes: 0,
+        }
     }
 }
 
-/// Puts fragmented frames back together; one per peer connection, since fragment ids are per sender.
+/// Puts fragmented frames back together; one per peer connection, since fragment ids are per
+/// sender.
 ///
 /// Bounded because its input is untrusted: at most `max_in_progress` frames at once (the oldest is
-/// evicted), each refused once it exceeds [`MAX_ETHERNET_FRAME`] bytes (so buffered bytes never exceed
-/// `max_in_progress` × [`MAX_ETHERNET_FRAME`]), and each dropped `timeout` after its first fragment.
+/// evicted), each refused once it exceeds [`MAX_ETHERNET_FRAME`] bytes (so buffered bytes never
+/// exceed `max_in_progress` × [`MAX_ETHERNET_FRAME`]), and each dropped `timeout` after its first
+/// fragment.
 #[derive(Debug)]
 pub struct Reassembler {
     config: ReassemblyConfig,
@@ -312,18 +340,41 @@ impl Default for Reassembler {
 impl Reassembler {
     /// A reassembler with these limits (a `max_in_progress` of 0 is treated as 1).
     pub fn new(config: ReassemblyConfig) -> Self {
-        let config = ReassemblyConfig { max_in_progress: config.max_in_progress.max(1), ..config };
-        Reassembler { in_progress: Vec::with_capacity(config.max_in_progress), config, counters: Default::default() }
+        let config = ReassemblyConfig {
+            max_in_progress: config.max_in_progress.max(1),
+            ..config
+        };
+        Reassembler {
+            in_progress: Vec::with_capacity(config.max_in_progress),
+            config,
+            counters: Default::default(),
+        }
     }
 
     /// Decodes a datagram and returns the frame it completes, if any: a whole frame is returned
     /// borrowed, without copying; a fragment is passed to [`Reassembler::push`].
-    pub fn receive<'a>(&mut self, now: Instant, datagram: &'a [u8]) -> Result<Option<ReceivedFrame<'a>>, WireError> {
+    pub fn receive<'a>(
+        &mut self,
+        now: Instant,
+        datagram: &'a [u8],
+    ) -> Result<Option<ReceivedFrame<'a>>, WireError> {
         match decode(datagram)? {
-            Datagram::Frame { network, frame } => Ok(Some(ReceivedFrame { network, frame: Cow::Borrowed(frame) })),
-            Datagram::Fragment { network, id, index, count, chunk } => Ok(self
+            Datagram::Frame { network, frame } => Ok(Some(ReceivedFrame {
+                network,
+                frame: Cow::Borrowed(frame),
+            })),
+            Datagram::Fragment {
+                network,
+                id,
+                index,
+                count,
+                chunk,
+            } => Ok(self
                 .push(now, network, id, index, count, chunk)?
-                .map(|frame| ReceivedFrame { network, frame: Cow::Owned(frame) })),
+                .map(|frame| ReceivedFrame {
+                    network,
+                    frame: Cow::Owned(frame),
+                })),
         }
     }
 
@@ -343,15 +394,23 @@ impl Reassembler {
     ) -> Result<Option<Vec<u8>>, WireError> {
         check_fragment(index, count, chunk)?;
         self.expire(now);
-        let position = match self.in_progress.iter().position(|e| e.network == network && e.id == id) {
+        let position = match self
+            .in_progress
+            .iter()
+            .position(|e| e.network == network && e.id == id)
+        {
             Some(p) => {
                 let entry = &mut self.in_progress[p];
-                let held = entry.chunks.get(usize::from(index)).and_then(Option::as_deref);
+                let held = entry
+                    .chunks
+                    .get(usize::from(index))
+                    .and_then(Option::as_deref);
                 if entry.count != count || held.is_some_and(|h| h != chunk) {
                     // Restarted entries move to the back so that the front stays the oldest.
                     self.counters.resets += 1;
                     self.in_progress.remove(p);
-                    self.in_progress.push(InProgress::new(network, id, count, now));
+                    self.in_progress
+                        .push(InProgress::new(network, id, count, now));
                     self.in_progress.len() - 1
                 } else if held.is_some() {
                     self.counters.duplicates += 1;
@@ -366,7 +425,8 @@ impl Reassembler {
                     self.in_progress.remove(0);
                     self.counters.evicted += 1;
                 }
-                self.in_progress.push(InProgress::new(network, id, count, now));
+                self.in_progress
+                    .push(InProgress::new(network, id, count, now));
                 self.in_progress.len() - 1
             }
         };
@@ -400,13 +460,17 @@ impl Reassembler {
     pub fn expire(&mut self, now: Instant) {
         let timeout = self.config.timeout;
         let before = self.in_progress.len();
-        self.in_progress.retain(|e| now.saturating_duration_since(e.started) < timeout);
+        self.in_progress
+            .retain(|e| now.saturating_duration_since(e.started) < timeout);
         self.counters.expired += (before - self.in_progress.len()) as u64;
     }
 
     /// When the oldest incomplete frame expires, for the caller's timer.
     pub fn next_timeout(&self) -> Option<Instant> {
-        self.in_progress.iter().map(|e| e.started + self.config.timeout).min()
+        self.in_progress
+            .iter()
+            .map(|e| e.started + self.config.timeout)
+            .min()
     }
 
     /// Frames currently incomplete.
@@ -436,8 +500,19 @@ mod tests {
     }
 
     /// Feeds datagrams through decode and one reassembler; returns every completed frame.
-    fn deliver(r: &mut Reassembler, now: Instant, datagrams: &[Bytes]) -> Vec<(NetworkId, Vec<u8>)> {
-        datagrams.iter().filter_map(|d| r.receive(now, d).unwrap().map(|f| (f.network, f.frame.into_owned()))).collect()
+    fn deliver(
+        r: &mut Reassembler,
+        now: Instant,
+        datagrams: &[Bytes],
+    ) -> Vec<(NetworkId, Vec<u8>)> {
+        datagrams
+            .iter()
+            .filter_map(|d| {
+                r.receive(now, d)
+                    .unwrap()
+                    .map(|f| (f.network, f.frame.into_owned()))
+            })
+            .collect()
     }
 
     #[test]
@@ -448,7 +523,13 @@ mod tests {
             let out = encode(NET, &f, 5 + len, &mut id).unwrap();
             assert_eq!(out.len(), 1);
             assert_eq!(out[0].len(), 5 + len);
-            assert_eq!(decode(&out[0]).unwrap(), Datagram::Frame { network: NET, frame: &f });
+            assert_eq!(
+                decode(&out[0]).unwrap(),
+                Datagram::Frame {
+                    network: NET,
+                    frame: &f
+                }
+            );
         }
         assert_eq!(id, 0, "whole frames take no fragment id");
     }
@@ -457,14 +538,36 @@ mod tests {
     fn fragmented_frames_round_trip_at_realistic_and_tiny_sizes() {
         let mut id = u16::MAX; // also exercises wrapping
         let now = Instant::now();
-        for max_datagram in [10, 64, 200, 512, 1000, 1180, 1200, 1232, 1252, 1350, 1400, 1452, 1500] {
-            for len in [14, 15, 100, 700, 1199, 1200, 1201, 1396, 1500, 1514, 1518, MAX_ETHERNET_FRAME] {
+        for max_datagram in [
+            10, 64, 200, 512, 1000, 1180, 1200, 1232, 1252, 1350, 1400, 1452, 1500,
+        ] {
+            for len in [
+                14,
+                15,
+                100,
+                700,
+                1199,
+                1200,
+                1201,
+                1396,
+                1500,
+                1514,
+                1518,
+                MAX_ETHERNET_FRAME,
+            ] {
                 let f = frame(len);
-                let needed = if 5 + len <= max_datagram { 1 } else { len.div_ceil(max_datagram - 9) };
+                let needed = if 5 + len <= max_datagram {
+                    1
+                } else {
+                    len.div_ceil(max_datagram - 9)
+                };
                 let out = match encode(NET, &f, max_datagram, &mut id) {
                     Ok(out) => out,
                     Err(WireError::TooManyFragments { needed: n }) => {
-                        assert!(n > usize::from(MAX_FRAGMENTS) && n == needed, "{max_datagram} {len}");
+                        assert!(
+                            n > usize::from(MAX_FRAGMENTS) && n == needed,
+                            "{max_datagram} {len}"
+                        );
                         continue;
                     }
                     Err(e) => panic!("{max_datagram} {len}: {e}"),
@@ -472,7 +575,10 @@ mod tests {
                 assert_eq!(out.len(), needed, "fewest fragments: {max_datagram} {len}");
                 assert!(out.iter().all(|d| d.len() <= max_datagram));
                 let sizes: Vec<usize> = out.iter().map(|d| d.len()).collect();
-                assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "equal-ish: {sizes:?}");
+                assert!(
+                    sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1,
+                    "equal-ish: {sizes:?}"
+                );
                 let mut r = Reassembler::default();
                 assert_eq!(deliver(&mut r, now, &out), vec![(NET, f)]);
                 assert_eq!(r.in_progress(), 0);
@@ -487,8 +593,17 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert_eq!(id, 8);
         match decode(&out[1]).unwrap() {
-            Datagram::Fragment { network, id, index, count, chunk } => {
-                assert_eq!((network, id, index, count, chunk.len()), (NET, 7, 1, 2, 757));
+            Datagram::Fragment {
+                network,
+                id,
+                index,
+                count,
+                chunk,
+            } => {
+                assert_eq!(
+                    (network, id, index, count, chunk.len()),
+                    (NET, 7, 1, 2, 757)
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -509,14 +624,24 @@ mod tests {
 
     #[test]
     fn interleaved_frames_and_networks_stay_apart() {
-        let (a, b) = (frame(1000), frame(900).into_iter().rev().collect::<Vec<_>>());
+        let (a, b) = (
+            frame(1000),
+            frame(900).into_iter().rev().collect::<Vec<_>>(),
+        );
         let mut id = 5;
         let fa = encode(NET, &a, 400, &mut id).unwrap();
         id = 5; // the same id on another network must not mix
         let fb = encode(NetworkId(9), &b, 400, &mut id).unwrap();
-        let mixed: Vec<Bytes> = fa.iter().zip(&fb).flat_map(|(x, y)| [x.clone(), y.clone()]).collect();
+        let mixed: Vec<Bytes> = fa
+            .iter()
+            .zip(&fb)
+            .flat_map(|(x, y)| [x.clone(), y.clone()])
+            .collect();
         let mut r = Reassembler::default();
-        assert_eq!(deliver(&mut r, Instant::now(), &mixed), vec![(NET, a), (NetworkId(9), b)]);
+        assert_eq!(
+            deliver(&mut r, Instant::now(), &mixed),
+            vec![(NET, a), (NetworkId(9), b)]
+        );
     }
 
     #[test]
@@ -525,10 +650,17 @@ mod tests {
         let out = encode(NET, &f, 600, &mut 0).unwrap();
         let mut r = Reassembler::default();
         let now = Instant::now();
-        let dup = [out[0].clone(), out[0].clone(), out[1].clone(), out[0].clone(), out[2].clone()];
+        let dup = [
+            out[0].clone(),
+            out[0].clone(),
+            out[1].clone(),
+            out[0].clone(),
+            out[2].clone(),
+        ];
         assert_eq!(deliver(&mut r, now, &dup), vec![(NET, f)]);
         assert_eq!(r.counters().duplicates, 2);
-        // A duplicate after completion starts a new entry that later expires; it never yields a frame.
+        // A duplicate after completion starts a new entry that later expires; it never yields a
+        // frame.
         assert_eq!(deliver(&mut r, now, &out[..1]), vec![]);
         r.expire(now + Duration::from_secs(2));
         assert_eq!((r.in_progress(), r.counters().expired), (0, 1));
@@ -560,28 +692,45 @@ mod tests {
         r.expire(t0 + Duration::from_millis(999));
         assert_eq!(r.in_progress(), 1);
         // The second piece arrives too late: the first has expired, so nothing completes.
-        assert!(r.receive(t0 + Duration::from_secs(1), &out[1]).unwrap().is_none());
+        assert!(r
+            .receive(t0 + Duration::from_secs(1), &out[1])
+            .unwrap()
+            .is_none());
         assert_eq!(r.counters().expired, 1);
         assert_eq!(r.in_progress(), 1);
         r.expire(t0 + Duration::from_secs(5));
-        assert_eq!((r.in_progress(), r.counters().expired, r.buffered_bytes()), (0, 2, 0));
+        assert_eq!(
+            (r.in_progress(), r.counters().expired, r.buffered_bytes()),
+            (0, 2, 0)
+        );
     }
 
     #[test]
     fn in_progress_frames_are_bounded_and_the_oldest_is_evicted() {
         let t0 = Instant::now();
-        let mut r = Reassembler::new(ReassemblyConfig { max_in_progress: 4, ..Default::default() });
+        let mut r = Reassembler::new(ReassemblyConfig {
+            max_in_progress: 4,
+            ..Default::default()
+        });
         let mut id = 0;
-        let frames: Vec<Vec<Bytes>> = (0..10).map(|_| encode(NET, &frame(1600), 1000, &mut id).unwrap()).collect();
+        let frames: Vec<Vec<Bytes>> = (0..10)
+            .map(|_| encode(NET, &frame(1600), 1000, &mut id).unwrap())
+            .collect();
         for (i, f) in frames.iter().enumerate() {
-            assert!(r.receive(t0 + Duration::from_millis(i as u64), &f[0]).unwrap().is_none());
+            assert!(r
+                .receive(t0 + Duration::from_millis(i as u64), &f[0])
+                .unwrap()
+                .is_none());
             assert!(r.in_progress() <= 4);
             assert!(r.buffered_bytes() <= 4 * MAX_ETHERNET_FRAME);
         }
         assert_eq!(r.counters().evicted, 6);
         // The newest four survive; the evicted ones no longer complete.
         assert!(r.receive(t0, &frames[0][1]).unwrap().is_none());
-        assert_eq!(r.receive(t0, &frames[9][1]).unwrap().map(|f| f.frame.len()), Some(1600));
+        assert_eq!(
+            r.receive(t0, &frames[9][1]).unwrap().map(|f| f.frame.len()),
+            Some(1600)
+        );
     }
 
     #[test]
@@ -590,11 +739,17 @@ mod tests {
         let mut r = Reassembler::default();
         let big = vec![0u8; 1000];
         assert_eq!(r.push(now, NET, 1, 0, 3, &big).unwrap(), None);
-        assert_eq!(r.push(now, NET, 1, 1, 3, &big), Err(WireError::FrameTooLong { len: 2000 }));
+        assert_eq!(
+            r.push(now, NET, 1, 1, 3, &big),
+            Err(WireError::FrameTooLong { len: 2000 })
+        );
         assert_eq!(r.in_progress(), 0);
         // Pieces that add up to less than an Ethernet header.
         assert_eq!(r.push(now, NET, 2, 0, 2, &[1; 5]).unwrap(), None);
-        assert_eq!(r.push(now, NET, 2, 1, 2, &[1; 5]), Err(WireError::FrameTooShort { len: 10 }));
+        assert_eq!(
+            r.push(now, NET, 2, 1, 2, &[1; 5]),
+            Err(WireError::FrameTooShort { len: 10 })
+        );
     }
 
     #[test]
@@ -607,7 +762,9 @@ mod tests {
                 0..=4 => assert_eq!(got, Err(WireError::Truncated)),
                 5..=18 => assert_eq!(got, Err(WireError::FrameTooShort { len: cut - 5 })),
                 // Any 14 bytes are a valid Ethernet header: a shorter frame is still a frame.
-                _ => assert!(matches!(got, Ok(Datagram::Frame { frame, .. }) if frame.len() == cut - 5)),
+                _ => assert!(
+                    matches!(got, Ok(Datagram::Frame { frame, .. }) if frame.len() == cut - 5)
+                ),
             }
         }
         let fragment = encode(NET, &frame(1500), 1200, &mut id).unwrap().remove(0);
@@ -616,15 +773,21 @@ mod tests {
             match cut {
                 0..=8 => assert_eq!(got, Err(WireError::Truncated), "cut at {cut}"),
                 9 => assert_eq!(got, Err(WireError::BadFragment)),
-                // Without a total length on the wire, a shorter chunk is still a well-formed fragment.
-                _ => assert!(matches!(got, Ok(Datagram::Fragment { chunk, .. }) if chunk.len() == cut - 9)),
+                // Without a total length on the wire, a shorter chunk is still a well-formed
+                // fragment.
+                _ => assert!(
+                    matches!(got, Ok(Datagram::Fragment { chunk, .. }) if chunk.len() == cut - 9)
+                ),
             }
         }
     }
 
     #[test]
     fn wrong_version_kind_and_fragment_headers_are_refused() {
-        let good = encode(NET, &frame(60), 1200, &mut 0).unwrap().remove(0).to_vec();
+        let good = encode(NET, &frame(60), 1200, &mut 0)
+            .unwrap()
+            .remove(0)
+            .to_vec();
         let mut bad = good.clone();
         bad[0] = 0x20;
         assert_eq!(decode(&bad), Err(WireError::UnknownVersion(2)));
@@ -635,7 +798,12 @@ mod tests {
         assert_eq!(decode(&bad).unwrap_err().reason(), "unknown_kind");
         let mut long = good[..5].to_vec();
         long.extend(frame(MAX_ETHERNET_FRAME + 1));
-        assert_eq!(decode(&long), Err(WireError::FrameTooLong { len: MAX_ETHERNET_FRAME + 1 }));
+        assert_eq!(
+            decode(&long),
+            Err(WireError::FrameTooLong {
+                len: MAX_ETHERNET_FRAME + 1
+            })
+        );
 
         let fragment = |index: u8, count: u8| {
             let mut d = vec![0x11, 0, 0, 0, 1, 0, 9, index, count];
@@ -644,21 +812,48 @@ mod tests {
         };
         assert!(decode(&fragment(1, 2)).is_ok());
         for (index, count) in [(2, 2), (0, 1), (0, 0), (0, MAX_FRAGMENTS + 1), (255, 255)] {
-            assert_eq!(decode(&fragment(index, count)), Err(WireError::BadFragment), "{index}/{count}");
+            assert_eq!(
+                decode(&fragment(index, count)),
+                Err(WireError::BadFragment),
+                "{index}/{count}"
+            );
         }
         let mut r = Reassembler::default();
-        assert_eq!(r.push(Instant::now(), NET, 0, 0, 2, &[]), Err(WireError::BadFragment));
-        assert_eq!(r.push(Instant::now(), NET, 0, 3, 3, &[1]).unwrap_err().reason(), "bad_fragment");
+        assert_eq!(
+            r.push(Instant::now(), NET, 0, 0, 2, &[]),
+            Err(WireError::BadFragment)
+        );
+        assert_eq!(
+            r.push(Instant::now(), NET, 0, 3, 3, &[1])
+                .unwrap_err()
+                .reason(),
+            "bad_fragment"
+        );
     }
 
     #[test]
     fn encode_refuses_what_it_cannot_carry() {
         let mut id = 0;
-        assert_eq!(encode(NET, &frame(13), 1200, &mut id), Err(WireError::FrameTooShort { len: 13 }));
-        assert_eq!(encode(NET, &frame(1601), 1200, &mut id), Err(WireError::FrameTooLong { len: 1601 }));
-        assert_eq!(encode(NET, &frame(100), 9, &mut id), Err(WireError::DatagramTooSmall { max_datagram: 9 }));
-        assert_eq!(encode(NET, &frame(100), 0, &mut id), Err(WireError::DatagramTooSmall { max_datagram: 0 }));
-        assert_eq!(encode(NET, &frame(1500), 100, &mut id), Err(WireError::TooManyFragments { needed: 17 }));
+        assert_eq!(
+            encode(NET, &frame(13), 1200, &mut id),
+            Err(WireError::FrameTooShort { len: 13 })
+        );
+        assert_eq!(
+            encode(NET, &frame(1601), 1200, &mut id),
+            Err(WireError::FrameTooLong { len: 1601 })
+        );
+        assert_eq!(
+            encode(NET, &frame(100), 9, &mut id),
+            Err(WireError::DatagramTooSmall { max_datagram: 9 })
+        );
+        assert_eq!(
+            encode(NET, &frame(100), 0, &mut id),
+            Err(WireError::DatagramTooSmall { max_datagram: 0 })
+        );
+        assert_eq!(
+            encode(NET, &frame(1500), 100, &mut id),
+            Err(WireError::TooManyFragments { needed: 17 })
+        );
         assert_eq!(id, 0, "refused frames take no id");
     }
 }

@@ -4,8 +4,8 @@
 //! controller (which keeps their history and judges a verdict). Protocol 3 carries them in
 //! `AgentMsg::Drives` as a [`DriveReport`].
 //!
-//! Counters are raw values as the drive reports them; `None` means the drive did not report the value,
-//! which is different from a reported zero.
+//! Counters are raw values as the drive reports them; `None` means the drive did not report the
+//! value, which is different from a reported zero.
 
 use serde::{Deserialize, Serialize};
 
@@ -59,7 +59,8 @@ impl SmartExitStatus {
     pub fn prefail_below_threshold(self) -> bool {
         self.0 & 0x10 != 0
     }
-    /// Bit 5: the status is OK, but usage or prefail attributes were at or below threshold in the past.
+    /// Bit 5: the status is OK, but usage or prefail attributes were at or below threshold in the
+    /// past.
     pub fn past_below_threshold(self) -> bool {
         self.0 & 0x20 != 0
     }
@@ -151,17 +152,18 @@ pub struct SmartReport {
     pub exit_status: SmartExitStatus,
     /// Failure predictors.
     pub predictors: SmartPredictors,
-    /// The self-test running now, or the newest one in the drive's log; `None` when the log is empty
-    /// or the drive has none.
+    /// The self-test running now, or the newest one in the drive's log; `None` when the log is
+    /// empty or the drive has none.
     pub self_test: Option<SelfTestStatus>,
 }
 
-/// The NVMe available-spare threshold (percent) used when a drive reports none: what most drives report.
+/// The NVMe available-spare threshold (percent) used when a drive reports none: what most drives
+/// report.
 pub const DEFAULT_SPARE_THRESHOLD_PERCENT: u8 = 10;
 
 impl SmartReport {
-    /// The drive's own verdict is FAILED: its overall-health self-assessment failed, or smartctl set
-    /// its "disk failing" exit bit.
+    /// The drive's own verdict is FAILED: its overall-health self-assessment failed, or smartctl
+    /// set its "disk failing" exit bit.
     pub fn health_failed(&self) -> bool {
         self.health_passed == Some(false) || self.exit_status.disk_failing()
     }
@@ -174,12 +176,15 @@ impl SmartReport {
         }
     }
 
-    /// NVMe available spare below its threshold, as `(spare, threshold)`. The threshold is the drive's
-    /// own, or `fallback_threshold` when the drive reports 0 (none). A drive reporting both spare and
-    /// threshold as 0 has not filled the fields in (qemu's emulated NVMe does this): nothing is
-    /// judged, and the drive's critical-warning bit 0 still speaks for a real spare shortage.
+    /// NVMe available spare below its threshold, as `(spare, threshold)`. The threshold is the
+    /// drive's own, or `fallback_threshold` when the drive reports 0 (none). A drive reporting both
+    /// spare and threshold as 0 has not filled the fields in (qemu's emulated NVMe does this):
+    /// nothing is judged, and the drive's critical-warning bit 0 still speaks for a real spare
+    /// shortage.
     pub fn spare_below_threshold(&self, fallback_threshold: u8) -> Option<(u8, u8)> {
-        let SmartPredictors::Nvme(n) = &self.predictors else { return None };
+        let SmartPredictors::Nvme(n) = &self.predictors else {
+            return None;
+        };
         let spare = n.available_spare?;
         let reported = n.available_spare_threshold.filter(|t| *t > 0);
         if spare == 0 && reported.is_none() {
@@ -203,8 +208,8 @@ pub enum SmartOutcome {
         /// Why, in smartctl's words where it gave some.
         reason: String,
     },
-    /// SMART could not be read this time: smartctl missing, timed out, could not open the device, or
-    /// printed something unparsable.
+    /// SMART could not be read this time: smartctl missing, timed out, could not open the device,
+    /// or printed something unparsable.
     Failed {
         /// What went wrong, for the operator.
         reason: String,
@@ -310,7 +315,11 @@ pub struct PreparedDrive {
 impl std::fmt::Display for PreparedDrive {
     /// `sdb1 ext4 (UUID …, label shoal-…) on /var/lib/shoal/drives/…`
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {} (UUID {}, label {}) on {}", self.partition, self.filesystem, self.fs_uuid, self.label, self.mount_point)
+        write!(
+            f,
+            "{} {} (UUID {}, label {}) on {}",
+            self.partition, self.filesystem, self.fs_uuid, self.label, self.mount_point
+        )
     }
 }
 
@@ -322,7 +331,8 @@ pub enum DriveState {
     Blank,
     /// Blank, and the node's policy is `approve`: waiting for `shoalctl drives prepare`.
     AwaitingApproval,
-    /// Something is on it. shoal never writes it unless told to with `--force` and its serial number.
+    /// Something is on it. shoal never writes it unless told to with `--force` and its serial
+    /// number.
     HasData {
         /// What was found ("gpt", "ext4", "LVM2 physical volume"...).
         signatures: Vec<String>,
@@ -338,7 +348,8 @@ pub enum DriveState {
         /// What failed, for the operator.
         reason: String,
     },
-    /// The agent could not read the drive's first and last blocks, so it cannot tell whether it is blank.
+    /// The agent could not read the drive's first and last blocks, so it cannot tell whether it is
+    /// blank.
     Unreadable {
         /// Why.
         reason: String,
@@ -393,7 +404,9 @@ pub struct DriveReport {
 }
 
 /// What a node does with a drive that appears.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum DrivePolicyMode {
     /// Report it, nothing else. The default.
@@ -429,12 +442,15 @@ impl std::str::FromStr for DrivePolicyMode {
             "report" => Ok(DrivePolicyMode::Report),
             "approve" => Ok(DrivePolicyMode::Approve),
             "prepare" => Ok(DrivePolicyMode::Prepare),
-            other => Err(format!("unknown drive policy {other:?}: report, approve or prepare")),
+            other => Err(format!(
+                "unknown drive policy {other:?}: report, approve or prepare"
+            )),
         }
     }
 }
 
-/// (v3) A node's drive policy, sent after Welcome and whenever it changes; the agent keeps the last one.
+/// (v3) A node's drive policy, sent after Welcome and whenever it changes; the agent keeps the last
+/// one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct DrivePolicy {
     /// What to do with a new drive.
@@ -447,7 +463,8 @@ pub struct DrivePolicy {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DriveAction {
-    /// Prepare it. A drive that is not blank is refused unless `force_serial` equals its serial number.
+    /// Prepare it. A drive that is not blank is refused unless `force_serial` equals its serial
+    /// number.
     Prepare {
         /// The operator's `--force --serial`.
         force_serial: Option<String>,
@@ -514,10 +531,22 @@ mod tests {
             }),
             self_test: None,
         };
-        assert_eq!(nvme(4, 5).spare_below_threshold(10), Some((4, 5)), "the drive's own threshold");
+        assert_eq!(
+            nvme(4, 5).spare_below_threshold(10),
+            Some((4, 5)),
+            "the drive's own threshold"
+        );
         assert_eq!(nvme(6, 5).spare_below_threshold(10), None);
-        assert_eq!(nvme(7, 0).spare_below_threshold(10), Some((7, 10)), "no threshold reported: the fallback");
-        assert_eq!(nvme(0, 0).spare_below_threshold(10), None, "qemu leaves both at 0");
+        assert_eq!(
+            nvme(7, 0).spare_below_threshold(10),
+            Some((7, 10)),
+            "no threshold reported: the fallback"
+        );
+        assert_eq!(
+            nvme(0, 0).spare_below_threshold(10),
+            None,
+            "qemu leaves both at 0"
+        );
         assert!(!nvme(0, 0).health_failed() && nvme(0, 0).critical_warning().is_none());
     }
 
@@ -534,8 +563,14 @@ mod tests {
             power_on_hours: Some(10),
             health_passed: Some(true),
             exit_status: SmartExitStatus(0),
-            predictors: SmartPredictors::Nvme(NvmePredictors { critical_warning: Some(0), ..Default::default() }),
-            self_test: Some(SelfTestStatus::Running { kind: Some(SelfTestKind::Short), remaining_percent: Some(90) }),
+            predictors: SmartPredictors::Nvme(NvmePredictors {
+                critical_warning: Some(0),
+                ..Default::default()
+            }),
+            self_test: Some(SelfTestStatus::Running {
+                kind: Some(SelfTestKind::Short),
+                remaining_percent: Some(90),
+            }),
         };
         let bytes = postcard::to_stdvec(&report).expect("encode");
         let back: SmartReport = postcard::from_bytes(&bytes).expect("decode");
@@ -546,8 +581,11 @@ mod tests {
     fn drives_message_is_appended_after_the_v2_variants() {
         use crate::{AgentMsg, Punch};
         // postcard writes the variant index first: v1/v2 indices must not move.
-        let punch = postcard::to_stdvec(&AgentMsg::Punch(Punch { peer: crate::NodeId("n".into()), endpoints: vec![] }))
-            .expect("encode");
+        let punch = postcard::to_stdvec(&AgentMsg::Punch(Punch {
+            peer: crate::NodeId("n".into()),
+            endpoints: vec![],
+        }))
+        .expect("encode");
         assert_eq!(punch[0], 7);
         let report = DriveReport {
             at: UnixMillis(5),
@@ -558,8 +596,12 @@ mod tests {
                     serial: None,
                     size_bytes: 1 << 30,
                     removable: false,
-                    state: DriveState::HasData { signatures: vec!["gpt".into()] },
-                    smart: Some(SmartOutcome::NoSmart { reason: "virtio".into() }),
+                    state: DriveState::HasData {
+                        signatures: vec!["gpt".into()],
+                    },
+                    smart: Some(SmartOutcome::NoSmart {
+                        reason: "virtio".into(),
+                    }),
                     smart_at: Some(UnixMillis(4)),
                 },
                 Drive {
@@ -569,13 +611,18 @@ mod tests {
                     size_bytes: 1 << 40,
                     removable: false,
                     state: DriveState::Blank,
-                    smart: Some(SmartOutcome::Failed { reason: "timed out".into() }),
+                    smart: Some(SmartOutcome::Failed {
+                        reason: "timed out".into(),
+                    }),
                     smart_at: None,
                 },
             ],
         };
         let bytes = postcard::to_stdvec(&AgentMsg::Drives(report.clone())).expect("encode");
         assert_eq!(bytes[0], 8);
-        assert_eq!(postcard::from_bytes::<AgentMsg>(&bytes).expect("decode"), AgentMsg::Drives(report));
+        assert_eq!(
+            postcard::from_bytes::<AgentMsg>(&bytes).expect("decode"),
+            AgentMsg::Drives(report)
+        );
     }
 }

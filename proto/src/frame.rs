@@ -1,20 +1,22 @@
 //! Length-delimited postcard frames: a 4-byte big-endian length, then the postcard body.
 //!
-//! The length is checked against [`MAX_FRAME_LEN`] before anything is allocated, so a peer cannot make
-//! us reserve memory by announcing a huge frame.
+//! The length is checked against [`MAX_FRAME_LEN`] before anything is allocated, so a peer cannot
+//! make us reserve memory by announcing a huge frame.
 
 use serde::{de::DeserializeOwned, Serialize};
 
 /// Bytes in the length prefix.
 pub const FRAME_HEADER_LEN: usize = 4;
-/// Largest body accepted or sent (1 MiB): an inventory of a large storage server fits many times over.
+/// Largest body accepted or sent (1 MiB): an inventory of a large storage server fits many times
+/// over.
 pub const MAX_FRAME_LEN: usize = 1 << 20;
 
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FrameError {
-    /// More bytes are needed; `needed` is the total length of the frame once known, else the header.
+    /// More bytes are needed; `needed` is the total length of the frame once known, else the
+    /// header.
     #[error("incomplete frame: {have} of {needed} bytes")]
     Incomplete {
         /// Bytes available.
@@ -43,7 +45,10 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let mut out = postcard::to_extend(msg, vec![0u8; FRAME_HEADER_LEN])?;
     let len = out.len() - FRAME_HEADER_LEN;
     if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge { len, max: MAX_FRAME_LEN });
+        return Err(FrameError::TooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        });
     }
     out[..FRAME_HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(out)
@@ -52,11 +57,17 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
 /// Reads the body length from a frame header, checking the limit.
 fn body_len(buf: &[u8]) -> Result<usize, FrameError> {
     let Some(header) = buf.get(..FRAME_HEADER_LEN) else {
-        return Err(FrameError::Incomplete { have: buf.len(), needed: FRAME_HEADER_LEN });
+        return Err(FrameError::Incomplete {
+            have: buf.len(),
+            needed: FRAME_HEADER_LEN,
+        });
     };
     let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
     if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge { len, max: MAX_FRAME_LEN });
+        return Err(FrameError::TooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        });
     }
     Ok(len)
 }
@@ -66,7 +77,10 @@ pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<(T, usize), Frame
     let len = body_len(buf)?;
     let total = FRAME_HEADER_LEN + len;
     let Some(body) = buf.get(FRAME_HEADER_LEN..total) else {
-        return Err(FrameError::Incomplete { have: buf.len(), needed: total });
+        return Err(FrameError::Incomplete {
+            have: buf.len(),
+            needed: total,
+        });
     };
     let (msg, rest) = postcard::take_from_bytes(body)?;
     if !rest.is_empty() {
@@ -75,7 +89,8 @@ pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<(T, usize), Frame
     Ok((msg, total))
 }
 
-/// Accumulates stream bytes and yields whole frames; the shell feeds it whatever the socket returned.
+/// Accumulates stream bytes and yields whole frames; the shell feeds it whatever the socket
+/// returned.
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
@@ -92,8 +107,8 @@ impl FrameDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
-    /// How many more bytes the next frame needs before [`FrameDecoder::next_frame`] can yield it; errors when
-    /// the announced length is over the limit, before anything is buffered for it.
+    /// How many more bytes the next frame needs before [`FrameDecoder::next_frame`] can yield it;
+    /// errors when the announced length is over the limit, before anything is buffered for it.
     pub fn wanted(&self) -> Result<usize, FrameError> {
         match body_len(&self.buf) {
             Ok(len) => Ok((FRAME_HEADER_LEN + len).saturating_sub(self.buf.len())),
@@ -121,7 +136,11 @@ mod tests {
     use crate::{AgentMsg, HealthReport};
 
     fn sample() -> AgentMsg {
-        AgentMsg::Health(HealthReport { uptime_secs: 42, cpu_percent: 3.5, ..Default::default() })
+        AgentMsg::Health(HealthReport {
+            uptime_secs: 42,
+            cpu_percent: 3.5,
+            ..Default::default()
+        })
     }
 
     #[test]
@@ -146,7 +165,10 @@ mod tests {
     #[test]
     fn oversized_length_is_refused_before_the_body_arrives() {
         let header = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes();
-        assert!(matches!(decode_frame::<AgentMsg>(&header), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            decode_frame::<AgentMsg>(&header),
+            Err(FrameError::TooLarge { .. })
+        ));
         let mut dec = FrameDecoder::new();
         dec.extend(&header);
         assert!(matches!(dec.wanted(), Err(FrameError::TooLarge { .. })));
@@ -156,7 +178,10 @@ mod tests {
     fn garbage_body_is_malformed() {
         let mut bytes = vec![0, 0, 0, 3];
         bytes.extend_from_slice(&[0xff, 0xff, 0xff]);
-        assert!(matches!(decode_frame::<AgentMsg>(&bytes), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            decode_frame::<AgentMsg>(&bytes),
+            Err(FrameError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -165,7 +190,10 @@ mod tests {
         bytes.push(0);
         let len = (bytes.len() - FRAME_HEADER_LEN) as u32;
         bytes[..4].copy_from_slice(&len.to_be_bytes());
-        assert!(matches!(decode_frame::<AgentMsg>(&bytes), Err(FrameError::TrailingBytes(1))));
+        assert!(matches!(
+            decode_frame::<AgentMsg>(&bytes),
+            Err(FrameError::TrailingBytes(1))
+        ));
     }
 
     #[test]
@@ -194,7 +222,11 @@ mod tests {
             encode_frame(&sample()).unwrap(),
             encode_frame(&AgentMsg::Inventory(Inventory {
                 hostname: "h".into(),
-                nics: vec![NetInterface { name: "eth0".into(), mac: Some("02:00:00:00:00:01".into()), ..Default::default() }],
+                nics: vec![NetInterface {
+                    name: "eth0".into(),
+                    mac: Some("02:00:00:00:00:01".into()),
+                    ..Default::default()
+                }],
                 ..Default::default()
             }))
             .unwrap(),
@@ -216,17 +248,25 @@ mod tests {
                 }
                 1 => bytes.truncate(rand() as usize % bytes.len()),
                 2 => {
-                    let at = FRAME_HEADER_LEN + rand() as usize % (bytes.len() - FRAME_HEADER_LEN + 1);
+                    let at =
+                        FRAME_HEADER_LEN + rand() as usize % (bytes.len() - FRAME_HEADER_LEN + 1);
                     bytes.insert(at.min(bytes.len()), rand() as u8);
                     let len = (bytes.len() - FRAME_HEADER_LEN) as u32;
                     bytes[..4].copy_from_slice(&len.to_be_bytes());
                 }
-                _ => bytes.iter_mut().skip(FRAME_HEADER_LEN).for_each(|b| *b = rand() as u8),
+                _ => bytes
+                    .iter_mut()
+                    .skip(FRAME_HEADER_LEN)
+                    .for_each(|b| *b = rand() as u8),
             }
             if let Ok((msg, _)) = decode_frame::<AgentMsg>(&bytes) {
                 let again = encode_frame(&msg).unwrap();
                 let back = decode_frame::<AgentMsg>(&again).unwrap().0;
-                assert_eq!(format!("{back:?}"), format!("{msg:?}"), "NaN-safe comparison");
+                assert_eq!(
+                    format!("{back:?}"),
+                    format!("{msg:?}"),
+                    "NaN-safe comparison"
+                );
                 if seeds.len() < 64 {
                     seeds.push(again);
                 }

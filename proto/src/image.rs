@@ -1,12 +1,12 @@
 //! Signed netboot images: the manifest `images/build.sh` writes (`manifest.json`) and signs
-//! (`manifest.sig`, a raw 64-byte Ed25519 signature over the manifest's exact bytes, the same scheme as
-//! agent releases), and the rules its fields follow.
+//! (`manifest.sig`, a raw 64-byte Ed25519 signature over the manifest's exact bytes, the same
+//! scheme as agent releases), and the rules its fields follow.
 //!
 //! Value types only, shared by the controller (which stores and serves images, and checks the files
-//! against the manifest) and the agent (which verifies a [`crate::SignedKexecImage`] with its own image
-//! keys before it kexecs, taking the hashes and the command line from the verified manifest). The
-//! crypto and the JSON parsing are theirs: a verifier checks the signature first, then parses, then
-//! calls [`ImageManifest::validate`].
+//! against the manifest) and the agent (which verifies a [`crate::SignedKexecImage`] with its own
+//! image keys before it kexecs, taking the hashes and the command line from the verified manifest).
+//! The crypto and the JSON parsing are theirs: a verifier checks the signature first, then parses,
+//! then calls [`ImageManifest::validate`].
 
 use serde::{Deserialize, Serialize};
 
@@ -81,7 +81,9 @@ pub enum ImageManifestError {
 }
 
 fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl ImageManifest {
@@ -99,23 +101,39 @@ impl ImageManifest {
             }
         }
         let reserved = |f: &str| f == IMAGE_MANIFEST_FILE || f == IMAGE_SIGNATURE_FILE;
-        if self.kernel.file == self.initrd.file || reserved(&self.kernel.file) || reserved(&self.initrd.file) {
-            return Err(ImageManifestError::Field("kernel and initrd must be two distinct data files".into()));
+        if self.kernel.file == self.initrd.file
+            || reserved(&self.kernel.file)
+            || reserved(&self.initrd.file)
+        {
+            return Err(ImageManifestError::Field(
+                "kernel and initrd must be two distinct data files".into(),
+            ));
         }
         for f in [&self.kernel, &self.initrd] {
             if !is_sha256_hex(&f.sha256) {
-                return Err(ImageManifestError::Field(format!("{}: sha256 must be 64 lower-case hex characters", f.file)));
+                return Err(ImageManifestError::Field(format!(
+                    "{}: sha256 must be 64 lower-case hex characters",
+                    f.file
+                )));
             }
             if f.size == 0 {
-                return Err(ImageManifestError::Field(format!("{}: size must not be zero", f.file)));
+                return Err(ImageManifestError::Field(format!(
+                    "{}: size must not be zero",
+                    f.file
+                )));
             }
         }
         if self.cmdline.len() > MAX_IMAGE_CMDLINE {
-            return Err(ImageManifestError::Field(format!("cmdline is {} bytes, more than {MAX_IMAGE_CMDLINE}", self.cmdline.len())));
+            return Err(ImageManifestError::Field(format!(
+                "cmdline is {} bytes, more than {MAX_IMAGE_CMDLINE}",
+                self.cmdline.len()
+            )));
         }
         // No control characters: the command line goes into iPXE scripts and a C string.
         if !self.cmdline.bytes().all(|b| (b' '..=b'~').contains(&b)) {
-            return Err(ImageManifestError::Field("cmdline must be printable ASCII".into()));
+            return Err(ImageManifestError::Field(
+                "cmdline must be printable ASCII".into(),
+            ));
         }
         Ok(())
     }
@@ -129,8 +147,16 @@ mod tests {
         ImageManifest {
             format: IMAGE_MANIFEST_FORMAT,
             version: "2026.11.23-1".into(),
-            kernel: ImageFile { file: "vmlinuz".into(), size: 10, sha256: "ab".repeat(32) },
-            initrd: ImageFile { file: "initrd.img".into(), size: 20, sha256: "cd".repeat(32) },
+            kernel: ImageFile {
+                file: "vmlinuz".into(),
+                size: 10,
+                sha256: "ab".repeat(32),
+            },
+            initrd: ImageFile {
+                file: "initrd.img".into(),
+                size: 20,
+                sha256: "cd".repeat(32),
+            },
             cmdline: "console=ttyS0 panic=10".into(),
             inputs: vec![],
             built_at: String::new(),
@@ -146,13 +172,37 @@ mod tests {
             m.validate()
         };
         assert_eq!(bad(|m| m.format = 2), Err(ImageManifestError::Format(2)));
-        assert!(matches!(bad(|m| m.version = "../x".into()), Err(ImageManifestError::Name(_))));
-        assert!(matches!(bad(|m| m.kernel.file = "a/b".into()), Err(ImageManifestError::Name(_))));
-        assert!(matches!(bad(|m| m.initrd.file = "vmlinuz".into()), Err(ImageManifestError::Field(_))));
-        assert!(matches!(bad(|m| m.kernel.file = "manifest.sig".into()), Err(ImageManifestError::Field(_))));
-        assert!(matches!(bad(|m| m.kernel.sha256 = "AB".repeat(32)), Err(ImageManifestError::Field(_))));
-        assert!(matches!(bad(|m| m.initrd.size = 0), Err(ImageManifestError::Field(_))));
-        assert!(matches!(bad(|m| m.cmdline = "a\nkernel http://x".into()), Err(ImageManifestError::Field(_))));
-        assert!(matches!(bad(|m| m.cmdline = "x".repeat(MAX_IMAGE_CMDLINE + 1)), Err(ImageManifestError::Field(_))));
+        assert!(matches!(
+            bad(|m| m.version = "../x".into()),
+            Err(ImageManifestError::Name(_))
+        ));
+        assert!(matches!(
+            bad(|m| m.kernel.file = "a/b".into()),
+            Err(ImageManifestError::Name(_))
+        ));
+        assert!(matches!(
+            bad(|m| m.initrd.file = "vmlinuz".into()),
+            Err(ImageManifestError::Field(_))
+        ));
+        assert!(matches!(
+            bad(|m| m.kernel.file = "manifest.sig".into()),
+            Err(ImageManifestError::Field(_))
+        ));
+        assert!(matches!(
+            bad(|m| m.kernel.sha256 = "AB".repeat(32)),
+            Err(ImageManifestError::Field(_))
+        ));
+        assert!(matches!(
+            bad(|m| m.initrd.size = 0),
+            Err(ImageManifestError::Field(_))
+        ));
+        assert!(matches!(
+            bad(|m| m.cmdline = "a\nkernel http://x".into()),
+            Err(ImageManifestError::Field(_))
+        ));
+        assert!(matches!(
+            bad(|m| m.cmdline = "x".repeat(MAX_IMAGE_CMDLINE + 1)),
+            Err(ImageManifestError::Field(_))
+        ));
     }
 }

@@ -1,4 +1,5 @@
-//! Wire messages between `shoal-agent` and `shoal-controller`, their framing, and the protocol version.
+//! Wire messages between `shoal-agent` and `shoal-controller`, their framing, and the protocol
+//! version.
 //!
 //! Architecture Invariant: this crate does no I/O. It turns bytes into typed messages and back, and
 //! decides whether two protocol versions can talk; sockets, clocks and files live elsewhere.
@@ -16,12 +17,16 @@ mod types;
 mod version;
 
 pub use drives::*;
+pub use frame::{
+    decode_frame, encode_frame, FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN,
+};
 pub use image::*;
-pub use frame::{decode_frame, encode_frame, FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use maintenance::*;
 pub use msg::*;
 pub use netmap::*;
 pub use release::*;
 pub use token::{JoinToken, TokenFormatError};
 pub use types::*;
-pub use version::{negotiate, VersionError, VersionRange, PROTOCOL_HISTORY, PROTOCOL_VERSION, SUPPORTED};
+pub use version::{
+    negotiate, VersionError, VersionRange, PROTOCOL_HISTORY, PROTOCOL_VERSION, SUPPORTED,
+};

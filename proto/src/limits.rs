@@ -1,17 +1,19 @@
 //! The bounds on everything an agent sends, in one place, and the check the controller runs on each
 //! [`AgentMsg`] before acting on it.
 //!
-//! A frame is already bounded by [`crate::MAX_FRAME_LEN`] (1 MiB) before it is decoded; these bounds
-//! are about what the controller then keeps, shows and works on. Every list and every string an agent
-//! sends has one, and every message kind has an encoded-size bound ([`max_encoded_len`]), which also
-//! bounds the product of nested lists (4096 interfaces with 1024 addresses each would pass the count
-//! bounds, not the size bound).
+//! A frame is already bounded by [`crate::MAX_FRAME_LEN`] (1 MiB) before it is decoded; these
+//! bounds are about what the controller then keeps, shows and works on. Every list and every string
+//! an agent sends has one, and every message kind has an encoded-size bound ([`max_encoded_len`]),
+//! which also bounds the product of nested lists (4096 interfaces with 1024 addresses each would
+//! pass the count bounds, not the size bound).
 //!
-//! The numbers leave real machines far inside: a 256-core server with 60 drives sends an inventory of
-//! about 4 KiB and a drive report (SMART included) of about 15 KiB; a Kubernetes node with 500 veth
-//! interfaces an inventory of about 34 KiB (see the test `large_real_machines_are_well_inside`). An agent over a bound is not a machine we failed to imagine but one
-//! that is broken or hostile: its message is refused whole, with the field and the limit named, and
-//! nothing of it is stored, so what the controller knew about the node before stays as it was.
+//! The numbers leave real machines far inside: a 256-core server with 60 drives sends an inventory
+//! of about 4 KiB and a drive report (SMART included) of about 15 KiB; a Kubernetes node with 500
+//! veth interfaces an inventory of about 34 KiB (see the test
+//! `large_real_machines_are_well_inside`). An agent over a bound is not a machine we failed to
+//! imagine but one that is broken or hostile: its message is refused whole, with the field and the
+//! limit named, and nothing of it is stored, so what the controller knew about the node before
+//! stays as it was.
 //!
 //! | what | bound |
 //! |---|---|
@@ -35,17 +37,18 @@
 //! | health checks in an update or boot report | [`MAX_CHECKS`] |
 //! | the whole message, per kind | [`max_encoded_len`] |
 //!
-//! Agent-supplied text may hold anything valid UTF-8 does, terminal control characters included: the
-//! controller stores it as sent, and `shoalctl` is the one that prints it safely.
+//! Agent-supplied text may hold anything valid UTF-8 does, terminal control characters included:
+//! the controller stores it as sent, and `shoalctl` is the one that prints it safely.
 
 use crate::{
-    AgentMsg, BootReport, CheckResult, Drive, DriveReport, DriveState, HealthReport, Inventory, MaintenanceResult,
-    PathReport, PreparedDrive, SelfTestStatus, SmartOutcome, StepOutcome, UpdateFailure, UpdateReport, MAX_FRAME_LEN,
+    AgentMsg, BootReport, CheckResult, Drive, DriveReport, DriveState, HealthReport, Inventory,
+    MaintenanceResult, PathReport, PreparedDrive, SelfTestStatus, SmartOutcome, StepOutcome,
+    UpdateFailure, UpdateReport, MAX_FRAME_LEN,
 };
 
-/// Short names and identifiers: versions, interface, disk and partition names, models, serial numbers,
-/// firmware, filesystem types and UUIDs, addresses in CIDR form, health check names. Real ones are
-/// under 64 bytes (IFNAMSIZ is 16, ATA models 40, serials 20).
+/// Short names and identifiers: versions, interface, disk and partition names, models, serial
+/// numbers, firmware, filesystem types and UUIDs, addresses in CIDR form, health check names. Real
+/// ones are under 64 bytes (IFNAMSIZ is 16, ATA models 40, serials 20).
 pub const MAX_NAME_LEN: usize = 256;
 /// A hostname: 255 bytes, the DNS limit for a name (Linux allows 64).
 pub const MAX_HOSTNAME_LEN: usize = 255;
@@ -55,8 +58,8 @@ pub const MAX_NODE_ID_LEN: usize = 64;
 pub const MAX_HARDWARE_ID_LEN: usize = 256;
 /// A path: mount points, device paths, NFS sources. Linux's PATH_MAX.
 pub const MAX_PATH_LEN: usize = 4096;
-/// Operator-facing free text: reasons, details, drive command results, maintenance step outputs (the
-/// agent sends at most [`crate::MAX_STEP_OUTPUT`] bytes of output there, plus its own words).
+/// Operator-facing free text: reasons, details, drive command results, maintenance step outputs
+/// (the agent sends at most [`crate::MAX_STEP_OUTPUT`] bytes of output there, plus its own words).
 pub const MAX_TEXT_LEN: usize = 8192;
 /// A join token (`shoal1.<id>.<secret>.<ca>` is 121 bytes), with room for stray whitespace.
 pub const MAX_TOKEN_LEN: usize = 256;
@@ -79,8 +82,8 @@ pub const MAX_OVERLAY_ENDPOINTS: usize = 64;
 pub const MAX_PATHS: usize = 16_384;
 /// Distinct drop reasons in a path report's counters (the agent has about ten).
 pub const MAX_DROP_REASONS: usize = 64;
-/// Drives in one drive report (a 60-bay storage server sends 60; the controller keeps a SMART history
-/// per drive).
+/// Drives in one drive report (a 60-bay storage server sends 60; the controller keeps a SMART
+/// history per drive).
 pub const MAX_DRIVES: usize = 1024;
 /// Signatures found on one drive (`gpt`, `ext4`, ...).
 pub const MAX_DRIVE_SIGNATURES: usize = 64;
@@ -89,8 +92,9 @@ pub const MAX_CHECKS: usize = 256;
 
 /// The largest encoding (postcard, without the frame header) accepted for a message of this kind.
 ///
-/// Reports that the controller keeps per node (inventory, health, drives) get 512 KiB; a path report,
-/// whose length grows with the fleet, the whole frame; requests and answers a few KiB to 64 KiB.
+/// Reports that the controller keeps per node (inventory, health, drives) get 512 KiB; a path
+/// report, whose length grows with the fleet, the whole frame; requests and answers a few KiB to 64
+/// KiB.
 pub fn max_encoded_len(msg: &AgentMsg) -> usize {
     const KIB: usize = 1024;
     match msg {
@@ -172,7 +176,12 @@ type Checked = Result<(), LimitError>;
 
 fn bytes(actual: usize, limit: usize, field: impl FnOnce() -> String) -> Checked {
     if actual > limit {
-        return Err(LimitError { field: field(), actual, limit, unit: Unit::Bytes });
+        return Err(LimitError {
+            field: field(),
+            actual,
+            limit,
+            unit: Unit::Bytes,
+        });
     }
     Ok(())
 }
@@ -187,7 +196,12 @@ fn opt_text(value: &Option<String>, limit: usize, field: impl FnOnce() -> String
 
 fn items(actual: usize, limit: usize, field: impl FnOnce() -> String) -> Checked {
     if actual > limit {
-        return Err(LimitError { field: field(), actual, limit, unit: Unit::Items });
+        return Err(LimitError {
+            field: field(),
+            actual,
+            limit,
+            unit: Unit::Items,
+        });
     }
     Ok(())
 }
@@ -196,15 +210,17 @@ fn items(actual: usize, limit: usize, field: impl FnOnce() -> String) -> Checked
 /// first violation found is returned.
 pub fn check(msg: &AgentMsg) -> Checked {
     let kind = kind_name(msg);
-    // The serializer cannot fail on these types (no maps with non-string keys, no unsized sequences);
-    // should it, the message counts as over its bound.
+    // The serializer cannot fail on these types (no maps with non-string keys, no unsized
+    // sequences); should it, the message counts as over its bound.
     let len = postcard::experimental::serialized_size(msg).unwrap_or(usize::MAX);
     bytes(len, max_encoded_len(msg), || kind.to_owned())?;
     let f = |name: &str| format!("{kind}.{name}");
     match msg {
         AgentMsg::Hello(h) => {
             text(&h.agent_version, MAX_NAME_LEN, || f("agent_version"))?;
-            text(&h.hardware_id.value, MAX_HARDWARE_ID_LEN, || f("hardware_id"))
+            text(&h.hardware_id.value, MAX_HARDWARE_ID_LEN, || {
+                f("hardware_id")
+            })
         }
         AgentMsg::Enrol(e) => {
             text(&e.token, MAX_TOKEN_LEN, || f("token"))?;
@@ -218,7 +234,9 @@ pub fn check(msg: &AgentMsg) -> Checked {
         }
         AgentMsg::Inventory(inv) => inventory(inv),
         AgentMsg::Health(h) => health(h),
-        AgentMsg::Overlay(o) => items(o.local_endpoints.len(), MAX_OVERLAY_ENDPOINTS, || f("local_endpoints")),
+        AgentMsg::Overlay(o) => items(o.local_endpoints.len(), MAX_OVERLAY_ENDPOINTS, || {
+            f("local_endpoints")
+        }),
         AgentMsg::Paths(p) => paths(p),
         AgentMsg::Punch(p) => {
             text(&p.peer.0, MAX_NODE_ID_LEN, || f("peer"))?;
@@ -240,11 +258,21 @@ pub fn check(msg: &AgentMsg) -> Checked {
 fn inventory(inv: &Inventory) -> Checked {
     let f = |name: &str| format!("inventory.{name}");
     text(&inv.hostname, MAX_HOSTNAME_LEN, || f("hostname"))?;
-    for (name, value) in [("os", &inv.os), ("kernel", &inv.kernel), ("arch", &inv.arch), ("cpu_model", &inv.cpu_model)] {
+    for (name, value) in [
+        ("os", &inv.os),
+        ("kernel", &inv.kernel),
+        ("arch", &inv.arch),
+        ("cpu_model", &inv.cpu_model),
+    ] {
         text(value, MAX_NAME_LEN, || f(name))?;
     }
     let dmi = &inv.dmi;
-    for (name, value) in [("dmi.vendor", &dmi.vendor), ("dmi.product", &dmi.product), ("dmi.serial", &dmi.serial), ("dmi.uuid", &dmi.uuid)] {
+    for (name, value) in [
+        ("dmi.vendor", &dmi.vendor),
+        ("dmi.product", &dmi.product),
+        ("dmi.serial", &dmi.serial),
+        ("dmi.uuid", &dmi.uuid),
+    ] {
         opt_text(value, MAX_NAME_LEN, || f(name))?;
     }
     items(inv.disks.len(), MAX_DISKS, || f("disks"))?;
@@ -257,7 +285,9 @@ fn inventory(inv: &Inventory) -> Checked {
     for (i, n) in inv.nics.iter().enumerate() {
         text(&n.name, MAX_NAME_LEN, || f(&format!("nics[{i}].name")))?;
         opt_text(&n.mac, MAX_NAME_LEN, || f(&format!("nics[{i}].mac")))?;
-        items(n.addresses.len(), MAX_NIC_ADDRESSES, || f(&format!("nics[{i}].addresses")))?;
+        items(n.addresses.len(), MAX_NIC_ADDRESSES, || {
+            f(&format!("nics[{i}].addresses"))
+        })?;
         for (j, a) in n.addresses.iter().enumerate() {
             text(a, MAX_NAME_LEN, || f(&format!("nics[{i}].addresses[{j}]")))?;
         }
@@ -279,11 +309,17 @@ fn health(h: &HealthReport) -> Checked {
 fn paths(p: &PathReport) -> Checked {
     items(p.paths.len(), MAX_PATHS, || "paths.paths".into())?;
     for (i, path) in p.paths.iter().enumerate() {
-        text(&path.peer.0, MAX_NODE_ID_LEN, || format!("paths.paths[{i}].peer"))?;
+        text(&path.peer.0, MAX_NODE_ID_LEN, || {
+            format!("paths.paths[{i}].peer")
+        })?;
     }
-    items(p.counters.dropped.len(), MAX_DROP_REASONS, || "paths.counters.dropped".into())?;
+    items(p.counters.dropped.len(), MAX_DROP_REASONS, || {
+        "paths.counters.dropped".into()
+    })?;
     for (i, (reason, _)) in p.counters.dropped.iter().enumerate() {
-        text(reason, MAX_NAME_LEN, || format!("paths.counters.dropped[{i}]"))?;
+        text(reason, MAX_NAME_LEN, || {
+            format!("paths.counters.dropped[{i}]")
+        })?;
     }
     Ok(())
 }
@@ -297,7 +333,12 @@ fn drives(r: &DriveReport) -> Checked {
         // the kernel does: a report naming one twice cannot be compared with the next one.
         if !names.insert(d.name.as_str()) {
             let count = r.drives.iter().filter(|x| x.name == d.name).count();
-            return Err(LimitError { field: format!("drives.drives[{i}].name"), actual: count, limit: 1, unit: Unit::Occurrences });
+            return Err(LimitError {
+                field: format!("drives.drives[{i}].name"),
+                actual: count,
+                limit: 1,
+                unit: Unit::Occurrences,
+            });
         }
     }
     Ok(())
@@ -310,12 +351,16 @@ fn drive(d: &Drive, f: &dyn Fn(&str) -> String) -> Checked {
     match &d.state {
         DriveState::Blank | DriveState::AwaitingApproval | DriveState::Preparing => {}
         DriveState::HasData { signatures } => {
-            items(signatures.len(), MAX_DRIVE_SIGNATURES, || f("state.signatures"))?;
+            items(signatures.len(), MAX_DRIVE_SIGNATURES, || {
+                f("state.signatures")
+            })?;
             for (j, s) in signatures.iter().enumerate() {
                 text(s, MAX_NAME_LEN, || f(&format!("state.signatures[{j}]")))?;
             }
         }
-        DriveState::Prepared(p) | DriveState::Missing(p) => prepared(p, &|name: &str| f(&format!("state.{name}")))?,
+        DriveState::Prepared(p) | DriveState::Missing(p) => {
+            prepared(p, &|name: &str| f(&format!("state.{name}")))?
+        }
         DriveState::PrepareFailed { reason } | DriveState::Unreadable { reason } => {
             text(reason, MAX_TEXT_LEN, || f("state.reason"))?;
         }
@@ -331,7 +376,9 @@ fn drive(d: &Drive, f: &dyn Fn(&str) -> String) -> Checked {
             opt_text(&r.serial, MAX_NAME_LEN, || f("smart.serial"))?;
             opt_text(&r.firmware, MAX_NAME_LEN, || f("smart.firmware"))?;
             match &r.self_test {
-                Some(SelfTestStatus::Completed { result, .. }) => text(result, MAX_TEXT_LEN, || f("smart.self_test.result")),
+                Some(SelfTestStatus::Completed { result, .. }) => {
+                    text(result, MAX_TEXT_LEN, || f("smart.self_test.result"))
+                }
                 Some(SelfTestStatus::Running { .. }) | None => Ok(()),
             }
         }
@@ -349,7 +396,9 @@ fn checks(list: &[CheckResult], f: &dyn Fn(&str) -> String) -> Checked {
     items(list.len(), MAX_CHECKS, || f("checks"))?;
     for (i, c) in list.iter().enumerate() {
         text(&c.name, MAX_NAME_LEN, || f(&format!("checks[{i}].name")))?;
-        opt_text(&c.detail, MAX_TEXT_LEN, || f(&format!("checks[{i}].detail")))?;
+        opt_text(&c.detail, MAX_TEXT_LEN, || {
+            f(&format!("checks[{i}].detail"))
+        })?;
     }
     Ok(())
 }
@@ -359,19 +408,39 @@ fn update_report(r: &UpdateReport) -> Checked {
     text(&r.running, MAX_NAME_LEN, || f("running"))?;
     opt_text(&r.attempted, MAX_NAME_LEN, || f("attempted"))?;
     checks(&r.checks, &f)?;
-    let Some(failure) = &r.failure else { return Ok(()) };
+    let Some(failure) = &r.failure else {
+        return Ok(());
+    };
     let name = |v: &str| text(v, MAX_NAME_LEN, || f("failure"));
     match failure {
-        UpdateFailure::Malformed(t) | UpdateFailure::Install(t) => text(t, MAX_TEXT_LEN, || f("failure")),
-        UpdateFailure::BadSignature { key_id } => name(key_id),
-        UpdateFailure::WrongKey { signed_by: a, trusted: b }
-        | UpdateFailure::WrongTarget { release: a, agent: b }
-        | UpdateFailure::VersionMismatch { requested: a, manifest: b }
-        | UpdateFailure::HashMismatch { expected: a, actual: b }
-        | UpdateFailure::Downgrade { running: a, offered: b } => name(a).and_then(|()| name(b)),
-        UpdateFailure::NoTrustedKey | UpdateFailure::Truncated { .. } | UpdateFailure::Oversize { .. } | UpdateFailure::Unhealthy => {
-            Ok(())
+        UpdateFailure::Malformed(t) | UpdateFailure::Install(t) => {
+            text(t, MAX_TEXT_LEN, || f("failure"))
         }
+        UpdateFailure::BadSignature { key_id } => name(key_id),
+        UpdateFailure::WrongKey {
+            signed_by: a,
+            trusted: b,
+        }
+        | UpdateFailure::WrongTarget {
+            release: a,
+            agent: b,
+        }
+        | UpdateFailure::VersionMismatch {
+            requested: a,
+            manifest: b,
+        }
+        | UpdateFailure::HashMismatch {
+            expected: a,
+            actual: b,
+        }
+        | UpdateFailure::Downgrade {
+            running: a,
+            offered: b,
+        } => name(a).and_then(|()| name(b)),
+        UpdateFailure::NoTrustedKey
+        | UpdateFailure::Truncated { .. }
+        | UpdateFailure::Oversize { .. }
+        | UpdateFailure::Unhealthy => Ok(()),
     }
 }
 
@@ -395,9 +464,10 @@ fn boot_report(r: &BootReport) -> Checked {
 mod tests {
     use super::*;
     use crate::{
-        BlockDevice, DriveCommandResult, EnrolRequest, FilesystemUsage, HardwareId, HardwareIdSource, Hello, NatMapping,
-        NetInterface, NodeId, OverlayCounters, OverlayHello, PathInfo, PathKind, Punch, RenewRequest, RotateKeyRequest,
-        SmartExitStatus, SmartPredictors, SmartReport, StepKind, UnixMillis, VersionRange,
+        BlockDevice, DriveCommandResult, EnrolRequest, FilesystemUsage, HardwareId,
+        HardwareIdSource, Hello, NatMapping, NetInterface, NodeId, OverlayCounters, OverlayHello,
+        PathInfo, PathKind, Punch, RenewRequest, RotateKeyRequest, SmartExitStatus,
+        SmartPredictors, SmartReport, StepKind, UnixMillis, VersionRange,
     };
     use std::net::SocketAddr;
 
@@ -410,20 +480,33 @@ mod tests {
         let at = make(limit);
         assert_eq!(check(&at), Ok(()), "{field} at its limit {limit}");
         let err = check(&make(limit + 1)).expect_err(field);
-        assert_eq!((err.field.as_str(), err.actual, err.limit), (field, limit + 1, limit), "{err}");
-        assert!(err.to_string().contains(field) && err.to_string().contains(&limit.to_string()), "{err}");
+        assert_eq!(
+            (err.field.as_str(), err.actual, err.limit),
+            (field, limit + 1, limit),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(field) && err.to_string().contains(&limit.to_string()),
+            "{err}"
+        );
     }
 
     fn hello(version: String, hw: String) -> AgentMsg {
         AgentMsg::Hello(Hello {
             protocol: VersionRange { min: 1, max: 5 },
             agent_version: version,
-            hardware_id: HardwareId { source: HardwareIdSource::Override, value: hw },
+            hardware_id: HardwareId {
+                source: HardwareIdSource::Override,
+                value: hw,
+            },
         })
     }
 
     fn inventory_with(f: impl FnOnce(&mut Inventory)) -> AgentMsg {
-        let mut inv = Inventory { hostname: "h".into(), ..Default::default() };
+        let mut inv = Inventory {
+            hostname: "h".into(),
+            ..Default::default()
+        };
         f(&mut inv);
         AgentMsg::Inventory(inv)
     }
@@ -467,45 +550,112 @@ mod tests {
 
     #[test]
     fn hello_enrol_renew_and_rotation_fields_are_bounded() {
-        at_and_over(MAX_NAME_LEN, "hello.agent_version", |n| hello(s(n), "m".into()));
-        at_and_over(MAX_HARDWARE_ID_LEN, "hello.hardware_id", |n| hello("0.1.0".into(), s(n)));
+        at_and_over(MAX_NAME_LEN, "hello.agent_version", |n| {
+            hello(s(n), "m".into())
+        });
+        at_and_over(MAX_HARDWARE_ID_LEN, "hello.hardware_id", |n| {
+            hello("0.1.0".into(), s(n))
+        });
         let enrol = |token: usize, csr: usize, host: usize| {
-            AgentMsg::Enrol(EnrolRequest { token: s(token), csr_der: vec![0; csr], hostname: s(host) })
+            AgentMsg::Enrol(EnrolRequest {
+                token: s(token),
+                csr_der: vec![0; csr],
+                hostname: s(host),
+            })
         };
         at_and_over(MAX_TOKEN_LEN, "enrol.token", |n| enrol(n, 300, 10));
         at_and_over(MAX_CSR_LEN, "enrol.csr_der", |n| enrol(121, n, 10));
         at_and_over(MAX_HOSTNAME_LEN, "enrol.hostname", |n| enrol(121, 300, n));
-        at_and_over(MAX_CSR_LEN, "renew.csr_der", |n| AgentMsg::Renew(RenewRequest { csr_der: vec![0; n] }));
-        let rotate = |csr: usize, sig: usize| AgentMsg::RotateKey(RotateKeyRequest { csr_der: vec![0; csr], signature: vec![0; sig] });
+        at_and_over(MAX_CSR_LEN, "renew.csr_der", |n| {
+            AgentMsg::Renew(RenewRequest {
+                csr_der: vec![0; n],
+            })
+        });
+        let rotate = |csr: usize, sig: usize| {
+            AgentMsg::RotateKey(RotateKeyRequest {
+                csr_der: vec![0; csr],
+                signature: vec![0; sig],
+            })
+        };
         at_and_over(MAX_CSR_LEN, "rotate_key.csr_der", |n| rotate(n, 72));
-        at_and_over(MAX_SIGNATURE_LEN, "rotate_key.signature", |n| rotate(300, n));
+        at_and_over(MAX_SIGNATURE_LEN, "rotate_key.signature", |n| {
+            rotate(300, n)
+        });
     }
 
     #[test]
     fn every_inventory_list_and_text_is_bounded() {
-        at_and_over(MAX_HOSTNAME_LEN, "inventory.hostname", |n| inventory_with(|i| i.hostname = s(n)));
-        at_and_over(MAX_NAME_LEN, "inventory.os", |n| inventory_with(|i| i.os = s(n)));
-        at_and_over(MAX_NAME_LEN, "inventory.kernel", |n| inventory_with(|i| i.kernel = s(n)));
-        at_and_over(MAX_NAME_LEN, "inventory.arch", |n| inventory_with(|i| i.arch = s(n)));
-        at_and_over(MAX_NAME_LEN, "inventory.cpu_model", |n| inventory_with(|i| i.cpu_model = s(n)));
-        at_and_over(MAX_NAME_LEN, "inventory.dmi.vendor", |n| inventory_with(|i| i.dmi.vendor = Some(s(n))));
-        at_and_over(MAX_NAME_LEN, "inventory.dmi.product", |n| inventory_with(|i| i.dmi.product = Some(s(n))));
-        at_and_over(MAX_NAME_LEN, "inventory.dmi.serial", |n| inventory_with(|i| i.dmi.serial = Some(s(n))));
-        at_and_over(MAX_NAME_LEN, "inventory.dmi.uuid", |n| inventory_with(|i| i.dmi.uuid = Some(s(n))));
-        let disk = |name: String| BlockDevice { name, ..Default::default() };
-        at_and_over(MAX_DISKS, "inventory.disks", |n| inventory_with(|i| i.disks = (0..n).map(|_| disk("sda".into())).collect()));
-        at_and_over(MAX_NAME_LEN, "inventory.disks[1].name", |n| inventory_with(|i| i.disks = vec![disk("sda".into()), disk(s(n))]));
+        at_and_over(MAX_HOSTNAME_LEN, "inventory.hostname", |n| {
+            inventory_with(|i| i.hostname = s(n))
+        });
+        at_and_over(MAX_NAME_LEN, "inventory.os", |n| {
+            inventory_with(|i| i.os = s(n))
+        });
+        at_and_over(MAX_NAME_LEN, "inventory.kernel", |n| {
+            inventory_with(|i| i.kernel = s(n))
+        });
+        at_and_over(MAX_NAME_LEN, "inventory.arch", |n| {
+            inventory_with(|i| i.arch = s(n))
+        });
+        at_and_over(MAX_NAME_LEN, "inventory.cpu_model", |n| {
+            inventory_with(|i| i.cpu_model = s(n))
+        });
+        at_and_over(MAX_NAME_LEN, "inventory.dmi.vendor", |n| {
+            inventory_with(|i| i.dmi.vendor = Some(s(n)))
+        });
+        at_and_over(MAX_NAME_LEN, "inventory.dmi.product", |n| {
+            inventory_with(|i| i.dmi.product = Some(s(n)))
+        });
+        at_and_over(MAX_NAME_LEN, "inventory.dmi.serial", |n| {
+            inventory_with(|i| i.dmi.serial = Some(s(n)))
+        });
+        at_and_over(MAX_NAME_LEN, "inventory.dmi.uuid", |n| {
+            inventory_with(|i| i.dmi.uuid = Some(s(n)))
+        });
+        let disk = |name: String| BlockDevice {
+            name,
+            ..Default::default()
+        };
+        at_and_over(MAX_DISKS, "inventory.disks", |n| {
+            inventory_with(|i| i.disks = (0..n).map(|_| disk("sda".into())).collect())
+        });
+        at_and_over(MAX_NAME_LEN, "inventory.disks[1].name", |n| {
+            inventory_with(|i| i.disks = vec![disk("sda".into()), disk(s(n))])
+        });
         at_and_over(MAX_NAME_LEN, "inventory.disks[0].model", |n| {
-            inventory_with(|i| i.disks = vec![BlockDevice { model: Some(s(n)), ..disk("sda".into()) }])
+            inventory_with(|i| {
+                i.disks = vec![BlockDevice {
+                    model: Some(s(n)),
+                    ..disk("sda".into())
+                }]
+            })
         });
         at_and_over(MAX_NAME_LEN, "inventory.disks[0].serial", |n| {
-            inventory_with(|i| i.disks = vec![BlockDevice { serial: Some(s(n)), ..disk("sda".into()) }])
+            inventory_with(|i| {
+                i.disks = vec![BlockDevice {
+                    serial: Some(s(n)),
+                    ..disk("sda".into())
+                }]
+            })
         });
-        let nic = |name: String, addresses: Vec<String>| NetInterface { name, addresses, ..Default::default() };
-        at_and_over(MAX_NICS, "inventory.nics", |n| inventory_with(|i| i.nics = (0..n).map(|_| nic("veth0".into(), vec![])).collect()));
-        at_and_over(MAX_NAME_LEN, "inventory.nics[0].name", |n| inventory_with(|i| i.nics = vec![nic(s(n), vec![])]));
+        let nic = |name: String, addresses: Vec<String>| NetInterface {
+            name,
+            addresses,
+            ..Default::default()
+        };
+        at_and_over(MAX_NICS, "inventory.nics", |n| {
+            inventory_with(|i| i.nics = (0..n).map(|_| nic("veth0".into(), vec![])).collect())
+        });
+        at_and_over(MAX_NAME_LEN, "inventory.nics[0].name", |n| {
+            inventory_with(|i| i.nics = vec![nic(s(n), vec![])])
+        });
         at_and_over(MAX_NAME_LEN, "inventory.nics[0].mac", |n| {
-            inventory_with(|i| i.nics = vec![NetInterface { mac: Some(s(n)), ..nic("eth0".into(), vec![]) }])
+            inventory_with(|i| {
+                i.nics = vec![NetInterface {
+                    mac: Some(s(n)),
+                    ..nic("eth0".into(), vec![])
+                }]
+            })
         });
         at_and_over(MAX_NIC_ADDRESSES, "inventory.nics[0].addresses", |n| {
             inventory_with(|i| i.nics = vec![nic("eth0".into(), vec!["10.0.0.1/24".into(); n])])
@@ -520,93 +670,236 @@ mod tests {
         // Each count is within its bound; together they are 4096 x 1024 addresses.
         let inv = inventory_with(|i| {
             i.nics = (0..MAX_NICS)
-                .map(|k| NetInterface { name: format!("veth{k}"), addresses: vec!["fe80::1/64".into(); 64], ..Default::default() })
+                .map(|k| NetInterface {
+                    name: format!("veth{k}"),
+                    addresses: vec!["fe80::1/64".into(); 64],
+                    ..Default::default()
+                })
                 .collect()
         });
         let err = check(&inv).expect_err("too big");
-        assert_eq!((err.field.as_str(), err.limit, err.unit), ("inventory", 512 * 1024, Unit::Bytes), "{err}");
+        assert_eq!(
+            (err.field.as_str(), err.limit, err.unit),
+            ("inventory", 512 * 1024, Unit::Bytes),
+            "{err}"
+        );
         assert!(err.to_string().starts_with("inventory is "), "{err}");
     }
 
     #[test]
     fn health_paths_punch_and_overlay_lists_are_bounded() {
-        let fs = |mount: String, device: String, fs_type: String| FilesystemUsage { mount, device, fs_type, total_bytes: 1, available_bytes: 1 };
-        let health = |filesystems: Vec<FilesystemUsage>| AgentMsg::Health(HealthReport { filesystems, ..Default::default() });
-        at_and_over(MAX_FILESYSTEMS, "health.filesystems", |n| health(vec![fs("/".into(), "/dev/sda1".into(), "ext4".into()); n]));
-        at_and_over(MAX_PATH_LEN, "health.filesystems[0].mount", |n| health(vec![fs(s(n), "/dev/sda1".into(), "ext4".into())]));
-        at_and_over(MAX_PATH_LEN, "health.filesystems[0].device", |n| health(vec![fs("/".into(), s(n), "ext4".into())]));
-        at_and_over(MAX_NAME_LEN, "health.filesystems[0].fs_type", |n| health(vec![fs("/".into(), "/dev/sda1".into(), s(n))]));
+        let fs = |mount: String, device: String, fs_type: String| FilesystemUsage {
+            mount,
+            device,
+            fs_type,
+            total_bytes: 1,
+            available_bytes: 1,
+        };
+        let health = |filesystems: Vec<FilesystemUsage>| {
+            AgentMsg::Health(HealthReport {
+                filesystems,
+                ..Default::default()
+            })
+        };
+        at_and_over(MAX_FILESYSTEMS, "health.filesystems", |n| {
+            health(vec![fs("/".into(), "/dev/sda1".into(), "ext4".into()); n])
+        });
+        at_and_over(MAX_PATH_LEN, "health.filesystems[0].mount", |n| {
+            health(vec![fs(s(n), "/dev/sda1".into(), "ext4".into())])
+        });
+        at_and_over(MAX_PATH_LEN, "health.filesystems[0].device", |n| {
+            health(vec![fs("/".into(), s(n), "ext4".into())])
+        });
+        at_and_over(MAX_NAME_LEN, "health.filesystems[0].fs_type", |n| {
+            health(vec![fs("/".into(), "/dev/sda1".into(), s(n))])
+        });
 
         let ep: SocketAddr = "192.0.2.1:7000".parse().unwrap();
         at_and_over(MAX_OVERLAY_ENDPOINTS, "overlay.local_endpoints", |n| {
-            AgentMsg::Overlay(OverlayHello { netmap_version: None, local_endpoints: vec![ep; n], nat: NatMapping::Unknown })
+            AgentMsg::Overlay(OverlayHello {
+                netmap_version: None,
+                local_endpoints: vec![ep; n],
+                nat: NatMapping::Unknown,
+            })
         });
-        at_and_over(MAX_NODE_ID_LEN, "punch.peer", |n| AgentMsg::Punch(Punch { peer: NodeId(s(n)), endpoints: vec![] }));
-        at_and_over(MAX_OVERLAY_ENDPOINTS, "punch.endpoints", |n| AgentMsg::Punch(Punch { peer: NodeId("n1".into()), endpoints: vec![ep; n] }));
+        at_and_over(MAX_NODE_ID_LEN, "punch.peer", |n| {
+            AgentMsg::Punch(Punch {
+                peer: NodeId(s(n)),
+                endpoints: vec![],
+            })
+        });
+        at_and_over(MAX_OVERLAY_ENDPOINTS, "punch.endpoints", |n| {
+            AgentMsg::Punch(Punch {
+                peer: NodeId("n1".into()),
+                endpoints: vec![ep; n],
+            })
+        });
 
-        let path = |peer: String| PathInfo { peer: NodeId(peer), kind: PathKind::Direct, remote: Some(ep), rtt_ms: 1.0, tx_bytes: 1, rx_bytes: 1 };
-        let report = |paths: Vec<PathInfo>, dropped: Vec<(String, u64)>| {
-            AgentMsg::Paths(PathReport { paths, counters: OverlayCounters { dropped, ..Default::default() } })
+        let path = |peer: String| PathInfo {
+            peer: NodeId(peer),
+            kind: PathKind::Direct,
+            remote: Some(ep),
+            rtt_ms: 1.0,
+            tx_bytes: 1,
+            rx_bytes: 1,
         };
-        at_and_over(MAX_PATHS, "paths.paths", |n| report(vec![path("n0123456789".into()); n], vec![]));
-        at_and_over(MAX_NODE_ID_LEN, "paths.paths[0].peer", |n| report(vec![path(s(n))], vec![]));
-        at_and_over(MAX_DROP_REASONS, "paths.counters.dropped", |n| report(vec![], vec![("storm".into(), 1); n]));
-        at_and_over(MAX_NAME_LEN, "paths.counters.dropped[0]", |n| report(vec![], vec![(s(n), 1)]));
+        let report = |paths: Vec<PathInfo>, dropped: Vec<(String, u64)>| {
+            AgentMsg::Paths(PathReport {
+                paths,
+                counters: OverlayCounters {
+                    dropped,
+                    ..Default::default()
+                },
+            })
+        };
+        at_and_over(MAX_PATHS, "paths.paths", |n| {
+            report(vec![path("n0123456789".into()); n], vec![])
+        });
+        at_and_over(MAX_NODE_ID_LEN, "paths.paths[0].peer", |n| {
+            report(vec![path(s(n))], vec![])
+        });
+        at_and_over(MAX_DROP_REASONS, "paths.counters.dropped", |n| {
+            report(vec![], vec![("storm".into(), 1); n])
+        });
+        at_and_over(MAX_NAME_LEN, "paths.counters.dropped[0]", |n| {
+            report(vec![], vec![(s(n), 1)])
+        });
     }
 
     #[test]
     fn drive_reports_bound_drives_and_every_nested_field() {
-        let report = |drives: Vec<Drive>| AgentMsg::Drives(DriveReport { at: UnixMillis(1), drives });
+        let report = |drives: Vec<Drive>| {
+            AgentMsg::Drives(DriveReport {
+                at: UnixMillis(1),
+                drives,
+            })
+        };
         let with = |f: &dyn Fn(&mut Drive)| {
             let mut d = drive("sda");
             f(&mut d);
             report(vec![d])
         };
         // Many drives with full SMART fit; the count bound is reached before the size bound.
-        at_and_over(MAX_DRIVES, "drives.drives", |n| report((0..n).map(|k| drive(&format!("sd{k}"))).collect()));
-        // A kernel name twice is refused: the controller tells drives apart by it.
-        let err = check(&report(vec![drive("sda"), drive("sdb"), drive("sda")])).expect_err("duplicate");
-        assert_eq!((err.field.as_str(), err.actual, err.limit, err.unit), ("drives.drives[2].name", 2, 1, Unit::Occurrences));
-        assert_eq!(err.to_string(), "drives.drives[2].name occurs 2 times, over the limit of 1");
-        at_and_over(MAX_NAME_LEN, "drives.drives[0].name", |n| with(&|d| d.name = s(n)));
-        at_and_over(MAX_NAME_LEN, "drives.drives[0].model", |n| with(&|d| d.model = Some(s(n))));
-        at_and_over(MAX_NAME_LEN, "drives.drives[0].serial", |n| with(&|d| d.serial = Some(s(n))));
-        at_and_over(MAX_DRIVE_SIGNATURES, "drives.drives[0].state.signatures", |n| {
-            with(&|d| d.state = DriveState::HasData { signatures: vec!["gpt".into(); n] })
+        at_and_over(MAX_DRIVES, "drives.drives", |n| {
+            report((0..n).map(|k| drive(&format!("sd{k}"))).collect())
         });
-        at_and_over(MAX_NAME_LEN, "drives.drives[0].state.signatures[0]", |n| with(&|d| d.state = DriveState::HasData { signatures: vec![s(n)] }));
-        at_and_over(MAX_TEXT_LEN, "drives.drives[0].state.reason", |n| with(&|d| d.state = DriveState::PrepareFailed { reason: s(n) }));
-        at_and_over(MAX_TEXT_LEN, "drives.drives[0].state.reason", |n| with(&|d| d.state = DriveState::Unreadable { reason: s(n) }));
+        // A kernel name twice is refused: the controller tells drives apart by it.
+        let err =
+            check(&report(vec![drive("sda"), drive("sdb"), drive("sda")])).expect_err("duplicate");
+        assert_eq!(
+            (err.field.as_str(), err.actual, err.limit, err.unit),
+            ("drives.drives[2].name", 2, 1, Unit::Occurrences)
+        );
+        assert_eq!(
+            err.to_string(),
+            "drives.drives[2].name occurs 2 times, over the limit of 1"
+        );
+        at_and_over(MAX_NAME_LEN, "drives.drives[0].name", |n| {
+            with(&|d| d.name = s(n))
+        });
+        at_and_over(MAX_NAME_LEN, "drives.drives[0].model", |n| {
+            with(&|d| d.model = Some(s(n)))
+        });
+        at_and_over(MAX_NAME_LEN, "drives.drives[0].serial", |n| {
+            with(&|d| d.serial = Some(s(n)))
+        });
+        at_and_over(
+            MAX_DRIVE_SIGNATURES,
+            "drives.drives[0].state.signatures",
+            |n| {
+                with(&|d| {
+                    d.state = DriveState::HasData {
+                        signatures: vec!["gpt".into(); n],
+                    }
+                })
+            },
+        );
+        at_and_over(MAX_NAME_LEN, "drives.drives[0].state.signatures[0]", |n| {
+            with(&|d| {
+                d.state = DriveState::HasData {
+                    signatures: vec![s(n)],
+                }
+            })
+        });
+        at_and_over(MAX_TEXT_LEN, "drives.drives[0].state.reason", |n| {
+            with(&|d| d.state = DriveState::PrepareFailed { reason: s(n) })
+        });
+        at_and_over(MAX_TEXT_LEN, "drives.drives[0].state.reason", |n| {
+            with(&|d| d.state = DriveState::Unreadable { reason: s(n) })
+        });
         let prep = |f: &dyn Fn(&mut PreparedDrive), missing: bool| {
             with(&|d| {
-                let DriveState::Prepared(mut p) = drive("sda").state else { unreachable!() };
+                let DriveState::Prepared(mut p) = drive("sda").state else {
+                    unreachable!()
+                };
                 f(&mut p);
-                d.state = if missing { DriveState::Missing(p) } else { DriveState::Prepared(p) };
+                d.state = if missing {
+                    DriveState::Missing(p)
+                } else {
+                    DriveState::Prepared(p)
+                };
             })
         };
-        at_and_over(MAX_NAME_LEN, "drives.drives[0].state.partition", |n| prep(&|p| p.partition = s(n), false));
-        at_and_over(MAX_NAME_LEN, "drives.drives[0].state.fs_uuid", |n| prep(&|p| p.fs_uuid = s(n), true));
-        at_and_over(MAX_NAME_LEN, "drives.drives[0].state.label", |n| prep(&|p| p.label = s(n), false));
-        at_and_over(MAX_PATH_LEN, "drives.drives[0].state.mount_point", |n| prep(&|p| p.mount_point = s(n), true));
-        at_and_over(MAX_TEXT_LEN, "drives.drives[0].smart.reason", |n| with(&|d| d.smart = Some(SmartOutcome::NoSmart { reason: s(n) })));
-        at_and_over(MAX_TEXT_LEN, "drives.drives[0].smart.reason", |n| with(&|d| d.smart = Some(SmartOutcome::Failed { reason: s(n) })));
+        at_and_over(MAX_NAME_LEN, "drives.drives[0].state.partition", |n| {
+            prep(&|p| p.partition = s(n), false)
+        });
+        at_and_over(MAX_NAME_LEN, "drives.drives[0].state.fs_uuid", |n| {
+            prep(&|p| p.fs_uuid = s(n), true)
+        });
+        at_and_over(MAX_NAME_LEN, "drives.drives[0].state.label", |n| {
+            prep(&|p| p.label = s(n), false)
+        });
+        at_and_over(MAX_PATH_LEN, "drives.drives[0].state.mount_point", |n| {
+            prep(&|p| p.mount_point = s(n), true)
+        });
+        at_and_over(MAX_TEXT_LEN, "drives.drives[0].smart.reason", |n| {
+            with(&|d| d.smart = Some(SmartOutcome::NoSmart { reason: s(n) }))
+        });
+        at_and_over(MAX_TEXT_LEN, "drives.drives[0].smart.reason", |n| {
+            with(&|d| d.smart = Some(SmartOutcome::Failed { reason: s(n) }))
+        });
         let smart = |f: &dyn Fn(&mut SmartReport)| {
             with(&|d| {
-                let Some(SmartOutcome::Report(mut r)) = drive("sda").smart else { unreachable!() };
+                let Some(SmartOutcome::Report(mut r)) = drive("sda").smart else {
+                    unreachable!()
+                };
                 f(&mut r);
                 d.smart = Some(SmartOutcome::Report(r));
             })
         };
-        at_and_over(MAX_PATH_LEN, "drives.drives[0].smart.device", |n| smart(&|r| r.device = s(n)));
-        at_and_over(MAX_NAME_LEN, "drives.drives[0].smart.model", |n| smart(&|r| r.model = Some(s(n))));
-        at_and_over(MAX_NAME_LEN, "drives.drives[0].smart.serial", |n| smart(&|r| r.serial = Some(s(n))));
-        at_and_over(MAX_NAME_LEN, "drives.drives[0].smart.firmware", |n| smart(&|r| r.firmware = Some(s(n))));
-        at_and_over(MAX_TEXT_LEN, "drives.drives[0].smart.self_test.result", |n| {
-            smart(&|r| r.self_test = Some(SelfTestStatus::Completed { kind: None, passed: false, result: s(n), power_on_hours: None }))
+        at_and_over(MAX_PATH_LEN, "drives.drives[0].smart.device", |n| {
+            smart(&|r| r.device = s(n))
         });
-        // The size bound holds the whole report: MAX_DRIVES drives with every text at its limit do not fit.
+        at_and_over(MAX_NAME_LEN, "drives.drives[0].smart.model", |n| {
+            smart(&|r| r.model = Some(s(n)))
+        });
+        at_and_over(MAX_NAME_LEN, "drives.drives[0].smart.serial", |n| {
+            smart(&|r| r.serial = Some(s(n)))
+        });
+        at_and_over(MAX_NAME_LEN, "drives.drives[0].smart.firmware", |n| {
+            smart(&|r| r.firmware = Some(s(n)))
+        });
+        at_and_over(
+            MAX_TEXT_LEN,
+            "drives.drives[0].smart.self_test.result",
+            |n| {
+                smart(&|r| {
+                    r.self_test = Some(SelfTestStatus::Completed {
+                        kind: None,
+                        passed: false,
+                        result: s(n),
+                        power_on_hours: None,
+                    })
+                })
+            },
+        );
+        // The size bound holds the whole report: MAX_DRIVES drives with every text at its limit do
+        // not fit.
         let fat: Vec<Drive> = (0..MAX_DRIVES).map(with_long_texts).collect();
-        assert_eq!(check(&report(fat)).map_err(|e| e.field), Err("drives".to_owned()));
+        assert_eq!(
+            check(&report(fat)).map_err(|e| e.field),
+            Err("drives".to_owned())
+        );
     }
 
     fn with_long_texts(k: usize) -> Drive {
@@ -618,49 +911,124 @@ mod tests {
 
     #[test]
     fn answers_and_reports_are_bounded() {
-        let result = |r: Result<String, String>| AgentMsg::DriveCommandResult(DriveCommandResult { id: 1, result: r });
-        at_and_over(MAX_TEXT_LEN, "drive_command_result.result", |n| result(Ok(s(n))));
-        at_and_over(MAX_TEXT_LEN, "drive_command_result.result", |n| result(Err(s(n))));
-        at_and_over(MAX_NAME_LEN, "update_ack.version", |n| AgentMsg::UpdateAck { version: s(n) });
-        at_and_over(MAX_TEXT_LEN, "reboot_ack.method", |n| AgentMsg::RebootAck { method: s(n) });
-        at_and_over(MAX_TEXT_LEN, "reboot_refused.reason", |n| AgentMsg::RebootRefused { reason: s(n) });
+        let result = |r: Result<String, String>| {
+            AgentMsg::DriveCommandResult(DriveCommandResult { id: 1, result: r })
+        };
+        at_and_over(MAX_TEXT_LEN, "drive_command_result.result", |n| {
+            result(Ok(s(n)))
+        });
+        at_and_over(MAX_TEXT_LEN, "drive_command_result.result", |n| {
+            result(Err(s(n)))
+        });
+        at_and_over(MAX_NAME_LEN, "update_ack.version", |n| {
+            AgentMsg::UpdateAck { version: s(n) }
+        });
+        at_and_over(MAX_TEXT_LEN, "reboot_ack.method", |n| AgentMsg::RebootAck {
+            method: s(n),
+        });
+        at_and_over(MAX_TEXT_LEN, "reboot_refused.reason", |n| {
+            AgentMsg::RebootRefused { reason: s(n) }
+        });
 
         let update = |f: &dyn Fn(&mut UpdateReport)| {
-            let mut r = UpdateReport { running: "0.1.0".into(), attempted: Some("0.2.0".into()), attempts: 1, checks: vec![], failure: None };
+            let mut r = UpdateReport {
+                running: "0.1.0".into(),
+                attempted: Some("0.2.0".into()),
+                attempts: 1,
+                checks: vec![],
+                failure: None,
+            };
             f(&mut r);
             AgentMsg::UpdateReport(r)
         };
-        let check_result = |name: String, detail: Option<String>| CheckResult { name, passed: false, detail };
-        at_and_over(MAX_NAME_LEN, "update_report.running", |n| update(&|r| r.running = s(n)));
-        at_and_over(MAX_NAME_LEN, "update_report.attempted", |n| update(&|r| r.attempted = Some(s(n))));
-        at_and_over(MAX_CHECKS, "update_report.checks", |n| update(&|r| r.checks = vec![check_result("session".into(), None); n]));
-        at_and_over(MAX_NAME_LEN, "update_report.checks[0].name", |n| update(&|r| r.checks = vec![check_result(s(n), None)]));
-        at_and_over(MAX_TEXT_LEN, "update_report.checks[0].detail", |n| update(&|r| r.checks = vec![check_result("x".into(), Some(s(n)))]));
-        at_and_over(MAX_TEXT_LEN, "update_report.failure", |n| update(&|r| r.failure = Some(UpdateFailure::Malformed(s(n)))));
-        at_and_over(MAX_TEXT_LEN, "update_report.failure", |n| update(&|r| r.failure = Some(UpdateFailure::Install(s(n)))));
-        at_and_over(MAX_NAME_LEN, "update_report.failure", |n| {
-            update(&|r| r.failure = Some(UpdateFailure::WrongTarget { release: "x86_64".into(), agent: s(n) }))
+        let check_result = |name: String, detail: Option<String>| CheckResult {
+            name,
+            passed: false,
+            detail,
+        };
+        at_and_over(MAX_NAME_LEN, "update_report.running", |n| {
+            update(&|r| r.running = s(n))
         });
-        at_and_over(MAX_NAME_LEN, "update_report.failure", |n| update(&|r| r.failure = Some(UpdateFailure::BadSignature { key_id: s(n) })));
+        at_and_over(MAX_NAME_LEN, "update_report.attempted", |n| {
+            update(&|r| r.attempted = Some(s(n)))
+        });
+        at_and_over(MAX_CHECKS, "update_report.checks", |n| {
+            update(&|r| r.checks = vec![check_result("session".into(), None); n])
+        });
+        at_and_over(MAX_NAME_LEN, "update_report.checks[0].name", |n| {
+            update(&|r| r.checks = vec![check_result(s(n), None)])
+        });
+        at_and_over(MAX_TEXT_LEN, "update_report.checks[0].detail", |n| {
+            update(&|r| r.checks = vec![check_result("x".into(), Some(s(n)))])
+        });
+        at_and_over(MAX_TEXT_LEN, "update_report.failure", |n| {
+            update(&|r| r.failure = Some(UpdateFailure::Malformed(s(n))))
+        });
+        at_and_over(MAX_TEXT_LEN, "update_report.failure", |n| {
+            update(&|r| r.failure = Some(UpdateFailure::Install(s(n))))
+        });
+        at_and_over(MAX_NAME_LEN, "update_report.failure", |n| {
+            update(&|r| {
+                r.failure = Some(UpdateFailure::WrongTarget {
+                    release: "x86_64".into(),
+                    agent: s(n),
+                })
+            })
+        });
+        at_and_over(MAX_NAME_LEN, "update_report.failure", |n| {
+            update(&|r| r.failure = Some(UpdateFailure::BadSignature { key_id: s(n) }))
+        });
 
-        let step = |run: String, outcome: StepOutcome| AgentMsg::MaintenanceResult(MaintenanceResult { run, step: StepKind::Act, outcome });
-        at_and_over(MAX_NAME_LEN, "maintenance_result.run", |n| step(s(n), StepOutcome::Done(String::new())));
-        at_and_over(MAX_TEXT_LEN, "maintenance_result.outcome", |n| step("r1".into(), StepOutcome::Failed(s(n))));
-        // What the agent sends for the longest output (output_tail of MAX_STEP_OUTPUT, with its words
-        // around it) is well inside.
+        let step = |run: String, outcome: StepOutcome| {
+            AgentMsg::MaintenanceResult(MaintenanceResult {
+                run,
+                step: StepKind::Act,
+                outcome,
+            })
+        };
+        at_and_over(MAX_NAME_LEN, "maintenance_result.run", |n| {
+            step(s(n), StepOutcome::Done(String::new()))
+        });
+        at_and_over(MAX_TEXT_LEN, "maintenance_result.outcome", |n| {
+            step("r1".into(), StepOutcome::Failed(s(n)))
+        });
+        // What the agent sends for the longest output (output_tail of MAX_STEP_OUTPUT, with its
+        // words around it) is well inside.
         let tail = crate::output_tail(&"é".repeat(10_000), crate::MAX_STEP_OUTPUT);
-        assert_eq!(check(&step("r1".into(), StepOutcome::Failed(format!("/usr/local/bin/hook exited with 1: {tail}")))), Ok(()));
+        assert_eq!(
+            check(&step(
+                "r1".into(),
+                StepOutcome::Failed(format!("/usr/local/bin/hook exited with 1: {tail}"))
+            )),
+            Ok(())
+        );
 
         let boot = |f: &dyn Fn(&mut BootReport)| {
-            let mut r = BootReport { boot_id: "b".into(), image: Some("v1".into()), checks: vec![] };
+            let mut r = BootReport {
+                boot_id: "b".into(),
+                image: Some("v1".into()),
+                checks: vec![],
+            };
             f(&mut r);
             AgentMsg::BootReport(r)
         };
-        at_and_over(MAX_NAME_LEN, "boot_report.boot_id", |n| boot(&|r| r.boot_id = s(n)));
-        at_and_over(MAX_NAME_LEN, "boot_report.image", |n| boot(&|r| r.image = Some(s(n))));
-        at_and_over(MAX_CHECKS, "boot_report.checks", |n| boot(&|r| r.checks = vec![check_result("heartbeat".into(), None); n]));
+        at_and_over(MAX_NAME_LEN, "boot_report.boot_id", |n| {
+            boot(&|r| r.boot_id = s(n))
+        });
+        at_and_over(MAX_NAME_LEN, "boot_report.image", |n| {
+            boot(&|r| r.image = Some(s(n)))
+        });
+        at_and_over(MAX_CHECKS, "boot_report.checks", |n| {
+            boot(&|r| r.checks = vec![check_result("heartbeat".into(), None); n])
+        });
         at_and_over(MAX_TEXT_LEN, "boot_report.checks[2].detail", |n| {
-            boot(&|r| r.checks = vec![check_result("a".into(), None), check_result("b".into(), None), check_result("c".into(), Some(s(n)))])
+            boot(&|r| {
+                r.checks = vec![
+                    check_result("a".into(), None),
+                    check_result("b".into(), None),
+                    check_result("c".into(), Some(s(n))),
+                ]
+            })
         });
     }
 
@@ -686,7 +1054,11 @@ mod tests {
                 .map(|k| NetInterface {
                     name: format!("ens{k}f0"),
                     mac: Some("b8:ce:f6:00:00:01".into()),
-                    addresses: vec!["192.0.2.10/24".into(), "2001:db8::10/64".into(), "fe80::1/64".into()],
+                    addresses: vec![
+                        "192.0.2.10/24".into(),
+                        "2001:db8::10/64".into(),
+                        "fe80::1/64".into(),
+                    ],
                     ..Default::default()
                 })
                 .collect();
@@ -702,11 +1074,22 @@ mod tests {
                 })
                 .collect();
         });
-        let drives = AgentMsg::Drives(DriveReport { at: UnixMillis(1), drives: (0..60).map(|k| drive(&format!("sd{k}"))).collect() });
-        for (what, msg) in [("storage server inventory", server), ("k8s node inventory", k8s), ("60-drive report", drives)] {
+        let drives = AgentMsg::Drives(DriveReport {
+            at: UnixMillis(1),
+            drives: (0..60).map(|k| drive(&format!("sd{k}"))).collect(),
+        });
+        for (what, msg) in [
+            ("storage server inventory", server),
+            ("k8s node inventory", k8s),
+            ("60-drive report", drives),
+        ] {
             let len = postcard::experimental::serialized_size(&msg).unwrap();
             assert_eq!(check(&msg), Ok(()), "{what}");
-            assert!(len * 8 < max_encoded_len(&msg), "{what}: {len} bytes is not well inside {}", max_encoded_len(&msg));
+            assert!(
+                len * 8 < max_encoded_len(&msg),
+                "{what}: {len} bytes is not well inside {}",
+                max_encoded_len(&msg)
+            );
         }
     }
 
@@ -715,8 +1098,13 @@ mod tests {
         let msgs = [
             hello("v".into(), "m".into()),
             AgentMsg::Renew(RenewRequest { csr_der: vec![] }),
-            AgentMsg::Paths(PathReport { paths: vec![], counters: Default::default() }),
-            AgentMsg::UpdateAck { version: "1".into() },
+            AgentMsg::Paths(PathReport {
+                paths: vec![],
+                counters: Default::default(),
+            }),
+            AgentMsg::UpdateAck {
+                version: "1".into(),
+            },
         ];
         for m in &msgs {
             assert!(max_encoded_len(m) <= MAX_FRAME_LEN, "{}", kind_name(m));

@@ -1,8 +1,8 @@
 //! (v4) Maintenance actions: the controller walks a node through `cordon → act → uncordon`, one
 //! [`MaintenanceStep`] at a time, and the agent answers each with a [`MaintenanceResult`].
 //!
-//! Value types only. What the agent allows (`--allow-exec`), its hooks and timeouts live in the agent;
-//! the rollout that runs the action lives in the controller.
+//! Value types only. What the agent allows (`--allow-exec`), its hooks and timeouts live in the
+//! agent; the rollout that runs the action lives in the controller.
 //!
 //! Rules:
 //! - A step is identified by `(run, step)`: an agent that gets a step of the same run again that it
@@ -92,11 +92,11 @@ pub struct MaintenanceStep {
 pub enum StepOutcome {
     /// Done; a summary or the end of the output.
     Done(String),
-    /// Failed; why, with the end of the error output. Nothing was left half done by the agent that it
-    /// could undo itself (a failed pre-hook is followed by the post-hook).
+    /// Failed; why, with the end of the error output. Nothing was left half done by the agent that
+    /// it could undo itself (a failed pre-hook is followed by the post-hook).
     Failed(String),
-    /// `Act` of a reboot: the machine goes down now (how). The step is done when the agent answers the
-    /// repeated step from a new boot.
+    /// `Act` of a reboot: the machine goes down now (how). The step is done when the agent answers
+    /// the repeated step from a new boot.
     Rebooting(String),
 }
 
@@ -132,17 +132,37 @@ mod tests {
         assert_eq!(output_tail("abc", 10), "abc");
         let long = "é".repeat(3000);
         let t = output_tail(&long, MAX_STEP_OUTPUT);
-        assert!(t.len() <= MAX_STEP_OUTPUT + 3 && t.starts_with('…'), "{}", t.len());
+        assert!(
+            t.len() <= MAX_STEP_OUTPUT + 3 && t.starts_with('…'),
+            "{}",
+            t.len()
+        );
     }
 
     #[test]
     fn steps_round_trip_through_postcard() {
-        let step = MaintenanceStep { run: "r1".into(), action: MaintenanceAction::Exec { argv: vec!["/bin/x".into(), "-v".into()] }, step: StepKind::Act };
+        let step = MaintenanceStep {
+            run: "r1".into(),
+            action: MaintenanceAction::Exec {
+                argv: vec!["/bin/x".into(), "-v".into()],
+            },
+            step: StepKind::Act,
+        };
         let bytes = postcard::to_allocvec(&step).expect("encode");
-        assert_eq!(postcard::from_bytes::<MaintenanceStep>(&bytes).expect("decode"), step);
-        let result = MaintenanceResult { run: "r1".into(), step: StepKind::Cordon, outcome: StepOutcome::Rebooting("kexec".into()) };
+        assert_eq!(
+            postcard::from_bytes::<MaintenanceStep>(&bytes).expect("decode"),
+            step
+        );
+        let result = MaintenanceResult {
+            run: "r1".into(),
+            step: StepKind::Cordon,
+            outcome: StepOutcome::Rebooting("kexec".into()),
+        };
         let bytes = postcard::to_allocvec(&result).expect("encode");
-        assert_eq!(postcard::from_bytes::<MaintenanceResult>(&bytes).expect("decode"), result);
+        assert_eq!(
+            postcard::from_bytes::<MaintenanceResult>(&bytes).expect("decode"),
+            result
+        );
         assert_eq!(step.action.to_string(), "exec /bin/x -v");
     }
 }

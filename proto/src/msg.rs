@@ -1,22 +1,25 @@
 //! The messages on an agent's control stream.
 //!
-//! One QUIC connection per agent, one bidirectional control stream on it, opened by the agent. The agent
-//! speaks first with [`Hello`]; the controller answers [`ControllerMsg::Welcome`] or
+//! One QUIC connection per agent, one bidirectional control stream on it, opened by the agent. The
+//! agent speaks first with [`Hello`]; the controller answers [`ControllerMsg::Welcome`] or
 //! [`ControllerMsg::Reject`]. Without a client certificate the only thing an agent may then do is
 //! [`AgentMsg::Enrol`]; with one it reports inventory and health and renews its certificate.
 //!
 //! (v4) Release downloads do not use the control stream: the agent opens a second bidirectional
 //! stream, sends one [`FetchRelease`] frame and reads [`FetchReply`] frames until the controller
 //! finishes the stream. A binary of tens of MiB would otherwise hold up heartbeats behind it (QUIC
-//! orders bytes within a stream, not across streams), and a failed download would break the session.
+//! orders bytes within a stream, not across streams), and a failed download would break the
+//! session.
 
 use serde::{Deserialize, Serialize};
 
 use std::net::SocketAddr;
 
 use crate::{
-    BootReport, DriveCommand, DriveCommandResult, DrivePolicy, DriveReport, HardwareId, HealthReport, Inventory, MaintenanceResult, MaintenanceStep, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PeerIndex, Punch, SignedRelease,
-    UnixMillis, UpdateReport, VersionRange,
+    BootReport, DriveCommand, DriveCommandResult, DrivePolicy, DriveReport, HardwareId,
+    HealthReport, Inventory, MaintenanceResult, MaintenanceStep, Netmap, NetmapDelta, NodeId,
+    OverlayHello, PathReport, PeerIndex, Punch, SignedRelease, UnixMillis, UpdateReport,
+    VersionRange,
 };
 
 /// Agent to controller.
@@ -32,24 +35,26 @@ pub enum AgentMsg {
     Inventory(Inventory),
     /// Periodic health; also the heartbeat the controller's liveness tracking counts.
     Health(HealthReport),
-    /// (v2) The agent takes part in the overlay: its cached netmap version, local endpoints, NAT type.
+    /// (v2) The agent takes part in the overlay: its cached netmap version, local endpoints, NAT
+    /// type.
     Overlay(OverlayHello),
     /// (v2) Periodic report of peer paths and datapath counters.
     Paths(PathReport),
     /// (v2) Ask the controller to have a peer open a direct path towards this node now.
     Punch(Punch),
-    /// (v3) The machine's drives: contents, preparation state and SMART. Sent whole on every change.
+    /// (v3) The machine's drives: contents, preparation state and SMART. Sent whole on every
+    /// change.
     Drives(DriveReport),
     /// (v3) How a [`ControllerMsg::DriveCommand`] ended.
     DriveCommandResult(DriveCommandResult),
-    /// (v4) The agent took [`ControllerMsg::UpdateAgent`] for this version and is fetching it (it may
-    /// still refuse it after the download; the following [`AgentMsg::UpdateReport`] says).
+    /// (v4) The agent took [`ControllerMsg::UpdateAgent`] for this version and is fetching it (it
+    /// may still refuse it after the download; the following [`AgentMsg::UpdateReport`] says).
     UpdateAck {
         /// The version offered.
         version: String,
     },
-    /// (v4) What the agent booted and how its last update went; sent after every Welcome and whenever
-    /// it changes.
+    /// (v4) What the agent booted and how its last update went; sent after every Welcome and
+    /// whenever it changes.
     UpdateReport(UpdateReport),
     /// (v4) The agent took [`ControllerMsg::Reboot`] and is about to reboot this way (`kexec -e`,
     /// `reboot(2)`, or the operator's `--reboot-command`). Nothing follows on this session.
@@ -67,8 +72,8 @@ pub enum AgentMsg {
     /// (v4) What the agent booted and how its health checks went; sent on every session after the
     /// first heartbeat and whenever the checks' outcome changes.
     BootReport(BootReport),
-    /// (v5) Replace the node's key: a certificate for a new key, with proof of the old one. Answered
-    /// by [`ControllerMsg::Renewed`] (a certificate for the new key) or a reject.
+    /// (v5) Replace the node's key: a certificate for a new key, with proof of the old one.
+    /// Answered by [`ControllerMsg::Renewed`] (a certificate for the new key) or a reject.
     RotateKey(RotateKeyRequest),
 }
 
@@ -88,7 +93,8 @@ pub enum ControllerMsg {
         /// Operator-facing reason.
         reason: String,
     },
-    /// (v2) The address this connection comes from as the controller sees it, and the node's relay index.
+    /// (v2) The address this connection comes from as the controller sees it, and the node's relay
+    /// index.
     Observed(Observed),
     /// (v2) A full netmap: the agent's cached one was missing or too old.
     Netmap(Netmap),
@@ -100,13 +106,14 @@ pub enum ControllerMsg {
     DrivePolicy(DrivePolicy),
     /// (v3) Prepare a drive or start a self-test; answered by [`AgentMsg::DriveCommandResult`].
     DriveCommand(DriveCommand),
-    /// (v4) Install this signed agent release. The agent verifies it with its own trusted release key,
-    /// answers [`AgentMsg::UpdateAck`] or an [`AgentMsg::UpdateReport`] with the refusal, fetches the
-    /// binary on a second stream ([`FetchRelease`]), swaps and re-executes.
+    /// (v4) Install this signed agent release. The agent verifies it with its own trusted release
+    /// key, answers [`AgentMsg::UpdateAck`] or an [`AgentMsg::UpdateReport`] with the refusal,
+    /// fetches the binary on a second stream ([`FetchRelease`]), swaps and re-executes.
     UpdateAgent {
         /// The version asked for; the signed manifest must say the same.
         version: String,
-        /// The manifest, its signature and the signing key's id (about 400 bytes: never the binary).
+        /// The manifest, its signature and the signing key's id (about 400 bytes: never the
+        /// binary).
         release: SignedRelease,
     },
     /// (v4) Go back to the binary kept from the last update (`<exe>.prev`), if there is one.
@@ -139,8 +146,8 @@ pub enum ControllerMsg {
     /// (v5) [`ControllerMsg::UpdateAgent`] with the rollout's permission to go to an older version;
     /// without it the agent refuses a downgrade.
     UpdateOffer(UpdateOffer),
-    /// (v5) [`ControllerMsg::KexecImage`] with the image's signed manifest: the agent verifies it with
-    /// its own image key and takes hashes and command line from it, never from the controller.
+    /// (v5) [`ControllerMsg::KexecImage`] with the image's signed manifest: the agent verifies it
+    /// with its own image key and takes hashes and command line from it, never from the controller.
     SignedKexecImage(SignedKexecImage),
 }
 
@@ -218,7 +225,8 @@ pub struct Observed {
     pub address: SocketAddr,
     /// The node's relay index.
     pub index: PeerIndex,
-    /// A second controller port to measure the NAT's mapping behaviour against, if the controller has one.
+    /// A second controller port to measure the NAT's mapping behaviour against, if the controller
+    /// has one.
     pub probe_port: Option<u16>,
 }
 
@@ -240,7 +248,8 @@ pub struct Welcome {
     pub protocol: u16,
     /// The controller's software version.
     pub controller_version: String,
-    /// The node this connection is authenticated as; `None` on an unauthenticated (enrolment) connection.
+    /// The node this connection is authenticated as; `None` on an unauthenticated (enrolment)
+    /// connection.
     pub node_id: Option<NodeId>,
     /// How often the controller expects a health report.
     pub heartbeat_interval_ms: u64,
@@ -333,21 +342,27 @@ pub enum RejectCode {
 impl RejectCode {
     /// Whether retrying the same request later can succeed.
     pub fn is_transient(self) -> bool {
-        matches!(self, RejectCode::Unavailable | RejectCode::IdentityInUse | RejectCode::AwaitingApproval)
+        matches!(
+            self,
+            RejectCode::Unavailable | RejectCode::IdentityInUse | RejectCode::AwaitingApproval
+        )
     }
 
-    /// The code to send on a session of `protocol`: codes newer than it become the nearest code that
-    /// peer knows and treats the same way (retry, or forget the certificate).
+    /// The code to send on a session of `protocol`: codes newer than it become the nearest code
+    /// that peer knows and treats the same way (retry, or forget the certificate).
     pub fn for_protocol(self, protocol: u16) -> RejectCode {
         match self {
-            RejectCode::IdentityInUse | RejectCode::AwaitingApproval if protocol < 5 => RejectCode::Unavailable,
+            RejectCode::IdentityInUse | RejectCode::AwaitingApproval if protocol < 5 => {
+                RejectCode::Unavailable
+            }
             RejectCode::CertificateRefused if protocol < 5 => RejectCode::NodeRevoked,
             other => other,
         }
     }
 
-    /// Whether an agent should stop rather than retry: the token or the version is wrong, and only an
-    /// operator can change that. (A removed node is handled apart: it also forgets its certificate.)
+    /// Whether an agent should stop rather than retry: the token or the version is wrong, and only
+    /// an operator can change that. (A removed node is handled apart: it also forgets its
+    /// certificate.)
     pub fn is_final_for_agent(self) -> bool {
         matches!(
             self,
@@ -366,7 +381,8 @@ impl std::fmt::Display for Reject {
     }
 }
 
-/// (v4) Largest `bytes` of one [`ReleaseChunk`]: 256 KiB, well below [`crate::MAX_FRAME_LEN`] (1 MiB).
+/// (v4) Largest `bytes` of one [`ReleaseChunk`]: 256 KiB, well below [`crate::MAX_FRAME_LEN`] (1
+/// MiB).
 pub const MAX_RELEASE_CHUNK: usize = 256 * 1024;
 
 /// (v4) The only frame an agent sends on a release download stream.
@@ -380,7 +396,8 @@ pub struct FetchRelease {
     pub offset: u64,
 }
 
-/// (v4) The controller's frames on a release download stream; the stream's end is the end of the binary.
+/// (v4) The controller's frames on a release download stream; the stream's end is the end of the
+/// binary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FetchReply {
     /// The next bytes of the binary.
@@ -404,7 +421,10 @@ mod tests {
 
     #[test]
     fn a_full_release_chunk_fits_in_a_frame() {
-        let reply = FetchReply::Chunk(ReleaseChunk { offset: u64::MAX, bytes: vec![0xff; MAX_RELEASE_CHUNK] });
+        let reply = FetchReply::Chunk(ReleaseChunk {
+            offset: u64::MAX,
+            bytes: vec![0xff; MAX_RELEASE_CHUNK],
+        });
         let frame = crate::encode_frame(&reply).expect("fits");
         assert!(frame.len() < crate::MAX_FRAME_LEN);
         let (back, used) = crate::decode_frame::<FetchReply>(&frame).expect("decodes");
@@ -414,23 +434,67 @@ mod tests {
     #[test]
     fn v3_messages_keep_their_encoding() {
         // Appending v4 variants must not move the v3 ones: a v3 peer decodes these bytes.
-        let health = postcard::to_allocvec(&ControllerMsg::Revoked { reason: "x".into() }).expect("encode");
+        let health =
+            postcard::to_allocvec(&ControllerMsg::Revoked { reason: "x".into() }).expect("encode");
         assert_eq!(health[0], 4, "Revoked is still variant 4");
-        let update = postcard::to_allocvec(&AgentMsg::UpdateAck { version: "1".into() }).expect("encode");
-        assert_eq!(update[0], 10, "UpdateAck comes after DriveCommandResult (9)");
+        let update = postcard::to_allocvec(&AgentMsg::UpdateAck {
+            version: "1".into(),
+        })
+        .expect("encode");
+        assert_eq!(
+            update[0], 10,
+            "UpdateAck comes after DriveCommandResult (9)"
+        );
         let offer = ControllerMsg::UpdateAgent {
             version: "0.2.0".into(),
-            release: SignedRelease { manifest: vec![b'{'; 300], signature: vec![0; 64], key_id: "0".repeat(16) },
+            release: SignedRelease {
+                manifest: vec![b'{'; 300],
+                signature: vec![0; 64],
+                key_id: "0".repeat(16),
+            },
         };
-        assert_eq!(postcard::to_allocvec(&offer).expect("encode")[0], 11, "UpdateAgent comes after DriveCommand (10)");
-        let reboot = ControllerMsg::Reboot { reason: "image".into(), prefer_kexec: true };
-        assert_eq!(postcard::to_allocvec(&reboot).expect("encode")[0], 13, "Reboot comes after RevertAgent (12)");
-        let ack = AgentMsg::RebootAck { method: "kexec -e".into() };
-        assert_eq!(postcard::to_allocvec(&ack).expect("encode")[0], 12, "RebootAck comes after UpdateReport (11)");
-        let step = ControllerMsg::Maintenance(MaintenanceStep { run: "r1".into(), action: crate::MaintenanceAction::Reboot, step: crate::StepKind::Act });
-        assert_eq!(postcard::to_allocvec(&step).expect("encode")[0], 14, "Maintenance comes after Reboot (13)");
-        let result = AgentMsg::MaintenanceResult(MaintenanceResult { run: "r1".into(), step: crate::StepKind::Act, outcome: crate::StepOutcome::Done(String::new()) });
-        assert_eq!(postcard::to_allocvec(&result).expect("encode")[0], 14, "MaintenanceResult comes after RebootRefused (13)");
+        assert_eq!(
+            postcard::to_allocvec(&offer).expect("encode")[0],
+            11,
+            "UpdateAgent comes after DriveCommand (10)"
+        );
+        let reboot = ControllerMsg::Reboot {
+            reason: "image".into(),
+            prefer_kexec: true,
+        };
+        assert_eq!(
+            postcard::to_allocvec(&reboot).expect("encode")[0],
+            13,
+            "Reboot comes after RevertAgent (12)"
+        );
+        let ack = AgentMsg::RebootAck {
+            method: "kexec -e".into(),
+        };
+        assert_eq!(
+            postcard::to_allocvec(&ack).expect("encode")[0],
+            12,
+            "RebootAck comes after UpdateReport (11)"
+        );
+        let step = ControllerMsg::Maintenance(MaintenanceStep {
+            run: "r1".into(),
+            action: crate::MaintenanceAction::Reboot,
+            step: crate::StepKind::Act,
+        });
+        assert_eq!(
+            postcard::to_allocvec(&step).expect("encode")[0],
+            14,
+            "Maintenance comes after Reboot (13)"
+        );
+        let result = AgentMsg::MaintenanceResult(MaintenanceResult {
+            run: "r1".into(),
+            step: crate::StepKind::Act,
+            outcome: crate::StepOutcome::Done(String::new()),
+        });
+        assert_eq!(
+            postcard::to_allocvec(&result).expect("encode")[0],
+            14,
+            "MaintenanceResult comes after RebootRefused (13)"
+        );
         let kexec = ControllerMsg::KexecImage(KexecImage {
             version: "v".into(),
             kernel_url: String::new(),
@@ -439,23 +503,61 @@ mod tests {
             initrd_sha256: String::new(),
             cmdline: String::new(),
         });
-        assert_eq!(postcard::to_allocvec(&kexec).expect("encode")[0], 15, "KexecImage comes after Maintenance (14)");
-        let boot = AgentMsg::BootReport(BootReport { boot_id: "b".into(), image: Some("v2".into()), checks: vec![] });
-        assert_eq!(postcard::to_allocvec(&boot).expect("encode")[0], 15, "BootReport comes after MaintenanceResult (14)");
+        assert_eq!(
+            postcard::to_allocvec(&kexec).expect("encode")[0],
+            15,
+            "KexecImage comes after Maintenance (14)"
+        );
+        let boot = AgentMsg::BootReport(BootReport {
+            boot_id: "b".into(),
+            image: Some("v2".into()),
+            checks: vec![],
+        });
+        assert_eq!(
+            postcard::to_allocvec(&boot).expect("encode")[0],
+            15,
+            "BootReport comes after MaintenanceResult (14)"
+        );
     }
 
     #[test]
     fn v4_messages_keep_their_encoding_and_v5_codes_map_down() {
-        let rotate = AgentMsg::RotateKey(RotateKeyRequest { csr_der: vec![1], signature: vec![2] });
-        assert_eq!(postcard::to_allocvec(&rotate).expect("encode")[0], 16, "RotateKey comes after BootReport (15)");
+        let rotate = AgentMsg::RotateKey(RotateKeyRequest {
+            csr_der: vec![1],
+            signature: vec![2],
+        });
+        assert_eq!(
+            postcard::to_allocvec(&rotate).expect("encode")[0],
+            16,
+            "RotateKey comes after BootReport (15)"
+        );
         let ask = ControllerMsg::RotateKey { reason: "r".into() };
-        assert_eq!(postcard::to_allocvec(&ask).expect("encode")[0], 16, "RotateKey comes after KexecImage (15)");
+        assert_eq!(
+            postcard::to_allocvec(&ask).expect("encode")[0],
+            16,
+            "RotateKey comes after KexecImage (15)"
+        );
         let code = postcard::to_allocvec(&RejectCode::IdentityInUse).expect("encode");
         assert_eq!(code, vec![9], "IdentityInUse comes after Unavailable (8)");
-        assert_eq!(RejectCode::IdentityInUse.for_protocol(4), RejectCode::Unavailable);
-        assert_eq!(RejectCode::AwaitingApproval.for_protocol(4), RejectCode::Unavailable);
-        assert_eq!(RejectCode::CertificateRefused.for_protocol(4), RejectCode::NodeRevoked);
-        assert_eq!(RejectCode::CertificateRefused.for_protocol(5), RejectCode::CertificateRefused);
-        assert!(RejectCode::AwaitingApproval.is_transient() && !RejectCode::AwaitingApproval.is_final_for_agent());
+        assert_eq!(
+            RejectCode::IdentityInUse.for_protocol(4),
+            RejectCode::Unavailable
+        );
+        assert_eq!(
+            RejectCode::AwaitingApproval.for_protocol(4),
+            RejectCode::Unavailable
+        );
+        assert_eq!(
+            RejectCode::CertificateRefused.for_protocol(4),
+            RejectCode::NodeRevoked
+        );
+        assert_eq!(
+            RejectCode::CertificateRefused.for_protocol(5),
+            RejectCode::CertificateRefused
+        );
+        assert!(
+            RejectCode::AwaitingApproval.is_transient()
+                && !RejectCode::AwaitingApproval.is_final_for_agent()
+        );
     }
 }

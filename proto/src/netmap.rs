@@ -1,10 +1,11 @@
-//! The overlay's coordination data: what the controller tells each agent about its networks and peers.
+//! The overlay's coordination data: what the controller tells each agent about its networks and
+//! peers.
 //!
-//! An agent receives a full [`Netmap`] when it connects with a version the controller cannot bring up
-//! to date, and [`NetmapDelta`]s after that: one per change, carrying only the records that changed.
-//! Versions come from one counter in the controller's store, so they rise across controller restarts.
-//! The agent caches the netmap on disk; `valid_until` bounds how long a cached copy may be used
-//! without the controller confirming it.
+//! An agent receives a full [`Netmap`] when it connects with a version the controller cannot bring
+//! up to date, and [`NetmapDelta`]s after that: one per change, carrying only the records that
+//! changed. Versions come from one counter in the controller's store, so they rise across
+//! controller restarts. The agent caches the netmap on disk; `valid_until` bounds how long a cached
+//! copy may be used without the controller confirming it.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -13,11 +14,12 @@ use serde::{Deserialize, Serialize};
 use crate::{NodeId, UnixMillis};
 
 /// The key hash the controller puts in a peer's netmap entry once that peer's key is no longer
-/// trusted (a certificate of it was revoked): no certificate hashes to it, so every path from the peer
-/// is refused until it connects with a new key. (All zeros means "not known yet".)
+/// trusted (a certificate of it was revoked): no certificate hashes to it, so every path from the
+/// peer is refused until it connects with a new key. (All zeros means "not known yet".)
 pub const KEY_WITHDRAWN: [u8; 32] = [0xff; 32];
 
-/// A network's short identity, carried in every overlay datagram. Assigned by the controller, never reused.
+/// A network's short identity, carried in every overlay datagram. Assigned by the controller, never
+/// reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct NetworkId(pub u32);
@@ -45,7 +47,11 @@ impl MacAddr {
 impl std::fmt::Display for MacAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
@@ -81,7 +87,8 @@ impl std::str::FromStr for MacAddr {
     }
 }
 
-/// How the agent's NAT maps its socket to public addresses, as measured against two controller ports.
+/// How the agent's NAT maps its socket to public addresses, as measured against two controller
+/// ports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum NatMapping {
     /// Not measured (yet), or the probe failed.
@@ -135,7 +142,8 @@ pub struct Peer {
     /// SHA-256 of its public key (SubjectPublicKeyInfo DER): a certificate for the node id with
     /// another key is refused, so a stale certificate of a re-enrolled node cannot be replayed.
     pub key_sha256: [u8; 32],
-    /// Where it may be reached directly: the address the controller observed first, then its local ones.
+    /// Where it may be reached directly: the address the controller observed first, then its local
+    /// ones.
     pub endpoints: Vec<SocketAddr>,
     /// Its NAT's mapping behaviour.
     pub nat: NatMapping,
@@ -193,10 +201,14 @@ pub struct NetmapGap {
 }
 
 impl Netmap {
-    /// Applies `delta`; refuses (and leaves the map untouched) if it does not start at this version.
+    /// Applies `delta`; refuses (and leaves the map untouched) if it does not start at this
+    /// version.
     pub fn apply(&mut self, delta: &NetmapDelta) -> Result<(), NetmapGap> {
         if delta.from_version != self.version {
-            return Err(NetmapGap { have: self.version, delta_from: delta.from_version });
+            return Err(NetmapGap {
+                have: self.version,
+                delta_from: delta.from_version,
+            });
         }
         for change in &delta.changes {
             match change {
@@ -223,12 +235,14 @@ impl Netmap {
     }
 }
 
-/// What the agent tells the controller about its overlay side, after Welcome and whenever it changes.
+/// What the agent tells the controller about its overlay side, after Welcome and whenever it
+/// changes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OverlayHello {
     /// The netmap version the agent holds (from its cache), if any.
     pub netmap_version: Option<u64>,
-    /// Its local socket addresses (interface addresses with the agent's UDP port), for peers on the same LAN.
+    /// Its local socket addresses (interface addresses with the agent's UDP port), for peers on the
+    /// same LAN.
     pub local_endpoints: Vec<SocketAddr>,
     /// Its NAT's mapping behaviour.
     pub nat: NatMapping,
@@ -265,11 +279,13 @@ pub struct PathInfo {
 pub struct OverlayCounters {
     /// Frames sent to one peer (known unicast).
     pub forwarded: u64,
-    /// Frames sent to several peers (broadcast, multicast, unknown unicast), counted once per frame.
+    /// Frames sent to several peers (broadcast, multicast, unknown unicast), counted once per
+    /// frame.
     pub flooded: u64,
     /// Frames received from peers and delivered to a TAP device.
     pub delivered: u64,
-    /// Frames dropped, by reason (`spoofed_source`, `not_member`, `malformed`, `no_path`, `storm`, ...).
+    /// Frames dropped, by reason (`spoofed_source`, `not_member`, `malformed`, `no_path`, `storm`,
+    /// ...).
     pub dropped: Vec<(String, u64)>,
 }
 
@@ -282,7 +298,8 @@ pub struct PathReport {
     pub counters: OverlayCounters,
 }
 
-/// A request to the controller, and from it to the peer, to open a direct path at once from both sides.
+/// A request to the controller, and from it to the peer, to open a direct path at once from both
+/// sides.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Punch {
     /// Agent→controller: the peer to punch towards. Controller→agent: the peer that asked.
@@ -308,18 +325,37 @@ mod tests {
 
     #[test]
     fn delta_applies_in_order_and_refuses_gaps() {
-        let mut map = Netmap { version: 3, ..Default::default() };
+        let mut map = Netmap {
+            version: 3,
+            ..Default::default()
+        };
         let d = NetmapDelta {
             from_version: 3,
             to_version: 5,
             valid_until: UnixMillis(9),
-            changes: vec![NetmapChange::Peer(peer("a")), NetmapChange::Peer(peer("b")), NetmapChange::PeerGone(NodeId("a".into()))],
+            changes: vec![
+                NetmapChange::Peer(peer("a")),
+                NetmapChange::Peer(peer("b")),
+                NetmapChange::PeerGone(NodeId("a".into())),
+            ],
         };
         map.apply(&d).unwrap();
         assert_eq!(map.version, 5);
-        assert_eq!(map.peers.iter().map(|p| p.node.0.as_str()).collect::<Vec<_>>(), ["b"]);
+        assert_eq!(
+            map.peers
+                .iter()
+                .map(|p| p.node.0.as_str())
+                .collect::<Vec<_>>(),
+            ["b"]
+        );
         let err = map.apply(&d).unwrap_err();
-        assert_eq!(err, NetmapGap { have: 5, delta_from: 3 });
+        assert_eq!(
+            err,
+            NetmapGap {
+                have: 5,
+                delta_from: 3
+            }
+        );
         assert_eq!(map.version, 5);
     }
 

@@ -1,18 +1,19 @@
-//! Signed agent releases: the manifest an operator signs with the release key, the signed envelope the
-//! controller hands to agents, why an agent refused or failed an update, and what it reports after one.
+//! Signed agent releases: the manifest an operator signs with the release key, the signed envelope
+//! the controller hands to agents, why an agent refused or failed an update, and what it reports
+//! after one.
 //!
-//! These are value types only. Signing happens in `shoalctl` (controller crate); verifying happens in the
-//! agent (`shoal_agent::release`), which trusts the release public key, not the controller. Neither
-//! needs the other's code: both agree on these types and on the rules written here.
+//! These are value types only. Signing happens in `shoalctl` (controller crate); verifying happens
+//! in the agent (`shoal_agent::release`), which trusts the release public key, not the controller.
+//! Neither needs the other's code: both agree on these types and on the rules written here.
 //!
 //! Rules:
 //! - The manifest is JSON (so an operator can read it, and later formats can add fields with
-//!   defaults). The signature is a raw 64-byte Ed25519 signature over the *exact bytes* of that JSON,
-//!   the same scheme as netboot images (`manifest.json` + `manifest.sig`). Verifiers check the
-//!   signature before parsing anything.
-//! - Keys are 32 raw bytes; on disk, 64 hex characters (the `.pub` file). A key id is the first 8 bytes
-//!   of the SHA-256 of the public key, as 16 hex characters; it travels beside the signature as an
-//!   unauthenticated hint, so a refusal can say "signed by another key" rather than only "bad
+//!   defaults). The signature is a raw 64-byte Ed25519 signature over the *exact bytes* of that
+//!   JSON, the same scheme as netboot images (`manifest.json` + `manifest.sig`). Verifiers check
+//!   the signature before parsing anything.
+//! - Keys are 32 raw bytes; on disk, 64 hex characters (the `.pub` file). A key id is the first 8
+//!   bytes of the SHA-256 of the public key, as 16 hex characters; it travels beside the signature
+//!   as an unauthenticated hint, so a refusal can say "signed by another key" rather than only "bad
 //!   signature". It never decides trust.
 //! - The binary is identified by its size and SHA-256; both are checked, size first (a truncated
 //!   download fails as `Truncated`, an overlong one as `Oversize` as soon as it overflows).
@@ -53,17 +54,18 @@ pub struct SignedRelease {
     pub key_id: String,
 }
 
-/// Why an agent did not take an update. Sent to the controller in the update report, so each variant
-/// is something an operator can act on. The agent stays on its current version in every case.
+/// Why an agent did not take an update. Sent to the controller in the update report, so each
+/// variant is something an operator can act on. The agent stays on its current version in every
+/// case.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[non_exhaustive]
 pub enum UpdateFailure {
-    /// The envelope is unusable: a signature that is not 64 bytes, a manifest that is not JSON of the
-    /// expected shape, an unknown format, or a field that breaks the rules.
+    /// The envelope is unusable: a signature that is not 64 bytes, a manifest that is not JSON of
+    /// the expected shape, an unknown format, or a field that breaks the rules.
     #[error("malformed release: {0}")]
     Malformed(String),
-    /// The signature does not verify with the trusted release key, and the envelope claims that key:
-    /// the manifest or the signature was altered.
+    /// The signature does not verify with the trusted release key, and the envelope claims that
+    /// key: the manifest or the signature was altered.
     #[error("release signature does not verify with the trusted release key {key_id}")]
     BadSignature {
         /// The trusted key's id.
@@ -121,12 +123,13 @@ pub enum UpdateFailure {
     /// Writing or swapping the binary failed (e.g. disk full); the previous binary is untouched.
     #[error("installing the new binary failed: {0}")]
     Install(String),
-    /// The new binary started but did not pass its health checks before the deadline, and the previous
-    /// binary was restored.
+    /// The new binary started but did not pass its health checks before the deadline, and the
+    /// previous binary was restored.
     #[error("new version did not become healthy in time; rolled back to the previous binary")]
     Unhealthy,
     /// (v5) The offered version is older than the one running (semver order; or the two cannot be
-    /// ordered) and the offer does not allow a downgrade (`shoalctl upgrade start --allow-downgrade`).
+    /// ordered) and the offer does not allow a downgrade (`shoalctl upgrade start
+    /// --allow-downgrade`).
     #[error("refused to downgrade from {running} to {offered}: start the rollout with --allow-downgrade to go back a version")]
     Downgrade {
         /// The version running.
@@ -141,7 +144,9 @@ impl UpdateFailure {
     /// [`UpdateFailure::Malformed`] with the same text (an older controller cannot decode them).
     pub fn for_protocol(self, protocol: u16) -> UpdateFailure {
         match self {
-            f @ UpdateFailure::Downgrade { .. } if protocol < 5 => UpdateFailure::Malformed(f.to_string()),
+            f @ UpdateFailure::Downgrade { .. } if protocol < 5 => {
+                UpdateFailure::Malformed(f.to_string())
+            }
             other => other,
         }
     }
@@ -158,9 +163,10 @@ pub struct CheckResult {
     pub detail: Option<String>,
 }
 
-/// (v4) What an agent booted and how its health checks went, so the controller never guesses whether
-/// a netbooted node came back healthy: sent on every session once the first heartbeat went out and
-/// the checks ran, and again whenever the checks' outcome changes (failing checks are re-run).
+/// (v4) What an agent booted and how its health checks went, so the controller never guesses
+/// whether a netbooted node came back healthy: sent on every session once the first heartbeat went
+/// out and the checks ran, and again whenever the checks' outcome changes (failing checks are
+/// re-run).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootReport {
     /// The kernel's id of this boot (`/proc/sys/kernel/random/boot_id`); empty if unreadable.
@@ -210,7 +216,9 @@ pub fn is_plain_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+'))
 }
 
 /// Checks that `name` is a plain release version or target name ([`is_plain_name`]).
@@ -218,7 +226,9 @@ pub fn check_release_name(name: &str) -> Result<(), UpdateFailure> {
     if is_plain_name(name) {
         Ok(())
     } else {
-        Err(UpdateFailure::Malformed(format!("invalid name {name:?}: use letters, digits, '.', '-', '_' and '+'")))
+        Err(UpdateFailure::Malformed(format!(
+            "invalid name {name:?}: use letters, digits, '.', '-', '_' and '+'"
+        )))
     }
 }
 
@@ -227,13 +237,22 @@ impl ReleaseManifest {
     /// signature.
     pub fn validate(&self) -> Result<(), UpdateFailure> {
         if self.format != RELEASE_MANIFEST_FORMAT {
-            return Err(UpdateFailure::Malformed(format!("unknown manifest format {}", self.format)));
+            return Err(UpdateFailure::Malformed(format!(
+                "unknown manifest format {}",
+                self.format
+            )));
         }
         check_release_name(&self.version)?;
         check_release_name(&self.target)?;
-        let hex = self.sha256.len() == 64 && self.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let hex = self.sha256.len() == 64
+            && self
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !hex {
-            return Err(UpdateFailure::Malformed("sha256 must be 64 lower-case hex characters".into()));
+            return Err(UpdateFailure::Malformed(
+                "sha256 must be 64 lower-case hex characters".into(),
+            ));
         }
         if self.size == 0 {
             return Err(UpdateFailure::Malformed("size must not be zero".into()));
@@ -265,11 +284,26 @@ mod tests {
             f(&mut m);
             m.validate()
         };
-        assert!(matches!(bad(|m| m.format = 2), Err(UpdateFailure::Malformed(_))));
-        assert!(matches!(bad(|m| m.version = "../x".into()), Err(UpdateFailure::Malformed(_))));
-        assert!(matches!(bad(|m| m.sha256 = "AB".repeat(32)), Err(UpdateFailure::Malformed(_))));
-        assert!(matches!(bad(|m| m.sha256 = "ab".into()), Err(UpdateFailure::Malformed(_))));
-        assert!(matches!(bad(|m| m.size = 0), Err(UpdateFailure::Malformed(_))));
+        assert!(matches!(
+            bad(|m| m.format = 2),
+            Err(UpdateFailure::Malformed(_))
+        ));
+        assert!(matches!(
+            bad(|m| m.version = "../x".into()),
+            Err(UpdateFailure::Malformed(_))
+        ));
+        assert!(matches!(
+            bad(|m| m.sha256 = "AB".repeat(32)),
+            Err(UpdateFailure::Malformed(_))
+        ));
+        assert!(matches!(
+            bad(|m| m.sha256 = "ab".into()),
+            Err(UpdateFailure::Malformed(_))
+        ));
+        assert!(matches!(
+            bad(|m| m.size = 0),
+            Err(UpdateFailure::Malformed(_))
+        ));
         assert!(check_release_name("2026.11.23-1+b1").is_ok());
     }
 
@@ -279,20 +313,47 @@ mod tests {
             running: "0.1.0".into(),
             attempted: Some("0.2.0".into()),
             attempts: 2,
-            checks: vec![CheckResult { name: "session".into(), passed: false, detail: Some("timeout".into()) }],
-            failure: Some(UpdateFailure::Truncated { got: 5, expected: 10 }),
+            checks: vec![CheckResult {
+                name: "session".into(),
+                passed: false,
+                detail: Some("timeout".into()),
+            }],
+            failure: Some(UpdateFailure::Truncated {
+                got: 5,
+                expected: 10,
+            }),
         };
         let bytes = postcard::to_allocvec(&report).expect("encode");
-        assert_eq!(postcard::from_bytes::<UpdateReport>(&bytes).expect("decode"), report);
-        let env = SignedRelease { manifest: b"{}".to_vec(), signature: vec![0; 64], key_id: "00".repeat(8) };
+        assert_eq!(
+            postcard::from_bytes::<UpdateReport>(&bytes).expect("decode"),
+            report
+        );
+        let env = SignedRelease {
+            manifest: b"{}".to_vec(),
+            signature: vec![0; 64],
+            key_id: "00".repeat(8),
+        };
         // A v5 failure reaches a v4 controller as one it can decode, with the same words.
-        let down = UpdateFailure::Downgrade { running: "0.3.0".into(), offered: "0.2.0".into() };
-        let report = UpdateReport { failure: Some(down.clone()), ..report };
+        let down = UpdateFailure::Downgrade {
+            running: "0.3.0".into(),
+            offered: "0.2.0".into(),
+        };
+        let report = UpdateReport {
+            failure: Some(down.clone()),
+            ..report
+        };
         let v4 = report.clone().for_protocol(4);
         assert_eq!(v4.failure, Some(UpdateFailure::Malformed(down.to_string())));
         assert_eq!(report.clone().for_protocol(5), report);
-        assert_eq!(postcard::to_allocvec(&UpdateFailure::Unhealthy).expect("encode"), vec![10], "Unhealthy keeps its index (Downgrade is appended after it)");
+        assert_eq!(
+            postcard::to_allocvec(&UpdateFailure::Unhealthy).expect("encode"),
+            vec![10],
+            "Unhealthy keeps its index (Downgrade is appended after it)"
+        );
         let bytes = postcard::to_allocvec(&env).expect("encode");
-        assert_eq!(postcard::from_bytes::<SignedRelease>(&bytes).expect("decode"), env);
+        assert_eq!(
+            postcard::from_bytes::<SignedRelease>(&bytes).expect("decode"),
+            env
+        );
     }
 }

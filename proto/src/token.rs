@@ -1,9 +1,10 @@
 //! The join token an operator pastes into an agent.
 //!
-//! Format: `shoal1.<id>.<secret>.<ca>`, where `id` (16 hex) names the token in listings, `secret` (32 hex,
-//! 128 random bits) proves it, and `ca` (64 hex) is the SHA-256 of the fleet CA certificate (DER). The CA
-//! hash lets a brand-new agent authenticate the controller before it has any trust anchor, the way
-//! kubeadm's `--discovery-token-ca-cert-hash` does, without a second thing to paste.
+//! Format: `shoal1.<id>.<secret>.<ca>`, where `id` (16 hex) names the token in listings, `secret`
+//! (32 hex, 128 random bits) proves it, and `ca` (64 hex) is the SHA-256 of the fleet CA
+//! certificate (DER). The CA hash lets a brand-new agent authenticate the controller before it has
+//! any trust anchor, the way kubeadm's `--discovery-token-ca-cert-hash` does, without a second
+//! thing to paste.
 
 use std::{fmt, str::FromStr};
 
@@ -22,7 +23,10 @@ pub struct JoinToken {
 
 impl fmt::Debug for JoinToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JoinToken").field("id", &self.id).field("secret", &"<redacted>").finish()
+        f.debug_struct("JoinToken")
+            .field("id", &self.id)
+            .field("secret", &"<redacted>")
+            .finish()
     }
 }
 
@@ -39,7 +43,10 @@ pub enum TokenFormatError {
 }
 
 fn hex_part(s: &str, name: &'static str, len: usize) -> Result<(), TokenFormatError> {
-    if s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         Ok(())
     } else {
         Err(TokenFormatError::Part(name, len))
@@ -51,9 +58,13 @@ impl FromStr for JoinToken {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut parts = s.trim().split('.');
-        let (Some(PREFIX), Some(id), Some(secret), Some(ca), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(PREFIX), Some(id), Some(secret), Some(ca), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return Err(TokenFormatError::Shape);
         };
         hex_part(id, "id", 16)?;
@@ -61,9 +72,14 @@ impl FromStr for JoinToken {
         hex_part(ca, "CA hash", 64)?;
         let mut ca_sha256 = [0u8; 32];
         for (i, byte) in ca_sha256.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&ca[2 * i..2 * i + 2], 16).map_err(|_| TokenFormatError::Part("CA hash", 64))?;
+            *byte = u8::from_str_radix(&ca[2 * i..2 * i + 2], 16)
+                .map_err(|_| TokenFormatError::Part("CA hash", 64))?;
         }
-        Ok(JoinToken { id: id.to_owned(), secret: secret.to_owned(), ca_sha256 })
+        Ok(JoinToken {
+            id: id.to_owned(),
+            secret: secret.to_owned(),
+            ca_sha256,
+        })
     }
 }
 
@@ -82,24 +98,44 @@ mod tests {
     use super::*;
 
     fn sample() -> JoinToken {
-        JoinToken { id: "0123456789abcdef".into(), secret: "ab".repeat(16), ca_sha256: [7; 32] }
+        JoinToken {
+            id: "0123456789abcdef".into(),
+            secret: "ab".repeat(16),
+            ca_sha256: [7; 32],
+        }
     }
 
     #[test]
     fn round_trips_through_text() {
         let text = sample().to_string();
         assert_eq!(text.parse::<JoinToken>(), Ok(sample()));
-        assert_eq!(format!("  {text}\n").parse::<JoinToken>(), Ok(sample()), "file contents with newline");
+        assert_eq!(
+            format!("  {text}\n").parse::<JoinToken>(),
+            Ok(sample()),
+            "file contents with newline"
+        );
     }
 
     #[test]
     fn rejects_malformed_tokens() {
         let good = sample().to_string();
         assert_eq!("".parse::<JoinToken>(), Err(TokenFormatError::Shape));
-        assert_eq!(good.replace("shoal1", "shoal2").parse::<JoinToken>(), Err(TokenFormatError::Shape));
-        assert_eq!(format!("{good}.x").parse::<JoinToken>(), Err(TokenFormatError::Shape));
-        assert_eq!(good[..good.len() - 1].parse::<JoinToken>(), Err(TokenFormatError::Part("CA hash", 64)));
-        assert_eq!(good.replace("0123", "XY23").parse::<JoinToken>(), Err(TokenFormatError::Part("id", 16)));
+        assert_eq!(
+            good.replace("shoal1", "shoal2").parse::<JoinToken>(),
+            Err(TokenFormatError::Shape)
+        );
+        assert_eq!(
+            format!("{good}.x").parse::<JoinToken>(),
+            Err(TokenFormatError::Shape)
+        );
+        assert_eq!(
+            good[..good.len() - 1].parse::<JoinToken>(),
+            Err(TokenFormatError::Part("CA hash", 64))
+        );
+        assert_eq!(
+            good.replace("0123", "XY23").parse::<JoinToken>(),
+            Err(TokenFormatError::Part("id", 16))
+        );
     }
 
     #[test]

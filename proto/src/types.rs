@@ -3,7 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds since the Unix epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct UnixMillis(pub u64);
 
@@ -196,7 +198,8 @@ pub struct HealthReport {
     pub swap_total_bytes: u64,
     /// Swap in use.
     pub swap_used_bytes: u64,
-    /// PSI `some avg10` for memory (percent of time some task stalled on memory), where the kernel has it.
+    /// PSI `some avg10` for memory (percent of time some task stalled on memory), where the kernel
+    /// has it.
     pub memory_pressure_avg10: Option<f32>,
     /// Mounted filesystems backed by storage (no proc, sysfs, tmpfs...).
     pub filesystems: Vec<FilesystemUsage>,
@@ -208,7 +211,9 @@ impl HealthReport {
         if self.memory_total_bytes == 0 {
             return 0.0;
         }
-        let used = self.memory_total_bytes.saturating_sub(self.memory_available_bytes);
+        let used = self
+            .memory_total_bytes
+            .saturating_sub(self.memory_available_bytes);
         used as f64 * 100.0 / self.memory_total_bytes as f64
     }
 }

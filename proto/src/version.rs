@@ -1,12 +1,12 @@
 //! The protocol version and the rule for mixed-version fleets.
 //!
-//! Each side announces the range of versions it speaks; the pair talks the highest version both speak.
-//! A release always keeps speaking the previous version (`SUPPORTED.min == PROTOCOL_VERSION - 1` once there
-//! is one), because a rolling upgrade is a fleet of adjacent versions.
+//! Each side announces the range of versions it speaks; the pair talks the highest version both
+//! speak. A release always keeps speaking the previous version (`SUPPORTED.min == PROTOCOL_VERSION
+//! - 1` once there is one), because a rolling upgrade is a fleet of adjacent versions.
 //!
-//! Compatibility rule for postcard (which is not self-describing): a message's payload never changes once
-//! released. A new version adds new enum variants at the end, and a sender only sends what the negotiated
-//! version knows.
+//! Compatibility rule for postcard (which is not self-describing): a message's payload never
+//! changes once released. A new version adds new enum variants at the end, and a sender only sends
+//! what the negotiated version knows.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,7 +14,10 @@ use serde::{Deserialize, Serialize};
 pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Every version this build speaks.
-pub const SUPPORTED: VersionRange = VersionRange { min: 1, max: PROTOCOL_VERSION };
+pub const SUPPORTED: VersionRange = VersionRange {
+    min: 1,
+    max: PROTOCOL_VERSION,
+};
 
 /// What each protocol version added, newest last (date, version, change).
 pub const PROTOCOL_HISTORY: &[(&str, u16, &str)] = &[
@@ -89,7 +92,9 @@ impl std::fmt::Display for VersionRange {
 #[non_exhaustive]
 pub enum VersionError {
     /// The peer only speaks versions older than anything we speak.
-    #[error("peer speaks protocol {peer}, which is older than this side's {local}: upgrade the peer")]
+    #[error(
+        "peer speaks protocol {peer}, which is older than this side's {local}: upgrade the peer"
+    )]
     PeerTooOld {
         /// Our range.
         local: VersionRange,
@@ -97,7 +102,9 @@ pub enum VersionError {
         peer: VersionRange,
     },
     /// The peer only speaks versions newer than anything we speak.
-    #[error("peer speaks protocol {peer}, which is newer than this side's {local}: upgrade this side")]
+    #[error(
+        "peer speaks protocol {peer}, which is newer than this side's {local}: upgrade this side"
+    )]
     PeerTooNew {
         /// Our range.
         local: VersionRange,
@@ -156,7 +163,10 @@ mod tests {
 
     #[test]
     fn empty_range_is_refused() {
-        assert_eq!(negotiate(r(1, 1), r(2, 1)), Err(VersionError::Invalid(r(2, 1))));
+        assert_eq!(
+            negotiate(r(1, 1), r(2, 1)),
+            Err(VersionError::Invalid(r(2, 1)))
+        );
     }
 
     #[test]

@@ -23,8 +23,8 @@ pub struct Bins {
 const NAMES: [&str; 3] = ["shoal-controller", "shoal-agent", "shoalctl"];
 
 impl Bins {
-    /// Locates the binaries: in `$SHOAL_BIN_DIR` if set; otherwise next to the running executable, or one
-    /// level up when it runs from `target/<profile>/deps/` (as test executables do).
+    /// Locates the binaries: in `$SHOAL_BIN_DIR` if set; otherwise next to the running executable,
+    /// or one level up when it runs from `target/<profile>/deps/` (as test executables do).
     pub fn locate() -> Result<Self> {
         if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
             let dir = PathBuf::from(dir);

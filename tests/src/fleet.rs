@@ -1,4 +1,5 @@
-//! A fleet: one controller and N agents, each in its own network namespace on one LAN, driven with `shoalctl`.
+//! A fleet: one controller and N agents, each in its own network namespace on one LAN, driven with
+//! `shoalctl`.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -22,7 +23,8 @@ pub const CONTROLLER_PORT: u16 = 7440;
 pub const API_PORT: u16 = 7441;
 /// How long one `shoalctl` invocation may take before it is killed.
 pub const CTL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Environment variable: when set (non-empty), a fleet's temporary directory (data dirs, logs) is kept.
+/// Environment variable: when set (non-empty), a fleet's temporary directory (data dirs, logs) is
+/// kept.
 pub const KEEP_ENV: &str = "SHOAL_KEEP_LOGS";
 
 const LAN: &str = "lan";
@@ -33,8 +35,9 @@ const CONTROLLER_HOST: &str = "controller";
 pub struct FleetConfig {
     /// Agents started (and, with `wait_up`, awaited) by [`Fleet::start`]. Default 3.
     pub agents: usize,
-    /// The LAN's subnet; the controller gets `.1`, agents the following addresses. Default `10.77.1.0/24`.
-    /// Subnets of different fleets may overlap: each LAN lives in namespaces of its own.
+    /// The LAN's subnet; the controller gets `.1`, agents the following addresses. Default
+    /// `10.77.1.0/24`. Subnets of different fleets may overlap: each LAN lives in namespaces of its
+    /// own.
     pub subnet: String,
     /// `--heartbeat-interval` for the controller, or `None` for its built-in default. Default `1s`.
     pub heartbeat_interval: Option<String>,
@@ -48,7 +51,8 @@ pub struct FleetConfig {
     pub wait_up: bool,
     /// Deadline for the controller to answer and for the agents to come up. Default 60 s.
     pub startup_timeout: Duration,
-    /// Extra arguments appended to every agent's command line (e.g. `--overlay-cc bbr`). Default none.
+    /// Extra arguments appended to every agent's command line (e.g. `--overlay-cc bbr`). Default
+    /// none.
     pub agent_args: Vec<String>,
     /// Extra arguments appended to the controller's `serve` command line (e.g. `--release-key F`).
     /// Default none.
@@ -98,7 +102,8 @@ impl FleetConfig {
         self
     }
 
-    /// The time after which a silent node must be "down": heartbeat × down-after (defaults 1 s × 3).
+    /// The time after which a silent node must be "down": heartbeat × down-after (defaults 1 s ×
+    /// 3).
     pub fn down_window(&self) -> Duration {
         let hb = self
             .heartbeat_interval
@@ -132,8 +137,8 @@ pub struct Agent {
     pub proc: Proc,
 }
 
-/// A controller and its agents, each in a namespace of its own on one LAN. `Drop` kills every process,
-/// prints all logs if the thread is panicking, and deletes the namespaces.
+/// A controller and its agents, each in a namespace of its own on one LAN. `Drop` kills every
+/// process, prints all logs if the thread is panicking, and deletes the namespaces.
 #[derive(Debug)]
 pub struct Fleet {
     cfg: FleetConfig,
@@ -221,7 +226,8 @@ impl Fleet {
         Ok(())
     }
 
-    /// The configuration, to change how agents added from now on start (`agent_program`, `agent_args`).
+    /// The configuration, to change how agents added from now on start (`agent_program`,
+    /// `agent_args`).
     pub fn config_mut(&mut self) -> &mut FleetConfig {
         &mut self.cfg
     }
@@ -289,7 +295,8 @@ impl Fleet {
             .unwrap_or(Path::new("/nonexistent"))
     }
 
-    /// Waits until `admin.conf` exists and `shoalctl nodes list` succeeds; aborts if the controller exits.
+    /// Waits until `admin.conf` exists and `shoalctl nodes list` succeeds; aborts if the controller
+    /// exits.
     pub fn wait_controller_ready(&mut self) -> Result<()> {
         let timeout = self.cfg.startup_timeout;
         eventually(
@@ -382,12 +389,15 @@ impl Fleet {
         as_array(self.ctl_json(&["nodes", "list"])?, "nodes list")
     }
 
-    /// The whole event log, oldest first: `shoalctl events -o json`, then `--after SEQ` for the next
-    /// page until one comes back empty (the API returns at most 1000 events per call).
+    /// The whole event log, oldest first: `shoalctl events -o json`, then `--after SEQ` for the
+    /// next page until one comes back empty (the API returns at most 1000 events per call).
     pub fn events(&self) -> Result<Vec<Value>> {
         let mut all = as_array(self.ctl_json(&["events"])?, "events")?;
         while let Some(last) = all.last().and_then(|e| e["seq"].as_u64()) {
-            let page = as_array(self.ctl_json(&["events", "--after", &last.to_string()])?, "events")?;
+            let page = as_array(
+                self.ctl_json(&["events", "--after", &last.to_string()])?,
+                "events",
+            )?;
             if page.is_empty() {
                 break;
             }
@@ -420,12 +430,13 @@ impl Fleet {
         self.add_agent_on(token, LAN)
     }
 
-    /// Adds an agent behind a NAT router of its own (`nat-<n>`, private LAN `lan-<n>`, 10.200.n.0/24) whose
-    /// public side is on the fleet's LAN, where the controller is.
+    /// Adds an agent behind a NAT router of its own (`nat-<n>`, private LAN `lan-<n>`,
+    /// 10.200.n.0/24) whose public side is on the fleet's LAN, where the controller is.
     pub fn add_agent_behind_nat(&mut self, token: &str, mode: NatMode) -> Result<usize> {
         let number = self.agents.len() + 1;
         let (router, lan) = (format!("nat-{number}"), format!("lan-{number}"));
-        self.topo.add_nat_router(&router, LAN, &lan, &format!("10.200.{number}.0/24"), mode)?;
+        self.topo
+            .add_nat_router(&router, LAN, &lan, &format!("10.200.{number}.0/24"), mode)?;
         self.add_agent_on(token, &lan)
     }
 
@@ -448,8 +459,14 @@ impl Fleet {
         let netns = self.topo.host(&hostname)?.ns_name().to_string();
         let state_dir = self.dir().join(&hostname);
         std::fs::create_dir_all(&state_dir)?;
-        let machine_id = claimed.map(str::to_owned).unwrap_or_else(|| format!("{}-agent-{number}", self.cfg.machine_id_prefix));
-        let program = self.cfg.agent_program.clone().unwrap_or_else(|| self.bins.agent.clone());
+        let machine_id = claimed
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("{}-agent-{number}", self.cfg.machine_id_prefix));
+        let program = self
+            .cfg
+            .agent_program
+            .clone()
+            .unwrap_or_else(|| self.bins.agent.clone());
         let mut spec = ProcSpec::new(&hostname, &program, self.dir().join("logs"))
             .netns(&netns)
             .hostname(&hostname)
@@ -502,8 +519,8 @@ impl Fleet {
         node_id(node)
     }
 
-    /// Waits until every agent whose process is running has an "up" node; aborts if the controller or an
-    /// agent exits.
+    /// Waits until every agent whose process is running has an "up" node; aborts if the controller
+    /// or an agent exits.
     pub fn wait_all_up(&mut self, timeout: Duration) -> Result<()> {
         eventually(timeout, "every agent's node to be \"up\"", || {
             self.check_running().map_err(|e| abort(format!("{e:#}")))?;

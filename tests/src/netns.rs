@@ -1,15 +1,17 @@
 //! Network namespaces and the topologies built from them.
 //!
-//! Every namespace this harness creates is named `shl-<pid>-<n>-<role>`: `<pid>` is the test process, `<n>` a
-//! per-process counter, so parallel tests (threads or processes) never collide, and a later run can tell a
-//! namespace left behind by a process that died (its pid is gone) and sweep it. Interfaces are created
-//! directly inside the namespaces (never in the root namespace), so their names only have to be unique per
-//! namespace and stay within the kernel's 15-character limit.
+//! Every namespace this harness creates is named `shl-<pid>-<n>-<role>`: `<pid>` is the test
+//! process, `<n>` a per-process counter, so parallel tests (threads or processes) never collide,
+//! and a later run can tell a namespace left behind by a process that died (its pid is gone) and
+//! sweep it. Interfaces are created directly inside the namespaces (never in the root namespace),
+//! so their names only have to be unique per namespace and stay within the kernel's 15-character
+//! limit.
 //!
-//! NAT routers ([`Topology::add_nat_router`]) are hosts with one leg on a "public" LAN and one on a private
-//! LAN they create and serve as gateway for; hosts later connected to that private LAN get a default route
-//! through it. [`NatMode`] picks the mapping behaviour, and [`Topology::block_udp_between`] cuts direct UDP
-//! between two routers mid-flow while both still reach everything else.
+//! NAT routers ([`Topology::add_nat_router`]) are hosts with one leg on a "public" LAN and one on a
+//! private LAN they create and serve as gateway for; hosts later connected to that private LAN get
+//! a default route through it. [`NatMode`] picks the mapping behaviour, and
+//! [`Topology::block_udp_between`] cuts direct UDP between two routers mid-flow while both still
+//! reach everything else.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -123,8 +125,8 @@ fn delete_namespace(name: &str) {
         .status();
 }
 
-/// Deletes namespaces left behind by test processes that no longer exist (killed before their `Drop` ran).
-/// Runs once per process, before the first namespace is created.
+/// Deletes namespaces left behind by test processes that no longer exist (killed before their
+/// `Drop` ran). Runs once per process, before the first namespace is created.
 pub fn sweep_stale_namespaces() {
     SWEEP.call_once(|| {
         let me = std::process::id().to_string();
@@ -192,8 +194,8 @@ impl Netns {
         namespace_pids(&self.name)
     }
 
-    /// Runs `f` on a thread that has entered this namespace, so the sockets `f` opens live in it (and keep
-    /// living in it when handed back to other threads).
+    /// Runs `f` on a thread that has entered this namespace, so the sockets `f` opens live in it
+    /// (and keep living in it when handed back to other threads).
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
         let path = Path::new("/run/netns").join(&self.name);
         let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -366,8 +368,8 @@ impl Lan {
         &self.name
     }
 
-    /// The router serving this LAN (a private LAN made by [`Topology::add_nat_router`]): hosts connected
-    /// to the LAN get a default route through it.
+    /// The router serving this LAN (a private LAN made by [`Topology::add_nat_router`]): hosts
+    /// connected to the LAN get a default route through it.
     pub fn gateway(&self) -> Option<Ipv4Addr> {
         self.gateway
     }
@@ -376,16 +378,18 @@ impl Lan {
 /// How a NAT router maps a private host's UDP source address to a public one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NatMode {
-    /// `MASQUERADE`: a socket keeps one public mapping (Linux keeps the source port when it is free) for
-    /// every destination, so a peer can reach it at the address a third party observed ("full cone" mapping
-    /// with address-and-port-dependent filtering, like most home routers).
+    /// `MASQUERADE`: a socket keeps one public mapping (Linux keeps the source port when it is
+    /// free) for every destination, so a peer can reach it at the address a third party observed
+    /// ("full cone" mapping with address-and-port-dependent filtering, like most home routers).
     EndpointIndependent,
-    /// `MASQUERADE --random-fully`: every new destination gets a new random public port ("symmetric" NAT);
-    /// an observed address is useless to other peers, so hole punching needs a relay or port prediction.
+    /// `MASQUERADE --random-fully`: every new destination gets a new random public port
+    /// ("symmetric" NAT); an observed address is useless to other peers, so hole punching needs a
+    /// relay or port prediction.
     EndpointDependent,
 }
 
-/// A NAT router made by [`Topology::add_nat_router`]; also a [`Host`] of the topology under the same name.
+/// A NAT router made by [`Topology::add_nat_router`]; also a [`Host`] of the topology under the
+/// same name.
 #[derive(Debug, Clone)]
 pub struct Router {
     name: String,
@@ -421,8 +425,9 @@ impl Router {
     }
 }
 
-/// A set of namespaces (hosts and LANs) torn down together on `Drop`: processes inside are killed, then the
-/// namespaces deleted. Addresses exist only inside these namespaces; the root namespace is never touched.
+/// A set of namespaces (hosts and LANs) torn down together on `Drop`: processes inside are killed,
+/// then the namespaces deleted. Addresses exist only inside these namespaces; the root namespace is
+/// never touched.
 #[derive(Debug)]
 pub struct Topology {
     id: String,
@@ -507,8 +512,9 @@ impl Topology {
     }
 
     /// Plugs `host` into `lan` with address `addr`; returns the new interface. When the LAN has a
-    /// [gateway](Lan::gateway) (other than `host` itself) and `host` has no default route yet, a default route
-    /// through the gateway is added, so a host behind a NAT router reaches the public LAN.
+    /// [gateway](Lan::gateway) (other than `host` itself) and `host` has no default route yet, a
+    /// default route through the gateway is added, so a host behind a NAT router reaches the public
+    /// LAN.
     pub fn connect_with_addr(&mut self, host: &str, lan: &str, addr: Ipv4Addr) -> Result<Iface> {
         let l = self.lans.get(lan).ok_or_else(|| anyhow!("no LAN {lan}"))?;
         let h = self
@@ -612,15 +618,17 @@ impl Topology {
         Ok(())
     }
 
-    /// Adds a NAT router `name`: a host plugged into the existing (public) LAN `wan_lan` with that LAN's
-    /// next free address, and into a new private LAN `lan_name` (`lan_subnet`) as its first address and
-    /// gateway. IPv4 forwarding is on, and traffic leaving through the WAN interface is masqueraded as
-    /// `mode` says. Hosts connected to `lan_name` afterwards get a default route through the router.
+    /// Adds a NAT router `name`: a host plugged into the existing (public) LAN `wan_lan` with that
+    /// LAN's next free address, and into a new private LAN `lan_name` (`lan_subnet`) as its first
+    /// address and gateway. IPv4 forwarding is on, and traffic leaving through the WAN interface is
+    /// masqueraded as `mode` says. Hosts connected to `lan_name` afterwards get a default route
+    /// through the router.
     ///
-    /// Like a home router, it drops unsolicited UDP addressed to itself on its WAN side (`INPUT` filter).
-    /// Besides being realistic, this matters for hole punching: a punch packet that arrives before the
-    /// router has the matching mapping is dropped before its conntrack entry is confirmed, so it cannot
-    /// hold the reply tuple and push the private host's later mapping onto another port.
+    /// Like a home router, it drops unsolicited UDP addressed to itself on its WAN side (`INPUT`
+    /// filter). Besides being realistic, this matters for hole punching: a punch packet that
+    /// arrives before the router has the matching mapping is dropped before its conntrack entry is
+    /// confirmed, so it cannot hold the reply tuple and push the private host's later mapping onto
+    /// another port.
     pub fn add_nat_router(
         &mut self,
         name: &str,
@@ -682,8 +690,8 @@ impl Topology {
             .ok_or_else(|| anyhow!("no NAT router {name}"))
     }
 
-    /// The `FORWARD` rules that drop UDP between router `from` and router `other`'s WAN address, in both
-    /// directions (to it, leaving `from`; from it, entering `from`'s private LAN).
+    /// The `FORWARD` rules that drop UDP between router `from` and router `other`'s WAN address, in
+    /// both directions (to it, leaving `from`; from it, entering `from`'s private LAN).
     fn block_rules(&self, from: &str, other: &str) -> Result<(&Netns, [Vec<String>; 2])> {
         let peer = self.router(other)?.wan_addr().to_string();
         let ns = self.host(self.router(from)?.name())?.netns();
@@ -697,9 +705,10 @@ impl Topology {
     }
 
     /// Drops all UDP between routers `router_a` and `router_b` (both directions, in both routers'
-    /// `FORWARD` chains), as if a firewall between them started filtering it. Each still reaches every other
-    /// address, e.g. a controller on the public LAN. Their NAT mappings (conntrack entries) are kept, so after
-    /// [`Topology::unblock_udp_between`] a flow resumes on the same public ports. Idempotent.
+    /// `FORWARD` chains), as if a firewall between them started filtering it. Each still reaches
+    /// every other address, e.g. a controller on the public LAN. Their NAT mappings (conntrack
+    /// entries) are kept, so after [`Topology::unblock_udp_between`] a flow resumes on the same
+    /// public ports. Idempotent.
     pub fn block_udp_between(&self, router_a: &str, router_b: &str) -> Result<()> {
         for (from, other) in [(router_a, router_b), (router_b, router_a)] {
             let (ns, rules) = self.block_rules(from, other)?;
@@ -740,7 +749,8 @@ impl Topology {
     }
 }
 
-/// `iptables -w ARGS…` inside `ns` (`-w`: wait for the xtables lock, which is shared by all namespaces).
+/// `iptables -w ARGS…` inside `ns` (`-w`: wait for the xtables lock, which is shared by all
+/// namespaces).
 fn iptables(ns: &Netns, args: &[&str]) -> Result<String> {
     let mut all = vec!["-w"];
     all.extend_from_slice(args);
@@ -766,7 +776,12 @@ pub fn run_in(ns: &str, program: &str, args: &[&str], timeout: Duration) -> Resu
 
 /// The IPv4 address of interface `dev` in namespace `ns` (e.g. an agent's `shoal0`).
 pub fn ipv4_of(ns: &str, dev: &str) -> Result<Ipv4Addr> {
-    let out = run_in(ns, "ip", &["-4", "-o", "addr", "show", "dev", dev], Duration::from_secs(5))?;
+    let out = run_in(
+        ns,
+        "ip",
+        &["-4", "-o", "addr", "show", "dev", dev],
+        Duration::from_secs(5),
+    )?;
     let addr = out
         .split_whitespace()
         .skip_while(|w| *w != "inet")
@@ -775,7 +790,6 @@ pub fn ipv4_of(ns: &str, dev: &str) -> Result<Ipv4Addr> {
         .with_context(|| format!("no IPv4 address on {dev} in {ns}: {out}"))?;
     Ok(addr.parse()?)
 }
-
 
 #[cfg(test)]
 mod tests {

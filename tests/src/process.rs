@@ -1,5 +1,6 @@
-//! A supervisor for the processes of a host test: each runs (optionally) inside a network namespace and a
-//! UTS namespace of its own, with stdout and stderr appended to one log file, and is killed on `Drop`.
+//! A supervisor for the processes of a host test: each runs (optionally) inside a network namespace
+//! and a UTS namespace of its own, with stdout and stderr appended to one log file, and is killed
+//! on `Drop`.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
@@ -73,7 +74,8 @@ impl ProcSpec {
         self
     }
 
-    /// Runs in a UTS namespace of its own with this hostname, so hosts sharing one kernel look distinct.
+    /// Runs in a UTS namespace of its own with this hostname, so hosts sharing one kernel look
+    /// distinct.
     pub fn hostname(mut self, h: &str) -> Self {
         self.hostname = Some(h.to_string());
         self
@@ -100,7 +102,8 @@ impl ProcSpec {
             argv.extend(["ip", "netns", "exec", ns.as_str()].map(OsString::from));
         }
         if let Some(h) = &self.hostname {
-            // unshare and sh both exec, so the pid we hold is the program's own and signals reach it.
+            // unshare and sh both exec, so the pid we hold is the program's own and signals reach
+            // it.
             argv.extend(
                 [
                     "unshare",
@@ -158,7 +161,8 @@ impl Proc {
         cmd.stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
-            // Its own process group: a Ctrl-C at the terminal reaches the harness, which then tears down in order.
+            // Its own process group: a Ctrl-C at the terminal reaches the harness, which then tears
+            // down in order.
             .process_group(0);
         let child = cmd
             .spawn()
@@ -268,7 +272,8 @@ impl Proc {
         self.kill()
     }
 
-    /// Starts it again with the same command line, killing it first if it still runs. The log is appended to.
+    /// Starts it again with the same command line, killing it first if it still runs. The log is
+    /// appended to.
     pub fn restart(&mut self) -> Result<()> {
         if self.child.is_some() {
             self.kill()?;
@@ -276,8 +281,8 @@ impl Proc {
         self.start()
     }
 
-    /// Like [`Proc::restart`], with `args` appended to its command line first (kept for later restarts),
-    /// e.g. a controller restarted with a test hook turned on.
+    /// Like [`Proc::restart`], with `args` appended to its command line first (kept for later
+    /// restarts), e.g. a controller restarted with a test hook turned on.
     pub fn restart_with_args<I, S>(&mut self, args: I) -> Result<()>
     where
         I: IntoIterator<Item = S>,
@@ -286,11 +291,14 @@ impl Proc {
         if self.child.is_some() {
             self.kill()?;
         }
-        self.spec.args.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self.spec
+            .args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
         self.start()
     }
 
-    /// Replaces the value after `flag` in the arguments of the next (re)start (appends both if absent).
+    /// Replaces the value after `flag` in the arguments of the next (re)start (appends both if
+    /// absent).
     pub fn set_arg(&mut self, flag: &str, value: &str) {
         let args = &mut self.spec.args;
         match args.iter().position(|a| a == flag) {
@@ -367,8 +375,8 @@ pub fn dump_logs<'a>(logs: impl IntoIterator<Item = (&'a str, &'a Path)>) {
     }
 }
 
-/// Prints the logs it watches when dropped during a panic: keep one alive for the length of a test that
-/// runs its own [`Proc`]s (a [`crate::Fleet`] does this by itself).
+/// Prints the logs it watches when dropped during a panic: keep one alive for the length of a test
+/// that runs its own [`Proc`]s (a [`crate::Fleet`] does this by itself).
 #[derive(Debug, Default)]
 pub struct PanicLogs {
     logs: Vec<(String, PathBuf)>,
@@ -466,7 +474,8 @@ mod tests {
 
     #[test]
     fn children_start_with_no_blocked_signals() {
-        // shoal-demo blocks SIGINT/SIGTERM in its own threads; the processes it supervises must still get them.
+        // shoal-demo blocks SIGINT/SIGTERM in its own threads; the processes it supervises must
+        // still get them.
         std::thread::spawn(|| {
             let mut set = nix::sys::signal::SigSet::empty();
             set.add(Signal::SIGTERM);

@@ -1,10 +1,10 @@
-//! Agent releases for host tests: a release signing key made with `openssl`, other versions of the agent
-//! made by patching its version slot, install directories an update may replace the binary in, and the
-//! `shoalctl release` calls around them.
+//! Agent releases for host tests: a release signing key made with `openssl`, other versions of the
+//! agent made by patching its version slot, install directories an update may replace the binary
+//! in, and the `shoalctl release` calls around them.
 //!
-//! A "new version" is the same agent binary with its version slot patched (`shoal_agent::version`): a
-//! different file (different hash, signed separately) that reports a different version, made without a
-//! second cargo build, which in another target directory would rebuild every dependency.
+//! A "new version" is the same agent binary with its version slot patched (`shoal_agent::version`):
+//! a different file (different hash, signed separately) that reports a different version, made
+//! without a second cargo build, which in another target directory would rebuild every dependency.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,7 +14,8 @@ use serde_json::Value;
 
 use crate::Fleet;
 
-/// The bytes before the version slot in the agent binary (`shoal_agent::version::VERSION_SLOT_MAGIC`).
+/// The bytes before the version slot in the agent binary
+/// (`shoal_agent::version::VERSION_SLOT_MAGIC`).
 pub const SLOT_MAGIC: &[u8; 16] = b"\0SHOALVERSLOT\x01\x02\0";
 /// The length of the version slot (NUL-padded).
 pub const SLOT_LEN: usize = 64;
@@ -66,9 +67,9 @@ impl ReleaseKey {
     }
 }
 
-/// A copy of `agent` without its debug info (`strip --strip-debug`), as `out/shoal-agent-stripped`: what
-/// a release usually ships, and a quarter of the size of a debug build, so that downloads are quick.
-/// The version slot is kept. Where `strip` cannot run, the copy is the unstripped binary.
+/// A copy of `agent` without its debug info (`strip --strip-debug`), as `out/shoal-agent-stripped`:
+/// what a release usually ships, and a quarter of the size of a debug build, so that downloads are
+/// quick. The version slot is kept. Where `strip` cannot run, the copy is the unstripped binary.
 pub fn stripped(agent: &Path, out: &Path) -> Result<PathBuf> {
     let path = out.join("shoal-agent-stripped");
     if let Err(e) = run(Command::new("strip")

@@ -1,4 +1,5 @@
-//! Deadline-bounded waits. Every timeout in a host test is a deadline for one of these, never a bare sleep.
+//! Deadline-bounded waits. Every timeout in a host test is a deadline for one of these, never a
+//! bare sleep.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -8,8 +9,8 @@ use anyhow::{Error, Result};
 /// How often [`eventually`] and [`consistently`] re-evaluate their condition.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(150);
 
-/// An error that makes [`eventually`] give up at once instead of retrying until the deadline, e.g. "the
-/// controller process exited" while waiting for it to answer. Build one with [`abort`].
+/// An error that makes [`eventually`] give up at once instead of retrying until the deadline, e.g.
+/// "the controller process exited" while waiting for it to answer. Build one with [`abort`].
 #[derive(Debug)]
 pub struct Abort(pub String);
 
@@ -30,9 +31,9 @@ fn is_abort(e: &Error) -> bool {
     e.chain().any(|c| c.downcast_ref::<Abort>().is_some())
 }
 
-/// Polls `f` every [`POLL_INTERVAL`] until it returns `Ok`, for at most `timeout`. On timeout the error says
-/// what was awaited (`desc`), for how long, how many attempts were made, and the last error `f` returned.
-/// An error built with [`abort`] ends the wait at once.
+/// Polls `f` every [`POLL_INTERVAL`] until it returns `Ok`, for at most `timeout`. On timeout the
+/// error says what was awaited (`desc`), for how long, how many attempts were made, and the last
+/// error `f` returned. An error built with [`abort`] ends the wait at once.
 pub fn eventually<T>(timeout: Duration, desc: &str, mut f: impl FnMut() -> Result<T>) -> Result<T> {
     let start = Instant::now();
     let deadline = start + timeout;
@@ -60,8 +61,9 @@ pub fn eventually<T>(timeout: Duration, desc: &str, mut f: impl FnMut() -> Resul
     }
 }
 
-/// Checks that `f` keeps returning `Ok` for the whole of `duration` (polled every [`POLL_INTERVAL`], at
-/// least twice). Use it to assert that something does *not* happen, e.g. a removed node does not come back.
+/// Checks that `f` keeps returning `Ok` for the whole of `duration` (polled every
+/// [`POLL_INTERVAL`], at least twice). Use it to assert that something does *not* happen, e.g. a
+/// removed node does not come back.
 pub fn consistently(
     duration: Duration,
     desc: &str,
@@ -84,8 +86,8 @@ pub fn consistently(
     }
 }
 
-/// `eventually!(timeout, || expr)` is [`eventually`] with the closure's source text as its description;
-/// `eventually!(timeout, "desc", || expr)` names it explicitly.
+/// `eventually!(timeout, || expr)` is [`eventually`] with the closure's source text as its
+/// description; `eventually!(timeout, "desc", || expr)` names it explicitly.
 #[macro_export]
 macro_rules! eventually {
     ($timeout:expr, $desc:expr, $f:expr $(,)?) => {

@@ -1,8 +1,10 @@
-//! The control plane end to end, as an operator sees it through `shoalctl`: a controller and agents as real
-//! processes, each in its own network namespace on one LAN. The controller runs with a 1 s heartbeat and
-//! marks a node down after 3 missed heartbeats, so every wait below is a few seconds at most.
+//! The control plane end to end, as an operator sees it through `shoalctl`: a controller and agents
+//! as real processes, each in its own network namespace on one LAN. The controller runs with a 1 s
+//! heartbeat and marks a node down after 3 missed heartbeats, so every wait below is a few seconds
+//! at most.
 //!
-//! Needs root (skips with a reason otherwise, fails under CI) and the binaries: `cargo build --workspace --bins`.
+//! Needs root (skips with a reason otherwise, fails under CI) and the binaries: `cargo build
+//! --workspace --bins`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
@@ -13,14 +15,15 @@ use shoal_tests::fleet::{as_array, brief, has_mac, node_id, parse_time};
 use shoal_tests::process::describe_status;
 use shoal_tests::{consistently, eventually, require_host_tests, Fleet, FleetConfig, OrPanic};
 
-/// Slack on top of the configured down window (heartbeat × down-after) for a 2-core machine under load.
+/// Slack on top of the configured down window (heartbeat × down-after) for a 2-core machine under
+/// load.
 const DOWN_SLACK: Duration = Duration::from_secs(4);
 /// Deadline for an agent to (re)connect and be reported "up".
 const UP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Deadline for agents to notice that the controller died (`kill -9`: no QUIC close reaches them) and to
-/// reconnect to its successor. The successor keeps the QUIC stateless-reset key, so an agent's next
-/// packet is answered with a reset and it reconnects within a heartbeat or two; missing this deadline
-/// usually means the agents sat out QUIC's 30 s idle timeout instead.
+/// Deadline for agents to notice that the controller died (`kill -9`: no QUIC close reaches them)
+/// and to reconnect to its successor. The successor keeps the QUIC stateless-reset key, so an
+/// agent's next packet is answered with a reset and it reconnects within a heartbeat or two;
+/// missing this deadline usually means the agents sat out QUIC's 30 s idle timeout instead.
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Deadline for a refused agent to exit.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -150,8 +153,8 @@ fn check_registration(fleet: &Fleet) -> Result<()> {
     Ok(())
 }
 
-/// (b) A killed agent is "down" within the window (not at once), shows in the report (f) and events (g),
-/// and is "up" again under the same id when restarted.
+/// (b) A killed agent is "down" within the window (not at once), shows in the report (f) and events
+/// (g), and is "up" again under the same id when restarted.
 fn check_down_and_back(fleet: &mut Fleet) -> Result<()> {
     let victim = 1;
     let id = fleet.node_id(victim)?;
@@ -308,8 +311,8 @@ fn check_down_and_back(fleet: &mut Fleet) -> Result<()> {
     Ok(())
 }
 
-/// A host cut off the network (its agent still running) is "down" within the window, and "up" again under
-/// the same id once its cable is back, without anyone restarting the agent.
+/// A host cut off the network (its agent still running) is "down" within the window, and "up" again
+/// under the same id once its cable is back, without anyone restarting the agent.
 fn check_partition(fleet: &mut Fleet) -> Result<()> {
     let victim = 2;
     let id = fleet.node_id(victim)?;
@@ -373,8 +376,8 @@ fn agents_enrol_with_inventory_and_go_down_and_back_up_under_the_same_id() {
         .or_panic();
 }
 
-/// (c) After `kill -9` and a restart on the same data dir, the controller still knows every node, and the
-/// agents reconnect by themselves (their `last_seen` moves past the restart).
+/// (c) After `kill -9` and a restart on the same data dir, the controller still knows every node,
+/// and the agents reconnect by themselves (their `last_seen` moves past the restart).
 fn check_controller_restart(fleet: &mut Fleet) -> Result<()> {
     let before: BTreeMap<String, String> = (0..3)
         .map(|i| Ok((fleet.agents()[i].hostname.clone(), fleet.node_id(i)?)))
@@ -435,7 +438,8 @@ const REFUSAL_WORDS: &[&str] = &[
     "unknown node",
 ];
 
-/// (d) A removed node disappears, its agent is refused and says so, and the node does not come back.
+/// (d) A removed node disappears, its agent is refused and says so, and the node does not come
+/// back.
 fn check_removal(fleet: &mut Fleet) -> Result<()> {
     let victim = 0;
     let id = fleet.node_id(victim)?;
@@ -509,7 +513,8 @@ fn controller_restart_keeps_nodes_and_removed_nodes_stay_removed() {
         .or_panic();
 }
 
-/// Waits for agent `i` to exit and checks it was refused: exit code 2 and one of `words` in its log.
+/// Waits for agent `i` to exit and checks it was refused: exit code 2 and one of `words` in its
+/// log.
 fn check_refused(fleet: &mut Fleet, i: usize, words: &[&str]) -> Result<()> {
     let agent = fleet.agent(i);
     let status = agent
@@ -552,8 +557,8 @@ fn wait_token_state(fleet: &Fleet, tag: &str, state: &str) -> Result<()> {
     })
 }
 
-/// (e) Expired, used-up and revoked tokens are refused: the agent exits with code 2 and says why, and no
-/// node is created for it. The node that did enrol carries its token's labels.
+/// (e) Expired, used-up and revoked tokens are refused: the agent exits with code 2 and says why,
+/// and no node is created for it. The node that did enrol carries its token's labels.
 fn check_tokens(fleet: &mut Fleet) -> Result<()> {
     let short = fleet.create_token(&["--ttl", "1s", "--uses", "5", "--label", "test=short"])?;
     let once = fleet.create_token(&[
@@ -627,46 +632,95 @@ fn expired_used_up_and_revoked_tokens_are_refused() {
 
 /// The node's events since `after` (by seq).
 fn node_events_after(fleet: &Fleet, node: &str, after: u64) -> Result<Vec<Value>> {
-    Ok(fleet.events()?.into_iter().filter(|e| e["node"] == node && e["seq"].as_u64().unwrap_or(0) > after).collect())
+    Ok(fleet
+        .events()?
+        .into_iter()
+        .filter(|e| e["node"] == node && e["seq"].as_u64().unwrap_or(0) > after)
+        .collect())
 }
 
-/// (f) A second machine on the LAN, holding a valid general token and claiming a live node's hardware
-/// identity, gets no certificate: every attempt is refused and logged, and the real node keeps its
-/// session throughout. When the real node then reboots without its key (a diskless node), its claim
-/// and the impostor's both wait for an operator, who approves the real one and denies the impostor.
+/// (f) A second machine on the LAN, holding a valid general token and claiming a live node's
+/// hardware identity, gets no certificate: every attempt is refused and logged, and the real node
+/// keeps its session throughout. When the real node then reboots without its key (a diskless node),
+/// its claim and the impostor's both wait for an operator, who approves the real one and denies the
+/// impostor.
 fn check_impostor(fleet: &mut Fleet) -> Result<()> {
     fleet.wait_all_up(UP_TIMEOUT)?;
     let node = fleet.node_id(0)?;
     let victim_machine = fleet.agents()[0].machine_id.clone();
-    let start = fleet.events()?.last().and_then(|e| e["seq"].as_u64()).unwrap_or(0);
+    let start = fleet
+        .events()?
+        .last()
+        .and_then(|e| e["seq"].as_u64())
+        .unwrap_or(0);
     let token = fleet.create_token(&["--label", "test=impostor"])?;
     let impostor = fleet.add_agent_claiming(&token, &victim_machine)?;
 
-    eventually!(UP_TIMEOUT, "the impostor's claims to be refused and logged", || {
-        let refused: Vec<Value> = node_events_after(fleet, &node, start)?.into_iter().filter(|e| e["kind"] == "claim_refused").collect();
-        ensure!(refused.len() >= 2, "claim_refused events so far: {refused:?}");
-        Ok(())
-    })?;
+    eventually!(
+        UP_TIMEOUT,
+        "the impostor's claims to be refused and logged",
+        || {
+            let refused: Vec<Value> = node_events_after(fleet, &node, start)?
+                .into_iter()
+                .filter(|e| e["kind"] == "claim_refused")
+                .collect();
+            ensure!(
+                refused.len() >= 2,
+                "claim_refused events so far: {refused:?}"
+            );
+            Ok(())
+        }
+    )?;
     // Throughout, the real node stays up on its one connection, and the impostor has nothing.
-    consistently(Duration::from_secs(6), "the real node keeps its session while the impostor retries", || {
-        let nodes = fleet.nodes()?;
-        ensure!(nodes.len() == 1, "the impostor got a node of its own: {}", brief(&nodes));
-        let n = &nodes[0];
-        ensure!(n["id"] == node.as_str() && n["status"] == "up" && n["connected"] == true, "the real node: {n}");
-        let others: Vec<Value> = node_events_after(fleet, &node, start)?.into_iter().filter(|e| e["kind"] != "claim_refused").collect();
-        ensure!(others.is_empty(), "the real node saw more than refusals: {others:?}");
-        Ok(())
-    })?;
+    consistently(
+        Duration::from_secs(6),
+        "the real node keeps its session while the impostor retries",
+        || {
+            let nodes = fleet.nodes()?;
+            ensure!(
+                nodes.len() == 1,
+                "the impostor got a node of its own: {}",
+                brief(&nodes)
+            );
+            let n = &nodes[0];
+            ensure!(
+                n["id"] == node.as_str() && n["status"] == "up" && n["connected"] == true,
+                "the real node: {n}"
+            );
+            let others: Vec<Value> = node_events_after(fleet, &node, start)?
+                .into_iter()
+                .filter(|e| e["kind"] != "claim_refused")
+                .collect();
+            ensure!(
+                others.is_empty(),
+                "the real node saw more than refusals: {others:?}"
+            );
+            Ok(())
+        },
+    )?;
     let certs = as_array(fleet.ctl_json(&["certs", "list", &node])?, "certs list")?;
-    ensure!(certs.len() == 1, "one certificate, the real node's: {certs:?}");
+    ensure!(
+        certs.len() == 1,
+        "one certificate, the real node's: {certs:?}"
+    );
     let impostor_dir = fleet.agents()[impostor].state_dir.clone();
-    ensure!(!impostor_dir.join("node.crt").exists(), "the impostor holds a certificate");
+    ensure!(
+        !impostor_dir.join("node.crt").exists(),
+        "the impostor holds a certificate"
+    );
     let log = fleet.agent(impostor).proc.log();
-    ensure!(log.contains("connected right now"), "the impostor is told why; its log:\n{log}");
+    ensure!(
+        log.contains("connected right now"),
+        "the impostor is told why; its log:\n{log}"
+    );
     let token_info = token_tagged(fleet, "impostor")?;
-    ensure!(token_info["uses"] == 0, "refusals spend no token use: {token_info}");
+    ensure!(
+        token_info["uses"] == 0,
+        "refusals spend no token use: {token_info}"
+    );
 
-    // The real node reboots diskless: its state (and key) is gone; it enrols again with a general token.
+    // The real node reboots diskless: its state (and key) is gone; it enrols again with a general
+    // token.
     let real = fleet.agent(0);
     real.proc.kill()?;
     std::fs::remove_dir_all(&real.state_dir)?;
@@ -677,28 +731,64 @@ fn check_impostor(fleet: &mut Fleet) -> Result<()> {
     let real = &mut fleet.agent(0).proc;
     real.set_arg("--token", &token2);
     real.restart()?;
-    let (real_request, impostor_request) = eventually!(UP_TIMEOUT * 2, "both claims to wait in `nodes pending`", || {
-        let pending = as_array(fleet.ctl_json(&["nodes", "pending"])?, "nodes pending")?;
-        let from = |addr: &str| pending.iter().find(|p| p["remote"].as_str().is_some_and(|r| r.starts_with(&format!("{addr}:")))).cloned();
-        match (from(&real_addr), from(&impostor_addr)) {
-            (Some(r), Some(i)) => Ok((r, i)),
-            _ => bail!("pending: {pending:?}"),
+    let (real_request, impostor_request) = eventually!(
+        UP_TIMEOUT * 2,
+        "both claims to wait in `nodes pending`",
+        || {
+            let pending = as_array(fleet.ctl_json(&["nodes", "pending"])?, "nodes pending")?;
+            let from = |addr: &str| {
+                pending
+                    .iter()
+                    .find(|p| {
+                        p["remote"]
+                            .as_str()
+                            .is_some_and(|r| r.starts_with(&format!("{addr}:")))
+                    })
+                    .cloned()
+            };
+            match (from(&real_addr), from(&impostor_addr)) {
+                (Some(r), Some(i)) => Ok((r, i)),
+                _ => bail!("pending: {pending:?}"),
+            }
         }
-    })?;
+    )?;
     ensure!(real_request["node"] == node.as_str() && impostor_request["node"] == node.as_str());
-    let (real_id, impostor_id) = (str_field(&real_request, "id")?.to_owned(), str_field(&impostor_request, "id")?.to_owned());
+    let (real_id, impostor_id) = (
+        str_field(&real_request, "id")?.to_owned(),
+        str_field(&impostor_request, "id")?.to_owned(),
+    );
     fleet.ctl_ok(&["nodes", "deny", &impostor_id])?;
     fleet.ctl_ok(&["nodes", "approve", &real_id])?;
     eventually!(UP_TIMEOUT, "the real machine back as its own node", || {
         ensure!(fleet.node_id(0)? == node, "not the same node");
         let nodes = fleet.nodes()?;
-        ensure!(nodes.len() == 1 && nodes[0]["status"] == "up" && nodes[0]["connected"] == true, "{}", brief(&nodes));
+        ensure!(
+            nodes.len() == 1 && nodes[0]["status"] == "up" && nodes[0]["connected"] == true,
+            "{}",
+            brief(&nodes)
+        );
         Ok(())
     })?;
-    let status = fleet.agent(impostor).proc.wait_exit(EXIT_TIMEOUT).context("the denied impostor stops")?;
-    ensure!(status.code() == Some(3), "the denied impostor exits 3, not {}", describe_status(&status));
-    let kinds: Vec<String> = node_events_after(fleet, &node, start)?.iter().map(|e| e["kind"].as_str().unwrap_or("").to_owned()).collect();
-    for k in ["enrolment_pending", "enrolment_denied", "enrolment_approved", "reenrolled"] {
+    let status = fleet
+        .agent(impostor)
+        .proc
+        .wait_exit(EXIT_TIMEOUT)
+        .context("the denied impostor stops")?;
+    ensure!(
+        status.code() == Some(3),
+        "the denied impostor exits 3, not {}",
+        describe_status(&status)
+    );
+    let kinds: Vec<String> = node_events_after(fleet, &node, start)?
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap_or("").to_owned())
+        .collect();
+    for k in [
+        "enrolment_pending",
+        "enrolment_denied",
+        "enrolment_approved",
+        "reenrolled",
+    ] {
         ensure!(kinds.iter().any(|x| x == k), "no {k} event among {kinds:?}");
     }
     Ok(())
@@ -708,5 +798,7 @@ fn check_impostor(fleet: &mut Fleet) -> Result<()> {
 fn an_impostor_with_a_valid_token_gets_no_certificate_and_the_live_node_keeps_its_session() {
     require_host_tests!();
     let mut fleet = Fleet::start(FleetConfig::fast().agents(1)).or_panic();
-    check_impostor(&mut fleet).context("(f) impostor").or_panic();
+    check_impostor(&mut fleet)
+        .context("(f) impostor")
+        .or_panic();
 }

@@ -1,8 +1,9 @@
-//! Drives end to end in a VM: a netbooted qemu VM (TCG, q35) running the agent with an emulated NVMe
-//! drive. The drive's SMART data (qemu emulates the NVMe SMART / health log) reaches
-//! `shoalctl drives list`; NVMe drives hot-plugged through QMP `device_add` into PCIe root ports are seen
-//! and handled by the node's drive policy: with `prepare`, a blank one is partitioned, formatted and
-//! mounted under the agent's drive root, and one that holds a filesystem is left alone, byte for byte.
+//! Drives end to end in a VM: a netbooted qemu VM (TCG, q35) running the agent with an emulated
+//! NVMe drive. The drive's SMART data (qemu emulates the NVMe SMART / health log) reaches `shoalctl
+//! drives list`; NVMe drives hot-plugged through QMP `device_add` into PCIe root ports are seen and
+//! handled by the node's drive policy: with `prepare`, a blank one is partitioned, formatted and
+//! mounted under the agent's drive root, and one that holds a filesystem is left alone, byte for
+//! byte.
 //!
 //! Needs root and what the netboot tests need (tests/tests/netboot.rs), plus e2fsprogs on the host.
 
@@ -39,26 +40,47 @@ fn data_image(path: &Path, scratch: &Path) -> Result<()> {
     blank_image(path)?;
     let content = scratch.join("data-drive-content");
     std::fs::create_dir_all(&content)?;
-    std::fs::write(content.join("precious.txt"), "data that must survive a hot-plug\n")?;
+    std::fs::write(
+        content.join("precious.txt"),
+        "data that must survive a hot-plug\n",
+    )?;
     let out = output_with_timeout(
-        std::process::Command::new("mkfs.ext4").args(["-q", "-F", "-L", "precious", "-d"]).arg(&content).arg(path),
+        std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "precious", "-d"])
+            .arg(&content)
+            .arg(path),
         Duration::from_secs(60),
     )?;
-    ensure!(out.status.success(), "mkfs.ext4 {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "mkfs.ext4 {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
 /// `drives list` entries of `node`.
 fn drives(lab: &NetbootLab, node: &str) -> Result<Vec<Value>> {
-    Ok(lab.ctl_list(&["drives", "list"])?.into_iter().filter(|d| d["node"] == node).collect())
+    Ok(lab
+        .ctl_list(&["drives", "list"])?
+        .into_iter()
+        .filter(|d| d["node"] == node)
+        .collect())
 }
 
 /// The entry of `node`'s drive with `serial`, or an error listing what there is.
 fn drive_with_serial(lab: &NetbootLab, node: &str, serial: &str) -> Result<Value> {
     let all = drives(lab, node)?;
-    match all.iter().find(|d| d["serial"].as_str().is_some_and(|s| s.trim() == serial)) {
+    match all
+        .iter()
+        .find(|d| d["serial"].as_str().is_some_and(|s| s.trim() == serial))
+    {
         Some(d) => Ok(d.clone()),
-        None => bail!("no drive with serial {serial} on node {node}; drives: {}", brief(&all)),
+        None => bail!(
+            "no drive with serial {serial} on node {node}; drives: {}",
+            brief(&all)
+        ),
     }
 }
 
@@ -77,44 +99,92 @@ fn brief(drives: &[Value]) -> String {
         .map(|d| {
             format!(
                 "{} serial={} state={} ({}) smart={}/{}",
-                d["device"], d["serial"], d["state"], d["state_detail"], d["smart"]["status"], d["smart"]["verdict"]
+                d["device"],
+                d["serial"],
+                d["state"],
+                d["state_detail"],
+                d["smart"]["status"],
+                d["smart"]["verdict"]
             )
         })
         .collect();
     format!("[{}]", items.join("; "))
 }
 
-/// The drive is `device`, with qemu's model and the image's size, and a SMART report read over NVMe that
-/// the controller judged `ok`.
+/// The drive is `device`, with qemu's model and the image's size, and a SMART report read over NVMe
+/// that the controller judged `ok`.
 fn check_nvme_with_smart(d: &Value, device: &str) -> Result<()> {
-    ensure!(d["device"] == device, "device {} (expected {device}): {d}", d["device"]);
-    let smart = &d["smart"];
-    ensure!(smart["status"] == "report", "SMART status {} ({}), expected report: {d}", smart["status"], smart["reason"]);
     ensure!(
-        smart["protocol"].as_str().is_some_and(|p| p.eq_ignore_ascii_case("nvme")),
+        d["device"] == device,
+        "device {} (expected {device}): {d}",
+        d["device"]
+    );
+    let smart = &d["smart"];
+    ensure!(
+        smart["status"] == "report",
+        "SMART status {} ({}), expected report: {d}",
+        smart["status"],
+        smart["reason"]
+    );
+    ensure!(
+        smart["protocol"]
+            .as_str()
+            .is_some_and(|p| p.eq_ignore_ascii_case("nvme")),
         "SMART protocol {}, expected NVMe: {d}",
         smart["protocol"]
     );
-    // A fresh emulated drive is healthy: qemu's unfilled spare fields (0/0) must not read as failing.
-    ensure!(smart["verdict"] == "ok", "SMART verdict {} ({}), expected ok: {d}", smart["verdict"], smart["reasons"]);
+    // A fresh emulated drive is healthy: qemu's unfilled spare fields (0/0) must not read as
+    // failing.
+    ensure!(
+        smart["verdict"] == "ok",
+        "SMART verdict {} ({}), expected ok: {d}",
+        smart["verdict"],
+        smart["reasons"]
+    );
     // qemu's emulated NVMe reports its temperature (default 323 K) in the SMART / health log.
-    ensure!(smart["temperature_celsius"].is_i64(), "no temperature in the SMART report: {d}");
-    ensure!(d["size_bytes"] == DRIVE_BYTES, "size {} (the image is {DRIVE_BYTES} bytes): {d}", d["size_bytes"]);
-    ensure!(d["model"].as_str().is_some_and(|m| m.contains("QEMU")), "model {}: {d}", d["model"]);
+    ensure!(
+        smart["temperature_celsius"].is_i64(),
+        "no temperature in the SMART report: {d}"
+    );
+    ensure!(
+        d["size_bytes"] == DRIVE_BYTES,
+        "size {} (the image is {DRIVE_BYTES} bytes): {d}",
+        d["size_bytes"]
+    );
+    ensure!(
+        d["model"].as_str().is_some_and(|m| m.contains("QEMU")),
+        "model {}: {d}",
+        d["model"]
+    );
     Ok(())
 }
 
-/// The preparation reached the disk: the image holds a GPT (header at LBA 1, 512-byte sectors as qemu's
-/// NVMe has) whose first partition holds an ext4 superblock (magic 0xEF53 at byte 1024 + 56).
+/// The preparation reached the disk: the image holds a GPT (header at LBA 1, 512-byte sectors as
+/// qemu's NVMe has) whose first partition holds an ext4 superblock (magic 0xEF53 at byte 1024 +
+/// 56).
 fn check_gpt_with_ext4(image: &Path) -> Result<()> {
     let bytes = std::fs::read(image)?;
-    ensure!(bytes.len() >= 4096 && &bytes[512..520] == b"EFI PART", "{} has no GPT header at LBA 1", image.display());
+    ensure!(
+        bytes.len() >= 4096 && &bytes[512..520] == b"EFI PART",
+        "{} has no GPT header at LBA 1",
+        image.display()
+    );
     let entries_lba = u64::from_le_bytes(bytes[512 + 72..512 + 80].try_into()?);
     let entry = usize::try_from(entries_lba * 512)?;
-    let first_lba = u64::from_le_bytes(bytes.get(entry + 32..entry + 40).context("GPT entries past the end")?.try_into()?);
+    let first_lba = u64::from_le_bytes(
+        bytes
+            .get(entry + 32..entry + 40)
+            .context("GPT entries past the end")?
+            .try_into()?,
+    );
     let sb = usize::try_from(first_lba * 512)? + 1024;
-    let magic = bytes.get(sb + 56..sb + 58).context("partition past the end of the image")?;
-    ensure!(magic == [0x53, 0xef], "the GPT's first partition (LBA {first_lba}) holds no ext4 superblock");
+    let magic = bytes
+        .get(sb + 56..sb + 58)
+        .context("partition past the end of the image")?;
+    ensure!(
+        magic == [0x53, 0xef],
+        "the GPT's first partition (LBA {first_lba}) holds no ext4 superblock"
+    );
     Ok(())
 }
 
@@ -147,16 +217,26 @@ fn nvme_smart_and_hot_plugged_drives_in_a_vm() {
         ensure!(status["status"] == "running", "VM status {status}");
         let node = lab.wait_node_up(mac, BOOT_TIMEOUT)?;
         let node_id = node["id"].as_str().context("node without id")?.to_string();
-        println!("FIGURE drives vm: VM start to up in {:.1?}", started.elapsed());
-        ensure!(lab.vms[vm].log().contains("nvme nvme0"), "the guest kernel did not log the boot NVMe drive");
+        println!(
+            "FIGURE drives vm: VM start to up in {:.1?}",
+            started.elapsed()
+        );
+        ensure!(
+            lab.vms[vm].log().contains("nvme nvme0"),
+            "the guest kernel did not log the boot NVMe drive"
+        );
 
         // The boot drive and its SMART data.
         let t = Instant::now();
-        let d = eventually(SMART_TIMEOUT, "the boot NVMe drive's SMART report in `drives list`", || {
-            let d = drive_with_serial(lab, &node_id, "SHOALNVME0")?;
-            check_nvme_with_smart(&d, "nvme0n1")?;
-            Ok(d)
-        })?;
+        let d = eventually(
+            SMART_TIMEOUT,
+            "the boot NVMe drive's SMART report in `drives list`",
+            || {
+                let d = drive_with_serial(lab, &node_id, "SHOALNVME0")?;
+                check_nvme_with_smart(&d, "nvme0n1")?;
+                Ok(d)
+            },
+        )?;
         println!(
             "FIGURE drives vm: boot drive's SMART report listed {:.1?} after up: verdict {} {}",
             t.elapsed(),
@@ -164,31 +244,55 @@ fn nvme_smart_and_hot_plugged_drives_in_a_vm() {
             d["smart"]["reasons"]
         );
 
-        // A self-test request gets a plain answer from the drive's node: started, or why not (smartctl
-        // 7.3 does not run NVMe self-tests, and says nothing about it: shoal says "not supported").
+        // A self-test request gets a plain answer from the drive's node: started, or why not
+        // (smartctl 7.3 does not run NVMe self-tests, and says nothing about it: shoal says "not
+        // supported").
         let out = lab.ctl(&["drives", "test", &node_id, "nvme0n1", "--short"])?;
-        let answer = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let answer = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         println!("drives test nvme0n1 --short: {}", answer.trim());
         ensure!(
-            (out.status.success() && answer.contains("started")) || (!out.status.success() && answer.contains("not supported")),
+            (out.status.success() && answer.contains("started"))
+                || (!out.status.success() && answer.contains("not supported")),
             "drives test answered: {answer}"
         );
 
-        lab.ctl_ok(&["drives", "policy", "set", "--node", &node_id, "prepare", "--fs", "ext4"])?;
+        lab.ctl_ok(&[
+            "drives", "policy", "set", "--node", &node_id, "prepare", "--fs", "ext4",
+        ])?;
 
         // A blank drive, hot-plugged: prepared and mounted under the drive root.
         let blank = NvmeDrive::new("nvme1", &blank_hot, "SHOALNVME1");
         let t = Instant::now();
         blank.hot_plug(&mut qmp, "hp1")?;
-        let d = eventually(HOTPLUG_TIMEOUT, "the hot-plugged blank drive prepared", || {
-            let d = drive_with_serial(lab, &node_id, "SHOALNVME1")?;
-            ensure!(d["device"] == "nvme1n1", "device {}: {d}", d["device"]);
-            ensure!(d["state"] == "prepared", "state {} ({}): {d}", d["state"], d["state_detail"]);
-            Ok(d)
-        })?;
-        println!("FIGURE drives vm: blank NVMe device_add to prepared in {:.1?}", t.elapsed());
+        let d = eventually(
+            HOTPLUG_TIMEOUT,
+            "the hot-plugged blank drive prepared",
+            || {
+                let d = drive_with_serial(lab, &node_id, "SHOALNVME1")?;
+                ensure!(d["device"] == "nvme1n1", "device {}: {d}", d["device"]);
+                ensure!(
+                    d["state"] == "prepared",
+                    "state {} ({}): {d}",
+                    d["state"],
+                    d["state_detail"]
+                );
+                Ok(d)
+            },
+        )?;
+        println!(
+            "FIGURE drives vm: blank NVMe device_add to prepared in {:.1?}",
+            t.elapsed()
+        );
         let mount = match &d["state_detail"] {
-            Value::Object(o) => o.get("mount_point").and_then(Value::as_str).unwrap_or_default().to_string(),
+            Value::Object(o) => o
+                .get("mount_point")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
             other => detail_text(other),
         };
         ensure!(
@@ -196,36 +300,68 @@ fn nvme_smart_and_hot_plugged_drives_in_a_vm() {
             "prepared, but state_detail {} names no mount under {DRIVE_ROOT}",
             d["state_detail"]
         );
-        eventually(SMART_TIMEOUT, "the hot-plugged drive's SMART report", || {
-            check_nvme_with_smart(&drive_with_serial(lab, &node_id, "SHOALNVME1")?, "nvme1n1")
-        })?;
+        eventually(
+            SMART_TIMEOUT,
+            "the hot-plugged drive's SMART report",
+            || check_nvme_with_smart(&drive_with_serial(lab, &node_id, "SHOALNVME1")?, "nvme1n1"),
+        )?;
         check_gpt_with_ext4(&blank_hot)?;
 
         // A drive with a filesystem on it, hot-plugged: has-data, and left untouched.
         let data = NvmeDrive::new("nvme2", &data_hot, "SHOALNVME2");
         let t = Instant::now();
         data.hot_plug(&mut qmp, "hp2")?;
-        eventually(HOTPLUG_TIMEOUT, "the hot-plugged drive with data seen as has-data", || {
-            let d = drive_with_serial(lab, &node_id, "SHOALNVME2")?;
-            ensure!(d["device"] == "nvme2n1", "device {}: {d}", d["device"]);
-            ensure!(d["state"] == "has-data", "state {} ({}): {d}", d["state"], d["state_detail"]);
-            ensure!(
-                detail_text(&d["state_detail"]).to_lowercase().contains("ext"),
-                "has-data, but state_detail {} does not name the ext4 filesystem",
-                d["state_detail"]
-            );
-            Ok(())
-        })?;
-        println!("FIGURE drives vm: NVMe with data device_add to has-data in {:.1?}", t.elapsed());
-        consistently(Duration::from_secs(10), "the drive with data staying has-data under the prepare policy", || {
-            let d = drive_with_serial(lab, &node_id, "SHOALNVME2")?;
-            ensure!(d["state"] == "has-data", "state {} ({})", d["state"], d["state_detail"]);
-            Ok(())
-        })?;
-        ensure!(std::fs::read(&data_hot)? == data_before, "the drive with data was written to");
+        eventually(
+            HOTPLUG_TIMEOUT,
+            "the hot-plugged drive with data seen as has-data",
+            || {
+                let d = drive_with_serial(lab, &node_id, "SHOALNVME2")?;
+                ensure!(d["device"] == "nvme2n1", "device {}: {d}", d["device"]);
+                ensure!(
+                    d["state"] == "has-data",
+                    "state {} ({}): {d}",
+                    d["state"],
+                    d["state_detail"]
+                );
+                ensure!(
+                    detail_text(&d["state_detail"])
+                        .to_lowercase()
+                        .contains("ext"),
+                    "has-data, but state_detail {} does not name the ext4 filesystem",
+                    d["state_detail"]
+                );
+                Ok(())
+            },
+        )?;
+        println!(
+            "FIGURE drives vm: NVMe with data device_add to has-data in {:.1?}",
+            t.elapsed()
+        );
+        consistently(
+            Duration::from_secs(10),
+            "the drive with data staying has-data under the prepare policy",
+            || {
+                let d = drive_with_serial(lab, &node_id, "SHOALNVME2")?;
+                ensure!(
+                    d["state"] == "has-data",
+                    "state {} ({})",
+                    d["state"],
+                    d["state_detail"]
+                );
+                Ok(())
+            },
+        )?;
+        ensure!(
+            std::fs::read(&data_hot)? == data_before,
+            "the drive with data was written to"
+        );
 
         println!("drives of {node_id}: {}", brief(&drives(lab, &node_id)?));
-        let events: Vec<&Value> = qmp.events().iter().filter(|e| e["event"] == "DEVICE_DELETED").collect();
+        let events: Vec<&Value> = qmp
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "DEVICE_DELETED")
+            .collect();
         ensure!(events.is_empty(), "qemu deleted devices: {events:?}");
         Ok(())
     });

@@ -1,5 +1,6 @@
-//! Host tests of the harness itself (no shoal binaries needed): namespaces, LANs, cutting hosts off,
-//! processes inside namespaces, teardown, and NAT routers (mapping modes, blocking UDP between two NATs).
+//! Host tests of the harness itself (no shoal binaries needed): namespaces, LANs, cutting hosts
+//! off, processes inside namespaces, teardown, and NAT routers (mapping modes, blocking UDP between
+//! two NATs).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -117,7 +118,8 @@ fn lan_connects_hosts_cut_isolates_and_teardown_leaves_nothing() {
             "{n} still exists after teardown: {left:?}"
         );
     }
-    // The process was SIGKILLed by the teardown; it is our (unreaped) child, so it is a zombie at most.
+    // The process was SIGKILLed by the teardown; it is our (unreaped) child, so it is a zombie at
+    // most.
     let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     assert!(
         state.is_empty() || state.contains(") Z "),
@@ -169,10 +171,11 @@ impl<T> OrPanicIo<T> for std::io::Result<T> {
     }
 }
 
-// ---- NAT routers -------------------------------------------------------------------------------------------
+// ---- NAT routers
+// -------------------------------------------------------------------------------------------
 
-/// `wan` (198.51.100.0/24) with `ctl` and `srv` on it, and two NAT routers `nat-a` / `nat-b` (modes as
-/// given) with one host each behind them: `a` on 10.1.0.0/24, `b` on 10.2.0.0/24.
+/// `wan` (198.51.100.0/24) with `ctl` and `srv` on it, and two NAT routers `nat-a` / `nat-b` (modes
+/// as given) with one host each behind them: `a` on 10.1.0.0/24, `b` on 10.2.0.0/24.
 fn natted(mode_a: NatMode, mode_b: NatMode) -> Result<Topology> {
     let mut t = Topology::new()?;
     t.add_lan("wan", "198.51.100.0/24")?;
@@ -213,7 +216,8 @@ fn receive(at: &UdpSocket, msg: &[u8]) -> Result<SocketAddr> {
     }
 }
 
-/// Sends `msg` from `from` to `to`, and waits (≤ 200 ms) for it at `at`; returns the source `at` saw.
+/// Sends `msg` from `from` to `to`, and waits (≤ 200 ms) for it at `at`; returns the source `at`
+/// saw.
 fn exchange(from: &UdpSocket, to: SocketAddr, at: &UdpSocket, msg: &[u8]) -> Result<SocketAddr> {
     from.send_to(msg, to)?;
     receive(at, msg)
@@ -339,8 +343,8 @@ fn udp_between_nats_is_hole_punched_blocked_and_unblocked() {
     assert_eq!(ma.ip(), t.router("nat-a").or_panic().wan_addr());
     assert_eq!(mb.ip(), t.router("nat-b").or_panic().wan_addr());
 
-    // One round of hole punching: both send to the other's mapped address, then both listen. (Until both
-    // routers have a mapping for the pair, the first packet is dropped by the other router.)
+    // One round of hole punching: both send to the other's mapped address, then both listen. (Until
+    // both routers have a mapping for the pair, the first packet is dropped by the other router.)
     let punch = |tag: &str| -> (Result<SocketAddr>, Result<SocketAddr>) {
         let (to_b, to_a) = (format!("{tag} a->b"), format!("{tag} b->a"));
         let sent = sa

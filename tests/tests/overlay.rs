@@ -1,9 +1,10 @@
-//! The overlay end to end, as an operator sees it: real agents with real TAP devices (`shoal0`), each host
-//! in its own network namespace, NAT routers in between (iptables MASQUERADE for endpoint-independent
-//! mapping, `--random-fully` for endpoint-dependent), checked with ping, arping, broadcasts, a TCP flow,
-//! `shoalctl overlay paths` and `shoalctl overlay counters`.
+//! The overlay end to end, as an operator sees it: real agents with real TAP devices (`shoal0`),
+//! each host in its own network namespace, NAT routers in between (iptables MASQUERADE for
+//! endpoint-independent mapping, `--random-fully` for endpoint-dependent), checked with ping,
+//! arping, broadcasts, a TCP flow, `shoalctl overlay paths` and `shoalctl overlay counters`.
 //!
-//! Needs root (skips with a reason otherwise, fails under CI) and the binaries: `cargo build --workspace --bins`.
+//! Needs root (skips with a reason otherwise, fails under CI) and the binaries: `cargo build
+//! --workspace --bins`.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -32,10 +33,13 @@ fn ping(ns: &str, to: Ipv4Addr) -> Result<String> {
     in_ns(ns, "ping", &["-c", "1", "-W", "1", &to.to_string()])
 }
 
-/// A fleet whose controller sits on the public LAN and whose agents sit behind NATs of `mode` (or on
-/// the LAN itself with `None`).
+/// A fleet whose controller sits on the public LAN and whose agents sit behind NATs of `mode` (or
+/// on the LAN itself with `None`).
 fn fleet(agents: usize, mode: Option<NatMode>) -> Result<Fleet> {
-    let mut fleet = Fleet::start(FleetConfig { wait_up: false, ..FleetConfig::fast().agents(0) })?;
+    let mut fleet = Fleet::start(FleetConfig {
+        wait_up: false,
+        ..FleetConfig::fast().agents(0)
+    })?;
     let token = fleet.create_token(&["--ttl", "1h", "--uses", &agents.to_string()])?;
     for _ in 0..agents {
         match mode {
@@ -49,33 +53,60 @@ fn fleet(agents: usize, mode: Option<NatMode>) -> Result<Fleet> {
 
 /// Each agent's `shoal0` address, once all have one.
 fn tap_addrs(fleet: &Fleet) -> Result<Vec<Ipv4Addr>> {
-    eventually(TAP_TIMEOUT, "every agent has shoal0 with an address", || {
-        fleet.agents().iter().map(|a| tap_addr(&a.netns, "shoal0")).collect()
-    })
+    eventually(
+        TAP_TIMEOUT,
+        "every agent has shoal0 with an address",
+        || {
+            fleet
+                .agents()
+                .iter()
+                .map(|a| tap_addr(&a.netns, "shoal0"))
+                .collect()
+        },
+    )
 }
 
 /// `shoalctl overlay paths -o json`.
 fn paths(fleet: &Fleet) -> Result<Vec<Value>> {
     let v = fleet.ctl_json(&["overlay", "paths"])?;
-    v.as_array().cloned().with_context(|| format!("overlay paths is not an array: {v}"))
+    v.as_array()
+        .cloned()
+        .with_context(|| format!("overlay paths is not an array: {v}"))
 }
 
 /// Waits until both directions between agents `i` and `j` report a path of `kind`.
-fn wait_path(fleet: &Fleet, i: usize, j: usize, kind: &str, timeout: Duration) -> Result<Vec<Value>> {
+fn wait_path(
+    fleet: &Fleet,
+    i: usize,
+    j: usize,
+    kind: &str,
+    timeout: Duration,
+) -> Result<Vec<Value>> {
     let (a, b) = (fleet.node_id(i)?, fleet.node_id(j)?);
-    eventually(timeout, &format!("a {kind} path between agents {} and {} both ways", i + 1, j + 1), || {
-        let all = paths(fleet)?;
-        let found: Vec<Value> = all
-            .iter()
-            .filter(|p| (p["from"] == a.as_str() && p["to"] == b.as_str()) || (p["from"] == b.as_str() && p["to"] == a.as_str()))
-            .cloned()
-            .collect();
-        ensure!(
-            found.len() == 2 && found.iter().all(|p| p["kind"] == kind),
-            "paths between {a} and {b}: {found:?}"
-        );
-        Ok(found)
-    })
+    eventually(
+        timeout,
+        &format!(
+            "a {kind} path between agents {} and {} both ways",
+            i + 1,
+            j + 1
+        ),
+        || {
+            let all = paths(fleet)?;
+            let found: Vec<Value> = all
+                .iter()
+                .filter(|p| {
+                    (p["from"] == a.as_str() && p["to"] == b.as_str())
+                        || (p["from"] == b.as_str() && p["to"] == a.as_str())
+                })
+                .cloned()
+                .collect();
+            ensure!(
+                found.len() == 2 && found.iter().all(|p| p["kind"] == kind),
+                "paths between {a} and {b}: {found:?}"
+            );
+            Ok(found)
+        },
+    )
 }
 
 /// A TCP echo flow from namespace `from` to `to_addr:port` (server in namespace `to`), one small
@@ -91,7 +122,11 @@ impl TcpFlow {
     fn start(fleet: &Fleet, from: usize, to: usize, to_addr: Ipv4Addr) -> Result<TcpFlow> {
         let server_host = fleet.agents()[to].hostname.clone();
         let client_host = fleet.agents()[from].hostname.clone();
-        let listener = fleet.topology().host(&server_host)?.netns().enter(|| TcpListener::bind((to_addr, 0)))??;
+        let listener = fleet
+            .topology()
+            .host(&server_host)?
+            .netns()
+            .enter(|| TcpListener::bind((to_addr, 0)))??;
         let port = listener.local_addr()?.port();
         std::thread::spawn(move || -> Result<()> {
             let (mut s, _) = listener.accept()?;
@@ -104,11 +139,9 @@ impl TcpFlow {
                 s.write_all(&buf[..n])?;
             }
         });
-        let stream = fleet
-            .topology()
-            .host(&client_host)?
-            .netns()
-            .enter(|| TcpStream::connect_timeout(&SocketAddr::from((to_addr, port)), Duration::from_secs(5)))??;
+        let stream = fleet.topology().host(&client_host)?.netns().enter(|| {
+            TcpStream::connect_timeout(&SocketAddr::from((to_addr, port)), Duration::from_secs(5))
+        })??;
         let stop = Arc::new(AtomicBool::new(false));
         let round_trips = Arc::new(AtomicU64::new(0));
         let worst_gap_ms = Arc::new(AtomicU64::new(0));
@@ -134,7 +167,12 @@ impl TcpFlow {
             }
             Ok(())
         });
-        Ok(TcpFlow { stop, round_trips, worst_gap_ms, client: Some(client) })
+        Ok(TcpFlow {
+            stop,
+            round_trips,
+            worst_gap_ms,
+            client: Some(client),
+        })
     }
 
     fn round_trips(&self) -> u64 {
@@ -145,8 +183,15 @@ impl TcpFlow {
     fn advances(&self, n: u64, timeout: Duration) -> Result<()> {
         let start = self.round_trips();
         eventually(timeout, &format!("{n} more TCP round trips"), || {
-            ensure!(!self.client.as_ref().is_some_and(|c| c.is_finished()), "the TCP flow broke");
-            ensure!(self.round_trips() >= start + n, "{} round trips so far", self.round_trips() - start);
+            ensure!(
+                !self.client.as_ref().is_some_and(|c| c.is_finished()),
+                "the TCP flow broke"
+            );
+            ensure!(
+                self.round_trips() >= start + n,
+                "{} round trips so far",
+                self.round_trips() - start
+            );
             Ok(())
         })
     }
@@ -154,7 +199,8 @@ impl TcpFlow {
     fn finish(mut self) -> Result<u64> {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(c) = self.client.take() {
-            c.join().map_err(|_| anyhow::anyhow!("TCP client panicked"))??;
+            c.join()
+                .map_err(|_| anyhow::anyhow!("TCP client panicked"))??;
         }
         Ok(self.worst_gap_ms.load(Ordering::Relaxed))
     }
@@ -165,21 +211,66 @@ fn agents_on_a_lan_ping_over_the_overlay_at_full_mtu_and_direct() {
     require_host_tests!();
     let fleet = fleet(2, None).or_panic();
     let addrs = tap_addrs(&fleet).or_panic();
-    let (a, b) = (fleet.agents()[0].netns.clone(), fleet.agents()[1].netns.clone());
-    eventually(Duration::from_secs(20), "a pings b over the overlay", || ping(&a, addrs[1])).or_panic();
-    eventually(Duration::from_secs(20), "b pings a over the overlay", || ping(&b, addrs[0])).or_panic();
+    let (a, b) = (
+        fleet.agents()[0].netns.clone(),
+        fleet.agents()[1].netns.clone(),
+    );
+    eventually(
+        Duration::from_secs(20),
+        "a pings b over the overlay",
+        || ping(&a, addrs[1]),
+    )
+    .or_panic();
+    eventually(
+        Duration::from_secs(20),
+        "b pings a over the overlay",
+        || ping(&b, addrs[0]),
+    )
+    .or_panic();
     // The largest packet the MTU allows, with Don't Fragment: nothing is dropped for size.
     let size = (OVERLAY_MTU - 28).to_string();
-    eventually(Duration::from_secs(10), "a full-MTU ping with DF set", || {
-        in_ns(&a, "ping", &["-c", "2", "-W", "1", "-M", "do", "-s", &size, &addrs[1].to_string()])
-    })
+    eventually(
+        Duration::from_secs(10),
+        "a full-MTU ping with DF set",
+        || {
+            in_ns(
+                &a,
+                "ping",
+                &[
+                    "-c",
+                    "2",
+                    "-W",
+                    "1",
+                    "-M",
+                    "do",
+                    "-s",
+                    &size,
+                    &addrs[1].to_string(),
+                ],
+            )
+        },
+    )
     .or_panic();
     // IPv6 link-local works as on any Ethernet.
-    let ll = in_ns(&b, "ip", &["-6", "-o", "addr", "show", "dev", "shoal0", "scope", "link"]).or_panic();
-    let ll = ll.split_whitespace().skip_while(|w| *w != "inet6").nth(1).and_then(|c| c.split('/').next()).map(str::to_owned);
+    let ll = in_ns(
+        &b,
+        "ip",
+        &["-6", "-o", "addr", "show", "dev", "shoal0", "scope", "link"],
+    )
+    .or_panic();
+    let ll = ll
+        .split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)
+        .and_then(|c| c.split('/').next())
+        .map(str::to_owned);
     let ll = ll.expect("shoal0 has an IPv6 link-local address");
     eventually(Duration::from_secs(10), "an IPv6 link-local ping", || {
-        in_ns(&a, "ping", &["-6", "-c", "1", "-W", "1", &format!("{ll}%shoal0")])
+        in_ns(
+            &a,
+            "ping",
+            &["-6", "-c", "1", "-W", "1", &format!("{ll}%shoal0")],
+        )
     })
     .or_panic();
     wait_path(&fleet, 0, 1, "direct", PATH_TIMEOUT).or_panic();
@@ -191,15 +282,26 @@ fn behind_endpoint_independent_nats_peers_connect_directly() {
     let fleet = fleet(3, Some(NatMode::EndpointIndependent)).or_panic();
     let addrs = tap_addrs(&fleet).or_panic();
     let ns: Vec<String> = fleet.agents().iter().map(|a| a.netns.clone()).collect();
-    eventually(Duration::from_secs(20), "agent 1 pings agent 2", || ping(&ns[0], addrs[1])).or_panic();
+    eventually(Duration::from_secs(20), "agent 1 pings agent 2", || {
+        ping(&ns[0], addrs[1])
+    })
+    .or_panic();
     eventually(Duration::from_secs(10), "agent 1 arpings agent 2", || {
-        in_ns(&ns[0], "arping", &["-c", "1", "-w", "2", "-i", "shoal0", &addrs[1].to_string()])
+        in_ns(
+            &ns[0],
+            "arping",
+            &["-c", "1", "-w", "2", "-i", "shoal0", &addrs[1].to_string()],
+        )
     })
     .or_panic();
     // A broadcast from agent 1 reaches agents 2 and 3.
     let receivers: Vec<UdpSocket> = (1..3)
         .map(|i| {
-            let s = fleet.topology().host(&fleet.agents()[i].hostname)?.netns().enter(|| UdpSocket::bind(("0.0.0.0", 47001)))??;
+            let s = fleet
+                .topology()
+                .host(&fleet.agents()[i].hostname)?
+                .netns()
+                .enter(|| UdpSocket::bind(("0.0.0.0", 47001)))??;
             s.set_read_timeout(Some(Duration::from_millis(300)))?;
             Ok(s)
         })
@@ -216,20 +318,34 @@ fn behind_endpoint_independent_nats_peers_connect_directly() {
     sender.set_broadcast(true).expect("SO_BROADCAST");
     let broadcast = Ipv4Addr::from(u32::from(addrs[0]) | 0xffff);
     for (i, r) in receivers.iter().enumerate() {
-        eventually(Duration::from_secs(10), &format!("agent {} receives the broadcast", i + 2), || {
-            sender.send_to(b"hello, everyone", (broadcast, 47001))?;
-            let mut buf = [0u8; 64];
-            let (n, from) = r.recv_from(&mut buf)?;
-            ensure!(&buf[..n] == b"hello, everyone" && from.ip() == addrs[0], "got {:?} from {from}", &buf[..n]);
-            Ok(())
-        })
+        eventually(
+            Duration::from_secs(10),
+            &format!("agent {} receives the broadcast", i + 2),
+            || {
+                sender.send_to(b"hello, everyone", (broadcast, 47001))?;
+                let mut buf = [0u8; 64];
+                let (n, from) = r.recv_from(&mut buf)?;
+                ensure!(
+                    &buf[..n] == b"hello, everyone" && from.ip() == addrs[0],
+                    "got {:?} from {from}",
+                    &buf[..n]
+                );
+                Ok(())
+            },
+        )
         .or_panic();
     }
     let found = wait_path(&fleet, 0, 1, "direct", PATH_TIMEOUT).or_panic();
     for p in &found {
         assert!(p["rtt_ms"].as_f64().is_some(), "rtt_ms in {p}");
-        assert!(p["tx_bytes"].as_u64().is_some_and(|b| b > 0), "bytes sent in {p}");
-        assert!(p["rx_bytes"].as_u64().is_some_and(|b| b > 0), "bytes received in {p}");
+        assert!(
+            p["tx_bytes"].as_u64().is_some_and(|b| b > 0),
+            "bytes sent in {p}"
+        );
+        assert!(
+            p["rx_bytes"].as_u64().is_some_and(|b| b > 0),
+            "bytes received in {p}"
+        );
     }
 }
 
@@ -239,17 +355,51 @@ fn behind_endpoint_dependent_nats_peers_talk_through_the_relay() {
     let fleet = fleet(2, Some(NatMode::EndpointDependent)).or_panic();
     let addrs = tap_addrs(&fleet).or_panic();
     let a = fleet.agents()[0].netns.clone();
-    eventually(Duration::from_secs(20), "a pings b through the relay", || ping(&a, addrs[1])).or_panic();
+    eventually(
+        Duration::from_secs(20),
+        "a pings b through the relay",
+        || ping(&a, addrs[1]),
+    )
+    .or_panic();
     let size = (OVERLAY_MTU - 28).to_string();
-    in_ns(&a, "ping", &["-c", "3", "-W", "2", "-M", "do", "-s", &size, &addrs[1].to_string()]).or_panic();
+    in_ns(
+        &a,
+        "ping",
+        &[
+            "-c",
+            "3",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            &size,
+            &addrs[1].to_string(),
+        ],
+    )
+    .or_panic();
     wait_path(&fleet, 0, 1, "relay", PATH_TIMEOUT).or_panic();
-    // Relay loss: 10% of the controller's UDP packets dropped each way. The relayed connection recovers what
-    // QUIC must (handshakes, keep-alives); a TCP flow inside retransmits its own and keeps going.
+    // Relay loss: 10% of the controller's UDP packets dropped each way. The relayed connection
+    // recovers what QUIC must (handshakes, keep-alives); a TCP flow inside retransmits its own and
+    // keeps going.
     let flow = TcpFlow::start(&fleet, 0, 1, addrs[1]).or_panic();
     flow.advances(10, Duration::from_secs(10)).or_panic();
     let lossy = |op: &str| -> Result<()> {
         for chain in ["INPUT", "OUTPUT"] {
-            let rule = [op, chain, "-p", "udp", "-m", "statistic", "--mode", "random", "--probability", "0.1", "-j", "DROP"];
+            let rule = [
+                op,
+                chain,
+                "-p",
+                "udp",
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                "0.1",
+                "-j",
+                "DROP",
+            ];
             in_ns(fleet.controller_ns(), "iptables", &rule)?;
         }
         Ok(())
@@ -266,14 +416,23 @@ fn a_tcp_flow_survives_direct_to_relay_and_back() {
     require_host_tests!();
     let fleet = fleet(2, Some(NatMode::EndpointIndependent)).or_panic();
     let addrs = tap_addrs(&fleet).or_panic();
-    eventually(Duration::from_secs(20), "a pings b", || ping(&fleet.agents()[0].netns, addrs[1])).or_panic();
+    eventually(Duration::from_secs(20), "a pings b", || {
+        ping(&fleet.agents()[0].netns, addrs[1])
+    })
+    .or_panic();
     wait_path(&fleet, 0, 1, "direct", PATH_TIMEOUT).or_panic();
     let flow = TcpFlow::start(&fleet, 0, 1, addrs[1]).or_panic();
     flow.advances(20, Duration::from_secs(10)).or_panic();
-    fleet.topology().block_udp_between("nat-1", "nat-2").or_panic();
+    fleet
+        .topology()
+        .block_udp_between("nat-1", "nat-2")
+        .or_panic();
     wait_path(&fleet, 0, 1, "relay", PATH_TIMEOUT).or_panic();
     flow.advances(20, Duration::from_secs(20)).or_panic();
-    fleet.topology().unblock_udp_between("nat-1", "nat-2").or_panic();
+    fleet
+        .topology()
+        .unblock_udp_between("nat-1", "nat-2")
+        .or_panic();
     wait_path(&fleet, 0, 1, "direct", PATH_TIMEOUT).or_panic();
     flow.advances(20, Duration::from_secs(20)).or_panic();
     let worst_gap = flow.finish().or_panic();
@@ -285,18 +444,37 @@ fn with_the_controller_down_peers_keep_talking_and_a_restarted_agent_rejoins_fro
     require_host_tests!();
     let mut fleet = fleet(2, Some(NatMode::EndpointIndependent)).or_panic();
     let addrs = tap_addrs(&fleet).or_panic();
-    let (a, b) = (fleet.agents()[0].netns.clone(), fleet.agents()[1].netns.clone());
+    let (a, b) = (
+        fleet.agents()[0].netns.clone(),
+        fleet.agents()[1].netns.clone(),
+    );
     eventually(Duration::from_secs(20), "a pings b", || ping(&a, addrs[1])).or_panic();
     wait_path(&fleet, 0, 1, "direct", PATH_TIMEOUT).or_panic();
     fleet.controller().kill().or_panic();
     // Established direct paths carry on: every ping for 8 s gets through.
-    shoal_tests::consistently(Duration::from_secs(8), "a keeps pinging b with the controller down", || ping(&a, addrs[1]).map(drop))
-        .or_panic();
+    shoal_tests::consistently(
+        Duration::from_secs(8),
+        "a keeps pinging b with the controller down",
+        || ping(&a, addrs[1]).map(drop),
+    )
+    .or_panic();
     // A restarted agent finds its peers from its cached netmap, on the UDP port it kept.
     fleet.agent(1).proc.restart().or_panic();
-    eventually(Duration::from_secs(40), "the restarted agent is reachable again", || ping(&a, addrs[1])).or_panic();
-    eventually(Duration::from_secs(10), "and reaches its peer", || ping(&b, addrs[0])).or_panic();
-    assert_eq!(tap_addr(&b, "shoal0").or_panic(), addrs[1], "the same overlay address from the cache");
+    eventually(
+        Duration::from_secs(40),
+        "the restarted agent is reachable again",
+        || ping(&a, addrs[1]),
+    )
+    .or_panic();
+    eventually(Duration::from_secs(10), "and reaches its peer", || {
+        ping(&b, addrs[0])
+    })
+    .or_panic();
+    assert_eq!(
+        tap_addr(&b, "shoal0").or_panic(),
+        addrs[1],
+        "the same overlay address from the cache"
+    );
 }
 
 #[test]
@@ -305,17 +483,29 @@ fn removed_members_are_cut_off_within_two_seconds_and_networks_stay_apart() {
     let fleet = fleet(3, None).or_panic();
     let addrs = tap_addrs(&fleet).or_panic();
     let ns: Vec<String> = fleet.agents().iter().map(|a| a.netns.clone()).collect();
-    let ids: Vec<String> = (0..3).map(|i| fleet.node_id(i)).collect::<Result<_>>().or_panic();
+    let ids: Vec<String> = (0..3)
+        .map(|i| fleet.node_id(i))
+        .collect::<Result<_>>()
+        .or_panic();
     // A second network with agents 1 and 2 only: their `shoal1` devices.
-    fleet.ctl_ok(&["network", "create", "lab", "--subnet", "10.91.0.0/24"]).or_panic();
+    fleet
+        .ctl_ok(&["network", "create", "lab", "--subnet", "10.91.0.0/24"])
+        .or_panic();
     for id in &ids[..2] {
-        fleet.ctl_ok(&["network", "add", "lab", "--node", id]).or_panic();
+        fleet
+            .ctl_ok(&["network", "add", "lab", "--node", id])
+            .or_panic();
     }
     let lab: Vec<Ipv4Addr> = eventually(TAP_TIMEOUT, "agents 1 and 2 have shoal1", || {
         ns[..2].iter().map(|n| tap_addr(n, "shoal1")).collect()
     })
     .or_panic();
-    eventually(Duration::from_secs(20), "agent 1 pings agent 2 on lab", || ping(&ns[0], lab[1])).or_panic();
+    eventually(
+        Duration::from_secs(20),
+        "agent 1 pings agent 2 on lab",
+        || ping(&ns[0], lab[1]),
+    )
+    .or_panic();
     assert!(tap_addr(&ns[2], "shoal1").is_err(), "agent 3 is not on lab");
     // A broadcast on lab reaches agent 2 and never agent 3 (which is only on default).
     let listen = |i: usize| -> UdpSocket {
@@ -327,7 +517,8 @@ fn removed_members_are_cut_off_within_two_seconds_and_networks_stay_apart() {
             .enter(|| UdpSocket::bind(("0.0.0.0", 47002)))
             .or_panic()
             .expect("bind");
-        s.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
         s
     };
     let (at_2, at_3) = (listen(1), listen(2));
@@ -340,30 +531,44 @@ fn removed_members_are_cut_off_within_two_seconds_and_networks_stay_apart() {
         .or_panic()
         .expect("bind");
     sender.set_broadcast(true).expect("SO_BROADCAST");
-    eventually(Duration::from_secs(10), "agent 2 receives the lab broadcast", || {
-        sender.send_to(b"lab only", ("10.91.0.255", 47002))?;
-        let mut buf = [0u8; 16];
-        let (n, _) = at_2.recv_from(&mut buf)?;
-        ensure!(&buf[..n] == b"lab only");
-        Ok(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "agent 2 receives the lab broadcast",
+        || {
+            sender.send_to(b"lab only", ("10.91.0.255", 47002))?;
+            let mut buf = [0u8; 16];
+            let (n, _) = at_2.recv_from(&mut buf)?;
+            ensure!(&buf[..n] == b"lab only");
+            Ok(())
+        },
+    )
     .or_panic();
     let mut buf = [0u8; 16];
     for _ in 0..5 {
-        sender.send_to(b"lab only", ("10.91.0.255", 47002)).expect("send");
+        sender
+            .send_to(b"lab only", ("10.91.0.255", 47002))
+            .expect("send");
         if let Ok((n, from)) = at_3.recv_from(&mut buf) {
-            panic!("agent 3 received {:?} from {from}, but it is not on lab", &buf[..n]);
+            panic!(
+                "agent 3 received {:?} from {from}, but it is not on lab",
+                &buf[..n]
+            );
         }
     }
     // Removed from lab: unreachable there within 2 s, still reachable on default.
-    fleet.ctl_ok(&["network", "remove", "lab", "--node", &ids[1]]).or_panic();
+    fleet
+        .ctl_ok(&["network", "remove", "lab", "--node", &ids[1]])
+        .or_panic();
     let removed = Instant::now();
     eventually(Duration::from_secs(2), "agent 2 unreachable on lab", || {
         ensure!(ping(&ns[0], lab[1]).is_err(), "still answers");
         Ok(())
     })
     .or_panic();
-    eprintln!("cut off from lab {} ms after `network remove` returned", removed.elapsed().as_millis());
+    eprintln!(
+        "cut off from lab {} ms after `network remove` returned",
+        removed.elapsed().as_millis()
+    );
     ping(&ns[0], addrs[1]).or_panic();
     // Removed from the fleet: unreachable within 2 s.
     fleet.ctl_ok(&["nodes", "remove", &ids[2]]).or_panic();
@@ -373,7 +578,10 @@ fn removed_members_are_cut_off_within_two_seconds_and_networks_stay_apart() {
         Ok(())
     })
     .or_panic();
-    eprintln!("removed node cut off {} ms after `nodes remove` returned", removed.elapsed().as_millis());
+    eprintln!(
+        "removed node cut off {} ms after `nodes remove` returned",
+        removed.elapsed().as_millis()
+    );
     shoal_tests::consistently(Duration::from_secs(3), "agent 3 stays unreachable", || {
         ensure!(ping(&ns[0], addrs[2]).is_err(), "answers again");
         Ok(())
@@ -381,8 +589,8 @@ fn removed_members_are_cut_off_within_two_seconds_and_networks_stay_apart() {
     .or_panic();
 }
 
-/// `node`'s count of frames dropped for `reason`, from `shoalctl overlay counters -o json`; an error
-/// until the node has reported.
+/// `node`'s count of frames dropped for `reason`, from `shoalctl overlay counters -o json`; an
+/// error until the node has reported.
 fn dropped(fleet: &Fleet, node: &str, reason: &str) -> Result<u64> {
     let all = fleet.ctl_json(&["overlay", "counters"])?;
     let mine = all
@@ -394,11 +602,15 @@ fn dropped(fleet: &Fleet, node: &str, reason: &str) -> Result<u64> {
 
 /// Waits until `node`'s `reason` count passes `before`; the new count.
 fn drops_rise(fleet: &Fleet, node: &str, reason: &str, before: u64) -> Result<u64> {
-    eventually(Duration::from_secs(30), &format!("{node} counts {reason} drops"), || {
-        let now = dropped(fleet, node, reason)?;
-        ensure!(now > before, "{reason}: still {now}");
-        Ok(now)
-    })
+    eventually(
+        Duration::from_secs(30),
+        &format!("{node} counts {reason} drops"),
+        || {
+            let now = dropped(fleet, node, reason)?;
+            ensure!(now > before, "{reason}: still {now}");
+            Ok(now)
+        },
+    )
 }
 
 /// The MAC of `dev` in namespace `ns`.
@@ -413,7 +625,11 @@ fn mac_of(ns: &str, dev: &str) -> Result<String> {
 
 /// The IPv6 link-local address of `dev` in namespace `ns`.
 fn link_local_of(ns: &str, dev: &str) -> Result<String> {
-    let out = in_ns(ns, "ip", &["-6", "-o", "addr", "show", "dev", dev, "scope", "link"])?;
+    let out = in_ns(
+        ns,
+        "ip",
+        &["-6", "-o", "addr", "show", "dev", dev, "scope", "link"],
+    )?;
     out.split_whitespace()
         .skip_while(|w| *w != "inet6")
         .nth(1)
@@ -428,37 +644,113 @@ fn a_member_spoofing_another_members_addresses_is_dropped_and_counted_while_real
     let fleet = fleet(3, None).or_panic();
     let addrs = tap_addrs(&fleet).or_panic();
     let ns: Vec<String> = fleet.agents().iter().map(|a| a.netns.clone()).collect();
-    let ids: Vec<String> = (0..3).map(|i| fleet.node_id(i)).collect::<Result<_>>().or_panic();
+    let ids: Vec<String> = (0..3)
+        .map(|i| fleet.node_id(i))
+        .collect::<Result<_>>()
+        .or_panic();
     // Agent 1 attacks, agent 2 is the victim whose addresses it claims, agent 3 receives.
     let (attacker, victim, receiver) = (&ns[0], &ns[1], &ns[2]);
     let (victim_ip, receiver_ip) = (addrs[1].to_string(), addrs[2]);
     for (from, to) in [(0, 2), (1, 2), (2, 1), (0, 1)] {
-        eventually(Duration::from_secs(20), &format!("agent {} pings agent {}", from + 1, to + 1), || ping(&ns[from], addrs[to]))
-            .or_panic();
+        eventually(
+            Duration::from_secs(20),
+            &format!("agent {} pings agent {}", from + 1, to + 1),
+            || ping(&ns[from], addrs[to]),
+        )
+        .or_panic();
     }
-    let (attacker_mac, victim_mac) = (mac_of(attacker, "shoal0").or_panic(), mac_of(victim, "shoal0").or_panic());
+    let (attacker_mac, victim_mac) = (
+        mac_of(attacker, "shoal0").or_panic(),
+        mac_of(victim, "shoal0").or_panic(),
+    );
     // The link-local address is the EUI-64 of the controller-assigned MAC: what peers accept.
     let victim_ll = link_local_of(victim, "shoal0").or_panic();
-    let m: Vec<u8> = victim_mac.split(':').map(|h| u8::from_str_radix(h, 16).expect("hex")).collect();
-    let eui64 = std::net::Ipv6Addr::from([0xfe, 0x80, 0, 0, 0, 0, 0, 0, m[0] ^ 2, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]]);
-    assert_eq!(victim_ll.parse::<std::net::Ipv6Addr>().expect("an IPv6 address"), eui64, "shoal0's link-local");
+    let m: Vec<u8> = victim_mac
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).expect("hex"))
+        .collect();
+    let eui64 = std::net::Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        m[0] ^ 2,
+        m[1],
+        m[2],
+        0xff,
+        0xfe,
+        m[3],
+        m[4],
+        m[5],
+    ]);
+    assert_eq!(
+        victim_ll
+            .parse::<std::net::Ipv6Addr>()
+            .expect("an IPv6 address"),
+        eui64,
+        "shoal0's link-local"
+    );
     let receiver_ll = link_local_of(receiver, "shoal0").or_panic();
     eventually(Duration::from_secs(10), "a genuine link-local ping", || {
-        in_ns(attacker, "ping", &["-6", "-c", "1", "-W", "1", &format!("{receiver_ll}%shoal0")])
+        in_ns(
+            attacker,
+            "ping",
+            &["-6", "-c", "1", "-W", "1", &format!("{receiver_ll}%shoal0")],
+        )
     })
     .or_panic();
     let before = |reason: &str| {
-        eventually(Duration::from_secs(30), "the receiver's first counters", || dropped(&fleet, &ids[2], reason)).or_panic()
+        eventually(
+            Duration::from_secs(30),
+            "the receiver's first counters",
+            || dropped(&fleet, &ids[2], reason),
+        )
+        .or_panic()
     };
-    let neighbour_of_victim = || in_ns(receiver, "ip", &["neigh", "show", &victim_ip, "dev", "shoal0"]).or_panic();
-    assert!(neighbour_of_victim().contains(&victim_mac), "the receiver knows the victim's MAC: {}", neighbour_of_victim());
+    let neighbour_of_victim = || {
+        in_ns(
+            receiver,
+            "ip",
+            &["neigh", "show", &victim_ip, "dev", "shoal0"],
+        )
+        .or_panic()
+    };
+    assert!(
+        neighbour_of_victim().contains(&victim_mac),
+        "the receiver knows the victim's MAC: {}",
+        neighbour_of_victim()
+    );
 
     // ARP in the victim's name: unsolicited announcements and requests with its address as sender.
     // (arping exits non-zero when nothing answers, which is the point.)
     let arp_before = before("spoofed_arp");
     let victim_arp_before = dropped(&fleet, &ids[1], "spoofed_arp").unwrap_or(0);
-    let _ = in_ns(attacker, "arping", &["-U", "-S", &victim_ip, "-i", "shoal0", "-c", "3", "-w", "3", &victim_ip]);
-    let _ = in_ns(attacker, "arping", &["-S", &victim_ip, "-i", "shoal0", "-c", "3", "-w", "3", &receiver_ip.to_string()]);
+    let _ = in_ns(
+        attacker,
+        "arping",
+        &[
+            "-U", "-S", &victim_ip, "-i", "shoal0", "-c", "3", "-w", "3", &victim_ip,
+        ],
+    );
+    let _ = in_ns(
+        attacker,
+        "arping",
+        &[
+            "-S",
+            &victim_ip,
+            "-i",
+            "shoal0",
+            "-c",
+            "3",
+            "-w",
+            "3",
+            &receiver_ip.to_string(),
+        ],
+    );
     let arp_after = drops_rise(&fleet, &ids[2], "spoofed_arp", arp_before).or_panic();
     drops_rise(&fleet, &ids[1], "spoofed_arp", victim_arp_before).or_panic();
     eprintln!("receiver's spoofed_arp: {arp_before} -> {arp_after}");
@@ -468,15 +760,38 @@ fn a_member_spoofing_another_members_addresses_is_dropped_and_counted_while_real
         "the receiver's ARP cache now points the victim's address at the attacker: {neighbour}"
     );
 
-    // IPv4 in the victim's name: its address added to the attacker's shoal0, datagrams sent from it.
-    in_ns(attacker, "ip", &["addr", "add", &format!("{victim_ip}/32"), "dev", "shoal0"]).or_panic();
+    // IPv4 in the victim's name: its address added to the attacker's shoal0, datagrams sent from
+    // it.
+    in_ns(
+        attacker,
+        "ip",
+        &["addr", "add", &format!("{victim_ip}/32"), "dev", "shoal0"],
+    )
+    .or_panic();
     let ipv4_before = before("spoofed_ipv4");
-    let host = |i: usize| fleet.topology().host(&fleet.agents()[i].hostname).or_panic().netns();
-    let listener = host(2).enter(|| UdpSocket::bind((receiver_ip, 0))).or_panic().expect("a UDP socket on shoal0");
-    listener.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+    let host = |i: usize| {
+        fleet
+            .topology()
+            .host(&fleet.agents()[i].hostname)
+            .or_panic()
+            .netns()
+    };
+    let listener = host(2)
+        .enter(|| UdpSocket::bind((receiver_ip, 0)))
+        .or_panic()
+        .expect("a UDP socket on shoal0");
+    listener
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
     let to = listener.local_addr().expect("bound");
-    let spoofer = host(0).enter(|| UdpSocket::bind((addrs[1], 0))).or_panic().expect("a socket on the victim's address");
-    let genuine = host(0).enter(|| UdpSocket::bind((addrs[0], 0))).or_panic().expect("a socket on the attacker's own address");
+    let spoofer = host(0)
+        .enter(|| UdpSocket::bind((addrs[1], 0)))
+        .or_panic()
+        .expect("a socket on the victim's address");
+    let genuine = host(0)
+        .enter(|| UdpSocket::bind((addrs[0], 0)))
+        .or_panic()
+        .expect("a socket on the attacker's own address");
     eventually(Duration::from_secs(10), "the attacker's genuine datagram arrives, the spoofed one never", || {
         spoofer.send_to(b"spoofed", to)?;
         genuine.send_to(b"genuine", to)?;
@@ -495,12 +810,32 @@ fn a_member_spoofing_another_members_addresses_is_dropped_and_counted_while_real
     eprintln!("receiver's spoofed_ipv4: {ipv4_before} -> {ipv4_after}");
 
     // IPv6 from the victim's link-local address.
-    in_ns(attacker, "ip", &["-6", "addr", "add", &format!("{victim_ll}/64"), "dev", "shoal0", "nodad"]).or_panic();
+    in_ns(
+        attacker,
+        "ip",
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{victim_ll}/64"),
+            "dev",
+            "shoal0",
+            "nodad",
+        ],
+    )
+    .or_panic();
     let ipv6_before = before("spoofed_ipv6");
     let link = in_ns(attacker, "ip", &["-o", "link", "show", "dev", "shoal0"]).or_panic();
-    let scope: u32 = link.split(':').next().and_then(|i| i.trim().parse().ok()).expect("shoal0's interface index");
+    let scope: u32 = link
+        .split(':')
+        .next()
+        .and_then(|i| i.trim().parse().ok())
+        .expect("shoal0's interface index");
     let v6 = |a: &str| std::net::SocketAddrV6::new(a.parse().expect("IPv6"), 0, 0, scope);
-    let spoofer = host(0).enter(|| UdpSocket::bind(v6(&victim_ll))).or_panic().expect("a socket on the victim's link-local");
+    let spoofer = host(0)
+        .enter(|| UdpSocket::bind(v6(&victim_ll)))
+        .or_panic()
+        .expect("a socket on the victim's link-local");
     let mut to_receiver = v6(&receiver_ll);
     to_receiver.set_port(47003);
     for _ in 0..3 {
@@ -511,12 +846,29 @@ fn a_member_spoofing_another_members_addresses_is_dropped_and_counted_while_real
 
     // An 802.1Q-tagged frame would carry its inner packet past the checks: the tag is refused.
     let tagged_before = before("vlan_tagged");
-    let _ = in_ns(attacker, "arping", &["-V", "5", "-i", "shoal0", "-c", "3", "-w", "3", &receiver_ip.to_string()]);
+    let _ = in_ns(
+        attacker,
+        "arping",
+        &[
+            "-V",
+            "5",
+            "-i",
+            "shoal0",
+            "-c",
+            "3",
+            "-w",
+            "3",
+            &receiver_ip.to_string(),
+        ],
+    );
     drops_rise(&fleet, &ids[2], "vlan_tagged", tagged_before).or_panic();
 
     // Genuine traffic between all three kept flowing, and still does.
     for (from, to) in [(0, 2), (1, 2), (2, 1)] {
         ping(&ns[from], addrs[to]).or_panic();
     }
-    assert!(neighbour_of_victim().contains(&victim_mac), "the receiver still reaches the victim at its own MAC");
+    assert!(
+        neighbour_of_victim().contains(&victim_mac),
+        "the receiver still reaches the victim at its own MAC"
+    );
 }

@@ -1,33 +1,37 @@
-//! Rolling agent upgrades end to end (issue 6), as an operator drives and sees them: a real `shoal-controller
-//! serve` and four real agents, each in its own network namespace and each running its own copy of
-//! `shoal-agent` from an install directory of its own (an update replaces that file), driven only with
-//! `shoalctl` and checked against `shoalctl upgrade status`, `nodes list`, `release status` and the event log.
+//! Rolling agent upgrades end to end (issue 6), as an operator drives and sees them: a real
+//! `shoal-controller serve` and four real agents, each in its own network namespace and each
+//! running its own copy of `shoal-agent` from an install directory of its own (an update replaces
+//! that file), driven only with `shoalctl` and checked against `shoalctl upgrade status`, `nodes
+//! list`, `release status` and the event log.
 //!
-//! Versions are the built agent ("old") and copies with the version slot patched ([`shoal_tests::releases`]),
-//! signed with a key made by `openssl` and uploaded with `shoalctl release add`.
+//! Versions are the built agent ("old") and copies with the version slot patched
+//! ([`shoal_tests::releases`]), signed with a key made by `openssl` and uploaded with `shoalctl
+//! release add`.
 //!
-//! Every agent runs an operator's health check (`--update-check`), which a new version must pass before
-//! its health deadline or it rolls itself back. The check refuses the broken build, and also refuses any
-//! version on a host while the test holds a *gate* file for that version and host: that is how the test
-//! keeps a node in flight at a chosen moment (to see old and new agents side by side, and to kill the
-//! controller while a node is mid-upgrade) without sleeping or racing the rollout.
+//! Every agent runs an operator's health check (`--update-check`), which a new version must pass
+//! before its health deadline or it rolls itself back. The check refuses the broken build, and also
+//! refuses any version on a host while the test holds a *gate* file for that version and host: that
+//! is how the test keeps a node in flight at a chosen moment (to see old and new agents side by
+//! side, and to kill the controller while a node is mid-upgrade) without sleeping or racing the
+//! rollout.
 //!
 //! One flow, in steps (each asserted on its own):
-//! 1. old → new over the four with `--max-unavailable 1`: all succeed and report the new version; mid-way
-//!    old and new agents coexist, all connected; the event log, replayed, never has two nodes unavailable
-//!    at once and shows the nodes taken one after another.
-//! 2. A broken release (its health check fails) with `--max-failures 1`: the first node fails its check
-//!    and is rolled back (runs the new version again), the rollout pauses with the reason, no other node
-//!    is touched; a later rollout of the broken release skips that node (its failure is remembered).
-//! 3. A rollout with `--window` outside the window waits (status says so; nothing starts over several
-//!    driver ticks); the controller restarted with its rollout clock moved into the window
+//! 1. old → new over the four with `--max-unavailable 1`: all succeed and report the new version;
+//!    mid-way old and new agents coexist, all connected; the event log, replayed, never has two
+//!    nodes unavailable at once and shows the nodes taken one after another.
+//! 2. A broken release (its health check fails) with `--max-failures 1`: the first node fails its
+//!    check and is rolled back (runs the new version again), the rollout pauses with the reason, no
+//!    other node is touched; a later rollout of the broken release skips that node (its failure is
+//!    remembered).
+//! 3. A rollout with `--window` outside the window waits (status says so; nothing starts over
+//!    several driver ticks); the controller restarted with its rollout clock moved into the window
 //!    (`--rollout-clock-offset`, a hidden test hook) carries it out.
-//! 4. The controller killed (SIGKILL) mid-rollout, one node done and the next in flight, and started
-//!    again on the same data dir: the rollout resumes from its stored state and completes, and the event
-//!    log still never has two nodes unavailable at once.
+//! 4. The controller killed (SIGKILL) mid-rollout, one node done and the next in flight, and
+//!    started again on the same data dir: the rollout resumes from its stored state and completes,
+//!    and the event log still never has two nodes unavailable at once.
 //!
-//! The controller runs with `--rollout-tick 1s` (hidden; default 5 s) so the driver's passes are quick.
-//! Needs root (skips with a reason otherwise, fails under CI) and `openssl`.
+//! The controller runs with `--rollout-tick 1s` (hidden; default 5 s) so the driver's passes are
+//! quick. Needs root (skips with a reason otherwise, fails under CI) and `openssl`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -46,8 +50,8 @@ const NIGHTLY: &str = "2.1.0-nightly";
 const LABEL: &str = "role=worker";
 /// The controller's rollout driver tick (`--rollout-tick`).
 const TICK: Duration = Duration::from_secs(1);
-/// How long a new agent version has to pass its checks (`--update-health-deadline`): longer than any
-/// gate is held, short enough that the broken release is rolled back quickly.
+/// How long a new agent version has to pass its checks (`--update-health-deadline`): longer than
+/// any gate is held, short enough that the broken release is rolled back quickly.
 const HEALTH_DEADLINE: Duration = Duration::from_secs(20);
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -63,10 +67,14 @@ exit 0
 "#;
 
 #[test]
-fn four_agents_roll_one_at_a_time_roll_back_broken_releases_wait_for_windows_and_survive_a_restart() {
+fn four_agents_roll_one_at_a_time_roll_back_broken_releases_wait_for_windows_and_survive_a_restart()
+{
     require_host_tests!();
     let started = Instant::now();
-    let work = tempfile::Builder::new().prefix("shoal-rollout-").tempdir().expect("a temporary directory");
+    let work = tempfile::Builder::new()
+        .prefix("shoal-rollout-")
+        .tempdir()
+        .expect("a temporary directory");
     let mut t = Test::start(work.path()).or_panic();
     let result = t.run();
     if result.is_err() {
@@ -79,16 +87,20 @@ fn four_agents_roll_one_at_a_time_roll_back_broken_releases_wait_for_windows_and
     println!("rollout host test took {:.1?}", started.elapsed());
 }
 
-/// A controller restart while the node in flight is still *downloading* the release breaks the download
-/// stream with the connection. That is not a failure of the release: the agent keeps the verified offer,
-/// reports nothing, and resumes the download from the bytes it has on its next session; the restarted
-/// controller carries on with the acknowledged node, and the rollout finishes with every node upgraded.
-/// (It used to settle as "download truncated", fail the node and pause the rollout.) The main test kills
-/// the controller while a node is past its download (held in its health check).
+/// A controller restart while the node in flight is still *downloading* the release breaks the
+/// download stream with the connection. That is not a failure of the release: the agent keeps the
+/// verified offer, reports nothing, and resumes the download from the bytes it has on its next
+/// session; the restarted controller carries on with the acknowledged node, and the rollout
+/// finishes with every node upgraded. (It used to settle as "download truncated", fail the node and
+/// pause the rollout.) The main test kills the controller while a node is past its download (held
+/// in its health check).
 #[test]
 fn a_controller_restart_during_a_download_does_not_fail_the_node() {
     require_host_tests!();
-    let work = tempfile::Builder::new().prefix("shoal-rollout-").tempdir().expect("a temporary directory");
+    let work = tempfile::Builder::new()
+        .prefix("shoal-rollout-")
+        .tempdir()
+        .expect("a temporary directory");
     let mut t = Test::start(work.path()).or_panic();
     t.restart_during_download().or_panic();
 }
@@ -107,7 +119,9 @@ impl Test {
         let gates = w.join("gates");
         std::fs::create_dir_all(&gates)?;
         let check = w.join("gate-check");
-        let script = CHECK.replace("BROKEN", BROKEN).replace("GATES", &gates.display().to_string());
+        let script = CHECK
+            .replace("BROKEN", BROKEN)
+            .replace("GATES", &gates.display().to_string());
         std::fs::write(&check, script)?;
         std::fs::set_permissions(&check, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
 
@@ -132,38 +146,80 @@ impl Test {
         .map(|s| s.to_string())
         .collect();
         let mut fleet = Fleet::start(cfg)?;
-        let token = fleet.create_token(&["--ttl", "1h", "--uses", &AGENTS.to_string(), "--label", LABEL])?;
+        let token = fleet.create_token(&[
+            "--ttl",
+            "1h",
+            "--uses",
+            &AGENTS.to_string(),
+            "--label",
+            LABEL,
+        ])?;
         let original = fleet.bins().agent.clone();
         for i in 1..=AGENTS {
             // Each agent its own copy, which its updates replace.
-            fleet.config_mut().agent_program = Some(install_dir(&original, &w.join(format!("install-{i}")))?);
+            fleet.config_mut().agent_program =
+                Some(install_dir(&original, &w.join(format!("install-{i}")))?);
             fleet.add_agent(&token)?;
         }
         fleet.wait_all_up(TIMEOUT)?;
-        let old = fleet.nodes()?[0]["agent_version"].as_str().context("agent_version")?.to_owned();
-        ensure!(![NEW, BROKEN, NIGHTLY].contains(&old.as_str()), "the built agent reports {old}");
-        // Releases are stripped (as shipped; a quarter of the debug build's size, so downloads are quick).
-        add_releases(&fleet, &stripped(&original, w)?, &key, &[NEW, BROKEN, NIGHTLY], w)?;
-        Ok(Test { fleet, gates, old, key, work: w.to_owned() })
+        let old = fleet.nodes()?[0]["agent_version"]
+            .as_str()
+            .context("agent_version")?
+            .to_owned();
+        ensure!(
+            ![NEW, BROKEN, NIGHTLY].contains(&old.as_str()),
+            "the built agent reports {old}"
+        );
+        // Releases are stripped (as shipped; a quarter of the debug build's size, so downloads are
+        // quick).
+        add_releases(
+            &fleet,
+            &stripped(&original, w)?,
+            &key,
+            &[NEW, BROKEN, NIGHTLY],
+            w,
+        )?;
+        Ok(Test {
+            fleet,
+            gates,
+            old,
+            key,
+            work: w.to_owned(),
+        })
     }
 
     fn run(&mut self) -> Result<()> {
         let timer = Instant::now();
-        self.upgrade_one_at_a_time().context("step 1: old -> new, one at a time")?;
+        self.upgrade_one_at_a_time()
+            .context("step 1: old -> new, one at a time")?;
         println!("step 1 done after {:.1?}", timer.elapsed());
-        self.broken_release_is_rolled_back_and_pauses().context("step 2: a broken release")?;
+        self.broken_release_is_rolled_back_and_pauses()
+            .context("step 2: a broken release")?;
         println!("step 2 done after {:.1?}", timer.elapsed());
-        self.window_waits_then_restart_resumes().context("steps 3 and 4: window, clock, restart")?;
+        self.window_waits_then_restart_resumes()
+            .context("steps 3 and 4: window, clock, restart")?;
         println!("steps 3 and 4 done after {:.1?}", timer.elapsed());
         let events = self.fleet.events()?;
-        ensure!(max_unavailable(&events, None) <= 1, "two nodes unavailable at once somewhere in the log");
+        ensure!(
+            max_unavailable(&events, None) <= 1,
+            "two nodes unavailable at once somewhere in the log"
+        );
         Ok(())
     }
 
     /// Step 1.
     fn upgrade_one_at_a_time(&mut self) -> Result<()> {
         self.hold_all(NEW)?;
-        let r1 = self.start_rollout(&["--agent", NEW, "--max-unavailable", "1", "--max-failures", "1", "--deadline", "2m"])?;
+        let r1 = self.start_rollout(&[
+            "--agent",
+            NEW,
+            "--max-unavailable",
+            "1",
+            "--max-failures",
+            "1",
+            "--deadline",
+            "2m",
+        ])?;
         // The first node updates and is held in its checks; let it pass, and hold the next one.
         let first = self.wait_held(&r1, NEW, &[])?;
         self.release(NEW, &first)?;
@@ -172,81 +228,163 @@ impl Test {
         let (old, fleet) = (self.old.clone(), &self.fleet);
         eventually!(TIMEOUT, "old and new agents side by side, all up", || {
             let nodes = fleet.nodes()?;
-            ensure!(nodes.len() == AGENTS && nodes.iter().all(|n| n["status"] == "up"), "not all up: {}", brief(&nodes));
+            ensure!(
+                nodes.len() == AGENTS && nodes.iter().all(|n| n["status"] == "up"),
+                "not all up: {}",
+                brief(&nodes)
+            );
             let on = |v: &str| nodes.iter().filter(|n| n["agent_version"] == v).count();
-            ensure!(on(NEW) == 2 && on(&old) == 2, "want 2 on {NEW} and 2 on {old}: {}", brief(&nodes));
+            ensure!(
+                on(NEW) == 2 && on(&old) == 2,
+                "want 2 on {NEW} and 2 on {old}: {}",
+                brief(&nodes)
+            );
             Ok(())
         })?;
         let s = self.status(&r1)?;
         ensure!(s["state"] == "running", "{s}");
         let p = &s["progress"];
-        ensure!(p["succeeded"] == 1 && p["in_flight"] == 1 && p["pending"] == 2, "one done, one in flight, two waiting: {s}");
-        ensure!(phase_of(&s, &first.node)? == "succeeded" && phase_of(&s, &second.node)? == "upgrading", "{s}");
         ensure!(
-            s["waiting"].as_array().is_some_and(|w| w.iter().any(|w| w.as_str().is_some_and(|w| w.contains("max-unavailable")))),
+            p["succeeded"] == 1 && p["in_flight"] == 1 && p["pending"] == 2,
+            "one done, one in flight, two waiting: {s}"
+        );
+        ensure!(
+            phase_of(&s, &first.node)? == "succeeded" && phase_of(&s, &second.node)? == "upgrading",
+            "{s}"
+        );
+        ensure!(
+            s["waiting"].as_array().is_some_and(|w| w
+                .iter()
+                .any(|w| w.as_str().is_some_and(|w| w.contains("max-unavailable")))),
             "the others wait for max-unavailable: {s}"
         );
         println!("{}", self.fleet.ctl_ok(&["upgrade", "status", &r1])?);
         self.release_all()?;
 
         let done = self.wait_finished(&r1)?;
-        ensure!(done["state"] == "done" && done["progress"]["succeeded"] == AGENTS, "{done}");
+        ensure!(
+            done["state"] == "done" && done["progress"]["succeeded"] == AGENTS,
+            "{done}"
+        );
         self.fleet.wait_all_up(TIMEOUT)?;
         for n in self.fleet.nodes()? {
             ensure!(n["agent_version"] == NEW, "every node reports {NEW}: {n}");
         }
         let events = self.fleet.events()?;
-        ensure!(max_unavailable(&events, Some(&r1)) == 1, "never two nodes unavailable at once");
+        ensure!(
+            max_unavailable(&events, Some(&r1)) == 1,
+            "never two nodes unavailable at once"
+        );
         let taken = one_after_another(&events, &r1)?;
-        ensure!(taken.len() == AGENTS, "each node taken down once: {taken:?}");
-        ensure!(taken[0] == first.node && taken[1] == second.node, "{taken:?}");
+        ensure!(
+            taken.len() == AGENTS,
+            "each node taken down once: {taken:?}"
+        );
+        ensure!(
+            taken[0] == first.node && taken[1] == second.node,
+            "{taken:?}"
+        );
         Ok(())
     }
 
     /// Step 2.
     fn broken_release_is_rolled_back_and_pauses(&mut self) -> Result<()> {
-        let r2 = self.start_rollout(&["--agent", BROKEN, "--max-unavailable", "1", "--max-failures", "1", "--deadline", "2m"])?;
+        let r2 = self.start_rollout(&[
+            "--agent",
+            BROKEN,
+            "--max-unavailable",
+            "1",
+            "--max-failures",
+            "1",
+            "--deadline",
+            "2m",
+        ])?;
         let fleet = &self.fleet;
         // The agent rolls itself back at its health deadline and reports why.
-        let paused = eventually!(TIMEOUT + HEALTH_DEADLINE, "the rollout of the broken release pauses", || {
-            let s = fleet.ctl_json(&["upgrade", "status", &r2])?;
-            ensure!(s["state"] == "paused", "not yet: {}", s["state"]);
-            Ok(s)
-        })?;
+        let paused = eventually!(
+            TIMEOUT + HEALTH_DEADLINE,
+            "the rollout of the broken release pauses",
+            || {
+                let s = fleet.ctl_json(&["upgrade", "status", &r2])?;
+                ensure!(s["state"] == "paused", "not yet: {}", s["state"]);
+                Ok(s)
+            }
+        )?;
         println!("{}", fleet.ctl_ok(&["upgrade", "status", &r2])?);
         let nodes = paused["nodes"].as_array().context("nodes")?;
         let failed: Vec<&Value> = nodes.iter().filter(|n| n["phase"] == "failed").collect();
-        let [bad] = failed[..] else { bail!("exactly one node failed: {paused}") };
+        let [bad] = failed[..] else {
+            bail!("exactly one node failed: {paused}")
+        };
         let bad_id = bad["node"].as_str().context("node")?.to_owned();
         let reason = paused["reason"].as_str().unwrap_or_default();
         ensure!(
-            reason.contains("1 node(s) failed") && reason.contains(&bad_id) && reason.contains("check:gate-check"),
+            reason.contains("1 node(s) failed")
+                && reason.contains(&bad_id)
+                && reason.contains("check:gate-check"),
             "the pause says which node failed which check: {reason:?}"
         );
         let detail = bad["detail"].as_str().unwrap_or_default();
         ensure!(detail.contains("rolled back"), "{detail}");
-        ensure!(nodes.iter().filter(|n| n["phase"] == "pending").count() == AGENTS - 1, "nothing else started: {paused}");
+        ensure!(
+            nodes.iter().filter(|n| n["phase"] == "pending").count() == AGENTS - 1,
+            "nothing else started: {paused}"
+        );
 
-        // Rolled back: back on the new version (the agent's own roll-back), connected, and it says why.
-        eventually!(TIMEOUT, "the broken node runs the previous version again", || {
-            let n = fleet.nodes()?.into_iter().find(|n| n["id"] == bad_id.as_str()).context("node")?;
-            ensure!(n["agent_version"] == NEW && n["status"] == "up", "not yet: {n}");
-            let u = update_status(fleet, &bad_id)?;
-            ensure!(u["report"]["attempted"] == BROKEN && u["report"]["running"] == NEW, "{u}");
-            let checks = u["report"]["checks"].as_array().context("checks")?;
-            ensure!(checks.iter().any(|c| c["passed"] == false && c["detail"].as_str().is_some_and(|d| d.contains("broken"))), "{u}");
-            Ok(())
-        })?;
+        // Rolled back: back on the new version (the agent's own roll-back), connected, and it says
+        // why.
+        eventually!(
+            TIMEOUT,
+            "the broken node runs the previous version again",
+            || {
+                let n = fleet
+                    .nodes()?
+                    .into_iter()
+                    .find(|n| n["id"] == bad_id.as_str())
+                    .context("node")?;
+                ensure!(
+                    n["agent_version"] == NEW && n["status"] == "up",
+                    "not yet: {n}"
+                );
+                let u = update_status(fleet, &bad_id)?;
+                ensure!(
+                    u["report"]["attempted"] == BROKEN && u["report"]["running"] == NEW,
+                    "{u}"
+                );
+                let checks = u["report"]["checks"].as_array().context("checks")?;
+                ensure!(
+                    checks.iter().any(|c| c["passed"] == false
+                        && c["detail"].as_str().is_some_and(|d| d.contains("broken"))),
+                    "{u}"
+                );
+                Ok(())
+            }
+        )?;
 
         // No other node is touched, over several driver ticks.
-        consistently(TICK * 4, "no other node is offered the broken release", || {
-            let s = fleet.ctl_json(&["upgrade", "status", &r2])?;
-            ensure!(s["state"] == "paused" && s["progress"]["pending"] == AGENTS - 1, "{s}");
-            Ok(())
-        })?;
+        consistently(
+            TICK * 4,
+            "no other node is offered the broken release",
+            || {
+                let s = fleet.ctl_json(&["upgrade", "status", &r2])?;
+                ensure!(
+                    s["state"] == "paused" && s["progress"]["pending"] == AGENTS - 1,
+                    "{s}"
+                );
+                Ok(())
+            },
+        )?;
         let events = fleet.events()?;
         let ours = rollout_events(&events, &r2);
-        let kinds: Vec<(&str, &str)> = ours.iter().map(|e| (e["kind"].as_str().unwrap_or(""), e["node"].as_str().unwrap_or(""))).collect();
+        let kinds: Vec<(&str, &str)> = ours
+            .iter()
+            .map(|e| {
+                (
+                    e["kind"].as_str().unwrap_or(""),
+                    e["node"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
         ensure!(
             kinds
                 == [
@@ -257,30 +395,60 @@ impl Test {
             "only the broken node was taken down, failed and rolled back: {kinds:?}"
         );
         ensure!(
-            events.iter().any(|e| e["kind"] == "rollout_paused" && e["message"].as_str().is_some_and(|m| m.starts_with(&format!("rollout {r2} paused")))),
+            events.iter().any(|e| e["kind"] == "rollout_paused"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(&format!("rollout {r2} paused")))),
             "a rollout_paused event"
         );
         let offered: BTreeSet<&str> = events
             .iter()
-            .filter(|e| e["kind"] == "agent_update_offered" && e["message"].as_str().is_some_and(|m| m.contains(BROKEN)))
+            .filter(|e| {
+                e["kind"] == "agent_update_offered"
+                    && e["message"].as_str().is_some_and(|m| m.contains(BROKEN))
+            })
             .filter_map(|e| e["node"].as_str())
             .collect();
-        ensure!(offered == BTreeSet::from([bad_id.as_str()]), "the broken release went to one node only: {offered:?}");
+        ensure!(
+            offered == BTreeSet::from([bad_id.as_str()]),
+            "the broken release went to one node only: {offered:?}"
+        );
         for n in fleet.nodes()? {
             ensure!(n["agent_version"] == NEW && n["status"] == "up", "{n}");
         }
 
-        // The operator gives up on it; a new rollout of the same release skips the node where it failed.
-        // It is given a window that is closed now, so that it starts nothing while we look.
+        // The operator gives up on it; a new rollout of the same release skips the node where it
+        // failed. It is given a window that is closed now, so that it starts nothing while we look.
         fleet.ctl_ok(&["upgrade", "abort", &r2])?;
-        ensure!(self.status(&r2)?["finished"] == true, "aborted with nothing in flight: finished");
+        ensure!(
+            self.status(&r2)?["finished"] == true,
+            "aborted with nothing in flight: finished"
+        );
         self.create_closed_window()?;
-        let r3 = self.start_rollout(&["--agent", BROKEN, "--window", "nightly", "--max-unavailable", "1"])?;
+        let r3 = self.start_rollout(&[
+            "--agent",
+            BROKEN,
+            "--window",
+            "nightly",
+            "--max-unavailable",
+            "1",
+        ])?;
         let s = self.status(&r3)?;
         ensure!(phase_of(&s, &bad_id)? == "skipped", "{s}");
-        let skipped = s["nodes"].as_array().and_then(|l| l.iter().find(|n| n["node"] == bad_id.as_str())).context("node")?;
-        ensure!(skipped["detail"].as_str().is_some_and(|d| d.contains("failed here before")), "{skipped}");
-        ensure!(s["progress"]["pending"] == AGENTS - 1 && s["progress"]["skipped"] == 1, "{s}");
+        let skipped = s["nodes"]
+            .as_array()
+            .and_then(|l| l.iter().find(|n| n["node"] == bad_id.as_str()))
+            .context("node")?;
+        ensure!(
+            skipped["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("failed here before")),
+            "{skipped}"
+        );
+        ensure!(
+            s["progress"]["pending"] == AGENTS - 1 && s["progress"]["skipped"] == 1,
+            "{s}"
+        );
         self.fleet.ctl_ok(&["upgrade", "abort", &r3])?;
         ensure!(self.status(&r3)?["finished"] == true, "r3 finished");
         Ok(())
@@ -289,59 +457,115 @@ impl Test {
     /// Steps 3 and 4.
     fn window_waits_then_restart_resumes(&mut self) -> Result<()> {
         self.hold_all(NIGHTLY)?;
-        let r4 = self.start_rollout(&["--agent", NIGHTLY, "--window", "nightly", "--max-unavailable", "1", "--max-failures", "1", "--deadline", "2m"])?;
+        let r4 = self.start_rollout(&[
+            "--agent",
+            NIGHTLY,
+            "--window",
+            "nightly",
+            "--max-unavailable",
+            "1",
+            "--max-failures",
+            "1",
+            "--deadline",
+            "2m",
+        ])?;
         let fleet = &self.fleet;
 
         // Step 3: outside its window it waits, and says so.
         eventually!(TIMEOUT, "the rollout says it waits for its window", || {
             let s = fleet.ctl_json(&["upgrade", "status", &r4])?;
-            ensure!(s["waiting"].as_array().is_some_and(|w| w.iter().any(|w| w == "window closed")), "{s}");
+            ensure!(
+                s["waiting"]
+                    .as_array()
+                    .is_some_and(|w| w.iter().any(|w| w == "window closed")),
+                "{s}"
+            );
             Ok(())
         })?;
-        consistently(TICK * 4, "nothing starts while the window is closed (several driver ticks)", || {
-            let s = fleet.ctl_json(&["upgrade", "status", &r4])?;
-            ensure!(s["state"] == "running" && s["progress"]["pending"] == AGENTS, "{s}");
-            Ok(())
-        })?;
-        ensure!(rollout_events(&fleet.events()?, &r4).is_empty(), "no node taken down outside the window");
+        consistently(
+            TICK * 4,
+            "nothing starts while the window is closed (several driver ticks)",
+            || {
+                let s = fleet.ctl_json(&["upgrade", "status", &r4])?;
+                ensure!(
+                    s["state"] == "running" && s["progress"]["pending"] == AGENTS,
+                    "{s}"
+                );
+                Ok(())
+            },
+        )?;
+        ensure!(
+            rollout_events(&fleet.events()?, &r4).is_empty(),
+            "no node taken down outside the window"
+        );
         println!("{}", fleet.ctl_ok(&["upgrade", "status", &r4])?);
 
         // Restart the controller (SIGKILL) with its rollout clock moved one minute into the window.
         let window = self.window()?;
         let opens = parse_time(window["opens_at"].as_str().context("opens_at")?)?;
-        let offset = opens.duration_since(SystemTime::now()).context("the window opens in the future")? + Duration::from_secs(60);
+        let offset = opens
+            .duration_since(SystemTime::now())
+            .context("the window opens in the future")?
+            + Duration::from_secs(60);
         println!("restarting the controller with its rollout clock {offset:?} ahead");
-        self.fleet.controller().restart_with_args(["--rollout-clock-offset".to_owned(), offset.as_secs().to_string()])?;
+        self.fleet.controller().restart_with_args([
+            "--rollout-clock-offset".to_owned(),
+            offset.as_secs().to_string(),
+        ])?;
         self.fleet.wait_controller_ready()?;
         let w = self.window()?;
-        ensure!(w["open"] == true, "the window is open on the controller's moved clock: {w}");
+        ensure!(
+            w["open"] == true,
+            "the window is open on the controller's moved clock: {w}"
+        );
 
         // Step 4: the rollout runs; kill the controller while the second node is in flight.
         let first = self.wait_held(&r4, NIGHTLY, &[])?;
         self.release(NIGHTLY, &first)?;
         let second = self.wait_held(&r4, NIGHTLY, std::slice::from_ref(&first.node))?;
-        println!("killing the controller while {} ({}) is mid-upgrade", second.node, second.hostname);
+        println!(
+            "killing the controller while {} ({}) is mid-upgrade",
+            second.node, second.hostname
+        );
         self.fleet.controller().kill()?;
         self.fleet.controller().restart()?;
         self.fleet.wait_controller_ready()?;
         let s = self.status(&r4)?;
         ensure!(s["state"] == "running", "{s}");
-        ensure!(phase_of(&s, &first.node)? == "succeeded" && phase_of(&s, &second.node)? == "upgrading", "resumed where it was: {s}");
+        ensure!(
+            phase_of(&s, &first.node)? == "succeeded" && phase_of(&s, &second.node)? == "upgrading",
+            "resumed where it was: {s}"
+        );
         ensure!(s["progress"]["pending"] == AGENTS - 2, "{s}");
         self.release_all()?;
 
         let done = self.wait_finished(&r4)?;
         println!("{}", self.fleet.ctl_ok(&["upgrade", "status", &r4])?);
-        ensure!(done["state"] == "done" && done["progress"]["succeeded"] == AGENTS, "{done}");
+        ensure!(
+            done["state"] == "done" && done["progress"]["succeeded"] == AGENTS,
+            "{done}"
+        );
         self.fleet.wait_all_up(TIMEOUT)?;
         for n in self.fleet.nodes()? {
-            ensure!(n["agent_version"] == NIGHTLY, "every node reports {NIGHTLY}: {n}");
+            ensure!(
+                n["agent_version"] == NIGHTLY,
+                "every node reports {NIGHTLY}: {n}"
+            );
         }
         let events = self.fleet.events()?;
         let taken = one_after_another(&events, &r4)?;
-        ensure!(taken.len() == AGENTS, "each node taken down exactly once across the restarts: {taken:?}");
-        ensure!(max_unavailable(&events, Some(&r4)) == 1, "never two nodes unavailable at once");
-        ensure!(self.fleet.controller().starts() == 3, "the controller was started three times");
+        ensure!(
+            taken.len() == AGENTS,
+            "each node taken down exactly once across the restarts: {taken:?}"
+        );
+        ensure!(
+            max_unavailable(&events, Some(&r4)) == 1,
+            "never two nodes unavailable at once"
+        );
+        ensure!(
+            self.fleet.controller().starts() == 3,
+            "the controller was started three times"
+        );
         Ok(())
     }
 
@@ -352,34 +576,78 @@ impl Test {
         let original = self.fleet.bins().agent.clone();
         let key = self.key.clone();
         add_releases(&self.fleet, &original, &key, &[big], &self.work)?;
-        let r1 = self.start_rollout(&["--agent", big, "--max-unavailable", "1", "--max-failures", "1", "--deadline", "5m"])?;
+        let r1 = self.start_rollout(&[
+            "--agent",
+            big,
+            "--max-unavailable",
+            "1",
+            "--max-failures",
+            "1",
+            "--deadline",
+            "5m",
+        ])?;
         let fleet = &self.fleet;
         let node = eventually!(TIMEOUT, "a node downloading the release", || {
             let s = fleet.ctl_json(&["upgrade", "status", &r1])?;
-            let n = s["nodes"].as_array().context("nodes")?.iter().find(|n| n["phase"] == "upgrading").context("none in flight yet")?.clone();
+            let n = s["nodes"]
+                .as_array()
+                .context("nodes")?
+                .iter()
+                .find(|n| n["phase"] == "upgrading")
+                .context("none in flight yet")?
+                .clone();
             let node = n["node"].as_str().context("node")?.to_owned();
             let u = update_status(fleet, &node)?;
-            ensure!(u["acknowledged"] == big && u["report"]["running"] != big, "not downloading: {u}");
+            ensure!(
+                u["acknowledged"] == big && u["report"]["running"] != big,
+                "not downloading: {u}"
+            );
             Ok(node)
         })?;
         println!("killing the controller while {node} downloads {big}");
         self.fleet.controller().kill()?;
         self.fleet.controller().restart()?;
         self.fleet.wait_controller_ready()?;
-        let done = eventually!(TIMEOUT * 4, &format!("rollout {r1} finishes or pauses"), || {
-            let s = self.status(&r1)?;
-            ensure!(s["finished"] == true || s["state"] == "paused", "not yet: {}", s["progress"]);
-            Ok(s)
-        })?;
+        let done = eventually!(
+            TIMEOUT * 4,
+            &format!("rollout {r1} finishes or pauses"),
+            || {
+                let s = self.status(&r1)?;
+                ensure!(
+                    s["finished"] == true || s["state"] == "paused",
+                    "not yet: {}",
+                    s["progress"]
+                );
+                Ok(s)
+            }
+        )?;
         println!("{}", self.fleet.ctl_ok(&["upgrade", "status", &r1])?);
         // Where it resumed (unless the kill landed just after the last byte).
-        let host = self.fleet.nodes()?.into_iter().find(|n| n["id"] == node.as_str()).and_then(|n| n["hostname"].as_str().map(str::to_owned));
-        if let Some(agent) = self.fleet.agents().iter().find(|a| Some(&a.hostname) == host.as_ref()) {
-            for line in agent.proc.log().lines().filter(|l| l.contains("resuming") || l.contains("broken off")) {
+        let host = self
+            .fleet
+            .nodes()?
+            .into_iter()
+            .find(|n| n["id"] == node.as_str())
+            .and_then(|n| n["hostname"].as_str().map(str::to_owned));
+        if let Some(agent) = self
+            .fleet
+            .agents()
+            .iter()
+            .find(|a| Some(&a.hostname) == host.as_ref())
+        {
+            for line in agent
+                .proc
+                .log()
+                .lines()
+                .filter(|l| l.contains("resuming") || l.contains("broken off"))
+            {
                 println!("{}: {line}", agent.hostname);
             }
         }
-        ensure!(done["state"] == "done" && done["progress"]["succeeded"] == AGENTS, "the restart failed the download: {done}");
+        ensure!(
+            done["state"] == "done" && done["progress"]["succeeded"] == AGENTS,
+            "the restart failed the download: {done}"
+        );
         Ok(())
     }
 
@@ -391,7 +659,10 @@ impl Test {
         all.extend_from_slice(args);
         let out = self.fleet.ctl_ok(&all)?;
         println!("{}", out.trim());
-        let id = out.strip_prefix("started rollout ").and_then(|r| r.split(':').next()).with_context(|| format!("no rollout id in {out:?}"))?;
+        let id = out
+            .strip_prefix("started rollout ")
+            .and_then(|r| r.split(':').next())
+            .with_context(|| format!("no rollout id in {out:?}"))?;
         ensure!(out.contains(&format!("on {AGENTS} node(s)")), "{out}");
         Ok(id.to_owned())
     }
@@ -417,7 +688,8 @@ impl Test {
     }
 
     fn release(&self, version: &str, node: &Held) -> Result<()> {
-        std::fs::remove_file(self.gates.join(format!("{version}-{}", node.hostname))).context("removing a gate")
+        std::fs::remove_file(self.gates.join(format!("{version}-{}", node.hostname)))
+            .context("removing a gate")
     }
 
     fn release_all(&self) -> Result<()> {
@@ -427,36 +699,74 @@ impl Test {
         Ok(())
     }
 
-    /// Waits until a node of rollout `id` (not in `except`) is in flight, runs `version`, is connected,
-    /// and is held in its checks by its gate; that node.
+    /// Waits until a node of rollout `id` (not in `except`) is in flight, runs `version`, is
+    /// connected, and is held in its checks by its gate; that node.
     fn wait_held(&self, id: &str, version: &str, except: &[String]) -> Result<Held> {
         let fleet = &self.fleet;
-        eventually!(TIMEOUT, &format!("a node of {id} on {version}, held in its health check"), || {
-            let s = fleet.ctl_json(&["upgrade", "status", id])?;
-            let in_flight: Vec<&Value> = s["nodes"]
-                .as_array()
-                .context("nodes")?
-                .iter()
-                .filter(|n| n["phase"] == "upgrading" && !except.iter().any(|x| n["node"] == x.as_str()))
-                .collect();
-            let [n] = in_flight[..] else { bail!("want one node in flight: {}", s["nodes"]) };
-            let node = n["node"].as_str().context("node")?.to_owned();
-            let u = update_status(fleet, &node)?;
-            let r = &u["report"];
-            ensure!(r["running"] == version, "{node} does not run {version} yet: {u}");
-            let held = r["checks"].as_array().is_some_and(|c| c.iter().any(|c| c["passed"] == false && c["detail"].as_str().is_some_and(|d| d.contains("held"))));
-            ensure!(held, "{node} not held yet: {u}");
-            let rec = fleet.nodes()?.into_iter().find(|x| x["id"] == node.as_str()).context("node record")?;
-            ensure!(rec["status"] == "up" && rec["agent_version"] == version, "{rec}");
-            Ok(Held { node, hostname: rec["hostname"].as_str().context("hostname")?.to_owned() })
-        })
+        eventually!(
+            TIMEOUT,
+            &format!("a node of {id} on {version}, held in its health check"),
+            || {
+                let s = fleet.ctl_json(&["upgrade", "status", id])?;
+                let in_flight: Vec<&Value> = s["nodes"]
+                    .as_array()
+                    .context("nodes")?
+                    .iter()
+                    .filter(|n| {
+                        n["phase"] == "upgrading" && !except.iter().any(|x| n["node"] == x.as_str())
+                    })
+                    .collect();
+                let [n] = in_flight[..] else {
+                    bail!("want one node in flight: {}", s["nodes"])
+                };
+                let node = n["node"].as_str().context("node")?.to_owned();
+                let u = update_status(fleet, &node)?;
+                let r = &u["report"];
+                ensure!(
+                    r["running"] == version,
+                    "{node} does not run {version} yet: {u}"
+                );
+                let held = r["checks"].as_array().is_some_and(|c| {
+                    c.iter().any(|c| {
+                        c["passed"] == false
+                            && c["detail"].as_str().is_some_and(|d| d.contains("held"))
+                    })
+                });
+                ensure!(held, "{node} not held yet: {u}");
+                let rec = fleet
+                    .nodes()?
+                    .into_iter()
+                    .find(|x| x["id"] == node.as_str())
+                    .context("node record")?;
+                ensure!(
+                    rec["status"] == "up" && rec["agent_version"] == version,
+                    "{rec}"
+                );
+                Ok(Held {
+                    node,
+                    hostname: rec["hostname"].as_str().context("hostname")?.to_owned(),
+                })
+            }
+        )
     }
 
     /// A daily window that is closed now: it opens twelve hours from the current hour, for an hour.
     fn create_closed_window(&self) -> Result<()> {
-        let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs();
+        let secs = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)?
+            .as_secs();
         let hour = (secs / 3600 + 12) % 24;
-        self.fleet.ctl_ok(&["window", "create", "nightly", "--schedule", &format!("0 {hour} * * *"), "--duration", "1h", "--tz", "UTC"])?;
+        self.fleet.ctl_ok(&[
+            "window",
+            "create",
+            "nightly",
+            "--schedule",
+            &format!("0 {hour} * * *"),
+            "--duration",
+            "1h",
+            "--tz",
+            "UTC",
+        ])?;
         let w = self.window()?;
         ensure!(w["open"] == false, "{w}");
         Ok(())
@@ -464,7 +774,9 @@ impl Test {
 
     fn window(&self) -> Result<Value> {
         let all = self.fleet.ctl_json(&["window", "list"])?;
-        all.as_array().and_then(|l| l.iter().find(|w| w["name"] == "nightly").cloned()).with_context(|| format!("no window nightly: {all}"))
+        all.as_array()
+            .and_then(|l| l.iter().find(|w| w["name"] == "nightly").cloned())
+            .with_context(|| format!("no window nightly: {all}"))
     }
 }
 
@@ -476,11 +788,17 @@ struct Held {
 }
 
 fn brief(nodes: &[Value]) -> String {
-    nodes.iter().map(|n| format!("{} {} {} ", n["hostname"], n["status"], n["agent_version"])).collect()
+    nodes
+        .iter()
+        .map(|n| format!("{} {} {} ", n["hostname"], n["status"], n["agent_version"]))
+        .collect()
 }
 
 fn phase_of(status: &Value, node: &str) -> Result<String> {
-    let n = status["nodes"].as_array().and_then(|l| l.iter().find(|n| n["node"] == node)).with_context(|| format!("{node} not in {status}"))?;
+    let n = status["nodes"]
+        .as_array()
+        .and_then(|l| l.iter().find(|n| n["node"] == node))
+        .with_context(|| format!("{node} not in {status}"))?;
     Ok(n["phase"].as_str().unwrap_or_default().to_owned())
 }
 
@@ -489,13 +807,22 @@ fn rollout_events<'a>(events: &'a [Value], id: &str) -> Vec<&'a Value> {
     let prefix = format!("rollout {id}: ");
     events
         .iter()
-        .filter(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("node_upgrade_") || k == "node_rolled_back"))
-        .filter(|e| e["message"].as_str().is_some_and(|m| m.starts_with(&prefix)))
+        .filter(|e| {
+            e["kind"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("node_upgrade_") || k == "node_rolled_back")
+        })
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(&prefix))
+        })
         .collect()
 }
 
-/// Replays the event log (of one rollout, or all): a node is unavailable from `node_upgrade_started` until
-/// `node_upgrade_succeeded` or `node_rolled_back`. The most unavailable at once.
+/// Replays the event log (of one rollout, or all): a node is unavailable from
+/// `node_upgrade_started` until `node_upgrade_succeeded` or `node_rolled_back`. The most
+/// unavailable at once.
 fn max_unavailable(events: &[Value], id: Option<&str>) -> usize {
     let mut down = BTreeSet::new();
     let mut max = 0;
@@ -505,7 +832,10 @@ fn max_unavailable(events: &[Value], id: Option<&str>) -> usize {
         assert!(seq > last_seq, "the event log is in order");
         last_seq = seq;
         if let Some(id) = id {
-            if !e["message"].as_str().is_some_and(|m| m.starts_with(&format!("rollout {id}: "))) {
+            if !e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(&format!("rollout {id}: ")))
+            {
                 continue;
             }
         }
@@ -524,14 +854,18 @@ fn max_unavailable(events: &[Value], id: Option<&str>) -> usize {
     max
 }
 
-/// The nodes of rollout `id` in the order they were taken down, after checking from the log that each
-/// was taken down once and was back before the next one was taken down.
+/// The nodes of rollout `id` in the order they were taken down, after checking from the log that
+/// each was taken down once and was back before the next one was taken down.
 fn one_after_another(events: &[Value], id: &str) -> Result<Vec<String>> {
     let mut order = Vec::new();
     let mut open: Option<(String, u64)> = None;
     let mut spans: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for e in rollout_events(events, id) {
-        let (kind, node, seq) = (e["kind"].as_str().unwrap_or(""), e["node"].as_str().unwrap_or("").to_owned(), e["seq"].as_u64().unwrap_or(0));
+        let (kind, node, seq) = (
+            e["kind"].as_str().unwrap_or(""),
+            e["node"].as_str().unwrap_or("").to_owned(),
+            e["seq"].as_u64().unwrap_or(0),
+        );
         match kind {
             "node_upgrade_started" => {
                 if let Some((other, _)) = &open {
@@ -542,7 +876,9 @@ fn one_after_another(events: &[Value], id: &str) -> Result<Vec<String>> {
                 order.push(node);
             }
             "node_upgrade_succeeded" | "node_rolled_back" => {
-                let Some((n, from)) = open.take() else { bail!("{node} back (seq {seq}) without being taken down") };
+                let Some((n, from)) = open.take() else {
+                    bail!("{node} back (seq {seq}) without being taken down")
+                };
                 ensure!(n == node, "{node} back while {n} was away");
                 spans.insert(node, (from, seq));
             }

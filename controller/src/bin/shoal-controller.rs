@@ -45,14 +45,15 @@ struct ServeArgs {
     /// Lifetime of node certificates (agents renew at two thirds).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     cert_ttl: Duration,
-    /// Subnet of the `default` overlay network every node joins. Used when the network is created (first
-    /// start); later starts keep the stored subnet and warn if this differs.
+    /// Subnet of the `default` overlay network every node joins. Used when the network is created
+    /// (first start); later starts keep the stored subnet and warn if this differs.
     #[arg(long, default_value = "10.90.0.0/16")]
     overlay_subnet: Subnet,
     /// TAP MTU of the `default` overlay network, and of networks created without `--mtu`.
     #[arg(long, default_value_t = 1380, value_parser = clap::value_parser!(u16).range(i64::from(MIN_MTU)..=i64::from(MAX_MTU)))]
     overlay_mtu: u16,
-    /// Second UDP address agents measure their NAT's mapping against (default: the --listen port + 1).
+    /// Second UDP address agents measure their NAT's mapping against (default: the --listen port +
+    /// 1).
     #[arg(long)]
     probe_listen: Option<std::net::SocketAddr>,
     /// How long agents may use a cached netmap without hearing from the controller.
@@ -65,7 +66,8 @@ struct ServeArgs {
     /// QUIC handshakes in progress at once; more are refused.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     max_handshakes: u32,
-    /// Unauthenticated (enrolment) connections open at once; more are closed and their agents retry.
+    /// Unauthenticated (enrolment) connections open at once; more are closed and their agents
+    /// retry.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     max_unauthenticated: u32,
     /// Of those, how many one remote address may hold (nodes behind one NAT share an address).
@@ -79,12 +81,18 @@ struct ServeArgs {
     /// production.
     #[arg(long, hide = true, default_value = "5s", value_parser = parse_tick)]
     rollout_tick: Duration,
-    /// **Test hook**, hidden: moves the rollout driver's "now" by this many seconds (may be negative),
-    /// e.g. into a maintenance window, by `ControllerConfig::rollout_clock.set_offset`. Only the
-    /// maintenance code reads that clock (the rollout driver, `window list`, the times of rollout,
-    /// window and budget events); liveness, certificates and everything else keep the wall clock.
-    /// 0 (the default) in production.
-    #[arg(long, hide = true, default_value_t = 0, allow_negative_numbers = true, value_name = "SECONDS")]
+    /// **Test hook**, hidden: moves the rollout driver's "now" by this many seconds (may be
+    /// negative), e.g. into a maintenance window, by `ControllerConfig::rollout_clock.set_offset`.
+    /// Only the maintenance code reads that clock (the rollout driver, `window list`, the times of
+    /// rollout, window and budget events); liveness, certificates and everything else keep the wall
+    /// clock. 0 (the default) in production.
+    #[arg(
+        long,
+        hide = true,
+        default_value_t = 0,
+        allow_negative_numbers = true,
+        value_name = "SECONDS"
+    )]
     rollout_clock_offset: i64,
     #[command(flatten)]
     netboot: netboot::NetbootArgs,
@@ -93,7 +101,8 @@ struct ServeArgs {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,quinn=warn,sled=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,quinn=warn,sled=warn".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -129,15 +138,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.enrolment_deadline = args.enrolment_deadline;
     config.rollout_tick = args.rollout_tick;
     if args.rollout_clock_offset != 0 {
-        tracing::warn!(seconds = args.rollout_clock_offset, "test hook: the rollout driver's clock is offset");
-        config.rollout_clock.set_offset(args.rollout_clock_offset.saturating_mul(1000));
+        tracing::warn!(
+            seconds = args.rollout_clock_offset,
+            "test hook: the rollout driver's clock is offset"
+        );
+        config
+            .rollout_clock
+            .set_offset(args.rollout_clock_offset.saturating_mul(1000));
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let controller = Controller::open(config, args.api)
             .with_context(|| format!("opening data dir {}", args.data_dir.display()))?;
-        let quic = std::net::UdpSocket::bind(args.listen).with_context(|| format!("binding {} (UDP)", args.listen))?;
-        let api = std::net::TcpListener::bind(args.api).with_context(|| format!("binding {} (TCP)", args.api))?;
+        let quic = std::net::UdpSocket::bind(args.listen)
+            .with_context(|| format!("binding {} (UDP)", args.listen))?;
+        let api = std::net::TcpListener::bind(args.api)
+            .with_context(|| format!("binding {} (TCP)", args.api))?;
         server::run(controller, quic, api, shutdown_signal()).await?;
         Ok(())
     })

@@ -1,8 +1,8 @@
 //! `shoal-hostile`: hostile clients against a running controller over real QUIC + TLS, the
 //! controller's memory (and data dir) sampled over time, and a good agent measured alongside.
 //!
-//! One `--mode` per run, with `--clients` attackers for `--duration`, then `--after` more of sampling
-//! once they left:
+//! One `--mode` per run, with `--clients` attackers for `--duration`, then `--after` more of
+//! sampling once they left:
 //!
 //! | mode | what each client does |
 //! |---|---|
@@ -19,10 +19,11 @@
 //! certificate renewal and times the renewal's round trip (the controller fully serves a request on
 //! its session), and every 5 s it times a fresh connection's handshake + Hello → Welcome.
 //!
-//! With `--controller-pid`, VmRSS and CPU come from `/proc/PID`; with `--data-dir`, the bytes of the
-//! controller's data directory. A line per `--print-every` shows the series; the summary at the end
-//! gives start (just before the attack), peak, end of the attack and end of `--after`, and the event
-//! log's length by kind (read through the admin API), with what its `events_suppressed` summaries count.
+//! With `--controller-pid`, VmRSS and CPU come from `/proc/PID`; with `--data-dir`, the bytes of
+//! the controller's data directory. A line per `--print-every` shows the series; the summary at the
+//! end gives start (just before the attack), peak, end of the attack and end of `--after`, and the
+//! event log's length by kind (read through the admin API), with what its `events_suppressed`
+//! summaries count.
 
 use std::{
     net::SocketAddr,
@@ -44,10 +45,11 @@ use shoal_controller::{
 };
 use shoal_overlay::{pki, recv_msg, send_msg, tls};
 use shoal_proto::{
-    limits, AgentMsg, ControllerMsg, Drive, DriveProtocol, DriveReport, DriveState, EnrolRequest, FilesystemUsage,
-    HardwareId, HardwareIdSource, HealthReport, Hello, Inventory, JoinToken, NatMapping, NetInterface, NodeId,
-    OverlayCounters, OverlayHello, PathInfo, PathKind, PathReport, RenewRequest, SmartExitStatus, SmartOutcome,
-    SmartPredictors, SmartReport, UnixMillis, MAX_FRAME_LEN, SUPPORTED,
+    limits, AgentMsg, ControllerMsg, Drive, DriveProtocol, DriveReport, DriveState, EnrolRequest,
+    FilesystemUsage, HardwareId, HardwareIdSource, HealthReport, Hello, Inventory, JoinToken,
+    NatMapping, NetInterface, NodeId, OverlayCounters, OverlayHello, PathInfo, PathKind,
+    PathReport, RenewRequest, SmartExitStatus, SmartOutcome, SmartPredictors, SmartReport,
+    UnixMillis, MAX_FRAME_LEN, SUPPORTED,
 };
 use tokio::sync::{watch, Semaphore};
 
@@ -65,12 +67,18 @@ enum Mode {
 
 impl Mode {
     fn enrolled(self) -> bool {
-        matches!(self, Mode::TrickleEnrolled | Mode::Oversize | Mode::NoRead | Mode::Events | Mode::Serials)
+        matches!(
+            self,
+            Mode::TrickleEnrolled | Mode::Oversize | Mode::NoRead | Mode::Events | Mode::Serials
+        )
     }
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "shoal-hostile", about = "Hostile clients against a running controller, with its memory sampled")]
+#[command(
+    name = "shoal-hostile",
+    about = "Hostile clients against a running controller, with its memory sampled"
+)]
 struct Cli {
     /// Controller QUIC address.
     #[arg(long)]
@@ -84,8 +92,8 @@ struct Cli {
     /// Hostile clients.
     #[arg(long, default_value_t = 100)]
     clients: usize,
-    /// Local address of the good agent's socket (e.g. 127.0.0.2:0, so it is another machine than the
-    /// attackers as far as per-address limits go); default: the attackers' wildcard.
+    /// Local address of the good agent's socket (e.g. 127.0.0.2:0, so it is another machine than
+    /// the attackers as far as per-address limits go); default: the attackers' wildcard.
     #[arg(long)]
     good_bind: Option<SocketAddr>,
     /// How long they keep at it.
@@ -143,7 +151,12 @@ fn main() -> ExitCode {
 }
 
 fn now_ms() -> UnixMillis {
-    UnixMillis(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
+    UnixMillis(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -178,12 +191,22 @@ fn hello(machine: &str) -> AgentMsg {
     AgentMsg::Hello(Hello {
         protocol: SUPPORTED,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        hardware_id: HardwareId { source: HardwareIdSource::Override, value: machine.to_owned() },
+        hardware_id: HardwareId {
+            source: HardwareIdSource::Override,
+            value: machine.to_owned(),
+        },
     })
 }
 
-async fn open(endpoint: &quinn::Endpoint, config: quinn::ClientConfig, target: &Target, machine: &str) -> anyhow::Result<Session> {
-    let conn = endpoint.connect_with(config, target.controller, tls::controller_server_name())?.await?;
+async fn open(
+    endpoint: &quinn::Endpoint,
+    config: quinn::ClientConfig,
+    target: &Target,
+    machine: &str,
+) -> anyhow::Result<Session> {
+    let conn = endpoint
+        .connect_with(config, target.controller, tls::controller_server_name())?
+        .await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     send_msg(&mut send, &hello(machine)).await?;
     match recv_msg::<ControllerMsg>(&mut recv).await? {
@@ -192,22 +215,40 @@ async fn open(endpoint: &quinn::Endpoint, config: quinn::ClientConfig, target: &
     }
 }
 
-async fn enrol(endpoint: &quinn::Endpoint, target: &Target, machine: String) -> anyhow::Result<Creds> {
+async fn enrol(
+    endpoint: &quinn::Endpoint,
+    target: &Target,
+    machine: String,
+) -> anyhow::Result<Creds> {
     let key = pki::generate_key()?;
     let mut s = open(endpoint, target.enrol.clone(), target, &machine).await?;
-    let req = EnrolRequest { token: target.token.to_string(), csr_der: pki::make_csr(&key)?, hostname: machine.clone() };
+    let req = EnrolRequest {
+        token: target.token.to_string(),
+        csr_der: pki::make_csr(&key)?,
+        hostname: machine.clone(),
+    };
     send_msg(&mut s.send, &AgentMsg::Enrol(req)).await?;
     let enrolled = match recv_msg::<ControllerMsg>(&mut s.recv).await? {
         Some(ControllerMsg::Enrolled(e)) => e,
         other => bail!("expected Enrolled, got {other:?}"),
     };
     s.conn.close(0u32.into(), b"enrolled");
-    Ok(Creds { machine, key_der: key.serialize_der(), cert_der: enrolled.cert_der, ca_der: enrolled.ca_der })
+    Ok(Creds {
+        machine,
+        key_der: key.serialize_der(),
+        cert_der: enrolled.cert_der,
+        ca_der: enrolled.ca_der,
+    })
 }
 
-async fn node_session(endpoint: &quinn::Endpoint, target: &Target, creds: &Creds) -> anyhow::Result<Session> {
+async fn node_session(
+    endpoint: &quinn::Endpoint,
+    target: &Target,
+    creds: &Creds,
+) -> anyhow::Result<Session> {
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(creds.key_der.clone()));
-    let config = tls::node_client_config(&creds.ca_der, &creds.cert_der, key, Duration::from_secs(5))?;
+    let config =
+        tls::node_client_config(&creds.ca_der, &creds.cert_der, key, Duration::from_secs(5))?;
     open(endpoint, config, target, &creds.machine).await
 }
 
@@ -216,7 +257,12 @@ fn client_endpoint(bind: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(bind)?;
     setsockopt(&socket, sockopt::RcvBuf, &(8usize << 20))?;
     setsockopt(&socket, sockopt::SndBuf, &(8usize << 20))?;
-    Ok(quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))?)
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -232,11 +278,16 @@ struct Sample {
 }
 
 fn proc_sample(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
     // utime and stime are fields 14 and 15, counted after the parenthesised command name.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("malformed stat")?;
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed stat")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = fields.get(11).context("no utime")?.parse::<u64>()? + fields.get(12).context("no stime")?.parse::<u64>()?;
+    let ticks = fields.get(11).context("no utime")?.parse::<u64>()?
+        + fields.get(12).context("no stime")?.parse::<u64>()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss = status
         .lines()
@@ -248,7 +299,9 @@ fn proc_sample(pid: u32) -> anyhow::Result<(u64, u64)> {
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     entries
         .flatten()
         .map(|e| match e.metadata() {
@@ -263,7 +316,10 @@ fn dir_bytes(dir: &Path) -> u64 {
 const CLK_TCK: f64 = 100.0;
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or_default()
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
+        .copied()
+        .unwrap_or_default()
 }
 
 fn dist(v: &Mutex<Vec<Duration>>) -> String {
@@ -305,7 +361,14 @@ struct Attack {
 // The good agent
 // ---------------------------------------------------------------------------------------------
 
-async fn good_agent(endpoint: quinn::Endpoint, target: Target, creds: Creds, every: Duration, good: Arc<Good>, mut stop: watch::Receiver<bool>) {
+async fn good_agent(
+    endpoint: quinn::Endpoint,
+    target: Target,
+    creds: Creds,
+    every: Duration,
+    good: Arc<Good>,
+    mut stop: watch::Receiver<bool>,
+) {
     let key = match rcgen::KeyPair::try_from(creds.key_der.as_slice()) {
         Ok(k) => k,
         Err(e) => {
@@ -329,7 +392,12 @@ async fn good_agent(endpoint: quinn::Endpoint, target: Target, creds: Creds, eve
             _ = stop.changed() => break,
         }
         if session.is_none() {
-            match tokio::time::timeout(Duration::from_secs(10), node_session(&endpoint, &target, &creds)).await {
+            match tokio::time::timeout(
+                Duration::from_secs(10),
+                node_session(&endpoint, &target, &creds),
+            )
+            .await
+            {
                 Ok(Ok(s)) => session = Some(s),
                 _ => {
                     good.failures.fetch_add(1, Ordering::Relaxed);
@@ -341,9 +409,23 @@ async fn good_agent(endpoint: quinn::Endpoint, target: Target, creds: Creds, eve
         let Some(s) = session.as_mut() else { continue };
         uptime += 1;
         let round = async {
-            send_msg(&mut s.send, &AgentMsg::Health(HealthReport { at: now_ms(), uptime_secs: uptime, ..Default::default() })).await?;
+            send_msg(
+                &mut s.send,
+                &AgentMsg::Health(HealthReport {
+                    at: now_ms(),
+                    uptime_secs: uptime,
+                    ..Default::default()
+                }),
+            )
+            .await?;
             let t = Instant::now();
-            send_msg(&mut s.send, &AgentMsg::Renew(RenewRequest { csr_der: csr.clone() })).await?;
+            send_msg(
+                &mut s.send,
+                &AgentMsg::Renew(RenewRequest {
+                    csr_der: csr.clone(),
+                }),
+            )
+            .await?;
             loop {
                 match recv_msg::<ControllerMsg>(&mut s.recv).await? {
                     Some(ControllerMsg::Renewed(_)) => return Ok::<_, anyhow::Error>(t.elapsed()),
@@ -365,7 +447,12 @@ async fn good_agent(endpoint: quinn::Endpoint, target: Target, creds: Creds, eve
 }
 
 /// Every 5 s: a fresh unauthenticated connection's handshake and Hello → Welcome.
-async fn hello_probe(endpoint: quinn::Endpoint, target: Target, good: Arc<Good>, mut stop: watch::Receiver<bool>) {
+async fn hello_probe(
+    endpoint: quinn::Endpoint,
+    target: Target,
+    good: Arc<Good>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     while !*stop.borrow() {
         tokio::select! {
@@ -373,9 +460,17 @@ async fn hello_probe(endpoint: quinn::Endpoint, target: Target, good: Arc<Good>,
             _ = stop.changed() => break,
         }
         let t = Instant::now();
-        match tokio::time::timeout(Duration::from_secs(10), open(&endpoint, target.enrol.clone(), &target, "hostile-probe")).await {
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            open(&endpoint, target.enrol.clone(), &target, "hostile-probe"),
+        )
+        .await
+        {
             Ok(Ok(s)) => {
-                good.hello.lock().unwrap_or_else(|p| p.into_inner()).push(t.elapsed());
+                good.hello
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(t.elapsed());
                 s.conn.close(0u32.into(), b"probe done");
             }
             other => {
@@ -417,9 +512,14 @@ impl Ctx {
         }
     }
 
-    /// Writes the header of a 1 MiB frame, then the body a few bytes at a time until closed or stopped.
+    /// Writes the header of a 1 MiB frame, then the body a few bytes at a time until closed or
+    /// stopped.
     async fn trickle(&mut self, conn: &quinn::Connection, send: &mut quinn::SendStream) {
-        if send.write_all(&(MAX_FRAME_LEN as u32).to_be_bytes()).await.is_err() {
+        if send
+            .write_all(&(MAX_FRAME_LEN as u32).to_be_bytes())
+            .await
+            .is_err()
+        {
             return;
         }
         let chunk = vec![0u8; self.cli.trickle_bytes.max(1)];
@@ -457,7 +557,11 @@ async fn attacker(mut ctx: Ctx, i: usize, creds: Option<Creds>) {
         match (mode, &creds) {
             (Mode::Idle, _) => return,
             (Mode::Silent, _) => {
-                let connecting = match ctx.endpoint.connect_with(ctx.target.enrol.clone(), ctx.target.controller, tls::controller_server_name()) {
+                let connecting = match ctx.endpoint.connect_with(
+                    ctx.target.enrol.clone(),
+                    ctx.target.controller,
+                    tls::controller_server_name(),
+                ) {
                     Ok(c) => c,
                     Err(_) => return,
                 };
@@ -471,7 +575,14 @@ async fn attacker(mut ctx: Ctx, i: usize, creds: Option<Creds>) {
             }
             (Mode::Trickle, _) => {
                 let r = async {
-                    let conn = ctx.endpoint.connect_with(ctx.target.enrol.clone(), ctx.target.controller, tls::controller_server_name())?.await?;
+                    let conn = ctx
+                        .endpoint
+                        .connect_with(
+                            ctx.target.enrol.clone(),
+                            ctx.target.controller,
+                            tls::controller_server_name(),
+                        )?
+                        .await?;
                     let (send, _recv) = conn.open_bi().await?;
                     Ok::<_, anyhow::Error>((conn, send))
                 };
@@ -484,13 +595,15 @@ async fn attacker(mut ctx: Ctx, i: usize, creds: Option<Creds>) {
                 }
             }
             (_, None) => return,
-            (Mode::TrickleEnrolled, Some(c)) => match node_session(&ctx.endpoint, &ctx.target, c).await {
-                Ok(mut s) => {
-                    ctx.count(&ctx.attack.connections);
-                    ctx.trickle(&s.conn.clone(), &mut s.send).await;
+            (Mode::TrickleEnrolled, Some(c)) => {
+                match node_session(&ctx.endpoint, &ctx.target, c).await {
+                    Ok(mut s) => {
+                        ctx.count(&ctx.attack.connections);
+                        ctx.trickle(&s.conn.clone(), &mut s.send).await;
+                    }
+                    Err(_) => ctx.count(&ctx.attack.connect_failures),
                 }
-                Err(_) => ctx.count(&ctx.attack.connect_failures),
-            },
+            }
             (Mode::Oversize, Some(c)) => match node_session(&ctx.endpoint, &ctx.target, c).await {
                 Ok(mut s) => {
                     ctx.count(&ctx.attack.connections);
@@ -505,7 +618,10 @@ async fn attacker(mut ctx: Ctx, i: usize, creds: Option<Creds>) {
                             }
                             false
                         };
-                        if tokio::time::timeout(Duration::from_secs(10), refused).await.unwrap_or(false) {
+                        if tokio::time::timeout(Duration::from_secs(10), refused)
+                            .await
+                            .unwrap_or(false)
+                        {
                             ctx.count(&ctx.attack.refusals);
                         }
                     }
@@ -517,7 +633,11 @@ async fn attacker(mut ctx: Ctx, i: usize, creds: Option<Creds>) {
                 Ok(mut s) => {
                     ctx.count(&ctx.attack.connections);
                     let local = SocketAddr::from(([10, 77, (i >> 8) as u8, i as u8], 7000));
-                    let ov = AgentMsg::Overlay(OverlayHello { netmap_version: None, local_endpoints: vec![local], nat: NatMapping::EndpointIndependent });
+                    let ov = AgentMsg::Overlay(OverlayHello {
+                        netmap_version: None,
+                        local_endpoints: vec![local],
+                        nat: NatMapping::EndpointIndependent,
+                    });
                     if send_msg(&mut s.send, &ov).await.is_ok() {
                         // And never read again: the receive stream stays open, unread.
                         ctx.hold(&s.conn).await;
@@ -525,49 +645,69 @@ async fn attacker(mut ctx: Ctx, i: usize, creds: Option<Creds>) {
                 }
                 Err(_) => ctx.count(&ctx.attack.connect_failures),
             },
-            (Mode::Events | Mode::Serials, Some(c)) => match node_session(&ctx.endpoint, &ctx.target, c).await {
-                Ok(mut s) => {
-                    ctx.count(&ctx.attack.connections);
-                    let mut tick = tokio::time::interval(ctx.cli.report_every);
-                    let mut k = 0u64;
-                    loop {
-                        tokio::select! {
-                            _ = tick.tick() => {}
-                            _ = s.conn.closed() => {
-                                ctx.count(&ctx.attack.closed_by_controller);
+            (Mode::Events | Mode::Serials, Some(c)) => {
+                match node_session(&ctx.endpoint, &ctx.target, c).await {
+                    Ok(mut s) => {
+                        ctx.count(&ctx.attack.connections);
+                        let mut tick = tokio::time::interval(ctx.cli.report_every);
+                        let mut k = 0u64;
+                        loop {
+                            tokio::select! {
+                                _ = tick.tick() => {}
+                                _ = s.conn.closed() => {
+                                    ctx.count(&ctx.attack.closed_by_controller);
+                                    break;
+                                }
+                                _ = ctx.stop.changed() => break,
+                            }
+                            k += 1;
+                            let msg = if mode == Mode::Events {
+                                flap(k)
+                            } else {
+                                fresh_serials(i, k)
+                            };
+                            if send_msg(&mut s.send, &msg).await.is_err() {
                                 break;
                             }
-                            _ = ctx.stop.changed() => break,
+                            ctx.count(&ctx.attack.messages);
                         }
-                        k += 1;
-                        let msg = if mode == Mode::Events { flap(k) } else { fresh_serials(i, k) };
-                        if send_msg(&mut s.send, &msg).await.is_err() {
-                            break;
-                        }
-                        ctx.count(&ctx.attack.messages);
                     }
+                    Err(_) => ctx.count(&ctx.attack.connect_failures),
                 }
-                Err(_) => ctx.count(&ctx.attack.connect_failures),
-            },
+            }
         }
         if ctx.stopped() {
             break;
         }
-        // Reconnect at once, as an attacker would (a short pause keeps a failing connect from spinning).
+        // Reconnect at once, as an attacker would (a short pause keeps a failing connect from
+        // spinning).
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
-/// The churning node of `no-read`: a new local endpoint every `every`, each a netmap change for every
-/// overlay member.
-async fn churn(endpoint: quinn::Endpoint, target: Target, creds: Creds, every: Duration, attack: Arc<Attack>, mut stop: watch::Receiver<bool>) {
+/// The churning node of `no-read`: a new local endpoint every `every`, each a netmap change for
+/// every overlay member.
+async fn churn(
+    endpoint: quinn::Endpoint,
+    target: Target,
+    creds: Creds,
+    every: Duration,
+    attack: Arc<Attack>,
+    mut stop: watch::Receiver<bool>,
+) {
     let Ok(s) = node_session(&endpoint, &target, &creds).await else {
         eprintln!("churn node: no session");
         return;
     };
-    let Session { conn, mut send, mut recv } = s;
+    let Session {
+        conn,
+        mut send,
+        mut recv,
+    } = s;
     // It reads everything, so its own queue stays empty.
-    let reader = tokio::spawn(async move { while let Ok(Some(_)) = recv_msg::<ControllerMsg>(&mut recv).await {} });
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(_)) = recv_msg::<ControllerMsg>(&mut recv).await {}
+    });
     let mut tick = tokio::time::interval(every);
     let mut port = 10_000u16;
     while !*stop.borrow() {
@@ -592,7 +732,16 @@ async fn churn(endpoint: quinn::Endpoint, target: Target, creds: Creds, every: D
 }
 
 fn blank(name: &str, serial: String) -> Drive {
-    Drive { name: name.into(), model: Some("HOSTILE".into()), serial: Some(serial), size_bytes: 1 << 40, removable: false, state: DriveState::Blank, smart: None, smart_at: None }
+    Drive {
+        name: name.into(),
+        model: Some("HOSTILE".into()),
+        serial: Some(serial),
+        size_bytes: 1 << 40,
+        removable: false,
+        state: DriveState::Blank,
+        smart: None,
+        smart_at: None,
+    }
 }
 
 /// `events`: sdb appears in odd reports and is gone in even ones.
@@ -601,7 +750,10 @@ fn flap(k: u64) -> AgentMsg {
     if k % 2 == 1 {
         drives.push(blank("sdb", "B".into()));
     }
-    AgentMsg::Drives(DriveReport { at: now_ms(), drives })
+    AgentMsg::Drives(DriveReport {
+        at: now_ms(),
+        drives,
+    })
 }
 
 /// `serials`: 64 drives with serial numbers never seen before, each with a fresh SMART read.
@@ -634,14 +786,45 @@ fn fresh_serials(i: usize, k: u64) -> AgentMsg {
 
 /// `oversize`: one message over each of several bounds, the largest near the frame limit.
 fn oversize_messages() -> Vec<AgentMsg> {
-    let nics = (0..=limits::MAX_NICS).map(|i| NetInterface { name: format!("veth{i}"), ..Default::default() }).collect();
-    let path = PathInfo { peer: NodeId("n0123456789".into()), kind: PathKind::Relay, remote: None, rtt_ms: 1.0, tx_bytes: 1, rx_bytes: 1 };
-    let fs = FilesystemUsage { mount: "/".repeat(200), device: "/dev/sda1".into(), fs_type: "ext4".into(), total_bytes: 1, available_bytes: 1 };
+    let nics = (0..=limits::MAX_NICS)
+        .map(|i| NetInterface {
+            name: format!("veth{i}"),
+            ..Default::default()
+        })
+        .collect();
+    let path = PathInfo {
+        peer: NodeId("n0123456789".into()),
+        kind: PathKind::Relay,
+        remote: None,
+        rtt_ms: 1.0,
+        tx_bytes: 1,
+        rx_bytes: 1,
+    };
+    let fs = FilesystemUsage {
+        mount: "/".repeat(200),
+        device: "/dev/sda1".into(),
+        fs_type: "ext4".into(),
+        total_bytes: 1,
+        available_bytes: 1,
+    };
     vec![
-        AgentMsg::Inventory(Inventory { hostname: "hostile".into(), nics, ..Default::default() }),
-        AgentMsg::Paths(PathReport { paths: vec![path; limits::MAX_PATHS + 1], counters: OverlayCounters::default() }),
-        AgentMsg::Drives(DriveReport { at: now_ms(), drives: vec![blank("sda", "S".into()); limits::MAX_DRIVES + 1] }),
-        AgentMsg::Health(HealthReport { filesystems: vec![fs; 3000], ..Default::default() }),
+        AgentMsg::Inventory(Inventory {
+            hostname: "hostile".into(),
+            nics,
+            ..Default::default()
+        }),
+        AgentMsg::Paths(PathReport {
+            paths: vec![path; limits::MAX_PATHS + 1],
+            counters: OverlayCounters::default(),
+        }),
+        AgentMsg::Drives(DriveReport {
+            at: now_ms(),
+            drives: vec![blank("sda", "S".into()); limits::MAX_DRIVES + 1],
+        }),
+        AgentMsg::Health(HealthReport {
+            filesystems: vec![fs; 3000],
+            ..Default::default()
+        }),
     ]
 }
 
@@ -654,19 +837,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let conf = AdminConf::read(&cli.admin_conf)?;
     let uses = u32::try_from(cli.clients + 2).context("--clients too large")?;
     let token = tokio::task::spawn_blocking(move || {
-        let req = CreateToken { ttl_secs: Some(24 * 3600), max_uses: Some(uses), labels: Default::default() };
-        AdminClient::new(&conf)?.create_token(&req).map(|t| t.token).context("token create")
+        let req = CreateToken {
+            ttl_secs: Some(24 * 3600),
+            max_uses: Some(uses),
+            labels: Default::default(),
+        };
+        AdminClient::new(&conf)?
+            .create_token(&req)
+            .map(|t| t.token)
+            .context("token create")
     })
     .await??;
-    let parsed: JoinToken = token.parse().context("the controller returned an unparsable token")?;
+    let parsed: JoinToken = token
+        .parse()
+        .context("the controller returned an unparsable token")?;
     let target = Target {
         controller: cli.controller,
         enrol: tls::enrol_client_config(parsed.ca_sha256, Duration::from_secs(5))?,
         token: Arc::new(token),
         run: rand::random::<u64>() & 0xffff_ffff,
     };
-    let bind: SocketAddr = if cli.controller.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse()?;
-    let endpoints = (0..cli.clients.div_ceil(500).max(1)).map(|_| client_endpoint(bind)).collect::<anyhow::Result<Vec<_>>>()?;
+    let bind: SocketAddr = if cli.controller.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    }
+    .parse()?;
+    let endpoints = (0..cli.clients.div_ceil(500).max(1))
+        .map(|_| client_endpoint(bind))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let good_endpoint = client_endpoint(cli.good_bind.unwrap_or(bind))?;
     println!(
         "hostile: mode {:?}, {} clients -> {} for {:?} (then {:?} of sampling), {} client endpoints",
@@ -680,10 +879,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let (stop_tx, stop) = watch::channel(false);
     let good = Arc::new(Good::default());
-    let good_creds = enrol(&good_endpoint, &target, format!("hostile-good-{:x}", target.run)).await.context("enrolling the good agent")?;
+    let good_creds = enrol(
+        &good_endpoint,
+        &target,
+        format!("hostile-good-{:x}", target.run),
+    )
+    .await
+    .context("enrolling the good agent")?;
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(good_agent(good_endpoint.clone(), target.clone(), good_creds, cli.probe_every, good.clone(), stop.clone()));
-    tasks.spawn(hello_probe(good_endpoint.clone(), target.clone(), good.clone(), stop.clone()));
+    tasks.spawn(good_agent(
+        good_endpoint.clone(),
+        target.clone(),
+        good_creds,
+        cli.probe_every,
+        good.clone(),
+        stop.clone(),
+    ));
+    tasks.spawn(hello_probe(
+        good_endpoint.clone(),
+        target.clone(),
+        good.clone(),
+        stop.clone(),
+    ));
 
     // Enrolled modes enrol every client first: the attack, not the enrolment, is measured.
     let mut creds: Vec<Option<Creds>> = (0..cli.clients).map(|_| None).collect();
@@ -692,10 +909,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let sem = Arc::new(Semaphore::new(cli.enrol_concurrency.max(1)));
         let mut enrolling = tokio::task::JoinSet::new();
         for i in 0..cli.clients {
-            let (ep, target, sem) = (endpoints[i % endpoints.len()].clone(), target.clone(), sem.clone());
+            let (ep, target, sem) = (
+                endpoints[i % endpoints.len()].clone(),
+                target.clone(),
+                sem.clone(),
+            );
             enrolling.spawn(async move {
                 let _permit = sem.acquire_owned().await;
-                (i, enrol(&ep, &target, format!("hostile-{:x}-{i}", target.run)).await)
+                (
+                    i,
+                    enrol(&ep, &target, format!("hostile-{:x}-{i}", target.run)).await,
+                )
             });
         }
         let mut failed = 0;
@@ -710,10 +934,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        println!("enrolled {} hostile nodes in {:.1} s ({failed} failed)", cli.clients - failed, t.elapsed().as_secs_f64());
+        println!(
+            "enrolled {} hostile nodes in {:.1} s ({failed} failed)",
+            cli.clients - failed,
+            t.elapsed().as_secs_f64()
+        );
     }
     let churn_creds = if cli.mode == Mode::NoRead {
-        Some(enrol(&endpoints[0], &target, format!("hostile-churn-{:x}", target.run)).await.context("enrolling the churn node")?)
+        Some(
+            enrol(
+                &endpoints[0],
+                &target,
+                format!("hostile-churn-{:x}", target.run),
+            )
+            .await
+            .context("enrolling the churn node")?,
+        )
     } else {
         None
     };
@@ -730,9 +966,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             loop {
                 tick.tick().await;
                 let at = t0.elapsed();
-                let (rss_kib, cpu_ticks) = cli.controller_pid.and_then(|p| proc_sample(p).ok()).unwrap_or((0, 0));
+                let (rss_kib, cpu_ticks) = cli
+                    .controller_pid
+                    .and_then(|p| proc_sample(p).ok())
+                    .unwrap_or((0, 0));
                 let data_bytes = cli.data_dir.as_deref().map(dir_bytes);
-                samples.lock().unwrap_or_else(|p| p.into_inner()).push(Sample { at, rss_kib, cpu_ticks, data_bytes });
+                samples
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Sample {
+                        at,
+                        rss_kib,
+                        cpu_ticks,
+                        data_bytes,
+                    });
                 if at >= total {
                     break;
                 }
@@ -741,7 +988,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
 
     let attack = Arc::new(Attack::default());
-    let msgs = Arc::new(if cli.mode == Mode::Oversize { oversize_messages() } else { Vec::new() });
+    let msgs = Arc::new(if cli.mode == Mode::Oversize {
+        oversize_messages()
+    } else {
+        Vec::new()
+    });
     let mut attackers = tokio::task::JoinSet::new();
     for (i, c) in creds.into_iter().enumerate() {
         let ctx = Ctx {
@@ -755,7 +1006,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         attackers.spawn(attacker(ctx, i, c));
     }
     if let Some(c) = churn_creds {
-        attackers.spawn(churn(endpoints[0].clone(), target.clone(), c, cli.churn_every, attack.clone(), stop.clone()));
+        attackers.spawn(churn(
+            endpoints[0].clone(),
+            target.clone(),
+            c,
+            cli.churn_every,
+            attack.clone(),
+            stop.clone(),
+        ));
     }
 
     // Print the series as it goes.
@@ -781,7 +1039,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     print_new(&samples, printed, &attack);
-    summary(&cli, &samples.lock().unwrap_or_else(|p| p.into_inner()), &attack, &good);
+    summary(
+        &cli,
+        &samples.lock().unwrap_or_else(|p| p.into_inner()),
+        &attack,
+        &good,
+    );
     let conf = AdminConf::read(&cli.admin_conf)?;
     match tokio::task::spawn_blocking(move || event_log(&conf)).await? {
         Ok(line) => println!("{line}"),
@@ -809,7 +1072,12 @@ fn event_log(conf: &AdminConf) -> anyhow::Result<String> {
             total += 1;
             *by_kind.entry(e.kind.clone()).or_default() += 1;
             if e.kind == "events_suppressed" {
-                summarised += e.message.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+                summarised += e
+                    .message
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
             }
         }
     }
@@ -841,7 +1109,8 @@ fn print_new(samples: &Mutex<Vec<Sample>>, from: usize, attack: &Attack) -> usiz
 
 fn summary(cli: &Cli, samples: &[Sample], attack: &Attack, good: &Good) {
     let during: Vec<&Sample> = samples.iter().filter(|s| s.at <= cli.duration).collect();
-    let (Some(first), Some(end), Some(last)) = (samples.first(), during.last(), samples.last()) else {
+    let (Some(first), Some(end), Some(last)) = (samples.first(), during.last(), samples.last())
+    else {
         println!("no samples");
         return;
     };
@@ -872,9 +1141,18 @@ fn summary(cli: &Cli, samples: &[Sample], attack: &Attack, good: &Good) {
     }
     if let (Some(a), Some(b), Some(c)) = (first.data_bytes, end.data_bytes, last.data_bytes) {
         let m = |b: u64| b as f64 / (1 << 20) as f64;
-        println!("data dir: {:.1} MiB before, {:.1} MiB at the end of the attack, {:.1} MiB after", m(a), m(b), m(c));
+        println!(
+            "data dir: {:.1} MiB before, {:.1} MiB at the end of the attack, {:.1} MiB after",
+            m(a),
+            m(b),
+            m(c)
+        );
     }
-    println!("good agent: renew round trip {}; new connection + Hello -> Welcome {}", dist(&good.renew), dist(&good.hello));
+    println!(
+        "good agent: renew round trip {}; new connection + Hello -> Welcome {}",
+        dist(&good.renew),
+        dist(&good.hello)
+    );
     println!(
         "good agent: {} failures, {} sessions opened",
         good.failures.load(Ordering::Relaxed),

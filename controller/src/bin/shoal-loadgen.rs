@@ -2,18 +2,20 @@
 //!
 //! 1. Creates one join token with `--uses N` through the admin API.
 //! 2. Enrols N simulated agents (P-256 key, CSR, pinned-CA TLS, Hello + Enrol, waits for Enrolled).
-//! 3. Reconnects all N with mutual TLS (their fresh node certificates), sends Hello and a small inventory.
+//! 3. Reconnects all N with mutual TLS (their fresh node certificates), sends Hello and a small
+//!    inventory.
 //! 4. Holds: every agent sends Health every `--heartbeat` for `--hold`.
 //!
 //! Connections share `--endpoints` quinn client endpoints (one UDP socket each). The controller is
 //! measured from the outside only: with `--controller-pid`, /proc/PID/stat (utime+stime) and
 //! /proc/PID/status (VmRSS, VmHWM) are sampled at the start and end of the hold window.
 //!
-//! With `--overlay` every agent also speaks the protocol-2 overlay session: after Welcome and Inventory
-//! it sends `OverlayHello`, keeps the full `Netmap` it gets and applies every `NetmapDelta` to it. The
-//! hold is replaced by a convergence measurement: once every agent's map holds every other agent with
-//! its endpoints, `--converge-rounds` new agents enrol one after the other, and for each the loadgen
-//! reports how long the fleet took to learn about it (see [`converge`]) and how many bytes that cost.
+//! With `--overlay` every agent also speaks the protocol-2 overlay session: after Welcome and
+//! Inventory it sends `OverlayHello`, keeps the full `Netmap` it gets and applies every
+//! `NetmapDelta` to it. The hold is replaced by a convergence measurement: once every agent's map
+//! holds every other agent with its endpoints, `--converge-rounds` new agents enrol one after the
+//! other, and for each the loadgen reports how long the fleet took to learn about it (see
+//! [`converge`]) and how many bytes that cost.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -36,14 +38,17 @@ use shoal_controller::{
 };
 use shoal_overlay::{pki, recv_msg, send_msg, tls};
 use shoal_proto::{
-    AgentMsg, BlockDevice, BootMode, ControllerMsg, Dmi, EnrolRequest, FilesystemUsage, HardwareId, HardwareIdSource,
-    HealthReport, Hello, Inventory, JoinToken, LoadAverage, NatMapping, NetInterface, Netmap, NetmapChange, NodeId,
-    OverlayHello, Peer, UnixMillis, SUPPORTED,
+    AgentMsg, BlockDevice, BootMode, ControllerMsg, Dmi, EnrolRequest, FilesystemUsage, HardwareId,
+    HardwareIdSource, HealthReport, Hello, Inventory, JoinToken, LoadAverage, NatMapping,
+    NetInterface, Netmap, NetmapChange, NodeId, OverlayHello, Peer, UnixMillis, SUPPORTED,
 };
 use tokio::sync::{mpsc, watch, Semaphore};
 
 #[derive(Debug, Parser)]
-#[command(name = "shoal-loadgen", about = "Simulate N shoal agents against a running controller")]
+#[command(
+    name = "shoal-loadgen",
+    about = "Simulate N shoal agents against a running controller"
+)]
 struct Cli {
     /// Controller QUIC address.
     #[arg(long)]
@@ -78,10 +83,12 @@ struct Cli {
     /// Speak the overlay session (protocol 2) and measure netmap convergence instead of holding.
     #[arg(long)]
     overlay: bool,
-    /// With --overlay: how many new members to enrol, one at a time, once the fleet's netmaps settled.
+    /// With --overlay: how many new members to enrol, one at a time, once the fleet's netmaps
+    /// settled.
     #[arg(long, default_value_t = 5)]
     converge_rounds: usize,
-    /// With --overlay: how long to wait for the initial netmaps to settle, and for each round to converge.
+    /// With --overlay: how long to wait for the initial netmaps to settle, and for each round to
+    /// converge.
     #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
     converge_timeout: Duration,
 }
@@ -93,7 +100,10 @@ fn main() -> ExitCode {
     if let Some(t) = cli.threads {
         rt.worker_threads(t);
     }
-    let result = rt.build().context("tokio runtime").and_then(|rt| rt.block_on(run(cli)));
+    let result = rt
+        .build()
+        .context("tokio runtime")
+        .and_then(|rt| rt.block_on(run(cli)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -104,12 +114,24 @@ fn main() -> ExitCode {
 }
 
 fn now_ms() -> UnixMillis {
-    UnixMillis(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
+    UnixMillis(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    )
 }
 
 fn create_token(conf: &AdminConf, uses: u32) -> anyhow::Result<String> {
-    let req = CreateToken { ttl_secs: Some(24 * 3600), max_uses: Some(uses), labels: Default::default() };
-    Ok(AdminClient::new(conf)?.create_token(&req).context("token create")?.token)
+    let req = CreateToken {
+        ttl_secs: Some(24 * 3600),
+        max_uses: Some(uses),
+        labels: Default::default(),
+    };
+    Ok(AdminClient::new(conf)?
+        .create_token(&req)
+        .context("token create")?
+        .token)
 }
 
 fn inventory(i: usize) -> Inventory {
@@ -132,13 +154,32 @@ fn inventory(i: usize) -> Inventory {
         }],
         nics: vec![NetInterface {
             name: "eth0".into(),
-            mac: Some(format!("02:00:{:02x}:{:02x}:{:02x}:{:02x}", (i >> 24) & 0xff, (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff)),
+            mac: Some(format!(
+                "02:00:{:02x}:{:02x}:{:02x}:{:02x}",
+                (i >> 24) & 0xff,
+                (i >> 16) & 0xff,
+                (i >> 8) & 0xff,
+                i & 0xff
+            )),
             permanent_mac: true,
             speed_mbps: Some(1000),
             up: true,
-            addresses: vec![format!("10.{}.{}.{}/16", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff), "fe80::1/64".into()],
+            addresses: vec![
+                format!(
+                    "10.{}.{}.{}/16",
+                    (i >> 16) & 0xff,
+                    (i >> 8) & 0xff,
+                    i & 0xff
+                ),
+                "fe80::1/64".into(),
+            ],
         }],
-        dmi: Dmi { vendor: Some("QEMU".into()), product: Some("Standard PC (Q35 + ICH9, 2009)".into()), serial: None, uuid: None },
+        dmi: Dmi {
+            vendor: Some("QEMU".into()),
+            product: Some("Standard PC (Q35 + ICH9, 2009)".into()),
+            serial: None,
+            uuid: None,
+        },
         boot_mode: BootMode::Uefi,
     }
 }
@@ -147,7 +188,11 @@ fn health(uptime: u64) -> HealthReport {
     HealthReport {
         at: now_ms(),
         uptime_secs: uptime,
-        load: LoadAverage { one: 0.15, five: 0.10, fifteen: 0.05 },
+        load: LoadAverage {
+            one: 0.15,
+            five: 0.10,
+            fifteen: 0.05,
+        },
         cpu_percent: 2.5,
         memory_total_bytes: 16 << 30,
         memory_available_bytes: 12 << 30,
@@ -165,16 +210,24 @@ fn health(uptime: u64) -> HealthReport {
 }
 
 fn overlay_hello(i: usize) -> OverlayHello {
-    // A made-up LAN address per agent: peers get it as a second endpoint, as a real agent's interface address.
+    // A made-up LAN address per agent: peers get it as a second endpoint, as a real agent's
+    // interface address.
     let local = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 7000));
-    OverlayHello { netmap_version: None, local_endpoints: vec![local], nat: NatMapping::EndpointIndependent }
+    OverlayHello {
+        netmap_version: None,
+        local_endpoints: vec![local],
+        nat: NatMapping::EndpointIndependent,
+    }
 }
 
 fn hello(i: usize) -> Hello {
     Hello {
         protocol: SUPPORTED,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        hardware_id: HardwareId { source: HardwareIdSource::Override, value: format!("loadgen-{i}") },
+        hardware_id: HardwareId {
+            source: HardwareIdSource::Override,
+            value: format!("loadgen-{i}"),
+        },
     }
 }
 
@@ -199,14 +252,20 @@ async fn enrol_one(
 ) -> anyhow::Result<Creds> {
     let key = pki::generate_key()?;
     let csr_der = pki::make_csr(&key)?;
-    let conn = endpoint.connect_with(config, controller, tls::controller_server_name())?.await?;
+    let conn = endpoint
+        .connect_with(config, controller, tls::controller_server_name())?
+        .await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     send_msg(&mut send, &AgentMsg::Hello(hello(i))).await?;
     match recv_msg::<ControllerMsg>(&mut recv).await? {
         Some(ControllerMsg::Welcome(_)) => {}
         other => bail!("expected Welcome, got {other:?}"),
     }
-    let req = EnrolRequest { token: token.to_owned(), csr_der, hostname: format!("loadgen-{i}") };
+    let req = EnrolRequest {
+        token: token.to_owned(),
+        csr_der,
+        hostname: format!("loadgen-{i}"),
+    };
     let enrol_sent = Instant::now();
     send_msg(&mut send, &AgentMsg::Enrol(req)).await?;
     let enrolled = match recv_msg::<ControllerMsg>(&mut recv).await? {
@@ -244,10 +303,25 @@ struct Timing {
 enum OverlayEvent {
     /// The agent sent its OverlayHello.
     HelloSent { agent: usize, at: Instant },
-    /// The agent's full netmap arrived: its postcard size (the `ControllerMsg`, without the 4-byte frame header).
-    Netmap { agent: usize, at: Instant, bytes: usize, peers: usize },
-    /// A netmap or delta carried a record of a node that was not in the fleet when the loadgen started.
-    NewPeer { agent: usize, peer: NodeId, at: Instant, bytes: usize, changes: usize, usable: bool, full: bool },
+    /// The agent's full netmap arrived: its postcard size (the `ControllerMsg`, without the 4-byte
+    /// frame header).
+    Netmap {
+        agent: usize,
+        at: Instant,
+        bytes: usize,
+        peers: usize,
+    },
+    /// A netmap or delta carried a record of a node that was not in the fleet when the loadgen
+    /// started.
+    NewPeer {
+        agent: usize,
+        peer: NodeId,
+        at: Instant,
+        bytes: usize,
+        changes: usize,
+        usable: bool,
+        full: bool,
+    },
 }
 
 /// Overlay counters and per-agent progress, shared by every session and read by [`converge`].
@@ -267,9 +341,16 @@ struct OverlayShared {
 }
 
 impl OverlayShared {
-    /// Applies one controller message to agent `agent`'s map (`reach`: its peers with endpoints) and
-    /// reports what [`converge`] measures.
-    fn handle(&self, agent: usize, map: &mut Option<Netmap>, reach: &mut HashSet<NodeId>, msg: ControllerMsg, at: Instant) {
+    /// Applies one controller message to agent `agent`'s map (`reach`: its peers with endpoints)
+    /// and reports what [`converge`] measures.
+    fn handle(
+        &self,
+        agent: usize,
+        map: &mut Option<Netmap>,
+        reach: &mut HashSet<NodeId>,
+        msg: ControllerMsg,
+        at: Instant,
+    ) {
         let new_peer = |p: &Peer| !self.initial.contains(&p.node);
         let usable = |p: &Peer| !p.endpoints.is_empty() && p.key_sha256 != [0; 32];
         match msg {
@@ -278,8 +359,15 @@ impl OverlayShared {
             }
             ControllerMsg::Netmap(m) => {
                 self.netmaps.fetch_add(1, Ordering::Relaxed);
-                let bytes = postcard::to_allocvec(&ControllerMsg::Netmap(m.clone())).map(|v| v.len()).unwrap_or(0);
-                let _ = self.events.send(OverlayEvent::Netmap { agent, at, bytes, peers: m.peers.len() });
+                let bytes = postcard::to_allocvec(&ControllerMsg::Netmap(m.clone()))
+                    .map(|v| v.len())
+                    .unwrap_or(0);
+                let _ = self.events.send(OverlayEvent::Netmap {
+                    agent,
+                    at,
+                    bytes,
+                    peers: m.peers.len(),
+                });
                 for p in m.peers.iter().filter(|p| new_peer(p)) {
                     let _ = self.events.send(OverlayEvent::NewPeer {
                         agent,
@@ -291,7 +379,12 @@ impl OverlayShared {
                         full: true,
                     });
                 }
-                *reach = m.peers.iter().filter(|p| !p.endpoints.is_empty()).map(|p| p.node.clone()).collect();
+                *reach = m
+                    .peers
+                    .iter()
+                    .filter(|p| !p.endpoints.is_empty())
+                    .map(|p| p.node.clone())
+                    .collect();
                 *map = Some(m);
             }
             ControllerMsg::NetmapDelta(d) => {
@@ -306,7 +399,9 @@ impl OverlayShared {
                     eprintln!("agent {agent}: {gap}");
                     return;
                 }
-                let bytes = postcard::to_allocvec(&ControllerMsg::NetmapDelta(d.clone())).map(|v| v.len()).unwrap_or(0);
+                let bytes = postcard::to_allocvec(&ControllerMsg::NetmapDelta(d.clone()))
+                    .map(|v| v.len())
+                    .unwrap_or(0);
                 self.delta_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
                 for c in &d.changes {
                     match c {
@@ -347,14 +442,19 @@ impl OverlayShared {
     }
 }
 
-/// One enrolled agent's mTLS session; reports `Ok(())` on `ready` once Hello + Inventory (+ OverlayHello)
-/// are through, then heartbeats until `stop` flips. With `overlay`, it also keeps its netmap.
+/// One enrolled agent's mTLS session; reports `Ok(())` on `ready` once Hello + Inventory (+
+/// OverlayHello) are through, then heartbeats until `stop` flips. With `overlay`, it also keeps its
+/// netmap.
 #[allow(clippy::too_many_arguments)]
 async fn node_session(
     i: usize,
     endpoint: quinn::Endpoint,
     creds: Creds,
-    Timing { controller, keep_alive, heartbeat }: Timing,
+    Timing {
+        controller,
+        keep_alive,
+        heartbeat,
+    }: Timing,
     ready: mpsc::UnboundedSender<Result<(), String>>,
     mut stop: watch::Receiver<bool>,
     counters: Arc<Counters>,
@@ -363,13 +463,18 @@ async fn node_session(
     let connected = async {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(creds.key_der));
         let config = tls::node_client_config(&creds.ca_der, &creds.cert_der, key, keep_alive)?;
-        let conn = endpoint.connect_with(config, controller, tls::controller_server_name())?.await?;
+        let conn = endpoint
+            .connect_with(config, controller, tls::controller_server_name())?
+            .await?;
         let (mut send, mut recv) = conn.open_bi().await?;
         send_msg(&mut send, &AgentMsg::Hello(hello(i))).await?;
         match recv_msg::<ControllerMsg>(&mut recv).await? {
             Some(ControllerMsg::Welcome(w)) if w.node_id.is_some() => {
                 if overlay.is_some() && w.protocol < 2 {
-                    bail!("the controller chose protocol {}; the overlay needs 2", w.protocol);
+                    bail!(
+                        "the controller chose protocol {}; the overlay needs 2",
+                        w.protocol
+                    );
                 }
             }
             other => bail!("expected an authenticated Welcome, got {other:?}"),
@@ -377,7 +482,10 @@ async fn node_session(
         send_msg(&mut send, &AgentMsg::Inventory(inventory(i))).await?;
         if let Some(o) = &overlay {
             send_msg(&mut send, &AgentMsg::Overlay(overlay_hello(i))).await?;
-            let _ = o.events.send(OverlayEvent::HelloSent { agent: i, at: Instant::now() });
+            let _ = o.events.send(OverlayEvent::HelloSent {
+                agent: i,
+                at: Instant::now(),
+            });
         }
         anyhow::Ok((conn, send, recv))
     }
@@ -406,7 +514,12 @@ async fn node_session(
             let msg = recv_msg::<ControllerMsg>(&mut recv).await;
             let at = Instant::now();
             match (msg, &overlay) {
-                (Ok(Some(msg)), Some(o)) if !matches!(msg, ControllerMsg::Revoked { .. } | ControllerMsg::Reject(_)) => {
+                (Ok(Some(msg)), Some(o))
+                    if !matches!(
+                        msg,
+                        ControllerMsg::Revoked { .. } | ControllerMsg::Reject(_)
+                    ) =>
+                {
                     o.handle(i, &mut map, &mut reach, msg, at)
                 }
                 (other, _) => return other,
@@ -453,9 +566,13 @@ fn clk_tck() -> f64 {
 
 fn sample(pid: u32) -> anyhow::Result<ProcSample> {
     let at = Instant::now();
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15 (1-based).
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("malformed stat")?;
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed stat")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let utime: u64 = fields.get(11).context("no utime")?.parse()?;
     let stime: u64 = fields.get(12).context("no stime")?.parse()?;
@@ -468,17 +585,27 @@ fn sample(pid: u32) -> anyhow::Result<ProcSample> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    Ok(ProcSample { at, cpu_ticks: utime + stime, rss_kib: kib("VmRSS:"), hwm_kib: kib("VmHWM:") })
+    Ok(ProcSample {
+        at,
+        cpu_ticks: utime + stime,
+        rss_kib: kib("VmRSS:"),
+        hwm_kib: kib("VmHWM:"),
+    })
 }
 
-/// A client endpoint on its own UDP socket with large kernel buffers (capped by net.core.rmem_max), so
-/// that the loadgen's sockets are not where packets are dropped.
+/// A client endpoint on its own UDP socket with large kernel buffers (capped by net.core.rmem_max),
+/// so that the loadgen's sockets are not where packets are dropped.
 fn client_endpoint(bind: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
     use nix::sys::socket::{setsockopt, sockopt};
     let socket = std::net::UdpSocket::bind(bind)?;
     setsockopt(&socket, sockopt::RcvBuf, &(8usize << 20))?;
     setsockopt(&socket, sockopt::SndBuf, &(8usize << 20))?;
-    Ok(quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))?)
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -490,10 +617,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let rounds = if cli.overlay { cli.converge_rounds } else { 0 };
     let uses = u32::try_from(n + rounds).context("--agents too large")?;
     let token = tokio::task::spawn_blocking(move || create_token(&conf, uses)).await??;
-    let parsed: JoinToken = token.parse().context("the controller returned an unparsable token")?;
+    let parsed: JoinToken = token
+        .parse()
+        .context("the controller returned an unparsable token")?;
     let endpoints_n = cli.endpoints.unwrap_or(n.div_ceil(500)).max(1);
-    let bind: SocketAddr = if cli.controller.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse()?;
-    let endpoints = (0..endpoints_n).map(|_| client_endpoint(bind)).collect::<anyhow::Result<Vec<_>>>()?;
+    let bind: SocketAddr = if cli.controller.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    }
+    .parse()?;
+    let endpoints = (0..endpoints_n)
+        .map(|_| client_endpoint(bind))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let concurrency = cli.enrol_concurrency.unwrap_or(n).max(1);
     println!(
         "loadgen: {n} agents -> {} ({endpoints_n} client endpoints, concurrency {concurrency}, heartbeat {:?}, {})",
@@ -509,11 +645,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
-        let (ep, cfg, sem, token, controller) =
-            (endpoints[i % endpoints_n].clone(), enrol_config.clone(), sem.clone(), token.clone(), cli.controller);
+        let (ep, cfg, sem, token, controller) = (
+            endpoints[i % endpoints_n].clone(),
+            enrol_config.clone(),
+            sem.clone(),
+            token.clone(),
+            cli.controller,
+        );
         tasks.spawn(async move {
             let _permit = sem.acquire_owned().await;
-            let r = tokio::time::timeout(Duration::from_secs(120), enrol_one(i, &ep, cfg, controller, &token)).await;
+            let r = tokio::time::timeout(
+                Duration::from_secs(120),
+                enrol_one(i, &ep, cfg, controller, &token),
+            )
+            .await;
             let r = r.unwrap_or_else(|_| Err(anyhow::anyhow!("timed out after 120 s")));
             (i, r, t0.elapsed())
         });
@@ -541,7 +686,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     lat.sort();
-    let pct = |v: &[Duration], p: f64| v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or_default();
+    let pct = |v: &[Duration], p: f64| {
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or_default()
+    };
     println!(
         "enrol: {} of {n} enrolled in {:.2} s (first connect to last Enrolled), {enrol_errors} errors; completion p50 {:.2} s, p99 {:.2} s",
         n - enrol_errors,
@@ -585,13 +734,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             sem.clone(),
             overlay.clone(),
         );
-        let timing = Timing { controller: cli.controller, keep_alive: cli.keep_alive, heartbeat: cli.heartbeat };
+        let timing = Timing {
+            controller: cli.controller,
+            keep_alive: cli.keep_alive,
+            heartbeat: cli.heartbeat,
+        };
         sessions.spawn(async move {
             // The permit only bounds connects in flight; it is released once the session is up.
             let permit = sem.acquire_owned().await;
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let session = tokio::spawn(node_session(i, ep, c, timing, tx, stop, counters, overlay));
-            let r = rx.recv().await.unwrap_or_else(|| Err("session task ended".into()));
+            let r = rx
+                .recv()
+                .await
+                .unwrap_or_else(|| Err("session task ended".into()));
             drop(permit);
             let _ = ready.send(r);
             let _ = session.await;
@@ -622,7 +778,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     if let Some(shared) = overlay {
         // Phase 3 (overlay): settle, then convergence rounds.
-        let timing = Timing { controller: cli.controller, keep_alive: cli.keep_alive, heartbeat: cli.heartbeat };
+        let timing = Timing {
+            controller: cli.controller,
+            keep_alive: cli.keep_alive,
+            heartbeat: cli.heartbeat,
+        };
         let mut ctx = Converge {
             cli: &cli,
             n,
@@ -655,7 +815,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let hold_start = Instant::now();
     let mut max_rss = start.map(|s| s.rss_kib).unwrap_or(0);
     while hold_start.elapsed() < cli.hold {
-        tokio::time::sleep(Duration::from_secs(1).min(cli.hold.saturating_sub(hold_start.elapsed()))).await;
+        tokio::time::sleep(
+            Duration::from_secs(1).min(cli.hold.saturating_sub(hold_start.elapsed())),
+        )
+        .await;
         if let Some(pid) = cli.controller_pid {
             if let Ok(s) = sample(pid) {
                 max_rss = max_rss.max(s.rss_kib);
@@ -700,7 +863,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 struct PeerSeen {
     /// The first netmap or delta that held a record of it.
     first: Instant,
-    /// The first record with an endpoint and its key: from then on the agent could open a path to it.
+    /// The first record with an endpoint and its key: from then on the agent could open a path to
+    /// it.
     usable: Option<Instant>,
     /// Size (postcard `ControllerMsg`) and change count of every delta that carried a record of it.
     deltas: Vec<(usize, usize)>,
@@ -722,16 +886,33 @@ impl Collected {
             OverlayEvent::HelloSent { agent, at } => {
                 self.hello_sent.insert(agent, at);
             }
-            OverlayEvent::Netmap { agent, at, bytes, peers } => {
+            OverlayEvent::Netmap {
+                agent,
+                at,
+                bytes,
+                peers,
+            } => {
                 self.netmap.entry(agent).or_insert((at, bytes, peers));
             }
-            OverlayEvent::NewPeer { agent, peer, at, bytes, changes, usable, full } => {
+            OverlayEvent::NewPeer {
+                agent,
+                peer,
+                at,
+                bytes,
+                changes,
+                usable,
+                full,
+            } => {
                 let s = self
                     .seen
                     .entry(peer)
                     .or_default()
                     .entry(agent)
-                    .or_insert(PeerSeen { first: at, usable: None, deltas: Vec::new() });
+                    .or_insert(PeerSeen {
+                        first: at,
+                        usable: None,
+                        deltas: Vec::new(),
+                    });
                 if usable && s.usable.is_none() {
                     s.usable = Some(at);
                 }
@@ -765,7 +946,11 @@ struct Converge<'a> {
 
 impl Converge<'_> {
     /// Absorbs events until `done` holds or `deadline` passes; returns whether `done` held.
-    async fn wait(&mut self, deadline: Instant, mut done: impl FnMut(&Collected, &OverlayShared) -> bool) -> bool {
+    async fn wait(
+        &mut self,
+        deadline: Instant,
+        mut done: impl FnMut(&Collected, &OverlayShared) -> bool,
+    ) -> bool {
         loop {
             while let Ok(ev) = self.events.try_recv() {
                 self.got.absorb(ev);
@@ -778,7 +963,9 @@ impl Converge<'_> {
                 return false;
             }
             // Progress in the shared counters (not events) is polled every 20 ms.
-            match tokio::time::timeout(left.min(Duration::from_millis(20)), self.events.recv()).await {
+            match tokio::time::timeout(left.min(Duration::from_millis(20)), self.events.recv())
+                .await
+            {
                 Ok(Some(ev)) => self.got.absorb(ev),
                 Ok(None) => return done(&self.got, &self.shared),
                 Err(_) => {}
@@ -829,25 +1016,35 @@ fn ms(from: Instant, to: Instant) -> f64 {
 }
 
 fn pct_f(sorted: &[f64], p: f64) -> f64 {
-    sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN)
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
 }
 
 fn dist(mut v: Vec<f64>) -> String {
     v.sort_by(f64::total_cmp);
-    format!("p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms", pct_f(&v, 0.5), pct_f(&v, 0.99), pct_f(&v, 1.0))
+    format!(
+        "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        pct_f(&v, 0.5),
+        pct_f(&v, 0.99),
+        pct_f(&v, 1.0)
+    )
 }
 
 /// Phase 3 with `--overlay`.
 ///
-/// 1. Settle: wait until every connected agent holds its full netmap and every other connected agent in
-///    it with an endpoint, then until no delta has arrived for a second.
-/// 2. Each round enrols one new agent (fresh key and CSR, same token), connects it with mTLS and sends its
-///    OverlayHello, and waits until every agent that had a netmap before the round holds a *usable*
-///    record of it (an endpoint and its key). Reported per round, over those agents:
-///    - *first record*: from Enrol sent (and from Enrolled received, negative when the existing agents
-///      heard before the newcomer itself) to the first delta naming the newcomer. The controller joins the
-///      newcomer to `default` during enrolment, before it has endpoints or a key.
-///    - *usable record*: from the newcomer's OverlayHello sent to the first record with an endpoint and
+/// 1. Settle: wait until every connected agent holds its full netmap and every other connected
+///    agent in it with an endpoint, then until no delta has arrived for a second.
+/// 2. Each round enrols one new agent (fresh key and CSR, same token), connects it with mTLS and
+///    sends its OverlayHello, and waits until every agent that had a netmap before the round holds
+///    a *usable* record of it (an endpoint and its key). Reported per round, over those agents:
+///    - *first record*: from Enrol sent (and from Enrolled received, negative when the existing
+///    agents
+///      heard before the newcomer itself) to the first delta naming the newcomer. The controller
+///      joins the newcomer to `default` during enrolment, before it has endpoints or a key.
+///    - *usable record*: from the newcomer's OverlayHello sent to the first record with an endpoint
+///    and
 ///      key. This is what a datapath needs.
 ///    - total: Enrol sent to the last agent's usable record.
 ///    - bytes: the newcomer's full netmap, and the deltas each existing agent received about it.
@@ -856,14 +1053,23 @@ async fn converge(c: &mut Converge<'_>) -> anyhow::Result<()> {
     let connected = c.connected;
     let settled = c
         .wait(Instant::now() + timeout, |got, sh| {
-            got.netmap.len() >= connected && got.netmap.keys().all(|a| sh.reachable[*a].load(Ordering::Relaxed) + 1 >= connected)
+            got.netmap.len() >= connected
+                && got
+                    .netmap
+                    .keys()
+                    .all(|a| sh.reachable[*a].load(Ordering::Relaxed) + 1 >= connected)
         })
         .await;
     let t_settled = Instant::now();
     let cpu_settled = c.sample();
     let sh = c.shared.clone();
     if !settled {
-        let short = c.got.netmap.keys().filter(|a| sh.reachable[**a].load(Ordering::Relaxed) + 1 < connected).count();
+        let short = c
+            .got
+            .netmap
+            .keys()
+            .filter(|a| sh.reachable[**a].load(Ordering::Relaxed) + 1 < connected)
+            .count();
         bail!(
             "netmaps did not settle within {timeout:?}: {} of {connected} agents have a netmap, {short} of them miss peers",
             c.got.netmap.len()
@@ -894,15 +1100,29 @@ async fn converge(c: &mut Converge<'_>) -> anyhow::Result<()> {
         let ep = c.endpoints[idx % c.endpoints.len()].clone();
         let creds = tokio::time::timeout(
             Duration::from_secs(120),
-            enrol_one(idx, &ep, c.enrol_config.clone(), c.timing.controller, &c.token),
+            enrol_one(
+                idx,
+                &ep,
+                c.enrol_config.clone(),
+                c.timing.controller,
+                &c.token,
+            ),
         )
         .await
         .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out after 120 s")))
         .with_context(|| format!("round {r}: enrolling the new member"))?;
-        let (id, enrol_sent, enrolled_at) = (creds.node_id.clone(), creds.enrol_sent, creds.enrolled_at);
+        let (id, enrol_sent, enrolled_at) =
+            (creds.node_id.clone(), creds.enrol_sent, creds.enrolled_at);
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let (timing, stop, counters, overlay) = (c.timing, c.stop.clone(), c.counters.clone(), Some(sh.clone()));
-        c.sessions.spawn(node_session(idx, ep, creds, timing, tx, stop, counters, overlay));
+        let (timing, stop, counters, overlay) = (
+            c.timing,
+            c.stop.clone(),
+            c.counters.clone(),
+            Some(sh.clone()),
+        );
+        c.sessions.spawn(node_session(
+            idx, ep, creds, timing, tx, stop, counters, overlay,
+        ));
         match rx.recv().await {
             Some(Ok(())) => {}
             Some(Err(e)) => bail!("round {r}: the new member's mTLS session failed: {e}"),
@@ -914,40 +1134,81 @@ async fn converge(c: &mut Converge<'_>) -> anyhow::Result<()> {
         let done = c
             .wait(deadline, move |got, _| {
                 got.netmap.contains_key(&idx)
-                    && got.seen.get(&idc).is_some_and(|s| w.iter().all(|a| s.get(a).is_some_and(|p| p.usable.is_some())))
+                    && got.seen.get(&idc).is_some_and(|s| {
+                        w.iter()
+                            .all(|a| s.get(a).is_some_and(|p| p.usable.is_some()))
+                    })
             })
             .await;
         let cpu1 = c.sample();
         if !done {
-            let have = c.got.seen.get(&id).map(|s| watchers.iter().filter(|a| s.get(a).is_some_and(|p| p.usable.is_some())).count());
-            bail!("round {r}: {} of {} agents hold a usable record of {id} after {timeout:?}", have.unwrap_or(0), watchers.len());
+            let have = c.got.seen.get(&id).map(|s| {
+                watchers
+                    .iter()
+                    .filter(|a| s.get(a).is_some_and(|p| p.usable.is_some()))
+                    .count()
+            });
+            bail!(
+                "round {r}: {} of {} agents hold a usable record of {id} after {timeout:?}",
+                have.unwrap_or(0),
+                watchers.len()
+            );
         }
         let seen = &c.got.seen[&id];
         let hello_at = c.got.hello_sent[&idx];
         let (nm_at, nm_bytes, nm_peers) = c.got.netmap[&idx];
         let per: Vec<&PeerSeen> = watchers.iter().map(|a| &seen[a]).collect();
-        let last_usable = per.iter().filter_map(|p| p.usable).max().unwrap_or(hello_at);
+        let last_usable = per
+            .iter()
+            .filter_map(|p| p.usable)
+            .max()
+            .unwrap_or(hello_at);
         let first_from_enrol: Vec<f64> = per.iter().map(|p| ms(enrol_sent, p.first)).collect();
         let first_from_enrolled: Vec<f64> = per.iter().map(|p| ms(enrolled_at, p.first)).collect();
-        let usable_from_hello: Vec<f64> = per.iter().filter_map(|p| p.usable).map(|u| ms(hello_at, u)).collect();
+        let usable_from_hello: Vec<f64> = per
+            .iter()
+            .filter_map(|p| p.usable)
+            .map(|u| ms(hello_at, u))
+            .collect();
         let mut n_deltas: Vec<usize> = per.iter().map(|p| p.deltas.len()).collect();
         n_deltas.sort_unstable();
-        let mut d_bytes: Vec<f64> = per.iter().flat_map(|p| p.deltas.iter().map(|(b, _)| *b as f64)).collect();
+        let mut d_bytes: Vec<f64> = per
+            .iter()
+            .flat_map(|p| p.deltas.iter().map(|(b, _)| *b as f64))
+            .collect();
         d_bytes.sort_by(f64::total_cmp);
-        let mut d_changes: Vec<usize> = per.iter().flat_map(|p| p.deltas.iter().map(|(_, ch)| *ch)).collect();
+        let mut d_changes: Vec<usize> = per
+            .iter()
+            .flat_map(|p| p.deltas.iter().map(|(_, ch)| *ch))
+            .collect();
         d_changes.sort_unstable();
-        let per_agent_bytes: Vec<f64> = per.iter().map(|p| p.deltas.iter().map(|(b, _)| *b as f64).sum()).collect();
+        let per_agent_bytes: Vec<f64> = per
+            .iter()
+            .map(|p| p.deltas.iter().map(|(b, _)| *b as f64).sum())
+            .collect();
         let fleet_bytes: f64 = per_agent_bytes.iter().sum();
-        println!("round {r}: new member {id} (agent {idx}), {} existing agents watching", watchers.len());
+        println!(
+            "round {r}: new member {id} (agent {idx}), {} existing agents watching",
+            watchers.len()
+        );
         println!(
             "  enrolment: Enrol sent -> Enrolled {:.1} ms; Enrolled -> OverlayHello sent {:.1} ms (mTLS connect, Hello, Inventory); OverlayHello -> its full netmap {:.1} ms",
             ms(enrol_sent, enrolled_at),
             ms(enrolled_at, hello_at),
             ms(hello_at, nm_at)
         );
-        println!("  first record at existing agents, from Enrol sent:     {}", dist(first_from_enrol));
-        println!("  first record at existing agents, from Enrolled:       {}", dist(first_from_enrolled));
-        println!("  usable record (endpoint + key), from OverlayHello:    {}", dist(usable_from_hello));
+        println!(
+            "  first record at existing agents, from Enrol sent:     {}",
+            dist(first_from_enrol)
+        );
+        println!(
+            "  first record at existing agents, from Enrolled:       {}",
+            dist(first_from_enrolled)
+        );
+        println!(
+            "  usable record (endpoint + key), from OverlayHello:    {}",
+            dist(usable_from_hello)
+        );
         println!(
             "  total convergence: Enrol sent -> last agent usable {:.1} ms; OverlayHello -> last agent usable {:.1} ms",
             ms(enrol_sent, last_usable),

@@ -23,9 +23,9 @@ use shoal_controller::{
     fleet_drives::PrepareRequest,
     report::FleetReport,
     view::{
-        CreateNetwork, CreateToken, CreatedToken, DriveCommandView, DrivePolicies, DrivePolicyView, DriveView,
-        EventView, MemberSpec, MemberView, NetworkDetail, NetworkUpdate, NetworkView, NodeView, OverlayCountersView,
-        PathView, SetDrivePolicy, TokenView,
+        CreateNetwork, CreateToken, CreatedToken, DriveCommandView, DrivePolicies, DrivePolicyView,
+        DriveView, EventView, MemberSpec, MemberView, NetworkDetail, NetworkUpdate, NetworkView,
+        NodeView, OverlayCountersView, PathView, SetDrivePolicy, TokenView,
     },
 };
 
@@ -212,8 +212,8 @@ enum PolicyArg {
 enum PolicyCmd {
     /// Set the policy of a node, or of every node a label selector matches.
     ///
-    /// A node's own policy wins; else the most cautious of the matching selectors' (report < approve <
-    /// prepare); else report, ext4.
+    /// A node's own policy wins; else the most cautious of the matching selectors' (report <
+    /// approve < prepare); else report, ext4.
     Set {
         #[command(flatten)]
         who: Who,
@@ -314,8 +314,9 @@ enum NodesCmd {
         /// Request id, from `nodes pending`.
         id: String,
     },
-    /// Arm a one-time re-enrolment: the next machine that claims the node with a valid join token gets
-    /// it (a diskless node that lost its key, a reinstalled machine). Refused while the node is connected.
+    /// Arm a one-time re-enrolment: the next machine that claims the node with a valid join token
+    /// gets it (a diskless node that lost its key, a reinstalled machine). Refused while the node
+    /// is connected.
     Reenrol {
         /// Node id.
         id: String,
@@ -404,7 +405,10 @@ struct Who {
 
 impl Who {
     fn spec(self) -> MemberSpec {
-        MemberSpec { node: self.node, selector: self.selector.map(|(k, v)| format!("{k}={v}")) }
+        MemberSpec {
+            node: self.node,
+            selector: self.selector.map(|(k, v)| format!("{k}={v}")),
+        }
     }
 }
 
@@ -441,7 +445,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let client = AdminClient::new(&conf)?;
     match cli.command {
         Command::Token(TokenCmd::Create { ttl, uses, labels }) => {
-            let req = CreateToken { ttl_secs: ttl.map(|d| d.as_secs().max(1)), max_uses: uses, labels: labels.into_iter().collect() };
+            let req = CreateToken {
+                ttl_secs: ttl.map(|d| d.as_secs().max(1)),
+                max_uses: uses,
+                labels: labels.into_iter().collect(),
+            };
             let created: CreatedToken = client.create_token(&req)?;
             say!("{}", created.token);
         }
@@ -454,7 +462,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         vec![
                             t.id.clone(),
                             t.state.clone(),
-                            format!("{}/{}", t.uses, t.max_uses.map(|m| m.to_string()).unwrap_or("∞".into())),
+                            format!(
+                                "{}/{}",
+                                t.uses,
+                                t.max_uses.map(|m| m.to_string()).unwrap_or("∞".into())
+                            ),
                             t.expires_at.clone().unwrap_or("never".into()),
                             labels_text(&t.labels),
                         ]
@@ -464,14 +476,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Token(TokenCmd::Revoke { id }) => {
-            let t: TokenView = client.delete(&format!("/v1/tokens/{id}"))?.context("empty answer")?;
+            let t: TokenView = client
+                .delete(&format!("/v1/tokens/{id}"))?
+                .context("empty answer")?;
             say!("revoked token {}", t.id);
         }
         Command::Nodes(NodesCmd::List { output }) => {
             let nodes: Vec<NodeView> = client.get("/v1/nodes")?;
             match output {
                 Output::Json => print_json(&nodes)?,
-                Output::Table => table(&["ID", "HOSTNAME", "STATUS", "LAST SEEN", "AGENT", "CPUS", "MEMORY", "DISKS", "ADDRESS"], nodes.iter().map(node_row)),
+                Output::Table => table(
+                    &[
+                        "ID",
+                        "HOSTNAME",
+                        "STATUS",
+                        "LAST SEEN",
+                        "AGENT",
+                        "CPUS",
+                        "MEMORY",
+                        "DISKS",
+                        "ADDRESS",
+                    ],
+                    nodes.iter().map(node_row),
+                ),
             }
         }
         Command::Nodes(NodesCmd::Show { id, output }) => {
@@ -518,13 +545,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Output::Table => table(
                     &["NODE", "FORWARDED", "FLOODED", "DELIVERED", "DROPPED"],
                     counters.iter().map(|c| {
-                        let dropped = c.dropped.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
-                        vec![c.node.clone(), c.forwarded.to_string(), c.flooded.to_string(), c.delivered.to_string(), dropped]
+                        let dropped = c
+                            .dropped
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(" ");
+                        vec![
+                            c.node.clone(),
+                            c.forwarded.to_string(),
+                            c.flooded.to_string(),
+                            c.delivered.to_string(),
+                            dropped,
+                        ]
                     }),
                 ),
             }
         }
-        Command::Nodes(NodesCmd::SetImage { id, version }) => netboot::set_image(&client, &id, &version)?,
+        Command::Nodes(NodesCmd::SetImage { id, version }) => {
+            netboot::set_image(&client, &id, &version)?
+        }
         Command::Nodes(NodesCmd::Pending { output }) => identity::pending(&client, output)?,
         Command::Nodes(NodesCmd::Approve { id }) => identity::decide(&client, &id, true)?,
         Command::Nodes(NodesCmd::Deny { id }) => identity::decide(&client, &id, false)?,
@@ -544,7 +584,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Output::Json => print_json(&events)?,
                 Output::Table => table(
                     &["SEQ", "AT", "KIND", "NODE", "MESSAGE"],
-                    events.iter().map(|e| vec![e.seq.to_string(), e.at.clone(), e.kind.clone(), e.node.clone().unwrap_or_default(), e.message.clone()]),
+                    events.iter().map(|e| {
+                        vec![
+                            e.seq.to_string(),
+                            e.at.clone(),
+                            e.kind.clone(),
+                            e.node.clone().unwrap_or_default(),
+                            e.message.clone(),
+                        ]
+                    }),
                 ),
             }
         }
@@ -561,20 +609,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn network(client: &AdminClient, cmd: NetworkCmd) -> anyhow::Result<()> {
     match cmd {
-        NetworkCmd::Create { name, subnet, mtu, output } => {
+        NetworkCmd::Create {
+            name,
+            subnet,
+            mtu,
+            output,
+        } => {
             let net = client.create_network(&CreateNetwork { name, subnet, mtu })?;
             match output {
                 Output::Json => print_json(&net)?,
-                Output::Table => say!("created network {} ({}, MTU {}, id {})", net.name, net.subnet, net.mtu, net.id),
+                Output::Table => say!(
+                    "created network {} ({}, MTU {}, id {})",
+                    net.name,
+                    net.subnet,
+                    net.mtu,
+                    net.id
+                ),
             }
         }
-        NetworkCmd::Add { name, who, output } => print_update(&client.add_to_network(&name, &who.spec())?, output)?,
-        NetworkCmd::Remove { name, who, output } => print_update(&client.remove_from_network(&name, &who.spec())?, output)?,
+        NetworkCmd::Add { name, who, output } => {
+            print_update(&client.add_to_network(&name, &who.spec())?, output)?
+        }
+        NetworkCmd::Remove { name, who, output } => {
+            print_update(&client.remove_from_network(&name, &who.spec())?, output)?
+        }
         NetworkCmd::Delete { name, output } => {
             let update = client.delete_network(&name)?;
             match output {
                 Output::Json => print_json(&update)?,
-                Output::Table => say!("deleted network {name}; {} members left it", update.left.len()),
+                Output::Table => say!(
+                    "deleted network {name}; {} members left it",
+                    update.left.len()
+                ),
             }
         }
         NetworkCmd::List { output } => {
@@ -584,7 +650,14 @@ fn network(client: &AdminClient, cmd: NetworkCmd) -> anyhow::Result<()> {
                 Output::Table => table(
                     &["ID", "NAME", "SUBNET", "MTU", "MEMBERS", "SELECTORS"],
                     networks.iter().map(|n| {
-                        vec![n.id.to_string(), n.name.clone(), n.subnet.clone(), n.mtu.to_string(), n.members.to_string(), n.selectors.join(",")]
+                        vec![
+                            n.id.to_string(),
+                            n.name.clone(),
+                            n.subnet.clone(),
+                            n.mtu.to_string(),
+                            n.members.to_string(),
+                            n.selectors.join(","),
+                        ]
                     }),
                 ),
             }
@@ -595,12 +668,21 @@ fn network(client: &AdminClient, cmd: NetworkCmd) -> anyhow::Result<()> {
                 Output::Json => print_json(&detail)?,
                 Output::Table => {
                     let n = &detail.network;
-                    say!("network {} (id {}): {}, MTU {}", n.name, n.id, n.subnet, n.mtu);
+                    say!(
+                        "network {} (id {}): {}, MTU {}",
+                        n.name,
+                        n.id,
+                        n.subnet,
+                        n.mtu
+                    );
                     if !n.selectors.is_empty() {
                         say!("selectors: {}", n.selectors.join(","));
                     }
                     say!();
-                    table(&["NODE", "HOSTNAME", "MAC", "ADDRESS", "VIA"], detail.members.iter().map(member_row));
+                    table(
+                        &["NODE", "HOSTNAME", "MAC", "ADDRESS", "VIA"],
+                        detail.members.iter().map(member_row),
+                    );
                 }
             }
         }
@@ -616,33 +698,69 @@ fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
                 Output::Json => print_json(&drives)?,
                 Output::Table if drives.is_empty() => say!("no drives reported"),
                 Output::Table => table(
-                    &["NODE", "DEVICE", "SERIAL", "MODEL", "SIZE", "STATE", "VERDICT", "REASONS"],
+                    &[
+                        "NODE", "DEVICE", "SERIAL", "MODEL", "SIZE", "STATE", "VERDICT", "REASONS",
+                    ],
                     drives.iter().map(drive_row),
                 ),
             }
         }
-        DrivesCmd::Prepare { node, device, force, serial, fs, output } => {
-            let req = PrepareRequest { force, serial, filesystem: fs.map(|f| f.name().parse()).transpose().map_err(anyhow::Error::msg)? };
+        DrivesCmd::Prepare {
+            node,
+            device,
+            force,
+            serial,
+            fs,
+            output,
+        } => {
+            let req = PrepareRequest {
+                force,
+                serial,
+                filesystem: fs
+                    .map(|f| f.name().parse())
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
+            };
             let done = client.prepare_drive(&node, device.trim_start_matches("/dev/"), &req)?;
             print_command(&done, output)?;
         }
-        DrivesCmd::Test { node, device, kind, output } => {
+        DrivesCmd::Test {
+            node,
+            device,
+            kind,
+            output,
+        } => {
             let kind = if kind.long { "long" } else { "short" };
             let done = client.self_test_drive(&node, device.trim_start_matches("/dev/"), kind)?;
             print_command(&done, output)?;
         }
-        DrivesCmd::Policy(PolicyCmd::Set { who, policy, fs, output }) => {
+        DrivesCmd::Policy(PolicyCmd::Set {
+            who,
+            policy,
+            fs,
+            output,
+        }) => {
             let spec = who.spec();
             let mode = match policy {
                 PolicyArg::Report => "report",
                 PolicyArg::Approve => "approve",
                 PolicyArg::Prepare => "prepare",
             };
-            let req = SetDrivePolicy { node: spec.node, selector: spec.selector, mode: mode.into(), filesystem: fs.map(|f| f.name().into()) };
+            let req = SetDrivePolicy {
+                node: spec.node,
+                selector: spec.selector,
+                mode: mode.into(),
+                filesystem: fs.map(|f| f.name().into()),
+            };
             let set: DrivePolicyView = client.set_drive_policy(&req)?;
             match output {
                 Output::Json => print_json(&set)?,
-                Output::Table => say!("drive policy for {}: {}, {}", policy_target(&set), set.mode, set.filesystem),
+                Output::Table => say!(
+                    "drive policy for {}: {}, {}",
+                    policy_target(&set),
+                    set.mode,
+                    set.filesystem
+                ),
             }
         }
         DrivesCmd::Policy(PolicyCmd::List { output }) => {
@@ -655,14 +773,29 @@ fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
                     } else {
                         table(
                             &["FOR", "POLICY", "FS", "SET"],
-                            all.policies.iter().map(|p| vec![policy_target(p), p.mode.clone(), p.filesystem.clone(), p.set_at.clone()]),
+                            all.policies.iter().map(|p| {
+                                vec![
+                                    policy_target(p),
+                                    p.mode.clone(),
+                                    p.filesystem.clone(),
+                                    p.set_at.clone(),
+                                ]
+                            }),
                         );
                     }
                     if !all.effective.is_empty() {
                         say!();
                         table(
                             &["NODE", "HOSTNAME", "POLICY", "FS", "FROM"],
-                            all.effective.iter().map(|e| vec![e.node.clone(), e.hostname.clone(), e.mode.clone(), e.filesystem.clone(), e.source.clone()]),
+                            all.effective.iter().map(|e| {
+                                vec![
+                                    e.node.clone(),
+                                    e.hostname.clone(),
+                                    e.mode.clone(),
+                                    e.filesystem.clone(),
+                                    e.source.clone(),
+                                ]
+                            }),
                         );
                     }
                 }
@@ -672,7 +805,12 @@ fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
             let gone: DrivePolicyView = client.delete_drive_policy(&who.spec())?;
             match output {
                 Output::Json => print_json(&gone)?,
-                Output::Table => say!("deleted the drive policy for {} (was {}, {})", policy_target(&gone), gone.mode, gone.filesystem),
+                Output::Table => say!(
+                    "deleted the drive policy for {} (was {}, {})",
+                    policy_target(&gone),
+                    gone.mode,
+                    gone.filesystem
+                ),
             }
         }
     }
@@ -690,14 +828,24 @@ fn policy_target(p: &DrivePolicyView) -> String {
 fn print_command(done: &DriveCommandView, output: Output) -> anyhow::Result<()> {
     match output {
         Output::Json => print_json(done)?,
-        Output::Table => say!("{} {} on {}: {}", done.action, done.device, done.node, done.message),
+        Output::Table => say!(
+            "{} {} on {}: {}",
+            done.action,
+            done.device,
+            done.node,
+            done.message
+        ),
     }
     Ok(())
 }
 
 fn drive_row(d: &DriveView) -> Vec<String> {
     let state = match &d.state_detail {
-        Some(s) if s.signatures.is_some() => format!("{} ({})", d.state, s.signatures.as_deref().unwrap_or_default().join(", ")),
+        Some(s) if s.signatures.is_some() => format!(
+            "{} ({})",
+            d.state,
+            s.signatures.as_deref().unwrap_or_default().join(", ")
+        ),
         Some(s) if s.mount_point.is_some() => format!(
             "{} ({} {} on {})",
             d.state,
@@ -705,7 +853,9 @@ fn drive_row(d: &DriveView) -> Vec<String> {
             s.filesystem.as_deref().unwrap_or("?"),
             s.mount_point.as_deref().unwrap_or("?")
         ),
-        Some(s) if s.reason.is_some() => format!("{}: {}", d.state, s.reason.as_deref().unwrap_or_default()),
+        Some(s) if s.reason.is_some() => {
+            format!("{}: {}", d.state, s.reason.as_deref().unwrap_or_default())
+        }
         _ => d.state.clone(),
     };
     let smart = &d.smart;
@@ -719,13 +869,20 @@ fn drive_row(d: &DriveView) -> Vec<String> {
     };
     let mut reasons = smart.reasons.clone();
     if let Some(t) = &smart.self_test {
-        let kind = t.kind.as_deref().map(|k| format!("{k} ")).unwrap_or_default();
+        let kind = t
+            .kind
+            .as_deref()
+            .map(|k| format!("{k} "))
+            .unwrap_or_default();
         reasons.push(match t.state.as_str() {
             "running" => match t.remaining_percent {
                 Some(p) => format!("{kind}self-test running, {p}% left"),
                 None => format!("{kind}self-test running"),
             },
-            state => format!("{kind}self-test {state}: {}", t.result.as_deref().unwrap_or("")),
+            state => format!(
+                "{kind}self-test {state}: {}",
+                t.result.as_deref().unwrap_or("")
+            ),
         });
     }
     vec![
@@ -747,7 +904,13 @@ fn member_row(m: &MemberView) -> Vec<String> {
         (false, true) => "selector",
         (false, false) => "default",
     };
-    vec![m.node.clone(), m.hostname.clone(), m.mac.clone(), m.address.clone(), via.to_owned()]
+    vec![
+        m.node.clone(),
+        m.hostname.clone(),
+        m.mac.clone(),
+        m.address.clone(),
+        via.to_owned(),
+    ]
 }
 
 fn print_update(update: &NetworkUpdate, output: Output) -> anyhow::Result<()> {
@@ -755,7 +918,13 @@ fn print_update(update: &NetworkUpdate, output: Output) -> anyhow::Result<()> {
         Output::Json => print_json(update)?,
         Output::Table => {
             let n = &update.network;
-            say!("network {}: {} joined, {} left, {} members", n.name, update.joined.len(), update.left.len(), n.members);
+            say!(
+                "network {}: {} joined, {} left, {} members",
+                n.name,
+                update.joined.len(),
+                update.left.len(),
+                n.members
+            );
             for m in &update.joined {
                 say!("joined: {} {} {} {}", m.node, m.hostname, m.address, m.mac);
             }
@@ -768,7 +937,11 @@ fn print_update(update: &NetworkUpdate, output: Output) -> anyhow::Result<()> {
 }
 
 fn labels_text(labels: &BTreeMap<String, String>) -> String {
-    labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn bytes_text(b: u64) -> String {
@@ -789,7 +962,13 @@ fn bytes_text(b: u64) -> String {
 fn node_row(n: &NodeView) -> Vec<String> {
     let inv = n.inventory.as_ref();
     let address = inv
-        .and_then(|i| i.nics.iter().flat_map(|nic| nic.addresses.iter()).find(|a| !a.starts_with("fe80") && a.contains('.')).cloned())
+        .and_then(|i| {
+            i.nics
+                .iter()
+                .flat_map(|nic| nic.addresses.iter())
+                .find(|a| !a.starts_with("fe80") && a.contains('.'))
+                .cloned()
+        })
         .unwrap_or_default();
     vec![
         n.id.clone(),
@@ -807,18 +986,49 @@ fn node_row(n: &NodeView) -> Vec<String> {
 fn show_node(n: &NodeView) {
     say!("id:            {}", n.id);
     say!("hostname:      {}", n.hostname);
-    say!("status:        {}{}", n.status, if n.connected { " (connected)" } else { "" });
-    say!("last seen:     {}", n.last_seen.as_deref().unwrap_or("never"));
+    say!(
+        "status:        {}{}",
+        n.status,
+        if n.connected { " (connected)" } else { "" }
+    );
+    say!(
+        "last seen:     {}",
+        n.last_seen.as_deref().unwrap_or("never")
+    );
     say!("agent:         {}", n.agent_version);
-    say!("key:           {}", n.key.as_deref().unwrap_or("not bound yet"));
+    say!(
+        "key:           {}",
+        n.key.as_deref().unwrap_or("not bound yet")
+    );
     if let Some(b) = &n.boot {
         let checks: Vec<String> = b
             .checks
             .iter()
-            .map(|c| format!("{} {}{}", c.name, if c.passed { "ok" } else { "FAILED" }, c.detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()))
+            .map(|c| {
+                format!(
+                    "{} {}{}",
+                    c.name,
+                    if c.passed { "ok" } else { "FAILED" },
+                    c.detail
+                        .as_deref()
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
+                )
+            })
             .collect();
-        say!("booted:        {} (boot id {})", b.image.as_deref().map(|i| format!("image {i}")).unwrap_or_else(|| "not a netboot image".into()), b.boot_id);
-        say!("boot checks:   {}: {}", if b.healthy() { "healthy" } else { "unhealthy" }, checks.join(", "));
+        say!(
+            "booted:        {} (boot id {})",
+            b.image
+                .as_deref()
+                .map(|i| format!("image {i}"))
+                .unwrap_or_else(|| "not a netboot image".into()),
+            b.boot_id
+        );
+        say!(
+            "boot checks:   {}: {}",
+            if b.healthy() { "healthy" } else { "unhealthy" },
+            checks.join(", ")
+        );
     }
     say!("enrolled:      {}", n.enrolled_at);
     say!("hardware id:   {}", n.hardware_id);
@@ -826,14 +1036,24 @@ fn show_node(n: &NodeView) {
         say!("labels:        {}", labels_text(&n.labels));
     }
     for o in &n.overlay {
-        say!("overlay:       {} {}/{} {}", o.network, o.address, o.prefix_len, o.mac);
+        say!(
+            "overlay:       {} {}/{} {}",
+            o.network,
+            o.address,
+            o.prefix_len,
+            o.mac
+        );
     }
     if let Some(i) = &n.inventory {
         say!("os:            {} (kernel {}, {})", i.os, i.kernel, i.arch);
         say!("cpu:           {} x {}", i.cpu_cores, i.cpu_model);
         say!("memory:        {}", bytes_text(i.memory_bytes));
         say!("boot:          {:?}", i.boot_mode);
-        let dmi = [&i.dmi.vendor, &i.dmi.product, &i.dmi.serial].iter().filter_map(|v| v.as_deref()).collect::<Vec<_>>().join(" / ");
+        let dmi = [&i.dmi.vendor, &i.dmi.product, &i.dmi.serial]
+            .iter()
+            .filter_map(|v| v.as_deref())
+            .collect::<Vec<_>>()
+            .join(" / ");
         if !dmi.is_empty() {
             say!("system:        {dmi}");
         }
@@ -852,32 +1072,68 @@ fn show_node(n: &NodeView) {
                 "nic:           {} {} {} {}",
                 nic.name,
                 nic.mac.as_deref().unwrap_or("-"),
-                nic.speed_mbps.map(|s| format!("{s}Mb/s")).unwrap_or("-".into()),
+                nic.speed_mbps
+                    .map(|s| format!("{s}Mb/s"))
+                    .unwrap_or("-".into()),
                 nic.addresses.join(" ")
             );
         }
     }
     if let Some(h) = &n.health {
-        say!("uptime:        {}", humantime::format_duration(Duration::from_secs(h.uptime_secs)));
-        say!("load:          {:.2} {:.2} {:.2}", h.load.one, h.load.five, h.load.fifteen);
+        say!(
+            "uptime:        {}",
+            humantime::format_duration(Duration::from_secs(h.uptime_secs))
+        );
+        say!(
+            "load:          {:.2} {:.2} {:.2}",
+            h.load.one,
+            h.load.five,
+            h.load.fifteen
+        );
         say!("cpu use:       {:.1}%", h.cpu_percent);
-        say!("memory use:    {:.1}% of {}", h.memory_used_percent(), bytes_text(h.memory_total_bytes));
+        say!(
+            "memory use:    {:.1}% of {}",
+            h.memory_used_percent(),
+            bytes_text(h.memory_total_bytes)
+        );
         for fs in &h.filesystems {
-            say!("filesystem:    {} {:.0}% of {} ({})", fs.mount, fs.used_percent(), bytes_text(fs.total_bytes), fs.fs_type);
+            say!(
+                "filesystem:    {} {:.0}% of {} ({})",
+                fs.mount,
+                fs.used_percent(),
+                bytes_text(fs.total_bytes),
+                fs.fs_type
+            );
         }
     }
 }
 
 fn print_report(r: &FleetReport) {
-    let counts = r.by_status.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ");
-    say!("fleet report at {}: {} nodes ({counts})", r.generated_at, r.total);
+    let counts = r
+        .by_status
+        .iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    say!(
+        "fleet report at {}: {} nodes ({counts})",
+        r.generated_at,
+        r.total
+    );
     if r.attention.is_empty() {
         say!("no node needs attention");
     } else {
         say!();
         table(
             &["ID", "HOSTNAME", "STATUS", "NEEDS ATTENTION"],
-            r.attention.iter().map(|a| vec![a.id.clone(), a.hostname.clone(), a.status.clone(), a.reasons.join("; ")]),
+            r.attention.iter().map(|a| {
+                vec![
+                    a.id.clone(),
+                    a.hostname.clone(),
+                    a.status.clone(),
+                    a.reasons.join("; "),
+                ]
+            }),
         );
     }
     let d = &r.drives;
@@ -888,7 +1144,11 @@ fn print_report(r: &FleetReport) {
         .collect::<Vec<_>>()
         .join(", ");
     say!();
-    say!("drives: {total} ({counts}); {} missing, {} awaiting approval", d.missing.len(), d.awaiting_approval.len());
+    say!(
+        "drives: {total} ({counts}); {} missing, {} awaiting approval",
+        d.missing.len(),
+        d.awaiting_approval.len()
+    );
     let row = |kind: &str, a: &shoal_controller::report::DriveAttention| {
         vec![
             kind.to_owned(),
@@ -904,17 +1164,31 @@ fn print_report(r: &FleetReport) {
         .iter()
         .map(|a| row(&a.verdict.to_uppercase(), a))
         .chain(d.missing.iter().map(|a| row("MISSING", a)))
-        .chain(d.awaiting_approval.iter().map(|a| row("AWAITING APPROVAL", a)))
+        .chain(
+            d.awaiting_approval
+                .iter()
+                .map(|a| row("AWAITING APPROVAL", a)),
+        )
         .collect();
     if !rows.is_empty() {
         say!();
-        table(&["DRIVE", "NODE", "HOSTNAME", "DEVICE", "SERIAL", "WHY"], rows.into_iter());
+        table(
+            &["DRIVE", "NODE", "HOSTNAME", "DEVICE", "SERIAL", "WHY"],
+            rows.into_iter(),
+        );
     }
 }
 
-/// Prints aligned columns. Every cell goes through [`printable::printable`] before widths are taken.
+/// Prints aligned columns. Every cell goes through [`printable::printable`] before widths are
+/// taken.
 fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
-    let rows: Vec<Vec<String>> = rows.map(|row| row.iter().map(|c| printable::printable(c).into_owned()).collect()).collect();
+    let rows: Vec<Vec<String>> = rows
+        .map(|row| {
+            row.iter()
+                .map(|c| printable::printable(c).into_owned())
+                .collect()
+        })
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {

@@ -1,7 +1,8 @@
-//! The maintenance action executor: a [`NodeUpgrader`] for [`Target::Action`] (`shoalctl maintenance
-//! run`). A maintenance run *is* a rollout; the planner decides which node goes next (max-unavailable,
-//! budgets, window, busy nodes, max-failures) and this executor walks each started node through three
-//! steps over protocol 4 ([`ControllerMsg::Maintenance`], answered by `AgentMsg::MaintenanceResult`):
+//! The maintenance action executor: a [`NodeUpgrader`] for [`Target::Action`] (`shoalctl
+//! maintenance run`). A maintenance run *is* a rollout; the planner decides which node goes next
+//! (max-unavailable, budgets, window, busy nodes, max-failures) and this executor walks each
+//! started node through three steps over protocol 4 ([`ControllerMsg::Maintenance`], answered by
+//! `AgentMsg::MaintenanceResult`):
 //!
 //! | step | agent | then | sub-phase, event |
 //! |---|---|---|---|
@@ -11,26 +12,28 @@
 //!
 //! Mapping to the planner:
 //!
-//! - `Cordon` done → [`Event::Acknowledged`] (the node took the run; a restarted controller does not
-//!   start it over). `Cordon` failed → [`Event::Refused`]: the node is failed without a roll-back; the
-//!   agent itself runs the post-hook after a failed pre-hook, to undo a partial drain, and refuses an
-//!   `exec` that is not on its allow-list already here, before any hook runs.
-//! - `Act` failed (non-zero exit, timeout, not allowed, reboot refused) → [`Event::Failed`]: the planner
-//!   rolls the node back, which for an action is [`NodeUpgrader::roll_back`] = send `Uncordon`, so the
-//!   node is not left drained; its post-hook done → [`Event::Restored`] (failed, rolled back).
+//! - `Cordon` done → [`Event::Acknowledged`] (the node took the run; a restarted controller does
+//!   not start it over). `Cordon` failed → [`Event::Refused`]: the node is failed without a
+//!   roll-back; the agent itself runs the post-hook after a failed pre-hook, to undo a partial
+//!   drain, and refuses an `exec` that is not on its allow-list already here, before any hook runs.
+//! - `Act` failed (non-zero exit, timeout, not allowed, reboot refused) → [`Event::Failed`]: the
+//!   planner rolls the node back, which for an action is [`NodeUpgrader::roll_back`] = send
+//!   `Uncordon`, so the node is not left drained; its post-hook done → [`Event::Restored`] (failed,
+//!   rolled back).
 //! - `Act` of a reboot answers `Rebooting` → `node_rebooting` event; the node drops off. When it
-//!   reconnects, the controller repeats the current step ([`Controller::maintenance_reconnected`]) and
-//!   the agent answers it from its record: done if the boot id changed (a new boot), failed if the
-//!   agent restarted on the same boot (the machine did not reboot).
-//! - `Uncordon` done → `node_up` and [`Event::Reported`] healthy on the action: succeeded. `Uncordon`
-//!   failed → [`Event::Failed`] (its roll-back repeats the post-hook once); failing while rolling back
-//!   is left to the roll-back deadline ("needs an operator").
+//!   reconnects, the controller repeats the current step ([`Controller::maintenance_reconnected`])
+//!   and the agent answers it from its record: done if the boot id changed (a new boot), failed if
+//!   the agent restarted on the same boot (the machine did not reboot).
+//! - `Uncordon` done → `node_up` and [`Event::Reported`] healthy on the action: succeeded.
+//!   `Uncordon` failed → [`Event::Failed`] (its roll-back repeats the post-hook once); failing
+//!   while rolling back is left to the roll-back deadline ("needs an operator").
 //!
-//! The current step of every node in flight is kept in the store tree `maintenance_steps` (run ‖ 0 ‖
-//! node → [`StepRecord`]), written before the step is sent: a restarted controller repeats the step
-//! when the node reconnects (every agent reconnects after a controller restart), and `begin`, repeated
-//! by [`crate::rollout::Rollout::resend_after_restart`] for unacknowledged nodes, resends the current
-//! step instead of starting over. The agent treats a repeated step it completed as done.
+//! The current step of every node in flight is kept in the store tree `maintenance_steps` (run ‖ 0
+//! ‖ node → [`StepRecord`]), written before the step is sent: a restarted controller repeats the
+//! step when the node reconnects (every agent reconnects after a controller restart), and `begin`,
+//! repeated by [`crate::rollout::Rollout::resend_after_restart`] for unacknowledged nodes, resends
+//! the current step instead of starting over. The agent treats a repeated step it completed as
+//! done.
 //!
 //! Failures of actions are not remembered in `failed_versions` ([`Target::remembers_failures`]).
 
@@ -38,7 +41,8 @@ use std::sync::{Arc, Weak};
 
 use serde::{Deserialize, Serialize};
 use shoal_proto::{
-    ControllerMsg, MaintenanceAction, MaintenanceResult, MaintenanceStep, NodeId, StepKind, StepOutcome, UnixMillis,
+    ControllerMsg, MaintenanceAction, MaintenanceResult, MaintenanceStep, NodeId, StepKind,
+    StepOutcome, UnixMillis,
 };
 use tracing::{debug, info, warn};
 
@@ -77,8 +81,8 @@ pub struct StepRecord {
 }
 
 impl StepRecord {
-    /// The sub-phase for status output: `cordoning`, `refused` (pre-hook failed, or the action is not
-    /// allowed there), `in-maintenance`, `rebooting`, `uncordoning`, `up`.
+    /// The sub-phase for status output: `cordoning`, `refused` (pre-hook failed, or the action is
+    /// not allowed there), `in-maintenance`, `rebooting`, `uncordoning`, `up`.
     pub fn sub_phase(&self) -> &'static str {
         match (self.step, self.done) {
             (StepKind::Cordon, false) => "cordoning",
@@ -106,7 +110,9 @@ pub struct ActionRunner {
 
 impl ActionRunner {
     fn ctl(&self) -> Result<Arc<Controller>, UpgradeError> {
-        self.controller.upgrade().ok_or_else(|| UpgradeError::Failed("the controller is shutting down".into()))
+        self.controller
+            .upgrade()
+            .ok_or_else(|| UpgradeError::Failed("the controller is shutting down".into()))
     }
 }
 
@@ -118,7 +124,9 @@ impl NodeUpgrader for ActionRunner {
     fn begin(&self, node: &NodeId, target: &Target) -> Result<(), UpgradeError> {
         let ctl = self.ctl()?;
         let Target::Action(action) = target else {
-            return Err(UpgradeError::Failed(format!("the action executor cannot carry out {target}")));
+            return Err(UpgradeError::Failed(format!(
+                "the action executor cannot carry out {target}"
+            )));
         };
         let run = ctl.run_holding(node, target).map_err(store_err)?;
         // Repeated after a restart: go on where the node was, do not start over.
@@ -143,10 +151,17 @@ impl NodeUpgrader for ActionRunner {
         ctl.send_step(&rec)
     }
 
-    fn roll_back(&self, node: &NodeId, _to: Option<&str>, target: &Target) -> Result<(), UpgradeError> {
+    fn roll_back(
+        &self,
+        node: &NodeId,
+        _to: Option<&str>,
+        target: &Target,
+    ) -> Result<(), UpgradeError> {
         let ctl = self.ctl()?;
         let Target::Action(action) = target else {
-            return Err(UpgradeError::Failed(format!("the action executor cannot roll back {target}")));
+            return Err(UpgradeError::Failed(format!(
+                "the action executor cannot roll back {target}"
+            )));
         };
         let run = ctl.run_holding(node, target).map_err(store_err)?;
         let rec = StepRecord {
@@ -168,7 +183,12 @@ impl NodeUpgrader for ActionRunner {
 impl Controller {
     /// Installs [`ActionRunner`] for [`TargetKind::Action`] (done by [`Controller::open`]).
     pub fn install_action_runner(self: &Arc<Self>) {
-        self.set_upgrader(TargetKind::Action, Arc::new(ActionRunner { controller: Arc::downgrade(self) }));
+        self.set_upgrader(
+            TargetKind::Action,
+            Arc::new(ActionRunner {
+                controller: Arc::downgrade(self),
+            }),
+        );
     }
 
     fn steps_tree(&self) -> Result<sled::Tree, StoreError> {
@@ -181,8 +201,16 @@ impl Controller {
         let run = all
             .iter()
             .rev()
-            .find(|r| !r.is_finished() && r.spec().target == *target && r.phase(node).is_some_and(NodePhase::in_flight))
-            .or_else(|| all.iter().rev().find(|r| r.spec().target == *target && r.phase(node).is_some()));
+            .find(|r| {
+                !r.is_finished()
+                    && r.spec().target == *target
+                    && r.phase(node).is_some_and(NodePhase::in_flight)
+            })
+            .or_else(|| {
+                all.iter()
+                    .rev()
+                    .find(|r| r.spec().target == *target && r.phase(node).is_some())
+            });
         Ok(run.map(|r| r.id().to_owned()).unwrap_or_else(|| "?".into()))
     }
 
@@ -216,21 +244,32 @@ impl Controller {
 
     fn check_step_protocol(&self, node: &NodeId) -> Result<(), UpgradeError> {
         let live = self.live();
-        let conn = live.conns.get(node).ok_or_else(|| UpgradeError::NotConnected(node.clone()))?;
+        let conn = live
+            .conns
+            .get(node)
+            .ok_or_else(|| UpgradeError::NotConnected(node.clone()))?;
         let protocol = conn.protocol.unwrap_or(0);
         if protocol < UPDATE_PROTOCOL {
-            return Err(UpgradeError::Unsupported { node: node.clone(), why: format!("agent too old for maintenance actions (protocol {protocol})") });
+            return Err(UpgradeError::Unsupported {
+                node: node.clone(),
+                why: format!("agent too old for maintenance actions (protocol {protocol})"),
+            });
         }
         Ok(())
     }
 
     /// Sends the record's step on the node's connection.
     fn send_step(&self, rec: &StepRecord) -> Result<(), UpgradeError> {
-        let msg = ControllerMsg::Maintenance(MaintenanceStep { run: rec.run.clone(), action: rec.action.clone(), step: rec.step });
+        let msg = ControllerMsg::Maintenance(MaintenanceStep {
+            run: rec.run.clone(),
+            action: rec.action.clone(),
+            step: rec.step,
+        });
         self.send_v4(&rec.node, msg).map_err(|e| match e {
-            UpdateError::AgentTooOld { node, protocol } => {
-                UpgradeError::Unsupported { node, why: format!("agent too old for maintenance actions (protocol {protocol})") }
-            }
+            UpdateError::AgentTooOld { node, protocol } => UpgradeError::Unsupported {
+                node,
+                why: format!("agent too old for maintenance actions (protocol {protocol})"),
+            },
             other => other.into(),
         })?;
         debug!(node = %rec.node, run = %rec.run, step = rec.step.as_str(), "maintenance step sent");
@@ -239,7 +278,10 @@ impl Controller {
 
     fn step_event(&self, node: &NodeId, kind: EventKind, message: String) {
         let host = self.store.hostname_or_id(node);
-        if let Err(e) = self.store.append_event(kind, Some(node), &format!("{host}: {message}"), now_ms()) {
+        if let Err(e) =
+            self.store
+                .append_event(kind, Some(node), &format!("{host}: {message}"), now_ms())
+        {
             warn!(node = %node, cause = %e, "could not record a maintenance event");
         }
     }
@@ -251,17 +293,23 @@ impl Controller {
         }
     }
 
-    /// (v4) A node reconnected: repeat the current step of every run that holds it (a step lost with
-    /// the old connection or a controller restart; after a reboot, the agent answers the repeated
-    /// `Act` from its new boot). Blocking (store).
+    /// (v4) A node reconnected: repeat the current step of every run that holds it (a step lost
+    /// with the old connection or a controller restart; after a reboot, the agent answers the
+    /// repeated `Act` from its new boot). Blocking (store).
     pub fn maintenance_reconnected(&self, node: &NodeId) {
         let Ok(tree) = self.steps_tree() else { return };
         for item in tree.iter().flatten() {
-            let Ok(rec) = decode::<StepRecord>(STEPS, &item.0, &item.1) else { continue };
+            let Ok(rec) = decode::<StepRecord>(STEPS, &item.0, &item.1) else {
+                continue;
+            };
             if rec.node != *node || rec.done {
                 continue;
             }
-            let still = self.maint.rollout(&rec.run).ok().is_some_and(|r| r.phase(node).is_some_and(NodePhase::in_flight));
+            let still = self
+                .maint
+                .rollout(&rec.run)
+                .ok()
+                .is_some_and(|r| r.phase(node).is_some_and(NodePhase::in_flight));
             if !still {
                 continue;
             }
@@ -289,7 +337,14 @@ impl Controller {
         let run = rec.run.clone();
         let what = rec.action.to_string();
         let advance = |rec: &StepRecord, step: StepKind, detail: String| -> StepRecord {
-            StepRecord { step, done: false, rebooting: false, since: now_ms(), detail, ..rec.clone() }
+            StepRecord {
+                step,
+                done: false,
+                rebooting: false,
+                since: now_ms(),
+                detail,
+                ..rec.clone()
+            }
         };
         let store_then_send = |next: &StepRecord| {
             if let Err(e) = self.put_step(next) {
@@ -304,23 +359,51 @@ impl Controller {
         };
         match (result.step, result.outcome) {
             (StepKind::Cordon, StepOutcome::Done(out)) => {
-                self.step_event(node, EventKind::NodeCordoned, format!("run {run}: cordoned for {what}{}", suffix(&out)));
+                self.step_event(
+                    node,
+                    EventKind::NodeCordoned,
+                    format!("run {run}: cordoned for {what}{}", suffix(&out)),
+                );
                 let next = advance(&rec, StepKind::Act, String::new());
                 store_then_send(&next);
-                self.step_event(node, EventKind::NodeInMaintenance, format!("run {run}: in maintenance: {what}"));
+                self.step_event(
+                    node,
+                    EventKind::NodeInMaintenance,
+                    format!("run {run}: in maintenance: {what}"),
+                );
                 self.feed(Event::Acknowledged { node: node.clone() });
             }
             (StepKind::Cordon, StepOutcome::Failed(why) | StepOutcome::Rebooting(why)) => {
-                // The agent's words say which: its pre-hook failed, or the action is not allowed there.
+                // The agent's words say which: its pre-hook failed, or the action is not allowed
+                // there.
                 let reason = why;
-                self.step_event(node, EventKind::NodeMaintenanceFailed, format!("run {run}: refused: {reason}"));
-                let _ = self.put_step(&StepRecord { done: true, detail: reason.clone(), ..rec });
-                self.feed(Event::Refused { node: node.clone(), reason });
+                self.step_event(
+                    node,
+                    EventKind::NodeMaintenanceFailed,
+                    format!("run {run}: refused: {reason}"),
+                );
+                let _ = self.put_step(&StepRecord {
+                    done: true,
+                    detail: reason.clone(),
+                    ..rec
+                });
+                self.feed(Event::Refused {
+                    node: node.clone(),
+                    reason,
+                });
             }
             (StepKind::Act, StepOutcome::Rebooting(method)) => {
                 if !rec.rebooting {
-                    self.step_event(node, EventKind::NodeRebooting, format!("run {run}: rebooting ({method})"));
-                    let _ = self.put_step(&StepRecord { rebooting: true, detail: format!("rebooting ({method})"), ..rec });
+                    self.step_event(
+                        node,
+                        EventKind::NodeRebooting,
+                        format!("run {run}: rebooting ({method})"),
+                    );
+                    let _ = self.put_step(&StepRecord {
+                        rebooting: true,
+                        detail: format!("rebooting ({method})"),
+                        ..rec
+                    });
                 }
             }
             (StepKind::Act, StepOutcome::Done(out)) => {
@@ -328,33 +411,65 @@ impl Controller {
                 store_then_send(&next);
             }
             (StepKind::Act, StepOutcome::Failed(why)) => {
-                self.step_event(node, EventKind::NodeMaintenanceFailed, format!("run {run}: {what} failed: {why}"));
-                let _ = self.put_step(&StepRecord { detail: why.clone(), ..rec });
+                self.step_event(
+                    node,
+                    EventKind::NodeMaintenanceFailed,
+                    format!("run {run}: {what} failed: {why}"),
+                );
+                let _ = self.put_step(&StepRecord {
+                    detail: why.clone(),
+                    ..rec
+                });
                 // The planner answers with a roll-back: `roll_back` sends Uncordon.
-                self.feed(Event::Failed { node: node.clone(), reason: why });
+                self.feed(Event::Failed {
+                    node: node.clone(),
+                    reason: why,
+                });
             }
             (StepKind::Uncordon, StepOutcome::Done(out)) => {
-                let detail = if rec.detail.is_empty() { out } else { rec.detail.clone() };
+                let detail = if rec.detail.is_empty() {
+                    out
+                } else {
+                    rec.detail.clone()
+                };
                 let message = if rec.rolling_back {
                     format!("run {run}: up again after the failed {what} (post-hook ran)")
                 } else {
                     format!("run {run}: up after {what}{}", suffix(&detail))
                 };
                 self.step_event(node, EventKind::NodeUp, message);
-                let _ = self.put_step(&StepRecord { done: true, detail, ..rec.clone() });
+                let _ = self.put_step(&StepRecord {
+                    done: true,
+                    detail,
+                    ..rec.clone()
+                });
                 if rec.rolling_back {
                     self.feed(Event::Restored { node: node.clone() });
                 } else {
                     let version = Target::Action(rec.action.clone()).version().to_owned();
-                    self.feed(Event::Reported { node: node.clone(), version, health: ReportedHealth::Healthy });
+                    self.feed(Event::Reported {
+                        node: node.clone(),
+                        version,
+                        health: ReportedHealth::Healthy,
+                    });
                 }
             }
             (StepKind::Uncordon, StepOutcome::Failed(why) | StepOutcome::Rebooting(why)) => {
                 let reason = format!("post-hook failed: {why}");
-                self.step_event(node, EventKind::NodeMaintenanceFailed, format!("run {run}: {reason}"));
-                let _ = self.put_step(&StepRecord { detail: reason.clone(), ..rec.clone() });
+                self.step_event(
+                    node,
+                    EventKind::NodeMaintenanceFailed,
+                    format!("run {run}: {reason}"),
+                );
+                let _ = self.put_step(&StepRecord {
+                    detail: reason.clone(),
+                    ..rec.clone()
+                });
                 if !rec.rolling_back {
-                    self.feed(Event::Failed { node: node.clone(), reason });
+                    self.feed(Event::Failed {
+                        node: node.clone(),
+                        reason,
+                    });
                 }
             }
         }
@@ -375,9 +490,11 @@ fn suffix(out: &str) -> String {
 mod tests {
     use std::collections::HashMap;
 
-
     use super::*;
-    use crate::{maintenance::StartRequest, networks::parse_selector, rollout::Rollout, server::ControllerConfig};
+    use crate::{
+        maintenance::StartRequest, networks::parse_selector, rollout::Rollout,
+        server::ControllerConfig,
+    };
 
     struct Fixture {
         ctl: Arc<Controller>,
@@ -387,19 +504,31 @@ mod tests {
 
     impl Fixture {
         fn open(dir: &std::path::Path) -> Fixture {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             let config = ControllerConfig::for_tests(dir.to_owned());
             let ctl = {
                 let _enter = rt.enter();
                 Controller::open(config, "127.0.0.1:1".parse().unwrap()).unwrap()
             };
-            Fixture { ctl, rx: HashMap::new(), _rt: rt }
+            Fixture {
+                ctl,
+                rx: HashMap::new(),
+                _rt: rt,
+            }
         }
 
         fn nodes(&mut self, prefix: &str, count: usize, labels: &[(&str, &str)]) -> Vec<NodeId> {
             (0..count)
                 .map(|i| {
-                    let id = crate::networks::enrol_for_tests(&self.ctl.store, &format!("{prefix}{i}"), labels, now_ms());
+                    let id = crate::networks::enrol_for_tests(
+                        &self.ctl.store,
+                        &format!("{prefix}{i}"),
+                        labels,
+                        now_ms(),
+                    );
                     self.connect(&id);
                     id
                 })
@@ -415,7 +544,13 @@ mod tests {
             self.ctl.maintenance_reconnected(node);
         }
 
-        fn start(&self, action: MaintenanceAction, selector: &str, max_unavailable: u32, max_failures: u32) -> Rollout {
+        fn start(
+            &self,
+            action: MaintenanceAction,
+            selector: &str,
+            max_unavailable: u32,
+            max_failures: u32,
+        ) -> Rollout {
             self.ctl
                 .start_rollout(StartRequest {
                     target: Target::Action(action),
@@ -441,38 +576,72 @@ mod tests {
         }
 
         fn answer(&self, node: &NodeId, run: &str, step: StepKind, outcome: StepOutcome) {
-            self.ctl.maintenance_result(node, MaintenanceResult { run: run.into(), step, outcome });
+            self.ctl.maintenance_result(
+                node,
+                MaintenanceResult {
+                    run: run.into(),
+                    step,
+                    outcome,
+                },
+            );
         }
 
         fn phase(&self, run: &str, node: &NodeId) -> NodePhase {
-            self.ctl.maint.rollout(run).unwrap().phase(node).unwrap().clone()
+            self.ctl
+                .maint
+                .rollout(run)
+                .unwrap()
+                .phase(node)
+                .unwrap()
+                .clone()
         }
 
         fn sub_phase(&self, run: &str, node: &NodeId) -> &'static str {
-            self.ctl.step_record(run, node).unwrap().unwrap().sub_phase()
+            self.ctl
+                .step_record(run, node)
+                .unwrap()
+                .unwrap()
+                .sub_phase()
         }
 
         fn events(&self, kind: EventKind) -> Vec<(NodeId, String)> {
             let all = self.ctl.store.events(None, 10_000).unwrap();
-            all.into_iter().filter(|e| e.kind == kind).map(|e| (e.node.unwrap(), e.message)).collect()
+            all.into_iter()
+                .filter(|e| e.kind == kind)
+                .map(|e| (e.node.unwrap(), e.message))
+                .collect()
         }
 
         /// The one node of `nodes` that was sent `Cordon` since the last call.
         fn cordoned(&mut self, nodes: &[NodeId]) -> NodeId {
-            let got: Vec<NodeId> = nodes.iter().filter(|n| self.sent(n) == vec![StepKind::Cordon]).cloned().collect();
+            let got: Vec<NodeId> = nodes
+                .iter()
+                .filter(|n| self.sent(n) == vec![StepKind::Cordon])
+                .cloned()
+                .collect();
             assert_eq!(got.len(), 1, "one node at a time: {got:?}");
             got[0].clone()
         }
 
         /// Walks a started node (sent `Cordon`) through its three steps, all done.
         fn all_done(&mut self, run: &str, node: &NodeId) {
-            self.answer(node, run, StepKind::Cordon, StepOutcome::Done("drained".into()));
+            self.answer(
+                node,
+                run,
+                StepKind::Cordon,
+                StepOutcome::Done("drained".into()),
+            );
             assert_eq!(self.sub_phase(run, node), "in-maintenance");
             assert_eq!(self.sent(node), vec![StepKind::Act]);
             self.answer(node, run, StepKind::Act, StepOutcome::Done("fixed".into()));
             assert_eq!(self.sub_phase(run, node), "uncordoning");
             assert_eq!(self.sent(node), vec![StepKind::Uncordon]);
-            self.answer(node, run, StepKind::Uncordon, StepOutcome::Done(String::new()));
+            self.answer(
+                node,
+                run,
+                StepKind::Uncordon,
+                StepOutcome::Done(String::new()),
+            );
             assert_eq!(self.sub_phase(run, node), "up");
         }
     }
@@ -488,26 +657,47 @@ mod tests {
         let other = f.start(exec(), "grp=x", 1, 1).id().to_owned();
         f.ctl.rollout_tick();
         assert_eq!(f.cordoned(&a), a[0]);
-        let run = f.start(MaintenanceAction::Reboot, "grp=y", 3, 1).id().to_owned();
+        let run = f
+            .start(MaintenanceAction::Reboot, "grp=y", 3, 1)
+            .id()
+            .to_owned();
         f.ctl.rollout_tick();
         for n in &b {
-            assert!(f.sent(n).is_empty(), "the etcd budget is used up by the other run");
+            assert!(
+                f.sent(n).is_empty(),
+                "the etcd budget is used up by the other run"
+            );
         }
         let waiting = f.ctl.maint.rollout(&run).unwrap().waiting().to_vec();
-        assert!(waiting.iter().any(|w| matches!(w, crate::rollout::Waiting::Budget { .. })), "{waiting:?}");
+        assert!(
+            waiting
+                .iter()
+                .any(|w| matches!(w, crate::rollout::Waiting::Budget { .. })),
+            "{waiting:?}"
+        );
         // The other run's node is up again: one etcd member at a time, despite max-unavailable 3.
         f.all_done(&other, &a[0]);
         f.ctl.rollout_tick();
         let first = f.cordoned(&b);
-        f.answer(&first, &run, StepKind::Cordon, StepOutcome::Done(String::new()));
+        f.answer(
+            &first,
+            &run,
+            StepKind::Cordon,
+            StepOutcome::Done(String::new()),
+        );
         f.ctl.rollout_tick();
         for n in &b {
-            assert!(f.sent(n).iter().all(|s| *s != StepKind::Cordon), "still one at a time");
+            assert!(
+                f.sent(n).iter().all(|s| *s != StepKind::Cordon),
+                "still one at a time"
+            );
         }
     }
 
     fn exec() -> MaintenanceAction {
-        MaintenanceAction::Exec { argv: vec!["/usr/local/bin/fix".into(), "--now".into()] }
+        MaintenanceAction::Exec {
+            argv: vec!["/usr/local/bin/fix".into(), "--now".into()],
+        }
     }
 
     #[test]
@@ -516,43 +706,113 @@ mod tests {
         let mut f = Fixture::open(dir.path());
         let n = f.nodes("db", 3, &[("role", "db")]);
         let r = f.start(exec(), "role=db", 1, 1);
-        assert_eq!(r.spec().upgrade_deadline, crate::maintenance::ACTION_DEADLINE);
+        assert_eq!(
+            r.spec().upgrade_deadline,
+            crate::maintenance::ACTION_DEADLINE
+        );
         let run = r.id().to_owned();
         f.ctl.rollout_tick();
         let first = f.cordoned(&n);
-        assert!(matches!(f.phase(&run, &first), NodePhase::Upgrading { acknowledged: false, .. }));
+        assert!(matches!(
+            f.phase(&run, &first),
+            NodePhase::Upgrading {
+                acknowledged: false,
+                ..
+            }
+        ));
         assert_eq!(f.sub_phase(&run, &first), "cordoning");
         f.all_done(&run, &first);
-        assert!(matches!(f.phase(&run, &first), NodePhase::Succeeded { already: false, .. }));
+        assert!(matches!(
+            f.phase(&run, &first),
+            NodePhase::Succeeded { already: false, .. }
+        ));
         let up = f.events(EventKind::NodeUp);
-        assert!(up.len() == 1 && up[0].0 == first && up[0].1.contains("up after exec /usr/local/bin/fix --now: fixed"), "{up:?}");
+        assert!(
+            up.len() == 1
+                && up[0].0 == first
+                && up[0]
+                    .1
+                    .contains("up after exec /usr/local/bin/fix --now: fixed"),
+            "{up:?}"
+        );
         assert_eq!(f.events(EventKind::NodeCordoned).len(), 1);
         assert_eq!(f.events(EventKind::NodeInMaintenance).len(), 1);
 
-        // The second node's action fails: the post-hook runs (roll-back), it settles failed, and the
-        // run pauses (max-failures 1). Nothing is remembered against the node for later runs.
+        // The second node's action fails: the post-hook runs (roll-back), it settles failed, and
+        // the run pauses (max-failures 1). Nothing is remembered against the node for later runs.
         f.ctl.rollout_tick();
         let second = f.cordoned(&n);
-        let third = n.iter().find(|x| **x != first && **x != second).unwrap().clone();
+        let third = n
+            .iter()
+            .find(|x| **x != first && **x != second)
+            .unwrap()
+            .clone();
         let n = [first.clone(), second, third];
-        f.answer(&n[1], &run, StepKind::Cordon, StepOutcome::Done(String::new()));
-        assert!(matches!(f.phase(&run, &n[1]), NodePhase::Upgrading { acknowledged: true, .. }));
+        f.answer(
+            &n[1],
+            &run,
+            StepKind::Cordon,
+            StepOutcome::Done(String::new()),
+        );
+        assert!(matches!(
+            f.phase(&run, &n[1]),
+            NodePhase::Upgrading {
+                acknowledged: true,
+                ..
+            }
+        ));
         assert_eq!(f.sent(&n[1]), vec![StepKind::Act]);
         // A stale answer (wrong step) changes nothing.
-        f.answer(&n[1], &run, StepKind::Uncordon, StepOutcome::Done(String::new()));
+        f.answer(
+            &n[1],
+            &run,
+            StepKind::Uncordon,
+            StepOutcome::Done(String::new()),
+        );
         assert!(matches!(f.phase(&run, &n[1]), NodePhase::Upgrading { .. }));
-        f.answer(&n[1], &run, StepKind::Act, StepOutcome::Failed("/usr/local/bin/fix exited with exit status: 3: disk busy".into()));
-        assert!(matches!(f.phase(&run, &n[1]), NodePhase::RollingBack { .. }));
-        assert_eq!(f.sent(&n[1]), vec![StepKind::Uncordon], "the roll-back is the post-hook");
-        f.answer(&n[1], &run, StepKind::Uncordon, StepOutcome::Done(String::new()));
+        f.answer(
+            &n[1],
+            &run,
+            StepKind::Act,
+            StepOutcome::Failed("/usr/local/bin/fix exited with exit status: 3: disk busy".into()),
+        );
+        assert!(matches!(
+            f.phase(&run, &n[1]),
+            NodePhase::RollingBack { .. }
+        ));
+        assert_eq!(
+            f.sent(&n[1]),
+            vec![StepKind::Uncordon],
+            "the roll-back is the post-hook"
+        );
+        f.answer(
+            &n[1],
+            &run,
+            StepKind::Uncordon,
+            StepOutcome::Done(String::new()),
+        );
         match f.phase(&run, &n[1]) {
-            NodePhase::Failed { rolled_back: true, failure, .. } => assert!(failure.to_string().contains("disk busy"), "{failure}"),
+            NodePhase::Failed {
+                rolled_back: true,
+                failure,
+                ..
+            } => assert!(failure.to_string().contains("disk busy"), "{failure}"),
             other => panic!("{other:?}"),
         }
         let r = f.ctl.maint.rollout(&run).unwrap();
-        assert!(matches!(r.state(), crate::rollout::RolloutState::Paused { .. }), "{:?}", r.state());
-        assert!(f.events(EventKind::NodeMaintenanceFailed).iter().any(|(node, m)| *node == n[1] && m.contains("disk busy")));
-        assert!(f.ctl.maint.failed_versions().unwrap().is_empty(), "action failures are not remembered");
+        assert!(
+            matches!(r.state(), crate::rollout::RolloutState::Paused { .. }),
+            "{:?}",
+            r.state()
+        );
+        assert!(f
+            .events(EventKind::NodeMaintenanceFailed)
+            .iter()
+            .any(|(node, m)| *node == n[1] && m.contains("disk busy")));
+        assert!(
+            f.ctl.maint.failed_versions().unwrap().is_empty(),
+            "action failures are not remembered"
+        );
         f.ctl.rollout_tick();
         assert!(f.sent(&n[2]).is_empty(), "paused");
     }
@@ -562,21 +822,46 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut f = Fixture::open(dir.path());
         let n = f.nodes("k", 1, &[("role", "k3s")]);
-        let old = crate::networks::enrol_for_tests(&f.ctl.store, "old", &[("role", "k3s")], now_ms());
+        let old =
+            crate::networks::enrol_for_tests(&f.ctl.store, "old", &[("role", "k3s")], now_ms());
         let (_c, _rx) = f.ctl.fake_connection(&old, 3);
-        let run = f.start(MaintenanceAction::SmartTest, "role=k3s", 2, 5).id().to_owned();
+        let run = f
+            .start(MaintenanceAction::SmartTest, "role=k3s", 2, 5)
+            .id()
+            .to_owned();
         f.ctl.rollout_tick();
         match f.phase(&run, &old) {
-            NodePhase::Failed { failure, rolled_back: true, .. } => assert!(failure.to_string().contains("too old"), "{failure}"),
+            NodePhase::Failed {
+                failure,
+                rolled_back: true,
+                ..
+            } => assert!(failure.to_string().contains("too old"), "{failure}"),
             other => panic!("{other:?}"),
         }
         assert_eq!(f.sent(&n[0]), vec![StepKind::Cordon]);
-        f.answer(&n[0], &run, StepKind::Cordon, StepOutcome::Failed("the pre-hook exited with 1: kubectl: timeout; the post-hook ran to undo it".into()));
+        f.answer(
+            &n[0],
+            &run,
+            StepKind::Cordon,
+            StepOutcome::Failed(
+                "the pre-hook exited with 1: kubectl: timeout; the post-hook ran to undo it".into(),
+            ),
+        );
         match f.phase(&run, &n[0]) {
-            NodePhase::Failed { failure, rolled_back: true, .. } => assert!(failure.to_string().contains("the pre-hook exited"), "{failure}"),
+            NodePhase::Failed {
+                failure,
+                rolled_back: true,
+                ..
+            } => assert!(
+                failure.to_string().contains("the pre-hook exited"),
+                "{failure}"
+            ),
             other => panic!("{other:?}"),
         }
-        assert!(f.sent(&n[0]).is_empty(), "nothing more is sent to a refused node");
+        assert!(
+            f.sent(&n[0]).is_empty(),
+            "nothing more is sent to a refused node"
+        );
     }
 
     #[test]
@@ -584,12 +869,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut f = Fixture::open(dir.path());
         let n = f.nodes("m", 1, &[("pool", "a")]);
-        let run = f.start(MaintenanceAction::Reboot, "pool=a", 1, 1).id().to_owned();
+        let run = f
+            .start(MaintenanceAction::Reboot, "pool=a", 1, 1)
+            .id()
+            .to_owned();
         f.ctl.rollout_tick();
         assert_eq!(f.sent(&n[0]), vec![StepKind::Cordon]);
-        f.answer(&n[0], &run, StepKind::Cordon, StepOutcome::Done(String::new()));
+        f.answer(
+            &n[0],
+            &run,
+            StepKind::Cordon,
+            StepOutcome::Done(String::new()),
+        );
         assert_eq!(f.sent(&n[0]), vec![StepKind::Act]);
-        f.answer(&n[0], &run, StepKind::Act, StepOutcome::Rebooting("--reboot-command x".into()));
+        f.answer(
+            &n[0],
+            &run,
+            StepKind::Act,
+            StepOutcome::Rebooting("--reboot-command x".into()),
+        );
         assert_eq!(f.sub_phase(&run, &n[0]), "rebooting");
         assert_eq!(f.events(EventKind::NodeRebooting).len(), 1);
 
@@ -597,19 +895,46 @@ mod tests {
         drop(f);
         let mut f = Fixture::open(dir.path());
         f.ctl.rollout_tick();
-        assert_eq!(f.sub_phase(&run, &n[0]), "rebooting", "the sub-phase survives the restart");
+        assert_eq!(
+            f.sub_phase(&run, &n[0]),
+            "rebooting",
+            "the sub-phase survives the restart"
+        );
         // The node is back: the current step is repeated, the agent answers it from its new boot.
         f.connect(&n[0]);
         assert_eq!(f.sent(&n[0]), vec![StepKind::Act]);
-        f.answer(&n[0], &run, StepKind::Act, StepOutcome::Done("rebooted (boot aaaa → bbbb)".into()));
+        f.answer(
+            &n[0],
+            &run,
+            StepKind::Act,
+            StepOutcome::Done("rebooted (boot aaaa → bbbb)".into()),
+        );
         assert_eq!(f.sent(&n[0]), vec![StepKind::Uncordon]);
-        f.answer(&n[0], &run, StepKind::Uncordon, StepOutcome::Done(String::new()));
+        f.answer(
+            &n[0],
+            &run,
+            StepKind::Uncordon,
+            StepOutcome::Done(String::new()),
+        );
         assert!(matches!(f.phase(&run, &n[0]), NodePhase::Succeeded { .. }));
         f.ctl.rollout_tick();
         assert!(f.ctl.maint.rollout(&run).unwrap().is_finished());
-        let view = crate::maintenance::api::full_view(&f.ctl, &f.ctl.maint.rollout(&run).unwrap(), &Default::default()).ok().unwrap();
+        let view = crate::maintenance::api::full_view(
+            &f.ctl,
+            &f.ctl.maint.rollout(&run).unwrap(),
+            &Default::default(),
+        )
+        .ok()
+        .unwrap();
         assert_eq!(view.nodes[0].step.as_deref(), Some("up"));
-        assert!(view.nodes[0].output.as_deref().is_some_and(|o| o.contains("rebooted")), "{:?}", view.nodes[0]);
+        assert!(
+            view.nodes[0]
+                .output
+                .as_deref()
+                .is_some_and(|o| o.contains("rebooted")),
+            "{:?}",
+            view.nodes[0]
+        );
     }
 
     #[test]
@@ -620,8 +945,8 @@ mod tests {
         let run = f.start(exec(), "pool=b", 1, 1).id().to_owned();
         f.ctl.rollout_tick();
         assert_eq!(f.sent(&n[0]), vec![StepKind::Cordon]);
-        // Unacknowledged: the planner repeats begin after a restart; the node gets Cordon again, once
-        // from the reconnect and once from begin (the agent dedupes).
+        // Unacknowledged: the planner repeats begin after a restart; the node gets Cordon again,
+        // once from the reconnect and once from begin (the agent dedupes).
         drop(f);
         let mut f = Fixture::open(dir.path());
         f.connect(&n[0]);

@@ -2,9 +2,9 @@
 //!
 //! - `GET/POST /v1/windows`, `DELETE /v1/windows/{name}`;
 //! - `GET/POST /v1/budgets`, `DELETE /v1/budgets/{selector}` (`KEY=VALUE` as one path segment);
-//! - `GET/POST /v1/rollouts`, `GET /v1/rollouts/{id}` (`current`: the newest unfinished one),
-//!   `POST /v1/rollouts/{id}/pause|resume|abort`, `POST /v1/rollouts/{id}/retry` (body `{"node": ID}`).
-//!   A maintenance run (`shoalctl maintenance run`) is a rollout whose body names an `action`.
+//! - `GET/POST /v1/rollouts`, `GET /v1/rollouts/{id}` (`current`: the newest unfinished one), `POST
+//!   /v1/rollouts/{id}/pause|resume|abort`, `POST /v1/rollouts/{id}/retry` (body `{"node": ID}`). A
+//!   maintenance run (`shoalctl maintenance run`) is a rollout whose body names an `action`.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -17,12 +17,17 @@ use axum::{
 use shoal_proto::NodeId;
 
 use super::{
-    view::{BudgetView, CreateWindow, RetryNode, RolloutNodeView, RolloutView, SetBudget, StartRollout, WindowView},
+    view::{
+        BudgetView, CreateWindow, RetryNode, RolloutNodeView, RolloutView, SetBudget, StartRollout,
+        WindowView,
+    },
     MaintError, StartRequest,
 };
 use crate::{
     networks::{parse_selector, selector_matches, selector_text},
-    rollout::{Command, NodePhase, Rollout, RolloutError, RolloutState, SkipReason, Target, Waiting},
+    rollout::{
+        Command, NodePhase, Rollout, RolloutError, RolloutState, SkipReason, Target, Waiting,
+    },
     server::Controller,
     view::rfc3339,
     windows::{Window, WindowError},
@@ -37,10 +42,16 @@ impl From<MaintError> for Failure {
         use MaintError as E;
         let status = match &e {
             E::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
-            E::UnknownWindow(_) | E::UnknownBudget(_) | E::UnknownRollout(_) => StatusCode::NOT_FOUND,
+            E::UnknownWindow(_) | E::UnknownBudget(_) | E::UnknownRollout(_) => {
+                StatusCode::NOT_FOUND
+            }
             E::Rollout(RolloutError::UnknownNode(_)) => StatusCode::NOT_FOUND,
-            E::WindowExists(_) | E::WindowInUse { .. } | E::Overlap { .. } | E::NoUpgrader(_) => StatusCode::CONFLICT,
-            E::Rollout(RolloutError::BadState { .. } | RolloutError::NotRetryable { .. }) => StatusCode::CONFLICT,
+            E::WindowExists(_) | E::WindowInUse { .. } | E::Overlap { .. } | E::NoUpgrader(_) => {
+                StatusCode::CONFLICT
+            }
+            E::Rollout(RolloutError::BadState { .. } | RolloutError::NotRetryable { .. }) => {
+                StatusCode::CONFLICT
+            }
             _ => StatusCode::BAD_REQUEST,
         };
         Failure(status, e.to_string())
@@ -86,19 +97,40 @@ fn window_view(ctl: &Controller, w: &Window) -> WindowView {
 }
 
 async fn list_windows(State(ctl): State<Ctl>) -> Result<Json<Vec<WindowView>>, Failure> {
-    blocking(move || Ok(Json(ctl.maint.windows()?.iter().map(|w| window_view(&ctl, w)).collect()))).await
+    blocking(move || {
+        Ok(Json(
+            ctl.maint
+                .windows()?
+                .iter()
+                .map(|w| window_view(&ctl, w))
+                .collect(),
+        ))
+    })
+    .await
 }
 
-async fn create_window(State(ctl): State<Ctl>, Json(req): Json<CreateWindow>) -> Result<Json<WindowView>, Failure> {
+async fn create_window(
+    State(ctl): State<Ctl>,
+    Json(req): Json<CreateWindow>,
+) -> Result<Json<WindowView>, Failure> {
     blocking(move || {
-        let w = Window::new(&req.name, &req.schedule, Duration::from_secs(req.duration_secs), req.tz.as_deref(), req.selector.as_deref())?;
+        let w = Window::new(
+            &req.name,
+            &req.schedule,
+            Duration::from_secs(req.duration_secs),
+            req.tz.as_deref(),
+            req.selector.as_deref(),
+        )?;
         ctl.maint.create_window(&w, ctl.maint.clock().now())?;
         Ok(Json(window_view(&ctl, &w)))
     })
     .await
 }
 
-async fn delete_window(State(ctl): State<Ctl>, Path(name): Path<String>) -> Result<StatusCode, Failure> {
+async fn delete_window(
+    State(ctl): State<Ctl>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, Failure> {
     blocking(move || {
         ctl.maint.delete_window(&name, ctl.maint.clock().now())?;
         Ok(StatusCode::NO_CONTENT)
@@ -115,7 +147,10 @@ fn budget_views(ctl: &Controller) -> Result<Vec<BudgetView>, Failure> {
         .map(|b| BudgetView {
             selector: selector_text(&b.selector),
             max_unavailable: b.max_unavailable,
-            nodes: nodes.iter().filter(|n| selector_matches(&b.selector.0, &b.selector.1, &n.labels)).count(),
+            nodes: nodes
+                .iter()
+                .filter(|n| selector_matches(&b.selector.0, &b.selector.1, &n.labels))
+                .count(),
         })
         .collect())
 }
@@ -124,18 +159,31 @@ async fn list_budgets(State(ctl): State<Ctl>) -> Result<Json<Vec<BudgetView>>, F
     blocking(move || Ok(Json(budget_views(&ctl)?))).await
 }
 
-async fn set_budget(State(ctl): State<Ctl>, Json(req): Json<SetBudget>) -> Result<Json<BudgetView>, Failure> {
+async fn set_budget(
+    State(ctl): State<Ctl>,
+    Json(req): Json<SetBudget>,
+) -> Result<Json<BudgetView>, Failure> {
     blocking(move || {
-        let b = ctl.maint.set_budget(&req.selector, req.max_unavailable, ctl.maint.clock().now())?;
+        let b =
+            ctl.maint
+                .set_budget(&req.selector, req.max_unavailable, ctl.maint.clock().now())?;
         let key = selector_text(&b.selector);
-        budget_views(&ctl)?.into_iter().find(|v| v.selector == key).map(Json).ok_or_else(|| Failure(StatusCode::INTERNAL_SERVER_ERROR, "budget vanished".into()))
+        budget_views(&ctl)?
+            .into_iter()
+            .find(|v| v.selector == key)
+            .map(Json)
+            .ok_or_else(|| Failure(StatusCode::INTERNAL_SERVER_ERROR, "budget vanished".into()))
     })
     .await
 }
 
-async fn delete_budget(State(ctl): State<Ctl>, Path(selector): Path<String>) -> Result<StatusCode, Failure> {
+async fn delete_budget(
+    State(ctl): State<Ctl>,
+    Path(selector): Path<String>,
+) -> Result<StatusCode, Failure> {
     blocking(move || {
-        ctl.maint.delete_budget(&selector, ctl.maint.clock().now())?;
+        ctl.maint
+            .delete_budget(&selector, ctl.maint.clock().now())?;
         Ok(StatusCode::NO_CONTENT)
     })
     .await
@@ -145,11 +193,27 @@ async fn delete_budget(State(ctl): State<Ctl>, Path(selector): Path<String>) -> 
 pub fn waiting_text(w: &Waiting) -> String {
     match w {
         Waiting::WindowClosed => "window closed".into(),
-        Waiting::WindowClosing { closes_at } => format!("window closes at {}, too soon to start a node", rfc3339(closes_at.0)),
-        Waiting::MaxUnavailable { unavailable } => format!("{unavailable} node(s) unavailable: at max-unavailable"),
-        Waiting::Budget { selector, unavailable, max } => format!("budget {selector}: {unavailable} of at most {max} unavailable"),
+        Waiting::WindowClosing { closes_at } => format!(
+            "window closes at {}, too soon to start a node",
+            rfc3339(closes_at.0)
+        ),
+        Waiting::MaxUnavailable { unavailable } => {
+            format!("{unavailable} node(s) unavailable: at max-unavailable")
+        }
+        Waiting::Budget {
+            selector,
+            unavailable,
+            max,
+        } => format!("budget {selector}: {unavailable} of at most {max} unavailable"),
         Waiting::NodesUnavailable { nodes } => {
-            format!("pending nodes down or busy: {}", nodes.iter().map(|n| n.0.as_str()).collect::<Vec<_>>().join(", "))
+            format!(
+                "pending nodes down or busy: {}",
+                nodes
+                    .iter()
+                    .map(|n| n.0.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         }
         #[allow(unreachable_patterns)]
         other => format!("{other:?}"),
@@ -170,25 +234,65 @@ pub fn rollout_view(r: &Rollout, hostnames: &BTreeMap<NodeId, String>) -> Rollou
         .map(|(n, p)| {
             let (since, deadline, detail) = match p {
                 NodePhase::Pending => (None, None, None),
-                NodePhase::Upgrading { since, deadline, from, acknowledged } => (
+                NodePhase::Upgrading {
+                    since,
+                    deadline,
+                    from,
+                    acknowledged,
+                } => (
                     Some(*since),
                     Some(*deadline),
-                    Some(format!("from {}{}", from.as_deref().unwrap_or("unknown"), if *acknowledged { "" } else { ", not acknowledged" })),
+                    Some(format!(
+                        "from {}{}",
+                        from.as_deref().unwrap_or("unknown"),
+                        if *acknowledged {
+                            ""
+                        } else {
+                            ", not acknowledged"
+                        }
+                    )),
                 ),
-                NodePhase::Succeeded { at, already } => (Some(*at), None, already.then(|| "already on the target".to_owned())),
-                NodePhase::RollingBack { since, deadline, to, failure } => {
-                    (Some(*since), Some(*deadline), Some(format!("{failure}; back to {}", to.as_deref().unwrap_or("previous version"))))
-                }
-                NodePhase::Failed { at, failure, rolled_back } => (
+                NodePhase::Succeeded { at, already } => (
                     Some(*at),
                     None,
-                    Some(format!("{failure}{}", if *rolled_back { "; rolled back" } else { "; NOT rolled back: needs an operator" })),
+                    already.then(|| "already on the target".to_owned()),
+                ),
+                NodePhase::RollingBack {
+                    since,
+                    deadline,
+                    to,
+                    failure,
+                } => (
+                    Some(*since),
+                    Some(*deadline),
+                    Some(format!(
+                        "{failure}; back to {}",
+                        to.as_deref().unwrap_or("previous version")
+                    )),
+                ),
+                NodePhase::Failed {
+                    at,
+                    failure,
+                    rolled_back,
+                } => (
+                    Some(*at),
+                    None,
+                    Some(format!(
+                        "{failure}{}",
+                        if *rolled_back {
+                            "; rolled back"
+                        } else {
+                            "; NOT rolled back: needs an operator"
+                        }
+                    )),
                 ),
                 NodePhase::Skipped { reason } => (
                     None,
                     None,
                     Some(match reason {
-                        SkipReason::FailedBefore => "this version failed here before: upgrade retry NODE".to_owned(),
+                        SkipReason::FailedBefore => {
+                            "this version failed here before: upgrade retry NODE".to_owned()
+                        }
                         SkipReason::Removed => "left the fleet".to_owned(),
                         #[allow(unreachable_patterns)]
                         other => format!("{other:?}"),
@@ -228,7 +332,11 @@ pub fn rollout_view(r: &Rollout, hostnames: &BTreeMap<NodeId, String>) -> Rollou
 }
 
 /// [`rollout_view`] with the maintenance sub-phase of every node of an action run.
-pub fn full_view(ctl: &Controller, r: &Rollout, hostnames: &BTreeMap<NodeId, String>) -> Result<RolloutView, crate::store::StoreError> {
+pub fn full_view(
+    ctl: &Controller,
+    r: &Rollout,
+    hostnames: &BTreeMap<NodeId, String>,
+) -> Result<RolloutView, crate::store::StoreError> {
     let mut view = rollout_view(r, hostnames);
     if matches!(r.spec().target, Target::Action(_)) {
         let steps = ctl.step_records(r.id())?;
@@ -243,18 +351,32 @@ pub fn full_view(ctl: &Controller, r: &Rollout, hostnames: &BTreeMap<NodeId, Str
 }
 
 fn hostnames(ctl: &Controller) -> Result<BTreeMap<NodeId, String>, Failure> {
-    Ok(ctl.store.nodes()?.into_iter().map(|n| (n.id, n.hostname)).collect())
+    Ok(ctl
+        .store
+        .nodes()?
+        .into_iter()
+        .map(|n| (n.id, n.hostname))
+        .collect())
 }
 
 async fn list_rollouts(State(ctl): State<Ctl>) -> Result<Json<Vec<RolloutView>>, Failure> {
     blocking(move || {
         let names = hostnames(&ctl)?;
-        Ok(Json(ctl.maint.rollouts()?.iter().map(|r| full_view(&ctl, r, &names)).collect::<Result<_, _>>()?))
+        Ok(Json(
+            ctl.maint
+                .rollouts()?
+                .iter()
+                .map(|r| full_view(&ctl, r, &names))
+                .collect::<Result<_, _>>()?,
+        ))
     })
     .await
 }
 
-async fn show_rollout(State(ctl): State<Ctl>, Path(id): Path<String>) -> Result<Json<RolloutView>, Failure> {
+async fn show_rollout(
+    State(ctl): State<Ctl>,
+    Path(id): Path<String>,
+) -> Result<Json<RolloutView>, Failure> {
     blocking(move || {
         let r = ctl.maint.rollout(&id)?;
         Ok(Json(full_view(&ctl, &r, &hostnames(&ctl)?)?))
@@ -262,7 +384,10 @@ async fn show_rollout(State(ctl): State<Ctl>, Path(id): Path<String>) -> Result<
     .await
 }
 
-async fn start_rollout(State(ctl): State<Ctl>, Json(req): Json<StartRollout>) -> Result<Json<RolloutView>, Failure> {
+async fn start_rollout(
+    State(ctl): State<Ctl>,
+    Json(req): Json<StartRollout>,
+) -> Result<Json<RolloutView>, Failure> {
     blocking(move || {
         let target = match (req.agent, req.image, req.action) {
             (Some(v), None, None) if !v.trim().is_empty() => Target::Agent(v.trim().to_owned()),
@@ -296,18 +421,31 @@ async fn command(ctl: Ctl, id: String, c: Command) -> Result<Json<RolloutView>, 
     .await
 }
 
-async fn pause(State(ctl): State<Ctl>, Path(id): Path<String>) -> Result<Json<RolloutView>, Failure> {
+async fn pause(
+    State(ctl): State<Ctl>,
+    Path(id): Path<String>,
+) -> Result<Json<RolloutView>, Failure> {
     command(ctl, id, Command::Pause).await
 }
 
-async fn resume(State(ctl): State<Ctl>, Path(id): Path<String>) -> Result<Json<RolloutView>, Failure> {
+async fn resume(
+    State(ctl): State<Ctl>,
+    Path(id): Path<String>,
+) -> Result<Json<RolloutView>, Failure> {
     command(ctl, id, Command::Resume).await
 }
 
-async fn abort(State(ctl): State<Ctl>, Path(id): Path<String>) -> Result<Json<RolloutView>, Failure> {
+async fn abort(
+    State(ctl): State<Ctl>,
+    Path(id): Path<String>,
+) -> Result<Json<RolloutView>, Failure> {
     command(ctl, id, Command::Abort).await
 }
 
-async fn retry(State(ctl): State<Ctl>, Path(id): Path<String>, Json(req): Json<RetryNode>) -> Result<Json<RolloutView>, Failure> {
+async fn retry(
+    State(ctl): State<Ctl>,
+    Path(id): Path<String>,
+    Json(req): Json<RetryNode>,
+) -> Result<Json<RolloutView>, Failure> {
     command(ctl, id, Command::Retry(NodeId(req.node))).await
 }

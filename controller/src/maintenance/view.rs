@@ -68,8 +68,8 @@ pub struct StartRollout {
     pub agent: Option<String>,
     /// Netboot image version.
     pub image: Option<String>,
-    /// A maintenance action (`shoalctl maintenance run`): `"reboot"`, `"smart_test"` or
-    /// `{"exec": {"argv": ["/usr/local/bin/x", "arg"]}}`. Exactly one of `agent`, `image`, `action`.
+    /// A maintenance action (`shoalctl maintenance run`): `"reboot"`, `"smart_test"` or `{"exec":
+    /// {"argv": ["/usr/local/bin/x", "arg"]}}`. Exactly one of `agent`, `image`, `action`.
     #[serde(default)]
     pub action: Option<shoal_proto::MaintenanceAction>,
     /// `KEY=VALUE`; every node without one.

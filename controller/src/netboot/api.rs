@@ -1,7 +1,7 @@
 //! Netboot routes of the admin API (behind the same bearer authentication):
 //!
-//! - `GET /v1/images`; `POST /v1/images/{version}/files/{name}` (raw body, staged);
-//!   `POST /v1/images/{version}` (verify signature and hashes, then store); `POST /v1/images/default`;
+//! - `GET /v1/images`; `POST /v1/images/{version}/files/{name}` (raw body, staged); `POST
+//!   /v1/images/{version}` (verify signature and hashes, then store); `POST /v1/images/default`;
 //! - `POST /v1/nodes/{id}/image`;
 //! - `GET /v1/machines`; `POST /v1/machines/{mac}/admit`; `POST /v1/machines/{mac}/wake`.
 
@@ -52,7 +52,10 @@ pub fn routes() -> Router<Ctl> {
         .route("/v1/images", get(list_images))
         .route("/v1/images/default", post(set_default))
         .route("/v1/images/{version}", post(commit_image))
-        .route("/v1/images/{version}/files/{name}", post(upload_file).layer(DefaultBodyLimit::max(MAX_UPLOAD)))
+        .route(
+            "/v1/images/{version}/files/{name}",
+            post(upload_file).layer(DefaultBodyLimit::max(MAX_UPLOAD)),
+        )
         .route("/v1/nodes/{id}/image", post(set_node_image))
         .route("/v1/machines", get(list_machines))
         .route("/v1/machines/{mac}/admit", post(admit))
@@ -73,10 +76,24 @@ pub fn image_view(m: &Manifest, default: bool) -> ImageView {
 }
 
 async fn list_images(State(ctl): State<Ctl>) -> Result<Json<Vec<ImageView>>, Failure> {
-    blocking(move || Ok(Json(ctl.netboot.images.list()?.iter().map(|i| image_view(&i.manifest, i.default)).collect()))).await
+    blocking(move || {
+        Ok(Json(
+            ctl.netboot
+                .images
+                .list()?
+                .iter()
+                .map(|i| image_view(&i.manifest, i.default))
+                .collect(),
+        ))
+    })
+    .await
 }
 
-async fn upload_file(State(ctl): State<Ctl>, Path((version, name)): Path<(String, String)>, body: Bytes) -> Result<StatusCode, Failure> {
+async fn upload_file(
+    State(ctl): State<Ctl>,
+    Path((version, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<StatusCode, Failure> {
     blocking(move || {
         ctl.netboot.images.stage(&version, &name, &body)?;
         Ok(StatusCode::NO_CONTENT)
@@ -84,7 +101,10 @@ async fn upload_file(State(ctl): State<Ctl>, Path((version, name)): Path<(String
     .await
 }
 
-async fn commit_image(State(ctl): State<Ctl>, Path(version): Path<String>) -> Result<Json<ImageView>, Failure> {
+async fn commit_image(
+    State(ctl): State<Ctl>,
+    Path(version): Path<String>,
+) -> Result<Json<ImageView>, Failure> {
     blocking(move || {
         let m = ctl.netboot.images.commit(&version).inspect_err(|e| info!(image = %version, cause = %e, "image refused"))?;
         let default = ctl.netboot.images.default_version()?.as_deref() == Some(m.version.as_str());
@@ -94,20 +114,33 @@ async fn commit_image(State(ctl): State<Ctl>, Path(version): Path<String>) -> Re
     .await
 }
 
-async fn set_default(State(ctl): State<Ctl>, Json(req): Json<SetImage>) -> Result<Json<ImageView>, Failure> {
+async fn set_default(
+    State(ctl): State<Ctl>,
+    Json(req): Json<SetImage>,
+) -> Result<Json<ImageView>, Failure> {
     blocking(move || {
         ctl.netboot.images.set_default(&req.version)?;
         info!(image = %req.version, "default image set");
-        Ok(Json(image_view(&ctl.netboot.images.get(&req.version)?, true)))
+        Ok(Json(image_view(
+            &ctl.netboot.images.get(&req.version)?,
+            true,
+        )))
     })
     .await
 }
 
-async fn set_node_image(State(ctl): State<Ctl>, Path(id): Path<String>, Json(req): Json<SetImage>) -> Result<StatusCode, Failure> {
+async fn set_node_image(
+    State(ctl): State<Ctl>,
+    Path(id): Path<String>,
+    Json(req): Json<SetImage>,
+) -> Result<StatusCode, Failure> {
     blocking(move || {
         let node = NodeId(id.clone());
         if ctl.store.node(&node)?.is_none() {
-            return Err(Failure(StatusCode::NOT_FOUND, format!("node {id} not found")));
+            return Err(Failure(
+                StatusCode::NOT_FOUND,
+                format!("node {id} not found"),
+            ));
         }
         ctl.netboot.images.get(&req.version)?;
         ctl.netboot.machines.set_node_image(&node, &req.version)?;
@@ -128,7 +161,13 @@ async fn list_machines(State(ctl): State<Ctl>) -> Result<Json<Vec<MachineView>>,
                     let mac = m.mac.to_string();
                     let node = nodes
                         .iter()
-                        .find(|n| n.inventory.as_ref().is_some_and(|i| i.nics.iter().any(|nic| nic.mac.as_deref() == Some(mac.as_str()))))
+                        .find(|n| {
+                            n.inventory.as_ref().is_some_and(|i| {
+                                i.nics
+                                    .iter()
+                                    .any(|nic| nic.mac.as_deref() == Some(mac.as_str()))
+                            })
+                        })
                         .map(|n| n.id.0.clone());
                     MachineView {
                         vendor: ctl.netboot.oui.vendor(&m.mac).map(str::to_owned),
@@ -149,7 +188,8 @@ async fn list_machines(State(ctl): State<Ctl>) -> Result<Json<Vec<MachineView>>,
 }
 
 fn parse_mac(s: &str) -> Result<Mac, Failure> {
-    s.parse().map_err(|e: super::dhcp::DhcpError| Failure(StatusCode::BAD_REQUEST, e.to_string()))
+    s.parse()
+        .map_err(|e: super::dhcp::DhcpError| Failure(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
 async fn admit(State(ctl): State<Ctl>, Path(mac): Path<String>) -> Result<StatusCode, Failure> {
@@ -164,6 +204,8 @@ async fn admit(State(ctl): State<Ctl>, Path(mac): Path<String>) -> Result<Status
 
 async fn wake(State(ctl): State<Ctl>, Path(mac): Path<String>) -> Result<StatusCode, Failure> {
     let mac = parse_mac(&mac)?;
-    super::wake(&ctl, &mac).await.map_err(|e| Failure(StatusCode::CONFLICT, e.to_string()))?;
+    super::wake(&ctl, &mac)
+        .await
+        .map_err(|e| Failure(StatusCode::CONFLICT, e.to_string()))?;
     Ok(StatusCode::NO_CONTENT)
 }

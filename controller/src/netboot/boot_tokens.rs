@@ -1,12 +1,12 @@
 //! Who may get a per-boot join token, sans-IO (time passed in as [`Instant`]).
 //!
 //! `GET /boot/<mac>.ipxe` mints a token only for a MAC that the controller's own DHCP / proxyDHCP
-//! server saw PXE-boot (a PXE or iPXE client's DISCOVER, REQUEST or INFORM, [`super::dhcp::is_boot_sighting`])
-//! on the netboot interface within [`GateConfig::sighting_window`]. Minting is rate-bounded twice:
-//! each MAC has at most one outstanding token from this path (a new one replaces the previous, which
-//! the shell revokes), and a token bucket ([`GateConfig::burst`], [`GateConfig::refill_every`]) caps
-//! the rate over all MACs. Everything is in memory and bounded by [`GateConfig::max_macs`], oldest
-//! first out.
+//! server saw PXE-boot (a PXE or iPXE client's DISCOVER, REQUEST or INFORM,
+//! [`super::dhcp::is_boot_sighting`]) on the netboot interface within
+//! [`GateConfig::sighting_window`]. Minting is rate-bounded twice: each MAC has at most one
+//! outstanding token from this path (a new one replaces the previous, which the shell revokes), and
+//! a token bucket ([`GateConfig::burst`], [`GateConfig::refill_every`]) caps the rate over all
+//! MACs. Everything is in memory and bounded by [`GateConfig::max_macs`], oldest first out.
 //!
 //! Tokens the controller mints on its own behalf (a kexec into a new image, bound to a node) do not
 //! pass through here.
@@ -21,12 +21,12 @@ use super::dhcp::Mac;
 /// Limits of boot-token minting. Every field has a documented default ([`GateConfig::default`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GateConfig {
-    /// How long after a PXE DHCP request from a MAC its boot script may still mint a token; default 2
-    /// minutes (firmware fetches the script seconds after DHCP; UEFI firmware that loads iPXE over
-    /// TFTP first asks DHCP again from iPXE).
+    /// How long after a PXE DHCP request from a MAC its boot script may still mint a token; default
+    /// 2 minutes (firmware fetches the script seconds after DHCP; UEFI firmware that loads iPXE
+    /// over TFTP first asks DHCP again from iPXE).
     pub sighting_window: Duration,
-    /// MACs remembered, for sightings and for outstanding tokens each; the oldest goes first. Default
-    /// 4096.
+    /// MACs remembered, for sightings and for outstanding tokens each; the oldest goes first.
+    /// Default 4096.
     pub max_macs: usize,
     /// Tokens that can be minted at once when the bucket is full; default 64 (a rack of 50 machines
     /// powering on together, with room for a few second fetches).
@@ -37,7 +37,12 @@ pub struct GateConfig {
 
 impl Default for GateConfig {
     fn default() -> Self {
-        Self { sighting_window: Duration::from_secs(120), max_macs: 4096, burst: 64, refill_every: Duration::from_secs(1) }
+        Self {
+            sighting_window: Duration::from_secs(120),
+            max_macs: 4096,
+            burst: 64,
+            refill_every: Duration::from_secs(1),
+        }
     }
 }
 
@@ -64,7 +69,12 @@ struct Recent<V> {
 
 impl<V> Recent<V> {
     fn new(cap: usize) -> Self {
-        Self { cap: cap.max(1), next: 0, by_mac: HashMap::new(), order: BTreeMap::new() }
+        Self {
+            cap: cap.max(1),
+            next: 0,
+            by_mac: HashMap::new(),
+            order: BTreeMap::new(),
+        }
     }
 
     /// Inserts (or refreshes) `mac`; returns the value it replaces.
@@ -77,7 +87,9 @@ impl<V> Recent<V> {
         });
         self.order.insert(seq, mac);
         while self.by_mac.len() > self.cap {
-            let Some((_, oldest)) = self.order.pop_first() else { break };
+            let Some((_, oldest)) = self.order.pop_first() else {
+                break;
+            };
             self.by_mac.remove(&oldest);
         }
         old
@@ -117,7 +129,12 @@ struct Bucket {
 
 impl Bucket {
     fn new(burst: u32, every: Duration, now: Instant) -> Self {
-        Self { burst, every: every.max(Duration::from_millis(1)), tokens: burst, at: now }
+        Self {
+            burst,
+            every: every.max(Duration::from_millis(1)),
+            tokens: burst,
+            at: now,
+        }
     }
 
     fn refill(&mut self, now: Instant) {
@@ -126,10 +143,15 @@ impl Bucket {
             return;
         }
         let elapsed = now.saturating_duration_since(self.at);
-        let gained = (elapsed.as_nanos() / self.every.as_nanos()).min(u128::from(self.burst)) as u32;
+        let gained =
+            (elapsed.as_nanos() / self.every.as_nanos()).min(u128::from(self.burst)) as u32;
         if gained > 0 {
             self.tokens = (self.tokens + gained).min(self.burst);
-            self.at = if self.tokens >= self.burst { now } else { self.at + self.every * gained };
+            self.at = if self.tokens >= self.burst {
+                now
+            } else {
+                self.at + self.every * gained
+            };
         }
     }
 
@@ -185,17 +207,20 @@ impl BootTokenGate {
     /// The DHCP server saw `mac` PXE-boot at `now`.
     pub fn saw_pxe_boot(&mut self, mac: Mac, now: Instant) {
         let window = self.config.sighting_window;
-        self.sightings.drop_oldest_while(|at| now.saturating_duration_since(*at) > window);
+        self.sightings
+            .drop_oldest_while(|at| now.saturating_duration_since(*at) > window);
         self.sightings.insert(mac, now);
     }
 
     /// Whether `mac` PXE-booted within the window before `now`.
     pub fn sighted(&self, mac: &Mac, now: Instant) -> bool {
-        self.sightings.get(mac).is_some_and(|at| now.saturating_duration_since(*at) <= self.config.sighting_window)
+        self.sightings
+            .get(mac)
+            .is_some_and(|at| now.saturating_duration_since(*at) <= self.config.sighting_window)
     }
 
-    /// Decides whether a token may be minted for `mac` now; on `Ok` the rate is charged, and the shell
-    /// mints and then calls [`BootTokenGate::minted`].
+    /// Decides whether a token may be minted for `mac` now; on `Ok` the rate is charged, and the
+    /// shell mints and then calls [`BootTokenGate::minted`].
     pub fn admit(&mut self, mac: &Mac, now: Instant) -> Result<(), Refusal> {
         if !self.sighted(mac, now) {
             self.stats.refused_unsighted += 1;
@@ -207,7 +232,8 @@ impl BootTokenGate {
         })
     }
 
-    /// Records the token minted for `mac`; returns the one it replaces (the shell revokes it if unused).
+    /// Records the token minted for `mac`; returns the one it replaces (the shell revokes it if
+    /// unused).
     pub fn minted(&mut self, mac: Mac, token_id: String) -> Option<String> {
         self.stats.minted += 1;
         self.outstanding.insert(mac, token_id)
@@ -251,13 +277,30 @@ mod tests {
     #[test]
     fn no_sighting_no_token_and_a_sighting_lasts_only_the_window() {
         let (mut g, t0) = gate(GateConfig::default());
-        assert_eq!(g.admit(&mac(1), t0), Err(Refusal::NotSighted(Duration::from_secs(120))));
+        assert_eq!(
+            g.admit(&mac(1), t0),
+            Err(Refusal::NotSighted(Duration::from_secs(120)))
+        );
         g.saw_pxe_boot(mac(1), t0);
-        assert_eq!(g.admit(&mac(2), t0), Err(Refusal::NotSighted(Duration::from_secs(120))), "another MAC's sighting does not count");
+        assert_eq!(
+            g.admit(&mac(2), t0),
+            Err(Refusal::NotSighted(Duration::from_secs(120))),
+            "another MAC's sighting does not count"
+        );
         assert_eq!(g.admit(&mac(1), t0 + Duration::from_secs(120)), Ok(()));
-        assert!(matches!(g.admit(&mac(1), t0 + Duration::from_secs(121)), Err(Refusal::NotSighted(_))), "too late");
+        assert!(
+            matches!(
+                g.admit(&mac(1), t0 + Duration::from_secs(121)),
+                Err(Refusal::NotSighted(_))
+            ),
+            "too late"
+        );
         g.saw_pxe_boot(mac(1), t0 + Duration::from_secs(200));
-        assert_eq!(g.admit(&mac(1), t0 + Duration::from_secs(201)), Ok(()), "a new PXE request renews it");
+        assert_eq!(
+            g.admit(&mac(1), t0 + Duration::from_secs(201)),
+            Ok(()),
+            "a new PXE request renews it"
+        );
         assert_eq!(g.stats().refused_unsighted, 3);
     }
 
@@ -268,7 +311,11 @@ mod tests {
         g.admit(&mac(1), t0).expect("first");
         assert_eq!(g.minted(mac(1), "a".into()), None);
         g.admit(&mac(1), t0).expect("second");
-        assert_eq!(g.minted(mac(1), "b".into()), Some("a".into()), "the first is handed back for revoking");
+        assert_eq!(
+            g.minted(mac(1), "b".into()),
+            Some("a".into()),
+            "the first is handed back for revoking"
+        );
         assert_eq!(g.outstanding(&mac(1)), Some("b"));
         assert_eq!(g.outstanding_len(), 1);
     }
@@ -281,10 +328,23 @@ mod tests {
             assert_eq!(g.admit(&mac(i), t0), Ok(()), "machine {i} of the burst");
         }
         g.saw_pxe_boot(mac(64), t0);
-        assert_eq!(g.admit(&mac(64), t0), Err(Refusal::Busy(Duration::from_secs(1))));
-        assert_eq!(g.admit(&mac(64), t0 + Duration::from_millis(400)), Err(Refusal::Busy(Duration::from_millis(600))));
-        assert_eq!(g.admit(&mac(64), t0 + Duration::from_secs(1)), Ok(()), "one token a second");
-        assert!(matches!(g.admit(&mac(64), t0 + Duration::from_millis(1500)), Err(Refusal::Busy(_))));
+        assert_eq!(
+            g.admit(&mac(64), t0),
+            Err(Refusal::Busy(Duration::from_secs(1)))
+        );
+        assert_eq!(
+            g.admit(&mac(64), t0 + Duration::from_millis(400)),
+            Err(Refusal::Busy(Duration::from_millis(600)))
+        );
+        assert_eq!(
+            g.admit(&mac(64), t0 + Duration::from_secs(1)),
+            Ok(()),
+            "one token a second"
+        );
+        assert!(matches!(
+            g.admit(&mac(64), t0 + Duration::from_millis(1500)),
+            Err(Refusal::Busy(_))
+        ));
         // Ten seconds later, ten more (and no more than that).
         let t = t0 + Duration::from_secs(11);
         let granted = (0..20).filter(|_| g.admit(&mac(64), t).is_ok()).count();
@@ -293,12 +353,21 @@ mod tests {
         // A long quiet time refills to the burst, not beyond.
         let later = t0 + Duration::from_secs(3600);
         g.saw_pxe_boot(mac(64), later);
-        assert_eq!((0..100).filter(|_| g.admit(&mac(64), later).is_ok()).count(), 64);
+        assert_eq!(
+            (0..100)
+                .filter(|_| g.admit(&mac(64), later).is_ok())
+                .count(),
+            64
+        );
     }
 
     #[test]
     fn memory_is_bounded_oldest_first() {
-        let config = GateConfig { max_macs: 8, burst: 1000, ..GateConfig::default() };
+        let config = GateConfig {
+            max_macs: 8,
+            burst: 1000,
+            ..GateConfig::default()
+        };
         let (mut g, t0) = gate(config);
         for i in 0..100 {
             g.saw_pxe_boot(mac(i), t0);

@@ -1,17 +1,16 @@
 //! The DHCP side of netboot, sans-IO: parse a request, decide the answer, encode it.
 //!
 //! Two modes ([`DhcpMode`]):
-//! - **Full**: the controller is the network's DHCP server for a range of addresses. It answers every
-//!   client (netbooted nodes need an address again once Linux runs), and adds boot information for PXE
-//!   clients. Leases are kept in a [`Leases`] table the shell persists.
+//! - **Full**: the controller is the network's DHCP server for a range of addresses. It answers
+//!   every client (netbooted nodes need an address again once Linux runs), and adds boot
+//!   information for PXE clients. Leases are kept in a [`Leases`] table the shell persists.
 //! - **Proxy** (PXE proxyDHCP): another server hands out addresses; the controller answers only PXE
 //!   clients, with boot information and no address (`yiaddr` 0.0.0.0), on port 67 and on port 4011.
 //!
 //! The boot file depends on who asks: iPXE (user class `iPXE`) gets the HTTP URL of its per-machine
-//! script, so it chainloads instead of loading iPXE again in a loop; other PXE firmware gets an iPXE
-//! binary over TFTP chosen by its architecture (option 93): BIOS `undionly.kpxe`, UEFI x86-64
-//! `snponly.efi` (see [`BootFiles`]). An architecture without an iPXE binary gets no
-//! boot answer.
+//! script, so it chainloads instead of loading iPXE again in a loop; other PXE firmware gets an
+//! iPXE binary over TFTP chosen by its architecture (option 93): BIOS `undionly.kpxe`, UEFI x86-64
+//! `snponly.efi` (see [`BootFiles`]). An architecture without an iPXE binary gets no boot answer.
 //!
 //! Time is passed in as wall-clock [`UnixMillis`] (leases outlive restarts).
 
@@ -45,7 +44,11 @@ pub struct Mac(pub [u8; 6]);
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
@@ -56,7 +59,9 @@ impl std::str::FromStr for Mac {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let hex: String = s.chars().filter(|c| *c != ':' && *c != '-').collect();
         let bytes = hex::decode(&hex).map_err(|_| DhcpError::BadMac(s.to_owned()))?;
-        let arr: [u8; 6] = bytes.try_into().map_err(|_| DhcpError::BadMac(s.to_owned()))?;
+        let arr: [u8; 6] = bytes
+            .try_into()
+            .map_err(|_| DhcpError::BadMac(s.to_owned()))?;
         Ok(Mac(arr))
     }
 }
@@ -180,10 +185,10 @@ const MAGIC_COOKIE: [u8; 4] = [99, 130, 83, 99];
 /// The options the server reads, with the lengths it accepts.
 fn option_len_ok(code: u8, len: usize) -> Option<bool> {
     Some(match code {
-        53 => len == 1,                  // message type
-        50 | 54 => len == 4,             // requested address, server identifier
-        57 => len == 2,                  // maximum message size
-        93 => len >= 2 && len & 1 == 0,   // client architectures (u16 each)
+        53 => len == 1,                          // message type
+        50 | 54 => len == 4,                     // requested address, server identifier
+        57 => len == 2,                          // maximum message size
+        93 => len >= 2 && len & 1 == 0,          // client architectures (u16 each)
         12 | 55 | 60 | 61 | 77 | 97 => len >= 1, // host name, parameter list, classes, ids
         _ => return None,
     })
@@ -192,13 +197,17 @@ fn option_len_ok(code: u8, len: usize) -> Option<bool> {
 /// Copies the header and only the options the server reads (with valid lengths), dropping the rest.
 ///
 /// dhcproto 0.14 decodes every option it knows, and some decoders trust the length byte: a
-/// `RapidCommit` (80) or `ClientFQDN` (81) of the wrong length trips a `debug_assert!` and a zero-length
-/// `BulkLeaseQueryStatusCode` (151) underflows. Options the server never reads are therefore never
-/// handed to it; an option split across several entries (RFC 3396) is kept only if each entry's
-/// length is valid on its own. Option overload (52) is dropped too, so `sname`/`file` stay opaque.
+/// `RapidCommit` (80) or `ClientFQDN` (81) of the wrong length trips a `debug_assert!` and a
+/// zero-length `BulkLeaseQueryStatusCode` (151) underflows. Options the server never reads are
+/// therefore never handed to it; an option split across several entries (RFC 3396) is kept only if
+/// each entry's length is valid on its own. Option overload (52) is dropped too, so `sname`/`file`
+/// stay opaque.
 fn sanitize(bytes: &[u8]) -> Result<Vec<u8>, DhcpError> {
     if bytes.len() < HEADER_LEN {
-        return Err(DhcpError::Malformed(format!("{} bytes, shorter than the {HEADER_LEN}-byte header", bytes.len())));
+        return Err(DhcpError::Malformed(format!(
+            "{} bytes, shorter than the {HEADER_LEN}-byte header",
+            bytes.len()
+        )));
     }
     if bytes[236..HEADER_LEN] != MAGIC_COOKIE {
         return Err(DhcpError::Malformed("no DHCP magic cookie".into()));
@@ -214,7 +223,9 @@ fn sanitize(bytes: &[u8]) -> Result<Vec<u8>, DhcpError> {
                 let Some(&len) = bytes.get(i + 1) else { break };
                 let len = usize::from(len);
                 let Some(entry) = bytes.get(i..i + 2 + len) else {
-                    return Err(DhcpError::Malformed(format!("option {code} runs past the end of the packet")));
+                    return Err(DhcpError::Malformed(format!(
+                        "option {code} runs past the end of the packet"
+                    )));
                 };
                 if option_len_ok(code, len) == Some(true) {
                     out.extend_from_slice(entry);
@@ -230,18 +241,26 @@ fn sanitize(bytes: &[u8]) -> Result<Vec<u8>, DhcpError> {
 /// Parses a request. Never panics, whatever the bytes.
 pub fn parse(bytes: &[u8]) -> Result<Request, DhcpError> {
     let clean = sanitize(bytes)?;
-    let msg = Message::decode(&mut Decoder::new(&clean)).map_err(|e| DhcpError::Malformed(e.to_string()))?;
+    let msg = Message::decode(&mut Decoder::new(&clean))
+        .map_err(|e| DhcpError::Malformed(e.to_string()))?;
     if msg.opcode() != Opcode::BootRequest {
         return Err(DhcpError::NotRequest);
     }
     let htype: u8 = msg.htype().into();
     if htype != 1 || msg.hlen() != 6 {
-        return Err(DhcpError::UnsupportedHardware { htype, hlen: msg.hlen() });
+        return Err(DhcpError::UnsupportedHardware {
+            htype,
+            hlen: msg.hlen(),
+        });
     }
-    let mac = Mac(msg.chaddr().get(..6).and_then(|s| s.try_into().ok()).ok_or(DhcpError::UnsupportedHardware {
-        htype,
-        hlen: msg.hlen(),
-    })?);
+    let mac = Mac(msg
+        .chaddr()
+        .get(..6)
+        .and_then(|s| s.try_into().ok())
+        .ok_or(DhcpError::UnsupportedHardware {
+            htype,
+            hlen: msg.hlen(),
+        })?);
     let kind = match msg.opts().msg_type() {
         Some(MessageType::Discover) => RequestKind::Discover,
         Some(MessageType::Request) => RequestKind::Request,
@@ -279,7 +298,9 @@ pub fn parse(bytes: &[u8]) -> Result<Request, DhcpError> {
             Some(DhcpOption::ServerIdentifier(ip)) => Some(*ip),
             _ => None,
         },
-        pxe: vendor_class.as_deref().is_some_and(|v| v.starts_with("PXEClient")),
+        pxe: vendor_class
+            .as_deref()
+            .is_some_and(|v| v.starts_with("PXEClient")),
         ipxe,
         arch,
         machine_uuid: match opts.get(OptionCode::ClientMachineIdentifier) {
@@ -318,9 +339,9 @@ pub fn parse_range(s: &str) -> Result<DhcpMode, DhcpError> {
 }
 
 /// The iPXE binaries offered over TFTP, by architecture. Defaults: `undionly.kpxe` for BIOS,
-/// `snponly.efi` for UEFI (it drives the NIC through the firmware's own network driver, so it works on
-/// any NIC the firmware can PXE-boot from; Debian's `ipxe.efi` is a symlink to `/boot/ipxe.efi`, outside
-/// the TFTP root, and is refused unless copied into a `--tftp-root` of your own).
+/// `snponly.efi` for UEFI (it drives the NIC through the firmware's own network driver, so it works
+/// on any NIC the firmware can PXE-boot from; Debian's `ipxe.efi` is a symlink to `/boot/ipxe.efi`,
+/// outside the TFTP root, and is refused unless copied into a `--tftp-root` of your own).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootFiles {
     /// For option 93 = 0.
@@ -331,7 +352,10 @@ pub struct BootFiles {
 
 impl Default for BootFiles {
     fn default() -> Self {
-        Self { bios: "undionly.kpxe".into(), uefi_x64: "snponly.efi".into() }
+        Self {
+            bios: "undionly.kpxe".into(),
+            uefi_x64: "snponly.efi".into(),
+        }
     }
 }
 
@@ -340,7 +364,8 @@ impl Default for BootFiles {
 pub struct DhcpConfig {
     /// Full or proxy. No default.
     pub mode: DhcpMode,
-    /// The controller's address on the netboot interface: server identifier, TFTP server. No default.
+    /// The controller's address on the netboot interface: server identifier, TFTP server. No
+    /// default.
     pub server_ip: Ipv4Addr,
     /// The netboot interface's netmask (full mode). No default.
     pub netmask: Ipv4Addr,
@@ -359,7 +384,16 @@ pub struct DhcpConfig {
 impl DhcpConfig {
     /// Defaults for the given mode and addresses.
     pub fn new(mode: DhcpMode, server_ip: Ipv4Addr, netmask: Ipv4Addr, http_base: String) -> Self {
-        Self { mode, server_ip, netmask, router: None, dns: Vec::new(), lease_secs: 3600, http_base, boot_files: BootFiles::default() }
+        Self {
+            mode,
+            server_ip,
+            netmask,
+            router: None,
+            dns: Vec::new(),
+            lease_secs: 3600,
+            http_base,
+            boot_files: BootFiles::default(),
+        }
     }
 }
 
@@ -374,12 +408,13 @@ pub struct Lease {
     pub expires: UnixMillis,
 }
 
-/// Leases by client, indexed by client and by address. The shell loads it from the store at start and
-/// writes back what [`Reply::leases`] says changed.
+/// Leases by client, indexed by client and by address. The shell loads it from the store at start
+/// and writes back what [`Reply::leases`] says changed.
 ///
 /// Memory is bounded by the range: a lease, an offer and a decline each name an address, an address
-/// has at most one of each, and a client at most one lease (a client whose expired lease's address is
-/// given to another loses it). Declines are also capped at [`MAX_DECLINED`] and pruned once over.
+/// has at most one of each, and a client at most one lease (a client whose expired lease's address
+/// is given to another loses it). Declines are also capped at [`MAX_DECLINED`] and pruned once
+/// over.
 #[derive(Debug, Clone, Default)]
 pub struct Leases {
     by_mac: BTreeMap<Mac, Lease>,
@@ -445,7 +480,10 @@ impl Leases {
 
     /// The client `ip` is offered to at `now`, if any.
     pub fn offered_to(&self, ip: Ipv4Addr, now: UnixMillis) -> Option<Mac> {
-        self.offered.get(&ip).filter(|(_, until)| *until > now).map(|(m, _)| *m)
+        self.offered
+            .get(&ip)
+            .filter(|(_, until)| *until > now)
+            .map(|(m, _)| *m)
     }
 
     /// Whether `ip` is declined at `now`.
@@ -456,7 +494,11 @@ impl Leases {
     /// Checks that both indexes say the same; for tests and the fuzz target.
     pub fn check_invariants(&self) -> Result<(), String> {
         if self.by_mac.len() != self.by_ip.len() {
-            return Err(format!("{} leases by client, {} by address", self.by_mac.len(), self.by_ip.len()));
+            return Err(format!(
+                "{} leases by client, {} by address",
+                self.by_mac.len(),
+                self.by_ip.len()
+            ));
         }
         for (ip, mac) in &self.by_ip {
             match self.by_mac.get(mac) {
@@ -470,8 +512,8 @@ impl Leases {
         Ok(())
     }
 
-    /// Stores a lease; returns what to persist: the lease, and the deletion of another client's lease
-    /// that named the same address (it had expired, or the address would not have been free).
+    /// Stores a lease; returns what to persist: the lease, and the deletion of another client's
+    /// lease that named the same address (it had expired, or the address would not have been free).
     fn insert(&mut self, lease: Lease) -> Vec<LeaseChange> {
         let mut changes = Vec::new();
         if let Some(old) = self.by_mac.get(&lease.mac) {
@@ -508,7 +550,12 @@ impl Leases {
     /// Keeps `ip` out of offers until `until`; at the cap, the decline that ends first is dropped.
     fn decline(&mut self, ip: Ipv4Addr, until: UnixMillis) {
         if !self.declined.contains_key(&ip) && self.declined.len() >= MAX_DECLINED {
-            if let Some(first) = self.declined.iter().min_by_key(|(_, u)| **u).map(|(ip, _)| *ip) {
+            if let Some(first) = self
+                .declined
+                .iter()
+                .min_by_key(|(_, u)| **u)
+                .map(|(ip, _)| *ip)
+            {
                 self.declined.remove(&first);
             }
         }
@@ -531,9 +578,16 @@ impl Leases {
         self.holder(ip, now).is_none_or(|m| m == mac)
     }
 
-    /// Picks an address for `mac`: its lease, the one it asks for, or the lowest free one. One pass over
-    /// the range with indexed lookups: O(range × log leases).
-    fn pick(&self, mac: Mac, wanted: Option<Ipv4Addr>, first: Ipv4Addr, last: Ipv4Addr, now: UnixMillis) -> Option<Ipv4Addr> {
+    /// Picks an address for `mac`: its lease, the one it asks for, or the lowest free one. One pass
+    /// over the range with indexed lookups: O(range × log leases).
+    fn pick(
+        &self,
+        mac: Mac,
+        wanted: Option<Ipv4Addr>,
+        first: Ipv4Addr,
+        last: Ipv4Addr,
+        now: UnixMillis,
+    ) -> Option<Ipv4Addr> {
         let in_range = |ip: Ipv4Addr| (u32::from(first)..=u32::from(last)).contains(&u32::from(ip));
         if let Some(l) = self.by_mac.get(&mac) {
             if in_range(l.ip) && self.free_for(l.ip, mac, now) {
@@ -601,7 +655,11 @@ pub enum Admission {
 /// The boot file for a PXE client, or why there is none.
 pub fn boot_file(config: &DhcpConfig, req: &Request) -> Result<String, Arch> {
     if req.ipxe {
-        return Ok(format!("{}/boot/{}.ipxe", config.http_base, req.mac.dashed()));
+        return Ok(format!(
+            "{}/boot/{}.ipxe",
+            config.http_base,
+            req.mac.dashed()
+        ));
     }
     match req.arch.unwrap_or(Arch::Bios) {
         Arch::Bios => Ok(config.boot_files.bios.clone()),
@@ -614,7 +672,11 @@ pub fn boot_file(config: &DhcpConfig, req: &Request) -> Result<String, Arch> {
 /// (not a DECLINE or RELEASE). The shell records these as sightings, the proof
 /// [`super::boot_tokens`] asks for before a boot token is minted for the MAC.
 pub fn is_boot_sighting(req: &Request) -> bool {
-    (req.pxe || req.ipxe) && matches!(req.kind, RequestKind::Discover | RequestKind::Request | RequestKind::Inform)
+    (req.pxe || req.ipxe)
+        && matches!(
+            req.kind,
+            RequestKind::Discover | RequestKind::Request | RequestKind::Inform
+        )
 }
 
 /// The sans-IO DHCP server.
@@ -640,10 +702,20 @@ impl DhcpServer {
         &self.leases
     }
 
-    /// Answers a request that arrived on `port` (67 or 4011). `admission` is consulted for PXE clients
-    /// only. Returns `None` when the request gets no answer.
-    pub fn handle(&mut self, now: UnixMillis, port: u16, req: &Request, admission: Admission) -> Option<Reply> {
-        let boot = if req.pxe && admission == Admission::Admit { Some(boot_file(&self.config, req)) } else { None };
+    /// Answers a request that arrived on `port` (67 or 4011). `admission` is consulted for PXE
+    /// clients only. Returns `None` when the request gets no answer.
+    pub fn handle(
+        &mut self,
+        now: UnixMillis,
+        port: u16,
+        req: &Request,
+        admission: Admission,
+    ) -> Option<Reply> {
+        let boot = if req.pxe && admission == Admission::Admit {
+            Some(boot_file(&self.config, req))
+        } else {
+            None
+        };
         // An unknown architecture gets no boot answer; in full mode it still gets an address.
         let boot = match boot {
             Some(Ok(file)) => Some(file),
@@ -664,34 +736,67 @@ impl DhcpServer {
         let (kind, to) = match (req.kind, port) {
             (RequestKind::Discover, SERVER_PORT) => (MessageType::Offer, Destination::Broadcast),
             // A PXE client asking the boot server directly, from its own address.
-            (RequestKind::Request | RequestKind::Inform, PXE_PORT) if !req.ciaddr.is_unspecified() => {
-                (MessageType::Ack, Destination::Unicast(SocketAddrV4::new(req.ciaddr, CLIENT_PORT)))
+            (RequestKind::Request | RequestKind::Inform, PXE_PORT)
+                if !req.ciaddr.is_unspecified() =>
+            {
+                (
+                    MessageType::Ack,
+                    Destination::Unicast(SocketAddrV4::new(req.ciaddr, CLIENT_PORT)),
+                )
             }
-            (RequestKind::Request | RequestKind::Inform, PXE_PORT) => (MessageType::Ack, Destination::Broadcast),
+            (RequestKind::Request | RequestKind::Inform, PXE_PORT) => {
+                (MessageType::Ack, Destination::Broadcast)
+            }
             // Everything else is the real DHCP server's business.
             _ => return None,
         };
         let mut msg = self.base(req, kind, Ipv4Addr::UNSPECIFIED);
         self.add_boot(&mut msg, &boot);
         let summary = format!("proxy {kind:?} boot {boot}");
-        Some(Reply { bytes: encode(&msg)?, to, leases: Vec::new(), summary })
+        Some(Reply {
+            bytes: encode(&msg)?,
+            to,
+            leases: Vec::new(),
+            summary,
+        })
     }
 
-    fn full(&mut self, now: UnixMillis, req: &Request, boot: Option<String>, first: Ipv4Addr, last: Ipv4Addr) -> Option<Reply> {
+    fn full(
+        &mut self,
+        now: UnixMillis,
+        req: &Request,
+        boot: Option<String>,
+        first: Ipv4Addr,
+        last: Ipv4Addr,
+    ) -> Option<Reply> {
         let lease_ms = u64::from(self.config.lease_secs) * 1000;
         let in_range = |ip: Ipv4Addr| (u32::from(first)..=u32::from(last)).contains(&u32::from(ip));
         match req.kind {
             RequestKind::Discover => {
                 self.leases.prune(now);
-                let ip = self.leases.pick(req.mac, req.requested_ip, first, last, now)?;
-                self.leases.offered.insert(ip, (req.mac, UnixMillis(now.0 + OFFER_HOLD_MS)));
+                let ip = self
+                    .leases
+                    .pick(req.mac, req.requested_ip, first, last, now)?;
+                self.leases
+                    .offered
+                    .insert(ip, (req.mac, UnixMillis(now.0 + OFFER_HOLD_MS)));
                 let mut msg = self.base(req, MessageType::Offer, ip);
                 self.add_lease_options(&mut msg);
                 if let Some(b) = &boot {
                     self.add_boot(&mut msg, b);
                 }
-                let summary = format!("offer {ip}{}", boot.as_deref().map(|b| format!(" boot {b}")).unwrap_or_default());
-                Some(Reply { bytes: encode(&msg)?, to: self.destination(req), leases: Vec::new(), summary })
+                let summary = format!(
+                    "offer {ip}{}",
+                    boot.as_deref()
+                        .map(|b| format!(" boot {b}"))
+                        .unwrap_or_default()
+                );
+                Some(Reply {
+                    bytes: encode(&msg)?,
+                    to: self.destination(req),
+                    leases: Vec::new(),
+                    summary,
+                })
             }
             RequestKind::Request => {
                 if req.server_id.is_some_and(|s| s != self.config.server_ip) {
@@ -699,7 +804,9 @@ impl DhcpServer {
                     self.leases.offered.retain(|_, (m, _)| *m != req.mac);
                     return None;
                 }
-                let wanted = req.requested_ip.or((!req.ciaddr.is_unspecified()).then_some(req.ciaddr))?;
+                let wanted = req
+                    .requested_ip
+                    .or((!req.ciaddr.is_unspecified()).then_some(req.ciaddr))?;
                 let in_range = in_range(wanted);
                 if !in_range || !self.leases.free_for(wanted, req.mac, now) {
                     if req.server_id.is_none() && !in_range {
@@ -708,25 +815,53 @@ impl DhcpServer {
                     }
                     let mut msg = self.base(req, MessageType::Nak, Ipv4Addr::UNSPECIFIED);
                     msg.set_flags(msg.flags().set_broadcast());
-                    return Some(Reply { bytes: encode(&msg)?, to: Destination::Broadcast, leases: Vec::new(), summary: format!("nak {wanted}") });
+                    return Some(Reply {
+                        bytes: encode(&msg)?,
+                        to: Destination::Broadcast,
+                        leases: Vec::new(),
+                        summary: format!("nak {wanted}"),
+                    });
                 }
                 self.leases.offered.remove(&wanted);
-                let lease = Lease { mac: req.mac, ip: wanted, expires: UnixMillis(now.0.saturating_add(lease_ms)) };
+                let lease = Lease {
+                    mac: req.mac,
+                    ip: wanted,
+                    expires: UnixMillis(now.0.saturating_add(lease_ms)),
+                };
                 let changes = self.leases.insert(lease);
                 let mut msg = self.base(req, MessageType::Ack, wanted);
                 self.add_lease_options(&mut msg);
                 if let Some(b) = &boot {
                     self.add_boot(&mut msg, b);
                 }
-                let summary = format!("ack {wanted}{}", boot.as_deref().map(|b| format!(" boot {b}")).unwrap_or_default());
-                Some(Reply { bytes: encode(&msg)?, to: self.destination(req), leases: changes, summary })
+                let summary = format!(
+                    "ack {wanted}{}",
+                    boot.as_deref()
+                        .map(|b| format!(" boot {b}"))
+                        .unwrap_or_default()
+                );
+                Some(Reply {
+                    bytes: encode(&msg)?,
+                    to: self.destination(req),
+                    leases: changes,
+                    summary,
+                })
             }
             RequestKind::Release => {
-                let held = self.leases.by_mac.get(&req.mac).is_some_and(|l| l.ip == req.ciaddr);
+                let held = self
+                    .leases
+                    .by_mac
+                    .get(&req.mac)
+                    .is_some_and(|l| l.ip == req.ciaddr);
                 if held && req.server_id.is_none_or(|s| s == self.config.server_ip) {
                     self.leases.remove(&req.mac);
                     // Nothing is sent for a release; the empty reply carries only the lease change.
-                    return Some(Reply { bytes: Vec::new(), to: Destination::Broadcast, leases: vec![LeaseChange::Delete(req.mac)], summary: "release".into() });
+                    return Some(Reply {
+                        bytes: Vec::new(),
+                        to: Destination::Broadcast,
+                        leases: vec![LeaseChange::Delete(req.mac)],
+                        summary: "release".into(),
+                    });
                 }
                 None
             }
@@ -737,13 +872,18 @@ impl DhcpServer {
                 if req.server_id.is_some_and(|s| s != self.config.server_ip) {
                     return None;
                 }
-                let offered = self.leases.offered.get(&ip).is_some_and(|(m, until)| *m == req.mac && *until > now);
+                let offered = self
+                    .leases
+                    .offered
+                    .get(&ip)
+                    .is_some_and(|(m, until)| *m == req.mac && *until > now);
                 let leased = self.leases.get(&req.mac).is_some_and(|l| l.ip == ip);
                 if !offered && !leased {
                     return None;
                 }
                 self.leases.prune(now);
-                self.leases.decline(ip, UnixMillis(now.0.saturating_add(DECLINE_HOLD_MS)));
+                self.leases
+                    .decline(ip, UnixMillis(now.0.saturating_add(DECLINE_HOLD_MS)));
                 self.leases.offered.remove(&ip);
                 let leases = if leased {
                     self.leases.remove(&req.mac);
@@ -751,7 +891,12 @@ impl DhcpServer {
                 } else {
                     Vec::new()
                 };
-                Some(Reply { bytes: Vec::new(), to: Destination::Broadcast, leases, summary: format!("decline {ip}") })
+                Some(Reply {
+                    bytes: Vec::new(),
+                    to: Destination::Broadcast,
+                    leases,
+                    summary: format!("decline {ip}"),
+                })
             }
             RequestKind::Inform => {
                 if req.ciaddr.is_unspecified() {
@@ -764,7 +909,12 @@ impl DhcpServer {
                 if let Some(b) = &boot {
                     self.add_boot(&mut msg, b);
                 }
-                Some(Reply { bytes: encode(&msg)?, to: Destination::Unicast(SocketAddrV4::new(req.ciaddr, CLIENT_PORT)), leases: Vec::new(), summary: "inform".into() })
+                Some(Reply {
+                    bytes: encode(&msg)?,
+                    to: Destination::Unicast(SocketAddrV4::new(req.ciaddr, CLIENT_PORT)),
+                    leases: Vec::new(),
+                    summary: "inform".into(),
+                })
             }
         }
     }
@@ -775,19 +925,28 @@ impl DhcpServer {
         } else if !req.ciaddr.is_unspecified() {
             Destination::Unicast(SocketAddrV4::new(req.ciaddr, CLIENT_PORT))
         } else {
-            // Clients without an address cannot take unicast before ARP knows them; broadcast always works.
+            // Clients without an address cannot take unicast before ARP knows them; broadcast
+            // always works.
             Destination::Broadcast
         }
     }
 
     fn base(&self, req: &Request, kind: MessageType, yiaddr: Ipv4Addr) -> Message {
-        let mut msg = Message::new_with_id(req.xid, Ipv4Addr::UNSPECIFIED, yiaddr, Ipv4Addr::UNSPECIFIED, req.giaddr, &req.mac.0);
+        let mut msg = Message::new_with_id(
+            req.xid,
+            Ipv4Addr::UNSPECIFIED,
+            yiaddr,
+            Ipv4Addr::UNSPECIFIED,
+            req.giaddr,
+            &req.mac.0,
+        );
         msg.set_opcode(Opcode::BootReply);
         if req.broadcast {
             msg.set_flags(v4::Flags::default().set_broadcast());
         }
         msg.opts_mut().insert(DhcpOption::MessageType(kind));
-        msg.opts_mut().insert(DhcpOption::ServerIdentifier(self.config.server_ip));
+        msg.opts_mut()
+            .insert(DhcpOption::ServerIdentifier(self.config.server_ip));
         msg
     }
 
@@ -810,11 +969,13 @@ impl DhcpServer {
         msg.set_fname_str(file);
         let opts = msg.opts_mut();
         opts.insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
-        // PXE vendor options: discovery control (6) = 8, "boot the file in this answer, no boot server
-        // discovery"; then the end marker.
+        // PXE vendor options: discovery control (6) = 8, "boot the file in this answer, no boot
+        // server discovery"; then the end marker.
         opts.insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
         opts.insert(DhcpOption::BootfileName(file.as_bytes().to_vec()));
-        opts.insert(DhcpOption::TFTPServerName(self.config.server_ip.to_string().into_bytes()));
+        opts.insert(DhcpOption::TFTPServerName(
+            self.config.server_ip.to_string().into_bytes(),
+        ));
     }
 }
 
@@ -830,11 +991,22 @@ mod tests {
     const SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 
     fn config(mode: DhcpMode) -> DhcpConfig {
-        DhcpConfig::new(mode, SERVER, Ipv4Addr::new(255, 255, 255, 0), "http://192.0.2.1:7442".into())
+        DhcpConfig::new(
+            mode,
+            SERVER,
+            Ipv4Addr::new(255, 255, 255, 0),
+            "http://192.0.2.1:7442".into(),
+        )
     }
 
     fn full() -> DhcpServer {
-        DhcpServer::new(config(DhcpMode::Full { first: Ipv4Addr::new(192, 0, 2, 10), last: Ipv4Addr::new(192, 0, 2, 12) }), Leases::default())
+        DhcpServer::new(
+            config(DhcpMode::Full {
+                first: Ipv4Addr::new(192, 0, 2, 10),
+                last: Ipv4Addr::new(192, 0, 2, 12),
+            }),
+            Leases::default(),
+        )
     }
 
     struct Client {
@@ -845,18 +1017,33 @@ mod tests {
     }
 
     fn client(mac: Mac) -> Client {
-        Client { mac, arch: Some(0), pxe: true, ipxe: false }
+        Client {
+            mac,
+            arch: Some(0),
+            pxe: true,
+            ipxe: false,
+        }
     }
 
     impl Client {
         fn msg(&self, kind: MessageType) -> Message {
-            let mut m = Message::new_with_id(7, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &self.mac.0);
+            let mut m = Message::new_with_id(
+                7,
+                Ipv4Addr::UNSPECIFIED,
+                Ipv4Addr::UNSPECIFIED,
+                Ipv4Addr::UNSPECIFIED,
+                Ipv4Addr::UNSPECIFIED,
+                &self.mac.0,
+            );
             m.opts_mut().insert(DhcpOption::MessageType(kind));
             if self.pxe {
-                m.opts_mut().insert(DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec()));
+                m.opts_mut().insert(DhcpOption::ClassIdentifier(
+                    b"PXEClient:Arch:00000:UNDI:002001".to_vec(),
+                ));
             }
             if let Some(a) = self.arch {
-                m.opts_mut().insert(DhcpOption::ClientSystemArchitecture(a.into()));
+                m.opts_mut()
+                    .insert(DhcpOption::ClientSystemArchitecture(a.into()));
             }
             if self.ipxe {
                 m.opts_mut().insert(DhcpOption::UserClass(b"iPXE".to_vec()));
@@ -875,7 +1062,9 @@ mod tests {
     }
 
     fn fname(m: &Message) -> String {
-        String::from_utf8_lossy(m.fname().unwrap_or_default()).trim_end_matches('\0').to_owned()
+        String::from_utf8_lossy(m.fname().unwrap_or_default())
+            .trim_end_matches('\0')
+            .to_owned()
     }
 
     const NOW: UnixMillis = UnixMillis(1_000_000);
@@ -884,7 +1073,14 @@ mod tests {
     fn full_mode_offers_then_acks_with_the_boot_file_by_architecture() {
         let mut s = full();
         let c = client(MAC);
-        let offer = s.handle(NOW, SERVER_PORT, &c.req(MessageType::Discover, |_| {}), Admission::Admit).expect("offer");
+        let offer = s
+            .handle(
+                NOW,
+                SERVER_PORT,
+                &c.req(MessageType::Discover, |_| {}),
+                Admission::Admit,
+            )
+            .expect("offer");
         let m = decode(&offer);
         assert_eq!(m.opts().msg_type(), Some(MessageType::Offer));
         assert_eq!(m.yiaddr(), Ipv4Addr::new(192, 0, 2, 10));
@@ -892,48 +1088,121 @@ mod tests {
         assert_eq!(fname(&m), "undionly.kpxe");
         assert_eq!(offer.to, Destination::Broadcast);
         let ack = s
-            .handle(NOW, SERVER_PORT, &c.req(MessageType::Request, |m| {
-                m.opts_mut().insert(DhcpOption::RequestedIpAddress(Ipv4Addr::new(192, 0, 2, 10)));
-                m.opts_mut().insert(DhcpOption::ServerIdentifier(SERVER));
-            }), Admission::Admit)
+            .handle(
+                NOW,
+                SERVER_PORT,
+                &c.req(MessageType::Request, |m| {
+                    m.opts_mut()
+                        .insert(DhcpOption::RequestedIpAddress(Ipv4Addr::new(192, 0, 2, 10)));
+                    m.opts_mut().insert(DhcpOption::ServerIdentifier(SERVER));
+                }),
+                Admission::Admit,
+            )
             .expect("ack");
         assert_eq!(decode(&ack).opts().msg_type(), Some(MessageType::Ack));
-        assert!(matches!(ack.leases.as_slice(), [LeaseChange::Put(Lease { ip, .. })] if *ip == Ipv4Addr::new(192, 0, 2, 10)));
+        assert!(
+            matches!(ack.leases.as_slice(), [LeaseChange::Put(Lease { ip, .. })] if *ip == Ipv4Addr::new(192, 0, 2, 10))
+        );
 
-        let uefi = Client { arch: Some(7), ..client(Mac([2, 0, 0, 0, 0, 1])) };
-        let offer = s.handle(NOW, SERVER_PORT, &uefi.req(MessageType::Discover, |_| {}), Admission::Admit).expect("offer");
+        let uefi = Client {
+            arch: Some(7),
+            ..client(Mac([2, 0, 0, 0, 0, 1]))
+        };
+        let offer = s
+            .handle(
+                NOW,
+                SERVER_PORT,
+                &uefi.req(MessageType::Discover, |_| {}),
+                Admission::Admit,
+            )
+            .expect("offer");
         assert_eq!(fname(&decode(&offer)), "snponly.efi");
-        assert_eq!(decode(&offer).yiaddr(), Ipv4Addr::new(192, 0, 2, 11), "the first client's address is leased");
+        assert_eq!(
+            decode(&offer).yiaddr(),
+            Ipv4Addr::new(192, 0, 2, 11),
+            "the first client's address is leased"
+        );
     }
 
     #[test]
     fn ipxe_is_sent_to_its_http_script_instead_of_looping() {
         let mut s = full();
-        let c = Client { ipxe: true, ..client(MAC) };
-        let offer = s.handle(NOW, SERVER_PORT, &c.req(MessageType::Discover, |_| {}), Admission::Admit).expect("offer");
-        assert_eq!(fname(&decode(&offer)), "http://192.0.2.1:7442/boot/52-54-00-12-34-56.ipxe");
+        let c = Client {
+            ipxe: true,
+            ..client(MAC)
+        };
+        let offer = s
+            .handle(
+                NOW,
+                SERVER_PORT,
+                &c.req(MessageType::Discover, |_| {}),
+                Admission::Admit,
+            )
+            .expect("offer");
+        assert_eq!(
+            fname(&decode(&offer)),
+            "http://192.0.2.1:7442/boot/52-54-00-12-34-56.ipxe"
+        );
     }
 
     #[test]
     fn unknown_architecture_gets_an_address_but_no_boot_file() {
         let mut s = full();
-        let c = Client { arch: Some(11), ..client(MAC) }; // ARM 64-bit UEFI: no iPXE binary configured
-        let offer = s.handle(NOW, SERVER_PORT, &c.req(MessageType::Discover, |_| {}), Admission::Admit).expect("offer");
+        let c = Client {
+            arch: Some(11),
+            ..client(MAC)
+        }; // ARM 64-bit UEFI: no iPXE binary configured
+        let offer = s
+            .handle(
+                NOW,
+                SERVER_PORT,
+                &c.req(MessageType::Discover, |_| {}),
+                Admission::Admit,
+            )
+            .expect("offer");
         let m = decode(&offer);
         assert_eq!(m.yiaddr(), Ipv4Addr::new(192, 0, 2, 10));
         assert_eq!(fname(&m), "");
         assert!(m.opts().get(OptionCode::BootfileName).is_none());
         let mut p = DhcpServer::new(config(DhcpMode::Proxy), Leases::default());
-        assert!(p.handle(NOW, SERVER_PORT, &c.req(MessageType::Discover, |_| {}), Admission::Admit).is_none());
-        assert_eq!(boot_file(p.config(), &c.req(MessageType::Discover, |_| {})), Err(Arch::Other(11)));
+        assert!(p
+            .handle(
+                NOW,
+                SERVER_PORT,
+                &c.req(MessageType::Discover, |_| {}),
+                Admission::Admit
+            )
+            .is_none());
+        assert_eq!(
+            boot_file(p.config(), &c.req(MessageType::Discover, |_| {})),
+            Err(Arch::Other(11))
+        );
     }
 
     #[test]
     fn held_pxe_clients_get_no_answer_but_plain_clients_do() {
         let mut s = full();
-        assert!(s.handle(NOW, SERVER_PORT, &client(MAC).req(MessageType::Discover, |_| {}), Admission::Hold).is_none());
-        let plain = Client { pxe: false, arch: None, ..client(MAC) };
-        let offer = s.handle(NOW, SERVER_PORT, &plain.req(MessageType::Discover, |_| {}), Admission::Hold).expect("offer");
+        assert!(s
+            .handle(
+                NOW,
+                SERVER_PORT,
+                &client(MAC).req(MessageType::Discover, |_| {}),
+                Admission::Hold
+            )
+            .is_none());
+        let plain = Client {
+            pxe: false,
+            arch: None,
+            ..client(MAC)
+        };
+        let offer = s
+            .handle(
+                NOW,
+                SERVER_PORT,
+                &plain.req(MessageType::Discover, |_| {}),
+                Admission::Hold,
+            )
+            .expect("offer");
         assert_eq!(fname(&decode(&offer)), "");
     }
 
@@ -943,19 +1212,47 @@ mod tests {
         for i in 0..3u8 {
             let c = client(Mac([2, 0, 0, 0, 0, i]));
             let ip = Ipv4Addr::new(192, 0, 2, 10 + i);
-            s.handle(NOW, SERVER_PORT, &c.req(MessageType::Request, |m| {
-                m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
-            }), Admission::Admit)
+            s.handle(
+                NOW,
+                SERVER_PORT,
+                &c.req(MessageType::Request, |m| {
+                    m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
+                }),
+                Admission::Admit,
+            )
             .expect("ack");
         }
         let late = client(Mac([2, 0, 0, 0, 0, 9]));
-        assert!(s.handle(NOW, SERVER_PORT, &late.req(MessageType::Discover, |_| {}), Admission::Admit).is_none(), "range full");
+        assert!(
+            s.handle(
+                NOW,
+                SERVER_PORT,
+                &late.req(MessageType::Discover, |_| {}),
+                Admission::Admit
+            )
+            .is_none(),
+            "range full"
+        );
         // The same client asking again gets its own address back.
-        let again = s.handle(NOW, SERVER_PORT, &client(Mac([2, 0, 0, 0, 0, 1])).req(MessageType::Discover, |_| {}), Admission::Admit).expect("offer");
+        let again = s
+            .handle(
+                NOW,
+                SERVER_PORT,
+                &client(Mac([2, 0, 0, 0, 0, 1])).req(MessageType::Discover, |_| {}),
+                Admission::Admit,
+            )
+            .expect("offer");
         assert_eq!(decode(&again).yiaddr(), Ipv4Addr::new(192, 0, 2, 11));
         // After the leases expire (1 h), a new client gets one.
         let later = UnixMillis(NOW.0 + 3_600_001);
-        assert!(s.handle(later, SERVER_PORT, &late.req(MessageType::Discover, |_| {}), Admission::Admit).is_some());
+        assert!(s
+            .handle(
+                later,
+                SERVER_PORT,
+                &late.req(MessageType::Discover, |_| {}),
+                Admission::Admit
+            )
+            .is_some());
     }
 
     #[test]
@@ -964,21 +1261,38 @@ mod tests {
         let a = client(Mac([2, 0, 0, 0, 0, 1]));
         let b = client(Mac([2, 0, 0, 0, 0, 2]));
         let ip = Ipv4Addr::new(192, 0, 2, 10);
-        s.handle(NOW, SERVER_PORT, &a.req(MessageType::Request, |m| {
-            m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
-        }), Admission::Admit)
+        s.handle(
+            NOW,
+            SERVER_PORT,
+            &a.req(MessageType::Request, |m| {
+                m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
+            }),
+            Admission::Admit,
+        )
         .expect("ack");
         let nak = s
-            .handle(NOW, SERVER_PORT, &b.req(MessageType::Request, |m| {
-                m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
-                m.opts_mut().insert(DhcpOption::ServerIdentifier(SERVER));
-            }), Admission::Admit)
+            .handle(
+                NOW,
+                SERVER_PORT,
+                &b.req(MessageType::Request, |m| {
+                    m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
+                    m.opts_mut().insert(DhcpOption::ServerIdentifier(SERVER));
+                }),
+                Admission::Admit,
+            )
             .expect("nak");
         assert_eq!(decode(&nak).opts().msg_type(), Some(MessageType::Nak));
-        let other = s.handle(NOW, SERVER_PORT, &b.req(MessageType::Request, |m| {
-            m.opts_mut().insert(DhcpOption::RequestedIpAddress(Ipv4Addr::new(192, 0, 2, 11)));
-            m.opts_mut().insert(DhcpOption::ServerIdentifier(Ipv4Addr::new(192, 0, 2, 254)));
-        }), Admission::Admit);
+        let other = s.handle(
+            NOW,
+            SERVER_PORT,
+            &b.req(MessageType::Request, |m| {
+                m.opts_mut()
+                    .insert(DhcpOption::RequestedIpAddress(Ipv4Addr::new(192, 0, 2, 11)));
+                m.opts_mut()
+                    .insert(DhcpOption::ServerIdentifier(Ipv4Addr::new(192, 0, 2, 254)));
+            }),
+            Admission::Admit,
+        );
         assert!(other.is_none());
     }
 
@@ -987,68 +1301,123 @@ mod tests {
         let mut s = full();
         let c = client(MAC);
         let ip = Ipv4Addr::new(192, 0, 2, 10);
-        s.handle(NOW, SERVER_PORT, &c.req(MessageType::Request, |m| {
-            m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
-        }), Admission::Admit);
-        let r = s.handle(NOW, SERVER_PORT, &c.req(MessageType::Release, |m| {
-            m.set_ciaddr(ip);
-        }), Admission::Admit);
+        s.handle(
+            NOW,
+            SERVER_PORT,
+            &c.req(MessageType::Request, |m| {
+                m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
+            }),
+            Admission::Admit,
+        );
+        let r = s.handle(
+            NOW,
+            SERVER_PORT,
+            &c.req(MessageType::Release, |m| {
+                m.set_ciaddr(ip);
+            }),
+            Admission::Admit,
+        );
         assert_eq!(r.map(|r| r.leases), Some(vec![LeaseChange::Delete(MAC)]));
         assert!(s.leases().get(&MAC).is_none());
     }
 
     fn request_ip(s: &mut DhcpServer, c: &Client, ip: Ipv4Addr, now: UnixMillis) -> Option<Reply> {
-        s.handle(now, SERVER_PORT, &c.req(MessageType::Request, |m| {
-            m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
-        }), Admission::Admit)
+        s.handle(
+            now,
+            SERVER_PORT,
+            &c.req(MessageType::Request, |m| {
+                m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
+            }),
+            Admission::Admit,
+        )
     }
 
     fn decline(s: &mut DhcpServer, c: &Client, ip: Ipv4Addr, now: UnixMillis) -> Option<Reply> {
-        s.handle(now, SERVER_PORT, &c.req(MessageType::Decline, |m| {
-            m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
-            m.opts_mut().insert(DhcpOption::ServerIdentifier(SERVER));
-        }), Admission::Admit)
+        s.handle(
+            now,
+            SERVER_PORT,
+            &c.req(MessageType::Decline, |m| {
+                m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
+                m.opts_mut().insert(DhcpOption::ServerIdentifier(SERVER));
+            }),
+            Admission::Admit,
+        )
     }
 
     #[test]
     fn declines_outside_the_range_or_from_another_client_are_ignored() {
         let mut s = full();
-        let (a, b) = (client(Mac([2, 0, 0, 0, 0, 1])), client(Mac([2, 0, 0, 0, 0, 2])));
+        let (a, b) = (
+            client(Mac([2, 0, 0, 0, 0, 1])),
+            client(Mac([2, 0, 0, 0, 0, 2])),
+        );
         let ip = Ipv4Addr::new(192, 0, 2, 10);
         request_ip(&mut s, &a, ip, NOW).expect("ack");
         // Outside the range: nothing remembered, whoever asks.
-        for outside in [Ipv4Addr::new(192, 0, 2, 9), Ipv4Addr::new(192, 0, 2, 13), Ipv4Addr::new(10, 0, 0, 1)] {
+        for outside in [
+            Ipv4Addr::new(192, 0, 2, 9),
+            Ipv4Addr::new(192, 0, 2, 13),
+            Ipv4Addr::new(10, 0, 0, 1),
+        ] {
             assert!(decline(&mut s, &a, outside, NOW).is_none(), "{outside}");
         }
         // B neither holds nor was offered .10: its decline changes nothing.
         assert!(decline(&mut s, &b, ip, NOW).is_none());
         assert_eq!(s.leases().declined_len(), 0);
-        assert_eq!(s.leases().get(&a.mac).map(|l| l.ip), Some(ip), "A keeps its lease");
+        assert_eq!(
+            s.leases().get(&a.mac).map(|l| l.ip),
+            Some(ip),
+            "A keeps its lease"
+        );
         // A decline meant for another server is not ours either.
-        let other = s.handle(NOW, SERVER_PORT, &a.req(MessageType::Decline, |m| {
-            m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
-            m.opts_mut().insert(DhcpOption::ServerIdentifier(Ipv4Addr::new(192, 0, 2, 254)));
-        }), Admission::Admit);
+        let other = s.handle(
+            NOW,
+            SERVER_PORT,
+            &a.req(MessageType::Decline, |m| {
+                m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
+                m.opts_mut()
+                    .insert(DhcpOption::ServerIdentifier(Ipv4Addr::new(192, 0, 2, 254)));
+            }),
+            Admission::Admit,
+        );
         assert!(other.is_none());
         assert_eq!(s.leases().declined_len(), 0);
-        // A lease from before the range changed, outside it now: its holder's decline is still ignored.
-        let old = Lease { mac: b.mac, ip: Ipv4Addr::new(192, 0, 2, 200), expires: UnixMillis(NOW.0 + 60_000) };
+        // A lease from before the range changed, outside it now: its holder's decline is still
+        // ignored.
+        let old = Lease {
+            mac: b.mac,
+            ip: Ipv4Addr::new(192, 0, 2, 200),
+            expires: UnixMillis(NOW.0 + 60_000),
+        };
         let mut s = DhcpServer::new(s.config().clone(), Leases::new([old.clone()]));
         assert!(decline(&mut s, &b, old.ip, NOW).is_none());
-        assert_eq!((s.leases().declined_len(), s.leases().get(&b.mac)), (0, Some(&old)));
+        assert_eq!(
+            (s.leases().declined_len(), s.leases().get(&b.mac)),
+            (0, Some(&old))
+        );
     }
 
     #[test]
     fn a_holders_decline_drops_its_lease_and_keeps_the_address_out_until_the_hold_ends() {
         let mut s = full();
-        let (a, b) = (client(Mac([2, 0, 0, 0, 0, 1])), client(Mac([2, 0, 0, 0, 0, 2])));
+        let (a, b) = (
+            client(Mac([2, 0, 0, 0, 0, 1])),
+            client(Mac([2, 0, 0, 0, 0, 2])),
+        );
         let ip = Ipv4Addr::new(192, 0, 2, 10);
         request_ip(&mut s, &a, ip, NOW).expect("ack");
         let r = decline(&mut s, &a, ip, NOW).expect("decline accepted");
         assert_eq!(r.leases, vec![LeaseChange::Delete(a.mac)]);
         assert!(s.leases().get(&a.mac).is_none());
         // Nobody is offered .10 while it is declined, not even A.
-        let offer = s.handle(NOW, SERVER_PORT, &b.req(MessageType::Discover, |_| {}), Admission::Admit).expect("offer");
+        let offer = s
+            .handle(
+                NOW,
+                SERVER_PORT,
+                &b.req(MessageType::Discover, |_| {}),
+                Admission::Admit,
+            )
+            .expect("offer");
         assert_eq!(decode(&offer).yiaddr(), Ipv4Addr::new(192, 0, 2, 11));
         // The offeree may decline an offered address too.
         let r = decline(&mut s, &b, Ipv4Addr::new(192, 0, 2, 11), NOW).expect("offeree's decline");
@@ -1056,7 +1425,14 @@ mod tests {
         assert_eq!(s.leases().declined_len(), 2);
         // After the hold, the declines are pruned and .10 is offered again.
         let later = UnixMillis(NOW.0 + DECLINE_HOLD_MS + 1);
-        let offer = s.handle(later, SERVER_PORT, &a.req(MessageType::Discover, |_| {}), Admission::Admit).expect("offer");
+        let offer = s
+            .handle(
+                later,
+                SERVER_PORT,
+                &a.req(MessageType::Discover, |_| {}),
+                Admission::Admit,
+            )
+            .expect("offer");
         assert_eq!(decode(&offer).yiaddr(), ip);
         assert_eq!(s.leases().declined_len(), 0, "pruned");
     }
@@ -1076,41 +1452,87 @@ mod tests {
         }
         assert_eq!(s.leases().declined_len(), MAX_DECLINED);
         let now = UnixMillis(NOW.0 + MAX_DECLINED as u64 + 100);
-        assert!(!s.leases().is_declined(first, now), "the oldest decline went first");
-        assert!(s.leases().is_declined(Ipv4Addr::from(u32::from(first) + MAX_DECLINED as u32 + 99), now));
+        assert!(
+            !s.leases().is_declined(first, now),
+            "the oldest decline went first"
+        );
+        assert!(s.leases().is_declined(
+            Ipv4Addr::from(u32::from(first) + MAX_DECLINED as u32 + 99),
+            now
+        ));
         s.leases().check_invariants().expect("indexes agree");
     }
 
     #[test]
     fn an_expired_lease_given_to_another_client_is_deleted_with_it() {
         let mut s = full();
-        let (a, b, c) = (client(Mac([2, 0, 0, 0, 0, 1])), client(Mac([2, 0, 0, 0, 0, 2])), client(Mac([2, 0, 0, 0, 0, 3])));
+        let (a, b, c) = (
+            client(Mac([2, 0, 0, 0, 0, 1])),
+            client(Mac([2, 0, 0, 0, 0, 2])),
+            client(Mac([2, 0, 0, 0, 0, 3])),
+        );
         for (cl, ip) in [(&a, 10), (&b, 11), (&c, 12)] {
             request_ip(&mut s, cl, Ipv4Addr::new(192, 0, 2, ip), NOW).expect("ack");
         }
         let later = UnixMillis(NOW.0 + 3_600_001);
         let d = client(Mac([2, 0, 0, 0, 0, 4]));
         let r = request_ip(&mut s, &d, Ipv4Addr::new(192, 0, 2, 11), later).expect("ack");
-        assert_eq!(r.leases[0], LeaseChange::Delete(b.mac), "B's stale lease goes to disk as a deletion");
+        assert_eq!(
+            r.leases[0],
+            LeaseChange::Delete(b.mac),
+            "B's stale lease goes to disk as a deletion"
+        );
         assert!(matches!(r.leases[1], LeaseChange::Put(Lease { mac, .. }) if mac == d.mac));
         assert_eq!(s.leases().len(), 3);
-        assert_eq!(s.leases().by_ip(Ipv4Addr::new(192, 0, 2, 11)).map(|l| l.mac), Some(d.mac));
+        assert_eq!(
+            s.leases()
+                .by_ip(Ipv4Addr::new(192, 0, 2, 11))
+                .map(|l| l.mac),
+            Some(d.mac)
+        );
         s.leases().check_invariants().expect("indexes agree");
         // Loading two leases for one address keeps the one that ends later.
-        let t = Leases::new([Lease { mac: a.mac, ip: Ipv4Addr::new(192, 0, 2, 10), expires: UnixMillis(9) }, Lease { mac: b.mac, ip: Ipv4Addr::new(192, 0, 2, 10), expires: UnixMillis(5) }]);
+        let t = Leases::new([
+            Lease {
+                mac: a.mac,
+                ip: Ipv4Addr::new(192, 0, 2, 10),
+                expires: UnixMillis(9),
+            },
+            Lease {
+                mac: b.mac,
+                ip: Ipv4Addr::new(192, 0, 2, 10),
+                expires: UnixMillis(5),
+            },
+        ]);
         assert_eq!(t.len(), 1);
-        assert_eq!(t.by_ip(Ipv4Addr::new(192, 0, 2, 10)).map(|l| l.mac), Some(a.mac));
+        assert_eq!(
+            t.by_ip(Ipv4Addr::new(192, 0, 2, 10)).map(|l| l.mac),
+            Some(a.mac)
+        );
     }
 
     #[test]
     fn boot_sightings_are_pxe_or_ipxe_discover_request_inform() {
         let pxe = client(MAC);
-        let plain = Client { pxe: false, arch: None, ..client(MAC) };
-        let ipxe_only = Client { pxe: false, ipxe: true, ..client(MAC) };
+        let plain = Client {
+            pxe: false,
+            arch: None,
+            ..client(MAC)
+        };
+        let ipxe_only = Client {
+            pxe: false,
+            ipxe: true,
+            ..client(MAC)
+        };
         assert!(is_boot_sighting(&pxe.req(MessageType::Discover, |_| {})));
         assert!(is_boot_sighting(&pxe.req(MessageType::Request, |_| {})));
-        assert!(is_boot_sighting(&ipxe_only.req(MessageType::Discover, |_| {})));
-        assert!(!is_boot_sighting(&plain.req(MessageType::Discover, |_| {})), "an OS's DHCP client is no PXE boot");
+        assert!(is_boot_sighting(
+            &ipxe_only.req(MessageType::Discover, |_| {})
+        ));
+        assert!(
+            !is_boot_sighting(&plain.req(MessageType::Discover, |_| {})),
+            "an OS's DHCP client is no PXE boot"
+        );
         assert!(!is_boot_sighting(&pxe.req(MessageType::Decline, |_| {})));
         assert!(!is_boot_sighting(&pxe.req(MessageType::Release, |_| {})));
     }
@@ -1118,29 +1540,67 @@ mod tests {
     #[test]
     fn proxy_mode_answers_only_pxe_clients_and_gives_no_address() {
         let mut s = DhcpServer::new(config(DhcpMode::Proxy), Leases::default());
-        let plain = Client { pxe: false, arch: None, ..client(MAC) };
-        assert!(s.handle(NOW, SERVER_PORT, &plain.req(MessageType::Discover, |_| {}), Admission::Admit).is_none());
-        let offer = s.handle(NOW, SERVER_PORT, &client(MAC).req(MessageType::Discover, |_| {}), Admission::Admit).expect("offer");
+        let plain = Client {
+            pxe: false,
+            arch: None,
+            ..client(MAC)
+        };
+        assert!(s
+            .handle(
+                NOW,
+                SERVER_PORT,
+                &plain.req(MessageType::Discover, |_| {}),
+                Admission::Admit
+            )
+            .is_none());
+        let offer = s
+            .handle(
+                NOW,
+                SERVER_PORT,
+                &client(MAC).req(MessageType::Discover, |_| {}),
+                Admission::Admit,
+            )
+            .expect("offer");
         let m = decode(&offer);
         assert_eq!(m.yiaddr(), Ipv4Addr::UNSPECIFIED);
         assert_eq!(fname(&m), "undionly.kpxe");
-        assert!(matches!(m.opts().get(OptionCode::ClassIdentifier), Some(DhcpOption::ClassIdentifier(v)) if v == b"PXEClient"));
+        assert!(
+            matches!(m.opts().get(OptionCode::ClassIdentifier), Some(DhcpOption::ClassIdentifier(v)) if v == b"PXEClient")
+        );
         // A REQUEST on port 67 belongs to the real server.
-        assert!(s.handle(NOW, SERVER_PORT, &client(MAC).req(MessageType::Request, |_| {}), Admission::Admit).is_none());
+        assert!(s
+            .handle(
+                NOW,
+                SERVER_PORT,
+                &client(MAC).req(MessageType::Request, |_| {}),
+                Admission::Admit
+            )
+            .is_none());
         // On port 4011 the proxy answers, to the client's address.
         let ack = s
-            .handle(NOW, PXE_PORT, &client(MAC).req(MessageType::Request, |m| {
-                m.set_ciaddr(Ipv4Addr::new(192, 0, 2, 50));
-            }), Admission::Admit)
+            .handle(
+                NOW,
+                PXE_PORT,
+                &client(MAC).req(MessageType::Request, |m| {
+                    m.set_ciaddr(Ipv4Addr::new(192, 0, 2, 50));
+                }),
+                Admission::Admit,
+            )
             .expect("ack");
-        assert_eq!(ack.to, Destination::Unicast(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 50), CLIENT_PORT)));
+        assert_eq!(
+            ack.to,
+            Destination::Unicast(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 50), CLIENT_PORT))
+        );
     }
 
     #[test]
     fn malformed_packets_are_errors_not_panics() {
         assert!(parse(&[]).is_err());
         assert!(parse(&[1; 10]).is_err());
-        let good = client(MAC).msg(MessageType::Discover).to_vec().expect("encode");
+        let good = client(MAC)
+            .msg(MessageType::Discover)
+            .to_vec()
+            .expect("encode");
         for cut in 0..good.len() {
             let _ = parse(&good[..cut]);
         }
@@ -1170,7 +1630,10 @@ mod tests {
         // A reply (BOOTREPLY) is not a request.
         let mut reply = client(MAC).msg(MessageType::Offer);
         reply.set_opcode(Opcode::BootReply);
-        assert_eq!(parse(&reply.to_vec().expect("encode")), Err(DhcpError::NotRequest));
+        assert_eq!(
+            parse(&reply.to_vec().expect("encode")),
+            Err(DhcpError::NotRequest)
+        );
     }
 
     #[test]

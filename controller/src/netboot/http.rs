@@ -1,20 +1,20 @@
-//! The boot HTTP server (plain HTTP on the netboot interface; iPXE's HTTPS would need a trust setup in
-//! every iPXE binary):
+//! The boot HTTP server (plain HTTP on the netboot interface; iPXE's HTTPS would need a trust setup
+//! in every iPXE binary):
 //!
 //! - `GET /boot/<mac>.ipxe`: the iPXE script for one machine. It boots the image assigned to the
-//!   machine's node (`shoalctl nodes set-image`), else the default image, with a kernel command line
-//!   carrying the controller's address and a join token minted for this one boot (single use, short
-//!   life, see [`super::NetbootConfig::boot_token_ttl`], bound to the MAC with
+//!   machine's node (`shoalctl nodes set-image`), else the default image, with a kernel command
+//!   line carrying the controller's address and a join token minted for this one boot (single use,
+//!   short life, see [`super::NetbootConfig::boot_token_ttl`], bound to the MAC with
 //!   [`TokenBinding::Mac`]). A token is minted only for a MAC the DHCP server saw PXE-boot moments
-//!   before, at a bounded rate, one outstanding per MAC ([`super::boot_tokens`]); anyone else gets a
-//!   script that says why and returns to the firmware. The token enrols once, and the agent pins the
-//!   CA hash inside it, so a machine in the middle cannot impersonate the controller.
+//!   before, at a bounded rate, one outstanding per MAC ([`super::boot_tokens`]); anyone else gets
+//!   a script that says why and returns to the firmware. The token enrols once, and the agent pins
+//!   the CA hash inside it, so a machine in the middle cannot impersonate the controller.
 //! - `GET /images/<version>/<file>`: the kernel and initramfs of a stored image.
 //!
 //! Connections are served by hyper directly (axum's `serve` has no timeouts) under [`HttpLimits`]:
 //! the request head must arrive within `header_read_timeout` (which also ends idle keep-alive
-//! connections), a connection on which nothing moves for `idle_timeout` is closed, and connections are
-//! capped overall and per client address.
+//! connections), a connection on which nothing moves for `idle_timeout` is closed, and connections
+//! are capped overall and per client address.
 
 use std::{
     collections::BTreeMap,
@@ -65,8 +65,8 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Limits of the boot HTTP server. Every field has a documented default ([`HttpLimits::default`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpLimits {
-    /// A request head must be complete this long after the connection opens or the previous response
-    /// ends, so this also closes idle keep-alive connections; default 10 s.
+    /// A request head must be complete this long after the connection opens or the previous
+    /// response ends, so this also closes idle keep-alive connections; default 10 s.
     pub header_read_timeout: Duration,
     /// A connection on which no byte moves either way for this long is closed (a client that stops
     /// reading a response); default 30 s.
@@ -80,7 +80,10 @@ impl Default for HttpLimits {
         Self {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
-            connections: SlotLimits { total: 256, per_client: 8 },
+            connections: SlotLimits {
+                total: 256,
+                per_client: 8,
+            },
         }
     }
 }
@@ -108,7 +111,11 @@ fn router(controller: Arc<Controller>, boot: BootContext) -> Router {
 }
 
 /// Serves until the task is aborted, under the controller's [`HttpLimits`].
-pub async fn run(controller: Arc<Controller>, boot: BootContext, listener: tokio::net::TcpListener) {
+pub async fn run(
+    controller: Arc<Controller>,
+    boot: BootContext,
+    listener: tokio::net::TcpListener,
+) {
     let limits = controller.netboot.config.http;
     serve(router(controller, boot), listener, limits).await
 }
@@ -121,7 +128,8 @@ async fn serve(app: Router, listener: tokio::net::TcpListener, limits: HttpLimit
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                // Out of file descriptors, typically: give connections time to close instead of spinning.
+                // Out of file descriptors, typically: give connections time to close instead of
+                // spinning.
                 warn!(cause = %e, "boot HTTP accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
@@ -146,7 +154,9 @@ async fn serve(app: Router, listener: tokio::net::TcpListener, limits: HttpLimit
             let _slot = slot;
             let io = TokioIo::new(IdleTimeout::new(stream, limits.idle_timeout));
             let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).max_buf_size(MAX_HEAD_BYTES);
+            http.timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(MAX_HEAD_BYTES);
             if let Err(e) = http.serve_connection(io, service).await {
                 debug!(%peer, cause = %e, "boot HTTP connection ended");
             }
@@ -167,7 +177,12 @@ struct IdleTimeout<S> {
 impl<S> IdleTimeout<S> {
     fn new(inner: S, idle: Duration) -> Self {
         let now = tokio::time::Instant::now();
-        Self { inner, idle, last_progress: now, timer: Box::pin(tokio::time::sleep_until(now + idle)) }
+        Self {
+            inner,
+            idle,
+            last_progress: now,
+            timer: Box::pin(tokio::time::sleep_until(now + idle)),
+        }
     }
 
     fn progressed(&mut self) {
@@ -182,14 +197,21 @@ impl<S> IdleTimeout<S> {
             self.timer.as_mut().reset(deadline);
         }
         match self.timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "connection idle"))),
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connection idle",
+            ))),
             Poll::Pending => Poll::Pending,
         }
     }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for IdleTimeout<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
@@ -205,7 +227,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for IdleTimeout<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match Pin::new(&mut self.inner).poll_write(cx, data) {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
@@ -218,7 +244,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<S> {
         }
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
@@ -254,7 +284,8 @@ fn script(body: String) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
 }
 
-/// A script that tells the console why and returns to the firmware (which tries its next boot device).
+/// A script that tells the console why and returns to the firmware (which tries its next boot
+/// device).
 fn refusal(reason: &str) -> String {
     format!("#!ipxe\necho shoal: {reason}\nsleep 5\nexit 1\n")
 }
@@ -262,11 +293,20 @@ fn refusal(reason: &str) -> String {
 /// A script that tells the console why, waits, asks DHCP again (a fresh PXE sighting) and fetches
 /// its script once more.
 fn retry_later(reason: &str, after: Duration, url: &str) -> String {
-    format!("#!ipxe\necho shoal: {reason}\nsleep {}\ndhcp\nchain --replace --autofree {url}\n", after.as_secs().max(1))
+    format!(
+        "#!ipxe\necho shoal: {reason}\nsleep {}\ndhcp\nchain --replace --autofree {url}\n",
+        after.as_secs().max(1)
+    )
 }
 
-/// Mints a single-use, short-lived join token for one boot of `mac` with `image`, bound to `binding`.
-fn mint_token(ctl: &Controller, mac: &Mac, image: &str, binding: &TokenBinding) -> Result<JoinToken, StoreError> {
+/// Mints a single-use, short-lived join token for one boot of `mac` with `image`, bound to
+/// `binding`.
+fn mint_token(
+    ctl: &Controller,
+    mac: &Mac,
+    image: &str,
+    binding: &TokenBinding,
+) -> Result<JoinToken, StoreError> {
     let now = now_ms();
     let token = JoinToken {
         id: hex::encode(rand::random::<[u8; 8]>()),
@@ -274,7 +314,10 @@ fn mint_token(ctl: &Controller, mac: &Mac, image: &str, binding: &TokenBinding) 
         ca_sha256: ctl.ca.sha256(),
     };
     let ttl_ms = ctl.netboot.config.boot_token_ttl.as_millis() as u64;
-    let labels = BTreeMap::from([(IMAGE_LABEL.to_owned(), image.to_owned()), (MAC_LABEL.to_owned(), mac.to_string())]);
+    let labels = BTreeMap::from([
+        (IMAGE_LABEL.to_owned(), image.to_owned()),
+        (MAC_LABEL.to_owned(), mac.to_string()),
+    ]);
     let record = TokenRecord {
         id: token.id.clone(),
         secret_sha256: pki::sha256(token.secret.as_bytes()),
@@ -292,7 +335,12 @@ fn mint_token(ctl: &Controller, mac: &Mac, image: &str, binding: &TokenBinding) 
 /// Revokes the boot token a new one replaced, unless it was used (its enrolment may still be
 /// answered) or is gone (pruned). The store's sweep deletes it later.
 fn retire_replaced(ctl: &Controller, mac: &Mac, id: &str) -> Result<(), StoreError> {
-    let unused = ctl.store.tokens()?.into_iter().find(|t| t.id == id).is_some_and(|t| t.uses == 0 && t.revoked_at.is_none());
+    let unused = ctl
+        .store
+        .tokens()?
+        .into_iter()
+        .find(|t| t.id == id)
+        .is_some_and(|t| t.uses == 0 && t.revoked_at.is_none());
     if unused {
         ctl.store.revoke_token(id, now_ms())?;
         info!(%mac, token = %id, "unused boot token replaced by a new one and revoked");
@@ -304,7 +352,11 @@ fn retire_replaced(ctl: &Controller, mac: &Mac, id: &str) -> Result<(), StoreErr
 fn image_for(ctl: &Controller, mac: &Mac) -> Result<Option<String>, StoreError> {
     let mac_text = mac.to_string();
     let node = ctl.store.nodes()?.into_iter().find(|n| {
-        n.inventory.as_ref().is_some_and(|i| i.nics.iter().any(|nic| nic.mac.as_deref() == Some(mac_text.as_str())))
+        n.inventory.as_ref().is_some_and(|i| {
+            i.nics
+                .iter()
+                .any(|nic| nic.mac.as_deref() == Some(mac_text.as_str()))
+        })
     });
     if let Some(node) = node {
         if let Some(v) = ctl.netboot.machines.node_image(&node.id)? {
@@ -314,10 +366,18 @@ fn image_for(ctl: &Controller, mac: &Mac) -> Result<Option<String>, StoreError> 
     Ok(ctl.netboot.images.default_version().ok().flatten())
 }
 
-/// The iPXE script for `mac` asking at `now`: a boot with a fresh token, or a refusal. Blocking (store).
-fn boot_script_text(ctl: &Controller, boot: &BootContext, mac: Mac, now: Instant) -> Result<String, StoreError> {
+/// The iPXE script for `mac` asking at `now`: a boot with a fresh token, or a refusal. Blocking
+/// (store).
+fn boot_script_text(
+    ctl: &Controller,
+    boot: &BootContext,
+    mac: Mac,
+    now: Instant,
+) -> Result<String, StoreError> {
     let machine = ctl.netboot.machines.machine(&mac)?;
-    if !machine.as_ref().is_some_and(|m| m.admitted) && ctl.netboot.config.admission == super::machines::AdmissionPolicy::Hold {
+    if !machine.as_ref().is_some_and(|m| m.admitted)
+        && ctl.netboot.config.admission == super::machines::AdmissionPolicy::Hold
+    {
         info!(%mac, "boot script refused: machine not admitted");
         return Ok(refusal("this machine waits for `shoalctl machines admit`"));
     }
@@ -348,8 +408,13 @@ fn boot_script_text(ctl: &Controller, boot: &BootContext, mac: Mac, now: Instant
             let stats = ctl.netboot.gate().stats();
             warn!(%mac, retry_in_ms = wait.as_millis() as u64, refused_busy = stats.refused_busy, "boot script refused: boot token rate spent");
             // Spread the retries of a crowd: 5 to 14 s, by the MAC's last byte.
-            let after = wait.max(Duration::from_secs(5)) + Duration::from_secs(u64::from(mac.0[5] % 10));
-            return Ok(retry_later(&r.to_string(), after, &format!("{}/boot/{}.ipxe", boot.http_base, mac.dashed())));
+            let after =
+                wait.max(Duration::from_secs(5)) + Duration::from_secs(u64::from(mac.0[5] % 10));
+            return Ok(retry_later(
+                &r.to_string(),
+                after,
+                &format!("{}/boot/{}.ipxe", boot.http_base, mac.dashed()),
+            ));
         }
     }
     let token = mint_token(ctl, &mac, &version, &TokenBinding::Mac(mac.to_string()))?;
@@ -370,11 +435,16 @@ fn boot_script_text(ctl: &Controller, boot: &BootContext, mac: Mac, now: Instant
 }
 
 async fn boot_script(State(st): State<HttpState>, Path(file): Path<String>) -> Response {
-    let Some(mac) = file.strip_suffix(".ipxe").and_then(|m| m.parse::<Mac>().ok()) else {
+    let Some(mac) = file
+        .strip_suffix(".ipxe")
+        .and_then(|m| m.parse::<Mac>().ok())
+    else {
         return (StatusCode::NOT_FOUND, "not found").into_response();
     };
     let now = Instant::now();
-    let result = tokio::task::spawn_blocking(move || boot_script_text(&st.controller, &st.boot, mac, now)).await;
+    let result =
+        tokio::task::spawn_blocking(move || boot_script_text(&st.controller, &st.boot, mac, now))
+            .await;
     match result {
         Ok(Ok(text)) => script(text),
         Ok(Err(e)) => {
@@ -387,7 +457,12 @@ async fn boot_script(State(st): State<HttpState>, Path(file): Path<String>) -> R
 
 /// The kernel command line of one boot: the controller's address, the boot's join token, the image
 /// version, then the image's own arguments.
-fn kernel_cmdline(boot: &BootContext, manifest: &super::images::Manifest, token: &JoinToken, version: &str) -> String {
+fn kernel_cmdline(
+    boot: &BootContext,
+    manifest: &super::images::Manifest,
+    token: &JoinToken,
+    version: &str,
+) -> String {
     format!(
         "initrd={initrd} shoal.controller={ctl_addr} shoal.token={token} shoal.image={version} {extra}",
         initrd = manifest.initrd.file,
@@ -397,18 +472,31 @@ fn kernel_cmdline(boot: &BootContext, manifest: &super::images::Manifest, token:
 }
 
 /// What `node` needs to kexec into `version`: the same kernel, initramfs and command line its iPXE
-/// script would boot, with a join token minted for that boot. For a v5 agent
-/// ([`SignedKexecImage`]) the image's signed manifest, URLs, controller address and token: the agent
-/// verifies the manifest with its own image keys and builds the command line itself, so the
-/// controller cannot hand it a kernel of its choosing. For a v4 agent ([`KexecImage`]) the hashes and
-/// the finished command line. `None` when the netboot servers do not run or the node's MAC (label
-/// `netboot.mac`) is not known. Blocking (store).
-pub(crate) fn kexec_image(ctl: &Controller, node: &NodeId, version: &str, protocol: u16) -> Result<Option<ControllerMsg>, crate::store::StoreError> {
-    let Some(boot) = ctl.netboot.boot.get() else { return Ok(None) };
-    let Some(mac) = ctl.store.node(node)?.and_then(|n| n.labels.get(MAC_LABEL).and_then(|m| m.parse::<Mac>().ok())) else {
+/// script would boot, with a join token minted for that boot. For a v5 agent ([`SignedKexecImage`])
+/// the image's signed manifest, URLs, controller address and token: the agent verifies the manifest
+/// with its own image keys and builds the command line itself, so the controller cannot hand it a
+/// kernel of its choosing. For a v4 agent ([`KexecImage`]) the hashes and the finished command
+/// line. `None` when the netboot servers do not run or the node's MAC (label `netboot.mac`) is not
+/// known. Blocking (store).
+pub(crate) fn kexec_image(
+    ctl: &Controller,
+    node: &NodeId,
+    version: &str,
+    protocol: u16,
+) -> Result<Option<ControllerMsg>, crate::store::StoreError> {
+    let Some(boot) = ctl.netboot.boot.get() else {
         return Ok(None);
     };
-    let Ok(manifest) = ctl.netboot.images.get(version) else { return Ok(None) };
+    let Some(mac) = ctl
+        .store
+        .node(node)?
+        .and_then(|n| n.labels.get(MAC_LABEL).and_then(|m| m.parse::<Mac>().ok()))
+    else {
+        return Ok(None);
+    };
+    let Ok(manifest) = ctl.netboot.images.get(version) else {
+        return Ok(None);
+    };
     let signed = if protocol >= SIGNED_KEXEC_PROTOCOL {
         match ctl.netboot.images.signed_manifest(version) {
             Ok(s) => Some(s),
@@ -423,7 +511,10 @@ pub(crate) fn kexec_image(ctl: &Controller, node: &NodeId, version: &str, protoc
     let token = mint_token(ctl, &mac, version, &TokenBinding::Node(node.clone()))?;
     ctl.netboot.machines.booted(mac, version, now_ms())?;
     let base = format!("{}/images/{version}", boot.http_base);
-    let (kernel_url, initrd_url) = (format!("{base}/{}", manifest.kernel.file), format!("{base}/{}", manifest.initrd.file));
+    let (kernel_url, initrd_url) = (
+        format!("{base}/{}", manifest.kernel.file),
+        format!("{base}/{}", manifest.initrd.file),
+    );
     Ok(Some(match signed {
         Some((manifest, signature)) => ControllerMsg::SignedKexecImage(SignedKexecImage {
             version: version.to_owned(),
@@ -440,7 +531,9 @@ pub(crate) fn kexec_image(ctl: &Controller, node: &NodeId, version: &str, protoc
             kernel_sha256: manifest.kernel.sha256.clone(),
             initrd_url,
             initrd_sha256: manifest.initrd.sha256.clone(),
-            cmdline: kernel_cmdline(boot, &manifest, &token, version).trim_end().to_owned(),
+            cmdline: kernel_cmdline(boot, &manifest, &token, version)
+                .trim_end()
+                .to_owned(),
         }),
     }))
 }
@@ -448,7 +541,10 @@ pub(crate) fn kexec_image(ctl: &Controller, node: &NodeId, version: &str, protoc
 /// The first protocol whose agents verify kexec images themselves ([`SignedKexecImage`]).
 pub const SIGNED_KEXEC_PROTOCOL: u16 = 5;
 
-async fn image_file(State(st): State<HttpState>, Path((version, file)): Path<(String, String)>) -> Response {
+async fn image_file(
+    State(st): State<HttpState>,
+    Path((version, file)): Path<(String, String)>,
+) -> Response {
     let path = match st.controller.netboot.images.file(&version, &file) {
         Ok(p) => p,
         Err(_) => return (StatusCode::NOT_FOUND, "not found").into_response(),
@@ -461,7 +557,14 @@ async fn image_file(State(st): State<HttpState>, Path((version, file)): Path<(St
     info!(image = %version, %file, bytes = len, "serving image file");
     // Streamed: a client that stops mid-transfer only drops its connection.
     let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 64 * 1024));
-    ([(header::CONTENT_TYPE, "application/octet-stream".to_owned()), (header::CONTENT_LENGTH, len.to_string())], body).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 #[cfg(test)]
@@ -474,13 +577,19 @@ mod tests {
     };
 
     use super::*;
-    use crate::{netboot::images::tests::make_image_with, netboot::NetbootConfig, server::ControllerConfig};
+    use crate::{
+        netboot::images::tests::make_image_with, netboot::NetbootConfig, server::ControllerConfig,
+    };
 
     const MAC: Mac = Mac([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
     const VERSION: &str = "2030.1";
 
     /// A controller with one image (its initramfs `initrd`), netboot configured by `f`.
-    fn controller(dir: &FsPath, initrd: &[u8], f: impl FnOnce(&mut NetbootConfig)) -> Arc<Controller> {
+    fn controller(
+        dir: &FsPath,
+        initrd: &[u8],
+        f: impl FnOnce(&mut NetbootConfig),
+    ) -> Arc<Controller> {
         let img = make_image_with(VERSION, initrd);
         let mut config = ControllerConfig::for_tests(dir.to_owned());
         let key = dir.join("image-key.pub");
@@ -489,25 +598,43 @@ mod tests {
         f(&mut config.netboot);
         let ctl = Controller::open(config, "127.0.0.1:1".parse().expect("addr")).expect("open");
         for name in ["manifest.json", "manifest.sig", "vmlinuz", "initrd.img"] {
-            ctl.netboot.images.stage(VERSION, name, &std::fs::read(img.dir.path().join(name)).expect("read")).expect("stage");
+            ctl.netboot
+                .images
+                .stage(
+                    VERSION,
+                    name,
+                    &std::fs::read(img.dir.path().join(name)).expect("read"),
+                )
+                .expect("stage");
         }
         ctl.netboot.images.commit(VERSION).expect("commit");
         ctl
     }
 
     fn boot() -> BootContext {
-        BootContext { controller_addr: "10.78.0.1:7440".parse().expect("addr"), http_base: "http://10.78.0.1:7442".into() }
+        BootContext {
+            controller_addr: "10.78.0.1:7440".parse().expect("addr"),
+            http_base: "http://10.78.0.1:7442".into(),
+        }
     }
 
     /// The token in a boot script, if there is one.
     fn token_in(script: &str) -> Option<JoinToken> {
         let start = script.find("shoal.token=")? + "shoal.token=".len();
-        let text: String = script[start..].chars().take_while(|c| !c.is_whitespace()).collect();
+        let text: String = script[start..]
+            .chars()
+            .take_while(|c| !c.is_whitespace())
+            .collect();
         JoinToken::from_str(&text).ok()
     }
 
     fn token(ctl: &Controller, id: &str) -> TokenRecord {
-        ctl.store.tokens().expect("tokens").into_iter().find(|t| t.id == id).expect("token stored")
+        ctl.store
+            .tokens()
+            .expect("tokens")
+            .into_iter()
+            .find(|t| t.id == id)
+            .expect("token stored")
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -515,13 +642,29 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let ctl = controller(dir.path(), b"initrd", |_| {});
         let script = boot_script_text(&ctl, &boot(), MAC, Instant::now()).expect("script");
-        assert!(script.starts_with("#!ipxe\necho shoal: no PXE boot from 52:54:00:12:34:56 seen in the last 2m"), "{script}");
+        assert!(
+            script.starts_with(
+                "#!ipxe\necho shoal: no PXE boot from 52:54:00:12:34:56 seen in the last 2m"
+            ),
+            "{script}"
+        );
         assert!(script.contains("exit 1"), "{script}");
-        assert!(token_in(&script).is_none() && !script.contains("shoal.token"), "{script}");
-        assert!(ctl.store.tokens().expect("tokens").is_empty(), "nothing minted");
+        assert!(
+            token_in(&script).is_none() && !script.contains("shoal.token"),
+            "{script}"
+        );
+        assert!(
+            ctl.store.tokens().expect("tokens").is_empty(),
+            "nothing minted"
+        );
         // Another MAC's sighting does not count for this one.
-        ctl.netboot.gate().saw_pxe_boot(Mac([2, 0, 0, 0, 0, 1]), Instant::now());
-        assert!(token_in(&boot_script_text(&ctl, &boot(), MAC, Instant::now()).expect("script")).is_none());
+        ctl.netboot
+            .gate()
+            .saw_pxe_boot(Mac([2, 0, 0, 0, 0, 1]), Instant::now());
+        assert!(
+            token_in(&boot_script_text(&ctl, &boot(), MAC, Instant::now()).expect("script"))
+                .is_none()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -530,20 +673,47 @@ mod tests {
         let ctl = controller(dir.path(), b"initrd", |_| {});
         let seen = Instant::now();
         ctl.netboot.gate().saw_pxe_boot(MAC, seen);
-        let first = token_in(&boot_script_text(&ctl, &boot(), MAC, seen + Duration::from_secs(3)).expect("script")).expect("a token");
+        let first = token_in(
+            &boot_script_text(&ctl, &boot(), MAC, seen + Duration::from_secs(3)).expect("script"),
+        )
+        .expect("a token");
         let rec = token(&ctl, &first.id);
         assert_eq!((rec.max_uses, rec.uses, rec.revoked_at), (Some(1), 0, None));
-        assert_eq!(rec.labels.get(MAC_LABEL).map(String::as_str), Some("52:54:00:12:34:56"));
-        assert_eq!(ctl.store.token_binding(&first.id).expect("binding"), Some(TokenBinding::Mac("52:54:00:12:34:56".into())));
-        assert!(ctl.netboot.machines.machine(&MAC).expect("machine").is_some_and(|m| m.last_image.as_deref() == Some(VERSION)));
+        assert_eq!(
+            rec.labels.get(MAC_LABEL).map(String::as_str),
+            Some("52:54:00:12:34:56")
+        );
+        assert_eq!(
+            ctl.store.token_binding(&first.id).expect("binding"),
+            Some(TokenBinding::Mac("52:54:00:12:34:56".into()))
+        );
+        assert!(ctl
+            .netboot
+            .machines
+            .machine(&MAC)
+            .expect("machine")
+            .is_some_and(|m| m.last_image.as_deref() == Some(VERSION)));
 
-        let script = boot_script_text(&ctl, &boot(), MAC, seen + Duration::from_secs(10)).expect("script");
+        let script =
+            boot_script_text(&ctl, &boot(), MAC, seen + Duration::from_secs(10)).expect("script");
         let second = token_in(&script).expect("a second token");
         assert!(script.contains(&format!("kernel http://10.78.0.1:7442/images/{VERSION}/vmlinuz initrd=initrd.img shoal.controller=10.78.0.1:7440 shoal.token=")), "{script}");
         assert_ne!(first.id, second.id);
-        assert!(token(&ctl, &first.id).revoked_at.is_some(), "the first, unused, is revoked");
+        assert!(
+            token(&ctl, &first.id).revoked_at.is_some(),
+            "the first, unused, is revoked"
+        );
         assert_eq!(token(&ctl, &second.id).revoked_at, None);
-        assert_eq!(ctl.store.tokens().expect("tokens").iter().filter(|t| t.revoked_at.is_none()).count(), 1, "one outstanding token");
+        assert_eq!(
+            ctl.store
+                .tokens()
+                .expect("tokens")
+                .iter()
+                .filter(|t| t.revoked_at.is_none())
+                .count(),
+            1,
+            "one outstanding token"
+        );
 
         // Past the window (2 min by default), no more tokens until the machine PXE-boots again.
         let late = seen + Duration::from_secs(121);
@@ -564,31 +734,62 @@ mod tests {
         for m in &macs {
             ctl.netboot.gate().saw_pxe_boot(*m, now);
         }
-        let scripts: Vec<String> = macs.iter().map(|m| boot_script_text(&ctl, &boot(), *m, now).expect("script")).collect();
-        assert!(scripts[..3].iter().all(|s| token_in(s).is_some()), "the burst is served");
+        let scripts: Vec<String> = macs
+            .iter()
+            .map(|m| boot_script_text(&ctl, &boot(), *m, now).expect("script"))
+            .collect();
+        assert!(
+            scripts[..3].iter().all(|s| token_in(s).is_some()),
+            "the burst is served"
+        );
         for (m, s) in macs[3..].iter().zip(&scripts[3..]) {
             assert!(token_in(s).is_none(), "{s}");
             assert!(s.contains("too many machines booting at once"), "{s}");
-            assert!(s.contains(&format!("\ndhcp\nchain --replace --autofree http://10.78.0.1:7442/boot/{}.ipxe\n", m.dashed())), "{s}");
+            assert!(
+                s.contains(&format!(
+                    "\ndhcp\nchain --replace --autofree http://10.78.0.1:7442/boot/{}.ipxe\n",
+                    m.dashed()
+                )),
+                "{s}"
+            );
         }
         assert_eq!(ctl.store.tokens().expect("tokens").len(), 3);
         assert_eq!(ctl.netboot.gate().stats().refused_busy, 2);
         // One refill interval later, one more machine gets its token.
         let later = now + Duration::from_secs(3600);
         ctl.netboot.gate().saw_pxe_boot(macs[3], later);
-        assert!(token_in(&boot_script_text(&ctl, &boot(), macs[3], later).expect("script")).is_some());
+        assert!(
+            token_in(&boot_script_text(&ctl, &boot(), macs[3], later).expect("script")).is_some()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_kexec_token_is_bound_to_its_node_and_needs_no_sighting() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ctl = controller(dir.path(), b"initrd", |_| {});
-        let node = crate::networks::enrol_for_tests(&ctl.store, "vm", &[(MAC_LABEL, "52:54:00:12:34:56")], now_ms());
+        let node = crate::networks::enrol_for_tests(
+            &ctl.store,
+            "vm",
+            &[(MAC_LABEL, "52:54:00:12:34:56")],
+            now_ms(),
+        );
         ctl.netboot.boot.set(boot()).expect("boot context");
-        assert!(kexec_image(&ctl, &node, VERSION, 5).expect("kexec").is_some());
-        let bound: Vec<TokenBinding> = ctl.store.tokens().expect("tokens").iter().filter_map(|t| ctl.store.token_binding(&t.id).expect("binding")).collect();
+        assert!(kexec_image(&ctl, &node, VERSION, 5)
+            .expect("kexec")
+            .is_some());
+        let bound: Vec<TokenBinding> = ctl
+            .store
+            .tokens()
+            .expect("tokens")
+            .iter()
+            .filter_map(|t| ctl.store.token_binding(&t.id).expect("binding"))
+            .collect();
         assert_eq!(bound, vec![TokenBinding::Node(node)]);
-        assert_eq!(ctl.netboot.gate().stats().minted, 0, "not through the PXE gate");
+        assert_eq!(
+            ctl.netboot.gate().stats().minted,
+            0,
+            "not through the PXE gate"
+        );
     }
 
     /// Serves the controller's boot router on a loopback port under `limits`.
@@ -608,9 +809,14 @@ mod tests {
     /// A whole response to `GET path` from `from`, or the error (a refused connection reads EOF).
     async fn get(from: Ipv4Addr, to: SocketAddr, path: &str) -> io::Result<String> {
         let mut s = connect_from(from, to).await;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
         let mut out = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         let text = String::from_utf8_lossy(&out).into_owned();
         if text.starts_with("HTTP/1.1 200") {
             Ok(text)
@@ -619,8 +825,8 @@ mod tests {
         }
     }
 
-    /// Waits until the server closes `s` (EOF or reset), for at most `deadline`; bytes read on the way
-    /// are dropped.
+    /// Waits until the server closes `s` (EOF or reset), for at most `deadline`; bytes read on the
+    /// way are dropped.
     async fn closed_by_server(s: &mut TcpStream, deadline: Duration) -> bool {
         let mut buf = [0u8; 4096];
         tokio::time::timeout(deadline, async {
@@ -636,10 +842,17 @@ mod tests {
     }
 
     /// Polls `f` every 50 ms until it is true, for at most `deadline`.
-    async fn eventually<F: std::future::Future<Output = bool>>(deadline: Duration, what: &str, mut f: impl FnMut() -> F) {
+    async fn eventually<F: std::future::Future<Output = bool>>(
+        deadline: Duration,
+        what: &str,
+        mut f: impl FnMut() -> F,
+    ) {
         let end = tokio::time::Instant::now() + deadline;
         while !f().await {
-            assert!(tokio::time::Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+            assert!(
+                tokio::time::Instant::now() < end,
+                "timed out after {deadline:?} waiting for {what}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -648,14 +861,20 @@ mod tests {
     async fn a_client_trickling_headers_is_cut_off_while_a_good_client_is_served() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ctl = controller(dir.path(), b"initrd", |_| {});
-        let limits = HttpLimits { header_read_timeout: Duration::from_secs(1), idle_timeout: Duration::from_secs(60), ..HttpLimits::default() };
+        let limits = HttpLimits {
+            header_read_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(60),
+            ..HttpLimits::default()
+        };
         let addr = serve_on_loopback(ctl, limits).await;
 
         let slow = connect_from(Ipv4Addr::LOCALHOST, addr).await;
         let (mut slow_rx, mut slow_tx) = slow.into_split();
         // A header byte every 100 ms: never idle, never done.
         let trickle = tokio::spawn(async move {
-            slow_tx.write_all(b"GET /boot/52-54-00-12-34-56.ipxe HTTP/1.1\r\nX-Slow: ").await?;
+            slow_tx
+                .write_all(b"GET /boot/52-54-00-12-34-56.ipxe HTTP/1.1\r\nX-Slow: ")
+                .await?;
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tick.tick().await;
@@ -664,64 +883,113 @@ mod tests {
             #[allow(unreachable_code)]
             io::Result::Ok(())
         });
-        let served = get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe").await.expect("the good client is served");
+        let served = get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe")
+            .await
+            .expect("the good client is served");
         assert!(served.contains("#!ipxe"), "{served}");
         let mut buf = Vec::new();
-        let cut = tokio::time::timeout(Duration::from_secs(10), slow_rx.read_to_end(&mut buf)).await;
+        let cut =
+            tokio::time::timeout(Duration::from_secs(10), slow_rx.read_to_end(&mut buf)).await;
         assert!(cut.is_ok(), "the trickling client was not cut off");
-        assert!(trickle.await.expect("trickler").is_err(), "its writes fail once the server has closed");
+        assert!(
+            trickle.await.expect("trickler").is_err(),
+            "its writes fail once the server has closed"
+        );
         // The server goes on serving.
-        get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe").await.expect("still served");
-        // The header timeout runs again from the end of each response: an idle keep-alive connection
-        // is closed by it too (the idle timeout here is a minute).
+        get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe")
+            .await
+            .expect("still served");
+        // The header timeout runs again from the end of each response: an idle keep-alive
+        // connection is closed by it too (the idle timeout here is a minute).
         let mut idle = connect_from(Ipv4Addr::LOCALHOST, addr).await;
-        idle.write_all(b"GET /boot/52-54-00-12-34-56.ipxe HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
-        assert!(closed_by_server(&mut idle, Duration::from_secs(10)).await, "an idle keep-alive connection stayed open");
+        idle.write_all(b"GET /boot/52-54-00-12-34-56.ipxe HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        assert!(
+            closed_by_server(&mut idle, Duration::from_secs(10)).await,
+            "an idle keep-alive connection stayed open"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn silent_idle_and_stalled_connections_are_closed_and_each_client_has_a_share() {
         let dir = tempfile::tempdir().expect("tempdir");
-        // Bigger than the loopback socket buffers, so a client that stops reading stalls the server.
+        // Bigger than the loopback socket buffers, so a client that stops reading stalls the
+        // server.
         let initrd = vec![0x5a; 48 << 20];
         let ctl = controller(dir.path(), &initrd, |_| {});
         let limits = HttpLimits {
             header_read_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
-            connections: SlotLimits { total: 16, per_client: 1 },
+            connections: SlotLimits {
+                total: 16,
+                per_client: 1,
+            },
         };
         let addr = serve_on_loopback(ctl, limits).await;
         let other = Ipv4Addr::new(127, 0, 0, 2);
 
         // A connection that never sends a byte is closed by the header timeout.
         let mut silent = connect_from(Ipv4Addr::LOCALHOST, addr).await;
-        assert!(closed_by_server(&mut silent, Duration::from_secs(10)).await, "a silent connection stayed open");
+        assert!(
+            closed_by_server(&mut silent, Duration::from_secs(10)).await,
+            "a silent connection stayed open"
+        );
         drop(silent);
 
         // A keep-alive connection left idle after its response is closed too.
         let mut idle = connect_from(Ipv4Addr::LOCALHOST, addr).await;
-        idle.write_all(b"GET /boot/52-54-00-12-34-56.ipxe HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
-        assert!(closed_by_server(&mut idle, Duration::from_secs(10)).await, "an idle keep-alive connection stayed open");
+        idle.write_all(b"GET /boot/52-54-00-12-34-56.ipxe HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        assert!(
+            closed_by_server(&mut idle, Duration::from_secs(10)).await,
+            "an idle keep-alive connection stayed open"
+        );
         drop(idle);
 
         // A client that asks for the initramfs and stops reading holds its one slot...
         let mut stalled = connect_from(Ipv4Addr::LOCALHOST, addr).await;
-        stalled.write_all(format!("GET /images/{VERSION}/initrd.img HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.expect("write");
+        stalled
+            .write_all(
+                format!("GET /images/{VERSION}/initrd.img HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+            )
+            .await
+            .expect("write");
         let mut head = [0u8; 12];
-        stalled.read_exact(&mut head).await.expect("response starts");
+        stalled
+            .read_exact(&mut head)
+            .await
+            .expect("response starts");
         assert_eq!(&head, b"HTTP/1.1 200");
         // ...so its second connection is refused, while another client is served.
-        assert!(get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe").await.is_err(), "a second connection from a client at its share was served");
-        get(other, addr, "/boot/52-54-00-12-34-56.ipxe").await.expect("another client is served");
+        assert!(
+            get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe")
+                .await
+                .is_err(),
+            "a second connection from a client at its share was served"
+        );
+        get(other, addr, "/boot/52-54-00-12-34-56.ipxe")
+            .await
+            .expect("another client is served");
         // Once the stalled connection is cut off (idle 1 s), the client is served again.
-        eventually(Duration::from_secs(15), "the stalled connection to be closed", || async {
-            get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe").await.is_ok()
-        })
+        eventually(
+            Duration::from_secs(15),
+            "the stalled connection to be closed",
+            || async {
+                get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe")
+                    .await
+                    .is_ok()
+            },
+        )
         .await;
         // It got far less than the file: the server stopped writing to it.
         let mut rest = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut rest)).await;
-        assert!(rest.len() < initrd.len(), "the stalled client got the whole file");
+        assert!(
+            rest.len() < initrd.len(),
+            "the stalled client got the whole file"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -731,21 +999,42 @@ mod tests {
         let limits = HttpLimits {
             header_read_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(600),
-            connections: SlotLimits { total: 2, per_client: 8 },
+            connections: SlotLimits {
+                total: 2,
+                per_client: 8,
+            },
         };
         let addr = serve_on_loopback(ctl, limits).await;
-        let holders = [connect_from(Ipv4Addr::new(127, 0, 0, 3), addr).await, connect_from(Ipv4Addr::new(127, 0, 0, 4), addr).await];
+        let holders = [
+            connect_from(Ipv4Addr::new(127, 0, 0, 3), addr).await,
+            connect_from(Ipv4Addr::new(127, 0, 0, 4), addr).await,
+        ];
         // The server counts a connection once it accepted it; wait until both hold their slots.
-        eventually(Duration::from_secs(10), "a third connection to be refused", || async {
-            let mut third = connect_from(Ipv4Addr::LOCALHOST, addr).await;
-            closed_by_server(&mut third, Duration::from_millis(500)).await
-        })
+        eventually(
+            Duration::from_secs(10),
+            "a third connection to be refused",
+            || async {
+                let mut third = connect_from(Ipv4Addr::LOCALHOST, addr).await;
+                closed_by_server(&mut third, Duration::from_millis(500)).await
+            },
+        )
         .await;
-        assert!(get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe").await.is_err(), "served past the cap");
+        assert!(
+            get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe")
+                .await
+                .is_err(),
+            "served past the cap"
+        );
         drop(holders);
-        eventually(Duration::from_secs(10), "a client to be served again", || async {
-            get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe").await.is_ok()
-        })
+        eventually(
+            Duration::from_secs(10),
+            "a client to be served again",
+            || async {
+                get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe")
+                    .await
+                    .is_ok()
+            },
+        )
         .await;
     }
 }

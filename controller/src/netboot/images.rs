@@ -1,14 +1,15 @@
 //! The image store: signed netboot images (kernel + initramfs + manifest) under `DATA_DIR/images/`.
 //!
 //! An image directory, as `images/build.sh` writes it, holds `manifest.json`, `manifest.sig` (a raw
-//! 64-byte Ed25519 signature over the exact bytes of `manifest.json`), and the two files the manifest
-//! names. The controller trusts the public keys given with `--image-key` (32 raw bytes as hex, the
-//! `.pub` file build.sh writes). Adding an image verifies the signature first, then each file's size
-//! and SHA-256, and refuses on any mismatch; only then is the image moved into the store.
+//! 64-byte Ed25519 signature over the exact bytes of `manifest.json`), and the two files the
+//! manifest names. The controller trusts the public keys given with `--image-key` (32 raw bytes as
+//! hex, the `.pub` file build.sh writes). Adding an image verifies the signature first, then each
+//! file's size and SHA-256, and refuses on any mismatch; only then is the image moved into the
+//! store.
 //!
 //! Layout: `images/<version>/{manifest.json,manifest.sig,<kernel>,<initrd>}`; uploads go to
-//! `images/.staging-<version>/` and are renamed in place once verified. The default image's version is
-//! kept in `images/default`.
+//! `images/.staging-<version>/` and are renamed in place once verified. The default image's version
+//! is kept in `images/default`.
 
 use std::{
     fs,
@@ -79,7 +80,10 @@ pub enum ImageError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
-    move |source| ImageError::Io { path: path.to_owned(), source }
+    move |source| ImageError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// The manifest types and their field rules are shared with the agent, which verifies an image
@@ -103,21 +107,31 @@ pub fn parse_key(text: &str) -> Option<[u8; 32]> {
 /// Reads a trusted key file.
 pub fn read_key(path: &Path) -> Result<[u8; 32], ImageError> {
     let text = fs::read_to_string(path).map_err(io(path))?;
-    parse_key(&text).ok_or_else(|| ImageError::BadKey { path: path.to_owned(), cause: "expected 64 hex characters (an Ed25519 public key)".into() })
+    parse_key(&text).ok_or_else(|| ImageError::BadKey {
+        path: path.to_owned(),
+        cause: "expected 64 hex characters (an Ed25519 public key)".into(),
+    })
 }
 
 /// Verifies a manifest's signature with the trusted keys and parses it. Pure: no file access.
-pub fn verify_manifest(manifest: &[u8], signature: &[u8], keys: &[[u8; 32]]) -> Result<Manifest, ImageError> {
+pub fn verify_manifest(
+    manifest: &[u8],
+    signature: &[u8],
+    keys: &[[u8; 32]],
+) -> Result<Manifest, ImageError> {
     if keys.is_empty() {
         return Err(ImageError::NoTrustedKey);
     }
     let verified = keys.iter().any(|k| {
-        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, k).verify(manifest, signature).is_ok()
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, k)
+            .verify(manifest, signature)
+            .is_ok()
     });
     if !verified {
         return Err(ImageError::BadSignature);
     }
-    let m: Manifest = serde_json::from_slice(manifest).map_err(|e| ImageError::BadManifest(e.to_string()))?;
+    let m: Manifest =
+        serde_json::from_slice(manifest).map_err(|e| ImageError::BadManifest(e.to_string()))?;
     m.validate().map_err(|e| match e {
         shoal_proto::ImageManifestError::Name(n) => ImageError::BadName(n),
         other => ImageError::BadManifest(other.to_string()),
@@ -132,11 +146,21 @@ fn verify_file(dir: &Path, entry: &FileEntry) -> Result<(), ImageError> {
     let mut hasher = Sha256::new();
     let size = std::io::copy(&mut f, &mut hasher).map_err(io(&path))?;
     if size != entry.size {
-        return Err(ImageError::Mismatch { file: entry.file.clone(), what: "size", expected: entry.size.to_string(), actual: size.to_string() });
+        return Err(ImageError::Mismatch {
+            file: entry.file.clone(),
+            what: "size",
+            expected: entry.size.to_string(),
+            actual: size.to_string(),
+        });
     }
     let actual = hex::encode(hasher.finalize());
     if !actual.eq_ignore_ascii_case(&entry.sha256) {
-        return Err(ImageError::Mismatch { file: entry.file.clone(), what: "sha256", expected: entry.sha256.clone(), actual });
+        return Err(ImageError::Mismatch {
+            file: entry.file.clone(),
+            what: "sha256",
+            expected: entry.sha256.clone(),
+            actual,
+        });
     }
     Ok(())
 }
@@ -145,7 +169,8 @@ fn verify_file(dir: &Path, entry: &FileEntry) -> Result<(), ImageError> {
 pub fn verify_dir(dir: &Path, keys: &[[u8; 32]]) -> Result<Manifest, ImageError> {
     let mpath = dir.join(MANIFEST);
     let manifest = fs::read(&mpath).map_err(|_| ImageError::Missing(MANIFEST.into()))?;
-    let signature = fs::read(dir.join(SIGNATURE)).map_err(|_| ImageError::Missing(SIGNATURE.into()))?;
+    let signature =
+        fs::read(dir.join(SIGNATURE)).map_err(|_| ImageError::Missing(SIGNATURE.into()))?;
     let m = verify_manifest(&manifest, &signature, keys)?;
     verify_file(dir, &m.kernel)?;
     verify_file(dir, &m.initrd)?;
@@ -209,7 +234,10 @@ impl ImageStore {
         let dir = self.staging(version);
         let result = verify_dir(&dir, &self.keys).and_then(|m| {
             if m.version != version {
-                return Err(ImageError::BadManifest(format!("manifest is for version {}, uploaded as {version}", m.version)));
+                return Err(ImageError::BadManifest(format!(
+                    "manifest is for version {}, uploaded as {version}",
+                    m.version
+                )));
             }
             let target = self.root.join(version);
             if target.exists() {
@@ -228,28 +256,33 @@ impl ImageStore {
         Ok(m)
     }
 
-    /// The manifest of a stored image (re-verified signature, not the files: those are checked at add).
+    /// The manifest of a stored image (re-verified signature, not the files: those are checked at
+    /// add).
     pub fn get(&self, version: &str) -> Result<Manifest, ImageError> {
         check_name(version)?;
         let dir = self.root.join(version);
         if !dir.is_dir() {
             return Err(ImageError::Unknown(version.to_owned()));
         }
-        let manifest = fs::read(dir.join(MANIFEST)).map_err(|_| ImageError::Missing(MANIFEST.into()))?;
-        let m: Manifest = serde_json::from_slice(&manifest).map_err(|e| ImageError::BadManifest(e.to_string()))?;
+        let manifest =
+            fs::read(dir.join(MANIFEST)).map_err(|_| ImageError::Missing(MANIFEST.into()))?;
+        let m: Manifest = serde_json::from_slice(&manifest)
+            .map_err(|e| ImageError::BadManifest(e.to_string()))?;
         Ok(m)
     }
 
-    /// A stored image's `manifest.json` exactly as signed, and `manifest.sig`: what an agent verifies
-    /// with its own image keys before it kexecs into the image.
+    /// A stored image's `manifest.json` exactly as signed, and `manifest.sig`: what an agent
+    /// verifies with its own image keys before it kexecs into the image.
     pub fn signed_manifest(&self, version: &str) -> Result<(Vec<u8>, Vec<u8>), ImageError> {
         check_name(version)?;
         let dir = self.root.join(version);
         if !dir.is_dir() {
             return Err(ImageError::Unknown(version.to_owned()));
         }
-        let manifest = fs::read(dir.join(MANIFEST)).map_err(|_| ImageError::Missing(MANIFEST.into()))?;
-        let signature = fs::read(dir.join(SIGNATURE)).map_err(|_| ImageError::Missing(SIGNATURE.into()))?;
+        let manifest =
+            fs::read(dir.join(MANIFEST)).map_err(|_| ImageError::Missing(MANIFEST.into()))?;
+        let signature =
+            fs::read(dir.join(SIGNATURE)).map_err(|_| ImageError::Missing(SIGNATURE.into()))?;
         Ok((manifest, signature))
     }
 
@@ -272,7 +305,10 @@ impl ImageStore {
                 continue;
             }
             if let Ok(manifest) = self.get(&name) {
-                out.push(ImageInfo { default: default.as_deref() == Some(name.as_str()), manifest });
+                out.push(ImageInfo {
+                    default: default.as_deref() == Some(name.as_str()),
+                    manifest,
+                });
             }
         }
         out.sort_by(|a, b| a.manifest.version.cmp(&b.manifest.version));
@@ -321,7 +357,11 @@ pub(crate) mod tests {
         let key = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key");
         let entry = |name: &str, data: &[u8]| {
             fs::write(dir.path().join(name), data).expect("write");
-            FileEntry { file: name.into(), size: data.len() as u64, sha256: hex::encode(Sha256::digest(data)) }
+            FileEntry {
+                file: name.into(),
+                size: data.len() as u64,
+                sha256: hex::encode(Sha256::digest(data)),
+            }
         };
         let m = Manifest {
             format: 1,
@@ -349,33 +389,62 @@ pub(crate) mod tests {
     #[test]
     fn a_signed_image_is_added_and_becomes_the_default() {
         let img = make_image("1.0");
-        assert_eq!(verify_dir(img.dir.path(), &[img.public]).expect("verifies").version, "1.0");
+        assert_eq!(
+            verify_dir(img.dir.path(), &[img.public])
+                .expect("verifies")
+                .version,
+            "1.0"
+        );
         let root = tempfile::tempdir().expect("tempdir");
         let store = ImageStore::open(root.path().join("images"), vec![img.public]).expect("open");
         upload(&store, img.dir.path(), "1.0").expect("added");
-        assert_eq!(store.default_version().expect("default"), Some("1.0".into()));
+        assert_eq!(
+            store.default_version().expect("default"),
+            Some("1.0".into())
+        );
         assert_eq!(store.list().expect("list").len(), 1);
         assert!(store.file("1.0", "vmlinuz").expect("file").exists());
-        assert!(matches!(store.file("1.0", "manifest.sig"), Err(ImageError::Missing(_))));
-        assert!(matches!(upload(&store, img.dir.path(), "1.0"), Err(ImageError::Exists(_))));
+        assert!(matches!(
+            store.file("1.0", "manifest.sig"),
+            Err(ImageError::Missing(_))
+        ));
+        assert!(matches!(
+            upload(&store, img.dir.path(), "1.0"),
+            Err(ImageError::Exists(_))
+        ));
     }
 
     #[test]
     fn wrong_signature_hash_or_size_is_refused() {
         let img = make_image("1.0");
         let other = make_image("1.0");
-        assert!(matches!(verify_dir(img.dir.path(), &[other.public]), Err(ImageError::BadSignature)));
-        assert!(matches!(verify_dir(img.dir.path(), &[]), Err(ImageError::NoTrustedKey)));
+        assert!(matches!(
+            verify_dir(img.dir.path(), &[other.public]),
+            Err(ImageError::BadSignature)
+        ));
+        assert!(matches!(
+            verify_dir(img.dir.path(), &[]),
+            Err(ImageError::NoTrustedKey)
+        ));
         // Same size, different content.
         fs::write(img.dir.path().join("initrd.img"), b"INITRD bytes").expect("write");
-        assert!(matches!(verify_dir(img.dir.path(), &[img.public]), Err(ImageError::Mismatch { what: "sha256", .. })));
+        assert!(matches!(
+            verify_dir(img.dir.path(), &[img.public]),
+            Err(ImageError::Mismatch { what: "sha256", .. })
+        ));
         fs::write(img.dir.path().join("initrd.img"), b"short").expect("write");
-        assert!(matches!(verify_dir(img.dir.path(), &[img.public]), Err(ImageError::Mismatch { what: "size", .. })));
+        assert!(matches!(
+            verify_dir(img.dir.path(), &[img.public]),
+            Err(ImageError::Mismatch { what: "size", .. })
+        ));
         // A tampered manifest no longer verifies.
         let mut m = fs::read(img.dir.path().join(MANIFEST)).expect("read");
         m[10] ^= 1;
         fs::write(img.dir.path().join(MANIFEST), m).expect("write");
-        assert!(matches!(verify_dir(img.dir.path(), &[img.public]), Err(ImageError::BadSignature)));
+        assert!(matches!(
+            verify_dir(img.dir.path(), &[img.public]),
+            Err(ImageError::BadSignature)
+        ));
         // A refused upload leaves nothing behind.
         let root = tempfile::tempdir().expect("tempdir");
         let store = ImageStore::open(root.path().to_owned(), vec![img.public]).expect("open");

@@ -9,12 +9,12 @@
 //! | `netboot_leases` | MAC (6 bytes) | [`Lease`] |
 //! | `netboot_node_images` | node id | image version (UTF-8) |
 //!
-//! `netboot_machines` is capped ([`DEFAULT_MAX_MACHINES`], `NetbootConfig::max_machines`): every PXE
-//! client's DHCP packet would otherwise add a row, and anyone on the LAN can send them with made-up
-//! MACs. At the cap, a MAC not yet in the table is not recorded ([`MachineStore::seen`] returns `None`
-//! and counts it); the DHCP server still answers it by the admission policy, so with the default
-//! policy a new machine still boots, it is just not listed. An operator's `shoalctl machines admit MAC`
-//! always records the machine, cap or not.
+//! `netboot_machines` is capped ([`DEFAULT_MAX_MACHINES`], `NetbootConfig::max_machines`): every
+//! PXE client's DHCP packet would otherwise add a row, and anyone on the LAN can send them with
+//! made-up MACs. At the cap, a MAC not yet in the table is not recorded ([`MachineStore::seen`]
+//! returns `None` and counts it); the DHCP server still answers it by the admission policy, so with
+//! the default policy a new machine still boots, it is just not listed. An operator's `shoalctl
+//! machines admit MAC` always records the machine, cap or not.
 
 use std::{
     collections::HashMap,
@@ -77,7 +77,10 @@ fn db(e: sled::Error) -> StoreError {
 }
 
 fn corrupt(tree: &str, e: postcard::Error) -> StoreError {
-    StoreError::Corrupt { key: tree.to_owned(), cause: e.to_string() }
+    StoreError::Corrupt {
+        key: tree.to_owned(),
+        cause: e.to_string(),
+    }
 }
 
 /// Whether an update may create the machine's record.
@@ -137,7 +140,9 @@ impl MachineStore {
     /// One machine.
     pub fn machine(&self, mac: &Mac) -> Result<Option<MachineRecord>, StoreError> {
         match self.machines.get(mac.0).map_err(db)? {
-            Some(v) => Ok(Some(postcard::from_bytes(&v).map_err(|e| corrupt(MACHINES, e))?)),
+            Some(v) => Ok(Some(
+                postcard::from_bytes(&v).map_err(|e| corrupt(MACHINES, e))?,
+            )),
             None => Ok(None),
         }
     }
@@ -156,7 +161,14 @@ impl MachineStore {
     /// Records a DHCP packet from `mac`; creates the record (admitted per `policy`) on first sight.
     /// `None` when `mac` is new and the table is full: nothing is recorded (and it is counted in
     /// [`MachineStore::not_recorded`]).
-    pub fn seen(&self, mac: Mac, arch: Option<Arch>, pxe: bool, policy: AdmissionPolicy, now: UnixMillis) -> Result<Option<MachineRecord>, StoreError> {
+    pub fn seen(
+        &self,
+        mac: Mac,
+        arch: Option<Arch>,
+        pxe: bool,
+        policy: AdmissionPolicy,
+        now: UnixMillis,
+    ) -> Result<Option<MachineRecord>, StoreError> {
         self.update(mac, now, policy, Create::IfRoom, |m| {
             m.last_seen = now;
             if arch.is_some() {
@@ -166,21 +178,37 @@ impl MachineStore {
         })
     }
 
-    /// Admits a machine (creating its record if it was never seen, even at the cap: an operator asked).
+    /// Admits a machine (creating its record if it was never seen, even at the cap: an operator
+    /// asked).
     pub fn admit(&self, mac: Mac, now: UnixMillis) -> Result<MachineRecord, StoreError> {
-        self.update(mac, now, AdmissionPolicy::AdmitAll, Create::Always, |m| m.admitted = true)?
-            .ok_or_else(|| StoreError::Db("machine record not written".into()))
+        self.update(mac, now, AdmissionPolicy::AdmitAll, Create::Always, |m| {
+            m.admitted = true
+        })?
+        .ok_or_else(|| StoreError::Db("machine record not written".into()))
     }
 
-    /// Notes that `mac` fetched a boot script for `image`; `None` when it is new and the table is full.
-    pub fn booted(&self, mac: Mac, image: &str, now: UnixMillis) -> Result<Option<MachineRecord>, StoreError> {
+    /// Notes that `mac` fetched a boot script for `image`; `None` when it is new and the table is
+    /// full.
+    pub fn booted(
+        &self,
+        mac: Mac,
+        image: &str,
+        now: UnixMillis,
+    ) -> Result<Option<MachineRecord>, StoreError> {
         self.update(mac, now, AdmissionPolicy::AdmitAll, Create::IfRoom, |m| {
             m.last_image = Some(image.to_owned());
             m.last_boot = Some(now);
         })
     }
 
-    fn update(&self, mac: Mac, now: UnixMillis, policy: AdmissionPolicy, create: Create, f: impl Fn(&mut MachineRecord)) -> Result<Option<MachineRecord>, StoreError> {
+    fn update(
+        &self,
+        mac: Mac,
+        now: UnixMillis,
+        policy: AdmissionPolicy,
+        create: Create,
+        f: impl Fn(&mut MachineRecord),
+    ) -> Result<Option<MachineRecord>, StoreError> {
         self.store.check_space()?;
         let mut count = self.count.lock().unwrap_or_else(|p| p.into_inner());
         let exists = self.machines.contains_key(mac.0).map_err(db)?;
@@ -191,16 +219,18 @@ impl MachineStore {
         let mut out = None;
         self.machines
             .fetch_and_update(mac.0, |old| {
-                let mut m = old.and_then(|b| postcard::from_bytes::<MachineRecord>(b).ok()).unwrap_or(MachineRecord {
-                    mac,
-                    arch: None,
-                    pxe: false,
-                    first_seen: now,
-                    last_seen: now,
-                    admitted: policy == AdmissionPolicy::AdmitAll,
-                    last_image: None,
-                    last_boot: None,
-                });
+                let mut m = old
+                    .and_then(|b| postcard::from_bytes::<MachineRecord>(b).ok())
+                    .unwrap_or(MachineRecord {
+                        mac,
+                        arch: None,
+                        pxe: false,
+                        first_seen: now,
+                        last_seen: now,
+                        admitted: policy == AdmissionPolicy::AdmitAll,
+                        last_image: None,
+                        last_boot: None,
+                    });
                 f(&mut m);
                 let bytes = postcard::to_allocvec(&m).ok();
                 out = Some(m);
@@ -210,7 +240,8 @@ impl MachineStore {
         if !exists {
             *count += 1;
         }
-        out.map(Some).ok_or_else(|| StoreError::Db("cannot encode machine record".into()))
+        out.map(Some)
+            .ok_or_else(|| StoreError::Db("cannot encode machine record".into()))
     }
 
     /// All persisted leases.
@@ -242,13 +273,19 @@ impl MachineStore {
 
     /// The image assigned to a node.
     pub fn node_image(&self, node: &NodeId) -> Result<Option<String>, StoreError> {
-        Ok(self.node_images.get(node.0.as_bytes()).map_err(db)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        Ok(self
+            .node_images
+            .get(node.0.as_bytes())
+            .map_err(db)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     /// Assigns an image to a node.
     pub fn set_node_image(&self, node: &NodeId, version: &str) -> Result<(), StoreError> {
         self.store.check_space()?;
-        self.node_images.insert(node.0.as_bytes(), version.as_bytes()).map_err(db)?;
+        self.node_images
+            .insert(node.0.as_bytes(), version.as_bytes())
+            .map_err(db)?;
         self.node_images.flush().map_err(db)?;
         Ok(())
     }
@@ -268,7 +305,8 @@ pub struct OuiTable {
 }
 
 impl OuiTable {
-    /// Loads `oui.txt` (lines `00-00-0C   (hex)\t\tCisco Systems, Inc`); an empty table if unreadable.
+    /// Loads `oui.txt` (lines `00-00-0C (hex)\t\tCisco Systems, Inc`); an empty table if
+    /// unreadable.
     pub fn load(path: &Path) -> OuiTable {
         match std::fs::read_to_string(path) {
             Ok(text) => Self::parse(&text),
@@ -283,10 +321,16 @@ impl OuiTable {
     pub fn parse(text: &str) -> OuiTable {
         let mut vendors = HashMap::new();
         for line in text.lines() {
-            let Some((prefix, rest)) = line.split_once("(hex)") else { continue };
+            let Some((prefix, rest)) = line.split_once("(hex)") else {
+                continue;
+            };
             let hex: String = prefix.trim().chars().filter(|c| *c != '-').collect();
-            let Ok(bytes) = hex::decode(&hex) else { continue };
-            let Ok(key) = <[u8; 3]>::try_from(bytes.as_slice()) else { continue };
+            let Ok(bytes) = hex::decode(&hex) else {
+                continue;
+            };
+            let Ok(key) = <[u8; 3]>::try_from(bytes.as_slice()) else {
+                continue;
+            };
             vendors.insert(key, rest.trim().to_owned());
         }
         OuiTable { vendors }
@@ -297,7 +341,9 @@ impl OuiTable {
         if mac.0[0] & 0x02 != 0 {
             return None;
         }
-        self.vendors.get(&[mac.0[0], mac.0[1], mac.0[2]]).map(String::as_str)
+        self.vendors
+            .get(&[mac.0[0], mac.0[1], mac.0[2]])
+            .map(String::as_str)
     }
 
     /// Number of entries.
@@ -328,7 +374,10 @@ mod tests {
     fn oui_lines_parse_and_local_macs_have_no_vendor() {
         let t = OuiTable::parse("OUI/MA-L\t\tOrganization\n00-00-0C   (hex)\t\tCisco Systems, Inc\n00000C     (base 16)\t\tCisco Systems, Inc\n\nbroken (hex)\n");
         assert_eq!(t.len(), 1);
-        assert_eq!(t.vendor(&Mac([0, 0, 0x0c, 1, 2, 3])), Some("Cisco Systems, Inc"));
+        assert_eq!(
+            t.vendor(&Mac([0, 0, 0x0c, 1, 2, 3])),
+            Some("Cisco Systems, Inc")
+        );
         assert_eq!(t.vendor(&Mac([0x52, 0x54, 0, 1, 2, 3])), None);
     }
 
@@ -339,7 +388,9 @@ mod tests {
             eprintln!("skipping: {OUI_FILE} not installed (Debian package ieee-data)");
             return;
         }
-        assert!(t.vendor(&Mac([0x00, 0x1b, 0x21, 0, 0, 1])).is_some_and(|v| v.contains("Intel")));
+        assert!(t
+            .vendor(&Mac([0x00, 0x1b, 0x21, 0, 0, 1]))
+            .is_some_and(|v| v.contains("Intel")));
     }
 
     #[test]
@@ -357,13 +408,33 @@ mod tests {
         {
             let store = Store::open(dir.path()).expect("store");
             let ms = MachineStore::open(&store, DEFAULT_MAX_MACHINES).expect("trees");
-            let m = ms.seen(mac, Some(Arch::Bios), true, AdmissionPolicy::Hold, UnixMillis(5)).expect("seen").expect("recorded");
+            let m = ms
+                .seen(
+                    mac,
+                    Some(Arch::Bios),
+                    true,
+                    AdmissionPolicy::Hold,
+                    UnixMillis(5),
+                )
+                .expect("seen")
+                .expect("recorded");
             assert!(!m.admitted);
-            let m = ms.seen(mac, None, false, AdmissionPolicy::AdmitAll, UnixMillis(9)).expect("seen").expect("recorded");
+            let m = ms
+                .seen(mac, None, false, AdmissionPolicy::AdmitAll, UnixMillis(9))
+                .expect("seen")
+                .expect("recorded");
             assert!(!m.admitted, "policy applies only at first sight");
-            assert_eq!((m.first_seen, m.last_seen, m.arch), (UnixMillis(5), UnixMillis(9), Some(Arch::Bios)));
+            assert_eq!(
+                (m.first_seen, m.last_seen, m.arch),
+                (UnixMillis(5), UnixMillis(9), Some(Arch::Bios))
+            );
             ms.admit(mac, UnixMillis(10)).expect("admit");
-            ms.put_lease(&Lease { mac, ip: "192.0.2.10".parse().expect("ip"), expires: UnixMillis(99) }).expect("lease");
+            ms.put_lease(&Lease {
+                mac,
+                ip: "192.0.2.10".parse().expect("ip"),
+                expires: UnixMillis(99),
+            })
+            .expect("lease");
             store.flush().expect("flush");
         }
         let store = Store::open(dir.path()).expect("store");
@@ -379,16 +450,42 @@ mod tests {
         let store = Store::open(dir.path()).expect("store");
         let ms = MachineStore::open(&store, 3).expect("trees");
         for i in 0..3 {
-            assert!(ms.seen(Mac([2, 0, 0, 0, 0, i]), None, true, AdmissionPolicy::AdmitAll, UnixMillis(1)).expect("seen").is_some());
+            assert!(ms
+                .seen(
+                    Mac([2, 0, 0, 0, 0, i]),
+                    None,
+                    true,
+                    AdmissionPolicy::AdmitAll,
+                    UnixMillis(1)
+                )
+                .expect("seen")
+                .is_some());
         }
         let new = Mac([2, 0, 0, 0, 0, 9]);
-        assert_eq!(ms.seen(new, None, true, AdmissionPolicy::AdmitAll, UnixMillis(2)).expect("seen"), None, "table full");
+        assert_eq!(
+            ms.seen(new, None, true, AdmissionPolicy::AdmitAll, UnixMillis(2))
+                .expect("seen"),
+            None,
+            "table full"
+        );
         assert_eq!(ms.booted(new, "v1", UnixMillis(2)).expect("booted"), None);
         assert_eq!(ms.not_recorded(), 2);
         assert_eq!((ms.machines().expect("list").len(), ms.count()), (3, 3));
         // A known machine is still updated.
-        let known = ms.seen(Mac([2, 0, 0, 0, 0, 1]), Some(Arch::UefiX64), true, AdmissionPolicy::AdmitAll, UnixMillis(3)).expect("seen").expect("known");
-        assert_eq!((known.last_seen, known.arch), (UnixMillis(3), Some(Arch::UefiX64)));
+        let known = ms
+            .seen(
+                Mac([2, 0, 0, 0, 0, 1]),
+                Some(Arch::UefiX64),
+                true,
+                AdmissionPolicy::AdmitAll,
+                UnixMillis(3),
+            )
+            .expect("seen")
+            .expect("known");
+        assert_eq!(
+            (known.last_seen, known.arch),
+            (UnixMillis(3), Some(Arch::UefiX64))
+        );
         // An operator's admit goes past the cap.
         assert!(ms.admit(new, UnixMillis(4)).expect("admit").admitted);
         assert_eq!(ms.count(), 4);
@@ -396,6 +493,16 @@ mod tests {
         drop(ms);
         let ms = MachineStore::open(&store, 3).expect("trees");
         assert_eq!(ms.count(), 4);
-        assert_eq!(ms.seen(Mac([2, 0, 0, 0, 0, 10]), None, true, AdmissionPolicy::AdmitAll, UnixMillis(5)).expect("seen"), None);
+        assert_eq!(
+            ms.seen(
+                Mac([2, 0, 0, 0, 0, 10]),
+                None,
+                true,
+                AdmissionPolicy::AdmitAll,
+                UnixMillis(5)
+            )
+            .expect("seen"),
+            None
+        );
     }
 }

@@ -1,11 +1,11 @@
 //! Netboot: DHCP (full or proxy), TFTP for iPXE, HTTP for per-machine iPXE scripts and images, the
 //! signed image store, and the machines seen on the netboot network.
 //!
-//! - [`dhcp`] and [`tftp`] are sans-IO cores; [`serve`] here runs them on sockets bound to the netboot
-//!   interface.
-//! - [`http`] serves `GET /boot/<mac>.ipxe` (mints a single-use join token for that boot, only for a
-//!   MAC the DHCP server just saw PXE-boot: [`boot_tokens`]) and `GET /images/<version>/<file>` over
-//!   plain HTTP on the netboot interface, with header, idle and connection limits.
+//! - [`dhcp`] and [`tftp`] are sans-IO cores; [`serve`] here runs them on sockets bound to the
+//!   netboot interface.
+//! - [`http`] serves `GET /boot/<mac>.ipxe` (mints a single-use join token for that boot, only for
+//!   a MAC the DHCP server just saw PXE-boot: [`boot_tokens`]) and `GET /images/<version>/<file>`
+//!   over plain HTTP on the netboot interface, with header, idle and connection limits.
 //! - [`images`] keeps signed images; [`machines`] the machine table, leases and image assignments.
 //! - [`slots`] counts TFTP transfers and HTTP connections per client address and overall.
 //! - [`api`] adds the admin API routes (`/v1/images`, `/v1/machines`, `/v1/nodes/{id}/image`).
@@ -41,7 +41,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use self::{
     boot_tokens::{BootTokenGate, GateConfig},
-    dhcp::{Admission, DhcpConfig, DhcpMode, DhcpServer, Destination, LeaseChange, Leases},
+    dhcp::{Admission, Destination, DhcpConfig, DhcpMode, DhcpServer, LeaseChange, Leases},
     images::ImageStore,
     machines::{AdmissionPolicy, MachineStore, OuiTable},
     slots::{SharedSlots, SlotLimits},
@@ -70,13 +70,14 @@ pub struct NetbootConfig {
     pub admission: AdmissionPolicy,
     /// Lifetime of the single-use join token in each boot script; default 10 minutes.
     pub boot_token_ttl: Duration,
-    /// When a boot script may mint a token: the sighting window (default 2 minutes), the rate (default
-    /// a burst of 64, then one a second) and the MACs remembered (default 4096); [`GateConfig`].
+    /// When a boot script may mint a token: the sighting window (default 2 minutes), the rate
+    /// (default a burst of 64, then one a second) and the MACs remembered (default 4096);
+    /// [`GateConfig`].
     pub boot_tokens: GateConfig,
     /// Rows of the machine table; default [`machines::DEFAULT_MAX_MACHINES`] (10,000).
     pub max_machines: usize,
-    /// Boot HTTP server limits; default [`http::HttpLimits::default`] (headers within 10 s, idle 30 s,
-    /// 256 connections, 8 per client address).
+    /// Boot HTTP server limits; default [`http::HttpLimits::default`] (headers within 10 s, idle 30
+    /// s, 256 connections, 8 per client address).
     pub http: http::HttpLimits,
     /// TFTP transfers at once; default 64 over all clients, 4 per client address.
     pub tftp_slots: SlotLimits,
@@ -151,13 +152,32 @@ pub struct Netboot {
 
 impl Netboot {
     /// Opens the image store (`DATA_DIR/images`) and the machine trees.
-    pub fn open(config: NetbootConfig, data_dir: &Path, store: &Store) -> Result<Netboot, NetbootError> {
-        let keys = config.image_keys.iter().map(|p| images::read_key(p)).collect::<Result<Vec<_>, _>>()?;
+    pub fn open(
+        config: NetbootConfig,
+        data_dir: &Path,
+        store: &Store,
+    ) -> Result<Netboot, NetbootError> {
+        let keys = config
+            .image_keys
+            .iter()
+            .map(|p| images::read_key(p))
+            .collect::<Result<Vec<_>, _>>()?;
         let images = ImageStore::open(data_dir.join("images"), keys)?;
         let machines = MachineStore::open(store, config.max_machines)?;
-        let oui = if config.interface.is_some() { OuiTable::load(&config.oui_file) } else { OuiTable::default() };
+        let oui = if config.interface.is_some() {
+            OuiTable::load(&config.oui_file)
+        } else {
+            OuiTable::default()
+        };
         let gate = std::sync::Mutex::new(BootTokenGate::new(config.boot_tokens, Instant::now()));
-        Ok(Netboot { config, images, machines, oui, boot: std::sync::OnceLock::new(), gate })
+        Ok(Netboot {
+            config,
+            images,
+            machines,
+            oui,
+            boot: std::sync::OnceLock::new(),
+            gate,
+        })
     }
 
     /// The boot-token gate. Held only for in-memory decisions, never across I/O.
@@ -168,20 +188,33 @@ impl Netboot {
 
     /// The netboot interface's IPv4 address and netmask.
     pub fn interface_addr(&self) -> Result<Option<(Ipv4Addr, Ipv4Addr)>, NetbootError> {
-        let Some(iface) = &self.config.interface else { return Ok(None) };
+        let Some(iface) = &self.config.interface else {
+            return Ok(None);
+        };
         interface_ipv4(iface).map(Some)
     }
 }
 
 /// The first IPv4 address and netmask of an interface.
 pub fn interface_ipv4(iface: &str) -> Result<(Ipv4Addr, Ipv4Addr), NetbootError> {
-    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| NetbootError::Socket { what: "getifaddrs".into(), source: e.into() })?;
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| NetbootError::Socket {
+        what: "getifaddrs".into(),
+        source: e.into(),
+    })?;
     for a in addrs {
         if a.interface_name != iface {
             continue;
         }
-        let ip = a.address.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip());
-        let mask = a.netmask.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip());
+        let ip = a
+            .address
+            .as_ref()
+            .and_then(|s| s.as_sockaddr_in())
+            .map(|s| s.ip());
+        let mask = a
+            .netmask
+            .as_ref()
+            .and_then(|s| s.as_sockaddr_in())
+            .map(|s| s.ip());
         if let (Some(ip), Some(mask)) = (ip, mask) {
             return Ok((ip, mask));
         }
@@ -206,12 +239,22 @@ impl Servers {
 
 /// TFTP transfers at once: 64 over all clients, 4 per client address (a PXE client needs one; a
 /// retransmitted request may briefly start a second).
-pub const DEFAULT_TFTP_SLOTS: SlotLimits = SlotLimits { total: 64, per_client: 4 };
+pub const DEFAULT_TFTP_SLOTS: SlotLimits = SlotLimits {
+    total: 64,
+    per_client: 4,
+};
 
 /// A UDP socket on `addr`, bound to `iface` (`SO_BINDTODEVICE`), so it never sees a packet that
 /// arrived on another interface.
-fn udp_socket(what: &str, addr: SocketAddrV4, iface: Option<&str>) -> Result<UdpSocket, NetbootError> {
-    let err = |source| NetbootError::Socket { what: format!("{what} ({addr})"), source };
+fn udp_socket(
+    what: &str,
+    addr: SocketAddrV4,
+    iface: Option<&str>,
+) -> Result<UdpSocket, NetbootError> {
+    let err = |source| NetbootError::Socket {
+        what: format!("{what} ({addr})"),
+        source,
+    };
     let std = std::net::UdpSocket::bind(addr).map_err(err)?;
     std.set_broadcast(true).map_err(err)?;
     std.set_nonblocking(true).map_err(err)?;
@@ -224,7 +267,10 @@ fn udp_socket(what: &str, addr: SocketAddrV4, iface: Option<&str>) -> Result<Udp
 
 /// The boot HTTP listener on `addr`, bound to `iface` before its address.
 fn tcp_listener(addr: SocketAddr, iface: &str) -> Result<tokio::net::TcpListener, NetbootError> {
-    let err = |source| NetbootError::Socket { what: format!("HTTP ({addr})"), source };
+    let err = |source| NetbootError::Socket {
+        what: format!("HTTP ({addr})"),
+        source,
+    };
     let sock = tokio::net::TcpSocket::new_v4().map_err(err)?;
     sock.set_reuseaddr(true).map_err(err)?;
     sock.bind_device(Some(iface.as_bytes())).map_err(err)?;
@@ -234,9 +280,14 @@ fn tcp_listener(addr: SocketAddr, iface: &str) -> Result<tokio::net::TcpListener
 
 /// Starts DHCP, TFTP and HTTP on the netboot interface, if one is configured. `agent_port` is the
 /// controller's QUIC port, put in the kernel command line together with the interface's address.
-pub async fn serve(controller: Arc<Controller>, agent_port: u16) -> Result<Option<Servers>, NetbootError> {
+pub async fn serve(
+    controller: Arc<Controller>,
+    agent_port: u16,
+) -> Result<Option<Servers>, NetbootError> {
     let nb = &controller.netboot;
-    let Some(iface) = nb.config.interface.clone() else { return Ok(None) };
+    let Some(iface) = nb.config.interface.clone() else {
+        return Ok(None);
+    };
     let (ip, mask) = interface_ipv4(&iface)?;
     let http_addr = SocketAddr::from((ip, nb.config.http_port));
     let http_base = format!("http://{http_addr}");
@@ -244,7 +295,11 @@ pub async fn serve(controller: Arc<Controller>, agent_port: u16) -> Result<Optio
     let mut dhcp_config = DhcpConfig::new(nb.config.dhcp.clone(), ip, mask, http_base.clone());
     dhcp_config.router = nb.config.router;
     dhcp_config.dns = nb.config.dns.clone();
-    dhcp_config.lease_secs = nb.config.lease_time.as_secs().clamp(60, u64::from(u32::MAX)) as u32;
+    dhcp_config.lease_secs = nb
+        .config
+        .lease_time
+        .as_secs()
+        .clamp(60, u64::from(u32::MAX)) as u32;
     dhcp_config.boot_files = nb.config.boot_files.clone();
     let machines = nb.machines.clone();
     let leases = tokio::task::spawn_blocking(move || machines.leases())
@@ -252,16 +307,34 @@ pub async fn serve(controller: Arc<Controller>, agent_port: u16) -> Result<Optio
         .map_err(|e| NetbootError::Store(StoreError::Db(e.to_string())))??;
     let server = DhcpServer::new(dhcp_config, Leases::new(leases));
 
-    let dhcp67 = udp_socket("DHCP", SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, dhcp::SERVER_PORT), Some(&iface))?;
-    let dhcp4011 = udp_socket("PXE", SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, dhcp::PXE_PORT), Some(&iface))?;
+    let dhcp67 = udp_socket(
+        "DHCP",
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, dhcp::SERVER_PORT),
+        Some(&iface),
+    )?;
+    let dhcp4011 = udp_socket(
+        "PXE",
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, dhcp::PXE_PORT),
+        Some(&iface),
+    )?;
     let tftp = udp_socket("TFTP", SocketAddrV4::new(ip, tftp::PORT), Some(&iface))?;
     let http = tcp_listener(http_addr, &iface)?;
-    let boot = http::BootContext { controller_addr: SocketAddr::from((ip, agent_port)), http_base };
+    let boot = http::BootContext {
+        controller_addr: SocketAddr::from((ip, agent_port)),
+        http_base,
+    };
     let _ = nb.boot.set(boot.clone());
     info!(interface = %iface, address = %ip, mode = ?nb.config.dhcp, http = %http_addr, tftp_root = %nb.config.tftp_root.display(), "netboot servers running");
-    let tftp_server = TftpServer { root: nb.config.tftp_root.clone(), ip, iface: Some(iface.clone()), slots: nb.config.tftp_slots };
+    let tftp_server = TftpServer {
+        root: nb.config.tftp_root.clone(),
+        ip,
+        iface: Some(iface.clone()),
+        slots: nb.config.tftp_slots,
+    };
     let tasks = vec![
-        tokio::spawn(dhcp_loop(controller.clone(), server, dhcp67, dhcp4011).instrument(info_span!("dhcp"))),
+        tokio::spawn(
+            dhcp_loop(controller.clone(), server, dhcp67, dhcp4011).instrument(info_span!("dhcp")),
+        ),
         tokio::spawn(tftp_server.run(tftp).instrument(info_span!("tftp"))),
         tokio::spawn(http::run(controller.clone(), boot, http).instrument(info_span!("boot_http"))),
     ];
@@ -290,11 +363,17 @@ async fn persist_leases(machines: &MachineStore, changes: &[LeaseChange]) {
 }
 
 /// Records a PXE client in the machine table (a blocking thread) and decides its admission.
-async fn admit_pxe_client(controller: &Controller, req: &dhcp::Request, now: shoal_proto::UnixMillis, full_warned: &mut Option<Instant>) -> Admission {
+async fn admit_pxe_client(
+    controller: &Controller,
+    req: &dhcp::Request,
+    now: shoal_proto::UnixMillis,
+    full_warned: &mut Option<Instant>,
+) -> Admission {
     let policy = controller.netboot.config.admission;
     let machines = controller.netboot.machines.clone();
     let (mac, arch) = (req.mac, req.arch);
-    let seen = tokio::task::spawn_blocking(move || machines.seen(mac, arch, true, policy, now)).await;
+    let seen =
+        tokio::task::spawn_blocking(move || machines.seen(mac, arch, true, policy, now)).await;
     match seen {
         Ok(Ok(Some(m))) if m.admitted => Admission::Admit,
         Ok(Ok(Some(_))) => {
@@ -308,7 +387,11 @@ async fn admit_pxe_client(controller: &Controller, req: &dhcp::Request, now: sho
                 let ms = &controller.netboot.machines;
                 warn!(%mac, max_machines = ms.max_machines(), not_recorded = ms.not_recorded(), "machine table full: new PXE clients are not recorded");
             }
-            if policy == AdmissionPolicy::AdmitAll { Admission::Admit } else { Admission::Hold }
+            if policy == AdmissionPolicy::AdmitAll {
+                Admission::Admit
+            } else {
+                Admission::Hold
+            }
         }
         Ok(Err(e)) => {
             warn!(%mac, cause = %e, "cannot record machine; not booting it");
@@ -321,7 +404,12 @@ async fn admit_pxe_client(controller: &Controller, req: &dhcp::Request, now: sho
     }
 }
 
-async fn dhcp_loop(controller: Arc<Controller>, mut server: DhcpServer, s67: UdpSocket, s4011: UdpSocket) {
+async fn dhcp_loop(
+    controller: Arc<Controller>,
+    mut server: DhcpServer,
+    s67: UdpSocket,
+    s4011: UdpSocket,
+) {
     let mut b67 = vec![0u8; 1500];
     let mut b4011 = vec![0u8; 1500];
     let mut full_warned = None;
@@ -336,7 +424,11 @@ async fn dhcp_loop(controller: Arc<Controller>, mut server: DhcpServer, s67: Udp
                 Err(e) => { warn!(cause = %e, "PXE receive failed"); continue; }
             },
         };
-        let bytes = if port == dhcp::SERVER_PORT { &b67[..len] } else { &b4011[..len] };
+        let bytes = if port == dhcp::SERVER_PORT {
+            &b67[..len]
+        } else {
+            &b4011[..len]
+        };
         let req = match dhcp::parse(bytes) {
             Ok(r) => r,
             Err(e) => {
@@ -346,10 +438,18 @@ async fn dhcp_loop(controller: Arc<Controller>, mut server: DhcpServer, s67: Udp
         };
         let now = now_ms();
         if dhcp::is_boot_sighting(&req) {
-            // The socket is bound to the netboot interface: this MAC is PXE-booting on that LAN now.
-            controller.netboot.gate().saw_pxe_boot(req.mac, Instant::now());
+            // The socket is bound to the netboot interface: this MAC is PXE-booting on that LAN
+            // now.
+            controller
+                .netboot
+                .gate()
+                .saw_pxe_boot(req.mac, Instant::now());
         }
-        let admission = if req.pxe { admit_pxe_client(&controller, &req, now, &mut full_warned).await } else { Admission::Admit };
+        let admission = if req.pxe {
+            admit_pxe_client(&controller, &req, now, &mut full_warned).await
+        } else {
+            Admission::Admit
+        };
         if req.pxe && admission == Admission::Admit {
             if let Err(arch) = dhcp::boot_file(server.config(), &req) {
                 warn!(mac = %req.mac, arch = %arch, "no iPXE binary for this architecture; not booting it");
@@ -428,7 +528,9 @@ impl TftpServer {
                 Err(e) => {
                     warn!(%from, cause = %e, "TFTP request refused");
                     let code = match e {
-                        tftp::TftpError::Traversal(_) | tftp::TftpError::WriteRefused => tftp::ErrorCode::AccessViolation,
+                        tftp::TftpError::Traversal(_) | tftp::TftpError::WriteRefused => {
+                            tftp::ErrorCode::AccessViolation
+                        }
                         _ => tftp::ErrorCode::IllegalOperation,
                     };
                     refuse(code, e.to_string()).await;
@@ -436,7 +538,9 @@ impl TftpServer {
                 }
             };
             // Symlinks must not lead out of the root either.
-            let inside = std::fs::canonicalize(&path).ok().filter(|p| p.starts_with(&canonical_root));
+            let inside = std::fs::canonicalize(&path)
+                .ok()
+                .filter(|p| p.starts_with(&canonical_root));
             let Some(file) = inside else {
                 info!(%from, path = %path.display(), "TFTP file not found");
                 refuse(tftp::ErrorCode::NotFound, "file not found".into()).await;
@@ -455,8 +559,12 @@ impl TftpServer {
                 async move {
                     let _slot = slot;
                     match tokio::fs::read(&file).await {
-                        Ok(data) => send_file(ip, iface.as_deref(), from, data, &options, &file).await,
-                        Err(e) => warn!(file = %file.display(), cause = %e, "cannot read TFTP file"),
+                        Ok(data) => {
+                            send_file(ip, iface.as_deref(), from, data, &options, &file).await
+                        }
+                        Err(e) => {
+                            warn!(file = %file.display(), cause = %e, "cannot read TFTP file")
+                        }
                     }
                 }
                 .instrument(info_span!("tftp_transfer", %from)),
@@ -465,7 +573,14 @@ impl TftpServer {
     }
 }
 
-async fn send_file(ip: Ipv4Addr, iface: Option<&str>, to: SocketAddr, data: Vec<u8>, options: &[(String, String)], file: &Path) {
+async fn send_file(
+    ip: Ipv4Addr,
+    iface: Option<&str>,
+    to: SocketAddr,
+    data: Vec<u8>,
+    options: &[(String, String)],
+    file: &Path,
+) {
     // Each transfer has its own port (its TID, RFC 1350), on the netboot interface too.
     let sock = match udp_socket("TFTP transfer", SocketAddrV4::new(ip, 0), iface) {
         Ok(s) => s,
@@ -476,12 +591,15 @@ async fn send_file(ip: Ipv4Addr, iface: Option<&str>, to: SocketAddr, data: Vec<
     }
     let size = data.len();
     let started = Instant::now();
-    let (mut transfer, first) = tftp::Transfer::start(started, data, options, tftp::TransferConfig::default());
+    let (mut transfer, first) =
+        tftp::Transfer::start(started, data, options, tftp::TransferConfig::default());
     info!(file = %file.display(), size, blksize = transfer.blksize(), "TFTP transfer started");
     let _ = sock.send(&first).await;
     let mut buf = vec![0u8; 1500];
     loop {
-        let Some(deadline) = transfer.poll_timeout() else { return };
+        let Some(deadline) = transfer.poll_timeout() else {
+            return;
+        };
         let output = tokio::select! {
             r = sock.recv(&mut buf) => match r {
                 Ok(n) => transfer.handle(Instant::now(), &buf[..n]),
@@ -512,13 +630,25 @@ async fn send_file(ip: Ipv4Addr, iface: Option<&str>, to: SocketAddr, data: Vec<
 
 /// Sends a Wake-on-LAN magic packet for `mac` as a broadcast on the netboot interface.
 pub async fn wake(controller: &Controller, mac: &dhcp::Mac) -> Result<(), NetbootError> {
-    let iface = controller.netboot.config.interface.clone().ok_or_else(|| NetbootError::NoAddress("(none configured)".into()))?;
-    let sock = udp_socket("Wake-on-LAN", SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), Some(&iface))?;
+    let iface = controller
+        .netboot
+        .config
+        .interface
+        .clone()
+        .ok_or_else(|| NetbootError::NoAddress("(none configured)".into()))?;
+    let sock = udp_socket(
+        "Wake-on-LAN",
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+        Some(&iface),
+    )?;
     let packet = machines::magic_packet(mac);
     for port in [9u16, 7] {
         sock.send_to(&packet, SocketAddr::from((Ipv4Addr::BROADCAST, port)))
             .await
-            .map_err(|source| NetbootError::Socket { what: "Wake-on-LAN send".into(), source })?;
+            .map_err(|source| NetbootError::Socket {
+                what: "Wake-on-LAN send".into(),
+                source,
+            })?;
     }
     info!(%mac, interface = %iface, "sent Wake-on-LAN packet");
     Ok(())
@@ -529,13 +659,21 @@ mod tests {
     use super::*;
     use tftp::Packet;
 
-    /// The first packet a read request from a fresh socket on `from` gets: the packet and its sender.
+    /// The first packet a read request from a fresh socket on `from` gets: the packet and its
+    /// sender.
     async fn read_request(server: SocketAddr, from: Ipv4Addr) -> (UdpSocket, Packet, SocketAddr) {
         let sock = UdpSocket::bind((from, 0)).await.expect("client socket");
-        let rrq = tftp::encode(&Packet::Rrq { filename: "undionly.kpxe".into(), mode: "octet".into(), options: vec![] });
+        let rrq = tftp::encode(&Packet::Rrq {
+            filename: "undionly.kpxe".into(),
+            mode: "octet".into(),
+            options: vec![],
+        });
         sock.send_to(&rrq, server).await.expect("send");
         let mut buf = vec![0u8; 1500];
-        let (n, sender) = tokio::time::timeout(Duration::from_secs(10), sock.recv_from(&mut buf)).await.expect("an answer").expect("recv");
+        let (n, sender) = tokio::time::timeout(Duration::from_secs(10), sock.recv_from(&mut buf))
+            .await
+            .expect("an answer")
+            .expect("recv");
         let packet = tftp::parse(&buf[..n]).expect("answer parses");
         (sock, packet, sender)
     }
@@ -552,40 +690,79 @@ mod tests {
         let root = tempfile::tempdir().expect("tempdir");
         let file: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(root.path().join("undionly.kpxe"), &file).expect("write");
-        let sock = udp_socket("TFTP", SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), None).expect("server socket");
+        let sock = udp_socket("TFTP", SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), None)
+            .expect("server socket");
         let server = sock.local_addr().expect("addr");
-        let tftp = TftpServer { root: root.path().to_owned(), ip: Ipv4Addr::LOCALHOST, iface: None, slots: SlotLimits { total: 3, per_client: 2 } };
+        let tftp = TftpServer {
+            root: root.path().to_owned(),
+            ip: Ipv4Addr::LOCALHOST,
+            iface: None,
+            slots: SlotLimits {
+                total: 3,
+                per_client: 2,
+            },
+        };
         let task = tokio::spawn(tftp.run(sock));
-        let (a, b, c) = (Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3));
+        let (a, b, c) = (
+            Ipv4Addr::LOCALHOST,
+            Ipv4Addr::new(127, 0, 0, 2),
+            Ipv4Addr::new(127, 0, 0, 3),
+        );
 
         // Client A gets two transfers (it does not acknowledge, so they hold their slots)...
         let (a1, p1, a1_tid) = read_request(server, a).await;
         let (_a2, p2, _) = read_request(server, a).await;
-        assert!(matches!(p1, Packet::Data { block: 1, .. }) && matches!(p2, Packet::Data { block: 1, .. }), "{p1:?} {p2:?}");
+        assert!(
+            matches!(p1, Packet::Data { block: 1, .. })
+                && matches!(p2, Packet::Data { block: 1, .. }),
+            "{p1:?} {p2:?}"
+        );
         // ...and no third: its share is two.
         let (_, p3, from) = read_request(server, a).await;
-        assert_eq!(refusal(&p3), Some("this client already holds its 2 slots"), "{p3:?}");
-        assert_eq!(from, server, "refused by the server port, no transfer started");
+        assert_eq!(
+            refusal(&p3),
+            Some("this client already holds its 2 slots"),
+            "{p3:?}"
+        );
+        assert_eq!(
+            from, server,
+            "refused by the server port, no transfer started"
+        );
         // B still gets the last slot, C finds none left.
         let (b_sock, pb, b_tid) = read_request(server, b).await;
-        let Packet::Data { block: 1, data } = pb else { panic!("B refused: {pb:?}") };
+        let Packet::Data { block: 1, data } = pb else {
+            panic!("B refused: {pb:?}")
+        };
         let (_, pc, _) = read_request(server, c).await;
-        assert_eq!(refusal(&pc), Some("server busy: all 3 slots are in use"), "{pc:?}");
+        assert_eq!(
+            refusal(&pc),
+            Some("server busy: all 3 slots are in use"),
+            "{pc:?}"
+        );
 
         // B, a good client, downloads the whole file.
         let mut got = data;
         let mut block = 1u16;
         let mut buf = vec![0u8; 1500];
         loop {
-            b_sock.send_to(&tftp::encode(&Packet::Ack { block }), b_tid).await.expect("ack");
-            let (n, _) = tokio::time::timeout(Duration::from_secs(10), b_sock.recv_from(&mut buf)).await.expect("next block").expect("recv");
+            b_sock
+                .send_to(&tftp::encode(&Packet::Ack { block }), b_tid)
+                .await
+                .expect("ack");
+            let (n, _) = tokio::time::timeout(Duration::from_secs(10), b_sock.recv_from(&mut buf))
+                .await
+                .expect("next block")
+                .expect("recv");
             match tftp::parse(&buf[..n]).expect("parses") {
                 Packet::Data { block: n, data } if n == block + 1 => {
                     block = n;
                     let last = data.len() < tftp::DEFAULT_BLKSIZE;
                     got.extend(data);
                     if last {
-                        b_sock.send_to(&tftp::encode(&Packet::Ack { block }), b_tid).await.expect("ack");
+                        b_sock
+                            .send_to(&tftp::encode(&Packet::Ack { block }), b_tid)
+                            .await
+                            .expect("ack");
                         break;
                     }
                 }
@@ -596,7 +773,15 @@ mod tests {
         assert_eq!(got, file, "B got the file");
 
         // A abandons one transfer (an error packet to its port): its slot is free again.
-        a1.send_to(&tftp::encode(&Packet::Error { code: 0, message: "bye".into() }), a1_tid).await.expect("error");
+        a1.send_to(
+            &tftp::encode(&Packet::Error {
+                code: 0,
+                message: "bye".into(),
+            }),
+            a1_tid,
+        )
+        .await
+        .expect("error");
         let mut served = false;
         for _ in 0..100 {
             let (_, p, _) = read_request(server, a).await;
@@ -606,7 +791,10 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(served, "A was not served again within 5 s of giving a slot back");
+        assert!(
+            served,
+            "A was not served again within 5 s of giving a slot back"
+        );
         task.abort();
     }
 }

@@ -1,6 +1,6 @@
-//! Concurrency slots per client address and overall, sans-IO: the TFTP server's transfers and the boot
-//! HTTP server's connections each take one, so one client (or a flood from many) cannot hold every
-//! transfer or connection the servers allow.
+//! Concurrency slots per client address and overall, sans-IO: the TFTP server's transfers and the
+//! boot HTTP server's connections each take one, so one client (or a flood from many) cannot hold
+//! every transfer or connection the servers allow.
 
 use std::{collections::HashMap, net::IpAddr};
 
@@ -25,7 +25,8 @@ pub enum SlotRefusal {
     ClientFull(usize),
 }
 
-/// Slots in use. Memory is bounded by `limits.total`: a client's entry exists only while it holds a slot.
+/// Slots in use. Memory is bounded by `limits.total`: a client's entry exists only while it holds a
+/// slot.
 #[derive(Debug)]
 pub struct Slots {
     limits: SlotLimits,
@@ -36,7 +37,11 @@ pub struct Slots {
 impl Slots {
     /// No slot in use.
     pub fn new(limits: SlotLimits) -> Self {
-        Self { limits, total: 0, by_client: HashMap::new() }
+        Self {
+            limits,
+            total: 0,
+            by_client: HashMap::new(),
+        }
     }
 
     /// Takes a slot for `client`; pair it with [`Slots::release`].
@@ -82,7 +87,9 @@ pub struct SharedSlots(std::sync::Arc<std::sync::Mutex<Slots>>);
 impl SharedSlots {
     /// No slot in use.
     pub fn new(limits: SlotLimits) -> Self {
-        Self(std::sync::Arc::new(std::sync::Mutex::new(Slots::new(limits))))
+        Self(std::sync::Arc::new(std::sync::Mutex::new(Slots::new(
+            limits,
+        ))))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
@@ -93,7 +100,10 @@ impl SharedSlots {
     /// Takes a slot for `client`, held until the guard drops.
     pub fn acquire(&self, client: IpAddr) -> Result<SlotGuard, SlotRefusal> {
         self.lock().acquire(client)?;
-        Ok(SlotGuard { slots: self.clone(), client })
+        Ok(SlotGuard {
+            slots: self.clone(),
+            client,
+        })
     }
 
     /// Slots in use.
@@ -126,8 +136,15 @@ mod tests {
 
     #[test]
     fn a_client_gets_its_share_and_others_still_get_slots_until_the_total() {
-        let (a, b, c): (IpAddr, IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap(), "192.0.2.3".parse().unwrap());
-        let mut s = Slots::new(SlotLimits { total: 5, per_client: 2 });
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) = (
+            "192.0.2.1".parse().unwrap(),
+            "192.0.2.2".parse().unwrap(),
+            "192.0.2.3".parse().unwrap(),
+        );
+        let mut s = Slots::new(SlotLimits {
+            total: 5,
+            per_client: 2,
+        });
         assert_eq!(s.acquire(a), Ok(()));
         assert_eq!(s.acquire(a), Ok(()));
         assert_eq!(s.acquire(a), Err(SlotRefusal::ClientFull(2)));
@@ -145,7 +162,10 @@ mod tests {
 
     #[test]
     fn guards_give_their_slot_back_and_entries_do_not_outlive_them() {
-        let s = SharedSlots::new(SlotLimits { total: 2, per_client: 1 });
+        let s = SharedSlots::new(SlotLimits {
+            total: 2,
+            per_client: 1,
+        });
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let g = s.acquire(a).expect("slot");
         assert!(matches!(s.acquire(a), Err(SlotRefusal::ClientFull(1))));

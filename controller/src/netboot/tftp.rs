@@ -1,9 +1,9 @@
 //! A read-only TFTP server core, sans-IO: RFC 1350 with the option extension (RFC 2347), `blksize`
 //! (RFC 2348) and `tsize` (RFC 2349).
 //!
-//! [`parse`] decodes packets; [`resolve`] maps a requested name to a file under the root and refuses
-//! anything that could leave it; [`Transfer`] sends one file in lock step, with `now` passed in for
-//! retransmission and giving up on a client that stops answering.
+//! [`parse`] decodes packets; [`resolve`] maps a requested name to a file under the root and
+//! refuses anything that could leave it; [`Transfer`] sends one file in lock step, with `now`
+//! passed in for retransmission and giving up on a client that stops answering.
 
 use std::{
     path::{Component, Path, PathBuf},
@@ -48,7 +48,8 @@ pub enum TftpError {
     /// A string field is not terminated or not UTF-8.
     #[error("malformed TFTP string field")]
     BadString,
-    /// The requested path is absolute after normalising, has `..`, or is otherwise outside the root.
+    /// The requested path is absolute after normalising, has `..`, or is otherwise outside the
+    /// root.
     #[error("path {0:?} is outside the TFTP root")]
     Traversal(String),
     /// Only reads are served.
@@ -119,12 +120,19 @@ fn strings(b: &[u8]) -> Result<Vec<String>, TftpError> {
     }
     b[..b.len() - 1]
         .split(|c| *c == 0)
-        .map(|s| std::str::from_utf8(s).map(str::to_owned).map_err(|_| TftpError::BadString))
+        .map(|s| {
+            std::str::from_utf8(s)
+                .map(str::to_owned)
+                .map_err(|_| TftpError::BadString)
+        })
         .collect()
 }
 
 fn pairs(rest: &[String]) -> Vec<(String, String)> {
-    rest.chunks(2).filter(|c| c.len() == 2).map(|c| (c[0].to_ascii_lowercase(), c[1].clone())).collect()
+    rest.chunks(2)
+        .filter(|c| c.len() == 2)
+        .map(|c| (c[0].to_ascii_lowercase(), c[1].clone()))
+        .collect()
 }
 
 /// Parses a packet. Never panics, whatever the bytes.
@@ -138,18 +146,34 @@ pub fn parse(b: &[u8]) -> Result<Packet, TftpError> {
                 return Err(TftpError::Truncated);
             }
             if op == 2 {
-                return Ok(Packet::Wrq { filename: s[0].clone() });
+                return Ok(Packet::Wrq {
+                    filename: s[0].clone(),
+                });
             }
-            Ok(Packet::Rrq { filename: s[0].clone(), mode: s[1].to_ascii_lowercase(), options: pairs(&s[2..]) })
+            Ok(Packet::Rrq {
+                filename: s[0].clone(),
+                mode: s[1].to_ascii_lowercase(),
+                options: pairs(&s[2..]),
+            })
         }
-        3 => Ok(Packet::Data { block: u16_at(b, 2)?, data: b[4.min(b.len())..].to_vec() }),
-        4 => Ok(Packet::Ack { block: u16_at(b, 2)? }),
+        3 => Ok(Packet::Data {
+            block: u16_at(b, 2)?,
+            data: b[4.min(b.len())..].to_vec(),
+        }),
+        4 => Ok(Packet::Ack {
+            block: u16_at(b, 2)?,
+        }),
         5 => {
             let code = u16_at(b, 2)?;
-            let message = strings(&b[4..]).ok().and_then(|s| s.into_iter().next()).unwrap_or_default();
+            let message = strings(&b[4..])
+                .ok()
+                .and_then(|s| s.into_iter().next())
+                .unwrap_or_default();
             Ok(Packet::Error { code, message })
         }
-        6 => Ok(Packet::Oack { options: pairs(&strings(body)?) }),
+        6 => Ok(Packet::Oack {
+            options: pairs(&strings(body)?),
+        }),
         n => Err(TftpError::BadOpcode(n)),
     }
 }
@@ -162,7 +186,11 @@ pub fn encode(p: &Packet) -> Vec<u8> {
         out.push(0);
     };
     match p {
-        Packet::Rrq { filename, mode, options } => {
+        Packet::Rrq {
+            filename,
+            mode,
+            options,
+        } => {
             out.extend_from_slice(&1u16.to_be_bytes());
             put_str(&mut out, filename);
             put_str(&mut out, mode);
@@ -203,13 +231,17 @@ pub fn encode(p: &Packet) -> Vec<u8> {
 
 /// An error packet.
 pub fn error_packet(code: ErrorCode, message: &str) -> Vec<u8> {
-    encode(&Packet::Error { code: code as u16, message: message.to_owned() })
+    encode(&Packet::Error {
+        code: code as u16,
+        message: message.to_owned(),
+    })
 }
 
 /// Maps a requested name to a path under `root`, refusing any name that could leave it: `..`
-/// components, and (after dropping leading slashes, which PXE firmware often sends) anything that is
-/// not a plain relative path. Backslashes count as separators (some firmware sends DOS paths). The
-/// shell must still refuse symlinks that point outside the root (it canonicalises before opening).
+/// components, and (after dropping leading slashes, which PXE firmware often sends) anything that
+/// is not a plain relative path. Backslashes count as separators (some firmware sends DOS paths).
+/// The shell must still refuse symlinks that point outside the root (it canonicalises before
+/// opening).
 pub fn resolve(root: &Path, name: &str) -> Result<PathBuf, TftpError> {
     let refuse = || TftpError::Traversal(name.to_owned());
     let normal = name.replace('\\', "/");
@@ -222,7 +254,9 @@ pub fn resolve(root: &Path, name: &str) -> Result<PathBuf, TftpError> {
         match c {
             Component::Normal(part) => out.push(part),
             Component::CurDir => {}
-            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return Err(refuse()),
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
+                return Err(refuse())
+            }
         }
     }
     Ok(out)
@@ -239,7 +273,10 @@ pub struct TransferConfig {
 
 impl Default for TransferConfig {
     fn default() -> Self {
-        Self { retransmit_after: Duration::from_secs(1), max_retries: 5 }
+        Self {
+            retransmit_after: Duration::from_secs(1),
+            max_retries: 5,
+        }
     }
 }
 
@@ -279,7 +316,12 @@ pub struct Transfer {
 impl Transfer {
     /// Starts sending `data` for a read request with `options`; returns the transfer and the first
     /// packet (an OACK when the client asked for options this server knows, else block 1).
-    pub fn start(now: Instant, data: Vec<u8>, options: &[(String, String)], config: TransferConfig) -> (Transfer, Vec<u8>) {
+    pub fn start(
+        now: Instant,
+        data: Vec<u8>,
+        options: &[(String, String)],
+        config: TransferConfig,
+    ) -> (Transfer, Vec<u8>) {
         let mut accepted = Vec::new();
         let mut blksize = DEFAULT_BLKSIZE;
         for (k, v) in options {
@@ -322,9 +364,14 @@ impl Transfer {
     }
 
     fn block_packet(&self, n: u64) -> Vec<u8> {
-        let start = ((n - 1) as usize).saturating_mul(self.blksize).min(self.data.len());
+        let start = ((n - 1) as usize)
+            .saturating_mul(self.blksize)
+            .min(self.data.len());
         let end = start.saturating_add(self.blksize).min(self.data.len());
-        encode(&Packet::Data { block: n as u16, data: self.data[start..end].to_vec() })
+        encode(&Packet::Data {
+            block: n as u16,
+            data: self.data[start..end].to_vec(),
+        })
     }
 
     /// The negotiated block size.
@@ -355,18 +402,27 @@ impl Transfer {
             }
             Ok(Packet::Error { code, message }) => {
                 self.done = true;
-                Output::Failed { packet: None, reason: format!("client sent error {code}: {message}") }
+                Output::Failed {
+                    packet: None,
+                    reason: format!("client sent error {code}: {message}"),
+                }
             }
             Ok(_) => {
                 self.done = true;
                 Output::Failed {
-                    packet: Some(error_packet(ErrorCode::IllegalOperation, "unexpected packet")),
+                    packet: Some(error_packet(
+                        ErrorCode::IllegalOperation,
+                        "unexpected packet",
+                    )),
                     reason: "unexpected packet during transfer".into(),
                 }
             }
             Err(e) => {
                 self.done = true;
-                Output::Failed { packet: Some(error_packet(ErrorCode::IllegalOperation, &e.to_string())), reason: e.to_string() }
+                Output::Failed {
+                    packet: Some(error_packet(ErrorCode::IllegalOperation, &e.to_string())),
+                    reason: e.to_string(),
+                }
             }
         }
     }
@@ -385,7 +441,10 @@ impl Transfer {
             self.done = true;
             return Output::Failed {
                 packet: Some(error_packet(ErrorCode::Undefined, "timed out")),
-                reason: format!("no acknowledgement for block {} after {} retransmissions", self.current, self.retries),
+                reason: format!(
+                    "no acknowledgement for block {} after {} retransmissions",
+                    self.current, self.retries
+                ),
             };
         }
         self.retries += 1;
@@ -395,9 +454,16 @@ impl Transfer {
 }
 
 /// Checks a read request: only octet/netascii reads, a name inside the root.
-pub fn check_request(root: &Path, packet: &Packet) -> Result<(PathBuf, Vec<(String, String)>), TftpError> {
+pub fn check_request(
+    root: &Path,
+    packet: &Packet,
+) -> Result<(PathBuf, Vec<(String, String)>), TftpError> {
     match packet {
-        Packet::Rrq { filename, mode, options } => {
+        Packet::Rrq {
+            filename,
+            mode,
+            options,
+        } => {
             if mode != "octet" && mode != "netascii" {
                 return Err(TftpError::BadMode(mode.clone()));
             }
@@ -416,7 +482,10 @@ mod tests {
         encode(&Packet::Rrq {
             filename: name.into(),
             mode: "octet".into(),
-            options: options.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            options: options
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         })
     }
 
@@ -427,7 +496,9 @@ mod tests {
     /// Runs a whole transfer as a perfect client; returns the received bytes.
     fn download(data: Vec<u8>, options: &[(&str, &str)]) -> (Vec<u8>, usize) {
         let now = Instant::now();
-        let Packet::Rrq { options, .. } = parse(&rrq("f", options)).expect("rrq") else { panic!("not rrq") };
+        let Packet::Rrq { options, .. } = parse(&rrq("f", options)).expect("rrq") else {
+            panic!("not rrq")
+        };
         let (mut t, first) = Transfer::start(now, data, &options, TransferConfig::default());
         let mut received = Vec::new();
         let mut packet = first;
@@ -466,8 +537,18 @@ mod tests {
 
     #[test]
     fn block_size_is_clamped_and_tsize_reported() {
-        let (_, first) = Transfer::start(Instant::now(), vec![0; 10], &[("blksize".into(), "65464".into()), ("tsize".into(), "0".into())], TransferConfig::default());
-        let Packet::Oack { options } = parse(&first).expect("oack") else { panic!("no oack") };
+        let (_, first) = Transfer::start(
+            Instant::now(),
+            vec![0; 10],
+            &[
+                ("blksize".into(), "65464".into()),
+                ("tsize".into(), "0".into()),
+            ],
+            TransferConfig::default(),
+        );
+        let Packet::Oack { options } = parse(&first).expect("oack") else {
+            panic!("no oack")
+        };
         assert!(options.contains(&("blksize".into(), MAX_BLKSIZE.to_string())));
         assert!(options.contains(&("tsize".into(), "10".into())));
     }
@@ -477,7 +558,9 @@ mod tests {
         let start = Instant::now();
         let (mut t, first) = Transfer::start(start, vec![1; 2000], &[], TransferConfig::default());
         // A client that acknowledged block 1 and then stopped.
-        let Output::Send(second) = t.handle(start, &ack(1)) else { panic!("no block 2") };
+        let Output::Send(second) = t.handle(start, &ack(1)) else {
+            panic!("no block 2")
+        };
         assert_ne!(first, second);
         assert_eq!(t.handle_timeout(start), Output::Nothing, "not yet due");
         let mut now;
@@ -497,25 +580,70 @@ mod tests {
     #[test]
     fn path_traversal_is_refused() {
         let root = Path::new("/srv/tftp");
-        for bad in ["../etc/passwd", "/../etc/passwd", "a/../../b", "..\\..\\windows", "", "/", "a\0b", "./../x"] {
-            assert!(matches!(resolve(root, bad), Err(TftpError::Traversal(_))), "{bad:?} accepted");
+        for bad in [
+            "../etc/passwd",
+            "/../etc/passwd",
+            "a/../../b",
+            "..\\..\\windows",
+            "",
+            "/",
+            "a\0b",
+            "./../x",
+        ] {
+            assert!(
+                matches!(resolve(root, bad), Err(TftpError::Traversal(_))),
+                "{bad:?} accepted"
+            );
         }
-        assert_eq!(resolve(root, "/undionly.kpxe"), Ok(PathBuf::from("/srv/tftp/undionly.kpxe")));
-        assert_eq!(resolve(root, "efi\\ipxe.efi"), Ok(PathBuf::from("/srv/tftp/efi/ipxe.efi")));
-        assert_eq!(resolve(root, "./ipxe.efi"), Ok(PathBuf::from("/srv/tftp/ipxe.efi")));
+        assert_eq!(
+            resolve(root, "/undionly.kpxe"),
+            Ok(PathBuf::from("/srv/tftp/undionly.kpxe"))
+        );
+        assert_eq!(
+            resolve(root, "efi\\ipxe.efi"),
+            Ok(PathBuf::from("/srv/tftp/efi/ipxe.efi"))
+        );
+        assert_eq!(
+            resolve(root, "./ipxe.efi"),
+            Ok(PathBuf::from("/srv/tftp/ipxe.efi"))
+        );
     }
 
     #[test]
     fn writes_and_odd_modes_are_refused() {
         let root = Path::new("/srv");
-        assert_eq!(check_request(root, &parse(&encode(&Packet::Wrq { filename: "x".into() })).expect("wrq")), Err(TftpError::WriteRefused));
-        let mail = Packet::Rrq { filename: "x".into(), mode: "mail".into(), options: vec![] };
-        assert!(matches!(check_request(root, &mail), Err(TftpError::BadMode(_))));
+        assert_eq!(
+            check_request(
+                root,
+                &parse(&encode(&Packet::Wrq {
+                    filename: "x".into()
+                }))
+                .expect("wrq")
+            ),
+            Err(TftpError::WriteRefused)
+        );
+        let mail = Packet::Rrq {
+            filename: "x".into(),
+            mode: "mail".into(),
+            options: vec![],
+        };
+        assert!(matches!(
+            check_request(root, &mail),
+            Err(TftpError::BadMode(_))
+        ));
     }
 
     #[test]
     fn malformed_packets_are_errors_not_panics() {
-        for bytes in [&[][..], &[0], &[0, 1], &[0, 1, b'a'], &[0, 9, 0, 0], &[0, 4, 1], &[0, 1, 0xff, 0, b'o', 0]] {
+        for bytes in [
+            &[][..],
+            &[0],
+            &[0, 1],
+            &[0, 1, b'a'],
+            &[0, 9, 0, 0],
+            &[0, 4, 1],
+            &[0, 1, 0xff, 0, b'o', 0],
+        ] {
             assert!(parse(bytes).is_err(), "{bytes:?}");
         }
         let good = rrq("undionly.kpxe", &[("blksize", "1468"), ("tsize", "0")]);
@@ -534,7 +662,12 @@ mod tests {
             if let Ok(p) = parse(&b) {
                 let _ = check_request(Path::new("/srv"), &p);
                 if let Packet::Rrq { options, .. } = p {
-                    let (mut t, _) = Transfer::start(Instant::now(), vec![0; 100], &options, TransferConfig::default());
+                    let (mut t, _) = Transfer::start(
+                        Instant::now(),
+                        vec![0; 100],
+                        &options,
+                        TransferConfig::default(),
+                    );
                     let _ = t.handle(Instant::now(), &b);
                 }
             }

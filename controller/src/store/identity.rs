@@ -17,12 +17,12 @@ use shoal_proto::{NodeId, UnixMillis};
 use sled::Transactional;
 
 use super::{
-    abort, decode, encode, finish, EventKind, Store, StoreError, TokenRecord, TokenState, CERTS, IDENTITIES,
-    PENDING_ENROLMENTS, REENROL_GRANTS, REVOKED_CERTS, TOKENS, TOKEN_USES,
+    abort, decode, encode, finish, EventKind, Store, StoreError, TokenRecord, TokenState, CERTS,
+    IDENTITIES, PENDING_ENROLMENTS, REENROL_GRANTS, REVOKED_CERTS, TOKENS, TOKEN_USES,
 };
 use crate::enrolment::{
-    check_certificate, CertVerdict, IdentityRecord, KeyHash, PendingEnrolment, PendingState, Presented, ReenrolGrant,
-    TokenUse, PENDING_TTL_MS,
+    check_certificate, CertVerdict, IdentityRecord, KeyHash, PendingEnrolment, PendingState,
+    Presented, ReenrolGrant, TokenUse, PENDING_TTL_MS,
 };
 
 /// A certificate the CA issued (tree `certs`), kept until it expires.
@@ -51,8 +51,8 @@ pub struct RevokedCert {
     pub reason: String,
 }
 
-/// A lapsed per-boot token is kept this long (replays of a lost reply), a general one a day (the operator
-/// sees it in `token list`).
+/// A lapsed per-boot token is kept this long (replays of a lost reply), a general one a day (the
+/// operator sees it in `token list`).
 const BOUND_TOKEN_RETENTION_MS: u64 = 10 * 60 * 1000;
 const TOKEN_RETENTION_MS: u64 = 24 * 3600 * 1000;
 
@@ -71,7 +71,11 @@ pub struct Pruned {
 
 /// Normalised serial text: lower-case hex without separators.
 pub fn normal_serial(serial: &str) -> String {
-    serial.chars().filter(|c| c.is_ascii_hexdigit()).map(|c| c.to_ascii_lowercase()).collect()
+    serial
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
 }
 
 impl Store {
@@ -85,12 +89,15 @@ impl Store {
 
     /// Whether a serial was revoked.
     pub fn cert_revoked(&self, serial: &str) -> Result<bool, StoreError> {
-        Ok(self.inner.revoked_certs.contains_key(normal_serial(serial).as_bytes())?)
+        Ok(self
+            .inner
+            .revoked_certs
+            .contains_key(normal_serial(serial).as_bytes())?)
     }
 
-    /// Checks a connection's certificate ([`check_certificate`]) and writes what the verdict changes:
-    /// a promoted rotation, or the first binding of a record from before keys were bound. A refusal is
-    /// logged as an event. The node lock serialises this with enrolment.
+    /// Checks a connection's certificate ([`check_certificate`]) and writes what the verdict
+    /// changes: a promoted rotation, or the first binding of a record from before keys were bound.
+    /// A refusal is logged as an event. The node lock serialises this with enrolment.
     pub fn check_connection(
         &self,
         node: &NodeId,
@@ -105,15 +112,29 @@ impl Store {
         let identity = self.identity(node)?;
         let serial = normal_serial(serial);
         let serial_revoked = self.inner.revoked_certs.contains_key(serial.as_bytes())?;
-        let verdict = check_certificate(exists, identity.as_ref(), Presented { key, serial_revoked }, now);
+        let verdict = check_certificate(
+            exists,
+            identity.as_ref(),
+            Presented {
+                key,
+                serial_revoked,
+            },
+            now,
+        );
         match &verdict {
-            CertVerdict::Accept { identity: bound, changed } => {
+            CertVerdict::Accept {
+                identity: bound,
+                changed,
+            } => {
                 if *changed {
                     self.check_space()?;
-                    self.inner.identities.insert(node.0.as_bytes(), encode("identity", bound)?)?;
+                    self.inner
+                        .identities
+                        .insert(node.0.as_bytes(), encode("identity", bound)?)?;
                     match identity {
                         Some(old) if old.key != bound.key => {
-                            let message = format!("connected with its rotated key {}", short_key(&bound.key));
+                            let message =
+                                format!("connected with its rotated key {}", short_key(&bound.key));
                             self.append_event(EventKind::KeyRotated, Some(node), &message, now)?;
                         }
                         _ => {}
@@ -122,8 +143,15 @@ impl Store {
                 // Certificates issued before serials were recorded are learnt on first sight.
                 if !self.inner.certs.contains_key(serial.as_bytes())? {
                     self.check_space()?;
-                    let rec = CertRecord { node: node.clone(), key: *key, issued_at: now, not_after };
-                    self.inner.certs.insert(serial.as_bytes(), encode("cert", &rec)?)?;
+                    let rec = CertRecord {
+                        node: node.clone(),
+                        key: *key,
+                        issued_at: now,
+                        not_after,
+                    };
+                    self.inner
+                        .certs
+                        .insert(serial.as_bytes(), encode("cert", &rec)?)?;
                 }
             }
             CertVerdict::WrongKey | CertVerdict::Revoked => {
@@ -143,12 +171,17 @@ impl Store {
     /// Records a certificate the CA just issued; on disk when this returns, before it is sent.
     pub fn record_cert(&self, serial: &str, rec: &CertRecord) -> Result<(), StoreError> {
         self.check_space()?;
-        self.inner.certs.insert(normal_serial(serial).as_bytes(), encode("cert", rec)?)?;
+        self.inner
+            .certs
+            .insert(normal_serial(serial).as_bytes(), encode("cert", rec)?)?;
         self.flush()
     }
 
     /// A node's unexpired certificates, newest first, each with its revocation if any.
-    pub fn certs_of(&self, node: &NodeId) -> Result<Vec<(String, CertRecord, Option<RevokedCert>)>, StoreError> {
+    pub fn certs_of(
+        &self,
+        node: &NodeId,
+    ) -> Result<Vec<(String, CertRecord, Option<RevokedCert>)>, StoreError> {
         let mut out = Vec::new();
         for item in self.inner.certs.iter() {
             let (k, v) = item?;
@@ -166,37 +199,69 @@ impl Store {
         Ok(out)
     }
 
-    /// Revokes a certificate by serial, with an event, in one transaction. When the certificate holds the
-    /// node's current key, the node must also rotate to a new key (a copy of that key may be out there).
-    /// `None` when no unexpired certificate has this serial. Revoking twice changes nothing.
-    pub fn revoke_cert(&self, serial: &str, reason: &str, now: UnixMillis) -> Result<Option<(CertRecord, bool)>, StoreError> {
+    /// Revokes a certificate by serial, with an event, in one transaction. When the certificate
+    /// holds the node's current key, the node must also rotate to a new key (a copy of that key may
+    /// be out there). `None` when no unexpired certificate has this serial. Revoking twice changes
+    /// nothing.
+    pub fn revoke_cert(
+        &self,
+        serial: &str,
+        reason: &str,
+        now: UnixMillis,
+    ) -> Result<Option<(CertRecord, bool)>, StoreError> {
         self.check_space()?;
         let serial = normal_serial(serial);
         let _guard = self.lock_nodes();
-        let Some(bytes) = self.inner.certs.get(serial.as_bytes())? else { return Ok(None) };
+        let Some(bytes) = self.inner.certs.get(serial.as_bytes())? else {
+            return Ok(None);
+        };
         let rec: CertRecord = decode(CERTS, serial.as_bytes(), &bytes)?;
-        let trees = (&self.inner.revoked_certs, &self.inner.identities, &self.inner.events);
+        let trees = (
+            &self.inner.revoked_certs,
+            &self.inner.identities,
+            &self.inner.events,
+        );
         let result = finish(trees.transaction(|(revoked, identities, events)| {
             if revoked.get(serial.as_bytes())?.is_some() {
                 return Ok((false, None));
             }
-            let entry = RevokedCert { node: rec.node.clone(), revoked_at: now, not_after: rec.not_after, reason: reason.to_owned() };
-            revoked.insert(serial.as_bytes(), encode("revoked cert", &entry).map_err(abort)?)?;
+            let entry = RevokedCert {
+                node: rec.node.clone(),
+                revoked_at: now,
+                not_after: rec.not_after,
+                reason: reason.to_owned(),
+            };
+            revoked.insert(
+                serial.as_bytes(),
+                encode("revoked cert", &entry).map_err(abort)?,
+            )?;
             let mut current = false;
             if let Some(b) = identities.get(rec.node.0.as_bytes())? {
-                let mut identity: IdentityRecord = decode(IDENTITIES, rec.node.0.as_bytes(), &b).map_err(abort)?;
+                let mut identity: IdentityRecord =
+                    decode(IDENTITIES, rec.node.0.as_bytes(), &b).map_err(abort)?;
                 if identity.accepts(&rec.key) {
                     current = true;
                     identity.must_rotate = true;
                     identity.next_key = identity.next_key.filter(|k| *k != rec.key);
-                    identities.insert(rec.node.0.as_bytes(), encode("identity", &identity).map_err(abort)?)?;
+                    identities.insert(
+                        rec.node.0.as_bytes(),
+                        encode("identity", &identity).map_err(abort)?,
+                    )?;
                 }
             }
             let mut message = format!("certificate {serial} revoked: {reason}");
             if current {
-                message.push_str("; it holds the node's current key, so the node must rotate to a new one");
+                message.push_str(
+                    "; it holds the node's current key, so the node must rotate to a new one",
+                );
             }
-            let event = self.tx_event::<StoreError>(events, EventKind::CertificateRevoked, Some(&rec.node), &message, now)?;
+            let event = self.tx_event::<StoreError>(
+                events,
+                EventKind::CertificateRevoked,
+                Some(&rec.node),
+                &message,
+                now,
+            )?;
             revoked.flush();
             Ok((current, Some(event.seq)))
         }))?;
@@ -209,18 +274,33 @@ impl Store {
     /// Marks a node as having to rotate its key on its next session (`shoalctl nodes rotate-key`).
     pub fn require_rotation(&self, node: &NodeId, now: UnixMillis) -> Result<bool, StoreError> {
         let _guard = self.lock_nodes();
-        let Some(mut identity) = self.identity(node)? else { return Ok(false) };
+        let Some(mut identity) = self.identity(node)? else {
+            return Ok(false);
+        };
         self.check_space()?;
         identity.must_rotate = true;
-        self.inner.identities.insert(node.0.as_bytes(), encode("identity", &identity)?)?;
+        self.inner
+            .identities
+            .insert(node.0.as_bytes(), encode("identity", &identity)?)?;
         self.flush()?;
-        self.append_event(EventKind::KeyRotated, Some(node), "an operator asked the node to rotate its key", now)?;
+        self.append_event(
+            EventKind::KeyRotated,
+            Some(node),
+            "an operator asked the node to rotate its key",
+            now,
+        )?;
         Ok(true)
     }
 
-    /// A key rotation the old key signed: `new_key` becomes the node's next key (both are accepted until
-    /// the node connects with the new one) and the rotation demand is met. Idempotent for the same key.
-    pub fn begin_rotation(&self, node: &NodeId, new_key: &KeyHash, now: UnixMillis) -> Result<(), StoreError> {
+    /// A key rotation the old key signed: `new_key` becomes the node's next key (both are accepted
+    /// until the node connects with the new one) and the rotation demand is met. Idempotent for the
+    /// same key.
+    pub fn begin_rotation(
+        &self,
+        node: &NodeId,
+        new_key: &KeyHash,
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
         let _guard = self.lock_nodes();
         let Some(mut identity) = self.identity(node)? else {
             return Err(StoreError::Db(format!("node {node} has no key binding")));
@@ -232,37 +312,60 @@ impl Store {
         let forced = identity.must_rotate;
         identity.next_key = Some(*new_key);
         identity.must_rotate = false;
-        self.inner.identities.insert(node.0.as_bytes(), encode("identity", &identity)?)?;
+        self.inner
+            .identities
+            .insert(node.0.as_bytes(), encode("identity", &identity)?)?;
         self.flush()?;
         let message = format!(
             "rotating from key {} to {}{}",
             short_key(&identity.key),
             short_key(new_key),
-            if forced { " (a certificate of its old key was revoked, or an operator asked)" } else { "" }
+            if forced {
+                " (a certificate of its old key was revoked, or an operator asked)"
+            } else {
+                ""
+            }
         );
         self.append_event(EventKind::KeyRotated, Some(node), &message, now)?;
         Ok(())
     }
 
-    /// Arms a one-time re-enrolment of `node` until `expires_at`, with an event. `false` if no such node.
-    pub fn arm_reenrol(&self, node: &NodeId, expires_at: UnixMillis, now: UnixMillis) -> Result<bool, StoreError> {
+    /// Arms a one-time re-enrolment of `node` until `expires_at`, with an event. `false` if no such
+    /// node.
+    pub fn arm_reenrol(
+        &self,
+        node: &NodeId,
+        expires_at: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<bool, StoreError> {
         self.check_space()?;
         let _guard = self.lock_nodes();
         if !self.inner.nodes.contains_key(node.0.as_bytes())? {
             return Ok(false);
         }
-        let grant = ReenrolGrant { armed_at: now, expires_at };
+        let grant = ReenrolGrant {
+            armed_at: now,
+            expires_at,
+        };
         let bytes = encode("grant", &grant)?;
         let message = format!(
             "one re-enrolment armed until {}: the next machine that claims this node with a valid token gets it (unless the node is connected)",
             super::rfc3339(expires_at)
         );
-        let seq = finish((&self.inner.reenrol_grants, &self.inner.events).transaction(|(grants, events)| {
-            grants.insert(node.0.as_bytes(), bytes.as_slice())?;
-            let e = self.tx_event::<StoreError>(events, EventKind::ReenrolArmed, Some(node), &message, now)?;
-            grants.flush();
-            Ok(e.seq)
-        }))?;
+        let seq = finish(
+            (&self.inner.reenrol_grants, &self.inner.events).transaction(|(grants, events)| {
+                grants.insert(node.0.as_bytes(), bytes.as_slice())?;
+                let e = self.tx_event::<StoreError>(
+                    events,
+                    EventKind::ReenrolArmed,
+                    Some(node),
+                    &message,
+                    now,
+                )?;
+                grants.flush();
+                Ok(e.seq)
+            }),
+        )?;
         self.after_event(seq)?;
         Ok(true)
     }
@@ -279,16 +382,31 @@ impl Store {
     }
 
     /// Approves or denies a pending claim, with an event. `None` if no request has this id.
-    pub fn decide_pending(&self, id: &str, approve: bool, now: UnixMillis) -> Result<Option<PendingEnrolment>, StoreError> {
+    pub fn decide_pending(
+        &self,
+        id: &str,
+        approve: bool,
+        now: UnixMillis,
+    ) -> Result<Option<PendingEnrolment>, StoreError> {
         self.check_space()?;
         let _guard = self.lock_nodes();
-        let Some(b) = self.inner.pending_enrolments.get(id.as_bytes())? else { return Ok(None) };
+        let Some(b) = self.inner.pending_enrolments.get(id.as_bytes())? else {
+            return Ok(None);
+        };
         let mut request: PendingEnrolment = decode(PENDING_ENROLMENTS, id.as_bytes(), &b)?;
-        request.state = if approve { PendingState::Approved } else { PendingState::Denied };
+        request.state = if approve {
+            PendingState::Approved
+        } else {
+            PendingState::Denied
+        };
         // A decision keeps the request for its lifetime from now: the machine retries within it.
         request.last_seen = now;
         let bytes = encode("pending enrolment", &request)?;
-        let (kind, verb) = if approve { (EventKind::EnrolmentApproved, "approved") } else { (EventKind::EnrolmentDenied, "denied") };
+        let (kind, verb) = if approve {
+            (EventKind::EnrolmentApproved, "approved")
+        } else {
+            (EventKind::EnrolmentDenied, "denied")
+        };
         let message = format!(
             "an operator {verb} the claim {id} of {} ({}) from {}, key {}",
             request.hostname,
@@ -296,26 +414,40 @@ impl Store {
             request.remote,
             short_key(&request.key)
         );
-        let seq = finish((&self.inner.pending_enrolments, &self.inner.events).transaction(|(pending, events)| {
-            pending.insert(id.as_bytes(), bytes.as_slice())?;
-            let e = self.tx_event::<StoreError>(events, kind, Some(&request.node), &message, now)?;
-            pending.flush();
-            Ok(e.seq)
-        }))?;
+        let seq = finish(
+            (&self.inner.pending_enrolments, &self.inner.events).transaction(
+                |(pending, events)| {
+                    pending.insert(id.as_bytes(), bytes.as_slice())?;
+                    let e = self.tx_event::<StoreError>(
+                        events,
+                        kind,
+                        Some(&request.node),
+                        &message,
+                        now,
+                    )?;
+                    pending.flush();
+                    Ok(e.seq)
+                },
+            ),
+        )?;
         self.after_event(seq)?;
         Ok(Some(request))
     }
 
-    /// Deletes what has lapsed: tokens that stopped working (per-boot ones 10 minutes after, general ones
-    /// a day after) with their uses and bindings, pending requests an hour after their last attempt,
-    /// unused re-enrolment grants, and certificate and revocation records of expired certificates.
+    /// Deletes what has lapsed: tokens that stopped working (per-boot ones 10 minutes after,
+    /// general ones a day after) with their uses and bindings, pending requests an hour after their
+    /// last attempt, unused re-enrolment grants, and certificate and revocation records of expired
+    /// certificates.
     pub fn prune(&self, now: UnixMillis) -> Result<Pruned, StoreError> {
         let mut pruned = Pruned::default();
         let _guard = self.lock_nodes();
-        let mut last_use: std::collections::HashMap<String, UnixMillis> = std::collections::HashMap::new();
+        let mut last_use: std::collections::HashMap<String, UnixMillis> =
+            std::collections::HashMap::new();
         for item in self.inner.token_uses.iter() {
             let (k, v) = item?;
-            let Some(end) = k.iter().position(|b| *b == 0) else { continue };
+            let Some(end) = k.iter().position(|b| *b == 0) else {
+                continue;
+            };
             let token = String::from_utf8_lossy(&k[..end]).into_owned();
             let u: TokenUse = decode(TOKEN_USES, &k, &v)?;
             let e = last_use.entry(token).or_insert(u.at);
@@ -328,12 +460,18 @@ impl Store {
             let (k, v) = item?;
             let rec: TokenRecord = decode(TOKENS, &k, &v)?;
             let bound = self.inner.token_bindings.contains_key(&k)?;
-            let retention = if bound { BOUND_TOKEN_RETENTION_MS } else { TOKEN_RETENTION_MS };
+            let retention = if bound {
+                BOUND_TOKEN_RETENTION_MS
+            } else {
+                TOKEN_RETENTION_MS
+            };
             let stopped = match rec.state(now) {
                 TokenState::Valid => None,
                 TokenState::Revoked => rec.revoked_at,
                 TokenState::Expired => rec.expires_at,
-                TokenState::UsedUp => Some(last_use.get(&rec.id).copied().unwrap_or(rec.created_at)),
+                TokenState::UsedUp => {
+                    Some(last_use.get(&rec.id).copied().unwrap_or(rec.created_at))
+                }
             };
             if stopped.is_some_and(|at| now.0 >= at.0.saturating_add(retention)) {
                 batch_tokens.remove(k.clone());
@@ -400,4 +538,3 @@ impl Store {
 pub fn short_key(key: &KeyHash) -> String {
     hex::encode(&key[..8])
 }
-

@@ -1,7 +1,7 @@
-//! The in-process controller harness shared by the tier-2 tests that drive a real controller with real
-//! agents and hand-driven clients: [`Ctl`] (a controller on loopback, port 0), [`Agent`] (a real
-//! `shoal_agent::daemon::run`), [`Raw`] (one hand-driven QUIC connection) and [`Admin`] (the admin API as
-//! shoalctl uses it).
+//! The in-process controller harness shared by the tier-2 tests that drive a real controller with
+//! real agents and hand-driven clients: [`Ctl`] (a controller on loopback, port 0), [`Agent`] (a
+//! real `shoal_agent::daemon::run`), [`Raw`] (one hand-driven QUIC connection) and [`Admin`] (the
+//! admin API as shoalctl uses it).
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -17,8 +17,8 @@ use shoal_controller::{
 };
 use shoal_overlay::{pki, recv_msg, send_msg, tls};
 use shoal_proto::{
-    AgentMsg, ControllerMsg, EnrolRequest, Enrolled, HardwareId, HardwareIdSource, Hello, Reject, VersionRange, Welcome,
-    SUPPORTED,
+    AgentMsg, ControllerMsg, EnrolRequest, Enrolled, HardwareId, HardwareIdSource, Hello, Reject,
+    VersionRange, Welcome, SUPPORTED,
 };
 use tokio::{sync::oneshot, task::JoinHandle};
 
@@ -41,25 +41,39 @@ pub struct Admin {
 
 impl Admin {
     pub fn new(conf: &AdminConf) -> Admin {
-        Admin { client: AdminClient::new(conf).unwrap() }
+        Admin {
+            client: AdminClient::new(conf).unwrap(),
+        }
     }
 
     pub async fn get<T: serde::de::DeserializeOwned + Send + 'static>(&self, path: &str) -> T {
         let client = self.client.clone();
         let path = path.to_owned();
-        tokio::task::spawn_blocking(move || client.get(&path).unwrap()).await.unwrap()
+        tokio::task::spawn_blocking(move || client.get(&path).unwrap())
+            .await
+            .unwrap()
     }
 
     pub async fn create_token(&self, max_uses: Option<u32>) -> String {
         let client = self.client.clone();
-        let body = CreateToken { ttl_secs: Some(3600), max_uses, ..Default::default() };
-        tokio::task::spawn_blocking(move || client.create_token(&body).unwrap().token).await.unwrap()
+        let body = CreateToken {
+            ttl_secs: Some(3600),
+            max_uses,
+            ..Default::default()
+        };
+        tokio::task::spawn_blocking(move || client.create_token(&body).unwrap().token)
+            .await
+            .unwrap()
     }
 
     /// Whether the admin API answers yet.
     pub async fn answers(&self) -> Option<()> {
         let client = self.client.clone();
-        tokio::task::spawn_blocking(move || client.get::<Vec<NodeView>>("/v1/nodes").ok().map(|_| ())).await.unwrap()
+        tokio::task::spawn_blocking(move || {
+            client.get::<Vec<NodeView>>("/v1/nodes").ok().map(|_| ())
+        })
+        .await
+        .unwrap()
     }
 
     pub async fn nodes(&self) -> Vec<NodeView> {
@@ -102,15 +116,28 @@ impl Ctl {
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let quic = udp.local_addr().unwrap();
         let api = tcp.local_addr().unwrap();
-        let controller = tokio::task::spawn_blocking(move || Controller::open(config, api)).await.unwrap().unwrap();
+        let controller = tokio::task::spawn_blocking(move || Controller::open(config, api))
+            .await
+            .unwrap()
+            .unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(controller, udp, tcp, async {
             let _ = stopped.await;
         }));
         let conf = AdminConf::read(&data_dir.join(ADMIN_CONF_FILE)).unwrap();
-        let ca_der = ca::pem_to_der(&std::fs::read_to_string(data_dir.join(ca::CA_CERT_FILE)).unwrap()).unwrap();
+        let ca_der =
+            ca::pem_to_der(&std::fs::read_to_string(data_dir.join(ca::CA_CERT_FILE)).unwrap())
+                .unwrap();
         let ca_sha256 = pki::sha256(&ca_der);
-        let ctl = Ctl { quic, admin: Admin::new(&conf), ca_der, ca_sha256, stop: Some(stop), task: Some(task), _data: None };
+        let ctl = Ctl {
+            quic,
+            admin: Admin::new(&conf),
+            ca_der,
+            ca_sha256,
+            stop: Some(stop),
+            task: Some(task),
+            _data: None,
+        };
         // The admin API answers once run() is serving.
         eventually(PROMPT, "admin API answers", || ctl.admin.answers()).await;
         ctl
@@ -121,7 +148,10 @@ impl Ctl {
         let task = self.task.take().unwrap();
         assert!(!task.is_finished(), "the controller stopped on its own");
         let _ = self.stop.take().unwrap().send(());
-        let result = tokio::time::timeout(PROMPT, task).await.expect("controller shuts down").expect("controller task");
+        let result = tokio::time::timeout(PROMPT, task)
+            .await
+            .expect("controller shuts down")
+            .expect("controller task");
         result.expect("controller ran without error");
     }
 
@@ -139,21 +169,42 @@ impl Ctl {
     }
 
     pub async fn wait_up(&self, machine_id: &str) -> String {
-        eventually(AGENT_UP, &format!("agent {machine_id} enrolled, up and connected"), || async {
-            self.admin.node_by_machine(machine_id).await.filter(|n| n.status == "up" && n.connected).map(|n| n.id)
-        })
+        eventually(
+            AGENT_UP,
+            &format!("agent {machine_id} enrolled, up and connected"),
+            || async {
+                self.admin
+                    .node_by_machine(machine_id)
+                    .await
+                    .filter(|n| n.status == "up" && n.connected)
+                    .map(|n| n.id)
+            },
+        )
         .await
     }
 
     /// What must hold after every fault: the controller still runs, the good agent is still up and
     /// connected, and a new connection still gets a Welcome.
     pub async fn assert_still_serving(&self, machine_id: &str, node: &str) {
-        assert!(!self.task.as_ref().unwrap().is_finished(), "the controller stopped");
-        let n = self.admin.node_by_machine(machine_id).await.expect("good node still listed");
+        assert!(
+            !self.task.as_ref().unwrap().is_finished(),
+            "the controller stopped"
+        );
+        let n = self
+            .admin
+            .node_by_machine(machine_id)
+            .await
+            .expect("good node still listed");
         assert_eq!(n.id, node);
-        assert!(n.status == "up" && n.connected, "good node not up and connected after the fault: {n:?}");
+        assert!(
+            n.status == "up" && n.connected,
+            "good node not up and connected after the fault: {n:?}"
+        );
         let mut raw = Raw::enrolment(self).await;
-        let welcome = raw.hello(SUPPORTED).await.expect("new connection gets a Welcome");
+        let welcome = raw
+            .hello(SUPPORTED)
+            .await
+            .expect("new connection gets a Welcome");
         assert_eq!(welcome.protocol, SUPPORTED.max);
         // And the good agent is still connected after all that.
         let n = self.admin.node_by_machine(machine_id).await.unwrap();
@@ -190,7 +241,11 @@ impl Agent {
         let task = tokio::spawn(daemon::run(config, async {
             let _ = stopped.await;
         }));
-        Agent { stop: Some(stop), task: Some(task), _state: state }
+        Agent {
+            stop: Some(stop),
+            task: Some(task),
+            _state: state,
+        }
     }
 
     /// Checks the agent is still running (it did not give up), then stops it.
@@ -198,7 +253,10 @@ impl Agent {
         let task = self.task.take().unwrap();
         assert!(!task.is_finished(), "agent gave up: {:?}", task.await);
         let _ = self.stop.take().unwrap().send(());
-        let r = tokio::time::timeout(PROMPT, task).await.expect("agent shuts down").unwrap();
+        let r = tokio::time::timeout(PROMPT, task)
+            .await
+            .expect("agent shuts down")
+            .unwrap();
         r.expect("agent ran without error");
     }
 }
@@ -224,7 +282,10 @@ pub fn hello_msg(protocol: VersionRange, machine: &str) -> AgentMsg {
     AgentMsg::Hello(Hello {
         protocol,
         agent_version: "faults-test".into(),
-        hardware_id: HardwareId { source: HardwareIdSource::Override, value: machine.into() },
+        hardware_id: HardwareId {
+            source: HardwareIdSource::Override,
+            value: machine.into(),
+        },
     })
 }
 
@@ -232,7 +293,10 @@ pub fn key_der(key: &rcgen::KeyPair) -> PrivateKeyDer<'static> {
     pki::tls_key(key)
 }
 
-pub async fn connect(addr: SocketAddr, config: quinn::ClientConfig) -> Result<(quinn::Endpoint, quinn::Connection), String> {
+pub async fn connect(
+    addr: SocketAddr,
+    config: quinn::ClientConfig,
+) -> Result<(quinn::Endpoint, quinn::Connection), String> {
     connect_from("127.0.0.1:0".parse().unwrap(), addr, config).await
 }
 
@@ -243,8 +307,12 @@ pub async fn connect_from(
     config: quinn::ClientConfig,
 ) -> Result<(quinn::Endpoint, quinn::Connection), String> {
     let endpoint = quinn::Endpoint::client(local).unwrap();
-    let connecting = endpoint.connect_with(config, addr, tls::controller_server_name()).map_err(|e| e.to_string())?;
-    let conn = tokio::time::timeout(PROMPT, connecting).await.map_err(|_| "handshake timed out".to_owned())?;
+    let connecting = endpoint
+        .connect_with(config, addr, tls::controller_server_name())
+        .map_err(|e| e.to_string())?;
+    let conn = tokio::time::timeout(PROMPT, connecting)
+        .await
+        .map_err(|_| "handshake timed out".to_owned())?;
     let conn = conn.map_err(|e| e.to_string())?;
     Ok((endpoint, conn))
 }
@@ -257,8 +325,8 @@ impl Raw {
         Raw::open(endpoint, conn).await
     }
 
-    /// An unauthenticated connection that got its Welcome, or `None` if the controller closed it first
-    /// (at a connection limit).
+    /// An unauthenticated connection that got its Welcome, or `None` if the controller closed it
+    /// first (at a connection limit).
     pub async fn try_enrolment(ctl: &Ctl) -> Option<Raw> {
         let mut raw = Raw::try_enrolment_stream(ctl).await?;
         raw.send(&hello_msg(SUPPORTED, "faults-raw")).await;
@@ -268,25 +336,43 @@ impl Raw {
         }
     }
 
-    /// An unauthenticated connection with its control stream open (nothing sent yet), or `None` if the
-    /// controller closed it first.
+    /// An unauthenticated connection with its control stream open (nothing sent yet), or `None` if
+    /// the controller closed it first.
     pub async fn try_enrolment_stream(ctl: &Ctl) -> Option<Raw> {
         let cfg = tls::enrol_client_config(ctl.ca_sha256, Duration::from_secs(5)).unwrap();
         let (endpoint, conn) = connect(ctl.quic, cfg).await.ok()?;
-        let (send, recv) = tokio::time::timeout(PROMPT, conn.open_bi()).await.ok()?.ok()?;
-        Some(Raw { _endpoint: endpoint, conn, send, recv })
+        let (send, recv) = tokio::time::timeout(PROMPT, conn.open_bi())
+            .await
+            .ok()?
+            .ok()?;
+        Some(Raw {
+            _endpoint: endpoint,
+            conn,
+            send,
+            recv,
+        })
     }
 
     /// A connection authenticated with a node certificate.
     pub async fn node(ctl: &Ctl, cert_der: &[u8], key: &rcgen::KeyPair) -> Raw {
-        let cfg = tls::node_client_config(&ctl.ca_der, cert_der, key_der(key), Duration::from_secs(5)).unwrap();
+        let cfg =
+            tls::node_client_config(&ctl.ca_der, cert_der, key_der(key), Duration::from_secs(5))
+                .unwrap();
         let (endpoint, conn) = connect(ctl.quic, cfg).await.unwrap();
         Raw::open(endpoint, conn).await
     }
 
     pub async fn open(endpoint: quinn::Endpoint, conn: quinn::Connection) -> Raw {
-        let (send, recv) = tokio::time::timeout(PROMPT, conn.open_bi()).await.unwrap().unwrap();
-        Raw { _endpoint: endpoint, conn, send, recv }
+        let (send, recv) = tokio::time::timeout(PROMPT, conn.open_bi())
+            .await
+            .unwrap()
+            .unwrap();
+        Raw {
+            _endpoint: endpoint,
+            conn,
+            send,
+            recv,
+        }
     }
 
     pub async fn send(&mut self, msg: &AgentMsg) {
@@ -294,7 +380,9 @@ impl Raw {
     }
 
     pub async fn recv(&mut self) -> Result<Option<ControllerMsg>, shoal_overlay::TransportError> {
-        tokio::time::timeout(PROMPT, recv_msg::<ControllerMsg>(&mut self.recv)).await.expect("controller answers promptly")
+        tokio::time::timeout(PROMPT, recv_msg::<ControllerMsg>(&mut self.recv))
+            .await
+            .expect("controller answers promptly")
     }
 
     /// Sends Hello; returns the Welcome, or the Reject as an error.
@@ -303,7 +391,11 @@ impl Raw {
     }
 
     /// Sends Hello claiming hardware id `override:{machine}`; returns the Welcome, or the Reject.
-    pub async fn hello_as(&mut self, protocol: VersionRange, machine: &str) -> Result<Welcome, Reject> {
+    pub async fn hello_as(
+        &mut self,
+        protocol: VersionRange,
+        machine: &str,
+    ) -> Result<Welcome, Reject> {
         self.send(&hello_msg(protocol, machine)).await;
         match self.recv().await {
             Ok(Some(ControllerMsg::Welcome(w))) => Ok(w),
@@ -321,13 +413,19 @@ impl Raw {
 
     /// Waits for the controller to close the connection; returns why.
     pub async fn closed(&self) -> quinn::ConnectionError {
-        tokio::time::timeout(PROMPT, self.conn.closed()).await.expect("controller closes the connection promptly")
+        tokio::time::timeout(PROMPT, self.conn.closed())
+            .await
+            .expect("controller closes the connection promptly")
     }
 
     pub async fn expect_protocol_close(&self) -> String {
         match self.closed().await {
             quinn::ConnectionError::ApplicationClosed(c) => {
-                assert_eq!(c.error_code, close_code::PROTOCOL.into(), "close code: {c:?}");
+                assert_eq!(
+                    c.error_code,
+                    close_code::PROTOCOL.into(),
+                    "close code: {c:?}"
+                );
                 String::from_utf8_lossy(&c.reason).into_owned()
             }
             other => panic!("expected an application close by the controller, got {other:?}"),
@@ -340,10 +438,20 @@ impl Raw {
     }
 
     /// Enrols `key` claiming hardware id `override:{machine}`.
-    pub async fn enrol_as(mut self, token: &str, key: &rcgen::KeyPair, machine: &str) -> Result<Enrolled, Reject> {
+    pub async fn enrol_as(
+        mut self,
+        token: &str,
+        key: &rcgen::KeyPair,
+        machine: &str,
+    ) -> Result<Enrolled, Reject> {
         self.hello_as(SUPPORTED, machine).await?;
         let csr_der = pki::make_csr(key).unwrap();
-        self.send(&AgentMsg::Enrol(EnrolRequest { token: token.into(), csr_der, hostname: format!("{machine}-host") })).await;
+        self.send(&AgentMsg::Enrol(EnrolRequest {
+            token: token.into(),
+            csr_der,
+            hostname: format!("{machine}-host"),
+        }))
+        .await;
         match self.recv().await {
             Ok(Some(ControllerMsg::Enrolled(e))) => Ok(e),
             Ok(Some(ControllerMsg::Reject(r))) => Err(r),

@@ -1,8 +1,8 @@
-//! Untrusted frames from peers through the switch's ingress path, with a netmap: never panics, every
-//! frame is either delivered or counted as dropped, and a delivered frame carries only its sender's
-//! controller-assigned addresses wherever a receiver learns addresses from (source MAC, ARP sender,
-//! IPv4 source, IPv6 source, a neighbour advertisement's target). The same bytes read from our own
-//! TAP never panic either.
+//! Untrusted frames from peers through the switch's ingress path, with a netmap: never panics,
+//! every frame is either delivered or counted as dropped, and a delivered frame carries only its
+//! sender's controller-assigned addresses wherever a receiver learns addresses from (source MAC,
+//! ARP sender, IPv4 source, IPv6 source, a neighbour advertisement's target). The same bytes read
+//! from our own TAP never panic either.
 //!
 //! Input: records of `[sender][time step in 10 ms units][length u16 LE][that many bytes]`; the
 //! sender byte picks one of three members or a stranger (low 2 bits) and the network (bit 2). The

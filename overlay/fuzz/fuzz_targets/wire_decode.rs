@@ -40,7 +40,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(peer.in_progress() <= MAX_IN_PROGRESS);
         assert!(peer.buffered_bytes() <= MAX_IN_PROGRESS * MAX_ETHERNET_FRAME);
 
-        // The same bytes as a frame we send: whatever encodes comes back whole, in order or reversed.
+        // The same bytes as a frame we send: whatever encodes comes back whole, in order or
+        // reversed.
         let max_datagram = usize::from(step) * 8;
         if let Ok(datagrams) = encode(NetworkId(7), datagram, max_datagram, &mut next_id) {
             assert!(datagrams.iter().all(|d| d.len() <= max_datagram));

@@ -1,7 +1,8 @@
-//! `shoal-demo`: the main job on embedded defaults, on one machine. Builds a LAN of network namespaces,
-//! starts a controller and three agents (each in its own namespace, with its own address and hostname),
-//! waits until all three are up, and prints `shoalctl nodes list` and `shoalctl report`. Then it keeps the
-//! fleet running until Ctrl-C (or exits at once with `--exit`), and removes every namespace it made.
+//! `shoal-demo`: the main job on embedded defaults, on one machine. Builds a LAN of network
+//! namespaces, starts a controller and three agents (each in its own namespace, with its own
+//! address and hostname), waits until all three are up, and prints `shoalctl nodes list` and
+//! `shoalctl report`. Then it keeps the fleet running until Ctrl-C (or exits at once with
+//! `--exit`), and removes every namespace it made.
 //!
 //! Needs root (network namespaces) and the binaries next to it: `cargo build --workspace --bins`.
 
@@ -58,8 +59,8 @@ fn parse_args() -> Result<Option<Args>> {
     Ok(Some(args))
 }
 
-/// Blocks SIGINT and SIGTERM in every thread (child processes start with an empty mask again) and turns
-/// them into messages on the returned channel, so that the fleet is torn down in order.
+/// Blocks SIGINT and SIGTERM in every thread (child processes start with an empty mask again) and
+/// turns them into messages on the returned channel, so that the fleet is torn down in order.
 fn signals() -> Result<mpsc::Receiver<Signal>> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
@@ -163,14 +164,24 @@ fn show_overlay(fleet: &Fleet) -> Result<()> {
         return Ok(());
     }
     let want = n * (n - 1);
-    shoal_tests::eventually(Duration::from_secs(60), "every pair of agents to report an overlay path", || {
-        let paths = fleet.ctl_json(&["overlay", "paths"])?;
-        let got = paths.as_array().map_or(0, Vec::len);
-        anyhow::ensure!(got == want, "{got} of {want} paths reported");
-        Ok(())
-    })?;
-    section("shoalctl network list", &fleet.ctl_ok(&["network", "list"])?);
-    section("shoalctl overlay paths", &fleet.ctl_ok(&["overlay", "paths"])?);
+    shoal_tests::eventually(
+        Duration::from_secs(60),
+        "every pair of agents to report an overlay path",
+        || {
+            let paths = fleet.ctl_json(&["overlay", "paths"])?;
+            let got = paths.as_array().map_or(0, Vec::len);
+            anyhow::ensure!(got == want, "{got} of {want} paths reported");
+            Ok(())
+        },
+    )?;
+    section(
+        "shoalctl network list",
+        &fleet.ctl_ok(&["network", "list"])?,
+    );
+    section(
+        "shoalctl overlay paths",
+        &fleet.ctl_ok(&["overlay", "paths"])?,
+    );
     let nodes = fleet.nodes()?;
     let target = fleet
         .node_of(1, &nodes)
@@ -178,14 +189,31 @@ fn show_overlay(fleet: &Fleet) -> Result<()> {
         .context("agent-2 has no overlay address")?;
     let from = &fleet.agents()[0];
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &from.netns, "ping", "-c", "3", "-i", "0.2", &target])
+        .args([
+            "netns",
+            "exec",
+            &from.netns,
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            &target,
+        ])
         .output()
         .context("ping")?;
     section(
-        &format!("ip netns exec {} ping -c 3 {target}   # {} -> agent-2 over shoal0", from.netns, from.hostname),
+        &format!(
+            "ip netns exec {} ping -c 3 {target}   # {} -> agent-2 over shoal0",
+            from.netns, from.hostname
+        ),
         &String::from_utf8_lossy(&out.stdout),
     );
-    anyhow::ensure!(out.status.success(), "the ping over the overlay failed: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "the ping over the overlay failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 

@@ -1,26 +1,29 @@
-//! `shoal-overlay-bench`: the overlay datapath benchmark. Two agents on one LAN (a bridge with veth pairs,
-//! each host in its own network namespace: the "veth underlay"), and in one run:
+//! `shoal-overlay-bench`: the overlay datapath benchmark. Two agents on one LAN (a bridge with veth
+//! pairs, each host in its own network namespace: the "veth underlay"), and in one run:
 //!
-//! - ping RTT (`ping -c N -i 0.05 -q`, avg and mdev) and iperf3 TCP throughput with 1 and 4 streams from
-//!   agent 1 to agent 2, over (a) the underlay addresses, (b) shoal's overlay (`shoal0`), and (c) a
-//!   userspace WireGuard tunnel made with boringtun-cli and `wg` (wireguard-tools);
-//! - CPU per gigabit: utime + stime (from `/proc/<pid>/stat`) of the two tunnel processes (the agents, or
-//!   the two boringtun-cli processes) across each iperf3 run, divided by the gigabits received;
+//! - ping RTT (`ping -c N -i 0.05 -q`, avg and mdev) and iperf3 TCP throughput with 1 and 4 streams
+//!   from agent 1 to agent 2, over (a) the underlay addresses, (b) shoal's overlay (`shoal0`), and
+//!   (c) a userspace WireGuard tunnel made with boringtun-cli and `wg` (wireguard-tools);
+//! - CPU per gigabit: utime + stime (from `/proc/<pid>/stat`) of the two tunnel processes (the
+//!   agents, or the two boringtun-cli processes) across each iperf3 run, divided by the gigabits
+//!   received;
 //! - the outer QUIC congestion controller against inner TCP: the overlay runs again with the agents
-//!   started with `--overlay-cc newreno` and `--overlay-cc bbr` (a fresh fleet each), clean and with
-//!   random loss (default 1%) of the packets arriving on agent 2's LAN interface, next to the underlay
-//!   and boringtun under the same loss. The loss is an iptables `statistic --mode random` DROP rule in
-//!   agent 2's INPUT chain rather than netem, which this kernel lacks (`sch_netem`); for random loss in
-//!   one direction (the data direction, agent 1 -> agent 2) the two are equivalent.
+//!   started with `--overlay-cc newreno` and `--overlay-cc bbr` (a fresh fleet each), clean and
+//!   with random loss (default 1%) of the packets arriving on agent 2's LAN interface, next to the
+//!   underlay and boringtun under the same loss. The loss is an iptables `statistic --mode random`
+//!   DROP rule in agent 2's INPUT chain rather than netem, which this kernel lacks (`sch_netem`);
+//!   for random loss in one direction (the data direction, agent 1 -> agent 2) the two are
+//!   equivalent.
 //!
-//! Needs root, `iperf3`, `ping`, `ss` (iproute2), `iptables`, and for the WireGuard row `wg` (wireguard-tools) and
-//! boringtun-cli (`cargo install boringtun-cli --locked --root target/bench-tools`). A missing WireGuard
-//! tool prints a SKIP line for that row. Exits non-zero only when the setup fails (no root, a fleet that
-//! does not come up, no direct path); a measurement that fails shows as FAILED in the table.
+//! Needs root, `iperf3`, `ping`, `ss` (iproute2), `iptables`, and for the WireGuard row `wg`
+//! (wireguard-tools) and boringtun-cli (`cargo install boringtun-cli --locked --root
+//! target/bench-tools`). A missing WireGuard tool prints a SKIP line for that row. Exits non-zero
+//! only when the setup fails (no root, a fleet that does not come up, no direct path); a
+//! measurement that fails shows as FAILED in the table.
 //!
-//! The figures in docs/performance.md need release binaries: `cargo build --release --workspace --bins`,
-//! then `target/release/shoal-overlay-bench` (the fleet binaries are taken from the directory the bench
-//! runs from, or from `$SHOAL_BIN_DIR`).
+//! The figures in docs/performance.md need release binaries: `cargo build --release --workspace
+//! --bins`, then `target/release/shoal-overlay-bench` (the fleet binaries are taken from the
+//! directory the bench runs from, or from `$SHOAL_BIN_DIR`).
 
 use shoal_tests::netns::{ipv4_of as tap_addr, run_in as in_ns};
 use std::fmt::Write as _;
@@ -101,11 +104,19 @@ fn parse_args() -> Result<Option<Args>> {
             "--pings" => {
                 let v = value("--pings")?;
                 args.pings = v.parse().with_context(|| format!("--pings {v:?}"))?;
-                ensure!((1..=10_000).contains(&args.pings), "--pings must be 1..=10000");
+                ensure!(
+                    (1..=10_000).contains(&args.pings),
+                    "--pings must be 1..=10000"
+                );
             }
             "--cc" => {
                 let v = value("--cc")?;
-                args.ccs = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+                args.ccs = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect();
                 ensure!(!args.ccs.is_empty(), "--cc needs at least one controller");
             }
             "--loss" => {
@@ -115,7 +126,10 @@ fn parse_args() -> Result<Option<Args>> {
                 }
                 let v = value("--loss")?;
                 let pct: f64 = v.parse().with_context(|| format!("--loss {v:?}"))?;
-                ensure!(pct > 0.0 && pct < 100.0, "--loss must be between 0 and 100 (percent)");
+                ensure!(
+                    pct > 0.0 && pct < 100.0,
+                    "--loss must be between 0 and 100 (percent)"
+                );
                 args.loss.push(pct);
             }
             "--no-loss" => {
@@ -201,9 +215,28 @@ fn m<T>(r: Result<T>) -> Measured<T> {
 
 fn ping(ns: &str, to: Ipv4Addr, count: u32) -> Result<PingStats> {
     // Warm-up: neighbour resolution, and for the overlay the switch's MAC learning.
-    in_ns(ns, "ping", &["-c", "3", "-i", "0.05", "-W", "1", "-q", &to.to_string()], Duration::from_secs(10))?;
+    in_ns(
+        ns,
+        "ping",
+        &["-c", "3", "-i", "0.05", "-W", "1", "-q", &to.to_string()],
+        Duration::from_secs(10),
+    )?;
     let timeout = Duration::from_secs(u64::from(count) / 10 + 20);
-    let out = in_ns(ns, "ping", &["-c", &count.to_string(), "-i", "0.05", "-W", "1", "-q", &to.to_string()], timeout)?;
+    let out = in_ns(
+        ns,
+        "ping",
+        &[
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.05",
+            "-W",
+            "1",
+            "-q",
+            &to.to_string(),
+        ],
+        timeout,
+    )?;
     parse_ping(&out)
 }
 
@@ -222,19 +255,39 @@ fn parse_ping(out: &str) -> Result<PingStats> {
     let nums: Vec<f64> = line
         .split('=')
         .nth(1)
-        .map(|v| v.trim().trim_end_matches("ms").trim().split('/').filter_map(|n| n.parse().ok()).collect())
+        .map(|v| {
+            v.trim()
+                .trim_end_matches("ms")
+                .trim()
+                .split('/')
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     ensure!(nums.len() == 4, "unexpected rtt line {line:?}");
-    Ok(PingStats { avg_ms: nums[1], mdev_ms: nums[3], loss_pct })
+    Ok(PingStats {
+        avg_ms: nums[1],
+        mdev_ms: nums[3],
+        loss_pct,
+    })
 }
 
 /// utime + stime of `pid` (all its threads), in seconds.
 fn cpu_seconds(pid: u32, ticks_per_s: f64) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("/proc/{pid}/stat"))?;
-    // Fields after the command (which may contain spaces) start at field 3 (state); utime is 14, stime 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("malformed /proc/pid/stat")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("/proc/{pid}/stat"))?;
+    // Fields after the command (which may contain spaces) start at field 3 (state); utime is 14,
+    // stime 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc/pid/stat")?;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| -> Result<f64> { Ok(f.get(i - 3).context("short /proc/pid/stat")?.parse::<u64>()? as f64) };
+    let field = |i: usize| -> Result<f64> {
+        Ok(f.get(i - 3)
+            .context("short /proc/pid/stat")?
+            .parse::<u64>()? as f64)
+    };
     Ok((field(14)? + field(15)?) / ticks_per_s)
 }
 
@@ -257,14 +310,26 @@ impl Bench {
         pids.iter().map(|p| cpu_seconds(*p, self.ticks)).sum()
     }
 
-    /// One iperf3 TCP run from namespace `ns` to `to` with `streams` parallel streams; CPU of `pids` around it.
+    /// One iperf3 TCP run from namespace `ns` to `to` with `streams` parallel streams; CPU of
+    /// `pids` around it.
     fn iperf(&self, ns: &str, to: Ipv4Addr, streams: u32, pids: &[u32]) -> Result<IperfStats> {
         let time = self.args.time.to_string();
         let streams_s = streams.to_string();
         let port = IPERF_PORT.to_string();
-        let cmd_args = ["-c", &to.to_string(), "-p", &port, "-t", &time, "-P", &streams_s, "-J"];
+        let cmd_args = [
+            "-c",
+            &to.to_string(),
+            "-p",
+            &port,
+            "-t",
+            &time,
+            "-P",
+            &streams_s,
+            "-J",
+        ];
         let timeout = Duration::from_secs(u64::from(self.args.time) + 40);
-        // The server takes one test at a time and needs a moment between tests: retry while it is busy.
+        // The server takes one test at a time and needs a moment between tests: retry while it is
+        // busy.
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -274,8 +339,13 @@ impl Bench {
             let out = output_with_timeout(&mut cmd, timeout)?;
             let after = self.total_cpu(pids)?;
             let text = String::from_utf8_lossy(&out.stdout);
-            let json: Value = serde_json::from_str(&text)
-                .with_context(|| format!("iperf3 printed no JSON ({}): {}", out.status, String::from_utf8_lossy(&out.stderr)))?;
+            let json: Value = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "iperf3 printed no JSON ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?;
             if let Some(err) = json["error"].as_str() {
                 if err.contains("busy") && attempt < 20 {
                     std::thread::sleep(Duration::from_millis(250));
@@ -284,18 +354,31 @@ impl Bench {
                 bail!("iperf3: {err}");
             }
             let end = &json["end"];
-            let bytes = end["sum_received"]["bytes"].as_u64().context("no end.sum_received.bytes")?;
-            let gbps = end["sum_received"]["bits_per_second"].as_f64().context("no end.sum_received.bits_per_second")? / 1e9;
+            let bytes = end["sum_received"]["bytes"]
+                .as_u64()
+                .context("no end.sum_received.bytes")?;
+            let gbps = end["sum_received"]["bits_per_second"]
+                .as_f64()
+                .context("no end.sum_received.bits_per_second")?
+                / 1e9;
             let retransmits = end["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
             let cpu_s = (!pids.is_empty()).then_some(after - before);
-            return Ok(IperfStats { gbps, bytes, retransmits, cpu_s });
+            return Ok(IperfStats {
+                gbps,
+                bytes,
+                retransmits,
+                cpu_s,
+            });
         }
     }
 
     /// Ping and both iperf3 runs over one path.
     fn row(&self, label: impl Into<String>, ns: &str, to: Ipv4Addr, pids: &[u32]) -> Row {
         let label = label.into();
-        eprintln!("[bench] {label}: ping {to}, iperf3 -P 1 and -P 4 for {} s each…", self.args.time);
+        eprintln!(
+            "[bench] {label}: ping {to}, iperf3 -P 1 and -P 4 for {} s each…",
+            self.args.time
+        );
         let row = Row {
             label,
             ping: m(ping(ns, to, self.args.pings)),
@@ -306,21 +389,35 @@ impl Bench {
         row
     }
 
-    /// [`Bench::row`] with `pct` % of the packets arriving on interface `at.1` in namespace `at.0` dropped.
-    fn lossy_row(&self, label: String, at: (&str, &str), pct: f64, ns: &str, to: Ipv4Addr, pids: &[u32]) -> Row {
+    /// [`Bench::row`] with `pct` % of the packets arriving on interface `at.1` in namespace `at.0`
+    /// dropped.
+    fn lossy_row(
+        &self,
+        label: String,
+        at: (&str, &str),
+        pct: f64,
+        ns: &str,
+        to: Ipv4Addr,
+        pids: &[u32],
+    ) -> Row {
         let _loss = match Loss::add(at.0, at.1, pct) {
             Ok(n) => n,
             Err(e) => {
                 let err = format!("loss rule: {e:#}");
-                return Row { label, ping: Err(err.clone()), p1: Err(err.clone()), p4: Err(err) };
+                return Row {
+                    label,
+                    ping: Err(err.clone()),
+                    p1: Err(err.clone()),
+                    p4: Err(err),
+                };
             }
         };
         self.row(label, ns, to, pids)
     }
 }
 
-/// Random loss of the packets arriving on an interface: an iptables DROP rule with `statistic --mode
-/// random` at the top of the INPUT chain of a namespace, removed on drop.
+/// Random loss of the packets arriving on an interface: an iptables DROP rule with `statistic
+/// --mode random` at the top of the INPUT chain of a namespace, removed on drop.
 struct Loss {
     ns: String,
     rule: Vec<String>,
@@ -329,14 +426,28 @@ struct Loss {
 impl Loss {
     fn add(ns: &str, iface: &str, pct: f64) -> Result<Loss> {
         let probability = format!("{:.4}", pct / 100.0);
-        let rule: Vec<String> =
-            ["INPUT", "-i", iface, "-m", "statistic", "--mode", "random", "--probability", &probability, "-j", "DROP"]
-                .map(String::from)
-                .to_vec();
+        let rule: Vec<String> = [
+            "INPUT",
+            "-i",
+            iface,
+            "-m",
+            "statistic",
+            "--mode",
+            "random",
+            "--probability",
+            &probability,
+            "-j",
+            "DROP",
+        ]
+        .map(String::from)
+        .to_vec();
         let mut args = vec!["-w", "-I"];
         args.extend(rule.iter().map(String::as_str));
         in_ns(ns, "iptables", &args, Duration::from_secs(10))?;
-        Ok(Loss { ns: ns.into(), rule })
+        Ok(Loss {
+            ns: ns.into(),
+            rule,
+        })
     }
 }
 
@@ -351,7 +462,8 @@ impl Drop for Loss {
 // ---------------------------------------------------------------------------------------------------
 // Fleets
 
-/// A running two-agent fleet with its overlay addresses and an iperf3 server in agent 2's namespace.
+/// A running two-agent fleet with its overlay addresses and an iperf3 server in agent 2's
+/// namespace.
 struct TwoAgents {
     fleet: Fleet,
     ns: [String; 2],
@@ -375,29 +487,60 @@ impl TwoAgents {
         let ns = [agents[0].netns.clone(), agents[1].netns.clone()];
         let lan = [agents[0].addr, agents[1].addr];
         let iface = [agents[0].iface.clone(), agents[1].iface.clone()];
-        let overlay = eventually(TAP_TIMEOUT, "both agents have shoal0 with an IPv4 address", || {
-            Ok([tap_addr(&ns[0], "shoal0")?, tap_addr(&ns[1], "shoal0")?])
-        })?;
+        let overlay = eventually(
+            TAP_TIMEOUT,
+            "both agents have shoal0 with an IPv4 address",
+            || Ok([tap_addr(&ns[0], "shoal0")?, tap_addr(&ns[1], "shoal0")?]),
+        )?;
         wait_direct_path(&fleet)?;
-        let agent_pids = agents.iter().map(|a| a.proc.pid().context("agent not running")).collect::<Result<Vec<_>>>()?;
+        let agent_pids = agents
+            .iter()
+            .map(|a| a.proc.pid().context("agent not running"))
+            .collect::<Result<Vec<_>>>()?;
         let iperf_server = ProcSpec::new("iperf3-server", "iperf3", fleet.dir().join("logs"))
             .netns(&ns[1])
             .args(["-s", "-p", &IPERF_PORT.to_string()])
             .spawn()?;
-        eventually(Duration::from_secs(10), "the iperf3 server to listen", || {
-            let out = in_ns(&ns[1], "ss", &["-Hltn", &format!("sport = :{IPERF_PORT}")], Duration::from_secs(5))?;
-            ensure!(!out.trim().is_empty(), "not listening yet");
-            Ok(())
-        })?;
+        eventually(
+            Duration::from_secs(10),
+            "the iperf3 server to listen",
+            || {
+                let out = in_ns(
+                    &ns[1],
+                    "ss",
+                    &["-Hltn", &format!("sport = :{IPERF_PORT}")],
+                    Duration::from_secs(5),
+                )?;
+                ensure!(!out.trim().is_empty(), "not listening yet");
+                Ok(())
+            },
+        )?;
         // The overlay answers before measuring.
-        eventually(Duration::from_secs(20), "agent 1 pings agent 2 over shoal0", || {
-            in_ns(&ns[0], "ping", &["-c", "1", "-W", "1", &overlay[1].to_string()], Duration::from_secs(5))
-        })?;
+        eventually(
+            Duration::from_secs(20),
+            "agent 1 pings agent 2 over shoal0",
+            || {
+                in_ns(
+                    &ns[0],
+                    "ping",
+                    &["-c", "1", "-W", "1", &overlay[1].to_string()],
+                    Duration::from_secs(5),
+                )
+            },
+        )?;
         eprintln!(
             "[bench] fleet up: agent 1 {} (shoal0 {}), agent 2 {} (shoal0 {}), direct path",
             lan[0], overlay[0], lan[1], overlay[1]
         );
-        Ok(TwoAgents { fleet, ns, lan, iface, overlay, agent_pids, _iperf_server: iperf_server })
+        Ok(TwoAgents {
+            fleet,
+            ns,
+            lan,
+            iface,
+            overlay,
+            agent_pids,
+            _iperf_server: iperf_server,
+        })
     }
 
     /// An error if the controller or an agent died during the measurements.
@@ -409,16 +552,28 @@ impl TwoAgents {
 /// Waits until `shoalctl overlay paths` reports a direct path between agents 1 and 2, both ways.
 fn wait_direct_path(fleet: &Fleet) -> Result<()> {
     let (a, b) = (fleet.node_id(0)?, fleet.node_id(1)?);
-    eventually(PATH_TIMEOUT, "a direct path between agents 1 and 2 both ways", || {
-        let v = fleet.ctl_json(&["overlay", "paths"])?;
-        let all = v.as_array().with_context(|| format!("overlay paths is not an array: {v}"))?;
-        let found: Vec<&Value> = all
-            .iter()
-            .filter(|p| (p["from"] == a.as_str() && p["to"] == b.as_str()) || (p["from"] == b.as_str() && p["to"] == a.as_str()))
-            .collect();
-        ensure!(found.len() == 2 && found.iter().all(|p| p["kind"] == "direct"), "paths between {a} and {b}: {found:?}");
-        Ok(())
-    })
+    eventually(
+        PATH_TIMEOUT,
+        "a direct path between agents 1 and 2 both ways",
+        || {
+            let v = fleet.ctl_json(&["overlay", "paths"])?;
+            let all = v
+                .as_array()
+                .with_context(|| format!("overlay paths is not an array: {v}"))?;
+            let found: Vec<&Value> = all
+                .iter()
+                .filter(|p| {
+                    (p["from"] == a.as_str() && p["to"] == b.as_str())
+                        || (p["from"] == b.as_str() && p["to"] == a.as_str())
+                })
+                .collect();
+            ensure!(
+                found.len() == 2 && found.iter().all(|p| p["kind"] == "direct"),
+                "paths between {a} and {b}: {found:?}"
+            );
+            Ok(())
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -453,18 +608,25 @@ fn uapi_socket(iface: &str) -> PathBuf {
 }
 
 fn on_path(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(program)).find(|p| p.is_file()))
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    })
 }
 
-/// boringtun-cli: `--boringtun`, else `<target>/bench-tools/bin/boringtun-cli` (the target dir being the
-/// parent of this binary's profile dir), else `$PATH`.
+/// boringtun-cli: `--boringtun`, else `<target>/bench-tools/bin/boringtun-cli` (the target dir
+/// being the parent of this binary's profile dir), else `$PATH`.
 fn find_boringtun(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = explicit {
         ensure!(p.is_file(), "--boringtun {} does not exist", p.display());
         return Ok(p.to_path_buf());
     }
     let exe = std::env::current_exe()?;
-    let in_target = exe.parent().and_then(Path::parent).map(|t| t.join("bench-tools/bin/boringtun-cli"));
+    let in_target = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|t| t.join("bench-tools/bin/boringtun-cli"));
     if let Some(p) = in_target.filter(|p| p.is_file()) {
         return Ok(p);
     }
@@ -483,23 +645,42 @@ fn wg(stdin: Option<&str>, args: &[&str]) -> Result<String> {
         .spawn()
         .context("cannot run `wg` (Debian package wireguard-tools; run scripts/deps)")?;
     if let Some(input) = stdin {
-        child.stdin.take().context("wg stdin")?.write_all(input.as_bytes())?;
+        child
+            .stdin
+            .take()
+            .context("wg stdin")?
+            .write_all(input.as_bytes())?;
     }
     drop(child.stdin.take());
     let out = child.wait_with_output()?;
-    ensure!(out.status.success(), "`wg {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    ensure!(
+        out.status.success(),
+        "`wg {}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 fn start_boringtun(two: &TwoAgents, bin: &Path) -> Result<Boringtun> {
-    ensure!(on_path("wg").is_some(), "`wg` not found (Debian package wireguard-tools; run scripts/deps)");
+    ensure!(
+        on_path("wg").is_some(),
+        "`wg` not found (Debian package wireguard-tools; run scripts/deps)"
+    );
     let dir = two.fleet.dir().join("wireguard");
     std::fs::create_dir_all(&dir)?;
     // The UAPI sockets live in /var/run/wireguard, shared by every namespace: names unique per run.
     let id = std::process::id();
     let names = [format!("wgb{id}a"), format!("wgb{id}b")];
-    let addrs = [Ipv4Addr::new(192, 168, 213, 1), Ipv4Addr::new(192, 168, 213, 2)];
-    let mut bt = Boringtun { procs: Vec::new(), names: names.clone(), addrs };
+    let addrs = [
+        Ipv4Addr::new(192, 168, 213, 1),
+        Ipv4Addr::new(192, 168, 213, 2),
+    ];
+    let mut bt = Boringtun {
+        procs: Vec::new(),
+        names: names.clone(),
+        addrs,
+    };
     let mut keys = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let private = wg(None, &["genkey"])?;
@@ -507,21 +688,39 @@ fn start_boringtun(two: &TwoAgents, bin: &Path) -> Result<Boringtun> {
         let key_file = dir.join(format!("{name}.key"));
         std::fs::write(&key_file, format!("{private}\n"))?;
         keys.push((key_file, public));
-        let proc = ProcSpec::new(&format!("boringtun-{}", i + 1), bin, two.fleet.dir().join("logs"))
-            .netns(&two.ns[i])
-            .args([name.as_str(), "--foreground", "--disable-drop-privileges"])
-            .spawn()?;
+        let proc = ProcSpec::new(
+            &format!("boringtun-{}", i + 1),
+            bin,
+            two.fleet.dir().join("logs"),
+        )
+        .netns(&two.ns[i])
+        .args([name.as_str(), "--foreground", "--disable-drop-privileges"])
+        .spawn()?;
         bt.procs.push(proc);
     }
     for (i, name) in names.iter().enumerate() {
         let proc = &mut bt.procs[i];
-        eventually(Duration::from_secs(10), &format!("boringtun to create {name} and its UAPI socket"), || {
-            if let Err(e) = proc.ensure_running() {
-                return Err(shoal_tests::abort(format!("{e:#}")));
-            }
-            ensure!(uapi_socket(name).exists(), "{} does not exist yet", uapi_socket(name).display());
-            in_ns(&two.ns[i], "ip", &["link", "show", "dev", name], Duration::from_secs(5)).map(drop)
-        })?;
+        eventually(
+            Duration::from_secs(10),
+            &format!("boringtun to create {name} and its UAPI socket"),
+            || {
+                if let Err(e) = proc.ensure_running() {
+                    return Err(shoal_tests::abort(format!("{e:#}")));
+                }
+                ensure!(
+                    uapi_socket(name).exists(),
+                    "{} does not exist yet",
+                    uapi_socket(name).display()
+                );
+                in_ns(
+                    &two.ns[i],
+                    "ip",
+                    &["link", "show", "dev", name],
+                    Duration::from_secs(5),
+                )
+                .map(drop)
+            },
+        )?;
     }
     for i in 0..2 {
         let other = 1 - i;
@@ -533,18 +732,58 @@ fn start_boringtun(two: &TwoAgents, bin: &Path) -> Result<Boringtun> {
             &two.ns[i],
             "wg",
             &[
-                "set", &names[i], "private-key", &key_file, "listen-port", &port, "peer", &keys[other].1, "endpoint", &endpoint,
-                "allowed-ips", &allowed,
+                "set",
+                &names[i],
+                "private-key",
+                &key_file,
+                "listen-port",
+                &port,
+                "peer",
+                &keys[other].1,
+                "endpoint",
+                &endpoint,
+                "allowed-ips",
+                &allowed,
             ],
             Duration::from_secs(10),
         )?;
-        in_ns(&two.ns[i], "ip", &["addr", "add", &format!("{}/24", addrs[i]), "dev", &names[i]], Duration::from_secs(5))?;
-        in_ns(&two.ns[i], "ip", &["link", "set", "dev", &names[i], "mtu", &WG_MTU.to_string(), "up"], Duration::from_secs(5))?;
+        in_ns(
+            &two.ns[i],
+            "ip",
+            &["addr", "add", &format!("{}/24", addrs[i]), "dev", &names[i]],
+            Duration::from_secs(5),
+        )?;
+        in_ns(
+            &two.ns[i],
+            "ip",
+            &[
+                "link",
+                "set",
+                "dev",
+                &names[i],
+                "mtu",
+                &WG_MTU.to_string(),
+                "up",
+            ],
+            Duration::from_secs(5),
+        )?;
     }
-    eventually(Duration::from_secs(20), "agent 1 pings agent 2 over WireGuard", || {
-        in_ns(&two.ns[0], "ping", &["-c", "1", "-W", "1", &addrs[1].to_string()], Duration::from_secs(5))
-    })?;
-    eprintln!("[bench] boringtun tunnel up: {} ({}) <-> {} ({})", names[0], addrs[0], names[1], addrs[1]);
+    eventually(
+        Duration::from_secs(20),
+        "agent 1 pings agent 2 over WireGuard",
+        || {
+            in_ns(
+                &two.ns[0],
+                "ping",
+                &["-c", "1", "-W", "1", &addrs[1].to_string()],
+                Duration::from_secs(5),
+            )
+        },
+    )?;
+    eprintln!(
+        "[bench] boringtun tunnel up: {} ({}) <-> {} ({})",
+        names[0], addrs[0], names[1], addrs[1]
+    );
     Ok(bt)
 }
 
@@ -553,7 +792,9 @@ fn start_boringtun(two: &TwoAgents, bin: &Path) -> Result<Boringtun> {
 
 fn fmt_ping(p: &Measured<PingStats>) -> String {
     match p {
-        Ok(p) if p.loss_pct > 0.0 => format!("{:.3} ± {:.3} ({}% lost)", p.avg_ms, p.mdev_ms, p.loss_pct),
+        Ok(p) if p.loss_pct > 0.0 => {
+            format!("{:.3} ± {:.3} ({}% lost)", p.avg_ms, p.mdev_ms, p.loss_pct)
+        }
         Ok(p) => format!("{:.3} ± {:.3}", p.avg_ms, p.mdev_ms),
         Err(_) => "FAILED".into(),
     }
@@ -590,7 +831,12 @@ fn table(rows: &[&Row], underlay_rtt: Option<f64>) -> String {
         };
         let (g1, r1, c1) = fmt_iperf(&r.p1);
         let (g4, r4, c4) = fmt_iperf(&r.p4);
-        let _ = writeln!(s, "| {} | {} | {added} | {g1} | {r1} | {c1} | {g4} | {r4} | {c4} |", r.label, fmt_ping(&r.ping));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {added} | {g1} | {r1} | {c1} | {g4} | {r4} | {c4} |",
+            r.label,
+            fmt_ping(&r.ping)
+        );
     }
     s
 }
@@ -623,13 +869,18 @@ fn run(args: &Args) -> Result<()> {
     }
     for tool in ["iperf3", "ping", "ss", "iptables"] {
         ensure!(
-            on_path(tool).is_some() || Path::new("/usr/sbin").join(tool).is_file() || Path::new("/sbin").join(tool).is_file(),
+            on_path(tool).is_some()
+                || Path::new("/usr/sbin").join(tool).is_file()
+                || Path::new("/sbin").join(tool).is_file(),
             "`{tool}` is missing; run scripts/deps"
         );
     }
     let bins = shoal_tests::Bins::locate()?;
     let started = SystemTime::now();
-    let bench = Bench { args: args.clone(), ticks: clock_ticks() };
+    let bench = Bench {
+        args: args.clone(),
+        ticks: clock_ticks(),
+    };
     println!(
         "shoal-overlay-bench {}: binaries {}; iperf3 -t {} ; ping -c {} -i 0.05; CC {:?}; loss {:?} %",
         humantime::format_rfc3339_seconds(started),
@@ -652,7 +903,9 @@ fn run(args: &Args) -> Result<()> {
         println!("SKIP boringtun: --no-boringtun");
         None
     } else {
-        match find_boringtun(args.boringtun.as_deref()).and_then(|bin| start_boringtun(&two, &bin).map(|b| (bin, b))) {
+        match find_boringtun(args.boringtun.as_deref())
+            .and_then(|bin| start_boringtun(&two, &bin).map(|b| (bin, b)))
+        {
             Ok((bin, b)) => {
                 println!("boringtun: {}", bin.display());
                 Some(b)
@@ -666,7 +919,12 @@ fn run(args: &Args) -> Result<()> {
 
     let mut main_rows = Vec::new();
     main_rows.push(bench.row("underlay (veth + bridge)", &a_ns, two.lan[1], &[]));
-    main_rows.push(bench.row(format!("shoal overlay ({main_cc})"), &a_ns, two.overlay[1], &two.agent_pids));
+    main_rows.push(bench.row(
+        format!("shoal overlay ({main_cc})"),
+        &a_ns,
+        two.overlay[1],
+        &two.agent_pids,
+    ));
     if let Some(bt) = &boringtun {
         main_rows.push(bench.row("boringtun (WireGuard)", &a_ns, bt.addrs[1], &bt.pids()));
     }
@@ -677,7 +935,14 @@ fn run(args: &Args) -> Result<()> {
     let at = (two.ns[1].clone(), two.iface[1].clone());
     let at = (at.0.as_str(), at.1.as_str());
     for &pct in &args.loss {
-        impaired_rows.push(bench.lossy_row(format!("underlay, loss {pct}%"), at, pct, &a_ns, two.lan[1], &[]));
+        impaired_rows.push(bench.lossy_row(
+            format!("underlay, loss {pct}%"),
+            at,
+            pct,
+            &a_ns,
+            two.lan[1],
+            &[],
+        ));
         impaired_rows.push(bench.lossy_row(
             format!("shoal overlay ({main_cc}), loss {pct}%"),
             at,
@@ -687,7 +952,14 @@ fn run(args: &Args) -> Result<()> {
             &two.agent_pids,
         ));
         if let Some(bt) = &boringtun {
-            impaired_rows.push(bench.lossy_row(format!("boringtun, loss {pct}%"), at, pct, &a_ns, bt.addrs[1], &bt.pids()));
+            impaired_rows.push(bench.lossy_row(
+                format!("boringtun, loss {pct}%"),
+                at,
+                pct,
+                &a_ns,
+                bt.addrs[1],
+                &bt.pids(),
+            ));
         }
     }
     two.check()?;
@@ -699,10 +971,22 @@ fn run(args: &Args) -> Result<()> {
     for cc in args.ccs.iter().skip(1) {
         let mut two = TwoAgents::start(cc)?;
         let ns = two.ns[0].clone();
-        let mut rows = vec![bench.row(format!("shoal overlay ({cc})"), &ns, two.overlay[1], &two.agent_pids)];
+        let mut rows = vec![bench.row(
+            format!("shoal overlay ({cc})"),
+            &ns,
+            two.overlay[1],
+            &two.agent_pids,
+        )];
         let at = (two.ns[1].as_str(), two.iface[1].as_str());
         for &pct in &args.loss {
-            rows.push(bench.lossy_row(format!("shoal overlay ({cc}), loss {pct}%"), at, pct, &ns, two.overlay[1], &two.agent_pids));
+            rows.push(bench.lossy_row(
+                format!("shoal overlay ({cc}), loss {pct}%"),
+                at,
+                pct,
+                &ns,
+                two.overlay[1],
+                &two.agent_pids,
+            ));
         }
         two.check()?;
         cc_rows.push((cc.clone(), rows));
@@ -711,16 +995,26 @@ fn run(args: &Args) -> Result<()> {
     // ------------------------------------------------------------------ report
     let underlay_rtt = main_rows[0].ping.as_ref().ok().map(|p| p.avg_ms);
     println!("\n## Clean underlay (agent 1 -> agent 2, iperf3 -t {}; CPU = utime+stime of both tunnel processes per Gbit received)\n", args.time);
-    print!("{}", table(&main_rows.iter().collect::<Vec<_>>(), underlay_rtt));
+    print!(
+        "{}",
+        table(&main_rows.iter().collect::<Vec<_>>(), underlay_rtt)
+    );
     if !impaired_rows.is_empty() {
         println!("\n## Random loss of the packets arriving at agent 2 (data direction)\n");
-        print!("{}", table(&impaired_rows.iter().collect::<Vec<_>>(), underlay_rtt));
+        print!(
+            "{}",
+            table(&impaired_rows.iter().collect::<Vec<_>>(), underlay_rtt)
+        );
     }
 
     // CC comparison: the main CC's rows come from the main fleet.
     let mut by_cc: Vec<(String, Vec<&Row>)> = Vec::new();
     let main_overlay: Vec<&Row> = std::iter::once(&main_rows[1])
-        .chain(impaired_rows.iter().filter(|r| r.label.starts_with(&format!("shoal overlay ({main_cc})"))))
+        .chain(
+            impaired_rows
+                .iter()
+                .filter(|r| r.label.starts_with(&format!("shoal overlay ({main_cc})"))),
+        )
         .collect();
     by_cc.push((main_cc.clone(), main_overlay));
     for (cc, rows) in &cc_rows {
@@ -753,8 +1047,13 @@ fn run(args: &Args) -> Result<()> {
         }
         let rtt = rows.first().map_or("—".into(), |r| fmt_ping(&r.ping));
         let complete = vals.len() == rows.len() * 2 && vals.iter().all(|v| *v > 0.0);
-        let geo = complete.then(|| (vals.iter().map(|v| v.ln()).sum::<f64>() / vals.len() as f64).exp());
-        let _ = write!(line, " {rtt} | {} |", geo.map_or("—".into(), |g| format!("{g:.3}")));
+        let geo =
+            complete.then(|| (vals.iter().map(|v| v.ln()).sum::<f64>() / vals.len() as f64).exp());
+        let _ = write!(
+            line,
+            " {rtt} | {} |",
+            geo.map_or("—".into(), |g| format!("{g:.3}"))
+        );
         println!("{line}");
         if let Some(g) = geo {
             if best.as_ref().is_none_or(|(_, b)| g > *b) {
@@ -763,7 +1062,11 @@ fn run(args: &Args) -> Result<()> {
         }
     }
 
-    let all: Vec<&Row> = main_rows.iter().chain(&impaired_rows).chain(cc_rows.iter().flat_map(|(_, r)| r)).collect();
+    let all: Vec<&Row> = main_rows
+        .iter()
+        .chain(&impaired_rows)
+        .chain(cc_rows.iter().flat_map(|(_, r)| r))
+        .collect();
     let failed = failures(&all);
     if !failed.is_empty() {
         println!("\n{failed}");
@@ -783,7 +1086,10 @@ fn run(args: &Args) -> Result<()> {
             if let (Ok(u), Ok(b)) = (&bt.ping, &main_rows[0].ping) {
                 println!("added RTT of boringtun: {:.3} ms", u.avg_ms - b.avg_ms);
             }
-            for (what, o, b) in [("1 stream", gbps(&overlay.p1), gbps(&bt.p1)), ("4 streams", gbps(&overlay.p4), gbps(&bt.p4))] {
+            for (what, o, b) in [
+                ("1 stream", gbps(&overlay.p1), gbps(&bt.p1)),
+                ("4 streams", gbps(&overlay.p4), gbps(&bt.p4)),
+            ] {
                 if let (Some(o), Some(b)) = (o, b) {
                     println!(
                         "throughput, {what}: overlay {o:.3} Gbit/s vs boringtun {b:.3} Gbit/s = {:.2}x (target: ahead of boringtun: {})",
@@ -798,7 +1104,12 @@ fn run(args: &Args) -> Result<()> {
     if let Some((cc, g)) = best {
         println!("best outer congestion controller by geometric mean of all overlay runs: {cc} ({g:.3} Gbit/s)");
     }
-    let elapsed = SystemTime::now().duration_since(started).unwrap_or_default();
-    println!("total time {}", humantime::format_duration(Duration::from_secs(elapsed.as_secs())));
+    let elapsed = SystemTime::now()
+        .duration_since(started)
+        .unwrap_or_default();
+    println!(
+        "total time {}",
+        humantime::format_duration(Duration::from_secs(elapsed.as_secs()))
+    );
     Ok(())
 }

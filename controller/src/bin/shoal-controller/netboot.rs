@@ -40,7 +40,8 @@ pub struct NetbootArgs {
     /// A boot script gets a token only this soon after the DHCP server saw its MAC PXE-boot.
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     boot_sighting_window: Duration,
-    /// Boot tokens minted at once before the rate (one a second) applies: machines powering on together.
+    /// Boot tokens minted at once before the rate (one a second) applies: machines powering on
+    /// together.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     boot_token_burst: u32,
     /// Rows of the machine table (`shoalctl machines list`); new MACs beyond it are not recorded.
@@ -64,7 +65,11 @@ impl NetbootArgs {
         c.http_port = self.netboot_http_port;
         c.tftp_root = self.tftp_root;
         c.image_keys = self.image_key;
-        c.admission = if self.hold_new_machines { AdmissionPolicy::Hold } else { AdmissionPolicy::AdmitAll };
+        c.admission = if self.hold_new_machines {
+            AdmissionPolicy::Hold
+        } else {
+            AdmissionPolicy::AdmitAll
+        };
         c.boot_token_ttl = self.boot_token_ttl;
         c.boot_tokens.sighting_window = self.boot_sighting_window;
         c.boot_tokens.burst = self.boot_token_burst;

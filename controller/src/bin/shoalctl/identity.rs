@@ -1,5 +1,5 @@
-//! `shoalctl nodes pending|approve|deny|reenrol|rotate-key` and `shoalctl certs …`: the operator's side
-//! of node identity (see the operators' guide, "Enrolment rules and re-enrolling a node").
+//! `shoalctl nodes pending|approve|deny|reenrol|rotate-key` and `shoalctl certs …`: the operator's
+//! side of node identity (see the operators' guide, "Enrolment rules and re-enrolling a node").
 
 use std::time::Duration;
 
@@ -21,8 +21,8 @@ pub enum CertsCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Revoke one certificate by serial: connections using it close at once and it is refused from then
-    /// on. If it holds the node's current key, the node must rotate to a new key.
+    /// Revoke one certificate by serial: connections using it close at once and it is refused from
+    /// then on. If it holds the node's current key, the node must rotate to a new key.
     Revoke {
         /// Serial, as `certs list` shows it.
         serial: String,
@@ -38,7 +38,17 @@ pub fn pending(client: &AdminClient, output: Output) -> anyhow::Result<()> {
     match output {
         Output::Json => print_json(&pending)?,
         Output::Table => table(
-            &["ID", "NODE", "CLAIMED BY", "HARDWARE ID", "KEY", "FROM", "ATTEMPTS", "LAST SEEN", "STATE"],
+            &[
+                "ID",
+                "NODE",
+                "CLAIMED BY",
+                "HARDWARE ID",
+                "KEY",
+                "FROM",
+                "ATTEMPTS",
+                "LAST SEEN",
+                "STATE",
+            ],
             pending.iter().map(|p| {
                 vec![
                     p.id.clone(),
@@ -60,27 +70,43 @@ pub fn pending(client: &AdminClient, output: Output) -> anyhow::Result<()> {
 /// Approves or denies a pending claim.
 pub fn decide(client: &AdminClient, id: &str, approve: bool) -> anyhow::Result<()> {
     let verb = if approve { "approve" } else { "deny" };
-    let p: PendingView = client.post(&format!("/v1/enrolments/pending/{id}/{verb}"), &serde_json::json!({}))?;
+    let p: PendingView = client.post(
+        &format!("/v1/enrolments/pending/{id}/{verb}"),
+        &serde_json::json!({}),
+    )?;
     if approve {
-        println!("approved: the machine's next attempt re-enrols it as node {} (key {})", p.node, p.key);
+        println!(
+            "approved: the machine's next attempt re-enrols it as node {} (key {})",
+            p.node, p.key
+        );
     } else {
-        println!("denied: the machine's claim to node {} is refused from now on", p.node);
+        println!(
+            "denied: the machine's claim to node {} is refused from now on",
+            p.node
+        );
     }
     Ok(())
 }
 
 /// Arms a one-time re-enrolment.
 pub fn reenrol(client: &AdminClient, node: &str, ttl: Option<Duration>) -> anyhow::Result<()> {
-    let req = ReenrolRequest { ttl_secs: ttl.map(|d| d.as_secs().max(1)) };
+    let req = ReenrolRequest {
+        ttl_secs: ttl.map(|d| d.as_secs().max(1)),
+    };
     client.post_no_content(&format!("/v1/nodes/{node}/reenrol"), &req)?;
-    let ttl = ttl.map(|d| humantime::format_duration(d).to_string()).unwrap_or_else(|| "1h".into());
+    let ttl = ttl
+        .map(|d| humantime::format_duration(d).to_string())
+        .unwrap_or_else(|| "1h".into());
     println!("armed: the next machine that claims node {node} with a valid join token within {ttl} gets it (unless the node is connected)");
     Ok(())
 }
 
 /// Asks a node to rotate its key.
 pub fn rotate_key(client: &AdminClient, node: &str) -> anyhow::Result<()> {
-    client.post_no_content(&format!("/v1/nodes/{node}/rotate-key"), &serde_json::json!({}))?;
+    client.post_no_content(
+        &format!("/v1/nodes/{node}/rotate-key"),
+        &serde_json::json!({}),
+    )?;
     println!("node {node} rotates its key now if it is connected, else on its next session");
     Ok(())
 }
@@ -96,17 +122,29 @@ pub fn certs(client: &AdminClient, cmd: CertsCmd) -> anyhow::Result<()> {
                     &["SERIAL", "ISSUED", "EXPIRES", "KEY", "STATE"],
                     certs.iter().map(|c| {
                         let state = match (&c.revoked_at, c.current_key) {
-                            (Some(at), _) => format!("revoked {at}: {}", c.revoked_reason.clone().unwrap_or_default()),
+                            (Some(at), _) => format!(
+                                "revoked {at}: {}",
+                                c.revoked_reason.clone().unwrap_or_default()
+                            ),
                             (None, true) => "valid (current key)".to_owned(),
                             (None, false) => "valid (old key: refused)".to_owned(),
                         };
-                        vec![c.serial.clone(), c.issued_at.clone(), c.not_after.clone(), c.key.clone(), state]
+                        vec![
+                            c.serial.clone(),
+                            c.issued_at.clone(),
+                            c.not_after.clone(),
+                            c.key.clone(),
+                            state,
+                        ]
                     }),
                 ),
             }
         }
         CertsCmd::Revoke { serial, reason } => {
-            let done: RevokedCertView = client.post(&format!("/v1/certificates/{serial}/revoke"), &RevokeCertRequest { reason })?;
+            let done: RevokedCertView = client.post(
+                &format!("/v1/certificates/{serial}/revoke"),
+                &RevokeCertRequest { reason },
+            )?;
             println!("revoked certificate {} of node {}", done.serial, done.node);
             if done.closed_connections > 0 {
                 println!("closed the connection that used it");

@@ -6,7 +6,9 @@ use anyhow::Context;
 use clap::Subcommand;
 use shoal_controller::{
     admin::AdminClient,
-    maintenance::view::{BudgetView, CreateWindow, RetryNode, RolloutView, SetBudget, StartRollout, WindowView},
+    maintenance::view::{
+        BudgetView, CreateWindow, RetryNode, RolloutView, SetBudget, StartRollout, WindowView,
+    },
 };
 use shoal_proto::MaintenanceAction;
 
@@ -138,7 +140,8 @@ pub struct When {
     now: bool,
 }
 
-/// What `upgrade` and `maintenance` share: a maintenance run is a rollout whose target is an action.
+/// What `upgrade` and `maintenance` share: a maintenance run is a rollout whose target is an
+/// action.
 #[derive(Debug, Subcommand)]
 pub enum RolloutCmd {
     /// A rollout's or maintenance run's progress and every node's state (default: the current one).
@@ -170,7 +173,8 @@ pub enum RolloutCmd {
         /// Rollout id (default: the current rollout).
         id: Option<String>,
     },
-    /// Try a failed (or skipped) node again (for an upgrade: forgets that the version failed on it).
+    /// Try a failed (or skipped) node again (for an upgrade: forgets that the version failed on
+    /// it).
     Retry {
         /// Node id.
         node: String,
@@ -216,7 +220,9 @@ pub enum MaintenanceCmd {
 /// The action a `maintenance run` asks for.
 pub fn action_of(name: ActionName, command: Vec<String>) -> anyhow::Result<MaintenanceAction> {
     match (name, command.is_empty()) {
-        (ActionName::Exec, true) => anyhow::bail!("exec needs the command after `--`: maintenance run exec … -- /usr/local/bin/x ARGS"),
+        (ActionName::Exec, true) => anyhow::bail!(
+            "exec needs the command after `--`: maintenance run exec … -- /usr/local/bin/x ARGS"
+        ),
         (ActionName::Exec, false) => {
             anyhow::ensure!(command[0].starts_with('/'), "{} is not an absolute path; agents run only programs they allow with --allow-exec PATH", command[0]);
             Ok(MaintenanceAction::Exec { argv: command })
@@ -229,7 +235,15 @@ pub fn action_of(name: ActionName, command: Vec<String>) -> anyhow::Result<Maint
 
 pub fn maintenance(client: &AdminClient, cmd: MaintenanceCmd) -> anyhow::Result<()> {
     let cmd = match cmd {
-        MaintenanceCmd::Run { action, selector: (k, v), when, max_unavailable, max_failures, deadline, command } => {
+        MaintenanceCmd::Run {
+            action,
+            selector: (k, v),
+            when,
+            max_unavailable,
+            max_failures,
+            deadline,
+            command,
+        } => {
             let req = StartRollout {
                 action: Some(action_of(action, command)?),
                 selector: Some(format!("{k}={v}")),
@@ -240,7 +254,12 @@ pub fn maintenance(client: &AdminClient, cmd: MaintenanceCmd) -> anyhow::Result<
                 ..StartRollout::default()
             };
             let r: RolloutView = client.post("/v1/rollouts", &req)?;
-            say!("started maintenance run {}: {} on {} node(s)", r.id, r.target, r.progress.total);
+            say!(
+                "started maintenance run {}: {} on {} node(s)",
+                r.id,
+                r.target,
+                r.progress.total
+            );
             return Ok(());
         }
         MaintenanceCmd::Rollout(cmd) => cmd,
@@ -250,7 +269,13 @@ pub fn maintenance(client: &AdminClient, cmd: MaintenanceCmd) -> anyhow::Result<
 
 pub fn window(client: &AdminClient, cmd: WindowCmd) -> anyhow::Result<()> {
     match cmd {
-        WindowCmd::Create { name, schedule, duration, tz, selector } => {
+        WindowCmd::Create {
+            name,
+            schedule,
+            duration,
+            tz,
+            selector,
+        } => {
             let req = CreateWindow {
                 name,
                 schedule,
@@ -271,7 +296,8 @@ pub fn window(client: &AdminClient, cmd: WindowCmd) -> anyhow::Result<()> {
                         vec![
                             w.name.clone(),
                             w.schedule.clone(),
-                            humantime::format_duration(Duration::from_secs(w.duration_secs)).to_string(),
+                            humantime::format_duration(Duration::from_secs(w.duration_secs))
+                                .to_string(),
                             w.tz.clone(),
                             w.selector.clone().unwrap_or_else(|| "-".into()),
                             next_text(w),
@@ -298,9 +324,23 @@ fn next_text(w: &WindowView) -> String {
 
 pub fn budget(client: &AdminClient, cmd: BudgetCmd) -> anyhow::Result<()> {
     match cmd {
-        BudgetCmd::Set { selector: (k, v), max_unavailable } => {
-            let b: BudgetView = client.post("/v1/budgets", &SetBudget { selector: format!("{k}={v}"), max_unavailable })?;
-            say!("budget {}: at most {} of {} node(s) unavailable", b.selector, b.max_unavailable, b.nodes);
+        BudgetCmd::Set {
+            selector: (k, v),
+            max_unavailable,
+        } => {
+            let b: BudgetView = client.post(
+                "/v1/budgets",
+                &SetBudget {
+                    selector: format!("{k}={v}"),
+                    max_unavailable,
+                },
+            )?;
+            say!(
+                "budget {}: at most {} of {} node(s) unavailable",
+                b.selector,
+                b.max_unavailable,
+                b.nodes
+            );
         }
         BudgetCmd::List { output } => {
             let all: Vec<BudgetView> = client.get("/v1/budgets")?;
@@ -308,7 +348,13 @@ pub fn budget(client: &AdminClient, cmd: BudgetCmd) -> anyhow::Result<()> {
                 Output::Json => print_json(&all)?,
                 Output::Table => table(
                     &["SELECTOR", "MAX UNAVAILABLE", "NODES"],
-                    all.iter().map(|b| vec![b.selector.clone(), b.max_unavailable.to_string(), b.nodes.to_string()]),
+                    all.iter().map(|b| {
+                        vec![
+                            b.selector.clone(),
+                            b.max_unavailable.to_string(),
+                            b.nodes.to_string(),
+                        ]
+                    }),
                 ),
             }
         }
@@ -326,8 +372,19 @@ pub fn progress_bar(r: &RolloutView) -> String {
     let p = &r.progress;
     let done = p.succeeded + p.failed + p.skipped;
     let filled = (done * WIDTH).checked_div(p.total).unwrap_or(0).min(WIDTH) as usize;
-    let mut s = format!("[{}{}] {}/{} succeeded", "#".repeat(filled), ".".repeat(WIDTH as usize - filled), p.succeeded, p.total);
-    for (n, what) in [(p.in_flight, "in flight"), (p.failed, "failed"), (p.skipped, "skipped"), (p.pending, "pending")] {
+    let mut s = format!(
+        "[{}{}] {}/{} succeeded",
+        "#".repeat(filled),
+        ".".repeat(WIDTH as usize - filled),
+        p.succeeded,
+        p.total
+    );
+    for (n, what) in [
+        (p.in_flight, "in flight"),
+        (p.failed, "failed"),
+        (p.skipped, "skipped"),
+        (p.pending, "pending"),
+    ] {
         if n > 0 {
             s.push_str(&format!(", {n} {what}"));
         }
@@ -338,19 +395,33 @@ pub fn progress_bar(r: &RolloutView) -> String {
 fn print_status(r: &RolloutView) {
     say!(
         "{} {}: {} on {}, {}{}",
-        if r.target.starts_with("action ") { "maintenance run" } else { "rollout" },
+        if r.target.starts_with("action ") {
+            "maintenance run"
+        } else {
+            "rollout"
+        },
         r.id,
         r.target,
         r.selector.as_deref().unwrap_or("all nodes"),
         r.state,
-        r.reason.as_ref().map(|x| format!(" ({x})")).unwrap_or_default()
+        r.reason
+            .as_ref()
+            .map(|x| format!(" ({x})"))
+            .unwrap_or_default()
     );
     say!(
         "max unavailable {}, pause after {} failure(s), {}{}",
         r.max_unavailable,
         r.max_failures,
-        r.window.as_ref().map(|w| format!("window {w}")).unwrap_or_else(|| "no window".into()),
-        if r.allow_downgrade { ", downgrades allowed" } else { "" }
+        r.window
+            .as_ref()
+            .map(|w| format!("window {w}"))
+            .unwrap_or_else(|| "no window".into()),
+        if r.allow_downgrade {
+            ", downgrades allowed"
+        } else {
+            ""
+        }
     );
     say!("{}", progress_bar(r));
     for w in &r.waiting {
@@ -369,7 +440,10 @@ fn print_status(r: &RolloutView) {
                 },
                 n.since.clone().unwrap_or_else(|| "-".into()),
                 n.deadline.clone().unwrap_or_else(|| "-".into()),
-                n.detail.clone().or_else(|| n.output.clone()).unwrap_or_default(),
+                n.detail
+                    .clone()
+                    .or_else(|| n.output.clone())
+                    .unwrap_or_default(),
             ]
         }),
     );
@@ -377,7 +451,15 @@ fn print_status(r: &RolloutView) {
 
 pub fn upgrade(client: &AdminClient, cmd: UpgradeCmd) -> anyhow::Result<()> {
     match cmd {
-        UpgradeCmd::Start { what, selector: (k, v), max_unavailable, window, max_failures, deadline, allow_downgrade } => {
+        UpgradeCmd::Start {
+            what,
+            selector: (k, v),
+            max_unavailable,
+            window,
+            max_failures,
+            deadline,
+            allow_downgrade,
+        } => {
             let req = StartRollout {
                 agent: what.agent,
                 image: what.image,
@@ -390,7 +472,12 @@ pub fn upgrade(client: &AdminClient, cmd: UpgradeCmd) -> anyhow::Result<()> {
                 allow_downgrade,
             };
             let r: RolloutView = client.post("/v1/rollouts", &req)?;
-            say!("started rollout {}: {} on {} node(s)", r.id, r.target, r.progress.total);
+            say!(
+                "started rollout {}: {} on {} node(s)",
+                r.id,
+                r.target,
+                r.progress.total
+            );
         }
         UpgradeCmd::Rollout(cmd) => return rollout(client, cmd),
     }
@@ -405,7 +492,9 @@ pub fn rollout(client: &AdminClient, cmd: RolloutCmd) -> anyhow::Result<()> {
     };
     match cmd {
         RolloutCmd::Status { id: which, output } => {
-            let r: RolloutView = client.get(&format!("/v1/rollouts/{}", id(which))).context("no rollout to show")?;
+            let r: RolloutView = client
+                .get(&format!("/v1/rollouts/{}", id(which)))
+                .context("no rollout to show")?;
             match output {
                 Output::Json => print_json(&r)?,
                 Output::Table => print_status(&r),
@@ -430,11 +519,23 @@ pub fn rollout(client: &AdminClient, cmd: RolloutCmd) -> anyhow::Result<()> {
                 ),
             }
         }
-        RolloutCmd::Pause { id: which } => said(client.post(&format!("/v1/rollouts/{}/pause", id(which)), &serde_json::json!({}))?),
-        RolloutCmd::Resume { id: which } => said(client.post(&format!("/v1/rollouts/{}/resume", id(which)), &serde_json::json!({}))?),
-        RolloutCmd::Abort { id: which } => said(client.post(&format!("/v1/rollouts/{}/abort", id(which)), &serde_json::json!({}))?),
+        RolloutCmd::Pause { id: which } => said(client.post(
+            &format!("/v1/rollouts/{}/pause", id(which)),
+            &serde_json::json!({}),
+        )?),
+        RolloutCmd::Resume { id: which } => said(client.post(
+            &format!("/v1/rollouts/{}/resume", id(which)),
+            &serde_json::json!({}),
+        )?),
+        RolloutCmd::Abort { id: which } => said(client.post(
+            &format!("/v1/rollouts/{}/abort", id(which)),
+            &serde_json::json!({}),
+        )?),
         RolloutCmd::Retry { node, rollout } => {
-            let r: RolloutView = client.post(&format!("/v1/rollouts/{}/retry", id(rollout)), &RetryNode { node: node.clone() })?;
+            let r: RolloutView = client.post(
+                &format!("/v1/rollouts/{}/retry", id(rollout)),
+                &RetryNode { node: node.clone() },
+            )?;
             say!("rollout {}: {node} will be tried again ({})", r.id, r.state);
         }
     }
@@ -468,20 +569,54 @@ mod tests {
 
     #[test]
     fn maintenance_actions_take_a_command_only_for_exec() {
-        assert_eq!(action_of(ActionName::Reboot, vec![]).unwrap(), MaintenanceAction::Reboot);
+        assert_eq!(
+            action_of(ActionName::Reboot, vec![]).unwrap(),
+            MaintenanceAction::Reboot
+        );
         assert!(action_of(ActionName::Reboot, vec!["/x".into()]).is_err());
-        assert!(action_of(ActionName::Exec, vec![]).unwrap_err().to_string().contains("--"));
-        assert!(action_of(ActionName::Exec, vec!["x".into()]).unwrap_err().to_string().contains("absolute"));
+        assert!(action_of(ActionName::Exec, vec![])
+            .unwrap_err()
+            .to_string()
+            .contains("--"));
+        assert!(action_of(ActionName::Exec, vec!["x".into()])
+            .unwrap_err()
+            .to_string()
+            .contains("absolute"));
         let exec = action_of(ActionName::Exec, vec!["/bin/x".into(), "-v".into()]).unwrap();
-        assert_eq!(exec, MaintenanceAction::Exec { argv: vec!["/bin/x".into(), "-v".into()] });
+        assert_eq!(
+            exec,
+            MaintenanceAction::Exec {
+                argv: vec!["/bin/x".into(), "-v".into()]
+            }
+        );
     }
 
     #[test]
     fn the_progress_bar_counts_settled_nodes_and_says_the_rest() {
-        let p = Progress { total: 10, pending: 3, in_flight: 1, succeeded: 5, failed: 1, skipped: 0 };
-        assert_eq!(progress_bar(&view(p)), "[############........] 5/10 succeeded, 1 in flight, 1 failed, 3 pending");
-        let done = Progress { total: 4, succeeded: 4, ..Progress::default() };
-        assert_eq!(progress_bar(&view(done)), "[####################] 4/4 succeeded");
-        assert_eq!(progress_bar(&view(Progress::default())), "[....................] 0/0 succeeded");
+        let p = Progress {
+            total: 10,
+            pending: 3,
+            in_flight: 1,
+            succeeded: 5,
+            failed: 1,
+            skipped: 0,
+        };
+        assert_eq!(
+            progress_bar(&view(p)),
+            "[############........] 5/10 succeeded, 1 in flight, 1 failed, 3 pending"
+        );
+        let done = Progress {
+            total: 4,
+            succeeded: 4,
+            ..Progress::default()
+        };
+        assert_eq!(
+            progress_bar(&view(done)),
+            "[####################] 4/4 succeeded"
+        );
+        assert_eq!(
+            progress_bar(&view(Progress::default())),
+            "[....................] 0/0 succeeded"
+        );
     }
 }

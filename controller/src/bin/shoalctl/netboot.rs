@@ -57,16 +57,32 @@ pub enum MachinesCmd {
 
 fn add(client: &AdminClient, dir: &Path) -> anyhow::Result<()> {
     let manifest_path = dir.join(images::MANIFEST);
-    let bytes = std::fs::read(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?;
-    let m: Manifest = serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", manifest_path.display()))?;
-    for name in [images::MANIFEST, images::SIGNATURE, m.kernel.file.as_str(), m.initrd.file.as_str()] {
+    let bytes = std::fs::read(&manifest_path)
+        .with_context(|| format!("reading {}", manifest_path.display()))?;
+    let m: Manifest = serde_json::from_slice(&bytes)
+        .with_context(|| format!("parsing {}", manifest_path.display()))?;
+    for name in [
+        images::MANIFEST,
+        images::SIGNATURE,
+        m.kernel.file.as_str(),
+        m.initrd.file.as_str(),
+    ] {
         images::check_name(name)?;
         let path = dir.join(name);
         let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        client.upload(&format!("/v1/images/{}/files/{name}", m.version), &data).with_context(|| format!("uploading {name}"))?;
+        client
+            .upload(&format!("/v1/images/{}/files/{name}", m.version), &data)
+            .with_context(|| format!("uploading {name}"))?;
     }
-    let view: ImageView = client.post(&format!("/v1/images/{}", m.version), &serde_json::json!({}))?;
-    say!("added image {} (kernel {} bytes, initramfs {} bytes){}", view.version, view.kernel_bytes, view.initrd_bytes, if view.default { ", default" } else { "" });
+    let view: ImageView =
+        client.post(&format!("/v1/images/{}", m.version), &serde_json::json!({}))?;
+    say!(
+        "added image {} (kernel {} bytes, initramfs {} bytes){}",
+        view.version,
+        view.kernel_bytes,
+        view.initrd_bytes,
+        if view.default { ", default" } else { "" }
+    );
     Ok(())
 }
 
@@ -92,7 +108,12 @@ pub fn image(client: &AdminClient, cmd: ImageCmd) -> anyhow::Result<()> {
             }
         }
         ImageCmd::Default { version } => {
-            let _: ImageView = client.post("/v1/images/default", &SetImage { version: version.clone() })?;
+            let _: ImageView = client.post(
+                "/v1/images/default",
+                &SetImage {
+                    version: version.clone(),
+                },
+            )?;
             say!("default image is now {version}");
         }
     }
@@ -100,7 +121,12 @@ pub fn image(client: &AdminClient, cmd: ImageCmd) -> anyhow::Result<()> {
 }
 
 pub fn set_image(client: &AdminClient, id: &str, version: &str) -> anyhow::Result<()> {
-    client.post_no_content(&format!("/v1/nodes/{id}/image"), &SetImage { version: version.to_owned() })?;
+    client.post_no_content(
+        &format!("/v1/nodes/{id}/image"),
+        &SetImage {
+            version: version.to_owned(),
+        },
+    )?;
     say!("node {id} boots image {version} from its next netboot");
     Ok(())
 }
@@ -112,13 +138,26 @@ pub fn machines(client: &AdminClient, cmd: MachinesCmd) -> anyhow::Result<()> {
             match output {
                 Output::Json => print_json(&list)?,
                 Output::Table => table(
-                    &["MAC", "VENDOR", "ARCH", "ADMITTED", "NODE", "IMAGE", "FIRST SEEN", "LAST SEEN"],
+                    &[
+                        "MAC",
+                        "VENDOR",
+                        "ARCH",
+                        "ADMITTED",
+                        "NODE",
+                        "IMAGE",
+                        "FIRST SEEN",
+                        "LAST SEEN",
+                    ],
                     list.iter().map(|m| {
                         vec![
                             m.mac.clone(),
                             m.vendor.clone().unwrap_or("-".into()),
                             m.arch.clone().unwrap_or("-".into()),
-                            if m.admitted { "yes".into() } else { "held".into() },
+                            if m.admitted {
+                                "yes".into()
+                            } else {
+                                "held".into()
+                            },
                             m.node.clone().unwrap_or("-".into()),
                             m.last_image.clone().unwrap_or("-".into()),
                             m.first_seen.clone(),

@@ -1,11 +1,11 @@
 //! Text from agents, made safe to print on an operator's terminal.
 //!
 //! Hostnames, labels, inventory, drive models and serials, reasons and event messages come from the
-//! nodes, and the controller keeps them as sent. Printed raw, an escape sequence in one of them could
-//! retitle the operator's terminal (`ESC ] 0 ; … BEL`), clear it (`ESC [ 2 J`), move the cursor to
-//! overwrite earlier lines, or (bidi overrides) make a line read differently from its bytes. Every
-//! table and line shoalctl prints goes through [`printable`]; JSON output is left as the API sent it
-//! (serde_json escapes C0 controls there, and programs, not terminals, read it).
+//! nodes, and the controller keeps them as sent. Printed raw, an escape sequence in one of them
+//! could retitle the operator's terminal (`ESC ] 0 ; … BEL`), clear it (`ESC [ 2 J`), move the
+//! cursor to overwrite earlier lines, or (bidi overrides) make a line read differently from its
+//! bytes. Every table and line shoalctl prints goes through [`printable`]; JSON output is left as
+//! the API sent it (serde_json escapes C0 controls there, and programs, not terminals, read it).
 
 use std::borrow::Cow;
 
@@ -54,13 +54,27 @@ mod tests {
 
     #[test]
     fn terminal_controls_are_escaped_and_plain_text_is_untouched() {
-        assert!(matches!(printable("node-7 Samsung SSD 980 500GB"), Cow::Borrowed(_)));
+        assert!(matches!(
+            printable("node-7 Samsung SSD 980 500GB"),
+            Cow::Borrowed(_)
+        ));
         assert_eq!(printable("h\x1b]0;pwn\x07"), "h\\x1b]0;pwn\\x07");
         assert_eq!(printable("\x1b[2J\x1b[H"), "\\x1b[2J\\x1b[H");
         assert_eq!(printable("a\nb\tc\rd\0"), "a\\x0ab\\x09c\\x0dd\\x00");
-        assert_eq!(printable("\u{7f}\u{9b}31m"), "\\x7f\\x9b31m", "DEL and the C1 CSI");
-        assert_eq!(printable("abc\u{202e}fdp.exe"), "abc\\u{202e}fdp.exe", "right-to-left override");
-        assert_eq!(printable("\u{2066}x\u{2069}\u{200f}\u{61c}\u{2028}"), "\\u{2066}x\\u{2069}\\u{200f}\\u{61c}\\u{2028}");
+        assert_eq!(
+            printable("\u{7f}\u{9b}31m"),
+            "\\x7f\\x9b31m",
+            "DEL and the C1 CSI"
+        );
+        assert_eq!(
+            printable("abc\u{202e}fdp.exe"),
+            "abc\\u{202e}fdp.exe",
+            "right-to-left override"
+        );
+        assert_eq!(
+            printable("\u{2066}x\u{2069}\u{200f}\u{61c}\u{2028}"),
+            "\\u{2066}x\\u{2069}\\u{200f}\\u{61c}\\u{2028}"
+        );
         assert_eq!(printable("no\u{200b}de\u{feff}"), "no\\u{200b}de\\u{feff}");
         // Ordinary non-ASCII stays as it is.
         assert_eq!(printable("Grüße, 東京, é"), "Grüße, 東京, é");

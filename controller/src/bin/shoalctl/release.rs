@@ -17,8 +17,8 @@ use super::{print_json, table, Output};
 
 #[derive(Debug, Subcommand)]
 pub enum ReleaseCmd {
-    /// Sign an agent binary with the release key (here, on this machine: the controller never sees the
-    /// private key) and upload it. The controller checks it against its --release-key.
+    /// Sign an agent binary with the release key (here, on this machine: the controller never sees
+    /// the private key) and upload it. The controller checks it against its --release-key.
     Add {
         /// The shoal-agent binary.
         binary: PathBuf,
@@ -56,24 +56,51 @@ pub enum ReleaseCmd {
 
 /// This machine's target triple, as the agent computes its own.
 fn host_target() -> String {
-    let env = if cfg!(target_env = "musl") { "musl" } else { "gnu" };
-    format!("{}-unknown-{}-{env}", std::env::consts::ARCH, std::env::consts::OS)
+    let env = if cfg!(target_env = "musl") {
+        "musl"
+    } else {
+        "gnu"
+    };
+    format!(
+        "{}-unknown-{}-{env}",
+        std::env::consts::ARCH,
+        std::env::consts::OS
+    )
 }
 
 pub fn release(client: &AdminClient, cmd: ReleaseCmd) -> anyhow::Result<()> {
     match cmd {
-        ReleaseCmd::Add { binary, version, key, target } => {
-            let pem = std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?;
+        ReleaseCmd::Add {
+            binary,
+            version,
+            key,
+            target,
+        } => {
+            let pem = std::fs::read_to_string(&key)
+                .with_context(|| format!("reading {}", key.display()))?;
             let key = load_signing_key(&pem)?;
-            let bytes = std::fs::read(&binary).with_context(|| format!("reading {}", binary.display()))?;
+            let bytes =
+                std::fs::read(&binary).with_context(|| format!("reading {}", binary.display()))?;
             let target = target.unwrap_or_else(host_target);
             let (_, signed) = sign_release(&bytes, &version, &target, now_ms(), &key)?;
             let base = format!("/v1/releases/{version}/{target}");
-            client.upload(&format!("{base}/files/{MANIFEST}"), &signed.manifest).context("uploading the manifest")?;
-            client.upload(&format!("{base}/files/{SIGNATURE}"), &signed.signature).context("uploading the signature")?;
-            client.upload(&format!("{base}/files/{BINARY}"), &bytes).context("uploading the binary")?;
+            client
+                .upload(&format!("{base}/files/{MANIFEST}"), &signed.manifest)
+                .context("uploading the manifest")?;
+            client
+                .upload(&format!("{base}/files/{SIGNATURE}"), &signed.signature)
+                .context("uploading the signature")?;
+            client
+                .upload(&format!("{base}/files/{BINARY}"), &bytes)
+                .context("uploading the binary")?;
             let view: ReleaseView = client.post(&base, &serde_json::json!({}))?;
-            say!("added agent release {} for {} ({} bytes, key {})", view.version, view.target, view.size, view.key_id);
+            say!(
+                "added agent release {} for {} ({} bytes, key {})",
+                view.version,
+                view.target,
+                view.size,
+                view.key_id
+            );
         }
         ReleaseCmd::List { output } => {
             let list: Vec<ReleaseView> = client.get("/v1/releases")?;
@@ -82,13 +109,25 @@ pub fn release(client: &AdminClient, cmd: ReleaseCmd) -> anyhow::Result<()> {
                 Output::Table => table(
                     &["VERSION", "TARGET", "SIZE", "SHA256", "KEY", "SIGNED"],
                     list.iter().map(|r| {
-                        vec![r.version.clone(), r.target.clone(), r.size.to_string(), r.sha256[..16.min(r.sha256.len())].to_owned(), r.key_id.clone(), r.created_at.clone()]
+                        vec![
+                            r.version.clone(),
+                            r.target.clone(),
+                            r.size.to_string(),
+                            r.sha256[..16.min(r.sha256.len())].to_owned(),
+                            r.key_id.clone(),
+                            r.created_at.clone(),
+                        ]
                     }),
                 ),
             }
         }
         ReleaseCmd::Offer { node, version } => {
-            client.post_no_content(&format!("/v1/nodes/{node}/agent-update"), &OfferUpdate { version: version.clone() })?;
+            client.post_no_content(
+                &format!("/v1/nodes/{node}/agent-update"),
+                &OfferUpdate {
+                    version: version.clone(),
+                },
+            )?;
             say!("offered agent {version} to {node}");
         }
         ReleaseCmd::Status { output } => {
@@ -96,17 +135,38 @@ pub fn release(client: &AdminClient, cmd: ReleaseCmd) -> anyhow::Result<()> {
             match output {
                 Output::Json => print_json(&list)?,
                 Output::Table => table(
-                    &["NODE", "RUNNING", "OFFERED", "ATTEMPTED", "STARTS", "CHECKS", "FAILURE"],
+                    &[
+                        "NODE",
+                        "RUNNING",
+                        "OFFERED",
+                        "ATTEMPTED",
+                        "STARTS",
+                        "CHECKS",
+                        "FAILURE",
+                    ],
                     list.iter().map(|u| {
                         let r = u.report.as_ref();
                         let checks = r
-                            .map(|r| r.checks.iter().map(|c| format!("{}:{}", c.name, if c.passed { "ok" } else { "failed" })).collect::<Vec<_>>().join(","))
+                            .map(|r| {
+                                r.checks
+                                    .iter()
+                                    .map(|c| {
+                                        format!(
+                                            "{}:{}",
+                                            c.name,
+                                            if c.passed { "ok" } else { "failed" }
+                                        )
+                                    })
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            })
                             .unwrap_or_default();
                         vec![
                             u.node.clone(),
                             r.map(|r| r.running.clone()).unwrap_or_else(|| "-".into()),
                             u.offered.clone().unwrap_or_else(|| "-".into()),
-                            r.and_then(|r| r.attempted.clone()).unwrap_or_else(|| "-".into()),
+                            r.and_then(|r| r.attempted.clone())
+                                .unwrap_or_else(|| "-".into()),
                             r.map(|r| r.attempts.to_string()).unwrap_or_default(),
                             checks,
                             u.failure.clone().unwrap_or_else(|| "-".into()),
