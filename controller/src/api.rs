@@ -851,7 +851,7 @@ fn who(spec: MemberSpec) -> Result<Who, HttpError> {
     match (spec.node, spec.selector) {
         (Some(node), None) => Ok(Who::Node(NodeId(node))),
         (None, Some(selector)) => {
-            let (k, v) = parse_selector(&selector)?;
+            let (k, v) = parse_selector(&selector).map_err(NetworkError::from)?;
             Ok(Who::Selector(k, v))
         }
         _ => Err(HttpError(

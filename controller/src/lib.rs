@@ -9,16 +9,11 @@ pub mod agent_updates;
 pub mod api;
 pub mod ca;
 pub mod conn_queue;
-pub mod coordinator;
 pub mod drive_hub;
-pub mod drive_policy;
-pub mod drives;
-pub mod enrolment;
 pub mod event_log;
 pub mod fleet_drives;
 pub mod fuzzing;
 pub mod identity;
-pub mod liveness;
 pub mod maintenance;
 pub mod netboot;
 pub mod networks;
@@ -27,9 +22,11 @@ pub mod release_api;
 pub mod release_store;
 pub mod releases;
 pub mod report;
-pub mod rollout;
 pub mod server;
-pub mod session;
 pub mod store;
 pub mod view;
-pub mod windows;
+
+// The pure cores, under the paths the shell has always used for them.
+pub use shoal_controller_core::{
+    coordinator, drive_policy, drives, enrolment, liveness, rollout, session, windows,
+};

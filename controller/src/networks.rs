@@ -29,18 +29,20 @@
 //! node id → [`MemberRecord`]), `peer_indexes` (node id → [`PeerIndex`]), `node_keys` (node id →
 //! SHA-256 of its public key), `overlay_counters` (name → u32).
 
-use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    fmt,
-    net::Ipv4Addr,
-    str::FromStr,
-};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use shoal_proto::{MacAddr, NetworkId, NodeId, PeerIndex, UnixMillis};
 use sled::transaction::Transactional;
 use tracing::{debug, info, warn};
+
+pub use shoal_controller_core::networks::{
+    free_address, free_mac, mac_for, reconcile, MemberRecord, MembershipChange, NetworkRecord,
+    NetworkSnapshot, NodeOverlay, OverlaySnapshot, Reconciled, Subnet, SubnetError,
+    DEFAULT_NETWORK, DEFAULT_OVERLAY_MTU, DEFAULT_OVERLAY_SUBNET, MAX_MTU, MIN_MTU,
+};
+pub use shoal_controller_core::selector::{
+    parse_selector, selector_matches, selector_text, valid_name, BadSelector,
+};
 
 use crate::{
     server::Controller,
@@ -50,239 +52,9 @@ use crate::{
     },
 };
 
-/// The name of the network every node joins.
-pub const DEFAULT_NETWORK: &str = "default";
-
-/// The default network's subnet unless `serve --overlay-subnet` says otherwise: 10.90.0.0/16.
-pub const DEFAULT_OVERLAY_SUBNET: Subnet = Subnet {
-    addr: Ipv4Addr::new(10, 90, 0, 0),
-    prefix_len: 16,
-};
-
-/// The default TAP MTU: room for the overlay's QUIC, UDP and IP headers inside a 1500-byte path.
-pub const DEFAULT_OVERLAY_MTU: u16 = 1380;
-
-/// Smallest accepted MTU: IPv6 (and so link-local addressing) needs 1280.
-pub const MIN_MTU: u16 = 1280;
-
-/// Largest accepted MTU.
-pub const MAX_MTU: u16 = 9000;
-
 const NEXT_NETWORK_ID: &str = "next_network_id";
 const NEXT_PEER_INDEX: &str = "next_peer_index";
 const NETMAP_EPOCH: &str = "netmap_epoch";
-
-/// An IPv4 subnet in CIDR form, prefix length 8 to 30, with no host bits set.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Subnet {
-    addr: Ipv4Addr,
-    prefix_len: u8,
-}
-
-/// Why a subnet was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum SubnetError {
-    /// Not `A.B.C.D/N`.
-    #[error("{0:?} is not an IPv4 subnet (expected CIDR like 10.91.0.0/24)")]
-    Syntax(String),
-    /// The prefix length is outside 8..=30.
-    #[error("prefix length /{0} is not allowed: use /8 to /30")]
-    PrefixLen(u8),
-    /// Host bits are set.
-    #[error("{given} has host bits set; did you mean {network}?")]
-    HostBits {
-        /// What was given.
-        given: String,
-        /// The subnet with the host bits cleared.
-        network: String,
-    },
-}
-
-impl Subnet {
-    /// A subnet; refuses prefix lengths outside 8..=30 and set host bits.
-    pub fn new(addr: Ipv4Addr, prefix_len: u8) -> Result<Subnet, SubnetError> {
-        if !(8..=30).contains(&prefix_len) {
-            return Err(SubnetError::PrefixLen(prefix_len));
-        }
-        let subnet = Subnet { addr, prefix_len };
-        let base = u32::from(addr) & subnet.mask();
-        if base != u32::from(addr) {
-            return Err(SubnetError::HostBits {
-                given: format!("{addr}/{prefix_len}"),
-                network: format!("{}/{prefix_len}", Ipv4Addr::from(base)),
-            });
-        }
-        Ok(subnet)
-    }
-
-    /// The network address.
-    pub fn addr(&self) -> Ipv4Addr {
-        self.addr
-    }
-
-    /// The prefix length.
-    pub fn prefix_len(&self) -> u8 {
-        self.prefix_len
-    }
-
-    fn mask(&self) -> u32 {
-        u32::MAX << (32 - u32::from(self.prefix_len))
-    }
-
-    /// Whether `ip` is inside.
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & self.mask() == u32::from(self.addr)
-    }
-
-    /// Whether the two share any address.
-    pub fn overlaps(&self, other: &Subnet) -> bool {
-        self.contains(other.addr) || other.contains(self.addr)
-    }
-
-    /// First and last assignable host address (the network and broadcast addresses excluded).
-    fn hosts(&self) -> (u32, u32) {
-        let base = u32::from(self.addr);
-        (base + 1, (base | !self.mask()) - 1)
-    }
-}
-
-impl fmt::Display for Subnet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix_len)
-    }
-}
-
-impl fmt::Debug for Subnet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-impl FromStr for Subnet {
-    type Err = SubnetError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let syntax = || SubnetError::Syntax(s.to_owned());
-        let (addr, len) = s.trim().split_once('/').ok_or_else(syntax)?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| syntax())?;
-        let len: u8 = len.parse().map_err(|_| syntax())?;
-        Subnet::new(addr, len)
-    }
-}
-
-/// One overlay network as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetworkRecord {
-    /// Wire identity; from a counter, never reused (`default` is 1).
-    pub id: NetworkId,
-    /// Unique name, `[a-z0-9][a-z0-9-]{0,30}`.
-    pub name: String,
-    /// Network address of the subnet.
-    pub subnet: Ipv4Addr,
-    /// Prefix length of the subnet (8..=30).
-    pub prefix_len: u8,
-    /// The members' TAP MTU.
-    pub mtu: u16,
-    /// `(key, value)` label selectors: a node whose labels match any of them is a member.
-    pub selectors: Vec<(String, String)>,
-    /// When it was created.
-    pub created_at: UnixMillis,
-}
-
-impl NetworkRecord {
-    /// The subnet.
-    pub fn subnet(&self) -> Subnet {
-        Subnet {
-            addr: self.subnet,
-            prefix_len: self.prefix_len,
-        }
-    }
-
-    /// Whether this is the network every node joins.
-    pub fn is_default(&self) -> bool {
-        self.name == DEFAULT_NETWORK
-    }
-
-    /// Whether a selector matches these labels.
-    fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.selectors
-            .iter()
-            .any(|(k, v)| selector_matches(k, v, labels))
-    }
-}
-
-/// One node's membership of one network.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MemberRecord {
-    /// The network.
-    pub network: NetworkId,
-    /// The node.
-    pub node: NodeId,
-    /// Its MAC there.
-    pub mac: MacAddr,
-    /// Its IPv4 address there.
-    pub address: Ipv4Addr,
-    /// Added by an operator (`network add NAME --node ID`).
-    pub explicit: bool,
-    /// A selector of the network matches the node's labels.
-    pub via_selector: bool,
-}
-
-/// What a change did to the overlay, for the coordinator.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum MembershipChange {
-    /// A node became a member.
-    Joined {
-        /// The network.
-        network: NetworkId,
-        /// The node.
-        node: NodeId,
-        /// Its MAC there.
-        mac: MacAddr,
-        /// Its address there.
-        address: Ipv4Addr,
-    },
-    /// A node stopped being a member.
-    Left {
-        /// The network.
-        network: NetworkId,
-        /// The node.
-        node: NodeId,
-    },
-    /// A network was created (its members follow as `Joined`).
-    NetworkCreated(NetworkRecord),
-    /// A network was deleted (its members' `Left` come first).
-    NetworkDeleted(NetworkId),
-}
-
-/// A node's overlay identity, as the coordinator needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeOverlay {
-    /// Its relay address.
-    pub index: PeerIndex,
-    /// SHA-256 of its public key, once known.
-    pub key_sha256: Option<[u8; 32]>,
-}
-
-/// One network with its members.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetworkSnapshot {
-    /// The network.
-    pub network: NetworkRecord,
-    /// Its members, by node id.
-    pub members: Vec<MemberRecord>,
-}
-
-/// Everything the overlay coordinator loads at start.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct OverlaySnapshot {
-    /// All networks, by id.
-    pub networks: Vec<NetworkSnapshot>,
-    /// Every node that has a peer index (all members do).
-    pub nodes: BTreeMap<NodeId, NodeOverlay>,
-}
 
 /// Why a network change was refused.
 #[derive(Debug, thiserror::Error)]
@@ -336,8 +108,8 @@ pub enum NetworkError {
     #[error("every node is a member of the default network; its members and selectors cannot be changed")]
     DefaultFixed,
     /// Not `KEY=VALUE` with a non-empty key.
-    #[error("selector {0:?} is not KEY=VALUE")]
-    BadSelector(String),
+    #[error(transparent)]
+    BadSelector(#[from] BadSelector),
     /// The network has no such selector.
     #[error("network {network} has no selector {selector}")]
     UnknownSelector {
@@ -369,50 +141,10 @@ pub enum NetworkError {
     },
 }
 
-/// Parses `KEY=VALUE`.
-pub fn parse_selector(s: &str) -> Result<(String, String), NetworkError> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
-        _ => Err(NetworkError::BadSelector(s.to_owned())),
-    }
-}
-
-/// Whether the selector `key=value` matches a node's labels: the node has the label with that
-/// value. The one matching rule for overlay networks and drive policies.
-pub fn selector_matches(key: &str, value: &str, labels: &BTreeMap<String, String>) -> bool {
-    labels.get(key).map(String::as_str) == Some(value)
-}
-
-/// A selector as `KEY=VALUE`.
-pub fn selector_text((k, v): &(String, String)) -> String {
-    format!("{k}={v}")
-}
-
-/// Whether `name` fits `[a-z0-9][a-z0-9-]{0,30}` (networks, windows).
-pub(crate) fn valid_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    (1..=31).contains(&b.len())
-        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-}
-
 fn member_key(network: NetworkId, node: &NodeId) -> Vec<u8> {
     let mut key = network.0.to_be_bytes().to_vec();
     key.extend_from_slice(node.0.as_bytes());
     key
-}
-
-/// The MAC for `node` on `network`, `attempt` counting collisions.
-fn mac_for(network: NetworkId, node: &NodeId, attempt: u32) -> MacAddr {
-    let mut h = Sha256::new();
-    h.update(network.0.to_be_bytes());
-    h.update(node.0.as_bytes());
-    if attempt > 0 {
-        h.update(attempt.to_be_bytes());
-    }
-    let d = h.finalize();
-    MacAddr([0x02, 0x5e, d[0], d[1], d[2], d[3]])
 }
 
 /// Records to write in one transaction.
@@ -533,19 +265,13 @@ impl<'a> Work<'a> {
             .ok_or_else(|| NetworkError::UnknownNetwork(network.0.to_string()))?;
         let members = self.members(network)?;
         let used: BTreeSet<u32> = members.values().map(|m| u32::from(m.address)).collect();
-        let (first, last) = rec.subnet().hosts();
-        let address = (first..=last)
-            .find(|a| !used.contains(a))
-            .map(Ipv4Addr::from)
-            .ok_or_else(|| NetworkError::SubnetFull {
+        let address =
+            free_address(rec.subnet(), &used).ok_or_else(|| NetworkError::SubnetFull {
                 network: rec.name.clone(),
                 subnet: rec.subnet(),
             })?;
         let macs: BTreeSet<MacAddr> = members.values().map(|m| m.mac).collect();
-        let mac = (0u32..)
-            .map(|attempt| mac_for(network, node, attempt))
-            .find(|m| !macs.contains(m))
-            .unwrap_or(MacAddr([0x02, 0x5e, 0, 0, 0, 0])); // unreachable: fewer than 2^32 members
+        let mac = free_mac(network, node, &macs);
         let member = MemberRecord {
             network,
             node: node.clone(),
@@ -583,21 +309,17 @@ impl<'a> Work<'a> {
     fn reconcile(&mut self, node: &NodeRecord) -> Result<(), NetworkError> {
         let networks: Vec<NetworkRecord> = self.networks.values().cloned().collect();
         for net in networks {
-            let selected = net.selects(&node.labels);
             let current = self.members(net.id)?.get(&node.id).cloned();
-            match current {
-                None if net.is_default() || selected => {
-                    self.join(net.id, &node.id, false, selected)?;
+            match (reconcile(&net, &node.labels, current.as_ref()), current) {
+                (Reconciled::Keep, _) => {}
+                (Reconciled::Join { via_selector }, _) => {
+                    self.join(net.id, &node.id, false, via_selector)?;
                 }
-                None => {}
-                Some(m) if m.via_selector == selected => {}
-                Some(m) if selected || m.explicit || net.is_default() => {
-                    self.put_member(MemberRecord {
-                        via_selector: selected,
-                        ..m
-                    })?;
+                (Reconciled::Update { via_selector }, Some(m)) => {
+                    self.put_member(MemberRecord { via_selector, ..m })?;
                 }
-                Some(_) => self.leave(net.id, &node.id)?,
+                (Reconciled::Update { .. }, None) => {}
+                (Reconciled::Leave, _) => self.leave(net.id, &node.id)?,
             }
         }
         // Every node gets a peer index, even one in no network yet.
@@ -1072,7 +794,9 @@ impl Store {
     ) -> Result<Vec<MembershipChange>, NetworkError> {
         let selector = (key.to_owned(), value.to_owned());
         if key.is_empty() {
-            return Err(NetworkError::BadSelector(selector_text(&selector)));
+            return Err(NetworkError::BadSelector(BadSelector(selector_text(
+                &selector,
+            ))));
         }
         let _guard = self.overlay_guard();
         let mut work = Work::new(self)?;
@@ -1346,6 +1070,8 @@ mod tests {
 
     use super::*;
     use crate::store::{EnrolParams, TokenRecord};
+    use sha2::{Digest, Sha256};
+    use std::net::Ipv4Addr;
 
     const T0: UnixMillis = UnixMillis(1_700_000_000_000);
 

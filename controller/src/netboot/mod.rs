@@ -18,15 +18,12 @@
 //! added before netboot is switched on.
 
 pub mod api;
-pub mod boot_tokens;
-pub mod dhcp;
+pub use shoal_controller_core::netboot::{boot_tokens, dhcp, slots, tftp};
 #[doc(hidden)]
 pub mod fuzz_harness;
 pub mod http;
 pub mod images;
 pub mod machines;
-pub mod slots;
-pub mod tftp;
 pub mod view;
 
 use std::{

@@ -48,7 +48,6 @@ impl Default for GateConfig {
 
 /// Why no token is minted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
 pub enum Refusal {
     /// The DHCP server saw no PXE request from this MAC within the window.
     #[error("no PXE boot from this machine seen in the last {}", humantime::format_duration(*.0))]

@@ -42,7 +42,7 @@ use jiff::{tz::TimeZone, Timestamp, Zoned};
 use serde::{Deserialize, Serialize};
 use shoal_proto::UnixMillis;
 
-use crate::networks::{parse_selector, selector_matches, selector_text};
+use crate::selector::{parse_selector, selector_matches, selector_text};
 
 /// The shortest window: one minute (the schedule's granularity).
 pub const MIN_DURATION: Duration = Duration::from_secs(60);
@@ -185,7 +185,7 @@ impl Window {
 
     /// Parses a stored window.
     pub fn from_record(record: WindowRecord) -> Result<Window, WindowError> {
-        if !crate::networks::valid_name(&record.name) {
+        if !crate::selector::valid_name(&record.name) {
             return Err(WindowError::BadName(record.name));
         }
         let cron = parse_schedule(&record.schedule)?;

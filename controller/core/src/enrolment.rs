@@ -19,7 +19,7 @@
 use serde::{Deserialize, Serialize};
 use shoal_proto::{HardwareId, NodeId, UnixMillis};
 
-use crate::store::{EnrolRefusal, NodeRecord, TokenBinding, TokenRecord, TokenState};
+use crate::registry::{EnrolRefusal, NodeRecord, TokenBinding, TokenRecord, TokenState};
 
 /// SHA-256 of a SubjectPublicKeyInfo (DER): what binds a record to a key, and what overlay peers
 /// check.
@@ -235,7 +235,7 @@ pub fn decide(c: &Claim) -> Decision {
             let at = c
                 .token
                 .expires_at
-                .map(crate::store::rfc3339)
+                .map(crate::time::rfc3339)
                 .unwrap_or_default();
             return Decision::Refuse(EnrolRefusal::TokenExpired {
                 id: c.token.id.clone(),
@@ -359,7 +359,7 @@ pub fn check_certificate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::NodeStatus;
+    use crate::registry::NodeStatus;
     use shoal_proto::HardwareIdSource;
     use std::collections::BTreeMap;
 

@@ -52,7 +52,7 @@ use shoal_proto::{MaintenanceAction, NodeId, UnixMillis};
 use tracing::{info, warn};
 
 use crate::{
-    networks::{selector_matches, selector_text},
+    selector::{selector_matches, selector_text},
     windows::{add, WindowCheck},
 };
 
@@ -62,7 +62,6 @@ pub type Selector = (String, String);
 /// What a rollout installs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[non_exhaustive]
 pub enum Target {
     /// An agent release version (`shoalctl release add`).
     Agent(String),
@@ -223,7 +222,6 @@ impl fmt::Display for Failure {
 /// Why a node is not part of the work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[non_exhaustive]
 pub enum SkipReason {
     /// This target failed on the node before; [`Command::Retry`] to try again.
     FailedBefore,
@@ -234,7 +232,6 @@ pub enum SkipReason {
 /// Where one node is in the rollout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[non_exhaustive]
 pub enum NodePhase {
     /// Not started.
     Pending,
@@ -317,7 +314,6 @@ impl NodePhase {
 /// Why a rollout paused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[non_exhaustive]
 pub enum PauseReason {
     /// `upgrade pause`.
     Operator,
@@ -347,7 +343,6 @@ impl fmt::Display for PauseReason {
 /// The rollout as a whole.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[non_exhaustive]
 pub enum RolloutState {
     /// Starting nodes as limits allow.
     Running,
@@ -385,7 +380,6 @@ impl RolloutState {
 /// Why the last [`Rollout::poll`] started no (more) nodes, for `upgrade status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[non_exhaustive]
 pub enum Waiting {
     /// The window is closed.
     WindowClosed,
@@ -417,7 +411,6 @@ pub enum Waiting {
 
 /// What the shell must do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub enum Action {
     /// Start upgrading a node (agent: send the signed release; image: assign it and reboot).
     BeginUpgrade {
@@ -454,7 +447,6 @@ pub enum Action {
 
 /// A node's health in a report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub enum ReportedHealth {
     /// All checks passed.
     Healthy,
@@ -466,7 +458,6 @@ pub enum ReportedHealth {
 
 /// Something that happened, for [`Rollout::handle`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Event {
     /// The node confirmed it received the begin command and is working on it.
     Acknowledged {
@@ -520,7 +511,6 @@ impl Event {
 
 /// An operator's command.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Command {
     /// Start no new node.
     Pause,

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use shoal_proto::{DrivePolicy, NodeId, UnixMillis};
 
-use crate::networks::selector_matches;
+use crate::selector::selector_matches;
 
 /// Whom a policy is for.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -62,7 +62,6 @@ pub struct SmartSample {
 /// A failure counter the verdict watches for a rise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[non_exhaustive]
 pub enum Counter {
     /// ATA attribute 5, `Reallocated_Sector_Ct`.
     Reallocated,
@@ -97,7 +96,6 @@ impl std::fmt::Display for Counter {
 /// Why a drive is not `ok`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
-#[non_exhaustive]
 pub enum Reason {
     /// The drive's overall-health self-assessment failed.
     HealthCheckFailed,

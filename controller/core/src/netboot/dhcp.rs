@@ -164,7 +164,6 @@ pub struct Request {
 
 /// The DHCP message types a server acts on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum RequestKind {
     /// DHCPDISCOVER.
     Discover,
