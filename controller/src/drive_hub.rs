@@ -32,7 +32,6 @@ use shoal_proto::{
     ControllerMsg, DriveCommand, DriveCommandResult, DrivePolicy, DriveReport, NodeId,
     SelfTestKind, UnixMillis,
 };
-use sled::transaction::Transactional;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
@@ -44,7 +43,9 @@ use crate::{
         PrepareRequest, StoredReport, StoredSample,
     },
     server::Controller,
-    store::{decode, encode, finish, EventKind, NodeRecord, Store, StoreError},
+    store::{
+        decode, encode, Batch, EventKind, NodeRecord, RawTable, Scan, Store, StoreError, EVENTS,
+    },
     view::{DriveCommandView, DriveView},
 };
 
@@ -117,9 +118,9 @@ impl DriveRequest {
 #[derive(Debug)]
 pub struct DriveHub {
     store: Store,
-    reports: sled::Tree,
-    samples: sled::Tree,
-    policies: sled::Tree,
+    reports: RawTable,
+    samples: RawTable,
+    policies: RawTable,
     book: Mutex<FleetDrives>,
     pending: Mutex<HashMap<u64, Pending>>,
     next_id: AtomicU64,
@@ -150,9 +151,9 @@ impl DriveHub {
     /// window and records of nodes no longer in the fleet. A record that does not decode is logged
     /// and dropped.
     pub fn open(store: &Store, config: FleetDrivesConfig) -> Result<DriveHub, StoreError> {
-        let reports = store.open_tree(DRIVE_REPORTS)?;
-        let samples = store.open_tree(DRIVE_SAMPLES)?;
-        let policies = store.open_tree(DRIVE_POLICIES)?;
+        let reports = store.table(DRIVE_REPORTS);
+        let samples = store.table(DRIVE_SAMPLES);
+        let policies = store.table(DRIVE_POLICIES);
         let known: BTreeSet<NodeId> = store.nodes()?.into_iter().map(|n| n.id).collect();
         let mut drop_reports = Vec::new();
         let mut loaded = Vec::new();
@@ -193,12 +194,12 @@ impl DriveHub {
                 .map(|(node, key, at)| sample_key(node, key, *at)),
         );
         if !(drop_reports.is_empty() && drop_samples.is_empty()) && store.check_space().is_ok() {
-            let mut batch = sled::Batch::default();
+            let mut batch = Batch::default();
             for k in &drop_reports {
                 batch.remove(k.clone());
             }
             reports.apply_batch(batch)?;
-            let mut batch = sled::Batch::default();
+            let mut batch = Batch::default();
             for k in &drop_samples {
                 batch.remove(k.clone());
             }
@@ -285,10 +286,10 @@ impl DriveHub {
                 encode("SMART sample", &s.stored)?,
             ));
             let prefix = sample_prefix(node, &s.key);
-            for item in self
-                .samples
-                .range(prefix.clone()..sample_key(node, &s.key, s.keep_from))
-            {
+            for item in self.samples.scan(Scan::between(
+                &prefix,
+                sample_key(node, &s.key, s.keep_from),
+            )) {
                 let (k, _) = item?;
                 removes.push(k.to_vec());
             }
@@ -298,29 +299,35 @@ impl DriveHub {
             .iter()
             .map(|c| (c.kind(), format!("{hostname}: {c}")))
             .collect();
-        let inner = &self.store.inner;
-        let seqs = finish((&self.reports, &self.samples, &inner.events).transaction(
-            |(reports, samples, events)| {
-                if let Some(r) = &report {
-                    reports.insert(node.0.as_bytes(), r.as_slice())?;
+        let seqs = self
+            .store
+            .transaction(&[DRIVE_REPORTS, DRIVE_SAMPLES, EVENTS], |tx| {
+                let (reports, samples, events) = (
+                    tx.table(DRIVE_REPORTS),
+                    tx.table(DRIVE_SAMPLES),
+                    tx.table(EVENTS),
+                );
+                {
+                    if let Some(r) = &report {
+                        reports.insert(node.0.as_bytes(), r.as_slice())?;
+                    }
+                    for k in &removes {
+                        samples.remove(k.as_slice())?;
+                    }
+                    for (k, v) in &inserts {
+                        samples.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    let mut seqs = Vec::new();
+                    for (kind, message) in &messages {
+                        seqs.push(
+                            self.store
+                                .tx_event::<StoreError>(&events, *kind, Some(node), message, now)?
+                                .seq,
+                        );
+                    }
+                    Ok(seqs)
                 }
-                for k in &removes {
-                    samples.remove(k.as_slice())?;
-                }
-                for (k, v) in &inserts {
-                    samples.insert(k.as_slice(), v.as_slice())?;
-                }
-                let mut seqs = Vec::new();
-                for (kind, message) in &messages {
-                    seqs.push(
-                        self.store
-                            .tx_event::<StoreError>(events, *kind, Some(node), message, now)?
-                            .seq,
-                    );
-                }
-                Ok(seqs)
-            },
-        ))?;
+            })?;
         for seq in seqs {
             self.store.after_event(seq)?;
         }
@@ -333,7 +340,7 @@ impl DriveHub {
         self.reports.remove(node.0.as_bytes())?;
         let mut prefix = node.0.as_bytes().to_vec();
         prefix.push(0);
-        let mut batch = sled::Batch::default();
+        let mut batch = Batch::default();
         for item in self.samples.scan_prefix(&prefix) {
             batch.remove(item?.0);
         }
@@ -413,14 +420,17 @@ impl DriveHub {
             PolicyTarget::Node(n) => Some(n.clone()),
             PolicyTarget::Selector(..) => None,
         };
-        let event = finish((&self.policies, &self.store.inner.events).transaction(
-            |(policies, events)| {
+        let event = self.store.transaction(&[DRIVE_POLICIES, EVENTS], |tx| {
+            let (policies, events) = (tx.table(DRIVE_POLICIES), tx.table(EVENTS));
+            {
                 match &value {
                     Some(v) => policies.insert(key.as_bytes(), v.as_slice())?,
-                    None => policies.remove(key.as_bytes())?,
+                    None => {
+                        policies.remove(key.as_bytes())?;
+                    }
                 };
                 let e = self.store.tx_event::<StoreError>(
-                    events,
+                    &events,
                     EventKind::DrivePolicyChanged,
                     node.as_ref(),
                     message,
@@ -428,8 +438,8 @@ impl DriveHub {
                 )?;
                 policies.flush();
                 Ok(e)
-            },
-        ))?;
+            }
+        })?;
         self.store.after_event(event.seq)
     }
 
@@ -758,7 +768,7 @@ mod tests {
     }
 
     fn stored_samples(store: &Store) -> usize {
-        store.open_tree(DRIVE_SAMPLES).unwrap().len()
+        store.table(DRIVE_SAMPLES).len()
     }
 
     #[test]
@@ -931,7 +941,7 @@ mod tests {
         let hub = DriveHub::open(&store, config()).unwrap();
         assert!(hub.views(None).is_empty());
         assert_eq!(stored_samples(&store), 0);
-        assert!(store.open_tree(DRIVE_REPORTS).unwrap().is_empty());
+        assert_eq!(store.table(DRIVE_REPORTS).len(), 0);
     }
 
     #[test]

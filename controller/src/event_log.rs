@@ -401,11 +401,9 @@ mod tests {
 
     fn stored_bytes(store: &Store) -> u64 {
         store
-            .inner
-            .events
+            .table(crate::store::EVENTS)
             .iter()
-            .values()
-            .map(|v| v.unwrap().len() as u64)
+            .map(|e| e.unwrap().1.len() as u64)
             .sum()
     }
 
@@ -455,18 +453,18 @@ mod tests {
             last.message
         );
         // Inside a transaction (the drive hub's path) the budget holds too.
-        let events = &store.inner.events;
         for i in 0..10 {
-            let e = crate::store::finish(events.transaction(|t| {
-                store.tx_event::<crate::store::StoreError>(
-                    t,
-                    EventKind::DriveRemoved,
-                    Some(&n(3)),
-                    "tx",
-                    UnixMillis(3000 + i),
-                )
-            }))
-            .unwrap();
+            let e = store
+                .transaction(&[crate::store::EVENTS], |tx| {
+                    store.tx_event::<crate::store::StoreError>(
+                        &tx.table(crate::store::EVENTS),
+                        EventKind::DriveRemoved,
+                        Some(&n(3)),
+                        "tx",
+                        UnixMillis(3000 + i),
+                    )
+                })
+                .unwrap();
             assert_eq!(
                 e.seq == 0,
                 i >= 3,

@@ -43,7 +43,6 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use shoal_proto::{MaintenanceAction, NodeId, UnixMillis};
-use sled::transaction::Transactional;
 use tracing::{info, warn};
 
 use crate::{
@@ -53,7 +52,7 @@ use crate::{
         Rollout, RolloutError, RolloutSpec, RolloutState, Target,
     },
     server::{now_ms, Controller},
-    store::{decode, encode, finish, EventKind, NodeRecord, Store, StoreError},
+    store::{decode, encode, EventKind, NodeRecord, RawTable, Store, StoreError, EVENTS},
     windows::{AlwaysOpen, Window, WindowCheck, WindowError, WindowRecord},
 };
 
@@ -290,10 +289,10 @@ type PendingEvent = (EventKind, Option<NodeId>, String);
 /// See the module docs.
 pub struct Maintenance {
     store: Store,
-    windows: sled::Tree,
-    budgets: sled::Tree,
-    rollouts: sled::Tree,
-    failed: sled::Tree,
+    windows: RawTable,
+    budgets: RawTable,
+    rollouts: RawTable,
+    failed: RawTable,
     /// Serialises every change of a rollout (driver ticks, operators' commands, node events).
     lock: Mutex<()>,
     upgraders: Mutex<BTreeMap<TargetKind, Arc<dyn NodeUpgrader>>>,
@@ -353,10 +352,10 @@ impl Maintenance {
     pub fn open(store: &Store, clock: RolloutClock) -> Result<Maintenance, StoreError> {
         Ok(Maintenance {
             store: store.clone(),
-            windows: store.open_tree(WINDOWS)?,
-            budgets: store.open_tree(BUDGETS)?,
-            rollouts: store.open_tree(ROLLOUTS)?,
-            failed: store.open_tree(FAILED_VERSIONS)?,
+            windows: store.table(WINDOWS),
+            budgets: store.table(BUDGETS),
+            rollouts: store.table(ROLLOUTS),
+            failed: store.table(FAILED_VERSIONS),
             lock: Mutex::new(()),
             upgraders: Mutex::new(BTreeMap::new()),
             clock,
@@ -382,21 +381,24 @@ impl Maintenance {
     /// Writes one record (or deletes it) with an event, in one transaction; flushed.
     fn write_with_event(
         &self,
-        tree: &sled::Tree,
+        tree: &RawTable,
         key: &[u8],
         value: Option<Vec<u8>>,
         ev: PendingEvent,
         now: UnixMillis,
     ) -> Result<(), StoreError> {
         self.store.check_space()?;
-        let event = finish((tree, &self.store.inner.events).transaction(|(t, events)| {
+        let event = self.store.transaction(&[tree.name(), EVENTS], |tx| {
+            let (t, events) = (tx.table(tree.name()), tx.table(EVENTS));
             match &value {
                 Some(v) => t.insert(key, v.as_slice())?,
-                None => t.remove(key)?,
+                None => {
+                    t.remove(key)?;
+                }
             };
             self.store
-                .tx_event::<StoreError>(events, ev.0, ev.1.as_ref(), &ev.2, now)
-        }))?;
+                .tx_event::<StoreError>(&events, ev.0, ev.1.as_ref(), &ev.2, now)
+        })?;
         self.store.flush()?;
         self.store.after_event(event.seq)
     }
@@ -666,9 +668,15 @@ impl Maintenance {
         }
         let value = encode("rollout", after)?;
         self.store.check_space()?;
-        let last = finish(
-            (&self.rollouts, &self.failed, &self.store.inner.events).transaction(
-                |(rollouts, failed_t, ev)| {
+        let last = self
+            .store
+            .transaction(&[ROLLOUTS, FAILED_VERSIONS, EVENTS], |tx| {
+                let (rollouts, failed_t, ev) = (
+                    tx.table(ROLLOUTS),
+                    tx.table(FAILED_VERSIONS),
+                    tx.table(EVENTS),
+                );
+                {
                     rollouts.insert(after.id().as_bytes(), value.as_slice())?;
                     for (k, v) in &failed {
                         failed_t.insert(k.as_slice(), v.as_slice())?;
@@ -677,14 +685,13 @@ impl Maintenance {
                     for (kind, node, msg) in &events {
                         last = Some(
                             self.store
-                                .tx_event::<StoreError>(ev, *kind, node.as_ref(), msg, now)?
+                                .tx_event::<StoreError>(&ev, *kind, node.as_ref(), msg, now)?
                                 .seq,
                         );
                     }
                     Ok(last)
-                },
-            ),
-        )?;
+                }
+            })?;
         self.store.flush()?;
         if let Some(seq) = last {
             self.store.after_event(seq)?;

@@ -32,7 +32,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use shoal_proto::{MacAddr, NetworkId, NodeId, PeerIndex, UnixMillis};
-use sled::transaction::Transactional;
 use tracing::{debug, info, warn};
 
 pub use shoal_controller_core::networks::{
@@ -47,8 +46,8 @@ pub use shoal_controller_core::selector::{
 use crate::{
     server::Controller,
     store::{
-        decode, encode, finish, EventKind, NodeRecord, Store, StoreError, TxError, NETWORKS,
-        NET_MEMBERS, NODE_KEYS, OVERLAY_COUNTERS, PEER_INDEXES,
+        decode, encode, EventKind, NodeRecord, Scan, Store, StoreError, TxError, EVENTS, NETWORKS,
+        NET_MEMBERS, NODES, NODE_KEYS, OVERLAY_COUNTERS, PEER_INDEXES,
     },
 };
 
@@ -350,14 +349,14 @@ impl Store {
     }
 
     fn counter(&self, name: &str) -> Result<u32, StoreError> {
-        match self.inner.overlay_counters.get(name)? {
+        match self.raw_get(OVERLAY_COUNTERS, name)? {
             Some(bytes) => decode(OVERLAY_COUNTERS, name.as_bytes(), &bytes),
             None => Ok(1),
         }
     }
 
     fn stored_peer_index(&self, node: &NodeId) -> Result<Option<PeerIndex>, StoreError> {
-        match self.inner.peer_indexes.get(node.0.as_bytes())? {
+        match self.raw_get(PEER_INDEXES, node.0.as_bytes())? {
             Some(bytes) => Ok(Some(decode(PEER_INDEXES, node.0.as_bytes(), &bytes)?)),
             None => Ok(None),
         }
@@ -397,18 +396,18 @@ impl Store {
                     .transpose()?,
             ));
         }
-        let inner = &self.inner;
-        let trees = (
-            &inner.nodes,
-            &inner.networks,
-            &inner.net_members,
-            &inner.peer_indexes,
-            &inner.node_keys,
-            &inner.overlay_counters,
-            &inner.events,
-        );
-        let seqs = finish(trees.transaction(
-            |(nodes, nets, mems, peer_tree, keys, ctrs, events)| {
+        let tables = [
+            NODES,
+            NETWORKS,
+            NET_MEMBERS,
+            PEER_INDEXES,
+            NODE_KEYS,
+            OVERLAY_COUNTERS,
+            EVENTS,
+        ];
+        let seqs = self.transaction(&tables, |tx| {
+            let [nodes, nets, mems, peer_tree, keys, ctrs, events] = tables.map(|t| tx.table(t));
+            {
                 for node in &plan.require_nodes {
                     if nodes.get(node.0.as_bytes())?.is_none() {
                         return Err(TxError::Abort(no_such_node(node)));
@@ -417,13 +416,17 @@ impl Store {
                 for (key, value) in &networks {
                     match value {
                         Some(v) => nets.insert(&key[..], v.as_slice())?,
-                        None => nets.remove(&key[..])?,
+                        None => {
+                            nets.remove(&key[..])?;
+                        }
                     };
                 }
                 for (key, value) in &members {
                     match value {
                         Some(v) => mems.insert(key.as_slice(), v.as_slice())?,
-                        None => mems.remove(key.as_slice())?,
+                        None => {
+                            mems.remove(key.as_slice())?;
+                        }
                     };
                 }
                 for (name, value) in &counters {
@@ -432,7 +435,9 @@ impl Store {
                 for (key, value) in &peers {
                     match value {
                         Some(v) => peer_tree.insert(*key, v.as_slice())?,
-                        None => peer_tree.remove(*key)?,
+                        None => {
+                            peer_tree.remove(*key)?;
+                        }
                     };
                 }
                 for node in &plan.drop_keys {
@@ -441,14 +446,14 @@ impl Store {
                 let mut seqs = Vec::new();
                 for (kind, node, message) in &plan.events {
                     seqs.push(
-                        self.tx_event::<NetworkError>(events, *kind, node.as_ref(), message, now)?
+                        self.tx_event::<NetworkError>(&events, *kind, node.as_ref(), message, now)?
                             .seq,
                     );
                 }
                 nets.flush();
                 Ok(seqs)
-            },
-        ))?;
+            }
+        })?;
         for seq in seqs {
             self.after_event(seq)?;
         }
@@ -458,7 +463,7 @@ impl Store {
     /// All networks, by id.
     pub fn networks(&self) -> Result<Vec<NetworkRecord>, StoreError> {
         let mut out = Vec::new();
-        for item in self.inner.networks.iter() {
+        for item in self.raw_scan(NETWORKS, Scan::all())? {
             let (key, value) = item?;
             out.push(decode::<NetworkRecord>(NETWORKS, &key, &value)?);
         }
@@ -473,7 +478,7 @@ impl Store {
     /// A network's members, by node id.
     pub fn members(&self, network: NetworkId) -> Result<Vec<MemberRecord>, StoreError> {
         let mut out = Vec::new();
-        for item in self.inner.net_members.scan_prefix(network.0.to_be_bytes()) {
+        for item in self.raw_scan(NET_MEMBERS, Scan::prefix(network.0.to_be_bytes()))? {
             let (key, value) = item?;
             out.push(decode::<MemberRecord>(NET_MEMBERS, &key, &value)?);
         }
@@ -483,7 +488,7 @@ impl Store {
     /// Every membership, grouped by node (networks in id order).
     pub fn memberships_by_node(&self) -> Result<BTreeMap<NodeId, Vec<MemberRecord>>, StoreError> {
         let mut out: BTreeMap<NodeId, Vec<MemberRecord>> = BTreeMap::new();
-        for item in self.inner.net_members.iter() {
+        for item in self.raw_scan(NET_MEMBERS, Scan::all())? {
             let (key, value) = item?;
             let m: MemberRecord = decode(NET_MEMBERS, &key, &value)?;
             out.entry(m.node.clone()).or_default().push(m);
@@ -565,8 +570,8 @@ impl Store {
             }
         }
         // Peer indexes and key hashes of such nodes go too.
-        for tree in [&self.inner.peer_indexes, &self.inner.node_keys] {
-            for item in tree.iter() {
+        for table in [PEER_INDEXES, NODE_KEYS] {
+            for item in self.raw_scan(table, Scan::all())? {
                 let (key, _) = item?;
                 let node = NodeId(String::from_utf8_lossy(&key).into_owned());
                 if !known.contains(&node) {
@@ -941,16 +946,14 @@ impl Store {
             return Ok(false);
         }
         self.check_space()?;
-        self.inner
-            .node_keys
-            .insert(node.0.as_bytes(), &key_sha256[..])?;
+        self.raw_put(NODE_KEYS, node.0.as_bytes(), &key_sha256[..])?;
         self.flush()?;
         Ok(true)
     }
 
     /// The SHA-256 of a node's public key, if recorded.
     pub fn node_key(&self, node: &NodeId) -> Result<Option<[u8; 32]>, StoreError> {
-        match self.inner.node_keys.get(node.0.as_bytes())? {
+        match self.raw_get(NODE_KEYS, node.0.as_bytes())? {
             Some(bytes) => {
                 <[u8; 32]>::try_from(bytes.as_ref())
                     .map(Some)
@@ -967,15 +970,13 @@ impl Store {
     pub fn next_netmap_epoch(&self) -> Result<u32, StoreError> {
         let _guard = self.overlay_guard();
         self.check_space()?;
-        let epoch = match self.inner.overlay_counters.get(NETMAP_EPOCH)? {
+        let epoch = match self.raw_get(OVERLAY_COUNTERS, NETMAP_EPOCH)? {
             Some(bytes) => {
                 decode::<u32>(OVERLAY_COUNTERS, NETMAP_EPOCH.as_bytes(), &bytes)?.saturating_add(1)
             }
             None => 1,
         };
-        self.inner
-            .overlay_counters
-            .insert(NETMAP_EPOCH, encode("counter", &epoch)?)?;
+        self.raw_put(OVERLAY_COUNTERS, NETMAP_EPOCH, encode("counter", &epoch)?)?;
         self.flush()?;
         Ok(epoch)
     }
@@ -988,7 +989,7 @@ impl Store {
             let members = self.members(network.id)?;
             snapshot.networks.push(NetworkSnapshot { network, members });
         }
-        for item in self.inner.peer_indexes.iter() {
+        for item in self.raw_scan(PEER_INDEXES, Scan::all())? {
             let (key, value) = item?;
             let index: PeerIndex = decode(PEER_INDEXES, &key, &value)?;
             let node = NodeId(String::from_utf8_lossy(&key).into_owned());

@@ -39,16 +39,12 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shoal_proto::{HardwareId, NodeId, UnixMillis};
-use sled::transaction::{
-    ConflictableTransactionError, TransactionError, TransactionResult, Transactional,
-    TransactionalTree,
-};
 use tracing::{debug, warn};
 
 use crate::enrolment::{
@@ -59,8 +55,14 @@ pub use shoal_controller_core::registry::{
     EnrolRefusal, NodeRecord, NodeStatus, TokenBinding, TokenRecord, TokenState,
 };
 
+pub mod backend;
 mod identity;
+mod sled_backend;
+mod table;
+pub use backend::{Backend, Batch, Scan};
 pub use identity::{normal_serial, short_key, CertRecord, Pruned, RevokedCert};
+pub use sled_backend::SledBackend;
+pub(crate) use table::{abort, RawTable, Table, Tx, TxError, TxTable};
 
 /// Writes are refused while the data directory's filesystem has fewer free bytes than this, so that
 /// sled never meets `ENOSPC` (which poisons its database until reopened) and an operator has room
@@ -79,28 +81,38 @@ pub const MAX_EVENT_BYTES: u64 = 64 << 20;
 const TRIM_EVERY: u64 = 1024;
 
 /// sled's page cache size.
-const CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
+pub(crate) const CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
 
 /// How often sled flushes in the background.
-const FLUSH_EVERY_MS: u64 = 200;
+pub(crate) const FLUSH_EVERY_MS: u64 = 200;
 
 /// How long [`Store::open`] waits for the database's file lock.
-const OPEN_LOCK_WAIT: Duration = Duration::from_secs(3);
+pub(crate) const OPEN_LOCK_WAIT: Duration = Duration::from_secs(3);
 
-const META: &str = "meta";
-const TOKENS: &str = "tokens";
-const TOKEN_BINDINGS: &str = "token_bindings";
-const TOKEN_USES: &str = "token_uses";
-const IDENTITIES: &str = "identities";
-const REENROL_GRANTS: &str = "reenrol_grants";
-const PENDING_ENROLMENTS: &str = "pending_enrolments";
-const CERTS: &str = "certs";
-const REVOKED_CERTS: &str = "revoked_certs";
-const NODES: &str = "nodes";
-const HWID: &str = "hwid";
-const REMOVED_NODES: &str = "removed_nodes";
-const REMOVED_HW: &str = "removed_hw";
-const EVENTS: &str = "events";
+pub(crate) const META: &str = "meta";
+pub(crate) const TOKENS: &str = "tokens";
+pub(crate) const TOKEN_BINDINGS: &str = "token_bindings";
+pub(crate) const TOKEN_USES: &str = "token_uses";
+pub(crate) const IDENTITIES: &str = "identities";
+pub(crate) const REENROL_GRANTS: &str = "reenrol_grants";
+pub(crate) const PENDING_ENROLMENTS: &str = "pending_enrolments";
+pub(crate) const CERTS: &str = "certs";
+pub(crate) const REVOKED_CERTS: &str = "revoked_certs";
+pub(crate) const NODES: &str = "nodes";
+pub(crate) const HWID: &str = "hwid";
+pub(crate) const REMOVED_NODES: &str = "removed_nodes";
+pub(crate) const REMOVED_HW: &str = "removed_hw";
+pub(crate) const EVENTS: &str = "events";
+/// `tokens`, typed.
+pub(crate) const TOKEN_RECORDS: Table<TokenRecord> = Table::new(TOKENS);
+/// `token_bindings`, typed.
+pub(crate) const TOKEN_BINDING_RECORDS: Table<TokenBinding> = Table::new(TOKEN_BINDINGS);
+/// `nodes`, typed.
+pub(crate) const NODE_RECORDS: Table<NodeRecord> = Table::new(NODES);
+/// `removed_nodes`, typed: when each node id was removed.
+pub(crate) const REMOVALS: Table<UnixMillis> = Table::new(REMOVED_NODES);
+/// `events`, typed (key: seq, big-endian u64).
+pub(crate) const EVENT_RECORDS: Table<Event> = Table::new(EVENTS);
 pub(crate) const NETWORKS: &str = "networks";
 pub(crate) const NET_MEMBERS: &str = "net_members";
 pub(crate) const PEER_INDEXES: &str = "peer_indexes";
@@ -122,27 +134,6 @@ pub enum StoreError {
         /// The decoder's complaint.
         cause: String,
     },
-}
-
-impl From<sled::Error> for StoreError {
-    fn from(e: sled::Error) -> Self {
-        StoreError::Db(sled_message(e))
-    }
-}
-
-fn sled_message(e: sled::Error) -> String {
-    match e {
-        // sled hands out clones of the error it remembers, rebuilt from the original's Debug text
-        // (`Os { code: 28, kind: StorageFull, message: "No space left on device" }`); say it
-        // plainly. After a failed log write sled 0.34 refuses every later write of this process.
-        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
-            "I/O error: No space left on device; the database accepts no more writes until the controller is \
-             restarted with free space"
-                .to_owned()
-        }
-        sled::Error::Io(io) => format!("I/O error: {io}"),
-        other => other.to_string(),
-    }
 }
 
 /// Why [`Store::enrol`] did not enrol.
@@ -356,27 +347,8 @@ pub struct Store {
 }
 
 pub(crate) struct Inner {
-    db: sled::Db,
-    meta: sled::Tree,
-    tokens: sled::Tree,
-    token_bindings: sled::Tree,
-    token_uses: sled::Tree,
-    identities: sled::Tree,
-    reenrol_grants: sled::Tree,
-    pending_enrolments: sled::Tree,
-    certs: sled::Tree,
-    revoked_certs: sled::Tree,
-    pub(crate) nodes: sled::Tree,
-    hwid: sled::Tree,
-    removed_nodes: sled::Tree,
-    removed_hw: sled::Tree,
-    pub(crate) events: sled::Tree,
-    /// Overlay trees, see [`crate::networks`].
-    pub(crate) networks: sled::Tree,
-    pub(crate) net_members: sled::Tree,
-    pub(crate) peer_indexes: sled::Tree,
-    pub(crate) node_keys: sled::Tree,
-    pub(crate) overlay_counters: sled::Tree,
+    /// The database behind every table.
+    pub(crate) backend: Arc<dyn Backend>,
     /// Serialises overlay changes: IPAM scans a network's members, which a sled transaction cannot.
     pub(crate) overlay_lock: Mutex<()>,
     dir: PathBuf,
@@ -406,20 +378,6 @@ impl fmt::Debug for Store {
             .field("next_seq", &self.inner.next_seq.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
-}
-
-/// An abort inside a transaction closure.
-pub(crate) type TxError<E> = ConflictableTransactionError<E>;
-
-pub(crate) fn abort<E: From<StoreError>>(e: StoreError) -> TxError<E> {
-    ConflictableTransactionError::Abort(E::from(e))
-}
-
-pub(crate) fn finish<A, E: From<StoreError>>(result: TransactionResult<A, E>) -> Result<A, E> {
-    result.map_err(|e| match e {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => E::from(StoreError::from(e)),
-    })
 }
 
 pub(crate) fn encode<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>, StoreError> {
@@ -474,79 +432,6 @@ fn new_node_id() -> NodeId {
     NodeId(format!("n{n:010x}"))
 }
 
-/// Opens sled, waiting a little for the file lock: sled 0.34 releases it some time after the last
-/// handle of a previous `Db` in this process is dropped (deferred epoch-based reclamation), so a
-/// quick close-and-reopen in one process can find it still held.
-fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
-    let config = sled::Config::new()
-        .path(dir)
-        .cache_capacity(CACHE_CAPACITY)
-        .flush_every_ms(Some(FLUSH_EVERY_MS));
-    let deadline = Instant::now() + OPEN_LOCK_WAIT;
-    loop {
-        remove_interrupted_snapshots(dir)?;
-        match config.open() {
-            Ok(db) => return Ok(db),
-            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                if Instant::now() >= deadline {
-                    return Err(StoreError::Db(format!(
-                        "cannot open database in {}: it is locked by another process (is another shoal-controller \
-                         using this data directory?)",
-                        dir.display()
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::StorageFull => {
-                return Err(StoreError::Db(format!(
-                    "cannot open database in {}: No space left on device (opening writes a snapshot); free some \
-                     space and start again",
-                    dir.display()
-                )))
-            }
-            Err(e) => {
-                return Err(StoreError::Db(format!("cannot open database in {}: {}", dir.display(), sled_message(e))))
-            }
-        }
-    }
-}
-
-/// Deletes snapshots whose writing was interrupted.
-///
-/// sled 0.34 writes a snapshot to `snap.<lsn>.generating` and renames it to `snap.<lsn>` once
-/// complete and synced, but when it looks for the newest snapshot it does not skip `.generating`
-/// files: one left behind by an interrupted write (a full disk, a crash) makes every later open
-/// fail with "Read corrupted data". Such a file is never needed: older snapshots are only deleted
-/// after the rename, and the log is untouched. It is deleted only while this process holds the
-/// database's lock, so a sled running in another process is never disturbed.
-fn remove_interrupted_snapshots(dir: &Path) -> Result<(), StoreError> {
-    use nix::fcntl::{Flock, FlockArg};
-
-    let Ok(file) = std::fs::File::open(dir.join("db")) else {
-        return Ok(()); // no database yet (or unreadable: sled's open will say why)
-    };
-    let Ok(_lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
-        return Ok(()); // in use: sled's open reports that
-    };
-    let entries = std::fs::read_dir(dir).map_err(|e| {
-        StoreError::Db(format!(
-            "cannot list database directory {}: {e}",
-            dir.display()
-        ))
-    })?;
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with("snap.") && name.ends_with(".generating") {
-            warn!(file = %entry.path().display(), "removing an incompletely written database snapshot");
-            std::fs::remove_file(entry.path()).map_err(|e| {
-                StoreError::Db(format!("cannot remove {}: {e}", entry.path().display()))
-            })?;
-        }
-    }
-    Ok(())
-}
-
 impl Store {
     /// Opens (creating if needed) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
@@ -554,39 +439,19 @@ impl Store {
     }
 
     fn open_with_reserve(dir: &Path, reserve_bytes: u64) -> Result<Store, StoreError> {
-        let db = open_db(dir)?;
-        let events = db.open_tree(EVENTS)?;
-        let next_seq = match events.last()? {
-            Some((key, _)) => decode_seq(&key)?.saturating_add(1),
+        let backend: Arc<dyn Backend> = Arc::new(SledBackend::open(dir)?);
+        let next_seq = match backend.scan(EVENTS, Scan::all().rev())?.next() {
+            Some(entry) => decode_seq(&entry?.0)?.saturating_add(1),
             None => 1,
         };
         let mut event_bytes = 0u64;
-        for value in events.iter().values() {
-            event_bytes += value?.len() as u64;
+        for entry in backend.scan(EVENTS, Scan::all())? {
+            event_bytes += entry?.1.len() as u64;
         }
         let store = Store {
             inner: Arc::new(Inner {
-                meta: db.open_tree(META)?,
-                tokens: db.open_tree(TOKENS)?,
-                token_bindings: db.open_tree(TOKEN_BINDINGS)?,
-                token_uses: db.open_tree(TOKEN_USES)?,
-                identities: db.open_tree(IDENTITIES)?,
-                reenrol_grants: db.open_tree(REENROL_GRANTS)?,
-                pending_enrolments: db.open_tree(PENDING_ENROLMENTS)?,
-                certs: db.open_tree(CERTS)?,
-                revoked_certs: db.open_tree(REVOKED_CERTS)?,
-                nodes: db.open_tree(NODES)?,
-                hwid: db.open_tree(HWID)?,
-                removed_nodes: db.open_tree(REMOVED_NODES)?,
-                removed_hw: db.open_tree(REMOVED_HW)?,
-                events,
-                networks: db.open_tree(NETWORKS)?,
-                net_members: db.open_tree(NET_MEMBERS)?,
-                peer_indexes: db.open_tree(PEER_INDEXES)?,
-                node_keys: db.open_tree(NODE_KEYS)?,
-                overlay_counters: db.open_tree(OVERLAY_COUNTERS)?,
+                backend,
                 overlay_lock: Mutex::new(()),
-                db,
                 dir: dir.to_owned(),
                 next_seq: AtomicU64::new(next_seq),
                 event_budget: Mutex::new(crate::event_log::EventBudget::new(Default::default())),
@@ -665,7 +530,7 @@ impl Store {
     /// [`crate::event_log::MAX_EVENT_MESSAGE`] bytes.
     pub(crate) fn tx_event<E: From<StoreError>>(
         &self,
-        events: &TransactionalTree,
+        events: &TxTable<'_>,
         kind: EventKind,
         node: Option<&NodeId>,
         message: &str,
@@ -700,7 +565,7 @@ impl Store {
 
     fn insert_event<E: From<StoreError>>(
         &self,
-        events: &TransactionalTree,
+        events: &TxTable<'_>,
         kind: EventKind,
         node: Option<&NodeId>,
         message: &str,
@@ -720,7 +585,7 @@ impl Store {
             .event_bytes
             .fetch_add(bytes.len() as u64, Ordering::SeqCst);
         self.inner.events_since_trim.fetch_add(1, Ordering::SeqCst);
-        events.insert(&seq.to_be_bytes(), bytes)?;
+        events.insert(seq.to_be_bytes(), bytes)?;
         Ok(event)
     }
 
@@ -746,17 +611,19 @@ impl Store {
             .next_seq
             .load(Ordering::SeqCst)
             .saturating_sub(MAX_EVENTS);
-        let mut batch = sled::Batch::default();
+        let mut batch = Vec::new();
         let mut trimmed = 0u64;
         let mut trimmed_bytes = 0u64;
-        for item in self.inner.events.range(..cutoff.to_be_bytes()) {
+        for item in self.raw_scan(EVENTS, Scan::before(&cutoff.to_be_bytes()))? {
             let (key, value) = item?;
-            batch.remove(key);
+            batch.push(key);
             trimmed += 1;
             trimmed_bytes += value.len() as u64;
         }
         if trimmed > 0 {
-            self.inner.events.apply_batch(batch)?;
+            self.inner
+                .backend
+                .write_batch(EVENTS, &Batch::deleting(batch))?;
             let _ = self
                 .inner
                 .event_bytes
@@ -773,7 +640,7 @@ impl Store {
         let low_water = limit / 8 * 7;
         let mut kept = 0u64;
         let mut cut = None;
-        for item in self.inner.events.iter().rev() {
+        for item in self.raw_scan(EVENTS, Scan::all().rev())? {
             let (key, value) = item?;
             if kept + value.len() as u64 > low_water {
                 cut = Some(key);
@@ -782,33 +649,127 @@ impl Store {
             kept += value.len() as u64;
         }
         if let Some(cut) = cut {
-            let mut batch = sled::Batch::default();
-            let mut trimmed = 0u64;
-            for item in self.inner.events.range(..=cut) {
-                batch.remove(item?.0);
-                trimmed += 1;
+            let mut batch = Vec::new();
+            for item in self.raw_scan(EVENTS, Scan::through(&cut))? {
+                batch.push(item?.0);
             }
-            self.inner.events.apply_batch(batch)?;
+            let trimmed = batch.len();
+            self.inner
+                .backend
+                .write_batch(EVENTS, &Batch::deleting(batch))?;
             debug!(trimmed, kept_bytes = kept, "trimmed the event log by size");
         }
         self.inner.event_bytes.store(kept, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Opens another tree of the same database, for modules that keep their own records (netboot).
-    pub(crate) fn open_tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
-        Ok(self.inner.db.open_tree(name)?)
+    /// A handle on table `name`, for a domain that keeps its own table.
+    pub(crate) fn table(&self, name: &'static str) -> RawTable {
+        RawTable::new(self.inner.backend.clone(), name)
+    }
+
+    /// The database behind the tables.
+    pub(crate) fn backend(&self) -> &dyn Backend {
+        &*self.inner.backend
+    }
+
+    /// The bytes at `key` of `table`.
+    pub(crate) fn raw_get(
+        &self,
+        table: &'static str,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.backend.get(table, key.as_ref())
+    }
+
+    /// Writes `value` at `key` of `table`, outside any transaction.
+    pub(crate) fn raw_put(
+        &self,
+        table: &'static str,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+    ) -> Result<(), StoreError> {
+        self.inner.backend.put(table, key.as_ref(), value.as_ref())
+    }
+
+    /// Deletes `key` of `table`, outside any transaction.
+    pub(crate) fn raw_delete(
+        &self,
+        table: &'static str,
+        key: impl AsRef<[u8]>,
+    ) -> Result<(), StoreError> {
+        self.inner.backend.delete(table, key.as_ref())
+    }
+
+    /// Whether `key` of `table` holds a value.
+    pub(crate) fn raw_contains(
+        &self,
+        table: &'static str,
+        key: impl AsRef<[u8]>,
+    ) -> Result<bool, StoreError> {
+        Ok(self.inner.backend.get(table, key.as_ref())?.is_some())
+    }
+
+    /// The entries of `table` that `scan` selects, as bytes.
+    pub(crate) fn raw_scan<'a>(
+        &'a self,
+        table: &'static str,
+        scan: Scan,
+    ) -> Result<backend::Entries<'a>, StoreError> {
+        self.inner.backend.scan(table, scan)
+    }
+
+    /// The record at `key` of `table`.
+    pub(crate) fn get<V: DeserializeOwned>(
+        &self,
+        table: &Table<V>,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<V>, StoreError> {
+        match self.inner.backend.get(table.name, key.as_ref())? {
+            Some(bytes) => Ok(Some(decode(table.name, key.as_ref(), &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes the record at `key` of `table`, outside any transaction.
+    pub(crate) fn put<V: Serialize>(
+        &self,
+        table: &Table<V>,
+        key: impl AsRef<[u8]>,
+        value: &V,
+    ) -> Result<(), StoreError> {
+        let bytes = encode(table.name, value)?;
+        self.inner.backend.put(table.name, key.as_ref(), &bytes)
+    }
+
+    /// The decoded records of `table` that `scan` selects, with their keys.
+    pub(crate) fn records<'a, V: DeserializeOwned + 'a>(
+        &'a self,
+        table: &Table<V>,
+        scan: Scan,
+    ) -> Result<impl Iterator<Item = Result<(Vec<u8>, V), StoreError>> + 'a, StoreError> {
+        table::records(&*self.inner.backend, table, scan)
+    }
+
+    /// Runs `body` as one atomic transaction over `tables`. The body may run more than once (after
+    /// a conflict), so it must not act outside the transaction; its result is the last run's.
+    pub(crate) fn transaction<T, E: From<StoreError>>(
+        &self,
+        tables: &[&'static str],
+        body: impl Fn(&Tx<'_>) -> Result<T, TxError<E>>,
+    ) -> Result<T, E> {
+        table::run(&*self.inner.backend, tables, body)
     }
 
     /// A metadata value (admin token hash, QUIC stateless-reset key).
     pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.inner.meta.get(key)?.map(|v| v.to_vec()))
+        self.raw_get(META, key)
     }
 
     /// Stores a metadata value; it is on disk when this returns.
     pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.check_space()?;
-        self.inner.meta.insert(key, value)?;
+        self.raw_put(META, key, value)?;
         self.flush()
     }
 
@@ -824,11 +785,12 @@ impl Store {
         if let Some(max) = rec.max_uses {
             message.push_str(&format!(", at most {max} uses"));
         }
-        let event = finish((&self.inner.tokens, &self.inner.events).transaction(
-            |(tokens, events)| {
+        let event = self.transaction(&[TOKENS, EVENTS], |tx| {
+            let (tokens, events) = (tx.table(TOKENS), tx.table(EVENTS));
+            {
                 tokens.insert(rec.id.as_bytes(), bytes.as_slice())?;
                 let event = self.tx_event::<StoreError>(
-                    events,
+                    &events,
                     EventKind::TokenCreated,
                     None,
                     &message,
@@ -836,8 +798,8 @@ impl Store {
                 )?;
                 tokens.flush();
                 Ok(event)
-            },
-        ))?;
+            }
+        })?;
         self.after_event(event.seq)
     }
 
@@ -855,43 +817,36 @@ impl Store {
             TokenBinding::Mac(mac) => format!("boot token {} created for {mac}", rec.id),
             TokenBinding::Node(node) => format!("boot token {} created for node {node}", rec.id),
         };
-        let event = finish(
-            (
-                &self.inner.tokens,
-                &self.inner.token_bindings,
-                &self.inner.events,
-            )
-                .transaction(|(tokens, bindings, events)| {
-                    tokens.insert(rec.id.as_bytes(), bytes.as_slice())?;
-                    bindings.insert(rec.id.as_bytes(), bound.as_slice())?;
-                    let event = self.tx_event::<StoreError>(
-                        events,
-                        EventKind::TokenCreated,
-                        None,
-                        &message,
-                        rec.created_at,
-                    )?;
-                    tokens.flush();
-                    Ok(event)
-                }),
-        )?;
+        let event = self.transaction(&[TOKENS, TOKEN_BINDINGS, EVENTS], |tx| {
+            let (tokens, bindings, events) =
+                (tx.table(TOKENS), tx.table(TOKEN_BINDINGS), tx.table(EVENTS));
+            {
+                tokens.insert(rec.id.as_bytes(), bytes.as_slice())?;
+                bindings.insert(rec.id.as_bytes(), bound.as_slice())?;
+                let event = self.tx_event::<StoreError>(
+                    &events,
+                    EventKind::TokenCreated,
+                    None,
+                    &message,
+                    rec.created_at,
+                )?;
+                tokens.flush();
+                Ok(event)
+            }
+        })?;
         self.after_event(event.seq)
     }
 
     /// What a token is bound to, if it is a per-boot token.
     pub fn token_binding(&self, id: &str) -> Result<Option<TokenBinding>, StoreError> {
-        match self.inner.token_bindings.get(id.as_bytes())? {
-            Some(bytes) => Ok(Some(decode(TOKEN_BINDINGS, id.as_bytes(), &bytes)?)),
-            None => Ok(None),
-        }
+        self.get(&TOKEN_BINDING_RECORDS, id)
     }
 
     /// All tokens, oldest first.
     pub fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         let mut out = Vec::new();
-        for item in self.inner.tokens.iter() {
-            let (key, value) = item?;
-            out.push(decode::<TokenRecord>(TOKENS, &key, &value)?);
+        for item in self.records(&TOKEN_RECORDS, Scan::all())? {
+            out.push(item?.1);
         }
         out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         Ok(out)
@@ -907,19 +862,19 @@ impl Store {
     ) -> Result<Option<TokenRecord>, StoreError> {
         self.check_space()?;
         let message = format!("join token {id} revoked");
-        let result = finish((&self.inner.tokens, &self.inner.events).transaction(
-            |(tokens, events)| {
-                let Some(bytes) = tokens.get(id.as_bytes())? else {
+        let result = self.transaction(&[TOKENS, EVENTS], |tx| {
+            let (tokens, events) = (tx.table(TOKENS), tx.table(EVENTS));
+            {
+                let Some(mut rec) = tx.get(&TOKEN_RECORDS, id.as_bytes())? else {
                     return Ok(None);
                 };
-                let mut rec: TokenRecord = decode(TOKENS, id.as_bytes(), &bytes).map_err(abort)?;
                 if rec.revoked_at.is_some() {
                     return Ok(Some((rec, None)));
                 }
                 rec.revoked_at = Some(now);
-                tokens.insert(id.as_bytes(), encode("token", &rec).map_err(abort)?)?;
+                tx.put(&TOKEN_RECORDS, id.as_bytes(), &rec)?;
                 let event = self.tx_event::<StoreError>(
-                    events,
+                    &events,
                     EventKind::TokenRevoked,
                     None,
                     &message,
@@ -927,8 +882,8 @@ impl Store {
                 )?;
                 tokens.flush();
                 Ok(Some((rec, Some(event.seq))))
-            },
-        ))?;
+            }
+        })?;
         match result {
             None => Ok(None),
             Some((rec, seq)) => {
@@ -958,20 +913,22 @@ impl Store {
         let pending_all = self.pending_enrolments()?;
         let use_key = token_use_key(p.token_id, p.key);
         let binding = self.token_binding(p.token_id)?;
-        let trees = (
-            &self.inner.tokens,
-            &self.inner.nodes,
-            &self.inner.hwid,
-            &self.inner.removed_nodes,
-            &self.inner.removed_hw,
-            &self.inner.events,
-            &self.inner.identities,
-            &self.inner.token_uses,
-            &self.inner.reenrol_grants,
-            &self.inner.pending_enrolments,
-        );
-        let outcome = finish(trees.transaction(
-            |(tokens, nodes, hwid, removed_nodes, removed_hw, events, identities, token_uses, grants, pendings)| {
+        let tables = [
+            TOKENS,
+            NODES,
+            HWID,
+            REMOVED_NODES,
+            REMOVED_HW,
+            EVENTS,
+            IDENTITIES,
+            TOKEN_USES,
+            REENROL_GRANTS,
+            PENDING_ENROLMENTS,
+        ];
+        let outcome = self.transaction(&tables, |tx| {
+            let [tokens, nodes, hwid, removed_nodes, removed_hw, events, identities, token_uses, grants, pendings] =
+                tables.map(|t| tx.table(t));
+            {
                 let Some(bytes) = tokens.get(p.token_id.as_bytes())? else {
                     return Ok(TxOutcome::Refused(EnrolRefusal::TokenUnknown, None));
                 };
@@ -1042,7 +999,7 @@ impl Store {
                                     "{} ({hw_key}) from {} claimed this node's identity with join token {} and was refused: {r}",
                                     p.hostname, p.remote, token.id
                                 );
-                                Some(self.tx_event::<EnrolError>(events, EventKind::ClaimRefused, Some(node), &message, p.now)?.seq)
+                                Some(self.tx_event::<EnrolError>(&events, EventKind::ClaimRefused, Some(node), &message, p.now)?.seq)
                             }
                             _ => None,
                         };
@@ -1083,7 +1040,7 @@ impl Store {
                                 "{} ({hw_key}) from {} claims this node with join token {} and a new key: pending request {id} waits for `shoalctl nodes approve {id}`",
                                 p.hostname, p.remote, token.id
                             );
-                            Some(self.tx_event::<EnrolError>(events, EventKind::EnrolmentPending, Some(&n.id), &message, p.now)?.seq)
+                            Some(self.tx_event::<EnrolError>(&events, EventKind::EnrolmentPending, Some(&n.id), &message, p.now)?.seq)
                         } else {
                             None
                         };
@@ -1152,11 +1109,11 @@ impl Store {
                     Some(proof) => format!("{} ({hw_key}) re-enrolled {} with join token {}", p.hostname, proof.describe(), token.id),
                 };
                 let kind = if new { EventKind::Enrolled } else { EventKind::Reenrolled };
-                let event = self.tx_event::<EnrolError>(events, kind, Some(&node.id), &message, p.now)?;
+                let event = self.tx_event::<EnrolError>(&events, kind, Some(&node.id), &message, p.now)?;
                 tokens.flush();
                 Ok(TxOutcome::Enrolled(Box::new(Enrolment { node, new, proof, replay: false }), Some(event.seq)))
-            },
-        ))?;
+            }
+        })?;
         drop(nodes_guard);
         match outcome {
             TxOutcome::Enrolled(enrolment, seq) => {
@@ -1177,10 +1134,7 @@ impl Store {
 
     /// One node's record.
     pub fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError> {
-        match self.inner.nodes.get(id.0.as_bytes())? {
-            Some(bytes) => Ok(Some(decode(NODES, id.0.as_bytes(), &bytes)?)),
-            None => Ok(None),
-        }
+        self.get(&NODE_RECORDS, id.0.as_bytes())
     }
 
     /// The node's hostname for messages, or its id when the record is missing or unreadable.
@@ -1195,9 +1149,8 @@ impl Store {
     /// All nodes, sorted by hostname, then id.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         let mut out = Vec::new();
-        for item in self.inner.nodes.iter() {
-            let (key, value) = item?;
-            out.push(decode::<NodeRecord>(NODES, &key, &value)?);
+        for item in self.records(&NODE_RECORDS, Scan::all())? {
+            out.push(item?.1);
         }
         out.sort_by(|a, b| (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)));
         Ok(out)
@@ -1215,15 +1168,14 @@ impl Store {
         self.check_space()?;
         let _guard = self.lock_nodes();
         let key = id.0.as_bytes();
-        let Some(bytes) = self.inner.nodes.get(key)? else {
+        let Some(mut node) = self.get(&NODE_RECORDS, key)? else {
             return Ok(None);
         };
-        let mut node: NodeRecord = decode(NODES, key, &bytes)?;
         let (kept_id, kept_hw) = (node.id.clone(), node.hardware_id.clone());
         f(&mut node);
         node.id = kept_id;
         node.hardware_id = kept_hw;
-        self.inner.nodes.insert(key, encode("node", &node)?)?;
+        self.put(&NODE_RECORDS, key, &node)?;
         Ok(Some(node))
     }
 
@@ -1237,17 +1189,19 @@ impl Store {
         self.check_space()?;
         let nodes_guard = self.lock_nodes();
         let now_bytes = encode("time", &now)?;
-        let trees = (
-            &self.inner.nodes,
-            &self.inner.hwid,
-            &self.inner.removed_nodes,
-            &self.inner.removed_hw,
-            &self.inner.events,
-            &self.inner.identities,
-            &self.inner.reenrol_grants,
-        );
-        let result = finish(trees.transaction(
-            |(nodes, hwid, removed_nodes, removed_hw, events, identities, grants)| {
+        let tables = [
+            NODES,
+            HWID,
+            REMOVED_NODES,
+            REMOVED_HW,
+            EVENTS,
+            IDENTITIES,
+            REENROL_GRANTS,
+        ];
+        let result = self.transaction(&tables, |tx| {
+            let [nodes, hwid, removed_nodes, removed_hw, events, identities, grants] =
+                tables.map(|t| tx.table(t));
+            {
                 let key = id.0.as_bytes();
                 let Some(bytes) = nodes.remove(key)? else {
                     return Ok(None);
@@ -1263,7 +1217,7 @@ impl Store {
                 removed_hw.insert(hw_key.as_bytes(), now_bytes.as_slice())?;
                 let message = format!("{} ({hw_key}) removed from the fleet", node.hostname);
                 let event = self.tx_event::<StoreError>(
-                    events,
+                    &events,
                     EventKind::Removed,
                     Some(id),
                     &message,
@@ -1271,8 +1225,8 @@ impl Store {
                 )?;
                 nodes.flush();
                 Ok(Some((node, event.seq)))
-            },
-        ))?;
+            }
+        })?;
         drop(nodes_guard);
         match result {
             None => Ok(None),
@@ -1285,10 +1239,7 @@ impl Store {
 
     /// When a node id was removed (so a still-valid certificate for it is refused).
     pub fn removed_at(&self, id: &NodeId) -> Result<Option<UnixMillis>, StoreError> {
-        match self.inner.removed_nodes.get(id.0.as_bytes())? {
-            Some(bytes) => Ok(Some(decode(REMOVED_NODES, id.0.as_bytes(), &bytes)?)),
-            None => Ok(None),
-        }
+        self.get(&REMOVALS, id.0.as_bytes())
     }
 
     /// Appends an event to the log and returns it with its seq. Not flushed (within 200 ms).
@@ -1308,19 +1259,19 @@ impl Store {
             let mut budget = self.event_budget();
             (budget.due(now), *budget.config())
         };
-        let events = &self.inner.events;
-        let event = finish(events.transaction(|events| {
+        let event = self.transaction(&[EVENTS], |tx| {
+            let events = tx.table(EVENTS);
             for s in &due {
                 self.insert_event::<StoreError>(
-                    events,
+                    &events,
                     EventKind::EventsSuppressed,
                     Some(&s.node),
                     &s.message(&config),
                     now,
                 )?;
             }
-            self.tx_event::<StoreError>(events, kind, node, message, now)
-        }))?;
+            self.tx_event::<StoreError>(&events, kind, node, message, now)
+        })?;
         self.after_event(event.seq)?;
         Ok(event)
     }
@@ -1337,11 +1288,11 @@ impl Store {
             return Ok(0);
         }
         self.check_space()?;
-        let events = &self.inner.events;
-        finish(events.transaction(|events| {
+        self.transaction(&[EVENTS], |tx| {
+            let events = tx.table(EVENTS);
             for s in &due {
                 self.insert_event::<StoreError>(
-                    events,
+                    &events,
                     EventKind::EventsSuppressed,
                     Some(&s.node),
                     &s.message(&config),
@@ -1349,7 +1300,7 @@ impl Store {
                 )?;
             }
             Ok(())
-        }))?;
+        })?;
         self.after_event(0)?;
         Ok(due.len())
     }
@@ -1362,24 +1313,25 @@ impl Store {
             Some(seq) => seq + 1,
         };
         let mut out = Vec::new();
-        for item in self.inner.events.range(start.to_be_bytes()..).take(limit) {
-            let (key, value) = item?;
-            out.push(decode::<Event>(EVENTS, &key, &value)?);
+        for item in self
+            .records(&EVENT_RECORDS, Scan::from(start.to_be_bytes()))?
+            .take(limit)
+        {
+            out.push(item?.1);
         }
         Ok(out)
     }
 
     /// Writes everything buffered to disk.
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.inner.db.flush()?;
-        Ok(())
+        self.inner.backend.flush()
     }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::process::Command;
+    use std::{process::Command, time::Instant};
 
     use shoal_proto::HardwareIdSource;
 
@@ -1552,7 +1504,11 @@ mod tests {
         assert_eq!(store.prune(at(25 * 60 * minute)).unwrap().tokens, 2);
         assert_eq!(ids(&store), ["forever"], "a valid token is never pruned");
         assert!(
-            store.inner.token_uses.is_empty(),
+            store
+                .raw_scan(TOKEN_USES, Scan::all())
+                .unwrap()
+                .next()
+                .is_none(),
             "uses go with their token"
         );
     }

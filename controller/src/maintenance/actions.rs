@@ -51,7 +51,7 @@ use crate::{
     agent_updates::{UpdateError, UPDATE_PROTOCOL},
     rollout::{Event, NodePhase, ReportedHealth, Target},
     server::{now_ms, Controller},
-    store::{decode, encode, EventKind, StoreError},
+    store::{decode, encode, EventKind, RawTable, StoreError},
 };
 
 /// The store tree of steps in flight.
@@ -191,8 +191,8 @@ impl Controller {
         );
     }
 
-    fn steps_tree(&self) -> Result<sled::Tree, StoreError> {
-        self.store.open_tree(STEPS)
+    fn steps_tree(&self) -> Result<RawTable, StoreError> {
+        Ok(self.store.table(STEPS))
     }
 
     /// The unfinished rollout of `target` that has `node` in flight (the run's id).

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use shoal_proto::{NodeId, UnixMillis};
 
 use super::dhcp::{Arch, Lease, Mac};
-use crate::store::{Store, StoreError};
+use crate::store::{RawTable, Store, StoreError};
 
 const MACHINES: &str = "netboot_machines";
 const LEASES: &str = "netboot_leases";
@@ -72,8 +72,8 @@ pub enum AdmissionPolicy {
     Hold,
 }
 
-fn db(e: sled::Error) -> StoreError {
-    StoreError::from(e)
+fn db(e: StoreError) -> StoreError {
+    e
 }
 
 fn corrupt(tree: &str, e: postcard::Error) -> StoreError {
@@ -96,9 +96,9 @@ enum Create {
 #[derive(Debug, Clone)]
 pub struct MachineStore {
     store: Store,
-    machines: sled::Tree,
-    leases: sled::Tree,
-    node_images: sled::Tree,
+    machines: RawTable,
+    leases: RawTable,
+    node_images: RawTable,
     max_machines: usize,
     /// Rows in `machines`; held while a row may be created, so the cap is exact.
     count: Arc<Mutex<usize>>,
@@ -109,13 +109,13 @@ pub struct MachineStore {
 impl MachineStore {
     /// Opens the trees in `store`; the machine table holds at most `max_machines` rows.
     pub fn open(store: &Store, max_machines: usize) -> Result<MachineStore, StoreError> {
-        let machines = store.open_tree(MACHINES)?;
+        let machines = store.table(MACHINES);
         let count = machines.len();
         Ok(MachineStore {
             store: store.clone(),
             machines,
-            leases: store.open_tree(LEASES)?,
-            node_images: store.open_tree(NODE_IMAGES)?,
+            leases: store.table(LEASES),
+            node_images: store.table(NODE_IMAGES),
             max_machines,
             count: Arc::new(Mutex::new(count)),
             not_recorded: Arc::new(AtomicU64::new(0)),
@@ -216,27 +216,31 @@ impl MachineStore {
             self.not_recorded.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
-        let mut out = None;
-        self.machines
-            .fetch_and_update(mac.0, |old| {
-                let mut m = old
-                    .and_then(|b| postcard::from_bytes::<MachineRecord>(b).ok())
-                    .unwrap_or(MachineRecord {
-                        mac,
-                        arch: None,
-                        pxe: false,
-                        first_seen: now,
-                        last_seen: now,
-                        admitted: policy == AdmissionPolicy::AdmitAll,
-                        last_image: None,
-                        last_boot: None,
-                    });
-                f(&mut m);
-                let bytes = postcard::to_allocvec(&m).ok();
-                out = Some(m);
-                bytes
-            })
-            .map_err(db)?;
+        // Writers of this table hold `count`; the transaction keeps the read and write together.
+        let out = self.store.transaction::<_, StoreError>(&[MACHINES], |tx| {
+            let machines = tx.table(MACHINES);
+            let old = machines.get(mac.0)?;
+            let mut m = old
+                .and_then(|b| postcard::from_bytes::<MachineRecord>(&b).ok())
+                .unwrap_or(MachineRecord {
+                    mac,
+                    arch: None,
+                    pxe: false,
+                    first_seen: now,
+                    last_seen: now,
+                    admitted: policy == AdmissionPolicy::AdmitAll,
+                    last_image: None,
+                    last_boot: None,
+                });
+            f(&mut m);
+            match postcard::to_allocvec(&m) {
+                Ok(bytes) => {
+                    machines.insert(mac.0, bytes)?;
+                    Ok(Some(m))
+                }
+                Err(_) => Ok(None),
+            }
+        })?;
         if !exists {
             *count += 1;
         }
@@ -260,14 +264,14 @@ impl MachineStore {
         self.store.check_space()?;
         let bytes = postcard::to_allocvec(lease).map_err(|e| StoreError::Db(e.to_string()))?;
         self.leases.insert(lease.mac.0, bytes).map_err(db)?;
-        self.leases.flush().map_err(db)?;
+        self.leases.flush()?;
         Ok(())
     }
 
     /// Deletes a lease.
     pub fn delete_lease(&self, mac: &Mac) -> Result<(), StoreError> {
         self.leases.remove(mac.0).map_err(db)?;
-        self.leases.flush().map_err(db)?;
+        self.leases.flush()?;
         Ok(())
     }
 
@@ -286,14 +290,14 @@ impl MachineStore {
         self.node_images
             .insert(node.0.as_bytes(), version.as_bytes())
             .map_err(db)?;
-        self.node_images.flush().map_err(db)?;
+        self.node_images.flush()?;
         Ok(())
     }
 
     /// Removes a node's image assignment.
     pub fn clear_node_image(&self, node: &NodeId) -> Result<(), StoreError> {
         self.node_images.remove(node.0.as_bytes()).map_err(db)?;
-        self.node_images.flush().map_err(db)?;
+        self.node_images.flush()?;
         Ok(())
     }
 }

@@ -14,16 +14,21 @@
 
 use serde::{Deserialize, Serialize};
 use shoal_proto::{NodeId, UnixMillis};
-use sled::Transactional;
 
 use super::{
-    abort, decode, encode, finish, EventKind, Store, StoreError, TokenRecord, TokenState, CERTS,
-    IDENTITIES, PENDING_ENROLMENTS, REENROL_GRANTS, REVOKED_CERTS, TOKENS, TOKEN_USES,
+    abort, decode, encode, Batch, EventKind, Scan, Store, StoreError, Table, TokenRecord,
+    TokenState, CERTS, EVENTS, IDENTITIES, NODES, PENDING_ENROLMENTS, REENROL_GRANTS,
+    REVOKED_CERTS, TOKENS, TOKEN_BINDINGS, TOKEN_USES,
 };
 use crate::enrolment::{
     check_certificate, CertVerdict, IdentityRecord, KeyHash, PendingEnrolment, PendingState,
     Presented, ReenrolGrant, TokenUse, PENDING_TTL_MS,
 };
+
+/// `identities`, typed.
+const IDENTITY_RECORDS: Table<IdentityRecord> = Table::new(IDENTITIES);
+/// `pending_enrolments`, typed.
+const PENDING_RECORDS: Table<PendingEnrolment> = Table::new(PENDING_ENROLMENTS);
 
 /// A certificate the CA issued (tree `certs`), kept until it expires.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,18 +86,12 @@ pub fn normal_serial(serial: &str) -> String {
 impl Store {
     /// The key a node is bound to.
     pub fn identity(&self, node: &NodeId) -> Result<Option<IdentityRecord>, StoreError> {
-        match self.inner.identities.get(node.0.as_bytes())? {
-            Some(b) => Ok(Some(decode(IDENTITIES, node.0.as_bytes(), &b)?)),
-            None => Ok(None),
-        }
+        self.get(&IDENTITY_RECORDS, node.0.as_bytes())
     }
 
     /// Whether a serial was revoked.
     pub fn cert_revoked(&self, serial: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .inner
-            .revoked_certs
-            .contains_key(normal_serial(serial).as_bytes())?)
+        Ok(self.raw_contains(REVOKED_CERTS, normal_serial(serial).as_bytes())?)
     }
 
     /// Checks a connection's certificate ([`check_certificate`]) and writes what the verdict
@@ -108,10 +107,10 @@ impl Store {
         remote: &str,
     ) -> Result<CertVerdict, StoreError> {
         let _guard = self.lock_nodes();
-        let exists = self.inner.nodes.contains_key(node.0.as_bytes())?;
+        let exists = self.raw_contains(NODES, node.0.as_bytes())?;
         let identity = self.identity(node)?;
         let serial = normal_serial(serial);
-        let serial_revoked = self.inner.revoked_certs.contains_key(serial.as_bytes())?;
+        let serial_revoked = self.raw_contains(REVOKED_CERTS, serial.as_bytes())?;
         let verdict = check_certificate(
             exists,
             identity.as_ref(),
@@ -128,9 +127,7 @@ impl Store {
             } => {
                 if *changed {
                     self.check_space()?;
-                    self.inner
-                        .identities
-                        .insert(node.0.as_bytes(), encode("identity", bound)?)?;
+                    self.raw_put(IDENTITIES, node.0.as_bytes(), encode("identity", bound)?)?;
                     match identity {
                         Some(old) if old.key != bound.key => {
                             let message =
@@ -141,7 +138,7 @@ impl Store {
                     }
                 }
                 // Certificates issued before serials were recorded are learnt on first sight.
-                if !self.inner.certs.contains_key(serial.as_bytes())? {
+                if !self.raw_contains(CERTS, serial.as_bytes())? {
                     self.check_space()?;
                     let rec = CertRecord {
                         node: node.clone(),
@@ -149,9 +146,7 @@ impl Store {
                         issued_at: now,
                         not_after,
                     };
-                    self.inner
-                        .certs
-                        .insert(serial.as_bytes(), encode("cert", &rec)?)?;
+                    self.raw_put(CERTS, serial.as_bytes(), encode("cert", &rec)?)?;
                 }
             }
             CertVerdict::WrongKey | CertVerdict::Revoked => {
@@ -171,9 +166,11 @@ impl Store {
     /// Records a certificate the CA just issued; on disk when this returns, before it is sent.
     pub fn record_cert(&self, serial: &str, rec: &CertRecord) -> Result<(), StoreError> {
         self.check_space()?;
-        self.inner
-            .certs
-            .insert(normal_serial(serial).as_bytes(), encode("cert", rec)?)?;
+        self.raw_put(
+            CERTS,
+            normal_serial(serial).as_bytes(),
+            encode("cert", rec)?,
+        )?;
         self.flush()
     }
 
@@ -183,13 +180,13 @@ impl Store {
         node: &NodeId,
     ) -> Result<Vec<(String, CertRecord, Option<RevokedCert>)>, StoreError> {
         let mut out = Vec::new();
-        for item in self.inner.certs.iter() {
+        for item in self.raw_scan(CERTS, Scan::all())? {
             let (k, v) = item?;
             let rec: CertRecord = decode(CERTS, &k, &v)?;
             if rec.node != *node {
                 continue;
             }
-            let revoked = match self.inner.revoked_certs.get(&k)? {
+            let revoked = match self.raw_get(REVOKED_CERTS, &k)? {
                 Some(b) => Some(decode::<RevokedCert>(REVOKED_CERTS, &k, &b)?),
                 None => None,
             };
@@ -212,16 +209,16 @@ impl Store {
         self.check_space()?;
         let serial = normal_serial(serial);
         let _guard = self.lock_nodes();
-        let Some(bytes) = self.inner.certs.get(serial.as_bytes())? else {
+        let Some(bytes) = self.raw_get(CERTS, serial.as_bytes())? else {
             return Ok(None);
         };
         let rec: CertRecord = decode(CERTS, serial.as_bytes(), &bytes)?;
-        let trees = (
-            &self.inner.revoked_certs,
-            &self.inner.identities,
-            &self.inner.events,
-        );
-        let result = finish(trees.transaction(|(revoked, identities, events)| {
+        let result = self.transaction(&[REVOKED_CERTS, IDENTITIES, EVENTS], |tx| {
+            let (revoked, identities, events) = (
+                tx.table(REVOKED_CERTS),
+                tx.table(IDENTITIES),
+                tx.table(EVENTS),
+            );
             if revoked.get(serial.as_bytes())?.is_some() {
                 return Ok((false, None));
             }
@@ -256,7 +253,7 @@ impl Store {
                 );
             }
             let event = self.tx_event::<StoreError>(
-                events,
+                &events,
                 EventKind::CertificateRevoked,
                 Some(&rec.node),
                 &message,
@@ -264,7 +261,7 @@ impl Store {
             )?;
             revoked.flush();
             Ok((current, Some(event.seq)))
-        }))?;
+        })?;
         if let (_, Some(seq)) = result {
             self.after_event(seq)?;
         }
@@ -279,9 +276,11 @@ impl Store {
         };
         self.check_space()?;
         identity.must_rotate = true;
-        self.inner
-            .identities
-            .insert(node.0.as_bytes(), encode("identity", &identity)?)?;
+        self.raw_put(
+            IDENTITIES,
+            node.0.as_bytes(),
+            encode("identity", &identity)?,
+        )?;
         self.flush()?;
         self.append_event(
             EventKind::KeyRotated,
@@ -312,9 +311,11 @@ impl Store {
         let forced = identity.must_rotate;
         identity.next_key = Some(*new_key);
         identity.must_rotate = false;
-        self.inner
-            .identities
-            .insert(node.0.as_bytes(), encode("identity", &identity)?)?;
+        self.raw_put(
+            IDENTITIES,
+            node.0.as_bytes(),
+            encode("identity", &identity)?,
+        )?;
         self.flush()?;
         let message = format!(
             "rotating from key {} to {}{}",
@@ -340,7 +341,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         self.check_space()?;
         let _guard = self.lock_nodes();
-        if !self.inner.nodes.contains_key(node.0.as_bytes())? {
+        if !self.raw_contains(NODES, node.0.as_bytes())? {
             return Ok(false);
         }
         let grant = ReenrolGrant {
@@ -352,11 +353,12 @@ impl Store {
             "one re-enrolment armed until {}: the next machine that claims this node with a valid token gets it (unless the node is connected)",
             super::rfc3339(expires_at)
         );
-        let seq = finish(
-            (&self.inner.reenrol_grants, &self.inner.events).transaction(|(grants, events)| {
+        let seq = self.transaction(&[REENROL_GRANTS, EVENTS], |tx| {
+            let (grants, events) = (tx.table(REENROL_GRANTS), tx.table(EVENTS));
+            {
                 grants.insert(node.0.as_bytes(), bytes.as_slice())?;
                 let e = self.tx_event::<StoreError>(
-                    events,
+                    &events,
                     EventKind::ReenrolArmed,
                     Some(node),
                     &message,
@@ -364,8 +366,8 @@ impl Store {
                 )?;
                 grants.flush();
                 Ok(e.seq)
-            }),
-        )?;
+            }
+        })?;
         self.after_event(seq)?;
         Ok(true)
     }
@@ -373,9 +375,8 @@ impl Store {
     /// Every pending claim, oldest first.
     pub fn pending_enrolments(&self) -> Result<Vec<PendingEnrolment>, StoreError> {
         let mut out = Vec::new();
-        for item in self.inner.pending_enrolments.iter() {
-            let (k, v) = item?;
-            out.push(decode::<PendingEnrolment>(PENDING_ENROLMENTS, &k, &v)?);
+        for item in self.records(&PENDING_RECORDS, Scan::all())? {
+            out.push(item?.1);
         }
         out.sort_by_key(|p| p.first_seen);
         Ok(out)
@@ -390,7 +391,7 @@ impl Store {
     ) -> Result<Option<PendingEnrolment>, StoreError> {
         self.check_space()?;
         let _guard = self.lock_nodes();
-        let Some(b) = self.inner.pending_enrolments.get(id.as_bytes())? else {
+        let Some(b) = self.raw_get(PENDING_ENROLMENTS, id.as_bytes())? else {
             return Ok(None);
         };
         let mut request: PendingEnrolment = decode(PENDING_ENROLMENTS, id.as_bytes(), &b)?;
@@ -414,22 +415,16 @@ impl Store {
             request.remote,
             short_key(&request.key)
         );
-        let seq = finish(
-            (&self.inner.pending_enrolments, &self.inner.events).transaction(
-                |(pending, events)| {
-                    pending.insert(id.as_bytes(), bytes.as_slice())?;
-                    let e = self.tx_event::<StoreError>(
-                        events,
-                        kind,
-                        Some(&request.node),
-                        &message,
-                        now,
-                    )?;
-                    pending.flush();
-                    Ok(e.seq)
-                },
-            ),
-        )?;
+        let seq = self.transaction(&[PENDING_ENROLMENTS, EVENTS], |tx| {
+            let (pending, events) = (tx.table(PENDING_ENROLMENTS), tx.table(EVENTS));
+            {
+                pending.insert(id.as_bytes(), bytes.as_slice())?;
+                let e =
+                    self.tx_event::<StoreError>(&events, kind, Some(&request.node), &message, now)?;
+                pending.flush();
+                Ok(e.seq)
+            }
+        })?;
         self.after_event(seq)?;
         Ok(Some(request))
     }
@@ -443,7 +438,7 @@ impl Store {
         let _guard = self.lock_nodes();
         let mut last_use: std::collections::HashMap<String, UnixMillis> =
             std::collections::HashMap::new();
-        for item in self.inner.token_uses.iter() {
+        for item in self.raw_scan(TOKEN_USES, Scan::all())? {
             let (k, v) = item?;
             let Some(end) = k.iter().position(|b| *b == 0) else {
                 continue;
@@ -453,13 +448,13 @@ impl Store {
             let e = last_use.entry(token).or_insert(u.at);
             *e = (*e).max(u.at);
         }
-        let mut batch_tokens = sled::Batch::default();
-        let mut batch_bindings = sled::Batch::default();
-        let mut batch_uses = sled::Batch::default();
-        for item in self.inner.tokens.iter() {
+        let mut batch_tokens = Vec::new();
+        let mut batch_bindings = Vec::new();
+        let mut batch_uses = Vec::new();
+        for item in self.raw_scan(TOKENS, Scan::all())? {
             let (k, v) = item?;
             let rec: TokenRecord = decode(TOKENS, &k, &v)?;
-            let bound = self.inner.token_bindings.contains_key(&k)?;
+            let bound = self.raw_contains(TOKEN_BINDINGS, &k)?;
             let retention = if bound {
                 BOUND_TOKEN_RETENTION_MS
             } else {
@@ -474,57 +469,58 @@ impl Store {
                 }
             };
             if stopped.is_some_and(|at| now.0 >= at.0.saturating_add(retention)) {
-                batch_tokens.remove(k.clone());
-                batch_bindings.remove(k.clone());
+                batch_tokens.push(k.clone());
+                batch_bindings.push(k.clone());
                 let mut prefix = k.to_vec();
                 prefix.push(0);
-                for u in self.inner.token_uses.scan_prefix(&prefix) {
-                    batch_uses.remove(u?.0);
+                for u in self.raw_scan(TOKEN_USES, Scan::prefix(&prefix))? {
+                    batch_uses.push(u?.0);
                 }
                 pruned.tokens += 1;
             }
         }
         // Uses and bindings whose token is gone already (a crash between batches) go too.
-        for item in self.inner.token_bindings.iter() {
+        for item in self.raw_scan(TOKEN_BINDINGS, Scan::all())? {
             let (k, _) = item?;
-            if !self.inner.tokens.contains_key(&k)? {
-                batch_bindings.remove(k);
+            if !self.raw_contains(TOKENS, &k)? {
+                batch_bindings.push(k);
             }
         }
         if pruned.tokens > 0 {
             self.check_space()?;
         }
-        self.inner.token_uses.apply_batch(batch_uses)?;
-        self.inner.token_bindings.apply_batch(batch_bindings)?;
-        self.inner.tokens.apply_batch(batch_tokens)?;
+        let backend = self.backend();
+        backend.write_batch(TOKEN_USES, &Batch::deleting(batch_uses))?;
+        backend.write_batch(TOKEN_BINDINGS, &Batch::deleting(batch_bindings))?;
+        backend.write_batch(TOKENS, &Batch::deleting(batch_tokens))?;
         for p in self.pending_enrolments()? {
             if now.0 >= p.last_seen.0.saturating_add(PENDING_TTL_MS) {
-                self.inner.pending_enrolments.remove(p.id.as_bytes())?;
+                self.raw_delete(PENDING_ENROLMENTS, p.id.as_bytes())?;
                 pruned.pending += 1;
             }
         }
-        for item in self.inner.reenrol_grants.iter() {
+        for item in self.raw_scan(REENROL_GRANTS, Scan::all())? {
             let (k, v) = item?;
             let g: ReenrolGrant = decode(REENROL_GRANTS, &k, &v)?;
             if now >= g.expires_at {
-                self.inner.reenrol_grants.remove(k)?;
+                self.raw_delete(REENROL_GRANTS, k)?;
                 pruned.grants += 1;
             }
         }
-        for item in self.inner.certs.iter() {
+        for item in self.raw_scan(CERTS, Scan::all())? {
             let (k, v) = item?;
             let c: CertRecord = decode(CERTS, &k, &v)?;
             if now >= c.not_after {
-                self.inner.certs.remove(&k)?;
-                self.inner.revoked_certs.remove(&k)?;
+                self.raw_delete(CERTS, &k)?;
+                self.raw_delete(REVOKED_CERTS, &k)?;
                 pruned.certs += 1;
             }
         }
-        for item in self.inner.revoked_certs.iter() {
+        for item in self.raw_scan(REVOKED_CERTS, Scan::all())? {
             let (k, v) = item?;
             let r: RevokedCert = decode(REVOKED_CERTS, &k, &v)?;
             if now >= r.not_after {
-                self.inner.revoked_certs.remove(&k)?;
+                self.raw_delete(REVOKED_CERTS, &k)?;
             }
         }
         if pruned != Pruned::default() {
