@@ -12,6 +12,7 @@
 //! restart does not log the same outcome twice); agents send a fresh report on every session start,
 //! so the controller never depends on what it remembered.
 
+use crate::store::ReleaseEvent;
 use std::{path::PathBuf, sync::Arc};
 
 use shoal_overlay::{recv_msg, send_msg};
@@ -141,12 +142,12 @@ pub fn report_event(
     };
     match &report.failure {
         None if report.running == attempted && !report.checks.is_empty() && report.checks.iter().all(|c| c.passed) => Some((
-            EventKind::AgentUpdateSucceeded,
+            EventKind::Releases(ReleaseEvent::AgentUpdateSucceeded),
             format!("agent updated to {attempted} after {} start(s); checks: {}", report.attempts, checks(report)),
         )),
         None => None,
         Some(UpdateFailure::Unhealthy) => Some((
-            EventKind::AgentUpdateRolledBack,
+            EventKind::Releases(ReleaseEvent::AgentUpdateRolledBack),
             format!(
                 "agent {attempted} did not become healthy after {} start(s) (checks: {}); rolled back to {}",
                 report.attempts,
@@ -155,7 +156,7 @@ pub fn report_event(
             ),
         )),
         Some(failure) => Some((
-            EventKind::AgentUpdateFailed,
+            EventKind::Releases(ReleaseEvent::AgentUpdateFailed),
             format!("agent update to {attempted} failed, still running {}: {failure}", report.running),
         )),
     }
@@ -260,8 +261,12 @@ impl Controller {
             "{}: agent {version} ({target}) offered{downgrade}; running {}",
             rec.hostname, rec.agent_version
         );
-        self.store
-            .append_event(EventKind::AgentUpdateOffered, Some(node), &message, now)?;
+        self.store.append_event(
+            EventKind::Releases(ReleaseEvent::AgentUpdateOffered),
+            Some(node),
+            &message,
+            now,
+        )?;
         info!(node = %node, version, target = %target, "agent update offered");
         Ok(())
     }
@@ -305,7 +310,7 @@ impl Controller {
             rec.hostname, rec.agent_version
         );
         self.store.append_event(
-            EventKind::AgentUpdateRolledBack,
+            EventKind::Releases(ReleaseEvent::AgentUpdateRolledBack),
             Some(node),
             &message,
             now_ms(),
@@ -631,14 +636,14 @@ mod tests {
         assert_eq!(
             kinds
                 .iter()
-                .filter(|k| **k == EventKind::AgentUpdateOffered)
+                .filter(|k| **k == EventKind::Releases(ReleaseEvent::AgentUpdateOffered))
                 .count(),
             3
         );
         assert_eq!(
             kinds
                 .iter()
-                .filter(|k| **k == EventKind::AgentUpdateSucceeded)
+                .filter(|k| **k == EventKind::Releases(ReleaseEvent::AgentUpdateSucceeded))
                 .count(),
             1,
             "a repeated report is logged once"
@@ -650,7 +655,7 @@ mod tests {
         let ok = report("0.2.0", Some("0.2.0"), None, true);
         assert_eq!(
             report_event(None, &ok).map(|e| e.0),
-            Some(EventKind::AgentUpdateSucceeded)
+            Some(EventKind::Releases(ReleaseEvent::AgentUpdateSucceeded))
         );
         assert_eq!(
             report_event(Some(&ok), &ok),
@@ -674,7 +679,10 @@ mod tests {
             false,
         );
         let (kind, text) = report_event(None, &back).expect("event");
-        assert_eq!(kind, EventKind::AgentUpdateRolledBack);
+        assert_eq!(
+            kind,
+            EventKind::Releases(ReleaseEvent::AgentUpdateRolledBack)
+        );
         assert!(
             text.contains("rolled back to 0.1.0") && text.contains("session failed"),
             "{text}"
@@ -689,7 +697,7 @@ mod tests {
             false,
         );
         let (kind, text) = report_event(None, &refused).expect("event");
-        assert_eq!(kind, EventKind::AgentUpdateFailed);
+        assert_eq!(kind, EventKind::Releases(ReleaseEvent::AgentUpdateFailed));
         assert!(
             text.contains("still running 0.1.0") && text.contains("truncated"),
             "{text}"

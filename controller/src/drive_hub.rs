@@ -19,6 +19,7 @@
 //! or its labels changed at re-enrolment). The last policy sent is kept per connection, so an agent
 //! only gets a policy when it differs; v1 and v2 agents never get one.
 
+use crate::store::DriveEvent;
 use std::{
     collections::{BTreeSet, HashMap},
     sync::{
@@ -431,7 +432,7 @@ impl DriveHub {
                 };
                 let e = self.store.tx_event::<StoreError>(
                     &events,
-                    EventKind::DrivePolicyChanged,
+                    EventKind::Drives(DriveEvent::PolicyChanged),
                     node.as_ref(),
                     message,
                     now,
@@ -850,7 +851,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             changes.iter().map(DriveChange::kind).collect::<Vec<_>>(),
-            [EventKind::DriveVerdictChanged]
+            [EventKind::Drives(DriveEvent::VerdictChanged)]
         );
         // Hour 1 left the 10-hour window (hour 2 is at its edge and stays).
         assert_eq!(stored_samples(&store), 5);
@@ -862,7 +863,7 @@ mod tests {
             .collect();
         assert!(
             events.contains(&(
-                EventKind::DriveAppeared,
+                EventKind::Drives(DriveEvent::Appeared),
                 "m1: drive sdb appeared: Disk (serial S1), 1073741824 bytes, blank".into()
             )),
             "{events:?}"
@@ -870,7 +871,8 @@ mod tests {
         assert!(
             events
                 .iter()
-                .any(|(k, m)| *k == EventKind::DriveVerdictChanged && m.contains("ok -> warning")),
+                .any(|(k, m)| *k == EventKind::Drives(DriveEvent::VerdictChanged)
+                    && m.contains("ok -> warning")),
             "{events:?}"
         );
         drop(hub);
@@ -994,7 +996,7 @@ mod tests {
             .events(None, 100)
             .unwrap()
             .into_iter()
-            .filter(|e| e.kind == EventKind::DrivePolicyChanged)
+            .filter(|e| e.kind == EventKind::Drives(DriveEvent::PolicyChanged))
             .map(|e| e.message)
             .collect();
         assert_eq!(

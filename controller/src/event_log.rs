@@ -8,7 +8,7 @@
 //! controller log such events in a loop would otherwise push every other node's events out of the
 //! log. Each (node, kind) pair has a token bucket: [`EventBudgetConfig::burst`] events at once,
 //! then one per [`EventBudgetConfig::refill_ms`]. Events over it are not written; they are counted,
-//! and one [`crate::store::EventKind::EventsSuppressed`] event says how many were left out and
+//! and one [`crate::store::EventKind::Log(LogEvent::EventsSuppressed)`] event says how many were left out and
 //! when, as soon as the pair has budget again (at its next event, or when the store is asked to
 //! flush summaries). A summary needs a new suppression, which needs an empty bucket: summaries
 //! cannot flood either.
@@ -249,7 +249,8 @@ impl EventBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Store;
+    use super::*;
+    use crate::store::{DriveEvent, LogEvent, MaintenanceEvent, RegistryEvent, Store};
 
     fn n(i: u32) -> NodeId {
         NodeId(format!("n{i:010}"))
@@ -265,7 +266,7 @@ mod tests {
     #[test]
     fn a_burst_passes_then_one_per_interval_and_the_rest_is_summarised_once() {
         let mut b = EventBudget::new(small());
-        let k = EventKind::DriveAppeared;
+        let k = EventKind::Drives(DriveEvent::Appeared);
         let writes: Vec<bool> = (0..10)
             .map(|i| b.admit(&n(1), k, UnixMillis(i)).write)
             .collect();
@@ -276,8 +277,12 @@ mod tests {
         // Another node and another kind of the same node have their own budgets.
         assert!(b.admit(&n(2), k, UnixMillis(10)).write);
         assert!(
-            b.admit(&n(1), EventKind::DriveRemoved, UnixMillis(10))
-                .write
+            b.admit(
+                &n(1),
+                EventKind::Drives(DriveEvent::Removed),
+                UnixMillis(10)
+            )
+            .write
         );
         // Not due before one interval has passed.
         assert!(b.due(UnixMillis(500)).is_empty());
@@ -313,7 +318,11 @@ mod tests {
     fn a_flood_that_stops_is_summarised_when_due() {
         let mut b = EventBudget::new(small());
         for i in 0..100 {
-            b.admit(&n(1), EventKind::Reenrolled, UnixMillis(i));
+            b.admit(
+                &n(1),
+                EventKind::Registry(RegistryEvent::Reenrolled),
+                UnixMillis(i),
+            );
         }
         let due = b.due(UnixMillis(1000));
         assert_eq!(due.len(), 1);
@@ -329,7 +338,11 @@ mod tests {
         let mut summarised = 0u64;
         // One event every 100 ms for an hour.
         for t in (0..3_600_000u64).step_by(100) {
-            let d = b.admit(&n(1), EventKind::DriveAppeared, UnixMillis(t));
+            let d = b.admit(
+                &n(1),
+                EventKind::Drives(DriveEvent::Appeared),
+                UnixMillis(t),
+            );
             written += u64::from(d.write);
             if let Some(s) = d.summary {
                 summaries += 1;
@@ -354,17 +367,25 @@ mod tests {
     fn clocks_going_back_do_not_freeze_a_bucket_and_idle_pairs_are_pruned() {
         let mut b = EventBudget::new(small());
         for i in 0..5 {
-            b.admit(&n(1), EventKind::Up, UnixMillis(10_000_000 + i));
+            b.admit(
+                &n(1),
+                EventKind::Registry(RegistryEvent::Up),
+                UnixMillis(10_000_000 + i),
+            );
         }
         // The clock jumps back an hour: one interval later there is budget again.
         assert!(b
-            .admit(&n(1), EventKind::Up, UnixMillis(10_000_000 - 3_600_000))
+            .admit(
+                &n(1),
+                EventKind::Registry(RegistryEvent::Up),
+                UnixMillis(10_000_000 - 3_600_000)
+            )
             .summary
             .is_none());
         assert!(
             b.admit(
                 &n(1),
-                EventKind::Up,
+                EventKind::Registry(RegistryEvent::Up),
                 UnixMillis(10_000_000 - 3_600_000 + 1000)
             )
             .write
@@ -372,7 +393,11 @@ mod tests {
 
         let mut b = EventBudget::new(small());
         for i in 0..20_000 {
-            b.admit(&n(i), EventKind::Up, UnixMillis(u64::from(i)));
+            b.admit(
+                &n(i),
+                EventKind::Registry(RegistryEvent::Up),
+                UnixMillis(u64::from(i)),
+            );
         }
         // One event each spent one token; a second later every bucket is full again and dropped on
         // prune.
@@ -414,7 +439,7 @@ mod tests {
         for i in 0..50 {
             store
                 .append_event(
-                    EventKind::DriveAppeared,
+                    EventKind::Drives(DriveEvent::Appeared),
                     Some(&n(1)),
                     &format!("flap {i}"),
                     UnixMillis(i),
@@ -423,7 +448,7 @@ mod tests {
         }
         store
             .append_event(
-                EventKind::DriveAppeared,
+                EventKind::Drives(DriveEvent::Appeared),
                 Some(&n(2)),
                 "another node",
                 UnixMillis(50),
@@ -431,7 +456,7 @@ mod tests {
             .unwrap();
         store
             .append_event(
-                EventKind::TokenCreated,
+                EventKind::Registry(RegistryEvent::TokenCreated),
                 None,
                 "no node: not budgeted",
                 UnixMillis(50),
@@ -445,7 +470,7 @@ mod tests {
         let last = store.events(None, 1000).unwrap().pop().unwrap();
         assert_eq!(
             (last.kind, last.node.as_ref()),
-            (EventKind::EventsSuppressed, Some(&n(1)))
+            (EventKind::Log(LogEvent::EventsSuppressed), Some(&n(1)))
         );
         assert!(
             last.message.starts_with("47 drive_appeared event(s)"),
@@ -458,7 +483,7 @@ mod tests {
                 .transaction(&[crate::store::EVENTS], |tx| {
                     store.tx_event::<crate::store::StoreError>(
                         &tx.table(crate::store::EVENTS),
-                        EventKind::DriveRemoved,
+                        EventKind::Drives(DriveEvent::Removed),
                         Some(&n(3)),
                         "tx",
                         UnixMillis(3000 + i),
@@ -479,7 +504,7 @@ mod tests {
         let (_dir, store) = store();
         let e = store
             .append_event(
-                EventKind::NodeMaintenanceFailed,
+                EventKind::Maintenance(MaintenanceEvent::NodeMaintenanceFailed),
                 Some(&n(1)),
                 &"x".repeat(100_000),
                 UnixMillis(1),
@@ -501,7 +526,7 @@ mod tests {
         for i in 0..400 {
             store
                 .append_event(
-                    EventKind::NodeMaintenanceFailed,
+                    EventKind::Maintenance(MaintenanceEvent::NodeMaintenanceFailed),
                     Some(&n(1)),
                     &message,
                     UnixMillis(i),

@@ -18,6 +18,7 @@
 //! - A node has at most [`MAX_HISTORIES_PER_NODE`] drive histories: past that, the histories of
 //!   drives not in its latest report go, those sampled longest ago first.
 
+use crate::store::DriveEvent;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -166,13 +167,17 @@ impl DriveChange {
     /// The event log's kind for it.
     pub fn kind(&self) -> EventKind {
         match self {
-            DriveChange::Appeared { .. } | DriveChange::Returned { .. } => EventKind::DriveAppeared,
-            DriveChange::Removed { .. } => EventKind::DriveRemoved,
-            DriveChange::Prepared { .. } => EventKind::DrivePrepared,
-            DriveChange::PrepareFailed { .. } => EventKind::DrivePrepareFailed,
-            DriveChange::Missing { .. } => EventKind::DriveMissing,
-            DriveChange::VerdictChanged { .. } => EventKind::DriveVerdictChanged,
-            DriveChange::SelfTestCompleted { .. } => EventKind::DriveSelfTestCompleted,
+            DriveChange::Appeared { .. } | DriveChange::Returned { .. } => {
+                EventKind::Drives(DriveEvent::Appeared)
+            }
+            DriveChange::Removed { .. } => EventKind::Drives(DriveEvent::Removed),
+            DriveChange::Prepared { .. } => EventKind::Drives(DriveEvent::Prepared),
+            DriveChange::PrepareFailed { .. } => EventKind::Drives(DriveEvent::PrepareFailed),
+            DriveChange::Missing { .. } => EventKind::Drives(DriveEvent::Missing),
+            DriveChange::VerdictChanged { .. } => EventKind::Drives(DriveEvent::VerdictChanged),
+            DriveChange::SelfTestCompleted { .. } => {
+                EventKind::Drives(DriveEvent::SelfTestCompleted)
+            }
         }
     }
 
@@ -1216,7 +1221,10 @@ mod tests {
         let changes = diff(None, &r);
         assert_eq!(
             kinds(&changes),
-            [EventKind::DriveAppeared, EventKind::DriveAppeared]
+            [
+                EventKind::Drives(DriveEvent::Appeared),
+                EventKind::Drives(DriveEvent::Appeared)
+            ]
         );
         assert_eq!(
             changes[0].to_string(),
@@ -1249,7 +1257,7 @@ mod tests {
 
         assert!(diff(Some(&blank), &preparing).is_empty());
         let c = diff(Some(&preparing), &failed);
-        assert_eq!(kinds(&c), [EventKind::DrivePrepareFailed]);
+        assert_eq!(kinds(&c), [EventKind::Drives(DriveEvent::PrepareFailed)]);
         assert_eq!(
             c[0].to_string(),
             "preparing drive sdb (serial B) failed: mkfs.xfs not found"
@@ -1267,7 +1275,7 @@ mod tests {
         assert!(!c[0].is_alarm());
 
         let c = diff(Some(&done), &missing);
-        assert_eq!(kinds(&c), [EventKind::DriveMissing]);
+        assert_eq!(kinds(&c), [EventKind::Drives(DriveEvent::Missing)]);
         assert!(c[0].is_alarm());
         assert_eq!(
             c[0].to_string(),
@@ -1276,7 +1284,7 @@ mod tests {
         );
         assert!(diff(Some(&missing), &missing).is_empty());
         let c = diff(Some(&missing), &done);
-        assert_eq!(kinds(&c), [EventKind::DriveAppeared]);
+        assert_eq!(kinds(&c), [EventKind::Drives(DriveEvent::Appeared)]);
         assert!(matches!(c[0], DriveChange::Returned { .. }));
     }
 
@@ -1298,7 +1306,10 @@ mod tests {
         );
         assert_eq!(
             kinds(&c),
-            [EventKind::DriveRemoved, EventKind::DriveMissing]
+            [
+                EventKind::Drives(DriveEvent::Removed),
+                EventKind::Drives(DriveEvent::Missing)
+            ]
         );
         assert_eq!(c[0].to_string(), "drive sdb (serial B) removed (was blank)");
 
@@ -1310,7 +1321,10 @@ mod tests {
         let c = diff(Some(&two), &swapped);
         assert_eq!(
             kinds(&c),
-            [EventKind::DriveRemoved, EventKind::DriveAppeared]
+            [
+                EventKind::Drives(DriveEvent::Removed),
+                EventKind::Drives(DriveEvent::Appeared)
+            ]
         );
 
         // A drive that first shows up missing (the agent restarted after it vanished) is raised
@@ -1323,7 +1337,7 @@ mod tests {
                 DriveState::Missing(prepared("sdd1")),
             )]),
         );
-        assert_eq!(kinds(&c), [EventKind::DriveMissing]);
+        assert_eq!(kinds(&c), [EventKind::Drives(DriveEvent::Missing)]);
     }
 
     #[test]
@@ -1374,7 +1388,10 @@ mod tests {
         // A test run between two reads (never seen running) still counts once the log's newest
         // entry changes.
         let c = diff(Some(&at(Some(passed.clone()), 3)), &at(Some(failed), 4));
-        assert_eq!(kinds(&c), [EventKind::DriveSelfTestCompleted]);
+        assert_eq!(
+            kinds(&c),
+            [EventKind::Drives(DriveEvent::SelfTestCompleted)]
+        );
         assert!(c[0].is_alarm());
         assert_eq!(
             c[0].to_string(),
@@ -1396,7 +1413,7 @@ mod tests {
             )])
         };
         let i = book.ingest(&node(), d(0, true, 1), UnixMillis(1));
-        assert_eq!(kinds(&i.changes), [EventKind::DriveAppeared]);
+        assert_eq!(kinds(&i.changes), [EventKind::Drives(DriveEvent::Appeared)]);
         assert_eq!(i.samples.len(), 1);
         assert_eq!(i.samples[0].key, "serial:Disk/S1");
         // The same SMART read sent again with another change: no new sample.
@@ -1426,7 +1443,10 @@ mod tests {
             .changes
             .is_empty());
         let i = book.ingest(&node(), d(8, false, 4), UnixMillis(5));
-        assert_eq!(kinds(&i.changes), [EventKind::DriveVerdictChanged]);
+        assert_eq!(
+            kinds(&i.changes),
+            [EventKind::Drives(DriveEvent::VerdictChanged)]
+        );
         assert!(i.changes[0].is_alarm());
         let drive = book.drive(&node(), "sdb").unwrap().clone();
         assert_eq!(
@@ -1465,7 +1485,10 @@ mod tests {
         );
         assert_eq!(
             kinds(&i.changes),
-            [EventKind::DriveAppeared, EventKind::DriveVerdictChanged]
+            [
+                EventKind::Drives(DriveEvent::Appeared),
+                EventKind::Drives(DriveEvent::VerdictChanged)
+            ]
         );
         assert!(i.changes[1]
             .to_string()

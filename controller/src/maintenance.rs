@@ -31,6 +31,7 @@
 //!
 //! [`ControllerConfig::rollout_tick`]: crate::server::ControllerConfig::rollout_tick
 
+use crate::store::MaintenanceEvent;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -467,7 +468,11 @@ impl Maintenance {
             &self.windows,
             r.name.as_bytes(),
             Some(value),
-            (EventKind::WindowCreated, None, msg),
+            (
+                EventKind::Maintenance(MaintenanceEvent::WindowCreated),
+                None,
+                msg,
+            ),
             now,
         )?;
         info!(window = %r.name, schedule = %r.schedule, tz = %r.tz, "window created");
@@ -499,7 +504,7 @@ impl Maintenance {
             name.as_bytes(),
             None,
             (
-                EventKind::WindowDeleted,
+                EventKind::Maintenance(MaintenanceEvent::WindowDeleted),
                 None,
                 format!("window {name} deleted"),
             ),
@@ -545,7 +550,11 @@ impl Maintenance {
             &self.budgets,
             key.as_bytes(),
             Some(encode("budget", &budget)?),
-            (EventKind::BudgetSet, None, msg),
+            (
+                EventKind::Maintenance(MaintenanceEvent::BudgetSet),
+                None,
+                msg,
+            ),
             now,
         )?;
         info!(selector = %key, max_unavailable, "budget set");
@@ -567,7 +576,7 @@ impl Maintenance {
             key.as_bytes(),
             None,
             (
-                EventKind::BudgetDeleted,
+                EventKind::Maintenance(MaintenanceEvent::BudgetDeleted),
                 None,
                 format!("disruption budget for {key} deleted"),
             ),
@@ -719,27 +728,27 @@ fn describe(before: Option<&Rollout>, after: &Rollout, actions: &[Action]) -> Ve
         let n = Some(node.clone());
         match (old, phase) {
             (_, NodePhase::Upgrading { from, .. }) if !old.is_some_and(|o| matches!(o, NodePhase::Upgrading { .. })) => out.push((
-                EventKind::NodeUpgradeStarted,
+                EventKind::Maintenance(MaintenanceEvent::NodeUpgradeStarted),
                 n,
                 format!("rollout {id}: {node} taken down for {target} (from {})", from.as_deref().unwrap_or("unknown")),
             )),
             (_, NodePhase::Succeeded { already: false, .. }) => {
-                out.push((EventKind::NodeUpgradeSucceeded, n, format!("rollout {id}: {node} back up on {target}")))
+                out.push((EventKind::Maintenance(MaintenanceEvent::NodeUpgradeSucceeded), n, format!("rollout {id}: {node} back up on {target}")))
             }
             (Some(NodePhase::Upgrading { .. }), NodePhase::RollingBack { failure, to, .. }) => out.push((
-                EventKind::NodeUpgradeFailed,
+                EventKind::Maintenance(MaintenanceEvent::NodeUpgradeFailed),
                 n,
                 format!("rollout {id}: {node} failed {target}: {failure}; rolling back to {}", to.as_deref().unwrap_or("its previous version")),
             )),
             (Some(NodePhase::Upgrading { .. }), NodePhase::Failed { failure, .. }) => {
-                out.push((EventKind::NodeUpgradeFailed, n.clone(), format!("rollout {id}: {node} failed {target}: {failure}")));
-                out.push((EventKind::NodeRolledBack, n, format!("rollout {id}: {node} stayed on its version")));
+                out.push((EventKind::Maintenance(MaintenanceEvent::NodeUpgradeFailed), n.clone(), format!("rollout {id}: {node} failed {target}: {failure}")));
+                out.push((EventKind::Maintenance(MaintenanceEvent::NodeRolledBack), n, format!("rollout {id}: {node} stayed on its version")));
             }
             (Some(NodePhase::RollingBack { .. }), NodePhase::Failed { rolled_back: true, .. }) => {
-                out.push((EventKind::NodeRolledBack, n, format!("rollout {id}: {node} rolled back and up again")))
+                out.push((EventKind::Maintenance(MaintenanceEvent::NodeRolledBack), n, format!("rollout {id}: {node} rolled back and up again")))
             }
             (Some(NodePhase::RollingBack { .. }), NodePhase::Failed { rolled_back: false, .. }) => out.push((
-                EventKind::NodeUpgradeFailed,
+                EventKind::Maintenance(MaintenanceEvent::NodeUpgradeFailed),
                 n,
                 format!("rollout {id}: {node} did not come back after the roll-back; it needs an operator"),
             )),
@@ -749,7 +758,7 @@ fn describe(before: Option<&Rollout>, after: &Rollout, actions: &[Action]) -> Ve
     for a in actions {
         match a {
             Action::Paused { reason } => out.push((
-                EventKind::RolloutPaused,
+                EventKind::Maintenance(MaintenanceEvent::RolloutPaused),
                 None,
                 format!("rollout {id} paused: {reason}"),
             )),
@@ -758,7 +767,7 @@ fn describe(before: Option<&Rollout>, after: &Rollout, actions: &[Action]) -> Ve
                 failed,
                 skipped,
             } => out.push((
-                EventKind::RolloutDone,
+                EventKind::Maintenance(MaintenanceEvent::RolloutDone),
                 None,
                 format!(
                     "rollout {id} done: {succeeded} succeeded, {failed} failed, {skipped} skipped"
@@ -770,7 +779,7 @@ fn describe(before: Option<&Rollout>, after: &Rollout, actions: &[Action]) -> Ve
     if let (Some(b), RolloutState::Aborted { .. }) = (before, after.state()) {
         if after.is_finished() && !b.is_finished() {
             out.push((
-                EventKind::RolloutDone,
+                EventKind::Maintenance(MaintenanceEvent::RolloutDone),
                 None,
                 format!("rollout {id} aborted; nothing in flight any more"),
             ));
@@ -952,7 +961,11 @@ impl Controller {
             None,
             &rollout,
             &[],
-            vec![(EventKind::RolloutStarted, None, msg)],
+            vec![(
+                EventKind::Maintenance(MaintenanceEvent::RolloutStarted),
+                None,
+                msg,
+            )],
             now,
         )?;
         // Nothing of it can have been lost by a restart.
@@ -973,13 +986,22 @@ impl Controller {
         let mut after = before.clone();
         let actions = after.command(command.clone(), now)?;
         let (kind, what) = match &command {
-            Command::Pause => (EventKind::RolloutPaused, "paused by an operator".to_owned()),
-            Command::Resume => (EventKind::RolloutResumed, "resumed".to_owned()),
+            Command::Pause => (
+                EventKind::Maintenance(MaintenanceEvent::RolloutPaused),
+                "paused by an operator".to_owned(),
+            ),
+            Command::Resume => (
+                EventKind::Maintenance(MaintenanceEvent::RolloutResumed),
+                "resumed".to_owned(),
+            ),
             Command::Abort => (
-                EventKind::RolloutAborted,
+                EventKind::Maintenance(MaintenanceEvent::RolloutAborted),
                 "aborted; nodes in flight finish".to_owned(),
             ),
-            Command::Retry(n) => (EventKind::RolloutResumed, format!("retries {n}")),
+            Command::Retry(n) => (
+                EventKind::Maintenance(MaintenanceEvent::RolloutResumed),
+                format!("retries {n}"),
+            ),
         };
         let node = match &command {
             Command::Retry(n) => Some(n.clone()),

@@ -29,6 +29,7 @@
 //! node id → [`MemberRecord`]), `peer_indexes` (node id → [`PeerIndex`]), `node_keys` (node id →
 //! SHA-256 of its public key), `overlay_counters` (name → u32).
 
+use crate::store::OverlayEvent;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use shoal_proto::{MacAddr, NetworkId, NodeId, PeerIndex, UnixMillis};
@@ -546,7 +547,7 @@ impl Store {
                 work.plan.networks.insert(id, Some(rec.clone()));
                 work.networks.insert(id, rec.clone());
                 work.event(
-                    EventKind::NetworkCreated,
+                    EventKind::Overlay(OverlayEvent::NetworkCreated),
                     None,
                     format!("network default ({subnet}, MTU {mtu}) created"),
                 );
@@ -662,7 +663,7 @@ impl Store {
             .changes
             .push(MembershipChange::NetworkCreated(rec.clone()));
         work.event(
-            EventKind::NetworkCreated,
+            EventKind::Overlay(OverlayEvent::NetworkCreated),
             None,
             format!("network {name} ({subnet}, MTU {mtu}) created"),
         );
@@ -692,7 +693,7 @@ impl Store {
             .changes
             .push(MembershipChange::NetworkDeleted(rec.id));
         work.event(
-            EventKind::NetworkDeleted,
+            EventKind::Overlay(OverlayEvent::NetworkDeleted),
             None,
             format!("network {name} deleted; {} members left it", members.len()),
         );
@@ -731,7 +732,11 @@ impl Store {
                     "{} joined network {name} as {} ({})",
                     node_rec.hostname, m.address, m.mac
                 );
-                work.event(EventKind::NetworkChanged, Some(node), msg);
+                work.event(
+                    EventKind::Overlay(OverlayEvent::NetworkChanged),
+                    Some(node),
+                    msg,
+                );
                 m
             }
         };
@@ -779,7 +784,7 @@ impl Store {
             .node(node)?
             .map_or_else(|| node.0.clone(), |n| n.hostname);
         work.event(
-            EventKind::NetworkChanged,
+            EventKind::Overlay(OverlayEvent::NetworkChanged),
             Some(node),
             format!("{hostname} left network {name}"),
         );
@@ -834,7 +839,7 @@ impl Store {
         }
         let text = selector_text(&selector);
         work.event(
-            EventKind::NetworkChanged,
+            EventKind::Overlay(OverlayEvent::NetworkChanged),
             None,
             format!("selector {text} added to network {name}; {joined} nodes joined"),
         );
@@ -891,7 +896,7 @@ impl Store {
         }
         let text = selector_text(&selector);
         work.event(
-            EventKind::NetworkChanged,
+            EventKind::Overlay(OverlayEvent::NetworkChanged),
             None,
             format!("selector {text} removed from network {name}; {left} nodes left"),
         );
@@ -1163,7 +1168,7 @@ mod tests {
             .events(None, 100)
             .unwrap()
             .into_iter()
-            .filter(|e| e.kind == EventKind::NetworkCreated)
+            .filter(|e| e.kind == EventKind::Overlay(OverlayEvent::NetworkCreated))
             .count();
         assert_eq!(created, 1);
         assert!(matches!(

@@ -7,6 +7,7 @@
 //! - `POST /v1/nodes/{id}/agent-update` `{"version": V}`: offer a release to a node;
 //! - `GET /v1/agent-updates`: the latest offer, acknowledgement and report per node.
 
+use crate::store::ReleaseEvent;
 use std::sync::Arc;
 
 use axum::{
@@ -153,7 +154,7 @@ async fn commit(
         let r = ctl.releases.commit(&version, &target).inspect_err(|e| info!(version = %version, cause = %e, "release refused"))?;
         info!(version = %version, target = %target, size = r.manifest.size, key_id = %r.key_id, "agent release added");
         let message = format!("agent release {version} for {target} added ({} bytes, key {})", r.manifest.size, r.key_id);
-        ctl.store.append_event(EventKind::ReleaseAdded, None, &message, now_ms()).map_err(|e| Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+        ctl.store.append_event(EventKind::Releases(ReleaseEvent::ReleaseAdded), None, &message, now_ms()).map_err(|e| Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
         Ok(Json(release_view(&r)))
     })
     .await

@@ -4,6 +4,7 @@
 //! [`run`] takes bound sockets and a shutdown future (the mini-redis pattern), so tests bind port 0
 //! and stop the controller cleanly.
 
+use crate::store::RegistryEvent;
 use std::{
     collections::HashMap,
     future::Future,
@@ -495,8 +496,8 @@ impl Controller {
         for t in transitions {
             let id = t.node();
             let (status, kind) = match t {
-                Transition::Up(_) => (NodeStatus::Up, EventKind::Up),
-                Transition::Down(_) => (NodeStatus::Down, EventKind::Down),
+                Transition::Up(_) => (NodeStatus::Up, EventKind::Registry(RegistryEvent::Up)),
+                Transition::Down(_) => (NodeStatus::Down, EventKind::Registry(RegistryEvent::Down)),
             };
             let last_seen = self.live().nodes.get(id).and_then(|n| n.last_seen);
             let result = self.store.update_node(id, |n| {
@@ -508,7 +509,7 @@ impl Controller {
             match result {
                 Ok(Some(n)) => {
                     let msg = match kind {
-                        EventKind::Up => format!("{} is up", n.hostname),
+                        EventKind::Registry(RegistryEvent::Up) => format!("{} is up", n.hostname),
                         _ => format!(
                             "{} is down: no heartbeat for {:?}",
                             n.hostname,

@@ -26,7 +26,7 @@
 //! | `hwid` | hardware id display text (`dmi-uuid:…`) | node id |
 //! | `removed_nodes` | node id | [`UnixMillis`] of removal |
 //! | `removed_hw` | hardware id display text | [`UnixMillis`] of removal |
-//! | `events` | seq, big-endian u64 | [`Event`] |
+//! | `event_log` | seq, big-endian u64 | [`Event`] (its kind by name) |
 //!
 //! Overlay networks keep five more trees, described (and used only) in [`crate::networks`]:
 //! `networks`, `net_members`, `peer_indexes`, `node_keys` and `overlay_counters`. Drives keep
@@ -102,7 +102,10 @@ pub(crate) const NODES: &str = "nodes";
 pub(crate) const HWID: &str = "hwid";
 pub(crate) const REMOVED_NODES: &str = "removed_nodes";
 pub(crate) const REMOVED_HW: &str = "removed_hw";
-pub(crate) const EVENTS: &str = "events";
+pub(crate) const EVENTS: &str = "event_log";
+/// Where controllers before named event kinds kept the log (kinds by position); moved to
+/// [`EVENTS`] when a store is opened.
+const LEGACY_EVENTS: &str = "events";
 /// `tokens`, typed.
 pub(crate) const TOKEN_RECORDS: Table<TokenRecord> = Table::new(TOKENS);
 /// `token_bindings`, typed.
@@ -147,122 +150,14 @@ pub enum EnrolError {
     Store(#[from] StoreError),
 }
 
-/// What happened, in an [`Event`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventKind {
-    /// A new node enrolled.
-    Enrolled,
-    /// A known machine enrolled again and kept its node.
-    Reenrolled,
-    /// A node came up.
-    Up,
-    /// A node went down.
-    Down,
-    /// A node was removed.
-    Removed,
-    /// A join token was created.
-    TokenCreated,
-    /// A join token was revoked.
-    TokenRevoked,
-    /// An overlay network was created.
-    NetworkCreated,
-    /// An overlay network was deleted.
-    NetworkDeleted,
-    /// An operator changed an overlay network's members or selectors.
-    NetworkChanged,
-    /// A node reported a drive it did not report before (or a missing prepared drive came back).
-    DriveAppeared,
-    /// A drive is no longer reported.
-    DriveRemoved,
-    /// A node prepared a drive (partitioned, formatted, mounted).
-    DrivePrepared,
-    /// Preparing a drive failed.
-    DrivePrepareFailed,
-    /// A prepared drive vanished: an alarm.
-    DriveMissing,
-    /// A drive's SMART verdict changed level (ok, warning, failing).
-    DriveVerdictChanged,
-    /// A drive's SMART self-test ended (passed or failed).
-    DriveSelfTestCompleted,
-    /// An operator set or deleted a drive policy.
-    DrivePolicyChanged,
-    /// A maintenance window was created.
-    WindowCreated,
-    /// A maintenance window was deleted.
-    WindowDeleted,
-    /// A disruption budget was set or changed.
-    BudgetSet,
-    /// A disruption budget was deleted.
-    BudgetDeleted,
-    /// A rollout was started.
-    RolloutStarted,
-    /// A rollout paused (by an operator, or after too many failures; the message says which).
-    RolloutPaused,
-    /// A rollout was resumed, or a node of it retried.
-    RolloutResumed,
-    /// A rollout was aborted.
-    RolloutAborted,
-    /// A rollout finished: every node settled (or, aborted, nothing is in flight any more).
-    RolloutDone,
-    /// A rollout took a node down to upgrade it.
-    NodeUpgradeStarted,
-    /// A node came back up on the rollout's target.
-    NodeUpgradeSucceeded,
-    /// A node's upgrade failed (it is rolled back if it changed), or it did not come back after its
-    /// roll-back.
-    NodeUpgradeFailed,
-    /// A failed node is back on its previous version (or never left it).
-    NodeRolledBack,
-    /// An operator added a signed agent release.
-    ReleaseAdded,
-    /// The controller offered an agent release to a node.
-    AgentUpdateOffered,
-    /// A node runs the offered version and its health checks passed.
-    AgentUpdateSucceeded,
-    /// A node refused or could not install an update and stays on its version (bad signature,
-    /// truncated download, disk full...).
-    AgentUpdateFailed,
-    /// A node's new version did not become healthy and the node went back to its previous binary.
-    AgentUpdateRolledBack,
-    /// The controller asked a node to reboot (to netboot a newly assigned image).
-    NodeRebootRequested,
-    /// A node acknowledged a reboot request and is rebooting.
-    NodeRebooting,
-    /// A node refused a reboot request (`--no-remote-reboot`, or the reboot could not start).
-    NodeRebootRefused,
-    /// A maintenance run's pre-hook passed on a node (or it has none): the node is cordoned.
-    NodeCordoned,
-    /// A maintenance run's action started on a node.
-    NodeInMaintenance,
-    /// A node's post-hook passed after a maintenance action (or its roll-back): it is up again.
-    NodeUp,
-    /// A step of a maintenance run failed on a node (pre-hook, action or post-hook; the message
-    /// says).
-    NodeMaintenanceFailed,
-    /// A node reported what it booted (netboot image, boot id) and how its health checks went.
-    NodeBootReport,
-    /// A machine claimed a node's identity and was refused (the node holds a live session, or an
-    /// operator denied the claim).
-    ClaimRefused,
-    /// A machine claims an existing node without proof: the request waits for an operator.
-    EnrolmentPending,
-    /// An operator approved a pending claim.
-    EnrolmentApproved,
-    /// An operator denied a pending claim.
-    EnrolmentDenied,
-    /// An operator armed a one-time re-enrolment of a node.
-    ReenrolArmed,
-    /// An operator revoked a node certificate by its serial.
-    CertificateRevoked,
-    /// A connection presented a node certificate that is not accepted (wrong key, revoked serial).
-    CertificateRefused,
-    /// A node rotated to a new key.
-    KeyRotated,
-    /// Events about a node over its budget were not logged; this one says how many, of which kind
-    /// and when (see [`crate::event_log`]).
-    EventsSuppressed,
-}
+pub use shoal_controller_core::{
+    drives::DriveEvent,
+    events::{EventKind, LogEvent},
+    networks::OverlayEvent,
+    registry::RegistryEvent,
+    releases::ReleaseEvent,
+    rollout::MaintenanceEvent,
+};
 
 /// One entry of the fleet's event log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -277,6 +172,17 @@ pub struct Event {
     pub node: Option<NodeId>,
     /// Operator-facing text.
     pub message: String,
+}
+
+/// An event as controllers before named event kinds stored it: the kind by its position in their
+/// one enum ([`EventKind::from_legacy_index`]).
+#[derive(Deserialize)]
+struct LegacyEvent {
+    seq: u64,
+    at: UnixMillis,
+    kind: u32,
+    node: Option<NodeId>,
+    message: String,
 }
 
 /// The inputs of [`Store::enrol`].
@@ -432,6 +338,55 @@ fn new_node_id() -> NodeId {
     NodeId(format!("n{n:010x}"))
 }
 
+/// Moves an event log kept by an earlier controller (kinds by enum position, table `events`) to
+/// [`EVENTS`] (kinds by name), in batches; a crash part-way is finished at the next open, since a
+/// moved batch is written before it is deleted and writing it again changes nothing.
+fn migrate_legacy_events(backend: &dyn Backend) -> Result<(), StoreError> {
+    const BATCH: usize = 1024;
+    let mut moved = 0usize;
+    loop {
+        let chunk: Vec<backend::Entry> = backend
+            .scan(LEGACY_EVENTS, Scan::all())?
+            .take(BATCH)
+            .collect::<Result<_, _>>()?;
+        if chunk.is_empty() {
+            break;
+        }
+        let mut write = Batch::default();
+        for (key, value) in &chunk {
+            let old: LegacyEvent = decode(LEGACY_EVENTS, key, value)?;
+            let Some(kind) = EventKind::from_legacy_index(old.kind) else {
+                warn!(
+                    seq = old.seq,
+                    kind = old.kind,
+                    "dropping a stored event of an unknown kind"
+                );
+                continue;
+            };
+            let event = Event {
+                seq: old.seq,
+                at: old.at,
+                kind,
+                node: old.node,
+                message: old.message,
+            };
+            write.insert(key.clone(), encode("event", &event)?);
+        }
+        backend.write_batch(EVENTS, &write)?;
+        backend.flush()?;
+        backend.write_batch(
+            LEGACY_EVENTS,
+            &Batch::deleting(chunk.into_iter().map(|e| e.0)),
+        )?;
+        moved += write.ops.len();
+    }
+    if moved > 0 {
+        backend.flush()?;
+        tracing::info!(events = moved, "event log moved to named kinds");
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating if needed) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
@@ -440,6 +395,7 @@ impl Store {
 
     fn open_with_reserve(dir: &Path, reserve_bytes: u64) -> Result<Store, StoreError> {
         let backend: Arc<dyn Backend> = Arc::new(SledBackend::open(dir)?);
+        migrate_legacy_events(&*backend)?;
         let next_seq = match backend.scan(EVENTS, Scan::all().rev())?.next() {
             Some(entry) => decode_seq(&entry?.0)?.saturating_add(1),
             None => 1,
@@ -544,7 +500,7 @@ impl Store {
             if let Some(s) = decision.summary {
                 self.insert_event::<E>(
                     events,
-                    EventKind::EventsSuppressed,
+                    EventKind::Log(LogEvent::EventsSuppressed),
                     Some(&s.node),
                     &s.message(&config),
                     at,
@@ -791,7 +747,7 @@ impl Store {
                 tokens.insert(rec.id.as_bytes(), bytes.as_slice())?;
                 let event = self.tx_event::<StoreError>(
                     &events,
-                    EventKind::TokenCreated,
+                    EventKind::Registry(RegistryEvent::TokenCreated),
                     None,
                     &message,
                     rec.created_at,
@@ -825,7 +781,7 @@ impl Store {
                 bindings.insert(rec.id.as_bytes(), bound.as_slice())?;
                 let event = self.tx_event::<StoreError>(
                     &events,
-                    EventKind::TokenCreated,
+                    EventKind::Registry(RegistryEvent::TokenCreated),
                     None,
                     &message,
                     rec.created_at,
@@ -875,7 +831,7 @@ impl Store {
                 tx.put(&TOKEN_RECORDS, id.as_bytes(), &rec)?;
                 let event = self.tx_event::<StoreError>(
                     &events,
-                    EventKind::TokenRevoked,
+                    EventKind::Registry(RegistryEvent::TokenRevoked),
                     None,
                     &message,
                     now,
@@ -999,7 +955,7 @@ impl Store {
                                     "{} ({hw_key}) from {} claimed this node's identity with join token {} and was refused: {r}",
                                     p.hostname, p.remote, token.id
                                 );
-                                Some(self.tx_event::<EnrolError>(&events, EventKind::ClaimRefused, Some(node), &message, p.now)?.seq)
+                                Some(self.tx_event::<EnrolError>(&events, EventKind::Registry(RegistryEvent::ClaimRefused), Some(node), &message, p.now)?.seq)
                             }
                             _ => None,
                         };
@@ -1040,7 +996,7 @@ impl Store {
                                 "{} ({hw_key}) from {} claims this node with join token {} and a new key: pending request {id} waits for `shoalctl nodes approve {id}`",
                                 p.hostname, p.remote, token.id
                             );
-                            Some(self.tx_event::<EnrolError>(&events, EventKind::EnrolmentPending, Some(&n.id), &message, p.now)?.seq)
+                            Some(self.tx_event::<EnrolError>(&events, EventKind::Registry(RegistryEvent::EnrolmentPending), Some(&n.id), &message, p.now)?.seq)
                         } else {
                             None
                         };
@@ -1108,7 +1064,7 @@ impl Store {
                     None => format!("{} ({hw_key}) enrolled with join token {}", p.hostname, token.id),
                     Some(proof) => format!("{} ({hw_key}) re-enrolled {} with join token {}", p.hostname, proof.describe(), token.id),
                 };
-                let kind = if new { EventKind::Enrolled } else { EventKind::Reenrolled };
+                let kind = if new { EventKind::Registry(RegistryEvent::Enrolled) } else { EventKind::Registry(RegistryEvent::Reenrolled) };
                 let event = self.tx_event::<EnrolError>(&events, kind, Some(&node.id), &message, p.now)?;
                 tokens.flush();
                 Ok(TxOutcome::Enrolled(Box::new(Enrolment { node, new, proof, replay: false }), Some(event.seq)))
@@ -1218,7 +1174,7 @@ impl Store {
                 let message = format!("{} ({hw_key}) removed from the fleet", node.hostname);
                 let event = self.tx_event::<StoreError>(
                     &events,
-                    EventKind::Removed,
+                    EventKind::Registry(RegistryEvent::Removed),
                     Some(id),
                     &message,
                     now,
@@ -1264,7 +1220,7 @@ impl Store {
             for s in &due {
                 self.insert_event::<StoreError>(
                     &events,
-                    EventKind::EventsSuppressed,
+                    EventKind::Log(LogEvent::EventsSuppressed),
                     Some(&s.node),
                     &s.message(&config),
                     now,
@@ -1293,7 +1249,7 @@ impl Store {
             for s in &due {
                 self.insert_event::<StoreError>(
                     &events,
-                    EventKind::EventsSuppressed,
+                    EventKind::Log(LogEvent::EventsSuppressed),
                     Some(&s.node),
                     &s.message(&config),
                     now,
@@ -1675,12 +1631,12 @@ mod tests {
         assert_eq!(
             kinds(&store),
             [
-                EventKind::TokenCreated,
-                EventKind::TokenCreated,
-                EventKind::TokenCreated,
-                EventKind::Enrolled,
-                EventKind::TokenCreated,
-                EventKind::TokenRevoked
+                EventKind::Registry(RegistryEvent::TokenCreated),
+                EventKind::Registry(RegistryEvent::TokenCreated),
+                EventKind::Registry(RegistryEvent::TokenCreated),
+                EventKind::Registry(RegistryEvent::Enrolled),
+                EventKind::Registry(RegistryEvent::TokenCreated),
+                EventKind::Registry(RegistryEvent::TokenRevoked)
             ]
         );
     }
@@ -1753,9 +1709,15 @@ mod tests {
         assert_eq!(
             enrol_events,
             [
-                (EventKind::Enrolled, Some(id.clone())),
-                (EventKind::Reenrolled, Some(id)),
-                (EventKind::Enrolled, Some(second.node.id.clone())),
+                (
+                    EventKind::Registry(RegistryEvent::Enrolled),
+                    Some(id.clone())
+                ),
+                (EventKind::Registry(RegistryEvent::Reenrolled), Some(id)),
+                (
+                    EventKind::Registry(RegistryEvent::Enrolled),
+                    Some(second.node.id.clone())
+                ),
             ]
         );
         let names: Vec<String> = store
@@ -1809,7 +1771,7 @@ mod tests {
         // Once admitted again, it may re-enrol with any valid token, the old one included.
         let again = enrol(&store, "old", "s", &m, "h", at(32)).unwrap();
         assert_eq!((again.new, &again.node.id), (false, &back.node.id));
-        assert!(kinds(&store).contains(&EventKind::Removed));
+        assert!(kinds(&store).contains(&EventKind::Registry(RegistryEvent::Removed)));
     }
 
     #[test]
@@ -1849,6 +1811,58 @@ mod tests {
         assert_eq!(updated.health.as_ref().map(|h| h.uptime_secs), Some(42));
     }
 
+    /// A log written by a controller that stored kinds by enum position is moved to named kinds
+    /// when the store opens, keeping seqs, times, nodes and messages; seqs go on rising after it.
+    #[test]
+    fn an_event_log_of_an_earlier_controller_is_moved_to_named_kinds() {
+        #[derive(Serialize)]
+        struct Written {
+            seq: u64,
+            at: UnixMillis,
+            kind: u32,
+            node: Option<NodeId>,
+            message: String,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            let old = db.open_tree(LEGACY_EVENTS).unwrap();
+            // Positions 0 (enrolled), 10 (drive_appeared) and 52 (events_suppressed) of the old enum.
+            for (seq, kind) in [(1u64, 0u32), (2, 10), (3, 52)] {
+                let e = Written {
+                    seq,
+                    at: UnixMillis(1000 + seq),
+                    kind,
+                    node: Some(NodeId("n0000000001".into())),
+                    message: format!("event {seq}"),
+                };
+                old.insert(seq.to_be_bytes(), postcard::to_allocvec(&e).unwrap())
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let store = open(dir.path());
+        let events = store.events(None, 10).unwrap();
+        let got: Vec<(u64, &str, &str)> = events
+            .iter()
+            .map(|e| (e.seq, e.kind.name(), e.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, "enrolled", "event 1"),
+                (2, "drive_appeared", "event 2"),
+                (3, "events_suppressed", "event 3")
+            ]
+        );
+        assert_eq!(events[0].at, UnixMillis(1001));
+        assert!(store.table(LEGACY_EVENTS).iter().next().is_none());
+        let next = store
+            .append_event(RegistryEvent::Up.into(), None, "after", UnixMillis(2000))
+            .unwrap();
+        assert_eq!(next.seq, 4);
+    }
+
     #[test]
     fn everything_survives_reopen_and_seqs_keep_rising() {
         let dir = tempfile::tempdir().unwrap();
@@ -1870,7 +1884,12 @@ mod tests {
                 .unwrap()
                 .unwrap();
             let last = store
-                .append_event(EventKind::Up, Some(&node.id), "h is up", at(4))
+                .append_event(
+                    EventKind::Registry(RegistryEvent::Up),
+                    Some(&node.id),
+                    "h is up",
+                    at(4),
+                )
                 .unwrap();
             // No explicit flush: dropping the store must persist what update_node and append_event
             // wrote.
@@ -1896,7 +1915,7 @@ mod tests {
             .events(None, 100)
             .unwrap()
             .into_iter()
-            .find(|e| e.kind == EventKind::Removed)
+            .find(|e| e.kind == EventKind::Registry(RegistryEvent::Removed))
             .unwrap();
         assert_eq!(
             store.removed_at(removed.node.as_ref().unwrap()).unwrap(),
@@ -1914,13 +1933,23 @@ mod tests {
         assert_eq!(events.last().unwrap().seq, last_seq);
         assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
         let next = store
-            .append_event(EventKind::Down, Some(&node.id), "h is down", at(7))
+            .append_event(
+                EventKind::Registry(RegistryEvent::Down),
+                Some(&node.id),
+                "h is down",
+                at(7),
+            )
             .unwrap();
         assert!(next.seq > last_seq, "{} after {last_seq}", next.seq);
         drop(store);
         let store = open(dir.path());
         let after = store
-            .append_event(EventKind::Up, Some(&node.id), "h is up", at(8))
+            .append_event(
+                EventKind::Registry(RegistryEvent::Up),
+                Some(&node.id),
+                "h is up",
+                at(8),
+            )
             .unwrap();
         assert!(after.seq > next.seq);
         assert_eq!(
@@ -1951,7 +1980,12 @@ mod tests {
         let store = open(dir.path());
         for i in 0..5 {
             store
-                .append_event(EventKind::Up, None, &format!("e{i}"), at(i))
+                .append_event(
+                    EventKind::Registry(RegistryEvent::Up),
+                    None,
+                    &format!("e{i}"),
+                    at(i),
+                )
                 .unwrap();
         }
         let page: Vec<String> = store
@@ -2081,7 +2115,7 @@ mod tests {
             .events(None, usize::MAX)
             .unwrap()
             .into_iter()
-            .filter(|e| e.kind == EventKind::TokenCreated)
+            .filter(|e| e.kind == EventKind::Registry(RegistryEvent::TokenCreated))
             .map(|e| e.message)
             .collect();
         let want: Vec<String> = want
@@ -2118,7 +2152,7 @@ mod tests {
         assert_tokens(&store, acknowledged);
         assert!(matches!(store.put_meta("k", b"v"), Err(StoreError::Db(_))));
         assert!(matches!(
-            store.append_event(EventKind::Up, None, "x", at(0)),
+            store.append_event(EventKind::Registry(RegistryEvent::Up), None, "x", at(0)),
             Err(StoreError::Db(_))
         ));
         assert!(matches!(

@@ -420,6 +420,29 @@ fn counter_value(p: &SmartPredictors, counter: Counter) -> Option<u64> {
     }
 }
 
+crate::event_kinds! {
+    /// What drives log.
+    pub enum DriveEvent {
+        /// A node reported a drive it did not report before (or a missing prepared drive came
+        /// back).
+        Appeared => "drive_appeared",
+        /// A drive is no longer reported.
+        Removed => "drive_removed",
+        /// A node prepared a drive (partitioned, formatted, mounted).
+        Prepared => "drive_prepared",
+        /// Preparing a drive failed.
+        PrepareFailed => "drive_prepare_failed",
+        /// A prepared drive vanished: an alarm.
+        Missing => "drive_missing",
+        /// A drive's SMART verdict changed level (ok, warning, failing).
+        VerdictChanged => "drive_verdict_changed",
+        /// A drive's SMART self-test ended (passed or failed).
+        SelfTestCompleted => "drive_self_test_completed",
+        /// An operator set or deleted a drive policy.
+        PolicyChanged => "drive_policy_changed",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -318,3 +318,15 @@ pub fn reconcile(
         Some(_) => Reconciled::Leave,
     }
 }
+
+crate::event_kinds! {
+    /// What overlay networks log.
+    pub enum OverlayEvent {
+        /// An overlay network was created.
+        NetworkCreated => "network_created",
+        /// An overlay network was deleted.
+        NetworkDeleted => "network_deleted",
+        /// An operator changed an overlay network's members or selectors.
+        NetworkChanged => "network_changed",
+    }
+}

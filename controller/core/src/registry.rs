@@ -177,3 +177,41 @@ pub struct NodeRecord {
     /// Latest health report.
     pub health: Option<HealthReport>,
 }
+
+crate::event_kinds! {
+    /// What the registry logs: enrolments, liveness, removals, tokens and identity.
+    pub enum RegistryEvent {
+        /// A new node enrolled.
+        Enrolled => "enrolled",
+        /// A known machine enrolled again and kept its node.
+        Reenrolled => "reenrolled",
+        /// A node came up.
+        Up => "up",
+        /// A node went down.
+        Down => "down",
+        /// A node was removed.
+        Removed => "removed",
+        /// A join token was created.
+        TokenCreated => "token_created",
+        /// A join token was revoked.
+        TokenRevoked => "token_revoked",
+        /// A machine claimed a node's identity and was refused (the node holds a live session, or
+        /// an operator denied the claim).
+        ClaimRefused => "claim_refused",
+        /// A machine claims an existing node without proof: the request waits for an operator.
+        EnrolmentPending => "enrolment_pending",
+        /// An operator approved a pending claim.
+        EnrolmentApproved => "enrolment_approved",
+        /// An operator denied a pending claim.
+        EnrolmentDenied => "enrolment_denied",
+        /// An operator armed a one-time re-enrolment of a node.
+        ReenrolArmed => "reenrol_armed",
+        /// An operator revoked a node certificate by its serial.
+        CertificateRevoked => "certificate_revoked",
+        /// A connection presented a node certificate that is not accepted (wrong key, revoked
+        /// serial).
+        CertificateRefused => "certificate_refused",
+        /// A node rotated to a new key.
+        KeyRotated => "key_rotated",
+    }
+}

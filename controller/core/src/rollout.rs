@@ -1182,5 +1182,55 @@ impl Rollout {
     }
 }
 
+crate::event_kinds! {
+    /// What windows, budgets, rollouts and maintenance runs log.
+    pub enum MaintenanceEvent {
+        /// A maintenance window was created.
+        WindowCreated => "window_created",
+        /// A maintenance window was deleted.
+        WindowDeleted => "window_deleted",
+        /// A disruption budget was set or changed.
+        BudgetSet => "budget_set",
+        /// A disruption budget was deleted.
+        BudgetDeleted => "budget_deleted",
+        /// A rollout was started.
+        RolloutStarted => "rollout_started",
+        /// A rollout paused (by an operator, or after too many failures; the message says which).
+        RolloutPaused => "rollout_paused",
+        /// A rollout was resumed, or a node of it retried.
+        RolloutResumed => "rollout_resumed",
+        /// A rollout was aborted.
+        RolloutAborted => "rollout_aborted",
+        /// A rollout finished: every node settled (or, aborted, nothing is in flight any more).
+        RolloutDone => "rollout_done",
+        /// A rollout took a node down to upgrade it.
+        NodeUpgradeStarted => "node_upgrade_started",
+        /// A node came back up on the rollout's target.
+        NodeUpgradeSucceeded => "node_upgrade_succeeded",
+        /// A node's upgrade failed (it is rolled back if it changed), or it did not come back after
+        /// its roll-back.
+        NodeUpgradeFailed => "node_upgrade_failed",
+        /// A failed node is back on its previous version (or never left it).
+        NodeRolledBack => "node_rolled_back",
+        /// The controller asked a node to reboot (to netboot a newly assigned image).
+        NodeRebootRequested => "node_reboot_requested",
+        /// A node acknowledged a reboot request and is rebooting.
+        NodeRebooting => "node_rebooting",
+        /// A node refused a reboot request (`--no-remote-reboot`, or the reboot could not start).
+        NodeRebootRefused => "node_reboot_refused",
+        /// A maintenance run's pre-hook passed on a node (or it has none): the node is cordoned.
+        NodeCordoned => "node_cordoned",
+        /// A maintenance run's action started on a node.
+        NodeInMaintenance => "node_in_maintenance",
+        /// A node's post-hook passed after a maintenance action (or its roll-back): it is up again.
+        NodeUp => "node_up",
+        /// A step of a maintenance run failed on a node (pre-hook, action or post-hook; the message
+        /// says).
+        NodeMaintenanceFailed => "node_maintenance_failed",
+        /// A node reported what it booted (netboot image, boot id) and how its health checks went.
+        NodeBootReport => "node_boot_report",
+    }
+}
+
 #[cfg(test)]
 mod tests;

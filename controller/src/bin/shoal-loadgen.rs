@@ -1040,12 +1040,11 @@ fn dist(mut v: Vec<f64>) -> String {
 ///    sends its OverlayHello, and waits until every agent that had a netmap before the round holds
 ///    a *usable* record of it (an endpoint and its key). Reported per round, over those agents:
 ///    - *first record*: from Enrol sent (and from Enrolled received, negative when the existing
-///    agents
-///      heard before the newcomer itself) to the first delta naming the newcomer. The controller
-///      joins the newcomer to `default` during enrolment, before it has endpoints or a key.
-///    - *usable record*: from the newcomer's OverlayHello sent to the first record with an endpoint
-///    and
-///      key. This is what a datapath needs.
+///      agents heard before the newcomer itself) to the first delta naming the newcomer. The
+///      controller joins the newcomer to `default` during enrolment, before it has endpoints or a
+///      key.
+///    - *usable record*: from the newcomer's OverlayHello sent to the first record with an
+///      endpoint and key. This is what a datapath needs.
 ///    - total: Enrol sent to the last agent's usable record.
 ///    - bytes: the newcomer's full netmap, and the deltas each existing agent received about it.
 async fn converge(c: &mut Converge<'_>) -> anyhow::Result<()> {

@@ -37,6 +37,7 @@
 //!
 //! Failures of actions are not remembered in `failed_versions` ([`Target::remembers_failures`]).
 
+use crate::store::MaintenanceEvent;
 use std::sync::{Arc, Weak};
 
 use serde::{Deserialize, Serialize};
@@ -361,14 +362,14 @@ impl Controller {
             (StepKind::Cordon, StepOutcome::Done(out)) => {
                 self.step_event(
                     node,
-                    EventKind::NodeCordoned,
+                    EventKind::Maintenance(MaintenanceEvent::NodeCordoned),
                     format!("run {run}: cordoned for {what}{}", suffix(&out)),
                 );
                 let next = advance(&rec, StepKind::Act, String::new());
                 store_then_send(&next);
                 self.step_event(
                     node,
-                    EventKind::NodeInMaintenance,
+                    EventKind::Maintenance(MaintenanceEvent::NodeInMaintenance),
                     format!("run {run}: in maintenance: {what}"),
                 );
                 self.feed(Event::Acknowledged { node: node.clone() });
@@ -379,7 +380,7 @@ impl Controller {
                 let reason = why;
                 self.step_event(
                     node,
-                    EventKind::NodeMaintenanceFailed,
+                    EventKind::Maintenance(MaintenanceEvent::NodeMaintenanceFailed),
                     format!("run {run}: refused: {reason}"),
                 );
                 let _ = self.put_step(&StepRecord {
@@ -396,7 +397,7 @@ impl Controller {
                 if !rec.rebooting {
                     self.step_event(
                         node,
-                        EventKind::NodeRebooting,
+                        EventKind::Maintenance(MaintenanceEvent::NodeRebooting),
                         format!("run {run}: rebooting ({method})"),
                     );
                     let _ = self.put_step(&StepRecord {
@@ -413,7 +414,7 @@ impl Controller {
             (StepKind::Act, StepOutcome::Failed(why)) => {
                 self.step_event(
                     node,
-                    EventKind::NodeMaintenanceFailed,
+                    EventKind::Maintenance(MaintenanceEvent::NodeMaintenanceFailed),
                     format!("run {run}: {what} failed: {why}"),
                 );
                 let _ = self.put_step(&StepRecord {
@@ -437,7 +438,11 @@ impl Controller {
                 } else {
                     format!("run {run}: up after {what}{}", suffix(&detail))
                 };
-                self.step_event(node, EventKind::NodeUp, message);
+                self.step_event(
+                    node,
+                    EventKind::Maintenance(MaintenanceEvent::NodeUp),
+                    message,
+                );
                 let _ = self.put_step(&StepRecord {
                     done: true,
                     detail,
@@ -458,7 +463,7 @@ impl Controller {
                 let reason = format!("post-hook failed: {why}");
                 self.step_event(
                     node,
-                    EventKind::NodeMaintenanceFailed,
+                    EventKind::Maintenance(MaintenanceEvent::NodeMaintenanceFailed),
                     format!("run {run}: {reason}"),
                 );
                 let _ = self.put_step(&StepRecord {
@@ -726,7 +731,7 @@ mod tests {
             f.phase(&run, &first),
             NodePhase::Succeeded { already: false, .. }
         ));
-        let up = f.events(EventKind::NodeUp);
+        let up = f.events(EventKind::Maintenance(MaintenanceEvent::NodeUp));
         assert!(
             up.len() == 1
                 && up[0].0 == first
@@ -735,8 +740,16 @@ mod tests {
                     .contains("up after exec /usr/local/bin/fix --now: fixed"),
             "{up:?}"
         );
-        assert_eq!(f.events(EventKind::NodeCordoned).len(), 1);
-        assert_eq!(f.events(EventKind::NodeInMaintenance).len(), 1);
+        assert_eq!(
+            f.events(EventKind::Maintenance(MaintenanceEvent::NodeCordoned))
+                .len(),
+            1
+        );
+        assert_eq!(
+            f.events(EventKind::Maintenance(MaintenanceEvent::NodeInMaintenance))
+                .len(),
+            1
+        );
 
         // The second node's action fails: the post-hook runs (roll-back), it settles failed, and
         // the run pauses (max-failures 1). Nothing is remembered against the node for later runs.
@@ -806,7 +819,9 @@ mod tests {
             r.state()
         );
         assert!(f
-            .events(EventKind::NodeMaintenanceFailed)
+            .events(EventKind::Maintenance(
+                MaintenanceEvent::NodeMaintenanceFailed
+            ))
             .iter()
             .any(|(node, m)| *node == n[1] && m.contains("disk busy")));
         assert!(
@@ -889,7 +904,11 @@ mod tests {
             StepOutcome::Rebooting("--reboot-command x".into()),
         );
         assert_eq!(f.sub_phase(&run, &n[0]), "rebooting");
-        assert_eq!(f.events(EventKind::NodeRebooting).len(), 1);
+        assert_eq!(
+            f.events(EventKind::Maintenance(MaintenanceEvent::NodeRebooting))
+                .len(),
+            1
+        );
 
         // The controller restarts while the node reboots.
         drop(f);

@@ -9,6 +9,7 @@
 //! agent cannot be asked, so `begin` fails that node as refused, and its previous assignment is
 //! restored, so it is unchanged.
 
+use crate::store::MaintenanceEvent;
 use std::sync::{Arc, Weak};
 
 use shoal_proto::{BootReport, ControllerMsg, NodeId};
@@ -215,7 +216,7 @@ impl Controller {
         )?;
         let message = format!("{}: asked to reboot ({reason})", rec.hostname);
         self.store.append_event(
-            EventKind::NodeRebootRequested,
+            EventKind::Maintenance(MaintenanceEvent::NodeRebootRequested),
             Some(node),
             &message,
             now_ms(),
@@ -233,11 +234,11 @@ impl Controller {
         let host = self.store.hostname_or_id(node);
         let (kind, message) = match &answer {
             Ok(method) => (
-                EventKind::NodeRebooting,
+                EventKind::Maintenance(MaintenanceEvent::NodeRebooting),
                 format!("{host}: rebooting ({method})"),
             ),
             Err(reason) => (
-                EventKind::NodeRebootRefused,
+                EventKind::Maintenance(MaintenanceEvent::NodeRebootRefused),
                 format!("{host}: refused to reboot: {reason}"),
             ),
         };
@@ -322,10 +323,12 @@ impl Controller {
             report.boot_id
         );
         info!(node = %node, image = ?report.image, boot_id = %report.boot_id, healthy = report.healthy(), "boot report");
-        if let Err(e) =
-            self.store
-                .append_event(EventKind::NodeBootReport, Some(node), &message, now_ms())
-        {
+        if let Err(e) = self.store.append_event(
+            EventKind::Maintenance(MaintenanceEvent::NodeBootReport),
+            Some(node),
+            &message,
+            now_ms(),
+        ) {
             warn!(node = %node, cause = %e, "could not record the boot report");
         }
         self.maint.wake.notify_one();
@@ -501,13 +504,13 @@ mod tests {
         assert_eq!(
             kinds
                 .iter()
-                .filter(|k| **k == EventKind::NodeRebootRequested)
+                .filter(|k| **k == EventKind::Maintenance(MaintenanceEvent::NodeRebootRequested))
                 .count(),
             1
         );
         assert!(
-            kinds.contains(&EventKind::NodeRebooting)
-                && kinds.contains(&EventKind::NodeRebootRefused),
+            kinds.contains(&EventKind::Maintenance(MaintenanceEvent::NodeRebooting))
+                && kinds.contains(&EventKind::Maintenance(MaintenanceEvent::NodeRebootRefused)),
             "{kinds:?}"
         );
         assert!(events.iter().any(|e| e
@@ -727,7 +730,7 @@ mod tests {
         let events = ctl.store.events(None, 1000).unwrap();
         let e = events
             .iter()
-            .find(|e| e.kind == EventKind::NodeBootReport)
+            .find(|e| e.kind == EventKind::Maintenance(MaintenanceEvent::NodeBootReport))
             .expect("boot report event");
         assert!(
             e.message.contains("booted image v3")

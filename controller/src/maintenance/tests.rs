@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use crate::store::MaintenanceEvent;
 use std::{collections::HashMap, path::Path};
 
 use super::*;
@@ -158,10 +159,11 @@ fn max_down_at_once(events: &[LogEvent]) -> usize {
     let mut max = 0;
     for e in events {
         match e.kind {
-            EventKind::NodeUpgradeStarted => {
+            EventKind::Maintenance(MaintenanceEvent::NodeUpgradeStarted) => {
                 down.insert(e.node.clone().unwrap());
             }
-            EventKind::NodeUpgradeSucceeded | EventKind::NodeRolledBack => {
+            EventKind::Maintenance(MaintenanceEvent::NodeUpgradeSucceeded)
+            | EventKind::Maintenance(MaintenanceEvent::NodeRolledBack) => {
                 down.remove(&e.node.clone().unwrap());
             }
             _ => {}
@@ -202,10 +204,27 @@ fn four_nodes_one_at_a_time_as_the_event_log_shows() {
     assert_eq!(begun, nodes, "each worker begun once, the db node never");
     assert!(!begun.contains(&other[0]));
     let events = f.events();
-    assert_eq!(kinds(&events, EventKind::NodeUpgradeStarted).len(), 4);
-    assert_eq!(kinds(&events, EventKind::NodeUpgradeSucceeded).len(), 4);
+    assert_eq!(
+        kinds(
+            &events,
+            EventKind::Maintenance(MaintenanceEvent::NodeUpgradeStarted)
+        )
+        .len(),
+        4
+    );
+    assert_eq!(
+        kinds(
+            &events,
+            EventKind::Maintenance(MaintenanceEvent::NodeUpgradeSucceeded)
+        )
+        .len(),
+        4
+    );
     assert_eq!(max_down_at_once(&events), 1, "never two nodes down at once");
-    let done = kinds(&events, EventKind::RolloutDone);
+    let done = kinds(
+        &events,
+        EventKind::Maintenance(MaintenanceEvent::RolloutDone),
+    );
     assert!(
         done.len() == 1 && done[0].message.contains("4 succeeded"),
         "{done:?}"
@@ -275,12 +294,22 @@ fn a_node_that_never_returns_pauses_the_rollout_and_is_rolled_back_and_remembere
         vec![(first.clone(), Some(OLD.to_owned()))]
     );
     let events = f.events();
-    let paused = kinds(&events, EventKind::RolloutPaused);
+    let paused = kinds(
+        &events,
+        EventKind::Maintenance(MaintenanceEvent::RolloutPaused),
+    );
     assert!(
         paused.len() == 1 && paused[0].message.contains("1 node(s) failed"),
         "{paused:?}"
     );
-    assert_eq!(kinds(&events, EventKind::NodeUpgradeFailed).len(), 1);
+    assert_eq!(
+        kinds(
+            &events,
+            EventKind::Maintenance(MaintenanceEvent::NodeUpgradeFailed)
+        )
+        .len(),
+        1
+    );
     // It comes back on its old version: rolled back.
     f.come_back(&first, OLD);
     let r = f.tick();
@@ -295,7 +324,14 @@ fn a_node_that_never_returns_pauses_the_rollout_and_is_rolled_back_and_remembere
         "{:?}",
         r.phase(&first)
     );
-    assert_eq!(kinds(&f.events(), EventKind::NodeRolledBack).len(), 1);
+    assert_eq!(
+        kinds(
+            &f.events(),
+            EventKind::Maintenance(MaintenanceEvent::NodeRolledBack)
+        )
+        .len(),
+        1
+    );
     assert_eq!(f.fake.begins().len(), 1, "paused: nothing else started");
     // Remembered: a later rollout of the same version skips it.
     f.ctl.rollout_command("current", Command::Abort).unwrap();
@@ -384,7 +420,10 @@ fn a_closed_window_waits_and_one_that_ends_mid_rollout_starts_no_new_node() {
         r.progress()
     );
     // Every start happened inside the window (event times are the driver's clock).
-    for e in kinds(&f.events(), EventKind::NodeUpgradeStarted) {
+    for e in kinds(
+        &f.events(),
+        EventKind::Maintenance(MaintenanceEvent::NodeUpgradeStarted),
+    ) {
         assert!(
             w.is_open(e.at).is_some(),
             "started outside the window: {e:?}"
@@ -431,7 +470,11 @@ fn a_controller_restart_mid_rollout_resumes_it() {
     assert!(f.ctl.maint.rollout("current").unwrap().is_finished());
     assert_eq!(max_down_at_once(&f.events()), 1);
     assert_eq!(
-        kinds(&f.events(), EventKind::NodeUpgradeStarted).len(),
+        kinds(
+            &f.events(),
+            EventKind::Maintenance(MaintenanceEvent::NodeUpgradeStarted)
+        )
+        .len(),
         3,
         "each node started once across the restart"
     );
@@ -614,16 +657,16 @@ fn windows_budgets_and_rollouts_over_the_admin_api() {
         .events(None, 1000)
         .unwrap()
         .iter()
-        .map(|e| format!("{:?}", e.kind))
+        .map(|e| e.kind.name().to_owned())
         .collect();
     for k in [
-        "WindowCreated",
-        "BudgetSet",
-        "RolloutStarted",
-        "RolloutPaused",
-        "RolloutAborted",
-        "WindowDeleted",
-        "BudgetDeleted",
+        "window_created",
+        "budget_set",
+        "rollout_started",
+        "rollout_paused",
+        "rollout_aborted",
+        "window_deleted",
+        "budget_deleted",
     ] {
         assert!(kinds.iter().any(|x| x == k), "{k} missing from {kinds:?}");
     }
@@ -690,10 +733,13 @@ fn node_events_from_the_agent_path_drive_the_rollout() {
         1,
         "nothing to roll back on a refusal"
     );
-    let failed: Vec<String> = kinds(&f.events(), EventKind::NodeUpgradeFailed)
-        .iter()
-        .map(|e| e.message.clone())
-        .collect();
+    let failed: Vec<String> = kinds(
+        &f.events(),
+        EventKind::Maintenance(MaintenanceEvent::NodeUpgradeFailed),
+    )
+    .iter()
+    .map(|e| e.message.clone())
+    .collect();
     assert!(
         failed[0].contains("health checks failed: overlay")
             && failed[1].contains("refused: bad signature"),
@@ -738,10 +784,13 @@ fn a_node_that_refuses_to_reboot_is_failed_and_rolled_back_at_once() {
         "{:?}",
         r.phase(&a)
     );
-    let failed: Vec<String> = kinds(&f.events(), EventKind::NodeUpgradeFailed)
-        .iter()
-        .map(|e| e.message.clone())
-        .collect();
+    let failed: Vec<String> = kinds(
+        &f.events(),
+        EventKind::Maintenance(MaintenanceEvent::NodeUpgradeFailed),
+    )
+    .iter()
+    .map(|e| e.message.clone())
+    .collect();
     assert!(
         failed[0].contains("refused to reboot: remote reboots are disabled"),
         "{failed:?}"

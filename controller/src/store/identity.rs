@@ -12,6 +12,7 @@
 //! | `reenrol_grants` | node id | [`ReenrolGrant`] |
 //! | `pending_enrolments` | request id | [`PendingEnrolment`] |
 
+use crate::store::RegistryEvent;
 use serde::{Deserialize, Serialize};
 use shoal_proto::{NodeId, UnixMillis};
 
@@ -132,7 +133,12 @@ impl Store {
                         Some(old) if old.key != bound.key => {
                             let message =
                                 format!("connected with its rotated key {}", short_key(&bound.key));
-                            self.append_event(EventKind::KeyRotated, Some(node), &message, now)?;
+                            self.append_event(
+                                EventKind::Registry(RegistryEvent::KeyRotated),
+                                Some(node),
+                                &message,
+                                now,
+                            )?;
                         }
                         _ => {}
                     }
@@ -156,7 +162,12 @@ impl Store {
                     format!("its key {} is not the node's", short_key(key))
                 };
                 let message = format!("a connection from {remote} presented a certificate of this node and was refused: {why}");
-                self.append_event(EventKind::CertificateRefused, Some(node), &message, now)?;
+                self.append_event(
+                    EventKind::Registry(RegistryEvent::CertificateRefused),
+                    Some(node),
+                    &message,
+                    now,
+                )?;
             }
             CertVerdict::Removed => {}
         }
@@ -254,7 +265,7 @@ impl Store {
             }
             let event = self.tx_event::<StoreError>(
                 &events,
-                EventKind::CertificateRevoked,
+                EventKind::Registry(RegistryEvent::CertificateRevoked),
                 Some(&rec.node),
                 &message,
                 now,
@@ -283,7 +294,7 @@ impl Store {
         )?;
         self.flush()?;
         self.append_event(
-            EventKind::KeyRotated,
+            EventKind::Registry(RegistryEvent::KeyRotated),
             Some(node),
             "an operator asked the node to rotate its key",
             now,
@@ -327,7 +338,12 @@ impl Store {
                 ""
             }
         );
-        self.append_event(EventKind::KeyRotated, Some(node), &message, now)?;
+        self.append_event(
+            EventKind::Registry(RegistryEvent::KeyRotated),
+            Some(node),
+            &message,
+            now,
+        )?;
         Ok(())
     }
 
@@ -359,7 +375,7 @@ impl Store {
                 grants.insert(node.0.as_bytes(), bytes.as_slice())?;
                 let e = self.tx_event::<StoreError>(
                     &events,
-                    EventKind::ReenrolArmed,
+                    EventKind::Registry(RegistryEvent::ReenrolArmed),
                     Some(node),
                     &message,
                     now,
@@ -404,9 +420,15 @@ impl Store {
         request.last_seen = now;
         let bytes = encode("pending enrolment", &request)?;
         let (kind, verb) = if approve {
-            (EventKind::EnrolmentApproved, "approved")
+            (
+                EventKind::Registry(RegistryEvent::EnrolmentApproved),
+                "approved",
+            )
         } else {
-            (EventKind::EnrolmentDenied, "denied")
+            (
+                EventKind::Registry(RegistryEvent::EnrolmentDenied),
+                "denied",
+            )
         };
         let message = format!(
             "an operator {verb} the claim {id} of {} ({}) from {}, key {}",
