@@ -249,7 +249,6 @@ impl EventBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use super::*;
     use crate::store::{DriveEvent, LogEvent, MaintenanceEvent, RegistryEvent, Store};
 
     fn n(i: u32) -> NodeId {

@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use shoal_proto::{
-    Drive, DriveAction, DriveReport, DriveState, Filesystem, NodeId, PreparedDrive, SelfTestKind,
+    Drive, DriveAction, DriveReport, DriveState, NodeId, PreparedDrive, SelfTestKind,
     SelfTestStatus, SmartOutcome, SmartPredictors, UnixMillis,
 };
 
@@ -822,19 +822,8 @@ pub fn drive_view(
     }
 }
 
-/// What an operator asks `drives prepare` to do.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PrepareRequest {
-    /// `--force`: prepare a drive that holds data. Needs `serial`.
-    #[serde(default)]
-    pub force: bool,
-    /// `--serial`: the drive's serial number, which must match for `force` to count.
-    #[serde(default)]
-    pub serial: Option<String>,
-    /// `--fs`: the filesystem; the node's policy's when absent.
-    #[serde(default)]
-    pub filesystem: Option<Filesystem>,
-}
+/// What an operator asks `drives prepare` to do (shared with `shoalctl`).
+pub use shoal_api::drives::PrepareRequest;
 
 /// Why a drive command was refused or did not complete.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -1075,6 +1064,7 @@ pub fn check_self_test(drive: &Drive, kind: SelfTestKind) -> Result<DriveAction,
 mod tests {
     use super::*;
     use crate::drives::{Counter, Reason};
+    use shoal_proto::Filesystem;
     use shoal_proto::{AtaPredictors, DriveProtocol, SmartExitStatus, SmartReport};
 
     const H: u64 = 3_600_000;

@@ -270,27 +270,7 @@ impl Reach {
     }
 }
 
-/// Counts of what the hub refused, since it started.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct HubCounters {
-    /// `OverlayHello`s beyond a connection's rate.
-    pub hellos_refused: u64,
-    /// Punch requests between nodes that share no network.
-    pub punches_unshared: u64,
-    /// Punch requests beyond the pair's or the node's rate.
-    pub punches_rate_limited: u64,
-    /// Path reports beyond a node's rate.
-    pub reports_refused: u64,
-    /// Entries left out of path reports (paths to non-peers or repeated, bad or surplus drop
-    /// reasons).
-    pub report_entries_refused: u64,
-    /// Relayed packets beyond the sender's packet or byte rate.
-    pub relay_rate_limited: u64,
-    /// Relayed packets between nodes that share no network.
-    pub relay_unshared: u64,
-    /// Relayed packets to a relay index no connected node has, or too short to carry one.
-    pub relay_no_target: u64,
-}
+pub use shoal_api::refusals::HubCounters;
 
 #[derive(Debug, Default)]
 struct HubStats {

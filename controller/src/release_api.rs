@@ -17,8 +17,7 @@ use axum::{
     routing::{get, post},
     Json, Router,
 };
-use serde::{Deserialize, Serialize};
-use shoal_proto::{NodeId, UpdateReport};
+use shoal_proto::NodeId;
 use tracing::info;
 
 use crate::{
@@ -62,44 +61,7 @@ impl From<UpdateError> for Failure {
     }
 }
 
-/// A stored release, as listed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ReleaseView {
-    /// Agent version.
-    pub version: String,
-    /// Target triple.
-    pub target: String,
-    /// Binary size in bytes.
-    pub size: u64,
-    /// Binary SHA-256.
-    pub sha256: String,
-    /// Signing key id.
-    pub key_id: String,
-    /// When it was signed (RFC 3339).
-    pub created_at: String,
-}
-
-/// Body of `POST /v1/nodes/{id}/agent-update`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct OfferUpdate {
-    /// The release version to install.
-    pub version: String,
-}
-
-/// One node's update facts.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AgentUpdateView {
-    /// The node.
-    pub node: String,
-    /// The version last offered.
-    pub offered: Option<String>,
-    /// The version the agent acknowledged last.
-    pub acknowledged: Option<String>,
-    /// The agent's latest report.
-    pub report: Option<UpdateReport>,
-    /// The report's failure as text (the report holds it as a value).
-    pub failure: Option<String>,
-}
+pub use shoal_api::releases::{AgentUpdateView, OfferUpdate, ReleaseView};
 
 fn release_view(r: &StoredRelease) -> ReleaseView {
     ReleaseView {

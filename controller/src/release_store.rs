@@ -23,12 +23,8 @@ use shoal_proto::{
 
 use crate::releases;
 
-/// File names inside a release directory.
-pub const BINARY: &str = "agent";
-/// The manifest exactly as signed.
-pub const MANIFEST: &str = "manifest.json";
-/// The raw 64-byte signature.
-pub const SIGNATURE: &str = "manifest.sig";
+/// File names inside a release directory, the same as in the upload API's paths.
+pub use shoal_api::releases::{BINARY, MANIFEST, SIGNATURE};
 const KEY_ID: &str = "key_id";
 const STAGING: &str = ".staging";
 

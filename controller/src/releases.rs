@@ -1,89 +1,19 @@
-//! Agent releases, controller side: signing a binary into a [`SignedRelease`] (`shoalctl release
-//! add BINARY --version V --key FILE`, run where the private key is, never on the controller).
+//! Agent releases, controller side: [`verify_upload`], the check of a release an operator
+//! uploads. Signing a binary into a [`SignedRelease`] (`shoalctl release add BINARY --version V
+//! --key FILE`, run where the private key is, never on the controller) is `shoal_api::signing`,
+//! re-exported here.
 //!
 //! The agent verifies with `shoal_agent::release`, trusting the release public key rather than the
-//! controller; the rules both sides follow (JSON manifest, raw Ed25519 signature over its exact
-//! bytes, key ids) are in `shoal_proto::release`. The key file is the one `images/build.sh` uses
-//! for images: a PEM PKCS#8 Ed25519 key as `openssl genpkey -algorithm ed25519` writes it; its
-//! public half, 64 hex characters, is what agents get with `--release-key`. Pure: callers read the
-//! files.
+//! controller; the rules all sides follow (JSON manifest, raw Ed25519 signature over its exact
+//! bytes, key ids) are in `shoal_proto::release`. Pure: callers read the files.
 
-use ring::signature::{Ed25519KeyPair, KeyPair};
 use sha2::{Digest, Sha256};
-use shoal_proto::{
-    check_release_name, ReleaseManifest, SignedRelease, UnixMillis, UpdateFailure,
-    RELEASE_MANIFEST_FORMAT,
+use shoal_proto::{ReleaseManifest, SignedRelease, UpdateFailure};
+
+/// Signing lives in `shoal_api::signing`, where `shoalctl` uses it without the controller.
+pub use shoal_api::signing::{
+    key_id, load_signing_key, public_key_hex, sign_release, ReleaseError,
 };
-
-/// Why a release could not be signed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ReleaseError {
-    /// The signing key file is not a PEM PKCS#8 Ed25519 private key.
-    #[error("signing key: {0} (expected the PEM written by `openssl genpkey -algorithm ed25519`)")]
-    BadKey(String),
-    /// The version or target is not a plain name, or the binary is empty.
-    #[error("{0}")]
-    Invalid(String),
-}
-
-/// Reads a PEM PKCS#8 Ed25519 private key (OpenSSL's v1 form without the public key, or v2 with
-/// it).
-pub fn load_signing_key(pem_text: &str) -> Result<Ed25519KeyPair, ReleaseError> {
-    let block = pem::parse(pem_text.trim()).map_err(|e| ReleaseError::BadKey(e.to_string()))?;
-    if block.tag() != "PRIVATE KEY" {
-        return Err(ReleaseError::BadKey(format!(
-            "PEM block is {:?}, not \"PRIVATE KEY\"",
-            block.tag()
-        )));
-    }
-    Ed25519KeyPair::from_pkcs8_maybe_unchecked(block.contents())
-        .map_err(|e| ReleaseError::BadKey(e.to_string()))
-}
-
-/// The key id of a public key: the first 8 bytes of its SHA-256, as hex (`shoal_proto::release`).
-pub fn key_id(public: &[u8]) -> String {
-    hex::encode(&Sha256::digest(public)[..8])
-}
-
-/// The public half of a signing key as the agents' `--release-key` file holds it: 64 hex
-/// characters.
-pub fn public_key_hex(key: &Ed25519KeyPair) -> String {
-    hex::encode(key.public_key().as_ref())
-}
-
-/// Signs `binary` as release `version` for `target`.
-pub fn sign_release(
-    binary: &[u8],
-    version: &str,
-    target: &str,
-    created_at: UnixMillis,
-    key: &Ed25519KeyPair,
-) -> Result<(ReleaseManifest, SignedRelease), ReleaseError> {
-    if binary.is_empty() {
-        return Err(ReleaseError::Invalid("the binary is empty".into()));
-    }
-    let manifest = ReleaseManifest {
-        format: RELEASE_MANIFEST_FORMAT,
-        version: version.to_owned(),
-        sha256: hex::encode(Sha256::digest(binary)),
-        size: binary.len() as u64,
-        target: target.to_owned(),
-        created_at,
-    };
-    check_release_name(version).map_err(|e| ReleaseError::Invalid(format!("version: {e}")))?;
-    manifest
-        .validate()
-        .map_err(|e| ReleaseError::Invalid(e.to_string()))?;
-    let bytes =
-        serde_json::to_vec_pretty(&manifest).map_err(|e| ReleaseError::Invalid(e.to_string()))?;
-    let signed = SignedRelease {
-        signature: key.sign(&bytes).as_ref().to_vec(),
-        manifest: bytes,
-        key_id: key_id(key.public_key().as_ref()),
-    };
-    Ok((manifest, signed))
-}
 
 /// The controller's check of an uploaded release (`release add`): signed by one of the release keys
 /// it was given, a valid manifest, and a binary of the manifest's size and hash. Refusing here
@@ -142,7 +72,9 @@ pub fn verify_upload(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
     use shoal_agent::release::{verify_binary, verify_release, ReleaseKey};
+    use shoal_proto::UnixMillis;
 
     /// Written by `openssl genpkey -algorithm ed25519` (a throwaway test key).
     const OPENSSL_KEY: &str = "-----BEGIN PRIVATE KEY-----\n\

@@ -195,20 +195,7 @@ pub fn now_ms() -> UnixMillis {
     )
 }
 
-/// What the connection limits refused since the controller started (`GET /v1/refusals`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ConnCounters {
-    /// Clients sent a QUIC Retry (address validation) because many handshakes were in progress.
-    pub retried: u64,
-    /// Connection attempts refused at the handshake limit.
-    pub handshakes_refused: u64,
-    /// Unauthenticated connections closed at the limit.
-    pub unauthenticated_refused: u64,
-    /// Unauthenticated connections closed at their enrolment deadline.
-    pub enrolment_timeouts: u64,
-    /// Connections closed because the agent did not read (queue full or a write timed out).
-    pub slow_consumers: u64,
-}
+pub use shoal_api::refusals::ConnCounters;
 
 #[derive(Debug, Default)]
 pub(crate) struct ConnStats {
@@ -572,7 +559,7 @@ fn ensure_admin_conf(
             if conf.api != api || conf.ca != ca.cert_pem() {
                 conf.api = api;
                 conf.ca = ca.cert_pem();
-                conf.write(&path)?;
+                admin::write_admin_conf(&path, &conf)?;
             }
             return Ok(stored);
         }
@@ -582,12 +569,12 @@ fn ensure_admin_conf(
     let token = admin::new_admin_token();
     let hash = pki::sha256(token.as_bytes());
     store.put_meta(ADMIN_TOKEN_META, &hash)?;
-    AdminConf {
+    let conf = AdminConf {
         api,
         token,
         ca: ca.cert_pem(),
-    }
-    .write(&path)?;
+    };
+    admin::write_admin_conf(&path, &conf)?;
     info!(path = %path.display(), "wrote admin credentials");
     Ok(hash)
 }

@@ -553,22 +553,7 @@ pub enum RolloutError {
     },
 }
 
-/// Counts for a progress bar.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Progress {
-    /// Nodes in the rollout.
-    pub total: u32,
-    /// Not started.
-    pub pending: u32,
-    /// Upgrading or rolling back.
-    pub in_flight: u32,
-    /// On the target.
-    pub succeeded: u32,
-    /// Failed.
-    pub failed: u32,
-    /// Skipped.
-    pub skipped: u32,
-}
+pub use shoal_api::maintenance::Progress;
 
 /// One rollout: spec, state and every node's phase. Serialize it to store it (postcard; the enums
 /// are externally tagged because postcard cannot decode internally tagged ones).

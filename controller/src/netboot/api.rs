@@ -189,7 +189,7 @@ async fn list_machines(State(ctl): State<Ctl>) -> Result<Json<Vec<MachineView>>,
 
 fn parse_mac(s: &str) -> Result<Mac, Failure> {
     s.parse()
-        .map_err(|e: super::dhcp::DhcpError| Failure(StatusCode::BAD_REQUEST, e.to_string()))
+        .map_err(|e: shoal_api::netboot::MacError| Failure(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
 async fn admit(State(ctl): State<Ctl>, Path(mac): Path<String>) -> Result<StatusCode, Failure> {

@@ -37,41 +37,7 @@ pub const PXE_PORT: u16 = 4011;
 /// How long an offered address stays reserved for the client it was offered to.
 pub const OFFER_HOLD_MS: u64 = 60_000;
 
-/// A hardware (Ethernet) address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Mac(pub [u8; 6]);
-
-impl fmt::Display for Mac {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
-impl std::str::FromStr for Mac {
-    type Err = DhcpError;
-
-    /// Accepts `52:54:00:12:34:56`, `52-54-00-12-34-56` and `525400123456`, any case.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let hex: String = s.chars().filter(|c| *c != ':' && *c != '-').collect();
-        let bytes = hex::decode(&hex).map_err(|_| DhcpError::BadMac(s.to_owned()))?;
-        let arr: [u8; 6] = bytes
-            .try_into()
-            .map_err(|_| DhcpError::BadMac(s.to_owned()))?;
-        Ok(Mac(arr))
-    }
-}
-
-impl Mac {
-    /// The form used in URLs and file names: `52-54-00-12-34-56`.
-    pub fn dashed(&self) -> String {
-        self.to_string().replace(':', "-")
-    }
-}
+pub use shoal_api::netboot::Mac;
 
 /// Why a packet could not be handled.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -4,13 +4,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use shoal_controller::{
-    admin::AdminClient,
-    netboot::{
-        images::{self, Manifest},
-        view::{ImageView, MachineView, SetImage},
-    },
+use shoal_api::{
+    netboot::{ImageView, Mac, MachineView, SetImage},
+    AdminClient,
 };
+use shoal_proto::{ImageManifest, ImageManifestError, IMAGE_MANIFEST_FILE, IMAGE_SIGNATURE_FILE};
 
 use super::{print_json, table, Output};
 
@@ -56,18 +54,21 @@ pub enum MachinesCmd {
 }
 
 fn add(client: &AdminClient, dir: &Path) -> anyhow::Result<()> {
-    let manifest_path = dir.join(images::MANIFEST);
+    let manifest_path = dir.join(IMAGE_MANIFEST_FILE);
     let bytes = std::fs::read(&manifest_path)
         .with_context(|| format!("reading {}", manifest_path.display()))?;
-    let m: Manifest = serde_json::from_slice(&bytes)
+    let m: ImageManifest = serde_json::from_slice(&bytes)
         .with_context(|| format!("parsing {}", manifest_path.display()))?;
     for name in [
-        images::MANIFEST,
-        images::SIGNATURE,
+        IMAGE_MANIFEST_FILE,
+        IMAGE_SIGNATURE_FILE,
         m.kernel.file.as_str(),
         m.initrd.file.as_str(),
     ] {
-        images::check_name(name)?;
+        // The controller checks names too; refusing here spares uploading the rest.
+        if !shoal_proto::is_plain_name(name) {
+            return Err(ImageManifestError::Name(name.to_owned()).into());
+        }
         let path = dir.join(name);
         let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         client
@@ -172,7 +173,7 @@ pub fn machines(client: &AdminClient, cmd: MachinesCmd) -> anyhow::Result<()> {
             say!("admitted {mac}");
         }
         MachinesCmd::Wake { mac } => {
-            if mac.parse::<shoal_controller::netboot::dhcp::Mac>().is_err() {
+            if mac.parse::<Mac>().is_err() {
                 bail!("{mac:?} is not a MAC address");
             }
             client.post_no_content(&format!("/v1/machines/{mac}/wake"), &serde_json::json!({}))?;

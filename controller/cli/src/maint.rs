@@ -4,11 +4,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Subcommand;
-use shoal_controller::{
-    admin::AdminClient,
-    maintenance::view::{
+use shoal_api::{
+    maintenance::{
         BudgetView, CreateWindow, RetryNode, RolloutView, SetBudget, StartRollout, WindowView,
     },
+    AdminClient,
 };
 use shoal_proto::MaintenanceAction;
 
@@ -544,7 +544,7 @@ pub fn rollout(client: &AdminClient, cmd: RolloutCmd) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use shoal_controller::rollout::Progress;
+    use shoal_api::maintenance::Progress;
 
     use super::*;
 

@@ -2,15 +2,10 @@
 
 // First: its `say!` is used by every module after it.
 #[macro_use]
-#[path = "shoalctl/printable.rs"]
 mod printable;
-#[path = "shoalctl/identity.rs"]
 mod identity;
-#[path = "shoalctl/maint.rs"]
 mod maint;
-#[path = "shoalctl/netboot.rs"]
 mod netboot;
-#[path = "shoalctl/release.rs"]
 mod release;
 
 use std::{collections::BTreeMap, path::PathBuf, process::ExitCode, time::Duration};
@@ -18,15 +13,17 @@ use std::{collections::BTreeMap, path::PathBuf, process::ExitCode, time::Duratio
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
-use shoal_controller::{
-    admin::{AdminClient, AdminConf},
-    fleet_drives::PrepareRequest,
-    report::FleetReport,
-    view::{
-        CreateNetwork, CreateToken, CreatedToken, DriveCommandView, DrivePolicies, DrivePolicyView,
-        DriveView, EventView, MemberSpec, MemberView, NetworkDetail, NetworkUpdate, NetworkView,
-        NodeView, OverlayCountersView, PathView, SetDrivePolicy, TokenView,
+use shoal_api::{
+    drives::{
+        DriveCommandView, DrivePolicies, DrivePolicyView, DriveView, PrepareRequest, SetDrivePolicy,
     },
+    events::EventView,
+    networks::{CreateNetwork, MemberSpec, MemberView, NetworkDetail, NetworkUpdate, NetworkView},
+    nodes::NodeView,
+    overlay::{OverlayCountersView, PathView},
+    report::{DriveAttention, FleetReport},
+    tokens::{CreateToken, CreatedToken, TokenView},
+    AdminClient, AdminConf,
 };
 
 #[derive(Debug, Parser)]
@@ -1149,7 +1146,7 @@ fn print_report(r: &FleetReport) {
         d.missing.len(),
         d.awaiting_approval.len()
     );
-    let row = |kind: &str, a: &shoal_controller::report::DriveAttention| {
+    let row = |kind: &str, a: &DriveAttention| {
         vec![
             kind.to_owned(),
             a.node.clone(),

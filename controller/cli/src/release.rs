@@ -1,17 +1,16 @@
 //! `shoalctl release …`: sign and upload agent releases, list them, offer one to a node, and show
 //! what agents report.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::SystemTime};
 
 use anyhow::Context;
 use clap::Subcommand;
-use shoal_controller::{
-    admin::AdminClient,
-    release_api::{AgentUpdateView, OfferUpdate, ReleaseView},
-    release_store::{BINARY, MANIFEST, SIGNATURE},
-    releases::{load_signing_key, sign_release},
-    server::now_ms,
+use shoal_api::{
+    releases::{AgentUpdateView, OfferUpdate, ReleaseView, BINARY, MANIFEST, SIGNATURE},
+    signing::{load_signing_key, sign_release},
+    AdminClient,
 };
+use shoal_proto::UnixMillis;
 
 use super::{print_json, table, Output};
 
@@ -52,6 +51,16 @@ pub enum ReleaseCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+}
+
+/// Now, as the release manifest's `created_at`.
+fn now_ms() -> UnixMillis {
+    UnixMillis(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    )
 }
 
 /// This machine's target triple, as the agent computes its own.

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use clap::Subcommand;
-use shoal_controller::{
-    admin::AdminClient,
-    view::{CertView, PendingView, ReenrolRequest, RevokeCertRequest, RevokedCertView},
+use shoal_api::{
+    identity::{CertView, PendingView, ReenrolRequest, RevokeCertRequest, RevokedCertView},
+    AdminClient,
 };
 
 use super::{print_json, table, Output};
