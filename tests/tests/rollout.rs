@@ -31,7 +31,7 @@
 //!    and the event log still never has two nodes unavailable at once.
 //!
 //! The controller runs with `--rollout-tick 1s` (hidden; default 5 s) so the driver's passes are
-//! quick. Needs root (skips with a reason otherwise, fails under CI) and `openssl`.
+//! quick. Needs root and `openssl` (skips with a reason otherwise, fails under CI).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -41,6 +41,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use shoal_tests::fleet::parse_time;
 use shoal_tests::releases::{add_releases, install_dir, stripped, update_status, ReleaseKey};
+use shoal_tests::testkit::{require, skip};
 use shoal_tests::{consistently, eventually, require_host_tests, Fleet, FleetConfig, OrPanic};
 
 const AGENTS: usize = 4;
@@ -70,6 +71,7 @@ exit 0
 fn four_agents_roll_one_at_a_time_roll_back_broken_releases_wait_for_windows_and_survive_a_restart()
 {
     require_host_tests!();
+    require!(skip::tool("openssl", "openssl"));
     let started = Instant::now();
     let work = tempfile::Builder::new()
         .prefix("shoal-rollout-")
@@ -97,6 +99,7 @@ fn four_agents_roll_one_at_a_time_roll_back_broken_releases_wait_for_windows_and
 #[test]
 fn a_controller_restart_during_a_download_does_not_fail_the_node() {
     require_host_tests!();
+    require!(skip::tool("openssl", "openssl"));
     let work = tempfile::Builder::new()
         .prefix("shoal-rollout-")
         .tempdir()
