@@ -1,8 +1,11 @@
 //! A tmpfs mounted for one test and unmounted when dropped: a small filesystem a test can fill,
 //! run out of inodes on, or remount read-only, without touching the machine's disks.
 
+use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{bail, Context, Result};
 
@@ -87,6 +90,30 @@ impl Tmpfs {
         let free = u64::from(st.blocks_available()) * u64::from(st.fragment_size());
         Ok(free)
     }
+
+    /// Writes a file that takes all but `leave` bytes of the free space (written out, since tmpfs
+    /// allocates pages on write, not on `set_len`); its path, to remove when space should come
+    /// back.
+    pub fn fill(&self, leave: u64) -> Result<PathBuf> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let path = self
+            .path
+            .join(format!("filler-{}", NEXT.fetch_add(1, Ordering::Relaxed)));
+        let len = self.free_bytes()?.saturating_sub(leave);
+        let mut file =
+            File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let chunk = vec![0xa5u8; 1 << 20];
+        let mut written = 0u64;
+        while written < len {
+            let n =
+                usize::try_from(len - written).map_or(chunk.len(), |left| left.min(chunk.len()));
+            file.write_all(&chunk[..n])
+                .with_context(|| format!("filling {}", path.display()))?;
+            written += n as u64;
+        }
+        file.sync_all()?;
+        Ok(path)
+    }
 }
 
 impl Drop for Tmpfs {
@@ -117,9 +144,14 @@ mod tests {
         assert!(free > 0 && free <= 1 << 20, "{free}");
         let big = vec![0u8; 2 << 20];
         assert!(
-            std::fs::write(path.join("filler"), big).is_err(),
+            std::fs::write(path.join("big"), big).is_err(),
             "a 1 MiB tmpfs takes no 2 MiB"
         );
+        std::fs::remove_file(path.join("big")).expect("remove the partial file");
+        let filler = fs.fill(64 << 10).expect("fills");
+        let left = fs.free_bytes().expect("statvfs");
+        assert!(left <= 64 << 10, "{left} bytes left");
+        std::fs::remove_file(filler).expect("remove the filler");
         fs.remount("ro").expect("remount ro");
         assert!(std::fs::write(path.join("another"), b"x").is_err());
         drop(fs);
