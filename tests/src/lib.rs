@@ -10,6 +10,7 @@
 //!   and are re-exported here.
 //! - [`bins`]: finds `shoal-controller`, `shoal-agent` and `shoalctl` next to the test executable.
 //! - [`fleet`]: a controller plus agents on one LAN, and `shoalctl` with its JSON parsed.
+//! - [`events`]: filters over the event log as `shoalctl events -o json` prints it.
 //! - [`netboot`]: a controller serving netboot on a LAN, and diskless qemu VMs booting from it.
 //! - [`releases`]: agent releases: a signing key, versions made by patching the version slot,
 //!   install dirs.
@@ -20,6 +21,7 @@
 //! tmpfs) checks it with the same macro.
 
 pub mod bins;
+pub mod events;
 pub mod fleet;
 pub mod netboot;
 pub mod netns;

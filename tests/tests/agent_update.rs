@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
+use shoal_tests::events as event;
 use shoal_tests::releases::{add_releases, install_dir, update_status as status, ReleaseKey};
 use shoal_tests::testkit::{require, skip, Tmpfs};
 use shoal_tests::{eventually, require_host_tests, Fleet, FleetConfig, OrPanic};
@@ -59,9 +60,9 @@ fn wait_failure(fleet: &Fleet, node: &str, version: &str, needle: &str) -> Resul
 fn has_event(fleet: &Fleet, kind: &str, node: &str, needle: &str) -> Result<()> {
     let events = fleet.events()?;
     ensure!(
-        events.iter().any(|e| e["kind"] == kind
-            && e["node"] == node
-            && e["message"].as_str().is_some_and(|m| m.contains(needle))),
+        events
+            .iter()
+            .any(|e| event::is(e, kind, node) && event::message(e).contains(needle)),
         "no {kind} event for {node} containing {needle:?}"
     );
     Ok(())
