@@ -7,380 +7,15 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::eventually;
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use common::{eventually, harness::*};
+use std::time::Duration;
 
-use shoal_agent::daemon::{self, AgentConfig};
-use shoal_controller::{
-    admin::{AdminClient, AdminConf, ADMIN_CONF_FILE},
-    ca,
-    server::{self, close_code, Controller, ControllerConfig},
-    view::{CreateToken, EventView, NodeView, TokenView},
-};
-use shoal_overlay::{pki, recv_msg, send_msg, tls};
+use shoal_controller::view::NodeView;
+use shoal_overlay::pki;
 use shoal_proto::{
-    limits, AgentMsg, ControllerMsg, Drive, DriveReport, DriveState, EnrolRequest, Enrolled,
-    HardwareId, HardwareIdSource, Hello, Inventory, NatMapping, NetInterface, NodeId, OverlayHello,
-    Reject, RejectCode, UnixMillis, MAX_FRAME_LEN, SUPPORTED,
+    limits, AgentMsg, Drive, DriveReport, DriveState, EnrolRequest, Inventory, NatMapping,
+    NetInterface, NodeId, OverlayHello, RejectCode, UnixMillis, MAX_FRAME_LEN, SUPPORTED,
 };
-use tokio::{sync::oneshot, task::JoinHandle};
-
-/// Deadline for anything that should happen "at once" on loopback.
-const PROMPT: Duration = Duration::from_secs(5);
-/// Deadline for an agent to enrol and come up.
-const AGENT_UP: Duration = Duration::from_secs(20);
-
-// ---------------------------------------------------------------------------------------------
-// Harness (the same shape as faults.rs': controller, real agent, hand-driven connections)
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Clone)]
-struct Admin {
-    client: AdminClient,
-}
-
-impl Admin {
-    async fn get<T: serde::de::DeserializeOwned + Send + 'static>(&self, path: &str) -> T {
-        let client = self.client.clone();
-        let path = path.to_owned();
-        tokio::task::spawn_blocking(move || client.get(&path).unwrap())
-            .await
-            .unwrap()
-    }
-
-    async fn create_token(&self, max_uses: Option<u32>) -> String {
-        let client = self.client.clone();
-        let body = CreateToken {
-            ttl_secs: Some(3600),
-            max_uses,
-            ..Default::default()
-        };
-        tokio::task::spawn_blocking(move || client.create_token(&body).unwrap().token)
-            .await
-            .unwrap()
-    }
-
-    async fn nodes(&self) -> Vec<NodeView> {
-        self.get("/v1/nodes").await
-    }
-
-    async fn node(&self, id: &NodeId) -> NodeView {
-        self.get(&format!("/v1/nodes/{id}")).await
-    }
-
-    async fn events(&self) -> Vec<EventView> {
-        self.get("/v1/events?limit=10000").await
-    }
-}
-
-struct Ctl {
-    quic: SocketAddr,
-    admin: Admin,
-    admin_conf: PathBuf,
-    ca_der: Vec<u8>,
-    ca_sha256: [u8; 32],
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), server::ServeError>>>,
-    _data: tempfile::TempDir,
-}
-
-impl Ctl {
-    async fn start(tweak: impl FnOnce(&mut ControllerConfig)) -> Ctl {
-        let data = tempfile::tempdir().unwrap();
-        let mut config = ControllerConfig::new(data.path().to_owned());
-        tweak(&mut config);
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let quic = udp.local_addr().unwrap();
-        let api = tcp.local_addr().unwrap();
-        let controller = tokio::task::spawn_blocking(move || Controller::open(config, api))
-            .await
-            .unwrap()
-            .unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(controller, udp, tcp, async {
-            let _ = stopped.await;
-        }));
-        let admin_conf = data.path().join(ADMIN_CONF_FILE);
-        let conf = AdminConf::read(&admin_conf).unwrap();
-        let ca_der =
-            ca::pem_to_der(&std::fs::read_to_string(data.path().join(ca::CA_CERT_FILE)).unwrap())
-                .unwrap();
-        let ca_sha256 = pki::sha256(&ca_der);
-        let admin = Admin {
-            client: AdminClient::new(&conf).unwrap(),
-        };
-        let ctl = Ctl {
-            quic,
-            admin,
-            admin_conf,
-            ca_der,
-            ca_sha256,
-            stop: Some(stop),
-            task: Some(task),
-            _data: data,
-        };
-        eventually(PROMPT, "admin API answers", || {
-            let client = ctl.admin.client.clone();
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    client.get::<Vec<NodeView>>("/v1/nodes").ok().map(|_| ())
-                })
-                .await
-                .unwrap()
-            }
-        })
-        .await;
-        ctl
-    }
-
-    async fn stop(mut self) {
-        let task = self.task.take().unwrap();
-        assert!(!task.is_finished(), "the controller stopped on its own");
-        let _ = self.stop.take().unwrap().send(());
-        let result = tokio::time::timeout(PROMPT, task)
-            .await
-            .expect("controller shuts down")
-            .expect("controller task");
-        result.expect("controller ran without error");
-    }
-
-    /// A real agent, enrolled and up; returns it and its node id.
-    async fn agent_up(&self, machine_id: &str) -> (Agent, String) {
-        let token = self.admin.create_token(None).await;
-        let agent = Agent::start(self.quic, machine_id, token);
-        let hw = format!("override:{machine_id}");
-        let node = eventually(
-            AGENT_UP,
-            &format!("agent {machine_id} enrolled, up and connected"),
-            || async {
-                self.admin
-                    .nodes()
-                    .await
-                    .into_iter()
-                    .find(|n| n.hardware_id == hw && n.status == "up" && n.connected)
-                    .map(|n| n.id)
-            },
-        )
-        .await;
-        (agent, node)
-    }
-
-    /// The controller still runs and the good agent is up, connected, and heartbeating: its
-    /// last-seen time moves on after `since`.
-    async fn assert_still_serving(&self, node: &str, since: Option<u64>) {
-        assert!(
-            !self.task.as_ref().unwrap().is_finished(),
-            "the controller stopped"
-        );
-        let id = NodeId(node.to_owned());
-        let n = self.admin.node(&id).await;
-        assert!(
-            n.status == "up" && n.connected,
-            "good node not up and connected: {n:?}"
-        );
-        if let Some(since) = since {
-            eventually(
-                Duration::from_secs(30),
-                "the good agent's heartbeat is still taken",
-                || async {
-                    self.admin
-                        .node(&id)
-                        .await
-                        .last_seen_unix_ms
-                        .filter(|t| *t > since)
-                        .map(|_| ())
-                },
-            )
-            .await;
-        }
-        let mut raw = Raw::enrolment(self).await;
-        raw.hello().await.expect("a new connection gets a Welcome");
-    }
-
-    /// Enrols a fresh key with a single-use token and opens its authenticated session (Hello done).
-    async fn raw_node(&self, machine: &str) -> (Raw, NodeId) {
-        let key = pki::generate_key().unwrap();
-        let token = self.admin.create_token(Some(1)).await;
-        let mut raw = Raw::enrolment(self).await;
-        raw.hello_as(machine).await.unwrap();
-        let csr_der = pki::make_csr(&key).unwrap();
-        raw.send(&AgentMsg::Enrol(EnrolRequest {
-            token,
-            csr_der,
-            hostname: machine.into(),
-        }))
-        .await;
-        let enrolled: Enrolled = match raw.recv().await {
-            Ok(Some(ControllerMsg::Enrolled(e))) => e,
-            other => panic!("expected Enrolled, got {other:?}"),
-        };
-        let cfg = tls::node_client_config(
-            &self.ca_der,
-            &enrolled.cert_der,
-            pki::tls_key(&key),
-            Duration::from_secs(5),
-        )
-        .unwrap();
-        let mut raw = Raw::connect(self.quic, cfg).await;
-        let welcome = raw.hello_as(machine).await.unwrap();
-        assert_eq!(welcome.as_ref(), Some(&enrolled.node_id));
-        (raw, enrolled.node_id)
-    }
-}
-
-impl Drop for Ctl {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-struct Agent {
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), daemon::AgentError>>>,
-    _state: tempfile::TempDir,
-}
-
-impl Agent {
-    fn start(controller: SocketAddr, machine_id: &str, token: String) -> Agent {
-        let state = tempfile::tempdir().unwrap();
-        let mut config = AgentConfig::new(controller, state.path().to_owned());
-        config.overlay_enabled = false;
-        config.token = Some(token);
-        config.machine_id = Some(machine_id.to_owned());
-        config.backoff_base = Duration::from_millis(100);
-        config.backoff_max = Duration::from_millis(500);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(daemon::run(config, async {
-            let _ = stopped.await;
-        }));
-        Agent {
-            stop: Some(stop),
-            task: Some(task),
-            _state: state,
-        }
-    }
-
-    async fn stop(mut self) {
-        let task = self.task.take().unwrap();
-        assert!(!task.is_finished(), "agent gave up: {:?}", task.await);
-        let _ = self.stop.take().unwrap().send(());
-        let r = tokio::time::timeout(PROMPT, task)
-            .await
-            .expect("agent shuts down")
-            .unwrap();
-        r.expect("agent ran without error");
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-/// A hand-driven client connection with one control stream.
-struct Raw {
-    _endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-}
-
-impl Raw {
-    async fn connect(addr: SocketAddr, config: quinn::ClientConfig) -> Raw {
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let connecting = endpoint
-            .connect_with(config, addr, tls::controller_server_name())
-            .unwrap();
-        let conn = tokio::time::timeout(PROMPT, connecting)
-            .await
-            .expect("handshake in time")
-            .unwrap();
-        let (send, recv) = tokio::time::timeout(PROMPT, conn.open_bi())
-            .await
-            .unwrap()
-            .unwrap();
-        Raw {
-            _endpoint: endpoint,
-            conn,
-            send,
-            recv,
-        }
-    }
-
-    async fn enrolment(ctl: &Ctl) -> Raw {
-        Raw::connect(
-            ctl.quic,
-            tls::enrol_client_config(ctl.ca_sha256, Duration::from_secs(5)).unwrap(),
-        )
-        .await
-    }
-
-    async fn send(&mut self, msg: &AgentMsg) {
-        send_msg(&mut self.send, msg).await.unwrap();
-    }
-
-    async fn recv(&mut self) -> Result<Option<ControllerMsg>, shoal_overlay::TransportError> {
-        tokio::time::timeout(PROMPT, recv_msg::<ControllerMsg>(&mut self.recv))
-            .await
-            .expect("controller answers promptly")
-    }
-
-    async fn hello_as(&mut self, machine: &str) -> Result<Option<NodeId>, Reject> {
-        self.send(&AgentMsg::Hello(Hello {
-            protocol: SUPPORTED,
-            agent_version: "bounds-test".into(),
-            hardware_id: HardwareId {
-                source: HardwareIdSource::Override,
-                value: machine.into(),
-            },
-        }))
-        .await;
-        match self.recv().await {
-            Ok(Some(ControllerMsg::Welcome(w))) => Ok(w.node_id),
-            Ok(Some(ControllerMsg::Reject(r))) => Err(r),
-            other => panic!("expected Welcome or Reject, got {other:?}"),
-        }
-    }
-
-    async fn hello(&mut self) -> Result<Option<NodeId>, Reject> {
-        self.hello_as("bounds-raw").await
-    }
-
-    /// The next Reject, skipping what the controller sends a node on its own (drive policy...).
-    async fn expect_reject(&mut self) -> Reject {
-        loop {
-            match self.recv().await {
-                Ok(Some(ControllerMsg::Reject(r))) => return r,
-                Ok(Some(_)) => continue,
-                other => panic!("expected a Reject, got {other:?}"),
-            }
-        }
-    }
-
-    /// Waits for the controller to close with the protocol code; returns the reason.
-    async fn expect_protocol_close(&self) -> String {
-        match tokio::time::timeout(PROMPT, self.conn.closed())
-            .await
-            .expect("controller closes promptly")
-        {
-            quinn::ConnectionError::ApplicationClosed(c) => {
-                assert_eq!(
-                    c.error_code,
-                    close_code::PROTOCOL.into(),
-                    "close code: {c:?}"
-                );
-                String::from_utf8_lossy(&c.reason).into_owned()
-            }
-            other => panic!("expected an application close by the controller, got {other:?}"),
-        }
-    }
-}
 
 fn inventory(hostname: &str, nics: usize) -> AgentMsg {
     AgentMsg::Inventory(Inventory {
@@ -423,7 +58,7 @@ fn drives(list: Vec<Drive>) -> AgentMsg {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_limit_messages_are_refused_with_the_reason_and_nothing_of_them_is_kept() {
-    let ctl = Ctl::start(|_| {}).await;
+    let ctl = Ctl::start().await;
     let (agent, good) = ctl.agent_up("bounds-limits-good").await;
 
     // An enrolled node reports a good inventory, then one with an interface too many.
@@ -440,7 +75,7 @@ async fn over_limit_messages_are_refused_with_the_reason_and_nothing_of_them_is_
     .await;
     raw.send(&inventory("raw-host-2", limits::MAX_NICS + 1))
         .await;
-    let r = raw.expect_reject().await;
+    let r = raw.next_reject().await;
     assert_eq!(r.code, RejectCode::BadRequest, "{r}");
     assert!(
         r.message.contains("inventory.nics") && r.message.contains(&limits::MAX_NICS.to_string()),
@@ -459,7 +94,7 @@ async fn over_limit_messages_are_refused_with_the_reason_and_nothing_of_them_is_
     let (mut raw, _) = ctl.raw_node("bounds-limits-raw2").await;
     raw.send(&drives(vec![drive("sda", "m"); limits::MAX_DRIVES + 1]))
         .await;
-    let r = raw.expect_reject().await;
+    let r = raw.next_reject().await;
     assert!(
         r.code == RejectCode::BadRequest && r.message.contains("drives.drives"),
         "{r}"
@@ -474,13 +109,13 @@ async fn over_limit_messages_are_refused_with_the_reason_and_nothing_of_them_is_
         nat: NatMapping::Unknown,
     }))
     .await;
-    let r = raw.expect_reject().await;
+    let r = raw.next_reject().await;
     assert!(r.message.contains("overlay.local_endpoints"), "{r}");
 
     // An enrolment whose hostname is over the bound is refused before the token is spent.
     let token = ctl.admin.create_token(Some(1)).await;
     let mut raw = Raw::enrolment(&ctl).await;
-    raw.hello().await.unwrap();
+    raw.hello(SUPPORTED).await.unwrap();
     let key = pki::generate_key().unwrap();
     let hostname = "h".repeat(limits::MAX_HOSTNAME_LEN + 1);
     raw.send(&AgentMsg::Enrol(EnrolRequest {
@@ -489,15 +124,13 @@ async fn over_limit_messages_are_refused_with_the_reason_and_nothing_of_them_is_
         hostname,
     }))
     .await;
-    let r = raw.expect_reject().await;
+    let r = raw.next_reject().await;
     assert!(
         r.code == RejectCode::BadRequest && r.message.contains("enrol.hostname"),
         "{r}"
     );
-    let token_id = token.split('.').nth(1).unwrap().to_owned();
-    let tokens: Vec<TokenView> = ctl.admin.get("/v1/tokens").await;
     assert_eq!(
-        tokens.iter().find(|t| t.id == token_id).map(|t| t.uses),
+        ctl.admin.token_uses(&token).await,
         Some(0),
         "the token was not spent"
     );
@@ -507,14 +140,14 @@ async fn over_limit_messages_are_refused_with_the_reason_and_nothing_of_them_is_
         .node(&NodeId(good.clone()))
         .await
         .last_seen_unix_ms;
-    ctl.assert_still_serving(&good, since).await;
+    ctl.assert_node_still_served(&good, since).await;
     agent.stop().await;
     ctl.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trickled_megabyte_frames_do_not_stop_the_good_agent() {
-    let ctl = Ctl::start(|c| c.hello_timeout = Duration::from_secs(2)).await;
+    let ctl = Ctl::start_with(|c| c.hello_timeout = Duration::from_secs(2)).await;
     let (agent, good) = ctl.agent_up("bounds-trickle-good").await;
 
     // Unauthenticated clients announce a 1 MiB frame and send a byte at a time; an enrolled node
@@ -557,14 +190,14 @@ async fn trickled_megabyte_frames_do_not_stop_the_good_agent() {
         .node(&NodeId(good.clone()))
         .await
         .last_seen_unix_ms;
-    ctl.assert_still_serving(&good, since).await;
+    ctl.assert_node_still_served(&good, since).await;
     agent.stop().await;
     ctl.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_flapping_a_drive_does_not_flood_the_event_log() {
-    let ctl = Ctl::start(|_| {}).await;
+    let ctl = Ctl::start().await;
     let (agent, good) = ctl.agent_up("bounds-events-good").await;
     let (mut raw, id) = ctl.raw_node("bounds-events-raw").await;
 
@@ -596,12 +229,7 @@ async fn a_node_flapping_a_drive_does_not_flood_the_event_log() {
         "the node's session is not closed for reporting"
     );
     let events = ctl.admin.events().await;
-    let of = |kind: &str| {
-        events
-            .iter()
-            .filter(|e| e.node.as_deref() == Some(id.0.as_str()) && e.kind == kind)
-            .count()
-    };
+    let of = |kind: &str| events.iter().filter(|e| is_event(e, kind, &id.0)).count();
     // 200 appearances and 200 removals of sdb, plus sda's and sdc's appearances.
     assert!(
         of("drive_appeared") <= 128 + 1,
@@ -620,9 +248,7 @@ async fn a_node_flapping_a_drive_does_not_flood_the_event_log() {
     );
     // The good node's own events are still there and it is still served.
     assert!(
-        events
-            .iter()
-            .any(|e| e.node.as_deref() == Some(good.as_str()) && e.kind == "up"),
+        events.iter().any(|e| is_event(e, "up", &good)),
         "the good node's events are kept"
     );
     let since = ctl
@@ -630,7 +256,7 @@ async fn a_node_flapping_a_drive_does_not_flood_the_event_log() {
         .node(&NodeId(good.clone()))
         .await
         .last_seen_unix_ms;
-    ctl.assert_still_serving(&good, since).await;
+    ctl.assert_node_still_served(&good, since).await;
     agent.stop().await;
     ctl.stop().await;
 }
@@ -639,9 +265,9 @@ async fn a_node_flapping_a_drive_does_not_flood_the_event_log() {
 /// `CARGO_BIN_EXE_shoalctl`: it is found in the target dir above this test's `deps/` (or in
 /// `$SHOAL_BIN_DIR`), where `cargo build --workspace --bins`, `cargo build -p shoalctl` or
 /// `cargo test -p shoalctl` put it.
-fn shoalctl_bin() -> PathBuf {
+fn shoalctl_bin() -> std::path::PathBuf {
     let dir = match std::env::var_os("SHOAL_BIN_DIR") {
-        Some(dir) => PathBuf::from(dir),
+        Some(dir) => std::path::PathBuf::from(dir),
         None => {
             let exe = std::env::current_exe().unwrap();
             exe.parent()
@@ -659,25 +285,21 @@ fn shoalctl_bin() -> PathBuf {
     bin
 }
 
-/// Runs the real shoalctl binary.
+/// Runs the real shoalctl binary; its output, which must be UTF-8.
 fn shoalctl(conf: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(shoalctl_bin())
-        .arg("--config")
-        .arg(conf)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "shoalctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    let out = shoal_testkit::cmd::output(
+        std::process::Command::new(shoalctl_bin())
+            .arg("--config")
+            .arg(conf)
+            .args(args),
+    )
+    .unwrap();
+    String::from_utf8(out).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shoalctl_prints_agent_supplied_text_without_terminal_controls() {
-    let ctl = Ctl::start(|_| {}).await;
+    let ctl = Ctl::start().await;
     let (agent, good) = ctl.agent_up("bounds-ctl-good").await;
     let (mut raw, id) = ctl.raw_node("bounds-ctl-raw").await;
     let title = "\x1b]0;pwn\x07";
@@ -760,14 +382,14 @@ async fn shoalctl_prints_agent_supplied_text_without_terminal_controls() {
         .node(&NodeId(good.clone()))
         .await
         .last_seen_unix_ms;
-    ctl.assert_still_serving(&good, since).await;
+    ctl.assert_node_still_served(&good, since).await;
     agent.stop().await;
     ctl.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_arriving_in_pieces_is_taken_whole_while_the_controller_sends_to_the_node() {
-    let ctl = Ctl::start(|_| {}).await;
+    let ctl = Ctl::start().await;
     let (mut raw, id) = ctl.raw_node("bounds-slow-frame").await;
     // A 30 KiB inventory written in 1 KiB pieces; between pieces an operator changes the node's
     // drive policy, so the controller has a message for the node while the frame is half read.

@@ -6,10 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-#[path = "common/harness.rs"]
-mod harness;
-use common::eventually;
-use harness::*;
+use common::{eventually, harness::*};
 
 use std::{sync::Arc, time::Duration};
 

@@ -5,11 +5,9 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-#[path = "common/harness.rs"]
-mod harness;
-use common::eventually;
-use harness::*;
-use std::{path::Path, time::Duration};
+use common::{consistently, eventually, harness::*};
+use shoal_testkit::{require, Tmpfs};
+use std::time::Duration;
 
 use shoal_agent::daemon;
 use shoal_controller::{ca::Ca, server};
@@ -399,85 +397,19 @@ async fn renewal_issues_a_fresh_certificate_for_the_same_node() {
 // Full disk
 // ---------------------------------------------------------------------------------------------
 
-/// A tmpfs mounted for the test, unmounted on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    /// `Ok(None)` when mounting is not permitted here.
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .expect("run mount");
-        if out.status.success() {
-            return Some(Tmpfs { dir });
-        }
-        let err = String::from_utf8_lossy(&out.stderr);
-        let eperm = err.contains("ermission denied")
-            || err.contains("not permitted")
-            || err.contains("must be superuser");
-        assert!(
-            eperm,
-            "mount tmpfs failed for a reason other than permissions: {err}"
-        );
-        eprintln!(
-            "SKIP: cannot mount a tmpfs here (not permitted): {}",
-            err.trim()
-        );
-        None
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn free(&self) -> u64 {
-        let st = nix::sys::statvfs::statvfs(self.path()).unwrap();
-        #[allow(clippy::useless_conversion)]
-        let free = u64::from(st.blocks_available()) * u64::from(st.fragment_size());
-        free
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disk_refuses_enrolment_transiently_and_recovers() {
-    let Some(fs) = Tmpfs::mount("40m") else {
-        return;
-    };
+    // Skips without permission to mount, or fails where tests must run (the rule).
+    let fs = require!(Tmpfs::new("40m"));
     let data = fs.path().join("data");
     let ctl = Ctl::start_in(data.clone(), |_| {}).await;
     let (agent, node) = ctl.agent_up("faults-disk-good").await;
     let token = ctl.admin.create_token(None).await;
 
-    // Leave less than the store's 8 MiB reserve. tmpfs allocates on write, so write the bytes.
-    let filler_path = fs.path().join("filler");
-    {
-        use std::io::Write;
-        let target = fs.free().saturating_sub(4 * 1024 * 1024);
-        let mut f = std::fs::File::create(&filler_path).unwrap();
-        let chunk = vec![0xa5u8; 1024 * 1024];
-        let mut written = 0u64;
-        while written < target {
-            let n = chunk.len().min((target - written) as usize);
-            f.write_all(&chunk[..n]).unwrap();
-            written += n as u64;
-        }
-        f.sync_all().unwrap();
-    }
-    assert!(fs.free() < 8 * 1024 * 1024, "free: {}", fs.free());
+    // Leave less than the store's 8 MiB reserve.
+    let filler_path = fs.fill(4 * 1024 * 1024).unwrap();
+    let free = fs.free_bytes().unwrap();
+    assert!(free < 8 * 1024 * 1024, "free: {free}");
 
     // What an enrolling agent sees.
     let key = pki::generate_key().unwrap();
@@ -495,18 +427,19 @@ async fn full_disk_refuses_enrolment_transiently_and_recovers() {
 
     // A real agent meanwhile keeps retrying instead of giving up.
     let late = Agent::start(ctl.quic, "faults-disk-late", token);
-    tokio::time::sleep(Duration::from_millis(1500)).await; // several retries at 100..500 ms backoff
-    assert!(
-        ctl.admin
-            .node_by_machine("faults-disk-late")
-            .await
-            .is_none(),
-        "enrolled on a full disk?"
-    );
-    assert!(
-        !late.task.as_ref().unwrap().is_finished(),
-        "agent gave up on a transient refusal"
-    );
+    // Several retries at 100..500 ms backoff.
+    consistently(
+        Duration::from_millis(1500),
+        "the late agent neither enrols on a full disk nor gives up on a transient refusal",
+        || async {
+            ctl.admin
+                .node_by_machine("faults-disk-late")
+                .await
+                .is_none()
+                && !late.task.as_ref().unwrap().is_finished()
+        },
+    )
+    .await;
     // The fleet stays visible and the enrolled node stays listed.
     let listed = ctl.admin.nodes().await;
     assert!(

@@ -7,10 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-#[path = "common/harness.rs"]
-mod harness;
-use common::eventually;
-use harness::*;
+use common::{eventually, harness::*};
 
 use std::sync::Arc;
 
@@ -21,51 +18,8 @@ use shoal_controller::view::{
 use shoal_overlay::{pki, tls};
 use shoal_proto::{AgentMsg, ControllerMsg, RejectCode, RenewRequest, RotateKeyRequest, SUPPORTED};
 
-async fn events(ctl: &Ctl) -> Vec<EventView> {
-    ctl.admin.get("/v1/events?limit=10000").await
-}
-
-async fn events_of(ctl: &Ctl, kind: &str, node: &str) -> Vec<EventView> {
-    events(ctl)
-        .await
-        .into_iter()
-        .filter(|e| e.kind == kind && e.node.as_deref() == Some(node))
-        .collect()
-}
-
-async fn post<T: serde::de::DeserializeOwned + Send + 'static>(
-    ctl: &Ctl,
-    path: &str,
-    body: impl serde::Serialize + Send + 'static,
-) -> T {
-    let client = ctl.admin.client.clone();
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || client.post(&path, &body).unwrap())
-        .await
-        .unwrap()
-}
-
-async fn post_no_content(ctl: &Ctl, path: &str, body: impl serde::Serialize + Send + 'static) {
-    let client = ctl.admin.client.clone();
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || client.post_no_content(&path, &body).unwrap())
-        .await
-        .unwrap()
-}
-
 async fn pending(ctl: &Ctl) -> Vec<PendingView> {
     ctl.admin.get("/v1/enrolments/pending").await
-}
-
-async fn token_uses(ctl: &Ctl, token: &str) -> u32 {
-    let id = token.split('.').nth(1).unwrap();
-    ctl.admin
-        .tokens()
-        .await
-        .into_iter()
-        .find(|t| t.id == id)
-        .map(|t| t.uses)
-        .unwrap()
 }
 
 fn key_print(key: &rcgen::KeyPair) -> String {
@@ -84,26 +38,12 @@ async fn node_hello(
     Ok((raw, w))
 }
 
-/// Reads until a message `pick` accepts (skipping the drive policy and the like).
-async fn recv_until<T>(raw: &mut Raw, mut pick: impl FnMut(ControllerMsg) -> Option<T>) -> T {
-    loop {
-        match raw.recv().await {
-            Ok(Some(m)) => {
-                if let Some(t) = pick(m) {
-                    return t;
-                }
-            }
-            other => panic!("connection ended while waiting: {other:?}"),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_impostor_with_a_valid_token_gets_no_certificate_for_a_live_node_and_the_node_keeps_its_session(
 ) {
     let ctl = Ctl::start().await;
     let (agent, node) = ctl.agent_up("id-victim").await;
-    let before = events(&ctl).await.last().map(|e| e.seq).unwrap_or(0);
+    let before = last_seq(&ctl.admin.events().await);
 
     // The impostor knows the victim's hardware id and holds a perfectly valid token.
     let token = ctl.admin.create_token(None).await;
@@ -117,8 +57,12 @@ async fn an_impostor_with_a_valid_token_gets_no_certificate_for_a_live_node_and_
         assert_eq!(refused.code, RejectCode::IdentityInUse, "{refused}");
         assert!(refused.message.contains(&node), "{}", refused.message);
     }
-    assert_eq!(token_uses(&ctl, &token).await, 0, "refusals spend no use");
-    let claims = events_of(&ctl, "claim_refused", &node).await;
+    assert_eq!(
+        ctl.admin.token_uses(&token).await.unwrap(),
+        0,
+        "refusals spend no use"
+    );
+    let claims = ctl.admin.events_of("claim_refused", &node).await;
     assert!(!claims.is_empty(), "the claims are logged as events");
     assert!(
         claims[0].message.contains("127.0.0.1"),
@@ -127,10 +71,12 @@ async fn an_impostor_with_a_valid_token_gets_no_certificate_for_a_live_node_and_
     );
 
     // The victim never lost its session: no down/up, no replacement, still the same node.
-    let after: Vec<EventView> = events(&ctl)
+    let after: Vec<EventView> = ctl
+        .admin
+        .events()
         .await
         .into_iter()
-        .filter(|e| e.seq > before && e.node.as_deref() == Some(&node))
+        .filter(|e| e.seq > before && about(e, &node))
         .collect();
     assert!(
         after.iter().all(|e| e.kind == "claim_refused"),
@@ -249,11 +195,11 @@ async fn a_lost_enrolment_reply_is_answered_again_for_the_same_key_without_spend
         pki::cert_info(&first.cert_der).unwrap().serial
     );
     assert_eq!(
-        token_uses(&ctl, &token).await,
+        ctl.admin.token_uses(&token).await.unwrap(),
         1,
         "one use for one enrolment"
     );
-    let enrolled = events_of(&ctl, "enrolled", &first.node_id.0).await;
+    let enrolled = ctl.admin.events_of("enrolled", &first.node_id.0).await;
     assert_eq!(enrolled.len(), 1, "one enrolment event: {enrolled:?}");
     // Another key cannot ride on the spent token.
     let other = pki::generate_key().unwrap();
@@ -317,14 +263,18 @@ async fn a_claim_without_proof_waits_for_an_operator_who_approves_or_denies_it()
         .expect_err("still waiting");
     let listed = pending(&ctl).await;
     assert_eq!((listed.len(), listed[0].attempts), (1, 2), "{listed:?}");
-    assert_eq!(events_of(&ctl, "enrolment_pending", &node).await.len(), 1);
+    assert_eq!(
+        ctl.admin.events_of("enrolment_pending", &node).await.len(),
+        1
+    );
 
-    let approved: PendingView = post(
-        &ctl,
-        &format!("/v1/enrolments/pending/{}/approve", request.id),
-        serde_json::json!({}),
-    )
-    .await;
+    let approved: PendingView = ctl
+        .admin
+        .post(
+            &format!("/v1/enrolments/pending/{}/approve", request.id),
+            serde_json::json!({}),
+        )
+        .await;
     assert_eq!(approved.state, "approved");
     let back = Raw::enrolment(&ctl)
         .await
@@ -344,7 +294,9 @@ async fn a_claim_without_proof_waits_for_an_operator_who_approves_or_denies_it()
         .await
         .expect_err("old key refused");
     assert_eq!(r.code, RejectCode::CertificateRefused, "{r}");
-    assert!(!events_of(&ctl, "certificate_refused", &node)
+    assert!(!ctl
+        .admin
+        .events_of("certificate_refused", &node)
         .await
         .is_empty());
 
@@ -361,12 +313,13 @@ async fn a_claim_without_proof_waits_for_an_operator_who_approves_or_denies_it()
         .find(|p| p.key == key_print(&k3))
         .unwrap()
         .id;
-    let denied: PendingView = post(
-        &ctl,
-        &format!("/v1/enrolments/pending/{id}/deny"),
-        serde_json::json!({}),
-    )
-    .await;
+    let denied: PendingView = ctl
+        .admin
+        .post(
+            &format!("/v1/enrolments/pending/{id}/deny"),
+            serde_json::json!({}),
+        )
+        .await;
     assert_eq!(denied.state, "denied");
     let refused = Raw::enrolment(&ctl)
         .await
@@ -400,14 +353,14 @@ async fn an_armed_reenrolment_admits_one_claim_and_never_against_a_live_node() {
 
     // While the node is connected, even an armed re-enrolment does not let a claim through.
     let (live, _) = node_hello(&ctl, &original.cert_der, &k1).await.unwrap();
-    post_no_content(
-        &ctl,
-        &format!("/v1/nodes/{node}/reenrol"),
-        ReenrolRequest {
-            ttl_secs: Some(600),
-        },
-    )
-    .await;
+    ctl.admin
+        .post_no_content(
+            &format!("/v1/nodes/{node}/reenrol"),
+            ReenrolRequest {
+                ttl_secs: Some(600),
+            },
+        )
+        .await;
     let refused = Raw::enrolment(&ctl)
         .await
         .enrol_as(&token, &k2, "id-armed")
@@ -431,7 +384,7 @@ async fn an_armed_reenrolment_admits_one_claim_and_never_against_a_live_node() {
         .await
         .expect("armed re-enrolment admits the claim");
     assert_eq!(back.node_id.0, node);
-    let reenrolled = events_of(&ctl, "reenrolled", &node).await;
+    let reenrolled = ctl.admin.events_of("reenrolled", &node).await;
     assert!(
         reenrolled
             .last()
@@ -469,11 +422,12 @@ async fn renewals_keep_the_key_and_rotations_need_the_old_keys_signature() {
         csr_der: pki::make_csr(&k2).unwrap(),
     }))
     .await;
-    let r = recv_until(&mut raw, |m| match m {
-        ControllerMsg::Reject(r) => Some(r),
-        _ => None,
-    })
-    .await;
+    let r = raw
+        .recv_until(|m| match m {
+            ControllerMsg::Reject(r) => Some(r),
+            _ => None,
+        })
+        .await;
     assert_eq!(r.code, RejectCode::BadRequest, "{r}");
 
     // A rotation the new key signs for itself proves nothing.
@@ -486,11 +440,12 @@ async fn renewals_keep_the_key_and_rotations_need_the_old_keys_signature() {
         signature: forged,
     }))
     .await;
-    let r = recv_until(&mut raw, |m| match m {
-        ControllerMsg::Reject(r) => Some(r),
-        _ => None,
-    })
-    .await;
+    let r = raw
+        .recv_until(|m| match m {
+            ControllerMsg::Reject(r) => Some(r),
+            _ => None,
+        })
+        .await;
     assert_eq!(r.code, RejectCode::BadRequest, "{r}");
 
     // Signed by the old key: a certificate for the new key.
@@ -501,12 +456,13 @@ async fn renewals_keep_the_key_and_rotations_need_the_old_keys_signature() {
         signature,
     }))
     .await;
-    let renewed = recv_until(&mut raw, |m| match m {
-        ControllerMsg::Renewed(r) => Some(r),
-        ControllerMsg::Reject(r) => panic!("rotation refused: {r}"),
-        _ => None,
-    })
-    .await;
+    let renewed = raw
+        .recv_until(|m| match m {
+            ControllerMsg::Renewed(r) => Some(r),
+            ControllerMsg::Reject(r) => panic!("rotation refused: {r}"),
+            _ => None,
+        })
+        .await;
     assert_eq!(
         pki::cert_info(&renewed.cert_der).unwrap().key_sha256,
         pki::sha256(&spki)
@@ -525,7 +481,7 @@ async fn renewals_keep_the_key_and_rotations_need_the_old_keys_signature() {
         .await
         .expect_err("old key refused after the rotation");
     assert_eq!(r.code, RejectCode::CertificateRefused, "{r}");
-    assert!(!events_of(&ctl, "key_rotated", &node.0).await.is_empty());
+    assert!(!ctl.admin.events_of("key_rotated", &node.0).await.is_empty());
     ctl.stop().await;
 }
 
@@ -546,11 +502,12 @@ async fn a_revoked_serial_is_refused_and_a_revoked_current_key_is_rotated_away()
         csr_der: pki::make_csr(&k1).unwrap(),
     }))
     .await;
-    let second = recv_until(&mut raw, |m| match m {
-        ControllerMsg::Renewed(r) => Some(r),
-        _ => None,
-    })
-    .await;
+    let second = raw
+        .recv_until(|m| match m {
+            ControllerMsg::Renewed(r) => Some(r),
+            _ => None,
+        })
+        .await;
     drop(raw);
     let certs: Vec<CertView> = ctl
         .admin
@@ -565,22 +522,21 @@ async fn a_revoked_serial_is_refused_and_a_revoked_current_key_is_rotated_away()
     // Connected with the second certificate, the first (same key: a copy may be out there) is
     // revoked: the node is asked to rotate at once.
     let (mut live, _) = node_hello(&ctl, &second.cert_der, &k1).await.unwrap();
-    let done: RevokedCertView = post(
-        &ctl,
-        &format!("/v1/certificates/{old_serial}/revoke"),
-        RevokeCertRequest {
-            reason: Some("laptop stolen".into()),
-        },
-    )
-    .await;
+    let done: RevokedCertView = ctl
+        .admin
+        .post(
+            &format!("/v1/certificates/{old_serial}/revoke"),
+            RevokeCertRequest {
+                reason: Some("laptop stolen".into()),
+            },
+        )
+        .await;
     assert!(
         done.rotation_required && done.closed_connections == 0,
         "{done:?}"
     );
-    recv_until(&mut live, |m| {
-        matches!(m, ControllerMsg::RotateKey { .. }).then_some(())
-    })
-    .await;
+    live.recv_until(|m| matches!(m, ControllerMsg::RotateKey { .. }).then_some(()))
+        .await;
     let k2 = pki::generate_key().unwrap();
     let csr = pki::make_csr(&k2).unwrap();
     let signature = pki::sign_rotation(&k1, &node, &pki::csr_spki(&csr).unwrap()).unwrap();
@@ -589,11 +545,12 @@ async fn a_revoked_serial_is_refused_and_a_revoked_current_key_is_rotated_away()
         signature,
     }))
     .await;
-    let rotated = recv_until(&mut live, |m| match m {
-        ControllerMsg::Renewed(r) => Some(r),
-        _ => None,
-    })
-    .await;
+    let rotated = live
+        .recv_until(|m| match m {
+            ControllerMsg::Renewed(r) => Some(r),
+            _ => None,
+        })
+        .await;
     drop(live);
     // The revoked serial is refused on every connection from now on.
     let r = node_hello(&ctl, &enrolled.cert_der, &k1)
@@ -607,24 +564,23 @@ async fn a_revoked_serial_is_refused_and_a_revoked_current_key_is_rotated_away()
     // Revoking the certificate a connection is using closes that connection at once.
     let (mut live, _) = node_hello(&ctl, &rotated.cert_der, &k2).await.unwrap();
     let serial = pki::cert_info(&rotated.cert_der).unwrap().serial;
-    let done: RevokedCertView = post(
-        &ctl,
-        &format!("/v1/certificates/{serial}/revoke"),
-        RevokeCertRequest::default(),
-    )
-    .await;
+    let done: RevokedCertView = ctl
+        .admin
+        .post(
+            &format!("/v1/certificates/{serial}/revoke"),
+            RevokeCertRequest::default(),
+        )
+        .await;
     assert_eq!(done.closed_connections, 1, "{done:?}");
-    let r = recv_until(&mut live, |m| match m {
-        ControllerMsg::Reject(r) => Some(r),
-        _ => None,
-    })
-    .await;
+    let r = live
+        .recv_until(|m| match m {
+            ControllerMsg::Reject(r) => Some(r),
+            _ => None,
+        })
+        .await;
     assert_eq!(r.code, RejectCode::CertificateRefused, "{r}");
-    let revoked: Vec<Value> = events(&ctl)
-        .await
-        .into_iter()
-        .filter(|e| e.kind == "certificate_revoked")
-        .map(|e| Value::String(e.message))
+    let revoked: Vec<Value> = of_kind(&ctl.admin.events().await, "certificate_revoked")
+        .map(|e| Value::String(e.message.clone()))
         .collect();
     assert_eq!(revoked.len(), 2, "{revoked:?}");
     ctl.stop().await;
@@ -636,12 +592,12 @@ async fn a_real_agent_rotates_its_key_on_request_and_stays_the_same_node() {
     let (agent, node) = ctl.agent_up("id-agent-rotate").await;
     let before: shoal_controller::view::NodeView =
         ctl.admin.get(&format!("/v1/nodes/{node}")).await;
-    post_no_content(
-        &ctl,
-        &format!("/v1/nodes/{node}/rotate-key"),
-        serde_json::json!({}),
-    )
-    .await;
+    ctl.admin
+        .post_no_content(
+            &format!("/v1/nodes/{node}/rotate-key"),
+            serde_json::json!({}),
+        )
+        .await;
     let after = eventually(
         AGENT_UP,
         "the agent rotated and reconnected with its new key",
@@ -675,24 +631,26 @@ async fn a_real_agent_whose_only_certificate_is_revoked_asks_to_be_readmitted() 
         .get(&format!("/v1/nodes/{node}/certificates"))
         .await;
     let serial = certs[0].serial.clone();
-    let _: RevokedCertView = post(
-        &ctl,
-        &format!("/v1/certificates/{serial}/revoke"),
-        RevokeCertRequest::default(),
-    )
-    .await;
+    let _: RevokedCertView = ctl
+        .admin
+        .post(
+            &format!("/v1/certificates/{serial}/revoke"),
+            RevokeCertRequest::default(),
+        )
+        .await;
     // It drops the refused certificate and enrols again with its token and a new key: that is a
     // claim of its old record without proof, which waits for an operator.
     let request = eventually(AGENT_UP, "the agent's new claim is pending", || async {
         pending(&ctl).await.into_iter().find(|p| p.node == node)
     })
     .await;
-    let _: PendingView = post(
-        &ctl,
-        &format!("/v1/enrolments/pending/{}/approve", request.id),
-        serde_json::json!({}),
-    )
-    .await;
+    let _: PendingView = ctl
+        .admin
+        .post(
+            &format!("/v1/enrolments/pending/{}/approve", request.id),
+            serde_json::json!({}),
+        )
+        .await;
     let back = ctl.wait_up("id-agent-revoked").await;
     assert_eq!(back, node, "readmitted as the same node");
     agent.stop().await;

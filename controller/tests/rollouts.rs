@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::eventually;
+use common::{consistently, eventually, harness::*};
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
@@ -16,14 +16,12 @@ use std::{
 };
 
 use shoal_controller::{
-    admin::{AdminClient, AdminConf, ADMIN_CONF_FILE},
-    ca,
     maintenance::{
         view::{CreateWindow, RolloutView, StartRollout, WindowView},
         NodeUpgrader, RolloutClock, TargetKind, UpgradeError,
     },
     rollout::Target,
-    server::{self, Controller, ControllerConfig},
+    server::ControllerConfig,
     view::{CreateToken, EventView},
 };
 use shoal_overlay::{pki, recv_msg, send_msg, tls};
@@ -31,34 +29,10 @@ use shoal_proto::{
     AgentMsg, CheckResult, ControllerMsg, EnrolRequest, HardwareId, HardwareIdSource, Hello,
     NodeId, UpdateReport, SUPPORTED,
 };
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
-const PROMPT: Duration = Duration::from_secs(5);
 const OLD: &str = "1.0.0";
 const NEW: &str = "1.1.0";
-
-async fn get<T: serde::de::DeserializeOwned + Send + 'static>(
-    client: &AdminClient,
-    path: &str,
-) -> T {
-    let client = client.clone();
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || client.get(&path).unwrap())
-        .await
-        .unwrap()
-}
-
-async fn post<T: serde::de::DeserializeOwned + Send + 'static>(
-    client: &AdminClient,
-    path: &str,
-    body: serde_json::Value,
-) -> T {
-    let client = client.clone();
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || client.post(&path, &body).unwrap())
-        .await
-        .unwrap()
-}
 
 /// What each node should run: `None` = down (rebooting, or never coming back).
 type Wanted = Arc<Mutex<HashMap<NodeId, watch::Sender<Option<String>>>>>;
@@ -109,82 +83,34 @@ impl NodeUpgrader for FakeUpgrader {
     }
 }
 
+/// An in-process controller whose agent rollouts go to a [`FakeUpgrader`].
 struct Fleet {
-    quic: SocketAddr,
-    api: SocketAddr,
-    client: AdminClient,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), server::ServeError>>>,
+    ctl: Ctl,
     upgrader: Arc<FakeUpgrader>,
-    dir: tempfile::TempDir,
     /// The rollout driver's clock (test hook).
     clock: RolloutClock,
 }
 
-impl Fleet {
-    /// Opens a controller in `dir` on these sockets and runs it.
-    async fn run_controller(
-        dir: &std::path::Path,
-        udp: std::net::UdpSocket,
-        tcp: std::net::TcpListener,
-        clock: RolloutClock,
-        upgrader: Option<Arc<FakeUpgrader>>,
-    ) -> (
-        Arc<Controller>,
-        oneshot::Sender<()>,
-        tokio::task::JoinHandle<Result<(), server::ServeError>>,
-        AdminClient,
-    ) {
-        let mut config = ControllerConfig::new(dir.to_owned());
+/// The controller's configuration here: a quick rollout driver on `clock`.
+fn config(clock: &RolloutClock) -> impl FnOnce(&mut ControllerConfig) {
+    let clock = clock.clone();
+    move |config| {
         config.rollout_tick = Duration::from_millis(100);
         config.rollout_clock = clock;
-        let api = tcp.local_addr().unwrap();
-        let controller = tokio::task::spawn_blocking(move || Controller::open(config, api))
-            .await
-            .unwrap()
-            .unwrap();
-        // Installed before the driver's first pass (`open` installs the real agent executor).
-        if let Some(upgrader) = upgrader {
-            controller.set_upgrader(TargetKind::Agent, upgrader);
-        }
-        let (stop, stopped) = oneshot::channel::<()>();
-        let conf = AdminConf::read(&dir.join(ADMIN_CONF_FILE)).unwrap();
-        let client = AdminClient::new(&conf).unwrap();
-        let task = tokio::spawn(server::run(controller.clone(), udp, tcp, async {
-            let _ = stopped.await;
-        }));
-        eventually(PROMPT, "admin API answers", || {
-            let client = client.clone();
-            async move {
-                tokio::task::spawn_blocking(move || client.get::<Vec<EventView>>("/v1/events").ok())
-                    .await
-                    .unwrap()
-                    .map(|_| ())
-            }
-        })
-        .await;
-        (controller, stop, task, client)
     }
+}
 
+impl Fleet {
     async fn start(
         stuck: impl Fn(usize) -> bool,
         count: usize,
         deadline_ms: u64,
     ) -> (Fleet, Vec<NodeId>) {
         let clock = RolloutClock::default();
-        let dir = tempfile::tempdir().unwrap();
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let quic = udp.local_addr().unwrap();
-        let api = tcp.local_addr().unwrap();
-        let (controller, stop, task, client) =
-            Fleet::run_controller(dir.path(), udp, tcp, clock.clone(), None).await;
+        let ctl = Ctl::start_with(config(&clock)).await;
         let wanted: Wanted = Arc::default();
-        let ca_der =
-            ca::pem_to_der(&std::fs::read_to_string(dir.path().join(ca::CA_CERT_FILE)).unwrap())
-                .unwrap();
         let token = {
-            let client = client.clone();
+            let client = ctl.admin.client.clone();
             let labels = BTreeMap::from([("role".to_owned(), "worker".to_owned())]);
             tokio::task::spawn_blocking(move || {
                 client
@@ -202,7 +128,8 @@ impl Fleet {
         let mut nodes = Vec::new();
         let mut stuck_nodes = BTreeSet::new();
         for i in 0..count {
-            let node = fake_node(quic, &ca_der, &token, &format!("roll-{i}"), &wanted).await;
+            let node =
+                fake_node(ctl.quic, &ctl.ca_der, &token, &format!("roll-{i}"), &wanted).await;
             if stuck(i) {
                 stuck_nodes.insert(node.clone());
             }
@@ -213,15 +140,11 @@ impl Fleet {
             stuck: stuck_nodes,
             away: Duration::from_millis(deadline_ms.min(300)),
         });
-        controller.set_upgrader(TargetKind::Agent, upgrader.clone());
+        ctl.controller()
+            .set_upgrader(TargetKind::Agent, upgrader.clone());
         let fleet = Fleet {
-            quic,
-            api,
-            client,
-            stop: Some(stop),
-            task: Some(task),
+            ctl,
             upgrader,
-            dir,
             clock,
         };
         for n in &nodes {
@@ -232,36 +155,18 @@ impl Fleet {
 
     /// Stops the controller and starts it again on the same data directory and ports.
     async fn restart(&mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(PROMPT, self.task.take().unwrap())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        // The old endpoint's driver lets go of the sockets a moment after run() returns.
-        let (quic, api) = (self.quic, self.api);
-        let udp = eventually(PROMPT, "the QUIC port is free again", || async move {
-            std::net::UdpSocket::bind(quic).ok()
-        })
-        .await;
-        let tcp = eventually(PROMPT, "the API port is free again", || async move {
-            std::net::TcpListener::bind(api).ok()
-        })
-        .await;
-        let (_controller, stop, task, client) = Fleet::run_controller(
-            self.dir.path(),
-            udp,
-            tcp,
-            self.clock.clone(),
-            Some(self.upgrader.clone()),
-        )
-        .await;
-        (self.stop, self.task, self.client) = (Some(stop), Some(task), client);
+        let upgrader = self.upgrader.clone();
+        // Installed before the driver's first pass (`open` installs the real agent executor).
+        self.ctl
+            .restart(config(&self.clock), |controller| {
+                controller.set_upgrader(TargetKind::Agent, upgrader)
+            })
+            .await;
     }
 
     async fn wait_connected(&self, node: &NodeId) {
         eventually(PROMPT, &format!("{node} connected"), || async {
-            let nodes: Vec<shoal_controller::view::NodeView> = get(&self.client, "/v1/nodes").await;
+            let nodes = self.ctl.admin.nodes().await;
             nodes
                 .iter()
                 .any(|n| n.id == node.0 && n.connected)
@@ -270,17 +175,24 @@ impl Fleet {
         .await;
     }
 
-    async fn events(&self) -> Vec<EventView> {
-        get(&self.client, "/v1/events?limit=10000").await
+    async fn get<T: serde::de::DeserializeOwned + Send + 'static>(&self, path: &str) -> T {
+        self.ctl.admin.get(path).await
     }
 
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(PROMPT, self.task.take().unwrap())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+    async fn post<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> T {
+        self.ctl.admin.post(path, body).await
+    }
+
+    async fn events(&self) -> Vec<EventView> {
+        self.ctl.admin.events().await
+    }
+
+    async fn stop(self) {
+        self.ctl.stop().await;
     }
 }
 
@@ -438,10 +350,10 @@ fn start(max_unavailable: u32, max_failures: u32, deadline_secs: u64) -> serde_j
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_nodes_upgrade_one_at_a_time_over_quic() {
     let (fleet, nodes) = Fleet::start(|_| false, 4, 300).await;
-    let r: RolloutView = post(&fleet.client, "/v1/rollouts", start(1, 1, 60)).await;
+    let r: RolloutView = fleet.post("/v1/rollouts", start(1, 1, 60)).await;
     assert_eq!(r.progress.total, 4);
     let done: RolloutView = eventually(Duration::from_secs(30), "the rollout finishes", || async {
-        let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
+        let r: RolloutView = fleet.get("/v1/rollouts/current").await;
         r.finished.then_some(r)
     })
     .await;
@@ -450,19 +362,13 @@ async fn four_nodes_upgrade_one_at_a_time_over_quic() {
         ("done", 4),
         "{done:?}"
     );
-    let nodes_api: Vec<shoal_controller::view::NodeView> = get(&fleet.client, "/v1/nodes").await;
+    let nodes_api = fleet.ctl.admin.nodes().await;
     for n in &nodes {
         let v = nodes_api.iter().find(|x| x.id == n.0).unwrap();
         assert_eq!(v.agent_version, NEW, "{n} on the new version");
     }
     let events = fleet.events().await;
-    assert_eq!(
-        events
-            .iter()
-            .filter(|e| e.kind == "node_upgrade_started")
-            .count(),
-        4
-    );
+    assert_eq!(of_kind(&events, "node_upgrade_started").count(), 4);
     assert_eq!(
         max_down_at_once(&events),
         1,
@@ -476,9 +382,9 @@ async fn a_node_that_never_returns_pauses_the_rollout_and_is_rolled_back() {
     // The first node to be started never comes back on its own (it is stuck); with K=1 its deadline
     // pauses the rollout, it is rolled back, and no other node is touched.
     let (fleet, _nodes) = Fleet::start(|_| true, 3, 300).await;
-    let _: RolloutView = post(&fleet.client, "/v1/rollouts", start(1, 1, 2)).await;
+    let _: RolloutView = fleet.post("/v1/rollouts", start(1, 1, 2)).await;
     let paused: RolloutView = eventually(Duration::from_secs(20), "the rollout pauses", || async {
-        let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
+        let r: RolloutView = fleet.get("/v1/rollouts/current").await;
         (r.state == "paused").then_some(r)
     })
     .await;
@@ -494,7 +400,7 @@ async fn a_node_that_never_returns_pauses_the_rollout_and_is_rolled_back() {
         Duration::from_secs(20),
         "the failed node is rolled back",
         || async {
-            let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
+            let r: RolloutView = fleet.get("/v1/rollouts/current").await;
             r.nodes.iter().any(|n| n.phase == "failed").then_some(r)
         },
     )
@@ -526,15 +432,12 @@ async fn a_node_that_never_returns_pauses_the_rollout_and_is_rolled_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_restart_mid_rollout_resumes_it() {
     let (mut fleet, nodes) = Fleet::start(|_| false, 3, 300).await;
-    let _: RolloutView = post(&fleet.client, "/v1/rollouts", start(1, 1, 60)).await;
+    let _: RolloutView = fleet.post("/v1/rollouts", start(1, 1, 60)).await;
     // Restart as soon as the first node was taken down, while it is away.
     eventually(PROMPT, "a node taken down", || async {
-        fleet
-            .events()
-            .await
-            .iter()
-            .any(|e| e.kind == "node_upgrade_started")
-            .then_some(())
+        of_kind(&fleet.events().await, "node_upgrade_started")
+            .next()
+            .map(|_| ())
     })
     .await;
     fleet.restart().await;
@@ -542,7 +445,7 @@ async fn a_controller_restart_mid_rollout_resumes_it() {
         Duration::from_secs(30),
         "the rollout finishes after the restart",
         || async {
-            let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
+            let r: RolloutView = fleet.get("/v1/rollouts/current").await;
             r.finished.then_some(r)
         },
     )
@@ -556,7 +459,7 @@ async fn a_controller_restart_mid_rollout_resumes_it() {
     for n in &nodes {
         let started = events
             .iter()
-            .filter(|e| e.kind == "node_upgrade_started" && e.node.as_deref() == Some(n.0.as_str()))
+            .filter(|e| is_event(e, "node_upgrade_started", &n.0))
             .count();
         assert_eq!(started, 1, "{n} started once across the restart");
     }
@@ -582,45 +485,43 @@ async fn a_rollout_outside_its_window_waits_until_it_opens() {
         tz: Some("UTC".into()),
         selector: None,
     };
-    let w: WindowView = post(
-        &fleet.client,
-        "/v1/windows",
-        serde_json::to_value(window).unwrap(),
-    )
-    .await;
+    let w: WindowView = fleet
+        .post("/v1/windows", serde_json::to_value(window).unwrap())
+        .await;
     assert!(
         !w.open && w.opens_at.as_deref() == Some("2030-03-04T02:00:00Z"),
         "{w:?}"
     );
     let mut req = start(1, 1, 60);
     req["window"] = "nightly".into();
-    let _: RolloutView = post(&fleet.client, "/v1/rollouts", req).await;
+    let _: RolloutView = fleet.post("/v1/rollouts", req).await;
     let waiting: RolloutView = eventually(
         PROMPT,
         "the rollout says it waits for its window",
         || async {
-            let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
+            let r: RolloutView = fleet.get("/v1/rollouts/current").await;
             r.waiting.iter().any(|w| w == "window closed").then_some(r)
         },
     )
     .await;
     assert_eq!(waiting.progress.pending, 3);
     // Many driver ticks later, still nothing started.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !fleet
-            .events()
-            .await
-            .iter()
-            .any(|e| e.kind == "node_upgrade_started"),
-        "started outside the window"
-    );
+    consistently(
+        Duration::from_millis(500),
+        "nothing starts outside the window",
+        || async {
+            of_kind(&fleet.events().await, "node_upgrade_started")
+                .next()
+                .is_none()
+        },
+    )
+    .await;
     fleet.clock.set_now(at("2030-03-04T02:00:00Z"));
     let done: RolloutView = eventually(
         Duration::from_secs(30),
         "the rollout runs once the window opens",
         || async {
-            let r: RolloutView = get(&fleet.client, "/v1/rollouts/current").await;
+            let r: RolloutView = fleet.get("/v1/rollouts/current").await;
             r.finished.then_some(r)
         },
     )

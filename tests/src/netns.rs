@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use nix::sched::{setns, CloneFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use shoal_testkit::cmd::run;
 
 /// Prefix of every namespace the harness creates.
 pub const PREFIX: &str = "shl-";
@@ -43,28 +44,6 @@ pub fn unique_id() -> String {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-/// Runs a command to completion; an error (with its stderr) unless it exits 0. Returns stdout.
-pub fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    check_output(&format!("{cmd:?}"), &out)?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn check_output(what: &str, out: &Output) -> Result<()> {
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
-    }
-    Ok(())
 }
 
 /// `ip ARGS…` in the root namespace.
@@ -761,7 +740,7 @@ fn iptables(ns: &Netns, args: &[&str]) -> Result<String> {
 pub fn run_in(ns: &str, program: &str, args: &[&str], timeout: Duration) -> Result<String> {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns, program]).args(args);
-    let out = crate::process::output_with_timeout(&mut cmd, timeout)?;
+    let out = shoal_testkit::cmd::output_with_timeout(&mut cmd, timeout)?;
     if !out.status.success() {
         bail!(
             "`{program} {}` in {ns} failed ({}): {}{}",

@@ -5,15 +5,17 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+
+// The command runners live in shoal-testkit; re-exported for the supervisor's callers.
+pub use shoal_testkit::cmd::{describe_status, output_with_timeout};
 
 /// How much of the end of a log [`Proc::log_tail`] and [`dump_logs`] show.
 pub const LOG_TAIL_BYTES: u64 = 64 * 1024;
@@ -336,18 +338,6 @@ impl Drop for Proc {
     }
 }
 
-/// "exit code 2" / "killed by SIGKILL".
-pub fn describe_status(s: &ExitStatus) -> String {
-    match (s.code(), s.signal()) {
-        (Some(c), _) => format!("exit code {c}"),
-        (None, Some(sig)) => match Signal::try_from(sig) {
-            Ok(sig) => format!("killed by {sig}"),
-            Err(_) => format!("killed by signal {sig}"),
-        },
-        _ => format!("{s}"),
-    }
-}
-
 /// The last `max_bytes` of a file (lossy UTF-8), or a note that it could not be read.
 pub fn tail(path: &Path, max_bytes: u64) -> String {
     let read = || -> std::io::Result<String> {
@@ -407,34 +397,10 @@ impl Drop for PanicLogs {
     }
 }
 
-/// Runs `cmd` to completion with its output captured, killing it after `timeout`.
-pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> {
-    let desc = format!("{cmd:?}");
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("cannot run {desc}"))?;
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(timeout) {
-        Ok(out) => Ok(out.with_context(|| format!("running {desc}"))?),
-        Err(_) => {
-            if let Ok(pid) = i32::try_from(pid) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-            bail!("{desc} did not finish within {timeout:?} (killed)")
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
     use super::*;
 
     #[test]
@@ -473,27 +439,6 @@ mod tests {
     }
 
     #[test]
-    fn children_start_with_no_blocked_signals() {
-        // shoal-demo blocks SIGINT/SIGTERM in its own threads; the processes it supervises must
-        // still get them.
-        std::thread::spawn(|| {
-            let mut set = nix::sys::signal::SigSet::empty();
-            set.add(Signal::SIGTERM);
-            set.add(Signal::SIGINT);
-            set.thread_block().expect("blocks");
-            let out = output_with_timeout(
-                Command::new("sh").args(["-c", "grep SigBlk /proc/self/status"]),
-                Duration::from_secs(10),
-            )
-            .expect("runs");
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            assert!(text.trim().ends_with("0000000000000000"), "{text}");
-        })
-        .join()
-        .expect("thread");
-    }
-
-    #[test]
     fn reports_exit_codes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut p = ProcSpec::new("exit3", "sh", dir.path())
@@ -503,17 +448,5 @@ mod tests {
         let s = p.wait_exit(Duration::from_secs(10)).expect("exits");
         assert_eq!(s.code(), Some(3));
         assert!(p.ensure_running().is_err());
-    }
-
-    #[test]
-    fn output_timeout_kills() {
-        let start = Instant::now();
-        let err = output_with_timeout(Command::new("sleep").arg("100"), Duration::from_millis(300))
-            .expect_err("times out");
-        assert!(start.elapsed() < Duration::from_secs(5));
-        assert!(format!("{err}").contains("did not finish"));
-        let out = output_with_timeout(Command::new("echo").arg("hi"), Duration::from_secs(10))
-            .expect("runs");
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
     }
 }

@@ -11,6 +11,7 @@ use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
+use shoal_testkit::cmd::output as run;
 
 use crate::Fleet;
 
@@ -19,17 +20,6 @@ use crate::Fleet;
 pub const SLOT_MAGIC: &[u8; 16] = b"\0SHOALVERSLOT\x01\x02\0";
 /// The length of the version slot (NUL-padded).
 pub const SLOT_LEN: usize = 64;
-
-/// Runs `cmd`; its stdout, or an error with its stderr unless it exits 0.
-pub fn run(cmd: &mut Command) -> Result<Vec<u8>> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(out.stdout)
-}
 
 /// An Ed25519 release signing key, as an operator makes one (`openssl genpkey -algorithm ed25519`).
 #[derive(Debug, Clone)]

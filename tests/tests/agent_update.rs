@@ -23,39 +23,19 @@
 //!   `--allow-downgrade` takes them down a version (the refusal for lack of permission is not held
 //!   against them).
 //!
-//! Needs root (skips with a reason otherwise, fails under CI) and `openssl`.
+//! Needs root and `openssl` (skips with a reason otherwise, fails under CI).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
-use shoal_tests::releases::{add_releases, install_dir, run, update_status as status, ReleaseKey};
+use shoal_tests::events as event;
+use shoal_tests::releases::{add_releases, install_dir, update_status as status, ReleaseKey};
+use shoal_tests::testkit::{require, skip, Tmpfs};
 use shoal_tests::{eventually, require_host_tests, Fleet, FleetConfig, OrPanic};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const HEALTH_DEADLINE: &str = "15s";
-
-/// A tmpfs mounted at `dir`, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, bytes: u64) -> Result<Tmpfs> {
-        std::fs::create_dir_all(dir)?;
-        run(Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}")])
-            .arg("tmpfs")
-            .arg(dir))?;
-        Ok(Tmpfs(dir.to_owned()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 /// Waits until the node's report says it attempted `version` and shows a failure containing
 /// `needle`.
@@ -80,9 +60,9 @@ fn wait_failure(fleet: &Fleet, node: &str, version: &str, needle: &str) -> Resul
 fn has_event(fleet: &Fleet, kind: &str, node: &str, needle: &str) -> Result<()> {
     let events = fleet.events()?;
     ensure!(
-        events.iter().any(|e| e["kind"] == kind
-            && e["node"] == node
-            && e["message"].as_str().is_some_and(|m| m.contains(needle))),
+        events
+            .iter()
+            .any(|e| event::is(e, kind, node) && event::message(e).contains(needle)),
         "no {kind} event for {node} containing {needle:?}"
     );
     Ok(())
@@ -100,6 +80,7 @@ fn finished(fleet: &Fleet, what: &str) -> Result<Value> {
 #[test]
 fn agents_update_themselves_refuse_bad_releases_and_roll_back_unhealthy_ones() {
     require_host_tests!();
+    require!(skip::tool("openssl", "openssl"));
     scenario().or_panic();
 }
 
@@ -146,7 +127,11 @@ fn scenario() -> Result<()> {
     fleet.config_mut().agent_args = common(&[]);
     fleet.add_agent(&token)?;
     let size = std::fs::metadata(&original)?.len();
-    let _tmpfs = Tmpfs::mount(&w.join("a2"), size + (1 << 20))?;
+    let _tmpfs = Tmpfs::mount_at(
+        "tmpfs",
+        &w.join("a2"),
+        &format!("size={}", size + (1 << 20)),
+    )?;
     let exe2 = install_dir(&original, &w.join("a2"))?;
     fleet.config_mut().agent_program = Some(exe2.clone());
     fleet.add_agent(&token)?;

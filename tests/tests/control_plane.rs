@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
+use shoal_tests::events::{self as event, kinds};
 use shoal_tests::fleet::{as_array, brief, has_mac, node_id, parse_time};
 use shoal_tests::process::describe_status;
 use shoal_tests::{consistently, eventually, require_host_tests, Fleet, FleetConfig, OrPanic};
@@ -43,10 +44,6 @@ fn u64_field(v: &Value, key: &str) -> Result<u64> {
 
 fn find<'a>(nodes: &'a [Value], id: &str) -> Option<&'a Value> {
     nodes.iter().find(|n| node_id(n).is_ok_and(|i| i == id))
-}
-
-fn kinds(events: &[Value]) -> Vec<&str> {
-    events.iter().filter_map(|e| e["kind"].as_str()).collect()
 }
 
 /// (a) Every agent enrolled and is up, and its node carries the inventory of the host it runs on.
@@ -492,9 +489,7 @@ fn check_removal(fleet: &mut Fleet) -> Result<()> {
     )?;
     let events = fleet.events()?;
     ensure!(
-        events
-            .iter()
-            .any(|e| e["kind"] == "removed" && e["node"].as_str() == Some(id.as_str())),
+        events.iter().any(|e| event::is(e, "removed", &id)),
         "no \"removed\" event for node {id}: {:?}",
         kinds(&events)
     );
@@ -632,11 +627,7 @@ fn expired_used_up_and_revoked_tokens_are_refused() {
 
 /// The node's events since `after` (by seq).
 fn node_events_after(fleet: &Fleet, node: &str, after: u64) -> Result<Vec<Value>> {
-    Ok(fleet
-        .events()?
-        .into_iter()
-        .filter(|e| e["node"] == node && e["seq"].as_u64().unwrap_or(0) > after)
-        .collect())
+    Ok(event::of_node_after(fleet.events()?, node, after))
 }
 
 /// (f) A second machine on the LAN, holding a valid general token and claiming a live node's
@@ -648,11 +639,7 @@ fn check_impostor(fleet: &mut Fleet) -> Result<()> {
     fleet.wait_all_up(UP_TIMEOUT)?;
     let node = fleet.node_id(0)?;
     let victim_machine = fleet.agents()[0].machine_id.clone();
-    let start = fleet
-        .events()?
-        .last()
-        .and_then(|e| e["seq"].as_u64())
-        .unwrap_or(0);
+    let start = event::last_seq(&fleet.events()?);
     let token = fleet.create_token(&["--label", "test=impostor"])?;
     let impostor = fleet.add_agent_claiming(&token, &victim_machine)?;
 
@@ -781,7 +768,7 @@ fn check_impostor(fleet: &mut Fleet) -> Result<()> {
     );
     let kinds: Vec<String> = node_events_after(fleet, &node, start)?
         .iter()
-        .map(|e| e["kind"].as_str().unwrap_or("").to_owned())
+        .map(|e| event::kind(e).to_owned())
         .collect();
     for k in [
         "enrolment_pending",

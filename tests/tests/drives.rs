@@ -11,7 +11,7 @@
 //!   reader) becomes `missing`, its mount is detached, and the event is raised;
 //! - loop devices say plainly that they have no SMART.
 //!
-//! Needs root (skips with a reason otherwise, fails under CI), `losetup` and `mkfs.ext4`.
+//! Needs root, `losetup`, `mkfs.ext4` and `sfdisk` (skips with a reason otherwise, fails under CI).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,6 +20,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use shoal_tests::testkit::{cmd, require, skip, Missing, Tmpfs};
 use shoal_tests::{eventually, require_host_tests, Fleet, FleetConfig, OrPanic};
 
 /// Loop device numbers this test owns: far above what `losetup -f` hands out elsewhere.
@@ -43,13 +44,11 @@ impl Loop {
             .arg("-d")
             .arg(format!("/dev/loop{number}"))
             .output();
-        run(
-            "losetup",
-            &[
-                "-P",
-                &format!("/dev/loop{number}"),
-                &file.display().to_string(),
-            ],
+        cmd::run(
+            Command::new("losetup")
+                .arg("-P")
+                .arg(format!("/dev/loop{number}"))
+                .arg(file),
         )?;
         Ok(Loop {
             number,
@@ -72,7 +71,7 @@ impl Loop {
             .write(true)
             .open(&self.file)?
             .set_len(0)?;
-        run("losetup", &["-c", &self.dev()])?;
+        cmd::run(Command::new("losetup").arg("-c").arg(self.dev()))?;
         Ok(())
     }
 }
@@ -81,19 +80,6 @@ impl Drop for Loop {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(self.dev()).status();
     }
-}
-
-fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    ensure!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn image(dir: &Path, name: &str) -> Result<PathBuf> {
@@ -146,33 +132,26 @@ fn mount_point(d: &Value) -> Result<String> {
 #[test]
 fn loop_drives_are_prepared_left_alone_hot_added_and_missed() {
     require_host_tests!();
-    for tool in ["losetup", "mkfs.ext4"] {
-        if which(tool).is_none() {
-            if shoal_tests::host_tests_required() {
-                panic!("{tool} is missing (scripts/deps installs it)");
-            }
-            eprintln!("SKIPPED: {tool} missing");
-            return;
-        }
-    }
+    require!(tools());
     scenario().or_panic();
 }
 
-fn which(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| p.exists())
+/// The tools these tests drive, or the first one missing.
+fn tools() -> Result<(), Missing> {
+    skip::tool("losetup", "mount")?;
+    skip::tool("mkfs.ext4", "e2fsprogs")?;
+    skip::tool("sfdisk", "fdisk")?;
+    Ok(())
 }
 
 fn scenario() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let blank = Loop::attach(BLANK, &image(dir.path(), "blank.img")?)?;
     let data_file = image(dir.path(), "data.img")?;
-    run(
-        "mkfs.ext4",
-        &["-q", "-F", "-L", "keepme", &data_file.display().to_string()],
+    cmd::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "keepme"])
+            .arg(&data_file),
     )?;
     let data = Loop::attach(DATA, &data_file)?;
     let data_sha = sha256(&data_file)?;
@@ -264,7 +243,7 @@ fn scenario() -> Result<()> {
             "{mount} not in the agent's mounts:\n{mounts}"
         );
         std::fs::write(format!("/proc/{pid}/root{mount}/written-by-test"), b"hello")?;
-        let gpt = run("sfdisk", &["--json", &blank.dev()])?;
+        let gpt = cmd::run(Command::new("sfdisk").arg("--json").arg(blank.dev()))?;
         ensure!(
             gpt.contains("\"gpt\"") && gpt.contains("\"start\": 2048"),
             "partition table: {gpt}"
@@ -325,44 +304,16 @@ fn scenario() -> Result<()> {
 #[test]
 fn a_full_or_read_only_mount_root_fails_the_prepare_and_leaves_the_drive_untouched() {
     require_host_tests!();
-    if which("losetup").is_none() || which("mkfs.ext4").is_none() {
-        assert!(
-            !shoal_tests::host_tests_required(),
-            "losetup/mkfs.ext4 missing (scripts/deps installs them)"
-        );
-        eprintln!("SKIPPED: losetup/mkfs.ext4 missing");
-        return;
-    }
+    require!(tools());
     mount_root_faults().or_panic();
-}
-
-/// A tmpfs mounted at `path`, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 fn mount_root_faults() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let root = dir.path().join("drives");
-    std::fs::create_dir_all(&root)?;
     // Few inodes too: empty directories cost none of `size`, so only inodes can run out for a
     // mkdir.
-    run(
-        "mount",
-        &[
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=64k,nr_inodes=16",
-            "shoal-test-full",
-            &root.display().to_string(),
-        ],
-    )?;
-    let tmpfs = Tmpfs(root.clone());
+    let tmpfs = Tmpfs::mount_at("shoal-test-full", &root, "size=64k,nr_inodes=16")?;
     // Fill it: the next mkdir finds no space.
     let _ = std::fs::write(root.join("filler"), vec![0u8; 64 << 10]);
     for i in 0.. {
@@ -411,7 +362,7 @@ fn mount_root_faults() -> Result<()> {
         }
 
         // Read-only: remount, and ask again (prepare-failed may be retried without --force).
-        run("mount", &["-o", "remount,ro", &root.display().to_string()])?;
+        tmpfs.remount("ro")?;
         let out = fleet.ctl(&["drives", "prepare", &node, &victim.name()])?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         ensure!(

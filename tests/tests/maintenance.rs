@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
+use shoal_tests::events as event;
 use shoal_tests::{eventually, require_host_tests, Fleet, FleetConfig, OrPanic};
 
 const TIMEOUT: Duration = Duration::from_secs(45);
@@ -372,9 +373,7 @@ fn scenario() -> Result<()> {
             "node_up",
         ] {
             ensure!(
-                events
-                    .iter()
-                    .any(|e| e["kind"] == kind && e["node"] == id.as_str()),
+                events.iter().any(|e| event::is(e, kind, id)),
                 "no {kind} for {id}"
             );
         }

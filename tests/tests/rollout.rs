@@ -31,7 +31,7 @@
 //!    and the event log still never has two nodes unavailable at once.
 //!
 //! The controller runs with `--rollout-tick 1s` (hidden; default 5 s) so the driver's passes are
-//! quick. Needs root (skips with a reason otherwise, fails under CI) and `openssl`.
+//! quick. Needs root and `openssl` (skips with a reason otherwise, fails under CI).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -39,8 +39,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
+use shoal_tests::events as event;
 use shoal_tests::fleet::parse_time;
 use shoal_tests::releases::{add_releases, install_dir, stripped, update_status, ReleaseKey};
+use shoal_tests::testkit::{require, skip};
 use shoal_tests::{consistently, eventually, require_host_tests, Fleet, FleetConfig, OrPanic};
 
 const AGENTS: usize = 4;
@@ -70,6 +72,7 @@ exit 0
 fn four_agents_roll_one_at_a_time_roll_back_broken_releases_wait_for_windows_and_survive_a_restart()
 {
     require_host_tests!();
+    require!(skip::tool("openssl", "openssl"));
     let started = Instant::now();
     let work = tempfile::Builder::new()
         .prefix("shoal-rollout-")
@@ -97,6 +100,7 @@ fn four_agents_roll_one_at_a_time_roll_back_broken_releases_wait_for_windows_and
 #[test]
 fn a_controller_restart_during_a_download_does_not_fail_the_node() {
     require_host_tests!();
+    require!(skip::tool("openssl", "openssl"));
     let work = tempfile::Builder::new()
         .prefix("shoal-rollout-")
         .tempdir()
@@ -378,12 +382,7 @@ impl Test {
         let ours = rollout_events(&events, &r2);
         let kinds: Vec<(&str, &str)> = ours
             .iter()
-            .map(|e| {
-                (
-                    e["kind"].as_str().unwrap_or(""),
-                    e["node"].as_str().unwrap_or(""),
-                )
-            })
+            .map(|e| (event::kind(e), event::node(e)))
             .collect();
         ensure!(
             kinds
@@ -395,10 +394,8 @@ impl Test {
             "only the broken node was taken down, failed and rolled back: {kinds:?}"
         );
         ensure!(
-            events.iter().any(|e| e["kind"] == "rollout_paused"
-                && e["message"]
-                    .as_str()
-                    .is_some_and(|m| m.starts_with(&format!("rollout {r2} paused")))),
+            events.iter().any(|e| event::kind(e) == "rollout_paused"
+                && event::message(e).starts_with(&format!("rollout {r2} paused"))),
             "a rollout_paused event"
         );
         let offered: BTreeSet<&str> = events
@@ -808,15 +805,10 @@ fn rollout_events<'a>(events: &'a [Value], id: &str) -> Vec<&'a Value> {
     events
         .iter()
         .filter(|e| {
-            e["kind"]
-                .as_str()
-                .is_some_and(|k| k.starts_with("node_upgrade_") || k == "node_rolled_back")
+            let kind = event::kind(e);
+            kind.starts_with("node_upgrade_") || kind == "node_rolled_back"
         })
-        .filter(|e| {
-            e["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with(&prefix))
-        })
+        .filter(|e| event::message(e).starts_with(&prefix))
         .collect()
 }
 
@@ -828,19 +820,16 @@ fn max_unavailable(events: &[Value], id: Option<&str>) -> usize {
     let mut max = 0;
     let mut last_seq = 0;
     for e in events {
-        let seq = e["seq"].as_u64().unwrap_or(0);
+        let seq = event::seq(e);
         assert!(seq > last_seq, "the event log is in order");
         last_seq = seq;
         if let Some(id) = id {
-            if !e["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with(&format!("rollout {id}: ")))
-            {
+            if !event::message(e).starts_with(&format!("rollout {id}: ")) {
                 continue;
             }
         }
-        let node = e["node"].as_str().unwrap_or_default().to_owned();
-        match e["kind"].as_str().unwrap_or_default() {
+        let node = event::node(e).to_owned();
+        match event::kind(e) {
             "node_upgrade_started" => {
                 down.insert(node);
             }
@@ -861,11 +850,7 @@ fn one_after_another(events: &[Value], id: &str) -> Result<Vec<String>> {
     let mut open: Option<(String, u64)> = None;
     let mut spans: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for e in rollout_events(events, id) {
-        let (kind, node, seq) = (
-            e["kind"].as_str().unwrap_or(""),
-            e["node"].as_str().unwrap_or("").to_owned(),
-            e["seq"].as_u64().unwrap_or(0),
-        );
+        let (kind, node, seq) = (event::kind(e), event::node(e).to_owned(), event::seq(e));
         match kind {
             "node_upgrade_started" => {
                 if let Some((other, _)) = &open {

@@ -1,11 +1,11 @@
 //! The in-process controller harness shared by the tier-2 tests that drive a real controller with
 //! real agents and hand-driven clients: [`Ctl`] (a controller on loopback, port 0), [`Agent`] (a
-//! real `shoal_agent::daemon::run`), [`Raw`] (one hand-driven QUIC connection) and [`Admin`] (the
-//! admin API as shoalctl uses it).
+//! real `shoal_agent::daemon::run`), [`Raw`] (one hand-driven QUIC connection), [`Admin`] (the
+//! admin API as shoalctl uses it) and filters over its event log.
 
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)]
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use rustls_pki_types::PrivateKeyDer;
 use shoal_agent::daemon::{self, AgentConfig};
@@ -13,16 +13,16 @@ use shoal_controller::{
     admin::{AdminClient, AdminConf, ADMIN_CONF_FILE},
     ca,
     server::{self, close_code, Controller, ControllerConfig},
-    view::{CreateToken, NodeView, TokenView},
+    view::{CreateToken, EventView, NodeView, TokenView},
 };
 use shoal_overlay::{pki, recv_msg, send_msg, tls};
 use shoal_proto::{
-    AgentMsg, ControllerMsg, EnrolRequest, Enrolled, HardwareId, HardwareIdSource, Hello, Reject,
-    VersionRange, Welcome, SUPPORTED,
+    AgentMsg, ControllerMsg, EnrolRequest, Enrolled, HardwareId, HardwareIdSource, Hello, NodeId,
+    Reject, VersionRange, Welcome, SUPPORTED,
 };
 use tokio::{sync::oneshot, task::JoinHandle};
 
-use super::common::eventually;
+use super::eventually;
 
 /// Deadline for anything that should happen "at once" on loopback.
 pub const PROMPT: Duration = Duration::from_secs(5);
@@ -85,15 +85,93 @@ impl Admin {
         self.nodes().await.into_iter().find(|n| n.hardware_id == hw)
     }
 
+    pub async fn node(&self, id: &NodeId) -> NodeView {
+        self.get(&format!("/v1/nodes/{id}")).await
+    }
+
     pub async fn tokens(&self) -> Vec<TokenView> {
         self.get("/v1/tokens").await
     }
+
+    /// How often the join token `token` (the secret as created) was used; `None` if not listed.
+    pub async fn token_uses(&self, token: &str) -> Option<u32> {
+        let id = token.split('.').nth(1).unwrap().to_owned();
+        self.tokens()
+            .await
+            .into_iter()
+            .find(|t| t.id == id)
+            .map(|t| t.uses)
+    }
+
+    pub async fn post<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        path: &str,
+        body: impl serde::Serialize + Send + 'static,
+    ) -> T {
+        let client = self.client.clone();
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || client.post(&path, &body).unwrap())
+            .await
+            .unwrap()
+    }
+
+    pub async fn post_no_content(&self, path: &str, body: impl serde::Serialize + Send + 'static) {
+        let client = self.client.clone();
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || client.post_no_content(&path, &body).unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// The whole event log, oldest first.
+    pub async fn events(&self) -> Vec<EventView> {
+        self.get("/v1/events?limit=10000").await
+    }
+
+    /// The events of `kind` about `node`, oldest first.
+    pub async fn events_of(&self, kind: &str, node: &str) -> Vec<EventView> {
+        self.events()
+            .await
+            .into_iter()
+            .filter(|e| is_event(e, kind, node))
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Event filters (over the admin API's event view)
+// ---------------------------------------------------------------------------------------------
+
+/// Whether `e` is of `kind` and about `node`.
+pub fn is_event(e: &EventView, kind: &str, node: &str) -> bool {
+    e.kind == kind && about(e, node)
+}
+
+/// Whether `e` is about `node`.
+pub fn about(e: &EventView, node: &str) -> bool {
+    e.node.as_deref() == Some(node)
+}
+
+/// The events of `kind` in `events`, about any node.
+pub fn of_kind<'a>(events: &'a [EventView], kind: &'a str) -> impl Iterator<Item = &'a EventView> {
+    events.iter().filter(move |e| e.kind == kind)
+}
+
+/// The sequence number of the newest event, 0 for an empty log.
+pub fn last_seq(events: &[EventView]) -> u64 {
+    events.last().map(|e| e.seq).unwrap_or(0)
 }
 
 /// A controller running in this process.
 pub struct Ctl {
     pub quic: SocketAddr,
+    pub api: SocketAddr,
     pub admin: Admin,
+    pub admin_conf: PathBuf,
+    pub data_dir: PathBuf,
+    /// The running controller, for tests that change it from outside the API; let go when it
+    /// stops, so its store can be opened again.
+    controller: Option<Arc<Controller>>,
     pub ca_der: Vec<u8>,
     pub ca_sha256: [u8; 32],
     pub stop: Option<oneshot::Sender<()>>,
@@ -102,36 +180,62 @@ pub struct Ctl {
 }
 
 impl Ctl {
+    /// A controller with the default configuration in a temporary data directory.
     pub async fn start() -> Ctl {
+        Ctl::start_with(|_| {}).await
+    }
+
+    /// A controller in a temporary data directory, its configuration changed by `tweak`.
+    pub async fn start_with(tweak: impl FnOnce(&mut ControllerConfig)) -> Ctl {
         let dir = tempfile::tempdir().unwrap();
-        let mut ctl = Ctl::start_in(dir.path().to_owned(), |_| {}).await;
+        let mut ctl = Ctl::start_in(dir.path().to_owned(), tweak).await;
         ctl._data = Some(dir);
         ctl
     }
 
+    /// A controller on data directory `data_dir` (kept by the caller), on fresh loopback ports.
     pub async fn start_in(data_dir: PathBuf, tweak: impl FnOnce(&mut ControllerConfig)) -> Ctl {
-        let mut config = ControllerConfig::new(data_dir.clone());
-        tweak(&mut config);
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Ctl::start_on(data_dir, udp, tcp, tweak, |_| {}).await
+    }
+
+    /// Opens a controller on `data_dir`, lets `before_run` change it before it serves (install a
+    /// test executor before the rollout driver's first pass), and runs it on these sockets until
+    /// the admin API answers.
+    pub async fn start_on(
+        data_dir: PathBuf,
+        udp: std::net::UdpSocket,
+        tcp: std::net::TcpListener,
+        tweak: impl FnOnce(&mut ControllerConfig),
+        before_run: impl FnOnce(&Arc<Controller>),
+    ) -> Ctl {
+        let mut config = ControllerConfig::new(data_dir.clone());
+        tweak(&mut config);
         let quic = udp.local_addr().unwrap();
         let api = tcp.local_addr().unwrap();
         let controller = tokio::task::spawn_blocking(move || Controller::open(config, api))
             .await
             .unwrap()
             .unwrap();
+        before_run(&controller);
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(controller, udp, tcp, async {
+        let task = tokio::spawn(server::run(controller.clone(), udp, tcp, async {
             let _ = stopped.await;
         }));
-        let conf = AdminConf::read(&data_dir.join(ADMIN_CONF_FILE)).unwrap();
+        let admin_conf = data_dir.join(ADMIN_CONF_FILE);
+        let conf = AdminConf::read(&admin_conf).unwrap();
         let ca_der =
             ca::pem_to_der(&std::fs::read_to_string(data_dir.join(ca::CA_CERT_FILE)).unwrap())
                 .unwrap();
         let ca_sha256 = pki::sha256(&ca_der);
         let ctl = Ctl {
             quic,
+            api,
             admin: Admin::new(&conf),
+            admin_conf,
+            data_dir,
+            controller: Some(controller),
             ca_der,
             ca_sha256,
             stop: Some(stop),
@@ -143,8 +247,41 @@ impl Ctl {
         ctl
     }
 
+    /// Stops the controller (checking it shut down cleanly) and starts it again on the same data
+    /// directory and ports, with `tweak` and `before_run` as for [`Ctl::start_on`].
+    pub async fn restart(
+        &mut self,
+        tweak: impl FnOnce(&mut ControllerConfig),
+        before_run: impl FnOnce(&Arc<Controller>),
+    ) {
+        self.shut_down().await;
+        // The old endpoint's driver lets go of the sockets a moment after run() returns.
+        let (quic, api) = (self.quic, self.api);
+        let udp = eventually(PROMPT, "the QUIC port is free again", || async move {
+            std::net::UdpSocket::bind(quic).ok()
+        })
+        .await;
+        let tcp = eventually(PROMPT, "the API port is free again", || async move {
+            std::net::TcpListener::bind(api).ok()
+        })
+        .await;
+        let mut next = Ctl::start_on(self.data_dir.clone(), udp, tcp, tweak, before_run).await;
+        next._data = self._data.take();
+        *self = next;
+    }
+
     /// Stops the controller and checks it shut down cleanly (it did not crash meanwhile).
     pub async fn stop(mut self) {
+        self.shut_down().await;
+    }
+
+    /// The running controller.
+    pub fn controller(&self) -> &Arc<Controller> {
+        self.controller.as_ref().expect("the controller runs")
+    }
+
+    async fn shut_down(&mut self) {
+        self.controller = None;
         let task = self.task.take().unwrap();
         assert!(!task.is_finished(), "the controller stopped on its own");
         let _ = self.stop.take().unwrap().send(());
@@ -209,6 +346,65 @@ impl Ctl {
         // And the good agent is still connected after all that.
         let n = self.admin.node_by_machine(machine_id).await.unwrap();
         assert!(n.connected, "good node dropped: {n:?}");
+    }
+
+    /// The controller still runs and the good agent (node `node`) is up, connected and, with
+    /// `since` (its last-seen time before the fault), heartbeating: its last-seen time moves on.
+    /// A new connection still gets a Welcome.
+    pub async fn assert_node_still_served(&self, node: &str, since: Option<u64>) {
+        assert!(
+            !self.task.as_ref().unwrap().is_finished(),
+            "the controller stopped"
+        );
+        let id = NodeId(node.to_owned());
+        let n = self.admin.node(&id).await;
+        assert!(
+            n.status == "up" && n.connected,
+            "good node not up and connected: {n:?}"
+        );
+        if let Some(since) = since {
+            eventually(
+                Duration::from_secs(30),
+                "the good agent's heartbeat is still taken",
+                || async {
+                    self.admin
+                        .node(&id)
+                        .await
+                        .last_seen_unix_ms
+                        .filter(|t| *t > since)
+                        .map(|_| ())
+                },
+            )
+            .await;
+        }
+        let mut raw = Raw::enrolment(self).await;
+        raw.hello(SUPPORTED)
+            .await
+            .expect("a new connection gets a Welcome");
+    }
+
+    /// Enrols a fresh key as `machine` with a single-use token and opens its authenticated
+    /// session (Hello done); the connection and the node's id.
+    pub async fn raw_node(&self, machine: &str) -> (Raw, NodeId) {
+        let key = pki::generate_key().unwrap();
+        let token = self.admin.create_token(Some(1)).await;
+        let mut raw = Raw::enrolment(self).await;
+        raw.hello_as(SUPPORTED, machine).await.unwrap();
+        let csr_der = pki::make_csr(&key).unwrap();
+        raw.send(&AgentMsg::Enrol(EnrolRequest {
+            token,
+            csr_der,
+            hostname: machine.into(),
+        }))
+        .await;
+        let enrolled: Enrolled = match raw.recv().await {
+            Ok(Some(ControllerMsg::Enrolled(e))) => e,
+            other => panic!("expected Enrolled, got {other:?}"),
+        };
+        let mut raw = Raw::node(self, &enrolled.cert_der, &key).await;
+        let welcome = raw.hello_as(SUPPORTED, machine).await.unwrap();
+        assert_eq!(welcome.node_id.as_ref(), Some(&enrolled.node_id));
+        (raw, enrolled.node_id)
     }
 }
 
@@ -409,6 +605,30 @@ impl Raw {
             Ok(Some(ControllerMsg::Reject(r))) => r,
             other => panic!("expected a Reject, got {other:?}"),
         }
+    }
+
+    /// Reads until a message `pick` accepts, skipping what the controller sends a node on its own
+    /// (drive policy and the like).
+    pub async fn recv_until<T>(&mut self, mut pick: impl FnMut(ControllerMsg) -> Option<T>) -> T {
+        loop {
+            match self.recv().await {
+                Ok(Some(m)) => {
+                    if let Some(t) = pick(m) {
+                        return t;
+                    }
+                }
+                other => panic!("connection ended while waiting: {other:?}"),
+            }
+        }
+    }
+
+    /// The next Reject, skipping what the controller sends a node on its own.
+    pub async fn next_reject(&mut self) -> Reject {
+        self.recv_until(|m| match m {
+            ControllerMsg::Reject(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     /// Waits for the controller to close the connection; returns why.

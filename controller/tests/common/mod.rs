@@ -1,23 +1,11 @@
-//! Helpers shared by the controller's in-process integration tests.
+//! Helpers shared by the controller's in-process integration tests (tier 2): the in-process
+//! controller, real agents, hand-driven connections and event filters ([`harness`]), and the
+//! deadline waits of `shoal-testkit` (where the skip rule and `Tmpfs` live too).
 
-use std::{future::Future, time::Duration};
+// Each test binary uses its own part of the harness.
+#![allow(dead_code)]
 
-/// Polls `check` until it returns `Some`, failing the test with `what` at the deadline.
-pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let poll = async {
-        loop {
-            if let Some(v) = check().await {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    match tokio::time::timeout(deadline, poll).await {
-        Ok(v) => v,
-        Err(_) => panic!("not within {deadline:?}: {what}"),
-    }
-}
+pub mod harness;
+
+#[allow(unused_imports)]
+pub use shoal_testkit::wait_async::{consistently, eventually};

@@ -1,5 +1,5 @@
-//! Deadline-bounded waits. Every timeout in a host test is a deadline for one of these, never a
-//! bare sleep.
+//! Deadline-bounded waits for blocking tests (host tests, unit tests). Every timeout in a test is
+//! a deadline for one of these, never a bare sleep. Async tests use `wait_async`.
 
 use std::fmt;
 use std::time::{Duration, Instant};
