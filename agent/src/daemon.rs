@@ -839,81 +839,72 @@ impl Shell<'_> {
         }
     }
 
-    /// Handles an overlay message from the controller; returns messages to send back.
-    fn overlay_msg(&mut self, msg: ControllerMsg, creds: Option<&Credentials>) -> Vec<AgentMsg> {
-        match msg {
-            ControllerMsg::Observed(o) => {
-                self.overlay.observed = Some(o.address);
-                match (o.probe_port, creds) {
-                    (Some(port), Some(c)) => {
-                        let probe = SocketAddr::new(self.config.controller.ip(), port);
-                        let client = key_der(&c.key_pem).and_then(|k| {
-                            tls::node_client_config(
-                                &c.ca_der,
-                                &c.cert_der,
-                                k,
-                                Duration::from_secs(5),
-                            )
-                            .map_err(|e| AgentError::Tls(e.to_string()))
-                        });
-                        let endpoint = self.overlay.endpoint.endpoint.clone();
-                        let events = self.overlay.events.clone();
-                        let main = o.address;
-                        tokio::spawn(async move {
-                            let result = match client {
-                                Ok(client) => ov::probe_observed(&endpoint, client, probe).await,
-                                Err(e) => Err(e.to_string()),
-                            };
-                            let _ = events.send(ShellEvent::Probed { main, result });
-                        });
-                        vec![]
-                    }
-                    _ => self
-                        .shell_event(
-                            ShellEvent::Probed {
-                                main: o.address,
-                                result: Err("the controller has no probe port".into()),
-                            },
-                            true,
-                            false,
-                        )
-                        .into_iter()
-                        .collect(),
-                }
+    /// The controller's view of this node's address: measures the NAT's mapping with its probe
+    /// port (the answer comes as [`ShellEvent::Probed`]); the message to send back, if any.
+    fn observed(
+        &mut self,
+        o: shoal_proto::Observed,
+        creds: Option<&Credentials>,
+    ) -> Option<AgentMsg> {
+        self.overlay.observed = Some(o.address);
+        match (o.probe_port, creds) {
+            (Some(port), Some(c)) => {
+                let probe = SocketAddr::new(self.config.controller.ip(), port);
+                let client = key_der(&c.key_pem).and_then(|k| {
+                    tls::node_client_config(&c.ca_der, &c.cert_der, k, Duration::from_secs(5))
+                        .map_err(|e| AgentError::Tls(e.to_string()))
+                });
+                let endpoint = self.overlay.endpoint.endpoint.clone();
+                let events = self.overlay.events.clone();
+                let main = o.address;
+                tokio::spawn(async move {
+                    let result = match client {
+                        Ok(client) => ov::probe_observed(&endpoint, client, probe).await,
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let _ = events.send(ShellEvent::Probed { main, result });
+                });
+                None
             }
-            ControllerMsg::Netmap(map) => {
-                info!(
-                    version = map.version,
-                    networks = map.networks.len(),
-                    peers = map.peers.len(),
-                    "netmap received"
+            _ => self.shell_event(
+                ShellEvent::Probed {
+                    main: o.address,
+                    result: Err("the controller has no probe port".into()),
+                },
+                true,
+                false,
+            ),
+        }
+    }
+
+    /// A whole netmap: cached and handed to the datapath.
+    fn netmap(&mut self, map: shoal_proto::Netmap) {
+        info!(
+            version = map.version,
+            networks = map.networks.len(),
+            peers = map.peers.len(),
+            "netmap received"
+        );
+        self.overlay.cache.replace(map);
+        self.overlay.push_netmap();
+    }
+
+    /// Netmap changes: applied to the cache, or a full netmap asked for when they do not follow on.
+    fn netmap_delta(&mut self, delta: shoal_proto::NetmapDelta) -> Option<AgentMsg> {
+        match self.overlay.cache.apply(&delta) {
+            DeltaOutcome::Applied => {
+                debug!(
+                    version = delta.to_version,
+                    changes = delta.changes.len(),
+                    "netmap updated"
                 );
-                self.overlay.cache.replace(map);
                 self.overlay.push_netmap();
-                vec![]
+                None
             }
-            ControllerMsg::NetmapDelta(delta) => match self.overlay.cache.apply(&delta) {
-                DeltaOutcome::Applied => {
-                    debug!(
-                        version = delta.to_version,
-                        changes = delta.changes.len(),
-                        "netmap updated"
-                    );
-                    self.overlay.push_netmap();
-                    vec![]
-                }
-                DeltaOutcome::Gap(gap) => {
-                    warn!(%gap, "netmap out of step; asking for a full one");
-                    vec![self.overlay.hello(self.config, true)]
-                }
-            },
-            ControllerMsg::Punch(p) => {
-                if let Some(node) = &self.overlay.node {
-                    node.command(NodeCommand::Punch(p));
-                }
-                vec![]
+            DeltaOutcome::Gap(gap) => {
+                warn!(%gap, "netmap out of step; asking for a full one");
+                Some(self.overlay.hello(self.config, true))
             }
-            _ => vec![],
         }
     }
 
@@ -1109,9 +1100,20 @@ impl Shell<'_> {
                         send_msg(send, &self.overlay.hello(self.config, false)).await?;
                     }
                 }
-                Output::Overlay(msg) => {
-                    for reply in self.overlay_msg(msg, creds) {
+                Output::Observed(o) => {
+                    if let Some(reply) = self.observed(o, creds) {
                         send_msg(send, &reply).await?;
+                    }
+                }
+                Output::Netmap(map) => self.netmap(map),
+                Output::NetmapDelta(delta) => {
+                    if let Some(reply) = self.netmap_delta(delta) {
+                        send_msg(send, &reply).await?;
+                    }
+                }
+                Output::Punch(p) => {
+                    if let Some(node) = &self.overlay.node {
+                        node.command(NodeCommand::Punch(p));
                     }
                 }
                 Output::SendDrives => {
@@ -1119,47 +1121,38 @@ impl Shell<'_> {
                         send_msg(send, &AgentMsg::Drives(report.clone())).await?;
                     }
                 }
-                Output::Drives(msg) => {
-                    let input = match msg {
-                        ControllerMsg::DrivePolicy(p) => Some(DriveInput::Policy(p)),
-                        ControllerMsg::DriveCommand(c) => Some(DriveInput::Command(c)),
-                        _ => None,
-                    };
-                    match (&self.drives.inputs, input) {
-                        (Some(tx), Some(input)) => {
-                            let _ = tx.send(input);
-                        }
-                        (None, Some(DriveInput::Command(c))) => {
-                            let answer = shoal_proto::DriveCommandResult {
-                                id: c.id,
-                                result: Err(
-                                    "the drive manager is off on this node (--no-drives)".into()
-                                ),
-                            };
-                            send_msg(send, &AgentMsg::DriveCommandResult(answer)).await?;
-                        }
-                        _ => {}
+                Output::DrivePolicy(policy) => {
+                    if let Some(tx) = &self.drives.inputs {
+                        let _ = tx.send(DriveInput::Policy(policy));
                     }
                 }
+                Output::DriveCommand(c) => match &self.drives.inputs {
+                    Some(tx) => {
+                        let _ = tx.send(DriveInput::Command(c));
+                    }
+                    None => {
+                        let answer = shoal_proto::DriveCommandResult {
+                            id: c.id,
+                            result: Err(
+                                "the drive manager is off on this node (--no-drives)".into()
+                            ),
+                        };
+                        send_msg(send, &AgentMsg::DriveCommandResult(answer)).await?;
+                    }
+                },
                 Output::SendUpdateReport => {
                     let report = lock(&self.updater).report();
                     send_msg(send, &self.update_report(report)).await?;
                     self.fetch_conns.send_replace(self.conn.clone());
                 }
-                Output::Update(ControllerMsg::UpdateAgent { version, release }) => {
-                    // A v4 offer carries no downgrade permission.
-                    if let Some(msg) = self.update_offer(version, &release, false) {
-                        send_msg(send, &msg).await?;
-                    }
-                }
-                Output::Update(ControllerMsg::UpdateOffer(offer)) => {
+                Output::UpdateOffer(offer) => {
                     if let Some(msg) =
                         self.update_offer(offer.version, &offer.release, offer.allow_downgrade)
                     {
                         send_msg(send, &msg).await?;
                     }
                 }
-                Output::Update(ControllerMsg::RevertAgent { reason }) => {
+                Output::RevertAgent { reason } => {
                     let paths = lock(&self.updater).paths().clone();
                     warn!(%reason, "the controller asks to revert to the previous binary");
                     match updater::restore_prev(&paths) {
@@ -1171,7 +1164,7 @@ impl Shell<'_> {
                         Err(e) => warn!(cause = %e, "could not restore the previous binary"),
                     }
                 }
-                Output::Update(ControllerMsg::KexecImage(image)) => {
+                Output::KexecImage(image) => {
                     // Unsigned (a v4 controller): nothing this node can verify, so no kexec into
                     // it.
                     info!(image = %image.version, "the controller names an unsigned image for the next reboot; it will be a full reboot");
@@ -1180,7 +1173,7 @@ impl Shell<'_> {
                         why: "unsigned (KexecImage)",
                     });
                 }
-                Output::Update(ControllerMsg::SignedKexecImage(image)) => {
+                Output::SignedKexecImage(image) => {
                     let ca = creds.map(|c| pki::sha256(&c.ca_der));
                     let named = reboot::check_image(&image, &self.config.reboot.image_keys, ca);
                     match &named {
@@ -1196,10 +1189,10 @@ impl Shell<'_> {
                     }
                     self.kexec = Some(named);
                 }
-                Output::Update(ControllerMsg::Reboot {
+                Output::Reboot {
                     reason,
                     prefer_kexec,
-                }) => {
+                } => {
                     // One named image per reboot: a later request without one does not reuse it.
                     let named = self.kexec.take();
                     match reboot::decide(&self.config.reboot, prefer_kexec, named.as_ref()) {
@@ -1244,12 +1237,11 @@ impl Shell<'_> {
                         }
                     }
                 }
-                Output::Update(ControllerMsg::Maintenance(step)) => {
+                Output::MaintenanceStep(step) => {
                     if let Some(msg) = self.maintenance_step(step) {
                         send_msg(send, &msg).await?;
                     }
                 }
-                Output::Update(_) => {}
                 Output::SendPaths => {
                     let report = match &self.overlay.node {
                         Some(node) => node.report().await,
