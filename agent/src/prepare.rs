@@ -33,13 +33,9 @@
 //! are plain functions over bytes; the shell around them is blocking I/O, for `spawn_blocking`.
 
 use std::{
-    ffi::OsString,
     fs::{self, File, OpenOptions},
     io::{self, Read, Seek, SeekFrom},
-    os::unix::{
-        ffi::OsStringExt,
-        fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt},
-    },
+    os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -58,7 +54,12 @@ use nix::{
 use shoal_proto::{Filesystem, PreparedDrive};
 use tracing::{debug, info, warn};
 
-use crate::blank::{self, Signature};
+use crate::{
+    blank::{self, Signature},
+    blockdev::partition_name,
+    mountinfo::{read_mountinfo, MountEntry},
+    sysfs::{self, DevNumber},
+};
 
 /// The GPT partition name that marks a partition as shoal's.
 pub const PARTITION_NAME: &str = "shoal";
@@ -495,16 +496,6 @@ pub fn valid_disk_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
-/// The kernel's name for partition `n` of `disk`: `sdb` → `sdb1`; names ending in a digit get a `p`
-/// (`nvme0n1p1`, `loop3p1`, `mmcblk0p1`).
-pub fn partition_name(disk: &str, n: u32) -> String {
-    if disk.ends_with(|c: char| c.is_ascii_digit()) {
-        format!("{disk}p{n}")
-    } else {
-        format!("{disk}{n}")
-    }
-}
-
 /// The filesystem label: `shoal-` and the last 6 letters and digits of the serial number, or of the
 /// filesystem UUID for a drive without one. At most 12 characters, XFS's limit.
 pub fn fs_label(serial: Option<&str>, fs_uuid: &str) -> String {
@@ -678,101 +669,19 @@ fn gpt_header_shape_ok(header: &[u8]) -> bool {
     matches!((word(80), word(84)), (Some(count), Some(128)) if count <= 128)
 }
 
-/// One line of `/proc/self/mountinfo`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    /// Major number of the mounted device.
-    pub major: u32,
-    /// Minor number of the mounted device.
-    pub minor: u32,
-    /// Where it is mounted.
-    pub mount_point: PathBuf,
-    /// Filesystem type.
-    pub fstype: String,
-    /// Mount source (`/dev/sdb1`).
-    pub source: String,
-}
-
-/// Parses `/proc/self/mountinfo` (proc(5)); lines that do not parse are skipped.
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.split(' ');
-            let (_id, _parent, dev, _root, mount_point) = (
-                fields.next()?,
-                fields.next()?,
-                fields.next()?,
-                fields.next()?,
-                fields.next()?,
-            );
-            let (major, minor) = dev.split_once(':')?;
-            // Optional fields end with a lone "-".
-            let mut rest = fields.skip_while(|f| *f != "-").skip(1);
-            let (fstype, source) = (rest.next()?, rest.next()?);
-            Some(MountEntry {
-                major: major.parse().ok()?,
-                minor: minor.parse().ok()?,
-                mount_point: PathBuf::from(OsString::from_vec(unescape(mount_point))),
-                fstype: fstype.to_owned(),
-                source: String::from_utf8_lossy(&unescape(source)).into_owned(),
-            })
-        })
-        .collect()
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space).
-fn unescape(field: &str) -> Vec<u8> {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match octal {
-            Some(d) => {
-                out.push(
-                    d.iter()
-                        .fold(0u8, |acc, c| acc.wrapping_mul(8).wrapping_add(c - b'0')),
-                );
-                i += 4;
-            }
-            None => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    out
-}
-
-/// "maj:min" as in sysfs `dev` files.
-fn parse_devnum(s: &str) -> Option<(u32, u32)> {
-    let (a, b) = s.trim().split_once(':')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
-}
-
 // ---------------------------------------------------------------------------------------------
 // I/O helpers
-
-fn read_attr(path: &Path) -> Option<String> {
-    fs::read_to_string(path).ok().map(|s| s.trim().to_owned())
-}
-
-fn read_u64(path: &Path) -> Option<u64> {
-    read_attr(path)?.parse().ok()
-}
 
 /// The disk as sysfs shows it now: `None` when it is gone or has no medium (size 0).
 fn presence(sys_block: &Path, disk: &str) -> Option<Option<u64>> {
     let dir = sys_block.join(disk);
-    let size = read_u64(&dir.join("size"))?;
-    (size > 0).then(|| read_u64(&dir.join("diskseq")))
+    let size = sysfs::read_u64(&dir.join("size"))?;
+    (size > 0).then(|| sysfs::read_u64(&dir.join("diskseq")))
 }
 
 fn logical_block_size(sys_block: &Path, disk: &str) -> Result<u64, String> {
     let path = sys_block.join(disk).join("queue/logical_block_size");
-    let size = read_u64(&path).ok_or_else(|| format!("cannot read {}", path.display()))?;
+    let size = sysfs::read_u64(&path).ok_or_else(|| format!("cannot read {}", path.display()))?;
     if size == 512 || size == 4096 {
         Ok(size)
     } else {
@@ -794,29 +703,29 @@ fn read_at(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
 }
 
 /// Whether a device node is the device sysfs numbers `devnum`.
-fn node_matches(path: &Path, devnum: (u32, u32)) -> io::Result<Result<(), String>> {
+fn node_matches(path: &Path, devnum: DevNumber) -> io::Result<Result<(), String>> {
     let meta = fs::metadata(path)?;
     if !meta.file_type().is_block_device() {
         return Ok(Err("not a block device".to_owned()));
     }
     let rdev = meta.rdev();
     let found = (stat::major(rdev), stat::minor(rdev));
-    if found == (u64::from(devnum.0), u64::from(devnum.1)) {
+    if found == (u64::from(devnum.major), u64::from(devnum.minor)) {
         Ok(Ok(()))
     } else {
         Ok(Err(format!(
-            "is device {}:{}, but sysfs says {}:{}",
-            found.0, found.1, devnum.0, devnum.1
+            "is device {}:{}, but sysfs says {devnum}",
+            found.0, found.1
         )))
     }
 }
 
 /// Makes the block device node `path` for `devnum` (for a `/dev` without devtmpfs).
-fn make_node(path: &Path, devnum: (u32, u32)) -> Result<(), String> {
-    let dev = stat::makedev(u64::from(devnum.0), u64::from(devnum.1));
+fn make_node(path: &Path, devnum: DevNumber) -> Result<(), String> {
+    let dev = stat::makedev(u64::from(devnum.major), u64::from(devnum.minor));
     stat::mknod(path, SFlag::S_IFBLK, Mode::from_bits_truncate(0o600), dev)
         .map_err(|e| format!("mknod: {e}"))?;
-    info!(node = %path.display(), major = devnum.0, minor = devnum.1, "made a device node (no devtmpfs)");
+    info!(node = %path.display(), major = devnum.major, minor = devnum.minor, "made a device node (no devtmpfs)");
     Ok(())
 }
 
@@ -824,8 +733,7 @@ fn make_node(path: &Path, devnum: (u32, u32)) -> Result<(), String> {
 /// `/dev` without devtmpfs).
 fn disk_node(sys_block: &Path, dev_dir: &Path, disk: &str) -> Result<PathBuf, String> {
     let node = dev_dir.join(disk);
-    let devnum = read_attr(&sys_block.join(disk).join("dev"))
-        .and_then(|s| parse_devnum(&s))
+    let devnum = DevNumber::read(&sys_block.join(disk))
         .ok_or_else(|| "sysfs has no device number for it".to_owned())?;
     match node_matches(&node, devnum) {
         Ok(result) => result.map(|()| node),
@@ -838,7 +746,7 @@ fn disk_node(sys_block: &Path, dev_dir: &Path, disk: &str) -> Result<PathBuf, St
 /// `deadline`) without one, makes it. A node with other numbers is an error, never replaced.
 fn wait_node(
     path: &Path,
-    devnum: (u32, u32),
+    devnum: DevNumber,
     since: Instant,
     deadline: Instant,
 ) -> Result<bool, String> {
@@ -872,17 +780,6 @@ fn read_identity(path: &Path) -> io::Result<Option<FsIdentity>> {
     let size = device_size(&file)?;
     let head = read_at(&file, 0, to_usize(size.min(4096)))?;
     Ok(fs_identity(&head))
-}
-
-fn read_mountinfo() -> io::Result<Vec<MountEntry>> {
-    Ok(parse_mountinfo(&fs::read_to_string(
-        "/proc/self/mountinfo",
-    )?))
-}
-
-/// Whether something is mounted at `mount_point` (as `/proc/self/mountinfo` spells it).
-pub fn mounted(mount_point: &Path) -> bool {
-    read_mountinfo().is_ok_and(|m| m.iter().any(|e| e.mount_point == mount_point))
 }
 
 /// Removes a mount point directory if it is empty; anything else stays.
@@ -1122,8 +1019,7 @@ impl Job<'_> {
             })?;
         let mut file = self.lock(file)?;
         // The node checked before the open could have been swapped since; check what was opened.
-        let devnum =
-            read_attr(&cfg.sys_block.join(&disk).join("dev")).and_then(|s| parse_devnum(&s));
+        let devnum = DevNumber::read(&cfg.sys_block.join(&disk)).map(|d| (d.major, d.minor));
         let opened = file
             .metadata()
             .map(|m| (stat::major(m.rdev()), stat::minor(m.rdev())));
@@ -1401,7 +1297,7 @@ impl Job<'_> {
         let mut seen: Option<Instant> = None;
         loop {
             self.still_there(Step::Settle)?;
-            if let Some(devnum) = read_attr(&sys_dir.join("dev")).and_then(|s| parse_devnum(&s)) {
+            if let Some(devnum) = DevNumber::read(&sys_dir) {
                 let since = *seen.get_or_insert_with(Instant::now);
                 match wait_node(&node, devnum, since, deadline) {
                     Ok(true) => return Ok(node),
@@ -1433,8 +1329,8 @@ impl Job<'_> {
             reason,
         };
         let sys_dir = self.cfg.sys_block.join(self.disk).join(part);
-        let start = read_u64(&sys_dir.join("start")).map(|s| s * 512);
-        let size = read_u64(&sys_dir.join("size")).map(|s| s * 512);
+        let start = sysfs::read_u64(&sys_dir.join("start")).map(|s| s * 512);
+        let size = sysfs::read_u64(&sys_dir.join("size")).map(|s| s * 512);
         if start != Some(span.start) || size != Some(span.len()) {
             return Err(changed(format!(
                 "{part} spans {start:?}+{size:?} bytes, not the {}+{} just written",
@@ -1442,7 +1338,7 @@ impl Job<'_> {
                 span.len()
             )));
         }
-        let devnum = read_attr(&sys_dir.join("dev")).and_then(|s| parse_devnum(&s));
+        let devnum = DevNumber::read(&sys_dir);
         let node_ok = match devnum {
             Some(devnum) => node_matches(node, devnum)
                 .map_err(|e| e.to_string())
@@ -1788,8 +1684,8 @@ fn restore_partition(
     };
     let sys_dir = cfg.sys_block.join(disk).join(&part);
     if sys_dir.exists() {
-        let start = read_u64(&sys_dir.join("start")).map(|s| s * 512);
-        let size = read_u64(&sys_dir.join("size")).map(|s| s * 512);
+        let start = sysfs::read_u64(&sys_dir.join("start")).map(|s| s * 512);
+        let size = sysfs::read_u64(&sys_dir.join("size")).map(|s| s * 512);
         if start != Some(span.start) || size != Some(span.len()) {
             return Err(fail(format!(
                 "the kernel has it at {start:?}+{size:?} bytes, the GPT at {}+{}",
@@ -1814,7 +1710,7 @@ fn restore_partition(
     let deadline = Instant::now() + cfg.settle_timeout;
     let since = Instant::now();
     let devnum = loop {
-        match read_attr(&sys_dir.join("dev")).and_then(|s| parse_devnum(&s)) {
+        match DevNumber::read(&sys_dir) {
             Some(devnum) => match wait_node(&node, devnum, since, deadline) {
                 Ok(true) => break devnum,
                 Ok(false) => {}
@@ -1845,7 +1741,7 @@ fn restore_partition(
         mount_point: mount_point.to_string_lossy().into_owned(),
     };
     if let Some(m) = mounts.iter().find(|m| m.mount_point == mount_point) {
-        if (m.major, m.minor) == devnum {
+        if (m.major, m.minor) == (devnum.major, devnum.minor) {
             debug!(partition = %part, mount = %mount_point.display(), "already mounted");
             return Ok(prepared);
         }
@@ -1901,6 +1797,7 @@ pub fn detach(prepared: &PreparedDrive) -> Result<(), DetachError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mountinfo::mounted;
 
     // -----------------------------------------------------------------------------------------
     // Sans-IO
@@ -2158,39 +2055,6 @@ mod tests {
     }
 
     #[test]
-    fn mountinfo_lines_parse_with_escapes_and_optional_fields() {
-        let text = "\
-27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard
-120 27 259:3 / /var/lib/shoal/drives/0b5e0c2a-1f3d-4c7e-9a2b-3c4d5e6f7a8b rw,nosuid,nodev shared:5 master:1 - xfs /dev/nvme0n1p1 rw
-121 27 0:50 / /mnt/with\\040space rw - tmpfs tmp\\134fs rw
-garbage
-";
-        let m = parse_mountinfo(text);
-        assert_eq!(m.len(), 3);
-        assert_eq!(
-            (m[0].major, m[0].minor, m[0].fstype.as_str()),
-            (254, 0, "ext4")
-        );
-        assert_eq!(
-            m[1].mount_point,
-            Path::new("/var/lib/shoal/drives/0b5e0c2a-1f3d-4c7e-9a2b-3c4d5e6f7a8b")
-        );
-        assert_eq!(
-            (
-                m[1].major,
-                m[1].minor,
-                m[1].fstype.as_str(),
-                m[1].source.as_str()
-            ),
-            (259, 3, "xfs", "/dev/nvme0n1p1")
-        );
-        assert_eq!(m[2].mount_point, Path::new("/mnt/with space"));
-        assert_eq!(m[2].source, "tmp\\fs");
-        assert_eq!(parse_devnum("259:3\n"), Some((259, 3)));
-        assert_eq!(parse_devnum("259"), None);
-    }
-
-    #[test]
     fn bad_names_are_refused_before_any_io() {
         assert!(matches!(
             probe(Path::new("/dev"), "../etc/passwd"),
@@ -2322,7 +2186,7 @@ garbage
 
         /// The serial number of a loop device: its backing file.
         fn serial(&self) -> String {
-            read_attr(
+            sysfs::read_attr(
                 &PathBuf::from("/sys/block")
                     .join(&self.name)
                     .join("loop/backing_file"),
@@ -2347,7 +2211,7 @@ garbage
         }
 
         fn detach(&self) {
-            if read_attr(
+            if sysfs::read_attr(
                 &PathBuf::from("/sys/block")
                     .join(&self.name)
                     .join("loop/backing_file"),
@@ -2575,7 +2439,11 @@ garbage
         let before = lo.sha256();
         let dev_dir = lo.dir.join("dev");
         fs::create_dir(&dev_dir).expect("dev dir");
-        make_node(&dev_dir.join(&lo.name), (7, 1000)).expect("stale node");
+        let stale = DevNumber {
+            major: 7,
+            minor: 1000,
+        };
+        make_node(&dev_dir.join(&lo.name), stale).expect("stale node");
         let cfg = PrepareConfig {
             dev_dir,
             ..lo.cfg()
