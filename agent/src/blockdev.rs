@@ -1,8 +1,11 @@
-//! The agent's view of which block devices are drives: `/sys/block` read into [`BlockDevice`]s, the
-//! operator's [`DriveMatch`], and the kernel's uevents that say when a disk comes or goes.
+//! The agent's one model of the machine's disks: `/sys/block` read into [`BlockDevice`]s, the
+//! operator's [`DriveMatch`] of which are drives, and the kernel's uevents that say when a disk
+//! comes or goes.
 //!
-//! - [`scan`] and [`read_block_device`] read a sysfs tree whose root is passed in (tests use a fake
-//!   tree); every unreadable attribute is `None` (or `false`, or size 0), never a panic.
+//! - [`scan_disks`] and [`read_block_device`] read a sysfs tree whose root is passed in (tests use a
+//!   fake tree) with the readers of [`crate::sysfs`]; every unreadable attribute is `None` (or
+//!   `false`, or size 0), never a panic. The drive report ([`scan`]: the disks [`DriveMatch`]
+//!   admits) and the inventory's disk list (its own rule, in `inventory.rs`) both come from it.
 //! - [`parse_uevent`] is the sans-IO core of hot-add: one kernel uevent datagram in, a typed
 //!   [`Uevent`] or a typed [`UeventError`] out.
 //! - [`UeventSocket`] is its thin async shell: a `NETLINK_KOBJECT_UEVENT` socket in the kernel's
@@ -16,7 +19,7 @@
 //! lost: rescan everything.
 
 use std::{
-    fmt, fs, io,
+    fs, io,
     os::fd::{AsRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
@@ -27,6 +30,8 @@ use nix::{
 };
 use tokio::io::{unix::AsyncFd, Interest};
 use tracing::{debug, warn};
+
+use crate::sysfs;
 
 // ---------------------------------------------------------------------------------------------
 // Which devices are drives
@@ -123,31 +128,7 @@ pub fn partition_name(disk: &str, n: u32) -> String {
 // ---------------------------------------------------------------------------------------------
 // /sys/block
 
-/// A device number, `major:minor`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DevNumber {
-    /// Major number (8 for SCSI disks, 7 for loop, 259 for NVMe and other extended devices).
-    pub major: u32,
-    /// Minor number.
-    pub minor: u32,
-}
-
-impl fmt::Display for DevNumber {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.major, self.minor)
-    }
-}
-
-impl DevNumber {
-    /// `8:16` as in sysfs `dev` files.
-    fn parse(s: &str) -> Option<Self> {
-        let (major, minor) = s.trim().split_once(':')?;
-        Some(Self {
-            major: major.parse().ok()?,
-            minor: minor.parse().ok()?,
-        })
-    }
-}
+pub use crate::sysfs::DevNumber;
 
 /// One whole-disk block device as `/sys/block/<name>` describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,6 +150,11 @@ pub struct BlockDevice {
     pub removable: bool,
     /// `ro` is 1 (false when unreadable).
     pub read_only: bool,
+    /// `queue/rotational` is 1: a spinning disk (false when unreadable).
+    pub rotational: bool,
+    /// It has a `device` link to the hardware (or virtio device) beneath it; device-mapper, md,
+    /// loop, zram and network block devices have none, as they sit on other disks or on memory.
+    pub has_device: bool,
     /// Partitions (child directories holding a `partition` file), in partition-number order.
     pub partitions: Vec<String>,
     /// Devices stacked on this one (`holders/`: device-mapper, md), sorted.
@@ -182,10 +168,21 @@ impl BlockDevice {
     }
 }
 
-/// Every drive in `sys_block` (normally `/sys/block`) that `matcher` admits, sorted by name.
-/// Hidden disks (the per-path devices of multipath NVMe, which have no device node) are skipped.
-/// An unreadable `sys_block` is logged and gives an empty list.
+/// Every drive in `sys_block` (normally `/sys/block`) that `matcher` admits, sorted by name: the
+/// disks of [`scan_disks`] that [`DriveMatch::admits`].
 pub fn scan(sys_block: &Path, matcher: &DriveMatch) -> Vec<BlockDevice> {
+    scan_disks(sys_block)
+        .into_iter()
+        .filter(|dev| matcher.admits(&dev.name, dev.size_bytes))
+        .collect()
+}
+
+/// Every whole-disk device in `sys_block` (normally `/sys/block`), sorted by name, whatever its
+/// kind or size: the one scan of the machine's disks, which the drive report ([`scan`]) and the
+/// inventory each filter by their own rule. Hidden disks (the per-path devices of multipath NVMe,
+/// which have no device node) are skipped. An unreadable `sys_block` is logged and gives an empty
+/// list.
+pub fn scan_disks(sys_block: &Path) -> Vec<BlockDevice> {
     let entries = match fs::read_dir(sys_block) {
         Ok(entries) => entries,
         Err(err) => {
@@ -193,14 +190,13 @@ pub fn scan(sys_block: &Path, matcher: &DriveMatch) -> Vec<BlockDevice> {
             return Vec::new();
         }
     };
-    let mut drives: Vec<BlockDevice> = entries
+    let mut disks: Vec<BlockDevice> = entries
         .filter_map(Result::ok)
         .filter_map(|entry| entry.file_name().into_string().ok())
         .filter_map(|name| read_block_device(sys_block, &name))
-        .filter(|dev| matcher.admits(&dev.name, dev.size_bytes))
         .collect();
-    drives.sort_by(|a, b| a.name.cmp(&b.name));
-    drives
+    disks.sort_by(|a, b| a.name.cmp(&b.name));
+    disks
 }
 
 /// The one device `name` in `sys_block`, whether or not it is a drive. `name` may come from a
@@ -212,38 +208,40 @@ pub fn read_block_device(sys_block: &Path, name: &str) -> Option<BlockDevice> {
         return None;
     }
     let dir = sys_block.join(&name);
-    if !dir.is_dir() || flag(&dir, "hidden") {
+    if !dir.is_dir() || sysfs::flag(&dir, "hidden") {
         return None;
     }
-    let sectors: u64 = read_trimmed(&dir.join("size"))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    // `size` counts 512-byte sectors whatever the device's logical block size.
+    let sectors = sysfs::read_u64(&dir.join("size")).unwrap_or(0);
     Some(BlockDevice {
-        dev: read_trimmed(&dir.join("dev")).and_then(|s| DevNumber::parse(&s)),
+        dev: DevNumber::read(&dir),
         size_bytes: sectors.saturating_mul(512),
-        model: read_trimmed(&dir.join("device/model")),
+        model: sysfs::read_utf8_attr(&dir.join("device/model")),
         serial: disk_serial(&dir),
-        removable: flag(&dir, "removable"),
-        read_only: flag(&dir, "ro"),
+        removable: sysfs::flag(&dir, "removable"),
+        read_only: sysfs::flag(&dir, "ro"),
+        rotational: sysfs::flag(&dir, "queue/rotational"),
+        has_device: dir.join("device").exists(),
         partitions: partitions(&dir),
-        holders: sorted_entries(&dir.join("holders")),
+        holders: sysfs::sorted_entries(&dir.join("holders")),
         name,
     })
 }
 
 /// A disk's serial number from its `/sys/block/<name>` directory; see [`BlockDevice::serial`] for
-/// the order. The inventory reads disks' serials with it too.
+/// the order.
 pub fn disk_serial(dir: &Path) -> Option<String> {
-    read_trimmed(&dir.join("device/serial"))
-        .or_else(|| read_trimmed(&dir.join("serial")))
+    let read = |file: &str| sysfs::read_utf8_attr(&dir.join(file));
+    read("device/serial")
+        .or_else(|| read("serial"))
         .or_else(|| {
             fs::read(dir.join("device/vpd_pg80"))
                 .ok()
                 .and_then(|p| vpd_pg80_serial(&p))
         })
-        .or_else(|| read_trimmed(&dir.join("device/wwid")))
-        .or_else(|| read_trimmed(&dir.join("wwid")))
-        .or_else(|| read_trimmed(&dir.join("loop/backing_file")))
+        .or_else(|| read("device/wwid"))
+        .or_else(|| read("wwid"))
+        .or_else(|| read("loop/backing_file"))
 }
 
 /// The Unit Serial Number VPD page (SPC-4 7.8.18): a 4-byte header (byte 1 the page code 0x80,
@@ -256,7 +254,8 @@ fn vpd_pg80_serial(page: &[u8]) -> Option<String> {
     let len = usize::from(u16::from_be_bytes([header[2], header[3]]));
     let body = page.get(4..4 + len).or_else(|| page.get(4..))?;
     let text = std::str::from_utf8(body).ok()?;
-    non_empty(text.trim_matches(|c: char| c.is_whitespace() || c == '\0'))
+    let serial = text.trim_matches(|c: char| c.is_whitespace() || c == '\0');
+    (!serial.is_empty()).then(|| serial.to_owned())
 }
 
 /// Child directories with a `partition` file, ordered by that number.
@@ -267,45 +266,13 @@ fn partitions(dir: &Path) -> Vec<String> {
     let mut found: Vec<(u64, String)> = entries
         .filter_map(Result::ok)
         .filter_map(|entry| {
-            let number = read_trimmed(&entry.path().join("partition"))?;
+            let number = sysfs::read_attr(&entry.path().join("partition"))?;
             let name = entry.file_name().into_string().ok()?;
             Some((number.parse().unwrap_or(u64::MAX), name))
         })
         .collect();
     found.sort();
     found.into_iter().map(|(_, name)| name).collect()
-}
-
-fn sorted_entries(dir: &Path) -> Vec<String> {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut names: Vec<String> = entries
-        .filter_map(Result::ok)
-        .filter_map(|entry| entry.file_name().into_string().ok())
-        .collect();
-    names.sort();
-    names
-}
-
-fn flag(dir: &Path, file: &str) -> bool {
-    read_trimmed(&dir.join(file)).as_deref() == Some("1")
-}
-
-/// A sysfs attribute trimmed; `None` if unreadable, not UTF-8 or blank.
-fn read_trimmed(path: &Path) -> Option<String> {
-    match fs::read_to_string(path) {
-        Ok(s) => non_empty(s.trim()),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => None,
-        Err(err) => {
-            debug!(path = %path.display(), cause = %err, "unreadable sysfs attribute");
-            None
-        }
-    }
-}
-
-fn non_empty(s: &str) -> Option<String> {
-    (!s.is_empty()).then(|| s.to_owned())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -881,6 +848,8 @@ mod tests {
                 serial: Some("S5GXNF0R123456X".into()),
                 removable: false,
                 read_only: false,
+                rotational: false,
+                has_device: true,
                 partitions: vec!["nvme0n1p1".into(), "nvme0n1p2".into(), "nvme0n1p10".into()],
                 holders: vec!["dm-0".into()],
             }
@@ -982,6 +951,8 @@ mod tests {
                 serial: None,
                 removable: false,
                 read_only: false,
+                rotational: false,
+                has_device: false,
                 partitions: vec![],
                 holders: vec![],
             }

@@ -4,8 +4,8 @@
 //! [`DriveBook`] is the sans-IO core: facts come in (a device appeared or vanished, what probing
 //! found on it, a SMART read, the controller's policy and commands, a preparation's outcome), and
 //! it answers with [`Work`] for the shell to do (examine a device, read SMART, prepare, detach a
-//! vanished mount, start a self-test, answer a command). Time is passed in. The shell
-//! (`drives_task` in `daemon.rs`) does the I/O: sysfs scans, kernel uevents, smartctl, `prepare`.
+//! vanished mount, start a self-test, answer a command). Time is passed in. The shell, [`run`],
+//! does the I/O: sysfs scans ([`crate::blockdev::scan`]), kernel uevents, smartctl, `prepare`.
 //!
 //! Architecture Invariant: the only path to writing a drive is [`Work::Prepare`], and the book
 //! emits it only for a drive whose examination found it blank (policy `prepare` or an operator's

@@ -11,7 +11,7 @@ use shoal_proto::{FilesystemUsage, HealthReport, LoadAverage, UnixMillis};
 use sysinfo::System;
 use tracing::debug;
 
-use crate::inventory::{read_string, SysRoots};
+use crate::{inventory::SysRoots, mountinfo::unescape_octal, sysfs::read_text};
 
 /// Takes health reports; keeps the CPU counters of the previous sample to compute usage between
 /// calls.
@@ -39,12 +39,12 @@ impl HealthCollector {
         let cpu = self.system.global_cpu_usage();
         let load = System::load_average();
         let proc = &self.roots.proc;
-        let mem = read_string(&proc.join("meminfo"))
+        let mem = read_text(&proc.join("meminfo"))
             .map(|text| parse_meminfo(&text))
             .unwrap_or_default();
         let swap_total = mem.swap_total_bytes.unwrap_or(0);
-        let mounts = read_string(&proc.join("self/mounts"))
-            .or_else(|| read_string(&proc.join("mounts")))
+        let mounts = read_text(&proc.join("self/mounts"))
+            .or_else(|| read_text(&proc.join("mounts")))
             .map(|text| parse_mounts(&text))
             .unwrap_or_default();
         HealthReport {
@@ -64,7 +64,7 @@ impl HealthCollector {
             memory_available_bytes: mem.available_bytes.unwrap_or(0),
             swap_total_bytes: swap_total,
             swap_used_bytes: swap_total.saturating_sub(mem.swap_free_bytes.unwrap_or(0)),
-            memory_pressure_avg10: read_string(&proc.join("pressure/memory"))
+            memory_pressure_avg10: read_text(&proc.join("pressure/memory"))
                 .and_then(|text| parse_pressure_some_avg10(&text)),
             filesystems: mounts.iter().filter_map(filesystem_usage).collect(),
         }
@@ -138,8 +138,8 @@ fn parse_mounts(text: &str) -> Vec<Mount> {
         .filter_map(|line| {
             let mut fields = line.split_whitespace();
             Some(Mount {
-                device: unescape_octal(fields.next()?),
-                mount: unescape_octal(fields.next()?),
+                device: unescape(fields.next()?),
+                mount: unescape(fields.next()?),
                 fs_type: fields.next()?.to_owned(),
             })
         })
@@ -160,6 +160,11 @@ fn parse_mounts(text: &str) -> Vec<Mount> {
         .collect()
 }
 
+/// A mounts-table field with the kernel's octal escapes undone.
+fn unescape(field: &str) -> String {
+    String::from_utf8_lossy(&unescape_octal(field)).into_owned()
+}
+
 /// Whether a mount holds data on a disk or a file server, as opposed to a kernel view (proc,
 /// sysfs, cgroup), memory (tmpfs), a union of other mounts (overlay) or a read-only image that is
 /// always full (squashfs snaps, ISOs).
@@ -176,31 +181,6 @@ fn is_storage(device: &str, fs_type: &str) -> bool {
     // Network and pooled filesystems (nfs, zfs) have no /dev source; pseudo filesystems on a
     // /dev path (devtmpfs is "devtmpfs", tmpfs "tmpfs") never start with it.
     STORAGE.contains(&fs_type) || (device.starts_with("/dev/") && !fs_type.contains("tmpfs"))
-}
-
-/// Undoes the kernel's octal escaping of space, tab, newline and backslash (`\040`).
-fn unescape_octal(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let digits = bytes.get(i + 1..i + 4);
-        let code = digits
-            .filter(|d| bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)))
-            .map(|d| d.iter().fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0')))
-            .and_then(|code| u8::try_from(code).ok());
-        match code {
-            Some(byte) => {
-                out.push(byte);
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Sizes of one mounted filesystem; `None` if `statvfs` fails (gone, no permission).
@@ -312,16 +292,6 @@ short line
             .map(|(d, m, t)| (d.to_string(), m.to_string(), t.to_string()))
             .collect();
         assert_eq!(mounts, want);
-    }
-
-    #[test]
-    fn octal_unescape() {
-        assert_eq!(unescape_octal(r"/mnt/a\040b\011c\134d"), "/mnt/a b\tc\\d");
-        assert_eq!(unescape_octal(r"/plain"), "/plain");
-        // Truncated or non-octal escapes stay as they are.
-        assert_eq!(unescape_octal(r"/x\04"), r"/x\04");
-        assert_eq!(unescape_octal(r"/x\089"), r"/x\089");
-        assert_eq!(unescape_octal("/caf\u{e9}\\040"), "/caf\u{e9} ");
     }
 
     #[test]

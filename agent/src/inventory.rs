@@ -15,7 +15,12 @@ use nix::sys::socket::SockaddrStorage;
 use shoal_proto::{
     BlockDevice, BootMode, Dmi, HardwareId, HardwareIdSource, Inventory, NetInterface,
 };
-use tracing::{debug, warn};
+use tracing::warn;
+
+use crate::{
+    blockdev,
+    sysfs::{read_attr, read_text},
+};
 
 /// Where the agent finds the kernel's and the OS's view of the machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,17 +47,17 @@ impl Default for SysRoots {
 ///
 /// Disks and NICs are sorted by name so that an unchanged machine yields an equal `Inventory`.
 pub fn collect_inventory(roots: &SysRoots) -> Inventory {
-    let cpu = read_string(&roots.proc.join("cpuinfo"))
+    let cpu = read_text(&roots.proc.join("cpuinfo"))
         .map(|text| parse_cpuinfo(&text))
         .unwrap_or_default();
     let (cpu_model, cpu_cores) = cpu_with_fallback(roots, cpu.model, cpu.logical);
-    let memory_bytes = read_string(&roots.proc.join("meminfo"))
+    let memory_bytes = read_text(&roots.proc.join("meminfo"))
         .and_then(|text| crate::health::parse_meminfo(&text).total_bytes)
         .unwrap_or(0);
     Inventory {
         hostname: hostname(),
         os: os_name(roots),
-        kernel: read_trimmed(&roots.proc.join("sys/kernel/osrelease")).unwrap_or_default(),
+        kernel: read_attr(&roots.proc.join("sys/kernel/osrelease")).unwrap_or_default(),
         arch: std::env::consts::ARCH.to_owned(),
         cpu_model,
         cpu_cores,
@@ -85,13 +90,13 @@ pub fn hardware_id(
     if let Some(value) = override_id.map(str::trim).filter(|v| !v.is_empty()) {
         return id(HardwareIdSource::Override, value.to_lowercase());
     }
-    if let Some(uuid) = read_trimmed(&roots.sys.join("class/dmi/id/product_uuid"))
+    if let Some(uuid) = read_attr(&roots.sys.join("class/dmi/id/product_uuid"))
         .map(|u| u.to_lowercase())
         .filter(|u| is_usable_dmi_uuid(u))
     {
         return id(HardwareIdSource::DmiUuid, uuid);
     }
-    if let Some(machine_id) = read_trimmed(&roots.etc.join("machine-id"))
+    if let Some(machine_id) = read_attr(&roots.etc.join("machine-id"))
         .map(|m| m.to_lowercase())
         .filter(|m| is_valid_machine_id(m))
     {
@@ -120,8 +125,8 @@ fn hostname() -> String {
 /// The OS name from `etc/os-release`, or `usr/lib/os-release` beside `etc` as os-release(5) says.
 fn os_name(roots: &SysRoots) -> String {
     let fallback = roots.etc.parent().map(|p| p.join("usr/lib/os-release"));
-    read_string(&roots.etc.join("os-release"))
-        .or_else(|| fallback.and_then(|p| read_string(&p)))
+    read_text(&roots.etc.join("os-release"))
+        .or_else(|| fallback.and_then(|p| read_text(&p)))
         .map(|text| parse_os_release(&text))
         .unwrap_or_default()
 }
@@ -255,47 +260,36 @@ fn cpu_with_fallback(roots: &SysRoots, model: Option<String>, logical: u32) -> (
 // ---------------------------------------------------------------------------------------------
 // Block devices
 
-/// Whole disks from `sys/block`, without loop, ram and zram devices, without virtual devices
-/// (device-mapper, md, nbd: they have no `device` link and duplicate the disks beneath them), and
-/// without empty drives (size 0: an optical or card reader with no medium).
+/// Whole disks from `sys/block` ([`blockdev::scan_disks`], the scan the drive report uses too),
+/// without loop, ram and zram devices, without virtual devices (device-mapper, md, nbd: they have
+/// no `device` link and duplicate the disks beneath them), and without empty drives (size 0: an
+/// optical or card reader with no medium).
+///
+/// This rule differs from the drive report's ([`blockdev::DriveMatch`]) on purpose: the inventory
+/// says what hardware the machine has, so optical drives with a medium, floppies and eMMC boot
+/// areas are listed, and `--drive-match` (which admits loop devices to the drive manager on test
+/// rigs) does not apply.
 fn collect_disks(sys: &Path) -> Vec<BlockDevice> {
-    let block = sys.join("block");
-    let entries = match fs::read_dir(&block) {
-        Ok(entries) => entries,
-        Err(err) => {
-            warn!(path = %block.display(), cause = %err, "cannot list block devices");
-            return Vec::new();
-        }
-    };
-    let mut disks: Vec<BlockDevice> = entries
-        .filter_map(Result::ok)
-        .filter_map(|entry| read_disk(&entry.path(), &entry.file_name().to_string_lossy()))
-        .collect();
-    disks.sort_by(|a, b| a.name.cmp(&b.name));
-    disks
+    blockdev::scan_disks(&sys.join("block"))
+        .into_iter()
+        .filter(is_inventory_disk)
+        .map(|disk| BlockDevice {
+            name: disk.name,
+            model: disk.model,
+            serial: disk.serial,
+            size_bytes: disk.size_bytes,
+            rotational: disk.rotational,
+            removable: disk.removable,
+        })
+        .collect()
 }
 
-fn read_disk(dir: &Path, name: &str) -> Option<BlockDevice> {
-    if ["loop", "ram", "zram"].iter().any(|p| name.starts_with(p)) {
-        return None;
-    }
-    if !dir.join("device").exists() || read_trimmed(&dir.join("hidden")).as_deref() == Some("1") {
-        return None;
-    }
-    // `size` counts 512-byte sectors whatever the device's logical block size.
-    let sectors: u64 = read_trimmed(&dir.join("size"))?.parse().ok()?;
-    if sectors == 0 {
-        return None;
-    }
-    let flag = |file: &str| read_trimmed(&dir.join(file)).as_deref() == Some("1");
-    Some(BlockDevice {
-        name: name.to_owned(),
-        model: read_trimmed(&dir.join("device/model")),
-        serial: crate::blockdev::disk_serial(dir),
-        size_bytes: sectors.saturating_mul(512),
-        rotational: flag("queue/rotational"),
-        removable: flag("removable"),
-    })
+fn is_inventory_disk(disk: &blockdev::BlockDevice) -> bool {
+    !["loop", "ram", "zram"]
+        .iter()
+        .any(|p| disk.name.starts_with(p))
+        && disk.has_device
+        && disk.size_bytes > 0
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -329,19 +323,19 @@ fn collect_nics(sys: &Path, addresses: &HashMap<String, Vec<String>>) -> Vec<Net
 }
 
 fn read_nic(dir: &Path, name: String, addresses: Vec<String>) -> NetInterface {
-    let operstate = read_trimmed(&dir.join("operstate"));
+    let operstate = read_attr(&dir.join("operstate"));
     // tun/tap and some virtual drivers never report an operstate; carrier is the truth there.
     // Reading `carrier` or `speed` fails with EINVAL while the interface is down, hence `None`.
     let up = match operstate.as_deref() {
         Some("up") => true,
-        Some("unknown") => read_trimmed(&dir.join("carrier")).as_deref() == Some("1"),
+        Some("unknown") => read_attr(&dir.join("carrier")).as_deref() == Some("1"),
         _ => false,
     };
     NetInterface {
         name,
-        mac: read_trimmed(&dir.join("address")).and_then(|a| parse_mac(&a)),
-        permanent_mac: read_trimmed(&dir.join("addr_assign_type")).as_deref() == Some("0"),
-        speed_mbps: read_trimmed(&dir.join("speed")).and_then(|s| parse_speed(&s)),
+        mac: read_attr(&dir.join("address")).and_then(|a| parse_mac(&a)),
+        permanent_mac: read_attr(&dir.join("addr_assign_type")).as_deref() == Some("0"),
+        speed_mbps: read_attr(&dir.join("speed")).and_then(|s| parse_speed(&s)),
         up,
         addresses,
     }
@@ -411,7 +405,7 @@ fn cidr(address: &SockaddrStorage, netmask: Option<&SockaddrStorage>) -> Option<
 
 fn collect_dmi(sys: &Path) -> Dmi {
     let dir = sys.join("class/dmi/id");
-    let field = |file: &str| read_trimmed(&dir.join(file)).filter(|v| !is_dmi_placeholder(v));
+    let field = |file: &str| read_attr(&dir.join(file)).filter(|v| !is_dmi_placeholder(v));
     Dmi {
         vendor: field("sys_vendor"),
         product: field("product_name"),
@@ -471,29 +465,6 @@ fn is_usable_dmi_uuid(uuid: &str) -> bool {
 /// completes; zeros are what a template image may carry.
 fn is_valid_machine_id(id: &str) -> bool {
     id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit()) && id.chars().any(|c| c != '0')
-}
-
-// ---------------------------------------------------------------------------------------------
-// Reading
-
-/// A file's contents; `None` if it cannot be read (missing, permission, EINVAL from sysfs).
-pub(crate) fn read_string(path: &Path) -> Option<String> {
-    match fs::read(path) {
-        Ok(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
-        Err(err) => {
-            debug!(path = %path.display(), cause = %err, "unreadable");
-            None
-        }
-    }
-}
-
-/// A file's contents trimmed; `None` if unreadable or blank.
-fn read_trimmed(path: &Path) -> Option<String> {
-    read_string(path).and_then(|s| non_empty(s.trim()))
-}
-
-fn non_empty(s: &str) -> Option<String> {
-    (!s.is_empty()).then(|| s.to_owned())
 }
 
 #[cfg(test)]

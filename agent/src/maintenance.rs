@@ -275,9 +275,7 @@ fn short(id: &str) -> &str {
 
 /// The boot id from `path`, trimmed; empty when unreadable.
 pub fn read_boot_id(path: &Path) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
+    crate::sysfs::read_attr(path).unwrap_or_default()
 }
 
 /// The record file in the state dir.

@@ -245,9 +245,7 @@ fn verify_image(
 /// Whether a kexec kernel is loaded, from the kernel's `kexec_loaded` file (`1` or `0`); a missing
 /// or unreadable file means no.
 pub fn kexec_loaded(config: &RebootConfig) -> bool {
-    std::fs::read_to_string(&config.kexec_loaded)
-        .map(|s| s.trim() == "1")
-        .unwrap_or(false)
+    crate::sysfs::read_attr(&config.kexec_loaded).as_deref() == Some("1")
 }
 
 /// What to do with a reboot request: the method, or the reason for refusing. `image` is the image

@@ -3,20 +3,25 @@
 //! The shell opens the connection, sends what [`AgentSession::start`] returns, feeds every
 //! [`ControllerMsg`] to [`AgentSession::handle`], and calls [`AgentSession::handle_timeout`] at
 //! [`AgentSession::poll_timeout`]. Outputs ask it to send, to collect health or inventory (I/O the
-//! session does not do), to renew, or say how the session ended.
+//! session does not do), to renew, or say how the session ended. Each kind of controller message
+//! the shell acts on is its own [`Output`] variant, so the shell matches them exhaustively (as
+//! quinn-proto's `Event`): the session decides what the negotiated protocol allows, the shell only
+//! carries it out.
 
 use std::time::{Duration, Instant};
 
 use shoal_proto::{
-    AgentMsg, ControllerMsg, EnrolRequest, Enrolled, Hello, Reject, Renewed, UnixMillis, Welcome,
+    AgentMsg, ControllerMsg, DriveCommand, DrivePolicy, EnrolRequest, Enrolled, Hello, KexecImage,
+    MaintenanceStep, Netmap, NetmapDelta, Observed, Punch, Reject, Renewed, SignedKexecImage,
+    UnixMillis, UpdateOffer, Welcome,
 };
 
-/// What the shell must do.
+/// What the shell must do: one variant per kind of work, so the shell's match is exhaustive.
 // Outputs live for one loop turn; boxing the large variants would buy nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
-    /// Send this message.
+    /// Send this message (Hello, Enrol).
     Send(AgentMsg),
     /// Collect a health report and send it.
     SendHealth,
@@ -41,20 +46,46 @@ pub enum Output {
     StoreRotated(Renewed),
     /// (protocol 2) The controller speaks overlay: start or resume it and send `OverlayHello`.
     StartOverlay,
-    /// (protocol 2) An overlay message for the overlay shell: Observed, Netmap, NetmapDelta or
-    /// Punch.
-    Overlay(ControllerMsg),
+    /// (protocol 2) The address the controller sees this node's socket at, and maybe a port to
+    /// probe the NAT's mapping with.
+    Observed(Observed),
+    /// (protocol 2) A whole netmap for the overlay.
+    Netmap(Netmap),
+    /// (protocol 2) Changes to the cached netmap.
+    NetmapDelta(NetmapDelta),
+    /// (protocol 2) A peer wants to reach this node: punch towards it.
+    Punch(Punch),
     /// (protocol 2) Collect a path report and send it.
     SendPaths,
     /// (protocol 3) The controller speaks drives: send the current drive report.
     SendDrives,
-    /// (protocol 3) A drive message for the drive manager: DrivePolicy or DriveCommand.
-    Drives(ControllerMsg),
+    /// (protocol 3) The controller's drive policy, for the drive manager.
+    DrivePolicy(DrivePolicy),
+    /// (protocol 3) An operator's drive command, for the drive manager.
+    DriveCommand(DriveCommand),
     /// (protocol 4) The controller speaks updates: send the current update report.
     SendUpdateReport,
-    /// (protocol 4) An update message for the updater: UpdateAgent, RevertAgent, Reboot or
-    /// Maintenance.
-    Update(ControllerMsg),
+    /// (protocol 4) An offer of another agent version. A v4 `UpdateAgent` arrives here as an
+    /// offer without downgrade permission; a v5 `UpdateOffer` carries its own.
+    UpdateOffer(UpdateOffer),
+    /// (protocol 4) Go back to the previous binary.
+    RevertAgent {
+        /// The controller's reason, for the log.
+        reason: String,
+    },
+    /// (protocol 4) Reboot (acknowledge or refuse first).
+    Reboot {
+        /// The controller's reason, for the log.
+        reason: String,
+        /// Kexec into a named or loaded kernel where allowed.
+        prefer_kexec: bool,
+    },
+    /// (protocol 4) A maintenance step.
+    MaintenanceStep(MaintenanceStep),
+    /// (protocol 4) An unsigned image named for the next reboot.
+    KexecImage(KexecImage),
+    /// (protocol 5) A signed image named for the next reboot.
+    SignedKexecImage(SignedKexecImage),
     /// The session is over.
     End(End),
 }
@@ -175,6 +206,13 @@ impl AgentSession {
         wall_now: UnixMillis,
         msg: ControllerMsg,
     ) -> Vec<Output> {
+        // What the negotiated protocol carries (the overlay runs from Welcome on, from protocol 2).
+        let overlay = self.next_paths.is_some();
+        let (drives, updates, trust) = (
+            self.speaks_drives(),
+            self.speaks_updates(),
+            self.speaks_trust(),
+        );
         match (&self.state, msg) {
             (State::Ended, _) => vec![],
             (_, ControllerMsg::Reject(r)) => self.end(End::Rejected(r)),
@@ -212,34 +250,50 @@ impl AgentSession {
                 }
             }
             (State::AwaitEnrolled, ControllerMsg::Enrolled(e)) => self.end(End::Enrolled(e)),
-            (
-                State::Ready,
-                msg @ (ControllerMsg::Observed(_)
-                | ControllerMsg::Netmap(_)
-                | ControllerMsg::NetmapDelta(_)
-                | ControllerMsg::Punch(_)),
-            ) if self.next_paths.is_some() => vec![Output::Overlay(msg)],
-            (
-                State::Ready,
-                msg @ (ControllerMsg::DrivePolicy(_) | ControllerMsg::DriveCommand(_)),
-            ) if self.speaks_drives() => {
-                vec![Output::Drives(msg)]
+            (State::Ready, ControllerMsg::Observed(o)) if overlay => vec![Output::Observed(o)],
+            (State::Ready, ControllerMsg::Netmap(m)) if overlay => vec![Output::Netmap(m)],
+            (State::Ready, ControllerMsg::NetmapDelta(d)) if overlay => {
+                vec![Output::NetmapDelta(d)]
+            }
+            (State::Ready, ControllerMsg::Punch(p)) if overlay => vec![Output::Punch(p)],
+            (State::Ready, ControllerMsg::DrivePolicy(p)) if drives => {
+                vec![Output::DrivePolicy(p)]
+            }
+            (State::Ready, ControllerMsg::DriveCommand(c)) if drives => {
+                vec![Output::DriveCommand(c)]
+            }
+            (State::Ready, ControllerMsg::UpdateAgent { version, release }) if updates => {
+                // A v4 offer carries no downgrade permission.
+                vec![Output::UpdateOffer(UpdateOffer {
+                    version,
+                    release,
+                    allow_downgrade: false,
+                })]
+            }
+            (State::Ready, ControllerMsg::RevertAgent { reason }) if updates => {
+                vec![Output::RevertAgent { reason }]
             }
             (
                 State::Ready,
-                msg @ (ControllerMsg::UpdateAgent { .. }
-                | ControllerMsg::RevertAgent { .. }
-                | ControllerMsg::Reboot { .. }
-                | ControllerMsg::Maintenance(_)
-                | ControllerMsg::KexecImage(_)),
-            ) if self.speaks_updates() => {
-                vec![Output::Update(msg)]
+                ControllerMsg::Reboot {
+                    reason,
+                    prefer_kexec,
+                },
+            ) if updates => vec![Output::Reboot {
+                reason,
+                prefer_kexec,
+            }],
+            (State::Ready, ControllerMsg::Maintenance(step)) if updates => {
+                vec![Output::MaintenanceStep(step)]
             }
-            (
-                State::Ready,
-                msg @ (ControllerMsg::UpdateOffer(_) | ControllerMsg::SignedKexecImage(_)),
-            ) if self.speaks_trust() => {
-                vec![Output::Update(msg)]
+            (State::Ready, ControllerMsg::KexecImage(image)) if updates => {
+                vec![Output::KexecImage(image)]
+            }
+            (State::Ready, ControllerMsg::UpdateOffer(offer)) if trust => {
+                vec![Output::UpdateOffer(offer)]
+            }
+            (State::Ready, ControllerMsg::SignedKexecImage(image)) if trust => {
+                vec![Output::SignedKexecImage(image)]
             }
             (State::Ready, ControllerMsg::RotateKey { reason }) if self.speaks_trust() => {
                 if self.rotating {
@@ -390,8 +444,11 @@ mod tests {
             endpoints: vec![],
         });
         assert_eq!(
-            s.handle(t0, UnixMillis(0), punch.clone()),
-            vec![Output::Overlay(punch)]
+            s.handle(t0, UnixMillis(0), punch),
+            vec![Output::Punch(shoal_proto::Punch {
+                peer: shoal_proto::NodeId("b".into()),
+                endpoints: vec![],
+            })]
         );
         assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(5)));
         assert_eq!(
@@ -645,24 +702,35 @@ mod tests {
         assert_eq!(out.last(), Some(&Output::SendUpdateReport), "{out:?}");
         assert_eq!(
             s.handle(t0, UnixMillis(0), offer.clone()),
-            vec![Output::Update(offer.clone())]
+            vec![Output::UpdateOffer(shoal_proto::UpdateOffer {
+                version: "0.2.0".into(),
+                release: shoal_proto::SignedRelease {
+                    manifest: vec![],
+                    signature: vec![],
+                    key_id: String::new(),
+                },
+                allow_downgrade: false,
+            })]
         );
         let reboot = ControllerMsg::Reboot {
             reason: "image".into(),
             prefer_kexec: true,
         };
         assert_eq!(
-            s.handle(t0, UnixMillis(0), reboot.clone()),
-            vec![Output::Update(reboot)]
+            s.handle(t0, UnixMillis(0), reboot),
+            vec![Output::Reboot {
+                reason: "image".into(),
+                prefer_kexec: true,
+            }]
         );
-        let step = ControllerMsg::Maintenance(shoal_proto::MaintenanceStep {
+        let step = shoal_proto::MaintenanceStep {
             run: "r1".into(),
             action: shoal_proto::MaintenanceAction::SmartTest,
             step: shoal_proto::StepKind::Cordon,
-        });
+        };
         assert_eq!(
-            s.handle(t0, UnixMillis(0), step.clone()),
-            vec![Output::Update(step)]
+            s.handle(t0, UnixMillis(0), ControllerMsg::Maintenance(step.clone())),
+            vec![Output::MaintenanceStep(step)]
         );
         let mut s = AgentSession::new(
             hello(),

@@ -1,0 +1,242 @@
+//! The overlay as the shell sees it: the datapath started from the cached netmap or when a session
+//! speaks overlay (protocol 2), netmaps and punch requests passed on, the NAT's mapping measured
+//! with the controller's probe port, and path reports.
+
+use std::{net::SocketAddr, time::Duration};
+
+use shoal_overlay::{
+    node::{NodeCommand, NodeEvent, OverlayNode},
+    send_msg,
+    tls::{self, PeerTls},
+};
+use shoal_proto::{AgentMsg, NatMapping, Netmap, NetmapDelta, Observed, OverlayHello, Punch};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::{
+    credentials::key_der,
+    shell::{AttemptError, Shell, ShellEvent},
+    AgentConfig, AgentError,
+};
+use crate::{
+    overlay::{self as ov, AgentEndpoint, DeltaOutcome, NetmapCache},
+    state::Credentials,
+};
+
+/// The overlay's state in the shell: it outlives control connections.
+pub(super) struct OverlayState {
+    /// The one UDP socket's endpoint, shared with the control connection.
+    pub(super) endpoint: AgentEndpoint,
+    /// The netmap last received, kept in the state dir.
+    pub(super) cache: NetmapCache,
+    node: Option<OverlayNode>,
+    observed: Option<SocketAddr>,
+    nat: NatMapping,
+}
+
+impl OverlayState {
+    /// The overlay before its datapath starts.
+    pub(super) fn new(endpoint: AgentEndpoint, cache: NetmapCache) -> OverlayState {
+        OverlayState {
+            endpoint,
+            cache,
+            node: None,
+            observed: None,
+            nat: NatMapping::Unknown,
+        }
+    }
+
+    /// The running datapath, if any.
+    pub(super) fn node(&self) -> Option<&OverlayNode> {
+        self.node.as_ref()
+    }
+
+    /// Starts the datapath if it is not running; its events go to `events`.
+    pub(super) fn ensure_node(
+        &mut self,
+        config: &AgentConfig,
+        creds: &Credentials,
+        events: &mpsc::UnboundedSender<ShellEvent>,
+    ) {
+        if self.node.is_some() {
+            return;
+        }
+        let tls = match key_der(&creds.key_pem).and_then(|key| {
+            PeerTls::new(&creds.ca_der, &creds.cert_der, key)
+                .map_err(|e| AgentError::Tls(e.to_string()))
+        }) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(cause = %e, "overlay not started");
+                return;
+            }
+        };
+        let mut node_config = config.overlay.clone();
+        node_config.me = creds.node_id.clone();
+        let (node, mut node_events) =
+            OverlayNode::spawn(self.endpoint.endpoint.clone(), tls, node_config);
+        let forward = events.clone();
+        tokio::spawn(async move {
+            while let Some(e) = node_events.recv().await {
+                if forward.send(ShellEvent::Node(e)).is_err() {
+                    return;
+                }
+            }
+        });
+        self.node = Some(node);
+    }
+
+    /// Hands the cached netmap to the datapath.
+    pub(super) fn push_netmap(&self) {
+        if let (Some(node), Some(map)) = (&self.node, self.cache.get()) {
+            node.command(NodeCommand::Netmap(map.clone()));
+        }
+    }
+
+    /// `OverlayHello`: asks for the netmap (`full`, or changes since the cached version).
+    fn hello(&self, config: &AgentConfig, full: bool) -> AgentMsg {
+        AgentMsg::Overlay(OverlayHello {
+            netmap_version: if full { None } else { self.cache.version() },
+            local_endpoints: ov::local_endpoints(self.endpoint.port, &config.overlay.tap_prefix),
+            nat: self.nat,
+        })
+    }
+}
+
+impl Shell<'_> {
+    /// The session speaks overlay: starts the datapath (unless `--no-overlay`) and says hello.
+    pub(super) async fn start_overlay(
+        &mut self,
+        send: &mut quinn::SendStream,
+        creds: Option<&Credentials>,
+    ) -> Result<(), AttemptError> {
+        if let Some(c) = creds.filter(|_| self.config.overlay_enabled) {
+            self.overlay.ensure_node(self.config, c, &self.events);
+            send_msg(send, &self.overlay.hello(self.config, false)).await?;
+        }
+        Ok(())
+    }
+
+    /// The controller's view of this node's address: measures the NAT's mapping with its probe
+    /// port (the answer comes as [`ShellEvent::Probed`]); the message to send back, if any.
+    pub(super) fn observed(
+        &mut self,
+        o: Observed,
+        creds: Option<&Credentials>,
+    ) -> Option<AgentMsg> {
+        self.overlay.observed = Some(o.address);
+        match (o.probe_port, creds) {
+            (Some(port), Some(c)) => {
+                let probe = SocketAddr::new(self.config.controller.ip(), port);
+                let client = key_der(&c.key_pem).and_then(|k| {
+                    tls::node_client_config(&c.ca_der, &c.cert_der, k, Duration::from_secs(5))
+                        .map_err(|e| AgentError::Tls(e.to_string()))
+                });
+                let endpoint = self.overlay.endpoint.endpoint.clone();
+                let events = self.events.clone();
+                let main = o.address;
+                tokio::spawn(async move {
+                    let result = match client {
+                        Ok(client) => ov::probe_observed(&endpoint, client, probe).await,
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let _ = events.send(ShellEvent::Probed { main, result });
+                });
+                None
+            }
+            _ => self.probed(
+                o.address,
+                Err("the controller has no probe port".into()),
+                true,
+            ),
+        }
+    }
+
+    /// The NAT probe ended: a changed mapping is told to the controller.
+    pub(super) fn probed(
+        &mut self,
+        main: SocketAddr,
+        result: Result<SocketAddr, String>,
+        ready: bool,
+    ) -> Option<AgentMsg> {
+        let probe = match result {
+            Ok(addr) => Some(addr),
+            Err(e) => {
+                warn!(cause = %e, "NAT probe failed; mapping behaviour unknown");
+                None
+            }
+        };
+        let local =
+            ov::local_endpoints(self.overlay.endpoint.port, &self.config.overlay.tap_prefix);
+        let nat = ov::classify_nat(main, probe, &local);
+        if nat == self.overlay.nat || !ready {
+            return None;
+        }
+        info!(?nat, observed = %main, "NAT mapping measured");
+        self.overlay.nat = nat;
+        Some(self.overlay.hello(self.config, false))
+    }
+
+    /// A whole netmap: cached and handed to the datapath.
+    pub(super) fn netmap(&mut self, map: Netmap) {
+        info!(
+            version = map.version,
+            networks = map.networks.len(),
+            peers = map.peers.len(),
+            "netmap received"
+        );
+        self.overlay.cache.replace(map);
+        self.overlay.push_netmap();
+    }
+
+    /// Netmap changes: applied to the cache, or a full netmap asked for when they do not follow on.
+    pub(super) fn netmap_delta(&mut self, delta: NetmapDelta) -> Option<AgentMsg> {
+        match self.overlay.cache.apply(&delta) {
+            DeltaOutcome::Applied => {
+                debug!(
+                    version = delta.to_version,
+                    changes = delta.changes.len(),
+                    "netmap updated"
+                );
+                self.overlay.push_netmap();
+                None
+            }
+            DeltaOutcome::Gap(gap) => {
+                warn!(%gap, "netmap out of step; asking for a full one");
+                Some(self.overlay.hello(self.config, true))
+            }
+        }
+    }
+
+    /// A peer wants to reach this node: the datapath punches towards it.
+    pub(super) fn punch(&self, punch: Punch) {
+        if let Some(node) = &self.overlay.node {
+            node.command(NodeCommand::Punch(punch));
+        }
+    }
+
+    /// The datapath wants a peer to punch towards this node: ask through the controller.
+    pub(super) fn node_event(&self, event: NodeEvent, ready: bool) -> Option<AgentMsg> {
+        match event {
+            NodeEvent::RequestPunch(peer) => ready.then_some(AgentMsg::Punch(Punch {
+                peer,
+                endpoints: vec![],
+            })),
+        }
+    }
+
+    /// Sends the datapath's path report, if it runs.
+    pub(super) async fn send_paths(
+        &mut self,
+        send: &mut quinn::SendStream,
+    ) -> Result<(), AttemptError> {
+        let report = match &self.overlay.node {
+            Some(node) => node.report().await,
+            None => None,
+        };
+        if let Some(report) = report {
+            send_msg(send, &AgentMsg::Paths(report)).await?;
+        }
+        Ok(())
+    }
+}
