@@ -389,11 +389,7 @@ impl DriveHub {
         target: &PolicyTarget,
         now: UnixMillis,
     ) -> Result<PolicyRecord, PolicyError> {
-        let old = match self
-            .policies
-            .get(target.key().as_bytes())
-            .map_err(StoreError::from)?
-        {
+        let old = match self.policies.get(target.key().as_bytes())? {
             Some(bytes) => decode::<PolicyRecord>(DRIVE_POLICIES, target.key().as_bytes(), &bytes)?,
             None => return Err(PolicyError::NoPolicy(target.clone())),
         };

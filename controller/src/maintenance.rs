@@ -443,12 +443,7 @@ impl Maintenance {
     pub fn create_window(&self, window: &Window, now: UnixMillis) -> Result<(), MaintError> {
         window.check_opens(now)?;
         let _g = lock(&self.lock);
-        if self
-            .windows
-            .get(window.name().as_bytes())
-            .map_err(StoreError::from)?
-            .is_some()
-        {
+        if self.windows.get(window.name().as_bytes())?.is_some() {
             return Err(MaintError::WindowExists(window.name().to_owned()));
         }
         let r = window.record();
@@ -483,11 +478,7 @@ impl Maintenance {
     /// it.
     pub fn delete_window(&self, name: &str, now: UnixMillis) -> Result<WindowRecord, MaintError> {
         let _g = lock(&self.lock);
-        let rec: WindowRecord = match self
-            .windows
-            .get(name.as_bytes())
-            .map_err(StoreError::from)?
-        {
+        let rec: WindowRecord = match self.windows.get(name.as_bytes())? {
             Some(v) => decode(WINDOWS, name.as_bytes(), &v)?,
             None => return Err(MaintError::UnknownWindow(name.to_owned())),
         };
@@ -567,7 +558,7 @@ impl Maintenance {
         let sel =
             parse_selector(selector).map_err(|_| MaintError::BadSelector(selector.to_owned()))?;
         let key = selector_text(&sel);
-        let old: Budget = match self.budgets.get(key.as_bytes()).map_err(StoreError::from)? {
+        let old: Budget = match self.budgets.get(key.as_bytes())? {
             Some(v) => decode(BUDGETS, key.as_bytes(), &v)?,
             None => return Err(MaintError::UnknownBudget(key)),
         };
@@ -610,7 +601,7 @@ impl Maintenance {
                 .cloned()
                 .ok_or_else(|| MaintError::UnknownRollout("is active".into()));
         }
-        match self.rollouts.get(id.as_bytes()).map_err(StoreError::from)? {
+        match self.rollouts.get(id.as_bytes())? {
             Some(v) => Ok(decode_rollout(id.as_bytes(), &v)?),
             None => Err(MaintError::UnknownRollout(id.to_owned())),
         }
@@ -933,9 +924,7 @@ impl Controller {
                 .collect();
             for n in lacked_permission {
                 m.store.check_space()?;
-                m.failed
-                    .remove(failed_key(&n, &req.target))
-                    .map_err(StoreError::from)?;
+                m.failed.remove(failed_key(&n, &req.target))?;
                 failed_before.remove(&n);
             }
         }
@@ -1015,9 +1004,7 @@ impl Controller {
         if before != after {
             if let Command::Retry(n) = &command {
                 m.store.check_space()?;
-                m.failed
-                    .remove(failed_key(n, &after.spec().target))
-                    .map_err(StoreError::from)?;
+                m.failed.remove(failed_key(n, &after.spec().target))?;
             }
             m.save(
                 Some(&before),

@@ -570,7 +570,7 @@ impl Store {
         let mut batch = Vec::new();
         let mut trimmed = 0u64;
         let mut trimmed_bytes = 0u64;
-        for item in self.raw_scan(EVENTS, Scan::before(&cutoff.to_be_bytes()))? {
+        for item in self.raw_scan(EVENTS, Scan::before(cutoff.to_be_bytes()))? {
             let (key, value) = item?;
             batch.push(key);
             trimmed += 1;

@@ -92,7 +92,7 @@ impl Store {
 
     /// Whether a serial was revoked.
     pub fn cert_revoked(&self, serial: &str) -> Result<bool, StoreError> {
-        Ok(self.raw_contains(REVOKED_CERTS, normal_serial(serial).as_bytes())?)
+        self.raw_contains(REVOKED_CERTS, normal_serial(serial).as_bytes())
     }
 
     /// Checks a connection's certificate ([`check_certificate`]) and writes what the verdict
