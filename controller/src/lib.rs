@@ -1,32 +1,28 @@
-//! shoal's controller: registry, CA, store, the agents' QUIC endpoint, the admin API, and
-//! `shoalctl`.
+//! shoal's controller: the shell around the pure cores of `shoal-controller-core`. One folder per
+//! domain, each owning its store tables, its handlers and its admin API routes:
+//!
+//! - [`registry`]: enrolment, node identity and certificates (the CA), tokens, liveness.
+//! - [`overlay`]: overlay networks (IPAM), the netmap coordinator's shell, the relay.
+//! - [`drives`]: drive reports, SMART history and verdicts, drive policies and commands.
+//! - [`releases`]: signed agent releases, their store, and agent updates.
+//! - [`maintenance`]: windows, budgets, rollouts and maintenance runs, and their driver.
+//! - [`netboot`]: DHCP, TFTP and boot HTTP on the netboot interface, images and machines.
+//! - [`connections`]: the agents' QUIC connections and the registry other domains send through.
+//! - [`api`]: the admin API's router and authentication, and the fleet report.
+//! - [`store`]: the storage contract, its sled implementation, and the event log.
+//!
+//! [`server`] composes them: the controller's configuration, its shared state and `run`.
 //!
 //! Architecture Invariant: the controller never depends on agent code; it knows agents only through
 //! `shoal-proto` messages.
 
-pub mod admin;
-pub mod agent_updates;
 pub mod api;
-pub mod ca;
-pub mod conn_queue;
-pub mod drive_hub;
-pub mod event_log;
-pub mod fleet_drives;
-pub mod fuzzing;
-pub mod identity;
+pub mod connections;
+pub mod drives;
 pub mod maintenance;
 pub mod netboot;
-pub mod networks;
-pub mod overlay_hub;
-pub mod release_api;
-pub mod release_store;
+pub mod overlay;
+pub mod registry;
 pub mod releases;
-pub mod report;
 pub mod server;
 pub mod store;
-pub mod view;
-
-// The pure cores, under the paths the shell has always used for them.
-pub use shoal_controller_core::{
-    coordinator, drive_policy, drives, enrolment, liveness, rollout, session, windows,
-};

@@ -23,16 +23,16 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::{
-    admin::{self, AdminConf, ADMIN_CONF_FILE},
-    ca::Ca,
-    drive_hub::DriveHub,
-    enrolment::CertVerdict,
-    fleet_drives::FleetDrivesConfig,
-    liveness::{Liveness, Transition},
-    overlay_hub::{self, OverlayHub},
-    session::{Action, CloseKind, Session, SessionConfig},
+    api::admin::{self, AdminConf, ADMIN_CONF_FILE},
+    drives::hub::DriveHub,
+    overlay::hub::{self, OverlayHub},
+    registry::ca::Ca,
     store::{CertRecord, EnrolError, EnrolParams, EventKind, NodeStatus, Store},
 };
+use shoal_controller_core::drives::fleet::FleetDrivesConfig;
+use shoal_controller_core::enrolment::CertVerdict;
+use shoal_controller_core::liveness::{Liveness, Transition};
+use shoal_controller_core::session::{Action, CloseKind, Session, SessionConfig};
 
 /// QUIC application close codes.
 pub mod close_code {
@@ -66,7 +66,7 @@ pub struct ControllerConfig {
     pub checkpoint_interval: Duration,
     /// Subnet of the `default` overlay network, used when it is created on first start; later
     /// starts keep the stored one (default 10.90.0.0/16).
-    pub overlay_subnet: crate::networks::Subnet,
+    pub overlay_subnet: crate::overlay::networks::Subnet,
     /// TAP MTU of the `default` overlay network, and of new networks created without one (default
     /// 1380).
     pub overlay_mtu: u16,
@@ -111,7 +111,7 @@ pub struct ControllerConfig {
     /// s).
     pub send_timeout: Duration,
     /// Messages queued for one connection before its agent counts as not reading (default
-    /// [`crate::conn_queue::NODE_QUEUE_CAPACITY`]).
+    /// [`crate::connections::queue::NODE_QUEUE_CAPACITY`]).
     pub node_queue_capacity: usize,
 }
 
@@ -133,14 +133,14 @@ impl ControllerConfig {
             cert_ttl: Duration::from_secs(24 * 3600),
             hello_timeout: Duration::from_secs(10),
             checkpoint_interval: Duration::from_secs(30),
-            overlay_subnet: crate::networks::DEFAULT_OVERLAY_SUBNET,
-            overlay_mtu: crate::networks::DEFAULT_OVERLAY_MTU,
+            overlay_subnet: crate::overlay::networks::DEFAULT_OVERLAY_SUBNET,
+            overlay_mtu: crate::overlay::networks::DEFAULT_OVERLAY_MTU,
             netmap_validity: Duration::from_secs(24 * 3600),
             probe_listen: None,
             netboot: crate::netboot::NetbootConfig::default(),
             drives: FleetDrivesConfig::default(),
-            drive_prepare_timeout: crate::drive_hub::DEFAULT_PREPARE_TIMEOUT,
-            drive_self_test_timeout: crate::drive_hub::DEFAULT_SELF_TEST_TIMEOUT,
+            drive_prepare_timeout: crate::drives::hub::DEFAULT_PREPARE_TIMEOUT,
+            drive_self_test_timeout: crate::drives::hub::DEFAULT_SELF_TEST_TIMEOUT,
             rollout_tick: Duration::from_secs(5),
             rollout_clock: crate::maintenance::RolloutClock::default(),
             release_keys: Vec::new(),
@@ -150,7 +150,7 @@ impl ControllerConfig {
             max_unauthenticated_per_address: 32,
             enrolment_deadline: Duration::from_secs(30),
             send_timeout: Duration::from_secs(30),
-            node_queue_capacity: crate::conn_queue::NODE_QUEUE_CAPACITY,
+            node_queue_capacity: crate::connections::queue::NODE_QUEUE_CAPACITY,
         }
     }
 }
@@ -167,7 +167,7 @@ pub enum ServeError {
     Store(#[from] crate::store::StoreError),
     /// The CA could not be loaded or created.
     #[error(transparent)]
-    Ca(#[from] crate::ca::CaError),
+    Ca(#[from] crate::registry::ca::CaError),
     /// TLS setup failed.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
@@ -295,7 +295,7 @@ pub(crate) struct ConnHandle {
     /// identity against the node's own re-enrolment after the reboot.
     pub leaving: bool,
     /// Queues a message to the agent; the connection's task sends it in order.
-    pub tx: crate::conn_queue::NodeTx,
+    pub tx: crate::connections::queue::NodeTx,
     /// The negotiated protocol version, once the agent's Hello was accepted. Nothing newer than it
     /// is ever queued: v1/v2 agents get no v3 messages.
     pub protocol: Option<u16>,
@@ -330,10 +330,11 @@ pub struct Controller {
     /// Windows, budgets, rollouts.
     pub(crate) maint: crate::maintenance::Maintenance,
     /// Signed agent releases.
-    pub(crate) releases: crate::release_store::ReleaseStore,
+    pub(crate) releases: crate::releases::store::ReleaseStore,
     /// The latest agent update facts per node (see `agent_updates`).
-    pub(crate) agent_updates: Mutex<HashMap<NodeId, crate::agent_updates::AgentUpdate>>,
-    pub(crate) update_notices: tokio::sync::broadcast::Sender<crate::agent_updates::UpdateNotice>,
+    pub(crate) agent_updates: Mutex<HashMap<NodeId, crate::releases::updates::AgentUpdate>>,
+    pub(crate) update_notices:
+        tokio::sync::broadcast::Sender<crate::releases::updates::UpdateNotice>,
     /// What the connection limits refused.
     pub(crate) conn_stats: ConnStats,
     /// Unauthenticated connections open per remote address.
@@ -388,7 +389,7 @@ impl Controller {
                 crate::netboot::images::read_key(p).map_err(|e| ServeError::Releases(e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let releases = crate::release_store::ReleaseStore::open(
+        let releases = crate::releases::store::ReleaseStore::open(
             config.data_dir.join("releases"),
             release_keys,
         )
@@ -703,7 +704,7 @@ fn bind_probe(
     let wanted = controller
         .config
         .probe_listen
-        .unwrap_or_else(|| overlay_hub::default_probe_addr(quic_addr));
+        .unwrap_or_else(|| hub::default_probe_addr(quic_addr));
     let socket = std::net::UdpSocket::bind(wanted)
         .or_else(|e| {
             if controller.config.probe_listen.is_some() {
@@ -724,7 +725,7 @@ fn bind_probe(
             let port = endpoint.local_addr().ok().map(|a| a.port());
             info!(port = ?port, "NAT probe port listening");
             controller.overlay.set_probe_port(port);
-            let task = tokio::spawn(overlay_hub::serve_probe(endpoint.clone()));
+            let task = tokio::spawn(hub::serve_probe(endpoint.clone()));
             Some((endpoint, task))
         }
         Err(e) => {
@@ -773,7 +774,7 @@ async fn sweep(controller: Arc<Controller>) {
     let mut last_prune: Option<Instant> = None;
     loop {
         tick.tick().await;
-        if last_prune.is_none_or(|t| t.elapsed() >= crate::identity::PRUNE_INTERVAL) {
+        if last_prune.is_none_or(|t| t.elapsed() >= crate::registry::identity::PRUNE_INTERVAL) {
             last_prune = Some(Instant::now());
             let c = controller.clone();
             match tokio::task::spawn_blocking(move || {
@@ -894,7 +895,7 @@ async fn handle_connection(
 
     let (revoke_tx, mut revoke_rx) = mpsc::unbounded_channel();
     let (overlay_tx, mut overlay_rx) =
-        crate::conn_queue::node_queue(controller.config.node_queue_capacity);
+        crate::connections::queue::node_queue(controller.config.node_queue_capacity);
     let mut conn_id = None;
     let mut must_rotate = false;
     if let Some(info) = &cert {
@@ -1088,8 +1089,9 @@ impl Controller {
         &self,
         node: &NodeId,
         protocol: u16,
-    ) -> (u64, crate::conn_queue::NodeRx) {
-        let (tx, rx) = crate::conn_queue::node_queue(crate::conn_queue::NODE_QUEUE_CAPACITY);
+    ) -> (u64, crate::connections::queue::NodeRx) {
+        let (tx, rx) =
+            crate::connections::queue::node_queue(crate::connections::queue::NODE_QUEUE_CAPACITY);
         let (revoke, _) = mpsc::unbounded_channel();
         let mut live = self.live();
         live.next_conn_id += 1;
@@ -1139,7 +1141,7 @@ struct ConnCtx {
     remote: String,
     /// Netmap deltas, punch requests, drive policies and drive commands for this agent, queued by
     /// other connections and the API.
-    overlay_tx: crate::conn_queue::NodeTx,
+    overlay_tx: crate::connections::queue::NodeTx,
     /// The task relaying this agent's datagrams, once it joined the overlay.
     relay: Option<tokio::task::JoinHandle<()>>,
 }
@@ -1152,7 +1154,7 @@ async fn drive(
     recv: &mut FrameReader,
     session: &mut Session,
     revoke_rx: &mut mpsc::UnboundedReceiver<Revoke>,
-    overlay_rx: &mut crate::conn_queue::NodeRx,
+    overlay_rx: &mut crate::connections::queue::NodeRx,
     hello_deadline: tokio::time::Instant,
 ) -> Result<(), ConnError> {
     let conn = ctx.conn.clone();
@@ -1195,10 +1197,10 @@ async fn drive(
                 return Err(ConnError::SlowConsumer);
             }
             // (v4) Release downloads come on further streams of an authenticated connection.
-            stream = conn.accept_bi(), if session.version() >= Some(crate::agent_updates::UPDATE_PROTOCOL) && session.node().is_some() => {
+            stream = conn.accept_bi(), if session.version() >= Some(crate::releases::updates::UPDATE_PROTOCOL) && session.node().is_some() => {
                 let Ok((s, r)) = stream else { return Ok(()) };
                 if let Some(node) = session.node().cloned() {
-                    tokio::spawn(crate::agent_updates::serve_fetch(controller.clone(), node, s, r).in_current_span());
+                    tokio::spawn(crate::releases::updates::serve_fetch(controller.clone(), node, s, r).in_current_span());
                 }
                 vec![]
             }
@@ -1378,7 +1380,7 @@ async fn perform(
             {
                 conn.protocol = version;
             }
-            if version.is_some_and(|v| v >= crate::agent_updates::UPDATE_PROTOCOL) {
+            if version.is_some_and(|v| v >= crate::releases::updates::UPDATE_PROTOCOL) {
                 let c = controller.clone();
                 let n = node.clone();
                 let _ = tokio::task::spawn_blocking(move || c.maintenance_reconnected(&n)).await;

@@ -10,7 +10,7 @@ mod common;
 use common::{eventually, harness::*};
 use std::time::Duration;
 
-use shoal_controller::view::NodeView;
+use shoal_api::nodes::NodeView;
 use shoal_overlay::pki;
 use shoal_proto::{
     limits, AgentMsg, Drive, DriveReport, DriveState, EnrolRequest, Inventory, NatMapping,
@@ -218,7 +218,7 @@ async fn a_node_flapping_a_drive_does_not_flood_the_event_log() {
         Duration::from_secs(30),
         "the last drive report is taken",
         || async {
-            let list: Vec<shoal_controller::view::DriveView> =
+            let list: Vec<shoal_api::drives::DriveView> =
                 ctl.admin.get(&format!("/v1/drives?node={id}")).await;
             list.iter().any(|d| d.device == "sdc").then_some(())
         },
@@ -312,7 +312,7 @@ async fn shoalctl_prints_agent_supplied_text_without_terminal_controls() {
     )]))
     .await;
     eventually(PROMPT, "inventory and drives stored", || async {
-        let list: Vec<shoal_controller::view::DriveView> =
+        let list: Vec<shoal_api::drives::DriveView> =
             ctl.admin.get(&format!("/v1/drives?node={id}")).await;
         (ctl.admin.node(&id).await.hostname == hostname && !list.is_empty()).then_some(())
     })
@@ -397,7 +397,7 @@ async fn a_frame_arriving_in_pieces_is_taken_whole_while_the_controller_sends_to
     for (i, piece) in frame.chunks(1024).enumerate() {
         raw.send.write_all(piece).await.unwrap();
         let client = ctl.admin.client.clone();
-        let req = shoal_controller::view::SetDrivePolicy {
+        let req = shoal_api::drives::SetDrivePolicy {
             node: Some(id.0.clone()),
             selector: None,
             mode: if i % 2 == 0 { "approve" } else { "report" }.into(),

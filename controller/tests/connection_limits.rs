@@ -10,10 +10,9 @@ use common::{eventually, harness::*};
 
 use std::{sync::Arc, time::Duration};
 
-use shoal_controller::{
-    server::close_code,
-    view::{RefusalsView, SetDrivePolicy},
-};
+use shoal_api::drives::SetDrivePolicy;
+use shoal_api::refusals::RefusalsView;
+use shoal_controller::server::close_code;
 use shoal_overlay::{pki, tls};
 use shoal_proto::SUPPORTED;
 

@@ -10,7 +10,7 @@ use shoal_testkit::{require, Tmpfs};
 use std::time::Duration;
 
 use shoal_agent::daemon;
-use shoal_controller::{ca::Ca, server};
+use shoal_controller::{registry::ca::Ca, server};
 use shoal_overlay::{pki, recv_msg, send_msg, tls};
 use shoal_proto::{
     AgentMsg, ControllerMsg, EnrolRequest, NodeId, RejectCode, RenewRequest, VersionRange,

@@ -12,8 +12,9 @@ use common::{eventually, harness::*};
 use std::sync::Arc;
 
 use serde_json::Value;
-use shoal_controller::view::{
-    CertView, EventView, PendingView, ReenrolRequest, RevokeCertRequest, RevokedCertView,
+use shoal_api::{
+    events::EventView,
+    identity::{CertView, PendingView, ReenrolRequest, RevokeCertRequest, RevokedCertView},
 };
 use shoal_overlay::{pki, tls};
 use shoal_proto::{AgentMsg, ControllerMsg, RejectCode, RenewRequest, RotateKeyRequest, SUPPORTED};
@@ -282,7 +283,7 @@ async fn a_claim_without_proof_waits_for_an_operator_who_approves_or_denies_it()
         .await
         .expect("approved claim re-enrols");
     assert_eq!(back.node_id.0, node, "onto the same record");
-    let view: shoal_controller::view::NodeView = ctl.admin.get(&format!("/v1/nodes/{node}")).await;
+    let view: shoal_api::nodes::NodeView = ctl.admin.get(&format!("/v1/nodes/{node}")).await;
     assert_eq!(
         view.key.as_deref(),
         Some(key_print(&k2).as_str()),
@@ -371,7 +372,7 @@ async fn an_armed_reenrolment_admits_one_claim_and_never_against_a_live_node() {
     eventually(PROMPT * 2, "the node's connection is gone", || async {
         (!ctl
             .admin
-            .get::<shoal_controller::view::NodeView>(&format!("/v1/nodes/{node}"))
+            .get::<shoal_api::nodes::NodeView>(&format!("/v1/nodes/{node}"))
             .await
             .connected)
             .then_some(())
@@ -590,8 +591,7 @@ async fn a_revoked_serial_is_refused_and_a_revoked_current_key_is_rotated_away()
 async fn a_real_agent_rotates_its_key_on_request_and_stays_the_same_node() {
     let ctl = Ctl::start().await;
     let (agent, node) = ctl.agent_up("id-agent-rotate").await;
-    let before: shoal_controller::view::NodeView =
-        ctl.admin.get(&format!("/v1/nodes/{node}")).await;
+    let before: shoal_api::nodes::NodeView = ctl.admin.get(&format!("/v1/nodes/{node}")).await;
     ctl.admin
         .post_no_content(
             &format!("/v1/nodes/{node}/rotate-key"),
@@ -602,8 +602,7 @@ async fn a_real_agent_rotates_its_key_on_request_and_stays_the_same_node() {
         AGENT_UP,
         "the agent rotated and reconnected with its new key",
         || async {
-            let n: shoal_controller::view::NodeView =
-                ctl.admin.get(&format!("/v1/nodes/{node}")).await;
+            let n: shoal_api::nodes::NodeView = ctl.admin.get(&format!("/v1/nodes/{node}")).await;
             (n.key != before.key && n.connected).then_some(n)
         },
     )

@@ -15,15 +15,14 @@ use std::{
     time::Duration,
 };
 
+use shoal_api::events::EventView;
+use shoal_api::maintenance::{CreateWindow, RolloutView, StartRollout, WindowView};
+use shoal_api::tokens::CreateToken;
 use shoal_controller::{
-    maintenance::{
-        view::{CreateWindow, RolloutView, StartRollout, WindowView},
-        NodeUpgrader, RolloutClock, TargetKind, UpgradeError,
-    },
-    rollout::Target,
-    server::ControllerConfig,
-    view::{CreateToken, EventView},
+    maintenance::NodeUpgrader, maintenance::RolloutClock, maintenance::TargetKind,
+    maintenance::UpgradeError, server::ControllerConfig,
 };
+use shoal_controller_core::rollout::Target;
 use shoal_overlay::{pki, recv_msg, send_msg, tls};
 use shoal_proto::{
     AgentMsg, CheckResult, ControllerMsg, EnrolRequest, HardwareId, HardwareIdSource, Hello,

@@ -8,15 +8,17 @@
 //! not depend on sled, tokio, quinn or axum, so the compiler, not a comment, keeps it pure.
 
 pub mod coordinator;
-pub mod drive_policy;
 pub mod drives;
 pub mod enrolment;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod liveness;
 pub mod netboot;
 pub mod networks;
 pub mod registry;
 pub mod releases;
+pub mod report;
 pub mod rollout;
 pub mod selector;
 pub mod session;

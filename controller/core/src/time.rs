@@ -7,10 +7,15 @@ use shoal_proto::UnixMillis;
 /// `t` as RFC 3339 in UTC to the second, or "N ms after the Unix epoch" where it cannot be (humantime
 /// refuses years past 9999): never a panic, whatever time an agent reported.
 pub fn rfc3339(t: UnixMillis) -> String {
+    rfc3339_ms(t.0)
+}
+
+/// [`rfc3339`] of a time in milliseconds since the Unix epoch.
+pub fn rfc3339_ms(ms: u64) -> String {
     let mut out = String::new();
-    match std::time::UNIX_EPOCH.checked_add(Duration::from_millis(t.0)) {
+    match std::time::UNIX_EPOCH.checked_add(Duration::from_millis(ms)) {
         Some(st) if write!(out, "{}", humantime::format_rfc3339_seconds(st)).is_ok() => out,
-        _ => format!("{} ms after the Unix epoch", t.0),
+        _ => format!("{ms} ms after the Unix epoch"),
     }
 }
 

@@ -1,8 +1,8 @@
-//! `shoal_controller::fuzzing::coordinator_ops`: see that module for the properties checked.
+//! `shoal_controller_core::fuzzing::coordinator_ops`: see that module for the properties checked.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = shoal_controller::fuzzing::coordinator_ops(data);
+    let _ = shoal_controller_core::fuzzing::coordinator_ops(data);
 });

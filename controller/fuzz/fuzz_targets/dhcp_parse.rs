@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 
 use libfuzzer_sys::fuzz_target;
-use shoal_controller::netboot::dhcp::{self, Admission, DhcpConfig, DhcpMode, DhcpServer, Leases};
+use shoal_controller_core::netboot::dhcp::{self, Admission, DhcpConfig, DhcpMode, DhcpServer, Leases};
 use shoal_proto::UnixMillis;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,8 +1,8 @@
-//! `shoal_controller::fuzzing::drive_reports`: see that module for the properties checked.
+//! `shoal_controller_core::fuzzing::drive_reports`: see that module for the properties checked.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = shoal_controller::fuzzing::drive_reports(data);
+    let _ = shoal_controller_core::fuzzing::drive_reports(data);
 });

@@ -1,8 +1,8 @@
-//! `shoal_controller::fuzzing::rollout_events`: see that module for the properties checked.
+//! `shoal_controller_core::fuzzing::rollout_events`: see that module for the properties checked.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = shoal_controller::fuzzing::rollout_events(data);
+    let _ = shoal_controller_core::fuzzing::rollout_events(data);
 });

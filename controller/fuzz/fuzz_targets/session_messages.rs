@@ -1,8 +1,8 @@
-//! `shoal_controller::fuzzing::session_messages`: see that module for the properties checked.
+//! `shoal_controller_core::fuzzing::session_messages`: see that module for the properties checked.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = shoal_controller::fuzzing::session_messages(data);
+    let _ = shoal_controller_core::fuzzing::session_messages(data);
 });

@@ -8,7 +8,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shoal_controller::{
-    networks::{Subnet, MAX_MTU, MIN_MTU},
+    overlay::networks::{Subnet, MAX_MTU, MIN_MTU},
     server::{self, Controller, ControllerConfig},
 };
 

@@ -39,10 +39,9 @@ use std::{
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use shoal_controller::{
-    admin::{AdminClient, AdminConf},
-    view::{CreateToken, EventView},
-};
+use shoal_api::events::EventView;
+use shoal_api::tokens::CreateToken;
+use shoal_controller::api::admin::{AdminClient, AdminConf};
 use shoal_overlay::{pki, recv_msg, send_msg, tls};
 use shoal_proto::{
     limits, AgentMsg, ControllerMsg, Drive, DriveProtocol, DriveReport, DriveState, EnrolRequest,

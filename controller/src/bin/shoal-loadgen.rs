@@ -32,10 +32,8 @@ use std::{
 use anyhow::{bail, Context};
 use clap::Parser;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use shoal_controller::{
-    admin::{AdminClient, AdminConf},
-    view::CreateToken,
-};
+use shoal_api::tokens::CreateToken;
+use shoal_controller::api::admin::{AdminClient, AdminConf};
 use shoal_overlay::{pki, recv_msg, send_msg, tls};
 use shoal_proto::{
     AgentMsg, BlockDevice, BootMode, ControllerMsg, Dmi, EnrolRequest, FilesystemUsage, HardwareId,

@@ -31,7 +31,7 @@
 //! The current step of every node in flight is kept in the store tree `maintenance_steps` (run ‖ 0
 //! ‖ node → [`StepRecord`]), written before the step is sent: a restarted controller repeats the
 //! step when the node reconnects (every agent reconnects after a controller restart), and `begin`,
-//! repeated by [`crate::rollout::Rollout::resend_after_restart`] for unacknowledged nodes, resends
+//! repeated by [`shoal_controller_core::rollout::Rollout::resend_after_restart`] for unacknowledged nodes, resends
 //! the current step instead of starting over. The agent treats a repeated step it completed as
 //! done.
 //!
@@ -49,11 +49,11 @@ use tracing::{debug, info, warn};
 
 use super::{NodeUpgrader, TargetKind, UpgradeError};
 use crate::{
-    agent_updates::{UpdateError, UPDATE_PROTOCOL},
-    rollout::{Event, NodePhase, ReportedHealth, Target},
+    releases::updates::{UpdateError, UPDATE_PROTOCOL},
     server::{now_ms, Controller},
     store::{decode, encode, EventKind, RawTable, StoreError},
 };
+use shoal_controller_core::rollout::{Event, NodePhase, ReportedHealth, Target};
 
 /// The store tree of steps in flight.
 pub const STEPS: &str = "maintenance_steps";
@@ -497,13 +497,13 @@ mod tests {
 
     use super::*;
     use crate::{
-        maintenance::StartRequest, networks::parse_selector, rollout::Rollout,
-        server::ControllerConfig,
+        maintenance::StartRequest, overlay::networks::parse_selector, server::ControllerConfig,
     };
+    use shoal_controller_core::rollout::Rollout;
 
     struct Fixture {
         ctl: Arc<Controller>,
-        rx: HashMap<NodeId, (u64, crate::conn_queue::NodeRx)>,
+        rx: HashMap<NodeId, (u64, crate::connections::queue::NodeRx)>,
         _rt: tokio::runtime::Runtime,
     }
 
@@ -528,7 +528,7 @@ mod tests {
         fn nodes(&mut self, prefix: &str, count: usize, labels: &[(&str, &str)]) -> Vec<NodeId> {
             (0..count)
                 .map(|i| {
-                    let id = crate::networks::enrol_for_tests(
+                    let id = crate::overlay::networks::enrol_for_tests(
                         &self.ctl.store,
                         &format!("{prefix}{i}"),
                         labels,
@@ -677,7 +677,7 @@ mod tests {
         assert!(
             waiting
                 .iter()
-                .any(|w| matches!(w, crate::rollout::Waiting::Budget { .. })),
+                .any(|w| matches!(w, shoal_controller_core::rollout::Waiting::Budget { .. })),
             "{waiting:?}"
         );
         // The other run's node is up again: one etcd member at a time, despite max-unavailable 3.
@@ -814,7 +814,10 @@ mod tests {
         }
         let r = f.ctl.maint.rollout(&run).unwrap();
         assert!(
-            matches!(r.state(), crate::rollout::RolloutState::Paused { .. }),
+            matches!(
+                r.state(),
+                shoal_controller_core::rollout::RolloutState::Paused { .. }
+            ),
             "{:?}",
             r.state()
         );
@@ -837,8 +840,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut f = Fixture::open(dir.path());
         let n = f.nodes("k", 1, &[("role", "k3s")]);
-        let old =
-            crate::networks::enrol_for_tests(&f.ctl.store, "old", &[("role", "k3s")], now_ms());
+        let old = crate::overlay::networks::enrol_for_tests(
+            &f.ctl.store,
+            "old",
+            &[("role", "k3s")],
+            now_ms(),
+        );
         let (_c, _rx) = f.ctl.fake_connection(&old, 3);
         let run = f
             .start(MaintenanceAction::SmartTest, "role=k3s", 2, 5)

@@ -1,5 +1,5 @@
 //! The agent update executor: a [`NodeUpgrader`] for [`Target::Agent`] on top of the protocol-4
-//! update path ([`crate::agent_updates`]), and the task that turns the agents' acknowledgements and
+//! update path ([`crate::releases::updates`]), and the task that turns the agents' acknowledgements and
 //! reports into the planner's [`Event`]s.
 //!
 //! - `begin` = [`Controller::offer_agent_update`] (the stored release for the node's architecture);
@@ -22,10 +22,10 @@ use tracing::{debug, info, warn};
 
 use super::{BeginOptions, NodeUpgrader, TargetKind, UpgradeError};
 use crate::{
-    agent_updates::{OfferOptions, UpdateError, UpdateNotice},
-    rollout::{Event, ReportedHealth, Target},
+    releases::updates::{OfferOptions, UpdateError, UpdateNotice},
     server::Controller,
 };
+use shoal_controller_core::rollout::{Event, ReportedHealth, Target};
 
 /// See the module docs.
 #[derive(Debug)]
@@ -357,7 +357,8 @@ mod tests {
     /// failed as refused and no revert is sent; a v3 node is refused at once.
     #[test]
     fn agent_rollout_runs_on_update_reports() {
-        use crate::{maintenance::StartRequest, rollout::NodePhase, server::now_ms};
+        use crate::{maintenance::StartRequest, server::now_ms};
+        use shoal_controller_core::rollout::NodePhase;
         let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -368,11 +369,16 @@ mod tests {
         let mut config = crate::server::ControllerConfig::for_tests(dir.path().join("data"));
         config.release_keys = vec![dir.path().join("release.pub")];
         let ctl = Controller::open(config, "127.0.0.1:1".parse().unwrap()).unwrap();
-        let key = crate::releases::load_signing_key(KEY).unwrap();
+        let key = crate::releases::verify::load_signing_key(KEY).unwrap();
         let binary = b"\x7fELF agent 0.2.0".repeat(100);
-        let (_, signed) =
-            crate::releases::sign_release(&binary, NEW, TARGET, shoal_proto::UnixMillis(1), &key)
-                .unwrap();
+        let (_, signed) = crate::releases::verify::sign_release(
+            &binary,
+            NEW,
+            TARGET,
+            shoal_proto::UnixMillis(1),
+            &key,
+        )
+        .unwrap();
         for (name, bytes) in [
             ("agent", &binary),
             ("manifest.json", &signed.manifest),
@@ -384,7 +390,12 @@ mod tests {
 
         let mut notices = ctl.subscribe_agent_updates();
         let [a, b, c] = ["a", "b", "c"].map(|h| {
-            let id = crate::networks::enrol_for_tests(&ctl.store, h, &[("role", "w")], now_ms());
+            let id = crate::overlay::networks::enrol_for_tests(
+                &ctl.store,
+                h,
+                &[("role", "w")],
+                now_ms(),
+            );
             ctl.store
                 .update_node(&id, |r| r.agent_version = OLD.into())
                 .unwrap();

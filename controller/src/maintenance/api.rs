@@ -16,22 +16,21 @@ use axum::{
 };
 use shoal_proto::NodeId;
 
-use super::{
-    view::{
-        BudgetView, CreateWindow, RetryNode, RolloutNodeView, RolloutView, SetBudget, StartRollout,
-        WindowView,
-    },
-    MaintError, StartRequest,
+use shoal_api::maintenance::{
+    BudgetView, CreateWindow, RetryNode, RolloutNodeView, RolloutView, SetBudget, StartRollout,
+    WindowView,
 };
+
+use super::{MaintError, StartRequest};
 use crate::{
-    networks::{parse_selector, selector_matches, selector_text},
-    rollout::{
-        Command, NodePhase, Rollout, RolloutError, RolloutState, SkipReason, Target, Waiting,
-    },
+    overlay::networks::{parse_selector, selector_matches, selector_text},
     server::Controller,
-    view::rfc3339,
-    windows::{Window, WindowError},
 };
+use shoal_controller_core::rollout::{
+    Command, NodePhase, Rollout, RolloutError, RolloutState, SkipReason, Target, Waiting,
+};
+use shoal_controller_core::time::rfc3339_ms as rfc3339;
+use shoal_controller_core::windows::{Window, WindowError};
 
 type Ctl = Arc<Controller>;
 

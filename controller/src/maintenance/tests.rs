@@ -10,12 +10,12 @@ use std::{collections::HashMap, path::Path};
 
 use super::*;
 use crate::{
-    admin::{AdminClient, AdminClientError, AdminConf, ADMIN_CONF_FILE},
-    maintenance::view::{
-        BudgetView, CreateWindow, RolloutView, SetBudget, StartRollout, WindowView,
-    },
+    api::admin::{AdminClient, AdminClientError, AdminConf, ADMIN_CONF_FILE},
     server::ControllerConfig,
     store::Event as LogEvent,
+};
+use shoal_api::maintenance::{
+    BudgetView, CreateWindow, RolloutView, SetBudget, StartRollout, WindowView,
 };
 
 const OLD: &str = "1.0.0";
@@ -78,7 +78,7 @@ impl Fixture {
     fn nodes(&mut self, prefix: &str, count: usize, labels: &[(&str, &str)]) -> Vec<NodeId> {
         (0..count)
             .map(|i| {
-                let id = crate::networks::enrol_for_tests(
+                let id = crate::overlay::networks::enrol_for_tests(
                     &self.ctl.store,
                     &format!("{prefix}{i}"),
                     labels,
@@ -245,7 +245,7 @@ fn a_budget_holds_a_rollout_with_a_larger_max_unavailable() {
     assert!(
         r.waiting()
             .iter()
-            .any(|w| matches!(w, crate::rollout::Waiting::Budget { .. })),
+            .any(|w| matches!(w, shoal_controller_core::rollout::Waiting::Budget { .. })),
         "{:?}",
         r.waiting()
     );
@@ -387,7 +387,10 @@ fn a_closed_window_waits_and_one_that_ends_mid_rollout_starts_no_new_node() {
     );
     let r = f.tick();
     assert!(f.fake.begins().is_empty(), "window closed");
-    assert_eq!(r.waiting(), &[crate::rollout::Waiting::WindowClosed]);
+    assert_eq!(
+        r.waiting(),
+        &[shoal_controller_core::rollout::Waiting::WindowClosed]
+    );
     // Deleting the window is refused while the rollout uses it.
     assert!(matches!(
         f.ctl.maint.delete_window("nightly", clock.now()),
@@ -408,7 +411,10 @@ fn a_closed_window_waits_and_one_that_ends_mid_rollout_starts_no_new_node() {
     let r = f.tick();
     assert_eq!(r.progress().succeeded, 2);
     assert_eq!(f.fake.begins().len(), 2, "closed: no new node");
-    assert_eq!(r.waiting(), &[crate::rollout::Waiting::WindowClosed]);
+    assert_eq!(
+        r.waiting(),
+        &[shoal_controller_core::rollout::Waiting::WindowClosed]
+    );
     // The next night it continues.
     clock.set_now(at("2030-01-08T02:00:10Z"));
     f.tick();
@@ -553,7 +559,7 @@ fn windows_budgets_and_rollouts_over_the_admin_api() {
         ["nightly"]
     );
 
-    crate::networks::enrol_for_tests(&ctl.store, "e0", &[("role", "etcd")], now_ms());
+    crate::overlay::networks::enrol_for_tests(&ctl.store, "e0", &[("role", "etcd")], now_ms());
     let b: BudgetView = client
         .post(
             "/v1/budgets",

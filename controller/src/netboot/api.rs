@@ -20,12 +20,10 @@ use tracing::info;
 use super::{
     dhcp::Mac,
     images::{ImageError, Manifest},
-    view::{ImageView, MachineView, SetImage},
 };
-use crate::{
-    server::{now_ms, Controller},
-    view::rfc3339,
-};
+use crate::server::{now_ms, Controller};
+use shoal_api::netboot::{ImageView, MachineView, SetImage};
+use shoal_controller_core::time::rfc3339_ms as rfc3339;
 
 type Ctl = Arc<Controller>;
 

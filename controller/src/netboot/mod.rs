@@ -24,7 +24,6 @@ pub mod fuzz_harness;
 pub mod http;
 pub mod images;
 pub mod machines;
-pub mod view;
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},

@@ -1,6 +1,6 @@
 //! The store's side of node identity: key bindings, issued certificates and their revocation,
 //! one-time re-enrolments, pending claims, and pruning what has lapsed. The rules are in
-//! [`crate::enrolment`]; this module only reads and writes.
+//! [`shoal_controller_core::enrolment`]; this module only reads and writes.
 //!
 //! | tree | key | value |
 //! |---|---|---|
@@ -21,7 +21,7 @@ use super::{
     TokenState, CERTS, EVENTS, IDENTITIES, NODES, PENDING_ENROLMENTS, REENROL_GRANTS,
     REVOKED_CERTS, TOKENS, TOKEN_BINDINGS, TOKEN_USES,
 };
-use crate::enrolment::{
+use shoal_controller_core::enrolment::{
     check_certificate, CertVerdict, IdentityRecord, KeyHash, PendingEnrolment, PendingState,
     Presented, ReenrolGrant, TokenUse, PENDING_TTL_MS,
 };

@@ -9,11 +9,14 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use rustls_pki_types::PrivateKeyDer;
 use shoal_agent::daemon::{self, AgentConfig};
+use shoal_api::events::EventView;
+use shoal_api::nodes::NodeView;
+use shoal_api::tokens::CreateToken;
+use shoal_api::tokens::TokenView;
 use shoal_controller::{
-    admin::{AdminClient, AdminConf, ADMIN_CONF_FILE},
-    ca,
+    api::admin::{AdminClient, AdminConf, ADMIN_CONF_FILE},
+    registry::ca,
     server::{self, close_code, Controller, ControllerConfig},
-    view::{CreateToken, EventView, NodeView, TokenView},
 };
 use shoal_overlay::{pki, recv_msg, send_msg, tls};
 use shoal_proto::{

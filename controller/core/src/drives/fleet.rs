@@ -1,7 +1,7 @@
 //! What the controller knows about every node's drives, as a sans-IO core: the latest
 //! [`DriveReport`] per node, each drive's SMART history and verdict, the events a new report gives
 //! rise to, the JSON views, and the checks a drive command must pass before it is sent. No store,
-//! no clock, no network: times come in as arguments, and [`crate::drive_hub`] persists what this
+//! no clock, no network: times come in as arguments, and `shoal_controller::drives::hub` persists what this
 //! returns.
 //!
 //! Rules:
@@ -18,7 +18,7 @@
 //! - A node has at most [`MAX_HISTORIES_PER_NODE`] drive histories: past that, the histories of
 //!   drives not in its latest report go, those sampled longest ago first.
 
-use crate::store::DriveEvent;
+use crate::drives::DriveEvent;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -27,11 +27,13 @@ use shoal_proto::{
     SelfTestStatus, SmartOutcome, SmartPredictors, UnixMillis,
 };
 
-use crate::{
-    drives::{drive_key, DriveHistory, HistoryConfig, SmartSample, Verdict, VerdictConfig},
-    store::EventKind,
-    view::{rfc3339, DriveView, SelfTestView, SmartView, StateDetail},
-};
+use crate::drives::{drive_key, DriveHistory, HistoryConfig, SmartSample, Verdict, VerdictConfig};
+use crate::events::EventKind;
+use crate::time::rfc3339_ms as rfc3339;
+use shoal_api::drives::DriveView;
+use shoal_api::drives::SelfTestView;
+use shoal_api::drives::SmartView;
+use shoal_api::drives::StateDetail;
 
 /// A node's latest drive report as the controller keeps it (sled tree `drive_reports`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -37,18 +37,19 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::{
-    drive_policy::{resolve, PolicyRecord, PolicySource, PolicyTarget},
-    drives::drive_key,
-    fleet_drives::{
-        check_prepare, check_self_test, CommandError, DriveChange, FleetDrives, FleetDrivesConfig,
-        PrepareRequest, StoredReport, StoredSample,
-    },
     server::Controller,
     store::{
         decode, encode, Batch, EventKind, NodeRecord, RawTable, Scan, Store, StoreError, EVENTS,
     },
-    view::{DriveCommandView, DriveView},
 };
+use shoal_api::drives::DriveCommandView;
+use shoal_api::drives::DriveView;
+use shoal_controller_core::drives::drive_key;
+use shoal_controller_core::drives::fleet::{
+    check_prepare, check_self_test, CommandError, DriveChange, FleetDrives, FleetDrivesConfig,
+    PrepareRequest, StoredReport, StoredSample,
+};
+use shoal_controller_core::drives::policy::{resolve, PolicyRecord, PolicySource, PolicyTarget};
 
 const DRIVE_REPORTS: &str = "drive_reports";
 const DRIVE_SAMPLES: &str = "drive_samples";
@@ -269,7 +270,7 @@ impl DriveHub {
         node: &NodeId,
         hostname: &str,
         stored: Option<&StoredReport>,
-        ingested: &crate::fleet_drives::Ingested,
+        ingested: &shoal_controller_core::drives::fleet::Ingested,
         now: UnixMillis,
     ) -> Result<(), StoreError> {
         self.store.check_space()?;
@@ -717,7 +718,7 @@ pub const DEFAULT_SELF_TEST_TIMEOUT: Duration = Duration::from_secs(60);
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::drives::{HistoryConfig, VerdictConfig};
+    use shoal_controller_core::drives::{HistoryConfig, VerdictConfig};
     use shoal_proto::{
         AtaPredictors, Drive, DriveProtocol, DriveState, SmartExitStatus, SmartOutcome,
         SmartPredictors, SmartReport,
@@ -772,7 +773,7 @@ mod tests {
     fn stored_samples_of_forgotten_histories_are_deleted() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let node = crate::networks::enrol_for_tests(&store, "m1", &[], UnixMillis(1));
+        let node = crate::overlay::networks::enrol_for_tests(&store, "m1", &[], UnixMillis(1));
         let hub = DriveHub::open(&store, config()).unwrap();
         // 256 drives with new serial numbers in every report.
         for round in 0..12u64 {
@@ -798,7 +799,7 @@ mod tests {
             )
             .unwrap();
         }
-        let max = crate::fleet_drives::MAX_HISTORIES_PER_NODE;
+        let max = shoal_controller_core::drives::fleet::MAX_HISTORIES_PER_NODE;
         assert_eq!(hub.book().history_count(&node), max);
         assert_eq!(
             stored_samples(&store),
@@ -811,7 +812,7 @@ mod tests {
     fn reports_and_history_survive_a_restart_trimmed_to_the_window() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let node = crate::networks::enrol_for_tests(&store, "m1", &[], UnixMillis(1));
+        let node = crate::overlay::networks::enrol_for_tests(&store, "m1", &[], UnixMillis(1));
         let hub = DriveHub::open(&store, config()).unwrap();
         for hour in 1..=5 {
             hub.ingest(
@@ -883,7 +884,10 @@ mod tests {
                 views[0].smart.verdict.as_str(),
                 views[0].updated_at.as_str()
             ),
-            ("warning", crate::view::rfc3339(12).as_str())
+            (
+                "warning",
+                shoal_controller_core::time::rfc3339_ms(12).as_str()
+            )
         );
         assert_eq!(hub.book().sample_count(&node, "serial:Disk/S1"), 5);
         // No spurious events after the restart: the same report again changes nothing.
@@ -922,7 +926,7 @@ mod tests {
     fn records_of_removed_nodes_are_dropped_at_start() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let node = crate::networks::enrol_for_tests(&store, "m1", &[], UnixMillis(1));
+        let node = crate::overlay::networks::enrol_for_tests(&store, "m1", &[], UnixMillis(1));
         let hub = DriveHub::open(&store, config()).unwrap();
         hub.ingest(
             &node,
@@ -947,7 +951,12 @@ mod tests {
         use shoal_proto::{DrivePolicyMode, Filesystem};
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let node = crate::networks::enrol_for_tests(&store, "m1", &[("role", "db")], UnixMillis(1));
+        let node = crate::overlay::networks::enrol_for_tests(
+            &store,
+            "m1",
+            &[("role", "db")],
+            UnixMillis(1),
+        );
         let hub = DriveHub::open(&store, config()).unwrap();
         let policy = DrivePolicy {
             mode: DrivePolicyMode::Approve,

@@ -21,7 +21,7 @@ use shoal_proto::{
     check_release_name, ReleaseManifest, SignedRelease, UpdateFailure, MAX_RELEASE_CHUNK,
 };
 
-use crate::releases;
+use crate::releases::verify;
 
 /// File names inside a release directory, the same as in the upload API's paths.
 pub use shoal_api::releases::{BINARY, MANIFEST, SIGNATURE};
@@ -171,7 +171,7 @@ impl ReleaseStore {
             key_id: String::new(),
         };
         let binary = read(BINARY)?;
-        let manifest = releases::verify_upload(&signed, &binary, &self.keys)?;
+        let manifest = verify::verify_upload(&signed, &binary, &self.keys)?;
         drop(binary);
         if manifest.version != version || manifest.target != target {
             return Err(UpdateFailure::Malformed(format!(
@@ -188,7 +188,7 @@ impl ReleaseStore {
                     .verify(&signed.manifest, &signed.signature)
                     .is_ok()
             })
-            .map(|k| releases::key_id(k))
+            .map(|k| verify::key_id(k))
             .unwrap_or_default();
         let key_path = staging.join(KEY_ID);
         shoal_overlay::pki::write_private_file(&key_path, key_id.as_bytes(), 0o644)
@@ -301,7 +301,7 @@ pub fn read_chunk(binary: &Path, offset: u64) -> Result<Vec<u8>, ReleaseStoreErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::releases::{load_signing_key, sign_release};
+    use crate::releases::verify::{load_signing_key, sign_release};
     use shoal_proto::UnixMillis;
 
     const KEY: &str = "-----BEGIN PRIVATE KEY-----\n\

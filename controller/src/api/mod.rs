@@ -8,6 +8,8 @@
 //! /v1/drives/{node}/{device}/self-test` (body `{"kind": "short"|"long"}`), `GET/POST
 //! /v1/drive-policies`, `DELETE /v1/drive-policies?node=ID|selector=KEY=VALUE`.
 
+pub mod admin;
+
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use axum::{
@@ -25,22 +27,37 @@ use shoal_proto::{JoinToken, NodeId, UnixMillis};
 use tracing::{info, warn};
 
 use crate::{
-    drive_hub::{DriveRequest, PolicyError},
-    drive_policy::{PolicyRecord, PolicyTarget},
-    fleet_drives::{CommandError, PrepareRequest},
-    networks::{
+    drives::hub::{DriveRequest, PolicyError},
+    overlay::networks::{
         parse_selector, MemberRecord, MembershipChange, NetworkError, NetworkRecord, Subnet,
     },
-    report::{self, FleetReport, ReportThresholds},
     server::{now_ms, Controller, ServeError},
     store::{NodeRecord, NodeStatus, StoreError, TokenRecord},
-    view::{
-        rfc3339, ApiError, CreateNetwork, CreateToken, CreatedToken, DriveCommandView,
-        DrivePolicies, DrivePolicyView, DriveView, EffectivePolicyView, EventView, MemberSpec,
-        MemberView, NetworkDetail, NetworkUpdate, NetworkView, NodeView, OverlayAddressView,
-        SelfTestRequest, SetDrivePolicy, TokenView,
-    },
 };
+use shoal_api::drives::DriveCommandView;
+use shoal_api::drives::DrivePolicies;
+use shoal_api::drives::DrivePolicyView;
+use shoal_api::drives::DriveView;
+use shoal_api::drives::EffectivePolicyView;
+use shoal_api::drives::SelfTestRequest;
+use shoal_api::drives::SetDrivePolicy;
+use shoal_api::error::ApiError;
+use shoal_api::events::EventView;
+use shoal_api::networks::CreateNetwork;
+use shoal_api::networks::MemberSpec;
+use shoal_api::networks::MemberView;
+use shoal_api::networks::NetworkDetail;
+use shoal_api::networks::NetworkUpdate;
+use shoal_api::networks::NetworkView;
+use shoal_api::nodes::NodeView;
+use shoal_api::nodes::OverlayAddressView;
+use shoal_api::tokens::CreateToken;
+use shoal_api::tokens::CreatedToken;
+use shoal_api::tokens::TokenView;
+use shoal_controller_core::drives::fleet::{CommandError, PrepareRequest};
+use shoal_controller_core::drives::policy::{PolicyRecord, PolicyTarget};
+use shoal_controller_core::report::{FleetReport, ReportThresholds};
+use shoal_controller_core::time::rfc3339_ms as rfc3339;
 
 type Ctl = Arc<Controller>;
 
@@ -212,8 +229,8 @@ pub fn router(controller: Ctl) -> Router {
         )
         .merge(crate::netboot::api::routes())
         .merge(crate::maintenance::api::routes())
-        .merge(crate::release_api::routes())
-        .merge(crate::identity::routes())
+        .merge(crate::releases::routes::routes())
+        .merge(crate::registry::identity::routes())
         .layer(middleware::from_fn_with_state(
             controller.clone(),
             authenticate,
@@ -229,7 +246,7 @@ async fn authenticate(State(ctl): State<Ctl>, req: Request, next: Next) -> Respo
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| pki::sha256(t.trim().as_bytes()));
     match presented {
-        Some(hash) if crate::admin::digest_eq(&hash, &ctl.admin_token_sha256) => {
+        Some(hash) if crate::api::admin::digest_eq(&hash, &ctl.admin_token_sha256) => {
             next.run(req).await
         }
         Some(_) => {
@@ -334,8 +351,8 @@ async fn revoke_token(
 
 /// What the controller's limits refused since it started: connections, and what nodes sent the
 /// overlay hub.
-async fn refusals(State(ctl): State<Ctl>) -> Json<crate::view::RefusalsView> {
-    Json(crate::view::RefusalsView {
+async fn refusals(State(ctl): State<Ctl>) -> Json<shoal_api::refusals::RefusalsView> {
+    Json(shoal_api::refusals::RefusalsView {
         connections: ctl.conn_stats.snapshot(),
         overlay: ctl.overlay.counters(),
     })
@@ -490,11 +507,11 @@ async fn list_events(
     .await
 }
 
-async fn overlay_paths(State(ctl): State<Ctl>) -> Json<Vec<crate::view::PathView>> {
+async fn overlay_paths(State(ctl): State<Ctl>) -> Json<Vec<shoal_api::overlay::PathView>> {
     let mut out = Vec::new();
     for (node, r) in ctl.overlay.reported_paths() {
         for p in r.report.paths {
-            out.push(crate::view::PathView {
+            out.push(shoal_api::overlay::PathView {
                 from: node.0.clone(),
                 to: p.peer.0,
                 kind: match p.kind {
@@ -513,12 +530,14 @@ async fn overlay_paths(State(ctl): State<Ctl>) -> Json<Vec<crate::view::PathView
     Json(out)
 }
 
-async fn overlay_counters(State(ctl): State<Ctl>) -> Json<Vec<crate::view::OverlayCountersView>> {
+async fn overlay_counters(
+    State(ctl): State<Ctl>,
+) -> Json<Vec<shoal_api::overlay::OverlayCountersView>> {
     Json(
         ctl.overlay
             .reported_paths()
             .into_iter()
-            .map(|(node, r)| crate::view::OverlayCountersView {
+            .map(|(node, r)| shoal_api::overlay::OverlayCountersView {
                 node: node.0,
                 forwarded: r.report.counters.forwarded,
                 flooded: r.report.counters.flooded,
@@ -535,7 +554,12 @@ async fn fleet_report(State(ctl): State<Ctl>) -> Result<Json<FleetReport>, HttpE
         let nodes = all_nodes(&ctl)?;
         let drives = ctl.drives.views(None);
         let t = ReportThresholds::for_interval(ctl.config.heartbeat_interval);
-        Ok(Json(report::build(&nodes, &drives, now_ms().0, &t)))
+        Ok(Json(shoal_controller_core::report::build(
+            &nodes,
+            &drives,
+            now_ms().0,
+            &t,
+        )))
     })
     .await
 }
@@ -902,14 +926,14 @@ async fn remove_member(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::fleet_drives::PrepareRequest;
     use crate::{
-        admin::{AdminClient, AdminClientError, AdminConf, ADMIN_CONF_FILE},
+        api::admin::{AdminClient, AdminClientError, AdminConf, ADMIN_CONF_FILE},
         server::ControllerConfig,
     };
+    use shoal_controller_core::drives::fleet::PrepareRequest;
 
     fn enrol(ctl: &Controller, machine: &str, labels: &[(&str, &str)]) -> NodeId {
-        crate::networks::enrol_for_tests(&ctl.store, machine, labels, now_ms())
+        crate::overlay::networks::enrol_for_tests(&ctl.store, machine, labels, now_ms())
     }
 
     fn status<T: std::fmt::Debug>(r: Result<T, AdminClientError>) -> (u16, String) {
@@ -1090,7 +1114,7 @@ mod tests {
         (rt, ctl, handle, client)
     }
 
-    fn policies_sent(rx: &mut crate::conn_queue::NodeRx) -> Vec<shoal_proto::DrivePolicy> {
+    fn policies_sent(rx: &mut crate::connections::queue::NodeRx) -> Vec<shoal_proto::DrivePolicy> {
         let mut out = Vec::new();
         while let Ok(msg) = rx.try_recv() {
             match msg {
@@ -1276,7 +1300,7 @@ mod tests {
     fn fake_agent(
         ctl: Ctl,
         node: NodeId,
-        mut rx: crate::conn_queue::NodeRx,
+        mut rx: crate::connections::queue::NodeRx,
         answer: impl Fn(&shoal_proto::DriveCommand) -> Option<Result<String, String>> + Send + 'static,
     ) -> std::sync::Arc<std::sync::Mutex<Vec<shoal_proto::DriveCommand>>> {
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));

@@ -84,8 +84,8 @@ impl Suppressed {
         format!(
             "{} {kind} event(s) about this node were not logged between {} and {}: more than {} at once, then more than one every {} s",
             self.count,
-            crate::view::rfc3339(self.from.0),
-            crate::view::rfc3339(self.to.0),
+            shoal_controller_core::time::rfc3339_ms(self.from.0),
+            shoal_controller_core::time::rfc3339_ms(self.to.0),
             config.burst,
             config.refill_ms / 1000
         )

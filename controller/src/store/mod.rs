@@ -28,9 +28,9 @@
 //! | `removed_hw` | hardware id display text | [`UnixMillis`] of removal |
 //! | `event_log` | seq, big-endian u64 | [`Event`] (its kind by name) |
 //!
-//! Overlay networks keep five more trees, described (and used only) in [`crate::networks`]:
+//! Overlay networks keep five more trees, described (and used only) in [`crate::overlay::networks`]:
 //! `networks`, `net_members`, `peer_indexes`, `node_keys` and `overlay_counters`. Drives keep
-//! three, described in [`crate::drive_hub`]: `drive_reports`, `drive_samples` and `drive_policies`.
+//! three, described in [`crate::drives::hub`]: `drive_reports`, `drive_samples` and `drive_policies`.
 
 use std::{
     fmt,
@@ -47,7 +47,7 @@ use sha2::{Digest, Sha256};
 use shoal_proto::{HardwareId, NodeId, UnixMillis};
 use tracing::{debug, warn};
 
-use crate::enrolment::{
+use shoal_controller_core::enrolment::{
     self, Claim, Decision, Existing, IdentityRecord, KeyHash, PendingEnrolment, PendingState,
     Proof, ReenrolGrant, TokenUse,
 };
@@ -56,6 +56,7 @@ pub use shoal_controller_core::registry::{
 };
 
 pub mod backend;
+pub mod event_log;
 mod identity;
 mod sled_backend;
 mod table;
@@ -74,7 +75,7 @@ pub const MAX_EVENTS: u64 = 100_000;
 
 /// The event log keeps at most this many bytes (encoded events); the oldest are trimmed until it is
 /// back under seven eighths of it. 100 000 events of a typical 100 bytes are 10 MiB; a log of
-/// capped 4 KiB messages ([`crate::event_log::MAX_EVENT_MESSAGE`]) would be 400 MiB without it.
+/// capped 4 KiB messages ([`crate::store::event_log::MAX_EVENT_MESSAGE`]) would be 400 MiB without it.
 pub const MAX_EVENT_BYTES: u64 = 64 << 20;
 
 /// How often (in appended events) the event log is trimmed.
@@ -262,7 +263,7 @@ pub(crate) struct Inner {
     /// its global transaction lock, so seqs are committed in order.
     next_seq: AtomicU64,
     /// Per-(node, kind) event budgets.
-    event_budget: Mutex<crate::event_log::EventBudget>,
+    event_budget: Mutex<crate::store::event_log::EventBudget>,
     /// Bytes of the events tree's values: exact after each trim, at most an over-estimate between
     /// (a retried transaction counts its event twice).
     pub(crate) event_bytes: AtomicU64,
@@ -410,7 +411,9 @@ impl Store {
                 overlay_lock: Mutex::new(()),
                 dir: dir.to_owned(),
                 next_seq: AtomicU64::new(next_seq),
-                event_budget: Mutex::new(crate::event_log::EventBudget::new(Default::default())),
+                event_budget: Mutex::new(crate::store::event_log::EventBudget::new(
+                    Default::default(),
+                )),
                 event_bytes: AtomicU64::new(event_bytes),
                 events_since_trim: AtomicU64::new(0),
                 event_byte_limit: AtomicU64::new(MAX_EVENT_BYTES),
@@ -459,7 +462,7 @@ impl Store {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn event_budget(&self) -> std::sync::MutexGuard<'_, crate::event_log::EventBudget> {
+    fn event_budget(&self) -> std::sync::MutexGuard<'_, crate::store::event_log::EventBudget> {
         // Counters only: a panic while holding the lock leaves nothing that matters inconsistent.
         self.inner
             .event_budget
@@ -468,9 +471,9 @@ impl Store {
     }
 
     /// Replaces the per-node event budget (tests and benchmarks; the default is
-    /// [`crate::event_log::EventBudgetConfig::default`]).
-    pub fn configure_event_budget(&self, config: crate::event_log::EventBudgetConfig) {
-        *self.event_budget() = crate::event_log::EventBudget::new(config);
+    /// [`crate::store::event_log::EventBudgetConfig::default`]).
+    pub fn configure_event_budget(&self, config: crate::store::event_log::EventBudgetConfig) {
+        *self.event_budget() = crate::store::event_log::EventBudget::new(config);
     }
 
     #[cfg(test)]
@@ -480,10 +483,10 @@ impl Store {
 
     /// Writes an event inside a transaction on the events tree, taking the next seq.
     ///
-    /// An event about a node goes through the node's budget ([`crate::event_log`]): over it,
+    /// An event about a node goes through the node's budget ([`crate::store::event_log`]): over it,
     /// nothing is written and the returned event has seq 0; when the budget has room again, a
     /// summary of what was left out is written before the event. The message is capped at
-    /// [`crate::event_log::MAX_EVENT_MESSAGE`] bytes.
+    /// [`crate::store::event_log::MAX_EVENT_MESSAGE`] bytes.
     pub(crate) fn tx_event<E: From<StoreError>>(
         &self,
         events: &TxTable<'_>,
@@ -528,7 +531,7 @@ impl Store {
         at: UnixMillis,
     ) -> Result<Event, TxError<E>> {
         let seq = self.inner.next_seq.fetch_add(1, Ordering::SeqCst);
-        let message = crate::event_log::cap_message(message).into_owned();
+        let message = crate::store::event_log::cap_message(message).into_owned();
         let event = Event {
             seq,
             at,
@@ -1392,7 +1395,7 @@ mod tests {
         let store = open(dir.path());
         store.create_token(&token("t", "s", T0)).unwrap();
         let node = claim(&store, "t", "m", 1, at(1)).unwrap().node.id;
-        for key in 2..2 + crate::enrolment::MAX_PENDING_PER_NODE as u8 {
+        for key in 2..2 + shoal_controller_core::enrolment::MAX_PENDING_PER_NODE as u8 {
             let r = refusal(claim(&store, "t", "m", key, at(2)));
             assert!(matches!(r, EnrolRefusal::AwaitingApproval { .. }), "{r:?}");
             // A retry with the same key refreshes its request.
@@ -1402,7 +1405,10 @@ mod tests {
             ));
         }
         let pending = store.pending_enrolments().unwrap();
-        assert_eq!(pending.len(), crate::enrolment::MAX_PENDING_PER_NODE);
+        assert_eq!(
+            pending.len(),
+            shoal_controller_core::enrolment::MAX_PENDING_PER_NODE
+        );
         assert!(pending.iter().all(|p| p.node == node && p.attempts == 2));
         let r = refusal(claim(&store, "t", "m", 200, at(4)));
         assert!(
@@ -1410,10 +1416,10 @@ mod tests {
             "the per-node cap holds: {r:?}"
         );
         // Requests lapse an hour after their last attempt and are pruned.
-        let later = UnixMillis(at(3).0 + crate::enrolment::PENDING_TTL_MS);
+        let later = UnixMillis(at(3).0 + shoal_controller_core::enrolment::PENDING_TTL_MS);
         assert_eq!(
             store.prune(later).unwrap().pending,
-            crate::enrolment::MAX_PENDING_PER_NODE
+            shoal_controller_core::enrolment::MAX_PENDING_PER_NODE
         );
         assert!(store.pending_enrolments().unwrap().is_empty());
     }
@@ -1498,7 +1504,10 @@ mod tests {
         let verdict = store
             .check_connection(&node, &[1; 32], "aa01", at(1_000_000), at(5), "x")
             .unwrap();
-        assert_eq!(verdict, crate::enrolment::CertVerdict::Revoked);
+        assert_eq!(
+            verdict,
+            shoal_controller_core::enrolment::CertVerdict::Revoked
+        );
         store.begin_rotation(&node, &[2; 32], at(6)).unwrap();
         let i = store.identity(&node).unwrap().unwrap();
         assert!(!i.must_rotate && i.next_key == Some([2; 32]));

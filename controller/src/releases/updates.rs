@@ -23,7 +23,7 @@ use shoal_proto::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    release_store::{read_chunk, ReleaseStoreError},
+    releases::store::{read_chunk, ReleaseStoreError},
     server::{now_ms, Controller},
     store::{EventKind, StoreError},
 };
@@ -514,14 +514,14 @@ mod tests {
         config.release_keys = vec![dir.path().join("release.pub")];
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let ctl = Controller::open(config, listener.local_addr().expect("addr")).expect("open");
-        let old = crate::networks::enrol_for_tests(&ctl.store, "old", &[], now_ms());
-        let new = crate::networks::enrol_for_tests(&ctl.store, "new", &[], now_ms());
-        let away = crate::networks::enrol_for_tests(&ctl.store, "away", &[], now_ms());
+        let old = crate::overlay::networks::enrol_for_tests(&ctl.store, "old", &[], now_ms());
+        let new = crate::overlay::networks::enrol_for_tests(&ctl.store, "new", &[], now_ms());
+        let away = crate::overlay::networks::enrol_for_tests(&ctl.store, "away", &[], now_ms());
 
-        let key = crate::releases::load_signing_key(KEY).expect("key");
+        let key = crate::releases::verify::load_signing_key(KEY).expect("key");
         let binary = b"\x7fELF agent 0.2.0".repeat(1000);
         let (_, signed) =
-            crate::releases::sign_release(&binary, "0.2.0", TARGET, UnixMillis(1), &key)
+            crate::releases::verify::sign_release(&binary, "0.2.0", TARGET, UnixMillis(1), &key)
                 .expect("sign");
         for (name, bytes) in [
             ("agent", &binary),
@@ -570,7 +570,7 @@ mod tests {
             other => panic!("expected UpdateAgent, got {other:?}"),
         }
         // A v5 agent gets the offer with the downgrade permission (none unless asked for).
-        let v5 = crate::networks::enrol_for_tests(&ctl.store, "v5", &[], now_ms());
+        let v5 = crate::overlay::networks::enrol_for_tests(&ctl.store, "v5", &[], now_ms());
         let (_, mut v5_rx) = ctl.fake_connection(&v5, 5);
         ctl.offer_agent_update(&v5, "0.2.0").expect("offered");
         ctl.offer_agent_update_with(

@@ -1,5 +1,5 @@
 //! The controller's maintenance shell: windows, disruption budgets and rollouts in the store, and
-//! the rollout driver that feeds the sans-IO planner ([`crate::rollout`]) and carries out its
+//! the rollout driver that feeds the sans-IO planner ([`shoal_controller_core::rollout`]) and carries out its
 //! actions through a [`NodeUpgrader`].
 //!
 //! Trees:
@@ -47,21 +47,20 @@ use shoal_proto::{MaintenanceAction, NodeId, UnixMillis};
 use tracing::{info, warn};
 
 use crate::{
-    networks::{parse_selector, selector_matches, selector_text},
-    rollout::{
-        Action, Budget, Command, Event, Failure, Fleet, NodePhase, Observed, ReportedHealth,
-        Rollout, RolloutError, RolloutSpec, RolloutState, Target,
-    },
+    overlay::networks::{parse_selector, selector_matches, selector_text},
     server::{now_ms, Controller},
     store::{decode, encode, EventKind, NodeRecord, RawTable, Store, StoreError, EVENTS},
-    windows::{AlwaysOpen, Window, WindowCheck, WindowError, WindowRecord},
 };
+use shoal_controller_core::rollout::{
+    Action, Budget, Command, Event, Failure, Fleet, NodePhase, Observed, ReportedHealth, Rollout,
+    RolloutError, RolloutSpec, RolloutState, Target,
+};
+use shoal_controller_core::windows::{AlwaysOpen, Window, WindowCheck, WindowError, WindowRecord};
 
 pub mod actions;
 pub mod agent;
 pub mod api;
 pub mod image;
-pub mod view;
 
 #[cfg(test)]
 mod tests;
@@ -1068,7 +1067,8 @@ impl Controller {
                 // healthy yet. Older agents: a connected node counts as healthy.
                 let healthy = match target {
                     Target::Agent(_)
-                        if protocol.is_some_and(|p| p >= crate::agent_updates::UPDATE_PROTOCOL) =>
+                        if protocol
+                            .is_some_and(|p| p >= crate::releases::updates::UPDATE_PROTOCOL) =>
                     {
                         reports.get(&rec.id).is_some_and(|r| {
                             r.running == rec.agent_version && agent::report_healthy(r)

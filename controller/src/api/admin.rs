@@ -16,7 +16,7 @@ pub fn write_admin_conf(path: &Path, conf: &AdminConf) -> Result<(), AdminConfEr
         cause: e.to_string(),
     })?;
     let text = format!("# shoalctl credentials written by shoal-controller; keep private.\n{body}");
-    crate::ca::write_private_file(path, text.as_bytes(), 0o600).map_err(|source| {
+    crate::registry::ca::write_private_file(path, text.as_bytes(), 0o600).map_err(|source| {
         AdminConfError::Io {
             path: path.display().to_string(),
             source,

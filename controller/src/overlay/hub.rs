@@ -36,12 +36,8 @@ use shoal_proto::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{
-    coordinator::{Coordinator, Delivery},
-    networks::MembershipChange,
-    server::now_ms,
-    store::Store,
-};
+use crate::{overlay::networks::MembershipChange, server::now_ms, store::Store};
+use shoal_controller_core::coordinator::{Coordinator, Delivery};
 
 /// A refill rate and a bucket size, for [`TokenBucket`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -291,7 +287,7 @@ fn bump(counter: &AtomicU64, n: u64) {
 #[derive(Debug)]
 struct Link {
     conn_id: u64,
-    tx: crate::conn_queue::NodeTx,
+    tx: crate::connections::queue::NodeTx,
     index: PeerIndex,
     hellos: TokenBucket,
 }
@@ -449,7 +445,7 @@ impl OverlayHub {
         node: &NodeId,
         conn_id: u64,
         conn: &quinn::Connection,
-        tx: &crate::conn_queue::NodeTx,
+        tx: &crate::connections::queue::NodeTx,
         index: PeerIndex,
         key: [u8; 32],
         hello: &OverlayHello,
@@ -770,7 +766,7 @@ mod tests {
     use shoal_proto::{NatMapping, OverlayCounters, PathInfo, PathKind};
 
     use super::*;
-    use crate::{ca::Ca, networks::enrol_for_tests};
+    use crate::{overlay::networks::enrol_for_tests, registry::ca::Ca};
 
     const T0: UnixMillis = UnixMillis(1_700_000_000_000);
     /// Deadline for anything that should happen at once on loopback.
@@ -975,8 +971,8 @@ mod tests {
         server_side: quinn::Connection,
         conn_id: u64,
         key: [u8; 32],
-        tx: crate::conn_queue::NodeTx,
-        queued: crate::conn_queue::NodeRx,
+        tx: crate::connections::queue::NodeTx,
+        queued: crate::connections::queue::NodeRx,
     }
 
     fn hello_msg() -> OverlayHello {
@@ -995,8 +991,8 @@ mod tests {
             let store = Store::open(&dir.path().join("store")).unwrap();
             store
                 .ensure_default_network(
-                    crate::networks::DEFAULT_OVERLAY_SUBNET,
-                    crate::networks::DEFAULT_OVERLAY_MTU,
+                    crate::overlay::networks::DEFAULT_OVERLAY_SUBNET,
+                    crate::overlay::networks::DEFAULT_OVERLAY_MTU,
                 )
                 .unwrap();
             let nodes = machines
@@ -1059,8 +1055,9 @@ mod tests {
             let index = self.store.peer_index(&node).unwrap();
             let conn_id = self.next_conn;
             self.next_conn += 1;
-            let (tx, queued) =
-                crate::conn_queue::node_queue(crate::conn_queue::NODE_QUEUE_CAPACITY);
+            let (tx, queued) = crate::connections::queue::node_queue(
+                crate::connections::queue::NODE_QUEUE_CAPACITY,
+            );
             let mut agent = Agent {
                 node,
                 index,
@@ -1334,7 +1331,7 @@ mod tests {
         };
         assert_eq!(
             p.endpoints.len(),
-            1 + crate::coordinator::MAX_LOCAL_ENDPOINTS
+            1 + shoal_controller_core::coordinator::MAX_LOCAL_ENDPOINTS
         );
         assert_eq!(
             p.endpoints[0],

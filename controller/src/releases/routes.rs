@@ -21,12 +21,12 @@ use shoal_proto::NodeId;
 use tracing::info;
 
 use crate::{
-    agent_updates::UpdateError,
-    release_store::{ReleaseStoreError, StoredRelease},
+    releases::store::{ReleaseStoreError, StoredRelease},
+    releases::updates::UpdateError,
     server::{now_ms, Controller},
     store::EventKind,
-    view::rfc3339,
 };
+use shoal_controller_core::time::rfc3339_ms as rfc3339;
 
 type Ctl = Arc<Controller>;
 

@@ -6,7 +6,7 @@
 //! - `GET /v1/nodes/{id}/certificates`, `POST /v1/certificates/{serial}/revoke`
 //!   ([`RevokeCertRequest`]).
 //!
-//! The rules themselves are in [`crate::enrolment`]; the records in [`crate::store`].
+//! The rules themselves are in [`shoal_controller_core::enrolment`]; the records in [`crate::store`].
 
 use std::{sync::Arc, time::Duration};
 
@@ -20,12 +20,18 @@ use shoal_proto::{ControllerMsg, NodeId, UnixMillis};
 use tracing::{info, warn};
 
 use crate::{
-    api::{blocking, HttpError},
-    enrolment::PendingState,
+    api::blocking,
+    api::HttpError,
     server::{now_ms, Controller, Revoke},
     store::{normal_serial, short_key, StoreError},
-    view::{rfc3339, CertView, PendingView, ReenrolRequest, RevokeCertRequest, RevokedCertView},
 };
+use shoal_api::identity::CertView;
+use shoal_api::identity::PendingView;
+use shoal_api::identity::ReenrolRequest;
+use shoal_api::identity::RevokeCertRequest;
+use shoal_api::identity::RevokedCertView;
+use shoal_controller_core::enrolment::PendingState;
+use shoal_controller_core::time::rfc3339_ms as rfc3339;
 
 type Ctl = Arc<Controller>;
 
@@ -106,7 +112,7 @@ impl Controller {
                 now.0
                     < p.last_seen
                         .0
-                        .saturating_add(crate::enrolment::PENDING_TTL_MS)
+                        .saturating_add(shoal_controller_core::enrolment::PENDING_TTL_MS)
             })
             .map(|p| PendingView {
                 node_hostname: self.store.hostname_or_id(&p.node),

@@ -33,17 +33,17 @@ use shoal_proto::{
     NodeId, OverlayHello, PeerIndex, RejectCode, SelfTestKind, UnixMillis, SUPPORTED,
 };
 
+use crate::coordinator::Coordinator;
+use crate::rollout::{
+    Action as RolloutAction, Command, Event, Fleet, Observed, ReportedHealth, Rollout, RolloutSpec,
+    RolloutState, Target,
+};
+use crate::session::{Action, CloseKind, Session, SessionConfig};
 use crate::{
-    coordinator::Coordinator,
-    fleet_drives::{
+    drives::fleet::{
         check_prepare, check_self_test, FleetDrives, FleetDrivesConfig, PrepareRequest,
     },
     networks::{MembershipChange, NetworkRecord, NetworkSnapshot, OverlaySnapshot},
-    rollout::{
-        Action as RolloutAction, Command, Event, Fleet, Observed, ReportedHealth, Rollout,
-        RolloutSpec, RolloutState, Target,
-    },
-    session::{Action, CloseKind, Session, SessionConfig},
 };
 
 /// What a run exercised, by name (`"refused_over_limit"`, `"delta_applied"`...), so tests can tell
@@ -263,7 +263,7 @@ pub fn drive_reports(data: &[u8]) -> Seen {
         );
         let views = book.views(Some(node));
         assert_eq!(views.len(), report.drives.len());
-        assert!(book.history_count(node) <= crate::fleet_drives::MAX_HISTORIES_PER_NODE);
+        assert!(book.history_count(node) <= crate::drives::fleet::MAX_HISTORIES_PER_NODE);
         assert!(serde_json::to_string(&views).is_ok());
         for d in &report.drives {
             let verdict = book.verdict(node, d).map(|j| j.verdict.clone());
@@ -850,7 +850,7 @@ mod tests {
     #[test]
     fn a_drive_report_naming_a_device_twice_is_refused() {
         let seen = drive_reports(include_bytes!(
-            "../fuzz/seeds/drive_reports/regression-duplicate-name"
+            "../../fuzz/seeds/drive_reports/regression-duplicate-name"
         ));
         assert!(seen.count("over_limit") >= 1, "{seen:?}");
     }
@@ -861,15 +861,15 @@ mod tests {
     #[test]
     fn a_drive_read_dated_after_year_9999_is_shown_not_fatal() {
         let seen = drive_reports(include_bytes!(
-            "../fuzz/seeds/drive_reports/regression-year-10000"
+            "../../fuzz/seeds/drive_reports/regression-year-10000"
         ));
         assert!(seen.count("ingested") >= 1, "{seen:?}");
         assert_eq!(
-            crate::view::rfc3339(u64::MAX),
+            crate::time::rfc3339_ms(u64::MAX),
             "18446744073709551615 ms after the Unix epoch"
         );
         assert_eq!(
-            crate::view::rfc3339(253_402_300_799_000),
+            crate::time::rfc3339_ms(253_402_300_799_000),
             "9999-12-31T23:59:59Z"
         );
     }

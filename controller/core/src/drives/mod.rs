@@ -22,6 +22,9 @@
 //! it. A counter that falls back (pending sectors remapped or rewritten) clears the warning. The
 //! first sample of a drive has nothing to compare with, so counters alone cannot warn on it.
 
+pub mod fleet;
+pub mod policy;
+
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};

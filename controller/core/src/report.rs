@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use crate::view::{DriveView, NodeView};
+use shoal_api::{drives::DriveView, nodes::NodeView};
 
 /// Thresholds for "needs attention".
 #[derive(Debug, Clone)]
@@ -150,7 +150,7 @@ pub fn build(
         .map(|n| (n.id.as_str(), n.hostname.as_str()))
         .collect();
     FleetReport {
-        generated_at: crate::view::rfc3339(now_ms),
+        generated_at: crate::time::rfc3339_ms(now_ms),
         total: nodes.len(),
         by_status,
         attention,
@@ -239,14 +239,14 @@ mod tests {
             model: None,
             size_bytes: 1 << 30,
             state: state.into(),
-            state_detail: (state == "missing").then(|| crate::view::StateDetail {
+            state_detail: (state == "missing").then(|| shoal_api::drives::StateDetail {
                 partition: Some(format!("{device}1")),
                 filesystem: Some("xfs".into()),
                 fs_uuid: Some("u-9".into()),
                 mount_point: Some("/var/lib/shoal/drives/u-9".into()),
                 ..Default::default()
             }),
-            smart: crate::view::SmartView {
+            smart: shoal_api::drives::SmartView {
                 verdict: verdict.into(),
                 reasons: reasons.iter().map(|r| r.to_string()).collect(),
                 ..Default::default()

@@ -1,0 +1,4 @@
+//! Drives: every node's drive report and SMART history with their verdicts ([`fleet`], sans-IO),
+//! and the hub that stores them, pushes drive policies and runs drive commands ([`hub`]).
+
+pub mod hub;

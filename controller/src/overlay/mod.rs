@@ -1,0 +1,5 @@
+//! Overlay networks: the store's networks, members, addresses and keys ([`networks`]), and the hub
+//! that runs the netmap coordinator, relays between nodes and takes their path reports ([`hub`]).
+
+pub mod hub;
+pub mod networks;

@@ -1,0 +1,5 @@
+//! The registry: who is in the fleet. Enrolment (the rules are `shoal_controller_core::enrolment`),
+//! node identity bound to keys, certificates and their revocation, and the fleet CA.
+
+pub mod ca;
+pub mod identity;
