@@ -319,46 +319,48 @@ mod tests {
         (head, tail)
     }
 
-    /// Real tools on a sparse image file, where this host has them.
+    /// Real tools on a sparse image file. A tool this host lacks is skipped (the others still
+    /// run), or fails the test where host tests are required.
     #[test]
     fn real_mkfs_outputs_are_not_blank() {
-        let tools: &[(&str, &[&str], Signature)] = &[
-            ("mkfs.ext4", &["-q", "-F"], Signature::Ext),
-            ("mkswap", &[], Signature::Swap),
-            ("mkfs.xfs", &["-q", "-f"], Signature::Xfs),
-            ("mkfs.btrfs", &["-q", "-f"], Signature::Btrfs),
-            ("mkfs.vfat", &["-F", "32"], Signature::Fat),
-            ("sgdisk", &["-o"], Signature::Gpt),
+        use std::process::Command;
+
+        use shoal_testkit::{cmd, skip};
+
+        let tools: &[(&str, &str, &[&str], Signature)] = &[
+            ("mkfs.ext4", "e2fsprogs", &["-q", "-F"], Signature::Ext),
+            ("mkswap", "util-linux", &[], Signature::Swap),
+            ("mkfs.xfs", "xfsprogs", &["-q", "-f"], Signature::Xfs),
+            ("mkfs.btrfs", "btrfs-progs", &["-q", "-f"], Signature::Btrfs),
+            ("mkfs.vfat", "dosfstools", &["-F", "32"], Signature::Fat),
+            ("sgdisk", "gdisk", &["-o"], Signature::Gpt),
         ];
+        let wipefs = skip::tool("wipefs", "util-linux")
+            .inspect_err(|missing| skip::skip(module_path!(), missing))
+            .ok();
         let dir = tempfile::tempdir().expect("tempdir");
-        for (tool, args, expected) in tools {
+        for (tool, package, args, expected) in tools {
+            let program = match skip::tool(tool, package) {
+                Ok(program) => program,
+                Err(missing) => {
+                    skip::skip(module_path!(), &missing);
+                    continue;
+                }
+            };
             let path = dir.path().join(format!("{tool}.img"));
             let size: u64 = 320 << 20; // XFS's minimum is 300 MB
             std::fs::File::create(&path)
                 .and_then(|f| f.set_len(size))
                 .expect("image");
-            let status = std::process::Command::new(tool)
-                .args(*args)
-                .arg(&path)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
-            match status {
-                Ok(s) if s.success() => {}
-                other => {
-                    println!("skipping {tool}: not usable here ({other:?})");
-                    continue;
-                }
-            }
+            cmd::run(Command::new(program).args(*args).arg(&path))
+                .unwrap_or_else(|e| panic!("{e:#}"));
             let (head, tail) = head_and_tail(&path, size);
             let found = signatures(&head, &tail, size);
             assert!(found.contains(expected), "{tool}: {found:?}");
             // Wiped with wipefs, it is blank again (the tool this module must agree with).
-            let wiped = std::process::Command::new("wipefs")
-                .args(["-a", "-f"])
-                .arg(&path)
-                .output();
-            if wiped.as_ref().is_ok_and(|o| o.status.success()) {
+            if let Some(wipefs) = &wipefs {
+                cmd::run(Command::new(wipefs).args(["-a", "-f"]).arg(&path))
+                    .unwrap_or_else(|e| panic!("{e:#}"));
                 let (head, tail) = head_and_tail(&path, size);
                 let found = signatures(&head, &tail, size);
                 assert!(found.is_empty(), "{tool} after wipefs: {found:?}");

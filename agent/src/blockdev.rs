@@ -1295,42 +1295,18 @@ mod tests {
         };
 
         use nix::sys::socket::MsgFlags;
+        use shoal_testkit::{cmd, require, skip, wait, wait_async, Missing};
         use tokio::time::Instant;
 
         use super::*;
 
         const DEADLINE: Duration = Duration::from_secs(5);
 
-        /// Why these tests cannot run here, if they cannot.
-        fn unavailable() -> Option<String> {
-            if !nix::unistd::geteuid().is_root() {
-                return Some("needs root (loop devices, uevent files)".into());
-            }
-            if Command::new("losetup").arg("--version").output().is_err() {
-                return Some("`losetup` is missing (Debian package mount)".into());
-            }
-            None
-        }
-
-        /// Whether CI says host tests must run: env `CI` or `SHOAL_REQUIRE_HOST_TESTS` set to other
-        /// than empty, `0` or `false` (as in `shoal-tests`).
-        fn required() -> bool {
-            ["CI", "SHOAL_REQUIRE_HOST_TESTS"].iter().any(|k| {
-                std::env::var(k)
-                    .is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
-            })
-        }
-
-        macro_rules! require_root {
-            () => {
-                if let Some(reason) = unavailable() {
-                    if required() {
-                        panic!("host test cannot run: {reason} (and SHOAL_REQUIRE_HOST_TESTS says it must)");
-                    }
-                    println!("SKIPPED {}: {reason}", module_path!());
-                    return;
-                }
-            };
+        /// What these tests need: root (loop devices, uevent files) and `losetup`.
+        fn host() -> Result<(), Missing> {
+            skip::root()?;
+            skip::tool("losetup", "mount")?;
+            Ok(())
         }
 
         // LOOP_CTL_REMOVE from <linux/loop.h>: deletes an unbound loop device, which is the only
@@ -1354,17 +1330,13 @@ mod tests {
             file
         }
 
+        fn losetup_command() -> Command {
+            Command::new(skip::find_program("losetup").unwrap_or_else(|| "losetup".into()))
+        }
+
         fn losetup(args: &[&str]) -> String {
-            let out = Command::new("losetup")
-                .args(args)
-                .output()
-                .expect("run losetup");
-            assert!(
-                out.status.success(),
-                "losetup {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+            let out = cmd::run(losetup_command().args(args)).unwrap_or_else(|e| panic!("{e:#}"));
+            out.trim().to_owned()
         }
 
         impl Loop {
@@ -1419,28 +1391,22 @@ mod tests {
             /// Delete the (detached) device. The kernel may hold it busy for a moment after the
             /// detach; retried until the deadline.
             #[allow(unsafe_code)]
-            fn remove(&mut self) -> nix::Result<()> {
+            fn remove(&mut self) -> anyhow::Result<()> {
                 let control = fs::OpenOptions::new()
                     .read(true)
                     .write(true)
-                    .open("/dev/loop-control");
-                let control =
-                    control.map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
-                let deadline = std::time::Instant::now() + DEADLINE;
-                loop {
-                    let number = i32::try_from(self.number).map_err(|_| Errno::EINVAL)?;
+                    .open("/dev/loop-control")?;
+                let number = i32::try_from(self.number)?;
+                wait::eventually(DEADLINE, "the kernel to let the loop device go", || {
                     // SAFETY: an int-argument ioctl on a file we own; no memory is passed.
                     match unsafe { loop_ctl_remove(control.as_raw_fd(), number) } {
-                        Ok(_) => {
-                            self.created = false;
-                            return Ok(());
-                        }
-                        Err(Errno::EBUSY) if std::time::Instant::now() < deadline => {
-                            std::thread::sleep(Duration::from_millis(20));
-                        }
-                        Err(err) => return Err(err),
+                        Ok(_) => Ok(()),
+                        Err(Errno::EBUSY) => Err(anyhow::anyhow!("LOOP_CTL_REMOVE: busy")),
+                        Err(err) => Err(wait::abort(format!("LOOP_CTL_REMOVE: {err}"))),
                     }
-                }
+                })?;
+                self.created = false;
+                Ok(())
             }
 
             fn backing_path(&self) -> String {
@@ -1452,9 +1418,8 @@ mod tests {
         impl Drop for Loop {
             fn drop(&mut self) {
                 if self.attached {
-                    let _ = Command::new("losetup")
-                        .args(["-d", &format!("/dev/{}", self.name)])
-                        .status();
+                    let _ =
+                        cmd::run(losetup_command().args(["-d", &format!("/dev/{}", self.name)]));
                 }
                 if self.created {
                     let _ = self.remove();
@@ -1474,29 +1439,30 @@ mod tests {
             }
         }
 
-        /// Polls `scan` until `check` holds or the deadline passes.
+        /// Polls `scan` until `check` holds or the deadline passes; each scan that does not
+        /// satisfy it (and differs from the one before) is printed, so a failure shows them.
         async fn eventually_scanned(
             matcher: &DriveMatch,
             what: &str,
             check: impl Fn(&[BlockDevice]) -> bool,
         ) {
-            let deadline = Instant::now() + DEADLINE;
-            loop {
+            let mut last = String::new();
+            wait_async::eventually(DEADLINE, what, || {
                 let drives = scan(Path::new("/sys/block"), matcher);
-                if check(&drives) {
-                    return;
+                let done = check(&drives);
+                let scanned = format!("{drives:?}");
+                if !done && scanned != last {
+                    println!("not yet {what}; scanned {scanned}");
+                    last = scanned;
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "{what} within {DEADLINE:?}; scanned {drives:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+                std::future::ready(done.then_some(()))
+            })
+            .await;
         }
 
         #[tokio::test]
         async fn loop_disk_added_changed_and_removed_is_seen_in_uevents_and_scan() {
-            require_root!();
+            require!(host());
             let sock = UeventSocket::bind().expect("bind uevent socket");
             let mut dev = Loop::create();
             let name = dev.name.clone();
@@ -1564,7 +1530,7 @@ mod tests {
         /// kernel then says `change`, not `add`. A drive manager must look at `change` too.
         #[tokio::test]
         async fn losetup_find_free_shows_up_as_add_or_change() {
-            require_root!();
+            require!(host());
             let sock = UeventSocket::bind().expect("bind uevent socket");
             let mut dev = Loop::find_free();
             let name = dev.name.clone();
@@ -1589,7 +1555,7 @@ mod tests {
         /// Only the kernel's datagrams count: one forged by a (root) process is dropped.
         #[tokio::test]
         async fn uevents_not_from_the_kernel_are_dropped() {
-            require_root!();
+            require!(host());
             // The device first, so that its own uevents come before the socket exists.
             let dev = Loop::create();
             let sock = UeventSocket::bind().expect("bind uevent socket");
@@ -1627,7 +1593,7 @@ mod tests {
         /// working.
         #[tokio::test]
         async fn overflow_is_reported_as_overrun() {
-            require_root!();
+            require!(host());
             let sock = UeventSocket::bind_with_receive_buffer(0).expect("bind uevent socket");
             let dev = Loop::create();
             let uevent = format!("/sys/block/{}/uevent", dev.name);

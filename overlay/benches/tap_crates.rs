@@ -5,7 +5,8 @@
 //! is the length of each case). Everything happens inside a fresh network namespace
 //! `shl-<pid>-tapbench` that the process enters on its main thread before it starts any other
 //! thread, and deletes at the end (the host-test harness sweeps one left behind by a killed run).
-//! Without root it prints why and exits 0.
+//! Without root it prints why and exits 0, or fails where host tests are required
+//! (`SHOAL_REQUIRE_HOST_TESTS` or `CI`: shoal-testkit's skip rule).
 //!
 //! Per crate, one TAP device `tapb0` (L2, no packet information, MAC 02:00:00:00:00:01, MTU 1500,
 //! 10.99.0.1/24, up), a permanent neighbour entry 10.99.0.2 → 02:00:00:00:00:02 (so the kernel
@@ -28,7 +29,7 @@
 use std::fs::File;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -37,6 +38,7 @@ use std::time::{Duration, Instant};
 use nix::sched::{setns, CloneFlags};
 use nix::sys::resource::{getrusage, UsageWho};
 use nix::sys::socket::{setsockopt, sockopt};
+use shoal_testkit::{cmd, skip};
 
 const TAP: &str = "tapb0";
 const TAP_ADDR: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -108,20 +110,9 @@ fn cpu_secs(who: UsageWho) -> f64 {
 }
 
 fn run(program: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{program} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    cmd::run(Command::new(program).args(args))
+        .map(drop)
+        .map_err(|e| format!("{e:#}"))
 }
 
 /// The namespace the benchmark runs in; deleted on drop.
@@ -512,10 +503,9 @@ fn main() -> ExitCode {
     if std::env::args().any(|a| a == "--list") {
         return ExitCode::SUCCESS;
     }
-    if !nix::unistd::geteuid().is_root() {
-        println!(
-            "tap_crates: SKIPPED: needs root (it creates a network namespace and TAP devices)"
-        );
+    // It creates a network namespace and TAP devices.
+    if let Err(missing) = skip::root() {
+        skip::skip("tap_crates", &missing);
         return ExitCode::SUCCESS;
     }
     let secs: f64 = std::env::var("TAPBENCH_SECS")

@@ -11,6 +11,7 @@ use std::{
 
 use nix::mount::{MntFlags, MsFlags};
 use shoal_proto::{Filesystem, PreparedDrive};
+use shoal_testkit::{cmd, require, skip, wait, Missing, Tmpfs};
 
 use super::{
     device::{logical_block_size, make_node},
@@ -61,40 +62,21 @@ fn bad_names_are_refused_before_any_io() {
 // -----------------------------------------------------------------------------------------
 // Host tests: real loop devices, mkfs and mounts. They need root.
 
-/// Whether host tests can run; prints why not, or fails when SHOAL_REQUIRE_HOST_TESTS=1.
-fn host(test: &str) -> bool {
-    let why = if !nix::unistd::geteuid().is_root() {
-        Some("not root")
-    } else if !Path::new("/dev/loop-control").exists() {
-        Some("no loop devices (/dev/loop-control)")
-    } else if find_tool("losetup").is_none() || find_tool("mkfs.ext4").is_none() {
-        Some("losetup or mkfs.ext4 missing (scripts/deps installs them)")
-    } else {
-        None
-    };
-    match why {
-        None => true,
-        Some(why) if std::env::var("SHOAL_REQUIRE_HOST_TESTS").is_ok_and(|v| v == "1") => {
-            panic!("{test}: {why}, and SHOAL_REQUIRE_HOST_TESTS=1")
-        }
-        Some(why) => {
-            println!("skipping {test}: {why}");
-            false
-        }
+/// What the host tests need: root, loop devices, `losetup` and `mkfs.ext4`.
+fn host() -> Result<(), Missing> {
+    skip::root()?;
+    if !Path::new("/dev/loop-control").exists() {
+        return Err(Missing::new("no loop devices (/dev/loop-control)"));
     }
+    skip::tool("losetup", "mount")?;
+    skip::tool("mkfs.ext4", "e2fsprogs")?;
+    Ok(())
 }
 
+/// Runs `tool` (found where prepare finds it) with `args`; its stdout.
 fn sh(tool: &str, args: &[&str]) -> String {
-    let out = Command::new(find_tool(tool).unwrap_or_else(|| PathBuf::from(tool)))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{tool}: {e}"));
-    assert!(
-        out.status.success(),
-        "{tool} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    cmd::run(Command::new(find_tool(tool).unwrap_or_else(|| PathBuf::from(tool))).args(args))
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// A loop device over a sparse file in a temporary directory, with partition scanning (`-P`).
@@ -121,33 +103,24 @@ impl Loop {
             .expect("backing file");
         let path = backing.to_str().expect("utf-8 path");
         // Two tests attaching at once can race for the same free device; try again.
-        let mut last = String::new();
-        for _ in 0..20 {
-            let out = Command::new(find_tool("losetup").expect("losetup"))
-                .args([
-                    "-P",
-                    "-f",
-                    "--show",
-                    "--sector-size",
-                    &sector.to_string(),
-                    path,
-                ])
-                .output()
-                .expect("losetup");
-            if out.status.success() {
-                let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-                let name = dev.trim_start_matches("/dev/").to_owned();
-                return Loop {
-                    name,
-                    backing,
-                    dir,
-                    _tmp: tmp,
-                };
-            }
-            last = String::from_utf8_lossy(&out.stderr).into_owned();
-            std::thread::sleep(Duration::from_millis(100));
+        let dev = wait::eventually(Duration::from_secs(3), "losetup to attach", || {
+            cmd::run(Command::new(find_tool("losetup").expect("losetup")).args([
+                "-P",
+                "-f",
+                "--show",
+                "--sector-size",
+                &sector.to_string(),
+                path,
+            ]))
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        let name = dev.trim().trim_start_matches("/dev/").to_owned();
+        Loop {
+            name,
+            backing,
+            dir,
+            _tmp: tmp,
         }
-        panic!("losetup: {last}");
     }
 
     fn dev(&self) -> String {
@@ -189,9 +162,9 @@ impl Loop {
         .as_deref()
             == self.backing.to_str()
         {
-            let _ = Command::new(find_tool("losetup").expect("losetup"))
-                .args(["-d", &self.dev()])
-                .status();
+            let _ = cmd::run(
+                Command::new(find_tool("losetup").expect("losetup")).args(["-d", &self.dev()]),
+            );
         }
     }
 
@@ -271,9 +244,7 @@ fn assert_layout_sectors(lo: &Loop, p: &PreparedDrive, fstype: &str, size_mib: u
 
 #[test]
 fn a_blank_drive_is_prepared_with_ext4_and_mounted_by_uuid() {
-    if !host("a_blank_drive_is_prepared_with_ext4_and_mounted_by_uuid") {
-        return;
-    }
+    require!(host());
     let lo = Loop::new(128);
     let cfg = lo.cfg();
     let serial = lo.serial();
@@ -332,13 +303,8 @@ fn a_blank_drive_is_prepared_with_ext4_and_mounted_by_uuid() {
 
 #[test]
 fn a_blank_drive_is_prepared_with_xfs_without_devtmpfs() {
-    if !host("a_blank_drive_is_prepared_with_xfs_without_devtmpfs") {
-        return;
-    }
-    if find_tool("mkfs.xfs").is_none() {
-        println!("skipping a_blank_drive_is_prepared_with_xfs_without_devtmpfs: mkfs.xfs missing (scripts/deps installs xfsprogs)");
-        return;
-    }
+    require!(host());
+    require!(skip::tool("mkfs.xfs", "xfsprogs"));
     // XFS wants 300 MB at least. An empty private /dev stands for a /dev without devtmpfs:
     // prepare must make the disk's and the partition's nodes itself.
     let lo = Loop::new(320);
@@ -371,9 +337,7 @@ fn a_blank_drive_is_prepared_with_xfs_without_devtmpfs() {
 
 #[test]
 fn a_4k_sector_drive_gets_its_gpt_in_4k_sectors() {
-    if !host("a_4k_sector_drive_gets_its_gpt_in_4k_sectors") {
-        return;
-    }
+    require!(host());
     let lo = Loop::with_sectors(64, 4096);
     assert_eq!(
         logical_block_size(Path::new("/sys/block"), &lo.name),
@@ -394,9 +358,7 @@ fn a_4k_sector_drive_gets_its_gpt_in_4k_sectors() {
 
 #[test]
 fn a_stale_device_node_is_refused() {
-    if !host("a_stale_device_node_is_refused") {
-        return;
-    }
+    require!(host());
     // A static /dev whose node for this name is some other device.
     let lo = Loop::new(64);
     let before = lo.sha256();
@@ -424,9 +386,7 @@ fn a_stale_device_node_is_refused() {
 
 #[test]
 fn a_drive_with_data_is_refused_untouched_unless_forced_with_its_serial() {
-    if !host("a_drive_with_data_is_refused_untouched_unless_forced_with_its_serial") {
-        return;
-    }
+    require!(host());
     let lo = Loop::new(64);
     sh("mkfs.ext4", &["-F", "-q", &lo.dev()]);
     let cfg = lo.cfg();
@@ -505,9 +465,7 @@ fn a_drive_with_data_is_refused_untouched_unless_forced_with_its_serial() {
 
 #[test]
 fn a_mounted_drive_is_busy_and_untouched() {
-    if !host("a_mounted_drive_is_busy_and_untouched") {
-        return;
-    }
+    require!(host());
     let lo = Loop::new(64);
     sh("mkfs.ext4", &["-F", "-q", &lo.dev()]);
     let before = lo.sha256();
@@ -541,25 +499,15 @@ fn a_mounted_drive_is_busy_and_untouched() {
 
 #[test]
 fn a_full_or_read_only_mount_root_is_refused_before_the_drive_is_touched() {
-    if !host("a_full_or_read_only_mount_root_is_refused_before_the_drive_is_touched") {
-        return;
-    }
+    require!(host());
     let lo = Loop::new(64);
     let before = lo.sha256();
     let serial = lo.serial();
-    let tmpfs = |dir: &Path, flags: MsFlags| {
-        fs::create_dir(dir).expect("dir");
-        nix::mount::mount(Some("tmpfs"), dir, Some("tmpfs"), flags, Some("size=1m"))
-            .expect("tmpfs");
-    };
 
     // Full: a 1 MiB tmpfs filled with a file.
-    let full = lo.dir.join("full");
-    tmpfs(&full, MsFlags::empty());
-    let filler = vec![0xa5u8; 64 * 1024];
-    let mut f = File::create(full.join("filler")).expect("filler");
-    while std::io::Write::write_all(&mut f, &filler).is_ok() {}
-    drop(f);
+    let full_fs = Tmpfs::mount_at("tmpfs", &lo.dir.join("full"), "size=1m").expect("tmpfs");
+    let full = full_fs.path().to_owned();
+    let filler = full_fs.fill(0).expect("fill the tmpfs");
     for root in [full.clone(), full.join("drives")] {
         let cfg = PrepareConfig {
             mount_root: root.clone(),
@@ -586,11 +534,15 @@ fn a_full_or_read_only_mount_root_is_refused_before_the_drive_is_touched() {
         .filter_map(Result::ok)
         .map(|e| e.file_name())
         .collect();
-    assert_eq!(left, ["filler"], "no mount point left behind");
+    assert_eq!(
+        left,
+        [filler.file_name().expect("a file name")],
+        "no mount point left behind"
+    );
 
     // Read-only: a tmpfs mounted read-only, as the root and as the parent of a root to be made.
-    let ro = lo.dir.join("ro");
-    tmpfs(&ro, MsFlags::MS_RDONLY);
+    let ro_fs = Tmpfs::mount_at("tmpfs", &lo.dir.join("ro"), "size=1m,ro").expect("tmpfs");
+    let ro = ro_fs.path().to_owned();
     for root in [ro.clone(), ro.join("drives")] {
         let cfg = PrepareConfig {
             mount_root: root.clone(),
@@ -621,9 +573,7 @@ fn a_full_or_read_only_mount_root_is_refused_before_the_drive_is_touched() {
 
 #[test]
 fn a_drive_vanishing_before_mkfs_stops_the_prepare_and_cleans_up() {
-    if !host("a_drive_vanishing_before_mkfs_stops_the_prepare_and_cleans_up") {
-        return;
-    }
+    require!(host());
     let lo = Loop::new(64);
     let cfg = lo.cfg();
     let r = prepare(&cfg, &lo.name, None, Filesystem::Ext4, None, &mut |step| {
@@ -644,9 +594,7 @@ fn a_drive_vanishing_before_mkfs_stops_the_prepare_and_cleans_up() {
 
 #[test]
 fn restore_mounts_prepared_drives_again_and_twice_is_fine() {
-    if !host("restore_mounts_prepared_drives_again_and_twice_is_fine") {
-        return;
-    }
+    require!(host());
     let lo = Loop::new(64);
     let cfg = lo.cfg();
     let p = prepare(
@@ -697,9 +645,7 @@ fn restore_mounts_prepared_drives_again_and_twice_is_fine() {
 
 #[test]
 fn detach_lazily_unmounts_and_removes_the_mount_point() {
-    if !host("detach_lazily_unmounts_and_removes_the_mount_point") {
-        return;
-    }
+    require!(host());
     let lo = Loop::new(64);
     let cfg = lo.cfg();
     let p = prepare(&cfg, &lo.name, None, Filesystem::Ext4, None, &mut |_| {}).expect("prepared");

@@ -571,6 +571,7 @@ async fn image_file(
 mod tests {
     use std::{net::Ipv4Addr, path::Path as FsPath, str::FromStr};
 
+    use shoal_testkit::wait_async;
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::{TcpListener, TcpSocket, TcpStream},
@@ -841,22 +842,6 @@ mod tests {
         .is_ok()
     }
 
-    /// Polls `f` every 50 ms until it is true, for at most `deadline`.
-    async fn eventually<F: std::future::Future<Output = bool>>(
-        deadline: Duration,
-        what: &str,
-        mut f: impl FnMut() -> F,
-    ) {
-        let end = tokio::time::Instant::now() + deadline;
-        while !f().await {
-            assert!(
-                tokio::time::Instant::now() < end,
-                "timed out after {deadline:?} waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_client_trickling_headers_is_cut_off_while_a_good_client_is_served() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -973,13 +958,13 @@ mod tests {
             .await
             .expect("another client is served");
         // Once the stalled connection is cut off (idle 1 s), the client is served again.
-        eventually(
+        wait_async::eventually(
             Duration::from_secs(15),
             "the stalled connection to be closed",
             || async {
                 get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe")
                     .await
-                    .is_ok()
+                    .ok()
             },
         )
         .await;
@@ -1010,12 +995,14 @@ mod tests {
             connect_from(Ipv4Addr::new(127, 0, 0, 4), addr).await,
         ];
         // The server counts a connection once it accepted it; wait until both hold their slots.
-        eventually(
+        wait_async::eventually(
             Duration::from_secs(10),
             "a third connection to be refused",
             || async {
                 let mut third = connect_from(Ipv4Addr::LOCALHOST, addr).await;
-                closed_by_server(&mut third, Duration::from_millis(500)).await
+                closed_by_server(&mut third, Duration::from_millis(500))
+                    .await
+                    .then_some(())
             },
         )
         .await;
@@ -1026,13 +1013,13 @@ mod tests {
             "served past the cap"
         );
         drop(holders);
-        eventually(
+        wait_async::eventually(
             Duration::from_secs(10),
             "a client to be served again",
             || async {
                 get(Ipv4Addr::LOCALHOST, addr, "/boot/52-54-00-12-34-56.ipxe")
                     .await
-                    .is_ok()
+                    .ok()
             },
         )
         .await;

@@ -652,6 +652,8 @@ pub async fn wake(controller: &Controller, mac: &dhcp::Mac) -> Result<(), Netboo
 
 #[cfg(test)]
 mod tests {
+    use shoal_testkit::wait_async;
+
     use super::*;
     use tftp::Packet;
 
@@ -778,19 +780,15 @@ mod tests {
         )
         .await
         .expect("error");
-        let mut served = false;
-        for _ in 0..100 {
-            let (_, p, _) = read_request(server, a).await;
-            if matches!(p, Packet::Data { block: 1, .. }) {
-                served = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(
-            served,
-            "A was not served again within 5 s of giving a slot back"
-        );
+        wait_async::eventually(
+            Duration::from_secs(5),
+            "A to be served again after giving a slot back",
+            || async move {
+                let (_, p, _) = read_request(server, a).await;
+                matches!(p, Packet::Data { block: 1, .. }).then_some(())
+            },
+        )
+        .await;
         task.abort();
     }
 }

@@ -764,6 +764,7 @@ mod tests {
 
     use shoal_overlay::{pki, tls};
     use shoal_proto::{NatMapping, OverlayCounters, PathInfo, PathKind};
+    use shoal_testkit::wait_async;
 
     use super::*;
     use crate::{overlay::networks::enrol_for_tests, registry::ca::Ca};
@@ -1117,18 +1118,21 @@ mod tests {
         }
     }
 
-    /// Waits until `check` holds for the hub's counters.
+    /// Waits until `check` holds for the hub's counters; counters that do not satisfy it (and
+    /// differ from the ones before) are printed, so a failure shows them.
     async fn counted(hub: &OverlayHub, what: &str, check: impl Fn(&HubCounters) -> bool) {
-        let deadline = tokio::time::Instant::now() + PROMPT;
-        while !check(&hub.counters()) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{what}: {:?}",
-                hub.counters()
-            );
-            tokio::task::yield_now().await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let mut last = String::new();
+        wait_async::eventually(PROMPT, what, || {
+            let counters = hub.counters();
+            let done = check(&counters);
+            let seen = format!("{counters:?}");
+            if !done && seen != last {
+                println!("not yet {what}: {seen}");
+                last = seen;
+            }
+            std::future::ready(done.then_some(()))
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1290,9 +1290,10 @@ impl Store {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::{process::Command, time::Instant};
+    use std::time::Instant;
 
     use shoal_proto::HardwareIdSource;
+    use shoal_testkit::{require, Tmpfs};
 
     use super::*;
     use shoal_proto::{HealthReport, Inventory};
@@ -2019,84 +2020,6 @@ mod tests {
         assert_eq!(left, [3, 4, 5]);
     }
 
-    /// A tmpfs mounted on a temporary directory, unmounted on drop.
-    struct Tmpfs {
-        dir: tempfile::TempDir,
-    }
-
-    impl Tmpfs {
-        /// `None` (with the reason printed) when this process may not mount.
-        fn mount(size: &str) -> Option<Tmpfs> {
-            let dir = tempfile::tempdir().unwrap();
-            let out = Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-                .arg(dir.path())
-                .output()
-                .expect("run mount");
-            if out.status.success() {
-                return Some(Tmpfs { dir });
-            }
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            if ["ermission denied", "not permitted", "must be superuser"]
-                .iter()
-                .any(|s| stderr.contains(s))
-            {
-                eprintln!(
-                    "SKIPPED: cannot mount a tmpfs to fill (needs root / CAP_SYS_ADMIN): {}",
-                    stderr.trim()
-                );
-                return None;
-            }
-            panic!("mount tmpfs failed: {}", stderr.trim());
-        }
-
-        fn path(&self) -> &Path {
-            self.dir.path()
-        }
-    }
-
-    impl Drop for Tmpfs {
-        fn drop(&mut self) {
-            // sled may release its files a moment after the store is dropped (or a failed test left
-            // it open); detach lazily then, so no mount outlives the test.
-            let unmounted = Command::new("umount")
-                .arg(self.dir.path())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !unmounted {
-                let _ = Command::new("umount")
-                    .arg("-l")
-                    .arg(self.dir.path())
-                    .status();
-            }
-        }
-    }
-
-    fn free_bytes(path: &Path) -> u64 {
-        let st = nix::sys::statvfs::statvfs(path).unwrap();
-        #[allow(clippy::useless_conversion)]
-        let free = u64::from(st.blocks_available()) * u64::from(st.fragment_size());
-        free
-    }
-
-    /// A file that eats all but `leave` bytes of the filesystem at `dir`.
-    fn fill(dir: &Path, leave: u64) -> PathBuf {
-        let path = dir.join(format!("filler{}", rand::random::<u32>()));
-        let len = free_bytes(dir).saturating_sub(leave);
-        let file = std::fs::File::create(&path).unwrap();
-        // tmpfs allocates pages on write, so write (not set_len) to really take the space.
-        let chunk = vec![0xa5u8; 64 * 1024];
-        let mut written = 0;
-        let mut w = std::io::BufWriter::new(file);
-        while written < len {
-            let n = chunk.len().min((len - written) as usize);
-            std::io::Write::write_all(&mut w, &chunk[..n]).unwrap();
-            written += n as u64;
-        }
-        w.into_inner().unwrap().sync_all().unwrap();
-        path
-    }
-
     fn big_token(i: usize) -> TokenRecord {
         let mut t = token(&format!("{i:016x}"), "s", at(i as u64));
         t.labels.insert("padding".into(), "x".repeat(4096));
@@ -2136,16 +2059,14 @@ mod tests {
 
     #[test]
     fn full_disk_is_refused_before_sled_meets_it() {
-        let Some(fs) = Tmpfs::mount("48m") else {
-            return;
-        };
+        let fs = require!(Tmpfs::new("48m"));
         let db = fs.path().join("db");
         let store = Store::open(&db).unwrap();
         let before = 10;
         for i in 0..before {
             store.create_token(&big_token(i)).unwrap();
         }
-        let filler = fill(fs.path(), FREE_SPACE_RESERVE + 2 * 1024 * 1024);
+        let filler = fs.fill(FREE_SPACE_RESERVE + 2 * 1024 * 1024).unwrap();
         let (more, err) = write_until_error(&store, before);
         let acknowledged = before + more;
         eprintln!("guarded store: {more} more tokens after filling, then: {err}");
@@ -2187,16 +2108,14 @@ mod tests {
     /// (sled then refuses all writes until reopened, even once space is freed; hence the guard.)
     #[test]
     fn full_disk_without_the_guard_errors_and_keeps_acknowledged_writes() {
-        let Some(fs) = Tmpfs::mount("16m") else {
-            return;
-        };
+        let fs = require!(Tmpfs::new("16m"));
         let db = fs.path().join("db");
         let store = Store::open_with_reserve(&db, 0).unwrap();
         let before = 10;
         for i in 0..before {
             store.create_token(&big_token(i)).unwrap();
         }
-        let filler = fill(fs.path(), 1024 * 1024);
+        let filler = fs.fill(1024 * 1024).unwrap();
         let (more, err) = write_until_error(&store, before);
         let acknowledged = before + more;
         eprintln!("unguarded store: {more} more tokens after filling, then: {err}");
@@ -2229,16 +2148,14 @@ mod tests {
 
     #[test]
     fn opening_on_a_full_disk_fails_cleanly_and_recovers() {
-        let Some(fs) = Tmpfs::mount("16m") else {
-            return;
-        };
+        let fs = require!(Tmpfs::new("16m"));
         let db = fs.path().join("db");
         let store = Store::open(&db).unwrap();
         for i in 0..10 {
             store.create_token(&big_token(i)).unwrap();
         }
         drop(store);
-        let filler = fill(fs.path(), 0);
+        let filler = fs.fill(0).unwrap();
         let err = Store::open(&db).unwrap_err();
         eprintln!("open on a full disk: {err}");
         let StoreError::Db(msg) = &err else {
