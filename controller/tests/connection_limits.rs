@@ -12,7 +12,7 @@ use std::{sync::Arc, time::Duration};
 
 use shoal_api::drives::SetDrivePolicy;
 use shoal_api::refusals::RefusalsView;
-use shoal_controller::server::close_code;
+use shoal_controller::connections::close_code;
 use shoal_overlay::{pki, tls};
 use shoal_proto::SUPPORTED;
 

@@ -31,7 +31,9 @@ use crate::{
     overlay::networks::{
         parse_selector, MemberRecord, MembershipChange, NetworkError, NetworkRecord, Subnet,
     },
-    server::{now_ms, Controller, ServeError},
+    server::now_ms,
+    server::Controller,
+    server::ServeError,
     store::{NodeRecord, NodeStatus, StoreError, TokenRecord},
 };
 use shoal_api::drives::DriveCommandView;

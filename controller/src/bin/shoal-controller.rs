@@ -9,7 +9,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shoal_controller::{
     overlay::networks::{Subnet, MAX_MTU, MIN_MTU},
-    server::{self, Controller, ControllerConfig},
+    server,
+    server::Controller,
+    server::ControllerConfig,
 };
 
 #[derive(Debug, Parser)]

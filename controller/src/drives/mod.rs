@@ -2,3 +2,4 @@
 //! and the hub that stores them, pushes drive policies and runs drive commands ([`hub`]).
 
 pub mod hub;
+pub mod messages;

@@ -50,7 +50,8 @@ use tracing::{debug, info, warn};
 use super::{NodeUpgrader, TargetKind, UpgradeError};
 use crate::{
     releases::updates::{UpdateError, UPDATE_PROTOCOL},
-    server::{now_ms, Controller},
+    server::now_ms,
+    server::Controller,
     store::{decode, encode, EventKind, RawTable, StoreError},
 };
 use shoal_controller_core::rollout::{Event, NodePhase, ReportedHealth, Target};

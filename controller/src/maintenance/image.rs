@@ -18,7 +18,8 @@ use tracing::{info, warn};
 use super::{NodeUpgrader, TargetKind, UpgradeError};
 use crate::{
     releases::updates::{UpdateError, UPDATE_PROTOCOL},
-    server::{now_ms, Controller},
+    server::now_ms,
+    server::Controller,
     store::EventKind,
 };
 use shoal_controller_core::rollout::{Event, Target};
@@ -181,9 +182,8 @@ impl Controller {
         };
         match crate::netboot::http::kexec_image(self, node, version, protocol) {
             Ok(Some(msg)) => {
-                if let Some(conn) = self.live().conns.get(node) {
-                    let _ = conn.tx.send(msg);
-                }
+                // A node that went away meanwhile reboots fully when it is asked to.
+                let _ = self.send_to(node, msg, protocol);
             }
             Ok(None) => {
                 info!(node = %node, image = %version, "no kexec instructions for this node; it reboots fully")

@@ -48,7 +48,8 @@ use tracing::{info, warn};
 
 use crate::{
     overlay::networks::{parse_selector, selector_matches, selector_text},
-    server::{now_ms, Controller},
+    server::now_ms,
+    server::Controller,
     store::{decode, encode, EventKind, NodeRecord, RawTable, Store, StoreError, EVENTS},
 };
 use shoal_controller_core::rollout::{
@@ -61,6 +62,7 @@ pub mod actions;
 pub mod agent;
 pub mod api;
 pub mod image;
+pub mod messages;
 
 #[cfg(test)]
 mod tests;

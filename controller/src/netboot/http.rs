@@ -50,7 +50,8 @@ use super::{
     slots::{SharedSlots, SlotLimits},
 };
 use crate::{
-    server::{now_ms, Controller},
+    server::now_ms,
+    server::Controller,
     store::{StoreError, TokenBinding, TokenRecord},
 };
 

@@ -43,7 +43,8 @@ use self::{
     slots::{SharedSlots, SlotLimits},
 };
 use crate::{
-    server::{now_ms, Controller},
+    server::now_ms,
+    server::Controller,
     store::{Store, StoreError},
 };
 

@@ -2,4 +2,5 @@
 //! that runs the netmap coordinator, relays between nodes and takes their path reports ([`hub`]).
 
 pub mod hub;
+pub mod messages;
 pub mod networks;

@@ -22,7 +22,9 @@ use tracing::{info, warn};
 use crate::{
     api::blocking,
     api::HttpError,
-    server::{now_ms, Controller, Revoke},
+    connections::Revoke,
+    server::now_ms,
+    server::Controller,
     store::{normal_serial, short_key, StoreError},
 };
 use shoal_api::identity::CertView;
@@ -32,6 +34,9 @@ use shoal_api::identity::RevokeCertRequest;
 use shoal_api::identity::RevokedCertView;
 use shoal_controller_core::enrolment::PendingState;
 use shoal_controller_core::time::rfc3339_ms as rfc3339;
+
+/// The protocol that added key rotation (`ControllerMsg::RotateKey`).
+pub(crate) const KEY_ROTATION_PROTOCOL: u16 = 5;
 
 type Ctl = Arc<Controller>;
 
@@ -62,7 +67,7 @@ impl Controller {
                 )));
                 live.conns.remove(&rec.node);
                 closed = 1;
-            } else if current && conn.protocol >= Some(5) {
+            } else if current && conn.protocol >= Some(KEY_ROTATION_PROTOCOL) {
                 let _ = conn.tx.send(ControllerMsg::RotateKey {
                     reason: format!("certificate {serial} of this key was revoked"),
                 });
@@ -89,16 +94,14 @@ impl Controller {
         if !self.store.require_rotation(node, now_ms())? {
             return Ok(false);
         }
-        if let Some(conn) = self
-            .live()
-            .conns
-            .get(node)
-            .filter(|c| c.protocol >= Some(5))
-        {
-            let _ = conn.tx.send(ControllerMsg::RotateKey {
+        // Not connected, or too old to rotate now: the demand is stored for its next session.
+        let _ = self.send_to(
+            node,
+            ControllerMsg::RotateKey {
                 reason: "an operator asked".into(),
-            });
-        }
+            },
+            KEY_ROTATION_PROTOCOL,
+        );
         Ok(true)
     }
 

@@ -2,4 +2,6 @@
 //! node identity bound to keys, certificates and their revocation, and the fleet CA.
 
 pub mod ca;
+pub mod enrol;
 pub mod identity;
+pub mod messages;

@@ -2,6 +2,7 @@
 //! ([`store`]), offering updates to agents and taking their reports ([`updates`]), and the admin
 //! routes ([`routes`]).
 
+pub mod messages;
 pub mod routes;
 pub mod store;
 pub mod updates;

@@ -23,7 +23,8 @@ use tracing::info;
 use crate::{
     releases::store::{ReleaseStoreError, StoredRelease},
     releases::updates::UpdateError,
-    server::{now_ms, Controller},
+    server::now_ms,
+    server::Controller,
     store::EventKind,
 };
 use shoal_controller_core::time::rfc3339_ms as rfc3339;

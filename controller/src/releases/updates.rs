@@ -12,6 +12,7 @@
 //! restart does not log the same outcome twice); agents send a fresh report on every session start,
 //! so the controller never depends on what it remembered.
 
+use crate::connections::SendError;
 use crate::store::ReleaseEvent;
 use std::{path::PathBuf, sync::Arc};
 
@@ -24,7 +25,8 @@ use tracing::{debug, info, warn};
 
 use crate::{
     releases::store::{read_chunk, ReleaseStoreError},
-    server::{now_ms, Controller},
+    server::now_ms,
+    server::Controller,
     store::{EventKind, StoreError},
 };
 
@@ -274,21 +276,13 @@ impl Controller {
     /// Queues a protocol-4 message on the node's control connection: `NotConnected` without one,
     /// `AgentTooOld` when the session speaks an older protocol (it would not understand it).
     pub(crate) fn send_v4(&self, node: &NodeId, msg: ControllerMsg) -> Result<(), UpdateError> {
-        let live = self.live();
-        let conn = live
-            .conns
-            .get(node)
-            .ok_or_else(|| UpdateError::NotConnected(node.clone()))?;
-        let protocol = conn.protocol.unwrap_or(0);
-        if protocol < UPDATE_PROTOCOL {
-            return Err(UpdateError::AgentTooOld {
-                node: node.clone(),
-                protocol,
-            });
-        }
-        conn.tx
-            .send(msg)
-            .map_err(|_| UpdateError::NotConnected(node.clone()))
+        self.send_to(node, msg, UPDATE_PROTOCOL)
+            .map_err(|e| match e {
+                SendError::NotConnected(node) => UpdateError::NotConnected(node),
+                SendError::TooOld { node, protocol, .. } => {
+                    UpdateError::AgentTooOld { node, protocol }
+                }
+            })
     }
 
     /// Asks the node's agent to go back to the binary it kept from its last update (`<exe>.prev`)

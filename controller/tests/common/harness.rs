@@ -15,8 +15,11 @@ use shoal_api::tokens::CreateToken;
 use shoal_api::tokens::TokenView;
 use shoal_controller::{
     api::admin::{AdminClient, AdminConf, ADMIN_CONF_FILE},
+    connections::close_code,
     registry::ca,
-    server::{self, close_code, Controller, ControllerConfig},
+    server,
+    server::Controller,
+    server::ControllerConfig,
 };
 use shoal_overlay::{pki, recv_msg, send_msg, tls};
 use shoal_proto::{
