@@ -10,58 +10,24 @@
 
 pub mod admin;
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+use std::{net::IpAddr, sync::Arc};
 
 use axum::{
-    body::Bytes,
-    extract::{Path, Query, Request, State},
+    extract::{Request, State},
     http::{header::AUTHORIZATION, StatusCode},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
     Json, Router,
 };
-use serde::Deserialize;
 use shoal_overlay::pki;
-use shoal_proto::{JoinToken, NodeId, UnixMillis};
-use tracing::{info, warn};
+use tracing::warn;
 
-use crate::{
-    drives::hub::{DriveRequest, PolicyError},
-    overlay::networks::{
-        parse_selector, MemberRecord, MembershipChange, NetworkError, NetworkRecord, Subnet,
-    },
-    server::now_ms,
-    server::Controller,
-    server::ServeError,
-    store::{NodeRecord, NodeStatus, StoreError, TokenRecord},
-};
-use shoal_api::drives::DriveCommandView;
-use shoal_api::drives::DrivePolicies;
-use shoal_api::drives::DrivePolicyView;
-use shoal_api::drives::DriveView;
-use shoal_api::drives::EffectivePolicyView;
-use shoal_api::drives::SelfTestRequest;
-use shoal_api::drives::SetDrivePolicy;
+use crate::{server::now_ms, server::Controller, server::ServeError, store::StoreError};
 use shoal_api::error::ApiError;
-use shoal_api::events::EventView;
-use shoal_api::networks::CreateNetwork;
-use shoal_api::networks::MemberSpec;
-use shoal_api::networks::MemberView;
-use shoal_api::networks::NetworkDetail;
-use shoal_api::networks::NetworkUpdate;
-use shoal_api::networks::NetworkView;
-use shoal_api::nodes::NodeView;
-use shoal_api::nodes::OverlayAddressView;
-use shoal_api::tokens::CreateToken;
-use shoal_api::tokens::CreatedToken;
-use shoal_api::tokens::TokenView;
-use shoal_controller_core::drives::fleet::{CommandError, PrepareRequest};
-use shoal_controller_core::drives::policy::{PolicyRecord, PolicyTarget};
 use shoal_controller_core::report::{FleetReport, ReportThresholds};
-use shoal_controller_core::time::rfc3339_ms as rfc3339;
 
-type Ctl = Arc<Controller>;
+pub(crate) type Ctl = Arc<Controller>;
 
 /// An API failure with its HTTP status: every admin route module answers with it (each adds `From`
 /// impls for its own errors).
@@ -81,61 +47,16 @@ impl From<StoreError> for HttpError {
     }
 }
 
-impl From<NetworkError> for HttpError {
-    fn from(e: NetworkError) -> Self {
-        use NetworkError as E;
-        if let E::Store(s) = e {
-            return s.into();
-        }
-        let status = match &e {
-            E::UnknownNetwork(_)
-            | E::UnknownNode(_)
-            | E::NotMember { .. }
-            | E::UnknownSelector { .. } => StatusCode::NOT_FOUND,
-            E::BadName(_) | E::BadSubnet(_) | E::BadMtu(_) | E::BadSelector(_) => {
-                StatusCode::BAD_REQUEST
-            }
-            _ => StatusCode::CONFLICT,
-        };
-        HttpError(status, e.to_string())
-    }
-}
-
-impl From<CommandError> for HttpError {
-    fn from(e: CommandError) -> Self {
-        use CommandError as E;
-        let status = match &e {
-            E::UnknownNode(_) | E::UnknownDrive { .. } => StatusCode::NOT_FOUND,
-            E::ForceNeedsSerial => StatusCode::BAD_REQUEST,
-            E::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            E::Disconnected { .. } | E::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
-            E::Agent { .. } => StatusCode::BAD_GATEWAY,
-            _ => StatusCode::CONFLICT,
-        };
-        HttpError(status, e.to_string())
-    }
-}
-
-impl From<PolicyError> for HttpError {
-    fn from(e: PolicyError) -> Self {
-        use PolicyError as E;
-        let status = match &e {
-            E::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
-            E::UnknownNode(_) | E::NoPolicy(_) => StatusCode::NOT_FOUND,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        HttpError(status, e.to_string())
-    }
-}
-
-fn not_found(what: &str) -> HttpError {
+pub(crate) fn not_found(what: &str) -> HttpError {
     HttpError(StatusCode::NOT_FOUND, format!("{what} not found"))
 }
 
 /// How long a client has to send a request head (and how long an idle keep-alive connection lives).
 pub const API_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Most header fields in one request.
 pub const API_MAX_HEADERS: usize = 64;
+
 /// hyper's read buffer, which bounds a request head (bodies stream through it).
 pub const API_MAX_HEAD_BYTES: usize = 64 * 1024;
 
@@ -196,41 +117,13 @@ pub fn serve(
 /// The API's routes, behind bearer authentication.
 pub fn router(controller: Ctl) -> Router {
     Router::new()
-        .route("/v1/tokens", get(list_tokens).post(create_token))
-        .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
-        .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{id}", get(show_node).delete(remove_node))
-        .route("/v1/events", get(list_events))
         .route("/v1/report", get(fleet_report))
-        .route("/v1/networks", get(list_networks).post(create_network))
-        .route(
-            "/v1/networks/{name}",
-            get(show_network).delete(delete_network),
-        )
-        .route(
-            "/v1/networks/{name}/members",
-            axum::routing::post(add_member).delete(remove_member),
-        )
-        .route("/v1/overlay/paths", get(overlay_paths))
-        .route("/v1/overlay/counters", get(overlay_counters))
         .route("/v1/refusals", get(refusals))
-        .route("/v1/drives", get(list_drives))
-        .route(
-            "/v1/drives/{node}/{device}/prepare",
-            axum::routing::post(prepare_drive),
-        )
-        .route(
-            "/v1/drives/{node}/{device}/self-test",
-            axum::routing::post(self_test_drive),
-        )
-        .route(
-            "/v1/drive-policies",
-            get(list_drive_policies)
-                .post(set_drive_policy)
-                .delete(delete_drive_policy),
-        )
-        .merge(crate::netboot::api::routes())
-        .merge(crate::maintenance::api::routes())
+        .merge(crate::registry::routes::routes())
+        .merge(crate::overlay::routes::routes())
+        .merge(crate::drives::routes::routes())
+        .merge(crate::netboot::routes::routes())
+        .merge(crate::maintenance::routes::routes())
         .merge(crate::releases::routes::routes())
         .merge(crate::registry::identity::routes())
         .layer(middleware::from_fn_with_state(
@@ -271,86 +164,6 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
 }
 
-fn token_view(t: &TokenRecord, now: UnixMillis) -> TokenView {
-    let state = serde_json::to_value(t.state(now))
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
-    TokenView {
-        id: t.id.clone(),
-        state,
-        created_at: rfc3339(t.created_at.0),
-        expires_at: t.expires_at.map(|e| rfc3339(e.0)),
-        uses: t.uses,
-        max_uses: t.max_uses,
-        labels: t.labels.clone(),
-    }
-}
-
-async fn list_tokens(State(ctl): State<Ctl>) -> Result<Json<Vec<TokenView>>, HttpError> {
-    blocking(move || {
-        let now = now_ms();
-        Ok(Json(
-            ctl.store
-                .tokens()?
-                .iter()
-                .map(|t| token_view(t, now))
-                .collect(),
-        ))
-    })
-    .await
-}
-
-async fn create_token(
-    State(ctl): State<Ctl>,
-    Json(req): Json<CreateToken>,
-) -> Result<Json<CreatedToken>, HttpError> {
-    if req.max_uses == Some(0) {
-        return Err(HttpError(
-            StatusCode::BAD_REQUEST,
-            "--uses must be at least 1".into(),
-        ));
-    }
-    blocking(move || {
-        let now = now_ms();
-        let token = JoinToken {
-            id: hex::encode(rand::random::<[u8; 8]>()),
-            secret: hex::encode(rand::random::<[u8; 16]>()),
-            ca_sha256: ctl.ca.sha256(),
-        };
-        let record = TokenRecord {
-            id: token.id.clone(),
-            secret_sha256: pki::sha256(token.secret.as_bytes()),
-            created_at: now,
-            expires_at: req.ttl_secs.map(|s| UnixMillis(now.0.saturating_add(s.saturating_mul(1000)))),
-            max_uses: req.max_uses,
-            uses: 0,
-            revoked_at: None,
-            labels: req.labels,
-        };
-        ctl.store.create_token(&record)?;
-        info!(token = %record.id, ttl_secs = ?req.ttl_secs, max_uses = ?record.max_uses, "join token created");
-        Ok(Json(CreatedToken { token: token.to_string(), info: token_view(&record, now) }))
-    })
-    .await
-}
-
-async fn revoke_token(
-    State(ctl): State<Ctl>,
-    Path(id): Path<String>,
-) -> Result<Json<TokenView>, HttpError> {
-    blocking(move || {
-        let now = now_ms();
-        let rec = ctl
-            .store
-            .revoke_token(&id, now)?
-            .ok_or_else(|| not_found(&format!("token {id}")))?;
-        info!(token = %id, "join token revoked");
-        Ok(Json(token_view(&rec, now)))
-    })
-    .await
-}
-
 /// What the controller's limits refused since it started: connections, and what nodes sent the
 /// overlay hub.
 async fn refusals(State(ctl): State<Ctl>) -> Json<shoal_api::refusals::RefusalsView> {
@@ -360,200 +173,9 @@ async fn refusals(State(ctl): State<Ctl>) -> Json<shoal_api::refusals::RefusalsV
     })
 }
 
-/// Merges a stored record with the controller's live state.
-pub(crate) fn node_view(ctl: &Controller, rec: NodeRecord) -> NodeView {
-    let live = ctl.live().nodes.get(&rec.id).cloned().unwrap_or_default();
-    let connected = ctl.is_connected(&rec.id);
-    let boot = ctl.live().conns.get(&rec.id).and_then(|c| c.boot.clone());
-    let last_seen = live.last_seen.or(rec.last_seen);
-    let status = match rec.status {
-        NodeStatus::Up => "up",
-        NodeStatus::Down => "down",
-    };
-    NodeView {
-        hostname: rec.hostname,
-        status: status.to_owned(),
-        connected,
-        agent_version: rec.agent_version,
-        last_seen: last_seen.map(|t| rfc3339(t.0)),
-        last_seen_unix_ms: last_seen.map(|t| t.0),
-        enrolled_at: rfc3339(rec.enrolled_at.0),
-        hardware_id: rec.hardware_id.to_string(),
-        labels: rec.labels,
-        inventory: rec.inventory,
-        health: live.health.or(rec.health),
-        overlay: Vec::new(),
-        boot,
-        key: ctl
-            .store
-            .identity(&rec.id)
-            .ok()
-            .flatten()
-            .map(|i| crate::store::short_key(&i.key)),
-        id: rec.id.0,
-    }
-}
-
-/// Every node's overlay addresses, by node id.
-fn overlay_views(
-    ctl: &Controller,
-) -> Result<BTreeMap<NodeId, Vec<OverlayAddressView>>, StoreError> {
-    let networks: BTreeMap<_, NetworkRecord> = ctl
-        .store
-        .networks()?
-        .into_iter()
-        .map(|n| (n.id, n))
-        .collect();
-    let mut out = BTreeMap::new();
-    for (node, members) in ctl.store.memberships_by_node()? {
-        let views = members
-            .into_iter()
-            .filter_map(|m| {
-                let net = networks.get(&m.network)?;
-                Some(OverlayAddressView {
-                    network: net.name.clone(),
-                    network_id: net.id.0,
-                    mac: m.mac.to_string(),
-                    address: m.address.to_string(),
-                    prefix_len: net.prefix_len,
-                })
-            })
-            .collect();
-        out.insert(node, views);
-    }
-    Ok(out)
-}
-
-fn all_nodes(ctl: &Controller) -> Result<Vec<NodeView>, HttpError> {
-    let mut overlay = overlay_views(ctl)?;
-    Ok(ctl
-        .store
-        .nodes()?
-        .into_iter()
-        .map(|r| {
-            let addresses = overlay.remove(&r.id).unwrap_or_default();
-            NodeView {
-                overlay: addresses,
-                ..node_view(ctl, r)
-            }
-        })
-        .collect())
-}
-
-async fn list_nodes(State(ctl): State<Ctl>) -> Result<Json<Vec<NodeView>>, HttpError> {
-    blocking(move || Ok(Json(all_nodes(&ctl)?))).await
-}
-
-async fn show_node(
-    State(ctl): State<Ctl>,
-    Path(id): Path<String>,
-) -> Result<Json<NodeView>, HttpError> {
-    blocking(move || {
-        let rec = ctl
-            .store
-            .node(&NodeId(id.clone()))?
-            .ok_or_else(|| not_found(&format!("node {id}")))?;
-        let addresses = overlay_views(&ctl)?.remove(&rec.id).unwrap_or_default();
-        Ok(Json(NodeView {
-            overlay: addresses,
-            ..node_view(&ctl, rec)
-        }))
-    })
-    .await
-}
-
-async fn remove_node(
-    State(ctl): State<Ctl>,
-    Path(id): Path<String>,
-) -> Result<StatusCode, HttpError> {
-    blocking(move || {
-        if ctl.remove_node(&NodeId(id.clone()))? {
-            Ok(StatusCode::NO_CONTENT)
-        } else {
-            Err(not_found(&format!("node {id}")))
-        }
-    })
-    .await
-}
-
-#[derive(Debug, Deserialize)]
-struct EventQuery {
-    after: Option<u64>,
-    limit: Option<usize>,
-}
-
-async fn list_events(
-    State(ctl): State<Ctl>,
-    Query(q): Query<EventQuery>,
-) -> Result<Json<Vec<EventView>>, HttpError> {
-    blocking(move || {
-        let events = ctl
-            .store
-            .events(q.after, q.limit.unwrap_or(1000).min(10_000))?;
-        Ok(Json(
-            events
-                .into_iter()
-                .map(|e| EventView {
-                    seq: e.seq,
-                    at: rfc3339(e.at.0),
-                    kind: serde_json::to_value(e.kind)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default(),
-                    node: e.node.map(|n| n.0),
-                    message: e.message,
-                })
-                .collect(),
-        ))
-    })
-    .await
-}
-
-async fn overlay_paths(State(ctl): State<Ctl>) -> Json<Vec<shoal_api::overlay::PathView>> {
-    let mut out = Vec::new();
-    for (node, r) in ctl.overlay.reported_paths() {
-        for p in r.report.paths {
-            out.push(shoal_api::overlay::PathView {
-                from: node.0.clone(),
-                to: p.peer.0,
-                kind: match p.kind {
-                    shoal_proto::PathKind::Direct => "direct",
-                    shoal_proto::PathKind::Relay => "relay",
-                }
-                .to_owned(),
-                remote: p.remote.map(|a| a.to_string()),
-                rtt_ms: (p.rtt_ms * 1000.0).round() / 1000.0,
-                tx_bytes: p.tx_bytes,
-                rx_bytes: p.rx_bytes,
-                reported_at: rfc3339(r.at.0),
-            });
-        }
-    }
-    Json(out)
-}
-
-async fn overlay_counters(
-    State(ctl): State<Ctl>,
-) -> Json<Vec<shoal_api::overlay::OverlayCountersView>> {
-    Json(
-        ctl.overlay
-            .reported_paths()
-            .into_iter()
-            .map(|(node, r)| shoal_api::overlay::OverlayCountersView {
-                node: node.0,
-                forwarded: r.report.counters.forwarded,
-                flooded: r.report.counters.flooded,
-                delivered: r.report.counters.delivered,
-                dropped: r.report.counters.dropped.into_iter().collect(),
-                reported_at: rfc3339(r.at.0),
-            })
-            .collect(),
-    )
-}
-
 async fn fleet_report(State(ctl): State<Ctl>) -> Result<Json<FleetReport>, HttpError> {
     blocking(move || {
-        let nodes = all_nodes(&ctl)?;
+        let nodes = crate::registry::routes::all_nodes(&ctl)?;
         let drives = ctl.drives.views(None);
         let t = ReportThresholds::for_interval(ctl.config.heartbeat_interval);
         Ok(Json(shoal_controller_core::report::build(
@@ -566,364 +188,6 @@ async fn fleet_report(State(ctl): State<Ctl>) -> Result<Json<FleetReport>, HttpE
     .await
 }
 
-#[derive(Debug, Deserialize)]
-struct DriveQuery {
-    node: Option<String>,
-}
-
-async fn list_drives(
-    State(ctl): State<Ctl>,
-    Query(q): Query<DriveQuery>,
-) -> Result<Json<Vec<DriveView>>, HttpError> {
-    blocking(move || {
-        let only = q.node.map(NodeId);
-        if let Some(node) = &only {
-            if ctl.store.node(node)?.is_none() {
-                return Err(HttpError::from(CommandError::UnknownNode(node.clone())));
-            }
-        }
-        Ok(Json(ctl.drives.views(only.as_ref())))
-    })
-    .await
-}
-
-/// A device as the operator typed it: `sdb` or `/dev/sdb`.
-fn device_name(device: &str) -> String {
-    device.strip_prefix("/dev/").unwrap_or(device).to_owned()
-}
-
-async fn prepare_drive(
-    State(ctl): State<Ctl>,
-    Path((node, device)): Path<(String, String)>,
-    Json(req): Json<PrepareRequest>,
-) -> Result<Json<DriveCommandView>, HttpError> {
-    Ok(Json(
-        ctl.drive_command(
-            NodeId(node),
-            device_name(&device),
-            DriveRequest::Prepare(req),
-        )
-        .await?,
-    ))
-}
-
-async fn self_test_drive(
-    State(ctl): State<Ctl>,
-    Path((node, device)): Path<(String, String)>,
-    Json(req): Json<SelfTestRequest>,
-) -> Result<Json<DriveCommandView>, HttpError> {
-    let kind = match req.kind.as_str() {
-        "short" => shoal_proto::SelfTestKind::Short,
-        "long" => shoal_proto::SelfTestKind::Long,
-        other => {
-            return Err(HttpError(
-                StatusCode::BAD_REQUEST,
-                format!("unknown self-test {other:?}: short or long"),
-            ))
-        }
-    };
-    Ok(Json(
-        ctl.drive_command(
-            NodeId(node),
-            device_name(&device),
-            DriveRequest::SelfTest(kind),
-        )
-        .await?,
-    ))
-}
-
-fn policy_view(p: &PolicyRecord) -> DrivePolicyView {
-    let (node, selector) = match &p.target {
-        PolicyTarget::Node(n) => (Some(n.0.clone()), None),
-        PolicyTarget::Selector(k, v) => (None, Some(format!("{k}={v}"))),
-    };
-    DrivePolicyView {
-        node,
-        selector,
-        mode: p.policy.mode.to_string(),
-        filesystem: p.policy.filesystem.to_string(),
-        set_at: rfc3339(p.set_at.0),
-    }
-}
-
-fn policy_target(
-    node: Option<String>,
-    selector: Option<String>,
-) -> Result<PolicyTarget, PolicyError> {
-    match (node, selector) {
-        (Some(n), None) => Ok(PolicyTarget::Node(NodeId(n))),
-        (None, Some(s)) => {
-            let (k, v) = parse_selector(&s).map_err(|_| PolicyError::BadSelector(s.clone()))?;
-            Ok(PolicyTarget::Selector(k, v))
-        }
-        _ => Err(PolicyError::Target),
-    }
-}
-
-async fn list_drive_policies(State(ctl): State<Ctl>) -> Result<Json<DrivePolicies>, HttpError> {
-    blocking(move || {
-        let policies = ctl.drives.policies()?;
-        let effective = ctl
-            .store
-            .nodes()?
-            .iter()
-            .map(|n| {
-                let (policy, source) = ctl.effective_drive_policy(n, &policies);
-                EffectivePolicyView {
-                    node: n.id.0.clone(),
-                    hostname: n.hostname.clone(),
-                    mode: policy.mode.to_string(),
-                    filesystem: policy.filesystem.to_string(),
-                    source: source.to_string(),
-                }
-            })
-            .collect();
-        Ok(Json(DrivePolicies {
-            policies: policies.iter().map(policy_view).collect(),
-            effective,
-        }))
-    })
-    .await
-}
-
-async fn set_drive_policy(
-    State(ctl): State<Ctl>,
-    Json(req): Json<SetDrivePolicy>,
-) -> Result<Json<DrivePolicyView>, HttpError> {
-    blocking(move || {
-        let target = policy_target(req.node, req.selector)?;
-        let mode = req.mode.parse().map_err(PolicyError::BadMode)?;
-        let filesystem = match req.filesystem {
-            Some(f) => f.parse().map_err(PolicyError::BadFilesystem)?,
-            None => shoal_proto::Filesystem::default(),
-        };
-        let rec = PolicyRecord {
-            target,
-            policy: shoal_proto::DrivePolicy { mode, filesystem },
-            set_at: now_ms(),
-        };
-        ctl.drives.set_policy(&rec)?;
-        ctl.push_drive_policies(None);
-        Ok(Json(policy_view(&rec)))
-    })
-    .await
-}
-
-async fn delete_drive_policy(
-    State(ctl): State<Ctl>,
-    Query(spec): Query<MemberSpec>,
-) -> Result<Json<DrivePolicyView>, HttpError> {
-    blocking(move || {
-        let target = policy_target(spec.node, spec.selector)?;
-        let old = ctl.drives.delete_policy(&target, now_ms())?;
-        ctl.push_drive_policies(None);
-        Ok(Json(policy_view(&old)))
-    })
-    .await
-}
-
-fn network_view(rec: &NetworkRecord, members: usize) -> NetworkView {
-    NetworkView {
-        id: rec.id.0,
-        name: rec.name.clone(),
-        subnet: rec.subnet().to_string(),
-        mtu: rec.mtu,
-        selectors: rec
-            .selectors
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect(),
-        members,
-        created_at: rfc3339(rec.created_at.0),
-    }
-}
-
-fn member_view(ctl: &Controller, m: &MemberRecord) -> Result<MemberView, StoreError> {
-    Ok(MemberView {
-        node: m.node.0.clone(),
-        hostname: ctl
-            .store
-            .node(&m.node)?
-            .map(|n| n.hostname)
-            .unwrap_or_default(),
-        mac: m.mac.to_string(),
-        address: m.address.to_string(),
-        explicit: m.explicit,
-        via_selector: m.via_selector,
-    })
-}
-
-fn network_detail(ctl: &Controller, name: &str) -> Result<NetworkDetail, HttpError> {
-    let rec = ctl
-        .store
-        .network_by_name(name)?
-        .ok_or_else(|| HttpError::from(NetworkError::UnknownNetwork(name.to_owned())))?;
-    let mut members = ctl.store.members(rec.id)?;
-    members.sort_by_key(|m| m.address);
-    let members = members
-        .iter()
-        .map(|m| member_view(ctl, m))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(NetworkDetail {
-        network: network_view(&rec, members.len()),
-        members,
-    })
-}
-
-/// Tells the coordinator, and describes the change for the caller.
-fn network_update(
-    ctl: &Controller,
-    name: &str,
-    changes: Vec<MembershipChange>,
-) -> Result<NetworkUpdate, HttpError> {
-    let mut joined = Vec::new();
-    let mut left = Vec::new();
-    for c in &changes {
-        match c {
-            MembershipChange::Joined { node, .. } => joined.push(node.clone()),
-            MembershipChange::Left { node, .. } => left.push(node.0.clone()),
-            _ => {}
-        }
-    }
-    ctl.membership_changed(changes);
-    let detail = network_detail(ctl, name)?;
-    let joined = detail
-        .members
-        .iter()
-        .filter(|m| joined.iter().any(|j| j.0 == m.node))
-        .cloned()
-        .collect();
-    Ok(NetworkUpdate {
-        network: detail.network,
-        joined,
-        left,
-    })
-}
-
-async fn list_networks(State(ctl): State<Ctl>) -> Result<Json<Vec<NetworkView>>, HttpError> {
-    blocking(move || {
-        let counts = ctl
-            .store
-            .memberships_by_node()?
-            .into_values()
-            .flatten()
-            .fold(BTreeMap::new(), |mut acc, m| {
-                *acc.entry(m.network).or_insert(0usize) += 1;
-                acc
-            });
-        let networks = ctl.store.networks()?;
-        Ok(Json(
-            networks
-                .iter()
-                .map(|n| network_view(n, counts.get(&n.id).copied().unwrap_or(0)))
-                .collect(),
-        ))
-    })
-    .await
-}
-
-async fn create_network(
-    State(ctl): State<Ctl>,
-    Json(req): Json<CreateNetwork>,
-) -> Result<Json<NetworkView>, HttpError> {
-    blocking(move || {
-        let subnet: Subnet = req.subnet.parse().map_err(NetworkError::from)?;
-        let (rec, changes) = ctl
-            .store
-            .create_network(&req.name, subnet, req.mtu, now_ms())?;
-        ctl.membership_changed(changes);
-        Ok(Json(network_view(&rec, 0)))
-    })
-    .await
-}
-
-async fn show_network(
-    State(ctl): State<Ctl>,
-    Path(name): Path<String>,
-) -> Result<Json<NetworkDetail>, HttpError> {
-    blocking(move || Ok(Json(network_detail(&ctl, &name)?))).await
-}
-
-async fn delete_network(
-    State(ctl): State<Ctl>,
-    Path(name): Path<String>,
-) -> Result<Json<NetworkUpdate>, HttpError> {
-    blocking(move || {
-        let (rec, changes) = ctl.store.delete_network(&name, now_ms())?;
-        let left = changes
-            .iter()
-            .filter_map(|c| match c {
-                MembershipChange::Left { node, .. } => Some(node.0.clone()),
-                _ => None,
-            })
-            .collect();
-        ctl.membership_changed(changes);
-        Ok(Json(NetworkUpdate {
-            network: network_view(&rec, 0),
-            joined: Vec::new(),
-            left,
-        }))
-    })
-    .await
-}
-
-/// Who a member request names.
-enum Who {
-    Node(NodeId),
-    Selector(String, String),
-}
-
-fn who(spec: MemberSpec) -> Result<Who, HttpError> {
-    match (spec.node, spec.selector) {
-        (Some(node), None) => Ok(Who::Node(NodeId(node))),
-        (None, Some(selector)) => {
-            let (k, v) = parse_selector(&selector).map_err(NetworkError::from)?;
-            Ok(Who::Selector(k, v))
-        }
-        _ => Err(HttpError(
-            StatusCode::BAD_REQUEST,
-            "name exactly one of node or selector".into(),
-        )),
-    }
-}
-
-async fn add_member(
-    State(ctl): State<Ctl>,
-    Path(name): Path<String>,
-    Json(spec): Json<MemberSpec>,
-) -> Result<Json<NetworkUpdate>, HttpError> {
-    blocking(move || {
-        let changes = match who(spec)? {
-            Who::Node(node) => ctl.store.add_member(&name, &node, now_ms())?.1,
-            Who::Selector(k, v) => ctl.store.add_selector(&name, &k, &v, now_ms())?,
-        };
-        Ok(Json(network_update(&ctl, &name, changes)?))
-    })
-    .await
-}
-
-async fn remove_member(
-    State(ctl): State<Ctl>,
-    Path(name): Path<String>,
-    Query(query): Query<MemberSpec>,
-    body: Bytes,
-) -> Result<Json<NetworkUpdate>, HttpError> {
-    let spec = if body.iter().all(u8::is_ascii_whitespace) {
-        query
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))?
-    };
-    blocking(move || {
-        let changes = match who(spec)? {
-            Who::Node(node) => ctl.store.remove_member(&name, &node, now_ms())?,
-            Who::Selector(k, v) => ctl.store.remove_selector(&name, &k, &v, now_ms())?,
-        };
-        Ok(Json(network_update(&ctl, &name, changes)?))
-    })
-    .await
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -932,7 +196,13 @@ mod tests {
         api::admin::{AdminClient, AdminClientError, AdminConf, ADMIN_CONF_FILE},
         server::ControllerConfig,
     };
+    use shoal_api::{
+        drives::SetDrivePolicy,
+        networks::{CreateNetwork, MemberSpec},
+        nodes::NodeView,
+    };
     use shoal_controller_core::drives::fleet::PrepareRequest;
+    use shoal_proto::{NodeId, UnixMillis};
 
     fn enrol(ctl: &Controller, machine: &str, labels: &[(&str, &str)]) -> NodeId {
         crate::overlay::networks::enrol_for_tests(&ctl.store, machine, labels, now_ms())

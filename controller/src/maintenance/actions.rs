@@ -946,7 +946,7 @@ mod tests {
         assert!(matches!(f.phase(&run, &n[0]), NodePhase::Succeeded { .. }));
         f.ctl.rollout_tick();
         assert!(f.ctl.maint.rollout(&run).unwrap().is_finished());
-        let view = crate::maintenance::api::full_view(
+        let view = crate::maintenance::routes::full_view(
             &f.ctl,
             &f.ctl.maint.rollout(&run).unwrap(),
             &Default::default(),

@@ -745,7 +745,8 @@ mod tests {
             "a report of another connection is dropped"
         );
         ctl.boot_reported(&node, conn_id, boot(Some("v3"), &[true, false]));
-        let view = crate::api::node_view(&ctl, ctl.store.node(&node).unwrap().unwrap());
+        let view =
+            crate::registry::routes::node_view(&ctl, ctl.store.node(&node).unwrap().unwrap());
         assert_eq!(
             view.boot.as_ref().and_then(|b| b.image.as_deref()),
             Some("v3")

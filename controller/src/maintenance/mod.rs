@@ -60,9 +60,9 @@ use shoal_controller_core::windows::{AlwaysOpen, Window, WindowCheck, WindowErro
 
 pub mod actions;
 pub mod agent;
-pub mod api;
 pub mod image;
 pub mod messages;
+pub mod routes;
 
 #[cfg(test)]
 mod tests;

@@ -8,7 +8,7 @@
 //!   over plain HTTP on the netboot interface, with header, idle and connection limits.
 //! - [`images`] keeps signed images; [`machines`] the machine table, leases and image assignments.
 //! - [`slots`] counts TFTP transfers and HTTP connections per client address and overall.
-//! - [`api`] adds the admin API routes (`/v1/images`, `/v1/machines`, `/v1/nodes/{id}/image`).
+//! - [`routes`] adds the admin API routes (`/v1/images`, `/v1/machines`, `/v1/nodes/{id}/image`).
 //!
 //! Every socket is bound to the netboot interface (`SO_BINDTODEVICE`), not only to its address: a
 //! packet that reaches the address over another interface (or loopback) is not served, so a DHCP
@@ -17,7 +17,7 @@
 //! The image store and the machine table exist whether or not the servers run, so images can be
 //! added before netboot is switched on.
 
-pub mod api;
+pub mod routes;
 pub use shoal_controller_core::netboot::{boot_tokens, dhcp, slots, tftp};
 #[doc(hidden)]
 pub mod fuzz_harness;

@@ -4,3 +4,4 @@
 pub mod hub;
 pub mod messages;
 pub mod networks;
+pub mod routes;

@@ -5,3 +5,4 @@ pub mod ca;
 pub mod enrol;
 pub mod identity;
 pub mod messages;
+pub mod routes;
