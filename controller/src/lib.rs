@@ -19,10 +19,14 @@
 pub mod api;
 pub mod connections;
 pub mod drives;
+pub mod http;
 pub mod maintenance;
 pub mod netboot;
 pub mod overlay;
 pub mod registry;
 pub mod releases;
 pub mod server;
+pub mod sessions;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod test_support;

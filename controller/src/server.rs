@@ -4,9 +4,8 @@
 //! [`run`] takes bound sockets and a shutdown future (the mini-redis pattern), so tests bind port 0
 //! and stop the controller cleanly.
 
-use crate::connections::{
-    bump, close_code, handler::handle_connection, ConnStats, LiveNode, LiveState, Revoke,
-};
+use crate::connections::{bump, close_code, ConnStats, LiveNode, LiveState, Revoke};
+use crate::sessions::handle_connection;
 use crate::store::RegistryEvent;
 use std::{
     collections::HashMap,
@@ -49,7 +48,7 @@ pub struct ControllerConfig {
     pub checkpoint_interval: Duration,
     /// Subnet of the `default` overlay network, used when it is created on first start; later
     /// starts keep the stored one (default 10.90.0.0/16).
-    pub overlay_subnet: crate::overlay::networks::Subnet,
+    pub overlay_subnet: shoal_controller_core::networks::Subnet,
     /// TAP MTU of the `default` overlay network, and of new networks created without one (default
     /// 1380).
     pub overlay_mtu: u16,
@@ -116,8 +115,8 @@ impl ControllerConfig {
             cert_ttl: Duration::from_secs(24 * 3600),
             hello_timeout: Duration::from_secs(10),
             checkpoint_interval: Duration::from_secs(30),
-            overlay_subnet: crate::overlay::networks::DEFAULT_OVERLAY_SUBNET,
-            overlay_mtu: crate::overlay::networks::DEFAULT_OVERLAY_MTU,
+            overlay_subnet: shoal_controller_core::networks::DEFAULT_OVERLAY_SUBNET,
+            overlay_mtu: shoal_controller_core::networks::DEFAULT_OVERLAY_MTU,
             netmap_validity: Duration::from_secs(24 * 3600),
             probe_listen: None,
             netboot: crate::netboot::NetbootConfig::default(),

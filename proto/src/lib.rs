@@ -28,5 +28,6 @@ pub use release::*;
 pub use token::{JoinToken, TokenFormatError};
 pub use types::*;
 pub use version::{
-    negotiate, VersionError, VersionRange, PROTOCOL_HISTORY, PROTOCOL_VERSION, SUPPORTED,
+    negotiate, VersionError, VersionRange, DRIVES_PROTOCOL, KEY_ROTATION_PROTOCOL,
+    OVERLAY_PROTOCOL, PROTOCOL_HISTORY, PROTOCOL_VERSION, SUPPORTED, UPDATES_PROTOCOL,
 };

@@ -13,6 +13,15 @@ use serde::{Deserialize, Serialize};
 /// The newest protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 5;
 
+/// The first version with the overlay (netmaps, punches, path reports, relaying).
+pub const OVERLAY_PROTOCOL: u16 = 2;
+/// The first version with drive reports, policies and commands.
+pub const DRIVES_PROTOCOL: u16 = 3;
+/// The first version with agent updates, reboots, maintenance steps and boot reports.
+pub const UPDATES_PROTOCOL: u16 = 4;
+/// The first version with key rotation and signed kexec images.
+pub const KEY_ROTATION_PROTOCOL: u16 = 5;
+
 /// Every version this build speaks.
 pub const SUPPORTED: VersionRange = VersionRange {
     min: 1,

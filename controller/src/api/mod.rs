@@ -1,12 +1,6 @@
-//! The admin API: HTTPS (axum + rustls), bearer-token authenticated, JSON in and out.
-//!
-//! Routes: `GET/POST /v1/tokens`, `DELETE /v1/tokens/{id}`, `GET /v1/nodes`, `GET/DELETE
-//! /v1/nodes/{id}`, `GET /v1/events`, `GET /v1/report`, `GET/POST /v1/networks`, `GET/DELETE
-//! /v1/networks/{name}`, `POST/DELETE /v1/networks/{name}/members` (body `{"node": ID}` or
-//! `{"selector": "KEY=VALUE"}`; DELETE also takes them as query parameters), `GET
-//! /v1/drives?node=ID`, `POST /v1/drives/{node}/{device}/prepare` (body [`PrepareRequest`]), `POST
-//! /v1/drives/{node}/{device}/self-test` (body `{"kind": "short"|"long"}`), `GET/POST
-//! /v1/drive-policies`, `DELETE /v1/drive-policies?node=ID|selector=KEY=VALUE`.
+//! The admin API: HTTPS (axum + rustls), bearer-token authenticated, JSON in and out. Each domain
+//! brings its routes (`<domain>/routes.rs`); this module puts them behind authentication and the
+//! request limits, and serves the fleet report and the refusal counters, which span domains.
 
 pub mod admin;
 
@@ -23,33 +17,11 @@ use axum::{
 use shoal_overlay::pki;
 use tracing::warn;
 
-use crate::{server::now_ms, server::Controller, server::ServeError, store::StoreError};
-use shoal_api::error::ApiError;
+use crate::{
+    http::{blocking, Ctl, HttpError},
+    server::{now_ms, ServeError},
+};
 use shoal_controller_core::report::{FleetReport, ReportThresholds};
-
-pub(crate) type Ctl = Arc<Controller>;
-
-/// An API failure with its HTTP status: every admin route module answers with it (each adds `From`
-/// impls for its own errors).
-#[derive(Debug)]
-pub struct HttpError(pub(crate) StatusCode, pub(crate) String);
-
-impl IntoResponse for HttpError {
-    fn into_response(self) -> Response {
-        (self.0, Json(ApiError { error: self.1 })).into_response()
-    }
-}
-
-impl From<StoreError> for HttpError {
-    fn from(e: StoreError) -> Self {
-        warn!(cause = %e, "admin request failed in the store");
-        HttpError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-    }
-}
-
-pub(crate) fn not_found(what: &str) -> HttpError {
-    HttpError(StatusCode::NOT_FOUND, format!("{what} not found"))
-}
 
 /// How long a client has to send a request head (and how long an idle keep-alive connection lives).
 pub const API_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -155,15 +127,6 @@ async fn authenticate(State(ctl): State<Ctl>, req: Request, next: Next) -> Respo
     }
 }
 
-/// Runs blocking store work off the async threads.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, HttpError> + Send + 'static,
-) -> Result<T, HttpError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-}
-
 /// What the controller's limits refused since it started: connections, and what nodes sent the
 /// overlay hub.
 async fn refusals(State(ctl): State<Ctl>) -> Json<shoal_api::refusals::RefusalsView> {
@@ -194,6 +157,7 @@ mod tests {
     use super::*;
     use crate::{
         api::admin::{AdminClient, AdminClientError, AdminConf, ADMIN_CONF_FILE},
+        server::Controller,
         server::ControllerConfig,
     };
     use shoal_api::{
@@ -205,7 +169,7 @@ mod tests {
     use shoal_proto::{NodeId, UnixMillis};
 
     fn enrol(ctl: &Controller, machine: &str, labels: &[(&str, &str)]) -> NodeId {
-        crate::overlay::networks::enrol_for_tests(&ctl.store, machine, labels, now_ms())
+        crate::test_support::enrol_for_tests(&ctl.store, machine, labels, now_ms())
     }
 
     fn status<T: std::fmt::Debug>(r: Result<T, AdminClientError>) -> (u16, String) {

@@ -7,12 +7,8 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use shoal_controller::{
-    overlay::networks::{Subnet, MAX_MTU, MIN_MTU},
-    server,
-    server::Controller,
-    server::ControllerConfig,
-};
+use shoal_controller::{server, server::Controller, server::ControllerConfig};
+use shoal_controller_core::networks::{Subnet, MAX_MTU, MIN_MTU};
 
 #[derive(Debug, Parser)]
 #[command(name = "shoal-controller", version, about = "shoal fleet controller")]

@@ -10,7 +10,6 @@ use tokio::sync::mpsc;
 
 use shoal_controller_core::liveness::Liveness;
 
-pub mod handler;
 pub mod queue;
 
 /// QUIC application close codes.
@@ -253,4 +252,23 @@ pub(crate) fn forget_connection(controller: &Controller, id: &NodeId, conn_id: u
     if live.conns.get(id).map(|c| c.conn_id) == Some(conn_id) {
         live.conns.remove(id);
     }
+}
+
+/// What a connection's actions need besides the session.
+pub(crate) struct ConnCtx {
+    pub(crate) conn: quinn::Connection,
+    pub(crate) conn_id: u64,
+    /// SHA-256 of the node certificate's public key.
+    pub(crate) node_key: Option<[u8; 32]>,
+    /// The node certificate the connection presented (DER): its key signs key rotations.
+    pub(crate) cert_der: Option<Vec<u8>>,
+    /// A certificate of the node's key was revoked: ask the agent to rotate once its Hello is in.
+    pub(crate) must_rotate: bool,
+    /// The peer's address, for the operator.
+    pub(crate) remote: String,
+    /// Netmap deltas, punch requests, drive policies and drive commands for this agent, queued by
+    /// other connections and the API.
+    pub(crate) overlay_tx: crate::connections::queue::NodeTx,
+    /// The task relaying this agent's datagrams, once it joined the overlay.
+    pub(crate) relay: Option<tokio::task::JoinHandle<()>>,
 }

@@ -20,6 +20,7 @@
 //! only gets a policy when it differs; v1 and v2 agents never get one.
 
 use crate::store::DriveEvent;
+use shoal_proto::DRIVES_PROTOCOL;
 use std::{
     collections::{BTreeSet, HashMap},
     sync::{
@@ -542,7 +543,8 @@ impl Controller {
             live.conns
                 .iter()
                 .filter(|(n, c)| {
-                    c.protocol.is_some_and(|v| v >= 3) && only.is_none_or(|o| o.contains(n))
+                    c.protocol.is_some_and(|v| v >= DRIVES_PROTOCOL)
+                        && only.is_none_or(|o| o.contains(n))
                 })
                 .map(|(n, _)| n.clone())
                 .collect()
@@ -571,7 +573,7 @@ impl Controller {
             let Some(conn) = live
                 .conns
                 .get_mut(&node)
-                .filter(|c| c.protocol.is_some_and(|v| v >= 3))
+                .filter(|c| c.protocol.is_some_and(|v| v >= DRIVES_PROTOCOL))
             else {
                 continue;
             };
@@ -608,7 +610,9 @@ impl Controller {
                 .ok_or_else(|| CommandError::NotConnected(node.clone()))?;
             match conn.protocol {
                 None => return Err(CommandError::NotConnected(node)),
-                Some(v) if v < 3 => return Err(CommandError::OldProtocol { node, version: v }),
+                Some(v) if v < DRIVES_PROTOCOL => {
+                    return Err(CommandError::OldProtocol { node, version: v })
+                }
                 Some(_) => conn.conn_id,
             }
         };
@@ -773,7 +777,7 @@ mod tests {
     fn stored_samples_of_forgotten_histories_are_deleted() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let node = crate::overlay::networks::enrol_for_tests(&store, "m1", &[], UnixMillis(1));
+        let node = crate::test_support::enrol_for_tests(&store, "m1", &[], UnixMillis(1));
         let hub = DriveHub::open(&store, config()).unwrap();
         // 256 drives with new serial numbers in every report.
         for round in 0..12u64 {
@@ -812,7 +816,7 @@ mod tests {
     fn reports_and_history_survive_a_restart_trimmed_to_the_window() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let node = crate::overlay::networks::enrol_for_tests(&store, "m1", &[], UnixMillis(1));
+        let node = crate::test_support::enrol_for_tests(&store, "m1", &[], UnixMillis(1));
         let hub = DriveHub::open(&store, config()).unwrap();
         for hour in 1..=5 {
             hub.ingest(
@@ -926,7 +930,7 @@ mod tests {
     fn records_of_removed_nodes_are_dropped_at_start() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let node = crate::overlay::networks::enrol_for_tests(&store, "m1", &[], UnixMillis(1));
+        let node = crate::test_support::enrol_for_tests(&store, "m1", &[], UnixMillis(1));
         let hub = DriveHub::open(&store, config()).unwrap();
         hub.ingest(
             &node,
@@ -951,12 +955,8 @@ mod tests {
         use shoal_proto::{DrivePolicyMode, Filesystem};
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let node = crate::overlay::networks::enrol_for_tests(
-            &store,
-            "m1",
-            &[("role", "db")],
-            UnixMillis(1),
-        );
+        let node =
+            crate::test_support::enrol_for_tests(&store, "m1", &[("role", "db")], UnixMillis(1));
         let hub = DriveHub::open(&store, config()).unwrap();
         let policy = DrivePolicy {
             mode: DrivePolicyMode::Approve,

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use shoal_controller_core::session::{Action, Session};
+use shoal_proto::NodeId;
 use tracing::{debug, warn};
 
 use crate::server::{now_ms, Controller};
@@ -41,4 +42,19 @@ pub(crate) async fn command_result(
         controller.drives.command_result(node, result);
     }
     vec![]
+}
+
+/// A node connected: send its agent its effective drive policy (v3 and later).
+pub(crate) async fn connected(
+    controller: &Arc<Controller>,
+    node: &NodeId,
+    conn_id: u64,
+    protocol: Option<u16>,
+) {
+    if protocol.is_some_and(|v| v >= shoal_proto::DRIVES_PROTOCOL) {
+        let c = controller.clone();
+        let n = node.clone();
+        let _ =
+            tokio::task::spawn_blocking(move || c.send_drive_policy_on_connect(&n, conn_id)).await;
+    }
 }

@@ -11,7 +11,6 @@ use shoal_proto::NodeId;
 
 use crate::{
     drives::hub::{DriveRequest, PolicyError},
-    overlay::networks::parse_selector,
     server::now_ms,
 };
 use shoal_api::drives::DriveCommandView;
@@ -24,9 +23,10 @@ use shoal_api::drives::SetDrivePolicy;
 use shoal_api::networks::MemberSpec;
 use shoal_controller_core::drives::fleet::{CommandError, PrepareRequest};
 use shoal_controller_core::drives::policy::{PolicyRecord, PolicyTarget};
+use shoal_controller_core::selector::parse_selector;
 use shoal_controller_core::time::rfc3339_ms as rfc3339;
 
-use crate::api::{blocking, Ctl, HttpError};
+use crate::http::{blocking, Ctl, HttpError};
 
 /// This domain's admin routes (the router adds authentication).
 pub fn routes() -> Router<Ctl> {

@@ -497,10 +497,9 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::{
-        maintenance::StartRequest, overlay::networks::parse_selector, server::ControllerConfig,
-    };
+    use crate::{maintenance::StartRequest, server::ControllerConfig};
     use shoal_controller_core::rollout::Rollout;
+    use shoal_controller_core::selector::parse_selector;
 
     struct Fixture {
         ctl: Arc<Controller>,
@@ -529,7 +528,7 @@ mod tests {
         fn nodes(&mut self, prefix: &str, count: usize, labels: &[(&str, &str)]) -> Vec<NodeId> {
             (0..count)
                 .map(|i| {
-                    let id = crate::overlay::networks::enrol_for_tests(
+                    let id = crate::test_support::enrol_for_tests(
                         &self.ctl.store,
                         &format!("{prefix}{i}"),
                         labels,
@@ -841,12 +840,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut f = Fixture::open(dir.path());
         let n = f.nodes("k", 1, &[("role", "k3s")]);
-        let old = crate::overlay::networks::enrol_for_tests(
-            &f.ctl.store,
-            "old",
-            &[("role", "k3s")],
-            now_ms(),
-        );
+        let old =
+            crate::test_support::enrol_for_tests(&f.ctl.store, "old", &[("role", "k3s")], now_ms());
         let (_c, _rx) = f.ctl.fake_connection(&old, 3);
         let run = f
             .start(MaintenanceAction::SmartTest, "role=k3s", 2, 5)

@@ -390,12 +390,8 @@ mod tests {
 
         let mut notices = ctl.subscribe_agent_updates();
         let [a, b, c] = ["a", "b", "c"].map(|h| {
-            let id = crate::overlay::networks::enrol_for_tests(
-                &ctl.store,
-                h,
-                &[("role", "w")],
-                now_ms(),
-            );
+            let id =
+                crate::test_support::enrol_for_tests(&ctl.store, h, &[("role", "w")], now_ms());
             ctl.store
                 .update_node(&id, |r| r.agent_version = OLD.into())
                 .unwrap();

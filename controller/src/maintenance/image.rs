@@ -376,12 +376,8 @@ mod tests {
             }
             ctl.netboot.images.commit(v).unwrap();
         }
-        let node = crate::overlay::networks::enrol_for_tests(
-            &ctl.store,
-            "m",
-            &[],
-            crate::server::now_ms(),
-        );
+        let node =
+            crate::test_support::enrol_for_tests(&ctl.store, "m", &[], crate::server::now_ms());
         let reboots = Arc::new(Reboots::default());
         ctl.install_image_upgrader(reboots.clone());
         let up = ctl.maint.upgrader(&Target::Image("x".into())).unwrap();
@@ -477,24 +473,12 @@ mod tests {
             ctl.maint.upgrader(&Target::Image("x".into())).is_some(),
             "Controller::open installs the image upgrader"
         );
-        let old = crate::overlay::networks::enrol_for_tests(
-            &ctl.store,
-            "old",
-            &[],
-            crate::server::now_ms(),
-        );
-        let new = crate::overlay::networks::enrol_for_tests(
-            &ctl.store,
-            "new",
-            &[],
-            crate::server::now_ms(),
-        );
-        let away = crate::overlay::networks::enrol_for_tests(
-            &ctl.store,
-            "away",
-            &[],
-            crate::server::now_ms(),
-        );
+        let old =
+            crate::test_support::enrol_for_tests(&ctl.store, "old", &[], crate::server::now_ms());
+        let new =
+            crate::test_support::enrol_for_tests(&ctl.store, "new", &[], crate::server::now_ms());
+        let away =
+            crate::test_support::enrol_for_tests(&ctl.store, "away", &[], crate::server::now_ms());
         let (_, mut old_rx) = ctl.fake_connection(&old, 3);
         let (_, mut new_rx) = ctl.fake_connection(&new, 4);
         let rebooter = AgentRebooter {
@@ -563,7 +547,7 @@ mod tests {
         }
         ctl.netboot.images.commit("2030.2").unwrap();
         let manifest = ctl.netboot.images.get("2030.2").unwrap();
-        let node = crate::overlay::networks::enrol_for_tests(
+        let node = crate::test_support::enrol_for_tests(
             &ctl.store,
             "vm",
             &[("netboot.mac", "52:54:00:00:00:01")],
@@ -732,12 +716,8 @@ mod tests {
         let _enter = rt.enter();
         let config = ControllerConfig::for_tests(dir.path().to_owned());
         let ctl = Controller::open(config, "127.0.0.1:1".parse().unwrap()).unwrap();
-        let node = crate::overlay::networks::enrol_for_tests(
-            &ctl.store,
-            "vm",
-            &[],
-            crate::server::now_ms(),
-        );
+        let node =
+            crate::test_support::enrol_for_tests(&ctl.store, "vm", &[], crate::server::now_ms());
         let (conn_id, _rx) = ctl.fake_connection(&node, 4);
         ctl.boot_reported(&node, conn_id + 1000, boot(Some("v3"), &[true]));
         assert!(

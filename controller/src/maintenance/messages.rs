@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use shoal_controller_core::session::{Action, Session};
+use shoal_proto::NodeId;
 
-use crate::{connections::handler::ConnCtx, server::Controller};
+use crate::{connections::ConnCtx, server::Controller};
 
 /// `Action::RebootAnswer`.
 pub(crate) async fn reboot_answer(
@@ -60,4 +61,13 @@ pub(crate) async fn boot_report(
         let _ = tokio::task::spawn_blocking(move || c.boot_reported(&node, conn_id, report)).await;
     }
     vec![]
+}
+
+/// A node connected: repeat the maintenance step it may not have received (v4 and later).
+pub(crate) async fn connected(controller: &Arc<Controller>, node: &NodeId, protocol: Option<u16>) {
+    if protocol.is_some_and(|v| v >= shoal_proto::UPDATES_PROTOCOL) {
+        let c = controller.clone();
+        let n = node.clone();
+        let _ = tokio::task::spawn_blocking(move || c.maintenance_reconnected(&n)).await;
+    }
 }

@@ -47,7 +47,6 @@ use shoal_proto::{MaintenanceAction, NodeId, UnixMillis};
 use tracing::{info, warn};
 
 use crate::{
-    overlay::networks::{parse_selector, selector_matches, selector_text},
     server::now_ms,
     server::Controller,
     store::{decode, encode, EventKind, NodeRecord, RawTable, Store, StoreError, EVENTS},
@@ -56,6 +55,7 @@ use shoal_controller_core::rollout::{
     Action, Budget, Command, Event, Failure, Fleet, NodePhase, Observed, ReportedHealth, Rollout,
     RolloutError, RolloutSpec, RolloutState, Target,
 };
+use shoal_controller_core::selector::{parse_selector, selector_matches, selector_text};
 use shoal_controller_core::windows::{AlwaysOpen, Window, WindowCheck, WindowError, WindowRecord};
 
 pub mod actions;

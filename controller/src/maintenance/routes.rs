@@ -22,19 +22,17 @@ use shoal_api::maintenance::{
 };
 
 use super::{MaintError, StartRequest};
-use crate::{
-    overlay::networks::{parse_selector, selector_matches, selector_text},
-    server::Controller,
-};
+use crate::server::Controller;
 use shoal_controller_core::rollout::{
     Command, NodePhase, Rollout, RolloutError, RolloutState, SkipReason, Target, Waiting,
 };
+use shoal_controller_core::selector::{parse_selector, selector_matches, selector_text};
 use shoal_controller_core::time::rfc3339_ms as rfc3339;
 use shoal_controller_core::windows::{Window, WindowError};
 
 type Ctl = Arc<Controller>;
 
-use crate::api::{blocking, HttpError as Failure};
+use crate::http::{blocking, HttpError as Failure};
 
 impl From<MaintError> for Failure {
     fn from(e: MaintError) -> Self {

@@ -78,7 +78,7 @@ impl Fixture {
     fn nodes(&mut self, prefix: &str, count: usize, labels: &[(&str, &str)]) -> Vec<NodeId> {
         (0..count)
             .map(|i| {
-                let id = crate::overlay::networks::enrol_for_tests(
+                let id = crate::test_support::enrol_for_tests(
                     &self.ctl.store,
                     &format!("{prefix}{i}"),
                     labels,
@@ -559,7 +559,7 @@ fn windows_budgets_and_rollouts_over_the_admin_api() {
         ["nightly"]
     );
 
-    crate::overlay::networks::enrol_for_tests(&ctl.store, "e0", &[("role", "etcd")], now_ms());
+    crate::test_support::enrol_for_tests(&ctl.store, "e0", &[("role", "etcd")], now_ms());
     let b: BudgetView = client
         .post(
             "/v1/budgets",

@@ -769,7 +769,7 @@ mod tests {
     async fn a_kexec_token_is_bound_to_its_node_and_needs_no_sighting() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ctl = controller(dir.path(), b"initrd", |_| {});
-        let node = crate::overlay::networks::enrol_for_tests(
+        let node = crate::test_support::enrol_for_tests(
             &ctl.store,
             "vm",
             &[(MAC_LABEL, "52:54:00:12:34:56")],

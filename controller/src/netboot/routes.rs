@@ -30,7 +30,7 @@ type Ctl = Arc<Controller>;
 /// Largest upload of one image file (1 GiB).
 const MAX_UPLOAD: usize = 1 << 30;
 
-use crate::api::{blocking, HttpError as Failure};
+use crate::http::{blocking, HttpError as Failure};
 
 impl From<ImageError> for Failure {
     fn from(e: ImageError) -> Self {

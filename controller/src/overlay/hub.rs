@@ -36,8 +36,9 @@ use shoal_proto::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{overlay::networks::MembershipChange, server::now_ms, store::Store};
+use crate::{server::now_ms, store::Store};
 use shoal_controller_core::coordinator::{Coordinator, Delivery};
+use shoal_controller_core::networks::MembershipChange;
 
 /// A refill rate and a bucket size, for [`TokenBucket`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -767,7 +768,7 @@ mod tests {
     use shoal_testkit::wait_async;
 
     use super::*;
-    use crate::{overlay::networks::enrol_for_tests, registry::ca::Ca};
+    use crate::{registry::ca::Ca, test_support::enrol_for_tests};
 
     const T0: UnixMillis = UnixMillis(1_700_000_000_000);
     /// Deadline for anything that should happen at once on loopback.
@@ -992,8 +993,8 @@ mod tests {
             let store = Store::open(&dir.path().join("store")).unwrap();
             store
                 .ensure_default_network(
-                    crate::overlay::networks::DEFAULT_OVERLAY_SUBNET,
-                    crate::overlay::networks::DEFAULT_OVERLAY_MTU,
+                    shoal_controller_core::networks::DEFAULT_OVERLAY_SUBNET,
+                    shoal_controller_core::networks::DEFAULT_OVERLAY_MTU,
                 )
                 .unwrap();
             let nodes = machines

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use shoal_controller_core::session::{Action, Session};
 use tracing::{info, warn};
 
-use crate::{connections::handler::ConnCtx, server::Controller};
+use crate::{connections::ConnCtx, server::Controller};
 
 /// `Action::Overlay`.
 pub(crate) async fn hello(

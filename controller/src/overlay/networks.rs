@@ -35,14 +35,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use shoal_proto::{MacAddr, NetworkId, NodeId, PeerIndex, UnixMillis};
 use tracing::{debug, info, warn};
 
-pub use shoal_controller_core::networks::{
-    free_address, free_mac, mac_for, reconcile, MemberRecord, MembershipChange, NetworkRecord,
+use shoal_controller_core::networks::{
+    free_address, free_mac, reconcile, MemberRecord, MembershipChange, NetworkRecord,
     NetworkSnapshot, NodeOverlay, OverlaySnapshot, Reconciled, Subnet, SubnetError,
-    DEFAULT_NETWORK, DEFAULT_OVERLAY_MTU, DEFAULT_OVERLAY_SUBNET, MAX_MTU, MIN_MTU,
+    DEFAULT_NETWORK, DEFAULT_OVERLAY_MTU, MAX_MTU, MIN_MTU,
 };
-pub use shoal_controller_core::selector::{
-    parse_selector, selector_matches, selector_text, valid_name, BadSelector,
-};
+use shoal_controller_core::selector::{selector_text, valid_name, BadSelector};
 
 use crate::{
     server::Controller,
@@ -1017,56 +1015,6 @@ impl Controller {
     }
 }
 
-/// Creates a token with these labels and enrols a machine with it, joining its networks like the
-/// controller does (tests of this module and of the API).
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-pub(crate) fn enrol_for_tests(
-    store: &Store,
-    machine: &str,
-    labels: &[(&str, &str)],
-    now: UnixMillis,
-) -> NodeId {
-    use crate::store::{EnrolParams, TokenRecord};
-    use shoal_proto::{HardwareId, HardwareIdSource};
-    let id = format!("tok-{machine}");
-    store
-        .create_token(&TokenRecord {
-            id: id.clone(),
-            secret_sha256: shoal_overlay::pki::sha256(b"s"),
-            created_at: now,
-            expires_at: None,
-            max_uses: None,
-            uses: 0,
-            revoked_at: None,
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        })
-        .unwrap();
-    let hw = HardwareId {
-        source: HardwareIdSource::DmiUuid,
-        value: machine.to_owned(),
-    };
-    let node = store
-        .enrol(&EnrolParams {
-            token_id: &id,
-            secret: "s",
-            hardware_id: &hw,
-            hostname: machine,
-            now,
-            key: &shoal_overlay::pki::sha256(machine.as_bytes()),
-            remote: "test",
-            is_live: &|_| false,
-        })
-        .unwrap()
-        .node
-        .id;
-    store.join_networks(&node).unwrap();
-    node
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -1076,7 +1024,9 @@ mod tests {
 
     use super::*;
     use crate::store::{EnrolParams, TokenRecord};
+    use crate::test_support::enrol_for_tests;
     use sha2::{Digest, Sha256};
+    use shoal_controller_core::networks::{mac_for, DEFAULT_OVERLAY_SUBNET};
     use std::net::Ipv4Addr;
 
     const T0: UnixMillis = UnixMillis(1_700_000_000_000);

@@ -12,12 +12,7 @@ use axum::{
 use shoal_proto::NodeId;
 
 use crate::{
-    overlay::networks::{
-        parse_selector, MemberRecord, MembershipChange, NetworkError, NetworkRecord, Subnet,
-    },
-    server::now_ms,
-    server::Controller,
-    store::StoreError,
+    overlay::networks::NetworkError, server::now_ms, server::Controller, store::StoreError,
 };
 use shoal_api::networks::CreateNetwork;
 use shoal_api::networks::MemberSpec;
@@ -25,9 +20,11 @@ use shoal_api::networks::MemberView;
 use shoal_api::networks::NetworkDetail;
 use shoal_api::networks::NetworkUpdate;
 use shoal_api::networks::NetworkView;
+use shoal_controller_core::networks::{MemberRecord, MembershipChange, NetworkRecord, Subnet};
+use shoal_controller_core::selector::parse_selector;
 use shoal_controller_core::time::rfc3339_ms as rfc3339;
 
-use crate::api::{blocking, Ctl, HttpError};
+use crate::http::{blocking, Ctl, HttpError};
 
 /// This domain's admin routes (the router adds authentication).
 pub fn routes() -> Router<Ctl> {

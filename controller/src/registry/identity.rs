@@ -20,9 +20,9 @@ use shoal_proto::{ControllerMsg, NodeId, UnixMillis};
 use tracing::{info, warn};
 
 use crate::{
-    api::blocking,
-    api::HttpError,
     connections::Revoke,
+    http::blocking,
+    http::HttpError,
     server::now_ms,
     server::Controller,
     store::{normal_serial, short_key, StoreError},
@@ -34,9 +34,6 @@ use shoal_api::identity::RevokeCertRequest;
 use shoal_api::identity::RevokedCertView;
 use shoal_controller_core::enrolment::PendingState;
 use shoal_controller_core::time::rfc3339_ms as rfc3339;
-
-/// The protocol that added key rotation (`ControllerMsg::RotateKey`).
-pub(crate) const KEY_ROTATION_PROTOCOL: u16 = 5;
 
 type Ctl = Arc<Controller>;
 
@@ -67,7 +64,7 @@ impl Controller {
                 )));
                 live.conns.remove(&rec.node);
                 closed = 1;
-            } else if current && conn.protocol >= Some(KEY_ROTATION_PROTOCOL) {
+            } else if current && conn.protocol >= Some(shoal_proto::KEY_ROTATION_PROTOCOL) {
                 let _ = conn.tx.send(ControllerMsg::RotateKey {
                     reason: format!("certificate {serial} of this key was revoked"),
                 });
@@ -100,7 +97,7 @@ impl Controller {
             ControllerMsg::RotateKey {
                 reason: "an operator asked".into(),
             },
-            KEY_ROTATION_PROTOCOL,
+            shoal_proto::KEY_ROTATION_PROTOCOL,
         );
         Ok(true)
     }

@@ -10,7 +10,7 @@ use shoal_proto::{ControllerMsg, RejectCode, Renewed};
 use tracing::{debug, info, warn};
 
 use crate::{
-    connections::handler::ConnCtx,
+    connections::ConnCtx,
     registry::enrol::{enrol as enrol_node, heartbeat, issue_cert, rotate_key as rotate_node_key},
     server::{now_ms, Controller},
 };
@@ -108,7 +108,8 @@ pub(crate) async fn rotate_key(
     }
 }
 
-/// `Action::Connected`.
+/// `Action::Connected`: the registry's part (agent version, liveness, the connection's protocol, a
+/// pending key rotation); the other domains' parts follow it in the session dispatch.
 pub(crate) async fn connected(
     controller: &Arc<Controller>,
     ctx: &mut ConnCtx,
@@ -140,20 +141,8 @@ pub(crate) async fn connected(
     {
         conn.protocol = version;
     }
-    if version.is_some_and(|v| v >= crate::releases::updates::UPDATE_PROTOCOL) {
-        let c = controller.clone();
-        let n = node.clone();
-        let _ = tokio::task::spawn_blocking(move || c.maintenance_reconnected(&n)).await;
-    }
-    if version.is_some_and(|v| v >= 3) {
-        let c = controller.clone();
-        let conn_id = ctx.conn_id;
-        let n = node.clone();
-        let _ =
-            tokio::task::spawn_blocking(move || c.send_drive_policy_on_connect(&n, conn_id)).await;
-    }
     if ctx.must_rotate {
-        if version >= Some(5) {
+        if version >= Some(shoal_proto::KEY_ROTATION_PROTOCOL) {
             info!(node = %node, "asking the node to rotate its key");
             let reason =
                 "a certificate of this node's key was revoked, or an operator asked".to_owned();

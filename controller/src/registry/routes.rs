@@ -14,7 +14,6 @@ use shoal_proto::{JoinToken, NodeId, UnixMillis};
 use tracing::info;
 
 use crate::{
-    overlay::networks::NetworkRecord,
     server::now_ms,
     server::Controller,
     store::{NodeRecord, NodeStatus, StoreError, TokenRecord},
@@ -25,9 +24,10 @@ use shoal_api::nodes::OverlayAddressView;
 use shoal_api::tokens::CreateToken;
 use shoal_api::tokens::CreatedToken;
 use shoal_api::tokens::TokenView;
+use shoal_controller_core::networks::NetworkRecord;
 use shoal_controller_core::time::rfc3339_ms as rfc3339;
 
-use crate::api::{blocking, not_found, Ctl, HttpError};
+use crate::http::{blocking, not_found, Ctl, HttpError};
 
 /// This domain's admin routes (the router adds authentication).
 pub fn routes() -> Router<Ctl> {

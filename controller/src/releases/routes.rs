@@ -34,7 +34,7 @@ type Ctl = Arc<Controller>;
 /// Largest agent binary accepted (512 MiB).
 const MAX_UPLOAD: usize = 512 << 20;
 
-use crate::api::{blocking, HttpError as Failure};
+use crate::http::{blocking, HttpError as Failure};
 
 impl From<ReleaseStoreError> for Failure {
     fn from(e: ReleaseStoreError) -> Self {

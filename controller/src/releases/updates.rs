@@ -31,7 +31,7 @@ use crate::{
 };
 
 /// The first protocol version with agent updates.
-pub const UPDATE_PROTOCOL: u16 = 4;
+pub const UPDATE_PROTOCOL: u16 = shoal_proto::UPDATES_PROTOCOL;
 
 /// The first protocol whose agents refuse downgrades unless the offer allows them
 /// ([`ControllerMsg::UpdateOffer`]).
@@ -508,9 +508,9 @@ mod tests {
         config.release_keys = vec![dir.path().join("release.pub")];
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let ctl = Controller::open(config, listener.local_addr().expect("addr")).expect("open");
-        let old = crate::overlay::networks::enrol_for_tests(&ctl.store, "old", &[], now_ms());
-        let new = crate::overlay::networks::enrol_for_tests(&ctl.store, "new", &[], now_ms());
-        let away = crate::overlay::networks::enrol_for_tests(&ctl.store, "away", &[], now_ms());
+        let old = crate::test_support::enrol_for_tests(&ctl.store, "old", &[], now_ms());
+        let new = crate::test_support::enrol_for_tests(&ctl.store, "new", &[], now_ms());
+        let away = crate::test_support::enrol_for_tests(&ctl.store, "away", &[], now_ms());
 
         let key = crate::releases::verify::load_signing_key(KEY).expect("key");
         let binary = b"\x7fELF agent 0.2.0".repeat(1000);
@@ -564,7 +564,7 @@ mod tests {
             other => panic!("expected UpdateAgent, got {other:?}"),
         }
         // A v5 agent gets the offer with the downgrade permission (none unless asked for).
-        let v5 = crate::overlay::networks::enrol_for_tests(&ctl.store, "v5", &[], now_ms());
+        let v5 = crate::test_support::enrol_for_tests(&ctl.store, "v5", &[], now_ms());
         let (_, mut v5_rx) = ctl.fake_connection(&v5, 5);
         ctl.offer_agent_update(&v5, "0.2.0").expect("offered");
         ctl.offer_agent_update_with(

@@ -2,7 +2,9 @@
 //! certificate check before registration, the sans-IO [`Session`] driven by the connection's frames,
 //! and the dispatch of each session action to the domain that handles it.
 
-use super::{bump, close_code, forget_connection, ConnHandle, PerAddressSlot, Revoke};
+use crate::connections::{
+    bump, close_code, forget_connection, ConnCtx, ConnHandle, PerAddressSlot, Revoke,
+};
 use crate::server::{now_ms, Controller};
 use crate::{drives, maintenance, overlay, registry, releases};
 use std::{sync::Arc, time::Duration};
@@ -287,25 +289,6 @@ pub(crate) async fn refuse_after_hello(
     }
 }
 
-/// What a connection's actions need besides the session.
-pub(crate) struct ConnCtx {
-    pub(crate) conn: quinn::Connection,
-    pub(crate) conn_id: u64,
-    /// SHA-256 of the node certificate's public key.
-    pub(crate) node_key: Option<[u8; 32]>,
-    /// The node certificate the connection presented (DER): its key signs key rotations.
-    pub(crate) cert_der: Option<Vec<u8>>,
-    /// A certificate of the node's key was revoked: ask the agent to rotate once its Hello is in.
-    pub(crate) must_rotate: bool,
-    /// The peer's address, for the operator.
-    pub(crate) remote: String,
-    /// Netmap deltas, punch requests, drive policies and drive commands for this agent, queued by
-    /// other connections and the API.
-    pub(crate) overlay_tx: crate::connections::queue::NodeTx,
-    /// The task relaying this agent's datagrams, once it joined the overlay.
-    pub(crate) relay: Option<tokio::task::JoinHandle<()>>,
-}
-
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn drive(
     controller: &Arc<Controller>,
@@ -443,7 +426,13 @@ pub(crate) async fn perform(
             registry::messages::rotate_key(controller, ctx, session, req).await
         }
         Action::Connected { hello } => {
-            registry::messages::connected(controller, ctx, session, hello).await
+            let out = registry::messages::connected(controller, ctx, session, hello).await;
+            if let Some(node) = session.node().cloned() {
+                let protocol = session.version();
+                maintenance::messages::connected(controller, &node, protocol).await;
+                drives::messages::connected(controller, &node, ctx.conn_id, protocol).await;
+            }
+            out
         }
         Action::Inventory(inv) => registry::messages::inventory(controller, session, inv).await,
         Action::Health(h) => registry::messages::health(controller, session, h).await,
