@@ -26,10 +26,12 @@ use crate::{
     drives::hub::DriveHub,
     overlay::hub::{self, OverlayHub},
     registry::ca::Ca,
-    store::{EventKind, NodeStatus, Store},
+    store::EventKind,
+    store::Store,
 };
 use shoal_controller_core::drives::fleet::FleetDrivesConfig;
 use shoal_controller_core::liveness::{Liveness, Transition};
+use shoal_controller_core::registry::NodeStatus;
 
 /// How the controller runs. Every field has a documented default.
 #[derive(Debug, Clone)]
@@ -639,7 +641,7 @@ async fn sweep(controller: Arc<Controller>) {
             })
             .await
             {
-                Ok(Ok(p)) if p != crate::store::Pruned::default() => {
+                Ok(Ok(p)) if p != crate::registry::identity_store::Pruned::default() => {
                     debug!(pruned = ?p, "pruned lapsed tokens and identity records")
                 }
                 Ok(Ok(_)) => {}

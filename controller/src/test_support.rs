@@ -14,7 +14,8 @@ pub(crate) fn enrol_for_tests(
     labels: &[(&str, &str)],
     now: UnixMillis,
 ) -> NodeId {
-    use crate::store::{EnrolParams, TokenRecord};
+    use crate::registry::store::EnrolParams;
+    use shoal_controller_core::registry::TokenRecord;
     use shoal_proto::{HardwareId, HardwareIdSource};
     let id = format!("tok-{machine}");
     store

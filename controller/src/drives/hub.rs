@@ -38,10 +38,8 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::{
-    server::Controller,
-    store::{
-        decode, encode, Batch, EventKind, NodeRecord, RawTable, Scan, Store, StoreError, EVENTS,
-    },
+    server::Controller, store::decode, store::encode, store::Batch, store::EventKind,
+    store::RawTable, store::Scan, store::Store, store::StoreError, store::EVENTS,
 };
 use shoal_api::drives::DriveCommandView;
 use shoal_api::drives::DriveView;
@@ -51,6 +49,7 @@ use shoal_controller_core::drives::fleet::{
     PrepareRequest, StoredReport, StoredSample,
 };
 use shoal_controller_core::drives::policy::{resolve, PolicyRecord, PolicySource, PolicyTarget};
+use shoal_controller_core::registry::NodeRecord;
 
 const DRIVE_REPORTS: &str = "drive_reports";
 const DRIVE_SAMPLES: &str = "drive_samples";

@@ -52,7 +52,11 @@ use crate::{
     releases::updates::{UpdateError, UPDATE_PROTOCOL},
     server::now_ms,
     server::Controller,
-    store::{decode, encode, EventKind, RawTable, StoreError},
+    store::decode,
+    store::encode,
+    store::EventKind,
+    store::RawTable,
+    store::StoreError,
 };
 use shoal_controller_core::rollout::{Event, NodePhase, ReportedHealth, Target};
 

@@ -47,10 +47,10 @@ use shoal_proto::{MaintenanceAction, NodeId, UnixMillis};
 use tracing::{info, warn};
 
 use crate::{
-    server::now_ms,
-    server::Controller,
-    store::{decode, encode, EventKind, NodeRecord, RawTable, Store, StoreError, EVENTS},
+    server::now_ms, server::Controller, store::decode, store::encode, store::EventKind,
+    store::RawTable, store::Store, store::StoreError, store::EVENTS,
 };
+use shoal_controller_core::registry::NodeRecord;
 use shoal_controller_core::rollout::{
     Action, Budget, Command, Event, Failure, Fleet, NodePhase, Observed, ReportedHealth, Rollout,
     RolloutError, RolloutSpec, RolloutState, Target,

@@ -49,11 +49,9 @@ use super::{
     dhcp::Mac,
     slots::{SharedSlots, SlotLimits},
 };
-use crate::{
-    server::now_ms,
-    server::Controller,
-    store::{StoreError, TokenBinding, TokenRecord},
-};
+use crate::{server::now_ms, server::Controller, store::StoreError};
+use shoal_controller_core::registry::TokenBinding;
+use shoal_controller_core::registry::TokenRecord;
 
 /// Label set on nodes enrolled by a boot token: the image version they booted.
 pub const IMAGE_LABEL: &str = "netboot.image";

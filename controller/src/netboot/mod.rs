@@ -42,11 +42,7 @@ use self::{
     machines::{AdmissionPolicy, MachineStore, OuiTable},
     slots::{SharedSlots, SlotLimits},
 };
-use crate::{
-    server::now_ms,
-    server::Controller,
-    store::{Store, StoreError},
-};
+use crate::{server::now_ms, server::Controller, store::Store, store::StoreError};
 
 /// Netboot settings. Every field has a documented default ([`NetbootConfig::default`]).
 #[derive(Debug, Clone)]

@@ -43,12 +43,11 @@ use shoal_controller_core::networks::{
 use shoal_controller_core::selector::{selector_text, valid_name, BadSelector};
 
 use crate::{
-    server::Controller,
-    store::{
-        decode, encode, EventKind, NodeRecord, Scan, Store, StoreError, TxError, EVENTS, NETWORKS,
-        NET_MEMBERS, NODES, NODE_KEYS, OVERLAY_COUNTERS, PEER_INDEXES,
-    },
+    registry::store::NODES, server::Controller, store::decode, store::encode, store::EventKind,
+    store::Scan, store::Store, store::StoreError, store::TxError, store::EVENTS, store::NETWORKS,
+    store::NET_MEMBERS, store::NODE_KEYS, store::OVERLAY_COUNTERS, store::PEER_INDEXES,
 };
+use shoal_controller_core::registry::NodeRecord;
 
 const NEXT_NETWORK_ID: &str = "next_network_id";
 const NEXT_PEER_INDEX: &str = "next_peer_index";
@@ -1023,10 +1022,11 @@ mod tests {
     use shoal_proto::{HardwareId, HardwareIdSource};
 
     use super::*;
-    use crate::store::{EnrolParams, TokenRecord};
+    use crate::registry::store::EnrolParams;
     use crate::test_support::enrol_for_tests;
     use sha2::{Digest, Sha256};
     use shoal_controller_core::networks::{mac_for, DEFAULT_OVERLAY_SUBNET};
+    use shoal_controller_core::registry::TokenRecord;
     use std::net::Ipv4Addr;
 
     const T0: UnixMillis = UnixMillis(1_700_000_000_000);

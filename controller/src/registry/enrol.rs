@@ -9,7 +9,10 @@ use shoal_overlay::pki;
 use shoal_proto::{Enrolled, HealthReport, JoinToken, NodeId, RejectCode, UnixMillis};
 use tracing::{info, warn};
 
-use crate::store::{CertRecord, EnrolError, EnrolParams};
+use crate::registry::{
+    identity_store::CertRecord,
+    store::{EnrolError, EnrolParams},
+};
 
 pub(crate) fn heartbeat(controller: &Arc<Controller>, node: &NodeId, health: Option<HealthReport>) {
     let transition = {
@@ -148,7 +151,7 @@ pub(crate) fn enrol(
         })
         .map_err(|e| match e {
             EnrolError::Refused(r) => {
-                use crate::store::EnrolRefusal as R;
+                use shoal_controller_core::registry::EnrolRefusal as R;
                 let code = match r {
                     R::TokenUnknown | R::TokenForAnotherMachine { .. } => RejectCode::TokenUnknown,
                     R::TokenExpired { .. } => RejectCode::TokenExpired,

@@ -20,12 +20,8 @@ use shoal_proto::{ControllerMsg, NodeId, UnixMillis};
 use tracing::{info, warn};
 
 use crate::{
-    connections::Revoke,
-    http::blocking,
-    http::HttpError,
-    server::now_ms,
-    server::Controller,
-    store::{normal_serial, short_key, StoreError},
+    connections::Revoke, http::blocking, http::HttpError, registry::identity_store::normal_serial,
+    registry::identity_store::short_key, server::now_ms, server::Controller, store::StoreError,
 };
 use shoal_api::identity::CertView;
 use shoal_api::identity::PendingView;

@@ -4,5 +4,7 @@
 pub mod ca;
 pub mod enrol;
 pub mod identity;
+pub mod identity_store;
 pub mod messages;
 pub mod routes;
+pub mod store;

@@ -13,11 +13,7 @@ use shoal_overlay::pki;
 use shoal_proto::{JoinToken, NodeId, UnixMillis};
 use tracing::info;
 
-use crate::{
-    server::now_ms,
-    server::Controller,
-    store::{NodeRecord, NodeStatus, StoreError, TokenRecord},
-};
+use crate::{server::now_ms, server::Controller, store::StoreError};
 use shoal_api::events::EventView;
 use shoal_api::nodes::NodeView;
 use shoal_api::nodes::OverlayAddressView;
@@ -25,6 +21,9 @@ use shoal_api::tokens::CreateToken;
 use shoal_api::tokens::CreatedToken;
 use shoal_api::tokens::TokenView;
 use shoal_controller_core::networks::NetworkRecord;
+use shoal_controller_core::registry::NodeRecord;
+use shoal_controller_core::registry::NodeStatus;
+use shoal_controller_core::registry::TokenRecord;
 use shoal_controller_core::time::rfc3339_ms as rfc3339;
 
 use crate::http::{blocking, not_found, Ctl, HttpError};
@@ -148,7 +147,7 @@ pub(crate) fn node_view(ctl: &Controller, rec: NodeRecord) -> NodeView {
             .identity(&rec.id)
             .ok()
             .flatten()
-            .map(|i| crate::store::short_key(&i.key)),
+            .map(|i| crate::registry::identity_store::short_key(&i.key)),
         id: rec.id.0,
     }
 }

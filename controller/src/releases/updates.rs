@@ -27,7 +27,8 @@ use crate::{
     releases::store::{read_chunk, ReleaseStoreError},
     server::now_ms,
     server::Controller,
-    store::{EventKind, StoreError},
+    store::EventKind,
+    store::StoreError,
 };
 
 /// The first protocol version with agent updates.

@@ -163,7 +163,7 @@ pub(crate) async fn handle_connection(
                 conn_id: cid,
                 revoke: revoke_tx,
                 tx: overlay_tx.clone(),
-                serial: crate::store::normal_serial(&info.serial),
+                serial: crate::registry::identity_store::normal_serial(&info.serial),
                 leaving: false,
                 protocol: None,
                 drive_policy: None,

@@ -16,15 +16,18 @@ use crate::store::RegistryEvent;
 use serde::{Deserialize, Serialize};
 use shoal_proto::{NodeId, UnixMillis};
 
-use super::{
-    abort, decode, encode, Batch, EventKind, Scan, Store, StoreError, Table, TokenRecord,
-    TokenState, CERTS, EVENTS, IDENTITIES, NODES, PENDING_ENROLMENTS, REENROL_GRANTS,
-    REVOKED_CERTS, TOKENS, TOKEN_BINDINGS, TOKEN_USES,
+use super::store::{
+    CERTS, IDENTITIES, NODES, PENDING_ENROLMENTS, REENROL_GRANTS, REVOKED_CERTS, TOKENS,
+    TOKEN_BINDINGS, TOKEN_USES,
+};
+use crate::store::{
+    abort, decode, encode, Batch, EventKind, Scan, Store, StoreError, Table, EVENTS,
 };
 use shoal_controller_core::enrolment::{
     check_certificate, CertVerdict, IdentityRecord, KeyHash, PendingEnrolment, PendingState,
     Presented, ReenrolGrant, TokenUse, PENDING_TTL_MS,
 };
+use shoal_controller_core::registry::{TokenRecord, TokenState};
 
 /// `identities`, typed.
 const IDENTITY_RECORDS: Table<IdentityRecord> = Table::new(IDENTITIES);
@@ -367,7 +370,7 @@ impl Store {
         let bytes = encode("grant", &grant)?;
         let message = format!(
             "one re-enrolment armed until {}: the next machine that claims this node with a valid token gets it (unless the node is connected)",
-            super::rfc3339(expires_at)
+            crate::store::rfc3339(expires_at)
         );
         let seq = self.transaction(&[REENROL_GRANTS, EVENTS], |tx| {
             let (grants, events) = (tx.table(REENROL_GRANTS), tx.table(EVENTS));
