@@ -347,14 +347,14 @@ impl Store {
     }
 
     fn counter(&self, name: &str) -> Result<u32, StoreError> {
-        match self.raw_get(OVERLAY_COUNTERS, name)? {
+        match self.table(OVERLAY_COUNTERS).get(name)? {
             Some(bytes) => decode(OVERLAY_COUNTERS, name.as_bytes(), &bytes),
             None => Ok(1),
         }
     }
 
     fn stored_peer_index(&self, node: &NodeId) -> Result<Option<PeerIndex>, StoreError> {
-        match self.raw_get(PEER_INDEXES, node.0.as_bytes())? {
+        match self.table(PEER_INDEXES).get(node.0.as_bytes())? {
             Some(bytes) => Ok(Some(decode(PEER_INDEXES, node.0.as_bytes(), &bytes)?)),
             None => Ok(None),
         }
@@ -461,7 +461,7 @@ impl Store {
     /// All networks, by id.
     pub fn networks(&self) -> Result<Vec<NetworkRecord>, StoreError> {
         let mut out = Vec::new();
-        for item in self.raw_scan(NETWORKS, Scan::all())? {
+        for item in self.table(NETWORKS).scan(Scan::all()) {
             let (key, value) = item?;
             out.push(decode::<NetworkRecord>(NETWORKS, &key, &value)?);
         }
@@ -476,7 +476,10 @@ impl Store {
     /// A network's members, by node id.
     pub fn members(&self, network: NetworkId) -> Result<Vec<MemberRecord>, StoreError> {
         let mut out = Vec::new();
-        for item in self.raw_scan(NET_MEMBERS, Scan::prefix(network.0.to_be_bytes()))? {
+        for item in self
+            .table(NET_MEMBERS)
+            .scan(Scan::prefix(network.0.to_be_bytes()))
+        {
             let (key, value) = item?;
             out.push(decode::<MemberRecord>(NET_MEMBERS, &key, &value)?);
         }
@@ -486,7 +489,7 @@ impl Store {
     /// Every membership, grouped by node (networks in id order).
     pub fn memberships_by_node(&self) -> Result<BTreeMap<NodeId, Vec<MemberRecord>>, StoreError> {
         let mut out: BTreeMap<NodeId, Vec<MemberRecord>> = BTreeMap::new();
-        for item in self.raw_scan(NET_MEMBERS, Scan::all())? {
+        for item in self.table(NET_MEMBERS).scan(Scan::all()) {
             let (key, value) = item?;
             let m: MemberRecord = decode(NET_MEMBERS, &key, &value)?;
             out.entry(m.node.clone()).or_default().push(m);
@@ -569,7 +572,7 @@ impl Store {
         }
         // Peer indexes and key hashes of such nodes go too.
         for table in [PEER_INDEXES, NODE_KEYS] {
-            for item in self.raw_scan(table, Scan::all())? {
+            for item in self.table(table).scan(Scan::all()) {
                 let (key, _) = item?;
                 let node = NodeId(String::from_utf8_lossy(&key).into_owned());
                 if !known.contains(&node) {
@@ -948,14 +951,15 @@ impl Store {
             return Ok(false);
         }
         self.check_space()?;
-        self.raw_put(NODE_KEYS, node.0.as_bytes(), &key_sha256[..])?;
+        self.table(NODE_KEYS)
+            .insert(node.0.as_bytes(), &key_sha256[..])?;
         self.flush()?;
         Ok(true)
     }
 
     /// The SHA-256 of a node's public key, if recorded.
     pub fn node_key(&self, node: &NodeId) -> Result<Option<[u8; 32]>, StoreError> {
-        match self.raw_get(NODE_KEYS, node.0.as_bytes())? {
+        match self.table(NODE_KEYS).get(node.0.as_bytes())? {
             Some(bytes) => {
                 <[u8; 32]>::try_from(bytes.as_ref())
                     .map(Some)
@@ -972,13 +976,14 @@ impl Store {
     pub fn next_netmap_epoch(&self) -> Result<u32, StoreError> {
         let _guard = self.overlay_guard();
         self.check_space()?;
-        let epoch = match self.raw_get(OVERLAY_COUNTERS, NETMAP_EPOCH)? {
+        let epoch = match self.table(OVERLAY_COUNTERS).get(NETMAP_EPOCH)? {
             Some(bytes) => {
                 decode::<u32>(OVERLAY_COUNTERS, NETMAP_EPOCH.as_bytes(), &bytes)?.saturating_add(1)
             }
             None => 1,
         };
-        self.raw_put(OVERLAY_COUNTERS, NETMAP_EPOCH, encode("counter", &epoch)?)?;
+        self.table(OVERLAY_COUNTERS)
+            .insert(NETMAP_EPOCH, encode("counter", &epoch)?)?;
         self.flush()?;
         Ok(epoch)
     }
@@ -991,7 +996,7 @@ impl Store {
             let members = self.members(network.id)?;
             snapshot.networks.push(NetworkSnapshot { network, members });
         }
-        for item in self.raw_scan(PEER_INDEXES, Scan::all())? {
+        for item in self.table(PEER_INDEXES).scan(Scan::all()) {
             let (key, value) = item?;
             let index: PeerIndex = decode(PEER_INDEXES, &key, &value)?;
             let node = NodeId(String::from_utf8_lossy(&key).into_owned());

@@ -95,7 +95,8 @@ impl Store {
 
     /// Whether a serial was revoked.
     pub fn cert_revoked(&self, serial: &str) -> Result<bool, StoreError> {
-        self.raw_contains(REVOKED_CERTS, normal_serial(serial).as_bytes())
+        self.table(REVOKED_CERTS)
+            .contains_key(normal_serial(serial).as_bytes())
     }
 
     /// Checks a connection's certificate ([`check_certificate`]) and writes what the verdict
@@ -111,10 +112,10 @@ impl Store {
         remote: &str,
     ) -> Result<CertVerdict, StoreError> {
         let _guard = self.lock_nodes();
-        let exists = self.raw_contains(NODES, node.0.as_bytes())?;
+        let exists = self.table(NODES).contains_key(node.0.as_bytes())?;
         let identity = self.identity(node)?;
         let serial = normal_serial(serial);
-        let serial_revoked = self.raw_contains(REVOKED_CERTS, serial.as_bytes())?;
+        let serial_revoked = self.table(REVOKED_CERTS).contains_key(serial.as_bytes())?;
         let verdict = check_certificate(
             exists,
             identity.as_ref(),
@@ -131,7 +132,8 @@ impl Store {
             } => {
                 if *changed {
                     self.check_space()?;
-                    self.raw_put(IDENTITIES, node.0.as_bytes(), encode("identity", bound)?)?;
+                    self.table(IDENTITIES)
+                        .insert(node.0.as_bytes(), encode("identity", bound)?)?;
                     match identity {
                         Some(old) if old.key != bound.key => {
                             let message =
@@ -147,7 +149,7 @@ impl Store {
                     }
                 }
                 // Certificates issued before serials were recorded are learnt on first sight.
-                if !self.raw_contains(CERTS, serial.as_bytes())? {
+                if !self.table(CERTS).contains_key(serial.as_bytes())? {
                     self.check_space()?;
                     let rec = CertRecord {
                         node: node.clone(),
@@ -155,7 +157,8 @@ impl Store {
                         issued_at: now,
                         not_after,
                     };
-                    self.raw_put(CERTS, serial.as_bytes(), encode("cert", &rec)?)?;
+                    self.table(CERTS)
+                        .insert(serial.as_bytes(), encode("cert", &rec)?)?;
                 }
             }
             CertVerdict::WrongKey | CertVerdict::Revoked => {
@@ -180,11 +183,8 @@ impl Store {
     /// Records a certificate the CA just issued; on disk when this returns, before it is sent.
     pub fn record_cert(&self, serial: &str, rec: &CertRecord) -> Result<(), StoreError> {
         self.check_space()?;
-        self.raw_put(
-            CERTS,
-            normal_serial(serial).as_bytes(),
-            encode("cert", rec)?,
-        )?;
+        self.table(CERTS)
+            .insert(normal_serial(serial).as_bytes(), encode("cert", rec)?)?;
         self.flush()
     }
 
@@ -194,13 +194,13 @@ impl Store {
         node: &NodeId,
     ) -> Result<Vec<(String, CertRecord, Option<RevokedCert>)>, StoreError> {
         let mut out = Vec::new();
-        for item in self.raw_scan(CERTS, Scan::all())? {
+        for item in self.table(CERTS).scan(Scan::all()) {
             let (k, v) = item?;
             let rec: CertRecord = decode(CERTS, &k, &v)?;
             if rec.node != *node {
                 continue;
             }
-            let revoked = match self.raw_get(REVOKED_CERTS, &k)? {
+            let revoked = match self.table(REVOKED_CERTS).get(&k)? {
                 Some(b) => Some(decode::<RevokedCert>(REVOKED_CERTS, &k, &b)?),
                 None => None,
             };
@@ -223,7 +223,7 @@ impl Store {
         self.check_space()?;
         let serial = normal_serial(serial);
         let _guard = self.lock_nodes();
-        let Some(bytes) = self.raw_get(CERTS, serial.as_bytes())? else {
+        let Some(bytes) = self.table(CERTS).get(serial.as_bytes())? else {
             return Ok(None);
         };
         let rec: CertRecord = decode(CERTS, serial.as_bytes(), &bytes)?;
@@ -290,11 +290,8 @@ impl Store {
         };
         self.check_space()?;
         identity.must_rotate = true;
-        self.raw_put(
-            IDENTITIES,
-            node.0.as_bytes(),
-            encode("identity", &identity)?,
-        )?;
+        self.table(IDENTITIES)
+            .insert(node.0.as_bytes(), encode("identity", &identity)?)?;
         self.flush()?;
         self.append_event(
             EventKind::Registry(RegistryEvent::KeyRotated),
@@ -325,11 +322,8 @@ impl Store {
         let forced = identity.must_rotate;
         identity.next_key = Some(*new_key);
         identity.must_rotate = false;
-        self.raw_put(
-            IDENTITIES,
-            node.0.as_bytes(),
-            encode("identity", &identity)?,
-        )?;
+        self.table(IDENTITIES)
+            .insert(node.0.as_bytes(), encode("identity", &identity)?)?;
         self.flush()?;
         let message = format!(
             "rotating from key {} to {}{}",
@@ -360,7 +354,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         self.check_space()?;
         let _guard = self.lock_nodes();
-        if !self.raw_contains(NODES, node.0.as_bytes())? {
+        if !self.table(NODES).contains_key(node.0.as_bytes())? {
             return Ok(false);
         }
         let grant = ReenrolGrant {
@@ -410,7 +404,7 @@ impl Store {
     ) -> Result<Option<PendingEnrolment>, StoreError> {
         self.check_space()?;
         let _guard = self.lock_nodes();
-        let Some(b) = self.raw_get(PENDING_ENROLMENTS, id.as_bytes())? else {
+        let Some(b) = self.table(PENDING_ENROLMENTS).get(id.as_bytes())? else {
             return Ok(None);
         };
         let mut request: PendingEnrolment = decode(PENDING_ENROLMENTS, id.as_bytes(), &b)?;
@@ -463,7 +457,7 @@ impl Store {
         let _guard = self.lock_nodes();
         let mut last_use: std::collections::HashMap<String, UnixMillis> =
             std::collections::HashMap::new();
-        for item in self.raw_scan(TOKEN_USES, Scan::all())? {
+        for item in self.table(TOKEN_USES).scan(Scan::all()) {
             let (k, v) = item?;
             let Some(end) = k.iter().position(|b| *b == 0) else {
                 continue;
@@ -476,10 +470,10 @@ impl Store {
         let mut batch_tokens = Vec::new();
         let mut batch_bindings = Vec::new();
         let mut batch_uses = Vec::new();
-        for item in self.raw_scan(TOKENS, Scan::all())? {
+        for item in self.table(TOKENS).scan(Scan::all()) {
             let (k, v) = item?;
             let rec: TokenRecord = decode(TOKENS, &k, &v)?;
-            let bound = self.raw_contains(TOKEN_BINDINGS, &k)?;
+            let bound = self.table(TOKEN_BINDINGS).contains_key(&k)?;
             let retention = if bound {
                 BOUND_TOKEN_RETENTION_MS
             } else {
@@ -498,16 +492,16 @@ impl Store {
                 batch_bindings.push(k.clone());
                 let mut prefix = k.to_vec();
                 prefix.push(0);
-                for u in self.raw_scan(TOKEN_USES, Scan::prefix(&prefix))? {
+                for u in self.table(TOKEN_USES).scan(Scan::prefix(&prefix)) {
                     batch_uses.push(u?.0);
                 }
                 pruned.tokens += 1;
             }
         }
         // Uses and bindings whose token is gone already (a crash between batches) go too.
-        for item in self.raw_scan(TOKEN_BINDINGS, Scan::all())? {
+        for item in self.table(TOKEN_BINDINGS).scan(Scan::all()) {
             let (k, _) = item?;
-            if !self.raw_contains(TOKENS, &k)? {
+            if !self.table(TOKENS).contains_key(&k)? {
                 batch_bindings.push(k);
             }
         }
@@ -520,32 +514,32 @@ impl Store {
         backend.write_batch(TOKENS, &Batch::deleting(batch_tokens))?;
         for p in self.pending_enrolments()? {
             if now.0 >= p.last_seen.0.saturating_add(PENDING_TTL_MS) {
-                self.raw_delete(PENDING_ENROLMENTS, p.id.as_bytes())?;
+                self.table(PENDING_ENROLMENTS).remove(p.id.as_bytes())?;
                 pruned.pending += 1;
             }
         }
-        for item in self.raw_scan(REENROL_GRANTS, Scan::all())? {
+        for item in self.table(REENROL_GRANTS).scan(Scan::all()) {
             let (k, v) = item?;
             let g: ReenrolGrant = decode(REENROL_GRANTS, &k, &v)?;
             if now >= g.expires_at {
-                self.raw_delete(REENROL_GRANTS, k)?;
+                self.table(REENROL_GRANTS).remove(k)?;
                 pruned.grants += 1;
             }
         }
-        for item in self.raw_scan(CERTS, Scan::all())? {
+        for item in self.table(CERTS).scan(Scan::all()) {
             let (k, v) = item?;
             let c: CertRecord = decode(CERTS, &k, &v)?;
             if now >= c.not_after {
-                self.raw_delete(CERTS, &k)?;
-                self.raw_delete(REVOKED_CERTS, &k)?;
+                self.table(CERTS).remove(&k)?;
+                self.table(REVOKED_CERTS).remove(&k)?;
                 pruned.certs += 1;
             }
         }
-        for item in self.raw_scan(REVOKED_CERTS, Scan::all())? {
+        for item in self.table(REVOKED_CERTS).scan(Scan::all()) {
             let (k, v) = item?;
             let r: RevokedCert = decode(REVOKED_CERTS, &k, &v)?;
             if now >= r.not_after {
-                self.raw_delete(REVOKED_CERTS, &k)?;
+                self.table(REVOKED_CERTS).remove(&k)?;
             }
         }
         if pruned != Pruned::default() {

@@ -139,8 +139,6 @@ impl Store {
     /// Stores a new token (replacing one with the same id) and logs a `TokenCreated` event, in one
     /// transaction; on disk when this returns.
     pub fn create_token(&self, rec: &TokenRecord) -> Result<(), StoreError> {
-        self.check_space()?;
-        let bytes = encode("token", rec)?;
         let mut message = format!("join token {} created", rec.id);
         if let Some(at) = rec.expires_at {
             message.push_str(&format!(", expires {}", rfc3339(at)));
@@ -148,22 +146,7 @@ impl Store {
         if let Some(max) = rec.max_uses {
             message.push_str(&format!(", at most {max} uses"));
         }
-        let event = self.transaction(&[TOKENS, EVENTS], |tx| {
-            let (tokens, events) = (tx.table(TOKENS), tx.table(EVENTS));
-            {
-                tokens.insert(rec.id.as_bytes(), bytes.as_slice())?;
-                let event = self.tx_event::<StoreError>(
-                    &events,
-                    EventKind::Registry(RegistryEvent::TokenCreated),
-                    None,
-                    &message,
-                    rec.created_at,
-                )?;
-                tokens.flush();
-                Ok(event)
-            }
-        })?;
-        self.after_event(event.seq)
+        self.store_token(rec, None, &message)
     }
 
     /// Stores a per-boot token with what it is bound to, and logs a `TokenCreated` event, in one
@@ -173,29 +156,39 @@ impl Store {
         rec: &TokenRecord,
         binding: &TokenBinding,
     ) -> Result<(), StoreError> {
-        self.check_space()?;
-        let bytes = encode("token", rec)?;
-        let bound = encode("token binding", binding)?;
         let message = match binding {
             TokenBinding::Mac(mac) => format!("boot token {} created for {mac}", rec.id),
             TokenBinding::Node(node) => format!("boot token {} created for node {node}", rec.id),
         };
+        self.store_token(rec, Some(binding), &message)
+    }
+
+    /// Writes a token, its binding if any, and its `TokenCreated` event in one flushed transaction.
+    fn store_token(
+        &self,
+        rec: &TokenRecord,
+        binding: Option<&TokenBinding>,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        self.check_space()?;
+        let bytes = encode("token", rec)?;
+        let bound = binding.map(|b| encode("token binding", b)).transpose()?;
         let event = self.transaction(&[TOKENS, TOKEN_BINDINGS, EVENTS], |tx| {
-            let (tokens, bindings, events) =
-                (tx.table(TOKENS), tx.table(TOKEN_BINDINGS), tx.table(EVENTS));
-            {
-                tokens.insert(rec.id.as_bytes(), bytes.as_slice())?;
-                bindings.insert(rec.id.as_bytes(), bound.as_slice())?;
-                let event = self.tx_event::<StoreError>(
-                    &events,
-                    EventKind::Registry(RegistryEvent::TokenCreated),
-                    None,
-                    &message,
-                    rec.created_at,
-                )?;
-                tokens.flush();
-                Ok(event)
+            let tokens = tx.table(TOKENS);
+            tokens.insert(rec.id.as_bytes(), bytes.as_slice())?;
+            if let Some(bound) = &bound {
+                tx.table(TOKEN_BINDINGS)
+                    .insert(rec.id.as_bytes(), bound.as_slice())?;
             }
+            let event = self.tx_event::<StoreError>(
+                &tx.table(EVENTS),
+                EventKind::Registry(RegistryEvent::TokenCreated),
+                None,
+                message,
+                rec.created_at,
+            )?;
+            tokens.flush();
+            Ok(event)
         })?;
         self.after_event(event.seq)
     }

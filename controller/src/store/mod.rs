@@ -39,7 +39,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -216,13 +216,7 @@ fn decode_seq(key: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(bytes))
 }
 
-/// RFC 3339 UTC text of a timestamp, to the second.
-pub(crate) fn rfc3339(t: UnixMillis) -> String {
-    match SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(t.0)) {
-        Some(st) => humantime::format_rfc3339_seconds(st).to_string(),
-        None => format!("{} ms after the Unix epoch", t.0),
-    }
-}
+pub(crate) use shoal_controller_core::time::rfc3339;
 
 /// Moves an event log kept by an earlier controller (kinds by enum position, table `events`) to
 /// [`EVENTS`] (kinds by name), in batches; a crash part-way is finished at the next open, since a
@@ -458,7 +452,7 @@ impl Store {
         let mut batch = Vec::new();
         let mut trimmed = 0u64;
         let mut trimmed_bytes = 0u64;
-        for item in self.raw_scan(EVENTS, Scan::before(cutoff.to_be_bytes()))? {
+        for item in self.table(EVENTS).scan(Scan::before(cutoff.to_be_bytes())) {
             let (key, value) = item?;
             batch.push(key);
             trimmed += 1;
@@ -484,7 +478,7 @@ impl Store {
         let low_water = limit / 8 * 7;
         let mut kept = 0u64;
         let mut cut = None;
-        for item in self.raw_scan(EVENTS, Scan::all().rev())? {
+        for item in self.table(EVENTS).scan(Scan::all().rev()) {
             let (key, value) = item?;
             if kept + value.len() as u64 > low_water {
                 cut = Some(key);
@@ -494,7 +488,7 @@ impl Store {
         }
         if let Some(cut) = cut {
             let mut batch = Vec::new();
-            for item in self.raw_scan(EVENTS, Scan::through(&cut))? {
+            for item in self.table(EVENTS).scan(Scan::through(&cut)) {
                 batch.push(item?.0);
             }
             let trimmed = batch.len();
@@ -515,52 +509,6 @@ impl Store {
     /// The database behind the tables.
     pub(crate) fn backend(&self) -> &dyn Backend {
         &*self.inner.backend
-    }
-
-    /// The bytes at `key` of `table`.
-    pub(crate) fn raw_get(
-        &self,
-        table: &'static str,
-        key: impl AsRef<[u8]>,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.backend.get(table, key.as_ref())
-    }
-
-    /// Writes `value` at `key` of `table`, outside any transaction.
-    pub(crate) fn raw_put(
-        &self,
-        table: &'static str,
-        key: impl AsRef<[u8]>,
-        value: impl AsRef<[u8]>,
-    ) -> Result<(), StoreError> {
-        self.inner.backend.put(table, key.as_ref(), value.as_ref())
-    }
-
-    /// Deletes `key` of `table`, outside any transaction.
-    pub(crate) fn raw_delete(
-        &self,
-        table: &'static str,
-        key: impl AsRef<[u8]>,
-    ) -> Result<(), StoreError> {
-        self.inner.backend.delete(table, key.as_ref())
-    }
-
-    /// Whether `key` of `table` holds a value.
-    pub(crate) fn raw_contains(
-        &self,
-        table: &'static str,
-        key: impl AsRef<[u8]>,
-    ) -> Result<bool, StoreError> {
-        Ok(self.inner.backend.get(table, key.as_ref())?.is_some())
-    }
-
-    /// The entries of `table` that `scan` selects, as bytes.
-    pub(crate) fn raw_scan<'a>(
-        &'a self,
-        table: &'static str,
-        scan: Scan,
-    ) -> Result<backend::Entries<'a>, StoreError> {
-        self.inner.backend.scan(table, scan)
     }
 
     /// The record at `key` of `table`.
@@ -607,13 +555,13 @@ impl Store {
 
     /// A metadata value (admin token hash, QUIC stateless-reset key).
     pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.raw_get(META, key)
+        self.table(META).get(key)
     }
 
     /// Stores a metadata value; it is on disk when this returns.
     pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.check_space()?;
-        self.raw_put(META, key, value)?;
+        self.table(META).insert(key, value)?;
         self.flush()
     }
 
@@ -891,11 +839,7 @@ mod tests {
         assert_eq!(store.prune(at(25 * 60 * minute)).unwrap().tokens, 2);
         assert_eq!(ids(&store), ["forever"], "a valid token is never pruned");
         assert!(
-            store
-                .raw_scan(TOKEN_USES, Scan::all())
-                .unwrap()
-                .next()
-                .is_none(),
+            store.table(TOKEN_USES).iter().next().is_none(),
             "uses go with their token"
         );
     }
