@@ -4,6 +4,7 @@
 //! Architecture Invariant: this crate does no I/O. It turns bytes into typed messages and back, and
 //! decides whether two protocol versions can talk; sockets, clocks and files live elsewhere.
 
+mod backup;
 mod drives;
 mod frame;
 mod image;
@@ -16,6 +17,7 @@ mod token;
 mod types;
 mod version;
 
+pub use backup::*;
 pub use drives::*;
 pub use frame::{
     decode_frame, encode_frame, FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN,
@@ -28,6 +30,6 @@ pub use release::*;
 pub use token::{JoinToken, TokenFormatError};
 pub use types::*;
 pub use version::{
-    negotiate, VersionError, VersionRange, DRIVES_PROTOCOL, KEY_ROTATION_PROTOCOL,
+    negotiate, VersionError, VersionRange, BACKUP_PROTOCOL, DRIVES_PROTOCOL, KEY_ROTATION_PROTOCOL,
     OVERLAY_PROTOCOL, PROTOCOL_HISTORY, PROTOCOL_VERSION, SUPPORTED, UPDATES_PROTOCOL,
 };

@@ -35,15 +35,17 @@
 //! | drives in a drive report | [`MAX_DRIVES`], each kernel name once |
 //! | signatures found on one drive | [`MAX_DRIVE_SIGNATURES`] |
 //! | health checks in an update or boot report | [`MAX_CHECKS`] |
+//! | backup results: targets, snapshots, paths, sampled files, error lines | [`MAX_JOB_TARGETS`], [`MAX_REPORTED_SNAPSHOTS`], [`MAX_BACKUP_PATHS`], [`MAX_SAMPLE_FILES`], [`MAX_BACKUP_ERRORS`] |
 //! | the whole message, per kind | [`max_encoded_len`] |
 //!
 //! Agent-supplied text may hold anything valid UTF-8 does, terminal control characters included:
 //! the controller stores it as sent, and `shoalctl` is the one that prints it safely.
 
 use crate::{
-    AgentMsg, BootReport, CheckResult, Drive, DriveReport, DriveState, HealthReport, Inventory,
-    MaintenanceResult, PathReport, PreparedDrive, SelfTestStatus, SmartOutcome, StepOutcome,
-    UpdateFailure, UpdateReport, MAX_FRAME_LEN,
+    AgentMsg, BackupResult, BootReport, CheckResult, Drive, DriveReport, DriveState, HealthReport,
+    Inventory, MaintenanceResult, PathReport, PreparedDrive, SelfTestStatus, SmartOutcome,
+    StepOutcome, UpdateFailure, UpdateReport, MAX_BACKUP_ERRORS, MAX_BACKUP_PATHS, MAX_FRAME_LEN,
+    MAX_JOB_TARGETS, MAX_REPORTED_SNAPSHOTS, MAX_SAMPLE_FILES,
 };
 
 /// Short names and identifiers: versions, interface, disk and partition names, models, serial
@@ -109,6 +111,8 @@ pub fn max_encoded_len(msg: &AgentMsg) -> usize {
         | AgentMsg::RebootRefused { .. }
         | AgentMsg::MaintenanceResult(_) => 16 * KIB,
         AgentMsg::UpdateReport(_) | AgentMsg::BootReport(_) => 64 * KIB,
+        AgentMsg::BackupProgress(_) => 4 * KIB,
+        AgentMsg::BackupResult(_) => 512 * KIB,
     }
 }
 
@@ -132,6 +136,8 @@ pub fn kind_name(msg: &AgentMsg) -> &'static str {
         AgentMsg::MaintenanceResult(_) => "maintenance_result",
         AgentMsg::BootReport(_) => "boot_report",
         AgentMsg::RotateKey(_) => "rotate_key",
+        AgentMsg::BackupProgress(_) => "backup_progress",
+        AgentMsg::BackupResult(_) => "backup_result",
     }
 }
 
@@ -252,7 +258,60 @@ pub fn check(msg: &AgentMsg) -> Checked {
         AgentMsg::RebootRefused { reason } => text(reason, MAX_TEXT_LEN, || f("reason")),
         AgentMsg::MaintenanceResult(r) => maintenance_result(r),
         AgentMsg::BootReport(r) => boot_report(r),
+        AgentMsg::BackupProgress(p) => {
+            text(&p.task, MAX_NAME_LEN, || f("task"))?;
+            text(&p.target, MAX_NAME_LEN, || f("target"))?;
+            text(&p.phase, MAX_NAME_LEN, || f("phase"))
+        }
+        AgentMsg::BackupResult(r) => backup_result(r),
     }
+}
+
+fn backup_result(r: &BackupResult) -> Checked {
+    let f = |name: &str| format!("backup_result.{name}");
+    text(&r.task, MAX_NAME_LEN, || f("task"))?;
+    text(&r.job, MAX_NAME_LEN, || f("job"))?;
+    text(&r.kind, MAX_NAME_LEN, || f("kind"))?;
+    opt_text(&r.error, MAX_TEXT_LEN, || f("error"))?;
+    items(r.targets.len(), MAX_JOB_TARGETS, || f("targets"))?;
+    let lines = |v: &[String], name: &str| -> Checked {
+        items(v.len(), MAX_BACKUP_ERRORS, || f(name))?;
+        v.iter().try_for_each(|l| text(l, MAX_TEXT_LEN, || f(name)))
+    };
+    for t in &r.targets {
+        text(&t.target, MAX_NAME_LEN, || f("targets.target"))?;
+        opt_text(&t.error, MAX_TEXT_LEN, || f("targets.error"))?;
+        opt_text(&t.restored, MAX_NAME_LEN, || f("targets.restored"))?;
+        items(t.snapshots.len(), MAX_REPORTED_SNAPSHOTS, || {
+            f("targets.snapshots")
+        })?;
+        for s in &t.snapshots {
+            text(&s.id, MAX_NAME_LEN, || f("targets.snapshots.id"))?;
+            items(s.paths.len(), MAX_BACKUP_PATHS, || {
+                f("targets.snapshots.paths")
+            })?;
+            s.paths
+                .iter()
+                .try_for_each(|p| text(p, MAX_PATH_LEN, || f("targets.snapshots.paths")))?;
+        }
+        if let Some(b) = &t.backup {
+            text(&b.snapshot, MAX_NAME_LEN, || f("targets.backup.snapshot"))?;
+            lines(&b.warnings, "targets.backup.warnings")?;
+            lines(&b.forgotten, "targets.backup.forgotten")?;
+            items(b.samples.len(), MAX_SAMPLE_FILES, || {
+                f("targets.backup.samples")
+            })?;
+            b.samples.iter().try_for_each(|s| {
+                text(&s.path, MAX_PATH_LEN, || f("targets.backup.samples.path"))
+            })?;
+        }
+        if let Some(v) = &t.verify {
+            text(&v.snapshot, MAX_NAME_LEN, || f("targets.verify.snapshot"))?;
+            lines(&v.mismatches, "targets.verify.mismatches")?;
+            lines(&v.check_errors, "targets.verify.check_errors")?;
+        }
+    }
+    Ok(())
 }
 
 fn inventory(inv: &Inventory) -> Checked {

@@ -16,10 +16,10 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 use crate::{
-    BootReport, DriveCommand, DriveCommandResult, DrivePolicy, DriveReport, HardwareId,
-    HealthReport, Inventory, MaintenanceResult, MaintenanceStep, Netmap, NetmapDelta, NodeId,
-    OverlayHello, PathReport, PeerIndex, Punch, SignedRelease, UnixMillis, UpdateReport,
-    VersionRange,
+    BackupProgress, BackupResult, BackupTask, BootReport, DriveCommand, DriveCommandResult,
+    DrivePolicy, DriveReport, HardwareId, HealthReport, Inventory, MaintenanceResult,
+    MaintenanceStep, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PeerIndex, Punch,
+    SignedRelease, UnixMillis, UpdateReport, VersionRange,
 };
 
 /// Agent to controller.
@@ -75,6 +75,11 @@ pub enum AgentMsg {
     /// (v5) Replace the node's key: a certificate for a new key, with proof of the old one.
     /// Answered by [`ControllerMsg::Renewed`] (a certificate for the new key) or a reject.
     RotateKey(RotateKeyRequest),
+    /// (v6) Where a running [`ControllerMsg::BackupTask`] is; at most every few seconds.
+    BackupProgress(BackupProgress),
+    /// (v6) How a [`ControllerMsg::BackupTask`] ended, per target. Sent again on every session
+    /// until [`ControllerMsg::BackupAck`] arrives.
+    BackupResult(BackupResult),
 }
 
 /// Controller to agent.
@@ -149,6 +154,13 @@ pub enum ControllerMsg {
     /// (v5) [`ControllerMsg::KexecImage`] with the image's signed manifest: the agent verifies it
     /// with its own image key and takes hashes and command line from it, never from the controller.
     SignedKexecImage(SignedKexecImage),
+    /// (v6) Run a backup, verification or restore; answered by [`AgentMsg::BackupResult`].
+    BackupTask(BackupTask),
+    /// (v6) The controller stored the result of this task: the agent may forget it.
+    BackupAck {
+        /// The task.
+        task: String,
+    },
 }
 
 /// (v5) An agent release offer.

@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// The first version with the overlay (netmaps, punches, path reports, relaying).
 pub const OVERLAY_PROTOCOL: u16 = 2;
@@ -21,6 +21,8 @@ pub const DRIVES_PROTOCOL: u16 = 3;
 pub const UPDATES_PROTOCOL: u16 = 4;
 /// The first version with key rotation and signed kexec images.
 pub const KEY_ROTATION_PROTOCOL: u16 = 5;
+/// The first version with backup tasks.
+pub const BACKUP_PROTOCOL: u16 = 6;
 
 /// Every version this build speaks.
 pub const SUPPORTED: VersionRange = VersionRange {
@@ -74,6 +76,15 @@ pub const PROTOCOL_HISTORY: &[(&str, u16, &str)] = &[
          without it); ControllerMsg::SignedKexecImage (the image's signed manifest, URLs, controller \
          address and boot token: the agent verifies the manifest with its own image key and builds \
          the command line itself)",
+    ),
+    (
+        "2026-12-07",
+        6,
+        "backups: ControllerMsg::BackupTask (id, job, kind backup | verify | restore, paths, excludes, \
+         retention, sample size, targets with their access and check subset) answered by \
+         AgentMsg::BackupResult (per target: error, backup stats with sampled file hashes, verify \
+         stats, snapshots) and preceded by AgentMsg::BackupProgress; ControllerMsg::BackupAck lets \
+         the agent forget a result it keeps until then",
     ),
 ];
 

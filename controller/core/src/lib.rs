@@ -7,6 +7,7 @@
 //! are values the controller's shell (`shoal-controller`) performs. This crate cannot do I/O: it does
 //! not depend on sled, tokio, quinn or axum, so the compiler, not a comment, keeps it pure.
 
+pub mod backups;
 pub mod coordinator;
 pub mod drives;
 pub mod enrolment;

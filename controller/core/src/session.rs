@@ -73,6 +73,10 @@ pub enum Action {
     /// (v5) Rotate the node's key: check the old key's signature, issue a certificate for the new
     /// one.
     RotateKey(shoal_proto::RotateKeyRequest),
+    /// (v6) Where a backup task is.
+    BackupProgress(shoal_proto::BackupProgress),
+    /// (v6) How a backup task ended: store it, then acknowledge it.
+    BackupResult(shoal_proto::BackupResult),
     /// Close the connection, after sending anything queued before it.
     Close(CloseKind, String),
 }
@@ -277,6 +281,13 @@ impl Session {
                         self.reject(RejectCode::Protocol, "key rotation needs protocol 5")
                     }
                     AgentMsg::RotateKey(r) => vec![Action::RotateKey(r)],
+                    AgentMsg::BackupProgress(_) | AgentMsg::BackupResult(_)
+                        if self.version < Some(6) =>
+                    {
+                        self.reject(RejectCode::Protocol, "backup messages need protocol 6")
+                    }
+                    AgentMsg::BackupProgress(p) => vec![Action::BackupProgress(p)],
+                    AgentMsg::BackupResult(r) => vec![Action::BackupResult(r)],
                     AgentMsg::Hello(_) => self.reject(RejectCode::Protocol, "Hello sent twice"),
                     AgentMsg::Enrol(_) => self.reject(
                         RejectCode::Protocol,
