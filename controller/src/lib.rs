@@ -17,6 +17,7 @@
 //! `shoal-proto` messages.
 
 pub mod api;
+pub mod backups;
 pub mod connections;
 pub mod drives;
 pub mod http;

@@ -72,6 +72,9 @@ pub struct ControllerConfig {
     pub drive_self_test_timeout: Duration,
     /// How often the rollout driver polls unfinished rollouts when nothing wakes it (default 5 s).
     pub rollout_tick: Duration,
+    /// How often the backup scheduler looks for owed backups and verifications when nothing wakes
+    /// it (default 5 s).
+    pub backup_tick: Duration,
     /// The rollout driver's clock (default: the wall clock). A test hook: see
     /// [`crate::maintenance::RolloutClock`].
     pub rollout_clock: crate::maintenance::RolloutClock,
@@ -126,6 +129,7 @@ impl ControllerConfig {
             drive_prepare_timeout: crate::drives::hub::DEFAULT_PREPARE_TIMEOUT,
             drive_self_test_timeout: crate::drives::hub::DEFAULT_SELF_TEST_TIMEOUT,
             rollout_tick: Duration::from_secs(5),
+            backup_tick: Duration::from_secs(5),
             rollout_clock: crate::maintenance::RolloutClock::default(),
             release_keys: Vec::new(),
             max_handshakes: 1024,
@@ -167,6 +171,9 @@ pub enum ServeError {
     /// The release store or a release key could not be opened.
     #[error("agent releases: {0}")]
     Releases(String),
+    /// The backup secrets key could not be opened.
+    #[error(transparent)]
+    BackupSecrets(#[from] crate::backups::secrets::SecretError),
 }
 
 /// Wall-clock now.
@@ -196,6 +203,8 @@ pub struct Controller {
     pub(crate) maint: crate::maintenance::Maintenance,
     /// Signed agent releases.
     pub(crate) releases: crate::releases::store::ReleaseStore,
+    /// Backup targets' secrets, task progress, the scheduler's wake-up.
+    pub(crate) backups: crate::backups::Backups,
     /// The latest agent update facts per node (see `agent_updates`).
     pub(crate) agent_updates: Mutex<HashMap<NodeId, crate::releases::updates::AgentUpdate>>,
     pub(crate) update_notices:
@@ -259,9 +268,11 @@ impl Controller {
             release_keys,
         )
         .map_err(|e| ServeError::Releases(e.to_string()))?;
+        let backups = crate::backups::Backups::open(&config.data_dir)?;
         let (transitions, transitions_rx) = mpsc::unbounded_channel();
         let controller = Arc::new(Controller {
             releases,
+            backups,
             agent_updates: Mutex::new(HashMap::new()),
             update_notices: tokio::sync::broadcast::channel(256).0,
             conn_stats: ConnStats::default(),
@@ -477,6 +488,10 @@ pub async fn run(
     let agent_notices = tokio::spawn(crate::maintenance::agent::forward_agent_updates(
         controller.clone(),
     ));
+    let backups = tokio::spawn(crate::backups::run_scheduler(
+        controller.clone(),
+        controller.config.backup_tick,
+    ));
     let recorder = controller
         .transitions_rx
         .lock()
@@ -529,6 +544,7 @@ pub async fn run(
     sweeper.abort();
     rollouts.abort();
     agent_notices.abort();
+    backups.abort();
     if let Some((probe_endpoint, task)) = probe {
         probe_endpoint.close(close_code::DONE.into(), b"controller shutting down");
         task.abort();

@@ -33,6 +33,23 @@ pub struct FleetReport {
     /// Drive health (absent in reports of controllers before drives).
     #[serde(default)]
     pub drives: DriveHealth,
+    /// Backup jobs that need attention on some node: a failed target, a failed or stale
+    /// verification (absent in reports of controllers before backups).
+    #[serde(default)]
+    pub backups: Vec<BackupAttention>,
+}
+
+/// One job on one node that needs attention.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupAttention {
+    /// The job.
+    pub job: String,
+    /// Node id.
+    pub node: String,
+    /// Hostname.
+    pub hostname: String,
+    /// Why, one line per target problem.
+    pub reasons: Vec<String>,
 }
 
 /// Drive health across the fleet.

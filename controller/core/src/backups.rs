@@ -30,6 +30,25 @@ use crate::{
     windows::{parse_schedule, parse_tz, WindowError},
 };
 
+crate::event_kinds! {
+    /// What backups log.
+    pub enum BackupEvent {
+        /// A target, a job or a controller backup setting was created or deleted.
+        BackupConfigChanged => "backup_config_changed",
+        /// A backup finished on a target (with its snapshot and bytes added).
+        BackupSucceeded => "backup_succeeded",
+        /// A backup or verification could not run on a target, or a task could not start.
+        BackupFailed => "backup_failed",
+        /// A restore verification passed.
+        BackupVerified => "backup_verified",
+        /// A restore verification found damage: sampled files that did not restore intact or a
+        /// failed repository check.
+        BackupVerifyFailed => "backup_verify_failed",
+        /// A restore ended (restored or not).
+        BackupRestored => "backup_restored",
+    }
+}
+
 /// How old the newest passed verification of a job may get before the report names it.
 pub const DEFAULT_VERIFY_MAX_AGE: Duration = Duration::from_secs(26 * 3600);
 /// Verifications over which every pack is read once.
@@ -327,6 +346,13 @@ impl Job {
         if state.in_flight.is_some() {
             return None;
         }
+        if state.pending_restore.is_some() {
+            return Some(Owed {
+                kind: OwedKind::Restore,
+                due: now,
+                requested: true,
+            });
+        }
         if let Some(kind) = state.requested.first() {
             return Some(Owed {
                 kind: *kind,
@@ -450,6 +476,8 @@ pub enum OwedKind {
     Backup,
     /// Verify.
     Verify,
+    /// Restore ([`NodeJobState::pending_restore`]).
+    Restore,
 }
 
 /// A task a node owes.
@@ -550,6 +578,8 @@ pub struct NodeJobState {
     pub verify_satisfied: Option<UnixMillis>,
     /// Runs an operator asked for, oldest first.
     pub requested: Vec<OwedKind>,
+    /// A restore an operator asked for, with its task id (known in advance so they can wait).
+    pub pending_restore: Option<(String, RestoreRequest)>,
     /// The task sent and not answered.
     pub in_flight: Option<InFlight>,
     /// Per target.
@@ -569,6 +599,8 @@ pub struct TaskSummary {
     pub finished_at: UnixMillis,
     /// Whether every target succeeded.
     pub ok: bool,
+    /// For a restore: per target, the snapshot restored or why not.
+    pub restored: Vec<(String, Result<String, String>)>,
 }
 
 /// What a result meant, for the event log.
@@ -641,6 +673,7 @@ impl NodeJobState {
                 if let Some(pos) = self.requested.iter().position(|k| match k {
                     OwedKind::Backup => flight.kind == "backup",
                     OwedKind::Verify => flight.kind == "verify",
+                    OwedKind::Restore => false,
                 }) {
                     self.requested.remove(pos);
                 }
@@ -714,14 +747,6 @@ impl NodeJobState {
                 }
             }
             if result.kind == "restore" {
-                findings.push(Finding::Restored {
-                    target: t.target.clone(),
-                    outcome: match (&t.restored, &t.error) {
-                        (_, Some(e)) => Err(e.clone()),
-                        (Some(s), None) => Ok(s.clone()),
-                        (None, None) => Err("nothing restored".into()),
-                    },
-                });
                 continue;
             }
             match &t.error {
@@ -739,12 +764,35 @@ impl NodeJobState {
                 None => state.last_error = None,
             }
         }
-        self.last_task = Some(TaskSummary {
+        let summary = TaskSummary {
             task: result.task.clone(),
             kind: result.kind.clone(),
             finished_at: result.finished_at,
             ok: result.error.is_none() && result.targets.iter().all(|t| t.error.is_none()),
-        });
+            restored: if result.kind == "restore" {
+                result
+                    .targets
+                    .iter()
+                    .map(|t| {
+                        let outcome = match (&t.restored, &t.error) {
+                            (_, Some(e)) => Err(e.clone()),
+                            (Some(s), None) => Ok(s.clone()),
+                            (None, None) => Err("nothing restored".into()),
+                        };
+                        (t.target.clone(), outcome)
+                    })
+                    .collect()
+            } else {
+                vec![]
+            },
+        };
+        for (target, outcome) in &summary.restored {
+            findings.push(Finding::Restored {
+                target: target.clone(),
+                outcome: outcome.clone(),
+            });
+        }
+        self.last_task = Some(summary);
         findings
     }
 }

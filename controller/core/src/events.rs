@@ -15,8 +15,8 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::{
-    drives::DriveEvent, networks::OverlayEvent, registry::RegistryEvent, releases::ReleaseEvent,
-    rollout::MaintenanceEvent,
+    backups::BackupEvent, drives::DriveEvent, networks::OverlayEvent, registry::RegistryEvent,
+    releases::ReleaseEvent, rollout::MaintenanceEvent,
 };
 
 /// Declares a domain's event enum: each variant with its doc and its stored name.
@@ -70,6 +70,8 @@ pub enum EventKind {
     Maintenance(MaintenanceEvent),
     /// Agent releases and updates.
     Releases(ReleaseEvent),
+    /// Backup targets, jobs, runs and verifications.
+    Backups(BackupEvent),
     /// The log itself.
     Log(LogEvent),
 }
@@ -83,6 +85,7 @@ impl EventKind {
             EventKind::Drives(e) => e.name(),
             EventKind::Maintenance(e) => e.name(),
             EventKind::Releases(e) => e.name(),
+            EventKind::Backups(e) => e.name(),
             EventKind::Log(e) => e.name(),
         }
     }
@@ -96,12 +99,14 @@ impl EventKind {
             .iter()
             .map(|e| EventKind::Maintenance(*e));
         let releases = ReleaseEvent::ALL.iter().map(|e| EventKind::Releases(*e));
+        let backups = BackupEvent::ALL.iter().map(|e| EventKind::Backups(*e));
         let log = LogEvent::ALL.iter().map(|e| EventKind::Log(*e));
         registry
             .chain(overlay)
             .chain(drives)
             .chain(maintenance)
             .chain(releases)
+            .chain(backups)
             .chain(log)
     }
 
@@ -224,6 +229,12 @@ impl From<MaintenanceEvent> for EventKind {
 impl From<ReleaseEvent> for EventKind {
     fn from(e: ReleaseEvent) -> Self {
         EventKind::Releases(e)
+    }
+}
+
+impl From<BackupEvent> for EventKind {
+    fn from(e: BackupEvent) -> Self {
+        EventKind::Backups(e)
     }
 }
 

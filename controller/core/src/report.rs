@@ -155,6 +155,7 @@ pub fn build(
         by_status,
         attention,
         drives: drive_health(drives, &hostnames),
+        backups: vec![],
     }
 }
 

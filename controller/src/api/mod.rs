@@ -97,6 +97,7 @@ pub fn router(controller: Ctl) -> Router {
         .merge(crate::netboot::routes::routes())
         .merge(crate::maintenance::routes::routes())
         .merge(crate::releases::routes::routes())
+        .merge(crate::backups::routes::routes())
         .merge(crate::registry::identity::routes())
         .layer(middleware::from_fn_with_state(
             controller.clone(),
@@ -141,12 +142,10 @@ async fn fleet_report(State(ctl): State<Ctl>) -> Result<Json<FleetReport>, HttpE
         let nodes = crate::registry::routes::all_nodes(&ctl)?;
         let drives = ctl.drives.views(None);
         let t = ReportThresholds::for_interval(ctl.config.heartbeat_interval);
-        Ok(Json(shoal_controller_core::report::build(
-            &nodes,
-            &drives,
-            now_ms().0,
-            &t,
-        )))
+        let records = ctl.store.nodes()?;
+        let mut report = shoal_controller_core::report::build(&nodes, &drives, now_ms().0, &t);
+        report.backups = crate::backups::routes::attention(&ctl, &records)?;
+        Ok(Json(report))
     })
     .await
 }

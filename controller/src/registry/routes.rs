@@ -226,6 +226,7 @@ pub(crate) async fn remove_node(
 ) -> Result<StatusCode, HttpError> {
     blocking(move || {
         if ctl.remove_node(&NodeId(id.clone()))? {
+            ctl.store.forget_backup_node(&NodeId(id.clone()))?;
             Ok(StatusCode::NO_CONTENT)
         } else {
             Err(not_found(&format!("node {id}")))

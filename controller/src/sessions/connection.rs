@@ -6,7 +6,7 @@ use crate::connections::{
     bump, close_code, forget_connection, ConnCtx, ConnHandle, PerAddressSlot, Revoke,
 };
 use crate::server::{now_ms, Controller};
-use crate::{drives, maintenance, overlay, registry, releases};
+use crate::{backups, drives, maintenance, overlay, registry, releases};
 use std::{sync::Arc, time::Duration};
 
 use shoal_overlay::{pki, send_msg, tls, FrameReader};
@@ -431,6 +431,7 @@ pub(crate) async fn perform(
                 let protocol = session.version();
                 maintenance::messages::connected(controller, &node, protocol).await;
                 drives::messages::connected(controller, &node, ctx.conn_id, protocol).await;
+                backups::messages::connected(controller, &node, protocol).await;
             }
             out
         }
@@ -458,5 +459,7 @@ pub(crate) async fn perform(
         Action::BootReport(report) => {
             maintenance::messages::boot_report(controller, ctx, session, report).await
         }
+        Action::BackupProgress(p) => backups::messages::progress(controller, session, p),
+        Action::BackupResult(r) => backups::messages::result(controller, session, r).await,
     }
 }
