@@ -3,6 +3,7 @@
 // First: its `say!` is used by every module after it.
 #[macro_use]
 mod printable;
+mod backup;
 mod identity;
 mod maint;
 mod netboot;
@@ -84,6 +85,9 @@ enum Command {
     /// Maintenance actions (reboot, SMART self-tests, allowed commands) rolled over the fleet.
     #[command(subcommand)]
     Maintenance(maint::MaintenanceCmd),
+    /// Backups: targets, jobs, runs, verification, snapshots, restores.
+    #[command(subcommand)]
+    Backup(backup::BackupCmd),
     /// Fleet events (enrolled, up, down, removed...).
     Events {
         /// Output format.
@@ -512,6 +516,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Network(cmd) => network(&client, cmd)?,
         Command::Drives(cmd) => drives(&client, cmd)?,
         Command::Window(cmd) => maint::window(&client, cmd)?,
+        Command::Backup(cmd) => backup::backup(&client, cmd)?,
         Command::Budget(cmd) => maint::budget(&client, cmd)?,
         Command::Upgrade(cmd) => maint::upgrade(&client, cmd)?,
         Command::Maintenance(cmd) => maint::maintenance(&client, cmd)?,
@@ -1172,6 +1177,26 @@ fn print_report(r: &FleetReport) {
         table(
             &["DRIVE", "NODE", "HOSTNAME", "DEVICE", "SERIAL", "WHY"],
             rows.into_iter(),
+        );
+    }
+    say!();
+    if r.backups.is_empty() {
+        say!("backups: no job needs attention");
+    } else {
+        say!(
+            "backups: {} job(s) on nodes need attention",
+            r.backups.len()
+        );
+        table(
+            &["JOB", "NODE", "HOSTNAME", "WHY"],
+            r.backups.iter().map(|b| {
+                vec![
+                    b.job.clone(),
+                    b.node.clone(),
+                    b.hostname.clone(),
+                    b.reasons.join("; "),
+                ]
+            }),
         );
     }
 }
