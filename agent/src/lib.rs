@@ -4,6 +4,7 @@
 //! through `shoal-proto` messages.
 
 pub mod backoff;
+pub mod backup;
 pub mod blank;
 pub mod blockdev;
 pub mod checks;

@@ -98,6 +98,12 @@ struct Cli {
     /// How long a maintenance hook or exec may run before it is killed.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30m")]
     maintenance_timeout: Duration,
+    /// The restic program backup tasks run (Debian package `restic`).
+    #[arg(long, value_name = "PATH", default_value = "restic")]
+    restic: PathBuf,
+    /// The longest one restic command of a backup task may run before it is killed.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+    backup_timeout: Duration,
     /// Where the boot id is read, to tell a reboot from an agent restart (tests point it at a file
     /// their stand-in --reboot-command changes).
     #[arg(
@@ -204,6 +210,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         max_attempts: cli.update_max_starts,
         ..Default::default()
     };
+    config.backup.restic = cli.restic;
+    config.backup.timeout = cli.backup_timeout;
     config.update.check_command = cli.health_check;
     config.reboot.command = cli.reboot_command;
     config.reboot.allowed = !cli.no_remote_reboot;

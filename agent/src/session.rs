@@ -82,6 +82,15 @@ pub enum Output {
     },
     /// (protocol 4) A maintenance step.
     MaintenanceStep(MaintenanceStep),
+    /// (protocol 6) Run a backup task (or answer it again if it ran).
+    BackupTask(shoal_proto::BackupTask),
+    /// (protocol 6) The controller stored this task's result.
+    BackupAck {
+        /// The task.
+        task: String,
+    },
+    /// (protocol 6) Send the backup results the controller has not acknowledged.
+    SendBackupResults,
     /// (protocol 4) An unsigned image named for the next reboot.
     KexecImage(KexecImage),
     /// (protocol 5) A signed image named for the next reboot.
@@ -245,6 +254,9 @@ impl AgentSession {
                         if self.speaks_updates() {
                             out.push(Output::SendUpdateReport);
                         }
+                        if self.speaks_backups() {
+                            out.push(Output::SendBackupResults);
+                        }
                         out
                     }
                 }
@@ -295,6 +307,12 @@ impl AgentSession {
             (State::Ready, ControllerMsg::SignedKexecImage(image)) if trust => {
                 vec![Output::SignedKexecImage(image)]
             }
+            (State::Ready, ControllerMsg::BackupTask(task)) if self.speaks_backups() => {
+                vec![Output::BackupTask(task)]
+            }
+            (State::Ready, ControllerMsg::BackupAck { task }) if self.speaks_backups() => {
+                vec![Output::BackupAck { task }]
+            }
             (State::Ready, ControllerMsg::RotateKey { reason }) if self.speaks_trust() => {
                 if self.rotating {
                     return vec![];
@@ -324,6 +342,13 @@ impl AgentSession {
     /// Whether the negotiated protocol carries drive messages (3 and later).
     pub fn speaks_drives(&self) -> bool {
         self.welcome.as_ref().is_some_and(|w| w.protocol >= 3)
+    }
+
+    /// Whether the negotiated protocol carries backup tasks (6 and later).
+    pub fn speaks_backups(&self) -> bool {
+        self.welcome
+            .as_ref()
+            .is_some_and(|w| w.protocol >= shoal_proto::BACKUP_PROTOCOL)
     }
 
     /// Whether the negotiated protocol carries update messages (4 and later).

@@ -52,11 +52,14 @@ pub struct AgentConfig {
     /// Maintenance actions: allowed programs, hooks, timeout (default: no program allowed, no
     /// hooks, 30 min).
     pub maintenance: MaintenanceConfig,
+    /// How backup tasks run restic (default: `restic` on `$PATH`, work files under the state dir).
+    pub backup: crate::backup::BackupConfig,
 }
 
 impl AgentConfig {
     /// Defaults for a controller address and state dir.
     pub fn new(controller: SocketAddr, state_dir: PathBuf) -> Self {
+        let backup = crate::backup::BackupConfig::new(&state_dir);
         Self {
             controller,
             token: None,
@@ -75,6 +78,7 @@ impl AgentConfig {
             update: UpdaterConfig::default(),
             reboot: RebootConfig::default(),
             maintenance: MaintenanceConfig::default(),
+            backup,
         }
     }
 }

@@ -10,7 +10,9 @@
 //! - `update`: the updater: offers, downloads, installs, reverts, reports.
 //! - `reboot`: named kexec images and reboot requests.
 //! - `maintenance`: maintenance steps.
+//! - `backup`: backup tasks and their kept results.
 
+mod backup;
 mod config;
 mod credentials;
 mod drives;

@@ -98,6 +98,7 @@ pub async fn run(
             allow_exec,
         ),
         update,
+        backups: super::backup::BackupState::new(config.backup.clone()),
         kexec: None,
     };
     // With a certificate and a cached netmap the overlay starts before the controller answers:

@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 use tracing::info;
 
 use super::{
-    credentials::key_der, drives::DrivesState, maintenance::MaintState, overlay::OverlayState,
-    reports::Reports, update::Updates, AgentConfig, AgentError,
+    backup::BackupState, credentials::key_der, drives::DrivesState, maintenance::MaintState,
+    overlay::OverlayState, reports::Reports, update::Updates, AgentConfig, AgentError,
 };
 use crate::{
     drives::DriveEvent,
@@ -84,6 +84,10 @@ pub(super) enum ShellEvent {
         /// How.
         outcome: StepOutcome,
     },
+    /// A backup task reports progress.
+    BackupProgress(shoal_proto::BackupProgress),
+    /// A backup task ended.
+    BackupDone(Box<shoal_proto::BackupResult>),
     /// A reboot request is prepared (a kexec image loaded, or not): acknowledge it, then reboot.
     RebootReady {
         /// How.
@@ -115,6 +119,8 @@ pub(super) struct Shell<'a> {
     pub(super) maint: MaintState,
     /// Self-updates.
     pub(super) update: Updates,
+    /// Backup tasks and their kept results.
+    pub(super) backups: BackupState,
     /// The image the controller named for kexec at the next reboot, as the agent judged it
     /// ([`crate::reboot::check_image`]); taken by that reboot.
     pub(super) kexec: Option<NamedImage>,
@@ -360,6 +366,15 @@ impl Shell<'_> {
                     None
                 }
                 Output::MaintenanceStep(step) => self.maintenance_step(step),
+                Output::BackupTask(task) => self.backup_task(task),
+                Output::BackupAck { task } => {
+                    self.backups.book.acknowledged(&task);
+                    None
+                }
+                Output::SendBackupResults => {
+                    self.send_backup_results(send).await?;
+                    None
+                }
                 Output::KexecImage(image) => {
                     self.unsigned_image(image);
                     None
@@ -393,6 +408,8 @@ impl Shell<'_> {
                 self.maintenance_done(step, outcome, ready)
             }
             ShellEvent::RebootReady { method, ack } => self.reboot_ready(method, ack, ready),
+            ShellEvent::BackupProgress(p) => self.backup_progress(p, ready),
+            ShellEvent::BackupDone(result) => self.backup_done(*result, ready),
         }
     }
 }
