@@ -8,6 +8,7 @@
 //! - [`wait`]: [`eventually`] / [`consistently`], deadline-bounded polling; the only way tests
 //!   wait. They live in [`shoal_testkit`] (with the skip rule, [`Tmpfs`] and the command runner)
 //!   and are re-exported here.
+//! - [`backup_servers`]: real backup targets (an S3 object store, an sftp server) for restic.
 //! - [`bins`]: finds `shoal-controller`, `shoal-agent` and `shoalctl` next to the test executable.
 //! - [`fleet`]: a controller plus agents on one LAN, and `shoalctl` with its JSON parsed.
 //! - [`events`]: filters over the event log as `shoalctl events -o json` prints it.
@@ -20,6 +21,7 @@
 //! That is [`shoal_testkit`]'s one rule ([`testkit::require!`]); a test that needs more (a tool, a
 //! tmpfs) checks it with the same macro.
 
+pub mod backup_servers;
 pub mod bins;
 pub mod events;
 pub mod fleet;

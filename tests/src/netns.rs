@@ -176,18 +176,7 @@ impl Netns {
     /// Runs `f` on a thread that has entered this namespace, so the sockets `f` opens live in it
     /// (and keep living in it when handed back to other threads).
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let path = Path::new("/run/netns").join(&self.name);
-        let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-        std::thread::scope(|s| {
-            s.spawn(move || -> Result<T> {
-                setns(&file, CloneFlags::CLONE_NEWNET).with_context(|| {
-                    format!("cannot enter network namespace {}", path.display())
-                })?;
-                Ok(f())
-            })
-            .join()
-            .map_err(|_| anyhow!("thread inside namespace panicked"))?
-        })
+        enter(&self.name, f)
     }
 
     /// `link show dev IFACE` as JSON.
@@ -213,6 +202,22 @@ impl Drop for Netns {
     fn drop(&mut self) {
         delete_namespace(&self.name);
     }
+}
+
+/// Runs `f` on a thread that has entered namespace `name` ([`Netns::enter`], for a namespace known
+/// by name only).
+pub fn enter<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let path = Path::new("/run/netns").join(name);
+    let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(move || -> Result<T> {
+            setns(&file, CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("cannot enter network namespace {}", path.display()))?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow!("thread inside namespace panicked"))?
+    })
 }
 
 /// An IPv4 subnet such as `10.77.1.0/24`.
