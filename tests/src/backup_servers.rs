@@ -421,7 +421,10 @@ root_domain = ".s3.shoal.test"
             .filter(|id| !id.is_empty())
             .ok_or_else(|| anyhow!("unexpected `garage node id` output {node:?}"))?
             .to_string();
-        self.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &id])?;
+        // `node id` may answer from the key on disk before the server takes RPC calls.
+        eventually(START_TIMEOUT, "garage to take the layout", || {
+            self.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &id])
+        })?;
         self.cli(&["layout", "apply", "--version", "1"])?;
         // Writing the key needs the layout to be in force.
         eventually(START_TIMEOUT, "garage to import the access key", || {
@@ -460,6 +463,10 @@ root_domain = ".s3.shoal.test"
                 &[
                     "-sS",
                     "--fail-with-body",
+                    // S3 wants the body's hash; this is the SHA-256 of nothing.
+                    "-H",
+                    "x-amz-content-sha256: \
+                     e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
                     "--aws-sigv4",
                     &format!("aws:amz:{S3_REGION}:s3"),
                     "--user",

@@ -122,6 +122,16 @@ fn restic_backs_up_to_s3_and_survives_the_server_restarting() {
         1,
         "the snapshot survived the restart: {snaps:?}"
     );
+    // Pruning lists every pack (the S3 server must list keys recursively, as restic asks).
+    std::fs::write(work.path().join("src/new.txt"), "after the restart\n").expect("write");
+    let src = work.path().join("src");
+    restic
+        .run(&["backup", "--host", "node-1", src.to_str().expect("path")])
+        .or_panic();
+    let pruned = restic
+        .run(&["forget", "--keep-last", "1", "--prune"])
+        .or_panic();
+    assert!(pruned.contains("remove 1 snapshots"), "{pruned}");
     let check = restic.run(&["check", "--read-data"]).or_panic();
     assert!(check.contains("no errors were found"), "{check}");
 }
