@@ -247,6 +247,16 @@ impl Fleet {
         &self.topo
     }
 
+    /// The topology, to add hosts (servers the agents reach) to the fleet's LAN.
+    pub fn topology_mut(&mut self) -> &mut Topology {
+        &mut self.topo
+    }
+
+    /// The name of the fleet's LAN in [`Fleet::topology`].
+    pub fn lan_name(&self) -> &'static str {
+        LAN
+    }
+
     /// The controller's QUIC address.
     pub fn controller_addr(&self) -> SocketAddr {
         SocketAddr::from((self.controller_addr, CONTROLLER_PORT))

@@ -167,6 +167,10 @@ pub struct BackupStatusView {
     pub last_files: Option<u64>,
     /// How long it took, ms.
     pub last_duration_ms: Option<u64>,
+    /// Stale locks of dead runs it removed first.
+    pub last_stale_locks_cleared: Option<u32>,
+    /// Snapshots its retention rules removed.
+    pub last_forgotten: Vec<String>,
     /// The last failure on this target (cleared by a success).
     pub last_error: Option<String>,
     /// `passed`, `failed` or `never`.

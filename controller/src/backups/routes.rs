@@ -514,6 +514,15 @@ async fn list_status(
                         last_bytes_added: t.last_backup.as_ref().map(|b| b.stats.bytes_added),
                         last_files: t.last_backup.as_ref().map(|b| b.stats.files_processed),
                         last_duration_ms: t.last_backup.as_ref().map(|b| b.stats.duration_ms),
+                        last_stale_locks_cleared: t
+                            .last_backup
+                            .as_ref()
+                            .map(|b| b.stats.stale_locks_cleared),
+                        last_forgotten: t
+                            .last_backup
+                            .as_ref()
+                            .map(|b| b.stats.forgotten.clone())
+                            .unwrap_or_default(),
                         last_error: t.last_error.as_ref().map(|e| {
                             format!("{} at {}: {}", e.task_kind, rfc3339(e.at.0), e.message)
                         }),

@@ -79,6 +79,10 @@ struct ServeArgs {
     /// production.
     #[arg(long, hide = true, default_value = "5s", value_parser = parse_tick)]
     rollout_tick: Duration,
+    /// How often the backup scheduler looks for owed backups and verifications when nothing wakes
+    /// it (`ControllerConfig::backup_tick`). Hidden: a tuning knob for tests.
+    #[arg(long, hide = true, default_value = "5s", value_parser = parse_tick)]
+    backup_tick: Duration,
     /// **Test hook**, hidden: moves the rollout driver's "now" by this many seconds (may be
     /// negative), e.g. into a maintenance window, by `ControllerConfig::rollout_clock.set_offset`.
     /// Only the maintenance code reads that clock (the rollout driver, `window list`, the times of
@@ -135,6 +139,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.max_unauthenticated_per_address = args.max_unauthenticated_per_address as usize;
     config.enrolment_deadline = args.enrolment_deadline;
     config.rollout_tick = args.rollout_tick;
+    config.backup_tick = args.backup_tick;
     if args.rollout_clock_offset != 0 {
         tracing::warn!(
             seconds = args.rollout_clock_offset,
