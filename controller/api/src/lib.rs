@@ -9,6 +9,7 @@
 //! HTTPS client (ureq, rustls with ring) and reading `admin.conf`; the `signing` feature adds
 //! release signing (ring). A crate that only needs the types links neither.
 
+pub mod backup;
 pub mod drives;
 pub mod error;
 pub mod events;

@@ -3,6 +3,7 @@
 // First: its `say!` is used by every module after it.
 #[macro_use]
 mod printable;
+mod controller;
 mod identity;
 mod maint;
 mod netboot;
@@ -84,6 +85,9 @@ enum Command {
     /// Maintenance actions (reboot, SMART self-tests, allowed commands) rolled over the fleet.
     #[command(subcommand)]
     Maintenance(maint::MaintenanceCmd),
+    /// The controller itself: encrypted backups for disaster recovery.
+    #[command(subcommand)]
+    Controller(controller::ControllerCmd),
     /// Fleet events (enrolled, up, down, removed...).
     Events {
         /// Output format.
@@ -571,6 +575,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Image(cmd) => netboot::image(&client, cmd)?,
         Command::Release(cmd) => release::release(&client, cmd)?,
         Command::Machines(cmd) => netboot::machines(&client, cmd)?,
+        Command::Controller(cmd) => controller::controller(&client, cmd)?,
         Command::Events { output, after } => {
             let path = match after {
                 Some(a) => format!("/v1/events?after={a}"),
