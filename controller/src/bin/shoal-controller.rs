@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the controller.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Restore a backup (`shoalctl controller backup`) into a new data dir, all or nothing: a wrong
     /// passphrase or a damaged file is refused and writes nothing.
     Restore(restore::RestoreArgs),
@@ -122,7 +122,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let args = match cli.command {
-        Command::Serve(args) => args,
+        Command::Serve(args) => *args,
         Command::Restore(args) => return restore::restore(args),
     };
     if args.cert_ttl < Duration::from_secs(60) {

@@ -21,8 +21,10 @@
 //!   transaction across tables included) holds the gate shared from its start to its commit, and a
 //!   frozen store (the gate held exclusively) has no write in progress and starts none. A freeze
 //!   never loses or tears a write: writers wait for it, then proceed. It copies every table into
-//!   memory (a store of a thousand nodes with a full event log is some tens of MiB and takes a
-//!   fraction of a second; writers wait that long).
+//!   memory while writers wait: bounded by the store's size, of which the event log (at most
+//!   [`MAX_EVENT_BYTES`]) is the largest part. Measured: under two transactional writers on a
+//!   loaded 2-core machine, the slowest of 200 freezes of a small store took 53 ms
+//!   (`dr::snapshot::tests::every_snapshot_is_one_point_in_time` prints it).
 //!
 //! Values are postcard-encoded. Trees and their keys:
 //!
