@@ -10,6 +10,7 @@
 //! - [`connections`]: the agents' QUIC connections and the registry other domains send through.
 //! - [`api`]: the admin API's router and authentication, and the fleet report.
 //! - [`store`]: the storage contract, its sled implementation, and the event log.
+//! - [`dr`]: disaster recovery: the controller in one encrypted file, backup and restore.
 //!
 //! [`server`] composes them: the controller's configuration, its shared state and `run`.
 //!
@@ -19,6 +20,7 @@
 pub mod api;
 pub mod backups;
 pub mod connections;
+pub mod dr;
 pub mod drives;
 pub mod http;
 pub mod maintenance;

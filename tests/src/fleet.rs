@@ -272,6 +272,14 @@ impl Fleet {
         &self.data_dir
     }
 
+    /// Points the controller at another data dir from its next (re)start on (a restored backup);
+    /// [`Fleet::admin_conf`] follows.
+    pub fn use_data_dir(&mut self, dir: PathBuf) {
+        self.controller
+            .set_arg("--data-dir", &dir.display().to_string());
+        self.data_dir = dir;
+    }
+
     /// `<data-dir>/admin.conf`, written by the controller on first start.
     pub fn admin_conf(&self) -> PathBuf {
         self.data_dir.join("admin.conf")

@@ -261,6 +261,47 @@ impl AdminClient {
         Ok(())
     }
 
+    /// `POST path` with a JSON body, answered by raw bytes of at most `limit` (a backup archive).
+    pub fn post_for_bytes(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+        limit: u64,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<u8>, AdminClientError> {
+        let url = format!("{}{}", self.base, path);
+        let unreachable = |e: ureq::Error| AdminClientError::Unreachable {
+            api: self.base.clone(),
+            cause: e.to_string(),
+        };
+        let body = serde_json::to_value(body).map_err(|e| AdminClientError::Decode {
+            path: path.to_owned(),
+            cause: e.to_string(),
+        })?;
+        let mut resp = self
+            .agent
+            .post(&url)
+            .header("authorization", &self.auth)
+            .config()
+            .timeout_global(Some(timeout))
+            .build()
+            .send_json(&body)
+            .map_err(unreachable)?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            let text = resp.body_mut().read_to_string().unwrap_or_default();
+            let message = serde_json::from_str::<ApiError>(&text)
+                .map(|e| e.error)
+                .unwrap_or(text);
+            return Err(AdminClientError::Api { status, message });
+        }
+        resp.body_mut()
+            .with_config()
+            .limit(limit)
+            .read_to_vec()
+            .map_err(unreachable)
+    }
+
     /// Creates a join token.
     pub fn create_token(&self, req: &CreateToken) -> Result<CreatedToken, AdminClientError> {
         self.post("/v1/tokens", req)

@@ -4,6 +4,7 @@
 #[macro_use]
 mod printable;
 mod backup;
+mod controller;
 mod identity;
 mod maint;
 mod netboot;
@@ -88,6 +89,9 @@ enum Command {
     /// Backups: targets, jobs, runs, verification, snapshots, restores.
     #[command(subcommand)]
     Backup(backup::BackupCmd),
+    /// The controller itself: encrypted backups for disaster recovery.
+    #[command(subcommand)]
+    Controller(controller::ControllerCmd),
     /// Fleet events (enrolled, up, down, removed...).
     Events {
         /// Output format.
@@ -576,6 +580,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Image(cmd) => netboot::image(&client, cmd)?,
         Command::Release(cmd) => release::release(&client, cmd)?,
         Command::Machines(cmd) => netboot::machines(&client, cmd)?,
+        Command::Controller(cmd) => controller::controller(&client, cmd)?,
         Command::Events { output, after } => {
             let path = match after {
                 Some(a) => format!("/v1/events?after={a}"),

@@ -99,6 +99,7 @@ pub fn router(controller: Ctl) -> Router {
         .merge(crate::releases::routes::routes())
         .merge(crate::backups::routes::routes())
         .merge(crate::registry::identity::routes())
+        .merge(crate::dr::routes::routes())
         .layer(middleware::from_fn_with_state(
             controller.clone(),
             authenticate,

@@ -2,6 +2,8 @@
 
 #[path = "shoal-controller/netboot.rs"]
 mod netboot;
+#[path = "shoal-controller/restore.rs"]
+mod restore;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -20,7 +22,10 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the controller.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Restore a backup (`shoalctl controller backup`) into a new data dir, all or nothing: a wrong
+    /// passphrase or a damaged file is refused and writes nothing.
+    Restore(restore::RestoreArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -120,7 +125,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let Command::Serve(args) = cli.command;
+    let args = match cli.command {
+        Command::Serve(args) => *args,
+        Command::Restore(args) => return restore::restore(args),
+    };
     if args.cert_ttl < Duration::from_secs(60) {
         anyhow::bail!("--cert-ttl must be at least 1m");
     }

@@ -15,6 +15,10 @@
 //! - Scans return keys in byte order and see a consistent view of one table.
 //! - Scans are not available inside a transaction (sled cannot); a domain that must scan and then
 //!   write consistently serialises its writers (the store's locks) and re-checks in the transaction.
+//! - [`Backend::export`] lists every table that holds data with all its entries, and
+//!   [`Backend::import`] writes such a list into an empty database; a backup is one and a restore
+//!   the other. `export` is consistent across tables only while no one writes: the store's write
+//!   gate ([`super::Store::freeze`]) keeps writers out while it runs.
 
 use std::{fmt, ops::Bound};
 
@@ -149,6 +153,15 @@ impl Batch {
     }
 }
 
+/// One table with every entry, in key order: what [`Backend::export`] yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableDump {
+    /// The table's name.
+    pub name: String,
+    /// Its entries, in key order.
+    pub entries: Vec<Entry>,
+}
+
 /// Why a transaction body stopped.
 #[derive(Debug)]
 pub enum TxFail {
@@ -194,6 +207,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn transact(&self, tables: &[&'static str], body: &TxBody<'_>) -> Result<(), TxFail>;
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+    /// Every table that holds at least one entry, by name, with its entries in key order. Not
+    /// isolated from concurrent writes: the caller keeps writers out ([`super::Store::freeze`]).
+    fn export(&self) -> Result<Vec<TableDump>, StoreError>;
+    /// Writes `entries` into table `name` and makes them durable; for restoring a backup into an
+    /// empty database.
+    fn import(&self, name: &str, entries: &[Entry]) -> Result<(), StoreError>;
 }
 
 /// The one test suite of the contract; each backend's tests call [`contract::run`].
@@ -220,6 +239,7 @@ pub mod contract {
         aborts_write_nothing(&*backend);
         concurrent_increments_are_not_lost(backend.clone());
         batches_write_and_delete_exactly_their_keys(&*backend);
+        export_lists_every_table_and_import_restores_it(&*backend);
     }
 
     fn keys(entries: Entries<'_>) -> Vec<Vec<u8>> {
@@ -359,5 +379,42 @@ pub mod contract {
         );
         b.write_batch(B, &Batch::deleting([b"k2".to_vec(), b"k4".to_vec()]))
             .unwrap();
+    }
+
+    fn export_lists_every_table_and_import_restores_it(b: &dyn Backend) {
+        b.put(A, b"a1", b"x").unwrap();
+        b.put(A, b"a0", b"y").unwrap();
+        b.put(B, b"b", b"z").unwrap();
+        let dump = b.export().unwrap();
+        let a = dump.iter().find(|t| t.name == A).expect("table a exported");
+        assert_eq!(
+            a.entries,
+            vec![
+                (b"a0".to_vec(), b"y".to_vec()),
+                (b"a1".to_vec(), b"x".to_vec())
+            ]
+        );
+        assert!(
+            dump.iter().all(|t| !t.entries.is_empty()),
+            "empty tables are left out"
+        );
+        b.write_batch(A, &Batch::deleting([b"a0".to_vec(), b"a1".to_vec()]))
+            .unwrap();
+        b.delete(B, b"b").unwrap();
+        assert!(b
+            .export()
+            .unwrap()
+            .iter()
+            .all(|t| t.name != A && t.name != B));
+        for t in &dump {
+            if t.name == A || t.name == B {
+                b.import(&t.name, &t.entries).unwrap();
+            }
+        }
+        assert_eq!(b.get(A, b"a0").unwrap().as_deref(), Some(&b"y"[..]));
+        assert_eq!(b.get(B, b"b").unwrap().as_deref(), Some(&b"z"[..]));
+        b.write_batch(A, &Batch::deleting([b"a0".to_vec(), b"a1".to_vec()]))
+            .unwrap();
+        b.delete(B, b"b").unwrap();
     }
 }

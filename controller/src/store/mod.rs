@@ -15,6 +15,16 @@
 //!   restart. Should sled hit `ENOSPC` anyway (something else filled the disk faster), the error is
 //!   returned as [`StoreError::Db`] with the I/O error's text and what was stored before stays
 //!   intact on disk.
+//! - A backup ([`Store::freeze`]) is one point in time across every table. **Invariant:** every
+//!   write reaches the database through the write gate ([`gate`]): the store's backend is the gated
+//!   wrapper and every table handle, transaction and batch goes through it, so a write (a
+//!   transaction across tables included) holds the gate shared from its start to its commit, and a
+//!   frozen store (the gate held exclusively) has no write in progress and starts none. A freeze
+//!   never loses or tears a write: writers wait for it, then proceed. It copies every table into
+//!   memory while writers wait: bounded by the store's size, of which the event log (at most
+//!   [`MAX_EVENT_BYTES`]) is the largest part. Measured: under two transactional writers on a
+//!   loaded 2-core machine, the slowest of 200 freezes of a small store took 53 ms
+//!   (`dr::snapshot::tests::every_snapshot_is_one_point_in_time` prints it).
 //!
 //! Values are postcard-encoded. Trees and their keys:
 //!
@@ -49,9 +59,10 @@ use tracing::{debug, warn};
 pub mod backend;
 pub mod event_log;
 
+mod gate;
 mod sled_backend;
 mod table;
-pub use backend::{Backend, Batch, Scan};
+pub use backend::{Backend, Batch, Scan, TableDump};
 
 pub use sled_backend::SledBackend;
 pub(crate) use table::{abort, RawTable, Table, Tx, TxError, TxTable};
@@ -153,8 +164,10 @@ pub struct Store {
 }
 
 pub(crate) struct Inner {
-    /// The database behind every table.
+    /// The database behind every table: the gated wrapper ([`gate::GatedBackend`]).
     pub(crate) backend: Arc<dyn Backend>,
+    /// The gate every write passes and [`Store::freeze`] closes.
+    gate: Arc<gate::WriteGate>,
     /// Serialises overlay changes: IPAM scans a network's members, which a sled transaction cannot.
     pub(crate) overlay_lock: Mutex<()>,
     dir: PathBuf,
@@ -274,7 +287,11 @@ impl Store {
     }
 
     fn open_with_reserve(dir: &Path, reserve_bytes: u64) -> Result<Store, StoreError> {
-        let backend: Arc<dyn Backend> = Arc::new(SledBackend::open(dir)?);
+        let gate = Arc::new(gate::WriteGate::default());
+        let backend: Arc<dyn Backend> = Arc::new(gate::GatedBackend {
+            inner: Arc::new(SledBackend::open(dir)?),
+            gate: gate.clone(),
+        });
         migrate_legacy_events(&*backend)?;
         let next_seq = match backend.scan(EVENTS, Scan::all().rev())?.next() {
             Some(entry) => decode_seq(&entry?.0)?.saturating_add(1),
@@ -287,6 +304,7 @@ impl Store {
         let store = Store {
             inner: Arc::new(Inner {
                 backend,
+                gate,
                 overlay_lock: Mutex::new(()),
                 dir: dir.to_owned(),
                 next_seq: AtomicU64::new(next_seq),
@@ -648,6 +666,35 @@ impl Store {
     /// Writes everything buffered to disk.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.inner.backend.flush()
+    }
+
+    /// Holds every writer out until the returned guard is dropped (see the module docs): what is
+    /// read through it is one point in time. Writers wait, so keep it short.
+    pub fn freeze(&self) -> Result<Frozen<'_>, StoreError> {
+        let guard = self.inner.gate.close()?;
+        Ok(Frozen {
+            store: self,
+            _guard: guard,
+        })
+    }
+}
+
+/// A store with its writers held out ([`Store::freeze`]).
+pub struct Frozen<'a> {
+    store: &'a Store,
+    _guard: std::sync::RwLockWriteGuard<'a, ()>,
+}
+
+impl fmt::Debug for Frozen<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Frozen").finish_non_exhaustive()
+    }
+}
+
+impl Frozen<'_> {
+    /// Every table that holds data, with all its entries.
+    pub fn tables(&self) -> Result<Vec<TableDump>, StoreError> {
+        self.store.inner.backend.export()
     }
 }
 

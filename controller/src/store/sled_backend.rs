@@ -19,7 +19,7 @@ use sled::transaction::{
 };
 
 use super::{
-    backend::{Backend, Batch, Entries, Scan, TxBody, TxFail, Txn},
+    backend::{Backend, Batch, Entries, Entry, Scan, TableDump, TxBody, TxFail, Txn},
     StoreError, CACHE_CAPACITY, FLUSH_EVERY_MS, OPEN_LOCK_WAIT,
 };
 
@@ -194,6 +194,40 @@ impl Backend for SledBackend {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn export(&self) -> Result<Vec<TableDump>, StoreError> {
+        let mut names = self.db.tree_names();
+        names.sort();
+        let mut out = Vec::new();
+        for raw in names {
+            let name = std::str::from_utf8(&raw).map_err(|_| {
+                StoreError::Db(format!("table name {} is not UTF-8", hex::encode(&raw)))
+            })?;
+            let tree = self.db.open_tree(&raw)?;
+            let entries = tree
+                .iter()
+                .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
+                .collect::<Result<Vec<Entry>, _>>()?;
+            if !entries.is_empty() {
+                out.push(TableDump {
+                    name: name.to_owned(),
+                    entries,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn import(&self, name: &str, entries: &[Entry]) -> Result<(), StoreError> {
+        let tree = self.db.open_tree(name)?;
+        let mut batch = sled::Batch::default();
+        for (k, v) in entries {
+            batch.insert(k.as_slice(), v.as_slice());
+        }
+        tree.apply_batch(batch)?;
         self.db.flush()?;
         Ok(())
     }

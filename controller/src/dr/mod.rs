@@ -1,0 +1,18 @@
+//! Controller disaster recovery: the whole controller — store, CA, admin credential — in one
+//! passphrase-encrypted file, taken online and restored all-or-nothing into a new data dir.
+//!
+//! - `archive.rs`: the file's format, its bounds and checks, and its encryption (age, scrypt); no
+//!   I/O.
+//! - `snapshot.rs`: taking a consistent snapshot of a running controller, and what it holds.
+//! - `restore.rs`: writing an archive into a new data dir through a temporary sibling, and
+//!   verifying one (the seam for scheduled, verified backups).
+//! - `routes.rs`: `POST /v1/controller/backup`.
+
+pub mod archive;
+pub mod restore;
+pub(crate) mod routes;
+pub mod snapshot;
+
+pub use archive::{Archive, ArchiveError, Manifest};
+pub use restore::{restore, verify_archive, RestoreError, RestoreReport, VerifyReport};
+pub use snapshot::{snapshot_archive, SnapshotError};
