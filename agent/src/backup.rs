@@ -151,7 +151,7 @@ pub async fn run_task(
 /// A target's repository for this node, with the files an sftp target needs for the run.
 struct Access {
     repo: Repo,
-    ssh_dir: Option<PathBuf>,
+    sftp: Option<shoal_restic::SftpAccess>,
 }
 
 impl Access {
@@ -168,81 +168,22 @@ impl Access {
             options: vec![],
         };
         let mut repo = Repo::for_node(&base, node).map_err(|e| e.to_string())?;
-        let mut ssh_dir = None;
-        if access.url.starts_with("sftp:") {
-            let known = access
-                .ssh_known_hosts
-                .as_deref()
-                .ok_or("an sftp target without known_hosts is refused")?;
-            let dir = config.work_dir.join(format!("ssh-{task}"));
-            write_private_dir(&dir)
-                .await
-                .map_err(|e| format!("{}: {e}", dir.display()))?;
-            let kh = dir.join("known_hosts");
-            write_private(&kh, known.as_bytes())
-                .await
-                .map_err(|e| format!("{}: {e}", kh.display()))?;
-            let mut ssh = format!(
-                "ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile={} -o ConnectTimeout=10 -o ServerAliveInterval=15",
-                kh.display()
-            );
-            if let Some(key) = &access.ssh_key {
-                let key_path = dir.join("id");
-                let mut key = key.clone();
-                if !key.ends_with('\n') {
-                    key.push('\n');
-                }
-                write_private(&key_path, key.as_bytes())
-                    .await
-                    .map_err(|e| format!("{}: {e}", key_path.display()))?;
-                ssh.push_str(&format!(" -o IdentitiesOnly=yes -i {}", key_path.display()));
-            }
-            let (user_host, port) = sftp_destination(&access.url)
-                .ok_or_else(|| format!("cannot read user@host from {:?}", access.url))?;
-            if let Some(p) = port {
-                ssh.push_str(&format!(" -p {p}"));
-            }
-            repo.options
-                .push(format!("sftp.command={ssh} {user_host} -s sftp"));
-            ssh_dir = Some(dir);
-        }
-        Ok(Access { repo, ssh_dir })
+        let sftp = shoal_restic::SftpAccess::prepare(
+            &mut repo,
+            access.ssh_key.as_deref(),
+            access.ssh_known_hosts.as_deref(),
+            &config.work_dir.join(format!("ssh-{task}")),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok(Access { repo, sftp })
     }
 
     async fn cleanup(self) {
-        if let Some(dir) = self.ssh_dir {
-            let _ = tokio::fs::remove_dir_all(dir).await;
+        if let Some(s) = self.sftp {
+            s.cleanup().await;
         }
     }
-}
-
-/// `user@host` and the port of an sftp URL: `sftp:user@host:/path` or
-/// `sftp://user@host:port//path`.
-pub fn sftp_destination(url: &str) -> Option<(String, Option<u16>)> {
-    let rest = url.strip_prefix("sftp:")?;
-    if let Some(rest) = rest.strip_prefix("//") {
-        let authority = rest.split('/').next()?;
-        return match authority.rsplit_once(':') {
-            Some((h, p)) if !h.contains(']') || h.ends_with(']') => {
-                Some((h.to_owned(), Some(p.parse().ok()?)))
-            }
-            _ => Some((authority.to_owned(), None)),
-        };
-    }
-    let (dest, _path) = rest.split_once(':')?;
-    (!dest.is_empty()).then(|| (dest.to_owned(), None))
-}
-
-async fn write_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    tokio::fs::create_dir_all(dir).await?;
-    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).await
-}
-
-async fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    tokio::fs::write(path, bytes).await?;
-    tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).await
 }
 
 struct TargetRun<'a, P> {
@@ -687,19 +628,5 @@ mod tests {
         assert_eq!(book.offer("../x"), TaskDecision::Start);
         book.finished(&result("../x"));
         assert!(!dir.path().join("x").exists());
-    }
-
-    #[test]
-    fn sftp_destinations() {
-        assert_eq!(
-            sftp_destination("sftp:root@10.0.0.5:/srv/restic"),
-            Some(("root@10.0.0.5".into(), None))
-        );
-        assert_eq!(
-            sftp_destination("sftp://backup@host:2222//srv/restic"),
-            Some(("backup@host".into(), Some(2222)))
-        );
-        assert_eq!(sftp_destination("sftp:/nohost"), None);
-        assert_eq!(sftp_destination("s3:http://x/b"), None);
     }
 }

@@ -75,6 +75,8 @@ pub struct ControllerConfig {
     /// How often the backup scheduler looks for owed backups and verifications when nothing wakes
     /// it (default 5 s).
     pub backup_tick: Duration,
+    /// Scheduled disaster-recovery backups of the controller to a backup target (default none).
+    pub dr_schedule: Option<crate::dr::schedule::DrScheduleConfig>,
     /// The rollout driver's clock (default: the wall clock). A test hook: see
     /// [`crate::maintenance::RolloutClock`].
     pub rollout_clock: crate::maintenance::RolloutClock,
@@ -130,6 +132,7 @@ impl ControllerConfig {
             drive_self_test_timeout: crate::drives::hub::DEFAULT_SELF_TEST_TIMEOUT,
             rollout_tick: Duration::from_secs(5),
             backup_tick: Duration::from_secs(5),
+            dr_schedule: None,
             rollout_clock: crate::maintenance::RolloutClock::default(),
             release_keys: Vec::new(),
             max_handshakes: 1024,
@@ -488,6 +491,19 @@ pub async fn run(
     let agent_notices = tokio::spawn(crate::maintenance::agent::forward_agent_updates(
         controller.clone(),
     ));
+    let dr = controller.config.dr_schedule.clone().and_then(|cfg| {
+        match shoal_controller_core::backups::Schedule::new(&cfg.schedule, &cfg.tz) {
+            Ok(schedule) => Some(tokio::spawn(crate::dr::schedule::run(
+                controller.clone(),
+                cfg,
+                schedule,
+            ))),
+            Err(e) => {
+                warn!(cause = %e, "controller backup schedule refused; no scheduled backups");
+                None
+            }
+        }
+    });
     let backups = tokio::spawn(crate::backups::run_scheduler(
         controller.clone(),
         controller.config.backup_tick,
@@ -545,6 +561,9 @@ pub async fn run(
     rollouts.abort();
     agent_notices.abort();
     backups.abort();
+    if let Some(dr) = dr {
+        dr.abort();
+    }
     if let Some((probe_endpoint, task)) = probe {
         probe_endpoint.close(close_code::DONE.into(), b"controller shutting down");
         task.abort();

@@ -102,7 +102,24 @@ fn two_agents_back_up_to_s3_and_sftp_and_every_backup_is_proven_restorable() {
     require_host_tests!();
     require!(backup_servers::restic());
     let mut cfg = FleetConfig::fast().agents(2);
-    cfg.controller_args = vec!["--backup-tick".into(), "1s".into()];
+    // The controller backs itself up to the sftp target every minute, keeping two.
+    let dr_dir = tempfile::tempdir().context("tmp").or_panic();
+    let dr_pass = dr_dir.path().join("dr-passphrase");
+    std::fs::write(&dr_pass, "a long controller passphrase\n")
+        .context("write")
+        .or_panic();
+    cfg.controller_args = vec![
+        "--backup-tick".into(),
+        "1s".into(),
+        "--dr-target".into(),
+        "nas".into(),
+        "--dr-schedule".into(),
+        "* * * * *".into(),
+        "--dr-keep".into(),
+        "2".into(),
+        "--dr-passphrase-file".into(),
+        dr_pass.display().to_string(),
+    ];
     let mut fleet = Fleet::start(cfg).or_panic();
     let work = fleet.dir().join("backup-test");
     std::fs::create_dir_all(&work)
@@ -334,7 +351,13 @@ fn scenario(
         );
     }
     let report = fleet.report()?;
-    let lines = report["backups"].as_array().context("array")?.clone();
+    let lines: Vec<Value> = report["backups"]
+        .as_array()
+        .context("array")?
+        .iter()
+        .filter(|l| l["job"] == "home")
+        .cloned()
+        .collect();
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["node"], n1.as_str());
     let why = lines[0]["reasons"].to_string();
@@ -455,5 +478,38 @@ fn scenario(
         assert_eq!(r["verification"], "passed", "{t}: {r}");
     }
     assert!(cleared >= 1, "no stale lock was cleared: {rows6:?}");
+
+    // 7. The controller's own scheduled backup reached the sftp target and was verified.
+    eventually(
+        Duration::from_secs(150),
+        "a verified controller backup",
+        || {
+            let events = fleet.events()?;
+            ensure!(
+                events.iter().any(|e| e["kind"] == "backup_verified"
+                    && e["message"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("controller backup written to nas")),
+                "no verified controller backup yet"
+            );
+            Ok(())
+        },
+    )?;
+    let dr_snapshots = nas_root
+        .join("repos")
+        .join("shoal-controller")
+        .join("snapshots");
+    ensure!(
+        std::fs::read_dir(&dr_snapshots)?.count() >= 1,
+        "no snapshot in {}",
+        dr_snapshots.display()
+    );
+    let report = fleet.report()?;
+    ensure!(
+        !report["backups"].to_string().contains("controller-backup"),
+        "a controller backup failure still reported: {}",
+        report["backups"]
+    );
     Ok(())
 }

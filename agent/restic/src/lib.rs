@@ -19,6 +19,7 @@ mod error;
 mod ops;
 mod repo;
 mod runner;
+mod sftp;
 mod types;
 mod verify;
 
@@ -28,6 +29,7 @@ use std::time::Duration;
 pub use error::{Error, Result};
 pub use ops::STALE_LOCK_AGE;
 pub use repo::Repo;
+pub use sftp::{sftp_destination, SftpAccess};
 pub use types::{
     parse_rfc3339, BackupSpec, BackupSummary, BackupWarning, CheckOutcome, Entry, EntryKind,
     FileHash, Filter, ForgetOutcome, LockInfo, Mismatch, Progress, Retention, SampleVerification,

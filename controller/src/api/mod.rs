@@ -146,6 +146,19 @@ async fn fleet_report(State(ctl): State<Ctl>) -> Result<Json<FleetReport>, HttpE
         let records = ctl.store.nodes()?;
         let mut report = shoal_controller_core::report::build(&nodes, &drives, now_ms().0, &t);
         report.backups = crate::backups::routes::attention(&ctl, &records)?;
+        if let (Some(cfg), Some(run)) = (&ctl.config.dr_schedule, ctl.last_dr_run()) {
+            if let Some(error) = run.error {
+                report.backups.push(shoal_api::report::BackupAttention {
+                    job: "controller-backup".into(),
+                    node: "controller".into(),
+                    hostname: "controller".into(),
+                    reasons: vec![format!(
+                        "scheduled controller backup to {} failed: {error}",
+                        cfg.target
+                    )],
+                });
+            }
+        }
         Ok(Json(report))
     })
     .await

@@ -81,7 +81,7 @@ pub(crate) async fn run_scheduler(controller: Arc<Controller>, tick: Duration) {
 
 impl Controller {
     /// The sealed access of a target.
-    fn target_access(&self, record: &TargetRecord) -> Result<TargetAccess, SecretError> {
+    pub(crate) fn target_access(&self, record: &TargetRecord) -> Result<TargetAccess, SecretError> {
         let secrets = self.backups.secrets.unseal(&record.name, &record.sealed)?;
         Ok(TargetAccess {
             name: record.name.clone(),

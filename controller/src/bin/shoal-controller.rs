@@ -66,6 +66,22 @@ struct ServeArgs {
     /// `shoalctl release add --key` signs with); repeatable. Without one no release can be added.
     #[arg(long = "release-key", value_name = "FILE")]
     release_keys: Vec<PathBuf>,
+    /// Back the controller itself up on a schedule to this backup target (`shoalctl backup
+    /// target add`), into `<target url>/shoal-controller`, verifying each archive by restoring it.
+    #[arg(long, value_name = "TARGET", requires = "dr_passphrase_file")]
+    dr_target: Option<String>,
+    /// When to back the controller up (five-field cron, read in --dr-tz).
+    #[arg(long, default_value = "@daily")]
+    dr_schedule: String,
+    /// Time zone of --dr-schedule.
+    #[arg(long, default_value = "UTC")]
+    dr_tz: String,
+    /// The scheduled archives' passphrase (first line of the file; at least 12 characters).
+    #[arg(long, value_name = "FILE")]
+    dr_passphrase_file: Option<PathBuf>,
+    /// Scheduled archives kept in the target.
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
+    dr_keep: u32,
     /// QUIC handshakes in progress at once; more are refused.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     max_handshakes: u32,
@@ -148,6 +164,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.enrolment_deadline = args.enrolment_deadline;
     config.rollout_tick = args.rollout_tick;
     config.backup_tick = args.backup_tick;
+    if let (Some(target), Some(file)) = (&args.dr_target, &args.dr_passphrase_file) {
+        let passphrase = std::fs::read_to_string(file)
+            .with_context(|| format!("reading --dr-passphrase-file {}", file.display()))?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        shoal_api::dr::check_passphrase(&passphrase)
+            .map_err(|e| anyhow::anyhow!("--dr-passphrase-file: {e}"))?;
+        shoal_controller_core::backups::Schedule::new(&args.dr_schedule, &args.dr_tz)
+            .map_err(|e| anyhow::anyhow!("--dr-schedule: {e}"))?;
+        config.dr_schedule = Some(shoal_controller::dr::schedule::DrScheduleConfig {
+            target: target.clone(),
+            schedule: args.dr_schedule.clone(),
+            tz: args.dr_tz.clone(),
+            passphrase,
+            keep: args.dr_keep,
+        });
+    }
     if args.rollout_clock_offset != 0 {
         tracing::warn!(
             seconds = args.rollout_clock_offset,

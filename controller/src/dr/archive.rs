@@ -73,10 +73,12 @@ pub const MAX_TEXT: usize = 512;
 pub const MAX_LEFT_OUT: usize = 4096;
 
 /// The data dir's files an archive carries: the only names it may hold, and each is required.
-pub const FILES: [&str; 3] = [
+pub const FILES: [&str; 4] = [
     crate::registry::ca::CA_CERT_FILE,
     crate::registry::ca::CA_KEY_FILE,
     shoal_api::ADMIN_CONF_FILE,
+    // Without it the backup targets' sealed secrets in the store do not open.
+    crate::backups::secrets::SECRETS_KEY_FILE,
 ];
 
 /// Why an archive could not be written or read.

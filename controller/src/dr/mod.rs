@@ -7,10 +7,13 @@
 //! - `restore.rs`: writing an archive into a new data dir through a temporary sibling, and
 //!   verifying one (the seam for scheduled, verified backups).
 //! - `routes.rs`: `POST /v1/controller/backup`.
+//! - `schedule.rs`: `--dr-target`: the archive written to a backup target on a schedule, kept
+//!   `--dr-keep` deep and verified by restoring it.
 
 pub mod archive;
 pub mod restore;
 pub(crate) mod routes;
+pub mod schedule;
 pub mod snapshot;
 
 pub use archive::{Archive, ArchiveError, Manifest};

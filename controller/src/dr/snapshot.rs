@@ -8,7 +8,8 @@
 //!   rollouts, machines, the event log, metadata: the admin token's hash, the QUIC stateless-reset
 //!   key) — so agents reconnect as the same nodes with their certificates, addresses and keys;
 //! - `ca.crt` and `ca.key` — every agent pins this CA, and node certificates chain to it;
-//! - `admin.conf` — the operator's credential keeps working.
+//! - `admin.conf` — the operator's credential keeps working;
+//! - `backup-secrets.key` — the key the backup targets' secrets are sealed with.
 //!
 //! Left out, and listed in the manifest's `left_out` for the operator to upload again: the signed
 //! agent releases (`releases/`) and netboot images (`images/`). They are large, reproducible from
