@@ -44,6 +44,10 @@ pub struct BackupConfig {
     pub cache_dir: PathBuf,
     /// The longest one restic command may run (default 24 h).
     pub timeout: Duration,
+    /// Directories a restore may write under (`--allow-restore-to`; default `<state dir>/restore`).
+    /// A restore anywhere else is refused: writing files where the controller says is running
+    /// code of its choosing (a missing `/root/.ssh`, a systemd drop-in directory).
+    pub restore_roots: Vec<PathBuf>,
 }
 
 impl BackupConfig {
@@ -55,6 +59,7 @@ impl BackupConfig {
             cache_dir: work_dir.join("cache"),
             work_dir,
             timeout: Duration::from_secs(24 * 3600),
+            restore_roots: vec![state_dir.join("restore")],
         }
     }
 
@@ -436,9 +441,8 @@ impl<P: Fn(BackupProgress) + Send + Sync> TargetRun<'_, P> {
         to: &str,
     ) -> Result<(), String> {
         let to = Path::new(to);
-        if !to.is_absolute() {
-            return Err(format!("restore: {} is not absolute", to.display()));
-        }
+        check_restore_destination(to, &self.config.restore_roots)
+            .map_err(|e| format!("restore: {e}"))?;
         match std::fs::read_dir(to) {
             Ok(mut d) => {
                 if d.next().is_some() {
@@ -474,6 +478,39 @@ impl<P: Fn(BackupProgress) + Send + Sync> TargetRun<'_, P> {
         info!(snapshot = %chosen.id, to = %to.display(), "restored");
         out.restored = Some(chosen.id.clone());
         Ok(())
+    }
+}
+
+/// Whether a restore may write to `to`: absolute, no `..`, and under one of `roots` even after
+/// following the symlinks of the part of it that exists.
+pub fn check_restore_destination(to: &Path, roots: &[PathBuf]) -> Result<(), String> {
+    use std::path::Component;
+    if !to.is_absolute() || to.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(format!(
+            "{} is not an absolute path without '..'",
+            to.display()
+        ));
+    }
+    let mut existing = to;
+    while !existing.exists() {
+        existing = existing.parent().unwrap_or(Path::new("/"));
+    }
+    let real =
+        std::fs::canonicalize(existing).map_err(|e| format!("{}: {e}", existing.display()))?;
+    let rest = to.strip_prefix(existing).unwrap_or(Path::new(""));
+    let real = real.join(rest);
+    let allowed = roots.iter().any(|root| {
+        let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.clone());
+        real.starts_with(&root)
+    });
+    if allowed {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is outside the directories this agent restores into ({}; agent flag --allow-restore-to)",
+            to.display(),
+            roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+        ))
     }
 }
 
@@ -600,6 +637,22 @@ mod tests {
             targets: vec![],
             error: None,
         }
+    }
+
+    #[test]
+    fn restores_go_only_under_the_allowed_directories() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let root = dir.path().join("restore");
+        std::fs::create_dir_all(&root).expect("root");
+        let roots = vec![root.clone()];
+        assert!(check_restore_destination(&root.join("new/deeper"), &roots).is_ok());
+        assert!(check_restore_destination(&root, &roots).is_ok());
+        assert!(check_restore_destination(Path::new("/root/.ssh"), &roots).is_err());
+        assert!(check_restore_destination(&root.join("../escape"), &roots).is_err());
+        assert!(check_restore_destination(Path::new("relative"), &roots).is_err());
+        // A symlink inside the root that points out of it does not let a restore out.
+        std::os::unix::fs::symlink("/etc", root.join("link")).expect("symlink");
+        assert!(check_restore_destination(&root.join("link/systemd"), &roots).is_err());
     }
 
     #[test]

@@ -101,6 +101,10 @@ struct Cli {
     /// The restic program backup tasks run (Debian package `restic`).
     #[arg(long, value_name = "PATH", default_value = "restic")]
     restic: PathBuf,
+    /// A directory `shoalctl backup restore --to` may write under (repeatable; default
+    /// STATE_DIR/restore). Restores anywhere else are refused.
+    #[arg(long = "allow-restore-to", value_name = "DIR")]
+    allow_restore_to: Vec<PathBuf>,
     /// The longest one restic command of a backup task may run before it is killed.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
     backup_timeout: Duration,
@@ -212,6 +216,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     config.backup.restic = cli.restic;
     config.backup.timeout = cli.backup_timeout;
+    if !cli.allow_restore_to.is_empty() {
+        config.backup.restore_roots = cli.allow_restore_to;
+    }
     config.update.check_command = cli.health_check;
     config.reboot.command = cli.reboot_command;
     config.reboot.allowed = !cli.no_remote_reboot;

@@ -1170,4 +1170,77 @@ mod tests {
             assert_eq!(check(m), Ok(()));
         }
     }
+
+    #[test]
+    fn backup_results_are_bounded() {
+        use crate::{BackupResult, BackupStats, FileHash, SnapshotInfo, TargetResult, VerifyStats};
+        let target = |name: &str| TargetResult {
+            target: name.into(),
+            backup: Some(BackupStats {
+                snapshot: "a".repeat(64),
+                warnings: vec!["w".into(); MAX_BACKUP_ERRORS],
+                samples: vec![
+                    FileHash {
+                        path: "/srv/data/file".into(),
+                        size: 1,
+                        sha256: [0; 32],
+                    };
+                    MAX_SAMPLE_FILES
+                ],
+                ..Default::default()
+            }),
+            verify: Some(VerifyStats::default()),
+            snapshots: vec![
+                SnapshotInfo {
+                    id: "b".repeat(64),
+                    time: UnixMillis(0),
+                    paths: vec!["/srv/data".into()],
+                };
+                MAX_REPORTED_SNAPSHOTS
+            ],
+            ..Default::default()
+        };
+        let good = BackupResult {
+            task: "b1".into(),
+            job: "home".into(),
+            kind: "backup".into(),
+            started_at: UnixMillis(0),
+            finished_at: UnixMillis(0),
+            targets: (0..MAX_JOB_TARGETS)
+                .map(|i| target(&format!("t{i}")))
+                .collect(),
+            error: None,
+        };
+        assert_eq!(
+            check(&AgentMsg::BackupResult(good.clone())),
+            Ok(()),
+            "the largest honest result"
+        );
+        let mut too_many = good.clone();
+        too_many.targets.push(target("extra"));
+        assert!(check(&AgentMsg::BackupResult(too_many)).is_err());
+        let mut long_error = good.clone();
+        long_error.targets[0].error = Some("e".repeat(MAX_TEXT_LEN + 1));
+        assert!(check(&AgentMsg::BackupResult(long_error)).is_err());
+        let mut many_samples = good.clone();
+        if let Some(b) = many_samples.targets[0].backup.as_mut() {
+            b.samples.push(b.samples[0].clone());
+        }
+        assert!(check(&AgentMsg::BackupResult(many_samples)).is_err());
+        let mut many_lines = good;
+        if let Some(v) = many_lines.targets[1].verify.as_mut() {
+            v.mismatches = vec!["m".into(); MAX_BACKUP_ERRORS + 1];
+        }
+        assert!(check(&AgentMsg::BackupResult(many_lines)).is_err());
+        let progress = crate::BackupProgress {
+            task: "t".repeat(MAX_NAME_LEN + 1),
+            target: "s3".into(),
+            phase: "backup".into(),
+            files_done: 0,
+            bytes_done: 0,
+            total_files: 0,
+            total_bytes: 0,
+        };
+        assert!(check(&AgentMsg::BackupProgress(progress)).is_err());
+    }
 }

@@ -120,6 +120,8 @@ fn two_agents_back_up_to_s3_and_sftp_and_every_backup_is_proven_restorable() {
         "--dr-passphrase-file".into(),
         dr_pass.display().to_string(),
     ];
+    // Restores in this test go under /tmp (the fleet's directory).
+    cfg.agent_args = vec!["--allow-restore-to".into(), "/tmp".into()];
     let mut fleet = Fleet::start(cfg).or_panic();
     let work = fleet.dir().join("backup-test");
     std::fs::create_dir_all(&work)
@@ -289,6 +291,24 @@ fn scenario(
         let restored = to.join(users.strip_prefix("/")?);
         assert_eq!(std::fs::read_to_string(&restored)?, want);
     }
+    // A restore goes only where the agent allows it.
+    let refused = fleet.ctl(&[
+        "backup",
+        "restore",
+        "home",
+        "--node",
+        "agent-1",
+        "--to",
+        "/root/.ssh-shoal-test",
+        "--timeout",
+        "2m",
+    ])?;
+    ensure!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stdout).contains("allow-restore-to"),
+        "a restore outside --allow-restore-to: {refused:?}"
+    );
+    ensure!(!Path::new("/root/.ssh-shoal-test").exists());
     // A restore never overwrites: a non-empty directory is refused.
     let refused = fleet.ctl(&[
         "backup",

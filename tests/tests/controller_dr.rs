@@ -136,6 +136,33 @@ fn scenario() -> Result<()> {
     let work = fleet.dir().to_owned();
     let pass = work.join("passphrase");
     std::fs::write(&pass, format!("{PASSPHRASE}\n"))?;
+    // A backup target (its password sealed in the store) and a job, to find again after the
+    // restore.
+    let data = work.join("node-data");
+    std::fs::create_dir_all(&data)?;
+    std::fs::write(data.join("a.txt"), "kept\n")?;
+    let repo = work.join("restic-repos");
+    fleet.ctl_ok(&[
+        "backup",
+        "target",
+        "add",
+        "local",
+        &repo.display().to_string(),
+        "--password-file",
+        &pass.display().to_string(),
+    ])?;
+    fleet.ctl_ok(&[
+        "backup",
+        "job",
+        "create",
+        "home",
+        "--path",
+        &data.display().to_string(),
+        "--schedule",
+        "0 3 * * *",
+        "--target",
+        "local",
+    ])?;
     let backup = work.join("controller.age");
     let said = fleet.ctl_ok(&[
         "controller",
@@ -234,6 +261,30 @@ fn scenario() -> Result<()> {
         addresses(&fleet, "lab")? == lab_before,
         "lab addresses kept"
     );
+    // The backup job is intact, and its target's sealed password still opens: a backup runs.
+    let jobs = fleet.ctl_json(&["backup", "job", "list"])?;
+    ensure!(
+        jobs.to_string().contains("\"home\""),
+        "backup job kept: {jobs}"
+    );
+    fleet.ctl_ok(&["backup", "run", "home"])?;
+    eventually(
+        Duration::from_secs(120),
+        "both nodes back up after the restore",
+        || {
+            let rows = fleet.ctl_json(&["backup", "list"])?;
+            let rows = rows.as_array().cloned().unwrap_or_default();
+            ensure!(rows.len() == 2, "{rows:?}");
+            for r in &rows {
+                ensure!(
+                    r["last_error"].is_null() && !r["last_snapshot"].is_null(),
+                    "{r}"
+                );
+                ensure!(r["verification"] == "passed", "{r}");
+            }
+            Ok(())
+        },
+    )?;
     let run_after = fleet.ctl_json(&["maintenance", "status", &run])?;
     ensure!(
         run_after["finished"] == true && run_after["nodes"] == run_before["nodes"],

@@ -352,6 +352,9 @@ mod tests {
         let scratch = tempfile::tempdir().unwrap();
         let report = verify_archive(&sealed, PASS, &scratch.path().join("verify")).unwrap();
         assert_eq!(report.nodes, 3);
-        assert!(report.manifest.tables > 0 && report.manifest.files == super::super::archive::FILES.len() as u64);
+        assert!(
+            report.manifest.tables > 0
+                && report.manifest.files == super::super::archive::FILES.len() as u64
+        );
     }
 }
