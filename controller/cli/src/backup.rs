@@ -123,55 +123,7 @@ pub enum JobCmd {
     /// Create a job. The schedule is five-field cron read in --tz (`0 2 * * *`, `@daily`). A node
     /// that is down, in maintenance or outside --window when the schedule fires is caught up once
     /// it can run.
-    Create {
-        /// Name: 1 to 31 of a-z, 0-9 and '-'.
-        name: String,
-        /// KEY=VALUE: the nodes to back up (default every node).
-        #[arg(long, value_parser = parse_label)]
-        selector: Option<(String, String)>,
-        /// Absolute path to back up (repeatable).
-        #[arg(long = "path", required = true)]
-        paths: Vec<String>,
-        /// Exclude pattern, restic --exclude (repeatable).
-        #[arg(long = "exclude")]
-        excludes: Vec<String>,
-        /// When to back up.
-        #[arg(long)]
-        schedule: String,
-        /// When to verify besides after each backup (default @daily).
-        #[arg(long)]
-        verify_schedule: Option<String>,
-        /// IANA time zone of both schedules (default UTC).
-        #[arg(long)]
-        tz: Option<String>,
-        /// Target to write to (repeatable: every one gets every backup).
-        #[arg(long = "target", required = true)]
-        targets: Vec<String>,
-        /// Keep the newest N snapshots.
-        #[arg(long)]
-        keep_last: Option<u32>,
-        /// Keep one snapshot for each of the last N days.
-        #[arg(long)]
-        keep_daily: Option<u32>,
-        /// ... weeks.
-        #[arg(long)]
-        keep_weekly: Option<u32>,
-        /// ... months.
-        #[arg(long)]
-        keep_monthly: Option<u32>,
-        /// A maintenance window outside which scheduled runs do not start.
-        #[arg(long)]
-        window: Option<String>,
-        /// Report the job when its newest passed verification is older than this (default 26h).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        verify_max_age: Option<Duration>,
-        /// Verifications over which every pack is read once (default 7).
-        #[arg(long)]
-        check_period: Option<u32>,
-        /// Files restored and compared per verification (default 32, at most 64).
-        #[arg(long)]
-        sample_files: Option<u32>,
-    },
+    Create(Box<JobCreate>),
     /// Jobs.
     List {
         /// Output format.
@@ -183,6 +135,58 @@ pub enum JobCmd {
         /// Name.
         name: String,
     },
+}
+
+/// `backup job create`.
+#[derive(Debug, clap::Args)]
+pub struct JobCreate {
+    /// Name: 1 to 31 of a-z, 0-9 and '-'.
+    name: String,
+    /// KEY=VALUE: the nodes to back up (default every node).
+    #[arg(long, value_parser = parse_label)]
+    selector: Option<(String, String)>,
+    /// Absolute path to back up (repeatable).
+    #[arg(long = "path", required = true)]
+    paths: Vec<String>,
+    /// Exclude pattern, restic --exclude (repeatable).
+    #[arg(long = "exclude")]
+    excludes: Vec<String>,
+    /// When to back up.
+    #[arg(long)]
+    schedule: String,
+    /// When to verify besides after each backup (default @daily).
+    #[arg(long)]
+    verify_schedule: Option<String>,
+    /// IANA time zone of both schedules (default UTC).
+    #[arg(long)]
+    tz: Option<String>,
+    /// Target to write to (repeatable: every one gets every backup).
+    #[arg(long = "target", required = true)]
+    targets: Vec<String>,
+    /// Keep the newest N snapshots.
+    #[arg(long)]
+    keep_last: Option<u32>,
+    /// Keep one snapshot for each of the last N days.
+    #[arg(long)]
+    keep_daily: Option<u32>,
+    /// ... weeks.
+    #[arg(long)]
+    keep_weekly: Option<u32>,
+    /// ... months.
+    #[arg(long)]
+    keep_monthly: Option<u32>,
+    /// A maintenance window outside which scheduled runs do not start.
+    #[arg(long)]
+    window: Option<String>,
+    /// Report the job when its newest passed verification is older than this (default 26h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    verify_max_age: Option<Duration>,
+    /// Verifications over which every pack is read once (default 7).
+    #[arg(long)]
+    check_period: Option<u32>,
+    /// Files restored and compared per verification (default 32, at most 64).
+    #[arg(long)]
+    sample_files: Option<u32>,
 }
 
 fn read_text(path: &PathBuf, what: &str) -> anyhow::Result<String> {
@@ -398,24 +402,25 @@ fn target(client: &AdminClient, cmd: TargetCmd) -> anyhow::Result<()> {
 
 fn job(client: &AdminClient, cmd: JobCmd) -> anyhow::Result<()> {
     match cmd {
-        JobCmd::Create {
-            name,
-            selector,
-            paths,
-            excludes,
-            schedule,
-            verify_schedule,
-            tz,
-            targets,
-            keep_last,
-            keep_daily,
-            keep_weekly,
-            keep_monthly,
-            window,
-            verify_max_age,
-            check_period,
-            sample_files,
-        } => {
+        JobCmd::Create(create) => {
+            let JobCreate {
+                name,
+                selector,
+                paths,
+                excludes,
+                schedule,
+                verify_schedule,
+                tz,
+                targets,
+                keep_last,
+                keep_daily,
+                keep_weekly,
+                keep_monthly,
+                window,
+                verify_max_age,
+                check_period,
+                sample_files,
+            } = *create;
             let req = CreateJob {
                 name,
                 selector: selector.map(|(k, v)| format!("{k}={v}")),
