@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds a shoal netboot image from Debian packages: the Debian kernel (linux-image-amd64) and an
 # initramfs holding busybox (busybox-static), smartctl (smartmontools), mkfs.ext4 (e2fsprogs) and
-# mkfs.xfs (xfsprogs) for the drives the agent prepares, the NIC, disk and filesystem modules a node
+# mkfs.xfs (xfsprogs) for the drives the agent prepares, restic for backup tasks, the NIC, disk and
+# filesystem modules a node
 # needs, the shoal agent, and an init that brings the network up by DHCP and starts the agent with the
 # controller address and join token from the kernel command line (shoal.controller=, shoal.token=).
 #
@@ -30,7 +31,7 @@
 # (default: the last commit's time), and compressed with single-threaded zstd. The signature is
 # deterministic too (Ed25519), for the same key.
 #
-# Needs (Debian): linux-image-amd64 busybox-static smartmontools e2fsprogs xfsprogs cpio zstd openssl kmod
+# Needs (Debian): linux-image-amd64 busybox-static smartmontools restic e2fsprogs xfsprogs cpio zstd openssl kmod
 # binutils.
 set -euo pipefail
 
@@ -94,10 +95,11 @@ trap 'rm -rf "$work"' EXIT
 root="$work/root"
 mkdir -p "$root"/{bin,sbin,etc/shoal,proc,sys,dev,run,tmp,var/lib/shoal-agent,usr/bin,usr/sbin,usr/share/udhcpc,lib/modules,lib64,root}
 
-# Userland: busybox, smartctl, mkfs for the filesystems the agent prepares drives with, the agent; shared
+# Userland: busybox, smartctl, mkfs for the filesystems the agent prepares drives with, restic for
+# backup tasks (a static Go binary), the agent; shared
 # libraries as ldd lists them. mke2fs picks the filesystem from its name, so it is copied as mkfs.ext4.
 cp /bin/busybox "$root/bin/busybox"
-tools="/usr/sbin/smartctl /sbin/mke2fs:/usr/sbin/mkfs.ext4 /sbin/mkfs.xfs:/usr/sbin/mkfs.xfs"
+tools="/usr/sbin/smartctl /sbin/mke2fs:/usr/sbin/mkfs.ext4 /sbin/mkfs.xfs:/usr/sbin/mkfs.xfs /usr/bin/restic"
 for t in $tools; do
     src="${t%%:*}" dst="${t#*:}"
     [ -x "$src" ] || { echo "build.sh: $src missing (scripts/deps)" >&2; exit 1; }
@@ -239,7 +241,7 @@ sha() { sha256sum "$1" | cut -d' ' -f1; }
 size() { stat -c %s "$1"; }
 pkgver() { dpkg-query -W -f='${Version}' "$1"; }
 inputs=""
-for p in "$kpkg" busybox-static smartmontools e2fsprogs libext2fs2 libcom-err2 libblkid1 libuuid1 xfsprogs libinih1 \
+for p in "$kpkg" busybox-static smartmontools restic e2fsprogs libext2fs2 libcom-err2 libblkid1 libuuid1 xfsprogs libinih1 \
     liburcu8 libc6 libgcc-s1 libstdc++6 libcap-ng0 libselinux1 libsystemd0; do
     v=$(pkgver "$p" 2>/dev/null) || continue
     inputs="$inputs    {\"name\": \"$p\", \"version\": \"$v\"},
