@@ -2,8 +2,7 @@
 # Builds a shoal netboot image from Debian packages: the Debian kernel (linux-image-amd64) and an
 # initramfs holding busybox (busybox-static), smartctl (smartmontools), mkfs.ext4 (e2fsprogs) and
 # mkfs.xfs (xfsprogs) for the drives the agent prepares, restic for backup tasks, the NIC, disk and
-# filesystem modules a node
-# needs, the shoal agent, and an init that brings the network up by DHCP and starts the agent with the
+# filesystem modules a node needs, the shoal agent, and an init that brings the network up by DHCP and starts the agent with the
 # controller address and join token from the kernel command line (shoal.controller=, shoal.token=).
 #
 # Usage: images/build.sh --out DIR --version V [--agent PATH] [--key PATH] [--modules "m1 m2 ..."]
