@@ -499,6 +499,59 @@ fn scenario(
     }
     assert!(cleared >= 1, "no stale lock was cleared: {rows6:?}");
 
+    // 6b. The controller goes down while a run is in progress: the node finishes the run, keeps the
+    // result, and reports it when the controller is back.
+    for i in 0..4 {
+        let mut f = std::fs::File::create(big.join(format!("more-{i}")))?;
+        let mut urandom = std::fs::File::open("/dev/urandom")?;
+        std::io::copy(&mut std::io::Read::take(&mut urandom, 48 << 20), &mut f)?;
+    }
+    let kept = fleet.agents()[1].state_dir.join("backup").join("results");
+    let before = last_tasks(fleet)?;
+    fleet.ctl_ok(&["backup", "run", "home", "--node", "agent-2"])?;
+    eventually(
+        Duration::from_secs(60),
+        "restic backing up on agent-2 again",
+        || {
+            ensure!(restic_in_ns(), "no restic backup yet");
+            Ok(())
+        },
+    )?;
+    fleet.controller().stop(Duration::from_secs(5))?;
+    eventually(
+        Duration::from_secs(240),
+        "the node finishes the run and keeps its result",
+        || {
+            let n = std::fs::read_dir(&kept).map(|d| d.count()).unwrap_or(0);
+            ensure!(n >= 1, "no kept result in {}", kept.display());
+            Ok(())
+        },
+    )?;
+    fleet.controller().restart()?;
+    fleet.wait_controller_ready()?;
+    let rows6b = wait_task_done(
+        fleet,
+        &[&n2],
+        &before,
+        "the result reported after the restart",
+    )?;
+    for t in ["s3", "nas"] {
+        let r = row(&rows6b, &n2, t).context("row")?;
+        ensure!(
+            r["last_error"].is_null() && r["verification"] == "passed",
+            "{t}: {r}"
+        );
+    }
+    eventually(
+        Duration::from_secs(30),
+        "the acknowledged result forgotten by the node",
+        || {
+            let n = std::fs::read_dir(&kept).map(|d| d.count()).unwrap_or(0);
+            ensure!(n == 0, "{n} results still kept");
+            Ok(())
+        },
+    )?;
+
     // 7. The controller's own scheduled backup reached the sftp target and was verified.
     eventually(
         Duration::from_secs(150),

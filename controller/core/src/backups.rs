@@ -491,6 +491,15 @@ pub struct Owed {
     pub requested: bool,
 }
 
+impl Owed {
+    /// Whether the task may start now. A scheduled task waits while the job's window is closed
+    /// or the node is in maintenance (a rollout has it in flight), and is caught up once both
+    /// allow; one an operator asked for (`backup run`, `verify`, `restore`) starts at once.
+    pub fn may_start(&self, window_open: bool, in_maintenance: bool) -> bool {
+        self.requested || (window_open && !in_maintenance)
+    }
+}
+
 /// A task sent and not yet answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InFlight {
@@ -661,6 +670,15 @@ impl NodeJobState {
     /// the one in flight (a late repeat) still updates the targets, so nothing the agent did is
     /// lost, but does not satisfy anything.
     pub fn apply(&mut self, result: &BackupResult, now: UnixMillis) -> Vec<Finding> {
+        // The same result twice (the agent sends what it keeps on every session until the
+        // acknowledgement arrives, and answers a repeated task with it): once is enough.
+        if self
+            .last_task
+            .as_ref()
+            .is_some_and(|t| t.task == result.task)
+        {
+            return vec![];
+        }
         let mut findings = vec![];
         let current = self
             .in_flight
@@ -920,6 +938,31 @@ mod tests {
         assert_eq!(
             (owed.kind, owed.due),
             (OwedKind::Verify, UnixMillis(DAY0 + 24 * H))
+        );
+    }
+
+    #[test]
+    fn scheduled_work_waits_for_the_window_and_maintenance_and_requests_do_not() {
+        let scheduled = Owed {
+            kind: OwedKind::Backup,
+            due: UnixMillis(0),
+            requested: false,
+        };
+        assert!(scheduled.may_start(true, false));
+        assert!(!scheduled.may_start(false, false), "window closed");
+        assert!(!scheduled.may_start(true, true), "in maintenance");
+        let asked = Owed {
+            requested: true,
+            ..scheduled
+        };
+        assert!(asked.may_start(false, true));
+        // What was owed while it had to wait is still owed afterwards (once).
+        let j = job("0 2 * * *");
+        let s = NodeJobState::default();
+        let late = UnixMillis(DAY0 + 24 * H + 9 * H);
+        assert_eq!(
+            j.owed(&s, late).map(|o| o.due),
+            Some(UnixMillis(DAY0 + 24 * H + 2 * H))
         );
     }
 

@@ -198,7 +198,7 @@ impl Controller {
                 let Some(owed) = job.owed(&state, now) else {
                     continue;
                 };
-                if !owed.requested && (!window_open || self.in_maintenance(&rollouts, &node.id)) {
+                if !owed.may_start(window_open, self.in_maintenance(&rollouts, &node.id)) {
                     continue;
                 }
                 self.dispatch(&job, &node.id, now)?;
