@@ -11,14 +11,24 @@ use crate::backup::{self, BackupConfig, ResultBook, TaskDecision};
 /// Backups as the shell sees them.
 pub(super) struct BackupState {
     pub(super) config: BackupConfig,
-    pub(super) book: ResultBook,
+    /// Shared with the running tasks: a task keeps its result itself as it ends, so the result is
+    /// on disk even while no session runs (the controller is down) and outlives the agent.
+    pub(super) book: std::sync::Arc<std::sync::Mutex<ResultBook>>,
 }
 
 impl BackupState {
+    /// The result book.
+    pub(super) fn book(&self) -> std::sync::MutexGuard<'_, ResultBook> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Results kept in the state dir from before.
     pub(super) fn new(config: BackupConfig) -> BackupState {
         let book = ResultBook::load(config.work_dir.join("results"));
-        BackupState { config, book }
+        BackupState {
+            config,
+            book: std::sync::Arc::new(std::sync::Mutex::new(book)),
+        }
     }
 }
 
@@ -32,7 +42,8 @@ impl Shell<'_> {
                 return None;
             }
         };
-        match self.backups.book.offer(&task.id) {
+        let offered = self.backups.book().offer(&task.id);
+        match offered {
             TaskDecision::Running => {
                 debug!(task = %task.id, "backup task already running");
                 None
@@ -42,12 +53,16 @@ impl Shell<'_> {
                 info!(task = %task.id, job = %task.job, kind = task.kind.name(), targets = task.targets.len(), "backup task started");
                 let config = self.backups.config.clone();
                 let events = self.events.clone();
+                let book = self.backups.book.clone();
                 tokio::spawn(async move {
                     let progress_events = events.clone();
                     let result = backup::run_task(&config, &node, &task, move |p| {
                         let _ = progress_events.send(ShellEvent::BackupProgress(p));
                     })
                     .await;
+                    book.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .finished(&result);
                     let _ = events.send(ShellEvent::BackupDone(Box::new(result)));
                 });
                 None
@@ -55,10 +70,9 @@ impl Shell<'_> {
         }
     }
 
-    /// A task ended: keep the result and send it.
+    /// A task ended (its result is already kept): send it.
     pub(super) fn backup_done(&mut self, result: BackupResult, ready: bool) -> Option<AgentMsg> {
         info!(task = %result.task, job = %result.job, failed_targets = result.targets.iter().filter(|t| t.error.is_some()).count(), error = ?result.error, "backup task ended");
-        self.backups.book.finished(&result);
         (ready && self.protocol >= shoal_proto::BACKUP_PROTOCOL)
             .then_some(AgentMsg::BackupResult(result))
     }
@@ -78,7 +92,8 @@ impl Shell<'_> {
         &mut self,
         send: &mut quinn::SendStream,
     ) -> Result<(), super::shell::AttemptError> {
-        for result in self.backups.book.unacknowledged() {
+        let kept = self.backups.book().unacknowledged();
+        for result in kept {
             shoal_overlay::send_msg(send, &AgentMsg::BackupResult(result)).await?;
         }
         Ok(())

@@ -368,7 +368,7 @@ impl Shell<'_> {
                 Output::MaintenanceStep(step) => self.maintenance_step(step),
                 Output::BackupTask(task) => self.backup_task(task),
                 Output::BackupAck { task } => {
-                    self.backups.book.acknowledged(&task);
+                    self.backups.book().acknowledged(&task);
                     None
                 }
                 Output::SendBackupResults => {
