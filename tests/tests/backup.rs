@@ -75,6 +75,17 @@ fn last_tasks(fleet: &Fleet) -> Result<Vec<(String, String)>> {
         .collect())
 }
 
+/// `n` files of 48 MiB of random bytes, `prefix-0`..: work that takes restic a while.
+fn random_files(dir: &Path, prefix: &str, n: usize) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for i in 0..n {
+        let mut f = std::fs::File::create(dir.join(format!("{prefix}-{i}")))?;
+        let mut urandom = std::fs::File::open("/dev/urandom")?;
+        std::io::copy(&mut std::io::Read::take(&mut urandom, 48 << 20), &mut f)?;
+    }
+    Ok(())
+}
+
 fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| path.display().to_string())
 }
@@ -418,12 +429,7 @@ fn scenario(
 
     // 6. A run killed with its node: the repository stays usable, the next run succeeds.
     let big = data.join("big");
-    std::fs::create_dir_all(&big)?;
-    for i in 0..6 {
-        let mut f = std::fs::File::create(big.join(format!("blob-{i}")))?;
-        let mut urandom = std::fs::File::open("/dev/urandom")?;
-        std::io::copy(&mut std::io::Read::take(&mut urandom, 48 << 20), &mut f)?;
-    }
+    random_files(&big, "blob", 6)?;
     let before = last_tasks(fleet)?;
     fleet.ctl_ok(&["backup", "run", "home", "--node", "agent-2"])?;
     let agent_ns = fleet.agents()[1].netns.clone();
@@ -439,14 +445,17 @@ fn scenario(
                     .unwrap_or(false)
             })
     };
-    eventually(
-        Duration::from_secs(60),
-        "restic backing up on agent-2",
-        || {
-            ensure!(restic_in_ns(), "no restic backup yet");
-            Ok(())
-        },
-    )?;
+    let restic_started = || {
+        eventually(
+            Duration::from_secs(60),
+            "restic backing up on agent-2",
+            || {
+                ensure!(restic_in_ns(), "no restic backup yet");
+                Ok(())
+            },
+        )
+    };
+    restic_started()?;
     std::thread::sleep(Duration::from_millis(1500));
     // The node dies: every process in its namespace, agent and restic alike, and all are gone
     // (reaped) before it boots again.
@@ -501,22 +510,11 @@ fn scenario(
 
     // 6b. The controller goes down while a run is in progress: the node finishes the run, keeps the
     // result, and reports it when the controller is back.
-    for i in 0..4 {
-        let mut f = std::fs::File::create(big.join(format!("more-{i}")))?;
-        let mut urandom = std::fs::File::open("/dev/urandom")?;
-        std::io::copy(&mut std::io::Read::take(&mut urandom, 48 << 20), &mut f)?;
-    }
+    random_files(&big, "more", 4)?;
     let kept = fleet.agents()[1].state_dir.join("backup").join("results");
     let before = last_tasks(fleet)?;
     fleet.ctl_ok(&["backup", "run", "home", "--node", "agent-2"])?;
-    eventually(
-        Duration::from_secs(60),
-        "restic backing up on agent-2 again",
-        || {
-            ensure!(restic_in_ns(), "no restic backup yet");
-            Ok(())
-        },
-    )?;
+    restic_started()?;
     fleet.controller().stop(Duration::from_secs(5))?;
     eventually(
         Duration::from_secs(240),
