@@ -299,7 +299,7 @@ pub const S3_PORT: u16 = 3900;
 pub const S3_REGION: &str = "us-east-1";
 
 /// How to install the S3 server ([`S3Server`]): not packaged by Debian.
-pub const GARAGE_INSTALL: &str = "cargo install garage@2.5.0 --locked";
+pub const GARAGE_INSTALL: &str = "scripts/deps (cargo install garage@2.5.0 --locked --no-default-features --features lmdb,system-libs, with libsodium-dev, libzstd-dev and pkg-config)";
 
 /// The S3-compatible object store: [Garage](https://garagehq.deuxfleurs.fr/) as a single node with
 /// replication factor 1, in a namespace, with one access key that may create buckets (so restic's
