@@ -32,8 +32,6 @@ pub const MAX_REPORTED_SNAPSHOTS: usize = 256;
 pub const MAX_BACKUP_ERRORS: usize = 32;
 /// Environment entries (credentials) of one target.
 pub const MAX_TARGET_ENV: usize = 32;
-/// restic `-o` options of one target.
-pub const MAX_TARGET_OPTIONS: usize = 16;
 
 /// Keep rules applied after every backup (`restic forget --prune`). A rule left `None` keeps
 /// nothing by it; a policy with no rule at all keeps every snapshot (nothing is forgotten).

@@ -20,7 +20,7 @@ use shoal_controller_core::{
     selector::{selector_text, valid_name},
     time::rfc3339_ms as rfc3339,
 };
-use shoal_proto::{Retention, UnixMillis, MAX_TARGET_ENV, MAX_TARGET_OPTIONS};
+use shoal_proto::{Retention, UnixMillis, MAX_TARGET_ENV};
 use tracing::info;
 
 use super::{secrets::TargetSecrets, store::TargetRecord};
@@ -118,7 +118,6 @@ async fn create_target(
         {
             return Err(bad("the SSH key or known_hosts file is too large"));
         }
-        let _ = MAX_TARGET_OPTIONS;
         let secrets = TargetSecrets {
             password: req.password.clone(),
             env: req.env.clone(),
@@ -216,9 +215,8 @@ fn retention_text(r: &Retention) -> String {
     }
 }
 
-fn job_view(ctl: &Ctl, job: &Job, nodes: &[NodeRecord], now: UnixMillis) -> JobView {
+fn job_view(job: &Job, nodes: &[NodeRecord], now: UnixMillis) -> JobView {
     let r = job.record();
-    let _ = ctl;
     JobView {
         name: r.name.clone(),
         selector: r.selector.as_ref().map(selector_text),
@@ -299,7 +297,7 @@ async fn create_job(
             ),
         )?;
         let nodes = ctl.store.nodes()?;
-        Ok((StatusCode::CREATED, Json(job_view(&ctl, &job, &nodes, now))))
+        Ok((StatusCode::CREATED, Json(job_view(&job, &nodes, now))))
     })
     .await
 }
@@ -313,7 +311,7 @@ async fn list_jobs(State(ctl): State<Ctl>) -> Result<Json<Vec<JobView>>, HttpErr
                 .backup_jobs()?
                 .into_iter()
                 .filter_map(|r| Job::from_record(r).ok())
-                .map(|j| job_view(&ctl, &j, &nodes, now))
+                .map(|j| job_view(&j, &nodes, now))
                 .collect(),
         ))
     })
@@ -333,7 +331,7 @@ async fn delete_job(
             &format!("backup job {name} deleted (its snapshots stay in the targets)"),
         )?;
         let job = Job::from_record(record).map_err(|e| bad(e.to_string()))?;
-        Ok(Json(job_view(&ctl, &job, &[], now_ms())))
+        Ok(Json(job_view(&job, &[], now_ms())))
     })
     .await
 }
