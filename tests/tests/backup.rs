@@ -455,8 +455,21 @@ fn scenario(
             },
         )
     };
-    restic_started()?;
-    std::thread::sleep(Duration::from_millis(1500));
+    // Killed while restic holds a lock in the sftp repository (the job's second target): the
+    // lock file is on disk there, so the node dies mid-write, not between two commands.
+    let nas_locks = nas_root.join("repos").join(&n2).join("locks");
+    eventually(
+        Duration::from_secs(120),
+        "agent-2's backup holding a lock on nas",
+        || {
+            ensure!(restic_in_ns(), "restic not running");
+            let n = std::fs::read_dir(&nas_locks)
+                .map(|d| d.count())
+                .unwrap_or(0);
+            ensure!(n >= 1, "no lock in {}", nas_locks.display());
+            Ok(())
+        },
+    )?;
     // The node dies: every process in its namespace, agent and restic alike, and all are gone
     // (reaped) before it boots again.
     let mut killed = vec![];

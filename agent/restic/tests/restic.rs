@@ -368,7 +368,7 @@ async fn verify_sample_passes_then_detects_a_tampered_pack() {
 async fn a_killed_backup_leaves_a_stale_lock_that_unlock_stale_removes() {
     let fx = Fixture::new(require!(restic()));
     fx.init().await;
-    for i in 0..64 {
+    for i in 0..128 {
         random_file(&fx.path(&format!("src/{i}")), 4 << 20, 1000 + i);
     }
     let spec = fx.spec("src");
@@ -386,6 +386,9 @@ async fn a_killed_backup_leaves_a_stale_lock_that_unlock_stale_removes() {
         assert!(Instant::now() < deadline, "no lock appeared");
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
+    // Frozen at once, so that a fast machine cannot finish the backup before it is killed.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(lock.pid).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop the backup");
     assert!(!lock.exclusive);
     let comm = std::fs::read_to_string(format!("/proc/{}/comm", lock.pid)).expect("comm");
     assert_eq!(comm.trim(), "restic");
@@ -397,11 +400,7 @@ async fn a_killed_backup_leaves_a_stale_lock_that_unlock_stale_removes() {
             .is_empty(),
         "a live run's lock is not stale"
     );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(lock.pid).expect("pid")),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill");
     let err = run.await.expect("join").expect_err("killed");
     assert!(
         matches!(err, Error::Failed { code: None, .. }),
@@ -419,7 +418,7 @@ async fn a_killed_backup_leaves_a_stale_lock_that_unlock_stale_removes() {
         .backup(&fx.repo, &fx.spec("src"), |_| {})
         .await
         .expect("a new backup succeeds");
-    assert_eq!(summary.total_files_processed, 64);
+    assert_eq!(summary.total_files_processed, 128);
     let check = fx.restic.check(&fx.repo, None).await.expect("check");
     assert!(check.ok, "{check:?}");
 }
