@@ -397,7 +397,7 @@ impl Job {
             match t.and_then(|t| t.last_verify.as_ref()) {
                 Some(v) if !v.stats.passed() => lines.push(format!(
                     "target {target}: verification of snapshot {} failed: {}",
-                    short(&v.stats.snapshot),
+                    short_id(&v.stats.snapshot),
                     verify_problems(&v.stats)
                 )),
                 Some(v) if now.0.saturating_sub(v.at.0) > max_age => lines.push(format!(
@@ -449,7 +449,8 @@ pub fn verify_problems(v: &VerifyStats) -> String {
     parts.join("; ")
 }
 
-fn short(id: &str) -> &str {
+/// The first eight characters of a snapshot id, as restic shows it.
+pub fn short_id(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
 }
 

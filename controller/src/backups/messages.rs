@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use shoal_controller_core::{
-    backups::{BackupEvent, Finding},
+    backups::{short_id, BackupEvent, Finding},
     session::{Action, Session},
 };
 use shoal_proto::{BackupProgress, BackupResult, ControllerMsg, NodeId};
@@ -98,7 +98,7 @@ impl Controller {
                     bytes_added,
                 } => (
                     BackupEvent::BackupSucceeded,
-                    format!("{host}: job {job} backed up to {target}: snapshot {} ({bytes_added} bytes added)", short(&snapshot)),
+                    format!("{host}: job {job} backed up to {target}: snapshot {} ({bytes_added} bytes added)", short_id(&snapshot)),
                 ),
                 Finding::Verified {
                     target,
@@ -109,7 +109,7 @@ impl Controller {
                     BackupEvent::BackupVerified,
                     format!(
                         "{host}: job {job} on {target}: snapshot {} verified ({files} files restored intact, data subset {}/{} read)",
-                        short(&snapshot),
+                        short_id(&snapshot),
                         subset.0,
                         subset.1
                     ),
@@ -120,7 +120,7 @@ impl Controller {
                     problems,
                 } => (
                     BackupEvent::BackupVerifyFailed,
-                    format!("{host}: job {job} on {target}: verification of snapshot {} failed: {problems}", short(&snapshot)),
+                    format!("{host}: job {job} on {target}: verification of snapshot {} failed: {problems}", short_id(&snapshot)),
                 ),
                 Finding::TargetFailed { target, message } => (
                     BackupEvent::BackupFailed,
@@ -129,7 +129,7 @@ impl Controller {
                 Finding::Restored { target, outcome } => (
                     BackupEvent::BackupRestored,
                     match outcome {
-                        Ok(s) => format!("{host}: job {job}: snapshot {} restored from {target}", short(&s)),
+                        Ok(s) => format!("{host}: job {job}: snapshot {} restored from {target}", short_id(&s)),
                         Err(e) => format!("{host}: job {job}: restore from {target} failed: {e}"),
                     },
                 ),
@@ -149,8 +149,4 @@ impl Controller {
         self.backups.wake.notify_one();
         true
     }
-}
-
-fn short(id: &str) -> &str {
-    id.get(..8).unwrap_or(id)
 }

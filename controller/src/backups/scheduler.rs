@@ -229,12 +229,11 @@ impl Controller {
                 restore,
             };
             state.in_flight = Some(flight.clone());
-            Some(flight)
+            Some((flight, state.clone()))
         })?;
-        let Some(flight) = flight else {
+        let Some((flight, state)) = flight else {
             return Ok(());
         };
-        let state = self.store.backup_state(job.name(), node)?;
         match self.build_task(job, &state, &flight) {
             Ok(task) => {
                 info!(node = %node, job = %job.name(), task = %task.id, kind = task.kind.name(), "backup task sent");

@@ -6,6 +6,7 @@
 
 use std::{
     io::Write,
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
 };
 
@@ -77,7 +78,7 @@ impl SecretBox {
                     .write(true)
                     .create(true)
                     .truncate(true)
-                    .mode_private()
+                    .mode(0o600)
                     .open(&tmp)
                     .map_err(|e| SecretError::Key(tmp.clone(), e))?;
                 f.write_all(&key)
@@ -129,17 +130,6 @@ impl SecretBox {
             .open_in_place(nonce, Aad::from(name.as_bytes()), &mut body)
             .map_err(|_| bad())?;
         postcard::from_bytes(plain).map_err(|_| bad())
-    }
-}
-
-trait PrivateMode {
-    fn mode_private(&mut self) -> &mut Self;
-}
-
-impl PrivateMode for std::fs::OpenOptions {
-    fn mode_private(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.mode(0o600)
     }
 }
 

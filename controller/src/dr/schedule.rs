@@ -12,7 +12,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use shoal_controller_core::backups::{BackupEvent, Schedule};
+use shoal_controller_core::backups::{short_id, BackupEvent, Schedule};
 use shoal_proto::UnixMillis;
 use shoal_restic::{BackupSpec, Filter, Repo, Restic, Retention, SftpAccess};
 use tracing::{info, warn};
@@ -117,7 +117,7 @@ fn record(
             let message = format!(
                 "controller backup written to {} (snapshot {}, {} bytes) and verified: it restores and opens with {} nodes",
                 config.target,
-                run.snapshot.as_deref().map(|s| s.get(..8).unwrap_or(s)).unwrap_or("?"),
+                run.snapshot.as_deref().map(short_id).unwrap_or("?"),
                 run.bytes,
                 run.verified_nodes.unwrap_or(0)
             );
@@ -170,12 +170,8 @@ async fn run_once(
     }
 }
 
-async fn private_dir(dir: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    tokio::fs::create_dir_all(dir)
-        .await
-        .and(tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).await)
-        .map_err(|e| format!("{}: {e}", dir.display()))
+fn private_dir(dir: &Path) -> Result<(), String> {
+    shoal_overlay::pki::ensure_private_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))
 }
 
 async fn attempt(
@@ -194,7 +190,7 @@ async fn attempt(
         .map_err(|e| format!("snapshot: {e}"))?;
     run.bytes = bytes.len() as u64;
     let staging = work.join("staging");
-    private_dir(&staging).await?;
+    private_dir(&staging)?;
     let file: PathBuf = staging.join("controller.shoaldr");
     tokio::fs::write(&file, &bytes)
         .await
@@ -281,7 +277,7 @@ async fn write_and_verify(
     // Prove it: what the repository gives back decrypts and opens as a controller.
     let verify = work.join("verify");
     let _ = tokio::fs::remove_dir_all(&verify).await;
-    private_dir(&verify).await?;
+    private_dir(&verify)?;
     let restored_root = verify.join("restored");
     restic
         .restore(
