@@ -19,6 +19,7 @@
 
 pub mod api;
 pub mod backups;
+pub mod cluster;
 pub mod connections;
 pub mod dr;
 pub mod drives;

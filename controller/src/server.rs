@@ -208,6 +208,8 @@ pub struct Controller {
     pub(crate) releases: crate::releases::store::ReleaseStore,
     /// Backup targets' secrets, task progress, the scheduler's wake-up.
     pub(crate) backups: crate::backups::Backups,
+    /// The other controllers on the same etcd cluster, and who leads.
+    pub(crate) cluster: crate::cluster::Cluster,
     /// The latest agent update facts per node (see `agent_updates`).
     pub(crate) agent_updates: Mutex<HashMap<NodeId, crate::releases::updates::AgentUpdate>>,
     pub(crate) update_notices:
@@ -276,6 +278,7 @@ impl Controller {
         let controller = Arc::new(Controller {
             releases,
             backups,
+            cluster: crate::cluster::Cluster::single(),
             agent_updates: Mutex::new(HashMap::new()),
             update_notices: tokio::sync::broadcast::channel(256).0,
             conn_stats: ConnStats::default(),
