@@ -23,6 +23,7 @@ pub mod cluster;
 pub mod connections;
 pub mod dr;
 pub mod drives;
+pub mod etcd;
 pub mod http;
 pub mod maintenance;
 pub mod netboot;

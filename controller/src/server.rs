@@ -80,6 +80,14 @@ pub struct ControllerConfig {
     /// The rollout driver's clock (default: the wall clock). A test hook: see
     /// [`crate::maintenance::RolloutClock`].
     pub rollout_clock: crate::maintenance::RolloutClock,
+    /// The etcd cluster the store lives in, shared with other controllers (`--etcd-endpoints`;
+    /// default none: the embedded store in the data dir, one controller).
+    pub etcd: Option<crate::etcd::EtcdConfig>,
+    /// Where agents reach this controller, as announced to them and to the other controllers
+    /// (`--advertise`; default: the agents' QUIC address when it is not a wildcard).
+    pub advertise: Option<SocketAddr>,
+    /// Leader election on etcd: lease TTL and timing (default [`crate::cluster::election::ElectionConfig::new`]).
+    pub election_ttl: Duration,
     /// Trusted agent release keys (files with 64 hex characters, `--release-key`); uploads signed
     /// by none of them are refused. Default none: no release can be added.
     pub release_keys: Vec<PathBuf>,
@@ -135,6 +143,9 @@ impl ControllerConfig {
             dr_schedule: None,
             rollout_clock: crate::maintenance::RolloutClock::default(),
             release_keys: Vec::new(),
+            etcd: None,
+            advertise: None,
+            election_ttl: Duration::from_secs(2),
             max_handshakes: 1024,
             retry_above: 64,
             max_unauthenticated: 256,
@@ -274,11 +285,17 @@ impl Controller {
         )
         .map_err(|e| ServeError::Releases(e.to_string()))?;
         let backups = crate::backups::Backups::open(&config.data_dir)?;
+        let id = crate::cluster::load_or_create_id(&config.data_dir)
+            .map_err(|e| ServeError::DataDir(config.data_dir.clone(), e))?;
+        let cluster = match config.etcd {
+            Some(_) => crate::cluster::Cluster::clustered(id),
+            None => crate::cluster::Cluster::single(id),
+        };
         let (transitions, transitions_rx) = mpsc::unbounded_channel();
         let controller = Arc::new(Controller {
             releases,
             backups,
-            cluster: crate::cluster::Cluster::single(),
+            cluster,
             agent_updates: Mutex::new(HashMap::new()),
             update_notices: tokio::sync::broadcast::channel(256).0,
             conn_stats: ConnStats::default(),
@@ -484,7 +501,38 @@ pub async fn run(
     let probe = bind_probe(&controller, quic_addr, server_config);
     let api = crate::api::serve(controller.clone(), api_listener)?;
     let netboot = crate::netboot::serve(controller.clone(), quic_addr.port()).await?;
-    info!(quic = %quic_addr, api = %api_addr, ca = %hex::encode(controller.ca.sha256()), "controller running");
+    info!(quic = %quic_addr, api = %api_addr, ca = %hex::encode(controller.ca.sha256()), controller = %controller.cluster.id, "controller running");
+    let advertised = controller.config.advertise.unwrap_or(quic_addr);
+    let api_ip = if api_addr.ip().is_unspecified() {
+        advertised.ip()
+    } else {
+        api_addr.ip()
+    };
+    controller.cluster.set_local(
+        advertised,
+        format!("https://{}", SocketAddr::new(api_ip, api_addr.port())),
+        now_ms().0,
+    );
+    let (stop_election, election_stopped) = tokio::sync::oneshot::channel::<()>();
+    let election = match &controller.config.etcd {
+        Some(etcd) => {
+            let client = crate::etcd::connect(etcd)
+                .await
+                .map_err(|e| ServeError::Store(crate::store::StoreError::Db(e.to_string())))?;
+            let mut cfg = crate::cluster::election::ElectionConfig::new(etcd.prefix.clone());
+            cfg.lease_ttl = controller.config.election_ttl;
+            let host: Arc<dyn crate::cluster::election::ElectionHost> = controller.clone();
+            Some(tokio::spawn(crate::cluster::election::run(
+                host,
+                client,
+                cfg,
+                async move {
+                    let _ = election_stopped.await;
+                },
+            )))
+        }
+        None => None,
+    };
 
     let sweeper = tokio::spawn(sweep(controller.clone()));
     let rollouts = tokio::spawn(crate::maintenance::run_driver(
@@ -559,6 +607,11 @@ pub async fn run(
     tokio::select! {
         _ = accept => {}
         _ = shutdown => info!("shutting down"),
+    }
+    if let Some(election) = election {
+        // Revoking the lease hands leadership over at once instead of after its TTL.
+        let _ = stop_election.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(2), election).await;
     }
     sweeper.abort();
     rollouts.abort();
@@ -675,7 +728,10 @@ async fn sweep(controller: Arc<Controller>) {
                 if let Err(e) = c.store.flush_suppressed_events(now_ms()) {
                     warn!(cause = %e, "could not write the summaries of suppressed events");
                 }
-                c.store.prune(now_ms())
+                // Pruning is the leader's: once per fleet, fenced.
+                c.cluster
+                    .as_leader(|| c.store.prune(now_ms()))
+                    .unwrap_or_else(|| Ok(Default::default()))
             })
             .await
             {
@@ -698,5 +754,31 @@ async fn sweep(controller: Arc<Controller>) {
             let c = controller.clone();
             let _ = tokio::task::spawn_blocking(move || c.checkpoint()).await;
         }
+    }
+}
+
+impl Controller {
+    /// This controller's membership record as of now.
+    pub(crate) fn member_record(&self) -> crate::cluster::MemberRecord {
+        let (agent_addr, api, started_ms) = self.cluster.local();
+        crate::cluster::MemberRecord {
+            id: self.cluster.id.clone(),
+            agent_addr,
+            api,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_ms,
+            agents: self.live().conns.len() as u64,
+            updated_ms: now_ms().0,
+        }
+    }
+}
+
+impl crate::cluster::election::ElectionHost for Controller {
+    fn cluster(&self) -> &crate::cluster::Cluster {
+        &self.cluster
+    }
+
+    fn member_record(&self) -> crate::cluster::MemberRecord {
+        Controller::member_record(self)
     }
 }

@@ -10,6 +10,7 @@
 //! release signing (ring). A crate that only needs the types links neither.
 
 pub mod backups;
+pub mod cluster;
 pub mod dr;
 pub mod drives;
 pub mod error;

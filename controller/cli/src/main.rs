@@ -4,6 +4,7 @@
 #[macro_use]
 mod printable;
 mod backup;
+mod cluster;
 mod controller;
 mod identity;
 mod maint;
@@ -92,6 +93,9 @@ enum Command {
     /// The controller itself: encrypted backups for disaster recovery.
     #[command(subcommand)]
     Controller(controller::ControllerCmd),
+    /// The fleet's controllers (several on one etcd cluster): leader, agents, etcd health.
+    #[command(subcommand)]
+    Controllers(cluster::ControllersCmd),
     /// Fleet events (enrolled, up, down, removed...).
     Events {
         /// Output format.
@@ -581,6 +585,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Release(cmd) => release::release(&client, cmd)?,
         Command::Machines(cmd) => netboot::machines(&client, cmd)?,
         Command::Controller(cmd) => controller::controller(&client, cmd)?,
+        Command::Controllers(cmd) => cluster::controllers(&client, cmd)?,
         Command::Events { output, after } => {
             let path = match after {
                 Some(a) => format!("/v1/events?after={a}"),

@@ -100,6 +100,7 @@ pub fn router(controller: Ctl) -> Router {
         .merge(crate::backups::routes::routes())
         .merge(crate::registry::identity::routes())
         .merge(crate::dr::routes::routes())
+        .merge(crate::cluster::routes::routes())
         .layer(middleware::from_fn_with_state(
             controller.clone(),
             authenticate,

@@ -71,7 +71,10 @@ pub(crate) fn new_task_id(now: UnixMillis) -> String {
 pub(crate) async fn run_scheduler(controller: Arc<Controller>, tick: Duration) {
     loop {
         let c = controller.clone();
-        let _ = tokio::task::spawn_blocking(move || c.backup_pass(now_ms())).await;
+        // The leader's work: skipped on a follower, fenced on the leader.
+        let _ =
+            tokio::task::spawn_blocking(move || c.cluster.as_leader(|| c.backup_pass(now_ms())))
+                .await;
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
             _ = controller.backups.wake.notified() => {}

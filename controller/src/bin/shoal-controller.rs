@@ -59,6 +59,14 @@ struct ServeArgs {
     /// 1).
     #[arg(long)]
     probe_listen: Option<std::net::SocketAddr>,
+    /// Where agents reach this controller, as announced to agents and other controllers when
+    /// several share one etcd cluster (default: the --listen address, unless it is a wildcard).
+    #[arg(long, value_name = "ADDR")]
+    advertise: Option<std::net::SocketAddr>,
+    /// Leader lease TTL on etcd: a dead leader is replaced after about this long (etcd raises it
+    /// to its minimum, 1.5 × its election timeout).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, hide = true)]
+    election_ttl: std::time::Duration,
     /// How long agents may use a cached netmap without hearing from the controller.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     netmap_validity: std::time::Duration,
@@ -155,6 +163,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.overlay_subnet = args.overlay_subnet;
     config.overlay_mtu = args.overlay_mtu;
     config.probe_listen = args.probe_listen;
+    config.advertise = args.advertise;
+    config.election_ttl = args.election_ttl;
     config.netmap_validity = args.netmap_validity;
     config.netboot = args.netboot.config()?;
     config.release_keys = args.release_keys.clone();

@@ -3,9 +3,19 @@
 //!
 //! With the embedded store there is one controller and it always leads; the set it tells agents is
 //! empty (agents keep the `--controller` addresses they were given).
+//!
+//! On etcd (`election.rs`), every controller holds one lease; its membership record
+//! (`{prefix}cluster/controllers/{id}`) lives on that lease, and so does the leader key
+//! (`{prefix}cluster/leader`) while it leads. The leader's work runs through
+//! [`Cluster::as_leader`]: only while this controller leads, and with every store write fenced on
+//! the leader key's create revision ([`crate::store::backend::Fence`]).
 
-use std::net::SocketAddr;
+pub mod election;
+pub mod routes;
 
+use std::{net::SocketAddr, sync::Mutex};
+
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 /// A controller's QUIC endpoint for agents, as the cluster announces it.
@@ -17,18 +27,81 @@ pub struct AgentEndpoint {
     pub addr: SocketAddr,
 }
 
+/// A controller's record in etcd, kept on its lease (gone within the lease's TTL of its death).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    /// The controller's id.
+    pub id: String,
+    /// Where agents reach it (QUIC).
+    pub agent_addr: SocketAddr,
+    /// Its admin API (`https://…`).
+    pub api: String,
+    /// Its version.
+    pub version: String,
+    /// When it started (ms since the epoch).
+    pub started_ms: u64,
+    /// Agents connected to it when it last wrote the record.
+    pub agents: u64,
+    /// When it last wrote the record (ms since the epoch).
+    pub updated_ms: u64,
+}
+
+/// Who leads, as this controller sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LeaderView {
+    /// This controller leads, fenced on this: the leader key and its create revision.
+    pub fence: Option<crate::store::backend::Fence>,
+    /// The leading controller's id, when known.
+    pub leader: Option<String>,
+}
+
 /// What this controller knows of the cluster it belongs to.
 #[derive(Debug)]
 pub(crate) struct Cluster {
+    /// This controller's id.
+    pub(crate) id: String,
+    /// On etcd (several controllers possible) or on its own.
+    clustered: bool,
     endpoints: watch::Sender<Vec<AgentEndpoint>>,
+    leader: watch::Sender<LeaderView>,
+    /// The member records last read from etcd.
+    members: Mutex<Vec<MemberRecord>>,
+    /// Where agents and operators reach this controller, and when it started serving.
+    local: Mutex<(SocketAddr, String, u64)>,
 }
 
 impl Cluster {
-    /// A controller on its own (the embedded store).
-    pub(crate) fn single() -> Cluster {
+    /// A controller on its own (the embedded store): it always leads.
+    pub(crate) fn single(id: String) -> Cluster {
         Cluster {
+            leader: watch::channel(LeaderView {
+                fence: None,
+                leader: Some(id.clone()),
+            })
+            .0,
+            id,
+            clustered: false,
             endpoints: watch::channel(Vec::new()).0,
+            members: Mutex::new(Vec::new()),
+            local: Mutex::new((SocketAddr::from(([0, 0, 0, 0], 0)), String::new(), 0)),
         }
+    }
+
+    /// A controller on etcd: a follower until its election task wins.
+    pub(crate) fn clustered(id: String) -> Cluster {
+        Cluster {
+            id,
+            clustered: true,
+            endpoints: watch::channel(Vec::new()).0,
+            leader: watch::channel(LeaderView::default()).0,
+            members: Mutex::new(Vec::new()),
+            local: Mutex::new((SocketAddr::from(([0, 0, 0, 0], 0)), String::new(), 0)),
+        }
+    }
+
+    /// Whether this controller shares its store with others (etcd).
+    pub(crate) fn is_clustered(&self) -> bool {
+        self.clustered
     }
 
     /// Every live controller's agent endpoint, this one's first; empty for a controller on its own.
@@ -37,13 +110,113 @@ impl Cluster {
         self.endpoints.subscribe()
     }
 
-    /// Replaces the announced set (the membership watcher).
-    #[allow(dead_code)] // used by the membership watcher, next
-    pub(crate) fn set_agent_endpoints(&self, endpoints: Vec<AgentEndpoint>) {
+    /// Replaces the membership as read from etcd: the records and the announced agent endpoints.
+    pub(crate) fn set_members(&self, mut members: Vec<MemberRecord>) {
+        members.sort_by(|a, b| (a.id != self.id, &a.id).cmp(&(b.id != self.id, &b.id)));
+        let endpoints: Vec<AgentEndpoint> = members
+            .iter()
+            .filter(|m| !m.agent_addr.ip().is_unspecified() && m.agent_addr.port() != 0)
+            .map(|m| AgentEndpoint {
+                id: m.id.clone(),
+                addr: m.agent_addr,
+            })
+            .collect();
+        *self.members.lock().unwrap_or_else(|p| p.into_inner()) = members;
         self.endpoints.send_if_modified(|current| {
             let changed = *current != endpoints;
             *current = endpoints;
             changed
         });
     }
+
+    /// Records where agents (`agent_addr`) and operators (`api`) reach this controller, as it starts
+    /// serving.
+    pub(crate) fn set_local(&self, agent_addr: SocketAddr, api: String, started_ms: u64) {
+        *self.local.lock().unwrap_or_else(|p| p.into_inner()) = (agent_addr, api, started_ms);
+    }
+
+    /// What [`Cluster::set_local`] recorded.
+    pub(crate) fn local(&self) -> (SocketAddr, String, u64) {
+        self.local.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The member records last read from etcd (empty on its own).
+    pub(crate) fn members(&self) -> Vec<MemberRecord> {
+        self.members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Who leads now.
+    pub(crate) fn leader(&self) -> LeaderView {
+        self.leader.borrow().clone()
+    }
+
+    pub(crate) fn set_leader(&self, view: LeaderView) {
+        self.leader.send_if_modified(|current| {
+            let changed = *current != view;
+            *current = view;
+            changed
+        });
+    }
+
+    /// Whether this controller leads now.
+    pub(crate) fn is_leader(&self) -> bool {
+        !self.clustered || self.leader.borrow().fence.is_some()
+    }
+
+    /// Runs `work` (blocking) if this controller leads, with every store write it makes fenced on
+    /// this leadership: a write after another controller took over fails
+    /// ([`crate::store::StoreError::Fenced`]) and changes nothing. `None` when not leading.
+    pub(crate) fn as_leader<T>(&self, work: impl FnOnce() -> T) -> Option<T> {
+        if !self.clustered {
+            return Some(work());
+        }
+        let fence = self.leader.borrow().fence.clone()?;
+        Some(crate::store::backend::fenced(&fence, work))
+    }
+}
+
+/// This controller's id: kept in `controller.id` in the data dir, made from the host name and a
+/// random suffix on first start.
+pub(crate) fn load_or_create_id(data_dir: &std::path::Path) -> std::io::Result<String> {
+    let path = data_dir.join("controller.id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if valid_id(s.trim()) => return Ok(s.trim().to_owned()),
+        Ok(s) => {
+            return Err(std::io::Error::other(format!(
+                "{} holds {:?}, not a controller id (1–63 characters of a-z, 0-9, '-')",
+                path.display(),
+                s.trim()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let host: String = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(48)
+        .collect();
+    let host = host.trim_matches('-');
+    let suffix = hex::encode(rand::random::<[u8; 3]>());
+    let id = if host.is_empty() {
+        format!("controller-{suffix}")
+    } else {
+        format!("{host}-{suffix}")
+    };
+    shoal_overlay::pki::write_private_file(&path, format!("{id}\n").as_bytes(), 0o600)?;
+    Ok(id)
+}
+
+fn valid_id(id: &str) -> bool {
+    (1..=63).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }

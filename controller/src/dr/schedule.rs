@@ -75,6 +75,11 @@ pub(crate) async fn run(controller: Arc<Controller>, config: DrScheduleConfig, s
         ..Restic::default()
     };
     loop {
+        if !controller.cluster.is_leader() {
+            // The leader's work: one archive per fleet.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
         let now = now_ms();
         let last = controller
             .store

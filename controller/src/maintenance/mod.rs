@@ -1247,6 +1247,7 @@ pub async fn run_driver(controller: Arc<Controller>, tick: Duration) {
             _ = controller.maint.wake.notified() => {}
         }
         let c = controller.clone();
-        let _ = tokio::task::spawn_blocking(move || c.rollout_tick()).await;
+        // The leader's work: skipped on a follower, fenced on the leader.
+        let _ = tokio::task::spawn_blocking(move || c.cluster.as_leader(|| c.rollout_tick())).await;
     }
 }

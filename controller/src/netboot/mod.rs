@@ -429,6 +429,10 @@ async fn dhcp_loop(
                 continue;
             }
         };
+        if !controller.cluster.is_leader() {
+            // One DHCP server per LAN: the leader's. Followers keep TFTP and HTTP.
+            continue;
+        }
         let now = now_ms();
         if dhcp::is_boot_sighting(&req) {
             // The socket is bound to the netboot interface: this MAC is PXE-booting on that LAN

@@ -215,6 +215,21 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn import(&self, name: &str, entries: &[Entry]) -> Result<(), StoreError>;
 }
 
+/// A leader's fence: writes made under it commit only while etcd's `key` still has create revision
+/// `revision` (the leader key of the term that made them). Placeholder until the etcd backend lands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The leader key (absolute etcd key).
+    pub key: Vec<u8>,
+    /// Its create revision in this term.
+    pub revision: i64,
+}
+
+/// Runs `f` with `fence` on every write it makes.
+pub fn fenced<T>(_fence: &Fence, f: impl FnOnce() -> T) -> T {
+    f()
+}
+
 /// The one test suite of the contract; each backend's tests call [`contract::run`].
 #[cfg(test)]
 pub mod contract {
