@@ -185,6 +185,9 @@ pub enum ServeError {
     /// The release store or a release key could not be opened.
     #[error("agent releases: {0}")]
     Releases(String),
+    /// This controller's shared files (CA, secrets key) are not the fleet's.
+    #[error(transparent)]
+    Join(#[from] crate::cluster::JoinError),
     /// The backup secrets key could not be opened.
     #[error(transparent)]
     BackupSecrets(#[from] crate::backups::secrets::SecretError),
@@ -251,14 +254,29 @@ impl Controller {
         store.ensure_default_network(config.overlay_subnet, config.overlay_mtu)?;
         let overlay = Arc::new(OverlayHub::open(&store, config.netmap_validity)?);
         let drives = DriveHub::open(&store, config.drives)?;
+        // Several controllers on one store are one fleet: one CA, one secrets key.
+        let joined = match config.etcd {
+            Some(_) => crate::cluster::check_shared_files(&store, &config.data_dir)?,
+            None => true,
+        };
         let maint = crate::maintenance::Maintenance::open(&store, config.rollout_clock.clone())?;
         let ca = Ca::load_or_create(&config.data_dir)?;
         let admin_token_sha256 = ensure_admin_conf(&config, &store, &ca, api_addr)?;
+        let id = crate::cluster::load_or_create_id(&config.data_dir)
+            .map_err(|e| ServeError::DataDir(config.data_dir.clone(), e))?;
         let mut liveness = Liveness::new(config.heartbeat_interval, config.down_after);
         let mut nodes = HashMap::new();
         let start = Instant::now();
+        let clustered = config.etcd.is_some();
         for n in store.nodes()? {
-            if n.status == NodeStatus::Up {
+            // Clustered, a node is assumed up (and written down if it does not come back) only by
+            // the controller that held its session.
+            let ours = !clustered
+                || store
+                    .table(crate::cluster::liveness::NODE_SESSIONS)
+                    .get(n.id.0.as_bytes())?
+                    .is_none_or(|owner| owner == id.as_bytes());
+            if n.status == NodeStatus::Up && ours {
                 liveness.assume_up(n.id.clone(), start);
             }
             nodes.insert(
@@ -285,8 +303,9 @@ impl Controller {
         )
         .map_err(|e| ServeError::Releases(e.to_string()))?;
         let backups = crate::backups::Backups::open(&config.data_dir)?;
-        let id = crate::cluster::load_or_create_id(&config.data_dir)
-            .map_err(|e| ServeError::DataDir(config.data_dir.clone(), e))?;
+        if !joined {
+            crate::cluster::record_shared_files(&store, &config.data_dir)?;
+        }
         let cluster = match config.etcd {
             Some(_) => crate::cluster::Cluster::clustered(id),
             None => crate::cluster::Cluster::single(id),
@@ -375,6 +394,12 @@ impl Controller {
                 Transition::Up(_) => (NodeStatus::Up, EventKind::Registry(RegistryEvent::Up)),
                 Transition::Down(_) => (NodeStatus::Down, EventKind::Registry(RegistryEvent::Down)),
             };
+            match status {
+                NodeStatus::Up => self.claim_session(id),
+                // Another controller holds the session now: it is not ours to write down.
+                _ if !self.may_write_down(id) => continue,
+                _ => {}
+            }
             let last_seen = self.live().nodes.get(id).and_then(|n| n.last_seen);
             let result = self.store.update_node(id, |n| {
                 n.status = status;
@@ -443,6 +468,17 @@ fn ensure_admin_conf(
     let stored = store
         .get_meta(ADMIN_TOKEN_META)?
         .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok());
+    if let (Some(stored), true) = (stored, config.etcd.is_some()) {
+        // Several controllers share one admin credential: a controller that lacks admin.conf (or
+        // holds another) must not replace the fleet's.
+        match AdminConf::read(&path) {
+            Ok(conf) if admin::digest_eq(&pki::sha256(conf.token.as_bytes()), &stored) => {}
+            _ => {
+                warn!(path = %path.display(), "admin.conf here is missing or not the fleet's: the fleet's admin credential stays; copy admin.conf from another controller (and set its api line to this controller) to use shoalctl here")
+            }
+        }
+        return Ok(stored);
+    }
     if let (Some(stored), Ok(mut conf)) = (stored, AdminConf::read(&path)) {
         if admin::digest_eq(&pki::sha256(conf.token.as_bytes()), &stored) {
             if conf.api != api || conf.ca != ca.cert_pem() {
@@ -717,8 +753,22 @@ async fn sweep(controller: Arc<Controller>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last_checkpoint = Instant::now();
     let mut last_prune: Option<Instant> = None;
+    let orphans = Arc::new(Mutex::new(crate::cluster::liveness::OrphanSweep::default()));
+    let mut last_orphan_pass = Instant::now();
     loop {
         tick.tick().await;
+        if controller.cluster.is_clustered() && last_orphan_pass.elapsed() >= Duration::from_secs(1)
+        {
+            last_orphan_pass = Instant::now();
+            let (c, orphans) = (controller.clone(), orphans.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                let mut sweep = orphans.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(Err(e)) = c.cluster.as_leader(|| sweep.pass(&c, Instant::now())) {
+                    warn!(cause = %e, "orphaned-node sweep failed; next pass in a second");
+                }
+            })
+            .await;
+        }
         if last_prune.is_none_or(|t| t.elapsed() >= crate::registry::identity::PRUNE_INTERVAL) {
             last_prune = Some(Instant::now());
             let c = controller.clone();

@@ -11,6 +11,7 @@
 //! the leader key's create revision ([`crate::store::backend::Fence`]).
 
 pub mod election;
+pub(crate) mod liveness;
 pub mod routes;
 
 use std::{net::SocketAddr, sync::Mutex};
@@ -219,4 +220,98 @@ fn valid_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// The files every controller of one fleet must hold the same copy of: the CA (one fleet, one CA)
+/// and the key backup targets' secrets are sealed with. A controller joining a cluster gets them
+/// copied from another controller's data dir (operators' guide, "Several controllers").
+pub const SHARED_FILES: [&str; 3] = [
+    crate::registry::ca::CA_CERT_FILE,
+    crate::registry::ca::CA_KEY_FILE,
+    crate::backups::secrets::SECRETS_KEY_FILE,
+];
+
+const SHARED_FILES_META: &str = "cluster_shared_files_sha256";
+
+/// Why this controller cannot join the fleet in its store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JoinError {
+    /// A file the fleet shares is missing here while the store already belongs to a fleet.
+    #[error("{file} is missing from {dir}, and the store already belongs to a fleet: copy ca.crt, ca.key, backup-secrets.key and admin.conf from another controller's data dir into it (a new CA would split the fleet)")]
+    Missing {
+        /// The file.
+        file: &'static str,
+        /// The data dir.
+        dir: String,
+    },
+    /// A file the fleet shares differs from the fleet's.
+    #[error("{file} in {dir} is not the fleet's (its SHA-256 differs from the one in the store): copy it from another controller's data dir")]
+    Differs {
+        /// The file.
+        file: &'static str,
+        /// The data dir.
+        dir: String,
+    },
+    /// Reading a file or the store failed.
+    #[error("checking the fleet's shared files: {0}")]
+    Io(String),
+}
+
+/// Before the controller creates anything in `data_dir`: when the store already records the
+/// fleet's shared files, they must be here and the same; when it records none (the first
+/// controller), `Ok(false)`: create them, then call [`record_shared_files`].
+pub(crate) fn check_shared_files(
+    store: &crate::store::Store,
+    data_dir: &std::path::Path,
+) -> Result<bool, JoinError> {
+    let Some(stored) = store
+        .get_meta(SHARED_FILES_META)
+        .map_err(|e| JoinError::Io(e.to_string()))?
+    else {
+        return Ok(false);
+    };
+    let dir = data_dir.display().to_string();
+    let digests = shared_digests(data_dir, &dir)?;
+    for (i, file) in SHARED_FILES.iter().enumerate() {
+        if stored.get(i * 32..(i + 1) * 32) != Some(&digests[i * 32..(i + 1) * 32]) {
+            return Err(JoinError::Differs {
+                file,
+                dir: dir.clone(),
+            });
+        }
+    }
+    Ok(true)
+}
+
+/// Records the digests of the shared files in the store (the first controller of a fleet).
+pub(crate) fn record_shared_files(
+    store: &crate::store::Store,
+    data_dir: &std::path::Path,
+) -> Result<(), JoinError> {
+    let dir = data_dir.display().to_string();
+    let digests = shared_digests(data_dir, &dir)?;
+    store
+        .put_meta(SHARED_FILES_META, &digests)
+        .map_err(|e| JoinError::Io(e.to_string()))?;
+    // Two first controllers racing on an empty store: the last write wins, and the other finds
+    // its files differ here and stops.
+    check_shared_files(store, data_dir).map(|_| ())
+}
+
+fn shared_digests(data_dir: &std::path::Path, dir: &str) -> Result<Vec<u8>, JoinError> {
+    let mut out = Vec::with_capacity(32 * SHARED_FILES.len());
+    for file in SHARED_FILES {
+        match std::fs::read(data_dir.join(file)) {
+            Ok(bytes) => out.extend_from_slice(&shoal_overlay::pki::sha256(&bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(JoinError::Missing {
+                    file,
+                    dir: dir.to_owned(),
+                })
+            }
+            Err(e) => return Err(JoinError::Io(format!("{file}: {e}"))),
+        }
+    }
+    Ok(out)
 }
