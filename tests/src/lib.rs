@@ -25,6 +25,7 @@ pub mod backup_servers;
 pub mod bins;
 pub mod events;
 pub mod fleet;
+pub mod ha;
 pub mod netboot;
 pub mod netns;
 pub mod process;

@@ -1,0 +1,265 @@
+//! Controller high availability on a real etcd cluster: three etcd members and three controllers,
+//! each in its own network namespace, killed and cut off the way a machine or a switch port fails.
+//!
+//! Needs root and `/usr/bin/etcd` (Debian `etcd-server`, installed by `scripts/deps`); skips with a
+//! reason otherwise, fails under CI.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{ensure, Context, Result};
+use shoal_tests::fleet::as_array;
+use shoal_tests::ha::{HaConfig, HaFleet, ETCD};
+use shoal_tests::{eventually, require_host_tests, OrPanic};
+
+/// The lease TTL the controllers run with (the default).
+const LEASE_TTL: Duration = Duration::from_secs(2);
+
+fn etcd_installed() -> Result<(), shoal_testkit::skip::Missing> {
+    shoal_testkit::skip::Missing::check(
+        (!std::path::Path::new(ETCD).is_file())
+            .then(|| format!("{ETCD} is missing (Debian etcd-server; scripts/deps installs it)")),
+    )
+}
+
+/// The time of the first log line of `log` after `after` that contains `needle`.
+fn logged_at(log: &str, needle: &str, after: SystemTime) -> Option<SystemTime> {
+    log.lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| {
+            let stamp = l.split_whitespace().next()?;
+            humantime::parse_rfc3339_weak(stamp.trim_end_matches('Z'))
+                .ok()
+                .or_else(|| humantime::parse_rfc3339(stamp).ok())
+        })
+        .find(|t| *t >= after)
+}
+
+#[test]
+fn one_controller_leads_and_another_takes_over_when_it_dies() {
+    require_host_tests!();
+    shoal_testkit::require!(etcd_installed());
+    let mut fleet = HaFleet::start(HaConfig::default()).or_panic();
+    let (leader, _) = fleet
+        .wait_leader(0, None, Duration::from_secs(20))
+        .or_panic();
+    // Every controller sees the same three controllers, one leader, and a healthy etcd.
+    for i in 0..3 {
+        eventually(Duration::from_secs(10), "three controllers listed", || {
+            let view = fleet.controllers_view(i)?;
+            ensure!(view["store"] == "etcd", "{view}");
+            let list = as_array(view["controllers"].clone(), "controllers")?;
+            ensure!(list.len() == 3, "{} controllers: {view}", list.len());
+            let etcd = as_array(view["etcd"].clone(), "etcd")?;
+            ensure!(
+                etcd.len() == 3 && etcd.iter().all(|e| e["healthy"] == true),
+                "etcd: {view}"
+            );
+            ensure!(
+                fleet.leader(i)? == leader,
+                "controller {i} names another leader"
+            );
+            Ok(())
+        })
+        .or_panic();
+    }
+    // A write through a follower lands in the one store.
+    let follower = (leader + 1) % 3;
+    fleet
+        .ctl_ok(follower, &["token", "create", "--ttl", "1h"])
+        .or_panic();
+    let tokens = fleet.ctl_json(leader, &["token", "list"]).or_panic();
+    assert_eq!(as_array(tokens, "tokens").or_panic().len(), 1);
+
+    // kill -9 the leader: no lease revocation, so the others wait out its lease.
+    let killed_at = Instant::now();
+    fleet.controllers[leader].proc.kill().or_panic();
+    let (new_leader, took) = fleet
+        .wait_leader(follower, Some(leader), Duration::from_secs(15))
+        .or_panic();
+    let failover = killed_at.elapsed();
+    eprintln!("leader killed -> new leader seen after {failover:?} (poll {took:?})");
+    assert_ne!(new_leader, leader);
+    assert!(
+        failover < LEASE_TTL + Duration::from_secs(3),
+        "failover took {failover:?}"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the dead leader to leave the list",
+        || {
+            let view = fleet.controllers_view(new_leader)?;
+            let list = as_array(view["controllers"].clone(), "controllers")?;
+            ensure!(list.len() == 2, "{view}");
+            Ok(())
+        },
+    )
+    .or_panic();
+
+    // It comes back as a follower: the leader stays.
+    fleet.controllers[leader].proc.restart().or_panic();
+    eventually(Duration::from_secs(30), "three controllers again", || {
+        let view = fleet.controllers_view(leader)?;
+        let list = as_array(view["controllers"].clone(), "controllers")?;
+        ensure!(list.len() == 3, "{view}");
+        ensure!(fleet.leader(leader)? == new_leader, "{view}");
+        Ok(())
+    })
+    .or_panic();
+
+    // A clean stop revokes the lease: the next leader does not wait for its TTL.
+    let stopped_at = Instant::now();
+    fleet.controllers[new_leader]
+        .proc
+        .stop(Duration::from_secs(10))
+        .or_panic();
+    let (third, _) = fleet
+        .wait_leader(leader, Some(new_leader), Duration::from_secs(10))
+        .or_panic();
+    eprintln!(
+        "leader stopped -> controller {third} leads after {:?}",
+        stopped_at.elapsed()
+    );
+}
+
+#[test]
+fn a_leader_cut_off_from_etcd_stops_leading_within_its_lease() {
+    require_host_tests!();
+    shoal_testkit::require!(etcd_installed());
+    let mut fleet = HaFleet::start(HaConfig::default()).or_panic();
+    let (leader, _) = fleet
+        .wait_leader(0, None, Duration::from_secs(20))
+        .or_panic();
+    let other = (leader + 1) % 3;
+    let cut_at = SystemTime::now();
+    fleet.partition_from_etcd(leader).or_panic();
+    // It says so, within its lease.
+    let stopped = eventually(
+        Duration::from_secs(10),
+        "the cut-off leader to step down",
+        || {
+            logged_at(
+                &fleet.controllers[leader].proc.log(),
+                "no longer leading",
+                cut_at,
+            )
+            .context("not yet")
+        },
+    )
+    .or_panic();
+    let after = stopped.duration_since(cut_at).unwrap_or_default();
+    eprintln!("cut off from etcd -> stopped leading after {after:?}");
+    assert!(
+        after <= LEASE_TTL,
+        "stepped down after {after:?}, lease {LEASE_TTL:?}"
+    );
+    // Another leads — only after the old leader stopped: never two at once.
+    let (new_leader, _) = fleet
+        .wait_leader(other, Some(leader), Duration::from_secs(15))
+        .or_panic();
+    let id = fleet.controller_id(new_leader).or_panic();
+    let started = logged_at(
+        &fleet.controllers[new_leader].proc.log(),
+        "leading: the leader's work starts",
+        cut_at,
+    )
+    .unwrap_or_else(|| panic!("controller {id} did not log that it leads"));
+    assert!(
+        started >= stopped,
+        "the new leader started at {started:?}, before the old one stopped at {stopped:?}"
+    );
+    // The cut-off controller refuses writes with a clear error and still answers its API.
+    let out = fleet
+        .ctl(leader, &["token", "create", "--ttl", "1h"])
+        .or_panic();
+    assert!(!out.status.success(), "a write went through without etcd");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("etcd"), "unclear error: {err}");
+    // Healed, it follows.
+    fleet.heal_from_etcd(leader).or_panic();
+    eventually(
+        Duration::from_secs(20),
+        "the healed controller to follow",
+        || {
+            ensure!(fleet.leader(leader)? == new_leader, "another leader");
+            let view = fleet.controllers_view(leader)?;
+            ensure!(
+                as_array(view["controllers"].clone(), "controllers")?.len() == 3,
+                "{view}"
+            );
+            fleet.ctl_ok(leader, &["token", "create", "--ttl", "1h"])?;
+            Ok(())
+        },
+    )
+    .or_panic();
+}
+
+#[test]
+fn losing_etcd_members_costs_writes_only_without_quorum_and_all_recovers() {
+    require_host_tests!();
+    shoal_testkit::require!(etcd_installed());
+    let mut fleet = HaFleet::start(HaConfig {
+        agents: 2,
+        ..HaConfig::default()
+    })
+    .or_panic();
+    fleet
+        .wait_leader(0, None, Duration::from_secs(20))
+        .or_panic();
+    // One member down: nothing noticeable.
+    fleet.etcd[2].proc.kill().or_panic();
+    for i in 0..3 {
+        fleet
+            .ctl_ok(i, &["token", "create", "--ttl", "1h"])
+            .or_panic();
+    }
+    fleet.wait_agents_up(Duration::from_secs(10)).or_panic();
+    fleet
+        .wait_leader(0, None, Duration::from_secs(10))
+        .or_panic();
+    // Two down: no quorum. Reads answer, writes are refused with a clear error.
+    fleet.etcd[1].proc.kill().or_panic();
+    let lost_at = Instant::now();
+    eventually(Duration::from_secs(15), "writes to be refused", || {
+        let out = fleet.ctl(0, &["token", "create", "--ttl", "1h"])?;
+        ensure!(!out.status.success(), "a write went through without quorum");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        ensure!(err.contains("etcd"), "unclear error: {err}");
+        Ok(())
+    })
+    .or_panic();
+    for i in 0..3 {
+        let nodes = fleet.ctl_json(i, &["nodes", "list"]).or_panic();
+        assert_eq!(
+            as_array(nodes, "nodes").or_panic().len(),
+            2,
+            "reads answer on {i}"
+        );
+    }
+    eprintln!(
+        "quorum lost; reads answered, writes refused ({:?})",
+        lost_at.elapsed()
+    );
+    // Agents keep their sessions: the controllers do not drop them for a store outage.
+    for a in &mut fleet.agents {
+        assert!(a.proc.is_running(), "{} exited", a.hostname);
+    }
+    // Quorum back: writes succeed again, by themselves.
+    fleet.etcd[1].proc.restart().or_panic();
+    fleet.etcd[2].proc.restart().or_panic();
+    let back = Instant::now();
+    eventually(Duration::from_secs(30), "writes to succeed again", || {
+        for i in 0..3 {
+            fleet.ctl_ok(i, &["token", "create", "--ttl", "1h"])?;
+        }
+        Ok(())
+    })
+    .or_panic();
+    eprintln!(
+        "quorum back -> writes on every controller after {:?}",
+        back.elapsed()
+    );
+    fleet
+        .wait_leader(0, None, Duration::from_secs(15))
+        .or_panic();
+    fleet.wait_agents_up(Duration::from_secs(15)).or_panic();
+}
