@@ -224,6 +224,8 @@ pub struct Controller {
     pub(crate) backups: crate::backups::Backups,
     /// The other controllers on the same etcd cluster, and who leads.
     pub(crate) cluster: crate::cluster::Cluster,
+    /// Links to the other controllers: their agents' presence, messages for them.
+    pub(crate) mesh: crate::cluster::mesh::Mesh,
     /// The latest agent update facts per node (see `agent_updates`).
     pub(crate) agent_updates: Mutex<HashMap<NodeId, crate::releases::updates::AgentUpdate>>,
     pub(crate) update_notices:
@@ -315,6 +317,9 @@ impl Controller {
             releases,
             backups,
             cluster,
+            mesh: crate::cluster::mesh::Mesh::new(
+                ca.derive_secret(crate::cluster::mesh::wire::PROOF_LABEL),
+            ),
             agent_updates: Mutex::new(HashMap::new()),
             update_notices: tokio::sync::broadcast::channel(256).0,
             conn_stats: ConnStats::default(),
@@ -373,6 +378,20 @@ impl Controller {
                 warn!(node = %id, cause = %e, "could not drop the removed node's drive records; the next start drops them");
             }
         }
+        self.node_removed(id);
+        if removed.is_some() {
+            // Its session may be on another controller of the cluster.
+            self.mesh
+                .broadcast(crate::cluster::mesh::wire::MeshMsg::NodeRemoved { node: id.clone() });
+        }
+        if removed.is_some() {
+            info!(node = %id, "node removed");
+        }
+        Ok(removed.is_some())
+    }
+
+    /// Forgets a removed node's liveness and ends its session here, if it has one.
+    pub(crate) fn node_removed(&self, id: &NodeId) {
         let mut live = self.live();
         live.liveness.forget(id);
         live.nodes.remove(id);
@@ -381,10 +400,6 @@ impl Controller {
                 "removed from the fleet by an operator".into(),
             ));
         }
-        if removed.is_some() {
-            info!(node = %id, "node removed");
-        }
-        Ok(removed.is_some())
     }
 
     fn apply_transitions(&self, transitions: Vec<Transition>) {
@@ -591,6 +606,12 @@ pub async fn run(
             }
         }
     });
+    let mesh = controller.cluster.is_clustered().then(|| {
+        tokio::spawn(crate::cluster::mesh::run(
+            controller.clone(),
+            endpoint.clone(),
+        ))
+    });
     let backups = tokio::spawn(crate::backups::run_scheduler(
         controller.clone(),
         controller.config.backup_tick,
@@ -650,6 +671,9 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(2), election).await;
     }
     sweeper.abort();
+    if let Some(mesh) = mesh {
+        mesh.abort();
+    }
     rollouts.abort();
     agent_notices.abort();
     backups.abort();

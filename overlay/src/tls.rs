@@ -23,6 +23,9 @@ use crate::pki::{sha256, CONTROLLER_SERVER_NAME};
 /// ALPN of the agent–controller control protocol.
 pub const CONTROL_ALPN: &[u8] = b"shoal-control";
 
+/// ALPN of controller–controller mesh connections (several controllers on one etcd cluster).
+pub const MESH_ALPN: &[u8] = b"shoal-mesh";
+
 /// ALPN of agent–agent overlay connections.
 pub const PEER_ALPN: &[u8] = b"shoal-peer";
 
@@ -215,7 +218,7 @@ pub fn controller_server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(client_verifier)
         .with_single_cert(server_chain, server_key)?;
-    tls.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
+    tls.alpn_protocols = vec![CONTROL_ALPN.to_vec(), MESH_ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -345,4 +348,46 @@ pub fn peer_chain(conn: &quinn::Connection) -> Option<Vec<CertificateDer<'static
         .downcast::<Vec<CertificateDer<'static>>>()
         .ok()
         .map(|b| *b)
+}
+
+/// How a controller dials another controller of its cluster: it trusts the fleet CA and the
+/// controllers' server name, and proves itself inside the connection (a secret only holders of the
+/// CA key can compute), not with a client certificate.
+pub fn mesh_client_config(ca_der: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca_der)?)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(mesh_transport()));
+    Ok(config)
+}
+
+/// The mesh connection's transport: a dead controller is noticed within about 3 s (its agents move
+/// and its presence is dropped), and relayed packets ride in datagrams.
+pub fn mesh_transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window((4u32 * 1024 * 1024).into())
+        .receive_window((8u32 * 1024 * 1024).into())
+        .send_window(8 * 1024 * 1024)
+        .keep_alive_interval(Some(Duration::from_millis(500)))
+        .datagram_receive_buffer_size(Some(4 << 20))
+        .datagram_send_buffer_size(4 << 20);
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(3)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t
+}
+
+/// The ALPN a connection negotiated, if any.
+pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }

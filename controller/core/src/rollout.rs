@@ -456,8 +456,9 @@ pub enum ReportedHealth {
     Failed(Vec<String>),
 }
 
-/// Something that happened, for [`Rollout::handle`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Something that happened, for [`Rollout::handle`]. Serializable: a controller that is not the
+/// leader forwards the news its agents bring to the leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     /// The node confirmed it received the begin command and is working on it.
     Acknowledged {

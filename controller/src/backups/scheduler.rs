@@ -172,13 +172,19 @@ impl Controller {
             .into_iter()
             .map(|w| (w.name().to_owned(), w))
             .collect();
-        let connected: HashMap<NodeId, u16> = self
-            .live()
-            .conns
-            .iter()
-            .filter(|(_, c)| !c.leaving)
-            .map(|(n, c)| (n.clone(), c.protocol.unwrap_or(0)))
+        let mut connected: HashMap<NodeId, u16> = self
+            .mesh
+            .remote_all()
+            .into_iter()
+            .map(|(n, r)| (n, r.presence.protocol.unwrap_or(0)))
             .collect();
+        connected.extend(
+            self.live()
+                .conns
+                .iter()
+                .filter(|(_, c)| !c.leaving)
+                .map(|(n, c)| (n.clone(), c.protocol.unwrap_or(0))),
+        );
         for record in jobs {
             let job = match Job::from_record(record) {
                 Ok(j) => j,

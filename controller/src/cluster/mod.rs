@@ -12,6 +12,7 @@
 
 pub mod election;
 pub(crate) mod liveness;
+pub(crate) mod mesh;
 pub mod routes;
 
 use std::{net::SocketAddr, sync::Mutex};

@@ -171,8 +171,22 @@ pub enum SendError {
 impl Controller {
     /// Queues `msg` on `node`'s open control connection when its agent speaks at least
     /// `min_protocol`: the one way every domain reaches a node. Nothing newer than a session's
-    /// protocol is ever queued on it.
+    /// protocol is ever queued on it. A node whose session another controller of the cluster
+    /// holds gets it through that controller (the mesh).
     pub(crate) fn send_to(
+        &self,
+        node: &NodeId,
+        msg: ControllerMsg,
+        min_protocol: u16,
+    ) -> Result<(), SendError> {
+        if !self.cluster.is_clustered() || self.live().conns.contains_key(node) {
+            return self.send_local(node, msg, min_protocol);
+        }
+        self.mesh.forward(node, msg, min_protocol)
+    }
+
+    /// [`Controller::send_to`] for a session this controller holds.
+    pub(crate) fn send_local(
         &self,
         node: &NodeId,
         msg: ControllerMsg,
@@ -202,9 +216,68 @@ impl Controller {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether a node currently has an open control connection.
+    /// Whether a node currently has an open control connection, here or on another controller.
     pub(crate) fn is_connected(&self, id: &NodeId) -> bool {
-        self.live().conns.contains_key(id)
+        self.live().conns.contains_key(id) || self.mesh.remote(id).is_some()
+    }
+
+    /// The protocol of `node`'s session — here, or on another controller of the cluster — once its
+    /// Hello was accepted (`Some(0)` before); `None` when it is not connected.
+    pub(crate) fn session_protocol(&self, node: &NodeId) -> Option<u16> {
+        if let Some(c) = self.live().conns.get(node) {
+            return Some(c.protocol.unwrap_or(0));
+        }
+        self.mesh
+            .remote(node)
+            .map(|r| r.presence.protocol.unwrap_or(0))
+    }
+
+    /// The nodes connected here, as the mesh tells other controllers.
+    pub(crate) fn local_presence(
+        &self,
+    ) -> HashMap<NodeId, crate::cluster::mesh::wire::NodePresence> {
+        let updates: HashMap<NodeId, _> = self.agent_updates().into_iter().collect();
+        // A session not heard from within two heartbeats is left out: another controller must not
+        // refuse the node's re-enrolment (after a crash) for a session that is dead but not yet
+        // timed out here.
+        let recent = self.config.heartbeat_interval.as_millis() as u64 * 2;
+        let now = crate::server::now_ms().0;
+        let live = self.live();
+        live.conns
+            .iter()
+            .filter(|(node, c)| {
+                !c.leaving
+                    && live
+                        .nodes
+                        .get(*node)
+                        .and_then(|l| l.last_seen)
+                        .is_some_and(|t| now.saturating_sub(t.0) <= recent)
+            })
+            .map(|(node, c)| {
+                (
+                    node.clone(),
+                    crate::cluster::mesh::wire::NodePresence {
+                        node: node.clone(),
+                        protocol: c.protocol,
+                        boot: c.boot.clone(),
+                        update: updates.get(node).and_then(|u| u.report.clone()),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Every connected node — here, or on another controller of the cluster — with its session's
+    /// protocol and latest reports.
+    pub(crate) fn presence(&self) -> HashMap<NodeId, crate::cluster::mesh::wire::NodePresence> {
+        let mut all: HashMap<_, _> = self
+            .mesh
+            .remote_all()
+            .into_iter()
+            .map(|(n, r)| (n, r.presence))
+            .collect();
+        all.extend(self.local_presence());
+        all
     }
 }
 

@@ -249,12 +249,9 @@ impl Controller {
     }
 
     fn check_step_protocol(&self, node: &NodeId) -> Result<(), UpgradeError> {
-        let live = self.live();
-        let conn = live
-            .conns
-            .get(node)
+        let protocol = self
+            .session_protocol(node)
             .ok_or_else(|| UpgradeError::NotConnected(node.clone()))?;
-        let protocol = conn.protocol.unwrap_or(0);
         if protocol < UPDATE_PROTOCOL {
             return Err(UpgradeError::Unsupported {
                 node: node.clone(),

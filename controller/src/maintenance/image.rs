@@ -93,7 +93,7 @@ impl NodeUpgrader for ImageUpgrader {
         // A node that never left `to` (it refused the reboot, e.g. because it could not verify the
         // new image) only gets its assignment back: rebooting it would take down a node that is
         // fine.
-        let connected = ctl.live().conns.contains_key(node);
+        let connected = ctl.is_connected(node);
         let running = ctl
             .store
             .node(node)
@@ -172,10 +172,7 @@ impl Controller {
     /// later, or the netboot servers do not run, or its MAC or the image is not known.
     pub fn offer_kexec_image(&self, node: &NodeId, version: &str) {
         let Some(protocol) = self
-            .live()
-            .conns
-            .get(node)
-            .and_then(|c| c.protocol)
+            .session_protocol(node)
             .filter(|p| *p >= UPDATE_PROTOCOL)
         else {
             return;

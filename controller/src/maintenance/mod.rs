@@ -1023,7 +1023,27 @@ impl Controller {
 
     /// A node's update news for every unfinished rollout that holds it: the entry point for the
     /// agent update path (acknowledgement, report with health, refusal). Persisted before acting.
+    /// On a controller that does not lead, the news goes to the leader (over the mesh), which
+    /// applies it; news that cannot go now is dropped with a warning — the leader's driver sees
+    /// the node's version and health in its presence and settles the node from that.
     pub fn rollout_event(&self, event: Event) -> Result<(), MaintError> {
+        if self.cluster.is_clustered() && !self.cluster.is_leader() {
+            match self.cluster.leader().leader {
+                Some(leader) if self.mesh.to_leader(&leader, event.clone()) => {}
+                leader => {
+                    warn!(node = %event.node(), leader = ?leader, "rollout news could not reach the leader; its driver settles the node from what it observes")
+                }
+            }
+            return Ok(());
+        }
+        match self.cluster.as_leader(|| self.apply_rollout_event(event)) {
+            Some(result) => result,
+            None => Ok(()),
+        }
+    }
+
+    /// [`Controller::rollout_event`] on the leader.
+    pub(crate) fn apply_rollout_event(&self, event: Event) -> Result<(), MaintError> {
         let m = &self.maint;
         let _g = lock(&m.lock);
         let now = m.clock.now();
@@ -1048,19 +1068,19 @@ impl Controller {
         let records = self.store.nodes()?;
         // Agent targets: a v4 agent's health is its latest update report (see
         // `agent::report_healthy`).
+        // Every connected node, on this controller or another of the cluster.
+        let presence = self.presence();
         let reports: BTreeMap<NodeId, shoal_proto::UpdateReport> = match target {
-            Target::Agent(_) => self
-                .agent_updates()
-                .into_iter()
-                .filter_map(|(n, u)| Some((n, u.report?)))
+            Target::Agent(_) => presence
+                .iter()
+                .filter_map(|(n, p)| Some((n.clone(), p.update.clone()?)))
                 .collect(),
             _ => BTreeMap::new(),
         };
-        let live = self.live();
         Ok(records
             .into_iter()
             .map(|rec| {
-                let conn = live.conns.get(&rec.id);
+                let conn = presence.get(&rec.id);
                 let protocol = conn.and_then(|c| c.protocol);
                 let up = protocol.is_some();
                 let version = observed_version(target, &rec);

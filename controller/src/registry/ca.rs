@@ -78,6 +78,15 @@ fn time_at(ms: UnixMillis) -> OffsetDateTime {
 }
 
 impl Ca {
+    /// A secret for `label` that only holders of the CA key can compute (the controllers of the
+    /// fleet): SHA-256 over the label and the key.
+    pub fn derive_secret(&self, label: &str) -> [u8; 32] {
+        let mut input = label.as_bytes().to_vec();
+        input.push(0);
+        input.extend_from_slice(&self.issuer.key().serialize_der());
+        shoal_overlay::pki::sha256(&input)
+    }
+
     /// Loads the CA from `dir`, creating it on first start.
     pub fn load_or_create(dir: &Path) -> Result<Ca, CaError> {
         let cert_path = dir.join(CA_CERT_FILE);

@@ -135,7 +135,11 @@ pub(crate) fn enrol(
             .get(n)
             .and_then(|l| l.last_seen)
             .is_some_and(|t| now.0.saturating_sub(t.0) <= recent);
-        heard && live.conns.get(n).is_some_and(|c| !c.leaving)
+        let here = heard && live.conns.get(n).is_some_and(|c| !c.leaving);
+        drop(live);
+        // Or connected to another controller of the cluster (which lists only sessions heard
+        // from recently: see `local_presence`).
+        here || controller.mesh.remote(n).is_some()
     };
     let enrolment = controller
         .store

@@ -51,22 +51,15 @@ impl Controller {
         let Some((rec, current)) = self.store.revoke_cert(&serial, reason, now_ms())? else {
             return Ok(None);
         };
-        let mut closed = 0;
-        let mut live = self.live();
-        if let Some(conn) = live.conns.get(&rec.node) {
-            if conn.serial == serial {
-                let _ = conn.revoke.send(Revoke::CertificateRefused(format!(
-                    "certificate {serial} was revoked: {reason}"
-                )));
-                live.conns.remove(&rec.node);
-                closed = 1;
-            } else if current && conn.protocol >= Some(shoal_proto::KEY_ROTATION_PROTOCOL) {
-                let _ = conn.tx.send(ControllerMsg::RotateKey {
-                    reason: format!("certificate {serial} of this key was revoked"),
-                });
-            }
-        }
-        drop(live);
+        let closed = usize::from(self.certificate_revoked(&rec.node, &serial, reason, current));
+        // The node's session may be on another controller of the cluster.
+        self.mesh
+            .broadcast(crate::cluster::mesh::wire::MeshMsg::CertificateRevoked {
+                node: rec.node.clone(),
+                serial: serial.clone(),
+                reason: reason.to_owned(),
+                current,
+            });
         if current {
             if let Err(e) = self.overlay.withdraw_key(&self.store, &rec.node) {
                 warn!(node = %rec.node, cause = %e, "could not withdraw the revoked key from the overlay; peers still accept it");
@@ -79,6 +72,34 @@ impl Controller {
             rotation_required: current,
             closed_connections: closed,
         }))
+    }
+
+    /// Ends `node`'s session here if it presented the revoked `serial`, or asks it to rotate its
+    /// key when `current` and it presented another; whether a session was ended.
+    pub(crate) fn certificate_revoked(
+        &self,
+        node: &NodeId,
+        serial: &str,
+        reason: &str,
+        current: bool,
+    ) -> bool {
+        let mut live = self.live();
+        let Some(conn) = live.conns.get(node) else {
+            return false;
+        };
+        if conn.serial == serial {
+            let _ = conn.revoke.send(Revoke::CertificateRefused(format!(
+                "certificate {serial} was revoked: {reason}"
+            )));
+            live.conns.remove(node);
+            return true;
+        }
+        if current && conn.protocol >= Some(shoal_proto::KEY_ROTATION_PROTOCOL) {
+            let _ = conn.tx.send(ControllerMsg::RotateKey {
+                reason: format!("certificate {serial} of this key was revoked"),
+            });
+        }
+        false
     }
 
     /// Asks a node to rotate its key: now, if it is connected on protocol 5, else on its next

@@ -192,14 +192,9 @@ impl Controller {
             .store
             .node(node)?
             .ok_or_else(|| UpdateError::UnknownNode(node.clone()))?;
-        let protocol = {
-            let live = self.live();
-            let conn = live
-                .conns
-                .get(node)
-                .ok_or_else(|| UpdateError::NotConnected(node.clone()))?;
-            conn.protocol.unwrap_or(0)
-        };
+        let protocol = self
+            .session_protocol(node)
+            .ok_or_else(|| UpdateError::NotConnected(node.clone()))?;
         if protocol < UPDATE_PROTOCOL {
             return Err(UpdateError::AgentTooOld {
                 node: node.clone(),
@@ -240,16 +235,8 @@ impl Controller {
                 release,
             }
         };
-        {
-            let live = self.live();
-            let conn = live
-                .conns
-                .get(node)
-                .ok_or_else(|| UpdateError::NotConnected(node.clone()))?;
-            conn.tx
-                .send(msg)
-                .map_err(|_| UpdateError::NotConnected(node.clone()))?;
-        }
+        self.send_to(node, msg, 0)
+            .map_err(|_| UpdateError::NotConnected(node.clone()))?;
         let now = now_ms();
         self.agent_updates_mut()
             .entry(node.clone())

@@ -41,6 +41,14 @@ pub(crate) async fn handle_connection(
 ) -> Result<(), ConnError> {
     let conn = incoming.await?;
     drop(handshake);
+    if tls::negotiated_alpn(&conn).as_deref() == Some(tls::MESH_ALPN) {
+        if controller.cluster.is_clustered() {
+            crate::cluster::mesh::serve(controller, conn).await;
+        } else {
+            conn.close(close_code::PROTOCOL.into(), b"not part of a cluster");
+        }
+        return Ok(());
+    }
     let remote = conn.remote_address().to_string();
     let cert =
         match tls::peer_chain(&conn).and_then(|chain| chain.first().map(|c| pki::cert_info(c))) {

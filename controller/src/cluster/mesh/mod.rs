@@ -1,0 +1,486 @@
+//! The controller mesh: how controllers of one cluster reach each other's agents without going
+//! through etcd.
+//!
+//! Every controller dials every other live member (from the membership in etcd) on its agent port
+//! with ALPN `shoal-mesh`, proves it holds the fleet CA's key ([`wire::PROOF_LABEL`]) and then
+//! sends, on that one connection: its *presence* (which nodes are connected to it, their protocol,
+//! boot and update reports — a full snapshot first, then what changed, once a second), messages
+//! for agents the other controller holds (`Deliver`), and agents' news for the rollouts when the
+//! other controller leads (`RolloutEvent`). Each direction has its own connection: the dialer
+//! only sends, the acceptor only receives.
+//!
+//! So the leader's drivers see and reach every node wherever its session is
+//! ([`crate::server::Controller::send_to`], [`crate::server::Controller::presence_of`]), and
+//! liveness, heartbeats and path reports never become etcd writes. When a mesh connection ends,
+//! what its dialer said is forgotten at once; the dialer resends a full snapshot when it is back.
+
+pub(crate) mod wire;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::Duration,
+};
+
+use shoal_overlay::{framed, pki, tls};
+use shoal_proto::{ControllerMsg, NodeId};
+use tokio::sync::{mpsc, Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::connections::SendError;
+use crate::server::Controller;
+use wire::{MeshMsg, NodePresence, MAX_PRESENCE_PER_FRAME, MESH_VERSION};
+
+/// Messages queued for one peer before the link counts as stuck (it is then dropped and redialled,
+/// which resends the presence in full).
+const LINK_QUEUE: usize = 16_384;
+/// Mesh connections that have not proved themselves yet, at once.
+const MAX_PENDING: usize = 32;
+/// How long a dial, and a Hello, may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A node connected to another controller.
+#[derive(Debug, Clone)]
+pub(crate) struct RemoteNode {
+    /// The controller that holds its session.
+    pub controller: String,
+    /// What that controller said of it.
+    pub presence: NodePresence,
+}
+
+#[derive(Debug)]
+struct LinkTx {
+    tx: mpsc::Sender<MeshMsg>,
+    generation: u64,
+}
+
+/// The mesh's state in one controller.
+#[derive(Debug)]
+pub(crate) struct Mesh {
+    secret: [u8; 32],
+    /// Outgoing links, by peer id.
+    links: Mutex<HashMap<String, LinkTx>>,
+    /// Peers being dialled.
+    dialing: Mutex<HashSet<String>>,
+    /// Nodes connected to other controllers.
+    remote: RwLock<HashMap<NodeId, RemoteNode>>,
+    /// The presence every link has been told.
+    published: Mutex<HashMap<NodeId, NodePresence>>,
+    /// The newest accepted connection per peer.
+    accepted: Mutex<HashMap<String, u64>>,
+    generation: AtomicU64,
+    pending: Arc<Semaphore>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Mesh {
+    /// A mesh whose members prove themselves with `secret`.
+    pub(crate) fn new(secret: [u8; 32]) -> Mesh {
+        Mesh {
+            secret,
+            links: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashSet::new()),
+            remote: RwLock::new(HashMap::new()),
+            published: Mutex::new(HashMap::new()),
+            accepted: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            pending: Arc::new(Semaphore::new(MAX_PENDING)),
+        }
+    }
+
+    /// The node's session on another controller, if one said so.
+    pub(crate) fn remote(&self, node: &NodeId) -> Option<RemoteNode> {
+        self.remote
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .cloned()
+    }
+
+    /// Every node connected to another controller.
+    pub(crate) fn remote_all(&self) -> HashMap<NodeId, RemoteNode> {
+        self.remote
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sends `msg` to every peer it has a link to (best effort: a peer without a link now gets
+    /// nothing).
+    pub(crate) fn broadcast(&self, msg: MeshMsg) {
+        for (peer, link) in lock(&self.links).iter() {
+            if link.tx.try_send(msg.clone()).is_err() {
+                warn!(peer = %peer, "mesh link full; a broadcast was not queued");
+            }
+        }
+    }
+
+    fn send_to_peer(&self, peer: &str, msg: MeshMsg) -> bool {
+        let links = lock(&self.links);
+        match links.get(peer) {
+            Some(link) => link.tx.try_send(msg).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Queues `msg` for `node` on the controller that holds its session.
+    pub(crate) fn forward(
+        &self,
+        node: &NodeId,
+        msg: ControllerMsg,
+        min_protocol: u16,
+    ) -> Result<(), SendError> {
+        let remote = self
+            .remote(node)
+            .ok_or_else(|| SendError::NotConnected(node.clone()))?;
+        let protocol = remote.presence.protocol.unwrap_or(0);
+        if protocol < min_protocol {
+            return Err(SendError::TooOld {
+                node: node.clone(),
+                protocol,
+                needs: min_protocol,
+            });
+        }
+        let sent = self.send_to_peer(
+            &remote.controller,
+            MeshMsg::Deliver {
+                node: node.clone(),
+                min_protocol,
+                msg,
+            },
+        );
+        if sent {
+            Ok(())
+        } else {
+            Err(SendError::NotConnected(node.clone()))
+        }
+    }
+
+    /// Sends news for the rollouts to the leader `leader`; false when it cannot go now.
+    pub(crate) fn to_leader(
+        &self,
+        leader: &str,
+        event: shoal_controller_core::rollout::Event,
+    ) -> bool {
+        self.send_to_peer(leader, MeshMsg::RolloutEvent(event))
+    }
+
+    /// Publishes `now` (this controller's connected nodes) to every link: what changed since the
+    /// last call.
+    pub(crate) fn publish(&self, now: HashMap<NodeId, NodePresence>) {
+        let mut published = lock(&self.published);
+        let mut up: Vec<NodePresence> = now
+            .values()
+            .filter(|p| published.get(&p.node) != Some(*p))
+            .cloned()
+            .collect();
+        let gone: Vec<NodeId> = published
+            .keys()
+            .filter(|n| !now.contains_key(*n))
+            .cloned()
+            .collect();
+        *published = now;
+        if up.is_empty() && gone.is_empty() {
+            return;
+        }
+        let mut frames = Vec::new();
+        let mut gone = Some(gone);
+        loop {
+            let take = up.len().min(MAX_PRESENCE_PER_FRAME);
+            let chunk: Vec<NodePresence> = up.drain(..take).collect();
+            frames.push(MeshMsg::Presence {
+                reset: false,
+                up: chunk,
+                gone: gone.take().unwrap_or_default(),
+            });
+            if up.is_empty() {
+                break;
+            }
+        }
+        let mut links = lock(&self.links);
+        links.retain(|peer, link| {
+            for f in &frames {
+                if link.tx.try_send(f.clone()).is_err() {
+                    warn!(peer = %peer, "mesh link not keeping up; dropping it (it resends everything when redialled)");
+                    return false;
+                }
+            }
+            true
+        });
+    }
+
+    /// A new outgoing link: queues the full presence on it, then adds it (under the publish lock,
+    /// so it misses no change).
+    fn register(&self, peer: &str, tx: mpsc::Sender<MeshMsg>) -> u64 {
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let published = lock(&self.published);
+        let all: Vec<NodePresence> = published.values().cloned().collect();
+        let mut first = true;
+        for chunk in all.chunks(MAX_PRESENCE_PER_FRAME) {
+            let _ = tx.try_send(MeshMsg::Presence {
+                reset: first,
+                up: chunk.to_vec(),
+                gone: Vec::new(),
+            });
+            first = false;
+        }
+        if first {
+            let _ = tx.try_send(MeshMsg::Presence {
+                reset: true,
+                up: Vec::new(),
+                gone: Vec::new(),
+            });
+        }
+        lock(&self.links).insert(peer.to_owned(), LinkTx { tx, generation });
+        generation
+    }
+
+    fn unregister(&self, peer: &str, generation: u64) {
+        let mut links = lock(&self.links);
+        if links.get(peer).is_some_and(|l| l.generation == generation) {
+            links.remove(peer);
+        }
+    }
+
+    fn apply_presence(&self, peer: &str, reset: bool, up: Vec<NodePresence>, gone: Vec<NodeId>) {
+        let mut remote = self.remote.write().unwrap_or_else(|p| p.into_inner());
+        if reset {
+            remote.retain(|_, r| r.controller != peer);
+        }
+        for n in gone {
+            if remote.get(&n).is_some_and(|r| r.controller == peer) {
+                remote.remove(&n);
+            }
+        }
+        for p in up {
+            remote.insert(
+                p.node.clone(),
+                RemoteNode {
+                    controller: peer.to_owned(),
+                    presence: p,
+                },
+            );
+        }
+    }
+
+    fn forget_peer(&self, peer: &str) {
+        self.remote
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, r| r.controller != peer);
+    }
+}
+
+/// Keeps a link to every other live member and publishes this controller's presence, until the
+/// task is aborted.
+pub(crate) async fn run(controller: Arc<Controller>, endpoint: quinn::Endpoint) {
+    let client = match tls::mesh_client_config(controller.ca.cert_der()) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(cause = %e, "no mesh: cannot build its TLS configuration");
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut publish_due = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        for m in controller.cluster.members() {
+            if m.id == controller.cluster.id
+                || m.agent_addr.ip().is_unspecified()
+                || lock(&controller.mesh.links).contains_key(&m.id)
+                || !lock(&controller.mesh.dialing).insert(m.id.clone())
+            {
+                continue;
+            }
+            tokio::spawn(dial(
+                controller.clone(),
+                endpoint.clone(),
+                client.clone(),
+                m.id,
+                m.agent_addr,
+            ));
+        }
+        if tokio::time::Instant::now() >= publish_due {
+            publish_due = tokio::time::Instant::now() + Duration::from_secs(1);
+            let now = controller.local_presence();
+            controller.mesh.publish(now);
+        }
+    }
+}
+
+async fn dial(
+    controller: Arc<Controller>,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    peer: String,
+    addr: SocketAddr,
+) {
+    let result = link(&controller, &endpoint, client, &peer, addr).await;
+    lock(&controller.mesh.dialing).remove(&peer);
+    match result {
+        Ok(()) => debug!(peer = %peer, "mesh link closed"),
+        Err(e) => debug!(peer = %peer, %addr, cause = %e, "mesh link failed; redialling"),
+    }
+}
+
+async fn link(
+    controller: &Arc<Controller>,
+    endpoint: &quinn::Endpoint,
+    client: quinn::ClientConfig,
+    peer: &str,
+    addr: SocketAddr,
+) -> Result<(), String> {
+    let connecting = endpoint
+        .connect_with(client, addr, pki::CONTROLLER_SERVER_NAME)
+        .map_err(|e| e.to_string())?;
+    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
+        .await
+        .map_err(|_| "handshake timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let (mut send, _recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let hello = MeshMsg::Hello {
+        version: MESH_VERSION,
+        id: controller.cluster.id.clone(),
+        proof: controller.mesh.secret,
+    };
+    framed::send_msg(&mut send, &hello)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (tx, mut rx) = mpsc::channel(LINK_QUEUE);
+    let generation = controller.mesh.register(peer, tx);
+    lock(&controller.mesh.dialing).remove(peer);
+    info!(peer = %peer, %addr, "mesh link up");
+    let result = loop {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(msg) => {
+                    if let Err(e) = framed::send_msg(&mut send, &msg).await {
+                        break Err(e.to_string());
+                    }
+                }
+                None => break Ok(()),
+            },
+            e = conn.closed() => break Err(e.to_string()),
+        }
+    };
+    controller.mesh.unregister(peer, generation);
+    conn.close(0u32.into(), b"mesh link done");
+    info!(peer = %peer, "mesh link down");
+    result
+}
+
+/// Serves a mesh connection a peer dialled: its Hello, then what it says, until it ends.
+pub(crate) async fn serve(controller: Arc<Controller>, conn: quinn::Connection) {
+    let remote_addr = conn.remote_address();
+    let Ok(_pending) = controller.mesh.pending.clone().try_acquire_owned() else {
+        conn.close(1u32.into(), b"too many mesh connections in progress");
+        return;
+    };
+    let hello = async {
+        let (_send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let mut reader = framed::FrameReader::new(recv);
+        let hello: MeshMsg = reader
+            .recv()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("no hello")?;
+        Ok::<_, String>((reader, hello))
+    };
+    let (mut reader, hello) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, hello).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            debug!(remote = %remote_addr, cause = %e, "mesh connection without a hello");
+            return;
+        }
+        Err(_) => {
+            conn.close(1u32.into(), b"no hello in time");
+            return;
+        }
+    };
+    let peer = match hello {
+        MeshMsg::Hello { version, id, proof }
+            if version == MESH_VERSION
+                && crate::api::admin::digest_eq(&proof, &controller.mesh.secret)
+                && id != controller.cluster.id
+                && (1..=63).contains(&id.len()) =>
+        {
+            id
+        }
+        _ => {
+            warn!(remote = %remote_addr, "mesh connection refused: wrong proof, version or id");
+            conn.close(2u32.into(), b"refused");
+            return;
+        }
+    };
+    drop(_pending);
+    let generation = controller.mesh.generation.fetch_add(1, Ordering::SeqCst) + 1;
+    lock(&controller.mesh.accepted).insert(peer.clone(), generation);
+    debug!(peer = %peer, remote = %remote_addr, "mesh peer accepted");
+    loop {
+        let msg: MeshMsg = match reader.recv().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => {
+                debug!(peer = %peer, cause = %e, "mesh connection ended");
+                break;
+            }
+        };
+        match msg {
+            MeshMsg::Hello { .. } => {}
+            MeshMsg::Presence { reset, up, gone } => {
+                controller.mesh.apply_presence(&peer, reset, up, gone)
+            }
+            MeshMsg::Deliver {
+                node,
+                min_protocol,
+                msg,
+            } => {
+                if let Err(e) = controller.send_local(&node, msg, min_protocol) {
+                    debug!(peer = %peer, node = %node, cause = %e, "forwarded message not delivered");
+                }
+            }
+            MeshMsg::CertificateRevoked {
+                node,
+                serial,
+                reason,
+                current,
+            } => {
+                if controller.certificate_revoked(&node, &serial, &reason, current) {
+                    info!(peer = %peer, node = %node, %serial, "revoked certificate's session ended");
+                }
+            }
+            MeshMsg::NodeRemoved { node } => controller.node_removed(&node),
+            MeshMsg::RolloutEvent(event) => {
+                let c = controller.clone();
+                tokio::task::spawn_blocking(move || {
+                    let node = event.node().clone();
+                    match c.cluster.as_leader(|| c.apply_rollout_event(event)) {
+                        Some(Err(e)) => {
+                            warn!(node = %node, cause = %e, "forwarded rollout news not applied")
+                        }
+                        None => {
+                            debug!(node = %node, "rollout news for a leader this controller no longer is")
+                        }
+                        Some(Ok(())) => {}
+                    }
+                });
+            }
+        }
+    }
+    let mut accepted = lock(&controller.mesh.accepted);
+    if accepted.get(&peer) == Some(&generation) {
+        accepted.remove(&peer);
+        drop(accepted);
+        controller.mesh.forget_peer(&peer);
+        info!(peer = %peer, "mesh peer gone: its nodes' presence dropped");
+    }
+}
