@@ -237,23 +237,21 @@ impl Controller {
         &self,
     ) -> HashMap<NodeId, crate::cluster::mesh::wire::NodePresence> {
         let updates: HashMap<NodeId, _> = self.agent_updates().into_iter().collect();
-        // A session not heard from within two heartbeats is left out: another controller must not
-        // refuse the node's re-enrolment (after a crash) for a session that is dead but not yet
-        // timed out here.
+        // Whether the node was heard from within two heartbeats: another controller must not refuse
+        // the node's re-enrolment (after a crash) for a session that is dead but not yet timed out
+        // here.
         let recent = self.config.heartbeat_interval.as_millis() as u64 * 2;
         let now = crate::server::now_ms().0;
         let live = self.live();
         live.conns
             .iter()
-            .filter(|(node, c)| {
-                !c.leaving
+            .map(|(node, c)| {
+                let live_now = !c.leaving
                     && live
                         .nodes
-                        .get(*node)
+                        .get(node)
                         .and_then(|l| l.last_seen)
-                        .is_some_and(|t| now.saturating_sub(t.0) <= recent)
-            })
-            .map(|(node, c)| {
+                        .is_some_and(|t| now.saturating_sub(t.0) <= recent);
                 (
                     node.clone(),
                     crate::cluster::mesh::wire::NodePresence {
@@ -261,6 +259,7 @@ impl Controller {
                         protocol: c.protocol,
                         boot: c.boot.clone(),
                         update: updates.get(node).and_then(|u| u.report.clone()),
+                        live: live_now,
                     },
                 )
             })

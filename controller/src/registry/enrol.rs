@@ -139,7 +139,7 @@ pub(crate) fn enrol(
         drop(live);
         // Or connected to another controller of the cluster (which lists only sessions heard
         // from recently: see `local_presence`).
-        here || controller.mesh.remote(n).is_some()
+        here || controller.mesh.remote(n).is_some_and(|r| r.presence.live)
     };
     let enrolment = controller
         .store

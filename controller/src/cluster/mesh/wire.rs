@@ -76,4 +76,7 @@ pub struct NodePresence {
     pub boot: Option<BootReport>,
     /// Its latest agent update report.
     pub update: Option<UpdateReport>,
+    /// Heard from within two heartbeats, and not leaving after a reboot: the session holds the
+    /// node's identity against a re-enrolment elsewhere.
+    pub live: bool,
 }
