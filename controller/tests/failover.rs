@@ -23,10 +23,12 @@ use std::{
 
 use common::{
     eventually,
-    harness::{Ctl, AGENT_UP, PROMPT},
+    harness::{Ctl, Raw, AGENT_UP, PROMPT},
 };
 use shoal_agent::daemon::{self, AgentConfig, AgentError};
 use shoal_controller::cluster::AgentEndpoint;
+use shoal_overlay::{pki, recv_msg};
+use shoal_proto::{AgentMsg, ControllerMsg, ControllerSet, EnrolRequest, VersionRange, SUPPORTED};
 use tokio::{net::UdpSocket, sync::oneshot, task::JoinHandle};
 
 /// The test goal: a killed controller's agents are up on another one within this.
@@ -261,4 +263,78 @@ async fn an_announced_controller_is_kept_and_taken_over_to_though_never_configur
     agent.stop().await;
     a.stop().await;
     b.stop().await;
+}
+
+fn endpoints(ports: &[u16]) -> Vec<AgentEndpoint> {
+    ports
+        .iter()
+        .map(|p| AgentEndpoint {
+            id: format!("ctl-{p}"),
+            addr: SocketAddr::from(([127, 0, 0, 1], *p)),
+        })
+        .collect()
+}
+
+/// The next controller set on `raw` within `wait`, skipping what else the controller sends.
+async fn next_set(raw: &mut Raw, wait: Duration) -> Option<ControllerSet> {
+    let read = async {
+        loop {
+            match recv_msg::<ControllerMsg>(&mut raw.recv).await {
+                Ok(Some(ControllerMsg::ControllerSet(set))) => return Some(set),
+                Ok(Some(_)) => {}
+                _ => return None,
+            }
+        }
+    };
+    tokio::time::timeout(wait, read).await.ok().flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v7_sessions_get_the_controller_set_and_its_changes_and_v6_sessions_never() {
+    let ctl = Ctl::start().await;
+    ctl.controller()
+        .announce_agent_endpoints(endpoints(&[7001, 7002]));
+    // One node key, enrolled once; a v7 and a v6 session with it.
+    let key = pki::generate_key().unwrap();
+    let token = ctl.admin.create_token(Some(1)).await;
+    let mut raw = Raw::enrolment(&ctl).await;
+    raw.hello_as(SUPPORTED, "set-node").await.unwrap();
+    raw.send(&AgentMsg::Enrol(EnrolRequest {
+        token,
+        csr_der: pki::make_csr(&key).unwrap(),
+        hostname: "set-node".into(),
+    }))
+    .await;
+    let enrolled = raw
+        .recv_until(|m| match m {
+            ControllerMsg::Enrolled(e) => Some(e),
+            _ => None,
+        })
+        .await;
+
+    let mut v7 = Raw::node(&ctl, &enrolled.cert_der, &key).await;
+    assert_eq!(
+        v7.hello_as(SUPPORTED, "set-node").await.unwrap().protocol,
+        7
+    );
+    let set = next_set(&mut v7, PROMPT)
+        .await
+        .expect("the set after Welcome");
+    assert_eq!(set.controllers.len(), 2);
+    assert_eq!(set.controllers[0].id, "ctl-7001", "the sender first");
+    ctl.controller()
+        .announce_agent_endpoints(endpoints(&[7001, 7002, 7003]));
+    let set = next_set(&mut v7, PROMPT).await.expect("the changed set");
+    assert_eq!(set.controllers.len(), 3);
+    drop(v7);
+
+    let v6_range = VersionRange { min: 1, max: 6 };
+    let mut v6 = Raw::node(&ctl, &enrolled.cert_der, &key).await;
+    assert_eq!(v6.hello_as(v6_range, "set-node").await.unwrap().protocol, 6);
+    ctl.controller()
+        .announce_agent_endpoints(endpoints(&[7001, 7004]));
+    // Whatever else a v6 session gets within this window, the set is not among it.
+    assert_eq!(next_set(&mut v6, Duration::from_millis(1500)).await, None);
+    assert!(v6.conn.close_reason().is_none(), "the v6 session goes on");
+    ctl.stop().await;
 }

@@ -350,13 +350,14 @@ pub(crate) async fn drive(
                 }
                 vec![]
             }
-            changed = endpoints.changed(), if announcing => {
-                if changed.is_err() {
-                    // The cluster is gone with the controller: nothing more to announce.
+            changed = endpoints.changed(), if announcing => match changed {
+                Ok(()) => announcement(&mut endpoints),
+                // The cluster is gone with the controller: nothing more to announce.
+                Err(_) => {
                     announcing = false;
+                    vec![]
                 }
-                announcement(&mut endpoints)
-            }
+            },
         };
         for action in actions {
             let connected = matches!(action, Action::Connected { .. });
