@@ -59,11 +59,13 @@ use tracing::{debug, warn};
 pub mod backend;
 pub mod event_log;
 
+mod etcd_backend;
 mod gate;
 mod sled_backend;
 mod table;
-pub use backend::{Backend, Batch, Scan, TableDump};
+pub use backend::{current_fence, fenced, Backend, Batch, Fence, Scan, TableDump};
 
+pub use etcd_backend::{EtcdBackend, QUORUM_LOST_FOR};
 pub use sled_backend::SledBackend;
 pub(crate) use table::{abort, RawTable, Table, Tx, TxError, TxTable};
 
@@ -79,6 +81,14 @@ pub const MAX_EVENTS: u64 = 100_000;
 /// back under seven eighths of it. 100 000 events of a typical 100 bytes are 10 MiB; a log of
 /// capped 4 KiB messages ([`crate::store::event_log::MAX_EVENT_MESSAGE`]) would be 400 MiB without it.
 pub const MAX_EVENT_BYTES: u64 = 64 << 20;
+
+/// The most writes one batch or transaction may carry: one etcd transaction each, so etcd must run
+/// with `--max-txn-ops` at least this. Deletions that need no atomicity (trims, pruning) are split
+/// into batches of [`DELETE_CHUNK`].
+pub const MAX_BATCH_OPS: usize = 4096;
+
+/// Keys per batch when deleting many keys without atomicity (trims, pruning).
+pub const DELETE_CHUNK: usize = 1024;
 
 /// How often (in appended events) the event log is trimmed.
 const TRIM_EVERY: u64 = 1024;
@@ -112,6 +122,14 @@ pub enum StoreError {
     /// The database failed (I/O error, e.g. disk full, or corruption); includes sled's message.
     #[error("store: {0}")]
     Db(String),
+    /// The distributed store cannot be reached or has no quorum: reads may still be answered
+    /// (possibly stale), writes are refused until quorum returns. The message says where and why.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A write made as the leader was refused because this controller no longer leads (its
+    /// [`backend::Fence`] no longer holds); nothing was written.
+    #[error("this controller no longer leads: {0}")]
+    Fenced(String),
     /// A stored record could not be decoded.
     #[error("store record {key} is corrupt: {cause}")]
     Corrupt {
