@@ -402,7 +402,7 @@ impl Controller {
         for (id, n) in dirty {
             if let Err(e) = self.store.update_node(&id, |rec| {
                 rec.last_seen = n.last_seen;
-                rec.health = n.health;
+                rec.health = n.health.clone();
             }) {
                 warn!(node = %id, cause = %e, "checkpoint failed");
             }

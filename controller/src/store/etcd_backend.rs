@@ -825,4 +825,4 @@ impl Backend for EtcdBackend {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests;
+pub(super) mod tests;
