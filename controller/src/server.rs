@@ -102,6 +102,9 @@ pub struct ControllerConfig {
     /// Messages queued for one connection before its agent counts as not reading (default
     /// [`crate::connections::queue::NODE_QUEUE_CAPACITY`]).
     pub node_queue_capacity: usize,
+    /// The etcd cluster the store lives in, shared with other controllers (default: none — the
+    /// store is sled in `data_dir/store`).
+    pub etcd: Option<crate::etcd::EtcdConfig>,
 }
 
 impl ControllerConfig {
@@ -142,6 +145,7 @@ impl ControllerConfig {
             enrolment_deadline: Duration::from_secs(30),
             send_timeout: Duration::from_secs(30),
             node_queue_capacity: crate::connections::queue::NODE_QUEUE_CAPACITY,
+            etcd: None,
         }
     }
 }
@@ -236,7 +240,10 @@ impl Controller {
         // controller's alone.
         shoal_overlay::pki::ensure_private_dir(&config.data_dir)
             .map_err(|e| ServeError::DataDir(config.data_dir.clone(), e))?;
-        let store = Store::open(&config.data_dir.join("store"))?;
+        let store = match &config.etcd {
+            Some(etcd) => Store::open_etcd(etcd, &config.data_dir)?,
+            None => Store::open(&config.data_dir.join("store"))?,
+        };
         store.ensure_default_network(config.overlay_subnet, config.overlay_mtu)?;
         let overlay = Arc::new(OverlayHub::open(&store, config.netmap_validity)?);
         let drives = DriveHub::open(&store, config.drives)?;

@@ -279,6 +279,20 @@ impl EtcdBackend {
         Ok(backend)
     }
 
+    /// Whether nothing at all is stored under the prefix (tables or anything else).
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        let prefix = self.config.prefix.as_bytes().to_vec();
+        let end = prefix_end(&prefix);
+        let response = self.read(Range {
+            key: prefix,
+            end: Some(end),
+            limit: 1,
+            descend: false,
+            revision: 0,
+        })?;
+        Ok(response.kvs().is_empty())
+    }
+
     /// The client (for election and leases: the same connections as the store's). Requests on it
     /// must run on [`EtcdBackend::runtime`].
     pub fn client(&self) -> Client {

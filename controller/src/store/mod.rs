@@ -69,6 +69,9 @@ mod sled_backend;
 mod table;
 pub use backend::{current_fence, fenced, Backend, Batch, Fence, Scan, TableDump};
 
+/// A test's etcd configuration under a prefix of its own.
+#[cfg(test)]
+pub(crate) use etcd_backend::tests::config as test_etcd_config;
 pub use etcd_backend::{EtcdBackend, QUORUM_LOST_FOR};
 
 use crate::etcd::EtcdConfig;
