@@ -594,14 +594,21 @@ impl Iterator for Pages<'_> {
     }
 }
 
+/// A key a transaction read.
+struct Read {
+    value: Option<Vec<u8>>,
+    /// Its `mod_revision` then (0 when absent): the commit compares it.
+    mod_revision: i64,
+}
+
 /// One attempt of a transaction: reads through to etcd at one revision, writes buffered.
 struct EtcdTxn<'a> {
     backend: &'a EtcdBackend,
     tables: &'a [&'static str],
     /// The revision every read of this attempt is made at (the first read's).
     revision: Cell<i64>,
-    /// Each key read, with its value and `mod_revision` (0 when absent).
-    reads: RefCell<HashMap<Vec<u8>, (Option<Vec<u8>>, i64)>>,
+    /// Each key read, with what it held.
+    reads: RefCell<HashMap<Vec<u8>, Read>>,
     /// Each key written, with its new value (`None`: deleted).
     writes: RefCell<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
 }
@@ -623,8 +630,8 @@ impl Txn for EtcdTxn<'_> {
         if let Some(w) = self.writes.borrow().get(&full) {
             return Ok(w.clone());
         }
-        if let Some((v, _)) = self.reads.borrow().get(&full) {
-            return Ok(v.clone());
+        if let Some(read) = self.reads.borrow().get(&full) {
+            return Ok(read.value.clone());
         }
         let mut range = Range::one(full.clone());
         range.revision = self.revision.get();
@@ -637,11 +644,17 @@ impl Txn for EtcdTxn<'_> {
             self.revision
                 .set(response.header().map(|h| h.revision()).unwrap_or(0));
         }
-        let (value, rev) = match response.kvs().first() {
+        let (value, mod_revision) = match response.kvs().first() {
             Some(kv) => (Some(kv.value().to_vec()), kv.mod_revision()),
             None => (None, 0),
         };
-        self.reads.borrow_mut().insert(full, (value.clone(), rev));
+        self.reads.borrow_mut().insert(
+            full,
+            Read {
+                value: value.clone(),
+                mod_revision,
+            },
+        );
         Ok(value)
     }
 
@@ -759,7 +772,7 @@ impl Backend for EtcdBackend {
                 .reads
                 .into_inner()
                 .into_iter()
-                .map(|(k, (_, rev))| Compare::mod_revision(k, CompareOp::Equal, rev))
+                .map(|(k, read)| Compare::mod_revision(k, CompareOp::Equal, read.mod_revision))
                 .collect();
             let ops = writes.into_iter().map(|(k, v)| op(k, v)).collect();
             match self
