@@ -12,7 +12,8 @@
 //! - Reads are linearizable. When that fails because etcd has no quorum (no leader, timeouts), the
 //!   read is answered by a serializable read of a member that still runs — possibly stale, but the
 //!   controller keeps answering — and the backend remembers for [`QUORUM_LOST_FOR`] that quorum is
-//!   gone: reads go straight to serializable, and writes fail at once with
+//!   gone (an election is not: "no leader" is asked again until the request timeout): reads go
+//!   straight to serializable, and writes fail at once with
 //!   [`StoreError::Unavailable`]. After that the next request tries etcd normally again, so
 //!   recovery needs nothing from anyone.
 //! - Transactions are optimistic, like etcd's own STM (serializable isolation): the body reads
@@ -58,6 +59,9 @@ const PAGE: i64 = 1000;
 /// How long after a request found etcd without quorum reads go straight to serializable and
 /// writes fail without trying.
 pub const QUORUM_LOST_FOR: Duration = Duration::from_secs(3);
+
+/// How long to wait before asking again while etcd elects a leader.
+const ELECTION_RETRY: Duration = Duration::from_millis(100);
 
 /// Writes per etcd transaction when importing (no atomicity promised), and bytes.
 const IMPORT_OPS: usize = 1000;
@@ -342,6 +346,30 @@ impl EtcdBackend {
         }
     }
 
+    /// [`EtcdBackend::call`] on the leader-requiring client, again while the member answers "no
+    /// leader" (it refused before doing anything, so trying again is safe), until the request
+    /// timeout: an election after a member restart is not a lost quorum. Other failures are not
+    /// retried: a write whose answer was lost may have landed.
+    fn call_leader<T, F, Fut>(&self, make: F) -> Result<T, Failure>
+    where
+        T: Send + 'static,
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
+        let deadline = Instant::now() + self.config.request_timeout;
+        loop {
+            match self.call(make(self.client.clone())) {
+                Err(Failure::Unavailable(cause))
+                    if cause.contains("no leader")
+                        && Instant::now() + ELECTION_RETRY < deadline =>
+                {
+                    std::thread::sleep(ELECTION_RETRY);
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn quorum_lost(&self) -> bool {
         let mut until = self
             .quorum_lost_until
@@ -386,9 +414,12 @@ impl EtcdBackend {
     /// is gone.
     fn read_raw(&self, range: Range) -> Result<GetResponse, Failure> {
         if !self.quorum_lost() {
-            let mut kv = self.client.kv_client();
-            let r = range.clone();
-            match self.call(async move { kv.get(r.key.clone(), Some(r.options(false))).await }) {
+            let attempt = |client: Client| {
+                let r = range.clone();
+                let mut kv = client.kv_client();
+                async move { kv.get(r.key.clone(), Some(r.options(false))).await }
+            };
+            match self.call_leader(attempt) {
                 Err(Failure::Unavailable(cause)) => self.mark_quorum_lost(&cause),
                 other => return other,
             }
@@ -436,8 +467,12 @@ impl EtcdBackend {
             .when(compares)
             .and_then(ops)
             .or_else(otherwise);
-        let mut kv = self.client.kv_client();
-        let response = match self.call(async move { kv.txn(txn).await }) {
+        let attempt = |client: Client| {
+            let txn = txn.clone();
+            let mut kv = client.kv_client();
+            async move { kv.txn(txn).await }
+        };
+        let response = match self.call_leader(attempt) {
             Ok(r) => r,
             Err(Failure::Unavailable(cause)) => {
                 self.mark_quorum_lost(&cause);

@@ -1,6 +1,9 @@
-//! The controller's embedded database: join tokens, nodes, removals, the event log and small
-//! metadata (admin token hash, QUIC stateless-reset key), kept in [sled] in the controller's data
-//! directory.
+//! The controller's database: join tokens, nodes, removals, the event log and small metadata
+//! (admin token hash, QUIC stateless-reset key), kept in [sled] in the controller's data directory
+//! ([`Store::open`]), or in etcd shared by several controllers ([`Store::open_etcd`],
+//! [`EtcdBackend`]). The guarantees below are sled's; on etcd a commit is durable on a quorum, the
+//! free-space reserve does not apply, and a store without quorum answers reads and refuses writes
+//! with [`StoreError::Unavailable`].
 //!
 //! Guarantees:
 //! - A restart loses nothing that an API call reported as written; calls that change more than one

@@ -325,3 +325,15 @@ fn works_inside_other_runtimes() {
         drop(inner);
     });
 }
+
+/// Called from a `#[tokio::test]` (a current-thread runtime), blocking calls still answer: the
+/// requests run on the backend's own runtime thread.
+#[tokio::test]
+async fn works_from_a_current_thread_tokio_test() {
+    let cluster = require!(EtcdCluster::start(1));
+    let b = EtcdBackend::connect(&config(&cluster)).unwrap();
+    b.put("t", b"k", b"v").unwrap();
+    increment(&b).unwrap();
+    assert_eq!(b.scan("t", Scan::all()).unwrap().count(), 1);
+    assert_eq!(counter(&b), 1);
+}
