@@ -208,8 +208,9 @@ pub(crate) struct Inner {
     /// Serialises overlay changes: IPAM scans a network's members, which a sled transaction cannot.
     pub(crate) overlay_lock: Mutex<()>,
     dir: PathBuf,
-    /// A hint: the seq the next event gets, for a store whose counter ([`EVENT_SEQ`]) was never
-    /// written (an event log from before it). The counter itself decides.
+    /// The seq after the newest event when the store was opened: what the first event gets in a
+    /// store whose counter ([`EVENT_SEQ`]) was never written (a log from before it). Never changed
+    /// by a transaction's body, which may not commit: once any event commits, the counter decides.
     next_seq: AtomicU64,
     /// Per-(node, kind) event budgets.
     event_budget: Mutex<crate::store::event_log::EventBudget>,
@@ -528,9 +529,6 @@ impl Store {
             None => self.inner.next_seq.load(Ordering::SeqCst),
         };
         counter.insert(SEQ_KEY, seq.saturating_add(1).to_be_bytes())?;
-        self.inner
-            .next_seq
-            .fetch_max(seq.saturating_add(1), Ordering::SeqCst);
         let message = crate::store::event_log::cap_message(message).into_owned();
         let event = Event {
             seq,
