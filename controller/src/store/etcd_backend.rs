@@ -424,10 +424,14 @@ impl EtcdBackend {
                 other => return other,
             }
         }
-        // A balanced channel may first pick a member that is down: try as often as there are
-        // members.
+        // A balanced channel may first pick a member that is down (refused at once on a dead
+        // host, or timed out): try again, twice per member, within one request timeout.
         let mut last = String::new();
-        for _ in 0..self.config.endpoints.len().max(1) {
+        let deadline = Instant::now() + self.config.request_timeout;
+        for _ in 0..2 * self.config.endpoints.len().max(1) {
+            if Instant::now() >= deadline && !last.is_empty() {
+                break;
+            }
             let mut kv = self.stale.kv_client();
             let r = range.clone();
             match self.call(async move { kv.get(r.key.clone(), Some(r.options(true))).await }) {
