@@ -73,7 +73,8 @@ pub enum EtcdError {
 
 impl EtcdConfig {
     /// Checks what can be checked without a network: endpoints given, prefix absolute and ending
-    /// in `/`, key and certificate together, a timeout above zero.
+    /// in `/`, key and certificate together, `https://` endpoints with TLS files, a timeout above
+    /// zero.
     pub fn validate(&self) -> Result<(), EtcdError> {
         if self.endpoints.is_empty() {
             return Err(EtcdError::Config("no endpoints given".into()));
@@ -88,6 +89,16 @@ impl EtcdConfig {
             return Err(EtcdError::Config(
                 "a client certificate and its key go together: give both or neither".into(),
             ));
+        }
+        let tls = self.ca_file.is_some() || self.cert_file.is_some();
+        if let Some(plain) = self
+            .endpoints
+            .iter()
+            .find(|e| tls && e.starts_with("http://"))
+        {
+            return Err(EtcdError::Config(format!(
+                "TLS files are given but endpoint {plain} is http://; use https:// endpoints"
+            )));
         }
         if self.request_timeout.is_zero() {
             return Err(EtcdError::Config("request timeout is zero".into()));
@@ -170,8 +181,13 @@ mod tests {
         assert!(bad.validate().is_err());
         let half = EtcdConfig {
             cert_file: Some("/c.pem".into()),
-            ..c
+            ..c.clone()
         };
         assert!(half.validate().is_err());
+        let plain_with_ca = EtcdConfig {
+            ca_file: Some("/ca.pem".into()),
+            ..c
+        };
+        assert!(plain_with_ca.validate().is_err());
     }
 }

@@ -212,6 +212,11 @@ fn classify(e: etcd_client::Error) -> Failure {
             if msg.contains("has been compacted") {
                 return Failure::Compacted;
             }
+            if msg.contains("request is too large") {
+                return Failure::Other(StoreError::Db(format!(
+                    "etcd refused a request: {msg} (etcd's --max-request-bytes, 1.5 MiB by default)"
+                )));
+            }
             if msg.contains("too many operations in txn") {
                 return Failure::Other(StoreError::Db(format!(
                     "etcd refused a transaction: {msg}; start etcd with --max-txn-ops {MAX_BATCH_OPS} or more"

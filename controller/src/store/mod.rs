@@ -304,7 +304,8 @@ pub(crate) use shoal_controller_core::time::rfc3339;
 /// [`EVENTS`] (kinds by name), in batches; a crash part-way is finished at the next open, since a
 /// moved batch is written before it is deleted and writing it again changes nothing.
 fn migrate_legacy_events(backend: &dyn Backend) -> Result<(), StoreError> {
-    const BATCH: usize = 1024;
+    // 256 events of at most 4 KiB stay under etcd's 1.5 MiB request limit.
+    const BATCH: usize = 256;
     let mut moved = 0usize;
     loop {
         let chunk: Vec<backend::Entry> = backend
