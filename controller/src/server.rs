@@ -253,10 +253,13 @@ impl Controller {
         shoal_overlay::pki::ensure_private_dir(&config.data_dir)
             .map_err(|e| ServeError::DataDir(config.data_dir.clone(), e))?;
         let store = match &config.etcd {
-            Some(etcd) => Store::open_etcd(etcd, &config.data_dir)?,
-            None => Store::open(&config.data_dir.join("store"))?,
+            Some(etcd) => open_etcd_store(&config, etcd)?,
+            None => {
+                let store = Store::open(&config.data_dir.join("store"))?;
+                store.ensure_default_network(config.overlay_subnet, config.overlay_mtu)?;
+                store
+            }
         };
-        store.ensure_default_network(config.overlay_subnet, config.overlay_mtu)?;
         let overlay = Arc::new(OverlayHub::open(&store, config.netmap_validity)?);
         let drives = DriveHub::open(&store, config.drives)?;
         // Several controllers on one store are one fleet: one CA, one secrets key.
@@ -466,6 +469,31 @@ impl Controller {
             }) {
                 warn!(node = %id, cause = %e, "checkpoint failed");
             }
+        }
+    }
+}
+
+/// How long a controller starting on etcd waits for it to have a quorum (etcd and the controllers
+/// often start together at boot).
+const ETCD_START_WAIT: Duration = Duration::from_secs(120);
+
+/// Opens the store on etcd, waiting (up to [`ETCD_START_WAIT`]) while etcd has no quorum yet.
+fn open_etcd_store(
+    config: &ControllerConfig,
+    etcd: &crate::etcd::EtcdConfig,
+) -> Result<Store, ServeError> {
+    let deadline = Instant::now() + ETCD_START_WAIT;
+    loop {
+        let attempt = Store::open_etcd(etcd, &config.data_dir).and_then(|store| {
+            store.ensure_default_network(config.overlay_subnet, config.overlay_mtu)?;
+            Ok(store)
+        });
+        match attempt {
+            Err(crate::store::StoreError::Unavailable(why)) if Instant::now() < deadline => {
+                warn!(cause = %why, "waiting for etcd to have a quorum");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            other => return Ok(other?),
         }
     }
 }
