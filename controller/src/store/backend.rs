@@ -15,6 +15,9 @@
 //! - Scans return keys in byte order and see a consistent view of one table.
 //! - Scans are not available inside a transaction (sled cannot); a domain that must scan and then
 //!   write consistently serialises its writers (the store's locks) and re-checks in the transaction.
+//! - A write made while a [`Fence`] is current on the calling thread ([`fenced`]) lands only if the
+//!   fence holds, and fails with [`StoreError::Fenced`] otherwise; a backend with one writer
+//!   (sled) has nothing to fence and ignores it.
 //! - [`Backend::export`] lists every table that holds data with all its entries, and
 //!   [`Backend::import`] writes such a list into an empty database; a backup is one and a restore
 //!   the other. `export` is consistent across tables only while no one writes: the store's write

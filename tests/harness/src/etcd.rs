@@ -62,8 +62,13 @@ struct Member {
 }
 
 impl Member {
-    fn client_url(&self) -> String {
-        url(self.ip, self.client_port)
+    fn client_url(&self, tls: bool) -> String {
+        let u = url(self.ip, self.client_port);
+        if tls {
+            u.replacen("http://", "https://", 1)
+        } else {
+            u
+        }
     }
 
     fn peer_url(&self) -> String {
@@ -78,9 +83,79 @@ fn url(ip: IpAddr, port: u16) -> String {
     }
 }
 
+/// Certificates for an etcd cluster that speaks TLS to its clients: one CA, and one certificate
+/// (for 127.0.0.1 and localhost, server and client use) that the members serve and clients present.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// The CA certificate (PEM).
+    pub ca: PathBuf,
+    /// The certificate (PEM).
+    pub cert: PathBuf,
+    /// Its key (PEM).
+    pub key: PathBuf,
+}
+
+impl EtcdTls {
+    /// Makes a CA and a certificate in `dir` with `openssl` (Debian `openssl`).
+    pub fn generate(dir: &Path) -> Result<EtcdTls> {
+        skip::tool("openssl", "openssl")?;
+        let p = |f: &str| dir.join(f);
+        std::fs::write(
+            p("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n\
+             basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n",
+        )?;
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        cmd::run(
+            Command::new("openssl")
+                .args(["req", "-x509"])
+                .args(ec)
+                .args(["-days", "2", "-subj", "/CN=shoal-test-etcd-ca", "-keyout"])
+                .arg(p("ca.key"))
+                .arg("-out")
+                .arg(p("ca.pem")),
+        )?;
+        cmd::run(
+            Command::new("openssl")
+                .arg("req")
+                .args(ec)
+                .args(["-subj", "/CN=localhost", "-keyout"])
+                .arg(p("key.pem"))
+                .arg("-out")
+                .arg(p("req.csr")),
+        )?;
+        cmd::run(
+            Command::new("openssl")
+                .args(["x509", "-req", "-days", "2", "-CAcreateserial", "-in"])
+                .arg(p("req.csr"))
+                .arg("-CA")
+                .arg(p("ca.pem"))
+                .arg("-CAkey")
+                .arg(p("ca.key"))
+                .arg("-extfile")
+                .arg(p("ext.cnf"))
+                .arg("-out")
+                .arg(p("cert.pem")),
+        )?;
+        Ok(EtcdTls {
+            ca: p("ca.pem"),
+            cert: p("cert.pem"),
+            key: p("key.pem"),
+        })
+    }
+}
+
 /// A running etcd cluster of real members; every member is killed when it is dropped.
 pub struct EtcdCluster {
     members: Vec<Member>,
+    /// Client TLS (members require client certificates), if any.
+    tls: Option<EtcdTls>,
     initial_cluster: String,
     token: String,
     _dir: tempfile::TempDir,
@@ -106,8 +181,18 @@ impl EtcdCluster {
         EtcdCluster::start_with(vec![EtcdMemberSpec::default(); members])
     }
 
+    /// Starts `members` members on loopback that serve clients over TLS with `tls` and require
+    /// client certificates signed by its CA; endpoints are `https://`.
+    pub fn start_tls(members: usize, tls: EtcdTls) -> Result<EtcdCluster> {
+        EtcdCluster::start_inner(vec![EtcdMemberSpec::default(); members], Some(tls))
+    }
+
     /// Starts one member per spec and waits until all are healthy.
     pub fn start_with(specs: Vec<EtcdMemberSpec>) -> Result<EtcdCluster> {
+        EtcdCluster::start_inner(specs, None)
+    }
+
+    fn start_inner(specs: Vec<EtcdMemberSpec>, tls: Option<EtcdTls>) -> Result<EtcdCluster> {
         skip::tool("etcd", "etcd-server")?;
         skip::tool("etcdctl", "etcd-client")?;
         if specs.is_empty() {
@@ -156,6 +241,7 @@ impl EtcdCluster {
         );
         let mut cluster = EtcdCluster {
             members,
+            tls,
             initial_cluster,
             token,
             _dir: base,
@@ -169,6 +255,7 @@ impl EtcdCluster {
 
     fn spawn(&mut self, i: usize) -> Result<()> {
         let m = &self.members[i];
+        let client_url = m.client_url(self.tls.is_some());
         let mut words: Vec<OsString> = m.prefix.clone();
         words.push("etcd".into());
         let mut command = Command::new(&words[0]);
@@ -179,9 +266,9 @@ impl EtcdCluster {
             .arg("--data-dir")
             .arg(&m.data_dir)
             .arg("--listen-client-urls")
-            .arg(m.client_url())
+            .arg(&client_url)
             .arg("--advertise-client-urls")
-            .arg(m.client_url())
+            .arg(&client_url)
             .arg("--listen-peer-urls")
             .arg(m.peer_url())
             .arg("--initial-advertise-peer-urls")
@@ -196,6 +283,16 @@ impl EtcdCluster {
             .args(["--max-txn-ops", "4096"])
             .args(["--log-level", "warn"])
             .stdin(Stdio::null());
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
         let log = File::options()
             .create(true)
             .append(true)
@@ -209,14 +306,15 @@ impl EtcdCluster {
         Ok(())
     }
 
-    /// Every member's client URL (`http://127.0.0.1:PORT`), killed members included.
+    /// Every member's client URL (`http://127.0.0.1:PORT`, `https://` with TLS), killed members
+    /// included.
     pub fn endpoints(&self) -> Vec<String> {
-        self.members.iter().map(Member::client_url).collect()
+        (0..self.members.len()).map(|i| self.endpoint(i)).collect()
     }
 
     /// Member `i`'s client URL.
     pub fn endpoint(&self, i: usize) -> String {
-        self.members[i].client_url()
+        self.members[i].client_url(self.tls.is_some())
     }
 
     /// How many members the cluster has.
@@ -277,8 +375,17 @@ impl EtcdCluster {
             .args(&words[1..])
             .env("ETCDCTL_API", "3")
             .args(["--command-timeout", "1s", "--endpoints"])
-            .arg(m.client_url())
-            .args(["endpoint", "health"]);
+            .arg(m.client_url(self.tls.is_some()));
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cacert")
+                .arg(&tls.ca)
+                .arg("--cert")
+                .arg(&tls.cert)
+                .arg("--key")
+                .arg(&tls.key);
+        }
+        command.args(["endpoint", "health"]);
         let out = cmd::output_with_timeout(&mut command, Duration::from_secs(3))?;
         cmd::check(&format!("{command:?}"), &out)
     }

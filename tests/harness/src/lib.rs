@@ -22,7 +22,7 @@ pub mod wait;
 #[cfg(feature = "tokio")]
 pub mod wait_async;
 
-pub use etcd::{EtcdCluster, EtcdMemberSpec};
+pub use etcd::{EtcdCluster, EtcdMemberSpec, EtcdTls};
 pub use skip::{required, Missing};
 pub use tmpfs::Tmpfs;
 pub use wait::{abort, consistently, eventually};
