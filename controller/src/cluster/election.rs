@@ -230,18 +230,28 @@ impl Term {
                     if pending.len() > 64 {
                         pending.pop_front();
                     }
-                    if let Err(e) = keeper.keep_alive().await {
-                        return format!("keep-alive: {e}");
-                    }
-                    if let Err(e) = self.step(lease, leadership).await {
-                        debug!(cause = %e, "election step failed; next tick");
-                    }
-                    if last_record.elapsed() >= cfg.record_interval {
-                        last_record = Instant::now();
-                        if let Err(e) = self.write_record(lease).await {
-                            debug!(cause = %e, "membership record not rewritten; next time");
+                    // Nothing here may hold the loop past the leadership deadline: an etcd that
+                    // does not answer must not keep a leader leading.
+                    let work = async {
+                        keeper.keep_alive().await.map_err(|e| format!("keep-alive: {e}"))?;
+                        if let Err(e) = self.step(lease, leadership).await {
+                            debug!(cause = %e, "election step failed; next tick");
                         }
+                        if last_record.elapsed() >= cfg.record_interval {
+                            last_record = Instant::now();
+                            if let Err(e) = self.write_record(lease).await {
+                                debug!(cause = %e, "membership record not rewritten; next time");
+                            }
+                        }
+                        Ok::<(), String>(())
+                    };
+                    match tokio::time::timeout_at(deadline, work).await {
+                        Ok(Err(e)) => return e,
+                        Ok(Ok(())) => {}
+                        Err(_) => {}
                     }
+                    let change = leadership.poll(Instant::now());
+                    apply(&*self.host, &cfg, change, None);
                 }
                 ack = acks.message() => {
                     let now = Instant::now();
@@ -256,8 +266,27 @@ impl Term {
                             }
                             apply(&*self.host, &cfg, change, None);
                         }
-                        Ok(None) => return "etcd closed the keep-alive stream".into(),
-                        Err(e) => return format!("keep-alive stream: {e}"),
+                        Ok(None) | Err(_) => {
+                            // The member behind the stream went away: open another stream for
+                            // the same lease (another member answers) while the lease lives.
+                            let why = match ack {
+                                Err(e) => format!("keep-alive stream: {e}"),
+                                _ => "etcd closed the keep-alive stream".into(),
+                            };
+                            debug!(cause = %why, "reopening the lease's keep-alive stream");
+                            let reopen = self.client.lease_keep_alive(lease);
+                            match tokio::time::timeout_at(deadline, reopen).await {
+                                Ok(Ok((k, a))) => {
+                                    keeper = k;
+                                    acks = a;
+                                    pending.clear();
+                                }
+                                _ if leadership.lease_alive(Instant::now()) => {
+                                    tokio::time::sleep(Duration::from_millis(100)).await;
+                                }
+                                _ => return why,
+                            }
+                        }
                     }
                 }
                 _ = sleep_until(deadline) => {

@@ -72,6 +72,9 @@ const IMPORT_BYTES: usize = 1 << 20;
 enum Failure {
     /// No answer in time, no connection, no leader: quorum may be gone.
     Unavailable(String),
+    /// The member could not be reached (gRPC UNAVAILABLE, a transport error): the request was not
+    /// processed, so it may go again — the balanced channel then picks another member.
+    NotSent(String),
     /// The revision asked for was compacted away.
     Compacted,
     /// Anything else, already a store error.
@@ -222,8 +225,11 @@ fn classify(e: etcd_client::Error) -> Failure {
                     "etcd refused a transaction: {msg}; start etcd with --max-txn-ops {MAX_BATCH_OPS} or more"
                 )));
             }
-            // gRPC's CANCELLED (1), DEADLINE_EXCEEDED (4) and UNAVAILABLE (14).
-            let transient = matches!(i32::from(status.code()), 1 | 4 | 14)
+            if i32::from(status.code()) == 14 {
+                return Failure::NotSent(msg.to_owned());
+            }
+            // gRPC's CANCELLED (1) and DEADLINE_EXCEEDED (4).
+            let transient = matches!(i32::from(status.code()), 1 | 4)
                 || [
                     "no leader",
                     "leader changed",
@@ -240,7 +246,8 @@ fn classify(e: etcd_client::Error) -> Failure {
                 Failure::Other(StoreError::Db(format!("etcd: {e}")))
             }
         }
-        E::TransportError(_) | E::IoError(_) => Failure::Unavailable(e.to_string()),
+        E::TransportError(_) => Failure::NotSent(e.to_string()),
+        E::IoError(_) => Failure::Unavailable(e.to_string()),
         _ => Failure::Other(StoreError::Db(format!("etcd: {e}"))),
     }
 }
@@ -370,6 +377,11 @@ impl EtcdBackend {
                 {
                     std::thread::sleep(ELECTION_RETRY);
                 }
+                // A member that is down: another one may answer.
+                Err(Failure::NotSent(_)) if Instant::now() + ELECTION_RETRY < deadline => {
+                    std::thread::sleep(ELECTION_RETRY);
+                }
+                Err(Failure::NotSent(cause)) => return Err(Failure::Unavailable(cause)),
                 other => return other,
             }
         }
@@ -407,7 +419,7 @@ impl EtcdBackend {
 
     fn failure(&self, f: Failure) -> StoreError {
         match f {
-            Failure::Unavailable(cause) => self.unavailable(&cause),
+            Failure::Unavailable(cause) | Failure::NotSent(cause) => self.unavailable(&cause),
             Failure::Compacted => {
                 StoreError::Db("etcd compacted the revision a read needed; try again".into())
             }
@@ -440,7 +452,7 @@ impl EtcdBackend {
             let mut kv = self.stale.kv_client();
             let r = range.clone();
             match self.call(async move { kv.get(r.key.clone(), Some(r.options(true))).await }) {
-                Err(Failure::Unavailable(cause)) => last = cause,
+                Err(Failure::Unavailable(cause) | Failure::NotSent(cause)) => last = cause,
                 other => return other,
             }
         }
