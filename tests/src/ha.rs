@@ -353,7 +353,11 @@ impl HaFleet {
             .netns(&netns)
             .hostname(&hostname)
             .env("RUST_BACKTRACE", "1");
-        for c in &self.controllers {
+        // Every controller, starting at a different one per agent: the agents spread over the
+        // controllers as a fleet's would.
+        let k = self.controllers.len();
+        for j in 0..k {
+            let c = &self.controllers[(number - 1 + j) % k];
             spec = spec
                 .arg("--controller")
                 .arg(SocketAddr::from((c.addr, CONTROLLER_PORT)).to_string());

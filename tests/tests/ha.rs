@@ -263,3 +263,171 @@ fn losing_etcd_members_costs_writes_only_without_quorum_and_all_recovers() {
         .or_panic();
     fleet.wait_agents_up(Duration::from_secs(15)).or_panic();
 }
+
+fn script(path: &std::path::Path, body: &str) -> Result<()> {
+    std::fs::write(path, format!("#!/bin/sh\n{body}"))?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    Ok(())
+}
+
+#[test]
+fn a_new_leader_finishes_a_maintenance_run_the_dead_one_started_within_its_budget() {
+    require_host_tests!();
+    shoal_testkit::require!(etcd_installed());
+    let work = tempfile::Builder::new()
+        .prefix("shoal-ha-maint-")
+        .tempdir()
+        .expect("tempdir");
+    let w = work.path();
+    let mark = w.join("mark.sh");
+    // The action: one line per run of it on a node, and slow enough to kill the leader mid-way.
+    script(
+        &mark,
+        &format!(
+            "echo \"action $1\" >> '{}'/log-$(hostname)\nsleep 2\n",
+            w.display()
+        ),
+    )
+    .or_panic();
+    let agents = 4;
+    let mut fleet = HaFleet::start(HaConfig {
+        agent_args: vec![
+            "--health-interval".into(),
+            "1s".into(),
+            "--smartctl".into(),
+            "/bin/false".into(),
+            "--allow-exec".into(),
+            mark.display().to_string(),
+            "--maintenance-timeout".into(),
+            "30s".into(),
+        ],
+        ..HaConfig::default()
+    })
+    .or_panic();
+    let token = fleet
+        .ctl_ok(
+            0,
+            &[
+                "token", "create", "--ttl", "1h", "--uses", "4", "--label", "pool=ha",
+            ],
+        )
+        .or_panic();
+    for _ in 0..agents {
+        fleet.add_agent(token.trim()).or_panic();
+    }
+    fleet.wait_agents_up(Duration::from_secs(60)).or_panic();
+    let (leader, _) = fleet
+        .wait_leader(0, None, Duration::from_secs(20))
+        .or_panic();
+    // The agents are spread over the controllers: the leader must reach some through others.
+    let nodes = as_array(
+        fleet.ctl_json(leader, &["nodes", "list"]).or_panic(),
+        "nodes",
+    )
+    .or_panic();
+    let holders: std::collections::BTreeSet<String> = nodes
+        .iter()
+        .filter_map(|n| n["controller"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        holders.len() >= 2,
+        "agents on one controller only: {holders:?}"
+    );
+    let out = fleet
+        .ctl_ok(
+            leader,
+            &[
+                "maintenance",
+                "run",
+                "exec",
+                "--selector",
+                "pool=ha",
+                "--now",
+                "--max-unavailable",
+                "1",
+                "--",
+                &mark.display().to_string(),
+                "once",
+            ],
+        )
+        .or_panic();
+    let run = out
+        .split_whitespace()
+        .nth(3)
+        .map(|s| s.trim_end_matches(':').to_owned())
+        .context("run id")
+        .or_panic();
+    let actions = || -> usize {
+        (1..=agents)
+            .map(|n| {
+                std::fs::read_to_string(w.join(format!("log-agent-{n}")))
+                    .unwrap_or_default()
+                    .lines()
+                    .count()
+            })
+            .sum()
+    };
+    // Kill the leader once the first node is in its action.
+    eventually(Duration::from_secs(30), "the first action to start", || {
+        ensure!(actions() >= 1, "no action yet");
+        Ok(())
+    })
+    .or_panic();
+    fleet.controllers[leader].proc.kill().or_panic();
+    let other = (leader + 1) % 3;
+    let (new_leader, _) = fleet
+        .wait_leader(other, Some(leader), Duration::from_secs(15))
+        .or_panic();
+    let status = eventually(Duration::from_secs(120), "the run to finish", || {
+        let r = fleet.ctl_json(new_leader, &["maintenance", "status", &run])?;
+        ensure!(r["finished"] == true, "not yet: {}", r["state"]);
+        Ok(r)
+    })
+    .or_panic();
+    for n in as_array(status["nodes"].clone(), "nodes").or_panic() {
+        assert_eq!(n["phase"], "succeeded", "{n}");
+    }
+    // Every node acted on exactly once.
+    for n in 1..=agents {
+        let log = std::fs::read_to_string(w.join(format!("log-agent-{n}"))).unwrap_or_default();
+        assert_eq!(log, "action once\n", "agent-{n}");
+    }
+    // Never two nodes in maintenance at once, across both leaders.
+    let needle = format!("run {run}:");
+    let mut open = std::collections::BTreeSet::new();
+    let mut cordoned = 0;
+    let mut after = None::<u64>;
+    loop {
+        let mut args = vec!["events".to_string()];
+        if let Some(a) = after {
+            args.extend(["--after".into(), a.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let page = as_array(fleet.ctl_json(new_leader, &args).or_panic(), "events").or_panic();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().and_then(|e| e["seq"].as_u64());
+        for e in page {
+            if !e["message"].as_str().is_some_and(|m| m.contains(&needle)) {
+                continue;
+            }
+            let node = e["node"].as_str().unwrap_or_default().to_owned();
+            match e["kind"].as_str() {
+                Some("node_cordoned") => {
+                    open.insert(node);
+                    cordoned += 1;
+                    assert!(
+                        open.len() <= 1,
+                        "two nodes in maintenance at once: {open:?}"
+                    );
+                }
+                Some("node_up") => {
+                    open.remove(&node);
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(cordoned, agents, "nodes cordoned");
+}
