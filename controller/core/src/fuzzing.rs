@@ -409,9 +409,9 @@ pub fn coordinator_ops(data: &[u8]) -> Seen {
                 deliveries
             }
             4 => {
-                c.unsubscribe(&id(i));
+                let d = c.unsubscribe(&id(i), now);
                 agents.remove(&id(i));
-                vec![]
+                d
             }
             5 if known.remove(&i) => {
                 // Removal: the store drops its memberships first, then the coordinator forgets it.
