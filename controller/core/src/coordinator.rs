@@ -642,6 +642,71 @@ impl Coordinator {
         self.deliver(out, now)
     }
 
+    /// Brings the coordinator to `snapshot` (the store as it is now), for changes another
+    /// controller made while this one could not hear of them (a mesh link was down): nodes and keys
+    /// first, then the membership changes that lead there, applied like [`Self::apply`]. Returns
+    /// the connected agents' deltas.
+    pub fn resync(&mut self, snapshot: OverlaySnapshot, now: UnixMillis) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        for (node, n) in &snapshot.nodes {
+            let key = n
+                .key_sha256
+                .filter(|k| self.nodes.get(node).map(|i| i.key) != Some(Some(*k)));
+            out.extend(self.node_known(node, n.index, key, now));
+        }
+        let mut changes = Vec::new();
+        let wanted: BTreeMap<NetworkId, &crate::networks::NetworkSnapshot> = snapshot
+            .networks
+            .iter()
+            .map(|n| (n.network.id, n))
+            .collect();
+        // Members that left (and networks deleted) first, so nothing is briefly in two places.
+        for (id, (_, members)) in &self.networks {
+            let keep = wanted.get(id);
+            for m in members {
+                let still = keep.is_some_and(|w| {
+                    w.members.iter().any(|r| {
+                        r.node == *m
+                            && self.nodes.get(m).and_then(|n| n.networks.get(id))
+                                == Some(&(r.mac, r.address))
+                    })
+                });
+                if !still {
+                    changes.push(MembershipChange::Left {
+                        network: *id,
+                        node: m.clone(),
+                    });
+                }
+            }
+            if keep.is_none() {
+                changes.push(MembershipChange::NetworkDeleted(*id));
+            }
+        }
+        for (id, w) in &wanted {
+            if self.networks.get(id).map(|(rec, _)| rec) != Some(&w.network) {
+                changes.push(MembershipChange::NetworkCreated(w.network.clone()));
+            }
+            for r in &w.members {
+                let here = self
+                    .networks
+                    .get(id)
+                    .is_some_and(|(_, m)| m.contains(&r.node))
+                    && self.nodes.get(&r.node).and_then(|n| n.networks.get(id))
+                        == Some(&(r.mac, r.address));
+                if !here {
+                    changes.push(MembershipChange::Joined {
+                        network: *id,
+                        node: r.node.clone(),
+                        mac: r.mac,
+                        address: r.address,
+                    });
+                }
+            }
+        }
+        out.extend(self.apply(&changes, now));
+        out
+    }
+
     /// A node left the fleet: forget it (its memberships' `Left` changes come through
     /// [`Self::apply`]).
     pub fn forget(&mut self, node: &NodeId) {
@@ -1214,6 +1279,107 @@ mod tests {
         assert!(
             c.subscription(&n("b"), UnixMillis(5)).is_none(),
             "b is not subscribed here"
+        );
+    }
+
+    #[test]
+    fn a_resync_from_the_store_brings_what_was_missed_and_nothing_else() {
+        use crate::networks::{MemberRecord, NetworkSnapshot, NodeOverlay};
+        let (mut c, mut map_a) = with_local_a();
+        let member = |network: u32, node: &str, i: u8| MemberRecord {
+            network: NetworkId(network),
+            node: n(node),
+            mac: mac(i),
+            address: [10, 90, 0, i].into(),
+            explicit: false,
+            via_selector: false,
+        };
+        let overlay = |index: u32, key: Option<[u8; 32]>| NodeOverlay {
+            index: PeerIndex(index),
+            key_sha256: key,
+        };
+        let snapshot = |networks: Vec<NetworkSnapshot>, nodes: &[(&str, u32, Option<[u8; 32]>)]| {
+            OverlaySnapshot {
+                networks,
+                nodes: nodes
+                    .iter()
+                    .map(|(id, i, k)| (n(id), overlay(*i, *k)))
+                    .collect(),
+            }
+        };
+        // The store as it is: nothing missed.
+        let same = snapshot(
+            vec![NetworkSnapshot {
+                network: net(1, "default"),
+                members: vec![member(1, "a", 1), member(1, "b", 2)],
+            }],
+            &[("a", 1, Some([1; 32])), ("b", 2, None)],
+        );
+        assert!(c.resync(same, UnixMillis(1)).is_empty());
+
+        // Missed: b rotated its key, "new" enrolled and joined, network 2 was created with a in it.
+        let missed = snapshot(
+            vec![
+                NetworkSnapshot {
+                    network: net(1, "default"),
+                    members: vec![member(1, "a", 1), member(1, "b", 2), member(1, "new", 3)],
+                },
+                NetworkSnapshot {
+                    network: net(2, "lab"),
+                    members: vec![member(2, "a", 11)],
+                },
+            ],
+            &[
+                ("a", 1, Some([1; 32])),
+                ("b", 2, Some([9; 32])),
+                ("new", 3, None),
+            ],
+        );
+        let out = c.resync(missed, UnixMillis(2));
+        assert!(out.iter().all(|(to, _)| *to == n("a")), "{out:?}");
+        for (_, msg) in &out {
+            map_a.apply(delta(msg)).unwrap();
+        }
+        assert_eq!(
+            map_a,
+            c.netmap(&n("a"), UnixMillis(2))
+                .clone_with_version(map_a.version)
+        );
+        assert_eq!(map_a.networks.len(), 2);
+        assert_eq!(map_a.peers.len(), 2);
+        assert!(map_a
+            .peers
+            .iter()
+            .any(|p| p.node == n("b") && p.key_sha256 == [9; 32]));
+
+        // Missed: b left, network 2 was deleted.
+        let missed = snapshot(
+            vec![NetworkSnapshot {
+                network: net(1, "default"),
+                members: vec![member(1, "a", 1), member(1, "new", 3)],
+            }],
+            &[
+                ("a", 1, Some([1; 32])),
+                ("b", 2, Some([9; 32])),
+                ("new", 3, None),
+            ],
+        );
+        for (_, msg) in c.resync(missed, UnixMillis(3)) {
+            map_a.apply(delta(&msg)).unwrap();
+        }
+        assert_eq!(
+            map_a,
+            c.netmap(&n("a"), UnixMillis(3))
+                .clone_with_version(map_a.version)
+        );
+        assert_eq!(map_a.networks.len(), 1);
+        assert_eq!(
+            map_a
+                .peers
+                .iter()
+                .map(|p| p.node.clone())
+                .collect::<Vec<_>>(),
+            vec![n("new")]
         );
     }
 }

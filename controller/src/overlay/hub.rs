@@ -562,6 +562,25 @@ impl OverlayHub {
         self.apply_membership(store, changes);
     }
 
+    /// Brings the coordinator to the store as it is now: for membership and key changes another
+    /// controller made while this one could not hear of them (its mesh link was down). The relay
+    /// sees the result before this returns.
+    pub fn resync(&self, store: &Store) -> Result<(), crate::store::StoreError> {
+        let snapshot = store.overlay_snapshot()?;
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let deliveries = st.coordinator.resync(snapshot, now_ms());
+        for (node, reach) in &st.reach {
+            reach.set(st.coordinator.networks_of(node));
+        }
+        debug!(
+            deliveries = deliveries.len(),
+            "overlay state brought to the store's"
+        );
+        Self::send_all(&st.links, deliveries);
+        Ok(())
+    }
+
     /// A node's key changed on another controller (the store already holds it).
     pub fn remote_key_changed(&self, node: &NodeId, key: [u8; 32]) {
         let st = &mut *self.state();
@@ -2013,8 +2032,26 @@ mod tests {
         assert_eq!(c_seen.endpoints[0], c.server_side.remote_address());
         a.relay_to(&c, b"to the newcomer");
         assert_eq!(c.relayed().await, (a.index, b"to the newcomer".to_vec()));
-        let _ = &mut two;
         assert_eq!(one.hub.counters().relay_mesh_dropped, 0);
+
+        // A change two makes while one cannot hear it reaches one when its link is back (resync
+        // from the store).
+        fabric.down.lock().unwrap().insert("one".into());
+        let changes = two.store.leave_all_networks(&c.node).unwrap();
+        two.hub.membership_changed(&two.store, &changes);
+        fabric.down.lock().unwrap().remove("one");
+        assert!(a.drain().is_empty(), "one did not hear of it");
+        one.hub.resync(&one.store).unwrap();
+        assert!(
+            a.drain().iter().any(|m| matches!(m, ControllerMsg::NetmapDelta(d) if d.changes.contains(&shoal_proto::NetmapChange::PeerGone(c.node.clone())))),
+            "a hears c is gone once one resyncs"
+        );
+        a.relay_to(&c, b"after resync");
+        counted(&one.hub, "a's packet to c refused at one", |c| {
+            c.relay_unshared == 2
+        })
+        .await;
+        let _ = &mut two;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

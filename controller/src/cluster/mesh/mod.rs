@@ -483,6 +483,16 @@ pub(crate) async fn serve(controller: Arc<Controller>, conn: quinn::Connection) 
     let generation = controller.mesh.generation.fetch_add(1, Ordering::SeqCst) + 1;
     lock(&controller.mesh.accepted).insert(peer.clone(), generation);
     debug!(peer = %peer, remote = %remote_addr, "mesh peer accepted");
+    // What the peer changed while it could not tell us is in the store. Read before its frames
+    // are applied, so what they say is never older than the snapshot.
+    let resync = tokio::task::spawn_blocking({
+        let controller = controller.clone();
+        move || controller.overlay.resync(&controller.store)
+    })
+    .await;
+    if let Ok(Err(e)) = resync {
+        warn!(peer = %peer, cause = %e, "overlay state not brought to the store's; the next mesh link retries");
+    }
     // Relayed packets from the peer's agents to ours, beside its frames.
     let datagrams = tokio::spawn({
         let (controller, conn, peer) = (controller.clone(), conn.clone(), peer.clone());
@@ -541,10 +551,12 @@ pub(crate) async fn serve(controller: Arc<Controller>, conn: quinn::Connection) 
                 .remote_subscriptions(&peer, reset, up, left),
             MeshMsg::OverlayMembership(changes) => {
                 let c = controller.clone();
-                // Joins of nodes new here read their relay index from the store.
-                tokio::task::spawn_blocking(move || {
+                // Joins of nodes new here read their relay index from the store; awaited, so
+                // changes apply in the order they were made.
+                let _ = tokio::task::spawn_blocking(move || {
                     c.overlay.remote_membership_changed(&c.store, &changes)
-                });
+                })
+                .await;
             }
             MeshMsg::OverlayKey { node, key } => controller.overlay.remote_key_changed(&node, key),
             MeshMsg::RolloutEvent(event) => {
