@@ -337,6 +337,13 @@ impl HaFleet {
 
     /// Adds an agent host and starts an agent told every controller.
     pub fn add_agent(&mut self, token: &str) -> Result<usize> {
+        let all: Vec<usize> = (0..self.controllers.len()).collect();
+        self.add_agent_to(token, &all)
+    }
+
+    /// Adds an agent host and starts an agent told only the controllers `controllers` (its
+    /// session stays on the first while it lives; it may learn the others from the cluster).
+    pub fn add_agent_to(&mut self, token: &str, controllers: &[usize]) -> Result<usize> {
         let number = self.agents.len() + 1;
         let hostname = format!("agent-{number}");
         self.topo.add_host(&hostname)?;
@@ -348,7 +355,7 @@ impl HaFleet {
             .netns(&netns)
             .hostname(&hostname)
             .env("RUST_BACKTRACE", "1");
-        for c in &self.controllers {
+        for c in controllers.iter().map(|&i| &self.controllers[i]) {
             spec = spec
                 .arg("--controller")
                 .arg(SocketAddr::from((c.addr, CONTROLLER_PORT)).to_string());

@@ -4,11 +4,14 @@
 //! Needs root and `/usr/bin/etcd` (Debian `etcd-server`, installed by `scripts/deps`); skips with a
 //! reason otherwise, fails under CI.
 
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{ensure, Context, Result};
+use serde_json::Value;
 use shoal_tests::fleet::as_array;
 use shoal_tests::ha::{HaConfig, HaFleet, ETCD};
+use shoal_tests::netns::{ipv4_of as tap_addr, run_in};
 use shoal_tests::{eventually, require_host_tests, OrPanic};
 
 /// The lease TTL the controllers run with (the default).
@@ -262,4 +265,157 @@ fn losing_etcd_members_costs_writes_only_without_quorum_and_all_recovers() {
         .wait_leader(0, None, Duration::from_secs(15))
         .or_panic();
     fleet.wait_agents_up(Duration::from_secs(15)).or_panic();
+}
+
+/// `ping -c 1` from namespace `ns`.
+fn ping(ns: &str, to: Ipv4Addr) -> Result<String> {
+    run_in(
+        ns,
+        "ping",
+        &["-c", "1", "-W", "1", &to.to_string()],
+        Duration::from_secs(10),
+    )
+}
+
+/// Agent `i` may send UDP to the controllers only: no direct overlay path can form with another
+/// agent on the LAN, so their traffic takes the relay.
+fn only_controllers_over_udp(fleet: &HaFleet, i: usize) -> Result<()> {
+    let ns = &fleet.agents[i].netns;
+    for c in &fleet.controllers {
+        let addr = c.addr.to_string();
+        run_in(
+            ns,
+            "iptables",
+            &["-A", "OUTPUT", "-p", "udp", "-d", &addr, "-j", "ACCEPT"],
+            Duration::from_secs(10),
+        )?;
+    }
+    run_in(
+        ns,
+        "iptables",
+        &[
+            "-A",
+            "OUTPUT",
+            "-p",
+            "udp",
+            "-d",
+            "10.78.1.0/24",
+            "-j",
+            "DROP",
+        ],
+        Duration::from_secs(10),
+    )?;
+    Ok(())
+}
+
+/// The overlay paths the agents connected to controller `ctl` reported (each controller keeps its
+/// own agents' reports).
+fn paths_on(fleet: &HaFleet, ctl: usize) -> Result<Vec<Value>> {
+    as_array(fleet.ctl_json(ctl, &["overlay", "paths"])?, "paths")
+}
+
+/// The node id of agent `i` (by its hostname).
+fn node_of(fleet: &HaFleet, i: usize) -> Result<String> {
+    let nodes = as_array(fleet.ctl_json(0, &["nodes", "list"])?, "nodes")?;
+    nodes
+        .iter()
+        .find(|n| n["hostname"] == fleet.agents[i].hostname.as_str())
+        .and_then(|n| n["id"].as_str())
+        .map(str::to_owned)
+        .with_context(|| format!("no node for {}", fleet.agents[i].hostname))
+}
+
+#[test]
+fn agents_on_different_controllers_talk_through_the_relay_and_again_after_one_controller_dies() {
+    require_host_tests!();
+    shoal_testkit::require!(etcd_installed());
+    let mut fleet = HaFleet::start(HaConfig::default()).or_panic();
+    fleet
+        .wait_leader(0, None, Duration::from_secs(20))
+        .or_panic();
+    let token = fleet
+        .ctl_ok(0, &["token", "create", "--ttl", "1h", "--uses", "2"])
+        .or_panic();
+    // a on controller 0, b on controller 1; neither can reach the other directly.
+    let a = fleet.add_agent_to(token.trim(), &[0]).or_panic();
+    only_controllers_over_udp(&fleet, a).or_panic();
+    let b = fleet.add_agent_to(token.trim(), &[1]).or_panic();
+    only_controllers_over_udp(&fleet, b).or_panic();
+    fleet.wait_agents_up(Duration::from_secs(60)).or_panic();
+    eventually(
+        Duration::from_secs(20),
+        "one agent on each of controllers 0 and 1",
+        || {
+            let view = fleet.controllers_view(0)?;
+            let list = as_array(view["controllers"].clone(), "controllers")?;
+            for i in [0, 1] {
+                let id = fleet.controller_id(i)?;
+                let c = list
+                    .iter()
+                    .find(|c| c["id"] == id.as_str())
+                    .with_context(|| format!("{id} not listed: {view}"))?;
+                ensure!(c["agents"] == 1, "controller {i}: {c}");
+            }
+            Ok(())
+        },
+    )
+    .or_panic();
+    let (a_ns, b_ns) = (fleet.agents[a].netns.clone(), fleet.agents[b].netns.clone());
+    let addrs: Vec<Ipv4Addr> =
+        eventually(Duration::from_secs(30), "both agents have shoal0", || {
+            Ok(vec![tap_addr(&a_ns, "shoal0")?, tap_addr(&b_ns, "shoal0")?])
+        })
+        .or_panic();
+
+    // The relay across controllers: a's packets enter at controller 0, cross the mesh, and leave
+    // at controller 1 (and back).
+    eventually(
+        Duration::from_secs(40),
+        "a pings b over the overlay",
+        || ping(&a_ns, addrs[1]),
+    )
+    .or_panic();
+    eventually(
+        Duration::from_secs(10),
+        "b pings a over the overlay",
+        || ping(&b_ns, addrs[0]),
+    )
+    .or_panic();
+    let (a_id, b_id) = (node_of(&fleet, a).or_panic(), node_of(&fleet, b).or_panic());
+    eventually(
+        Duration::from_secs(20),
+        "relay paths reported on both controllers",
+        || {
+            for (ctl, from, to) in [(0, &a_id, &b_id), (1, &b_id, &a_id)] {
+                let paths = paths_on(&fleet, ctl)?;
+                ensure!(
+                    paths.iter().any(|p| p["from"] == from.as_str()
+                        && p["to"] == to.as_str()
+                        && p["kind"] == "relay"),
+                    "controller {ctl}: {paths:?}"
+                );
+            }
+            Ok(())
+        },
+    )
+    .or_panic();
+
+    // Controller 1 dies with b's session: b moves to another controller, and a reaches it again
+    // through the relay (now across a new pair of controllers).
+    fleet.controllers[1].proc.kill().or_panic();
+    let killed = Instant::now();
+    eventually(
+        Duration::from_secs(40),
+        "a pings b again after b's controller died",
+        || ping(&a_ns, addrs[1]),
+    )
+    .or_panic();
+    eprintln!(
+        "b's controller killed -> a reaches b again after {:?}",
+        killed.elapsed()
+    );
+    eventually(Duration::from_secs(10), "b pings a again", || {
+        ping(&b_ns, addrs[0])
+    })
+    .or_panic();
 }
