@@ -953,24 +953,32 @@ impl OverlayHub {
             );
             return;
         };
-        let source = self
+        let remote = self
             .remote
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&from)
-            .cloned();
-        let Some(source) = source else {
+            .map(|r| (r.node.clone(), r.reach.clone()));
+        // A source that moved there from here, before its session here has ended.
+        let source = remote.or_else(|| {
+            self.relays
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&from)
+                .map(|t| (t.node.clone(), t.reach.clone()))
+        });
+        let Some((source, source_reach)) = source else {
             bump(&self.stats.relay_mesh_dropped, 1);
             debug!(controller, from = from.0, to = %target.node, "relayed packet from another controller with an unknown source dropped");
             return;
         };
-        if source.node == target.node || !source.reach.shares(&target.reach) {
+        if source == target.node || !source_reach.shares(&target.reach) {
             bump(&self.stats.relay_unshared, 1);
-            debug!(controller, from = %source.node, to = %target.node, "relay from another controller between nodes that share no network refused");
+            debug!(controller, from = %source, to = %target.node, "relay from another controller between nodes that share no network refused");
             return;
         }
         if let Err(e) = target.conn.send_datagram(relay_datagram(from, packet)) {
-            debug!(controller, from = %source.node, to = %target.node, cause = %e, "relay datagram dropped");
+            debug!(controller, from = %source, to = %target.node, cause = %e, "relay datagram dropped");
         }
     }
 

@@ -635,3 +635,48 @@ impl MeshPort for OverlayPort {
             .is_some_and(|c| c.mesh.relay(controller, to, from, packet))
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_relayed_packet_of_quics_minimum_size_crosses_a_new_mesh_link_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::registry::ca::Ca::load_or_create(dir.path()).unwrap();
+        let (chain, key) = ca
+            .issue_server_cert(&[pki::CONTROLLER_SERVER_NAME.to_owned()], &[])
+            .unwrap();
+        let server = quinn::Endpoint::server(
+            tls::controller_server_config(ca.cert_der(), chain, key).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let connecting = client
+            .connect_with(
+                tls::mesh_client_config(ca.cert_der()).unwrap(),
+                server.local_addr().unwrap(),
+                pki::CONTROLLER_SERVER_NAME,
+            )
+            .unwrap();
+        let (dialer, acceptor) =
+            tokio::join!(connecting, async { server.accept().await.unwrap().await });
+        let (dialer, acceptor) = (dialer.unwrap(), acceptor.unwrap());
+        // Peers' handshake packets are QUIC's 1200-byte minimum: they must cross before path MTU
+        // discovery has run.
+        let packet = vec![7u8; 1200];
+        dialer
+            .send_datagram(wire::relay_datagram(PeerIndex(2), PeerIndex(1), &packet))
+            .unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(5), acceptor.read_datagram())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            wire::parse_relay_datagram(&d),
+            Some((PeerIndex(2), PeerIndex(1), packet.into()))
+        );
+    }
+}
