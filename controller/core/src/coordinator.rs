@@ -144,7 +144,11 @@ pub struct Coordinator {
     nodes: HashMap<NodeId, NodeInfo>,
     /// Connected overlay agents and the version each was last brought to.
     subscribed: HashMap<NodeId, u64>,
-    /// Agents subscribed on other controllers, by the newest word about each.
+    /// When each connected agent's latest hello was accepted here.
+    local_since: HashMap<NodeId, UnixMillis>,
+    /// Agents subscribed on other controllers, by the newest word about each. Always newer than the
+    /// node's subscription here, if it has one: the agent has moved on, and its session here is
+    /// only lingering until this controller notices.
     remote: HashMap<NodeId, RemoteSub>,
 }
 
@@ -175,6 +179,7 @@ impl Coordinator {
             networks,
             nodes,
             subscribed: HashMap::new(),
+            local_since: HashMap::new(),
             remote: HashMap::new(),
         }
     }
@@ -244,6 +249,7 @@ impl Coordinator {
             ControllerMsg::Netmap(self.netmap(node, now))
         };
         self.subscribed.insert(node.clone(), version);
+        self.local_since.insert(node.clone(), now);
         (first, updates)
     }
 
@@ -296,35 +302,38 @@ impl Coordinator {
     }
 
     /// Another controller (`controller`) holds `sub.node`'s session and says where it is. Taken
-    /// unless a newer subscription from another controller is known; it changes the netmaps of
-    /// local agents (their deltas are returned) unless the node is also subscribed here, whose own
-    /// session then speaks for it until it ends. Returns whether it was taken, and the deltas.
+    /// unless a newer subscription is known (from another controller, or here); it changes the
+    /// netmaps of local agents (their deltas are returned). Taken while the node is also
+    /// subscribed here, it means the agent moved on and its session here only lingers. Returns
+    /// whether it was taken, and the deltas.
     pub fn subscribe_remote(
         &mut self,
         controller: &str,
         mut sub: Subscription,
         now: UnixMillis,
     ) -> (bool, Vec<Delivery>) {
-        if self
+        let older_remote = self
             .remote
             .get(&sub.node)
-            .is_some_and(|r| r.controller != controller && r.since > sub.since)
-        {
+            .is_some_and(|r| r.controller != controller && r.since > sub.since);
+        let older_local = self
+            .local_since
+            .get(&sub.node)
+            .is_some_and(|since| *since >= sub.since);
+        if older_remote || older_local {
             return (false, vec![]);
         }
         sub.local_endpoints = self.usable_endpoints(&sub.node, sub.observed, &sub.local_endpoints);
         let node = sub.node.clone();
         let mut out = self.node_known(&node, sub.index, None, now);
-        if !self.subscribed.contains_key(&node) {
-            out.extend(self.set_endpoints(
-                &node,
-                Some(sub.key),
-                sub.observed,
-                sub.local_endpoints.clone(),
-                sub.nat,
-                now,
-            ));
-        }
+        out.extend(self.set_endpoints(
+            &node,
+            Some(sub.key),
+            sub.observed,
+            sub.local_endpoints.clone(),
+            sub.nat,
+            now,
+        ));
         self.remote.insert(
             node,
             RemoteSub {
@@ -365,12 +374,9 @@ impl Coordinator {
         gone
     }
 
-    /// The controller that holds `node`'s session, when another one does and it is not subscribed
-    /// here.
+    /// The controller that holds `node`'s session, when another one does (even if a session
+    /// here lingers: the other one is newer).
     pub fn remote_holder(&self, node: &NodeId) -> Option<&str> {
-        if self.subscribed.contains_key(node) {
-            return None;
-        }
         self.remote.get(node).map(|r| r.controller.as_str())
     }
 
@@ -419,9 +425,11 @@ impl Coordinator {
     }
 
     /// The agent's connection here ended. If another controller has since said it holds the
-    /// agent's session, what it said now reaches the agent's peers (their deltas are returned).
+    /// agent's session, what it said stays what the agent's peers know (their deltas, if any, are
+    /// returned).
     pub fn unsubscribe(&mut self, node: &NodeId, now: UnixMillis) -> Vec<Delivery> {
         self.subscribed.remove(node);
+        self.local_since.remove(node);
         let Some(sub) = self.remote.get(node).map(|r| r.sub.clone()) else {
             return vec![];
         };
@@ -712,6 +720,7 @@ impl Coordinator {
     pub fn forget(&mut self, node: &NodeId) {
         self.nodes.remove(node);
         self.subscribed.remove(node);
+        self.local_since.remove(node);
         self.remote.remove(node);
     }
 
@@ -1198,7 +1207,8 @@ mod tests {
     }
 
     #[test]
-    fn a_local_session_speaks_for_its_node_until_it_ends_then_a_newer_remote_one_does() {
+    fn a_newer_session_elsewhere_takes_over_from_a_lingering_one_here_and_an_older_one_never_does()
+    {
         let (mut c, _) = with_local_a();
         c.subscribe(
             &n("b"),
@@ -1207,17 +1217,15 @@ mod tests {
             &hello(),
             UnixMillis(50),
         );
-        // An older word from ctl-2 (before b came here) was dropped when b subscribed here; a newer
-        // one (b already moved on, this session has not ended yet) waits for it to end.
+        // ctl-2's word from before b came here loses.
+        let (taken, out) =
+            c.subscribe_remote("ctl-2", remote_sub("b", 2, 4000, 40), UnixMillis(55));
+        assert!(!taken && out.is_empty(), "{out:?}");
+        assert_eq!(c.remote_holder(&n("b")), None, "b's session is here");
+        // b moved to ctl-2 while its session here lingers: ctl-2 speaks for it at once.
         let (taken, out) =
             c.subscribe_remote("ctl-2", remote_sub("b", 2, 4000, 60), UnixMillis(60));
-        assert!(taken && out.is_empty(), "{out:?}");
-        assert_eq!(c.remote_holder(&n("b")), None, "b's session is here");
-        assert_eq!(
-            c.endpoints(&n("b"))[0],
-            "192.0.2.2:1".parse::<SocketAddr>().unwrap()
-        );
-        let out = c.unsubscribe(&n("b"), UnixMillis(70));
+        assert!(taken);
         let [(to, msg)] = &out[..] else {
             panic!("one delta, for a: {out:?}")
         };
@@ -1226,8 +1234,12 @@ mod tests {
             matches!(&delta(msg).changes[..], [NetmapChange::Peer(p)] if p.endpoints[0].port() == 4000)
         );
         assert_eq!(c.remote_holder(&n("b")), Some("ctl-2"));
+        // The lingering session ends: nothing changes for a.
+        assert!(c.unsubscribe(&n("b"), UnixMillis(70)).is_empty());
+        assert_eq!(c.remote_holder(&n("b")), Some("ctl-2"));
+        assert_eq!(c.endpoints(&n("b"))[0].port(), 4000);
 
-        // An older remote word is dropped by a local subscription, and not replayed after it.
+        // b comes back here: the older remote word is dropped, and not replayed after it.
         c.subscribe(
             &n("b"),
             Some([2; 32]),

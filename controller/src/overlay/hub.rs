@@ -838,15 +838,16 @@ impl OverlayHub {
             peer: from.clone(),
             endpoints: st.coordinator.endpoints(from),
         });
-        if let Some(link) = st.links.get(&punch.peer) {
-            let _ = link.tx.send(msg);
-        } else if let (Some(port), Some(controller)) =
+        // Another controller's newer session wins over one lingering here.
+        if let (Some(port), Some(controller)) =
             (self.mesh.get(), st.coordinator.remote_holder(&punch.peer))
         {
             if !port.deliver(controller, &punch.peer, msg) {
                 bump(&self.stats.punches_undelivered, 1);
                 debug!(from = %from, to = %punch.peer, controller, "punch request for a node on another controller not passed on");
             }
+        } else if let Some(link) = st.links.get(&punch.peer) {
+            let _ = link.tx.send(msg);
         }
     }
 
@@ -902,27 +903,28 @@ impl OverlayHub {
     /// here, or the controller holding the node's session. Reads the relay tables and the two
     /// nodes' reach, never the hub's lock.
     fn relay_target(&self, from: &NodeId, reach: &Reach, to: PeerIndex) -> Option<Hop> {
-        let local = self
-            .relays
+        // Another controller's newer session wins over one lingering here.
+        let remote = self
+            .remote
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&to)
             .cloned();
-        let (node, target_reach, hop) = match local {
-            Some(t) => (t.node.clone(), t.reach.clone(), Hop::Local(t)),
+        let (node, target_reach, hop) = match remote {
+            Some(r) => (r.node.clone(), r.reach.clone(), Hop::Remote(r)),
             None => {
-                let remote = self
-                    .remote
+                let local = self
+                    .relays
                     .read()
                     .unwrap_or_else(|p| p.into_inner())
                     .get(&to)
                     .cloned();
-                let Some(r) = remote else {
+                let Some(t) = local else {
                     bump(&self.stats.relay_no_target, 1);
                     debug!(from = %from, to = to.0, "relay destination not connected");
                     return None;
                 };
-                (r.node.clone(), r.reach.clone(), Hop::Remote(r))
+                (t.node.clone(), t.reach.clone(), Hop::Local(t))
             }
         };
         if node == *from || !reach.shares(&target_reach) {
@@ -2126,5 +2128,44 @@ mod tests {
             .remote_subscriptions("two", false, vec![stale], vec![]);
         assert!(a.drain().is_empty());
         let _ = (&mut two, &mut three);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_that_moved_on_is_reached_where_it_went_while_its_old_session_lingers() {
+        let mut one = Hub::start(OverlayLimits::default(), &["a", "b"]);
+        let mut two = one.second();
+        let fabric = Arc::new(Fabric::default());
+        fabric.join("one", &one);
+        fabric.join("two", &two);
+        let mut a = one.connect("a").await;
+        fabric.add_agent(&a);
+        let b = one.connect("b").await;
+        a.drain();
+        // b lost its path to one and reconnected to two; one has not noticed yet.
+        let mut b2 = two.connect("b").await;
+        fabric.add_agent(&b2);
+        let seen = peer_in(&a.drain(), &b.node).expect("a hears of b's new session");
+        assert_eq!(seen.endpoints[0], b2.server_side.remote_address());
+        a.relay_to(&b2, b"where it went");
+        assert_eq!(b2.relayed().await, (a.index, b"where it went".to_vec()));
+        one.hub.punch(
+            &a.node,
+            &Punch {
+                peer: b.node.clone(),
+                endpoints: vec![],
+            },
+        );
+        assert!(
+            b2.drain()
+                .iter()
+                .any(|m| matches!(m, ControllerMsg::Punch(p) if p.peer == a.node)),
+            "the punch request went to two"
+        );
+        // The old session ends at last: nothing changes for a.
+        one.hub.disconnected(&b.node, b.conn_id);
+        assert!(a.drain().is_empty());
+        a.relay_to(&b2, b"still there");
+        assert_eq!(b2.relayed().await, (a.index, b"still there".to_vec()));
+        let _ = &mut two;
     }
 }
