@@ -8,6 +8,7 @@ pub mod backup;
 pub mod blank;
 pub mod blockdev;
 pub mod checks;
+pub mod controllers;
 pub mod daemon;
 pub mod drives;
 pub mod health;

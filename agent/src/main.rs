@@ -13,9 +13,11 @@ use shoal_agent::{
 #[derive(Debug, Parser)]
 #[command(name = "shoal-agent", version, about = "shoal node agent")]
 struct Cli {
-    /// Controller address (QUIC/UDP), IP:PORT.
-    #[arg(long, env = "SHOAL_CONTROLLER")]
-    controller: SocketAddr,
+    /// Controller address (QUIC/UDP), IP:PORT; repeatable (the environment variable takes a
+    /// comma-separated list). The agent also keeps the controllers its controller announces and
+    /// fails over between all of them.
+    #[arg(long, env = "SHOAL_CONTROLLER", value_delimiter = ',', required = true)]
+    controller: Vec<SocketAddr>,
     /// Join token (needed only until the agent has a certificate).
     #[arg(long, env = "SHOAL_TOKEN", conflicts_with = "token_file")]
     token: Option<String>,
@@ -168,7 +170,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut config = AgentConfig::new(cli.controller, cli.state_dir);
+    let mut controllers = cli.controller.into_iter();
+    let first = controllers.next().context("--controller is required")?;
+    let mut config = AgentConfig::new(first, cli.state_dir);
+    config.controllers.extend(controllers);
     config.token = match (cli.token, cli.token_file) {
         (Some(t), _) => Some(t),
         (None, Some(path)) => Some(

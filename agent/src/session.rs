@@ -11,9 +11,9 @@
 use std::time::{Duration, Instant};
 
 use shoal_proto::{
-    AgentMsg, ControllerMsg, DriveCommand, DrivePolicy, EnrolRequest, Enrolled, Hello, KexecImage,
-    MaintenanceStep, Netmap, NetmapDelta, Observed, Punch, Reject, Renewed, SignedKexecImage,
-    UnixMillis, UpdateOffer, Welcome,
+    AgentMsg, ControllerMsg, ControllerSet, DriveCommand, DrivePolicy, EnrolRequest, Enrolled,
+    Hello, KexecImage, MaintenanceStep, Netmap, NetmapDelta, Observed, Punch, Reject, Renewed,
+    SignedKexecImage, UnixMillis, UpdateOffer, Welcome,
 };
 
 /// What the shell must do: one variant per kind of work, so the shell's match is exhaustive.
@@ -95,6 +95,8 @@ pub enum Output {
     KexecImage(KexecImage),
     /// (protocol 5) A signed image named for the next reboot.
     SignedKexecImage(SignedKexecImage),
+    /// (protocol 7) The fleet's controllers: keep them to fail over to.
+    ControllerSet(ControllerSet),
     /// The session is over.
     End(End),
 }
@@ -313,6 +315,9 @@ impl AgentSession {
             (State::Ready, ControllerMsg::BackupAck { task }) if self.speaks_backups() => {
                 vec![Output::BackupAck { task }]
             }
+            (State::Ready, ControllerMsg::ControllerSet(set)) if self.speaks_cluster() => {
+                vec![Output::ControllerSet(set)]
+            }
             (State::Ready, ControllerMsg::RotateKey { reason }) if self.speaks_trust() => {
                 if self.rotating {
                     return vec![];
@@ -349,6 +354,13 @@ impl AgentSession {
         self.welcome
             .as_ref()
             .is_some_and(|w| w.protocol >= shoal_proto::BACKUP_PROTOCOL)
+    }
+
+    /// Whether the negotiated protocol carries the controller set (7 and later).
+    pub fn speaks_cluster(&self) -> bool {
+        self.welcome
+            .as_ref()
+            .is_some_and(|w| w.protocol >= shoal_proto::CLUSTER_PROTOCOL)
     }
 
     /// Whether the negotiated protocol carries update messages (4 and later).
@@ -480,6 +492,43 @@ mod tests {
             s.handle_timeout(t0 + Duration::from_secs(5)),
             vec![Output::SendPaths]
         );
+    }
+
+    #[test]
+    fn the_controller_set_is_passed_on_from_protocol_7_and_is_a_protocol_error_before() {
+        let set = ControllerMsg::ControllerSet(ControllerSet {
+            controllers: vec![shoal_proto::ControllerEndpoint {
+                id: "b".into(),
+                addr: "192.0.2.2:7440".parse().expect("addr"),
+            }],
+        });
+        for (protocol, passed) in [(shoal_proto::CLUSTER_PROTOCOL, true), (6, false)] {
+            let mut s = AgentSession::new(
+                hello(),
+                Mode::Node {
+                    cert_not_after: UnixMillis(3_600_000),
+                },
+                timing(),
+            );
+            s.start();
+            let mut w = welcome(10_000);
+            if let ControllerMsg::Welcome(w) = &mut w {
+                w.protocol = protocol;
+            }
+            s.handle(Instant::now(), UnixMillis(0), w);
+            let out = s.handle(Instant::now(), UnixMillis(0), set.clone());
+            if passed {
+                let ControllerMsg::ControllerSet(inner) = set.clone() else {
+                    unreachable!()
+                };
+                assert_eq!(out, vec![Output::ControllerSet(inner)]);
+            } else {
+                assert!(
+                    matches!(&out[..], [Output::End(End::Protocol(_))]),
+                    "{out:?}"
+                );
+            }
+        }
     }
 
     #[test]

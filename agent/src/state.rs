@@ -1,5 +1,6 @@
-//! What the agent keeps in its state dir: its key, its certificate, the fleet CA. All mode 0600,
-//! written atomically, so a crash never leaves a key without its certificate.
+//! What the agent keeps in its state dir: its key, its certificate, the fleet CA, and the
+//! controllers it was told of. All mode 0600, written atomically, so a crash never leaves a key
+//! without its certificate.
 
 use std::{
     fs,
@@ -8,6 +9,9 @@ use std::{
 };
 
 use shoal_proto::{NodeId, UnixMillis};
+use tracing::warn;
+
+use crate::controllers::KeptControllers;
 
 const KEY_FILE: &str = "node.key";
 const CERT_FILE: &str = "node.crt";
@@ -17,6 +21,11 @@ const CA_FILE: &str = "ca.crt";
 const ENROL_KEY_FILE: &str = "enrol.key";
 /// The new key of a rotation in progress: kept until its certificate is stored.
 const ROTATE_KEY_FILE: &str = "rotate.key";
+/// The controller set last announced and the controller last up on (JSON, [`KeptControllers`]).
+const CONTROLLERS_FILE: &str = "controllers.json";
+/// Far above what the largest announced set takes (16 entries of about 100 bytes): anything bigger
+/// was not written by the agent.
+const MAX_CONTROLLERS_FILE: u64 = 64 * 1024;
 
 /// Why the state dir could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -266,6 +275,56 @@ impl StateDir {
         self.clear_pending_key(KEY_FILE)
     }
 
+    /// The controllers kept from earlier sessions; none when the file is missing, and none (with a
+    /// warning) when it is unreadable, too large, corrupt or over the protocol's bounds: the
+    /// configured controllers are enough to start.
+    pub fn load_controllers(&self) -> KeptControllers {
+        let path = self.dir.join(CONTROLLERS_FILE);
+        let read = fs::File::open(&path).and_then(|f| {
+            use std::io::Read;
+            let mut text = String::new();
+            f.take(MAX_CONTROLLERS_FILE + 1).read_to_string(&mut text)?;
+            Ok(text)
+        });
+        let text = match read {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return KeptControllers::default()
+            }
+            Err(e) => {
+                warn!(path = %path.display(), cause = %e, "kept controllers unreadable; ignored");
+                return KeptControllers::default();
+            }
+        };
+        if text.len() as u64 > MAX_CONTROLLERS_FILE {
+            warn!(path = %path.display(), limit = MAX_CONTROLLERS_FILE, "kept controllers file too large; ignored");
+            return KeptControllers::default();
+        }
+        let kept = serde_json::from_str::<KeptControllers>(&text)
+            .map_err(|e| e.to_string())
+            .and_then(|k| {
+                shoal_proto::limits::check_controller_set(&shoal_proto::ControllerSet {
+                    controllers: k.announced.clone(),
+                })
+                .map(|()| k)
+                .map_err(|e| e.to_string())
+            });
+        kept.unwrap_or_else(|cause| {
+            warn!(path = %path.display(), %cause, "kept controllers corrupt; ignored");
+            KeptControllers::default()
+        })
+    }
+
+    /// Keeps the controllers (atomically: a crash leaves the old file or the new one).
+    pub fn save_controllers(&self, kept: &KeptControllers) -> Result<(), StateError> {
+        let path = self.dir.join(CONTROLLERS_FILE);
+        let text = serde_json::to_vec_pretty(kept).map_err(|e| StateError::Invalid {
+            path: path.clone(),
+            cause: e.to_string(),
+        })?;
+        write_private(&path, &text)
+    }
+
     /// Forgets the certificate (the node was removed): the next start must enrol with a token.
     pub fn forget_certificate(&self) -> Result<(), StateError> {
         let path = self.dir.join(CERT_FILE);
@@ -329,6 +388,35 @@ mod tests {
             first,
             "a refused key is not used again"
         );
+    }
+
+    #[test]
+    fn kept_controllers_round_trip_and_a_corrupt_or_huge_file_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        assert_eq!(state.load_controllers(), KeptControllers::default());
+        let kept = KeptControllers {
+            announced: vec![shoal_proto::ControllerEndpoint {
+                id: "ctl-b".into(),
+                addr: "192.0.2.2:7440".parse().unwrap(),
+            }],
+            last_good: Some("192.0.2.2:7440".parse().unwrap()),
+        };
+        state.save_controllers(&kept).unwrap();
+        assert_eq!(state.load_controllers(), kept);
+        let path = dir.path().join(CONTROLLERS_FILE);
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        fs::write(&path, b"{\"announced\": [").unwrap();
+        assert_eq!(state.load_controllers(), KeptControllers::default());
+        fs::write(&path, vec![b' '; MAX_CONTROLLERS_FILE as usize + 10]).unwrap();
+        assert_eq!(state.load_controllers(), KeptControllers::default());
+        let over = KeptControllers {
+            announced: vec![kept.announced[0].clone(); shoal_proto::limits::MAX_CONTROLLERS + 1],
+            last_good: None,
+        };
+        fs::write(&path, serde_json::to_vec(&over).unwrap()).unwrap();
+        assert_eq!(state.load_controllers(), KeptControllers::default());
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! - [`netboot`]: DHCP, TFTP and boot HTTP on the netboot interface, images and machines.
 //! - [`connections`]: the agents' QUIC connections and the registry other domains send through.
 //! - [`api`]: the admin API's router and authentication, and the fleet report.
-//! - [`store`]: the storage contract, its sled implementation, and the event log.
+//! - [`store`]: the storage contract, its sled and etcd implementations, and the event log.
+//! - [`etcd`]: where the etcd cluster of a highly available controller is, and connecting to it.
 //! - [`dr`]: disaster recovery: the controller in one encrypted file, backup and restore.
 //!
 //! [`server`] composes them: the controller's configuration, its shared state and `run`.

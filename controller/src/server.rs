@@ -252,7 +252,10 @@ impl Controller {
         // controller's alone.
         shoal_overlay::pki::ensure_private_dir(&config.data_dir)
             .map_err(|e| ServeError::DataDir(config.data_dir.clone(), e))?;
-        let store = Store::open(&config.data_dir.join("store"))?;
+        let store = match &config.etcd {
+            Some(etcd) => Store::open_etcd(etcd, &config.data_dir)?,
+            None => Store::open(&config.data_dir.join("store"))?,
+        };
         store.ensure_default_network(config.overlay_subnet, config.overlay_mtu)?;
         let overlay = Arc::new(OverlayHub::open(&store, config.netmap_validity)?);
         let drives = DriveHub::open(&store, config.drives)?;
@@ -459,7 +462,7 @@ impl Controller {
         for (id, n) in dirty {
             if let Err(e) = self.store.update_node(&id, |rec| {
                 rec.last_seen = n.last_seen;
-                rec.health = n.health;
+                rec.health = n.health.clone();
             }) {
                 warn!(node = %id, cause = %e, "checkpoint failed");
             }

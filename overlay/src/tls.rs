@@ -54,9 +54,22 @@ fn roots(ca_der: &[u8]) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
+/// The idle timeout of a control connection unless the agent asks for a shorter one (QUIC takes
+/// the shorter of the two sides').
+pub const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// QUIC transport settings for a control connection: small windows (control traffic is a few KiB a
 /// minute, and the controller holds thousands of these) and a keep-alive that holds NAT mappings.
 pub fn control_transport(keep_alive: Option<Duration>) -> quinn::TransportConfig {
+    control_transport_with_idle(keep_alive, CONTROL_IDLE_TIMEOUT)
+}
+
+/// [`control_transport`] with another idle timeout: agents that fail over between controllers
+/// ask for a short one, so a controller that died without a close frame is noticed within it.
+pub fn control_transport_with_idle(
+    keep_alive: Option<Duration>,
+    idle: Duration,
+) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(4u32.into())
         // One: the controller's NAT probe port answers on a stream it opens.
@@ -66,7 +79,7 @@ pub fn control_transport(keep_alive: Option<Duration>) -> quinn::TransportConfig
         .send_window(1024 * 1024)
         .keep_alive_interval(keep_alive);
     // An idle timeout well above the keep-alive, so one lost keep-alive does not end the session.
-    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
+    if let Ok(idle) = quinn::IdleTimeout::try_from(idle) {
         t.max_idle_timeout(Some(idle));
     }
     // The control connection also carries relayed peer packets as datagrams. A relayed QUIC packet

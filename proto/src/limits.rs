@@ -38,14 +38,18 @@
 //! | backup results: targets, snapshots, paths, sampled files, error lines | [`MAX_JOB_TARGETS`], [`MAX_REPORTED_SNAPSHOTS`], [`MAX_BACKUP_PATHS`], [`MAX_SAMPLE_FILES`], [`MAX_BACKUP_ERRORS`] |
 //! | the whole message, per kind | [`max_encoded_len`] |
 //!
+//! One bound goes the other way: the agent keeps the controller set a controller announces (v7) in
+//! its state dir and dials every entry, so it checks [`check_controller_set`] ([`MAX_CONTROLLERS`]
+//! entries, ids of [`MAX_CONTROLLER_ID_LEN`] bytes) before it keeps one.
+//!
 //! Agent-supplied text may hold anything valid UTF-8 does, terminal control characters included:
 //! the controller stores it as sent, and `shoalctl` is the one that prints it safely.
 
 use crate::{
-    AgentMsg, BackupResult, BootReport, CheckResult, Drive, DriveReport, DriveState, HealthReport,
-    Inventory, MaintenanceResult, PathReport, PreparedDrive, SelfTestStatus, SmartOutcome,
-    StepOutcome, UpdateFailure, UpdateReport, MAX_BACKUP_ERRORS, MAX_BACKUP_PATHS, MAX_FRAME_LEN,
-    MAX_JOB_TARGETS, MAX_REPORTED_SNAPSHOTS, MAX_SAMPLE_FILES,
+    AgentMsg, BackupResult, BootReport, CheckResult, ControllerSet, Drive, DriveReport, DriveState,
+    HealthReport, Inventory, MaintenanceResult, PathReport, PreparedDrive, SelfTestStatus,
+    SmartOutcome, StepOutcome, UpdateFailure, UpdateReport, MAX_BACKUP_ERRORS, MAX_BACKUP_PATHS,
+    MAX_FRAME_LEN, MAX_JOB_TARGETS, MAX_REPORTED_SNAPSHOTS, MAX_SAMPLE_FILES,
 };
 
 /// Short names and identifiers: versions, interface, disk and partition names, models, serial
@@ -91,6 +95,10 @@ pub const MAX_DRIVES: usize = 1024;
 pub const MAX_DRIVE_SIGNATURES: usize = 64;
 /// Health checks in one update or boot report.
 pub const MAX_CHECKS: usize = 256;
+/// (v7) Controllers in an announced controller set: a fleet runs three or five.
+pub const MAX_CONTROLLERS: usize = 16;
+/// (v7) A controller's id in an announced controller set.
+pub const MAX_CONTROLLER_ID_LEN: usize = 64;
 
 /// The largest encoding (postcard, without the frame header) accepted for a message of this kind.
 ///
@@ -265,6 +273,20 @@ pub fn check(msg: &AgentMsg) -> Checked {
         }
         AgentMsg::BackupResult(r) => backup_result(r),
     }
+}
+
+/// (v7) Checks a controller set an agent was told against [`MAX_CONTROLLERS`] and
+/// [`MAX_CONTROLLER_ID_LEN`], before the agent keeps it.
+pub fn check_controller_set(set: &ControllerSet) -> Checked {
+    items(set.controllers.len(), MAX_CONTROLLERS, || {
+        "controller_set.controllers".into()
+    })?;
+    for (i, c) in set.controllers.iter().enumerate() {
+        text(&c.id, MAX_CONTROLLER_ID_LEN, || {
+            format!("controller_set.controllers[{i}].id")
+        })?;
+    }
+    Ok(())
 }
 
 fn backup_result(r: &BackupResult) -> Checked {
@@ -1169,6 +1191,41 @@ mod tests {
             assert!(max_encoded_len(m) <= MAX_FRAME_LEN, "{}", kind_name(m));
             assert_eq!(check(m), Ok(()));
         }
+    }
+
+    #[test]
+    fn controller_sets_are_bounded() {
+        use crate::{ControllerEndpoint, ControllerSet};
+        let set = |n: usize, id_len: usize| ControllerSet {
+            controllers: (0..n)
+                .map(|k| ControllerEndpoint {
+                    id: s(id_len),
+                    addr: SocketAddr::from(([192, 0, 2, 1], 7440 + k as u16)),
+                })
+                .collect(),
+        };
+        assert_eq!(
+            check_controller_set(&set(MAX_CONTROLLERS, MAX_CONTROLLER_ID_LEN)),
+            Ok(())
+        );
+        let err = check_controller_set(&set(MAX_CONTROLLERS + 1, 1)).unwrap_err();
+        assert_eq!(
+            (err.field.as_str(), err.actual, err.limit),
+            (
+                "controller_set.controllers",
+                MAX_CONTROLLERS + 1,
+                MAX_CONTROLLERS
+            )
+        );
+        let err = check_controller_set(&set(2, MAX_CONTROLLER_ID_LEN + 1)).unwrap_err();
+        assert_eq!(err.field, "controller_set.controllers[0].id");
+        // The largest honest set is a small frame.
+        let frame = crate::encode_frame(&crate::ControllerMsg::ControllerSet(set(
+            MAX_CONTROLLERS,
+            MAX_CONTROLLER_ID_LEN,
+        )))
+        .expect("fits");
+        assert!(frame.len() < 2048, "{} bytes", frame.len());
     }
 
     #[test]

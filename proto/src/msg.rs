@@ -161,6 +161,26 @@ pub enum ControllerMsg {
         /// The task.
         task: String,
     },
+    /// (v7) Every live controller of the fleet, the sender first: where the agent may go when this
+    /// one fails. Sent after Welcome and whenever the set changes; never empty.
+    ControllerSet(ControllerSet),
+}
+
+/// (v7) The controllers of one fleet as agents reach them: they share the CA and the server name,
+/// so an agent's certificate and pinned CA work on every one of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerSet {
+    /// At most [`crate::limits::MAX_CONTROLLERS`], the sending controller first.
+    pub controllers: Vec<ControllerEndpoint>,
+}
+
+/// (v7) One controller's agent endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerEndpoint {
+    /// The controller's stable id, at most [`crate::limits::MAX_CONTROLLER_ID_LEN`] bytes.
+    pub id: String,
+    /// Its QUIC address for agents.
+    pub addr: SocketAddr,
 }
 
 /// (v5) An agent release offer.
@@ -530,6 +550,32 @@ mod tests {
             15,
             "BootReport comes after MaintenanceResult (14)"
         );
+    }
+
+    #[test]
+    fn controller_set_round_trips_after_the_v6_variants() {
+        let set = ControllerMsg::ControllerSet(ControllerSet {
+            controllers: vec![
+                ControllerEndpoint {
+                    id: "ctl-a".into(),
+                    addr: "192.0.2.1:7440".parse().expect("addr"),
+                },
+                ControllerEndpoint {
+                    id: "ctl-b".into(),
+                    addr: "[2001:db8::2]:7440".parse().expect("addr"),
+                },
+            ],
+        });
+        let frame = crate::encode_frame(&set).expect("fits");
+        assert_eq!(
+            frame[crate::FRAME_HEADER_LEN],
+            21,
+            "ControllerSet comes after BackupAck (20)"
+        );
+        let (back, used) = crate::decode_frame::<ControllerMsg>(&frame).expect("decodes");
+        assert_eq!((back, used), (set, frame.len()));
+        let ack = ControllerMsg::BackupAck { task: "t".into() };
+        assert_eq!(postcard::to_allocvec(&ack).expect("encode")[0], 20);
     }
 
     #[test]

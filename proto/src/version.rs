@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// The first version with the overlay (netmaps, punches, path reports, relaying).
 pub const OVERLAY_PROTOCOL: u16 = 2;
@@ -23,6 +23,8 @@ pub const UPDATES_PROTOCOL: u16 = 4;
 pub const KEY_ROTATION_PROTOCOL: u16 = 5;
 /// The first version with backup tasks.
 pub const BACKUP_PROTOCOL: u16 = 6;
+/// The first version with the controller set (several controllers, one fleet).
+pub const CLUSTER_PROTOCOL: u16 = 7;
 
 /// Every version this build speaks.
 pub const SUPPORTED: VersionRange = VersionRange {
@@ -85,6 +87,13 @@ pub const PROTOCOL_HISTORY: &[(&str, u16, &str)] = &[
          AgentMsg::BackupResult (per target: error, backup stats with sampled file hashes, verify \
          stats, snapshots) and preceded by AgentMsg::BackupProgress; ControllerMsg::BackupAck lets \
          the agent forget a result it keeps until then",
+    ),
+    (
+        "2026-12-07",
+        7,
+        "controller cluster: ControllerMsg::ControllerSet (every live controller's agent endpoint, \
+         id and address, the sending controller first; at most 16, ids at most 64 bytes) after \
+         Welcome and whenever the set changes; agents keep it and fail over to another controller",
     ),
 ];
 

@@ -14,8 +14,16 @@ use crate::{
 /// How the agent runs. Every field has a documented default.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// Controller's QUIC address. Required.
-    pub controller: SocketAddr,
+    /// The controllers' QUIC addresses (`--controller`, repeatable): at least one; the first is the
+    /// one a new agent tries first. The agent adds the set its controller announces (protocol 7)
+    /// and fails over between all of them.
+    pub controllers: Vec<SocketAddr>,
+    /// Keep-alive interval of the control connection (default 1 s): holds NAT mappings and lets a
+    /// dead controller be noticed within `control_idle_timeout`.
+    pub control_keep_alive: Duration,
+    /// How long a silent control connection lives (default 4 s): a controller that died without a
+    /// word is given up after this, and the agent moves to another one.
+    pub control_idle_timeout: Duration,
     /// Join token; needed only while the agent has no valid certificate.
     pub token: Option<String>,
     /// State dir for key and certificates. Required.
@@ -57,11 +65,13 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    /// Defaults for a controller address and state dir.
+    /// Defaults for one controller address and a state dir (push more onto `controllers`).
     pub fn new(controller: SocketAddr, state_dir: PathBuf) -> Self {
         let backup = crate::backup::BackupConfig::new(&state_dir);
         Self {
-            controller,
+            controllers: vec![controller],
+            control_keep_alive: Duration::from_secs(1),
+            control_idle_timeout: Duration::from_secs(4),
             token: None,
             state_dir,
             machine_id: None,
@@ -97,9 +107,13 @@ pub enum AgentError {
     /// This node was removed from the fleet.
     #[error("this node was removed from the fleet: {0}; an operator must admit it again with a new join token")]
     Revoked(String),
-    /// The controller's certificate does not match the CA hash in the join token.
+    /// The controller's certificate does not match the CA hash in the join token (the agent's only
+    /// controller; with several, such a controller is skipped).
     #[error("the controller at the given address is not the one that issued this join token: {0}")]
     WrongController(String),
+    /// No controller address was given.
+    #[error("no controller address given (--controller)")]
+    NoController,
     /// No certificate and no token to get one.
     #[error("no valid certificate in {0} and no join token given (--token or --token-file)")]
     NoToken(PathBuf),

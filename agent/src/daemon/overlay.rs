@@ -127,7 +127,7 @@ impl Shell<'_> {
         self.overlay.observed = Some(o.address);
         match (o.probe_port, creds) {
             (Some(port), Some(c)) => {
-                let probe = SocketAddr::new(self.config.controller.ip(), port);
+                let probe = SocketAddr::new(self.current.ip(), port);
                 let client = key_der(&c.key_pem).and_then(|k| {
                     tls::node_client_config(&c.ca_der, &c.cert_der, k, Duration::from_secs(5))
                         .map_err(|e| AgentError::Tls(e.to_string()))

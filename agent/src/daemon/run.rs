@@ -2,7 +2,10 @@
 //! manager, the overlay from its cached netmap), then one connection after another, with backoff,
 //! until shutdown or a refusal that retrying cannot fix.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    time::{Duration, Instant},
+};
 
 use shoal_proto::{Hello, JoinToken, RejectCode, SUPPORTED};
 use tokio::sync::mpsc;
@@ -19,6 +22,7 @@ use super::{
 };
 use crate::{
     backoff::Backoff,
+    controllers::{ControllerBook, Pace},
     inventory,
     maintenance::{self as maint, MaintenanceBook},
     overlay::{self as ov, NetmapCache},
@@ -35,6 +39,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     tokio::pin!(shutdown);
+    let first = *config.controllers.first().ok_or(AgentError::NoController)?;
     let state = StateDir::open(&config.state_dir)?;
     let token: Option<JoinToken> = config.token.as_deref().map(str::parse).transpose()?;
     let roots = config.roots.clone();
@@ -47,7 +52,7 @@ pub async fn run(
         &first_inventory.nics,
     )
     .ok_or(AgentError::NoIdentity)?;
-    info!(hardware_id = %hardware_id, controller = %config.controller, "agent starting");
+    info!(hardware_id = %hardware_id, controllers = ?config.controllers, "agent starting");
     let version = crate::version::agent_version();
     // Before anything else: a start after an update is counted (or rolled back) first.
     let update = Updates::boot(&config, &version);
@@ -61,11 +66,9 @@ pub async fn run(
         .canonical_allow()
         .map_err(AgentError::Config)?;
 
-    let agent_endpoint = ov::bind_endpoint(
-        &config.state_dir,
-        config.controller.is_ipv6(),
-        config.overlay_port,
-    )?;
+    // The socket's family is the first controller's; the others must share it.
+    let agent_endpoint =
+        ov::bind_endpoint(&config.state_dir, first.is_ipv6(), config.overlay_port)?;
     let endpoint = agent_endpoint.endpoint.clone();
     info!(
         port = agent_endpoint.port,
@@ -100,6 +103,12 @@ pub async fn run(
         update,
         backups: super::backup::BackupState::new(config.backup.clone()),
         kexec: None,
+        controllers: ControllerBook::new(
+            config.controllers.clone(),
+            state.load_controllers(),
+            first.is_ipv6(),
+        ),
+        current: first,
     };
     // With a certificate and a cached netmap the overlay starts before the controller answers:
     // peers are reachable even while the controller is down.
@@ -115,7 +124,14 @@ pub async fn run(
     }
 
     loop {
-        let attempt = shell.attempt(&endpoint, &hello, token.as_ref(), &mut events_rx);
+        let controller = shell.controllers.next(Instant::now());
+        let attempt = shell.attempt(
+            controller,
+            &endpoint,
+            &hello,
+            token.as_ref(),
+            &mut events_rx,
+        );
         let outcome = tokio::select! {
             r = attempt => r,
             _ = &mut shutdown => {
@@ -173,20 +189,23 @@ pub async fn run(
             Ok((End::Rejected(r), _)) if r.code.is_final_for_agent() => {
                 return Err(AgentError::Refused(r));
             }
+            // The session ended or never started: try the next controller at once, and back off
+            // only once every known controller failed in this round.
             Ok((end, was_ready)) => {
-                warn!(outcome = ?end, "session ended");
                 if was_ready {
                     backoff.reset();
                 }
-                backoff.next_delay(rand::random::<f64>())
+                let d = next_delay(&mut shell.controllers, controller, &mut backoff);
+                warn!(controller = %controller, outcome = ?end, retry_in = ?d, "session ended");
+                d
             }
             Err((AttemptError::Fatal(e), _)) => return Err(e),
             Err((e, was_ready)) => {
                 if was_ready {
                     backoff.reset();
                 }
-                let d = backoff.next_delay(rand::random::<f64>());
-                warn!(cause = %e, retry_in = ?d, "controller unreachable");
+                let d = next_delay(&mut shell.controllers, controller, &mut backoff);
+                warn!(controller = %controller, cause = %e, retry_in = ?d, "controller unreachable");
                 d
             }
         };
@@ -194,5 +213,18 @@ pub async fn run(
             _ = tokio::time::sleep(delay) => {}
             _ = &mut shutdown => return Ok(()),
         }
+    }
+}
+
+/// How long to wait after `controller` failed: nothing while another controller is left in this
+/// round, the backoff after a full round.
+fn next_delay(
+    book: &mut ControllerBook,
+    controller: std::net::SocketAddr,
+    backoff: &mut Backoff,
+) -> Duration {
+    match book.failed(controller, Instant::now()) {
+        Pace::Now => Duration::ZERO,
+        Pace::Backoff => backoff.next_delay(rand::random::<f64>()),
     }
 }

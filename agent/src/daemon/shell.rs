@@ -4,7 +4,7 @@
 
 use std::{
     net::SocketAddr,
-    time::{Duration, Instant, SystemTime},
+    time::{Instant, SystemTime},
 };
 
 use shoal_overlay::{node::NodeEvent, pki, recv_msg, send_msg, tls};
@@ -13,13 +13,14 @@ use shoal_proto::{
     UnixMillis, UpdateFailure,
 };
 use tokio::sync::mpsc;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{
     backup::BackupState, credentials::key_der, drives::DrivesState, maintenance::MaintState,
     overlay::OverlayState, reports::Reports, update::Updates, AgentConfig, AgentError,
 };
 use crate::{
+    controllers::ControllerBook,
     drives::DriveEvent,
     overlay as ov,
     reboot::{NamedImage, RebootMethod},
@@ -48,6 +49,9 @@ pub(super) enum AttemptError {
     Transport(#[from] shoal_overlay::TransportError),
     #[error("the controller closed the control stream")]
     StreamClosed,
+    /// While enrolling: this controller's CA is not the one the token pins (another one may be).
+    #[error("not the controller that issued this join token: {0}")]
+    WrongController(String),
     #[error(transparent)]
     Fatal(#[from] AgentError),
 }
@@ -124,19 +128,26 @@ pub(super) struct Shell<'a> {
     /// The image the controller named for kexec at the next reboot, as the agent judged it
     /// ([`crate::reboot::check_image`]); taken by that reboot.
     pub(super) kexec: Option<NamedImage>,
+    /// The known controllers and which to dial next.
+    pub(super) controllers: ControllerBook,
+    /// The controller of the current (or last) connection.
+    pub(super) current: SocketAddr,
 }
 
 impl Shell<'_> {
-    /// One connection: enrol if there is no valid certificate, else run as the node.
+    /// One connection to `controller`: enrol if there is no valid certificate, else run as the
+    /// node.
     pub(super) async fn attempt(
         &mut self,
+        controller: SocketAddr,
         endpoint: &quinn::Endpoint,
         hello: &Hello,
         token: Option<&JoinToken>,
         events: &mut mpsc::UnboundedReceiver<ShellEvent>,
     ) -> Attempt {
         let fatal = |e: AgentError| (AttemptError::Fatal(e), false);
-        let keep_alive = Duration::from_secs(5);
+        self.current = controller;
+        let keep_alive = self.config.control_keep_alive;
         let creds = self.state.load().map_err(|e| fatal(e.into()))?;
         // A certificate that expires within a minute is as good as none.
         let creds = creds.filter(|c| c.not_after.0 > now_ms().0 + 60_000);
@@ -182,22 +193,29 @@ impl Shell<'_> {
             }
         };
         let enrolling = matches!(mode, Mode::Enrol(_));
+        // A short idle timeout: a controller that died without a close frame is given up within it.
+        let mut client_config = client_config;
+        client_config.transport_config(std::sync::Arc::new(tls::control_transport_with_idle(
+            Some(keep_alive),
+            self.config.control_idle_timeout,
+        )));
+        let only_controller = self.controllers.candidates().len() == 1;
         let conn = endpoint
-            .connect_with(
-                client_config,
-                self.config.controller,
-                tls::controller_server_name(),
-            )
+            .connect_with(client_config, controller, tls::controller_server_name())
             .map_err(|e| (e.into(), false))?
             .await
             .map_err(|e| match e {
                 // While enrolling, a failed certificate check means the token's CA hash does not
                 // match this controller: a wrong token or a wrong address, which retrying cannot
-                // fix.
+                // fix when it is the only controller the agent knows.
                 quinn::ConnectionError::TransportError(t)
                     if enrolling && (0x100..0x200).contains(&u64::from(t.code)) =>
                 {
-                    fatal(AgentError::WrongController(t.reason))
+                    if only_controller {
+                        fatal(AgentError::WrongController(t.reason))
+                    } else {
+                        (AttemptError::WrongController(t.reason), false)
+                    }
                 }
                 other => (other.into(), false),
             })?;
@@ -229,6 +247,7 @@ impl Shell<'_> {
         events: &mut mpsc::UnboundedReceiver<ShellEvent>,
     ) -> Attempt {
         self.conn = Some(conn.clone());
+        self.protocol = 0;
         let (mut send, recv) = conn.open_bi().await.map_err(|e| (e.into(), false))?;
         // Reading happens in its own task: a frame read is not cancel-safe, and the loop below
         // wakes for timers.
@@ -260,7 +279,11 @@ impl Shell<'_> {
         self.reports.boot.new_session();
         let result = loop {
             self.updates = session.speaks_updates();
-            self.protocol = session.welcome().map_or(0, |w| w.protocol);
+            let protocol = session.welcome().map_or(0, |w| w.protocol);
+            if protocol != 0 && self.protocol == 0 {
+                self.session_up(protocol);
+            }
+            self.protocol = protocol;
             match self.perform(&mut send, outputs, key_pem, creds).await {
                 Ok(Some(end)) => break Ok(end),
                 Ok(None) => {}
@@ -383,6 +406,10 @@ impl Shell<'_> {
                     self.signed_image(image, creds);
                     None
                 }
+                Output::ControllerSet(set) => {
+                    self.controller_set(set);
+                    None
+                }
                 Output::End(End::Enrolled(e)) => {
                     self.store_enrolled(&e, key_pem)?;
                     return Ok(Some(End::Enrolled(e)));
@@ -394,6 +421,35 @@ impl Shell<'_> {
             }
         }
         Ok(None)
+    }
+
+    /// The Welcome arrived: this controller works, and leads the next round.
+    fn session_up(&mut self, protocol: u16) {
+        let controller = self.current;
+        let id = self.controllers.id_of(controller).unwrap_or("-");
+        info!(controller = %controller, controller_id = id, protocol, "session up");
+        if self.controllers.up(controller) {
+            self.keep_controllers();
+        }
+    }
+
+    /// (v7) The controller announced the fleet's controllers: keep them for failover.
+    fn controller_set(&mut self, set: shoal_proto::ControllerSet) {
+        let announced: Vec<String> = set.controllers.iter().map(|c| c.addr.to_string()).collect();
+        match self.controllers.announced(set) {
+            Ok(true) => {
+                info!(controller = %self.current, announced = ?announced, "controller set changed");
+                self.keep_controllers();
+            }
+            Ok(false) => {}
+            Err(e) => warn!(controller = %self.current, cause = %e, "controller set ignored"),
+        }
+    }
+
+    fn keep_controllers(&self) {
+        if let Err(e) = self.state.save_controllers(&self.controllers.kept()) {
+            warn!(cause = %e, "could not keep the controller set; it is kept in memory only");
+        }
     }
 
     /// Turns an event from outside the control stream into a message for the controller, if any.

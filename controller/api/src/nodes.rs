@@ -41,6 +41,9 @@ pub struct NodeView {
     /// Fingerprint of the key the node is bound to (first 8 bytes of its SPKI SHA-256, hex).
     #[serde(default)]
     pub key: Option<String>,
+    /// The controller holding its session, when several controllers share one store.
+    #[serde(default)]
+    pub controller: Option<String>,
 }
 
 /// A node's address on one overlay network.

@@ -1,5 +1,9 @@
 //! `shoal-controller serve`: the fleet controller.
 
+#[path = "shoal-controller/etcd.rs"]
+mod etcd;
+#[path = "shoal-controller/migrate.rs"]
+mod migrate;
 #[path = "shoal-controller/netboot.rs"]
 mod netboot;
 #[path = "shoal-controller/restore.rs"]
@@ -26,6 +30,9 @@ enum Command {
     /// Restore a backup (`shoalctl controller backup`) into a new data dir, all or nothing: a wrong
     /// passphrase or a damaged file is refused and writes nothing.
     Restore(restore::RestoreArgs),
+    /// Copy a stopped controller's store into etcd (for several controllers sharing it), and
+    /// verify the copy. Refuses when the etcd prefix already holds data.
+    Migrate(migrate::MigrateArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -127,6 +134,8 @@ struct ServeArgs {
     rollout_clock_offset: i64,
     #[command(flatten)]
     netboot: netboot::NetbootArgs,
+    #[command(flatten)]
+    etcd: etcd::EtcdArgs,
 }
 
 fn main() -> ExitCode {
@@ -152,6 +161,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let args = match cli.command {
         Command::Serve(args) => *args,
         Command::Restore(args) => return restore::restore(args),
+        Command::Migrate(args) => return migrate::migrate(args),
     };
     if args.cert_ttl < Duration::from_secs(60) {
         anyhow::bail!("--cert-ttl must be at least 1m");
@@ -174,6 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.enrolment_deadline = args.enrolment_deadline;
     config.rollout_tick = args.rollout_tick;
     config.backup_tick = args.backup_tick;
+    config.etcd = args.etcd.config()?;
     if let (Some(target), Some(file)) = (&args.dr_target, &args.dr_passphrase_file) {
         let passphrase = std::fs::read_to_string(file)
             .with_context(|| format!("reading --dr-passphrase-file {}", file.display()))?

@@ -48,9 +48,10 @@ use tokio::sync::{mpsc, watch, Semaphore};
     about = "Simulate N shoal agents against a running controller"
 )]
 struct Cli {
-    /// Controller QUIC address.
-    #[arg(long)]
-    controller: SocketAddr,
+    /// Controller QUIC address; repeatable (several controllers of one cluster): agent i uses
+    /// the (i mod count)-th.
+    #[arg(long = "controller", required = true)]
+    controllers: Vec<SocketAddr>,
     /// Admin credentials (DATA_DIR/admin.conf), to create the join token.
     #[arg(long)]
     admin_conf: PathBuf,
@@ -72,9 +73,14 @@ struct Cli {
     /// Client UDP endpoints to spread connections over; default: ceil(N / 500).
     #[arg(long)]
     endpoints: Option<usize>,
-    /// Controller process id, sampled through /proc at the start and end of the hold.
+    /// Controller process id, sampled through /proc at the start and end of the hold; repeatable
+    /// (the figures are summed over every controller).
+    #[arg(long = "controller-pid")]
+    controller_pids: Vec<u32>,
+    /// An etcd member's metrics URL (`http://HOST:2379/metrics`): the store's writes (puts,
+    /// deletes, transactions) during the hold are read from it.
     #[arg(long)]
-    controller_pid: Option<u32>,
+    etcd_metrics: Option<String>,
     /// Worker threads of the loadgen runtime (default: tokio's default, one per CPU).
     #[arg(long)]
     threads: Option<usize>,
@@ -562,6 +568,53 @@ fn clk_tck() -> f64 {
     100.0
 }
 
+/// Every pid's sample, summed (CPU ticks and memory), taken at the first one's instant.
+fn sample_all(pids: &[u32]) -> anyhow::Result<Option<ProcSample>> {
+    let mut total: Option<ProcSample> = None;
+    for pid in pids {
+        let s = sample(*pid)?;
+        total = Some(match total {
+            None => s,
+            Some(t) => ProcSample {
+                at: t.at,
+                cpu_ticks: t.cpu_ticks + s.cpu_ticks,
+                rss_kib: t.rss_kib + s.rss_kib,
+                hwm_kib: t.hwm_kib + s.hwm_kib,
+            },
+        });
+    }
+    Ok(total)
+}
+
+/// etcd's count of writes so far (`etcd_mvcc_put_total` + `etcd_mvcc_delete_total` +
+/// `etcd_mvcc_txn_total`), from its metrics page.
+fn etcd_writes(url: &str) -> anyhow::Result<f64> {
+    let body = ureq::get(url)
+        .call()
+        .with_context(|| format!("GET {url}"))?
+        .body_mut()
+        .read_to_string()?;
+    let mut total = 0.0;
+    for line in body.lines() {
+        for name in [
+            "etcd_mvcc_put_total",
+            "etcd_mvcc_delete_total",
+            "etcd_mvcc_txn_total",
+        ] {
+            if let Some(rest) = line.strip_prefix(name) {
+                if let Some(v) = rest
+                    .split_whitespace()
+                    .last()
+                    .and_then(|v| v.parse::<f64>().ok())
+                {
+                    total += v;
+                }
+            }
+        }
+    }
+    Ok(total)
+}
+
 fn sample(pid: u32) -> anyhow::Result<ProcSample> {
     let at = Instant::now();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -619,7 +672,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .parse()
         .context("the controller returned an unparsable token")?;
     let endpoints_n = cli.endpoints.unwrap_or(n.div_ceil(500)).max(1);
-    let bind: SocketAddr = if cli.controller.is_ipv6() {
+    let controllers = cli.controllers.clone();
+    let controller_of = |i: usize| controllers[i % controllers.len()];
+    let bind: SocketAddr = if controllers[0].is_ipv6() {
         "[::]:0"
     } else {
         "0.0.0.0:0"
@@ -631,7 +686,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let concurrency = cli.enrol_concurrency.unwrap_or(n).max(1);
     println!(
         "loadgen: {n} agents -> {} ({endpoints_n} client endpoints, concurrency {concurrency}, heartbeat {:?}, {})",
-        cli.controller,
+        controllers
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(" + "),
         cli.heartbeat,
         if cli.overlay { format!("overlay, {rounds} convergence rounds") } else { format!("hold {:?}", cli.hold) }
     );
@@ -648,7 +707,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             enrol_config.clone(),
             sem.clone(),
             token.clone(),
-            cli.controller,
+            controller_of(i),
         );
         tasks.spawn(async move {
             let _permit = sem.acquire_owned().await;
@@ -713,7 +772,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             reachable: (0..n + rounds).map(|_| AtomicUsize::new(0)).collect(),
         })
     });
-    let cpu_connect = cli.controller_pid.map(sample).transpose()?;
+    let cpu_connect = sample_all(&cli.controller_pids)?;
     let counters = Arc::new(Counters::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -733,7 +792,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             overlay.clone(),
         );
         let timing = Timing {
-            controller: cli.controller,
+            controller: controller_of(i),
             keep_alive: cli.keep_alive,
             heartbeat: cli.heartbeat,
         };
@@ -777,7 +836,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(shared) = overlay {
         // Phase 3 (overlay): settle, then convergence rounds.
         let timing = Timing {
-            controller: cli.controller,
+            controller: controllers[0],
             keep_alive: cli.keep_alive,
             heartbeat: cli.heartbeat,
         };
@@ -808,7 +867,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     // Phase 3: hold.
-    let start = cli.controller_pid.map(sample).transpose()?;
+    let start = sample_all(&cli.controller_pids)?;
+    let etcd_start = match &cli.etcd_metrics {
+        Some(url) => Some(etcd_writes(url)?),
+        None => None,
+    };
     let hb0 = counters.heartbeats.load(Ordering::Relaxed);
     let hold_start = Instant::now();
     let mut max_rss = start.map(|s| s.rss_kib).unwrap_or(0);
@@ -817,13 +880,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Duration::from_secs(1).min(cli.hold.saturating_sub(hold_start.elapsed())),
         )
         .await;
-        if let Some(pid) = cli.controller_pid {
-            if let Ok(s) = sample(pid) {
-                max_rss = max_rss.max(s.rss_kib);
-            }
+        if let Ok(Some(s)) = sample_all(&cli.controller_pids) {
+            max_rss = max_rss.max(s.rss_kib);
         }
     }
-    let end = cli.controller_pid.map(sample).transpose()?;
+    let end = sample_all(&cli.controller_pids)?;
+    let etcd_end = match &cli.etcd_metrics {
+        Some(url) => Some(etcd_writes(url)?),
+        None => None,
+    };
     let hb = counters.heartbeats.load(Ordering::Relaxed) - hb0;
     let held = hold_start.elapsed().as_secs_f64();
     println!(
@@ -835,14 +900,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let cpu_s = (b.cpu_ticks - a.cpu_ticks) as f64 / clk_tck();
         let wall = (b.at - a.at).as_secs_f64();
         println!(
-            "controller pid {}: CPU {:.2} s over {wall:.1} s = {:.1} % of one core; VmRSS {:.1} MiB at start, {:.1} MiB at end, max sampled {:.1} MiB; VmHWM (peak RSS over its life) {:.1} MiB",
-            cli.controller_pid.unwrap_or(0),
+            "controller pid(s) {:?}: CPU {:.2} s over {wall:.1} s = {:.1} % of one core; VmRSS {:.1} MiB at start, {:.1} MiB at end, max sampled {:.1} MiB; VmHWM (peak RSS over its life) {:.1} MiB",
+            cli.controller_pids,
             cpu_s,
             cpu_s * 100.0 / wall,
             a.rss_kib as f64 / 1024.0,
             b.rss_kib as f64 / 1024.0,
             max_rss as f64 / 1024.0,
             b.hwm_kib as f64 / 1024.0,
+        );
+    }
+    if let (Some(a), Some(b)) = (etcd_start, etcd_end) {
+        let writes = b - a;
+        println!(
+            "etcd: {writes:.0} writes (puts + deletes + transactions) during the hold = {:.2}/s; {:.5} per agent per second",
+            writes / held,
+            writes / held / connected.max(1) as f64
         );
     }
     let _ = stop_tx.send(true);
@@ -1000,7 +1073,7 @@ impl Converge<'_> {
     }
 
     fn sample(&self) -> Option<ProcSample> {
-        self.cli.controller_pid.and_then(|p| sample(p).ok())
+        sample_all(&self.cli.controller_pids).ok().flatten()
     }
 }
 

@@ -112,6 +112,16 @@ impl Cluster {
         self.endpoints.subscribe()
     }
 
+    /// Replaces the announced agent endpoints alone (in-process tests of agent failover, which run
+    /// without etcd).
+    pub(crate) fn set_agent_endpoints(&self, endpoints: Vec<AgentEndpoint>) {
+        self.endpoints.send_if_modified(|current| {
+            let changed = *current != endpoints;
+            *current = endpoints;
+            changed
+        });
+    }
+
     /// Replaces the membership as read from etcd: the records and the announced agent endpoints.
     pub(crate) fn set_members(&self, mut members: Vec<MemberRecord>) {
         members.sort_by(|a, b| (a.id != self.id, &a.id).cmp(&(b.id != self.id, &b.id)));
@@ -124,11 +134,7 @@ impl Cluster {
             })
             .collect();
         *self.members.lock().unwrap_or_else(|p| p.into_inner()) = members;
-        self.endpoints.send_if_modified(|current| {
-            let changed = *current != endpoints;
-            *current = endpoints;
-            changed
-        });
+        self.set_agent_endpoints(endpoints);
     }
 
     /// Records where agents (`agent_addr`) and operators (`api`) reach this controller, as it starts

@@ -7,10 +7,13 @@
 //! - `restore.rs`: writing an archive into a new data dir through a temporary sibling, and
 //!   verifying one (the seam for scheduled, verified backups).
 //! - `routes.rs`: `POST /v1/controller/backup`.
+//! - `migrate.rs`: `shoal-controller migrate`: a stopped controller's sled store copied into etcd
+//!   and verified.
 //! - `schedule.rs`: `--dr-target`: the archive written to a backup target on a schedule, kept
 //!   `--dr-keep` deep and verified by restoring it.
 
 pub mod archive;
+pub mod migrate;
 pub mod restore;
 pub(crate) mod routes;
 pub mod schedule;

@@ -38,8 +38,8 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::{
-    server::Controller, store::decode, store::encode, store::Batch, store::EventKind,
-    store::RawTable, store::Scan, store::Store, store::StoreError, store::EVENTS,
+    server::Controller, store::decode, store::encode, store::EventKind, store::RawTable,
+    store::Scan, store::Store, store::StoreError, store::EVENTS,
 };
 use shoal_api::drives::DriveCommandView;
 use shoal_api::drives::DriveView;
@@ -196,16 +196,8 @@ impl DriveHub {
                 .map(|(node, key, at)| sample_key(node, key, *at)),
         );
         if !(drop_reports.is_empty() && drop_samples.is_empty()) && store.check_space().is_ok() {
-            let mut batch = Batch::default();
-            for k in &drop_reports {
-                batch.remove(k.clone());
-            }
-            reports.apply_batch(batch)?;
-            let mut batch = Batch::default();
-            for k in &drop_samples {
-                batch.remove(k.clone());
-            }
-            samples.apply_batch(batch)?;
+            reports.remove_many(drop_reports.clone())?;
+            samples.remove_many(drop_samples.clone())?;
         }
         info!(
             samples = count,
@@ -342,11 +334,11 @@ impl DriveHub {
         self.reports.remove(node.0.as_bytes())?;
         let mut prefix = node.0.as_bytes().to_vec();
         prefix.push(0);
-        let mut batch = Batch::default();
+        let mut keys = Vec::new();
         for item in self.samples.scan_prefix(&prefix) {
-            batch.remove(item?.0);
+            keys.push(item?.0);
         }
-        self.samples.apply_batch(batch)?;
+        self.samples.remove_many(keys)?;
         self.policies
             .remove(PolicyTarget::Node(node.clone()).key().as_bytes())?;
         Ok(())

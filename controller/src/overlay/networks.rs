@@ -21,9 +21,12 @@
 //!   hashed again with a counter on a collision within the network; kept while a member.
 //! - Network ids and peer indexes come from counters and are never reused.
 //!
-//! Every change runs under the store's overlay lock (IPAM scans a network's members, which a sled
-//! transaction cannot) and writes all its records and its event in one sled transaction, flushed
-//! before returning.
+//! Every change runs under the store's overlay lock (IPAM scans a network's members, which a
+//! transaction cannot) and writes all its records and its event in one transaction, flushed before
+//! returning. Controllers sharing one store (etcd) do not share that lock: a change reads the
+//! overlay version (`overlay_counters/overlay_version`) before it reads anything else, and its
+//! transaction commits only if the version is unchanged (and bumps it); otherwise the change is
+//! worked out again. So addresses, network ids and peer indexes stay unique across controllers.
 //!
 //! Trees: `networks` (network id, big-endian u32 → [`NetworkRecord`]), `net_members` (network id ‖
 //! node id → [`MemberRecord`]), `peer_indexes` (node id → [`PeerIndex`]), `node_keys` (node id →
@@ -43,15 +46,22 @@ use shoal_controller_core::networks::{
 use shoal_controller_core::selector::{selector_text, valid_name, BadSelector};
 
 use crate::{
-    registry::store::NODES, server::Controller, store::decode, store::encode, store::EventKind,
-    store::Scan, store::Store, store::StoreError, store::TxError, store::EVENTS, store::NETWORKS,
-    store::NET_MEMBERS, store::NODE_KEYS, store::OVERLAY_COUNTERS, store::PEER_INDEXES,
+    registry::store::NODES, server::Controller, store::abort, store::decode, store::encode,
+    store::EventKind, store::Scan, store::Store, store::StoreError, store::TxError, store::EVENTS,
+    store::NETWORKS, store::NET_MEMBERS, store::NODE_KEYS, store::OVERLAY_COUNTERS,
+    store::PEER_INDEXES,
 };
 use shoal_controller_core::registry::NodeRecord;
 
 const NEXT_NETWORK_ID: &str = "next_network_id";
 const NEXT_PEER_INDEX: &str = "next_peer_index";
 const NETMAP_EPOCH: &str = "netmap_epoch";
+/// Bumped by every overlay change (u64): a change is worked out from scans (which a transaction
+/// cannot make) after reading it, and commits only if it is unchanged, so two controllers never
+/// hand out one address, network id or peer index twice.
+const OVERLAY_VERSION: &str = "overlay_version";
+/// How often an overlay change is worked out again after other controllers' changes got in first.
+const OVERLAY_RETRIES: usize = 32;
 
 /// Why a network change was refused.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +70,9 @@ pub enum NetworkError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Other controllers changed the overlay every time this change was worked out.
+    #[error("the overlay kept changing under this change (other controllers); try again")]
+    Concurrent,
     /// No network has this name.
     #[error("no network named {0:?}")]
     UnknownNetwork(String),
@@ -174,6 +187,8 @@ impl Plan {
 /// changes in memory (so later steps see earlier ones) and in a [`Plan`].
 struct Work<'a> {
     store: &'a Store,
+    /// [`OVERLAY_VERSION`] when the work started, before anything was read.
+    version: u64,
     networks: BTreeMap<NetworkId, NetworkRecord>,
     /// Members of the networks loaded so far.
     members: HashMap<NetworkId, BTreeMap<NodeId, MemberRecord>>,
@@ -182,9 +197,11 @@ struct Work<'a> {
 
 impl<'a> Work<'a> {
     fn new(store: &'a Store) -> Result<Work<'a>, StoreError> {
+        let version = store.overlay_version()?;
         let networks = store.networks()?.into_iter().map(|n| (n.id, n)).collect();
         Ok(Work {
             store,
+            version,
             networks,
             members: HashMap::new(),
             plan: Plan::default(),
@@ -329,7 +346,7 @@ impl<'a> Work<'a> {
     }
 
     fn commit(self, now: UnixMillis) -> Result<Vec<MembershipChange>, NetworkError> {
-        self.store.commit(self.plan, now)
+        self.store.commit(self.plan, self.version, now)
     }
 }
 
@@ -344,6 +361,33 @@ impl Store {
             .overlay_lock
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn overlay_version(&self) -> Result<u64, StoreError> {
+        match self.table(OVERLAY_COUNTERS).get(OVERLAY_VERSION)? {
+            Some(bytes) => decode(OVERLAY_COUNTERS, OVERLAY_VERSION.as_bytes(), &bytes),
+            None => Ok(0),
+        }
+    }
+
+    /// Runs `change` (which works out an overlay change and commits it) again while other
+    /// controllers' changes get in between its reads and its commit.
+    fn overlay_retry<T>(
+        &self,
+        change: impl Fn() -> Result<T, NetworkError>,
+    ) -> Result<T, NetworkError> {
+        for attempt in 1..=OVERLAY_RETRIES {
+            match change() {
+                Err(NetworkError::Concurrent) => {
+                    debug!(
+                        attempt,
+                        "the overlay changed meanwhile; working the change out again"
+                    )
+                }
+                other => return other,
+            }
+        }
+        Err(NetworkError::Concurrent)
     }
 
     fn counter(&self, name: &str) -> Result<u32, StoreError> {
@@ -361,7 +405,12 @@ impl Store {
     }
 
     /// Writes a plan in one transaction (with its events), flushed; returns its changes.
-    fn commit(&self, plan: Plan, now: UnixMillis) -> Result<Vec<MembershipChange>, NetworkError> {
+    fn commit(
+        &self,
+        plan: Plan,
+        version: u64,
+        now: UnixMillis,
+    ) -> Result<Vec<MembershipChange>, NetworkError> {
         if plan.is_empty() {
             return Ok(plan.changes);
         }
@@ -406,6 +455,19 @@ impl Store {
         let seqs = self.transaction(&tables, |tx| {
             let [nodes, nets, mems, peer_tree, keys, ctrs, events] = tables.map(|t| tx.table(t));
             {
+                let current: u64 = match ctrs.get(OVERLAY_VERSION)? {
+                    Some(b) => {
+                        decode(OVERLAY_COUNTERS, OVERLAY_VERSION.as_bytes(), &b).map_err(abort)?
+                    }
+                    None => 0,
+                };
+                if current != version {
+                    return Err(TxError::Abort(NetworkError::Concurrent));
+                }
+                ctrs.insert(
+                    OVERLAY_VERSION,
+                    encode("counter", &current.saturating_add(1)).map_err(abort)?,
+                )?;
                 for node in &plan.require_nodes {
                     if nodes.get(node.0.as_bytes())?.is_none() {
                         return Err(TxError::Abort(no_such_node(node)));
@@ -507,6 +569,21 @@ impl Store {
         subnet: Subnet,
         mtu: u16,
     ) -> Result<NetworkRecord, StoreError> {
+        for _ in 0..OVERLAY_RETRIES {
+            if let Some(rec) = self.ensure_default_network_once(subnet, mtu)? {
+                return Ok(rec);
+            }
+        }
+        Err(StoreError::Db(NetworkError::Concurrent.to_string()))
+    }
+
+    /// One attempt of [`Store::ensure_default_network`]; `None` when another controller changed
+    /// the overlay meanwhile.
+    fn ensure_default_network_once(
+        &self,
+        subnet: Subnet,
+        mtu: u16,
+    ) -> Result<Option<NetworkRecord>, StoreError> {
         let _guard = self.overlay_guard();
         let now = crate::server::now_ms();
         let mut work = Work::new(self)?;
@@ -598,13 +675,14 @@ impl Store {
                         "overlay memberships brought up to date"
                     );
                 }
-                Ok(default)
+                Ok(Some(default))
             }
             Err(NetworkError::Store(e)) => Err(e),
+            Err(NetworkError::Concurrent) => Ok(None),
             // A node removed while we worked: nothing is written; the next start tries again.
             Err(e) => {
                 warn!(cause = %e, "could not bring overlay memberships up to date");
-                Ok(default)
+                Ok(Some(default))
             }
         }
     }
@@ -620,56 +698,58 @@ impl Store {
         if !valid_name(name) {
             return Err(NetworkError::BadName(name.to_owned()));
         }
-        let _guard = self.overlay_guard();
-        let mut work = Work::new(self)?;
-        if work.networks.values().any(|n| n.name == name) {
-            return Err(NetworkError::NameTaken(name.to_owned()));
-        }
-        if let Some(other) = work
-            .networks
-            .values()
-            .find(|n| n.subnet().overlaps(&subnet))
-        {
-            return Err(NetworkError::Overlap {
-                subnet,
-                other: other.name.clone(),
-                other_subnet: other.subnet(),
-            });
-        }
-        let default_mtu = work
-            .networks
-            .values()
-            .find(|n| n.is_default())
-            .map_or(DEFAULT_OVERLAY_MTU, |n| n.mtu);
-        let mtu = mtu.unwrap_or(default_mtu);
-        if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
-            return Err(NetworkError::BadMtu(mtu));
-        }
-        let id = NetworkId(work.counter(NEXT_NETWORK_ID)?.max(1));
-        work.plan
-            .counters
-            .insert(NEXT_NETWORK_ID, id.0.saturating_add(1));
-        let rec = NetworkRecord {
-            id,
-            name: name.to_owned(),
-            subnet: subnet.addr(),
-            prefix_len: subnet.prefix_len(),
-            mtu,
-            selectors: Vec::new(),
-            created_at: now,
-        };
-        work.plan.networks.insert(id, Some(rec.clone()));
-        work.plan
-            .changes
-            .push(MembershipChange::NetworkCreated(rec.clone()));
-        work.event(
-            EventKind::Overlay(OverlayEvent::NetworkCreated),
-            None,
-            format!("network {name} ({subnet}, MTU {mtu}) created"),
-        );
-        let changes = work.commit(now)?;
-        info!(network = %name, id = id.0, %subnet, mtu, "overlay network created");
-        Ok((rec, changes))
+        self.overlay_retry(|| {
+            let _guard = self.overlay_guard();
+            let mut work = Work::new(self)?;
+            if work.networks.values().any(|n| n.name == name) {
+                return Err(NetworkError::NameTaken(name.to_owned()));
+            }
+            if let Some(other) = work
+                .networks
+                .values()
+                .find(|n| n.subnet().overlaps(&subnet))
+            {
+                return Err(NetworkError::Overlap {
+                    subnet,
+                    other: other.name.clone(),
+                    other_subnet: other.subnet(),
+                });
+            }
+            let default_mtu = work
+                .networks
+                .values()
+                .find(|n| n.is_default())
+                .map_or(DEFAULT_OVERLAY_MTU, |n| n.mtu);
+            let mtu = mtu.unwrap_or(default_mtu);
+            if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
+                return Err(NetworkError::BadMtu(mtu));
+            }
+            let id = NetworkId(work.counter(NEXT_NETWORK_ID)?.max(1));
+            work.plan
+                .counters
+                .insert(NEXT_NETWORK_ID, id.0.saturating_add(1));
+            let rec = NetworkRecord {
+                id,
+                name: name.to_owned(),
+                subnet: subnet.addr(),
+                prefix_len: subnet.prefix_len(),
+                mtu,
+                selectors: Vec::new(),
+                created_at: now,
+            };
+            work.plan.networks.insert(id, Some(rec.clone()));
+            work.plan
+                .changes
+                .push(MembershipChange::NetworkCreated(rec.clone()));
+            work.event(
+                EventKind::Overlay(OverlayEvent::NetworkCreated),
+                None,
+                format!("network {name} ({subnet}, MTU {mtu}) created"),
+            );
+            let changes = work.commit(now)?;
+            info!(network = %name, id = id.0, %subnet, mtu, "overlay network created");
+            Ok((rec, changes))
+        })
     }
 
     /// Deletes a network (not `default`) and all its memberships; returns the deleted record.
@@ -678,28 +758,30 @@ impl Store {
         name: &str,
         now: UnixMillis,
     ) -> Result<(NetworkRecord, Vec<MembershipChange>), NetworkError> {
-        let _guard = self.overlay_guard();
-        let mut work = Work::new(self)?;
-        let rec = work.by_name(name)?;
-        if rec.is_default() {
-            return Err(NetworkError::DefaultUndeletable);
-        }
-        let members: Vec<NodeId> = work.members(rec.id)?.keys().cloned().collect();
-        for node in &members {
-            work.leave(rec.id, node)?;
-        }
-        work.plan.networks.insert(rec.id, None);
-        work.plan
-            .changes
-            .push(MembershipChange::NetworkDeleted(rec.id));
-        work.event(
-            EventKind::Overlay(OverlayEvent::NetworkDeleted),
-            None,
-            format!("network {name} deleted; {} members left it", members.len()),
-        );
-        let changes = work.commit(now)?;
-        info!(network = %name, id = rec.id.0, members = members.len(), "overlay network deleted");
-        Ok((rec, changes))
+        self.overlay_retry(|| {
+            let _guard = self.overlay_guard();
+            let mut work = Work::new(self)?;
+            let rec = work.by_name(name)?;
+            if rec.is_default() {
+                return Err(NetworkError::DefaultUndeletable);
+            }
+            let members: Vec<NodeId> = work.members(rec.id)?.keys().cloned().collect();
+            for node in &members {
+                work.leave(rec.id, node)?;
+            }
+            work.plan.networks.insert(rec.id, None);
+            work.plan
+                .changes
+                .push(MembershipChange::NetworkDeleted(rec.id));
+            work.event(
+                EventKind::Overlay(OverlayEvent::NetworkDeleted),
+                None,
+                format!("network {name} deleted; {} members left it", members.len()),
+            );
+            let changes = work.commit(now)?;
+            info!(network = %name, id = rec.id.0, members = members.len(), "overlay network deleted");
+            Ok((rec, changes))
+        })
     }
 
     /// Adds a node to a network by hand. Already a member: marks it explicit, no change.
@@ -709,40 +791,42 @@ impl Store {
         node: &NodeId,
         now: UnixMillis,
     ) -> Result<(MemberRecord, Vec<MembershipChange>), NetworkError> {
-        let _guard = self.overlay_guard();
-        let mut work = Work::new(self)?;
-        let rec = work.by_name(name)?;
-        if rec.is_default() {
-            return Err(NetworkError::DefaultFixed);
-        }
-        let node_rec = self.node(node)?.ok_or_else(|| no_such_node(node))?;
-        let member = match work.members(rec.id)?.get(node).cloned() {
-            Some(m) if m.explicit => return Ok((m, Vec::new())),
-            Some(m) => {
-                let m = MemberRecord {
-                    explicit: true,
-                    ..m
-                };
-                work.put_member(m.clone())?;
-                m
+        self.overlay_retry(|| {
+            let _guard = self.overlay_guard();
+            let mut work = Work::new(self)?;
+            let rec = work.by_name(name)?;
+            if rec.is_default() {
+                return Err(NetworkError::DefaultFixed);
             }
-            None => {
-                let m = work.join(rec.id, node, true, rec.selects(&node_rec.labels))?;
-                let msg = format!(
-                    "{} joined network {name} as {} ({})",
-                    node_rec.hostname, m.address, m.mac
-                );
-                work.event(
-                    EventKind::Overlay(OverlayEvent::NetworkChanged),
-                    Some(node),
-                    msg,
-                );
-                m
-            }
-        };
-        let changes = work.commit(now)?;
-        info!(network = %name, node = %node, address = %member.address, "node added to overlay network");
-        Ok((member, changes))
+            let node_rec = self.node(node)?.ok_or_else(|| no_such_node(node))?;
+            let member = match work.members(rec.id)?.get(node).cloned() {
+                Some(m) if m.explicit => return Ok((m, Vec::new())),
+                Some(m) => {
+                    let m = MemberRecord {
+                        explicit: true,
+                        ..m
+                    };
+                    work.put_member(m.clone())?;
+                    m
+                }
+                None => {
+                    let m = work.join(rec.id, node, true, rec.selects(&node_rec.labels))?;
+                    let msg = format!(
+                        "{} joined network {name} as {} ({})",
+                        node_rec.hostname, m.address, m.mac
+                    );
+                    work.event(
+                        EventKind::Overlay(OverlayEvent::NetworkChanged),
+                        Some(node),
+                        msg,
+                    );
+                    m
+                }
+            };
+            let changes = work.commit(now)?;
+            info!(network = %name, node = %node, address = %member.address, "node added to overlay network");
+            Ok((member, changes))
+        })
     }
 
     /// Removes a node added by hand. Refused (with the selector named) while a selector keeps it
@@ -753,44 +837,46 @@ impl Store {
         node: &NodeId,
         now: UnixMillis,
     ) -> Result<Vec<MembershipChange>, NetworkError> {
-        let _guard = self.overlay_guard();
-        let mut work = Work::new(self)?;
-        let rec = work.by_name(name)?;
-        if rec.is_default() {
-            return Err(NetworkError::DefaultFixed);
-        }
-        let Some(member) = work.members(rec.id)?.get(node).cloned() else {
-            return Err(NetworkError::NotMember {
-                network: name.to_owned(),
-                node: node.clone(),
-            });
-        };
-        if member.via_selector {
-            let labels = self.node(node)?.map(|n| n.labels).unwrap_or_default();
-            let selectors: Vec<String> = rec
-                .selectors
-                .iter()
-                .filter(|(k, v)| labels.get(k) == Some(v))
-                .map(selector_text)
-                .collect();
-            return Err(NetworkError::ThroughSelector {
-                network: name.to_owned(),
-                node: node.clone(),
-                selectors: selectors.join(","),
-            });
-        }
-        work.leave(rec.id, node)?;
-        let hostname = self
-            .node(node)?
-            .map_or_else(|| node.0.clone(), |n| n.hostname);
-        work.event(
-            EventKind::Overlay(OverlayEvent::NetworkChanged),
-            Some(node),
-            format!("{hostname} left network {name}"),
-        );
-        let changes = work.commit(now)?;
-        info!(network = %name, node = %node, "node removed from overlay network");
-        Ok(changes)
+        self.overlay_retry(|| {
+            let _guard = self.overlay_guard();
+            let mut work = Work::new(self)?;
+            let rec = work.by_name(name)?;
+            if rec.is_default() {
+                return Err(NetworkError::DefaultFixed);
+            }
+            let Some(member) = work.members(rec.id)?.get(node).cloned() else {
+                return Err(NetworkError::NotMember {
+                    network: name.to_owned(),
+                    node: node.clone(),
+                });
+            };
+            if member.via_selector {
+                let labels = self.node(node)?.map(|n| n.labels).unwrap_or_default();
+                let selectors: Vec<String> = rec
+                    .selectors
+                    .iter()
+                    .filter(|(k, v)| labels.get(k) == Some(v))
+                    .map(selector_text)
+                    .collect();
+                return Err(NetworkError::ThroughSelector {
+                    network: name.to_owned(),
+                    node: node.clone(),
+                    selectors: selectors.join(","),
+                });
+            }
+            work.leave(rec.id, node)?;
+            let hostname = self
+                .node(node)?
+                .map_or_else(|| node.0.clone(), |n| n.hostname);
+            work.event(
+                EventKind::Overlay(OverlayEvent::NetworkChanged),
+                Some(node),
+                format!("{hostname} left network {name}"),
+            );
+            let changes = work.commit(now)?;
+            info!(network = %name, node = %node, "node removed from overlay network");
+            Ok(changes)
+        })
     }
 
     /// Adds a `key=value` selector and, at once, every node whose labels it matches. Adding a
@@ -808,44 +894,46 @@ impl Store {
                 &selector,
             ))));
         }
-        let _guard = self.overlay_guard();
-        let mut work = Work::new(self)?;
-        let mut rec = work.by_name(name)?;
-        if rec.is_default() {
-            return Err(NetworkError::DefaultFixed);
-        }
-        if rec.selectors.contains(&selector) {
-            return Ok(Vec::new());
-        }
-        rec.selectors.push(selector.clone());
-        work.plan.networks.insert(rec.id, Some(rec.clone()));
-        work.networks.insert(rec.id, rec.clone());
-        let mut joined = 0usize;
-        for node in self.nodes()? {
-            if node.labels.get(key).map(String::as_str) != Some(value) {
-                continue;
+        self.overlay_retry(|| {
+            let _guard = self.overlay_guard();
+            let mut work = Work::new(self)?;
+            let mut rec = work.by_name(name)?;
+            if rec.is_default() {
+                return Err(NetworkError::DefaultFixed);
             }
-            match work.members(rec.id)?.get(&node.id).cloned() {
-                Some(m) if m.via_selector => {}
-                Some(m) => work.put_member(MemberRecord {
-                    via_selector: true,
-                    ..m
-                })?,
-                None => {
-                    work.join(rec.id, &node.id, false, true)?;
-                    joined += 1;
+            if rec.selectors.contains(&selector) {
+                return Ok(Vec::new());
+            }
+            rec.selectors.push(selector.clone());
+            work.plan.networks.insert(rec.id, Some(rec.clone()));
+            work.networks.insert(rec.id, rec.clone());
+            let mut joined = 0usize;
+            for node in self.nodes()? {
+                if node.labels.get(key).map(String::as_str) != Some(value) {
+                    continue;
+                }
+                match work.members(rec.id)?.get(&node.id).cloned() {
+                    Some(m) if m.via_selector => {}
+                    Some(m) => work.put_member(MemberRecord {
+                        via_selector: true,
+                        ..m
+                    })?,
+                    None => {
+                        work.join(rec.id, &node.id, false, true)?;
+                        joined += 1;
+                    }
                 }
             }
-        }
-        let text = selector_text(&selector);
-        work.event(
-            EventKind::Overlay(OverlayEvent::NetworkChanged),
-            None,
-            format!("selector {text} added to network {name}; {joined} nodes joined"),
-        );
-        let changes = work.commit(now)?;
-        info!(network = %name, selector = %text, joined, "overlay network selector added");
-        Ok(changes)
+            let text = selector_text(&selector);
+            work.event(
+                EventKind::Overlay(OverlayEvent::NetworkChanged),
+                None,
+                format!("selector {text} added to network {name}; {joined} nodes joined"),
+            );
+            let changes = work.commit(now)?;
+            info!(network = %name, selector = %text, joined, "overlay network selector added");
+            Ok(changes)
+        })
     }
 
     /// Removes a selector and the members that were there only through it.
@@ -857,78 +945,84 @@ impl Store {
         now: UnixMillis,
     ) -> Result<Vec<MembershipChange>, NetworkError> {
         let selector = (key.to_owned(), value.to_owned());
-        let _guard = self.overlay_guard();
-        let mut work = Work::new(self)?;
-        let mut rec = work.by_name(name)?;
-        if rec.is_default() {
-            return Err(NetworkError::DefaultFixed);
-        }
-        if !rec.selectors.contains(&selector) {
-            return Err(NetworkError::UnknownSelector {
-                network: name.to_owned(),
-                selector: selector_text(&selector),
-            });
-        }
-        rec.selectors.retain(|s| *s != selector);
-        work.plan.networks.insert(rec.id, Some(rec.clone()));
-        work.networks.insert(rec.id, rec.clone());
-        let selected: Vec<MemberRecord> = work
-            .members(rec.id)?
-            .values()
-            .filter(|m| m.via_selector)
-            .cloned()
-            .collect();
-        let mut left = 0usize;
-        for m in selected {
-            let labels = self.node(&m.node)?.map(|n| n.labels).unwrap_or_default();
-            if rec.selects(&labels) {
-                continue;
+        self.overlay_retry(|| {
+            let _guard = self.overlay_guard();
+            let mut work = Work::new(self)?;
+            let mut rec = work.by_name(name)?;
+            if rec.is_default() {
+                return Err(NetworkError::DefaultFixed);
             }
-            if m.explicit {
-                work.put_member(MemberRecord {
-                    via_selector: false,
-                    ..m
-                })?;
-            } else {
-                work.leave(rec.id, &m.node)?;
-                left += 1;
+            if !rec.selectors.contains(&selector) {
+                return Err(NetworkError::UnknownSelector {
+                    network: name.to_owned(),
+                    selector: selector_text(&selector),
+                });
             }
-        }
-        let text = selector_text(&selector);
-        work.event(
-            EventKind::Overlay(OverlayEvent::NetworkChanged),
-            None,
-            format!("selector {text} removed from network {name}; {left} nodes left"),
-        );
-        let changes = work.commit(now)?;
-        info!(network = %name, selector = %text, left, "overlay network selector removed");
-        Ok(changes)
+            rec.selectors.retain(|s| *s != selector);
+            work.plan.networks.insert(rec.id, Some(rec.clone()));
+            work.networks.insert(rec.id, rec.clone());
+            let selected: Vec<MemberRecord> = work
+                .members(rec.id)?
+                .values()
+                .filter(|m| m.via_selector)
+                .cloned()
+                .collect();
+            let mut left = 0usize;
+            for m in selected {
+                let labels = self.node(&m.node)?.map(|n| n.labels).unwrap_or_default();
+                if rec.selects(&labels) {
+                    continue;
+                }
+                if m.explicit {
+                    work.put_member(MemberRecord {
+                        via_selector: false,
+                        ..m
+                    })?;
+                } else {
+                    work.leave(rec.id, &m.node)?;
+                    left += 1;
+                }
+            }
+            let text = selector_text(&selector);
+            work.event(
+                EventKind::Overlay(OverlayEvent::NetworkChanged),
+                None,
+                format!("selector {text} removed from network {name}; {left} nodes left"),
+            );
+            let changes = work.commit(now)?;
+            info!(network = %name, selector = %text, left, "overlay network selector removed");
+            Ok(changes)
+        })
     }
 
     /// Brings a node's memberships in line with its labels, after (re-)enrolment: it joins
     /// `default` and every network with a matching selector, and gets its peer index.
     pub fn join_networks(&self, node: &NodeId) -> Result<Vec<MembershipChange>, NetworkError> {
-        let _guard = self.overlay_guard();
-        let rec = self.node(node)?.ok_or_else(|| no_such_node(node))?;
-        let mut work = Work::new(self)?;
-        work.reconcile(&rec)?;
-        work.commit(crate::server::now_ms())
+        self.overlay_retry(|| {
+            let _guard = self.overlay_guard();
+            let rec = self.node(node)?.ok_or_else(|| no_such_node(node))?;
+            let mut work = Work::new(self)?;
+            work.reconcile(&rec)?;
+            work.commit(crate::server::now_ms())
+        })
     }
 
     /// Drops every membership of a node leaving the fleet (freeing its addresses), and its peer
     /// index and key records. No event: the node's removal has one.
     pub fn leave_all_networks(&self, node: &NodeId) -> Result<Vec<MembershipChange>, NetworkError> {
-        let _guard = self.overlay_guard();
-        let mut work = Work::new(self)?;
-        let ids: Vec<NetworkId> = work.networks.keys().copied().collect();
-        for id in ids {
-            work.leave(id, node)?;
-        }
-        if self.stored_peer_index(node)?.is_some() {
-            work.plan.peers.insert(node.clone(), None);
-        }
-        work.plan.drop_keys.insert(node.clone());
-        work.commit(crate::server::now_ms())
+        self.overlay_retry(|| {
+            let _guard = self.overlay_guard();
+            let mut work = Work::new(self)?;
+            let ids: Vec<NetworkId> = work.networks.keys().copied().collect();
+            for id in ids {
+                work.leave(id, node)?;
+            }
+            if self.stored_peer_index(node)?.is_some() {
+                work.plan.peers.insert(node.clone(), None);
+            }
+            work.plan.drop_keys.insert(node.clone());
+            work.commit(crate::server::now_ms())
+        })
     }
 
     /// The node's peer index, allocated (never reused) if it has none yet.
@@ -936,12 +1030,14 @@ impl Store {
         if let Some(index) = self.stored_peer_index(node)? {
             return Ok(index);
         }
-        let _guard = self.overlay_guard();
-        let mut work = Work::new(self)?;
-        let index = work.peer_index(node)?;
-        work.plan.require_nodes.insert(node.clone());
-        work.commit(crate::server::now_ms())?;
-        Ok(index)
+        self.overlay_retry(|| {
+            let _guard = self.overlay_guard();
+            let mut work = Work::new(self)?;
+            let index = work.peer_index(node)?;
+            work.plan.require_nodes.insert(node.clone());
+            work.commit(crate::server::now_ms())?;
+            Ok(index)
+        })
     }
 
     /// Records the SHA-256 of a node's public key; writes only when it changed. Returns whether it
@@ -976,16 +1072,19 @@ impl Store {
     pub fn next_netmap_epoch(&self) -> Result<u32, StoreError> {
         let _guard = self.overlay_guard();
         self.check_space()?;
-        let epoch = match self.table(OVERLAY_COUNTERS).get(NETMAP_EPOCH)? {
-            Some(bytes) => {
-                decode::<u32>(OVERLAY_COUNTERS, NETMAP_EPOCH.as_bytes(), &bytes)?.saturating_add(1)
-            }
-            None => 1,
-        };
-        self.table(OVERLAY_COUNTERS)
-            .insert(NETMAP_EPOCH, encode("counter", &epoch)?)?;
-        self.flush()?;
-        Ok(epoch)
+        // Read and bumped in one transaction: other controllers bump it too.
+        self.transaction(&[OVERLAY_COUNTERS], |tx| {
+            let ctrs = tx.table(OVERLAY_COUNTERS);
+            let epoch = match ctrs.get(NETMAP_EPOCH)? {
+                Some(bytes) => decode::<u32>(OVERLAY_COUNTERS, NETMAP_EPOCH.as_bytes(), &bytes)
+                    .map_err(abort)?
+                    .saturating_add(1),
+                None => 1,
+            };
+            ctrs.insert(NETMAP_EPOCH, encode("counter", &epoch).map_err(abort)?)?;
+            ctrs.flush();
+            Ok::<_, TxError<StoreError>>(epoch)
+        })
     }
 
     /// All networks with their members, and every node's peer index and key hash.

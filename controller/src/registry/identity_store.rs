@@ -21,7 +21,7 @@ use super::store::{
     TOKEN_BINDINGS, TOKEN_USES,
 };
 use crate::store::{
-    abort, decode, encode, Batch, EventKind, Scan, Store, StoreError, Table, EVENTS,
+    abort, decode, delete_keys, encode, EventKind, Scan, Store, StoreError, Table, TxError, EVENTS,
 };
 use shoal_controller_core::enrolment::{
     check_certificate, CertVerdict, IdentityRecord, KeyHash, PendingEnrolment, PendingState,
@@ -112,28 +112,37 @@ impl Store {
         remote: &str,
     ) -> Result<CertVerdict, StoreError> {
         let _guard = self.lock_nodes();
-        let exists = self.table(NODES).contains_key(node.0.as_bytes())?;
-        let identity = self.identity(node)?;
         let serial = normal_serial(serial);
-        let serial_revoked = self.table(REVOKED_CERTS).contains_key(serial.as_bytes())?;
-        let verdict = check_certificate(
-            exists,
-            identity.as_ref(),
-            Presented {
-                key,
-                serial_revoked,
-            },
-            now,
-        );
+        // Decided and written in one transaction: another controller may change the binding.
+        let (verdict, identity) = self.transaction(&[NODES, IDENTITIES, REVOKED_CERTS], |tx| {
+            let exists = tx.table(NODES).get(node.0.as_bytes())?.is_some();
+            let identity = tx.get(&IDENTITY_RECORDS, node.0.as_bytes())?;
+            let serial_revoked = tx.table(REVOKED_CERTS).get(serial.as_bytes())?.is_some();
+            let verdict = check_certificate(
+                exists,
+                identity.as_ref(),
+                Presented {
+                    key,
+                    serial_revoked,
+                },
+                now,
+            );
+            if let CertVerdict::Accept {
+                identity: bound,
+                changed: true,
+            } = &verdict
+            {
+                self.check_space().map_err(abort)?;
+                tx.put(&IDENTITY_RECORDS, node.0.as_bytes(), bound)?;
+            }
+            Ok::<_, TxError<StoreError>>((verdict, identity))
+        })?;
         match &verdict {
             CertVerdict::Accept {
                 identity: bound,
                 changed,
             } => {
                 if *changed {
-                    self.check_space()?;
-                    self.table(IDENTITIES)
-                        .insert(node.0.as_bytes(), encode("identity", bound)?)?;
                     match identity {
                         Some(old) if old.key != bound.key => {
                             let message =
@@ -285,14 +294,19 @@ impl Store {
     /// Marks a node as having to rotate its key on its next session (`shoalctl nodes rotate-key`).
     pub fn require_rotation(&self, node: &NodeId, now: UnixMillis) -> Result<bool, StoreError> {
         let _guard = self.lock_nodes();
-        let Some(mut identity) = self.identity(node)? else {
-            return Ok(false);
-        };
         self.check_space()?;
-        identity.must_rotate = true;
-        self.table(IDENTITIES)
-            .insert(node.0.as_bytes(), encode("identity", &identity)?)?;
-        self.flush()?;
+        let found = self.transaction(&[IDENTITIES], |tx| {
+            let Some(mut identity) = tx.get(&IDENTITY_RECORDS, node.0.as_bytes())? else {
+                return Ok::<_, TxError<StoreError>>(false);
+            };
+            identity.must_rotate = true;
+            tx.put(&IDENTITY_RECORDS, node.0.as_bytes(), &identity)?;
+            tx.table(IDENTITIES).flush();
+            Ok(true)
+        })?;
+        if !found {
+            return Ok(false);
+        }
         self.append_event(
             EventKind::Registry(RegistryEvent::KeyRotated),
             Some(node),
@@ -312,19 +326,27 @@ impl Store {
         now: UnixMillis,
     ) -> Result<(), StoreError> {
         let _guard = self.lock_nodes();
-        let Some(mut identity) = self.identity(node)? else {
-            return Err(StoreError::Db(format!("node {node} has no key binding")));
-        };
-        if identity.next_key == Some(*new_key) && !identity.must_rotate {
-            return Ok(());
-        }
         self.check_space()?;
-        let forced = identity.must_rotate;
-        identity.next_key = Some(*new_key);
-        identity.must_rotate = false;
-        self.table(IDENTITIES)
-            .insert(node.0.as_bytes(), encode("identity", &identity)?)?;
-        self.flush()?;
+        // Read and written in one transaction: another controller may change the binding.
+        let changed = self.transaction(&[IDENTITIES], |tx| {
+            let Some(mut identity) = tx.get(&IDENTITY_RECORDS, node.0.as_bytes())? else {
+                return Err(TxError::Abort(StoreError::Db(format!(
+                    "node {node} has no key binding"
+                ))));
+            };
+            if identity.next_key == Some(*new_key) && !identity.must_rotate {
+                return Ok(None);
+            }
+            let forced = identity.must_rotate;
+            identity.next_key = Some(*new_key);
+            identity.must_rotate = false;
+            tx.put(&IDENTITY_RECORDS, node.0.as_bytes(), &identity)?;
+            tx.table(IDENTITIES).flush();
+            Ok(Some((identity, forced)))
+        })?;
+        let Some((identity, forced)) = changed else {
+            return Ok(());
+        };
         let message = format!(
             "rotating from key {} to {}{}",
             short_key(&identity.key),
@@ -354,9 +376,6 @@ impl Store {
     ) -> Result<bool, StoreError> {
         self.check_space()?;
         let _guard = self.lock_nodes();
-        if !self.table(NODES).contains_key(node.0.as_bytes())? {
-            return Ok(false);
-        }
         let grant = ReenrolGrant {
             armed_at: now,
             expires_at,
@@ -366,8 +385,12 @@ impl Store {
             "one re-enrolment armed until {}: the next machine that claims this node with a valid token gets it (unless the node is connected)",
             crate::store::rfc3339(expires_at)
         );
-        let seq = self.transaction(&[REENROL_GRANTS, EVENTS], |tx| {
+        // The node is looked up in the transaction: another controller may remove it.
+        let seq = self.transaction(&[NODES, REENROL_GRANTS, EVENTS], |tx| {
             let (grants, events) = (tx.table(REENROL_GRANTS), tx.table(EVENTS));
+            if tx.table(NODES).get(node.0.as_bytes())?.is_none() {
+                return Ok(None);
+            }
             {
                 grants.insert(node.0.as_bytes(), bytes.as_slice())?;
                 let e = self.tx_event::<StoreError>(
@@ -378,9 +401,12 @@ impl Store {
                     now,
                 )?;
                 grants.flush();
-                Ok(e.seq)
+                Ok(Some(e.seq))
             }
         })?;
+        let Some(seq) = seq else {
+            return Ok(false);
+        };
         self.after_event(seq)?;
         Ok(true)
     }
@@ -404,18 +430,6 @@ impl Store {
     ) -> Result<Option<PendingEnrolment>, StoreError> {
         self.check_space()?;
         let _guard = self.lock_nodes();
-        let Some(b) = self.table(PENDING_ENROLMENTS).get(id.as_bytes())? else {
-            return Ok(None);
-        };
-        let mut request: PendingEnrolment = decode(PENDING_ENROLMENTS, id.as_bytes(), &b)?;
-        request.state = if approve {
-            PendingState::Approved
-        } else {
-            PendingState::Denied
-        };
-        // A decision keeps the request for its lifetime from now: the machine retries within it.
-        request.last_seen = now;
-        let bytes = encode("pending enrolment", &request)?;
         let (kind, verb) = if approve {
             (
                 EventKind::Registry(RegistryEvent::EnrolmentApproved),
@@ -427,23 +441,39 @@ impl Store {
                 "denied",
             )
         };
-        let message = format!(
-            "an operator {verb} the claim {id} of {} ({}) from {}, key {}",
-            request.hostname,
-            request.hardware_id,
-            request.remote,
-            short_key(&request.key)
-        );
-        let seq = self.transaction(&[PENDING_ENROLMENTS, EVENTS], |tx| {
+        // Read and written in one transaction: an enrolment attempt (on any controller) may
+        // update the request meanwhile.
+        let result = self.transaction(&[PENDING_ENROLMENTS, EVENTS], |tx| {
             let (pending, events) = (tx.table(PENDING_ENROLMENTS), tx.table(EVENTS));
-            {
-                pending.insert(id.as_bytes(), bytes.as_slice())?;
-                let e =
-                    self.tx_event::<StoreError>(&events, kind, Some(&request.node), &message, now)?;
-                pending.flush();
-                Ok(e.seq)
-            }
+            let Some(b) = pending.get(id.as_bytes())? else {
+                return Ok(None);
+            };
+            let mut request: PendingEnrolment =
+                decode(PENDING_ENROLMENTS, id.as_bytes(), &b).map_err(abort)?;
+            request.state = if approve {
+                PendingState::Approved
+            } else {
+                PendingState::Denied
+            };
+            // A decision keeps the request for its lifetime from now: the machine retries within it.
+            request.last_seen = now;
+            let bytes = encode("pending enrolment", &request).map_err(abort)?;
+            let message = format!(
+                "an operator {verb} the claim {id} of {} ({}) from {}, key {}",
+                request.hostname,
+                request.hardware_id,
+                request.remote,
+                short_key(&request.key)
+            );
+            pending.insert(id.as_bytes(), bytes.as_slice())?;
+            let e =
+                self.tx_event::<StoreError>(&events, kind, Some(&request.node), &message, now)?;
+            pending.flush();
+            Ok(Some((request, e.seq)))
         })?;
+        let Some((request, seq)) = result else {
+            return Ok(None);
+        };
         self.after_event(seq)?;
         Ok(Some(request))
     }
@@ -508,10 +538,11 @@ impl Store {
         if pruned.tokens > 0 {
             self.check_space()?;
         }
+        // No atomicity needed: a crash part-way leaves uses and bindings the next prune deletes.
         let backend = self.backend();
-        backend.write_batch(TOKEN_USES, &Batch::deleting(batch_uses))?;
-        backend.write_batch(TOKEN_BINDINGS, &Batch::deleting(batch_bindings))?;
-        backend.write_batch(TOKENS, &Batch::deleting(batch_tokens))?;
+        delete_keys(backend, TOKEN_USES, batch_uses)?;
+        delete_keys(backend, TOKEN_BINDINGS, batch_bindings)?;
+        delete_keys(backend, TOKENS, batch_tokens)?;
         for p in self.pending_enrolments()? {
             if now.0 >= p.last_seen.0.saturating_add(PENDING_TTL_MS) {
                 self.table(PENDING_ENROLMENTS).remove(p.id.as_bytes())?;

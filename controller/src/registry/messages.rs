@@ -125,7 +125,7 @@ pub(crate) async fn connected(
     let _ = tokio::task::spawn_blocking(move || {
         c.store.update_node(&n, |rec| {
             if rec.agent_version != version {
-                rec.agent_version = version;
+                rec.agent_version = version.clone();
             }
         })
     })
@@ -169,7 +169,7 @@ pub(crate) async fn inventory(
             if !inv.hostname.is_empty() {
                 rec.hostname = inv.hostname.clone();
             }
-            rec.inventory = Some(inv);
+            rec.inventory = Some(inv.clone());
             rec.inventory_at = Some(now_ms());
         })
     })

@@ -122,7 +122,17 @@ pub(crate) async fn revoke_token(
 pub(crate) fn node_view(ctl: &Controller, rec: NodeRecord) -> NodeView {
     let live = ctl.live().nodes.get(&rec.id).cloned().unwrap_or_default();
     let connected = ctl.is_connected(&rec.id);
-    let boot = ctl.live().conns.get(&rec.id).and_then(|c| c.boot.clone());
+    let local = ctl.live().conns.get(&rec.id).map(|c| c.boot.clone());
+    let (boot, controller) = match local {
+        Some(boot) => (
+            boot,
+            ctl.cluster.is_clustered().then(|| ctl.cluster.id.clone()),
+        ),
+        None => match ctl.mesh.remote(&rec.id) {
+            Some(r) => (r.presence.boot, Some(r.controller)),
+            None => (None, None),
+        },
+    };
     let last_seen = live.last_seen.or(rec.last_seen);
     let status = match rec.status {
         NodeStatus::Up => "up",
@@ -148,6 +158,7 @@ pub(crate) fn node_view(ctl: &Controller, rec: NodeRecord) -> NodeView {
             .ok()
             .flatten()
             .map(|i| crate::registry::identity_store::short_key(&i.key)),
+        controller,
         id: rec.id.0,
     }
 }

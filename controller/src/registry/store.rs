@@ -19,7 +19,7 @@ use shoal_proto::{HardwareId, NodeId, UnixMillis};
 
 use crate::store::{
     abort, decode, encode, rfc3339, EventKind, RegistryEvent, Scan, Store, StoreError, Table,
-    EVENTS,
+    TxError, EVENTS,
 };
 use shoal_controller_core::{
     enrolment::{
@@ -321,10 +321,18 @@ impl Store {
                     },
                     None => None,
                 };
-                let pending = record.as_ref().and_then(|n| {
-                    let id = enrolment::pending_id(&n.id, p.key);
-                    pending_all.iter().find(|q| q.id == id).cloned()
-                });
+                // The request itself is read in the transaction (another controller may have
+                // counted an attempt); the scan outside only feeds the caps.
+                let pending: Option<PendingEnrolment> = match &record {
+                    Some(n) => {
+                        let id = enrolment::pending_id(&n.id, p.key);
+                        match pendings.get(id.as_bytes())? {
+                            Some(b) => Some(decode(PENDING_ENROLMENTS, id.as_bytes(), &b).map_err(abort)?),
+                            None => None,
+                        }
+                    }
+                    None => None,
+                };
                 let existing = record.as_ref().map(|n| Existing {
                     node: n,
                     identity: identity.as_ref(),
@@ -512,27 +520,30 @@ impl Store {
         Ok(out)
     }
 
-    /// Applies `f` to the stored record (if present) and writes it back; returns the new record.
-    /// Not flushed: it reaches the disk within the background flush interval (200 ms). Changes `f`
-    /// makes to the record's id or hardware id are ignored. `f` runs under the store's node lock,
-    /// so it must not call back into the store.
+    /// Applies `f` to the stored record (if present) and writes it back, in one transaction;
+    /// returns the new record. `f` may run more than once (when another writer — another
+    /// controller — changed the record meanwhile, it runs again on the new one), so it must only
+    /// change the record and not call back into the store. Not flushed: it reaches the disk within
+    /// the background flush interval (200 ms). Changes `f` makes to the record's id or hardware id
+    /// are ignored.
     pub fn update_node(
         &self,
         id: &NodeId,
-        f: impl FnOnce(&mut NodeRecord),
+        f: impl Fn(&mut NodeRecord),
     ) -> Result<Option<NodeRecord>, StoreError> {
         self.check_space()?;
-        let _guard = self.lock_nodes();
         let key = id.0.as_bytes();
-        let Some(mut node) = self.get(&NODE_RECORDS, key)? else {
-            return Ok(None);
-        };
-        let (kept_id, kept_hw) = (node.id.clone(), node.hardware_id.clone());
-        f(&mut node);
-        node.id = kept_id;
-        node.hardware_id = kept_hw;
-        self.put(&NODE_RECORDS, key, &node)?;
-        Ok(Some(node))
+        self.transaction(&[NODES], |tx| {
+            let Some(mut node) = tx.get(&NODE_RECORDS, key)? else {
+                return Ok(None);
+            };
+            let (kept_id, kept_hw) = (node.id.clone(), node.hardware_id.clone());
+            f(&mut node);
+            node.id = kept_id;
+            node.hardware_id = kept_hw;
+            tx.put(&NODE_RECORDS, key, &node)?;
+            Ok::<_, TxError<StoreError>>(Some(node))
+        })
     }
 
     /// Deletes the node, records its id and hardware id as removed at `now`, appends a Removed

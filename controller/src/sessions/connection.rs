@@ -10,7 +10,7 @@ use crate::{backups, drives, maintenance, overlay, registry, releases};
 use std::{sync::Arc, time::Duration};
 
 use shoal_overlay::{pki, send_msg, tls, FrameReader};
-use shoal_proto::{AgentMsg, RejectCode, UnixMillis, SUPPORTED};
+use shoal_proto::{AgentMsg, ControllerMsg, RejectCode, UnixMillis, CLUSTER_PROTOCOL, SUPPORTED};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument};
 
@@ -313,6 +313,9 @@ pub(crate) async fn drive(
     let hello_deadline = tokio::time::sleep_until(hello_deadline);
     tokio::pin!(hello_deadline);
     let overflow = overlay_rx.overflow_signal();
+    // (v7) The controller set, sent once the session is up and again on every change.
+    let mut endpoints = controller.cluster.agent_endpoints();
+    let mut announcing = false;
     loop {
         let actions = tokio::select! {
             msg = recv.recv::<AgentMsg>() => match msg {
@@ -355,9 +358,26 @@ pub(crate) async fn drive(
                 }
                 vec![]
             }
+            changed = endpoints.changed(), if announcing => match changed {
+                Ok(()) => announcement(&mut endpoints),
+                // The cluster is gone with the controller: nothing more to announce.
+                Err(_) => {
+                    announcing = false;
+                    vec![]
+                }
+            },
         };
         for action in actions {
-            let follow_up = perform(controller, ctx, session, action).await;
+            let connected = matches!(action, Action::Connected { .. });
+            let mut follow_up = perform(controller, ctx, session, action).await;
+            if connected
+                && session.node().is_some()
+                && session.version() >= Some(CLUSTER_PROTOCOL)
+                && !session.is_closed()
+            {
+                announcing = true;
+                follow_up.extend(announcement(&mut endpoints));
+            }
             for a in follow_up {
                 if apply(conn, send, a, controller.config.send_timeout, &overflow).await? {
                     return Ok(());
@@ -365,6 +385,16 @@ pub(crate) async fn drive(
             }
         }
     }
+}
+
+/// The current controller set as a message, if there is one to announce; marks it seen.
+fn announcement(
+    endpoints: &mut tokio::sync::watch::Receiver<Vec<crate::cluster::AgentEndpoint>>,
+) -> Vec<Action> {
+    let set = super::announce::controller_set(&endpoints.borrow_and_update());
+    set.map(|s| Action::Send(ControllerMsg::ControllerSet(s)))
+        .into_iter()
+        .collect()
 }
 
 /// A refusal is the last thing a connection gets: it need not wait long for a reader.

@@ -4,6 +4,7 @@
 //! session action to the domain that handles it. It sits on top of the domains, as `api` does for
 //! the admin API: the domains never import it.
 
+mod announce;
 mod connection;
 
 pub(crate) use connection::handle_connection;

@@ -20,9 +20,48 @@
 //!   the other. `export` is consistent across tables only while no one writes: the store's write
 //!   gate ([`super::Store::freeze`]) keeps writers out while it runs.
 
-use std::{fmt, ops::Bound};
+use std::{cell::RefCell, fmt, ops::Bound};
 
 use super::StoreError;
+
+/// A condition every write must meet to land: the etcd key `key` (absolute, not under the store's
+/// prefix) still has create revision `revision` — the leader's election key, so a controller that
+/// lost its leadership cannot write. Made current for a thread's writes by [`fenced`]; a backend
+/// with a single writer ([`super::SledBackend`]) ignores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The etcd key, absolute.
+    pub key: Vec<u8>,
+    /// The create revision it must still have.
+    pub revision: i64,
+}
+
+thread_local! {
+    /// The fence this thread's writes carry.
+    static FENCE: RefCell<Option<Fence>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `fence` current on this thread: every store write `f` makes (put, delete, batch,
+/// transaction) lands only while the fence holds, and fails with [`StoreError::Fenced`] otherwise.
+/// The previous fence is current again afterwards, also when `f` panics. The fence is this
+/// thread's: work `f` hands to other threads is not fenced.
+pub fn fenced<T>(fence: &Fence, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<Fence>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            FENCE.with(|c| *c.borrow_mut() = previous);
+        }
+    }
+    let previous = FENCE.with(|c| c.replace(Some(fence.clone())));
+    let _restore = Restore(previous);
+    f()
+}
+
+/// The fence current on this thread, if any.
+pub fn current_fence() -> Option<Fence> {
+    FENCE.with(|c| c.borrow().clone())
+}
 
 /// One (key, value) a scan yields.
 pub type Entry = (Vec<u8>, Vec<u8>);
@@ -213,21 +252,6 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Writes `entries` into table `name` and makes them durable; for restoring a backup into an
     /// empty database.
     fn import(&self, name: &str, entries: &[Entry]) -> Result<(), StoreError>;
-}
-
-/// A leader's fence: writes made under it commit only while etcd's `key` still has create revision
-/// `revision` (the leader key of the term that made them). Placeholder until the etcd backend lands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fence {
-    /// The leader key (absolute etcd key).
-    pub key: Vec<u8>,
-    /// Its create revision in this term.
-    pub revision: i64,
-}
-
-/// Runs `f` with `fence` on every write it makes.
-pub fn fenced<T>(_fence: &Fence, f: impl FnOnce() -> T) -> T {
-    f()
 }
 
 /// The one test suite of the contract; each backend's tests call [`contract::run`].

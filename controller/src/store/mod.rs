@@ -1,6 +1,9 @@
-//! The controller's embedded database: join tokens, nodes, removals, the event log and small
-//! metadata (admin token hash, QUIC stateless-reset key), kept in [sled] in the controller's data
-//! directory.
+//! The controller's database: join tokens, nodes, removals, the event log and small metadata
+//! (admin token hash, QUIC stateless-reset key), kept in [sled] in the controller's data directory
+//! ([`Store::open`]), or in etcd shared by several controllers ([`Store::open_etcd`],
+//! [`EtcdBackend`]). The guarantees below are sled's; on etcd a commit is durable on a quorum, the
+//! free-space reserve does not apply, and a store without quorum answers reads and refuses writes
+//! with [`StoreError::Unavailable`].
 //!
 //! Guarantees:
 //! - A restart loses nothing that an API call reported as written; calls that change more than one
@@ -37,6 +40,7 @@
 //! | `removed_nodes` | node id | [`UnixMillis`] of removal |
 //! | `removed_hw` | hardware id display text | [`UnixMillis`] of removal |
 //! | `event_log` | seq, big-endian u64 | [`Event`] (its kind by name) |
+//! | `event_seq` | `next` | the next event's seq, big-endian u64 |
 //!
 //! Overlay networks keep five more trees, described (and used only) in [`crate::overlay::networks`]:
 //! `networks`, `net_members`, `peer_indexes`, `node_keys` and `overlay_counters`. Drives keep
@@ -59,11 +63,21 @@ use tracing::{debug, warn};
 pub mod backend;
 pub mod event_log;
 
+mod etcd_backend;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod etcd_store_tests;
 mod gate;
 mod sled_backend;
 mod table;
-pub use backend::{Backend, Batch, Scan, TableDump};
+pub use backend::{current_fence, fenced, Backend, Batch, Fence, Scan, TableDump};
 
+/// A test's etcd configuration under a prefix of its own.
+#[cfg(test)]
+pub(crate) use etcd_backend::tests::config as test_etcd_config;
+pub use etcd_backend::{EtcdBackend, QUORUM_LOST_FOR};
+
+use crate::etcd::EtcdConfig;
 pub use sled_backend::SledBackend;
 pub(crate) use table::{abort, RawTable, Table, Tx, TxError, TxTable};
 
@@ -80,6 +94,14 @@ pub const MAX_EVENTS: u64 = 100_000;
 /// capped 4 KiB messages ([`crate::store::event_log::MAX_EVENT_MESSAGE`]) would be 400 MiB without it.
 pub const MAX_EVENT_BYTES: u64 = 64 << 20;
 
+/// The most writes one batch or transaction may carry: one etcd transaction each, so etcd must run
+/// with `--max-txn-ops` at least this. Deletions that need no atomicity (trims, pruning) are split
+/// into batches of [`DELETE_CHUNK`].
+pub const MAX_BATCH_OPS: usize = 4096;
+
+/// Keys per batch when deleting many keys without atomicity (trims, pruning).
+pub const DELETE_CHUNK: usize = 1024;
+
 /// How often (in appended events) the event log is trimmed.
 const TRIM_EVERY: u64 = 1024;
 
@@ -94,6 +116,13 @@ pub(crate) const OPEN_LOCK_WAIT: Duration = Duration::from_secs(3);
 
 pub(crate) const META: &str = "meta";
 pub(crate) const EVENTS: &str = "event_log";
+/// The event log's counter: key [`SEQ_KEY`], the seq the next event gets (big-endian u64). Read
+/// and bumped inside every transaction that writes events ([`Store::transaction`] adds the table
+/// whenever [`EVENTS`] is in one), so seqs are unique and gap-free across every controller that
+/// shares the store.
+pub(crate) const EVENT_SEQ: &str = "event_seq";
+/// The one key of [`EVENT_SEQ`].
+pub(crate) const SEQ_KEY: &[u8] = b"next";
 /// Where controllers before named event kinds kept the log (kinds by position); moved to
 /// [`EVENTS`] when a store is opened.
 const LEGACY_EVENTS: &str = "events";
@@ -112,6 +141,14 @@ pub enum StoreError {
     /// The database failed (I/O error, e.g. disk full, or corruption); includes sled's message.
     #[error("store: {0}")]
     Db(String),
+    /// The distributed store cannot be reached or has no quorum: reads may still be answered
+    /// (possibly stale), writes are refused until quorum returns. The message says where and why.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A write made as the leader was refused because this controller no longer leads (its
+    /// [`backend::Fence`] no longer holds); nothing was written.
+    #[error("this controller no longer leads: {0}")]
+    Fenced(String),
     /// A stored record could not be decoded.
     #[error("store record {key} is corrupt: {cause}")]
     Corrupt {
@@ -171,8 +208,9 @@ pub(crate) struct Inner {
     /// Serialises overlay changes: IPAM scans a network's members, which a sled transaction cannot.
     pub(crate) overlay_lock: Mutex<()>,
     dir: PathBuf,
-    /// The seq the next event gets. Taken inside a transaction closure, which sled 0.34 runs under
-    /// its global transaction lock, so seqs are committed in order.
+    /// The seq after the newest event when the store was opened: what the first event gets in a
+    /// store whose counter ([`EVENT_SEQ`]) was never written (a log from before it). Never changed
+    /// by a transaction's body, which may not commit: once any event commits, the counter decides.
     next_seq: AtomicU64,
     /// Per-(node, kind) event budgets.
     event_budget: Mutex<crate::store::event_log::EventBudget>,
@@ -183,10 +221,11 @@ pub(crate) struct Inner {
     events_since_trim: AtomicU64,
     /// [`MAX_EVENT_BYTES`], lowered by tests.
     event_byte_limit: AtomicU64,
-    /// Serialises read-modify-write of node records ([`Store::update_node`] takes an `FnOnce`,
-    /// which cannot be retried inside a transaction).
+    /// Serialises this process's enrolment-related writers (fewer conflicts); correctness across
+    /// controllers comes from the transactions themselves.
     node_lock: Mutex<()>,
-    /// Free bytes below which writes are refused.
+    /// Free bytes below which writes are refused; 0: no check (the etcd store, whose data is not
+    /// on this disk).
     reserve_bytes: u64,
 }
 
@@ -229,13 +268,44 @@ fn decode_seq(key: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(bytes))
 }
 
+/// The seq of the newest event, if any.
+fn newest_seq(backend: &dyn Backend) -> Result<Option<u64>, StoreError> {
+    match backend.scan(EVENTS, Scan::all().rev())?.next() {
+        Some(entry) => Ok(Some(decode_seq(&entry?.0)?)),
+        None => Ok(None),
+    }
+}
+
+fn decode_counter(bytes: &[u8]) -> Result<u64, StoreError> {
+    let b: [u8; 8] = bytes.try_into().map_err(|_| StoreError::Corrupt {
+        key: format!("{EVENT_SEQ}/next"),
+        cause: format!("counter is {} bytes, expected 8", bytes.len()),
+    })?;
+    Ok(u64::from_be_bytes(b))
+}
+
+/// Deletes `keys` of `table` in batches of [`DELETE_CHUNK`]: for deletions that need no
+/// atomicity (a crash part-way leaves keys a later run deletes), kept under what one etcd
+/// transaction takes.
+pub(crate) fn delete_keys(
+    backend: &dyn Backend,
+    table: &'static str,
+    keys: Vec<Vec<u8>>,
+) -> Result<(), StoreError> {
+    for chunk in keys.chunks(DELETE_CHUNK) {
+        backend.write_batch(table, &Batch::deleting(chunk.iter().cloned()))?;
+    }
+    Ok(())
+}
+
 pub(crate) use shoal_controller_core::time::rfc3339;
 
 /// Moves an event log kept by an earlier controller (kinds by enum position, table `events`) to
 /// [`EVENTS`] (kinds by name), in batches; a crash part-way is finished at the next open, since a
 /// moved batch is written before it is deleted and writing it again changes nothing.
 fn migrate_legacy_events(backend: &dyn Backend) -> Result<(), StoreError> {
-    const BATCH: usize = 1024;
+    // 256 events of at most 4 KiB stay under etcd's 1.5 MiB request limit.
+    const BATCH: usize = 256;
     let mut moved = 0usize;
     loop {
         let chunk: Vec<backend::Entry> = backend
@@ -286,17 +356,31 @@ impl Store {
         Self::open_with_reserve(dir, FREE_SPACE_RESERVE)
     }
 
+    /// Opens the store kept in the etcd cluster `config` names, shared with every controller that
+    /// uses the same endpoints and prefix. `dir` is the controller's data directory (the CA's
+    /// files); the free-space reserve does not apply, since etcd keeps the data and enforces its
+    /// own quota (a full etcd is `StoreError::Db("etcd is out of space: …")`).
+    pub fn open_etcd(config: &EtcdConfig, dir: &Path) -> Result<Store, StoreError> {
+        let backend = Arc::new(EtcdBackend::connect(config)?);
+        Self::open_backend(backend, dir, 0)
+    }
+
     fn open_with_reserve(dir: &Path, reserve_bytes: u64) -> Result<Store, StoreError> {
+        Self::open_backend(Arc::new(SledBackend::open(dir)?), dir, reserve_bytes)
+    }
+
+    fn open_backend(
+        inner: Arc<dyn Backend>,
+        dir: &Path,
+        reserve_bytes: u64,
+    ) -> Result<Store, StoreError> {
         let gate = Arc::new(gate::WriteGate::default());
         let backend: Arc<dyn Backend> = Arc::new(gate::GatedBackend {
-            inner: Arc::new(SledBackend::open(dir)?),
+            inner,
             gate: gate.clone(),
         });
         migrate_legacy_events(&*backend)?;
-        let next_seq = match backend.scan(EVENTS, Scan::all().rev())?.next() {
-            Some(entry) => decode_seq(&entry?.0)?.saturating_add(1),
-            None => 1,
-        };
+        let next_seq = newest_seq(&*backend)?.map_or(1, |s| s.saturating_add(1));
         let mut event_bytes = 0u64;
         for entry in backend.scan(EVENTS, Scan::all())? {
             event_bytes += entry?.1.len() as u64;
@@ -318,10 +402,18 @@ impl Store {
                 reserve_bytes,
             }),
         };
-        if store.free_space()? >= reserve_bytes {
+        if reserve_bytes == 0 || store.free_space()? >= reserve_bytes {
             store.trim_events()?;
         }
         Ok(store)
+    }
+
+    /// The seq the next event gets: the counter, or after the newest event when there is none.
+    fn stored_next_seq(&self) -> Result<u64, StoreError> {
+        match self.inner.backend.get(EVENT_SEQ, SEQ_KEY)? {
+            Some(bytes) => decode_counter(&bytes),
+            None => Ok(newest_seq(self.backend())?.map_or(1, |s| s.saturating_add(1))),
+        }
     }
 
     /// Free bytes (for unprivileged users) on the data directory's filesystem.
@@ -339,6 +431,9 @@ impl Store {
 
     /// Refuses a write while the disk is (nearly) full.
     pub(crate) fn check_space(&self) -> Result<(), StoreError> {
+        if self.inner.reserve_bytes == 0 {
+            return Ok(());
+        }
         let free = self.free_space()?;
         if free < self.inner.reserve_bytes {
             warn!(dir = %self.inner.dir.display(), free, reserve = self.inner.reserve_bytes, "store refuses a write: disk full");
@@ -427,7 +522,14 @@ impl Store {
         message: &str,
         at: UnixMillis,
     ) -> Result<Event, TxError<E>> {
-        let seq = self.inner.next_seq.fetch_add(1, Ordering::SeqCst);
+        // The counter is read and bumped in this transaction: two controllers appending at once
+        // conflict on it, and one runs again with the next seq.
+        let counter = events.sibling(EVENT_SEQ);
+        let seq = match counter.get(SEQ_KEY)? {
+            Some(bytes) => decode_counter(&bytes).map_err(abort)?,
+            None => self.inner.next_seq.load(Ordering::SeqCst),
+        };
+        counter.insert(SEQ_KEY, seq.saturating_add(1).to_be_bytes())?;
         let message = crate::store::event_log::cap_message(message).into_owned();
         let event = Event {
             seq,
@@ -462,11 +564,8 @@ impl Store {
     /// [`MAX_EVENT_BYTES`], the oldest until it holds at most seven eighths of it.
     fn trim_events(&self) -> Result<(), StoreError> {
         self.inner.events_since_trim.store(0, Ordering::SeqCst);
-        let cutoff = self
-            .inner
-            .next_seq
-            .load(Ordering::SeqCst)
-            .saturating_sub(MAX_EVENTS);
+        // The shared counter, not this process's hint: other controllers append too.
+        let cutoff = self.stored_next_seq()?.saturating_sub(MAX_EVENTS);
         let mut batch = Vec::new();
         let mut trimmed = 0u64;
         let mut trimmed_bytes = 0u64;
@@ -477,9 +576,7 @@ impl Store {
             trimmed_bytes += value.len() as u64;
         }
         if trimmed > 0 {
-            self.inner
-                .backend
-                .write_batch(EVENTS, &Batch::deleting(batch))?;
+            delete_keys(self.backend(), EVENTS, batch)?;
             let _ = self
                 .inner
                 .event_bytes
@@ -510,9 +607,7 @@ impl Store {
                 batch.push(item?.0);
             }
             let trimmed = batch.len();
-            self.inner
-                .backend
-                .write_batch(EVENTS, &Batch::deleting(batch))?;
+            delete_keys(self.backend(), EVENTS, batch)?;
             debug!(trimmed, kept_bytes = kept, "trimmed the event log by size");
         }
         self.inner.event_bytes.store(kept, Ordering::SeqCst);
@@ -541,17 +636,6 @@ impl Store {
         }
     }
 
-    /// Writes the record at `key` of `table`, outside any transaction.
-    pub(crate) fn put<V: Serialize>(
-        &self,
-        table: &Table<V>,
-        key: impl AsRef<[u8]>,
-        value: &V,
-    ) -> Result<(), StoreError> {
-        let bytes = encode(table.name, value)?;
-        self.inner.backend.put(table.name, key.as_ref(), &bytes)
-    }
-
     /// The decoded records of `table` that `scan` selects, with their keys.
     pub(crate) fn records<'a, V: DeserializeOwned + 'a>(
         &'a self,
@@ -568,6 +652,12 @@ impl Store {
         tables: &[&'static str],
         body: impl Fn(&Tx<'_>) -> Result<T, TxError<E>>,
     ) -> Result<T, E> {
+        if tables.contains(&EVENTS) && !tables.contains(&EVENT_SEQ) {
+            // Events take their seq from the counter, in the same transaction.
+            let mut with_seq = tables.to_vec();
+            with_seq.push(EVENT_SEQ);
+            return table::run(&*self.inner.backend, &with_seq, body);
+        }
         table::run(&*self.inner.backend, tables, body)
     }
 
@@ -1424,7 +1514,10 @@ mod tests {
         assert!(store.events(Some(u64::MAX), 10).unwrap().is_empty());
 
         // Pretend the log is long: trimming keeps the newest MAX_EVENTS.
-        store.inner.next_seq.store(MAX_EVENTS + 3, Ordering::SeqCst);
+        store
+            .table(EVENT_SEQ)
+            .insert(SEQ_KEY, (MAX_EVENTS + 3).to_be_bytes())
+            .unwrap();
         store.trim_events().unwrap();
         let left: Vec<u64> = store
             .events(None, 10)

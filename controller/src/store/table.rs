@@ -148,7 +148,15 @@ impl Tx<'_> {
     }
 }
 
-impl TxTable<'_> {
+impl<'a> TxTable<'a> {
+    /// Table `name` of the same transaction.
+    pub fn sibling(&self, name: &'static str) -> TxTable<'a> {
+        TxTable {
+            txn: self.txn,
+            name,
+        }
+    }
+
     /// The bytes at `key`.
     pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, TxFail> {
         self.txn.get(self.name, key.as_ref())
@@ -248,8 +256,9 @@ impl RawTable {
         self.backend.flush()
     }
 
-    /// Applies `batch` at once.
-    pub fn apply_batch(&self, batch: super::backend::Batch) -> Result<(), StoreError> {
-        self.backend.write_batch(self.name, &batch)
+    /// Deletes `keys`, in batches of [`super::DELETE_CHUNK`]: not atomic as a whole (a crash
+    /// part-way leaves some), for deletions that a later run may finish.
+    pub fn remove_many(&self, keys: Vec<Vec<u8>>) -> Result<(), StoreError> {
+        super::delete_keys(&*self.backend, self.name, keys)
     }
 }
