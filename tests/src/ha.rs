@@ -347,7 +347,13 @@ impl HaFleet {
         let number = self.agents.len() + 1;
         let hostname = format!("agent-{number}");
         self.topo.add_host(&hostname)?;
-        let iface = self.topo.connect(&hostname, LAN)?;
+        // Fixed addresses above the controllers' and etcd's: the LAN's automatic ones start at .1,
+        // which the first controller has.
+        let iface = self.topo.connect_with_addr(
+            &hostname,
+            LAN,
+            Ipv4Addr::new(10, 78, 1, 100 + number as u8),
+        )?;
         let netns = self.topo.host(&hostname)?.ns_name().to_string();
         let state_dir = self.dir().join(&hostname);
         std::fs::create_dir_all(&state_dir)?;

@@ -314,15 +314,24 @@ fn paths_on(fleet: &HaFleet, ctl: usize) -> Result<Vec<Value>> {
     as_array(fleet.ctl_json(ctl, &["overlay", "paths"])?, "paths")
 }
 
-/// The node id of agent `i` (by its hostname).
-fn node_of(fleet: &HaFleet, i: usize) -> Result<String> {
-    let nodes = as_array(fleet.ctl_json(0, &["nodes", "list"])?, "nodes")?;
+/// Agent `i`'s node record (by its hostname), as controller `ctl` lists it.
+fn node_of(fleet: &HaFleet, ctl: usize, i: usize) -> Result<Value> {
+    let nodes = as_array(fleet.ctl_json(ctl, &["nodes", "list"])?, "nodes")?;
     nodes
-        .iter()
+        .into_iter()
         .find(|n| n["hostname"] == fleet.agents[i].hostname.as_str())
-        .and_then(|n| n["id"].as_str())
-        .map(str::to_owned)
         .with_context(|| format!("no node for {}", fleet.agents[i].hostname))
+}
+
+/// The index of the controller holding agent `i`'s session, as controller `ctl` sees it.
+fn holder_of(fleet: &HaFleet, ctl: usize, i: usize) -> Result<usize> {
+    let node = node_of(fleet, ctl, i)?;
+    let id = node["controller"]
+        .as_str()
+        .with_context(|| format!("no controller holds it: {node}"))?;
+    fleet
+        .index_of(id)
+        .with_context(|| format!("{id} is no controller of this fleet"))
 }
 
 #[test]
@@ -344,18 +353,10 @@ fn agents_on_different_controllers_talk_through_the_relay_and_again_after_one_co
     fleet.wait_agents_up(Duration::from_secs(60)).or_panic();
     eventually(
         Duration::from_secs(20),
-        "one agent on each of controllers 0 and 1",
+        "a's session on controller 0, b's on controller 1",
         || {
-            let view = fleet.controllers_view(0)?;
-            let list = as_array(view["controllers"].clone(), "controllers")?;
-            for i in [0, 1] {
-                let id = fleet.controller_id(i)?;
-                let c = list
-                    .iter()
-                    .find(|c| c["id"] == id.as_str())
-                    .with_context(|| format!("{id} not listed: {view}"))?;
-                ensure!(c["agents"] == 1, "controller {i}: {c}");
-            }
+            ensure!(holder_of(&fleet, 2, a)? == 0, "a is elsewhere");
+            ensure!(holder_of(&fleet, 2, b)? == 1, "b is elsewhere");
             Ok(())
         },
     )
@@ -381,7 +382,13 @@ fn agents_on_different_controllers_talk_through_the_relay_and_again_after_one_co
         || ping(&b_ns, addrs[0]),
     )
     .or_panic();
-    let (a_id, b_id) = (node_of(&fleet, a).or_panic(), node_of(&fleet, b).or_panic());
+    let id = |i: usize| -> String {
+        node_of(&fleet, 0, i).or_panic()["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (a_id, b_id) = (id(a), id(b));
     eventually(
         Duration::from_secs(20),
         "relay paths reported on both controllers",
@@ -400,8 +407,16 @@ fn agents_on_different_controllers_talk_through_the_relay_and_again_after_one_co
     )
     .or_panic();
 
-    // Controller 1 dies with b's session: b moves to another controller, and a reaches it again
-    // through the relay (now across a new pair of controllers).
+    // Controller 1 dies with b's session: b moves to controller 2 (it cannot reach controller 0),
+    // and a reaches it again through the relay, now from controller 0 to controller 2.
+    let ctl0 = fleet.controllers[0].addr.to_string();
+    run_in(
+        &b_ns,
+        "iptables",
+        &["-I", "OUTPUT", "-p", "udp", "-d", &ctl0, "-j", "DROP"],
+        Duration::from_secs(10),
+    )
+    .or_panic();
     fleet.controllers[1].proc.kill().or_panic();
     let killed = Instant::now();
     eventually(
@@ -410,10 +425,27 @@ fn agents_on_different_controllers_talk_through_the_relay_and_again_after_one_co
         || ping(&a_ns, addrs[1]),
     )
     .or_panic();
+    let moved_to = holder_of(&fleet, 0, b).or_panic();
     eprintln!(
-        "b's controller killed -> a reaches b again after {:?}",
+        "b's controller killed -> a reaches b again after {:?} (b now on controller {moved_to})",
         killed.elapsed()
     );
+    assert_eq!(moved_to, 2);
+    eventually(
+        Duration::from_secs(20),
+        "b's relay path reported on controller 2",
+        || {
+            let paths = paths_on(&fleet, 2)?;
+            ensure!(
+                paths.iter().any(|p| p["from"] == b_id.as_str()
+                    && p["to"] == a_id.as_str()
+                    && p["kind"] == "relay"),
+                "controller 2: {paths:?}"
+            );
+            Ok(())
+        },
+    )
+    .or_panic();
     eventually(Duration::from_secs(10), "b pings a again", || {
         ping(&b_ns, addrs[0])
     })
