@@ -390,7 +390,10 @@ pub fn mesh_transport() -> quinn::TransportConfig {
         .send_window(8 * 1024 * 1024)
         .keep_alive_interval(Some(Duration::from_millis(500)))
         .datagram_receive_buffer_size(Some(4 << 20))
-        .datagram_send_buffer_size(4 << 20);
+        .datagram_send_buffer_size(4 << 20)
+        // A relayed peer packet (at least 1200 bytes) with the mesh's 8-byte header must fit from
+        // the first packet, as on the agents' control connections.
+        .initial_mtu(1280);
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(3)) {
         t.max_idle_timeout(Some(idle));
     }

@@ -335,12 +335,23 @@ impl HaFleet {
         })
     }
 
-    /// Adds an agent host and starts an agent told every controller.
+    /// Adds an agent host and starts an agent told every controller, starting at a different one
+    /// per agent: the agents spread over the controllers as a fleet's would.
     pub fn add_agent(&mut self, token: &str) -> Result<usize> {
+        let k = self.controllers.len();
+        let first = self.agents.len() % k.max(1);
+        let all: Vec<usize> = (0..k).map(|j| (first + j) % k).collect();
+        self.add_agent_to(token, &all)
+    }
+
+    /// Adds an agent host and starts an agent told only the controllers `controllers` (its
+    /// session stays on the first while it lives; it may learn the others from the cluster).
+    pub fn add_agent_to(&mut self, token: &str, controllers: &[usize]) -> Result<usize> {
         let number = self.agents.len() + 1;
         let hostname = format!("agent-{number}");
         self.topo.add_host(&hostname)?;
-        // Addresses of their own: the LAN's automatic ones start at .1, the controllers'.
+        // Fixed addresses above the controllers' and etcd's: the LAN's automatic ones start at .1,
+        // which the first controller has.
         let iface = self.topo.connect_with_addr(
             &hostname,
             LAN,
@@ -353,11 +364,7 @@ impl HaFleet {
             .netns(&netns)
             .hostname(&hostname)
             .env("RUST_BACKTRACE", "1");
-        // Every controller, starting at a different one per agent: the agents spread over the
-        // controllers as a fleet's would.
-        let k = self.controllers.len();
-        for j in 0..k {
-            let c = &self.controllers[(number - 1 + j) % k];
+        for c in controllers.iter().map(|&i| &self.controllers[i]) {
             spec = spec
                 .arg("--controller")
                 .arg(SocketAddr::from((c.addr, CONTROLLER_PORT)).to_string());

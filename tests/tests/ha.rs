@@ -4,11 +4,14 @@
 //! Needs root and `/usr/bin/etcd` (Debian `etcd-server`, installed by `scripts/deps`); skips with a
 //! reason otherwise, fails under CI.
 
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{ensure, Context, Result};
+use serde_json::Value;
 use shoal_tests::fleet::as_array;
 use shoal_tests::ha::{HaConfig, HaFleet, ETCD};
+use shoal_tests::netns::{ipv4_of as tap_addr, run_in};
 use shoal_tests::{eventually, require_host_tests, OrPanic};
 
 /// The lease TTL the controllers run with (the default).
@@ -320,19 +323,24 @@ fn a_new_leader_finishes_a_maintenance_run_the_dead_one_started_within_its_budge
         .wait_leader(0, None, Duration::from_secs(20))
         .or_panic();
     // The agents are spread over the controllers: the leader must reach some through others.
-    let nodes = as_array(
-        fleet.ctl_json(leader, &["nodes", "list"]).or_panic(),
-        "nodes",
+    eventually(
+        Duration::from_secs(15),
+        "the leader to see every node, on two controllers or more",
+        || {
+            let nodes = as_array(fleet.ctl_json(leader, &["nodes", "list"])?, "nodes")?;
+            let holders: std::collections::BTreeSet<String> = nodes
+                .iter()
+                .filter_map(|n| n["controller"].as_str().map(str::to_owned))
+                .collect();
+            ensure!(
+                nodes.iter().all(|n| n["controller"].is_string()) && holders.len() >= 2,
+                "holders {holders:?} of {} nodes",
+                nodes.len()
+            );
+            Ok(())
+        },
     )
     .or_panic();
-    let holders: std::collections::BTreeSet<String> = nodes
-        .iter()
-        .filter_map(|n| n["controller"].as_str().map(str::to_owned))
-        .collect();
-    assert!(
-        holders.len() >= 2,
-        "agents on one controller only: {holders:?}"
-    );
     let out = fleet
         .ctl_ok(
             leader,
@@ -430,4 +438,189 @@ fn a_new_leader_finishes_a_maintenance_run_the_dead_one_started_within_its_budge
         }
     }
     assert_eq!(cordoned, agents, "nodes cordoned");
+}
+
+/// `ping -c 1` from namespace `ns`.
+fn ping(ns: &str, to: Ipv4Addr) -> Result<String> {
+    run_in(
+        ns,
+        "ping",
+        &["-c", "1", "-W", "1", &to.to_string()],
+        Duration::from_secs(10),
+    )
+}
+
+/// Agent `i` may send UDP to the controllers only: no direct overlay path can form with another
+/// agent on the LAN, so their traffic takes the relay.
+fn only_controllers_over_udp(fleet: &HaFleet, i: usize) -> Result<()> {
+    let ns = &fleet.agents[i].netns;
+    for c in &fleet.controllers {
+        let addr = c.addr.to_string();
+        run_in(
+            ns,
+            "iptables",
+            &["-A", "OUTPUT", "-p", "udp", "-d", &addr, "-j", "ACCEPT"],
+            Duration::from_secs(10),
+        )?;
+    }
+    run_in(
+        ns,
+        "iptables",
+        &[
+            "-A",
+            "OUTPUT",
+            "-p",
+            "udp",
+            "-d",
+            "10.78.1.0/24",
+            "-j",
+            "DROP",
+        ],
+        Duration::from_secs(10),
+    )?;
+    Ok(())
+}
+
+/// The overlay paths the agents connected to controller `ctl` reported (each controller keeps its
+/// own agents' reports).
+fn paths_on(fleet: &HaFleet, ctl: usize) -> Result<Vec<Value>> {
+    as_array(fleet.ctl_json(ctl, &["overlay", "paths"])?, "paths")
+}
+
+/// Agent `i`'s node record (by its hostname), as controller `ctl` lists it.
+fn node_of(fleet: &HaFleet, ctl: usize, i: usize) -> Result<Value> {
+    let nodes = as_array(fleet.ctl_json(ctl, &["nodes", "list"])?, "nodes")?;
+    nodes
+        .into_iter()
+        .find(|n| n["hostname"] == fleet.agents[i].hostname.as_str())
+        .with_context(|| format!("no node for {}", fleet.agents[i].hostname))
+}
+
+/// The index of the controller holding agent `i`'s session, as controller `ctl` sees it.
+fn holder_of(fleet: &HaFleet, ctl: usize, i: usize) -> Result<usize> {
+    let node = node_of(fleet, ctl, i)?;
+    let id = node["controller"]
+        .as_str()
+        .with_context(|| format!("no controller holds it: {node}"))?;
+    fleet
+        .index_of(id)
+        .with_context(|| format!("{id} is no controller of this fleet"))
+}
+
+#[test]
+fn agents_on_different_controllers_talk_through_the_relay_and_again_after_one_controller_dies() {
+    require_host_tests!();
+    shoal_testkit::require!(etcd_installed());
+    let mut fleet = HaFleet::start(HaConfig::default()).or_panic();
+    fleet
+        .wait_leader(0, None, Duration::from_secs(20))
+        .or_panic();
+    let token = fleet
+        .ctl_ok(0, &["token", "create", "--ttl", "1h", "--uses", "2"])
+        .or_panic();
+    // a on controller 0, b on controller 1; neither can reach the other directly.
+    let a = fleet.add_agent_to(token.trim(), &[0]).or_panic();
+    only_controllers_over_udp(&fleet, a).or_panic();
+    let b = fleet.add_agent_to(token.trim(), &[1]).or_panic();
+    only_controllers_over_udp(&fleet, b).or_panic();
+    fleet.wait_agents_up(Duration::from_secs(60)).or_panic();
+    eventually(
+        Duration::from_secs(20),
+        "a's session on controller 0, b's on controller 1",
+        || {
+            ensure!(holder_of(&fleet, 2, a)? == 0, "a is elsewhere");
+            ensure!(holder_of(&fleet, 2, b)? == 1, "b is elsewhere");
+            Ok(())
+        },
+    )
+    .or_panic();
+    let (a_ns, b_ns) = (fleet.agents[a].netns.clone(), fleet.agents[b].netns.clone());
+    let addrs: Vec<Ipv4Addr> =
+        eventually(Duration::from_secs(30), "both agents have shoal0", || {
+            Ok(vec![tap_addr(&a_ns, "shoal0")?, tap_addr(&b_ns, "shoal0")?])
+        })
+        .or_panic();
+
+    // The relay across controllers: a's packets enter at controller 0, cross the mesh, and leave
+    // at controller 1 (and back).
+    eventually(
+        Duration::from_secs(40),
+        "a pings b over the overlay",
+        || ping(&a_ns, addrs[1]),
+    )
+    .or_panic();
+    eventually(
+        Duration::from_secs(10),
+        "b pings a over the overlay",
+        || ping(&b_ns, addrs[0]),
+    )
+    .or_panic();
+    let id = |i: usize| -> String {
+        node_of(&fleet, 0, i).or_panic()["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (a_id, b_id) = (id(a), id(b));
+    eventually(
+        Duration::from_secs(20),
+        "relay paths reported on both controllers",
+        || {
+            for (ctl, from, to) in [(0, &a_id, &b_id), (1, &b_id, &a_id)] {
+                let paths = paths_on(&fleet, ctl)?;
+                ensure!(
+                    paths.iter().any(|p| p["from"] == from.as_str()
+                        && p["to"] == to.as_str()
+                        && p["kind"] == "relay"),
+                    "controller {ctl}: {paths:?}"
+                );
+            }
+            Ok(())
+        },
+    )
+    .or_panic();
+
+    // Controller 1 dies with b's session: b moves to controller 2 (it cannot reach controller 0),
+    // and a reaches it again through the relay, now from controller 0 to controller 2.
+    let ctl0 = fleet.controllers[0].addr.to_string();
+    run_in(
+        &b_ns,
+        "iptables",
+        &["-I", "OUTPUT", "-p", "udp", "-d", &ctl0, "-j", "DROP"],
+        Duration::from_secs(10),
+    )
+    .or_panic();
+    fleet.controllers[1].proc.kill().or_panic();
+    let killed = Instant::now();
+    eventually(
+        Duration::from_secs(40),
+        "a pings b again after b's controller died",
+        || ping(&a_ns, addrs[1]),
+    )
+    .or_panic();
+    let moved_to = holder_of(&fleet, 0, b).or_panic();
+    eprintln!(
+        "b's controller killed -> a reaches b again after {:?} (b now on controller {moved_to})",
+        killed.elapsed()
+    );
+    assert_eq!(moved_to, 2);
+    eventually(
+        Duration::from_secs(20),
+        "b's relay path reported on controller 2",
+        || {
+            let paths = paths_on(&fleet, 2)?;
+            ensure!(
+                paths.iter().any(|p| p["from"] == b_id.as_str()
+                    && p["to"] == a_id.as_str()
+                    && p["kind"] == "relay"),
+                "controller 2: {paths:?}"
+            );
+            Ok(())
+        },
+    )
+    .or_panic();
+    eventually(Duration::from_secs(10), "b pings a again", || {
+        ping(&b_ns, addrs[0])
+    })
+    .or_panic();
 }

@@ -46,4 +46,13 @@ pub struct HubCounters {
     pub relay_unshared: u64,
     /// Relayed packets to a relay index no connected node has, or too short to carry one.
     pub relay_no_target: u64,
+    /// Punch requests for a node on another controller that could not be passed to it (no mesh
+    /// link to that controller now).
+    #[serde(default)]
+    pub punches_undelivered: u64,
+    /// Relayed packets for a node on another controller that could not be sent there (no mesh
+    /// link now, or larger than the link carries), or that came from one with a source this
+    /// controller does not know.
+    #[serde(default)]
+    pub relay_mesh_dropped: u64,
 }

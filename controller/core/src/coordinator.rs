@@ -10,6 +10,13 @@
 //! What an agent says about itself is bounded here before anyone else hears it: the endpoints of an
 //! `OverlayHello` are kept only if a peer could use them ([`usable_endpoint`]), at most
 //! [`MAX_LOCAL_ENDPOINTS`] of them.
+//!
+//! With several controllers, each one's agents are *local* subscribers here and the others' are
+//! *remote* ones ([`Coordinator::subscribe_remote`]): what their controllers say of them reaches
+//! local agents' netmaps like a local hello would, but no delta is ever addressed to them (their own
+//! controller sends those). A remote subscription is replaced by a newer one (the agent moved to
+//! another controller) and outlives the controller that sent it: an agent whose controller died
+//! keeps its place in everyone's netmap, so its direct paths go on until it reappears elsewhere.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -17,6 +24,7 @@ use std::{
     time::Duration,
 };
 
+use serde::{Deserialize, Serialize};
 use shoal_proto::{
     ControllerMsg, MacAddr, NatMapping, Netmap, NetmapChange, NetmapDelta, NetworkId,
     NetworkMembership, NodeId, OverlayHello, Peer, PeerIndex, PeerNetwork, UnixMillis,
@@ -56,6 +64,36 @@ impl NodeInfo {
 
 /// A message for one connected agent.
 pub type Delivery = (NodeId, ControllerMsg);
+
+/// An agent's overlay subscription as the controller holding its session tells the others: what
+/// their agents' netmaps need of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscription {
+    /// The node.
+    pub node: NodeId,
+    /// Its relay index.
+    pub index: PeerIndex,
+    /// SHA-256 of the public key it connected with (or [`shoal_proto::KEY_WITHDRAWN`]).
+    pub key: [u8; 32],
+    /// Where its controller saw it.
+    pub observed: SocketAddr,
+    /// The endpoints it announced that peers may be told about (already bounded by its
+    /// controller; bounded again on arrival).
+    pub local_endpoints: Vec<SocketAddr>,
+    /// Its NAT's mapping behaviour.
+    pub nat: NatMapping,
+    /// When its controller accepted the hello this describes (wall clock): of two subscriptions
+    /// from different controllers, the later one is the agent's current session.
+    pub since: UnixMillis,
+}
+
+/// A subscription another controller holds, with that controller's id.
+#[derive(Debug, Clone)]
+struct RemoteSub {
+    controller: String,
+    since: UnixMillis,
+    sub: Subscription,
+}
 
 /// The most local endpoints kept from one `OverlayHello` (the observed address comes on top). Peers
 /// attempt every candidate at once, one handshake each, so the list stays short; 16 covers a host
@@ -106,6 +144,12 @@ pub struct Coordinator {
     nodes: HashMap<NodeId, NodeInfo>,
     /// Connected overlay agents and the version each was last brought to.
     subscribed: HashMap<NodeId, u64>,
+    /// When each connected agent's latest hello was accepted here.
+    local_since: HashMap<NodeId, UnixMillis>,
+    /// Agents subscribed on other controllers, by the newest word about each. Always newer than the
+    /// node's subscription here, if it has one: the agent has moved on, and its session here is
+    /// only lingering until this controller notices.
+    remote: HashMap<NodeId, RemoteSub>,
 }
 
 impl Coordinator {
@@ -135,6 +179,8 @@ impl Coordinator {
             networks,
             nodes,
             subscribed: HashMap::new(),
+            local_since: HashMap::new(),
+            remote: HashMap::new(),
         }
     }
 
@@ -186,24 +232,11 @@ impl Coordinator {
         now: UnixMillis,
     ) -> (ControllerMsg, Vec<Delivery>) {
         let local = self.usable_endpoints(node, observed, &hello.local_endpoints);
-        let changed = self.nodes.get_mut(node).is_some_and(|n| {
-            let changed = n.observed != Some(observed)
-                || n.local != local
-                || n.nat != hello.nat
-                || (key.is_some() && n.key != key);
-            if key.is_some() {
-                n.key = key;
-            }
-            n.observed = Some(observed);
-            n.local = local;
-            n.nat = hello.nat;
-            changed
-        });
-        let updates = if changed {
-            self.peer_changed(node, now)
-        } else {
-            vec![]
-        };
+        // What another controller said before this session began is stale now.
+        if self.remote.get(node).is_some_and(|r| r.since <= now) {
+            self.remote.remove(node);
+        }
+        let updates = self.set_endpoints(node, key, observed, local, hello.nat, now);
         let version = self.version();
         let first = if hello.netmap_version == Some(version) {
             ControllerMsg::NetmapDelta(NetmapDelta {
@@ -216,7 +249,140 @@ impl Coordinator {
             ControllerMsg::Netmap(self.netmap(node, now))
         };
         self.subscribed.insert(node.clone(), version);
+        self.local_since.insert(node.clone(), now);
         (first, updates)
+    }
+
+    /// Sets what peers are told of `node`'s reachability; its neighbours' deltas if it changed.
+    fn set_endpoints(
+        &mut self,
+        node: &NodeId,
+        key: Option<[u8; 32]>,
+        observed: SocketAddr,
+        local: Vec<SocketAddr>,
+        nat: NatMapping,
+        now: UnixMillis,
+    ) -> Vec<Delivery> {
+        let changed = self.nodes.get_mut(node).is_some_and(|n| {
+            let changed = n.observed != Some(observed)
+                || n.local != local
+                || n.nat != nat
+                || (key.is_some() && n.key != key);
+            if key.is_some() {
+                n.key = key;
+            }
+            n.observed = Some(observed);
+            n.local = local;
+            n.nat = nat;
+            changed
+        });
+        if changed {
+            self.peer_changed(node, now)
+        } else {
+            vec![]
+        }
+    }
+
+    /// `node`'s subscription as other controllers are told it (`None` unless it is subscribed
+    /// here and has been seen).
+    pub fn subscription(&self, node: &NodeId, since: UnixMillis) -> Option<Subscription> {
+        if !self.subscribed.contains_key(node) {
+            return None;
+        }
+        let n = self.nodes.get(node)?;
+        Some(Subscription {
+            node: node.clone(),
+            index: n.index,
+            key: n.key.unwrap_or([0; 32]),
+            observed: n.observed?,
+            local_endpoints: n.local.clone(),
+            nat: n.nat,
+            since,
+        })
+    }
+
+    /// Another controller (`controller`) holds `sub.node`'s session and says where it is. Taken
+    /// unless a newer subscription is known (from another controller, or here); it changes the
+    /// netmaps of local agents (their deltas are returned). Taken while the node is also
+    /// subscribed here, it means the agent moved on and its session here only lingers. Returns
+    /// whether it was taken, and the deltas.
+    pub fn subscribe_remote(
+        &mut self,
+        controller: &str,
+        mut sub: Subscription,
+        now: UnixMillis,
+    ) -> (bool, Vec<Delivery>) {
+        let older_remote = self
+            .remote
+            .get(&sub.node)
+            .is_some_and(|r| r.controller != controller && r.since > sub.since);
+        let older_local = self
+            .local_since
+            .get(&sub.node)
+            .is_some_and(|since| *since >= sub.since);
+        if older_remote || older_local {
+            return (false, vec![]);
+        }
+        sub.local_endpoints = self.usable_endpoints(&sub.node, sub.observed, &sub.local_endpoints);
+        let node = sub.node.clone();
+        let mut out = self.node_known(&node, sub.index, None, now);
+        out.extend(self.set_endpoints(
+            &node,
+            Some(sub.key),
+            sub.observed,
+            sub.local_endpoints.clone(),
+            sub.nat,
+            now,
+        ));
+        self.remote.insert(
+            node,
+            RemoteSub {
+                controller: controller.to_owned(),
+                since: sub.since,
+                sub,
+            },
+        );
+        (true, out)
+    }
+
+    /// `controller` no longer holds `node`'s session. Its place in netmaps stays as it was (peers
+    /// keep their direct paths; where it went next will say so). Whether `controller` was the one
+    /// known to hold it.
+    pub fn unsubscribe_remote(&mut self, controller: &str, node: &NodeId) -> bool {
+        let held = self
+            .remote
+            .get(node)
+            .is_some_and(|r| r.controller == controller);
+        if held {
+            self.remote.remove(node);
+        }
+        held
+    }
+
+    /// Forgets which of `controller`'s nodes it holds (it is about to say them all again); their
+    /// places in netmaps stay. Returns the nodes it held.
+    pub fn reset_remote(&mut self, controller: &str) -> Vec<NodeId> {
+        let gone: Vec<NodeId> = self
+            .remote
+            .iter()
+            .filter(|(_, r)| r.controller == controller)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in &gone {
+            self.remote.remove(n);
+        }
+        gone
+    }
+
+    /// The controller that holds `node`'s session, when another one does (even if a session
+    /// here lingers: the other one is newer).
+    pub fn remote_holder(&self, node: &NodeId) -> Option<&str> {
+        self.remote.get(node).map(|r| r.controller.as_str())
+    }
+
+    /// The node's relay index, if known.
+    pub fn index_of(&self, node: &NodeId) -> Option<PeerIndex> {
+        self.nodes.get(node).map(|n| n.index)
     }
 
     /// The endpoints of `announced` peers may be told about: [`usable_endpoint`] ones, without
@@ -258,9 +424,23 @@ impl Coordinator {
             .unwrap_or_default()
     }
 
-    /// The agent's connection ended.
-    pub fn unsubscribe(&mut self, node: &NodeId) {
+    /// The agent's connection here ended. If another controller has since said it holds the
+    /// agent's session, what it said stays what the agent's peers know (their deltas, if any, are
+    /// returned).
+    pub fn unsubscribe(&mut self, node: &NodeId, now: UnixMillis) -> Vec<Delivery> {
         self.subscribed.remove(node);
+        self.local_since.remove(node);
+        let Some(sub) = self.remote.get(node).map(|r| r.sub.clone()) else {
+            return vec![];
+        };
+        self.set_endpoints(
+            node,
+            Some(sub.key),
+            sub.observed,
+            sub.local_endpoints,
+            sub.nat,
+            now,
+        )
     }
 
     /// Whether a node is a known overlay node.
@@ -470,11 +650,78 @@ impl Coordinator {
         self.deliver(out, now)
     }
 
+    /// Brings the coordinator to `snapshot` (the store as it is now), for changes another
+    /// controller made while this one could not hear of them (a mesh link was down): nodes and keys
+    /// first, then the membership changes that lead there, applied like [`Self::apply`]. Returns
+    /// the connected agents' deltas.
+    pub fn resync(&mut self, snapshot: OverlaySnapshot, now: UnixMillis) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        for (node, n) in &snapshot.nodes {
+            let key = n
+                .key_sha256
+                .filter(|k| self.nodes.get(node).map(|i| i.key) != Some(Some(*k)));
+            out.extend(self.node_known(node, n.index, key, now));
+        }
+        let mut changes = Vec::new();
+        let wanted: BTreeMap<NetworkId, &crate::networks::NetworkSnapshot> = snapshot
+            .networks
+            .iter()
+            .map(|n| (n.network.id, n))
+            .collect();
+        // Members that left (and networks deleted) first, so nothing is briefly in two places.
+        for (id, (_, members)) in &self.networks {
+            let keep = wanted.get(id);
+            for m in members {
+                let still = keep.is_some_and(|w| {
+                    w.members.iter().any(|r| {
+                        r.node == *m
+                            && self.nodes.get(m).and_then(|n| n.networks.get(id))
+                                == Some(&(r.mac, r.address))
+                    })
+                });
+                if !still {
+                    changes.push(MembershipChange::Left {
+                        network: *id,
+                        node: m.clone(),
+                    });
+                }
+            }
+            if keep.is_none() {
+                changes.push(MembershipChange::NetworkDeleted(*id));
+            }
+        }
+        for (id, w) in &wanted {
+            if self.networks.get(id).map(|(rec, _)| rec) != Some(&w.network) {
+                changes.push(MembershipChange::NetworkCreated(w.network.clone()));
+            }
+            for r in &w.members {
+                let here = self
+                    .networks
+                    .get(id)
+                    .is_some_and(|(_, m)| m.contains(&r.node))
+                    && self.nodes.get(&r.node).and_then(|n| n.networks.get(id))
+                        == Some(&(r.mac, r.address));
+                if !here {
+                    changes.push(MembershipChange::Joined {
+                        network: *id,
+                        node: r.node.clone(),
+                        mac: r.mac,
+                        address: r.address,
+                    });
+                }
+            }
+        }
+        out.extend(self.apply(&changes, now));
+        out
+    }
+
     /// A node left the fleet: forget it (its memberships' `Left` changes come through
     /// [`Self::apply`]).
     pub fn forget(&mut self, node: &NodeId) {
         self.nodes.remove(node);
         self.subscribed.remove(node);
+        self.local_since.remove(node);
+        self.remote.remove(node);
     }
 
     /// Bumps the version once and turns per-recipient changes into deltas for connected agents.
@@ -840,6 +1087,311 @@ mod tests {
             c.endpoints(&n("a")),
             *seen,
             "punches carry the same bounded list"
+        );
+    }
+
+    fn remote_sub(node: &str, index: u32, port: u16, since: u64) -> Subscription {
+        Subscription {
+            node: n(node),
+            index: PeerIndex(index),
+            key: [index as u8; 32],
+            observed: SocketAddr::from(([198, 51, 100, index as u8], port)),
+            local_endpoints: vec![
+                SocketAddr::from(([10, 0, 0, index as u8], 7000)),
+                "224.0.0.1:9".parse().unwrap(),
+            ],
+            nat: NatMapping::EndpointIndependent,
+            since: UnixMillis(since),
+        }
+    }
+
+    /// a is subscribed here; b is known from the store and in a's network.
+    fn with_local_a() -> (Coordinator, Netmap) {
+        let mut c = coordinator();
+        let now = UnixMillis(0);
+        c.node_known(&n("a"), PeerIndex(1), None, now);
+        c.node_known(&n("b"), PeerIndex(2), None, now);
+        c.apply(&[joined(1, "a", 1), joined(1, "b", 2)], now);
+        let (first, _) = c.subscribe(
+            &n("a"),
+            Some([1; 32]),
+            "192.0.2.1:1".parse().unwrap(),
+            &hello(),
+            now,
+        );
+        let ControllerMsg::Netmap(map) = first else {
+            panic!("full netmap first")
+        };
+        (c, map)
+    }
+
+    #[test]
+    fn a_remote_subscriber_reaches_local_netmaps_and_is_never_sent_anything() {
+        let (mut c, mut map_a) = with_local_a();
+        let (taken, out) =
+            c.subscribe_remote("ctl-2", remote_sub("b", 2, 4000, 10), UnixMillis(10));
+        assert!(taken);
+        let [(to, msg)] = &out[..] else {
+            panic!("one delta, for a: {out:?}")
+        };
+        assert_eq!(*to, n("a"));
+        map_a.apply(delta(msg)).unwrap();
+        let b = &map_a.peers[0];
+        assert_eq!((b.node.clone(), b.key_sha256), (n("b"), [2; 32]));
+        assert_eq!(
+            b.endpoints,
+            vec![
+                "198.51.100.2:4000".parse::<SocketAddr>().unwrap(),
+                "10.0.0.2:7000".parse().unwrap()
+            ],
+            "observed first, and the unusable endpoint bounded out here too"
+        );
+        assert_eq!(
+            map_a,
+            c.netmap(&n("a"), UnixMillis(10))
+                .clone_with_version(map_a.version)
+        );
+        assert_eq!(c.remote_holder(&n("b")), Some("ctl-2"));
+        assert_eq!(c.endpoints(&n("b"))[0], b.endpoints[0], "punches carry it");
+
+        // a's own changes, and membership changes, are never addressed to b.
+        let (_, out) = c.subscribe(
+            &n("a"),
+            Some([1; 32]),
+            "192.0.2.1:2".parse().unwrap(),
+            &hello(),
+            UnixMillis(20),
+        );
+        assert!(out.is_empty(), "{out:?}");
+        c.node_known(&n("x"), PeerIndex(3), None, UnixMillis(20));
+        let out = c.apply(&[joined(1, "x", 3)], UnixMillis(20));
+        assert!(out.iter().all(|(to, _)| *to == n("a")), "{out:?}");
+        // The same word again changes nothing.
+        let (taken, out) =
+            c.subscribe_remote("ctl-2", remote_sub("b", 2, 4000, 10), UnixMillis(30));
+        assert!(taken && out.is_empty());
+    }
+
+    #[test]
+    fn a_newer_subscription_from_another_controller_replaces_the_old_and_an_older_one_does_not() {
+        let (mut c, _) = with_local_a();
+        c.subscribe_remote("ctl-2", remote_sub("b", 2, 4000, 100), UnixMillis(100));
+        // The agent moved to ctl-3.
+        let (taken, out) =
+            c.subscribe_remote("ctl-3", remote_sub("b", 2, 5000, 200), UnixMillis(200));
+        assert!(taken);
+        assert_eq!(out.len(), 1);
+        assert_eq!(c.remote_holder(&n("b")), Some("ctl-3"));
+        assert_eq!(c.endpoints(&n("b"))[0].port(), 5000);
+        // ctl-2's late snapshot (it had not noticed yet) loses.
+        let (taken, out) =
+            c.subscribe_remote("ctl-2", remote_sub("b", 2, 4000, 100), UnixMillis(300));
+        assert!(!taken && out.is_empty());
+        assert_eq!(c.endpoints(&n("b"))[0].port(), 5000);
+        // ctl-2 saying the session ended there does not touch ctl-3's.
+        assert!(!c.unsubscribe_remote("ctl-2", &n("b")));
+        assert_eq!(c.remote_holder(&n("b")), Some("ctl-3"));
+        // ctl-3 saying so forgets who holds it, but b stays in a's netmap as it was.
+        assert!(c.unsubscribe_remote("ctl-3", &n("b")));
+        assert_eq!(c.remote_holder(&n("b")), None);
+        let map = c.netmap(&n("a"), UnixMillis(400));
+        assert_eq!(map.peers[0].endpoints[0].port(), 5000);
+        // A controller that comes back and resets forgets only its own.
+        c.subscribe_remote("ctl-3", remote_sub("b", 2, 5000, 500), UnixMillis(500));
+        assert!(c.reset_remote("ctl-2").is_empty());
+        assert_eq!(c.reset_remote("ctl-3"), vec![n("b")]);
+        assert_eq!(
+            c.netmap(&n("a"), UnixMillis(600)).peers[0].endpoints[0].port(),
+            5000
+        );
+    }
+
+    #[test]
+    fn a_newer_session_elsewhere_takes_over_from_a_lingering_one_here_and_an_older_one_never_does()
+    {
+        let (mut c, _) = with_local_a();
+        c.subscribe(
+            &n("b"),
+            Some([2; 32]),
+            "192.0.2.2:1".parse().unwrap(),
+            &hello(),
+            UnixMillis(50),
+        );
+        // ctl-2's word from before b came here loses.
+        let (taken, out) =
+            c.subscribe_remote("ctl-2", remote_sub("b", 2, 4000, 40), UnixMillis(55));
+        assert!(!taken && out.is_empty(), "{out:?}");
+        assert_eq!(c.remote_holder(&n("b")), None, "b's session is here");
+        // b moved to ctl-2 while its session here lingers: ctl-2 speaks for it at once.
+        let (taken, out) =
+            c.subscribe_remote("ctl-2", remote_sub("b", 2, 4000, 60), UnixMillis(60));
+        assert!(taken);
+        let [(to, msg)] = &out[..] else {
+            panic!("one delta, for a: {out:?}")
+        };
+        assert_eq!(*to, n("a"));
+        assert!(
+            matches!(&delta(msg).changes[..], [NetmapChange::Peer(p)] if p.endpoints[0].port() == 4000)
+        );
+        assert_eq!(c.remote_holder(&n("b")), Some("ctl-2"));
+        // The lingering session ends: nothing changes for a.
+        assert!(c.unsubscribe(&n("b"), UnixMillis(70)).is_empty());
+        assert_eq!(c.remote_holder(&n("b")), Some("ctl-2"));
+        assert_eq!(c.endpoints(&n("b"))[0].port(), 4000);
+
+        // b comes back here: the older remote word is dropped, and not replayed after it.
+        c.subscribe(
+            &n("b"),
+            Some([2; 32]),
+            "192.0.2.2:1".parse().unwrap(),
+            &hello(),
+            UnixMillis(80),
+        );
+        assert_eq!(c.remote_holder(&n("b")), None);
+        assert!(c.unsubscribe(&n("b"), UnixMillis(90)).is_empty());
+        assert_eq!(
+            c.endpoints(&n("b"))[0],
+            "192.0.2.2:1".parse::<SocketAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn a_remote_node_not_yet_in_the_store_snapshot_appears_once_its_membership_arrives() {
+        let (mut c, mut map_a) = with_local_a();
+        let (taken, out) =
+            c.subscribe_remote("ctl-2", remote_sub("new", 9, 4000, 10), UnixMillis(10));
+        assert!(taken && out.is_empty(), "in no network yet: {out:?}");
+        let out = c.apply(&[joined(1, "new", 9)], UnixMillis(20));
+        let [(to, msg)] = &out[..] else {
+            panic!("one delta, for a: {out:?}")
+        };
+        assert_eq!(*to, n("a"));
+        map_a.apply(delta(msg)).unwrap();
+        let p = map_a.peers.iter().find(|p| p.node == n("new")).unwrap();
+        assert_eq!((p.index, p.endpoints[0].port()), (PeerIndex(9), 4000));
+        assert!(c.share_network(&n("a"), &n("new")));
+        c.forget(&n("new"));
+        assert_eq!(c.remote_holder(&n("new")), None);
+    }
+
+    #[test]
+    fn a_local_subscription_is_described_for_the_other_controllers() {
+        let (c, _) = with_local_a();
+        let sub = c.subscription(&n("a"), UnixMillis(5)).unwrap();
+        assert_eq!(
+            (sub.index, sub.key, sub.observed, sub.since),
+            (
+                PeerIndex(1),
+                [1; 32],
+                "192.0.2.1:1".parse().unwrap(),
+                UnixMillis(5)
+            )
+        );
+        assert_eq!(sub.local_endpoints, vec!["10.0.0.9:7000".parse().unwrap()]);
+        assert!(
+            c.subscription(&n("b"), UnixMillis(5)).is_none(),
+            "b is not subscribed here"
+        );
+    }
+
+    #[test]
+    fn a_resync_from_the_store_brings_what_was_missed_and_nothing_else() {
+        use crate::networks::{MemberRecord, NetworkSnapshot, NodeOverlay};
+        let (mut c, mut map_a) = with_local_a();
+        let member = |network: u32, node: &str, i: u8| MemberRecord {
+            network: NetworkId(network),
+            node: n(node),
+            mac: mac(i),
+            address: [10, 90, 0, i].into(),
+            explicit: false,
+            via_selector: false,
+        };
+        let overlay = |index: u32, key: Option<[u8; 32]>| NodeOverlay {
+            index: PeerIndex(index),
+            key_sha256: key,
+        };
+        let snapshot = |networks: Vec<NetworkSnapshot>, nodes: &[(&str, u32, Option<[u8; 32]>)]| {
+            OverlaySnapshot {
+                networks,
+                nodes: nodes
+                    .iter()
+                    .map(|(id, i, k)| (n(id), overlay(*i, *k)))
+                    .collect(),
+            }
+        };
+        // The store as it is: nothing missed.
+        let same = snapshot(
+            vec![NetworkSnapshot {
+                network: net(1, "default"),
+                members: vec![member(1, "a", 1), member(1, "b", 2)],
+            }],
+            &[("a", 1, Some([1; 32])), ("b", 2, None)],
+        );
+        assert!(c.resync(same, UnixMillis(1)).is_empty());
+
+        // Missed: b rotated its key, "new" enrolled and joined, network 2 was created with a in it.
+        let missed = snapshot(
+            vec![
+                NetworkSnapshot {
+                    network: net(1, "default"),
+                    members: vec![member(1, "a", 1), member(1, "b", 2), member(1, "new", 3)],
+                },
+                NetworkSnapshot {
+                    network: net(2, "lab"),
+                    members: vec![member(2, "a", 11)],
+                },
+            ],
+            &[
+                ("a", 1, Some([1; 32])),
+                ("b", 2, Some([9; 32])),
+                ("new", 3, None),
+            ],
+        );
+        let out = c.resync(missed, UnixMillis(2));
+        assert!(out.iter().all(|(to, _)| *to == n("a")), "{out:?}");
+        for (_, msg) in &out {
+            map_a.apply(delta(msg)).unwrap();
+        }
+        assert_eq!(
+            map_a,
+            c.netmap(&n("a"), UnixMillis(2))
+                .clone_with_version(map_a.version)
+        );
+        assert_eq!(map_a.networks.len(), 2);
+        assert_eq!(map_a.peers.len(), 2);
+        assert!(map_a
+            .peers
+            .iter()
+            .any(|p| p.node == n("b") && p.key_sha256 == [9; 32]));
+
+        // Missed: b left, network 2 was deleted.
+        let missed = snapshot(
+            vec![NetworkSnapshot {
+                network: net(1, "default"),
+                members: vec![member(1, "a", 1), member(1, "new", 3)],
+            }],
+            &[
+                ("a", 1, Some([1; 32])),
+                ("b", 2, Some([9; 32])),
+                ("new", 3, None),
+            ],
+        );
+        for (_, msg) in c.resync(missed, UnixMillis(3)) {
+            map_a.apply(delta(&msg)).unwrap();
+        }
+        assert_eq!(
+            map_a,
+            c.netmap(&n("a"), UnixMillis(3))
+                .clone_with_version(map_a.version)
+        );
+        assert_eq!(map_a.networks.len(), 1);
+        assert_eq!(
+            map_a
+                .peers
+                .iter()
+                .map(|p| p.node.clone())
+                .collect::<Vec<_>>(),
+            vec![n("new")]
         );
     }
 }

@@ -33,7 +33,7 @@ use shoal_proto::{
     NodeId, OverlayHello, PeerIndex, RejectCode, SelfTestKind, UnixMillis, SUPPORTED,
 };
 
-use crate::coordinator::Coordinator;
+use crate::coordinator::{Coordinator, Subscription};
 use crate::rollout::{
     Action as RolloutAction, Command, Event, Fleet, Observed, ReportedHealth, Rollout, RolloutSpec,
     RolloutState, Target,
@@ -314,8 +314,11 @@ fn sorted(mut m: Netmap) -> Netmap {
 /// See the module docs. Each record is an op byte: `0` a node gets a peer index and maybe a key,
 /// `1` it joins a network, `2` it leaves one, `3` its agent connects with an [`OverlayHello`] (the
 /// next value) and the address in the next bytes, `4` its agent disconnects, `5` it is removed from
-/// the fleet. Ops the store could not produce (joining twice, leaving a network one is not in) are
-/// skipped.
+/// the fleet, `6` another controller (of two) says it holds the node's session (newer or older
+/// than what is known, at the address in the next byte), `7` that controller says the session
+/// ended, or says all its sessions again. Ops the store could not produce (joining twice, leaving a
+/// network one is not in) are skipped. Nothing is ever delivered to a node that is not connected
+/// here.
 pub fn coordinator_ops(data: &[u8]) -> Seen {
     let mut seen = Seen::default();
     let snapshot = OverlaySnapshot {
@@ -342,7 +345,7 @@ pub fn coordinator_ops(data: &[u8]) -> Seen {
         let now = UnixMillis(t);
         // A removed node's connection still gets what was queued for it before it is closed.
         let mut removed = None;
-        let deliveries = match op % 6 {
+        let deliveries = match op % 8 {
             0 => {
                 let key = (arg & 0x40 != 0).then_some([arg >> 2; 32]);
                 known.insert(i);
@@ -409,9 +412,9 @@ pub fn coordinator_ops(data: &[u8]) -> Seen {
                 deliveries
             }
             4 => {
-                c.unsubscribe(&id(i));
+                let d = c.unsubscribe(&id(i), now);
                 agents.remove(&id(i));
-                vec![]
+                d
             }
             5 if known.remove(&i) => {
                 // Removal: the store drops its memberships first, then the coordinator forgets it.
@@ -428,6 +431,41 @@ pub fn coordinator_ops(data: &[u8]) -> Seen {
                 c.forget(&id(i));
                 removed = Some(id(i));
                 d
+            }
+            6 if known.contains(&i) => {
+                let controller = format!("ctl{}", (arg >> 6) & 1);
+                let since = if arg & 0x20 != 0 {
+                    t
+                } else {
+                    t.saturating_sub(5)
+                };
+                let observed = std::net::SocketAddr::from((
+                    [198, 51, 100, input.byte().unwrap_or(1)],
+                    u16::from(arg) + 2000,
+                ));
+                let sub = Subscription {
+                    node: id(i),
+                    index: PeerIndex(i as u32 + 1),
+                    key: [arg; 32],
+                    observed,
+                    local_endpoints: vec![observed, "224.0.0.1:1".parse().unwrap_or(observed)],
+                    nat: NatMapping::EndpointIndependent,
+                    since: UnixMillis(since),
+                };
+                let (taken, d) = c.subscribe_remote(&controller, sub, now);
+                if taken {
+                    seen.hit("remote_taken");
+                }
+                d
+            }
+            7 => {
+                let controller = format!("ctl{}", (arg >> 6) & 1);
+                if arg & 0x20 != 0 {
+                    c.unsubscribe_remote(&controller, &id(i));
+                } else {
+                    c.reset_remote(&controller);
+                }
+                vec![]
             }
             _ => continue,
         };
@@ -792,6 +830,22 @@ mod tests {
             s.push(i + 1);
         }
         s.extend([2, 0x80 | 1, 4, 2, 5, 0, 0, 3]);
+        // Other controllers' agents: newer, older, moved on from here, gone, reset.
+        s.extend([
+            6,
+            0x20 | 1,
+            7,
+            6,
+            0x40 | 0x20 | 3,
+            8,
+            6,
+            1,
+            9,
+            6,
+            0x20 | 2,
+            10,
+        ]);
+        s.extend([7, 0x20 | 1, 4, 1, 6, 0x40 | 0x20 | 1, 11, 7, 0x40]);
         vec![s]
     }
 
@@ -898,7 +952,9 @@ mod tests {
     fn mutated_coordinator_ops_hold() {
         let seen = mutate_and_run(coordinator_seeds(), 3000, coordinator_ops);
         assert!(
-            seen.count("delta_applied") > 1000 && seen.count("map_with_peers_checked") > 1000,
+            seen.count("delta_applied") > 1000
+                && seen.count("map_with_peers_checked") > 1000
+                && seen.count("remote_taken") > 100,
             "{seen:?}"
         );
     }

@@ -197,8 +197,9 @@ pub struct MemberRecord {
     pub via_selector: bool,
 }
 
-/// What a change did to the overlay, for the coordinator.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a change did to the overlay, for the coordinator (and for the other controllers'
+/// coordinators, over the controller mesh).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MembershipChange {
     /// A node became a member.
     Joined {

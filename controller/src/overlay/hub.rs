@@ -15,6 +15,14 @@
 //! requests per pair and per node, path reports per node (and their contents, [`bound_report`]),
 //! relayed packets and bytes per connection. What is refused is counted ([`HubCounters`]) and
 //! logged at debug level.
+//!
+//! With several controllers ([`MeshPort`], set when the controller mesh starts), the hub tells the
+//! others about its agents' subscriptions and membership changes, and takes theirs as remote
+//! subscribers of its coordinator. A punch request for a node on another controller is passed to
+//! that controller; a relayed packet for one goes there as a datagram on the mesh link (the
+//! sender's rate is charged here, where it entered), and the receiving controller checks the pair
+//! shares a network before handing it to its agent. The mesh port is called under the hub's lock
+//! (so other controllers hear of changes in the order they were made); it only queues.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -37,8 +45,39 @@ use shoal_proto::{
 use tracing::{debug, info, warn};
 
 use crate::{server::now_ms, store::Store};
-use shoal_controller_core::coordinator::{Coordinator, Delivery};
+use shoal_controller_core::coordinator::{Coordinator, Delivery, Subscription};
 use shoal_controller_core::networks::MembershipChange;
+
+/// What the overlay tells the other controllers of the cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OverlayNews {
+    /// A local agent subscribed, or said hello again with other endpoints.
+    Subscribed(Subscription),
+    /// A local agent's session ended.
+    Left(NodeId),
+    /// Membership changed (made here, stored in the shared store).
+    Membership(Vec<MembershipChange>),
+    /// A node's key changed here (withdrawn, rotated, re-enrolled).
+    Key {
+        /// The node.
+        node: NodeId,
+        /// Its new key hash.
+        key: [u8; 32],
+    },
+}
+
+/// How the hub reaches the other controllers (the controller mesh). Every call only queues, and
+/// never calls back into the hub.
+pub trait MeshPort: Send + Sync + std::fmt::Debug {
+    /// Tells every other controller, best effort (a controller without a link now hears it all in
+    /// the snapshot when its link is back).
+    fn broadcast(&self, news: OverlayNews);
+    /// Queues `msg` for `node` on `controller`, which holds its session; false if it cannot go.
+    fn deliver(&self, controller: &str, node: &NodeId, msg: ControllerMsg) -> bool;
+    /// Sends `packet`, relayed from `from` to `to`, to `controller`, which holds `to`'s session;
+    /// false if it was dropped.
+    fn relay(&self, controller: &str, to: PeerIndex, from: PeerIndex, packet: &[u8]) -> bool;
+}
 
 /// A refill rate and a bucket size, for [`TokenBucket`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -279,6 +318,8 @@ struct HubStats {
     relay_rate_limited: AtomicU64,
     relay_unshared: AtomicU64,
     relay_no_target: AtomicU64,
+    punches_undelivered: AtomicU64,
+    relay_mesh_dropped: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -291,6 +332,8 @@ struct Link {
     tx: crate::connections::queue::NodeTx,
     index: PeerIndex,
     hellos: TokenBucket,
+    /// When its latest hello was accepted: what the other controllers order subscriptions by.
+    since: UnixMillis,
 }
 
 #[derive(Debug)]
@@ -323,6 +366,23 @@ struct RelayTarget {
     reach: Arc<Reach>,
 }
 
+/// A node whose session another controller holds, as the relay reads it.
+#[derive(Debug)]
+struct RemotePeer {
+    node: NodeId,
+    controller: String,
+    reach: Arc<Reach>,
+}
+
+/// Where a relayed packet goes next.
+#[derive(Debug)]
+enum Hop {
+    /// To a node connected here.
+    Local(Arc<RelayTarget>),
+    /// To the controller holding the node's session.
+    Remote(Arc<RemotePeer>),
+}
+
 /// A path report as last received.
 #[derive(Debug, Clone)]
 pub struct ReportedPaths {
@@ -339,6 +399,11 @@ pub struct OverlayHub {
     /// Relay index → the control connection of the node that has it. Written when an agent joins
     /// or leaves the overlay, read per relayed packet.
     relays: RwLock<HashMap<PeerIndex, Arc<RelayTarget>>>,
+    /// Relay index → the node on another controller that has it. Written under the hub's lock,
+    /// read per relayed packet.
+    remote: RwLock<HashMap<PeerIndex, Arc<RemotePeer>>>,
+    /// The other controllers, once the mesh runs.
+    mesh: std::sync::OnceLock<Arc<dyn MeshPort>>,
     paths: Mutex<HashMap<NodeId, ReportedPaths>>,
     probe_port: Mutex<Option<u16>>,
     limits: OverlayLimits,
@@ -367,6 +432,8 @@ impl OverlayHub {
                 limits: HashMap::new(),
             }),
             relays: RwLock::new(HashMap::new()),
+            remote: RwLock::new(HashMap::new()),
+            mesh: std::sync::OnceLock::new(),
             paths: Mutex::new(HashMap::new()),
             probe_port: Mutex::new(None),
             limits,
@@ -396,7 +463,132 @@ impl OverlayHub {
             relay_rate_limited: get(&s.relay_rate_limited),
             relay_unshared: get(&s.relay_unshared),
             relay_no_target: get(&s.relay_no_target),
+            punches_undelivered: get(&s.punches_undelivered),
+            relay_mesh_dropped: get(&s.relay_mesh_dropped),
         }
+    }
+
+    /// Connects the hub to the other controllers; the first call wins.
+    pub fn set_mesh(&self, port: Arc<dyn MeshPort>) {
+        let _ = self.mesh.set(port);
+    }
+
+    fn tell_mesh(&self, news: impl FnOnce() -> Option<OverlayNews>) {
+        if let Some(port) = self.mesh.get() {
+            if let Some(news) = news() {
+                port.broadcast(news);
+            }
+        }
+    }
+
+    /// Makes the relay's route to `node` match the coordinator: through the controller holding its
+    /// session when that is another one, none otherwise. Called under the hub's lock.
+    fn sync_route(&self, st: &mut HubState, node: &NodeId) {
+        let Some(index) = st.coordinator.index_of(node) else {
+            return;
+        };
+        let holder = st.coordinator.remote_holder(node).map(str::to_owned);
+        let peer = holder.map(|controller| {
+            let reach = st.reach(node);
+            reach.set(st.coordinator.networks_of(node));
+            Arc::new(RemotePeer {
+                node: node.clone(),
+                controller,
+                reach,
+            })
+        });
+        let mut routes = self.remote.write().unwrap_or_else(|p| p.into_inner());
+        match peer {
+            Some(p) => {
+                routes.insert(index, p);
+            }
+            None => {
+                if routes.get(&index).is_some_and(|r| r.node == *node) {
+                    routes.remove(&index);
+                }
+            }
+        }
+    }
+
+    /// Calls `f` with every local subscription, under the hub's lock: a mesh link that starts
+    /// with this snapshot, and is registered inside `f`, misses no later change.
+    pub fn with_subscriptions<R>(&self, f: impl FnOnce(Vec<Subscription>) -> R) -> R {
+        let st = self.state();
+        let subs = st
+            .links
+            .iter()
+            .filter_map(|(node, link)| st.coordinator.subscription(node, link.since))
+            .collect();
+        f(subs)
+    }
+
+    /// What another controller (`controller`) says about its agents' subscriptions: with `reset`,
+    /// it is saying them all again. Their peers here get deltas; their places in netmaps outlive
+    /// `controller` (see the coordinator).
+    pub fn remote_subscriptions(
+        &self,
+        controller: &str,
+        reset: bool,
+        up: Vec<Subscription>,
+        left: Vec<NodeId>,
+    ) {
+        let now = now_ms();
+        let mut guard = self.state();
+        let st = &mut *guard;
+        if reset {
+            for node in st.coordinator.reset_remote(controller) {
+                self.sync_route(st, &node);
+            }
+        }
+        for sub in up {
+            let node = sub.node.clone();
+            let (taken, deliveries) = st.coordinator.subscribe_remote(controller, sub, now);
+            if !taken {
+                debug!(node = %node, controller, "older overlay subscription from another controller ignored");
+                continue;
+            }
+            Self::send_all(&st.links, deliveries);
+            self.sync_route(st, &node);
+        }
+        for node in left {
+            if st.coordinator.unsubscribe_remote(controller, &node) {
+                self.sync_route(st, &node);
+            }
+        }
+    }
+
+    /// Membership changes another controller made (the store already holds them).
+    pub fn remote_membership_changed(&self, store: &Store, changes: &[MembershipChange]) {
+        self.apply_membership(store, changes);
+    }
+
+    /// Brings the coordinator to the store as it is now: for membership and key changes another
+    /// controller made while this one could not hear of them (its mesh link was down). The relay
+    /// sees the result before this returns.
+    pub fn resync(&self, store: &Store) -> Result<(), crate::store::StoreError> {
+        let snapshot = store.overlay_snapshot()?;
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let deliveries = st.coordinator.resync(snapshot, now_ms());
+        for (node, reach) in &st.reach {
+            reach.set(st.coordinator.networks_of(node));
+        }
+        debug!(
+            deliveries = deliveries.len(),
+            "overlay state brought to the store's"
+        );
+        Self::send_all(&st.links, deliveries);
+        Ok(())
+    }
+
+    /// A node's key changed on another controller (the store already holds it).
+    pub fn remote_key_changed(&self, node: &NodeId, key: [u8; 32]) {
+        let st = &mut *self.state();
+        let Some(index) = st.coordinator.index_of(node) else {
+            return;
+        };
+        let deliveries = st.coordinator.node_known(node, index, Some(key), now_ms());
+        Self::send_all(&st.links, deliveries);
     }
 
     /// The node's current key is no longer trusted (a certificate of it was revoked): its peers get
@@ -426,6 +618,12 @@ impl OverlayHub {
         let st = &mut *self.state();
         let deliveries = st.coordinator.node_known(node, index, Some(key), now_ms());
         Self::send_all(&st.links, deliveries);
+        self.tell_mesh(|| {
+            Some(OverlayNews::Key {
+                node: node.clone(),
+                key,
+            })
+        });
         Ok(())
     }
 
@@ -454,7 +652,8 @@ impl OverlayHub {
         let now = now_ms();
         let instant = Instant::now();
         let observed = conn.remote_address();
-        let mut st = self.state();
+        let mut guard = self.state();
+        let st = &mut *guard;
         let first_on_conn = match st.links.get_mut(node) {
             Some(link) if link.conn_id == conn_id => {
                 if !link.hellos.take(self.limits.hellos, instant, 1.0) {
@@ -480,13 +679,22 @@ impl OverlayHub {
                     tx: tx.clone(),
                     index,
                     hellos,
+                    since: now,
                 },
             );
+        } else if let Some(link) = st.links.get_mut(node) {
+            link.since = now;
         }
         let reach = st.reach(node);
         reach.set(st.coordinator.networks_of(node));
         Self::send_all(&st.links, updates);
-        drop(st);
+        self.sync_route(st, node);
+        self.tell_mesh(|| {
+            st.coordinator
+                .subscription(node, now)
+                .map(OverlayNews::Subscribed)
+        });
+        drop(guard);
         let mut out = Vec::new();
         if first_on_conn {
             let target = Arc::new(RelayTarget {
@@ -511,7 +719,8 @@ impl OverlayHub {
 
     /// The agent's connection ended.
     pub fn disconnected(&self, node: &NodeId, conn_id: u64) {
-        let mut st = self.state();
+        let mut guard = self.state();
+        let st = &mut *guard;
         let Some(link) = st.links.get(node) else {
             return;
         };
@@ -520,8 +729,12 @@ impl OverlayHub {
         }
         let index = link.index;
         st.links.remove(node);
-        st.coordinator.unsubscribe(node);
-        drop(st);
+        // Another controller may hold its new session already: its peers here hear that now.
+        let deliveries = st.coordinator.unsubscribe(node, now_ms());
+        Self::send_all(&st.links, deliveries);
+        self.sync_route(st, node);
+        self.tell_mesh(|| Some(OverlayNews::Left(node.clone())));
+        drop(guard);
         let mut relays = self.relays.write().unwrap_or_else(|p| p.into_inner());
         if relays.get(&index).is_some_and(|t| t.node == *node) {
             relays.remove(&index);
@@ -531,8 +744,20 @@ impl OverlayHub {
     /// Membership changed in the store: tell the connected agents concerned. The relay sees the new
     /// membership before this returns, so a node that left a network can no longer relay into it.
     pub fn membership_changed(&self, store: &Store, changes: &[MembershipChange]) {
+        if let Some(_held) = self.apply_membership(store, changes) {
+            self.tell_mesh(|| Some(OverlayNews::Membership(changes.to_vec())));
+        }
+    }
+
+    /// Applies membership changes and returns the hub's lock still held (so a broadcast of them
+    /// keeps their order), or `None` if there were none.
+    fn apply_membership(
+        &self,
+        store: &Store,
+        changes: &[MembershipChange],
+    ) -> Option<std::sync::MutexGuard<'_, HubState>> {
         if changes.is_empty() {
-            return;
+            return None;
         }
         let now = now_ms();
         let mut st = self.state();
@@ -567,6 +792,7 @@ impl OverlayHub {
             "netmap changes sent"
         );
         Self::send_all(&st.links, deliveries);
+        Some(st)
     }
 
     /// A node left the fleet: it can no longer relay, or be relayed to, from this moment.
@@ -577,6 +803,10 @@ impl OverlayHub {
             reach.set(Vec::new());
         }
         st.limits.remove(node);
+        self.remote
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, r| r.node != *node);
         drop(st);
         self.paths
             .lock()
@@ -604,12 +834,20 @@ impl OverlayHub {
             debug!(from = %from, to = %punch.peer, ?why, "punch request beyond its rate ignored");
             return;
         }
-        if let Some(link) = st.links.get(&punch.peer) {
-            let endpoints = st.coordinator.endpoints(from);
-            let _ = link.tx.send(ControllerMsg::Punch(Punch {
-                peer: from.clone(),
-                endpoints,
-            }));
+        let msg = ControllerMsg::Punch(Punch {
+            peer: from.clone(),
+            endpoints: st.coordinator.endpoints(from),
+        });
+        // Another controller's newer session wins over one lingering here.
+        if let (Some(port), Some(controller)) =
+            (self.mesh.get(), st.coordinator.remote_holder(&punch.peer))
+        {
+            if !port.deliver(controller, &punch.peer, msg) {
+                bump(&self.stats.punches_undelivered, 1);
+                debug!(from = %from, to = %punch.peer, controller, "punch request for a node on another controller not passed on");
+            }
+        } else if let Some(link) = st.links.get(&punch.peer) {
+            let _ = link.tx.send(msg);
         }
     }
 
@@ -661,14 +899,46 @@ impl OverlayHub {
         v
     }
 
-    /// Where a packet that a node with `reach` relays to `to` goes, if anywhere. Reads the relay
-    /// table and the two nodes' reach, never the hub's lock.
-    fn relay_target(
-        &self,
-        from: &NodeId,
-        reach: &Reach,
-        to: PeerIndex,
-    ) -> Option<Arc<RelayTarget>> {
+    /// Where a packet that a node with `reach` relays to `to` goes, if anywhere: a node connected
+    /// here, or the controller holding the node's session. Reads the relay tables and the two
+    /// nodes' reach, never the hub's lock.
+    fn relay_target(&self, from: &NodeId, reach: &Reach, to: PeerIndex) -> Option<Hop> {
+        // Another controller's newer session wins over one lingering here.
+        let remote = self
+            .remote
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&to)
+            .cloned();
+        let (node, target_reach, hop) = match remote {
+            Some(r) => (r.node.clone(), r.reach.clone(), Hop::Remote(r)),
+            None => {
+                let local = self
+                    .relays
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&to)
+                    .cloned();
+                let Some(t) = local else {
+                    bump(&self.stats.relay_no_target, 1);
+                    debug!(from = %from, to = to.0, "relay destination not connected");
+                    return None;
+                };
+                (t.node.clone(), t.reach.clone(), Hop::Local(t))
+            }
+        };
+        if node == *from || !reach.shares(&target_reach) {
+            bump(&self.stats.relay_unshared, 1);
+            debug!(from = %from, to = %node, "relay between nodes that share no network refused");
+            return None;
+        }
+        Some(hop)
+    }
+
+    /// A packet another controller (`controller`) relays from `from`, a node connected there, to
+    /// `to`, which should be connected here. Handed to `to` only if the two share a network now;
+    /// the sender's rate was charged where it entered.
+    pub fn relay_from_mesh(&self, controller: &str, to: PeerIndex, from: PeerIndex, packet: &[u8]) {
         let target = self
             .relays
             .read()
@@ -677,15 +947,41 @@ impl OverlayHub {
             .cloned();
         let Some(target) = target else {
             bump(&self.stats.relay_no_target, 1);
-            debug!(from = %from, to = to.0, "relay destination not connected");
-            return None;
+            debug!(
+                controller,
+                from = from.0,
+                to = to.0,
+                "relay destination from another controller not connected here"
+            );
+            return;
         };
-        if target.node == *from || !reach.shares(&target.reach) {
+        let remote = self
+            .remote
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&from)
+            .map(|r| (r.node.clone(), r.reach.clone()));
+        // A source that moved there from here, before its session here has ended.
+        let source = remote.or_else(|| {
+            self.relays
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&from)
+                .map(|t| (t.node.clone(), t.reach.clone()))
+        });
+        let Some((source, source_reach)) = source else {
+            bump(&self.stats.relay_mesh_dropped, 1);
+            debug!(controller, from = from.0, to = %target.node, "relayed packet from another controller with an unknown source dropped");
+            return;
+        };
+        if source == target.node || !source_reach.shares(&target.reach) {
             bump(&self.stats.relay_unshared, 1);
-            debug!(from = %from, to = %target.node, "relay between nodes that share no network refused");
-            return None;
+            debug!(controller, from = %source, to = %target.node, "relay from another controller between nodes that share no network refused");
+            return;
         }
-        Some(target)
+        if let Err(e) = target.conn.send_datagram(relay_datagram(from, packet)) {
+            debug!(controller, from = %source, to = %target.node, cause = %e, "relay datagram dropped");
+        }
     }
 
     /// Forwards relayed packets arriving on `node`'s control connection until it closes. A packet
@@ -714,11 +1010,23 @@ impl OverlayHub {
                 bump(&self.stats.relay_no_target, 1);
                 continue;
             };
-            let Some(target) = self.relay_target(&node, &reach, to) else {
-                continue;
-            };
-            if let Err(e) = target.conn.send_datagram(relay_datagram(index, &packet)) {
-                debug!(from = %node, to = %target.node, cause = %e, "relay datagram dropped");
+            match self.relay_target(&node, &reach, to) {
+                None => {}
+                Some(Hop::Local(target)) => {
+                    if let Err(e) = target.conn.send_datagram(relay_datagram(index, &packet)) {
+                        debug!(from = %node, to = %target.node, cause = %e, "relay datagram dropped");
+                    }
+                }
+                Some(Hop::Remote(peer)) => {
+                    let sent = self
+                        .mesh
+                        .get()
+                        .is_some_and(|port| port.relay(&peer.controller, to, index, &packet));
+                    if !sent {
+                        bump(&self.stats.relay_mesh_dropped, 1);
+                        debug!(from = %node, to = %peer.node, controller = %peer.controller, "relay datagram for a node on another controller dropped");
+                    }
+                }
             }
         }
     }
@@ -962,7 +1270,7 @@ mod tests {
         server: quinn::Endpoint,
         nodes: HashMap<String, NodeId>,
         next_conn: u64,
-        _dir: tempfile::TempDir,
+        _dir: Arc<tempfile::TempDir>,
     }
 
     /// One agent: its end of the control connection, and what the hub queued for it.
@@ -975,6 +1283,8 @@ mod tests {
         key: [u8; 32],
         tx: crate::connections::queue::NodeTx,
         queued: crate::connections::queue::NodeRx,
+        /// What the hub answered its first hello.
+        welcome: Vec<ControllerMsg>,
     }
 
     fn hello_msg() -> OverlayHello {
@@ -1017,7 +1327,34 @@ mod tests {
                 server,
                 nodes,
                 next_conn: 1,
-                _dir: dir,
+                _dir: Arc::new(dir),
+            }
+        }
+
+        /// Another controller's hub over the same store and CA (the cluster's shared store).
+        fn second(&self) -> Hub {
+            let ca = Ca::load_or_create(self._dir.path()).unwrap();
+            let (chain, key) = ca
+                .issue_server_cert(&[pki::CONTROLLER_SERVER_NAME.to_owned()], &[])
+                .unwrap();
+            let config = tls::controller_server_config(ca.cert_der(), chain, key).unwrap();
+            let server = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+            let hub = Arc::new(
+                OverlayHub::open_with_limits(
+                    &self.store,
+                    Duration::from_secs(3600),
+                    OverlayLimits::default(),
+                )
+                .unwrap(),
+            );
+            Hub {
+                hub,
+                store: self.store.clone(),
+                ca,
+                server,
+                nodes: self.nodes.clone(),
+                next_conn: 1000,
+                _dir: self._dir.clone(),
             }
         }
 
@@ -1069,12 +1406,14 @@ mod tests {
                 key: pki::sha256(&cert),
                 tx,
                 queued,
+                welcome: Vec::new(),
             };
             let out = self.hello(&mut agent, &hello_msg());
             assert!(
                 matches!(out.first(), Some(ControllerMsg::Observed(_))),
                 "{out:?}"
             );
+            agent.welcome = out;
             tokio::spawn(self.hub.clone().relay(
                 agent.node.clone(),
                 agent.index,
@@ -1498,5 +1837,335 @@ mod tests {
         // b's budget is its own.
         h.hub.paths_reported(&b.node, report(&[&a.node]));
         assert_eq!(h.hub.reported_paths().len(), 2);
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Several controllers: hubs over one store, joined by an in-process mesh.
+    // ---------------------------------------------------------------------------------------------
+
+    /// The controller mesh as the hubs see it: every port delivers at once, to hubs whose
+    /// controller is up. (Calls go straight into the other hub; the tests drive one thing at a
+    /// time, so two hubs never call each other at once.)
+    #[derive(Debug, Default)]
+    struct Fabric {
+        hubs: Mutex<HashMap<String, std::sync::Weak<OverlayHub>>>,
+        down: Mutex<HashSet<String>>,
+        store: Mutex<Option<Store>>,
+        /// Every agent's queue, wherever its session is (`Controller::send_local` there).
+        queues: Mutex<HashMap<NodeId, crate::connections::queue::NodeTx>>,
+    }
+
+    #[derive(Debug)]
+    struct FabricPort {
+        me: String,
+        fabric: Arc<Fabric>,
+    }
+
+    impl Fabric {
+        fn join(self: &Arc<Self>, id: &str, h: &Hub) {
+            *self.store.lock().unwrap() = Some(h.store.clone());
+            self.hubs
+                .lock()
+                .unwrap()
+                .insert(id.into(), Arc::downgrade(&h.hub));
+            h.hub.set_mesh(Arc::new(FabricPort {
+                me: id.into(),
+                fabric: self.clone(),
+            }));
+        }
+
+        fn hub(&self, id: &str) -> Option<Arc<OverlayHub>> {
+            if self.down.lock().unwrap().contains(id) {
+                return None;
+            }
+            self.hubs.lock().unwrap().get(id)?.upgrade()
+        }
+
+        /// `from`'s link to `to` comes up: the snapshot, as the mesh sends it first.
+        fn link_up(&self, from: &str, to: &str) {
+            let (Some(src), Some(dst)) = (self.hub(from), self.hub(to)) else {
+                return;
+            };
+            src.with_subscriptions(|subs| dst.remote_subscriptions(from, true, subs, vec![]));
+        }
+
+        fn add_agent(&self, a: &Agent) {
+            self.queues
+                .lock()
+                .unwrap()
+                .insert(a.node.clone(), a.tx.clone());
+        }
+    }
+
+    impl MeshPort for FabricPort {
+        fn broadcast(&self, news: OverlayNews) {
+            if self.fabric.down.lock().unwrap().contains(&self.me) {
+                return;
+            }
+            let others: Vec<Arc<OverlayHub>> = {
+                let ids: Vec<String> = self.fabric.hubs.lock().unwrap().keys().cloned().collect();
+                ids.iter()
+                    .filter(|id| **id != self.me)
+                    .filter_map(|id| self.fabric.hub(id))
+                    .collect()
+            };
+            let store = self.fabric.store.lock().unwrap().clone().unwrap();
+            for hub in others {
+                match news.clone() {
+                    OverlayNews::Subscribed(sub) => {
+                        hub.remote_subscriptions(&self.me, false, vec![sub], vec![])
+                    }
+                    OverlayNews::Left(node) => {
+                        hub.remote_subscriptions(&self.me, false, vec![], vec![node])
+                    }
+                    OverlayNews::Membership(changes) => {
+                        hub.remote_membership_changed(&store, &changes)
+                    }
+                    OverlayNews::Key { node, key } => hub.remote_key_changed(&node, key),
+                }
+            }
+        }
+
+        fn deliver(&self, controller: &str, node: &NodeId, msg: ControllerMsg) -> bool {
+            if self.fabric.hub(controller).is_none() {
+                return false;
+            }
+            let queues = self.fabric.queues.lock().unwrap();
+            queues.get(node).is_some_and(|q| q.send(msg).is_ok())
+        }
+
+        fn relay(&self, controller: &str, to: PeerIndex, from: PeerIndex, packet: &[u8]) -> bool {
+            match self.fabric.hub(controller) {
+                Some(hub) => {
+                    hub.relay_from_mesh(&self.me, to, from, packet);
+                    true
+                }
+                None => false,
+            }
+        }
+    }
+
+    /// The peer record for `of` in what `msgs` hold (the last one).
+    fn peer_in(msgs: &[ControllerMsg], of: &NodeId) -> Option<shoal_proto::Peer> {
+        let mut found = None;
+        for m in msgs {
+            let peers: Vec<shoal_proto::Peer> = match m {
+                ControllerMsg::Netmap(map) => map.peers.clone(),
+                ControllerMsg::NetmapDelta(d) => d
+                    .changes
+                    .iter()
+                    .filter_map(|c| match c {
+                        shoal_proto::NetmapChange::Peer(p) => Some(p.clone()),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => continue,
+            };
+            if let Some(p) = peers.into_iter().find(|p| p.node == *of) {
+                found = Some(p);
+            }
+        }
+        found
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn agents_on_two_controllers_learn_each_other_punch_and_relay_through_the_mesh() {
+        let mut one = Hub::start(OverlayLimits::default(), &["a", "b", "c"]);
+        let mut two = one.second();
+        let fabric = Arc::new(Fabric::default());
+        fabric.join("one", &one);
+        fabric.join("two", &two);
+        let mut a = one.connect("a").await;
+        fabric.add_agent(&a);
+        let mut b = two.connect("b").await;
+        fabric.add_agent(&b);
+
+        // b's first netmap (from two) holds a as one saw it; a hears of b as two saw it.
+        let a_seen = peer_in(&b.welcome, &a.node).expect("a in b's netmap");
+        assert_eq!(a_seen.endpoints[0], a.server_side.remote_address());
+        assert_eq!((a_seen.index, a_seen.key_sha256), (a.index, a.key));
+        let b_seen = peer_in(&a.drain(), &b.node).expect("a told of b");
+        assert_eq!(b_seen.endpoints[0], b.server_side.remote_address());
+        assert_eq!((b_seen.index, b_seen.key_sha256), (b.index, b.key));
+        assert!(b.drain().is_empty(), "two sends b nothing for a's hello");
+
+        // A punch request for b goes to two, carrying a's endpoints.
+        one.hub.punch(
+            &a.node,
+            &Punch {
+                peer: b.node.clone(),
+                endpoints: vec![],
+            },
+        );
+        let punches: Vec<_> = b
+            .drain()
+            .into_iter()
+            .filter_map(|m| match m {
+                ControllerMsg::Punch(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(punches.len(), 1);
+        assert_eq!(punches[0].peer, a.node);
+        assert_eq!(punches[0].endpoints[0], a.server_side.remote_address());
+
+        // Relayed packets cross, both ways.
+        a.relay_to(&b, b"from one");
+        assert_eq!(b.relayed().await, (a.index, b"from one".to_vec()));
+        b.relay_to(&a, b"from two");
+        assert_eq!(a.relayed().await, (b.index, b"from two".to_vec()));
+
+        // b leaves every network (on two): one refuses a's packets to b at once.
+        let changes = two.store.leave_all_networks(&b.node).unwrap();
+        two.hub.membership_changed(&two.store, &changes);
+        assert!(
+            a.drain().iter().any(|m| matches!(m, ControllerMsg::NetmapDelta(d) if d.changes.contains(&shoal_proto::NetmapChange::PeerGone(b.node.clone())))),
+            "a hears b is gone through one"
+        );
+        a.relay_to(&b, b"after leaving");
+        counted(&one.hub, "a's packet to b refused at one", |c| {
+            c.relay_unshared == 1
+        })
+        .await;
+
+        // c, enrolled after both started, connects to two: one learns its index from the store
+        // and its place in the default network from two's membership change.
+        let c_node = enrol_for_tests(&one.store, "c-late", &[], T0);
+        two.nodes.insert("c-late".into(), c_node.clone());
+        // (Enrolment joined it already, unseen by the hubs: join again to get the changes.)
+        two.store.leave_all_networks(&c_node).unwrap();
+        let changes = two.store.join_networks(&c_node).unwrap();
+        two.hub.membership_changed(&two.store, &changes);
+        let c = two.connect("c-late").await;
+        fabric.add_agent(&c);
+        let c_seen = peer_in(&a.drain(), &c.node).expect("a told of c");
+        assert_eq!(c_seen.endpoints[0], c.server_side.remote_address());
+        a.relay_to(&c, b"to the newcomer");
+        assert_eq!(c.relayed().await, (a.index, b"to the newcomer".to_vec()));
+        assert_eq!(one.hub.counters().relay_mesh_dropped, 0);
+
+        // A change two makes while one cannot hear it reaches one when its link is back (resync
+        // from the store).
+        fabric.down.lock().unwrap().insert("one".into());
+        let changes = two.store.leave_all_networks(&c.node).unwrap();
+        two.hub.membership_changed(&two.store, &changes);
+        fabric.down.lock().unwrap().remove("one");
+        assert!(a.drain().is_empty(), "one did not hear of it");
+        one.hub.resync(&one.store).unwrap();
+        assert!(
+            a.drain().iter().any(|m| matches!(m, ControllerMsg::NetmapDelta(d) if d.changes.contains(&shoal_proto::NetmapChange::PeerGone(c.node.clone())))),
+            "a hears c is gone once one resyncs"
+        );
+        a.relay_to(&c, b"after resync");
+        counted(&one.hub, "a's packet to c refused at one", |c| {
+            c.relay_unshared == 2
+        })
+        .await;
+        let _ = &mut two;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_controllers_agent_stays_in_netmaps_until_a_newer_session_elsewhere_replaces_it()
+    {
+        let mut one = Hub::start(OverlayLimits::default(), &["a", "b"]);
+        let mut two = one.second();
+        let mut three = one.second();
+        let fabric = Arc::new(Fabric::default());
+        fabric.join("one", &one);
+        fabric.join("two", &two);
+        fabric.join("three", &three);
+        let mut a = one.connect("a").await;
+        fabric.add_agent(&a);
+        let b = two.connect("b").await;
+        fabric.add_agent(&b);
+        let first = peer_in(&a.drain(), &b.node).unwrap();
+
+        // two dies with b's session: a's netmap keeps b as it was, and one has nowhere to send
+        // b's packets (counted).
+        fabric.down.lock().unwrap().insert("two".into());
+        two.hub.disconnected(&b.node, b.conn_id);
+        assert!(a.drain().is_empty(), "nothing changes for a");
+        a.relay_to(&b, b"while nowhere");
+        counted(&one.hub, "a's packet to b dropped", |c| {
+            c.relay_mesh_dropped == 1
+        })
+        .await;
+        one.hub.punch(
+            &a.node,
+            &Punch {
+                peer: b.node.clone(),
+                endpoints: vec![],
+            },
+        );
+        assert_eq!(one.hub.counters().punches_undelivered, 1);
+
+        // b reconnects to three: its newer subscription replaces two's, and packets flow again.
+        let b2 = three.connect("b").await;
+        fabric.add_agent(&b2);
+        let now = peer_in(&a.drain(), &b.node).expect("a hears b's new session");
+        assert_eq!(now.endpoints[0], b2.server_side.remote_address());
+        assert_ne!(now.endpoints, first.endpoints);
+        a.relay_to(&b2, b"to three");
+        assert_eq!(b2.relayed().await, (a.index, b"to three".to_vec()));
+
+        // two comes back and says its (empty) subscriptions again: nothing changes.
+        fabric.down.lock().unwrap().remove("two");
+        fabric.link_up("two", "one");
+        assert!(a.drain().is_empty());
+        a.relay_to(&b2, b"still three");
+        assert_eq!(b2.relayed().await, (a.index, b"still three".to_vec()));
+        // A late word from two about its old session (sent before it noticed) loses too.
+        let stale = Subscription {
+            node: b.node.clone(),
+            index: b.index,
+            key: b.key,
+            observed: first.endpoints[0],
+            local_endpoints: vec![],
+            nat: shoal_proto::NatMapping::Unknown,
+            since: UnixMillis(1),
+        };
+        one.hub
+            .remote_subscriptions("two", false, vec![stale], vec![]);
+        assert!(a.drain().is_empty());
+        let _ = (&mut two, &mut three);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_that_moved_on_is_reached_where_it_went_while_its_old_session_lingers() {
+        let mut one = Hub::start(OverlayLimits::default(), &["a", "b"]);
+        let mut two = one.second();
+        let fabric = Arc::new(Fabric::default());
+        fabric.join("one", &one);
+        fabric.join("two", &two);
+        let mut a = one.connect("a").await;
+        fabric.add_agent(&a);
+        let b = one.connect("b").await;
+        a.drain();
+        // b lost its path to one and reconnected to two; one has not noticed yet.
+        let mut b2 = two.connect("b").await;
+        fabric.add_agent(&b2);
+        let seen = peer_in(&a.drain(), &b.node).expect("a hears of b's new session");
+        assert_eq!(seen.endpoints[0], b2.server_side.remote_address());
+        a.relay_to(&b2, b"where it went");
+        assert_eq!(b2.relayed().await, (a.index, b"where it went".to_vec()));
+        one.hub.punch(
+            &a.node,
+            &Punch {
+                peer: b.node.clone(),
+                endpoints: vec![],
+            },
+        );
+        assert!(
+            b2.drain()
+                .iter()
+                .any(|m| matches!(m, ControllerMsg::Punch(p) if p.peer == a.node)),
+            "the punch request went to two"
+        );
+        // The old session ends at last: nothing changes for a.
+        one.hub.disconnected(&b.node, b.conn_id);
+        assert!(a.drain().is_empty());
+        a.relay_to(&b2, b"still there");
+        assert_eq!(b2.relayed().await, (a.index, b"still there".to_vec()));
+        let _ = &mut two;
     }
 }

@@ -13,6 +13,12 @@
 //! ([`crate::server::Controller::send_to`], [`crate::server::Controller::presence_of`]), and
 //! liveness, heartbeats and path reports never become etcd writes. When a mesh connection ends,
 //! what its dialer said is forgotten at once; the dialer resends a full snapshot when it is back.
+//!
+//! The overlay rides the same links ([`OverlayPort`]): each controller's agents' subscriptions (a
+//! snapshot first, then each change), the membership and key changes it makes, punch requests for
+//! agents the other holds (`Deliver`), and relayed packets as QUIC datagrams
+//! ([`wire::relay_datagram`]). Unlike presence, overlay subscriptions outlive the link: an agent
+//! whose controller died keeps its place in the other controllers' netmaps.
 
 pub(crate) mod wire;
 
@@ -27,13 +33,17 @@ use std::{
 };
 
 use shoal_overlay::{framed, pki, tls};
-use shoal_proto::{ControllerMsg, NodeId};
+use shoal_proto::{ControllerMsg, NodeId, PeerIndex};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::connections::SendError;
+use crate::overlay::hub::{MeshPort, OverlayHub, OverlayNews};
 use crate::server::Controller;
-use wire::{MeshMsg, NodePresence, MAX_PRESENCE_PER_FRAME, MESH_VERSION};
+use wire::{
+    MeshMsg, NodePresence, MAX_MEMBERSHIP_CHANGES_PER_FRAME, MAX_PRESENCE_PER_FRAME,
+    MAX_SUBSCRIPTIONS_PER_FRAME, MESH_VERSION,
+};
 
 /// Messages queued for one peer before the link counts as stuck (it is then dropped and redialled,
 /// which resends the presence in full).
@@ -56,6 +66,8 @@ pub(crate) struct RemoteNode {
 struct LinkTx {
     tx: mpsc::Sender<MeshMsg>,
     generation: u64,
+    /// The link's connection, for relayed packets (datagrams).
+    conn: quinn::Connection,
 }
 
 /// The mesh's state in one controller.
@@ -216,9 +228,30 @@ impl Mesh {
         });
     }
 
-    /// A new outgoing link: queues the full presence on it, then adds it (under the publish lock,
-    /// so it misses no change).
-    fn register(&self, peer: &str, tx: mpsc::Sender<MeshMsg>) -> u64 {
+    /// Sends a relayed packet to `peer` as a datagram on the link; false if it was dropped.
+    pub(crate) fn relay(&self, peer: &str, to: PeerIndex, from: PeerIndex, packet: &[u8]) -> bool {
+        let conn = match lock(&self.links).get(peer) {
+            Some(link) => link.conn.clone(),
+            None => return false,
+        };
+        match conn.send_datagram(wire::relay_datagram(to, from, packet)) {
+            Ok(()) => true,
+            Err(e) => {
+                debug!(peer = %peer, cause = %e, bytes = packet.len(), "relay datagram not sent on the mesh link");
+                false
+            }
+        }
+    }
+
+    /// A new outgoing link: queues the full presence and the overlay's subscriptions on it, then
+    /// adds it (under the publish lock and the hub's, so it misses no change).
+    fn register(
+        &self,
+        peer: &str,
+        tx: mpsc::Sender<MeshMsg>,
+        conn: quinn::Connection,
+        overlay: &OverlayHub,
+    ) -> u64 {
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let published = lock(&self.published);
         let all: Vec<NodePresence> = published.values().cloned().collect();
@@ -238,7 +271,27 @@ impl Mesh {
                 gone: Vec::new(),
             });
         }
-        lock(&self.links).insert(peer.to_owned(), LinkTx { tx, generation });
+        overlay.with_subscriptions(|subs| {
+            for (i, chunk) in subs
+                .chunks(MAX_SUBSCRIPTIONS_PER_FRAME)
+                .chain(subs.is_empty().then_some(&[][..]))
+                .enumerate()
+            {
+                let _ = tx.try_send(MeshMsg::OverlaySubscriptions {
+                    reset: i == 0,
+                    up: chunk.to_vec(),
+                    left: Vec::new(),
+                });
+            }
+            lock(&self.links).insert(
+                peer.to_owned(),
+                LinkTx {
+                    tx,
+                    generation,
+                    conn,
+                },
+            );
+        });
         generation
     }
 
@@ -281,6 +334,9 @@ impl Mesh {
 /// Keeps a link to every other live member and publishes this controller's presence, until the
 /// task is aborted.
 pub(crate) async fn run(controller: Arc<Controller>, endpoint: quinn::Endpoint) {
+    controller
+        .overlay
+        .set_mesh(Arc::new(OverlayPort(Arc::downgrade(&controller))));
     let client = match tls::mesh_client_config(controller.ca.cert_der()) {
         Ok(c) => c,
         Err(e) => {
@@ -356,7 +412,9 @@ async fn link(
         .await
         .map_err(|e| e.to_string())?;
     let (tx, mut rx) = mpsc::channel(LINK_QUEUE);
-    let generation = controller.mesh.register(peer, tx);
+    let generation = controller
+        .mesh
+        .register(peer, tx, conn.clone(), &controller.overlay);
     lock(&controller.mesh.dialing).remove(peer);
     info!(peer = %peer, %addr, "mesh link up");
     let result = loop {
@@ -425,6 +483,32 @@ pub(crate) async fn serve(controller: Arc<Controller>, conn: quinn::Connection) 
     let generation = controller.mesh.generation.fetch_add(1, Ordering::SeqCst) + 1;
     lock(&controller.mesh.accepted).insert(peer.clone(), generation);
     debug!(peer = %peer, remote = %remote_addr, "mesh peer accepted");
+    // What the peer changed while it could not tell us is in the store. Read before its frames
+    // are applied, so what they say is never older than the snapshot.
+    let resync = tokio::task::spawn_blocking({
+        let controller = controller.clone();
+        move || controller.overlay.resync(&controller.store)
+    })
+    .await;
+    if let Ok(Err(e)) = resync {
+        warn!(peer = %peer, cause = %e, "overlay state not brought to the store's; the next mesh link retries");
+    }
+    // Relayed packets from the peer's agents to ours, beside its frames.
+    let datagrams = tokio::spawn({
+        let (controller, conn, peer) = (controller.clone(), conn.clone(), peer.clone());
+        async move {
+            while let Ok(d) = conn.read_datagram().await {
+                match wire::parse_relay_datagram(&d) {
+                    Some((to, from, packet)) => {
+                        controller.overlay.relay_from_mesh(&peer, to, from, &packet)
+                    }
+                    None => {
+                        debug!(peer = %peer, bytes = d.len(), "runt relay datagram on the mesh")
+                    }
+                }
+            }
+        }
+    });
     loop {
         let msg: MeshMsg = match reader.recv().await {
             Ok(Some(m)) => m,
@@ -458,7 +542,23 @@ pub(crate) async fn serve(controller: Arc<Controller>, conn: quinn::Connection) 
                     info!(peer = %peer, node = %node, %serial, "revoked certificate's session ended");
                 }
             }
-            MeshMsg::NodeRemoved { node } => controller.node_removed(&node),
+            MeshMsg::NodeRemoved { node } => {
+                controller.node_removed(&node);
+                controller.overlay.forget(&node);
+            }
+            MeshMsg::OverlaySubscriptions { reset, up, left } => controller
+                .overlay
+                .remote_subscriptions(&peer, reset, up, left),
+            MeshMsg::OverlayMembership(changes) => {
+                let c = controller.clone();
+                // Joins of nodes new here read their relay index from the store; awaited, so
+                // changes apply in the order they were made.
+                let _ = tokio::task::spawn_blocking(move || {
+                    c.overlay.remote_membership_changed(&c.store, &changes)
+                })
+                .await;
+            }
+            MeshMsg::OverlayKey { node, key } => controller.overlay.remote_key_changed(&node, key),
             MeshMsg::RolloutEvent(event) => {
                 let c = controller.clone();
                 tokio::task::spawn_blocking(move || {
@@ -476,11 +576,107 @@ pub(crate) async fn serve(controller: Arc<Controller>, conn: quinn::Connection) 
             }
         }
     }
+    datagrams.abort();
     let mut accepted = lock(&controller.mesh.accepted);
     if accepted.get(&peer) == Some(&generation) {
         accepted.remove(&peer);
         drop(accepted);
         controller.mesh.forget_peer(&peer);
         info!(peer = %peer, "mesh peer gone: its nodes' presence dropped");
+    }
+}
+
+/// The overlay hub's way to the other controllers ([`MeshPort`]). Holds the controller weakly: the
+/// hub it is set on belongs to the controller.
+#[derive(Debug)]
+pub(crate) struct OverlayPort(pub(crate) std::sync::Weak<Controller>);
+
+impl MeshPort for OverlayPort {
+    fn broadcast(&self, news: OverlayNews) {
+        let Some(c) = self.0.upgrade() else { return };
+        match news {
+            OverlayNews::Subscribed(sub) => c.mesh.broadcast(MeshMsg::OverlaySubscriptions {
+                reset: false,
+                up: vec![sub],
+                left: Vec::new(),
+            }),
+            OverlayNews::Left(node) => c.mesh.broadcast(MeshMsg::OverlaySubscriptions {
+                reset: false,
+                up: Vec::new(),
+                left: vec![node],
+            }),
+            OverlayNews::Membership(changes) => {
+                for chunk in changes.chunks(MAX_MEMBERSHIP_CHANGES_PER_FRAME) {
+                    c.mesh.broadcast(MeshMsg::OverlayMembership(chunk.to_vec()));
+                }
+            }
+            OverlayNews::Key { node, key } => c.mesh.broadcast(MeshMsg::OverlayKey { node, key }),
+        }
+    }
+
+    fn deliver(&self, controller: &str, node: &NodeId, msg: ControllerMsg) -> bool {
+        let Some(c) = self.0.upgrade() else {
+            return false;
+        };
+        c.mesh.send_to_peer(
+            controller,
+            MeshMsg::Deliver {
+                node: node.clone(),
+                // The node subscribed to the overlay: its agent understands punch requests.
+                min_protocol: 0,
+                msg,
+            },
+        )
+    }
+
+    fn relay(&self, controller: &str, to: PeerIndex, from: PeerIndex, packet: &[u8]) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|c| c.mesh.relay(controller, to, from, packet))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_relayed_packet_of_quics_minimum_size_crosses_a_new_mesh_link_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::registry::ca::Ca::load_or_create(dir.path()).unwrap();
+        let (chain, key) = ca
+            .issue_server_cert(&[pki::CONTROLLER_SERVER_NAME.to_owned()], &[])
+            .unwrap();
+        let server = quinn::Endpoint::server(
+            tls::controller_server_config(ca.cert_der(), chain, key).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let connecting = client
+            .connect_with(
+                tls::mesh_client_config(ca.cert_der()).unwrap(),
+                server.local_addr().unwrap(),
+                pki::CONTROLLER_SERVER_NAME,
+            )
+            .unwrap();
+        let (dialer, acceptor) =
+            tokio::join!(connecting, async { server.accept().await.unwrap().await });
+        let (dialer, acceptor) = (dialer.unwrap(), acceptor.unwrap());
+        // Peers' handshake packets are QUIC's 1200-byte minimum: they must cross before path MTU
+        // discovery has run.
+        let packet = vec![7u8; 1200];
+        dialer
+            .send_datagram(wire::relay_datagram(PeerIndex(2), PeerIndex(1), &packet))
+            .unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(5), acceptor.read_datagram())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            wire::parse_relay_datagram(&d),
+            Some((PeerIndex(2), PeerIndex(1), packet.into()))
+        );
     }
 }

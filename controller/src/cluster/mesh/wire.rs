@@ -1,15 +1,22 @@
 //! What controllers of one cluster say to each other, as postcard frames on the one stream of a
 //! mesh connection (`shoal-mesh`), dialer to acceptor.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use shoal_controller_core::rollout;
-use shoal_proto::{BootReport, ControllerMsg, NodeId, UpdateReport};
+use shoal_controller_core::{coordinator::Subscription, networks::MembershipChange, rollout};
+use shoal_proto::{BootReport, ControllerMsg, NodeId, PeerIndex, UpdateReport};
 
 /// The mesh protocol's version; a controller refuses a peer that speaks another.
 pub const MESH_VERSION: u16 = 1;
 
 /// Most node presences in one frame (a full snapshot is sent in several).
 pub const MAX_PRESENCE_PER_FRAME: usize = 256;
+
+/// Most overlay subscriptions in one frame (each is at most about 500 bytes).
+pub const MAX_SUBSCRIPTIONS_PER_FRAME: usize = 64;
+
+/// Most membership changes in one frame.
+pub const MAX_MEMBERSHIP_CHANGES_PER_FRAME: usize = 128;
 
 /// The label of the secret a dialer proves it holds ([`crate::registry::ca::Ca::derive_secret`]).
 pub const PROOF_LABEL: &str = "shoal mesh v1";
@@ -63,6 +70,71 @@ pub enum MeshMsg {
         /// The node.
         node: NodeId,
     },
+    /// The dialer's agents' overlay subscriptions, for the acceptor's coordinator (remote
+    /// subscribers there): with `reset`, everything it said before is said again from here on.
+    OverlaySubscriptions {
+        /// The dialer is saying them all again (its first frame on a link).
+        reset: bool,
+        /// Subscriptions, new or changed.
+        up: Vec<Subscription>,
+        /// Nodes whose session on the dialer ended.
+        left: Vec<NodeId>,
+    },
+    /// Overlay membership changes the dialer made (already in the shared store).
+    OverlayMembership(Vec<MembershipChange>),
+    /// A node's overlay key changed on the dialer (already in the shared store).
+    OverlayKey {
+        /// The node.
+        node: NodeId,
+        /// SHA-256 of its key, or [`shoal_proto::KEY_WITHDRAWN`].
+        key: [u8; 32],
+    },
+}
+
+/// Bytes before the packet in a relayed datagram on a mesh link: destination and source relay
+/// indexes.
+pub const RELAY_HEADER_LEN: usize = 8;
+
+/// A relayed packet as it crosses a mesh link (a QUIC datagram, dialer to acceptor): `to` is
+/// connected to the acceptor, `from` to the dialer.
+pub fn relay_datagram(to: PeerIndex, from: PeerIndex, packet: &[u8]) -> Bytes {
+    let mut v = Vec::with_capacity(RELAY_HEADER_LEN + packet.len());
+    v.extend_from_slice(&to.0.to_be_bytes());
+    v.extend_from_slice(&from.0.to_be_bytes());
+    v.extend_from_slice(packet);
+    Bytes::from(v)
+}
+
+/// Splits a mesh relay datagram into (to, from, packet); `None` if it carries no packet.
+pub fn parse_relay_datagram(d: &Bytes) -> Option<(PeerIndex, PeerIndex, Bytes)> {
+    let to: [u8; 4] = d.get(..4)?.try_into().ok()?;
+    let from: [u8; 4] = d.get(4..RELAY_HEADER_LEN)?.try_into().ok()?;
+    let packet = d.slice(RELAY_HEADER_LEN..);
+    (!packet.is_empty()).then_some((
+        PeerIndex(u32::from_be_bytes(to)),
+        PeerIndex(u32::from_be_bytes(from)),
+        packet,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_datagrams_round_trip_and_runts_are_refused() {
+        let d = relay_datagram(PeerIndex(7), PeerIndex(0x0102_0304), b"quic");
+        assert_eq!(
+            parse_relay_datagram(&d),
+            Some((
+                PeerIndex(7),
+                PeerIndex(0x0102_0304),
+                Bytes::from_static(b"quic")
+            ))
+        );
+        assert_eq!(parse_relay_datagram(&d.slice(..8)), None);
+        assert_eq!(parse_relay_datagram(&d.slice(..5)), None);
+    }
 }
 
 /// A node connected to a controller, as the leader's drivers need to see it.
