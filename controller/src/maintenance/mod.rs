@@ -44,7 +44,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use shoal_proto::{MaintenanceAction, NodeId, UnixMillis};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     server::now_ms, server::Controller, store::decode, store::encode, store::EventKind,
@@ -71,6 +71,10 @@ const WINDOWS: &str = "windows";
 const BUDGETS: &str = "budgets";
 const ROLLOUTS: &str = "rollouts";
 const FAILED_VERSIONS: &str = "failed_versions";
+/// News from agents for the rollouts, written by a controller that does not lead and applied (then
+/// deleted) by the leader: key = arrival time (ms, big-endian) and 8 random bytes, value = the
+/// [`Event`]. In the store, so no news is lost when the leader dies before it applied it.
+const ROLLOUT_INBOX: &str = "rollout_inbox";
 /// The per-node deadline of a maintenance action run unless `--deadline` says otherwise: the
 /// agent's default `--maintenance-timeout` (30 min) plus hooks and a reboot.
 pub const ACTION_DEADLINE: Duration = Duration::from_secs(45 * 60);
@@ -297,6 +301,8 @@ pub struct Maintenance {
     failed: RawTable,
     /// Serialises every change of a rollout (driver ticks, operators' commands, node events).
     lock: Mutex<()>,
+    /// Serialises applying the rollout inbox (the mesh's wake-up and the driver's tick).
+    inbox_lock: Mutex<()>,
     upgraders: Mutex<BTreeMap<TargetKind, Arc<dyn NodeUpgrader>>>,
     clock: RolloutClock,
     /// Rollouts whose commands lost by a restart have been repeated (in this process).
@@ -359,6 +365,7 @@ impl Maintenance {
             rollouts: store.table(ROLLOUTS),
             failed: store.table(FAILED_VERSIONS),
             lock: Mutex::new(()),
+            inbox_lock: Mutex::new(()),
             upgraders: Mutex::new(BTreeMap::new()),
             clock,
             resent: Mutex::new(BTreeSet::new()),
@@ -1028,10 +1035,14 @@ impl Controller {
     /// the node's version and health in its presence and settles the node from that.
     pub fn rollout_event(&self, event: Event) -> Result<(), MaintError> {
         if self.cluster.is_clustered() && !self.cluster.is_leader() {
-            match self.cluster.leader().leader {
-                Some(leader) if self.mesh.to_leader(&leader, event.clone()) => {}
-                leader => {
-                    warn!(node = %event.node(), leader = ?leader, "rollout news could not reach the leader; its driver settles the node from what it observes")
+            let mut key = now_ms().0.to_be_bytes().to_vec();
+            key.extend_from_slice(&rand::random::<[u8; 8]>());
+            self.store
+                .table(ROLLOUT_INBOX)
+                .insert(key, encode("rollout news", &event)?)?;
+            if let Some(leader) = self.cluster.leader().leader {
+                if !self.mesh.wake_leader(&leader) {
+                    debug!(node = %event.node(), leader = %leader, "leader not told of the news now; its next tick applies it");
                 }
             }
             return Ok(());
@@ -1040,6 +1051,26 @@ impl Controller {
             Some(result) => result,
             None => Ok(()),
         }
+    }
+
+    /// Applies and deletes the news other controllers left in the rollout inbox, oldest first (the
+    /// leader's; once at a time, so no news is applied twice).
+    pub(crate) fn apply_rollout_inbox(&self) -> Result<usize, MaintError> {
+        let _g = lock(&self.maint.inbox_lock);
+        let table = self.store.table(ROLLOUT_INBOX);
+        let news: Vec<(Vec<u8>, Vec<u8>)> = table
+            .scan(crate::store::Scan::all())
+            .take(1024)
+            .collect::<Result<_, _>>()?;
+        let count = news.len();
+        for (key, value) in news {
+            match decode::<Event>(ROLLOUT_INBOX, &key, &value) {
+                Ok(event) => self.apply_rollout_event(event)?,
+                Err(e) => warn!(cause = %e, "unreadable rollout news dropped"),
+            }
+            table.remove(&key)?;
+        }
+        Ok(count)
     }
 
     /// [`Controller::rollout_event`] on the leader.
@@ -1173,6 +1204,11 @@ impl Controller {
     /// One pass of the driver over every unfinished rollout. Blocking (store writes, upgrader
     /// calls).
     pub fn rollout_tick(&self) {
+        if self.cluster.is_clustered() {
+            if let Err(e) = self.apply_rollout_inbox() {
+                warn!(cause = %e, "rollout news not applied; retrying at the next tick");
+            }
+        }
         if let Err(e) = self.try_rollout_tick() {
             warn!(cause = %e, "rollout driver pass failed; retrying at the next tick");
         }

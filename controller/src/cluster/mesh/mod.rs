@@ -6,7 +6,7 @@
 //! sends, on that one connection: its *presence* (which nodes are connected to it, their protocol,
 //! boot and update reports — a full snapshot first, then what changed, once a second), messages
 //! for agents the other controller holds (`Deliver`), and agents' news for the rollouts when the
-//! other controller leads (`RolloutEvent`). Each direction has its own connection: the dialer
+//! other controller leads (`RolloutNews`: the news itself waits in the store). Each direction has its own connection: the dialer
 //! only sends, the acceptor only receives.
 //!
 //! So the leader's drivers see and reach every node wherever its session is
@@ -175,13 +175,10 @@ impl Mesh {
         }
     }
 
-    /// Sends news for the rollouts to the leader `leader`; false when it cannot go now.
-    pub(crate) fn to_leader(
-        &self,
-        leader: &str,
-        event: shoal_controller_core::rollout::Event,
-    ) -> bool {
-        self.send_to_peer(leader, MeshMsg::RolloutEvent(event))
+    /// Tells the leader `leader` that the rollout inbox holds news; false when it cannot go now
+    /// (the leader's next tick finds it anyway).
+    pub(crate) fn wake_leader(&self, leader: &str) -> bool {
+        self.send_to_peer(leader, MeshMsg::RolloutNews)
     }
 
     /// Publishes `now` (this controller's connected nodes) to every link: what changed since the
@@ -559,18 +556,11 @@ pub(crate) async fn serve(controller: Arc<Controller>, conn: quinn::Connection) 
                 .await;
             }
             MeshMsg::OverlayKey { node, key } => controller.overlay.remote_key_changed(&node, key),
-            MeshMsg::RolloutEvent(event) => {
+            MeshMsg::RolloutNews => {
                 let c = controller.clone();
                 tokio::task::spawn_blocking(move || {
-                    let node = event.node().clone();
-                    match c.cluster.as_leader(|| c.apply_rollout_event(event)) {
-                        Some(Err(e)) => {
-                            warn!(node = %node, cause = %e, "forwarded rollout news not applied")
-                        }
-                        None => {
-                            debug!(node = %node, "rollout news for a leader this controller no longer is")
-                        }
-                        Some(Ok(())) => {}
+                    if c.cluster.as_leader(|| c.apply_rollout_inbox()).is_none() {
+                        debug!("rollout news for a leader this controller no longer is");
                     }
                 });
             }

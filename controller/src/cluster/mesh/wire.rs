@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use shoal_controller_core::{coordinator::Subscription, networks::MembershipChange, rollout};
+use shoal_controller_core::{coordinator::Subscription, networks::MembershipChange};
 use shoal_proto::{BootReport, ControllerMsg, NodeId, PeerIndex, UpdateReport};
 
 /// The mesh protocol's version; a controller refuses a peer that speaks another.
@@ -52,7 +52,9 @@ pub enum MeshMsg {
         msg: ControllerMsg,
     },
     /// News from an agent for the rollouts, for the leader (the acceptor) to apply.
-    RolloutEvent(rollout::Event),
+    /// News from agents waits in the rollout inbox (in the store): the leader (the acceptor)
+    /// applies it now rather than at its next tick.
+    RolloutNews,
     /// A certificate was revoked: end the node's session if it presented it (or ask the node to
     /// rotate its key when it was its current one).
     CertificateRevoked {
