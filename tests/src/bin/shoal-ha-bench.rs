@@ -239,7 +239,7 @@ fn faults(rounds: usize, seed: u64) -> Result<()> {
             while !stop.load(Ordering::SeqCst) {
                 n += 1;
                 let (ns, conf) = &targets[rng.below(targets.len() as u64) as usize];
-                let (write, args): (Write, Vec<String>) = if n % 4 == 0 {
+                let (write, args): (Write, Vec<String>) = if n.is_multiple_of(4) {
                     (
                         Write::Network(n),
                         vec![
