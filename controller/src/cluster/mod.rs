@@ -322,3 +322,115 @@ fn shared_digests(data_dir: &std::path::Path, dir: &str) -> Result<Vec<u8>, Join
     }
     Ok(out)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn fleet_files(dir: &std::path::Path) {
+        crate::registry::ca::Ca::load_or_create(dir).unwrap();
+        crate::backups::secrets::SecretBox::open(dir).unwrap();
+    }
+
+    #[test]
+    fn a_controller_joins_only_with_the_fleets_shared_files() {
+        let first = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&first.path().join("store")).unwrap();
+        fleet_files(first.path());
+        // The first controller: nothing recorded yet, then its files are the fleet's.
+        assert!(!check_shared_files(&store, first.path()).unwrap());
+        record_shared_files(&store, first.path()).unwrap();
+        assert!(check_shared_files(&store, first.path()).unwrap());
+
+        // A joiner with copies of the fleet's files is one of it.
+        let joiner = tempfile::tempdir().unwrap();
+        for f in SHARED_FILES {
+            std::fs::copy(first.path().join(f), joiner.path().join(f)).unwrap();
+        }
+        assert!(check_shared_files(&store, joiner.path()).unwrap());
+
+        // One without them must not mint a CA of its own.
+        let bare = tempfile::tempdir().unwrap();
+        let e = check_shared_files(&store, bare.path()).unwrap_err();
+        assert!(
+            matches!(e, JoinError::Missing { file: "ca.crt", .. }),
+            "{e}"
+        );
+
+        // One with another CA (or secrets key) is refused, naming the file.
+        let other = tempfile::tempdir().unwrap();
+        fleet_files(other.path());
+        let e = check_shared_files(&store, other.path()).unwrap_err();
+        assert!(
+            matches!(e, JoinError::Differs { file: "ca.crt", .. }),
+            "{e}"
+        );
+        std::fs::copy(first.path().join("ca.crt"), other.path().join("ca.crt")).unwrap();
+        std::fs::copy(first.path().join("ca.key"), other.path().join("ca.key")).unwrap();
+        let e = check_shared_files(&store, other.path()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                JoinError::Differs {
+                    file: "backup-secrets.key",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("copy it from another controller"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_controller_keeps_its_id_and_refuses_a_garbled_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = load_or_create_id(dir.path()).unwrap();
+        assert!(valid_id(&id), "{id}");
+        assert_eq!(
+            load_or_create_id(dir.path()).unwrap(),
+            id,
+            "stable across starts"
+        );
+        std::fs::write(dir.path().join("controller.id"), "Not An/Id\n").unwrap();
+        assert!(load_or_create_id(dir.path()).is_err());
+    }
+
+    #[test]
+    fn the_announced_set_puts_this_controller_first_and_leaves_out_wildcards() {
+        let c = Cluster::clustered("b".into());
+        let rec = |id: &str, addr: &str| MemberRecord {
+            id: id.into(),
+            agent_addr: addr.parse().unwrap(),
+            api: String::new(),
+            version: String::new(),
+            started_ms: 0,
+            agents: 0,
+            updated_ms: 0,
+        };
+        c.set_members(vec![
+            rec("a", "10.0.0.1:7440"),
+            rec("c", "0.0.0.0:7440"),
+            rec("b", "10.0.0.2:7440"),
+        ]);
+        let set: Vec<String> = c
+            .agent_endpoints()
+            .borrow()
+            .iter()
+            .map(|e| e.id.clone())
+            .collect();
+        assert_eq!(set, vec!["b", "a"]);
+        assert!(
+            !c.is_leader(),
+            "a clustered controller follows until it wins"
+        );
+        assert!(Cluster::single("x".into()).is_leader());
+        assert!(
+            c.as_leader(|| ()).is_none(),
+            "no leader's work on a follower"
+        );
+    }
+}

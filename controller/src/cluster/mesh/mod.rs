@@ -669,4 +669,142 @@ mod tests {
             Some((PeerIndex(2), PeerIndex(1), packet.into()))
         );
     }
+
+    /// Dials `ctl`'s mesh acceptor (run by hand on a bare endpoint) and says `hello`, then a
+    /// presence naming `node`; what the acceptor did.
+    async fn dial_with(
+        ctl: Arc<Controller>,
+        hello: MeshMsg,
+        node: &NodeId,
+    ) -> quinn::ConnectionError {
+        let (chain, key) = ctl
+            .ca
+            .issue_server_cert(&[pki::CONTROLLER_SERVER_NAME.to_owned()], &[])
+            .unwrap();
+        let server = quinn::Endpoint::server(
+            tls::controller_server_config(ctl.ca.cert_der(), chain, key).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let connecting = client
+            .connect_with(
+                tls::mesh_client_config(ctl.ca.cert_der()).unwrap(),
+                server.local_addr().unwrap(),
+                pki::CONTROLLER_SERVER_NAME,
+            )
+            .unwrap();
+        let accepted = {
+            let ctl = ctl.clone();
+            tokio::spawn(async move {
+                let conn = server.accept().await.unwrap().await.unwrap();
+                serve(ctl, conn).await;
+            })
+        };
+        let conn = connecting.await.unwrap();
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        framed::send_msg(&mut send, &hello).await.unwrap();
+        let presence = MeshMsg::Presence {
+            reset: true,
+            up: vec![NodePresence {
+                node: node.clone(),
+                protocol: Some(7),
+                boot: None,
+                update: None,
+                live: true,
+            }],
+            gone: Vec::new(),
+        };
+        let _ = framed::send_msg(&mut send, &presence).await;
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            // A refused dialer is closed by the acceptor; an accepted one waits for its presence
+            // to land, then ends the link itself.
+            for _ in 0..50 {
+                if ctl.mesh.remote(node).is_some() {
+                    conn.close(0u32.into(), b"done");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            conn.closed().await
+        })
+        .await
+        .unwrap();
+        let _ = accepted.await;
+        closed
+    }
+
+    fn controller(dir: &std::path::Path) -> Arc<Controller> {
+        let config = crate::server::ControllerConfig::for_tests(dir.to_owned());
+        Controller::open(config, "127.0.0.1:7441".parse().unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_dialer_without_the_fleets_proof_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = controller(dir.path());
+        let node = NodeId("n-intruder".into());
+        // Another fleet's CA key gives another proof.
+        let other = tempfile::tempdir().unwrap();
+        let other_ca = crate::registry::ca::Ca::load_or_create(other.path()).unwrap();
+        let hello = MeshMsg::Hello {
+            version: MESH_VERSION,
+            id: "intruder".into(),
+            proof: other_ca.derive_secret(wire::PROOF_LABEL),
+        };
+        let closed = dial_with(ctl.clone(), hello, &node).await;
+        assert!(
+            matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.reason.as_ref() == b"refused"),
+            "{closed:?}"
+        );
+        assert!(
+            ctl.mesh.remote(&node).is_none(),
+            "an intruder's presence was taken"
+        );
+        // A wrong version, or this controller's own id, is refused too.
+        for hello in [
+            MeshMsg::Hello {
+                version: MESH_VERSION + 1,
+                id: "peer".into(),
+                proof: ctl.mesh.secret,
+            },
+            MeshMsg::Hello {
+                version: MESH_VERSION,
+                id: ctl.cluster.id.clone(),
+                proof: ctl.mesh.secret,
+            },
+        ] {
+            let closed = dial_with(ctl.clone(), hello, &node).await;
+            assert!(
+                matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.reason.as_ref() == b"refused"),
+                "{closed:?}"
+            );
+            assert!(ctl.mesh.remote(&node).is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_with_the_fleets_proof_is_heard_and_forgotten_when_its_link_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = controller(dir.path());
+        let node = NodeId("n-elsewhere".into());
+        let hello = MeshMsg::Hello {
+            version: MESH_VERSION,
+            id: "peer-1".into(),
+            proof: ctl.mesh.secret,
+        };
+        let closed = dial_with(ctl.clone(), hello, &node).await;
+        assert!(
+            matches!(closed, quinn::ConnectionError::LocallyClosed),
+            "{closed:?}"
+        );
+        // Heard while the link lived (dial_with waited for it), dropped when it ended.
+        for _ in 0..50 {
+            if ctl.mesh.remote(&node).is_none() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the ended peer's presence was kept");
+    }
 }
