@@ -624,3 +624,95 @@ fn agents_on_different_controllers_talk_through_the_relay_and_again_after_one_co
     })
     .or_panic();
 }
+
+#[test]
+fn a_dead_controllers_agents_are_up_on_another_within_ten_seconds_and_overlay_pings_never_stop() {
+    require_host_tests!();
+    shoal_testkit::require!(etcd_installed());
+    let mut fleet = HaFleet::start(HaConfig::default()).or_panic();
+    fleet
+        .wait_leader(0, None, Duration::from_secs(20))
+        .or_panic();
+    let token = fleet
+        .ctl_ok(0, &["token", "create", "--ttl", "1h", "--uses", "2"])
+        .or_panic();
+    // a on controller 0, b on controller 1 (each knows one more, and learns the rest).
+    let a = fleet.add_agent_to(token.trim(), &[0, 2]).or_panic();
+    let b = fleet.add_agent_to(token.trim(), &[1, 2]).or_panic();
+    fleet.wait_agents_up(Duration::from_secs(60)).or_panic();
+    eventually(Duration::from_secs(20), "a on controller 0, b on 1", || {
+        ensure!(holder_of(&fleet, 2, a)? == 0, "a is elsewhere");
+        ensure!(holder_of(&fleet, 2, b)? == 1, "b is elsewhere");
+        Ok(())
+    })
+    .or_panic();
+    let (a_ns, b_ns) = (fleet.agents[a].netns.clone(), fleet.agents[b].netns.clone());
+    let addrs: Vec<Ipv4Addr> =
+        eventually(Duration::from_secs(30), "both agents have shoal0", || {
+            Ok(vec![tap_addr(&a_ns, "shoal0")?, tap_addr(&b_ns, "shoal0")?])
+        })
+        .or_panic();
+    let b_id = node_of(&fleet, 0, b).or_panic()["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    // A direct path between them, across controllers.
+    eventually(Duration::from_secs(40), "a's direct path to b", || {
+        ping(&a_ns, addrs[1])?;
+        let paths = paths_on(&fleet, 0)?;
+        ensure!(
+            paths
+                .iter()
+                .any(|p| p["to"] == b_id.as_str() && p["kind"] == "direct"),
+            "{paths:?}"
+        );
+        Ok(())
+    })
+    .or_panic();
+    // Ping all through the controller's death: 5 per second for 20 s.
+    let pinger = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &a_ns, "ping", "-i", "0.2", "-c", "100", "-W", "1",
+        ])
+        .arg(addrs[1].to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ping");
+    eventually(Duration::from_secs(5), "pings under way", || {
+        ensure!(paths_on(&fleet, 0)?.len() > 0, "no paths");
+        Ok(())
+    })
+    .or_panic();
+    let killed = Instant::now();
+    fleet.controllers[1].proc.kill().or_panic();
+    eventually(
+        Duration::from_secs(10),
+        "b up on another controller",
+        || {
+            let node = node_of(&fleet, 0, b)?;
+            let holder = holder_of(&fleet, 0, b)?;
+            ensure!(
+                holder != 1 && node["status"] == "up" && node["connected"] == true,
+                "b: {} on {holder}",
+                node["status"]
+            );
+            Ok(())
+        },
+    )
+    .or_panic();
+    let moved = killed.elapsed();
+    let out = pinger.wait_with_output().expect("ping output");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let summary = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_default()
+        .to_owned();
+    eprintln!("b's controller killed -> b up on another after {moved:?}; ping: {summary}");
+    assert!(moved < Duration::from_secs(10), "took {moved:?}");
+    assert!(
+        summary.contains("100 packets transmitted, 100 received"),
+        "overlay pings stopped: {summary}"
+    );
+}
