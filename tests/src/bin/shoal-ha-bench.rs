@@ -123,7 +123,22 @@ fn failover(runs: usize, agents: usize) -> Result<()> {
         fleet.wait_controller_ready(leader)?;
         // A controller that holds agents, killed.
         if agents > 0 {
-            let nodes = as_array(fleet.ctl_json(next, &["nodes", "list"])?, "nodes")?;
+            // Every agent settled (up, its controller known) before the next kill.
+            let nodes = eventually(
+                Duration::from_secs(30),
+                "every node up on a controller",
+                || {
+                    let nodes = as_array(fleet.ctl_json(next, &["nodes", "list"])?, "nodes")?;
+                    ensure!(
+                        nodes.len() == agents
+                            && nodes
+                                .iter()
+                                .all(|n| n["status"] == "up" && n["controller"].is_string()),
+                        "not yet"
+                    );
+                    Ok(nodes)
+                },
+            )?;
             let victim_id = nodes
                 .iter()
                 .filter_map(|n| n["controller"].as_str())
