@@ -518,6 +518,16 @@ async fn node_session(
             let msg = recv_msg::<ControllerMsg>(&mut recv).await;
             let at = Instant::now();
             match (msg, &overlay) {
+                // Without the overlay, what the controller says (drive policy, the controllers of
+                // a cluster, …) is a real agent's work; the loadgen only keeps its session.
+                (Ok(Some(msg)), None)
+                    if !matches!(
+                        msg,
+                        ControllerMsg::Revoked { .. } | ControllerMsg::Reject(_)
+                    ) =>
+                {
+                    continue
+                }
                 (Ok(Some(msg)), Some(o))
                     if !matches!(
                         msg,

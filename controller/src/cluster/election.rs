@@ -312,11 +312,29 @@ impl Term {
         .map(|_| ())
     }
 
-    /// Campaigns (or checks the leader key still is ours) and reads the membership.
+    /// Campaigns (or checks the leader key still is ours) and reads the membership. A read while
+    /// someone holds the leader key; a transaction only when it is free.
     async fn step(&mut self, lease: i64, leadership: &mut Leadership) -> EtcdResult<()> {
         let cfg = self.config.clone();
         let key = cfg.leader_key();
-        let sent = Instant::now();
+        let held = bounded(
+            cfg.request_timeout,
+            "read the leader key",
+            self.client.get(key.clone(), None),
+        )
+        .await?;
+        if let Some(kv) = held.kvs().first() {
+            let now = Instant::now();
+            if kv.lease() == lease {
+                let change = leadership.won(kv.create_revision(), now);
+                apply(&*self.host, &cfg, change, None);
+            } else {
+                let leader = String::from_utf8_lossy(kv.value()).into_owned();
+                let change = leadership.not_leader(&format!("controller {leader} leads"));
+                apply(&*self.host, &cfg, change, Some(leader));
+            }
+            return self.read_members().await;
+        }
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(
@@ -327,7 +345,6 @@ impl Term {
             .or_else([TxnOp::get(key.clone(), None)]);
         let resp = bounded(cfg.request_timeout, "campaign", self.client.txn(txn)).await?;
         let now = Instant::now();
-        let _ = sent;
         if resp.succeeded() {
             let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             let change = leadership.won(revision, now);
@@ -353,6 +370,12 @@ impl Term {
                 }
             }
         }
+        self.read_members().await
+    }
+
+    /// Reads every membership record into the cluster state.
+    async fn read_members(&mut self) -> EtcdResult<()> {
+        let cfg = &self.config;
         let members = bounded(
             cfg.request_timeout,
             "read the membership",

@@ -75,7 +75,8 @@ pub(crate) struct OrphanSweep {
 }
 
 impl OrphanSweep {
-    /// One pass (blocking; the leader's, fenced by the caller).
+    /// One pass (blocking; the leader's, fenced by the caller): one scan of `node_sessions`, and
+    /// a node record read only for a node whose controller is gone.
     pub(crate) fn pass(&mut self, controller: &Controller, now: Instant) -> Result<(), StoreError> {
         let live: HashSet<String> = controller
             .cluster
@@ -88,38 +89,51 @@ impl OrphanSweep {
         }
         let window = controller.live().liveness.window();
         let mut orphans = HashSet::new();
-        for node in controller.store.nodes()? {
-            if node.status != NodeStatus::Up || controller.is_connected(&node.id) {
-                continue;
-            }
-            let Some(owner) = controller.session_owner(&node.id)? else {
-                continue;
-            };
+        for entry in controller
+            .store
+            .table(NODE_SESSIONS)
+            .scan(crate::store::Scan::all())
+        {
+            let (key, value) = entry?;
+            let owner = String::from_utf8_lossy(&value).into_owned();
             if live.contains(&owner) {
                 continue;
             }
-            orphans.insert(node.id.clone());
-            let first = *self.since.entry(node.id.clone()).or_insert(now);
+            let node = NodeId(String::from_utf8_lossy(&key).into_owned());
+            if controller.is_connected(&node) {
+                continue;
+            }
+            orphans.insert(node.clone());
+            let first = *self.since.entry(node.clone()).or_insert(now);
             if now.duration_since(first) < window {
                 continue;
             }
-            let updated = controller.store.update_node(&node.id, |n| {
+            let was_up = controller
+                .store
+                .node(&node)?
+                .is_some_and(|n| n.status == NodeStatus::Up);
+            let updated = controller.store.update_node(&node, |n| {
                 n.status = NodeStatus::Down;
             })?;
-            if let Some(n) = updated {
+            // Settled: its record no longer names a live session anywhere.
+            controller
+                .store
+                .table(NODE_SESSIONS)
+                .remove(key.as_slice())?;
+            if let (Some(n), true) = (updated, was_up) {
                 let msg = format!(
                     "{} is down: its controller {owner} is gone and it did not come back on another within {window:?}",
                     n.hostname
                 );
-                info!(node = %node.id, controller = %owner, "orphaned node written down");
+                info!(node = %node, controller = %owner, "orphaned node written down");
                 controller.store.append_event(
                     EventKind::Registry(RegistryEvent::Down),
-                    Some(&node.id),
+                    Some(&node),
                     &msg,
                     now_ms(),
                 )?;
             }
-            self.since.remove(&node.id);
+            self.since.remove(&node);
         }
         self.since.retain(|n, _| orphans.contains(n));
         Ok(())
