@@ -141,8 +141,20 @@ fn sample(cmd: &Command, arg: &clap::Arg) -> Option<String> {
     if !arg.get_action().takes_values() {
         return Some("true".into());
     }
-    let parser = arg.get_value_parser();
-    let takes = |v: &str| parser.parse_ref(cmd, Some(arg), OsStr::new(v)).is_ok();
+    // The flag's own parser, through the command alone (clap keeps `ValueParser::parse_ref`
+    // private): a value it refuses fails the parse; a missing required flag, checked after every
+    // value was parsed, does not count.
+    let probe = cmd.clone().mut_args(|a| a.required(false));
+    let takes = |v: &str| {
+        let long = arg.get_long().unwrap_or_default();
+        match probe
+            .clone()
+            .try_get_matches_from([cmd.get_name().to_owned(), format!("--{long}={v}")])
+        {
+            Ok(m) => m.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine),
+            Err(e) => e.kind() == clap::error::ErrorKind::MissingRequiredArgument,
+        }
+    };
     let possible = arg
         .get_possible_values()
         .into_iter()
