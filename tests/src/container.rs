@@ -217,5 +217,9 @@ impl Drop for Machine {
         let _ = std::fs::remove_dir_all(&self.root);
         let _ =
             std::fs::remove_dir_all(Path::new("/run/systemd/nspawn/propagate").join(&self.name));
+        // The console log stays only when the test failed.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(self.root.with_extension("console.log"));
+        }
     }
 }

@@ -69,7 +69,19 @@ fn scenario() -> Result<()> {
     let rootfs = cached_rootfs(&cache)?;
     let name = format!("shoal-install-{}", std::process::id());
     let m = Machine::boot(&rootfs, &cache.join(&name), &name)?;
-    for deb in &debs {
+    let result = in_machine(&m, &debs);
+    if result.is_err() {
+        // What the units said, before the container and its journal go away.
+        let journal = m.sh_output("journalctl -b --no-pager -u shoal-controller -u shoal-agent");
+        if let Ok(out) = journal {
+            eprintln!("journal:\n{}", String::from_utf8_lossy(&out.stdout));
+        }
+    }
+    result
+}
+
+fn in_machine(m: &Machine, debs: &std::collections::BTreeSet<PathBuf>) -> Result<()> {
+    for deb in debs {
         std::fs::copy(
             deb,
             m.root().join("root").join(deb.file_name().context("name")?),
@@ -81,11 +93,11 @@ fn scenario() -> Result<()> {
     // Install: the controller starts by itself, as its own user; the agent waits for its config.
     m.sh("dpkg -i /root/shoal-controller_*.deb /root/shoal-agent_*.deb")?;
     eventually(TIMEOUT, "the controller's unit and admin.conf", || {
-        ensure!(show(&m, "shoal-controller", "ActiveState")? == "active");
+        ensure!(show(m, "shoal-controller", "ActiveState")? == "active");
         m.sh(&format!("test -s {ADMIN}"))?;
         Ok(())
     })?;
-    let pid = show(&m, "shoal-controller", "MainPID")?;
+    let pid = show(m, "shoal-controller", "MainPID")?;
     let owner = m.sh(&format!(
         "stat -c '%U' /proc/{pid} /var/lib/shoal-controller {ADMIN}; stat -c '%a' /var/lib/shoal-controller {ADMIN}"
     ))?;
@@ -102,7 +114,7 @@ fn scenario() -> Result<()> {
     );
     ensure!(m.sh("systemctl is-enabled shoal-agent")?.trim() == "enabled");
     ensure!(
-        show(&m, "shoal-agent", "ActiveState")? == "inactive",
+        show(m, "shoal-agent", "ActiveState")? == "inactive",
         "the agent does not start without /etc/shoal/agent.toml"
     );
     let verify = m.sh_output(
@@ -144,13 +156,13 @@ fn scenario() -> Result<()> {
     )?;
     m.sh("systemctl start shoal-agent")?;
     eventually(TIMEOUT, "the refused agent to stop", || {
-        ensure!(show(&m, "shoal-agent", "ActiveState")? == "failed");
+        ensure!(show(m, "shoal-agent", "ActiveState")? == "failed");
         Ok(())
     })?;
-    ensure!(show(&m, "shoal-agent", "ExecMainStatus")? == "2");
+    ensure!(show(m, "shoal-agent", "ExecMainStatus")? == "2");
     consistently(Duration::from_secs(7), "no restart after exit 2", || {
-        ensure!(show(&m, "shoal-agent", "NRestarts")? == "0");
-        ensure!(show(&m, "shoal-agent", "ActiveState")? == "failed");
+        ensure!(show(m, "shoal-agent", "NRestarts")? == "0");
+        ensure!(show(m, "shoal-agent", "ActiveState")? == "failed");
         Ok(())
     })?;
 
@@ -180,7 +192,7 @@ fn scenario() -> Result<()> {
     eprintln!("enrolled: {}", node["id"]);
 
     // It runs from its own copy of the executable, which self-updates replace; dpkg's stays.
-    let pid = show(&m, "shoal-agent", "MainPID")?;
+    let pid = show(m, "shoal-agent", "MainPID")?;
     let exe = m.sh(&format!("readlink /proc/{pid}/exe"))?;
     ensure!(
         exe.trim() == "/var/lib/shoal-agent/bin/shoal-agent",
