@@ -35,6 +35,10 @@ struct Cli {
     /// Admin credentials written by the controller (DATA_DIR/admin.conf).
     #[arg(long, env = "SHOAL_CONFIG", global = true)]
     config: Option<PathBuf>,
+    /// The admin API's address instead of the one in the credentials: https://HOST:PORT or
+    /// HOST:PORT, HOST a name or address in the API's certificate (`serve --api-name`).
+    #[arg(long, env = "SHOAL_API", global = true, value_name = "URL")]
+    api: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -440,6 +444,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--api`: `https://HOST:PORT` as given, or `HOST:PORT` made one; nothing else.
+fn api_url(api: &str) -> anyhow::Result<String> {
+    let rest = api
+        .strip_prefix("https://")
+        .unwrap_or(api)
+        .trim_end_matches('/');
+    let valid = rest.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
+    });
+    if !valid || api.contains("://") && !api.starts_with("https://") {
+        bail!("--api {api:?}: expected https://HOST:PORT or HOST:PORT");
+    }
+    Ok(format!("https://{rest}"))
+}
+
 /// JSON as the API sent it: agent-supplied text stays faithful (C0 controls come out as `\u001b`).
 fn print_json(v: &impl Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
@@ -450,7 +469,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let Some(path) = cli.config else {
         bail!("no admin credentials: pass --config DATA_DIR/admin.conf or set SHOAL_CONFIG");
     };
-    let conf = AdminConf::read(&path)?;
+    let mut conf = AdminConf::read(&path)?;
+    if let Some(api) = cli.api {
+        conf.api = api_url(&api)?;
+    }
     let client = AdminClient::new(&conf)?;
     match cli.command {
         Command::Token(TokenCmd::Create { ttl, uses, labels }) => {
@@ -1241,5 +1263,37 @@ fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
     line(header.iter().map(|h| h.to_string()).collect());
     for row in rows {
         line(row);
+    }
+}
+
+#[cfg(test)]
+mod api_flag_tests {
+    use super::api_url;
+
+    #[test]
+    fn api_takes_an_https_url_or_host_and_port() {
+        assert_eq!(
+            api_url("shoal.example.org:7441").expect("ok"),
+            "https://shoal.example.org:7441"
+        );
+        assert_eq!(
+            api_url("https://10.0.0.1:7441/").expect("ok"),
+            "https://10.0.0.1:7441"
+        );
+        assert_eq!(
+            api_url("https://[::1]:7441").expect("ok"),
+            "https://[::1]:7441"
+        );
+        for bad in [
+            "shoal.example.org",
+            "http://h:7441",
+            "https://h:0",
+            "h:port",
+            "https://h:1/x",
+            ":7441",
+        ] {
+            let err = api_url(bad).expect_err(bad).to_string();
+            assert!(err.contains("expected https://HOST:PORT"), "{err}");
+        }
     }
 }

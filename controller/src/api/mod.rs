@@ -45,10 +45,19 @@ pub fn serve(
     if !local.ip().is_unspecified() && !ips.contains(&local.ip()) {
         ips.push(local.ip());
     }
-    let names = vec![
+    let mut names = vec![
         pki::CONTROLLER_SERVER_NAME.to_owned(),
         "localhost".to_owned(),
     ];
+    // `--api-name`: what remote clients dial (checked at start: a DNS name or an IP address).
+    for name in &controller.config.api_names {
+        match name.parse::<IpAddr>() {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            Ok(_) => {}
+            Err(_) if !names.contains(name) => names.push(name.clone()),
+            Err(_) => {}
+        }
+    }
     let (chain, key) = controller.ca.issue_server_cert(&names, &ips)?;
     let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
