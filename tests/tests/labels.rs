@@ -69,11 +69,7 @@ fn labelling_a_node_moves_it_into_and_out_of_a_selected_network_live() {
     require_host_tests!();
     let fleet = fleet(2).or_panic();
     let ns: Vec<String> = fleet.agents().iter().map(|a| a.netns.clone()).collect();
-    let host: Vec<String> = fleet
-        .agents()
-        .iter()
-        .map(|a| a.hostname.clone())
-        .collect();
+    let host: Vec<String> = fleet.agents().iter().map(|a| a.hostname.clone()).collect();
     let ids: Vec<String> = (0..2)
         .map(|i| fleet.node_id(i))
         .collect::<Result<_>>()
@@ -115,18 +111,12 @@ fn labelling_a_node_moves_it_into_and_out_of_a_selected_network_live() {
         || ping(&ns[0], lab[1]),
     )
     .or_panic();
-    assert_eq!(
-        selected(&fleet, "zone in (a,b),role=db").or_panic(),
-        {
-            let mut all = ids.clone();
-            all.sort();
-            all
-        }
-    );
-    assert_eq!(
-        selected(&fleet, "zone=a").or_panic(),
-        vec![ids[0].clone()]
-    );
+    assert_eq!(selected(&fleet, "zone in (a,b),role=db").or_panic(), {
+        let mut all = ids.clone();
+        all.sort();
+        all
+    });
+    assert_eq!(selected(&fleet, "zone=a").or_panic(), vec![ids[0].clone()]);
 
     // Another value needs --overwrite, as with kubectl; nothing changes without it.
     let err = ctl_fails(&fleet, &["nodes", "label", &host[1], "zone=c"]).or_panic();
@@ -136,7 +126,10 @@ fn labelling_a_node_moves_it_into_and_out_of_a_selected_network_live() {
     );
     ping(&ns[0], lab[1]).or_panic();
     let err = ctl_fails(&fleet, &["nodes", "label", &host[1], "bad key=x"]).or_panic();
-    assert!(err.contains("label key \"bad key\" is not allowed"), "{err}");
+    assert!(
+        err.contains("label key \"bad key\" is not allowed"),
+        "{err}"
+    );
     let err = ctl_fails(&fleet, &["nodes", "list", "-l", "zone in (a"]).or_panic();
     assert!(err.contains("expected ',' or ')'"), "{err}");
 
@@ -199,11 +192,7 @@ fn labelling_a_node_moves_it_into_and_out_of_a_selected_network_live() {
 fn drive_policies_budgets_and_windows_select_by_several_terms_and_follow_labels() {
     require_host_tests!();
     let fleet = fleet(2).or_panic();
-    let host: Vec<String> = fleet
-        .agents()
-        .iter()
-        .map(|a| a.hostname.clone())
-        .collect();
+    let host: Vec<String> = fleet.agents().iter().map(|a| a.hostname.clone()).collect();
     let ids: Vec<String> = (0..2)
         .map(|i| fleet.node_id(i))
         .collect::<Result<_>>()
@@ -237,7 +226,11 @@ fn drive_policies_budgets_and_windows_select_by_several_terms_and_follow_labels(
             .map(|e| {
                 (
                     e["node"].as_str().unwrap_or_default().to_owned(),
-                    format!("{} {}", e["mode"].as_str().unwrap_or_default(), e["source"].as_str().unwrap_or_default()),
+                    format!(
+                        "{} {}",
+                        e["mode"].as_str().unwrap_or_default(),
+                        e["source"].as_str().unwrap_or_default()
+                    ),
                 )
             })
             .collect();
@@ -331,8 +324,5 @@ fn drive_policies_budgets_and_windows_select_by_several_terms_and_follow_labels(
         .ctl_ok(&["nodes", "label", &host[1], "zone=a", "--overwrite"])
         .or_panic();
     let err = ctl_fails(&fleet, &run).or_panic();
-    assert!(
-        err.contains(&ids[0]) && !err.contains(&ids[1]),
-        "{err}"
-    );
+    assert!(err.contains(&ids[0]) && !err.contains(&ids[1]), "{err}");
 }

@@ -568,7 +568,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             match output {
                 Output::Json => print_json(&done)?,
                 Output::Table if done.changes.is_empty() => {
-                    say!("node {} ({}): not labeled, no change", done.hostname, done.node)
+                    say!(
+                        "node {} ({}): not labeled, no change",
+                        done.hostname,
+                        done.node
+                    )
                 }
                 Output::Table => say!(
                     "node {} ({}) labeled: {}",
@@ -720,9 +724,10 @@ fn network(client: &AdminClient, cmd: NetworkCmd) -> anyhow::Result<()> {
         NetworkCmd::Add { name, who, output } => {
             print_update(&client.add_to_network(&name, &who.spec(client)?)?, output)?
         }
-        NetworkCmd::Remove { name, who, output } => {
-            print_update(&client.remove_from_network(&name, &who.spec(client)?)?, output)?
-        }
+        NetworkCmd::Remove { name, who, output } => print_update(
+            &client.remove_from_network(&name, &who.spec(client)?)?,
+            output,
+        )?,
         NetworkCmd::Delete { name, output } => {
             let update = client.delete_network(&name)?;
             match output {

@@ -223,11 +223,7 @@ pub struct JobSpec {
 impl Job {
     /// Validates a new job.
     pub fn new(spec: JobSpec, now: UnixMillis) -> Result<Job, BackupDefError> {
-        let selector = spec
-            .selector
-            .as_deref()
-            .map(parse_selector)
-            .transpose()?;
+        let selector = spec.selector.as_deref().map(parse_selector).transpose()?;
         Job::from_record(JobRecord {
             name: spec.name,
             selector,

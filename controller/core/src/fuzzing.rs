@@ -124,7 +124,9 @@ pub fn encode<T: Serialize>(op: u8, value: &T) -> Vec<u8> {
 /// See the module docs. The input is selector text (as UTF-8, lossily, the way a query string
 /// reaches the parser).
 pub fn selector_text(data: &[u8]) -> Seen {
-    use crate::selector::{parse_selector, Selector, SelectorError, Term, MAX_SELECTOR_LEN, MAX_TERMS};
+    use crate::selector::{
+        parse_selector, Selector, SelectorError, Term, MAX_SELECTOR_LEN, MAX_TERMS,
+    };
     let mut seen = Seen::default();
     let text = String::from_utf8_lossy(data);
     let selector = match parse_selector(&text) {
@@ -182,9 +184,17 @@ pub fn selector_text(data: &[u8]) -> Seen {
                 Term::In(k, vs) => Term::NotIn(k, vs),
                 Term::NotIn(k, vs) => Term::In(k, vs),
             };
-            assert_ne!(t.matches(labels), negation.matches(labels), "{t} and its negation");
+            assert_ne!(
+                t.matches(labels),
+                negation.matches(labels),
+                "{t} and its negation"
+            );
         }
-        seen.hit(if selector.matches(labels) { "matched" } else { "not_matched" });
+        seen.hit(if selector.matches(labels) {
+            "matched"
+        } else {
+            "not_matched"
+        });
     }
     seen
 }
@@ -795,7 +805,10 @@ mod tests {
         let seen = mutate_and_run(selector_seeds(), 20_000, selector_text);
         assert!(seen.count("parsed") > 1_000, "{seen:?}");
         assert!(seen.count("refused") > 1_000, "{seen:?}");
-        assert!(seen.count("matched") > 0 && seen.count("not_matched") > 0, "{seen:?}");
+        assert!(
+            seen.count("matched") > 0 && seen.count("not_matched") > 0,
+            "{seen:?}"
+        );
         let long = vec![b'a'; crate::selector::MAX_SELECTOR_LEN + 1];
         assert_eq!(selector_text(&long).count("too_long"), 1);
     }

@@ -205,7 +205,10 @@ mod tests {
     fn kubectl_rules() {
         let mut l = labels(&[("role", "web"), ("zone", "a")]);
         // A different value needs --overwrite; nothing is applied without it.
-        let err = apply(&mut l, &change(&[("rack", "r1"), ("role", "db")], &[], false));
+        let err = apply(
+            &mut l,
+            &change(&[("rack", "r1"), ("role", "db")], &[], false),
+        );
         assert_eq!(
             err,
             Err(LabelChangeError::Exists {
@@ -219,7 +222,10 @@ mod tests {
             "node already has role=web; pass --overwrite to change it"
         );
         // The same value is no change and needs no --overwrite.
-        assert_eq!(apply(&mut l, &change(&[("role", "web")], &[], false)), Ok(vec![]));
+        assert_eq!(
+            apply(&mut l, &change(&[("role", "web")], &[], false)),
+            Ok(vec![])
+        );
         let edits = apply(
             &mut l,
             &change(&[("rack", "r1"), ("role", "db")], &["zone", "gone"], true),
@@ -255,8 +261,9 @@ mod tests {
             apply(&mut l, &change(&[("k", "a,b")], &[], true)),
             Err(LabelChangeError::Label(LabelError::BadValue(_)))
         ));
-        let many: Vec<(String, String)> =
-            (0..MAX_LABELS).map(|i| (format!("k{i}"), "v".into())).collect();
+        let many: Vec<(String, String)> = (0..MAX_LABELS)
+            .map(|i| (format!("k{i}"), "v".into()))
+            .collect();
         let set = many.iter().cloned().collect();
         let c = LabelChange {
             set,

@@ -1098,10 +1098,7 @@ impl Rollout {
             .map(|b| {
                 fleet
                     .iter()
-                    .filter(|(n, o)| {
-                        b.selector.matches(&o.labels)
-                            && self.unavailable(n, o)
-                    })
+                    .filter(|(n, o)| b.selector.matches(&o.labels) && self.unavailable(n, o))
                     .count() as u32
             })
             .collect();
@@ -1125,8 +1122,7 @@ impl Rollout {
                 continue;
             }
             let full = budgets.iter().zip(&group).find(|(b, used)| {
-                b.selector.matches(&observed.labels)
-                    && **used + 1 > b.max_unavailable
+                b.selector.matches(&observed.labels) && **used + 1 > b.max_unavailable
             });
             if let Some((b, used)) = full {
                 let w = Waiting::Budget {

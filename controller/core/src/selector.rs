@@ -613,7 +613,10 @@ mod tests {
                 "example.com/tier=gold,!spot,zone in (x,y),role!=web",
                 "example.com/tier=gold,role!=web,!spot,zone in (x,y)",
             ),
-            ("netboot.mac=52:54:00:00:00:01", "netboot.mac=52:54:00:00:00:01"),
+            (
+                "netboot.mac=52:54:00:00:00:01",
+                "netboot.mac=52:54:00:00:00:01",
+            ),
         ] {
             let s = sel(text);
             assert_eq!(s.to_string(), canonical, "{text}");
@@ -655,7 +658,11 @@ mod tests {
             err("role=db zone=a"),
             "selector \"role=db zone=a\", at byte 8: expected ',' between terms, found \"zone\""
         );
-        assert!(err("zone in a").contains("expected '(' to open the set"), "{}", err("zone in a"));
+        assert!(
+            err("zone in a").contains("expected '(' to open the set"),
+            "{}",
+            err("zone in a")
+        );
         assert!(err("zone in (a").contains("found end of input"));
         assert!(err("zone in (a b)").contains("',' or ')'"));
         assert!(err("zone in ()").contains("is empty"));
@@ -755,7 +762,10 @@ mod tests {
         let new: NewRecord = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(
             new.selectors,
-            vec![Selector::equals("role", "db"), Selector::equals("odd", "a b")]
+            vec![
+                Selector::equals("role", "db"),
+                Selector::equals("odd", "a b")
+            ]
         );
         assert!(new.selectors[1].matches(&labels(&[("odd", "a b")])));
         assert_eq!(new.one, Some(sel("zone=1")));

@@ -161,9 +161,7 @@ pub(crate) fn policy_target(
 ) -> Result<PolicyTarget, PolicyError> {
     match (node, selector) {
         (Some(n), None) => Ok(PolicyTarget::Node(NodeId(n))),
-        (None, Some(s)) => {
-            Ok(PolicyTarget::Selector(parse_selector(&s)?))
-        }
+        (None, Some(s)) => Ok(PolicyTarget::Selector(parse_selector(&s)?)),
         _ => Err(PolicyError::Target),
     }
 }

@@ -850,11 +850,7 @@ impl Controller {
             .store
             .nodes()?
             .into_iter()
-            .filter(|n| {
-                req.selector
-                    .as_ref()
-                    .is_none_or(|s| s.matches(&n.labels))
-            })
+            .filter(|n| req.selector.as_ref().is_none_or(|s| s.matches(&n.labels)))
             .collect();
         if let Some(name) = &req.window {
             let w = m

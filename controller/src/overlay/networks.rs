@@ -1364,7 +1364,10 @@ mod tests {
         assert!(member(&store, "db", &n).is_none(), "no zone yet");
         let label = |set: &[(&str, &str)], remove: &[&str]| {
             let change = LabelChange {
-                set: set.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                set: set
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 remove: remove.iter().map(|k| k.to_string()).collect(),
                 overwrite: true,
             };
@@ -1426,7 +1429,10 @@ mod tests {
         store
             .remove_selector("legacy", &"role=db".parse().unwrap(), T0)
             .unwrap();
-        assert!(member(&store, "legacy", &n).unwrap().via_selector, "multi still matches");
+        assert!(
+            member(&store, "legacy", &n).unwrap().via_selector,
+            "multi still matches"
+        );
         let rec = store.network_by_name("legacy").unwrap().unwrap();
         assert_eq!(rec.selectors, vec![multi]);
     }

@@ -232,7 +232,10 @@ mod tests {
             source(&[("role", "db"), ("zone", "b")]),
             PolicySource::Selector(multi.clone())
         );
-        assert_eq!(source(&[("role", "db"), ("zone", "c")]), PolicySource::Default);
+        assert_eq!(
+            source(&[("role", "db"), ("zone", "c")]),
+            PolicySource::Default
+        );
         assert_eq!(
             source(&[("role", "db"), ("zone", "a"), ("spot", "")]),
             PolicySource::Default

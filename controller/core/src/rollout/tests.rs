@@ -768,9 +768,9 @@ fn run_random(seed: u64, outages: bool, stats: &mut Stats) {
                     .iter()
                     .filter(|(_, o)| b.selector.matches(&o.labels))
                     .map(|(id, _)| id.clone());
-                let started_here = starts.iter().any(|id| {
-                    b.selector.matches(&sim.fleet[id].labels)
-                });
+                let started_here = starts
+                    .iter()
+                    .any(|id| b.selector.matches(&sim.fleet[id].labels));
                 let u = sim.unavailable(&r, group);
                 assert!(
                     !started_here || u <= b.max_unavailable,
