@@ -255,7 +255,7 @@ mod tests {
         };
         let done = label(&b, &[("role", "db"), ("zone", "a")], &[], false).unwrap();
         assert_eq!(done.changes, ["role=db added", "zone=a added"]);
-        assert_eq!(members(&client), [b.0.clone()]);
+        assert_eq!(members(&client), vec![b.0.clone()]);
         // kubectl's rules, each with its status and reason; nothing is applied.
         let (code, msg) = status(label(&b, &[("zone", "b")], &[], false));
         assert_eq!(
@@ -300,8 +300,8 @@ mod tests {
         let mut both = vec![a.0.clone(), b.0.clone()];
         both.sort();
         assert_eq!(ids("role=db"), both);
-        assert_eq!(ids("role=db,zone notin (a)"), [a.0.clone()]);
-        assert_eq!(ids("!zone"), [a.0.clone()]);
+        assert_eq!(ids("role=db,zone notin (a)"), vec![a.0.clone()]);
+        assert_eq!(ids("!zone"), vec![a.0.clone()]);
         let (code, msg) = status(client.nodes(Some("zone in (a")));
         assert!(code == 400 && msg.contains("found end of input"), "{msg}");
         // Out of the set: the node leaves at once; the events name each change.
