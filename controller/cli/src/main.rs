@@ -5,90 +5,95 @@
 mod printable;
 mod backup;
 mod cluster;
+mod contexts;
 mod controller;
+mod generate;
 mod identity;
 mod maint;
 mod netboot;
+mod output;
+mod progress;
 mod release;
+mod watch;
 
 use std::{collections::BTreeMap, path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{bail, Context};
-use clap::{Parser, Subcommand, ValueEnum};
-use serde::Serialize;
+use anyhow::Context;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use shoal_api::{
     drives::{
         DriveCommandView, DrivePolicies, DrivePolicyView, DriveView, PrepareRequest, SetDrivePolicy,
     },
-    events::EventView,
     networks::{CreateNetwork, MemberSpec, MemberView, NetworkDetail, NetworkUpdate, NetworkView},
     nodes::NodeView,
     overlay::{OverlayCountersView, PathView},
     report::{DriveAttention, FleetReport},
     tokens::{CreateToken, CreatedToken, TokenView},
-    AdminClient, AdminConf,
+    AdminClient,
 };
+
+use output::{Out, OutputArgs};
 
 #[derive(Debug, Parser)]
 #[command(name = "shoalctl", version, about = "Operate a shoal fleet")]
 struct Cli {
-    /// Admin credentials written by the controller (DATA_DIR/admin.conf).
+    /// Admin credentials written by the controller (DATA_DIR/admin.conf). Without it or
+    /// --context: the current context of the shoalctl config file.
     #[arg(long, env = "SHOAL_CONFIG", global = true)]
     config: Option<PathBuf>,
+    /// A context of the shoalctl config file (~/.config/shoal/config.toml) instead of its current
+    /// one.
+    #[arg(long, env = "SHOAL_CONTEXT", global = true)]
+    context: Option<String>,
+    #[command(flatten)]
+    out: OutputArgs,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum, Default)]
-enum Output {
-    #[default]
-    Table,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Join tokens.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "tokens")]
     Token(TokenCmd),
     /// Nodes in the fleet.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "node")]
     Nodes(NodesCmd),
     /// Node certificates: list a node's, revoke one by serial.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "cert")]
     Certs(identity::CertsCmd),
     /// Overlay networks and their members.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "networks")]
     Network(NetworkCmd),
     /// Overlay paths and datapath counters, as the agents report them.
     #[command(subcommand)]
     Overlay(OverlayCmd),
     /// Drives: SMART health, preparation of new drives, self-tests, drive policies.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "drive")]
     Drives(DrivesCmd),
     /// Netboot images.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "images")]
     Image(netboot::ImageCmd),
-    /// Signed agent releases and agent updates.
-    #[command(subcommand)]
+    /// Signed agent releases and agent updates; the release signing key.
+    #[command(subcommand, alias = "releases")]
     Release(release::ReleaseCmd),
     /// Machines seen on the netboot network.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "machine")]
     Machines(netboot::MachinesCmd),
     /// Maintenance windows: when disruptive work may start.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "windows")]
     Window(maint::WindowCmd),
     /// Disruption budgets per label group.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "budgets")]
     Budget(maint::BudgetCmd),
     /// Rolling upgrades of agents or netboot images.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "upgrades")]
     Upgrade(maint::UpgradeCmd),
     /// Maintenance actions (reboot, SMART self-tests, allowed commands) rolled over the fleet.
     #[command(subcommand)]
     Maintenance(maint::MaintenanceCmd),
     /// Backups: targets, jobs, runs, verification, snapshots, restores.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "backups")]
     Backup(backup::BackupCmd),
     /// The controller itself: encrypted backups for disaster recovery.
     #[command(subcommand)]
@@ -97,36 +102,44 @@ enum Command {
     #[command(subcommand)]
     Controllers(cluster::ControllersCmd),
     /// Fleet events (enrolled, up, down, removed...).
+    #[command(alias = "event")]
     Events {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
         /// Only events after this sequence number.
         #[arg(long)]
         after: Option<u64>,
+        /// Keep printing new events as they are logged, until interrupted (Ctrl-C). With -o json,
+        /// one JSON object per line.
+        #[arg(short, long)]
+        follow: bool,
+        /// How often --follow asks the controller for new events.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+        interval: Duration,
     },
     /// The fleet health report.
-    Report {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+    Report,
+    /// The shoalctl config file: contexts (one per fleet) and the current one.
+    #[command(subcommand)]
+    Config(contexts::ConfigCmd),
+    /// Print a shell completion script: `source <(shoalctl completion bash)`.
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write shoalctl's man pages (shoalctl.1 and one per subcommand) into a directory.
+    #[command(hide = true)]
+    GenerateMan {
+        /// The directory (created if absent).
+        dir: PathBuf,
     },
 }
 
 #[derive(Debug, Subcommand)]
 enum OverlayCmd {
     /// Every peer path, per direction: kind (direct or relay), round-trip time, bytes each way.
-    Paths {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    Paths {},
     /// Frames forwarded, flooded, delivered and dropped (by reason), per node.
-    Counters {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    Counters {},
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,9 +149,6 @@ enum DrivesCmd {
         /// Only this node's drives.
         #[arg(long)]
         node: Option<String>,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Partition, format and mount a drive; waits for the node's answer (up to 10 minutes).
     ///
@@ -159,9 +169,6 @@ enum DrivesCmd {
         /// Filesystem (default: the node's drive policy's).
         #[arg(long = "fs", value_enum)]
         fs: Option<FsArg>,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Start a SMART self-test; its progress and result show in `drives list`.
     Test {
@@ -171,9 +178,6 @@ enum DrivesCmd {
         device: String,
         #[command(flatten)]
         kind: TestKind,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// What nodes do with new drives: report (default), approve, or prepare.
     #[command(subcommand)]
@@ -232,29 +236,19 @@ enum PolicyCmd {
         /// Filesystem of prepared drives (default ext4).
         #[arg(long = "fs", value_enum)]
         fs: Option<FsArg>,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Stored policies, and the policy each node follows.
-    List {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    List {},
     /// Delete the policy of a node or a selector.
     Delete {
         #[command(flatten)]
         who: Who,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
 }
 
 #[derive(Debug, Subcommand)]
 enum TokenCmd {
-    /// Create a join token; prints only the token.
+    /// Create a join token; prints only the token (with -o json, the token and its id).
     Create {
         /// Time to live (e.g. 1h, 30m); none means it never expires.
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -267,13 +261,10 @@ enum TokenCmd {
         labels: Vec<(String, String)>,
     },
     /// List join tokens.
-    List {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    List {},
     /// Revoke a join token by id.
-    Revoke {
+    #[command(alias = "revoke")]
+    Delete {
         /// Token id (the second field of the token, as listed).
         id: String,
     },
@@ -282,21 +273,15 @@ enum TokenCmd {
 #[derive(Debug, Subcommand)]
 enum NodesCmd {
     /// List nodes.
-    List {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    List {},
     /// Show one node.
     Show {
         /// Node id.
         id: String,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Remove a node: it is disconnected at once and its certificate is refused from then on.
-    Remove {
+    #[command(alias = "remove")]
+    Delete {
         /// Node id.
         id: String,
     },
@@ -308,11 +293,7 @@ enum NodesCmd {
         version: String,
     },
     /// Machines that claim an existing node without proof, waiting for an operator.
-    Pending {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    Pending {},
     /// Approve a pending claim: the machine's next attempt (same key) re-enrols onto the node.
     Approve {
         /// Request id, from `nodes pending`.
@@ -352,9 +333,6 @@ enum NetworkCmd {
         /// TAP MTU (default: the default network's, from `serve --overlay-mtu`).
         #[arg(long)]
         mtu: Option<u16>,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Add a node, or a label selector and every node it matches (now and later).
     Add {
@@ -362,9 +340,6 @@ enum NetworkCmd {
         name: String,
         #[command(flatten)]
         who: Who,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Remove a node added by hand, or a selector and the nodes only it kept in the network.
     Remove {
@@ -372,31 +347,18 @@ enum NetworkCmd {
         name: String,
         #[command(flatten)]
         who: Who,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Delete a network and all its memberships (not `default`).
     Delete {
         /// Network name.
         name: String,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// List networks.
-    List {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    List {},
     /// Show a network's members.
     Show {
         /// Network name.
         name: String,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
 }
 
@@ -429,30 +391,46 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // `--config` typed on the command line and `--context` name two credentials: refuse rather
+    // than pick one. From the environment, SHOAL_CONFIG yields to an explicit --context.
+    let config_typed =
+        matches.value_source("config") == Some(clap::parser::ValueSource::CommandLine);
+    match run(cli, config_typed) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // API errors quote agent-supplied text (a drive command's answer, a node's reason).
             eprintln!("shoalctl: {}", printable::printable(&format!("{e:#}")));
-            ExitCode::FAILURE
+            match e.downcast_ref::<watch::Unsuccessful>() {
+                Some(u) => ExitCode::from(u.code()),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }
 
-/// JSON as the API sent it: agent-supplied text stays faithful (C0 controls come out as `\u001b`).
-fn print_json(v: &impl Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
-}
-
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let Some(path) = cli.config else {
-        bail!("no admin credentials: pass --config DATA_DIR/admin.conf or set SHOAL_CONFIG");
+fn run(cli: Cli, config_typed: bool) -> anyhow::Result<()> {
+    let out = Out::new(&cli.out);
+    let out = &out;
+    // Commands that need no controller.
+    let command = match cli.command {
+        Command::Completion { shell } => return generate::completion(shell),
+        Command::GenerateMan { dir } => return generate::man_pages(&dir),
+        Command::Config(cmd) => return contexts::config(cmd, cli.context.as_deref(), out),
+        Command::Release(release::ReleaseCmd::Keygen(k)) => return release::keygen(&k, out),
+        command => command,
     };
-    let conf = AdminConf::read(&path)?;
+    let source = contexts::Source::choose(cli.config, config_typed, cli.context)?;
+    let conf = source.admin_conf()?;
     let client = AdminClient::new(&conf)?;
-    match cli.command {
+    match command {
+        Command::Completion { shell } => generate::completion(shell)?,
+        Command::GenerateMan { dir } => generate::man_pages(&dir)?,
+        Command::Config(cmd) => contexts::config(cmd, None, out)?,
         Command::Token(TokenCmd::Create { ttl, uses, labels }) => {
             let req = CreateToken {
                 ttl_secs: ttl.map(|d| d.as_secs().max(1)),
@@ -460,41 +438,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 labels: labels.into_iter().collect(),
             };
             let created: CreatedToken = client.create_token(&req)?;
-            say!("{}", created.token);
+            out.show(&created, || say!("{}", created.token))?;
         }
-        Command::Token(TokenCmd::List { output }) => {
+        Command::Token(TokenCmd::List {}) => {
             let tokens: Vec<TokenView> = client.get("/v1/tokens")?;
-            match output {
-                Output::Json => print_json(&tokens)?,
-                Output::Table => {
-                    let rows = tokens.iter().map(|t| {
-                        vec![
-                            t.id.clone(),
-                            t.state.clone(),
-                            format!(
-                                "{}/{}",
-                                t.uses,
-                                t.max_uses.map(|m| m.to_string()).unwrap_or("∞".into())
-                            ),
-                            t.expires_at.clone().unwrap_or("never".into()),
-                            labels_text(&t.labels),
-                        ]
-                    });
-                    table(&["ID", "STATE", "USES", "EXPIRES", "LABELS"], rows);
-                }
-            }
+            out.show(&tokens, || {
+                let rows = tokens.iter().map(|t| {
+                    vec![
+                        t.id.clone(),
+                        t.state.clone(),
+                        format!(
+                            "{}/{}",
+                            t.uses,
+                            t.max_uses.map(|m| m.to_string()).unwrap_or("∞".into())
+                        ),
+                        out.age_or(t.expires_at.as_deref(), "never"),
+                        labels_text(&t.labels),
+                        t.created_at.clone(),
+                        t.expires_at.clone().unwrap_or_else(|| "-".into()),
+                    ]
+                });
+                out.table_wide(
+                    &["ID", "STATE", "USES", "EXPIRES", "LABELS"],
+                    &["CREATED AT", "EXPIRES AT"],
+                    rows,
+                );
+            })?
         }
-        Command::Token(TokenCmd::Revoke { id }) => {
+        Command::Token(TokenCmd::Delete { id }) => {
             let t: TokenView = client
                 .delete(&format!("/v1/tokens/{id}"))?
                 .context("empty answer")?;
-            say!("revoked token {}", t.id);
+            out.show(&t, || say!("revoked token {}", t.id))?;
         }
-        Command::Nodes(NodesCmd::List { output }) => {
+        Command::Nodes(NodesCmd::List {}) => {
             let nodes: Vec<NodeView> = client.get("/v1/nodes")?;
-            match output {
-                Output::Json => print_json(&nodes)?,
-                Output::Table => table(
+            out.show(&nodes, || {
+                out.table_wide(
                     &[
                         "ID",
                         "HOSTNAME",
@@ -506,33 +486,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "DISKS",
                         "ADDRESS",
                     ],
-                    nodes.iter().map(node_row),
-                ),
-            }
+                    &["ENROLLED", "CONTROLLER", "KEY"],
+                    nodes.iter().map(|n| node_row(n, out)),
+                );
+            })?
         }
-        Command::Nodes(NodesCmd::Show { id, output }) => {
+        Command::Nodes(NodesCmd::Show { id }) => {
             let node: NodeView = client.get(&format!("/v1/nodes/{id}"))?;
-            match output {
-                Output::Json => print_json(&node)?,
-                Output::Table => show_node(&node),
-            }
+            out.show(&node, || {
+                show_node(&node);
+            })?
         }
-        Command::Nodes(NodesCmd::Remove { id }) => {
+        Command::Nodes(NodesCmd::Delete { id }) => {
+            // The API answers 204: the JSON is the node as it was.
+            let node: NodeView = client.get(&format!("/v1/nodes/{id}"))?;
             client.delete::<serde_json::Value>(&format!("/v1/nodes/{id}"))?;
-            say!("removed node {id}");
+            out.show(&node, || say!("removed node {id}"))?;
         }
-        Command::Network(cmd) => network(&client, cmd)?,
-        Command::Drives(cmd) => drives(&client, cmd)?,
-        Command::Window(cmd) => maint::window(&client, cmd)?,
-        Command::Backup(cmd) => backup::backup(&client, cmd)?,
-        Command::Budget(cmd) => maint::budget(&client, cmd)?,
-        Command::Upgrade(cmd) => maint::upgrade(&client, cmd)?,
-        Command::Maintenance(cmd) => maint::maintenance(&client, cmd)?,
-        Command::Overlay(OverlayCmd::Paths { output }) => {
+        Command::Network(cmd) => network(&client, cmd, out)?,
+        Command::Drives(cmd) => drives(&client, cmd, out)?,
+        Command::Window(cmd) => maint::window(&client, cmd, out)?,
+        Command::Backup(cmd) => backup::backup(&client, cmd, out)?,
+        Command::Budget(cmd) => maint::budget(&client, cmd, out)?,
+        Command::Upgrade(cmd) => maint::upgrade(&client, cmd, out)?,
+        Command::Maintenance(cmd) => maint::maintenance(&client, cmd, out)?,
+        Command::Overlay(OverlayCmd::Paths {}) => {
             let paths: Vec<PathView> = client.get("/v1/overlay/paths")?;
-            match output {
-                Output::Json => print_json(&paths)?,
-                Output::Table => table(
+            out.show(&paths, || {
+                out.table(
                     &["FROM", "TO", "KIND", "REMOTE", "RTT", "SENT", "RECEIVED"],
                     paths.iter().map(|p| {
                         vec![
@@ -545,14 +526,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             p.rx_bytes.to_string(),
                         ]
                     }),
-                ),
-            }
+                );
+            })?
         }
-        Command::Overlay(OverlayCmd::Counters { output }) => {
+        Command::Overlay(OverlayCmd::Counters {}) => {
             let counters: Vec<OverlayCountersView> = client.get("/v1/overlay/counters")?;
-            match output {
-                Output::Json => print_json(&counters)?,
-                Output::Table => table(
+            out.show(&counters, || {
+                out.table(
                     &["NODE", "FORWARDED", "FLOODED", "DELIVERED", "DROPPED"],
                     counters.iter().map(|c| {
                         let dropped = c
@@ -569,97 +549,71 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             dropped,
                         ]
                     }),
-                ),
-            }
+                );
+            })?
         }
         Command::Nodes(NodesCmd::SetImage { id, version }) => {
-            netboot::set_image(&client, &id, &version)?
+            netboot::set_image(&client, &id, &version, out)?
         }
-        Command::Nodes(NodesCmd::Pending { output }) => identity::pending(&client, output)?,
-        Command::Nodes(NodesCmd::Approve { id }) => identity::decide(&client, &id, true)?,
-        Command::Nodes(NodesCmd::Deny { id }) => identity::decide(&client, &id, false)?,
-        Command::Nodes(NodesCmd::Reenrol { id, ttl }) => identity::reenrol(&client, &id, ttl)?,
-        Command::Nodes(NodesCmd::RotateKey { id }) => identity::rotate_key(&client, &id)?,
-        Command::Certs(cmd) => identity::certs(&client, cmd)?,
-        Command::Image(cmd) => netboot::image(&client, cmd)?,
-        Command::Release(cmd) => release::release(&client, cmd)?,
-        Command::Machines(cmd) => netboot::machines(&client, cmd)?,
-        Command::Controller(cmd) => controller::controller(&client, cmd)?,
-        Command::Controllers(cmd) => cluster::controllers(&client, cmd)?,
-        Command::Events { output, after } => {
-            let path = match after {
-                Some(a) => format!("/v1/events?after={a}"),
-                None => "/v1/events".to_owned(),
-            };
-            let events: Vec<EventView> = client.get(&path)?;
-            match output {
-                Output::Json => print_json(&events)?,
-                Output::Table => table(
-                    &["SEQ", "AT", "KIND", "NODE", "MESSAGE"],
-                    events.iter().map(|e| {
-                        vec![
-                            e.seq.to_string(),
-                            e.at.clone(),
-                            e.kind.clone(),
-                            e.node.clone().unwrap_or_default(),
-                            e.message.clone(),
-                        ]
-                    }),
-                ),
-            }
-        }
-        Command::Report { output } => {
+        Command::Nodes(NodesCmd::Pending {}) => identity::pending(&client, out)?,
+        Command::Nodes(NodesCmd::Approve { id }) => identity::decide(&client, &id, true, out)?,
+        Command::Nodes(NodesCmd::Deny { id }) => identity::decide(&client, &id, false, out)?,
+        Command::Nodes(NodesCmd::Reenrol { id, ttl }) => identity::reenrol(&client, &id, ttl, out)?,
+        Command::Nodes(NodesCmd::RotateKey { id }) => identity::rotate_key(&client, &id, out)?,
+        Command::Certs(cmd) => identity::certs(&client, cmd, out)?,
+        Command::Image(cmd) => netboot::image(&client, cmd, out)?,
+        Command::Release(cmd) => release::release(&client, cmd, out)?,
+        Command::Machines(cmd) => netboot::machines(&client, cmd, out)?,
+        Command::Controller(cmd) => controller::controller(&client, cmd, out)?,
+        Command::Controllers(cmd) => cluster::controllers(&client, cmd, out)?,
+        Command::Events {
+            after,
+            follow,
+            interval,
+        } => watch::events(&client, after, follow, interval, out)?,
+        Command::Report => {
             let report: FleetReport = client.get("/v1/report")?;
-            match output {
-                Output::Json => print_json(&report)?,
-                Output::Table => print_report(&report),
-            }
+            out.show(&report, || {
+                print_report(&report, out);
+            })?;
         }
     }
     Ok(())
 }
 
-fn network(client: &AdminClient, cmd: NetworkCmd) -> anyhow::Result<()> {
+fn network(client: &AdminClient, cmd: NetworkCmd, out: &Out) -> anyhow::Result<()> {
     match cmd {
-        NetworkCmd::Create {
-            name,
-            subnet,
-            mtu,
-            output,
-        } => {
+        NetworkCmd::Create { name, subnet, mtu } => {
             let net = client.create_network(&CreateNetwork { name, subnet, mtu })?;
-            match output {
-                Output::Json => print_json(&net)?,
-                Output::Table => say!(
+            out.show(&net, || {
+                say!(
                     "created network {} ({}, MTU {}, id {})",
                     net.name,
                     net.subnet,
                     net.mtu,
                     net.id
-                ),
-            }
+                );
+            })?
         }
-        NetworkCmd::Add { name, who, output } => {
-            print_update(&client.add_to_network(&name, &who.spec())?, output)?
+        NetworkCmd::Add { name, who } => {
+            print_update(&client.add_to_network(&name, &who.spec())?, out)?
         }
-        NetworkCmd::Remove { name, who, output } => {
-            print_update(&client.remove_from_network(&name, &who.spec())?, output)?
+        NetworkCmd::Remove { name, who } => {
+            print_update(&client.remove_from_network(&name, &who.spec())?, out)?
         }
-        NetworkCmd::Delete { name, output } => {
+        NetworkCmd::Delete { name } => {
             let update = client.delete_network(&name)?;
-            match output {
-                Output::Json => print_json(&update)?,
-                Output::Table => say!(
+            out.show(&update, || {
+                say!(
                     "deleted network {name}; {} members left it",
                     update.left.len()
-                ),
-            }
+                );
+            })?
         }
-        NetworkCmd::List { output } => {
+        NetworkCmd::List {} => {
             let networks: Vec<NetworkView> = client.networks()?;
-            match output {
-                Output::Json => print_json(&networks)?,
-                Output::Table => table(
+            out.show(&networks, || {
+                out.table(
                     &["ID", "NAME", "SUBNET", "MTU", "MEMBERS", "SELECTORS"],
                     networks.iter().map(|n| {
                         vec![
@@ -671,51 +625,51 @@ fn network(client: &AdminClient, cmd: NetworkCmd) -> anyhow::Result<()> {
                             n.selectors.join(","),
                         ]
                     }),
-                ),
-            }
+                );
+            })?
         }
-        NetworkCmd::Show { name, output } => {
+        NetworkCmd::Show { name } => {
             let detail: NetworkDetail = client.network(&name)?;
-            match output {
-                Output::Json => print_json(&detail)?,
-                Output::Table => {
-                    let n = &detail.network;
-                    say!(
-                        "network {} (id {}): {}, MTU {}",
-                        n.name,
-                        n.id,
-                        n.subnet,
-                        n.mtu
-                    );
-                    if !n.selectors.is_empty() {
-                        say!("selectors: {}", n.selectors.join(","));
-                    }
-                    say!();
-                    table(
-                        &["NODE", "HOSTNAME", "MAC", "ADDRESS", "VIA"],
-                        detail.members.iter().map(member_row),
-                    );
+            out.show(&detail, || {
+                let n = &detail.network;
+                say!(
+                    "network {} (id {}): {}, MTU {}",
+                    n.name,
+                    n.id,
+                    n.subnet,
+                    n.mtu
+                );
+                if !n.selectors.is_empty() {
+                    say!("selectors: {}", n.selectors.join(","));
                 }
-            }
+                say!();
+                out.table(
+                    &["NODE", "HOSTNAME", "MAC", "ADDRESS", "VIA"],
+                    detail.members.iter().map(member_row),
+                );
+            })?;
         }
     }
     Ok(())
 }
 
-fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
+fn drives(client: &AdminClient, cmd: DrivesCmd, out: &Out) -> anyhow::Result<()> {
     match cmd {
-        DrivesCmd::List { node, output } => {
+        DrivesCmd::List { node } => {
             let drives = client.drives(node.as_deref())?;
-            match output {
-                Output::Json => print_json(&drives)?,
-                Output::Table if drives.is_empty() => say!("no drives reported"),
-                Output::Table => table(
-                    &[
-                        "NODE", "DEVICE", "SERIAL", "MODEL", "SIZE", "STATE", "VERDICT", "REASONS",
-                    ],
-                    drives.iter().map(drive_row),
-                ),
-            }
+            out.show(&drives, || {
+                if drives.is_empty() {
+                    say!("no drives reported");
+                } else {
+                    out.table(
+                        &[
+                            "NODE", "DEVICE", "SERIAL", "MODEL", "SIZE", "STATE", "VERDICT",
+                            "REASONS",
+                        ],
+                        drives.iter().map(drive_row),
+                    );
+                }
+            })?;
         }
         DrivesCmd::Prepare {
             node,
@@ -723,7 +677,6 @@ fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
             force,
             serial,
             fs,
-            output,
         } => {
             let req = PrepareRequest {
                 force,
@@ -733,25 +686,18 @@ fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
                     .transpose()
                     .map_err(anyhow::Error::msg)?,
             };
-            let done = client.prepare_drive(&node, device.trim_start_matches("/dev/"), &req)?;
-            print_command(&done, output)?;
+            let device = device.trim_start_matches("/dev/");
+            let done = progress::ticking(&format!("preparing {device} on {node}"), || {
+                client.prepare_drive(&node, device, &req)
+            })?;
+            print_command(&done, out)?;
         }
-        DrivesCmd::Test {
-            node,
-            device,
-            kind,
-            output,
-        } => {
+        DrivesCmd::Test { node, device, kind } => {
             let kind = if kind.long { "long" } else { "short" };
             let done = client.self_test_drive(&node, device.trim_start_matches("/dev/"), kind)?;
-            print_command(&done, output)?;
+            print_command(&done, out)?;
         }
-        DrivesCmd::Policy(PolicyCmd::Set {
-            who,
-            policy,
-            fs,
-            output,
-        }) => {
+        DrivesCmd::Policy(PolicyCmd::Set { who, policy, fs }) => {
             let spec = who.spec();
             let mode = match policy {
                 PolicyArg::Report => "report",
@@ -765,65 +711,60 @@ fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
                 filesystem: fs.map(|f| f.name().into()),
             };
             let set: DrivePolicyView = client.set_drive_policy(&req)?;
-            match output {
-                Output::Json => print_json(&set)?,
-                Output::Table => say!(
+            out.show(&set, || {
+                say!(
                     "drive policy for {}: {}, {}",
                     policy_target(&set),
                     set.mode,
                     set.filesystem
-                ),
-            }
+                );
+            })?
         }
-        DrivesCmd::Policy(PolicyCmd::List { output }) => {
+        DrivesCmd::Policy(PolicyCmd::List {}) => {
             let all: DrivePolicies = client.drive_policies()?;
-            match output {
-                Output::Json => print_json(&all)?,
-                Output::Table => {
-                    if all.policies.is_empty() {
-                        say!("no drive policies: every node reports new drives (report, ext4)");
-                    } else {
-                        table(
-                            &["FOR", "POLICY", "FS", "SET"],
-                            all.policies.iter().map(|p| {
-                                vec![
-                                    policy_target(p),
-                                    p.mode.clone(),
-                                    p.filesystem.clone(),
-                                    p.set_at.clone(),
-                                ]
-                            }),
-                        );
-                    }
-                    if !all.effective.is_empty() {
-                        say!();
-                        table(
-                            &["NODE", "HOSTNAME", "POLICY", "FS", "FROM"],
-                            all.effective.iter().map(|e| {
-                                vec![
-                                    e.node.clone(),
-                                    e.hostname.clone(),
-                                    e.mode.clone(),
-                                    e.filesystem.clone(),
-                                    e.source.clone(),
-                                ]
-                            }),
-                        );
-                    }
+            out.show(&all, || {
+                if all.policies.is_empty() {
+                    say!("no drive policies: every node reports new drives (report, ext4)");
+                } else {
+                    out.table(
+                        &["FOR", "POLICY", "FS", "SET"],
+                        all.policies.iter().map(|p| {
+                            vec![
+                                policy_target(p),
+                                p.mode.clone(),
+                                p.filesystem.clone(),
+                                p.set_at.clone(),
+                            ]
+                        }),
+                    );
                 }
-            }
+                if !all.effective.is_empty() {
+                    say!();
+                    out.table(
+                        &["NODE", "HOSTNAME", "POLICY", "FS", "FROM"],
+                        all.effective.iter().map(|e| {
+                            vec![
+                                e.node.clone(),
+                                e.hostname.clone(),
+                                e.mode.clone(),
+                                e.filesystem.clone(),
+                                e.source.clone(),
+                            ]
+                        }),
+                    );
+                }
+            })?
         }
-        DrivesCmd::Policy(PolicyCmd::Delete { who, output }) => {
+        DrivesCmd::Policy(PolicyCmd::Delete { who }) => {
             let gone: DrivePolicyView = client.delete_drive_policy(&who.spec())?;
-            match output {
-                Output::Json => print_json(&gone)?,
-                Output::Table => say!(
+            out.show(&gone, || {
+                say!(
                     "deleted the drive policy for {} (was {}, {})",
                     policy_target(&gone),
                     gone.mode,
                     gone.filesystem
-                ),
-            }
+                );
+            })?;
         }
     }
     Ok(())
@@ -837,17 +778,16 @@ fn policy_target(p: &DrivePolicyView) -> String {
     }
 }
 
-fn print_command(done: &DriveCommandView, output: Output) -> anyhow::Result<()> {
-    match output {
-        Output::Json => print_json(done)?,
-        Output::Table => say!(
+fn print_command(done: &DriveCommandView, out: &Out) -> anyhow::Result<()> {
+    out.show(done, || {
+        say!(
             "{} {} on {}: {}",
             done.action,
             done.device,
             done.node,
             done.message
-        ),
-    }
+        );
+    })?;
     Ok(())
 }
 
@@ -925,26 +865,23 @@ fn member_row(m: &MemberView) -> Vec<String> {
     ]
 }
 
-fn print_update(update: &NetworkUpdate, output: Output) -> anyhow::Result<()> {
-    match output {
-        Output::Json => print_json(update)?,
-        Output::Table => {
-            let n = &update.network;
-            say!(
-                "network {}: {} joined, {} left, {} members",
-                n.name,
-                update.joined.len(),
-                update.left.len(),
-                n.members
-            );
-            for m in &update.joined {
-                say!("joined: {} {} {} {}", m.node, m.hostname, m.address, m.mac);
-            }
-            for id in &update.left {
-                say!("left:   {id}");
-            }
+fn print_update(update: &NetworkUpdate, out: &Out) -> anyhow::Result<()> {
+    out.show(update, || {
+        let n = &update.network;
+        say!(
+            "network {}: {} joined, {} left, {} members",
+            n.name,
+            update.joined.len(),
+            update.left.len(),
+            n.members
+        );
+        for m in &update.joined {
+            say!("joined: {} {} {} {}", m.node, m.hostname, m.address, m.mac);
         }
-    }
+        for id in &update.left {
+            say!("left:   {id}");
+        }
+    })?;
     Ok(())
 }
 
@@ -971,7 +908,7 @@ fn bytes_text(b: u64) -> String {
     }
 }
 
-fn node_row(n: &NodeView) -> Vec<String> {
+fn node_row(n: &NodeView, out: &Out) -> Vec<String> {
     let inv = n.inventory.as_ref();
     let address = inv
         .and_then(|i| {
@@ -986,12 +923,15 @@ fn node_row(n: &NodeView) -> Vec<String> {
         n.id.clone(),
         n.hostname.clone(),
         n.status.clone(),
-        n.last_seen.clone().unwrap_or("never".into()),
+        out.age_or(n.last_seen.as_deref(), "never"),
         n.agent_version.clone(),
         inv.map(|i| i.cpu_cores.to_string()).unwrap_or_default(),
         inv.map(|i| bytes_text(i.memory_bytes)).unwrap_or_default(),
         inv.map(|i| i.disks.len().to_string()).unwrap_or_default(),
         address,
+        out.age(&n.enrolled_at),
+        n.controller.clone().unwrap_or_else(|| "-".into()),
+        n.key.clone().unwrap_or_else(|| "-".into()),
     ]
 }
 
@@ -1120,7 +1060,7 @@ fn show_node(n: &NodeView) {
     }
 }
 
-fn print_report(r: &FleetReport) {
+fn print_report(r: &FleetReport, out: &Out) {
     let counts = r
         .by_status
         .iter()
@@ -1136,7 +1076,7 @@ fn print_report(r: &FleetReport) {
         say!("no node needs attention");
     } else {
         say!();
-        table(
+        out.table(
             &["ID", "HOSTNAME", "STATUS", "NEEDS ATTENTION"],
             r.attention.iter().map(|a| {
                 vec![
@@ -1184,7 +1124,7 @@ fn print_report(r: &FleetReport) {
         .collect();
     if !rows.is_empty() {
         say!();
-        table(
+        out.table(
             &["DRIVE", "NODE", "HOSTNAME", "DEVICE", "SERIAL", "WHY"],
             rows.into_iter(),
         );
@@ -1197,7 +1137,7 @@ fn print_report(r: &FleetReport) {
             "backups: {} job(s) on nodes need attention",
             r.backups.len()
         );
-        table(
+        out.table(
             &["JOB", "NODE", "HOSTNAME", "WHY"],
             r.backups.iter().map(|b| {
                 vec![
@@ -1208,38 +1148,5 @@ fn print_report(r: &FleetReport) {
                 ]
             }),
         );
-    }
-}
-
-/// Prints aligned columns. Every cell goes through [`printable::printable`] before widths are
-/// taken.
-fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
-    let rows: Vec<Vec<String>> = rows
-        .map(|row| {
-            row.iter()
-                .map(|c| printable::printable(c).into_owned())
-                .collect()
-        })
-        .collect();
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let mut out = String::new();
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i + 1 == cells.len() {
-                out.push_str(cell);
-            } else {
-                out.push_str(&format!("{cell:<w$}  ", w = *w));
-            }
-        }
-        println!("{}", out.trim_end());
-    };
-    line(header.iter().map(|h| h.to_string()).collect());
-    for row in rows {
-        line(row);
     }
 }
