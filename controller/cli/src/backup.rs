@@ -397,9 +397,7 @@ fn target(client: &AdminClient, cmd: TargetCmd, out: &Out) -> anyhow::Result<()>
             })?
         }
         TargetCmd::Delete { name } => {
-            let all: Vec<TargetView> = client.get("/v1/backups/targets")?;
-            let gone = all.into_iter().find(|t| t.name == name);
-            client.delete::<serde_json::Value>(&format!("/v1/backups/targets/{name}"))?;
+            let gone: Option<TargetView> = client.delete(&format!("/v1/backups/targets/{name}"))?;
             out.show(&gone, || say!("deleted backup target {name}"))?;
         }
     }
@@ -479,9 +477,7 @@ fn job(client: &AdminClient, cmd: JobCmd, out: &Out) -> anyhow::Result<()> {
             })?
         }
         JobCmd::Delete { name } => {
-            let all: Vec<JobView> = client.get("/v1/backups/jobs")?;
-            let gone = all.into_iter().find(|j| j.name == name);
-            client.delete::<serde_json::Value>(&format!("/v1/backups/jobs/{name}"))?;
+            let gone: Option<JobView> = client.delete(&format!("/v1/backups/jobs/{name}"))?;
             out.show(&gone, || say!("deleted backup job {name}"))?;
         }
     }

@@ -339,12 +339,14 @@ pub fn budget(client: &AdminClient, cmd: BudgetCmd, out: &Out) -> anyhow::Result
                     max_unavailable,
                 },
             )?;
-            say!(
-                "budget {}: at most {} of {} node(s) unavailable",
-                b.selector,
-                b.max_unavailable,
-                b.nodes
-            );
+            out.show(&b, || {
+                say!(
+                    "budget {}: at most {} of {} node(s) unavailable",
+                    b.selector,
+                    b.max_unavailable,
+                    b.nodes
+                )
+            })?;
         }
         BudgetCmd::List {} => {
             let all: Vec<BudgetView> = client.get("/v1/budgets")?;
