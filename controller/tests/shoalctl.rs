@@ -5,6 +5,8 @@
 //!
 //! Needs the shoalctl binary built (`cargo build -p shoalctl`; see `shoalctl_bin`).
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::{
