@@ -261,30 +261,6 @@ async fn a_node_flapping_a_drive_does_not_flood_the_event_log() {
     ctl.stop().await;
 }
 
-/// The real shoalctl binary. It is its own package (`controller/cli`), so cargo gives this one no
-/// `CARGO_BIN_EXE_shoalctl`: it is found in the target dir above this test's `deps/` (or in
-/// `$SHOAL_BIN_DIR`), where `cargo build --workspace --bins`, `cargo build -p shoalctl` or
-/// `cargo test -p shoalctl` put it.
-fn shoalctl_bin() -> std::path::PathBuf {
-    let dir = match std::env::var_os("SHOAL_BIN_DIR") {
-        Some(dir) => std::path::PathBuf::from(dir),
-        None => {
-            let exe = std::env::current_exe().unwrap();
-            exe.parent()
-                .and_then(|deps| deps.parent())
-                .unwrap()
-                .to_owned()
-        }
-    };
-    let bin = dir.join("shoalctl");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build -p shoalctl` first",
-        bin.display()
-    );
-    bin
-}
-
 /// Runs the real shoalctl binary; its output, which must be UTF-8.
 fn shoalctl(conf: &std::path::Path, args: &[&str]) -> String {
     let out = shoal_testkit::cmd::output(

@@ -235,7 +235,23 @@ impl AdminClient {
 
     /// `POST path` with a raw body (image uploads); the answer is ignored.
     pub fn upload(&self, path: &str, bytes: &[u8]) -> Result<(), AdminClientError> {
+        self.upload_reporting(path, bytes, &mut |_| {})
+    }
+
+    /// [`AdminClient::upload`], calling `sent` with the bytes sent so far as the body goes out
+    /// (for a progress display).
+    pub fn upload_reporting(
+        &self,
+        path: &str,
+        bytes: &[u8],
+        sent: &mut dyn FnMut(u64),
+    ) -> Result<(), AdminClientError> {
         let url = format!("{}{}", self.base, path);
+        let mut body = Reporting {
+            rest: bytes,
+            sent: 0,
+            report: sent,
+        };
         let unreachable = |e: ureq::Error| AdminClientError::Unreachable {
             api: self.base.clone(),
             cause: e.to_string(),
@@ -245,10 +261,12 @@ impl AdminClient {
             .post(&url)
             .header("authorization", &self.auth)
             .header("content-type", "application/octet-stream")
+            // Known up front: sent as Content-Length, not chunked, though the body is a reader.
+            .header("content-length", bytes.len().to_string())
             .config()
             .timeout_global(Some(std::time::Duration::from_secs(600)))
             .build()
-            .send(bytes)
+            .send(ureq::SendBody::from_reader(&mut body))
             .map_err(unreachable)?;
         let status = resp.status().as_u16();
         if !(200..300).contains(&status) {
@@ -305,6 +323,22 @@ impl AdminClient {
     /// Creates a join token.
     pub fn create_token(&self, req: &CreateToken) -> Result<CreatedToken, AdminClientError> {
         self.post("/v1/tokens", req)
+    }
+}
+
+/// An upload body that says how much of it was read.
+struct Reporting<'a> {
+    rest: &'a [u8],
+    sent: u64,
+    report: &'a mut dyn FnMut(u64),
+}
+
+impl std::io::Read for Reporting<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.rest.read(buf)?;
+        self.sent += n as u64;
+        (self.report)(self.sent);
+        Ok(n)
     }
 }
 

@@ -30,6 +30,8 @@ pub mod tokens;
 pub mod admin_conf;
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "client")]
+pub mod contexts;
 #[cfg(feature = "signing")]
 pub mod signing;
 

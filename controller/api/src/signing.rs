@@ -40,6 +40,56 @@ pub fn load_signing_key(pem_text: &str) -> Result<Ed25519KeyPair, ReleaseError> 
         .map_err(|e| ReleaseError::BadKey(e.to_string()))
 }
 
+/// RFC 8410's PKCS#8 v1 prefix of an Ed25519 private key (`PrivateKeyInfo` with the algorithm id
+/// 1.3.101.112 and the 32-byte seed as an OCTET STRING): what `openssl genpkey -algorithm ed25519`
+/// writes, the seed following.
+const ED25519_PKCS8_V1_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+/// A release signing key pair made by [`generate_signing_key`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct GeneratedKey {
+    /// The private key as PEM PKCS#8 v1 (`-----BEGIN PRIVATE KEY-----`, 48 bytes of DER).
+    pub private_pem: String,
+    /// The public half as 64 hex characters (the agents' and the controller's `--release-key`).
+    pub public_hex: String,
+    /// Its key id, as releases name their signer.
+    pub key_id: String,
+}
+
+impl std::fmt::Debug for GeneratedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GeneratedKey")
+            .field("public_hex", &self.public_hex)
+            .field("private_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A new release signing key pair, in the form `openssl genpkey -algorithm ed25519` and the
+/// operators' guide make it.
+pub fn generate_signing_key() -> Result<GeneratedKey, ReleaseError> {
+    use ring::rand::SecureRandom;
+    let mut seed = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut seed)
+        .map_err(|_| ReleaseError::Invalid("the system's random source failed".into()))?;
+    let mut der = ED25519_PKCS8_V1_PREFIX.to_vec();
+    der.extend_from_slice(&seed);
+    let pem_text = pem::encode_config(
+        &pem::Pem::new("PRIVATE KEY", der),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    );
+    // Read back through the loader `release add` uses, so what is written is what signs.
+    let key = load_signing_key(&pem_text)?;
+    Ok(GeneratedKey {
+        public_hex: public_key_hex(&key),
+        key_id: key_id(key.public_key().as_ref()),
+        private_pem: pem_text,
+    })
+}
+
 /// The key id of a public key: the first 8 bytes of its SHA-256, as hex (`shoal_proto::release`).
 pub fn key_id(public: &[u8]) -> String {
     hex::encode(&Sha256::digest(public)[..8])
@@ -87,6 +137,31 @@ pub fn sign_release(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_generated_key_is_openssls_form_and_signs() {
+        let made = generate_signing_key().expect("key");
+        let (pem_text, public) = (made.private_pem.clone(), made.public_hex.clone());
+        assert!(pem_text.starts_with("-----BEGIN PRIVATE KEY-----\n"));
+        assert!(pem_text.ends_with("-----END PRIVATE KEY-----\n"));
+        let block = pem::parse(&pem_text).expect("pem");
+        assert_eq!(
+            block.contents().len(),
+            48,
+            "PKCS#8 v1, no public key inside"
+        );
+        assert_eq!(&block.contents()[..16], &ED25519_PKCS8_V1_PREFIX);
+        let key = load_signing_key(&pem_text).expect("loads");
+        assert_eq!(public_key_hex(&key), public);
+        assert_eq!(public.len(), 64);
+        assert_eq!(made.key_id, key_id(key.public_key().as_ref()));
+        assert!(
+            !format!("{made:?}").contains(&pem_text[30..60]),
+            "Debug redacts"
+        );
+        let other = generate_signing_key().expect("key");
+        assert_ne!(other.private_pem, pem_text, "each key is new");
+    }
 
     #[test]
     fn a_signed_release_names_its_binary_and_verifies_with_the_public_key() {

@@ -15,7 +15,7 @@ use shoal_api::{
     AdminClient,
 };
 
-use super::{parse_label, print_json, table, Output};
+use super::{parse_label, watch, Out};
 
 #[derive(Debug, Subcommand)]
 pub enum BackupCmd {
@@ -32,6 +32,8 @@ pub enum BackupCmd {
         /// Only this node (id or hostname).
         #[arg(long)]
         node: Option<String>,
+        #[command(flatten)]
+        wait: watch::WaitArgs,
     },
     /// Prove the newest snapshots restorable now: restore a sample and compare, and read the next
     /// part of each repository's data.
@@ -52,9 +54,6 @@ pub enum BackupCmd {
         /// Only the nodes this label selector matches.
         #[arg(short = 'l', long = "selector")]
         selector: Option<String>,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Restore a snapshot onto the node, into a directory, and wait for the outcome.
     Restore {
@@ -78,9 +77,6 @@ pub enum BackupCmd {
         /// How long to wait for the node.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "30m")]
         timeout: Duration,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
 }
 
@@ -109,12 +105,9 @@ pub enum TargetCmd {
         ssh_known_hosts: Option<PathBuf>,
     },
     /// Targets (no secrets shown).
-    List {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    List {},
     /// Delete a target no job uses (its repositories stay where they are).
+    #[command(alias = "remove")]
     Delete {
         /// Name.
         name: String,
@@ -128,12 +121,9 @@ pub enum JobCmd {
     /// it can run.
     Create(Box<JobCreate>),
     /// Jobs.
-    List {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    List {},
     /// Delete a job (its snapshots stay in the targets).
+    #[command(alias = "remove")]
     Delete {
         /// Name.
         name: String,
@@ -196,37 +186,47 @@ fn read_text(path: &PathBuf, what: &str) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {what} {}", path.display()))
 }
 
-pub fn backup(client: &AdminClient, cmd: BackupCmd) -> anyhow::Result<()> {
+pub fn backup(client: &AdminClient, cmd: BackupCmd, out: &Out) -> anyhow::Result<()> {
     match cmd {
-        BackupCmd::Target(cmd) => target(client, cmd),
-        BackupCmd::Job(cmd) => job(client, cmd),
-        BackupCmd::Run { job, node } => {
+        BackupCmd::Target(cmd) => target(client, cmd, out),
+        BackupCmd::Job(cmd) => job(client, cmd, out),
+        BackupCmd::Run { job, node, wait } => {
+            // What each node's last task was, so --wait knows the run's task when it ends.
+            let before = if wait.wait {
+                Some(watch::last_backup_tasks(client, &job)?)
+            } else {
+                None
+            };
             let q: Queued =
                 client.post(&format!("/v1/backups/jobs/{job}/run"), &RunRequest { node })?;
-            say!(
-                "backup of job {job} queued on {} node(s): {}",
-                q.nodes.len(),
-                q.nodes.join(", ")
-            );
-            Ok(())
+            if let Some(before) = before {
+                return watch::wait_backup(client, &job, &q, &before, &wait, out);
+            }
+            out.show(&q, || {
+                say!(
+                    "backup of job {job} queued on {} node(s): {}",
+                    q.nodes.len(),
+                    q.nodes.join(", ")
+                )
+            })
         }
         BackupCmd::Verify { job, node } => {
             let q: Queued = client.post(
                 &format!("/v1/backups/jobs/{job}/verify"),
                 &RunRequest { node },
             )?;
-            say!(
-                "verification of job {job} queued on {} node(s): {}",
-                q.nodes.len(),
-                q.nodes.join(", ")
-            );
-            Ok(())
+            out.show(&q, || {
+                say!(
+                    "verification of job {job} queued on {} node(s): {}",
+                    q.nodes.len(),
+                    q.nodes.join(", ")
+                )
+            })
         }
         BackupCmd::List {
             job,
             node,
             selector,
-            output,
         } => {
             let filter = crate::nodes::matching(client, selector.as_deref())?;
             let mut path = "/v1/backups".to_owned();
@@ -239,9 +239,8 @@ pub fn backup(client: &AdminClient, cmd: BackupCmd) -> anyhow::Result<()> {
             }
             let mut all: Vec<BackupStatusView> = client.get(&path)?;
             all.retain(|s| crate::nodes::keep(&filter, &s.node));
-            match output {
-                Output::Json => print_json(&all)?,
-                Output::Table => table(
+            out.show(&all, || {
+                out.table_wide(
                     &[
                         "JOB",
                         "NODE",
@@ -251,6 +250,7 @@ pub fn backup(client: &AdminClient, cmd: BackupCmd) -> anyhow::Result<()> {
                         "VERIFIED",
                         "PROBLEM",
                     ],
+                    &["LAST BACKUP AT", "VERIFIED AT"],
                     all.iter().map(|s| {
                         vec![
                             s.job.clone(),
@@ -258,11 +258,13 @@ pub fn backup(client: &AdminClient, cmd: BackupCmd) -> anyhow::Result<()> {
                             s.target.clone(),
                             s.snapshots.len().to_string(),
                             match (&s.last_snapshot, &s.last_backup_at) {
-                                (Some(id), Some(at)) => format!("{} {at}", &id[..id.len().min(8)]),
+                                (Some(id), Some(at)) => {
+                                    format!("{} {}", &id[..id.len().min(8)], out.age(at))
+                                }
                                 _ => "-".into(),
                             },
                             match &s.verified_at {
-                                Some(at) => format!("{} {at}", s.verification),
+                                Some(at) => format!("{} {}", s.verification, out.age(at)),
                                 None => s.verification.clone(),
                             },
                             s.running
@@ -271,10 +273,12 @@ pub fn backup(client: &AdminClient, cmd: BackupCmd) -> anyhow::Result<()> {
                                 .or_else(|| s.verify_problems.clone())
                                 .or_else(|| s.last_error.clone())
                                 .unwrap_or_else(|| "-".into()),
+                            s.last_backup_at.clone().unwrap_or_else(|| "-".into()),
+                            s.verified_at.clone().unwrap_or_else(|| "-".into()),
                         ]
                     }),
-                ),
-            }
+                );
+            })?;
             Ok(())
         }
         BackupCmd::Restore {
@@ -285,7 +289,6 @@ pub fn backup(client: &AdminClient, cmd: BackupCmd) -> anyhow::Result<()> {
             paths,
             to,
             timeout,
-            output,
         } => {
             let q: RestoreQueued = client.post(
                 &format!("/v1/backups/jobs/{job}/restore"),
@@ -307,25 +310,26 @@ pub fn backup(client: &AdminClient, cmd: BackupCmd) -> anyhow::Result<()> {
                     .filter_map(|s| s.last_task.as_ref())
                     .find(|t| t.task == q.task)
                 {
-                    match output {
-                        Output::Json => print_json(task)?,
-                        Output::Table => {
-                            for r in &task.restore {
-                                match (&r.snapshot, &r.error) {
-                                    (Some(s), None) => {
-                                        say!("restored snapshot {s} from {}", r.target)
-                                    }
-                                    (_, e) => say!(
-                                        "restore from {} failed: {}",
-                                        r.target,
-                                        e.clone().unwrap_or_default()
-                                    ),
+                    out.show(task, || {
+                        for r in &task.restore {
+                            match (&r.snapshot, &r.error) {
+                                (Some(s), None) => {
+                                    say!("restored snapshot {s} from {}", r.target)
                                 }
+                                (_, e) => say!(
+                                    "restore from {} failed: {}",
+                                    r.target,
+                                    e.clone().unwrap_or_default()
+                                ),
                             }
                         }
-                    }
+                    })?;
                     if !task.ok {
-                        bail!("restore {} failed", q.task);
+                        return Err(watch::Unsuccessful::Failed(format!(
+                            "restore {} failed",
+                            q.task
+                        ))
+                        .into());
                     }
                     return Ok(());
                 }
@@ -342,7 +346,7 @@ pub fn backup(client: &AdminClient, cmd: BackupCmd) -> anyhow::Result<()> {
     }
 }
 
-fn target(client: &AdminClient, cmd: TargetCmd) -> anyhow::Result<()> {
+fn target(client: &AdminClient, cmd: TargetCmd, out: &Out) -> anyhow::Result<()> {
     match cmd {
         TargetCmd::Add {
             name,
@@ -371,13 +375,12 @@ fn target(client: &AdminClient, cmd: TargetCmd) -> anyhow::Result<()> {
                     .transpose()?,
             };
             let t: TargetView = client.post("/v1/backups/targets", &req)?;
-            say!("added backup target {} ({})", t.name, t.url);
+            out.show(&t, || say!("added backup target {} ({})", t.name, t.url))?;
         }
-        TargetCmd::List { output } => {
+        TargetCmd::List {} => {
             let all: Vec<TargetView> = client.get("/v1/backups/targets")?;
-            match output {
-                Output::Json => print_json(&all)?,
-                Output::Table => table(
+            out.show(&all, || {
+                out.table(
                     &["NAME", "URL", "CREDENTIALS", "JOBS"],
                     all.iter().map(|t| {
                         let mut creds = t.env_keys.clone();
@@ -399,18 +402,18 @@ fn target(client: &AdminClient, cmd: TargetCmd) -> anyhow::Result<()> {
                             },
                         ]
                     }),
-                ),
-            }
+                );
+            })?
         }
         TargetCmd::Delete { name } => {
-            client.delete::<serde_json::Value>(&format!("/v1/backups/targets/{name}"))?;
-            say!("deleted backup target {name}");
+            let gone: Option<TargetView> = client.delete(&format!("/v1/backups/targets/{name}"))?;
+            out.show(&gone, || say!("deleted backup target {name}"))?;
         }
     }
     Ok(())
 }
 
-fn job(client: &AdminClient, cmd: JobCmd) -> anyhow::Result<()> {
+fn job(client: &AdminClient, cmd: JobCmd, out: &Out) -> anyhow::Result<()> {
     match cmd {
         JobCmd::Create(create) => {
             let JobCreate {
@@ -450,18 +453,19 @@ fn job(client: &AdminClient, cmd: JobCmd) -> anyhow::Result<()> {
                 sample_files,
             };
             let j: JobView = client.post("/v1/backups/jobs", &req)?;
-            say!(
-                "created backup job {} on {} node(s); next run {}",
-                j.name,
-                j.nodes,
-                j.next_run.unwrap_or_else(|| "never".into())
-            );
+            out.show(&j, || {
+                say!(
+                    "created backup job {} on {} node(s); next run {}",
+                    j.name,
+                    j.nodes,
+                    j.next_run.as_deref().unwrap_or("never")
+                )
+            })?;
         }
-        JobCmd::List { output } => {
+        JobCmd::List {} => {
             let all: Vec<JobView> = client.get("/v1/backups/jobs")?;
-            match output {
-                Output::Json => print_json(&all)?,
-                Output::Table => table(
+            out.show(&all, || {
+                out.table(
                     &[
                         "NAME", "SELECTOR", "PATHS", "SCHEDULE", "TARGETS", "KEEP", "NODES",
                         "NEXT RUN",
@@ -478,12 +482,12 @@ fn job(client: &AdminClient, cmd: JobCmd) -> anyhow::Result<()> {
                             j.next_run.clone().unwrap_or_else(|| "never".into()),
                         ]
                     }),
-                ),
-            }
+                );
+            })?
         }
         JobCmd::Delete { name } => {
-            client.delete::<serde_json::Value>(&format!("/v1/backups/jobs/{name}"))?;
-            say!("deleted backup job {name}");
+            let gone: Option<JobView> = client.delete(&format!("/v1/backups/jobs/{name}"))?;
+            out.show(&gone, || say!("deleted backup job {name}"))?;
         }
     }
     Ok(())

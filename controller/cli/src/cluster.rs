@@ -7,83 +7,76 @@ use shoal_api::{
     AdminClient,
 };
 
-use super::{print_json, printable::printable, table, Output};
+use super::{printable::printable, Out};
 
 #[derive(Debug, Subcommand)]
 pub enum ControllersCmd {
     /// Every live controller: which leads, where agents reach it, agents connected; then each etcd
     /// endpoint and its health.
-    List {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    List {},
 }
 
-pub fn controllers(client: &AdminClient, cmd: ControllersCmd) -> anyhow::Result<()> {
+pub fn controllers(client: &AdminClient, cmd: ControllersCmd, out: &Out) -> anyhow::Result<()> {
     match cmd {
-        ControllersCmd::List { output } => {
+        ControllersCmd::List {} => {
             let view: ControllersView = client.get(CONTROLLERS_PATH)?;
-            match output {
-                Output::Json => print_json(&view)?,
-                Output::Table => {
-                    table(
+            out.show(&view, || {
+                out.table(
+                    &[
+                        "CONTROLLER",
+                        "ROLE",
+                        "AGENTS",
+                        "AGENT ADDR",
+                        "API",
+                        "VERSION",
+                        "STARTED",
+                        "SEEN",
+                    ],
+                    view.controllers.iter().map(|c| {
+                        vec![
+                            printable(&c.id).into_owned(),
+                            if c.leader { "leader" } else { "follower" }.into(),
+                            c.agents.to_string(),
+                            printable(&c.agent_addr).into_owned(),
+                            printable(&c.api).into_owned(),
+                            printable(&c.version).into_owned(),
+                            c.started.clone(),
+                            format!("{:.1}s ago", c.seen_ms_ago as f64 / 1000.0),
+                        ]
+                    }),
+                );
+                if view.etcd.is_empty() {
+                    println!("\nstore: embedded (one controller)");
+                } else {
+                    println!();
+                    out.table(
                         &[
-                            "CONTROLLER",
-                            "ROLE",
-                            "AGENTS",
-                            "AGENT ADDR",
-                            "API",
+                            "ETCD ENDPOINT",
+                            "HEALTH",
+                            "RAFT LEADER",
                             "VERSION",
-                            "STARTED",
-                            "SEEN",
+                            "DB SIZE",
+                            "ERROR",
                         ],
-                        view.controllers.iter().map(|c| {
+                        view.etcd.iter().map(|e| {
                             vec![
-                                printable(&c.id).into_owned(),
-                                if c.leader { "leader" } else { "follower" }.into(),
-                                c.agents.to_string(),
-                                printable(&c.agent_addr).into_owned(),
-                                printable(&c.api).into_owned(),
-                                printable(&c.version).into_owned(),
-                                c.started.clone(),
-                                format!("{:.1}s ago", c.seen_ms_ago as f64 / 1000.0),
+                                printable(&e.endpoint).into_owned(),
+                                if e.healthy { "healthy" } else { "unreachable" }.into(),
+                                if e.raft_leader { "yes" } else { "-" }.into(),
+                                e.version
+                                    .as_deref()
+                                    .map(|v| printable(v).into_owned())
+                                    .unwrap_or("-".into()),
+                                e.db_size.map(|b| b.to_string()).unwrap_or("-".into()),
+                                e.error
+                                    .as_deref()
+                                    .map(|v| printable(v).into_owned())
+                                    .unwrap_or_default(),
                             ]
                         }),
                     );
-                    if view.etcd.is_empty() {
-                        println!("\nstore: embedded (one controller)");
-                    } else {
-                        println!();
-                        table(
-                            &[
-                                "ETCD ENDPOINT",
-                                "HEALTH",
-                                "RAFT LEADER",
-                                "VERSION",
-                                "DB SIZE",
-                                "ERROR",
-                            ],
-                            view.etcd.iter().map(|e| {
-                                vec![
-                                    printable(&e.endpoint).into_owned(),
-                                    if e.healthy { "healthy" } else { "unreachable" }.into(),
-                                    if e.raft_leader { "yes" } else { "-" }.into(),
-                                    e.version
-                                        .as_deref()
-                                        .map(|v| printable(v).into_owned())
-                                        .unwrap_or("-".into()),
-                                    e.db_size.map(|b| b.to_string()).unwrap_or("-".into()),
-                                    e.error
-                                        .as_deref()
-                                        .map(|v| printable(v).into_owned())
-                                        .unwrap_or_default(),
-                                ]
-                            }),
-                        );
-                    }
                 }
-            }
+            })?;
         }
     }
     Ok(())

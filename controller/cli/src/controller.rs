@@ -7,6 +7,8 @@ use std::{
 };
 
 use anyhow::{bail, Context};
+
+use crate::output::Out;
 use clap::Subcommand;
 use shoal_api::{
     dr::{check_passphrase, BackupRequest, BACKUP_PATH, MAX_ARCHIVE_BYTES},
@@ -32,10 +34,10 @@ pub enum ControllerCmd {
     },
 }
 
-pub fn controller(client: &AdminClient, cmd: ControllerCmd) -> anyhow::Result<()> {
+pub fn controller(client: &AdminClient, cmd: ControllerCmd, out: &Out) -> anyhow::Result<()> {
     match cmd {
         ControllerCmd::Backup {
-            out,
+            out: path,
             passphrase_file,
         } => {
             let passphrase = match passphrase_file {
@@ -49,8 +51,11 @@ pub fn controller(client: &AdminClient, cmd: ControllerCmd) -> anyhow::Result<()
                 MAX_ARCHIVE_BYTES,
                 BACKUP_TIMEOUT,
             )?;
-            write_private(&out, &bytes)?;
-            say!("wrote {} ({} bytes)", out.display(), bytes.len());
+            write_private(&path, &bytes)?;
+            let written = serde_json::json!({ "path": path, "bytes": bytes.len() });
+            out.show(&written, || {
+                say!("wrote {} ({} bytes)", path.display(), bytes.len())
+            })?;
         }
     }
     Ok(())

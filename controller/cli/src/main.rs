@@ -5,104 +5,100 @@
 mod printable;
 mod backup;
 mod cluster;
+mod contexts;
 mod controller;
+mod generate;
 mod identity;
 mod maint;
 mod netboot;
 mod nodes;
+mod output;
+mod progress;
 mod release;
+mod watch;
 
 use std::{collections::BTreeMap, path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{bail, Context};
-use clap::{Parser, Subcommand, ValueEnum};
-use serde::Serialize;
+use anyhow::Context;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use shoal_api::{
     drives::{
         DriveCommandView, DrivePolicies, DrivePolicyView, DriveView, PrepareRequest, SetDrivePolicy,
     },
-    events::EventView,
     networks::{CreateNetwork, MemberSpec, MemberView, NetworkDetail, NetworkUpdate, NetworkView},
     nodes::NodeView,
     overlay::{OverlayCountersView, PathView},
     report::{DriveAttention, FleetReport},
     tokens::{CreateToken, CreatedToken, TokenView},
-    AdminClient, AdminConf,
+    AdminClient,
 };
+
+use output::{Out, OutputArgs};
 
 #[derive(Debug, Parser)]
 #[command(name = "shoalctl", version, about = "Operate a shoal fleet")]
 struct Cli {
-    /// Admin credentials written by the controller (DATA_DIR/admin.conf).
+    /// Admin credentials written by the controller (DATA_DIR/admin.conf). Without it or
+    /// --context: the current context of the shoalctl config file.
     #[arg(long, env = "SHOAL_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// The admin API's address instead of the one in the credentials: https://HOST:PORT or
     /// HOST:PORT, HOST a name or address in the API's certificate (`serve --api-name`).
     #[arg(long, env = "SHOAL_API", global = true, value_name = "URL")]
     api: Option<String>,
+    /// A context of the shoalctl config file (~/.config/shoal/config.toml) instead of its current
+    /// one.
+    #[arg(long, env = "SHOAL_CONTEXT", global = true)]
+    context: Option<String>,
+    #[command(flatten)]
+    out: OutputArgs,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum, Default)]
-enum Output {
-    #[default]
-    Table,
-    Json,
-}
-
-/// `nodes list`'s output: `wide` adds the LABELS column.
-#[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
-enum NodesOutput {
-    #[default]
-    Table,
-    Wide,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Join tokens.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "tokens")]
     Token(TokenCmd),
     /// Nodes in the fleet.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "node")]
     Nodes(NodesCmd),
     /// Node certificates: list a node's, revoke one by serial.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "cert")]
     Certs(identity::CertsCmd),
     /// Overlay networks and their members.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "networks")]
     Network(NetworkCmd),
     /// Overlay paths and datapath counters, as the agents report them.
     #[command(subcommand)]
     Overlay(OverlayCmd),
     /// Drives: SMART health, preparation of new drives, self-tests, drive policies.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "drive")]
     Drives(DrivesCmd),
     /// Netboot images.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "images")]
     Image(netboot::ImageCmd),
-    /// Signed agent releases and agent updates.
-    #[command(subcommand)]
+    /// Signed agent releases and agent updates; the release signing key.
+    #[command(subcommand, alias = "releases")]
     Release(release::ReleaseCmd),
     /// Machines seen on the netboot network.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "machine")]
     Machines(netboot::MachinesCmd),
     /// Maintenance windows: when disruptive work may start.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "windows")]
     Window(maint::WindowCmd),
     /// Disruption budgets per label group.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "budgets")]
     Budget(maint::BudgetCmd),
     /// Rolling upgrades of agents or netboot images.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "upgrades")]
     Upgrade(maint::UpgradeCmd),
     /// Maintenance actions (reboot, SMART self-tests, allowed commands) rolled over the fleet.
     #[command(subcommand)]
     Maintenance(maint::MaintenanceCmd),
     /// Backups: targets, jobs, runs, verification, snapshots, restores.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "backups")]
     Backup(backup::BackupCmd),
     /// The controller itself: encrypted backups for disaster recovery.
     #[command(subcommand)]
@@ -111,19 +107,35 @@ enum Command {
     #[command(subcommand)]
     Controllers(cluster::ControllersCmd),
     /// Fleet events (enrolled, up, down, removed...).
+    #[command(alias = "event")]
     Events {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
         /// Only events after this sequence number.
         #[arg(long)]
         after: Option<u64>,
+        /// Keep printing new events as they are logged, until interrupted (Ctrl-C). With -o json,
+        /// one JSON object per line.
+        #[arg(short, long)]
+        follow: bool,
+        /// How often --follow asks the controller for new events.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+        interval: Duration,
     },
     /// The fleet health report.
-    Report {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+    Report,
+    /// The shoalctl config file: contexts (one per fleet) and the current one.
+    #[command(subcommand)]
+    Config(contexts::ConfigCmd),
+    /// Print a shell completion script: `source <(shoalctl completion bash)`.
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write shoalctl's man pages (shoalctl.1 and one per subcommand) into a directory.
+    #[command(hide = true)]
+    GenerateMan {
+        /// The directory (created if absent).
+        dir: PathBuf,
     },
 }
 
@@ -134,18 +146,12 @@ enum OverlayCmd {
         /// Only paths reported by the nodes this label selector matches.
         #[arg(short = 'l', long = "selector")]
         selector: Option<String>,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Frames forwarded, flooded, delivered and dropped (by reason), per node.
     Counters {
         /// Only the nodes this label selector matches.
         #[arg(short = 'l', long = "selector")]
         selector: Option<String>,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
 }
 
@@ -159,9 +165,6 @@ enum DrivesCmd {
         /// Only the drives of the nodes this label selector matches.
         #[arg(short = 'l', long = "selector")]
         selector: Option<String>,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Partition, format and mount a drive; waits for the node's answer (up to 10 minutes).
     ///
@@ -182,9 +185,6 @@ enum DrivesCmd {
         /// Filesystem (default: the node's drive policy's).
         #[arg(long = "fs", value_enum)]
         fs: Option<FsArg>,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Start a SMART self-test; its progress and result show in `drives list`.
     Test {
@@ -194,9 +194,6 @@ enum DrivesCmd {
         device: String,
         #[command(flatten)]
         kind: TestKind,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// What nodes do with new drives: report (default), approve, or prepare.
     #[command(subcommand)]
@@ -255,29 +252,19 @@ enum PolicyCmd {
         /// Filesystem of prepared drives (default ext4).
         #[arg(long = "fs", value_enum)]
         fs: Option<FsArg>,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Stored policies, and the policy each node follows.
-    List {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    List {},
     /// Delete the policy of a node or a selector.
     Delete {
         #[command(flatten)]
         who: Who,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
 }
 
 #[derive(Debug, Subcommand)]
 enum TokenCmd {
-    /// Create a join token; prints only the token.
+    /// Create a join token; prints only the token (with -o json, the token and its id).
     Create {
         /// Time to live (e.g. 1h, 30m); none means it never expires.
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -290,13 +277,10 @@ enum TokenCmd {
         labels: Vec<(String, String)>,
     },
     /// List join tokens.
-    List {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    List {},
     /// Revoke a join token by id.
-    Revoke {
+    #[command(alias = "revoke")]
+    Delete {
         /// Token id (the second field of the token, as listed).
         id: String,
     },
@@ -310,9 +294,6 @@ enum NodesCmd {
         /// KEY in (A,B), KEY notin (A,B), comma-separated (all must hold).
         #[arg(short = 'l', long = "selector")]
         selector: Option<String>,
-        /// Output format (wide: with labels).
-        #[arg(short, long, value_enum, default_value_t)]
-        output: NodesOutput,
     },
     /// Set or remove a node's labels: KEY=VALUE sets, KEY- removes. Networks, drive policies,
     /// budgets, windows and backup jobs that select by label follow at once.
@@ -325,20 +306,15 @@ enum NodesCmd {
         /// Allow giving a label the node has another value.
         #[arg(long)]
         overwrite: bool,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Show one node.
     Show {
         /// Node id or hostname.
         id: String,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Remove a node: it is disconnected at once and its certificate is refused from then on.
-    Remove {
+    #[command(alias = "remove")]
+    Delete {
         /// Node id or hostname.
         id: String,
     },
@@ -350,11 +326,7 @@ enum NodesCmd {
         version: String,
     },
     /// Machines that claim an existing node without proof, waiting for an operator.
-    Pending {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    Pending {},
     /// Approve a pending claim: the machine's next attempt (same key) re-enrols onto the node.
     Approve {
         /// Request id, from `nodes pending`.
@@ -394,9 +366,6 @@ enum NetworkCmd {
         /// TAP MTU (default: the default network's, from `serve --overlay-mtu`).
         #[arg(long)]
         mtu: Option<u16>,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Add a node, or a label selector and every node it matches (now and later).
     Add {
@@ -404,9 +373,6 @@ enum NetworkCmd {
         name: String,
         #[command(flatten)]
         who: Who,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Remove a node added by hand, or a selector and the nodes only it kept in the network.
     Remove {
@@ -414,31 +380,18 @@ enum NetworkCmd {
         name: String,
         #[command(flatten)]
         who: Who,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Delete a network and all its memberships (not `default`).
     Delete {
         /// Network name.
         name: String,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
     /// List networks.
-    List {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    List {},
     /// Show a network's members.
     Show {
         /// Network name.
         name: String,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
     },
 }
 
@@ -472,13 +425,24 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // `--config` typed on the command line and `--context` name two credentials: refuse rather
+    // than pick one. From the environment, SHOAL_CONFIG yields to an explicit --context.
+    let config_typed =
+        matches.value_source("config") == Some(clap::parser::ValueSource::CommandLine);
+    match run(cli, config_typed) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // API errors quote agent-supplied text (a drive command's answer, a node's reason).
             eprintln!("shoalctl: {}", printable::printable(&format!("{e:#}")));
-            ExitCode::FAILURE
+            match e.downcast_ref::<watch::Unsuccessful>() {
+                Some(u) => ExitCode::from(u.code()),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -493,27 +457,32 @@ fn api_url(api: &str) -> anyhow::Result<String> {
         !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
     });
     if !valid || api.contains("://") && !api.starts_with("https://") {
-        bail!("--api {api:?}: expected https://HOST:PORT or HOST:PORT");
+        anyhow::bail!("--api {api:?}: expected https://HOST:PORT or HOST:PORT");
     }
     Ok(format!("https://{rest}"))
 }
 
-/// JSON as the API sent it: agent-supplied text stays faithful (C0 controls come out as `\u001b`).
-fn print_json(v: &impl Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
-}
-
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let Some(path) = cli.config else {
-        bail!("no admin credentials: pass --config DATA_DIR/admin.conf or set SHOAL_CONFIG");
+fn run(cli: Cli, config_typed: bool) -> anyhow::Result<()> {
+    let out = Out::new(&cli.out);
+    let out = &out;
+    // Commands that need no controller.
+    let command = match cli.command {
+        Command::Completion { shell } => return generate::completion(shell),
+        Command::GenerateMan { dir } => return generate::man_pages(&dir),
+        Command::Config(cmd) => return contexts::config(cmd, cli.context.as_deref(), out),
+        Command::Release(release::ReleaseCmd::Keygen(k)) => return release::keygen(&k, out),
+        command => command,
     };
-    let mut conf = AdminConf::read(&path)?;
+    let source = contexts::Source::choose(cli.config, config_typed, cli.context)?;
+    let mut conf = source.admin_conf()?;
     if let Some(api) = cli.api {
         conf.api = api_url(&api)?;
     }
     let client = AdminClient::new(&conf)?;
-    match cli.command {
+    match command {
+        Command::Completion { shell } => generate::completion(shell)?,
+        Command::GenerateMan { dir } => generate::man_pages(&dir)?,
+        Command::Config(cmd) => contexts::config(cmd, None, out)?,
         Command::Token(TokenCmd::Create { ttl, uses, labels }) => {
             let req = CreateToken {
                 ttl_secs: ttl.map(|d| d.as_secs().max(1)),
@@ -521,116 +490,113 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 labels: labels.into_iter().collect(),
             };
             let created: CreatedToken = client.create_token(&req)?;
-            say!("{}", created.token);
+            out.show(&created, || say!("{}", created.token))?;
         }
-        Command::Token(TokenCmd::List { output }) => {
+        Command::Token(TokenCmd::List {}) => {
             let tokens: Vec<TokenView> = client.get("/v1/tokens")?;
-            match output {
-                Output::Json => print_json(&tokens)?,
-                Output::Table => {
-                    let rows = tokens.iter().map(|t| {
-                        vec![
-                            t.id.clone(),
-                            t.state.clone(),
-                            format!(
-                                "{}/{}",
-                                t.uses,
-                                t.max_uses.map(|m| m.to_string()).unwrap_or("∞".into())
-                            ),
-                            t.expires_at.clone().unwrap_or("never".into()),
-                            labels_text(&t.labels),
-                        ]
-                    });
-                    table(&["ID", "STATE", "USES", "EXPIRES", "LABELS"], rows);
-                }
-            }
+            out.show(&tokens, || {
+                let rows = tokens.iter().map(|t| {
+                    vec![
+                        t.id.clone(),
+                        t.state.clone(),
+                        format!(
+                            "{}/{}",
+                            t.uses,
+                            t.max_uses.map(|m| m.to_string()).unwrap_or("∞".into())
+                        ),
+                        out.age_or(t.expires_at.as_deref(), "never"),
+                        labels_text(&t.labels),
+                        t.created_at.clone(),
+                        t.expires_at.clone().unwrap_or_else(|| "-".into()),
+                    ]
+                });
+                out.table_wide(
+                    &["ID", "STATE", "USES", "EXPIRES", "LABELS"],
+                    &["CREATED AT", "EXPIRES AT"],
+                    rows,
+                );
+            })?
         }
-        Command::Token(TokenCmd::Revoke { id }) => {
+        Command::Token(TokenCmd::Delete { id }) => {
             let t: TokenView = client
                 .delete(&format!("/v1/tokens/{id}"))?
                 .context("empty answer")?;
-            say!("revoked token {}", t.id);
+            out.show(&t, || say!("revoked token {}", t.id))?;
         }
-        Command::Nodes(NodesCmd::List { selector, output }) => {
+        Command::Nodes(NodesCmd::List { selector }) => {
             let nodes: Vec<NodeView> = client.nodes(selector.as_deref())?;
-            let mut header = vec![
-                "ID",
-                "HOSTNAME",
-                "STATUS",
-                "LAST SEEN",
-                "AGENT",
-                "CPUS",
-                "MEMORY",
-                "DISKS",
-                "ADDRESS",
-            ];
-            match output {
-                NodesOutput::Json => print_json(&nodes)?,
-                NodesOutput::Table => table(&header, nodes.iter().map(node_row)),
-                NodesOutput::Wide => {
-                    header.push("LABELS");
-                    table(
-                        &header,
-                        nodes.iter().map(|n| {
-                            let mut row = node_row(n);
-                            row.push(labels_text(&n.labels));
-                            row
-                        }),
-                    )
-                }
-            }
+            out.show(&nodes, || {
+                out.table_wide(
+                    &[
+                        "ID",
+                        "HOSTNAME",
+                        "STATUS",
+                        "LAST SEEN",
+                        "AGENT",
+                        "CPUS",
+                        "MEMORY",
+                        "DISKS",
+                        "ADDRESS",
+                    ],
+                    &["ENROLLED", "CONTROLLER", "KEY", "LABELS"],
+                    nodes.iter().map(|n| {
+                        let mut row = node_row(n, out);
+                        row.push(labels_text(&n.labels));
+                        row
+                    }),
+                );
+            })?
         }
         Command::Nodes(NodesCmd::Label {
             node,
             labels,
             overwrite,
-            output,
         }) => {
             let done = nodes::label(&client, &node, &labels, overwrite)?;
-            match output {
-                Output::Json => print_json(&done)?,
-                Output::Table if done.changes.is_empty() => {
+            out.show(&done, || {
+                if done.changes.is_empty() {
                     say!(
                         "node {} ({}): not labeled, no change",
                         done.hostname,
                         done.node
                     )
+                } else {
+                    say!(
+                        "node {} ({}) labeled: {}",
+                        done.hostname,
+                        done.node,
+                        done.changes.join(", ")
+                    )
                 }
-                Output::Table => say!(
-                    "node {} ({}) labeled: {}",
-                    done.hostname,
-                    done.node,
-                    done.changes.join(", ")
-                ),
-            }
+            })?
         }
-        Command::Nodes(NodesCmd::Show { id, output }) => {
+        Command::Nodes(NodesCmd::Show { id }) => {
             let id = nodes::resolve(&client, &id)?;
             let node: NodeView = client.get(&format!("/v1/nodes/{id}"))?;
-            match output {
-                Output::Json => print_json(&node)?,
-                Output::Table => show_node(&node),
-            }
+            out.show(&node, || {
+                show_node(&node);
+            })?
         }
-        Command::Nodes(NodesCmd::Remove { id }) => {
+        Command::Nodes(NodesCmd::Delete { id }) => {
             let id = nodes::resolve(&client, &id)?;
+            // The API answers 204: the JSON is the node as it was.
+            let node: NodeView = client.get(&format!("/v1/nodes/{id}"))?;
             client.delete::<serde_json::Value>(&format!("/v1/nodes/{id}"))?;
-            say!("removed node {id}");
+            out.show(&node, || say!("removed node {id}"))?;
         }
-        Command::Network(cmd) => network(&client, cmd)?,
-        Command::Drives(cmd) => drives(&client, cmd)?,
-        Command::Window(cmd) => maint::window(&client, cmd)?,
-        Command::Backup(cmd) => backup::backup(&client, cmd)?,
-        Command::Budget(cmd) => maint::budget(&client, cmd)?,
-        Command::Upgrade(cmd) => maint::upgrade(&client, cmd)?,
-        Command::Maintenance(cmd) => maint::maintenance(&client, cmd)?,
-        Command::Overlay(OverlayCmd::Paths { selector, output }) => {
+        Command::Network(cmd) => network(&client, cmd, out)?,
+        Command::Drives(cmd) => drives(&client, cmd, out)?,
+        Command::Window(cmd) => maint::window(&client, cmd, out)?,
+        Command::Backup(cmd) => backup::backup(&client, cmd, out)?,
+        Command::Budget(cmd) => maint::budget(&client, cmd, out)?,
+        Command::Upgrade(cmd) => maint::upgrade(&client, cmd, out)?,
+        Command::Maintenance(cmd) => maint::maintenance(&client, cmd, out)?,
+        Command::Overlay(OverlayCmd::Paths { selector }) => {
             let filter = nodes::matching(&client, selector.as_deref())?;
             let mut paths: Vec<PathView> = client.get("/v1/overlay/paths")?;
             paths.retain(|p| nodes::keep(&filter, &p.from));
-            match output {
-                Output::Json => print_json(&paths)?,
-                Output::Table => table(
+            out.show(&paths, || {
+                out.table(
                     &["FROM", "TO", "KIND", "REMOTE", "RTT", "SENT", "RECEIVED"],
                     paths.iter().map(|p| {
                         vec![
@@ -643,16 +609,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             p.rx_bytes.to_string(),
                         ]
                     }),
-                ),
-            }
+                );
+            })?
         }
-        Command::Overlay(OverlayCmd::Counters { selector, output }) => {
+        Command::Overlay(OverlayCmd::Counters { selector }) => {
             let filter = nodes::matching(&client, selector.as_deref())?;
             let mut counters: Vec<OverlayCountersView> = client.get("/v1/overlay/counters")?;
             counters.retain(|c| nodes::keep(&filter, &c.node));
-            match output {
-                Output::Json => print_json(&counters)?,
-                Output::Table => table(
+            out.show(&counters, || {
+                out.table(
                     &["NODE", "FORWARDED", "FLOODED", "DELIVERED", "DROPPED"],
                     counters.iter().map(|c| {
                         let dropped = c
@@ -669,102 +634,75 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             dropped,
                         ]
                     }),
-                ),
-            }
+                );
+            })?
         }
         Command::Nodes(NodesCmd::SetImage { id, version }) => {
-            netboot::set_image(&client, &nodes::resolve(&client, &id)?, &version)?
+            netboot::set_image(&client, &nodes::resolve(&client, &id)?, &version, out)?
         }
-        Command::Nodes(NodesCmd::Pending { output }) => identity::pending(&client, output)?,
-        Command::Nodes(NodesCmd::Approve { id }) => identity::decide(&client, &id, true)?,
-        Command::Nodes(NodesCmd::Deny { id }) => identity::decide(&client, &id, false)?,
+        Command::Nodes(NodesCmd::Pending {}) => identity::pending(&client, out)?,
+        Command::Nodes(NodesCmd::Approve { id }) => identity::decide(&client, &id, true, out)?,
+        Command::Nodes(NodesCmd::Deny { id }) => identity::decide(&client, &id, false, out)?,
         Command::Nodes(NodesCmd::Reenrol { id, ttl }) => {
-            identity::reenrol(&client, &nodes::resolve(&client, &id)?, ttl)?
+            identity::reenrol(&client, &nodes::resolve(&client, &id)?, ttl, out)?
         }
         Command::Nodes(NodesCmd::RotateKey { id }) => {
-            identity::rotate_key(&client, &nodes::resolve(&client, &id)?)?
+            identity::rotate_key(&client, &nodes::resolve(&client, &id)?, out)?
         }
-        Command::Certs(cmd) => identity::certs(&client, cmd)?,
-        Command::Image(cmd) => netboot::image(&client, cmd)?,
-        Command::Release(cmd) => release::release(&client, cmd)?,
-        Command::Machines(cmd) => netboot::machines(&client, cmd)?,
-        Command::Controller(cmd) => controller::controller(&client, cmd)?,
-        Command::Controllers(cmd) => cluster::controllers(&client, cmd)?,
-        Command::Events { output, after } => {
-            let path = match after {
-                Some(a) => format!("/v1/events?after={a}"),
-                None => "/v1/events".to_owned(),
-            };
-            let events: Vec<EventView> = client.get(&path)?;
-            match output {
-                Output::Json => print_json(&events)?,
-                Output::Table => table(
-                    &["SEQ", "AT", "KIND", "NODE", "MESSAGE"],
-                    events.iter().map(|e| {
-                        vec![
-                            e.seq.to_string(),
-                            e.at.clone(),
-                            e.kind.clone(),
-                            e.node.clone().unwrap_or_default(),
-                            e.message.clone(),
-                        ]
-                    }),
-                ),
-            }
-        }
-        Command::Report { output } => {
+        Command::Certs(cmd) => identity::certs(&client, cmd, out)?,
+        Command::Image(cmd) => netboot::image(&client, cmd, out)?,
+        Command::Release(cmd) => release::release(&client, cmd, out)?,
+        Command::Machines(cmd) => netboot::machines(&client, cmd, out)?,
+        Command::Controller(cmd) => controller::controller(&client, cmd, out)?,
+        Command::Controllers(cmd) => cluster::controllers(&client, cmd, out)?,
+        Command::Events {
+            after,
+            follow,
+            interval,
+        } => watch::events(&client, after, follow, interval, out)?,
+        Command::Report => {
             let report: FleetReport = client.get("/v1/report")?;
-            match output {
-                Output::Json => print_json(&report)?,
-                Output::Table => print_report(&report),
-            }
+            out.show(&report, || {
+                print_report(&report, out);
+            })?;
         }
     }
     Ok(())
 }
 
-fn network(client: &AdminClient, cmd: NetworkCmd) -> anyhow::Result<()> {
+fn network(client: &AdminClient, cmd: NetworkCmd, out: &Out) -> anyhow::Result<()> {
     match cmd {
-        NetworkCmd::Create {
-            name,
-            subnet,
-            mtu,
-            output,
-        } => {
+        NetworkCmd::Create { name, subnet, mtu } => {
             let net = client.create_network(&CreateNetwork { name, subnet, mtu })?;
-            match output {
-                Output::Json => print_json(&net)?,
-                Output::Table => say!(
+            out.show(&net, || {
+                say!(
                     "created network {} ({}, MTU {}, id {})",
                     net.name,
                     net.subnet,
                     net.mtu,
                     net.id
-                ),
-            }
+                );
+            })?
         }
-        NetworkCmd::Add { name, who, output } => {
-            print_update(&client.add_to_network(&name, &who.spec(client)?)?, output)?
+        NetworkCmd::Add { name, who } => {
+            print_update(&client.add_to_network(&name, &who.spec(client)?)?, out)?
         }
-        NetworkCmd::Remove { name, who, output } => print_update(
-            &client.remove_from_network(&name, &who.spec(client)?)?,
-            output,
-        )?,
-        NetworkCmd::Delete { name, output } => {
+        NetworkCmd::Remove { name, who } => {
+            print_update(&client.remove_from_network(&name, &who.spec(client)?)?, out)?
+        }
+        NetworkCmd::Delete { name } => {
             let update = client.delete_network(&name)?;
-            match output {
-                Output::Json => print_json(&update)?,
-                Output::Table => say!(
+            out.show(&update, || {
+                say!(
                     "deleted network {name}; {} members left it",
                     update.left.len()
-                ),
-            }
+                );
+            })?
         }
-        NetworkCmd::List { output } => {
+        NetworkCmd::List {} => {
             let networks: Vec<NetworkView> = client.networks()?;
-            match output {
-                Output::Json => print_json(&networks)?,
-                Output::Table => table(
+            out.show(&networks, || {
+                out.table(
                     &["ID", "NAME", "SUBNET", "MTU", "MEMBERS", "SELECTORS"],
                     networks.iter().map(|n| {
                         vec![
@@ -776,58 +714,54 @@ fn network(client: &AdminClient, cmd: NetworkCmd) -> anyhow::Result<()> {
                             n.selectors.join(","),
                         ]
                     }),
-                ),
-            }
+                );
+            })?
         }
-        NetworkCmd::Show { name, output } => {
+        NetworkCmd::Show { name } => {
             let detail: NetworkDetail = client.network(&name)?;
-            match output {
-                Output::Json => print_json(&detail)?,
-                Output::Table => {
-                    let n = &detail.network;
-                    say!(
-                        "network {} (id {}): {}, MTU {}",
-                        n.name,
-                        n.id,
-                        n.subnet,
-                        n.mtu
-                    );
-                    if !n.selectors.is_empty() {
-                        say!("selectors: {}", n.selectors.join(","));
-                    }
-                    say!();
-                    table(
-                        &["NODE", "HOSTNAME", "MAC", "ADDRESS", "VIA"],
-                        detail.members.iter().map(member_row),
-                    );
+            out.show(&detail, || {
+                let n = &detail.network;
+                say!(
+                    "network {} (id {}): {}, MTU {}",
+                    n.name,
+                    n.id,
+                    n.subnet,
+                    n.mtu
+                );
+                if !n.selectors.is_empty() {
+                    say!("selectors: {}", n.selectors.join(","));
                 }
-            }
+                say!();
+                out.table(
+                    &["NODE", "HOSTNAME", "MAC", "ADDRESS", "VIA"],
+                    detail.members.iter().map(member_row),
+                );
+            })?;
         }
     }
     Ok(())
 }
 
-fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
+fn drives(client: &AdminClient, cmd: DrivesCmd, out: &Out) -> anyhow::Result<()> {
     match cmd {
-        DrivesCmd::List {
-            node,
-            selector,
-            output,
-        } => {
+        DrivesCmd::List { node, selector } => {
             let node = nodes::resolve_opt(client, node)?;
             let filter = nodes::matching(client, selector.as_deref())?;
             let mut drives = client.drives(node.as_deref())?;
             drives.retain(|d| nodes::keep(&filter, &d.node));
-            match output {
-                Output::Json => print_json(&drives)?,
-                Output::Table if drives.is_empty() => say!("no drives reported"),
-                Output::Table => table(
-                    &[
-                        "NODE", "DEVICE", "SERIAL", "MODEL", "SIZE", "STATE", "VERDICT", "REASONS",
-                    ],
-                    drives.iter().map(drive_row),
-                ),
-            }
+            out.show(&drives, || {
+                if drives.is_empty() {
+                    say!("no drives reported");
+                } else {
+                    out.table(
+                        &[
+                            "NODE", "DEVICE", "SERIAL", "MODEL", "SIZE", "STATE", "VERDICT",
+                            "REASONS",
+                        ],
+                        drives.iter().map(drive_row),
+                    );
+                }
+            })?;
         }
         DrivesCmd::Prepare {
             node,
@@ -835,7 +769,6 @@ fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
             force,
             serial,
             fs,
-            output,
         } => {
             let req = PrepareRequest {
                 force,
@@ -846,26 +779,19 @@ fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
                     .map_err(anyhow::Error::msg)?,
             };
             let node = nodes::resolve(client, &node)?;
-            let done = client.prepare_drive(&node, device.trim_start_matches("/dev/"), &req)?;
-            print_command(&done, output)?;
+            let device = device.trim_start_matches("/dev/");
+            let done = progress::ticking(&format!("preparing {device} on {node}"), || {
+                client.prepare_drive(&node, device, &req)
+            })?;
+            print_command(&done, out)?;
         }
-        DrivesCmd::Test {
-            node,
-            device,
-            kind,
-            output,
-        } => {
+        DrivesCmd::Test { node, device, kind } => {
             let kind = if kind.long { "long" } else { "short" };
             let node = nodes::resolve(client, &node)?;
             let done = client.self_test_drive(&node, device.trim_start_matches("/dev/"), kind)?;
-            print_command(&done, output)?;
+            print_command(&done, out)?;
         }
-        DrivesCmd::Policy(PolicyCmd::Set {
-            who,
-            policy,
-            fs,
-            output,
-        }) => {
+        DrivesCmd::Policy(PolicyCmd::Set { who, policy, fs }) => {
             let spec = who.spec(client)?;
             let mode = match policy {
                 PolicyArg::Report => "report",
@@ -879,65 +805,60 @@ fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
                 filesystem: fs.map(|f| f.name().into()),
             };
             let set: DrivePolicyView = client.set_drive_policy(&req)?;
-            match output {
-                Output::Json => print_json(&set)?,
-                Output::Table => say!(
+            out.show(&set, || {
+                say!(
                     "drive policy for {}: {}, {}",
                     policy_target(&set),
                     set.mode,
                     set.filesystem
-                ),
-            }
+                );
+            })?
         }
-        DrivesCmd::Policy(PolicyCmd::List { output }) => {
+        DrivesCmd::Policy(PolicyCmd::List {}) => {
             let all: DrivePolicies = client.drive_policies()?;
-            match output {
-                Output::Json => print_json(&all)?,
-                Output::Table => {
-                    if all.policies.is_empty() {
-                        say!("no drive policies: every node reports new drives (report, ext4)");
-                    } else {
-                        table(
-                            &["FOR", "POLICY", "FS", "SET"],
-                            all.policies.iter().map(|p| {
-                                vec![
-                                    policy_target(p),
-                                    p.mode.clone(),
-                                    p.filesystem.clone(),
-                                    p.set_at.clone(),
-                                ]
-                            }),
-                        );
-                    }
-                    if !all.effective.is_empty() {
-                        say!();
-                        table(
-                            &["NODE", "HOSTNAME", "POLICY", "FS", "FROM"],
-                            all.effective.iter().map(|e| {
-                                vec![
-                                    e.node.clone(),
-                                    e.hostname.clone(),
-                                    e.mode.clone(),
-                                    e.filesystem.clone(),
-                                    e.source.clone(),
-                                ]
-                            }),
-                        );
-                    }
+            out.show(&all, || {
+                if all.policies.is_empty() {
+                    say!("no drive policies: every node reports new drives (report, ext4)");
+                } else {
+                    out.table(
+                        &["FOR", "POLICY", "FS", "SET"],
+                        all.policies.iter().map(|p| {
+                            vec![
+                                policy_target(p),
+                                p.mode.clone(),
+                                p.filesystem.clone(),
+                                p.set_at.clone(),
+                            ]
+                        }),
+                    );
                 }
-            }
+                if !all.effective.is_empty() {
+                    say!();
+                    out.table(
+                        &["NODE", "HOSTNAME", "POLICY", "FS", "FROM"],
+                        all.effective.iter().map(|e| {
+                            vec![
+                                e.node.clone(),
+                                e.hostname.clone(),
+                                e.mode.clone(),
+                                e.filesystem.clone(),
+                                e.source.clone(),
+                            ]
+                        }),
+                    );
+                }
+            })?
         }
-        DrivesCmd::Policy(PolicyCmd::Delete { who, output }) => {
+        DrivesCmd::Policy(PolicyCmd::Delete { who }) => {
             let gone: DrivePolicyView = client.delete_drive_policy(&who.spec(client)?)?;
-            match output {
-                Output::Json => print_json(&gone)?,
-                Output::Table => say!(
+            out.show(&gone, || {
+                say!(
                     "deleted the drive policy for {} (was {}, {})",
                     policy_target(&gone),
                     gone.mode,
                     gone.filesystem
-                ),
-            }
+                );
+            })?;
         }
     }
     Ok(())
@@ -951,17 +872,16 @@ fn policy_target(p: &DrivePolicyView) -> String {
     }
 }
 
-fn print_command(done: &DriveCommandView, output: Output) -> anyhow::Result<()> {
-    match output {
-        Output::Json => print_json(done)?,
-        Output::Table => say!(
+fn print_command(done: &DriveCommandView, out: &Out) -> anyhow::Result<()> {
+    out.show(done, || {
+        say!(
             "{} {} on {}: {}",
             done.action,
             done.device,
             done.node,
             done.message
-        ),
-    }
+        );
+    })?;
     Ok(())
 }
 
@@ -1039,26 +959,23 @@ fn member_row(m: &MemberView) -> Vec<String> {
     ]
 }
 
-fn print_update(update: &NetworkUpdate, output: Output) -> anyhow::Result<()> {
-    match output {
-        Output::Json => print_json(update)?,
-        Output::Table => {
-            let n = &update.network;
-            say!(
-                "network {}: {} joined, {} left, {} members",
-                n.name,
-                update.joined.len(),
-                update.left.len(),
-                n.members
-            );
-            for m in &update.joined {
-                say!("joined: {} {} {} {}", m.node, m.hostname, m.address, m.mac);
-            }
-            for id in &update.left {
-                say!("left:   {id}");
-            }
+fn print_update(update: &NetworkUpdate, out: &Out) -> anyhow::Result<()> {
+    out.show(update, || {
+        let n = &update.network;
+        say!(
+            "network {}: {} joined, {} left, {} members",
+            n.name,
+            update.joined.len(),
+            update.left.len(),
+            n.members
+        );
+        for m in &update.joined {
+            say!("joined: {} {} {} {}", m.node, m.hostname, m.address, m.mac);
         }
-    }
+        for id in &update.left {
+            say!("left:   {id}");
+        }
+    })?;
     Ok(())
 }
 
@@ -1085,7 +1002,7 @@ fn bytes_text(b: u64) -> String {
     }
 }
 
-fn node_row(n: &NodeView) -> Vec<String> {
+fn node_row(n: &NodeView, out: &Out) -> Vec<String> {
     let inv = n.inventory.as_ref();
     let address = inv
         .and_then(|i| {
@@ -1100,12 +1017,15 @@ fn node_row(n: &NodeView) -> Vec<String> {
         n.id.clone(),
         n.hostname.clone(),
         n.status.clone(),
-        n.last_seen.clone().unwrap_or("never".into()),
+        out.age_or(n.last_seen.as_deref(), "never"),
         n.agent_version.clone(),
         inv.map(|i| i.cpu_cores.to_string()).unwrap_or_default(),
         inv.map(|i| bytes_text(i.memory_bytes)).unwrap_or_default(),
         inv.map(|i| i.disks.len().to_string()).unwrap_or_default(),
         address,
+        out.age(&n.enrolled_at),
+        n.controller.clone().unwrap_or_else(|| "-".into()),
+        n.key.clone().unwrap_or_else(|| "-".into()),
     ]
 }
 
@@ -1234,7 +1154,7 @@ fn show_node(n: &NodeView) {
     }
 }
 
-fn print_report(r: &FleetReport) {
+fn print_report(r: &FleetReport, out: &Out) {
     let counts = r
         .by_status
         .iter()
@@ -1250,7 +1170,7 @@ fn print_report(r: &FleetReport) {
         say!("no node needs attention");
     } else {
         say!();
-        table(
+        out.table(
             &["ID", "HOSTNAME", "STATUS", "NEEDS ATTENTION"],
             r.attention.iter().map(|a| {
                 vec![
@@ -1298,7 +1218,7 @@ fn print_report(r: &FleetReport) {
         .collect();
     if !rows.is_empty() {
         say!();
-        table(
+        out.table(
             &["DRIVE", "NODE", "HOSTNAME", "DEVICE", "SERIAL", "WHY"],
             rows.into_iter(),
         );
@@ -1311,7 +1231,7 @@ fn print_report(r: &FleetReport) {
             "backups: {} job(s) on nodes need attention",
             r.backups.len()
         );
-        table(
+        out.table(
             &["JOB", "NODE", "HOSTNAME", "WHY"],
             r.backups.iter().map(|b| {
                 vec![
@@ -1322,39 +1242,6 @@ fn print_report(r: &FleetReport) {
                 ]
             }),
         );
-    }
-}
-
-/// Prints aligned columns. Every cell goes through [`printable::printable`] before widths are
-/// taken.
-fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
-    let rows: Vec<Vec<String>> = rows
-        .map(|row| {
-            row.iter()
-                .map(|c| printable::printable(c).into_owned())
-                .collect()
-        })
-        .collect();
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let mut out = String::new();
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i + 1 == cells.len() {
-                out.push_str(cell);
-            } else {
-                out.push_str(&format!("{cell:<w$}  ", w = *w));
-            }
-        }
-        println!("{}", out.trim_end());
-    };
-    line(header.iter().map(|h| h.to_string()).collect());
-    for row in rows {
-        line(row);
     }
 }
 

@@ -12,7 +12,7 @@ use shoal_api::{
 };
 use shoal_proto::MaintenanceAction;
 
-use super::{print_json, table, Output};
+use super::{watch, Out};
 
 #[derive(Debug, Subcommand)]
 pub enum WindowCmd {
@@ -37,12 +37,9 @@ pub enum WindowCmd {
         selector: Option<String>,
     },
     /// Windows, whether each is open, and its current or next opening.
-    List {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    List {},
     /// Delete a window (refused while an unfinished rollout uses it).
+    #[command(alias = "remove")]
     Delete {
         /// Name.
         name: String,
@@ -62,12 +59,9 @@ pub enum BudgetCmd {
         max_unavailable: u32,
     },
     /// Budgets and how many nodes each group has.
-    List {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    List {},
     /// Delete a budget.
+    #[command(alias = "remove")]
     Delete {
         /// A label selector (`role=db`, `role=db,zone in (a,b)`).
         #[arg(long)]
@@ -112,6 +106,8 @@ pub enum UpgradeCmd {
         /// (protocol 5) refuse a downgrade and the node fails as refused, unchanged.
         #[arg(long)]
         allow_downgrade: bool,
+        #[command(flatten)]
+        wait: watch::WaitArgs,
     },
     #[command(flatten)]
     Rollout(RolloutCmd),
@@ -148,16 +144,13 @@ pub enum RolloutCmd {
     Status {
         /// Rollout id (r1, r2, ...).
         id: Option<String>,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        /// Watch: print the status again each time it changes, until the rollout finishes or
+        /// Ctrl-C (with -o json, one object per line).
+        #[arg(short, long)]
+        watch: bool,
     },
     /// Every rollout and maintenance run, one line each.
-    List {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    List {},
     /// Start no new node; nodes in flight finish.
     Pause {
         /// Rollout id (default: the current rollout).
@@ -212,6 +205,8 @@ pub enum MaintenanceCmd {
         /// For exec: the program (absolute path, allowed on the agents) and its arguments.
         #[arg(last = true, value_name = "CMD")]
         command: Vec<String>,
+        #[command(flatten)]
+        wait: watch::WaitArgs,
     },
     #[command(flatten)]
     Rollout(RolloutCmd),
@@ -233,7 +228,7 @@ pub fn action_of(name: ActionName, command: Vec<String>) -> anyhow::Result<Maint
     }
 }
 
-pub fn maintenance(client: &AdminClient, cmd: MaintenanceCmd) -> anyhow::Result<()> {
+pub fn maintenance(client: &AdminClient, cmd: MaintenanceCmd, out: &Out) -> anyhow::Result<()> {
     let cmd = match cmd {
         MaintenanceCmd::Run {
             action,
@@ -243,6 +238,7 @@ pub fn maintenance(client: &AdminClient, cmd: MaintenanceCmd) -> anyhow::Result<
             max_failures,
             deadline,
             command,
+            wait,
         } => {
             let req = StartRollout {
                 action: Some(action_of(action, command)?),
@@ -254,20 +250,24 @@ pub fn maintenance(client: &AdminClient, cmd: MaintenanceCmd) -> anyhow::Result<
                 ..StartRollout::default()
             };
             let r: RolloutView = client.post("/v1/rollouts", &req)?;
-            say!(
-                "started maintenance run {}: {} on {} node(s)",
-                r.id,
-                r.target,
-                r.progress.total
-            );
-            return Ok(());
+            if wait.wait {
+                return watch::wait_rollout(client, r, &wait, out);
+            }
+            return out.show(&r, || {
+                say!(
+                    "started maintenance run {}: {} on {} node(s)",
+                    r.id,
+                    r.target,
+                    r.progress.total
+                )
+            });
         }
         MaintenanceCmd::Rollout(cmd) => cmd,
     };
-    rollout(client, cmd)
+    rollout(client, cmd, out)
 }
 
-pub fn window(client: &AdminClient, cmd: WindowCmd) -> anyhow::Result<()> {
+pub fn window(client: &AdminClient, cmd: WindowCmd, out: &Out) -> anyhow::Result<()> {
     match cmd {
         WindowCmd::Create {
             name,
@@ -284,13 +284,14 @@ pub fn window(client: &AdminClient, cmd: WindowCmd) -> anyhow::Result<()> {
                 selector,
             };
             let w: WindowView = client.post("/v1/windows", &req)?;
-            say!("created window {} ({}); {}", w.name, w.tz, next_text(&w));
+            out.show(&w, || {
+                say!("created window {} ({}); {}", w.name, w.tz, next_text(&w))
+            })?;
         }
-        WindowCmd::List { output } => {
+        WindowCmd::List {} => {
             let all: Vec<WindowView> = client.get("/v1/windows")?;
-            match output {
-                Output::Json => print_json(&all)?,
-                Output::Table => table(
+            out.show(&all, || {
+                out.table(
                     &["NAME", "SCHEDULE", "DURATION", "TZ", "SELECTOR", "STATE"],
                     all.iter().map(|w| {
                         vec![
@@ -303,12 +304,15 @@ pub fn window(client: &AdminClient, cmd: WindowCmd) -> anyhow::Result<()> {
                             next_text(w),
                         ]
                     }),
-                ),
-            }
+                );
+            })?
         }
         WindowCmd::Delete { name } => {
+            // The API answers 204: the JSON is the window as it was.
+            let all: Vec<WindowView> = client.get("/v1/windows")?;
+            let gone = all.into_iter().find(|w| w.name == name);
             client.delete::<serde_json::Value>(&format!("/v1/windows/{name}"))?;
-            say!("deleted window {name}");
+            out.show(&gone, || say!("deleted window {name}"))?;
         }
     }
     Ok(())
@@ -322,7 +326,7 @@ fn next_text(w: &WindowView) -> String {
     }
 }
 
-pub fn budget(client: &AdminClient, cmd: BudgetCmd) -> anyhow::Result<()> {
+pub fn budget(client: &AdminClient, cmd: BudgetCmd, out: &Out) -> anyhow::Result<()> {
     match cmd {
         BudgetCmd::Set {
             selector,
@@ -335,18 +339,19 @@ pub fn budget(client: &AdminClient, cmd: BudgetCmd) -> anyhow::Result<()> {
                     max_unavailable,
                 },
             )?;
-            say!(
-                "budget {}: at most {} of {} node(s) unavailable",
-                b.selector,
-                b.max_unavailable,
-                b.nodes
-            );
+            out.show(&b, || {
+                say!(
+                    "budget {}: at most {} of {} node(s) unavailable",
+                    b.selector,
+                    b.max_unavailable,
+                    b.nodes
+                )
+            })?;
         }
-        BudgetCmd::List { output } => {
+        BudgetCmd::List {} => {
             let all: Vec<BudgetView> = client.get("/v1/budgets")?;
-            match output {
-                Output::Json => print_json(&all)?,
-                Output::Table => table(
+            out.show(&all, || {
+                out.table(
                     &["SELECTOR", "MAX UNAVAILABLE", "NODES"],
                     all.iter().map(|b| {
                         vec![
@@ -355,12 +360,14 @@ pub fn budget(client: &AdminClient, cmd: BudgetCmd) -> anyhow::Result<()> {
                             b.nodes.to_string(),
                         ]
                     }),
-                ),
-            }
+                );
+            })?
         }
         BudgetCmd::Delete { selector } => {
+            let all: Vec<BudgetView> = client.get("/v1/budgets")?;
+            let gone = all.into_iter().find(|b| b.selector == selector);
             client.delete_budget(&selector)?;
-            say!("deleted budget {selector}");
+            out.show(&gone, || say!("deleted budget {selector}"))?;
         }
     }
     Ok(())
@@ -392,7 +399,8 @@ pub fn progress_bar(r: &RolloutView) -> String {
     s
 }
 
-fn print_status(r: &RolloutView) {
+/// A rollout as `status` prints it.
+pub fn print_status(r: &RolloutView, out: &Out) {
     say!(
         "{} {}: {} on {}, {}{}",
         if r.target.starts_with("action ") {
@@ -428,8 +436,9 @@ fn print_status(r: &RolloutView) {
         say!("waiting: {w}");
     }
     say!();
-    table(
+    out.table_wide(
         &["NODE", "HOSTNAME", "STATE", "SINCE", "DEADLINE", "DETAIL"],
+        &["SINCE AT", "DEADLINE AT"],
         r.nodes.iter().map(|n| {
             vec![
                 n.node.clone(),
@@ -438,18 +447,20 @@ fn print_status(r: &RolloutView) {
                     Some(step) => format!("{}: {step}", n.phase),
                     None => n.phase.clone(),
                 },
-                n.since.clone().unwrap_or_else(|| "-".into()),
-                n.deadline.clone().unwrap_or_else(|| "-".into()),
+                out.age_or(n.since.as_deref(), "-"),
+                out.age_or(n.deadline.as_deref(), "-"),
                 n.detail
                     .clone()
                     .or_else(|| n.output.clone())
                     .unwrap_or_default(),
+                n.since.clone().unwrap_or_else(|| "-".into()),
+                n.deadline.clone().unwrap_or_else(|| "-".into()),
             ]
         }),
     );
 }
 
-pub fn upgrade(client: &AdminClient, cmd: UpgradeCmd) -> anyhow::Result<()> {
+pub fn upgrade(client: &AdminClient, cmd: UpgradeCmd, out: &Out) -> anyhow::Result<()> {
     match cmd {
         UpgradeCmd::Start {
             what,
@@ -459,6 +470,7 @@ pub fn upgrade(client: &AdminClient, cmd: UpgradeCmd) -> anyhow::Result<()> {
             max_failures,
             deadline,
             allow_downgrade,
+            wait,
         } => {
             let req = StartRollout {
                 agent: what.agent,
@@ -472,72 +484,79 @@ pub fn upgrade(client: &AdminClient, cmd: UpgradeCmd) -> anyhow::Result<()> {
                 allow_downgrade,
             };
             let r: RolloutView = client.post("/v1/rollouts", &req)?;
-            say!(
-                "started rollout {}: {} on {} node(s)",
-                r.id,
-                r.target,
-                r.progress.total
-            );
+            if wait.wait {
+                return watch::wait_rollout(client, r, &wait, out);
+            }
+            out.show(&r, || {
+                say!(
+                    "started rollout {}: {} on {} node(s)",
+                    r.id,
+                    r.target,
+                    r.progress.total
+                )
+            })?;
         }
-        UpgradeCmd::Rollout(cmd) => return rollout(client, cmd),
+        UpgradeCmd::Rollout(cmd) => return rollout(client, cmd, out),
     }
     Ok(())
 }
 
 /// The commands rollouts and maintenance runs share.
-pub fn rollout(client: &AdminClient, cmd: RolloutCmd) -> anyhow::Result<()> {
+pub fn rollout(client: &AdminClient, cmd: RolloutCmd, out: &Out) -> anyhow::Result<()> {
     let id = |id: Option<String>| id.unwrap_or_else(|| "current".into());
-    let said = |r: RolloutView| {
-        say!("rollout {} is {}", r.id, r.state);
-    };
+    let said = |r: RolloutView| out.show(&r, || say!("rollout {} is {}", r.id, r.state));
     match cmd {
-        RolloutCmd::Status { id: which, output } => {
+        RolloutCmd::Status { id: which, watch } if watch => {
+            watch::watch_rollout(client, &id(which), out)?
+        }
+        RolloutCmd::Status { id: which, .. } => {
             let r: RolloutView = client
                 .get(&format!("/v1/rollouts/{}", id(which)))
                 .context("no rollout to show")?;
-            match output {
-                Output::Json => print_json(&r)?,
-                Output::Table => print_status(&r),
-            }
+            out.show(&r, || print_status(&r, out))?
         }
-        RolloutCmd::List { output } => {
+        RolloutCmd::List {} => {
             let all: Vec<RolloutView> = client.get("/v1/rollouts")?;
-            match output {
-                Output::Json => print_json(&all)?,
-                Output::Table => table(
-                    &["ID", "TARGET", "SELECTOR", "STATE", "CREATED", "PROGRESS"],
+            out.show(&all, || {
+                out.table_wide(
+                    &["ID", "TARGET", "SELECTOR", "STATE", "AGE", "PROGRESS"],
+                    &["CREATED AT", "REASON"],
                     all.iter().map(|r| {
                         vec![
                             r.id.clone(),
                             r.target.clone(),
                             r.selector.clone().unwrap_or_else(|| "-".into()),
                             r.state.clone(),
-                            r.created_at.clone(),
+                            out.age(&r.created_at),
                             progress_bar(r),
+                            r.created_at.clone(),
+                            r.reason.clone().unwrap_or_else(|| "-".into()),
                         ]
                     }),
-                ),
-            }
+                );
+            })?
         }
         RolloutCmd::Pause { id: which } => said(client.post(
             &format!("/v1/rollouts/{}/pause", id(which)),
             &serde_json::json!({}),
-        )?),
+        )?)?,
         RolloutCmd::Resume { id: which } => said(client.post(
             &format!("/v1/rollouts/{}/resume", id(which)),
             &serde_json::json!({}),
-        )?),
+        )?)?,
         RolloutCmd::Abort { id: which } => said(client.post(
             &format!("/v1/rollouts/{}/abort", id(which)),
             &serde_json::json!({}),
-        )?),
+        )?)?,
         RolloutCmd::Retry { node, rollout } => {
             let node = crate::nodes::resolve(client, &node)?;
             let r: RolloutView = client.post(
                 &format!("/v1/rollouts/{}/retry", id(rollout)),
                 &RetryNode { node: node.clone() },
             )?;
-            say!("rollout {}: {node} will be tried again ({})", r.id, r.state);
+            out.show(&r, || {
+                say!("rollout {}: {node} will be tried again ({})", r.id, r.state)
+            })?;
         }
     }
     Ok(())

@@ -6,11 +6,12 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 use shoal_api::{
     netboot::{ImageView, Mac, MachineView, SetImage},
+    nodes::NodeView,
     AdminClient,
 };
 use shoal_proto::{ImageManifest, ImageManifestError, IMAGE_MANIFEST_FILE, IMAGE_SIGNATURE_FILE};
 
-use super::{print_json, table, Output};
+use super::{output::Out, progress};
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCmd {
@@ -21,11 +22,7 @@ pub enum ImageCmd {
         dir: PathBuf,
     },
     /// List stored images.
-    List {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    List {},
     /// Make an image the one machines without an assignment boot.
     Default {
         /// Image version.
@@ -36,11 +33,7 @@ pub enum ImageCmd {
 #[derive(Debug, Subcommand)]
 pub enum MachinesCmd {
     /// Machines seen on the netboot network.
-    List {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    List {},
     /// Let a held machine netboot.
     Admit {
         /// MAC address.
@@ -53,7 +46,7 @@ pub enum MachinesCmd {
     },
 }
 
-fn add(client: &AdminClient, dir: &Path) -> anyhow::Result<()> {
+fn add(client: &AdminClient, dir: &Path, out: &Out) -> anyhow::Result<()> {
     let manifest_path = dir.join(IMAGE_MANIFEST_FILE);
     let bytes = std::fs::read(&manifest_path)
         .with_context(|| format!("reading {}", manifest_path.display()))?;
@@ -71,74 +64,82 @@ fn add(client: &AdminClient, dir: &Path) -> anyhow::Result<()> {
         }
         let path = dir.join(name);
         let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        client
-            .upload(&format!("/v1/images/{}/files/{name}", m.version), &data)
-            .with_context(|| format!("uploading {name}"))?;
+        progress::upload(
+            client,
+            &format!("/v1/images/{}/files/{name}", m.version),
+            name,
+            &data,
+        )
+        .with_context(|| format!("uploading {name}"))?;
     }
     let view: ImageView =
         client.post(&format!("/v1/images/{}", m.version), &serde_json::json!({}))?;
-    say!(
-        "added image {} (kernel {} bytes, initramfs {} bytes){}",
-        view.version,
-        view.kernel_bytes,
-        view.initrd_bytes,
-        if view.default { ", default" } else { "" }
-    );
-    Ok(())
+    out.show(&view, || {
+        say!(
+            "added image {} (kernel {} bytes, initramfs {} bytes){}",
+            view.version,
+            view.kernel_bytes,
+            view.initrd_bytes,
+            if view.default { ", default" } else { "" }
+        )
+    })
 }
 
-pub fn image(client: &AdminClient, cmd: ImageCmd) -> anyhow::Result<()> {
+pub fn image(client: &AdminClient, cmd: ImageCmd, out: &Out) -> anyhow::Result<()> {
     match cmd {
-        ImageCmd::Add { dir } => add(client, &dir)?,
-        ImageCmd::List { output } => {
+        ImageCmd::Add { dir } => add(client, &dir, out)?,
+        ImageCmd::List {} => {
             let list: Vec<ImageView> = client.get("/v1/images")?;
-            match output {
-                Output::Json => print_json(&list)?,
-                Output::Table => table(
-                    &["VERSION", "DEFAULT", "KERNEL", "INITRAMFS", "BUILT"],
+            out.show(&list, || {
+                out.table_wide(
+                    &["VERSION", "DEFAULT", "KERNEL", "INITRAMFS", "AGE"],
+                    &["BUILT AT"],
                     list.iter().map(|i| {
                         vec![
                             i.version.clone(),
                             if i.default { "*".into() } else { String::new() },
                             i.kernel_bytes.to_string(),
                             i.initrd_bytes.to_string(),
+                            out.age(&i.built_at),
                             i.built_at.clone(),
                         ]
                     }),
-                ),
-            }
+                );
+            })?
         }
         ImageCmd::Default { version } => {
-            let _: ImageView = client.post(
+            let view: ImageView = client.post(
                 "/v1/images/default",
                 &SetImage {
                     version: version.clone(),
                 },
             )?;
-            say!("default image is now {version}");
+            out.show(&view, || say!("default image is now {version}"))?;
         }
     }
     Ok(())
 }
 
-pub fn set_image(client: &AdminClient, id: &str, version: &str) -> anyhow::Result<()> {
+pub fn set_image(client: &AdminClient, id: &str, version: &str, out: &Out) -> anyhow::Result<()> {
     client.post_no_content(
         &format!("/v1/nodes/{id}/image"),
         &SetImage {
             version: version.to_owned(),
         },
     )?;
-    say!("node {id} boots image {version} from its next netboot");
-    Ok(())
+    // The API answers 204: the JSON is the node as it is now.
+    let node: NodeView = client.get(&format!("/v1/nodes/{id}"))?;
+    out.show(&node, || {
+        say!("node {id} boots image {version} from its next netboot")
+    })
 }
 
-pub fn machines(client: &AdminClient, cmd: MachinesCmd) -> anyhow::Result<()> {
+pub fn machines(client: &AdminClient, cmd: MachinesCmd, out: &Out) -> anyhow::Result<()> {
     match cmd {
-        MachinesCmd::List { output } => {
+        MachinesCmd::List {} => {
             let list: Vec<MachineView> = client.get("/v1/machines")?;
-            match output {
-                Output::Json => print_json(&list)?,
-                Output::Table => table(
+            out.show(&list, || {
+                out.table_wide(
                     &[
                         "MAC",
                         "VENDOR",
@@ -149,6 +150,7 @@ pub fn machines(client: &AdminClient, cmd: MachinesCmd) -> anyhow::Result<()> {
                         "FIRST SEEN",
                         "LAST SEEN",
                     ],
+                    &["FIRST SEEN AT", "LAST SEEN AT"],
                     list.iter().map(|m| {
                         vec![
                             m.mac.clone(),
@@ -161,23 +163,30 @@ pub fn machines(client: &AdminClient, cmd: MachinesCmd) -> anyhow::Result<()> {
                             },
                             m.node.clone().unwrap_or("-".into()),
                             m.last_image.clone().unwrap_or("-".into()),
+                            out.age(&m.first_seen),
+                            out.age(&m.last_seen),
                             m.first_seen.clone(),
                             m.last_seen.clone(),
                         ]
                     }),
-                ),
-            }
+                );
+            })?
         }
         MachinesCmd::Admit { mac } => {
             client.post_no_content(&format!("/v1/machines/{mac}/admit"), &serde_json::json!({}))?;
-            say!("admitted {mac}");
+            // The API answers 204: the JSON is the machine as it is now.
+            let all: Vec<MachineView> = client.get("/v1/machines")?;
+            let m = all.into_iter().find(|m| m.mac.eq_ignore_ascii_case(&mac));
+            out.show(&m, || say!("admitted {mac}"))?;
         }
         MachinesCmd::Wake { mac } => {
             if mac.parse::<Mac>().is_err() {
                 bail!("{mac:?} is not a MAC address");
             }
             client.post_no_content(&format!("/v1/machines/{mac}/wake"), &serde_json::json!({}))?;
-            say!("sent Wake-on-LAN to {mac}");
+            out.show(&serde_json::json!({ "mac": mac, "sent": true }), || {
+                say!("sent Wake-on-LAN to {mac}")
+            })?;
         }
     }
     Ok(())

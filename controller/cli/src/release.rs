@@ -1,18 +1,23 @@
 //! `shoalctl release …`: sign and upload agent releases, list them, offer one to a node, and show
 //! what agents report.
 
-use std::{path::PathBuf, time::SystemTime};
+use std::{
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Subcommand;
 use shoal_api::{
     releases::{AgentUpdateView, OfferUpdate, ReleaseView, BINARY, MANIFEST, SIGNATURE},
-    signing::{load_signing_key, sign_release},
+    signing::{generate_signing_key, load_signing_key, sign_release},
     AdminClient,
 };
 use shoal_proto::UnixMillis;
 
-use super::{print_json, table, Output};
+use super::{output::Out, progress};
 
 #[derive(Debug, Subcommand)]
 pub enum ReleaseCmd {
@@ -24,7 +29,8 @@ pub enum ReleaseCmd {
         /// The version the binary reports (`shoal-agent --version`).
         #[arg(long)]
         version: String,
-        /// The release signing key: PEM from `openssl genpkey -algorithm ed25519`.
+        /// The release signing key: PEM from `shoalctl release keygen` (or `openssl genpkey
+        /// -algorithm ed25519`).
         #[arg(long)]
         key: PathBuf,
         /// The target triple the binary runs on (default: this machine's).
@@ -32,11 +38,7 @@ pub enum ReleaseCmd {
         target: Option<String>,
     },
     /// List stored releases.
-    List {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    List {},
     /// Offer a stored release to one node's agent (a rollout does this for many).
     Offer {
         /// Node id or hostname.
@@ -46,11 +48,79 @@ pub enum ReleaseCmd {
         version: String,
     },
     /// What each agent reported about its last update.
-    Status {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    Status {},
+    /// Make a release signing key pair: the private key (PEM PKCS#8 Ed25519, as `openssl genpkey
+    /// -algorithm ed25519` writes it; mode 0600) and beside it the public key as 64 hex
+    /// characters, for the controller's and the agents' --release-key. Never overwrites.
+    Keygen(Keygen),
+}
+
+/// `release keygen`.
+#[derive(Debug, clap::Args)]
+pub struct Keygen {
+    /// The private key file to write (`release.pem`); the public key goes beside it with `.pub`
+    /// for `.pem` (`release.pub`), or with `.pub` appended.
+    key: PathBuf,
+}
+
+/// Where `keygen` writes the public key: `release.pem` → `release.pub`, `key` → `key.pub`.
+fn public_path(key: &Path) -> PathBuf {
+    if key.extension().is_some_and(|e| e == "pem") {
+        key.with_extension("pub")
+    } else {
+        let mut p = key.as_os_str().to_owned();
+        p.push(".pub");
+        PathBuf::from(p)
+    }
+}
+
+/// Writes `text` to a new file (never over an existing one) with `mode`.
+fn write_new(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `shoalctl release keygen KEY`.
+pub fn keygen(args: &Keygen, out: &Out) -> anyhow::Result<()> {
+    let public_file = public_path(&args.key);
+    for p in [&args.key, &public_file] {
+        if p.symlink_metadata().is_ok() {
+            bail!("{} exists: refusing to overwrite a key", p.display());
+        }
+    }
+    let made = generate_signing_key()?;
+    write_new(&args.key, &made.private_pem, 0o600)?;
+    if let Err(e) = write_new(&public_file, &format!("{}\n", made.public_hex), 0o644) {
+        // A private key without its public half would only confuse; take it back.
+        let _ = std::fs::remove_file(&args.key);
+        return Err(e);
+    }
+    let id = &made.key_id;
+    let written = serde_json::json!({
+        "private_key": args.key,
+        "public_key_file": public_file,
+        "public_key": made.public_hex,
+        "key_id": id,
+    });
+    out.show(&written, || {
+        say!(
+            "wrote the private key {} (mode 0600; keep it secret) and the public key {} (key id {id})",
+            args.key.display(),
+            public_file.display()
+        );
+        say!(
+            "trust it with `shoal-controller serve --release-key {}` and `shoal-agent --release-key {}`",
+            public_file.display(),
+            public_file.display()
+        );
+    })
 }
 
 /// Now, as the release manifest's `created_at`.
@@ -77,7 +147,7 @@ fn host_target() -> String {
     )
 }
 
-pub fn release(client: &AdminClient, cmd: ReleaseCmd) -> anyhow::Result<()> {
+pub fn release(client: &AdminClient, cmd: ReleaseCmd, out: &Out) -> anyhow::Result<()> {
     match cmd {
         ReleaseCmd::Add {
             binary,
@@ -99,24 +169,25 @@ pub fn release(client: &AdminClient, cmd: ReleaseCmd) -> anyhow::Result<()> {
             client
                 .upload(&format!("{base}/files/{SIGNATURE}"), &signed.signature)
                 .context("uploading the signature")?;
-            client
-                .upload(&format!("{base}/files/{BINARY}"), &bytes)
+            progress::upload(client, &format!("{base}/files/{BINARY}"), "binary", &bytes)
                 .context("uploading the binary")?;
             let view: ReleaseView = client.post(&base, &serde_json::json!({}))?;
-            say!(
-                "added agent release {} for {} ({} bytes, key {})",
-                view.version,
-                view.target,
-                view.size,
-                view.key_id
-            );
+            out.show(&view, || {
+                say!(
+                    "added agent release {} for {} ({} bytes, key {})",
+                    view.version,
+                    view.target,
+                    view.size,
+                    view.key_id
+                )
+            })?;
         }
-        ReleaseCmd::List { output } => {
+        ReleaseCmd::List {} => {
             let list: Vec<ReleaseView> = client.get("/v1/releases")?;
-            match output {
-                Output::Json => print_json(&list)?,
-                Output::Table => table(
+            out.show(&list, || {
+                out.table_wide(
                     &["VERSION", "TARGET", "SIZE", "SHA256", "KEY", "SIGNED"],
+                    &["SIGNED AT"],
                     list.iter().map(|r| {
                         vec![
                             r.version.clone(),
@@ -124,12 +195,14 @@ pub fn release(client: &AdminClient, cmd: ReleaseCmd) -> anyhow::Result<()> {
                             r.size.to_string(),
                             r.sha256[..16.min(r.sha256.len())].to_owned(),
                             r.key_id.clone(),
+                            out.age(&r.created_at),
                             r.created_at.clone(),
                         ]
                     }),
-                ),
-            }
+                );
+            })?
         }
+        ReleaseCmd::Keygen(k) => keygen(&k, out)?,
         ReleaseCmd::Offer { node, version } => {
             let node = crate::nodes::resolve(client, &node)?;
             client.post_no_content(
@@ -138,13 +211,15 @@ pub fn release(client: &AdminClient, cmd: ReleaseCmd) -> anyhow::Result<()> {
                     version: version.clone(),
                 },
             )?;
-            say!("offered agent {version} to {node}");
+            // The API answers 204: the JSON is the node's update record as it is now.
+            let all: Vec<AgentUpdateView> = client.get("/v1/agent-updates")?;
+            let record = all.into_iter().find(|u| u.node == node);
+            out.show(&record, || say!("offered agent {version} to {node}"))?;
         }
-        ReleaseCmd::Status { output } => {
+        ReleaseCmd::Status {} => {
             let list: Vec<AgentUpdateView> = client.get("/v1/agent-updates")?;
-            match output {
-                Output::Json => print_json(&list)?,
-                Output::Table => table(
+            out.show(&list, || {
+                out.table(
                     &[
                         "NODE",
                         "RUNNING",
@@ -182,8 +257,8 @@ pub fn release(client: &AdminClient, cmd: ReleaseCmd) -> anyhow::Result<()> {
                             u.failure.clone().unwrap_or_else(|| "-".into()),
                         ]
                     }),
-                ),
-            }
+                );
+            })?;
         }
     }
     Ok(())

@@ -685,3 +685,27 @@ impl Raw {
         }
     }
 }
+
+/// The real shoalctl binary. It is its own package (`controller/cli`), so cargo gives this one no
+/// `CARGO_BIN_EXE_shoalctl`: it is found in the target dir above this test's `deps/` (or in
+/// `$SHOAL_BIN_DIR`), where `cargo build --workspace --bins`, `cargo build -p shoalctl` or
+/// `cargo test -p shoalctl` put it.
+pub fn shoalctl_bin() -> std::path::PathBuf {
+    let dir = match std::env::var_os("SHOAL_BIN_DIR") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe().unwrap();
+            exe.parent()
+                .and_then(|deps| deps.parent())
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let bin = dir.join("shoalctl");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build -p shoalctl` first",
+        bin.display()
+    );
+    bin
+}
