@@ -11,10 +11,14 @@
 //! - screenshots of the overview and of a drive page are saved under the test's output dir
 //!   (`target/tmp/web/`), and their paths printed.
 //!
-//! SMART: two agents run a stand-in `smartctl` that replays recorded smartctl JSON
-//! (`agent/tests/fixtures/smart/`): one a healthy HDD whose reallocated sector count rises between
-//! reads (a `warning`), the other a failing HDD; the third runs the real smartctl on this
-//! machine's virtio disk (no SMART). The machine has no disk with SMART to read.
+//! SMART: this machine's only disk is virtio (no SMART; the agent does not even ask smartctl), so
+//! two agents are given a SATA disk `sdb`: each sees a small sysfs tree of its own as
+//! `/sys/block` (a bind mount inside the mount namespace `ip netns exec` gives it) and runs a
+//! stand-in `smartctl` that replays recorded smartctl JSON (`agent/tests/fixtures/smart/`): one a
+//! healthy HDD whose reallocated sector count rises between reads (a `warning`), the other a
+//! failing HDD. `/dev/sdb` does not exist, so the agent says the drive is `unreadable` (it cannot
+//! look for signatures), which is what such a node would report. The third agent sees the real
+//! `/sys/block` and reports the virtio disk: no SMART.
 //!
 //! Needs root, network namespaces, chromium and chromedriver (skips with a reason otherwise, fails
 //! under CI).
@@ -52,7 +56,11 @@ impl Browser {
 
     /// The path of the page the browser shows.
     fn path(&self) -> Result<String> {
-        Ok(self.rt.block_on(self.client().current_url())?.path().to_owned())
+        Ok(self
+            .rt
+            .block_on(self.client().current_url())?
+            .path()
+            .to_owned())
     }
 
     fn texts(&self, css: &str) -> Result<Vec<String>> {
@@ -118,7 +126,9 @@ impl Browser {
             self.client().screenshot().await
         })?;
         std::fs::write(file, png).with_context(|| format!("writing {}", file.display()))?;
-        println!("screenshot: {}", file.display());
+        let html = self.rt.block_on(self.client().source())?;
+        std::fs::write(file.with_extension("html"), html)?;
+        println!("screenshot: {} (page source beside it)", file.display());
         Ok(())
     }
 }
@@ -154,14 +164,18 @@ fn open_browser(base: &str, profile: &Path) -> Result<Browser> {
         }),
     );
     let url = format!("http://127.0.0.1:{DRIVER_PORT}");
-    let client = eventually!(Duration::from_secs(30), "chromedriver starts a session", || {
-        rt.block_on(
-            ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-                .capabilities(caps.clone())
-                .connect(&url),
-        )
-        .map_err(|e| anyhow!("{e}"))
-    })?;
+    let client = eventually!(
+        Duration::from_secs(30),
+        "chromedriver starts a session",
+        || {
+            rt.block_on(
+                ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+                    .capabilities(caps.clone())
+                    .connect(&url),
+            )
+            .map_err(|e| anyhow!("{e}"))
+        }
+    )?;
     Ok(Browser {
         rt,
         client: Some(client),
@@ -200,13 +214,50 @@ fn fake_smartctl(dir: &Path, reads: &[Value], exit: i32) -> Result<PathBuf> {
     Ok(script)
 }
 
+/// A SATA disk `sdb` as sysfs shows it, with `model` and `serial`, in `dir` (to be `/sys/block`);
+/// and the agent wrapper that mounts it there before starting the agent.
+fn fake_disk(dir: &Path, agent: &Path, model: &str, serial: &str) -> Result<PathBuf> {
+    let sdb = dir.join("sys-block/sdb");
+    for sub in ["device", "queue", "holders"] {
+        std::fs::create_dir_all(sdb.join(sub))?;
+    }
+    for (file, value) in [
+        ("size", "3907029168"),
+        ("removable", "0"),
+        ("ro", "0"),
+        ("dev", "8:16"),
+        ("queue/rotational", "1"),
+        ("device/model", model),
+        ("device/serial", serial),
+    ] {
+        std::fs::write(sdb.join(file), format!("{value}\n"))?;
+    }
+    let wrapper = dir.join("agent-with-sdb");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n\
+             # test rig: this agent sees a SATA disk; the mount stays in the mount namespace of\n\
+             # `ip netns exec`\n\
+             mount --bind '{sys}' /sys/block || exit 1\n\
+             exec '{agent}' \"$@\"\n",
+            sys = dir.join("sys-block").display(),
+            agent = agent.display(),
+        ),
+    )?;
+    let mut perm = std::fs::metadata(&wrapper)?.permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(&wrapper, perm)?;
+    Ok(wrapper)
+}
+
 fn fixture(name: &str) -> Result<Value> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../agent/tests/fixtures/smart")
         .join(name);
-    Ok(serde_json::from_slice(&std::fs::read(&path).with_context(
-        || format!("{}", path.display()),
-    )?)?)
+    Ok(serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("{}", path.display()))?,
+    )?)
 }
 
 /// The healthy HDD fixture at read `k`: its temperature moves, and its reallocated sector count
@@ -255,29 +306,37 @@ fn the_web_view_shows_what_shoalctl_shows() {
     require_host_tests!();
     require!(skip::tool("chromium", "chromium"));
     require!(skip::tool("chromedriver", "chromium-driver"));
-    let work = tempfile::tempdir().or_panic();
+    let work = tempfile::tempdir().expect("tempdir");
     let w = work.path();
-    let healthy = fake_smartctl(&w.join("smart-healthy"), &healthy_reads().or_panic(), 0)
-        .or_panic();
-    let failing = fake_smartctl(
-        &w.join("smart-failing"),
-        &[fixture("ata-failing.json").or_panic()],
-        216,
-    )
-    .or_panic();
-
+    let healthy_reads = healthy_reads().or_panic();
+    let failing_read = fixture("ata-failing.json").or_panic();
     let mut cfg = FleetConfig::fast().agents(0);
     cfg.wait_up = false;
     let mut fleet = Fleet::start(cfg).or_panic();
+    let agent = fleet.bins().agent.clone();
+    let rig = |name: &str, reads: &[Value], exit: i32| -> Result<(PathBuf, PathBuf)> {
+        let dir = w.join(name);
+        let smartctl = fake_smartctl(&dir, reads, exit)?;
+        let wrapper = fake_disk(
+            &dir,
+            &agent,
+            &s(&reads[0]["model_name"]),
+            &s(&reads[0]["serial_number"]),
+        )?;
+        Ok((smartctl, wrapper))
+    };
+    let healthy = rig("healthy", &healthy_reads, 0).or_panic();
+    let failing = rig("failing", std::slice::from_ref(&failing_read), 216).or_panic();
     let token = fleet
         .create_token(&["--ttl", "1h", "--uses", "3", "--label", "pool=web"])
         .or_panic();
-    for smartctl in [Some(&healthy), Some(&failing), None] {
+    for sata in [Some(&healthy), Some(&failing), None] {
         let mut args = vec!["--smart-interval".to_owned(), "1s".to_owned()];
-        if let Some(p) = smartctl {
-            args.extend(["--smartctl".to_owned(), p.display().to_string()]);
+        if let Some((smartctl, _)) = sata {
+            args.extend(["--smartctl".to_owned(), smartctl.display().to_string()]);
         }
         fleet.config_mut().agent_args = args;
+        fleet.config_mut().agent_program = sata.map(|(_, wrapper)| wrapper.clone());
         fleet.add_agent(&token).or_panic();
     }
     fleet.wait_all_up(TIMEOUT).or_panic();
@@ -290,10 +349,23 @@ fn scenario(fleet: &mut Fleet, w: &Path) -> Result<()> {
     // Something in every section: a maintenance run waiting for a window that is closed now (it
     // opens on 1 January), and a backup job (with a local repository) on every node.
     fleet.ctl_ok(&[
-        "window", "create", "new-year", "--schedule", "0 0 1 1 *", "--duration", "1m",
+        "window",
+        "create",
+        "new-year",
+        "--schedule",
+        "0 0 1 1 *",
+        "--duration",
+        "1m",
     ])?;
     fleet.ctl_ok(&[
-        "maintenance", "run", "exec", "--selector", "pool=web", "--window", "new-year", "--",
+        "maintenance",
+        "run",
+        "exec",
+        "--selector",
+        "pool=web",
+        "--window",
+        "new-year",
+        "--",
         "/usr/bin/true",
     ])?;
     let pw = w.join("restic-password");
@@ -312,8 +384,18 @@ fn scenario(fleet: &mut Fleet, w: &Path) -> Result<()> {
         &pw.display().to_string(),
     ])?;
     fleet.ctl_ok(&[
-        "backup", "job", "create", "nightly", "--selector", "pool=web", "--path",
-        &data.display().to_string(), "--schedule", "0 3 * * *", "--target", "local",
+        "backup",
+        "job",
+        "create",
+        "nightly",
+        "--selector",
+        "pool=web",
+        "--path",
+        &data.display().to_string(),
+        "--schedule",
+        "0 3 * * *",
+        "--target",
+        "local",
     ])?;
 
     // The fleet the pages will show: verdicts from the SMART history, and direct overlay paths.
@@ -338,12 +420,16 @@ fn scenario(fleet: &mut Fleet, w: &Path) -> Result<()> {
         .find(|d| d["node"] == ids[0].as_str())
         .context("agent 1's drive")?;
     let sick_device = s(&sick["device"]);
-    eventually!(TIMEOUT, "direct overlay paths between the three nodes", || {
-        let p = as_vec(fleet.ctl_json(&["overlay", "paths"])?);
-        let direct = p.iter().filter(|p| p["kind"] == "direct").count();
-        ensure!(direct >= 6, "{direct} direct paths: {p:?}");
-        Ok(())
-    })?;
+    eventually!(
+        TIMEOUT,
+        "direct overlay paths between the three nodes",
+        || {
+            let p = as_vec(fleet.ctl_json(&["overlay", "paths"])?);
+            let direct = p.iter().filter(|p| p["kind"] == "direct").count();
+            ensure!(direct >= 6, "{direct} direct paths: {p:?}");
+            Ok(())
+        }
+    )?;
 
     // The browser: a host of its own on the LAN, like an operator's laptop.
     let browser_ns = {
@@ -356,7 +442,6 @@ fn scenario(fleet: &mut Fleet, w: &Path) -> Result<()> {
     let _driver = ProcSpec::new("chromedriver", "chromedriver", fleet.dir().join("logs"))
         .netns(&browser_ns)
         .arg(format!("--port={DRIVER_PORT}"))
-        .arg("--allowed-ips=")
         .spawn()?;
     let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("web");
     std::fs::create_dir_all(&out_dir)?;
@@ -430,26 +515,39 @@ fn browse(
     eventually!(t, "the nodes page matches `shoalctl nodes list`", || {
         let nodes = fleet.nodes()?;
         b.goto("/ui/nodes")?;
-        let rows: BTreeSet<String> = b.attrs("#nodes tbody tr", "data-node")?.into_iter().collect();
+        let rows: BTreeSet<String> = b
+            .attrs("#nodes tbody tr", "data-node")?
+            .into_iter()
+            .collect();
         let want: BTreeSet<String> = nodes.iter().map(|n| s(&n["id"])).collect();
         ensure!(rows == want, "rows {rows:?}, shoalctl {want:?}");
         for n in &nodes {
             let id = s(&n["id"]);
             let status = b.text(&format!("tr[data-node='{id}'] td.status"))?;
-            ensure!(status == s(&n["status"]), "{id}: {status} vs {}", n["status"]);
+            ensure!(
+                status == s(&n["status"]),
+                "{id}: {status} vs {}",
+                n["status"]
+            );
             let name = b.text(&format!("tr[data-node='{id}'] td:first-child"))?;
             ensure!(name == s(&n["hostname"]), "{id}: {name}");
         }
         Ok(())
     })?;
+    b.screenshot(1440, 700, &out_dir.join("nodes.png"))?;
     for id in ids {
         let n = fleet.ctl_json(&["nodes", "show", id])?;
         b.goto(&format!("/ui/nodes/{id}"))?;
-        ensure!(b.attrs("h1#node", "data-node")? == [id.clone()], "{id}'s page");
+        ensure!(
+            b.attrs("h1#node", "data-node")? == [id.clone()],
+            "{id}'s page"
+        );
         ensure!(b.text("h1#node .status")? == s(&n["status"]));
         let devices = b.attrs("table.drives tr[data-device]", "data-device")?;
         ensure!(!devices.is_empty(), "{id}'s page lists its drives");
     }
+    b.goto(&format!("/ui/nodes/{}", ids[0]))?;
+    b.screenshot(1440, 1400, &out_dir.join("node.png"))?;
 
     eventually!(t, "the drives page matches `shoalctl drives list`", || {
         let drives = as_vec(fleet.ctl_json(&["drives", "list"])?);
@@ -461,7 +559,11 @@ fn browse(
             drives.len()
         );
         for d in &drives {
-            let row = format!("tr[data-node='{}'][data-device='{}']", s(&d["node"]), s(&d["device"]));
+            let row = format!(
+                "tr[data-node='{}'][data-device='{}']",
+                s(&d["node"]),
+                s(&d["device"])
+            );
             let verdict = b.text(&format!("{row} td.verdict"))?;
             let state = b.text(&format!("{row} td.state"))?;
             ensure!(
@@ -477,6 +579,7 @@ fn browse(
         b.count(&format!("tr[data-node='{}'] svg.spark", ids[0]))? == 1,
         "a temperature sparkline for the drive with a SMART history"
     );
+    b.screenshot(1440, 600, &out_dir.join("drives.png"))?;
 
     b.goto(&format!("/ui/drives/{}/{sick_device}", ids[0]))?;
     ensure!(b.text("h1#drive .verdict")? == "warning");
@@ -489,34 +592,44 @@ fn browse(
     ensure!(b.count("#charts svg path.line")? >= 3, "lines drawn");
     b.screenshot(1440, 1000, &out_dir.join("drive.png"))?;
 
-    eventually!(t, "the overlay page matches `shoalctl overlay paths`", || {
-        let paths = as_vec(fleet.ctl_json(&["overlay", "paths"])?);
-        b.goto("/ui/overlay")?;
-        for p in &paths {
-            let kind = b.text(&format!(
-                "#paths tr[data-from='{}'][data-to='{}'] td.kind",
-                s(&p["from"]),
-                s(&p["to"])
-            ))?;
-            ensure!(kind == s(&p["kind"]), "{p}: {kind}");
+    eventually!(
+        t,
+        "the overlay page matches `shoalctl overlay paths`",
+        || {
+            let paths = as_vec(fleet.ctl_json(&["overlay", "paths"])?);
+            b.goto("/ui/overlay")?;
+            for p in &paths {
+                let kind = b.text(&format!(
+                    "#paths tr[data-from='{}'][data-to='{}'] td.kind",
+                    s(&p["from"]),
+                    s(&p["to"])
+                ))?;
+                ensure!(kind == s(&p["kind"]), "{p}: {kind}");
+            }
+            ensure!(b.count("#paths tbody tr")? == paths.len());
+            Ok(())
         }
-        ensure!(b.count("#paths tbody tr")? == paths.len());
-        Ok(())
-    })?;
+    )?;
+    b.screenshot(1440, 900, &out_dir.join("overlay.png"))?;
 
-    eventually!(t, "the rollouts page matches `shoalctl maintenance list`", || {
-        let rollouts = as_vec(fleet.ctl_json(&["maintenance", "list"])?);
-        b.goto("/ui/rollouts")?;
-        ensure!(!rollouts.is_empty());
-        for r in &rollouts {
-            let id = s(&r["id"]);
-            let state = b.text(&format!("div[data-rollout='{id}'] .state"))?;
-            ensure!(state == s(&r["state"]), "{id}: {state} vs {}", r["state"]);
-            let nodes = b.count(&format!("div[data-rollout='{id}'] tr[data-node]"))?;
-            ensure!(nodes == r["nodes"].as_array().map_or(0, Vec::len));
+    eventually!(
+        t,
+        "the rollouts page matches `shoalctl maintenance list`",
+        || {
+            let rollouts = as_vec(fleet.ctl_json(&["maintenance", "list"])?);
+            b.goto("/ui/rollouts")?;
+            ensure!(!rollouts.is_empty());
+            for r in &rollouts {
+                let id = s(&r["id"]);
+                let state = b.text(&format!("div[data-rollout='{id}'] .state"))?;
+                ensure!(state == s(&r["state"]), "{id}: {state} vs {}", r["state"]);
+                let nodes = b.count(&format!("div[data-rollout='{id}'] tr[data-node]"))?;
+                ensure!(nodes == r["nodes"].as_array().map_or(0, Vec::len));
+            }
+            Ok(())
         }
-        Ok(())
-    })?;
+    )?;
+    b.screenshot(1440, 600, &out_dir.join("rollouts.png"))?;
 
     eventually!(t, "the backups page matches `shoalctl backup list`", || {
         let rows = as_vec(fleet.ctl_json(&["backup", "list"])?);
@@ -533,6 +646,7 @@ fn browse(
         }
         Ok(())
     })?;
+    b.screenshot(1440, 600, &out_dir.join("backups.png"))?;
 
     eventually!(t, "the events page shows the newest events", || {
         let events = fleet.events()?;

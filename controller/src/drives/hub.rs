@@ -358,7 +358,11 @@ impl DriveHub {
         device: &str,
         f: impl FnMut(&shoal_controller_core::drives::SmartSample) -> T,
     ) -> Vec<T> {
-        self.book().history(node, device).into_iter().map(f).collect()
+        self.book()
+            .history(node, device)
+            .into_iter()
+            .map(f)
+            .collect()
     }
 
     /// All stored policies: node policies, then selector policies, each by key.

@@ -756,10 +756,7 @@ impl Store {
     /// The newest `limit` events, newest first (the web view's recent events).
     pub fn recent_events(&self, limit: usize) -> Result<Vec<Event>, StoreError> {
         let mut out = Vec::new();
-        for item in self
-            .records(&EVENT_RECORDS, Scan::all().rev())?
-            .take(limit)
-        {
+        for item in self.records(&EVENT_RECORDS, Scan::all().rev())?.take(limit) {
             out.push(item?.1);
         }
         Ok(out)

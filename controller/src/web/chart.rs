@@ -29,27 +29,41 @@ pub fn downsample(points: &[(u64, f64)], max: usize) -> Vec<(u64, f64)> {
 }
 
 /// The value range a chart shows: the data's, widened so a flat series sits mid-chart and a
-/// rising one does not touch the frame.
+/// rising one does not touch the frame; whole numbers for whole-number data (counters), and never
+/// below zero for data that is not.
 fn y_range(points: &[(u64, f64)]) -> (f64, f64) {
     let lo = points.iter().map(|p| p.1).fold(f64::MAX, f64::min);
     let hi = points.iter().map(|p| p.1).fold(f64::MIN, f64::max);
     if !(lo.is_finite() && hi.is_finite()) {
         return (0.0, 1.0);
     }
-    if hi - lo < f64::EPSILON {
-        return (lo - 1.0, hi + 1.0);
+    let pad = if hi - lo < f64::EPSILON {
+        1.0
+    } else {
+        (hi - lo) * 0.1
+    };
+    let (mut bottom, mut top) = (lo - pad, hi + pad);
+    if points.iter().all(|p| p.1.fract() == 0.0) {
+        (bottom, top) = (bottom.floor(), top.ceil());
     }
-    let pad = (hi - lo) * 0.1;
-    (lo - pad, hi + pad)
+    if lo >= 0.0 {
+        bottom = bottom.max(0.0);
+    }
+    (bottom, top)
 }
 
-/// A time as the axis shows it: `MM-DD HH:MM` (UTC).
-fn axis_time(ms: u64) -> String {
+/// A time as the axis shows it (UTC): `HH:MM:SS` on a chart spanning less than a day, else
+/// `MM-DD HH:MM`.
+fn axis_time(ms: u64, span_ms: u64) -> String {
     let t = rfc3339_ms(ms);
-    match (t.get(5..10), t.get(11..16)) {
-        (Some(day), Some(clock)) => format!("{day} {clock}"),
-        _ => t,
-    }
+    let parts = if span_ms < 86_400_000 {
+        t.get(11..19).map(str::to_owned)
+    } else {
+        t.get(5..10)
+            .zip(t.get(11..16))
+            .map(|(d, c)| format!("{d} {c}"))
+    };
+    parts.unwrap_or(t)
 }
 
 /// A number as an axis or tooltip shows it: integers without decimals.
@@ -111,8 +125,9 @@ pub fn line_chart(title: &str, unit: &str, points: &[(u64, f64)], class: &str) -
                     }
                     path class=(format!("line {class}")) d=(path(&points, left, top, pw, ph)) {}
                     @if let (Some(first), Some(last)) = (points.first(), points.last()) {
-                        text.axis x=(left) y=(h - 6.0) { (axis_time(first.0)) }
-                        text.axis x=(w - right) y=(h - 6.0) text-anchor="end" { (axis_time(last.0)) }
+                        @let span = last.0.saturating_sub(first.0);
+                        text.axis x=(left) y=(h - 6.0) { (axis_time(first.0, span)) }
+                        text.axis x=(w - right) y=(h - 6.0) text-anchor="end" { (axis_time(last.0, span)) }
                     }
                 }
             }
@@ -154,14 +169,29 @@ mod tests {
     fn a_chart_scales_into_its_box_and_escapes_its_text() {
         let points = [(0, 0.0), (1_000, 5.0), (2_000, 10.0)];
         let d = path(&points, 0.0, 0.0, 100.0, 100.0);
-        // 10 % padding above and below: 0 sits at 100 - 100/12, 10 at 100/12.
-        assert_eq!(d, "M0.0,91.7 L50.0,50.0 L100.0,8.3");
+        // Whole numbers: the range is 0 (not below, the data is not) to 11 (10 + 10 %, rounded up).
+        assert_eq!(d, "M0.0,100.0 L50.0,54.5 L100.0,9.1");
+        let d = path(&[(0, -2.5), (10, 2.5)], 0.0, 0.0, 100.0, 100.0);
+        assert_eq!(
+            d, "M0.0,91.7 L100.0,8.3",
+            "10 % padding, below zero allowed"
+        );
+        assert_eq!(axis_time(90_061_000, 60_000), "01:01:01");
+        assert_eq!(axis_time(90_061_000, 86_400_000), "01-02 01:01");
         let svg = line_chart("<b>temp</b>", "°C", &points, "info").into_string();
         assert!(svg.contains("&lt;b&gt;temp&lt;/b&gt;"), "{svg}");
         assert!(!svg.contains("<b>"), "{svg}");
         assert!(svg.contains("10 °C"), "latest value: {svg}");
         let flat = path(&[(0, 3.0), (10, 3.0)], 0.0, 0.0, 100.0, 100.0);
-        assert_eq!(flat, "M0.0,50.0 L100.0,50.0", "a flat series sits mid-chart");
+        let zero = path(&[(0, 0.0), (10, 0.0)], 0.0, 0.0, 100.0, 100.0);
+        assert_eq!(
+            zero, "M0.0,100.0 L100.0,100.0",
+            "a counter at 0 sits on the axis"
+        );
+        assert_eq!(
+            flat, "M0.0,50.0 L100.0,50.0",
+            "a flat series sits mid-chart"
+        );
         assert!(line_chart("x", "", &[], "ok")
             .into_string()
             .contains("no samples yet"));

@@ -45,6 +45,7 @@ padding:6px 8px;white-space:nowrap}
 td{padding:6px 8px;border-bottom:1px solid #22252b;vertical-align:top;unicode-bidi:isolate}
 tr:hover td{background:#1c1f24}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+td.mono,td a{white-space:nowrap}
 .muted{color:var(--muted)}
 .mono{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:12.5px}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;
@@ -162,8 +163,9 @@ pub fn tone(word: &str) -> &'static str {
         "up" | "ok" | "passed" | "done" | "succeeded" | "direct" | "prepared" | "connected" => "ok",
         "warning" | "paused" | "relay" | "awaiting-approval" | "never" | "pending"
         | "upgrading" | "rolling_back" | "preparing" => "warn",
-        "down" | "failing" | "failed" | "aborted" | "missing" | "prepare-failed"
-        | "unreadable" => "bad",
+        "down" | "failing" | "failed" | "aborted" | "missing" | "prepare-failed" | "unreadable" => {
+            "bad"
+        }
         "running" => "info",
         _ => "muted",
     }
@@ -285,8 +287,13 @@ mod tests {
 
     #[test]
     fn page_text_is_escaped() {
-        let html = page("<x>", "/ui/", "now", html! { p { ("<script>alert(1)</script>") } })
-            .into_string();
+        let html = page(
+            "<x>",
+            "/ui/",
+            "now",
+            html! { p { ("<script>alert(1)</script>") } },
+        )
+        .into_string();
         assert!(!html.contains("<script>"), "{html}");
         assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(html.contains("<title>&lt;x&gt; · shoal</title>"));

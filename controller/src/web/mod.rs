@@ -328,7 +328,13 @@ mod tests {
         let (status, location, cookie) =
             web.post("/ui/login", &format!("token={}", web.token), None);
         assert_eq!((status, location.as_str()), (303, "/ui/"));
-        for attr in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/ui", "Max-Age=43200"] {
+        for attr in [
+            "HttpOnly",
+            "Secure",
+            "SameSite=Strict",
+            "Path=/ui",
+            "Max-Age=43200",
+        ] {
             assert!(cookie.contains(attr), "{cookie}");
         }
         let id = session::cookie_value(&cookie).unwrap().to_owned();
@@ -389,10 +395,20 @@ mod tests {
         let (status, _, body) = web.get(&format!("/ui/drives/{node}/sdb"), Some(&id));
         assert_eq!(status, 200, "{body}");
         assert!(body.contains("3 samples"), "{body}");
-        assert!(body.contains("Temperature") && body.contains("42 °C"), "{body}");
+        assert!(
+            body.contains("Temperature") && body.contains("42 °C"),
+            "{body}"
+        );
         assert!(body.contains("reallocated sectors (ATA 5)"), "{body}");
-        assert!(body.contains("rose by 8 (0 -&gt; 8)"), "the verdict's reason: {body}");
-        assert_eq!(body.matches("<path class=\"line warn\"").count(), 3, "{body}");
+        assert!(
+            body.contains("rose by 8 (0 -&gt; 8)"),
+            "the verdict's reason: {body}"
+        );
+        assert_eq!(
+            body.matches("<path class=\"line warn\"").count(),
+            3,
+            "{body}"
+        );
         assert!(!body.contains("<i>"), "{body}");
         let (status, _, body) = web.get("/ui/drives", Some(&id));
         assert_eq!(status, 200);

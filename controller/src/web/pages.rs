@@ -98,7 +98,9 @@ fn path_segment(s: &str) -> String {
 }
 
 async fn nodes(ctl: &crate::http::Ctl) -> Result<Vec<NodeView>, HttpError> {
-    Ok(crate::registry::routes::list_nodes(State(ctl.clone())).await?.0)
+    Ok(crate::registry::routes::list_nodes(State(ctl.clone()))
+        .await?
+        .0)
 }
 
 async fn drives(ctl: &crate::http::Ctl, node: Option<String>) -> Result<Vec<DriveView>, HttpError> {
@@ -630,7 +632,11 @@ pub async fn drive_page(
         _ => String::new(),
     };
     render(
-        &format!("{} {}", names.get(&node).map(String::as_str).unwrap_or(&node), device),
+        &format!(
+            "{} {}",
+            names.get(&node).map(String::as_str).unwrap_or(&node),
+            device
+        ),
         "/ui/drives",
         html! {
             h1 #drive data-node=(d.node) data-device=(d.device) {

@@ -176,14 +176,17 @@ mod tests {
 
     #[test]
     fn the_cookie_is_found_among_others_and_set_with_every_attribute() {
-        assert_eq!(
-            cookie_value("a=1; shoal_session=abc ; b=2"),
-            Some("abc")
-        );
+        assert_eq!(cookie_value("a=1; shoal_session=abc ; b=2"), Some("abc"));
         assert_eq!(cookie_value("xshoal_session=abc"), None);
         assert_eq!(cookie_value(""), None);
         let c = set_cookie("abc", Duration::from_secs(60));
-        for attr in ["Path=/ui", "Max-Age=60", "HttpOnly", "Secure", "SameSite=Strict"] {
+        for attr in [
+            "Path=/ui",
+            "Max-Age=60",
+            "HttpOnly",
+            "Secure",
+            "SameSite=Strict",
+        ] {
             assert!(c.contains(attr), "{c}");
         }
         assert!(clear_cookie().contains("Max-Age=0"));
