@@ -37,7 +37,7 @@ fn y_range(points: &[(u64, f64)]) -> (f64, f64) {
     if !(lo.is_finite() && hi.is_finite()) {
         return (0.0, 1.0);
     }
-    let pad = if hi - lo < f64::EPSILON {
+    let pad = if (hi - lo).abs() < f64::EPSILON {
         1.0
     } else {
         (hi - lo) * 0.1

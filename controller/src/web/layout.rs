@@ -45,7 +45,7 @@ padding:6px 8px;white-space:nowrap}
 td{padding:6px 8px;border-bottom:1px solid #22252b;vertical-align:top;unicode-bidi:isolate}
 tr:hover td{background:#1c1f24}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
-td.mono,td a{white-space:nowrap}
+td.mono,td.num,td a{white-space:nowrap}
 .muted{color:var(--muted)}
 .mono{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:12.5px}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;
