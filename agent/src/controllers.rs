@@ -8,9 +8,16 @@
 //! asks for the reconnect backoff ([`Pace::Backoff`]), so a dead controller costs one connect
 //! attempt and a lone one is never dialled in a storm. A controller that drops out of the
 //! announced set is forgotten; configured ones are always kept.
+//!
+//! A configured controller may be a DNS name ([`ControllerAddr::Name`]): the shell resolves it
+//! before every attempt and hands the book the addresses ([`ControllerBook::set_configured`]), so
+//! a controller that moves is found at the next reconnect. TLS does not depend on the name: the
+//! agent checks the controller's certificate against the fleet CA under the fixed
+//! [`shoal_overlay::pki::CONTROLLER_SERVER_NAME`], whatever address it dialled.
 
 use std::{
     net::SocketAddr,
+    str::FromStr,
     time::{Duration, Instant},
 };
 
@@ -27,6 +34,58 @@ pub enum Pace {
     Now,
     /// Every known controller failed in this round: wait for the reconnect backoff.
     Backoff,
+}
+
+/// A configured controller (`--controller`): an IP address and port, or a DNS name and port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControllerAddr {
+    /// `IP:PORT` (`[IPV6]:PORT`).
+    Ip(SocketAddr),
+    /// `NAME:PORT`, resolved before every connection attempt.
+    Name {
+        /// The DNS name (letters, digits, `-` and `.`).
+        host: String,
+        /// The UDP port.
+        port: u16,
+    },
+}
+
+impl From<SocketAddr> for ControllerAddr {
+    fn from(addr: SocketAddr) -> Self {
+        ControllerAddr::Ip(addr)
+    }
+}
+
+impl std::fmt::Display for ControllerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControllerAddr::Ip(a) => a.fmt(f),
+            ControllerAddr::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// Why a `--controller` value is not an address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a controller address: expected IP:PORT, [IPV6]:PORT or NAME:PORT")]
+pub struct BadControllerAddr(String);
+
+impl FromStr for ControllerAddr {
+    type Err = BadControllerAddr;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(ControllerAddr::Ip(addr));
+        }
+        let bad = || BadControllerAddr(s.to_owned());
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if port == 0 {
+            return Err(bad());
+        }
+        let host = shoal_cmdline::dns_name(host).ok_or_else(bad)?;
+        Ok(ControllerAddr::Name { host, port })
+    }
 }
 
 /// What the agent keeps across restarts (`controllers.json` in the state dir).
@@ -90,6 +149,25 @@ impl ControllerBook {
 
     fn is_known(&self, addr: SocketAddr) -> bool {
         self.configured.contains(&addr) || self.announced.iter().any(|c| c.addr == addr)
+    }
+
+    /// The configured controllers' addresses as resolved now (names resolve to several or to
+    /// others over time); an empty list keeps the ones the book has. Failures and the round's
+    /// progress are kept for addresses that stay.
+    pub fn set_configured(&mut self, addrs: Vec<SocketAddr>) {
+        let mut configured: Vec<SocketAddr> = Vec::new();
+        for a in addrs {
+            if self.reachable(a) && !configured.contains(&a) {
+                configured.push(a);
+            }
+        }
+        if configured.is_empty() || configured == self.configured {
+            return;
+        }
+        self.configured = configured;
+        let candidates = self.candidates();
+        self.failed.retain(|(a, _)| candidates.contains(a));
+        self.tried.retain(|a| candidates.contains(a));
     }
 
     /// Every known controller, configured ones first, each once.
@@ -225,6 +303,54 @@ impl ControllerBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn controller_addresses_are_ips_or_dns_names_with_a_port() {
+        let ip: ControllerAddr = "192.0.2.1:7440".parse().expect("ip");
+        assert_eq!(ip, ControllerAddr::Ip(addr(7440)));
+        let v6: ControllerAddr = "[2001:db8::1]:7440".parse().expect("v6");
+        assert!(matches!(v6, ControllerAddr::Ip(a) if a.is_ipv6()));
+        let name: ControllerAddr = "Ctl-1.Example.org.:7440".parse().expect("name");
+        assert_eq!(
+            name,
+            ControllerAddr::Name {
+                host: "ctl-1.example.org".into(),
+                port: 7440
+            }
+        );
+        assert_eq!(name.to_string(), "ctl-1.example.org:7440");
+        for bad in [
+            "ctl.example.org",
+            "ctl:0",
+            "ctl:70000",
+            ":7440",
+            "-ctl:7440",
+            "c tl:7440",
+            "a..b:7440",
+            "192.0.2.300:7440",
+            "2001:db8::1:7440",
+        ] {
+            let err = bad.parse::<ControllerAddr>().expect_err(bad);
+            assert!(err.to_string().contains("IP:PORT"), "{err}");
+        }
+    }
+
+    #[test]
+    fn re_resolved_configured_addresses_replace_the_old_and_keep_the_round() {
+        let mut b = ControllerBook::new(vec![addr(1)], KeptControllers::default(), false);
+        let now = Instant::now();
+        assert_eq!(b.next(now), addr(1));
+        assert_eq!(b.failed(addr(1), now), Pace::Backoff);
+        // The name now resolves to two addresses (one of them IPv6, which this socket cannot
+        // reach): the new one is dialled next.
+        let v6 = SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1], 2));
+        b.set_configured(vec![addr(2), v6, addr(2)]);
+        assert_eq!(b.candidates(), vec![addr(2)]);
+        assert_eq!(b.next(now), addr(2));
+        // A lookup that found nothing keeps what the book had.
+        b.set_configured(vec![]);
+        assert_eq!(b.candidates(), vec![addr(2)]);
+    }
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([192, 0, 2, 1], port))

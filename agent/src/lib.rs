@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod drives;
 pub mod health;
 pub mod inventory;
+pub mod launch;
 pub mod maintenance;
 pub mod mountinfo;
 pub mod overlay;

@@ -1,23 +1,53 @@
 //! `shoal-agent`: the node daemon.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context;
 use clap::Parser;
 use shoal_agent::{
     blockdev::DriveMatch,
+    controllers::ControllerAddr,
     daemon::{self, AgentConfig, AgentError},
     drives::DrivesConfig,
 };
+use shoal_cmdline::LogFormat;
+
+/// The config file read when `--config` is not given, if it exists.
+const DEFAULT_CONFIG: &str = "/etc/shoal/agent.toml";
+
+/// Exit status of a final stop: a refusal retrying cannot fix, or a bad flag or config file (as
+/// clap's own usage errors). The package's unit does not restart on it.
+const EXIT_REFUSED: u8 = 2;
+/// Exit status of a node that was removed (or whose certificate is refused, without a token).
+const EXIT_REMOVED: u8 = 3;
 
 #[derive(Debug, Parser)]
 #[command(name = "shoal-agent", version, about = "shoal node agent")]
 struct Cli {
-    /// Controller address (QUIC/UDP), IP:PORT; repeatable (the environment variable takes a
-    /// comma-separated list). The agent also keeps the controllers its controller announces and
-    /// fails over between all of them.
+    /// A TOML file of flags: `flag-name = value` (or `flag_name`), a list for a repeatable flag,
+    /// true for a switch. Flags on the command line (and their environment variables) win. Default
+    /// /etc/shoal/agent.toml when it exists; '' for none.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log lines on stderr as text or as one JSON object per line.
+    #[arg(long, value_enum, default_value_t)]
+    log_format: LogFormat,
+    /// Run from this executable, which self-updates replace (the package sets
+    /// /var/lib/shoal-agent/bin/shoal-agent; dpkg's /usr/bin/shoal-agent is never written): the
+    /// started binary puts itself there when that copy is missing or not newer, then re-executes
+    /// it. Default: the running executable is the one self-updates replace.
+    #[arg(long, value_name = "PATH")]
+    exe: Option<PathBuf>,
+    /// Controller address (QUIC/UDP): IP:PORT or NAME:PORT (a DNS name, resolved before every
+    /// connection attempt); repeatable (the environment variable takes a comma-separated list).
+    /// The agent also keeps the controllers its controller announces and fails over between all
+    /// of them.
     #[arg(long, env = "SHOAL_CONTROLLER", value_delimiter = ',', required = true)]
-    controller: Vec<SocketAddr>,
+    controller: Vec<ControllerAddr>,
     /// Join token (needed only until the agent has a certificate).
     #[arg(long, env = "SHOAL_TOKEN", conflicts_with = "token_file")]
     token: Option<String>,
@@ -132,23 +162,33 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,quinn=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     // The reported version may come from the patched version slot (see shoal_agent::version).
     let version: &'static str = Box::leak(shoal_agent::version::agent_version().into_boxed_str());
-    let matches = <Cli as clap::CommandFactory>::command()
-        .version(version)
-        .get_matches();
+    let command = <Cli as clap::CommandFactory>::command().version(version);
+    let args = match shoal_cmdline::expand_config_file(
+        &command,
+        std::env::args_os().collect(),
+        Path::new(DEFAULT_CONFIG),
+    ) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("shoal-agent: {e}");
+            return ExitCode::from(EXIT_REFUSED);
+        }
+    };
+    let matches = command.get_matches_from(args);
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    shoal_cmdline::init_logging(cli.log_format, "info,quinn=warn");
+    if let Some(exe) = &cli.exe {
+        // Before anything else: the packaged binary hands over to the copy self-updates replace.
+        if let Err(e) = shoal_agent::launch::ensure(exe, &cli.state_dir, version) {
+            eprintln!("shoal-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -159,9 +199,9 @@ fn main() -> ExitCode {
                     | AgentError::NoToken(_)
                     | AgentError::BadToken(_)
                     | AgentError::WrongController(_),
-                ) => ExitCode::from(2),
+                ) => ExitCode::from(EXIT_REFUSED),
                 Some(AgentError::Revoked(_) | AgentError::CertificateRefused(_)) => {
-                    ExitCode::from(3)
+                    ExitCode::from(EXIT_REMOVED)
                 }
                 _ => ExitCode::FAILURE,
             }
@@ -174,6 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let first = controllers.next().context("--controller is required")?;
     let mut config = AgentConfig::new(first, cli.state_dir);
     config.controllers.extend(controllers);
+    config.update.exe = cli.exe;
     config.token = match (cli.token, cli.token_file) {
         (Some(t), _) => Some(t),
         (None, Some(path)) => Some(
@@ -266,5 +307,18 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+
+    #[test]
+    fn every_flag_can_be_set_from_the_config_file() {
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let checked = shoal_cmdline::testing::check_every_flag_from_file(&cmd, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(checked > 30, "only {checked} flags");
     }
 }

@@ -11,7 +11,10 @@
 use std::{
     fs,
     io::Write,
-    os::unix::{fs::OpenOptionsExt, process::CommandExt},
+    os::unix::{
+        fs::{DirBuilderExt, OpenOptionsExt},
+        process::CommandExt,
+    },
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -134,6 +137,27 @@ pub fn install(paths: &UpdatePaths, trying: &UpdateState) -> Result<(), UpdateFa
     })();
     let _ = fs::remove_file(&paths.download);
     result
+}
+
+/// Puts a copy of `src` (the packaged binary, [`crate::launch`]) at the executable, keeping the one
+/// there, if any, as `.prev`: copy beside it, fsync, rename, as [`install`] does. No record is
+/// written: this is no update the agent verified, and [`Updater::boot`] settles a record about
+/// another version at the next start.
+pub fn place(src: &Path, paths: &UpdatePaths) -> std::io::Result<()> {
+    let mut from = fs::File::open(src)?;
+    if let Some(dir) = paths.exe.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)?;
+    }
+    let mut new = TempFile::new_beside(&paths.exe, 0o755)?;
+    std::io::copy(&mut from, new.file())?;
+    new.file().sync_all()?;
+    if fs::symlink_metadata(&paths.exe).is_ok() {
+        keep_as(&paths.exe, &paths.prev())?;
+    }
+    new.persist(&paths.exe)
 }
 
 /// Opens a file for reading without following a symlink at its name.

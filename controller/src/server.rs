@@ -111,6 +111,10 @@ pub struct ControllerConfig {
     /// Messages queued for one connection before its agent counts as not reading (default
     /// [`crate::connections::queue::NODE_QUEUE_CAPACITY`]).
     pub node_queue_capacity: usize,
+    /// Extra names of the admin API's certificate (`--api-name`, DNS names and IP addresses), so
+    /// a remote `shoalctl` can verify it by the name it dials (default none: `localhost`, the
+    /// loopback addresses and the API's bound address).
+    pub api_names: Vec<String>,
 }
 
 impl ControllerConfig {
@@ -147,6 +151,7 @@ impl ControllerConfig {
             etcd: None,
             advertise: None,
             election_ttl: Duration::from_secs(2),
+            api_names: Vec::new(),
             max_handshakes: 1024,
             retry_above: 64,
             max_unauthenticated: 256,

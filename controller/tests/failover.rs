@@ -48,7 +48,7 @@ impl Agent {
         token: Option<String>,
     ) -> Agent {
         let mut config = AgentConfig::new(controllers[0], state.to_owned());
-        config.controllers = controllers.to_vec();
+        config.controllers = controllers.iter().map(|&a| a.into()).collect();
         config.overlay_enabled = false;
         config.drives = None;
         config.token = token;

@@ -23,6 +23,7 @@
 
 pub mod backup_servers;
 pub mod bins;
+pub mod container;
 pub mod events;
 pub mod fleet;
 pub mod ha;

@@ -680,7 +680,7 @@ fn a_dead_controllers_agents_are_up_on_another_within_ten_seconds_and_overlay_pi
         .spawn()
         .expect("ping");
     eventually(Duration::from_secs(5), "pings under way", || {
-        ensure!(paths_on(&fleet, 0)?.len() > 0, "no paths");
+        ensure!(!paths_on(&fleet, 0)?.is_empty(), "no paths");
         Ok(())
     })
     .or_panic();

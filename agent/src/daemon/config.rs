@@ -1,23 +1,25 @@
 //! How the agent runs ([`AgentConfig`], every field with its default) and why it stops
 //! ([`AgentError`]).
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use shoal_overlay::node::NodeConfig;
 use shoal_proto::Reject;
 
 use crate::{
-    drives::DrivesConfig, inventory::SysRoots, maintenance::MaintenanceConfig,
-    reboot::RebootConfig, state::StateError, updater::UpdaterConfig,
+    controllers::ControllerAddr, drives::DrivesConfig, inventory::SysRoots,
+    maintenance::MaintenanceConfig, reboot::RebootConfig, state::StateError,
+    updater::UpdaterConfig,
 };
 
 /// How the agent runs. Every field has a documented default.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     /// The controllers' QUIC addresses (`--controller`, repeatable): at least one; the first is the
-    /// one a new agent tries first. The agent adds the set its controller announces (protocol 7)
-    /// and fails over between all of them.
-    pub controllers: Vec<SocketAddr>,
+    /// one a new agent tries first. DNS names are resolved before every connection attempt. The
+    /// agent adds the set its controller announces (protocol 7) and fails over between all of
+    /// them.
+    pub controllers: Vec<ControllerAddr>,
     /// Keep-alive interval of the control connection (default 1 s): holds NAT mappings and lets a
     /// dead controller be noticed within `control_idle_timeout`.
     pub control_keep_alive: Duration,
@@ -66,10 +68,10 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     /// Defaults for one controller address and a state dir (push more onto `controllers`).
-    pub fn new(controller: SocketAddr, state_dir: PathBuf) -> Self {
+    pub fn new(controller: impl Into<ControllerAddr>, state_dir: PathBuf) -> Self {
         let backup = crate::backup::BackupConfig::new(&state_dir);
         Self {
-            controllers: vec![controller],
+            controllers: vec![controller.into()],
             control_keep_alive: Duration::from_secs(1),
             control_idle_timeout: Duration::from_secs(4),
             token: None,

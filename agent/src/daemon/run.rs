@@ -4,6 +4,7 @@
 
 use std::{
     future::Future,
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
@@ -22,7 +23,7 @@ use super::{
 };
 use crate::{
     backoff::Backoff,
-    controllers::{ControllerBook, Pace},
+    controllers::{ControllerAddr, ControllerBook, Pace},
     inventory,
     maintenance::{self as maint, MaintenanceBook},
     overlay::{self as ov, NetmapCache},
@@ -33,13 +34,22 @@ use crate::{
 /// The longest wait between attempts while an enrolment waits for an operator.
 const APPROVAL_RETRY: Duration = Duration::from_secs(5);
 
+/// How long one DNS lookup of a controller's name may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Runs the agent until `shutdown` resolves or the controller refuses it for good.
 pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     tokio::pin!(shutdown);
-    let first = *config.controllers.first().ok_or(AgentError::NoController)?;
+    if config.controllers.is_empty() {
+        return Err(AgentError::NoController);
+    }
+    let names = config
+        .controllers
+        .iter()
+        .any(|c| matches!(c, ControllerAddr::Name { .. }));
     let state = StateDir::open(&config.state_dir)?;
     let token: Option<JoinToken> = config.token.as_deref().map(str::parse).transpose()?;
     let roots = config.roots.clone();
@@ -66,6 +76,21 @@ pub async fn run(
         .canonical_allow()
         .map_err(AgentError::Config)?;
 
+    let mut backoff = Backoff::new(config.backoff_base, config.backoff_max);
+    // Names are looked up now, and again before every attempt; until one resolves there is no
+    // controller to dial (nor a socket family to pick).
+    let mut resolved = resolve(&config.controllers).await;
+    while resolved.is_empty() {
+        let delay = backoff.next_delay(rand::random::<f64>());
+        warn!(controllers = ?config.controllers, retry_in = ?delay, "no controller address resolves yet");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = &mut shutdown => return Ok(()),
+        }
+        resolved = resolve(&config.controllers).await;
+    }
+    backoff.reset();
+    let first = resolved[0];
     // The socket's family is the first controller's; the others must share it.
     let agent_endpoint =
         ov::bind_endpoint(&config.state_dir, first.is_ipv6(), config.overlay_port)?;
@@ -74,7 +99,6 @@ pub async fn run(
         port = agent_endpoint.port,
         "UDP socket bound (controller and overlay peers)"
     );
-    let mut backoff = Backoff::new(config.backoff_base, config.backoff_max);
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     let drives = DrivesState::start(&config, &events_tx);
     let boot = crate::checks::BootHealth::load(
@@ -103,11 +127,7 @@ pub async fn run(
         update,
         backups: super::backup::BackupState::new(config.backup.clone()),
         kexec: None,
-        controllers: ControllerBook::new(
-            config.controllers.clone(),
-            state.load_controllers(),
-            first.is_ipv6(),
-        ),
+        controllers: ControllerBook::new(resolved, state.load_controllers(), first.is_ipv6()),
         current: first,
     };
     // With a certificate and a cached netmap the overlay starts before the controller answers:
@@ -124,6 +144,12 @@ pub async fn run(
     }
 
     loop {
+        if names {
+            tokio::select! {
+                addrs = resolve(&config.controllers) => shell.controllers.set_configured(addrs),
+                _ = &mut shutdown => return Ok(()),
+            }
+        }
         let controller = shell.controllers.next(Instant::now());
         let attempt = shell.attempt(
             controller,
@@ -214,6 +240,30 @@ pub async fn run(
             _ = &mut shutdown => return Ok(()),
         }
     }
+}
+
+/// The configured controllers' addresses now: IP addresses as given, names looked up (a failed
+/// lookup is logged and skipped; the caller keeps what it had).
+async fn resolve(configured: &[ControllerAddr]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for c in configured {
+        match c {
+            ControllerAddr::Ip(a) => out.push(*a),
+            ControllerAddr::Name { host, port } => {
+                let lookup = tokio::net::lookup_host((host.as_str(), *port));
+                match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
+                    Ok(Ok(addrs)) => out.extend(addrs),
+                    Ok(Err(e)) => {
+                        warn!(controller = %c, cause = %e, "cannot resolve the controller's name")
+                    }
+                    Err(_) => {
+                        warn!(controller = %c, timeout = ?RESOLVE_TIMEOUT, "resolving the controller's name timed out")
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// How long to wait after `controller` failed: nothing while another controller is left in this

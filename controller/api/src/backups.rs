@@ -43,7 +43,7 @@ pub struct TargetView {
 pub struct CreateJob {
     /// Name.
     pub name: String,
-    /// `KEY=VALUE`; none selects every node.
+    /// A label selector (`role=db,zone in (a,b)`); none selects every node.
     pub selector: Option<String>,
     /// Absolute paths to back up.
     pub paths: Vec<String>,

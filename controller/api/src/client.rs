@@ -321,6 +321,35 @@ fn escape(s: &str) -> String {
     out
 }
 
+/// Nodes.
+impl AdminClient {
+    /// Every node, or those a label selector matches (the controller parses and matches it).
+    pub fn nodes(
+        &self,
+        selector: Option<&str>,
+    ) -> Result<Vec<crate::nodes::NodeView>, AdminClientError> {
+        match selector {
+            Some(s) => self.get(&format!("/v1/nodes?selector={}", escape(s))),
+            None => self.get("/v1/nodes"),
+        }
+    }
+
+    /// Sets and removes a node's labels.
+    pub fn label_node(
+        &self,
+        node: &str,
+        req: &crate::nodes::LabelNode,
+    ) -> Result<crate::nodes::LabelsChanged, AdminClientError> {
+        self.post(&format!("/v1/nodes/{}/labels", escape(node)), req)
+    }
+
+    /// Deletes the disruption budget of a selector (one percent-encoded path segment).
+    pub fn delete_budget(&self, selector: &str) -> Result<(), AdminClientError> {
+        self.delete::<serde_json::Value>(&format!("/v1/budgets/{}", escape(selector)))?;
+        Ok(())
+    }
+}
+
 /// Overlay networks.
 impl AdminClient {
     /// Lists overlay networks.

@@ -109,7 +109,7 @@ pub struct SetDrivePolicy {
     /// A node id (exactly one of `node` and `selector`).
     #[serde(default)]
     pub node: Option<String>,
-    /// A label selector, `KEY=VALUE`.
+    /// A label selector (`role=db,zone in (a,b)`).
     #[serde(default)]
     pub selector: Option<String>,
     /// `report`, `approve` or `prepare`.
@@ -124,7 +124,7 @@ pub struct SetDrivePolicy {
 pub struct DrivePolicyView {
     /// The node it is for, or null for a selector policy.
     pub node: Option<String>,
-    /// The label selector it is for (`KEY=VALUE`), or null for a node policy.
+    /// The label selector it is for (canonical text), or null for a node policy.
     pub selector: Option<String>,
     /// `report`, `approve` or `prepare`.
     pub mode: String,
@@ -145,7 +145,7 @@ pub struct EffectivePolicyView {
     pub mode: String,
     /// `ext4` or `xfs`.
     pub filesystem: String,
-    /// Where it comes from: `node`, `selector KEY=VALUE`, or `default`.
+    /// Where it comes from: `node`, `selector SELECTOR`, or `default`.
     pub source: String,
 }
 

@@ -14,7 +14,7 @@ pub struct CreateWindow {
     pub duration_secs: u64,
     /// IANA time zone (default UTC).
     pub tz: Option<String>,
-    /// `KEY=VALUE`: the nodes the window is for.
+    /// A label selector: the nodes the window is for.
     pub selector: Option<String>,
 }
 
@@ -29,7 +29,7 @@ pub struct WindowView {
     pub duration_secs: u64,
     /// Time zone.
     pub tz: String,
-    /// Selector, `KEY=VALUE`.
+    /// Selector, canonical text.
     pub selector: Option<String>,
     /// Open now (as the rollout driver's clock says).
     pub open: bool,
@@ -42,7 +42,7 @@ pub struct WindowView {
 /// `POST /v1/budgets`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SetBudget {
-    /// `KEY=VALUE`.
+    /// A label selector (`role=db,zone in (a,b)`).
     pub selector: String,
     /// The most of the group unavailable at once (at least 1).
     pub max_unavailable: u32,
@@ -51,7 +51,7 @@ pub struct SetBudget {
 /// A disruption budget.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BudgetView {
-    /// `KEY=VALUE`.
+    /// A label selector (`role=db,zone in (a,b)`).
     pub selector: String,
     /// The most of the group unavailable at once.
     pub max_unavailable: u32,
@@ -70,7 +70,7 @@ pub struct StartRollout {
     /// {"argv": ["/usr/local/bin/x", "arg"]}}`. Exactly one of `agent`, `image`, `action`.
     #[serde(default)]
     pub action: Option<shoal_proto::MaintenanceAction>,
-    /// `KEY=VALUE`; every node without one.
+    /// A label selector; every node without one.
     pub selector: Option<String>,
     /// N (default 1).
     pub max_unavailable: Option<u32>,

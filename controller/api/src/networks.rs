@@ -13,7 +13,7 @@ pub struct NetworkView {
     pub subnet: String,
     /// TAP MTU.
     pub mtu: u16,
-    /// Label selectors (`KEY=VALUE`); nodes matching any are members.
+    /// Label selectors (canonical text); nodes matching any are members.
     pub selectors: Vec<String>,
     /// Number of members.
     pub members: usize,
@@ -63,7 +63,7 @@ pub struct CreateNetwork {
 pub struct MemberSpec {
     /// A node id.
     pub node: Option<String>,
-    /// A label selector, `KEY=VALUE`.
+    /// A label selector (`role=db,zone in (a,b)`).
     pub selector: Option<String>,
 }
 

@@ -1,4 +1,5 @@
-//! Nodes as `GET /v1/nodes` and `GET /v1/nodes/{id}` show them.
+//! Nodes as `GET /v1/nodes` (`?selector=SELECTOR` keeps the nodes a label selector matches) and
+//! `GET /v1/nodes/{id}` show them, and label changes.
 
 use std::collections::BTreeMap;
 
@@ -26,7 +27,7 @@ pub struct NodeView {
     pub enrolled_at: String,
     /// The hardware identity that keeps the record across re-enrolments.
     pub hardware_id: String,
-    /// Labels from the join token.
+    /// Labels: from the join token and `shoalctl nodes label`.
     pub labels: BTreeMap<String, String>,
     /// Last reported inventory.
     pub inventory: Option<Inventory>,
@@ -59,4 +60,33 @@ pub struct OverlayAddressView {
     pub address: String,
     /// The subnet's prefix length.
     pub prefix_len: u8,
+}
+
+/// `POST /v1/nodes/{id}/labels`: set and remove labels (`shoalctl nodes label`), kubectl's rules:
+/// giving a label the node has another value needs `overwrite`; removing one it lacks is no error.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LabelNode {
+    /// Labels to set, `KEY` → `VALUE`.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Keys to remove.
+    #[serde(default)]
+    pub remove: Vec<String>,
+    /// Whether a label the node has may get another value.
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
+/// What `POST /v1/nodes/{id}/labels` did.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LabelsChanged {
+    /// Node id.
+    pub node: String,
+    /// Hostname.
+    pub hostname: String,
+    /// Each change (`role=db added`, `role=db (was web)`, `zone removed (was a)`); empty when
+    /// nothing changed.
+    pub changes: Vec<String>,
+    /// The node's labels now.
+    pub labels: BTreeMap<String, String>,
 }

@@ -49,6 +49,9 @@ pub enum BackupCmd {
         /// Only this node (id or hostname).
         #[arg(long)]
         node: Option<String>,
+        /// Only the nodes this label selector matches.
+        #[arg(short = 'l', long = "selector")]
+        selector: Option<String>,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
@@ -142,9 +145,9 @@ pub enum JobCmd {
 pub struct JobCreate {
     /// Name: 1 to 31 of a-z, 0-9 and '-'.
     name: String,
-    /// KEY=VALUE: the nodes to back up (default every node).
-    #[arg(long, value_parser = parse_label)]
-    selector: Option<(String, String)>,
+    /// The nodes to back up, a label selector (`role=db,zone in (a,b)`; default every node).
+    #[arg(long)]
+    selector: Option<String>,
     /// Absolute path to back up (repeatable).
     #[arg(long = "path", required = true)]
     paths: Vec<String>,
@@ -219,7 +222,13 @@ pub fn backup(client: &AdminClient, cmd: BackupCmd) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        BackupCmd::List { job, node, output } => {
+        BackupCmd::List {
+            job,
+            node,
+            selector,
+            output,
+        } => {
+            let filter = crate::nodes::matching(client, selector.as_deref())?;
             let mut path = "/v1/backups".to_owned();
             let mut sep = '?';
             for (k, v) in [("job", &job), ("node", &node)] {
@@ -228,7 +237,8 @@ pub fn backup(client: &AdminClient, cmd: BackupCmd) -> anyhow::Result<()> {
                     sep = '&';
                 }
             }
-            let all: Vec<BackupStatusView> = client.get(&path)?;
+            let mut all: Vec<BackupStatusView> = client.get(&path)?;
+            all.retain(|s| crate::nodes::keep(&filter, &s.node));
             match output {
                 Output::Json => print_json(&all)?,
                 Output::Table => table(
@@ -423,7 +433,7 @@ fn job(client: &AdminClient, cmd: JobCmd) -> anyhow::Result<()> {
             } = *create;
             let req = CreateJob {
                 name,
-                selector: selector.map(|(k, v)| format!("{k}={v}")),
+                selector,
                 paths,
                 excludes,
                 schedule,

@@ -15,7 +15,7 @@ use super::{print_json, table, Output};
 pub enum CertsCmd {
     /// A node's unexpired certificates: serial, validity, key, revocation.
     List {
-        /// Node id.
+        /// Node id or hostname.
         node: String,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t)]
@@ -115,6 +115,7 @@ pub fn rotate_key(client: &AdminClient, node: &str) -> anyhow::Result<()> {
 pub fn certs(client: &AdminClient, cmd: CertsCmd) -> anyhow::Result<()> {
     match cmd {
         CertsCmd::List { node, output } => {
+            let node = crate::nodes::resolve(client, &node)?;
             let certs: Vec<CertView> = client.get(&format!("/v1/nodes/{node}/certificates"))?;
             match output {
                 Output::Json => print_json(&certs)?,

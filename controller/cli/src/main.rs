@@ -9,6 +9,7 @@ mod controller;
 mod identity;
 mod maint;
 mod netboot;
+mod nodes;
 mod release;
 
 use std::{collections::BTreeMap, path::PathBuf, process::ExitCode, time::Duration};
@@ -35,6 +36,10 @@ struct Cli {
     /// Admin credentials written by the controller (DATA_DIR/admin.conf).
     #[arg(long, env = "SHOAL_CONFIG", global = true)]
     config: Option<PathBuf>,
+    /// The admin API's address instead of the one in the credentials: https://HOST:PORT or
+    /// HOST:PORT, HOST a name or address in the API's certificate (`serve --api-name`).
+    #[arg(long, env = "SHOAL_API", global = true, value_name = "URL")]
+    api: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,6 +48,15 @@ struct Cli {
 enum Output {
     #[default]
     Table,
+    Json,
+}
+
+/// `nodes list`'s output: `wide` adds the LABELS column.
+#[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
+enum NodesOutput {
+    #[default]
+    Table,
+    Wide,
     Json,
 }
 
@@ -117,12 +131,18 @@ enum Command {
 enum OverlayCmd {
     /// Every peer path, per direction: kind (direct or relay), round-trip time, bytes each way.
     Paths {
+        /// Only paths reported by the nodes this label selector matches.
+        #[arg(short = 'l', long = "selector")]
+        selector: Option<String>,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
     /// Frames forwarded, flooded, delivered and dropped (by reason), per node.
     Counters {
+        /// Only the nodes this label selector matches.
+        #[arg(short = 'l', long = "selector")]
+        selector: Option<String>,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
@@ -133,9 +153,12 @@ enum OverlayCmd {
 enum DrivesCmd {
     /// One row per drive: node, device, serial, model, size, state, SMART verdict and its reasons.
     List {
-        /// Only this node's drives.
+        /// Only this node's drives (id or hostname).
         #[arg(long)]
         node: Option<String>,
+        /// Only the drives of the nodes this label selector matches.
+        #[arg(short = 'l', long = "selector")]
+        selector: Option<String>,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
@@ -146,7 +169,7 @@ enum DrivesCmd {
     /// erased only with --force and its serial number. A drive whose SMART verdict is failing is
     /// never prepared.
     Prepare {
-        /// Node id.
+        /// Node id or hostname.
         node: String,
         /// Kernel name of the drive (sdb, nvme1n1; /dev/ is optional).
         device: String,
@@ -165,7 +188,7 @@ enum DrivesCmd {
     },
     /// Start a SMART self-test; its progress and result show in `drives list`.
     Test {
-        /// Node id.
+        /// Node id or hostname.
         node: String,
         /// Kernel name of the drive.
         device: String,
@@ -262,7 +285,7 @@ enum TokenCmd {
         /// Number of enrolments allowed; none means unlimited.
         #[arg(long)]
         uses: Option<u32>,
-        /// Labels for nodes enrolled with it (KEY=VALUE), repeatable.
+        /// Labels for nodes enrolled with it (KEY=VALUE), repeatable; the rules of `nodes label`.
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
     },
@@ -283,13 +306,32 @@ enum TokenCmd {
 enum NodesCmd {
     /// List nodes.
     List {
+        /// Only the nodes this label selector matches: KEY=VALUE, KEY!=VALUE, KEY, !KEY,
+        /// KEY in (A,B), KEY notin (A,B), comma-separated (all must hold).
+        #[arg(short = 'l', long = "selector")]
+        selector: Option<String>,
+        /// Output format (wide: with labels).
+        #[arg(short, long, value_enum, default_value_t)]
+        output: NodesOutput,
+    },
+    /// Set or remove a node's labels: KEY=VALUE sets, KEY- removes. Networks, drive policies,
+    /// budgets, windows and backup jobs that select by label follow at once.
+    Label {
+        /// Node id or hostname.
+        node: String,
+        /// KEY=VALUE to set, KEY- to remove.
+        #[arg(required = true)]
+        labels: Vec<String>,
+        /// Allow giving a label the node has another value.
+        #[arg(long)]
+        overwrite: bool,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
     /// Show one node.
     Show {
-        /// Node id.
+        /// Node id or hostname.
         id: String,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t)]
@@ -297,12 +339,12 @@ enum NodesCmd {
     },
     /// Remove a node: it is disconnected at once and its certificate is refused from then on.
     Remove {
-        /// Node id.
+        /// Node id or hostname.
         id: String,
     },
     /// Choose the image a node netboots.
     SetImage {
-        /// Node id.
+        /// Node id or hostname.
         id: String,
         /// Image version.
         version: String,
@@ -327,7 +369,7 @@ enum NodesCmd {
     /// gets it (a diskless node that lost its key, a reinstalled machine). Refused while the node
     /// is connected.
     Reenrol {
-        /// Node id.
+        /// Node id or hostname.
         id: String,
         /// How long it stays armed (default 1h).
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -335,7 +377,7 @@ enum NodesCmd {
     },
     /// Make the node rotate to a new key (now if connected, else on its next session).
     RotateKey {
-        /// Node id.
+        /// Node id or hostname.
         id: String,
     },
 }
@@ -404,20 +446,21 @@ enum NetworkCmd {
 #[derive(Debug, clap::Args)]
 #[group(required = true, multiple = false)]
 struct Who {
-    /// Node id.
+    /// Node id or hostname.
     #[arg(long)]
     node: Option<String>,
-    /// Label selector KEY=VALUE.
-    #[arg(long, value_parser = parse_label)]
-    selector: Option<(String, String)>,
+    /// Label selector: KEY=VALUE, KEY!=VALUE, KEY, !KEY, KEY in (A,B), KEY notin (A,B),
+    /// comma-separated (all must hold).
+    #[arg(long)]
+    selector: Option<String>,
 }
 
 impl Who {
-    fn spec(self) -> MemberSpec {
-        MemberSpec {
-            node: self.node,
-            selector: self.selector.map(|(k, v)| format!("{k}={v}")),
-        }
+    fn spec(self, client: &AdminClient) -> anyhow::Result<MemberSpec> {
+        Ok(MemberSpec {
+            node: nodes::resolve_opt(client, self.node)?,
+            selector: self.selector,
+        })
     }
 }
 
@@ -440,6 +483,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--api`: `https://HOST:PORT` as given, or `HOST:PORT` made one; nothing else.
+fn api_url(api: &str) -> anyhow::Result<String> {
+    let rest = api
+        .strip_prefix("https://")
+        .unwrap_or(api)
+        .trim_end_matches('/');
+    let valid = rest.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
+    });
+    if !valid || api.contains("://") && !api.starts_with("https://") {
+        bail!("--api {api:?}: expected https://HOST:PORT or HOST:PORT");
+    }
+    Ok(format!("https://{rest}"))
+}
+
 /// JSON as the API sent it: agent-supplied text stays faithful (C0 controls come out as `\u001b`).
 fn print_json(v: &impl Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
@@ -450,7 +508,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let Some(path) = cli.config else {
         bail!("no admin credentials: pass --config DATA_DIR/admin.conf or set SHOAL_CONFIG");
     };
-    let conf = AdminConf::read(&path)?;
+    let mut conf = AdminConf::read(&path)?;
+    if let Some(api) = cli.api {
+        conf.api = api_url(&api)?;
+    }
     let client = AdminClient::new(&conf)?;
     match cli.command {
         Command::Token(TokenCmd::Create { ttl, uses, labels }) => {
@@ -490,27 +551,61 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("empty answer")?;
             say!("revoked token {}", t.id);
         }
-        Command::Nodes(NodesCmd::List { output }) => {
-            let nodes: Vec<NodeView> = client.get("/v1/nodes")?;
+        Command::Nodes(NodesCmd::List { selector, output }) => {
+            let nodes: Vec<NodeView> = client.nodes(selector.as_deref())?;
+            let mut header = vec![
+                "ID",
+                "HOSTNAME",
+                "STATUS",
+                "LAST SEEN",
+                "AGENT",
+                "CPUS",
+                "MEMORY",
+                "DISKS",
+                "ADDRESS",
+            ];
             match output {
-                Output::Json => print_json(&nodes)?,
-                Output::Table => table(
-                    &[
-                        "ID",
-                        "HOSTNAME",
-                        "STATUS",
-                        "LAST SEEN",
-                        "AGENT",
-                        "CPUS",
-                        "MEMORY",
-                        "DISKS",
-                        "ADDRESS",
-                    ],
-                    nodes.iter().map(node_row),
+                NodesOutput::Json => print_json(&nodes)?,
+                NodesOutput::Table => table(&header, nodes.iter().map(node_row)),
+                NodesOutput::Wide => {
+                    header.push("LABELS");
+                    table(
+                        &header,
+                        nodes.iter().map(|n| {
+                            let mut row = node_row(n);
+                            row.push(labels_text(&n.labels));
+                            row
+                        }),
+                    )
+                }
+            }
+        }
+        Command::Nodes(NodesCmd::Label {
+            node,
+            labels,
+            overwrite,
+            output,
+        }) => {
+            let done = nodes::label(&client, &node, &labels, overwrite)?;
+            match output {
+                Output::Json => print_json(&done)?,
+                Output::Table if done.changes.is_empty() => {
+                    say!(
+                        "node {} ({}): not labeled, no change",
+                        done.hostname,
+                        done.node
+                    )
+                }
+                Output::Table => say!(
+                    "node {} ({}) labeled: {}",
+                    done.hostname,
+                    done.node,
+                    done.changes.join(", ")
                 ),
             }
         }
         Command::Nodes(NodesCmd::Show { id, output }) => {
+            let id = nodes::resolve(&client, &id)?;
             let node: NodeView = client.get(&format!("/v1/nodes/{id}"))?;
             match output {
                 Output::Json => print_json(&node)?,
@@ -518,6 +613,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Nodes(NodesCmd::Remove { id }) => {
+            let id = nodes::resolve(&client, &id)?;
             client.delete::<serde_json::Value>(&format!("/v1/nodes/{id}"))?;
             say!("removed node {id}");
         }
@@ -528,8 +624,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Budget(cmd) => maint::budget(&client, cmd)?,
         Command::Upgrade(cmd) => maint::upgrade(&client, cmd)?,
         Command::Maintenance(cmd) => maint::maintenance(&client, cmd)?,
-        Command::Overlay(OverlayCmd::Paths { output }) => {
-            let paths: Vec<PathView> = client.get("/v1/overlay/paths")?;
+        Command::Overlay(OverlayCmd::Paths { selector, output }) => {
+            let filter = nodes::matching(&client, selector.as_deref())?;
+            let mut paths: Vec<PathView> = client.get("/v1/overlay/paths")?;
+            paths.retain(|p| nodes::keep(&filter, &p.from));
             match output {
                 Output::Json => print_json(&paths)?,
                 Output::Table => table(
@@ -548,8 +646,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
             }
         }
-        Command::Overlay(OverlayCmd::Counters { output }) => {
-            let counters: Vec<OverlayCountersView> = client.get("/v1/overlay/counters")?;
+        Command::Overlay(OverlayCmd::Counters { selector, output }) => {
+            let filter = nodes::matching(&client, selector.as_deref())?;
+            let mut counters: Vec<OverlayCountersView> = client.get("/v1/overlay/counters")?;
+            counters.retain(|c| nodes::keep(&filter, &c.node));
             match output {
                 Output::Json => print_json(&counters)?,
                 Output::Table => table(
@@ -573,13 +673,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Nodes(NodesCmd::SetImage { id, version }) => {
-            netboot::set_image(&client, &id, &version)?
+            netboot::set_image(&client, &nodes::resolve(&client, &id)?, &version)?
         }
         Command::Nodes(NodesCmd::Pending { output }) => identity::pending(&client, output)?,
         Command::Nodes(NodesCmd::Approve { id }) => identity::decide(&client, &id, true)?,
         Command::Nodes(NodesCmd::Deny { id }) => identity::decide(&client, &id, false)?,
-        Command::Nodes(NodesCmd::Reenrol { id, ttl }) => identity::reenrol(&client, &id, ttl)?,
-        Command::Nodes(NodesCmd::RotateKey { id }) => identity::rotate_key(&client, &id)?,
+        Command::Nodes(NodesCmd::Reenrol { id, ttl }) => {
+            identity::reenrol(&client, &nodes::resolve(&client, &id)?, ttl)?
+        }
+        Command::Nodes(NodesCmd::RotateKey { id }) => {
+            identity::rotate_key(&client, &nodes::resolve(&client, &id)?)?
+        }
         Command::Certs(cmd) => identity::certs(&client, cmd)?,
         Command::Image(cmd) => netboot::image(&client, cmd)?,
         Command::Release(cmd) => release::release(&client, cmd)?,
@@ -640,11 +744,12 @@ fn network(client: &AdminClient, cmd: NetworkCmd) -> anyhow::Result<()> {
             }
         }
         NetworkCmd::Add { name, who, output } => {
-            print_update(&client.add_to_network(&name, &who.spec())?, output)?
+            print_update(&client.add_to_network(&name, &who.spec(client)?)?, output)?
         }
-        NetworkCmd::Remove { name, who, output } => {
-            print_update(&client.remove_from_network(&name, &who.spec())?, output)?
-        }
+        NetworkCmd::Remove { name, who, output } => print_update(
+            &client.remove_from_network(&name, &who.spec(client)?)?,
+            output,
+        )?,
         NetworkCmd::Delete { name, output } => {
             let update = client.delete_network(&name)?;
             match output {
@@ -704,8 +809,15 @@ fn network(client: &AdminClient, cmd: NetworkCmd) -> anyhow::Result<()> {
 
 fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
     match cmd {
-        DrivesCmd::List { node, output } => {
-            let drives = client.drives(node.as_deref())?;
+        DrivesCmd::List {
+            node,
+            selector,
+            output,
+        } => {
+            let node = nodes::resolve_opt(client, node)?;
+            let filter = nodes::matching(client, selector.as_deref())?;
+            let mut drives = client.drives(node.as_deref())?;
+            drives.retain(|d| nodes::keep(&filter, &d.node));
             match output {
                 Output::Json => print_json(&drives)?,
                 Output::Table if drives.is_empty() => say!("no drives reported"),
@@ -733,6 +845,7 @@ fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
                     .transpose()
                     .map_err(anyhow::Error::msg)?,
             };
+            let node = nodes::resolve(client, &node)?;
             let done = client.prepare_drive(&node, device.trim_start_matches("/dev/"), &req)?;
             print_command(&done, output)?;
         }
@@ -743,6 +856,7 @@ fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
             output,
         } => {
             let kind = if kind.long { "long" } else { "short" };
+            let node = nodes::resolve(client, &node)?;
             let done = client.self_test_drive(&node, device.trim_start_matches("/dev/"), kind)?;
             print_command(&done, output)?;
         }
@@ -752,7 +866,7 @@ fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
             fs,
             output,
         }) => {
-            let spec = who.spec();
+            let spec = who.spec(client)?;
             let mode = match policy {
                 PolicyArg::Report => "report",
                 PolicyArg::Approve => "approve",
@@ -814,7 +928,7 @@ fn drives(client: &AdminClient, cmd: DrivesCmd) -> anyhow::Result<()> {
             }
         }
         DrivesCmd::Policy(PolicyCmd::Delete { who, output }) => {
-            let gone: DrivePolicyView = client.delete_drive_policy(&who.spec())?;
+            let gone: DrivePolicyView = client.delete_drive_policy(&who.spec(client)?)?;
             match output {
                 Output::Json => print_json(&gone)?,
                 Output::Table => say!(
@@ -1241,5 +1355,37 @@ fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
     line(header.iter().map(|h| h.to_string()).collect());
     for row in rows {
         line(row);
+    }
+}
+
+#[cfg(test)]
+mod api_flag_tests {
+    use super::api_url;
+
+    #[test]
+    fn api_takes_an_https_url_or_host_and_port() {
+        assert_eq!(
+            api_url("shoal.example.org:7441").expect("ok"),
+            "https://shoal.example.org:7441"
+        );
+        assert_eq!(
+            api_url("https://10.0.0.1:7441/").expect("ok"),
+            "https://10.0.0.1:7441"
+        );
+        assert_eq!(
+            api_url("https://[::1]:7441").expect("ok"),
+            "https://[::1]:7441"
+        );
+        for bad in [
+            "shoal.example.org",
+            "http://h:7441",
+            "https://h:0",
+            "h:port",
+            "https://h:1/x",
+            ":7441",
+        ] {
+            let err = api_url(bad).expect_err(bad).to_string();
+            assert!(err.contains("expected https://HOST:PORT"), "{err}");
+        }
     }
 }

@@ -12,7 +12,7 @@ use shoal_api::{
 };
 use shoal_proto::MaintenanceAction;
 
-use super::{parse_label, print_json, table, Output};
+use super::{print_json, table, Output};
 
 #[derive(Debug, Subcommand)]
 pub enum WindowCmd {
@@ -32,9 +32,9 @@ pub enum WindowCmd {
         /// IANA time zone the schedule is read in (default UTC).
         #[arg(long)]
         tz: Option<String>,
-        /// KEY=VALUE: the nodes this window is for.
-        #[arg(long, value_parser = parse_label)]
-        selector: Option<(String, String)>,
+        /// The nodes this window is for, a label selector (`role=db,zone in (a,b)`).
+        #[arg(long)]
+        selector: Option<String>,
     },
     /// Windows, whether each is open, and its current or next opening.
     List {
@@ -54,9 +54,9 @@ pub enum BudgetCmd {
     /// Set the disruption budget of a label group: at most N of its nodes unavailable at once, for
     /// every rollout and maintenance action.
     Set {
-        /// KEY=VALUE.
-        #[arg(long, value_parser = parse_label)]
-        selector: (String, String),
+        /// A label selector (`role=db`, `role=db,zone in (a,b)`).
+        #[arg(long)]
+        selector: String,
         /// N (at least 1).
         #[arg(long)]
         max_unavailable: u32,
@@ -69,9 +69,9 @@ pub enum BudgetCmd {
     },
     /// Delete a budget.
     Delete {
-        /// KEY=VALUE.
-        #[arg(long, value_parser = parse_label)]
-        selector: (String, String),
+        /// A label selector (`role=db`, `role=db,zone in (a,b)`).
+        #[arg(long)]
+        selector: String,
     },
 }
 
@@ -93,9 +93,9 @@ pub enum UpgradeCmd {
     Start {
         #[command(flatten)]
         what: What,
-        /// KEY=VALUE.
-        #[arg(long, value_parser = parse_label)]
-        selector: (String, String),
+        /// A label selector (`role=db`, `role=db,zone in (a,b)`).
+        #[arg(long)]
+        selector: String,
         /// N: never more than this many of the rollout's nodes unavailable at once.
         #[arg(long, default_value_t = 1)]
         max_unavailable: u32,
@@ -176,7 +176,7 @@ pub enum RolloutCmd {
     /// Try a failed (or skipped) node again (for an upgrade: forgets that the version failed on
     /// it).
     Retry {
-        /// Node id.
+        /// Node id or hostname.
         node: String,
         /// Rollout id (default: the current rollout).
         #[arg(long)]
@@ -194,9 +194,9 @@ pub enum MaintenanceCmd {
         /// reboot, smart-test or exec.
         #[arg(value_enum)]
         action: ActionName,
-        /// KEY=VALUE.
-        #[arg(long, value_parser = parse_label)]
-        selector: (String, String),
+        /// A label selector (`role=db`, `role=db,zone in (a,b)`).
+        #[arg(long)]
+        selector: String,
         #[command(flatten)]
         when: When,
         /// N: never more than this many of the run's nodes unavailable at once (disruption budgets
@@ -237,7 +237,7 @@ pub fn maintenance(client: &AdminClient, cmd: MaintenanceCmd) -> anyhow::Result<
     let cmd = match cmd {
         MaintenanceCmd::Run {
             action,
-            selector: (k, v),
+            selector,
             when,
             max_unavailable,
             max_failures,
@@ -246,7 +246,7 @@ pub fn maintenance(client: &AdminClient, cmd: MaintenanceCmd) -> anyhow::Result<
         } => {
             let req = StartRollout {
                 action: Some(action_of(action, command)?),
-                selector: Some(format!("{k}={v}")),
+                selector: Some(selector),
                 max_unavailable: Some(max_unavailable),
                 max_failures: Some(max_failures),
                 window: if when.now { None } else { when.window },
@@ -281,7 +281,7 @@ pub fn window(client: &AdminClient, cmd: WindowCmd) -> anyhow::Result<()> {
                 schedule,
                 duration_secs: duration.as_secs(),
                 tz,
-                selector: selector.map(|(k, v)| format!("{k}={v}")),
+                selector,
             };
             let w: WindowView = client.post("/v1/windows", &req)?;
             say!("created window {} ({}); {}", w.name, w.tz, next_text(&w));
@@ -325,13 +325,13 @@ fn next_text(w: &WindowView) -> String {
 pub fn budget(client: &AdminClient, cmd: BudgetCmd) -> anyhow::Result<()> {
     match cmd {
         BudgetCmd::Set {
-            selector: (k, v),
+            selector,
             max_unavailable,
         } => {
             let b: BudgetView = client.post(
                 "/v1/budgets",
                 &SetBudget {
-                    selector: format!("{k}={v}"),
+                    selector,
                     max_unavailable,
                 },
             )?;
@@ -358,9 +358,9 @@ pub fn budget(client: &AdminClient, cmd: BudgetCmd) -> anyhow::Result<()> {
                 ),
             }
         }
-        BudgetCmd::Delete { selector: (k, v) } => {
-            client.delete::<serde_json::Value>(&format!("/v1/budgets/{k}={v}"))?;
-            say!("deleted budget {k}={v}");
+        BudgetCmd::Delete { selector } => {
+            client.delete_budget(&selector)?;
+            say!("deleted budget {selector}");
         }
     }
     Ok(())
@@ -453,7 +453,7 @@ pub fn upgrade(client: &AdminClient, cmd: UpgradeCmd) -> anyhow::Result<()> {
     match cmd {
         UpgradeCmd::Start {
             what,
-            selector: (k, v),
+            selector,
             max_unavailable,
             window,
             max_failures,
@@ -464,7 +464,7 @@ pub fn upgrade(client: &AdminClient, cmd: UpgradeCmd) -> anyhow::Result<()> {
                 agent: what.agent,
                 image: what.image,
                 action: None,
-                selector: Some(format!("{k}={v}")),
+                selector: Some(selector),
                 max_unavailable: Some(max_unavailable),
                 max_failures: Some(max_failures),
                 window,
@@ -532,6 +532,7 @@ pub fn rollout(client: &AdminClient, cmd: RolloutCmd) -> anyhow::Result<()> {
             &serde_json::json!({}),
         )?),
         RolloutCmd::Retry { node, rollout } => {
+            let node = crate::nodes::resolve(client, &node)?;
             let r: RolloutView = client.post(
                 &format!("/v1/rollouts/{}/retry", id(rollout)),
                 &RetryNode { node: node.clone() },

@@ -39,7 +39,7 @@ pub enum ReleaseCmd {
     },
     /// Offer a stored release to one node's agent (a rollout does this for many).
     Offer {
-        /// Node id.
+        /// Node id or hostname.
         node: String,
         /// Release version.
         #[arg(long)]
@@ -131,6 +131,7 @@ pub fn release(client: &AdminClient, cmd: ReleaseCmd) -> anyhow::Result<()> {
             }
         }
         ReleaseCmd::Offer { node, version } => {
+            let node = crate::nodes::resolve(client, &node)?;
             client.post_no_content(
                 &format!("/v1/nodes/{node}/agent-update"),
                 &OfferUpdate {

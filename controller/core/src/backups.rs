@@ -26,7 +26,7 @@ use shoal_proto::{
 };
 
 use crate::{
-    selector::{parse_selector, selector_matches, valid_name, Selector},
+    selector::{parse_selector, valid_name, Selector, SelectorError},
     windows::{parse_schedule, parse_tz, WindowError},
 };
 
@@ -70,9 +70,9 @@ pub enum BackupDefError {
     /// A schedule or time zone is not valid.
     #[error(transparent)]
     Schedule(#[from] WindowError),
-    /// The selector is not `KEY=VALUE`.
-    #[error("selector {0:?} is not KEY=VALUE")]
-    BadSelector(String),
+    /// The selector does not parse.
+    #[error(transparent)]
+    BadSelector(#[from] SelectorError),
     /// No path, or a path that is not absolute.
     #[error("{0}")]
     BadPath(String),
@@ -152,7 +152,8 @@ impl Schedule {
 pub struct JobRecord {
     /// The job's name.
     pub name: String,
-    /// Which nodes (`KEY=VALUE`); `None` selects every node.
+    /// Which nodes (a label selector, in the compatible stored form of [`crate::selector`]);
+    /// `None` selects every node.
     pub selector: Option<Selector>,
     /// What to back up (absolute paths).
     pub paths: Vec<String>,
@@ -193,7 +194,7 @@ pub struct Job {
 pub struct JobSpec {
     /// Name.
     pub name: String,
-    /// `KEY=VALUE`.
+    /// A label selector ([`crate::selector`]).
     pub selector: Option<String>,
     /// Paths.
     pub paths: Vec<String>,
@@ -222,11 +223,7 @@ pub struct JobSpec {
 impl Job {
     /// Validates a new job.
     pub fn new(spec: JobSpec, now: UnixMillis) -> Result<Job, BackupDefError> {
-        let selector = spec
-            .selector
-            .as_deref()
-            .map(|s| parse_selector(s).map_err(|_| BackupDefError::BadSelector(s.to_owned())))
-            .transpose()?;
+        let selector = spec.selector.as_deref().map(parse_selector).transpose()?;
         Job::from_record(JobRecord {
             name: spec.name,
             selector,
@@ -332,7 +329,7 @@ impl Job {
         self.record
             .selector
             .as_ref()
-            .is_none_or(|(k, v)| selector_matches(k, v, labels))
+            .is_none_or(|s| s.matches(labels))
     }
 
     /// The backup schedule.
@@ -1123,7 +1120,7 @@ mod tests {
                 ..base.clone()
             },
             JobSpec {
-                selector: Some("nope".into()),
+                selector: Some("nope in ()".into()),
                 ..base.clone()
             },
             JobSpec {

@@ -24,6 +24,10 @@
 //!   failures, for nodes in and outside the rollout) with operator commands and polls over a fleet
 //!   observed from the input: no node starts unless the rollout runs, a start never takes the
 //!   rollout past `max_unavailable`, and the state survives the store's encoding.
+//! - [`selector_text`]: any text through the label-selector parser: it answers within its bounds
+//!   (longer text is refused before it is read), a selector it accepts prints as canonical text that
+//!   parses back to the same selector, survives the store's encoding and JSON, and each term and
+//!   its negation (`=`/`!=`, `in`/`notin`, `KEY`/`!KEY`) disagree on every node's labels.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -111,6 +115,88 @@ pub fn encode<T: Serialize>(op: u8, value: &T) -> Vec<u8> {
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(&body[..usize::from(len)]);
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Selectors
+// ---------------------------------------------------------------------------------------------
+
+/// See the module docs. The input is selector text (as UTF-8, lossily, the way a query string
+/// reaches the parser).
+pub fn selector_text(data: &[u8]) -> Seen {
+    use crate::selector::{
+        parse_selector, Selector, SelectorError, Term, MAX_SELECTOR_LEN, MAX_TERMS,
+    };
+    let mut seen = Seen::default();
+    let text = String::from_utf8_lossy(data);
+    let selector = match parse_selector(&text) {
+        Ok(s) => s,
+        Err(SelectorError::TooLong { len }) => {
+            assert!(len > MAX_SELECTOR_LEN, "refused {len} bytes as too long");
+            seen.hit("too_long");
+            return seen;
+        }
+        Err(e) => {
+            assert!(!e.to_string().is_empty());
+            seen.hit("refused");
+            return seen;
+        }
+    };
+    seen.hit("parsed");
+    assert!(!selector.terms().is_empty() && selector.terms().len() <= MAX_TERMS);
+    let canonical = selector.to_string();
+    assert_eq!(
+        parse_selector(&canonical).as_ref(),
+        Ok(&selector),
+        "canonical text {canonical:?} of {text:?} parses back"
+    );
+    let stored = postcard::to_allocvec(&selector).expect("encodes");
+    assert_eq!(
+        postcard::from_bytes::<Selector>(&stored).expect("decodes"),
+        selector
+    );
+    let json = serde_json::to_string(&selector).expect("json");
+    assert_eq!(
+        serde_json::from_str::<Selector>(&json).expect("json decodes"),
+        selector
+    );
+    // Labels made of the selector's own keys and values, one set per term, and none.
+    let mut fleets: Vec<BTreeMap<String, String>> = vec![BTreeMap::new()];
+    for t in selector.terms() {
+        let value = match t {
+            Term::Equals(_, v) | Term::NotEquals(_, v) => v.clone(),
+            Term::In(_, vs) | Term::NotIn(_, vs) => vs.iter().next().cloned().unwrap_or_default(),
+            Term::Exists(_) | Term::NotExists(_) => String::new(),
+        };
+        let mut labels = fleets.last().cloned().unwrap_or_default();
+        labels.insert(t.key().to_owned(), value);
+        fleets.push(labels);
+    }
+    for labels in &fleets {
+        let all = selector.terms().iter().all(|t| t.matches(labels));
+        assert_eq!(selector.matches(labels), all);
+        for t in selector.terms() {
+            let negation = match t.clone() {
+                Term::Equals(k, v) => Term::NotEquals(k, v),
+                Term::NotEquals(k, v) => Term::Equals(k, v),
+                Term::Exists(k) => Term::NotExists(k),
+                Term::NotExists(k) => Term::Exists(k),
+                Term::In(k, vs) => Term::NotIn(k, vs),
+                Term::NotIn(k, vs) => Term::In(k, vs),
+            };
+            assert_ne!(
+                t.matches(labels),
+                negation.matches(labels),
+                "{t} and its negation"
+            );
+        }
+        seen.hit(if selector.matches(labels) {
+            "matched"
+        } else {
+            "not_matched"
+        });
+    }
+    seen
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -699,6 +785,34 @@ mod tests {
         total
     }
 
+    pub(crate) fn selector_seeds() -> Vec<Vec<u8>> {
+        [
+            "role=db",
+            "role==db,zone!=a",
+            "gpu,!spot",
+            "zone in (a,b,c),rack notin (r1)",
+            "example.com/tier=gold,netboot.mac=52:54:00:00:00:01",
+            "role=",
+            "a in (x), b notin (y) , !c",
+        ]
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect()
+    }
+
+    #[test]
+    fn selector_text_property_holds_on_mutations() {
+        let seen = mutate_and_run(selector_seeds(), 20_000, selector_text);
+        assert!(seen.count("parsed") > 1_000, "{seen:?}");
+        assert!(seen.count("refused") > 1_000, "{seen:?}");
+        assert!(
+            seen.count("matched") > 0 && seen.count("not_matched") > 0,
+            "{seen:?}"
+        );
+        let long = vec![b'a'; crate::selector::MAX_SELECTOR_LEN + 1];
+        assert_eq!(selector_text(&long).count("too_long"), 1);
+    }
+
     fn hello(machine: &str) -> AgentMsg {
         AgentMsg::Hello(Hello {
             protocol: VersionRange {
@@ -983,6 +1097,7 @@ mod tests {
             ("drive_reports", drive_seeds()),
             ("coordinator_ops", coordinator_seeds()),
             ("rollout_events", rollout_seeds()),
+            ("selector_text", selector_seeds()),
         ] {
             std::fs::create_dir_all(dir.join(target)).unwrap();
             for (i, s) in seeds.iter().enumerate() {

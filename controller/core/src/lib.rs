@@ -14,6 +14,7 @@ pub mod enrolment;
 pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod labels;
 pub mod leadership;
 pub mod liveness;
 pub mod netboot;

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shoal_proto::{MacAddr, NetworkId, NodeId, PeerIndex, UnixMillis};
 
-use crate::selector::selector_matches;
+use crate::selector::Selector;
 
 /// The name of the network every node joins.
 pub const DEFAULT_NETWORK: &str = "default";
@@ -152,8 +152,10 @@ pub struct NetworkRecord {
     pub prefix_len: u8,
     /// The members' TAP MTU.
     pub mtu: u16,
-    /// `(key, value)` label selectors: a node whose labels match any of them is a member.
-    pub selectors: Vec<(String, String)>,
+    /// Label selectors: a node whose labels match any of them is a member. Stored in the
+    /// selector's compatible form (see [`crate::selector`]), so records of the old `(key, value)`
+    /// form read unchanged.
+    pub selectors: Vec<Selector>,
     /// When it was created.
     pub created_at: UnixMillis,
 }
@@ -174,9 +176,7 @@ impl NetworkRecord {
 
     /// Whether a selector matches these labels.
     pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.selectors
-            .iter()
-            .any(|(k, v)| selector_matches(k, v, labels))
+        self.selectors.iter().any(|s| s.matches(labels))
     }
 }
 

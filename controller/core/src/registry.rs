@@ -160,7 +160,7 @@ pub struct NodeRecord {
     pub hardware_id: HardwareId,
     /// Hostname, as last reported.
     pub hostname: String,
-    /// Operator labels (from the join token, merged on re-enrolment).
+    /// Operator labels: from the join token (merged on re-enrolment) and `shoalctl nodes label`.
     pub labels: BTreeMap<String, String>,
     /// The agent's software version, as last reported (empty until the agent's first session).
     pub agent_version: String,
@@ -213,5 +213,7 @@ crate::event_kinds! {
         CertificateRefused => "certificate_refused",
         /// A node rotated to a new key.
         KeyRotated => "key_rotated",
+        /// An operator changed a node's labels (`shoalctl nodes label`).
+        LabelsChanged => "labels_changed",
     }
 }

@@ -51,13 +51,11 @@ use serde::{Deserialize, Serialize};
 use shoal_proto::{MaintenanceAction, NodeId, UnixMillis};
 use tracing::{info, warn};
 
-use crate::{
-    selector::{selector_matches, selector_text},
-    windows::{add, WindowCheck},
-};
+use crate::windows::{add, WindowCheck};
 
-/// A `(key, value)` label selector, as networks keep them ([`crate::networks::parse_selector`]).
-pub type Selector = (String, String);
+/// A label selector, as networks keep them (stored in the compatible form of
+/// [`crate::selector`]: rollouts and budgets of the old `(key, value)` form read unchanged).
+pub use crate::selector::Selector;
 
 /// What a rollout installs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -395,7 +393,7 @@ pub enum Waiting {
     },
     /// A budget's group has no room.
     Budget {
-        /// The budget's selector, `KEY=VALUE`.
+        /// The budget's selector, canonical text.
         selector: String,
         /// How many of the group are unavailable.
         unavailable: u32,
@@ -1100,10 +1098,7 @@ impl Rollout {
             .map(|b| {
                 fleet
                     .iter()
-                    .filter(|(n, o)| {
-                        selector_matches(&b.selector.0, &b.selector.1, &o.labels)
-                            && self.unavailable(n, o)
-                    })
+                    .filter(|(n, o)| b.selector.matches(&o.labels) && self.unavailable(n, o))
                     .count() as u32
             })
             .collect();
@@ -1127,12 +1122,11 @@ impl Rollout {
                 continue;
             }
             let full = budgets.iter().zip(&group).find(|(b, used)| {
-                selector_matches(&b.selector.0, &b.selector.1, &observed.labels)
-                    && **used + 1 > b.max_unavailable
+                b.selector.matches(&observed.labels) && **used + 1 > b.max_unavailable
             });
             if let Some((b, used)) = full {
                 let w = Waiting::Budget {
-                    selector: selector_text(&b.selector),
+                    selector: b.selector.to_string(),
                     unavailable: *used,
                     max: b.max_unavailable,
                 };
@@ -1142,7 +1136,7 @@ impl Rollout {
                 continue;
             }
             for (b, used) in budgets.iter().zip(group.iter_mut()) {
-                if selector_matches(&b.selector.0, &b.selector.1, &observed.labels) {
+                if b.selector.matches(&observed.labels) {
                     *used += 1;
                 }
             }

@@ -42,7 +42,7 @@ use jiff::{tz::TimeZone, Timestamp, Zoned};
 use serde::{Deserialize, Serialize};
 use shoal_proto::UnixMillis;
 
-use crate::selector::{parse_selector, selector_matches, selector_text};
+use crate::selector::{parse_selector, Selector, SelectorError};
 
 /// The shortest window: one minute (the schedule's granularity).
 pub const MIN_DURATION: Duration = Duration::from_secs(60);
@@ -82,9 +82,9 @@ pub enum WindowError {
     /// The time zone is not in the IANA time zone database.
     #[error("unknown time zone {0:?}: use an IANA name such as Europe/Berlin or America/New_York")]
     UnknownTimeZone(String),
-    /// The selector is not `KEY=VALUE`.
-    #[error("selector {0:?} is not KEY=VALUE")]
-    BadSelector(String),
+    /// The selector does not parse.
+    #[error(transparent)]
+    BadSelector(#[from] SelectorError),
     /// The schedule never fires (e.g. `0 0 30 2 *`, the 30th of February).
     #[error("schedule {0:?} never fires after the given time")]
     NeverOpens(String),
@@ -102,8 +102,9 @@ pub struct WindowRecord {
     pub duration_secs: u64,
     /// IANA time zone name.
     pub tz: String,
-    /// `(key, value)`: the nodes this window is for; `None` for any node.
-    pub selector: Option<(String, String)>,
+    /// The nodes this window is for; `None` for any node. (Compatible form: records of the old
+    /// `(key, value)` form read unchanged, see [`crate::selector`].)
+    pub selector: Option<Selector>,
 }
 
 /// A parsed, validated window.
@@ -161,7 +162,8 @@ fn sub(t: UnixMillis, d: Duration) -> UnixMillis {
 }
 
 impl Window {
-    /// Parses and validates a window. `tz` defaults to [`DEFAULT_TZ`]; `selector` is `KEY=VALUE`.
+    /// Parses and validates a window. `tz` defaults to [`DEFAULT_TZ`]; `selector` is a label
+    /// selector ([`crate::selector`]).
     pub fn new(
         name: &str,
         schedule: &str,
@@ -169,9 +171,7 @@ impl Window {
         tz: Option<&str>,
         selector: Option<&str>,
     ) -> Result<Window, WindowError> {
-        let selector = selector
-            .map(|s| parse_selector(s).map_err(|_| WindowError::BadSelector(s.to_owned())))
-            .transpose()?;
+        let selector = selector.map(parse_selector).transpose()?;
         // Whole seconds: what the record keeps.
         let record = WindowRecord {
             name: name.to_owned(),
@@ -229,12 +229,12 @@ impl Window {
         self.record
             .selector
             .as_ref()
-            .is_none_or(|(k, v)| selector_matches(k, v, labels))
+            .is_none_or(|s| s.matches(labels))
     }
 
-    /// The selector as `KEY=VALUE`, if any.
+    /// The selector's canonical text, if any.
     pub fn selector_text(&self) -> Option<String> {
-        self.record.selector.as_ref().map(selector_text)
+        self.record.selector.as_ref().map(Selector::to_string)
     }
 
     /// Openings with `from < start`, in order, as Unix milliseconds.
@@ -383,7 +383,7 @@ mod tests {
             WindowError::BadName(_)
         ));
         assert!(matches!(
-            e(Window::new("w", "0 2 * * *", H, None, Some("role"))),
+            e(Window::new("w", "0 2 * * *", H, None, Some("role in ()"))),
             WindowError::BadSelector(_)
         ));
         let feb30 = window("0 0 30 2 *", H, "UTC");
@@ -415,6 +415,29 @@ mod tests {
         assert!(!w.applies_to(&labels("role", "etcd")));
         assert_eq!(w.selector_text().as_deref(), Some("role=worker"));
         assert!(window("@daily", H, "UTC").applies_to(&BTreeMap::new()));
+    }
+
+    #[test]
+    fn a_multi_term_selector_picks_nodes_and_survives_the_store() {
+        let w = Window::new("racks", "@daily", H, None, Some("rack in (r1,r2),role!=db"))
+            .expect("valid");
+        let bytes = postcard::to_allocvec(w.record()).expect("encode");
+        let stored: WindowRecord = postcard::from_bytes(&bytes).expect("decode");
+        assert_eq!(&stored, w.record());
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert!(w.applies_to(&labels(&[("rack", "r1"), ("role", "web")])));
+        assert!(w.applies_to(&labels(&[("rack", "r2")])));
+        assert!(!w.applies_to(&labels(&[("rack", "r1"), ("role", "db")])));
+        assert!(!w.applies_to(&labels(&[("rack", "r3")])));
+        assert_eq!(
+            w.selector_text().as_deref(),
+            Some("rack in (r1,r2),role!=db")
+        );
     }
 
     #[test]

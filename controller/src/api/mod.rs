@@ -45,10 +45,19 @@ pub fn serve(
     if !local.ip().is_unspecified() && !ips.contains(&local.ip()) {
         ips.push(local.ip());
     }
-    let names = vec![
+    let mut names = vec![
         pki::CONTROLLER_SERVER_NAME.to_owned(),
         "localhost".to_owned(),
     ];
+    // `--api-name`: what remote clients dial (checked at start: a DNS name or an IP address).
+    for name in &controller.config.api_names {
+        match name.parse::<IpAddr>() {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            Ok(_) => {}
+            Err(_) if !names.contains(name) => names.push(name.clone()),
+            Err(_) => {}
+        }
+    }
     let (chain, key) = controller.ca.issue_server_cert(&names, &ips)?;
     let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -202,6 +211,132 @@ mod tests {
     }
 
     #[test]
+    fn labels_over_the_admin_api_apply_at_once() {
+        use shoal_api::nodes::LabelNode;
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _enter = rt.enter();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let config = ControllerConfig::for_tests(dir.path().to_owned());
+        let ctl = Controller::open(config, listener.local_addr().unwrap()).unwrap();
+        let handle = serve(ctl.clone(), listener).unwrap();
+        let client =
+            AdminClient::new(&AdminConf::read(&dir.path().join(ADMIN_CONF_FILE)).unwrap()).unwrap();
+        let a = enrol(&ctl, "a", &[("role", "db")]);
+        let b = enrol(&ctl, "b", &[]);
+        client
+            .create_network(&CreateNetwork {
+                name: "lab".into(),
+                subnet: "10.71.0.0/24".into(),
+                mtu: None,
+            })
+            .unwrap();
+        client
+            .add_to_network("lab", &spec(None, Some("zone in (a), role=db")))
+            .unwrap();
+        let members = |client: &AdminClient| -> Vec<String> {
+            let mut m: Vec<String> = client
+                .network("lab")
+                .unwrap()
+                .members
+                .into_iter()
+                .map(|m| m.node)
+                .collect();
+            m.sort();
+            m
+        };
+        assert!(members(&client).is_empty());
+        let label = |node: &NodeId, set: &[(&str, &str)], remove: &[&str], overwrite: bool| {
+            client.label_node(
+                &node.0,
+                &LabelNode {
+                    set: set
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    remove: remove.iter().map(|k| k.to_string()).collect(),
+                    overwrite,
+                },
+            )
+        };
+        let done = label(&b, &[("role", "db"), ("zone", "a")], &[], false).unwrap();
+        assert_eq!(done.changes, ["role=db added", "zone=a added"]);
+        assert_eq!(members(&client), vec![b.0.clone()]);
+        // kubectl's rules, each with its status and reason; nothing is applied.
+        let (code, msg) = status(label(&b, &[("zone", "b")], &[], false));
+        assert_eq!(
+            (code, msg.as_str()),
+            (
+                409,
+                "node already has zone=a; pass --overwrite to change it"
+            )
+        );
+        let (code, msg) = status(label(&b, &[("bad key", "x")], &[], true));
+        assert!(
+            code == 400 && msg.contains("label key \"bad key\""),
+            "{msg}"
+        );
+        let (code, msg) = status(label(&b, &[("netboot.mac", "x")], &[], true));
+        assert!(
+            code == 400 && msg.contains("set by the controller"),
+            "{msg}"
+        );
+        assert_eq!(
+            status(label(&NodeId("n0".into()), &[("a", "b")], &[], true)).0,
+            404
+        );
+        assert_eq!(
+            label(&b, &[("zone", "a")], &[], false)
+                .unwrap()
+                .changes
+                .len(),
+            0
+        );
+        // The filter is the same selector code.
+        let ids = |sel: &str| -> Vec<String> {
+            let mut v: Vec<String> = client
+                .nodes(Some(sel))
+                .unwrap()
+                .into_iter()
+                .map(|n| n.id)
+                .collect();
+            v.sort();
+            v
+        };
+        let mut both = vec![a.0.clone(), b.0.clone()];
+        both.sort();
+        assert_eq!(ids("role=db"), both);
+        assert_eq!(ids("role=db,zone notin (a)"), vec![a.0.clone()]);
+        assert_eq!(ids("!zone"), vec![a.0.clone()]);
+        let (code, msg) = status(client.nodes(Some("zone in (a")));
+        assert!(code == 400 && msg.contains("found end of input"), "{msg}");
+        // Out of the set: the node leaves at once; the events name each change.
+        let done = label(&b, &[("zone", "b")], &[], true).unwrap();
+        assert_eq!(done.changes, ["zone=b (was a)"]);
+        assert!(members(&client).is_empty());
+        let events: Vec<String> = ctl
+            .store
+            .events(None, 1000)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.node.as_ref() == Some(&b) && e.kind.name() == "labels_changed")
+            .map(|e| e.message)
+            .collect();
+        assert_eq!(
+            events,
+            [
+                "labels of b changed: role=db added, zone=a added",
+                "labels of b changed: zone=b (was a)"
+            ]
+        );
+        handle.shutdown();
+    }
+
+    #[test]
     fn networks_over_the_admin_api() {
         let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -259,7 +394,7 @@ mod tests {
             400
         );
         assert_eq!(
-            status(client.add_to_network("lab", &spec(None, Some("novalue")))).0,
+            status(client.add_to_network("lab", &spec(None, Some("role in ()")))).0,
             400
         );
         assert_eq!(status(client.delete_network("default")).0, 409);
@@ -471,7 +606,8 @@ mod tests {
             404
         );
         assert_eq!(
-            status(client.set_drive_policy(&policy_req(None, Some("novalue"), "approve", None))).0,
+            status(client.set_drive_policy(&policy_req(None, Some("role in ()"), "approve", None)))
+                .0,
             400
         );
         assert_eq!(

@@ -17,7 +17,7 @@ use shoal_api::{
 use shoal_controller_core::{
     backups::{check_target_url, verify_problems, Job, JobSpec, OwedKind},
     registry::NodeRecord,
-    selector::{selector_text, valid_name},
+    selector::{valid_name, Selector},
     time::rfc3339_ms as rfc3339,
 };
 use shoal_proto::{Retention, UnixMillis, MAX_TARGET_ENV};
@@ -219,7 +219,7 @@ fn job_view(job: &Job, nodes: &[NodeRecord], now: UnixMillis) -> JobView {
     let r = job.record();
     JobView {
         name: r.name.clone(),
-        selector: r.selector.as_ref().map(selector_text),
+        selector: r.selector.as_ref().map(Selector::to_string),
         paths: r.paths.clone(),
         excludes: r.excludes.clone(),
         schedule: r.schedule.clone(),

@@ -9,19 +9,31 @@ mod netboot;
 #[path = "shoal-controller/restore.rs"]
 mod restore;
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use shoal_cmdline::LogFormat;
 use shoal_controller::{server, server::Controller, server::ControllerConfig};
 use shoal_controller_core::networks::{Subnet, MAX_MTU, MIN_MTU};
 
 #[derive(Debug, Parser)]
 #[command(name = "shoal-controller", version, about = "shoal fleet controller")]
 struct Cli {
+    /// Log lines on stderr as text or as one JSON object per line.
+    #[arg(long, value_enum, default_value_t, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
+
+/// The config file `serve` reads when `--config` is not given, if it exists.
+const DEFAULT_CONFIG: &str = "/etc/shoal/controller.toml";
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -37,6 +49,11 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
+    /// A TOML file of `serve` flags: `flag-name = value` (or `flag_name`), a list for a repeatable
+    /// flag, true for a switch. Flags on the command line (and their environment variables) win.
+    /// Default /etc/shoal/controller.toml when it exists; '' for none.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Data directory: store, CA, admin.conf.
     #[arg(long, env = "SHOAL_DATA_DIR")]
     data_dir: PathBuf,
@@ -46,6 +63,10 @@ struct ServeArgs {
     /// TCP address of the admin API (HTTPS).
     #[arg(long, default_value = "127.0.0.1:7441")]
     api: SocketAddr,
+    /// A DNS name or IP address remote `shoalctl`s reach the admin API by, put in its
+    /// certificate (repeatable; localhost and the loopback addresses are always in it).
+    #[arg(long = "api-name", value_name = "NAME", value_parser = parse_api_name)]
+    api_names: Vec<String>,
     /// Interval at which agents report health (their heartbeat).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     heartbeat_interval: Duration,
@@ -139,15 +160,25 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,quinn=warn,sled=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let cli = Cli::parse();
+    let command = <Cli as clap::CommandFactory>::command();
+    let args = match shoal_cmdline::expand_config_file(
+        &command,
+        std::env::args_os().collect(),
+        Path::new(DEFAULT_CONFIG),
+    ) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("shoal-controller: {e}");
+            // As clap's own usage errors.
+            return ExitCode::from(2);
+        }
+    };
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&command.get_matches_from(args))
+    {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    shoal_cmdline::init_logging(cli.log_format, "info,quinn=warn,sled=warn");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -178,6 +209,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.netmap_validity = args.netmap_validity;
     config.netboot = args.netboot.config()?;
     config.release_keys = args.release_keys.clone();
+    config.api_names = args.api_names.clone();
     config.max_handshakes = args.max_handshakes as usize;
     config.max_unauthenticated = args.max_unauthenticated as usize;
     config.max_unauthenticated_per_address = args.max_unauthenticated_per_address as usize;
@@ -228,6 +260,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     })
 }
 
+/// `--api-name`: an IP address, or a DNS name (lowercased).
+fn parse_api_name(s: &str) -> Result<String, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(ip.to_string());
+    }
+    shoal_cmdline::dns_name(s)
+        .ok_or_else(|| format!("{s:?} is neither an IP address nor a DNS name"))
+}
+
 /// `--rollout-tick`: a humantime duration of at least 100 ms (a zero interval would spin).
 fn parse_tick(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
@@ -245,5 +286,28 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+
+    #[test]
+    fn every_serve_flag_can_be_set_from_the_config_file() {
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let checked = shoal_cmdline::testing::check_every_flag_from_file(&cmd, Some("serve"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(checked > 40, "only {checked} flags");
+    }
+
+    #[test]
+    fn api_names_are_ip_addresses_or_dns_names() {
+        assert_eq!(
+            super::parse_api_name("Shoal.Example.org").as_deref(),
+            Ok("shoal.example.org")
+        );
+        assert_eq!(super::parse_api_name("10.0.0.1").as_deref(), Ok("10.0.0.1"));
+        assert!(super::parse_api_name("https://x").is_err());
     }
 }

@@ -65,9 +65,9 @@ pub enum PolicyError {
     /// No node in the fleet has this id.
     #[error("no node {0} in the fleet")]
     UnknownNode(NodeId),
-    /// The selector is not `KEY=VALUE`.
-    #[error("selector {0:?} is not KEY=VALUE")]
-    BadSelector(String),
+    /// The selector does not parse.
+    #[error(transparent)]
+    BadSelector(#[from] shoal_controller_core::selector::SelectorError),
     /// The mode is not `report`, `approve` or `prepare`.
     #[error("{0}")]
     BadMode(String),
@@ -75,7 +75,7 @@ pub enum PolicyError {
     #[error("{0}")]
     BadFilesystem(String),
     /// Neither or both of node and selector were given.
-    #[error("name exactly one of --node ID and --selector KEY=VALUE")]
+    #[error("name exactly one of --node ID and --selector SELECTOR")]
     Target,
     /// There is no policy for this node or selector.
     #[error("there is no drive policy for {0}")]
@@ -969,7 +969,9 @@ mod tests {
             mode: DrivePolicyMode::Approve,
             filesystem: Filesystem::Xfs,
         };
-        let sel = PolicyTarget::Selector("role".into(), "db".into());
+        let sel = PolicyTarget::Selector(shoal_controller_core::selector::Selector::equals(
+            "role", "db",
+        ));
         hub.set_policy(&PolicyRecord {
             target: sel.clone(),
             policy,

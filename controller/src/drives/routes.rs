@@ -144,7 +144,7 @@ pub(crate) async fn self_test_drive(
 pub(crate) fn policy_view(p: &PolicyRecord) -> DrivePolicyView {
     let (node, selector) = match &p.target {
         PolicyTarget::Node(n) => (Some(n.0.clone()), None),
-        PolicyTarget::Selector(k, v) => (None, Some(format!("{k}={v}"))),
+        PolicyTarget::Selector(s) => (None, Some(s.to_string())),
     };
     DrivePolicyView {
         node,
@@ -161,10 +161,7 @@ pub(crate) fn policy_target(
 ) -> Result<PolicyTarget, PolicyError> {
     match (node, selector) {
         (Some(n), None) => Ok(PolicyTarget::Node(NodeId(n))),
-        (None, Some(s)) => {
-            let (k, v) = parse_selector(&s).map_err(|_| PolicyError::BadSelector(s.clone()))?;
-            Ok(PolicyTarget::Selector(k, v))
-        }
+        (None, Some(s)) => Ok(PolicyTarget::Selector(parse_selector(&s)?)),
         _ => Err(PolicyError::Target),
     }
 }

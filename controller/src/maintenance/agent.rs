@@ -406,7 +406,9 @@ mod tests {
         pump(&ctl, &mut notices);
         ctl.start_rollout(StartRequest {
             target: Target::Agent(NEW.into()),
-            selector: Some(("role".into(), "w".into())),
+            selector: Some(shoal_controller_core::selector::Selector::equals(
+                "role", "w",
+            )),
             max_unavailable: 1,
             max_failures: 5,
             window: None,

@@ -55,7 +55,7 @@ use shoal_controller_core::rollout::{
     Action, Budget, Command, Event, Failure, Fleet, NodePhase, Observed, ReportedHealth, Rollout,
     RolloutError, RolloutSpec, RolloutState, Target,
 };
-use shoal_controller_core::selector::{parse_selector, selector_matches, selector_text};
+use shoal_controller_core::selector::{parse_selector, Selector, SelectorError};
 use shoal_controller_core::windows::{AlwaysOpen, Window, WindowCheck, WindowError, WindowRecord};
 
 pub mod actions;
@@ -234,9 +234,9 @@ pub enum MaintError {
         /// The rollout.
         rollout: String,
     },
-    /// The selector is not `KEY=VALUE`.
-    #[error("selector {0:?} is not KEY=VALUE")]
-    BadSelector(String),
+    /// The selector does not parse.
+    #[error(transparent)]
+    BadSelector(#[from] SelectorError),
     /// No budget for this selector.
     #[error("there is no disruption budget for {0}")]
     UnknownBudget(String),
@@ -534,12 +534,12 @@ impl Maintenance {
         max_unavailable: u32,
         now: UnixMillis,
     ) -> Result<Budget, MaintError> {
-        let selector =
-            parse_selector(selector).map_err(|_| MaintError::BadSelector(selector.to_owned()))?;
+        let selector = parse_selector(selector)?;
         if max_unavailable == 0 {
             return Err(MaintError::ZeroBudget);
         }
-        let key = selector_text(&selector);
+        // Canonical text: the key a budget of the old `KEY=VALUE` form has too.
+        let key = selector.to_string();
         let budget = Budget {
             selector,
             max_unavailable,
@@ -563,9 +563,7 @@ impl Maintenance {
 
     /// Deletes a budget, with a `budget_deleted` event.
     pub fn delete_budget(&self, selector: &str, now: UnixMillis) -> Result<Budget, MaintError> {
-        let sel =
-            parse_selector(selector).map_err(|_| MaintError::BadSelector(selector.to_owned()))?;
-        let key = selector_text(&sel);
+        let key = parse_selector(selector)?.to_string();
         let old: Budget = match self.budgets.get(key.as_bytes())? {
             Some(v) => decode(BUDGETS, key.as_bytes(), &v)?,
             None => return Err(MaintError::UnknownBudget(key)),
@@ -793,7 +791,7 @@ pub struct StartRequest {
     /// What to install.
     pub target: Target,
     /// Which nodes (all, without one).
-    pub selector: Option<(String, String)>,
+    pub selector: Option<Selector>,
     /// N.
     pub max_unavailable: u32,
     /// K.
@@ -852,11 +850,7 @@ impl Controller {
             .store
             .nodes()?
             .into_iter()
-            .filter(|n| {
-                req.selector
-                    .as_ref()
-                    .is_none_or(|(k, v)| selector_matches(k, v, &n.labels))
-            })
+            .filter(|n| req.selector.as_ref().is_none_or(|s| s.matches(&n.labels)))
             .collect();
         if let Some(name) = &req.window {
             let w = m
@@ -948,7 +942,7 @@ impl Controller {
             "rollout {id} started: {} on {} node(s){}, max {} unavailable, pause after {} failure(s), {}{}",
             req.target,
             rollout.nodes().len(),
-            req.selector.as_ref().map(|s| format!(" matching {}", selector_text(s))).unwrap_or_default(),
+            req.selector.as_ref().map(|s| format!(" matching {s}")).unwrap_or_default(),
             req.max_unavailable,
             req.max_failures,
             req.window.as_ref().map(|w| format!("in window {w}")).unwrap_or_else(|| "now".into()),

@@ -1,7 +1,7 @@
 //! Maintenance routes of the admin API (behind the same bearer authentication):
 //!
 //! - `GET/POST /v1/windows`, `DELETE /v1/windows/{name}`;
-//! - `GET/POST /v1/budgets`, `DELETE /v1/budgets/{selector}` (`KEY=VALUE` as one path segment);
+//! - `GET/POST /v1/budgets`, `DELETE /v1/budgets/{selector}` (the selector as one percent-encoded path segment);
 //! - `GET/POST /v1/rollouts`, `GET /v1/rollouts/{id}` (`current`: the newest unfinished one), `POST
 //!   /v1/rollouts/{id}/pause|resume|abort`, `POST /v1/rollouts/{id}/retry` (body `{"node": ID}`). A
 //!   maintenance run (`shoalctl maintenance run`) is a rollout whose body names an `action`.
@@ -26,7 +26,7 @@ use crate::server::Controller;
 use shoal_controller_core::rollout::{
     Command, NodePhase, Rollout, RolloutError, RolloutState, SkipReason, Target, Waiting,
 };
-use shoal_controller_core::selector::{parse_selector, selector_matches, selector_text};
+use shoal_controller_core::selector::{parse_selector, Selector};
 use shoal_controller_core::time::rfc3339_ms as rfc3339;
 use shoal_controller_core::windows::{Window, WindowError};
 
@@ -142,11 +142,11 @@ fn budget_views(ctl: &Controller) -> Result<Vec<BudgetView>, Failure> {
         .budgets()?
         .iter()
         .map(|b| BudgetView {
-            selector: selector_text(&b.selector),
+            selector: b.selector.to_string(),
             max_unavailable: b.max_unavailable,
             nodes: nodes
                 .iter()
-                .filter(|n| selector_matches(&b.selector.0, &b.selector.1, &n.labels))
+                .filter(|n| b.selector.matches(&n.labels))
                 .count(),
         })
         .collect())
@@ -164,7 +164,7 @@ async fn set_budget(
         let b =
             ctl.maint
                 .set_budget(&req.selector, req.max_unavailable, ctl.maint.clock().now())?;
-        let key = selector_text(&b.selector);
+        let key = b.selector.to_string();
         budget_views(&ctl)?
             .into_iter()
             .find(|v| v.selector == key)
@@ -317,7 +317,7 @@ pub fn rollout_view(r: &Rollout, hostnames: &BTreeMap<NodeId, String>) -> Rollou
         reason,
         finished: r.is_finished(),
         created_at: rfc3339(r.created_at().0),
-        selector: spec.selector.as_ref().map(selector_text),
+        selector: spec.selector.as_ref().map(Selector::to_string),
         window: spec.window.clone(),
         max_unavailable: spec.max_unavailable,
         max_failures: spec.max_failures,
@@ -396,7 +396,7 @@ async fn start_rollout(
         };
         let selector = req
             .selector
-            .map(|s| parse_selector(&s).map_err(|_| MaintError::BadSelector(s.clone())))
+            .map(|s| parse_selector(&s).map_err(MaintError::from))
             .transpose()?;
         let r = ctl.start_rollout(StartRequest {
             target,

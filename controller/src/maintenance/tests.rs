@@ -577,7 +577,7 @@ fn windows_budgets_and_rollouts_over_the_admin_api() {
         api_status(client.post::<BudgetView>(
             "/v1/budgets",
             &SetBudget {
-                selector: "role".into(),
+                selector: "role in ()".into(),
                 max_unavailable: 1
             }
         ))

@@ -8,7 +8,8 @@
 //!   `--overlay-mtu` is applied. `default` cannot be deleted and its members cannot be changed by
 //!   hand.
 //! - A node is a member of a network because an operator added it (`explicit`), because one of the
-//!   network's selectors (`KEY=VALUE`, any of them) matches its labels (`via_selector`), or both.
+//!   network's selectors (label selectors, any of them) matches its labels (`via_selector`), or
+//!   both; a node whose labels change joins and leaves at once (`join_networks`).
 //!   Removing a node that is there through a selector is refused with the selector named: remove
 //!   the selector first (there is no per-node exclusion list). Removing a selector drops the
 //!   members that were there only through it.
@@ -43,7 +44,7 @@ use shoal_controller_core::networks::{
     NetworkSnapshot, NodeOverlay, OverlaySnapshot, Reconciled, Subnet, SubnetError,
     DEFAULT_NETWORK, DEFAULT_OVERLAY_MTU, MAX_MTU, MIN_MTU,
 };
-use shoal_controller_core::selector::{selector_text, valid_name, BadSelector};
+use shoal_controller_core::selector::{valid_name, Selector, SelectorError};
 
 use crate::{
     registry::store::NODES, server::Controller, store::abort, store::decode, store::encode,
@@ -117,15 +118,15 @@ pub enum NetworkError {
     /// `default`'s members and selectors are not operator-managed.
     #[error("every node is a member of the default network; its members and selectors cannot be changed")]
     DefaultFixed,
-    /// Not `KEY=VALUE` with a non-empty key.
+    /// The selector does not parse.
     #[error(transparent)]
-    BadSelector(#[from] BadSelector),
+    BadSelector(#[from] SelectorError),
     /// The network has no such selector.
     #[error("network {network} has no selector {selector}")]
     UnknownSelector {
         /// The network.
         network: String,
-        /// The selector, `KEY=VALUE`.
+        /// The selector, canonical text.
         selector: String,
     },
     /// The node is not a member.
@@ -146,7 +147,7 @@ pub enum NetworkError {
         network: String,
         /// The node.
         node: NodeId,
-        /// The matching selectors, `KEY=VALUE`, comma-separated.
+        /// The matching selectors, canonical text, separated by `; `.
         selectors: String,
     },
 }
@@ -855,13 +856,13 @@ impl Store {
                 let selectors: Vec<String> = rec
                     .selectors
                     .iter()
-                    .filter(|(k, v)| labels.get(k) == Some(v))
-                    .map(selector_text)
+                    .filter(|s| s.matches(&labels))
+                    .map(Selector::to_string)
                     .collect();
                 return Err(NetworkError::ThroughSelector {
                     network: name.to_owned(),
                     node: node.clone(),
-                    selectors: selectors.join(","),
+                    selectors: selectors.join("; "),
                 });
             }
             work.leave(rec.id, node)?;
@@ -879,21 +880,14 @@ impl Store {
         })
     }
 
-    /// Adds a `key=value` selector and, at once, every node whose labels it matches. Adding a
-    /// selector the network already has changes nothing.
+    /// Adds a selector and, at once, every node whose labels it matches. Adding a selector the
+    /// network already has changes nothing.
     pub fn add_selector(
         &self,
         name: &str,
-        key: &str,
-        value: &str,
+        selector: &Selector,
         now: UnixMillis,
     ) -> Result<Vec<MembershipChange>, NetworkError> {
-        let selector = (key.to_owned(), value.to_owned());
-        if key.is_empty() {
-            return Err(NetworkError::BadSelector(BadSelector(selector_text(
-                &selector,
-            ))));
-        }
         self.overlay_retry(|| {
             let _guard = self.overlay_guard();
             let mut work = Work::new(self)?;
@@ -901,7 +895,7 @@ impl Store {
             if rec.is_default() {
                 return Err(NetworkError::DefaultFixed);
             }
-            if rec.selectors.contains(&selector) {
+            if rec.selectors.contains(selector) {
                 return Ok(Vec::new());
             }
             rec.selectors.push(selector.clone());
@@ -909,7 +903,7 @@ impl Store {
             work.networks.insert(rec.id, rec.clone());
             let mut joined = 0usize;
             for node in self.nodes()? {
-                if node.labels.get(key).map(String::as_str) != Some(value) {
+                if !selector.matches(&node.labels) {
                     continue;
                 }
                 match work.members(rec.id)?.get(&node.id).cloned() {
@@ -924,7 +918,7 @@ impl Store {
                     }
                 }
             }
-            let text = selector_text(&selector);
+            let text = selector.to_string();
             work.event(
                 EventKind::Overlay(OverlayEvent::NetworkChanged),
                 None,
@@ -940,11 +934,9 @@ impl Store {
     pub fn remove_selector(
         &self,
         name: &str,
-        key: &str,
-        value: &str,
+        selector: &Selector,
         now: UnixMillis,
     ) -> Result<Vec<MembershipChange>, NetworkError> {
-        let selector = (key.to_owned(), value.to_owned());
         self.overlay_retry(|| {
             let _guard = self.overlay_guard();
             let mut work = Work::new(self)?;
@@ -952,13 +944,13 @@ impl Store {
             if rec.is_default() {
                 return Err(NetworkError::DefaultFixed);
             }
-            if !rec.selectors.contains(&selector) {
+            if !rec.selectors.contains(selector) {
                 return Err(NetworkError::UnknownSelector {
                     network: name.to_owned(),
-                    selector: selector_text(&selector),
+                    selector: selector.to_string(),
                 });
             }
-            rec.selectors.retain(|s| *s != selector);
+            rec.selectors.retain(|s| s != selector);
             work.plan.networks.insert(rec.id, Some(rec.clone()));
             work.networks.insert(rec.id, rec.clone());
             let selected: Vec<MemberRecord> = work
@@ -983,7 +975,7 @@ impl Store {
                     left += 1;
                 }
             }
-            let text = selector_text(&selector);
+            let text = selector.to_string();
             work.event(
                 EventKind::Overlay(OverlayEvent::NetworkChanged),
                 None,
@@ -995,8 +987,9 @@ impl Store {
         })
     }
 
-    /// Brings a node's memberships in line with its labels, after (re-)enrolment: it joins
-    /// `default` and every network with a matching selector, and gets its peer index.
+    /// Brings a node's memberships in line with its labels, after (re-)enrolment or a label
+    /// change: it joins `default` and every network with a matching selector, leaves the ones no
+    /// selector (or operator) keeps it in, and gets its peer index.
     pub fn join_networks(&self, node: &NodeId) -> Result<Vec<MembershipChange>, NetworkError> {
         self.overlay_retry(|| {
             let _guard = self.overlay_guard();
@@ -1358,6 +1351,93 @@ mod tests {
     }
 
     #[test]
+    fn a_label_change_moves_the_node_in_and_out_of_selected_networks() {
+        use shoal_controller_core::labels::LabelChange;
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store
+            .create_network("db", subnet("10.91.0.0/24"), None, T0)
+            .unwrap();
+        let multi: Selector = "role=db,zone in (a,b)".parse().unwrap();
+        store.add_selector("db", &multi, T0).unwrap();
+        let n = enrol(&store, "n1", &[("role", "db")]);
+        assert!(member(&store, "db", &n).is_none(), "no zone yet");
+        let label = |set: &[(&str, &str)], remove: &[&str]| {
+            let change = LabelChange {
+                set: set
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                remove: remove.iter().map(|k| k.to_string()).collect(),
+                overwrite: true,
+            };
+            store.change_labels(&n, &change, T0).unwrap().unwrap();
+            store.join_networks(&n).unwrap()
+        };
+        let changes = label(&[("zone", "b")], &[]);
+        assert!(
+            matches!(changes.as_slice(), [MembershipChange::Joined { node, .. }] if *node == n),
+            "{changes:?}"
+        );
+        assert!(member(&store, "db", &n).unwrap().via_selector);
+        let changes = label(&[], &["zone"]);
+        assert!(
+            matches!(changes.as_slice(), [MembershipChange::Left { node, .. }] if *node == n),
+            "{changes:?}"
+        );
+        assert!(member(&store, "db", &n).is_none());
+        assert!(member(&store, "default", &n).is_some(), "default stays");
+    }
+
+    /// A fleet upgraded in place: the `networks` table holds a record written before multi-term
+    /// selectors, its selectors as `(key, value)` pairs.
+    #[test]
+    fn a_network_record_of_the_old_encoding_keeps_working() {
+        #[derive(serde::Serialize)]
+        struct OldNetworkRecord {
+            id: NetworkId,
+            name: String,
+            subnet: Ipv4Addr,
+            prefix_len: u8,
+            mtu: u16,
+            selectors: Vec<(String, String)>,
+            created_at: UnixMillis,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let old = OldNetworkRecord {
+            id: NetworkId(7),
+            name: "legacy".into(),
+            subnet: Ipv4Addr::new(10, 77, 0, 0),
+            prefix_len: 24,
+            mtu: 1380,
+            selectors: vec![("role".into(), "db".into())],
+            created_at: T0,
+        };
+        let bytes = postcard::to_allocvec(&old).unwrap();
+        store
+            .table(NETWORKS)
+            .insert(&7u32.to_be_bytes()[..], bytes.as_slice())
+            .unwrap();
+        let rec = store.network_by_name("legacy").unwrap().unwrap();
+        assert_eq!(rec.selectors, vec![Selector::equals("role", "db")]);
+        let n = enrol(&store, "n1", &[("role", "db")]);
+        assert!(member(&store, "legacy", &n).unwrap().via_selector);
+        // Selectors are added and removed beside the old one, and the old one by its text.
+        let multi: Selector = "role=db,!spot".parse().unwrap();
+        store.add_selector("legacy", &multi, T0).unwrap();
+        store
+            .remove_selector("legacy", &"role=db".parse().unwrap(), T0)
+            .unwrap();
+        assert!(
+            member(&store, "legacy", &n).unwrap().via_selector,
+            "multi still matches"
+        );
+        let rec = store.network_by_name("legacy").unwrap().unwrap();
+        assert_eq!(rec.selectors, vec![multi]);
+    }
+
+    #[test]
     fn selectors_add_matching_nodes_now_and_later_and_removal_drops_only_theirs() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
@@ -1371,7 +1451,7 @@ mod tests {
         store.add_member("storage", &web, T0).unwrap();
 
         let changes = store
-            .add_selector("storage", "role", "storage", T0)
+            .add_selector("storage", &Selector::equals("role", "storage"), T0)
             .unwrap();
         assert_eq!(
             changes.len(),
@@ -1379,7 +1459,7 @@ mod tests {
             "only s1 joins; both was already a member: {changes:?}"
         );
         assert!(store
-            .add_selector("storage", "role", "storage", T0)
+            .add_selector("storage", &Selector::equals("role", "storage"), T0)
             .unwrap()
             .is_empty());
         let s2 = enrol(&store, "s2", &[("role", "storage")]);
@@ -1397,12 +1477,12 @@ mod tests {
             "{err}"
         );
         assert!(matches!(
-            store.remove_selector("storage", "role", "nope", T0),
+            store.remove_selector("storage", &Selector::equals("role", "nope"), T0),
             Err(NetworkError::UnknownSelector { .. })
         ));
 
         let changes = store
-            .remove_selector("storage", "role", "storage", T0)
+            .remove_selector("storage", &Selector::equals("role", "storage"), T0)
             .unwrap();
         let mut left: Vec<NodeId> = changes
             .iter()

@@ -21,7 +21,7 @@ use shoal_api::networks::NetworkDetail;
 use shoal_api::networks::NetworkUpdate;
 use shoal_api::networks::NetworkView;
 use shoal_controller_core::networks::{MemberRecord, MembershipChange, NetworkRecord, Subnet};
-use shoal_controller_core::selector::parse_selector;
+use shoal_controller_core::selector::{parse_selector, Selector};
 use shoal_controller_core::time::rfc3339_ms as rfc3339;
 
 use crate::http::{blocking, Ctl, HttpError};
@@ -112,11 +112,7 @@ pub(crate) fn network_view(rec: &NetworkRecord, members: usize) -> NetworkView {
         name: rec.name.clone(),
         subnet: rec.subnet().to_string(),
         mtu: rec.mtu,
-        selectors: rec
-            .selectors
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect(),
+        selectors: rec.selectors.iter().map(Selector::to_string).collect(),
         members,
         created_at: rfc3339(rec.created_at.0),
     }
@@ -256,15 +252,15 @@ pub(crate) async fn delete_network(
 /// Who a member request names.
 pub(crate) enum Who {
     Node(NodeId),
-    Selector(String, String),
+    Selector(Selector),
 }
 
 pub(crate) fn who(spec: MemberSpec) -> Result<Who, HttpError> {
     match (spec.node, spec.selector) {
         (Some(node), None) => Ok(Who::Node(NodeId(node))),
         (None, Some(selector)) => {
-            let (k, v) = parse_selector(&selector).map_err(NetworkError::from)?;
-            Ok(Who::Selector(k, v))
+            let selector = parse_selector(&selector).map_err(NetworkError::from)?;
+            Ok(Who::Selector(selector))
         }
         _ => Err(HttpError(
             StatusCode::BAD_REQUEST,
@@ -281,7 +277,7 @@ pub(crate) async fn add_member(
     blocking(move || {
         let changes = match who(spec)? {
             Who::Node(node) => ctl.store.add_member(&name, &node, now_ms())?.1,
-            Who::Selector(k, v) => ctl.store.add_selector(&name, &k, &v, now_ms())?,
+            Who::Selector(s) => ctl.store.add_selector(&name, &s, now_ms())?,
         };
         Ok(Json(network_update(&ctl, &name, changes)?))
     })
@@ -303,7 +299,7 @@ pub(crate) async fn remove_member(
     blocking(move || {
         let changes = match who(spec)? {
             Who::Node(node) => ctl.store.remove_member(&name, &node, now_ms())?,
-            Who::Selector(k, v) => ctl.store.remove_selector(&name, &k, &v, now_ms())?,
+            Who::Selector(s) => ctl.store.remove_selector(&name, &s, now_ms())?,
         };
         Ok(Json(network_update(&ctl, &name, changes)?))
     })

@@ -177,14 +177,9 @@ pub(crate) fn enrol(
         })?;
     let node = enrolment.node;
     if !enrolment.replay {
-        match controller.store.join_networks(&node.id) {
-            Ok(changes) => controller.membership_changed(changes),
-            Err(e) => {
-                warn!(node = %node.id, cause = %e, "enrolled node could not join its overlay networks")
-            }
-        }
-        // Re-enrolment merges the token's labels: a connected agent's drive policy may follow them.
-        controller.push_drive_policies(Some(std::slice::from_ref(&node.id)));
+        // A new node joins its networks; a re-enrolment merged the token's labels, which
+        // networks, drive policies and the drivers follow.
+        crate::registry::labels::follow(controller, &node.id);
         if enrolment.proof.is_some() {
             // Peers must stop trusting the key the record had before.
             if let Err(e) = controller

@@ -5,6 +5,7 @@ pub mod ca;
 pub mod enrol;
 pub mod identity;
 pub mod identity_store;
+pub mod labels;
 pub mod messages;
 pub mod routes;
 pub mod store;

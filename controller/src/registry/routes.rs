@@ -13,17 +13,20 @@ use shoal_overlay::pki;
 use shoal_proto::{JoinToken, NodeId, UnixMillis};
 use tracing::info;
 
+use crate::registry::store::LabelsError;
 use crate::{server::now_ms, server::Controller, store::StoreError};
 use shoal_api::events::EventView;
-use shoal_api::nodes::NodeView;
 use shoal_api::nodes::OverlayAddressView;
+use shoal_api::nodes::{LabelNode, LabelsChanged, NodeView};
 use shoal_api::tokens::CreateToken;
 use shoal_api::tokens::CreatedToken;
 use shoal_api::tokens::TokenView;
+use shoal_controller_core::labels::{LabelChange, LabelChangeError};
 use shoal_controller_core::networks::NetworkRecord;
 use shoal_controller_core::registry::NodeRecord;
 use shoal_controller_core::registry::NodeStatus;
 use shoal_controller_core::registry::TokenRecord;
+use shoal_controller_core::selector::{parse_selector, SelectorError};
 use shoal_controller_core::time::rfc3339_ms as rfc3339;
 
 use crate::http::{blocking, not_found, Ctl, HttpError};
@@ -35,6 +38,7 @@ pub fn routes() -> Router<Ctl> {
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(show_node).delete(remove_node))
+        .route("/v1/nodes/{id}/labels", axum::routing::post(label_node))
         .route("/v1/events", get(list_events))
 }
 
@@ -78,6 +82,9 @@ pub(crate) async fn create_token(
             "--uses must be at least 1".into(),
         ));
     }
+    // The labels nodes will carry: the same rules as `nodes label`.
+    shoal_controller_core::labels::check_labels(&req.labels)
+        .map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?;
     blocking(move || {
         let now = now_ms();
         let token = JoinToken {
@@ -209,8 +216,77 @@ pub(crate) fn all_nodes(ctl: &Controller) -> Result<Vec<NodeView>, HttpError> {
         .collect())
 }
 
-pub(crate) async fn list_nodes(State(ctl): State<Ctl>) -> Result<Json<Vec<NodeView>>, HttpError> {
-    blocking(move || Ok(Json(all_nodes(&ctl)?))).await
+impl From<SelectorError> for HttpError {
+    fn from(e: SelectorError) -> Self {
+        HttpError(StatusCode::BAD_REQUEST, e.to_string())
+    }
+}
+
+impl From<LabelsError> for HttpError {
+    fn from(e: LabelsError) -> Self {
+        match e {
+            LabelsError::Store(e) => e.into(),
+            LabelsError::Refused(e @ LabelChangeError::Exists { .. }) => {
+                HttpError(StatusCode::CONFLICT, e.to_string())
+            }
+            LabelsError::Refused(e) => HttpError(StatusCode::BAD_REQUEST, e.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct NodesQuery {
+    /// A label selector: only the nodes it matches.
+    selector: Option<String>,
+}
+
+pub(crate) async fn list_nodes(
+    State(ctl): State<Ctl>,
+    Query(q): Query<NodesQuery>,
+) -> Result<Json<Vec<NodeView>>, HttpError> {
+    // Refused before any store work: the selector is bounded by its parser.
+    let selector = q.selector.as_deref().map(parse_selector).transpose()?;
+    blocking(move || {
+        let mut nodes = all_nodes(&ctl)?;
+        if let Some(s) = selector {
+            nodes.retain(|n| s.matches(&n.labels));
+        }
+        Ok(Json(nodes))
+    })
+    .await
+}
+
+/// `POST /v1/nodes/{id}/labels`: changes the labels in the store (with an event), then makes
+/// everything that selects by labels follow at once.
+pub(crate) async fn label_node(
+    State(ctl): State<Ctl>,
+    Path(id): Path<String>,
+    Json(req): Json<LabelNode>,
+) -> Result<Json<LabelsChanged>, HttpError> {
+    blocking(move || {
+        let node = NodeId(id.clone());
+        let change = LabelChange {
+            set: req.set,
+            remove: req.remove.into_iter().collect(),
+            overwrite: req.overwrite,
+        };
+        let (rec, edits) = ctl
+            .store
+            .change_labels(&node, &change, now_ms())?
+            .ok_or_else(|| not_found(&format!("node {id}")))?;
+        let changes: Vec<String> = edits.iter().map(ToString::to_string).collect();
+        if !changes.is_empty() {
+            info!(node = %node, changes = %changes.join(", "), "node labels changed");
+            crate::registry::labels::follow(&ctl, &node);
+        }
+        Ok(Json(LabelsChanged {
+            node: rec.id.0,
+            hostname: rec.hostname,
+            changes,
+            labels: rec.labels,
+        }))
+    })
+    .await
 }
 
 pub(crate) async fn show_node(

@@ -26,8 +26,21 @@ use shoal_controller_core::{
         self, Claim, Decision, Existing, IdentityRecord, KeyHash, PendingEnrolment, PendingState,
         Proof, ReenrolGrant, TokenUse,
     },
+    labels::{self, LabelChange, LabelChangeError, LabelEdit},
     registry::{EnrolRefusal, NodeRecord, NodeStatus, TokenBinding, TokenRecord},
 };
+
+/// Why a label change did not happen.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LabelsError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The change breaks a rule ([`labels::apply`]).
+    #[error(transparent)]
+    Refused(LabelChangeError),
+}
 
 pub(crate) const TOKENS: &str = "tokens";
 pub(crate) const TOKEN_BINDINGS: &str = "token_bindings";
@@ -602,6 +615,49 @@ impl Store {
                 Ok(Some(node))
             }
         }
+    }
+
+    /// Changes a node's labels as [`labels::apply`] rules, with a `labels_changed` event naming
+    /// every change, in one transaction; flushed. Returns the record and what changed (nothing
+    /// changed: no write, no event). `None` if no node has this id.
+    pub fn change_labels(
+        &self,
+        id: &NodeId,
+        change: &LabelChange,
+        now: UnixMillis,
+    ) -> Result<Option<(NodeRecord, Vec<LabelEdit>)>, LabelsError> {
+        self.check_space()?;
+        let key = id.0.as_bytes();
+        let result = self.transaction(&[NODES, EVENTS], |tx| {
+            let events = tx.table(EVENTS);
+            let Some(mut node) = tx.get(&NODE_RECORDS, key)? else {
+                return Ok(None);
+            };
+            let edits = labels::apply(&mut node.labels, change)
+                .map_err(|e| TxError::Abort(LabelsError::Refused(e)))?;
+            if edits.is_empty() {
+                return Ok(Some((node, edits, None)));
+            }
+            tx.put(&NODE_RECORDS, key, &node)?;
+            let list: Vec<String> = edits.iter().map(ToString::to_string).collect();
+            let message = format!("labels of {} changed: {}", node.hostname, list.join(", "));
+            let event = self.tx_event::<LabelsError>(
+                &events,
+                EventKind::Registry(RegistryEvent::LabelsChanged),
+                Some(id),
+                &message,
+                now,
+            )?;
+            events.flush();
+            Ok(Some((node, edits, Some(event.seq))))
+        })?;
+        let Some((node, edits, seq)) = result else {
+            return Ok(None);
+        };
+        if let Some(seq) = seq {
+            self.after_event(seq)?;
+        }
+        Ok(Some((node, edits)))
     }
 
     /// When a node id was removed (so a still-valid certificate for it is refused).

@@ -459,6 +459,21 @@ impl EtcdBackend {
         Err(Failure::Unavailable(format!("no member answers: {last}")))
     }
 
+    /// A read at a revision a linearizable read already returned: that revision's data cannot
+    /// change, so any member that has applied it may answer (serializable, no round of the
+    /// leader with its quorum). A member behind it, or any other failure, falls back to
+    /// [`EtcdBackend::read_raw`].
+    fn read_at_known_revision(&self, range: Range) -> Result<GetResponse, Failure> {
+        debug_assert!(range.revision > 0);
+        let mut kv = self.client.kv_client();
+        let r = range.clone();
+        match self.call(async move { kv.get(r.key.clone(), Some(r.options(true))).await }) {
+            Ok(response) => Ok(response),
+            Err(Failure::Compacted) => Err(Failure::Compacted),
+            Err(_) => self.read_raw(range),
+        }
+    }
+
     fn read(&self, range: Range) -> Result<GetResponse, StoreError> {
         self.read_raw(range).map_err(|f| self.failure(f))
     }
@@ -691,7 +706,14 @@ impl Txn for EtcdTxn<'_> {
         }
         let mut range = Range::one(full.clone());
         range.revision = self.revision.get();
-        let response = match self.backend.read_raw(range) {
+        // The attempt's first read is linearizable and fixes its revision; the others read that
+        // revision's data, which no longer changes, from whichever member answers first.
+        let read = if range.revision > 0 {
+            self.backend.read_at_known_revision(range)
+        } else {
+            self.backend.read_raw(range)
+        };
+        let response = match read {
             Ok(r) => r,
             Err(Failure::Compacted) => return Err(TxFail::Conflict),
             Err(f) => return Err(TxFail::Storage(self.backend.failure(f))),

@@ -2,13 +2,13 @@
 //! which filesystem prepared drives get. Sans-IO: the records and the rule that picks a node's
 //! policy; the store and the pushing to agents are in [`crate::drive_hub`].
 //!
-//! A policy is set for one node (`--node ID`) or for a label selector (`--selector KEY=VALUE`,
-//! matched like overlay network selectors, [`crate::networks::parse_selector`]). A node's effective
+//! A policy is set for one node (`--node ID`) or for a label selector (`--selector SELECTOR`,
+//! matched like overlay network selectors, [`crate::selector`]). A node's effective
 //! policy:
 //! 1. its node policy, if it has one: the operator said exactly what this machine does;
 //! 2. else, among the selector policies matching its labels, the most cautious mode (`report` <
 //!    `approve` < `prepare`), so a node that is in two groups never erases a drive because one of
-//!    the groups allows it; on a tie, the policy whose selector sorts first (`KEY=VALUE` text)
+//!    the groups allows it; on a tie, the policy whose selector sorts first (canonical text)
 //!    gives the filesystem;
 //! 3. else the default: `report`, `ext4`.
 
@@ -17,23 +17,25 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use shoal_proto::{DrivePolicy, NodeId, UnixMillis};
 
-use crate::selector::selector_matches;
+use crate::selector::Selector;
 
 /// Whom a policy is for.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum PolicyTarget {
     /// One node.
     Node(NodeId),
-    /// Every node whose labels have `KEY=VALUE`.
-    Selector(String, String),
+    /// Every node whose labels the selector matches (stored in its compatible form: a record
+    /// of the old `KEY=VALUE` form reads unchanged).
+    Selector(Selector),
 }
 
 impl PolicyTarget {
-    /// The key in the `drive_policies` tree: `node:ID` or `selector:KEY=VALUE`.
+    /// The key in the `drive_policies` tree: `node:ID` or `selector:CANONICAL-TEXT` (for a
+    /// `KEY=VALUE` selector the key it always had).
     pub fn key(&self) -> String {
         match self {
             PolicyTarget::Node(n) => format!("node:{n}"),
-            PolicyTarget::Selector(k, v) => format!("selector:{k}={v}"),
+            PolicyTarget::Selector(s) => format!("selector:{s}"),
         }
     }
 }
@@ -42,7 +44,7 @@ impl std::fmt::Display for PolicyTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PolicyTarget::Node(n) => write!(f, "node {n}"),
-            PolicyTarget::Selector(k, v) => write!(f, "selector {k}={v}"),
+            PolicyTarget::Selector(s) => write!(f, "selector {s}"),
         }
     }
 }
@@ -64,7 +66,7 @@ pub enum PolicySource {
     /// The node's own policy.
     Node,
     /// A selector policy (the most cautious matching one).
-    Selector(String, String),
+    Selector(Selector),
     /// No policy applies: `report`, `ext4`.
     Default,
 }
@@ -73,7 +75,7 @@ impl std::fmt::Display for PolicySource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PolicySource::Node => f.write_str("node"),
-            PolicySource::Selector(k, v) => write!(f, "selector {k}={v}"),
+            PolicySource::Selector(s) => write!(f, "selector {s}"),
             PolicySource::Default => f.write_str("default"),
         }
     }
@@ -94,19 +96,16 @@ pub fn resolve(
     policies
         .iter()
         .filter_map(|p| match &p.target {
-            PolicyTarget::Selector(k, v) if selector_matches(k, v, labels) => {
-                Some((p.policy, k, v))
-            }
+            PolicyTarget::Selector(s) if s.matches(labels) => Some((p.policy, s)),
             _ => None,
         })
-        .min_by(|a, b| {
-            (a.0.mode, format!("{}={}", a.1, a.2)).cmp(&(b.0.mode, format!("{}={}", b.1, b.2)))
-        })
-        .map(|(policy, k, v)| (policy, PolicySource::Selector(k.clone(), v.clone())))
+        .min_by(|a, b| (a.0.mode, a.1.to_string()).cmp(&(b.0.mode, b.1.to_string())))
+        .map(|(policy, s)| (policy, PolicySource::Selector(s.clone())))
         .unwrap_or((DrivePolicy::default(), PolicySource::Default))
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use shoal_proto::{DrivePolicyMode as Mode, Filesystem};
@@ -120,7 +119,7 @@ mod tests {
     }
 
     fn sel(k: &str, v: &str) -> PolicyTarget {
-        PolicyTarget::Selector(k.into(), v.into())
+        PolicyTarget::Selector(Selector::equals(k, v))
     }
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -191,7 +190,7 @@ mod tests {
                     mode: Mode::Approve,
                     filesystem: Filesystem::Xfs
                 },
-                PolicySource::Selector("role".into(), "db".into())
+                PolicySource::Selector(Selector::equals("role", "db"))
             )
         );
         assert_eq!(resolve(&n, &l, &policies).1.to_string(), "selector role=db");
@@ -214,9 +213,79 @@ mod tests {
             (policy.filesystem, source),
             (
                 Filesystem::Xfs,
-                PolicySource::Selector("aa".into(), "1".into())
+                PolicySource::Selector(Selector::equals("aa", "1"))
             )
         );
+    }
+
+    #[test]
+    fn multi_term_selectors_pick_nodes() {
+        let n = NodeId("n1".into());
+        let multi: Selector = "role=db,zone in (a,b),!spot".parse().unwrap();
+        let policies = [rec(
+            PolicyTarget::Selector(multi.clone()),
+            Mode::Approve,
+            Filesystem::Xfs,
+        )];
+        let source = |l: &[(&str, &str)]| resolve(&n, &labels(l), &policies).1;
+        assert_eq!(
+            source(&[("role", "db"), ("zone", "b")]),
+            PolicySource::Selector(multi.clone())
+        );
+        assert_eq!(
+            source(&[("role", "db"), ("zone", "c")]),
+            PolicySource::Default
+        );
+        assert_eq!(
+            source(&[("role", "db"), ("zone", "a"), ("spot", "")]),
+            PolicySource::Default
+        );
+        assert_eq!(
+            PolicyTarget::Selector(multi).key(),
+            "selector:role=db,!spot,zone in (a,b)"
+        );
+    }
+
+    #[test]
+    fn policy_records_of_the_old_encoding_read() {
+        /// The record as stored before multi-term selectors.
+        #[derive(Serialize)]
+        enum OldTarget {
+            #[allow(dead_code)]
+            Node(NodeId),
+            Selector(String, String),
+        }
+        #[derive(Serialize)]
+        struct OldRecord {
+            target: OldTarget,
+            policy: DrivePolicy,
+            set_at: UnixMillis,
+        }
+        let old = OldRecord {
+            target: OldTarget::Selector("role".into(), "db".into()),
+            policy: DrivePolicy {
+                mode: Mode::Prepare,
+                filesystem: Filesystem::Xfs,
+            },
+            set_at: UnixMillis(7),
+        };
+        let bytes = postcard::to_allocvec(&old).unwrap();
+        let new: PolicyRecord = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(
+            new,
+            rec(sel("role", "db"), Mode::Prepare, Filesystem::Xfs).with_set_at(7)
+        );
+        assert_eq!(new.target.key(), "selector:role=db");
+        assert_eq!(postcard::to_allocvec(&new).unwrap(), bytes);
+    }
+
+    impl PolicyRecord {
+        fn with_set_at(self, at: u64) -> PolicyRecord {
+            PolicyRecord {
+                set_at: UnixMillis(at),
+                ..self
+            }
+        }
     }
 
     #[test]

@@ -201,7 +201,7 @@ fn an_etcd_budget_keeps_one_member_down_at_a_time_across_the_fleet() {
         ("w2", &[("role", "worker")]),
     ]);
     let budgets = [Budget {
-        selector: ("role".into(), "etcd".into()),
+        selector: Selector::equals("role", "etcd"),
         max_unavailable: 1,
     }];
     let mut r = rollout(spec(5, 1), &f);
@@ -567,11 +567,11 @@ impl Sim {
         }
         let budgets = vec![
             Budget {
-                selector: ("role".into(), "etcd".into()),
+                selector: Selector::equals("role", "etcd"),
                 max_unavailable: 1,
             },
             Budget {
-                selector: ("zone".into(), "a".into()),
+                selector: Selector::equals("zone", "a"),
                 max_unavailable: rng.random_range(1..4),
             },
         ];
@@ -766,11 +766,11 @@ fn run_random(seed: u64, outages: bool, stats: &mut Stats) {
                 let group = sim
                     .fleet
                     .iter()
-                    .filter(|(_, o)| selector_matches(&b.selector.0, &b.selector.1, &o.labels))
+                    .filter(|(_, o)| b.selector.matches(&o.labels))
                     .map(|(id, _)| id.clone());
-                let started_here = starts.iter().any(|id| {
-                    selector_matches(&b.selector.0, &b.selector.1, &sim.fleet[id].labels)
-                });
+                let started_here = starts
+                    .iter()
+                    .any(|id| b.selector.matches(&sim.fleet[id].labels));
                 let u = sim.unavailable(&r, group);
                 assert!(
                     !started_here || u <= b.max_unavailable,
@@ -1026,7 +1026,7 @@ fn an_action_run_honours_budgets_and_busy_nodes() {
     ]);
     f.get_mut(&n("w1")).expect("w1").busy = true;
     let budgets = [Budget {
-        selector: ("role".into(), "etcd".into()),
+        selector: Selector::equals("role", "etcd"),
         max_unavailable: 1,
     }];
     let mut r = rollout(action_spec(3, 1), &f);
