@@ -237,7 +237,7 @@ impl From<LabelsError> for HttpError {
 #[derive(Debug, Deserialize)]
 pub(crate) struct NodesQuery {
     /// A label selector: only the nodes it matches.
-    selector: Option<String>,
+    pub(crate) selector: Option<String>,
 }
 
 pub(crate) async fn list_nodes(

@@ -353,6 +353,10 @@ mod tests {
         );
         assert!(body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(body.contains("rack=&lt;img src=x&gt;"));
+        // The nodes page takes the API's selector, and its errors.
+        let (status, _, body) = web.get("/ui/nodes?selector=rack%3Dother", Some(&id));
+        assert!(status == 200 && !body.contains("data-node=\"n"), "{body}");
+        assert_eq!(web.get("/ui/nodes?selector=a%3D%3D%3Db", Some(&id)).0, 400);
         let (status, _, body) = web.get(&format!("/ui/nodes/{node}"), Some(&id));
         assert_eq!(status, 200, "{body}");
         assert_eq!(web.get("/ui/nodes/n404", Some(&id)).0, 404);

@@ -25,6 +25,7 @@ use crate::{
     backups::routes::StatusQuery,
     drives::routes::DriveQuery,
     http::{blocking, HttpError},
+    registry::routes::NodesQuery,
     server::now_ms,
 };
 
@@ -98,7 +99,8 @@ fn path_segment(s: &str) -> String {
 }
 
 async fn nodes(ctl: &crate::http::Ctl) -> Result<Vec<NodeView>, HttpError> {
-    Ok(crate::registry::routes::list_nodes(State(ctl.clone()))
+    let all = Query(NodesQuery { selector: None });
+    Ok(crate::registry::routes::list_nodes(State(ctl.clone()), all)
         .await?
         .0)
 }
@@ -302,15 +304,23 @@ pub async fn overview(State(web): State<WebState>) -> Page {
     )
 }
 
-/// `GET /ui/nodes`.
-pub async fn nodes_page(State(web): State<WebState>) -> Page {
-    let list = nodes(&web.ctl).await?;
+/// `GET /ui/nodes`, or `/ui/nodes?selector=KEY=VALUE` for the nodes a selector matches (as
+/// `shoalctl nodes list -l`).
+pub async fn nodes_page(State(web): State<WebState>, Query(q): Query<NodesQuery>) -> Page {
+    let selector = q.selector.clone();
+    let Json(list) = crate::registry::routes::list_nodes(State(web.ctl.clone()), Query(q)).await?;
     let now = now_ms().0;
     render(
         "Nodes",
         "/ui/nodes",
         html! {
-            h1 { "Nodes" small { (list.len()) " in the fleet" } }
+            h1 {
+                "Nodes"
+                small {
+                    (list.len())
+                    @if let Some(sel) = &selector { " matching " span.mono { (sel) } } @else { " in the fleet" }
+                }
+            }
             div.panel {
                 table #nodes {
                     thead { tr {
