@@ -12,6 +12,8 @@
 //! - [`store`]: the storage contract, its sled and etcd implementations, and the event log.
 //! - [`etcd`]: where the etcd cluster of a highly available controller is, and connecting to it.
 //! - [`dr`]: disaster recovery: the controller in one encrypted file, backup and restore.
+//! - [`web`]: the web view: HTML pages of the fleet under `/ui/`, behind a login with the admin
+//!   token.
 //!
 //! [`server`] composes them: the controller's configuration, its shared state and `run`.
 //!
@@ -36,3 +38,4 @@ pub mod sessions;
 pub mod store;
 #[cfg(test)]
 pub(crate) mod test_support;
+pub mod web;

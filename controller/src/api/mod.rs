@@ -114,6 +114,7 @@ pub fn router(controller: Ctl) -> Router {
             controller.clone(),
             authenticate,
         ))
+        .merge(crate::web::routes(controller.clone()))
         .with_state(controller)
 }
 
@@ -148,7 +149,7 @@ async fn refusals(State(ctl): State<Ctl>) -> Json<shoal_api::refusals::RefusalsV
     })
 }
 
-async fn fleet_report(State(ctl): State<Ctl>) -> Result<Json<FleetReport>, HttpError> {
+pub(crate) async fn fleet_report(State(ctl): State<Ctl>) -> Result<Json<FleetReport>, HttpError> {
     blocking(move || {
         let nodes = crate::registry::routes::all_nodes(&ctl)?;
         let drives = ctl.drives.views(None);

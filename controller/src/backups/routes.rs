@@ -442,11 +442,11 @@ async fn restore_job(
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct StatusQuery {
-    job: Option<String>,
-    node: Option<String>,
+    pub(crate) job: Option<String>,
+    pub(crate) node: Option<String>,
 }
 
-async fn list_status(
+pub(crate) async fn list_status(
     State(ctl): State<Ctl>,
     Query(q): Query<StatusQuery>,
 ) -> Result<Json<Vec<BackupStatusView>>, HttpError> {

@@ -349,6 +349,22 @@ impl DriveHub {
         self.book().views(only)
     }
 
+    /// `f` of each SMART sample of the drive a node reports as `device`, oldest first (see
+    /// [`FleetDrives::history`]; at most the history's bound per drive). Mapped under the lock,
+    /// so a chart copies only the figures it draws.
+    pub fn smart_trend<T>(
+        &self,
+        node: &NodeId,
+        device: &str,
+        f: impl FnMut(&shoal_controller_core::drives::SmartSample) -> T,
+    ) -> Vec<T> {
+        self.book()
+            .history(node, device)
+            .into_iter()
+            .map(f)
+            .collect()
+    }
+
     /// All stored policies: node policies, then selector policies, each by key.
     pub fn policies(&self) -> Result<Vec<PolicyRecord>, StoreError> {
         let mut out = Vec::new();

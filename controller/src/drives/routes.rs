@@ -77,7 +77,7 @@ impl From<PolicyError> for HttpError {
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct DriveQuery {
-    node: Option<String>,
+    pub(crate) node: Option<String>,
 }
 
 pub(crate) async fn list_drives(

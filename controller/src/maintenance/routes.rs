@@ -356,7 +356,9 @@ fn hostnames(ctl: &Controller) -> Result<BTreeMap<NodeId, String>, Failure> {
         .collect())
 }
 
-async fn list_rollouts(State(ctl): State<Ctl>) -> Result<Json<Vec<RolloutView>>, Failure> {
+pub(crate) async fn list_rollouts(
+    State(ctl): State<Ctl>,
+) -> Result<Json<Vec<RolloutView>>, Failure> {
     blocking(move || {
         let names = hostnames(&ctl)?;
         Ok(Json(

@@ -237,7 +237,7 @@ impl From<LabelsError> for HttpError {
 #[derive(Debug, Deserialize)]
 pub(crate) struct NodesQuery {
     /// A label selector: only the nodes it matches.
-    selector: Option<String>,
+    pub(crate) selector: Option<String>,
 }
 
 pub(crate) async fn list_nodes(
@@ -336,21 +336,21 @@ pub(crate) async fn list_events(
         let events = ctl
             .store
             .events(q.after, q.limit.unwrap_or(1000).min(10_000))?;
-        Ok(Json(
-            events
-                .into_iter()
-                .map(|e| EventView {
-                    seq: e.seq,
-                    at: rfc3339(e.at.0),
-                    kind: serde_json::to_value(e.kind)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default(),
-                    node: e.node.map(|n| n.0),
-                    message: e.message,
-                })
-                .collect(),
-        ))
+        Ok(Json(events.into_iter().map(event_view).collect()))
     })
     .await
+}
+
+/// An event as the API lists it.
+pub(crate) fn event_view(e: crate::store::Event) -> EventView {
+    EventView {
+        seq: e.seq,
+        at: rfc3339(e.at.0),
+        kind: serde_json::to_value(e.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        node: e.node.map(|n| n.0),
+        message: e.message,
+    }
 }

@@ -753,6 +753,15 @@ impl Store {
         Ok(out)
     }
 
+    /// The newest `limit` events, newest first (the web view's recent events).
+    pub fn recent_events(&self, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.records(&EVENT_RECORDS, Scan::all().rev())?.take(limit) {
+            out.push(item?.1);
+        }
+        Ok(out)
+    }
+
     /// Writes everything buffered to disk.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.inner.backend.flush()

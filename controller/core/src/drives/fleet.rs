@@ -667,8 +667,16 @@ impl FleetDrives {
     /// The latest verdict that applies to a drive: its current SMART report's, or, when the latest
     /// read failed, the last one judged for the same device and serial.
     pub fn verdict(&self, node: &NodeId, drive: &Drive) -> Option<&Judged> {
+        self.judged_entry(node, drive).map(|(_, j)| j)
+    }
+
+    /// The history key and verdict that apply to a drive (see [`FleetDrives::verdict`]).
+    fn judged_entry(&self, node: &NodeId, drive: &Drive) -> Option<(&str, &Judged)> {
         if let Some(SmartOutcome::Report(r)) = &drive.smart {
-            return self.judged.get(&(node.clone(), drive_key(r)));
+            return self
+                .judged
+                .get_key_value(&(node.clone(), drive_key(r)))
+                .map(|((_, key), j)| (key.as_str(), j));
         }
         self.judged
             .iter()
@@ -677,8 +685,21 @@ impl FleetDrives {
                     && j.device == drive.name
                     && (drive.serial.is_none() || j.serial == drive.serial)
             })
-            .map(|(_, j)| j)
-            .max_by_key(|j| j.sample_at)
+            .max_by_key(|(_, j)| j.sample_at)
+            .map(|((_, key), j)| (key.as_str(), j))
+    }
+
+    /// The SMART history of the drive a node reports as `device`, oldest first: the samples the
+    /// verdict was judged against (at most [`HistoryConfig::max_samples`], within its window).
+    /// When the drive's latest read failed, the history of the last drive judged on that device.
+    pub fn history(&self, node: &NodeId, device: &str) -> Vec<&SmartSample> {
+        let Some(drive) = self.drive(node, device) else {
+            return Vec::new();
+        };
+        match self.judged_entry(node, drive) {
+            Some((key, _)) => self.history.samples(node, key).collect(),
+            None => Vec::new(),
+        }
     }
 
     /// How many samples the history keeps for a drive.
@@ -1134,6 +1155,56 @@ mod tests {
 
     fn kinds(changes: &[DriveChange]) -> Vec<EventKind> {
         changes.iter().map(DriveChange::kind).collect()
+    }
+
+    #[test]
+    fn a_drives_history_is_its_samples_oldest_first_bounded_and_kept_through_a_failed_read() {
+        let mut book = FleetDrives::load(
+            FleetDrivesConfig {
+                history: HistoryConfig {
+                    window_ms: 100 * H,
+                    max_samples: 4,
+                },
+                ..Default::default()
+            },
+            vec![],
+            vec![],
+        )
+        .0;
+        assert!(book.history(&node(), "sdb").is_empty(), "no report yet");
+        for hour in 1..=6u64 {
+            let d = with_smart(
+                drive("sdb", Some("S1"), DriveState::Blank),
+                smart(hour, true, None),
+                hour,
+            );
+            book.ingest(&node(), report(vec![d]), UnixMillis(hour * H));
+        }
+        let pending = |h: Vec<&SmartSample>| -> Vec<(u64, Option<u64>)> {
+            h.iter()
+                .map(|s| {
+                    let SmartPredictors::Ata(a) = &s.report.predictors else {
+                        unreachable!()
+                    };
+                    (s.at.0 / H, a.pending_sectors)
+                })
+                .collect()
+        };
+        assert_eq!(
+            pending(book.history(&node(), "sdb")),
+            [(3, Some(3)), (4, Some(4)), (5, Some(5)), (6, Some(6))],
+            "the newest four, oldest first"
+        );
+        assert!(book.history(&node(), "sdc").is_empty(), "no such drive");
+        // The next read fails: the chart still shows the drive's history.
+        let mut failed = drive("sdb", Some("S1"), DriveState::Blank);
+        failed.smart = Some(SmartOutcome::Failed {
+            reason: "smartctl timed out".into(),
+        });
+        book.ingest(&node(), report(vec![failed]), UnixMillis(7 * H));
+        assert_eq!(pending(book.history(&node(), "sdb")).len(), 4);
+        book.forget(&node());
+        assert!(book.history(&node(), "sdb").is_empty());
     }
 
     #[test]

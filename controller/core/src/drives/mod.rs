@@ -397,8 +397,9 @@ fn same_drive(a: &SmartReport, b: &SmartReport) -> bool {
     }
 }
 
-/// The watched counters a report has, with their values.
-fn counters(p: &SmartPredictors) -> Vec<(Counter, u64)> {
+/// The watched counters a report has, with their values (the verdict's rises, and the web view's
+/// trend charts).
+pub fn counters(p: &SmartPredictors) -> Vec<(Counter, u64)> {
     use Counter::*;
     let all: &[Counter] = match p {
         SmartPredictors::Ata(_) => &[Reallocated, Pending, OfflineUncorrectable],
