@@ -12,6 +12,7 @@
 //! - [`store`]: the storage contract, its sled and etcd implementations, and the event log.
 //! - [`etcd`]: where the etcd cluster of a highly available controller is, and connecting to it.
 //! - [`dr`]: disaster recovery: the controller in one encrypted file, backup and restore.
+//! - [`observe`]: `/metrics` (Prometheus), `/healthz` and `/readyz`.
 //!
 //! [`server`] composes them: the controller's configuration, its shared state and `run`.
 //!
@@ -28,6 +29,7 @@ pub mod etcd;
 pub mod http;
 pub mod maintenance;
 pub mod netboot;
+pub mod observe;
 pub mod overlay;
 pub mod registry;
 pub mod releases;

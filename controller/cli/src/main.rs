@@ -26,6 +26,7 @@ use shoal_api::{
     overlay::{OverlayCountersView, PathView},
     report::{DriveAttention, FleetReport},
     tokens::{CreateToken, CreatedToken, TokenView},
+    version::{VersionView, VERSION_PATH},
     AdminClient, AdminConf,
 };
 
@@ -107,6 +108,17 @@ enum Command {
     },
     /// The fleet health report.
     Report {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+        /// Exit with a non-zero status when something needs attention: 16 plus 1 (nodes), 2
+        /// (drives), 4 (backups), 8 (rollouts), added up; 0 when nothing does. 1 stays "could
+        /// not ask", 2 a usage error.
+        #[arg(long)]
+        exit_code: bool,
+    },
+    /// This shoalctl's version and the controller's (when the credentials reach one).
+    Version {
         /// Output format.
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
@@ -431,7 +443,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             // API errors quote agent-supplied text (a drive command's answer, a node's reason).
             eprintln!("shoalctl: {}", printable::printable(&format!("{e:#}")));
@@ -446,7 +458,52 @@ fn print_json(v: &impl Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// `shoalctl version`: the client's version always; the controller's when it answers.
+fn version(config: Option<&std::path::Path>, output: Output) -> anyhow::Result<u8> {
+    let client = env!("CARGO_PKG_VERSION");
+    let server = || -> anyhow::Result<VersionView> {
+        let Some(path) = config else {
+            bail!("no admin credentials: pass --config DATA_DIR/admin.conf or set SHOAL_CONFIG");
+        };
+        let conf = AdminConf::read(path)?;
+        Ok(AdminClient::new(&conf)?.get(VERSION_PATH)?)
+    };
+    let server = server();
+    match output {
+        Output::Json => {
+            #[derive(Serialize)]
+            struct Versions<'a> {
+                client: &'a str,
+                server: Option<&'a VersionView>,
+                error: Option<String>,
+            }
+            print_json(&Versions {
+                client,
+                server: server.as_ref().ok(),
+                error: server.as_ref().err().map(|e| format!("{e:#}")),
+            })?;
+        }
+        Output::Table => {
+            say!("shoalctl {client}");
+            if let Ok(v) = &server {
+                say!(
+                    "controller {} (agent protocol {}-{}, {} store, id {})",
+                    v.version,
+                    v.protocol_min,
+                    v.protocol_max,
+                    v.store,
+                    v.controller
+                );
+            }
+        }
+    }
+    server.map(|_| 0)
+}
+
+fn run(cli: Cli) -> anyhow::Result<u8> {
+    if let Command::Version { output } = cli.command {
+        return version(cli.config.as_deref(), output);
+    }
     let Some(path) = cli.config else {
         bail!("no admin credentials: pass --config DATA_DIR/admin.conf or set SHOAL_CONFIG");
     };
@@ -608,15 +665,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
             }
         }
-        Command::Report { output } => {
+        Command::Report { output, exit_code } => {
             let report: FleetReport = client.get("/v1/report")?;
             match output {
                 Output::Json => print_json(&report)?,
                 Output::Table => print_report(&report),
             }
+            if exit_code {
+                return Ok(report.exit_code());
+            }
         }
+        Command::Version { .. } => unreachable!("answered above"),
     }
-    Ok(())
+    Ok(0)
 }
 
 fn network(client: &AdminClient, cmd: NetworkCmd) -> anyhow::Result<()> {
@@ -1187,6 +1248,24 @@ fn print_report(r: &FleetReport) {
         table(
             &["DRIVE", "NODE", "HOSTNAME", "DEVICE", "SERIAL", "WHY"],
             rows.into_iter(),
+        );
+    }
+    say!();
+    if r.rollouts.is_empty() {
+        say!("rollouts: none needs attention");
+    } else {
+        say!("rollouts: {} need(s) attention", r.rollouts.len());
+        table(
+            &["ROLLOUT", "TARGET", "STATE", "FAILED", "WHY"],
+            r.rollouts.iter().map(|a| {
+                vec![
+                    a.id.clone(),
+                    a.target.clone(),
+                    a.state.clone(),
+                    a.failed.to_string(),
+                    a.reason.clone(),
+                ]
+            }),
         );
     }
     say!();
