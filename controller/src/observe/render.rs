@@ -475,13 +475,13 @@ impl Collector for Snapshot {
         )?;
 
         // Counters since the controller started.
-        counters(
-            &mut enc,
+        enc.encode_descriptor(
             "shoal_enrolments",
             "Enrolments that got a certificate.",
             None,
-            [([] as [(&str, Esc); 0], s.enrolments.enrolled)],
-        )?;
+            MetricType::Counter,
+        )?
+        .encode_counter::<NoLabelSet, u64, u64>(&s.enrolments.enrolled, None)?;
         counters(
             &mut enc,
             "shoal_enrolment_refusals",
