@@ -226,7 +226,9 @@ fn promtool_check_metrics(text: &str) {
         .filter(|l| !l.trim().is_empty())
         .filter(|l| {
             !(l.ends_with(" no help text")
-                && l.split_whitespace().next().is_some_and(|m| m.ends_with("_total")))
+                && l.split_whitespace()
+                    .next()
+                    .is_some_and(|m| m.ends_with("_total")))
         })
         .collect();
     assert!(

@@ -574,11 +574,14 @@ async fn list_status(
     .await
 }
 
+/// A job and its state on every node it selects.
+pub(crate) type JobStates<'n> = (Job, Vec<(&'n NodeRecord, NodeJobState)>);
+
 /// Every job's state on every node it selects (the report and the metrics read it).
 pub(crate) fn job_states<'n>(
     ctl: &Controller,
     nodes: &'n [NodeRecord],
-) -> Result<Vec<(Job, Vec<(&'n NodeRecord, NodeJobState)>)>, HttpError> {
+) -> Result<Vec<JobStates<'n>>, HttpError> {
     let mut out = vec![];
     for record in ctl.store.backup_jobs()? {
         let Ok(job) = Job::from_record(record) else {

@@ -490,7 +490,7 @@ impl Collector for Snapshot {
             s.enrolments
                 .refused
                 .iter()
-                .map(|(reason, n)| ([("reason", Esc(*reason))], *n)),
+                .map(|(reason, n)| ([("reason", Esc(reason))], *n)),
         )?;
         let (conn, hub) = match &s.refusals {
             Some(r) => (fields(&r.connections), fields(&r.overlay)),
