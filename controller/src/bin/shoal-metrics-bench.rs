@@ -96,7 +96,11 @@ fn mib(b: u64) -> f64 {
 }
 
 fn node_id(i: usize) -> String {
-    format!("n{:016x}", (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    // As the registry makes them: `n` and 10 hex digits.
+    format!(
+        "n{:010x}",
+        (i as u64).wrapping_mul(0x9e37_79b9) & 0xff_ffff_ffff
+    )
 }
 
 fn synthetic(cli: &Cli, now_ms: u64) -> Snapshot {

@@ -321,26 +321,19 @@ impl Collector for Snapshot {
         )?;
         gauges(
             &mut enc,
-            "shoal_overlay_path_kind",
-            "One per path (always 1), labelled with its kind: direct or relay.",
-            None,
+            "shoal_overlay_path_rtt",
+            "Smoothed round-trip time of the path, labelled with its kind: direct or relay.",
+            Some(&Unit::Seconds),
             s.paths.iter().map(|p| {
                 (
                     [
-                        ("from", Esc(p.from.as_str())),
-                        ("to", Esc(p.to.as_str())),
-                        ("kind", Esc(p.kind.as_str())),
+                        ("from", Esc(&p.from)),
+                        ("to", Esc(&p.to)),
+                        ("kind", Esc(&p.kind)),
                     ],
-                    1u32,
+                    p.rtt_ms / 1000.0,
                 )
             }),
-        )?;
-        gauges(
-            &mut enc,
-            "shoal_overlay_path_rtt",
-            "Smoothed round-trip time of the path.",
-            Some(&Unit::Seconds),
-            s.paths.iter().map(|p| (pair(p), p.rtt_ms / 1000.0)),
         )?;
         counters(
             &mut enc,
@@ -689,8 +682,8 @@ mod tests {
             r#"shoal_drive_smart_predictor{node="n1",device="sda",predictor="reallocated_sectors"} 3.0"#,
             r#"shoal_drive_smart_predictor{node="n1",device="sda",predictor="pending_sectors"} 0.0"#,
             r#"shoal_overlay_paths{kind="direct"} 1"#,
-            r#"shoal_overlay_path_kind{from="n2",to="n1",kind="relay"} 1"#,
-            r#"shoal_overlay_path_rtt_seconds{from="n1",to="n2"} 0.0025"#,
+            r#"shoal_overlay_path_rtt_seconds{from="n1",to="n2",kind="direct"} 0.0025"#,
+            r#"shoal_overlay_path_rtt_seconds{from="n2",to="n1",kind="relay"} 0.0025"#,
             r#"shoal_overlay_path_sent_bytes_total{from="n1",to="n2"} 1000"#,
             r#"shoal_overlay_path_received_bytes_total{from="n1",to="n2"} 2000"#,
             r#"shoal_rollouts{kind="agent",state="done"} 1"#,
