@@ -14,6 +14,7 @@
 //! - [`dr`]: disaster recovery: the controller in one encrypted file, backup and restore.
 //! - [`web`]: the web view: HTML pages of the fleet under `/ui/`, behind a login with the admin
 //!   token.
+//! - [`observe`]: `/metrics` (Prometheus), `/healthz` and `/readyz`.
 //!
 //! [`server`] composes them: the controller's configuration, its shared state and `run`.
 //!
@@ -30,6 +31,7 @@ pub mod etcd;
 pub mod http;
 pub mod maintenance;
 pub mod netboot;
+pub mod observe;
 pub mod overlay;
 pub mod registry;
 pub mod releases;

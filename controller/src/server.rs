@@ -238,6 +238,8 @@ pub struct Controller {
         tokio::sync::broadcast::Sender<crate::releases::updates::UpdateNotice>,
     /// What the connection limits refused.
     pub(crate) conn_stats: ConnStats,
+    /// Serving or not, enrolment counters, the last `/metrics` rendering.
+    pub(crate) observe: crate::observe::Observe,
     /// Unauthenticated connections open per remote address.
     pub(crate) unauthenticated_by_address: Mutex<HashMap<IpAddr, usize>>,
     /// Liveness changes go through one worker so they reach the store in the order they happened.
@@ -335,6 +337,7 @@ impl Controller {
             agent_updates: Mutex::new(HashMap::new()),
             update_notices: tokio::sync::broadcast::channel(256).0,
             conn_stats: ConnStats::default(),
+            observe: crate::observe::Observe::default(),
             unauthenticated_by_address: Mutex::new(HashMap::new()),
             netboot,
             transitions,
@@ -703,10 +706,12 @@ pub async fn run(
             );
         }
     };
+    controller.observe.set_serving(true);
     tokio::select! {
         _ = accept => {}
         _ = shutdown => info!("shutting down"),
     }
+    controller.observe.set_serving(false);
     if let Some(election) = election {
         // Revoking the lease hands leadership over at once instead of after its TTL.
         let _ = stop_election.send(());

@@ -25,6 +25,7 @@ pub mod refusals;
 pub mod releases;
 pub mod report;
 pub mod tokens;
+pub mod version;
 
 #[cfg(feature = "client")]
 pub mod admin_conf;

@@ -30,10 +30,12 @@ use shoal_api::{
     overlay::{OverlayCountersView, PathView},
     report::{DriveAttention, FleetReport},
     tokens::{CreateToken, CreatedToken, TokenView},
-    AdminClient,
+    version::{VersionView, VERSION_PATH},
+    AdminClient, AdminConf,
 };
 
 use output::{Out, OutputArgs};
+use serde::Serialize;
 
 #[derive(Debug, Parser)]
 #[command(name = "shoalctl", version, about = "Operate a shoal fleet")]
@@ -121,7 +123,15 @@ enum Command {
         interval: Duration,
     },
     /// The fleet health report.
-    Report,
+    Report {
+        /// Exit with a non-zero status when something needs attention: 16 plus 1 (nodes), 2
+        /// (drives), 4 (backups), 8 (rollouts), added up; 0 when nothing does. 1 stays "could
+        /// not ask", 2 a usage error.
+        #[arg(long)]
+        exit_code: bool,
+    },
+    /// This shoalctl's version and the controller's (when the credentials reach one).
+    Version {},
     /// The shoalctl config file: contexts (one per fleet) and the current one.
     #[command(subcommand)]
     Config(contexts::ConfigCmd),
@@ -435,7 +445,7 @@ fn main() -> ExitCode {
     let config_typed =
         matches.value_source("config") == Some(clap::parser::ValueSource::CommandLine);
     match run(cli, config_typed) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             // API errors quote agent-supplied text (a drive command's answer, a node's reason).
             eprintln!("shoalctl: {}", printable::printable(&format!("{e:#}")));
@@ -462,23 +472,65 @@ fn api_url(api: &str) -> anyhow::Result<String> {
     Ok(format!("https://{rest}"))
 }
 
-fn run(cli: Cli, config_typed: bool) -> anyhow::Result<()> {
+/// `shoalctl version`: the client's version always; the controller's when it answers.
+fn version(conf: anyhow::Result<AdminConf>, out: &Out) -> anyhow::Result<u8> {
+    #[derive(Serialize)]
+    struct Versions<'a> {
+        client: &'a str,
+        server: Option<&'a VersionView>,
+        error: Option<String>,
+    }
+    let client = env!("CARGO_PKG_VERSION");
+    let server =
+        conf.and_then(|conf| Ok(AdminClient::new(&conf)?.get::<VersionView>(VERSION_PATH)?));
+    let versions = Versions {
+        client,
+        server: server.as_ref().ok(),
+        error: server.as_ref().err().map(|e| format!("{e:#}")),
+    };
+    out.show(&versions, || {
+        say!("shoalctl {client}");
+        if let Ok(v) = &server {
+            say!(
+                "controller {} (agent protocol {}-{}, {} store, id {})",
+                v.version,
+                v.protocol_min,
+                v.protocol_max,
+                v.store,
+                v.controller
+            );
+        }
+    })?;
+    server.map(|_| 0)
+}
+
+fn run(cli: Cli, config_typed: bool) -> anyhow::Result<u8> {
     let out = Out::new(&cli.out);
     let out = &out;
     // Commands that need no controller.
     let command = match cli.command {
-        Command::Completion { shell } => return generate::completion(shell),
-        Command::GenerateMan { dir } => return generate::man_pages(&dir),
-        Command::Config(cmd) => return contexts::config(cmd, cli.context.as_deref(), out),
-        Command::Release(release::ReleaseCmd::Keygen(k)) => return release::keygen(&k, out),
+        Command::Completion { shell } => return generate::completion(shell).map(|()| 0),
+        Command::GenerateMan { dir } => return generate::man_pages(&dir).map(|()| 0),
+        Command::Config(cmd) => {
+            return contexts::config(cmd, cli.context.as_deref(), out).map(|()| 0)
+        }
+        Command::Release(release::ReleaseCmd::Keygen(k)) => {
+            return release::keygen(&k, out).map(|()| 0)
+        }
         command => command,
     };
-    let source = contexts::Source::choose(cli.config, config_typed, cli.context)?;
-    let mut conf = source.admin_conf()?;
-    if let Some(api) = cli.api {
-        conf.api = api_url(&api)?;
+    let conf = (|| {
+        let source = contexts::Source::choose(cli.config, config_typed, cli.context)?;
+        let mut conf = source.admin_conf()?;
+        if let Some(api) = cli.api {
+            conf.api = api_url(&api)?;
+        }
+        anyhow::Ok(conf)
+    })();
+    if let Command::Version {} = command {
+        return version(conf, out);
     }
-    let client = AdminClient::new(&conf)?;
+    let client = AdminClient::new(&conf?)?;
     match command {
         Command::Completion { shell } => generate::completion(shell)?,
         Command::GenerateMan { dir } => generate::man_pages(&dir)?,
@@ -660,14 +712,18 @@ fn run(cli: Cli, config_typed: bool) -> anyhow::Result<()> {
             follow,
             interval,
         } => watch::events(&client, after, follow, interval, out)?,
-        Command::Report => {
+        Command::Report { exit_code } => {
             let report: FleetReport = client.get("/v1/report")?;
             out.show(&report, || {
                 print_report(&report, out);
             })?;
+            if exit_code {
+                return Ok(report.exit_code());
+            }
         }
+        Command::Version { .. } => unreachable!("answered above"),
     }
-    Ok(())
+    Ok(0)
 }
 
 fn network(client: &AdminClient, cmd: NetworkCmd, out: &Out) -> anyhow::Result<()> {
@@ -1221,6 +1277,24 @@ fn print_report(r: &FleetReport, out: &Out) {
         out.table(
             &["DRIVE", "NODE", "HOSTNAME", "DEVICE", "SERIAL", "WHY"],
             rows.into_iter(),
+        );
+    }
+    say!();
+    if r.rollouts.is_empty() {
+        say!("rollouts: none needs attention");
+    } else {
+        say!("rollouts: {} need(s) attention", r.rollouts.len());
+        out.table(
+            &["ROLLOUT", "TARGET", "STATE", "FAILED", "WHY"],
+            r.rollouts.iter().map(|a| {
+                vec![
+                    a.id.clone(),
+                    a.target.clone(),
+                    a.state.clone(),
+                    a.failed.to_string(),
+                    a.reason.clone(),
+                ]
+            }),
         );
     }
     say!();

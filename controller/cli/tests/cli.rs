@@ -182,3 +182,27 @@ fn keygen_writes_openssls_key_form_privately_and_never_overwrites() {
     );
     assert!(!lone.exists());
 }
+
+#[test]
+fn version_prints_its_own_even_without_a_controller() {
+    let out = shoalctl(&["version"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8(out.stdout.clone()).unwrap(),
+        format!("shoalctl {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    assert!(
+        stderr(&out).contains("no admin credentials"),
+        "{}",
+        stderr(&out)
+    );
+    let out = shoalctl(&["version", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["client"], env!("CARGO_PKG_VERSION"));
+    assert!(json["server"].is_null());
+    assert!(json["error"]
+        .as_str()
+        .unwrap()
+        .contains("no admin credentials"));
+}

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use shoal_api::{drives::DriveView, nodes::NodeView};
+use shoal_api::{drives::DriveView, maintenance::RolloutView, nodes::NodeView};
 
 /// Thresholds for "needs attention".
 #[derive(Debug, Clone)]
@@ -33,7 +33,36 @@ impl ReportThresholds {
 }
 
 /// The report's shapes, shared with `shoalctl`.
-pub use shoal_api::report::{Attention, DriveAttention, DriveHealth, FleetReport};
+pub use shoal_api::report::{
+    Attention, DriveAttention, DriveHealth, FleetReport, RolloutAttention,
+};
+
+/// The rollouts and maintenance runs that need an operator: every paused one (an operator paused
+/// it, or `max_failures` nodes failed), and every running one with failed nodes. Finished ones
+/// (done, aborted) never do: their failures were reported while they ran.
+pub fn rollout_attention(rollouts: &[RolloutView]) -> Vec<RolloutAttention> {
+    rollouts
+        .iter()
+        .filter(|r| {
+            !r.finished && (r.state == "paused" || (r.state == "running" && r.progress.failed > 0))
+        })
+        .map(|r| RolloutAttention {
+            id: r.id.clone(),
+            target: r.target.clone(),
+            state: r.state.clone(),
+            failed: r.progress.failed,
+            reason: r.reason.clone().unwrap_or_else(|| {
+                let failed: Vec<&str> = r
+                    .nodes
+                    .iter()
+                    .filter(|n| n.phase == "failed")
+                    .map(|n| n.hostname.as_deref().unwrap_or(n.node.as_str()))
+                    .collect();
+                format!("{} node(s) failed: {}", failed.len(), failed.join(", "))
+            }),
+        })
+        .collect()
+}
 
 /// Drive health from the drive listing.
 pub fn drive_health(drives: &[DriveView], hostnames: &BTreeMap<&str, &str>) -> DriveHealth {
@@ -156,6 +185,7 @@ pub fn build(
         attention,
         drives: drive_health(drives, &hostnames),
         backups: vec![],
+        rollouts: vec![],
     }
 }
 
@@ -329,5 +359,62 @@ mod tests {
         old.as_object_mut().unwrap().remove("drives");
         let back: FleetReport = serde_json::from_value(old).unwrap();
         assert_eq!(back.drives, DriveHealth::default());
+    }
+
+    fn rollout(id: &str, state: &str, finished: bool, phases: &[&str]) -> RolloutView {
+        RolloutView {
+            id: id.into(),
+            target: "agent 1.2.0".into(),
+            state: state.into(),
+            reason: (state == "paused").then(|| "paused by an operator".to_owned()),
+            finished,
+            created_at: String::new(),
+            selector: None,
+            window: None,
+            max_unavailable: 1,
+            max_failures: 2,
+            allow_downgrade: false,
+            progress: shoal_api::maintenance::Progress {
+                total: phases.len() as u32,
+                failed: phases.iter().filter(|p| **p == "failed").count() as u32,
+                ..Default::default()
+            },
+            waiting: vec![],
+            nodes: phases
+                .iter()
+                .enumerate()
+                .map(|(i, p)| shoal_api::maintenance::RolloutNodeView {
+                    node: format!("n{i}"),
+                    hostname: Some(format!("host-{i}")),
+                    phase: (*p).into(),
+                    since: None,
+                    deadline: None,
+                    detail: None,
+                    step: None,
+                    output: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn paused_rollouts_and_running_ones_with_failures_need_attention() {
+        let rollouts = [
+            rollout("r1", "done", true, &["succeeded", "failed"]),
+            rollout("r2", "aborted", true, &["failed"]),
+            rollout("r3", "running", false, &["succeeded", "upgrading"]),
+            rollout("r4", "running", false, &["failed", "pending"]),
+            rollout("r5", "paused", false, &["pending"]),
+        ];
+        let a = rollout_attention(&rollouts);
+        assert_eq!(
+            a.iter()
+                .map(|r| (r.id.as_str(), r.failed, r.reason.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                ("r4", 1, "1 node(s) failed: host-0"),
+                ("r5", 0, "paused by an operator")
+            ]
+        );
     }
 }

@@ -110,12 +110,26 @@ pub fn router(controller: Ctl) -> Router {
         .merge(crate::registry::identity::routes())
         .merge(crate::dr::routes::routes())
         .merge(crate::cluster::routes::routes())
+        .route(shoal_api::version::VERSION_PATH, get(version))
         .layer(middleware::from_fn_with_state(
             controller.clone(),
             authenticate,
         ))
         .merge(crate::web::routes(controller.clone()))
+        // Probes carry no credentials: added after the authentication layer, which they skip.
+        .merge(crate::observe::health::routes())
         .with_state(controller)
+}
+
+/// `GET /v1/version`: what this controller runs.
+async fn version(State(ctl): State<Ctl>) -> Json<shoal_api::version::VersionView> {
+    Json(shoal_api::version::VersionView {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        protocol_min: shoal_proto::SUPPORTED.min,
+        protocol_max: shoal_proto::SUPPORTED.max,
+        store: crate::observe::snapshot::store_kind(&ctl).to_owned(),
+        controller: ctl.cluster.id.clone(),
+    })
 }
 
 async fn authenticate(State(ctl): State<Ctl>, req: Request, next: Next) -> Response {
@@ -157,6 +171,17 @@ pub(crate) async fn fleet_report(State(ctl): State<Ctl>) -> Result<Json<FleetRep
         let records = ctl.store.nodes()?;
         let mut report = shoal_controller_core::report::build(&nodes, &drives, now_ms().0, &t);
         report.backups = crate::backups::routes::attention(&ctl, &records)?;
+        let hostnames = records
+            .iter()
+            .map(|n| (n.id.clone(), n.hostname.clone()))
+            .collect();
+        let rollouts: Vec<_> = ctl
+            .maint
+            .rollouts()?
+            .iter()
+            .map(|r| crate::maintenance::routes::rollout_view(r, &hostnames))
+            .collect();
+        report.rollouts = shoal_controller_core::report::rollout_attention(&rollouts);
         if let (Some(cfg), Some(run)) = (&ctl.config.dr_schedule, ctl.last_dr_run()) {
             if let Some(error) = run.error {
                 report.backups.push(shoal_api::report::BackupAttention {

@@ -15,7 +15,7 @@ use shoal_api::{
     report::BackupAttention,
 };
 use shoal_controller_core::{
-    backups::{check_target_url, verify_problems, Job, JobSpec, OwedKind},
+    backups::{check_target_url, verify_problems, Job, JobSpec, NodeJobState, OwedKind},
     registry::NodeRecord,
     selector::{valid_name, Selector},
     time::rfc3339_ms as rfc3339,
@@ -26,7 +26,7 @@ use tracing::info;
 use super::{secrets::TargetSecrets, store::TargetRecord};
 use crate::{
     http::{blocking, not_found, Ctl, HttpError},
-    server::now_ms,
+    server::{now_ms, Controller},
 };
 use shoal_controller_core::backups::BackupEvent;
 
@@ -574,6 +574,28 @@ pub(crate) async fn list_status(
     .await
 }
 
+/// A job and its state on every node it selects.
+pub(crate) type JobStates<'n> = (Job, Vec<(&'n NodeRecord, NodeJobState)>);
+
+/// Every job's state on every node it selects (the report and the metrics read it).
+pub(crate) fn job_states<'n>(
+    ctl: &Controller,
+    nodes: &'n [NodeRecord],
+) -> Result<Vec<JobStates<'n>>, HttpError> {
+    let mut out = vec![];
+    for record in ctl.store.backup_jobs()? {
+        let Ok(job) = Job::from_record(record) else {
+            continue;
+        };
+        let mut states = vec![];
+        for node in nodes.iter().filter(|n| job.selects(&n.labels)) {
+            states.push((node, ctl.store.backup_state(job.name(), &node.id)?));
+        }
+        out.push((job, states));
+    }
+    Ok(out)
+}
+
 /// The report's backup lines: each job on each node with a problem.
 pub(crate) fn attention(
     ctl: &Ctl,
@@ -581,12 +603,8 @@ pub(crate) fn attention(
 ) -> Result<Vec<BackupAttention>, HttpError> {
     let now = now_ms();
     let mut out = vec![];
-    for record in ctl.store.backup_jobs()? {
-        let Ok(job) = Job::from_record(record) else {
-            continue;
-        };
-        for node in nodes.iter().filter(|n| job.selects(&n.labels)) {
-            let state = ctl.store.backup_state(job.name(), &node.id)?;
+    for (job, states) in job_states(ctl, nodes)? {
+        for (node, state) in states {
             let reasons = job.attention(&state, now);
             if !reasons.is_empty() {
                 out.push(BackupAttention {

@@ -67,6 +67,10 @@ struct ServeArgs {
     /// certificate (repeatable; localhost and the loopback addresses are always in it).
     #[arg(long = "api-name", value_name = "NAME", value_parser = parse_api_name)]
     api_names: Vec<String>,
+    /// TCP address to serve /metrics (Prometheus), /healthz and /readyz on, over plain HTTP
+    /// without authentication: for a scraper on a trusted network. Off by default.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics: Option<SocketAddr>,
     /// Interval at which agents report health (their heartbeat).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     heartbeat_interval: Duration,
@@ -255,7 +259,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .with_context(|| format!("binding {} (UDP)", args.listen))?;
         let api = std::net::TcpListener::bind(args.api)
             .with_context(|| format!("binding {} (TCP)", args.api))?;
+        let metrics = match args.metrics {
+            Some(addr) => {
+                let listener = std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("binding --metrics {addr} (TCP)"))?;
+                Some(shoal_controller::observe::serve(
+                    controller.clone(),
+                    listener,
+                )?)
+            }
+            None => None,
+        };
         server::run(controller, quic, api, shutdown_signal()).await?;
+        if let Some(m) = metrics {
+            m.graceful_shutdown(Some(Duration::from_secs(2)));
+        }
         Ok(())
     })
 }

@@ -65,6 +65,11 @@ impl From<NetworkError> for HttpError {
 pub(crate) async fn overlay_paths(
     State(ctl): State<Ctl>,
 ) -> Json<Vec<shoal_api::overlay::PathView>> {
+    Json(path_views(&ctl))
+}
+
+/// Every reported path, per direction (`overlay paths`, and the metrics).
+pub(crate) fn path_views(ctl: &Controller) -> Vec<shoal_api::overlay::PathView> {
     let mut out = Vec::new();
     for (node, r) in ctl.overlay.reported_paths() {
         for p in r.report.paths {
@@ -84,7 +89,7 @@ pub(crate) async fn overlay_paths(
             });
         }
     }
-    Json(out)
+    out
 }
 
 pub(crate) async fn overlay_counters(

@@ -98,7 +98,21 @@ pub(crate) fn rotate_key(
     issue_cert(controller, &req.csr_der, node, new_key)
 }
 
+/// Enrols an agent (see [`enrol_once`]), counted for the metrics.
 pub(crate) fn enrol(
+    controller: &Controller,
+    request: &shoal_proto::EnrolRequest,
+    hello: &shoal_proto::Hello,
+    remote: &str,
+) -> Result<Enrolled, (RejectCode, String)> {
+    let result = enrol_once(controller, request, hello, remote);
+    controller
+        .observe
+        .enrolment(result.as_ref().err().map(|(code, _)| *code));
+    result
+}
+
+fn enrol_once(
     controller: &Controller,
     request: &shoal_proto::EnrolRequest,
     hello: &shoal_proto::Hello,
