@@ -185,7 +185,9 @@ async fn mutating_commands_print_the_changed_object_as_json_and_tables_script_cl
     let wide = sh.ok(&["nodes", "list", "-o", "wide"]);
     let wide_header = wide.lines().next().unwrap();
     assert!(
-        wide_header.contains(" ENROLLED ") && wide_header.ends_with(" KEY"),
+        wide_header.contains(" ENROLLED ")
+            && wide_header.contains(" KEY ")
+            && wide_header.ends_with(" LABELS"),
         "{wide}"
     );
     let row = table.lines().find(|l| l.starts_with(&node)).unwrap();
