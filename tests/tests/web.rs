@@ -468,14 +468,22 @@ fn browse(
         b.goto(path)?;
         ensure!(b.path()? == "/ui/login", "{path} without a session");
     }
+    // A click submits the form and returns; the next page loads after it.
+    let loaded = Duration::from_secs(10);
     b.login("not-the-token")?;
-    ensure!(
-        b.text(".error")?.contains("not the admin token"),
-        "a wrong token is refused"
-    );
+    eventually!(loaded, "a wrong token is refused", || {
+        ensure!(
+            b.text(".error")?.contains("not the admin token"),
+            "no refusal shown"
+        );
+        Ok(())
+    })?;
     b.goto("/ui/nodes")?;
     b.login(token)?;
-    ensure!(b.path()? == "/ui/", "logged in: {}", b.path()?);
+    eventually!(loaded, "logged in", || {
+        ensure!(b.path()? == "/ui/", "on {}", b.path()?);
+        Ok(())
+    })?;
 
     // 2. Every page shows what shoalctl shows (read again until both agree: the fleet moves).
     let t = Duration::from_secs(30);
@@ -669,7 +677,14 @@ fn browse(
     // 3. Logging out ends the session.
     b.goto("/ui/")?;
     b.click("header form button")?;
-    ensure!(b.path()? == "/ui/login");
+    eventually!(
+        Duration::from_secs(10),
+        "logging out lands on the login page",
+        || {
+            ensure!(b.path()? == "/ui/login", "on {}", b.path()?);
+            Ok(())
+        }
+    )?;
     b.goto("/ui/events")?;
     ensure!(b.path()? == "/ui/login", "logged out");
     Ok(())
