@@ -235,22 +235,33 @@ mod tests {
         }
     }
 
-    #[test]
-    fn labels_over_the_admin_api_apply_at_once() {
-        use shoal_api::nodes::LabelNode;
-        let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
+    /// A one-worker runtime for a test that serves the admin API.
+    fn api_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
-            .unwrap();
-        let _enter = rt.enter();
+            .unwrap()
+    }
+
+    /// A controller in `dir` serving its admin API on loopback, and a client of it (inside the
+    /// caller's runtime).
+    fn api_controller(dir: &std::path::Path) -> (Ctl, axum_server::Handle, AdminClient) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let config = ControllerConfig::for_tests(dir.path().to_owned());
+        let config = ControllerConfig::for_tests(dir.to_owned());
         let ctl = Controller::open(config, listener.local_addr().unwrap()).unwrap();
         let handle = serve(ctl.clone(), listener).unwrap();
         let client =
-            AdminClient::new(&AdminConf::read(&dir.path().join(ADMIN_CONF_FILE)).unwrap()).unwrap();
+            AdminClient::new(&AdminConf::read(&dir.join(ADMIN_CONF_FILE)).unwrap()).unwrap();
+        (ctl, handle, client)
+    }
+
+    #[test]
+    fn labels_over_the_admin_api_apply_at_once() {
+        use shoal_api::nodes::LabelNode;
+        let (dir, rt) = (tempfile::tempdir().unwrap(), api_runtime());
+        let _enter = rt.enter();
+        let (ctl, handle, client) = api_controller(dir.path());
         let a = enrol(&ctl, "a", &[("role", "db")]);
         let b = enrol(&ctl, "b", &[]);
         client
@@ -363,19 +374,9 @@ mod tests {
 
     #[test]
     fn networks_over_the_admin_api() {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let (dir, rt) = (tempfile::tempdir().unwrap(), api_runtime());
         let _enter = rt.enter();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let config = ControllerConfig::for_tests(dir.path().to_owned());
-        let ctl = Controller::open(config, listener.local_addr().unwrap()).unwrap();
-        let handle = serve(ctl.clone(), listener).unwrap();
-        let client =
-            AdminClient::new(&AdminConf::read(&dir.path().join(ADMIN_CONF_FILE)).unwrap()).unwrap();
+        let (ctl, handle, client) = api_controller(dir.path());
 
         let a = enrol(&ctl, "a", &[("role", "db")]);
         let b = enrol(&ctl, "b", &[]);
