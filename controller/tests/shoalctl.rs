@@ -170,9 +170,16 @@ async fn mutating_commands_print_the_changed_object_as_json_and_tables_script_cl
     ]);
     assert_eq!(j["name"], "etc");
     assert_eq!(j["targets"][0], "local");
+    // A target a job uses is not deleted; the refusal names the job.
+    let refused = sh.run(&["backup", "target", "delete", "local"]);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("etc"), "{why}");
     assert_eq!(sh.json(&["backup", "job", "delete", "etc"])["name"], "etc");
-    // (Not `backup target delete`: the controller hangs there, its store scanning jobs inside the
-    // transaction — reported; the CLI prints that route's answer like the job's.)
+    assert_eq!(
+        sh.json(&["backup", "target", "delete", "local"])["name"],
+        "local"
+    );
 
     // A node removed with `node remove` (the old verb of `delete`): the node as it was.
     let (agent, node) = ctl.agent_up("shoalctl-remove-me").await;

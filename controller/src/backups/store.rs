@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use shoal_controller_core::backups::{JobRecord, NodeJobState};
 use shoal_proto::{NodeId, UnixMillis};
 
-use crate::store::{abort, Scan, Store, StoreError, Table};
+use crate::store::{Scan, Store, StoreError, Table};
 
 pub(crate) const BACKUP_TARGETS: &str = "backup_targets";
 pub(crate) const BACKUP_JOBS: &str = "backup_jobs";
@@ -71,17 +71,19 @@ impl Store {
         &self,
         name: &str,
     ) -> Result<Result<Option<TargetRecord>, Vec<String>>, StoreError> {
-        self.transaction(&[BACKUP_TARGETS, BACKUP_JOBS], |tx| {
-            let users: Vec<String> = self
-                .backup_jobs()
-                .map_err(abort)?
-                .into_iter()
-                .filter(|j| j.targets.iter().any(|t| t == name))
-                .map(|j| j.name)
-                .collect();
-            if !users.is_empty() {
-                return Ok(Err(users));
-            }
+        // The jobs are scanned before the transaction: a transaction cannot scan, and a scan of
+        // a table inside one waits on the transaction itself (sled) for ever. A job created
+        // between the two with this target fails its runs with "unknown target", loudly.
+        let users: Vec<String> = self
+            .backup_jobs()?
+            .into_iter()
+            .filter(|j| j.targets.iter().any(|t| t == name))
+            .map(|j| j.name)
+            .collect();
+        if !users.is_empty() {
+            return Ok(Err(users));
+        }
+        self.transaction(&[BACKUP_TARGETS], |tx| {
             let old = tx.get(&TARGETS, name.as_bytes())?;
             tx.table(BACKUP_TARGETS).remove(name.as_bytes())?;
             Ok(Ok(old))
