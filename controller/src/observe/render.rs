@@ -64,6 +64,21 @@ pub fn render(snapshot: Snapshot) -> String {
 }
 
 /// One gauge family: `rows` are (labels, value).
+/// How many of `values` are each of `keys` (every key present, at 0 when none is; other values
+/// are not counted), so a state with no member still has its series.
+fn tally<const N: usize>(
+    keys: [&'static str; N],
+    values: impl Iterator<Item = impl AsRef<str>>,
+) -> [(&'static str, u64); N] {
+    let mut counts = keys.map(|k| (k, 0u64));
+    for v in values {
+        if let Some(c) = counts.iter_mut().find(|(k, _)| *k == v.as_ref()) {
+            c.1 += 1;
+        }
+    }
+    counts
+}
+
 fn gauges<L: EncodeLabelSet, V: EncodeGaugeValue>(
     enc: &mut DescriptorEncoder,
     name: &str,
@@ -158,12 +173,7 @@ impl Collector for Snapshot {
         )?;
 
         // Nodes.
-        let mut by_status = [("up", 0u64), ("down", 0u64)];
-        for n in &s.nodes {
-            if let Some(c) = by_status.iter_mut().find(|(k, _)| *k == n.status) {
-                c.1 += 1;
-            }
-        }
+        let by_status = tally(["up", "down"], s.nodes.iter().map(|n| n.status.as_str()));
         gauges(
             &mut enc,
             "shoal_nodes",
@@ -217,12 +227,7 @@ impl Collector for Snapshot {
         )?;
 
         // Drives.
-        let mut by_verdict = VERDICTS.map(|v| (v, 0u64));
-        for d in &s.drives {
-            if let Some(c) = by_verdict.iter_mut().find(|(k, _)| *k == d.smart.verdict) {
-                c.1 += 1;
-            }
-        }
+        let by_verdict = tally(VERDICTS, s.drives.iter().map(|d| d.smart.verdict.as_str()));
         gauges(
             &mut enc,
             "shoal_drives",
@@ -306,12 +311,7 @@ impl Collector for Snapshot {
         )?;
 
         // Overlay paths, per direction as the sending node reported them.
-        let mut by_kind = [("direct", 0u64), ("relay", 0u64)];
-        for p in &s.paths {
-            if let Some(c) = by_kind.iter_mut().find(|(k, _)| *k == p.kind) {
-                c.1 += 1;
-            }
-        }
+        let by_kind = tally(["direct", "relay"], s.paths.iter().map(|p| p.kind.as_str()));
         gauges(
             &mut enc,
             "shoal_overlay_paths",
