@@ -3,6 +3,7 @@
 //! third namespace over the test LAN. Each target takes a backup and gives it back, goes down (restic
 //! fails and says why) and comes back with its data.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
@@ -192,6 +193,76 @@ fn restic_backs_up_over_sftp_and_survives_the_server_restarting() {
 }
 
 /// Every file under `dir`, recursively.
+/// Nodes that back up to one new S3 target for the first time at once each create their repository
+/// in a bucket that does not exist yet: restic's `init` creates the bucket, and racing `init`s can
+/// fail on it. `ensure_initialized` looks again and every node gets its repository.
+#[test]
+fn nodes_initialising_at_once_under_a_new_bucket_all_get_their_repositories() {
+    require_host_tests!();
+    let program = require!(backup_servers::restic());
+    let t = lan().or_panic();
+    let work = tempfile::tempdir().expect("tempdir");
+    let server = t.host("server").or_panic();
+    let client = t.host("client").or_panic();
+    let s3 = require!(S3Server::start(
+        server.netns(),
+        server.addr().or_panic(),
+        &work.path().join("s3-data"),
+    ));
+    // shoal_restic runs its program as given: a wrapper puts restic in the client's namespace.
+    let wrapper = work.path().join("restic-in-client");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec ip netns exec {} {} \"$@\"\n",
+            client.netns().name(),
+            program.display()
+        ),
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // A few rounds, each on a bucket of its own: the race is a matter of timing.
+    for round in 0..3 {
+        let base = shoal_restic::Repo {
+            env: s3.env(),
+            ..shoal_restic::Repo::new(s3.url(&format!("fresh-{round}")), PASSWORD)
+        };
+        let nodes: Vec<_> = (0..4)
+            .map(|i| {
+                let repo = shoal_restic::Repo::for_node(&base, &format!("node-{i}")).expect("repo");
+                let restic = shoal_restic::Restic {
+                    binary: wrapper.clone(),
+                    cache_dir: Some(work.path().join(format!("cache-{round}-{i}"))),
+                    timeout: Some(std::time::Duration::from_secs(120)),
+                };
+                (restic, repo)
+            })
+            .collect();
+        let results = rt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for (restic, repo) in nodes.clone() {
+                set.spawn(async move { (restic.ensure_initialized(&repo).await, repo.url) });
+            }
+            set.join_all().await
+        });
+        for (result, url) in results {
+            match result {
+                Ok(created) => assert!(created, "round {round}: {url} was there already"),
+                Err(e) => panic!("round {round}, {url}: {e}"),
+            }
+        }
+        // Every repository opens now: a second call finds it.
+        for (restic, repo) in &nodes {
+            let created = rt.block_on(restic.ensure_initialized(repo));
+            assert!(matches!(created, Ok(false)), "{}: {created:?}", repo.url);
+        }
+    }
+}
+
 fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];

@@ -46,20 +46,30 @@ impl Restic {
     /// Opens `repo`, creating it when (and only when) it does not exist: `Ok(true)` when it was
     /// created, `Ok(false)` when it was there. A wrong password is [`Error::WrongPassword`] and an
     /// unreachable backend [`Error::Unreachable`]; neither ever leads to `init`.
+    ///
+    /// Several nodes may initialise their repositories under one new target at once: `init` then
+    /// fails on whatever another node created in the meantime (the repository, or on S3 the bucket
+    /// that `init` creates), and is tried again after the repository is looked at once more.
     pub async fn ensure_initialized(&self, repo: &Repo) -> Result<bool> {
-        match self.open(repo).await {
-            Ok(()) => return Ok(false),
-            Err(Error::RepositoryMissing { .. }) => {}
-            Err(e) => return Err(e),
-        }
-        tracing::info!(repo = %repo.redacted_url(), "initialising restic repository");
-        match self.output(Some(repo), &Call::new(["init"]), 1 << 16).await {
-            Ok(_) => Ok(true),
-            // Someone else created it in the meantime.
-            Err(Error::Failed { stderr_tail, .. }) if stderr_tail.contains("already") => {
-                self.open(repo).await.map(|()| false)
+        const ATTEMPTS: usize = 3;
+        let mut attempt = 1;
+        loop {
+            match self.open(repo).await {
+                Ok(()) => return Ok(false),
+                Err(Error::RepositoryMissing { .. }) => {}
+                Err(e) => return Err(e),
             }
-            Err(e) => Err(e),
+            tracing::info!(repo = %repo.redacted_url(), attempt, "initialising restic repository");
+            match self.output(Some(repo), &Call::new(["init"]), 1 << 16).await {
+                Ok(_) => return Ok(true),
+                Err(Error::Failed { stderr_tail, .. })
+                    if attempt < ATTEMPTS && lost_init_race(&stderr_tail) =>
+                {
+                    tracing::info!(repo = %repo.redacted_url(), detail = %stderr_tail.trim(), "init raced another; looking again");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -448,6 +458,20 @@ fn is_stale(lock: &LockInfo, host: Option<&str>, now: SystemTime) -> bool {
     };
     // restic's processExists: signal 0 to the pid; any error means gone.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err()
+}
+
+/// Whether a failed `init` lost a race: another node created the repository, or (on S3) the
+/// bucket `init` creates, between the look and the `init`.
+fn lost_init_race(stderr: &str) -> bool {
+    let lower = stderr.to_ascii_lowercase();
+    [
+        "already",
+        "bucketalreadyownedbyyou",
+        "bucketalreadyexists",
+        "operationaborted",
+    ]
+    .iter()
+    .any(|m| lower.contains(m))
 }
 
 fn keep<T>(list: &mut Vec<T>, dropped: &mut usize, item: T) {
