@@ -282,7 +282,11 @@ mod tests {
         assert_eq!(&reply[6..12], &GW.0, "from the gateway");
         let arp = &reply[14..];
         assert_eq!(&arp[6..8], &[0, 2], "a reply");
-        assert_eq!(&arp[8..14], &GW.0, "the device's address is at the gateway's MAC");
+        assert_eq!(
+            &arp[8..14],
+            &GW.0,
+            "the device's address is at the gateway's MAC"
+        );
         assert_eq!(&arp[14..18], &DEVICE.octets());
         assert_eq!(&arp[18..24], &NODE.0);
         assert_eq!(&arp[24..28], &NODE_IP.octets());

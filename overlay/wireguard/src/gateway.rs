@@ -242,7 +242,10 @@ impl Gateway {
             return;
         };
         let mut from_device = None;
-        match peer.tunn.decapsulate(Some(from.ip()), datagram, &mut self.buf) {
+        match peer
+            .tunn
+            .decapsulate(Some(from.ip()), datagram, &mut self.buf)
+        {
             TunnResult::Done => {}
             TunnResult::Err(e) => {
                 tracing::debug!(device = %peer.device.address, error = ?e, "WireGuard datagram refused");
@@ -310,8 +313,7 @@ impl Gateway {
         let Some(endpoint) = peer.endpoint else {
             return;
         };
-        if let TunnResult::WriteToNetwork(datagram) = peer.tunn.encapsulate(packet, &mut self.buf)
-        {
+        if let TunnResult::WriteToNetwork(datagram) = peer.tunn.encapsulate(packet, &mut self.buf) {
             self.counters.packets_to_devices += 1;
             out.push(Output::Datagram(endpoint, datagram.to_vec()));
         }

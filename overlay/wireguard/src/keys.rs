@@ -112,9 +112,9 @@ mod tests {
     #[test]
     fn the_public_key_matches_wireguards_test_vector() {
         // RFC 7748 §6.1: Alice's private and public key.
-        let private = Key(
-            hex_bytes("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"),
-        );
+        let private = Key(hex_bytes(
+            "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a",
+        ));
         assert_eq!(
             private.public().0,
             hex_bytes("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")

@@ -34,6 +34,15 @@ fn frame(dst: MacAddr, src: MacAddr, ethertype: u16, payload: &[u8]) -> Vec<u8> 
     f
 }
 
+fn arp_request(target: Ipv4Addr) -> Vec<u8> {
+    let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
+    arp.extend_from_slice(&NODE_MAC.0);
+    arp.extend_from_slice(&NODE_IP.octets());
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&target.octets());
+    frame(MacAddr::BROADCAST, NODE_MAC, 0x0806, &arp)
+}
+
 /// A device: its tunnel to the gateway and its own UDP socket.
 struct Client {
     tunn: Tunn,
@@ -178,16 +187,14 @@ async fn a_device_reaches_the_segment_and_the_segment_reaches_it() {
         input = &[];
     }
     let f = h.next_frame().await;
-    assert_eq!(f, frame(NODE_MAC, GW_MAC, 0x0800, &icmp(device_ip, NODE_IP, 1)));
+    assert_eq!(
+        f,
+        frame(NODE_MAC, GW_MAC, 0x0800, &icmp(device_ip, NODE_IP, 1))
+    );
 
     // A member asks who has the device's address: the gateway.
-    let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
-    arp.extend_from_slice(&NODE_MAC.0);
-    arp.extend_from_slice(&NODE_IP.octets());
-    arp.extend_from_slice(&[0; 6]);
-    arp.extend_from_slice(&device_ip.octets());
     h.from_segment
-        .send(frame(MacAddr::BROADCAST, NODE_MAC, 0x0806, &arp))
+        .send(arp_request(device_ip))
         .await
         .expect("send");
     let reply = h.next_frame().await;
@@ -227,9 +234,21 @@ async fn a_removed_device_is_cut_off_at_once() {
     }
 
     h.serve(vec![b.device()]);
-    // Let the gateway take the change before the next datagrams (the watch is read between them).
-    tokio::task::yield_now().await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The gateway has taken the change once it stops answering ARP for a's address (frames are
+    // handled in order, so b's reply arriving first means a's request went unanswered).
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            h.from_segment.send(arp_request(a_ip)).await.expect("send");
+            h.from_segment.send(arp_request(b_ip)).await.expect("send");
+            let first = h.next_frame().await;
+            if first[14 + 14..14 + 18] == b_ip.octets() {
+                break;
+            }
+            h.next_frame().await;
+        }
+    })
+    .await
+    .expect("the gateway takes the removal within the deadline");
     a.send(&icmp(a_ip, NODE_IP, 2)).await;
     b.send(&icmp(b_ip, NODE_IP, 2)).await;
     // One socket, in order: if a's packet had passed, its frame would come first.
