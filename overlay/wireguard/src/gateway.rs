@@ -283,7 +283,7 @@ impl Gateway {
             }
             Ok(FromDevice::Device(other)) => {
                 self.counters.packets_from_devices += 1;
-                self.to_device(other, packet, out);
+                self.send_to_device(other, packet, out);
             }
             Err(reason) => {
                 tracing::debug!(device = %device, reason = reason.label(), "device packet dropped");
@@ -295,12 +295,12 @@ impl Gateway {
     pub fn frame(&mut self, frame: &[u8], out: &mut Vec<Output>) {
         match self.bridge.from_segment(frame) {
             FromSegment::Reply(reply) => out.push(Output::Frame(reply)),
-            FromSegment::ToDevice { device, packet } => self.to_device(device, packet, out),
+            FromSegment::ToDevice { device, packet } => self.send_to_device(device, packet, out),
             FromSegment::NotForDevices => {}
         }
     }
 
-    fn to_device(&mut self, device: Ipv4Addr, packet: &[u8], out: &mut Vec<Output>) {
+    fn send_to_device(&mut self, device: Ipv4Addr, packet: &[u8], out: &mut Vec<Output>) {
         let Some(peer) = self
             .by_address
             .get(&device)
