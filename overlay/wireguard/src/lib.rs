@@ -12,6 +12,7 @@
 //! the gateway sees frames of one network through two channels.
 
 pub mod bridge;
+pub mod fuzzing;
 pub mod gateway;
 pub mod keys;
 pub mod run;
