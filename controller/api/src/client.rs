@@ -434,6 +434,36 @@ impl AdminClient {
     }
 }
 
+/// WireGuard devices.
+impl AdminClient {
+    /// Adds a WireGuard device to a network.
+    pub fn add_wireguard_peer(
+        &self,
+        network: &str,
+        req: &crate::wireguard::AddPeer,
+    ) -> Result<crate::wireguard::AddedPeer, AdminClientError> {
+        self.post(&format!("/v1/wireguard/{}/peers", escape(network)), req)
+    }
+
+    /// A network's WireGuard devices, by address.
+    pub fn wireguard_peers(
+        &self,
+        network: &str,
+    ) -> Result<Vec<crate::wireguard::PeerView>, AdminClientError> {
+        self.get(&format!("/v1/wireguard/{}/peers", escape(network)))
+    }
+
+    /// Removes a WireGuard device; returns it.
+    pub fn remove_wireguard_peer(
+        &self,
+        network: &str,
+        name: &str,
+    ) -> Result<crate::wireguard::PeerView, AdminClientError> {
+        let path = format!("/v1/wireguard/{}/peers/{}", escape(network), escape(name));
+        Self::required(&path, self.delete(&path)?)
+    }
+}
+
 /// Drives.
 impl AdminClient {
     /// How long the client waits for `drives prepare`: the controller's own wait (10 min) and a

@@ -26,6 +26,7 @@ pub mod releases;
 pub mod report;
 pub mod tokens;
 pub mod version;
+pub mod wireguard;
 
 #[cfg(feature = "client")]
 pub mod admin_conf;

@@ -27,3 +27,4 @@ pub mod selector;
 pub mod session;
 pub mod time;
 pub mod windows;
+pub mod wireguard;

@@ -102,6 +102,7 @@ pub fn router(controller: Ctl) -> Router {
         .route("/v1/refusals", get(refusals))
         .merge(crate::registry::routes::routes())
         .merge(crate::overlay::routes::routes())
+        .merge(crate::overlay::wireguard::routes())
         .merge(crate::drives::routes::routes())
         .merge(crate::netboot::routes::routes())
         .merge(crate::maintenance::routes::routes())

@@ -5,3 +5,4 @@ pub mod hub;
 pub mod messages;
 pub mod networks;
 pub mod routes;
+pub mod wireguard;

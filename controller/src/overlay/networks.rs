@@ -50,9 +50,10 @@ use crate::{
     registry::store::NODES, server::Controller, store::abort, store::decode, store::encode,
     store::EventKind, store::Scan, store::Store, store::StoreError, store::TxError, store::EVENTS,
     store::NETWORKS, store::NET_MEMBERS, store::NODE_KEYS, store::OVERLAY_COUNTERS,
-    store::PEER_INDEXES,
+    store::PEER_INDEXES, store::WG_DEVICES, store::WG_GATEWAYS,
 };
 use shoal_controller_core::registry::NodeRecord;
+use shoal_controller_core::wireguard::{DeviceRecord, GatewayRecord};
 
 const NEXT_NETWORK_ID: &str = "next_network_id";
 const NEXT_PEER_INDEX: &str = "next_peer_index";
@@ -150,6 +151,36 @@ pub enum NetworkError {
         /// The matching selectors, canonical text, separated by `; `.
         selectors: String,
     },
+    /// The network already has a WireGuard device of this name.
+    #[error("network {network} already has a WireGuard device named {name:?}")]
+    DeviceTaken {
+        /// The network.
+        network: String,
+        /// The device.
+        name: String,
+    },
+    /// Another device of the network has this public key.
+    #[error("WireGuard device {other:?} of network {network} already has this public key")]
+    KeyTaken {
+        /// The network.
+        network: String,
+        /// The device that has it.
+        other: String,
+    },
+    /// The network has no WireGuard device of this name.
+    #[error("network {network} has no WireGuard device named {name:?}")]
+    UnknownDevice {
+        /// The network.
+        network: String,
+        /// The device.
+        name: String,
+    },
+    /// Not a WireGuard public key, or not a usable endpoint.
+    #[error("{0}")]
+    BadWireguard(String),
+    /// The network's first device needs the endpoint clients send to.
+    #[error("network {0} has no WireGuard endpoint yet: give --endpoint HOST:PORT (the gateways' floating address)")]
+    NoEndpoint(String),
 }
 
 fn member_key(network: NetworkId, node: &NodeId) -> Vec<u8> {
@@ -160,7 +191,7 @@ fn member_key(network: NetworkId, node: &NodeId) -> Vec<u8> {
 
 /// Records to write in one transaction.
 #[derive(Default)]
-struct Plan {
+pub(super) struct Plan {
     networks: BTreeMap<NetworkId, Option<NetworkRecord>>,
     members: BTreeMap<(NetworkId, NodeId), Option<MemberRecord>>,
     counters: BTreeMap<&'static str, u32>,
@@ -171,6 +202,10 @@ struct Plan {
     require_nodes: BTreeSet<NodeId>,
     events: Vec<(EventKind, Option<NodeId>, String)>,
     changes: Vec<MembershipChange>,
+    /// WireGuard devices (`super::wireguard`).
+    pub(super) devices: BTreeMap<(NetworkId, String), Option<DeviceRecord>>,
+    /// Networks' WireGuard gateway records.
+    pub(super) gateways: BTreeMap<NetworkId, Option<GatewayRecord>>,
 }
 
 impl Plan {
@@ -181,23 +216,27 @@ impl Plan {
             && self.peers.is_empty()
             && self.drop_keys.is_empty()
             && self.events.is_empty()
+            && self.devices.is_empty()
+            && self.gateways.is_empty()
     }
 }
 
 /// An overlay change being worked out under the overlay lock: reads the store, keeps what it
 /// changes in memory (so later steps see earlier ones) and in a [`Plan`].
-struct Work<'a> {
+pub(super) struct Work<'a> {
     store: &'a Store,
     /// [`OVERLAY_VERSION`] when the work started, before anything was read.
     version: u64,
     networks: BTreeMap<NetworkId, NetworkRecord>,
     /// Members of the networks loaded so far.
     members: HashMap<NetworkId, BTreeMap<NodeId, MemberRecord>>,
-    plan: Plan,
+    /// WireGuard devices of the networks loaded so far, by name.
+    devices: HashMap<NetworkId, BTreeMap<String, DeviceRecord>>,
+    pub(super) plan: Plan,
 }
 
 impl<'a> Work<'a> {
-    fn new(store: &'a Store) -> Result<Work<'a>, StoreError> {
+    pub(super) fn new(store: &'a Store) -> Result<Work<'a>, StoreError> {
         let version = store.overlay_version()?;
         let networks = store.networks()?.into_iter().map(|n| (n.id, n)).collect();
         Ok(Work {
@@ -205,11 +244,12 @@ impl<'a> Work<'a> {
             version,
             networks,
             members: HashMap::new(),
+            devices: HashMap::new(),
             plan: Plan::default(),
         })
     }
 
-    fn by_name(&self, name: &str) -> Result<NetworkRecord, NetworkError> {
+    pub(super) fn by_name(&self, name: &str) -> Result<NetworkRecord, NetworkError> {
         self.networks
             .values()
             .find(|n| n.name == name)
@@ -217,7 +257,7 @@ impl<'a> Work<'a> {
             .ok_or_else(|| NetworkError::UnknownNetwork(name.to_owned()))
     }
 
-    fn members(
+    pub(super) fn members(
         &mut self,
         network: NetworkId,
     ) -> Result<&mut BTreeMap<NodeId, MemberRecord>, StoreError> {
@@ -231,6 +271,34 @@ impl<'a> Work<'a> {
             self.members.insert(network, loaded);
         }
         Ok(self.members.entry(network).or_default())
+    }
+
+    /// The network's WireGuard devices (as planned so far), by name.
+    pub(super) fn devices(
+        &mut self,
+        network: NetworkId,
+    ) -> Result<&mut BTreeMap<String, DeviceRecord>, StoreError> {
+        if !self.devices.contains_key(&network) {
+            let loaded = self
+                .store
+                .wg_devices(network)?
+                .into_iter()
+                .map(|d| (d.name.clone(), d))
+                .collect();
+            self.devices.insert(network, loaded);
+        }
+        Ok(self.devices.entry(network).or_default())
+    }
+
+    /// Addresses of the network that members and devices hold: IPAM hands out none of them.
+    pub(super) fn used_addresses(&mut self, network: NetworkId) -> Result<BTreeSet<u32>, StoreError> {
+        let mut used: BTreeSet<u32> = self
+            .members(network)?
+            .values()
+            .map(|m| u32::from(m.address))
+            .collect();
+        used.extend(self.devices(network)?.values().map(|d| u32::from(d.address)));
+        Ok(used)
     }
 
     fn counter(&self, name: &'static str) -> Result<u32, StoreError> {
@@ -278,8 +346,8 @@ impl<'a> Work<'a> {
             .get(&network)
             .cloned()
             .ok_or_else(|| NetworkError::UnknownNetwork(network.0.to_string()))?;
+        let used = self.used_addresses(network)?;
         let members = self.members(network)?;
-        let used: BTreeSet<u32> = members.values().map(|m| u32::from(m.address)).collect();
         let address =
             free_address(rec.subnet(), &used).ok_or_else(|| NetworkError::SubnetFull {
                 network: rec.name.clone(),
@@ -342,11 +410,11 @@ impl<'a> Work<'a> {
         Ok(())
     }
 
-    fn event(&mut self, kind: EventKind, node: Option<&NodeId>, message: String) {
+    pub(super) fn event(&mut self, kind: EventKind, node: Option<&NodeId>, message: String) {
         self.plan.events.push((kind, node.cloned(), message));
     }
 
-    fn commit(self, now: UnixMillis) -> Result<Vec<MembershipChange>, NetworkError> {
+    pub(super) fn commit(self, now: UnixMillis) -> Result<Vec<MembershipChange>, NetworkError> {
         self.store.commit(self.plan, self.version, now)
     }
 }
@@ -356,7 +424,7 @@ fn no_such_node(id: &NodeId) -> NetworkError {
 }
 
 impl Store {
-    fn overlay_guard(&self) -> std::sync::MutexGuard<'_, ()> {
+    pub(super) fn overlay_guard(&self) -> std::sync::MutexGuard<'_, ()> {
         // The guarded value is (): a panic while holding it left nothing inconsistent in memory.
         self.inner
             .overlay_lock
@@ -373,7 +441,7 @@ impl Store {
 
     /// Runs `change` (which works out an overlay change and commits it) again while other
     /// controllers' changes get in between its reads and its commit.
-    fn overlay_retry<T>(
+    pub(super) fn overlay_retry<T>(
         &self,
         change: impl Fn() -> Result<T, NetworkError>,
     ) -> Result<T, NetworkError> {
@@ -444,6 +512,20 @@ impl Store {
                     .transpose()?,
             ));
         }
+        let mut devices = Vec::new();
+        for ((net, name), rec) in &plan.devices {
+            devices.push((
+                super::wireguard::device_key(*net, name),
+                rec.as_ref().map(|r| encode("wireguard device", r)).transpose()?,
+            ));
+        }
+        let mut gateways = Vec::new();
+        for (net, rec) in &plan.gateways {
+            gateways.push((
+                net.0.to_be_bytes(),
+                rec.as_ref().map(|r| encode("wireguard gateway", r)).transpose()?,
+            ));
+        }
         let tables = [
             NODES,
             NETWORKS,
@@ -452,9 +534,12 @@ impl Store {
             NODE_KEYS,
             OVERLAY_COUNTERS,
             EVENTS,
+            WG_DEVICES,
+            WG_GATEWAYS,
         ];
         let seqs = self.transaction(&tables, |tx| {
-            let [nodes, nets, mems, peer_tree, keys, ctrs, events] = tables.map(|t| tx.table(t));
+            let [nodes, nets, mems, peer_tree, keys, ctrs, events, wg_devices, wg_gateways] =
+                tables.map(|t| tx.table(t));
             {
                 let current: u64 = match ctrs.get(OVERLAY_VERSION)? {
                     Some(b) => {
@@ -503,6 +588,22 @@ impl Store {
                 }
                 for node in &plan.drop_keys {
                     keys.remove(node.0.as_bytes())?;
+                }
+                for (key, value) in &devices {
+                    match value {
+                        Some(v) => wg_devices.insert(key.as_slice(), v.as_slice())?,
+                        None => {
+                            wg_devices.remove(key.as_slice())?;
+                        }
+                    };
+                }
+                for (key, value) in &gateways {
+                    match value {
+                        Some(v) => wg_gateways.insert(&key[..], v.as_slice())?,
+                        None => {
+                            wg_gateways.remove(&key[..])?;
+                        }
+                    };
                 }
                 let mut seqs = Vec::new();
                 for (kind, node, message) in &plan.events {
@@ -770,6 +871,11 @@ impl Store {
             for node in &members {
                 work.leave(rec.id, node)?;
             }
+            let devices: Vec<String> = work.devices(rec.id)?.keys().cloned().collect();
+            for device in devices {
+                work.plan.devices.insert((rec.id, device), None);
+            }
+            work.plan.gateways.insert(rec.id, None);
             work.plan.networks.insert(rec.id, None);
             work.plan
                 .changes

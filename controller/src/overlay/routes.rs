@@ -50,10 +50,16 @@ impl From<NetworkError> for HttpError {
         }
         let status = match &e {
             E::UnknownNetwork(_)
+            | E::UnknownDevice { .. }
             | E::UnknownNode(_)
             | E::NotMember { .. }
             | E::UnknownSelector { .. } => StatusCode::NOT_FOUND,
-            E::BadName(_) | E::BadSubnet(_) | E::BadMtu(_) | E::BadSelector(_) => {
+            E::BadName(_)
+            | E::BadSubnet(_)
+            | E::BadMtu(_)
+            | E::BadSelector(_)
+            | E::BadWireguard(_)
+            | E::NoEndpoint(_) => {
                 StatusCode::BAD_REQUEST
             }
             _ => StatusCode::CONFLICT,

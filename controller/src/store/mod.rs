@@ -133,6 +133,10 @@ pub(crate) const NET_MEMBERS: &str = "net_members";
 pub(crate) const PEER_INDEXES: &str = "peer_indexes";
 pub(crate) const NODE_KEYS: &str = "node_keys";
 pub(crate) const OVERLAY_COUNTERS: &str = "overlay_counters";
+/// WireGuard devices: network id (big-endian u32) ‖ name → `DeviceRecord`.
+pub(crate) const WG_DEVICES: &str = "wg_devices";
+/// Networks' WireGuard gateway keys and endpoints: network id (big-endian u32) → `GatewayRecord`.
+pub(crate) const WG_GATEWAYS: &str = "wg_gateways";
 
 /// A failure of the store itself.
 #[derive(Debug, thiserror::Error)]

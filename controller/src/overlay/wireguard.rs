@@ -1,0 +1,393 @@
+//! WireGuard devices of overlay networks (issue 17): their records, addresses from the network's
+//! IPAM (shared with the nodes: [`Work::used_addresses`]), each network's gateway key, and the
+//! admin routes `/v1/wireguard/{network}/peers…`.
+//!
+//! Changes run like every overlay change: under the overlay lock, worked out from reads after the
+//! overlay version and committed in one transaction only if the version is unchanged (so two
+//! controllers on one etcd never hand out one address twice). The network's gateway key is made
+//! with its first device; it never leaves the controller except, later, to the network's gateway
+//! agents. A device's private key is never here.
+//!
+//! Trees: `wg_devices` (network id ‖ name → [`DeviceRecord`]), `wg_gateways` (network id →
+//! [`GatewayRecord`]).
+
+use axum::{
+    extract::{Path, State},
+    routing::{delete, get},
+    Json, Router,
+};
+use shoal_api::wireguard::{AddPeer, AddedPeer, PeerView};
+use shoal_controller_core::networks::free_address;
+use shoal_controller_core::selector::valid_name;
+use shoal_controller_core::time::rfc3339_ms as rfc3339;
+use shoal_controller_core::wireguard::{DeviceRecord, GatewayRecord};
+use shoal_proto::{NetworkId, UnixMillis};
+use shoal_wireguard::Key;
+use tracing::info;
+
+use super::networks::{NetworkError, Work};
+use crate::http::{blocking, Ctl, HttpError};
+use crate::server::now_ms;
+use crate::store::{decode, EventKind, OverlayEvent, Scan, Store, StoreError, WG_DEVICES};
+use crate::store::WG_GATEWAYS;
+
+/// Key of a device record: network id (big-endian) ‖ name.
+pub(super) fn device_key(network: NetworkId, name: &str) -> Vec<u8> {
+    let mut key = network.0.to_be_bytes().to_vec();
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+impl Store {
+    /// A network's WireGuard devices, by name.
+    pub fn wg_devices(&self, network: NetworkId) -> Result<Vec<DeviceRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .table(WG_DEVICES)
+            .scan(Scan::prefix(network.0.to_be_bytes()))
+        {
+            let (key, value) = item?;
+            out.push(decode(WG_DEVICES, &key, &value)?);
+        }
+        Ok(out)
+    }
+
+    /// A network's gateway record, once it has had a device.
+    pub fn wg_gateway(&self, network: NetworkId) -> Result<Option<GatewayRecord>, StoreError> {
+        let key = network.0.to_be_bytes();
+        match self.table(WG_GATEWAYS).get(&key[..])? {
+            Some(bytes) => Ok(Some(decode(WG_GATEWAYS, &key, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds a device with the lowest free address of the network; makes the network's gateway key
+    /// with its first device. `endpoint` replaces the network's endpoint when given (the first
+    /// device needs one).
+    pub fn add_wg_device(
+        &self,
+        network: &str,
+        name: &str,
+        public_key: Key,
+        endpoint: Option<&str>,
+        now: UnixMillis,
+    ) -> Result<(DeviceRecord, GatewayRecord), NetworkError> {
+        if !valid_name(name) {
+            return Err(NetworkError::BadWireguard(format!(
+                "device name {name:?} is not allowed: use 1 to 31 of a-z, 0-9 and '-', not starting with '-'"
+            )));
+        }
+        if let Some(e) = endpoint {
+            shoal_wireguard::keys::check_endpoint(e).map_err(|_| {
+                NetworkError::BadWireguard(format!(
+                    "endpoint {e:?} is not HOST:PORT (the address clients send to)"
+                ))
+            })?;
+        }
+        self.overlay_retry(|| {
+            let _guard = self.overlay_guard();
+            let mut work = Work::new(self)?;
+            let net = work.by_name(network)?;
+            let devices = work.devices(net.id)?;
+            if devices.contains_key(name) {
+                return Err(NetworkError::DeviceTaken {
+                    network: network.to_owned(),
+                    name: name.to_owned(),
+                });
+            }
+            if let Some(other) = devices.values().find(|d| d.public_key == public_key.0) {
+                return Err(NetworkError::KeyTaken {
+                    network: network.to_owned(),
+                    other: other.name.clone(),
+                });
+            }
+            let used = work.used_addresses(net.id)?;
+            let address =
+                free_address(net.subnet(), &used).ok_or_else(|| NetworkError::SubnetFull {
+                    network: net.name.clone(),
+                    subnet: net.subnet(),
+                })?;
+            let gateway = match (self.wg_gateway(net.id)?, endpoint) {
+                (Some(g), None) => g,
+                (Some(g), Some(e)) => GatewayRecord {
+                    endpoint: e.to_owned(),
+                    ..g
+                },
+                (None, Some(e)) => GatewayRecord {
+                    network: net.id,
+                    private_key: Key::generate_private().0,
+                    endpoint: e.to_owned(),
+                },
+                (None, None) => return Err(NetworkError::NoEndpoint(network.to_owned())),
+            };
+            let device = DeviceRecord {
+                network: net.id,
+                name: name.to_owned(),
+                public_key: public_key.0,
+                address,
+                created_at: now,
+            };
+            work.devices(net.id)?
+                .insert(name.to_owned(), device.clone());
+            work.plan
+                .devices
+                .insert((net.id, name.to_owned()), Some(device.clone()));
+            work.plan.gateways.insert(net.id, Some(gateway.clone()));
+            work.event(
+                EventKind::Overlay(OverlayEvent::NetworkChanged),
+                None,
+                format!("WireGuard device {name} added to network {network} as {address}"),
+            );
+            work.commit(now)?;
+            info!(network, device = name, %address, "WireGuard device added");
+            Ok((device, gateway.clone()))
+        })
+    }
+
+    /// Removes a device; returns its record.
+    pub fn remove_wg_device(
+        &self,
+        network: &str,
+        name: &str,
+        now: UnixMillis,
+    ) -> Result<DeviceRecord, NetworkError> {
+        self.overlay_retry(|| {
+            let _guard = self.overlay_guard();
+            let mut work = Work::new(self)?;
+            let net = work.by_name(network)?;
+            let device = work.devices(net.id)?.remove(name).ok_or_else(|| {
+                NetworkError::UnknownDevice {
+                    network: network.to_owned(),
+                    name: name.to_owned(),
+                }
+            })?;
+            work.plan.devices.insert((net.id, name.to_owned()), None);
+            work.event(
+                EventKind::Overlay(OverlayEvent::NetworkChanged),
+                None,
+                format!(
+                    "WireGuard device {name} ({}) removed from network {network}",
+                    device.address
+                ),
+            );
+            work.commit(now)?;
+            info!(network, device = name, "WireGuard device removed");
+            Ok(device)
+        })
+    }
+}
+
+/// This domain's admin routes (the router adds authentication).
+pub fn routes() -> Router<Ctl> {
+    Router::new()
+        .route(
+            "/v1/wireguard/{network}/peers",
+            get(list_peers).post(add_peer),
+        )
+        .route(
+            "/v1/wireguard/{network}/peers/{name}",
+            delete(remove_peer),
+        )
+}
+
+fn peer_view(network: &str, d: &DeviceRecord) -> PeerView {
+    PeerView {
+        name: d.name.clone(),
+        network: network.to_owned(),
+        address: d.address.to_string(),
+        public_key: Key(d.public_key).to_string(),
+        created_at: rfc3339(d.created_at.0),
+    }
+}
+
+async fn add_peer(
+    State(ctl): State<Ctl>,
+    Path(network): Path<String>,
+    Json(req): Json<AddPeer>,
+) -> Result<Json<AddedPeer>, HttpError> {
+    let key: Key = req
+        .public_key
+        .parse()
+        .map_err(|e: shoal_wireguard::keys::KeyParseError| {
+            HttpError::from(NetworkError::BadWireguard(e.to_string()))
+        })?;
+    blocking(move || {
+        let (device, gateway) = ctl.store.add_wg_device(
+            &network,
+            &req.name,
+            key,
+            req.endpoint.as_deref(),
+            now_ms(),
+        )?;
+        let net = ctl
+            .store
+            .network_by_name(&network)?
+            .ok_or_else(|| HttpError::from(NetworkError::UnknownNetwork(network.clone())))?;
+        Ok(Json(AddedPeer {
+            peer: peer_view(&network, &device),
+            gateway_public_key: Key(gateway.private_key).public().to_string(),
+            endpoint: gateway.endpoint,
+            allowed_ips: net.subnet().to_string(),
+        }))
+    })
+    .await
+}
+
+async fn list_peers(
+    State(ctl): State<Ctl>,
+    Path(network): Path<String>,
+) -> Result<Json<Vec<PeerView>>, HttpError> {
+    blocking(move || {
+        let net = ctl
+            .store
+            .network_by_name(&network)?
+            .ok_or_else(|| HttpError::from(NetworkError::UnknownNetwork(network.clone())))?;
+        let mut devices = ctl.store.wg_devices(net.id)?;
+        devices.sort_by_key(|d| d.address);
+        Ok(Json(
+            devices.iter().map(|d| peer_view(&network, d)).collect(),
+        ))
+    })
+    .await
+}
+
+async fn remove_peer(
+    State(ctl): State<Ctl>,
+    Path((network, name)): Path<(String, String)>,
+) -> Result<Json<PeerView>, HttpError> {
+    blocking(move || {
+        let device = ctl.store.remove_wg_device(&network, &name, now_ms())?;
+        Ok(Json(peer_view(&network, &device)))
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use shoal_controller_core::networks::{DEFAULT_OVERLAY_MTU, DEFAULT_OVERLAY_SUBNET};
+
+    use super::*;
+    use crate::test_support::enrol_for_tests;
+
+    const T0: UnixMillis = UnixMillis(1_700_000_000_000);
+
+    fn open(dir: &std::path::Path) -> Store {
+        let store = Store::open(dir).expect("open");
+        store
+            .ensure_default_network(DEFAULT_OVERLAY_SUBNET, DEFAULT_OVERLAY_MTU)
+            .expect("default network");
+        store
+    }
+
+    fn key() -> Key {
+        Key::generate_private().public()
+    }
+
+    #[test]
+    fn devices_share_the_networks_ipam_with_nodes_and_keep_their_address() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let a = enrol_for_tests(&store, "a", &[], T0);
+        let a_addr = store.members(NetworkId(1)).expect("members")[0].address;
+        assert_eq!(a_addr, Ipv4Addr::new(10, 90, 0, 1));
+
+        let (phone, gw) = store
+            .add_wg_device("default", "phone", key(), Some("gw.example.net:51820"), T0)
+            .expect("add");
+        assert_eq!(phone.address, Ipv4Addr::new(10, 90, 0, 2), "next to the node");
+        assert_eq!(gw.endpoint, "gw.example.net:51820");
+        // A node enrolled after the device does not get the device's address.
+        let b = enrol_for_tests(&store, "b", &[], T0);
+        let b_addr = store
+            .members(NetworkId(1))
+            .expect("members")
+            .into_iter()
+            .find(|m| m.node == b)
+            .expect("b is a member")
+            .address;
+        assert_eq!(b_addr, Ipv4Addr::new(10, 90, 0, 3));
+        // The second device reuses the gateway key and endpoint.
+        let (laptop, gw2) = store
+            .add_wg_device("default", "laptop", key(), None, T0)
+            .expect("add");
+        assert_eq!(laptop.address, Ipv4Addr::new(10, 90, 0, 4));
+        assert_eq!(gw2, gw);
+        // Reopened: all still there.
+        drop(store);
+        let store = open(dir.path());
+        let names: Vec<String> = store
+            .wg_devices(NetworkId(1))
+            .expect("devices")
+            .into_iter()
+            .map(|d| d.name)
+            .collect();
+        assert_eq!(names, ["laptop", "phone"]);
+        assert_eq!(store.wg_gateway(NetworkId(1)).expect("gw"), Some(gw));
+        // Removal frees the address for the next device.
+        let removed = store
+            .remove_wg_device("default", "phone", T0)
+            .expect("remove");
+        assert_eq!(removed.address, Ipv4Addr::new(10, 90, 0, 2));
+        let (tablet, _) = store
+            .add_wg_device("default", "tablet", key(), None, T0)
+            .expect("add");
+        assert_eq!(tablet.address, Ipv4Addr::new(10, 90, 0, 2));
+        let _ = a;
+    }
+
+    #[test]
+    fn bad_and_conflicting_devices_are_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let k = key();
+        let err = store
+            .add_wg_device("default", "phone", k, None, T0)
+            .expect_err("no endpoint");
+        assert!(err.to_string().contains("--endpoint"), "{err}");
+        let err = store
+            .add_wg_device("default", "Phone!", k, Some("gw:51820"), T0)
+            .expect_err("bad name");
+        assert!(err.to_string().contains("not allowed"), "{err}");
+        let err = store
+            .add_wg_device("default", "phone", k, Some("gw"), T0)
+            .expect_err("bad endpoint");
+        assert!(err.to_string().contains("HOST:PORT"), "{err}");
+        let err = store
+            .add_wg_device("nope", "phone", k, Some("gw:51820"), T0)
+            .expect_err("no network");
+        assert!(matches!(err, NetworkError::UnknownNetwork(_)), "{err}");
+        store
+            .add_wg_device("default", "phone", k, Some("gw:51820"), T0)
+            .expect("add");
+        assert!(matches!(
+            store.add_wg_device("default", "phone", key(), None, T0),
+            Err(NetworkError::DeviceTaken { .. })
+        ));
+        assert!(matches!(
+            store.add_wg_device("default", "other", k, None, T0),
+            Err(NetworkError::KeyTaken { .. })
+        ));
+        assert!(matches!(
+            store.remove_wg_device("default", "ghost", T0),
+            Err(NetworkError::UnknownDevice { .. })
+        ));
+    }
+
+    #[test]
+    fn deleting_a_network_drops_its_devices_and_gateway_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let subnet = "10.91.0.0/24".parse().expect("subnet");
+        let (net, _) = store
+            .create_network("lab", subnet, None, T0)
+            .expect("create");
+        store
+            .add_wg_device("lab", "phone", key(), Some("gw:51820"), T0)
+            .expect("add");
+        store.delete_network("lab", T0).expect("delete");
+        assert!(store.wg_devices(net.id).expect("devices").is_empty());
+        assert_eq!(store.wg_gateway(net.id).expect("gw"), None);
+    }
+}
