@@ -16,6 +16,7 @@ mod output;
 mod progress;
 mod release;
 mod watch;
+mod wireguard;
 
 use std::{collections::BTreeMap, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -75,6 +76,9 @@ enum Command {
     /// Overlay paths and datapath counters, as the agents report them.
     #[command(subcommand)]
     Overlay(OverlayCmd),
+    /// WireGuard access: devices that reach an overlay network with a stock WireGuard client.
+    #[command(subcommand, alias = "wg")]
+    Wireguard(wireguard::WireguardCmd),
     /// Drives: SMART health, preparation of new drives, self-tests, drive policies.
     #[command(subcommand, alias = "drive")]
     Drives(DrivesCmd),
@@ -637,6 +641,7 @@ fn run(cli: Cli, config_typed: bool) -> anyhow::Result<u8> {
             out.show(&node, || say!("removed node {id}"))?;
         }
         Command::Network(cmd) => network(&client, cmd, out)?,
+        Command::Wireguard(cmd) => wireguard::wireguard(&client, cmd, out)?,
         Command::Drives(cmd) => drives(&client, cmd, out)?,
         Command::Window(cmd) => maint::window(&client, cmd, out)?,
         Command::Backup(cmd) => backup::backup(&client, cmd, out)?,

@@ -291,13 +291,20 @@ impl<'a> Work<'a> {
     }
 
     /// Addresses of the network that members and devices hold: IPAM hands out none of them.
-    pub(super) fn used_addresses(&mut self, network: NetworkId) -> Result<BTreeSet<u32>, StoreError> {
+    pub(super) fn used_addresses(
+        &mut self,
+        network: NetworkId,
+    ) -> Result<BTreeSet<u32>, StoreError> {
         let mut used: BTreeSet<u32> = self
             .members(network)?
             .values()
             .map(|m| u32::from(m.address))
             .collect();
-        used.extend(self.devices(network)?.values().map(|d| u32::from(d.address)));
+        used.extend(
+            self.devices(network)?
+                .values()
+                .map(|d| u32::from(d.address)),
+        );
         Ok(used)
     }
 
@@ -516,14 +523,18 @@ impl Store {
         for ((net, name), rec) in &plan.devices {
             devices.push((
                 super::wireguard::device_key(*net, name),
-                rec.as_ref().map(|r| encode("wireguard device", r)).transpose()?,
+                rec.as_ref()
+                    .map(|r| encode("wireguard device", r))
+                    .transpose()?,
             ));
         }
         let mut gateways = Vec::new();
         for (net, rec) in &plan.gateways {
             gateways.push((
                 net.0.to_be_bytes(),
-                rec.as_ref().map(|r| encode("wireguard gateway", r)).transpose()?,
+                rec.as_ref()
+                    .map(|r| encode("wireguard gateway", r))
+                    .transpose()?,
             ));
         }
         let tables = [

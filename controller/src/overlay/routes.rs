@@ -59,9 +59,7 @@ impl From<NetworkError> for HttpError {
             | E::BadMtu(_)
             | E::BadSelector(_)
             | E::BadWireguard(_)
-            | E::NoEndpoint(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            | E::NoEndpoint(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::CONFLICT,
         };
         HttpError(status, e.to_string())

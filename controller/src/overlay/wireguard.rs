@@ -28,8 +28,8 @@ use tracing::info;
 use super::networks::{NetworkError, Work};
 use crate::http::{blocking, Ctl, HttpError};
 use crate::server::now_ms;
-use crate::store::{decode, EventKind, OverlayEvent, Scan, Store, StoreError, WG_DEVICES};
 use crate::store::WG_GATEWAYS;
+use crate::store::{decode, EventKind, OverlayEvent, Scan, Store, StoreError, WG_DEVICES};
 
 /// Key of a device record: network id (big-endian) ‖ name.
 pub(super) fn device_key(network: NetworkId, name: &str) -> Vec<u8> {
@@ -155,12 +155,13 @@ impl Store {
             let _guard = self.overlay_guard();
             let mut work = Work::new(self)?;
             let net = work.by_name(network)?;
-            let device = work.devices(net.id)?.remove(name).ok_or_else(|| {
-                NetworkError::UnknownDevice {
-                    network: network.to_owned(),
-                    name: name.to_owned(),
-                }
-            })?;
+            let device =
+                work.devices(net.id)?
+                    .remove(name)
+                    .ok_or_else(|| NetworkError::UnknownDevice {
+                        network: network.to_owned(),
+                        name: name.to_owned(),
+                    })?;
             work.plan.devices.insert((net.id, name.to_owned()), None);
             work.event(
                 EventKind::Overlay(OverlayEvent::NetworkChanged),
@@ -184,10 +185,7 @@ pub fn routes() -> Router<Ctl> {
             "/v1/wireguard/{network}/peers",
             get(list_peers).post(add_peer),
         )
-        .route(
-            "/v1/wireguard/{network}/peers/{name}",
-            delete(remove_peer),
-        )
+        .route("/v1/wireguard/{network}/peers/{name}", delete(remove_peer))
 }
 
 fn peer_view(network: &str, d: &DeviceRecord) -> PeerView {
@@ -212,13 +210,9 @@ async fn add_peer(
             HttpError::from(NetworkError::BadWireguard(e.to_string()))
         })?;
     blocking(move || {
-        let (device, gateway) = ctl.store.add_wg_device(
-            &network,
-            &req.name,
-            key,
-            req.endpoint.as_deref(),
-            now_ms(),
-        )?;
+        let (device, gateway) =
+            ctl.store
+                .add_wg_device(&network, &req.name, key, req.endpoint.as_deref(), now_ms())?;
         let net = ctl
             .store
             .network_by_name(&network)?
@@ -296,7 +290,11 @@ mod tests {
         let (phone, gw) = store
             .add_wg_device("default", "phone", key(), Some("gw.example.net:51820"), T0)
             .expect("add");
-        assert_eq!(phone.address, Ipv4Addr::new(10, 90, 0, 2), "next to the node");
+        assert_eq!(
+            phone.address,
+            Ipv4Addr::new(10, 90, 0, 2),
+            "next to the node"
+        );
         assert_eq!(gw.endpoint, "gw.example.net:51820");
         // A node enrolled after the device does not get the device's address.
         let b = enrol_for_tests(&store, "b", &[], T0);
