@@ -177,3 +177,46 @@ fn two_controllers_never_hand_out_one_overlay_address_twice() {
         b.next_netmap_epoch().unwrap()
     );
 }
+
+#[test]
+fn two_controllers_never_give_a_wireguard_device_an_address_a_node_or_device_has() {
+    let cluster = require!(EtcdCluster::start(1));
+    let (a, b, _dir, _) = two_stores(&cluster);
+    let subnet: shoal_controller_core::networks::Subnet = "10.78.0.0/24".parse().unwrap();
+    a.create_network("lab", subnet, None, UnixMillis(1))
+        .unwrap();
+    a.add_wg_device(
+        "lab",
+        "first",
+        shoal_wireguard::Key::generate_private().public(),
+        Some("gw:51820"),
+        UnixMillis(1),
+    )
+    .unwrap();
+    const EACH: usize = 4;
+    for i in 0..4 * EACH {
+        put_node(&a, &node(i));
+    }
+    // Nodes join and devices are added at once, through both controllers.
+    on_both(&a, &b, |store, t| {
+        for i in 0..EACH {
+            let n = node(t * EACH + i);
+            store.add_member("lab", &n.id, UnixMillis(2)).unwrap();
+            let key = shoal_wireguard::Key::generate_private().public();
+            store
+                .add_wg_device("lab", &format!("d{t}-{i}"), key, None, UnixMillis(2))
+                .unwrap();
+        }
+    });
+    let net = b.network_by_name("lab").unwrap().unwrap();
+    let members = b.members(net.id).unwrap();
+    let devices = b.wg_devices(net.id).unwrap();
+    assert_eq!(members.len(), 4 * EACH);
+    assert_eq!(devices.len(), 4 * EACH + 1);
+    let addresses: BTreeSet<_> = members
+        .iter()
+        .map(|m| m.address)
+        .chain(devices.iter().map(|d| d.address))
+        .collect();
+    assert_eq!(addresses.len(), 8 * EACH + 1, "addresses are unique");
+}
