@@ -175,6 +175,22 @@ impl Bridge {
         FromSegment::Reply(reply)
     }
 
+    /// A gratuitous ARP (RFC 5227 announcement: a broadcast request with sender and target both
+    /// the device's address) saying the device is now at this gateway's MAC, so members that had it
+    /// at another gateway's switch at once (failover).
+    pub fn announce(&self, device: Ipv4Addr) -> Vec<u8> {
+        let mut frame = Vec::with_capacity(ETHERNET_HEADER_LEN + ARP_LEN);
+        frame.extend_from_slice(&MacAddr::BROADCAST.0);
+        frame.extend_from_slice(&self.gateway_mac.0);
+        frame.extend_from_slice(&ETHERTYPE_ARP.to_be_bytes());
+        frame.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        frame.extend_from_slice(&self.gateway_mac.0);
+        frame.extend_from_slice(&device.octets());
+        frame.extend_from_slice(&[0; 6]);
+        frame.extend_from_slice(&device.octets());
+        frame
+    }
+
     /// A packet the device at `device` sent (already decrypted and authenticated as that device).
     pub fn from_device(
         &mut self,
@@ -290,6 +306,20 @@ mod tests {
         assert_eq!(&arp[14..18], &DEVICE.octets());
         assert_eq!(&arp[18..24], &NODE.0);
         assert_eq!(&arp[24..28], &NODE_IP.octets());
+    }
+
+    #[test]
+    fn an_announcement_is_a_broadcast_arp_naming_the_gateway_for_the_device() {
+        let b = bridge();
+        let f = b.announce(DEVICE);
+        assert_eq!(&f[..6], &MacAddr::BROADCAST.0);
+        assert_eq!(&f[6..12], &GW.0);
+        assert_eq!(&f[12..14], &[8, 6]);
+        let arp = &f[14..];
+        assert_eq!(&arp[..8], &[0, 1, 8, 0, 6, 4, 0, 1]);
+        assert_eq!(&arp[8..14], &GW.0);
+        assert_eq!(&arp[14..18], &DEVICE.octets());
+        assert_eq!(&arp[24..28], &DEVICE.octets());
     }
 
     #[test]

@@ -267,9 +267,15 @@ impl Gateway {
                 return;
             }
         }
-        // Authenticated: the device is at `from` now.
+        // Authenticated: the device is at `from` now. The first time it reaches this gateway
+        // (a new device, or one that failed over from another gateway), members learn that its
+        // address is at this gateway's MAC.
+        let first_contact = peer.endpoint.is_none();
         peer.endpoint = Some(from);
         let device = peer.device.address;
+        if first_contact {
+            out.push(Output::Frame(self.bridge.announce(device)));
+        }
         if let Some(packet) = from_device {
             self.device_packet(device, &packet, out);
         }
