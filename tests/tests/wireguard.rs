@@ -7,8 +7,12 @@
 //! Needs root (skips with a reason otherwise, fails under CI), `wireguard-go`, `wg` and `iperf3`
 //! (scripts/deps).
 //!
-//! Not covered yet (docs/operators-guide.md, "WireGuard access"): the gateway inside the agent,
-//! devices from `shoalctl wireguard peer add`, and failover between gateways.
+//! Failover: two gateways with one shared key behind one floating endpoint, bridged onto one
+//! segment; the first dies, the floating address moves, and the client carries on through the
+//! second without a configuration change.
+//!
+//! Not covered yet (docs/operators-guide.md §26): the gateway inside the agent, and devices from
+//! `shoalctl wireguard peer add` reaching gateways.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Child, Stdio};
@@ -44,14 +48,19 @@ struct GatewayHost {
 }
 
 impl GatewayHost {
-    fn start(ns: &str, listen: SocketAddr, tap: &str) -> Result<GatewayHost> {
+    /// A gateway with `key` and `mac`; `tap_addr` is given to the TAP's kernel side (else the
+    /// TAP is left without an address, for a bridge).
+    fn start(
+        ns: &str,
+        listen: SocketAddr,
+        tap: &str,
+        key: Key,
+        mac: MacAddr,
+        tap_addr: Option<Ipv4Addr>,
+    ) -> Result<GatewayHost> {
         let path = std::path::Path::new("/run/netns").join(ns);
         let file = std::fs::File::open(&path).context("namespace")?;
-        let gateway = Gateway::new(
-            GatewayConfig::default(),
-            Key::generate_private(),
-            GATEWAY_MAC,
-        );
+        let gateway = Gateway::new(GatewayConfig::default(), key, mac);
         let public_key = gateway.public_key();
         let (served, served_rx) = watch::channel(Served::default());
         let (stop, stopped) = oneshot::channel::<()>();
@@ -64,12 +73,14 @@ impl GatewayHost {
                 .build()?;
             rt.block_on(async move {
                 let setup = async {
-                    let device = tun_rs::DeviceBuilder::new()
+                    let mut builder = tun_rs::DeviceBuilder::new()
                         .name(&tap)
                         .layer(tun_rs::Layer::L2)
-                        .ipv4(TAP_ADDR, 16, None)
-                        .mtu(1380)
-                        .build_async()?;
+                        .mtu(1380);
+                    if let Some(addr) = tap_addr {
+                        builder = builder.ipv4(addr, 16, None);
+                    }
+                    let device = builder.build_async()?;
                     let socket = tokio::net::UdpSocket::bind(listen).await?;
                     anyhow::Ok((device, socket))
                 };
@@ -154,7 +165,12 @@ fn a_stock_wireguard_client_behind_a_nat_reaches_the_overlay_and_is_cut_off_on_r
     test_body(&wireguard_go).expect("WireGuard access");
 }
 
+/// The two tests run one at a time: each starts a userspace WireGuard client and pushes traffic
+/// through it, and on two shared cores one would starve the other's timers.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn test_body(wireguard_go: &std::path::Path) -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut topo = Topology::new()?;
     topo.add_lan("pub", "10.77.0.0/24")?;
     topo.add_host("gw")?;
@@ -171,7 +187,14 @@ fn test_body(wireguard_go: &std::path::Path) -> Result<()> {
     let gw_ns = topo.host("gw")?.ns_name().to_owned();
     let phone_ns = topo.host("phone")?.ns_name().to_owned();
 
-    let gateway = GatewayHost::start(&gw_ns, SocketAddr::from((gw_addr, PORT)), "shoal0")?;
+    let gateway = GatewayHost::start(
+        &gw_ns,
+        SocketAddr::from((gw_addr, PORT)),
+        "shoal0",
+        Key::generate_private(),
+        GATEWAY_MAC,
+        Some(TAP_ADDR),
+    )?;
     let tap_mac: MacAddr = topo
         .host("gw")?
         .netns()
@@ -199,37 +222,7 @@ fn test_body(wireguard_go: &std::path::Path) -> Result<()> {
         .collect();
     std::fs::write(&conf, setconf)?;
 
-    let iface = format!("wg{}", std::process::id() % 100_000);
-    let _client = KillOnDrop(
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &phone_ns])
-            .arg(wireguard_go)
-            .args(["-f", &iface])
-            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("wireguard-go")?,
-    );
-    eventually!(Duration::from_secs(10), "wireguard-go's interface", || {
-        in_ns(&phone_ns, "ip", &["link", "show", &iface])
-    })?;
-    in_ns(
-        &phone_ns,
-        "wg",
-        &["setconf", &iface, &conf.to_string_lossy()],
-    )?;
-    in_ns(
-        &phone_ns,
-        "ip",
-        &["addr", "add", &format!("{DEVICE_ADDR}/32"), "dev", &iface],
-    )?;
-    in_ns(&phone_ns, "ip", &["link", "set", &iface, "up"])?;
-    in_ns(
-        &phone_ns,
-        "ip",
-        &["route", "add", "10.90.0.0/16", "dev", &iface],
-    )?;
+    let _client = start_client(&phone_ns, wireguard_go, &conf)?;
 
     gateway.served.send_replace(Served {
         devices: vec![Device {
@@ -302,5 +295,223 @@ fn test_body(wireguard_go: &std::path::Path) -> Result<()> {
         .is_err(),
         "a removed device reached the overlay again"
     );
+    Ok(())
+}
+
+/// wireguard-go on `wg<pid>` in `ns`, configured from `conf` (`wg setconf`), with the device's
+/// address and a route to the overlay.
+fn start_client(
+    ns: &str,
+    wireguard_go: &std::path::Path,
+    conf: &std::path::Path,
+) -> Result<KillOnDrop> {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let phone_ns = ns;
+    // Unique per test: wireguard-go's control socket is /var/run/wireguard/IFACE.sock, shared by
+    // every namespace.
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let iface = format!("wg{}x{n}", std::process::id() % 100_000);
+    let client = KillOnDrop(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", phone_ns])
+            .arg(wireguard_go)
+            .args(["-f", &iface])
+            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("wireguard-go")?,
+    );
+    eventually!(Duration::from_secs(10), "wireguard-go's interface", || {
+        in_ns(phone_ns, "ip", &["link", "show", &iface])
+    })?;
+    in_ns(
+        phone_ns,
+        "wg",
+        &["setconf", &iface, &conf.to_string_lossy()],
+    )?;
+    in_ns(
+        phone_ns,
+        "ip",
+        &["addr", "add", &format!("{DEVICE_ADDR}/32"), "dev", &iface],
+    )?;
+    in_ns(phone_ns, "ip", &["link", "set", &iface, "up"])?;
+    in_ns(
+        phone_ns,
+        "ip",
+        &["route", "add", "10.90.0.0/16", "dev", &iface],
+    )?;
+
+    Ok(client)
+}
+
+#[test]
+fn a_client_fails_over_to_another_gateway_without_a_config_change() {
+    require_host_tests!();
+    let wireguard_go = shoal_tests::testkit::require!(tool("wireguard-go", "wireguard-go"));
+    shoal_tests::testkit::require!(tool("wg", "wireguard-tools"));
+    shoal_tests::testkit::require!(tool("arping", "arping"));
+    failover_body(&wireguard_go).expect("WireGuard failover");
+}
+
+/// Puts `tap` and the host's interface on LAN `seg` into one bridge, so the gateway's frames reach
+/// that LAN.
+fn bridge_onto(ns: &str, tap: &str, seg_iface: &str) -> Result<()> {
+    in_ns(ns, "ip", &["addr", "flush", "dev", seg_iface])?;
+    in_ns(ns, "ip", &["link", "add", "br0", "type", "bridge"])?;
+    for port in [tap, seg_iface] {
+        in_ns(ns, "ip", &["link", "set", port, "master", "br0"])?;
+        in_ns(ns, "ip", &["link", "set", port, "up"])?;
+    }
+    in_ns(ns, "ip", &["link", "set", "br0", "up"])?;
+    Ok(())
+}
+
+fn failover_body(wireguard_go: &std::path::Path) -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let floating = Ipv4Addr::new(10, 77, 0, 100);
+    let mut topo = Topology::new()?;
+    topo.add_lan("pub", "10.77.0.0/24")?;
+    topo.add_lan("seg", "10.90.0.0/16")?;
+    let mut gws = Vec::new();
+    for name in ["gw1", "gw2"] {
+        topo.add_host(name)?;
+        let public = topo.connect(name, "pub")?;
+        let seg = topo.connect(name, "seg")?;
+        let ns = topo.host(name)?.ns_name().to_owned();
+        // Both gateways bind the floating address; only the one holding it receives.
+        topo.host(name)?
+            .netns()
+            .enter(|| std::fs::write("/proc/sys/net/ipv4/ip_nonlocal_bind", "1"))??;
+        gws.push((ns, public.name.clone(), seg.name.clone()));
+    }
+    topo.add_host("node")?;
+    topo.connect_with_addr("node", "seg", TAP_ADDR)?;
+    topo.add_nat_router(
+        "nat",
+        "pub",
+        "home",
+        "10.78.0.0/24",
+        NatMode::EndpointIndependent,
+    )?;
+    topo.add_host("phone")?;
+    topo.connect("phone", "home")?;
+    let node_ns = topo.host("node")?.ns_name().to_owned();
+    let phone_ns = topo.host("phone")?.ns_name().to_owned();
+    let node_mac: MacAddr = topo
+        .host("node")?
+        .netns()
+        .mac(&topo.host("node")?.iface_on("seg")?.name)?
+        .parse()
+        .context("node MAC")?;
+
+    // One key for both gateways (the network's gateway key); each speaks with its own MAC, as
+    // each agent's TAP has its own.
+    let key = Key::generate_private();
+    let listen = SocketAddr::from((floating, PORT));
+    let private = Key::generate_private();
+    let served = Served {
+        devices: vec![Device {
+            public_key: private.public(),
+            address: DEVICE_ADDR,
+        }],
+        neighbours: vec![(TAP_ADDR, node_mac)],
+        broadcast: Some(Ipv4Addr::new(10, 90, 255, 255)),
+    };
+    let macs = [GATEWAY_MAC, MacAddr([0x02, 0x5e, 0, 0, 0, 3])];
+    let mut gateways = Vec::new();
+    for ((ns, _, seg), mac) in gws.iter().zip(macs) {
+        let g = GatewayHost::start(ns, listen, "shoal0", key, mac, None)?;
+        g.served.send_replace(served.clone());
+        bridge_onto(ns, "shoal0", seg)?;
+        gateways.push(Some(g));
+    }
+    let (gw1_ns, gw1_pub, _) = &gws[0];
+    let (gw2_ns, gw2_pub, _) = &gws[1];
+    in_ns(
+        gw1_ns,
+        "ip",
+        &["addr", "add", &format!("{floating}/24"), "dev", gw1_pub],
+    )?;
+
+    let config = ClientConfig {
+        private_key: Some(private),
+        address: DEVICE_ADDR,
+        gateway_public_key: key.public(),
+        endpoint: listen.to_string(),
+        allowed_ips: "10.90.0.0/16".into(),
+    };
+    let dir = tempfile::tempdir()?;
+    let conf = dir.path().join("wg.conf");
+    let setconf: String = config
+        .render()
+        .lines()
+        .filter(|l| !l.starts_with("Address"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&conf, setconf)?;
+    let _client = start_client(&phone_ns, wireguard_go, &conf)?;
+
+    let node = TAP_ADDR.to_string();
+    eventually!(
+        Duration::from_secs(10),
+        "device pings the node via gw1",
+        || { in_ns(&phone_ns, "ping", &["-c", "1", "-W", "1", &node]) }
+    )?;
+    in_ns(
+        &node_ns,
+        "ping",
+        &["-c", "2", "-i", "0.2", "-W", "1", &DEVICE_ADDR.to_string()],
+    )?;
+
+    // gw1 dies; the floating address moves to gw2 (as keepalived would), announced on the LAN.
+    drop(gateways[0].take());
+    in_ns(
+        gw1_ns,
+        "ip",
+        &["addr", "del", &format!("{floating}/24"), "dev", gw1_pub],
+    )?;
+    in_ns(
+        gw2_ns,
+        "ip",
+        &["addr", "add", &format!("{floating}/24"), "dev", gw2_pub],
+    )?;
+    in_ns(
+        gw2_ns,
+        "arping",
+        // Unsolicited ARP (Habets' arping): the NAT router's cache points at gw2 at once. No one
+        // answers, so it exits 1.
+        &[
+            "-U",
+            "-S",
+            &floating.to_string(),
+            "-i",
+            gw2_pub,
+            "-c",
+            "2",
+            "-w",
+            "1",
+            &floating.to_string(),
+        ],
+    )
+    .ok();
+    let moved = std::time::Instant::now();
+
+    // The client's configuration is untouched: WireGuard handshakes again (its packets go
+    // unanswered), reaches gw2 with the same key, and traffic resumes both ways.
+    eventually!(
+        Duration::from_secs(40),
+        "device pings the node via gw2",
+        || { in_ns(&phone_ns, "ping", &["-c", "1", "-W", "1", &node]) }
+    )?;
+    println!(
+        "traffic resumed through gw2 {:.1?} after the failover",
+        moved.elapsed()
+    );
+    in_ns(
+        &node_ns,
+        "ping",
+        &["-c", "2", "-i", "0.2", "-W", "1", &DEVICE_ADDR.to_string()],
+    )?;
     Ok(())
 }
