@@ -352,6 +352,11 @@ mod tests {
             .add_wg_device("default", "phone", k, Some("gw"), T0)
             .expect_err("bad endpoint");
         assert!(err.to_string().contains("HOST:PORT"), "{err}");
+        // Nothing that could add a line to the client's configuration.
+        let err = store
+            .add_wg_device("default", "phone", k, Some("gw:1\nPostUp = id:51820"), T0)
+            .expect_err("injected line");
+        assert!(err.to_string().contains("HOST:PORT"), "{err}");
         let err = store
             .add_wg_device("nope", "phone", k, Some("gw:51820"), T0)
             .expect_err("no network");

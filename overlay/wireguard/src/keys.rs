@@ -83,14 +83,30 @@ impl ClientConfig {
     }
 }
 
-/// Parses `HOST:PORT` or `IP:PORT` only enough to refuse what no client could use.
+/// Longest endpoint accepted: a 253-character DNS name, ':' and a port.
+pub const MAX_ENDPOINT_LEN: usize = 253 + 6;
+
+/// Checks `HOST:PORT` (a DNS name of letters, digits, '-' and '.') or `IP:PORT`: what a client can
+/// use, and nothing that could add a line to the configuration file it is written into.
 pub fn check_endpoint(endpoint: &str) -> Result<(), KeyParseError> {
+    let err = || KeyParseError(endpoint.chars().take(64).collect());
+    if endpoint.len() > MAX_ENDPOINT_LEN {
+        return Err(err());
+    }
     if endpoint.parse::<SocketAddr>().is_ok() {
         return Ok(());
     }
     match endpoint.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
-        _ => Err(KeyParseError(endpoint.to_owned())),
+        Some((host, port))
+            if !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                && port.parse::<u16>().is_ok() =>
+        {
+            Ok(())
+        }
+        _ => Err(err()),
     }
 }
 
@@ -148,5 +164,8 @@ mod tests {
         assert!(check_endpoint("gw.example.net:51820").is_ok());
         assert!(check_endpoint("[fd00::1]:51820").is_ok());
         assert!(check_endpoint("gw.example.net").is_err());
+        assert!(check_endpoint("gw:1\nPostUp = rm -rf /:51820").is_err());
+        assert!(check_endpoint("gw :51820").is_err());
+        assert!(check_endpoint(&format!("{}:51820", "a".repeat(300))).is_err());
     }
 }
