@@ -22,6 +22,10 @@ use shoal_proto::MacAddr;
 use crate::bridge::{Bridge, FromDevice, FromSegment};
 use crate::keys::Key;
 
+/// After this long without a handshake a device's session here is over (WireGuard's
+/// REJECT_AFTER_TIME, 180 s).
+const SESSION_GONE: std::time::Duration = std::time::Duration::from_secs(180);
+
 /// Room for the largest datagram plus WireGuard's overhead.
 const BUF_LEN: usize = 65_535 + 64;
 
@@ -201,8 +205,19 @@ impl Gateway {
             self.by_key.insert(device.public_key, index);
             self.by_address.insert(device.address, index);
         }
-        self.bridge
-            .set_devices(self.by_address.keys().copied().collect::<Vec<_>>());
+        self.refresh_bridge();
+    }
+
+    /// The bridge answers for the devices whose session is on this gateway: with several gateways
+    /// on one segment, only the one a device is connected to claims its address.
+    fn refresh_bridge(&mut self) {
+        let connected: Vec<Ipv4Addr> = self
+            .peers
+            .values()
+            .filter(|p| p.endpoint.is_some())
+            .map(|p| p.device.address)
+            .collect();
+        self.bridge.set_devices(connected);
     }
 
     /// The device with this public key's last endpoint, if it has been heard from.
@@ -274,6 +289,7 @@ impl Gateway {
         peer.endpoint = Some(from);
         let device = peer.device.address;
         if first_contact {
+            self.refresh_bridge();
             out.push(Output::Frame(self.bridge.announce(device)));
         }
         if let Some(packet) = from_device {
@@ -329,6 +345,24 @@ impl Gateway {
     /// tunnel's keepalive, rekey and expiry timers.
     pub fn tick(&mut self, out: &mut Vec<Output>) {
         self.limiter.reset_count();
+        // A device that has not handshaked here for longer than WireGuard lets a session live
+        // (it rekeys every 2 minutes while in use) has moved on, to another gateway or away: stop
+        // claiming its address.
+        let mut moved_on = false;
+        for peer in self.peers.values_mut() {
+            if peer.endpoint.is_some()
+                && peer
+                    .tunn
+                    .time_since_last_handshake()
+                    .is_some_and(|t| t > SESSION_GONE)
+            {
+                peer.endpoint = None;
+                moved_on = true;
+            }
+        }
+        if moved_on {
+            self.refresh_bridge();
+        }
         for peer in self.peers.values_mut() {
             if let (TunnResult::WriteToNetwork(d), Some(endpoint)) =
                 (peer.tunn.update_timers(&mut self.buf), peer.endpoint)

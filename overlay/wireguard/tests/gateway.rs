@@ -314,3 +314,44 @@ async fn handshakes_beyond_the_limit_get_a_cookie_instead() {
     gateway.datagram(from, &[], &mut out);
     assert!(out.is_empty());
 }
+
+#[test]
+fn a_gateway_claims_only_the_devices_connected_to_it() {
+    let mut gateway = Gateway::new(GatewayConfig::default(), Key::generate_private(), GW_MAC);
+    let private = Key::generate_private();
+    let device_ip = Ipv4Addr::new(10, 90, 0, 10);
+    gateway.set_devices(&[Device {
+        public_key: private.public(),
+        address: device_ip,
+    }]);
+    // Served but not connected here (it may be on another gateway of the segment): no answer.
+    let mut out = vec![];
+    gateway.frame(&arp_request(device_ip), &mut out);
+    assert!(out.is_empty(), "{out:?}");
+
+    let mut tunn = Tunn::new(
+        StaticSecret::from(private.0),
+        PublicKey::from(gateway.public_key().0),
+        None,
+        None,
+        1,
+        None,
+    );
+    let mut buf = vec![0u8; 2048];
+    let TunnResult::WriteToNetwork(init) = tunn.encapsulate(&[], &mut buf) else {
+        panic!("no handshake initiation");
+    };
+    let from: SocketAddr = "192.0.2.1:40000".parse().expect("addr");
+    gateway.datagram(from, init, &mut out);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Frame(f) if f[..6] == MacAddr::BROADCAST.0)),
+        "connecting announces the device: {out:?}"
+    );
+    out.clear();
+    gateway.frame(&arp_request(device_ip), &mut out);
+    let [Output::Frame(reply)] = &out[..] else {
+        panic!("no ARP reply: {out:?}");
+    };
+    assert_eq!(&reply[14 + 8..14 + 14], &GW_MAC.0);
+}
