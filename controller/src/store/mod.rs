@@ -43,7 +43,8 @@
 //! | `event_seq` | `next` | the next event's seq, big-endian u64 |
 //!
 //! Overlay networks keep five more trees, described (and used only) in [`crate::overlay::networks`]:
-//! `networks`, `net_members`, `peer_indexes`, `node_keys` and `overlay_counters`. Drives keep
+//! `networks`, `net_members`, `peer_indexes`, `node_keys` and `overlay_counters`; their WireGuard
+//! devices two, in [`crate::overlay::wireguard`]: `wg_devices` and `wg_gateways`. Drives keep
 //! three, described in [`crate::drives::hub`]: `drive_reports`, `drive_samples` and `drive_policies`.
 
 use std::{
