@@ -1,5 +1,5 @@
 //! WireGuard devices of overlay networks (issue 17): their records, addresses from the network's
-//! IPAM (shared with the nodes: [`Work::used_addresses`]), each network's gateway key, and the
+//! IPAM (shared with the nodes: `Work::used_addresses` in `networks.rs`), each network's gateway key, and the
 //! admin routes `/v1/wireguard/{network}/peers…`.
 //!
 //! Changes run like every overlay change: under the overlay lock, worked out from reads after the
