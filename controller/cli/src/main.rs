@@ -121,6 +121,9 @@ enum Command {
         /// How often --follow asks the controller for new events.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
         interval: Duration,
+        /// Only events about the nodes this label selector matches.
+        #[arg(short = 'l', long = "selector")]
+        selector: Option<String>,
     },
     /// The fleet health report.
     Report {
@@ -414,7 +417,7 @@ struct Who {
     node: Option<String>,
     /// Label selector: KEY=VALUE, KEY!=VALUE, KEY, !KEY, KEY in (A,B), KEY notin (A,B),
     /// comma-separated (all must hold).
-    #[arg(long)]
+    #[arg(short = 'l', long)]
     selector: Option<String>,
 }
 
@@ -711,7 +714,8 @@ fn run(cli: Cli, config_typed: bool) -> anyhow::Result<u8> {
             after,
             follow,
             interval,
-        } => watch::events(&client, after, follow, interval, out)?,
+            selector,
+        } => watch::events(&client, after, follow, interval, selector.as_deref(), out)?,
         Command::Report { exit_code } => {
             let report: FleetReport = client.get("/v1/report")?;
             out.show(&report, || {
@@ -1348,5 +1352,17 @@ mod api_flag_tests {
             let err = api_url(bad).expect_err(bad).to_string();
             assert!(err.contains("expected https://HOST:PORT"), "{err}");
         }
+    }
+}
+
+#[cfg(test)]
+mod definition_tests {
+    use clap::CommandFactory;
+
+    /// clap's own checks of the whole command tree: no flag or short option given twice in one
+    /// command (flattened groups like the node-or-selector one included), valid defaults.
+    #[test]
+    fn the_command_tree_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }
