@@ -24,14 +24,14 @@ use std::{
 
 use bytes::Bytes;
 use shoal_proto::{
-    Netmap, NetworkId, NetworkMembership, NodeId, OverlayCounters, PathInfo, PathKind, PathReport,
-    Peer, Punch,
+    NatMapping, Netmap, NetworkId, NetworkMembership, NodeId, OverlayCounters, PathInfo, PathKind,
+    PathReport, PathReportV8, Peer, Punch, RelayedPath,
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use crate::{
-    paths::{ConnId, PathAction, PathConfig, PathManager},
+    paths::{AttemptFailure, ConnId, PathAction, PathConfig, PathManager},
     pki,
     relay_socket::{relay_addr, relay_index},
     switch::{Inbound, Member, Outbound, Switch, SwitchConfig},
@@ -86,8 +86,10 @@ pub enum NodeCommand {
     Punch(Punch),
     /// The node certificate was renewed.
     Tls(PeerTls),
+    /// This node's NAT mapping was measured (explains relayed paths in reports).
+    Nat(NatMapping),
     /// Send back a path report.
-    Report(tokio::sync::oneshot::Sender<PathReport>),
+    Report(tokio::sync::oneshot::Sender<PathReportV8>),
 }
 
 /// What the overlay asks of the agent.
@@ -149,8 +151,8 @@ impl OverlayNode {
         self.commands.send(command).is_ok()
     }
 
-    /// The current path report.
-    pub async fn report(&self) -> Option<PathReport> {
+    /// The current path report, with why each relayed path is relayed.
+    pub async fn report(&self) -> Option<PathReportV8> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.commands.send(NodeCommand::Report(tx)).ok()?;
         rx.await.ok()
@@ -279,6 +281,7 @@ enum Internal {
     AttemptFailed {
         peer: NodeId,
         kind: PathKind,
+        how: AttemptFailure,
         cause: String,
     },
     /// A connection's reader stopped: the connection is gone.
@@ -337,6 +340,10 @@ impl Manager {
                         self.tls = tls;
                         vec![]
                     }
+                    Some(NodeCommand::Nat(nat)) => {
+                        self.paths.set_nat(nat);
+                        vec![]
+                    }
                     Some(NodeCommand::Report(tx)) => {
                         let _ = tx.send(self.report(&counters));
                         vec![]
@@ -379,7 +386,12 @@ impl Manager {
                         conn.close(1u32.into(), reason.as_bytes());
                         if let Some(peer) = expected {
                             let kind = kind_of(conn.remote_address());
-                            return self.paths.attempt_failed(now, &peer, kind);
+                            return self.paths.attempt_failed(
+                                now,
+                                &peer,
+                                kind,
+                                AttemptFailure::Refused,
+                            );
                         }
                         return vec![];
                     }
@@ -409,9 +421,14 @@ impl Manager {
                 self.paths
                     .connected(now, &peer, id, kind, ours, conn.remote_address())
             }
-            Internal::AttemptFailed { peer, kind, cause } => {
-                debug!(peer = %peer, ?kind, cause, "path attempt failed");
-                self.paths.attempt_failed(now, &peer, kind)
+            Internal::AttemptFailed {
+                peer,
+                kind,
+                how,
+                cause,
+            } => {
+                debug!(peer = %peer, ?kind, ?how, cause, "path attempt failed");
+                self.paths.attempt_failed(now, &peer, kind, how)
             }
             Internal::Closed { id } => match self.conns.remove(&id) {
                 Some(c) => {
@@ -608,10 +625,19 @@ impl Manager {
                     Err(e) => Internal::AttemptFailed {
                         peer,
                         kind,
+                        how: match e {
+                            quinn::ConnectionError::TimedOut => AttemptFailure::TimedOut,
+                            _ => AttemptFailure::Refused,
+                        },
                         cause: e.to_string(),
                     },
                 },
-                Err(cause) => Internal::AttemptFailed { peer, kind, cause },
+                Err(cause) => Internal::AttemptFailed {
+                    peer,
+                    kind,
+                    how: AttemptFailure::Refused,
+                    cause,
+                },
             };
             let _ = internal.send(event);
         });
@@ -640,8 +666,8 @@ impl Manager {
             .unwrap_or_else(|p| p.into_inner()) = routes;
     }
 
-    fn report(&self, counters: &HashMap<NodeId, Arc<PeerCounters>>) -> PathReport {
-        let paths = self
+    fn report(&self, counters: &HashMap<NodeId, Arc<PeerCounters>>) -> PathReportV8 {
+        let paths: Vec<PathInfo> = self
             .paths
             .routes()
             .filter_map(|(peer, route)| {
@@ -658,9 +684,22 @@ impl Manager {
                 })
             })
             .collect();
-        PathReport {
-            paths,
-            counters: self.shared.counters(),
+        let relayed = paths
+            .iter()
+            .filter(|p| p.kind == PathKind::Relay)
+            .filter_map(|p| {
+                Some(RelayedPath {
+                    peer: p.peer.clone(),
+                    reason: self.paths.relay_reason(&p.peer)?,
+                })
+            })
+            .collect();
+        PathReportV8 {
+            report: PathReport {
+                paths,
+                counters: self.shared.counters(),
+            },
+            relayed,
         }
     }
 }

@@ -31,6 +31,7 @@ pub use token::{JoinToken, TokenFormatError};
 pub use types::*;
 pub use version::{
     negotiate, VersionError, VersionRange, BACKUP_PROTOCOL, CLUSTER_PROTOCOL, DRIVES_PROTOCOL,
+    RELAY_REASONS_PROTOCOL,
     KEY_ROTATION_PROTOCOL, OVERLAY_PROTOCOL, PROTOCOL_HISTORY, PROTOCOL_VERSION, SUPPORTED,
     UPDATES_PROTOCOL,
 };

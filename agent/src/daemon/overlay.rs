@@ -75,6 +75,7 @@ impl OverlayState {
         node_config.me = creds.node_id.clone();
         let (node, mut node_events) =
             OverlayNode::spawn(self.endpoint.endpoint.clone(), tls, node_config);
+        node.command(NodeCommand::Nat(self.nat));
         let forward = events.clone();
         tokio::spawn(async move {
             while let Some(e) = node_events.recv().await {
@@ -174,6 +175,9 @@ impl Shell<'_> {
         }
         info!(?nat, observed = %main, "NAT mapping measured");
         self.overlay.nat = nat;
+        if let Some(node) = &self.overlay.node {
+            node.command(NodeCommand::Nat(nat));
+        }
         Some(self.overlay.hello(self.config, false))
     }
 
@@ -235,7 +239,13 @@ impl Shell<'_> {
             None => None,
         };
         if let Some(report) = report {
-            send_msg(send, &AgentMsg::Paths(report)).await?;
+            // Relay reasons go only to a controller that can decode them.
+            let msg = if self.protocol >= shoal_proto::RELAY_REASONS_PROTOCOL {
+                AgentMsg::PathsV8(report)
+            } else {
+                AgentMsg::Paths(report.report)
+            };
+            send_msg(send, &msg).await?;
         }
         Ok(())
     }

@@ -39,8 +39,8 @@ use shoal_overlay::{
     send_msg,
 };
 use shoal_proto::{
-    ControllerMsg, NetworkId, NodeId, Observed, OverlayHello, PathReport, PeerIndex, Punch,
-    UnixMillis,
+    ControllerMsg, NetworkId, NodeId, Observed, OverlayHello, PathKind, PathReport, PathReportV8,
+    PeerIndex, Punch, RelayReason, UnixMillis,
 };
 use tracing::{debug, info, warn};
 
@@ -156,6 +156,14 @@ pub struct OverlayLimits {
     /// Relayed bytes from one connection: default 16 MiB per second (128 Mbit/s), 4 MiB at once.
     /// Beyond it packets are dropped like on a congested link, and the peers' QUIC backs off.
     pub relay_bytes: Rate,
+    /// Relayed bytes from one connection to one destination: default 8 MiB per second (64
+    /// Mbit/s), 2 MiB at once. Below the sender's whole budget, so one busy pair leaves room for
+    /// the sender's other pairs; the relay is a fallback, and a pair moves to a direct path as soon
+    /// as one works.
+    pub relay_pair_bytes: Rate,
+    /// Destinations one connection keeps a pair budget for (default 1024); idle (full) budgets
+    /// are dropped beyond it, so a sender spraying relay indexes costs bounded memory.
+    pub relay_pair_budgets: usize,
 }
 
 impl Default for OverlayLimits {
@@ -187,6 +195,11 @@ impl Default for OverlayLimits {
                 per_sec: 16.0 * MIB,
                 burst: 4.0 * MIB,
             },
+            relay_pair_bytes: Rate {
+                per_sec: 8.0 * MIB,
+                burst: 2.0 * MIB,
+            },
+            relay_pair_budgets: 1024,
         }
     }
 }
@@ -316,6 +329,7 @@ struct HubStats {
     reports_refused: AtomicU64,
     report_entries_refused: AtomicU64,
     relay_rate_limited: AtomicU64,
+    relay_pair_rate_limited: AtomicU64,
     relay_unshared: AtomicU64,
     relay_no_target: AtomicU64,
     punches_undelivered: AtomicU64,
@@ -388,6 +402,8 @@ enum Hop {
 pub struct ReportedPaths {
     /// The report.
     pub report: PathReport,
+    /// (v8) Why each relayed path of `report` is relayed, where the agent said.
+    pub relayed: HashMap<NodeId, RelayReason>,
     /// When it arrived.
     pub at: UnixMillis,
 }
@@ -461,6 +477,7 @@ impl OverlayHub {
             reports_refused: get(&s.reports_refused),
             report_entries_refused: get(&s.report_entries_refused),
             relay_rate_limited: get(&s.relay_rate_limited),
+            relay_pair_rate_limited: get(&s.relay_pair_rate_limited),
             relay_unshared: get(&s.relay_unshared),
             relay_no_target: get(&s.relay_no_target),
             punches_undelivered: get(&s.punches_undelivered),
@@ -852,7 +869,8 @@ impl OverlayHub {
     }
 
     /// Stores an agent's path report, bounded by [`bound_report`] and [`OverlayLimits::reports`].
-    pub fn paths_reported(&self, node: &NodeId, report: PathReport) {
+    pub fn paths_reported(&self, node: &NodeId, report: impl Into<PathReportV8>) {
+        let PathReportV8 { report, relayed } = report.into();
         let now = Instant::now();
         let (report, refused) = {
             let mut guard = self.state();
@@ -880,6 +898,17 @@ impl OverlayHub {
         self.paths.lock().unwrap_or_else(|p| p.into_inner()).insert(
             node.clone(),
             ReportedPaths {
+                // Only reasons for paths the bounded report keeps as relayed.
+                relayed: relayed
+                    .into_iter()
+                    .filter(|r| {
+                        report
+                            .paths
+                            .iter()
+                            .any(|p| p.peer == r.peer && p.kind == PathKind::Relay)
+                    })
+                    .map(|r| (r.peer, r.reason))
+                    .collect(),
                 report,
                 at: now_ms(),
             },
@@ -986,30 +1015,31 @@ impl OverlayHub {
 
     /// Forwards relayed packets arriving on `node`'s control connection until it closes. A packet
     /// goes only to a node that shares a network with the sender, within the sender's
-    /// [`OverlayLimits::relay_packets`] and [`OverlayLimits::relay_bytes`]; the relay sees only the
-    /// peers' QUIC ciphertext.
+    /// [`OverlayLimits::relay_packets`] and [`OverlayLimits::relay_bytes`] and the pair's
+    /// [`OverlayLimits::relay_pair_bytes`]; the relay sees only the peers' QUIC ciphertext.
     pub async fn relay(self: Arc<Self>, node: NodeId, index: PeerIndex, conn: quinn::Connection) {
         let reach = self.state().reach(&node);
         let start = Instant::now();
-        let (mut packets, mut bytes) = (
-            TokenBucket::full(self.limits.relay_packets, start),
-            TokenBucket::full(self.limits.relay_bytes, start),
-        );
+        let mut budget = RelayBudget::new(&self.limits, start);
         while let Ok(d) = conn.read_datagram().await {
             let now = Instant::now();
-            let size = d.len() as f64;
-            if !(packets.has(self.limits.relay_packets, now, 1.0)
-                && bytes.take(self.limits.relay_bytes, now, size))
-            {
-                bump(&self.stats.relay_rate_limited, 1);
-                debug!(from = %node, bytes = d.len(), "relayed packet beyond the sender's rate dropped");
-                continue;
-            }
-            packets.take(self.limits.relay_packets, now, 1.0);
             let Some((to, packet)) = parse_relay_datagram(&d) else {
                 bump(&self.stats.relay_no_target, 1);
                 continue;
             };
+            match budget.take(&self.limits, now, to, d.len() as f64) {
+                Ok(()) => {}
+                Err(RelayRefusal::Sender) => {
+                    bump(&self.stats.relay_rate_limited, 1);
+                    debug!(from = %node, bytes = d.len(), "relayed packet beyond the sender's rate dropped");
+                    continue;
+                }
+                Err(RelayRefusal::Pair) => {
+                    bump(&self.stats.relay_pair_rate_limited, 1);
+                    debug!(from = %node, to = to.0, bytes = d.len(), "relayed packet beyond the pair's rate dropped");
+                    continue;
+                }
+            }
             match self.relay_target(&node, &reach, to) {
                 None => {}
                 Some(Hop::Local(target)) => {
@@ -1029,6 +1059,66 @@ impl OverlayHub {
                 }
             }
         }
+    }
+}
+
+/// Which budget a relayed packet did not fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RelayRefusal {
+    /// The sender's packet or byte budget, over all its destinations.
+    Sender,
+    /// The budget of the sender's pair with this destination.
+    Pair,
+}
+
+/// One relaying connection's budgets: its own, and one per destination.
+#[derive(Debug)]
+struct RelayBudget {
+    packets: TokenBucket,
+    bytes: TokenBucket,
+    pairs: HashMap<PeerIndex, TokenBucket>,
+}
+
+impl RelayBudget {
+    fn new(limits: &OverlayLimits, now: Instant) -> Self {
+        Self {
+            packets: TokenBucket::full(limits.relay_packets, now),
+            bytes: TokenBucket::full(limits.relay_bytes, now),
+            pairs: HashMap::new(),
+        }
+    }
+
+    /// Charges a packet of `size` bytes to `to` against every budget, or against none.
+    fn take(
+        &mut self,
+        limits: &OverlayLimits,
+        now: Instant,
+        to: PeerIndex,
+        size: f64,
+    ) -> Result<(), RelayRefusal> {
+        if !(self.packets.has(limits.relay_packets, now, 1.0)
+            && self.bytes.has(limits.relay_bytes, now, size))
+        {
+            return Err(RelayRefusal::Sender);
+        }
+        if self.pairs.len() >= limits.relay_pair_budgets && !self.pairs.contains_key(&to) {
+            self.pairs
+                .retain(|_, b| !b.is_full(limits.relay_pair_bytes, now));
+            if self.pairs.len() >= limits.relay_pair_budgets {
+                // Every kept pair is busy: a new destination waits until one goes idle.
+                return Err(RelayRefusal::Pair);
+            }
+        }
+        let pair = self
+            .pairs
+            .entry(to)
+            .or_insert_with(|| TokenBucket::full(limits.relay_pair_bytes, now));
+        if !pair.take(limits.relay_pair_bytes, now, size) {
+            return Err(RelayRefusal::Pair);
+        }
+        self.packets.take(limits.relay_packets, now, 1.0);
+        self.bytes.take(limits.relay_bytes, now, size);
+        Ok(())
     }
 }
 
@@ -1072,7 +1162,7 @@ mod tests {
     use std::sync::mpsc as std_mpsc;
 
     use shoal_overlay::{pki, tls};
-    use shoal_proto::{NatMapping, OverlayCounters, PathInfo, PathKind};
+    use shoal_proto::{NatMapping, OverlayCounters, PathInfo};
     use shoal_testkit::wait_async;
 
     use super::*;
@@ -1601,6 +1691,74 @@ mod tests {
         // b's own budget is untouched.
         b.relay_to(&a, &packet);
         assert_eq!(a.relayed().await.0, b.index);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_busy_pair_cannot_starve_the_senders_other_pairs() {
+        // No refill within the test: a pair gets its burst, the sender more than one pair's.
+        let limits = OverlayLimits {
+            relay_pair_bytes: Rate {
+                per_sec: 1e-9,
+                burst: 10_000.0,
+            },
+            relay_bytes: Rate {
+                per_sec: 1e-9,
+                burst: 1e9,
+            },
+            ..OverlayLimits::default()
+        };
+        let mut h = Hub::start(limits, &["a", "b", "c"]);
+        let (a, b, c) = (
+            h.connect("a").await,
+            h.connect("b").await,
+            h.connect("c").await,
+        );
+        let packet = [7u8; 996]; // 1000 bytes with the relay header
+        for _ in 0..30 {
+            a.relay_to(&b, &packet);
+        }
+        counted(&h.hub, "a→b beyond the pair's burst dropped", |c| {
+            c.relay_pair_rate_limited == 20
+        })
+        .await;
+        for _ in 0..10 {
+            assert_eq!(b.relayed().await, (a.index, packet.to_vec()));
+        }
+        // a→c has its own budget, untouched by a→b's flood.
+        for i in 0..10u32 {
+            a.relay_to(&c, &i.to_be_bytes());
+            assert_eq!(c.relayed().await, (a.index, i.to_be_bytes().to_vec()));
+        }
+        let counters = h.hub.counters();
+        assert_eq!(
+            (counters.relay_pair_rate_limited, counters.relay_rate_limited),
+            (20, 0)
+        );
+    }
+
+    #[test]
+    fn pair_budgets_are_bounded_and_idle_ones_make_room() {
+        let limits = OverlayLimits {
+            relay_pair_bytes: Rate {
+                per_sec: 1000.0,
+                burst: 1000.0,
+            },
+            relay_pair_budgets: 2,
+            ..OverlayLimits::default()
+        };
+        let t0 = Instant::now();
+        let mut budget = RelayBudget::new(&limits, t0);
+        assert_eq!(budget.take(&limits, t0, PeerIndex(1), 500.0), Ok(()));
+        assert_eq!(budget.take(&limits, t0, PeerIndex(2), 500.0), Ok(()));
+        assert_eq!(
+            budget.take(&limits, t0, PeerIndex(3), 1.0),
+            Err(RelayRefusal::Pair),
+            "both kept pairs are busy"
+        );
+        // Once they refill they are dropped, and a new destination fits.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(budget.take(&limits, t1, PeerIndex(3), 1.0), Ok(()));
+        assert!(budget.pairs.len() <= 2);
     }
 
     #[tokio::test]

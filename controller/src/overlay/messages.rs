@@ -65,7 +65,7 @@ pub(crate) async fn hello(
 pub(crate) async fn paths(
     controller: &Arc<Controller>,
     session: &mut Session,
-    report: shoal_proto::PathReport,
+    report: shoal_proto::PathReportV8,
 ) -> Vec<Action> {
     if let Some(node) = session.node() {
         controller.overlay.paths_reported(node, report);
