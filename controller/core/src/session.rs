@@ -605,6 +605,32 @@ mod tests {
     }
 
     #[test]
+    fn relay_reasons_need_protocol_8_and_v2_reports_still_count() {
+        let report = || shoal_proto::PathReport {
+            paths: vec![],
+            counters: Default::default(),
+        };
+        let v8 = || AgentMsg::PathsV8(report().into());
+        let mut s = Session::new(config(), Some(NodeId("n1".into())));
+        s.handle(UnixMillis(1), hello(1, 7));
+        assert!(matches!(
+            &s.handle(UnixMillis(2), AgentMsg::Paths(report()))[..],
+            [Action::Paths(p)] if p.relayed.is_empty()
+        ));
+        assert_eq!(
+            rejected(&s.handle(UnixMillis(3), v8())),
+            Some(RejectCode::Protocol)
+        );
+
+        let mut s = Session::new(config(), Some(NodeId("n1".into())));
+        s.handle(UnixMillis(1), hello(1, 8));
+        assert!(matches!(
+            &s.handle(UnixMillis(2), v8())[..],
+            [Action::Paths(_)]
+        ));
+    }
+
+    #[test]
     fn revocation_tells_the_agent_then_closes() {
         let mut s = Session::new(config(), Some(NodeId("n1".into())));
         s.handle(UnixMillis(1), hello(1, 1));

@@ -204,6 +204,21 @@ impl Default for OverlayLimits {
     }
 }
 
+impl OverlayLimits {
+    /// These limits with the relay's per-pair byte rate set to `mbit` megabits per second and a
+    /// quarter second of burst.
+    pub fn with_relay_pair_mbit(self, mbit: f64) -> Self {
+        let per_sec = mbit * 1e6 / 8.0;
+        Self {
+            relay_pair_bytes: Rate {
+                per_sec,
+                burst: per_sec / 4.0,
+            },
+            ..self
+        }
+    }
+}
+
 /// Why a punch request was not passed on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PunchRefusal {
