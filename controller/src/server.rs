@@ -275,7 +275,8 @@ impl Controller {
         let overlay = Arc::new(OverlayHub::open_with_limits(
             &store,
             config.netmap_validity,
-            crate::overlay::hub::OverlayLimits::default().with_relay_pair_mbit(config.relay_pair_mbit),
+            crate::overlay::hub::OverlayLimits::default()
+                .with_relay_pair_mbit(config.relay_pair_mbit),
         )?);
         let drives = DriveHub::open(&store, config.drives)?;
         // Several controllers on one store are one fleet: one CA, one secrets key.

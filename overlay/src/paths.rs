@@ -365,13 +365,12 @@ impl PathManager {
                     p.direct_backoff = (p.direct_backoff * 2).min(max);
                     // Silence from any candidate says more about the NATs than a refusal from
                     // another (a LAN address that is not the peer's answers "unreachable").
-                    p.last_failure = Some(
-                        if p.round_failures.contains(&AttemptFailure::TimedOut) {
+                    p.last_failure =
+                        Some(if p.round_failures.contains(&AttemptFailure::TimedOut) {
                             AttemptFailure::TimedOut
                         } else {
                             AttemptFailure::Refused
-                        },
-                    );
+                        });
                     p.round_failures.clear();
                 }
             }
@@ -883,7 +882,12 @@ mod tests {
             a.set_nat(mine);
             a.set_peers(
                 t0,
-                &[peer_behind("b", 2, &["192.0.2.2:5000", "10.0.0.2:5000"], theirs)],
+                &[peer_behind(
+                    "b",
+                    2,
+                    &["192.0.2.2:5000", "10.0.0.2:5000"],
+                    theirs,
+                )],
             );
             a.connected(t0, &n("b"), 1, PathKind::Relay, true, relay_addr_for(2));
             assert_eq!(a.relay_reason(&n("b")), Some(Trying), "round still running");

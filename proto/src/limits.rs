@@ -258,7 +258,9 @@ pub fn check(msg: &AgentMsg) -> Checked {
             // One reason per path at most.
             items(p.relayed.len(), p.report.paths.len(), || f("relayed"))?;
             for (i, r) in p.relayed.iter().enumerate() {
-                text(&r.peer.0, MAX_NODE_ID_LEN, || format!("{kind}.relayed[{i}].peer"))?;
+                text(&r.peer.0, MAX_NODE_ID_LEN, || {
+                    format!("{kind}.relayed[{i}].peer")
+                })?;
             }
             Ok(())
         }

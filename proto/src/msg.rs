@@ -18,9 +18,8 @@ use std::net::SocketAddr;
 use crate::{
     BackupProgress, BackupResult, BackupTask, BootReport, DriveCommand, DriveCommandResult,
     DrivePolicy, DriveReport, HardwareId, HealthReport, Inventory, MaintenanceResult,
-    MaintenanceStep, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PathReportV8, PeerIndex,
-    Punch,
-    SignedRelease, UnixMillis, UpdateReport, VersionRange,
+    MaintenanceStep, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PathReportV8,
+    PeerIndex, Punch, SignedRelease, UnixMillis, UpdateReport, VersionRange,
 };
 
 /// Agent to controller.

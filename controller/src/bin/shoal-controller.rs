@@ -353,8 +353,10 @@ mod tests {
         assert_eq!(super::parse_relay_pair_mbit("64"), Ok(64.0));
         for bad in ["0", "-1", "NaN", "inf", "lots"] {
             let err = super::parse_relay_pair_mbit(bad).unwrap_err();
-            assert!(err.contains("megabits") || err.contains("at least"), "{bad}: {err}");
+            assert!(
+                err.contains("megabits") || err.contains("at least"),
+                "{bad}: {err}"
+            );
         }
     }
 }
-

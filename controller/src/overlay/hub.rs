@@ -1746,7 +1746,10 @@ mod tests {
         }
         let counters = h.hub.counters();
         assert_eq!(
-            (counters.relay_pair_rate_limited, counters.relay_rate_limited),
+            (
+                counters.relay_pair_rate_limited,
+                counters.relay_rate_limited
+            ),
             (20, 0)
         );
     }
