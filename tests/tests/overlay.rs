@@ -502,9 +502,10 @@ fn a_tcp_flow_survives_direct_to_relay_and_back() {
 /// (`nat-3`), agents 4 and 5 behind endpoint-dependent ones (`nat-4`, `nat-5`). Wherever a direct
 /// path is possible it is up within 10 s of the agents' TAP devices, and it is kept; where it is
 /// not, the relay carries the pair and `shoalctl overlay paths` says which NAT behaviour blocked
-/// it. Then, with a TCP flow on the 1–3 pair, both NATs lose their mappings mid-flow (conntrack
-/// flushed) and the path through them shrinks to a 1280-byte MTU: the flow goes on, full-size
-/// pings with Don't Fragment still pass, and the pair stays direct.
+/// it. Then, with a TCP flow on the 1–3 pair: both NATs lose their mappings mid-flow (conntrack
+/// flushed); nat-1 rebinds agent 1 to another port; and the path through them shrinks to a
+/// 1280-byte MTU. The flow goes on, full-size pings with Don't Fragment still pass, and the pair
+/// is direct again after each.
 #[test]
 fn nat_matrix_direct_wherever_possible_within_ten_seconds_and_the_relay_says_why() {
     require_host_tests!();
@@ -584,6 +585,56 @@ fn nat_matrix_direct_wherever_possible_within_ten_seconds_and_the_relay_says_why
     }
     flow.advances(20, Duration::from_secs(20)).or_panic();
     wait_path(&fleet, 0, 2, "direct", DIRECT).or_panic();
+
+    // nat-1 rebinds agent 1 to another public port (and keeps it for every destination: a
+    // port-changing endpoint-independent NAT). Connections agent 1 opened follow it (QUIC
+    // migration); the controller notices on agent 1's next report and gives its peers the new
+    // address, so a path that died with the old mapping is punched again to the new one.
+    let agent1 = shoal_tests::netns::ipv4_of(&fleet.agents()[0].netns, "eth0").or_panic();
+    let wan1 = fleet.topology().router("nat-1").or_panic().wan().name.clone();
+    in_ns(
+        &router_ns("nat-1"),
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-I",
+            "POSTROUTING",
+            "1",
+            "-s",
+            &agent1.to_string(),
+            "-o",
+            &wan1,
+            "-p",
+            "udp",
+            "-j",
+            "MASQUERADE",
+            "--to-ports",
+            "40000",
+        ],
+    )
+    .or_panic();
+    in_ns(&router_ns("nat-1"), "conntrack", &["-F"]).or_panic();
+    flow.advances(20, Duration::from_secs(30)).or_panic();
+    let (n1, n3) = (fleet.node_id(0).or_panic(), fleet.node_id(2).or_panic());
+    eventually(
+        Duration::from_secs(20),
+        "agent 3 reaches agent 1 directly at its new port",
+        || {
+            wait_path(&fleet, 0, 2, "direct", Duration::from_secs(1))?;
+            let all = paths(&fleet)?;
+            let p = all
+                .iter()
+                .find(|p| p["from"] == n3.as_str() && p["to"] == n1.as_str())
+                .context("no path from agent 3 to agent 1")?;
+            ensure!(
+                p["remote"].as_str().is_some_and(|r| r.ends_with(":40000")),
+                "{p}"
+            );
+            Ok(())
+        },
+    )
+    .or_panic();
 
     // The path between them shrinks to a 1280-byte MTU (both routers' WAN links).
     for nat in ["nat-1", "nat-3"] {

@@ -363,6 +363,11 @@ struct Link {
     hellos: TokenBucket,
     /// When its latest hello was accepted: what the other controllers order subscriptions by.
     since: UnixMillis,
+    /// The latest hello served, its key and the address the connection came from then: what
+    /// [`OverlayHub::recheck_observed`] subscribes again with when the address changes.
+    hello: OverlayHello,
+    key: [u8; 32],
+    observed: SocketAddr,
 }
 
 #[derive(Debug)]
@@ -712,10 +717,16 @@ impl OverlayHub {
                     index,
                     hellos,
                     since: now,
+                    hello: hello.clone(),
+                    key,
+                    observed,
                 },
             );
         } else if let Some(link) = st.links.get_mut(node) {
             link.since = now;
+            link.hello = hello.clone();
+            link.key = key;
+            link.observed = observed;
         }
         let reach = st.reach(node);
         reach.set(st.coordinator.networks_of(node));
@@ -881,6 +892,59 @@ impl OverlayHub {
         } else if let Some(link) = st.links.get(&punch.peer) {
             let _ = link.tx.send(msg);
         }
+    }
+
+    /// The node's control connection now comes from another address than at its last hello (its
+    /// NAT rebound the mapping, or the node moved, and QUIC followed): its peers get the new
+    /// address at once, as after a hello, and the node gets `Observed` (so it measures its NAT
+    /// again) and a full netmap. Called on every path report, so a pair whose direct path died
+    /// with the old mapping punches to the new one within a report interval instead of staying
+    /// relayed. Nothing happens for a connection that is not the node's current one.
+    pub fn recheck_observed(
+        &self,
+        node: &NodeId,
+        conn_id: u64,
+        conn: &quinn::Connection,
+    ) -> Vec<ControllerMsg> {
+        let observed = conn.remote_address();
+        let now = now_ms();
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let Some(link) = st.links.get_mut(node) else {
+            return vec![];
+        };
+        if link.conn_id != conn_id || link.observed == observed {
+            return vec![];
+        }
+        let old = std::mem::replace(&mut link.observed, observed);
+        link.since = now;
+        // A full netmap: the node's cached version says nothing about this subscription.
+        let hello = OverlayHello {
+            netmap_version: None,
+            ..link.hello.clone()
+        };
+        let (key, index) = (link.key, link.index);
+        let (netmap, updates) = st
+            .coordinator
+            .subscribe(node, Some(key), observed, &hello, now);
+        Self::send_all(&st.links, updates);
+        self.sync_route(st, node);
+        self.tell_mesh(|| {
+            st.coordinator
+                .subscription(node, now)
+                .map(OverlayNews::Subscribed)
+        });
+        drop(guard);
+        info!(node = %node, %old, new = %observed, "control connection rebound; peers told the new address");
+        let probe_port = *self.probe_port.lock().unwrap_or_else(|p| p.into_inner());
+        vec![
+            ControllerMsg::Observed(Observed {
+                address: observed,
+                index,
+                probe_port,
+            }),
+            netmap,
+        ]
     }
 
     /// Stores an agent's path report, bounded by [`bound_report`] and [`OverlayLimits::reports`].
@@ -1382,6 +1446,8 @@ mod tests {
     struct Agent {
         node: NodeId,
         index: PeerIndex,
+        /// Its socket, which a test may rebind (as a NAT would).
+        endpoint: quinn::Endpoint,
         client: quinn::Connection,
         server_side: quinn::Connection,
         conn_id: u64,
@@ -1505,6 +1571,7 @@ mod tests {
             let mut agent = Agent {
                 node,
                 index,
+                endpoint,
                 client,
                 server_side,
                 conn_id,
@@ -1752,6 +1819,64 @@ mod tests {
             ),
             (20, 0)
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rebound_control_connection_gives_peers_the_new_address_at_once() {
+        let mut h = Hub::start(OverlayLimits::default(), &["a", "b"]);
+        let a = h.connect("a").await;
+        let mut b = h.connect("b").await;
+        b.drain();
+        assert!(
+            h.hub
+                .recheck_observed(&a.node, a.conn_id, &a.server_side)
+                .is_empty(),
+            "nothing changed"
+        );
+        // a's NAT gives it another port mid-connection; QUIC follows it.
+        let before = a.server_side.remote_address();
+        a.endpoint
+            .rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .unwrap();
+        let after = wait_async::eventually(PROMPT, "the server sees a's new port", || {
+            a.relay_to(&b, b"moved");
+            let now = a.server_side.remote_address();
+            async move { (now != before).then_some(now) }
+        })
+        .await;
+        let out = h.hub.recheck_observed(&a.node, a.conn_id, &a.server_side);
+        assert!(
+            matches!(&out[..], [ControllerMsg::Observed(o), ControllerMsg::Netmap(_)] if o.address == after && o.index == a.index),
+            "{out:?}"
+        );
+        // b hears of a's new address, first in a's endpoints.
+        let endpoints: Vec<Vec<SocketAddr>> = b
+            .drain()
+            .iter()
+            .filter_map(|m| match m {
+                ControllerMsg::NetmapDelta(d) => Some(d.changes.iter().filter_map(|c| match c {
+                    shoal_proto::NetmapChange::Peer(p) if p.node == a.node => {
+                        Some(p.endpoints.clone())
+                    }
+                    _ => None,
+                })),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert!(
+            endpoints.iter().any(|e| e.first() == Some(&after)),
+            "{endpoints:?}"
+        );
+        // Once told, nothing more; nor for a connection that is not a's current one.
+        assert!(h
+            .hub
+            .recheck_observed(&a.node, a.conn_id, &a.server_side)
+            .is_empty());
+        assert!(h
+            .hub
+            .recheck_observed(&a.node, a.conn_id + 100, &b.server_side)
+            .is_empty());
     }
 
     #[test]
