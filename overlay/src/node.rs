@@ -31,6 +31,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use crate::{
+    observed,
     paths::{AttemptFailure, ConnId, PathAction, PathConfig, PathManager},
     pki,
     relay_socket::{relay_addr, relay_index},
@@ -97,6 +98,14 @@ pub enum NodeCommand {
 pub enum NodeEvent {
     /// Ask the controller to have this peer punch towards us.
     RequestPunch(NodeId),
+    /// On a direct path, `peer` sees this node's packets arrive from `addr`: a candidate address
+    /// for other peers too.
+    Observed {
+        /// Who saw it.
+        peer: NodeId,
+        /// Where.
+        addr: SocketAddr,
+    },
 }
 
 /// A running overlay.
@@ -288,6 +297,8 @@ enum Internal {
     Closed { id: ConnId },
     /// A TAP device failed.
     TapFailed { network: NetworkId, cause: String },
+    /// A peer told us where our packets arrive from.
+    Observed { peer: NodeId, addr: SocketAddr },
 }
 
 struct TapEntry {
@@ -409,6 +420,13 @@ impl Manager {
                     self.internal.clone(),
                 ));
                 info!(peer = %peer, conn = id, ?kind, remote = %conn.remote_address(), ours, "peer path up");
+                if kind == PathKind::Direct {
+                    tokio::spawn(exchange_observed(
+                        conn.clone(),
+                        peer.clone(),
+                        self.internal.clone(),
+                    ));
+                }
                 self.conns.insert(
                     id,
                     ConnEntry {
@@ -437,6 +455,11 @@ impl Manager {
                 }
                 None => vec![],
             },
+            Internal::Observed { peer, addr } => {
+                debug!(peer = %peer, %addr, "a peer sees this node at this address");
+                let _ = self.events.send(NodeEvent::Observed { peer, addr });
+                vec![]
+            }
             Internal::TapFailed { network, cause } => {
                 warn!(
                     network = network.0,
@@ -742,6 +765,27 @@ fn kind_of(addr: SocketAddr) -> PathKind {
         PathKind::Relay
     } else {
         PathKind::Direct
+    }
+}
+
+/// Tells the peer where its packets come from on a direct connection, and learns where ours do.
+async fn exchange_observed(
+    conn: quinn::Connection,
+    peer: NodeId,
+    internal: mpsc::UnboundedSender<Internal>,
+) {
+    let (told, learnt) = tokio::join!(
+        observed::tell(&conn),
+        observed::learn(&conn, observed::OBSERVE_TIMEOUT)
+    );
+    if let Err(e) = told {
+        debug!(peer = %peer, cause = %e, "could not tell the peer its address");
+    }
+    match learnt {
+        Ok(addr) => {
+            let _ = internal.send(Internal::Observed { peer, addr });
+        }
+        Err(e) => debug!(peer = %peer, cause = %e, "no observed address from the peer"),
     }
 }
 

@@ -516,7 +516,7 @@ fn nat_matrix_direct_wherever_possible_within_ten_seconds_and_the_relay_says_why
     })
     .or_panic();
     let token = fleet
-        .create_token(&["--ttl", "1h", "--uses", "5"])
+        .create_token(&["--ttl", "1h", "--uses", "7"])
         .or_panic();
     fleet
         .add_agent_behind_nat(&token, NatMode::EndpointIndependent)
@@ -528,6 +528,23 @@ fn nat_matrix_direct_wherever_possible_within_ten_seconds_and_the_relay_says_why
         NatMode::EndpointDependent,   // agent 5, nat-5
     ] {
         fleet.add_agent_behind_nat(&token, mode).or_panic();
+    }
+    // Agents 6 and 7 each behind a NAT of their own inside lan-3, so behind nat-3 too: the
+    // controller sees both at nat-3's address, which nat-3 does not hairpin, and their LAN
+    // addresses are private to each.
+    for n in [6, 7] {
+        let lan = format!("lan-{n}");
+        fleet
+            .topology_mut()
+            .add_nat_router(
+                &format!("nat-{n}"),
+                "lan-3",
+                &lan,
+                &format!("10.200.{n}.0/24"),
+                NatMode::EndpointIndependent,
+            )
+            .or_panic();
+        fleet.add_agent_on(&token, &lan).or_panic();
     }
     fleet.wait_all_up(Duration::from_secs(60)).or_panic();
     let addrs = tap_addrs(&fleet).or_panic();
@@ -548,6 +565,22 @@ fn nat_matrix_direct_wherever_possible_within_ten_seconds_and_the_relay_says_why
     .or_panic();
     // On both sides.
     wait_relay_reason(&fleet, 3, 4, "both_endpoint_dependent", PATH_TIMEOUT).or_panic();
+    // Double NAT: agent 3 sees agents 6 and 7 at their NATs' lan-3 addresses and tells them; they
+    // tell the fleet, and punch to each other there. Only peer-observed addresses make this
+    // direct.
+    wait_path(&fleet, 5, 6, "direct", PATH_TIMEOUT).or_panic();
+    let (n6, n7) = (fleet.node_id(5).or_panic(), fleet.node_id(6).or_panic());
+    let all = paths(&fleet).or_panic();
+    let p = all
+        .iter()
+        .find(|p| p["from"] == n6.as_str() && p["to"] == n7.as_str())
+        .expect("a path from agent 6 to agent 7");
+    assert!(
+        p["remote"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("10.200.3.")),
+        "agent 7 reached at its NAT's lan-3 address: {p}"
+    );
     // Traffic flows on every kind of path.
     for (from, to) in [(0, 1), (0, 2), (2, 3), (3, 4)] {
         eventually(
