@@ -308,17 +308,33 @@ mod tests {
         let controller = Some(a("203.0.113.1:4000"));
         let local = [a("10.0.0.5:4000")];
         let mut seen = PeerObserved::default();
-        assert!(!seen.learn(a("203.0.113.1:4000"), controller, &local), "the controller's");
-        assert!(!seen.learn(a("10.0.0.5:4000"), controller, &local), "a local one");
+        assert!(
+            !seen.learn(a("203.0.113.1:4000"), controller, &local),
+            "the controller's"
+        );
+        assert!(
+            !seen.learn(a("10.0.0.5:4000"), controller, &local),
+            "a local one"
+        );
         assert!(seen.learn(a("100.64.0.9:4000"), controller, &local));
-        assert!(!seen.learn(a("100.64.0.9:4000"), controller, &local), "known");
+        assert!(
+            !seen.learn(a("100.64.0.9:4000"), controller, &local),
+            "known"
+        );
         for port in 1..=PeerObserved::MAX as u16 {
-            assert!(seen.learn(SocketAddr::from(([100, 64, 0, 9], port)), controller, &local));
+            assert!(seen.learn(
+                SocketAddr::from(([100, 64, 0, 9], port)),
+                controller,
+                &local
+            ));
         }
         let all = seen.with_local(local.to_vec());
         assert_eq!(all.len(), 1 + PeerObserved::MAX);
         assert_eq!(all[0], local[0]);
-        assert!(!all.contains(&a("100.64.0.9:4000")), "the oldest went first");
+        assert!(
+            !all.contains(&a("100.64.0.9:4000")),
+            "the oldest went first"
+        );
     }
 
     use super::*;

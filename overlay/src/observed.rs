@@ -122,7 +122,10 @@ mod tests {
         let key = rustls_pki_types::PrivateKeyDer::Pkcs8(
             rustls_pki_types::PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()),
         );
-        let transport = Arc::new(peer_transport(Duration::from_secs(4), Congestion::default()));
+        let transport = Arc::new(peer_transport(
+            Duration::from_secs(4),
+            Congestion::default(),
+        ));
         let mut server_config =
             quinn::ServerConfig::with_single_cert(vec![cert_der.clone()], key).unwrap();
         server_config.transport_config(transport.clone());
@@ -130,7 +133,8 @@ mod tests {
             quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert_der).unwrap();
-        let mut client_config = quinn::ClientConfig::with_root_certificates(Arc::new(roots)).unwrap();
+        let mut client_config =
+            quinn::ClientConfig::with_root_certificates(Arc::new(roots)).unwrap();
         client_config.transport_config(transport);
         let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         client.set_default_client_config(client_config);
@@ -143,9 +147,7 @@ mod tests {
         let connecting = client
             .connect(server.local_addr().unwrap(), "peer.test")
             .unwrap();
-        let (c, s) = tokio::join!(connecting, async {
-            server.accept().await.unwrap().await
-        });
+        let (c, s) = tokio::join!(connecting, async { server.accept().await.unwrap().await });
         let (c, s) = (c.unwrap(), s.unwrap());
         let (told_c, told_s, learnt_c, learnt_s) = tokio::join!(
             tell(&c),
@@ -165,9 +167,7 @@ mod tests {
         let connecting = client
             .connect(server.local_addr().unwrap(), "peer.test")
             .unwrap();
-        let (c, s) = tokio::join!(connecting, async {
-            server.accept().await.unwrap().await
-        });
+        let (c, s) = tokio::join!(connecting, async { server.accept().await.unwrap().await });
         let (c, s) = (c.unwrap(), s.unwrap());
         // Junk longer than an address: refused without reading past the bound.
         let mut send = c.open_uni().await.unwrap();

@@ -242,7 +242,7 @@ pub struct OverlayHello {
     /// The netmap version the agent holds (from its cache), if any.
     pub netmap_version: Option<u64>,
     /// Its local socket addresses (interface addresses with the agent's UDP port), for peers on the
-    /// same LAN.
+    /// same LAN; then (from builds with peer-observed addresses) where its direct peers see it.
     pub local_endpoints: Vec<SocketAddr>,
     /// Its NAT's mapping behaviour.
     pub nat: NatMapping,

@@ -624,7 +624,13 @@ fn nat_matrix_direct_wherever_possible_within_ten_seconds_and_the_relay_says_why
     // migration); the controller notices on agent 1's next report and gives its peers the new
     // address, so a path that died with the old mapping is punched again to the new one.
     let agent1 = shoal_tests::netns::ipv4_of(&fleet.agents()[0].netns, "eth0").or_panic();
-    let wan1 = fleet.topology().router("nat-1").or_panic().wan().name.clone();
+    let wan1 = fleet
+        .topology()
+        .router("nat-1")
+        .or_panic()
+        .wan()
+        .name
+        .clone();
     in_ns(
         &router_ns("nat-1"),
         "iptables",
