@@ -24,14 +24,15 @@ use std::{
 
 use bytes::Bytes;
 use shoal_proto::{
-    Netmap, NetworkId, NetworkMembership, NodeId, OverlayCounters, PathInfo, PathKind, PathReport,
-    Peer, Punch,
+    NatMapping, Netmap, NetworkId, NetworkMembership, NodeId, OverlayCounters, PathInfo, PathKind,
+    PathReport, PathReportV8, Peer, Punch, RelayedPath,
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use crate::{
-    paths::{ConnId, PathAction, PathConfig, PathManager},
+    observed,
+    paths::{AttemptFailure, ConnId, PathAction, PathConfig, PathManager},
     pki,
     relay_socket::{relay_addr, relay_index},
     switch::{Inbound, Member, Outbound, Switch, SwitchConfig},
@@ -86,8 +87,10 @@ pub enum NodeCommand {
     Punch(Punch),
     /// The node certificate was renewed.
     Tls(PeerTls),
+    /// This node's NAT mapping was measured (explains relayed paths in reports).
+    Nat(NatMapping),
     /// Send back a path report.
-    Report(tokio::sync::oneshot::Sender<PathReport>),
+    Report(tokio::sync::oneshot::Sender<PathReportV8>),
 }
 
 /// What the overlay asks of the agent.
@@ -95,6 +98,14 @@ pub enum NodeCommand {
 pub enum NodeEvent {
     /// Ask the controller to have this peer punch towards us.
     RequestPunch(NodeId),
+    /// On a direct path, `peer` sees this node's packets arrive from `addr`: a candidate address
+    /// for other peers too.
+    Observed {
+        /// Who saw it.
+        peer: NodeId,
+        /// Where.
+        addr: SocketAddr,
+    },
 }
 
 /// A running overlay.
@@ -149,8 +160,8 @@ impl OverlayNode {
         self.commands.send(command).is_ok()
     }
 
-    /// The current path report.
-    pub async fn report(&self) -> Option<PathReport> {
+    /// The current path report, with why each relayed path is relayed.
+    pub async fn report(&self) -> Option<PathReportV8> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.commands.send(NodeCommand::Report(tx)).ok()?;
         rx.await.ok()
@@ -279,12 +290,15 @@ enum Internal {
     AttemptFailed {
         peer: NodeId,
         kind: PathKind,
+        how: AttemptFailure,
         cause: String,
     },
     /// A connection's reader stopped: the connection is gone.
     Closed { id: ConnId },
     /// A TAP device failed.
     TapFailed { network: NetworkId, cause: String },
+    /// A peer told us where our packets arrive from.
+    Observed { peer: NodeId, addr: SocketAddr },
 }
 
 struct TapEntry {
@@ -337,6 +351,10 @@ impl Manager {
                         self.tls = tls;
                         vec![]
                     }
+                    Some(NodeCommand::Nat(nat)) => {
+                        self.paths.set_nat(nat);
+                        vec![]
+                    }
                     Some(NodeCommand::Report(tx)) => {
                         let _ = tx.send(self.report(&counters));
                         vec![]
@@ -379,7 +397,12 @@ impl Manager {
                         conn.close(1u32.into(), reason.as_bytes());
                         if let Some(peer) = expected {
                             let kind = kind_of(conn.remote_address());
-                            return self.paths.attempt_failed(now, &peer, kind);
+                            return self.paths.attempt_failed(
+                                now,
+                                &peer,
+                                kind,
+                                AttemptFailure::Refused,
+                            );
                         }
                         return vec![];
                     }
@@ -397,6 +420,13 @@ impl Manager {
                     self.internal.clone(),
                 ));
                 info!(peer = %peer, conn = id, ?kind, remote = %conn.remote_address(), ours, "peer path up");
+                if kind == PathKind::Direct {
+                    tokio::spawn(exchange_observed(
+                        conn.clone(),
+                        peer.clone(),
+                        self.internal.clone(),
+                    ));
+                }
                 self.conns.insert(
                     id,
                     ConnEntry {
@@ -409,9 +439,14 @@ impl Manager {
                 self.paths
                     .connected(now, &peer, id, kind, ours, conn.remote_address())
             }
-            Internal::AttemptFailed { peer, kind, cause } => {
-                debug!(peer = %peer, ?kind, cause, "path attempt failed");
-                self.paths.attempt_failed(now, &peer, kind)
+            Internal::AttemptFailed {
+                peer,
+                kind,
+                how,
+                cause,
+            } => {
+                debug!(peer = %peer, ?kind, ?how, cause, "path attempt failed");
+                self.paths.attempt_failed(now, &peer, kind, how)
             }
             Internal::Closed { id } => match self.conns.remove(&id) {
                 Some(c) => {
@@ -420,6 +455,11 @@ impl Manager {
                 }
                 None => vec![],
             },
+            Internal::Observed { peer, addr } => {
+                debug!(peer = %peer, %addr, "a peer sees this node at this address");
+                let _ = self.events.send(NodeEvent::Observed { peer, addr });
+                vec![]
+            }
             Internal::TapFailed { network, cause } => {
                 warn!(
                     network = network.0,
@@ -608,10 +648,19 @@ impl Manager {
                     Err(e) => Internal::AttemptFailed {
                         peer,
                         kind,
+                        how: match e {
+                            quinn::ConnectionError::TimedOut => AttemptFailure::TimedOut,
+                            _ => AttemptFailure::Refused,
+                        },
                         cause: e.to_string(),
                     },
                 },
-                Err(cause) => Internal::AttemptFailed { peer, kind, cause },
+                Err(cause) => Internal::AttemptFailed {
+                    peer,
+                    kind,
+                    how: AttemptFailure::Refused,
+                    cause,
+                },
             };
             let _ = internal.send(event);
         });
@@ -640,8 +689,8 @@ impl Manager {
             .unwrap_or_else(|p| p.into_inner()) = routes;
     }
 
-    fn report(&self, counters: &HashMap<NodeId, Arc<PeerCounters>>) -> PathReport {
-        let paths = self
+    fn report(&self, counters: &HashMap<NodeId, Arc<PeerCounters>>) -> PathReportV8 {
+        let paths: Vec<PathInfo> = self
             .paths
             .routes()
             .filter_map(|(peer, route)| {
@@ -658,9 +707,22 @@ impl Manager {
                 })
             })
             .collect();
-        PathReport {
-            paths,
-            counters: self.shared.counters(),
+        let relayed = paths
+            .iter()
+            .filter(|p| p.kind == PathKind::Relay)
+            .filter_map(|p| {
+                Some(RelayedPath {
+                    peer: p.peer.clone(),
+                    reason: self.paths.relay_reason(&p.peer)?,
+                })
+            })
+            .collect();
+        PathReportV8 {
+            report: PathReport {
+                paths,
+                counters: self.shared.counters(),
+            },
+            relayed,
         }
     }
 }
@@ -703,6 +765,27 @@ fn kind_of(addr: SocketAddr) -> PathKind {
         PathKind::Relay
     } else {
         PathKind::Direct
+    }
+}
+
+/// Tells the peer where its packets come from on a direct connection, and learns where ours do.
+async fn exchange_observed(
+    conn: quinn::Connection,
+    peer: NodeId,
+    internal: mpsc::UnboundedSender<Internal>,
+) {
+    let (told, learnt) = tokio::join!(
+        observed::tell(&conn),
+        observed::learn(&conn, observed::OBSERVE_TIMEOUT)
+    );
+    if let Err(e) = told {
+        debug!(peer = %peer, cause = %e, "could not tell the peer its address");
+    }
+    match learnt {
+        Ok(addr) => {
+            let _ = internal.send(Internal::Observed { peer, addr });
+        }
+        Err(e) => debug!(peer = %peer, cause = %e, "no observed address from the peer"),
     }
 }
 

@@ -652,7 +652,16 @@ fn run(cli: Cli, config_typed: bool) -> anyhow::Result<u8> {
             paths.retain(|p| nodes::keep(&filter, &p.from));
             out.show(&paths, || {
                 out.table(
-                    &["FROM", "TO", "KIND", "REMOTE", "RTT", "SENT", "RECEIVED"],
+                    &[
+                        "FROM",
+                        "TO",
+                        "KIND",
+                        "REMOTE",
+                        "RTT",
+                        "SENT",
+                        "RECEIVED",
+                        "RELAYED BECAUSE",
+                    ],
                     paths.iter().map(|p| {
                         vec![
                             p.from.clone(),
@@ -662,6 +671,7 @@ fn run(cli: Cli, config_typed: bool) -> anyhow::Result<u8> {
                             format!("{:.2} ms", p.rtt_ms),
                             p.tx_bytes.to_string(),
                             p.rx_bytes.to_string(),
+                            p.relay_reason.clone().unwrap_or_else(|| "-".into()),
                         ]
                     }),
                 );

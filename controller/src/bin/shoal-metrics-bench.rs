@@ -160,6 +160,7 @@ fn synthetic(cli: &Cli, now_ms: u64) -> Snapshot {
                 tx_bytes: 123_456_789,
                 rx_bytes: 987_654_321,
                 reported_at: String::new(),
+                relay_reason: None,
             })
         })
         .collect();

@@ -700,6 +700,7 @@ mod tests {
             tx_bytes: 1000,
             rx_bytes: 2000,
             reported_at: String::new(),
+            relay_reason: None,
         }
     }
 
