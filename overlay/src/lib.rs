@@ -11,6 +11,7 @@
 
 pub mod framed;
 pub mod node;
+pub mod offload;
 pub mod paths;
 pub mod pki;
 pub mod relay_socket;
