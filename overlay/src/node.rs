@@ -31,12 +31,12 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use crate::{
+    offload::{self, Coalescer, Push, Segmenter},
     paths::{ConnId, PathAction, PathConfig, PathManager},
     pki,
     relay_socket::{relay_addr, relay_index},
     switch::{Inbound, Member, Outbound, Switch, SwitchConfig},
     tls::{self, PeerTls},
-    offload::{self, Coalescer, Push, Segmenter},
     wire::{self, Reassembler},
 };
 
@@ -786,7 +786,15 @@ async fn read_loop(
             }
         }
         for datagram in batch.drain(..) {
-            receive(&shared, &peer, &counters, &mut reassembler, &mut out, &datagram).await;
+            receive(
+                &shared,
+                &peer,
+                &counters,
+                &mut reassembler,
+                &mut out,
+                &datagram,
+            )
+            .await;
         }
         out.flush(&shared).await;
     }

@@ -332,7 +332,9 @@ mod tests {
     /// An IPv4/TCP segment with valid checksums.
     fn tcp4(seq: u32, payload: &[u8], flags: u8) -> Vec<u8> {
         let total = 20 + 20 + payload.len();
-        let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
+        let mut ip = vec![
+            0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
         ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
         let c = !sum(&ip, 0);
         ip[10..12].copy_from_slice(&c.to_be_bytes());
@@ -385,7 +387,7 @@ mod tests {
         let ip_start = ETH_LEN;
         let tcp_at = ip_start + 20;
         let l4 = f.len() - tcp_at;
-        let pseudo = sum(&[], pseudo4(&f[ip_start..], l4) as u32);
+        let pseudo = sum(&[], pseudo4(&f[ip_start..], l4));
         f[tcp_at + 16..tcp_at + 18].copy_from_slice(&pseudo.to_be_bytes());
         let hdr = VirtioNetHdr {
             flags: F_NEEDS_CSUM,
@@ -411,7 +413,11 @@ mod tests {
         assert_eq!(n, 4);
         let mut got = Vec::new();
         for (i, f) in frames.iter().enumerate() {
-            assert_eq!(&f[..12], &[MAC_B, MAC_A].concat()[..], "Ethernet header kept");
+            assert_eq!(
+                &f[..12],
+                &[MAC_B, MAC_A].concat()[..],
+                "Ethernet header kept"
+            );
             assert!(tcp_valid(f), "segment {i} has valid IP and TCP checksums");
             let seq = u32::from_be_bytes(f[ETH_LEN + 24..ETH_LEN + 28].try_into().unwrap());
             assert_eq!(seq, 1000 + (i as u32) * 1340);
@@ -454,11 +460,17 @@ mod tests {
         // GSO over ARP.
         let mut read = tso_read(&payload(3000), 1340);
         read[VNET_HDR_LEN + 12..VNET_HDR_LEN + 14].copy_from_slice(&0x0806u16.to_be_bytes());
-        assert!(matches!(seg.split(&mut read, |_| {}), Err(OffloadError::NotIp)));
+        assert!(matches!(
+            seg.split(&mut read, |_| {}),
+            Err(OffloadError::NotIp)
+        ));
         // Header length past the end of the frame.
         let mut read = tso_read(&payload(100), 1340);
         read[2..4].copy_from_slice(&4000u16.to_ne_bytes());
-        assert!(matches!(seg.split(&mut read, |_| {}), Err(OffloadError::BadHeader)));
+        assert!(matches!(
+            seg.split(&mut read, |_| {}),
+            Err(OffloadError::BadHeader)
+        ));
         // An MSS of one byte on 3000 bytes.
         let mut read = tso_read(&payload(3000), 1);
         assert!(matches!(
@@ -469,7 +481,10 @@ mod tests {
         let mut read = tso_read(&payload(10), 1340);
         read[1] = GSO_NONE;
         read[6..8].copy_from_slice(&2000u16.to_ne_bytes());
-        assert!(matches!(seg.split(&mut read, |_| {}), Err(OffloadError::BadHeader)));
+        assert!(matches!(
+            seg.split(&mut read, |_| {}),
+            Err(OffloadError::BadHeader)
+        ));
     }
 
     /// Coalesced writes, segmented again the way the kernel would, give back the frames pushed.
@@ -522,7 +537,11 @@ mod tests {
         let writes = flushed(&mut c);
         assert_eq!(writes.len(), 2);
         for w in &writes {
-            assert_eq!(w[..VNET_HDR_LEN], PLAIN_HDR, "single segments go as they are");
+            assert_eq!(
+                w[..VNET_HDR_LEN],
+                PLAIN_HDR,
+                "single segments go as they are"
+            );
             assert!(tcp_valid(&w[VNET_HDR_LEN..]));
         }
         assert_eq!(c.push(&other), Push::Taken);
@@ -543,6 +562,10 @@ mod tests {
         c.push(&b);
         let writes = flushed(&mut c);
         assert_eq!(writes.len(), 2);
-        assert_eq!(writes[1][VNET_HDR_LEN..], b[..], "passed on unchanged for the kernel to drop");
+        assert_eq!(
+            writes[1][VNET_HDR_LEN..],
+            b[..],
+            "passed on unchanged for the kernel to drop"
+        );
     }
 }
