@@ -797,6 +797,9 @@ async fn read_loop(
             .await;
         }
         out.flush(&shared).await;
+        // Looked up again next batch: a TAP device recreated meanwhile must get the frames, and
+        // the old one must not be held open.
+        out.tap = None;
     }
     let _ = internal.send(Internal::Closed { id });
 }
