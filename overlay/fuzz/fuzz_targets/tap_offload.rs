@@ -25,5 +25,5 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(writes) = c.flush() {
         writes.for_each(drop);
-    }
+    };
 });
