@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     observed,
+    offload::{self, Coalescer, Push, Segmenter},
     paths::{AttemptFailure, ConnId, PathAction, PathConfig, PathManager},
     pki,
     relay_socket::{relay_addr, relay_index},
@@ -57,6 +58,10 @@ pub struct NodeConfig {
     pub tap_prefix: String,
     /// Outer congestion controller of peer connections (default CUBIC; see docs/performance.md).
     pub congestion: tls::Congestion,
+    /// Open TAP devices with `IFF_VNET_HDR` and TSO/checksum offloads (default true): the kernel
+    /// hands over 64 KiB TCP super-frames and takes coalesced ones (see [`crate::offload`]). A
+    /// host whose kernel refuses falls back to plain frames, per device.
+    pub tap_offload: bool,
 }
 
 impl NodeConfig {
@@ -69,6 +74,7 @@ impl NodeConfig {
             path_idle: Duration::from_secs(4),
             tap_prefix: "shoal".into(),
             congestion: tls::Congestion::default(),
+            tap_offload: true,
         }
     }
 }
@@ -192,7 +198,7 @@ struct RouteEntry {
 struct Shared {
     switch: Mutex<Switch>,
     routes: RwLock<HashMap<NodeId, RouteEntry>>,
-    taps: RwLock<HashMap<NetworkId, Arc<tun_rs::AsyncDevice>>>,
+    taps: RwLock<HashMap<NetworkId, Arc<Tap>>>,
     /// Drops outside the switch (no path, wire errors), by reason.
     drops: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -303,8 +309,30 @@ enum Internal {
 
 struct TapEntry {
     membership: NetworkMembership,
-    device: Arc<tun_rs::AsyncDevice>,
+    device: Arc<Tap>,
     reader: JoinHandle<()>,
+}
+
+/// A TAP device and whether it was opened with offloads (every read and write then carries a
+/// virtio-net header).
+struct Tap {
+    device: tun_rs::AsyncDevice,
+    offload: bool,
+}
+
+impl Tap {
+    /// Writes one plain frame.
+    async fn send_frame(&self, frame: &[u8]) -> std::io::Result<usize> {
+        if self.offload {
+            let parts = [
+                std::io::IoSlice::new(&offload::PLAIN_HDR),
+                std::io::IoSlice::new(frame),
+            ];
+            self.device.send_vectored(&parts).await
+        } else {
+            self.device.send(frame).await
+        }
+    }
 }
 
 struct ConnEntry {
@@ -583,18 +611,31 @@ impl Manager {
         let name = tap_name(&self.config.tap_prefix, m.id);
         // Created down, so that the link-local address is generated, when it comes up, by the rule
         // peers check (see `link_sysctls`).
-        let device = tun_rs::DeviceBuilder::new()
-            .name(&name)
-            .layer(tun_rs::Layer::L2)
-            .mac_addr(m.mac.0)
-            .mtu(m.mtu)
-            .ipv4(m.address, m.prefix_len, None)
-            .enable(false)
-            .build_async()?;
+        let build = |offload: bool| {
+            tun_rs::DeviceBuilder::new()
+                .name(&name)
+                .layer(tun_rs::Layer::L2)
+                .mac_addr(m.mac.0)
+                .mtu(m.mtu)
+                .ipv4(m.address, m.prefix_len, None)
+                .offload(offload)
+                .enable(false)
+                .build_async()
+        };
+        let (device, offload) = match self.config.tap_offload {
+            false => (build(false)?, false),
+            true => match build(true) {
+                Ok(d) => (d, true),
+                Err(e) => {
+                    warn!(device = %name, cause = %e, "TAP offloads refused by the kernel; plain frames");
+                    (build(false)?, false)
+                }
+            },
+        };
         link_sysctls(&name);
         device.enabled(true)?;
-        let device = Arc::new(device);
-        info!(device = %name, network = %m.name, mac = %m.mac, address = %m.address, prefix = m.prefix_len, mtu = m.mtu, "TAP device up");
+        let device = Arc::new(Tap { device, offload });
+        info!(device = %name, network = %m.name, mac = %m.mac, address = %m.address, prefix = m.prefix_len, mtu = m.mtu, offload, "TAP device up");
         let reader = tokio::spawn(tap_loop(
             m.id,
             device.clone(),
@@ -816,10 +857,106 @@ async fn read_loop(
     internal: mpsc::UnboundedSender<Internal>,
 ) {
     let mut reassembler = Reassembler::default();
-    while let Ok(datagram) = conn.read_datagram().await {
-        receive(&shared, &peer, &counters, &mut reassembler, &datagram).await;
+    let mut out = TapOut::default();
+    let mut batch = Vec::with_capacity(offload::MAX_BATCH);
+    while let Ok(first) = conn.read_datagram().await {
+        // Take what else has already arrived, so that the TAP writes of a burst can be coalesced.
+        batch.push(first);
+        while batch.len() < offload::MAX_BATCH {
+            match ready_datagram(&conn) {
+                Some(d) => batch.push(d),
+                None => break,
+            }
+        }
+        for datagram in batch.drain(..) {
+            receive(
+                &shared,
+                &peer,
+                &counters,
+                &mut reassembler,
+                &mut out,
+                &datagram,
+            )
+            .await;
+        }
+        out.flush(&shared).await;
+        // Looked up again next batch: a TAP device recreated meanwhile must get the frames, and
+        // the old one must not be held open.
+        out.tap = None;
     }
     let _ = internal.send(Internal::Closed { id });
+}
+
+/// A datagram that has already arrived, without waiting for one.
+fn ready_datagram(conn: &quinn::Connection) -> Option<Bytes> {
+    use std::future::Future;
+    let mut read = std::pin::pin!(conn.read_datagram());
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match read.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(Ok(d)) => Some(d),
+        _ => None,
+    }
+}
+
+/// Frames received in one batch on their way to a TAP device: coalesced when it has offloads,
+/// written one by one otherwise.
+#[derive(Default)]
+struct TapOut {
+    tap: Option<(NetworkId, Arc<Tap>)>,
+    coalescer: Coalescer,
+}
+
+impl TapOut {
+    async fn deliver(&mut self, shared: &Shared, network: NetworkId, frame: &[u8]) {
+        if self.tap.as_ref().is_none_or(|(n, _)| *n != network) {
+            self.flush(shared).await;
+            let tap = shared
+                .taps
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&network)
+                .cloned();
+            self.tap = tap.map(|t| (network, t));
+        }
+        let Some((_, tap)) = &self.tap else {
+            shared.drop_frame("no_network");
+            return;
+        };
+        let tap = tap.clone();
+        if tap.offload {
+            match self.coalescer.push(frame) {
+                Push::Taken => return,
+                Push::Full => {
+                    self.flush(shared).await;
+                    if self.coalescer.push(frame) == Push::Taken {
+                        return;
+                    }
+                }
+                Push::Alone => {}
+            }
+        }
+        if tap.send_frame(frame).await.is_err() {
+            shared.drop_frame("tap_write");
+        }
+    }
+
+    /// Writes what the coalescer holds.
+    async fn flush(&mut self, shared: &Shared) {
+        if self.coalescer.is_empty() {
+            return;
+        }
+        let Some((_, tap)) = &self.tap else { return };
+        match self.coalescer.flush() {
+            Ok(writes) => {
+                for w in writes {
+                    if tap.device.send(w).await.is_err() {
+                        shared.drop_frame("tap_write");
+                    }
+                }
+            }
+            Err(e) => shared.drop_frame(e.reason()),
+        }
+    }
 }
 
 async fn receive(
@@ -827,6 +964,7 @@ async fn receive(
     peer: &NodeId,
     counters: &PeerCounters,
     reassembler: &mut Reassembler,
+    out: &mut TapOut,
     datagram: &Bytes,
 ) {
     let now = Instant::now();
@@ -844,32 +982,21 @@ async fn receive(
     counters
         .rx_bytes
         .fetch_add(frame.len() as u64, Ordering::Relaxed);
-    let tap = shared
-        .taps
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&network)
-        .cloned();
-    match tap {
-        Some(tap) => {
-            if tap.send(&frame).await.is_err() {
-                shared.drop_frame("tap_write");
-            }
-        }
-        None => shared.drop_frame("no_network"),
-    }
+    out.deliver(shared, network, &frame).await;
 }
 
 async fn tap_loop(
     network: NetworkId,
-    device: Arc<tun_rs::AsyncDevice>,
+    device: Arc<Tap>,
     shared: Arc<Shared>,
     internal: mpsc::UnboundedSender<Internal>,
 ) {
-    let mut buf = vec![0u8; 65536];
+    // With offloads a read is a virtio-net header and up to 64 KiB of TSO super-frame.
+    let mut buf = vec![0u8; offload::VNET_HDR_LEN + 65536 + 64];
+    let mut segmenter = Segmenter::default();
     let mut fragment_id = 0u16;
     loop {
-        let n = match device.recv(&mut buf).await {
+        let n = match device.device.recv(&mut buf).await {
             Ok(n) => n,
             Err(e) => {
                 let _ = internal.send(Internal::TapFailed {
@@ -879,26 +1006,39 @@ async fn tap_loop(
                 return;
             }
         };
-        let frame = &buf[..n];
-        let now = Instant::now();
-        // Decide and look up routes under the switch lock, then send without it. Unicast, the
-        // common case, allocates nothing here.
-        let mut switch = shared.switch();
-        match switch.outbound(now, network, frame) {
-            Outbound::Unicast(peer) => {
-                let route = shared.route(peer);
-                drop(switch);
-                shared.send_frame(route, network, frame, &mut fragment_id);
+        if device.offload {
+            let sent = segmenter.split(&mut buf[..n], |frame| {
+                forward(&shared, network, frame, &mut fragment_id)
+            });
+            if let Err(e) = sent {
+                debug!(network = network.0, cause = %e, "TAP read not segmented");
+                shared.drop_frame(e.reason());
             }
-            Outbound::Flood(peers) => {
-                let routes: Vec<Option<RouteEntry>> =
-                    peers.iter().map(|p| shared.route(p)).collect();
-                drop(switch);
-                for route in routes {
-                    shared.send_frame(route, network, frame, &mut fragment_id);
-                }
-            }
-            Outbound::Drop(_) => {}
+        } else {
+            forward(&shared, network, &buf[..n], &mut fragment_id);
         }
+    }
+}
+
+/// Sends one frame read from a TAP device where the switch says.
+fn forward(shared: &Shared, network: NetworkId, frame: &[u8], fragment_id: &mut u16) {
+    let now = Instant::now();
+    // Decide and look up routes under the switch lock, then send without it. Unicast, the
+    // common case, allocates nothing here.
+    let mut switch = shared.switch();
+    match switch.outbound(now, network, frame) {
+        Outbound::Unicast(peer) => {
+            let route = shared.route(peer);
+            drop(switch);
+            shared.send_frame(route, network, frame, fragment_id);
+        }
+        Outbound::Flood(peers) => {
+            let routes: Vec<Option<RouteEntry>> = peers.iter().map(|p| shared.route(p)).collect();
+            drop(switch);
+            for route in routes {
+                shared.send_frame(route, network, frame, fragment_id);
+            }
+        }
+        Outbound::Drop(_) => {}
     }
 }
