@@ -461,12 +461,23 @@ impl Collector for Snapshot {
         gauges(
             &mut enc,
             "shoal_overlay_relayed_path_rtt",
-            "Smoothed round-trip time of each path that goes through a relay (`from` sends).",
+            "Smoothed round-trip time of each path that goes through a relay (`from` sends), \
+             labelled with why it is relayed (`both_endpoint_dependent`, `udp_blocked`...; \
+             `unknown` from agents older than protocol 8).",
             Some(&Unit::Seconds),
-            s.paths
-                .iter()
-                .filter(|p| p.kind == "relay")
-                .map(|p| (pair(p), p.rtt_ms / 1000.0)),
+            s.paths.iter().filter(|p| p.kind == "relay").map(|p| {
+                (
+                    [
+                        ("from", Esc(&p.from)),
+                        ("to", Esc(&p.to)),
+                        (
+                            "reason",
+                            Esc(p.relay_reason.as_deref().unwrap_or("unknown")),
+                        ),
+                    ],
+                    p.rtt_ms / 1000.0,
+                )
+            }),
         )?;
 
         // Rollouts and maintenance runs.
@@ -741,7 +752,13 @@ mod tests {
                 node("n3", "up", None),
             ],
             drives: vec![drive("n1", "sda", "ok"), drive("n2", "sdb", "failing")],
-            paths: vec![path("n1", "n2", "direct"), path("n2", "n1", "relay")],
+            paths: vec![
+                path("n1", "n2", "direct"),
+                PathView {
+                    relay_reason: Some("udp_blocked".into()),
+                    ..path("n2", "n1", "relay")
+                },
+            ],
             rollouts: vec![
                 rollout("r1", "agent 1.2.0", "done", true, 0),
                 rollout("r2", "image 2026.1", "paused", false, 2),
@@ -824,7 +841,7 @@ mod tests {
             r#"shoal_overlay_path_rtt_seconds_bucket{le="+Inf",kind="direct"} 1"#,
             r#"shoal_overlay_node_sent_bytes_total{node="n1"} 1000"#,
             r#"shoal_overlay_node_received_bytes_total{node="n1"} 2000"#,
-            r#"shoal_overlay_relayed_path_rtt_seconds{from="n2",to="n1"} 0.0025"#,
+            r#"shoal_overlay_relayed_path_rtt_seconds{from="n2",to="n1",reason="udp_blocked"} 0.0025"#,
             r#"shoal_rollouts{kind="agent",state="done"} 1"#,
             r#"shoal_rollouts{kind="image",state="paused"} 1"#,
             r#"shoal_rollouts{kind="agent",state="running"} 0"#,
