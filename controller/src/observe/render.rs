@@ -41,10 +41,6 @@ impl EncodeLabelValue for Esc<'_> {
     }
 }
 
-fn pair(p: &PathView) -> [(&'static str, Esc<'_>); 2] {
-    [("from", Esc(&p.from)), ("to", Esc(&p.to))]
-}
-
 fn row(b: &BackupRow) -> [(&'static str, Esc<'_>); 3] {
     [
         ("job", Esc(&b.job)),
