@@ -18,7 +18,6 @@ use prometheus_client::{
 };
 
 use super::snapshot::{BackupRow, Snapshot};
-use shoal_api::overlay::PathView;
 
 /// A label value, escaped as the text format requires (prometheus-client writes values as given):
 /// agent-supplied text — hostnames, drive models and serials — may hold quotes, backslashes and
