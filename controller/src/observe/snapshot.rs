@@ -179,7 +179,7 @@ pub fn store_kind(ctl: &Controller) -> &'static str {
 }
 
 /// Bytes of the files under `dir` (sled's files: a few, not nested deeply).
-fn dir_bytes(dir: &std::path::Path) -> u64 {
+pub fn dir_bytes(dir: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
