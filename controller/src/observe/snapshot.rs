@@ -100,7 +100,7 @@ pub fn take(ctl: &Controller) -> Result<Snapshot, HttpError> {
                 hostname: r.hostname.clone(),
                 agent_version: r.agent_version.clone(),
                 up: r.status == NodeStatus::Up,
-                connected: live.conns.contains_key(&r.id) || ctl.mesh.remote(&r.id).is_some(),
+                connected: ctl.is_connected_with(&live, &r.id),
                 last_seen_ms: live
                     .nodes
                     .get(&r.id)
