@@ -73,6 +73,10 @@ struct Cli {
     /// Outer congestion controller of overlay peer connections: cubic, newreno or bbr.
     #[arg(long, default_value = "cubic")]
     overlay_cc: shoal_overlay::tls::Congestion,
+    /// Open overlay TAP devices without offloads (no virtio-net header, no TSO/GRO super-frames):
+    /// one frame per read and write, as before offloads existed.
+    #[arg(long)]
+    overlay_no_offload: bool,
     /// Do not manage drives (no SMART, no hot-add handling).
     #[arg(long)]
     no_drives: bool,
@@ -229,6 +233,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.health_interval = cli.health_interval;
     config.overlay_port = cli.overlay_port;
     config.overlay.congestion = cli.overlay_cc;
+    config.overlay.tap_offload = !cli.overlay_no_offload;
     config.overlay_enabled = !cli.no_overlay;
     config.drives = if cli.no_drives {
         None

@@ -262,8 +262,81 @@ pub async fn probe_observed(
         .map_err(|_| "probe timed out".to_owned())?
 }
 
+/// Addresses peers saw this node at on direct paths that neither its interfaces nor the
+/// controller show (behind two layers of NAT, say): sent with its local endpoints, so other peers
+/// attempt them too. At most [`PeerObserved::MAX`], newest kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerObserved(Vec<SocketAddr>);
+
+impl PeerObserved {
+    /// The most kept: each is a handshake per round for every peer, and a peer could tell lies.
+    pub const MAX: usize = 4;
+
+    /// A peer saw this node at `addr`; true if that is a new candidate (worth a new hello).
+    pub fn learn(
+        &mut self,
+        addr: SocketAddr,
+        controller_seen: Option<SocketAddr>,
+        local: &[SocketAddr],
+    ) -> bool {
+        if Some(addr) == controller_seen || local.contains(&addr) || self.0.contains(&addr) {
+            return false;
+        }
+        if self.0.len() == Self::MAX {
+            self.0.remove(0);
+        }
+        self.0.push(addr);
+        true
+    }
+
+    /// `local` followed by the learnt addresses it lacks.
+    pub fn with_local(&self, mut local: Vec<SocketAddr>) -> Vec<SocketAddr> {
+        for a in &self.0 {
+            if !local.contains(a) {
+                local.push(*a);
+            }
+        }
+        local
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn peer_observed_addresses_are_new_candidates_only_and_bounded() {
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let controller = Some(a("203.0.113.1:4000"));
+        let local = [a("10.0.0.5:4000")];
+        let mut seen = PeerObserved::default();
+        assert!(
+            !seen.learn(a("203.0.113.1:4000"), controller, &local),
+            "the controller's"
+        );
+        assert!(
+            !seen.learn(a("10.0.0.5:4000"), controller, &local),
+            "a local one"
+        );
+        assert!(seen.learn(a("100.64.0.9:4000"), controller, &local));
+        assert!(
+            !seen.learn(a("100.64.0.9:4000"), controller, &local),
+            "known"
+        );
+        for port in 1..=PeerObserved::MAX as u16 {
+            assert!(seen.learn(
+                SocketAddr::from(([100, 64, 0, 9], port)),
+                controller,
+                &local
+            ));
+        }
+        let all = seen.with_local(local.to_vec());
+        assert_eq!(all.len(), 1 + PeerObserved::MAX);
+        assert_eq!(all[0], local[0]);
+        assert!(
+            !all.contains(&a("100.64.0.9:4000")),
+            "the oldest went first"
+        );
+    }
+
     use super::*;
     use shoal_proto::{NetmapChange, NetworkId, NetworkMembership};
 

@@ -58,6 +58,9 @@ pub struct ControllerConfig {
     /// How long an agent may use its cached netmap without hearing from the controller (default 24
     /// h).
     pub netmap_validity: Duration,
+    /// Relayed traffic from one node to one peer, megabits per second, with a burst of a
+    /// quarter second (default 64: `OverlayLimits::relay_pair_bytes`).
+    pub relay_pair_mbit: f64,
     /// Second UDP address agents measure their NAT's mapping against (default: the agents' port
     /// plus one, on the same IP; a random port if that is taken).
     pub probe_listen: Option<SocketAddr>,
@@ -138,6 +141,7 @@ impl ControllerConfig {
             overlay_subnet: shoal_controller_core::networks::DEFAULT_OVERLAY_SUBNET,
             overlay_mtu: shoal_controller_core::networks::DEFAULT_OVERLAY_MTU,
             netmap_validity: Duration::from_secs(24 * 3600),
+            relay_pair_mbit: 64.0,
             probe_listen: None,
             netboot: crate::netboot::NetbootConfig::default(),
             drives: FleetDrivesConfig::default(),
@@ -268,7 +272,12 @@ impl Controller {
                 store
             }
         };
-        let overlay = Arc::new(OverlayHub::open(&store, config.netmap_validity)?);
+        let overlay = Arc::new(OverlayHub::open_with_limits(
+            &store,
+            config.netmap_validity,
+            crate::overlay::hub::OverlayLimits::default()
+                .with_relay_pair_mbit(config.relay_pair_mbit),
+        )?);
         let drives = DriveHub::open(&store, config.drives)?;
         // Several controllers on one store are one fleet: one CA, one secrets key.
         let joined = match config.etcd {

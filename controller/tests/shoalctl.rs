@@ -590,5 +590,44 @@ async fn progress_and_status_lines_stay_off_a_stderr_that_is_not_a_terminal() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("added agent release 1.0.0"));
+
+    // On a terminal (a pseudo-terminal here), the upload shows one status line, redrawn in place
+    // and erased at the end; stdout, a pipe, still carries only the result.
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let mut cmd = sh.command(&[
+        "release",
+        "add",
+        binary.to_str().unwrap(),
+        "--version",
+        "1.0.1",
+        "--key",
+        pem.to_str().unwrap(),
+    ]);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::from(pty.slave));
+    let child = cmd.spawn().unwrap();
+    // The child holds the terminal now: the master reads until it exits (EIO on Linux).
+    let mut master = std::fs::File::from(pty.master);
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = std::io::Read::read(&mut master, &mut buf) {
+            seen.extend_from_slice(&buf[..n]);
+        }
+        seen
+    });
+    let out = child.wait_with_output().unwrap();
+    drop(cmd);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("added agent release 1.0.1"));
+    let seen = String::from_utf8_lossy(&reader.join().unwrap()).into_owned();
+    assert!(
+        seen.starts_with("\ruploading binary: ") && seen.contains(" of 4.0 MiB ("),
+        "{seen:?}"
+    );
+    // Redrawn in place, never a new line, and erased when done.
+    assert!(!seen.contains('\n'), "{seen:?}");
+    assert!(seen.ends_with("\r\x1b[K"), "{seen:?}");
     ctl.stop().await;
 }

@@ -11,6 +11,8 @@
 
 pub mod framed;
 pub mod node;
+pub mod observed;
+pub mod offload;
 pub mod paths;
 pub mod pki;
 pub mod relay_socket;

@@ -24,14 +24,16 @@ use std::{
 
 use bytes::Bytes;
 use shoal_proto::{
-    Netmap, NetworkId, NetworkMembership, NodeId, OverlayCounters, PathInfo, PathKind, PathReport,
-    Peer, Punch,
+    NatMapping, Netmap, NetworkId, NetworkMembership, NodeId, OverlayCounters, PathInfo, PathKind,
+    PathReport, PathReportV8, Peer, Punch, RelayedPath,
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use crate::{
-    paths::{ConnId, PathAction, PathConfig, PathManager},
+    observed,
+    offload::{self, Coalescer, Push, Segmenter},
+    paths::{AttemptFailure, ConnId, PathAction, PathConfig, PathManager},
     pki,
     relay_socket::{relay_addr, relay_index},
     switch::{Inbound, Member, Outbound, Switch, SwitchConfig},
@@ -56,6 +58,10 @@ pub struct NodeConfig {
     pub tap_prefix: String,
     /// Outer congestion controller of peer connections (default CUBIC; see docs/performance.md).
     pub congestion: tls::Congestion,
+    /// Open TAP devices with `IFF_VNET_HDR` and TSO/checksum offloads (default true): the kernel
+    /// hands over 64 KiB TCP super-frames and takes coalesced ones (see [`crate::offload`]). A
+    /// host whose kernel refuses falls back to plain frames, per device.
+    pub tap_offload: bool,
 }
 
 impl NodeConfig {
@@ -68,6 +74,7 @@ impl NodeConfig {
             path_idle: Duration::from_secs(4),
             tap_prefix: "shoal".into(),
             congestion: tls::Congestion::default(),
+            tap_offload: true,
         }
     }
 }
@@ -86,8 +93,10 @@ pub enum NodeCommand {
     Punch(Punch),
     /// The node certificate was renewed.
     Tls(PeerTls),
+    /// This node's NAT mapping was measured (explains relayed paths in reports).
+    Nat(NatMapping),
     /// Send back a path report.
-    Report(tokio::sync::oneshot::Sender<PathReport>),
+    Report(tokio::sync::oneshot::Sender<PathReportV8>),
 }
 
 /// What the overlay asks of the agent.
@@ -95,6 +104,14 @@ pub enum NodeCommand {
 pub enum NodeEvent {
     /// Ask the controller to have this peer punch towards us.
     RequestPunch(NodeId),
+    /// On a direct path, `peer` sees this node's packets arrive from `addr`: a candidate address
+    /// for other peers too.
+    Observed {
+        /// Who saw it.
+        peer: NodeId,
+        /// Where.
+        addr: SocketAddr,
+    },
 }
 
 /// A running overlay.
@@ -149,8 +166,8 @@ impl OverlayNode {
         self.commands.send(command).is_ok()
     }
 
-    /// The current path report.
-    pub async fn report(&self) -> Option<PathReport> {
+    /// The current path report, with why each relayed path is relayed.
+    pub async fn report(&self) -> Option<PathReportV8> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.commands.send(NodeCommand::Report(tx)).ok()?;
         rx.await.ok()
@@ -181,7 +198,7 @@ struct RouteEntry {
 struct Shared {
     switch: Mutex<Switch>,
     routes: RwLock<HashMap<NodeId, RouteEntry>>,
-    taps: RwLock<HashMap<NetworkId, Arc<tun_rs::AsyncDevice>>>,
+    taps: RwLock<HashMap<NetworkId, Arc<Tap>>>,
     /// Drops outside the switch (no path, wire errors), by reason.
     drops: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -279,18 +296,43 @@ enum Internal {
     AttemptFailed {
         peer: NodeId,
         kind: PathKind,
+        how: AttemptFailure,
         cause: String,
     },
     /// A connection's reader stopped: the connection is gone.
     Closed { id: ConnId },
     /// A TAP device failed.
     TapFailed { network: NetworkId, cause: String },
+    /// A peer told us where our packets arrive from.
+    Observed { peer: NodeId, addr: SocketAddr },
 }
 
 struct TapEntry {
     membership: NetworkMembership,
-    device: Arc<tun_rs::AsyncDevice>,
+    device: Arc<Tap>,
     reader: JoinHandle<()>,
+}
+
+/// A TAP device and whether it was opened with offloads (every read and write then carries a
+/// virtio-net header).
+struct Tap {
+    device: tun_rs::AsyncDevice,
+    offload: bool,
+}
+
+impl Tap {
+    /// Writes one plain frame.
+    async fn send_frame(&self, frame: &[u8]) -> std::io::Result<usize> {
+        if self.offload {
+            let parts = [
+                std::io::IoSlice::new(&offload::PLAIN_HDR),
+                std::io::IoSlice::new(frame),
+            ];
+            self.device.send_vectored(&parts).await
+        } else {
+            self.device.send(frame).await
+        }
+    }
 }
 
 struct ConnEntry {
@@ -337,6 +379,10 @@ impl Manager {
                         self.tls = tls;
                         vec![]
                     }
+                    Some(NodeCommand::Nat(nat)) => {
+                        self.paths.set_nat(nat);
+                        vec![]
+                    }
                     Some(NodeCommand::Report(tx)) => {
                         let _ = tx.send(self.report(&counters));
                         vec![]
@@ -379,7 +425,12 @@ impl Manager {
                         conn.close(1u32.into(), reason.as_bytes());
                         if let Some(peer) = expected {
                             let kind = kind_of(conn.remote_address());
-                            return self.paths.attempt_failed(now, &peer, kind);
+                            return self.paths.attempt_failed(
+                                now,
+                                &peer,
+                                kind,
+                                AttemptFailure::Refused,
+                            );
                         }
                         return vec![];
                     }
@@ -397,6 +448,13 @@ impl Manager {
                     self.internal.clone(),
                 ));
                 info!(peer = %peer, conn = id, ?kind, remote = %conn.remote_address(), ours, "peer path up");
+                if kind == PathKind::Direct {
+                    tokio::spawn(exchange_observed(
+                        conn.clone(),
+                        peer.clone(),
+                        self.internal.clone(),
+                    ));
+                }
                 self.conns.insert(
                     id,
                     ConnEntry {
@@ -409,9 +467,14 @@ impl Manager {
                 self.paths
                     .connected(now, &peer, id, kind, ours, conn.remote_address())
             }
-            Internal::AttemptFailed { peer, kind, cause } => {
-                debug!(peer = %peer, ?kind, cause, "path attempt failed");
-                self.paths.attempt_failed(now, &peer, kind)
+            Internal::AttemptFailed {
+                peer,
+                kind,
+                how,
+                cause,
+            } => {
+                debug!(peer = %peer, ?kind, ?how, cause, "path attempt failed");
+                self.paths.attempt_failed(now, &peer, kind, how)
             }
             Internal::Closed { id } => match self.conns.remove(&id) {
                 Some(c) => {
@@ -420,6 +483,11 @@ impl Manager {
                 }
                 None => vec![],
             },
+            Internal::Observed { peer, addr } => {
+                debug!(peer = %peer, %addr, "a peer sees this node at this address");
+                let _ = self.events.send(NodeEvent::Observed { peer, addr });
+                vec![]
+            }
             Internal::TapFailed { network, cause } => {
                 warn!(
                     network = network.0,
@@ -543,18 +611,31 @@ impl Manager {
         let name = tap_name(&self.config.tap_prefix, m.id);
         // Created down, so that the link-local address is generated, when it comes up, by the rule
         // peers check (see `link_sysctls`).
-        let device = tun_rs::DeviceBuilder::new()
-            .name(&name)
-            .layer(tun_rs::Layer::L2)
-            .mac_addr(m.mac.0)
-            .mtu(m.mtu)
-            .ipv4(m.address, m.prefix_len, None)
-            .enable(false)
-            .build_async()?;
+        let build = |offload: bool| {
+            tun_rs::DeviceBuilder::new()
+                .name(&name)
+                .layer(tun_rs::Layer::L2)
+                .mac_addr(m.mac.0)
+                .mtu(m.mtu)
+                .ipv4(m.address, m.prefix_len, None)
+                .offload(offload)
+                .enable(false)
+                .build_async()
+        };
+        let (device, offload) = match self.config.tap_offload {
+            false => (build(false)?, false),
+            true => match build(true) {
+                Ok(d) => (d, true),
+                Err(e) => {
+                    warn!(device = %name, cause = %e, "TAP offloads refused by the kernel; plain frames");
+                    (build(false)?, false)
+                }
+            },
+        };
         link_sysctls(&name);
         device.enabled(true)?;
-        let device = Arc::new(device);
-        info!(device = %name, network = %m.name, mac = %m.mac, address = %m.address, prefix = m.prefix_len, mtu = m.mtu, "TAP device up");
+        let device = Arc::new(Tap { device, offload });
+        info!(device = %name, network = %m.name, mac = %m.mac, address = %m.address, prefix = m.prefix_len, mtu = m.mtu, offload, "TAP device up");
         let reader = tokio::spawn(tap_loop(
             m.id,
             device.clone(),
@@ -608,10 +689,19 @@ impl Manager {
                     Err(e) => Internal::AttemptFailed {
                         peer,
                         kind,
+                        how: match e {
+                            quinn::ConnectionError::TimedOut => AttemptFailure::TimedOut,
+                            _ => AttemptFailure::Refused,
+                        },
                         cause: e.to_string(),
                     },
                 },
-                Err(cause) => Internal::AttemptFailed { peer, kind, cause },
+                Err(cause) => Internal::AttemptFailed {
+                    peer,
+                    kind,
+                    how: AttemptFailure::Refused,
+                    cause,
+                },
             };
             let _ = internal.send(event);
         });
@@ -640,8 +730,8 @@ impl Manager {
             .unwrap_or_else(|p| p.into_inner()) = routes;
     }
 
-    fn report(&self, counters: &HashMap<NodeId, Arc<PeerCounters>>) -> PathReport {
-        let paths = self
+    fn report(&self, counters: &HashMap<NodeId, Arc<PeerCounters>>) -> PathReportV8 {
+        let paths: Vec<PathInfo> = self
             .paths
             .routes()
             .filter_map(|(peer, route)| {
@@ -658,9 +748,22 @@ impl Manager {
                 })
             })
             .collect();
-        PathReport {
-            paths,
-            counters: self.shared.counters(),
+        let relayed = paths
+            .iter()
+            .filter(|p| p.kind == PathKind::Relay)
+            .filter_map(|p| {
+                Some(RelayedPath {
+                    peer: p.peer.clone(),
+                    reason: self.paths.relay_reason(&p.peer)?,
+                })
+            })
+            .collect();
+        PathReportV8 {
+            report: PathReport {
+                paths,
+                counters: self.shared.counters(),
+            },
+            relayed,
         }
     }
 }
@@ -706,6 +809,27 @@ fn kind_of(addr: SocketAddr) -> PathKind {
     }
 }
 
+/// Tells the peer where its packets come from on a direct connection, and learns where ours do.
+async fn exchange_observed(
+    conn: quinn::Connection,
+    peer: NodeId,
+    internal: mpsc::UnboundedSender<Internal>,
+) {
+    let (told, learnt) = tokio::join!(
+        observed::tell(&conn),
+        observed::learn(&conn, observed::OBSERVE_TIMEOUT)
+    );
+    if let Err(e) = told {
+        debug!(peer = %peer, cause = %e, "could not tell the peer its address");
+    }
+    match learnt {
+        Ok(addr) => {
+            let _ = internal.send(Internal::Observed { peer, addr });
+        }
+        Err(e) => debug!(peer = %peer, cause = %e, "no observed address from the peer"),
+    }
+}
+
 async fn accept_loop(endpoint: quinn::Endpoint, internal: mpsc::UnboundedSender<Internal>) {
     while let Some(incoming) = endpoint.accept().await {
         let internal = internal.clone();
@@ -733,10 +857,106 @@ async fn read_loop(
     internal: mpsc::UnboundedSender<Internal>,
 ) {
     let mut reassembler = Reassembler::default();
-    while let Ok(datagram) = conn.read_datagram().await {
-        receive(&shared, &peer, &counters, &mut reassembler, &datagram).await;
+    let mut out = TapOut::default();
+    let mut batch = Vec::with_capacity(offload::MAX_BATCH);
+    while let Ok(first) = conn.read_datagram().await {
+        // Take what else has already arrived, so that the TAP writes of a burst can be coalesced.
+        batch.push(first);
+        while batch.len() < offload::MAX_BATCH {
+            match ready_datagram(&conn) {
+                Some(d) => batch.push(d),
+                None => break,
+            }
+        }
+        for datagram in batch.drain(..) {
+            receive(
+                &shared,
+                &peer,
+                &counters,
+                &mut reassembler,
+                &mut out,
+                &datagram,
+            )
+            .await;
+        }
+        out.flush(&shared).await;
+        // Looked up again next batch: a TAP device recreated meanwhile must get the frames, and
+        // the old one must not be held open.
+        out.tap = None;
     }
     let _ = internal.send(Internal::Closed { id });
+}
+
+/// A datagram that has already arrived, without waiting for one.
+fn ready_datagram(conn: &quinn::Connection) -> Option<Bytes> {
+    use std::future::Future;
+    let mut read = std::pin::pin!(conn.read_datagram());
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match read.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(Ok(d)) => Some(d),
+        _ => None,
+    }
+}
+
+/// Frames received in one batch on their way to a TAP device: coalesced when it has offloads,
+/// written one by one otherwise.
+#[derive(Default)]
+struct TapOut {
+    tap: Option<(NetworkId, Arc<Tap>)>,
+    coalescer: Coalescer,
+}
+
+impl TapOut {
+    async fn deliver(&mut self, shared: &Shared, network: NetworkId, frame: &[u8]) {
+        if self.tap.as_ref().is_none_or(|(n, _)| *n != network) {
+            self.flush(shared).await;
+            let tap = shared
+                .taps
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&network)
+                .cloned();
+            self.tap = tap.map(|t| (network, t));
+        }
+        let Some((_, tap)) = &self.tap else {
+            shared.drop_frame("no_network");
+            return;
+        };
+        let tap = tap.clone();
+        if tap.offload {
+            match self.coalescer.push(frame) {
+                Push::Taken => return,
+                Push::Full => {
+                    self.flush(shared).await;
+                    if self.coalescer.push(frame) == Push::Taken {
+                        return;
+                    }
+                }
+                Push::Alone => {}
+            }
+        }
+        if tap.send_frame(frame).await.is_err() {
+            shared.drop_frame("tap_write");
+        }
+    }
+
+    /// Writes what the coalescer holds.
+    async fn flush(&mut self, shared: &Shared) {
+        if self.coalescer.is_empty() {
+            return;
+        }
+        let Some((_, tap)) = &self.tap else { return };
+        match self.coalescer.flush() {
+            Ok(writes) => {
+                for w in writes {
+                    if tap.device.send(w).await.is_err() {
+                        shared.drop_frame("tap_write");
+                    }
+                }
+            }
+            Err(e) => shared.drop_frame(e.reason()),
+        }
+    }
 }
 
 async fn receive(
@@ -744,6 +964,7 @@ async fn receive(
     peer: &NodeId,
     counters: &PeerCounters,
     reassembler: &mut Reassembler,
+    out: &mut TapOut,
     datagram: &Bytes,
 ) {
     let now = Instant::now();
@@ -761,32 +982,21 @@ async fn receive(
     counters
         .rx_bytes
         .fetch_add(frame.len() as u64, Ordering::Relaxed);
-    let tap = shared
-        .taps
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&network)
-        .cloned();
-    match tap {
-        Some(tap) => {
-            if tap.send(&frame).await.is_err() {
-                shared.drop_frame("tap_write");
-            }
-        }
-        None => shared.drop_frame("no_network"),
-    }
+    out.deliver(shared, network, &frame).await;
 }
 
 async fn tap_loop(
     network: NetworkId,
-    device: Arc<tun_rs::AsyncDevice>,
+    device: Arc<Tap>,
     shared: Arc<Shared>,
     internal: mpsc::UnboundedSender<Internal>,
 ) {
-    let mut buf = vec![0u8; 65536];
+    // With offloads a read is a virtio-net header and up to 64 KiB of TSO super-frame.
+    let mut buf = vec![0u8; offload::VNET_HDR_LEN + 65536 + 64];
+    let mut segmenter = Segmenter::default();
     let mut fragment_id = 0u16;
     loop {
-        let n = match device.recv(&mut buf).await {
+        let n = match device.device.recv(&mut buf).await {
             Ok(n) => n,
             Err(e) => {
                 let _ = internal.send(Internal::TapFailed {
@@ -796,26 +1006,39 @@ async fn tap_loop(
                 return;
             }
         };
-        let frame = &buf[..n];
-        let now = Instant::now();
-        // Decide and look up routes under the switch lock, then send without it. Unicast, the
-        // common case, allocates nothing here.
-        let mut switch = shared.switch();
-        match switch.outbound(now, network, frame) {
-            Outbound::Unicast(peer) => {
-                let route = shared.route(peer);
-                drop(switch);
-                shared.send_frame(route, network, frame, &mut fragment_id);
+        if device.offload {
+            let sent = segmenter.split(&mut buf[..n], |frame| {
+                forward(&shared, network, frame, &mut fragment_id)
+            });
+            if let Err(e) = sent {
+                debug!(network = network.0, cause = %e, "TAP read not segmented");
+                shared.drop_frame(e.reason());
             }
-            Outbound::Flood(peers) => {
-                let routes: Vec<Option<RouteEntry>> =
-                    peers.iter().map(|p| shared.route(p)).collect();
-                drop(switch);
-                for route in routes {
-                    shared.send_frame(route, network, frame, &mut fragment_id);
-                }
-            }
-            Outbound::Drop(_) => {}
+        } else {
+            forward(&shared, network, &buf[..n], &mut fragment_id);
         }
+    }
+}
+
+/// Sends one frame read from a TAP device where the switch says.
+fn forward(shared: &Shared, network: NetworkId, frame: &[u8], fragment_id: &mut u16) {
+    let now = Instant::now();
+    // Decide and look up routes under the switch lock, then send without it. Unicast, the
+    // common case, allocates nothing here.
+    let mut switch = shared.switch();
+    match switch.outbound(now, network, frame) {
+        Outbound::Unicast(peer) => {
+            let route = shared.route(peer);
+            drop(switch);
+            shared.send_frame(route, network, frame, fragment_id);
+        }
+        Outbound::Flood(peers) => {
+            let routes: Vec<Option<RouteEntry>> = peers.iter().map(|p| shared.route(p)).collect();
+            drop(switch);
+            for route in routes {
+                shared.send_frame(route, network, frame, fragment_id);
+            }
+        }
+        Outbound::Drop(_) => {}
     }
 }

@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use shoal_proto::{NodeId, PathKind, Peer, PeerIndex};
+use shoal_proto::{NatMapping, NodeId, PathKind, Peer, PeerIndex, RelayReason};
 
 /// The shell's handle for one QUIC connection.
 pub type ConnId = u64;
@@ -94,6 +94,16 @@ pub enum PathAction {
     },
 }
 
+/// How a direct attempt failed, as far as the shell can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptFailure {
+    /// No answer within the handshake timeout: silence, as a NAT or firewall that drops
+    /// unsolicited packets gives.
+    TimedOut,
+    /// An answer that refused: ICMP unreachable, a handshake error, a wrong identity.
+    Refused,
+}
+
 #[derive(Debug, Clone)]
 struct Conn {
     id: ConnId,
@@ -109,6 +119,14 @@ struct Conn {
 struct PeerPaths {
     index: PeerIndex,
     endpoints: Vec<SocketAddr>,
+    /// The peer's NAT mapping, from the netmap.
+    nat: NatMapping,
+    /// How the last round of direct attempts ended (`None` until one ends without a path), for
+    /// [`PathManager::relay_reason`]. A round fails as a whole: a refusal from any candidate
+    /// counts over silence from the others only if none timed out.
+    last_failure: Option<AttemptFailure>,
+    /// Failures of the round in flight so far.
+    round_failures: Vec<AttemptFailure>,
     conns: Vec<Conn>,
     direct_in_flight: usize,
     direct_backoff: Duration,
@@ -188,6 +206,8 @@ pub struct Route {
 #[derive(Debug)]
 pub struct PathManager {
     me: NodeId,
+    /// This node's NAT mapping, as measured against the controller.
+    nat: NatMapping,
     config: PathConfig,
     peers: BTreeMap<NodeId, PeerPaths>,
 }
@@ -197,9 +217,15 @@ impl PathManager {
     pub fn new(me: NodeId, config: PathConfig) -> Self {
         Self {
             me,
+            nat: NatMapping::Unknown,
             config,
             peers: BTreeMap::new(),
         }
+    }
+
+    /// This node's NAT mapping was measured (it only explains relayed paths).
+    pub fn set_nat(&mut self, nat: NatMapping) {
+        self.nat = nat;
     }
 
     fn we_are_lower(&self, peer: &NodeId) -> bool {
@@ -248,6 +274,7 @@ impl PathManager {
                         p.next_direct = now;
                     }
                     p.index = peer.index;
+                    p.nat = peer.nat;
                 }
                 None => {
                     self.peers.insert(
@@ -255,6 +282,9 @@ impl PathManager {
                         PeerPaths {
                             index: peer.index,
                             endpoints: candidates(&peer.endpoints, self.config.max_candidates),
+                            nat: peer.nat,
+                            last_failure: None,
+                            round_failures: Vec::new(),
                             conns: Vec::new(),
                             direct_in_flight: 0,
                             direct_backoff: self.config.direct_retry_min,
@@ -298,6 +328,8 @@ impl PathManager {
         }
         if kind == PathKind::Direct {
             p.direct_backoff = config.direct_retry_min;
+            p.last_failure = None;
+            p.round_failures.clear();
         } else {
             p.relay_backoff = config.relay_retry_min;
         }
@@ -318,6 +350,7 @@ impl PathManager {
         now: Instant,
         peer: &NodeId,
         kind: PathKind,
+        how: AttemptFailure,
     ) -> Vec<PathAction> {
         let max = self.config.direct_retry_max;
         let Some(p) = self.peers.get_mut(peer) else {
@@ -326,9 +359,19 @@ impl PathManager {
         match kind {
             PathKind::Direct => {
                 p.direct_in_flight = p.direct_in_flight.saturating_sub(1);
+                p.round_failures.push(how);
                 if p.direct_in_flight == 0 && !p.has(PathKind::Direct) {
                     p.next_direct = now + p.direct_backoff;
                     p.direct_backoff = (p.direct_backoff * 2).min(max);
+                    // Silence from any candidate says more about the NATs than a refusal from
+                    // another (a LAN address that is not the peer's answers "unreachable").
+                    p.last_failure =
+                        Some(if p.round_failures.contains(&AttemptFailure::TimedOut) {
+                            AttemptFailure::TimedOut
+                        } else {
+                            AttemptFailure::Refused
+                        });
+                    p.round_failures.clear();
                 }
             }
             PathKind::Relay => {
@@ -377,6 +420,7 @@ impl PathManager {
             return vec![];
         }
         p.direct_in_flight = p.endpoints.len();
+        p.round_failures.clear();
         p.next_direct = now;
         p.endpoints
             .iter()
@@ -411,6 +455,7 @@ impl PathManager {
         for (id, p) in self.peers.iter_mut() {
             if p.direct_due().is_some_and(|t| t <= now) {
                 p.direct_in_flight = p.endpoints.len();
+                p.round_failures.clear();
                 // Pessimistically schedule the next round; success or a new netmap resets it.
                 p.next_direct = now + p.direct_backoff;
                 out.extend(p.endpoints.iter().map(|addr| PathAction::ConnectDirect {
@@ -452,6 +497,32 @@ impl PathManager {
                 kind: c.kind,
                 remote: c.remote,
             })
+    }
+
+    /// Why traffic to `peer` is not on a direct path: `None` when it is (or the peer is unknown).
+    /// Direct attempts go on in the background whatever the reason, so a pair moves to direct as
+    /// soon as the network lets it.
+    pub fn relay_reason(&self, peer: &NodeId) -> Option<RelayReason> {
+        let p = self.peers.get(peer)?;
+        if p.has(PathKind::Direct) {
+            return None;
+        }
+        if p.endpoints.is_empty() {
+            return Some(RelayReason::NoCandidates);
+        }
+        let dependent = |n: NatMapping| n == NatMapping::EndpointDependent;
+        let known = |n: NatMapping| n != NatMapping::Unknown;
+        Some(match p.last_failure {
+            None => RelayReason::Trying,
+            Some(AttemptFailure::Refused) => RelayReason::Refused,
+            Some(AttemptFailure::TimedOut) => match (self.nat, p.nat) {
+                (a, b) if dependent(a) && dependent(b) => RelayReason::BothEndpointDependent,
+                (a, _) if dependent(a) => RelayReason::LocalEndpointDependent,
+                (_, b) if dependent(b) => RelayReason::PeerEndpointDependent,
+                (a, b) if known(a) && known(b) => RelayReason::UdpBlocked,
+                _ => RelayReason::PunchTimedOut,
+            },
+        })
     }
 
     /// Every peer and its route (`None` while no path is up).
@@ -598,7 +669,7 @@ mod tests {
             true,
             addr("192.0.2.2:5000"),
         );
-        a.attempt_failed(t0, &n("b"), PathKind::Relay);
+        a.attempt_failed(t0, &n("b"), PathKind::Relay, AttemptFailure::TimedOut);
         let t1 = t0 + Duration::from_millis(100);
         let out = a.closed(t1, 1);
         assert!(
@@ -631,7 +702,7 @@ mod tests {
         let mut now = t0;
         let mut gaps = Vec::new();
         for _ in 0..6 {
-            a.attempt_failed(now, &n("a"), PathKind::Direct);
+            a.attempt_failed(now, &n("a"), PathKind::Direct, AttemptFailure::TimedOut);
             let next = a.poll_timeout().unwrap();
             gaps.push(next - now);
             now = next;
@@ -726,7 +797,7 @@ mod tests {
         let t0 = Instant::now();
         let mut b = PathManager::new(n("b"), PathConfig::default());
         b.set_peers(t0, &[peer("a", 1, &["192.0.2.1:5000"])]);
-        b.attempt_failed(t0, &n("a"), PathKind::Direct);
+        b.attempt_failed(t0, &n("a"), PathKind::Direct, AttemptFailure::TimedOut);
         let out = b.punch_requested(t0, &n("a"), &[addr("198.51.100.1:6000")]);
         assert_eq!(
             out,
@@ -764,9 +835,182 @@ mod tests {
         assert_eq!(attempts.len(), 3, "{out:?}");
         assert!(attempts.iter().any(|a| matches!(a, PathAction::ConnectDirect { addr: x, .. } if *x == addr("192.0.2.3:5000"))));
         for _ in 0..3 {
-            b.attempt_failed(t0, &n("a"), PathKind::Direct);
+            b.attempt_failed(t0, &n("a"), PathKind::Direct, AttemptFailure::TimedOut);
         }
         let punched: Vec<SocketAddr> = many.iter().map(|m| addr(m)).collect();
         assert_eq!(b.punch_requested(t0, &n("a"), &punched).len(), 3);
+    }
+
+    fn peer_behind(id: &str, index: u32, endpoints: &[&str], nat: NatMapping) -> Peer {
+        Peer {
+            nat,
+            ..peer(id, index, endpoints)
+        }
+    }
+
+    /// Runs one whole round of direct attempts from `a` to `b` that all fail with `how`.
+    fn fail_round(m: &mut PathManager, now: Instant, peer: &str, how: AttemptFailure) {
+        let out = m.handle_timeout(now);
+        let attempts = out
+            .iter()
+            .filter(|x| matches!(x, PathAction::ConnectDirect { .. }))
+            .count();
+        assert!(attempts > 0, "a round is due at {now:?}: {out:?}");
+        for _ in 0..attempts {
+            m.attempt_failed(now, &n(peer), PathKind::Direct, how);
+        }
+    }
+
+    #[test]
+    fn relayed_paths_say_which_nat_behaviour_blocked_the_direct_one() {
+        use AttemptFailure::{Refused, TimedOut};
+        use NatMapping::{EndpointDependent as Edm, EndpointIndependent as Eim, None as NoNat};
+        use RelayReason::*;
+        let cases = [
+            (Edm, Edm, TimedOut, BothEndpointDependent),
+            (Edm, Eim, TimedOut, LocalEndpointDependent),
+            (NoNat, Edm, TimedOut, PeerEndpointDependent),
+            (Eim, Eim, TimedOut, UdpBlocked),
+            (NoNat, Eim, TimedOut, UdpBlocked),
+            (NatMapping::Unknown, Eim, TimedOut, PunchTimedOut),
+            (Eim, Eim, Refused, RelayReason::Refused),
+            (Edm, Edm, Refused, RelayReason::Refused),
+        ];
+        for (mine, theirs, how, want) in cases {
+            let t0 = Instant::now();
+            let mut a = PathManager::new(n("a"), PathConfig::default());
+            a.set_nat(mine);
+            a.set_peers(
+                t0,
+                &[peer_behind(
+                    "b",
+                    2,
+                    &["192.0.2.2:5000", "10.0.0.2:5000"],
+                    theirs,
+                )],
+            );
+            a.connected(t0, &n("b"), 1, PathKind::Relay, true, relay_addr_for(2));
+            assert_eq!(a.relay_reason(&n("b")), Some(Trying), "round still running");
+            a.attempt_failed(t0, &n("b"), PathKind::Direct, how);
+            assert_eq!(a.relay_reason(&n("b")), Some(Trying), "one candidate left");
+            a.attempt_failed(t0, &n("b"), PathKind::Direct, how);
+            assert_eq!(
+                a.relay_reason(&n("b")),
+                Some(want),
+                "{mine:?} behind us, {theirs:?} behind the peer, {how:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn silence_from_one_candidate_outweighs_a_refusal_from_another() {
+        let t0 = Instant::now();
+        let mut a = PathManager::new(n("a"), PathConfig::default());
+        a.set_nat(NatMapping::EndpointDependent);
+        a.set_peers(
+            t0,
+            &[peer_behind(
+                "b",
+                2,
+                &["192.0.2.2:5000", "10.0.0.2:5000"],
+                NatMapping::EndpointDependent,
+            )],
+        );
+        // The LAN address is not the peer's and answers "unreachable"; the public one is silent.
+        a.attempt_failed(t0, &n("b"), PathKind::Direct, AttemptFailure::Refused);
+        a.attempt_failed(t0, &n("b"), PathKind::Direct, AttemptFailure::TimedOut);
+        assert_eq!(
+            a.relay_reason(&n("b")),
+            Some(RelayReason::BothEndpointDependent)
+        );
+    }
+
+    #[test]
+    fn a_peer_without_addresses_is_relayed_for_want_of_candidates_and_direct_has_no_reason() {
+        let t0 = Instant::now();
+        let mut a = PathManager::new(n("a"), PathConfig::default());
+        a.set_peers(t0, &[peer("b", 2, &[]), peer("c", 3, &["192.0.2.3:5000"])]);
+        assert_eq!(a.relay_reason(&n("b")), Some(RelayReason::NoCandidates));
+        a.connected(
+            t0,
+            &n("c"),
+            1,
+            PathKind::Direct,
+            true,
+            addr("192.0.2.3:5000"),
+        );
+        assert_eq!(a.relay_reason(&n("c")), None);
+        assert_eq!(a.relay_reason(&n("x")), None, "not a peer");
+    }
+
+    #[test]
+    fn a_relayed_pair_keeps_trying_direct_with_backoff_and_moves_to_it_when_it_works() {
+        let t0 = Instant::now();
+        let cfg = PathConfig::default();
+        let mut a = PathManager::new(n("a"), cfg.clone());
+        a.set_nat(NatMapping::EndpointIndependent);
+        let b = peer_behind("b", 2, &["192.0.2.2:5000"], NatMapping::EndpointIndependent);
+        a.set_peers(t0, &[b]);
+        a.connected(t0, &n("b"), 1, PathKind::Relay, true, relay_addr_for(2));
+        // A firewall drops the pair's UDP for a minute: every round times out.
+        a.attempt_failed(t0, &n("b"), PathKind::Direct, AttemptFailure::TimedOut);
+        let mut now = t0;
+        let mut rounds = 1;
+        while now < t0 + Duration::from_secs(60) {
+            now = a.poll_timeout().expect("direct attempts never stop");
+            fail_round(&mut a, now, "b", AttemptFailure::TimedOut);
+            rounds += 1;
+            assert_eq!(a.route(&n("b")).map(|r| r.kind), Some(PathKind::Relay));
+            assert_eq!(a.relay_reason(&n("b")), Some(RelayReason::UdpBlocked));
+        }
+        // 1 + 2 + 4 + 8 s, then every 15 s: the backoff is capped, never given up.
+        assert!((6..=8).contains(&rounds), "{rounds} rounds in a minute");
+        // The rule is lifted: the next round's handshake completes.
+        let next = a.poll_timeout().unwrap();
+        assert!(next - now <= cfg.direct_retry_max);
+        let out = a.handle_timeout(next);
+        assert!(out.contains(&PathAction::ConnectDirect {
+            peer: n("b"),
+            addr: addr("192.0.2.2:5000")
+        }));
+        a.connected(
+            next,
+            &n("b"),
+            2,
+            PathKind::Direct,
+            true,
+            addr("192.0.2.2:5000"),
+        );
+        assert_eq!(
+            a.route(&n("b")).map(|r| (r.kind, r.conn)),
+            Some((PathKind::Direct, 2))
+        );
+        assert_eq!(a.relay_reason(&n("b")), None);
+        assert_eq!(
+            a.handle_timeout(next + cfg.relay_linger),
+            vec![PathAction::Close {
+                conn: 1,
+                reason: "a direct path is up"
+            }]
+        );
+        // When that direct path dies later, the pair relays at once and tries direct again at
+        // once, then from the shortest backoff.
+        a.closed(next + cfg.relay_linger, 1);
+        let t2 = next + Duration::from_secs(100);
+        let out = a.closed(t2, 2);
+        for want in [
+            PathAction::ConnectRelay {
+                peer: n("b"),
+                index: PeerIndex(2),
+            },
+            PathAction::ConnectDirect {
+                peer: n("b"),
+                addr: addr("192.0.2.2:5000"),
+            },
+        ] {
+            assert!(out.contains(&want), "{want:?} in {out:?}");
+        }
+        a.attempt_failed(t2, &n("b"), PathKind::Direct, AttemptFailure::TimedOut);
+        assert_eq!(a.poll_timeout(), Some(t2 + cfg.direct_retry_min));
     }
 }

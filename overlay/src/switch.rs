@@ -1256,6 +1256,32 @@ mod tests {
     }
 
     #[test]
+    fn unicast_stops_flooding_as_soon_as_the_destination_mac_is_known() {
+        let mut s = switch();
+        let t0 = Instant::now();
+        let to_e = frame(mac(8), mac(1));
+        // e is not a member yet: its MAC is unknown unicast and floods.
+        assert!(matches!(s.outbound(t0, NET, &to_e), Outbound::Flood(_)));
+        set(
+            &mut s,
+            &membership(NET, mac(1)),
+            [
+                (node("a"), mac(2)),
+                (node("b"), mac(3)),
+                (node("c"), mac(4)),
+                (node("e"), mac(8)),
+            ],
+        )
+        .unwrap();
+        // Known from the netmap: one peer, no flood, however many frames follow.
+        for _ in 0..100 {
+            assert_eq!(s.outbound(t0, NET, &to_e), Outbound::Unicast(&node("e")));
+        }
+        let c = s.counters();
+        assert_eq!((c.flooded, c.forwarded), (1, 100));
+    }
+
+    #[test]
     fn reconfiguring_a_network_replaces_its_members() {
         let mut s = switch();
         let t0 = Instant::now();

@@ -108,7 +108,8 @@ pub fn peer_transport(idle: Duration, congestion: Congestion) -> quinn::Transpor
         }
     };
     t.max_concurrent_bidi_streams(0u32.into())
-        .max_concurrent_uni_streams(0u32.into())
+        // One: the peer's observation of our address (`observed.rs`), read once per connection.
+        .max_concurrent_uni_streams(1u32.into())
         .stream_receive_window((64u32 * 1024).into())
         .keep_alive_interval(Some(Duration::from_secs(1)))
         // The starting MTU stays at QUIC's 1200: a relayed connection rides inside the control
@@ -384,7 +385,8 @@ pub fn mesh_client_config(ca_der: &[u8]) -> Result<quinn::ClientConfig, TlsError
 pub fn mesh_transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(1u32.into())
-        .max_concurrent_uni_streams(0u32.into())
+        // One: the peer's observation of our address (`observed.rs`), read once per connection.
+        .max_concurrent_uni_streams(1u32.into())
         .stream_receive_window((4u32 * 1024 * 1024).into())
         .receive_window((8u32 * 1024 * 1024).into())
         .send_window(8 * 1024 * 1024)

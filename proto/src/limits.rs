@@ -112,7 +112,7 @@ pub fn max_encoded_len(msg: &AgentMsg) -> usize {
         AgentMsg::Enrol(_) | AgentMsg::Renew(_) | AgentMsg::RotateKey(_) => 32 * KIB,
         AgentMsg::Inventory(_) | AgentMsg::Health(_) | AgentMsg::Drives(_) => 512 * KIB,
         AgentMsg::Overlay(_) | AgentMsg::Punch(_) => 4 * KIB,
-        AgentMsg::Paths(_) => MAX_FRAME_LEN,
+        AgentMsg::Paths(_) | AgentMsg::PathsV8(_) => MAX_FRAME_LEN,
         AgentMsg::UpdateAck { .. } => KIB,
         AgentMsg::DriveCommandResult(_)
         | AgentMsg::RebootAck { .. }
@@ -146,6 +146,7 @@ pub fn kind_name(msg: &AgentMsg) -> &'static str {
         AgentMsg::RotateKey(_) => "rotate_key",
         AgentMsg::BackupProgress(_) => "backup_progress",
         AgentMsg::BackupResult(_) => "backup_result",
+        AgentMsg::PathsV8(_) => "paths_v8",
     }
 }
 
@@ -252,6 +253,17 @@ pub fn check(msg: &AgentMsg) -> Checked {
             f("local_endpoints")
         }),
         AgentMsg::Paths(p) => paths(p),
+        AgentMsg::PathsV8(p) => {
+            paths(&p.report)?;
+            // One reason per path at most.
+            items(p.relayed.len(), p.report.paths.len(), || f("relayed"))?;
+            for (i, r) in p.relayed.iter().enumerate() {
+                text(&r.peer.0, MAX_NODE_ID_LEN, || {
+                    format!("{kind}.relayed[{i}].peer")
+                })?;
+            }
+            Ok(())
+        }
         AgentMsg::Punch(p) => {
             text(&p.peer.0, MAX_NODE_ID_LEN, || f("peer"))?;
             items(p.endpoints.len(), MAX_OVERLAY_ENDPOINTS, || f("endpoints"))

@@ -18,8 +18,8 @@ use std::net::SocketAddr;
 use crate::{
     BackupProgress, BackupResult, BackupTask, BootReport, DriveCommand, DriveCommandResult,
     DrivePolicy, DriveReport, HardwareId, HealthReport, Inventory, MaintenanceResult,
-    MaintenanceStep, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PeerIndex, Punch,
-    SignedRelease, UnixMillis, UpdateReport, VersionRange,
+    MaintenanceStep, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PathReportV8,
+    PeerIndex, Punch, SignedRelease, UnixMillis, UpdateReport, VersionRange,
 };
 
 /// Agent to controller.
@@ -80,6 +80,9 @@ pub enum AgentMsg {
     /// (v6) How a [`ControllerMsg::BackupTask`] ended, per target. Sent again on every session
     /// until [`ControllerMsg::BackupAck`] arrives.
     BackupResult(BackupResult),
+    /// (v8) [`AgentMsg::Paths`] with why each relayed path is relayed; sent instead of it once
+    /// both sides speak 8.
+    PathsV8(PathReportV8),
 }
 
 /// Controller to agent.

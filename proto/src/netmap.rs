@@ -242,7 +242,7 @@ pub struct OverlayHello {
     /// The netmap version the agent holds (from its cache), if any.
     pub netmap_version: Option<u64>,
     /// Its local socket addresses (interface addresses with the agent's UDP port), for peers on the
-    /// same LAN.
+    /// same LAN; then (from builds with peer-observed addresses) where its direct peers see it.
     pub local_endpoints: Vec<SocketAddr>,
     /// Its NAT's mapping behaviour.
     pub nat: NatMapping,
@@ -272,6 +272,76 @@ pub struct PathInfo {
     pub tx_bytes: u64,
     /// Bytes of overlay frames received from the peer since the agent started.
     pub rx_bytes: u64,
+}
+
+/// (v8) Why traffic to a peer goes through the relay rather than straight to it: which NAT
+/// behaviour, as far as the agent can tell, blocked the direct path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RelayReason {
+    /// The first round of direct attempts has not ended yet.
+    Trying,
+    /// No address of the peer is known to attempt.
+    NoCandidates,
+    /// Both NATs map per destination ("symmetric"): neither side can predict the port the other
+    /// opens, so punching cannot meet.
+    BothEndpointDependent,
+    /// This node's NAT maps per destination and the attempts timed out.
+    LocalEndpointDependent,
+    /// The peer's NAT maps per destination and the attempts timed out.
+    PeerEndpointDependent,
+    /// Neither NAT maps per destination, yet no attempt got an answer: UDP between the two is
+    /// filtered (a firewall, or a NAT that drops unsolicited packets for longer than a round).
+    UdpBlocked,
+    /// The attempts timed out and at least one side's NAT behaviour is unknown.
+    PunchTimedOut,
+    /// The attempts were answered with a refusal (ICMP unreachable, a handshake or identity
+    /// failure), not silence.
+    Refused,
+}
+
+impl RelayReason {
+    /// The snake_case name shown to operators.
+    pub fn label(self) -> &'static str {
+        match self {
+            RelayReason::Trying => "trying",
+            RelayReason::NoCandidates => "no_candidates",
+            RelayReason::BothEndpointDependent => "both_endpoint_dependent",
+            RelayReason::LocalEndpointDependent => "local_endpoint_dependent",
+            RelayReason::PeerEndpointDependent => "peer_endpoint_dependent",
+            RelayReason::UdpBlocked => "udp_blocked",
+            RelayReason::PunchTimedOut => "punch_timed_out",
+            RelayReason::Refused => "refused",
+        }
+    }
+}
+
+/// (v8) Why one relayed peer path is relayed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayedPath {
+    /// The peer.
+    pub peer: NodeId,
+    /// Why.
+    pub reason: RelayReason,
+}
+
+/// (v8) A path report with the reason for each relayed path, sent instead of
+/// [`crate::AgentMsg::Paths`] once both sides speak 8.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PathReportV8 {
+    /// The report as in v2.
+    pub report: PathReport,
+    /// One entry per relayed path of `report`.
+    pub relayed: Vec<RelayedPath>,
+}
+
+impl From<PathReport> for PathReportV8 {
+    /// A v2 report: no reasons.
+    fn from(report: PathReport) -> Self {
+        PathReportV8 {
+            report,
+            relayed: vec![],
+        }
+    }
 }
 
 /// Datapath counters.

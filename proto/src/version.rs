@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// The first version with the overlay (netmaps, punches, path reports, relaying).
 pub const OVERLAY_PROTOCOL: u16 = 2;
@@ -25,6 +25,8 @@ pub const KEY_ROTATION_PROTOCOL: u16 = 5;
 pub const BACKUP_PROTOCOL: u16 = 6;
 /// The first version with the controller set (several controllers, one fleet).
 pub const CLUSTER_PROTOCOL: u16 = 7;
+/// The first version with relay reasons in path reports (`AgentMsg::PathsV8`).
+pub const RELAY_REASONS_PROTOCOL: u16 = 8;
 
 /// Every version this build speaks.
 pub const SUPPORTED: VersionRange = VersionRange {
@@ -94,6 +96,13 @@ pub const PROTOCOL_HISTORY: &[(&str, u16, &str)] = &[
         "controller cluster: ControllerMsg::ControllerSet (every live controller's agent endpoint, \
          id and address, the sending controller first; at most 16, ids at most 64 bytes) after \
          Welcome and whenever the set changes; agents keep it and fail over to another controller",
+    ),
+    (
+        "2026-12-07",
+        8,
+        "relay reasons: AgentMsg::PathsV8 (PathReportV8: the v2 PathReport and, per relayed path, \
+         a RelayReason: trying, no candidates, endpoint-dependent NAT on both sides, this side or \
+         the peer's, UDP blocked, punch timed out, refused) sent instead of AgentMsg::Paths",
     ),
 ];
 

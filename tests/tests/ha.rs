@@ -580,6 +580,54 @@ fn agents_on_different_controllers_talk_through_the_relay_and_again_after_one_co
     )
     .or_panic();
 
+    // Drive policies follow labels across controllers: changes made through controller 0 reach b,
+    // whose session controller 1 holds.
+    let sent_to_b = |mode: &str| {
+        let (b_id, mode) = (b_id.clone(), format!("mode={mode}"));
+        move |log: &str| {
+            log.lines().any(|l| {
+                l.contains("drive policy sent") && l.contains(b_id.as_str()) && l.contains(&mode)
+            })
+        }
+    };
+    fleet
+        .ctl_ok(
+            0,
+            &["drives", "policy", "set", "-l", "disks=fast", "approve"],
+        )
+        .or_panic();
+    fleet
+        .ctl_ok(
+            0,
+            &["nodes", "label", &fleet.agents[b].hostname, "disks=fast"],
+        )
+        .or_panic();
+    let approve = sent_to_b("approve");
+    eventually(Duration::from_secs(10), "b gets the approve policy", || {
+        ensure!(
+            approve(&fleet.controllers[1].proc.log()),
+            "not sent by controller 1"
+        );
+        Ok(())
+    })
+    .or_panic();
+    let b_host = fleet.agents[b].hostname.clone();
+    fleet
+        .ctl_ok(
+            0,
+            &["drives", "policy", "set", "--node", &b_host, "prepare"],
+        )
+        .or_panic();
+    let prepare = sent_to_b("prepare");
+    eventually(Duration::from_secs(10), "b gets the prepare policy", || {
+        ensure!(
+            prepare(&fleet.controllers[1].proc.log()),
+            "not sent by controller 1"
+        );
+        Ok(())
+    })
+    .or_panic();
+
     // Controller 1 dies with b's session: b moves to controller 2 (it cannot reach controller 0),
     // and a reaches it again through the relay, now from controller 0 to controller 2.
     let ctl0 = fleet.controllers[0].addr.to_string();

@@ -162,6 +162,19 @@ fn labelling_a_node_moves_it_into_and_out_of_a_selected_network_live() {
         events::message(labelled[1]).contains("zone=c (was b)"),
         "{labelled:?}"
     );
+    // `events -l`: only the events about the nodes the selector matches.
+    fleet
+        .ctl_ok(&["nodes", "label", &host[0], "pick=me"])
+        .or_panic();
+    let picked = fleet.ctl_json(&["events", "-l", "pick=me"]).or_panic();
+    let picked = picked.as_array().expect("an array");
+    assert!(
+        picked
+            .iter()
+            .any(|e| events::is(e, "labels_changed", &ids[0]))
+            && picked.iter().all(|e| e["node"] == ids[0].as_str()),
+        "{picked:?}"
+    );
 
     // Removing the label and setting it back brings it in again.
     fleet
@@ -325,4 +338,32 @@ fn drive_policies_budgets_and_windows_select_by_several_terms_and_follow_labels(
         .or_panic();
     let err = ctl_fails(&fleet, &run).or_panic();
     assert!(err.contains(&ids[0]) && !err.contains(&ids[1]), "{err}");
+
+    // `maintenance status -l`: the run's rows of the matching nodes only.
+    fleet
+        .ctl_ok(&[
+            "maintenance",
+            "run",
+            "smart-test",
+            "--selector",
+            "role=db",
+            "--now",
+        ])
+        .or_panic();
+    let all = fleet.ctl_json(&["maintenance", "status"]).or_panic();
+    let rows = |v: &Value| -> Vec<String> {
+        v["nodes"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|n| n["node"].as_str().unwrap_or("").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(rows(&all).len(), 2, "{all}");
+    let one = fleet
+        .ctl_json(&["maintenance", "status", "-l", "zone=b"])
+        .or_panic();
+    assert_eq!(rows(&one), vec![ids[0].clone()], "{one}");
 }

@@ -109,6 +109,55 @@ fn wait_path(
     )
 }
 
+/// Waits until both directions between agents `i` and `j` are relayed and say why in `shoalctl
+/// overlay paths -o json` (`relay_reason`): `i_to_j` on `i`'s report, `j_to_i` on `j`'s.
+fn wait_relay_reasons(
+    fleet: &Fleet,
+    i: usize,
+    j: usize,
+    (i_to_j, j_to_i): (&str, &str),
+    timeout: Duration,
+) -> Result<Vec<Value>> {
+    let (a, b) = (fleet.node_id(i)?, fleet.node_id(j)?);
+    eventually(
+        timeout,
+        &format!(
+            "agents {} and {} relayed because {i_to_j} / {j_to_i}",
+            i + 1,
+            j + 1
+        ),
+        || {
+            let all = paths(fleet)?;
+            let find = |from: &str, to: &str| {
+                all.iter()
+                    .find(|p| p["from"] == from && p["to"] == to)
+                    .cloned()
+            };
+            let (ab, ba) = (find(&a, &b), find(&b, &a));
+            let ok = |p: &Option<Value>, reason: &str| {
+                p.as_ref()
+                    .is_some_and(|p| p["kind"] == "relay" && p["relay_reason"] == reason)
+            };
+            ensure!(
+                ok(&ab, i_to_j) && ok(&ba, j_to_i),
+                "paths between {a} and {b}: {ab:?} {ba:?}"
+            );
+            Ok(vec![ab.unwrap_or_default(), ba.unwrap_or_default()])
+        },
+    )
+}
+
+/// [`wait_relay_reasons`] with the same reason both ways.
+fn wait_relay_reason(
+    fleet: &Fleet,
+    i: usize,
+    j: usize,
+    reason: &str,
+    timeout: Duration,
+) -> Result<Vec<Value>> {
+    wait_relay_reasons(fleet, i, j, (reason, reason), timeout)
+}
+
 /// A TCP echo flow from namespace `from` to `to_addr:port` (server in namespace `to`), one small
 /// message every 50 ms, each echo checked. It counts round trips and remembers the first error.
 struct TcpFlow {
@@ -379,6 +428,13 @@ fn behind_endpoint_dependent_nats_peers_talk_through_the_relay() {
     )
     .or_panic();
     wait_path(&fleet, 0, 1, "relay", PATH_TIMEOUT).or_panic();
+    // Both NATs were measured endpoint-dependent with the probe port, and punching timed out.
+    wait_relay_reason(&fleet, 0, 1, "both_endpoint_dependent", PATH_TIMEOUT).or_panic();
+    let table = fleet.ctl_ok(&["overlay", "paths"]).or_panic();
+    assert!(
+        table.contains("RELAYED BECAUSE") && table.contains("both_endpoint_dependent"),
+        "{table}"
+    );
     // Relay loss: 10% of the controller's UDP packets dropped each way. The relayed connection
     // recovers what QUIC must (handshakes, keep-alives); a TCP flow inside retransmits its own and
     // keeps going.
@@ -428,6 +484,8 @@ fn a_tcp_flow_survives_direct_to_relay_and_back() {
         .block_udp_between("nat-1", "nat-2")
         .or_panic();
     wait_path(&fleet, 0, 1, "relay", PATH_TIMEOUT).or_panic();
+    // Neither NAT maps per destination, yet the direct attempts time out: UDP is blocked.
+    wait_relay_reason(&fleet, 0, 1, "udp_blocked", PATH_TIMEOUT).or_panic();
     flow.advances(20, Duration::from_secs(20)).or_panic();
     fleet
         .topology()
@@ -437,6 +495,220 @@ fn a_tcp_flow_survives_direct_to_relay_and_back() {
     flow.advances(20, Duration::from_secs(20)).or_panic();
     let worst_gap = flow.finish().or_panic();
     eprintln!("longest pause of the TCP flow across both moves: {worst_gap} ms");
+}
+
+/// The NAT matrix on one topology, so that it costs one fleet start: agents 1 and 2 behind one
+/// endpoint-independent NAT (`nat-1`: two nodes behind the same NAT), agent 3 behind another
+/// (`nat-3`), agents 4 and 5 behind endpoint-dependent ones (`nat-4`, `nat-5`). Wherever a direct
+/// path is possible it is up within 10 s of the agents' TAP devices, and it is kept; where it is
+/// not, the relay carries the pair and `shoalctl overlay paths` says which NAT behaviour blocked
+/// it. Then, with a TCP flow on the 1–3 pair: both NATs lose their mappings mid-flow (conntrack
+/// flushed); nat-1 rebinds agent 1 to another port; and the path through them shrinks to a
+/// 1280-byte MTU. The flow goes on, full-size pings with Don't Fragment still pass, and the pair
+/// is direct again after each.
+#[test]
+fn nat_matrix_direct_wherever_possible_within_ten_seconds_and_the_relay_says_why() {
+    require_host_tests!();
+    const DIRECT: Duration = Duration::from_secs(10);
+    let mut fleet = Fleet::start(FleetConfig {
+        wait_up: false,
+        ..FleetConfig::fast().agents(0)
+    })
+    .or_panic();
+    let token = fleet
+        .create_token(&["--ttl", "1h", "--uses", "7"])
+        .or_panic();
+    fleet
+        .add_agent_behind_nat(&token, NatMode::EndpointIndependent)
+        .or_panic(); // agent 1, nat-1
+    fleet.add_agent_on(&token, "lan-1").or_panic(); // agent 2, beside agent 1
+    for mode in [
+        NatMode::EndpointIndependent, // agent 3, nat-3
+        NatMode::EndpointDependent,   // agent 4, nat-4
+        NatMode::EndpointDependent,   // agent 5, nat-5
+    ] {
+        fleet.add_agent_behind_nat(&token, mode).or_panic();
+    }
+    // Agents 6 and 7 each behind a NAT of their own inside lan-3, so behind nat-3 too: the
+    // controller sees both at nat-3's address, which nat-3 does not hairpin, and their LAN
+    // addresses are private to each.
+    for n in [6, 7] {
+        let lan = format!("lan-{n}");
+        fleet
+            .topology_mut()
+            .add_nat_router(
+                &format!("nat-{n}"),
+                "lan-3",
+                &lan,
+                &format!("10.200.{n}.0/24"),
+                NatMode::EndpointIndependent,
+            )
+            .or_panic();
+        fleet.add_agent_on(&token, &lan).or_panic();
+    }
+    fleet.wait_all_up(Duration::from_secs(60)).or_panic();
+    let addrs = tap_addrs(&fleet).or_panic();
+    // Direct where it can be: behind the same NAT (over the LAN), and across two
+    // endpoint-independent NATs.
+    wait_path(&fleet, 0, 1, "direct", DIRECT).or_panic();
+    wait_path(&fleet, 0, 2, "direct", DIRECT).or_panic();
+    wait_path(&fleet, 1, 2, "direct", DIRECT).or_panic();
+    // Endpoint-dependent on one side: its packets come from a port the other NAT never sent to,
+    // and the other side's go to a port that was only ever mapped for the controller.
+    wait_relay_reasons(
+        &fleet,
+        2,
+        3,
+        ("peer_endpoint_dependent", "local_endpoint_dependent"),
+        PATH_TIMEOUT,
+    )
+    .or_panic();
+    // On both sides.
+    wait_relay_reason(&fleet, 3, 4, "both_endpoint_dependent", PATH_TIMEOUT).or_panic();
+    // Double NAT: agent 3 sees agents 6 and 7 at their NATs' lan-3 addresses and tells them; they
+    // tell the fleet, and punch to each other there. Only peer-observed addresses make this
+    // direct.
+    wait_path(&fleet, 5, 6, "direct", PATH_TIMEOUT).or_panic();
+    let (n6, n7) = (fleet.node_id(5).or_panic(), fleet.node_id(6).or_panic());
+    let all = paths(&fleet).or_panic();
+    let p = all
+        .iter()
+        .find(|p| p["from"] == n6.as_str() && p["to"] == n7.as_str())
+        .expect("a path from agent 6 to agent 7");
+    assert!(
+        p["remote"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("10.200.3.")),
+        "agent 7 reached at its NAT's lan-3 address: {p}"
+    );
+    // Traffic flows on every kind of path.
+    for (from, to) in [(0, 1), (0, 2), (2, 3), (3, 4)] {
+        eventually(
+            Duration::from_secs(10),
+            &format!("agent {} pings agent {}", from + 1, to + 1),
+            || ping(&fleet.agents()[from].netns, addrs[to]),
+        )
+        .or_panic();
+    }
+    // Direct paths are kept: still direct after the relay's linger and several report rounds.
+    shoal_tests::consistently(
+        Duration::from_secs(12),
+        "the direct pairs stay direct",
+        || {
+            for (i, j) in [(0, 1), (0, 2)] {
+                wait_path(&fleet, i, j, "direct", Duration::from_secs(1))?;
+            }
+            Ok(())
+        },
+    )
+    .or_panic();
+
+    // Both NATs forget their mappings mid-flow.
+    let flow = TcpFlow::start(&fleet, 0, 2, addrs[2]).or_panic();
+    flow.advances(10, Duration::from_secs(10)).or_panic();
+    let router_ns = |name: &str| -> String {
+        fleet
+            .topology()
+            .host(name)
+            .map(|h| h.ns_name().to_owned())
+            .or_panic()
+    };
+    for nat in ["nat-1", "nat-3"] {
+        in_ns(&router_ns(nat), "conntrack", &["-F"]).or_panic();
+    }
+    flow.advances(20, Duration::from_secs(20)).or_panic();
+    wait_path(&fleet, 0, 2, "direct", DIRECT).or_panic();
+
+    // nat-1 rebinds agent 1 to another public port (and keeps it for every destination: a
+    // port-changing endpoint-independent NAT). Connections agent 1 opened follow it (QUIC
+    // migration); the controller notices on agent 1's next report and gives its peers the new
+    // address, so a path that died with the old mapping is punched again to the new one.
+    let agent1 = shoal_tests::netns::ipv4_of(&fleet.agents()[0].netns, "eth0").or_panic();
+    let wan1 = fleet
+        .topology()
+        .router("nat-1")
+        .or_panic()
+        .wan()
+        .name
+        .clone();
+    in_ns(
+        &router_ns("nat-1"),
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-I",
+            "POSTROUTING",
+            "1",
+            "-s",
+            &agent1.to_string(),
+            "-o",
+            &wan1,
+            "-p",
+            "udp",
+            "-j",
+            "MASQUERADE",
+            "--to-ports",
+            "40000",
+        ],
+    )
+    .or_panic();
+    in_ns(&router_ns("nat-1"), "conntrack", &["-F"]).or_panic();
+    flow.advances(20, Duration::from_secs(30)).or_panic();
+    let (n1, n3) = (fleet.node_id(0).or_panic(), fleet.node_id(2).or_panic());
+    eventually(
+        Duration::from_secs(20),
+        "agent 3 reaches agent 1 directly at its new port",
+        || {
+            wait_path(&fleet, 0, 2, "direct", Duration::from_secs(1))?;
+            let all = paths(&fleet)?;
+            let p = all
+                .iter()
+                .find(|p| p["from"] == n3.as_str() && p["to"] == n1.as_str())
+                .context("no path from agent 3 to agent 1")?;
+            ensure!(
+                p["remote"].as_str().is_some_and(|r| r.ends_with(":40000")),
+                "{p}"
+            );
+            Ok(())
+        },
+    )
+    .or_panic();
+
+    // The path between them shrinks to a 1280-byte MTU (both routers' WAN links).
+    for nat in ["nat-1", "nat-3"] {
+        let wan = fleet.topology().router(nat).or_panic().wan().name.clone();
+        in_ns(&router_ns(nat), "ip", &["link", "set", &wan, "mtu", "1280"]).or_panic();
+    }
+    flow.advances(20, Duration::from_secs(30)).or_panic();
+    let size = (OVERLAY_MTU - 28).to_string();
+    eventually(
+        Duration::from_secs(20),
+        "a full-MTU ping with DF set over the shrunken path",
+        || {
+            in_ns(
+                &fleet.agents()[0].netns,
+                "ping",
+                &[
+                    "-c",
+                    "2",
+                    "-W",
+                    "1",
+                    "-M",
+                    "do",
+                    "-s",
+                    &size,
+                    &addrs[2].to_string(),
+                ],
+            )
+        },
+    )
+    .or_panic();
+    wait_path(&fleet, 0, 2, "direct", DIRECT).or_panic();
+    let worst_gap = flow.finish().or_panic();
+    eprintln!(
+        "longest pause of the TCP flow across the rebinding and the MTU drop: {worst_gap} ms"
+    );
 }
 
 #[test]
@@ -871,4 +1143,106 @@ fn a_member_spoofing_another_members_addresses_is_dropped_and_counted_while_real
         neighbour_of_victim().contains(&victim_mac),
         "the receiver still reaches the victim at its own MAC"
     );
+}
+
+/// Sends `len` bytes of a fixed pseudo-random stream over TCP from agent `from` to `to_addr`
+/// (a listener in agent `to`'s namespace) and checks that the receiver got exactly those bytes.
+fn bulk_tcp(fleet: &Fleet, from: usize, to: usize, to_addr: Ipv4Addr, len: usize) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    let server_host = fleet.agents()[to].hostname.clone();
+    let client_host = fleet.agents()[from].hostname.clone();
+    let listener = fleet
+        .topology()
+        .host(&server_host)?
+        .netns()
+        .enter(|| TcpListener::bind((to_addr, 0)))??;
+    let port = listener.local_addr()?.port();
+    let server = std::thread::spawn(move || -> Result<(usize, Vec<u8>)> {
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let (mut n, mut hash, mut buf) = (0, Sha256::new(), vec![0u8; 1 << 16]);
+        loop {
+            let got = s.read(&mut buf).context("bulk receive")?;
+            if got == 0 {
+                return Ok((n, hash.finalize().to_vec()));
+            }
+            hash.update(&buf[..got]);
+            n += got;
+        }
+    });
+    let mut s = fleet.topology().host(&client_host)?.netns().enter(|| {
+        TcpStream::connect_timeout(&SocketAddr::from((to_addr, port)), Duration::from_secs(5))
+    })??;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let (mut hash, mut state, mut chunk) =
+        (Sha256::new(), 0x9e37_79b9_7f4a_7c15u64, vec![0; 1 << 16]);
+    let mut left = len;
+    while left > 0 {
+        for b in chunk.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *b = state as u8;
+        }
+        // Odd-sized writes, so segments do not line up with the MSS.
+        let n = left.min(chunk.len() - (left % 977));
+        s.write_all(&chunk[..n]).context("bulk send")?;
+        hash.update(&chunk[..n]);
+        left -= n;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let (got, digest) = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("bulk receiver panicked"))??;
+    ensure!(got == len, "received {got} of {len} bytes");
+    ensure!(
+        digest == hash.finalize().to_vec(),
+        "received bytes differ from those sent"
+    );
+    Ok(())
+}
+
+/// TAP offloads (TSO super-frames split before the wire, received TCP segments coalesced into
+/// super-frames for the kernel) keep every byte intact, and a node with offloads and one without
+/// (`--overlay-no-offload`) interoperate: the wire carries plain frames either way.
+#[test]
+fn bulk_tcp_is_intact_between_an_agent_with_tap_offloads_and_one_without() {
+    require_host_tests!();
+    let mut fleet = Fleet::start(FleetConfig {
+        wait_up: false,
+        ..FleetConfig::fast().agents(0)
+    })
+    .or_panic();
+    let token = fleet
+        .create_token(&["--ttl", "1h", "--uses", "2"])
+        .or_panic();
+    fleet.add_agent(&token).or_panic();
+    fleet
+        .config_mut()
+        .agent_args
+        .push("--overlay-no-offload".into());
+    fleet.add_agent(&token).or_panic();
+    fleet.wait_all_up(Duration::from_secs(60)).or_panic();
+    let addrs = tap_addrs(&fleet).or_panic();
+    eventually(Duration::from_secs(20), "a pings b", || {
+        ping(&fleet.agents()[0].netns, addrs[1])
+    })
+    .or_panic();
+    let offload_of = |i: usize| {
+        let log = fleet.agents()[i].proc.log();
+        log.lines()
+            .find(|l| l.contains("TAP device up"))
+            .map(|l| l.contains("offload=true"))
+    };
+    assert_eq!(
+        offload_of(0),
+        Some(true),
+        "agent 1 runs its TAP with offloads"
+    );
+    assert_eq!(offload_of(1), Some(false), "agent 2 runs its TAP without");
+    for (from, to) in [(0, 1), (1, 0)] {
+        bulk_tcp(&fleet, from, to, addrs[to], 48 << 20)
+            .with_context(|| format!("agent {} to agent {}", from + 1, to + 1))
+            .or_panic();
+    }
 }

@@ -32,6 +32,8 @@ pub(super) struct OverlayState {
     node: Option<OverlayNode>,
     observed: Option<SocketAddr>,
     nat: NatMapping,
+    /// Where peers saw this node that nothing else shows.
+    peer_observed: ov::PeerObserved,
 }
 
 impl OverlayState {
@@ -43,6 +45,7 @@ impl OverlayState {
             node: None,
             observed: None,
             nat: NatMapping::Unknown,
+            peer_observed: ov::PeerObserved::default(),
         }
     }
 
@@ -75,6 +78,7 @@ impl OverlayState {
         node_config.me = creds.node_id.clone();
         let (node, mut node_events) =
             OverlayNode::spawn(self.endpoint.endpoint.clone(), tls, node_config);
+        node.command(NodeCommand::Nat(self.nat));
         let forward = events.clone();
         tokio::spawn(async move {
             while let Some(e) = node_events.recv().await {
@@ -97,7 +101,10 @@ impl OverlayState {
     fn hello(&self, config: &AgentConfig, full: bool) -> AgentMsg {
         AgentMsg::Overlay(OverlayHello {
             netmap_version: if full { None } else { self.cache.version() },
-            local_endpoints: ov::local_endpoints(self.endpoint.port, &config.overlay.tap_prefix),
+            local_endpoints: self.peer_observed.with_local(ov::local_endpoints(
+                self.endpoint.port,
+                &config.overlay.tap_prefix,
+            )),
             nat: self.nat,
         })
     }
@@ -174,6 +181,9 @@ impl Shell<'_> {
         }
         info!(?nat, observed = %main, "NAT mapping measured");
         self.overlay.nat = nat;
+        if let Some(node) = &self.overlay.node {
+            node.command(NodeCommand::Nat(nat));
+        }
         Some(self.overlay.hello(self.config, false))
     }
 
@@ -216,12 +226,29 @@ impl Shell<'_> {
     }
 
     /// The datapath wants a peer to punch towards this node: ask through the controller.
-    pub(super) fn node_event(&self, event: NodeEvent, ready: bool) -> Option<AgentMsg> {
+    pub(super) fn node_event(&mut self, event: NodeEvent, ready: bool) -> Option<AgentMsg> {
         match event {
             NodeEvent::RequestPunch(peer) => ready.then_some(AgentMsg::Punch(Punch {
                 peer,
                 endpoints: vec![],
             })),
+            NodeEvent::Observed { peer, addr } => {
+                let local = ov::local_endpoints(
+                    self.overlay.endpoint.port,
+                    &self.config.overlay.tap_prefix,
+                );
+                let new = self
+                    .overlay
+                    .peer_observed
+                    .learn(addr, self.overlay.observed, &local);
+                if !new {
+                    return None;
+                }
+                info!(peer = %peer, %addr, "a peer sees this node at an address the controller does not; told to the fleet");
+                // Without an overlay session it goes with the next hello.
+                (ready && self.protocol >= shoal_proto::OVERLAY_PROTOCOL)
+                    .then(|| self.overlay.hello(self.config, false))
+            }
         }
     }
 
@@ -235,7 +262,13 @@ impl Shell<'_> {
             None => None,
         };
         if let Some(report) = report {
-            send_msg(send, &AgentMsg::Paths(report)).await?;
+            // Relay reasons go only to a controller that can decode them.
+            let msg = if self.protocol >= shoal_proto::RELAY_REASONS_PROTOCOL {
+                AgentMsg::PathsV8(report)
+            } else {
+                AgentMsg::Paths(report.report)
+            };
+            send_msg(send, &msg).await?;
         }
         Ok(())
     }

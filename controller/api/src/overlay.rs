@@ -24,6 +24,10 @@ pub struct PathView {
     pub rx_bytes: u64,
     /// When `from` reported it (RFC 3339).
     pub reported_at: String,
+    /// Why a relayed path is relayed (`both_endpoint_dependent`, `udp_blocked`, ...: see
+    /// `shoal_proto::RelayReason::label`), where the agent said (protocol 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_reason: Option<String>,
 }
 
 /// One node's datapath counters, as last reported.

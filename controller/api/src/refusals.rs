@@ -55,4 +55,8 @@ pub struct HubCounters {
     /// controller does not know.
     #[serde(default)]
     pub relay_mesh_dropped: u64,
+    /// Relayed packets beyond the budget of their pair (sender and destination), within the
+    /// sender's own.
+    #[serde(default)]
+    pub relay_pair_rate_limited: u64,
 }

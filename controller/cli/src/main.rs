@@ -125,6 +125,9 @@ enum Command {
         /// How often --follow asks the controller for new events.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
         interval: Duration,
+        /// Only events about the nodes this label selector matches.
+        #[arg(short = 'l', long = "selector")]
+        selector: Option<String>,
     },
     /// The fleet health report.
     Report {
@@ -418,7 +421,7 @@ struct Who {
     node: Option<String>,
     /// Label selector: KEY=VALUE, KEY!=VALUE, KEY, !KEY, KEY in (A,B), KEY notin (A,B),
     /// comma-separated (all must hold).
-    #[arg(long)]
+    #[arg(short = 'l', long)]
     selector: Option<String>,
 }
 
@@ -654,7 +657,16 @@ fn run(cli: Cli, config_typed: bool) -> anyhow::Result<u8> {
             paths.retain(|p| nodes::keep(&filter, &p.from));
             out.show(&paths, || {
                 out.table(
-                    &["FROM", "TO", "KIND", "REMOTE", "RTT", "SENT", "RECEIVED"],
+                    &[
+                        "FROM",
+                        "TO",
+                        "KIND",
+                        "REMOTE",
+                        "RTT",
+                        "SENT",
+                        "RECEIVED",
+                        "RELAYED BECAUSE",
+                    ],
                     paths.iter().map(|p| {
                         vec![
                             p.from.clone(),
@@ -664,6 +676,7 @@ fn run(cli: Cli, config_typed: bool) -> anyhow::Result<u8> {
                             format!("{:.2} ms", p.rtt_ms),
                             p.tx_bytes.to_string(),
                             p.rx_bytes.to_string(),
+                            p.relay_reason.clone().unwrap_or_else(|| "-".into()),
                         ]
                     }),
                 );
@@ -716,7 +729,8 @@ fn run(cli: Cli, config_typed: bool) -> anyhow::Result<u8> {
             after,
             follow,
             interval,
-        } => watch::events(&client, after, follow, interval, out)?,
+            selector,
+        } => watch::events(&client, after, follow, interval, selector.as_deref(), out)?,
         Command::Report { exit_code } => {
             let report: FleetReport = client.get("/v1/report")?;
             out.show(&report, || {
@@ -1353,5 +1367,17 @@ mod api_flag_tests {
             let err = api_url(bad).expect_err(bad).to_string();
             assert!(err.contains("expected https://HOST:PORT"), "{err}");
         }
+    }
+}
+
+#[cfg(test)]
+mod definition_tests {
+    use clap::CommandFactory;
+
+    /// clap's own checks of the whole command tree: no flag or short option given twice in one
+    /// command (flattened groups like the node-or-selector one included), valid defaults.
+    #[test]
+    fn the_command_tree_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

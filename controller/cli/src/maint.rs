@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Subcommand;
 use shoal_api::{
     maintenance::{
@@ -148,6 +147,10 @@ pub enum RolloutCmd {
         /// Ctrl-C (with -o json, one object per line).
         #[arg(short, long)]
         watch: bool,
+        /// Only the rows of the nodes this label selector matches (the counts stay the
+        /// rollout's).
+        #[arg(short = 'l', long = "selector")]
+        selector: Option<String>,
     },
     /// Every rollout and maintenance run, one line each.
     List {},
@@ -506,14 +509,18 @@ pub fn rollout(client: &AdminClient, cmd: RolloutCmd, out: &Out) -> anyhow::Resu
     let id = |id: Option<String>| id.unwrap_or_else(|| "current".into());
     let said = |r: RolloutView| out.show(&r, || say!("rollout {} is {}", r.id, r.state));
     match cmd {
-        RolloutCmd::Status { id: which, watch } if watch => {
-            watch::watch_rollout(client, &id(which), out)?
-        }
-        RolloutCmd::Status { id: which, .. } => {
-            let r: RolloutView = client
-                .get(&format!("/v1/rollouts/{}", id(which)))
-                .context("no rollout to show")?;
-            out.show(&r, || print_status(&r, out))?
+        RolloutCmd::Status {
+            id: which,
+            watch,
+            selector,
+        } => {
+            let nodes = crate::nodes::matching(client, selector.as_deref())?;
+            if watch {
+                watch::watch_rollout(client, &id(which), &nodes, out)?
+            } else {
+                let r = watch::rollout(client, &id(which), &nodes)?;
+                out.show(&r, || print_status(&r, out))?
+            }
         }
         RolloutCmd::List {} => {
             let all: Vec<RolloutView> = client.get("/v1/rollouts")?;

@@ -5,11 +5,12 @@
 //! most once a second per command.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::mpsc::{self, RecvTimeoutError},
     time::{Duration, Instant},
 };
 
+use anyhow::Context;
 use shoal_api::{
     backups::{BackupStatusView, Queued},
     events::EventView,
@@ -133,16 +134,60 @@ fn print_events_following(events: &[EventView], out: &Out) -> anyhow::Result<()>
     Ok(())
 }
 
-/// `shoalctl events [--after SEQ] [-f]`.
+/// The nodes a `-l` selector matches, for events: looked up again when an event names a node not
+/// in the set (it may have enrolled or been labelled since), at most once per poll.
+struct EventFilter<'a> {
+    selector: Option<&'a str>,
+    nodes: Option<BTreeSet<String>>,
+}
+
+impl EventFilter<'_> {
+    /// `events` without the ones about nodes the selector does not match (and without the
+    /// fleet-wide ones, which are about no node) when there is a selector.
+    fn apply(
+        &mut self,
+        client: &AdminClient,
+        events: Vec<EventView>,
+    ) -> anyhow::Result<Vec<EventView>> {
+        let Some(selector) = self.selector else {
+            return Ok(events);
+        };
+        let unknown = |nodes: &Option<BTreeSet<String>>| {
+            events.iter().any(|e| {
+                e.node
+                    .as_ref()
+                    .is_some_and(|n| !nodes.as_ref().is_some_and(|s| s.contains(n)))
+            })
+        };
+        if unknown(&self.nodes) {
+            self.nodes = crate::nodes::matching(client, Some(selector))?;
+        }
+        Ok(events
+            .into_iter()
+            .filter(|e| {
+                e.node
+                    .as_deref()
+                    .is_some_and(|n| crate::nodes::keep(&self.nodes, n))
+            })
+            .collect())
+    }
+}
+
+/// `shoalctl events [--after SEQ] [-f] [-l SELECTOR]`.
 pub fn events(
     client: &AdminClient,
     after: Option<u64>,
     follow: bool,
     interval: Duration,
+    selector: Option<&str>,
     out: &Out,
 ) -> anyhow::Result<()> {
+    let mut filter = EventFilter {
+        selector,
+        nodes: None,
+    };
     if !follow {
-        let events = events_after(client, after)?;
+        let events = filter.apply(client, events_after(client, after)?)?;
         return out.show(&events, || {
             out.table_wide(
                 &["SEQ", "AGE", "KIND", "NODE", "MESSAGE"],
@@ -173,12 +218,15 @@ pub fn events(
         // Pages until the log is read to its end, then wait for more.
         loop {
             let page = events_after(client, last)?;
-            print_events_following(&page, out)?;
-            match page.last() {
-                Some(e) => last = Some(e.seq),
-                None => break,
-            }
-            if page.len() < EVENTS_PAGE as usize {
+            let (Some(end), full) = (
+                page.last().map(|e| e.seq),
+                page.len() >= EVENTS_PAGE as usize,
+            ) else {
+                break;
+            };
+            print_events_following(&filter.apply(client, page)?, out)?;
+            last = Some(end);
+            if !full {
                 break;
             }
         }
@@ -192,17 +240,32 @@ pub fn events(
 // rollouts and maintenance runs
 // ---------------------------------------------------------------------------------------------
 
-fn rollout(client: &AdminClient, id: &str) -> anyhow::Result<RolloutView> {
-    Ok(client.get(&format!("/v1/rollouts/{id}"))?)
+/// Rollout `id`; with a filter, only the rows of the nodes it keeps.
+pub fn rollout(
+    client: &AdminClient,
+    id: &str,
+    nodes: &Option<BTreeSet<String>>,
+) -> anyhow::Result<RolloutView> {
+    let mut r: RolloutView = client
+        .get(&format!("/v1/rollouts/{id}"))
+        .context("no rollout to show")?;
+    r.nodes.retain(|n| crate::nodes::keep(nodes, &n.node));
+    r.waiting.retain(|n| crate::nodes::keep(nodes, n));
+    Ok(r)
 }
 
 /// `status -w`: the status now, then again each time it changes, until the rollout finishes or
 /// Ctrl-C. With -o json, one object per line.
-pub fn watch_rollout(client: &AdminClient, id: &str, out: &Out) -> anyhow::Result<()> {
+pub fn watch_rollout(
+    client: &AdminClient,
+    id: &str,
+    nodes: &Option<BTreeSet<String>>,
+    out: &Out,
+) -> anyhow::Result<()> {
     let stop = interrupts()?;
     let mut shown: Option<String> = None;
     loop {
-        let r = rollout(client, id)?;
+        let r = rollout(client, id, nodes)?;
         let json = serde_json::to_string(&r)?;
         if shown.as_ref() != Some(&json) {
             if out.is_json() {
@@ -246,7 +309,7 @@ pub fn wait_rollout(
             break true;
         }
         std::thread::sleep(POLL);
-        r = rollout(client, &r.id)?;
+        r = rollout(client, &r.id, &None)?;
     };
     line.clear();
     out.show(&r, || maint::print_status(&r, out))?;

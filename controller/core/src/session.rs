@@ -48,8 +48,8 @@ pub enum Action {
     Health(shoal_proto::HealthReport),
     /// (v2) The node joins the overlay: send it the observed address and its netmap.
     Overlay(shoal_proto::OverlayHello),
-    /// (v2) Record the node's path report.
-    Paths(shoal_proto::PathReport),
+    /// (v2) Record the node's path report (v8: with relay reasons; empty before).
+    Paths(shoal_proto::PathReportV8),
     /// (v2) Forward a punch request to the named peer.
     Punch(shoal_proto::Punch),
     /// (v3) Record the node's drives and their SMART.
@@ -247,7 +247,11 @@ impl Session {
                         self.reject(RejectCode::Protocol, "overlay messages need protocol 2")
                     }
                     AgentMsg::Overlay(o) => vec![Action::Overlay(o)],
-                    AgentMsg::Paths(p) => vec![Action::Paths(p)],
+                    AgentMsg::Paths(report) => vec![Action::Paths(report.into())],
+                    AgentMsg::PathsV8(_) if self.version < Some(8) => {
+                        self.reject(RejectCode::Protocol, "relay reasons need protocol 8")
+                    }
+                    AgentMsg::PathsV8(p) => vec![Action::Paths(p)],
                     AgentMsg::Punch(p) => vec![Action::Punch(p)],
                     // Drive reports exist from protocol 3.
                     AgentMsg::Drives(_) | AgentMsg::DriveCommandResult(_)
@@ -598,6 +602,32 @@ mod tests {
         assert_eq!(rejected(&a), Some(RejectCode::BadRequest));
         assert!(!a.iter().any(|x| matches!(x, Action::Enrol { .. })));
         assert!(over_limit_refusals() >= before + 3, "counted");
+    }
+
+    #[test]
+    fn relay_reasons_need_protocol_8_and_v2_reports_still_count() {
+        let report = || shoal_proto::PathReport {
+            paths: vec![],
+            counters: Default::default(),
+        };
+        let v8 = || AgentMsg::PathsV8(report().into());
+        let mut s = Session::new(config(), Some(NodeId("n1".into())));
+        s.handle(UnixMillis(1), hello(1, 7));
+        assert!(matches!(
+            &s.handle(UnixMillis(2), AgentMsg::Paths(report()))[..],
+            [Action::Paths(p)] if p.relayed.is_empty()
+        ));
+        assert_eq!(
+            rejected(&s.handle(UnixMillis(3), v8())),
+            Some(RejectCode::Protocol)
+        );
+
+        let mut s = Session::new(config(), Some(NodeId("n1".into())));
+        s.handle(UnixMillis(1), hello(1, 8));
+        assert!(matches!(
+            &s.handle(UnixMillis(2), v8())[..],
+            [Action::Paths(_)]
+        ));
     }
 
     #[test]

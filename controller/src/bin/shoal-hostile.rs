@@ -27,7 +27,7 @@
 
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::ExitCode,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -295,20 +295,6 @@ fn proc_sample(pid: u32) -> anyhow::Result<(u64, u64)> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     Ok((rss, ticks))
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 /// USER_HZ, in which /proc reports CPU time (100 on every mainstream architecture).
@@ -969,7 +955,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .controller_pid
                     .and_then(|p| proc_sample(p).ok())
                     .unwrap_or((0, 0));
-                let data_bytes = cli.data_dir.as_deref().map(dir_bytes);
+                let data_bytes = cli
+                    .data_dir
+                    .as_deref()
+                    .map(shoal_controller::observe::snapshot::dir_bytes);
                 samples
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

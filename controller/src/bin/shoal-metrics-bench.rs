@@ -17,12 +17,11 @@ use clap::Parser;
 use shoal_api::{
     drives::{DriveView, SmartView},
     maintenance::{Progress, RolloutView},
-    nodes::NodeView,
     overlay::PathView,
 };
 use shoal_controller::observe::{
     render::render,
-    snapshot::{self, BackupRow, Snapshot},
+    snapshot::{self, BackupRow, NodeRow, Snapshot},
     EnrolmentCounts,
 };
 
@@ -47,6 +46,9 @@ struct Cli {
     /// Skip part 2 (the controller with its store).
     #[arg(long)]
     render_only: bool,
+    /// Write the last rendering of part 1 to this file (to see what a scrape holds).
+    #[arg(long)]
+    write: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -77,6 +79,13 @@ fn memory() -> anyhow::Result<(u64, u64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// CPU time this thread has used (on a loaded machine wall time says more about the load).
+fn thread_cpu() -> std::time::Duration {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .unwrap_or_else(|_| nix::sys::time::TimeSpec::new(0, 0));
+    std::time::Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32)
+}
+
 /// Resets the peak (`VmHWM`) to the current RSS, so the next reading is this phase's peak.
 fn reset_peak() -> anyhow::Result<()> {
     std::fs::write("/proc/self/clear_refs", "5").context("resetting the peak RSS")
@@ -104,15 +113,14 @@ fn node_id(i: usize) -> String {
 }
 
 fn synthetic(cli: &Cli, now_ms: u64) -> Snapshot {
-    let nodes: Vec<NodeView> = (0..cli.nodes)
-        .map(|i| NodeView {
+    let nodes: Vec<NodeRow> = (0..cli.nodes)
+        .map(|i| NodeRow {
             id: node_id(i),
             hostname: format!("rack{:02}-node{:05}.example.net", i % 40, i),
-            status: if i % 97 == 0 { "down" } else { "up" }.into(),
+            up: i % 97 != 0,
             connected: i % 97 != 0,
             agent_version: "0.1.0".into(),
-            last_seen_unix_ms: Some(now_ms - (i as u64 % 10_000)),
-            ..Default::default()
+            last_seen_ms: Some(now_ms - (i as u64 % 10_000)),
         })
         .collect();
     let predictors = serde_json::json!({
@@ -152,6 +160,7 @@ fn synthetic(cli: &Cli, now_ms: u64) -> Snapshot {
                 tx_bytes: 123_456_789,
                 rx_bytes: 987_654_321,
                 reported_at: String::new(),
+                relay_reason: None,
             })
         })
         .collect();
@@ -220,27 +229,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         snap.rollouts.len()
     );
     let mut times = Vec::new();
+    let mut cpu = Vec::new();
     let mut size = 0;
     let mut series = 0;
     let mut peak_extra = 0u64;
-    for _ in 0..cli.rounds.max(1) {
+    for round in 0..cli.rounds.max(1) {
         let input = snap.clone();
         reset_peak()?;
         let (before, _) = memory()?;
-        let start = Instant::now();
+        let (start, start_cpu) = (Instant::now(), thread_cpu());
         let text = render(input);
-        let took = start.elapsed();
+        let (took, took_cpu) = (start.elapsed(), thread_cpu().saturating_sub(start_cpu));
         let (_, peak) = memory()?;
         peak_extra = peak_extra.max(peak.saturating_sub(before));
         size = text.len();
+        let text = text.to_text();
         series = text.lines().filter(|l| !l.starts_with('#')).count();
         times.push(took.as_secs_f64() * 1000.0);
+        cpu.push(took_cpu.as_secs_f64() * 1000.0);
+        if let (Some(path), true) = (&cli.write, round + 1 == cli.rounds.max(1)) {
+            std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
+        }
         drop(text);
     }
     times.sort_by(f64::total_cmp);
+    cpu.sort_by(f64::total_cmp);
     println!(
-        "render: median {:.1} ms (min {:.1}, max {:.1}) over {} rounds; output {:.2} MiB, {} series; peak memory while rendering +{:.1} MiB over the snapshot",
+        "render: median {:.1} ms wall, {:.1} ms CPU (wall min {:.1}, max {:.1}) over {} rounds; output {:.2} MiB, {} series; peak memory while rendering +{:.1} MiB over the snapshot",
         times[times.len() / 2],
+        cpu[cpu.len() / 2],
         times[0],
         times[times.len() - 1],
         times.len(),
@@ -271,25 +288,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let config = shoal_controller::server::ControllerConfig::new(data);
     let ctl = shoal_controller::server::Controller::open(config, "127.0.0.1:0".parse()?)?;
     let mut times = Vec::new();
+    let mut cpu = Vec::new();
     let mut size = 0;
     let mut peak_extra = 0u64;
     for _ in 0..cli.rounds.max(1) {
         reset_peak()?;
         let (before, _) = memory()?;
-        let start = Instant::now();
+        let (start, start_cpu) = (Instant::now(), thread_cpu());
         let snap = snapshot::take(&ctl).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let text = render(snap);
-        let took = start.elapsed();
+        let (took, took_cpu) = (start.elapsed(), thread_cpu().saturating_sub(start_cpu));
         let (_, peak) = memory()?;
         peak_extra = peak_extra.max(peak.saturating_sub(before));
         size = text.len();
         times.push(took.as_secs_f64() * 1000.0);
+        cpu.push(took_cpu.as_secs_f64() * 1000.0);
     }
     times.sort_by(f64::total_cmp);
+    cpu.sort_by(f64::total_cmp);
     println!(
-        "scrape of a controller with {} nodes in its store (snapshot + render): median {:.1} ms (min {:.1}, max {:.1}); output {:.2} MiB; peak memory +{:.1} MiB",
+        "scrape of a controller with {} nodes in its store (snapshot + render): median {:.1} ms wall, {:.1} ms CPU (wall min {:.1}, max {:.1}); output {:.2} MiB; peak memory +{:.1} MiB",
         cli.nodes,
         times[times.len() / 2],
+        cpu[cpu.len() / 2],
         times[0],
         times[times.len() - 1],
         mib(size as u64),

@@ -218,7 +218,13 @@ impl Controller {
 
     /// Whether a node currently has an open control connection, here or on another controller.
     pub(crate) fn is_connected(&self, id: &NodeId) -> bool {
-        self.live().conns.contains_key(id) || self.mesh.remote(id).is_some()
+        self.is_connected_with(&self.live(), id)
+    }
+
+    /// [`Self::is_connected`] for a caller that holds the live state already (one lock for a
+    /// whole fleet's worth of questions).
+    pub(crate) fn is_connected_with(&self, live: &LiveState, id: &NodeId) -> bool {
+        live.conns.contains_key(id) || self.mesh.remote(id).is_some()
     }
 
     /// The protocol of `node`'s session — here, or on another controller of the cluster — once its

@@ -542,6 +542,17 @@ impl Controller {
         }
     }
 
+    /// Drive policies (`only`: `None`), or the labels of the nodes of `only`, changed here: every
+    /// agent concerned gets its effective policy, here and — told over the mesh — on the other
+    /// controllers, which hold the other agents' sessions (blocking: reads the store).
+    pub(crate) fn drive_policies_changed(&self, only: Option<&[NodeId]>) {
+        self.push_drive_policies(only);
+        self.mesh
+            .broadcast(crate::cluster::mesh::wire::MeshMsg::DrivePolicies {
+                only: only.map(<[NodeId]>::to_vec),
+            });
+    }
+
     /// Sends every connected v3 agent (or those of `only`) its effective drive policy if it changed
     /// since the last one it got (blocking: reads the store).
     pub(crate) fn push_drive_policies(&self, only: Option<&[NodeId]>) {

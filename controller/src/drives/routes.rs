@@ -211,7 +211,7 @@ pub(crate) async fn set_drive_policy(
             set_at: now_ms(),
         };
         ctl.drives.set_policy(&rec)?;
-        ctl.push_drive_policies(None);
+        ctl.drive_policies_changed(None);
         Ok(Json(policy_view(&rec)))
     })
     .await
@@ -224,7 +224,7 @@ pub(crate) async fn delete_drive_policy(
     blocking(move || {
         let target = policy_target(spec.node, spec.selector)?;
         let old = ctl.drives.delete_policy(&target, now_ms())?;
-        ctl.push_drive_policies(None);
+        ctl.drive_policies_changed(None);
         Ok(Json(policy_view(&old)))
     })
     .await

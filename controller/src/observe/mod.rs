@@ -72,7 +72,7 @@ pub struct Observe {
     serving: AtomicBool,
     enrolled: AtomicU64,
     refused: [AtomicU64; REFUSAL_CODES.len()],
-    last: tokio::sync::Mutex<Option<(Instant, bytes::Bytes)>>,
+    last: tokio::sync::Mutex<Option<(Instant, render::Rendered)>>,
 }
 
 /// Enrolments since the controller started.
@@ -155,7 +155,13 @@ pub fn serve(
 /// `GET /metrics`.
 async fn metrics(State(ctl): State<Ctl>) -> Response {
     match render_cached(&ctl).await {
-        Ok(text) => ([(CONTENT_TYPE, METRICS_CONTENT_TYPE)], text).into_response(),
+        Ok(text) => {
+            let pieces = text.chunks().to_vec();
+            let body = axum::body::Body::from_stream(futures_util::stream::iter(
+                pieces.into_iter().map(Ok::<_, std::convert::Infallible>),
+            ));
+            ([(CONTENT_TYPE, METRICS_CONTENT_TYPE)], body).into_response()
+        }
         Err(why) => {
             warn!(cause = %why, "metrics scrape failed");
             (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response()
@@ -164,7 +170,7 @@ async fn metrics(State(ctl): State<Ctl>) -> Response {
 }
 
 /// The metrics text, rendered now or within [`RENDER_REUSE`]; one rendering at a time.
-pub async fn render_cached(ctl: &Ctl) -> Result<bytes::Bytes, String> {
+pub async fn render_cached(ctl: &Ctl) -> Result<render::Rendered, String> {
     let mut last = ctl.observe.last.lock().await;
     if let Some((at, text)) = last.as_ref() {
         if at.elapsed() < RENDER_REUSE {
@@ -178,7 +184,6 @@ pub async fn render_cached(ctl: &Ctl) -> Result<bytes::Bytes, String> {
     })
     .await
     .map_err(|e| format!("metrics rendering failed: {e}"))??;
-    let text = bytes::Bytes::from(text);
     *last = Some((Instant::now(), text.clone()));
     Ok(text)
 }

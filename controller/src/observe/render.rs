@@ -5,7 +5,7 @@
 //! Prometheus convention: snake_case, base units as suffixes (`_seconds`, `_bytes`), `_total` on
 //! counters. Every family is listed, with no samples when there is nothing to count.
 
-use std::fmt;
+use std::{collections::BTreeMap, fmt};
 
 use prometheus_client::{
     collector::Collector,
@@ -18,7 +18,6 @@ use prometheus_client::{
 };
 
 use super::snapshot::{BackupRow, Snapshot};
-use shoal_api::overlay::PathView;
 
 /// A label value, escaped as the text format requires (prometheus-client writes values as given):
 /// agent-supplied text — hostnames, drive models and serials — may hold quotes, backslashes and
@@ -41,10 +40,6 @@ impl EncodeLabelValue for Esc<'_> {
     }
 }
 
-fn pair(p: &PathView) -> [(&'static str, Esc<'_>); 2] {
-    [("from", Esc(&p.from)), ("to", Esc(&p.to))]
-}
-
 fn row(b: &BackupRow) -> [(&'static str, Esc<'_>); 3] {
     [
         ("job", Esc(&b.job)),
@@ -53,14 +48,79 @@ fn row(b: &BackupRow) -> [(&'static str, Esc<'_>); 3] {
     ]
 }
 
+/// Bytes in one piece of a [`Rendered`] text.
+const CHUNK: usize = 64 * 1024;
+
+/// A rendering: the text in pieces of about 64 KiB, served as they are. One buffer grown by
+/// doubling would peak at twice a large fleet's text (and copy it on every growth).
+#[derive(Debug, Clone, Default)]
+pub struct Rendered {
+    chunks: Vec<bytes::Bytes>,
+    len: usize,
+}
+
+impl Rendered {
+    /// Bytes of text.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there is no text.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The pieces, in order.
+    pub fn chunks(&self) -> &[bytes::Bytes] {
+        &self.chunks
+    }
+
+    /// The text in one string (tests, the bench).
+    pub fn to_text(&self) -> String {
+        let bytes: Vec<u8> = self.chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        // Only `str`s were written, and pieces end between them.
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+/// Writes into [`Rendered`] pieces.
+struct ChunkWriter {
+    out: Rendered,
+    piece: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn seal(&mut self) {
+        if !self.piece.is_empty() {
+            let piece = std::mem::replace(&mut self.piece, Vec::with_capacity(CHUNK));
+            self.out.len += piece.len();
+            self.out.chunks.push(piece.into());
+        }
+    }
+}
+
+impl fmt::Write for ChunkWriter {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        if self.piece.len() + s.len() > CHUNK {
+            self.seal();
+        }
+        self.piece.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
 /// Renders `snapshot` (text ending in `# EOF`).
-pub fn render(snapshot: Snapshot) -> String {
+pub fn render(snapshot: Snapshot) -> Rendered {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(snapshot));
-    let mut out = String::new();
-    // Writing into a String cannot fail.
+    let mut out = ChunkWriter {
+        out: Rendered::default(),
+        piece: Vec::with_capacity(CHUNK),
+    };
+    // Writing into memory cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-    out
+    out.seal();
+    out.out
 }
 
 /// One gauge family: `rows` are (labels, value).
@@ -127,6 +187,22 @@ fn fields(value: &impl serde::Serialize) -> Vec<(String, u64)> {
     }
 }
 
+/// Upper bounds of the path RTT histogram, seconds (the last is `+Inf`).
+const RTT_BUCKETS: [f64; 12] = [
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    f64::MAX,
+];
+
 const VERDICTS: [&str; 4] = ["ok", "warning", "failing", "unknown"];
 const ROLLOUT_STATES: [&str; 4] = ["running", "paused", "aborted", "done"];
 
@@ -173,7 +249,10 @@ impl Collector for Snapshot {
         )?;
 
         // Nodes.
-        let by_status = tally(["up", "down"], s.nodes.iter().map(|n| n.status.as_str()));
+        let by_status = tally(
+            ["up", "down"],
+            s.nodes.iter().map(|n| if n.up { "up" } else { "down" }),
+        );
         gauges(
             &mut enc,
             "shoal_nodes",
@@ -181,6 +260,13 @@ impl Collector for Snapshot {
             None,
             by_status.map(|(status, n)| ([("status", Esc(status))], n)),
         )?;
+        enc.encode_descriptor(
+            "shoal_nodes_connected",
+            "Nodes whose control connection is open (to this controller or another).",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&(s.nodes.iter().filter(|n| n.connected).count() as u64))?;
         gauges(
             &mut enc,
             "shoal_node_info",
@@ -204,16 +290,7 @@ impl Collector for Snapshot {
             None,
             s.nodes
                 .iter()
-                .map(|n| ([("node", Esc(n.id.as_str()))], u32::from(n.status == "up"))),
-        )?;
-        gauges(
-            &mut enc,
-            "shoal_node_connected",
-            "1 when the node's control connection is open (to this controller or another).",
-            None,
-            s.nodes
-                .iter()
-                .map(|n| ([("node", Esc(n.id.as_str()))], u32::from(n.connected))),
+                .map(|n| ([("node", Esc(n.id.as_str()))], u32::from(n.up))),
         )?;
         gauges(
             &mut enc,
@@ -221,7 +298,7 @@ impl Collector for Snapshot {
             "Seconds since the node's last heartbeat (absent for a node never heard from).",
             Some(&Unit::Seconds),
             s.nodes.iter().filter_map(|n| {
-                n.last_seen_unix_ms
+                n.last_seen_ms
                     .map(|t| ([("node", Esc(n.id.as_str()))], age(now, t)))
             }),
         )?;
@@ -256,18 +333,22 @@ impl Collector for Snapshot {
         gauges(
             &mut enc,
             "shoal_drive_smart_verdict",
-            "One per drive (always 1), labelled with its SMART verdict: ok, warning, failing, unknown.",
+            "One per drive whose SMART verdict is not ok (always 1), labelled with it: warning, \
+             failing, unknown. A drive without one is ok (shoal_drives counts them).",
             None,
-            s.drives.iter().map(|d| {
-                (
-                    [
-                        ("node", Esc(d.node.as_str())),
-                        ("device", Esc(d.device.as_str())),
-                        ("verdict", Esc(d.smart.verdict.as_str())),
-                    ],
-                    1u32,
-                )
-            }),
+            s.drives
+                .iter()
+                .filter(|d| d.smart.verdict != "ok")
+                .map(|d| {
+                    (
+                        [
+                            ("node", Esc(d.node.as_str())),
+                            ("device", Esc(d.device.as_str())),
+                            ("verdict", Esc(d.smart.verdict.as_str())),
+                        ],
+                        1u32,
+                    )
+                }),
         )?;
         gauges(
             &mut enc,
@@ -288,8 +369,10 @@ impl Collector for Snapshot {
         )?;
         let predictors = s.drives.iter().flat_map(|d| {
             let map = d.smart.predictors.as_ref().and_then(|p| p.as_object());
+            // Zero is what a healthy drive reads on every predictor: only counts above it are
+            // series, which keeps a large fleet's scrape small (absent means 0).
             map.into_iter().flatten().filter_map(move |(name, v)| {
-                v.as_f64().map(|v| {
+                v.as_f64().filter(|v| *v != 0.0).map(|v| {
                     (
                         [
                             ("node", Esc(d.node.as_str())),
@@ -304,8 +387,9 @@ impl Collector for Snapshot {
         gauges(
             &mut enc,
             "shoal_drive_smart_predictor",
-            "The raw SMART failure predictors of the last read (ATA reallocated_sectors, \
-             pending_sectors...; NVMe media_errors, percentage_used...; SCSI grown_defects...).",
+            "The raw SMART failure predictors of the last read that are not 0 (ATA \
+             reallocated_sectors, pending_sectors...; NVMe media_errors, percentage_used...; SCSI \
+             grown_defects...); a predictor at 0 has no series.",
             None,
             predictors,
         )?;
@@ -319,35 +403,76 @@ impl Collector for Snapshot {
             None,
             by_kind.map(|(kind, n)| ([("kind", Esc(kind))], n)),
         )?;
+        // Per path, a fleet of n nodes has O(n²) series: paths are summed per node, their RTTs
+        // go into one histogram per kind, and only relayed paths — the ones to act on — are
+        // listed one by one.
+        {
+            let mut rtt = enc.encode_descriptor(
+                "shoal_overlay_path_rtt",
+                "Smoothed round-trip times of the fleet's paths, by kind: direct or relay.",
+                Some(&Unit::Seconds),
+                MetricType::Histogram,
+            )?;
+            for kind in ["direct", "relay"] {
+                let mut buckets = RTT_BUCKETS.map(|le| (le, 0u64));
+                let (mut sum, mut count) = (0.0, 0u64);
+                for p in s.paths.iter().filter(|p| p.kind == kind) {
+                    let secs = p.rtt_ms / 1000.0;
+                    sum += secs;
+                    count += 1;
+                    if let Some(b) = buckets.iter_mut().find(|(le, _)| secs <= *le) {
+                        b.1 += 1;
+                    }
+                }
+                rtt.encode_family(&[("kind", Esc(kind))])?
+                    .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+            }
+        }
+        let mut per_node: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for p in &s.paths {
+            let n = per_node.entry(p.from.as_str()).or_default();
+            n.0 = n.0.saturating_add(p.tx_bytes);
+            n.1 = n.1.saturating_add(p.rx_bytes);
+        }
+        counters(
+            &mut enc,
+            "shoal_overlay_node_sent",
+            "Bytes of overlay frames the node sent, over all its current paths (a path that \
+             goes away takes its bytes with it: a reset to `rate()`).",
+            Some(&Unit::Bytes),
+            per_node
+                .iter()
+                .map(|(node, (tx, _))| ([("node", Esc(node))], *tx)),
+        )?;
+        counters(
+            &mut enc,
+            "shoal_overlay_node_received",
+            "Bytes of overlay frames the node received, over all its current paths.",
+            Some(&Unit::Bytes),
+            per_node
+                .iter()
+                .map(|(node, (_, rx))| ([("node", Esc(node))], *rx)),
+        )?;
         gauges(
             &mut enc,
-            "shoal_overlay_path_rtt",
-            "Smoothed round-trip time of the path, labelled with its kind: direct or relay.",
+            "shoal_overlay_relayed_path_rtt",
+            "Smoothed round-trip time of each path that goes through a relay (`from` sends), \
+             labelled with why it is relayed (`both_endpoint_dependent`, `udp_blocked`...; \
+             `unknown` from agents older than protocol 8).",
             Some(&Unit::Seconds),
-            s.paths.iter().map(|p| {
+            s.paths.iter().filter(|p| p.kind == "relay").map(|p| {
                 (
                     [
                         ("from", Esc(&p.from)),
                         ("to", Esc(&p.to)),
-                        ("kind", Esc(&p.kind)),
+                        (
+                            "reason",
+                            Esc(p.relay_reason.as_deref().unwrap_or("unknown")),
+                        ),
                     ],
                     p.rtt_ms / 1000.0,
                 )
             }),
-        )?;
-        counters(
-            &mut enc,
-            "shoal_overlay_path_sent",
-            "Bytes of overlay frames `from` sent to `to`.",
-            Some(&Unit::Bytes),
-            s.paths.iter().map(|p| (pair(p), p.tx_bytes)),
-        )?;
-        counters(
-            &mut enc,
-            "shoal_overlay_path_received",
-            "Bytes of overlay frames `from` received from `to`.",
-            Some(&Unit::Bytes),
-            s.paths.iter().map(|p| (pair(p), p.rx_bytes)),
         )?;
 
         // Rollouts and maintenance runs.
@@ -405,6 +530,17 @@ impl Collector for Snapshot {
         )?;
 
         // Backups.
+        let by_result = tally(
+            ["passed", "failed", "never"],
+            s.backups.iter().map(|b| b.verification),
+        );
+        gauges(
+            &mut enc,
+            "shoal_backups",
+            "Backups (a job on a node to a target) by the result of their last verification.",
+            None,
+            by_result.map(|(result, n)| ([("result", Esc(result))], n)),
+        )?;
         gauges(
             &mut enc,
             "shoal_backup_job_verify_max_age",
@@ -435,20 +571,24 @@ impl Collector for Snapshot {
         gauges(
             &mut enc,
             "shoal_backup_verification",
-            "One per job, node and target (always 1), labelled with the last verification's \
-             result: passed, failed or never.",
+            "One per job, node and target whose last verification did not pass (always 1), \
+             labelled with the result: failed or never. One without a series passed \
+             (shoal_backups counts them).",
             None,
-            s.backups.iter().map(|b| {
-                (
-                    [
-                        ("job", Esc(b.job.as_str())),
-                        ("node", Esc(b.node.as_str())),
-                        ("target", Esc(b.target.as_str())),
-                        ("result", Esc(b.verification)),
-                    ],
-                    1u32,
-                )
-            }),
+            s.backups
+                .iter()
+                .filter(|b| b.verification != "passed")
+                .map(|b| {
+                    (
+                        [
+                            ("job", Esc(b.job.as_str())),
+                            ("node", Esc(b.node.as_str())),
+                            ("target", Esc(b.target.as_str())),
+                            ("result", Esc(b.verification)),
+                        ],
+                        1u32,
+                    )
+                }),
         )?;
         let mut problems: Vec<(&str, &str, usize)> = s
             .backups
@@ -459,11 +599,12 @@ impl Collector for Snapshot {
         gauges(
             &mut enc,
             "shoal_backup_problems",
-            "Problems `shoalctl report` lists for a job on a node: failed backups or \
-             verifications, a verified restore older than the job allows.",
+            "Problems `shoalctl report` lists for a job on a node (failed backups or \
+             verifications, a verified restore older than the job allows), when there are any.",
             None,
             problems
                 .into_iter()
+                .filter(|(_, _, n)| *n > 0)
                 .map(|(job, node, n)| ([("job", Esc(job)), ("node", Esc(node))], n as u64)),
         )?;
 
@@ -513,23 +654,24 @@ impl Collector for Snapshot {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::observe::{snapshot::BackupRow, EnrolmentCounts};
+    use crate::observe::{
+        snapshot::{BackupRow, NodeRow},
+        EnrolmentCounts,
+    };
     use shoal_api::{
         drives::{DriveView, SmartView},
         maintenance::{Progress, RolloutView},
-        nodes::NodeView,
         overlay::PathView,
     };
 
-    fn node(id: &str, status: &str, seen: Option<u64>) -> NodeView {
-        NodeView {
+    fn node(id: &str, status: &str, seen: Option<u64>) -> NodeRow {
+        NodeRow {
             id: id.into(),
             hostname: format!("host-{id}"),
-            status: status.into(),
+            up: status == "up",
             connected: status == "up",
             agent_version: "1.2.0".into(),
-            last_seen_unix_ms: seen,
-            ..Default::default()
+            last_seen_ms: seen,
         }
     }
 
@@ -564,6 +706,7 @@ mod tests {
             tx_bytes: 1000,
             rx_bytes: 2000,
             reported_at: String::new(),
+            relay_reason: None,
         }
     }
 
@@ -604,7 +747,13 @@ mod tests {
                 node("n3", "up", None),
             ],
             drives: vec![drive("n1", "sda", "ok"), drive("n2", "sdb", "failing")],
-            paths: vec![path("n1", "n2", "direct"), path("n2", "n1", "relay")],
+            paths: vec![
+                path("n1", "n2", "direct"),
+                PathView {
+                    relay_reason: Some("udp_blocked".into()),
+                    ..path("n2", "n1", "relay")
+                },
+            ],
             rollouts: vec![
                 rollout("r1", "agent 1.2.0", "done", true, 0),
                 rollout("r2", "image 2026.1", "paused", false, 2),
@@ -661,7 +810,7 @@ mod tests {
 
     #[test]
     fn every_series_has_its_value_and_units() {
-        let text = render(snapshot());
+        let text = render(snapshot()).to_text();
         let got = samples(&text);
         for want in [
             r#"shoal_build_info{version="9.9.9",protocol_min="1",protocol_max="7"} 1"#,
@@ -671,7 +820,7 @@ mod tests {
             r#"shoal_nodes{status="down"} 1"#,
             r#"shoal_node_info{node="n1",hostname="host-n1",agent_version="1.2.0"} 1"#,
             r#"shoal_node_up{node="n2"} 0"#,
-            r#"shoal_node_connected{node="n1"} 1"#,
+            r#"shoal_nodes_connected 2"#,
             r#"shoal_node_heartbeat_age_seconds{node="n1"} 1.5"#,
             r#"shoal_node_heartbeat_age_seconds{node="n2"} 60.0"#,
             r#"shoal_drives{verdict="failing"} 1"#,
@@ -680,12 +829,14 @@ mod tests {
             r#"shoal_drive_smart_verdict{node="n2",device="sdb",verdict="failing"} 1"#,
             r#"shoal_drive_temperature_celsius{node="n1",device="sda"} 41"#,
             r#"shoal_drive_smart_predictor{node="n1",device="sda",predictor="reallocated_sectors"} 3.0"#,
-            r#"shoal_drive_smart_predictor{node="n1",device="sda",predictor="pending_sectors"} 0.0"#,
             r#"shoal_overlay_paths{kind="direct"} 1"#,
-            r#"shoal_overlay_path_rtt_seconds{from="n1",to="n2",kind="direct"} 0.0025"#,
-            r#"shoal_overlay_path_rtt_seconds{from="n2",to="n1",kind="relay"} 0.0025"#,
-            r#"shoal_overlay_path_sent_bytes_total{from="n1",to="n2"} 1000"#,
-            r#"shoal_overlay_path_received_bytes_total{from="n1",to="n2"} 2000"#,
+            r#"shoal_overlay_path_rtt_seconds_count{kind="direct"} 1"#,
+            r#"shoal_overlay_path_rtt_seconds_bucket{le="0.0025",kind="relay"} 1"#,
+            r#"shoal_overlay_path_rtt_seconds_bucket{le="0.001",kind="relay"} 0"#,
+            r#"shoal_overlay_path_rtt_seconds_bucket{le="+Inf",kind="direct"} 1"#,
+            r#"shoal_overlay_node_sent_bytes_total{node="n1"} 1000"#,
+            r#"shoal_overlay_node_received_bytes_total{node="n1"} 2000"#,
+            r#"shoal_overlay_relayed_path_rtt_seconds{from="n2",to="n1",reason="udp_blocked"} 0.0025"#,
             r#"shoal_rollouts{kind="agent",state="done"} 1"#,
             r#"shoal_rollouts{kind="image",state="paused"} 1"#,
             r#"shoal_rollouts{kind="agent",state="running"} 0"#,
@@ -697,7 +848,8 @@ mod tests {
             r#"shoal_backup_verification_age_seconds{job="home",node="n2",target="nas"} 98.0"#,
             r#"shoal_backup_verification{job="home",node="n1",target="s3",result="never"} 1"#,
             r#"shoal_backup_verification{job="home",node="n2",target="nas",result="failed"} 1"#,
-            r#"shoal_backup_problems{job="home",node="n1"} 0"#,
+            r#"shoal_backups{result="passed"} 1"#,
+            r#"shoal_backups{result="never"} 1"#,
             r#"shoal_backup_problems{job="home",node="n2"} 1"#,
             r#"shoal_enrolments_total 3"#,
             r#"shoal_enrolment_refusals_total{reason="token_expired"} 2"#,
@@ -710,12 +862,17 @@ mod tests {
         assert!(!text.contains(r#"heartbeat_age_seconds{node="n3"}"#));
         assert!(!text.contains(r#"rollout="r1""#));
         assert!(!text.contains("command_timeouts"));
-        assert_eq!(
-            text.matches(r#"shoal_backup_problems{job="home",node="n1"}"#)
-                .count(),
-            1
-        );
-        assert!(text.contains("# TYPE shoal_overlay_path_sent_bytes counter\n"));
+        // A predictor at 0 has no series; a direct path is not listed by itself.
+        assert!(!text.contains(r#"predictor="pending_sectors""#));
+        assert!(!text.contains(r#"relayed_path_rtt_seconds{from="n1""#));
+        // Healthy objects have no state series of their own: the counts by state cover them.
+        assert!(!text.contains(r#"shoal_backup_problems{job="home",node="n1"}"#));
+        assert!(!samples(&text)
+            .iter()
+            .any(|l| l.starts_with("shoal_backup_verification{") && l.contains("passed")));
+        assert!(!text.contains(r#"shoal_drive_smart_verdict{node="n1""#));
+        assert!(text.contains("# TYPE shoal_overlay_node_sent_bytes counter\n"));
+        assert!(text.contains("# TYPE shoal_overlay_path_rtt_seconds histogram\n"));
         assert!(text.contains("# UNIT shoal_node_heartbeat_age_seconds seconds\n"));
         assert!(text.ends_with("# EOF\n"));
     }
@@ -728,7 +885,7 @@ mod tests {
         snap.drives.retain(|d| d.node != "n2");
         snap.paths.retain(|p| p.from != "n2" && p.to != "n2");
         snap.backups.retain(|b| b.node != "n2");
-        let text = render(snap);
+        let text = render(snap).to_text();
         assert!(samples(&text).iter().all(|l| !gone(l)), "{text}");
         assert!(samples(&text).contains(&r#"shoal_nodes{status="down"} 0"#));
     }
@@ -737,7 +894,7 @@ mod tests {
     fn label_values_are_escaped() {
         let mut snap = snapshot();
         snap.nodes[0].hostname = "evil\"} 1\nshoal_fake 9".into();
-        let text = render(snap);
+        let text = render(snap).to_text();
         assert!(!text.lines().any(|l| l.starts_with("shoal_fake")), "{text}");
     }
 }

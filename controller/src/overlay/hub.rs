@@ -39,8 +39,8 @@ use shoal_overlay::{
     send_msg,
 };
 use shoal_proto::{
-    ControllerMsg, NetworkId, NodeId, Observed, OverlayHello, PathReport, PeerIndex, Punch,
-    UnixMillis,
+    ControllerMsg, NetworkId, NodeId, Observed, OverlayHello, PathKind, PathReport, PathReportV8,
+    PeerIndex, Punch, RelayReason, UnixMillis,
 };
 use tracing::{debug, info, warn};
 
@@ -156,6 +156,14 @@ pub struct OverlayLimits {
     /// Relayed bytes from one connection: default 16 MiB per second (128 Mbit/s), 4 MiB at once.
     /// Beyond it packets are dropped like on a congested link, and the peers' QUIC backs off.
     pub relay_bytes: Rate,
+    /// Relayed bytes from one connection to one destination: default 8 MiB per second (64
+    /// Mbit/s), 2 MiB at once. Below the sender's whole budget, so one busy pair leaves room for
+    /// the sender's other pairs; the relay is a fallback, and a pair moves to a direct path as soon
+    /// as one works.
+    pub relay_pair_bytes: Rate,
+    /// Destinations one connection keeps a pair budget for (default 1024); idle (full) budgets
+    /// are dropped beyond it, so a sender spraying relay indexes costs bounded memory.
+    pub relay_pair_budgets: usize,
 }
 
 impl Default for OverlayLimits {
@@ -187,6 +195,26 @@ impl Default for OverlayLimits {
                 per_sec: 16.0 * MIB,
                 burst: 4.0 * MIB,
             },
+            relay_pair_bytes: Rate {
+                per_sec: 8.0 * MIB,
+                burst: 2.0 * MIB,
+            },
+            relay_pair_budgets: 1024,
+        }
+    }
+}
+
+impl OverlayLimits {
+    /// These limits with the relay's per-pair byte rate set to `mbit` megabits per second and a
+    /// quarter second of burst.
+    pub fn with_relay_pair_mbit(self, mbit: f64) -> Self {
+        let per_sec = mbit * 1e6 / 8.0;
+        Self {
+            relay_pair_bytes: Rate {
+                per_sec,
+                burst: per_sec / 4.0,
+            },
+            ..self
         }
     }
 }
@@ -316,6 +344,7 @@ struct HubStats {
     reports_refused: AtomicU64,
     report_entries_refused: AtomicU64,
     relay_rate_limited: AtomicU64,
+    relay_pair_rate_limited: AtomicU64,
     relay_unshared: AtomicU64,
     relay_no_target: AtomicU64,
     punches_undelivered: AtomicU64,
@@ -334,6 +363,11 @@ struct Link {
     hellos: TokenBucket,
     /// When its latest hello was accepted: what the other controllers order subscriptions by.
     since: UnixMillis,
+    /// The latest hello served, its key and the address the connection came from then: what
+    /// [`OverlayHub::recheck_observed`] subscribes again with when the address changes.
+    hello: OverlayHello,
+    key: [u8; 32],
+    observed: SocketAddr,
 }
 
 #[derive(Debug)]
@@ -388,6 +422,8 @@ enum Hop {
 pub struct ReportedPaths {
     /// The report.
     pub report: PathReport,
+    /// (v8) Why each relayed path of `report` is relayed, where the agent said.
+    pub relayed: HashMap<NodeId, RelayReason>,
     /// When it arrived.
     pub at: UnixMillis,
 }
@@ -461,6 +497,7 @@ impl OverlayHub {
             reports_refused: get(&s.reports_refused),
             report_entries_refused: get(&s.report_entries_refused),
             relay_rate_limited: get(&s.relay_rate_limited),
+            relay_pair_rate_limited: get(&s.relay_pair_rate_limited),
             relay_unshared: get(&s.relay_unshared),
             relay_no_target: get(&s.relay_no_target),
             punches_undelivered: get(&s.punches_undelivered),
@@ -680,10 +717,16 @@ impl OverlayHub {
                     index,
                     hellos,
                     since: now,
+                    hello: hello.clone(),
+                    key,
+                    observed,
                 },
             );
         } else if let Some(link) = st.links.get_mut(node) {
             link.since = now;
+            link.hello = hello.clone();
+            link.key = key;
+            link.observed = observed;
         }
         let reach = st.reach(node);
         reach.set(st.coordinator.networks_of(node));
@@ -851,8 +894,62 @@ impl OverlayHub {
         }
     }
 
+    /// The node's control connection now comes from another address than at its last hello (its
+    /// NAT rebound the mapping, or the node moved, and QUIC followed): its peers get the new
+    /// address at once, as after a hello, and the node gets `Observed` (so it measures its NAT
+    /// again) and a full netmap. Called on every path report, so a pair whose direct path died
+    /// with the old mapping punches to the new one within a report interval instead of staying
+    /// relayed. Nothing happens for a connection that is not the node's current one.
+    pub fn recheck_observed(
+        &self,
+        node: &NodeId,
+        conn_id: u64,
+        conn: &quinn::Connection,
+    ) -> Vec<ControllerMsg> {
+        let observed = conn.remote_address();
+        let now = now_ms();
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let Some(link) = st.links.get_mut(node) else {
+            return vec![];
+        };
+        if link.conn_id != conn_id || link.observed == observed {
+            return vec![];
+        }
+        let old = std::mem::replace(&mut link.observed, observed);
+        link.since = now;
+        // A full netmap: the node's cached version says nothing about this subscription.
+        let hello = OverlayHello {
+            netmap_version: None,
+            ..link.hello.clone()
+        };
+        let (key, index) = (link.key, link.index);
+        let (netmap, updates) = st
+            .coordinator
+            .subscribe(node, Some(key), observed, &hello, now);
+        Self::send_all(&st.links, updates);
+        self.sync_route(st, node);
+        self.tell_mesh(|| {
+            st.coordinator
+                .subscription(node, now)
+                .map(OverlayNews::Subscribed)
+        });
+        drop(guard);
+        info!(node = %node, %old, new = %observed, "control connection rebound; peers told the new address");
+        let probe_port = *self.probe_port.lock().unwrap_or_else(|p| p.into_inner());
+        vec![
+            ControllerMsg::Observed(Observed {
+                address: observed,
+                index,
+                probe_port,
+            }),
+            netmap,
+        ]
+    }
+
     /// Stores an agent's path report, bounded by [`bound_report`] and [`OverlayLimits::reports`].
-    pub fn paths_reported(&self, node: &NodeId, report: PathReport) {
+    pub fn paths_reported(&self, node: &NodeId, report: impl Into<PathReportV8>) {
+        let PathReportV8 { report, relayed } = report.into();
         let now = Instant::now();
         let (report, refused) = {
             let mut guard = self.state();
@@ -880,6 +977,17 @@ impl OverlayHub {
         self.paths.lock().unwrap_or_else(|p| p.into_inner()).insert(
             node.clone(),
             ReportedPaths {
+                // Only reasons for paths the bounded report keeps as relayed.
+                relayed: relayed
+                    .into_iter()
+                    .filter(|r| {
+                        report
+                            .paths
+                            .iter()
+                            .any(|p| p.peer == r.peer && p.kind == PathKind::Relay)
+                    })
+                    .map(|r| (r.peer, r.reason))
+                    .collect(),
                 report,
                 at: now_ms(),
             },
@@ -986,30 +1094,31 @@ impl OverlayHub {
 
     /// Forwards relayed packets arriving on `node`'s control connection until it closes. A packet
     /// goes only to a node that shares a network with the sender, within the sender's
-    /// [`OverlayLimits::relay_packets`] and [`OverlayLimits::relay_bytes`]; the relay sees only the
-    /// peers' QUIC ciphertext.
+    /// [`OverlayLimits::relay_packets`] and [`OverlayLimits::relay_bytes`] and the pair's
+    /// [`OverlayLimits::relay_pair_bytes`]; the relay sees only the peers' QUIC ciphertext.
     pub async fn relay(self: Arc<Self>, node: NodeId, index: PeerIndex, conn: quinn::Connection) {
         let reach = self.state().reach(&node);
         let start = Instant::now();
-        let (mut packets, mut bytes) = (
-            TokenBucket::full(self.limits.relay_packets, start),
-            TokenBucket::full(self.limits.relay_bytes, start),
-        );
+        let mut budget = RelayBudget::new(&self.limits, start);
         while let Ok(d) = conn.read_datagram().await {
             let now = Instant::now();
-            let size = d.len() as f64;
-            if !(packets.has(self.limits.relay_packets, now, 1.0)
-                && bytes.take(self.limits.relay_bytes, now, size))
-            {
-                bump(&self.stats.relay_rate_limited, 1);
-                debug!(from = %node, bytes = d.len(), "relayed packet beyond the sender's rate dropped");
-                continue;
-            }
-            packets.take(self.limits.relay_packets, now, 1.0);
             let Some((to, packet)) = parse_relay_datagram(&d) else {
                 bump(&self.stats.relay_no_target, 1);
                 continue;
             };
+            match budget.take(&self.limits, now, to, d.len() as f64) {
+                Ok(()) => {}
+                Err(RelayRefusal::Sender) => {
+                    bump(&self.stats.relay_rate_limited, 1);
+                    debug!(from = %node, bytes = d.len(), "relayed packet beyond the sender's rate dropped");
+                    continue;
+                }
+                Err(RelayRefusal::Pair) => {
+                    bump(&self.stats.relay_pair_rate_limited, 1);
+                    debug!(from = %node, to = to.0, bytes = d.len(), "relayed packet beyond the pair's rate dropped");
+                    continue;
+                }
+            }
             match self.relay_target(&node, &reach, to) {
                 None => {}
                 Some(Hop::Local(target)) => {
@@ -1029,6 +1138,66 @@ impl OverlayHub {
                 }
             }
         }
+    }
+}
+
+/// Which budget a relayed packet did not fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RelayRefusal {
+    /// The sender's packet or byte budget, over all its destinations.
+    Sender,
+    /// The budget of the sender's pair with this destination.
+    Pair,
+}
+
+/// One relaying connection's budgets: its own, and one per destination.
+#[derive(Debug)]
+struct RelayBudget {
+    packets: TokenBucket,
+    bytes: TokenBucket,
+    pairs: HashMap<PeerIndex, TokenBucket>,
+}
+
+impl RelayBudget {
+    fn new(limits: &OverlayLimits, now: Instant) -> Self {
+        Self {
+            packets: TokenBucket::full(limits.relay_packets, now),
+            bytes: TokenBucket::full(limits.relay_bytes, now),
+            pairs: HashMap::new(),
+        }
+    }
+
+    /// Charges a packet of `size` bytes to `to` against every budget, or against none.
+    fn take(
+        &mut self,
+        limits: &OverlayLimits,
+        now: Instant,
+        to: PeerIndex,
+        size: f64,
+    ) -> Result<(), RelayRefusal> {
+        if !(self.packets.has(limits.relay_packets, now, 1.0)
+            && self.bytes.has(limits.relay_bytes, now, size))
+        {
+            return Err(RelayRefusal::Sender);
+        }
+        if self.pairs.len() >= limits.relay_pair_budgets && !self.pairs.contains_key(&to) {
+            self.pairs
+                .retain(|_, b| !b.is_full(limits.relay_pair_bytes, now));
+            if self.pairs.len() >= limits.relay_pair_budgets {
+                // Every kept pair is busy: a new destination waits until one goes idle.
+                return Err(RelayRefusal::Pair);
+            }
+        }
+        let pair = self
+            .pairs
+            .entry(to)
+            .or_insert_with(|| TokenBucket::full(limits.relay_pair_bytes, now));
+        if !pair.take(limits.relay_pair_bytes, now, size) {
+            return Err(RelayRefusal::Pair);
+        }
+        self.packets.take(limits.relay_packets, now, 1.0);
+        self.bytes.take(limits.relay_bytes, now, size);
+        Ok(())
     }
 }
 
@@ -1072,7 +1241,7 @@ mod tests {
     use std::sync::mpsc as std_mpsc;
 
     use shoal_overlay::{pki, tls};
-    use shoal_proto::{NatMapping, OverlayCounters, PathInfo, PathKind};
+    use shoal_proto::{NatMapping, OverlayCounters, PathInfo};
     use shoal_testkit::wait_async;
 
     use super::*;
@@ -1277,6 +1446,8 @@ mod tests {
     struct Agent {
         node: NodeId,
         index: PeerIndex,
+        /// Its socket, which a test may rebind (as a NAT would).
+        endpoint: quinn::Endpoint,
         client: quinn::Connection,
         server_side: quinn::Connection,
         conn_id: u64,
@@ -1400,6 +1571,7 @@ mod tests {
             let mut agent = Agent {
                 node,
                 index,
+                endpoint,
                 client,
                 server_side,
                 conn_id,
@@ -1601,6 +1773,135 @@ mod tests {
         // b's own budget is untouched.
         b.relay_to(&a, &packet);
         assert_eq!(a.relayed().await.0, b.index);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_busy_pair_cannot_starve_the_senders_other_pairs() {
+        // No refill within the test: a pair gets its burst, the sender more than one pair's.
+        let limits = OverlayLimits {
+            relay_pair_bytes: Rate {
+                per_sec: 1e-9,
+                burst: 10_000.0,
+            },
+            relay_bytes: Rate {
+                per_sec: 1e-9,
+                burst: 1e9,
+            },
+            ..OverlayLimits::default()
+        };
+        let mut h = Hub::start(limits, &["a", "b", "c"]);
+        let (a, b, c) = (
+            h.connect("a").await,
+            h.connect("b").await,
+            h.connect("c").await,
+        );
+        let packet = [7u8; 996]; // 1000 bytes with the relay header
+        for _ in 0..30 {
+            a.relay_to(&b, &packet);
+        }
+        counted(&h.hub, "a→b beyond the pair's burst dropped", |c| {
+            c.relay_pair_rate_limited == 20
+        })
+        .await;
+        for _ in 0..10 {
+            assert_eq!(b.relayed().await, (a.index, packet.to_vec()));
+        }
+        // a→c has its own budget, untouched by a→b's flood.
+        for i in 0..10u32 {
+            a.relay_to(&c, &i.to_be_bytes());
+            assert_eq!(c.relayed().await, (a.index, i.to_be_bytes().to_vec()));
+        }
+        let counters = h.hub.counters();
+        assert_eq!(
+            (
+                counters.relay_pair_rate_limited,
+                counters.relay_rate_limited
+            ),
+            (20, 0)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rebound_control_connection_gives_peers_the_new_address_at_once() {
+        let mut h = Hub::start(OverlayLimits::default(), &["a", "b"]);
+        let a = h.connect("a").await;
+        let mut b = h.connect("b").await;
+        b.drain();
+        assert!(
+            h.hub
+                .recheck_observed(&a.node, a.conn_id, &a.server_side)
+                .is_empty(),
+            "nothing changed"
+        );
+        // a's NAT gives it another port mid-connection; QUIC follows it.
+        let before = a.server_side.remote_address();
+        a.endpoint
+            .rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .unwrap();
+        let after = wait_async::eventually(PROMPT, "the server sees a's new port", || {
+            a.relay_to(&b, b"moved");
+            let now = a.server_side.remote_address();
+            async move { (now != before).then_some(now) }
+        })
+        .await;
+        let out = h.hub.recheck_observed(&a.node, a.conn_id, &a.server_side);
+        assert!(
+            matches!(&out[..], [ControllerMsg::Observed(o), ControllerMsg::Netmap(_)] if o.address == after && o.index == a.index),
+            "{out:?}"
+        );
+        // b hears of a's new address, first in a's endpoints.
+        let endpoints: Vec<Vec<SocketAddr>> = b
+            .drain()
+            .iter()
+            .filter_map(|m| match m {
+                ControllerMsg::NetmapDelta(d) => Some(d.changes.iter().filter_map(|c| match c {
+                    shoal_proto::NetmapChange::Peer(p) if p.node == a.node => {
+                        Some(p.endpoints.clone())
+                    }
+                    _ => None,
+                })),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert!(
+            endpoints.iter().any(|e| e.first() == Some(&after)),
+            "{endpoints:?}"
+        );
+        // Once told, nothing more; nor for a connection that is not a's current one.
+        assert!(h
+            .hub
+            .recheck_observed(&a.node, a.conn_id, &a.server_side)
+            .is_empty());
+        assert!(h
+            .hub
+            .recheck_observed(&a.node, a.conn_id + 100, &b.server_side)
+            .is_empty());
+    }
+
+    #[test]
+    fn pair_budgets_are_bounded_and_idle_ones_make_room() {
+        let limits = OverlayLimits {
+            relay_pair_bytes: Rate {
+                per_sec: 1000.0,
+                burst: 1000.0,
+            },
+            relay_pair_budgets: 2,
+            ..OverlayLimits::default()
+        };
+        let t0 = Instant::now();
+        let mut budget = RelayBudget::new(&limits, t0);
+        assert_eq!(budget.take(&limits, t0, PeerIndex(1), 500.0), Ok(()));
+        assert_eq!(budget.take(&limits, t0, PeerIndex(2), 500.0), Ok(()));
+        assert_eq!(
+            budget.take(&limits, t0, PeerIndex(3), 1.0),
+            Err(RelayRefusal::Pair),
+            "both kept pairs are busy"
+        );
+        // Once they refill they are dropped, and a new destination fits.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(budget.take(&limits, t1, PeerIndex(3), 1.0), Ok(()));
+        assert!(budget.pairs.len() <= 2);
     }
 
     #[tokio::test]

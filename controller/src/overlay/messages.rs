@@ -61,16 +61,23 @@ pub(crate) async fn hello(
     msgs.into_iter().map(Action::Send).collect()
 }
 
-/// `Action::Paths`.
+/// `Action::Paths`; also where a rebound control connection is noticed (reports come every 5 s).
 pub(crate) async fn paths(
     controller: &Arc<Controller>,
+    ctx: &mut ConnCtx,
     session: &mut Session,
-    report: shoal_proto::PathReport,
+    report: shoal_proto::PathReportV8,
 ) -> Vec<Action> {
-    if let Some(node) = session.node() {
-        controller.overlay.paths_reported(node, report);
-    }
-    vec![]
+    let Some(node) = session.node() else {
+        return vec![];
+    };
+    controller.overlay.paths_reported(node, report);
+    controller
+        .overlay
+        .recheck_observed(node, ctx.conn_id, &ctx.conn)
+        .into_iter()
+        .map(Action::Send)
+        .collect()
 }
 
 /// `Action::Punch`.

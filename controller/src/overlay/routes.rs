@@ -77,6 +77,7 @@ pub(crate) fn path_views(ctl: &Controller) -> Vec<shoal_api::overlay::PathView> 
     let mut out = Vec::new();
     for (node, r) in ctl.overlay.reported_paths() {
         for p in r.report.paths {
+            let relay_reason = r.relayed.get(&p.peer).map(|x| x.label().to_owned());
             out.push(shoal_api::overlay::PathView {
                 from: node.0.clone(),
                 to: p.peer.0,
@@ -90,6 +91,7 @@ pub(crate) fn path_views(ctl: &Controller) -> Vec<shoal_api::overlay::PathView> 
                 tx_bytes: p.tx_bytes,
                 rx_bytes: p.rx_bytes,
                 reported_at: rfc3339(r.at.0),
+                relay_reason,
             });
         }
     }

@@ -4,7 +4,8 @@
 //! - overlay networks: the node's memberships are reconciled with the networks' selectors in the
 //!   store, and the coordinator sends the netmap deltas to the agents concerned (and tells the
 //!   other controllers over the mesh);
-//! - drive policies: the node's agent gets its new effective policy if it changed;
+//! - drive policies: the node's agent gets its new effective policy if it changed, through
+//!   whichever controller holds its session (the others are told over the mesh);
 //! - budgets, windows, rollouts and backup jobs read labels from the store on every pass: their
 //!   drivers are woken so the next pass is now.
 
@@ -22,7 +23,7 @@ pub(crate) fn follow(controller: &Controller, node: &NodeId) {
             warn!(node = %node, cause = %e, "the node's overlay memberships could not follow its labels")
         }
     }
-    controller.push_drive_policies(Some(std::slice::from_ref(node)));
+    controller.drive_policies_changed(Some(std::slice::from_ref(node)));
     controller.maint.wake.notify_one();
     controller.backups.wake.notify_one();
 }

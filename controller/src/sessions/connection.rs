@@ -476,7 +476,7 @@ pub(crate) async fn perform(
         Action::Inventory(inv) => registry::messages::inventory(controller, session, inv).await,
         Action::Health(h) => registry::messages::health(controller, session, h).await,
         Action::Overlay(hello) => overlay::messages::hello(controller, ctx, session, hello).await,
-        Action::Paths(report) => overlay::messages::paths(controller, session, report).await,
+        Action::Paths(report) => overlay::messages::paths(controller, ctx, session, report).await,
         Action::Punch(p) => overlay::messages::punch(controller, session, p).await,
         Action::Drives(report) => drives::messages::report(controller, session, report).await,
         Action::DriveCommandResult(result) => {

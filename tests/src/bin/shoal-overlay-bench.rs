@@ -256,7 +256,11 @@ fn parse_ping(out: &str) -> Result<PingStats> {
         .split('=')
         .nth(1)
         .map(|v| {
-            v.trim()
+            // ping appends ", pipe N" when several echoes were outstanding at once.
+            v.split(',')
+                .next()
+                .unwrap_or_default()
+                .trim()
                 .trim_end_matches("ms")
                 .trim()
                 .split('/')
@@ -861,6 +865,111 @@ fn gbps(r: &Measured<IperfStats>) -> Option<f64> {
     r.as_ref().ok().map(|s| s.gbps)
 }
 
+/// The issue-17 goals as ratios within this one run: overlay against boringtun and the underlay
+/// measured on the same fleet minutes apart, so the machine's load cancels out as far as it can.
+fn goal_ratios(main_rows: &[Row], impaired_rows: &[Row], main_cc: &str) -> String {
+    let mut out = String::from("\n## Goals as ratios (this run)\n\n");
+    let (underlay, overlay, bt) = (&main_rows[0], &main_rows[1], main_rows.get(2));
+    let ratio = |o: Option<f64>, b: Option<f64>| match (o, b) {
+        (Some(o), Some(b)) if b > 0.0 => Some(o / b),
+        _ => None,
+    };
+    let mut line = |what: &str, value: Option<f64>, goal: &str, met: Option<bool>| {
+        let v = value.map_or("—".into(), |v| format!("{v:.2}"));
+        let verdict = match met {
+            Some(true) => "met",
+            Some(false) => "NOT met",
+            None => "not measured",
+        };
+        let _ = writeln!(out, "{what}: {v} (goal {goal}: {verdict})");
+    };
+    let bt_p1 = bt.and_then(|b| gbps(&b.p1));
+    let r = ratio(gbps(&overlay.p1), bt_p1);
+    line(
+        "1 stream, overlay / boringtun",
+        r,
+        ">= 5",
+        r.map(|r| r >= 5.0),
+    );
+    let r = ratio(gbps(&overlay.p1), gbps(&underlay.p1));
+    line(
+        "1 stream, overlay / underlay",
+        r,
+        ">= 0.33",
+        r.map(|r| r >= 1.0 / 3.0),
+    );
+    let r = ratio(gbps(&overlay.p4), gbps(&overlay.p1));
+    line(
+        "overlay, 4 streams / 1 stream",
+        r,
+        "> 1 (scales)",
+        r.map(|r| r > 1.0),
+    );
+    let r = ratio(gbps(&overlay.p4), bt.and_then(|b| gbps(&b.p4)));
+    line(
+        "4 streams, overlay / boringtun",
+        r,
+        "ahead",
+        r.map(|r| r > 1.0),
+    );
+    let added = |row: &Row| match (&row.ping, &underlay.ping) {
+        (Ok(p), Ok(u)) => Some(p.avg_ms - u.avg_ms),
+        _ => None,
+    };
+    let (ao, ab) = (added(overlay), bt.and_then(added));
+    let r = ratio(ao, ab);
+    line(
+        "added RTT, overlay / boringtun",
+        r,
+        "<= 1",
+        r.map(|r| r <= 1.0),
+    );
+    let lossy = |prefix: &str| {
+        impaired_rows
+            .iter()
+            .find(|r| r.label.starts_with(prefix))
+            .and_then(|r| gbps(&r.p1))
+    };
+    let ol = ratio(
+        lossy(&format!("shoal overlay ({main_cc}), loss")),
+        gbps(&overlay.p1),
+    );
+    let bl = ratio(lossy("boringtun, loss"), bt_p1);
+    line(
+        "overlay under loss / clean, 1 stream",
+        ol,
+        "no collapse (>= 0.5)",
+        ol.map(|r| r >= 0.5),
+    );
+    line(
+        "boringtun under loss / clean, 1 stream",
+        bl,
+        "reference",
+        None,
+    );
+    let r = ratio(
+        lossy(&format!("shoal overlay ({main_cc}), loss")),
+        lossy("boringtun, loss"),
+    );
+    line(
+        "1 stream under loss, overlay / boringtun",
+        r,
+        "ahead",
+        r.map(|r| r > 1.0),
+    );
+    let cpu = |r: &Measured<IperfStats>| r.as_ref().ok().and_then(|s| s.cpu_per_gbit());
+    let r = ratio(cpu(&overlay.p1), bt.and_then(|b| cpu(&b.p1)));
+    let _ = writeln!(
+        out,
+        "CPU per Gbit, 1 stream: overlay {} s, boringtun {} s, ratio {}",
+        cpu(&overlay.p1).map_or("—".into(), |v| format!("{v:.2}")),
+        bt.and_then(|b| cpu(&b.p1))
+            .map_or("—".into(), |v| format!("{v:.2}")),
+        r.map_or("—".into(), |v| format!("{v:.2}"))
+    );
+    out
+}
+
 // ---------------------------------------------------------------------------------------------------
 
 fn run(args: &Args) -> Result<()> {
@@ -1104,6 +1213,7 @@ fn run(args: &Args) -> Result<()> {
     if let Some((cc, g)) = best {
         println!("best outer congestion controller by geometric mean of all overlay runs: {cc} ({g:.3} Gbit/s)");
     }
+    print!("{}", goal_ratios(&main_rows, &impaired_rows, &main_cc));
     let elapsed = SystemTime::now()
         .duration_since(started)
         .unwrap_or_default();

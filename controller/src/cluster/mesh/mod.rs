@@ -32,8 +32,8 @@ use std::{
     time::Duration,
 };
 
-use shoal_overlay::{framed, pki, tls};
-use shoal_proto::{ControllerMsg, NodeId, PeerIndex};
+use shoal_overlay::{framed, pki, tls, TransportError};
+use shoal_proto::{ControllerMsg, FrameError, NodeId, PeerIndex};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn};
 
@@ -510,6 +510,14 @@ pub(crate) async fn serve(controller: Arc<Controller>, conn: quinn::Connection) 
         let msg: MeshMsg = match reader.recv().await {
             Ok(Some(m)) => m,
             Ok(None) => break,
+            // A message this release does not know (a newer controller's, during a rolling
+            // upgrade of the controllers): the frame was read whole, so the link goes on.
+            Err(TransportError::Frame(
+                e @ (FrameError::Malformed(_) | FrameError::TrailingBytes(_)),
+            )) => {
+                warn!(peer = %peer, cause = %e, "mesh message not understood; skipped");
+                continue;
+            }
             Err(e) => {
                 debug!(peer = %peer, cause = %e, "mesh connection ended");
                 break;
@@ -556,6 +564,10 @@ pub(crate) async fn serve(controller: Arc<Controller>, conn: quinn::Connection) 
                 .await;
             }
             MeshMsg::OverlayKey { node, key } => controller.overlay.remote_key_changed(&node, key),
+            MeshMsg::DrivePolicies { only } => {
+                let c = controller.clone();
+                tokio::task::spawn_blocking(move || c.push_drive_policies(only.as_deref()));
+            }
             MeshMsg::RolloutNews => {
                 let c = controller.clone();
                 tokio::task::spawn_blocking(move || {

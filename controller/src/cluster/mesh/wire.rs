@@ -91,6 +91,13 @@ pub enum MeshMsg {
         /// SHA-256 of its key, or [`shoal_proto::KEY_WITHDRAWN`].
         key: [u8; 32],
     },
+    /// Drive policies, or the labels they select by, changed on the dialer (already in the shared
+    /// store): send the acceptor's agents their effective policy again — these nodes' only, or
+    /// every agent's when `None`.
+    DrivePolicies {
+        /// The nodes whose labels changed; `None`: the policies themselves changed.
+        only: Option<Vec<NodeId>>,
+    },
 }
 
 /// Bytes before the packet in a relayed datagram on a mesh link: destination and source relay
