@@ -27,3 +27,4 @@ pub mod sysfs;
 pub mod update;
 pub mod updater;
 pub mod version;
+pub mod wireguard;

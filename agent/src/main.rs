@@ -70,6 +70,12 @@ struct Cli {
     /// Do not join the overlay (no TAP device, no peer connections).
     #[arg(long)]
     no_overlay: bool,
+    /// Run a WireGuard gateway on this UDP address (IP:PORT): the floating endpoint of the
+    /// networks' WireGuard devices, bound by every gateway whether it holds the address or not.
+    /// The controller gives the gateway its network's key and devices, and names the active
+    /// gateway, which adds the address to the interface routing to it (see the operators' guide).
+    #[arg(long, value_name = "LISTEN")]
+    wireguard_gateway: Option<std::net::SocketAddr>,
     /// Outer congestion controller of overlay peer connections: cubic, newreno or bbr.
     #[arg(long, default_value = "cubic")]
     overlay_cc: shoal_overlay::tls::Congestion,
@@ -235,6 +241,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.overlay.congestion = cli.overlay_cc;
     config.overlay.tap_offload = !cli.overlay_no_offload;
     config.overlay_enabled = !cli.no_overlay;
+    if cli.wireguard_gateway.is_some() && cli.no_overlay {
+        anyhow::bail!("--wireguard-gateway needs the overlay (drop --no-overlay)");
+    }
+    config.wireguard_gateway = cli.wireguard_gateway;
     config.drives = if cli.no_drives {
         None
     } else {

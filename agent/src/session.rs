@@ -97,6 +97,10 @@ pub enum Output {
     SignedKexecImage(SignedKexecImage),
     /// (protocol 7) The fleet's controllers: keep them to fail over to.
     ControllerSet(ControllerSet),
+    /// (protocol 9) Say whether this agent runs a WireGuard gateway (sent after Welcome).
+    StartWireGuard,
+    /// (protocol 9) The WireGuard devices and gateways of this node's networks.
+    WireGuard(shoal_proto::WireGuardMap),
     /// The session is over.
     End(End),
 }
@@ -259,6 +263,9 @@ impl AgentSession {
                         if self.speaks_backups() {
                             out.push(Output::SendBackupResults);
                         }
+                        if self.speaks_wireguard() {
+                            out.push(Output::StartWireGuard);
+                        }
                         out
                     }
                 }
@@ -318,6 +325,9 @@ impl AgentSession {
             (State::Ready, ControllerMsg::ControllerSet(set)) if self.speaks_cluster() => {
                 vec![Output::ControllerSet(set)]
             }
+            (State::Ready, ControllerMsg::WireGuard(map)) if self.speaks_wireguard() => {
+                vec![Output::WireGuard(map)]
+            }
             (State::Ready, ControllerMsg::RotateKey { reason }) if self.speaks_trust() => {
                 if self.rotating {
                     return vec![];
@@ -361,6 +371,13 @@ impl AgentSession {
         self.welcome
             .as_ref()
             .is_some_and(|w| w.protocol >= shoal_proto::CLUSTER_PROTOCOL)
+    }
+
+    /// Whether the negotiated protocol carries WireGuard gateways (9 and later).
+    pub fn speaks_wireguard(&self) -> bool {
+        self.welcome
+            .as_ref()
+            .is_some_and(|w| w.protocol >= shoal_proto::WIREGUARD_PROTOCOL)
     }
 
     /// Whether the negotiated protocol carries update messages (4 and later).

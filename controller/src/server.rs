@@ -248,6 +248,8 @@ pub struct Controller {
     pub(crate) unauthenticated_by_address: Mutex<HashMap<IpAddr, usize>>,
     /// Liveness changes go through one worker so they reach the store in the order they happened.
     pub(crate) transitions: mpsc::UnboundedSender<Vec<Transition>>,
+    /// (v9) Connected WireGuard gateway agents and the maps agents were told.
+    pub(crate) wireguard: crate::overlay::wireguard::Gateways,
     transitions_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<Transition>>>>,
 }
 
@@ -351,6 +353,7 @@ impl Controller {
             netboot,
             transitions,
             transitions_rx: Mutex::new(Some(transitions_rx)),
+            wireguard: Default::default(),
             store,
             ca,
             config,

@@ -36,7 +36,7 @@ use crate::{
     paths::{AttemptFailure, ConnId, PathAction, PathConfig, PathManager},
     pki,
     relay_socket::{relay_addr, relay_index},
-    switch::{Inbound, Member, Outbound, Switch, SwitchConfig},
+    switch::{Bridging, Inbound, Member, Outbound, Switch, SwitchConfig},
     tls::{self, PeerTls},
     wire::{self, Reassembler},
 };
@@ -118,6 +118,7 @@ pub enum NodeEvent {
 #[derive(Debug)]
 pub struct OverlayNode {
     commands: mpsc::UnboundedSender<NodeCommand>,
+    shared: Arc<Shared>,
     manager: JoinHandle<()>,
     acceptor: JoinHandle<()>,
 }
@@ -143,7 +144,7 @@ impl OverlayNode {
             tls,
             transport,
             netmap: Netmap::default(),
-            shared,
+            shared: shared.clone(),
             conns: HashMap::new(),
             next_conn: 0,
             taps: HashMap::new(),
@@ -154,6 +155,7 @@ impl OverlayNode {
         (
             OverlayNode {
                 commands,
+                shared,
                 manager,
                 acceptor,
             },
@@ -164,6 +166,37 @@ impl OverlayNode {
     /// Sends a command; false if the overlay has stopped.
     pub fn command(&self, command: NodeCommand) -> bool {
         self.commands.send(command).is_ok()
+    }
+
+    /// (v9) Attaches a local port to `network` besides its TAP device: frames the switch finds
+    /// are for the port ([`crate::switch::Inbound::Port`]: a WireGuard device's) go to `to_port`
+    /// (a full channel drops the frame, like a full NIC queue), and the returned [`LocalPort`]
+    /// puts frames into the network as if read from the TAP device. Replaces an earlier port.
+    pub fn attach_port(&self, network: NetworkId, to_port: mpsc::Sender<Vec<u8>>) -> LocalPort {
+        self.shared
+            .ports
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(network, to_port);
+        LocalPort {
+            shared: self.shared.clone(),
+            network,
+            fragment_id: 0,
+        }
+    }
+
+    /// (v9) Detaches `network`'s local port.
+    pub fn detach_port(&self, network: NetworkId) {
+        self.shared
+            .ports
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&network);
+    }
+
+    /// (v9) Who speaks for `network`'s WireGuard devices (see [`Bridging`]).
+    pub fn set_bridging(&self, network: NetworkId, bridging: Bridging) {
+        self.shared.switch().set_bridging(network, bridging);
     }
 
     /// The current path report, with why each relayed path is relayed.
@@ -194,11 +227,36 @@ struct RouteEntry {
     counters: Arc<PeerCounters>,
 }
 
+/// (v9) A local port's way into its network: frames sent here are switched like frames read from
+/// the network's TAP device (the same source-MAC rule, unicast or flood to peers).
+pub struct LocalPort {
+    shared: Arc<Shared>,
+    network: NetworkId,
+    fragment_id: u16,
+}
+
+impl std::fmt::Debug for LocalPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalPort")
+            .field("network", &self.network)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalPort {
+    /// Sends one frame from the port into its network.
+    pub fn send(&mut self, frame: &[u8]) {
+        forward(&self.shared, self.network, frame, &mut self.fragment_id);
+    }
+}
+
 /// What the frame path shares with the manager.
 struct Shared {
     switch: Mutex<Switch>,
     routes: RwLock<HashMap<NodeId, RouteEntry>>,
     taps: RwLock<HashMap<NetworkId, Arc<Tap>>>,
+    /// (v9) Local ports (a WireGuard gateway) by network.
+    ports: RwLock<HashMap<NetworkId, mpsc::Sender<Vec<u8>>>>,
     /// Drops outside the switch (no path, wire errors), by reason.
     drops: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -215,6 +273,7 @@ impl Shared {
             switch: Mutex::new(Switch::new(config)),
             routes: RwLock::new(HashMap::new()),
             taps: RwLock::new(HashMap::new()),
+            ports: RwLock::new(HashMap::new()),
             drops: Mutex::new(BTreeMap::new()),
         }
     }
@@ -976,13 +1035,29 @@ async fn receive(
             return;
         }
     };
-    if shared.switch().inbound(now, peer, network, &frame) != Inbound::Deliver {
+    let verdict = shared.switch().inbound(now, peer, network, &frame);
+    if matches!(verdict, Inbound::Drop(_)) {
         return;
     }
     counters
         .rx_bytes
         .fetch_add(frame.len() as u64, Ordering::Relaxed);
-    out.deliver(shared, network, &frame).await;
+    match verdict {
+        Inbound::Port => {
+            let port = shared
+                .ports
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&network)
+                .cloned();
+            match port.map(|p| p.try_send(frame.to_vec())) {
+                Some(Ok(())) => {}
+                Some(Err(_)) => shared.drop_frame("port_full"),
+                None => shared.drop_frame("no_port"),
+            }
+        }
+        _ => out.deliver(shared, network, &frame).await,
+    }
 }
 
 async fn tap_loop(

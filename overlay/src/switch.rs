@@ -31,6 +31,12 @@
 //! - **Every other ethertype** (and 802.3 length frames such as STP) is refused: the overlay
 //!   carries IPv4, IPv6 and ARP.
 //!
+//! **WireGuard gateways (v9).** A member the controller names a gateway of a network (see
+//! [`Bridging`]) bridges WireGuard devices into it with its own MAC: its frames may also carry any
+//! of the network's device addresses as their IPv4 source (IPv4 and ARP), and no other member's
+//! may. On the gateway's own node, frames for a device (ARP for its address, IPv4 to it) go to the
+//! network's local port ([`Inbound::Port`]) instead of the TAP device.
+//!
 //! The checks apply to frames from peers, where they protect the receiver whatever the sender runs.
 //! Frames from our own TAP are checked for their source MAC only: a node that wants to spoof can
 //! change its own agent, so a sending-side check would protect no one; it would only hide a
@@ -40,7 +46,7 @@
 //! no path, in either direction, by which a frame of one network is forwarded or delivered on
 //! another.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
@@ -188,6 +194,8 @@ pub enum Outbound<'s> {
 pub enum Inbound {
     /// Write it to the network's TAP device.
     Deliver,
+    /// Hand it to the network's local port (this node's WireGuard gateway): it is for a device.
+    Port,
     /// Discard it.
     Drop(DropReason),
 }
@@ -245,6 +253,18 @@ pub struct Member {
     pub address: Ipv4Addr,
 }
 
+/// (v9) Who speaks for a network's WireGuard devices: the gateway members, which alone may send
+/// from the devices' addresses, and whether this node's local port serves them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bridging {
+    /// The members that are gateways of the network.
+    pub gateways: BTreeSet<NodeId>,
+    /// The devices' addresses.
+    pub devices: HashSet<Ipv4Addr>,
+    /// This node is a gateway of the network: frames for a device go to its local port.
+    pub local: bool,
+}
+
 /// One row of a network's MAC table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MacTableEntry {
@@ -281,6 +301,8 @@ pub struct Switch {
     config: SwitchConfig,
     networks: BTreeMap<NetworkId, Network>,
     buckets: HashMap<NodeId, Bucket>,
+    /// (v9) WireGuard bridging per network; outlives netmap changes (it comes in its own message).
+    bridging: BTreeMap<NetworkId, Bridging>,
     counts: Counts,
 }
 
@@ -404,22 +426,49 @@ fn array<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {
 /// controller assigned it (the source MAC has been checked already). See the module documentation
 /// for the rule. Reads only fixed offsets and bounded option lists, and allocates nothing.
 pub fn check_addresses(frame: &[u8], mac: MacAddr, address: Ipv4Addr) -> Result<(), DropReason> {
+    check_addresses_bridged(frame, mac, address, None)
+}
+
+/// [`check_addresses`] for a gateway member: its frames may also carry one of `bridged` (the
+/// network's device addresses) as their IPv4 source, in IPv4 and in ARP.
+pub fn check_addresses_bridged(
+    frame: &[u8],
+    mac: MacAddr,
+    address: Ipv4Addr,
+    bridged: Option<&HashSet<Ipv4Addr>>,
+) -> Result<(), DropReason> {
+    let own = |a: Ipv4Addr| a == address || bridged.is_some_and(|b| b.contains(&a));
     let ethertype = be16(frame, 12).ok_or(DropReason::Malformed)?;
     let payload = frame
         .get(ETHERNET_HEADER_LEN..)
         .ok_or(DropReason::Malformed)?;
     match ethertype {
-        ETHERTYPE_ARP => check_arp(payload, mac, address),
-        ETHERTYPE_IPV4 => check_ipv4(payload, address),
+        ETHERTYPE_ARP => check_arp(payload, mac, address, own),
+        ETHERTYPE_IPV4 => check_ipv4(payload, own),
         ETHERTYPE_IPV6 => check_ipv6(payload, mac),
         t if ETHERTYPE_TAGS.contains(&t) => Err(DropReason::VlanTagged),
         _ => Err(DropReason::OtherEthertype),
     }
 }
 
+/// Whether a (checked) frame is for one of `devices`: ARP whose target is one, or IPv4 to one.
+fn for_device(frame: &[u8], devices: &HashSet<Ipv4Addr>) -> bool {
+    let target = match be16(frame, 12) {
+        Some(ETHERTYPE_ARP) => array::<4>(frame, ETHERNET_HEADER_LEN + 24),
+        Some(ETHERTYPE_IPV4) => array::<4>(frame, ETHERNET_HEADER_LEN + 16),
+        _ => None,
+    };
+    target.is_some_and(|t| devices.contains(&Ipv4Addr::from(t)))
+}
+
 /// ARP for IPv4 over Ethernet (RFC 826): sender hardware address at 8, sender protocol address at
 /// 14, target protocol address at 24.
-fn check_arp(arp: &[u8], mac: MacAddr, address: Ipv4Addr) -> Result<(), DropReason> {
+fn check_arp(
+    arp: &[u8],
+    mac: MacAddr,
+    address: Ipv4Addr,
+    own: impl Fn(Ipv4Addr) -> bool,
+) -> Result<(), DropReason> {
     let header: [u8; 8] = array(arp, 0).ok_or(DropReason::Malformed)?;
     // Ethernet (1), IPv4, 6-byte and 4-byte addresses, request (1) or reply (2).
     if header[..6] != [0, 1, 0x08, 0x00, 6, 4] || !matches!(header[6..], [0, 1] | [0, 2]) {
@@ -429,19 +478,19 @@ fn check_arp(arp: &[u8], mac: MacAddr, address: Ipv4Addr) -> Result<(), DropReas
     let spa = Ipv4Addr::from(array::<4>(arp, 14).ok_or(DropReason::Malformed)?);
     let tpa = Ipv4Addr::from(array::<4>(arp, 24).ok_or(DropReason::Malformed)?);
     let own_probe = spa.is_unspecified() && tpa == address;
-    if sha != mac.0 || (spa != address && !own_probe) {
+    if sha != mac.0 || (!own(spa) && !own_probe) {
         return Err(DropReason::SpoofedArp);
     }
     Ok(())
 }
 
-fn check_ipv4(ip: &[u8], address: Ipv4Addr) -> Result<(), DropReason> {
+fn check_ipv4(ip: &[u8], own: impl Fn(Ipv4Addr) -> bool) -> Result<(), DropReason> {
     let first = *ip.first().ok_or(DropReason::Malformed)?;
     if first >> 4 != 4 || first & 0x0f < 5 {
         return Err(DropReason::Malformed);
     }
     let source = Ipv4Addr::from(array::<4>(ip, 12).ok_or(DropReason::Malformed)?);
-    if source != address {
+    if !own(source) {
         return Err(DropReason::SpoofedIpv4);
     }
     Ok(())
@@ -569,6 +618,7 @@ impl Switch {
             config,
             networks: BTreeMap::new(),
             buckets: HashMap::new(),
+            bridging: BTreeMap::new(),
             counts: Counts::default(),
         }
     }
@@ -657,6 +707,16 @@ impl Switch {
         Ok(())
     }
 
+    /// (v9) Sets who speaks for `network`'s WireGuard devices (replacing the previous setting); an
+    /// empty one removes it.
+    pub fn set_bridging(&mut self, network: NetworkId, bridging: Bridging) {
+        if bridging == Bridging::default() {
+            self.bridging.remove(&network);
+        } else {
+            self.bridging.insert(network, bridging);
+        }
+    }
+
     /// Leaves a network: its frames are dropped as `no_network` from now on.
     pub fn remove_network(&mut self, id: NetworkId) {
         if self.networks.remove(&id).is_some() {
@@ -733,7 +793,12 @@ impl Switch {
         if src != net.peer_macs[sender] {
             return self.counts.drop_inbound(DropReason::SpoofedSource);
         }
-        if let Err(reason) = check_addresses(frame, src, net.peer_addresses[sender]) {
+        let bridging = self.bridging.get(&network);
+        let bridged = bridging
+            .filter(|b| b.gateways.contains(from))
+            .map(|b| &b.devices);
+        if let Err(reason) = check_addresses_bridged(frame, src, net.peer_addresses[sender], bridged)
+        {
             tracing::debug!(peer = %from, network = network.0, reason = reason.label(), "frame from a peer dropped");
             return self.counts.drop_inbound(reason);
         }
@@ -747,7 +812,10 @@ impl Switch {
         }
         net.last_seen[sender] = Some(now);
         self.counts.delivered += 1;
-        Inbound::Deliver
+        match bridging {
+            Some(b) if b.local && for_device(frame, &b.devices) => Inbound::Port,
+            _ => Inbound::Deliver,
+        }
     }
 
     /// A network's MAC table, in peer order; `None` if the network is not configured.
@@ -1488,6 +1556,124 @@ mod tests {
         assert_eq!(dropped(&s, "spoofed_arp"), 5);
         assert_eq!(dropped(&s, "malformed"), 3);
         assert_eq!(s.counters().delivered, 4);
+    }
+
+    #[test]
+    fn only_gateways_may_source_device_addresses_and_only_those() {
+        let mut s = switch();
+        let now = Instant::now();
+        let device = Ipv4Addr::new(10, 0, 0, 200);
+        let other_device = Ipv4Addr::new(10, 0, 0, 201);
+        let packet = |source: Ipv4Addr, dst: Ipv4Addr| {
+            let mut p = vec![0x45, 0, 0, 20, 0, 0, 0, 0, 64, 1, 0, 0];
+            p.extend(source.octets());
+            p.extend(dst.octets());
+            p
+        };
+        // a (mac 2) is a gateway, b (mac 3) is not.
+        let from_a = |p: &[u8]| eth(mac(1), mac(2), ETHERTYPE_IPV4, p);
+        let from_b = |p: &[u8]| eth(mac(1), mac(3), ETHERTYPE_IPV4, p);
+        // Before the controller names gateways, nobody may speak for a device.
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &from_a(&packet(device, ip(mac(1))))),
+            Inbound::Drop(DropReason::SpoofedIpv4)
+        );
+        s.set_bridging(
+            NET,
+            Bridging {
+                gateways: [node("a")].into(),
+                devices: [device].into(),
+                local: false,
+            },
+        );
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &from_a(&packet(device, ip(mac(1))))),
+            Inbound::Deliver
+        );
+        // Its own address still passes; an address that is no device's does not.
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &from_a(&packet(ip(mac(2)), ip(mac(1))))),
+            Inbound::Deliver
+        );
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &from_a(&packet(other_device, ip(mac(1))))),
+            Inbound::Drop(DropReason::SpoofedIpv4)
+        );
+        // b is no gateway: a device's address from it is spoofed, in IPv4 and in ARP.
+        assert_eq!(
+            s.inbound(now, &node("b"), NET, &from_b(&packet(device, ip(mac(1))))),
+            Inbound::Drop(DropReason::SpoofedIpv4)
+        );
+        let announce = |sha: MacAddr| {
+            eth(
+                MacAddr::BROADCAST,
+                sha,
+                ETHERTYPE_ARP,
+                &arp(1, sha, device, device),
+            )
+        };
+        assert_eq!(
+            s.inbound(now, &node("b"), NET, &announce(mac(3))),
+            Inbound::Drop(DropReason::SpoofedArp)
+        );
+        // The gateway's announcement (gratuitous ARP) of a device at its MAC passes.
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &announce(mac(2))),
+            Inbound::Deliver
+        );
+        // Removing the device (an empty setting) takes the right away at once.
+        s.set_bridging(NET, Bridging::default());
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &from_a(&packet(device, ip(mac(1))))),
+            Inbound::Drop(DropReason::SpoofedIpv4)
+        );
+    }
+
+    #[test]
+    fn on_a_gateway_frames_for_devices_go_to_the_local_port() {
+        let mut s = switch();
+        let now = Instant::now();
+        let device = Ipv4Addr::new(10, 0, 0, 200);
+        s.set_bridging(
+            NET,
+            Bridging {
+                gateways: [node("z")].into(),
+                devices: [device].into(),
+                local: true,
+            },
+        );
+        let packet = |dst: Ipv4Addr| {
+            let mut p = vec![0x45, 0, 0, 20, 0, 0, 0, 0, 64, 1, 0, 0];
+            p.extend(ip(mac(2)).octets());
+            p.extend(dst.octets());
+            p
+        };
+        // IPv4 to the device, sent to this node's MAC (the gateway's), goes to the port.
+        let to_device = eth(mac(1), mac(2), ETHERTYPE_IPV4, &packet(device));
+        assert_eq!(s.inbound(now, &node("a"), NET, &to_device), Inbound::Port);
+        // IPv4 to this node's own address stays with the TAP.
+        let to_me = eth(mac(1), mac(2), ETHERTYPE_IPV4, &packet(ip(mac(1))));
+        assert_eq!(s.inbound(now, &node("a"), NET, &to_me), Inbound::Deliver);
+        // An ARP request for the device goes to the port; one for this node to the TAP.
+        let who_has = |tpa: Ipv4Addr| {
+            eth(
+                MacAddr::BROADCAST,
+                mac(2),
+                ETHERTYPE_ARP,
+                &arp(1, mac(2), ip(mac(2)), tpa),
+            )
+        };
+        assert_eq!(s.inbound(now, &node("a"), NET, &who_has(device)), Inbound::Port);
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &who_has(ip(mac(1)))),
+            Inbound::Deliver
+        );
+        // The checks still come first: a spoofed frame for a device is dropped, not ported.
+        let spoofed = eth(mac(1), mac(9), ETHERTYPE_IPV4, &packet(device));
+        assert!(matches!(
+            s.inbound(now, &node("a"), NET, &spoofed),
+            Inbound::Drop(_)
+        ));
     }
 
     #[test]

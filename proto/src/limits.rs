@@ -40,7 +40,8 @@
 //!
 //! One bound goes the other way: the agent keeps the controller set a controller announces (v7) in
 //! its state dir and dials every entry, so it checks [`check_controller_set`] ([`MAX_CONTROLLERS`]
-//! entries, ids of [`MAX_CONTROLLER_ID_LEN`] bytes) before it keeps one.
+//! entries, ids of [`MAX_CONTROLLER_ID_LEN`] bytes) before it keeps one. Likewise a WireGuard map
+//! (v9) passes [`check_wireguard_map`] before the agent applies it.
 //!
 //! Agent-supplied text may hold anything valid UTF-8 does, terminal control characters included:
 //! the controller stores it as sent, and `shoalctl` is the one that prints it safely.
@@ -121,6 +122,7 @@ pub fn max_encoded_len(msg: &AgentMsg) -> usize {
         AgentMsg::UpdateReport(_) | AgentMsg::BootReport(_) => 64 * KIB,
         AgentMsg::BackupProgress(_) => 4 * KIB,
         AgentMsg::BackupResult(_) => 512 * KIB,
+        AgentMsg::WireGuardGateway(_) => KIB,
     }
 }
 
@@ -147,6 +149,7 @@ pub fn kind_name(msg: &AgentMsg) -> &'static str {
         AgentMsg::BackupProgress(_) => "backup_progress",
         AgentMsg::BackupResult(_) => "backup_result",
         AgentMsg::PathsV8(_) => "paths_v8",
+        AgentMsg::WireGuardGateway(_) => "wireguard_gateway",
     }
 }
 
@@ -284,7 +287,39 @@ pub fn check(msg: &AgentMsg) -> Checked {
             text(&p.phase, MAX_NAME_LEN, || f("phase"))
         }
         AgentMsg::BackupResult(r) => backup_result(r),
+        // A socket address: the size bound is all there is.
+        AgentMsg::WireGuardGateway(_) => Ok(()),
     }
+}
+
+/// (v9) Networks in a WireGuard map (one per network the agent is a member of).
+pub const MAX_WIREGUARD_NETWORKS: usize = 256;
+/// (v9) WireGuard devices per network (a gateway's `GatewayConfig::max_devices` default).
+pub const MAX_WIREGUARD_DEVICES: usize = 4096;
+/// (v9) Gateway members per network.
+pub const MAX_WIREGUARD_GATEWAYS: usize = 64;
+
+/// (v9) Checks a WireGuard map an agent was told against [`MAX_WIREGUARD_NETWORKS`],
+/// [`MAX_WIREGUARD_DEVICES`], [`MAX_WIREGUARD_GATEWAYS`] and [`MAX_NODE_ID_LEN`], before the agent
+/// applies it (a map over a bound is refused whole; the previous one stays).
+pub fn check_wireguard_map(map: &crate::WireGuardMap) -> Checked {
+    items(map.networks.len(), MAX_WIREGUARD_NETWORKS, || {
+        "wireguard.networks".into()
+    })?;
+    for (i, n) in map.networks.iter().enumerate() {
+        items(n.devices.len(), MAX_WIREGUARD_DEVICES, || {
+            format!("wireguard.networks[{i}].devices")
+        })?;
+        items(n.gateways.len(), MAX_WIREGUARD_GATEWAYS, || {
+            format!("wireguard.networks[{i}].gateways")
+        })?;
+        for (j, g) in n.gateways.iter().enumerate() {
+            text(&g.0, MAX_NODE_ID_LEN, || {
+                format!("wireguard.networks[{i}].gateways[{j}]")
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// (v7) Checks a controller set an agent was told against [`MAX_CONTROLLERS`] and
@@ -1203,6 +1238,61 @@ mod tests {
             assert!(max_encoded_len(m) <= MAX_FRAME_LEN, "{}", kind_name(m));
             assert_eq!(check(m), Ok(()));
         }
+    }
+
+    #[test]
+    fn wireguard_maps_are_bounded() {
+        use crate::{
+            NetworkId, NodeId, WireGuardDevice, WireGuardGatewayHello, WireGuardMap,
+            WireGuardNetwork,
+        };
+        let network = |devices: usize, gateways: usize, id_len: usize| WireGuardNetwork {
+            network: NetworkId(1),
+            devices: (0..devices)
+                .map(|k| WireGuardDevice {
+                    public_key: [7; 32],
+                    address: std::net::Ipv4Addr::from(0x0a5a_0000 + k as u32),
+                })
+                .collect(),
+            gateways: (0..gateways).map(|_| NodeId(s(id_len))).collect(),
+            role: None,
+        };
+        let map = |networks: Vec<WireGuardNetwork>| WireGuardMap { networks };
+        let full = map(vec![network(
+            MAX_WIREGUARD_DEVICES,
+            MAX_WIREGUARD_GATEWAYS,
+            MAX_NODE_ID_LEN,
+        )]);
+        assert_eq!(check_wireguard_map(&full), Ok(()));
+        // The largest network fits in a frame.
+        crate::encode_frame(&crate::ControllerMsg::WireGuard(full)).expect("fits");
+        let err = check_wireguard_map(&map(vec![network(MAX_WIREGUARD_DEVICES + 1, 1, 1)]))
+            .unwrap_err();
+        assert_eq!(
+            (err.field.as_str(), err.actual, err.limit),
+            (
+                "wireguard.networks[0].devices",
+                MAX_WIREGUARD_DEVICES + 1,
+                MAX_WIREGUARD_DEVICES
+            )
+        );
+        let err = check_wireguard_map(&map(vec![network(1, MAX_WIREGUARD_GATEWAYS + 1, 1)]))
+            .unwrap_err();
+        assert_eq!(err.field, "wireguard.networks[0].gateways");
+        let err =
+            check_wireguard_map(&map(vec![network(1, 1, MAX_NODE_ID_LEN + 1)])).unwrap_err();
+        assert_eq!(err.field, "wireguard.networks[0].gateways[0]");
+        let err = check_wireguard_map(&map(
+            (0..=MAX_WIREGUARD_NETWORKS).map(|_| network(0, 0, 1)).collect(),
+        ))
+        .unwrap_err();
+        assert_eq!(err.field, "wireguard.networks");
+        // The agent's announcement is a socket address under its size bound.
+        let hello = AgentMsg::WireGuardGateway(WireGuardGatewayHello {
+            listen: SocketAddr::from(([192, 0, 2, 1], 51820)),
+        });
+        assert_eq!(check(&hello), Ok(()));
+        assert_eq!(kind_name(&hello), "wireguard_gateway");
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub enum AgentMsg {
     /// (v8) [`AgentMsg::Paths`] with why each relayed path is relayed; sent instead of it once
     /// both sides speak 8.
     PathsV8(PathReportV8),
+    /// (v9) This agent runs a WireGuard gateway on this address (`--wireguard-gateway`); sent
+    /// after Welcome.
+    WireGuardGateway(crate::WireGuardGatewayHello),
 }
 
 /// Controller to agent.
@@ -167,6 +170,9 @@ pub enum ControllerMsg {
     /// (v7) Every live controller of the fleet, the sender first: where the agent may go when this
     /// one fails. Sent after Welcome and whenever the set changes; never empty.
     ControllerSet(ControllerSet),
+    /// (v9) The WireGuard devices and gateways of the agent's networks, with the gateway key for
+    /// the networks it is a gateway of. Sent after Welcome and on every change.
+    WireGuard(crate::WireGuardMap),
 }
 
 /// (v7) The controllers of one fleet as agents reach them: they share the CA and the server name,

@@ -11,8 +11,11 @@
 //! segment; the first dies, the floating address moves, and the client carries on through the
 //! second without a configuration change.
 //!
-//! Not covered yet (docs/operators-guide.md §26): the gateway inside the agent, and devices from
-//! `shoalctl wireguard peer add` reaching gateways.
+//! With real agents (`devices_added_with_shoalctl_are_served_by_gateway_agents`): a controller,
+//! two agents run with `--wireguard-gateway FLOATING:51820` and one plain agent; a device added
+//! with `shoalctl wireguard peer add` (its configuration used as printed) reaches the plain agent
+//! through the active gateway, keeps going when that agent is killed (the controller names the
+//! other, which takes the floating address), and is cut off within 2 s of `peer remove`.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Child, Stdio};
@@ -22,7 +25,7 @@ use anyhow::{Context, Result};
 use shoal_proto::MacAddr;
 use shoal_tests::netns::{run_in, NatMode};
 use shoal_tests::testkit::skip::tool;
-use shoal_tests::{eventually, require_host_tests, Topology};
+use shoal_tests::{eventually, require_host_tests, Fleet, FleetConfig, Topology};
 use shoal_wireguard::keys::ClientConfig;
 use shoal_wireguard::run::{run, Segment, Served};
 use shoal_wireguard::{Device, Gateway, GatewayConfig, Key};
@@ -305,6 +308,17 @@ fn start_client(
     wireguard_go: &std::path::Path,
     conf: &std::path::Path,
 ) -> Result<KillOnDrop> {
+    start_client_as(ns, wireguard_go, conf, DEVICE_ADDR, "10.90.0.0/16")
+}
+
+/// [`start_client`] with the device's address and the route to its network.
+fn start_client_as(
+    ns: &str,
+    wireguard_go: &std::path::Path,
+    conf: &std::path::Path,
+    address: Ipv4Addr,
+    route: &str,
+) -> Result<KillOnDrop> {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let phone_ns = ns;
     // Unique per test: wireguard-go's control socket is /var/run/wireguard/IFACE.sock, shared by
@@ -333,14 +347,10 @@ fn start_client(
     in_ns(
         phone_ns,
         "ip",
-        &["addr", "add", &format!("{DEVICE_ADDR}/32"), "dev", &iface],
+        &["addr", "add", &format!("{address}/32"), "dev", &iface],
     )?;
     in_ns(phone_ns, "ip", &["link", "set", &iface, "up"])?;
-    in_ns(
-        phone_ns,
-        "ip",
-        &["route", "add", "10.90.0.0/16", "dev", &iface],
-    )?;
+    in_ns(phone_ns, "ip", &["route", "add", route, "dev", &iface])?;
 
     Ok(client)
 }
@@ -513,5 +523,211 @@ fn failover_body(wireguard_go: &std::path::Path) -> Result<()> {
         "ping",
         &["-c", "2", "-i", "0.2", "-W", "1", &DEVICE_ADDR.to_string()],
     )?;
+    Ok(())
+}
+
+#[test]
+fn devices_added_with_shoalctl_are_served_by_gateway_agents() {
+    require_host_tests!();
+    let wireguard_go = shoal_tests::testkit::require!(tool("wireguard-go", "wireguard-go"));
+    shoal_tests::testkit::require!(tool("wg", "wireguard-tools"));
+    shoal_tests::testkit::require!(tool("iperf3", "iperf3"));
+    shoal_tests::testkit::require!(tool("arping", "arping"));
+    agents_body(&wireguard_go).expect("WireGuard through agents");
+}
+
+/// The value of `key = value` in a wg-quick configuration.
+fn conf_value<'a>(conf: &'a str, key: &str) -> Result<&'a str> {
+    conf.lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| k.trim() == key)
+        .map(|(_, v)| v.trim())
+        .with_context(|| format!("no {key} in the configuration:\n{conf}"))
+}
+
+/// The agents (by index) whose namespace holds `address`.
+fn holders(fleet: &Fleet, gateways: &[usize], address: Ipv4Addr) -> Vec<usize> {
+    gateways
+        .iter()
+        .copied()
+        .filter(|i| {
+            in_ns(
+                &fleet.agents()[*i].netns,
+                "ip",
+                &["-o", "addr", "show", "to", &format!("{address}/32")],
+            )
+            .is_ok_and(|out| !out.trim().is_empty())
+        })
+        .collect()
+}
+
+fn agents_body(wireguard_go: &std::path::Path) -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut fleet = Fleet::start(FleetConfig {
+        wait_up: false,
+        ..FleetConfig::fast().agents(0)
+    })?;
+    // The floating endpoint, on the fleet's LAN (10.77.1.0/24), held by no host yet.
+    let floating = Ipv4Addr::new(10, 77, 1, 100);
+    let listen = SocketAddr::from((floating, PORT)).to_string();
+    let token = fleet.create_token(&["--ttl", "1h", "--uses", "3"])?;
+    fleet.config_mut().agent_args = vec!["--wireguard-gateway".into(), listen.clone()];
+    let gateways = [fleet.add_agent(&token)?, fleet.add_agent(&token)?];
+    fleet.config_mut().agent_args.clear();
+    let plain = fleet.add_agent(&token)?;
+    fleet.wait_all_up(Duration::from_secs(60))?;
+    let lan = fleet.lan_name();
+    fleet.topology_mut().add_nat_router(
+        "nat",
+        lan,
+        "home",
+        "10.78.0.0/24",
+        NatMode::EndpointIndependent,
+    )?;
+    fleet.topology_mut().add_host("phone")?;
+    fleet.topology_mut().connect("phone", "home")?;
+    let phone_ns = fleet.topology().host("phone")?.ns_name().to_owned();
+    let plain_ns = fleet.agents()[plain].netns.clone();
+    let plain_addr = eventually!(Duration::from_secs(30), "the plain agent's shoal0", || {
+        shoal_tests::netns::ipv4_of(&plain_ns, "shoal0")
+    })?;
+
+    // The device, as an operator adds it; its configuration is used as printed.
+    let added = fleet.ctl_json(&[
+        "wireguard",
+        "peer",
+        "add",
+        "phone",
+        "--network",
+        "default",
+        "--endpoint",
+        &listen,
+    ])?;
+    let printed = added["config"]
+        .as_str()
+        .with_context(|| format!("no config in {added}"))?
+        .to_owned();
+    let address: Ipv4Addr = conf_value(&printed, "Address")?
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .context("the device's address")?;
+    let route = conf_value(&printed, "AllowedIPs")?.to_owned();
+    anyhow::ensure!(conf_value(&printed, "Endpoint")? == listen, "{printed}");
+    let dir = tempfile::tempdir()?;
+    let conf = dir.path().join("wg.conf");
+    // `wg setconf` takes all of it but wg-quick's Address line, which start_client_as applies.
+    let setconf: String = printed
+        .lines()
+        .filter(|l| !l.starts_with("Address"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&conf, setconf)?;
+    let _client = start_client_as(&phone_ns, wireguard_go, &conf, address, &route)?;
+
+    // One gateway (the controller's choice) holds the floating address.
+    let active = eventually!(
+        Duration::from_secs(30),
+        "one gateway agent holds the floating address",
+        || {
+            let held = holders(&fleet, &gateways, floating);
+            anyhow::ensure!(held.len() == 1, "held by {held:?}");
+            Ok(held[0])
+        }
+    )?;
+    let plain_text = plain_addr.to_string();
+    let device = address.to_string();
+    eventually!(
+        Duration::from_secs(30),
+        "the device pings the plain agent through the gateway",
+        || in_ns(&phone_ns, "ping", &["-c", "1", "-W", "1", &plain_text])
+    )?;
+    eventually!(
+        Duration::from_secs(10),
+        "the plain agent pings the device",
+        || in_ns(&plain_ns, "ping", &["-c", "1", "-W", "1", &device])
+    )?;
+
+    // iperf3 both ways between the device and the plain agent, through the gateway agent.
+    let _server = KillOnDrop(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &plain_ns, "iperf3", "-s", "-B", &plain_text])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let bits = |json: &str| -> Result<f64> {
+        let v: serde_json::Value = serde_json::from_str(json)?;
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .with_context(|| format!("no sum_received in iperf3's output: {json}"))
+    };
+    let up = eventually!(Duration::from_secs(10), "iperf3 device → agent", || {
+        bits(&in_ns(&phone_ns, "iperf3", &["-c", &plain_text, "-t", "2", "-J"])?)
+    })?;
+    let down = bits(&in_ns(
+        &phone_ns,
+        "iperf3",
+        &["-c", &plain_text, "-t", "2", "-R", "-J"],
+    )?)?;
+    println!(
+        "iperf3 device ↔ plain agent through a gateway agent: up {:.0} Mbit/s, down {:.0} Mbit/s",
+        up / 1e6,
+        down / 1e6
+    );
+    anyhow::ensure!(up > 0.0 && down > 0.0, "no iperf3 traffic");
+
+    // The active gateway agent dies: the controller names the other, which takes the floating
+    // address and announces it; the client, untouched, handshakes again and carries on.
+    fleet.agent(active).proc.kill()?;
+    let killed = std::time::Instant::now();
+    let other = gateways
+        .into_iter()
+        .find(|g| *g != active)
+        .context("two gateways")?;
+    eventually!(
+        Duration::from_secs(30),
+        "the other gateway agent takes the floating address",
+        || {
+            anyhow::ensure!(
+                holders(&fleet, &[other], floating) == vec![other],
+                "not yet"
+            );
+            Ok(())
+        }
+    )?;
+    eventually!(
+        Duration::from_secs(60),
+        "the device pings the plain agent through the other gateway",
+        || in_ns(&phone_ns, "ping", &["-c", "1", "-W", "1", &plain_text])
+    )?;
+    println!(
+        "traffic resumed through the other gateway agent {:.1?} after the kill",
+        killed.elapsed()
+    );
+    eventually!(
+        Duration::from_secs(10),
+        "the plain agent pings the device again",
+        || in_ns(&plain_ns, "ping", &["-c", "1", "-W", "1", &device])
+    )?;
+
+    // Removal cuts the device off within 2 s.
+    fleet.ctl_ok(&["wireguard", "peer", "remove", "phone", "--network", "default"])?;
+    eventually!(Duration::from_secs(2), "removed device cut off", || {
+        match in_ns(&phone_ns, "ping", &["-c", "1", "-W", "0.3", &plain_text]) {
+            Ok(_) => anyhow::bail!("still reaches the agent"),
+            Err(_) => Ok(()),
+        }
+    })?;
+    anyhow::ensure!(
+        in_ns(
+            &phone_ns,
+            "ping",
+            &["-c", "2", "-i", "0.3", "-W", "1", &plain_text]
+        )
+        .is_err(),
+        "a removed device reached the overlay again"
+    );
     Ok(())
 }

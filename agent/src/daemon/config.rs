@@ -64,6 +64,9 @@ pub struct AgentConfig {
     pub maintenance: MaintenanceConfig,
     /// How backup tasks run restic (default: `restic` on `$PATH`, work files under the state dir).
     pub backup: crate::backup::BackupConfig,
+    /// (v9) Run a WireGuard gateway on this UDP address (`--wireguard-gateway`): the network's
+    /// floating endpoint, bound by every gateway of it (default: none).
+    pub wireguard_gateway: Option<std::net::SocketAddr>,
 }
 
 impl AgentConfig {
@@ -91,6 +94,7 @@ impl AgentConfig {
             reboot: RebootConfig::default(),
             maintenance: MaintenanceConfig::default(),
             backup,
+            wireguard_gateway: None,
         }
     }
 }

@@ -11,6 +11,7 @@
 //! - `reboot`: named kexec images and reboot requests.
 //! - `maintenance`: maintenance steps.
 //! - `backup`: backup tasks and their kept results.
+//! - `wireguard`: (v9) the WireGuard gateway in the agent and the floating endpoint.
 
 mod backup;
 mod config;
@@ -23,6 +24,7 @@ mod reports;
 mod run;
 mod shell;
 mod update;
+mod wireguard;
 
 pub use config::{AgentConfig, AgentError};
 pub use run::run;

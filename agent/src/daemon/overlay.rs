@@ -34,6 +34,8 @@ pub(super) struct OverlayState {
     nat: NatMapping,
     /// Where peers saw this node that nothing else shows.
     peer_observed: ov::PeerObserved,
+    /// (v9) WireGuard devices, gateways, and this agent's gateway.
+    pub(super) wireguard: super::wireguard::WireGuardState,
 }
 
 impl OverlayState {
@@ -46,6 +48,7 @@ impl OverlayState {
             observed: None,
             nat: NatMapping::Unknown,
             peer_observed: ov::PeerObserved::default(),
+            wireguard: Default::default(),
         }
     }
 
@@ -95,6 +98,12 @@ impl OverlayState {
         if let (Some(node), Some(map)) = (&self.node, self.cache.get()) {
             node.command(NodeCommand::Netmap(map.clone()));
         }
+    }
+
+    /// (v9) Applies the WireGuard map to the datapath with the current netmap.
+    pub(super) fn apply_wireguard(&mut self, listen: Option<SocketAddr>) {
+        self.wireguard
+            .apply(listen, self.node.as_ref(), self.cache.get());
     }
 
     /// `OverlayHello`: asks for the netmap (`full`, or changes since the cached version).
@@ -197,6 +206,18 @@ impl Shell<'_> {
         );
         self.overlay.cache.replace(map);
         self.overlay.push_netmap();
+        self.overlay.apply_wireguard(self.config.wireguard_gateway);
+    }
+
+    /// (v9) The controller's WireGuard map: checked against its bounds, then applied.
+    pub(super) fn wireguard_map(&mut self, map: shoal_proto::WireGuardMap) {
+        if let Err(e) = shoal_proto::limits::check_wireguard_map(&map) {
+            warn!(cause = %e, "WireGuard map refused; the previous one stays");
+            return;
+        }
+        info!(networks = map.networks.len(), "WireGuard map received");
+        self.overlay.wireguard.set_map(map);
+        self.overlay.apply_wireguard(self.config.wireguard_gateway);
     }
 
     /// Netmap changes: applied to the cache, or a full netmap asked for when they do not follow on.
@@ -209,6 +230,7 @@ impl Shell<'_> {
                     "netmap updated"
                 );
                 self.overlay.push_netmap();
+                self.overlay.apply_wireguard(self.config.wireguard_gateway);
                 None
             }
             DeltaOutcome::Gap(gap) => {

@@ -410,6 +410,13 @@ impl Shell<'_> {
                     self.controller_set(set);
                     None
                 }
+                Output::StartWireGuard => self.config.wireguard_gateway.map(|listen| {
+                    AgentMsg::WireGuardGateway(shoal_proto::WireGuardGatewayHello { listen })
+                }),
+                Output::WireGuard(map) => {
+                    self.wireguard_map(map);
+                    None
+                }
                 Output::End(End::Enrolled(e)) => {
                     self.store_enrolled(&e, key_pem)?;
                     return Ok(Some(End::Enrolled(e)));

@@ -77,6 +77,8 @@ pub enum Action {
     BackupProgress(shoal_proto::BackupProgress),
     /// (v6) How a backup task ended: store it, then acknowledge it.
     BackupResult(shoal_proto::BackupResult),
+    /// (v9) The agent runs a WireGuard gateway listening here.
+    WireGuardGateway(std::net::SocketAddr),
     /// Close the connection, after sending anything queued before it.
     Close(CloseKind, String),
 }
@@ -292,6 +294,10 @@ impl Session {
                     }
                     AgentMsg::BackupProgress(p) => vec![Action::BackupProgress(p)],
                     AgentMsg::BackupResult(r) => vec![Action::BackupResult(r)],
+                    AgentMsg::WireGuardGateway(_) if self.version < Some(9) => {
+                        self.reject(RejectCode::Protocol, "WireGuard gateways need protocol 9")
+                    }
+                    AgentMsg::WireGuardGateway(g) => vec![Action::WireGuardGateway(g.listen)],
                     AgentMsg::Hello(_) => self.reject(RejectCode::Protocol, "Hello sent twice"),
                     AgentMsg::Enrol(_) => self.reject(
                         RejectCode::Protocol,
@@ -627,6 +633,27 @@ mod tests {
         assert!(matches!(
             &s.handle(UnixMillis(2), v8())[..],
             [Action::Paths(_)]
+        ));
+    }
+
+    #[test]
+    fn wireguard_gateways_need_protocol_9() {
+        let gw = || {
+            AgentMsg::WireGuardGateway(shoal_proto::WireGuardGatewayHello {
+                listen: std::net::SocketAddr::from(([192, 0, 2, 1], 51820)),
+            })
+        };
+        let mut s = Session::new(config(), Some(NodeId("n1".into())));
+        s.handle(UnixMillis(1), hello(1, 8));
+        assert_eq!(
+            rejected(&s.handle(UnixMillis(2), gw())),
+            Some(RejectCode::Protocol)
+        );
+        let mut s = Session::new(config(), Some(NodeId("n1".into())));
+        s.handle(UnixMillis(1), hello(1, 9));
+        assert!(matches!(
+            &s.handle(UnixMillis(2), gw())[..],
+            [Action::WireGuardGateway(a)] if a.port() == 51820
         ));
     }
 

@@ -6,10 +6,14 @@
 //! stored: `shoalctl` generates it and prints it once, or the operator brings their own and gives
 //! the public key.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
-use shoal_proto::{NetworkId, UnixMillis};
+use shoal_proto::{
+    NetworkId, NodeId, UnixMillis, WireGuardDevice, WireGuardGatewayRole, WireGuardMap,
+    WireGuardNetwork,
+};
 
 /// One WireGuard device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,5 +48,130 @@ impl std::fmt::Debug for GatewayRecord {
             .field("network", &self.network)
             .field("endpoint", &self.endpoint)
             .finish_non_exhaustive()
+    }
+}
+
+/// One network with WireGuard access as [`map_for`] needs it.
+#[derive(Debug, Clone)]
+pub struct WireGuardSite {
+    /// The network's gateway record (its key).
+    pub gateway: GatewayRecord,
+    /// Its devices.
+    pub devices: Vec<DeviceRecord>,
+    /// Its member nodes.
+    pub members: BTreeSet<NodeId>,
+}
+
+/// The network's active gateway: the lowest node id among its members whose agents are connected
+/// as gateways (deterministic, so every controller and every retry agrees; it moves when that
+/// agent disconnects).
+pub fn active_gateway<'a>(
+    site: &WireGuardSite,
+    gateways: &'a BTreeSet<NodeId>,
+) -> Option<&'a NodeId> {
+    gateways.iter().find(|g| site.members.contains(*g))
+}
+
+/// What `node` is told (v9 `ControllerMsg::WireGuard`): every network it is a member of that has
+/// devices, with the gateway members; the gateway key and whether it is active only where `node`
+/// is itself a connected gateway.
+pub fn map_for(
+    node: &NodeId,
+    sites: &BTreeMap<NetworkId, WireGuardSite>,
+    gateways: &BTreeSet<NodeId>,
+) -> WireGuardMap {
+    let networks = sites
+        .values()
+        .filter(|site| site.members.contains(node) && !site.devices.is_empty())
+        .map(|site| {
+            let members: Vec<NodeId> = gateways
+                .iter()
+                .filter(|g| site.members.contains(*g))
+                .cloned()
+                .collect();
+            let role = gateways.contains(node).then(|| WireGuardGatewayRole {
+                private_key: site.gateway.private_key,
+                active: active_gateway(site, gateways) == Some(node),
+            });
+            WireGuardNetwork {
+                network: site.gateway.network,
+                devices: site
+                    .devices
+                    .iter()
+                    .map(|d| WireGuardDevice {
+                        public_key: d.public_key,
+                        address: d.address,
+                    })
+                    .collect(),
+                gateways: members,
+                role,
+            }
+        })
+        .collect();
+    WireGuardMap { networks }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(s: &str) -> NodeId {
+        NodeId(s.into())
+    }
+
+    fn site(members: &[&str], devices: usize) -> BTreeMap<NetworkId, WireGuardSite> {
+        let network = NetworkId(1);
+        let site = WireGuardSite {
+            gateway: GatewayRecord {
+                network,
+                private_key: [9; 32],
+                endpoint: "192.0.2.1:51820".into(),
+            },
+            devices: (0..devices)
+                .map(|k| DeviceRecord {
+                    network,
+                    name: format!("d{k}"),
+                    public_key: [k as u8; 32],
+                    address: Ipv4Addr::new(10, 90, 0, 10 + k as u8),
+                    created_at: UnixMillis(0),
+                })
+                .collect(),
+            members: members.iter().map(|m| node(m)).collect(),
+        };
+        BTreeMap::from([(network, site)])
+    }
+
+    #[test]
+    fn only_gateways_get_the_key_and_the_lowest_connected_one_is_active() {
+        let sites = site(&["a", "b", "c"], 2);
+        let gateways: BTreeSet<NodeId> = [node("b"), node("c"), node("x")].into();
+        let plain = map_for(&node("a"), &sites, &gateways);
+        assert_eq!(plain.networks.len(), 1);
+        let n = &plain.networks[0];
+        assert_eq!(n.devices.len(), 2);
+        // x is a gateway but not a member of this network: it may not speak for its devices.
+        assert_eq!(n.gateways, vec![node("b"), node("c")]);
+        assert!(n.role.is_none(), "a plain member never gets the key");
+        let b = map_for(&node("b"), &sites, &gateways);
+        let role = b.networks[0].role.as_ref().expect("gateway role");
+        assert_eq!((role.private_key, role.active), ([9; 32], true));
+        let c = map_for(&node("c"), &sites, &gateways);
+        assert_eq!(c.networks[0].role.as_ref().map(|r| r.active), Some(false));
+        // b disconnects: c takes over.
+        let gateways: BTreeSet<NodeId> = [node("c")].into();
+        let c = map_for(&node("c"), &sites, &gateways);
+        assert_eq!(c.networks[0].role.as_ref().map(|r| r.active), Some(true));
+        assert_eq!(c.networks[0].gateways, vec![node("c")]);
+    }
+
+    #[test]
+    fn non_members_and_networks_without_devices_get_nothing() {
+        let gateways: BTreeSet<NodeId> = [node("b")].into();
+        assert!(map_for(&node("z"), &site(&["a", "b"], 1), &gateways)
+            .networks
+            .is_empty());
+        assert!(map_for(&node("b"), &site(&["a", "b"], 0), &gateways)
+            .networks
+            .is_empty());
     }
 }

@@ -1224,6 +1224,8 @@ impl Controller {
         if !changes.is_empty() {
             debug!(changes = changes.len(), "overlay membership changed");
             self.overlay.membership_changed(&self.store, &changes);
+            // A member joining or leaving a network with WireGuard devices changes its map.
+            self.wireguard_resync();
         }
     }
 }

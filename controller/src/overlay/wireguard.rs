@@ -8,6 +8,11 @@
 //! with its first device; it never leaves the controller except, later, to the network's gateway
 //! agents. A device's private key is never here.
 //!
+//! (v9) Gateway agents say so (`AgentMsg::WireGuardGateway`); every v9 agent is then told its
+//! networks' devices and gateways, and gateways the key and which of them is active
+//! (`ControllerMsg::WireGuard`, decided by `shoal_controller_core::wireguard::map_for`), again on
+//! every device, gateway or membership change ([`Controller::wireguard_changed`]).
+//!
 //! Trees: `wg_devices` (network id ‖ name → [`DeviceRecord`]), `wg_gateways` (network id →
 //! [`GatewayRecord`]).
 
@@ -20,14 +25,17 @@ use shoal_api::wireguard::{AddPeer, AddedPeer, PeerView};
 use shoal_controller_core::networks::free_address;
 use shoal_controller_core::selector::valid_name;
 use shoal_controller_core::time::rfc3339_ms as rfc3339;
-use shoal_controller_core::wireguard::{DeviceRecord, GatewayRecord};
-use shoal_proto::{NetworkId, UnixMillis};
+use shoal_controller_core::wireguard::{map_for, DeviceRecord, GatewayRecord, WireGuardSite};
+use shoal_proto::{ControllerMsg, NetworkId, NodeId, UnixMillis, WireGuardMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use shoal_wireguard::Key;
 use tracing::info;
 
 use super::networks::{NetworkError, Work};
 use crate::http::{blocking, Ctl, HttpError};
-use crate::server::now_ms;
+use crate::server::{now_ms, Controller};
 use crate::store::WG_GATEWAYS;
 use crate::store::{decode, EventKind, OverlayEvent, Scan, Store, StoreError, WG_DEVICES};
 
@@ -178,6 +186,136 @@ impl Store {
     }
 }
 
+/// (v9) The WireGuard gateway agents connected to this controller, and what each v9 agent was last
+/// told. Gateways connected to another controller of a cluster are not seen here (see the
+/// operators' guide, §26).
+#[derive(Debug, Default)]
+pub(crate) struct Gateways {
+    state: Mutex<GatewaysState>,
+    /// One sync at a time, so maps reach an agent in the order they were computed.
+    sync: Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct GatewaysState {
+    /// Gateway node → (its connection, its listen address).
+    gateways: BTreeMap<NodeId, (u64, SocketAddr)>,
+    /// The map last queued to each agent's connection.
+    sent: HashMap<NodeId, WireGuardMap>,
+}
+
+impl Gateways {
+    fn state(&self) -> std::sync::MutexGuard<'_, GatewaysState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Controller {
+    /// (v9) `node`'s agent, on connection `conn_id`, runs a gateway on `listen`.
+    pub(crate) fn wireguard_gateway(self: &Arc<Self>, node: &NodeId, conn_id: u64, listen: SocketAddr) {
+        info!(node = %node, %listen, "WireGuard gateway connected");
+        self.wireguard
+            .state()
+            .gateways
+            .insert(node.clone(), (conn_id, listen));
+        self.wireguard_changed();
+    }
+
+    /// A connection ended: a gateway on it is gone (another becomes active), and the next
+    /// connection of the node is told its map afresh.
+    pub(crate) fn wireguard_disconnected(self: &Arc<Self>, node: &NodeId, conn_id: u64) {
+        let was_gateway = {
+            let mut st = self.wireguard.state();
+            st.sent.remove(node);
+            if st.gateways.get(node).is_some_and(|(c, _)| *c == conn_id) {
+                st.gateways.remove(node);
+                true
+            } else {
+                false
+            }
+        };
+        if was_gateway {
+            info!(node = %node, "WireGuard gateway disconnected");
+            self.wireguard_changed();
+        }
+    }
+
+    /// Something WireGuard agents are told about changed (devices, gateways, memberships, a v9
+    /// agent connected): recompute every v9 agent's map, in the background, and queue those that
+    /// differ from what the agent was last told.
+    pub(crate) fn wireguard_changed(self: &Arc<Self>) {
+        let c = self.clone();
+        let sync = move || {
+            if let Err(e) = c.wireguard_sync() {
+                tracing::warn!(cause = %e, "WireGuard maps not sent");
+            }
+        };
+        // Store reads: off the async threads when there are any.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(sync)),
+            Err(_) => sync(),
+        }
+    }
+
+    /// [`Controller::wireguard_changed`] on the calling thread (callers already doing store work).
+    pub(crate) fn wireguard_resync(&self) {
+        if let Err(e) = self.wireguard_sync() {
+            tracing::warn!(cause = %e, "WireGuard maps not sent");
+        }
+    }
+
+    fn wireguard_sync(&self) -> Result<(), StoreError> {
+        let _one = self.wireguard.sync.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sites = BTreeMap::new();
+        for net in self.store.networks()? {
+            let Some(gateway) = self.store.wg_gateway(net.id)? else {
+                continue;
+            };
+            sites.insert(
+                net.id,
+                WireGuardSite {
+                    gateway,
+                    devices: self.store.wg_devices(net.id)?,
+                    members: self
+                        .store
+                        .members(net.id)?
+                        .into_iter()
+                        .map(|m| m.node)
+                        .collect(),
+                },
+            );
+        }
+        // Agents that speak 9, with their connection and queue.
+        let targets: Vec<(NodeId, u64, crate::connections::queue::NodeTx)> = self
+            .live()
+            .conns
+            .iter()
+            .filter(|(_, h)| h.protocol >= Some(shoal_proto::WIREGUARD_PROTOCOL))
+            .map(|(n, h)| (n.clone(), h.conn_id, h.tx.clone()))
+            .collect();
+        let mut st = self.wireguard.state();
+        // A gateway counts while the connection that announced it is the node's live one.
+        st.gateways
+            .retain(|node, (conn, _)| targets.iter().any(|(n, c, _)| n == node && c == conn));
+        let gateways: BTreeSet<NodeId> = st.gateways.keys().cloned().collect();
+        for (node, _, tx) in targets {
+            let map = map_for(&node, &sites, &gateways);
+            let unchanged = match st.sent.get(&node) {
+                Some(sent) => *sent == map,
+                None => map.networks.is_empty(),
+            };
+            if unchanged {
+                continue;
+            }
+            tracing::debug!(node = %node, networks = map.networks.len(), "WireGuard map queued");
+            if tx.send(ControllerMsg::WireGuard(map.clone())).is_ok() {
+                st.sent.insert(node, map);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// This domain's admin routes (the router adds authentication).
 pub fn routes() -> Router<Ctl> {
     Router::new()
@@ -213,6 +351,7 @@ async fn add_peer(
         let (device, gateway) =
             ctl.store
                 .add_wg_device(&network, &req.name, key, req.endpoint.as_deref(), now_ms())?;
+        ctl.wireguard_changed();
         let net = ctl
             .store
             .network_by_name(&network)?
@@ -251,6 +390,8 @@ async fn remove_peer(
 ) -> Result<Json<PeerView>, HttpError> {
     blocking(move || {
         let device = ctl.store.remove_wg_device(&network, &name, now_ms())?;
+        // Gateways drop the device's session when they hear this.
+        ctl.wireguard_changed();
         Ok(Json(peer_view(&network, &device)))
     })
     .await

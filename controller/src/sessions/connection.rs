@@ -253,6 +253,7 @@ pub(crate) async fn handle_connection(
     if let (Some(id), Some(cid)) = (&node, conn_id) {
         controller.overlay.disconnected(id, cid);
         forget_connection(&controller, id, cid);
+        controller.wireguard_disconnected(id, cid);
         // After forgetting it: a command sent from now on finds no connection and fails at once.
         controller.drives.connection_closed(id, cid);
     }
@@ -470,6 +471,9 @@ pub(crate) async fn perform(
                 maintenance::messages::connected(controller, &node, protocol).await;
                 drives::messages::connected(controller, &node, ctx.conn_id, protocol).await;
                 backups::messages::connected(controller, &node, protocol).await;
+                if protocol >= Some(shoal_proto::WIREGUARD_PROTOCOL) {
+                    controller.wireguard_changed();
+                }
             }
             out
         }
@@ -499,5 +503,11 @@ pub(crate) async fn perform(
         }
         Action::BackupProgress(p) => backups::messages::progress(controller, session, p),
         Action::BackupResult(r) => backups::messages::result(controller, session, r).await,
+        Action::WireGuardGateway(listen) => {
+            if let Some(node) = session.node() {
+                controller.wireguard_gateway(node, ctx.conn_id, listen);
+            }
+            vec![]
+        }
     }
 }
