@@ -797,7 +797,8 @@ impl Switch {
         let bridged = bridging
             .filter(|b| b.gateways.contains(from))
             .map(|b| &b.devices);
-        if let Err(reason) = check_addresses_bridged(frame, src, net.peer_addresses[sender], bridged)
+        if let Err(reason) =
+            check_addresses_bridged(frame, src, net.peer_addresses[sender], bridged)
         {
             tracing::debug!(peer = %from, network = network.0, reason = reason.label(), "frame from a peer dropped");
             return self.counts.drop_inbound(reason);
@@ -1592,11 +1593,21 @@ mod tests {
         );
         // Its own address still passes; an address that is no device's does not.
         assert_eq!(
-            s.inbound(now, &node("a"), NET, &from_a(&packet(ip(mac(2)), ip(mac(1))))),
+            s.inbound(
+                now,
+                &node("a"),
+                NET,
+                &from_a(&packet(ip(mac(2)), ip(mac(1))))
+            ),
             Inbound::Deliver
         );
         assert_eq!(
-            s.inbound(now, &node("a"), NET, &from_a(&packet(other_device, ip(mac(1))))),
+            s.inbound(
+                now,
+                &node("a"),
+                NET,
+                &from_a(&packet(other_device, ip(mac(1))))
+            ),
             Inbound::Drop(DropReason::SpoofedIpv4)
         );
         // b is no gateway: a device's address from it is spoofed, in IPv4 and in ARP.
@@ -1663,7 +1674,10 @@ mod tests {
                 &arp(1, mac(2), ip(mac(2)), tpa),
             )
         };
-        assert_eq!(s.inbound(now, &node("a"), NET, &who_has(device)), Inbound::Port);
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &who_has(device)),
+            Inbound::Port
+        );
         assert_eq!(
             s.inbound(now, &node("a"), NET, &who_has(ip(mac(1)))),
             Inbound::Deliver

@@ -30,9 +30,9 @@ pub use netmap::*;
 pub use release::*;
 pub use token::{JoinToken, TokenFormatError};
 pub use types::*;
-pub use wireguard::*;
 pub use version::{
     negotiate, VersionError, VersionRange, BACKUP_PROTOCOL, CLUSTER_PROTOCOL, DRIVES_PROTOCOL,
     KEY_ROTATION_PROTOCOL, OVERLAY_PROTOCOL, PROTOCOL_HISTORY, PROTOCOL_VERSION,
     RELAY_REASONS_PROTOCOL, SUPPORTED, UPDATES_PROTOCOL, WIREGUARD_PROTOCOL,
 };
+pub use wireguard::*;

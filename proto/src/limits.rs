@@ -1266,8 +1266,8 @@ mod tests {
         assert_eq!(check_wireguard_map(&full), Ok(()));
         // The largest network fits in a frame.
         crate::encode_frame(&crate::ControllerMsg::WireGuard(full)).expect("fits");
-        let err = check_wireguard_map(&map(vec![network(MAX_WIREGUARD_DEVICES + 1, 1, 1)]))
-            .unwrap_err();
+        let err =
+            check_wireguard_map(&map(vec![network(MAX_WIREGUARD_DEVICES + 1, 1, 1)])).unwrap_err();
         assert_eq!(
             (err.field.as_str(), err.actual, err.limit),
             (
@@ -1276,15 +1276,14 @@ mod tests {
                 MAX_WIREGUARD_DEVICES
             )
         );
-        let err = check_wireguard_map(&map(vec![network(1, MAX_WIREGUARD_GATEWAYS + 1, 1)]))
-            .unwrap_err();
-        assert_eq!(err.field, "wireguard.networks[0].gateways");
         let err =
-            check_wireguard_map(&map(vec![network(1, 1, MAX_NODE_ID_LEN + 1)])).unwrap_err();
+            check_wireguard_map(&map(vec![network(1, MAX_WIREGUARD_GATEWAYS + 1, 1)])).unwrap_err();
+        assert_eq!(err.field, "wireguard.networks[0].gateways");
+        let err = check_wireguard_map(&map(vec![network(1, 1, MAX_NODE_ID_LEN + 1)])).unwrap_err();
         assert_eq!(err.field, "wireguard.networks[0].gateways[0]");
-        let err = check_wireguard_map(&map(
-            (0..=MAX_WIREGUARD_NETWORKS).map(|_| network(0, 0, 1)).collect(),
-        ))
+        let err = check_wireguard_map(&map((0..=MAX_WIREGUARD_NETWORKS)
+            .map(|_| network(0, 0, 1))
+            .collect()))
         .unwrap_err();
         assert_eq!(err.field, "wireguard.networks");
         // The agent's announcement is a socket address under its size bound.

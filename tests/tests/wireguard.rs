@@ -652,7 +652,15 @@ fn agents_body(wireguard_go: &std::path::Path) -> Result<()> {
     // iperf3 both ways between the device and the plain agent, through the gateway agent.
     let _server = KillOnDrop(
         std::process::Command::new("ip")
-            .args(["netns", "exec", &plain_ns, "iperf3", "-s", "-B", &plain_text])
+            .args([
+                "netns",
+                "exec",
+                &plain_ns,
+                "iperf3",
+                "-s",
+                "-B",
+                &plain_text,
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,
@@ -664,7 +672,11 @@ fn agents_body(wireguard_go: &std::path::Path) -> Result<()> {
             .with_context(|| format!("no sum_received in iperf3's output: {json}"))
     };
     let up = eventually!(Duration::from_secs(10), "iperf3 device → agent", || {
-        bits(&in_ns(&phone_ns, "iperf3", &["-c", &plain_text, "-t", "2", "-J"])?)
+        bits(&in_ns(
+            &phone_ns,
+            "iperf3",
+            &["-c", &plain_text, "-t", "2", "-J"],
+        )?)
     })?;
     let down = bits(&in_ns(
         &phone_ns,
@@ -713,7 +725,14 @@ fn agents_body(wireguard_go: &std::path::Path) -> Result<()> {
     )?;
 
     // Removal cuts the device off within 2 s.
-    fleet.ctl_ok(&["wireguard", "peer", "remove", "phone", "--network", "default"])?;
+    fleet.ctl_ok(&[
+        "wireguard",
+        "peer",
+        "remove",
+        "phone",
+        "--network",
+        "default",
+    ])?;
     eventually!(Duration::from_secs(2), "removed device cut off", || {
         match in_ns(&phone_ns, "ping", &["-c", "1", "-W", "0.3", &plain_text]) {
             Ok(_) => anyhow::bail!("still reaches the agent"),

@@ -27,10 +27,10 @@ use shoal_controller_core::selector::valid_name;
 use shoal_controller_core::time::rfc3339_ms as rfc3339;
 use shoal_controller_core::wireguard::{map_for, DeviceRecord, GatewayRecord, WireGuardSite};
 use shoal_proto::{ControllerMsg, NetworkId, NodeId, UnixMillis, WireGuardMap};
+use shoal_wireguard::Key;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use shoal_wireguard::Key;
 use tracing::info;
 
 use super::networks::{NetworkError, Work};
@@ -212,7 +212,12 @@ impl Gateways {
 
 impl Controller {
     /// (v9) `node`'s agent, on connection `conn_id`, runs a gateway on `listen`.
-    pub(crate) fn wireguard_gateway(self: &Arc<Self>, node: &NodeId, conn_id: u64, listen: SocketAddr) {
+    pub(crate) fn wireguard_gateway(
+        self: &Arc<Self>,
+        node: &NodeId,
+        conn_id: u64,
+        listen: SocketAddr,
+    ) {
         info!(node = %node, %listen, "WireGuard gateway connected");
         self.wireguard
             .state()
@@ -265,7 +270,11 @@ impl Controller {
     }
 
     fn wireguard_sync(&self) -> Result<(), StoreError> {
-        let _one = self.wireguard.sync.lock().unwrap_or_else(|p| p.into_inner());
+        let _one = self
+            .wireguard
+            .sync
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let mut sites = BTreeMap::new();
         for net in self.store.networks()? {
             let Some(gateway) = self.store.wg_gateway(net.id)? else {
