@@ -512,6 +512,39 @@ mod tests {
     }
 
     #[test]
+    fn wireguard_maps_are_passed_on_from_protocol_9_and_are_a_protocol_error_before() {
+        let map = ControllerMsg::WireGuard(shoal_proto::WireGuardMap::default());
+        for (protocol, passed) in [(shoal_proto::WIREGUARD_PROTOCOL, true), (8, false)] {
+            let mut s = AgentSession::new(
+                hello(),
+                Mode::Node {
+                    cert_not_after: UnixMillis(3_600_000),
+                },
+                timing(),
+            );
+            s.start();
+            let mut w = welcome(10_000);
+            if let ControllerMsg::Welcome(w) = &mut w {
+                w.protocol = protocol;
+            }
+            let started = s.handle(Instant::now(), UnixMillis(0), w);
+            assert_eq!(started.contains(&Output::StartWireGuard), passed);
+            let out = s.handle(Instant::now(), UnixMillis(0), map.clone());
+            if passed {
+                assert_eq!(
+                    out,
+                    vec![Output::WireGuard(shoal_proto::WireGuardMap::default())]
+                );
+            } else {
+                assert!(
+                    matches!(&out[..], [Output::End(End::Protocol(_))]),
+                    "{out:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn the_controller_set_is_passed_on_from_protocol_7_and_is_a_protocol_error_before() {
         let set = ControllerMsg::ControllerSet(ControllerSet {
             controllers: vec![shoal_proto::ControllerEndpoint {

@@ -35,6 +35,8 @@ pub(super) struct WireGuardState {
     running: Option<Running>,
     /// The floating address this agent holds, and on which interface.
     floating: Option<(IpAddr, String)>,
+    /// Whether a floating address left on an interface by an earlier run was looked for.
+    stale_checked: bool,
 }
 
 struct Running {
@@ -162,7 +164,24 @@ impl WireGuardState {
     fn hold_floating(&mut self, ip: IpAddr, hold: bool) {
         match (&self.floating, hold) {
             (Some((held, _)), true) if *held == ip => {}
-            (None, false) => {}
+            (None, false) if self.stale_checked || ip.is_unspecified() => {}
+            (None, false) => {
+                // An earlier run (killed while active) may have left it: a standby must not hold it.
+                self.stale_checked = true;
+                if let Ok(out) = ip_cmd(&["-o", "addr", "show", "to", &host(ip)]) {
+                    if let Some(dev) = out.split_whitespace().nth(1) {
+                        let dev = dev.trim_end_matches(':').to_owned();
+                        match ip_cmd(&["addr", "del", &host(ip), "dev", &dev]) {
+                            Ok(_) => {
+                                info!(address = %ip, device = %dev, "stale floating WireGuard address removed (not the active gateway)")
+                            }
+                            Err(e) => {
+                                warn!(address = %ip, device = %dev, cause = %e, "could not remove a stale floating WireGuard address")
+                            }
+                        }
+                    }
+                }
+            }
             (Some((held, dev)), _) => {
                 let (held, dev) = (*held, dev.clone());
                 if let Err(e) = ip_cmd(&["addr", "del", &host(held), "dev", &dev]) {

@@ -62,23 +62,44 @@ pub struct WireGuardSite {
     pub members: BTreeSet<NodeId>,
 }
 
-/// The network's active gateway: the lowest node id among its members whose agents are connected
-/// as gateways (deterministic, so every controller and every retry agrees; it moves when that
-/// agent disconnects).
+/// The network's active gateway: the `current` one while it is still a connected gateway member
+/// (so a gateway that comes back does not take the address away again, which would cost the
+/// devices another re-handshake), otherwise the lowest node id among its members whose agents are
+/// connected as gateways (deterministic; it moves only when the active agent disconnects).
 pub fn active_gateway<'a>(
     site: &WireGuardSite,
     gateways: &'a BTreeSet<NodeId>,
+    current: Option<&NodeId>,
 ) -> Option<&'a NodeId> {
-    gateways.iter().find(|g| site.members.contains(*g))
+    let eligible = |g: &&NodeId| site.members.contains(*g);
+    current
+        .and_then(|c| gateways.get(c))
+        .filter(eligible)
+        .or_else(|| gateways.iter().find(eligible))
+}
+
+/// Each network's active gateway ([`active_gateway`]), given the previous choice.
+pub fn active_gateways(
+    sites: &BTreeMap<NetworkId, WireGuardSite>,
+    gateways: &BTreeSet<NodeId>,
+    current: &BTreeMap<NetworkId, NodeId>,
+) -> BTreeMap<NetworkId, NodeId> {
+    sites
+        .iter()
+        .filter_map(|(id, site)| {
+            active_gateway(site, gateways, current.get(id)).map(|g| (*id, g.clone()))
+        })
+        .collect()
 }
 
 /// What `node` is told (v9 `ControllerMsg::WireGuard`): every network it is a member of that has
-/// devices, with the gateway members; the gateway key and whether it is active only where `node`
-/// is itself a connected gateway.
+/// devices, with the gateway members; the gateway key and whether it is active (`active`, from
+/// [`active_gateways`]) only where `node` is itself a connected gateway.
 pub fn map_for(
     node: &NodeId,
     sites: &BTreeMap<NetworkId, WireGuardSite>,
     gateways: &BTreeSet<NodeId>,
+    active: &BTreeMap<NetworkId, NodeId>,
 ) -> WireGuardMap {
     let networks = sites
         .values()
@@ -91,7 +112,7 @@ pub fn map_for(
                 .collect();
             let role = gateways.contains(node).then(|| WireGuardGatewayRole {
                 private_key: site.gateway.private_key,
-                active: active_gateway(site, gateways) == Some(node),
+                active: active.get(&site.gateway.network) == Some(node),
             });
             WireGuardNetwork {
                 network: site.gateway.network,
@@ -145,32 +166,41 @@ mod tests {
     fn only_gateways_get_the_key_and_the_lowest_connected_one_is_active() {
         let sites = site(&["a", "b", "c"], 2);
         let gateways: BTreeSet<NodeId> = [node("b"), node("c"), node("x")].into();
-        let plain = map_for(&node("a"), &sites, &gateways);
+        let active = active_gateways(&sites, &gateways, &BTreeMap::new());
+        let plain = map_for(&node("a"), &sites, &gateways, &active);
         assert_eq!(plain.networks.len(), 1);
         let n = &plain.networks[0];
         assert_eq!(n.devices.len(), 2);
         // x is a gateway but not a member of this network: it may not speak for its devices.
         assert_eq!(n.gateways, vec![node("b"), node("c")]);
         assert!(n.role.is_none(), "a plain member never gets the key");
-        let b = map_for(&node("b"), &sites, &gateways);
+        let b = map_for(&node("b"), &sites, &gateways, &active);
         let role = b.networks[0].role.as_ref().expect("gateway role");
         assert_eq!((role.private_key, role.active), ([9; 32], true));
-        let c = map_for(&node("c"), &sites, &gateways);
+        let c = map_for(&node("c"), &sites, &gateways, &active);
         assert_eq!(c.networks[0].role.as_ref().map(|r| r.active), Some(false));
         // b disconnects: c takes over.
         let gateways: BTreeSet<NodeId> = [node("c")].into();
-        let c = map_for(&node("c"), &sites, &gateways);
+        let active = active_gateways(&sites, &gateways, &active);
+        let c = map_for(&node("c"), &sites, &gateways, &active);
         assert_eq!(c.networks[0].role.as_ref().map(|r| r.active), Some(true));
         assert_eq!(c.networks[0].gateways, vec![node("c")]);
+        // b comes back: c stays active (no second failover for the devices).
+        let gateways: BTreeSet<NodeId> = [node("b"), node("c")].into();
+        let active = active_gateways(&sites, &gateways, &active);
+        assert_eq!(active.get(&NetworkId(1)), Some(&node("c")));
+        let b = map_for(&node("b"), &sites, &gateways, &active);
+        assert_eq!(b.networks[0].role.as_ref().map(|r| r.active), Some(false));
     }
 
     #[test]
     fn non_members_and_networks_without_devices_get_nothing() {
         let gateways: BTreeSet<NodeId> = [node("b")].into();
-        assert!(map_for(&node("z"), &site(&["a", "b"], 1), &gateways)
+        let none = BTreeMap::new();
+        assert!(map_for(&node("z"), &site(&["a", "b"], 1), &gateways, &none)
             .networks
             .is_empty());
-        assert!(map_for(&node("b"), &site(&["a", "b"], 0), &gateways)
+        assert!(map_for(&node("b"), &site(&["a", "b"], 0), &gateways, &none)
             .networks
             .is_empty());
     }

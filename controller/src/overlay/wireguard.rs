@@ -25,7 +25,9 @@ use shoal_api::wireguard::{AddPeer, AddedPeer, PeerView};
 use shoal_controller_core::networks::free_address;
 use shoal_controller_core::selector::valid_name;
 use shoal_controller_core::time::rfc3339_ms as rfc3339;
-use shoal_controller_core::wireguard::{map_for, DeviceRecord, GatewayRecord, WireGuardSite};
+use shoal_controller_core::wireguard::{
+    active_gateways, map_for, DeviceRecord, GatewayRecord, WireGuardSite,
+};
 use shoal_proto::{ControllerMsg, NetworkId, NodeId, UnixMillis, WireGuardMap};
 use shoal_wireguard::Key;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -202,6 +204,8 @@ struct GatewaysState {
     gateways: BTreeMap<NodeId, (u64, SocketAddr)>,
     /// The map last queued to each agent's connection.
     sent: HashMap<NodeId, WireGuardMap>,
+    /// Each network's active gateway, kept while it stays connected.
+    active: BTreeMap<NetworkId, NodeId>,
 }
 
 impl Gateways {
@@ -307,8 +311,15 @@ impl Controller {
         st.gateways
             .retain(|node, (conn, _)| targets.iter().any(|(n, c, _)| n == node && c == conn));
         let gateways: BTreeSet<NodeId> = st.gateways.keys().cloned().collect();
+        let active = active_gateways(&sites, &gateways, &st.active);
+        for (network, node) in &active {
+            if st.active.get(network) != Some(node) {
+                info!(network = network.0, gateway = %node, "active WireGuard gateway");
+            }
+        }
+        st.active = active.clone();
         for (node, _, tx) in targets {
-            let map = map_for(&node, &sites, &gateways);
+            let map = map_for(&node, &sites, &gateways, &active);
             let unchanged = match st.sent.get(&node) {
                 Some(sent) => *sent == map,
                 None => map.networks.is_empty(),
