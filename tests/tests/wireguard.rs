@@ -15,7 +15,8 @@
 //! two agents run with `--wireguard-gateway FLOATING:51820` and one plain agent; a device added
 //! with `shoalctl wireguard peer add` (its configuration used as printed) reaches the plain agent
 //! through the active gateway, keeps going when that agent is killed (the controller names the
-//! other, which takes the floating address), and is cut off within 2 s of `peer remove`.
+//! other, which takes the floating address; the killed agent, restarted, stays a standby and drops
+//! the address its crash left), and is cut off within 2 s of `peer remove`.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Child, Stdio};
@@ -695,7 +696,8 @@ fn agents_body(wireguard_go: &std::path::Path) -> Result<()> {
     fleet.agent(active).proc.kill()?;
     let killed = std::time::Instant::now();
     let other = gateways
-        .into_iter()
+        .iter()
+        .copied()
         .find(|g| *g != active)
         .context("two gateways")?;
     eventually!(
@@ -722,6 +724,24 @@ fn agents_body(wireguard_go: &std::path::Path) -> Result<()> {
         Duration::from_secs(10),
         "the plain agent pings the device again",
         || in_ns(&plain_ns, "ping", &["-c", "1", "-W", "1", &device])
+    )?;
+
+    // The killed agent comes back: it is told it is a standby (the active gateway stays where it
+    // is, so the device is not moved again) and lets go of the address its crash left behind.
+    fleet.agent(active).proc.restart()?;
+    eventually!(
+        Duration::from_secs(30),
+        "only the active gateway holds the floating address after the other restarts",
+        || {
+            let held = holders(&fleet, &gateways, floating);
+            anyhow::ensure!(held == vec![other], "held by {held:?}");
+            Ok(())
+        }
+    )?;
+    in_ns(
+        &phone_ns,
+        "ping",
+        &["-c", "2", "-i", "0.3", "-W", "1", &plain_text],
     )?;
 
     // Removal cuts the device off within 2 s.
