@@ -366,6 +366,12 @@ pub enum NatMode {
     /// free) for every destination, so a peer can reach it at the address a third party observed
     /// ("full cone" mapping with address-and-port-dependent filtering, like most home routers).
     EndpointIndependent,
+    /// `MASQUERADE --to-ports 20000-20999` for UDP: like [`NatMode::EndpointIndependent`], one
+    /// public mapping per socket for every destination, but never on the socket's own port
+    /// (Linux takes the lowest port of the range whose tuple is free, and a tuple towards another
+    /// destination is always free): peers must use the port someone observed, never the one the
+    /// host bound. Meant for a router with one host behind it; several hosts would share ports.
+    EndpointIndependentPortChanging,
     /// `MASQUERADE --random-fully`: every new destination gets a new random public port
     /// ("symmetric" NAT); an observed address is useless to other peers, so hole punching needs a
     /// relay or port prediction.
@@ -654,6 +660,28 @@ impl Topology {
         }
         iptables(h.netns(), &masquerade)
             .with_context(|| format!("cannot install the NAT rule in router {name}"))?;
+        if mode == NatMode::EndpointIndependentPortChanging {
+            // Ahead of the general rule: `--to-ports` needs a protocol.
+            iptables(
+                h.netns(),
+                &[
+                    "-t",
+                    "nat",
+                    "-I",
+                    "POSTROUTING",
+                    "1",
+                    "-o",
+                    &wan.name,
+                    "-p",
+                    "udp",
+                    "-j",
+                    "MASQUERADE",
+                    "--to-ports",
+                    "20000-20999",
+                ],
+            )
+            .with_context(|| format!("cannot install the port-changing rule in router {name}"))?;
+        }
         iptables(
             h.netns(),
             &["-A", "INPUT", "-i", &wan.name, "-p", "udp", "-j", "DROP"],

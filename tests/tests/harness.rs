@@ -320,6 +320,44 @@ fn nat_modes_map_ports_independently_or_per_destination() {
 }
 
 #[test]
+fn endpoint_independent_nats_preserve_or_change_the_port_but_keep_one_mapping() {
+    require_host_tests!();
+    let t = natted(
+        NatMode::EndpointIndependentPortChanging,
+        NatMode::EndpointIndependent,
+    )
+    .or_panic();
+    let listeners: Vec<UdpSocket> = ["ctl", "srv"]
+        .iter()
+        .map(|h| udp(&t, h, SocketAddr::from((t.host(h)?.addr()?, 7000))))
+        .collect::<Result<_>>()
+        .or_panic();
+    for (host, preserving) in [("a", false), ("b", true)] {
+        let private = t.host(host).or_panic().addr().or_panic();
+        let sock = udp(&t, host, SocketAddr::from((private, 0))).or_panic();
+        let local = sock.local_addr().or_panic_io().port();
+        let seen: Vec<SocketAddr> = listeners
+            .iter()
+            .map(|l| mapped(&sock, l))
+            .collect::<Result<_>>()
+            .or_panic();
+        assert_eq!(
+            seen[0], seen[1],
+            "{host}: one mapping for every destination"
+        );
+        if preserving {
+            assert_eq!(seen[0].port(), local, "{host}: the port is kept");
+        } else {
+            assert!(
+                (20000..=20999).contains(&seen[0].port()) && seen[0].port() != local,
+                "{host}: mapped from port {local} to {}",
+                seen[0]
+            );
+        }
+    }
+}
+
+#[test]
 fn udp_between_nats_is_hole_punched_blocked_and_unblocked() {
     require_host_tests!();
     let t = natted(NatMode::EndpointIndependent, NatMode::EndpointIndependent).or_panic();

@@ -1,6 +1,7 @@
 //! The overlay end to end, as an operator sees it: real agents with real TAP devices (`shoal0`),
 //! each host in its own network namespace, NAT routers in between (iptables MASQUERADE for
-//! endpoint-independent mapping, `--random-fully` for endpoint-dependent), checked with ping,
+//! endpoint-independent mapping, with `--to-ports` for one that changes the port, `--random-fully`
+//! for endpoint-dependent), checked with ping,
 //! arping, broadcasts, a TCP flow, `shoalctl overlay paths` and `shoalctl overlay counters`.
 //!
 //! Needs root (skips with a reason otherwise, fails under CI) and the binaries: `cargo build
@@ -499,7 +500,9 @@ fn a_tcp_flow_survives_direct_to_relay_and_back() {
 
 /// The NAT matrix on one topology, so that it costs one fleet start: agents 1 and 2 behind one
 /// endpoint-independent NAT (`nat-1`: two nodes behind the same NAT), agent 3 behind another
-/// (`nat-3`), agents 4 and 5 behind endpoint-dependent ones (`nat-4`, `nat-5`). Wherever a direct
+/// (`nat-3`), agents 4 and 5 behind endpoint-dependent ones (`nat-4`, `nat-5`), agents 6 and 7
+/// behind NATs of their own inside `lan-3` (nested, no hairpin), agent 8 behind an
+/// endpoint-independent NAT that changes the port (`nat-8`). Wherever a direct
 /// path is possible it is up within 10 s of the agents' TAP devices, and it is kept; where it is
 /// not, the relay carries the pair and `shoalctl overlay paths` says which NAT behaviour blocked
 /// it. Then, with a TCP flow on the 1–3 pair: both NATs lose their mappings mid-flow (conntrack
@@ -516,7 +519,7 @@ fn nat_matrix_direct_wherever_possible_within_ten_seconds_and_the_relay_says_why
     })
     .or_panic();
     let token = fleet
-        .create_token(&["--ttl", "1h", "--uses", "7"])
+        .create_token(&["--ttl", "1h", "--uses", "8"])
         .or_panic();
     fleet
         .add_agent_behind_nat(&token, NatMode::EndpointIndependent)
@@ -546,6 +549,10 @@ fn nat_matrix_direct_wherever_possible_within_ten_seconds_and_the_relay_says_why
             .or_panic();
         fleet.add_agent_on(&token, &lan).or_panic();
     }
+    // Agent 8 behind an endpoint-independent NAT that changes the port (nat-8).
+    fleet
+        .add_agent_behind_nat(&token, NatMode::EndpointIndependentPortChanging)
+        .or_panic();
     fleet.wait_all_up(Duration::from_secs(60)).or_panic();
     let addrs = tap_addrs(&fleet).or_panic();
     // Direct where it can be: behind the same NAT (over the LAN), and across two
@@ -565,6 +572,32 @@ fn nat_matrix_direct_wherever_possible_within_ten_seconds_and_the_relay_says_why
     .or_panic();
     // On both sides.
     wait_relay_reason(&fleet, 3, 4, "both_endpoint_dependent", PATH_TIMEOUT).or_panic();
+    // A port-changing endpoint-independent NAT is as good as a port-preserving one: agent 8 is
+    // reached directly at the port its NAT chose (never the one it bound), from either kind.
+    wait_path(&fleet, 7, 0, "direct", DIRECT).or_panic();
+    wait_path(&fleet, 7, 2, "direct", DIRECT).or_panic();
+    let n8 = fleet.node_id(7).or_panic();
+    let all = paths(&fleet).or_panic();
+    let p = all
+        .iter()
+        .find(|p| p["from"] == fleet.node_id(0).or_panic().as_str() && p["to"] == n8.as_str())
+        .expect("a path from agent 1 to agent 8");
+    let port = p["remote"]
+        .as_str()
+        .and_then(|r| r.parse::<std::net::SocketAddr>().ok())
+        .map(|r| r.port());
+    assert!(
+        port.is_some_and(|p| (20000..=20999).contains(&p)),
+        "agent 8 reached at nat-8's chosen port: {p}"
+    );
+    wait_relay_reasons(
+        &fleet,
+        7,
+        3,
+        ("peer_endpoint_dependent", "local_endpoint_dependent"),
+        PATH_TIMEOUT,
+    )
+    .or_panic();
     // Double NAT: agent 3 sees agents 6 and 7 at their NATs' lan-3 addresses and tells them; they
     // tell the fleet, and punch to each other there. Only peer-observed addresses make this
     // direct.
@@ -582,7 +615,7 @@ fn nat_matrix_direct_wherever_possible_within_ten_seconds_and_the_relay_says_why
         "agent 7 reached at its NAT's lan-3 address: {p}"
     );
     // Traffic flows on every kind of path.
-    for (from, to) in [(0, 1), (0, 2), (2, 3), (3, 4)] {
+    for (from, to) in [(0, 1), (0, 2), (2, 3), (3, 4), (7, 0)] {
         eventually(
             Duration::from_secs(10),
             &format!("agent {} pings agent {}", from + 1, to + 1),
