@@ -5,7 +5,7 @@
 //! Changes run like every overlay change: under the overlay lock, worked out from reads after the
 //! overlay version and committed in one transaction only if the version is unchanged (so two
 //! controllers on one etcd never hand out one address twice). The network's gateway key is made
-//! with its first device; it never leaves the controller except, later, to the network's gateway
+//! with its first device; it never leaves the controller except to the network's gateway
 //! agents. A device's private key is never here.
 //!
 //! (v9) Gateway agents say so (`AgentMsg::WireGuardGateway`); every v9 agent is then told its
