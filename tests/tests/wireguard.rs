@@ -533,7 +533,6 @@ fn devices_added_with_shoalctl_are_served_by_gateway_agents() {
     let wireguard_go = shoal_tests::testkit::require!(tool("wireguard-go", "wireguard-go"));
     shoal_tests::testkit::require!(tool("wg", "wireguard-tools"));
     shoal_tests::testkit::require!(tool("iperf3", "iperf3"));
-    shoal_tests::testkit::require!(tool("arping", "arping"));
     agents_body(&wireguard_go).expect("WireGuard through agents");
 }
 
@@ -708,6 +707,23 @@ fn agents_body(wireguard_go: &std::path::Path) -> Result<()> {
                 holders(&fleet, &[other], floating) == vec![other],
                 "not yet"
             );
+            Ok(())
+        }
+    )?;
+    // Its gratuitous ARP has pointed the home router at it already, long before the client's
+    // next handshake (the router's old entry named the dead gateway's MAC).
+    let other_mac = in_ns(
+        &fleet.agents()[other].netns,
+        "cat",
+        &["/sys/class/net/eth0/address"],
+    )?;
+    let router_ns = fleet.topology().host("nat")?.ns_name().to_owned();
+    eventually!(
+        Duration::from_secs(3),
+        "the home router's neighbour entry for the floating address names the new gateway",
+        || {
+            let neigh = in_ns(&router_ns, "ip", &["neigh", "show", &floating.to_string()])?;
+            anyhow::ensure!(neigh.contains(other_mac.trim()), "{neigh}");
             Ok(())
         }
     )?;

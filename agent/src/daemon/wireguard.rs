@@ -250,25 +250,78 @@ fn take_address(ip: IpAddr) -> Result<String, String> {
     Ok(dev)
 }
 
-/// Unsolicited ARP for `ip` on `dev` (Habets' arping), so the LAN's router switches to this
-/// gateway at once instead of when its neighbour entry goes stale. In the background: it takes
-/// about a second and nobody answers.
+/// Announces `ip` on `dev` with gratuitous ARP (twice, a second apart, as arping does), so the
+/// LAN's router switches to this gateway at once instead of when its neighbour entry goes stale.
+/// Sent from the agent itself on a packet socket: no arping needed (busybox's takes other flags).
 fn announce(ip: IpAddr, dev: &str) {
-    if !ip.is_ipv4() {
+    let IpAddr::V4(ip) = ip else {
         return;
-    }
-    let (ip, dev) = (ip.to_string(), dev.to_owned());
+    };
+    let dev = dev.to_owned();
     tokio::spawn(async move {
-        let result = tokio::process::Command::new("arping")
-            .args(["-U", "-S", &ip, "-i", &dev, "-c", "2", "-w", "1", &ip])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .await;
-        if let Err(e) = result {
-            warn!(address = %ip, cause = %e, "could not announce the floating WireGuard address (arping)");
+        for round in 0..2 {
+            if round > 0 {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            if let Err(e) = send_gratuitous_arp(ip, &dev) {
+                warn!(address = %ip, device = %dev, cause = %e, "could not announce the floating WireGuard address");
+                return;
+            }
         }
     });
+}
+
+/// One gratuitous ARP for `ip` from `dev`'s MAC, sent on `dev`.
+fn send_gratuitous_arp(ip: std::net::Ipv4Addr, dev: &str) -> std::io::Result<()> {
+    use nix::libc;
+    use nix::sys::socket::SockaddrLike;
+    use nix::sys::socket::{sendto, socket, AddressFamily, LinkAddr, MsgFlags, SockFlag, SockType};
+    let sys = std::path::Path::new("/sys/class/net").join(dev);
+    let index: i32 = std::fs::read_to_string(sys.join("ifindex"))?
+        .trim()
+        .parse()
+        .map_err(|_| std::io::Error::other("unreadable ifindex"))?;
+    let mac: MacAddr = std::fs::read_to_string(sys.join("address"))?
+        .trim()
+        .parse()
+        .map_err(|_| std::io::Error::other("unreadable MAC address"))?;
+    let frame = shoal_wireguard::bridge::gratuitous_arp(mac, ip);
+    let fd = socket(
+        AddressFamily::Packet,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let mut sll: libc::sockaddr_ll = empty_sockaddr_ll();
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = (libc::ETH_P_ARP as u16).to_be();
+    sll.sll_ifindex = index;
+    sll.sll_halen = 6;
+    sll.sll_addr[..6].copy_from_slice(&MacAddr::BROADCAST.0);
+    #[allow(unsafe_code)]
+    // SAFETY: `sll` is a valid, fully initialised sockaddr_ll of the length given.
+    let addr = unsafe {
+        LinkAddr::from_raw(
+            (&sll as *const libc::sockaddr_ll).cast(),
+            Some(std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t),
+        )
+    }
+    .ok_or_else(|| std::io::Error::other("bad link address"))?;
+    sendto(fd.as_raw_fd(), &frame, &addr, MsgFlags::empty())?;
+    Ok(())
+}
+
+/// A `sockaddr_ll` with every field zero, to fill in.
+fn empty_sockaddr_ll() -> nix::libc::sockaddr_ll {
+    nix::libc::sockaddr_ll {
+        sll_family: 0,
+        sll_protocol: 0,
+        sll_ifindex: 0,
+        sll_hatype: 0,
+        sll_pkttype: 0,
+        sll_halen: 0,
+        sll_addr: [0; 8],
+    }
 }
 
 /// A UDP socket on `addr` with `IP_FREEBIND`: it binds whether or not the address is on this

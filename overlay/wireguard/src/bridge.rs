@@ -175,20 +175,10 @@ impl Bridge {
         FromSegment::Reply(reply)
     }
 
-    /// A gratuitous ARP (RFC 5227 announcement: a broadcast request with sender and target both
-    /// the device's address) saying the device is now at this gateway's MAC, so members that had it
-    /// at another gateway's switch at once (failover).
+    /// A gratuitous ARP saying the device is now at this gateway's MAC, so members that had it at
+    /// another gateway's switch at once (failover).
     pub fn announce(&self, device: Ipv4Addr) -> Vec<u8> {
-        let mut frame = Vec::with_capacity(ETHERNET_HEADER_LEN + ARP_LEN);
-        frame.extend_from_slice(&MacAddr::BROADCAST.0);
-        frame.extend_from_slice(&self.gateway_mac.0);
-        frame.extend_from_slice(&ETHERTYPE_ARP.to_be_bytes());
-        frame.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
-        frame.extend_from_slice(&self.gateway_mac.0);
-        frame.extend_from_slice(&device.octets());
-        frame.extend_from_slice(&[0; 6]);
-        frame.extend_from_slice(&device.octets());
-        frame
+        gratuitous_arp(self.gateway_mac, device)
     }
 
     /// A packet the device at `device` sent (already decrypted and authenticated as that device).
@@ -243,6 +233,21 @@ fn ipv4_addresses(ip: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr, usize)> {
     let src: [u8; 4] = ip[12..16].try_into().ok()?;
     let dst: [u8; 4] = ip[16..20].try_into().ok()?;
     Some((Ipv4Addr::from(src), Ipv4Addr::from(dst), total))
+}
+
+/// A gratuitous ARP frame (RFC 5227 announcement: a broadcast request with sender and target both
+/// `ip`) saying `ip` is at `mac`.
+pub fn gratuitous_arp(mac: MacAddr, ip: Ipv4Addr) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(ETHERNET_HEADER_LEN + ARP_LEN);
+    frame.extend_from_slice(&MacAddr::BROADCAST.0);
+    frame.extend_from_slice(&mac.0);
+    frame.extend_from_slice(&ETHERTYPE_ARP.to_be_bytes());
+    frame.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    frame.extend_from_slice(&mac.0);
+    frame.extend_from_slice(&ip.octets());
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&ip.octets());
+    frame
 }
 
 #[cfg(test)]
