@@ -760,6 +760,29 @@ fn agents_body(wireguard_go: &std::path::Path) -> Result<()> {
         &["-c", "2", "-i", "0.3", "-W", "1", &plain_text],
     )?;
 
+    // The active gateway is stopped the way systemd stops it (SIGTERM): it lets go of the address
+    // as it exits, and the restarted one takes over — a second failover, in the other direction.
+    fleet.agent(other).proc.stop(Duration::from_secs(10))?;
+    let held = holders(&fleet, &[other], floating);
+    anyhow::ensure!(
+        held.is_empty(),
+        "a stopped gateway still holds the floating address"
+    );
+    eventually!(
+        Duration::from_secs(30),
+        "the restarted gateway agent takes the floating address",
+        || {
+            let held = holders(&fleet, &gateways, floating);
+            anyhow::ensure!(held == vec![active], "held by {held:?}");
+            Ok(())
+        }
+    )?;
+    eventually!(
+        Duration::from_secs(60),
+        "the device pings the plain agent through the restarted gateway",
+        || in_ns(&phone_ns, "ping", &["-c", "1", "-W", "1", &plain_text])
+    )?;
+
     // Removal cuts the device off within 2 s.
     fleet.ctl_ok(&[
         "wireguard",

@@ -57,6 +57,24 @@ impl Drop for Running {
     }
 }
 
+/// An agent that stops (SIGTERM, an update's restart) lets go of the floating address, so the
+/// next gateway the controller names is the only host answering for it. (A killed agent cannot:
+/// its restart removes it as a standby, and the new active's gratuitous ARP has moved the LAN.)
+impl Drop for WireGuardState {
+    fn drop(&mut self) {
+        if let Some((ip, dev)) = self.floating.take() {
+            match ip_cmd(&["addr", "del", &host(ip), "dev", &dev]) {
+                Ok(_) => {
+                    info!(address = %ip, device = %dev, "floating WireGuard address released (agent stopping)")
+                }
+                Err(e) => {
+                    warn!(address = %ip, device = %dev, cause = %e, "could not release the floating WireGuard address")
+                }
+            }
+        }
+    }
+}
+
 impl WireGuardState {
     /// A new map from the controller (already checked against its bounds).
     pub(super) fn set_map(&mut self, map: WireGuardMap) {
