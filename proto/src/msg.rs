@@ -16,10 +16,10 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 use crate::{
-    BackupProgress, BackupResult, BackupTask, BootReport, DriveCommand, DriveCommandResult,
-    DrivePolicy, DriveReport, HardwareId, HealthReport, Inventory, MaintenanceResult,
-    MaintenanceStep, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PathReportV8,
-    PeerIndex, Punch, SignedRelease, UnixMillis, UpdateReport, VersionRange,
+    BackupProgress, BackupResult, BackupTask, BootReport, DatapathReport, DriveCommand,
+    DriveCommandResult, DrivePolicy, DriveReport, HardwareId, HealthReport, Inventory,
+    MaintenanceResult, MaintenanceStep, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport,
+    PathReportV8, PeerIndex, Punch, SignedRelease, UnixMillis, UpdateReport, VersionRange,
 };
 
 /// Agent to controller.
@@ -83,6 +83,9 @@ pub enum AgentMsg {
     /// (v8) [`AgentMsg::Paths`] with why each relayed path is relayed; sent instead of it once
     /// both sides speak 8.
     PathsV8(PathReportV8),
+    /// (v9) How the overlay datapath moves frames (offloads, queues, batching); sent with every
+    /// path report.
+    Datapath(DatapathReport),
 }
 
 /// Controller to agent.

@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// The first version with the overlay (netmaps, punches, path reports, relaying).
 pub const OVERLAY_PROTOCOL: u16 = 2;
@@ -27,6 +27,8 @@ pub const BACKUP_PROTOCOL: u16 = 6;
 pub const CLUSTER_PROTOCOL: u16 = 7;
 /// The first version with relay reasons in path reports (`AgentMsg::PathsV8`).
 pub const RELAY_REASONS_PROTOCOL: u16 = 8;
+/// The first version with datapath reports (`AgentMsg::Datapath`).
+pub const DATAPATH_PROTOCOL: u16 = 9;
 
 /// Every version this build speaks.
 pub const SUPPORTED: VersionRange = VersionRange {
@@ -103,6 +105,13 @@ pub const PROTOCOL_HISTORY: &[(&str, u16, &str)] = &[
         "relay reasons: AgentMsg::PathsV8 (PathReportV8: the v2 PathReport and, per relayed path, \
          a RelayReason: trying, no candidates, endpoint-dependent NAT on both sides, this side or \
          the peer's, UDP blocked, punch timed out, refused) sent instead of AgentMsg::Paths",
+    ),
+    (
+        "2026-12-07",
+        9,
+        "datapath: AgentMsg::Datapath (DatapathReport: per TAP device the offloads in use or why \
+         none, queues, reads and writes with the frames they carried; peer datagram receive \
+         batches) sent with every path report",
     ),
 ];
 

@@ -77,6 +77,8 @@ pub enum Action {
     BackupProgress(shoal_proto::BackupProgress),
     /// (v6) How a backup task ended: store it, then acknowledge it.
     BackupResult(shoal_proto::BackupResult),
+    /// (v9) Keep the node's datapath report with its live overlay state.
+    Datapath(shoal_proto::DatapathReport),
     /// Close the connection, after sending anything queued before it.
     Close(CloseKind, String),
 }
@@ -292,6 +294,10 @@ impl Session {
                     }
                     AgentMsg::BackupProgress(p) => vec![Action::BackupProgress(p)],
                     AgentMsg::BackupResult(r) => vec![Action::BackupResult(r)],
+                    AgentMsg::Datapath(_) if self.version < Some(9) => {
+                        self.reject(RejectCode::Protocol, "datapath reports need protocol 9")
+                    }
+                    AgentMsg::Datapath(d) => vec![Action::Datapath(d)],
                     AgentMsg::Hello(_) => self.reject(RejectCode::Protocol, "Hello sent twice"),
                     AgentMsg::Enrol(_) => self.reject(
                         RejectCode::Protocol,
@@ -627,6 +633,23 @@ mod tests {
         assert!(matches!(
             &s.handle(UnixMillis(2), v8())[..],
             [Action::Paths(_)]
+        ));
+    }
+
+    #[test]
+    fn datapath_reports_need_protocol_9() {
+        let report = || AgentMsg::Datapath(shoal_proto::DatapathReport::default());
+        let mut s = Session::new(config(), Some(NodeId("n1".into())));
+        s.handle(UnixMillis(1), hello(1, 8));
+        assert_eq!(
+            rejected(&s.handle(UnixMillis(2), report())),
+            Some(RejectCode::Protocol)
+        );
+        let mut s = Session::new(config(), Some(NodeId("n1".into())));
+        s.handle(UnixMillis(1), hello(1, 9));
+        assert!(matches!(
+            &s.handle(UnixMillis(2), report())[..],
+            [Action::Datapath(_)]
         ));
     }
 

@@ -499,5 +499,6 @@ pub(crate) async fn perform(
         }
         Action::BackupProgress(p) => backups::messages::progress(controller, session, p),
         Action::BackupResult(r) => backups::messages::result(controller, session, r).await,
+        Action::Datapath(d) => overlay::messages::datapath(controller, session, d),
     }
 }
