@@ -83,6 +83,11 @@ struct Cli {
     /// one frame per read and write, as before offloads existed.
     #[arg(long)]
     overlay_no_offload: bool,
+    /// Runtime worker threads (1..=16). 1, the default, runs the agent on one thread (smallest
+    /// idle memory); more let the overlay's TAP readers, peer connections and TAP writers run on
+    /// several cores at once (see docs/performance.md, "overlay worker threads").
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    threads: u16,
     /// Do not manage drives (no SMART, no hot-add handling).
     #[arg(long)]
     no_drives: bool,
@@ -305,11 +310,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("--image-key {}", path.display()))
         })
         .collect::<anyhow::Result<_>>()?;
-    // One thread: the agent's work is a few messages a minute, and idle memory matters on small
-    // nodes.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    // One thread by default: the agent's control work is a few messages a minute, and idle memory
+    // matters on small nodes; `--threads` trades memory for overlay throughput.
+    let runtime = match cli.threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(n))
+            .enable_all()
+            .build()?,
+    };
     runtime.block_on(daemon::run(config, shutdown_signal()))?;
     Ok(())
 }

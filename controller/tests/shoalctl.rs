@@ -631,3 +631,144 @@ async fn progress_and_status_lines_stay_off_a_stderr_that_is_not_a_terminal() {
     assert!(seen.ends_with("\r\x1b[K"), "{seen:?}");
     ctl.stop().await;
 }
+
+/// `overlay counters` shows how each node's datapath moves frames (protocol 9 datapath reports):
+/// the offloads in use or why there are none, and with `-o wide` the TAP queues, frames per TAP
+/// read and write and datagrams per receive batch; a node that sent no datapath report shows `-`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlay_counters_show_each_nodes_datapath() {
+    use shoal_proto::{AgentMsg, DatapathReport, NetworkId, PathReport, TapDatapath};
+    let ctl = Ctl::start().await;
+    let xdg = tempfile::tempdir().unwrap();
+    let sh = Shoalctl::new(Some(&ctl.admin_conf), xdg.path());
+    let (mut fast, fast_id) = ctl.raw_node("fast").await;
+    let (mut plain, plain_id) = ctl.raw_node("plain").await;
+    let (mut old, old_id) = ctl.raw_node("old").await;
+    let paths = || {
+        AgentMsg::PathsV8(
+            PathReport {
+                paths: vec![],
+                counters: Default::default(),
+            }
+            .into(),
+        )
+    };
+    let tap =
+        |offloads: &[&str], fallback: Option<&str>, reads, read_frames, writes, write_frames| {
+            TapDatapath {
+                network: NetworkId(1),
+                device: "shoal0".into(),
+                offloads: offloads.iter().map(|o| o.to_string()).collect(),
+                fallback: fallback.map(String::from),
+                queues: 1,
+                reads,
+                read_frames,
+                writes,
+                write_frames,
+            }
+        };
+    fast.send(&paths()).await;
+    fast.send(&AgentMsg::Datapath(DatapathReport {
+        taps: vec![tap(&["csum", "tso4", "tso6"], None, 100, 4400, 50, 1600)],
+        rx_batches: 40,
+        rx_datagrams: 1000,
+    }))
+    .await;
+    plain.send(&paths()).await;
+    plain
+        .send(&AgentMsg::Datapath(DatapathReport {
+            taps: vec![tap(&[], Some("disabled"), 7, 7, 5, 5)],
+            rx_batches: 0,
+            rx_datagrams: 0,
+        }))
+        .await;
+    old.send(&paths()).await;
+
+    let ids = [fast_id.0.clone(), plain_id.0.clone(), old_id.0.clone()];
+    let all = eventually(PROMPT, "three nodes' counters, two with datapaths", || {
+        let v = sh.json(&["overlay", "counters"]);
+        let ready = v.as_array().is_some_and(|a| {
+            a.len() == 3 && a.iter().filter(|c| !c["datapath"].is_null()).count() == 2
+        });
+        async move { ready.then_some(v) }
+    })
+    .await;
+    let of = |id: &str| {
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["node"] == id)
+            .unwrap()
+            .clone()
+    };
+    let f = of(&ids[0]);
+    assert_eq!(f["datapath"]["taps"][0]["offloads"][1], "tso4", "{f}");
+    assert_eq!(f["datapath"]["taps"][0]["frames_per_read"], 44.0, "{f}");
+    assert_eq!(f["datapath"]["taps"][0]["frames_per_write"], 32.0, "{f}");
+    assert_eq!(f["datapath"]["datagrams_per_batch"], 25.0, "{f}");
+    let p = of(&ids[1]);
+    assert_eq!(p["datapath"]["taps"][0]["fallback"], "disabled", "{p}");
+    assert!(p["datapath"]["datagrams_per_batch"].is_null(), "{p}");
+    assert!(
+        of(&ids[2]).get("datapath").is_none(),
+        "an older agent's entry has none"
+    );
+
+    let row = |table: &str, id: &str| -> Vec<String> {
+        table
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_else(|| panic!("no row for {id}: {table}"))
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    };
+    let table = sh.ok(&["overlay", "counters"]);
+    assert!(
+        table.lines().next().unwrap().ends_with("OFFLOAD"),
+        "{table}"
+    );
+    assert_eq!(
+        row(&table, &ids[0]).last().unwrap(),
+        "shoal0:csum,tso4,tso6"
+    );
+    assert_eq!(row(&table, &ids[1]).last().unwrap(), "shoal0:off(disabled)");
+    assert_eq!(row(&table, &ids[2]).last().unwrap(), "-");
+    let wide = sh.ok(&["overlay", "counters", "-o", "wide"]);
+    let header: Vec<&str> = wide.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header[header.len() - 5..],
+        [
+            "OFFLOAD",
+            "QUEUES",
+            "FRAMES/READ",
+            "FRAMES/WRITE",
+            "DGRAMS/BATCH"
+        ],
+        "{wide}"
+    );
+    assert_eq!(
+        row(&wide, &ids[0])[row(&wide, &ids[0]).len() - 5..],
+        [
+            "shoal0:csum,tso4,tso6",
+            "shoal0:1",
+            "shoal0:44.0",
+            "shoal0:32.0",
+            "25.0"
+        ]
+    );
+    assert_eq!(
+        row(&wide, &ids[1])[row(&wide, &ids[1]).len() - 5..],
+        [
+            "shoal0:off(disabled)",
+            "shoal0:1",
+            "shoal0:1.0",
+            "shoal0:1.0",
+            "-"
+        ]
+    );
+    assert_eq!(
+        row(&wide, &ids[2])[row(&wide, &ids[2]).len() - 5..],
+        ["-"; 5]
+    );
+}

@@ -22,10 +22,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use shoal_proto::{
-    NatMapping, Netmap, NetworkId, NetworkMembership, NodeId, OverlayCounters, PathInfo, PathKind,
-    PathReport, PathReportV8, Peer, Punch, RelayedPath,
+    DatapathReport, NatMapping, Netmap, NetworkId, NetworkMembership, NodeId, OverlayCounters,
+    PathInfo, PathKind, PathReport, PathReportV8, Peer, Punch, RelayedPath, TapDatapath,
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{debug, info, warn};
@@ -97,6 +97,8 @@ pub enum NodeCommand {
     Nat(NatMapping),
     /// Send back a path report.
     Report(tokio::sync::oneshot::Sender<PathReportV8>),
+    /// Send back how the datapath moves frames (offloads, queues, batching).
+    Datapath(tokio::sync::oneshot::Sender<DatapathReport>),
 }
 
 /// What the overlay asks of the agent.
@@ -182,6 +184,7 @@ impl OverlayNode {
             shared: self.shared.clone(),
             network,
             fragment_id: 0,
+            wire_buf: BytesMut::new(),
         }
     }
 
@@ -203,6 +206,14 @@ impl OverlayNode {
     pub async fn report(&self) -> Option<PathReportV8> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.commands.send(NodeCommand::Report(tx)).ok()?;
+        rx.await.ok()
+    }
+
+    /// How the datapath moves frames: per TAP device its offloads (or why none), queues and
+    /// frames per read and write; datagrams per receive batch.
+    pub async fn datapath(&self) -> Option<DatapathReport> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.commands.send(NodeCommand::Datapath(tx)).ok()?;
         rx.await.ok()
     }
 }
@@ -233,6 +244,8 @@ pub struct LocalPort {
     shared: Arc<Shared>,
     network: NetworkId,
     fragment_id: u16,
+    /// Datagrams are cut from here, as in the TAP reader (`wire::encode_into`).
+    wire_buf: BytesMut,
 }
 
 impl std::fmt::Debug for LocalPort {
@@ -246,7 +259,14 @@ impl std::fmt::Debug for LocalPort {
 impl LocalPort {
     /// Sends one frame from the port into its network.
     pub fn send(&mut self, frame: &[u8]) {
-        forward(&self.shared, self.network, frame, &mut self.fragment_id);
+        self.wire_buf.reserve(frame.len() + 1024);
+        forward(
+            &self.shared,
+            self.network,
+            frame,
+            &mut self.fragment_id,
+            &mut self.wire_buf,
+        );
     }
 }
 
@@ -259,6 +279,9 @@ struct Shared {
     ports: RwLock<HashMap<NetworkId, mpsc::Sender<Vec<u8>>>>,
     /// Drops outside the switch (no path, wire errors), by reason.
     drops: Mutex<BTreeMap<&'static str, u64>>,
+    /// Peer datagram receive batches, and the datagrams in them.
+    rx_batches: AtomicU64,
+    rx_datagrams: AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -275,6 +298,8 @@ impl Shared {
             taps: RwLock::new(HashMap::new()),
             ports: RwLock::new(HashMap::new()),
             drops: Mutex::new(BTreeMap::new()),
+            rx_batches: AtomicU64::new(0),
+            rx_datagrams: AtomicU64::new(0),
         }
     }
 
@@ -306,6 +331,7 @@ impl Shared {
         network: NetworkId,
         frame: &[u8],
         fragment_id: &mut u16,
+        buf: &mut BytesMut,
     ) {
         let Some(route) = route else {
             self.drop_frame("no_path");
@@ -315,20 +341,19 @@ impl Shared {
             self.drop_frame("no_datagrams");
             return;
         };
-        match wire::encode(network, frame, max, fragment_id) {
-            Ok(datagrams) => {
-                for d in datagrams {
-                    if route.conn.send_datagram(d).is_err() {
-                        self.drop_frame("path_lost");
-                        return;
-                    }
-                }
+        let mut lost = false;
+        let encoded = wire::encode_into(network, frame, max, fragment_id, buf, |d| {
+            lost = lost || route.conn.send_datagram(d).is_err();
+        });
+        match encoded {
+            Err(e) => self.drop_frame(e.reason()),
+            Ok(()) if lost => self.drop_frame("path_lost"),
+            Ok(()) => {
                 route
                     .counters
                     .tx_bytes
                     .fetch_add(frame.len() as u64, Ordering::Relaxed);
             }
-            Err(e) => self.drop_frame(e.reason()),
         }
     }
 
@@ -377,9 +402,57 @@ struct TapEntry {
 struct Tap {
     device: tun_rs::AsyncDevice,
     offload: bool,
+    /// With offloads: whether the kernel took UDP segmentation (USO) too, besides csum/TSO.
+    uso: bool,
+    /// Without offloads: why (see [`TapDatapath::fallback`]).
+    fallback: Option<String>,
+    stats: TapStats,
+}
+
+/// How a TAP device's reads and writes batch, since it came up.
+#[derive(Debug, Default)]
+struct TapStats {
+    reads: AtomicU64,
+    read_frames: AtomicU64,
+    writes: AtomicU64,
+    write_frames: AtomicU64,
+}
+
+impl TapStats {
+    fn read(&self, frames: usize) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.read_frames.fetch_add(frames as u64, Ordering::Relaxed);
+    }
+
+    /// `writes` TAP writes carried `frames` frames between them.
+    fn wrote(&self, writes: u64, frames: usize) {
+        self.writes.fetch_add(writes, Ordering::Relaxed);
+        self.write_frames
+            .fetch_add(frames as u64, Ordering::Relaxed);
+    }
 }
 
 impl Tap {
+    /// What the datapath report says of this device.
+    fn datapath(&self, network: NetworkId, device: String) -> TapDatapath {
+        let offloads = match (self.offload, self.uso) {
+            (false, _) => vec![],
+            (true, false) => vec!["csum", "tso4", "tso6"],
+            (true, true) => vec!["csum", "tso4", "tso6", "uso4", "uso6"],
+        };
+        TapDatapath {
+            network,
+            device,
+            offloads: offloads.into_iter().map(String::from).collect(),
+            fallback: self.fallback.clone(),
+            queues: 1,
+            reads: self.stats.reads.load(Ordering::Relaxed),
+            read_frames: self.stats.read_frames.load(Ordering::Relaxed),
+            writes: self.stats.writes.load(Ordering::Relaxed),
+            write_frames: self.stats.write_frames.load(Ordering::Relaxed),
+        }
+    }
+
     /// Writes one plain frame.
     async fn send_frame(&self, frame: &[u8]) -> std::io::Result<usize> {
         if self.offload {
@@ -444,6 +517,10 @@ impl Manager {
                     }
                     Some(NodeCommand::Report(tx)) => {
                         let _ = tx.send(self.report(&counters));
+                        vec![]
+                    }
+                    Some(NodeCommand::Datapath(tx)) => {
+                        let _ = tx.send(self.datapath());
                         vec![]
                     }
                 },
@@ -681,19 +758,27 @@ impl Manager {
                 .enable(false)
                 .build_async()
         };
-        let (device, offload) = match self.config.tap_offload {
-            false => (build(false)?, false),
+        let (device, fallback) = match self.config.tap_offload {
+            false => (build(false)?, Some("disabled".to_owned())),
             true => match build(true) {
-                Ok(d) => (d, true),
+                Ok(d) => (d, None),
                 Err(e) => {
                     warn!(device = %name, cause = %e, "TAP offloads refused by the kernel; plain frames");
-                    (build(false)?, false)
+                    (build(false)?, Some(format!("refused: {e}")))
                 }
             },
         };
+        let offload = fallback.is_none();
         link_sysctls(&name);
         device.enabled(true)?;
-        let device = Arc::new(Tap { device, offload });
+        let uso = offload && device.udp_gso();
+        let device = Arc::new(Tap {
+            device,
+            offload,
+            uso,
+            fallback,
+            stats: TapStats::default(),
+        });
         info!(device = %name, network = %m.name, mac = %m.mac, address = %m.address, prefix = m.prefix_len, mtu = m.mtu, offload, "TAP device up");
         let reader = tokio::spawn(tap_loop(
             m.id,
@@ -787,6 +872,23 @@ impl Manager {
             .routes
             .write()
             .unwrap_or_else(|p| p.into_inner()) = routes;
+    }
+
+    fn datapath(&self) -> DatapathReport {
+        let mut taps: Vec<TapDatapath> = self
+            .taps
+            .iter()
+            .map(|(id, t)| {
+                t.device
+                    .datapath(*id, tap_name(&self.config.tap_prefix, *id))
+            })
+            .collect();
+        taps.sort_by_key(|t| t.network);
+        DatapathReport {
+            taps,
+            rx_batches: self.shared.rx_batches.load(Ordering::Relaxed),
+            rx_datagrams: self.shared.rx_datagrams.load(Ordering::Relaxed),
+        }
     }
 
     fn report(&self, counters: &HashMap<NodeId, Arc<PeerCounters>>) -> PathReportV8 {
@@ -927,6 +1029,10 @@ async fn read_loop(
                 None => break,
             }
         }
+        shared.rx_batches.fetch_add(1, Ordering::Relaxed);
+        shared
+            .rx_datagrams
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         for datagram in batch.drain(..) {
             receive(
                 &shared,
@@ -996,6 +1102,8 @@ impl TapOut {
         }
         if tap.send_frame(frame).await.is_err() {
             shared.drop_frame("tap_write");
+        } else {
+            tap.stats.wrote(1, 1);
         }
     }
 
@@ -1005,12 +1113,20 @@ impl TapOut {
             return;
         }
         let Some((_, tap)) = &self.tap else { return };
+        let frames = self.coalescer.len();
         match self.coalescer.flush() {
             Ok(writes) => {
+                let mut written = 0;
                 for w in writes {
                     if tap.device.send(w).await.is_err() {
                         shared.drop_frame("tap_write");
+                    } else {
+                        written += 1;
                     }
+                }
+                // The frames count once, on the batch's writes (which are fewer when merged).
+                if written > 0 {
+                    tap.stats.wrote(written, frames);
                 }
             }
             Err(e) => shared.drop_frame(e.reason()),
@@ -1060,6 +1176,10 @@ async fn receive(
     }
 }
 
+/// The least a TAP reader reserves for the datagrams of one read: plain-frame reads (no offloads)
+/// then share an allocation across ~45 frames.
+const WIRE_BUF_MIN: usize = 64 * 1024;
+
 async fn tap_loop(
     network: NetworkId,
     device: Arc<Tap>,
@@ -1070,6 +1190,9 @@ async fn tap_loop(
     let mut buf = vec![0u8; offload::VNET_HDR_LEN + 65536 + 64];
     let mut segmenter = Segmenter::default();
     let mut fragment_id = 0u16;
+    // Datagrams are cut from this buffer (see `wire::encode_into`): one allocation per TAP read at
+    // most, none once quinn has sent the previous read's datagrams and the space is reused.
+    let mut wire_buf = BytesMut::new();
     loop {
         let n = match device.device.recv(&mut buf).await {
             Ok(n) => n,
@@ -1081,22 +1204,35 @@ async fn tap_loop(
                 return;
             }
         };
+        // Room for the segments' copied headers and wire headers too (≈ 70 bytes per 1.3 KiB
+        // segment); below glibc's 128 KiB mmap threshold, so no mmap/munmap per read.
+        wire_buf.reserve((n + n / 4 + 1024).max(WIRE_BUF_MIN));
         if device.offload {
             let sent = segmenter.split(&mut buf[..n], |frame| {
-                forward(&shared, network, frame, &mut fragment_id)
+                forward(&shared, network, frame, &mut fragment_id, &mut wire_buf)
             });
-            if let Err(e) = sent {
-                debug!(network = network.0, cause = %e, "TAP read not segmented");
-                shared.drop_frame(e.reason());
+            match sent {
+                Ok(frames) => device.stats.read(frames),
+                Err(e) => {
+                    debug!(network = network.0, cause = %e, "TAP read not segmented");
+                    shared.drop_frame(e.reason());
+                }
             }
         } else {
-            forward(&shared, network, &buf[..n], &mut fragment_id);
+            forward(&shared, network, &buf[..n], &mut fragment_id, &mut wire_buf);
+            device.stats.read(1);
         }
     }
 }
 
 /// Sends one frame read from a TAP device where the switch says.
-fn forward(shared: &Shared, network: NetworkId, frame: &[u8], fragment_id: &mut u16) {
+fn forward(
+    shared: &Shared,
+    network: NetworkId,
+    frame: &[u8],
+    fragment_id: &mut u16,
+    buf: &mut BytesMut,
+) {
     let now = Instant::now();
     // Decide and look up routes under the switch lock, then send without it. Unicast, the
     // common case, allocates nothing here.
@@ -1105,13 +1241,13 @@ fn forward(shared: &Shared, network: NetworkId, frame: &[u8], fragment_id: &mut 
         Outbound::Unicast(peer) => {
             let route = shared.route(peer);
             drop(switch);
-            shared.send_frame(route, network, frame, fragment_id);
+            shared.send_frame(route, network, frame, fragment_id, buf);
         }
         Outbound::Flood(peers) => {
             let routes: Vec<Option<RouteEntry>> = peers.iter().map(|p| shared.route(p)).collect();
             drop(switch);
             for route in routes {
-                shared.send_frame(route, network, frame, fragment_id);
+                shared.send_frame(route, network, frame, fragment_id, buf);
             }
         }
         Outbound::Drop(_) => {}

@@ -158,21 +158,49 @@ fn check_fragment(index: u8, count: u8, chunk: &[u8]) -> Result<(), WireError> {
 /// A frame that fits goes whole. Otherwise it is split into the fewest fragments that fit, of sizes
 /// differing by at most one byte (so no runt last fragment), under a fresh id taken from
 /// `next_fragment_id`, which is advanced (wrapping) only when a frame is fragmented. The datagrams
-/// share one allocation.
+/// share one allocation. The datapath uses [`encode_into`], which reuses a buffer across frames.
 pub fn encode(
     network: NetworkId,
     frame: &[u8],
     max_datagram: usize,
     next_fragment_id: &mut u16,
 ) -> Result<Vec<Bytes>, WireError> {
+    let mut buf = BytesMut::new();
+    let mut out = Vec::with_capacity(1);
+    encode_into(
+        network,
+        frame,
+        max_datagram,
+        next_fragment_id,
+        &mut buf,
+        |d| out.push(d),
+    )?;
+    Ok(out)
+}
+
+/// [`encode`], writing the datagrams into `buf` and handing each to `out` as it is cut off.
+///
+/// The datagrams are split off `buf` (`BytesMut::split` + `freeze`), so frames encoded into one
+/// buffer share its allocation: a caller that reserves room for a whole TAP read once (see
+/// [`BytesMut::reserve`], which reuses the allocation in place once every datagram cut from it has
+/// been dropped) pays no allocation per frame. Nothing is written or handed out on error.
+pub fn encode_into(
+    network: NetworkId,
+    frame: &[u8],
+    max_datagram: usize,
+    next_fragment_id: &mut u16,
+    buf: &mut BytesMut,
+    mut out: impl FnMut(Bytes),
+) -> Result<(), WireError> {
     check_frame_len(frame.len())?;
     let network = network.0.to_be_bytes();
     if FRAME_HEADER_LEN + frame.len() <= max_datagram {
-        let mut buf = BytesMut::with_capacity(FRAME_HEADER_LEN + frame.len());
+        buf.reserve(FRAME_HEADER_LEN + frame.len());
         buf.put_u8(WIRE_VERSION << 4 | KIND_FRAME);
         buf.put_slice(&network);
         buf.put_slice(frame);
-        return Ok(vec![buf.freeze()]);
+        out(buf.split().freeze());
+        return Ok(());
     }
     let capacity = max_datagram.saturating_sub(FRAGMENT_HEADER_LEN);
     if capacity == 0 {
@@ -190,8 +218,7 @@ pub fn encode(
     // The first `longer` chunks get one extra byte; every chunk is non-empty because count <= len.
     let base = frame.len() / count;
     let longer = frame.len() % count;
-    let mut buf = BytesMut::with_capacity(count * FRAGMENT_HEADER_LEN + frame.len());
-    let mut out = Vec::with_capacity(count);
+    buf.reserve(count * FRAGMENT_HEADER_LEN + frame.len());
     let mut rest = frame;
     for index in 0..count_u8 {
         let len = base + usize::from(usize::from(index) < longer);
@@ -203,10 +230,10 @@ pub fn encode(
         buf.put_u8(index);
         buf.put_u8(count_u8);
         buf.put_slice(chunk);
-        out.push(buf.split().freeze());
+        out(buf.split().freeze());
     }
     debug_assert!(rest.is_empty());
-    Ok(out)
+    Ok(())
 }
 
 /// Decodes one received datagram. Checks everything that can be checked without other datagrams:
@@ -584,6 +611,35 @@ mod tests {
                 assert_eq!(r.in_progress(), 0);
             }
         }
+    }
+
+    #[test]
+    fn frames_encoded_into_one_buffer_share_its_allocation_and_reuse_it_once_sent() {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let start = buf.as_ptr() as usize;
+        let range = start..start + 64 * 1024;
+        let mut id = 0;
+        let mut sent = Vec::new();
+        // A TSO super-frame's worth of MTU frames, then one fragmented frame.
+        for _ in 0..40 {
+            encode_into(NET, &frame(1394), 1452, &mut id, &mut buf, |d| sent.push(d)).unwrap();
+        }
+        encode_into(NET, &frame(1514), 1200, &mut id, &mut buf, |d| sent.push(d)).unwrap();
+        assert_eq!(sent.len(), 42);
+        assert!(sent.iter().all(|d| range.contains(&(d.as_ptr() as usize))));
+        let now = Instant::now();
+        let mut r = Reassembler::default();
+        let frames = deliver(&mut r, now, &sent);
+        assert_eq!(frames.len(), 41);
+        assert_eq!(frames[40], (NET, frame(1514)));
+        // Once every datagram is gone, the next read's reservation reuses the same memory.
+        drop(sent);
+        buf.reserve(64 * 1024);
+        assert_eq!(buf.as_ptr() as usize, start);
+        // An error writes nothing.
+        let before = buf.len();
+        assert!(encode_into(NET, &frame(13), 1200, &mut id, &mut buf, |_| panic!()).is_err());
+        assert_eq!(buf.len(), before);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! decides whether two protocol versions can talk; sockets, clocks and files live elsewhere.
 
 mod backup;
+mod datapath;
 mod drives;
 mod frame;
 mod image;
@@ -19,6 +20,7 @@ mod version;
 mod wireguard;
 
 pub use backup::*;
+pub use datapath::*;
 pub use drives::*;
 pub use frame::{
     decode_frame, encode_frame, FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN,
@@ -31,8 +33,8 @@ pub use release::*;
 pub use token::{JoinToken, TokenFormatError};
 pub use types::*;
 pub use version::{
-    negotiate, VersionError, VersionRange, BACKUP_PROTOCOL, CLUSTER_PROTOCOL, DRIVES_PROTOCOL,
-    KEY_ROTATION_PROTOCOL, OVERLAY_PROTOCOL, PROTOCOL_HISTORY, PROTOCOL_VERSION,
+    negotiate, VersionError, VersionRange, BACKUP_PROTOCOL, CLUSTER_PROTOCOL, DATAPATH_PROTOCOL,
+    DRIVES_PROTOCOL, KEY_ROTATION_PROTOCOL, OVERLAY_PROTOCOL, PROTOCOL_HISTORY, PROTOCOL_VERSION,
     RELAY_REASONS_PROTOCOL, SUPPORTED, UPDATES_PROTOCOL, WIREGUARD_PROTOCOL,
 };
 pub use wireguard::*;

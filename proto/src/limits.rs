@@ -36,6 +36,7 @@
 //! | signatures found on one drive | [`MAX_DRIVE_SIGNATURES`] |
 //! | health checks in an update or boot report | [`MAX_CHECKS`] |
 //! | backup results: targets, snapshots, paths, sampled files, error lines | [`MAX_JOB_TARGETS`], [`MAX_REPORTED_SNAPSHOTS`], [`MAX_BACKUP_PATHS`], [`MAX_SAMPLE_FILES`], [`MAX_BACKUP_ERRORS`] |
+//! | (v9) TAP devices in a datapath report, offload names per device | [`MAX_DATAPATH_TAPS`], [`MAX_TAP_OFFLOADS`] |
 //! | the whole message, per kind | [`max_encoded_len`] |
 //!
 //! One bound goes the other way: the agent keeps the controller set a controller announces (v7) in
@@ -100,6 +101,10 @@ pub const MAX_CHECKS: usize = 256;
 pub const MAX_CONTROLLERS: usize = 16;
 /// (v7) A controller's id in an announced controller set.
 pub const MAX_CONTROLLER_ID_LEN: usize = 64;
+/// (v9) TAP devices in a datapath report: one per overlay network the node is in.
+pub const MAX_DATAPATH_TAPS: usize = 256;
+/// (v9) Offload names of one TAP device (there are five: csum, tso4, tso6, uso4, uso6).
+pub const MAX_TAP_OFFLOADS: usize = 16;
 
 /// The largest encoding (postcard, without the frame header) accepted for a message of this kind.
 ///
@@ -123,6 +128,7 @@ pub fn max_encoded_len(msg: &AgentMsg) -> usize {
         AgentMsg::BackupProgress(_) => 4 * KIB,
         AgentMsg::BackupResult(_) => 512 * KIB,
         AgentMsg::WireGuardGateway(_) => KIB,
+        AgentMsg::Datapath(_) => 64 * KIB,
     }
 }
 
@@ -150,6 +156,7 @@ pub fn kind_name(msg: &AgentMsg) -> &'static str {
         AgentMsg::BackupResult(_) => "backup_result",
         AgentMsg::PathsV8(_) => "paths_v8",
         AgentMsg::WireGuardGateway(_) => "wireguard_gateway",
+        AgentMsg::Datapath(_) => "datapath",
     }
 }
 
@@ -289,6 +296,7 @@ pub fn check(msg: &AgentMsg) -> Checked {
         AgentMsg::BackupResult(r) => backup_result(r),
         // A socket address: the size bound is all there is.
         AgentMsg::WireGuardGateway(_) => Ok(()),
+        AgentMsg::Datapath(d) => datapath(d),
     }
 }
 
@@ -318,6 +326,20 @@ pub fn check_wireguard_map(map: &crate::WireGuardMap) -> Checked {
                 format!("wireguard.networks[{i}].gateways[{j}]")
             })?;
         }
+    }
+    Ok(())
+}
+
+fn datapath(d: &crate::DatapathReport) -> Checked {
+    items(d.taps.len(), MAX_DATAPATH_TAPS, || "datapath.taps".into())?;
+    for (i, t) in d.taps.iter().enumerate() {
+        let f = |name: &str| format!("datapath.taps[{i}].{name}");
+        text(&t.device, MAX_NAME_LEN, || f("device"))?;
+        items(t.offloads.len(), MAX_TAP_OFFLOADS, || f("offloads"))?;
+        for (j, o) in t.offloads.iter().enumerate() {
+            text(o, MAX_NAME_LEN, || f(&format!("offloads[{j}]")))?;
+        }
+        opt_text(&t.fallback, MAX_TEXT_LEN, || f("fallback"))?;
     }
     Ok(())
 }
@@ -1292,6 +1314,56 @@ mod tests {
         });
         assert_eq!(check(&hello), Ok(()));
         assert_eq!(kind_name(&hello), "wireguard_gateway");
+    }
+
+    #[test]
+    fn datapath_reports_bound_devices_offloads_and_text() {
+        use crate::{DatapathReport, NetworkId, TapDatapath};
+        let tap = |device: String, offloads: Vec<String>, fallback: Option<String>| TapDatapath {
+            network: NetworkId(1),
+            device,
+            offloads,
+            fallback,
+            queues: 1,
+            reads: u64::MAX,
+            read_frames: u64::MAX,
+            writes: u64::MAX,
+            write_frames: u64::MAX,
+        };
+        let report = |taps: Vec<TapDatapath>| {
+            AgentMsg::Datapath(DatapathReport {
+                taps,
+                rx_batches: u64::MAX,
+                rx_datagrams: u64::MAX,
+            })
+        };
+        let plain = || tap("shoal0".into(), vec!["tso4".into(); 5], None);
+        at_and_over(MAX_DATAPATH_TAPS, "datapath.taps", |n| {
+            report(vec![plain(); n])
+        });
+        at_and_over(MAX_NAME_LEN, "datapath.taps[0].device", |n| {
+            report(vec![tap(s(n), vec![], None)])
+        });
+        at_and_over(MAX_TAP_OFFLOADS, "datapath.taps[0].offloads", |n| {
+            report(vec![tap("shoal0".into(), vec!["csum".into(); n], None)])
+        });
+        at_and_over(MAX_NAME_LEN, "datapath.taps[0].offloads[0]", |n| {
+            report(vec![tap("shoal0".into(), vec![s(n)], None)])
+        });
+        at_and_over(MAX_TEXT_LEN, "datapath.taps[0].fallback", |n| {
+            report(vec![tap("shoal0".into(), vec![], Some(s(n)))])
+        });
+        // Every device at its longest fallback would pass the item bounds; the size bound stops it.
+        let err = check(&report(vec![
+            tap(
+                "shoal0".into(),
+                vec![],
+                Some(s(MAX_TEXT_LEN))
+            );
+            MAX_DATAPATH_TAPS
+        ]))
+        .unwrap_err();
+        assert_eq!(err.field, "datapath");
     }
 
     #[test]

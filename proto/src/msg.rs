@@ -16,10 +16,10 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 use crate::{
-    BackupProgress, BackupResult, BackupTask, BootReport, DriveCommand, DriveCommandResult,
-    DrivePolicy, DriveReport, HardwareId, HealthReport, Inventory, MaintenanceResult,
-    MaintenanceStep, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport, PathReportV8,
-    PeerIndex, Punch, SignedRelease, UnixMillis, UpdateReport, VersionRange,
+    BackupProgress, BackupResult, BackupTask, BootReport, DatapathReport, DriveCommand,
+    DriveCommandResult, DrivePolicy, DriveReport, HardwareId, HealthReport, Inventory,
+    MaintenanceResult, MaintenanceStep, Netmap, NetmapDelta, NodeId, OverlayHello, PathReport,
+    PathReportV8, PeerIndex, Punch, SignedRelease, UnixMillis, UpdateReport, VersionRange,
 };
 
 /// Agent to controller.
@@ -86,6 +86,9 @@ pub enum AgentMsg {
     /// (v9) This agent runs a WireGuard gateway on this address (`--wireguard-gateway`); sent
     /// after Welcome.
     WireGuardGateway(crate::WireGuardGatewayHello),
+    /// (v9) How the overlay datapath moves frames (offloads, queues, batching); sent with every
+    /// path report.
+    Datapath(DatapathReport),
 }
 
 /// Controller to agent.

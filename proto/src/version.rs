@@ -30,6 +30,8 @@ pub const RELAY_REASONS_PROTOCOL: u16 = 8;
 /// The first version with WireGuard gateways (`AgentMsg::WireGuardGateway`,
 /// `ControllerMsg::WireGuard`).
 pub const WIREGUARD_PROTOCOL: u16 = 9;
+/// The first version with datapath reports (`AgentMsg::Datapath`).
+pub const DATAPATH_PROTOCOL: u16 = 9;
 
 /// Every version this build speaks.
 pub const SUPPORTED: VersionRange = VersionRange {
@@ -110,10 +112,13 @@ pub const PROTOCOL_HISTORY: &[(&str, u16, &str)] = &[
     (
         "2026-12-07",
         9,
-        "WireGuard gateways: AgentMsg::WireGuardGateway (the gateway's UDP listen address) after \
-         Welcome; ControllerMsg::WireGuard (WireGuardMap: per network of the agent with devices, \
-         each device's public key and address, the gateway members, and for a gateway the network's \
-         gateway private key and whether it is the active gateway) after Welcome and on every change",
+        "WireGuard gateways and datapath reports: AgentMsg::WireGuardGateway (the gateway's UDP \
+         listen address) after Welcome; ControllerMsg::WireGuard (WireGuardMap: per network of the \
+         agent with devices, each device's public key and address, the gateway members, and for a \
+         gateway the network's gateway private key and whether it is the active gateway) after \
+         Welcome and on every change; AgentMsg::Datapath (DatapathReport: per TAP device the \
+         offloads in use or why none, queues, reads and writes with the frames they carried; peer \
+         datagram receive batches) sent with every path report",
     ),
 ];
 

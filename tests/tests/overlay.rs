@@ -1278,4 +1278,55 @@ fn bulk_tcp_is_intact_between_an_agent_with_tap_offloads_and_one_without() {
             .with_context(|| format!("agent {} to agent {}", from + 1, to + 1))
             .or_panic();
     }
+    // The operator sees which path each node runs (protocol 9 datapath reports): offloads and
+    // super-frame reads on agent 1, plain frames and why on agent 2.
+    let (with, without) = (fleet.node_id(0).or_panic(), fleet.node_id(1).or_panic());
+    let (a, b) = eventually(
+        Duration::from_secs(30),
+        "both agents report their datapath after the bulk transfer",
+        || {
+            let all = fleet.ctl_json(&["overlay", "counters"])?;
+            let tap = |node: &str| -> Result<Value> {
+                let c = all
+                    .as_array()
+                    .and_then(|a| a.iter().find(|c| c["node"] == node))
+                    .with_context(|| format!("no counters from {node} yet: {all}"))?;
+                let t = &c["datapath"]["taps"][0];
+                ensure!(
+                    t["reads"].as_u64().unwrap_or(0) > 100,
+                    "{node}: no report of the bulk transfer yet: {c}"
+                );
+                Ok(t.clone())
+            };
+            Ok((tap(&with)?, tap(&without)?))
+        },
+    )
+    .or_panic();
+    assert_eq!(a["device"], "shoal0");
+    assert_eq!(a["offloads"][1], "tso4", "{a}");
+    assert!(a["fallback"].is_null(), "{a}");
+    assert_eq!(a["queues"], 1);
+    let per_read = a["frames_per_read"].as_f64().unwrap_or(0.0);
+    assert!(per_read > 1.5, "TSO reads carry several frames: {a}");
+    assert_eq!(b["offloads"], serde_json::json!([]), "{b}");
+    assert_eq!(b["fallback"], "disabled", "{b}");
+    assert_eq!(b["frames_per_read"].as_f64(), Some(1.0), "{b}");
+    assert_eq!(b["frames_per_write"].as_f64(), Some(1.0), "{b}");
+    let table = fleet
+        .ctl_ok(&["overlay", "counters", "-o", "wide"])
+        .or_panic();
+    let row = |node: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(node))
+            .unwrap_or_else(|| panic!("no row for {node}: {table}"))
+            .to_owned()
+    };
+    assert!(
+        table.contains("OFFLOAD") && table.contains("FRAMES/READ"),
+        "{table}"
+    );
+    assert!(row(&with).contains("shoal0:csum,tso4,tso6"), "{table}");
+    assert!(row(&without).contains("shoal0:off(disabled)"), "{table}");
+    assert!(row(&without).contains("shoal0:1.0"), "{table}");
 }

@@ -292,6 +292,15 @@ impl Shell<'_> {
             };
             send_msg(send, &msg).await?;
         }
+        // (v9) With it, how the datapath moves frames, for `shoalctl overlay counters`.
+        if self.protocol >= shoal_proto::DATAPATH_PROTOCOL {
+            if let Some(report) = match &self.overlay.node {
+                Some(node) => node.datapath().await,
+                None => None,
+            } {
+                send_msg(send, &AgentMsg::Datapath(report)).await?;
+            }
+        }
         Ok(())
     }
 }

@@ -45,4 +45,49 @@ pub struct OverlayCountersView {
     pub dropped: BTreeMap<String, u64>,
     /// When it was reported (RFC 3339).
     pub reported_at: String,
+    /// How the node's datapath moves frames, where its agent said (protocol 9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datapath: Option<DatapathView>,
+}
+
+/// How one node's datapath moves frames (protocol 9).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatapathView {
+    /// One entry per TAP device.
+    pub taps: Vec<TapView>,
+    /// Peer datagram receive batches since the agent started.
+    pub rx_batches: u64,
+    /// Datagrams in those batches.
+    pub rx_datagrams: u64,
+    /// Mean datagrams per receive batch (none before the first).
+    pub datagrams_per_batch: Option<f64>,
+    /// When it was reported (RFC 3339).
+    pub reported_at: String,
+}
+
+/// One TAP device's datapath.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TapView {
+    /// The network's id.
+    pub network: u32,
+    /// The device (`shoal0`).
+    pub device: String,
+    /// Offloads in use: `csum`, `tso4`, `tso6`, `uso4`, `uso6`; empty for plain frames.
+    pub offloads: Vec<String>,
+    /// Why there are none: `disabled` (`--overlay-no-offload`) or `refused: <kernel error>`.
+    pub fallback: Option<String>,
+    /// TAP queues read.
+    pub queues: u16,
+    /// TAP reads, and the frames they brought.
+    pub reads: u64,
+    /// Frames read (a TSO super-frame counts as the frames it is split into).
+    pub read_frames: u64,
+    /// Mean frames per read (none before the first).
+    pub frames_per_read: Option<f64>,
+    /// TAP writes.
+    pub writes: u64,
+    /// Frames written (a coalesced super-frame counts as the frames merged into it).
+    pub write_frames: u64,
+    /// Mean frames per write (none before the first).
+    pub frames_per_write: Option<f64>,
 }

@@ -441,6 +441,39 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// `overlay counters` cells from the datapath report: OFFLOAD, then the wide QUEUES, FRAMES/READ,
+/// FRAMES/WRITE and DGRAMS/BATCH; one `device:value` per TAP device, `-` from agents before
+/// protocol 9.
+fn overlay_datapath_cells(d: Option<&shoal_api::overlay::DatapathView>) -> Vec<String> {
+    let Some(d) = d else {
+        return vec!["-".into(); 5];
+    };
+    let mean = |m: Option<f64>| m.map_or_else(|| "-".into(), |m| format!("{m:.1}"));
+    let per_tap = |cell: &dyn Fn(&shoal_api::overlay::TapView) -> String| {
+        let cells: Vec<String> = d
+            .taps
+            .iter()
+            .map(|t| format!("{}:{}", t.device, cell(t)))
+            .collect();
+        if cells.is_empty() {
+            "-".into()
+        } else {
+            cells.join(" ")
+        }
+    };
+    vec![
+        per_tap(&|t| match (&t.fallback, t.offloads.is_empty()) {
+            (Some(why), _) => format!("off({why})"),
+            (None, true) => "off".into(),
+            (None, false) => t.offloads.join(","),
+        }),
+        per_tap(&|t| t.queues.to_string()),
+        per_tap(&|t| mean(t.frames_per_read)),
+        per_tap(&|t| mean(t.frames_per_write)),
+        mean(d.datagrams_per_batch),
+    ]
+}
+
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
@@ -687,8 +720,16 @@ fn run(cli: Cli, config_typed: bool) -> anyhow::Result<u8> {
             let mut counters: Vec<OverlayCountersView> = client.get("/v1/overlay/counters")?;
             counters.retain(|c| nodes::keep(&filter, &c.node));
             out.show(&counters, || {
-                out.table(
-                    &["NODE", "FORWARDED", "FLOODED", "DELIVERED", "DROPPED"],
+                out.table_wide(
+                    &[
+                        "NODE",
+                        "FORWARDED",
+                        "FLOODED",
+                        "DELIVERED",
+                        "DROPPED",
+                        "OFFLOAD",
+                    ],
+                    &["QUEUES", "FRAMES/READ", "FRAMES/WRITE", "DGRAMS/BATCH"],
                     counters.iter().map(|c| {
                         let dropped = c
                             .dropped
@@ -696,13 +737,15 @@ fn run(cli: Cli, config_typed: bool) -> anyhow::Result<u8> {
                             .map(|(k, v)| format!("{k}={v}"))
                             .collect::<Vec<_>>()
                             .join(" ");
-                        vec![
+                        let mut row = vec![
                             c.node.clone(),
                             c.forwarded.to_string(),
                             c.flooded.to_string(),
                             c.delivered.to_string(),
                             dropped,
-                        ]
+                        ];
+                        row.extend(overlay_datapath_cells(c.datapath.as_ref()));
+                        row
                     }),
                 );
             })?

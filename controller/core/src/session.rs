@@ -79,6 +79,8 @@ pub enum Action {
     BackupResult(shoal_proto::BackupResult),
     /// (v9) The agent runs a WireGuard gateway listening here.
     WireGuardGateway(std::net::SocketAddr),
+    /// (v9) Keep the node's datapath report with its live overlay state.
+    Datapath(shoal_proto::DatapathReport),
     /// Close the connection, after sending anything queued before it.
     Close(CloseKind, String),
 }
@@ -298,6 +300,10 @@ impl Session {
                         self.reject(RejectCode::Protocol, "WireGuard gateways need protocol 9")
                     }
                     AgentMsg::WireGuardGateway(g) => vec![Action::WireGuardGateway(g.listen)],
+                    AgentMsg::Datapath(_) if self.version < Some(9) => {
+                        self.reject(RejectCode::Protocol, "datapath reports need protocol 9")
+                    }
+                    AgentMsg::Datapath(d) => vec![Action::Datapath(d)],
                     AgentMsg::Hello(_) => self.reject(RejectCode::Protocol, "Hello sent twice"),
                     AgentMsg::Enrol(_) => self.reject(
                         RejectCode::Protocol,
@@ -654,6 +660,23 @@ mod tests {
         assert!(matches!(
             &s.handle(UnixMillis(2), gw())[..],
             [Action::WireGuardGateway(a)] if a.port() == 51820
+        ));
+    }
+
+    #[test]
+    fn datapath_reports_need_protocol_9() {
+        let report = || AgentMsg::Datapath(shoal_proto::DatapathReport::default());
+        let mut s = Session::new(config(), Some(NodeId("n1".into())));
+        s.handle(UnixMillis(1), hello(1, 8));
+        assert_eq!(
+            rejected(&s.handle(UnixMillis(2), report())),
+            Some(RejectCode::Protocol)
+        );
+        let mut s = Session::new(config(), Some(NodeId("n1".into())));
+        s.handle(UnixMillis(1), hello(1, 9));
+        assert!(matches!(
+            &s.handle(UnixMillis(2), report())[..],
+            [Action::Datapath(_)]
         ));
     }
 

@@ -39,8 +39,8 @@ use shoal_overlay::{
     send_msg,
 };
 use shoal_proto::{
-    ControllerMsg, NetworkId, NodeId, Observed, OverlayHello, PathKind, PathReport, PathReportV8,
-    PeerIndex, Punch, RelayReason, UnixMillis,
+    ControllerMsg, DatapathReport, NetworkId, NodeId, Observed, OverlayHello, PathKind, PathReport,
+    PathReportV8, PeerIndex, Punch, RelayReason, UnixMillis,
 };
 use tracing::{debug, info, warn};
 
@@ -441,6 +441,9 @@ pub struct OverlayHub {
     /// The other controllers, once the mesh runs.
     mesh: std::sync::OnceLock<Arc<dyn MeshPort>>,
     paths: Mutex<HashMap<NodeId, ReportedPaths>>,
+    /// (v9) Each node's last datapath report and when it arrived (bounded by `shoal_proto::limits`;
+    /// one per node, replaced by the next).
+    datapath: Mutex<HashMap<NodeId, (DatapathReport, UnixMillis)>>,
     probe_port: Mutex<Option<u16>>,
     limits: OverlayLimits,
     stats: HubStats,
@@ -471,6 +474,7 @@ impl OverlayHub {
             remote: RwLock::new(HashMap::new()),
             mesh: std::sync::OnceLock::new(),
             paths: Mutex::new(HashMap::new()),
+            datapath: Mutex::new(HashMap::new()),
             probe_port: Mutex::new(None),
             limits,
             stats: HubStats::default(),
@@ -855,6 +859,10 @@ impl OverlayHub {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(node);
+        self.datapath
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node);
     }
 
     /// `from` asks `punch.peer` to punch towards it now. Passed on only between nodes that share a
@@ -992,6 +1000,23 @@ impl OverlayHub {
                 at: now_ms(),
             },
         );
+    }
+
+    /// (v9) Keeps a node's datapath report (already checked against the protocol limits).
+    pub fn datapath_reported(&self, node: &NodeId, report: DatapathReport) {
+        self.datapath
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.clone(), (report, now_ms()));
+    }
+
+    /// (v9) A node's latest datapath report and when it arrived.
+    pub fn reported_datapath(&self, node: &NodeId) -> Option<(DatapathReport, UnixMillis)> {
+        self.datapath
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .cloned()
     }
 
     /// The latest path report of every node.

@@ -80,6 +80,18 @@ pub(crate) async fn paths(
         .collect()
 }
 
+/// `Action::Datapath` (v9): kept in memory with the node's path report, replacing the last one.
+pub(crate) fn datapath(
+    controller: &Arc<Controller>,
+    session: &mut Session,
+    report: shoal_proto::DatapathReport,
+) -> Vec<Action> {
+    if let Some(node) = session.node() {
+        controller.overlay.datapath_reported(node, report);
+    }
+    vec![]
+}
+
 /// `Action::Punch`.
 pub(crate) async fn punch(
     controller: &Arc<Controller>,

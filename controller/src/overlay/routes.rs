@@ -106,6 +106,7 @@ pub(crate) async fn overlay_counters(
             .reported_paths()
             .into_iter()
             .map(|(node, r)| shoal_api::overlay::OverlayCountersView {
+                datapath: ctl.overlay.reported_datapath(&node).map(datapath_view),
                 node: node.0,
                 forwarded: r.report.counters.forwarded,
                 flooded: r.report.counters.flooded,
@@ -115,6 +116,34 @@ pub(crate) async fn overlay_counters(
             })
             .collect(),
     )
+}
+
+fn datapath_view(
+    (d, at): (shoal_proto::DatapathReport, shoal_proto::UnixMillis),
+) -> shoal_api::overlay::DatapathView {
+    shoal_api::overlay::DatapathView {
+        datagrams_per_batch: d.datagrams_per_batch(),
+        taps: d
+            .taps
+            .into_iter()
+            .map(|t| shoal_api::overlay::TapView {
+                frames_per_read: t.frames_per_read(),
+                frames_per_write: t.frames_per_write(),
+                network: t.network.0,
+                device: t.device,
+                offloads: t.offloads,
+                fallback: t.fallback,
+                queues: t.queues,
+                reads: t.reads,
+                read_frames: t.read_frames,
+                writes: t.writes,
+                write_frames: t.write_frames,
+            })
+            .collect(),
+        rx_batches: d.rx_batches,
+        rx_datagrams: d.rx_datagrams,
+        reported_at: rfc3339(at.0),
+    }
 }
 
 pub(crate) fn network_view(rec: &NetworkRecord, members: usize) -> NetworkView {

@@ -509,5 +509,6 @@ pub(crate) async fn perform(
             }
             vec![]
         }
+        Action::Datapath(d) => overlay::messages::datapath(controller, session, d),
     }
 }

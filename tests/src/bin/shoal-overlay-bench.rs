@@ -39,7 +39,7 @@ use shoal_tests::{eventually, Fleet, FleetConfig, Proc, ProcSpec};
 
 const USAGE: &str = "\
 usage: shoal-overlay-bench [--time SECS] [--pings N] [--cc LIST] [--loss PCT]... [--no-loss]
-                           [--boringtun PATH] [--no-boringtun]
+                           [--boringtun PATH] [--no-boringtun] [--agent-arg ARG]...
 
 Starts a controller and two agents, each in its own network namespace on one veth/bridge LAN, and
 measures ping RTT and iperf3 TCP throughput (1 and 4 streams) from agent 1 to agent 2 over the
@@ -56,6 +56,8 @@ overlay runs for each outer congestion controller, clean and under each random l
   --boringtun PATH  the boringtun-cli binary (default: target/bench-tools/bin/boringtun-cli next to
                     this binary's target dir, then $PATH)
   --no-boringtun    skip the WireGuard row
+  --agent-arg ARG   append ARG to every agent's command line (repeatable; e.g. --agent-arg
+                    --threads --agent-arg 2), to compare agent settings with one build
   -h, --help        this text
 
 Needs root. Fleet binaries come from the directory of this binary, or from $SHOAL_BIN_DIR; build them
@@ -80,6 +82,7 @@ struct Args {
     loss: Vec<f64>,
     boringtun: Option<PathBuf>,
     no_boringtun: bool,
+    agent_args: Vec<String>,
 }
 
 fn parse_args() -> Result<Option<Args>> {
@@ -90,6 +93,7 @@ fn parse_args() -> Result<Option<Args>> {
         loss: vec![1.0],
         boringtun: None,
         no_boringtun: false,
+        agent_args: Vec::new(),
     };
     let mut loss_given = false;
     let mut it = std::env::args().skip(1);
@@ -138,6 +142,7 @@ fn parse_args() -> Result<Option<Args>> {
             }
             "--boringtun" => args.boringtun = Some(PathBuf::from(value("--boringtun")?)),
             "--no-boringtun" => args.no_boringtun = true,
+            "--agent-arg" => args.agent_args.push(value("--agent-arg")?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -479,11 +484,13 @@ struct TwoAgents {
 }
 
 impl TwoAgents {
-    fn start(cc: &str) -> Result<TwoAgents> {
-        eprintln!("[bench] starting a controller and 2 agents with --overlay-cc {cc}…");
+    fn start(cc: &str, extra: &[String]) -> Result<TwoAgents> {
+        eprintln!("[bench] starting a controller and 2 agents with --overlay-cc {cc} {extra:?}…");
+        let mut agent_args = vec!["--overlay-cc".into(), cc.into()];
+        agent_args.extend_from_slice(extra);
         let cfg = FleetConfig {
             machine_id_prefix: "bench".into(),
-            agent_args: vec!["--overlay-cc".into(), cc.into()],
+            agent_args,
             ..FleetConfig::fast().agents(2)
         };
         let fleet = Fleet::start(cfg)?;
@@ -991,20 +998,21 @@ fn run(args: &Args) -> Result<()> {
         ticks: clock_ticks(),
     };
     println!(
-        "shoal-overlay-bench {}: binaries {}; iperf3 -t {} ; ping -c {} -i 0.05; CC {:?}; loss {:?} %",
+        "shoal-overlay-bench {}: binaries {}; iperf3 -t {} ; ping -c {} -i 0.05; CC {:?}; loss {:?} %; agent args {:?}",
         humantime::format_rfc3339_seconds(started),
         bins.dir.display(),
         args.time,
         args.pings,
         args.ccs,
-        args.loss
+        args.loss,
+        args.agent_args
     );
     if bins.dir.components().any(|c| c.as_os_str() == "debug") {
         println!("WARNING: debug binaries ({}); build with `cargo build --release --workspace --bins` and run target/release/shoal-overlay-bench", bins.dir.display());
     }
 
     let main_cc = args.ccs[0].clone();
-    let mut two = TwoAgents::start(&main_cc)?;
+    let mut two = TwoAgents::start(&main_cc, &args.agent_args)?;
     let a_ns = two.ns[0].clone();
 
     // WireGuard first, so a setup problem shows before the long runs.
@@ -1078,7 +1086,7 @@ fn run(args: &Args) -> Result<()> {
     // The other congestion controllers, each on a fresh fleet.
     let mut cc_rows: Vec<(String, Vec<Row>)> = Vec::new();
     for cc in args.ccs.iter().skip(1) {
-        let mut two = TwoAgents::start(cc)?;
+        let mut two = TwoAgents::start(cc, &args.agent_args)?;
         let ns = two.ns[0].clone();
         let mut rows = vec![bench.row(
             format!("shoal overlay ({cc})"),
