@@ -85,7 +85,8 @@ struct Cli {
     overlay_no_offload: bool,
     /// Runtime worker threads (1..=16). 1, the default, runs the agent on one thread (smallest
     /// idle memory); more let the overlay's TAP readers, peer connections and TAP writers run on
-    /// several cores at once (see docs/performance.md, "overlay worker threads").
+    /// several cores at once, which measured slower on a 2-core machine (docs/performance.md,
+    /// "Where the time goes after offloads").
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     threads: u16,
     /// Do not manage drives (no SMART, no hot-add handling).
