@@ -646,12 +646,22 @@ fn agents_on_different_controllers_talk_through_the_relay_and_again_after_one_co
         || ping(&a_ns, addrs[1]),
     )
     .or_panic();
-    let moved_to = holder_of(&fleet, 0, b).or_panic();
     eprintln!(
-        "b's controller killed -> a reaches b again after {:?} (b now on controller {moved_to})",
+        "b's controller killed -> a reaches b again after {:?}",
         killed.elapsed()
     );
-    assert_eq!(moved_to, 2);
+    // The relay carries a's pings as soon as b's new session is up; controller 0 learns who holds
+    // b from the mesh's presence news, which may come a moment later.
+    eventually(
+        Duration::from_secs(10),
+        "controller 0 sees b on controller 2",
+        || {
+            let holder = holder_of(&fleet, 0, b)?;
+            ensure!(holder == 2, "b on controller {holder}");
+            Ok(())
+        },
+    )
+    .or_panic();
     eventually(
         Duration::from_secs(20),
         "b's relay path reported on controller 2",
