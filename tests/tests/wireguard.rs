@@ -216,17 +216,8 @@ fn test_body(wireguard_go: &std::path::Path) -> Result<()> {
         endpoint: format!("{gw_addr}:{PORT}"),
         allowed_ips: "10.90.0.0/16".into(),
     };
-    let dir = tempfile::tempdir()?;
-    let conf = dir.path().join("wg.conf");
-    let setconf: String = config
-        .render()
-        .lines()
-        .filter(|l| !l.starts_with("Address"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&conf, setconf)?;
 
-    let _client = start_client(&phone_ns, wireguard_go, &conf)?;
+    let _client = start_client(&phone_ns, wireguard_go, &config.render())?;
 
     gateway.served.send_replace(Served {
         devices: vec![Device {
@@ -302,21 +293,17 @@ fn test_body(wireguard_go: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// wireguard-go on `wg<pid>` in `ns`, configured from `conf` (`wg setconf`), with the device's
-/// address and a route to the overlay.
-fn start_client(
-    ns: &str,
-    wireguard_go: &std::path::Path,
-    conf: &std::path::Path,
-) -> Result<KillOnDrop> {
-    start_client_as(ns, wireguard_go, conf, DEVICE_ADDR, "10.90.0.0/16")
+/// wireguard-go on `wg<pid>` in `ns`, configured from the wg-quick configuration `config`, with
+/// the device's address and a route to the overlay.
+fn start_client(ns: &str, wireguard_go: &std::path::Path, config: &str) -> Result<KillOnDrop> {
+    start_client_as(ns, wireguard_go, config, DEVICE_ADDR, "10.90.0.0/16")
 }
 
 /// [`start_client`] with the device's address and the route to its network.
 fn start_client_as(
     ns: &str,
     wireguard_go: &std::path::Path,
-    conf: &std::path::Path,
+    config: &str,
     address: Ipv4Addr,
     route: &str,
 ) -> Result<KillOnDrop> {
@@ -340,6 +327,15 @@ fn start_client_as(
     eventually!(Duration::from_secs(10), "wireguard-go's interface", || {
         in_ns(phone_ns, "ip", &["link", "show", &iface])
     })?;
+    // `wg setconf` takes all of it but wg-quick's Address line, applied below.
+    let dir = tempfile::tempdir()?;
+    let conf = dir.path().join("wg.conf");
+    let setconf: String = config
+        .lines()
+        .filter(|l| !l.starts_with("Address"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&conf, setconf)?;
     in_ns(
         phone_ns,
         "wg",
@@ -452,16 +448,7 @@ fn failover_body(wireguard_go: &std::path::Path) -> Result<()> {
         endpoint: listen.to_string(),
         allowed_ips: "10.90.0.0/16".into(),
     };
-    let dir = tempfile::tempdir()?;
-    let conf = dir.path().join("wg.conf");
-    let setconf: String = config
-        .render()
-        .lines()
-        .filter(|l| !l.starts_with("Address"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&conf, setconf)?;
-    let _client = start_client(&phone_ns, wireguard_go, &conf)?;
+    let _client = start_client(&phone_ns, wireguard_go, &config.render())?;
 
     let node = TAP_ADDR.to_string();
     eventually!(
@@ -615,16 +602,7 @@ fn agents_body(wireguard_go: &std::path::Path) -> Result<()> {
         .context("the device's address")?;
     let route = conf_value(&printed, "AllowedIPs")?.to_owned();
     anyhow::ensure!(conf_value(&printed, "Endpoint")? == listen, "{printed}");
-    let dir = tempfile::tempdir()?;
-    let conf = dir.path().join("wg.conf");
-    // `wg setconf` takes all of it but wg-quick's Address line, which start_client_as applies.
-    let setconf: String = printed
-        .lines()
-        .filter(|l| !l.starts_with("Address"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&conf, setconf)?;
-    let _client = start_client_as(&phone_ns, wireguard_go, &conf, address, &route)?;
+    let _client = start_client_as(&phone_ns, wireguard_go, &printed, address, &route)?;
 
     // One gateway (the controller's choice) holds the floating address.
     let active = eventually!(
