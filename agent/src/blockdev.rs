@@ -1238,13 +1238,9 @@ mod tests {
     /// (which has no nightly compiler) runs it too.
     #[test]
     fn mutated_uevents_never_panic() {
-        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move |bound: usize| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            usize::try_from(rng % bound.max(1) as u64).unwrap_or(0)
-        };
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(0x9e37_79b9_7f4a_7c15);
+        let mut next = move |bound: usize| rng.random_range(0..bound.max(1));
         let mut parsed = 0;
         for i in 0..20_000 {
             let mut bytes = REAL[i % REAL.len()].to_vec();

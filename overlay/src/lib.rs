@@ -18,6 +18,7 @@ pub mod pki;
 pub mod relay_socket;
 pub mod switch;
 pub mod tls;
+pub mod udp_buffers;
 pub mod wire;
 
 pub use framed::{recv_msg, send_msg, FrameReader, TransportError};

@@ -574,13 +574,9 @@ mod tests {
     /// header.
     #[test]
     fn mutated_reads_and_frames_never_panic() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        use rand::{rngs::StdRng, RngCore, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(0x2545_f491_4f6c_dd1d);
+        let mut next = move || rng.next_u64();
         let seeds = [
             tso_read(&payload(5000), 1340),
             tso_read(&payload(200), 100),

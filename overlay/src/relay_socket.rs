@@ -142,10 +142,11 @@ impl fmt::Debug for RelaySocket {
 const RELAY_QUEUE: usize = 1024;
 
 impl RelaySocket {
-    /// Wraps a bound UDP socket for tokio.
+    /// Wraps a bound UDP socket for tokio, its kernel buffers sized for GSO/GRO bursts.
     pub fn wrap(
         socket: std::net::UdpSocket,
     ) -> io::Result<(Arc<RelaySocket>, RelayChannels, Arc<RelaySocketStats>)> {
+        crate::udp_buffers::size_socket_buffers(&socket);
         let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)?;
         let (out_tx, out_rx) = mpsc::channel(RELAY_QUEUE);
         let (in_tx, in_rx) = mpsc::channel(RELAY_QUEUE);

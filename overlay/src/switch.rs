@@ -2077,13 +2077,9 @@ mod tests {
                 &nd(ND_NEIGHBOUR_SOLICIT, victim, &[(ND_OPT_SOURCE_LL, mac(2))]),
             ),
         ];
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut rand = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        use rand::{rngs::StdRng, RngCore, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(0x2545_f491_4f6c_dd1d);
+        let mut rand = move || rng.next_u64();
         let mut s = switch();
         let t0 = Instant::now();
         let mut delivered = 0;

@@ -232,13 +232,9 @@ mod tests {
             .unwrap(),
             encode_frame(&ControllerMsg::Revoked { reason: "x".into() }).unwrap(),
         ];
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rand = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        use rand::{rngs::StdRng, RngCore, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(0x9e37_79b9_7f4a_7c15);
+        let mut rand = move || rng.next_u64();
         for i in 0..30_000 {
             let mut bytes = seeds[i % seeds.len()].clone();
             match rand() % 4 {

@@ -1207,16 +1207,14 @@ fn bulk_tcp(fleet: &Fleet, from: usize, to: usize, to_addr: Ipv4Addr, len: usize
         TcpStream::connect_timeout(&SocketAddr::from((to_addr, port)), Duration::from_secs(5))
     })??;
     s.set_write_timeout(Some(Duration::from_secs(30)))?;
-    let (mut hash, mut state, mut chunk) =
-        (Sha256::new(), 0x9e37_79b9_7f4a_7c15u64, vec![0; 1 << 16]);
+    let (mut hash, mut rng, mut chunk) = (
+        Sha256::new(),
+        <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0x9e37_79b9_7f4a_7c15),
+        vec![0; 1 << 16],
+    );
     let mut left = len;
     while left > 0 {
-        for b in chunk.iter_mut() {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            *b = state as u8;
-        }
+        rand::RngCore::fill_bytes(&mut rng, &mut chunk);
         // Odd-sized writes, so segments do not line up with the MSS.
         let n = left.min(chunk.len() - (left % 977));
         s.write_all(&chunk[..n]).context("bulk send")?;

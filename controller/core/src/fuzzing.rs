@@ -743,13 +743,9 @@ mod tests {
     fn mutate_and_run(seeds: Vec<Vec<u8>>, rounds: usize, property: fn(&[u8]) -> Seen) -> Seen {
         let mut total = Seen::default();
         let mut pool = seeds;
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut rand = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        use rand::{rngs::StdRng, RngCore, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(0x2545_f491_4f6c_dd1d);
+        let mut rand = move || rng.next_u64();
         for seed in &pool {
             total.add(&property(seed));
         }

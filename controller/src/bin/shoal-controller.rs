@@ -262,6 +262,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .with_context(|| format!("opening data dir {}", args.data_dir.display()))?;
         let quic = std::net::UdpSocket::bind(args.listen)
             .with_context(|| format!("binding {} (UDP)", args.listen))?;
+        // The controller relays peer traffic on this socket: bursts as large as a direct path's.
+        shoal_overlay::udp_buffers::size_socket_buffers(&quic);
         let api = std::net::TcpListener::bind(args.api)
             .with_context(|| format!("binding {} (TCP)", args.api))?;
         let metrics = match args.metrics {

@@ -607,13 +607,9 @@ pub(crate) mod tests {
             fuzz_decode(&good[..len]);
             assert!(decode(&good[..len]).is_err());
         }
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        use rand::{rngs::StdRng, RngCore, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(0x9e37_79b9_7f4a_7c15);
+        let mut next = move || rng.next_u64();
         for _ in 0..5000 {
             let mut bad = good.clone();
             for _ in 0..1 + next() % 4 {

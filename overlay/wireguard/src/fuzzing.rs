@@ -82,14 +82,10 @@ mod tests {
         to_device.extend_from_slice(&ip);
         to_device[14 + 12..14 + 20].copy_from_slice(&[10, 0, 0, 2, 10, 0, 0, 11]);
         let seeds = [record(0, &arp), record(1, &ip), record(0, &to_device)];
-        // xorshift: the same mutations on every run.
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        // Seeded, so every run makes the same mutations.
+        use rand::{rngs::StdRng, RngCore, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(0x2545_f491_4f6c_dd1d);
+        let mut next = move || rng.next_u64();
         for seed in &seeds {
             bridge_records(seed);
             for _ in 0..5000 {

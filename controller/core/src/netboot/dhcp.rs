@@ -1570,13 +1570,12 @@ mod tests {
             let _ = parse(&good[..cut]);
         }
         // Deterministic mutations of a valid packet.
-        let mut state = 0x2545_f491_4f6c_dd1du64;
+        use rand::{rngs::StdRng, RngCore, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(0x2545_f491_4f6c_dd1d);
         for _ in 0..20_000 {
             let mut bytes = good.clone();
             for _ in 0..4 {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
+                let state = rng.next_u64();
                 let i = (state as usize) % bytes.len();
                 bytes[i] = (state >> 32) as u8;
             }
