@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use shoal_overlay::switch::Bridging;
+use shoal_overlay::switch::{gateway_mac, Bridging};
 use shoal_proto::{MacAddr, Netmap, NetworkId, WireGuardMap};
 use shoal_wireguard::run::Served;
 use shoal_wireguard::{Device, Key};
@@ -18,7 +18,8 @@ pub struct Serve {
     pub network: NetworkId,
     /// The network's gateway private key (in memory only).
     pub key: Key,
-    /// This node's MAC on the network: the gateway speaks with it.
+    /// The gateway's MAC on the network, [`gateway_mac`] of this node's: not the TAP device's, so
+    /// the switch can deliver between the node's kernel and its devices.
     pub mac: MacAddr,
     /// Devices and neighbours.
     pub served: Served,
@@ -69,18 +70,17 @@ pub fn plan(map: &WireGuardMap, netmap: &Netmap, gateway: bool) -> Plan {
             },
         ));
         if let (true, Some(role)) = (local, role) {
-            let neighbours = netmap
-                .peers
-                .iter()
-                .filter_map(|p| {
+            // This node is a neighbour too: its kernel is reached through the switch like a peer's.
+            let neighbours = std::iter::once((m.address, m.mac))
+                .chain(netmap.peers.iter().filter_map(|p| {
                     let pn = p.networks.iter().find(|pn| pn.id == m.id)?;
                     Some((pn.address, pn.mac))
-                })
+                }))
                 .collect();
             out.serve = Some(Serve {
                 network: m.id,
                 key: Key(role.private_key),
-                mac: m.mac,
+                mac: gateway_mac(m.mac),
                 served: Served {
                     devices,
                     neighbours,
@@ -167,11 +167,18 @@ mod tests {
         let serve = p.serve.expect("serves");
         assert_eq!(serve.network, NetworkId(1));
         assert_eq!(serve.key, Key([5; 32]));
-        assert_eq!(serve.mac, membership(1).mac);
+        // The gateway's own MAC, derived from the node's: stable, unicast, locally administered,
+        // and not the TAP device's.
+        assert_eq!(serve.mac, gateway_mac(membership(1).mac));
+        assert_eq!(serve.mac, MacAddr([6, 0, 0, 0, 0, 1]));
+        assert!(!serve.mac.is_group() && serve.mac.0[0] & 0x02 != 0);
         assert!(serve.active);
         assert_eq!(
             serve.served.neighbours,
-            vec![(Ipv4Addr::new(10, 90, 0, 2), MacAddr([2, 0, 0, 0, 1, 2]))]
+            vec![
+                (Ipv4Addr::new(10, 90, 0, 1), membership(1).mac),
+                (Ipv4Addr::new(10, 90, 0, 2), MacAddr([2, 0, 0, 0, 1, 2]))
+            ]
         );
         assert_eq!(
             serve.served.broadcast,

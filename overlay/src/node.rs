@@ -257,16 +257,37 @@ impl std::fmt::Debug for LocalPort {
 }
 
 impl LocalPort {
-    /// Sends one frame from the port into its network.
-    pub fn send(&mut self, frame: &[u8]) {
+    /// Sends one frame from the port into its network: to peers, and to this node's TAP device
+    /// when it is for the node's kernel (or a broadcast).
+    pub async fn send(&mut self, frame: &[u8]) {
         self.wire_buf.reserve(frame.len() + 1024);
-        forward(
+        let local = forward(
             &self.shared,
             self.network,
             frame,
+            Origin::Port,
             &mut self.fragment_id,
             &mut self.wire_buf,
         );
+        if !local {
+            return;
+        }
+        let tap = self
+            .shared
+            .taps
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&self.network)
+            .cloned();
+        let Some(tap) = tap else {
+            self.shared.drop_frame("no_network");
+            return;
+        };
+        if tap.send_frame(frame).await.is_err() {
+            self.shared.drop_frame("tap_write");
+        } else {
+            tap.stats.wrote(1, 1);
+        }
     }
 }
 
@@ -322,6 +343,21 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .get(peer)
             .cloned()
+    }
+
+    /// (v9) Hands a frame to `network`'s local port (a full queue drops it, like a full NIC's).
+    fn to_port(&self, network: NetworkId, frame: &[u8]) {
+        let port = self
+            .ports
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&network)
+            .cloned();
+        match port.map(|p| p.try_send(frame.to_vec())) {
+            Some(Ok(())) => {}
+            Some(Err(_)) => self.drop_frame("port_full"),
+            None => self.drop_frame("no_port"),
+        }
     }
 
     /// Sends one frame to one peer on its current route.
@@ -1159,20 +1195,13 @@ async fn receive(
         .rx_bytes
         .fetch_add(frame.len() as u64, Ordering::Relaxed);
     match verdict {
-        Inbound::Port => {
-            let port = shared
-                .ports
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&network)
-                .cloned();
-            match port.map(|p| p.try_send(frame.to_vec())) {
-                Some(Ok(())) => {}
-                Some(Err(_)) => shared.drop_frame("port_full"),
-                None => shared.drop_frame("no_port"),
-            }
+        Inbound::Port => shared.to_port(network, &frame),
+        Inbound::DeliverAndPort => {
+            shared.to_port(network, &frame);
+            out.deliver(shared, network, &frame).await;
         }
-        _ => out.deliver(shared, network, &frame).await,
+        Inbound::Deliver => out.deliver(shared, network, &frame).await,
+        Inbound::Drop(_) => {}
     }
 }
 
@@ -1209,7 +1238,16 @@ async fn tap_loop(
         wire_buf.reserve((n + n / 4 + 1024).max(WIRE_BUF_MIN));
         if device.offload {
             let sent = segmenter.split(&mut buf[..n], |frame| {
-                forward(&shared, network, frame, &mut fragment_id, &mut wire_buf)
+                if forward(
+                    &shared,
+                    network,
+                    frame,
+                    Origin::Tap,
+                    &mut fragment_id,
+                    &mut wire_buf,
+                ) {
+                    shared.to_port(network, frame);
+                }
             });
             match sent {
                 Ok(frames) => device.stats.read(frames),
@@ -1219,37 +1257,67 @@ async fn tap_loop(
                 }
             }
         } else {
-            forward(&shared, network, &buf[..n], &mut fragment_id, &mut wire_buf);
+            let frame = &buf[..n];
+            if forward(
+                &shared,
+                network,
+                frame,
+                Origin::Tap,
+                &mut fragment_id,
+                &mut wire_buf,
+            ) {
+                shared.to_port(network, frame);
+            }
             device.stats.read(1);
         }
     }
 }
 
-/// Sends one frame read from a TAP device where the switch says.
+/// Where a frame from this node entered its network.
+#[derive(Debug, Clone, Copy)]
+enum Origin {
+    /// Read from the TAP device.
+    Tap,
+    /// (v9) Sent by the local port (the WireGuard gateway).
+    Port,
+}
+
+/// Sends one frame from this node to the peers the switch says; true if it also goes to the
+/// node's other end ([`Outbound::Local`]: the port for a TAP frame, the TAP for a port frame),
+/// which the caller delivers.
 fn forward(
     shared: &Shared,
     network: NetworkId,
     frame: &[u8],
+    origin: Origin,
     fragment_id: &mut u16,
     buf: &mut BytesMut,
-) {
+) -> bool {
     let now = Instant::now();
     // Decide and look up routes under the switch lock, then send without it. Unicast, the
     // common case, allocates nothing here.
     let mut switch = shared.switch();
-    match switch.outbound(now, network, frame) {
+    let verdict = match origin {
+        Origin::Tap => switch.outbound(now, network, frame),
+        Origin::Port => switch.from_port(now, network, frame),
+    };
+    match verdict {
         Outbound::Unicast(peer) => {
             let route = shared.route(peer);
             drop(switch);
             shared.send_frame(route, network, frame, fragment_id, buf);
+            false
         }
-        Outbound::Flood(peers) => {
+        Outbound::Flood(peers) | Outbound::FloodAndLocal(peers) => {
+            let local = matches!(verdict, Outbound::FloodAndLocal(_));
             let routes: Vec<Option<RouteEntry>> = peers.iter().map(|p| shared.route(p)).collect();
             drop(switch);
             for route in routes {
                 shared.send_frame(route, network, frame, fragment_id, buf);
             }
+            local
         }
-        Outbound::Drop(_) => {}
+        Outbound::Local => true,
+        Outbound::Drop(_) => false,
     }
 }

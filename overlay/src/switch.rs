@@ -32,10 +32,15 @@
 //!   carries IPv4, IPv6 and ARP.
 //!
 //! **WireGuard gateways (v9).** A member the controller names a gateway of a network (see
-//! [`Bridging`]) bridges WireGuard devices into it with its own MAC: its frames may also carry any
-//! of the network's device addresses as their IPv4 source (IPv4 and ARP), and no other member's
-//! may. On the gateway's own node, frames for a device (ARP for its address, IPv4 to it) go to the
-//! network's local port ([`Inbound::Port`]) instead of the TAP device.
+//! [`Bridging`]) bridges WireGuard devices into it: its frames may also carry any of the network's
+//! device addresses as their IPv4 source (IPv4 and ARP), and no other member's may. The gateway
+//! speaks for its devices with its own MAC, [`gateway_mac`] of the member's (every member derives
+//! it from the netmap): a gateway member's frames may carry that source MAC, with device addresses
+//! only (no IPv6: devices have none), and unicast to it goes to that member. On the gateway's own
+//! node, frames for a device (to the gateway MAC, or ARP for a device's address) go to the
+//! network's local port ([`Inbound::Port`]) instead of the TAP device, and the switch delivers
+//! between the local port and the TAP device ([`Outbound::Local`], [`Switch::from_port`]), so the
+//! node's own kernel reaches the devices like any other member's.
 //!
 //! The checks apply to frames from peers, where they protect the receiver whatever the sender runs.
 //! Frames from our own TAP are checked for their source MAC only: a node that wants to spoof can
@@ -93,8 +98,9 @@ pub enum DropReason {
     /// The frame is shorter than an Ethernet header, or its ARP, IPv4 or IPv6 header is cut short
     /// or invalid (the checks below could not read the addresses).
     Malformed,
-    /// Outbound: the source MAC is not ours on that network. The TAP must not bridge other
-    /// machines' frames into the overlay, since receivers would refuse them anyway.
+    /// Outbound: the source MAC is not ours on that network (from the local port: not our
+    /// [`gateway_mac`], or we are no gateway there). The TAP must not bridge other machines'
+    /// frames into the overlay, since receivers would refuse them anyway.
     ForeignSource,
     /// Outbound: the destination is our own MAC; the kernel should not have sent it to the TAP.
     ToSelf,
@@ -103,7 +109,7 @@ pub enum DropReason {
     /// Inbound: the sender is not a member of the frame's network.
     NotMember,
     /// Inbound: the source MAC is not the one the controller assigned to the sender on that
-    /// network.
+    /// network (nor, for a gateway member, its [`gateway_mac`]).
     SpoofedSource,
     /// Inbound: a unicast frame for a MAC other than ours.
     NotForUs,
@@ -185,6 +191,12 @@ pub enum Outbound<'s> {
     /// To each of these peers (broadcast, multicast, or a destination no member has), in
     /// [`NodeId`] order, at most [`SwitchConfig::max_flood_fanout`] of them.
     Flood(&'s [NodeId]),
+    /// (v9) To this node's other end of the network: a frame from the TAP device goes to the
+    /// local port (it is for the gateway's MAC), one from the local port to the TAP device.
+    Local,
+    /// (v9) [`Outbound::Flood`] to these peers, and also to this node's other end (a broadcast
+    /// from a device reaches the node's kernel; the kernel's ARP for a device reaches the port).
+    FloodAndLocal(&'s [NodeId]),
     /// Nowhere.
     Drop(DropReason),
 }
@@ -196,6 +208,9 @@ pub enum Inbound {
     Deliver,
     /// Hand it to the network's local port (this node's WireGuard gateway): it is for a device.
     Port,
+    /// (v9) Both: a broadcast about a device (an ARP request for it, or another gateway's
+    /// gratuitous ARP for it, which the node's kernel must see to follow a failover).
+    DeliverAndPort,
     /// Discard it.
     Drop(DropReason),
 }
@@ -263,6 +278,17 @@ pub struct Bridging {
     pub devices: HashSet<Ipv4Addr>,
     /// This node is a gateway of the network: frames for a device go to its local port.
     pub local: bool,
+}
+
+/// (v9) The MAC a gateway member speaks for its WireGuard devices with, on a network where its own
+/// MAC is `member`: the first octet's bit 2 flipped, locally administered and unicast. Every member
+/// derives it from the netmap, so no message carries it; it is stable as long as the member's MAC
+/// is, and never a controller-assigned MAC (those start 02:5e), so the node's TAP device and its
+/// gateway are two stations the switch can tell apart.
+pub fn gateway_mac(member: MacAddr) -> MacAddr {
+    let mut m = member.0;
+    m[0] = ((m[0] ^ 0x04) | 0x02) & !0x01;
+    MacAddr(m)
 }
 
 /// One row of a network's MAC table.
@@ -360,6 +386,50 @@ fn take_flood_token(
     }))
 }
 
+/// Where a frame from this node (TAP device or local port) goes among the peers: unicast to the
+/// member whose MAC (or, for a gateway member, whose [`gateway_mac`]) is `dst`, else a flood
+/// (`also_local`: to this node's other end too).
+fn switch_to_peers<'n>(
+    config: &SwitchConfig,
+    counts: &mut Counts,
+    net: &'n Network,
+    bridging: Option<&Bridging>,
+    dst: MacAddr,
+    also_local: bool,
+) -> Outbound<'n> {
+    if !dst.is_group() {
+        let gateway = || {
+            bridging?
+                .gateways
+                .iter()
+                .filter_map(|g| net.peers.binary_search(g).ok())
+                .find(|&i| gateway_mac(net.peer_macs[i]) == dst)
+        };
+        if let Some(i) = net.by_mac.get(&dst).copied().or_else(gateway) {
+            counts.forwarded += 1;
+            return Outbound::Unicast(&net.peers[i]);
+        }
+    }
+    if net.peers.is_empty() {
+        if also_local {
+            counts.flooded += 1;
+            return Outbound::Local;
+        }
+        return counts.drop_outbound(DropReason::NoPeers);
+    }
+    let fanout = net.peers.len().min(config.max_flood_fanout.max(1));
+    counts.flooded += 1;
+    if fanout < net.peers.len() {
+        counts.flood_truncated += 1;
+    }
+    let peers = &net.peers[..fanout];
+    if also_local {
+        Outbound::FloodAndLocal(peers)
+    } else {
+        Outbound::Flood(peers)
+    }
+}
+
 /// Destination and source MAC of a frame, or `None` if it is shorter than an Ethernet header.
 fn macs(frame: &[u8]) -> Option<(MacAddr, MacAddr)> {
     let (header, _) = frame.split_first_chunk::<ETHERNET_HEADER_LEN>()?;
@@ -438,14 +508,36 @@ pub fn check_addresses_bridged(
     bridged: Option<&HashSet<Ipv4Addr>>,
 ) -> Result<(), DropReason> {
     let own = |a: Ipv4Addr| a == address || bridged.is_some_and(|b| b.contains(&a));
+    check_frame(frame, mac, Some(address), own)
+}
+
+/// (v9) The check for a frame from a gateway member's [`gateway_mac`] (`mac`): it speaks for the
+/// devices only, so its IPv4 and ARP carry one of `devices` and it sends no IPv6.
+pub fn check_gateway_addresses(
+    frame: &[u8],
+    mac: MacAddr,
+    devices: &HashSet<Ipv4Addr>,
+) -> Result<(), DropReason> {
+    check_frame(frame, mac, None, |a| devices.contains(&a))
+}
+
+/// The rule per ethertype; `member` is the sender's own address (`None`: a gateway's MAC, which
+/// has no address of its own, makes no probes and sends no IPv6).
+fn check_frame(
+    frame: &[u8],
+    mac: MacAddr,
+    member: Option<Ipv4Addr>,
+    own: impl Fn(Ipv4Addr) -> bool,
+) -> Result<(), DropReason> {
     let ethertype = be16(frame, 12).ok_or(DropReason::Malformed)?;
     let payload = frame
         .get(ETHERNET_HEADER_LEN..)
         .ok_or(DropReason::Malformed)?;
     match ethertype {
-        ETHERTYPE_ARP => check_arp(payload, mac, address, own),
+        ETHERTYPE_ARP => check_arp(payload, mac, member, own),
         ETHERTYPE_IPV4 => check_ipv4(payload, own),
-        ETHERTYPE_IPV6 => check_ipv6(payload, mac),
+        ETHERTYPE_IPV6 if member.is_some() => check_ipv6(payload, mac),
+        ETHERTYPE_IPV6 => Err(DropReason::SpoofedIpv6),
         t if ETHERTYPE_TAGS.contains(&t) => Err(DropReason::VlanTagged),
         _ => Err(DropReason::OtherEthertype),
     }
@@ -466,7 +558,7 @@ fn for_device(frame: &[u8], devices: &HashSet<Ipv4Addr>) -> bool {
 fn check_arp(
     arp: &[u8],
     mac: MacAddr,
-    address: Ipv4Addr,
+    address: Option<Ipv4Addr>,
     own: impl Fn(Ipv4Addr) -> bool,
 ) -> Result<(), DropReason> {
     let header: [u8; 8] = array(arp, 0).ok_or(DropReason::Malformed)?;
@@ -477,7 +569,7 @@ fn check_arp(
     let sha: [u8; 6] = array(arp, 8).ok_or(DropReason::Malformed)?;
     let spa = Ipv4Addr::from(array::<4>(arp, 14).ok_or(DropReason::Malformed)?);
     let tpa = Ipv4Addr::from(array::<4>(arp, 24).ok_or(DropReason::Malformed)?);
-    let own_probe = spa.is_unspecified() && tpa == address;
+    let own_probe = spa.is_unspecified() && Some(tpa) == address;
     if sha != mac.0 || (!own(spa) && !own_probe) {
         return Err(DropReason::SpoofedArp);
     }
@@ -755,21 +847,55 @@ impl Switch {
         if dst == net.own_mac {
             return self.counts.drop_outbound(DropReason::ToSelf);
         }
-        if !dst.is_group() {
-            if let Some(&i) = net.by_mac.get(&dst) {
-                self.counts.forwarded += 1;
-                return Outbound::Unicast(&net.peers[i]);
-            }
+        let bridging = self.bridging.get(&network);
+        let local = bridging.filter(|b| b.local);
+        if local.is_some() && dst == gateway_mac(net.own_mac) {
+            self.counts.forwarded += 1;
+            return Outbound::Local;
         }
-        if net.peers.is_empty() {
-            return self.counts.drop_outbound(DropReason::NoPeers);
+        // The kernel's ARP for a device: the local port answers if the device is connected here.
+        let also_local = dst.is_group() && local.is_some_and(|b| for_device(frame, &b.devices));
+        switch_to_peers(
+            &self.config,
+            &mut self.counts,
+            net,
+            bridging,
+            dst,
+            also_local,
+        )
+    }
+
+    /// (v9) Decides where a frame from `network`'s local port (this node's WireGuard gateway)
+    /// goes: like a frame from the TAP device, but from our [`gateway_mac`], and to the TAP device
+    /// as well ([`Outbound::Local`]) when it is for this node or a broadcast.
+    pub fn from_port(&mut self, now: Instant, network: NetworkId, frame: &[u8]) -> Outbound<'_> {
+        let _ = now;
+        let Some(net) = self.networks.get(&network) else {
+            return self.counts.drop_outbound(DropReason::NoNetwork);
+        };
+        let Some((dst, src)) = macs(frame) else {
+            return self.counts.drop_outbound(DropReason::Malformed);
+        };
+        let bridging = self.bridging.get(&network);
+        if bridging.is_none_or(|b| !b.local) || src != gateway_mac(net.own_mac) {
+            return self.counts.drop_outbound(DropReason::ForeignSource);
         }
-        let fanout = net.peers.len().min(self.config.max_flood_fanout.max(1));
-        self.counts.flooded += 1;
-        if fanout < net.peers.len() {
-            self.counts.flood_truncated += 1;
+        if dst == src {
+            return self.counts.drop_outbound(DropReason::ToSelf);
         }
-        Outbound::Flood(&net.peers[..fanout])
+        if dst == net.own_mac {
+            self.counts.forwarded += 1;
+            return Outbound::Local;
+        }
+        let also_local = dst.is_group();
+        switch_to_peers(
+            &self.config,
+            &mut self.counts,
+            net,
+            bridging,
+            dst,
+            also_local,
+        )
     }
 
     /// Decides whether a frame that peer `from` sent on `network` may be written to that network's
@@ -790,31 +916,45 @@ impl Switch {
         let Some((dst, src)) = macs(frame) else {
             return self.counts.drop_inbound(DropReason::Malformed);
         };
-        if src != net.peer_macs[sender] {
-            return self.counts.drop_inbound(DropReason::SpoofedSource);
-        }
         let bridging = self.bridging.get(&network);
         let bridged = bridging
             .filter(|b| b.gateways.contains(from))
             .map(|b| &b.devices);
-        if let Err(reason) =
-            check_addresses_bridged(frame, src, net.peer_addresses[sender], bridged)
-        {
+        let member_mac = net.peer_macs[sender];
+        let checked = match bridged {
+            Some(devices) if src != member_mac && src == gateway_mac(member_mac) => {
+                check_gateway_addresses(frame, src, devices)
+            }
+            _ if src != member_mac => {
+                return self.counts.drop_inbound(DropReason::SpoofedSource);
+            }
+            _ => check_addresses_bridged(frame, src, net.peer_addresses[sender], bridged),
+        };
+        if let Err(reason) = checked {
             tracing::debug!(peer = %from, network = network.0, reason = reason.label(), "frame from a peer dropped");
             return self.counts.drop_inbound(reason);
         }
+        let local = bridging.filter(|b| b.local);
+        let to_gateway = local.is_some() && dst == gateway_mac(net.own_mac);
         if dst.is_group() {
             let accepted = take_flood_token(&mut self.buckets, &self.config, now, from);
             if !accepted {
                 return self.counts.drop_inbound(DropReason::Storm);
             }
-        } else if dst != net.own_mac {
+        } else if dst != net.own_mac && !to_gateway {
             return self.counts.drop_inbound(DropReason::NotForUs);
         }
         net.last_seen[sender] = Some(now);
         self.counts.delivered += 1;
-        match bridging {
-            Some(b) if b.local && for_device(frame, &b.devices) => Inbound::Port,
+        match local {
+            Some(_) if to_gateway => Inbound::Port,
+            Some(b) if for_device(frame, &b.devices) => {
+                if dst.is_group() {
+                    Inbound::DeliverAndPort
+                } else {
+                    Inbound::Port
+                }
+            }
             _ => Inbound::Deliver,
         }
     }
@@ -1665,7 +1805,8 @@ mod tests {
         // IPv4 to this node's own address stays with the TAP.
         let to_me = eth(mac(1), mac(2), ETHERTYPE_IPV4, &packet(ip(mac(1))));
         assert_eq!(s.inbound(now, &node("a"), NET, &to_me), Inbound::Deliver);
-        // An ARP request for the device goes to the port; one for this node to the TAP.
+        // An ARP request for the device goes to the port (and the TAP: broadcasts about a device
+        // are how the node's kernel follows a failover); one for this node to the TAP only.
         let who_has = |tpa: Ipv4Addr| {
             eth(
                 MacAddr::BROADCAST,
@@ -1676,7 +1817,7 @@ mod tests {
         };
         assert_eq!(
             s.inbound(now, &node("a"), NET, &who_has(device)),
-            Inbound::Port
+            Inbound::DeliverAndPort
         );
         assert_eq!(
             s.inbound(now, &node("a"), NET, &who_has(ip(mac(1)))),
@@ -1688,6 +1829,328 @@ mod tests {
             s.inbound(now, &node("a"), NET, &spoofed),
             Inbound::Drop(_)
         ));
+    }
+
+    /// An IPv4 packet from `source` to `dst` (no payload).
+    fn ipv4(source: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 20, 0, 0, 0, 0, 64, 1, 0, 0];
+        p.extend(source.octets());
+        p.extend(dst.octets());
+        p
+    }
+
+    #[test]
+    fn the_gateway_mac_is_derived_unicast_local_and_never_the_members() {
+        for m in [
+            mac(1),
+            MacAddr([0x02, 0x5e, 1, 2, 3, 4]),
+            MacAddr([0, 1, 2, 3, 4, 5]),
+        ] {
+            let g = gateway_mac(m);
+            assert_ne!(g, m);
+            assert!(!g.is_group());
+            assert_eq!(g.0[0] & 0x02, 0x02, "locally administered");
+            assert_eq!(g.0[1..], m.0[1..]);
+            assert_eq!(gateway_mac(m), g, "stable");
+        }
+        // Controller-assigned MACs (02:5e:…) map to 06:5e:…, which the controller never assigns.
+        assert_eq!(gateway_mac(mac(7)), MacAddr([0x06, 0x5e, 0, 0, 0, 7]));
+    }
+
+    /// On the gateway's node (us, mac 1) the kernel and the devices reach each other through the
+    /// switch, both ways, without any peer.
+    #[test]
+    fn on_the_gateway_node_the_tap_and_the_local_port_reach_each_other() {
+        let mut s = Switch::new(SwitchConfig::default());
+        set(&mut s, &membership(NET, mac(1)), []).unwrap();
+        let now = Instant::now();
+        let device = Ipv4Addr::new(10, 0, 0, 200);
+        let gw = gateway_mac(mac(1));
+        let me = ip(mac(1));
+        let kernel_arp = eth(
+            MacAddr::BROADCAST,
+            mac(1),
+            ETHERTYPE_ARP,
+            &arp(1, mac(1), me, device),
+        );
+        let kernel_ping = eth(gw, mac(1), ETHERTYPE_IPV4, &ipv4(me, device));
+        let port_reply = eth(mac(1), gw, ETHERTYPE_IPV4, &ipv4(device, me));
+        let port_arp_reply = eth(mac(1), gw, ETHERTYPE_ARP, &arp(2, gw, device, me));
+        let announce = eth(
+            MacAddr::BROADCAST,
+            gw,
+            ETHERTYPE_ARP,
+            &arp(1, gw, device, device),
+        );
+        // Not a gateway (yet): the kernel's ARP has nowhere to go, the gateway MAC is no one's,
+        // and the port may not speak.
+        assert_eq!(
+            s.outbound(now, NET, &kernel_arp),
+            Outbound::Drop(DropReason::NoPeers)
+        );
+        assert_eq!(
+            s.from_port(now, NET, &port_reply),
+            Outbound::Drop(DropReason::ForeignSource)
+        );
+        s.set_bridging(
+            NET,
+            Bridging {
+                gateways: [node("self")].into(),
+                devices: [device].into(),
+                local: true,
+            },
+        );
+        // Kernel → port: the ARP for the device, then IPv4 to the gateway's MAC.
+        assert_eq!(s.outbound(now, NET, &kernel_arp), Outbound::Local);
+        assert_eq!(s.outbound(now, NET, &kernel_ping), Outbound::Local);
+        // Port → kernel: the ARP reply and the device's reply, and its broadcasts.
+        assert_eq!(s.from_port(now, NET, &port_arp_reply), Outbound::Local);
+        assert_eq!(s.from_port(now, NET, &port_reply), Outbound::Local);
+        assert_eq!(s.from_port(now, NET, &announce), Outbound::Local);
+        // The port speaks only with the gateway MAC, and the TAP only with the node's.
+        assert_eq!(
+            s.from_port(
+                now,
+                NET,
+                &eth(mac(1), mac(1), ETHERTYPE_IPV4, &ipv4(device, me))
+            ),
+            Outbound::Drop(DropReason::ForeignSource)
+        );
+        assert_eq!(
+            s.outbound(
+                now,
+                NET,
+                &eth(mac(1), gw, ETHERTYPE_IPV4, &ipv4(device, me))
+            ),
+            Outbound::Drop(DropReason::ForeignSource)
+        );
+        assert_eq!(
+            s.from_port(
+                now,
+                NET,
+                &eth(gw, gw, ETHERTYPE_IPV4, &ipv4(device, device))
+            ),
+            Outbound::Drop(DropReason::ToSelf)
+        );
+        // The kernel's broadcasts that are not about a device stay off the port.
+        let other_arp = eth(
+            MacAddr::BROADCAST,
+            mac(1),
+            ETHERTYPE_ARP,
+            &arp(1, mac(1), me, Ipv4Addr::new(10, 0, 0, 99)),
+        );
+        assert_eq!(
+            s.outbound(now, NET, &other_arp),
+            Outbound::Drop(DropReason::NoPeers)
+        );
+        // No longer a gateway: no local delivery either way.
+        s.set_bridging(NET, Bridging::default());
+        assert!(matches!(
+            s.outbound(now, NET, &kernel_ping),
+            Outbound::Drop(_)
+        ));
+        assert_eq!(
+            s.from_port(now, NET, &port_reply),
+            Outbound::Drop(DropReason::ForeignSource)
+        );
+    }
+
+    /// With peers: the gateway node's traffic still reaches them, broadcasts reach both ends, and
+    /// the peers' frames for the gateway MAC come to the port.
+    #[test]
+    fn the_local_port_and_the_peers_share_the_network() {
+        let mut s = switch();
+        let now = Instant::now();
+        let device = Ipv4Addr::new(10, 0, 0, 200);
+        let gw = gateway_mac(mac(1));
+        s.set_bridging(
+            NET,
+            Bridging {
+                gateways: [node("self")].into(),
+                devices: [device].into(),
+                local: true,
+            },
+        );
+        let all = [node("a"), node("b"), node("c")];
+        // The kernel's ARP for a device goes to the port and the peers (another gateway may hold
+        // the device's session).
+        let kernel_arp = eth(
+            MacAddr::BROADCAST,
+            mac(1),
+            ETHERTYPE_ARP,
+            &arp(1, mac(1), ip(mac(1)), device),
+        );
+        assert_eq!(
+            s.outbound(now, NET, &kernel_arp),
+            Outbound::FloodAndLocal(&all)
+        );
+        // The gateway's gratuitous ARP reaches the peers and the node's own kernel.
+        let announce = eth(
+            MacAddr::BROADCAST,
+            gw,
+            ETHERTYPE_ARP,
+            &arp(1, gw, device, device),
+        );
+        assert_eq!(
+            s.from_port(now, NET, &announce),
+            Outbound::FloodAndLocal(&all)
+        );
+        // A device's packet to a member goes to that member only.
+        let to_b = eth(mac(3), gw, ETHERTYPE_IPV4, &ipv4(device, ip(mac(3))));
+        assert_eq!(s.from_port(now, NET, &to_b), Outbound::Unicast(&all[1]));
+        // A member's packet to the device, sent to the gateway MAC, goes to the port; a unicast
+        // ARP probe for the device too.
+        let from_b = eth(gw, mac(3), ETHERTYPE_IPV4, &ipv4(ip(mac(3)), device));
+        assert_eq!(s.inbound(now, &node("b"), NET, &from_b), Inbound::Port);
+        let probe = eth(
+            gw,
+            mac(3),
+            ETHERTYPE_ARP,
+            &arp(1, mac(3), ip(mac(3)), device),
+        );
+        assert_eq!(s.inbound(now, &node("b"), NET, &probe), Inbound::Port);
+        // Another node's gateway MAC is not ours.
+        let elsewhere = eth(
+            gateway_mac(mac(4)),
+            mac(3),
+            ETHERTYPE_IPV4,
+            &ipv4(ip(mac(3)), device),
+        );
+        assert_eq!(
+            s.inbound(now, &node("b"), NET, &elsewhere),
+            Inbound::Drop(DropReason::NotForUs)
+        );
+    }
+
+    /// On other members: a gateway member may send with its gateway MAC (device addresses only),
+    /// unicast to that MAC goes to it, and when the active gateway moves, the new one's
+    /// gratuitous ARP is accepted and delivered, so the members' kernels follow.
+    #[test]
+    fn members_accept_and_reach_each_gateway_by_its_gateway_mac() {
+        let mut s = switch();
+        let now = Instant::now();
+        let device = Ipv4Addr::new(10, 0, 0, 200);
+        // a (mac 2) and c (mac 4) are gateways; b (mac 3) is not.
+        let (gw_a, gw_b, gw_c) = (
+            gateway_mac(mac(2)),
+            gateway_mac(mac(3)),
+            gateway_mac(mac(4)),
+        );
+        let announce = |gw: MacAddr| {
+            eth(
+                MacAddr::BROADCAST,
+                gw,
+                ETHERTYPE_ARP,
+                &arp(1, gw, device, device),
+            )
+        };
+        let reply = |gw: MacAddr| eth(mac(1), gw, ETHERTYPE_IPV4, &ipv4(device, ip(mac(1))));
+        // Before the controller names gateways, a gateway MAC is spoofed.
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &reply(gw_a)),
+            Inbound::Drop(DropReason::SpoofedSource)
+        );
+        s.set_bridging(
+            NET,
+            Bridging {
+                gateways: [node("a"), node("c")].into(),
+                devices: [device].into(),
+                local: false,
+            },
+        );
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &announce(gw_a)),
+            Inbound::Deliver
+        );
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &reply(gw_a)),
+            Inbound::Deliver
+        );
+        // Our kernel's packets to the device, at a's gateway MAC, go to a.
+        let to_device = |gw: MacAddr| eth(gw, mac(1), ETHERTYPE_IPV4, &ipv4(ip(mac(1)), device));
+        assert_eq!(
+            s.outbound(now, NET, &to_device(gw_a)),
+            Outbound::Unicast(&node("a"))
+        );
+        // Failover: c takes over; its announcement passes, and unicast follows its MAC.
+        assert_eq!(
+            s.inbound(now, &node("c"), NET, &announce(gw_c)),
+            Inbound::Deliver
+        );
+        assert_eq!(
+            s.outbound(now, NET, &to_device(gw_c)),
+            Outbound::Unicast(&node("c"))
+        );
+        // Only a member's own gateway MAC: a may not use c's, b (no gateway) none at all.
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &announce(gw_c)),
+            Inbound::Drop(DropReason::SpoofedSource)
+        );
+        assert_eq!(
+            s.inbound(now, &node("b"), NET, &announce(gw_b)),
+            Inbound::Drop(DropReason::SpoofedSource)
+        );
+        // The gateway MAC speaks for devices only: not for the member's own address, not IPv6.
+        assert_eq!(
+            s.inbound(
+                now,
+                &node("a"),
+                NET,
+                &eth(mac(1), gw_a, ETHERTYPE_IPV4, &ipv4(ip(mac(2)), ip(mac(1))))
+            ),
+            Inbound::Drop(DropReason::SpoofedIpv4)
+        );
+        let own_arp = eth(
+            MacAddr::BROADCAST,
+            gw_a,
+            ETHERTYPE_ARP,
+            &arp(1, gw_a, ip(mac(2)), ip(mac(2))),
+        );
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &own_arp),
+            Inbound::Drop(DropReason::SpoofedArp)
+        );
+        let probe = eth(
+            MacAddr::BROADCAST,
+            gw_a,
+            ETHERTYPE_ARP,
+            &arp(1, gw_a, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED),
+        );
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &probe),
+            Inbound::Drop(DropReason::SpoofedArp)
+        );
+        let v6 = eth(
+            MacAddr::BROADCAST,
+            gw_a,
+            ETHERTYPE_IPV6,
+            &ipv6(
+                ipv6_link_local(gw_a),
+                "ff02::1".parse().unwrap(),
+                17,
+                &[0; 8],
+            ),
+        );
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &v6),
+            Inbound::Drop(DropReason::SpoofedIpv6)
+        );
+        // ARP naming one MAC in the header and another inside is refused.
+        let mixed = eth(
+            MacAddr::BROADCAST,
+            gw_a,
+            ETHERTYPE_ARP,
+            &arp(1, mac(2), device, device),
+        );
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &mixed),
+            Inbound::Drop(DropReason::SpoofedArp)
+        );
+        // A gateway's member MAC still speaks for devices (a gateway of an earlier build).
+        assert_eq!(
+            s.inbound(now, &node("a"), NET, &announce(mac(2))),
+            Inbound::Deliver
+        );
     }
 
     #[test]

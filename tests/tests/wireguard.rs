@@ -16,7 +16,10 @@
 //! with `shoalctl wireguard peer add` (its configuration used as printed) reaches the plain agent
 //! through the active gateway, keeps going when that agent is killed (the controller names the
 //! other, which takes the floating address; the killed agent, restarted, stays a standby and drops
-//! the address its crash left), and is cut off within 2 s of `peer remove`.
+//! the address its crash left), and is cut off within 2 s of `peer remove`. The active gateway's
+//! own node reaches the device too, and the device it (the switch delivers between the node's TAP
+//! and its gateway, which speaks with its own MAC); after the failover the plain agent's neighbour
+//! entry for the device names the new gateway's MAC, and the new gateway's node reaches it.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Child, Stdio};
@@ -548,6 +551,17 @@ fn holders(fleet: &Fleet, gateways: &[usize], address: Ipv4Addr) -> Vec<usize> {
         .collect()
 }
 
+/// The MAC the gateway on `agent`'s node speaks with: derived from its TAP device's.
+fn gateway_mac_of(fleet: &Fleet, agent: usize) -> Result<MacAddr> {
+    let tap = in_ns(
+        &fleet.agents()[agent].netns,
+        "cat",
+        &["/sys/class/net/shoal0/address"],
+    )?;
+    let tap: MacAddr = tap.trim().parse().context("shoal0's MAC")?;
+    Ok(shoal_overlay::switch::gateway_mac(tap))
+}
+
 fn agents_body(wireguard_go: &std::path::Path) -> Result<()> {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut fleet = Fleet::start(FleetConfig {
@@ -626,6 +640,27 @@ fn agents_body(wireguard_go: &std::path::Path) -> Result<()> {
         "the plain agent pings the device",
         || in_ns(&plain_ns, "ping", &["-c", "1", "-W", "1", &device])
     )?;
+    // The active gateway's own node reaches the device through its own TAP device, and the
+    // device reaches it: the gateway speaks with its own MAC, not its node's TAP device's.
+    let active_ns = fleet.agents()[active].netns.clone();
+    let active_addr = shoal_tests::netns::ipv4_of(&active_ns, "shoal0")?.to_string();
+    eventually!(
+        Duration::from_secs(10),
+        "the active gateway's node pings the device",
+        || in_ns(&active_ns, "ping", &["-c", "1", "-W", "1", &device])
+    )?;
+    eventually!(
+        Duration::from_secs(10),
+        "the device pings the active gateway's node",
+        || in_ns(&phone_ns, "ping", &["-c", "1", "-W", "1", &active_addr])
+    )?;
+    let neighbour_names = |ns: &str, mac: MacAddr| -> Result<()> {
+        let neigh = in_ns(ns, "ip", &["neigh", "show", &device, "dev", "shoal0"])?;
+        anyhow::ensure!(neigh.contains(&mac.to_string()), "{neigh}");
+        Ok(())
+    };
+    neighbour_names(&plain_ns, gateway_mac_of(&fleet, active)?)?;
+    neighbour_names(&active_ns, gateway_mac_of(&fleet, active)?)?;
 
     // iperf3 both ways between the device and the plain agent, through the gateway agent.
     let _server = KillOnDrop(
@@ -714,6 +749,19 @@ fn agents_body(wireguard_go: &std::path::Path) -> Result<()> {
         "traffic resumed through the other gateway agent {:.1?} after the kill",
         killed.elapsed()
     );
+    // The new gateway's gratuitous ARP has moved the plain agent's entry for the device to its MAC.
+    let other_gateway_mac = gateway_mac_of(&fleet, other)?;
+    eventually!(
+        Duration::from_secs(5),
+        "the plain agent's neighbour entry for the device names the new gateway",
+        || neighbour_names(&plain_ns, other_gateway_mac)
+    )?;
+    let other_ns = fleet.agents()[other].netns.clone();
+    eventually!(
+        Duration::from_secs(10),
+        "the new active gateway's node pings the device",
+        || in_ns(&other_ns, "ping", &["-c", "1", "-W", "1", &device])
+    )?;
     eventually!(
         Duration::from_secs(10),
         "the plain agent pings the device again",

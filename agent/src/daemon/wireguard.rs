@@ -149,7 +149,7 @@ impl WireGuardState {
         let mut port = node.attach_port(serve.network, to_port);
         let pump = tokio::spawn(async move {
             while let Some(frame) = from_gateway.recv().await {
-                port.send(&frame);
+                port.send(&frame).await;
             }
         });
         let (stop, stopped) = oneshot::channel::<()>();

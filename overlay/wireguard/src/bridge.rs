@@ -3,8 +3,10 @@
 //!
 //! The gateway stands in for its devices on the segment the way a proxy-ARP router does:
 //!
-//! - An ARP request for a device's address is answered with the gateway's own MAC (its TAP MAC on
-//!   the network), so every member sends the device's traffic to the gateway.
+//! - An ARP request for a device's address is answered with the gateway's own MAC (in the agent,
+//!   `shoal_overlay::switch::gateway_mac` of its node's MAC on the network, not the TAP device's,
+//!   so the node's own kernel is a member like the others), so every member sends the device's
+//!   traffic to the gateway.
 //! - An IPv4 frame addressed to the gateway's MAC whose destination is a device becomes that
 //!   device's packet.
 //! - A device's IPv4 packet becomes a frame from the gateway's MAC to the destination's MAC, which
