@@ -828,6 +828,23 @@ fn one_wireguard_gateway_is_active_fleet_wide_and_a_controller_restart_does_not_
     let token = fleet
         .ctl_ok(0, &["token", "create", "--ttl", "1h", "--uses", "2"])
         .or_panic();
+    // The device first: each controller then decides as its gateway agent connects (before this
+    // change, each named its own and both agents took the floating address).
+    fleet
+        .ctl_json(
+            0,
+            &[
+                "wireguard",
+                "peer",
+                "add",
+                "phone",
+                "--network",
+                "default",
+                "--endpoint",
+                &listen,
+            ],
+        )
+        .or_panic();
     // Gateway agent a only on controller 0, b only on controller 1 (each cannot reach the other
     // controller), so each controller holds one gateway, across restarts too.
     let a = fleet.add_agent_to(token.trim(), &[0]).or_panic();
@@ -858,21 +875,6 @@ fn one_wireguard_gateway_is_active_fleet_wide_and_a_controller_restart_does_not_
                 .to_owned()
         })
         .collect();
-    fleet
-        .ctl_json(
-            0,
-            &[
-                "wireguard",
-                "peer",
-                "add",
-                "phone",
-                "--network",
-                "default",
-                "--endpoint",
-                &listen,
-            ],
-        )
-        .or_panic();
 
     // One holder of the floating address in the fleet, and both controllers name it.
     let agreed = |fleet: &HaFleet, want: usize| -> Result<()> {

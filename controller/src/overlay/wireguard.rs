@@ -18,7 +18,7 @@
 //! tells its gateway agents the same one and a restarted controller keeps it. Each controller
 //! decides from the gateways connected to it and those its peers said they hold
 //! (`MeshMsg::WireGuardGateways`); after changing the record it tells the others
-//! (`MeshMsg::WireGuardActive`), who read it again and tell their own gateway agents
+//! (`MeshMsg::WireGuardChanged`, also sent after a device is added or removed), who read it again and tell their own gateway agents
 //! (`shoal_controller_core::wireguard::decide_active` has the rules).
 //!
 //! Trees: `wg_devices` (network id ‖ name → [`DeviceRecord`]), `wg_gateways` (network id →
@@ -45,6 +45,7 @@ use std::sync::{Arc, Mutex};
 use tracing::info;
 
 use super::networks::{NetworkError, Work};
+use crate::cluster::mesh::wire::MeshMsg;
 use crate::http::{blocking, Ctl, HttpError};
 use crate::server::{now_ms, Controller};
 use crate::store::Table;
@@ -385,8 +386,7 @@ impl Controller {
             }
         }
         if wrote {
-            self.mesh
-                .broadcast(crate::cluster::mesh::wire::MeshMsg::WireGuardActive);
+            self.mesh.broadcast(MeshMsg::WireGuardChanged);
         }
         let gateways: BTreeSet<NodeId> = fleet.connected.keys().cloned().collect();
         let mut st = self.wireguard.state();
@@ -483,6 +483,7 @@ async fn add_peer(
             ctl.store
                 .add_wg_device(&network, &req.name, key, req.endpoint.as_deref(), now_ms())?;
         ctl.wireguard_changed();
+        ctl.mesh.broadcast(MeshMsg::WireGuardChanged);
         let net = ctl
             .store
             .network_by_name(&network)?
@@ -521,8 +522,9 @@ async fn remove_peer(
 ) -> Result<Json<PeerView>, HttpError> {
     blocking(move || {
         let device = ctl.store.remove_wg_device(&network, &name, now_ms())?;
-        // Gateways drop the device's session when they hear this.
+        // Gateways drop the device's session when they hear this, on every controller.
         ctl.wireguard_changed();
+        ctl.mesh.broadcast(MeshMsg::WireGuardChanged);
         Ok(Json(peer_view(&network, &device)))
     })
     .await

@@ -612,7 +612,9 @@ pub(crate) async fn serve(controller: Arc<Controller>, conn: quinn::Connection) 
                 // Joins of nodes new here read their relay index from the store; awaited, so
                 // changes apply in the order they were made.
                 let _ = tokio::task::spawn_blocking(move || {
-                    c.overlay.remote_membership_changed(&c.store, &changes)
+                    c.overlay.remote_membership_changed(&c.store, &changes);
+                    // A member of a network with WireGuard devices changes its agents' maps.
+                    c.wireguard_resync();
                 })
                 .await;
             }
@@ -625,7 +627,7 @@ pub(crate) async fn serve(controller: Arc<Controller>, conn: quinn::Connection) 
                 controller.mesh.apply_gateways(&peer, gateways);
                 controller.wireguard_changed();
             }
-            MeshMsg::WireGuardActive => controller.wireguard_changed(),
+            MeshMsg::WireGuardChanged => controller.wireguard_changed(),
             MeshMsg::RolloutNews => {
                 let c = controller.clone();
                 tokio::task::spawn_blocking(move || {

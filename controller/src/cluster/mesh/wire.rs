@@ -107,9 +107,9 @@ pub enum MeshMsg {
     /// peer that never said it (an older release) is not known to hold any. Added after
     /// `DrivePolicies`; older controllers skip it.
     WireGuardGateways(Vec<NodeId>),
-    /// The dialer changed a network's active WireGuard gateway in the shared store: read it again
-    /// and tell this controller's gateway agents.
-    WireGuardActive,
+    /// The dialer changed WireGuard state in the shared store (a device added or removed, or a
+    /// network's active gateway): read it again and tell this controller's agents.
+    WireGuardChanged,
 }
 
 /// Bytes before the packet in a relayed datagram on a mesh link: destination and source relay
