@@ -782,13 +782,13 @@ fn named_active(fleet: &HaFleet, ctl: usize) -> Option<String> {
         .proc
         .log_since_start()
         .lines()
+        .rev()
         .filter(|l| l.contains("active WireGuard gateway") && l.contains("network=1 "))
-        .filter_map(|l| {
+        .find_map(|l| {
             l.split_whitespace()
                 .find_map(|w| w.strip_prefix("gateway="))
                 .map(str::to_owned)
         })
-        .last()
 }
 
 /// The agents (by index) whose namespace holds `address`.
