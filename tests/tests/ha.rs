@@ -774,3 +774,202 @@ fn a_dead_controllers_agents_are_up_on_another_within_ten_seconds_and_overlay_pi
         "overlay pings stopped: {summary}"
     );
 }
+
+/// The network's active WireGuard gateway as controller `ctl` named it last since it started (its
+/// log: `active WireGuard gateway network=1 gateway=ID`).
+fn named_active(fleet: &HaFleet, ctl: usize) -> Option<String> {
+    fleet.controllers[ctl]
+        .proc
+        .log_since_start()
+        .lines()
+        .rev()
+        .filter(|l| l.contains("active WireGuard gateway") && l.contains("network=1 "))
+        .find_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("gateway="))
+                .map(str::to_owned)
+        })
+}
+
+/// The agents (by index) whose namespace holds `address`.
+fn holding(fleet: &HaFleet, agents: &[usize], address: Ipv4Addr) -> Vec<usize> {
+    agents
+        .iter()
+        .copied()
+        .filter(|&i| {
+            run_in(
+                &fleet.agents[i].netns,
+                "ip",
+                &["-o", "addr", "show", "to", &format!("{address}/32")],
+                Duration::from_secs(10),
+            )
+            .is_ok_and(|out| !out.trim().is_empty())
+        })
+        .collect()
+}
+
+#[test]
+fn one_wireguard_gateway_is_active_fleet_wide_and_a_controller_restart_does_not_move_it() {
+    require_host_tests!();
+    shoal_testkit::require!(etcd_installed());
+    let floating = Ipv4Addr::new(10, 78, 1, 250);
+    let listen = format!("{floating}:51820");
+    let mut cfg = HaConfig {
+        etcd_members: 1,
+        controllers: 2,
+        ..HaConfig::default()
+    };
+    cfg.agent_args
+        .extend(["--wireguard-gateway".to_owned(), listen.clone()]);
+    let mut fleet = HaFleet::start(cfg).or_panic();
+    fleet
+        .wait_leader(0, None, Duration::from_secs(20))
+        .or_panic();
+    let token = fleet
+        .ctl_ok(0, &["token", "create", "--ttl", "1h", "--uses", "2"])
+        .or_panic();
+    // The device first: each controller then decides as its gateway agent connects (before this
+    // change, each named its own and both agents took the floating address).
+    fleet
+        .ctl_json(
+            0,
+            &[
+                "wireguard",
+                "peer",
+                "add",
+                "phone",
+                "--network",
+                "default",
+                "--endpoint",
+                &listen,
+            ],
+        )
+        .or_panic();
+    // Gateway agent a only on controller 0, b only on controller 1 (each cannot reach the other
+    // controller), so each controller holds one gateway, across restarts too.
+    let a = fleet.add_agent_to(token.trim(), &[0]).or_panic();
+    let b = fleet.add_agent_to(token.trim(), &[1]).or_panic();
+    for (agent, other) in [(a, 1), (b, 0)] {
+        let addr = fleet.controllers[other].addr.to_string();
+        run_in(
+            &fleet.agents[agent].netns,
+            "iptables",
+            &["-A", "OUTPUT", "-p", "udp", "-d", &addr, "-j", "DROP"],
+            Duration::from_secs(10),
+        )
+        .or_panic();
+    }
+    fleet.wait_agents_up(Duration::from_secs(60)).or_panic();
+    eventually(Duration::from_secs(20), "a on controller 0, b on 1", || {
+        ensure!(holder_of(&fleet, 1, a)? == 0, "a is elsewhere");
+        ensure!(holder_of(&fleet, 0, b)? == 1, "b is elsewhere");
+        Ok(())
+    })
+    .or_panic();
+    let ids: Vec<String> = [a, b]
+        .iter()
+        .map(|&i| {
+            node_of(&fleet, 0, i).or_panic()["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+
+    // One holder of the floating address in the fleet, and both controllers name it.
+    let agreed = |fleet: &HaFleet, want: usize| -> Result<()> {
+        let held = holding(fleet, &[a, b], floating);
+        ensure!(
+            held == vec![want],
+            "the floating address is held by {held:?}"
+        );
+        for ctl in 0..2 {
+            let named = named_active(fleet, ctl);
+            ensure!(
+                named.as_deref() == Some(ids[want].as_str()),
+                "controller {ctl} names {named:?}, not {}",
+                ids[want]
+            );
+        }
+        Ok(())
+    };
+    let active = eventually(
+        Duration::from_secs(30),
+        "one gateway agent holding the floating address, named by both controllers",
+        || {
+            let held = holding(&fleet, &[a, b], floating);
+            ensure!(held.len() == 1, "the floating address is held by {held:?}");
+            agreed(&fleet, held[0])?;
+            Ok(held[0])
+        },
+    )
+    .or_panic();
+    let standby = if active == a { b } else { a };
+    // The two controllers decide separately; it stays one holder while they keep deciding.
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(500));
+        agreed(&fleet, active).or_panic();
+    }
+
+    // The active gateway's agent dies: the other one, on the other controller, takes over.
+    fleet.agents[active].proc.kill().or_panic();
+    let killed = Instant::now();
+    eventually(
+        Duration::from_secs(30),
+        "the standby gateway, on the other controller, takes the floating address",
+        || {
+            ensure!(
+                holding(&fleet, &[standby], floating) == vec![standby],
+                "not held by the standby"
+            );
+            for ctl in 0..2 {
+                let named = named_active(&fleet, ctl);
+                ensure!(
+                    named.as_deref() == Some(ids[standby].as_str()),
+                    "controller {ctl} names {named:?}"
+                );
+            }
+            Ok(())
+        },
+    )
+    .or_panic();
+    eprintln!(
+        "active gateway agent killed -> the other one holds the address after {:?}",
+        killed.elapsed()
+    );
+    // It comes back (its address left behind by the crash): it stays a standby and drops it.
+    fleet.agents[active].proc.restart().or_panic();
+    eventually(
+        Duration::from_secs(30),
+        "only the new active gateway holds the floating address",
+        || agreed(&fleet, standby),
+    )
+    .or_panic();
+
+    // The controller holding the returned gateway (the lowest id) is killed and restarted: it
+    // finds the choice in the store and keeps it.
+    let ctl = if active == a { 0 } else { 1 };
+    fleet.controllers[ctl].proc.restart().or_panic();
+    fleet.wait_controller_ready(ctl).or_panic();
+    eventually(
+        Duration::from_secs(30),
+        "the returned gateway back on its restarted controller, which names the same active one",
+        || {
+            let back = format!("node={}", ids[active]);
+            ensure!(
+                fleet.controllers[ctl]
+                    .proc
+                    .log_since_start()
+                    .lines()
+                    .any(|l| l.contains("WireGuard gateway connected") && l.contains(&back)),
+                "the gateway is not back on controller {ctl} yet"
+            );
+            agreed(&fleet, standby)
+        },
+    )
+    .or_panic();
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(500));
+        agreed(&fleet, standby).or_panic();
+    }
+}

@@ -62,39 +62,85 @@ pub struct WireGuardSite {
     pub members: BTreeSet<NodeId>,
 }
 
-/// The network's active gateway: the `current` one while it is still a connected gateway member
-/// (so a gateway that comes back does not take the address away again, which would cost the
-/// devices another re-handshake), otherwise the lowest node id among its members whose agents are
-/// connected as gateways (deterministic; it moves only when the active agent disconnects).
-pub fn active_gateway<'a>(
-    site: &WireGuardSite,
-    gateways: &'a BTreeSet<NodeId>,
-    current: Option<&NodeId>,
-) -> Option<&'a NodeId> {
-    let eligible = |g: &&NodeId| site.members.contains(*g);
-    current
-        .and_then(|c| gateways.get(c))
-        .filter(eligible)
-        .or_else(|| gateways.iter().find(eligible))
+/// A network's active gateway as the shared store keeps it (one record per network, written with
+/// a compare-and-swap transaction), so every controller of a fleet names the same one and a
+/// restarted controller finds the choice it must keep.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveGateway {
+    /// The active gateway node.
+    pub node: NodeId,
+    /// The controller that held its session when the record was written.
+    pub controller: String,
 }
 
-/// Each network's active gateway ([`active_gateway`]), given the previous choice.
-pub fn active_gateways(
-    sites: &BTreeMap<NetworkId, WireGuardSite>,
-    gateways: &BTreeSet<NodeId>,
-    current: &BTreeMap<NetworkId, NodeId>,
-) -> BTreeMap<NetworkId, NodeId> {
-    sites
+/// Where the gateway agents of the fleet are connected, as one controller knows it.
+#[derive(Debug, Clone, Default)]
+pub struct FleetGateways {
+    /// This controller's id.
+    pub me: String,
+    /// Gateway node → the controller holding its session: this controller's own, and what its
+    /// peers said of theirs.
+    pub connected: BTreeMap<NodeId, String>,
+    /// Controllers whose gateway lists this one knows: itself, and every peer that has said its
+    /// list on the link it holds now.
+    pub heard: BTreeSet<String>,
+    /// The live controllers (the membership); `None` until it was first read.
+    pub live: Option<BTreeSet<String>>,
+}
+
+impl FleetGateways {
+    /// Whether `controller` may hold a gateway this controller does not know about: it is
+    /// (possibly) alive and has not said which gateways it holds.
+    fn may_hold_unknown(&self, controller: &str) -> bool {
+        controller != self.me
+            && !self.heard.contains(controller)
+            && self.live.as_ref().is_none_or(|l| l.contains(controller))
+    }
+}
+
+/// The record a network's active gateway should have, given the stored one (`stored`):
+///
+/// - the stored gateway stays active while it is connected to any controller (sticky: a gateway
+///   that comes back does not take the address back, which would cost the devices another
+///   re-handshake), its record following its session to another controller;
+/// - it also stays while the controller that held it may still hold it unbeknown to this one (a
+///   controller that has just started and not heard from that peer yet, so a restart flips
+///   nothing);
+/// - otherwise the lowest node id among the connected gateways that are members of the network
+///   (deterministic, so controllers that decide at once decide alike and the transaction of the
+///   second one finds the record already written);
+/// - with no gateway connected anywhere, the stored record is kept (nobody holds the address).
+pub fn decide_active(
+    site: &WireGuardSite,
+    fleet: &FleetGateways,
+    stored: Option<&ActiveGateway>,
+) -> Option<ActiveGateway> {
+    if let Some(s) = stored.filter(|s| site.members.contains(&s.node)) {
+        if let Some(controller) = fleet.connected.get(&s.node) {
+            return Some(ActiveGateway {
+                node: s.node.clone(),
+                controller: controller.clone(),
+            });
+        }
+        if fleet.may_hold_unknown(&s.controller) {
+            return Some(s.clone());
+        }
+    }
+    fleet
+        .connected
         .iter()
-        .filter_map(|(id, site)| {
-            active_gateway(site, gateways, current.get(id)).map(|g| (*id, g.clone()))
+        .find(|(node, _)| site.members.contains(*node))
+        .map(|(node, controller)| ActiveGateway {
+            node: node.clone(),
+            controller: controller.clone(),
         })
-        .collect()
+        .or_else(|| stored.cloned())
 }
 
 /// What `node` is told (v9 `ControllerMsg::WireGuard`): every network it is a member of that has
-/// devices, with the gateway members; the gateway key and whether it is active (`active`, from
-/// [`active_gateways`]) only where `node` is itself a connected gateway.
+/// devices, with the gateway members; the gateway key and whether it is active (`active`, each
+/// network's [`decide_active`] record) only where `node` is itself a gateway connected here
+/// (`gateways`).
 pub fn map_for(
     node: &NodeId,
     sites: &BTreeMap<NetworkId, WireGuardSite>,
@@ -162,11 +208,46 @@ mod tests {
         BTreeMap::from([(network, site)])
     }
 
+    /// `me`'s view: gateways by the controller holding them, every controller heard and live.
+    fn fleet(me: &str, connected: &[(&str, &str)]) -> FleetGateways {
+        let connected: BTreeMap<NodeId, String> = connected
+            .iter()
+            .map(|(n, c)| (node(n), (*c).to_owned()))
+            .collect();
+        let mut heard: BTreeSet<String> = connected.values().cloned().collect();
+        heard.insert(me.to_owned());
+        FleetGateways {
+            me: me.into(),
+            live: Some(heard.clone()),
+            connected,
+            heard,
+        }
+    }
+
+    fn active_of(
+        sites: &BTreeMap<NetworkId, WireGuardSite>,
+        fleet: &FleetGateways,
+        stored: Option<&ActiveGateway>,
+    ) -> BTreeMap<NetworkId, NodeId> {
+        sites
+            .iter()
+            .filter_map(|(id, s)| decide_active(s, fleet, stored).map(|a| (*id, a.node)))
+            .collect()
+    }
+
+    fn rec(n: &str, c: &str) -> ActiveGateway {
+        ActiveGateway {
+            node: node(n),
+            controller: c.into(),
+        }
+    }
+
     #[test]
     fn only_gateways_get_the_key_and_the_lowest_connected_one_is_active() {
         let sites = site(&["a", "b", "c"], 2);
-        let gateways: BTreeSet<NodeId> = [node("b"), node("c"), node("x")].into();
-        let active = active_gateways(&sites, &gateways, &BTreeMap::new());
+        let view = fleet("k1", &[("b", "k1"), ("c", "k1"), ("x", "k1")]);
+        let gateways: BTreeSet<NodeId> = view.connected.keys().cloned().collect();
+        let active = active_of(&sites, &view, None);
         let plain = map_for(&node("a"), &sites, &gateways, &active);
         assert_eq!(plain.networks.len(), 1);
         let n = &plain.networks[0];
@@ -180,17 +261,103 @@ mod tests {
         let c = map_for(&node("c"), &sites, &gateways, &active);
         assert_eq!(c.networks[0].role.as_ref().map(|r| r.active), Some(false));
         // b disconnects: c takes over.
-        let gateways: BTreeSet<NodeId> = [node("c")].into();
-        let active = active_gateways(&sites, &gateways, &active);
+        let stored = rec("b", "k1");
+        let view = fleet("k1", &[("c", "k1")]);
+        let gateways: BTreeSet<NodeId> = view.connected.keys().cloned().collect();
+        let next = decide_active(&sites[&NetworkId(1)], &view, Some(&stored));
+        assert_eq!(next, Some(rec("c", "k1")));
+        let active = active_of(&sites, &view, Some(&stored));
         let c = map_for(&node("c"), &sites, &gateways, &active);
         assert_eq!(c.networks[0].role.as_ref().map(|r| r.active), Some(true));
         assert_eq!(c.networks[0].gateways, vec![node("c")]);
         // b comes back: c stays active (no second failover for the devices).
-        let gateways: BTreeSet<NodeId> = [node("b"), node("c")].into();
-        let active = active_gateways(&sites, &gateways, &active);
+        let stored = rec("c", "k1");
+        let view = fleet("k1", &[("b", "k1"), ("c", "k1")]);
+        let gateways: BTreeSet<NodeId> = view.connected.keys().cloned().collect();
+        let active = active_of(&sites, &view, Some(&stored));
         assert_eq!(active.get(&NetworkId(1)), Some(&node("c")));
         let b = map_for(&node("b"), &sites, &gateways, &active);
         assert_eq!(b.networks[0].role.as_ref().map(|r| r.active), Some(false));
+    }
+
+    #[test]
+    fn controllers_choose_among_every_controllers_gateways_and_agree() {
+        let sites = site(&["a", "b"], 1);
+        let s = &sites[&NetworkId(1)];
+        // a on k1, b on k2: both controllers, each hearing the other, name a.
+        let on_k1 = fleet("k1", &[("a", "k1"), ("b", "k2")]);
+        let on_k2 = fleet("k2", &[("a", "k1"), ("b", "k2")]);
+        assert_eq!(decide_active(s, &on_k1, None), Some(rec("a", "k1")));
+        assert_eq!(decide_active(s, &on_k2, None), Some(rec("a", "k1")));
+        // The gateway list every agent is told holds both, wherever their sessions are.
+        let gateways: BTreeSet<NodeId> = on_k2.connected.keys().cloned().collect();
+        let active = BTreeMap::from([(NetworkId(1), node("a"))]);
+        let b = map_for(&node("b"), &sites, &gateways, &active);
+        assert_eq!(b.networks[0].gateways, vec![node("a"), node("b")]);
+        assert_eq!(b.networks[0].role.as_ref().map(|r| r.active), Some(false));
+        // Whichever decides second finds the first one's record and keeps it.
+        let stored = rec("b", "k2");
+        assert_eq!(decide_active(s, &on_k1, Some(&stored)), Some(stored));
+    }
+
+    #[test]
+    fn a_restarted_controller_keeps_the_stored_choice_until_it_knows_better() {
+        let sites = site(&["a", "b"], 1);
+        let s = &sites[&NetworkId(1)];
+        let stored = rec("b", "k2");
+        // k1 has just started: a (lower) reconnected to it; it has not read the membership yet.
+        let mut fresh = fleet("k1", &[("a", "k1")]);
+        fresh.live = None;
+        assert_eq!(
+            decide_active(s, &fresh, Some(&stored)),
+            Some(stored.clone())
+        );
+        // Membership read: k2 lives, but has not said its gateways yet.
+        fresh.live = Some(["k1".to_owned(), "k2".to_owned()].into());
+        assert_eq!(
+            decide_active(s, &fresh, Some(&stored)),
+            Some(stored.clone())
+        );
+        // k2 says it holds b: b stays.
+        let heard = fleet("k1", &[("a", "k1"), ("b", "k2")]);
+        assert_eq!(
+            decide_active(s, &heard, Some(&stored)),
+            Some(stored.clone())
+        );
+        // b's session moved to k1 (k2 restarted): still b, the record follows it.
+        let moved = fleet("k1", &[("a", "k1"), ("b", "k1")]);
+        assert_eq!(
+            decide_active(s, &moved, Some(&stored)),
+            Some(rec("b", "k1"))
+        );
+    }
+
+    #[test]
+    fn the_next_gateway_takes_over_when_the_active_ones_agent_or_controller_dies() {
+        let sites = site(&["a", "b", "c"], 1);
+        let s = &sites[&NetworkId(1)];
+        let stored = rec("a", "k1");
+        // a's agent died: k1 said its list without it.
+        let view = fleet("k2", &[("b", "k1"), ("c", "k2")]);
+        assert_eq!(decide_active(s, &view, Some(&stored)), Some(rec("b", "k1")));
+        // k1 died with a and b: its link ended (not heard), its lease went (not live).
+        let mut view = fleet("k2", &[("c", "k2")]);
+        view.live = Some(["k2".to_owned()].into());
+        assert_eq!(decide_active(s, &view, Some(&stored)), Some(rec("c", "k2")));
+        // While k1's lease lasts, k2 cannot tell a is gone: it waits.
+        view.live = Some(["k1".to_owned(), "k2".to_owned()].into());
+        assert_eq!(decide_active(s, &view, Some(&stored)), Some(stored.clone()));
+        // No gateway anywhere: the record stays as it was.
+        let empty = fleet("k2", &[]);
+        assert_eq!(decide_active(s, &empty, Some(&stored)), Some(stored));
+        assert_eq!(decide_active(s, &empty, None), None);
+        // A stored gateway that is no longer a member of the network gives way.
+        let other = site(&["b", "c"], 1);
+        let view = fleet("k1", &[("a", "k1"), ("c", "k1")]);
+        assert_eq!(
+            decide_active(&other[&NetworkId(1)], &view, Some(&rec("a", "k1"))),
+            Some(rec("c", "k1"))
+        );
     }
 
     #[test]

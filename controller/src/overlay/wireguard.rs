@@ -13,8 +13,16 @@
 //! (`ControllerMsg::WireGuard`, decided by `shoal_controller_core::wireguard::map_for`), again on
 //! every device, gateway or membership change ([`Controller::wireguard_changed`]).
 //!
+//! One active gateway per network for the whole fleet: the choice is a record in the shared store
+//! (`wg_active`), settled by a transaction that re-reads it (compare-and-swap), so every controller
+//! tells its gateway agents the same one and a restarted controller keeps it. Each controller
+//! decides from the gateways connected to it and those its peers said they hold
+//! (`MeshMsg::WireGuardGateways`); after changing the record it tells the others
+//! (`MeshMsg::WireGuardChanged`, also sent after a device is added or removed), who read it again and tell their own gateway agents
+//! (`shoal_controller_core::wireguard::decide_active` has the rules).
+//!
 //! Trees: `wg_devices` (network id ‖ name → [`DeviceRecord`]), `wg_gateways` (network id →
-//! [`GatewayRecord`]).
+//! [`GatewayRecord`]), `wg_active` (network id → [`ActiveGateway`]).
 
 use axum::{
     extract::{Path, State},
@@ -26,7 +34,8 @@ use shoal_controller_core::networks::free_address;
 use shoal_controller_core::selector::valid_name;
 use shoal_controller_core::time::rfc3339_ms as rfc3339;
 use shoal_controller_core::wireguard::{
-    active_gateways, map_for, DeviceRecord, GatewayRecord, WireGuardSite,
+    decide_active, map_for, ActiveGateway, DeviceRecord, FleetGateways, GatewayRecord,
+    WireGuardSite,
 };
 use shoal_proto::{ControllerMsg, NetworkId, NodeId, UnixMillis, WireGuardMap};
 use shoal_wireguard::Key;
@@ -36,10 +45,16 @@ use std::sync::{Arc, Mutex};
 use tracing::info;
 
 use super::networks::{NetworkError, Work};
+use crate::cluster::mesh::wire::MeshMsg;
 use crate::http::{blocking, Ctl, HttpError};
 use crate::server::{now_ms, Controller};
+use crate::store::Table;
 use crate::store::WG_GATEWAYS;
 use crate::store::{decode, EventKind, OverlayEvent, Scan, Store, StoreError, WG_DEVICES};
+
+/// Each network's active gateway, fleet-wide: network id (big-endian u32) → [`ActiveGateway`].
+pub(crate) const WG_ACTIVE: &str = "wg_active";
+const ACTIVE: Table<ActiveGateway> = Table::new(WG_ACTIVE);
 
 /// Key of a device record: network id (big-endian) ‖ name.
 pub(super) fn device_key(network: NetworkId, name: &str) -> Vec<u8> {
@@ -69,6 +84,33 @@ impl Store {
             Some(bytes) => Ok(Some(decode(WG_GATEWAYS, &key, &bytes)?)),
             None => Ok(None),
         }
+    }
+
+    /// A network's active gateway record, if one was ever chosen.
+    pub fn wg_active(&self, network: NetworkId) -> Result<Option<ActiveGateway>, StoreError> {
+        self.get(&ACTIVE, network.0.to_be_bytes())
+    }
+
+    /// Settles a network's active gateway: `decide` is given the stored record inside a
+    /// transaction and its answer is written if it differs (compare-and-swap: a record another
+    /// controller wrote meanwhile makes the transaction run again with it). Returns the record
+    /// now stored and whether this call wrote it.
+    pub fn settle_wg_active(
+        &self,
+        network: NetworkId,
+        decide: impl Fn(Option<&ActiveGateway>) -> Option<ActiveGateway>,
+    ) -> Result<(Option<ActiveGateway>, bool), StoreError> {
+        let key = network.0.to_be_bytes();
+        self.transaction(&[WG_ACTIVE], |tx| {
+            let stored = tx.get(&ACTIVE, &key)?;
+            match decide(stored.as_ref()) {
+                Some(want) if stored.as_ref() != Some(&want) => {
+                    tx.put(&ACTIVE, &key, &want)?;
+                    Ok((Some(want), true))
+                }
+                _ => Ok((stored, false)),
+            }
+        })
     }
 
     /// Adds a device with the lowest free address of the network; makes the network's gateway key
@@ -189,8 +231,8 @@ impl Store {
 }
 
 /// (v9) The WireGuard gateway agents connected to this controller, and what each v9 agent was last
-/// told. Gateways connected to another controller of a cluster are not seen here (see the
-/// operators' guide, §26).
+/// told. Those connected to other controllers of a cluster are what the mesh heard
+/// ([`crate::cluster::mesh::Mesh::remote_gateways`]).
 #[derive(Debug, Default)]
 pub(crate) struct Gateways {
     state: Mutex<GatewaysState>,
@@ -204,7 +246,7 @@ struct GatewaysState {
     gateways: BTreeMap<NodeId, (u64, SocketAddr)>,
     /// The map last queued to each agent's connection.
     sent: HashMap<NodeId, WireGuardMap>,
-    /// Each network's active gateway, kept while it stays connected.
+    /// Each network's active gateway as last settled (for the log: it names changes).
     active: BTreeMap<NetworkId, NodeId>,
 }
 
@@ -306,19 +348,57 @@ impl Controller {
             .filter(|(_, h)| h.protocol >= Some(shoal_proto::WIREGUARD_PROTOCOL))
             .map(|(n, h)| (n.clone(), h.conn_id, h.tx.clone()))
             .collect();
+        let local: BTreeSet<NodeId> = {
+            let mut st = self.wireguard.state();
+            // A gateway counts while the connection that announced it is the node's live one.
+            st.gateways
+                .retain(|node, (conn, _)| targets.iter().any(|(n, c, _)| n == node && c == conn));
+            st.gateways.keys().cloned().collect()
+        };
+        self.mesh.publish_gateways(local.iter().cloned().collect());
+        let fleet = self.fleet_gateways(&local);
+        // Settled in the shared store (no state lock held: on etcd these are network round trips).
+        let mut active = BTreeMap::new();
+        let mut wrote = false;
+        for (id, site) in &sites {
+            let stored = self.store.wg_active(*id)?;
+            let want = decide_active(site, &fleet, stored.as_ref());
+            let record = if want != stored {
+                match self
+                    .store
+                    .settle_wg_active(*id, |stored| decide_active(site, &fleet, stored))
+                {
+                    Ok((record, written)) => {
+                        wrote |= written;
+                        record
+                    }
+                    // Agents are still told what the store holds; the next change retries.
+                    Err(e) => {
+                        tracing::warn!(network = id.0, cause = %e, "active WireGuard gateway not written");
+                        stored
+                    }
+                }
+            } else {
+                stored
+            };
+            if let Some(r) = record {
+                active.insert(*id, r.node);
+            }
+        }
+        if wrote {
+            self.mesh.broadcast(MeshMsg::WireGuardChanged);
+        }
+        let gateways: BTreeSet<NodeId> = fleet.connected.keys().cloned().collect();
         let mut st = self.wireguard.state();
-        // A gateway counts while the connection that announced it is the node's live one.
-        st.gateways
-            .retain(|node, (conn, _)| targets.iter().any(|(n, c, _)| n == node && c == conn));
-        let gateways: BTreeSet<NodeId> = st.gateways.keys().cloned().collect();
-        let active = active_gateways(&sites, &gateways, &st.active);
         for (network, node) in &active {
             if st.active.get(network) != Some(node) {
-                info!(network = network.0, gateway = %node, "active WireGuard gateway");
+                info!(network = network.0, gateway = %node, controller = %fleet.connected.get(node).map_or("-", String::as_str), "active WireGuard gateway");
             }
         }
         st.active = active.clone();
         for (node, _, tx) in targets {
+            // Only gateways connected here are given a role; the list of a network's gateways
+            // names every controller's.
             let map = map_for(&node, &sites, &gateways, &active);
             let unchanged = match st.sent.get(&node) {
                 Some(sent) => *sent == map,
@@ -333,6 +413,37 @@ impl Controller {
             }
         }
         Ok(())
+    }
+
+    /// Where the fleet's gateway agents are connected, as this controller knows it: its own
+    /// (`local`), and those its mesh peers said they hold.
+    fn fleet_gateways(&self, local: &BTreeSet<NodeId>) -> FleetGateways {
+        let me = self.cluster.id.clone();
+        let mut fleet = FleetGateways {
+            me: me.clone(),
+            heard: [me.clone()].into(),
+            live: None,
+            connected: BTreeMap::new(),
+        };
+        for (peer, nodes) in self.mesh.remote_gateways() {
+            for n in nodes {
+                fleet.connected.insert(n, peer.clone());
+            }
+            fleet.heard.insert(peer);
+        }
+        // Our own sessions win over what a peer said of a node before it moved here.
+        for n in local {
+            fleet.connected.insert(n.clone(), me.clone());
+        }
+        let members = self.cluster.members();
+        fleet.live = if !self.cluster.is_clustered() {
+            Some([me].into())
+        } else if members.is_empty() {
+            None
+        } else {
+            Some(members.into_iter().map(|m| m.id).collect())
+        };
+        fleet
     }
 }
 
@@ -372,6 +483,7 @@ async fn add_peer(
             ctl.store
                 .add_wg_device(&network, &req.name, key, req.endpoint.as_deref(), now_ms())?;
         ctl.wireguard_changed();
+        ctl.mesh.broadcast(MeshMsg::WireGuardChanged);
         let net = ctl
             .store
             .network_by_name(&network)?
@@ -410,8 +522,9 @@ async fn remove_peer(
 ) -> Result<Json<PeerView>, HttpError> {
     blocking(move || {
         let device = ctl.store.remove_wg_device(&network, &name, now_ms())?;
-        // Gateways drop the device's session when they hear this.
+        // Gateways drop the device's session when they hear this, on every controller.
         ctl.wireguard_changed();
+        ctl.mesh.broadcast(MeshMsg::WireGuardChanged);
         Ok(Json(peer_view(&network, &device)))
     })
     .await
@@ -537,6 +650,42 @@ mod tests {
             store.remove_wg_device("default", "ghost", T0),
             Err(NetworkError::UnknownDevice { .. })
         ));
+    }
+
+    #[test]
+    fn the_active_gateway_record_is_swapped_only_from_what_is_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let net = NetworkId(1);
+        let rec = |n: &str, c: &str| ActiveGateway {
+            node: NodeId(n.into()),
+            controller: c.into(),
+        };
+        assert_eq!(store.wg_active(net).expect("read"), None);
+        // The first decision is written; deciding alike again writes nothing.
+        let first = store
+            .settle_wg_active(net, |stored| stored.cloned().or(Some(rec("a", "k1"))))
+            .expect("settle");
+        assert_eq!(first, (Some(rec("a", "k1")), true));
+        let again = store
+            .settle_wg_active(net, |stored| stored.cloned().or(Some(rec("b", "k2"))))
+            .expect("settle");
+        assert_eq!(
+            again,
+            (Some(rec("a", "k1")), false),
+            "decided from the stored record"
+        );
+        // A decision for none keeps the record; a new one replaces it, and a reopened store has it.
+        assert_eq!(
+            store.settle_wg_active(net, |_| None).expect("settle"),
+            (Some(rec("a", "k1")), false)
+        );
+        store
+            .settle_wg_active(net, |_| Some(rec("b", "k2")))
+            .expect("settle");
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(store.wg_active(net).expect("read"), Some(rec("b", "k2")));
     }
 
     #[test]

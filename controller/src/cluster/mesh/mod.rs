@@ -41,8 +41,8 @@ use crate::connections::SendError;
 use crate::overlay::hub::{MeshPort, OverlayHub, OverlayNews};
 use crate::server::Controller;
 use wire::{
-    MeshMsg, NodePresence, MAX_MEMBERSHIP_CHANGES_PER_FRAME, MAX_PRESENCE_PER_FRAME,
-    MAX_SUBSCRIPTIONS_PER_FRAME, MESH_VERSION,
+    MeshMsg, NodePresence, MAX_GATEWAYS_PER_FRAME, MAX_MEMBERSHIP_CHANGES_PER_FRAME,
+    MAX_PRESENCE_PER_FRAME, MAX_SUBSCRIPTIONS_PER_FRAME, MESH_VERSION,
 };
 
 /// Messages queued for one peer before the link counts as stuck (it is then dropped and redialled,
@@ -84,6 +84,10 @@ pub(crate) struct Mesh {
     published: Mutex<HashMap<NodeId, NodePresence>>,
     /// The newest accepted connection per peer.
     accepted: Mutex<HashMap<String, u64>>,
+    /// The WireGuard gateways connected here, as every link has been told.
+    gateways: Mutex<Vec<NodeId>>,
+    /// The WireGuard gateways each peer said it holds, on the link it dials to us now.
+    remote_gateways: Mutex<HashMap<String, Vec<NodeId>>>,
     generation: AtomicU64,
     pending: Arc<Semaphore>,
 }
@@ -102,6 +106,8 @@ impl Mesh {
             remote: RwLock::new(HashMap::new()),
             published: Mutex::new(HashMap::new()),
             accepted: Mutex::new(HashMap::new()),
+            gateways: Mutex::new(Vec::new()),
+            remote_gateways: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
             pending: Arc::new(Semaphore::new(MAX_PENDING)),
         }
@@ -225,6 +231,33 @@ impl Mesh {
         });
     }
 
+    /// Tells every link the WireGuard gateways connected here, when they changed.
+    pub(crate) fn publish_gateways(&self, mut now: Vec<NodeId>) {
+        if now.len() > MAX_GATEWAYS_PER_FRAME {
+            warn!(
+                gateways = now.len(),
+                "more WireGuard gateways than the mesh carries; the others are not announced"
+            );
+            now.truncate(MAX_GATEWAYS_PER_FRAME);
+        }
+        let mut published = lock(&self.gateways);
+        if *published == now {
+            return;
+        }
+        *published = now.clone();
+        self.broadcast(MeshMsg::WireGuardGateways(now));
+    }
+
+    /// The WireGuard gateways each peer holds, by peer, as each said on its link now.
+    pub(crate) fn remote_gateways(&self) -> HashMap<String, Vec<NodeId>> {
+        lock(&self.remote_gateways).clone()
+    }
+
+    fn apply_gateways(&self, peer: &str, mut gateways: Vec<NodeId>) {
+        gateways.truncate(MAX_GATEWAYS_PER_FRAME);
+        lock(&self.remote_gateways).insert(peer.to_owned(), gateways);
+    }
+
     /// Sends a relayed packet to `peer` as a datagram on the link; false if it was dropped.
     pub(crate) fn relay(&self, peer: &str, to: PeerIndex, from: PeerIndex, packet: &[u8]) -> bool {
         let conn = match lock(&self.links).get(peer) {
@@ -251,6 +284,9 @@ impl Mesh {
     ) -> u64 {
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let published = lock(&self.published);
+        // Held until the link is added, so a change published meanwhile is not missed.
+        let gateways = lock(&self.gateways);
+        let _ = tx.try_send(MeshMsg::WireGuardGateways(gateways.clone()));
         let all: Vec<NodePresence> = published.values().cloned().collect();
         let mut first = true;
         for chunk in all.chunks(MAX_PRESENCE_PER_FRAME) {
@@ -321,6 +357,7 @@ impl Mesh {
     }
 
     fn forget_peer(&self, peer: &str) {
+        lock(&self.remote_gateways).remove(peer);
         self.remote
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -344,8 +381,24 @@ pub(crate) async fn run(controller: Arc<Controller>, endpoint: quinn::Endpoint) 
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut publish_due = tokio::time::Instant::now();
+    let mut wireguard_due = tokio::time::Instant::now();
+    let mut live_ids: Vec<String> = Vec::new();
     loop {
         tick.tick().await;
+        // The active WireGuard gateways depend on which controllers live (a dead one's gateways
+        // are gone once its lease is); settled again when that changes, and now and then in case
+        // a peer's news was lost with a link.
+        let ids: Vec<String> = controller
+            .cluster
+            .members()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        if ids != live_ids || tokio::time::Instant::now() >= wireguard_due {
+            live_ids = ids;
+            wireguard_due = tokio::time::Instant::now() + Duration::from_secs(5);
+            controller.wireguard_changed();
+        }
         for m in controller.cluster.members() {
             if m.id == controller.cluster.id
                 || m.agent_addr.ip().is_unspecified()
@@ -559,7 +612,9 @@ pub(crate) async fn serve(controller: Arc<Controller>, conn: quinn::Connection) 
                 // Joins of nodes new here read their relay index from the store; awaited, so
                 // changes apply in the order they were made.
                 let _ = tokio::task::spawn_blocking(move || {
-                    c.overlay.remote_membership_changed(&c.store, &changes)
+                    c.overlay.remote_membership_changed(&c.store, &changes);
+                    // A member of a network with WireGuard devices changes its agents' maps.
+                    c.wireguard_resync();
                 })
                 .await;
             }
@@ -568,6 +623,11 @@ pub(crate) async fn serve(controller: Arc<Controller>, conn: quinn::Connection) 
                 let c = controller.clone();
                 tokio::task::spawn_blocking(move || c.push_drive_policies(only.as_deref()));
             }
+            MeshMsg::WireGuardGateways(gateways) => {
+                controller.mesh.apply_gateways(&peer, gateways);
+                controller.wireguard_changed();
+            }
+            MeshMsg::WireGuardChanged => controller.wireguard_changed(),
             MeshMsg::RolloutNews => {
                 let c = controller.clone();
                 tokio::task::spawn_blocking(move || {
@@ -585,6 +645,8 @@ pub(crate) async fn serve(controller: Arc<Controller>, conn: quinn::Connection) 
         drop(accepted);
         controller.mesh.forget_peer(&peer);
         info!(peer = %peer, "mesh peer gone: its nodes' presence dropped");
+        // Its gateways are no longer known to be connected: another may have to take over.
+        controller.wireguard_changed();
     }
 }
 

@@ -18,6 +18,10 @@ pub const MAX_SUBSCRIPTIONS_PER_FRAME: usize = 64;
 /// Most membership changes in one frame.
 pub const MAX_MEMBERSHIP_CHANGES_PER_FRAME: usize = 128;
 
+/// Most WireGuard gateways one controller says it holds (what it holds beyond is left out, with a
+/// warning).
+pub const MAX_GATEWAYS_PER_FRAME: usize = 4096;
+
 /// The label of the secret a dialer proves it holds ([`crate::registry::ca::Ca::derive_secret`]).
 pub const PROOF_LABEL: &str = "shoal mesh v1";
 
@@ -98,6 +102,14 @@ pub enum MeshMsg {
         /// The nodes whose labels changed; `None`: the policies themselves changed.
         only: Option<Vec<NodeId>>,
     },
+    /// The WireGuard gateway agents connected to the dialer, all of them (replacing what it said
+    /// before; at most [`MAX_GATEWAYS_PER_FRAME`]): first on every link, then on each change. A
+    /// peer that never said it (an older release) is not known to hold any. Added after
+    /// `DrivePolicies`; older controllers skip it.
+    WireGuardGateways(Vec<NodeId>),
+    /// The dialer changed WireGuard state in the shared store (a device added or removed, or a
+    /// network's active gateway): read it again and tell this controller's agents.
+    WireGuardChanged,
 }
 
 /// Bytes before the packet in a relayed datagram on a mesh link: destination and source relay
