@@ -425,11 +425,18 @@ impl Fleet {
         let ca_file = self.dir().join("api-ca.pem");
         std::fs::write(&ca_file, ca)?;
         let mut cmd = std::process::Command::new("ip");
-        cmd.args(["netns", "exec", &self.controller_ns, "curl", "-sS", "--fail"])
-            .arg("--cacert")
-            .arg(&ca_file)
-            .args(["-H", &format!("Authorization: Bearer {token}")])
-            .arg(format!("{api}{path}"));
+        cmd.args([
+            "netns",
+            "exec",
+            &self.controller_ns,
+            "curl",
+            "-sS",
+            "--fail",
+        ])
+        .arg("--cacert")
+        .arg(&ca_file)
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .arg(format!("{api}{path}"));
         let out = output_with_timeout(&mut cmd, CTL_TIMEOUT)?;
         ensure!(
             out.status.success(),

@@ -1389,12 +1389,11 @@ fn a_relayed_pair_is_held_to_its_budget_and_the_senders_other_pair_keeps_its_ser
             .with_context(|| format!("no {field} counter from {sender} yet: {all}"))
     };
     let refused_before = refused().or_panic();
-    let (forwarded_before, flooded_before) = eventually(
-        Duration::from_secs(30),
-        "agent 1's first counters",
-        || Ok((frames("forwarded")?, frames("flooded")?)),
-    )
-    .or_panic();
+    let (forwarded_before, flooded_before) =
+        eventually(Duration::from_secs(30), "agent 1's first counters", || {
+            Ok((frames("forwarded")?, frames("flooded")?))
+        })
+        .or_panic();
 
     // Agent 3 answers 20 pings from agent 1 sent while agent 1 pushes to agent 2.
     let pinger = {

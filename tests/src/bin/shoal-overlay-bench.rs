@@ -532,18 +532,18 @@ impl Drop for Rule {
 fn loss(ns: &str, iface: &str, pct: f64) -> Result<Rule> {
     let probability = format!("{:.4}", pct / 100.0);
     let rule: Vec<String> = [
-            "INPUT",
-            "-i",
-            iface,
-            "-m",
-            "statistic",
-            "--mode",
-            "random",
-            "--probability",
-            &probability,
-            "-j",
-            "DROP",
-        ]
+        "INPUT",
+        "-i",
+        iface,
+        "-m",
+        "statistic",
+        "--mode",
+        "random",
+        "--probability",
+        &probability,
+        "-j",
+        "DROP",
+    ]
     .map(String::from)
     .to_vec();
     Rule::insert(ns, rule)
@@ -865,13 +865,7 @@ impl Bench {
             let stop = std::sync::atomic::AtomicBool::new(false);
             let (iperf, ctl_lat) = std::thread::scope(|s| {
                 let sampler = s.spawn(|| ctl.sample(usize::MAX, &stop));
-                let r = self.iperf(
-                    &ns,
-                    to,
-                    streams,
-                    &two.agent_pids,
-                    Some(two.controller_pid),
-                );
+                let r = self.iperf(&ns, to, streams, &two.agent_pids, Some(two.controller_pid));
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
                 let lat = sampler
                     .join()
@@ -919,10 +913,9 @@ fn brief_relay_run(budget: RelayBudget, r: &RelayRun) -> String {
         .iperf
         .as_ref()
         .map_or("FAILED".into(), |s| format!("{:.1} Mbit/s", s.gbps * 1e3));
-    let refused = r
-        .refused
-        .as_ref()
-        .map_or("?".into(), |c| format!("{} pair / {} sender", c.pair, c.sender));
+    let refused = r.refused.as_ref().map_or("?".into(), |c| {
+        format!("{} pair / {} sender", c.pair, c.sender)
+    });
     format!(
         "budget {budget} Mbit/s, {} stream(s): {goodput}; refused {refused}; shoalctl nodes list {} ms",
         r.streams,
