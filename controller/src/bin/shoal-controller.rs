@@ -104,11 +104,11 @@ struct ServeArgs {
     netmap_validity: std::time::Duration,
     /// Relayed traffic from one node to one peer, Mbit/s (a token bucket per pair with a quarter
     /// second of burst), so one relayed pair cannot take the relay from the others.
-    #[arg(long, default_value_t = 64.0, value_parser = parse_relay_pair_mbit)]
+    #[arg(long, default_value_t = 64.0, value_parser = parse_relay_mbit)]
     relay_pair_mbit: f64,
     /// Relayed traffic from one node to all its peers, Mbit/s, with its packet rate scaled along
     /// (default: 16 MiB/s, 134 Mbit/s, and 16 384 packets/s); for measuring the relay's capacity.
-    #[arg(long, value_parser = parse_relay_pair_mbit)]
+    #[arg(long, value_parser = parse_relay_mbit)]
     relay_sender_mbit: Option<f64>,
     /// Trusted agent release public key (a file with 64 hex characters, the `.pub` of the key
     /// `shoalctl release add --key` signs with); repeatable. Without one no release can be added.
@@ -317,8 +317,9 @@ async fn shutdown_signal() {
     }
 }
 
-/// `--relay-pair-mbit`, `--relay-sender-mbit`: a positive, finite rate that leaves room for one full packet of burst.
-fn parse_relay_pair_mbit(s: &str) -> Result<f64, String> {
+/// `--relay-pair-mbit`, `--relay-sender-mbit`: a positive, finite rate that leaves room for one
+/// full packet of burst.
+fn parse_relay_mbit(s: &str) -> Result<f64, String> {
     let v: f64 = s
         .parse()
         .map_err(|_| format!("{s:?} is not a number of megabits per second"))?;
@@ -355,9 +356,9 @@ mod tests {
 
     #[test]
     fn the_relay_pair_rate_is_a_usable_number() {
-        assert_eq!(super::parse_relay_pair_mbit("64"), Ok(64.0));
+        assert_eq!(super::parse_relay_mbit("64"), Ok(64.0));
         for bad in ["0", "-1", "NaN", "inf", "lots"] {
-            let err = super::parse_relay_pair_mbit(bad).unwrap_err();
+            let err = super::parse_relay_mbit(bad).unwrap_err();
             assert!(
                 err.contains("megabits") || err.contains("at least"),
                 "{bad}: {err}"
