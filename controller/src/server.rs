@@ -61,6 +61,9 @@ pub struct ControllerConfig {
     /// Relayed traffic from one node to one peer, megabits per second, with a burst of a
     /// quarter second (default 64: `OverlayLimits::relay_pair_bytes`).
     pub relay_pair_mbit: f64,
+    /// Relayed traffic from one node to all its peers, megabits per second, packets scaled with it
+    /// (default none: `OverlayLimits::relay_bytes`, 16 MiB/s = 134 Mbit/s).
+    pub relay_sender_mbit: Option<f64>,
     /// Second UDP address agents measure their NAT's mapping against (default: the agents' port
     /// plus one, on the same IP; a random port if that is taken).
     pub probe_listen: Option<SocketAddr>,
@@ -142,6 +145,7 @@ impl ControllerConfig {
             overlay_mtu: shoal_controller_core::networks::DEFAULT_OVERLAY_MTU,
             netmap_validity: Duration::from_secs(24 * 3600),
             relay_pair_mbit: 64.0,
+            relay_sender_mbit: None,
             probe_listen: None,
             netboot: crate::netboot::NetbootConfig::default(),
             drives: FleetDrivesConfig::default(),
@@ -274,11 +278,15 @@ impl Controller {
                 store
             }
         };
+        let mut limits = crate::overlay::hub::OverlayLimits::default()
+            .with_relay_pair_mbit(config.relay_pair_mbit);
+        if let Some(mbit) = config.relay_sender_mbit {
+            limits = limits.with_relay_sender_mbit(mbit);
+        }
         let overlay = Arc::new(OverlayHub::open_with_limits(
             &store,
             config.netmap_validity,
-            crate::overlay::hub::OverlayLimits::default()
-                .with_relay_pair_mbit(config.relay_pair_mbit),
+            limits,
         )?);
         let drives = DriveHub::open(&store, config.drives)?;
         // Several controllers on one store are one fleet: one CA, one secrets key.

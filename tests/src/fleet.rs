@@ -402,6 +402,56 @@ impl Fleet {
         })
     }
 
+    /// `GET <path>` on the admin API, for routes `shoalctl` has no command for (`/v1/refusals`):
+    /// `curl` inside the controller's namespace with admin.conf's token and CA, as an operator
+    /// would script it; the JSON answer.
+    pub fn api_json(&self, path: &str) -> Result<Value> {
+        let conf = self.admin_conf();
+        let text = std::fs::read_to_string(&conf)
+            .with_context(|| format!("cannot read {}", conf.display()))?;
+        let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name));
+        let token = field("token = ")
+            .map(|t| t.trim().trim_matches('"'))
+            .with_context(|| format!("no token in {}", conf.display()))?;
+        let api = field("api = ")
+            .map(|t| t.trim().trim_matches('"'))
+            .with_context(|| format!("no api in {}", conf.display()))?;
+        // The CA is a TOML multi-line basic string; a PEM needs only its \r and \n escapes undone.
+        let ca = text
+            .split_once("ca = \"\"\"")
+            .and_then(|(_, rest)| rest.split_once("\"\"\""))
+            .map(|(pem, _)| pem.trim_start().replace("\\r", "").replace("\\n", "\n"))
+            .with_context(|| format!("no ca in {}", conf.display()))?;
+        let ca_file = self.dir().join("api-ca.pem");
+        std::fs::write(&ca_file, ca)?;
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &self.controller_ns,
+            "curl",
+            "-sS",
+            "--fail",
+        ])
+        .arg("--cacert")
+        .arg(&ca_file)
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .arg(format!("{api}{path}"));
+        let out = output_with_timeout(&mut cmd, CTL_TIMEOUT)?;
+        ensure!(
+            out.status.success(),
+            "curl {api}{path} failed ({}): {}",
+            describe_status(&out.status),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "GET {path} returned invalid JSON: {}",
+                truncate(&String::from_utf8_lossy(&out.stdout), 2000)
+            )
+        })
+    }
+
     /// `shoalctl nodes list -o json`.
     pub fn nodes(&self) -> Result<Vec<Value>> {
         as_array(self.ctl_json(&["nodes", "list"])?, "nodes list")

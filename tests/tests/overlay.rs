@@ -1328,3 +1328,180 @@ fn bulk_tcp_is_intact_between_an_agent_with_tap_offloads_and_one_without() {
     assert!(row(&without).contains("shoal0:off(disabled)"), "{table}");
     assert!(row(&without).contains("shoal0:1.0"), "{table}");
 }
+
+/// The relay's per-pair budget (`shoal-controller --relay-pair-mbit`) holds a relayed pair to its
+/// rate, so one pair pushing as fast as it can cannot take the relay from the sender's other
+/// pairs, and the operator sees the drops in `GET /v1/refusals`. Three agents on one LAN with
+/// direct UDP between them blocked, so every pair is relayed; agent 1 sends bulk TCP to agent 2
+/// while it pings agent 3. Unicast to a known MAC goes to that one member over the relay too: the
+/// bulk transfer's frames are forwarded, not flooded.
+#[test]
+fn a_relayed_pair_is_held_to_its_budget_and_the_senders_other_pair_keeps_its_service() {
+    require_host_tests!();
+    // Well below what the relay carries even from debug builds, so that the bound is what limits.
+    const BUDGET_MBIT: f64 = 4.0;
+    const PUSH: Duration = Duration::from_secs(6);
+    let fleet = Fleet::start(FleetConfig {
+        controller_args: vec!["--relay-pair-mbit".into(), BUDGET_MBIT.to_string()],
+        ..FleetConfig::fast().agents(3)
+    })
+    .or_panic();
+    let agents = fleet.agents();
+    let ns: Vec<String> = agents.iter().map(|a| a.netns.clone()).collect();
+    for (i, a) in agents.iter().enumerate() {
+        for (j, b) in agents.iter().enumerate() {
+            if i != j {
+                let to = b.addr.to_string();
+                in_ns(
+                    &a.netns,
+                    "iptables",
+                    &["-w", "-I", "OUTPUT", "-p", "udp", "-d", &to, "-j", "DROP"],
+                )
+                .or_panic();
+            }
+        }
+    }
+    let addrs = tap_addrs(&fleet).or_panic();
+    wait_path(&fleet, 0, 1, "relay", PATH_TIMEOUT).or_panic();
+    wait_path(&fleet, 0, 2, "relay", PATH_TIMEOUT).or_panic();
+    for to in [1, 2] {
+        eventually(
+            Duration::from_secs(20),
+            &format!("agent 1 pings agent {} through the relay", to + 1),
+            || ping(&ns[0], addrs[to]),
+        )
+        .or_panic();
+    }
+    let refused = || -> Result<u64> {
+        let v = fleet.api_json("/v1/refusals")?;
+        v["overlay"]["relay_pair_rate_limited"]
+            .as_u64()
+            .with_context(|| format!("no overlay.relay_pair_rate_limited: {v}"))
+    };
+    let sender = fleet.node_id(0).or_panic();
+    let frames = |field: &str| -> Result<u64> {
+        let all = fleet.ctl_json(&["overlay", "counters"])?;
+        all.as_array()
+            .and_then(|a| a.iter().find(|c| c["node"] == sender.as_str()))
+            .and_then(|c| c[field].as_u64())
+            .with_context(|| format!("no {field} counter from {sender} yet: {all}"))
+    };
+    let refused_before = refused().or_panic();
+    let (forwarded_before, flooded_before) =
+        eventually(Duration::from_secs(30), "agent 1's first counters", || {
+            Ok((frames("forwarded")?, frames("flooded")?))
+        })
+        .or_panic();
+
+    // Agent 3 answers 20 pings from agent 1 sent while agent 1 pushes to agent 2.
+    let pinger = {
+        let (ns, to) = (ns[0].clone(), addrs[2].to_string());
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            run_in(
+                &ns,
+                "ping",
+                &["-c", "20", "-i", "0.2", "-W", "2", "-q", &to],
+                Duration::from_secs(30),
+            )
+        })
+    };
+    let (bytes, took) = push_tcp(&fleet, 0, 1, addrs[1], PUSH).or_panic();
+    let pings = pinger
+        .join()
+        .expect("the pinger thread")
+        .unwrap_or_else(|e| format!("{e:#}"));
+    let mbit = bytes as f64 * 8.0 / took.as_secs_f64() / 1e6;
+    eprintln!(
+        "relayed pair with a {BUDGET_MBIT} Mbit/s budget: {bytes} bytes in {took:?} = {mbit:.2} Mbit/s; agent 1 -> 3 meanwhile: {}",
+        pings.lines().rev().take(2).collect::<Vec<_>>().join(" | ")
+    );
+    // The bucket starts full (a quarter second of burst), and the receiver counts until the
+    // sender's last buffered bytes arrive: a quarter over the rate is the margin.
+    assert!(
+        mbit <= BUDGET_MBIT * 1.25,
+        "the pair got {mbit:.2} Mbit/s through the relay, over its {BUDGET_MBIT} Mbit/s budget"
+    );
+    assert!(
+        mbit >= BUDGET_MBIT * 0.25,
+        "the pair got only {mbit:.2} Mbit/s of its {BUDGET_MBIT} Mbit/s budget"
+    );
+    let lost: f64 = pings
+        .split(',')
+        .find(|p| p.contains("packet loss"))
+        .and_then(|p| p.trim().split('%').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(100.0);
+    assert!(
+        lost <= 5.0,
+        "agent 1's other relayed pair lost {lost}% of its pings while the first pushed: {pings}"
+    );
+    let refused_after = refused().or_panic();
+    assert!(
+        refused_after > refused_before,
+        "/v1/refusals counts no relay_pair_rate_limited drops ({refused_before} before)"
+    );
+    // Known unicast over the relay: thousands of frames forwarded to agent 2, a handful flooded
+    // (ARP, neighbour discovery).
+    let (forwarded, flooded) = eventually(
+        Duration::from_secs(30),
+        "agent 1 reports the bulk transfer's frames",
+        || {
+            let forwarded = frames("forwarded")? - forwarded_before;
+            ensure!(forwarded >= 1000, "{forwarded} frames forwarded so far");
+            Ok((forwarded, frames("flooded")? - flooded_before))
+        },
+    )
+    .or_panic();
+    assert!(
+        flooded < 50,
+        "{flooded} frames flooded next to {forwarded} forwarded: unicast to a known MAC was flooded"
+    );
+    // The controller's own service: the admin API answers under relay load.
+    fleet.ctl_ok(&["nodes", "list"]).or_panic();
+}
+
+/// Bulk TCP from agent `from` to `to_addr` (agent `to`) as fast as it goes for `push`: the bytes
+/// agent `to` received and the time from the first byte sent to the last received.
+fn push_tcp(
+    fleet: &Fleet,
+    from: usize,
+    to: usize,
+    to_addr: Ipv4Addr,
+    push: Duration,
+) -> Result<(u64, Duration)> {
+    let server_host = fleet.agents()[to].hostname.clone();
+    let client_host = fleet.agents()[from].hostname.clone();
+    let listener = fleet
+        .topology()
+        .host(&server_host)?
+        .netns()
+        .enter(|| TcpListener::bind((to_addr, 0)))??;
+    let port = listener.local_addr()?.port();
+    let server = std::thread::spawn(move || -> Result<(u64, Instant)> {
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let (mut n, mut buf) = (0u64, vec![0u8; 1 << 16]);
+        loop {
+            let got = s.read(&mut buf).context("bulk receive")?;
+            if got == 0 {
+                return Ok((n, Instant::now()));
+            }
+            n += got as u64;
+        }
+    });
+    let mut s = fleet.topology().host(&client_host)?.netns().enter(|| {
+        TcpStream::connect_timeout(&SocketAddr::from((to_addr, port)), Duration::from_secs(5))
+    })??;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let chunk = vec![0x5au8; 16 << 10];
+    let start = Instant::now();
+    while start.elapsed() < push {
+        s.write_all(&chunk).context("bulk send")?;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let (got, end) = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("bulk receiver panicked"))??;
+    Ok((got, end - start))
+}

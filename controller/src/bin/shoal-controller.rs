@@ -104,8 +104,12 @@ struct ServeArgs {
     netmap_validity: std::time::Duration,
     /// Relayed traffic from one node to one peer, Mbit/s (a token bucket per pair with a quarter
     /// second of burst), so one relayed pair cannot take the relay from the others.
-    #[arg(long, default_value_t = 64.0, value_parser = parse_relay_pair_mbit)]
+    #[arg(long, default_value_t = 64.0, value_parser = parse_relay_mbit)]
     relay_pair_mbit: f64,
+    /// Relayed traffic from one node to all its peers, Mbit/s, with its packet rate scaled along
+    /// (default: 16 MiB/s, 134 Mbit/s, and 16 384 packets/s); for measuring the relay's capacity.
+    #[arg(long, value_parser = parse_relay_mbit)]
+    relay_sender_mbit: Option<f64>,
     /// Trusted agent release public key (a file with 64 hex characters, the `.pub` of the key
     /// `shoalctl release add --key` signs with); repeatable. Without one no release can be added.
     #[arg(long = "release-key", value_name = "FILE")]
@@ -216,6 +220,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.election_ttl = args.election_ttl;
     config.netmap_validity = args.netmap_validity;
     config.relay_pair_mbit = args.relay_pair_mbit;
+    config.relay_sender_mbit = args.relay_sender_mbit;
     config.netboot = args.netboot.config()?;
     config.release_keys = args.release_keys.clone();
     config.api_names = args.api_names.clone();
@@ -314,15 +319,16 @@ async fn shutdown_signal() {
     }
 }
 
-/// `--relay-pair-mbit`: a positive, finite rate that leaves room for one full packet of burst.
-fn parse_relay_pair_mbit(s: &str) -> Result<f64, String> {
+/// `--relay-pair-mbit`, `--relay-sender-mbit`: a positive, finite rate that leaves room for one
+/// full packet of burst.
+fn parse_relay_mbit(s: &str) -> Result<f64, String> {
     let v: f64 = s
         .parse()
         .map_err(|_| format!("{s:?} is not a number of megabits per second"))?;
     // A quarter second of burst must hold one relayed datagram (about 1500 bytes): 0.05 Mbit/s.
     if !v.is_finite() || v < 0.05 {
         return Err(format!(
-            "{s} Mbit/s: the per-pair relay rate must be at least 0.05 Mbit/s"
+            "{s} Mbit/s: a relay rate must be at least 0.05 Mbit/s"
         ));
     }
     Ok(v)
@@ -352,9 +358,9 @@ mod tests {
 
     #[test]
     fn the_relay_pair_rate_is_a_usable_number() {
-        assert_eq!(super::parse_relay_pair_mbit("64"), Ok(64.0));
+        assert_eq!(super::parse_relay_mbit("64"), Ok(64.0));
         for bad in ["0", "-1", "NaN", "inf", "lots"] {
-            let err = super::parse_relay_pair_mbit(bad).unwrap_err();
+            let err = super::parse_relay_mbit(bad).unwrap_err();
             assert!(
                 err.contains("megabits") || err.contains("at least"),
                 "{bad}: {err}"

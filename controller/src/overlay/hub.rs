@@ -217,6 +217,25 @@ impl OverlayLimits {
             ..self
         }
     }
+
+    /// These limits with the relay's per-sender byte rate set to `mbit` megabits per second and
+    /// its packet rate scaled with it (the defaults' 1 KiB per packet), a quarter second of burst
+    /// each.
+    pub fn with_relay_sender_mbit(self, mbit: f64) -> Self {
+        let per_sec = mbit * 1e6 / 8.0;
+        let packets = per_sec / 1024.0;
+        Self {
+            relay_bytes: Rate {
+                per_sec,
+                burst: per_sec / 4.0,
+            },
+            relay_packets: Rate {
+                per_sec: packets,
+                burst: packets / 4.0,
+            },
+            ..self
+        }
+    }
 }
 
 /// Why a punch request was not passed on.
@@ -1843,6 +1862,31 @@ mod tests {
                 counters.relay_rate_limited
             ),
             (20, 0)
+        );
+    }
+
+    #[test]
+    fn the_sender_rate_scales_bytes_and_packets_alike_and_leaves_pairs_alone() {
+        let d = OverlayLimits::default();
+        let l = OverlayLimits::default()
+            .with_relay_pair_mbit(64.0)
+            .with_relay_sender_mbit(1000.0);
+        assert_eq!(
+            (l.relay_bytes.per_sec, l.relay_bytes.burst),
+            (125e6, 125e6 / 4.0)
+        );
+        // The defaults' bytes per packet (1 KiB), a quarter second of burst.
+        assert_eq!(
+            l.relay_bytes.per_sec / l.relay_packets.per_sec,
+            d.relay_bytes.per_sec / d.relay_packets.per_sec
+        );
+        assert_eq!(l.relay_packets.burst, l.relay_packets.per_sec / 4.0);
+        assert_eq!(
+            l.relay_pair_bytes.per_sec,
+            OverlayLimits::default()
+                .with_relay_pair_mbit(64.0)
+                .relay_pair_bytes
+                .per_sec
         );
     }
 

@@ -14,6 +14,13 @@
 //!   DROP rule in agent 2's INPUT chain rather than netem, which this kernel lacks (`sch_netem`);
 //!   for random loss in one direction (the data direction, agent 1 -> agent 2) the two are
 //!   equivalent.
+//! - the relay path (`--relay MBIT,…`): for each per-pair budget a fresh fleet whose controller runs
+//!   with `--relay-pair-mbit MBIT`; direct UDP between the two agents' LAN addresses is dropped
+//!   (iptables OUTPUT rules in each agent's namespace; the controller stays reachable) until
+//!   `shoalctl overlay paths` says `relay` both ways, then ping and iperf3 (1 and 4 streams) over
+//!   shoal0 through the controller, with the controller's CPU per Gbit next to the agents', the
+//!   relay's refusal counters (`GET /v1/refusals`) across each run, and the latency of `shoalctl
+//!   nodes list` while the pair pushes (the controller's own service under relay load).
 //!
 //! Needs root, `iperf3`, `ping`, `ss` (iproute2), `iptables`, and for the WireGuard row `wg`
 //! (wireguard-tools) and boringtun-cli (`cargo install boringtun-cli --locked --root
@@ -40,6 +47,7 @@ use shoal_tests::{eventually, Fleet, FleetConfig, Proc, ProcSpec};
 const USAGE: &str = "\
 usage: shoal-overlay-bench [--time SECS] [--pings N] [--cc LIST] [--loss PCT]... [--no-loss]
                            [--boringtun PATH] [--no-boringtun] [--agent-arg ARG]...
+                           [--controller-arg ARG]... [--relay MBIT,...] [--only-relay]
 
 Starts a controller and two agents, each in its own network namespace on one veth/bridge LAN, and
 measures ping RTT and iperf3 TCP throughput (1 and 4 streams) from agent 1 to agent 2 over the
@@ -58,6 +66,13 @@ overlay runs for each outer congestion controller, clean and under each random l
   --no-boringtun    skip the WireGuard row
   --agent-arg ARG   append ARG to every agent's command line (repeatable; e.g. --agent-arg
                     --threads --agent-arg 2), to compare agent settings with one build
+  --controller-arg ARG
+                    append ARG to the controller's command line (repeatable)
+  --relay MBIT,...  also measure the relay path: per value a fresh fleet whose controller runs with
+                    --relay-pair-mbit MBIT, direct UDP between the agents blocked (the relay's
+                    per-sender budget, 16 MiB/s = 134 Mbit/s, still applies above it); the value
+                    `unbounded` raises both budgets to 100000 Mbit/s (--relay-sender-mbit too)
+  --only-relay      only the relay runs (default: --relay 64,unbounded)
   -h, --help        this text
 
 Needs root. Fleet binaries come from the directory of this binary, or from $SHOAL_BIN_DIR; build them
@@ -83,6 +98,10 @@ struct Args {
     boringtun: Option<PathBuf>,
     no_boringtun: bool,
     agent_args: Vec<String>,
+    controller_args: Vec<String>,
+    /// The controller's budgets of each relay run.
+    relay: Vec<RelayBudget>,
+    only_relay: bool,
 }
 
 fn parse_args() -> Result<Option<Args>> {
@@ -94,6 +113,9 @@ fn parse_args() -> Result<Option<Args>> {
         boringtun: None,
         no_boringtun: false,
         agent_args: Vec::new(),
+        controller_args: Vec::new(),
+        relay: Vec::new(),
+        only_relay: false,
     };
     let mut loss_given = false;
     let mut it = std::env::args().skip(1);
@@ -143,12 +165,43 @@ fn parse_args() -> Result<Option<Args>> {
             "--boringtun" => args.boringtun = Some(PathBuf::from(value("--boringtun")?)),
             "--no-boringtun" => args.no_boringtun = true,
             "--agent-arg" => args.agent_args.push(value("--agent-arg")?),
+            "--controller-arg" => args.controller_args.push(value("--controller-arg")?),
+            "--relay" => {
+                let v = value("--relay")?;
+                for b in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    if b == "unbounded" {
+                        args.relay.push(RelayBudget::UNBOUNDED);
+                        continue;
+                    }
+                    let mbit: f64 = b.parse().with_context(|| format!("--relay {b:?}"))?;
+                    // The controller's own floor (one datagram per quarter second of burst).
+                    ensure!(
+                        mbit.is_finite() && mbit >= 0.05,
+                        "--relay budgets must be at least 0.05 Mbit/s"
+                    );
+                    args.relay.push(RelayBudget {
+                        pair: mbit,
+                        sender: None,
+                    });
+                }
+                ensure!(!args.relay.is_empty(), "--relay needs at least one budget");
+            }
+            "--only-relay" => args.only_relay = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(None);
             }
             other => bail!("unknown argument {other:?}\n\n{USAGE}"),
         }
+    }
+    if args.only_relay && args.relay.is_empty() {
+        args.relay = vec![
+            RelayBudget {
+                pair: 64.0,
+                sender: None,
+            },
+            RelayBudget::UNBOUNDED,
+        ];
     }
     Ok(Some(args))
 }
@@ -193,13 +246,24 @@ struct IperfStats {
     retransmits: u64,
     /// CPU seconds (utime + stime) of the tunnel processes across the run, if there are any.
     cpu_s: Option<f64>,
+    /// CPU seconds of the relaying controller across the run, on relayed paths.
+    relay_cpu_s: Option<f64>,
 }
 
 impl IperfStats {
     fn cpu_per_gbit(&self) -> Option<f64> {
-        let gbit = self.bytes as f64 * 8.0 / 1e9;
-        self.cpu_s.filter(|_| gbit > 0.0).map(|c| c / gbit)
+        per_gbit(self.cpu_s, self.bytes)
     }
+
+    fn relay_cpu_per_gbit(&self) -> Option<f64> {
+        per_gbit(self.relay_cpu_s, self.bytes)
+    }
+}
+
+/// CPU seconds per gigabit received.
+fn per_gbit(cpu_s: Option<f64>, bytes: u64) -> Option<f64> {
+    let gbit = bytes as f64 * 8.0 / 1e9;
+    cpu_s.filter(|_| gbit > 0.0).map(|c| c / gbit)
 }
 
 type Measured<T> = std::result::Result<T, String>;
@@ -320,8 +384,15 @@ impl Bench {
     }
 
     /// One iperf3 TCP run from namespace `ns` to `to` with `streams` parallel streams; CPU of
-    /// `pids` around it.
-    fn iperf(&self, ns: &str, to: Ipv4Addr, streams: u32, pids: &[u32]) -> Result<IperfStats> {
+    /// `pids` (and of the relaying controller `relay`, if any) around it.
+    fn iperf(
+        &self,
+        ns: &str,
+        to: Ipv4Addr,
+        streams: u32,
+        pids: &[u32],
+        relay: Option<u32>,
+    ) -> Result<IperfStats> {
         let time = self.args.time.to_string();
         let streams_s = streams.to_string();
         let port = IPERF_PORT.to_string();
@@ -343,10 +414,12 @@ impl Bench {
         loop {
             attempt += 1;
             let before = self.total_cpu(pids)?;
+            let relay_before = relay.map(|p| cpu_seconds(p, self.ticks)).transpose()?;
             let mut cmd = Command::new("ip");
             cmd.args(["netns", "exec", ns, "iperf3"]).args(cmd_args);
             let out = output_with_timeout(&mut cmd, timeout)?;
             let after = self.total_cpu(pids)?;
+            let relay_after = relay.map(|p| cpu_seconds(p, self.ticks)).transpose()?;
             let text = String::from_utf8_lossy(&out.stdout);
             let json: Value = serde_json::from_str(&text).with_context(|| {
                 format!(
@@ -372,11 +445,13 @@ impl Bench {
                 / 1e9;
             let retransmits = end["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
             let cpu_s = (!pids.is_empty()).then_some(after - before);
+            let relay_cpu_s = relay_before.zip(relay_after).map(|(b, a)| a - b);
             return Ok(IperfStats {
                 gbps,
                 bytes,
                 retransmits,
                 cpu_s,
+                relay_cpu_s,
             });
         }
     }
@@ -391,8 +466,8 @@ impl Bench {
         let row = Row {
             label,
             ping: m(ping(ns, to, self.args.pings)),
-            p1: m(self.iperf(ns, to, 1, pids)),
-            p4: m(self.iperf(ns, to, 4, pids)),
+            p1: m(self.iperf(ns, to, 1, pids, None)),
+            p4: m(self.iperf(ns, to, 4, pids, None)),
         };
         eprintln!("[bench]   {}", brief_row(&row));
         row
@@ -409,7 +484,7 @@ impl Bench {
         to: Ipv4Addr,
         pids: &[u32],
     ) -> Row {
-        let _loss = match Loss::add(at.0, at.1, pct) {
+        let _loss = match loss(at.0, at.1, pct) {
             Ok(n) => n,
             Err(e) => {
                 let err = format!("loss rule: {e:#}");
@@ -425,47 +500,53 @@ impl Bench {
     }
 }
 
-/// Random loss of the packets arriving on an interface: an iptables DROP rule with `statistic
-/// --mode random` at the top of the INPUT chain of a namespace, removed on drop.
-struct Loss {
+/// An iptables rule inserted at the top of its chain in a namespace, removed on drop.
+struct Rule {
     ns: String,
     rule: Vec<String>,
 }
 
-impl Loss {
-    fn add(ns: &str, iface: &str, pct: f64) -> Result<Loss> {
-        let probability = format!("{:.4}", pct / 100.0);
-        let rule: Vec<String> = [
-            "INPUT",
-            "-i",
-            iface,
-            "-m",
-            "statistic",
-            "--mode",
-            "random",
-            "--probability",
-            &probability,
-            "-j",
-            "DROP",
-        ]
-        .map(String::from)
-        .to_vec();
+impl Rule {
+    /// `iptables -I CHAIN ARGS…` in `ns`; `rule` starts with the chain.
+    fn insert(ns: &str, rule: Vec<String>) -> Result<Rule> {
         let mut args = vec!["-w", "-I"];
         args.extend(rule.iter().map(String::as_str));
         in_ns(ns, "iptables", &args, Duration::from_secs(10))?;
-        Ok(Loss {
+        Ok(Rule {
             ns: ns.into(),
             rule,
         })
     }
 }
 
-impl Drop for Loss {
+impl Drop for Rule {
     fn drop(&mut self) {
         let mut args = vec!["-w", "-D"];
         args.extend(self.rule.iter().map(String::as_str));
         let _ = in_ns(&self.ns, "iptables", &args, Duration::from_secs(10));
     }
+}
+
+/// Random loss of the packets arriving on an interface: an iptables DROP rule with `statistic
+/// --mode random` at the top of the INPUT chain of a namespace, removed on drop.
+fn loss(ns: &str, iface: &str, pct: f64) -> Result<Rule> {
+    let probability = format!("{:.4}", pct / 100.0);
+    let rule: Vec<String> = [
+        "INPUT",
+        "-i",
+        iface,
+        "-m",
+        "statistic",
+        "--mode",
+        "random",
+        "--probability",
+        &probability,
+        "-j",
+        "DROP",
+    ]
+    .map(String::from)
+    .to_vec();
+    Rule::insert(ns, rule)
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -480,20 +561,23 @@ struct TwoAgents {
     iface: [String; 2],
     overlay: [Ipv4Addr; 2],
     agent_pids: Vec<u32>,
+    controller_pid: u32,
     _iperf_server: Proc,
 }
 
 impl TwoAgents {
-    fn start(cc: &str, extra: &[String]) -> Result<TwoAgents> {
-        eprintln!("[bench] starting a controller and 2 agents with --overlay-cc {cc} {extra:?}…");
+    fn start(cc: &str, extra: &[String], controller_args: &[String]) -> Result<TwoAgents> {
+        eprintln!("[bench] starting a controller {controller_args:?} and 2 agents with --overlay-cc {cc} {extra:?}…");
         let mut agent_args = vec!["--overlay-cc".into(), cc.into()];
         agent_args.extend_from_slice(extra);
         let cfg = FleetConfig {
             machine_id_prefix: "bench".into(),
             agent_args,
+            controller_args: controller_args.to_vec(),
             ..FleetConfig::fast().agents(2)
         };
-        let fleet = Fleet::start(cfg)?;
+        let mut fleet = Fleet::start(cfg)?;
+        let controller_pid = fleet.controller().pid().context("controller not running")?;
         let agents = fleet.agents();
         let ns = [agents[0].netns.clone(), agents[1].netns.clone()];
         let lan = [agents[0].addr, agents[1].addr];
@@ -503,7 +587,7 @@ impl TwoAgents {
             "both agents have shoal0 with an IPv4 address",
             || Ok([tap_addr(&ns[0], "shoal0")?, tap_addr(&ns[1], "shoal0")?]),
         )?;
-        wait_direct_path(&fleet)?;
+        wait_path(&fleet, "direct")?;
         let agent_pids = agents
             .iter()
             .map(|a| a.proc.pid().context("agent not running"))
@@ -550,6 +634,7 @@ impl TwoAgents {
             iface,
             overlay,
             agent_pids,
+            controller_pid,
             _iperf_server: iperf_server,
         })
     }
@@ -560,12 +645,13 @@ impl TwoAgents {
     }
 }
 
-/// Waits until `shoalctl overlay paths` reports a direct path between agents 1 and 2, both ways.
-fn wait_direct_path(fleet: &Fleet) -> Result<()> {
+/// Waits until `shoalctl overlay paths` reports a path of `kind` (`direct`, `relay`) between agents
+/// 1 and 2, both ways.
+fn wait_path(fleet: &Fleet, kind: &str) -> Result<()> {
     let (a, b) = (fleet.node_id(0)?, fleet.node_id(1)?);
     eventually(
         PATH_TIMEOUT,
-        "a direct path between agents 1 and 2 both ways",
+        &format!("a {kind} path between agents 1 and 2 both ways"),
         || {
             let v = fleet.ctl_json(&["overlay", "paths"])?;
             let all = v
@@ -579,12 +665,386 @@ fn wait_direct_path(fleet: &Fleet) -> Result<()> {
                 })
                 .collect();
             ensure!(
-                found.len() == 2 && found.iter().all(|p| p["kind"] == "direct"),
+                found.len() == 2 && found.iter().all(|p| p["kind"] == kind),
                 "paths between {a} and {b}: {found:?}"
             );
             Ok(())
         },
     )
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The relay path
+
+/// The relay's default per-sender byte budget (`OverlayLimits::relay_bytes`: 16 MiB/s), in Mbit/s:
+/// above it a larger per-pair budget changes nothing.
+const RELAY_SENDER_MBIT: f64 = 16.0 * 1024.0 * 1024.0 * 8.0 / 1e6;
+
+/// The relay budgets of one relay run.
+#[derive(Debug, Clone, Copy)]
+struct RelayBudget {
+    /// `--relay-pair-mbit`.
+    pair: f64,
+    /// `--relay-sender-mbit`, if not the default.
+    sender: Option<f64>,
+}
+
+impl RelayBudget {
+    /// Far above what one machine relays: what the relay carries when nothing bounds it.
+    const UNBOUNDED: RelayBudget = RelayBudget {
+        pair: 100_000.0,
+        sender: Some(100_000.0),
+    };
+
+    /// The rate that binds: the pair's or the sender's budget.
+    fn bound(&self) -> f64 {
+        self.pair.min(self.sender.unwrap_or(RELAY_SENDER_MBIT))
+    }
+
+    fn bounded(&self) -> bool {
+        self.bound() < RelayBudget::UNBOUNDED.pair
+    }
+}
+
+impl std::fmt::Display for RelayBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.sender {
+            None => write!(f, "pair {}", self.pair),
+            Some(s) => write!(f, "pair {}, sender {s}", self.pair),
+        }
+    }
+}
+/// Pause between two `shoalctl nodes list` samples.
+const CTL_SAMPLE_GAP: Duration = Duration::from_millis(200);
+
+/// Drops direct UDP between the two agents: an OUTPUT rule in each agent's namespace for UDP to
+/// the other agent's LAN address. The controller stays reachable, so the pair falls back to the
+/// controller's relay.
+fn block_direct(two: &TwoAgents) -> Result<[Rule; 2]> {
+    let rule = |i: usize| {
+        let other = two.lan[1 - i].to_string();
+        let rule = ["OUTPUT", "-p", "udp", "-d", &other, "-j", "DROP"]
+            .map(String::from)
+            .to_vec();
+        Rule::insert(&two.ns[i], rule)
+    };
+    Ok([rule(0)?, rule(1)?])
+}
+
+/// The relay's refusal counters (`GET /v1/refusals`, `overlay`).
+#[derive(Debug, Clone, Copy)]
+struct RelayRefusals {
+    /// Beyond the pair's budget (`relay_pair_rate_limited`).
+    pair: u64,
+    /// Beyond the sender's budget (`relay_rate_limited`).
+    sender: u64,
+}
+
+fn relay_refusals(fleet: &Fleet) -> Result<RelayRefusals> {
+    let v = fleet.api_json("/v1/refusals")?;
+    let count = |name: &str| {
+        v["overlay"][name]
+            .as_u64()
+            .with_context(|| format!("no overlay.{name} in /v1/refusals: {v}"))
+    };
+    Ok(RelayRefusals {
+        pair: count("relay_pair_rate_limited")?,
+        sender: count("relay_rate_limited")?,
+    })
+}
+
+/// Wall-clock times of `shoalctl nodes list` calls.
+#[derive(Debug, Clone, Copy)]
+struct Latency {
+    median_ms: f64,
+    max_ms: f64,
+    samples: usize,
+}
+
+/// How to run `shoalctl` against the fleet from another thread.
+struct Ctl {
+    bin: PathBuf,
+    ns: String,
+    conf: PathBuf,
+}
+
+impl Ctl {
+    fn of(fleet: &Fleet) -> Ctl {
+        Ctl {
+            bin: fleet.bins().ctl.clone(),
+            ns: fleet.controller_ns().to_owned(),
+            conf: fleet.admin_conf(),
+        }
+    }
+
+    /// One `shoalctl nodes list -o json`, timed.
+    fn nodes_list(&self) -> Result<Duration> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns])
+            .arg(&self.bin)
+            .arg("--config")
+            .arg(&self.conf)
+            .args(["nodes", "list", "-o", "json"]);
+        let start = std::time::Instant::now();
+        let out = output_with_timeout(&mut cmd, Duration::from_secs(30))?;
+        let took = start.elapsed();
+        ensure!(
+            out.status.success(),
+            "shoalctl nodes list failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(took)
+    }
+
+    /// `nodes list` every [`CTL_SAMPLE_GAP`]: `n` times, or until `stop` is set (at least once).
+    fn sample(&self, n: usize, stop: &std::sync::atomic::AtomicBool) -> Result<Latency> {
+        use std::sync::atomic::Ordering;
+        let mut ms = Vec::new();
+        while ms.len() < n && (ms.is_empty() || !stop.load(Ordering::Relaxed)) {
+            ms.push(self.nodes_list()?.as_secs_f64() * 1e3);
+            std::thread::sleep(CTL_SAMPLE_GAP);
+        }
+        ms.sort_by(f64::total_cmp);
+        Ok(Latency {
+            median_ms: ms[ms.len() / 2],
+            max_ms: ms[ms.len() - 1],
+            samples: ms.len(),
+        })
+    }
+}
+
+/// One iperf3 run over the relay, with what the controller did meanwhile.
+#[derive(Debug)]
+struct RelayRun {
+    streams: u32,
+    iperf: Measured<IperfStats>,
+    /// Refusals during the run.
+    refused: Measured<RelayRefusals>,
+    /// `shoalctl nodes list` during the run.
+    ctl: Measured<Latency>,
+}
+
+/// One relay budget's figures.
+#[derive(Debug)]
+struct RelayRow {
+    budget: RelayBudget,
+    /// Load average before and after the measurements.
+    load: (String, String),
+    ping: Measured<PingStats>,
+    /// `shoalctl nodes list` before any load.
+    idle_ctl: Measured<Latency>,
+    runs: Vec<RelayRun>,
+}
+
+impl Bench {
+    /// A fresh fleet whose controller relays within `budget`; direct UDP between
+    /// the agents blocked; ping and iperf3 1 and 4 streams over the relay.
+    fn relay_row(&self, budget: RelayBudget) -> Result<RelayRow> {
+        let mut controller_args = self.args.controller_args.clone();
+        controller_args.extend(["--relay-pair-mbit".into(), budget.pair.to_string()]);
+        if let Some(s) = budget.sender {
+            controller_args.extend(["--relay-sender-mbit".into(), s.to_string()]);
+        }
+        let mut two = TwoAgents::start(&self.args.ccs[0], &self.args.agent_args, &controller_args)?;
+        let _blocked = block_direct(&two)?;
+        wait_path(&two.fleet, "relay")?;
+        eprintln!(
+            "[bench] relay budget {budget} Mbit/s: direct UDP blocked, the pair is relayed both ways"
+        );
+        let load_before = load_average();
+        let ns = two.ns[0].clone();
+        let to = two.overlay[1];
+        let ctl = Ctl::of(&two.fleet);
+        let never = std::sync::atomic::AtomicBool::new(false);
+        let idle_ctl = m(ctl.sample(10, &never));
+        let ping = m(ping(&ns, to, self.args.pings));
+        let mut runs = Vec::new();
+        for streams in [1, 4] {
+            let before = relay_refusals(&two.fleet);
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            let (iperf, ctl_lat) = std::thread::scope(|s| {
+                let sampler = s.spawn(|| ctl.sample(usize::MAX, &stop));
+                let r = self.iperf(&ns, to, streams, &two.agent_pids, Some(two.controller_pid));
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let lat = sampler
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow!("the shoalctl sampler panicked")));
+                (r, lat)
+            });
+            let refused = before.and_then(|b| {
+                let a = relay_refusals(&two.fleet)?;
+                Ok(RelayRefusals {
+                    pair: a.pair - b.pair,
+                    sender: a.sender - b.sender,
+                })
+            });
+            let run = RelayRun {
+                streams,
+                iperf: m(iperf),
+                refused: m(refused),
+                ctl: m(ctl_lat),
+            };
+            eprintln!("[bench]   {}", brief_relay_run(budget, &run));
+            runs.push(run);
+        }
+        // Still relayed at the end: the figures are the relay's.
+        wait_path(&two.fleet, "relay")?;
+        two.check()?;
+        Ok(RelayRow {
+            budget,
+            load: (load_before, load_average()),
+            ping,
+            idle_ctl,
+            runs,
+        })
+    }
+}
+
+fn fmt_latency(l: &Measured<Latency>) -> String {
+    match l {
+        Ok(l) => format!("{:.0} / {:.0} ({})", l.median_ms, l.max_ms, l.samples),
+        Err(_) => "FAILED".into(),
+    }
+}
+
+fn brief_relay_run(budget: RelayBudget, r: &RelayRun) -> String {
+    let goodput = r
+        .iperf
+        .as_ref()
+        .map_or("FAILED".into(), |s| format!("{:.1} Mbit/s", s.gbps * 1e3));
+    let refused = r.refused.as_ref().map_or("?".into(), |c| {
+        format!("{} pair / {} sender", c.pair, c.sender)
+    });
+    format!(
+        "budget {budget} Mbit/s, {} stream(s): {goodput}; refused {refused}; shoalctl nodes list {} ms",
+        r.streams,
+        fmt_latency(&r.ctl)
+    )
+}
+
+fn relay_table(rows: &[Measured<RelayRow>], budgets: &[RelayBudget]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| budget Mbit/s | RTT avg ± mdev (ms) | streams | goodput Mbit/s | / budget | retr | agents CPU s/Gbit | controller CPU s/Gbit | refused: pair / sender | `nodes list` ms under load (median / max (n)) | `nodes list` ms idle |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    for (row, budget) in rows.iter().zip(budgets) {
+        let row = match row {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = writeln!(s, "| {budget} | FAILED: {e} |||||||||");
+                continue;
+            }
+        };
+        for run in &row.runs {
+            let (goodput, share, retr, cpu, relay_cpu) = match &run.iperf {
+                Ok(i) => (
+                    format!("{:.1}", i.gbps * 1e3),
+                    if row.budget.bounded() {
+                        format!("{:.2}", i.gbps * 1e3 / row.budget.bound())
+                    } else {
+                        "—".into()
+                    },
+                    i.retransmits.to_string(),
+                    i.cpu_per_gbit().map_or("—".into(), |c| format!("{c:.2}")),
+                    i.relay_cpu_per_gbit()
+                        .map_or("—".into(), |c| format!("{c:.2}")),
+                ),
+                Err(_) => ("FAILED".into(), "".into(), "".into(), "".into(), "".into()),
+            };
+            let refused = run
+                .refused
+                .as_ref()
+                .map_or("FAILED".into(), |c| format!("{} / {}", c.pair, c.sender));
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {goodput} | {share} | {retr} | {cpu} | {relay_cpu} | {refused} | {} | {} |",
+                row.budget,
+                fmt_ping(&row.ping),
+                run.streams,
+                fmt_latency(&run.ctl),
+                fmt_latency(&row.idle_ctl),
+            );
+        }
+    }
+    s
+}
+
+/// The relay runs, one fleet per budget, and their report.
+fn relay_report(bench: &Bench) -> String {
+    let budgets = &bench.args.relay;
+    let rows: Vec<Measured<RelayRow>> = budgets.iter().map(|&b| m(bench.relay_row(b))).collect();
+    let mut out = format!(
+        "\n## Relay path (direct UDP between the agents blocked; agent 1 -> controller -> agent 2; iperf3 -t {}; `/ budget` = goodput over the binding budget, the pair's or the sender's (default {RELAY_SENDER_MBIT:.0} Mbit/s))\n\n",
+        bench.args.time
+    );
+    out.push_str(&relay_table(&rows, budgets));
+    out.push('\n');
+    for row in rows.iter().flatten() {
+        let _ = writeln!(
+            out,
+            "load average, budget {}: {} before, {} after",
+            row.budget, row.load.0, row.load.1
+        );
+    }
+    for row in rows.iter().flatten() {
+        let bound = row.budget.bound();
+        for run in &row.runs {
+            let Ok(i) = &run.iperf else { continue };
+            let mbit = i.gbps * 1e3;
+            if !row.budget.bounded() {
+                let _ = writeln!(
+                    out,
+                    "relay, budget {}, {} stream(s): {mbit:.1} Mbit/s: what the relay carries unbounded",
+                    row.budget, run.streams
+                );
+                continue;
+            }
+            let whose = if row.budget.pair <= bound {
+                "pair"
+            } else {
+                "sender"
+            };
+            // 5 % for iperf3's accounting against a token bucket that starts full.
+            let verdict = if mbit <= bound * 1.05 {
+                format!("the {whose}'s budget holds")
+            } else {
+                format!("ABOVE the {whose}'s budget")
+            };
+            let _ = writeln!(
+                out,
+                "relay, budget {}, {} stream(s): {mbit:.1} Mbit/s of {bound:.1} ({:.0} %): {verdict}",
+                row.budget,
+                run.streams,
+                100.0 * mbit / bound
+            );
+        }
+    }
+    for (row, budget) in rows.iter().zip(budgets) {
+        if let Err(e) = row {
+            let _ = writeln!(out, "FAILED relay run with budget {budget}: {e}");
+        }
+        if let Ok(r) = row {
+            for run in &r.runs {
+                for (what, e) in [
+                    ("iperf3", run.iperf.as_ref().err()),
+                    ("refusals", run.refused.as_ref().err()),
+                    ("shoalctl", run.ctl.as_ref().err()),
+                ] {
+                    if let Some(e) = e {
+                        let _ = writeln!(
+                            out,
+                            "FAILED relay budget {budget}, {} stream(s), {what}: {e}",
+                            run.streams
+                        );
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -998,8 +1458,9 @@ fn run(args: &Args) -> Result<()> {
         ticks: clock_ticks(),
     };
     println!(
-        "shoal-overlay-bench {}: binaries {}; iperf3 -t {} ; ping -c {} -i 0.05; CC {:?}; loss {:?} %; agent args {:?}",
+        "shoal-overlay-bench {} (load average {}): binaries {}; iperf3 -t {} ; ping -c {} -i 0.05; CC {:?}; loss {:?} %; agent args {:?}",
         humantime::format_rfc3339_seconds(started),
+        load_average(),
         bins.dir.display(),
         args.time,
         args.pings,
@@ -1011,8 +1472,20 @@ fn run(args: &Args) -> Result<()> {
         println!("WARNING: debug binaries ({}); build with `cargo build --release --workspace --bins` and run target/release/shoal-overlay-bench", bins.dir.display());
     }
 
+    if !args.relay.is_empty() {
+        println!(
+            "relay budgets {:?}; controller args {:?}",
+            args.relay, args.controller_args
+        );
+    }
+    if args.only_relay {
+        print!("{}", relay_report(&bench));
+        print_total_time(started);
+        return Ok(());
+    }
+
     let main_cc = args.ccs[0].clone();
-    let mut two = TwoAgents::start(&main_cc, &args.agent_args)?;
+    let mut two = TwoAgents::start(&main_cc, &args.agent_args, &args.controller_args)?;
     let a_ns = two.ns[0].clone();
 
     // WireGuard first, so a setup problem shows before the long runs.
@@ -1086,7 +1559,7 @@ fn run(args: &Args) -> Result<()> {
     // The other congestion controllers, each on a fresh fleet.
     let mut cc_rows: Vec<(String, Vec<Row>)> = Vec::new();
     for cc in args.ccs.iter().skip(1) {
-        let mut two = TwoAgents::start(cc, &args.agent_args)?;
+        let mut two = TwoAgents::start(cc, &args.agent_args, &args.controller_args)?;
         let ns = two.ns[0].clone();
         let mut rows = vec![bench.row(
             format!("shoal overlay ({cc})"),
@@ -1222,6 +1695,14 @@ fn run(args: &Args) -> Result<()> {
         println!("best outer congestion controller by geometric mean of all overlay runs: {cc} ({g:.3} Gbit/s)");
     }
     print!("{}", goal_ratios(&main_rows, &impaired_rows, &main_cc));
+    if !args.relay.is_empty() {
+        print!("{}", relay_report(&bench));
+    }
+    print_total_time(started);
+    Ok(())
+}
+
+fn print_total_time(started: SystemTime) {
     let elapsed = SystemTime::now()
         .duration_since(started)
         .unwrap_or_default();
@@ -1229,5 +1710,11 @@ fn run(args: &Args) -> Result<()> {
         "total time {}",
         humantime::format_duration(Duration::from_secs(elapsed.as_secs()))
     );
-    Ok(())
+}
+
+/// The first three fields of /proc/loadavg.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
 }
