@@ -1344,6 +1344,6 @@ const MAX_TRANSMIT_DATAGRAMS: usize = 80;
 /// memory allocations when calling `poll_transmit()`. Benchmarks have shown
 /// that numbers around 10 are a good compromise.
 // shoal patch: 10 upstream (quinn-rs/quinn#2189). At 10, a TSO-sized TAP read of ~40 frames needs
-// 4 sendmsg calls; at 40 it needs one, and both agents spend 15-25 % less CPU per Gbit
+// 4 sendmsg calls; at 40 it needs one, and both agents spend 13-16 % less CPU per Gbit
 // (docs/performance.md, "GSO batches of 40").
 const MAX_TRANSMIT_SEGMENTS: usize = 40;
