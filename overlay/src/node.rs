@@ -1236,28 +1236,8 @@ async fn tap_loop(
         // Room for the segments' copied headers and wire headers too (≈ 70 bytes per 1.3 KiB
         // segment); below glibc's 128 KiB mmap threshold, so no mmap/munmap per read.
         wire_buf.reserve((n + n / 4 + 1024).max(WIRE_BUF_MIN));
-        if device.offload {
-            let sent = segmenter.split(&mut buf[..n], |frame| {
-                if forward(
-                    &shared,
-                    network,
-                    frame,
-                    Origin::Tap,
-                    &mut fragment_id,
-                    &mut wire_buf,
-                ) {
-                    shared.to_port(network, frame);
-                }
-            });
-            match sent {
-                Ok(frames) => device.stats.read(frames),
-                Err(e) => {
-                    debug!(network = network.0, cause = %e, "TAP read not segmented");
-                    shared.drop_frame(e.reason());
-                }
-            }
-        } else {
-            let frame = &buf[..n];
+        // A frame for the peers, and for this node's gateway port when the switch says so.
+        let mut from_tap = |frame: &[u8]| {
             if forward(
                 &shared,
                 network,
@@ -1268,6 +1248,18 @@ async fn tap_loop(
             ) {
                 shared.to_port(network, frame);
             }
+        };
+        if device.offload {
+            let sent = segmenter.split(&mut buf[..n], &mut from_tap);
+            match sent {
+                Ok(frames) => device.stats.read(frames),
+                Err(e) => {
+                    debug!(network = network.0, cause = %e, "TAP read not segmented");
+                    shared.drop_frame(e.reason());
+                }
+            }
+        } else {
+            from_tap(&buf[..n]);
             device.stats.read(1);
         }
     }
@@ -1299,7 +1291,7 @@ fn forward(
     let mut switch = shared.switch();
     let verdict = match origin {
         Origin::Tap => switch.outbound(now, network, frame),
-        Origin::Port => switch.from_port(now, network, frame),
+        Origin::Port => switch.from_port(network, frame),
     };
     match verdict {
         Outbound::Unicast(peer) => {

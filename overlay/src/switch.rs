@@ -868,8 +868,7 @@ impl Switch {
     /// (v9) Decides where a frame from `network`'s local port (this node's WireGuard gateway)
     /// goes: like a frame from the TAP device, but from our [`gateway_mac`], and to the TAP device
     /// as well ([`Outbound::Local`]) when it is for this node or a broadcast.
-    pub fn from_port(&mut self, now: Instant, network: NetworkId, frame: &[u8]) -> Outbound<'_> {
-        let _ = now;
+    pub fn from_port(&mut self, network: NetworkId, frame: &[u8]) -> Outbound<'_> {
         let Some(net) = self.networks.get(&network) else {
             return self.counts.drop_outbound(DropReason::NoNetwork);
         };
@@ -1889,7 +1888,7 @@ mod tests {
             Outbound::Drop(DropReason::NoPeers)
         );
         assert_eq!(
-            s.from_port(now, NET, &port_reply),
+            s.from_port(NET, &port_reply),
             Outbound::Drop(DropReason::ForeignSource)
         );
         s.set_bridging(
@@ -1904,16 +1903,12 @@ mod tests {
         assert_eq!(s.outbound(now, NET, &kernel_arp), Outbound::Local);
         assert_eq!(s.outbound(now, NET, &kernel_ping), Outbound::Local);
         // Port → kernel: the ARP reply and the device's reply, and its broadcasts.
-        assert_eq!(s.from_port(now, NET, &port_arp_reply), Outbound::Local);
-        assert_eq!(s.from_port(now, NET, &port_reply), Outbound::Local);
-        assert_eq!(s.from_port(now, NET, &announce), Outbound::Local);
+        assert_eq!(s.from_port(NET, &port_arp_reply), Outbound::Local);
+        assert_eq!(s.from_port(NET, &port_reply), Outbound::Local);
+        assert_eq!(s.from_port(NET, &announce), Outbound::Local);
         // The port speaks only with the gateway MAC, and the TAP only with the node's.
         assert_eq!(
-            s.from_port(
-                now,
-                NET,
-                &eth(mac(1), mac(1), ETHERTYPE_IPV4, &ipv4(device, me))
-            ),
+            s.from_port(NET, &eth(mac(1), mac(1), ETHERTYPE_IPV4, &ipv4(device, me))),
             Outbound::Drop(DropReason::ForeignSource)
         );
         assert_eq!(
@@ -1925,11 +1920,7 @@ mod tests {
             Outbound::Drop(DropReason::ForeignSource)
         );
         assert_eq!(
-            s.from_port(
-                now,
-                NET,
-                &eth(gw, gw, ETHERTYPE_IPV4, &ipv4(device, device))
-            ),
+            s.from_port(NET, &eth(gw, gw, ETHERTYPE_IPV4, &ipv4(device, device))),
             Outbound::Drop(DropReason::ToSelf)
         );
         // The kernel's broadcasts that are not about a device stay off the port.
@@ -1950,7 +1941,7 @@ mod tests {
             Outbound::Drop(_)
         ));
         assert_eq!(
-            s.from_port(now, NET, &port_reply),
+            s.from_port(NET, &port_reply),
             Outbound::Drop(DropReason::ForeignSource)
         );
     }
@@ -1991,13 +1982,10 @@ mod tests {
             ETHERTYPE_ARP,
             &arp(1, gw, device, device),
         );
-        assert_eq!(
-            s.from_port(now, NET, &announce),
-            Outbound::FloodAndLocal(&all)
-        );
+        assert_eq!(s.from_port(NET, &announce), Outbound::FloodAndLocal(&all));
         // A device's packet to a member goes to that member only.
         let to_b = eth(mac(3), gw, ETHERTYPE_IPV4, &ipv4(device, ip(mac(3))));
-        assert_eq!(s.from_port(now, NET, &to_b), Outbound::Unicast(&all[1]));
+        assert_eq!(s.from_port(NET, &to_b), Outbound::Unicast(&all[1]));
         // A member's packet to the device, sent to the gateway MAC, goes to the port; a unicast
         // ARP probe for the device too.
         let from_b = eth(gw, mac(3), ETHERTYPE_IPV4, &ipv4(ip(mac(3)), device));
