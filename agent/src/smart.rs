@@ -1126,6 +1126,23 @@ mod tests {
         let path = dir.join(format!("smartctl-{n}"));
         std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write script");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        // A child another test forks while the script is still open for writing inherits that
+        // descriptor until it execs, and exec of the script fails with ETXTBSY meanwhile. Once one
+        // run gets through, no process holds it open for writing any more, so the test's own run
+        // cannot hit it.
+        for _ in 0..200 {
+            match std::process::Command::new(&path).spawn() {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(mut probe) => {
+                    let _ = probe.kill();
+                    let _ = probe.wait();
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
         SmartConfig {
             smartctl: path,
             timeout: Duration::from_secs(10),
