@@ -547,10 +547,21 @@ impl Store {
             EVENTS,
             WG_DEVICES,
             WG_GATEWAYS,
+            super::wireguard::WG_ACTIVE,
         ];
         let seqs = self.transaction(&tables, |tx| {
-            let [nodes, nets, mems, peer_tree, keys, ctrs, events, wg_devices, wg_gateways] =
-                tables.map(|t| tx.table(t));
+            let [
+                nodes,
+                nets,
+                mems,
+                peer_tree,
+                keys,
+                ctrs,
+                events,
+                wg_devices,
+                wg_gateways,
+                wg_active,
+            ] = tables.map(|t| tx.table(t));
             {
                 let current: u64 = match ctrs.get(OVERLAY_VERSION)? {
                     Some(b) => {
@@ -612,7 +623,9 @@ impl Store {
                     match value {
                         Some(v) => wg_gateways.insert(&key[..], v.as_slice())?,
                         None => {
+                            // The network is gone: so is the choice of its active gateway.
                             wg_gateways.remove(&key[..])?;
+                            wg_active.remove(&key[..])?;
                         }
                     };
                 }

@@ -689,7 +689,7 @@ mod tests {
     }
 
     #[test]
-    fn deleting_a_network_drops_its_devices_and_gateway_key() {
+    fn deleting_a_network_drops_its_devices_gateway_key_and_active_gateway() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(dir.path());
         let subnet = "10.91.0.0/24".parse().expect("subnet");
@@ -699,8 +699,17 @@ mod tests {
         store
             .add_wg_device("lab", "phone", key(), Some("gw:51820"), T0)
             .expect("add");
+        let active = ActiveGateway {
+            node: NodeId("gw-a".into()),
+            controller: "k1".into(),
+        };
+        store
+            .settle_wg_active(net.id, |_| Some(active.clone()))
+            .expect("settle");
         store.delete_network("lab", T0).expect("delete");
         assert!(store.wg_devices(net.id).expect("devices").is_empty());
         assert_eq!(store.wg_gateway(net.id).expect("gw"), None);
+        // Nothing of the network is left in the store, its active gateway included.
+        assert_eq!(store.wg_active(net.id).expect("active"), None);
     }
 }
