@@ -835,3 +835,72 @@ fn agents_body(wireguard_go: &std::path::Path) -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_gateway_of_two_networks_is_active_only_on_the_one_it_serves() {
+    require_host_tests!();
+    networks_body().expect("the gateways of two networks");
+}
+
+/// Two gateway agents, each with its own floating endpoint. The one with the lower node id (the
+/// one every network would pick if only membership counted) is a member of lab1 and lab2, so it
+/// serves lab1 (one UDP port, one network: the lower id); the other is a member of lab2 only. Each
+/// network's endpoint must be held by its own gateway.
+fn networks_body() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut fleet = Fleet::start(FleetConfig {
+        wait_up: false,
+        ..FleetConfig::fast().agents(0)
+    })?;
+    let floating = [Ipv4Addr::new(10, 77, 1, 101), Ipv4Addr::new(10, 77, 1, 102)];
+    let endpoint = |i: usize| SocketAddr::from((floating[i], PORT)).to_string();
+    let token = fleet.create_token(&["--ttl", "1h", "--uses", "2"])?;
+    let mut gateways = Vec::new();
+    for i in 0..2 {
+        fleet.config_mut().agent_args = vec!["--wireguard-gateway".into(), endpoint(i)];
+        gateways.push(fleet.add_agent(&token)?);
+    }
+    fleet.config_mut().agent_args.clear();
+    fleet.wait_all_up(Duration::from_secs(60))?;
+    let ids = [fleet.node_id(gateways[0])?, fleet.node_id(gateways[1])?];
+    let (both, lab2_only) = if ids[0] < ids[1] { (0, 1) } else { (1, 0) };
+
+    fleet.ctl_ok(&["network", "create", "lab1", "--subnet", "10.91.0.0/24"])?;
+    fleet.ctl_ok(&["network", "create", "lab2", "--subnet", "10.92.0.0/24"])?;
+    fleet.ctl_ok(&["network", "add", "lab1", "--node", &ids[both]])?;
+    fleet.ctl_ok(&["network", "add", "lab2", "--node", &ids[both]])?;
+    fleet.ctl_ok(&["network", "add", "lab2", "--node", &ids[lab2_only]])?;
+    for (device, network, gateway) in [("d1", "lab1", both), ("d2", "lab2", lab2_only)] {
+        fleet.ctl_json(&[
+            "wireguard",
+            "peer",
+            "add",
+            device,
+            "--network",
+            network,
+            "--endpoint",
+            &endpoint(gateway),
+        ])?;
+    }
+    let held = |fleet: &Fleet| -> [Vec<usize>; 2] {
+        [
+            holders(fleet, &gateways, floating[both]),
+            holders(fleet, &gateways, floating[lab2_only]),
+        ]
+    };
+    let want = [vec![gateways[both]], vec![gateways[lab2_only]]];
+    eventually!(
+        Duration::from_secs(30),
+        "each network's endpoint held by the gateway that serves it",
+        || {
+            let now = held(&fleet);
+            anyhow::ensure!(now == want, "held: {now:?}, want {want:?}");
+            Ok(())
+        }
+    )?;
+    // And it stays so (no flapping between the two decisions).
+    std::thread::sleep(Duration::from_secs(3));
+    let now = held(&fleet);
+    anyhow::ensure!(now == want, "after 3 s held: {now:?}, want {want:?}");
+    Ok(())
+}

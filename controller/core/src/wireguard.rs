@@ -106,16 +106,22 @@ impl FleetGateways {
 /// - it also stays while the controller that held it may still hold it unbeknown to this one (a
 ///   controller that has just started and not heard from that peer yet, so a restart flips
 ///   nothing);
-/// - otherwise the lowest node id among the connected gateways that are members of the network
-///   (deterministic, so controllers that decide at once decide alike and the transaction of the
-///   second one finds the record already written);
+/// - otherwise the lowest node id among the connected gateways that serve the network
+///   ([`served_network`]; deterministic, so controllers that decide at once decide alike and the
+///   transaction of the second one finds the record already written);
 /// - with no gateway connected anywhere, the stored record is kept (nobody holds the address).
+///
+/// Only a gateway that serves the network counts, the stored one included: an agent that is a
+/// member of a lower network with devices too serves that one, and could not hold this one's
+/// address.
 pub fn decide_active(
-    site: &WireGuardSite,
+    network: NetworkId,
+    sites: &BTreeMap<NetworkId, WireGuardSite>,
     fleet: &FleetGateways,
     stored: Option<&ActiveGateway>,
 ) -> Option<ActiveGateway> {
-    if let Some(s) = stored.filter(|s| site.members.contains(&s.node)) {
+    let serves = |node: &NodeId| served_network(node, sites) == Some(network);
+    if let Some(s) = stored.filter(|s| serves(&s.node)) {
         if let Some(controller) = fleet.connected.get(&s.node) {
             return Some(ActiveGateway {
                 node: s.node.clone(),
@@ -129,7 +135,7 @@ pub fn decide_active(
     fleet
         .connected
         .iter()
-        .find(|(node, _)| site.members.contains(*node))
+        .find(|(node, _)| serves(node))
         .map(|(node, controller)| ActiveGateway {
             node: node.clone(),
             controller: controller.clone(),
@@ -137,8 +143,22 @@ pub fn decide_active(
         .or_else(|| stored.cloned())
 }
 
+/// The network whose devices `node` serves if it runs a gateway: one UDP port serves one network's
+/// key, so of the networks it is a member of that have devices, the lowest id. The agent applies
+/// the same rule (`agent/src/wireguard.rs`, `plan`).
+pub fn served_network(
+    node: &NodeId,
+    sites: &BTreeMap<NetworkId, WireGuardSite>,
+) -> Option<NetworkId> {
+    sites
+        .iter()
+        .find(|(_, site)| !site.devices.is_empty() && site.members.contains(node))
+        .map(|(id, _)| *id)
+}
+
 /// What `node` is told (v9 `ControllerMsg::WireGuard`): every network it is a member of that has
-/// devices, with the gateway members; the gateway key and whether it is active (`active`, each
+/// devices, with the gateways that serve it ([`served_network`]: only they may speak for its
+/// devices); the gateway key and whether it is active (`active`, each
 /// network's [`decide_active`] record) only where `node` is itself a gateway connected here
 /// (`gateways`).
 pub fn map_for(
@@ -153,7 +173,7 @@ pub fn map_for(
         .map(|site| {
             let members: Vec<NodeId> = gateways
                 .iter()
-                .filter(|g| site.members.contains(*g))
+                .filter(|g| served_network(g, sites) == Some(site.gateway.network))
                 .cloned()
                 .collect();
             let role = gateways.contains(node).then(|| WireGuardGatewayRole {
@@ -186,8 +206,17 @@ mod tests {
         NodeId(s.into())
     }
 
+    const N1: NetworkId = NetworkId(1);
+
     fn site(members: &[&str], devices: usize) -> BTreeMap<NetworkId, WireGuardSite> {
-        let network = NetworkId(1);
+        site_on(N1, members, devices)
+    }
+
+    fn site_on(
+        network: NetworkId,
+        members: &[&str],
+        devices: usize,
+    ) -> BTreeMap<NetworkId, WireGuardSite> {
         let site = WireGuardSite {
             gateway: GatewayRecord {
                 network,
@@ -230,8 +259,8 @@ mod tests {
         stored: Option<&ActiveGateway>,
     ) -> BTreeMap<NetworkId, NodeId> {
         sites
-            .iter()
-            .filter_map(|(id, s)| decide_active(s, fleet, stored).map(|a| (*id, a.node)))
+            .keys()
+            .filter_map(|id| decide_active(*id, sites, fleet, stored).map(|a| (*id, a.node)))
             .collect()
     }
 
@@ -264,7 +293,7 @@ mod tests {
         let stored = rec("b", "k1");
         let view = fleet("k1", &[("c", "k1")]);
         let gateways: BTreeSet<NodeId> = view.connected.keys().cloned().collect();
-        let next = decide_active(&sites[&NetworkId(1)], &view, Some(&stored));
+        let next = decide_active(N1, &sites, &view, Some(&stored));
         assert_eq!(next, Some(rec("c", "k1")));
         let active = active_of(&sites, &view, Some(&stored));
         let c = map_for(&node("c"), &sites, &gateways, &active);
@@ -283,12 +312,17 @@ mod tests {
     #[test]
     fn controllers_choose_among_every_controllers_gateways_and_agree() {
         let sites = site(&["a", "b"], 1);
-        let s = &sites[&NetworkId(1)];
         // a on k1, b on k2: both controllers, each hearing the other, name a.
         let on_k1 = fleet("k1", &[("a", "k1"), ("b", "k2")]);
         let on_k2 = fleet("k2", &[("a", "k1"), ("b", "k2")]);
-        assert_eq!(decide_active(s, &on_k1, None), Some(rec("a", "k1")));
-        assert_eq!(decide_active(s, &on_k2, None), Some(rec("a", "k1")));
+        assert_eq!(
+            decide_active(N1, &sites, &on_k1, None),
+            Some(rec("a", "k1"))
+        );
+        assert_eq!(
+            decide_active(N1, &sites, &on_k2, None),
+            Some(rec("a", "k1"))
+        );
         // The gateway list every agent is told holds both, wherever their sessions are.
         let gateways: BTreeSet<NodeId> = on_k2.connected.keys().cloned().collect();
         let active = BTreeMap::from([(NetworkId(1), node("a"))]);
@@ -297,37 +331,39 @@ mod tests {
         assert_eq!(b.networks[0].role.as_ref().map(|r| r.active), Some(false));
         // Whichever decides second finds the first one's record and keeps it.
         let stored = rec("b", "k2");
-        assert_eq!(decide_active(s, &on_k1, Some(&stored)), Some(stored));
+        assert_eq!(
+            decide_active(N1, &sites, &on_k1, Some(&stored)),
+            Some(stored)
+        );
     }
 
     #[test]
     fn a_restarted_controller_keeps_the_stored_choice_until_it_knows_better() {
         let sites = site(&["a", "b"], 1);
-        let s = &sites[&NetworkId(1)];
         let stored = rec("b", "k2");
         // k1 has just started: a (lower) reconnected to it; it has not read the membership yet.
         let mut fresh = fleet("k1", &[("a", "k1")]);
         fresh.live = None;
         assert_eq!(
-            decide_active(s, &fresh, Some(&stored)),
+            decide_active(N1, &sites, &fresh, Some(&stored)),
             Some(stored.clone())
         );
         // Membership read: k2 lives, but has not said its gateways yet.
         fresh.live = Some(["k1".to_owned(), "k2".to_owned()].into());
         assert_eq!(
-            decide_active(s, &fresh, Some(&stored)),
+            decide_active(N1, &sites, &fresh, Some(&stored)),
             Some(stored.clone())
         );
         // k2 says it holds b: b stays.
         let heard = fleet("k1", &[("a", "k1"), ("b", "k2")]);
         assert_eq!(
-            decide_active(s, &heard, Some(&stored)),
+            decide_active(N1, &sites, &heard, Some(&stored)),
             Some(stored.clone())
         );
         // b's session moved to k1 (k2 restarted): still b, the record follows it.
         let moved = fleet("k1", &[("a", "k1"), ("b", "k1")]);
         assert_eq!(
-            decide_active(s, &moved, Some(&stored)),
+            decide_active(N1, &sites, &moved, Some(&stored)),
             Some(rec("b", "k1"))
         );
     }
@@ -335,29 +371,80 @@ mod tests {
     #[test]
     fn the_next_gateway_takes_over_when_the_active_ones_agent_or_controller_dies() {
         let sites = site(&["a", "b", "c"], 1);
-        let s = &sites[&NetworkId(1)];
         let stored = rec("a", "k1");
         // a's agent died: k1 said its list without it.
         let view = fleet("k2", &[("b", "k1"), ("c", "k2")]);
-        assert_eq!(decide_active(s, &view, Some(&stored)), Some(rec("b", "k1")));
+        assert_eq!(
+            decide_active(N1, &sites, &view, Some(&stored)),
+            Some(rec("b", "k1"))
+        );
         // k1 died with a and b: its link ended (not heard), its lease went (not live).
         let mut view = fleet("k2", &[("c", "k2")]);
         view.live = Some(["k2".to_owned()].into());
-        assert_eq!(decide_active(s, &view, Some(&stored)), Some(rec("c", "k2")));
+        assert_eq!(
+            decide_active(N1, &sites, &view, Some(&stored)),
+            Some(rec("c", "k2"))
+        );
         // While k1's lease lasts, k2 cannot tell a is gone: it waits.
         view.live = Some(["k1".to_owned(), "k2".to_owned()].into());
-        assert_eq!(decide_active(s, &view, Some(&stored)), Some(stored.clone()));
+        assert_eq!(
+            decide_active(N1, &sites, &view, Some(&stored)),
+            Some(stored.clone())
+        );
         // No gateway anywhere: the record stays as it was.
         let empty = fleet("k2", &[]);
-        assert_eq!(decide_active(s, &empty, Some(&stored)), Some(stored));
-        assert_eq!(decide_active(s, &empty, None), None);
+        assert_eq!(
+            decide_active(N1, &sites, &empty, Some(&stored)),
+            Some(stored)
+        );
+        assert_eq!(decide_active(N1, &sites, &empty, None), None);
         // A stored gateway that is no longer a member of the network gives way.
         let other = site(&["b", "c"], 1);
         let view = fleet("k1", &[("a", "k1"), ("c", "k1")]);
         assert_eq!(
-            decide_active(&other[&NetworkId(1)], &view, Some(&rec("a", "k1"))),
+            decide_active(N1, &other, &view, Some(&rec("a", "k1"))),
             Some(rec("c", "k1"))
         );
+    }
+
+    #[test]
+    fn a_gateway_of_two_networks_serves_the_lower_one_and_is_active_only_there() {
+        // a is a member of networks 1 and 2, b of 2 only; both run gateways, a has the lower id.
+        let mut sites = site_on(N1, &["a", "m"], 1);
+        let n2 = NetworkId(2);
+        sites.extend(site_on(n2, &["a", "b", "m"], 1));
+        assert_eq!(served_network(&node("a"), &sites), Some(N1));
+        assert_eq!(served_network(&node("b"), &sites), Some(n2));
+        let view = fleet("k1", &[("a", "k1"), ("b", "k1")]);
+        let gateways: BTreeSet<NodeId> = view.connected.keys().cloned().collect();
+        let active = active_of(&sites, &view, None);
+        assert_eq!(active.get(&N1), Some(&node("a")));
+        assert_eq!(
+            active.get(&n2),
+            Some(&node("b")),
+            "a serves network 1 and cannot hold network 2's address"
+        );
+        // A record from before a served network 1 (a was active on 2) gives way to b.
+        assert_eq!(
+            decide_active(n2, &sites, &view, Some(&rec("a", "k1"))),
+            Some(rec("b", "k1"))
+        );
+        // Members of network 2 hear only b speak for its devices; a still gets the key of both
+        // (it warns that it serves one), active only on network 1.
+        let m = map_for(&node("m"), &sites, &gateways, &active);
+        assert_eq!(m.networks[0].gateways, vec![node("a")]);
+        assert_eq!(m.networks[1].gateways, vec![node("b")]);
+        let a = map_for(&node("a"), &sites, &gateways, &active);
+        let roles: Vec<Option<bool>> = a
+            .networks
+            .iter()
+            .map(|n| n.role.as_ref().map(|r| r.active))
+            .collect();
+        assert_eq!(roles, vec![Some(true), Some(false)]);
+        // Network 1 loses its last device: a serves network 2 from then on.
+        sites.get_mut(&N1).expect("n1").devices.clear();
+        assert_eq!(served_network(&node("a"), &sites), Some(n2));
+        assert_eq!(decide_active(n2, &sites, &view, None), Some(rec("a", "k1")));
     }
 
     #[test]

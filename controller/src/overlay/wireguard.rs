@@ -360,13 +360,13 @@ impl Controller {
         // Settled in the shared store (no state lock held: on etcd these are network round trips).
         let mut active = BTreeMap::new();
         let mut wrote = false;
-        for (id, site) in &sites {
+        for id in sites.keys() {
             let stored = self.store.wg_active(*id)?;
-            let want = decide_active(site, &fleet, stored.as_ref());
+            let want = decide_active(*id, &sites, &fleet, stored.as_ref());
             let record = if want != stored {
                 match self
                     .store
-                    .settle_wg_active(*id, |stored| decide_active(site, &fleet, stored))
+                    .settle_wg_active(*id, |stored| decide_active(*id, &sites, &fleet, stored))
                 {
                     Ok((record, written)) => {
                         wrote |= written;
