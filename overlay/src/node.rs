@@ -272,21 +272,9 @@ impl LocalPort {
         if !local {
             return;
         }
-        let tap = self
-            .shared
-            .taps
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&self.network)
-            .cloned();
-        let Some(tap) = tap else {
-            self.shared.drop_frame("no_network");
-            return;
-        };
-        if tap.send_frame(frame).await.is_err() {
-            self.shared.drop_frame("tap_write");
-        } else {
-            tap.stats.wrote(1, 1);
+        match self.shared.tap(self.network) {
+            Some(tap) => tap.write_frame(&self.shared, frame).await,
+            None => self.shared.drop_frame("no_network"),
         }
     }
 }
@@ -342,6 +330,15 @@ impl Shared {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(peer)
+            .cloned()
+    }
+
+    /// `network`'s TAP device as it is now.
+    fn tap(&self, network: NetworkId) -> Option<Arc<Tap>> {
+        self.taps
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&network)
             .cloned()
     }
 
@@ -489,9 +486,9 @@ impl Tap {
         }
     }
 
-    /// Writes one plain frame.
-    async fn send_frame(&self, frame: &[u8]) -> std::io::Result<usize> {
-        if self.offload {
+    /// Writes one plain frame, counting the write or the drop.
+    async fn write_frame(&self, shared: &Shared, frame: &[u8]) {
+        let written = if self.offload {
             let parts = [
                 std::io::IoSlice::new(&offload::PLAIN_HDR),
                 std::io::IoSlice::new(frame),
@@ -499,6 +496,10 @@ impl Tap {
             self.device.send_vectored(&parts).await
         } else {
             self.device.send(frame).await
+        };
+        match written {
+            Ok(_) => self.stats.wrote(1, 1),
+            Err(_) => shared.drop_frame("tap_write"),
         }
     }
 }
@@ -1111,13 +1112,7 @@ impl TapOut {
     async fn deliver(&mut self, shared: &Shared, network: NetworkId, frame: &[u8]) {
         if self.tap.as_ref().is_none_or(|(n, _)| *n != network) {
             self.flush(shared).await;
-            let tap = shared
-                .taps
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&network)
-                .cloned();
-            self.tap = tap.map(|t| (network, t));
+            self.tap = shared.tap(network).map(|t| (network, t));
         }
         let Some((_, tap)) = &self.tap else {
             shared.drop_frame("no_network");
@@ -1136,11 +1131,7 @@ impl TapOut {
                 Push::Alone => {}
             }
         }
-        if tap.send_frame(frame).await.is_err() {
-            shared.drop_frame("tap_write");
-        } else {
-            tap.stats.wrote(1, 1);
-        }
+        tap.write_frame(shared, frame).await;
     }
 
     /// Writes what the coalescer holds.
