@@ -1704,18 +1704,12 @@ mod tests {
         let now = Instant::now();
         let device = Ipv4Addr::new(10, 0, 0, 200);
         let other_device = Ipv4Addr::new(10, 0, 0, 201);
-        let packet = |source: Ipv4Addr, dst: Ipv4Addr| {
-            let mut p = vec![0x45, 0, 0, 20, 0, 0, 0, 0, 64, 1, 0, 0];
-            p.extend(source.octets());
-            p.extend(dst.octets());
-            p
-        };
         // a (mac 2) is a gateway, b (mac 3) is not.
         let from_a = |p: &[u8]| eth(mac(1), mac(2), ETHERTYPE_IPV4, p);
         let from_b = |p: &[u8]| eth(mac(1), mac(3), ETHERTYPE_IPV4, p);
         // Before the controller names gateways, nobody may speak for a device.
         assert_eq!(
-            s.inbound(now, &node("a"), NET, &from_a(&packet(device, ip(mac(1))))),
+            s.inbound(now, &node("a"), NET, &from_a(&ipv4(device, ip(mac(1))))),
             Inbound::Drop(DropReason::SpoofedIpv4)
         );
         s.set_bridging(
@@ -1727,17 +1721,12 @@ mod tests {
             },
         );
         assert_eq!(
-            s.inbound(now, &node("a"), NET, &from_a(&packet(device, ip(mac(1))))),
+            s.inbound(now, &node("a"), NET, &from_a(&ipv4(device, ip(mac(1))))),
             Inbound::Deliver
         );
         // Its own address still passes; an address that is no device's does not.
         assert_eq!(
-            s.inbound(
-                now,
-                &node("a"),
-                NET,
-                &from_a(&packet(ip(mac(2)), ip(mac(1))))
-            ),
+            s.inbound(now, &node("a"), NET, &from_a(&ipv4(ip(mac(2)), ip(mac(1))))),
             Inbound::Deliver
         );
         assert_eq!(
@@ -1745,13 +1734,13 @@ mod tests {
                 now,
                 &node("a"),
                 NET,
-                &from_a(&packet(other_device, ip(mac(1))))
+                &from_a(&ipv4(other_device, ip(mac(1))))
             ),
             Inbound::Drop(DropReason::SpoofedIpv4)
         );
         // b is no gateway: a device's address from it is spoofed, in IPv4 and in ARP.
         assert_eq!(
-            s.inbound(now, &node("b"), NET, &from_b(&packet(device, ip(mac(1))))),
+            s.inbound(now, &node("b"), NET, &from_b(&ipv4(device, ip(mac(1))))),
             Inbound::Drop(DropReason::SpoofedIpv4)
         );
         let announce = |sha: MacAddr| {
@@ -1774,7 +1763,7 @@ mod tests {
         // Removing the device (an empty setting) takes the right away at once.
         s.set_bridging(NET, Bridging::default());
         assert_eq!(
-            s.inbound(now, &node("a"), NET, &from_a(&packet(device, ip(mac(1))))),
+            s.inbound(now, &node("a"), NET, &from_a(&ipv4(device, ip(mac(1))))),
             Inbound::Drop(DropReason::SpoofedIpv4)
         );
     }
@@ -1792,12 +1781,7 @@ mod tests {
                 local: true,
             },
         );
-        let packet = |dst: Ipv4Addr| {
-            let mut p = vec![0x45, 0, 0, 20, 0, 0, 0, 0, 64, 1, 0, 0];
-            p.extend(ip(mac(2)).octets());
-            p.extend(dst.octets());
-            p
-        };
+        let packet = |dst: Ipv4Addr| ipv4(ip(mac(2)), dst);
         // IPv4 to the device, sent to this node's MAC (the gateway's), goes to the port.
         let to_device = eth(mac(1), mac(2), ETHERTYPE_IPV4, &packet(device));
         assert_eq!(s.inbound(now, &node("a"), NET, &to_device), Inbound::Port);
@@ -2145,12 +2129,7 @@ mod tests {
     fn ipv4_must_come_from_the_senders_address() {
         let mut s = switch();
         let now = Instant::now();
-        let packet = |source: Ipv4Addr| {
-            let mut p = vec![0x45, 0, 0, 20, 0, 0, 0, 0, 64, 1, 0, 0];
-            p.extend(source.octets());
-            p.extend(ip(mac(1)).octets());
-            p
-        };
+        let packet = |source: Ipv4Addr| ipv4(source, ip(mac(1)));
         let from_a = |p: &[u8]| eth(mac(1), mac(2), ETHERTYPE_IPV4, p);
         assert_eq!(
             s.inbound(now, &node("a"), NET, &from_a(&packet(ip(mac(2))))),
