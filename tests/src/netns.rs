@@ -803,6 +803,17 @@ pub fn ipv4_of(ns: &str, dev: &str) -> Result<Ipv4Addr> {
     Ok(addr.parse()?)
 }
 
+/// Whether namespace `ns` has `address` on any of its interfaces (a floating address, say).
+pub fn holds_address(ns: &str, address: Ipv4Addr) -> bool {
+    run_in(
+        ns,
+        "ip",
+        &["-o", "addr", "show", "to", &format!("{address}/32")],
+        Duration::from_secs(10),
+    )
+    .is_ok_and(|out| !out.trim().is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

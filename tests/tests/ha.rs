@@ -11,7 +11,7 @@ use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 use shoal_tests::fleet::as_array;
 use shoal_tests::ha::{HaConfig, HaFleet, ETCD};
-use shoal_tests::netns::{ipv4_of as tap_addr, run_in};
+use shoal_tests::netns::{holds_address, ipv4_of as tap_addr, run_in};
 use shoal_tests::{eventually, require_host_tests, OrPanic};
 
 /// The lease TTL the controllers run with (the default).
@@ -796,15 +796,7 @@ fn holding(fleet: &HaFleet, agents: &[usize], address: Ipv4Addr) -> Vec<usize> {
     agents
         .iter()
         .copied()
-        .filter(|&i| {
-            run_in(
-                &fleet.agents[i].netns,
-                "ip",
-                &["-o", "addr", "show", "to", &format!("{address}/32")],
-                Duration::from_secs(10),
-            )
-            .is_ok_and(|out| !out.trim().is_empty())
-        })
+        .filter(|&i| holds_address(&fleet.agents[i].netns, address))
         .collect()
 }
 

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use shoal_proto::MacAddr;
-use shoal_tests::netns::{run_in, NatMode};
+use shoal_tests::netns::{holds_address, run_in, NatMode};
 use shoal_tests::testkit::skip::tool;
 use shoal_tests::{eventually, require_host_tests, Fleet, FleetConfig, Topology};
 use shoal_wireguard::keys::ClientConfig;
@@ -540,14 +540,7 @@ fn holders(fleet: &Fleet, gateways: &[usize], address: Ipv4Addr) -> Vec<usize> {
     gateways
         .iter()
         .copied()
-        .filter(|i| {
-            in_ns(
-                &fleet.agents()[*i].netns,
-                "ip",
-                &["-o", "addr", "show", "to", &format!("{address}/32")],
-            )
-            .is_ok_and(|out| !out.trim().is_empty())
-        })
+        .filter(|i| holds_address(&fleet.agents()[*i].netns, address))
         .collect()
 }
 
